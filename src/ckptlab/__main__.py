@@ -1,0 +1,3 @@
+from ckptlab.cli.main import main
+
+main()

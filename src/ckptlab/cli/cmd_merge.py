@@ -1,0 +1,5 @@
+"""(placeholder until its issue lands)"""
+
+
+def register(app) -> None:
+    pass

@@ -1,0 +1,99 @@
+"""Helpers shared by the command modules: JSON Lines output, rich consoles, progress bars,
+and expanding PATH arguments (globs, folders). Commands import heavy modules inside their
+functions so that ``ckptlab inspect`` starts without torch."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+
+from ckptlab.jsonable import dumps
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def emit_json(obj) -> None:
+    """One JSON object per line on stdout (JSON Lines)."""
+    sys.stdout.write(dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def error_line(message: str) -> None:
+    """The one-line error format every command uses."""
+    err_console.print(f"ckptlab: error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def expand_paths(args: list[str], suffixes: tuple[str, ...] | None = None, recurse: bool = True) -> list[Path]:
+    """Expand globs and folders (recursively, model files only) in argument order.
+
+    A diffusers folder (``model_index.json`` or ``config.json`` inside) is one model, not a tree
+    to recurse into. Arguments that match nothing are returned as-is so the caller reports them.
+    """
+    from ckptlab.formats import MODEL_SUFFIXES
+
+    suffixes = suffixes or MODEL_SUFFIXES
+    out: list[Path] = []
+    for arg in args:
+        matches = sorted(glob.glob(arg, recursive=True)) if glob.has_magic(arg) else [arg]
+        if not matches:
+            out.append(Path(arg))
+            continue
+        for m in matches:
+            p = Path(m)
+            if p.is_dir() and not _is_diffusers_dir(p):
+                if recurse:
+                    out.extend(_walk_models(p, suffixes))
+            else:
+                out.append(p)
+    return out
+
+
+def _is_diffusers_dir(p: Path) -> bool:
+    return (p / "model_index.json").is_file()
+
+
+def _walk_models(root: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if _is_diffusers_dir(entry):
+                yield entry
+            else:
+                yield from _walk_models(entry, suffixes)
+        elif entry.suffix.lower() in suffixes:
+            yield entry
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None = None, *, unit_bytes: bool = True, enabled: bool = True):
+    """Yield a ``Progress`` callback rendered as a rich bar on stderr (files/bytes, rate, ETA)."""
+    if not enabled or not err_console.is_terminal:
+        def quiet(advance=0, *, total=None, description=None):
+            return None
+        yield quiet
+        return
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    cols = [TextColumn("{task.description}"), BarColumn()]
+    cols += [DownloadColumn(), TransferSpeedColumn()] if unit_bytes else [MofNCompleteColumn()]
+    cols += [TimeRemainingColumn()]
+    with Progress(*cols, console=err_console, transient=True) as prog:
+        task = prog.add_task(description, total=total)
+
+        def cb(advance=0, *, total=None, description=None):
+            kw = {}
+            if total is not None:
+                kw["total"] = total
+            if description is not None:
+                kw["description"] = description
+            prog.update(task, advance=advance, **kw)
+
+        yield cb

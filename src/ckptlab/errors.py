@@ -1,0 +1,46 @@
+"""One exception hierarchy. Every error carries a one-line, user-facing message.
+
+The CLI turns a ``CkptlabError`` into ``ckptlab: error: <message>`` on stderr and exits with
+``exit_code``; nothing the user can cause should ever surface as a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CkptlabError(Exception):
+    """Base class: ``str(err)`` is a complete one-line message for the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = str(path) if path is not None else None
+        self.message = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class FormatError(CkptlabError):
+    """A model file is malformed, truncated or not what it claims to be."""
+
+
+class UnsupportedFormatError(CkptlabError):
+    """A file ckptlab recognises but cannot read (or does not recognise at all)."""
+
+
+class UnsafeFileError(CkptlabError):
+    """A file's content is hostile or suspicious; it is refused rather than read."""
+
+    exit_code = 4
+
+
+class MismatchError(CkptlabError):
+    """Inputs that do not fit together (families, shapes, components)."""
+
+
+class OutputError(CkptlabError):
+    """The output cannot be written (exists, read-only folder, disk full...)."""
+
+
+class NetworkError(CkptlabError):
+    """A remote service failed or refused the request."""

@@ -1,0 +1,71 @@
+"""The model-file layer: ``open_model(path)`` returns a ``TensorSource`` for any supported format.
+
+Format is decided from the bytes (magic numbers), not from the file name. Nothing here imports
+torch; pickles are only ever read by ckptlab's own data-only reader (``formats.pickle``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from ckptlab.errors import FormatError, UnsupportedFormatError
+from ckptlab.formats.base import TensorInfo, TensorSource
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+
+__all__ = ["MODEL_SUFFIXES", "TensorInfo", "TensorSource", "detect_format", "open_model"]
+
+
+def detect_format(path: str | Path) -> str:
+    """'safetensors' | 'pickle' | 'diffusers' | 'gguf' from the file's bytes; raise if unknown."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model_index.json").is_file() or (p / "config.json").is_file():
+            return "diffusers"
+        raise UnsupportedFormatError("folder is not a diffusers model (no model_index.json or config.json)", p)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as e:
+        raise FormatError(f"cannot open: {e.strerror or e}", p) from None
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
+        return "pickle"  # torch zip checkpoint (the pickle lives inside)
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        return "pickle"  # pickle protocol 2+ (also legacy torch serialization)
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    if p.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") and head[:1] in (b"(", b"c", b"}", b"]"):
+        return "pickle"  # protocol 0/1 pickle
+    if p.suffix.lower() in (".safetensors", ".sft"):
+        # claims to be safetensors: let the strict parser say exactly what is wrong
+        return "safetensors"
+    if size == 0:
+        raise FormatError("file is empty", p)
+    raise UnsupportedFormatError("not a recognised model file format", p)
+
+
+def open_model(path: str | Path) -> TensorSource:
+    """Open any supported model file lazily. Raises ``CkptlabError`` subclasses with one-line messages."""
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        from ckptlab.formats.safetensors import SafetensorsSource
+
+        return SafetensorsSource(path)
+    if fmt == "diffusers":
+        from ckptlab.formats.diffusers import DiffusersSource
+
+        return DiffusersSource(path)
+    if fmt == "gguf":
+        from ckptlab.formats.gguf import GGUFSource
+
+        return GGUFSource(path)
+    from ckptlab.formats.pickle import PickleSource
+
+    return PickleSource(path)

@@ -1,0 +1,203 @@
+"""Strict ``.safetensors`` reader: header parsed and validated by us, tensors through mmap.
+
+Layout: 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the data buffer. Each
+tensor entry is ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the buffer; the
+optional ``__metadata__`` maps strings to strings. We require what the reference implementation
+requires (and a little more): known dtypes, non-negative integer shapes, ``end - begin`` equal to
+the element count times the item size, offsets that tile the buffer with no gap or overlap, and a
+buffer that ends exactly at the end of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from pathlib import Path
+
+from ckptlab.errors import FormatError
+from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.formats.dtypes import DTYPES, itemsize
+
+MAX_HEADER = 100 * 1024 * 1024  # bytes, as the safetensors library caps it
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"duplicate key {k!r} in header")
+        seen[k] = v
+    return seen
+
+
+class SafetensorsHeader:
+    """The parsed, validated header of one file."""
+
+    def __init__(self, tensors: dict[str, TensorInfo], offsets: dict[str, tuple[int, int]],
+                 metadata: dict[str, str], data_start: int, file_size: int):
+        self.tensors = tensors
+        self.offsets = offsets
+        self.metadata = metadata
+        self.data_start = data_start
+        self.file_size = file_size
+
+
+def read_header(path: str | Path, fh=None) -> SafetensorsHeader:
+    """Parse and validate the header of ``path``; raise ``FormatError`` naming the problem."""
+    path = Path(path)
+    own = fh is None
+    if own:
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise FormatError(f"cannot open: {e.strerror or e}", path) from None
+    try:
+        file_size = os.fstat(fh.fileno()).st_size
+        head = fh.read(8)
+        if len(head) < 8:
+            raise FormatError(f"not a safetensors file: {file_size} bytes, too short for a header", path)
+        (n,) = struct.unpack("<Q", head)
+        if n == 0:
+            raise FormatError("safetensors header length is 0", path)
+        if n > MAX_HEADER:
+            raise FormatError(f"safetensors header length {n} exceeds the {MAX_HEADER} byte limit", path)
+        if 8 + n > file_size:
+            raise FormatError(f"safetensors header length {n} runs past the end of the file ({file_size} bytes)",
+                              path)
+        raw = fh.read(n)
+    finally:
+        if own:
+            fh.close()
+    return parse_header_bytes(raw, file_size, path)
+
+
+def parse_header_bytes(raw: bytes, file_size: int, path: str | Path = "<bytes>") -> SafetensorsHeader:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"safetensors header is not valid UTF-8 (byte {e.start})", path) from None
+    if not text.lstrip().startswith("{"):
+        raise FormatError("safetensors header is not a JSON object", path)
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except ValueError as e:
+        raise FormatError(f"safetensors header is not valid JSON: {e}", path) from None
+    if not isinstance(obj, dict):
+        raise FormatError("safetensors header is not a JSON object", path)
+
+    metadata: dict[str, str] = {}
+    raw_meta = obj.pop("__metadata__", None)
+    if raw_meta is not None:
+        if not isinstance(raw_meta, dict):
+            raise FormatError("safetensors __metadata__ is not an object", path)
+        for k, v in raw_meta.items():
+            if not isinstance(v, str):
+                raise FormatError(f"safetensors __metadata__ value for {k!r} is not a string", path)
+            metadata[k] = v
+
+    data_start = 8 + len(raw)
+    buffer_len = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    for key, entry in obj.items():
+        if not isinstance(entry, dict):
+            raise FormatError(f"tensor {key!r}: entry is not an object", path)
+        extra = set(entry) - {"dtype", "shape", "data_offsets"}
+        if extra or len(entry) != 3:
+            missing = {"dtype", "shape", "data_offsets"} - set(entry)
+            what = f"missing {sorted(missing)}" if missing else f"unknown fields {sorted(extra)}"
+            raise FormatError(f"tensor {key!r}: {what}", path)
+        dtype = entry["dtype"]
+        if dtype not in DTYPES:
+            raise FormatError(f"tensor {key!r}: unknown dtype {dtype!r}", path)
+        shape = entry["shape"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise FormatError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers", path)
+        offs = entry["data_offsets"]
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and o >= 0 for o in offs)):
+            raise FormatError(f"tensor {key!r}: data_offsets {offs!r} is not [begin, end]", path)
+        begin, end = offs
+        if end < begin:
+            raise FormatError(f"tensor {key!r}: data_offsets end {end} is before begin {begin}", path)
+        expected = math.prod(shape) * itemsize(dtype)
+        if end - begin != expected:
+            raise FormatError(
+                f"tensor {key!r}: {end - begin} bytes in data_offsets but dtype {dtype} x shape {shape} "
+                f"needs {expected}", path)
+        if end > buffer_len:
+            raise FormatError(f"tensor {key!r}: data ends at {end}, past the end of the data buffer "
+                              f"({buffer_len} bytes; file truncated?)", path)
+        tensors[key] = TensorInfo(dtype, tuple(shape))
+        offsets[key] = (begin, end)
+
+    # Offsets must tile [0, buffer_len) exactly: no overlap (aliasing) and no hidden gaps.
+    pos = 0
+    for key, (begin, end) in sorted(offsets.items(), key=lambda kv: kv[1]):
+        if begin != pos:
+            problem = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+            raise FormatError(f"tensor {key!r}: data at offset {begin} {problem}", path)
+        pos = end
+    if pos != buffer_len:
+        raise FormatError(f"file length {file_size} does not match the header: data buffer holds "
+                          f"{buffer_len} bytes but tensors cover {pos}", path)
+    return SafetensorsHeader(tensors, offsets, metadata, data_start, file_size)
+
+
+class SafetensorsSource(TensorSource):
+    format = "safetensors"
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.header = read_header(self.path)
+        self.metadata = dict(self.header.metadata)
+        self._mm: mmap.mmap | None = None
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self.header.tensors
+
+    @property
+    def size(self) -> int:
+        return self.header.file_size
+
+    def data_range(self, key: str) -> tuple[int, int]:
+        """Absolute byte range of ``key``'s data in the file."""
+        begin, end = self.header.offsets[key]
+        return self.header.data_start + begin, self.header.data_start + end
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with open(self.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size != self.header.file_size:
+                    raise FormatError("file changed size since its header was read", self.path)
+                # ACCESS_COPY: pages come from the file (page cache, not our anonymous memory);
+                # a write to a tensor would touch a private copy, never the input file.
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._mm
+
+    def raw_bytes(self, key: str) -> memoryview:
+        start, end = self.data_range(key)
+        return memoryview(self._map())[start:end]
+
+    def get(self, key: str):
+        import torch
+
+        from ckptlab.formats.dtypes import to_torch
+
+        info = self.header.tensors[key]
+        start, end = self.data_range(key)
+        if end == start:
+            return torch.empty(info.shape, dtype=to_torch(info.dtype))
+        buf = torch.frombuffer(self._map(), dtype=torch.uint8, count=end - start, offset=start)
+        return buf.view(to_torch(info.dtype)).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # tensors still reference the map; it is released when they are
+            self._mm = None
