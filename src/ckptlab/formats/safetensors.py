@@ -24,13 +24,36 @@ from ckptlab.formats.dtypes import DTYPES, itemsize
 MAX_HEADER = 100 * 1024 * 1024  # bytes, as the safetensors library caps it
 
 
-def _reject_duplicates(pairs):
+MAX_DIM = 2**63 - 1  # what torch (and a signed 64-bit size) can hold
+MAX_BYTES = 2**64 - 1  # the reference implementation computes sizes in a u64
+
+
+class _HeaderJSONError(ValueError):
+    """A header problem found while decoding the JSON (duplicate key, lone surrogate, NaN)."""
+
+
+def _strict_pairs(pairs):
+    """Object hook: reject duplicate keys and strings that are not encodable UTF-8."""
     seen = {}
     for k, v in pairs:
+        _check_text(k)
+        if isinstance(v, str):
+            _check_text(v)
         if k in seen:
-            raise ValueError(f"duplicate key {k!r} in header")
+            raise _HeaderJSONError(f"duplicate key {k!r} in header")
         seen[k] = v
     return seen
+
+
+def _check_text(s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _HeaderJSONError(f"string {s!r} holds a lone UTF-16 surrogate escape (not valid Unicode)") from None
+
+
+def _reject_constant(name: str):
+    raise _HeaderJSONError(f"{name} is not valid JSON")
 
 
 class SafetensorsHeader:
@@ -82,9 +105,13 @@ def parse_header_bytes(raw: bytes, file_size: int, path: str | Path = "<bytes>")
     if not text.lstrip().startswith("{"):
         raise FormatError("safetensors header is not a JSON object", path)
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+        obj = json.loads(text, object_pairs_hook=_strict_pairs, parse_constant=_reject_constant)
+    except _HeaderJSONError as e:
+        raise FormatError(f"safetensors header: {e}", path) from None
     except ValueError as e:
         raise FormatError(f"safetensors header is not valid JSON: {e}", path) from None
+    except RecursionError:
+        raise FormatError("safetensors header is nested too deeply", path) from None
     if not isinstance(obj, dict):
         raise FormatError("safetensors header is not a JSON object", path)
 
@@ -116,6 +143,8 @@ def parse_header_bytes(raw: bytes, file_size: int, path: str | Path = "<bytes>")
         shape = entry["shape"]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise FormatError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers", path)
+        if any(d > MAX_DIM for d in shape):
+            raise FormatError(f"tensor {key!r}: shape {shape!r} has a dimension too large to address", path)
         offs = entry["data_offsets"]
         if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and o >= 0 for o in offs)):
             raise FormatError(f"tensor {key!r}: data_offsets {offs!r} is not [begin, end]", path)
@@ -123,6 +152,8 @@ def parse_header_bytes(raw: bytes, file_size: int, path: str | Path = "<bytes>")
         if end < begin:
             raise FormatError(f"tensor {key!r}: data_offsets end {end} is before begin {begin}", path)
         expected = math.prod(shape) * itemsize(dtype)
+        if expected > MAX_BYTES:
+            raise FormatError(f"tensor {key!r}: shape {shape!r} x {dtype} overflows a 64-bit byte count", path)
         if end - begin != expected:
             raise FormatError(
                 f"tensor {key!r}: {end - begin} bytes in data_offsets but dtype {dtype} x shape {shape} "

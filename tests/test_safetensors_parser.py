@@ -1,0 +1,192 @@
+"""The strict safetensors header parser: every violation is refused with a one-line error naming
+the file and the problem, and the reference ``safetensors`` library serves as the oracle - every
+header it rejects we reject too, and the few we reject beyond it are listed (``STRICTER``)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from safetensors import SafetensorError, safe_open
+
+from ckptlab.errors import CkptlabError, FormatError
+from ckptlab.formats import detect_format, open_model
+from ckptlab.formats.safetensors import MAX_HEADER, SafetensorsSource, read_header
+
+KEY = "model.diffusion_model.input_blocks.0.0.weight"
+KEY2 = "model.diffusion_model.input_blocks.0.0.bias"
+
+
+def entry(dtype="F32", shape=(1,), offs=(0, 4)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offs)}
+
+
+def frame(raw: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def hdr(obj, data: bytes = b"") -> bytes:
+    return frame(json.dumps(obj).encode(), data)
+
+
+Z4 = b"\0" * 4
+
+# name -> (file bytes, fragment the error message must contain)
+BAD = {
+    "empty_file": (b"", "too short"),
+    "seven_bytes": (b"\x05\0\0\0\0\0\0", "too short"),
+    "length_zero": (struct.pack("<Q", 0), "header length is 0"),
+    "length_huge": (struct.pack("<Q", MAX_HEADER + 1) + b"{}", "exceeds"),
+    "length_past_eof": (struct.pack("<Q", 100) + b"{}", "past the end of the file"),
+    "bad_utf8": (frame(b'{"a\xff": 1}'), "not valid UTF-8"),
+    "lone_surrogate_key": (frame(b'{"\\ud800": {"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', Z4),
+                           "surrogate"),
+    "lone_surrogate_meta": (frame(b'{"__metadata__": {"a": "\\udc00"}}'), "surrogate"),
+    "json_list": (hdr([1, 2]), "not a JSON object"),
+    "json_string": (hdr("x"), "not a JSON object"),
+    "json_garbage": (frame(b"{not json"), "not valid JSON"),
+    "json_trailing_nul": (frame(b"{}\0\0"), "not valid JSON"),
+    "json_nan": (frame(b'{"__metadata__": {"a": NaN}}'), "NaN"),
+    "duplicate_tensor_key": (frame(json.dumps({KEY: entry()}).encode()[:-1] + b", "
+                                   + json.dumps(KEY).encode() + b": " + json.dumps(entry()).encode() + b"}", Z4),
+                             "duplicate key"),
+    "duplicate_metadata_key": (frame(b'{"__metadata__": {"a": "1", "a": "2"}}'), "duplicate key"),
+    "metadata_list": (hdr({"__metadata__": ["a"]}), "__metadata__ is not an object"),
+    "metadata_int_value": (hdr({"__metadata__": {"epoch": 1}}), "not a string"),
+    "metadata_nested": (hdr({"__metadata__": {"ss_tags": {"a": 1}}}), "not a string"),
+    "entry_not_object": (hdr({KEY: 1}), "entry is not an object"),
+    "entry_missing_offsets": (hdr({KEY: {"dtype": "F32", "shape": [1]}}, Z4), "missing ['data_offsets']"),
+    "entry_unknown_field": (hdr({KEY: {**entry(), "x": 1}}, Z4), "unknown fields ['x']"),
+    "unknown_dtype": (hdr({KEY: entry(dtype="F99")}, Z4), "unknown dtype 'F99'"),
+    "lowercase_dtype": (hdr({KEY: entry(dtype="f32")}, Z4), "unknown dtype 'f32'"),
+    "shape_negative": (hdr({KEY: entry(shape=(-1,))}, Z4), "non-negative integers"),
+    "shape_float": (hdr({KEY: entry(shape=(1.0,))}, Z4), "non-negative integers"),
+    "shape_bool": (hdr({KEY: entry(shape=(True,))}, Z4), "non-negative integers"),
+    "shape_not_list": (hdr({KEY: {**entry(), "shape": 4}}, Z4), "non-negative integers"),
+    "shape_dim_too_big": (hdr({KEY: entry(shape=(2**64, 0), offs=(0, 0))}), "too large"),
+    "shape_bytes_overflow": (hdr({KEY: entry(shape=(2**32, 2**32), offs=(0, 0))}), "overflows"),
+    "offsets_three": (hdr({KEY: entry(offs=(0, 4, 4))}, Z4), "is not [begin, end]"),
+    "offsets_float": (hdr({KEY: entry(offs=(0, 4.0))}, Z4), "is not [begin, end]"),
+    "offsets_negative": (hdr({KEY: entry(offs=(-4, 0))}, Z4), "is not [begin, end]"),
+    "offsets_reversed": (hdr({KEY: entry(shape=(0,), offs=(4, 0))}, Z4), "before begin"),
+    "offsets_wrong_size": (hdr({KEY: entry(shape=(2,), offs=(0, 4))}, Z4), "needs 8"),
+    "offsets_overlap": (hdr({KEY: entry(), KEY2: entry()}, Z4), "overlaps"),
+    "offsets_gap_at_start": (hdr({KEY: entry(offs=(4, 8))}, Z4 * 2), "gap of 4 bytes"),
+    "offsets_gap_between": (hdr({KEY: entry(), KEY2: entry(offs=(8, 12))}, Z4 * 3), "gap of 4 bytes"),
+    "offsets_out_of_range": (hdr({KEY: entry(shape=(4,), offs=(0, 16))}, Z4), "past the end of the data buffer"),
+    "trailing_bytes": (hdr({KEY: entry()}, Z4 + b"\0\0"), "does not match the header"),
+    "truncated_data": (hdr({KEY: entry(shape=(2,), offs=(0, 8)), KEY2: entry(offs=(8, 12))}, Z4 * 2),
+                       "file truncated?"),
+}
+
+# Violations the reference library tolerates but we refuse on purpose (ambiguous or sloppy files).
+STRICTER = {"duplicate_tensor_key", "duplicate_metadata_key", "entry_unknown_field"}
+
+
+def _write(tmp_path, name: str, data: bytes):
+    p = tmp_path / f"{name}.safetensors"
+    p.write_bytes(data)
+    return p
+
+
+def _library_accepts(p) -> bool:
+    try:
+        with safe_open(str(p), "pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+        return True
+    except (SafetensorError, TypeError, RuntimeError, ValueError, OverflowError):
+        return False
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_every_header_violation_is_refused_with_a_clear_error(tmp_path, name):
+    data, fragment = BAD[name]
+    p = _write(tmp_path, name, data)
+    with pytest.raises(FormatError) as ei:
+        SafetensorsSource(p)
+    msg = str(ei.value)
+    assert fragment in msg
+    assert str(p) in msg and "\n" not in msg
+    # open_model goes the same way for a file that says it is safetensors
+    with pytest.raises(CkptlabError):
+        open_model(p)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_reference_library_agrees(tmp_path, name):
+    p = _write(tmp_path, name, BAD[name][0])
+    assert _library_accepts(p) == (name in STRICTER)
+
+
+GOOD = {
+    "empty_object": hdr({}),
+    "metadata_only": hdr({"__metadata__": {"modelspec.architecture": "stable-diffusion-v1"}}),
+    "metadata_null": hdr({"__metadata__": None}),
+    "leading_and_trailing_spaces": frame(b"  {}   "),
+    "empty_key": hdr({"": entry()}, Z4),
+    "zero_numel_tensor_shares_offset": hdr({KEY: entry(shape=(3, 0), offs=(0, 0)), KEY2: entry()}, Z4),
+    "unordered_offsets": hdr({KEY2: entry(offs=(4, 8)), KEY: entry()}, Z4 * 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_edge_cases_the_library_accepts_we_accept_too(tmp_path, name):
+    p = _write(tmp_path, name, GOOD[name])
+    assert _library_accepts(p)
+    src = SafetensorsSource(p)
+    with safe_open(str(p), "pt") as f:
+        assert sorted(src.keys()) == sorted(f.keys())
+        assert src.metadata == (f.metadata() or {})
+        for k in src.keys():
+            assert tuple(f.get_slice(k).get_shape()) == src.info(k).shape
+
+
+def test_header_order_is_kept_and_data_ranges_are_absolute(tmp_path):
+    p = _write(tmp_path, "order", hdr({KEY2: entry(offs=(4, 8)), KEY: entry()}, b"\1\0\0\0\2\0\0\0"))
+    src = SafetensorsSource(p)
+    assert src.keys() == [KEY2, KEY]
+    n = struct.unpack("<Q", p.read_bytes()[:8])[0]
+    assert src.data_range(KEY) == (8 + n, 8 + n + 4)
+    assert bytes(src.raw_bytes(KEY2)) == b"\2\0\0\0"
+    src.close()
+
+
+def test_read_header_reports_sizes(tmp_path):
+    p = _write(tmp_path, "sizes", hdr({KEY: entry(shape=(2, 2), offs=(0, 16))}, b"\0" * 16))
+    h = read_header(p)
+    assert h.file_size == p.stat().st_size
+    assert h.data_start == p.stat().st_size - 16
+    assert h.tensors[KEY].nbytes == 16 and h.tensors[KEY].numel == 4
+
+
+def test_missing_file_is_a_format_error(tmp_path):
+    with pytest.raises(FormatError, match="cannot open"):
+        SafetensorsSource(tmp_path / "nope.safetensors")
+
+
+def test_file_that_changed_size_after_open_is_refused(tmp_path):
+    p = _write(tmp_path, "shrinks", hdr({KEY: entry()}, Z4))
+    src = SafetensorsSource(p)
+    with open(p, "ab") as fh:
+        fh.write(b"\0" * 4)
+    with pytest.raises(FormatError, match="changed size"):
+        src.get(KEY)
+
+
+def test_detect_format_by_bytes_not_name(tmp_path):
+    p = tmp_path / "model.ckpt"  # misleading suffix, safetensors bytes
+    p.write_bytes(hdr({KEY: entry()}, Z4))
+    assert detect_format(p) == "safetensors"
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(struct.pack("<Q", 0))
+    assert detect_format(bad) == "safetensors"  # so the strict parser names the problem
+    junk = tmp_path / "notes.txt"
+    junk.write_bytes(b"hello world, not a model")
+    with pytest.raises(CkptlabError, match="not a recognised model file"):
+        detect_format(junk)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(FormatError, match="empty"):
+        detect_format(empty)
