@@ -1,0 +1,213 @@
+"""Which component each key of a model file belongs to.
+
+Stable API (other modules build on it; keep the signatures):
+
+``COMPONENTS``
+    The component names, in report order: ``unet``, ``dit``, ``vae``, ``clip_l``, ``clip_g``, ``openclip_h``,
+    ``t5xxl``, ``ema``, ``training`` (optimizer / Lightning state), ``other`` (schedule buffers, marker keys,
+    depth models, adapter keys, anything unrecognised).
+
+``COMPONENT_PREFIXES[layout][component] -> tuple[str, ...]``
+    The key prefixes each component lives under, per layout: ``sd1``, ``sd2``, ``sdxl``, ``sdxl_refiner``,
+    ``sd3``, ``flux`` (single-file LDM/SGM/ComfyUI layouts), ``diffusers`` (``DiffusersSource`` key space,
+    component folder name + ``.``) and ``standalone`` (a file holding one component: empty prefix).
+    ``unet``/``dit`` map to the diffusion-model prefix. Example: ``COMPONENT_PREFIXES["sdxl"]["clip_g"] ==
+    ("conditioner.embedders.1.model.",)``.
+
+``split_components(keys) -> dict[str, list[str]]``
+    Map every key of a single-file checkpoint, a standalone component file or a diffusers folder to one
+    component. Returns only components that have keys; each key appears exactly once; key order is preserved.
+    Header-only: looks at key names only (the CLIP flavour is decided by the number of layers in the group).
+
+``component_prefix(key) -> str``
+    The group prefix a key sits under (``"model.diffusion_model."``, ``"first_stage_model."``, ``""``...).
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+COMPONENTS = ("unet", "dit", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "ema", "training", "other")
+
+_DM = ("model.diffusion_model.",)
+
+COMPONENT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
+    "sd1": {"unet": _DM, "vae": ("first_stage_model.",), "clip_l": ("cond_stage_model.transformer.",),
+            "ema": ("model_ema.",)},
+    "sd2": {"unet": _DM, "vae": ("first_stage_model.",), "openclip_h": ("cond_stage_model.model.",),
+            "ema": ("model_ema.",)},
+    "sdxl": {"unet": _DM, "vae": ("first_stage_model.",), "clip_l": ("conditioner.embedders.0.transformer.",),
+             "clip_g": ("conditioner.embedders.1.model.",), "ema": ("model_ema.",)},
+    "sdxl_refiner": {"unet": _DM, "vae": ("first_stage_model.",), "clip_g": ("conditioner.embedders.0.model.",),
+                     "ema": ("model_ema.",)},
+    "sd3": {"dit": _DM, "vae": ("first_stage_model.",), "clip_l": ("text_encoders.clip_l.",),
+            "clip_g": ("text_encoders.clip_g.",), "t5xxl": ("text_encoders.t5xxl.",)},
+    "flux": {"dit": _DM, "vae": ("vae.",), "clip_l": ("text_encoders.clip_l.",),
+             "t5xxl": ("text_encoders.t5xxl.",)},
+    "diffusers": {"unet": ("unet.",), "dit": ("transformer.",), "vae": ("vae.",),
+                  "clip_l": ("text_encoder.",), "clip_g": ("text_encoder_2.",), "openclip_h": ("text_encoder.",),
+                  "t5xxl": ("text_encoder_2.", "text_encoder_3.")},
+    "standalone": {c: ("",) for c in ("unet", "dit", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl")},
+}
+
+# Group prefixes, longest first. Value: a fixed component, "dm" (UNet or DiT, decided by content) or None
+# (decided by content: which text encoder, VAE...).
+_GROUPS: tuple[tuple[str, str | None], ...] = (
+    ("model.diffusion_model.", "dm"),
+    ("model_ema.", "ema"),
+    ("first_stage_model.", "vae"),
+    ("cond_stage_model.transformer.", "clip_l"),
+    ("cond_stage_model.model.", "openclip_h"),
+    ("conditioner.embedders.0.transformer.", "clip_l"),
+    ("conditioner.embedders.1.model.", "clip_g"),
+    ("conditioner.embedders.0.model.", None),  # SDXL refiner: OpenCLIP-G; SD2.1-Turbo: OpenCLIP-H
+    ("text_encoders.clip_l.", "clip_l"),
+    ("text_encoders.clip_g.", "clip_g"),
+    ("text_encoders.t5xxl.", "t5xxl"),
+    ("text_encoders.", None),
+    ("cond_stage_model.", None),
+    ("vae.", "vae"),
+    ("taesd_decoder.", "vae"),
+    ("taesd_encoder.", "vae"),
+    ("unet.", "unet"),
+    ("transformer.", "dit"),
+    ("text_encoder.", None),
+    ("text_encoder_2.", None),
+    ("text_encoder_3.", None),
+    ("text_encoder_4.", None),
+    ("depth_model.", "other"),
+    ("control_model.", "other"),
+    ("model.model_sampling.", "other"),
+    ("optimizer_states", "training"),
+    ("lr_schedulers", "training"),
+    ("callbacks", "training"),
+    ("loops", "training"),
+    ("loss.", "training"),
+)
+
+#: top-level keys that are neither weights nor unknown: LDM schedule buffers and marker tensors
+SCHEDULE_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "model_ema.decay", "model_ema.num_updates",
+})
+MARKER_KEYS = frozenset({"v_pred", "ztsnr", "edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min",
+                         "scaled_fp8"})
+
+_UNET_ROOTS = frozenset({
+    "input_blocks", "middle_block", "output_blocks", "time_embed", "out", "label_emb",  # LDM/SGM
+    "down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
+    "add_embedding", "class_embedding", "encoder_hid_proj",  # diffusers
+})
+_VAE_ROOTS = frozenset({"encoder", "decoder", "quant_conv", "post_quant_conv"})
+_CLIP_HF_ROOTS = frozenset({"text_model", "text_projection", "logit_scale", "embeddings", "final_layer_norm"})
+_OPENCLIP_ROOTS = frozenset({"transformer", "token_embedding", "positional_embedding", "ln_final",
+                             "text_projection", "logit_scale", "attn_mask"})
+#: first key segments that only transformer (DiT/MMDiT) diffusion models use
+DIT_ROOTS = frozenset({
+    "joint_blocks", "x_embedder", "context_embedder", "t_embedder", "y_embedder", "pos_embed", "final_layer",
+    "double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in",
+    "distilled_guidance_layer", "nerf_blocks", "double_stream_modulation_img", "double_stream_modulation_txt",
+    "single_stream_modulation", "clf", "clip_txt_mapper", "clip_mapper", "clip_txt_pooled_mapper", "clip_norm",
+    "t_block", "ar_embedder", "csize_embedder", "double_layers", "single_layers", "cond_seq_linear",
+    "positional_encoding", "register_tokens", "init_x_linear", "modF", "mlp_t5", "extra_embedder", "text_embedding_padding",
+    "pooler", "style_embedder", "cap_embedder", "noise_refiner", "context_refiner", "double_stream_blocks",
+    "single_stream_blocks", "head", "patch_embedding", "text_embedding", "time_projection", "t5_yproj",
+    "t5_y_embedder", "patchify_proj", "adaln_single", "caption_projection", "transformer_blocks",
+    "single_transformer_blocks", "time_text_embed", "x_pos_embedder", "down_blocks_c", "blocks",
+})
+# a DiT group is recognised by one of these (plain "blocks"/"transformer_blocks" alone are too generic)
+_DIT_PROOF = DIT_ROOTS - {"blocks", "transformer_blocks", "head", "pooler", "text_embedding", "pos_embed"}
+
+_LAYER_RE = re.compile(r"(?:encoder\.layers|transformer\.resblocks)\.(\d+)\.")
+
+
+def component_prefix(key: str) -> str:
+    """The group prefix ``key`` sits under, or ``""`` for top-level / standalone keys."""
+    for prefix, _ in _GROUPS:
+        if key.startswith(prefix):
+            if prefix == "transformer." and key.startswith("transformer.resblocks."):
+                continue  # a standalone OpenCLIP text encoder, not a diffusers transformer folder
+            return prefix
+    return ""
+
+
+def _clip_flavour(keys: Iterable[str]) -> str:
+    """CLIP-L (12 layers), OpenCLIP-H (24) or OpenCLIP-bigG (32), from the highest layer index present.
+
+    Thresholds tolerate files that drop the last layer(s) (SD2 "WD" files, SDXL penultimate-only files)."""
+    top = -1
+    for k in keys:
+        m = _LAYER_RE.search(k)
+        if m:
+            top = max(top, int(m.group(1)))
+    if top < 0:
+        return "clip_l"
+    if top <= 11:
+        return "clip_l"
+    if top <= 23:
+        return "openclip_h"
+    return "clip_g"
+
+
+def _root(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def _classify_group(keys: list[str], forced: str | None) -> dict[str, str]:
+    """Component per key of one group (keys already stripped of the group prefix)."""
+    if forced in COMPONENTS:
+        return dict.fromkeys(keys, forced)
+    roots = {_root(k) for k in keys}
+    is_dit = forced == "dit" or bool(roots & _DIT_PROOF)
+    is_t5 = any(k.startswith(("encoder.block.", "decoder.block.")) or k == "shared.weight" for k in keys)
+    hf_clip = [k for k in keys if _root(k) in _CLIP_HF_ROOTS or k.startswith("encoder.layers.")]
+    oc_clip = [k for k in keys if k.startswith("transformer.resblocks.")]
+    clip_kind = _clip_flavour(hf_clip + oc_clip) if (hf_clip or oc_clip) else None
+    out: dict[str, str] = {}
+    for k in keys:
+        r = _root(k)
+        if k in SCHEDULE_KEYS or k in MARKER_KEYS or k.endswith("scaled_fp8"):
+            out[k] = "other"
+        elif r in ("optimizer_states", "lr_schedulers", "callbacks", "loops", "loss", "optimizer"):
+            out[k] = "training"
+        elif forced == "dm" or forced == "unet":
+            out[k] = "dit" if is_dit else "unet"
+        elif is_dit and r in DIT_ROOTS | _UNET_ROOTS | {"norm_out", "proj_out", "norm", "final_layer",
+                                                          "model_sampling", "layers", "blocks"}:
+            out[k] = "dit"
+        elif is_t5 and (r in ("encoder", "decoder", "shared", "lm_head")):
+            out[k] = "t5xxl"
+        elif clip_kind and (r in _CLIP_HF_ROOTS or k.startswith("encoder.layers.")
+                            or (oc_clip and r in _OPENCLIP_ROOTS)):
+            out[k] = clip_kind
+        elif r in _VAE_ROOTS:
+            out[k] = "vae"
+        elif r in _UNET_ROOTS and not is_dit:
+            out[k] = "unet"
+        else:
+            out[k] = "other"
+    return out
+
+
+def split_components(keys: Iterable[str]) -> dict[str, list[str]]:
+    """Map each key to its component (see module docstring). Only non-empty components are returned."""
+    keys = list(keys)
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(component_prefix(k), []).append(k)
+    comp_of: dict[str, str] = {}
+    forced_of = dict(_GROUPS)
+    for prefix, members in groups.items():
+        stripped = [k[len(prefix):] for k in members]
+        classified = _classify_group(stripped, forced_of.get(prefix) if prefix else None)
+        for full, short in zip(members, stripped, strict=True):
+            comp_of[full] = classified[short]
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        out.setdefault(comp_of[k], []).append(k)
+    return {c: out[c] for c in COMPONENTS if c in out}
