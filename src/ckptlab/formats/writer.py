@@ -116,6 +116,8 @@ class SafetensorsWriter:
 
     def write_raw(self, key: str, data) -> None:
         """Append already-encoded bytes for ``key`` (a zero-copy path for unchanged tensors)."""
+        if self._fh is None:
+            raise RuntimeError("writer is not open")
         expected = self._order[self._next] if self._next < len(self._order) else None
         if key != expected:
             raise ValueError(f"tensor {key!r} written out of order; expected {expected!r}")
@@ -135,9 +137,10 @@ class SafetensorsWriter:
             self._fh.close()
             self._fh = None
             os.chmod(self._tmp, 0o644 & ~_umask())
-            if not self.overwrite and self.path.exists():
-                raise OutputError("output appeared while writing; not replaced", self.path)
-            os.replace(self._tmp, self.path)
+            if self.overwrite:
+                os.replace(self._tmp, self.path)
+            else:
+                _place_no_clobber(self._tmp, self.path)
             _fsync_dir(self.path.parent)
         except OSError as e:
             self.abort()
@@ -170,6 +173,20 @@ class SafetensorsWriter:
             self.commit()
         else:
             self.abort()
+
+
+def _place_no_clobber(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final`` unless something appeared there meanwhile (atomic via a hard link)."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise OutputError("output appeared while writing; not replaced", final) from None
+    except OSError:  # no hard links on this filesystem: check, then rename
+        if final.exists():
+            raise OutputError("output appeared while writing; not replaced", final) from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
 
 
 def _umask() -> int:
