@@ -1,0 +1,339 @@
+"""The library catalog: one SQLite file (stdlib ``sqlite3``, WAL).
+
+Tables (core schema, versioned by ``PRAGMA user_version``):
+
+- ``files``: one row per model path ever seen, identified by ``id``. ``path`` is the absolute path
+  as raw bytes (``os.fsencode``: non-UTF-8 names survive), ``display`` the same for humans.
+  The stat identity ``(dev, ino, size, mtime_ns)`` decides whether a re-scan must re-read the file
+  and lets a moved file keep its row. ``status`` is ``present`` or ``missing`` (never deleted).
+- ``content``: hashes and tensor fingerprints keyed by the stat identity, so a file that did not
+  change, or was renamed within its file system, is never hashed again.
+- ``scans``: one row per scan (roots, status, summary).
+
+Other modules add tables through ``register_migrations(component, [sql, ...])``; their versions are
+kept in ``schema_versions``. Migrations run in order, each in its own transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptlab.errors import CkptlabError
+from ckptlab.library.hashes import Hashes
+
+ENV_VAR = "CKPTLAB_DB"
+
+_CORE_MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE files (
+        id INTEGER PRIMARY KEY,
+        path BLOB NOT NULL UNIQUE,
+        display TEXT NOT NULL,
+        name TEXT NOT NULL,
+        root TEXT,
+        folder TEXT,
+        dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER,
+        is_link INTEGER NOT NULL DEFAULT 0,
+        format TEXT, kind TEXT, family TEXT, variant TEXT,
+        n_tensors INTEGER, tensor_bytes INTEGER, ema_bytes INTEGER, fp32_bytes INTEGER,
+        dtypes TEXT,
+        info TEXT,
+        safety TEXT, safety_detail TEXT,
+        sidecars TEXT,
+        error TEXT,
+        status TEXT NOT NULL DEFAULT 'present',
+        first_seen REAL NOT NULL, last_seen REAL NOT NULL, last_scan INTEGER
+    );
+    CREATE INDEX files_stat ON files(dev, ino, size, mtime_ns);
+    CREATE INDEX files_status ON files(status);
+    CREATE TABLE content (
+        dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+        sha256 TEXT, autov1 TEXT, autov2 TEXT, autov3 TEXT, crc32 TEXT, blake3 TEXT, hashed_at REAL,
+        fingerprint TEXT, components TEXT, fingerprinted_at REAL,
+        PRIMARY KEY (dev, ino, size, mtime_ns)
+    );
+    CREATE INDEX content_sha256 ON content(sha256);
+    CREATE INDEX content_fingerprint ON content(fingerprint);
+    CREATE TABLE scans (
+        id INTEGER PRIMARY KEY,
+        started REAL NOT NULL, finished REAL,
+        roots TEXT NOT NULL, status TEXT NOT NULL, summary TEXT
+    );
+    CREATE TABLE schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL);
+    """,
+]
+
+_REGISTERED: dict[str, list[str]] = {}
+
+
+def register_migrations(component: str, migrations: list[str]) -> None:
+    """Let another module own tables in the catalog. ``migrations`` is the complete ordered list
+    (append new ones, never edit old ones); version ``i`` means the first ``i`` have run."""
+    if not component or component == "core":
+        raise ValueError("component name must be non-empty and not 'core'")
+    _REGISTERED[component] = list(migrations)
+
+
+def default_db_path() -> Path:
+    """``$CKPTLAB_DB`` if set, else ``<user data dir>/ckptlab/catalog.db`` (platformdirs)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("ckptlab", appauthor=False)) / "catalog.db"
+
+
+class CatalogError(CkptlabError):
+    """The catalog file cannot be opened, is not a ckptlab catalog, or is newer than this version."""
+
+
+StatKey = tuple[int, int, int, int]  # (dev, ino, size, mtime_ns)
+
+
+@dataclass
+class FileRecord:
+    id: int
+    path: str
+    name: str
+    root: str | None
+    folder: str | None
+    dev: int | None
+    ino: int | None
+    size: int | None
+    mtime_ns: int | None
+    is_link: bool
+    format: str | None
+    kind: str | None
+    family: str | None
+    variant: str | None
+    n_tensors: int | None
+    tensor_bytes: int | None
+    ema_bytes: int | None
+    fp32_bytes: int | None
+    dtypes: dict[str, int] | None
+    info: dict[str, Any] | None
+    safety: str | None
+    safety_detail: Any
+    sidecars: dict[str, Any] | None
+    error: str | None
+    status: str
+    first_seen: float
+    last_seen: float
+    hashes: Hashes | None = None
+    fingerprint: str | None = None
+    components: dict[str, str] | None = field(default=None)
+
+    @property
+    def stat_key(self) -> StatKey | None:
+        if self.dev is None:
+            return None
+        return (self.dev, self.ino, self.size, self.mtime_ns)
+
+    @property
+    def sha256(self) -> str | None:
+        return self.hashes.sha256 if self.hashes else None
+
+
+_FILE_COLS = ("id, path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, format, kind, family, "
+              "variant, n_tensors, tensor_bytes, ema_bytes, fp32_bytes, dtypes, info, safety, safety_detail, "
+              "sidecars, error, status, first_seen, last_seen")
+_JOIN_COLS = ", c.sha256, c.autov1, c.autov2, c.autov3, c.crc32, c.blake3, c.fingerprint, c.components"
+_SELECT = (f"SELECT {', '.join('f.' + c.strip() for c in _FILE_COLS.split(','))}{_JOIN_COLS} FROM files f "
+           "LEFT JOIN content c ON c.dev = f.dev AND c.ino = f.ino AND c.size = f.size AND c.mtime_ns = f.mtime_ns")
+
+
+def _loads(text):
+    return json.loads(text) if text else None
+
+
+def _record(row) -> FileRecord:
+    (fid, _path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, fmt, kind, family, variant,
+     n_tensors, tensor_bytes, ema_bytes, fp32_bytes, dtypes, info, safety, safety_detail, sidecars, error,
+     status, first_seen, last_seen, sha256, autov1, autov2, autov3, crc32, b3, fingerprint, components) = row
+    hashes = None
+    if sha256:
+        hashes = Hashes(sha256=sha256, autov1=autov1, autov2=autov2, autov3=autov3, crc32=crc32, blake3=b3,
+                        size=size)
+    return FileRecord(id=fid, path=display, name=name, root=root, folder=folder, dev=dev, ino=ino, size=size,
+                      mtime_ns=mtime_ns, is_link=bool(is_link), format=fmt, kind=kind, family=family,
+                      variant=variant, n_tensors=n_tensors, tensor_bytes=tensor_bytes, ema_bytes=ema_bytes,
+                      fp32_bytes=fp32_bytes, dtypes=_loads(dtypes), info=_loads(info), safety=safety,
+                      safety_detail=_loads(safety_detail), sidecars=_loads(sidecars), error=error, status=status,
+                      first_seen=first_seen, last_seen=last_seen, hashes=hashes, fingerprint=fingerprint,
+                      components=_loads(components))
+
+
+def path_key(path: str | Path) -> bytes:
+    """The catalog's key for a path: absolute, normalised, raw bytes."""
+    return os.fsencode(os.path.abspath(os.fspath(path)))
+
+
+def display_path(path: str | Path) -> str:
+    """A printable form of a path (undecodable bytes shown as U+FFFD)."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "replace")
+
+
+class Catalog:
+    """An open catalog. Use as a context manager or call ``close()``."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else default_db_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+        except (OSError, sqlite3.Error) as e:
+            raise CatalogError(f"cannot open catalog: {e}", self.path) from None
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self.conn.close()
+            raise CatalogError(f"not a usable ckptlab catalog: {e}", self.path) from None
+
+    # -- schema -------------------------------------------------------------------------------
+    @property
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def component_version(self, component: str) -> int:
+        row = self.conn.execute("SELECT version FROM schema_versions WHERE component = ?", (component,)).fetchone()
+        return row[0] if row else 0
+
+    def _migrate(self) -> None:
+        current = self.schema_version
+        if current > len(_CORE_MIGRATIONS):
+            raise CatalogError(f"catalog schema version {current} is newer than this ckptlab "
+                               f"({len(_CORE_MIGRATIONS)}); upgrade ckptlab", self.path)
+        for version, sql in enumerate(_CORE_MIGRATIONS[current:], start=current + 1):
+            self._run_script(sql, f"PRAGMA user_version = {version};")
+        for component, migrations in _REGISTERED.items():
+            have = self.component_version(component)
+            if have > len(migrations):
+                raise CatalogError(f"catalog schema for {component!r} is version {have}, newer than this "
+                                   f"ckptlab knows ({len(migrations)})", self.path)
+            for version, sql in enumerate(migrations[have:], start=have + 1):
+                name = component.replace("'", "''")
+                self._run_script(sql, f"INSERT INTO schema_versions(component, version) VALUES ('{name}', {version}) "
+                                      f"ON CONFLICT(component) DO UPDATE SET version = excluded.version;")
+
+    def _run_script(self, sql: str, bump: str) -> None:
+        try:
+            self.conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;{bump}\nCOMMIT;")
+        except sqlite3.Error:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    # -- plumbing -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All statements inside commit together or not at all (Ctrl-C included)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- files --------------------------------------------------------------------------------
+    def get(self, file_id: int) -> FileRecord | None:
+        row = self.conn.execute(f"{_SELECT} WHERE f.id = ?", (file_id,)).fetchone()
+        return _record(row) if row else None
+
+    def get_by_path(self, path: str | Path) -> FileRecord | None:
+        row = self.conn.execute(f"{_SELECT} WHERE f.path = ?", (path_key(path),)).fetchone()
+        return _record(row) if row else None
+
+    def find_by_hash(self, value: str) -> list[FileRecord]:
+        """Files whose SHA256, AutoV1/V2/V3, CRC32 or BLAKE3 equals ``value`` (any case); a SHA-256
+        prefix of 10+ hex digits also matches."""
+        v = value.strip().upper()
+        if v.startswith("0X"):
+            v = v[2:]
+        rows = self.conn.execute(
+            f"{_SELECT} WHERE c.sha256 = ?1 OR c.autov1 = ?1 OR c.autov2 = ?1 OR c.autov3 = ?1 OR c.crc32 = ?1 "
+            f"OR c.blake3 = ?1 OR (length(?1) >= 10 AND substr(c.sha256, 1, length(?1)) = ?1) ORDER BY f.id",
+            (v,)).fetchall()
+        return [_record(r) for r in rows]
+
+    def find_by_sha256(self, sha256: str) -> list[FileRecord]:
+        rows = self.conn.execute(f"{_SELECT} WHERE c.sha256 = ? ORDER BY f.id", (sha256.upper(),)).fetchall()
+        return [_record(r) for r in rows]
+
+    def files(self, status: str | None = "present", kind: str | None = None, family: str | None = None,
+              search: str | None = None, sort: str = "name", under: list[str] | None = None) -> list[FileRecord]:
+        where, args = [], []
+        if status:
+            where.append("f.status = ?")
+            args.append(status)
+        if kind:
+            where.append("lower(f.kind) = lower(?)")
+            args.append(kind)
+        if family:
+            where.append("lower(f.family) = lower(?)")
+            args.append(family)
+        if search:
+            where.append("(instr(lower(f.display), lower(?)) > 0 OR instr(lower(coalesce(f.sidecars, '')), lower(?)) > 0)")
+            args += [search, search]
+        order = {"name": "f.name COLLATE NOCASE, f.display", "size": "f.size DESC, f.display",
+                 "mtime": "f.mtime_ns DESC, f.display", "path": "f.display", "id": "f.id"}.get(sort)
+        if order is None:
+            raise CkptlabError(f"unknown sort {sort!r} (use size, name, mtime, path)")
+        sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order}"
+        return [_record(r) for r in self.conn.execute(sql, args)]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT status, count(*) FROM files GROUP BY status").fetchall())
+
+    # -- content (hashes / fingerprints) ------------------------------------------------------
+    def content(self, key: StatKey) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT sha256, autov1, autov2, autov3, crc32, blake3, fingerprint, components FROM content "
+            "WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?", key).fetchone()
+        if not row:
+            return None
+        sha256, autov1, autov2, autov3, crc32, b3, fingerprint, components = row
+        hashes = None
+        if sha256:
+            hashes = Hashes(sha256=sha256, autov1=autov1, autov2=autov2, autov3=autov3, crc32=crc32, blake3=b3,
+                            size=key[2])
+        return {"hashes": hashes, "fingerprint": fingerprint, "components": _loads(components)}
+
+    def put_hashes(self, key: StatKey, h: Hashes) -> None:
+        self.conn.execute(
+            "INSERT INTO content(dev, ino, size, mtime_ns, sha256, autov1, autov2, autov3, crc32, blake3, hashed_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(dev, ino, size, mtime_ns) DO UPDATE SET "
+            "sha256 = excluded.sha256, autov1 = excluded.autov1, autov2 = excluded.autov2, autov3 = excluded.autov3, "
+            "crc32 = excluded.crc32, blake3 = excluded.blake3, hashed_at = excluded.hashed_at",
+            (*key, h.sha256, h.autov1, h.autov2, h.autov3, h.crc32, h.blake3, time.time()))
+
+    def put_fingerprint(self, key: StatKey, fingerprint: str, components: dict[str, str]) -> None:
+        self.conn.execute(
+            "INSERT INTO content(dev, ino, size, mtime_ns, fingerprint, components, fingerprinted_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(dev, ino, size, mtime_ns) DO UPDATE SET "
+            "fingerprint = excluded.fingerprint, components = excluded.components, "
+            "fingerprinted_at = excluded.fingerprinted_at",
+            (*key, fingerprint, json.dumps(components, sort_keys=True), time.time()))

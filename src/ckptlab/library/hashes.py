@@ -1,0 +1,187 @@
+"""All six hashes CivitAI stores, computed from one sequential read of the file.
+
+One reader thread reads the file in large chunks and hands each chunk (shared, never copied) to
+one worker thread per hasher: SHA-256 of the whole file, SHA-256 of the bytes after a safetensors
+header (AutoV3), BLAKE3 and CRC-32. ``hashlib``, ``blake3`` and ``zlib`` release the GIL on large
+buffers, so the hashers run on separate cores and the wall time is close to the slowest one.
+AutoV1 (SHA-256 of the 64 KiB at offset 1 MiB) is taken from the same chunks as they pass.
+
+Definitions (reference/hub.md §1), all shown UPPER-case as CivitAI shows them:
+
+- ``sha256``: SHA-256 of the whole file, 64 hex.
+- ``autov1``: first 8 hex of SHA-256 over ``file[0x100000:0x110000]``. Files of 1 MiB or less hash an
+  empty slice (``E3B0C442``), so all small files share one AutoV1; shorter than 1 MiB + 64 KiB hash
+  what there is.
+- ``autov2``: first 10 hex of ``sha256``.
+- ``autov3``: first 12 hex of SHA-256 over ``file[8 + N:]`` where ``N`` is the little-endian u64
+  at the start of a safetensors file; ``None`` for files whose bytes are not safetensors.
+- ``crc32``: zlib CRC-32 of the whole file, 8 hex.
+- ``blake3``: BLAKE3-256 of the whole file, 64 hex.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptlab.errors import FormatError
+from ckptlab.progress import Progress, null_progress
+
+CHUNK = 8 * 1024 * 1024
+AUTOV1_OFFSET = 0x100000
+AUTOV1_LENGTH = 0x10000
+_QUEUE_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class Hashes:
+    sha256: str
+    autov1: str
+    autov2: str
+    autov3: str | None
+    crc32: str
+    blake3: str
+    size: int
+
+    def names(self) -> dict[str, str]:
+        """``{"SHA256": ..., "AutoV1": ...}`` with CivitAI's type names (None values left out)."""
+        out = {"SHA256": self.sha256, "AutoV1": self.autov1, "AutoV2": self.autov2, "AutoV3": self.autov3,
+               "CRC32": self.crc32, "BLAKE3": self.blake3}
+        return {k: v for k, v in out.items() if v}
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value & 0xFFFFFFFF:08x}"
+
+
+class _Worker(threading.Thread):
+    """Feeds chunks ``(offset, buffer)`` to one hasher; ``start_at`` skips the bytes before it."""
+
+    def __init__(self, hasher, start_at: int = 0):
+        super().__init__(daemon=True)
+        self.hasher = hasher
+        self.start_at = start_at
+        self.q: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            offset, buf = item
+            try:
+                end = offset + len(buf)
+                if end <= self.start_at:
+                    continue
+                skip = max(0, self.start_at - offset)
+                self.hasher.update(buf[skip:] if skip else buf)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                self.error = e
+
+
+def safetensors_data_offset(head: bytes, size: int) -> int | None:
+    """``8 + N`` when ``head`` (the first bytes of a file of ``size`` bytes) starts a safetensors file."""
+    if len(head) < 9:
+        return None
+    (n,) = struct.unpack("<Q", head[:8])
+    if n == 0 or 8 + n > size or head[8:9] != b"{":
+        return None
+    return 8 + n
+
+
+def hash_file(path: str | Path, progress: Progress | None = None) -> Hashes:
+    """Compute every CivitAI hash of ``path`` in one read. Raises ``FormatError`` if the file cannot
+    be read or changes size while it is read."""
+    progress = progress or null_progress
+    path = Path(path)
+    try:
+        fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise FormatError(f"cannot open: {e.strerror or e}", path) from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:
+                pass
+        progress(0, total=size)
+        try:
+            import blake3 as _blake3
+
+            b3 = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+        except ImportError:  # pragma: no cover - blake3 is a dependency
+            b3 = None
+        sha = hashlib.sha256()
+        crc = _Crc32()
+        workers = [_Worker(sha), _Worker(crc)]
+        if b3 is not None:
+            workers.append(_Worker(b3))
+        v3_worker: _Worker | None = None
+        v1 = bytearray()
+        pos = 0
+        started = False
+        try:
+            while True:
+                buf = bytearray(CHUNK)
+                try:
+                    n = fh.readinto(buf)
+                except OSError as e:
+                    raise FormatError(f"read error at byte {pos}: {e.strerror or e}", path) from None
+                if not n:
+                    break
+                chunk = memoryview(buf)[:n]
+                if not started:
+                    data_at = safetensors_data_offset(bytes(chunk[:16]), size)
+                    if data_at is not None:
+                        v3_worker = _Worker(hashlib.sha256(), start_at=data_at)
+                        workers.append(v3_worker)
+                    for w in workers:
+                        w.start()
+                    started = True
+                lo, hi = max(pos, AUTOV1_OFFSET), min(pos + n, AUTOV1_OFFSET + AUTOV1_LENGTH)
+                if lo < hi:
+                    v1 += chunk[lo - pos:hi - pos]
+                for w in workers:
+                    w.q.put((pos, chunk))
+                pos += n
+                progress(n)
+        finally:
+            if not started:
+                for w in workers:
+                    w.start()
+            for w in workers:
+                w.q.put(None)
+            for w in workers:
+                w.join()
+        for w in workers:
+            if w.error is not None:
+                raise w.error
+        if pos != size or os.fstat(fh.fileno()).st_size != size:
+            raise FormatError(f"file changed while it was hashed ({size} bytes at start, {pos} read)", path)
+    digest = sha.hexdigest().upper()
+    return Hashes(
+        sha256=digest,
+        autov1=hashlib.sha256(bytes(v1)).hexdigest()[:8].upper(),
+        autov2=digest[:10],
+        autov3=v3_worker.hasher.hexdigest()[:12].upper() if v3_worker is not None else None,
+        crc32=crc.hexdigest().upper(),
+        blake3=b3.hexdigest().upper() if b3 is not None else "",
+        size=size,
+    )
