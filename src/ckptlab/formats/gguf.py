@@ -1,0 +1,310 @@
+"""GGUF files (llama.cpp / ComfyUI-GGUF quantized models), read from the header only.
+
+Layout (all little-endian unless the file is big-endian, detected from the version field):
+``"GGUF"``, version u32 (1, 2 or 3), tensor count and metadata count (u64; u32 in version 1),
+metadata key/value pairs (key string, value type u32, value), then one info per tensor (name,
+``n_dims`` u32, ``n_dims`` dimensions, GGML type u32, data offset u64), then padding to
+``general.alignment`` (default 32) and the data. Strings are a length (u64; u32 in v1) and UTF-8.
+
+Dimensions are stored innermost-first (GGML ``ne`` order); ``infos()`` reports them reversed, as
+torch and safetensors shapes are written, and honours ComfyUI-GGUF's
+``comfy.gguf.orig_shape.<name>`` (the shape a tensor had before it was flattened for quantizing).
+Quantized data is never decoded here: ``get()`` returns only the unquantized tensors (F32, F16,
+BF16, F64, integers) and refuses the quantized ones with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptlab.errors import FormatError, UnsupportedFormatError
+from ckptlab.formats.base import TensorInfo, TensorSource
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 8
+SUMMARISE_ARRAYS_OVER = 1024  # longer arrays appear in ``metadata`` as a one-line summary
+
+# GGML type id -> (name, elements per block, bytes per block)
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+}
+UNQUANTIZED = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})  # = safetensors names
+
+# metadata value type id -> (name, struct code or None for string/array)
+_VALUE_TYPES: dict[int, tuple[str, str | None]] = {
+    0: ("uint8", "B"), 1: ("int8", "b"), 2: ("uint16", "H"), 3: ("int16", "h"), 4: ("uint32", "I"),
+    5: ("int32", "i"), 6: ("float32", "f"), 7: ("bool", "?"), 8: ("string", None), 9: ("array", None),
+    10: ("uint64", "Q"), 11: ("int64", "q"), 12: ("float64", "d"),
+}
+_STRING, _ARRAY = 8, 9
+
+QUANTIZED_MESSAGE = "GGUF tensors are quantized; not supported for this operation"
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo(TensorInfo):
+    """A GGUF tensor: ``dtype`` is the safetensors name when unquantized, else the GGML name
+    (``Q4_K``, ``Q8_0``...); ``nbytes`` is its size on disk; ``offset`` is absolute in the file."""
+
+    ggml_type: str = ""
+    offset: int = 0
+    disk_bytes: int = 0
+    ne: tuple[int, ...] = ()  # dimensions as stored (innermost first)
+
+    @property
+    def nbytes(self) -> int:
+        return self.disk_bytes
+
+    @property
+    def quantized(self) -> bool:
+        return self.ggml_type not in UNQUANTIZED
+
+
+class _Cursor:
+    """Bounds-checked reads from the mapped file; every overrun is a truncated-file error."""
+
+    def __init__(self, buf, path: Path, endian: str, size_code: str):
+        self.buf, self.path, self.e, self.size_code = buf, path, endian, size_code
+        self.pos = 0
+        self.end = len(buf)
+
+    def _unpack(self, code: str, what: str):
+        n = struct.calcsize(code)
+        if self.pos + n > self.end:
+            raise FormatError(f"GGUF file truncated while reading {what} at byte {self.pos}", self.path)
+        (v,) = struct.unpack_from(self.e + code, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def u32(self, what: str) -> int:
+        return self._unpack("I", what)
+
+    def u64(self, what: str) -> int:
+        return self._unpack("Q", what)
+
+    def count(self, what: str) -> int:
+        return self._unpack(self.size_code, what)
+
+    def string(self, what: str) -> str:
+        n = self.count(f"the length of {what}")
+        if n > self.end - self.pos:
+            raise FormatError(f"GGUF {what}: string length {n} runs past the end of the file", self.path)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"GGUF {what}: string is not valid UTF-8", self.path) from None
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype not in _VALUE_TYPES:
+            raise FormatError(f"GGUF {what}: unknown metadata value type {vtype}", self.path)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            if depth >= MAX_NESTING:
+                raise FormatError(f"GGUF {what}: arrays nested more than {MAX_NESTING} deep", self.path)
+            etype = self.u32(f"{what} element type")
+            n = self.count(f"{what} element count")
+            if etype not in _VALUE_TYPES:
+                raise FormatError(f"GGUF {what}: unknown array element type {etype}", self.path)
+            code = _VALUE_TYPES[etype][1]
+            min_size = struct.calcsize(code) if code else (4 if etype == _ARRAY else 1) + 3
+            if n * min_size > self.end - self.pos:
+                raise FormatError(f"GGUF {what}: array of {n} elements runs past the end of the file",
+                                  self.path)
+            if code:  # fixed-size elements: one unpack for the whole array
+                vals = struct.unpack_from(f"{self.e}{n}{code}", self.buf, self.pos)
+                self.pos += n * struct.calcsize(code)
+                return list(vals)
+            return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(n)]
+        return self._unpack(_VALUE_TYPES[vtype][1], what)
+
+
+def _metadata_string(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) > SUMMARISE_ARRAYS_OVER:
+        return f"<array of {len(value)} values>"
+    return json.dumps(value, ensure_ascii=False, allow_nan=True)
+
+
+class GGUFSource(TensorSource):
+    format = "gguf"
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        #: every metadata value as decoded (lists for arrays, Python numbers, bools, strings)
+        self.fields: dict[str, Any] = {}
+        self.version = 0
+        self.alignment = DEFAULT_ALIGNMENT
+        self.data_start = 0
+        self._infos: dict[str, GGUFTensorInfo] = {}
+        self._mm: mmap.mmap | None = None
+        self._parse()
+
+    # -- header -------------------------------------------------------------------------------
+    def _parse(self) -> None:
+        try:
+            fh = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise FormatError(f"cannot open: {e.strerror or e}", self.path) from None
+        with fh:
+            self._file_size = os.fstat(fh.fileno()).st_size
+            if self._file_size < 8:
+                raise FormatError(f"GGUF file truncated: {self._file_size} bytes", self.path)
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._parse_buffer(mm)
+        finally:
+            mm.close()
+
+    def _parse_buffer(self, buf) -> None:
+        path = self.path
+        if bytes(buf[:4]) != MAGIC:
+            raise FormatError("not a GGUF file (magic is not 'GGUF')", path)
+        (v_le,) = struct.unpack_from("<I", buf, 4)
+        (v_be,) = struct.unpack_from(">I", buf, 4)
+        endian = "<" if v_le in (1, 2, 3) else ">" if v_be in (1, 2, 3) else None
+        if endian is None:
+            raise UnsupportedFormatError(f"GGUF version {v_le} is not supported (1, 2 or 3)", path)
+        self.version = v_le if endian == "<" else v_be
+        cur = _Cursor(buf, path, endian, "I" if self.version == 1 else "Q")
+        cur.pos = 8
+        n_tensors = cur.count("the tensor count")
+        n_kv = cur.count("the metadata count")
+        # every entry needs a few bytes: a count beyond the file size is corrupt, not a loop to run
+        if n_tensors > self._file_size or n_kv > self._file_size:
+            raise FormatError(f"GGUF header claims {n_tensors} tensors and {n_kv} metadata entries; "
+                              f"more than the file can hold", path)
+        for i in range(n_kv):
+            key = cur.string(f"metadata key #{i}")
+            vtype = cur.u32(f"metadata {key!r} type")
+            if key in self.fields:
+                raise FormatError(f"GGUF metadata key {key!r} appears twice", path)
+            self.fields[key] = cur.value(vtype, f"metadata {key!r}")
+        self.metadata = {k: _metadata_string(v) for k, v in self.fields.items()}
+
+        align = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
+        if type(align) is not int or align <= 0 or align & (align - 1):
+            raise FormatError(f"GGUF general.alignment {align!r} is not a positive power of two", path)
+        self.alignment = align
+
+        raw: list[tuple[str, tuple[int, ...], int, int]] = []
+        seen: set[str] = set()
+        for i in range(n_tensors):
+            name = cur.string(f"tensor #{i} name")
+            n_dims = cur.u32(f"tensor {name!r} dimension count")
+            if n_dims > MAX_DIMS:
+                raise FormatError(f"GGUF tensor {name!r}: {n_dims} dimensions (at most {MAX_DIMS})", path)
+            ne = tuple(cur.u64(f"tensor {name!r} dimensions") for _ in range(n_dims))
+            tid = cur.u32(f"tensor {name!r} type")
+            offset = cur.u64(f"tensor {name!r} offset")
+            if name in seen:
+                raise FormatError(f"GGUF tensor {name!r} appears twice", path)
+            seen.add(name)
+            raw.append((name, ne, tid, offset))
+        self.data_start = -(-cur.pos // align) * align
+        data_len = self._file_size - self.data_start
+        if data_len < 0:
+            raise FormatError("GGUF file truncated: it ends before its tensor data begins", path)
+
+        # sizes of unknown types are the distance to the next tensor's data
+        by_offset = sorted(o for *_, o in raw)
+        for name, ne, tid, offset in raw:
+            if offset % align:
+                raise FormatError(f"GGUF tensor {name!r}: offset {offset} is not a multiple of the "
+                                  f"alignment {align}", path)
+            numel = math.prod(ne)
+            if tid in GGML_TYPES:
+                tname, block, bsize = GGML_TYPES[tid]
+                if ne and ne[0] % block:
+                    raise FormatError(f"GGUF tensor {name!r}: {tname} needs the first dimension to be a "
+                                      f"multiple of {block}, got {ne[0]}", path)
+                nbytes = numel // block * bsize
+            else:
+                tname = f"GGML_TYPE_{tid}"
+                later = [o for o in by_offset if o > offset]
+                nbytes = (later[0] if later else data_len) - offset
+                self.warnings.append(f"tensor {name!r} has an unknown GGML type {tid}")
+            if offset + nbytes > data_len:
+                raise FormatError(f"GGUF tensor {name!r}: data ends at byte {self.data_start + offset + nbytes}, "
+                                  f"past the end of the file ({self._file_size} bytes; truncated?)", path)
+            shape = tuple(reversed(ne))
+            orig = self.fields.get(f"comfy.gguf.orig_shape.{name}")
+            if (isinstance(orig, list) and all(type(d) is int and d >= 0 for d in orig)
+                    and math.prod(orig) == numel):
+                shape = tuple(orig)
+            self._infos[name] = GGUFTensorInfo(tname, shape, ggml_type=tname, offset=self.data_start + offset,
+                                               disk_bytes=nbytes, ne=ne)
+        self.extra = {"gguf_version": self.version, "gguf_alignment": align,
+                      "gguf_endian": "little" if endian == "<" else "big"}
+        self._endian = endian
+
+    # -- TensorSource -------------------------------------------------------------------------
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos  # type: ignore[return-value]
+
+    @property
+    def architecture(self) -> str | None:
+        arch = self.fields.get("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+    @property
+    def size(self) -> int:
+        return self._file_size
+
+    @property
+    def quantized_types(self) -> dict[str, int]:
+        """GGML type name -> number of tensors stored that way."""
+        out: dict[str, int] = {}
+        for info in self._infos.values():
+            out[info.ggml_type] = out.get(info.ggml_type, 0) + 1
+        return out
+
+    def get(self, key: str):
+        info = self._infos[key]
+        if info.quantized:
+            raise UnsupportedFormatError(f"{QUANTIZED_MESSAGE} (tensor {key!r} is {info.ggml_type})",
+                                         self.path)
+        import torch
+
+        from ckptlab.formats.dtypes import to_torch
+
+        if self._mm is None:
+            with open(self.path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size != self._file_size:
+                    raise FormatError("file changed size since its header was read", self.path)
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        dt = to_torch(info.dtype)
+        if info.disk_bytes == 0:
+            return torch.empty(info.shape, dtype=dt)
+        t = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.disk_bytes, offset=info.offset)
+        if self._endian == ">" and t.numel() and dt.itemsize > 1:
+            t = t.view(-1, dt.itemsize).flip(1).contiguous().view(-1)
+        return t.view(dt).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+            self._mm = None
