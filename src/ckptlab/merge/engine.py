@@ -1,0 +1,281 @@
+"""Run a recipe: open and pin inputs, build the graph (all checks happen here), write the output.
+
+Writing is streaming: the header comes from the plan, then each key is produced (read the few
+input tensors it needs, compute in the merge dtype, cast) and appended in plan order. A small thread
+pool computes keys ahead of the writer, bounded by a memory budget; the writer always takes them in
+plan order, so the bytes do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptlab.errors import CkptlabError, MismatchError, OutputError
+from ckptlab.formats import open_model
+from ckptlab.formats.dtypes import parse_dtype
+from ckptlab.formats.writer import SafetensorsWriter
+from ckptlab.merge import provenance
+from ckptlab.merge.blocks import BlockValues, parse_value
+from ckptlab.merge.graph import BakeVae, Node, Prune, Settings, SourceNode, StepNode, StepSummary
+from ckptlab.merge.methods import get_method
+from ckptlab.merge.recipe import Recipe, RecipeError, dumps, pin_text
+from ckptlab.progress import Progress, null_progress
+
+#: bytes of merge working memory allowed in flight across the pool
+DEFAULT_BUDGET = 192 << 20
+RECIPE_KEY = "ckptlab.recipe"
+
+
+@dataclass
+class InputReport:
+    name: str
+    path: str
+    sha256: str
+    family: str | None
+    format: str
+    relinked: bool = False
+
+
+@dataclass
+class MergeResult:
+    output: str
+    method: str
+    family: str | None
+    tensors: int
+    bytes: int
+    seconds: float
+    inputs: list[InputReport]
+    steps: list[StepSummary]
+    saved: list[str] = field(default_factory=list)
+    vae_replaced: int = 0
+    vae_added: int = 0
+    pruned: int = 0
+    recipe_updated: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def _dtype(name, what: str) -> str | None:
+    if name is None:
+        return None
+    try:
+        return parse_dtype(str(name))
+    except ValueError as e:
+        raise RecipeError(f"{what}: {e}") from None
+
+
+def _check_output(path: Path, inputs: list[Path]) -> None:
+    rp = path.resolve()
+    for p in inputs:
+        if p.resolve() == rp:
+            raise OutputError("output is one of the inputs; inputs are never modified", path)
+
+
+def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: bool = False,
+               relink: bool = False, recipe_path: str | Path | None = None, threads: int = 2,
+               device: str = "cpu", budget: int = DEFAULT_BUDGET,
+               progress: Progress | None = None) -> MergeResult:
+    """Run every step of ``recipe`` and write the last one to ``output``."""
+    t0 = time.perf_counter()
+    progress = progress or null_progress
+    recipe.validate()
+    final = recipe.steps[-1]
+    out = Path(output) if output is not None else (Path(final.save) if final.save else None)
+    if out is None:
+        raise RecipeError("no output: pass -o OUT.safetensors (or give the last step a save = path)")
+    if out.exists() and not overwrite:
+        raise OutputError("output already exists (use --overwrite to replace it)", out)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CkptlabError("--device cuda: torch sees no CUDA GPU on this machine")
+    opts = recipe.options
+    settings = Settings(merge_dtype=_dtype(opts.get("merge_dtype", "fp32"), "merge_dtype") or "F32",
+                        device=device, missing=str(opts.get("missing", "keep-a")), seed=int(opts.get("seed", 0)))
+    paths = {n: recipe.input_path(n) for n in recipe.inputs}
+    for st in recipe.steps:
+        if st.save:
+            _check_output(Path(st.save), list(paths.values()))
+    _check_output(out, list(paths.values()))
+
+    sources = {}
+    warnings: list[str] = []
+    try:
+        for n, p in paths.items():
+            sources[n] = open_model(p)
+            warnings.extend(f"{n}: {w}" for w in sources[n].warnings)
+        progress(description="hashing inputs")
+        hashes = dict(zip(paths, provenance.sha256_many(list(paths.values())), strict=True))
+        reports, updated = _check_pins(recipe, hashes, relink, warnings)
+        if updated and recipe_path is not None:
+            pin_text(recipe, recipe_path)
+
+        nodes: dict[str, Node] = {n: SourceNode(n, s) for n, s in sources.items()}
+        for r in reports:
+            r.family = nodes[r.name].family
+        summaries: list[StepSummary] = []
+        saved: list[str] = []
+        final_node: Node | None = None
+        for i, st in enumerate(recipe.steps):
+            is_last = i == len(recipe.steps) - 1
+            node = _build_step(st, nodes, settings, opts.get("dtype") if is_last else None)
+            summaries.append(node.summary)
+            if st.save and not is_last:
+                # write the intermediate, then let later steps read it back (same values, less recompute)
+                meta = _metadata(recipe, st, nodes, hashes, sources, i)
+                write_node(node, Path(st.save), meta, overwrite=overwrite, threads=threads, budget=budget,
+                           progress=progress, description=f"{st.name}")
+                saved.append(str(st.save))
+                src = open_model(st.save)
+                sources[f"__saved_{st.name}"] = src
+                nodes[st.name] = SourceNode(st.name, src, family=node.family)
+                nodes[st.name].kind = node.kind
+            else:
+                nodes[st.name] = node
+            final_node = node
+        assert final_node is not None
+        top: Node = final_node
+        vae_rep = vae_add = pruned = 0
+        if opts.get("vae"):
+            if top.kind == "delta":
+                raise MismatchError("--vae: the output is a difference file; a VAE cannot be baked into it")
+            top = BakeVae(top, SourceNode(str(opts["vae"]), sources[str(opts["vae"])], family=None))
+            vae_rep, vae_add = top.replaced, top.added
+        if opts.get("prune"):
+            top = Prune(top)
+            pruned = top.dropped
+        meta = _metadata(recipe, final, nodes, hashes, sources, len(recipe.steps) - 1)
+        size = write_node(top, out, meta, overwrite=overwrite, threads=threads, budget=budget,
+                          progress=progress, description=final.name)
+    finally:
+        for s in sources.values():
+            s.close()
+    return MergeResult(str(out), final.method, final_node.family, len(top.plan), size,
+                       round(time.perf_counter() - t0, 3), reports, summaries, saved, vae_rep, vae_add, pruned,
+                       updated, warnings)
+
+
+def _check_pins(recipe: Recipe, hashes: dict[str, str], relink: bool, warnings: list[str]):
+    reports = []
+    updated = False
+    for n, inp in recipe.inputs.items():
+        h = hashes[n]
+        rel = False
+        if inp.sha256 is None:
+            inp.sha256 = h
+            updated = updated or relink
+        elif inp.sha256 != h:
+            if not relink:
+                raise MismatchError(f"input {n} ({inp.path}) has sha256 {h[:12]}..., the recipe pins "
+                                    f"{inp.sha256[:12]}...: a different file (use --relink to accept it)")
+            warnings.append(f"{n}: relinked to {inp.path} (sha256 {h[:12]}..., was {inp.sha256[:12]}...)")
+            inp.sha256 = h
+            rel = updated = True
+        fmt = "folder" if Path(recipe.input_path(n)).is_dir() else "file"
+        reports.append(InputReport(n, str(recipe.input_path(n)), h, None, fmt, rel))
+    return reports, updated
+
+
+def _build_step(st, nodes: dict[str, Node], settings: Settings, final_dtype) -> StepNode:
+    method = get_method(st.method)
+    ins = [nodes[i] for i in st.inputs]
+    fam = ins[0].family
+    params: dict[str, float | BlockValues] = {}
+    declared = {p.name: p for p in method.params}
+    for name, p in declared.items():
+        raw = st.params.get(name, p.default)
+        val = parse_value(raw, fam, name=name)
+        if isinstance(val, BlockValues) and not p.per_block:
+            raise RecipeError(f"step {st.name!r}: {name} takes one number, not block weights")
+        params[name] = val
+    dtype = _dtype(st.dtype or final_dtype, f"step {st.name!r} dtype")
+    return StepNode(st.name, method, ins, params, settings, dtype)
+
+
+def _metadata(recipe: Recipe, step, nodes, hashes, sources, index: int) -> dict[str, str]:
+    method = get_method(step.method)
+    sub = Recipe(recipe.inputs, recipe.steps[:index + 1], dict(recipe.options), recipe.base_dir)
+    if index != len(recipe.steps) - 1:
+        sub.options.pop("vae", None)
+        sub.options.pop("prune", None)
+        sub.options.pop("dtype", None)
+    used = _file_inputs(sub)
+    sub.inputs = {n: recipe.inputs[n] for n in recipe.inputs if n in used}
+    meta: dict[str, str] = {"format": "pt"}
+    mds = [sources[n].metadata for n in sub.inputs]
+    meta.update(provenance.modelspec_of(mds))
+    step_hashes = [hashes.get(i) if i in recipe.inputs else None for i in step.inputs]
+    multiplier = step.params.get("alpha", method.defaults().get("alpha"))
+    out_dtype = _dtype(sub.options.get("dtype") or step.dtype, "dtype") if index == len(recipe.steps) - 1 else None
+    node = nodes.get(step.name)
+    inpaint = bool(getattr(getattr(node, "summary", None), "inpaint_sliced", 0))
+    meta["sd_merge_recipe"] = json.dumps(provenance.a1111_metadata(
+        method.name, method.a1111_name, multiplier, step_hashes, out_dtype=out_dtype,
+        vae=bool(sub.options.get("vae")), prune=bool(sub.options.get("prune")), inpaint=inpaint))
+    models: dict = {}
+    for n in sub.inputs:
+        p = recipe.input_path(n)
+        models.update(provenance.merge_models_entry(p.stem if p.suffix else p.name, hashes[n],
+                                                    provenance.a1111_legacy_hash(p), sources[n].metadata))
+    meta["sd_merge_models"] = json.dumps(models)
+    meta[RECIPE_KEY] = dumps(sub, outputs=False, absolute=True)
+    return meta
+
+
+def _file_inputs(recipe: Recipe) -> set[str]:
+    used = set(recipe.options.get("vae") and [recipe.options["vae"]] or [])
+    for st in recipe.steps:
+        used.update(i for i in st.inputs if i in recipe.inputs)
+    return used
+
+
+def write_node(node: Node, path: Path, metadata: dict[str, str], *, overwrite: bool = False, threads: int = 2,
+               budget: int = DEFAULT_BUDGET, progress: Progress | None = None, description: str = "merge") -> int:
+    """Stream ``node`` into ``path``; returns the bytes of tensor data written."""
+    progress = progress or null_progress
+    plan = node.plan
+    total = sum(i.nbytes for i in plan.values())
+    progress(total=total, description=description)
+
+    def produce(key: str):
+        raw = node.raw(key)
+        return raw if raw is not None else node.tensor(key)
+
+    def put(w: SafetensorsWriter, key: str, item) -> None:
+        if isinstance(item, memoryview):
+            w.write_raw(key, item)
+            item.release()
+        else:
+            w.write(key, item)
+        progress(plan[key].nbytes)
+
+    with SafetensorsWriter(path, plan, metadata, overwrite=overwrite) as w:
+        if threads <= 1:
+            for key in plan:
+                put(w, key, produce(key))
+            return total
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptlab-merge") as pool:
+            pending: deque = deque()
+            inflight = 0
+            try:
+                for key in plan:
+                    c = node.cost(key)
+                    while pending and (inflight + c > budget or len(pending) >= 4 * threads):
+                        k, cost, fut = pending.popleft()
+                        put(w, k, fut.result())
+                        inflight -= cost
+                    pending.append((key, c, pool.submit(produce, key)))
+                    inflight += c
+                while pending:
+                    k, cost, fut = pending.popleft()
+                    put(w, k, fut.result())
+            except BaseException:
+                for _, _, fut in pending:
+                    fut.cancel()
+                raise
+    return total

@@ -1,0 +1,337 @@
+"""The merge graph: nodes that know their output plan from headers and compute one key on demand.
+
+``SourceNode`` wraps an opened model file. ``StepNode`` applies a merge method to other nodes: at
+construction it plans every output key (which inputs it needs, dtype, shape) and checks families and
+shapes, so every refusal happens before anything is written. ``tensor(key)`` then computes that one
+key, reading only the tensors it needs; a chain of steps is a lazy per-key graph, so intermediate
+models are never held in memory. ``BakeVae`` and ``Prune`` are thin nodes on top.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ckptlab.errors import MismatchError
+from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.formats.dtypes import FLOAT_DTYPES, friendly, to_torch
+from ckptlab.merge.blocks import BlockValues, resolve
+from ckptlab.merge.family import family_of
+from ckptlab.merge.methods import KeyContext, Method
+
+MISSING_POLICIES = ("keep-a", "union", "intersect", "error")
+
+#: rows per chunk are chosen so a chunk holds about this many elements
+CHUNK_ELEMS = 1 << 20
+
+
+@dataclass
+class Settings:
+    merge_dtype: str = "F32"
+    device: str = "cpu"
+    missing: str = "keep-a"
+    seed: int = 0
+
+
+@dataclass
+class StepSummary:
+    name: str
+    method: str
+    merged: int = 0
+    kept_from_a: int = 0        # present only in A (or non-float): A's tensor unchanged
+    copied_from_other: int = 0  # absent from A, taken from another input (policy "union")
+    dropped: int = 0
+    inpaint_sliced: int = 0
+    dropped_keys: list[str] = field(default_factory=list)
+    only_in_a_keys: list[str] = field(default_factory=list)
+
+
+class Node:
+    name: str
+    family: str | None
+    kind: str = "weight"  # or "delta"
+    plan: dict[str, TensorInfo]
+
+    def tensor(self, key: str):
+        raise NotImplementedError
+
+    def raw(self, key: str):
+        """The stored bytes of ``key`` when they can be written unchanged, else None."""
+        return None
+
+    def cost(self, key: str) -> int:
+        """Rough bytes of working memory needed to produce ``key``."""
+        return self.plan[key].nbytes
+
+
+class SourceNode(Node):
+    def __init__(self, name: str, source: TensorSource, family: str | None = None):
+        self.name = name
+        self.source = source
+        self.family = family if family is not None else family_of(source)
+        self.plan = dict(source.infos())
+
+    def tensor(self, key: str):
+        return self.source.get(key)
+
+    def raw(self, key: str):
+        raw = getattr(self.source, "raw_bytes", None)
+        return raw(key) if raw is not None else None
+
+    def cost(self, key: str) -> int:
+        return 0  # mmap-backed (page cache, not our memory)
+
+
+def _conv_in(key: str) -> bool:
+    return key.endswith(("diffusion_model.input_blocks.0.0.weight", "conv_in.weight")) and "vae" not in key \
+        and not key.startswith("first_stage_model.")
+
+
+class StepNode(Node):
+    def __init__(self, name: str, method: Method, inputs: list[Node], params: dict[str, float | BlockValues],
+                 settings: Settings, dtype: str | None = None):
+        self.name = name
+        self.method = method
+        self.inputs = inputs
+        self.params = params
+        self.settings = settings
+        self.out_dtype = dtype
+        self.kind = method.output
+        self.summary = StepSummary(name, method.name)
+        n = len(inputs)
+        if not method.min_inputs <= n <= method.max_inputs:
+            want = (f"{method.min_inputs}" if method.min_inputs == method.max_inputs
+                    else f"{method.min_inputs} to {method.max_inputs}")
+            raise MismatchError(f"{method.name} takes {want} models, got {n}")
+        self._check_families()
+        self.family = inputs[0].family
+        self.actions: dict[str, tuple] = {}
+        self.plan = {}
+        self._plan()
+
+    # -- planning -----------------------------------------------------------------------------
+    def _check_families(self) -> None:
+        a = self.inputs[0]
+        for other in self.inputs[1:]:
+            if a.family and other.family and a.family != other.family:
+                raise MismatchError(f"cannot merge different model families: {a.name} is {a.family}, "
+                                    f"{other.name} is {other.family}")
+        deltas = [i.name for i in self.inputs if i.kind == "delta"]
+        if deltas and not (self.method.name == "add_difference" and len(self.inputs) == 2
+                           and deltas == [self.inputs[1].name]):
+            raise MismatchError(f"{', '.join(deltas)} is a difference (delta) model; only "
+                                f"`add_difference A DELTA` takes one")
+
+    def _plan(self) -> None:
+        ins = self.inputs
+        a = ins[0]
+        policy = self.settings.missing
+        s = self.summary
+        delta_out = self.kind == "delta"
+        mismatched: list[str] = []
+        for key, ia in a.plan.items():
+            present = [key in i.plan for i in ins]
+            if not all(present):
+                if policy == "error":
+                    missing = [i.name for i, p in zip(ins, present, strict=True) if not p]
+                    raise MismatchError(f"key {key!r} is in {a.name} but not in {', '.join(missing)} "
+                                        f"(--missing error)")
+                if policy == "intersect" or delta_out:
+                    s.dropped += 1
+                    s.dropped_keys.append(key)
+                    continue
+                self._add(key, ia, ("copy", 0))
+                s.kept_from_a += 1
+                s.only_in_a_keys.append(key)
+                continue
+            infos = [i.plan[key] for i in ins]
+            if ia.dtype not in FLOAT_DTYPES or any(x.dtype not in FLOAT_DTYPES for x in infos):
+                if delta_out:
+                    s.dropped += 1
+                    s.dropped_keys.append(key)
+                else:
+                    self._add(key, ia, ("copy", 0))
+                    s.kept_from_a += 1
+                continue
+            shapes = [x.shape for x in infos]
+            if all(sh == ia.shape for sh in shapes):
+                self._add(key, ia, ("merge", None))
+                s.merged += 1
+                continue
+            if _conv_in(key) and all(len(sh) == len(ia.shape) and sh[0] == ia.shape[0] and sh[2:] == ia.shape[2:]
+                                     for sh in shapes):
+                widest = max(range(len(ins)), key=lambda i: shapes[i][1])
+                if shapes[widest][1] > ia.shape[1]:
+                    raise MismatchError(f"{key}: {ins[widest].name} has {shapes[widest][1]} input channels but "
+                                        f"{a.name} has {ia.shape[1]}; put the inpaint/pix2pix model first (as A)")
+                width = min(sh[1] for sh in shapes)
+                self._add(key, ia, ("merge", width))
+                s.inpaint_sliced += 1
+                continue
+            mismatched.append(f"{key} {list(ia.shape)} vs " + " vs ".join(str(list(sh)) for sh in shapes[1:]))
+        if mismatched:
+            raise MismatchError(f"{len(mismatched)} tensors have different shapes in {', '.join(i.name for i in ins)}"
+                                f" (not the same architecture?), e.g. {mismatched[0]}")
+        if policy == "union" and not delta_out:
+            for idx, other in enumerate(ins[1:], start=1):
+                for key, info in other.plan.items():
+                    if key not in self.plan and key not in a.plan:
+                        self._add(key, info, ("copy", idx))
+                        s.copied_from_other += 1
+        else:
+            extra = {k for other in ins[1:] for k in other.plan if k not in a.plan}
+            s.dropped += len(extra)
+            s.dropped_keys.extend(sorted(extra))
+        if not self.plan:
+            raise MismatchError(f"{', '.join(i.name for i in ins)} have no tensors in common to merge")
+
+    def _add(self, key: str, info: TensorInfo, action: tuple) -> None:
+        dtype = info.dtype
+        if self.out_dtype and info.dtype in FLOAT_DTYPES:
+            dtype = self.out_dtype
+        self.plan[key] = TensorInfo(dtype, info.shape)
+        self.actions[key] = action
+
+    # -- computing ----------------------------------------------------------------------------
+    def raw(self, key: str):
+        op, arg = self.actions[key]
+        if op == "copy" and self.inputs[arg].plan[key].dtype == self.plan[key].dtype:
+            return self.inputs[arg].raw(key)
+        return None
+
+    def cost(self, key: str) -> int:
+        op, arg = self.actions[key]
+        info = self.plan[key]
+        below = max(i.cost(key) for i in self.inputs if key in i.plan)
+        if op == "copy":
+            return info.nbytes + below
+        if self.method.elementwise and arg is None:
+            return info.nbytes + below + CHUNK_ELEMS * 4 * (len(self.inputs) + 2)
+        return info.nbytes + below + info.numel * 4 * (len(self.inputs) + 3)
+
+    def _params_for(self, key: str) -> dict[str, float]:
+        fam = self.family
+        return {k: resolve(v, key, fam) for k, v in self.params.items()}
+
+    def tensor(self, key: str):
+        import torch
+
+        op, arg = self.actions[key]
+        info = self.plan[key]
+        out_dt = to_torch(info.dtype)
+        if op == "copy":
+            t = self.inputs[arg].tensor(key)
+            return t if t.dtype == out_dt else t.to(out_dt)
+        xs = [i.tensor(key) for i in self.inputs]
+        p = self._params_for(key)
+        ctx = KeyContext(key, self.settings.seed)
+        dev = torch.device(self.settings.device)
+        mdt = to_torch(self.settings.merge_dtype)
+        fn = self.method.fn
+        if arg is not None:  # inpaint / pix2pix conv_in: merge the shared channels, keep A's extra ones
+            out = xs[0].to(out_dt, copy=True)
+            part = [x[:, :arg].to(dev, mdt) for x in xs]
+            out[:, :arg].copy_(fn(part, p, ctx))
+            return out
+        if not self.method.elementwise or xs[0].dim() == 0 or info.numel <= CHUNK_ELEMS:
+            res = fn([x.to(dev, mdt) for x in xs], p, ctx)
+            return res.to(out_dt).cpu() if res.dtype != out_dt or res.device.type != "cpu" else res.contiguous()
+        out = torch.empty(info.shape, dtype=out_dt)
+        rows = max(1, CHUNK_ELEMS // max(1, info.numel // info.shape[0]))
+        for r in range(0, info.shape[0], rows):
+            part = [x[r:r + rows].to(dev, mdt) for x in xs]
+            out[r:r + rows].copy_(fn(part, p, ctx))
+        return out
+
+
+class BakeVae(Node):
+    """Replace (or add) the ``first_stage_model.`` keys of ``node`` with a VAE file's tensors."""
+
+    PREFIX = "first_stage_model."
+
+    def __init__(self, node: Node, vae: SourceNode):
+        self.name = node.name
+        self.node = node
+        self.vae = vae
+        self.family = node.family
+        self.kind = node.kind
+        vkeys = list(vae.plan)
+        if any(k.startswith(("encoder.down_blocks.", "vae.encoder.down_blocks.")) for k in vkeys):
+            raise MismatchError(f"{vae.name}: VAE is in diffusers layout; convert it to the single-file layout first")
+        self.map: dict[str, str] = {}
+        for k in vkeys:
+            if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
+                self.map[self.PREFIX + k] = k
+            elif k.startswith(self.PREFIX):
+                self.map[k] = k
+            elif k.startswith("vae.") and k[4:].startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
+                self.map[self.PREFIX + k[4:]] = k
+        if not self.map:
+            raise MismatchError(f"{vae.name}: no VAE weights found (expected encoder.*/decoder.* keys)")
+        float_dtypes = [i.dtype for i in node.plan.values() if i.dtype in FLOAT_DTYPES]
+        default_dt = Counter(float_dtypes).most_common(1)[0][0] if float_dtypes else "F16"
+        self.plan = {}
+        self.replaced = self.added = 0
+        bad = []
+        for k, info in node.plan.items():
+            if k in self.map:
+                vinfo = vae.plan[self.map[k]]
+                if vinfo.shape != info.shape:
+                    bad.append(f"{k} {list(info.shape)} vs {list(vinfo.shape)}")
+                self.replaced += 1
+            self.plan[k] = info
+        if bad:
+            raise MismatchError(f"{vae.name}: VAE does not fit this model ({len(bad)} shapes differ), e.g. {bad[0]}")
+        for k, vk in self.map.items():
+            if k not in self.plan:
+                vinfo = vae.plan[vk]
+                dt = default_dt if vinfo.dtype in FLOAT_DTYPES else vinfo.dtype
+                self.plan[k] = TensorInfo(dt, vinfo.shape)
+                self.added += 1
+
+    def _from_vae(self, key: str) -> bool:
+        return key in self.map
+
+    def tensor(self, key: str):
+        if self._from_vae(key):
+            t = self.vae.tensor(self.map[key])
+            want = to_torch(self.plan[key].dtype)
+            return t if t.dtype == want else t.to(want)
+        return self.node.tensor(key)
+
+    def raw(self, key: str):
+        if self._from_vae(key):
+            return self.vae.raw(self.map[key]) if self.vae.plan[self.map[key]].dtype == self.plan[key].dtype else None
+        return self.node.raw(key)
+
+    def cost(self, key: str) -> int:
+        return self.plan[key].nbytes if self._from_vae(key) else self.node.cost(key)
+
+
+class Prune(Node):
+    """Drop EMA copies and training state (``arch.components`` ``ema`` / ``training``)."""
+
+    def __init__(self, node: Node):
+        from ckptlab.arch.components import split_components
+
+        self.name = node.name
+        self.node = node
+        self.family = node.family
+        self.kind = node.kind
+        comps = split_components(node.plan)
+        drop = set(comps.get("ema", [])) | set(comps.get("training", []))
+        self.dropped = len(drop)
+        self.plan = {k: v for k, v in node.plan.items() if k not in drop}
+
+    def tensor(self, key: str):
+        return self.node.tensor(key)
+
+    def raw(self, key: str):
+        return self.node.raw(key)
+
+    def cost(self, key: str) -> int:
+        return self.node.cost(key)
+
+
+def describe_dtype(dtype: str | None) -> str:
+    return friendly(dtype) if dtype else "A's"

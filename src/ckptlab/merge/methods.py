@@ -1,0 +1,265 @@
+"""Merge methods: a registry of small pure functions on tensors with declared parameters.
+
+Each method gets its input tensors (already on the merge device, in the merge dtype), a dict of
+scalar parameters already resolved for the key (block weights applied) and a ``KeyContext``; it
+returns the merged tensor. ``elementwise`` methods may be applied to row slices of a tensor (the engine
+does that to keep memory small); the others see whole tensors. ``output`` is ``"weight"`` for a model
+and ``"delta"`` for a difference (``subtract``, ``extract``).
+
+Conventions: A is the first input. ``add_difference``/``train_difference``: A + (B - C) scaled; ``ties``,
+``dare`` and ``extract``: A is the common base the other inputs were fine-tuned from.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ckptlab.errors import CkptlabError
+
+
+class MethodError(CkptlabError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: float
+    help: str
+    per_block: bool = True  # may take block weights
+
+
+@dataclass(frozen=True)
+class KeyContext:
+    key: str
+    seed: int
+
+    def generator(self):
+        """A CPU generator seeded from (seed, key): the same numbers whatever the thread or chunk order."""
+        import torch
+
+        g = torch.Generator(device="cpu")
+        g.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.key.encode())) % (2**63))
+        return g
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable
+    min_inputs: int
+    max_inputs: int
+    params: tuple[Param, ...]
+    help: str
+    elementwise: bool = True
+    output: str = "weight"
+    a1111_name: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    def defaults(self) -> dict[str, float]:
+        return {p.name: p.default for p in self.params}
+
+
+METHODS: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    for a in method.aliases:
+        _ALIASES[a] = method.name
+    return method
+
+
+def get_method(name: str) -> Method:
+    key = name.strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    try:
+        return METHODS[key]
+    except KeyError:
+        raise MethodError(f"unknown merge method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
+
+
+_ALPHA = Param("alpha", 0.5, "weight of B (0 = A, 1 = B)")
+
+
+# -- the methods -----------------------------------------------------------------------------------
+def weighted_sum(xs, p, ctx):
+    import torch
+
+    a, b = xs
+    return torch.lerp(a, b, p["alpha"])  # A*(1-alpha) + B*alpha
+
+
+def add_difference(xs, p, ctx):
+    if len(xs) == 2:  # B is already a difference (e.g. written by `extract`/`subtract`)
+        a, d = xs
+        return a + d * p["alpha"]
+    a, b, c = xs
+    return a + (b - c) * p["alpha"]
+
+
+def triple_sum(xs, p, ctx):
+    a, b, c = xs
+    return a * (1.0 - p["alpha"] - p["beta"]) + b * p["alpha"] + c * p["beta"]
+
+
+def sum_twice(xs, p, ctx):
+    import torch
+
+    a, b, c = xs
+    return torch.lerp(torch.lerp(a, b, p["alpha"]), c, p["beta"])
+
+
+def slerp(xs, p, ctx):
+    """Spherical interpolation of the flattened tensors; magnitude interpolated linearly. Falls back
+    to a linear blend when the tensors are (anti)parallel or zero."""
+    import torch
+
+    a, b = xs
+    t = p["alpha"]
+    na, nb = a.norm(), b.norm()
+    if float(na) == 0.0 or float(nb) == 0.0:
+        return torch.lerp(a, b, t)
+    au, bu = a / na, b / nb
+    dot = float((au * bu).sum().clamp(-1.0, 1.0))
+    if abs(dot) > 0.9995:
+        return torch.lerp(a, b, t)
+    import math
+
+    omega = math.acos(dot)
+    so = math.sin(omega)
+    res = au * (math.sin((1.0 - t) * omega) / so) + bu * (math.sin(t * omega) / so)
+    return res * (float(na) * (1.0 - t) + float(nb) * t)
+
+
+def train_difference(xs, p, ctx):
+    """A + (B - C) * 1.8 * alpha * |B - A| / (|B - A| + |B - C|) (supermerger trainDifference)."""
+    import torch
+
+    a, b, c = xs
+    diff = b - c
+    dist_a = (b - a).abs()
+    total = dist_a + diff.abs()
+    scale = torch.where(total != 0, dist_a / total, torch.zeros_like(total))
+    return a + diff * scale * (1.8 * p["alpha"])
+
+
+def _top_k_mask(d, density):
+    """True where |d| is among the ``density`` fraction of largest magnitudes (ties kept)."""
+    import torch
+
+    if density >= 1.0:
+        return torch.ones_like(d, dtype=torch.bool)
+    n = d.numel()
+    k = max(int((1.0 - density) * n), 1)
+    thresh = d.abs().flatten().kthvalue(k).values
+    return d.abs() >= thresh
+
+
+def ties(xs, p, ctx):
+    """TIES-merging: task vectors M_i - A; keep each one's top ``density`` magnitudes (trim), elect the
+    sign of the summed trimmed vectors, average the entries that agree with it (disjoint mean);
+    A + alpha * merged."""
+    import torch
+
+    base = xs[0]
+    deltas = torch.stack([_trim(x - base, p["density"]) for x in xs[1:]])
+    sign = torch.sign(deltas.sum(dim=0))
+    agree = (torch.sign(deltas) == sign) & (deltas != 0)
+    count = agree.sum(dim=0).clamp(min=1)
+    merged = (deltas * agree).sum(dim=0) / count
+    return base + merged * p["alpha"]
+
+
+def _trim(d, density):
+    return d * _top_k_mask(d, density)
+
+
+def dare(xs, p, ctx):
+    """DARE: each task vector M_i - A keeps an element with probability ``density`` (seeded by --seed and
+    the key), kept elements are rescaled by 1/density; A + alpha * mean of the results."""
+    import torch
+
+    base = xs[0]
+    density = p["density"]
+    g = ctx.generator()
+    total = torch.zeros_like(base)
+    for x in xs[1:]:
+        keep = torch.rand(base.shape, generator=g, dtype=torch.float32).to(base.device) < density
+        total += (x - base) * keep / max(density, 1e-12)
+    return base + total * (p["alpha"] / (len(xs) - 1))
+
+
+def add_cosine(xs, p, ctx):
+    """sd-mecha's add_cosine_a / supermerger cosineA: blend factor per output row from the cosine
+    similarity of A and B along dim 0: k = 1 - clamp(sim - alpha, 0, 1); lerp(A, B, k)."""
+    import torch
+    import torch.nn.functional as F
+
+    a, b = xs
+    if a.dim() == 0:
+        return torch.lerp(a, b, 1.0 - min(max(1.0 - p["alpha"], 0.0), 1.0))
+    an = F.normalize(a, dim=0)
+    bn = F.normalize(b, dim=0)
+    sim = F.cosine_similarity(an, bn, dim=0)
+    k = 1.0 - torch.clamp(sim - p["alpha"], 0.0, 1.0)
+    return torch.lerp(a, b, k)
+
+
+def subtract(xs, p, ctx):
+    """The difference A - B (times alpha): a file you can add to another model with add_difference."""
+    a, b = xs
+    return (a - b) * p["alpha"]
+
+
+def extract(xs, p, ctx):
+    """supermerger's extract: with base A, d1 = B - A, d2 = C - A, c = cos(d1, d2) along the last dim,
+    s = ((c + 1) / 2) ** gamma; difference = lerp(d1, d2, alpha) * lerp(s, 1 - s, beta).
+    beta = 0 keeps what B and C share, beta = 1 what differs. Writes the difference (no base added)."""
+    import torch
+    import torch.nn.functional as F
+
+    base, b, c = xs
+    d1, d2 = b - base, c - base
+    if d1.dim() == 0:
+        cos = torch.sign(d1 * d2)
+    else:
+        cos = F.cosine_similarity(d1, d2, dim=-1).clamp(-1.0, 1.0).unsqueeze(-1)
+    s = ((cos + 1.0) / 2.0) ** p["gamma"]
+    return torch.lerp(d1, d2, p["alpha"]) * torch.lerp(s, 1.0 - s, p["beta"])
+
+
+register(Method("weighted_sum", weighted_sum, 2, 2, (_ALPHA,), "A*(1-alpha) + B*alpha",
+                a1111_name="Weighted sum", aliases=("ws", "weight_sum")))
+register(Method("add_difference", add_difference, 2, 3, (Param("alpha", 1.0, "scale of the difference"),),
+                "A + (B - C)*alpha  (with 2 inputs: A + B*alpha, B a difference file)",
+                a1111_name="Add difference", aliases=("ad", "add_diff")))
+register(Method("triple_sum", triple_sum, 3, 3,
+                (Param("alpha", 0.33, "weight of B"), Param("beta", 0.33, "weight of C")),
+                "A*(1-alpha-beta) + B*alpha + C*beta", a1111_name="Triple sum", aliases=("trs",)))
+register(Method("sum_twice", sum_twice, 3, 3,
+                (Param("alpha", 0.5, "weight of B in the first sum"), Param("beta", 0.5, "weight of C")),
+                "(A*(1-alpha) + B*alpha)*(1-beta) + C*beta", a1111_name="sum Twice", aliases=("st",)))
+register(Method("slerp", slerp, 2, 2, (_ALPHA,), "spherical interpolation A -> B", elementwise=False))
+register(Method("train_difference", train_difference, 3, 3, (Param("alpha", 1.0, "strength"),),
+                "A + (B - C)*1.8*alpha*|B-A|/(|B-A|+|B-C|)", aliases=("td", "traindiff")))
+register(Method("ties", ties, 2, 8,
+                (Param("alpha", 1.0, "scale of the merged task vector"),
+                 Param("density", 0.2, "fraction of each task vector kept (top magnitudes)")),
+                "A + alpha*TIES(B-A, C-A, ...)", elementwise=False, aliases=("ties_merging",)))
+register(Method("dare", dare, 2, 8,
+                (Param("alpha", 1.0, "scale of the merged task vector"),
+                 Param("density", 0.5, "probability each difference element is kept")),
+                "A + alpha*mean(drop-and-rescale(B-A), ...), seeded", elementwise=False))
+register(Method("add_cosine", add_cosine, 2, 2, (Param("alpha", 0.5, "similarity threshold"),),
+                "lerp(A, B, 1-clamp(cos(A,B)-alpha, 0, 1)) per row", elementwise=False,
+                aliases=("cosine", "add_cosine_a")))
+register(Method("subtract", subtract, 2, 2, (Param("alpha", 1.0, "scale"),), "(A - B)*alpha  -> difference file",
+                output="delta", aliases=("sub", "difference")))
+register(Method("extract", extract, 3, 3,
+                (Param("alpha", 0.5, "blend of B-A vs C-A"), Param("beta", 0.0, "0 = shared, 1 = different"),
+                 Param("gamma", 1.0, "sharpness of the similarity mask", per_block=False)),
+                "supermerger extract on base A -> difference file", elementwise=False, output="delta"))

@@ -1,0 +1,117 @@
+"""Input pins and output metadata: sha256 of inputs, the embedded recipe, A1111's ``sd_merge_recipe`` /
+``sd_merge_models`` and the inputs' ``modelspec.*`` entries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ckptlab.errors import FormatError
+
+_CACHE: dict[tuple[str, int, int], str] = {}
+_BUF = 8 << 20
+
+
+def _sha256_one(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _CACHE:
+        return _CACHE[key]
+    h = hashlib.sha256()
+    buf = bytearray(_BUF)
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            while True:
+                n = fh.readinto(buf)
+                if not n:
+                    break
+                h.update(view[:n])  # hashlib releases the GIL on big buffers: inputs hash in parallel
+    except OSError as e:
+        raise FormatError(f"cannot read to hash: {e.strerror or e}", path) from None
+    _CACHE[key] = h.hexdigest()
+    return _CACHE[key]
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file; for a folder (diffusers), sha256 over ``relpath\\0sha256\\n`` of its files."""
+    p = Path(path)
+    if not p.is_dir():
+        return _sha256_one(p)
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f"{f.relative_to(p).as_posix()}\0{_sha256_one(f)}\n".encode())
+    return h.hexdigest()
+
+
+def sha256_many(paths: list[Path]) -> list[str]:
+    uniq = list(dict.fromkeys(Path(p) for p in paths))
+    workers = max(1, min(len(uniq), os.cpu_count() or 1, 4))
+    with ThreadPoolExecutor(workers) as pool:
+        got = dict(zip(uniq, pool.map(sha256_path, uniq), strict=True))
+    return [got[Path(p)] for p in paths]
+
+
+def a1111_legacy_hash(path: str | Path) -> str | None:
+    """A1111's old 8-hex model hash: sha256 of 64 KiB at offset 1 MiB."""
+    p = Path(path)
+    if p.is_dir():
+        return None
+    try:
+        with open(p, "rb") as fh:
+            fh.seek(0x100000)
+            return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+    except OSError:
+        return None
+
+
+def a1111_metadata(step_method, a1111_name: str, multiplier, hashes: list[str | None], *, out_dtype: str | None,
+                   vae: bool, prune: bool, inpaint: bool) -> dict[str, object]:
+    """The ``sd_merge_recipe`` object in A1111's shape (``type`` says who made it)."""
+    return {
+        "type": "ckptlab",
+        "primary_model_hash": hashes[0] if hashes else None,
+        "secondary_model_hash": hashes[1] if len(hashes) > 1 else None,
+        "tertiary_model_hash": hashes[2] if len(hashes) > 2 else None,
+        "interp_method": a1111_name or step_method,
+        "multiplier": multiplier,
+        "save_as_half": out_dtype == "F16",
+        "custom_name": "",
+        "config_source": 0,
+        "bake_in_vae": vae,
+        "discard_weights": "model_ema" if prune else "",
+        "is_inpainting": inpaint,
+        "is_instruct_pix2pix": False,
+    }
+
+
+def merge_models_entry(name: str, sha256: str, legacy: str | None, metadata: dict[str, str]) -> dict:
+    """``sd_merge_models`` entries for one input, including its own parents (as A1111 nests them)."""
+    out = {sha256: {"name": name, "legacy_hash": legacy, "sd_merge_recipe": _json_or_none(metadata.get("sd_merge_recipe"))}}
+    parents = _json_or_none(metadata.get("sd_merge_models"))
+    if isinstance(parents, dict):
+        for k, v in parents.items():
+            out.setdefault(k, v)
+    return out
+
+
+def _json_or_none(text: str | None):
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def modelspec_of(metadatas: list[dict[str, str]]) -> dict[str, str]:
+    """``modelspec.*`` entries: A's first, keys A lacks filled from the later inputs."""
+    out: dict[str, str] = {}
+    for md in metadatas:
+        for k, v in md.items():
+            if k.startswith("modelspec.") and k not in out:
+                out[k] = v
+    return out

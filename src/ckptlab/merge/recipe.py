@@ -1,0 +1,256 @@
+"""Merge recipes: a TOML file naming inputs (pinned by sha256) and a chain of steps.
+
+```toml
+version = 1
+
+[inputs.A]
+path = "a.safetensors"          # relative paths resolve against the recipe's folder
+sha256 = "9f0c..."              # refuses to run on a different file (--relink updates it)
+
+[[steps]]
+name = "mix"
+method = "weighted_sum"
+inputs = ["A", "B"]             # input names or earlier step names
+alpha = 0.4                     # a number or block weights ("GRAD_V", "0,0.1,...", "IN=0.2,OUT=0.8")
+save = "mix.safetensors"        # optional: also write this intermediate
+
+[options]                       # all optional
+dtype = "fp16"                  # final output dtype (default: A's)
+merge_dtype = "fp32"
+missing = "keep-a"              # keep-a | union | intersect | error
+seed = 0                        # for dare
+prune = false
+vae = "V"                       # an input name: bake that VAE into the output
+```
+
+The same text (minus output paths) is written into every output's metadata, so an output can be
+re-made with ``ckptlab merge --recipe``. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptlab.errors import CkptlabError
+
+RECIPE_VERSION = 1
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_OPTION_KEYS = ("dtype", "merge_dtype", "missing", "seed", "prune", "vae")
+
+
+class RecipeError(CkptlabError):
+    exit_code = 2
+
+
+@dataclass
+class RecipeInput:
+    name: str
+    path: str
+    sha256: str | None = None
+
+
+@dataclass
+class RecipeStep:
+    name: str
+    method: str
+    inputs: list[str]
+    params: dict[str, object] = field(default_factory=dict)
+    save: str | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class Recipe:
+    inputs: dict[str, RecipeInput]
+    steps: list[RecipeStep]
+    options: dict[str, object] = field(default_factory=dict)
+    base_dir: Path | None = None  # where relative input paths resolve
+
+    def input_path(self, name: str) -> Path:
+        p = Path(self.inputs[name].path).expanduser()
+        if not p.is_absolute() and self.base_dir is not None:
+            p = self.base_dir / p
+        return p
+
+    def validate(self) -> None:
+        from ckptlab.merge.methods import get_method
+
+        if not self.steps:
+            raise RecipeError("recipe has no [[steps]]")
+        known = set()
+        for name in self.inputs:
+            if not _NAME_RE.match(name):
+                raise RecipeError(f"input name {name!r} must be letters, digits, _ or -")
+            known.add(name)
+        for st in self.steps:
+            if not _NAME_RE.match(st.name):
+                raise RecipeError(f"step name {st.name!r} must be letters, digits, _ or -")
+            if st.name in known:
+                raise RecipeError(f"step name {st.name!r} is used twice (inputs and steps share one namespace)")
+            m = get_method(st.method)
+            for i in st.inputs:
+                if i not in known:
+                    raise RecipeError(f"step {st.name!r}: unknown input {i!r} (inputs and earlier steps: "
+                                      f"{', '.join(sorted(known))})")
+            allowed = {p.name for p in m.params}
+            for k in st.params:
+                if k not in allowed:
+                    raise RecipeError(f"step {st.name!r}: {m.name} has no parameter {k!r} "
+                                      f"(it takes {', '.join(sorted(allowed)) or 'none'})")
+            known.add(st.name)
+        vae = self.options.get("vae")
+        if vae is not None and vae not in self.inputs:
+            raise RecipeError(f"options.vae {vae!r} is not an input name")
+        miss = self.options.get("missing", "keep-a")
+        from ckptlab.merge.graph import MISSING_POLICIES
+
+        if miss not in MISSING_POLICIES:
+            raise RecipeError(f"options.missing {miss!r}: use one of {', '.join(MISSING_POLICIES)}")
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def _tomllib():
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    return tomllib
+
+
+def loads(text: str, base_dir: Path | None = None, *, where: str = "recipe") -> Recipe:
+    try:
+        data = _tomllib().loads(text)
+    except Exception as e:  # noqa: BLE001 - TOMLDecodeError, one line for the user
+        raise RecipeError(f"{where}: not valid TOML: {e}") from None
+    return from_dict(data, base_dir, where=where)
+
+
+def load(path: str | Path) -> Recipe:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe: {e.strerror or e}", p) from None
+    except UnicodeDecodeError:
+        raise RecipeError("recipe is not UTF-8 text", p) from None
+    return loads(text, p.resolve().parent, where=str(p))
+
+
+def from_dict(data: dict, base_dir: Path | None = None, *, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: not a table")
+    ver = data.get("version", RECIPE_VERSION)
+    if ver != RECIPE_VERSION:
+        raise RecipeError(f"{where}: recipe version {ver!r} is not supported (this ckptlab reads {RECIPE_VERSION})")
+    unknown = set(data) - {"version", "inputs", "steps", "options"}
+    if unknown:
+        raise RecipeError(f"{where}: unknown top-level entries {sorted(unknown)}")
+    raw_inputs = data.get("inputs", {})
+    if not isinstance(raw_inputs, dict):
+        raise RecipeError(f"{where}: [inputs] must be a table of named inputs")
+    inputs = {}
+    for name, v in raw_inputs.items():
+        if isinstance(v, str):
+            v = {"path": v}
+        if not isinstance(v, dict) or not isinstance(v.get("path"), str):
+            raise RecipeError(f"{where}: inputs.{name} needs a path")
+        sha = v.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+            raise RecipeError(f"{where}: inputs.{name}.sha256 is not 64 hex digits")
+        inputs[name] = RecipeInput(name, v["path"], sha.lower() if sha else None)
+    steps = []
+    raw_steps = data.get("steps", [])
+    if not isinstance(raw_steps, list):
+        raise RecipeError(f"{where}: steps must be an array of tables ([[steps]])")
+    for i, st in enumerate(raw_steps):
+        if not isinstance(st, dict) or "method" not in st or "inputs" not in st:
+            raise RecipeError(f"{where}: steps[{i}] needs method and inputs")
+        st = dict(st)
+        name = st.pop("name", f"step{i + 1}")
+        method = st.pop("method")
+        ins = st.pop("inputs")
+        if not isinstance(ins, list) or not all(isinstance(x, str) for x in ins):
+            raise RecipeError(f"{where}: steps[{i}].inputs must be a list of names")
+        save = st.pop("save", None)
+        dtype = st.pop("dtype", None)
+        steps.append(RecipeStep(str(name), str(method), list(ins), st, save, dtype))
+    options = data.get("options", {})
+    if not isinstance(options, dict) or set(options) - set(_OPTION_KEYS):
+        raise RecipeError(f"{where}: [options] takes only {', '.join(_OPTION_KEYS)}")
+    r = Recipe(inputs, steps, dict(options), base_dir)
+    r.validate()
+    return r
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise RecipeError(f"recipe value {v} is not finite")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_bare(k)} = {_value(x)}" for k, x in v.items()) + "}"
+    raise RecipeError(f"cannot write {type(v).__name__} into a recipe")
+
+
+def _bare(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k, ensure_ascii=False)
+
+
+def dumps(recipe: Recipe, *, outputs: bool = True, absolute: bool = False) -> str:
+    """TOML text for ``recipe``. ``outputs=False`` leaves out ``save`` paths (the embedded copy);
+    ``absolute=True`` writes input paths resolved."""
+    lines = ["# ckptlab merge recipe - run: ckptlab merge --recipe THIS_FILE -o OUT.safetensors",
+             f"version = {RECIPE_VERSION}", ""]
+    for name, inp in recipe.inputs.items():
+        lines.append(f"[inputs.{_bare(name)}]")
+        path = str(recipe.input_path(name).resolve()) if absolute else inp.path
+        lines.append(f"path = {_value(path)}")
+        if inp.sha256:
+            lines.append(f"sha256 = {_value(inp.sha256)}")
+        lines.append("")
+    for st in recipe.steps:
+        lines.append("[[steps]]")
+        lines.append(f"name = {_value(st.name)}")
+        lines.append(f"method = {_value(st.method)}")
+        lines.append(f"inputs = {_value(st.inputs)}")
+        for k, v in st.params.items():
+            lines.append(f"{_bare(k)} = {_value(v)}")
+        if st.dtype:
+            lines.append(f"dtype = {_value(st.dtype)}")
+        if outputs and st.save:
+            lines.append(f"save = {_value(st.save)}")
+        lines.append("")
+    opts = {k: v for k, v in recipe.options.items() if v is not None}
+    if opts:
+        lines.append("[options]")
+        for k in _OPTION_KEYS:
+            if k in opts:
+                lines.append(f"{k} = {_value(opts[k])}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pin_text(recipe: Recipe, path: str | Path) -> None:
+    """Rewrite the recipe file at ``path`` with the recipe's (updated) pins."""
+    from ckptlab.errors import OutputError
+
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        tmp.write_text(dumps(recipe), encoding="utf-8")
+        tmp.replace(p)
+    except OSError as e:
+        raise OutputError(f"cannot update the recipe: {e.strerror or e}", p) from None
