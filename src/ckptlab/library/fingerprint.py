@@ -1,0 +1,106 @@
+"""Tensor fingerprints: an identity for a model's weights that survives format changes.
+
+For each component (``split_components``: ``unet``, ``vae``, ``clip_l``...; LoRAs, embeddings and
+other single-purpose files are one component, ``model``) the fingerprint is SHA-256 over the sorted
+lines ``<canonical key> TAB <shape> TAB <BLAKE3 of the canonical values>``. Canonicalisation makes
+these transforms invisible:
+
+- **keys**: the group prefix is dropped (``model.diffusion_model.``, ``first_stage_model.``,
+  ``cond_stage_model.transformer.``, ``conditioner.embedders.N.``..., so a checkpoint's VAE equals the
+  same VAE saved alone); old CLIP-L naming without ``text_model.`` is mapped to the HF naming;
+  ``position_ids`` (optional, often corrupted by merges) are left out.
+- **left out**: EMA weights and training state (``model_ema.*``, optimizer/Lightning state), LDM
+  schedule buffers and marker keys -- pruning removes them, they are not the model.
+- **values**: floating tensors are cast to fp16 (round to nearest even) before hashing, so an fp32
+  file and the fp16 file made from it give the same bytes; integers hash as int64, bools as uint8.
+  bf16/fp8 copies are *not* matched to their fp32 source (their rounding differs) - documented.
+- metadata and container (pickle ``.ckpt`` vs safetensors) never enter the hash.
+
+The file fingerprint is SHA-256 over the sorted ``component:fingerprint`` lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptlab.progress import Progress, null_progress
+
+IGNORED_COMPONENTS = frozenset({"ema", "training"})
+_CLIP_HF_TOP = ("text_model.", "text_projection", "logit_scale")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    fingerprint: str
+    components: dict[str, str]
+    n_tensors: int
+
+
+def canonical_keys(keys) -> dict[str, dict[str, str]]:
+    """``{component: {canonical key: original key}}`` for the keys that take part in the fingerprint."""
+    from ckptlab.arch.components import MARKER_KEYS, SCHEDULE_KEYS, component_prefix, split_components
+
+    comps = split_components(list(keys))
+    primary = [c for c in comps if c not in IGNORED_COMPONENTS and c != "other"]
+    out: dict[str, dict[str, str]] = {}
+    for comp, ks in comps.items():
+        if comp in IGNORED_COMPONENTS or (comp == "other" and primary):
+            continue
+        name = "model" if comp == "other" else comp
+        for k in ks:
+            if k in SCHEDULE_KEYS or k in MARKER_KEYS or k.endswith("position_ids"):
+                continue
+            rest = k[len(component_prefix(k)):] if comp != "other" else k
+            if comp == "clip_l" and not rest.startswith(_CLIP_HF_TOP) and rest.startswith(
+                    ("embeddings.", "encoder.", "final_layer_norm.")):
+                rest = "text_model." + rest
+            out.setdefault(name, {})[rest] = k
+    return out
+
+
+def _tensor_digest(tensor) -> str:
+    import blake3
+    import torch
+
+    t = tensor.detach()
+    if t.is_floating_point():
+        t = t.to(torch.float16)
+    elif t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    elif t.is_complex():
+        t = torch.view_as_real(t).to(torch.float16)
+    else:
+        t = t.to(torch.int64)
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return blake3.blake3(b"").hexdigest()
+    return blake3.blake3(t.view(torch.uint8).numpy()).hexdigest()
+
+
+def fingerprint_source(src, progress: Progress | None = None) -> Fingerprint:
+    """Fingerprint an open ``TensorSource`` reading one tensor at a time."""
+    progress = progress or null_progress
+    infos = src.infos()
+    comps = canonical_keys(infos)
+    result: dict[str, str] = {}
+    n = 0
+    for comp, mapping in comps.items():
+        lines = []
+        for canon in sorted(mapping):
+            key = mapping[canon]
+            ti = infos[key]
+            lines.append(f"{canon}\t{list(ti.shape)}\t{_tensor_digest(src.get(key))}\n")
+            progress(ti.nbytes)
+            n += 1
+        result[comp] = hashlib.sha256("".join(lines).encode()).hexdigest()
+    whole = hashlib.sha256("".join(f"{c}:{result[c]}\n" for c in sorted(result)).encode()).hexdigest()
+    return Fingerprint(fingerprint=whole, components=result, n_tensors=n)
+
+
+def fingerprint_file(path: str | Path, progress: Progress | None = None) -> Fingerprint:
+    from ckptlab.formats import open_model
+
+    with open_model(path) as src:
+        return fingerprint_source(src, progress=progress)

@@ -1,0 +1,525 @@
+"""``scan(roots, catalog)``: walk model folders into the catalog, incrementally.
+
+Phases: (1) walk every root (``os.scandir``; directory symlinks followed once, loops cut by
+``(dev, inode)``; hidden entries skipped) collecting model files and their ``stat``; (2) compare
+with the catalog: a path whose ``(dev, inode, size, mtime_ns)`` is unchanged is *not* opened; a
+new path whose identity matches a row whose old path is gone is a move (row kept: hashes,
+identification and history survive); the rest are read: header, identification, safety verdict,
+sidecars, and hashes/fingerprints when asked; (3) rows under the scanned roots not seen any more
+are marked ``missing`` (only after a complete walk).
+
+Every problem with one file (permissions, broken links, truncated or garbage bytes, a file that
+changes while it is read) becomes that row's ``error``; the scan goes on. Rows are written in
+batched transactions, so Ctrl-C leaves the catalog as it was after the last whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat as stat_mod
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptlab.errors import CkptlabError
+from ckptlab.library import layouts, sidecars
+from ckptlab.library.catalog import Catalog, StatKey, display_path, path_key
+from ckptlab.progress import Progress, null_progress
+
+BATCH = 200
+
+
+@dataclass
+class Found:
+    path: str  # absolute, as the OS gives it (may hold surrogate escapes)
+    root: str
+    st: os.stat_result | None
+    is_link: bool
+    names: set[str]  # the folder listing, for sidecars
+    category: str | None = None  # from extra_model_paths.yaml
+    error: str | None = None
+
+    @property
+    def key(self) -> StatKey | None:
+        if self.st is None:
+            return None
+        return (self.st.st_dev, self.st.st_ino, self.st.st_size, self.st.st_mtime_ns)
+
+
+@dataclass
+class ScanSummary:
+    scan_id: int
+    roots: list[str]
+    status: str = "complete"
+    files: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    missing: int = 0
+    errors: int = 0
+    hashed: int = 0
+    fingerprinted: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    error_list: list[dict] = field(default_factory=list)
+
+
+# -- walking ----------------------------------------------------------------------------------
+def walk(root: str, category: str | None = None, errors: list[dict] | None = None) -> list[Found]:
+    """Model files under ``root`` (a folder or a single file)."""
+    errors = errors if errors is not None else []
+    root = os.path.abspath(root)
+    out: list[Found] = []
+    try:
+        st = os.stat(root)
+    except OSError as e:
+        errors.append({"path": display_path(root), "error": f"cannot access: {e.strerror or e}"})
+        return out
+    if not stat_mod.S_ISDIR(st.st_mode):
+        folder = os.path.dirname(root)
+        out.append(Found(root, folder, st, os.path.islink(root), _listdir(folder), category))
+        return out
+    visited: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            errors.append({"path": display_path(folder), "error": f"cannot list folder: {e.strerror or e}"})
+            continue
+        names = {e.name for e in entries}
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_link = entry.is_symlink()
+                if entry.is_dir(follow_symlinks=True):
+                    dst = entry.stat(follow_symlinks=True)
+                    ident = (dst.st_dev, dst.st_ino)
+                    if ident in visited:
+                        if is_link:
+                            errors.append({"path": display_path(entry.path),
+                                           "error": "symlink loop or folder already scanned; skipped"})
+                        continue
+                    visited.add(ident)
+                    subdirs.append(entry.path)
+                    continue
+                if not layouts.is_model_name(entry.name):
+                    continue
+                if is_link and not os.path.exists(entry.path):
+                    out.append(Found(entry.path, root, None, True, names, category, error="broken symlink"))
+                    continue
+                out.append(Found(entry.path, root, entry.stat(follow_symlinks=True), is_link, names, category))
+            except OSError as e:
+                if layouts.is_model_name(entry.name):
+                    out.append(Found(entry.path, root, None, False, names, category,
+                                     error=f"cannot stat: {e.strerror or e}"))
+                else:
+                    errors.append({"path": display_path(entry.path), "error": f"cannot stat: {e.strerror or e}"})
+        stack.extend(reversed(subdirs))
+    return out
+
+
+def _listdir(folder: str) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return set()
+
+
+# -- reading one file -------------------------------------------------------------------------
+def _tensor_stats(src) -> dict:
+    from ckptlab.arch.components import split_components
+    from ckptlab.formats.dtypes import FLOAT_DTYPES
+
+    infos = src.infos()
+    comps = split_components(infos)
+    skip = set(comps.get("ema", [])) | set(comps.get("training", []))
+    dtypes: dict[str, int] = {}
+    total = ema = fp32 = 0
+    for k, ti in infos.items():
+        nb = ti.nbytes
+        total += nb
+        if k in skip:
+            ema += nb
+            continue
+        dtypes[ti.dtype] = dtypes.get(ti.dtype, 0) + nb
+        if ti.dtype == "F32" and ti.dtype in FLOAT_DTYPES and len(ti.shape) > 0:
+            fp32 += nb
+    return {"n_tensors": len(infos), "tensor_bytes": total, "ema_bytes": ema, "fp32_bytes": fp32,
+            "dtypes": dtypes}
+
+
+def _identify(path: str, src) -> dict:
+    """kind/family/variant/info from ``ckptlab.identify`` when it is available."""
+    try:
+        from ckptlab.identify import identify
+    except ImportError:
+        return {}
+    from ckptlab.jsonable import to_jsonable
+
+    info = identify(src if src is not None else path)
+    obj = to_jsonable(info)
+    return {"kind": getattr(info, "kind", None), "family": getattr(info, "family", None),
+            "variant": getattr(info, "variant", None), "info": obj if isinstance(obj, dict) else {"value": obj}}
+
+
+def _safety(path: str, fmt: str) -> dict:
+    if fmt != "pickle":
+        return {}
+    try:
+        from ckptlab.security import check
+    except ImportError:
+        return {"safety": "unchecked"}
+    from ckptlab.jsonable import to_jsonable
+
+    try:
+        v = check(path)
+    except CkptlabError as e:
+        return {"safety": "error", "safety_detail": str(e)}
+    verdict = getattr(v, "verdict", None) or getattr(v, "level", None) or getattr(v, "status", None) or str(v)
+    verdict = getattr(verdict, "value", verdict)
+    return {"safety": str(verdict), "safety_detail": to_jsonable(v)}
+
+
+def read_file_facts(path: str, kind_hint: str | None = None) -> dict:
+    """Everything the catalog records about one file from its bytes (no hashing). Raises
+    ``CkptlabError`` for unreadable, truncated or unrecognised files."""
+    from ckptlab.formats import detect_format, open_model
+
+    fmt = detect_format(path)
+    facts: dict = {"format": fmt, "kind": kind_hint}
+    try:
+        src = open_model(path)
+    except ImportError:  # a reader not installed in this build
+        src = None
+        facts["error"] = f"no reader for {fmt} files in this build"
+    try:
+        if src is not None:
+            facts.update(_tensor_stats(src))
+        try:
+            ident = _identify(path, src)
+        except CkptlabError:
+            raise
+        except Exception as e:  # noqa: BLE001 - identification must not abort the scan
+            ident = {}
+            facts["error"] = f"identification failed: {type(e).__name__}: {e}"
+        for k, v in ident.items():
+            if v is not None:
+                facts[k] = v
+    finally:
+        if src is not None:
+            src.close()
+    facts.update(_safety(path, fmt))
+    return facts
+
+
+# -- the scan ---------------------------------------------------------------------------------
+def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False, fingerprint: bool = False,
+         extra_model_paths: str | os.PathLike | None = None, progress: Progress | None = None) -> ScanSummary:
+    progress = progress or null_progress
+    t0 = time.perf_counter()
+    targets: list[tuple[str, str | None]] = [(os.path.abspath(os.fspath(r)), None) for r in roots]
+    if extra_model_paths is not None:
+        targets += [(str(p), cat) for cat, p in layouts.read_extra_model_paths(extra_model_paths)]
+    if not targets:
+        raise CkptlabError("nothing to scan: give at least one folder or --extra-model-paths")
+    root_names = [display_path(t) for t, _ in targets]
+    with catalog.transaction() as c:
+        scan_id = c.execute("INSERT INTO scans(started, roots, status) VALUES (?, ?, 'running')",
+                            (time.time(), json.dumps(root_names))).lastrowid
+    summary = ScanSummary(scan_id=scan_id, roots=root_names)
+    try:
+        _run(targets, catalog, summary, hash=hash, fingerprint=fingerprint, progress=progress)
+    except KeyboardInterrupt:
+        summary.status = "interrupted"
+        raise
+    finally:
+        summary.seconds = round(time.perf_counter() - t0, 3)
+        summary.error_list = summary.error_list[:1000]
+        catalog.conn.execute("UPDATE scans SET finished = ?, status = ?, summary = ? WHERE id = ?",
+                             (time.time(), summary.status, json.dumps(_summary_dict(summary)), scan_id))
+    return summary
+
+
+def _summary_dict(s: ScanSummary) -> dict:
+    from ckptlab.jsonable import to_jsonable
+
+    d = to_jsonable(s)
+    d.pop("error_list", None)
+    return d
+
+
+def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerprint: bool,
+         progress: Progress) -> None:
+    progress(0, description="walking folders")
+    walk_errors: list[dict] = []
+    found: list[Found] = []
+    seen_paths: set[str] = set()
+    for root, category in targets:
+        for f in walk(root, category, walk_errors):
+            if f.path not in seen_paths:
+                seen_paths.add(f.path)
+                found.append(f)
+    summary.error_list += walk_errors
+    summary.files = len(found)
+
+    rows = catalog.conn.execute("SELECT id, path, dev, ino, size, mtime_ns, status, error, sidecars FROM files")
+    by_path: dict[bytes, tuple] = {}
+    by_key: dict[StatKey, list[tuple]] = {}
+    for row in rows:
+        by_path[row[1]] = row
+        if row[2] is not None:
+            by_key.setdefault((row[2], row[3], row[4], row[5]), []).append(row)
+    found_keys = {path_key(f.path) for f in found}
+
+    todo: list[tuple[Found, int | None, str]] = []  # (found, existing row id, why)
+    unchanged_ids: list[int] = []
+    moves: list[tuple[Found, int]] = []
+    sidecar_updates: list[tuple[Found, int]] = []
+    for f in found:
+        pk = path_key(f.path)
+        row = by_path.get(pk)
+        if f.error is None and f.key is not None:
+            summary.bytes += f.key[2]
+        if row is not None:
+            same = f.key is not None and (row[2], row[3], row[4], row[5]) == f.key
+            if same and row[6] == "present" and row[7] is None:
+                unchanged_ids.append(row[0])
+                if _sidecars_changed(f, row[8]):
+                    sidecar_updates.append((f, row[0]))
+                continue
+            todo.append((f, row[0], "changed"))
+            continue
+        moved_from = None
+        if f.key is not None:
+            for cand in by_key.get(f.key, []):
+                if cand[1] not in found_keys and not os.path.lexists(os.fsdecode(cand[1])):
+                    moved_from = cand
+                    break
+        if moved_from is not None:
+            by_key[f.key].remove(moved_from)
+            moves.append((f, moved_from[0]))
+            continue
+        todo.append((f, None, "new"))
+
+    now = time.time()
+    with catalog.transaction() as c:
+        c.execute("CREATE TEMP TABLE IF NOT EXISTS _seen (id INTEGER PRIMARY KEY)")
+        c.execute("DELETE FROM _seen")
+        c.executemany("INSERT OR IGNORE INTO _seen(id) VALUES (?)", [(i,) for i in unchanged_ids])
+        c.execute("UPDATE files SET last_seen = ?, last_scan = ? WHERE id IN (SELECT id FROM _seen)",
+                  (now, summary.scan_id))
+        for f, fid in moves:
+            _apply_move(c, f, fid, now, summary.scan_id)
+        for f, fid in sidecar_updates:
+            sc = sidecars.find(f.path, f.names)
+            c.execute("UPDATE files SET sidecars = ? WHERE id = ?", (_sidecar_json(f, sc), fid))
+    summary.unchanged = len(unchanged_ids)
+    summary.moved = len(moves)
+
+    total_bytes = sum(f.key[2] for f, _, _ in todo if f.key is not None)
+    progress(0, total=total_bytes if hash else len(todo), description="reading files")
+    batch: list[tuple] = []
+    for f, fid, why in todo:
+        batch.append((f, fid, why, _read_one(f, hash=False, progress=progress)))
+        if not hash:
+            progress(1)
+        if len(batch) >= BATCH:
+            _write_batch(catalog, batch, summary)
+            batch = []
+    if batch:
+        _write_batch(catalog, batch, summary)
+
+    if hash or fingerprint:
+        _content_pass(catalog, found, summary, hash=hash, fingerprint=fingerprint, progress=progress)
+
+    # missing: rows under a scanned root that were not found (the walk completed)
+    root_keys = [path_key(r).rstrip(os.sep.encode()) + os.sep.encode() for r, _ in targets]
+    gone = [row[0] for pk, row in by_path.items()
+            if row[6] == "present" and pk not in found_keys and any(pk.startswith(rk) for rk in root_keys)
+            and row[0] not in {fid for _, fid in moves}]
+    moved_ids = {fid for _, fid in moves}
+    gone = [g for g in gone if g not in moved_ids]
+    if gone:
+        with catalog.transaction() as c:
+            c.executemany("UPDATE files SET status = 'missing' WHERE id = ?", [(g,) for g in gone])
+    summary.missing = len(gone)
+    summary.errors = len(summary.error_list)
+
+
+def _sidecars_changed(f: Found, stored: str | None) -> bool:
+    sc = sidecars.find(f.path, f.names)
+    old = json.loads(stored).get("_signature", {}) if stored else {}
+    return sidecars.signature(f.path, sc) != old if (sc or old) else False
+
+
+def _sidecar_json(f: Found, found: dict[str, str]) -> str | None:
+    if not found:
+        return None
+    data = sidecars.read(f.path, found)
+    data["_signature"] = sidecars.signature(f.path, found)
+    return json.dumps(data, ensure_ascii=False)
+
+
+def _location(f: Found) -> dict:
+    folder, _layout, hint = layouts.folder_hint(f.path, f.root)
+    if f.category:
+        folder, hint = f.category, layouts.COMFY_CATEGORY_KINDS.get(f.category, f.category)
+    return {"path": path_key(f.path), "display": display_path(f.path), "name": display_path(os.path.basename(f.path)),
+            "root": display_path(f.root), "folder": folder, "hint": hint}
+
+
+def _apply_move(c, f: Found, fid: int, now: float, scan_id: int) -> None:
+    loc = _location(f)
+    sc = sidecars.find(f.path, f.names)
+    c.execute("UPDATE files SET path = ?, display = ?, name = ?, root = ?, folder = ?, is_link = ?, sidecars = ?, "
+              "status = 'present', last_seen = ?, last_scan = ? WHERE id = ?",
+              (loc["path"], loc["display"], loc["name"], loc["root"], loc["folder"], int(f.is_link),
+               _sidecar_json(f, sc), now, scan_id, fid))
+
+
+def _read_one(f: Found, *, hash: bool, progress: Progress) -> dict:
+    loc = _location(f)
+    facts: dict = {"kind": loc["hint"]}
+    if f.error:
+        facts["error"] = f.error
+        return facts
+    try:
+        facts.update(read_file_facts(f.path, loc["hint"]))
+    except CkptlabError as e:
+        facts["error"] = e.message
+    except OSError as e:
+        facts["error"] = f"cannot read: {e.strerror or e}"
+    except MemoryError:
+        facts["error"] = "file too large to parse"
+    except (ValueError, KeyError, IndexError, TypeError, EOFError) as e:
+        facts["error"] = f"unreadable: {type(e).__name__}: {e}"
+    if "error" not in facts:
+        try:
+            after = os.stat(f.path)
+            if (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) != f.key:
+                facts = {"kind": loc["hint"], "error": "file changed during the scan; scan again"}
+        except OSError as e:
+            facts = {"kind": loc["hint"], "error": f"vanished during the scan: {e.strerror or e}"}
+    try:
+        facts["sidecars"] = _sidecar_json(f, sidecars.find(f.path, f.names))
+    except Exception as e:  # noqa: BLE001 - a sidecar problem is never fatal
+        facts["sidecars"] = json.dumps({"error": str(e)})
+    return facts
+
+
+_FACT_COLS = ("format", "kind", "family", "variant", "n_tensors", "tensor_bytes", "ema_bytes", "fp32_bytes",
+              "dtypes", "info", "safety", "safety_detail", "sidecars", "error")
+
+
+def _write_batch(catalog: Catalog, batch: list[tuple], summary: ScanSummary) -> None:
+    now = time.time()
+    with catalog.transaction() as c:
+        for f, fid, _why, facts in batch:
+            loc = _location(f)
+            key = f.key if f.error is None else None
+            vals = []
+            for col in _FACT_COLS:
+                v = facts.get(col)
+                if col in ("dtypes", "info", "safety_detail") and v is not None:
+                    v = json.dumps(v, ensure_ascii=False)
+                vals.append(v)
+            st = key or (None, None, None, None)
+            if fid is None:
+                c.execute(
+                    f"INSERT INTO files(path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, "
+                    f"{', '.join(_FACT_COLS)}, status, first_seen, last_seen, last_scan) VALUES "
+                    f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {', '.join('?' * len(_FACT_COLS))}, 'present', ?, ?, ?)",
+                    (loc["path"], loc["display"], loc["name"], loc["root"], loc["folder"], *st, int(f.is_link),
+                     *vals, now, now, summary.scan_id))
+                summary.new += 1
+            else:
+                c.execute(
+                    f"UPDATE files SET display = ?, name = ?, root = ?, folder = ?, dev = ?, ino = ?, size = ?, "
+                    f"mtime_ns = ?, is_link = ?, {', '.join(c_ + ' = ?' for c_ in _FACT_COLS)}, status = 'present', "
+                    f"last_seen = ?, last_scan = ? WHERE id = ?",
+                    (loc["display"], loc["name"], loc["root"], loc["folder"], *st, int(f.is_link), *vals, now,
+                     summary.scan_id, fid))
+                summary.changed += 1
+            if facts.get("error"):
+                summary.error_list.append({"path": loc["display"], "error": facts["error"]})
+
+
+def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *, hash: bool, fingerprint: bool,
+                  progress: Progress) -> None:
+    """Hash / fingerprint files whose stat identity has no cached content yet (one file = one commit)."""
+    from ckptlab.library.hashes import hash_file
+
+    todo = []
+    seen_keys: set[StatKey] = set()
+    for f in found:
+        if f.error or f.key is None or f.key in seen_keys:
+            continue
+        seen_keys.add(f.key)
+        cached = catalog.content(f.key) or {}
+        need_h = hash and cached.get("hashes") is None
+        need_f = fingerprint and cached.get("fingerprint") is None
+        if need_h or need_f:
+            todo.append((f, need_h, need_f))
+    progress(0, total=sum(f.key[2] * (int(h) + int(fp)) for f, h, fp in todo), description="hashing")
+    for f, need_h, need_f in todo:
+        try:
+            h = hash_file(f.path, progress=progress) if need_h else None
+            fp = None
+            if need_f:
+                from ckptlab.library.fingerprint import fingerprint_file
+
+                fp = fingerprint_file(f.path, progress=progress)
+            after = os.stat(f.path)
+            if (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) != f.key:
+                raise CkptlabError("file changed during the scan; scan again", f.path)
+        except CkptlabError as e:
+            summary.error_list.append({"path": display_path(f.path), "error": str(e.message)})
+            continue
+        except OSError as e:
+            summary.error_list.append({"path": display_path(f.path), "error": f"cannot read: {e.strerror or e}"})
+            continue
+        with catalog.transaction():
+            if h is not None:
+                catalog.put_hashes(f.key, h)
+                summary.hashed += 1
+            if fp is not None:
+                catalog.put_fingerprint(f.key, fp.fingerprint, fp.components)
+                summary.fingerprinted += 1
+
+
+def hash_paths(paths: list[str | os.PathLike], catalog: Catalog | None = None,
+               progress: Progress | None = None) -> list[dict]:
+    """``ckptlab hash``: hashes of each path, from the catalog's cache when the file's stat identity
+    is known there, else computed (and cached when a catalog is given)."""
+    from ckptlab.library.hashes import hash_file
+
+    progress = progress or null_progress
+    out = []
+    for p in paths:
+        p = Path(p)
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise CkptlabError(f"cannot access: {e.strerror or e}", p) from None
+        if stat_mod.S_ISDIR(st.st_mode):
+            raise CkptlabError("is a folder (hash files, or scan the folder with --hash)", p)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = catalog.content(key) if catalog is not None else None
+        if cached and cached.get("hashes"):
+            out.append({"path": display_path(p), "cached": True, **cached["hashes"].__dict__})
+            progress(st.st_size)
+            continue
+        h = hash_file(p, progress=progress)
+        after = os.stat(p)
+        if catalog is not None and (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == key:
+            with catalog.transaction():
+                catalog.put_hashes(key, h)
+        out.append({"path": display_path(p), "cached": False, **h.__dict__})
+    return out
