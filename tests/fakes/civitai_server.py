@@ -126,7 +126,7 @@ class FakeCivitai:
         self._storage = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self, "storage"))
         for srv in (self._api, self._storage):
             srv.daemon_threads = True
-            threading.Thread(target=srv.serve_forever, daemon=True).start()
+            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:

@@ -1,5 +1,153 @@
-"""(placeholder until its issue lands)"""
+"""``ckptlab civitai link|show`` and ``ckptlab download``: thin wrappers over ``ckptlab.hub``.
+Heavy imports (httpx, torch, sqlite work) happen inside the command functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ckptlab.cli.common import console, emit_json, err_console, expand_paths, progress_bar
+
+civitai_app = typer.Typer(help="Link library files to CivitAI and manage their metadata.", no_args_is_help=True)
+
+_BASE_URL = typer.Option(None, "--base-url", help="CivitAI site URL (env CKPTLAB_CIVITAI_URL, config \\[civitai] base_url).")
+
+
+@civitai_app.command("link")
+def civitai_link(
+    paths: list[str] = typer.Argument(None, help="Files or folders (default: every file in the catalog)."),
+    write_sidecars: bool = typer.Option(False, "--write-sidecars",
+                                        help="Write <name>.civitai.info, <name>.json (if absent) and a preview."),
+    refresh: bool = typer.Option(False, "--refresh", help="Re-check linked files; changes become new revisions."),
+    nsfw_previews: bool = typer.Option(False, "--nsfw-previews", help="Allow R/X rated images as previews."),
+    base_url: str = _BASE_URL,
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per file (JSON Lines)."),
+) -> None:
+    """Look files up on CivitAI by SHA256 (AutoV3 for safetensors LoRAs) and store the links."""
+    from ckptlab.errors import CkptlabError
+    from ckptlab.hub import store
+    from ckptlab.hub.civitai import CivitaiClient
+    from ckptlab.hub.config import load_hub_config
+    from ckptlab.hub.link import fallback_fingerprint, link_files, local_files
+
+    cfg = load_hub_config(base_url=base_url)
+    with store.open_catalog() as cat:
+        if paths:
+            targets = expand_paths(paths)
+            missing = [p for p in targets if not p.exists()]
+            if missing:
+                raise CkptlabError("no such file or folder", missing[0])
+        else:
+            targets = [Path(r.path) for r in cat.files()]
+        with progress_bar("hashing", unit_bytes=True, enabled=not json_out) as cb:
+            files = local_files(cat, targets, progress=cb)
+        with CivitaiClient(cfg) as client, progress_bar("linking", unit_bytes=False, enabled=not json_out) as cb:
+            report = link_files(cat, client, files, refresh=refresh, write_sidecars=write_sidecars,
+                                allow_nsfw=nsfw_previews, fingerprint=fallback_fingerprint, progress=cb)
+    for o in report.outcomes:
+        if json_out:
+            emit_json(o)
+            continue
+        what = f"{o.model_name or '?'} / {o.version_name or '?'} (version {o.version_id})" if o.version_id else ""
+        line = f"{o.status:10} {o.path}"
+        if what:
+            line += f"  ->  {what}"
+        if o.matched_by and o.status in ("linked", "inherited"):
+            line += f" [{o.matched_by}]"
+        if o.message:
+            line += f"  ({o.message})"
+        if o.sidecars:
+            line += f"  wrote {', '.join(o.sidecars)}"
+        console.print(line, markup=False, highlight=False)
+    if not json_out:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items())) or "no files"
+        err_console.print(f"{len(report.outcomes)} files: {counts}", markup=False, highlight=False)
+    if any(o.status == "error" for o in report.outcomes):
+        raise typer.Exit(3)
+
+
+@civitai_app.command("show")
+def civitai_show(
+    target: str = typer.Argument(..., help="A model file, or its SHA256."),
+    json_out: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """Show a file's CivitAI link and every stored revision of its version record."""
+    from ckptlab.errors import CkptlabError
+    from ckptlab.hub import store
+    from ckptlab.library.hashes import hash_file
+
+    with store.open_catalog() as cat:
+        p = Path(target)
+        if p.is_file():
+            sha = None
+            rec = cat.get_by_path(p)
+            if rec is not None and rec.sha256:
+                sha = rec.sha256
+            sha = sha or hash_file(p).sha256
+        else:
+            sha = target.strip().upper()
+        link = store.get_link(cat, sha)
+        if link is None:
+            raise CkptlabError(f"not linked to CivitAI: {target} (run `ckptlab civitai link`)")
+        revs = store.revisions(cat, "version", link.version_id)
+    out = {"link": link, "revisions": [{k: v for k, v in r.items() if k != "data"} for r in revs],
+           "latest": revs[-1]["data"] if revs else None}
+    if json_out:
+        emit_json(out)
+        return
+    v = out["latest"] or {}
+    console.print(f"{(v.get('model') or {}).get('name')} / {v.get('name')}  model {link.model_id} version "
+                  f"{link.version_id}  [{link.matched_by}{', from ' + link.inherited_from[:12] if link.inherited_from else ''}]"
+                  f"  upstream: {link.upstream_status}", markup=False, highlight=False)
+    if v.get("trainedWords"):
+        console.print("trigger words: " + ", ".join(v["trainedWords"]), markup=False, highlight=False)
+    console.print(f"{len(revs)} stored revision(s)", markup=False, highlight=False)
+
+
+def download_cmd(
+    sources: list[str] = typer.Argument(..., help="civitai:ID | civitai:model/ID | URL | hf:ORG/REPO/PATH\\[@REV]"),
+    dest: Path = typer.Option(None, "--dir", help="Library/install root (config \\[download] dir, else the current folder)."),
+    layout: str = typer.Option(None, "--layout", help="auto | a1111 | comfyui | flat (default auto: from the folders present)."),
+    model_type: str = typer.Option(None, "--type", help="Folder type for URL/hf sources (lora, checkpoint, vae...)."),
+    file_id: int = typer.Option(None, "--file-id", help="CivitAI files[].id to take instead of the primary file."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel downloads (capped at 4; default from config, 2)."),
+    write_sidecars: bool = typer.Option(False, "--write-sidecars", help="Also write CivitAI sidecars and a preview."),
+    no_catalog: bool = typer.Option(False, "--no-catalog", help="Do not catalog or link the downloaded files."),
+    base_url: str = _BASE_URL,
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per download."),
+) -> None:
+    """Download into the library: resumable (.part + Range), SHA256-verified, then catalogued."""
+    from ckptlab.errors import CkptlabError
+    from ckptlab.hub.config import load_hub_config
+    from ckptlab.hub.fetch import download_many
+
+    cfg = load_hub_config(base_url=base_url, download_dir=dest, layout=layout, max_concurrent=jobs)
+    with progress_bar("downloading", enabled=not json_out) as cb:
+        results = download_many(sources, jobs=jobs, progress=cb, config=cfg, dest=dest, layout=layout,
+                                model_type=model_type, catalog=not no_catalog, write_sidecars=write_sidecars,
+                                file_id=file_id)
+    failed = None
+    for src, r in zip(sources, results, strict=True):
+        if isinstance(r, CkptlabError):
+            failed = failed or r
+            if json_out:
+                emit_json({"source": src, "error": str(r)})
+            else:
+                err_console.print(f"ckptlab: error: {src}: {r}", markup=False, highlight=False, soft_wrap=True)
+            continue
+        if json_out:
+            emit_json(r)
+            continue
+        state = "already there" if r.skipped else (f"resumed at {r.resumed_from} B" if r.resumed_from else "downloaded")
+        check = "sha256 verified" if r.expected_sha256 else "size checked (no published hash)"
+        console.print(f"{r.path}  {r.size} B  {state}, {check}", markup=False, highlight=False)
+        if r.extra.get("warning"):
+            err_console.print(f"warning: {r.extra['warning']}", markup=False, highlight=False)
+    if failed is not None:
+        raise typer.Exit(failed.exit_code if len(sources) == 1 else 3)
 
 
 def register(app) -> None:
-    pass
+    app.add_typer(civitai_app, name="civitai")
+    app.command("download")(download_cmd)

@@ -317,6 +317,9 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
     finally:
         if resp is not None:
             resp.close()
+        with contextlib.suppress(OSError):
+            if os.fstat(fd).st_size == 0 and part.exists():
+                part.unlink()  # nothing was received: leave no empty partial behind
         os.close(fd)
 
 

@@ -1,0 +1,236 @@
+"""``ckptlab download``: resolve a source spec, pick the folder, transfer with verification, then
+catalog the file and record its CivitAI metadata.
+
+Specs:
+- ``civitai:VERSION_ID`` (a model id works too: when no version has that id, the model's newest
+  version is taken), ``civitai:version/ID``, ``civitai:model/ID``, ``civitai:MODEL@VERSION`` (AIR
+  style), and civitai.com page or download URLs (``/models/ID?modelVersionId=V``,
+  ``/api/download/models/V``).
+- ``hf:ORG/REPO/PATH/IN/REPO[@REVISION]`` through ``hub.huggingface.download``.
+- any other ``http(s)://`` URL: the server's file name (Content-Disposition, else the URL path).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from ckptlab.errors import CkptlabError, NetworkError
+from ckptlab.hub.config import HubConfig, load_hub_config
+from ckptlab.hub.download import DownloadResult, transfer
+from ckptlab.hub.layout import KIND_TO_TYPE, target_folder
+from ckptlab.progress import Progress, null_progress
+
+
+class SpecError(CkptlabError):
+    exit_code = 2
+
+
+@dataclass
+class Spec:
+    kind: str  # civitai | hf | url
+    version_id: int | None = None
+    model_id: int | None = None
+    ambiguous_id: int | None = None  # civitai:N - a version id, else a model id
+    repo_id: str | None = None
+    filename: str | None = None
+    revision: str | None = None
+    url: str | None = None
+
+
+def parse_spec(text: str, civitai_base: str | None = None) -> Spec:
+    s = text.strip()
+    low = s.lower()
+    if low.startswith("civitai:"):
+        rest = s[8:].strip()
+        if m := re.fullmatch(r"(?:version/)?(\d+)", rest):
+            return Spec("civitai", ambiguous_id=int(m.group(1))) if "/" not in rest else \
+                Spec("civitai", version_id=int(m.group(1)))
+        if m := re.fullmatch(r"model/(\d+)", rest):
+            return Spec("civitai", model_id=int(m.group(1)))
+        if m := re.fullmatch(r"(\d+)@(\d+)", rest):
+            return Spec("civitai", model_id=int(m.group(1)), version_id=int(m.group(2)))
+        raise SpecError(f"bad CivitAI spec {text!r} (use civitai:VERSION_ID, civitai:model/ID or civitai:MODEL@VERSION)")
+    if m := re.fullmatch(r"urn:air:[^:]+:[^:]+:civitai:(\d+)@(\d+)", s):
+        return Spec("civitai", model_id=int(m.group(1)), version_id=int(m.group(2)))
+    if low.startswith("hf:"):
+        rest = s[3:].strip().strip("/")
+        rev = None
+        if "@" in rest:
+            rest, rev = rest.rsplit("@", 1)
+        parts = rest.split("/")
+        if len(parts) < 3 or not all(parts) or (rev is not None and not rev):
+            raise SpecError(f"bad Hugging Face spec {text!r} (use hf:ORG/REPO/PATH/IN/REPO[@REVISION])")
+        return Spec("hf", repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=rev)
+    if low.startswith(("http://", "https://")):
+        u = urlsplit(s)
+        host = (u.hostname or "").lower()
+        civ_hosts = {"civitai.com", "www.civitai.com", "civitai.red"}
+        if civitai_base:
+            civ_hosts.add((urlsplit(civitai_base).hostname or "").lower())
+        if host in civ_hosts:
+            if m := re.fullmatch(r"/api/download/models/(\d+)/?", u.path):
+                return Spec("civitai", version_id=int(m.group(1)))
+            if m := re.match(r"/models/(\d+)", u.path):
+                q = parse_qs(u.query).get("modelVersionId")
+                return Spec("civitai", model_id=int(m.group(1)), version_id=int(q[0]) if q and q[0].isdigit() else None)
+        if m := re.fullmatch(r"/([^/]+/[^/]+)/(?:blob|resolve)/([^/]+)/(.+)", u.path):
+            if host in ("huggingface.co", "www.huggingface.co", "hf.co"):
+                return Spec("hf", repo_id=m.group(1), revision=m.group(2), filename=m.group(3))
+        return Spec("url", url=s)
+    raise SpecError(f"not a download source: {text!r} (civitai:ID, hf:ORG/REPO/PATH[@REV] or an http(s) URL)")
+
+
+def resolve_version(client, spec: Spec) -> dict:
+    from ckptlab.hub.civitai import latest_version
+    from ckptlab.hub.http import NotFoundError
+
+    if spec.version_id is not None:
+        return client.model_version(spec.version_id)
+    if spec.ambiguous_id is not None:
+        try:
+            return client.model_version(spec.ambiguous_id)
+        except NotFoundError:
+            return latest_version(client.model(spec.ambiguous_id))
+    return latest_version(client.model(spec.model_id))
+
+
+_CAP_LOCK = threading.Lock()
+_CAPS: dict[int, threading.BoundedSemaphore] = {}
+
+
+def _cap(n: int) -> threading.BoundedSemaphore:
+    with _CAP_LOCK:
+        return _CAPS.setdefault(n, threading.BoundedSemaphore(n))
+
+
+def download(source: str, *, dest: str | Path | None = None, layout: str | None = None, model_type: str | None = None,
+             config: HubConfig | None = None, client=None, catalog: bool = True, write_sidecars: bool = False,
+             file_id: int | None = None, progress: Progress | None = None) -> DownloadResult:
+    """Download one source into the library (see module doc). At most ``config.max_concurrent``
+    transfers run at once in this process."""
+    config = config or load_hub_config(download_dir=dest, layout=layout)
+    root = Path(dest).expanduser() if dest else (config.download_dir or Path.cwd())
+    lay = layout or config.layout
+    spec = parse_spec(source, config.civitai_base_url)
+    progress = progress or null_progress
+    with _cap(config.max_concurrent):
+        if spec.kind == "civitai":
+            return _download_civitai(spec, root, lay, config, client, catalog, write_sidecars, file_id, progress)
+        folder = target_folder(root, lay, KIND_TO_TYPE.get((model_type or "").lower(), model_type))
+        if spec.kind == "hf":
+            from ckptlab.hub import huggingface
+
+            res = huggingface.download(spec.repo_id, spec.filename, spec.revision, dest_dir=folder, progress=progress)
+        else:
+            from ckptlab.hub.http import Requester
+
+            req = Requester(interval=0.0)
+            try:
+                res = transfer(req, spec.url, folder, progress=progress, source="url")
+            finally:
+                req.close()
+        if catalog:
+            _after_download(res, config, client, write_sidecars, lookup=True)
+        return res
+
+
+def _download_civitai(spec, root, layout, config, client, catalog, write_sidecars, file_id, progress):
+    from ckptlab.hub.civitai import CivitaiClient, pick_file
+
+    own = client is None
+    client = client or CivitaiClient(config)
+    try:
+        version = resolve_version(client, spec)
+        choice = pick_file(version, file_id=file_id)
+        mtype = (version.get("model") or {}).get("type")
+        folder = target_folder(root, layout, mtype, choice.file.get("type"))
+        extra = {"version_id": version.get("id"), "model_id": version.get("modelId"), "file_id": choice.file.get("id"),
+                 "model_type": mtype, "model_name": (version.get("model") or {}).get("name"),
+                 "version_name": version.get("name")}
+        if not choice.sha256:
+            extra["warning"] = "CivitAI publishes no SHA256 for this file: only the size was checked"
+        res = transfer(client.http, client.download_url(choice), folder, filename=choice.name,
+                       expected_sha256=choice.sha256, progress=progress, source="civitai", extra=extra)
+        if catalog:
+            _after_download(res, config, client, write_sidecars, version=version, file_id=choice.file.get("id"))
+        return res
+    finally:
+        if own:
+            client.close()
+
+
+def _after_download(res: DownloadResult, config: HubConfig, client, write_sidecars: bool, *, version: dict | None = None,
+                    file_id: int | None = None, lookup: bool = False) -> None:
+    """Put the verified file's hashes in the catalog, link it to its CivitAI version (known, or
+    looked up by hash) and store the records; metadata failures never undo the download."""
+    from ckptlab.hub import store
+    from ckptlab.hub.civitai import CivitaiClient
+    from ckptlab.hub.link import LocalFile, _remember, link_files
+    from ckptlab.library.hashes import hash_file
+
+    h = hash_file(res.path)
+    st = res.path.stat()
+    with store.open_catalog() as cat:
+        cat.put_hashes((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), h)
+        res.extra["catalog"] = str(cat.path)
+        own = client is None
+        client = client or CivitaiClient(config)
+        try:
+            if version is not None:
+                _remember(cat, client, version, {})
+                store.put_link(cat, h.sha256, int(version["id"]), version.get("modelId"), matched_by="download",
+                               file_id=file_id)
+                res.extra["linked_version"] = version["id"]
+                if write_sidecars:
+                    from ckptlab.hub.link import _fetch_image
+                    from ckptlab.hub.sidecars import write_sidecars as _write
+
+                    model = store.latest_record(cat, "model", version.get("modelId"))
+                    res.extra["sidecars"] = _write(res.path, version, model,
+                                                   fetch_image=lambda u: _fetch_image(client, u)).written
+            elif lookup:
+                try:
+                    rep = link_files(cat, client, [LocalFile(res.path, h.sha256, h.autov3)], write_sidecars=write_sidecars)
+                    o = rep.outcomes[0]
+                    res.extra["civitai"] = o.status
+                    if o.version_id:
+                        res.extra["linked_version"] = o.version_id
+                except NetworkError as e:
+                    res.extra["civitai"] = f"lookup failed: {e}"
+        finally:
+            if own:
+                client.close()
+
+
+def download_many(sources: list[str], *, jobs: int | None = None, progress: Progress | None = None,
+                  **kw) -> list[DownloadResult | CkptlabError]:
+    """Download several sources, ``jobs`` at a time (capped by config); errors are returned in place."""
+    config = kw.pop("config", None) or load_hub_config(download_dir=kw.get("dest"), layout=kw.get("layout"))
+    n = max(1, min(jobs or config.max_concurrent, config.max_concurrent))
+    progress = progress or null_progress
+    lock = threading.Lock()
+    totals: dict[int, int] = {}
+
+    def one(i_src):
+        i, src = i_src
+
+        def cb(advance=0, *, total=None, description=None):
+            with lock:
+                if total is not None:
+                    totals[i] = total
+                    progress(advance, total=sum(totals.values()))
+                else:
+                    progress(advance)
+
+        try:
+            return download(src, config=config, progress=cb, **kw)
+        except CkptlabError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(one, enumerate(sources)))

@@ -1,0 +1,292 @@
+"""``civitai link``: connect library files to their CivitAI model versions.
+
+For every file without a link: bulk ``POST by-hash`` with the SHA256s (batches of 100), then for the
+misses that are safetensors LoRAs a ``GET by-hash/{AutoV3}`` (AutoV3 survives header edits). A
+match stores the version and model records (as revisions, see ``store``) and a link keyed by the
+file's SHA256. A file still unlinked whose tensor fingerprint equals a directly linked file's (the
+pruned / fp16 / converted copy) inherits that link, marked ``fingerprint``.
+
+With ``refresh`` already linked files are re-checked by version id: a changed record becomes a new
+revision; a 404 or an outage keeps everything and only notes ``upstream_status``. Never regress.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptlab.errors import CkptlabError, NetworkError
+from ckptlab.hub import store
+from ckptlab.hub.civitai import CivitaiClient
+from ckptlab.hub.http import NotFoundError
+from ckptlab.library.catalog import Catalog
+from ckptlab.progress import Progress, null_progress
+
+LORA_KINDS = (None, "lora", "lycoris", "locon", "dora")
+
+
+@dataclass
+class LocalFile:
+    path: Path
+    sha256: str
+    autov3: str | None = None
+    kind: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass
+class LinkOutcome:
+    path: Path
+    sha256: str
+    status: str  # linked | inherited | already | refreshed | updated | not_found | kept | error
+    version_id: int | None = None
+    model_id: int | None = None
+    model_name: str | None = None
+    version_name: str | None = None
+    matched_by: str | None = None
+    inherited_from: str | None = None
+    revision: int | None = None
+    message: str | None = None
+    sidecars: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LinkReport:
+    outcomes: list[LinkOutcome] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for o in self.outcomes:
+            out[o.status] = out.get(o.status, 0) + 1
+        return out
+
+
+def local_files(cat: Catalog, paths: list[Path], progress: Progress | None = None) -> list[LocalFile]:
+    """Hashes (and tensor fingerprints when the catalog has them) for ``paths``, from the catalog when
+    it knows the file unchanged, else computed now (and stored for catalogued files)."""
+    from ckptlab.library.hashes import hash_file
+
+    progress = progress or null_progress
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            continue
+        rec = cat.get_by_path(p)
+        st = p.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        h, fp, kind = None, None, None
+        if rec is not None:
+            kind = rec.kind
+            if rec.stat_key == key:
+                h, fp = rec.hashes, rec.fingerprint
+        if h is None:
+            content = cat.content(key)
+            if content:
+                h, fp = content["hashes"], fp or content["fingerprint"]
+        if h is None:
+            h = hash_file(p, progress=progress)
+            if rec is not None:
+                cat.put_hashes(key, h)
+        out.append(LocalFile(p, h.sha256.upper(), h.autov3, kind, fp))
+    return out
+
+
+def _outcome_from(lf: LocalFile, status: str, link: store.Link | None, version: dict | None, **kw) -> LinkOutcome:
+    v = version or {}
+    return LinkOutcome(path=lf.path, sha256=lf.sha256, status=status,
+                       version_id=link.version_id if link else v.get("id"),
+                       model_id=link.model_id if link else v.get("modelId"),
+                       model_name=(v.get("model") or {}).get("name"), version_name=v.get("name"),
+                       matched_by=link.matched_by if link else None,
+                       inherited_from=link.inherited_from if link else None, **kw)
+
+
+def _file_id(version: dict, lf: LocalFile, by: str) -> int | None:
+    for f in version.get("files") or []:
+        hs = {k.upper(): str(v).upper() for k, v in (f.get("hashes") or {}).items()}
+        if (by == "sha256" and hs.get("SHA256") == lf.sha256) or (by == "autov3" and lf.autov3
+                                                                   and hs.get("AUTOV3") == lf.autov3.upper()):
+            return f.get("id")
+    return None
+
+
+def _remember(cat: Catalog, client: CivitaiClient, version: dict, models_seen: dict) -> int:
+    rev, _ = store.store_record(cat, "version", int(version["id"]), version)
+    mid = version.get("modelId")
+    if mid is not None and mid not in models_seen:
+        try:
+            models_seen[mid] = client.model(int(mid))
+            store.store_record(cat, "model", int(mid), models_seen[mid])
+        except (NetworkError, CkptlabError):
+            models_seen[mid] = store.latest_record(cat, "model", int(mid))  # keep what we had
+    return rev
+
+
+def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, refresh: bool = False,
+               write_sidecars: bool = False, allow_nsfw: bool = False, fingerprint=None,
+               progress: Progress | None = None) -> LinkReport:
+    """Link ``files``; see the module doc. ``fingerprint(path) -> str | None`` is used for files the
+    catalog has no fingerprint for (inherited links)."""
+    progress = progress or null_progress
+    report = LinkReport()
+    models_seen: dict = {}
+    results: dict[str, LinkOutcome] = {}
+    pending = [lf for lf in files if store.get_link(cat, lf.sha256) is None]
+    linked = [lf for lf in files if lf not in pending]
+    progress(0, total=len(files), description="linking")
+
+    # 1. already linked: keep, or refresh by version id (never regress)
+    version_cache: dict[int, tuple[str, dict | None, int | None]] = {}
+    for lf in linked:
+        link = store.get_link(cat, lf.sha256)
+        if not refresh:
+            results[lf.sha256] = _outcome_from(lf, "already", link, store.latest_record(cat, "version", link.version_id))
+            continue
+        if link.version_id not in version_cache:
+            try:
+                v = client.model_version(link.version_id)
+                rev, new = store.store_record(cat, "version", link.version_id, v)
+                if v.get("modelId") is not None and v["modelId"] not in models_seen:
+                    _remember(cat, client, v, models_seen)
+                version_cache[link.version_id] = ("updated" if new and rev > 1 else "refreshed", v, rev)
+            except NotFoundError:
+                version_cache[link.version_id] = ("not_found", None, None)
+            except NetworkError as e:
+                version_cache[link.version_id] = ("kept", None, None)
+                version_cache[-link.version_id] = (str(e), None, None)
+        status, v, rev = version_cache[link.version_id]
+        upstream = {"not_found": "not_found", "kept": "unreachable"}.get(status, "ok")
+        store.set_upstream_status(cat, lf.sha256, upstream)
+        msg = None
+        if status == "not_found":
+            msg = "CivitAI no longer has this version; the stored record is kept"
+        elif status == "kept":
+            msg = f"CivitAI unreachable, stored record kept ({version_cache[-link.version_id][0]})"
+        results[lf.sha256] = _outcome_from(lf, status, link, v or store.latest_record(cat, "version", link.version_id),
+                                           revision=rev, message=msg)
+
+    # 2. unlinked: bulk SHA256, then AutoV3 for safetensors LoRAs
+    outage: str | None = None
+    found: dict[str, dict] = {}
+    if pending:
+        try:
+            found = client.versions_by_sha256([lf.sha256 for lf in pending])
+        except NetworkError as e:
+            outage = str(e)
+    for lf in pending:
+        if outage:
+            results[lf.sha256] = _outcome_from(lf, "error", None, None, message=outage)
+            continue
+        by, version = "sha256", found.get(lf.sha256.lower())
+        if version is None and lf.autov3 and lf.kind in LORA_KINDS and lf.path.suffix.lower() == ".safetensors":
+            try:
+                version = client.version_by_hash(lf.autov3)
+            except NetworkError as e:
+                results[lf.sha256] = _outcome_from(lf, "error", None, None, message=str(e))
+                continue
+            by = "autov3"
+            if version is not None and _file_id(version, lf, "autov3") is None:
+                version = None  # the answer must really list a file with our AutoV3
+        if version is None:
+            store.note_miss(cat, lf.sha256)
+            results[lf.sha256] = _outcome_from(lf, "not_found", None, None, message="not on CivitAI")
+            continue
+        rev = _remember(cat, client, version, models_seen)
+        link = store.put_link(cat, lf.sha256, int(version["id"]), version.get("modelId"), matched_by=by,
+                              file_id=_file_id(version, lf, by))
+        results[lf.sha256] = _outcome_from(lf, "linked", link, version, revision=rev)
+
+    # 3. inherited links through tensor fingerprints
+    fps: dict[str, str | None] = {}
+    for lf in files:
+        fps[lf.sha256] = lf.fingerprint
+    for lf in files:
+        o = results.get(lf.sha256)
+        if o is None or o.status != "not_found":
+            continue
+        fp = fps.get(lf.sha256) or (fingerprint(lf.path) if fingerprint else None)
+        if not fp:
+            continue
+        donors = store.direct_links_by_fingerprint(cat, fp)
+        if not donors and fingerprint:  # files of this run without a catalog fingerprint
+            for other in files:
+                if other.sha256 == lf.sha256:
+                    continue
+                ol = store.get_link(cat, other.sha256)
+                if ol is None or ol.inherited:
+                    continue
+                if fps.get(other.sha256) is None:
+                    fps[other.sha256] = fingerprint(other.path)
+                if fps[other.sha256] == fp:
+                    donors = [ol]
+                    break
+        if donors:
+            d = donors[0]
+            link = store.put_link(cat, lf.sha256, d.version_id, d.model_id, matched_by="fingerprint",
+                                  inherited_from=d.sha256)
+            results[lf.sha256] = _outcome_from(lf, "inherited", link, store.latest_record(cat, "version", d.version_id),
+                                               message=f"same tensors as {d.sha256[:12]}")
+
+    # 4. sidecars from what is stored (works offline for linked files too)
+    for lf in files:
+        o = results[lf.sha256]
+        if write_sidecars and o.version_id is not None and o.status != "error":
+            version = store.latest_record(cat, "version", o.version_id)
+            model = store.latest_record(cat, "model", o.model_id)
+            if version is not None:
+                from ckptlab.hub.sidecars import write_sidecars as _write
+
+                res = _write(lf.path, version, model, fetch_image=lambda url: _fetch_image(client, url),
+                             allow_nsfw=allow_nsfw)
+                o.sidecars = res.written
+        report.outcomes.append(o)
+        progress(1)
+    return report
+
+
+def _fetch_image(client: CivitaiClient, url: str) -> bytes:
+    from ckptlab.hub.sidecars import MAX_PREVIEW_BYTES
+
+    resp = client.http.request("GET", url, what="preview image", stream=True)
+    try:
+        data = bytearray()
+        for chunk in resp.iter_bytes():
+            data += chunk
+            if len(data) > MAX_PREVIEW_BYTES:
+                return b""
+        return bytes(data)
+    finally:
+        resp.close()
+
+
+def fallback_fingerprint(path: os.PathLike) -> str | None:
+    """Tensor fingerprint when the catalog has none: SHA-256 over the sorted non-EMA tensor names,
+    shapes, and values cast to float16 - equal for pruned, fp16 and format-converted copies."""
+    import hashlib
+
+    import torch
+
+    from ckptlab.formats import open_model
+
+    try:
+        src = open_model(path)
+    except CkptlabError:
+        return None
+    h = hashlib.sha256()
+    try:
+        keys = sorted(k for k in src.keys() if not k.startswith("model_ema.") and k != "state_dict")
+        for k in keys:
+            t = src.get(k)
+            if not isinstance(t, torch.Tensor):
+                continue
+            h.update(k.encode() + b"\0" + repr(tuple(t.shape)).encode() + b"\0")
+            if t.is_floating_point():
+                t = t.to(torch.float16)
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    finally:
+        close = getattr(src, "close", None)
+        if close:
+            close()
+    return "t16:" + h.hexdigest()
