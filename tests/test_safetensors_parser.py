@@ -190,3 +190,14 @@ def test_detect_format_by_bytes_not_name(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(FormatError, match="empty"):
         detect_format(empty)
+
+
+@pytest.mark.parametrize("length", [0x280, 0x380, 0x580])
+def test_header_length_that_looks_like_a_pickle_opcode_is_still_safetensors(tmp_path, length):
+    """A header length whose first bytes are 80 0N (the protocol-N pickle opener) is safetensors."""
+    raw = json.dumps({KEY: entry()}).encode()
+    raw += b" " * (length - len(raw))
+    p = _write(tmp_path, "looks_like_pickle", frame(raw, Z4))
+    assert p.read_bytes()[:2] == bytes([0x80, length >> 8])
+    assert detect_format(p) == "safetensors"
+    assert open_model(p).keys() == [KEY]

@@ -35,12 +35,15 @@ def detect_format(path: str | Path) -> str:
         return "gguf"
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
         return "pickle"  # torch zip checkpoint (the pickle lives inside)
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
-        return "pickle"  # pickle protocol 2+ (also legacy torch serialization)
+    # safetensors before the pickle check: a header length such as 0x280 starts with the bytes
+    # 80 02, which also open a protocol-2 pickle; a pickle never has '{' at byte 8 after a length
+    # that fits in the file.
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if 0 < n <= size - 8 and head[8:9] == b"{":
             return "safetensors"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        return "pickle"  # pickle protocol 2+ (also legacy torch serialization)
     if p.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") and head[:1] in (b"(", b"c", b"}", b"]"):
         return "pickle"  # protocol 0/1 pickle
     if p.suffix.lower() in (".safetensors", ".sft"):
@@ -51,8 +54,12 @@ def detect_format(path: str | Path) -> str:
     raise UnsupportedFormatError("not a recognised model file format", p)
 
 
-def open_model(path: str | Path) -> TensorSource:
-    """Open any supported model file lazily. Raises ``CkptlabError`` subclasses with one-line messages."""
+def open_model(path: str | Path, *, variant: str | None = None) -> TensorSource:
+    """Open any supported model file lazily. Raises ``CkptlabError`` subclasses with one-line messages.
+
+    ``variant`` picks the weight variant of a diffusers folder (``"fp16"``; ``""`` for the plain
+    files; ``None`` chooses one consistently); other formats ignore it.
+    """
     fmt = detect_format(path)
     if fmt == "safetensors":
         from ckptlab.formats.safetensors import SafetensorsSource
@@ -61,7 +68,7 @@ def open_model(path: str | Path) -> TensorSource:
     if fmt == "diffusers":
         from ckptlab.formats.diffusers import DiffusersSource
 
-        return DiffusersSource(path)
+        return DiffusersSource(path, variant=variant)
     if fmt == "gguf":
         from ckptlab.formats.gguf import GGUFSource
 
