@@ -1,0 +1,254 @@
+"""Recognising files that are not diffusion models: LoRA / LyCORIS, textual-inversion embeddings,
+hypernetworks, ControlNet / T2I- / IP-Adapters and upscalers. Each rule names the key(s) that decided it
+(reference: identification.md §3, adapters.md §§1, 4, 7).
+
+``detect_adapter(infos, extra) -> AdapterGuess | None`` looks at key names and shapes only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptlab.arch.families import FAMILY_BY_CONTEXT_WIDTH
+from ckptlab.formats.base import TensorInfo
+
+
+@dataclass
+class AdapterGuess:
+    kind: str
+    family: str | None = None
+    variant: str | None = None
+    evidence: list[str] = field(default_factory=list)
+
+
+_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".lora.down.weight",
+                  ".lora.up.weight", "_lora.down.weight", "_lora.up.weight", ".lora_linear_layer.down.weight",
+                  ".lora_A.default.weight", ".lora_B.default.weight")
+_XLABS_RE = re.compile(r"processor\.(?:qkv|proj)_lora\d\.(?:down|up)\.weight$")
+#: LyCORIS algorithm by parameter suffix (checked in order; DoRA is reported on top of the base algorithm)
+_LYCORIS = (("hada_w1_a", "loha"), ("lokr_w1", "lokr"), ("lokr_w1_a", "lokr"), ("oft_blocks", "oft"),
+            ("a1.weight", "glora"), ("on_input", "ia3"), ("w_norm", "norm"), ("diff", "full"))
+_TOKEN_DOWN_RE = re.compile(r"attn2[._]to_k(?:\.lora_down\.weight|\.lora_A\.weight|\.lora\.down\.weight|"
+                            r"_lora\.down\.weight|\.hada_w1_b|\.lora_A\.default\.weight)$")
+_EMB_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
+
+
+def _suffix_param(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _lora_family(infos: Mapping[str, TensorInfo], keys: list[str]) -> tuple[str | None, str | None]:
+    """(family, evidence) of a LoRA/LyCORIS from module names and widths."""
+    for k in keys:
+        if (k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_transformer_single_"))
+                or ".single_transformer_blocks." in k or "double_blocks." in k and "lora" in k
+                or _XLABS_RE.search(k)):
+            return "flux", k
+    for k in keys:
+        if k.startswith("lora_unet_joint_blocks_") or "joint_blocks." in k:
+            return "sd3", k
+    for k in keys:
+        if _TOKEN_DOWN_RE.search(k):
+            width = infos[k].shape[-1] if len(infos[k].shape) >= 2 else None
+            fam = FAMILY_BY_CONTEXT_WIDTH.get(width) if width else None
+            if fam:
+                return fam, f"{k} {list(infos[k].shape)} (text context width {width})"
+        if k.endswith("attn2_to_k.lokr_w2") or k.endswith("attn2_to_k.lokr_w1"):
+            base = k[: -len("lokr_w1")]
+            w1, w2 = infos.get(base + "lokr_w1"), infos.get(base + "lokr_w2")
+            if w1 and w2 and len(w1.shape) == 2 and len(w2.shape) == 2:
+                fam = FAMILY_BY_CONTEXT_WIDTH.get(w1.shape[1] * w2.shape[1])
+                if fam:
+                    return fam, f"{base}lokr_w1/w2 (context width {w1.shape[1] * w2.shape[1]})"
+    if any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys):
+        return "sdxl", "lora_te1_* and lora_te2_* (two text encoders)"
+    if any(k.startswith("text_encoder_2.") for k in keys):
+        return "sdxl", "text_encoder_2.* modules"
+    for k in keys:
+        if "transformer_blocks_" in k or ".transformer_blocks." in k:
+            m = re.search(r"transformer_blocks[._](\d+)", k)
+            if m and int(m.group(1)) >= 2:
+                return "sdxl", f"{k} (transformer block {m.group(1)}: only SDXL has more than 2)"
+    for k in keys:
+        if k.startswith("lora_te_") and "self_attn" in k and k.endswith((".lora_down.weight", ".hada_w1_b")):
+            width = infos[k].shape[-1]
+            fam = FAMILY_BY_CONTEXT_WIDTH.get(width)
+            if fam in ("sd1", "sd2"):
+                return fam, f"{k} {list(infos[k].shape)} (text encoder width {width})"
+    return None, None
+
+
+def _lora_format(key: str) -> str:
+    """kohya (``lora_unet_*.lora_down``), peft (``lora_A/lora_B``), xlabs, or diffusers_old (attn processors)."""
+    if _XLABS_RE.search(key):
+        return "xlabs"
+    if ".lora_A." in key or ".lora_B." in key:
+        return "peft"
+    if key.endswith((".lora_down.weight", ".lora_up.weight")):
+        return "kohya"
+    return "diffusers_old"
+
+
+def _detect_lora(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
+    keys = list(infos)
+    lyco = None
+    for suffix, algo in _LYCORIS:
+        generic = suffix in ("a1.weight", "on_input", "w_norm", "diff")  # names a full model could contain
+        hit = next((k for k in keys if k.endswith("." + suffix)
+                    and (not generic or k.startswith(("lora_", "lycoris_", "lora_te", "lora_unet")))), None)
+        if hit:
+            if suffix == "oft_blocks" and len(infos[hit].shape) == 4:
+                algo = "boft"
+            lyco = (algo, hit)
+            break
+    lora_hit = next((k for k in keys if k.endswith(_LORA_SUFFIXES) or _XLABS_RE.search(k)), None)
+    dora = next((k for k in keys if k.endswith(".dora_scale")), None)
+    if not lyco and not lora_hit:
+        return None
+    fam, fam_ev = _lora_family(infos, keys)
+    if lyco:
+        g = AdapterGuess("lycoris", fam, lyco[0], [f"LyCORIS {lyco[0]} parameters: {lyco[1]}"])
+    elif dora:
+        g = AdapterGuess("lycoris", fam, "dora", [f"LoRA with DoRA magnitudes: {dora}"])
+    else:
+        fmt = _lora_format(lora_hit)
+        g = AdapterGuess("lora", fam, fmt, [f"LoRA parameters ({fmt} format): {lora_hit}"])
+    if fam_ev:
+        g.evidence.append(f"base {fam}: {fam_ev}")
+    return g
+
+
+def _detect_embedding(infos: Mapping[str, TensorInfo], extra: Mapping[str, Any]) -> AdapterGuess | None:
+    keys = list(infos)
+    if set(keys) == {"clip_l", "clip_g"}:
+        n = infos["clip_g"].shape[0] if infos["clip_g"].shape else 1
+        return AdapterGuess("embedding", "sdxl", None,
+                            [f"clip_l {list(infos['clip_l'].shape)} + clip_g {list(infos['clip_g'].shape)} "
+                             f"(SDXL embedding, {n} vectors)"])
+    stp = [k for k in keys if k.startswith("string_to_param.")]
+    if stp or keys == ["emb_params"] or (len(keys) == 1 and 1 <= len(infos[keys[0]].shape) <= 2
+                                         and infos[keys[0]].shape[-1] in _EMB_WIDTH):
+        k = stp[0] if stp else keys[0]
+        shape = infos[k].shape
+        width = shape[-1] if shape else None
+        fam = _EMB_WIDTH.get(width)
+        if fam == "sdxl":  # a lone 1280-wide vector is half an SDXL embedding at best
+            fam = None
+        what = "A1111 string_to_param" if stp else ("kohya emb_params" if k == "emb_params" else "single tensor")
+        ev = [f"{what}: {k} {list(shape)}" + (f" (width {width} = {fam})" if fam else "")]
+        return AdapterGuess("embedding", fam, None, ev)
+    return None
+
+
+_HN_RE = re.compile(r"^(\d+)\.(?:\d+\.)?(?:linear\.\d+|linear[12])\.(?:weight|bias)$")
+
+
+def _detect_hypernetwork(infos: Mapping[str, TensorInfo], extra: Mapping[str, Any]) -> AdapterGuess | None:
+    keys = list(infos)
+    if not keys or not all(_HN_RE.match(k) for k in keys):
+        return None
+    widths = sorted({int(_HN_RE.match(k).group(1)) for k in keys})
+    fam = "sd2" if 1024 in widths else ("sd1" if 768 in widths else None)
+    ev = [f"integer context-width keys {widths}"]
+    for meta in ("layer_structure", "activation_func"):
+        if meta in extra:
+            ev.append(f"{meta} = {extra[meta]!r}")
+    return AdapterGuess("hypernetwork", fam, None, ev)
+
+
+def _strip_wrapper(infos: Mapping[str, TensorInfo]) -> Mapping[str, TensorInfo]:
+    for p in ("params_ema.", "params.", "module.", "netG."):
+        if infos and all(k.startswith(p) for k in infos):
+            return {k[len(p):]: v for k, v in infos.items()}
+    return infos
+
+
+_UPSCALERS = (
+    ("esrgan", ("model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight")),
+    ("realesrgan", ("conv_first.weight", "body.0.rdb1.conv1.weight")),
+    ("bsrgan", ("RRDB_trunk.0.RDB1.conv1.weight", "trunk_conv.weight")),
+    ("swinir", ("layers.0.residual_group.blocks.0.norm1.weight",)),
+    ("compact", ("body.0.weight", "body.1.weight")),
+)
+
+
+def _upscale_factor(arch: str, keys: Mapping[str, TensorInfo]) -> int | None:
+    if arch == "esrgan":  # model.0 conv, model.1 RRDB trunk, then one conv per x2 upsample, HR conv, last conv
+        convs = {int(m.group(1)) for k in keys if (m := re.match(r"model\.(\d+)\.weight$", k)) and int(m.group(1)) >= 3}
+        return 2 ** (len(convs) - 2) if len(convs) >= 2 else None
+    if arch == "realesrgan":
+        return 4 if "conv_up2.weight" in keys else (2 if "conv_up1.weight" in keys else None)
+    if arch == "bsrgan":
+        return 4 if "upconv2.weight" in keys else (2 if "upconv1.weight" in keys else None)
+    return None
+
+
+def _detect_upscaler(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
+    plain = _strip_wrapper(infos)
+    for variant, need in _UPSCALERS:
+        if all(k in plain for k in need):
+            if variant == "compact" and any(k.startswith(("input_blocks", "down_blocks", "blocks.")) for k in plain):
+                continue
+            scale = _upscale_factor(variant, plain)
+            return AdapterGuess("upscaler", variant, f"x{scale}" if scale else None,
+                                [f"{variant} keys: {', '.join(need)}"]
+                                + ([f"scale x{scale} from the upsampling layers"] if scale else []))
+    return None
+
+
+_CN_TOKEN_RE = re.compile(r"(?:input_blocks\.\d+\.1|down_blocks\.\d+\.attentions\.0)\.transformer_blocks\.0\."
+                          r"attn2\.to_k\.weight$")
+
+
+def _detect_control(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
+    keys = list(infos)
+    ks = set(keys)
+    if "lora_controlnet" in ks:
+        return AdapterGuess("controlnet", None, "control_lora", ["lora_controlnet key (Control-LoRA)"])
+    if any(k.startswith("controlnet_blocks.0.") for k in keys) and (
+            any(k.startswith(("input_hint_block.", "controlnet_x_embedder.", "pos_embed_input.")) for k in keys)):
+        return AdapterGuess("controlnet", "flux", None, ["controlnet_blocks.0.* with a hint/x embedder (Flux ControlNet)"])
+    ldm = next((p for p in ("control_model.", "") if p + "zero_convs.0.0.weight" in ks
+                and p + "input_hint_block.0.weight" in ks), None)
+    diff = "controlnet_cond_embedding.conv_in.weight" in ks
+    if ldm is not None or diff:
+        ev = ["LDM ControlNet: zero_convs.0.0.weight + input_hint_block.0.weight" if ldm is not None
+              else "diffusers ControlNet: controlnet_cond_embedding.conv_in.weight"]
+        fam = None
+        if any(k.endswith(("add_embedding.linear_1.weight", "label_emb.0.0.weight")) for k in keys):
+            fam = "sdxl"
+            ev.append("SDXL: add_embedding/label_emb present")
+        else:
+            tok = next((k for k in keys if _CN_TOKEN_RE.search(k)), None)
+            if tok:
+                width = infos[tok].shape[-1]
+                fam = FAMILY_BY_CONTEXT_WIDTH.get(width)
+                ev.append(f"{tok} {list(infos[tok].shape)} (context width {width})")
+        variant = "diff" if "difference" in ks else None
+        return AdapterGuess("controlnet", fam, variant, ev)
+    t2i = next((k for k in ("adapter.body.0.resnets.0.block1.weight", "body.0.in_conv.weight", "conv_in.weight")
+                if k in ks and (k != "conv_in.weight" or "body.0.block2.weight" in ks)), None)
+    if t2i:
+        fam = None
+        if t2i == "conv_in.weight" and infos[t2i].shape[1] in (256, 768):
+            fam = "sdxl"
+        return AdapterGuess("controlnet", fam, "t2i_adapter", [f"T2I-Adapter: {t2i}"])
+    ip = next((k for k in keys if k.endswith("1.to_k_ip.weight") and k.startswith("ip_adapter.")), None)
+    if ip:
+        width = infos[ip].shape[-1]
+        return AdapterGuess("controlnet", FAMILY_BY_CONTEXT_WIDTH.get(width), "ip_adapter",
+                            [f"IP-Adapter: {ip} {list(infos[ip].shape)} (context width {width})"])
+    return None
+
+
+def detect_adapter(infos: Mapping[str, TensorInfo], extra: Mapping[str, Any] | None = None) -> AdapterGuess | None:
+    """The adapter/auxiliary kind of a file, or ``None`` when it looks like (part of) a diffusion model."""
+    extra = extra or {}
+    for rule in (_detect_hypernetwork, _detect_embedding):
+        g = rule(infos, extra)
+        if g:
+            return g
+    return _detect_lora(infos) or _detect_control(infos) or _detect_upscaler(infos)

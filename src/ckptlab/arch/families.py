@@ -1,0 +1,249 @@
+"""One data entry per model family: how to recognise it, its variants, native resolution, latent channels,
+default prediction and the inputs of the VRAM estimate. Facts from /work/shared/reference/identification.md
+(ComfyUI model_detection/supported_models, diffusers single_file_utils, InvokeAI, kohya sai_model_spec).
+
+``FAMILIES`` is ordered: the detector tries them in this order and the first family whose markers all match
+wins (transformer families with unique key roots first, then UNets from the most to the least specific).
+Adding a family is adding one entry here.
+"""
+
+from __future__ import annotations
+
+from ckptlab.arch.family import Family, M, Variant, absent
+
+IN = "input_blocks.0.0.weight"  # LDM in-channels at axis 1
+IN_D = "conv_in.weight"  # diffusers
+TOK_SD = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+TOK_SD_D = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+TOK_XL = "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+TOK_XL_D = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+LABEL = "label_emb.0.0.weight"
+LABEL_D = "add_embedding.linear_1.weight"
+
+
+def _inch(vid: str, n: int, prediction: str | None = None, *extra) -> Variant:
+    """A variant told by the UNet's input channels (inpaint 9, instruct-pix2pix 8, depth 5)."""
+    return Variant(vid, ((M(IN, dims=((1, n),)), *extra), (M(IN_D, dims=((1, n),)), *extra)), prediction)
+
+
+def _top(vid: str, key: str, prediction: str | None = None) -> Variant:
+    return Variant(vid, ((M(key, top=True),),), prediction)
+
+
+FAMILIES: tuple[Family, ...] = (
+    # ---- transformer families --------------------------------------------------------------------------------
+    Family(
+        "sd3", "Stable Diffusion 3 / 3.5", "dit",
+        markers=((M("joint_blocks.0.context_block.attn.qkv.weight"),),
+                 (M("transformer_blocks.0.attn.add_q_proj.weight"), M("context_embedder.weight"),
+                  M("pos_embed.proj.weight"))),
+        variants=(
+            Variant("sd35_large", ((M("joint_blocks.37.x_block.mlp.fc1.weight"),),
+                                   (M("transformer_blocks.37.ff.net.0.proj.weight"),))),
+            Variant("sd35_medium", ((M("pos_embed", 1, 147456, None),),
+                                    (M("joint_blocks.0.x_block.attn2.qkv.weight"),),
+                                    (M("transformer_blocks.0.attn2.to_q.weight"),))),
+            Variant("sd3_medium", ((M("pos_embed", 1, 36864, None),),
+                                   (M("transformer_blocks.23.ff.net.0.proj.weight"),
+                                    absent("transformer_blocks.24.ff.net.0.proj.weight")))),
+        ),
+        resolution=1024, latent_channels=16, default_prediction="flow", text_encoders=("clip_l", "clip_g", "t5xxl"),
+        memory_factor=1.2, modelspec=("stable-diffusion-3",), kohya=("sd3m", "medium", "5-large", "5-medium"),
+    ),
+    Family(
+        "hunyuan_video", "HunyuanVideo", "dit",
+        markers=((M("txt_in.individual_token_refiner.blocks.0.norm1.weight"),),),
+        resolution=720, latent_channels=16, default_prediction="flow", memory_factor=2.0, cfg_batch=1,
+    ),
+    Family(
+        "flux2", "FLUX.2", "dit",
+        markers=((M("double_stream_modulation_img.lin.weight"),), (M("single_stream_modulation.lin.weight"),)),
+        variants=(Variant("klein_4b", ((M("txt_in.weight", dims=((1, 7680),)),),)),
+                  Variant("klein_9b", ((M("txt_in.weight", dims=((1, 12288),)),),)),
+                  Variant("dev", ((M("txt_in.weight", dims=((1, 15360),)),),))),
+        resolution=1024, latent_channels=32, latent_factor=16, default_prediction="flow", memory_factor=2.8,
+        cfg_batch=1,
+    ),
+    Family(
+        "flux", "FLUX.1", "dit",
+        markers=((M("double_blocks.0.img_attn.norm.key_norm.scale"),),
+                 (M("single_transformer_blocks.0.attn.norm_k.weight"), M("x_embedder.weight"))),
+        variants=(
+            Variant("chroma", ((M("distilled_guidance_layer.in_proj.bias"),),)),
+            Variant("fill", ((M("img_in.weight", dims=((1, 384),)),), (M("x_embedder.weight", dims=((1, 384),)),))),
+            Variant("depth", ((M("img_in.weight", dims=((1, 128),)),), (M("x_embedder.weight", dims=((1, 128),)),))),
+            Variant("dev", ((M("guidance_in.in_layer.weight"),),
+                            (M("time_text_embed.guidance_embedder.linear_1.weight"),))),
+            Variant("schnell", ((absent("guidance_in.in_layer.weight"), M("img_in.weight")),
+                                (absent("time_text_embed.guidance_embedder.linear_1.weight"), M("x_embedder.weight")))),
+        ),
+        resolution=1024, latent_channels=16, default_prediction="flow", text_encoders=("clip_l", "t5xxl"),
+        memory_factor=2.8, cfg_batch=1, modelspec=("flux-1", "chroma"), kohya=("flux1", "chroma"),
+    ),
+    Family(
+        "cascade", "Stable Cascade", "dit",
+        markers=((M("clf.1.weight"),),),
+        variants=(
+            Variant("stage_c_lite", ((M("clip_txt_mapper.weight", dims=((0, 1536),)),),)),
+            Variant("stage_c", ((M("clip_txt_mapper.weight"),),)),
+            Variant("stage_b_lite", ((M("clip_mapper.weight"), M("down_blocks.1.0.channelwise.0.weight",
+                                                                  dims=((-1, 576),))),)),
+            Variant("stage_b", ((M("clip_mapper.weight"),),)),
+        ),
+        resolution=1024, latent_channels=16, latent_factor=32, default_prediction="eps", text_encoders=("clip_g",),
+        memory_factor=2.0,
+    ),
+    Family(
+        "pixart", "PixArt", "dit",
+        markers=((M("t_block.1.weight"),),
+                 (M("adaln_single.emb.timestep_embedder.linear_1.bias"), M("pos_embed.proj.bias"))),
+        variants=(Variant("alpha", ((M("ar_embedder.mlp.0.weight"),),
+                                    (M("adaln_single.emb.resolution_embedder.linear_1.weight"),))),
+                  Variant("sigma", ((absent("ar_embedder.mlp.0.weight"), M("t_block.1.weight")),))),
+        resolution=1024, latent_channels=4, default_prediction="eps", text_encoders=("t5xxl",), memory_factor=2.0,
+    ),
+    Family(
+        "auraflow", "AuraFlow", "dit",
+        markers=((M("double_layers.0.attn.w1q.weight"), M("cond_seq_linear.weight")),
+                 (M("joint_transformer_blocks.0.attn.add_q_proj.weight"), M("context_embedder.weight"),
+                  M("register_tokens"))),
+        resolution=1024, latent_channels=4, default_prediction="flow", memory_factor=2.0,
+    ),
+    Family(
+        "hunyuan_dit", "Hunyuan-DiT", "dit",
+        markers=((M("mlp_t5.0.weight"),), (M("text_embedder.linear_1.weight"), M("time_extra_emb.pooler.q_proj.weight"))),
+        variants=(Variant("v1_0", ((M("extra_embedder.0.weight", dims=((1, 3968),)),),)),
+                  Variant("v1_1", ((M("extra_embedder.0.weight"),),))),
+        resolution=1024, latent_channels=4, default_prediction="v", memory_factor=2.0,
+    ),
+    Family("lumina2", "Lumina Image 2.0", "dit", markers=((M("cap_embedder.0.weight"),),),
+           resolution=1024, latent_channels=16, default_prediction="flow", modelspec=("lumina-2",), kohya=("lumina2",)),
+    Family("hidream", "HiDream-I1", "dit",
+           markers=((M("double_stream_blocks.0.block.adaLN_modulation.1.bias"),),),
+           resolution=1024, latent_channels=16, default_prediction="flow"),
+    Family("sana", "Sana", "dit", markers=((M("blocks.0.cross_attn.q_linear.weight"),),),
+           resolution=1024, latent_channels=32, latent_factor=32, default_prediction="flow"),
+    Family("wan", "Wan", "dit", markers=((M("head.modulation"), M("patch_embedding.weight")),),
+           resolution=832, latent_channels=16, default_prediction="flow"),
+    Family("mochi", "Mochi", "dit", markers=((M("t5_yproj.weight"),), (M("blocks.0.attn.qkv_x.weight"),)),
+           resolution=848, latent_channels=12, default_prediction="flow"),
+    Family("ltxv", "LTX-Video", "dit", markers=((M("patchify_proj.weight"), M("adaln_single.linear.weight")),),
+           resolution=768, latent_channels=128, latent_factor=32, default_prediction="flow"),
+    # ---- UNet families -------------------------------------------------------------------------------------
+    Family(
+        "svd", "Stable Video Diffusion", "unet",
+        markers=((M("input_blocks.1.1.time_stack.0.attn1.to_q.weight"),),
+                 (M("input_blocks.1.1.time_mix_blocks.0.attn1.to_q.weight"),)),
+        variants=(Variant("sv3d_u", ((M(LABEL, dims=((1, 256),)),),)),
+                  Variant("sv3d_p", ((M(LABEL, dims=((1, 1280),)),),))),
+        resolution=1024, default_prediction="v", memory_factor=2.0, cfg_batch=2,
+        notes=("SVD/SV3D use v-prediction with an EDM noise schedule",),
+    ),
+    Family(
+        "sd_x4_upscaler", "SD x4 upscaler", "unet",
+        markers=((M(IN, 256, 7, 3, 3),), (M(IN_D, 256, 7, 3, 3),)),
+        resolution=512, default_prediction="v", text_encoders=("openclip_h",), memory_factor=2.0,
+    ),
+    Family(
+        "sdxl_refiner", "SDXL refiner", "unet",
+        markers=((M(LABEL, 1536, 2560),), (M(LABEL_D, 1536, 2560),)),
+        variants=(_inch("inpaint", 9),),
+        resolution=1024, default_prediction="eps", text_encoders=("clip_g",), memory_factor=0.8, dm_tensors=1220,
+        modelspec=("stable-diffusion-xl-v1-refiner",),
+    ),
+    Family(
+        "kolors", "Kolors", "unet",
+        markers=((M(LABEL, dims=((1, 5632),)),), (M(LABEL_D, dims=((1, 5632),)),)),
+        variants=(_inch("inpaint", 9),),
+        resolution=1024, default_prediction="eps", memory_factor=0.8,
+    ),
+    Family(
+        "sdxl", "Stable Diffusion XL", "unet",
+        markers=((M(LABEL, 1280, 2816),), (M(LABEL_D, 1280, 2816),)),
+        variants=(
+            _inch("inpaint", 9),
+            _inch("instruct_pix2pix", 8),
+            _top("playground_v25", "edm_mean", "edm"),
+            _top("cosxl", "edm_vpred.sigma_max", "v"),
+            _top("v_pred", "v_pred", "v"),
+            Variant("vega", ((M("input_blocks.7.1.transformer_blocks.1.attn2.to_k.weight"),
+                              absent("input_blocks.7.1.transformer_blocks.2.attn2.to_k.weight")),)),
+            Variant("ssd1b", ((M("input_blocks.7.1.transformer_blocks.3.attn2.to_k.weight"),
+                               absent("input_blocks.7.1.transformer_blocks.4.attn2.to_k.weight")),)),
+        ),
+        resolution=1024, default_prediction="eps", text_encoders=("clip_l", "clip_g"), memory_factor=0.8,
+        dm_tensors=1680, modelspec=("stable-diffusion-xl-v1-base", "stable-diffusion-xl"), kohya=("sdxl_base_v1-0",),
+    ),
+    Family(
+        "sd2", "Stable Diffusion 2.x", "unet",
+        markers=((M(TOK_SD, dims=((1, 1024),)),), (M(TOK_SD_D, dims=((1, 1024),)),)),
+        variants=(
+            _inch("inpaint", 9, "eps"),
+            _inch("depth", 5, "eps"),
+            Variant("unclip_l", ((M(LABEL, dims=((1, 1536),)),),)),
+            Variant("unclip_h", ((M(LABEL, dims=((1, 2048),)),),)),
+        ),
+        resolution=768, default_prediction=None, text_encoders=("openclip_h",), memory_factor=1.0, dm_tensors=686,
+        modelspec=("stable-diffusion-v2",), kohya=("sd_v2", "sd_v2_v"),
+        notes=("SD2 512-base (eps) and 768-v (v) share every key and shape",),
+    ),
+    Family(
+        "sd1", "Stable Diffusion 1.x", "unet",
+        markers=((M(TOK_SD, dims=((1, 768),)), absent(LABEL)), (M(TOK_SD_D, dims=((1, 768),)),)),
+        variants=(
+            _inch("inpaint", 9),
+            Variant("zero123", ((M("cc_projection.weight", top=True),),)),
+            _inch("instruct_pix2pix", 8),
+        ),
+        resolution=512, default_prediction="eps", text_encoders=("clip_l",), memory_factor=1.0, dm_tensors=686,
+        modelspec=("stable-diffusion-v1",), kohya=("sd_v1", "sd_v1_v"),
+    ),
+)
+
+BY_ID: dict[str, Family] = {f.id: f for f in FAMILIES}
+
+#: base families by the width of the text context a cross-attention (or adapter) sees
+FAMILY_BY_CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
+
+#: ``modelspec.architecture`` (without ``/lora`` etc.) -> (family, variant, prediction)
+MODELSPEC_ARCH: dict[str, tuple[str, str | None, str | None]] = {
+    "stable-diffusion-v1": ("sd1", None, None),
+    "stable-diffusion-v1-inpainting": ("sd1", "inpaint", None),
+    "stable-diffusion-v2-512": ("sd2", None, "eps"),
+    "stable-diffusion-v2-768-v": ("sd2", "v_pred", "v"),
+    "stable-diffusion-v2-512-inpainting": ("sd2", "inpaint", "eps"),
+    "stable-diffusion-v2-depth": ("sd2", "depth", "eps"),
+    "stable-diffusion-xl-v1-base": ("sdxl", None, None),
+    "stable-diffusion-xl-v1-refiner": ("sdxl_refiner", None, None),
+    "stable-diffusion-xl-v1-edit": ("sdxl", "instruct_pix2pix", None),
+    "stable-diffusion-xl-v1-inpainting": ("sdxl", "inpaint", None),
+    "stable-diffusion-3-medium": ("sd3", "sd3_medium", "flow"),
+    "stable-diffusion-3.5-medium": ("sd3", "sd35_medium", "flow"),
+    "stable-diffusion-3-5-medium": ("sd3", "sd35_medium", "flow"),
+    "stable-diffusion-3.5-large": ("sd3", "sd35_large", "flow"),
+    "stable-diffusion-3-5-large": ("sd3", "sd35_large", "flow"),
+    "stable-diffusion-3": ("sd3", None, "flow"),
+    "flux-1-dev": ("flux", "dev", "flow"),
+    "flux-1-schnell": ("flux", "schnell", "flow"),
+    "flux-1": ("flux", None, "flow"),
+    "chroma": ("flux", "chroma", "flow"),
+    "lumina-2": ("lumina2", None, "flow"),
+    "stable-cascade-v1-prior": ("cascade", "stage_c", None),
+    "stable-video-diffusion-img2vid-v1": ("svd", None, None),
+}
+
+#: kohya ``ss_base_model_version`` -> (family, variant, prediction)
+KOHYA_BASE: dict[str, tuple[str, str | None, str | None]] = {
+    "sd_v1": ("sd1", None, None),
+    "sd_v1_v": ("sd1", "v_pred", "v"),
+    "sd_v2": ("sd2", None, "eps"),
+    "sd_v2_v": ("sd2", "v_pred", "v"),
+    "sdxl_base_v1-0": ("sdxl", None, None),
+    "flux1": ("flux", None, "flow"),
+    "chroma": ("flux", "chroma", "flow"),
+    "lumina2": ("lumina2", None, "flow"),
+    "sd3m": ("sd3", "sd3_medium", "flow"),
+    "medium": ("sd3", "sd3_medium", "flow"),
+    "5-medium": ("sd3", "sd35_medium", "flow"),
+    "5-large": ("sd3", "sd35_large", "flow"),
+}

@@ -1,0 +1,81 @@
+"""VRAM estimate for inference at a family's native resolution, from parameter counts, dtypes and the family
+(never from the file size). Formulas: identification.md §6 (ComfyUI ``memory_required`` for activations,
+``sd.VAE`` decode memory, reserve).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ckptlab.arch.family import Family
+
+GIB = 1024**3
+#: typical parameter counts of components a pipeline needs when the file does not carry them (§4)
+TYPICAL_PARAMS = {"clip_l": 123_060_480, "clip_g": 694_659_841, "openclip_h": 354_032_641,
+                  "t5xxl": 4_762_310_656, "vae": 83_653_863}
+RESERVE_GIB = 1.2  # ComfyUI minimum_inference_memory 0.8 GiB + 400 MiB extra reserve
+DECODE_BYTES_PER_LATENT_PIXEL = 2178 * 64  # ComfyUI sd.VAE.memory_used_decode, per latent pixel, per byte of dtype
+
+
+@dataclass
+class VramEstimate:
+    gib: float
+    resolution: int
+    weights_gib: float
+    working_gib: float
+    reserve_gib: float
+    assumptions: list[str] = field(default_factory=list)
+
+
+def _compute_bytes(file_bytes: int) -> tuple[int, str | None]:
+    if file_bytes >= 4:
+        return 2, "fp32 weights counted as fp16 (UIs cast to half precision for inference)"
+    return file_bytes, None
+
+
+def estimate(family: Family | None, present: dict[str, tuple[int, int]], *, diffusion: bool) -> VramEstimate | None:
+    """``present``: component -> (params, bytes per element as stored). ``diffusion``: the file is (or holds) a
+    diffusion model; other files (adapters, VAEs, text encoders) get a weights-only figure."""
+    assumptions: list[str] = []
+    if not present:
+        return None
+    if not diffusion or family is None:
+        total = 0
+        for params, nbytes in present.values():
+            b, note = _compute_bytes(nbytes)
+            total += params * b
+            if note and note not in assumptions:
+                assumptions.append(note)
+        assumptions.insert(0, "weights of this file only (no family-level pipeline known or needed)")
+        return VramEstimate(round(total / GIB, 2), family.resolution if family else 0, round(total / GIB, 2), 0.0,
+                            0.0, assumptions)
+    res, f = family.resolution, family.latent_factor
+    weights = 0
+    dm_bytes = 2
+    for comp, (params, nbytes) in present.items():
+        b, note = _compute_bytes(nbytes)
+        if comp in ("unet", "dit"):
+            dm_bytes = b
+        weights += params * b
+        if note and note not in assumptions:
+            assumptions.append(note)
+    missing = [c for c in (*family.text_encoders, "vae") if c not in present]
+    for comp in missing:
+        weights += TYPICAL_PARAMS.get(comp, 0) * 2
+    if missing:
+        assumptions.append(f"not in the file, typical fp16 sizes counted: {', '.join(missing)}")
+    latent = (res // f) ** 2
+    act = family.cfg_batch * latent * dm_bytes * 0.01 * family.memory_factor * 1024**2  # ComfyUI, attention-optimised
+    decode = latent * DECODE_BYTES_PER_LATENT_PIXEL * 2
+    working = max(act, decode)
+    assumptions += [
+        f"{res}x{res}, batch 1, {family.cfg_batch} model evaluation(s) per step"
+        + (" (classifier-free guidance)" if family.cfg_batch == 2 else ""),
+        "all components resident on the GPU (no offloading)",
+        f"working memory: max(denoising activations {act / GIB:.2f} GiB [ComfyUI memory_usage_factor "
+        f"{family.memory_factor}, optimised attention], untiled VAE decode {decode / GIB:.2f} GiB)",
+        f"{RESERVE_GIB} GiB reserve (ComfyUI minimum inference memory)",
+    ]
+    total = weights + working + RESERVE_GIB * GIB
+    return VramEstimate(round(total / GIB, 2), res, round(weights / GIB, 2), round(working / GIB, 2), RESERVE_GIB,
+                        assumptions)

@@ -1,0 +1,204 @@
+"""``identify(path_or_source) -> ModelInfo``: what a model file is, from its header alone.
+
+Reads keys, dtypes, shapes, metadata and (for pickles) the wrapper's plain values through a ``TensorSource``;
+never loads the weights and never imports torch. The one exception is opt-in (``heuristics=True``): an SD2
+model without metadata or ``global_step`` then gets ComfyUI's prediction heuristic, which reads one ``[320]``
+tensor's bytes from a safetensors file (numpy, no torch), and says so in ``evidence``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptlab.arch.checks import file_warnings
+from ckptlab.arch.components import COMPONENTS, MARKER_KEYS, SCHEDULE_KEYS
+from ckptlab.arch.detect import TEXT_ENCODERS, detect
+from ckptlab.arch.families import BY_ID
+from ckptlab.arch.vram import VramEstimate, estimate
+from ckptlab.errors import UnsupportedFormatError
+from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.formats.dtypes import DTYPES, friendly
+
+REPORTED_COMPONENTS = ("unet", "dit", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "ema")
+_TRAINING_EXTRA = ("optimizer_states", "lr_schedulers", "callbacks", "loops", "optimizer", "optimizer_state_dict")
+EMA_MIN_KEYS = 100  # diffusers: a file "has EMA" when more than 100 keys start with model_ema
+#: GGUF ``general.architecture`` values (city96 ComfyUI-GGUF and llama.cpp) -> family
+GGUF_ARCH = {"flux": "flux", "sd1": "sd1", "sdxl": "sdxl", "sd3": "sd3", "aura": "auraflow", "ltxv": "ltxv",
+             "hyvid": "hunyuan_video", "wan": "wan", "lumina2": "lumina2", "hidream": "hidream", "t5": None,
+             "t5encoder": None}
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    format: str
+    size: int
+    tensors: int
+    params: int
+    kind: str
+    family: str | None
+    variant: str | None
+    prediction: str | None
+    components: list[str]
+    dtypes: dict[str, int]
+    has_ema: bool
+    training_state: bool
+    pruned: bool
+    metadata: dict[str, Any]
+    vram: VramEstimate | None
+    evidence: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_metadata(raw: dict[str, Any]) -> dict[str, Any]:
+    """String metadata with JSON objects/arrays inside strings parsed (``sd_merge_recipe``, ``ss_tag_frequency``,
+    diffusers configs...). Other values are kept as they are."""
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if isinstance(v, str) and v[:1] in ("{", "["):
+            try:
+                out[k] = json.loads(v)
+                continue
+            except ValueError:
+                pass
+        out[k] = v
+    return out
+
+
+def _is_weight(key: str, info: TensorInfo, comp: str) -> bool:
+    if comp == "training" or key in SCHEDULE_KEYS or key in MARKER_KEYS or key.endswith(("position_ids", "scaled_fp8")):
+        return False
+    if key.endswith(("model_ema.decay", "model_ema.num_updates")) or key.startswith("model.model_sampling."):
+        return False
+    d = info.dtype
+    return not (d.startswith(("I", "U")) and d in DTYPES or d == "BOOL")
+
+
+def _bytes_per_param(infos: dict[str, TensorInfo], keys: list[str]) -> int:
+    counts: dict[int, int] = {}
+    for k in keys:
+        i = infos[k]
+        size = DTYPES[i.dtype][0] if i.dtype in DTYPES else 1  # GGUF quantised types: about a byte or less
+        counts[size] = counts.get(size, 0) + i.numel
+    return max(counts, key=counts.get) if counts else 2
+
+
+def _std_reader(source: TensorSource):
+    """Std of one tensor read from a safetensors file with numpy (for the SD2 heuristic), else None."""
+    data_range = getattr(source, "data_range", None)
+    if data_range is None:
+        return None
+
+    def read(key_rel: str) -> float | None:
+        import numpy as np
+
+        for prefix in ("model.diffusion_model.", ""):
+            key = prefix + key_rel
+            if key in source.infos():
+                info = source.info(key)
+                if info.dtype not in ("F16", "F32", "BF16") or info.numel == 0:
+                    return None
+                begin, end = data_range(key)
+                with open(source.path, "rb") as fh:
+                    fh.seek(begin)
+                    raw = fh.read(end - begin)
+                if info.dtype == "BF16":
+                    arr = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+                else:
+                    arr = np.frombuffer(raw, "<f2" if info.dtype == "F16" else "<f4").astype(np.float64)
+                return float(arr.std())
+        return None
+
+    return read
+
+
+def _open(path_or_source) -> tuple[TensorSource, bool]:
+    if isinstance(path_or_source, TensorSource):
+        return path_or_source, False
+    from ckptlab.formats import detect_format, open_model
+
+    try:
+        return open_model(path_or_source), True
+    except ImportError:
+        fmt = detect_format(path_or_source)
+        if fmt == "pickle":
+            raise UnsupportedFormatError("legacy pickle checkpoint: needs ckptlab's safe pickle reader, which is not "
+                                         "available in this build (it is never opened with torch.load/pickle.load)",
+                                         path_or_source) from None
+        raise UnsupportedFormatError(f"{fmt} files are not readable in this build", path_or_source) from None
+
+
+def identify(path_or_source: str | Path | TensorSource, *, heuristics: bool = False) -> ModelInfo:
+    """Identify one model file or folder (or an already opened ``TensorSource``).
+
+    ``heuristics=True`` also applies rules that read tensor values (today: ComfyUI's SD2 v/eps rule, one
+    ``[320]`` tensor); without it ``prediction`` stays ``None`` where the header cannot decide."""
+    source, owned = _open(path_or_source)
+    try:
+        return _identify(source, heuristics)
+    finally:
+        if owned:
+            source.close()
+
+
+def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
+    infos = source.infos()
+    metadata = parse_metadata(dict(source.metadata))
+    extra = dict(getattr(source, "extra", {}) or {})
+    det = detect(infos, metadata, extra, source.path, read_std=_std_reader(source) if heuristics else None)
+    comps = det.components
+    comp_of = {k: c for c, ks in comps.items() for k in ks}
+
+    params = 0
+    dtypes: dict[str, int] = {}
+    weight_keys: dict[str, list[str]] = {}
+    for k, i in infos.items():
+        c = comp_of.get(k, "other")
+        if _is_weight(k, i, c):
+            params += i.numel
+            name = friendly(i.dtype)
+            dtypes[name] = dtypes.get(name, 0) + i.numel
+            weight_keys.setdefault(c, []).append(k)
+
+    has_ema = len(comps.get("ema", [])) > EMA_MIN_KEYS
+    training_keys = [x for x in _TRAINING_EXTRA if x in extra] + (["training keys"] if "training" in comps else [])
+    training_state = bool(training_keys)
+    if has_ema:
+        det.evidence.append(f"EMA: {len(comps['ema'])} model_ema.* keys")
+    if training_state:
+        det.evidence.append(f"training state: {', '.join(training_keys)}")
+    if "pytorch-lightning_version" in extra:
+        det.evidence.append(f"PyTorch Lightning wrapper (version {extra['pytorch-lightning_version']})")
+
+    fmt = source.format
+    if fmt == "gguf":
+        arch = metadata.get("general.architecture")
+        if isinstance(arch, str) and arch in GGUF_ARCH and GGUF_ARCH[arch] and det.family is None:
+            det.family = GGUF_ARCH[arch]
+            det.evidence.append(f"family {det.family} from GGUF general.architecture = {arch!r}")
+
+    adapters = ("lora", "lycoris", "embedding", "hypernetwork", "controlnet", "upscaler")
+    listed = [] if det.kind in adapters else [c for c in REPORTED_COMPONENTS if c in comps and c != "ema"]
+    if has_ema and det.kind not in adapters:
+        listed.append("ema")
+
+    warnings = list(source.warnings) + det.warnings + file_warnings(infos, comps, det, metadata, has_ema)
+
+    fam = BY_ID.get(det.family or "")
+    present = {c: (sum(infos[k].numel for k in weight_keys[c]), _bytes_per_param(infos, weight_keys[c]))
+               for c in COMPONENTS if c in weight_keys and c in ("unet", "dit", "vae", *TEXT_ENCODERS)}
+    if det.kind in adapters or det.kind == "unknown" or not present:
+        present = {"file": (params, _bytes_per_param(infos, [k for ks in weight_keys.values() for k in ks]))} \
+            if params else {}
+    vram = estimate(fam, present, diffusion=det.kind in ("checkpoint", "unet"))
+
+    return ModelInfo(
+        path=str(source.path), format=fmt, size=source.size, tensors=len(infos), params=params,
+        kind=det.kind, family=det.family, variant=det.variant, prediction=det.prediction, components=listed,
+        dtypes=dict(sorted(dtypes.items(), key=lambda kv: -kv[1])), has_ema=has_ema, training_state=training_state,
+        pruned=not has_ema and not training_state, metadata=metadata, vram=vram, evidence=det.evidence,
+        warnings=warnings,
+    )
