@@ -1,0 +1,264 @@
+"""``PickleSource``: legacy ``.ckpt/.pt/.pth/.bin`` files read by ckptlab's data-only reader.
+
+``pickle_archive.scan`` reads the file (torch zip, legacy torch, plain pickle) without executing
+anything and computes a verdict; this module unwraps the object the way the field does
+(``state_dict``, nested ``state_dict``, single-key dicts, Lightning checkpoints) into flat
+``key -> tensor`` plus ``extra`` (non-tensor values such as ``global_step``), and materialises
+tensors as mmap-backed views of the storage records. ``torch.load`` is never called.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ckptlab.errors import FormatError, UnsafeFileError
+from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.formats.dtypes import itemsize
+from ckptlab.formats.pickle_archive import Scan, scan
+from ckptlab.formats.pickle_vm import (
+    CORRUPT,
+    MALICIOUS,
+    SUSPICIOUS,
+    BytesRef,
+    Call,
+    DtypeTag,
+    Global,
+    TensorRef,
+)
+
+#: top-level keys of training checkpoints that hold training state, never model weights
+TRAINING_STATE = ("optimizer_states", "optimizer", "optimizer_state_dict", "lr_schedulers", "scheduler",
+                  "callbacks", "loops", "amp_scaler", "native_amp_scaling_state", "grad_scaler")
+MAX_WALK_NODES = 2_000_000
+MAX_DEPTH = 32
+
+
+class PickleSource(TensorSource):
+    """A pickle-based model file. ``verdict``/``findings`` hold the safety scan's result.
+
+    Raises ``UnsafeFileError`` for a malicious file (and a suspicious one unless
+    ``allow_suspicious``) and ``FormatError`` for a corrupt one, unless ``scan_only`` is set, in
+    which case whatever could be read is exposed.
+    """
+
+    format = "pickle"
+
+    def __init__(self, path: str | Path, *, allow_suspicious: bool = True, scan_only: bool = False):
+        super().__init__(path)
+        self.scan: Scan = scan(self.path)
+        self.verdict = self.scan.verdict
+        self.findings = self.scan.findings
+        self.container = self.scan.container
+        if not scan_only:
+            worst = next((f for f in self.findings if f.severity == self.verdict), None)
+            detail = f" ({worst.detail})" if worst else ""
+            if self.verdict == MALICIOUS:
+                self.scan.close()
+                raise UnsafeFileError(f"refused: malicious pickle content{detail}; run `ckptlab check` for details",
+                                      self.path)
+            if self.verdict == SUSPICIOUS and not allow_suspicious:
+                self.scan.close()
+                raise UnsafeFileError(f"refused: suspicious pickle content{detail}", self.path)
+            if self.verdict == CORRUPT:
+                self.scan.close()
+                raise FormatError(f"cannot read pickle: {worst.detail if worst else 'unreadable'}", self.path)
+        if self.verdict == SUSPICIOUS:
+            self.warnings += [f"suspicious: {f.detail} [{f.location}]" for f in self.findings
+                              if f.severity == SUSPICIOUS]
+        self._tensors, self.extra, self.dropped, self.wrapper = unwrap(self.scan.root)
+        self._infos: dict[str, TensorInfo] = {}
+        for key, ref in self._tensors.items():
+            if ref.dtype is None:
+                self.warnings.append(f"tensor {key!r}: {ref.storage.storage_type} cannot be represented; skipped")
+                continue
+            self._infos[key] = TensorInfo(ref.dtype, ref.shape)
+        self.metadata = {k: v for k, v in ((k, _meta_str(v)) for k, v in self.extra.items()) if v is not None}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def storage_key(self, key: str) -> tuple[int, int]:
+        """An id of the storage behind ``key`` and the view's element offset (shared storages)."""
+        ref = self._tensors[key]
+        return id(ref.storage), ref.offset
+
+    def get(self, key: str):
+        import torch
+
+        from ckptlab.formats.dtypes import to_torch
+
+        ref = self._tensors[key]
+        info = self._infos[key]
+        st = ref.storage
+        if not st.valid or st.backing is None:
+            raise FormatError(f"tensor {key!r}: its storage record is missing or inconsistent", self.path)
+        tdtype = to_torch(info.dtype)
+        isz = itemsize(info.dtype)
+        nbytes = st.numel * itemsize(st.dtype)
+        count = nbytes // isz
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=tdtype)
+        kind = st.backing[0]
+        if kind == "file":
+            if self.scan.mm is None:
+                raise FormatError("file is closed", self.path)
+            base = torch.frombuffer(self.scan.mm, dtype=torch.uint8, count=nbytes, offset=st.backing[1])
+        elif kind == "view":
+            buf, off = st.backing[1], st.backing[2]
+            chunk = buf[off:off + nbytes]
+            if chunk.readonly:
+                chunk = bytearray(chunk)
+            base = torch.frombuffer(chunk, dtype=torch.uint8, count=nbytes)
+        else:  # deflate (a compressed zip record: inflate this one tensor)
+            import zlib
+
+            e = st.backing[1]
+            raw = memoryview(self.scan.mm)[e.data_offset:e.data_offset + e.csize]
+            data = zlib.decompressobj(-15).decompress(raw, nbytes) if e.method == 8 else raw
+            if len(data) != nbytes:
+                raise FormatError(f"tensor {key!r}: compressed record inflates to the wrong size", self.path)
+            base = torch.frombuffer(bytearray(data), dtype=torch.uint8, count=nbytes)
+        if st.byteswap and isz > 1:
+            base = base.view(-1, isz).flip(-1).reshape(-1).clone()
+        flat = base.view(tdtype)
+        if flat.numel() != count:
+            raise FormatError(f"tensor {key!r}: storage size mismatch", self.path)
+        return flat.as_strided(info.shape, ref.stride, ref.offset)
+
+    def close(self) -> None:
+        self.scan.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# unwrapping
+
+def _is_tensorish(v, depth: int = 0) -> bool:
+    """Does ``v`` (a dict/list) contain tensors somewhere (bounded)?"""
+    if isinstance(v, TensorRef):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(v, dict):
+        return any(_is_tensorish(x, depth + 1) for x in list(v.values())[:10000])
+    if isinstance(v, (list, tuple)):
+        return any(_is_tensorish(x, depth + 1) for x in v[:10000])
+    return False
+
+
+def unwrap(root: Any) -> tuple[dict[str, TensorRef], dict[str, Any], list[str], list[str]]:
+    """``(tensors, extra, dropped, wrapper)`` from a checkpoint object.
+
+    ``wrapper`` lists the keys descended through (``["state_dict"]``); ``dropped`` names the
+    training-state entries left out (optimizer states, callbacks...).
+    """
+    tensors: dict[str, TensorRef] = {}
+    extra: dict[str, Any] = {}
+    dropped: list[str] = []
+    wrapper: list[str] = []
+    if isinstance(root, TensorRef):
+        return {"tensor": root}, extra, dropped, wrapper
+    if isinstance(root, Call):  # e.g. an nn.Module pickled whole: never rebuilt
+        return tensors, {"object": _plain(root)}, dropped, wrapper
+    if not isinstance(root, dict):
+        return tensors, ({"object": _plain(root)} if root is not None else {}), dropped, wrapper
+    d = root
+    for _ in range(4):
+        inner = d.get("state_dict") if isinstance(d.get("state_dict"), dict) else None
+        if inner is None and len(d) == 1:
+            (k, v), = d.items()
+            inner = v if isinstance(k, str) and isinstance(v, dict) and _is_tensorish(v) else None
+            if inner is not None:
+                wrapper.append(k)
+                d = inner
+                continue
+        if inner is None:
+            break
+        wrapper.append("state_dict")
+        for k, v in d.items():
+            if k == "state_dict":
+                continue
+            _side(str(k), v, extra, dropped)
+        d = inner
+    _flatten(d, "", tensors, extra, dropped, 0, [0])
+    return tensors, extra, dropped, wrapper
+
+
+def _side(key: str, v: Any, extra: dict, dropped: list) -> None:
+    """A sibling of the weights in a training checkpoint."""
+    if key in TRAINING_STATE or _is_tensorish(v):
+        dropped.append(key)
+    else:
+        extra[key] = _plain(v)
+
+
+def _flatten(d: dict, prefix: str, tensors: dict, extra: dict, dropped: list, depth: int, count: list) -> None:
+    for k, v in d.items():
+        count[0] += 1
+        if count[0] > MAX_WALK_NODES:
+            return
+        key = f"{prefix}{k}"
+        if isinstance(v, TensorRef):
+            tensors[key] = v
+        elif not prefix and str(k) in TRAINING_STATE:
+            dropped.append(key)
+        elif isinstance(v, dict) and depth < MAX_DEPTH and _is_tensorish(v):
+            _flatten(v, key + ".", tensors, extra, dropped, depth + 1, count)
+        elif isinstance(v, (list, tuple)) and depth < MAX_DEPTH and _is_tensorish(v):
+            _flatten(dict(enumerate(v)), key + ".", tensors, extra, dropped, depth + 1, count)
+        else:
+            extra[key] = _plain(v)
+
+
+def _plain(v: Any, depth: int = 0, budget: list | None = None) -> Any:
+    """A JSON-friendly, bounded rendering of a non-tensor value (nothing is called)."""
+    budget = budget if budget is not None else [10000]
+    budget[0] -= 1
+    if budget[0] < 0 or depth > 16:
+        return "..."
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, bytes):
+        return f"<{len(v)} bytes>"
+    if isinstance(v, BytesRef):
+        return f"<{v.length} bytes>"
+    if isinstance(v, complex):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k): _plain(x, depth + 1, budget) for k, x in list(v.items())[:1000]}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_plain(x, depth + 1, budget) for x in list(v)[:1000]]
+    if isinstance(v, TensorRef):
+        return f"<tensor {v.dtype} {list(v.shape)}>"
+    if isinstance(v, DtypeTag):
+        return v.name
+    if isinstance(v, Global):
+        return f"<{v.qualname}>"
+    if isinstance(v, Call):
+        if v.qualname == "argparse.Namespace" and isinstance(v.state, dict):
+            return _plain(v.state, depth + 1, budget)
+        out: dict[str, Any] = {"__class__": v.qualname}
+        if v.state is not None:
+            out["state"] = _plain(v.state, depth + 1, budget)
+        return out
+    return f"<{type(v).__name__}>"
+
+
+def _meta_str(v: Any) -> str | None:
+    """Non-tensor info as a safetensors metadata string (scalars as text, others as JSON)."""
+    import json
+
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool | int | float):
+        return json.dumps(v)
+    if v is None:
+        return None
+    try:
+        s = json.dumps(v, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+    return s if len(s) <= 65536 else None

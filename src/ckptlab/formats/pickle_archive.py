@@ -1,0 +1,518 @@
+"""Containers around pickles: the torch zip archive, the legacy (non-zip) torch format, plain
+pickles and nested ``_load_from_bytes`` payloads. ``scan(path)`` reads a file the way
+``torch.load`` would, with ckptlab's data-only machine, and returns everything it saw: the root
+object, the storages (bound to byte ranges of the file), every global and every anomaly.
+
+Zip members are located through our own central-directory parser (what torch's reader trusts),
+and every difference another reader could see (local names, duplicates, flags, prepended or
+appended data, CRCs) is reported.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptlab.formats.pickle_vm import (
+    CORRUPT,
+    INFO,
+    MALICIOUS,
+    SUSPICIOUS,
+    BytesRef,
+    Finding,
+    PickleVM,
+    StorageRef,
+    storage_type_of,
+)
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+MAX_PICKLE_MEMBER = 512 * 1024 * 1024
+MAX_TRAILING_PICKLES = 16
+KNOWN_MEMBERS = re.compile(r"(data\.pkl|data/\d+|version|\.format_version|\.storage_alignment|byteorder|"
+                           r"\.data/serialization_id|\.data/version)")
+VERDICT_ORDER = (MALICIOUS, SUSPICIOUS, CORRUPT)
+
+
+@dataclass
+class ZipEntry:
+    name: str
+    local_name: str
+    flags: int
+    method: int
+    crc: int
+    csize: int
+    usize: int
+    header_offset: int
+    data_offset: int
+
+
+@dataclass
+class Scan:
+    """Everything one read of a pickle-based file produced."""
+
+    path: Path
+    container: str = "pickle"  # torch-zip | torch-legacy | pickle | torchscript
+    root: Any = None
+    complete: bool = False
+    findings: list[Finding] = field(default_factory=list)
+    globals: dict[str, str] = field(default_factory=dict)
+    storages: list[StorageRef] = field(default_factory=list)
+    zip_entries: dict[str, ZipEntry] = field(default_factory=dict)
+    mm: Any = None
+
+    @property
+    def verdict(self) -> str:
+        sev = {f.severity for f in self.findings}
+        for v in VERDICT_ORDER:
+            if v in sev:
+                return v
+        return "safe" if self.complete else CORRUPT
+
+    def add(self, kind: str, severity: str, detail: str, location: str = "") -> None:
+        self.findings.append(Finding(kind, severity, detail, location))
+
+    def absorb(self, vm: PickleVM) -> None:
+        self.findings.extend(vm.findings)
+        for k, v in vm.globals.items():
+            self.globals.setdefault(k, v)
+
+    def close(self) -> None:
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:
+                pass  # tensors still view the map; it goes away with them
+            self.mm = None
+
+
+# ---------------------------------------------------------------------------------------------
+# persistent ids and nested payloads
+
+class _Resolver:
+    """Turns ``('storage', type, key, location, numel[, view])`` ids into ``StorageRef``s."""
+
+    def __init__(self, scan: Scan, pid_len: int, bind=None):
+        self.scan = scan
+        self.pid_len = pid_len
+        self.bind = bind  # zip: bind immediately; legacy: after the key list is read
+        self.by_key: dict[str, StorageRef] = {}
+
+    def persistent_load(self, vm: PickleVM, pid, at: int):
+        if not (type(pid) is tuple and len(pid) == self.pid_len and pid[:1] == ("storage",)):
+            vm.note("bad_persistent_id", SUSPICIOUS, f"persistent id is not a torch storage reference: {_short(pid)}",
+                    at)
+            return None
+        st = storage_type_of(pid[1])
+        key, numel = pid[2], pid[4]
+        if st is None or type(key) is not str or type(numel) is not int or numel < 0:
+            vm.note("bad_persistent_id", SUSPICIOUS, f"malformed storage reference {_short(pid)}", at)
+            return None
+        if self.pid_len == 6 and pid[5] is not None:
+            vm.note("legacy_view", CORRUPT, "legacy storage views are not supported", at)
+            return None
+        name, dtype = st
+        ref = self.by_key.get(key)
+        if ref is not None:
+            if ref.storage_type != name or ref.numel != numel:
+                vm.note("storage_conflict", SUSPICIOUS,
+                        f"storage {key!r} referenced with different types or sizes", at)
+            return ref
+        ref = StorageRef(key, dtype, name, numel)
+        if dtype is None:
+            vm.note("unsupported_dtype", INFO, f"storage {key!r} of type {name} has no safetensors dtype", at)
+        self.by_key[key] = ref
+        self.scan.storages.append(ref)
+        if self.bind is not None:
+            self.bind(vm, ref, at)
+        return ref
+
+    def load_from_bytes(self, vm: PickleVM, payload, at: int):
+        """``torch.storage._load_from_bytes(b)``: b is a whole legacy torch file; read it with this reader."""
+        if isinstance(payload, BytesRef):
+            buf, start, end = payload.buf, payload.start, payload.start + payload.length
+        else:
+            buf, start, end = memoryview(payload), 0, len(payload)
+        loc = f"{vm.location}@{at}/_load_from_bytes"
+        vm.note("nested_payload", INFO, "torch.storage._load_from_bytes payload read as a nested legacy file", at)
+        if end - start >= 4 and bytes(buf[start:start + 4]) == b"PK\x03\x04":
+            vm.note("nested_zip", SUSPICIOUS, "nested payload is a zip archive", at)
+            return None
+        root = _read_legacy(self.scan, buf, start, end, loc, vm.depth + 1, nested=True)
+        return root if isinstance(root, StorageRef) else None
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 120 else r[:117] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# zip
+
+def _find_eocd(mm, size: int) -> int:
+    lo = max(0, size - 22 - 65535)
+    return mm.rfind(b"PK\x05\x06", lo, size)
+
+
+def _read_central(scan: Scan, mm, size: int) -> list[ZipEntry] | None:
+    eocd = _find_eocd(mm, size)
+    if eocd < 0 or eocd + 22 > size:
+        scan.add("zip_no_directory", CORRUPT, "zip has no end-of-central-directory record (truncated?)")
+        return None
+    (_, disk, cd_disk, n_disk, n_total, cd_size, cd_off, clen) = struct.unpack("<IHHHHIIH", mm[eocd:eocd + 22])
+    if eocd + 22 + clen != size:
+        scan.add("zip_trailing_data", SUSPICIOUS, f"{size - eocd - 22 - clen} bytes after the zip's end record")
+    cd_end_expected = eocd
+    loc = eocd - 20
+    has_locator = loc >= 0 and mm[loc:loc + 4] == b"PK\x06\x07"
+    if has_locator:
+        (z64,) = struct.unpack("<Q", mm[loc + 8:loc + 16])
+        if z64 + 56 > size or mm[z64:z64 + 4] != b"PK\x06\x06":
+            scan.add("zip_bad_zip64", CORRUPT, "zip64 end record missing")
+            return None
+        z_total, z_size, z_off = struct.unpack("<QQQ", mm[z64 + 32:z64 + 56])
+        if n_total == 0xFFFF:
+            n_total = z_total
+        if cd_size == 0xFFFFFFFF:
+            cd_size = z_size
+        if cd_off == 0xFFFFFFFF:
+            cd_off = z_off
+        cd_end_expected = z64
+    elif 0xFFFFFFFF in (cd_size, cd_off) or n_total == 0xFFFF:
+        scan.add("zip_bad_zip64", CORRUPT, "zip64 locator missing")
+        return None
+    if cd_off + cd_size != cd_end_expected:
+        scan.add("zip_offset_shift", MALICIOUS,
+                 "central directory is not where the end record says (data prepended: polyglot file)")
+    if cd_off + cd_size > size or n_total > 10_000_000:
+        scan.add("zip_bad_directory", CORRUPT, "central directory runs past the end of the file")
+        return None
+    entries: list[ZipEntry] = []
+    p = cd_off
+    for _ in range(n_total):
+        if p + 46 > size or mm[p:p + 4] != b"PK\x01\x02":
+            scan.add("zip_bad_directory", CORRUPT, f"bad central directory entry at offset {p}")
+            return None
+        (flags, method, crc, csize, usize, nlen, elen, clen2, off) = struct.unpack(
+            "<4x4xHH4xIIIHHH8xI", mm[p:p + 46])
+        raw_name = bytes(mm[p + 46:p + 46 + nlen])
+        extra = bytes(mm[p + 46 + nlen:p + 46 + nlen + elen])
+        usize, csize, off = _zip64_extra(extra, usize, csize, off)
+        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437", "replace")
+        p += 46 + nlen + elen + clen2
+        if off + 30 > size or mm[off:off + 4] != b"PK\x03\x04":
+            scan.add("zip_bad_local_header", CORRUPT, f"member {name}: no local header at offset {off}", name)
+            continue
+        (lnlen, lelen) = struct.unpack("<HH", mm[off + 26:off + 30])
+        local_name = bytes(mm[off + 30:off + 30 + lnlen]).decode("utf-8", "replace")
+        data_offset = off + 30 + lnlen + lelen
+        entries.append(ZipEntry(name, local_name, flags, method, crc, csize, usize, off, data_offset))
+    return entries
+
+
+def _zip64_extra(extra: bytes, usize: int, csize: int, off: int) -> tuple[int, int, int]:
+    i = 0
+    while i + 4 <= len(extra):
+        tag, ln = struct.unpack("<HH", extra[i:i + 4])
+        body = extra[i + 4:i + 4 + ln]
+        if tag == 1:
+            vals = [struct.unpack("<Q", body[j:j + 8])[0] for j in range(0, len(body) - 7, 8)]
+            if usize == 0xFFFFFFFF and vals:
+                usize = vals.pop(0)
+            if csize == 0xFFFFFFFF and vals:
+                csize = vals.pop(0)
+            if off == 0xFFFFFFFF and vals:
+                off = vals.pop(0)
+        i += 4 + ln
+    return usize, csize, off
+
+
+def _member_bytes(scan: Scan, mm, e: ZipEntry, size: int, cap: int):
+    """The member's content (memoryview for STORED, bytes for DEFLATE), or None."""
+    if e.flags & 0x1:
+        return None
+    if e.data_offset + e.csize > size:
+        scan.add("zip_truncated", CORRUPT, f"member {e.name} runs past the end of the file", e.name)
+        return None
+    if e.usize > cap:
+        scan.add("resource_limit", SUSPICIOUS, f"member {e.name} is {e.usize} bytes, over the {cap}-byte limit", e.name)
+        return None
+    raw = memoryview(mm)[e.data_offset:e.data_offset + e.csize]
+    if e.method == 0:
+        return raw
+    if e.method == 8:
+        d = zlib.decompressobj(-15)
+        try:
+            out = d.decompress(raw, cap + 1)
+        except zlib.error as err:
+            scan.add("zip_bad_deflate", CORRUPT, f"member {e.name}: {err}", e.name)
+            return None
+        return out[:cap]
+    scan.add("zip_bad_method", SUSPICIOUS, f"member {e.name} uses compression method {e.method}", e.name)
+    return None
+
+
+def _scan_zip(scan: Scan, mm, size: int, depth: int = 0) -> None:
+    scan.container = "torch-zip"
+    entries = _read_central(scan, mm, size)
+    if entries is None:
+        return
+    if not entries:
+        scan.add("zip_empty", CORRUPT, "zip archive has no members")
+        return
+    first = entries[0].name
+    root = first.split("/", 1)[0] if "/" in first else ""
+    by_name: dict[str, ZipEntry] = {}
+    for e in entries:
+        if e.name != e.local_name:
+            scan.add("zip_name_mismatch", MALICIOUS,
+                     f"local header names {e.local_name!r} but the directory names {e.name!r}", e.name)
+        if e.name in by_name:
+            sev = MALICIOUS if e.name.endswith(".pkl") else SUSPICIOUS
+            scan.add("zip_duplicate", sev, f"duplicate member {e.name!r} (the last one wins)", e.name)
+        by_name[e.name] = e  # last wins, as in torch and zipfile
+        if e.flags & 0x1:
+            scan.add("zip_encrypted", SUSPICIOUS, f"member {e.name} has the encryption flag", e.name)
+        if e.flags & ~0x0808 & 0xFFFF:
+            scan.add("zip_flags", SUSPICIOUS, f"member {e.name} has unusual flag bits 0x{e.flags:04x}", e.name)
+        if e.method not in (0,):
+            sev = SUSPICIOUS
+            scan.add("zip_compressed", sev, f"member {e.name} is compressed (method {e.method}); torch writes stored",
+                     e.name)
+        if not root or not e.name.startswith(root + "/"):
+            scan.add("zip_second_root", SUSPICIOUS, f"member {e.name} is outside the archive root {root!r}/", e.name)
+    scan.zip_entries = by_name
+    rel = {n[len(root) + 1:]: e for n, e in by_name.items() if root and n.startswith(root + "/")}
+    if "constants.pkl" in rel:
+        scan.container = "torchscript"
+        scan.add("torchscript", SUSPICIOUS, "TorchScript archive (torch.jit.load runs its code)", root)
+    byteorder = "little"
+    if "byteorder" in rel:
+        bo = _member_bytes(scan, mm, rel["byteorder"], size, 64)
+        byteorder = bytes(bo).decode("ascii", "replace").strip() if bo is not None else "?"
+        if byteorder not in ("little", "big"):
+            scan.add("zip_byteorder", CORRUPT, f"unknown byteorder {byteorder!r}", rel["byteorder"].name)
+    # every pickle-looking member is scanned, not only data.pkl
+    for rname, e in rel.items():
+        if KNOWN_MEMBERS.fullmatch(rname):
+            continue
+        if rname.startswith(("code/", "extra/", ".data/")) and scan.container == "torchscript" and not \
+                rname.endswith(".pkl"):
+            continue
+        scan.add("zip_unknown_member", SUSPICIOUS, f"unexpected member {rname}", e.name)
+        content = _member_bytes(scan, mm, e, size, MAX_PICKLE_MEMBER)
+        if content is not None and _looks_like_pickle(content):
+            vm = PickleVM(content, location=e.name, depth=depth).run()
+            if rname.endswith(".pkl"):
+                scan.absorb(vm)
+            else:
+                scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS)
+                                     and f.kind.startswith("global"))
+                for k, v in vm.globals.items():
+                    scan.globals.setdefault(k, v)
+    for n, e in by_name.items():
+        if not (root and n.startswith(root + "/")) and n.endswith(".pkl"):
+            content = _member_bytes(scan, mm, e, size, MAX_PICKLE_MEMBER)
+            if content is not None:
+                scan.absorb(PickleVM(content, location=e.name, depth=depth).run())
+    pkl = rel.get("data.pkl")
+    if pkl is None:
+        scan.add("zip_no_data_pkl", CORRUPT, f"archive has no {root}/data.pkl")
+        return
+    content = _member_bytes(scan, mm, pkl, size, MAX_PICKLE_MEMBER)
+    if content is None:
+        if pkl.flags & 0x1:
+            return
+        scan.add("zip_unreadable", CORRUPT, f"{pkl.name} cannot be read")
+        return
+    if zlib.crc32(content) & 0xFFFFFFFF != pkl.crc:
+        scan.add("zip_bad_crc", SUSPICIOUS, f"CRC mismatch in {pkl.name} (torch ignores CRCs)", pkl.name)
+
+    def bind(vm: PickleVM, ref: StorageRef, at: int) -> None:
+        rec = rel.get(f"data/{ref.key}")
+        if rec is None:
+            vm.note("missing_record", CORRUPT, f"storage record data/{ref.key} is missing", at)
+            ref.valid = False
+            return
+        _bind_record(vm, ref, rec.usize, at)
+        if rec.flags & 0x1 or rec.method not in (0, 8) or rec.data_offset + rec.csize > size:
+            ref.valid = False
+            return
+        ref.backing = ("file", rec.data_offset) if rec.method == 0 else ("deflate", rec)
+        ref.byteswap = byteorder == "big"
+
+    vm = PickleVM(content, location=pkl.name, resolver=_Resolver(scan, 5, bind), depth=depth).run()
+    scan.absorb(vm)
+    scan.root = vm.result
+    scan.complete = vm.complete
+    if vm.complete and vm.end != len(content):
+        scan.add("trailing_pickle_data", SUSPICIOUS, f"{len(content) - vm.end} bytes after STOP in {pkl.name}",
+                 pkl.name)
+
+
+def _bind_record(vm: PickleVM, ref: StorageRef, nbytes: int, at: int) -> None:
+    from ckptlab.formats.dtypes import itemsize
+
+    isz = itemsize(ref.dtype) if ref.dtype else None
+    if isz is None:
+        ref.valid = False
+        return
+    if nbytes != ref.numel * isz:
+        vm.note("storage_size_lie", MALICIOUS,
+                f"storage {ref.key!r} claims {ref.numel} x {isz} bytes but its record holds {nbytes} "
+                "(out-of-bounds exploit pattern, CVE-2026-24747)", at)
+        ref.valid = False
+
+
+def _looks_like_pickle(content) -> bool:
+    head = bytes(content[:2])
+    if not head:
+        return False
+    if head[0] == 0x80:
+        return len(head) > 1 and head[1] <= 5
+    return head[:1] in (b"(", b"c", b"}", b"]", b"i", b"S", b"V", b"I", b"N", b"\x80")
+
+
+# ---------------------------------------------------------------------------------------------
+# legacy format and plain pickles
+
+def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: int, nested: bool = False):
+    """Read ``buf[start:end]`` as torch would without a zip: first pickle (the magic) executes first."""
+    vm = PickleVM(buf, start, location=location, resolver=_Resolver(scan, -1), depth=depth, end=end).run()
+    scan.absorb(vm)
+    if not vm.complete:
+        return vm.result
+    if vm.result != LEGACY_MAGIC or type(vm.result) is not int:
+        if nested:
+            scan.add("nested_not_torch", SUSPICIOUS, "nested payload is not a torch legacy file", location)
+            return None
+        # a plain pickle: this first object is what pickle.load/torch.load would have built
+        _trailing(scan, buf, vm.end, end, location, depth)
+        scan.container = "pickle"
+        return vm.result
+    pos = vm.end
+    parts = []
+    for i in (2, 3):
+        v = PickleVM(buf, pos, location=f"{location}@pickle{i}", depth=depth, end=end).run()
+        scan.absorb(v)
+        if not v.complete:
+            return None
+        parts.append(v.result)
+        pos = v.end
+    if parts[0] != LEGACY_PROTOCOL:
+        scan.add("legacy_protocol", CORRUPT, f"legacy protocol version {parts[0]!r} is not {LEGACY_PROTOCOL}", location)
+    sys_info = parts[1] if isinstance(parts[1], dict) else {}
+    little = sys_info.get("little_endian", True)
+    resolver = _Resolver(scan, 6)
+    obj = PickleVM(buf, pos, location=f"{location}@object", resolver=resolver, depth=depth, end=end).run()
+    scan.absorb(obj)
+    if not obj.complete:
+        return obj.result
+    keys_vm = PickleVM(buf, obj.end, location=f"{location}@keys", depth=depth, end=end).run()
+    scan.absorb(keys_vm)
+    if not keys_vm.complete:
+        return None
+    keys = keys_vm.result
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        scan.add("legacy_keys", CORRUPT, "legacy storage key list is malformed", location)
+        return None
+    pos = keys_vm.end
+    from ckptlab.formats.dtypes import itemsize
+
+    for key in keys:
+        ref = resolver.by_key.get(key)
+        if ref is None:
+            scan.add("legacy_keys", CORRUPT, f"storage key {key!r} listed but never referenced", location)
+            return None
+        isz = itemsize(ref.dtype) if ref.dtype else None
+        if pos + 8 > end or isz is None:
+            scan.add("legacy_truncated", CORRUPT, f"storage {key!r} record missing (file truncated?)", location)
+            ref.valid = False
+            return obj.result
+        (count,) = struct.unpack("<q", bytes(buf[pos:pos + 8]))
+        if count < 0 or pos + 8 + count * isz > end:
+            scan.add("legacy_truncated", CORRUPT, f"storage {key!r} runs past the end of the data", location)
+            ref.valid = False
+            return obj.result
+        if count != ref.numel:
+            scan.add("storage_size_lie", MALICIOUS,
+                     f"storage {key!r} claims {ref.numel} elements but its record holds {count}", location)
+            ref.valid = False
+        ref.backing = ("view", buf, pos + 8)
+        ref.byteswap = not little
+        pos += 8 + count * isz
+    unlisted = set(resolver.by_key) - set(keys)
+    if unlisted:
+        scan.add("legacy_keys", CORRUPT, f"storages {sorted(unlisted)[:3]} have no data record", location)
+    if pos != end:
+        _trailing(scan, buf, pos, end, location, depth)
+    return obj.result
+
+
+def _trailing(scan: Scan, buf, pos: int, end: int, location: str, depth: int) -> None:
+    """Bytes after the last pickle/record: a polyglot zip, more pickles, or junk."""
+    if pos >= end:
+        return
+    tail = bytes(buf[max(pos, end - 65557):end])
+    if b"PK\x05\x06" in tail or b"PK\x03\x04" in bytes(buf[pos:min(end, pos + 4096)]):
+        scan.add("polyglot", MALICIOUS, f"a zip archive follows the pickle at offset {pos} (pickle/zip polyglot)",
+                 location)
+    else:
+        scan.add("trailing_data", SUSPICIOUS, f"{end - pos} bytes after the last pickle", location)
+    # scan what follows as more pickles: some loaders call pickle.load repeatedly
+    for _ in range(MAX_TRAILING_PICKLES):
+        if pos >= end or not _looks_like_pickle(buf[pos:pos + 2]):
+            break
+        vm = PickleVM(buf, pos, location=f"{location}@{pos}", depth=depth, end=end).run()
+        scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS))
+        for k, v in vm.globals.items():
+            scan.globals.setdefault(k, v)
+        if not vm.complete:
+            break
+        pos = vm.end
+
+
+# ---------------------------------------------------------------------------------------------
+
+def scan(path: str | Path) -> Scan:
+    """Read a pickle-based model file without executing anything; the file stays mapped in ``mm``."""
+    path = Path(path)
+    result = Scan(path)
+    try:
+        fh = open(path, "rb")  # noqa: SIM115
+    except OSError as e:
+        result.add("unreadable", CORRUPT, f"cannot open: {e.strerror or e}")
+        return result
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            result.add("empty", CORRUPT, "file is empty")
+            return result
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    result.mm = mm
+    head = mm[:8]
+    if head[:4] == b"PK\x03\x04":
+        _scan_zip(result, mm, size)
+        return result
+    if head[:2] == b"7z" or head[:4] == b"\x37\x7a\xbc\xaf":
+        result.add("archive_7z", SUSPICIOUS, "7z archive, not a model file (nullifAI-style wrapper)")
+        return result
+    if head[:5] == b"ustar" or mm[257:262] == b"ustar":
+        result.add("legacy_tar", SUSPICIOUS, "legacy torch tar format is not supported")
+        return result
+    if head[:4] == b"PK\x05\x06":
+        result.add("zip_empty", CORRUPT, "empty zip archive")
+        return result
+    view = memoryview(mm)
+    result.container = "torch-legacy"
+    root = _read_legacy(result, view, 0, size, path.name, 0)
+    result.root = root
+    result.complete = not any(f.severity == CORRUPT for f in result.findings) and root is not None
+    return result
