@@ -82,6 +82,21 @@ def _weight_sets(folder: Path) -> dict[tuple[str, str], WeightSet]:
     return found
 
 
+def is_diffusers_folder(path: str | Path) -> bool:
+    """A pipeline folder (``model_index.json``) or a component folder (``config.json`` next to
+    weights named the diffusers/transformers way) - one model, not a tree of files."""
+    p = Path(path)
+    if (p / "model_index.json").is_file():
+        return True
+    if not (p / "config.json").is_file():
+        return False
+    try:
+        names = [e.name for e in p.iterdir()]
+    except OSError:
+        return False
+    return any((m := _SINGLE.match(n)) and m["base"] in WEIGHT_BASES or _INDEX.match(n) for n in names)
+
+
 def _read_json(path: Path, what: str):
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
