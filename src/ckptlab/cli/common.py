@@ -55,7 +55,9 @@ def expand_paths(args: list[str], suffixes: tuple[str, ...] | None = None, recur
 
 
 def _is_diffusers_dir(p: Path) -> bool:
-    return (p / "model_index.json").is_file()
+    from ckptlab.formats.diffusers import is_diffusers_folder
+
+    return is_diffusers_folder(p)
 
 
 def _walk_models(root: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:
