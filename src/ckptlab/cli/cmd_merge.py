@@ -1,5 +1,126 @@
-"""(placeholder until its issue lands)"""
+"""``ckptlab merge``: one merge step from the command line, or a chain from a TOML recipe.
+
+No logic here: arguments become a ``Recipe`` and ``ckptlab.merge.run_recipe`` does the work. Heavy
+imports (torch) happen inside the command function only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+_HELP = """Merge models, streaming one tensor at a time.
+
+  ckptlab merge weighted_sum A.safetensors B.safetensors --alpha 0.3 -o out.safetensors
+  ckptlab merge add_difference A B C --alpha 1 -o out.safetensors
+  ckptlab merge weighted_sum A B --alpha GRAD_V -o out.safetensors        (block-weight preset)
+  ckptlab merge weighted_sum A B --alpha "IN=0.2,M00=0.5,OUT=0.8" -o out  (per block)
+  ckptlab merge --recipe chain.toml -o out.safetensors
+
+Methods: weighted_sum, add_difference, triple_sum, sum_twice, slerp, train_difference, ties, dare,
+add_cosine, subtract, extract (see --list-methods)."""
+
+
+def merge_cmd(
+    method: Optional[str] = typer.Argument(None, help="Merge method (see --list-methods)."),
+    models: Optional[list[Path]] = typer.Argument(None, help="Models A B [C ...]; A decides layout and dtype."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .safetensors file."),
+    alpha: Optional[str] = typer.Option(None, "--alpha", "-a", help="Number or block weights (preset, 26/20 values, NAME=V)."),
+    beta: Optional[str] = typer.Option(None, "--beta", "-b", help="Second weight (triple_sum, sum_twice, extract)."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="Similarity sharpness (extract)."),
+    density: Optional[str] = typer.Option(None, "--density", help="Fraction kept (ties: top magnitudes; dare: keep probability)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (dare)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (fp16, bf16, fp32); default: A's."),
+    merge_dtype: Optional[str] = typer.Option(None, "--merge-dtype", help="Math dtype (default fp32)."),
+    missing: Optional[str] = typer.Option(None, "--missing",
+                                          help="Keys not in every input: keep-a (default), union, intersect, error."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Bake this VAE into the output."),
+    prune: bool = typer.Option(False, "--prune", help="Drop EMA weights and training state."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run a TOML recipe (chains of steps)."),
+    relink: bool = typer.Option(False, "--relink", help="Accept inputs whose sha256 differs from the recipe's pins and update the recipe."),
+    save_recipe: Optional[Path] = typer.Option(None, "--save-recipe", help="Also write the pinned recipe of this merge to a TOML file."),
+    threads: int = typer.Option(2, "--threads", min=1, max=16, help="Compute threads (output bytes do not depend on it)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    list_methods: bool = typer.Option(False, "--list-methods", help="List merge methods and their parameters."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    from ckptlab.cli.common import console, emit_json, progress_bar
+    from ckptlab.merge import METHODS, dumps, load, one_step_recipe, run_recipe
+    from ckptlab.merge.recipe import RecipeError
+
+    if list_methods:
+        rows = [{"name": m.name, "inputs": [m.min_inputs, m.max_inputs], "output": m.output, "help": m.help,
+                 "params": {p.name: p.default for p in m.params}} for m in METHODS.values()]
+        if json_out:
+            for r in rows:
+                emit_json(r)
+        else:
+            for r in rows:
+                params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+                console.print(f"{r['name']} ({r['inputs'][0]}-{r['inputs'][1]} models) "
+                              f"{r['help']}  ({params})", highlight=False, markup=False)
+        return
+    if recipe is not None:
+        if method or models:
+            raise RecipeError("give either --recipe or METHOD and models, not both")
+        rec = load(recipe)
+        if any(x is not None for x in (alpha, beta, gamma, density)):
+            raise RecipeError("--alpha/--beta/--gamma/--density go in the recipe file with --recipe")
+        for k, v in (("dtype", dtype), ("merge_dtype", merge_dtype), ("missing", missing), ("seed", seed)):
+            if v is not None:
+                rec.options[k] = v
+        if prune:
+            rec.options["prune"] = True
+        recipe_path = recipe
+    else:
+        if not method or not models:
+            raise RecipeError("usage: ckptlab merge METHOD A B [C] -o OUT (or --recipe FILE); see --help")
+        params = {"alpha": alpha, "beta": beta, "gamma": gamma, "density": density}
+        rec = one_step_recipe(method, list(models), params=params, dtype=dtype, merge_dtype=merge_dtype,
+                              missing=missing, seed=seed, prune=prune, vae=vae)
+        recipe_path = None
+    if vae is not None and recipe is not None:
+        from ckptlab.merge.recipe import RecipeInput
+
+        rec.inputs["VAE"] = RecipeInput("VAE", str(vae.resolve()))
+        rec.options["vae"] = "VAE"
+    with progress_bar("merging", enabled=not json_out) as cb:
+        result = run_recipe(rec, output, overwrite=overwrite, relink=relink, recipe_path=recipe_path,
+                            threads=threads, device=device, progress=cb)
+    if save_recipe is not None:
+        save_recipe.write_text(dumps(rec), encoding="utf-8")
+    if json_out:
+        emit_json(result)
+        return
+    mb = result.bytes / 2**20
+    console.print(f"wrote {result.output}: {result.tensors} tensors, {mb:.1f} MiB, {result.family or 'unknown family'}, "
+                  f"{result.seconds:.1f} s", highlight=False)
+    for s in result.steps:
+        parts = [f"{s.merged} merged"]
+        if s.kept_from_a:
+            parts.append(f"{s.kept_from_a} kept from A (not in every input or not float)")
+        if s.copied_from_other:
+            parts.append(f"{s.copied_from_other} copied from other inputs")
+        if s.dropped:
+            parts.append(f"{s.dropped} dropped")
+        if s.inpaint_sliced:
+            parts.append(f"{s.inpaint_sliced} inpaint conv_in merged on shared channels")
+        console.print(f"  {s.name} ({s.method}): " + ", ".join(parts), highlight=False)
+    if result.vae_replaced or result.vae_added:
+        console.print(f"  VAE: {result.vae_replaced} replaced, {result.vae_added} added", highlight=False)
+    if result.pruned:
+        console.print(f"  pruned {result.pruned} EMA/training tensors", highlight=False)
+    for r in result.inputs:
+        console.print(f"  {r.name}: {r.path} sha256 {r.sha256[:12]}{' (relinked)' if r.relinked else ''}",
+                      highlight=False)
+    if result.recipe_updated:
+        console.print(f"  recipe pins updated in {recipe_path}", highlight=False)
+    for w in result.warnings:
+        console.print(f"  warning: {w}", highlight=False)
 
 
 def register(app) -> None:
-    pass
+    app.command("merge", help=_HELP)(merge_cmd)

@@ -32,7 +32,7 @@ def one_step_recipe(method: str, models: list[str | Path], *, params: dict | Non
     if vae is not None:
         inputs["VAE"] = RecipeInput("VAE", str(vae))
     allowed = {p.name for p in m.params}
-    step_params = {k: v for k, v in (params or {}).items() if v is not None and k in allowed}
+    step_params = {k: _number_or_text(v) for k, v in (params or {}).items() if v is not None and k in allowed}
     options: dict[str, object] = {}
     for k, v in (("dtype", dtype), ("merge_dtype", merge_dtype), ("missing", missing), ("seed", seed)):
         if v is not None:
@@ -53,3 +53,12 @@ def merge(method: str, models: list[str | Path], output: str | Path, *, params: 
     recipe = one_step_recipe(method, models, params=params, dtype=dtype, merge_dtype=merge_dtype,
                              missing=missing, seed=seed, prune=prune, vae=vae)
     return run_recipe(recipe, output, overwrite=overwrite, threads=threads, device=device, progress=progress)
+
+
+def _number_or_text(v):
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
