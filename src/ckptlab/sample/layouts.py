@@ -1,0 +1,178 @@
+"""Real key layouts of every sample spec: ``keys(spec, small=...)`` -> ordered ``key -> (dtype, shape)``.
+
+Float weights are planned as ``F32``; ``write_model`` casts them to the requested dtype. Entries
+whose dtype is fixed in real files (``position_ids`` int64, ``model_ema.num_updates`` int32, the
+LDM schedule buffers and ``model_ema.decay`` float32) are listed by ``is_fixed_dtype``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ckptlab.sample import adapters, others
+from ckptlab.sample.components import (
+    SCHEDULE_KEYS,
+    Layout,
+    clip_hf,
+    ema,
+    flux,
+    mmdit,
+    openclip_text,
+    schedule,
+    t5_encoder,
+    unet,
+    vae,
+)
+from ckptlab.sample.dims import FULL, SMALL, dims
+
+__all__ = ["FULL", "SMALL", "LAYOUTS", "keys", "add_ema", "is_fixed_dtype", "UNET_PREFIX"]
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+
+def _with_in(d, in_channels):
+    from dataclasses import replace
+
+    return replace(d, in_channels=in_channels)
+
+
+# -- full checkpoints -------------------------------------------------------------------------
+
+def _sd1(small: bool, *, in_channels: int = 4, float_position_ids: bool = False) -> Layout:
+    u = unet(_with_in(dims("sd1", "unet", small), in_channels))
+    lay = Layout().merge(schedule())
+    lay.merge(u, UNET_PREFIX)
+    lay.merge(vae(dims("sd1", "vae", small)), VAE_PREFIX)
+    clip = clip_hf(dims("sd1", "clip_l", small))
+    if float_position_ids:
+        clip["text_model.embeddings.position_ids"] = ("F32", clip["text_model.embeddings.position_ids"][1])
+    lay.merge(clip, "cond_stage_model.transformer.")
+    return lay
+
+
+def _sd2(small: bool, *, in_channels: int = 4) -> Layout:
+    u = unet(_with_in(dims("sd2", "unet", small), in_channels))
+    lay = Layout().merge(schedule())
+    lay.merge(u, UNET_PREFIX)
+    lay.merge(vae(dims("sd2", "vae", small)), VAE_PREFIX)
+    lay.merge(openclip_text(dims("sd2", "clip_h", small)), "cond_stage_model.model.")
+    return lay
+
+
+def _sdxl(small: bool, *, in_channels: int = 4) -> Layout:
+    lay = Layout().merge(unet(_with_in(dims("sdxl", "unet", small), in_channels)), UNET_PREFIX)
+    lay.merge(vae(dims("sdxl", "vae", small)), VAE_PREFIX)
+    lay.merge(clip_hf(dims("sdxl", "clip_l", small)), "conditioner.embedders.0.transformer.")
+    lay.merge(openclip_text(dims("sdxl", "clip_g", small)), "conditioner.embedders.1.model.")
+    return lay
+
+
+def _sdxl_refiner(small: bool) -> Layout:
+    lay = Layout().merge(unet(dims("sdxl_refiner", "unet", small)), UNET_PREFIX)
+    lay.merge(vae(dims("sdxl_refiner", "vae", small)), VAE_PREFIX)
+    lay.merge(openclip_text(dims("sdxl_refiner", "clip_g", small)), "conditioner.embedders.0.model.")
+    return lay
+
+
+def _sd3_family(family: str, small: bool) -> Layout:
+    """ComfyUI/SAI all-in-one SD3 file: MMDiT + 16-ch VAE + CLIP-L + CLIP-G + T5-XXL."""
+    lay = Layout().merge(mmdit(dims(family, "mmdit", small)), UNET_PREFIX)
+    lay.add("model.model_sampling.sigmas", 1000)
+    lay.merge(vae(dims(family, "vae", small)), VAE_PREFIX)
+    for name in ("clip_l", "clip_g"):
+        te = f"text_encoders.{name}."
+        lay.add(te + "logit_scale")
+        lay.merge(clip_hf(dims(family, name, small), position_ids=False, projection=True), te + "transformer.")
+    lay.add("text_encoders.t5xxl.logit_scale")
+    lay.merge(t5_encoder(dims(family, "t5xxl", small)), "text_encoders.t5xxl.transformer.")
+    return lay
+
+
+def _flux(small: bool, *, guidance: bool = True, in_channels: int | None = None) -> Layout:
+    """BFL original Flux.1 transformer file (``flux1-dev.safetensors``: no prefix, no VAE / text encoders)."""
+    from dataclasses import replace
+
+    d = replace(dims("flux", "flux", small), guidance=guidance)
+    if in_channels:
+        d = replace(d, in_channels=in_channels)
+    return flux(d)
+
+
+# -- standalone components ----------------------------------------------------------------------
+
+def _clip(family: str, part: str) -> Callable[[bool], Layout]:
+    return lambda small: clip_hf(dims(family, part, small), position_ids=False, projection=True)
+
+
+LAYOUTS: dict[str, Callable[[bool], Layout]] = {
+    "sd1_checkpoint": lambda s: _sd1(s),
+    "sd1_merged": lambda s: _sd1(s, float_position_ids=True),
+    "sd1_inpaint": lambda s: _sd1(s, in_channels=9),
+    "sd1_pix2pix": lambda s: _sd1(s, in_channels=8),
+    "sd1_unet": lambda s: unet(dims("sd1", "unet", s)),
+    "sd1_vae": lambda s: vae(dims("sd1", "vae", s)),
+    "sdxl_vae": lambda s: vae(dims("sdxl", "vae", s)),
+    "clip_l": _clip("sd1", "clip_l"),
+    "clip_g": _clip("sdxl", "clip_g"),
+    "t5xxl": lambda s: t5_encoder(dims("sd3", "t5xxl", s)),
+    "sd2_checkpoint": lambda s: _sd2(s),
+    "sd2_768_v": lambda s: _sd2(s),
+    "sd2_512_base": lambda s: _sd2(s),
+    "sd2_inpaint": lambda s: _sd2(s, in_channels=9),
+    "sd2_depth": lambda s: _sd2(s, in_channels=5).merge(others.midas_dpt_hybrid(s), "depth_model.model."),
+    "sdxl_checkpoint": lambda s: _sdxl(s),
+    "sdxl_inpaint": lambda s: _sdxl(s, in_channels=9),
+    "sdxl_refiner": _sdxl_refiner,
+    "sd3_medium": lambda s: _sd3_family("sd3", s),
+    "sd35_medium": lambda s: _sd3_family("sd35_medium", s),
+    "sd35_large": lambda s: _sd3_family("sd35_large", s),
+    "sd3_vae": lambda s: vae(dims("sd3", "vae", s)),
+    "flux_dev": lambda s: _flux(s),
+    "flux_schnell": lambda s: _flux(s, guidance=False),
+    "flux_fill": lambda s: _flux(s, in_channels=384),
+    "flux_depth": lambda s: _flux(s, in_channels=128),
+    "sd1_controlnet": lambda s: Layout().merge(
+        unet(dims("sd1", "unet", s), controlnet=True), "control_model."),
+    "sd1_kohya_lora": lambda s: adapters.kohya_lora_sd1(s),
+    "sdxl_kohya_lora": lambda s: adapters.kohya_lora_sdxl(s),
+    "sd1_peft_lora": lambda s: adapters.peft_lora_sd1(s),
+    "sd1_loha": lambda s: adapters.loha_sd1(s),
+    "sd1_lokr": lambda s: adapters.lokr_sd1(s),
+    "sd1_embedding": lambda s: adapters.embedding_sd1(s),
+    "sdxl_embedding": lambda s: adapters.embedding_sdxl(s),
+    "sd1_hypernetwork": lambda s: adapters.hypernetwork_sd1(s),
+    "esrgan_x4": lambda s: others.esrgan(s),
+}
+LAYOUTS.update(others.LAYOUTS)
+
+
+def add_ema(layout: dict, prefix: str = UNET_PREFIX) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``layout`` with the LDM EMA copy of its UNet (``model_ema.*``, dots removed) after the UNet keys."""
+    unet_part = {k[len(prefix):]: v for k, v in layout.items() if k.startswith(prefix)}
+    if not unet_part:
+        raise ValueError("layout has no UNet keys to make an EMA copy of")
+    last = [k for k in layout if k.startswith(prefix)][-1]
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for k, v in layout.items():
+        out[k] = v
+        if k == last:
+            out.update(ema(unet_part))
+    return out
+
+
+def keys(spec: str, *, small: bool = True) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Ordered ``key -> (dtype, shape)`` of ``spec`` (real widths with ``small=False``)."""
+    try:
+        fn = LAYOUTS[spec]
+    except KeyError:
+        raise KeyError(f"unknown sample spec {spec!r}; known: {', '.join(sorted(LAYOUTS))}") from None
+    return dict(fn(small))
+
+
+_FIXED = frozenset(SCHEDULE_KEYS) | {"model_ema.decay", "model_ema.num_updates", "model.model_sampling.sigmas"}
+
+
+def is_fixed_dtype(key: str, dtype: str) -> bool:
+    """True when ``key`` keeps its planned dtype whatever dtype the file is written in."""
+    return dtype != "F32" or key in _FIXED or key.endswith("position_ids")
