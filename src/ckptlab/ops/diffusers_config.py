@@ -1,0 +1,224 @@
+"""diffusers/transformers config files derived from tensor shapes (works for real and small models).
+
+What shapes cannot tell is taken from the family (reference adapters.md §6.4): SD1 uses 8 attention
+heads everywhere, SD2/SDXL 64-wide heads; CLIP-L uses ``quick_gelu``, OpenCLIP ``gelu``; VAE scaling
+0.18215 (SD1/SD2) or 0.13025 (SDXL); scheduler defaults as diffusers uses for single files.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from ckptlab.ops.diffusers_map import UNetLayout, VAELayout
+
+DIFFUSERS_VERSION = "0.30.0"
+TRANSFORMERS_VERSION = "4.40.0"
+
+
+def _heads(width: int, family: str) -> int:
+    if family == "sd1":
+        return 8 if width % 8 == 0 else 1
+    h = max(1, width // 64)
+    while width % h:
+        h -= 1
+    return h
+
+
+def unet_config(lay: UNetLayout, shapes: dict[str, tuple[int, ...]], family: str, sample_size: int,
+                pooled_width: int | None = None) -> dict:
+    L = lay.layers
+    chans = [shapes[f"input_blocks.{1 + i * (L + 1)}.0.out_layers.3.weight"][0] for i in range(lay.levels)]
+    depth = []
+    cross = None
+    linear = False
+    for i in range(lay.levels):
+        base = f"input_blocks.{1 + i * (L + 1)}.1."
+        n = len({k.split(".")[4] for k in shapes if k.startswith(base + "transformer_blocks.")})
+        depth.append(max(n, 1))
+        if lay.attn[i]:
+            cross = shapes[base + "transformer_blocks.0.attn2.to_k.weight"][1]
+            linear = len(shapes[base + "proj_in.weight"]) == 2
+    if cross is None and lay.mid_attn:
+        cross = shapes["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1]
+        linear = len(shapes["middle_block.1.proj_in.weight"]) == 2
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in lay.attn]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(lay.attn)]
+    heads = [_heads(c, family) for c in chans]
+    cfg: dict = {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "attention_head_dim": heads[0] if family == "sd1" else heads,
+        "block_out_channels": chans,
+        "center_input_sample": False,
+        "cross_attention_dim": cross,
+        "down_block_types": down,
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": shapes["input_blocks.0.0.weight"][1],
+        "layers_per_block": L,
+        "mid_block_scale_factor": 1,
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if lay.mid_attn else None,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": shapes["out.2.weight"][0],
+        "sample_size": sample_size,
+        "up_block_types": up,
+        "use_linear_projection": linear,
+    }
+    mid_depth = len({k.split(".")[3] for k in shapes if k.startswith("middle_block.1.transformer_blocks.")})
+    # diffusers sizes the mid block from the last entry: levels without attention carry the mid depth
+    depth = [d if a else max(mid_depth, 1) for d, a in zip(depth, lay.attn)]
+    if any(d > 1 for d in depth):
+        cfg["transformer_layers_per_block"] = depth[0] if len(set(depth)) == 1 else depth
+    if lay.label_emb:
+        in_dim = shapes["label_emb.0.0.weight"][1]
+        cfg.update({"addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+                    "addition_time_embed_dim": _time_embed_dim(in_dim, family, pooled_width),
+                    "projection_class_embeddings_input_dim": in_dim})
+    return cfg
+
+
+def _time_embed_dim(in_dim: int, family: str, pooled_width: int | None) -> int:
+    """SDXL: in = pooled CLIP-G width + 6 x d (base) or 5 x d (refiner: aesthetic score replaces the
+    target size); real files have d = 256."""
+    n = 5 if family == "sdxl_refiner" else 6
+    if pooled_width and (in_dim - pooled_width) > 0 and (in_dim - pooled_width) % n == 0:
+        return (in_dim - pooled_width) // n
+    return 256
+
+
+def vae_config(lay: VAELayout, shapes: dict[str, tuple[int, ...]], family: str) -> dict:
+    chans = [shapes[f"encoder.down.{i}.block.{lay.layers - 1}.conv2.weight"][0] for i in range(lay.levels)]
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "block_out_channels": chans,
+        "down_block_types": ["DownEncoderBlock2D"] * lay.levels,
+        "force_upcast": True,
+        "in_channels": shapes["encoder.conv_in.weight"][1],
+        "latent_channels": shapes["post_quant_conv.weight"][0] if "post_quant_conv.weight" in shapes
+        else shapes["decoder.conv_in.weight"][1],
+        "layers_per_block": lay.layers,
+        "norm_num_groups": 32,
+        "out_channels": shapes["decoder.conv_out.weight"][0],
+        "sample_size": 1024 if family == "sdxl" else 512,
+        "scaling_factor": 0.13025 if family in ("sdxl", "sdxl_refiner") else 0.18215,
+        "up_block_types": ["UpDecoderBlock2D"] * lay.levels,
+    }
+
+
+def clip_config(hf_shapes: dict[str, tuple[int, ...]], *, act: str, with_projection: bool) -> dict:
+    """``CLIPTextConfig`` for an HF-layout CLIP text model (keys as transformers names them)."""
+    tok = hf_shapes["text_model.embeddings.token_embedding.weight"]
+    pos = hf_shapes["text_model.embeddings.position_embedding.weight"]
+    width = tok[1]
+    layers = len({k.split(".")[3] for k in hf_shapes if k.startswith("text_model.encoder.layers.")})
+    inter = hf_shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0]
+    proj = hf_shapes["text_projection.weight"][0] if "text_projection.weight" in hf_shapes else width
+    return {
+        "architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": act,
+        "hidden_size": width,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": inter,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": pos[0],
+        "model_type": "clip_text_model",
+        "num_attention_heads": _heads(width, "clip"),
+        "num_hidden_layers": layers,
+        "pad_token_id": 1,
+        "projection_dim": proj,
+        "torch_dtype": "float32",
+        "transformers_version": TRANSFORMERS_VERSION,
+        "vocab_size": tok[0],
+    }
+
+
+def scheduler_config(family: str, prediction: str) -> dict:
+    cls = {"sd1": "PNDMScheduler", "sd2": "DDIMScheduler"}.get(family, "EulerDiscreteScheduler")
+    cfg = {
+        "_class_name": cls,
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "interpolation_type": "linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": prediction,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "trained_betas": None,
+    }
+    return cfg
+
+
+def tokenizer_files(pad_token: str) -> dict[str, bytes]:
+    """The four tokenizer files: shipped ``vocab.json``/``merges.txt`` plus small generated configs."""
+    data = resources.files("ckptlab") / "data" / "clip_tokenizer"
+    files = {name: (data / name).read_bytes() for name in ("vocab.json", "merges.txt")}
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
+               "unk_token": "<|endoftext|>"}
+    tok_cfg = {"add_prefix_space": False, "clean_up_tokenization_spaces": True, "do_lower_case": True,
+               "errors": "replace", "model_max_length": 77, "tokenizer_class": "CLIPTokenizer", **special}
+    files["special_tokens_map.json"] = dumps(special)
+    files["tokenizer_config.json"] = dumps(tok_cfg)
+    return files
+
+
+def model_index(family: str) -> dict:
+    idx: dict = {"_diffusers_version": DIFFUSERS_VERSION}
+    if family in ("sd1", "sd2"):
+        idx.update({"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+                    "image_encoder": [None, None], "requires_safety_checker": False,
+                    "safety_checker": [None, None], "scheduler": ["diffusers", scheduler_class(family)],
+                    "text_encoder": ["transformers", "CLIPTextModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                    "vae": ["diffusers", "AutoencoderKL"]})
+    elif family == "sdxl":
+        idx.update({"_class_name": "StableDiffusionXLPipeline", "feature_extractor": [None, None],
+                    "force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
+                    "scheduler": ["diffusers", scheduler_class(family)],
+                    "text_encoder": ["transformers", "CLIPTextModel"],
+                    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
+    elif family == "sdxl_refiner":
+        idx.update({"_class_name": "StableDiffusionXLImg2ImgPipeline", "feature_extractor": [None, None],
+                    "force_zeros_for_empty_prompt": False, "image_encoder": [None, None],
+                    "requires_aesthetics_score": True, "scheduler": ["diffusers", scheduler_class(family)],
+                    "text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                    "tokenizer": [None, None], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
+    return idx
+
+
+def scheduler_class(family: str) -> str:
+    return scheduler_config(family, "epsilon")["_class_name"]
+
+
+def dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def read_json(path: Path) -> dict:
+    from ckptlab.errors import FormatError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError("missing file in the diffusers folder", path) from None
+    except (OSError, ValueError) as e:
+        raise FormatError(f"cannot read JSON: {e}", path) from None

@@ -1,0 +1,76 @@
+"""``ckptlab prune``: drop what inference does not use, streaming tensor by tensor.
+
+Always dropped: training state (optimizer / scheduler / Lightning loop tensors). EMA (``model_ema.*``,
+the LDM flattened-name copy of the UNet): ``keep`` it, ``drop`` it (the usual "pruned" file), or
+``use`` it - the EMA values replace the UNet weights under the UNet names and the EMA copy goes
+("pruned-emaonly", like SD1.5's ``v1-5-pruned-emaonly``). Schedule buffers and marker tensors are
+kept as the field keeps them (A1111/ComfyUI recompute or read them); float ``position_ids`` are
+repaired to int64 with a warning. ``precision`` converts at the same time (see ``ops.precision``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptlab.errors import CkptlabError, MismatchError
+from ckptlab.formats.base import TensorSource
+from ckptlab.ops.layout import detect_layout, ema_pairs, is_ema
+from ckptlab.ops.precision import _parse_only, precision_items, target_dtype
+from ckptlab.ops.run import run_each
+from ckptlab.ops.stream import TransformResult
+from ckptlab.progress import Progress, null_progress
+
+EMA_CHOICES = ("keep", "drop", "use")
+
+
+def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", precision: str | None = None,
+               only: list[str] | None = None, clamp: bool = False):
+    if ema not in EMA_CHOICES:
+        raise CkptlabError(f"--ema {ema!r}: use one of {', '.join(EMA_CHOICES)}")
+    layout = detect_layout(src)
+    training = set(layout.components.get("training", ()))
+    ema_keys = {k for k in src.keys() if is_ema(k)}
+    pairs: dict[str, str] = {}
+    if ema == "use":
+        if not ema_keys:
+            raise MismatchError("--ema use: this file has no EMA weights (no model_ema.* keys)", src.path)
+        pairs, missing = ema_pairs(src)
+        if missing:
+            raise MismatchError(f"--ema use: {len(missing)} UNet tensor(s) have no EMA copy (first: "
+                                f"{missing[0]}); the EMA set is incomplete", src.path)
+        for unet_key, e in pairs.items():
+            a, b = src.info(unet_key), src.info(e)
+            if a.shape != b.shape:
+                raise MismatchError(f"--ema use: {e} is {list(b.shape)} but {unet_key} is {list(a.shape)}",
+                                    src.path)
+    keys: list[tuple[str, str]] = []
+    dropped = {"training": 0, "ema": 0}
+    for k in src.keys():
+        if k in training:
+            dropped["training"] += 1
+        elif is_ema(k) and ema != "keep":
+            dropped["ema"] += 1
+        else:
+            keys.append((k, pairs.get(k, k)))
+    result.dropped = {k: v for k, v in dropped.items() if v}
+    target = target_dtype(precision) if precision else None
+    items = precision_items(src, layout, keys, target, _parse_only(only), clamp, result)
+    return items, {"ema": ema, "precision": precision, "clamp": clamp}
+
+
+def prune_suffix(ema: str, precision: str | None) -> str:
+    suffix = {"keep": "-pruned-ema", "drop": "-pruned", "use": "-pruned-emaonly"}[ema]
+    return suffix + (f"-{precision.lower()}" if precision else "")
+
+
+def prune(inputs: list[Path], *, ema: str = "drop", precision: str | None = None, clamp: bool = False,
+          out_dir: Path | None = None, overwrite: bool = False, dry_run: bool = False,
+          progress: Progress = null_progress) -> list[TransformResult]:
+    """Prune each input into ``<stem><suffix>.safetensors`` (see ``prune_suffix``)."""
+
+    def one(path: Path, src: TensorSource, result: TransformResult):
+        items, options = prune_plan(src, result, ema, precision, None, clamp)
+        return items, options, True
+
+    return run_each(inputs, "prune", prune_suffix(ema, precision), one, out_dir=out_dir, overwrite=overwrite,
+                    dry_run=dry_run, progress=progress)

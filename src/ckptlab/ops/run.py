@@ -1,0 +1,115 @@
+"""The loop shared by the one-input-one-output transforms (prune, precision, extract, replace...).
+
+Phase 1 opens every input (header only), refuses unsafe pickles, plans every output and checks every
+output path - so a bad input or a bad target stops the command before any byte is written. Phase 2
+streams each plan through the writer, hashing the input in parallel for the provenance metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptlab.errors import CkptlabError, UnsafeFileError
+from ckptlab.formats.base import TensorSource
+from ckptlab.ops.stream import (
+    FileHasher,
+    Out,
+    TransformResult,
+    check_output,
+    open_input,
+    output_path,
+    placeholder,
+    provenance,
+    write_plan,
+)
+from ckptlab.progress import Progress, null_progress
+
+#: plan_fn(path, source, result) -> (items, options, keep input metadata?)
+PlanFn = Callable[[Path, TensorSource, TransformResult], tuple[list[Out], dict, bool]]
+
+
+@dataclass
+class _Job:
+    path: Path
+    src: TensorSource
+    out: Path
+    items: list[Out]
+    options: dict
+    keep_meta: bool
+    result: TransformResult
+
+
+def ensure_safe(src: TensorSource) -> None:
+    """Refuse a pickle that ``ckptlab check`` calls malicious (or that cannot be scanned)."""
+    if src.format != "pickle":
+        return
+    verdict = scan_verdict(src.path)
+    if verdict in ("malicious", "dangerous", "unsafe"):
+        raise UnsafeFileError(f"refused: `ckptlab check` calls this pickle {verdict}; nothing written", src.path)
+
+
+def scan_verdict(path: Path) -> str | None:
+    """The security scanner's verdict word for ``path`` (None when no scanner is installed)."""
+    try:
+        from ckptlab import security
+    except ImportError:
+        return None
+    for name in ("scan_file", "scan", "check_file", "check"):
+        fn = getattr(security, name, None)
+        if callable(fn):
+            report = fn(path)
+            verdict = getattr(report, "verdict", report if isinstance(report, str) else None)
+            return str(getattr(verdict, "value", verdict)).lower() if verdict is not None else None
+    return None
+
+
+def open_checked(path: Path) -> TensorSource:
+    src = open_input(path)
+    try:
+        ensure_safe(src)
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *, out_dir: Path | None = None,
+             outputs: list[Path] | None = None, overwrite: bool = False, dry_run: bool = False,
+             progress: Progress = null_progress) -> list[TransformResult]:
+    if not inputs:
+        raise CkptlabError("no input files")
+    jobs: list[_Job] = []
+    seen_outputs: set[Path] = set()
+    try:
+        for i, path in enumerate(inputs):
+            path = Path(path)
+            src = open_checked(path)
+            out = Path(outputs[i]) if outputs else output_path(path, out_dir, suffix)
+            result = TransformResult(operation, path, out, dry_run=dry_run, tensors_in=len(src),
+                                     bytes_in=sum(inf.nbytes for inf in src.infos().values()))
+            jobs.append(_Job(path, src, out, [], {}, False, result))
+            items, options, keep_meta = plan_fn(path, src, result)
+            jobs[-1].items, jobs[-1].options, jobs[-1].keep_meta = items, options, keep_meta
+            result.tensors_out = len(items)
+            result.bytes_out = sum(it.info.nbytes for it in items)
+            if out.resolve() in seen_outputs:
+                raise CkptlabError(f"two inputs would both be written to {out}", path)
+            seen_outputs.add(out.resolve())
+            check_output(out, [path], overwrite)
+        if dry_run:
+            return [j.result for j in jobs]
+        for n, job in enumerate(jobs):
+            progress(0, description=f"{operation} {job.path.name} ({n + 1}/{len(jobs)})")
+            hasher = FileHasher(job.path) if job.path.is_file() else None
+            ph = placeholder(0)
+            meta = provenance(operation, [(job.path, ph if hasher else None)], job.options,
+                              base=job.src.metadata if job.keep_meta else None)
+            write_plan(job.out, job.items, meta, progress=progress, overwrite=overwrite,
+                       pending={ph: hasher} if hasher else None)
+            job.result.input_sha256 = hasher.result() if hasher else None
+        return [j.result for j in jobs]
+    finally:
+        for j in jobs:
+            j.src.close()

@@ -1,0 +1,243 @@
+"""The one write path every transform uses: a plan of output tensors, each produced on demand from the
+inputs, streamed through ``SafetensorsWriter``. Also the shared bookkeeping of transforms: provenance
+metadata (operation, tool version, input sha256), output naming, and the result record.
+
+A transform builds a list of ``Out`` items (key, dtype/shape, and how to get the bytes), then calls
+``write_plan``. Unchanged tensors of a safetensors input are copied as raw bytes (zero copy from the
+mmap); anything computed goes through ``produce()`` one tensor at a time, so peak memory stays near the
+largest tensor, never the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptlab.errors import CkptlabError, OutputError
+from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.progress import Progress, null_progress
+
+META_OPERATION = "ckptlab.operation"
+META_VERSION = "ckptlab.version"
+META_INPUTS = "ckptlab.inputs"
+META_OPTIONS = "ckptlab.options"
+
+
+@dataclass
+class Out:
+    """One planned output tensor: either a raw copy of ``source[src_key]`` or ``produce()``."""
+
+    key: str
+    info: TensorInfo
+    source: TensorSource | None = None
+    src_key: str | None = None
+    produce: Callable[[], object] | None = None
+
+    @classmethod
+    def copy(cls, key: str, source: TensorSource, src_key: str | None = None) -> Out:
+        src_key = src_key or key
+        return cls(key, source.info(src_key), source=source, src_key=src_key)
+
+
+@dataclass
+class TransformResult:
+    """What one transform did to one input (the ``--json`` record)."""
+
+    operation: str
+    input: Path
+    output: Path | None
+    dry_run: bool = False
+    tensors_in: int = 0
+    tensors_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    converted: int = 0
+    warnings: list[str] = field(default_factory=list)
+    input_sha256: str | None = None
+
+
+def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progress: Progress = null_progress,
+               overwrite: bool = False, pending: dict[str, FileHasher] | None = None) -> int:
+    """Stream ``items`` into a new safetensors file at ``path``; return the bytes of tensor data written.
+
+    ``pending`` maps placeholder strings inside ``metadata`` to input hashers still running: the
+    digests are patched into the header (same length) just before the file is committed, so hashing
+    the inputs overlaps with writing instead of adding a full read in front of it.
+    """
+    plan: dict[str, TensorInfo] = {}
+    for it in items:
+        if it.key in plan:
+            raise CkptlabError(f"two output tensors are both named {it.key!r}")
+        plan[it.key] = it.info
+    total = sum(i.info.nbytes for i in items)
+    progress(0, total=total)
+    written = 0
+    with _ProvenanceWriter(path, plan, metadata, overwrite=overwrite, pending=pending or {}) as w:
+        for it in items:
+            if it.produce is None and hasattr(it.source, "raw_bytes"):
+                w.write_raw(it.key, it.source.raw_bytes(it.src_key))
+            else:
+                t = it.produce() if it.produce is not None else it.source.get(it.src_key)
+                w.write(it.key, t)
+                del t
+            written += it.info.nbytes
+            progress(it.info.nbytes)
+    return written
+
+
+def _writer_class():
+    from ckptlab.formats.writer import SafetensorsWriter, build_header
+
+    class ProvenanceWriter(SafetensorsWriter):
+        def __init__(self, *a, pending: dict[str, FileHasher], **kw):
+            super().__init__(*a, **kw)
+            self.pending = pending
+
+        def commit(self):
+            if self.pending and self._fh is not None and self._next == len(self._order):
+                try:
+                    header = build_header(self.plan, self.metadata)
+                    self._fh.flush()
+                    for placeholder, hasher in self.pending.items():
+                        digest = hasher.result().encode()
+                        off = header.find(placeholder.encode())
+                        if off < 0 or len(digest) != len(placeholder):
+                            raise RuntimeError("provenance placeholder not found in header")
+                        os.pwrite(self._fh.fileno(), digest, off)
+                except BaseException:
+                    self.abort()
+                    raise
+            return super().commit()
+
+    return ProvenanceWriter
+
+
+def _ProvenanceWriter(*a, **kw):  # noqa: N802 - a class built lazily (the writer module is light anyway)
+    return _writer_class()(*a, **kw)
+
+
+def placeholder(i: int) -> str:
+    """A 64-character stand-in for the sha256 of input ``i`` (patched in by ``write_plan``)."""
+    return f"pending-sha256-of-input-{i:04d}".ljust(64, "~")
+
+
+def tool_version() -> str:
+    from ckptlab import __version__
+
+    return f"ckptlab {__version__}"
+
+
+def provenance(operation: str, inputs: Iterable[tuple[Path, str | None]], options: dict | None = None,
+               base: dict[str, str] | None = None) -> dict[str, str]:
+    """Metadata for an output: ``base`` (kept input metadata) plus what produced it."""
+    meta = dict(base or {})
+    meta.setdefault("format", "pt")
+    meta[META_OPERATION] = operation
+    meta[META_VERSION] = tool_version()
+    meta[META_INPUTS] = json.dumps([{"name": Path(p).name, "sha256": h} for p, h in inputs],
+                                   separators=(",", ":"))
+    if options:
+        meta[META_OPTIONS] = json.dumps(options, separators=(",", ":"), sort_keys=True)
+    return meta
+
+
+class FileHasher:
+    """SHA-256 of a file computed in a background thread (hashlib releases the GIL), so hashing an
+    input overlaps with writing the output instead of adding a full extra pass in front of it."""
+
+    CHUNK = 16 * 1024 * 1024
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as fh:
+                try:
+                    os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                except (AttributeError, OSError):
+                    pass
+                buf = bytearray(self.CHUNK)
+                view = memoryview(buf)
+                while True:
+                    n = fh.readinto(buf)
+                    if not n:
+                        break
+                    h.update(view[:n])
+            self._digest = h.hexdigest()
+        except BaseException as e:  # noqa: BLE001 - reported by result()
+            self._error = e
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise OutputError(f"cannot hash input: {self._error}", self.path)
+        assert self._digest is not None
+        return self._digest
+
+
+def hash_inputs(paths: Iterable[Path]) -> list[FileHasher]:
+    return [FileHasher(p) for p in paths if Path(p).is_file()]
+
+
+def output_path(inp: Path, out_dir: Path | None, suffix: str, ext: str = ".safetensors") -> Path:
+    """``<out_dir or input folder>/<input stem><suffix><ext>``."""
+    inp = Path(inp)
+    stem = inp.name if inp.is_dir() else inp.stem
+    folder = Path(out_dir) if out_dir is not None else inp.parent
+    return folder / f"{stem}{suffix}{ext}"
+
+
+def check_output(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
+    """Refuse before any work: output is an input, exists, or its folder is missing / not writable."""
+    out = Path(out)
+    for p in inputs:
+        try:
+            if out.exists() and out.resolve() == Path(p).resolve():
+                raise OutputError("output would replace an input; choose another name", out)
+        except OSError:
+            pass
+    if out.exists() and not overwrite:
+        raise OutputError("output already exists (use --overwrite to replace it)", out)
+    folder = out.parent
+    if not folder.is_dir():
+        raise OutputError(f"output folder {folder} does not exist", out)
+    probe_writable(folder, out)
+
+
+def probe_writable(folder: Path, out: Path | None = None) -> None:
+    """Create and remove a probe file: ``os.access`` lies for root and for read-only mounts."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ckptlab-probe-", dir=folder)
+    except OSError as e:
+        raise OutputError(f"cannot write in {folder}: {e.strerror or e}", out or folder) from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def open_input(path: Path) -> TensorSource:
+    """``open_model`` for a transform input (files or diffusers folders), with a clear missing-file error."""
+    from ckptlab.errors import FormatError
+    from ckptlab.formats import open_model
+
+    path = Path(path)
+    if not path.exists():
+        raise FormatError("no such file", path)
+    return open_model(path)
+
+
+def sha256_of(path: Path) -> str:
+    return FileHasher(path).result()
