@@ -20,7 +20,7 @@ DECODE_BYTES_PER_LATENT_PIXEL = 2178 * 64  # ComfyUI sd.VAE.memory_used_decode, 
 @dataclass
 class VramEstimate:
     gib: float
-    resolution: int
+    resolution: int | None
     weights_gib: float
     working_gib: float
     reserve_gib: float
@@ -47,7 +47,7 @@ def estimate(family: Family | None, present: dict[str, tuple[int, int]], *, diff
             if note and note not in assumptions:
                 assumptions.append(note)
         assumptions.insert(0, "weights of this file only (no family-level pipeline known or needed)")
-        return VramEstimate(round(total / GIB, 2), family.resolution if family else 0, round(total / GIB, 2), 0.0,
+        return VramEstimate(round(total / GIB, 2), None, round(total / GIB, 2), 0.0,
                             0.0, assumptions)
     res, f = family.resolution, family.latent_factor
     weights = 0

@@ -1,5 +1,111 @@
-"""(placeholder until its issue lands)"""
+"""``ckptlab inspect PATH...``: what each model file is, from its header (``ckptlab.identify``).
+
+Exit status: 0 when every path was read; otherwise the highest error exit code among the failed paths
+(1 for unreadable/unsupported files, 4 for files refused as unsafe), after reporting every other path.
+"""
+
+from __future__ import annotations
+
+import typer
+
+
+def _fmt_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_params(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} K"
+    return str(n)
+
+
+_SHOWN_METADATA = ("modelspec.title", "modelspec.architecture", "modelspec.prediction_type", "modelspec.author",
+                   "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name",
+                   "ss_sd_model_name", "general.architecture", "format")
+
+
+def render(info, console, *, all_metadata: bool = False) -> None:
+    """The readable summary of one ``ModelInfo``."""
+    from rich.markup import escape
+
+    e = escape
+
+    def out(text: str = "") -> None:
+        console.print(text, soft_wrap=True, highlight=False)
+    out(f"[bold]{e(info.path)}[/]  [dim]{info.format}, {_fmt_size(info.size)}, {info.tensors} tensors, "
+                  f"{_fmt_params(info.params)} params[/]")
+    what = " / ".join(x for x in (info.kind, info.family or "family unknown", info.variant) if x)
+    pred = info.prediction or "unknown"
+    out(f"  [cyan]{e(what)}[/]   prediction: [cyan]{pred}[/]")
+    if info.components:
+        out(f"  components: {', '.join(info.components)}")
+    if info.dtypes:
+        out("  dtypes: " + ", ".join(f"{k} {_fmt_params(v)}" for k, v in info.dtypes.items()))
+    flags = [f"EMA {'yes' if info.has_ema else 'no'}", f"training state {'yes' if info.training_state else 'no'}",
+             "pruned" if info.pruned else "not pruned"]
+    out("  " + ", ".join(flags))
+    if info.vram:
+        v = info.vram
+        where = f" at {v.resolution}x{v.resolution}" if v.resolution else ""
+        out(f"  VRAM estimate: ~{v.gib:.1f} GiB{where} [dim](weights {v.weights_gib:.2f}, working "
+                      f"{v.working_gib:.2f}, reserve {v.reserve_gib:.1f})[/]")
+    for line in info.evidence:
+        out(f"  [dim]- {e(line)}[/]")
+    for line in info.warnings:
+        out(f"  [yellow]warning:[/] {e(line)}")
+    if info.metadata:
+        keys = list(info.metadata) if all_metadata else [k for k in _SHOWN_METADATA if k in info.metadata]
+        rest = len(info.metadata) - len(keys)
+        for k in keys:
+            v = info.metadata[k]
+            text = v if isinstance(v, str) else __import__("json").dumps(v)
+            if len(text) > 100 and not all_metadata:
+                text = text[:97] + "..."
+            out(f"  [dim]{e(k)}:[/] {e(text)}")
+        if rest > 0:
+            out(f"  [dim]({rest} more metadata keys; --metadata shows them)[/]")
+    out()
 
 
 def register(app) -> None:
-    pass
+    @app.command("inspect")
+    def inspect_cmd(
+        paths: list[str] = typer.Argument(..., help="Model files, folders (searched recursively) or globs."),
+        json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per path, in order."),
+        metadata: bool = typer.Option(False, "--metadata", help="Show every metadata key in the summary."),
+        heuristics: bool = typer.Option(False, "--heuristics",
+                                        help="Also apply rules that read a tensor (SD2 v/eps by ComfyUI's rule)."),
+    ) -> None:
+        """Identify model files from their headers: kind, family, variant, prediction, components, VRAM."""
+        from ckptlab.cli.common import console, emit_json, error_line, expand_paths
+        from ckptlab.errors import CkptlabError
+        from ckptlab.identify import identify
+
+        targets = expand_paths(paths)
+        if not targets:
+            error_line("no model files found under " + ", ".join(paths))
+            raise typer.Exit(1)
+        worst = 0
+        for p in targets:
+            try:
+                info = identify(p, heuristics=heuristics)
+            except CkptlabError as err:
+                error_line(str(err) if err.path else f"{p}: {err}")
+                worst = max(worst, err.exit_code)
+                if json_out:
+                    emit_json({"path": str(p), "error": err.message})
+                continue
+            if json_out:
+                emit_json(info)
+            else:
+                render(info, console, all_metadata=metadata)
+        if worst:
+            raise typer.Exit(worst)
