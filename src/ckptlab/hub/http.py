@@ -7,6 +7,7 @@ httpx is imported inside functions so that importing this module stays cheap.
 from __future__ import annotations
 
 import email.utils
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -143,12 +144,17 @@ class Requester:
     """
 
     def __init__(self, client=None, *, auth_headers: Mapping[str, str] | None = None, auth_origin: str | None = None,
-                 retries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0, interval: float = 0.25,
+                 retries: int = 5, backoff: float | None = None, max_backoff: float = 30.0, interval: float = 0.25,
                  sleep: Callable[[float], None] = time.sleep, token_hint: str = ""):
         self.token_hint = token_hint
         self.client = client if client is not None else make_client()
         self.auth_headers = dict(auth_headers or {})
         self.auth_origin = origin(auth_origin) if auth_origin else None
+        if backoff is None:  # CKPTLAB_HTTP_BACKOFF: base delay in seconds (1 s: 1, 2, 4... capped at 30 s)
+            try:
+                backoff = float(os.environ.get("CKPTLAB_HTTP_BACKOFF", "1"))
+            except ValueError:
+                backoff = 1.0
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self.sleep = sleep
         self.pacer = Pacer(interval, sleep=sleep)

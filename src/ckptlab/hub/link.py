@@ -93,6 +93,27 @@ def local_files(cat: Catalog, paths: list[Path], progress: Progress | None = Non
     return out
 
 
+_LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "hada_w", "lokr_w", "oft_", "dora_scale")
+
+
+def _is_lora(lf: LocalFile) -> bool:
+    """AutoV3 applies to safetensors LoRAs: the catalog's kind, else the tensor names in the header."""
+    if lf.kind is not None:
+        return lf.kind.lower() in LORA_KINDS
+    try:
+        from ckptlab.formats import detect_format, open_model
+
+        if detect_format(lf.path) != "safetensors":
+            return False
+        src = open_model(lf.path)
+        try:
+            return any(m in k for k in src.keys() for m in _LORA_MARKERS)
+        finally:
+            src.close()
+    except CkptlabError:
+        return False
+
+
 def _outcome_from(lf: LocalFile, status: str, link: store.Link | None, version: dict | None, **kw) -> LinkOutcome:
     v = version or {}
     return LinkOutcome(path=lf.path, sha256=lf.sha256, status=status,
@@ -180,7 +201,7 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
             results[lf.sha256] = _outcome_from(lf, "error", None, None, message=outage)
             continue
         by, version = "sha256", found.get(lf.sha256.lower())
-        if version is None and lf.autov3 and lf.kind in LORA_KINDS and lf.path.suffix.lower() == ".safetensors":
+        if version is None and lf.autov3 and _is_lora(lf):
             try:
                 version = client.version_by_hash(lf.autov3)
             except NetworkError as e:
