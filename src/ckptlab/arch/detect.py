@@ -270,8 +270,6 @@ def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, Any] | None =
         fam = BY_ID.get(meta_fam, fam)
     if det.kind in ("checkpoint", "unet"):
         _decide_prediction(det, fam, variant_pred, metadata, infos, extra, read_std)
-        if det.family == "sd2" and det.prediction == "v" and det.variant is None:
-            det.variant = "v_pred"
         if det.family == "sdxl" and det.prediction == "v" and det.variant is None:
             det.variant = "v_pred"
     elif det.kind in ("lora", "lycoris", "embedding", "controlnet"):

@@ -210,7 +210,7 @@ MODELSPEC_ARCH: dict[str, tuple[str, str | None, str | None]] = {
     "stable-diffusion-v1": ("sd1", None, None),
     "stable-diffusion-v1-inpainting": ("sd1", "inpaint", None),
     "stable-diffusion-v2-512": ("sd2", None, "eps"),
-    "stable-diffusion-v2-768-v": ("sd2", "v_pred", "v"),
+    "stable-diffusion-v2-768-v": ("sd2", None, "v"),
     "stable-diffusion-v2-512-inpainting": ("sd2", "inpaint", "eps"),
     "stable-diffusion-v2-depth": ("sd2", "depth", "eps"),
     "stable-diffusion-xl-v1-base": ("sdxl", None, None),
@@ -235,9 +235,9 @@ MODELSPEC_ARCH: dict[str, tuple[str, str | None, str | None]] = {
 #: kohya ``ss_base_model_version`` -> (family, variant, prediction)
 KOHYA_BASE: dict[str, tuple[str, str | None, str | None]] = {
     "sd_v1": ("sd1", None, None),
-    "sd_v1_v": ("sd1", "v_pred", "v"),
+    "sd_v1_v": ("sd1", None, "v"),
     "sd_v2": ("sd2", None, "eps"),
-    "sd_v2_v": ("sd2", "v_pred", "v"),
+    "sd_v2_v": ("sd2", None, "v"),
     "sdxl_base_v1-0": ("sdxl", None, None),
     "flux1": ("flux", None, "flow"),
     "chroma": ("flux", "chroma", "flow"),
