@@ -1,5 +1,43 @@
-"""(placeholder until its issue lands)"""
+"""``ckptlab check PATH...``: a safety verdict per file, without executing anything.
+
+Exit status: 0 only when every file is ``safe``; otherwise the worst verdict decides:
+3 suspicious, 4 malicious, 5 corrupt (malicious > suspicious > corrupt); 2 usage error.
+"""
+
+from __future__ import annotations
+
+import typer
+
+_STYLE = {"safe": "green", "suspicious": "yellow", "malicious": "bold red", "corrupt": "magenta"}
 
 
 def register(app) -> None:
-    pass
+    @app.command("check")
+    def check_cmd(
+        paths: list[str] = typer.Argument(..., help="Model files or folders (searched recursively)."),
+        json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per file."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list every global and informational finding."),
+    ) -> None:
+        """Scan pickles (.ckpt/.pt/.pth/.bin) and safetensors for hostile content: safe, suspicious, malicious or corrupt."""
+        from rich.markup import escape
+
+        from ckptlab.cli.common import console, emit_json, expand_paths
+        from ckptlab.security import EXIT_CODES, check, worst_verdict
+
+        verdicts = []
+        for p in expand_paths(paths):
+            r = check(p)
+            verdicts.append(r.verdict)
+            if json_out:
+                emit_json(r)
+                continue
+            where = f"{r.format}, {r.container}" if r.container else r.format
+            console.print(f"[{_STYLE[r.verdict]}]{r.verdict:<10}[/] {escape(str(r.path))} [dim]({where})[/]",
+                          soft_wrap=True, highlight=False)
+            for f in (r.findings if verbose else r.issues):
+                loc = f" [dim]\\[{escape(f.location)}][/]" if f.location else ""
+                console.print(f"  [{_STYLE.get(f.severity, 'dim')}]{f.severity}[/] {escape(f.kind)}: "
+                              f"{escape(f.detail)}{loc}", soft_wrap=True, highlight=False)
+            if verbose and r.globals:
+                console.print(f"  [dim]globals: {escape(', '.join(r.globals))}[/]", soft_wrap=True, highlight=False)
+        raise typer.Exit(EXIT_CODES[worst_verdict(verdicts)])

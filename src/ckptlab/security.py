@@ -1,0 +1,113 @@
+"""Safety verdicts for model files: ``check(path) -> CheckResult``.
+
+- ``safe``: only allowlisted data (pickles), or a valid safetensors/GGUF header.
+- ``suspicious``: unknown globals or structural oddities; nothing known to execute code.
+- ``malicious``: a global or construct that executes code or reaches the OS, or a structural
+  attack (parser differentials, polyglots, storage size lies...). Counted even when the stream
+  breaks afterwards.
+- ``corrupt``: the file cannot be parsed (and nothing worse was seen before the break).
+
+Pickles are read by ckptlab's own data-only machine (``formats.pickle_vm``); nothing is imported
+or executed. No torch import on this path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptlab.formats.pickle_vm import CORRUPT, INFO, MALICIOUS, SUSPICIOUS, Finding, PickleVM
+
+SAFE = "safe"
+VERDICTS = (SAFE, SUSPICIOUS, MALICIOUS, CORRUPT)
+#: ``ckptlab check`` exit status for the worst verdict among its files
+EXIT_CODES = {SAFE: 0, SUSPICIOUS: 3, MALICIOUS: 4, CORRUPT: 5}
+_RANK = {SAFE: 0, CORRUPT: 1, SUSPICIOUS: 2, MALICIOUS: 3}
+
+__all__ = ["CheckResult", "EXIT_CODES", "Finding", "check", "worst_verdict"]
+
+
+@dataclass
+class CheckResult:
+    path: Path
+    format: str  # safetensors | pickle | gguf | unknown
+    verdict: str
+    container: str = ""  # torch-zip | torch-legacy | pickle | torchscript (pickles)
+    findings: list[Finding] = field(default_factory=list)
+    globals: list[str] = field(default_factory=list)
+
+    @property
+    def issues(self) -> list[Finding]:
+        """Findings that affect the verdict (everything but informational ones)."""
+        return [f for f in self.findings if f.severity != INFO]
+
+
+def worst_verdict(verdicts) -> str:
+    return max(verdicts, key=lambda v: _RANK[v], default=SAFE)
+
+
+def check(path: str | Path) -> CheckResult:
+    """Scan one file without executing anything and return its verdict and findings."""
+    p = Path(path)
+    if p.is_dir():
+        return CheckResult(p, "unknown", CORRUPT, findings=[Finding("not_a_file", CORRUPT, "is a folder")])
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+    except OSError as e:
+        return CheckResult(p, "unknown", CORRUPT, findings=[Finding("unreadable", CORRUPT, f"cannot open: {e.strerror or e}")])
+    fmt = _sniff(p, head)
+    if fmt == "safetensors":
+        return _check_safetensors(p)
+    if fmt == "gguf":
+        return _check_gguf(p)
+    from ckptlab.formats.pickle_archive import scan
+
+    s = scan(p)
+    try:
+        return CheckResult(p, "pickle", s.verdict, s.container, list(s.findings), sorted(s.globals))
+    finally:
+        s.root = None
+        s.close()
+
+
+def _sniff(p: Path, head: bytes) -> str:
+    from ckptlab.errors import CkptlabError
+    from ckptlab.formats import detect_format
+
+    try:
+        fmt = detect_format(p)
+    except CkptlabError:
+        return "pickle"  # let the pickle scanner say what it is (7z, tar, junk...)
+    return fmt if fmt in ("safetensors", "gguf") else "pickle"
+
+
+def _check_safetensors(p: Path) -> CheckResult:
+    from ckptlab.errors import CkptlabError
+    from ckptlab.formats.safetensors import read_header
+
+    try:
+        header = read_header(p)
+    except CkptlabError as e:
+        return CheckResult(p, "safetensors", CORRUPT, findings=[Finding("bad_header", CORRUPT, e.message)])
+    findings = []
+    # a file that is *also* a complete pickle would run code under torch.load: a polyglot
+    with open(p, "rb") as fh:
+        prefix = fh.read(min(header.data_start, 1 << 20))
+    vm = PickleVM(prefix).run()
+    if vm.complete:
+        findings.append(Finding("polyglot", MALICIOUS, "safetensors file is also a valid pickle stream"))
+    verdict = MALICIOUS if findings else SAFE
+    return CheckResult(p, "safetensors", verdict, findings=findings)
+
+
+def _check_gguf(p: Path) -> CheckResult:
+    from ckptlab.errors import CkptlabError
+
+    try:
+        from ckptlab.formats import open_model
+
+        open_model(p).close()
+    except CkptlabError as e:
+        return CheckResult(p, "gguf", CORRUPT, findings=[Finding("bad_header", CORRUPT, e.message)])
+    return CheckResult(p, "gguf", SAFE)
