@@ -1,5 +1,197 @@
-"""(placeholder until its issue lands)"""
+"""Transform commands: prune, precision, extract, replace, to-diffusers, from-diffusers, apply-plan.
+
+No logic here: each command calls one function of ``ckptlab.ops`` and prints its results (a line per
+output, or JSON Lines with ``--json``). Heavy imports happen inside the command functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+_OUT_DIR = typer.Option(None, "--out-dir", help="Folder for the outputs (default: next to each input).")
+_DRY = typer.Option(False, "--dry-run", help="Plan and check only; write nothing.")
+_JSON = typer.Option(False, "--json", help="Print one JSON object per output (JSON Lines).")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace outputs that already exist.")
+
+
+def _paths(args: list[str]) -> list[Path]:
+    from ckptlab.cli.common import expand_paths
+
+    return expand_paths(args)
+
+
+def _report(results, json_out: bool) -> None:
+    from ckptlab.cli.common import console, emit_json, err_console
+
+    for r in results:
+        if json_out:
+            emit_json(r)
+            continue
+        verb = "would write" if r.dry_run else "wrote"
+        size = _human(getattr(r, "bytes_out", 0))
+        if hasattr(r, "tensors_out"):
+            extra = []
+            if r.dropped:
+                extra.append("dropped " + ", ".join(f"{v} {k}" for k, v in r.dropped.items()))
+            if r.converted:
+                extra.append(f"{r.converted} tensors changed")
+            tail = f" ({'; '.join(extra)})" if extra else ""
+            console.print(f"{r.input} -> {verb} {r.output}: {r.tensors_out} tensors, {size}{tail}",
+                          highlight=False, markup=False, soft_wrap=True)
+        else:
+            files = ", ".join(f"{k} ({v})" for k, v in r.files.items())
+            console.print(f"{r.input} -> {verb} {r.output} [{r.family}]: {files}", highlight=False, markup=False, soft_wrap=True)
+        for w in r.warnings:
+            err_console.print(f"ckptlab: warning: {w}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def prune_cmd(
+    inputs: list[str] = typer.Argument(..., help="Model files or folders."),
+    ema: str = typer.Option("drop", "--ema", help="EMA weights: keep, drop, or use (replace the UNet = emaonly)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Also convert: fp16, bf16 or fp32."),
+    clamp: bool = typer.Option(False, "--clamp", help="Clamp values that overflow fp16 instead of refusing."),
+    out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+) -> None:
+    """Drop training state and EMA (or keep / use EMA), optionally changing precision.
+
+      ckptlab prune model.ckpt --ema use --precision fp16 --out-dir pruned/
+    """
+    from ckptlab.cli.common import progress_bar
+    from ckptlab.ops.prune import prune
+
+    with progress_bar("prune", enabled=not json_out) as cb:
+        results = prune(_paths(inputs), ema=ema, precision=precision, clamp=clamp, out_dir=out_dir,
+                        overwrite=overwrite, dry_run=dry_run, progress=cb)
+    _report(results, json_out)
+
+
+def precision_cmd(
+    inputs: list[str] = typer.Argument(..., help="Model files or folders."),
+    to: str = typer.Option(..., "--to", help="fp16, bf16, fp32 or fp8_e4m3fn."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Convert only unet, vae or te (repeatable)."),
+    clamp: bool = typer.Option(False, "--clamp", help="Clamp values that overflow the target instead of refusing."),
+    out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+) -> None:
+    """Convert weights exactly (tensor.to(dtype)); the VAE stays fp32 unless --only vae.
+
+      ckptlab precision model.safetensors --to fp16
+    """
+    from ckptlab.cli.common import progress_bar
+    from ckptlab.ops.precision import convert_precision
+
+    with progress_bar("precision", enabled=not json_out) as cb:
+        results = convert_precision(_paths(inputs), to, only=only, clamp=clamp, out_dir=out_dir,
+                                    overwrite=overwrite, dry_run=dry_run, progress=cb)
+    _report(results, json_out)
+
+
+def extract_cmd(
+    inputs: list[str] = typer.Argument(..., help="Checkpoint file(s)."),
+    component: str = typer.Option(..., "--component", "-c", help="unet, vae, clip_l, clip_g, t5xxl or ema."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (one input)."),
+    out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+) -> None:
+    """Write one component as a standalone file, named as the field names such files.
+
+      ckptlab extract model.safetensors --component vae -o model-vae.safetensors
+    """
+    from ckptlab.cli.common import progress_bar
+    from ckptlab.ops.components import extract
+
+    with progress_bar("extract", enabled=not json_out) as cb:
+        results = extract(_paths(inputs), component, out=output, out_dir=out_dir, overwrite=overwrite,
+                          dry_run=dry_run, progress=cb)
+    _report(results, json_out)
+
+
+def replace_cmd(
+    inputs: list[str] = typer.Argument(..., help="Checkpoint file(s)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="VAE to bake in."),
+    clip_l: Optional[Path] = typer.Option(None, "--clip-l", help="CLIP-L text encoder to bake in."),
+    clip_g: Optional[Path] = typer.Option(None, "--clip-g", help="CLIP-G text encoder to bake in."),
+    unet: Optional[Path] = typer.Option(None, "--unet", help="UNet to bake in."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (one input)."),
+    out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+) -> None:
+    """Bake components into a checkpoint, checking family and every shape first.
+
+      ckptlab replace model.safetensors --vae vae-ft-mse-840000.safetensors -o model-baked.safetensors
+    """
+    from ckptlab.cli.common import progress_bar
+    from ckptlab.ops.components import replace
+
+    with progress_bar("replace", enabled=not json_out) as cb:
+        results = replace(_paths(inputs), vae=vae, clip_l=clip_l, clip_g=clip_g, unet=unet, out=output,
+                          out_dir=out_dir, overwrite=overwrite, dry_run=dry_run, progress=cb)
+    _report(results, json_out)
+
+
+def to_diffusers_cmd(
+    inputs: list[str] = typer.Argument(..., help="SD1/SD2/SDXL single-file checkpoint(s)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (one input)."),
+    ema: str = typer.Option("drop", "--ema", help="drop (default) or use the EMA weights for the UNet."),
+    out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+) -> None:
+    """Write a diffusers folder that StableDiffusion(XL)Pipeline.from_pretrained loads offline.
+
+      ckptlab to-diffusers model.safetensors -o model-diffusers/
+    """
+    from ckptlab.cli.common import progress_bar
+    from ckptlab.errors import CkptlabError
+    from ckptlab.ops.diffusers_io import to_diffusers
+    from ckptlab.ops.stream import output_path
+
+    paths = _paths(inputs)
+    if output is not None and len(paths) != 1:
+        raise CkptlabError("-o/--output takes one input; use --out-dir for several")
+    results = []
+    with progress_bar("to-diffusers", enabled=not json_out) as cb:
+        for p in paths:
+            out = output or output_path(p, out_dir, "-diffusers", ext="")
+            results.append(to_diffusers(p, out, ema=ema, overwrite=overwrite, dry_run=dry_run, progress=cb))
+    _report(results, json_out)
+
+
+def from_diffusers_cmd(
+    inputs: list[str] = typer.Argument(..., help="diffusers pipeline folder(s)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .safetensors (one input)."),
+    out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+) -> None:
+    """Write a single-file checkpoint (A1111/ComfyUI layout) from a diffusers folder.
+
+      ckptlab from-diffusers model-diffusers/ -o model.safetensors
+    """
+    from ckptlab.cli.common import progress_bar
+    from ckptlab.errors import CkptlabError
+    from ckptlab.ops.diffusers_io import from_diffusers
+    from ckptlab.ops.stream import output_path
+
+    paths = _paths(inputs)
+    if output is not None and len(paths) != 1:
+        raise CkptlabError("-o/--output takes one input; use --out-dir for several")
+    results = []
+    with progress_bar("from-diffusers", enabled=not json_out) as cb:
+        for p in paths:
+            out = output or output_path(p, out_dir, "")
+            results.append(from_diffusers(p, out, overwrite=overwrite, dry_run=dry_run, progress=cb))
+    _report(results, json_out)
 
 
 def register(app) -> None:
-    pass
+    app.command("prune")(prune_cmd)
+    app.command("precision")(precision_cmd)
+    app.command("extract")(extract_cmd)
+    app.command("replace")(replace_cmd)
+    app.command("to-diffusers")(to_diffusers_cmd)
+    app.command("from-diffusers")(from_diffusers_cmd)

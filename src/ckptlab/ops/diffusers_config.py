@@ -71,7 +71,7 @@ def unet_config(lay: UNetLayout, shapes: dict[str, tuple[int, ...]], family: str
     }
     mid_depth = len({k.split(".")[3] for k in shapes if k.startswith("middle_block.1.transformer_blocks.")})
     # diffusers sizes the mid block from the last entry: levels without attention carry the mid depth
-    depth = [d if a else max(mid_depth, 1) for d, a in zip(depth, lay.attn)]
+    depth = [d if a else max(mid_depth, 1) for d, a in zip(depth, lay.attn, strict=True)]
     if any(d > 1 for d in depth):
         cfg["transformer_layers_per_block"] = depth[0] if len(set(depth)) == 1 else depth
     if lay.label_emb:

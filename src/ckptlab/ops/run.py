@@ -77,7 +77,9 @@ def open_checked(path: Path) -> TensorSource:
 
 def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *, out_dir: Path | None = None,
              outputs: list[Path] | None = None, overwrite: bool = False, dry_run: bool = False,
-             progress: Progress = null_progress) -> list[TransformResult]:
+             progress: Progress = null_progress, extra_inputs: list[Path] | None = None) -> list[TransformResult]:
+    """Plan every input with ``plan_fn``, then write each output. ``extra_inputs`` (e.g. a VAE baked
+    into every input) are recorded with their sha256 in every output's provenance."""
     if not inputs:
         raise CkptlabError("no input files")
     jobs: list[_Job] = []
@@ -100,14 +102,17 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
             check_output(out, [path], overwrite)
         if dry_run:
             return [j.result for j in jobs]
+        extra_hashers: dict[Path, FileHasher] = {}
         for n, job in enumerate(jobs):
             progress(0, description=f"{operation} {job.path.name} ({n + 1}/{len(jobs)})")
             hasher = FileHasher(job.path) if job.path.is_file() else None
-            ph = placeholder(0)
-            meta = provenance(operation, [(job.path, ph if hasher else None)], job.options,
-                              base=job.src.metadata if job.keep_meta else None)
-            write_plan(job.out, job.items, meta, progress=progress, overwrite=overwrite,
-                       pending={ph: hasher} if hasher else None)
+            paths = [job.path, *(extra_inputs or [])]
+            hashers = [hasher, *(extra_hashers.setdefault(p, FileHasher(p)) for p in extra_inputs or [])]
+            pending = {placeholder(i): h for i, h in enumerate(hashers) if h is not None}
+            meta = provenance(operation, [(p, placeholder(i) if h else None)
+                                          for i, (p, h) in enumerate(zip(paths, hashers, strict=True))],
+                              job.options, base=job.src.metadata if job.keep_meta else None)
+            write_plan(job.out, job.items, meta, progress=progress, overwrite=overwrite, pending=pending)
             job.result.input_sha256 = hasher.result() if hasher else None
         return [j.result for j in jobs]
     finally:
