@@ -29,7 +29,7 @@ def civitai_link(
     from ckptlab.hub import store
     from ckptlab.hub.civitai import CivitaiClient
     from ckptlab.hub.config import load_hub_config
-    from ckptlab.hub.link import fallback_fingerprint, link_files, local_files
+    from ckptlab.hub.link import catalog_fingerprint, catalog_paths, link_files, local_files
 
     cfg = load_hub_config(base_url=base_url)
     with store.open_catalog() as cat:
@@ -40,11 +40,13 @@ def civitai_link(
                 raise CkptlabError("no such file or folder", missing[0])
         else:
             targets = [Path(r.path) for r in cat.files()]
-        with progress_bar("hashing", unit_bytes=True, enabled=not json_out) as cb:
+        with progress_bar("cataloguing", unit_bytes=True, enabled=not json_out) as cb:
+            catalog_paths(cat, [Path(p) for p in paths or []], progress=cb)
             files = local_files(cat, targets, progress=cb)
         with CivitaiClient(cfg) as client, progress_bar("linking", unit_bytes=False, enabled=not json_out) as cb:
             report = link_files(cat, client, files, refresh=refresh, write_sidecars=write_sidecars,
-                                allow_nsfw=nsfw_previews, fingerprint=fallback_fingerprint, progress=cb)
+                                allow_nsfw=nsfw_previews, fingerprint=lambda p: catalog_fingerprint(cat, p),
+                                progress=cb)
     for o in report.outcomes:
         if json_out:
             emit_json(o)

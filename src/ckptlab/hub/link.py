@@ -155,6 +155,7 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
     models_seen: dict = {}
     results: dict[str, LinkOutcome] = {}
     pending = [lf for lf in files if store.get_link(cat, lf.sha256) is None]
+    pending_shas = {lf.sha256 for lf in pending}
     linked = [lf for lf in files if lf not in pending]
     progress(0, total=len(files), description="linking")
 
@@ -225,7 +226,7 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
         fps[lf.sha256] = lf.fingerprint
     for lf in files:
         o = results.get(lf.sha256)
-        if o is None or o.status != "not_found":
+        if o is None or o.status != "not_found" or lf.sha256 not in pending_shas:
             continue
         fp = fps.get(lf.sha256) or (fingerprint(lf.path) if fingerprint else None)
         if not fp:
@@ -282,32 +283,27 @@ def _fetch_image(client: CivitaiClient, url: str) -> bytes:
         resp.close()
 
 
-def fallback_fingerprint(path: os.PathLike) -> str | None:
-    """Tensor fingerprint when the catalog has none: SHA-256 over the sorted non-EMA tensor names,
-    shapes, and values cast to float16 - equal for pruned, fp16 and format-converted copies."""
-    import hashlib
+def catalog_fingerprint(cat: Catalog, path: os.PathLike) -> str | None:
+    """The file's tensor fingerprint (``library.fingerprint``), from the catalog when known for its
+    stat identity, else computed and stored there; None for files that cannot be read as models."""
+    from ckptlab.library.fingerprint import fingerprint_file
 
-    import torch
-
-    from ckptlab.formats import open_model
-
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = cat.content(key)
+    if cached and cached.get("fingerprint"):
+        return cached["fingerprint"]
     try:
-        src = open_model(path)
+        fp = fingerprint_file(path)
     except CkptlabError:
         return None
-    h = hashlib.sha256()
-    try:
-        keys = sorted(k for k in src.keys() if not k.startswith("model_ema.") and k != "state_dict")
-        for k in keys:
-            t = src.get(k)
-            if not isinstance(t, torch.Tensor):
-                continue
-            h.update(k.encode() + b"\0" + repr(tuple(t.shape)).encode() + b"\0")
-            if t.is_floating_point():
-                t = t.to(torch.float16)
-            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    finally:
-        close = getattr(src, "close", None)
-        if close:
-            close()
-    return "t16:" + h.hexdigest()
+    cat.put_fingerprint(key, fp.fingerprint, fp.components)
+    return fp.fingerprint
+
+
+def catalog_paths(cat: Catalog, paths: list[Path], progress: Progress | None = None) -> None:
+    """Scan ``paths`` into the catalog (with hashes) so that links refer to catalogued files."""
+    from ckptlab.library.scanner import scan
+
+    if paths:
+        scan([Path(p).absolute() for p in paths], cat, hash=True, fingerprint=False, progress=progress)
