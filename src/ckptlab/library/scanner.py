@@ -134,8 +134,7 @@ def _listdir(folder: str) -> set[str]:
 
 # -- reading one file -------------------------------------------------------------------------
 def _tensor_stats(src) -> dict:
-    from ckptlab.arch.components import split_components
-    from ckptlab.formats.dtypes import FLOAT_DTYPES
+    from ckptlab.arch.components import MARKER_KEYS, SCHEDULE_KEYS, split_components
 
     infos = src.infos()
     comps = split_components(infos)
@@ -149,7 +148,7 @@ def _tensor_stats(src) -> dict:
             ema += nb
             continue
         dtypes[ti.dtype] = dtypes.get(ti.dtype, 0) + nb
-        if ti.dtype == "F32" and ti.dtype in FLOAT_DTYPES and len(ti.shape) > 0:
+        if ti.dtype == "F32" and k not in SCHEDULE_KEYS and k not in MARKER_KEYS and not k.endswith("position_ids"):
             fp32 += nb
     return {"n_tensors": len(infos), "tensor_bytes": total, "ema_bytes": ema, "fp32_bytes": fp32,
             "dtypes": dtypes}

@@ -1,0 +1,193 @@
+"""The inventory report: totals, by kind / family / format / precision, size buckets, pickles and
+their safety verdicts, errors, missing files -- as a rich table, JSON, CSV (one row per file) or one
+self-contained HTML page (inline CSS and a few lines of JS to sort any table by a column)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import time
+from dataclasses import dataclass, field
+
+from ckptlab.library.catalog import Catalog, FileRecord
+from ckptlab.library.dupes import precision
+
+SIZE_BUCKETS = ((100 << 20, "< 100 MiB"), (1 << 30, "100 MiB - 1 GiB"), (4 << 30, "1 - 4 GiB"),
+                (8 << 30, "4 - 8 GiB"), (None, ">= 8 GiB"))
+FILE_COLUMNS = ("path", "name", "kind", "family", "format", "precision", "size", "mtime", "safety", "sha256",
+                "autov2", "autov3", "fingerprint", "status", "error")
+
+
+@dataclass
+class Inventory:
+    catalog: str
+    generated: str
+    files: int
+    bytes: int
+    missing: int
+    errors: int
+    by_kind: list[dict] = field(default_factory=list)
+    by_family: list[dict] = field(default_factory=list)
+    by_format: list[dict] = field(default_factory=list)
+    by_precision: list[dict] = field(default_factory=list)
+    by_size: list[dict] = field(default_factory=list)
+    pickles: list[dict] = field(default_factory=list)
+    error_files: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+
+def _tally(recs: list[FileRecord], keyfn, label: str) -> list[dict]:
+    out: dict[str, dict] = {}
+    for r in recs:
+        k = keyfn(r) or "unknown"
+        slot = out.setdefault(k, {label: k, "files": 0, "bytes": 0})
+        slot["files"] += 1
+        slot["bytes"] += r.size or 0
+    return sorted(out.values(), key=lambda d: (-d["bytes"], d[label]))
+
+
+def _bucket(size: int) -> str:
+    for limit, name in SIZE_BUCKETS:
+        if limit is None or size < limit:
+            return name
+    return SIZE_BUCKETS[-1][1]  # pragma: no cover
+
+
+def file_row(r: FileRecord) -> dict:
+    return {"path": r.path, "name": r.name, "kind": r.kind, "family": r.family, "format": r.format,
+            "precision": precision(r), "size": r.size,
+            "mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.mtime_ns / 1e9)) if r.mtime_ns else None,
+            "safety": r.safety, "sha256": r.sha256, "autov2": r.hashes.autov2 if r.hashes else None,
+            "autov3": r.hashes.autov3 if r.hashes else None, "fingerprint": r.fingerprint, "status": r.status,
+            "error": r.error}
+
+
+def build_inventory(catalog: Catalog) -> Inventory:
+    present = catalog.files(status="present", sort="path")
+    missing = catalog.files(status="missing", sort="path")
+    order = {name: i for i, (_, name) in enumerate(SIZE_BUCKETS)}
+    by_size = sorted(_tally(present, lambda r: _bucket(r.size or 0), "size"), key=lambda d: order[d["size"]])
+    return Inventory(
+        catalog=str(catalog.path), generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        files=len(present), bytes=sum(r.size or 0 for r in present), missing=len(missing),
+        errors=sum(1 for r in present if r.error),
+        by_kind=_tally(present, lambda r: r.kind, "kind"), by_family=_tally(present, lambda r: r.family, "family"),
+        by_format=_tally(present, lambda r: r.format, "format"),
+        by_precision=_tally(present, precision, "precision"), by_size=by_size,
+        pickles=[{"path": r.path, "size": r.size, "safety": r.safety or "unchecked"}
+                 for r in present if r.format == "pickle"],
+        error_files=[{"path": r.path, "error": r.error} for r in present if r.error],
+        rows=[file_row(r) for r in present + missing],
+    )
+
+
+def human(n: int | None) -> str:
+    if n is None:
+        return ""
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _sections(inv: Inventory) -> list[tuple[str, list[str], list[list]]]:
+    def tab(rows, label):
+        return [[d[label], d["files"], d["bytes"]] for d in rows]
+
+    return [
+        ("By kind", ["kind", "files", "bytes"], tab(inv.by_kind, "kind")),
+        ("By family", ["family", "files", "bytes"], tab(inv.by_family, "family")),
+        ("By format", ["format", "files", "bytes"], tab(inv.by_format, "format")),
+        ("By precision", ["precision", "files", "bytes"], tab(inv.by_precision, "precision")),
+        ("By size", ["size", "files", "bytes"], tab(inv.by_size, "size")),
+        ("Pickles", ["path", "size", "safety"], [[p["path"], p["size"], p["safety"]] for p in inv.pickles]),
+        ("Errors", ["path", "error"], [[e["path"], e["error"]] for e in inv.error_files]),
+    ]
+
+
+def render_json(inv: Inventory) -> str:
+    from ckptlab.jsonable import to_jsonable
+
+    return json.dumps(to_jsonable(inv), indent=2, ensure_ascii=False) + "\n"
+
+
+def render_csv(inv: Inventory) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(FILE_COLUMNS), lineterminator="\n")
+    w.writeheader()
+    for row in inv.rows:
+        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in FILE_COLUMNS})
+    return buf.getvalue()
+
+
+def render_table(inv: Inventory, width: int = 120) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    buf = io.StringIO()
+    con = Console(file=buf, width=width, force_terminal=False, color_system=None)
+    con.print(f"ckptlab inventory: {inv.files} files, {human(inv.bytes)}; {inv.missing} missing, "
+              f"{inv.errors} with errors")
+    for title, cols, rows in _sections(inv):
+        if not rows:
+            continue
+        t = Table(title=title, title_justify="left")
+        for c in cols:
+            numeric = c in ("files", "bytes") or (c == "size" and title == "Pickles")
+            t.add_column(c, justify="right" if numeric else "left")
+        for row in rows:
+            t.add_row(*[human(v) if c in ("bytes",) or (c == "size" and isinstance(v, int)) else
+                        ("" if v is None else str(v)) for c, v in zip(cols, row, strict=True)])
+        con.print(t)
+    return buf.getvalue()
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#eee;cursor:pointer;user-select:none}
+td.n{text-align:right;font-variant-numeric:tabular-nums}th.asc:after{content:" \\25B2"}th.desc:after{content:" \\25BC"}
+.err{color:#a00}"""
+_JS = """document.querySelectorAll('table.sortable th').forEach(function(th){th.addEventListener('click',function(){
+var table=th.closest('table'),tb=table.tBodies[0],i=Array.prototype.indexOf.call(th.parentNode.children,th);
+var asc=!th.classList.contains('asc');table.querySelectorAll('th').forEach(function(h){h.classList.remove('asc','desc')});
+th.classList.add(asc?'asc':'desc');var rows=Array.prototype.slice.call(tb.rows);rows.sort(function(a,b){
+var x=a.cells[i].getAttribute('data-v')||a.cells[i].textContent,y=b.cells[i].getAttribute('data-v')||b.cells[i].textContent;
+var nx=parseFloat(x),ny=parseFloat(y);var c=(!isNaN(nx)&&!isNaN(ny)&&String(nx)===x&&String(ny)===y)?nx-ny:x.localeCompare(y);
+return asc?c:-c});rows.forEach(function(r){tb.appendChild(r)})})});"""
+
+
+def _html_table(cols: list[str], rows: list[list]) -> str:
+    e = html.escape
+    out = ["<table class=\"sortable\"><thead><tr>", *[f"<th>{e(c)}</th>" for c in cols], "</tr></thead><tbody>"]
+    for row in rows:
+        out.append("<tr>")
+        for c, v in zip(cols, row, strict=True):
+            if isinstance(v, int) and c in ("files", "bytes", "size"):
+                text = str(v) if c == "files" else human(v)
+                out.append(f"<td class=\"n\" data-v=\"{v}\">{e(text)}</td>")
+            else:
+                out.append(f"<td>{e('' if v is None else str(v))}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def render_html(inv: Inventory) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ckptlab inventory</title>",
+             f"<style>{_CSS}</style></head><body><h1>Model library inventory</h1>",
+             f"<p>{inv.files} files, {e(human(inv.bytes))}; {inv.missing} missing; {inv.errors} with errors. "
+             f"Catalog {e(inv.catalog)}, generated {e(inv.generated)}.</p>"]
+    for title, cols, rows in _sections(inv):
+        if rows:
+            parts.append(f"<h2>{e(title)}</h2>{_html_table(cols, rows)}")
+    cols = ["name", "kind", "family", "format", "precision", "size", "safety", "autov2", "status", "path"]
+    parts.append(f"<h2>Files</h2>{_html_table(cols, [[r.get(c) for c in cols] for r in inv.rows])}")
+    parts.append(f"<script>{_JS}</script></body></html>\n")
+    return "".join(parts)
+
+
+RENDERERS = {"table": render_table, "json": render_json, "csv": render_csv, "html": render_html}
