@@ -1,0 +1,291 @@
+"""The sample layouts are real: checked against independent oracles.
+
+- sd-mecha's model configs (every key and shape of SD1 / SDXL / SD3 / Flux files, written from real files),
+- the counts and parameter totals in reference/identification.md §4 (hand-copied numbers),
+- diffusers' own single-file conversion + model classes (small files load with strict=True; full-size
+  layouts convert, on the meta device, to exactly the state-dict shapes of the real diffusers model),
+- diffusers' ``infer_diffusers_model_type`` on the full-size key/shape sets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ckptlab.sample import build, layouts
+
+MECHA = Path(importlib.util.find_spec("sd_mecha").submodule_search_locations[0]) / "extensions/builtin/model_configs"
+
+
+@lru_cache
+def mecha(name: str) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
+    """component -> key -> (shape, optional) from an sd-mecha model config yaml."""
+    data = yaml.safe_load((MECHA / f"{name}.yaml").read_text())
+    return {comp: {k: (tuple(v["shape"]), bool(v.get("optional"))) for k, v in keys.items()}
+            for comp, keys in data["components"].items()}
+
+
+def shapes(lay) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v[1]) for k, v in lay.items()}
+
+
+def nparams(lay) -> int:
+    return sum(math.prod(s) for _, s in lay.values())
+
+
+# --------------------------------------------------------------------------------------------
+# sd-mecha: complete key sets with shapes
+# --------------------------------------------------------------------------------------------
+
+def test_sd1_checkpoint_with_ema_equals_sd_mecha_sd1_ldm():
+    ours = shapes(layouts.add_ema(layouts.keys("sd1_checkpoint", small=False)))
+    theirs = {k: s for comp in mecha("sd1-ldm").values() for k, (s, _) in comp.items()}
+    assert ours == theirs  # 1831 keys: UNet 686 + EMA 688 + VAE 248 + CLIP 197 + schedule 12
+
+
+def test_sdxl_checkpoint_matches_sd_mecha_sdxl_sgm():
+    ours = shapes(layouts.keys("sdxl_checkpoint", small=False))
+    cfg = mecha("sdxl-sgm")
+    theirs = {k: s for comp in cfg.values() for k, (s, _) in comp.items()}
+    required = {k for comp in cfg.values() for k, (_, opt) in comp.items() if not opt}
+    assert required <= set(ours)
+    assert {k: theirs[k] for k in ours} == ours  # every key we write is a real key with the real shape
+    assert set(ours) - required == {
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+        *(k for k in ours if k.startswith("conditioner.embedders.0.transformer.text_model.encoder.layers.11.")),
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias",
+        *(k for k in ours if k.startswith("conditioner.embedders.1.model.transformer.resblocks.31.")),
+        "conditioner.embedders.1.model.ln_final.weight", "conditioner.embedders.1.model.ln_final.bias",
+        "conditioner.embedders.1.model.logit_scale", "conditioner.embedders.1.model.text_projection",
+    }
+
+
+def test_sd3_medium_equals_sd_mecha_sd3_comfyui():
+    ours = shapes(layouts.keys("sd3_medium", small=False))
+    theirs = {k: s for comp in mecha("sd3-comfyui").values() for k, (s, _) in comp.items()}
+    assert ours == theirs
+
+
+def test_flux_dev_equals_sd_mecha_flux_diffuser_component():
+    ours = shapes(layouts.keys("flux_dev", small=False))
+    prefix = "model.diffusion_model."
+    theirs = {k[len(prefix):]: s for k, (s, _) in mecha("flux-flux")["diffuser"].items()}
+    assert ours == theirs
+
+
+def test_sd1_kohya_lora_modules_are_diffusers_unet_and_clip_modules():
+    """Every kohya module name, with '_' for '.', is a Linear/1x1 conv of the diffusers-named SD1 model."""
+    cfg = mecha("sd1-kohya")
+    weights = {k: s for comp in cfg.values() for k, (s, _) in comp.items() if k.endswith(".weight")}
+    by_flat = {}
+    for k, s in weights.items():
+        mod = k[: -len(".weight")]
+        head, rest = mod.split(".", 1)
+        if head not in ("unet", "te"):
+            continue
+        flat = {"unet": "lora_unet_", "te": "lora_te_"}[head] + rest.replace(".", "_")
+        by_flat[flat] = s
+    lay = layouts.keys("sd1_kohya_lora", small=False)
+    mods = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lay}
+    assert len([m for m in mods if m.startswith("lora_unet_")]) == 192
+    assert len([m for m in mods if m.startswith("lora_te_")]) == 72
+    for m in mods:
+        out, inp, *k = by_flat[m]
+        down, up = lay[m + ".lora_down.weight"][1], lay[m + ".lora_up.weight"][1]
+        assert down[1] == inp and up[0] == out and down[0] == up[1] == build.adapters.RANK_FULL
+        assert len(down) == 2 + len(k)
+
+
+def test_sdxl_kohya_lora_modules_are_sgm_unet_modules():
+    cfg = mecha("sdxl-sgm")["diffuser"]
+    lay = layouts.keys("sdxl_kohya_lora", small=False)
+    sgm = {k[len("model.diffusion_model."):-len(".weight")].replace(".", "_"): s for k, (s, _) in cfg.items()
+           if k.endswith(".weight")}
+    unet_mods = {k[len("lora_unet_"):].rsplit(".", 2)[0] for k in lay if k.startswith("lora_unet_")
+                 and k.endswith("lora_down.weight")}
+    assert unet_mods and all(m in sgm for m in unet_mods)
+    assert {m for m in unet_mods if "attn2_to_k" in m} and all(
+        lay[f"lora_unet_{m}.lora_down.weight"][1][1] == 2048 for m in unet_mods if "attn2_to_k" in m)
+    # 70 SDXL transformer blocks (input 2+2+10+10, middle 10, output 3x10 + 3x2) x 10 + 11 transformers x 2
+    assert len(unet_mods) == 70 * 10 + 11 * 2
+    assert any(k.startswith("lora_te1_") for k in lay) and any(k.startswith("lora_te2_") for k in lay)
+
+
+# --------------------------------------------------------------------------------------------
+# reference/identification.md §4 counts
+# --------------------------------------------------------------------------------------------
+
+REFERENCE_COUNTS = {  # spec: (tensors, params) - §4 table, full widths
+    "sd1_unet": (686, 859_520_964),
+    "sd1_vae": (248, 83_653_863),
+    "clip_l": (196 + 1, 123_060_480 + 589_824),  # + text_projection
+    "clip_g": (517, 694_659_841 - 1),  # HF naming has no logit_scale
+    "t5xxl": (219, 4_762_310_656),
+    "sd1_controlnet": (340, 361_279_120),
+    "flux_dev": (780, 11_901_408_320),
+    "flux_schnell": (776, 11_891_178_560),
+    "sd3_vae": (244, 83_819_683),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(REFERENCE_COUNTS))
+def test_counts_match_reference(spec):
+    lay = layouts.keys(spec, small=False)
+    assert (len(lay), nparams(lay)) == REFERENCE_COUNTS[spec]
+
+
+def test_unet_and_mmdit_counts_match_reference():
+    def unet_part(spec):
+        lay = layouts.keys(spec, small=False)
+        return {k: v for k, v in lay.items() if k.startswith("model.diffusion_model.")}
+
+    assert (len(unet_part("sdxl_checkpoint")), nparams(unet_part("sdxl_checkpoint"))) == (1680, 2_567_463_684)
+    assert (len(unet_part("sdxl_refiner")), nparams(unet_part("sdxl_refiner"))) == (1220, 2_259_526_660)
+    assert (len(unet_part("sd2_checkpoint")), nparams(unet_part("sd2_checkpoint"))) == (686, 865_910_724)
+    assert nparams(unet_part("sd2_inpaint")) == 865_925_124
+    assert nparams(unet_part("sd3_medium")) == 2_084_951_104
+    assert nparams(unet_part("sd35_medium")) == 2_469_663_936
+    assert nparams(unet_part("sd35_large")) == 8_146_280_768
+    sd2 = layouts.keys("sd2_checkpoint", small=False)
+    assert len([k for k in sd2 if k.startswith("cond_stage_model.model.")]) == 294
+    assert nparams({k: v for k, v in sd2.items() if k.startswith("cond_stage_model.model.")}) == 354_032_641
+    # whole SD1.5 file without buffers: 1,066,235,307 (§4)
+    sd1 = layouts.keys("sd1_checkpoint", small=False)
+    weights = {k: v for k, v in sd1.items() if not layouts.is_fixed_dtype(k, v[0])}
+    assert nparams(weights) == 1_066_235_307
+
+
+def test_ema_key_convention_from_reference():
+    lay = layouts.add_ema(layouts.keys("sd1_checkpoint"))
+    assert "model_ema.diffusion_modeloutput_blocks91transformer_blocks0norm3weight" in lay
+    ema = [k for k in lay if k.startswith("model_ema.")]
+    assert len(ema) == 688
+    unet = [k for k in lay if k.startswith("model.diffusion_model.")]
+    assert {"model_ema." + "".join(k.split(".")[1:]) for k in unet} | {"model_ema.decay", "model_ema.num_updates"} \
+        == set(ema)
+
+
+def test_small_layouts_keep_every_key_of_the_real_layout():
+    for spec in layouts.LAYOUTS:
+        full, small = layouts.keys(spec, small=False), layouts.keys(spec, small=True)
+        assert list(full) == list(small), spec
+        assert all(len(full[k][1]) == len(small[k][1]) for k in full), spec
+    clip = layouts.keys("clip_l", small=True)
+    assert clip["text_model.embeddings.token_embedding.weight"][1] == (49408, 32)
+    assert clip["text_model.embeddings.position_embedding.weight"][1] == (77, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers: what its own identification says about the full-size key/shape sets
+# --------------------------------------------------------------------------------------------
+
+DIFFUSERS_TYPES = {
+    "sd1_checkpoint": "v1", "sd1_inpaint": "inpainting", "sd2_checkpoint": "v2", "sd2_inpaint": "inpainting_v2",
+    "sdxl_checkpoint": "xl_base", "sdxl_inpaint": "xl_inpaint", "sdxl_refiner": "xl_refiner",
+    "sd3_medium": "sd3", "sd35_medium": "sd35_medium", "sd35_large": "sd35_large", "flux_dev": "flux-dev",
+    "flux_schnell": "flux-schnell", "flux_fill": "flux-fill", "flux_depth": "flux-depth",
+    "sd1_controlnet": "controlnet",
+}
+
+
+def meta_state(spec: str, small: bool = False) -> dict:
+    return {k: torch.empty(s, device="meta") for k, (_, s) in layouts.keys(spec, small=small).items()}
+
+
+@pytest.mark.parametrize("spec", sorted(DIFFUSERS_TYPES))
+def test_diffusers_infers_the_family(spec):
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    assert infer_diffusers_model_type(meta_state(spec)) == DIFFUSERS_TYPES[spec]
+
+
+def _meta_shapes(model) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_full_flux_converts_to_diffusers_flux_transformer_shapes():
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    for spec, guidance in (("flux_dev", True), ("flux_schnell", False)):
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(guidance_embeds=guidance)
+        conv = convert_flux_transformer_checkpoint_to_diffusers(meta_state(spec))
+        assert {k: tuple(v.shape) for k, v in conv.items()} == _meta_shapes(model)
+
+
+@pytest.mark.parametrize("spec,cfg", [
+    ("sd3_medium", {}),
+    ("sd35_large", {"num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432, "qk_norm": "rms_norm"}),
+    ("sd35_medium", {"pos_embed_max_size": 384, "qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13))}),
+])
+def test_full_mmdit_converts_to_diffusers_sd3_transformer_shapes(spec, cfg):
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**{
+            "sample_size": 128, "pos_embed_max_size": 192, "num_layers": 24, "attention_head_dim": 64,
+            "num_attention_heads": 24, "caption_projection_dim": 1536, "joint_attention_dim": 4096,
+            "pooled_projection_dim": 2048, "out_channels": 16, **cfg})
+    state = {k: v for k, v in meta_state(spec).items() if k.startswith("model.diffusion_model.")}
+    conv = convert_sd3_transformer_checkpoint_to_diffusers(state)
+    assert {k: tuple(v.shape) for k, v in conv.items()} == _meta_shapes(model)
+
+
+def test_marker_keys_of_the_oracle_table():
+    """Spot checks of identification.md §7 proof keys/shapes on the full layouts."""
+    P = "model.diffusion_model."
+    sd1 = shapes(layouts.keys("sd1_checkpoint", small=False))
+    assert sd1[P + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 768)
+    assert sd1[P + "input_blocks.1.1.proj_in.weight"] == (320, 320, 1, 1)
+    assert shapes(layouts.keys("sd1_inpaint", small=False))[P + "input_blocks.0.0.weight"] == (320, 9, 3, 3)
+    assert shapes(layouts.keys("sd1_pix2pix", small=False))[P + "input_blocks.0.0.weight"] == (320, 8, 3, 3)
+    sd2 = shapes(layouts.keys("sd2_checkpoint", small=False))
+    assert sd2[P + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 1024)
+    assert sd2["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"] == (3072, 1024)
+    depth = shapes(layouts.keys("sd2_depth", small=False))
+    assert depth[P + "input_blocks.0.0.weight"] == (320, 5, 3, 3)
+    assert "depth_model.model.pretrained.act_postprocess3.0.project.0.bias" in depth
+    xl = shapes(layouts.keys("sdxl_checkpoint", small=False))
+    assert xl[P + "label_emb.0.0.weight"] == (1280, 2816)
+    assert xl[P + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"] == (640, 2048)
+    assert "conditioner.embedders.1.model.ln_final.weight" in xl
+    ref = shapes(layouts.keys("sdxl_refiner", small=False))
+    assert ref[P + "label_emb.0.0.weight"] == (1536, 2560) and ref[P + "input_blocks.0.0.weight"][0] == 384
+    assert "conditioner.embedders.0.model.ln_final.weight" in ref
+    sd3 = shapes(layouts.keys("sd3_medium", small=False))
+    assert sd3[P + "pos_embed"] == (1, 36864, 1536) and not any("ln_q" in k for k in sd3)
+    assert shapes(layouts.keys("sd35_medium", small=False))[P + "pos_embed"] == (1, 147456, 1536)
+    assert P + "joint_blocks.0.x_block.attn2.qkv.weight" in layouts.keys("sd35_medium", small=False)
+    l35 = layouts.keys("sd35_large", small=False)
+    assert P + "joint_blocks.37.x_block.mlp.fc1.weight" in l35 and P + "joint_blocks.0.context_block.attn.ln_q.weight" in l35
+    fl = shapes(layouts.keys("flux_dev", small=False))
+    assert fl["img_in.weight"] == (3072, 64) and "guidance_in.in_layer.weight" in fl
+    assert "guidance_in.in_layer.weight" not in layouts.keys("flux_schnell", small=False)
+    assert shapes(layouts.keys("flux_fill", small=False))["img_in.weight"] == (3072, 384)
+    vae = shapes(layouts.keys("sd1_vae", small=False))
+    assert vae["decoder.conv_in.weight"] == (512, 4, 3, 3) and vae["quant_conv.weight"] == (8, 8, 1, 1)
+    v16 = shapes(layouts.keys("sd3_vae", small=False))
+    assert v16["decoder.conv_in.weight"] == (512, 16, 3, 3) and "quant_conv.weight" not in v16
+    assert "text_model.encoder.layers.30.mlp.fc1.weight" in layouts.keys("clip_g", small=False)
+    assert shapes(layouts.keys("t5xxl", small=False))["encoder.block.23.layer.1.DenseReluDense.wi_1.weight"] == (10240, 4096)
+    cn = layouts.keys("sd1_controlnet", small=False)
+    assert "control_model.zero_convs.0.0.weight" in cn and "control_model.input_hint_block.0.weight" in cn
+    es = layouts.keys("esrgan_x4", small=False)
+    assert "model.0.weight" in es and "model.1.sub.0.RDB1.conv1.0.weight" in es
+    lora = layouts.keys("sdxl_kohya_lora", small=False)
+    assert any(re.match(r"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k\.lora_down", k) for k in lora)
+    assert shapes(layouts.keys("sdxl_embedding", small=False)) == {"clip_g": (4, 1280), "clip_l": (4, 768)}
+    assert shapes(layouts.keys("sd1_embedding", small=False)) == {"emb_params": (4, 768)}
+    assert any(k.endswith(".hada_w1_a") for k in layouts.keys("sd1_loha"))
+    assert any(k.endswith(".lokr_w1") for k in layouts.keys("sd1_lokr"))
+    assert any(k.endswith(".lora_A.weight") and k.startswith("unet.") for k in layouts.keys("sd1_peft_lora"))
