@@ -100,6 +100,7 @@ def resolve_version(client, spec: Spec) -> dict:
 
 
 _CAP_LOCK = threading.Lock()
+_CATALOG_LOCK = threading.Lock()
 _CAPS: dict[int, threading.BoundedSemaphore] = {}
 
 
@@ -172,11 +173,16 @@ def _after_download(res: DownloadResult, config: HubConfig, client, write_sideca
     from ckptlab.hub.civitai import CivitaiClient
     from ckptlab.hub.link import LocalFile, _remember, link_files
     from ckptlab.library.hashes import hash_file
+    from ckptlab.library.scanner import scan
 
     h = hash_file(res.path)
     st = res.path.stat()
-    with store.open_catalog() as cat:
+    with _CATALOG_LOCK, store.open_catalog() as cat:  # one writer per process (and no migration race)
         cat.put_hashes((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), h)
+        try:
+            scan([res.path.absolute()], cat, hash=True)  # hashes above are reused (same stat identity)
+        except CkptlabError as e:
+            res.extra["catalog_error"] = str(e)
         res.extra["catalog"] = str(cat.path)
         own = client is None
         client = client or CivitaiClient(config)
