@@ -363,7 +363,7 @@ def _sidecar_json(f: Found, found: dict[str, str]) -> str | None:
         return None
     data = sidecars.read(f.path, found)
     data["_signature"] = sidecars.signature(f.path, found)
-    return json.dumps(data, ensure_ascii=False)
+    return json.dumps(data)
 
 
 def _location(f: Found) -> dict:
@@ -427,7 +427,9 @@ def _write_batch(catalog: Catalog, batch: list[tuple], summary: ScanSummary) -> 
             for col in _FACT_COLS:
                 v = facts.get(col)
                 if col in ("dtypes", "info", "safety_detail") and v is not None:
-                    v = json.dumps(v, ensure_ascii=False)
+                    v = json.dumps(v)  # ASCII: lone surrogates from odd file names stay escaped
+                elif isinstance(v, str):
+                    v = v.encode("utf-8", "replace").decode("utf-8")
                 vals.append(v)
             st = key or (None, None, None, None)
             if fid is None:
@@ -447,7 +449,7 @@ def _write_batch(catalog: Catalog, batch: list[tuple], summary: ScanSummary) -> 
                      summary.scan_id, fid))
                 summary.changed += 1
             if facts.get("error"):
-                summary.error_list.append({"path": loc["display"], "error": facts["error"]})
+                summary.error_list.append({"path": loc["display"], "error": vals[_FACT_COLS.index("error")]})
 
 
 def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *, hash: bool, fingerprint: bool,
