@@ -234,9 +234,9 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, off: int) -> tuple[int, i
     return usize, csize, off
 
 
-def _member_bytes(scan: Scan, mm, e: ZipEntry, size: int, cap: int):
+def _member_bytes(scan: Scan, mm, e: ZipEntry, size: int, cap: int, *, ignore_flags: bool = False):
     """The member's content (memoryview for STORED, bytes for DEFLATE), or None."""
-    if e.flags & 0x1:
+    if e.flags & 0x1 and not ignore_flags:
         return None
     if e.data_offset + e.csize > size:
         scan.add("zip_truncated", CORRUPT, f"member {e.name} runs past the end of the file", e.name)
@@ -326,6 +326,16 @@ def _scan_zip(scan: Scan, mm, size: int, depth: int = 0) -> None:
     if pkl is None:
         scan.add("zip_no_data_pkl", CORRUPT, f"archive has no {root}/data.pkl")
         return
+    # pickles that torch would not read but a laxer reader might: shadowed duplicates and
+    # "encrypted" members (the flag is only a flag; the bytes may be a plain pickle)
+    for e in entries:
+        if e.name.endswith(".pkl") and (by_name.get(e.name) is not e or e.flags & 0x1):
+            content = _member_bytes(scan, mm, e, size, MAX_PICKLE_MEMBER, ignore_flags=True)
+            if content is not None and _looks_like_pickle(content):
+                vm = PickleVM(content, location=f"{e.name}(not read by torch)", depth=depth).run()
+                scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS))
+                for k, v in vm.globals.items():
+                    scan.globals.setdefault(k, v)
     content = _member_bytes(scan, mm, pkl, size, MAX_PICKLE_MEMBER)
     if content is None:
         if pkl.flags & 0x1:

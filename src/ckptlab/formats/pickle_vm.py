@@ -137,8 +137,12 @@ class PickleVM:
     """
 
     def __init__(self, buf, start: int = 0, *, location: str = "", resolver=None, depth: int = 0,
-                 end: int | None = None):
+                 end: int | None = None, discard_frames: bool = False):
         self.buf = buf
+        self.start = start
+        #: read frames as the C unpickler does over a file object whose frame was read exactly: an
+        #: operand that does not fit in the rest of the frame is read from *after* the frame
+        self.discard_frames = discard_frames
         self.pos = start
         self.limit = len(buf) if end is None else end
         self.location = location
@@ -170,7 +174,14 @@ class PickleVM:
         return dtype_of_global(g) or g
 
     # -- raw reads ----------------------------------------------------------------------------
+    def _skip_frame_rest(self, n: int) -> None:
+        fe = self._frame_end
+        if self.discard_frames and fe is not None and self.pos < fe < self.pos + n:
+            self.pos = fe
+            self._frame_end = None
+
     def _take(self, n: int):
+        self._skip_frame_rest(n)
         if n < 0 or self.pos + n > self.limit:
             raise _Broken(f"stream ends inside an operand (needs {n} bytes at offset {self.pos})")
         s = self.pos
@@ -184,6 +195,12 @@ class PickleVM:
         # search in bounded chunks: a missing newline must not make us scan gigabytes
         stop = min(self.limit, s + 65536)
         i = bytes(buf[s:stop]).find(b"\n")
+        fe = self._frame_end
+        if self.discard_frames and fe is not None and s < fe and (i < 0 or s + i >= fe):
+            self.pos = s = fe
+            self._frame_end = None
+            stop = min(self.limit, s + 65536)
+            i = bytes(buf[s:stop]).find(b"\n")
         if i < 0:
             raise _Broken(f"text operand without newline at offset {s}")
         self.pos = s + i + 1
@@ -203,6 +220,7 @@ class PickleVM:
         if n > MAX_STRING:
             raise _Limit(f"{n}-byte operand exceeds the {MAX_STRING}-byte limit")
         if n >= BYTES_BY_REF:
+            self._skip_frame_rest(n)
             if self.pos + n > self.limit:
                 raise _Broken(f"stream ends inside a {n}-byte operand")
             ref = BytesRef(self.buf, self.pos, n)
@@ -296,6 +314,13 @@ class PickleVM:
             # drop the working state (it may hold many references)
             self.stack = self.metastack = []
             self.memo = {}
+        if not self.discard_frames and any(f.kind == "frame_violation" for f in self.findings):
+            # the stream reads differently from a file than from memory: report what the other reading sees
+            other = PickleVM(self.buf, self.start, location=self.location + "(file-read)", depth=self.depth,
+                             end=self.limit, discard_frames=True).run()
+            self.findings += [f for f in other.findings if f.severity in (MALICIOUS, SUSPICIOUS)]
+            for k, v in other.globals.items():
+                self.globals.setdefault(k, v)
         return self
 
     def _dispatch(self, op: int, at: int) -> bool:  # noqa: C901 - one branch per opcode
