@@ -23,7 +23,8 @@ from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.formats.dtypes import DTYPES, friendly
 
 REPORTED_COMPONENTS = ("unet", "dit", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "ema")
-_TRAINING_EXTRA = ("optimizer_states", "lr_schedulers", "callbacks", "loops", "optimizer", "optimizer_state_dict")
+_TRAINING_EXTRA = ("optimizer_states", "lr_schedulers", "callbacks", "loops", "optimizer", "optimizer_state_dict",
+                   "amp_scaler", "native_amp_scaling_state", "grad_scaler")
 EMA_MIN_KEYS = 100  # diffusers: a file "has EMA" when more than 100 keys start with model_ema
 #: GGUF ``general.architecture`` values (city96 ComfyUI-GGUF and llama.cpp) -> family
 GGUF_ARCH = {"flux": "flux", "sd1": "sd1", "sdxl": "sdxl", "sd3": "sd3", "aura": "auraflow", "ltxv": "ltxv",
@@ -164,7 +165,9 @@ def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
             weight_keys.setdefault(c, []).append(k)
 
     has_ema = len(comps.get("ema", [])) > EMA_MIN_KEYS
-    training_keys = [x for x in _TRAINING_EXTRA if x in extra] + (["training keys"] if "training" in comps else [])
+    # pickles: the reader leaves training state out of the key space and names it in ``dropped``
+    seen = set(extra) | set(getattr(source, "dropped", ()) or ())
+    training_keys = [x for x in _TRAINING_EXTRA if x in seen] + (["training keys"] if "training" in comps else [])
     training_state = bool(training_keys)
     if has_ema:
         det.evidence.append(f"EMA: {len(comps['ema'])} model_ema.* keys")

@@ -227,6 +227,10 @@ def _detect_control(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
                 width = infos[tok].shape[-1]
                 fam = FAMILY_BY_CONTEXT_WIDTH.get(width)
                 ev.append(f"{tok} {list(infos[tok].shape)} (context width {width})")
+            proj = next((k for k in keys if k.endswith("input_blocks.1.1.proj_in.weight")), None)
+            if fam is None and proj:  # structure: SD1 projects with 1x1 convs, SD2 with linears
+                fam = "sd1" if len(infos[proj].shape) == 4 else "sd2"
+                ev.append(f"{proj} is {len(infos[proj].shape)}-D ({'conv' if fam == 'sd1' else 'linear'} proj_in: {fam})")
         variant = "diff" if "difference" in ks else None
         return AdapterGuess("controlnet", fam, variant, ev)
     t2i = next((k for k in ("adapter.body.0.resnets.0.block1.weight", "body.0.in_conv.weight", "conv_in.weight")

@@ -44,6 +44,9 @@ FAMILIES: tuple[Family, ...] = (
                                     (M("joint_blocks.0.x_block.attn2.qkv.weight"),),
                                     (M("transformer_blocks.0.attn2.to_q.weight"),))),
             Variant("sd3_medium", ((M("pos_embed", 1, 36864, None),),
+                                   (M("joint_blocks.23.x_block.mlp.fc1.weight"),
+                                    absent("joint_blocks.24.x_block.mlp.fc1.weight"),
+                                    absent("joint_blocks.0.context_block.attn.ln_q.weight")),
                                    (M("transformer_blocks.23.ff.net.0.proj.weight"),
                                     absent("transformer_blocks.24.ff.net.0.proj.weight")))),
         ),
@@ -146,7 +149,10 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "sdxl_refiner", "SDXL refiner", "unet",
-        markers=((M(LABEL, 1536, 2560),), (M(LABEL_D, 1536, 2560),)),
+        markers=((M(LABEL, 1536, 2560),), (M(LABEL_D, 1536, 2560),),
+                 # structure: label_emb, 4 levels (input_blocks.11), no attention at level 0
+                 (M(LABEL), M("input_blocks.11.0.in_layers.0.weight"), M("input_blocks.4.1.proj_in.weight"),
+                  absent("input_blocks.1.1.proj_in.weight"))),
         variants=(_inch("inpaint", 9),),
         resolution=1024, default_prediction="eps", text_encoders=("clip_g",), memory_factor=0.8, dm_tensors=1220,
         modelspec=("stable-diffusion-xl-v1-refiner",),
@@ -159,7 +165,10 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "sdxl", "Stable Diffusion XL", "unet",
-        markers=((M(LABEL, 1280, 2816),), (M(LABEL_D, 1280, 2816),)),
+        markers=((M(LABEL, 1280, 2816),), (M(LABEL_D, 1280, 2816),),
+                 # structure: label_emb, 3 levels (input_blocks 0..8), 10-deep transformers at level 2
+                 (M(LABEL), M("input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"),
+                  absent("input_blocks.9.0.in_layers.0.weight"), absent("input_blocks.1.1.proj_in.weight"))),
         variants=(
             _inch("inpaint", 9),
             _inch("instruct_pix2pix", 8),
@@ -176,7 +185,9 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "sd2", "Stable Diffusion 2.x", "unet",
-        markers=((M(TOK_SD, dims=((1, 1024),)),), (M(TOK_SD_D, dims=((1, 1024),)),)),
+        markers=((M(TOK_SD, dims=((1, 1024),)),), (M(TOK_SD_D, dims=((1, 1024),)),),
+                 # structure: linear proj_in (use_linear_in_transformer), no label_emb
+                 (M(TOK_SD), M("input_blocks.1.1.proj_in.weight", ndim=2), absent(LABEL))),
         variants=(
             _inch("inpaint", 9, "eps"),
             _inch("depth", 5, "eps"),
@@ -189,7 +200,9 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "sd1", "Stable Diffusion 1.x", "unet",
-        markers=((M(TOK_SD, dims=((1, 768),)), absent(LABEL)), (M(TOK_SD_D, dims=((1, 768),)),)),
+        markers=((M(TOK_SD, dims=((1, 768),)), absent(LABEL)), (M(TOK_SD_D, dims=((1, 768),)),),
+                 # structure: convolutional proj_in, no label_emb
+                 (M(TOK_SD), M("input_blocks.1.1.proj_in.weight", ndim=4), absent(LABEL))),
         variants=(
             _inch("inpaint", 9),
             Variant("zero123", ((M("cc_projection.weight", top=True),),)),
