@@ -20,7 +20,7 @@ from pathlib import Path
 from ckptlab.errors import CkptlabError, MismatchError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.ops.diffusers_io import _cat_out, _reshape_out, _slice_out, _transpose_out
-from ckptlab.ops.diffusers_map import (VAELayout, hf_to_openclip, is_vae_attn_weight, openclip_to_hf, vae_map)
+from ckptlab.ops.diffusers_map import VAELayout, hf_to_openclip, is_vae_attn_weight, openclip_to_hf, vae_map
 from ckptlab.ops.layout import FAMILY_NAMES, UNET_PREFIX, Layout, detect_layout, ema_pairs
 from ckptlab.ops.run import open_checked, run_each
 from ckptlab.ops.stream import Out, TransformResult

@@ -42,27 +42,17 @@ class _Job:
 
 
 def ensure_safe(src: TensorSource) -> None:
-    """Refuse a pickle that ``ckptlab check`` calls malicious (or that cannot be scanned)."""
+    """Refuse a pickle that ``ckptlab check`` calls malicious or suspicious (nothing is written)."""
     if src.format != "pickle":
         return
-    verdict = scan_verdict(src.path)
-    if verdict in ("malicious", "dangerous", "unsafe"):
-        raise UnsafeFileError(f"refused: `ckptlab check` calls this pickle {verdict}; nothing written", src.path)
+    verdict = getattr(src, "verdict", None)
+    if verdict is None:
+        from ckptlab.security import check
 
-
-def scan_verdict(path: Path) -> str | None:
-    """The security scanner's verdict word for ``path`` (None when no scanner is installed)."""
-    try:
-        from ckptlab import security
-    except ImportError:
-        return None
-    for name in ("scan_file", "scan", "check_file", "check"):
-        fn = getattr(security, name, None)
-        if callable(fn):
-            report = fn(path)
-            verdict = getattr(report, "verdict", report if isinstance(report, str) else None)
-            return str(getattr(verdict, "value", verdict)).lower() if verdict is not None else None
-    return None
+        verdict = check(src.path).verdict
+    if verdict in ("malicious", "suspicious"):
+        hint = "; `ckptlab convert --allow-suspicious` can salvage the tensors" if verdict == "suspicious" else ""
+        raise UnsafeFileError(f"refused: `ckptlab check` calls this pickle {verdict}{hint}", src.path)
 
 
 def open_checked(path: Path) -> TensorSource:

@@ -1,0 +1,160 @@
+"""to-diffusers / from-diffusers: exact round trip, and diffusers itself as the oracle.
+
+Oracle: diffusers' own single-file converter (``from_single_file`` with our folder as the config source)
+must produce exactly the weights that ``from_pretrained`` loads from the folder we wrote - every tensor of
+UNet, VAE and text encoder(s), which covers the UNet block mapping, the VAE attention reshape, the
+OpenCLIP fused-qkv split and the bigG ``text_projection`` transpose.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_ops_fixtures import load, make_model, sha256
+
+from ckptlab.errors import MismatchError, OutputError
+from ckptlab.ops.diffusers_io import EXTRA_FILE, from_diffusers, to_diffusers
+
+diffusers = pytest.importorskip("diffusers")
+
+PIPELINES = {"sd1_checkpoint": "StableDiffusionPipeline", "sd2_checkpoint": "StableDiffusionPipeline",
+             "sdxl_checkpoint": "StableDiffusionXLPipeline"}
+
+
+@pytest.mark.parametrize("spec", ["sd1_checkpoint", "sd2_checkpoint", "sdxl_checkpoint", "sdxl_refiner"])
+def test_round_trip_is_exact(tmp_path, spec):
+    src = make_model(tmp_path / f"{spec}.safetensors", spec)
+    before = sha256(src)
+    r = to_diffusers(src, tmp_path / "dir")
+    assert r.family == spec.split("_checkpoint")[0]
+    back = from_diffusers(tmp_path / "dir", tmp_path / "back.safetensors")
+    assert back.output.is_file()
+    a, b = load(src), load(tmp_path / "back.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert sha256(src) == before
+
+
+@pytest.mark.parametrize("spec", list(PIPELINES))
+def test_diffusers_loads_folder_and_agrees_with_its_own_converter(tmp_path, spec):
+    src = make_model(tmp_path / f"{spec}.safetensors", spec)
+    out = tmp_path / "pipe"
+    to_diffusers(src, out)
+    cls = getattr(diffusers, PIPELINES[spec])
+    ours = cls.from_pretrained(str(out), local_files_only=True)
+    theirs = cls.from_single_file(str(src), config=str(out), local_files_only=True)
+    comps = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if spec.startswith("sdxl") else [])
+    for comp in comps:
+        sa, sb = getattr(ours, comp).state_dict(), getattr(theirs, comp).state_dict()
+        assert set(sa) == set(sb), comp
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (comp, k)
+    # and a weight compared directly with the single file
+    sd = load(src)
+    assert torch.equal(ours.unet.state_dict()["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"],
+                       sd["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"])
+    assert torch.equal(ours.vae.state_dict()["decoder.mid_block.attentions.0.to_q.weight"],
+                       sd["first_stage_model.decoder.mid.attn_1.q.weight"][:, :, 0, 0])
+
+
+def test_folder_contents_and_tokenizer(tmp_path):
+    src = make_model(tmp_path / "x.safetensors", "sdxl_checkpoint")
+    out = tmp_path / "pipe"
+    to_diffusers(src, out)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    for f in ("unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+              "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+              "tokenizer_2/special_tokens_map.json", "unet/diffusion_pytorch_model.safetensors", EXTRA_FILE):
+        assert (out / f).is_file(), f
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+    # token ids of OpenAI CLIP's BPE for this prompt (bos, a, photo, of, an, astronaut, riding, a, horse, eos)
+    assert tok("a photo of an astronaut riding a horse").input_ids == [49406, 320, 1125, 539, 550, 18376, 6765,
+                                                                        320, 4558, 49407]
+    tok2 = CLIPTokenizer.from_pretrained(str(out / "tokenizer_2"))
+    assert tok2.pad_token == "!"  # OpenCLIP pads with id 0
+    assert json.loads((out / "vae/config.json").read_text())["scaling_factor"] == 0.13025
+    meta = diffusers.__name__ and __import__("safetensors").safe_open(
+        str(out / "unet/diffusion_pytorch_model.safetensors"), "pt").metadata()
+    assert json.loads(meta["ckptlab.inputs"])[0]["sha256"] == sha256(src)
+
+
+def test_sd2_v_prediction_from_metadata(tmp_path):
+    src = make_model(tmp_path / "v.safetensors", "sd2_768_v")
+    to_diffusers(src, tmp_path / "pipe")
+    sched = json.loads((tmp_path / "pipe/scheduler/scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"
+    assert json.loads((tmp_path / "pipe/unet/config.json").read_text())["sample_size"] == 96
+
+
+def test_ema_use_puts_ema_weights_in_unet(tmp_path):
+    src = make_model(tmp_path / "e.safetensors", "sd1_checkpoint", ema=True)
+    to_diffusers(src, tmp_path / "pipe", ema="use")
+    unet = load(tmp_path / "pipe/unet/diffusion_pytorch_model.safetensors")
+    sd = load(src)
+    assert torch.equal(unet["conv_in.weight"], sd["model_ema.diffusion_modelinput_blocks00weight"])
+    assert not torch.equal(unet["conv_in.weight"], sd["model.diffusion_model.input_blocks.0.0.weight"])
+
+
+def test_wrong_family_refused(tmp_path):
+    src = make_model(tmp_path / "flux.safetensors", "flux_dev")
+    with pytest.raises(MismatchError, match="supports SD1, SD2 and SDXL"):
+        to_diffusers(src, tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["flux.safetensors"]
+
+
+def test_missing_component_refused(tmp_path):
+    from ckptlab.formats.writer import write_safetensors
+
+    full = load(make_model(tmp_path / "full.safetensors", "sd1_checkpoint"))
+    no_vae = {k: v for k, v in full.items() if not k.startswith("first_stage_model.")}
+    src = write_safetensors(tmp_path / "novae.safetensors", no_vae)
+    with pytest.raises(MismatchError, match="missing component: VAE"):
+        to_diffusers(src, tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_existing_target_refused_and_dry_run_writes_nothing(tmp_path):
+    src = make_model(tmp_path / "a.safetensors", "sd1_checkpoint")
+    (tmp_path / "pipe").mkdir()
+    with pytest.raises(OutputError, match="already exists"):
+        to_diffusers(src, tmp_path / "pipe")
+    r = to_diffusers(src, tmp_path / "other", dry_run=True)
+    assert r.dry_run and not (tmp_path / "other").exists()
+    assert r.files["unet/diffusion_pytorch_model.safetensors"] == 686
+
+
+def test_from_diffusers_without_extras_reports_sd2_loss(tmp_path):
+    src = make_model(tmp_path / "sd2.safetensors", "sd2_checkpoint")
+    to_diffusers(src, tmp_path / "pipe")
+    (tmp_path / "pipe" / EXTRA_FILE).unlink()  # a folder made by another tool has no extras
+    r = from_diffusers(tmp_path / "pipe", tmp_path / "back.safetensors")
+    assert any("23 of 24 layers" in w for w in r.warnings)
+    back = load(tmp_path / "back.safetensors")
+    sd = load(src)
+    assert "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight" in back
+    assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" not in back
+    for k in back:
+        assert torch.equal(back[k], sd[k]), k
+
+
+def test_cli_round_trip(tmp_path, cli):
+    src = make_model(tmp_path / "m.safetensors", "sd1_checkpoint")
+    r = cli("to-diffusers", src, "-o", tmp_path / "pipe", "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout.splitlines()[0])
+    assert rec["family"] == "sd1" and rec["output"] == str(tmp_path / "pipe")
+    r = cli("from-diffusers", tmp_path / "pipe", "-o", tmp_path / "back.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert "back.safetensors" in r.stdout
+    a, b = load(src), load(tmp_path / "back.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    r = cli("to-diffusers", tmp_path / "nope.safetensors", "-o", tmp_path / "x")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "ckptlab: error:" in r.stderr
