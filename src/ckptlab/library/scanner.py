@@ -399,6 +399,13 @@ def _read_one(f: Found, *, hash: bool, progress: Progress) -> dict:
         facts["error"] = "file too large to parse"
     except (ValueError, KeyError, IndexError, TypeError, EOFError) as e:
         facts["error"] = f"unreadable: {type(e).__name__}: {e}"
+    if "error" in facts and "format" not in facts:
+        from ckptlab.formats import detect_format
+
+        try:
+            facts["format"] = detect_format(f.path)
+        except (CkptlabError, OSError):
+            pass
     if "error" not in facts:
         try:
             after = os.stat(f.path)
