@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fakes.civitai_server import FakeCivitai, PNG_1x1, file_hashes
 from fakes.models import lora_bytes, sd1_checkpoint_bytes
+from safetensors.torch import load
 
 
 @pytest.fixture
@@ -31,6 +33,8 @@ def world(tmp_path):
         "ckpt": lib / "models" / "Stable-diffusion" / "tiny.safetensors",
         # the fp16 copy of the checkpoint: not on CivitAI, same tensors at lower precision
         "ckpt16": lib / "models" / "Stable-diffusion" / "tiny-fp16.safetensors",
+        # the original training checkpoint: pickle, with EMA weights (converted + pruned = the file above)
+        "ckpt_pickle": lib / "models" / "Stable-diffusion" / "tiny-ema.ckpt",
         "unknown": lib / "models" / "Lora" / "homemade.safetensors",
     }
     files["lora"].write_bytes(lora)
@@ -38,6 +42,10 @@ def world(tmp_path):
     files["ckpt"].write_bytes(ckpt32)
     files["ckpt16"].write_bytes(sd1_checkpoint_bytes(seed=2, dtype=np.float16))
     files["unknown"].write_bytes(lora_bytes(seed=9))
+    sd = load(ckpt32)
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.diffusion_modelout2weight"] = sd["model.diffusion_model.out.2.weight"] * 0.5
+    torch.save({"state_dict": sd, "global_step": 1000}, files["ckpt_pickle"])
     env = {"CKPTLAB_CIVITAI_URL": fake.api_url, "CIVITAI_API_TOKEN": fake.token}
     yield fake, lib, files, env
     fake.stop()
@@ -71,6 +79,8 @@ def test_link_sha256_autov3_inherited_and_miss(world, cli):
     inh = rows["tiny-fp16.safetensors"]
     assert inh["status"] == "inherited" and inh["matched_by"] == "fingerprint" and inh["version_id"] == 2000
     assert inh["inherited_from"] == file_hashes(files["ckpt"].read_bytes())["SHA256"]
+    pk = rows["tiny-ema.ckpt"]
+    assert pk["status"] == "inherited" and pk["version_id"] == 2000 and pk["inherited_from"] == inh["inherited_from"]
     assert rows["homemade.safetensors"]["status"] == "not_found"
     # one bulk POST carried every SHA256; only the LoRA misses were asked again by AutoV3
     posts = [q for q in fake.requests if q.method == "POST"]
@@ -196,3 +206,14 @@ def test_bad_base_url_and_missing_path_are_one_line_errors(world, cli):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no such file" in r.stderr
     r = cli("civitai", "link", files["lora"], "--base-url", "ftp://x", env=env)
     assert r.returncode == 1 and "http://" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_link_without_paths_covers_the_catalog(world, cli):
+    fake, lib, files, env = world
+    assert cli("civitai", "link", files["lora"], files["unknown"], env=env).returncode == 0
+    r = cli("civitai", "link", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = by_name(jsonl(r.stdout))
+    assert set(rows) == {"detail.safetensors", "homemade.safetensors"}  # catalogued files only
+    assert rows["detail.safetensors"]["status"] == "already"
+    assert rows["homemade.safetensors"]["status"] == "not_found"

@@ -45,6 +45,7 @@ class Recorded:
     method: str
     path: str
     headers: dict
+    body: bytes = b""
 
 
 @dataclass
@@ -163,8 +164,9 @@ def _make_handler(fake: FakeCivitai, which: str):
         def _json(self, status: int, obj, headers=None):
             self._send(status, json.dumps(obj).encode(), headers)
 
-        def _record(self):
-            fake.requests.append(Recorded(which, self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+        def _record(self, body: bytes = b""):
+            fake.requests.append(Recorded(which, self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
+                                          body))
 
         def _scripted(self) -> bool:
             path = urlsplit(self.path).path
@@ -201,9 +203,9 @@ def _make_handler(fake: FakeCivitai, which: str):
             return self._json(404, {"error": "Not found"})
 
         def do_POST(self):
-            self._record()
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n)
+            self._record(body)
             if which != "api":
                 return self._json(405, {"error": "method not allowed"})
             if self._scripted():

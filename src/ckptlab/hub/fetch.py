@@ -135,8 +135,8 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
                 res = transfer(req, spec.url, folder, progress=progress, source="url")
             finally:
                 req.close()
-        if catalog:
-            _after_download(res, config, client, write_sidecars, lookup=True)
+        if catalog:  # a plain URL may well be a CivitAI file: look it up by hash (HF files are not)
+            _after_download(res, config, client, write_sidecars, lookup=spec.kind == "url")
         return res
 
 

@@ -179,6 +179,9 @@ class Requester:
             if resp.status_code in (301, 302, 303, 307, 308) and "location" in resp.headers:
                 location = urljoin(str(resp.url), resp.headers["location"])
                 resp.close()
+                if "reason=download-auth" in location:  # CivitAI's browser-style "log in first" redirect
+                    raise AuthError(f"HTTP {resp.status_code} redirect to the login page"
+                                    + (f" ({self.token_hint})" if self.token_hint else ""), 401)
                 if resp.status_code == 303:
                     method, kw = "GET", {k: v for k, v in kw.items() if k not in ("json", "content", "data")}
                 url = location
