@@ -14,12 +14,14 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
+from operator import itemgetter
 from pathlib import Path
 
 from ckptlab.errors import FormatError
 from ckptlab.formats.base import TensorInfo, TensorSource
-from ckptlab.formats.dtypes import DTYPES, itemsize
+from ckptlab.formats.dtypes import DTYPES
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes, as the safetensors library caps it
 
@@ -28,28 +30,45 @@ MAX_DIM = 2**63 - 1  # what torch (and a signed 64-bit size) can hold
 MAX_BYTES = 2**64 - 1  # the reference implementation computes sizes in a u64
 
 
+_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+
+
 class _HeaderJSONError(ValueError):
     """A header problem found while decoding the JSON (duplicate key, lone surrogate, NaN)."""
 
 
 def _strict_pairs(pairs):
-    """Object hook: reject duplicate keys and strings that are not encodable UTF-8."""
-    seen = {}
-    for k, v in pairs:
-        _check_text(k)
-        if isinstance(v, str):
-            _check_text(v)
-        if k in seen:
-            raise _HeaderJSONError(f"duplicate key {k!r} in header")
-        seen[k] = v
-    return seen
+    """Object hook: build the dict in C, and name the key when two share a name."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _HeaderJSONError(f"duplicate key {k!r} in header")
+            seen.add(k)
+    return d
 
 
-def _check_text(s: str) -> None:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _HeaderJSONError(f"string {s!r} holds a lone UTF-16 surrogate escape (not valid Unicode)") from None
+# A lone surrogate can only come from a \uD800-\uDFFF escape; scan for those only when present.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_strings(obj) -> None:
+    """Reject strings holding a lone UTF-16 surrogate (valid JSON escapes, not valid Unicode)."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        items = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, list) else ()
+        for k, v in items:
+            for s in (k, v):
+                if isinstance(s, str):
+                    try:
+                        s.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise _HeaderJSONError(f"string {s!r} holds a lone UTF-16 surrogate escape "
+                                               "(not valid Unicode)") from None
+            if isinstance(v, (dict, list)):
+                stack.append(v)
 
 
 def _reject_constant(name: str):
@@ -106,6 +125,8 @@ def parse_header_bytes(raw: bytes, file_size: int, path: str | Path = "<bytes>")
         raise FormatError("safetensors header is not a JSON object", path)
     try:
         obj = json.loads(text, object_pairs_hook=_strict_pairs, parse_constant=_reject_constant)
+        if _SURROGATE_ESCAPE.search(text):
+            _check_strings(obj)
     except _HeaderJSONError as e:
         raise FormatError(f"safetensors header: {e}", path) from None
     except ValueError as e:
@@ -129,44 +150,54 @@ def parse_header_bytes(raw: bytes, file_size: int, path: str | Path = "<bytes>")
     buffer_len = file_size - data_start
     tensors: dict[str, TensorInfo] = {}
     offsets: dict[str, tuple[int, int]] = {}
+    sizes = {k: v[0] for k, v in DTYPES.items()}
+    seen: dict[tuple[str, tuple[int, ...]], tuple[TensorInfo, int]] = {}
     for key, entry in obj.items():
-        if not isinstance(entry, dict):
+        if type(entry) is not dict:
             raise FormatError(f"tensor {key!r}: entry is not an object", path)
-        extra = set(entry) - {"dtype", "shape", "data_offsets"}
-        if extra or len(entry) != 3:
-            missing = {"dtype", "shape", "data_offsets"} - set(entry)
-            what = f"missing {sorted(missing)}" if missing else f"unknown fields {sorted(extra)}"
+        if entry.keys() != _FIELDS:
+            missing = _FIELDS - set(entry)
+            what = f"missing {sorted(missing)}" if missing else f"unknown fields {sorted(set(entry) - _FIELDS)}"
             raise FormatError(f"tensor {key!r}: {what}", path)
         dtype = entry["dtype"]
-        if dtype not in DTYPES:
+        if dtype not in sizes or type(dtype) is not str:
             raise FormatError(f"tensor {key!r}: unknown dtype {dtype!r}", path)
         shape = entry["shape"]
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list:
             raise FormatError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers", path)
-        if any(d > MAX_DIM for d in shape):
-            raise FormatError(f"tensor {key!r}: shape {shape!r} has a dimension too large to address", path)
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise FormatError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers", path)
+            if d > MAX_DIM:
+                raise FormatError(f"tensor {key!r}: shape {shape!r} has a dimension too large to address", path)
         offs = entry["data_offsets"]
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and o >= 0 for o in offs)):
+        if type(offs) is not list or len(offs) != 2:
             raise FormatError(f"tensor {key!r}: data_offsets {offs!r} is not [begin, end]", path)
         begin, end = offs
+        if type(begin) is not int or type(end) is not int or begin < 0 or end < 0:
+            raise FormatError(f"tensor {key!r}: data_offsets {offs!r} is not [begin, end]", path)
         if end < begin:
             raise FormatError(f"tensor {key!r}: data_offsets end {end} is before begin {begin}", path)
-        expected = math.prod(shape) * itemsize(dtype)
-        if expected > MAX_BYTES:
-            raise FormatError(f"tensor {key!r}: shape {shape!r} x {dtype} overflows a 64-bit byte count", path)
+        ck = (dtype, tuple(shape))
+        hit = seen.get(ck)  # TensorInfo is immutable: equal entries share one (a header repeats shapes a lot)
+        if hit is None:
+            hit = seen[ck] = (TensorInfo(dtype, ck[1]), math.prod(shape) * sizes[dtype])
+        info, expected = hit
         if end - begin != expected:
+            if expected > MAX_BYTES:
+                raise FormatError(f"tensor {key!r}: shape {shape!r} x {dtype} overflows a 64-bit byte count", path)
             raise FormatError(
                 f"tensor {key!r}: {end - begin} bytes in data_offsets but dtype {dtype} x shape {shape} "
                 f"needs {expected}", path)
         if end > buffer_len:
             raise FormatError(f"tensor {key!r}: data ends at {end}, past the end of the data buffer "
                               f"({buffer_len} bytes; file truncated?)", path)
-        tensors[key] = TensorInfo(dtype, tuple(shape))
+        tensors[key] = info
         offsets[key] = (begin, end)
 
     # Offsets must tile [0, buffer_len) exactly: no overlap (aliasing) and no hidden gaps.
     pos = 0
-    for key, (begin, end) in sorted(offsets.items(), key=lambda kv: kv[1]):
+    for key, (begin, end) in sorted(offsets.items(), key=itemgetter(1)):
         if begin != pos:
             problem = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes"
             raise FormatError(f"tensor {key!r}: data at offset {begin} {problem}", path)

@@ -1,0 +1,178 @@
+"""Model-file layer benchmark: header parsing and a streamed copy, ckptlab vs the safetensors library.
+
+    python benchmarks/formats.py --quick    # small-layout SDXL checkpoint, a few seconds
+    python benchmarks/formats.py            # real-size SDXL fp16 checkpoint (6.9 GB, cached, sparse input)
+
+1. open: parse and validate the header of an SDXL checkpoint (2.5k tensors) and list every key's
+   dtype and shape - ckptlab ``SafetensorsSource`` vs ``safetensors.safe_open`` (+ ``get_slice``
+   shapes). In-process, median of N runs.
+2. copy: rewrite the whole checkpoint into a new file - ckptlab (mmap source -> ``SafetensorsWriter``,
+   one tensor at a time, zero-copy ``write_raw``) vs safetensors (``load_file`` + ``save_file``).
+   Each in its own subprocess; the parent samples the child's RssAnon (anonymous memory, not page
+   cache) every 10 ms. The input is generated once into .bench-cache/formats/ by ckptlab.sample
+   with the real SDXL layout; by default it is sparse (header + holes: no 6.9 GB of disk writes to
+   set up, and both tools read the same zero pages), ``--dense`` writes real values. Outputs are
+   deleted after each run; ``--delete`` removes the cached input too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".bench-cache" / "formats"
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def make_input(quick: bool, dense: bool) -> Path:
+    from ckptlab.sample.build import write_model
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    p = CACHE / f"sdxl{'_small' if quick else ''}{'_dense' if dense else ''}.safetensors"
+    if not p.exists():
+        t = time.perf_counter()
+        write_model(p, "sdxl_checkpoint", small=quick, sparse=not quick and not dense, dtype="F16", seed=3)
+        print(f"generated {p.name} ({p.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.1f} s", flush=True)
+    return p
+
+
+# -- 1. header parsing (in process) --------------------------------------------------------------
+def bench_open(path: Path, runs: int) -> list[dict]:
+    from safetensors import safe_open
+
+    from ckptlab.formats.safetensors import SafetensorsSource
+
+    def ours():
+        src = SafetensorsSource(path)
+        return [(k, i.dtype, i.shape) for k, i in src.infos().items()]
+
+    def theirs():
+        with safe_open(str(path), "pt") as f:
+            out = []
+            for k in f.keys():
+                s = f.get_slice(k)
+                out.append((k, s.get_dtype(), tuple(s.get_shape())))
+            return out
+
+    assert sorted(k for k, *_ in ours()) == sorted(k for k, *_ in theirs())
+    rows = []
+    for name, fn in (("ckptlab", ours), ("safetensors", theirs)):
+        fn()  # warm
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        rows.append({"task": "open+list", "tool": name, "median_ms": round(statistics.median(times) * 1000, 2)})
+    return rows
+
+
+# -- 2. streamed copy (child processes) ----------------------------------------------------------
+def job_ckptlab(src: str, out: str) -> None:
+    import torch  # noqa: F401 - imported before the clock starts, as for the other tool
+
+    from ckptlab.formats.safetensors import SafetensorsSource
+    from ckptlab.formats.writer import SafetensorsWriter
+
+    t = time.perf_counter()
+    with SafetensorsSource(src) as s, SafetensorsWriter(out, s.infos(), s.metadata, overwrite=True) as w:
+        for k in s.keys():
+            w.write_raw(k, s.raw_bytes(k))
+    print(json.dumps({"wall": time.perf_counter() - t}))
+
+
+def job_safetensors(src: str, out: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    t = time.perf_counter()
+    with safe_open(src, "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(src), out, metadata=meta)
+    print(json.dumps({"wall": time.perf_counter() - t}))
+
+
+JOBS = {"ckptlab": job_ckptlab, "safetensors": job_safetensors}
+
+
+def run_job(name: str, src: Path, out: Path) -> dict:
+    if out.exists():
+        out.unlink()
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, __file__, "--job", name, str(src), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _rss_anon(proc.pid))
+        time.sleep(0.01)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed ({proc.returncode}): {stderr.strip()[-2000:]}")
+    wall = json.loads(stdout.strip().splitlines()[-1])["wall"]
+    return {"task": "copy", "tool": name, "wall_s": round(wall, 2), "peak_rss_anon_mib": round(peak / 2**20, 1)}
+
+
+def _same(a: Path, b: Path) -> bool:
+    from ckptlab.formats.safetensors import SafetensorsSource
+
+    with SafetensorsSource(a) as x, SafetensorsSource(b) as y:
+        return x.metadata == y.metadata and set(x.keys()) == set(y.keys()) and all(
+            x.info(k) == y.info(k) and bytes(x.raw_bytes(k)) == bytes(y.raw_bytes(k)) for k in x.keys())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small-layout SDXL checkpoint (seconds)")
+    ap.add_argument("--dense", action="store_true", help="write real values into the input (slow to set up)")
+    ap.add_argument("--runs", type=int, default=20, help="header-parse repetitions")
+    ap.add_argument("--delete", action="store_true", help="remove the cached input afterwards")
+    ap.add_argument("--job", nargs=3, metavar=("TOOL", "SRC", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.job:
+        JOBS[args.job[0]](args.job[1], args.job[2])
+        return
+    sys.path.insert(0, str(ROOT / "src"))
+    src = make_input(args.quick, args.dense)
+    print(f"input: {src} ({src.stat().st_size / 2**30:.2f} GiB)")
+    rows = bench_open(src, args.runs)
+    outs = []
+    for tool in JOBS:
+        out = CACHE / f"out_{tool}.safetensors"
+        rows.append(run_job(tool, src, out))
+        outs.append(out)
+    identical = _same(src, outs[0]) and _same(outs[0], outs[1])
+    for o in outs:
+        o.unlink(missing_ok=True)
+    for r in rows:
+        print(json.dumps(r))
+    o_ck, o_st = rows[0]["median_ms"], rows[1]["median_ms"]
+    c_ck, c_st = rows[2], rows[3]
+    print(f"open+list: ckptlab {o_ck} ms vs safetensors {o_st} ms (ratio {o_st / o_ck:.2f}x)")
+    print(f"copy: ckptlab {c_ck['wall_s']} s / {c_ck['peak_rss_anon_mib']} MiB anon vs safetensors "
+          f"{c_st['wall_s']} s / {c_st['peak_rss_anon_mib']} MiB anon "
+          f"(time ratio {c_st['wall_s'] / max(c_ck['wall_s'], 1e-9):.2f}x, memory ratio "
+          f"{c_st['peak_rss_anon_mib'] / max(c_ck['peak_rss_anon_mib'], 1e-9):.1f}x); outputs identical tensors: "
+          f"{identical}")
+    if args.delete:
+        src.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
