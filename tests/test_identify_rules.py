@@ -67,22 +67,27 @@ def test_sd2_without_metadata_has_unknown_prediction_and_says_why(tmp_path):
 
 
 def test_sd2_heuristic_is_opt_in_and_reads_one_tensor(tmp_path):
-    # small layout with real values; the std of norm1.bias decides (ComfyUI: > 0.09 => v)
+    # ComfyUI: std(output_blocks.11.1.transformer_blocks.0.norm1.bias) > 0.09 => v. Real layout, sparse file,
+    # then the one [320] tensor's bytes are written in place at the offset this test laid out.
     import numpy as np
-    from safetensors.numpy import load_file, save_file
 
-    p = write_model(tmp_path / "sd2.safetensors", "sd2_checkpoint", small=True)
-    tensors = load_file(str(p))
+    lay = real("sd2_checkpoint")
     key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
-    n = tensors[key].shape[0]
+    p = write_sparse(tmp_path / "sd2.safetensors", lay)
+    with open(p, "rb") as fh:
+        header_len = struct.unpack("<Q", fh.read(8))[0]
+        begin = json.loads(fh.read(header_len))[key]["data_offsets"][0]
+    dtype, shape = lay[key]
     for std, expected in ((0.5, "v"), (0.01, "eps")):
-        vals = np.random.default_rng(0).standard_normal(n)
-        tensors[key] = (vals / vals.std() * std).astype(tensors[key].dtype)
-        save_file(tensors, str(p))
+        vals = np.random.default_rng(0).standard_normal(shape)
+        vals = (vals - vals.mean()) / vals.std() * std
+        with open(p, "r+b") as fh:
+            fh.seek(8 + header_len + begin)
+            fh.write(vals.astype("<f2" if dtype == "F16" else "<f4").tobytes())
         assert identify(p).prediction is None
         info = identify(p, heuristics=True)
         assert info.prediction == expected
-        assert any("heuristic" in e for e in info.evidence)
+        assert any("heuristic" in e and f"{std:.4f}"[:4] in e for e in info.evidence)
 
 
 def test_sdxl_vpred_from_metadata_only(tmp_path):
@@ -119,7 +124,7 @@ def test_metadata_json_strings_are_parsed():
 
 def test_float_position_ids_and_stale_ema(tmp_path):
     recipe = '{"type": "webui", "interp_method": "Weighted sum", "multiplier": 0.3}'
-    p = write_model(tmp_path / "merged.safetensors", "sd1_checkpoint", small=True, ema=True,
+    p = write_model(tmp_path / "merged.safetensors", "sd1_checkpoint", small=False, sparse=True, ema=True,
                     metadata={"sd_merge_recipe": recipe})
     info = identify(p)
     assert info.has_ema and "ema" in info.components and not info.pruned
@@ -128,12 +133,12 @@ def test_float_position_ids_and_stale_ema(tmp_path):
 
 
 def test_float_position_ids_warn(tmp_path):
-    info = identify(write_model(tmp_path / "m.safetensors", "sd1_merged", small=True))
+    info = identify(write_model(tmp_path / "m.safetensors", "sd1_merged", small=False, sparse=True))
     assert any("float position_ids" in w for w in info.warnings)
 
 
 def test_clean_release_has_no_warnings(tmp_path):
-    info = identify(write_model(tmp_path / "ema.safetensors", "sd1_checkpoint", small=True, ema=True))
+    info = identify(write_model(tmp_path / "ema.safetensors", "sd1_checkpoint", small=False, sparse=True, ema=True))
     assert info.has_ema and info.warnings == []
     assert sum(info.dtypes.values()) == info.params
 
@@ -171,9 +176,9 @@ def test_unrecognised_diffusion_model_is_reported_not_guessed(tmp_path):
 # ---- wrappers and training state --------------------------------------------------------------------------------
 
 def test_lightning_checkpoint_with_training_state(tmp_path):
-    p = write_model(tmp_path / "train.ckpt", "sd1_checkpoint", small=True, fmt="ckpt", training_state=True)
+    p = write_model(tmp_path / "train.ckpt", "sd1_unet", small=True, fmt="ckpt", training_state=True)
     info = identify(p)
-    assert info.format == "pickle" and info.kind == "checkpoint" and info.family == "sd1"
+    assert info.format == "pickle" and info.kind == "unet" and info.family == "sd1"
     assert info.training_state and not info.pruned
     assert any("training state" in e for e in info.evidence)
 
