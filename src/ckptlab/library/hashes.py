@@ -15,7 +15,8 @@ Definitions (reference/hub.md §1), all shown UPPER-case as CivitAI shows them:
 - ``autov2``: first 10 hex of ``sha256``.
 - ``autov3``: first 12 hex of SHA-256 over ``file[8 + N:]`` where ``N`` is the little-endian u64
   at the start of a safetensors file; ``None`` for files whose bytes are not safetensors.
-- ``crc32``: zlib CRC-32 of the whole file, 8 hex.
+- ``crc32``: CRC-32 (zlib's polynomial) of the whole file, 8 hex; computed with ISA-L when the
+  ``isal`` package is installed (same values, ~4x faster), else with ``zlib``.
 - ``blake3``: BLAKE3-256 of the whole file, 64 hex.
 """
 
@@ -56,12 +57,18 @@ class Hashes:
         return {k: v for k, v in out.items() if v}
 
 
+try:  # ISA-L's CRC-32 (same polynomial and values as zlib's) is ~4x faster; optional
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - depends on the environment
+    _crc32 = zlib.crc32
+
+
 class _Crc32:
     def __init__(self) -> None:
         self.value = 0
 
     def update(self, data) -> None:
-        self.value = zlib.crc32(data, self.value)
+        self.value = _crc32(data, self.value)
 
     def hexdigest(self) -> str:
         return f"{self.value & 0xFFFFFFFF:08x}"
