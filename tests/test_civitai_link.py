@@ -96,7 +96,11 @@ def test_link_sha256_autov3_inherited_and_miss(world, cli):
     rows2 = by_name(jsonl(r2.stdout))
     assert rows2["detail.safetensors"]["status"] == "already"
     assert rows2["tiny-fp16.safetensors"]["status"] == "already"
-    assert all(q.path.endswith("/by-hash") or "by-hash/" in q.path for q in fake.requests[n:])
+    assert fake.requests[n:] == []  # linked files are not asked again, recent misses neither
+    assert rows2["homemade.safetensors"]["status"] == "not_found"
+    r3 = cli("civitai", "link", files["unknown"], "--refresh", "--json", env=env)
+    assert jsonl(r3.stdout)[0]["status"] == "not_found"
+    assert [q.method for q in fake.requests[n:]] == ["POST", "GET"]  # --refresh asks again (SHA256, AutoV3)
 
 
 def test_write_sidecars_and_never_clobber_user_json(world, cli):

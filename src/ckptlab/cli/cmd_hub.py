@@ -42,11 +42,13 @@ def civitai_link(
             targets = [Path(r.path) for r in cat.files()]
         with progress_bar("cataloguing", unit_bytes=True, enabled=not json_out) as cb:
             catalog_paths(cat, [Path(p) for p in paths or []], progress=cb)
-            files = local_files(cat, targets, progress=cb)
+            unreadable: list = []
+            files = local_files(cat, targets, progress=cb, errors=unreadable)
         with CivitaiClient(cfg) as client, progress_bar("linking", unit_bytes=False, enabled=not json_out) as cb:
             report = link_files(cat, client, files, refresh=refresh, write_sidecars=write_sidecars,
                                 allow_nsfw=nsfw_previews, fingerprint=lambda p: catalog_fingerprint(cat, p),
                                 progress=cb)
+    report.outcomes += unreadable
     for o in report.outcomes:
         if json_out:
             emit_json(o)

@@ -13,6 +13,7 @@ revision; a 404 or an outage keeps everything and only notes ``upstream_status``
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ckptlab.library.catalog import Catalog
 from ckptlab.progress import Progress, null_progress
 
 LORA_KINDS = (None, "lora", "lycoris", "locon", "dora")
+MISS_TTL_S = 7 * 24 * 3600  # a SHA256 CivitAI did not know is asked again after a week (or with --refresh)
 
 
 @dataclass
@@ -62,9 +64,11 @@ class LinkReport:
         return out
 
 
-def local_files(cat: Catalog, paths: list[Path], progress: Progress | None = None) -> list[LocalFile]:
+def local_files(cat: Catalog, paths: list[Path], progress: Progress | None = None,
+                errors: list[LinkOutcome] | None = None) -> list[LocalFile]:
     """Hashes (and tensor fingerprints when the catalog has them) for ``paths``, from the catalog when
-    it knows the file unchanged, else computed now (and stored for catalogued files)."""
+    it knows the file unchanged, else computed now (and stored for catalogued files). Files that
+    cannot be read are left out and reported in ``errors`` (status ``error``)."""
     from ckptlab.library.hashes import hash_file
 
     progress = progress or null_progress
@@ -86,7 +90,12 @@ def local_files(cat: Catalog, paths: list[Path], progress: Progress | None = Non
             if content:
                 h, fp = content["hashes"], fp or content["fingerprint"]
         if h is None:
-            h = hash_file(p, progress=progress)
+            try:
+                h = hash_file(p, progress=progress)
+            except CkptlabError as e:
+                if errors is not None:
+                    errors.append(LinkOutcome(path=p, sha256="", status="error", message=e.message))
+                continue
             if rec is not None:
                 cat.put_hashes(key, h)
         out.append(LocalFile(p, h.sha256.upper(), h.autov3, kind, fp))
@@ -189,15 +198,23 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
         results[lf.sha256] = _outcome_from(lf, status, link, v or store.latest_record(cat, "version", link.version_id),
                                            revision=rev, message=msg)
 
-    # 2. unlinked: bulk SHA256, then AutoV3 for safetensors LoRAs
+    # 2. unlinked: bulk SHA256, then AutoV3 for safetensors LoRAs; recent misses are not asked again
     outage: str | None = None
     found: dict[str, dict] = {}
-    if pending:
+    recent = {} if refresh else {lf.sha256: t for lf in pending
+                                 if (t := store.recent_miss(cat, lf.sha256, MISS_TTL_S)) is not None}
+    ask = [lf for lf in pending if lf.sha256 not in recent]
+    if ask:
         try:
-            found = client.versions_by_sha256([lf.sha256 for lf in pending])
+            found = client.versions_by_sha256([lf.sha256 for lf in ask])
         except NetworkError as e:
             outage = str(e)
     for lf in pending:
+        if lf.sha256 in recent:
+            when = time.strftime("%Y-%m-%d", time.localtime(recent[lf.sha256]))
+            results[lf.sha256] = _outcome_from(lf, "not_found", None, None,
+                                               message=f"not on CivitAI (asked {when}; --refresh asks again)")
+            continue
         if outage:
             results[lf.sha256] = _outcome_from(lf, "error", None, None, message=outage)
             continue
@@ -260,9 +277,12 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
             if version is not None:
                 from ckptlab.hub.sidecars import write_sidecars as _write
 
-                res = _write(lf.path, version, model, fetch_image=lambda url: _fetch_image(client, url),
-                             allow_nsfw=allow_nsfw)
-                o.sidecars = res.written
+                try:
+                    res = _write(lf.path, version, model, fetch_image=lambda url: _fetch_image(client, url),
+                                 allow_nsfw=allow_nsfw)
+                    o.sidecars = res.written
+                except OSError as e:
+                    o.message = f"sidecars not written: {e.strerror or e}"
         report.outcomes.append(o)
         progress(1)
     return report
@@ -271,7 +291,12 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
 def _fetch_image(client: CivitaiClient, url: str) -> bytes:
     from ckptlab.hub.sidecars import MAX_PREVIEW_BYTES
 
-    resp = client.http.request("GET", url, what="preview image", stream=True)
+    try:
+        resp = client.http.request("GET", url, what="preview image", stream=True)
+    except CkptlabError:
+        return b""  # no preview is better than no link
+    import httpx
+
     try:
         data = bytearray()
         for chunk in resp.iter_bytes():
@@ -279,6 +304,8 @@ def _fetch_image(client: CivitaiClient, url: str) -> bytes:
             if len(data) > MAX_PREVIEW_BYTES:
                 return b""
         return bytes(data)
+    except httpx.HTTPError:
+        return b""
     finally:
         resp.close()
 

@@ -161,6 +161,12 @@ def note_miss(cat: Catalog, sha256: str) -> None:
                      "SET checked_at = excluded.checked_at", (sha256.upper(), time.time()))
 
 
+def recent_miss(cat: Catalog, sha256: str, max_age_s: float) -> float | None:
+    """When CivitAI last said it does not know this SHA256, if within ``max_age_s``; else None."""
+    row = cat.conn.execute("SELECT checked_at FROM civitai_misses WHERE sha256 = ?", (sha256.upper(),)).fetchone()
+    return row[0] if row and time.time() - row[0] < max_age_s else None
+
+
 def direct_links_by_fingerprint(cat: Catalog, fingerprint: str) -> list[Link]:
     """Direct (not inherited) links of catalogued files whose tensor fingerprint is ``fingerprint``."""
     rows = cat.conn.execute(
