@@ -1,0 +1,137 @@
+"""Benign SD-shaped pickles (tests/hostile/benign.py): read and converted bit for bit, compared with
+what ``torch.load(weights_only=False)`` yields in a throwaway subprocess (the oracle)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hostile.benign import build_benign, oracle_tensors
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ckptlab.formats import open_model
+from ckptlab.ops.convert import convert
+from ckptlab.security import check
+
+
+@pytest.fixture(scope="module")
+def benign(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benign")
+    files = build_benign(root / "files")
+    return root, files, oracle_tensors(files, root / "oracle")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(_bits(a), _bits(b))
+
+
+def test_at_least_ten_benign_files(benign):
+    _, files, _ = benign
+    assert len(files) >= 10
+
+
+def test_every_benign_file_is_safe(benign):
+    _, files, _ = benign
+    for name, p in files.items():
+        r = check(p)
+        assert r.verdict == "safe", (name, [f.detail for f in r.issues])
+
+
+def test_reader_matches_torch_load(benign):
+    _, files, oracle = benign
+    for name, p in files.items():
+        with open_model(p) as src:
+            assert src.format == "pickle"
+            assert set(src.keys()) == set(oracle[name]), name
+            for k, want in oracle[name].items():
+                got = src.get(k)
+                assert _same(got, want), (name, k)
+
+
+def test_convert_matches_torch_load(benign, tmp_path):
+    _, files, oracle = benign
+    results = convert(list(files.values()), out_dir=tmp_path)
+    assert len(results) == len(files)
+    for (name, _p), r in zip(files.items(), results, strict=True):
+        assert r.output.exists()
+        out = load_file(str(r.output))  # the safetensors library as reader
+        assert set(out) == set(oracle[name]), name
+        for k, want in oracle[name].items():
+            assert _same(out[k], want), (name, k)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_lightning_checkpoint_metadata_and_training_state(benign, tmp_path):
+    _, files, _ = benign
+    [r] = convert(files["sd1_lightning.ckpt"], out=tmp_path / "m.safetensors")
+    with safe_open(str(r.output), "pt") as f:
+        md = f.metadata()
+        keys = set(f.keys())
+    assert md["global_step"] == "840000"  # a numpy int64 in the pickle
+    assert md["epoch"] == "6"
+    assert md["pytorch-lightning_version"] == "1.6.0"
+    assert json.loads(md["hyper_parameters"]) == {"base_learning_rate": 1e-4, "target": "ldm.models.diffusion.ddpm"}
+    assert md["format"] == "pt"
+    assert r.dropped["training_state"] == 3  # optimizer_states, lr_schedulers, callbacks
+    assert not any(k.startswith(("optimizer", "callbacks", "lr_")) for k in keys)
+
+
+def test_ema_kept_by_default_and_dropped_on_request(benign, tmp_path):
+    _, files, oracle = benign
+    [r] = convert(files["sample_sd1.ckpt"], out=tmp_path / "keep.safetensors")
+    assert sum(k.startswith("model_ema.") for k in load_file(str(r.output))) > 100
+    [r] = convert(files["sample_sd1.ckpt"], out_dir=tmp_path, drop_ema=True)
+    out = load_file(str(r.output))
+    want = {k for k in oracle["sample_sd1.ckpt"] if not k.startswith("model_ema.")}
+    assert set(out) == want and r.dropped["ema"] == len(oracle["sample_sd1.ckpt"]) - len(want)
+
+
+def test_shared_storage_views_become_separate_tensors(benign, tmp_path):
+    _, files, _ = benign
+    with open_model(files["nested_views.ckpt"]) as src:
+        w = "model.diffusion_model.out.2."
+        assert src.storage_key(w + "weight")[0] == src.storage_key(w + "weight_t")[0]
+        assert torch.equal(src.get(w + "weight_t"), torch.arange(24, dtype=torch.float32).reshape(4, 6).t())
+    [r] = convert(files["nested_views.ckpt"], out_dir=tmp_path)
+    out = load_file(str(r.output))
+    assert torch.equal(out[w + "cols"], torch.arange(24, dtype=torch.float32).reshape(4, 6)[:, 2:5])
+
+
+def test_tensors_are_mmap_backed_not_copies(benign):
+    _, files, _ = benign
+    p = files["sd1_unet_bf16.ckpt"]
+    with open_model(p) as src:
+        k = src.keys()[0]
+        t = src.get(k)
+        raw = p.read_bytes()
+        off = raw.index(_bits(t).numpy().tobytes())
+        assert src.scan.storages[0].backing[0] == "file"
+        assert any(st.backing == ("file", off) for st in src.scan.storages)
+
+
+def test_a1111_embedding_layout(benign):
+    _, files, _ = benign
+    with open_model(files["bad-hands.pt"]) as src:
+        assert src.keys() == ["string_to_param.*"]
+        assert src.extra["name"] == "bad-hands" and src.extra["step"] == 3000
+        assert src.extra["string_to_token"] == {"*": 265}
+
+
+def test_cli_convert_and_check(benign, cli, tmp_path):
+    _, files, oracle = benign
+    r = cli("check", files["sd1_vae_legacy.ckpt"], files["vae_plain_p5.bin"])
+    assert r.returncode == 0 and r.stdout.count("safe") == 2
+    out = tmp_path / "vae.safetensors"
+    r = cli("convert", files["sd1_vae_legacy.ckpt"], "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["output"] == str(out) and rec["tensors_out"] == len(oracle["sd1_vae_legacy.ckpt"])
+    r = cli("convert", files["sd1_vae_legacy.ckpt"], "-o", out)
+    assert r.returncode != 0 and "exists" in r.stderr  # never overwritten silently
+    assert cli("check", out).returncode == 0
