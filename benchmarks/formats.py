@@ -1,14 +1,16 @@
 """Model-file layer benchmark: header parsing and a streamed copy, ckptlab vs the safetensors library.
 
-    python benchmarks/formats.py --quick    # small-layout SDXL checkpoint, a few seconds
-    python benchmarks/formats.py            # real-size SDXL fp16 checkpoint (6.9 GB, cached, sparse input)
+    python benchmarks/formats.py --quick          # small-layout SDXL checkpoint, a few seconds
+    python benchmarks/formats.py                  # real-size: SDXL header, SD1.5 fp16 copy (2.1 GB)
+    python benchmarks/formats.py --family sdxl    # real-size SDXL fp16 copy (6.9 GB; needs ~8 GB free RAM)
 
-1. open: parse and validate the header of an SDXL checkpoint (2.5k tensors) and list every key's
-   dtype and shape - ckptlab ``SafetensorsSource`` vs ``safetensors.safe_open`` (+ ``get_slice``
-   shapes). In-process, median of N runs.
-2. copy: rewrite the whole checkpoint into a new file - ckptlab (mmap source -> ``SafetensorsWriter``,
+1. open: parse and validate the header of a real-size SDXL checkpoint (2.5k tensors; the file is
+   sparse, only the header matters) and list every key's dtype and shape - ckptlab
+   ``SafetensorsSource`` vs ``safetensors.safe_open`` (+ ``get_slice`` shapes). In-process, median.
+2. copy: rewrite a whole checkpoint into a new file - ckptlab (mmap source -> ``SafetensorsWriter``,
    one tensor at a time, zero-copy ``write_raw``) vs safetensors (``load_file`` + ``save_file``).
-   Each in its own subprocess; the parent samples the child's RssAnon (anonymous memory, not page
+   ckptlab fsyncs before the rename (safetensors does not), so a third run shows ckptlab without
+   the fsync. Each in its own subprocess; the parent samples the child's RssAnon (anonymous memory, not page
    cache) every 10 ms. The input is generated once into .bench-cache/formats/ by ckptlab.sample
    with the real SDXL layout; by default it is sparse (header + holes: no 6.9 GB of disk writes to
    set up, and both tools read the same zero pages), ``--dense`` writes real values. Outputs are
@@ -41,14 +43,14 @@ def _rss_anon(pid: int) -> int:
     return 0
 
 
-def make_input(quick: bool, dense: bool) -> Path:
+def make_input(family: str, quick: bool, dense: bool) -> Path:
     from ckptlab.sample.build import write_model
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    p = CACHE / f"sdxl{'_small' if quick else ''}{'_dense' if dense else ''}.safetensors"
+    p = CACHE / f"{family}{'_small' if quick else ''}{'_dense' if dense else ''}.safetensors"
     if not p.exists():
         t = time.perf_counter()
-        write_model(p, "sdxl_checkpoint", small=quick, sparse=not quick and not dense, dtype="F16", seed=3)
+        write_model(p, f"{family}_checkpoint", small=quick, sparse=not quick and not dense, dtype="F16", seed=3)
         print(f"generated {p.name} ({p.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.1f} s", flush=True)
     return p
 
@@ -98,6 +100,12 @@ def job_ckptlab(src: str, out: str) -> None:
     print(json.dumps({"wall": time.perf_counter() - t}))
 
 
+def job_ckptlab_nofsync(src: str, out: str) -> None:
+    """The same copy without the final fsync (what safetensors' save_file does not do either)."""
+    os.fsync = lambda fd: None
+    job_ckptlab(src, out)
+
+
 def job_safetensors(src: str, out: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -109,7 +117,7 @@ def job_safetensors(src: str, out: str) -> None:
     print(json.dumps({"wall": time.perf_counter() - t}))
 
 
-JOBS = {"ckptlab": job_ckptlab, "safetensors": job_safetensors}
+JOBS = {"ckptlab": job_ckptlab, "safetensors": job_safetensors, "ckptlab-no-fsync": job_ckptlab_nofsync}
 
 
 def run_job(name: str, src: Path, out: Path) -> dict:
@@ -140,6 +148,7 @@ def _same(a: Path, b: Path) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small-layout SDXL checkpoint (seconds)")
+    ap.add_argument("--family", choices=("sd1", "sdxl"), default="sd1", help="checkpoint copied (default sd1)")
     ap.add_argument("--dense", action="store_true", help="write real values into the input (slow to set up)")
     ap.add_argument("--runs", type=int, default=20, help="header-parse repetitions")
     ap.add_argument("--delete", action="store_true", help="remove the cached input afterwards")
@@ -149,29 +158,32 @@ def main() -> None:
         JOBS[args.job[0]](args.job[1], args.job[2])
         return
     sys.path.insert(0, str(ROOT / "src"))
-    src = make_input(args.quick, args.dense)
-    print(f"input: {src} ({src.stat().st_size / 2**30:.2f} GiB)")
-    rows = bench_open(src, args.runs)
+    head = make_input("sdxl", args.quick, False)
+    src = head if args.quick else make_input(args.family, False, args.dense)
+    print(f"header input: {head.name}; copy input: {src.name} ({src.stat().st_size / 2**30:.2f} GiB)")
+    rows = bench_open(head, args.runs)
     outs = []
     for tool in JOBS:
         out = CACHE / f"out_{tool}.safetensors"
         rows.append(run_job(tool, src, out))
         outs.append(out)
-    identical = _same(src, outs[0]) and _same(outs[0], outs[1])
+    identical = _same(src, outs[0]) and all(_same(outs[0], o) for o in outs[1:])
     for o in outs:
         o.unlink(missing_ok=True)
     for r in rows:
         print(json.dumps(r))
     o_ck, o_st = rows[0]["median_ms"], rows[1]["median_ms"]
-    c_ck, c_st = rows[2], rows[3]
+    c_ck, c_st, c_nf = rows[2], rows[3], rows[4]
     print(f"open+list: ckptlab {o_ck} ms vs safetensors {o_st} ms (ratio {o_st / o_ck:.2f}x)")
     print(f"copy: ckptlab {c_ck['wall_s']} s / {c_ck['peak_rss_anon_mib']} MiB anon vs safetensors "
           f"{c_st['wall_s']} s / {c_st['peak_rss_anon_mib']} MiB anon "
           f"(time ratio {c_st['wall_s'] / max(c_ck['wall_s'], 1e-9):.2f}x, memory ratio "
           f"{c_st['peak_rss_anon_mib'] / max(c_ck['peak_rss_anon_mib'], 1e-9):.1f}x); outputs identical tensors: "
           f"{identical}")
+    print(f"copy without fsync: ckptlab {c_nf['wall_s']} s (time ratio {c_st['wall_s'] / max(c_nf['wall_s'], 1e-9):.2f}x)")
     if args.delete:
         src.unlink(missing_ok=True)
+        head.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
