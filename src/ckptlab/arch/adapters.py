@@ -129,8 +129,8 @@ def _detect_embedding(infos: Mapping[str, TensorInfo], extra: Mapping[str, Any])
                             [f"clip_l {list(infos['clip_l'].shape)} + clip_g {list(infos['clip_g'].shape)} "
                              f"(SDXL embedding, {n} vectors)"])
     stp = [k for k in keys if k.startswith("string_to_param.")]
-    if stp or keys == ["emb_params"] or (len(keys) == 1 and 1 <= len(infos[keys[0]].shape) <= 2
-                                         and infos[keys[0]].shape[-1] in _EMB_WIDTH):
+    lone = len(keys) == 1 and "." not in keys[0] and 1 <= len(infos[keys[0]].shape) <= 2  # diffusers {"<tok>": t}
+    if stp or keys == ["emb_params"] or (lone and infos[keys[0]].shape[-1] in _EMB_WIDTH):
         k = stp[0] if stp else keys[0]
         shape = infos[k].shape
         width = shape[-1] if shape else None

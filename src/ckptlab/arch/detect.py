@@ -167,6 +167,8 @@ _NAME_FAMILY = ((re.compile(r"flux|(^|[^a-z])ae\.", re.I), "flux"), (re.compile(
 
 def _vae_family(det: Detection, infos: Mapping[str, TensorInfo], vae_keys: list[str], path: Path | None) -> None:
     conv = next((k for k in vae_keys if k.endswith("decoder.conv_in.weight")), None)
+    if conv is None:  # TAESD: the first decoder conv takes the latent channels
+        conv = next((k for k in vae_keys if k.endswith("taesd_decoder.1.weight")), None)
     ch = infos[conv].shape[1] if conv and len(infos[conv].shape) == 4 else None
     if any(k.endswith("decoder.mid.block_1.mix_factor") for k in vae_keys):
         det.family = "svd"
