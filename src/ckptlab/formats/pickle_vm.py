@@ -271,6 +271,8 @@ class PickleVM:
     def _memo_put(self, idx: int, v) -> None:
         if idx < 0:
             raise _Broken("negative memo index")
+        if idx >= MAX_MEMO:  # the C unpickler sizes its memo array to the index: 4G entries = 32 GB
+            raise _Limit(f"memo index {idx} exceeds {MAX_MEMO}")
         if idx not in self.memo and len(self.memo) >= MAX_MEMO:
             raise _Limit(f"memo exceeds {MAX_MEMO} entries")
         self.memo[idx] = v

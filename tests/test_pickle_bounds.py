@@ -1,0 +1,124 @@
+"""Bounds and resource limits: hostile sizes, counts and nesting give a verdict, never a crash or a
+hang. File-level cases run the real CLI in a subprocess with a timeout (a hang fails the test)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hostile.corpus import binint, call, g, legacy_file, p2, state_dict, tensor_v2, tup, u
+from hostile.zipbuild import build_zip, torch_members
+
+from ckptlab.errors import CkptlabError, FormatError
+from ckptlab.formats import open_model, pickle_vm
+from ckptlab.ops.convert import convert
+from ckptlab.security import check
+
+REC = {"0": struct.pack("<3f", 1, 2, 3)}
+
+
+def _nested_legacy(levels: int) -> bytes:
+    inner = p2(b"}")
+    for _ in range(levels):
+        blob = legacy_file(inner)
+        inner = p2(call(g("torch.storage", "_load_from_bytes"), b"B" + struct.pack("<I", len(blob)) + blob))
+    return inner
+
+
+CASES = {
+    # name: (bytes, acceptable verdicts)
+    "memo_index_4g": (b"\x80\x02}r\xff\xff\xff\xff.", {"suspicious"}),
+    "marks_200k": (b"\x80\x02" + b"(" * 200_000 + b"N.", {"suspicious"}),
+    "nested_lists_50k": (b"\x80\x02" + b"(" * 50_000 + b"l" * 50_000 + b".", {"safe"}),
+    "self_cycle": (b"\x80\x02]q\x00h\x00a.", {"safe"}),
+    "billion_laughs": (b"\x80\x02]q\x00" + b"".join(
+        b"(" + (b"h" + bytes([i])) * 10 + b"lq" + bytes([i + 1]) for i in range(40)) + b".", {"safe"}),
+    "binbytes8_2e62": (b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"xx.", {"suspicious", "corrupt"}),
+    "binunicode8_huge": (b"\x80\x04\x8d" + struct.pack("<Q", 1 << 40) + b"xx.", {"suspicious", "corrupt"}),
+    "long4_huge": (b"\x80\x02\x8b" + struct.pack("<i", 1 << 30) + b"\x01.", {"suspicious"}),
+    "text_long_many_digits": (b"L" + b"9" * 100_000 + b"L\n.", {"corrupt"}),
+    "frame_2e63": (b"\x80\x04\x95" + struct.pack("<Q", 1 << 63) + b"N.", {"malicious"}),
+    "zip_too_many_entries": (build_zip(torch_members("archive", p2(b"}")))[:-22] + struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFE, 0xFFFE, 46, 0, 0), {"corrupt", "malicious"}),
+    "zip64_locator_past_eof": (build_zip(torch_members("archive", p2(b"}")))[:-22] + b"PK\x06\x07" + struct.pack(
+        "<IQI", 0, 1 << 50, 1) + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF,
+                                             0xFFFFFFFF, 0), {"corrupt"}),
+    "zip_truncated_half": (build_zip(torch_members("archive", p2(state_dict(("w", tensor_v2("0", 3)))), REC))[:300],
+                           {"corrupt"}),
+    "legacy_count_lie": (legacy_file(p2(b"}(" + u("w") + call(
+        g("torch._utils", "_rebuild_tensor_v2"), tup(u("storage"), g("torch", "FloatStorage"), u("1"), u("cpu"),
+                                                     binint(3), b"N") + b"Q", binint(0), tup(binint(3)),
+        tup(binint(1)), b"\x89", call(g("collections", "OrderedDict"))) + b"u"), keys_stream=p2(b"](" + u("1") + b"e"),
+        records=struct.pack("<q", 1 << 40) + b"\0" * 12), {"corrupt", "malicious"}),
+    "legacy_count_mismatch": (legacy_file(p2(b"}(" + u("w") + call(
+        g("torch._utils", "_rebuild_tensor_v2"), tup(u("storage"), g("torch", "FloatStorage"), u("1"), u("cpu"),
+                                                     binint(3), b"N") + b"Q", binint(0), tup(binint(3)),
+        tup(binint(1)), b"\x89", call(g("collections", "OrderedDict"))) + b"u"), keys_stream=p2(b"](" + u("1") + b"e"),
+        records=struct.pack("<q", 2) + b"\0" * 8), {"malicious"}),
+    "negative_numel": (build_zip(torch_members("archive", p2(state_dict(("w", tensor_v2("0", -3)))), REC)),
+                       {"suspicious", "corrupt"}),
+    "stride_zero_2e40": (build_zip(torch_members("archive", p2(state_dict(
+        ("w", tensor_v2("0", 3, size=(1 << 20, 1 << 20), stride=(0, 0))))), REC)), {"suspicious"}),
+    "negative_stride": (build_zip(torch_members("archive", p2(state_dict(("w", tensor_v2("0", 3, stride=(-1,))))),
+                                                REC)), {"suspicious"}),
+    "missing_record": (build_zip(torch_members("archive", p2(state_dict(("w", tensor_v2("7", 3)))), REC)),
+                       {"corrupt"}),
+    "nested_load_from_bytes_x3": (_nested_legacy(3), {"suspicious"}),
+    "junk": (b"\x00\x01\x02 not a model at all" * 10, {"corrupt"}),
+    "empty": (b"", {"corrupt"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hostile_sizes_get_a_verdict_not_a_crash(name, tmp_path, cli):
+    data, allowed = CASES[name]
+    p = tmp_path / f"{name}.ckpt"
+    p.write_bytes(data)
+    r = cli("check", p, "--json", timeout=90)
+    assert "Traceback" not in r.stderr, r.stderr
+    [rec] = [json.loads(x) for x in r.stdout.splitlines()]
+    assert rec["verdict"] in allowed, (rec["verdict"], rec["findings"])
+    assert r.returncode == {"safe": 0, "suspicious": 3, "malicious": 4, "corrupt": 5}[rec["verdict"]]
+
+
+@pytest.mark.parametrize("name", ["zip_truncated_half", "missing_record", "junk", "empty", "legacy_count_lie"])
+def test_corrupt_files_fail_with_one_line(name, tmp_path, cli):
+    p = tmp_path / f"{name}.ckpt"
+    p.write_bytes(CASES[name][0])
+    with pytest.raises(CkptlabError):
+        src = open_model(p)
+        for k in src.keys():  # a file that opens must fail cleanly on the bad tensor
+            src.get(k)
+    r = cli("convert", p, "--out-dir", tmp_path)
+    assert r.returncode != 0 and r.stderr.startswith("ckptlab: error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_memo_entry_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(pickle_vm, "MAX_MEMO", 1000)
+    body = b"".join(b"Nr" + struct.pack("<I", i) + b"0" for i in range(1500))
+    p = tmp_path / "memo.pt"
+    p.write_bytes(b"\x80\x02" + body + b"N.")
+    r = check(p)
+    assert r.verdict == "suspicious" and any(f.kind == "resource_limit" for f in r.issues)
+
+
+def test_stack_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(pickle_vm, "MAX_STACK", 1000)
+    p = tmp_path / "stack.pt"
+    p.write_bytes(b"\x80\x02" + b"N" * 2000 + b".")
+    assert check(p).verdict == "suspicious"
+
+
+def test_view_past_storage_is_refused_when_read(tmp_path):
+    p = tmp_path / "view.ckpt"
+    p.write_bytes(build_zip(torch_members("archive", p2(state_dict(("w", tensor_v2("0", 3, size=(4,))))), REC)))
+    with open_model(p) as src:  # suspicious files open (inert data), but the bad tensor is never materialised
+        assert src.verdict == "suspicious"
+        with pytest.raises(FormatError):
+            src.get("w")
+    with pytest.raises(CkptlabError):
+        convert(p, out_dir=tmp_path, allow_suspicious=True)
+    assert not list(tmp_path.glob("*.safetensors"))
