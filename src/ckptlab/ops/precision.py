@@ -69,6 +69,8 @@ def cast_out(key: str, src: TensorSource, src_key: str, target: str, clamp: bool
     info = src.info(src_key)
 
     def produce():
+        import torch
+
         from ckptlab.formats.dtypes import to_torch
 
         t = src.get(src_key)
@@ -82,7 +84,7 @@ def cast_out(key: str, src: TensorSource, src_key: str, target: str, clamp: bool
                     raise OverflowRefused(
                         f"{n} value(s) of {src_key!r} exceed the {target} range (largest |x| = {peak:g} > "
                         f"{limit:g}); nothing written - use --clamp to clamp them", src.path)
-                t = t.clamp(-limit, limit)
+                t = torch.where(t.isfinite(), t.clamp(-limit, limit), t)  # infinities stay infinite
             del over
         return t.to(to_torch(target))
 

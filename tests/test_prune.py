@@ -1,0 +1,144 @@
+"""prune: EMA keep/drop/use, training state, position_ids repair, provenance, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_ops_fixtures import load, make_model, sha256
+
+from ckptlab.errors import MismatchError, UnsafeFileError
+from ckptlab.ops.layout import ema_key
+from ckptlab.ops.prune import prune
+
+UNET_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+@pytest.fixture
+def ema_model(tmp_path):
+    return make_model(tmp_path / "model.safetensors", "sd1_checkpoint", ema=True)
+
+
+def test_drop_ema_keeps_everything_else_bit_identical(tmp_path, ema_model):
+    before = sha256(ema_model)
+    (tmp_path / "out").mkdir()
+    [r] = prune([ema_model], ema="drop", out_dir=tmp_path / "out")
+    src, out = load(ema_model), load(r.output)
+    assert r.output.name == "model-pruned.safetensors"
+    assert set(out) == {k for k in src if not k.startswith("model_ema.")}
+    for k in out:
+        assert out[k].dtype == src[k].dtype and torch.equal(out[k], src[k]), k
+    assert r.dropped == {"ema": 688}
+    assert sha256(ema_model) == before
+    # provenance: operation, version, input sha256 (computed independently here)
+    meta = safe_open(str(r.output), "pt").metadata()
+    assert meta["ckptlab.operation"] == "prune"
+    assert meta["ckptlab.version"].startswith("ckptlab ")
+    assert json.loads(meta["ckptlab.inputs"]) == [{"name": "model.safetensors", "sha256": before}]
+    assert r.input_sha256 == before
+
+
+def test_use_ema_replaces_unet_with_ema_values(tmp_path, ema_model):
+    [r] = prune([ema_model], ema="use")
+    src, out = load(ema_model), load(r.output)
+    assert r.output.name == "model-pruned-emaonly.safetensors"
+    assert not any(k.startswith("model_ema.") for k in out)
+    unet_keys = [k for k in src if k.startswith("model.diffusion_model.")]
+    assert len(unet_keys) == 686
+    for k in unet_keys:
+        assert torch.equal(out[k], src[ema_key(k)]), k
+    assert not torch.equal(out[UNET_KEY], src[UNET_KEY])  # the sample's EMA differs from the UNet
+    vae = "first_stage_model.decoder.conv_in.weight"
+    assert torch.equal(out[vae], src[vae])
+
+
+def test_keep_ema(tmp_path, ema_model):
+    [r] = prune([ema_model], ema="keep")
+    assert set(load(r.output)) == set(load(ema_model))
+
+
+def test_use_ema_without_ema_refused(tmp_path):
+    p = make_model(tmp_path / "plain.safetensors", "sd1_checkpoint")
+    with pytest.raises(MismatchError, match="no EMA weights"):
+        prune([p], ema="use")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["plain.safetensors"]
+
+
+def test_training_state_dropped_from_lightning_ckpt(tmp_path):
+    p = make_model(tmp_path / "train.ckpt", "sd1_checkpoint", ema=True, fmt="ckpt", training_state=True)
+    [r] = prune([p], ema="drop")
+    out = load(r.output)
+    assert r.output.suffix == ".safetensors"
+    assert not any(k.startswith(("optimizer", "model_ema.", "lr_schedulers")) for k in out)
+    assert UNET_KEY in out
+
+
+def test_precision_at_the_same_time_and_vae_stays_fp32(tmp_path, ema_model):
+    [r] = prune([ema_model], ema="use", precision="fp16")
+    src, out = load(ema_model), load(r.output)
+    assert r.output.name == "model-pruned-emaonly-fp16.safetensors"
+    assert torch.equal(out[UNET_KEY], src[ema_key(UNET_KEY)].to(torch.float16))
+    te = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(out[te], src[te].to(torch.float16))
+    assert out["first_stage_model.decoder.conv_in.weight"].dtype == torch.float32
+    assert out["alphas_cumprod"].dtype == torch.float32  # schedule buffers untouched
+    pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    assert out[pid].dtype == torch.int64
+
+
+def test_float_position_ids_repaired(tmp_path):
+    p = make_model(tmp_path / "merged.safetensors", "sd1_merged")
+    pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    src = load(p)
+    assert src[pid].is_floating_point() and not torch.equal(src[pid], src[pid].round())
+    [r] = prune([p])
+    out = load(r.output)
+    assert out[pid].dtype == torch.int64
+    assert torch.equal(out[pid], torch.arange(src[pid].shape[-1]).reshape(src[pid].shape))
+    assert any("position_ids" in w for w in r.warnings)
+
+
+def test_dry_run_and_existing_output(tmp_path, ema_model):
+    [r] = prune([ema_model], dry_run=True)
+    assert r.dry_run and not r.output.exists() and r.tensors_out == 1143
+    prune([ema_model])
+    from ckptlab.errors import OutputError
+
+    with pytest.raises(OutputError, match="already exists"):
+        prune([ema_model])
+
+
+def test_malicious_pickle_refused(tmp_path):
+    import pickle
+    import zipfile
+
+    class Evil:
+        def __reduce__(self):
+            return (__import__("os").system, ("echo pwned",))
+
+    p = tmp_path / "evil.ckpt"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"state_dict": {}, "x": Evil()}, protocol=2))
+    from ckptlab.security import check
+
+    assert check(p).verdict == "malicious"
+    before = sha256(p)
+    with pytest.raises(UnsafeFileError):
+        prune([p])
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["evil.ckpt"]
+    assert sha256(p) == before
+
+
+def test_cli_prune_many_inputs(tmp_path, cli):
+    a = make_model(tmp_path / "a.safetensors", "sd1_checkpoint", ema=True)
+    b = make_model(tmp_path / "b.safetensors", "sd1_checkpoint", ema=True, seed=1)
+    (tmp_path / "out").mkdir()
+    r = cli("prune", a, b, "--ema", "use", "--out-dir", tmp_path / "out", "--json")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["output"] for x in recs] == [str(tmp_path / "out/a-pruned-emaonly.safetensors"),
+                                           str(tmp_path / "out/b-pruned-emaonly.safetensors")]
+    r = cli("prune", a, "--ema", "sideways")
+    assert r.returncode != 0 and "ckptlab: error:" in r.stderr and len(r.stderr.strip().splitlines()) == 1
