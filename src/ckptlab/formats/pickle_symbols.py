@@ -55,6 +55,7 @@ _TENSOR_PAIRS = {
     ("builtins", "set"),
     ("builtins", "frozenset"),
     ("builtins", "bytearray"),
+    ("builtins", "bytes"),
     ("builtins", "complex"),
     # read by recursing with this same reader, never by calling torch (security.md 1.3)
     ("torch.storage", "_load_from_bytes"),

@@ -730,6 +730,14 @@ def _i_bytearray(vm, a, at):
     raise _Reject("unexpected arguments")
 
 
+def _i_bytes(vm, a, at):
+    if not a:
+        return b""
+    if len(a) == 1 and isinstance(a[0], list) and all(type(x) is int and 0 <= x < 256 for x in a[0]):
+        return bytes(a[0])
+    return _i_bytearray(vm, a, at)
+
+
 def _i_complex(vm, a, at):
     if len(a) in (1, 2) and all(type(x) in (int, float) for x in a):
         return complex(*a)
@@ -805,6 +813,7 @@ _IMPLS = {
     ("builtins", "set"): _i_set,
     ("builtins", "frozenset"): _i_frozenset,
     ("builtins", "bytearray"): _i_bytearray,
+    ("builtins", "bytes"): _i_bytes,
     ("builtins", "complex"): _i_complex,
     ("_codecs", "encode"): _i_encode,
     ("torch", "Size"): _i_size,
