@@ -17,8 +17,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     n = 0
+    reuse: dict = {}
     for layout in ("a1111", "comfyui"):
-        files = build_library(args.dir / layout, layout, small=True, overwrite=args.overwrite)
+        files = build_library(args.dir / layout, layout, small=True, overwrite=args.overwrite, reuse=reuse)
         n += len(files)
     size = sum(f.stat().st_size for f in args.dir.rglob("*") if f.is_file())
     print(f"sample library: {n} files, {size / 1e6:.1f} MB in {args.dir} ({time.perf_counter() - t0:.1f} s)")
