@@ -208,3 +208,20 @@ def test_every_truncation_of_the_header_is_refused(flux_gguf):
         cut.write_bytes(data[:n])
         with pytest.raises(CkptlabError):
             GGUFSource(cut)
+
+
+def test_version_1_uses_32_bit_sizes(tmp_path):
+    """GGUF v1 (Aug 2023): counts, string lengths and dimensions are u32 (v2 widened them)."""
+    def s32(text):
+        b = text.encode()
+        return struct.pack("<I", len(b)) + b
+
+    head = b"GGUF" + struct.pack("<III", 1, 1, 1) + s32("general.architecture") + struct.pack("<I", 8) + s32("sd1")
+    head += s32("input_blocks.0.0.weight") + struct.pack("<I", 2) + struct.pack("<II", 2, 3) + struct.pack("<IQ", 0, 0)
+    data = np.arange(6, dtype=np.float32)
+    p = tmp_path / "v1.gguf"
+    p.write_bytes(head + b"\0" * (-len(head) % 32) + data.tobytes())
+    src = GGUFSource(p)
+    assert src.version == 1 and src.architecture == "sd1"
+    assert src.info("input_blocks.0.0.weight").shape == (3, 2)
+    assert src.get("input_blocks.0.0.weight").flatten().tolist() == data.tolist()

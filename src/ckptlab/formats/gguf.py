@@ -3,7 +3,7 @@
 Layout (all little-endian unless the file is big-endian, detected from the version field):
 ``"GGUF"``, version u32 (1, 2 or 3), tensor count and metadata count (u64; u32 in version 1),
 metadata key/value pairs (key string, value type u32, value), then one info per tensor (name,
-``n_dims`` u32, ``n_dims`` dimensions, GGML type u32, data offset u64), then padding to
+``n_dims`` u32, ``n_dims`` dimensions (u64; u32 in v1), GGML type u32, data offset u64), then padding to
 ``general.alignment`` (default 32) and the data. Strings are a length (u64; u32 in v1) and UTF-8.
 
 Dimensions are stored innermost-first (GGML ``ne`` order); ``infos()`` reports them reversed, as
@@ -214,7 +214,7 @@ class GGUFSource(TensorSource):
             n_dims = cur.u32(f"tensor {name!r} dimension count")
             if n_dims > MAX_DIMS:
                 raise FormatError(f"GGUF tensor {name!r}: {n_dims} dimensions (at most {MAX_DIMS})", path)
-            ne = tuple(cur.u64(f"tensor {name!r} dimensions") for _ in range(n_dims))
+            ne = tuple(cur.count(f"tensor {name!r} dimensions") for _ in range(n_dims))  # u32 in v1
             tid = cur.u32(f"tensor {name!r} type")
             offset = cur.u64(f"tensor {name!r} offset")
             if name in seen:
