@@ -92,8 +92,13 @@ def _lora_format(key: str) -> str:
     return "diffusers_old"
 
 
+_ADAPTER_WORDS = re.compile(r"lora|hada_|lokr_|oft_blocks|\.a1\.weight|on_input|w_norm|\.diff$|dora_scale")
+
+
 def _detect_lora(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
     keys = list(infos)
+    if not any(_ADAPTER_WORDS.search(k) for k in keys):
+        return None  # one cheap pass: most files are not adapters
     lyco = None
     for suffix, algo in _LYCORIS:
         generic = suffix in ("a1.weight", "on_input", "w_norm", "diff")  # names a full model could contain
