@@ -13,12 +13,17 @@ ratio measures hashing work, not the disk. Also printed: a naive "six separate p
 ``hash_file``. Target (issue 4): ckptlab / sha256 <= 1.5.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import sys
+
+# this folder holds scripts named like stdlib modules (inspect.py): keep it off the import path
+sys.path[:] = [p for p in sys.path if p not in ("", __import__("os").path.dirname(__file__))]
 
 import argparse
 import hashlib
 import os
-import sys
 import threading
 import time
 import zlib

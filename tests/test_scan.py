@@ -287,3 +287,16 @@ def test_cli_scan_json_and_ls_filters(tmp_path, cli):
     assert r.returncode == 0 and "flux_schnell.safetensors" in r.stdout
     r = cli("scan", str(tmp_path / "nope"), "--db", str(db))
     assert r.returncode == 0 and "cannot access" in r.stdout
+
+
+def test_worker_processes_record_the_same_rows(tmp_path, monkeypatch):
+    sparse_library(tmp_path / "lib", "comfyui")
+    touch_garbage(tmp_path / "lib" / "models" / "loras" / "junk.safetensors")
+    rows = []
+    for workers in (1, 2):
+        monkeypatch.setattr(scanner, "PARALLEL_MIN", 1)
+        with Catalog(tmp_path / f"c{workers}.db") as c:
+            scan([tmp_path / "lib"], c, workers=workers)
+            rows.append([(r.path, r.kind, r.family, r.n_tensors, r.tensor_bytes, r.error) for r in c.files(sort="path")])
+    assert rows[0] == rows[1] and len(rows[0]) == 9
+    assert [r[0].rsplit("/", 1)[1] for r in rows[0] if r[5]] == ["junk.safetensors"]

@@ -28,6 +28,7 @@ from ckptlab.library.catalog import Catalog, StatKey, display_path, path_key
 from ckptlab.progress import Progress, null_progress
 
 BATCH = 200
+PARALLEL_MIN = 64  # files to read before worker processes pay off
 
 
 @dataclass
@@ -133,18 +134,20 @@ def _listdir(folder: str) -> set[str]:
 
 
 # -- reading one file -------------------------------------------------------------------------
+_TRAINING_ROOTS = ("optimizer_states", "lr_schedulers", "callbacks", "loops", "loss.", "optimizer.")
+
+
 def _tensor_stats(src) -> dict:
-    from ckptlab.arch.components import MARKER_KEYS, SCHEDULE_KEYS, split_components
+    """Tensor count and bytes: total, EMA + training state (what pruning drops), fp32 weights."""
+    from ckptlab.arch.components import MARKER_KEYS, SCHEDULE_KEYS
 
     infos = src.infos()
-    comps = split_components(infos)
-    skip = set(comps.get("ema", [])) | set(comps.get("training", []))
     dtypes: dict[str, int] = {}
     total = ema = fp32 = 0
     for k, ti in infos.items():
         nb = ti.nbytes
         total += nb
-        if k in skip:
+        if k.startswith("model_ema.") or k.startswith(_TRAINING_ROOTS):
             ema += nb
             continue
         dtypes[ti.dtype] = dtypes.get(ti.dtype, 0) + nb
@@ -220,7 +223,10 @@ def read_file_facts(path: str, kind_hint: str | None = None) -> dict:
 
 # -- the scan ---------------------------------------------------------------------------------
 def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False, fingerprint: bool = False,
-         extra_model_paths: str | os.PathLike | None = None, progress: Progress | None = None) -> ScanSummary:
+         extra_model_paths: str | os.PathLike | None = None, progress: Progress | None = None,
+         workers: int | None = None) -> ScanSummary:
+    """Scan ``roots`` into ``catalog``. ``workers``: processes reading new/changed files (default:
+    CPUs, at most 8; used only when at least ``PARALLEL_MIN`` files need reading)."""
     progress = progress or null_progress
     t0 = time.perf_counter()
     targets: list[tuple[str, str | None]] = [(os.path.abspath(os.fspath(r)), None) for r in roots]
@@ -234,7 +240,7 @@ def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False
                             (time.time(), json.dumps(root_names))).lastrowid
     summary = ScanSummary(scan_id=scan_id, roots=root_names)
     try:
-        _run(targets, catalog, summary, hash=hash, fingerprint=fingerprint, progress=progress)
+        _run(targets, catalog, summary, hash=hash, fingerprint=fingerprint, progress=progress, workers=workers)
     except KeyboardInterrupt:
         summary.status = "interrupted"
         raise
@@ -255,7 +261,7 @@ def _summary_dict(s: ScanSummary) -> dict:
 
 
 def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerprint: bool,
-         progress: Progress) -> None:
+         progress: Progress, workers: int | None) -> None:
     progress(0, description="walking folders")
     walk_errors: list[dict] = []
     found: list[Found] = []
@@ -325,8 +331,8 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
     total_bytes = sum(f.key[2] for f, _, _ in todo if f.key is not None)
     progress(0, total=total_bytes if hash else len(todo), description="reading files")
     batch: list[tuple] = []
-    for f, fid, why in todo:
-        batch.append((f, fid, why, _read_one(f, hash=False, progress=progress)))
+    for (f, fid, why), facts in zip(todo, _read_all([t[0] for t in todo], workers), strict=True):
+        batch.append((f, fid, why, facts))
         if not hash:
             progress(1)
         if len(batch) >= BATCH:
@@ -383,7 +389,31 @@ def _apply_move(c, f: Found, fid: int, now: float, scan_id: int) -> None:
                _sidecar_json(f, sc), now, scan_id, fid))
 
 
-def _read_one(f: Found, *, hash: bool, progress: Progress) -> dict:
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _read_all(found: list[Found], workers: int | None):
+    """``_read_one`` over ``found`` in order; in worker processes when there are enough files."""
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(found) < PARALLEL_MIN:
+        for f in found:
+            yield _read_one(f)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    ex = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    try:
+        yield from ex.map(_read_one, found, chunksize=8)
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
+
+
+def _read_one(f: Found) -> dict:
     loc = _location(f)
     facts: dict = {"kind": loc["hint"]}
     if f.error:
