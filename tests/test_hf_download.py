@@ -202,6 +202,27 @@ def test_dropped_connection_is_resumed(hub, tmp_path, monkeypatch):
     assert len(gets) == 2 and gets[1].headers.get("range") == f"bytes={kept}-"
 
 
+def test_run_that_keeps_failing_leaves_nothing(hub, tmp_path, monkeypatch):
+    """Retries exhausted: a one-line NetworkError, nothing under the final name, no staging left
+    (huggingface_hub 2.x deletes its partial, so there is nothing to resume from on a later run)."""
+    import huggingface_hub.file_download as fd
+    from huggingface_hub import constants
+
+    fake, data = hub
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 512)
+    monkeypatch.setattr(fd.time, "sleep", lambda s: None)
+    fake.drop_after["sdxl_vae.safetensors"] = [1100] + [10] * 10  # 2 chunks kept, then no progress
+    with pytest.raises(NetworkError) as ei:
+        download(REPO, "sdxl_vae.safetensors", dest_dir=tmp_path, endpoint=fake.endpoint)
+    assert "\n" not in str(ei.value)
+    assert list(tmp_path.iterdir()) == []
+    ranges = [r.headers.get("range") for r in fake.requests if r.origin == "storage"]
+    assert ranges[:2] == [None, "bytes=1024-"]  # within the run, the retry resumed
+    fake.drop_after.clear()
+    res = download(REPO, "sdxl_vae.safetensors", dest_dir=tmp_path, endpoint=fake.endpoint)
+    assert res.path.read_bytes() == data
+
+
 def test_not_a_hub_endpoint(tmp_path):
     """A server that does not speak the Hub's headers: refused, nothing written."""
     import threading

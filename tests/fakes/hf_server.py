@@ -10,8 +10,8 @@ honours ``Range`` (206 + ``Content-Range``).
 
 Knobs: ``require_token`` (hub routes answer 401 without ``Authorization: Bearer <token>``),
 ``corrupt`` (paths whose storage bytes differ from the published SHA-256, same length),
-``drop_after`` (path -> bytes after which storage drops the connection, once). Every request is
-recorded with its headers.
+``drop_after`` (path -> bytes of body after which storage drops the connection: an int for once, a
+list for one drop per request). Every request is recorded with its headers.
 """
 
 from __future__ import annotations
@@ -158,7 +158,15 @@ class FakeHub:
                 return self._send(h, 416, {"Content-Range": f"bytes */{len(data)}"}, b"", head)
             status, headers = 206, {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
         body = data[start:]
-        drop = self.drop_after.pop(fpath, None) if not head else None
+        drop = None
+        if not head and fpath in self.drop_after:
+            plan = self.drop_after[fpath]
+            if isinstance(plan, list):
+                drop = plan.pop(0)
+                if not plan:
+                    del self.drop_after[fpath]
+            else:
+                drop = self.drop_after.pop(fpath)
         if drop is not None and drop < len(body):
             h.send_response(status)
             for k, v in {**headers, "Content-Length": str(len(body)), "Accept-Ranges": "bytes"}.items():

@@ -6,7 +6,9 @@
    revision points at, the size, and the ETag - for LFS files the file's SHA-256, for small git
    files its git blob id;
 2. downloads that exact commit with ``hf_hub_download(local_dir=...)`` into a hidden staging folder
-   inside ``dest_dir`` (same file system; an interrupted transfer resumes there on the next run);
+   inside ``dest_dir`` (same file system). A dropped connection is resumed within the run by
+   huggingface_hub (``Range`` from the last whole chunk, retried while data keeps coming); since
+   huggingface_hub 2.x a failed run deletes its partial file, so the next run starts over;
 3. hashes the staged file and compares with the ETag (SHA-256, or the git blob id) and the size;
 4. only then links it under its final name (never replacing an existing file) and removes the
    staging folder. A file that fails verification is deleted and nothing appears under the name.
@@ -217,6 +219,7 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
                                       local_dir=staging, endpoint=base, token=token,
                                       tqdm_class=_tqdm_adapter(progress)))
     except Exception as e:  # noqa: BLE001
+        _remove_tree(staging)  # huggingface_hub 2.x deletes its partial on failure: nothing to resume from
         raise _translate(e, what) from None
     try:
         sha, published = _verify(staged, etag, meta.size, what)
