@@ -248,12 +248,16 @@ def test_diffusers_folder(tmp_path):
     te.save_pretrained(root / "text_encoder")
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionInpaintPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]}))
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "scheduler": ["diffusers", "PNDMScheduler"]}))
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
     info = identify(root)
     assert (info.format, info.kind, info.family, info.variant) == ("diffusers", "checkpoint", "sd1", "inpaint")
     assert info.components == ["unet", "vae", "clip_l"]
+    assert info.prediction == "eps"
+    assert any("scheduler_config prediction_type" in e for e in info.evidence)
+    assert info.metadata["model_index.json"]["_class_name"] == "StableDiffusionInpaintPipeline"
 
 
 # ---- components API ---------------------------------------------------------------------------------------------
