@@ -1,0 +1,136 @@
+"""Pickle -> safetensors conversion: ``ckptlab convert`` vs ``torch.load`` + ``safetensors.torch.save_file``.
+
+    python benchmarks/convert.py --quick     # small-layout SD1.5 Lightning checkpoint, seconds
+    python benchmarks/convert.py             # real-size SD1.5 fp32 checkpoint (~4.3 GB, like v1-5-pruned-emaonly.ckpt)
+    python benchmarks/convert.py --delete    # also remove the generated input afterwards
+
+The input is generated once into ``.bench-cache/convert/`` by ``ckptlab.sample`` (real SD1.5 key
+layout, Lightning-wrapped torch zip, random values). The file is read once first so every contender
+starts from a warm page cache. Each contender runs in its own subprocess; the parent samples the
+child's RssAnon (anonymous memory: the heap, not mmapped file pages or page cache) every 10 ms and
+keeps the peak. Contenders:
+
+- ``ckptlab convert`` (data-only reader, mmap-backed tensors, streamed writer with fsync, sha256 of the
+  input computed alongside for the provenance metadata);
+- baseline: ``torch.load(map_location="cpu")["state_dict"]`` + ``save_file`` (what most converter
+  scripts do);
+- baseline with ``torch.load(..., mmap=True)`` (torch >= 2.1), the best case for torch.
+
+The outputs are compared tensor by tensor (bit-identical) and deleted.
+"""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import sys
+
+# this folder holds scripts named like stdlib modules (inspect.py): keep it off the import path
+sys.path[:] = [p for p in sys.path if p not in ("", __import__("os").path.dirname(__file__))]
+
+import argparse
+import os
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".bench-cache" / "convert"
+
+BASELINE = """
+import sys, torch
+from safetensors.torch import save_file
+obj = torch.load(sys.argv[1], map_location="cpu", weights_only=True, mmap=sys.argv[3] == "mmap")
+sd = obj.get("state_dict", obj)
+save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2], metadata={"format": "pt"})
+"""
+
+
+def rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run(cmd: list[str]) -> tuple[float, int]:
+    """Wall time and peak RssAnon of a child process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, rss_anon(proc.pid))
+        time.sleep(0.01)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, peak
+
+
+def make_input(quick: bool, dtype: str) -> Path:
+    from ckptlab.sample.build import write_model
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    p = CACHE / f"sd15_{dtype.lower()}{'_small' if quick else ''}.ckpt"
+    if not p.exists():
+        t = time.perf_counter()
+        write_model(p, "sd1_checkpoint", small=quick, dtype=dtype, fmt="ckpt", seed=1)
+        print(f"generated {p.name} ({p.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.1f} s",
+              flush=True)
+    return p
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        if set(fa.keys()) != set(fb.keys()):
+            return False
+        return all(torch.equal(fa.get_tensor(k).view(-1).view(torch.uint8), fb.get_tensor(k).view(-1).view(torch.uint8))
+                   for k in fa.keys())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small layout (seconds)")
+    ap.add_argument("--dtype", default="F32", help="tensor dtype of the generated checkpoint (F32, F16, BF16)")
+    ap.add_argument("--delete", action="store_true", help="remove the generated input afterwards")
+    args = ap.parse_args()
+
+    src = make_input(args.quick, args.dtype)
+    size = src.stat().st_size
+    with open(src, "rb") as fh:  # warm the page cache: every contender reads from memory
+        while fh.read(64 << 20):
+            pass
+    outs = {name: CACHE / f"out_{name}.safetensors" for name in ("ckptlab", "torch", "torch_mmap")}
+    for p in outs.values():
+        p.unlink(missing_ok=True)
+    py = sys.executable
+    results = {
+        "ckptlab": run([py, "-m", "ckptlab", "convert", str(src), "-o", str(outs["ckptlab"])]),
+        "torch": run([py, "-c", BASELINE, str(src), str(outs["torch"]), "plain"]),
+        "torch_mmap": run([py, "-c", BASELINE, str(src), str(outs["torch_mmap"]), "mmap"]),
+    }
+    ok = same_tensors(outs["ckptlab"], outs["torch"])
+    base_t, base_m = results["torch"]
+    print(f"\ninput: {src.name}, {size / 2**30:.2f} GiB; outputs identical: {ok}")
+    print(f"{'contender':<34} {'wall s':>8} {'x base':>7} {'peak RssAnon MiB':>17} {'x base':>7}")
+    labels = {"ckptlab": "ckptlab convert", "torch": "torch.load + save_file (baseline)",
+              "torch_mmap": "torch.load(mmap=True) + save_file"}
+    for name, (wall, peak) in results.items():
+        print(f"{labels[name]:<34} {wall:8.2f} {wall / base_t:7.2f} {peak / 2**20:17.0f} {peak / max(base_m, 1):7.2f}")
+    for p in outs.values():
+        p.unlink(missing_ok=True)
+    if args.delete:
+        src.unlink()
+    if not ok:
+        raise SystemExit("outputs differ")
+
+
+if __name__ == "__main__":
+    main()
