@@ -43,8 +43,8 @@ def render(info, console, *, all_metadata: bool = False) -> None:
     out(f"[bold]{e(info.path)}[/]  [dim]{info.format}, {_fmt_size(info.size)}, {info.tensors} tensors, "
                   f"{_fmt_params(info.params)} params[/]")
     what = " / ".join(x for x in (info.kind, info.family or "family unknown", info.variant) if x)
-    pred = info.prediction or "unknown"
-    out(f"  [cyan]{e(what)}[/]   prediction: [cyan]{pred}[/]")
+    shown_pred = info.prediction or ("unknown" if info.kind in ("checkpoint", "unet") else None)
+    out(f"  [cyan]{e(what)}[/]" + (f"   prediction: [cyan]{shown_pred}[/]" if shown_pred else ""))
     if info.components:
         out(f"  components: {', '.join(info.components)}")
     if info.dtypes:
@@ -55,7 +55,8 @@ def render(info, console, *, all_metadata: bool = False) -> None:
     if info.vram:
         v = info.vram
         where = f" at {v.resolution}x{v.resolution}" if v.resolution else ""
-        out(f"  VRAM estimate: ~{v.gib:.1f} GiB{where} [dim](weights {v.weights_gib:.2f}, working "
+        gib = f"{v.gib:.1f}" if v.gib >= 1 else f"{v.gib:.2f}"
+        out(f"  VRAM estimate: ~{gib} GiB{where} [dim](weights {v.weights_gib:.2f}, working "
                       f"{v.working_gib:.2f}, reserve {v.reserve_gib:.1f})[/]")
     for line in info.evidence:
         out(f"  [dim]- {e(line)}[/]")
