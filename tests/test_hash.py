@@ -124,3 +124,15 @@ def test_cli_hash_json_matches_oracle(tmp_path, cli):
     obj = json.loads(r.stdout.splitlines()[0])
     exp = oracle(data, True)
     assert {k: obj[k] for k in exp} == exp
+
+
+def test_cli_hash_uses_and_fills_the_catalog_cache(tmp_path, cli):
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(st_bytes(2048))
+    db = str(tmp_path / "c.db")
+    first = json.loads(cli("hash", str(p), "--json", "--db", db).stdout)
+    second = json.loads(cli("hash", str(p), "--json", "--db", db).stdout)
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert {k: v for k, v in first.items() if k != "cached"} == {k: v for k, v in second.items() if k != "cached"}
+    r = cli("hash", str(tmp_path / "nope.safetensors"), "--db", db)
+    assert r.returncode == 1 and r.stderr.startswith("ckptlab: error:") and "Traceback" not in r.stderr

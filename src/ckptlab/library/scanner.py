@@ -369,7 +369,8 @@ def _sidecar_json(f: Found, found: dict[str, str]) -> str | None:
         return None
     data = sidecars.read(f.path, found)
     data["_signature"] = sidecars.signature(f.path, found)
-    return json.dumps(data)
+    # UTF-8 text (searchable with ls --search); lone surrogates from odd names become U+FFFD
+    return json.dumps(data, ensure_ascii=False).encode("utf-8", "replace").decode("utf-8")
 
 
 def _location(f: Found) -> dict:
