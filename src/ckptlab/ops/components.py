@@ -196,14 +196,6 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
         target = {k: v for k, v in infos.items() if k.startswith(prefix)}
         items = normalise_component(comp_src, component, prefix, target,
                                     openclip_target=_is_openclip(list(target), prefix))
-        if component == "vae":
-            fam = _vae_family(comp_src.path)
-            mine = VAE_GROUPS.get(layout.family)
-            if fam is not None and VAE_GROUPS.get(fam, fam) != mine:
-                raise MismatchError(f"{comp_src.path.name} is a {FAMILY_NAMES.get(fam, fam)} VAE; it does not fit a "
-                                    f"{FAMILY_NAMES[layout.family]} checkpoint (different latent space)", src.path)
-            if fam is None:
-                result.warnings.append(f"{comp_src.path.name}: VAE family unknown (keys and shapes match)")
         by_key = {it.key: it for it in items}
         # position_ids are buffers: keep the checkpoint's own when the replacement has none
         for k in target:
@@ -221,6 +213,14 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
                 raise MismatchError(f"{comp_src.path.name} does not fit this checkpoint's {component}: "
                                     f"{k[len(prefix):]} is {list(it.info.shape)}, the checkpoint has "
                                     f"{list(target[k].shape)}", src.path)
+        if component == "vae":
+            fam = _vae_family(comp_src.path)
+            mine = VAE_GROUPS.get(layout.family)
+            if fam is not None and VAE_GROUPS.get(fam, fam) != mine:
+                raise MismatchError(f"{comp_src.path.name} is a {FAMILY_NAMES.get(fam, fam)} VAE; it does not fit a "
+                                    f"{FAMILY_NAMES[layout.family]} checkpoint (different latent space)", src.path)
+            if fam is None:
+                result.warnings.append(f"{comp_src.path.name}: VAE family unknown (keys and shapes match)")
         new.update(by_key)
         replaced_prefixes.append(prefix)
         result.converted += len(by_key)
