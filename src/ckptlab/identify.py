@@ -196,7 +196,10 @@ def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
     if det.kind in adapters or det.kind == "unknown" or not present:
         present = {"file": (params, _bytes_per_param(infos, [k for ks in weight_keys.values() for k in ks]))} \
             if params else {}
-    vram = estimate(fam, present, diffusion=det.kind in ("checkpoint", "unet"))
+    res = None
+    if det.family == "sd2":  # 512-base (eps, inpaint, depth) vs 768-v
+        res = 768 if det.prediction == "v" else (512 if det.prediction == "eps" else None)
+    vram = estimate(fam, present, diffusion=det.kind in ("checkpoint", "unet"), resolution=res)
 
     return ModelInfo(
         path=str(source.path), format=fmt, size=source.size, tensors=len(infos), params=params,

@@ -33,7 +33,8 @@ def _compute_bytes(file_bytes: int) -> tuple[int, str | None]:
     return file_bytes, None
 
 
-def estimate(family: Family | None, present: dict[str, tuple[int, int]], *, diffusion: bool) -> VramEstimate | None:
+def estimate(family: Family | None, present: dict[str, tuple[int, int]], *, diffusion: bool,
+             resolution: int | None = None) -> VramEstimate | None:
     """``present``: component -> (params, bytes per element as stored). ``diffusion``: the file is (or holds) a
     diffusion model; other files (adapters, VAEs, text encoders) get a weights-only figure."""
     assumptions: list[str] = []
@@ -49,7 +50,7 @@ def estimate(family: Family | None, present: dict[str, tuple[int, int]], *, diff
         assumptions.insert(0, "weights of this file only (no family-level pipeline known or needed)")
         return VramEstimate(round(total / GIB, 2), None, round(total / GIB, 2), 0.0,
                             0.0, assumptions)
-    res, f = family.resolution, family.latent_factor
+    res, f = resolution or family.resolution, family.latent_factor
     weights = 0
     dm_bytes = 2
     for comp, (params, nbytes) in present.items():
