@@ -273,7 +273,7 @@ def _make_handler(fake: FakeCivitai, which: str):
                     if start >= total:
                         return self._send(416, b"", {"Content-Range": f"bytes */{total}"}, ctype="application/xml")
                     status = 206
-            body = data[start:]
+            body = memoryview(data)[start:]  # no copy: tests may serve large files
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))

@@ -63,7 +63,7 @@ def civitai_link(
             line += f"  ({o.message})"
         if o.sidecars:
             line += f"  wrote {', '.join(o.sidecars)}"
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     if not json_out:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items())) or "no files"
         err_console.print(f"{len(report.outcomes)} files: {counts}", markup=False, highlight=False)
@@ -145,7 +145,7 @@ def download_cmd(
             continue
         state = "already there" if r.skipped else (f"resumed at {r.resumed_from} B" if r.resumed_from else "downloaded")
         check = "sha256 verified" if r.expected_sha256 else "size checked (no published hash)"
-        console.print(f"{r.path}  {r.size} B  {state}, {check}", markup=False, highlight=False)
+        console.print(f"{r.path}  {r.size} B  {state}, {check}", markup=False, highlight=False, soft_wrap=True)
         if r.extra.get("warning"):
             err_console.print(f"warning: {r.extra['warning']}", markup=False, highlight=False)
     if failed is not None:
