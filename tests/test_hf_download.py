@@ -41,6 +41,7 @@ def _vae_bytes(tmp_path: Path) -> bytes:
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("CKPTLAB_HTTP_BACKOFF", "0")  # retries without waiting
     data = _vae_bytes(tmp_path)
     fake = FakeHub()
     fake.add_repo(REPO, {"sdxl_vae.safetensors": data, "config.json": b'{"_class_name": "AutoencoderKL"}',
@@ -189,38 +190,34 @@ def test_explicit_token_argument(hub, tmp_path):
     assert res.path.read_bytes() == data
 
 
-def test_dropped_connection_is_resumed(hub, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
+def test_dropped_connection_is_resumed(hub, tmp_path):
     fake, data = hub
-    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 512)  # whole chunks are what survive a drop
     fake.drop_after["sdxl_vae.safetensors"] = len(data) // 2
     res = download(REPO, "sdxl_vae.safetensors", dest_dir=tmp_path, endpoint=fake.endpoint)
     assert res.path.read_bytes() == data and res.sha256 == hashlib.sha256(data).hexdigest()
-    gets = [r for r in fake.requests if r.origin == "storage"]
-    kept = (len(data) // 2) // 512 * 512
-    assert len(gets) == 2 and gets[1].headers.get("range") == f"bytes={kept}-"
+    ranges = [r.headers.get("range") for r in fake.requests if r.origin == "storage"]
+    assert ranges == [None, f"bytes={len(data) // 2}-"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sdxl_vae.safetensors"]
 
 
-def test_run_that_keeps_failing_leaves_nothing(hub, tmp_path, monkeypatch):
-    """Retries exhausted: a one-line NetworkError, nothing under the final name, no staging left
-    (huggingface_hub 2.x deletes its partial, so there is nothing to resume from on a later run)."""
-    import huggingface_hub.file_download as fd
-    from huggingface_hub import constants
-
+def test_failed_run_keeps_its_part_and_the_next_run_resumes(hub, tmp_path):
+    """Retries exhausted: a one-line NetworkError, nothing under the final name, the bytes so far in
+    ``<name>.part``; the next run continues from there with a Range request."""
     fake, data = hub
-    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 512)
-    monkeypatch.setattr(fd.time, "sleep", lambda s: None)
-    fake.drop_after["sdxl_vae.safetensors"] = [1100] + [10] * 10  # 2 chunks kept, then no progress
-    with pytest.raises(NetworkError) as ei:
+    fake.drop_after["sdxl_vae.safetensors"] = [1100] + [10] * 10  # then almost no progress per attempt
+    with pytest.raises(NetworkError, match="run the same command again") as ei:
         download(REPO, "sdxl_vae.safetensors", dest_dir=tmp_path, endpoint=fake.endpoint)
     assert "\n" not in str(ei.value)
-    assert list(tmp_path.iterdir()) == []
-    ranges = [r.headers.get("range") for r in fake.requests if r.origin == "storage"]
-    assert ranges[:2] == [None, "bytes=1024-"]  # within the run, the retry resumed
+    part = tmp_path / "sdxl_vae.safetensors.part"
+    assert [p.name for p in tmp_path.iterdir()] == [part.name]
+    kept = part.stat().st_size
+    assert kept >= 1100 and part.read_bytes() == data[:kept]
     fake.drop_after.clear()
+    fake.requests.clear()
     res = download(REPO, "sdxl_vae.safetensors", dest_dir=tmp_path, endpoint=fake.endpoint)
-    assert res.path.read_bytes() == data
+    assert res.path.read_bytes() == data and res.resumed_from == kept
+    assert [r.headers.get("range") for r in fake.requests if r.origin == "storage"] == [f"bytes={kept}-"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sdxl_vae.safetensors"]
 
 
 def test_not_a_hub_endpoint(tmp_path):

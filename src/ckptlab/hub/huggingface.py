@@ -2,21 +2,24 @@
 
 ``download(repo_id, filename, revision, dest_dir=...)``:
 
-1. asks the Hub for the file's metadata (``HEAD /{repo}/resolve/{rev}/{file}``): the commit the
-   revision points at, the size, and the ETag - for LFS files the file's SHA-256, for small git
-   files its git blob id;
-2. downloads that exact commit with ``hf_hub_download(local_dir=...)`` into a hidden staging folder
-   inside ``dest_dir`` (same file system). A dropped connection is resumed within the run by
-   huggingface_hub (``Range`` from the last whole chunk, retried while data keeps coming); since
-   huggingface_hub 2.x a failed run deletes its partial file, so the next run starts over;
-3. hashes the staged file and compares with the ETag (SHA-256, or the git blob id) and the size;
-4. only then links it under its final name (never replacing an existing file) and removes the
-   staging folder. A file that fails verification is deleted and nothing appears under the name.
+1. asks the Hub for the file's metadata with ``huggingface_hub.get_hf_file_metadata``
+   (``HEAD /{repo}/resolve/{rev}/{file}``): the commit the revision points at, the size, and the
+   ETag - for LFS files the file's SHA-256, for small git files its git blob id;
+2. LFS files (all model files) are fetched from ``/resolve/<that commit>/`` through ckptlab's
+   resumable transfer (``hub.download.transfer``): ``<name>.part`` in the target folder, ``Range``
+   resume within a run and across runs, SHA-256 compared with the ETag, renamed into place only when
+   it matches (huggingface_hub 2.x cannot resume across runs: it deletes its partial on failure);
+3. small git files go through ``hf_hub_download(local_dir=...)`` into a hidden staging folder in
+   ``dest_dir``, are checked against their git blob id and size, then linked under their name
+   (never replacing an existing file) and the staging folder removed.
+
+A file that fails verification is deleted; nothing appears under the final name unless verified.
 
 The environment is read at call time: ``HF_ENDPOINT`` (unless ``endpoint=``), ``HF_TOKEN`` (unless
 ``token=``), ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` (no network at all: an existing file is
 returned as is, otherwise a clear error). The token travels only in the ``Authorization`` header to
-the Hub (huggingface_hub drops it on the redirect to storage); it is never written anywhere.
+the Hub (neither huggingface_hub nor our transfer forwards it on the redirect to storage); it is
+never written anywhere.
 """
 
 from __future__ import annotations
@@ -200,6 +203,9 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
     extra["commit"] = meta.commit_hash
     resolve_url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=meta.commit_hash, endpoint=base)
 
+    if _SHA256.match(etag):  # an LFS file (every model file): resumable transfer, checked against the SHA-256
+        return _transfer_lfs(resolve_url, dest, final_name, etag, meta.size, base, token, progress, extra)
+
     if target.exists():
         if _SHA256.match(etag) and sha256_file(target).hexdigest() == etag:
             return DownloadResult(path=target, url=resolve_url, size=target.stat().st_size, sha256=etag, source="hf",
@@ -230,6 +236,24 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
     _remove_tree(staging)
     return DownloadResult(path=target, url=resolve_url, size=target.stat().st_size, sha256=sha, source="hf",
                           expected_sha256=published, extra=extra)
+
+
+def _transfer_lfs(url: str, dest: Path, name: str, sha256: str, size: int | None, base: str, token: str | None,
+                  progress: Progress, extra: dict) -> DownloadResult:
+    """Bytes of an LFS file through ckptlab's resumable transfer: ``<name>.part`` kept across runs,
+    ``Range`` resume, SHA-256 checked before the rename. The token goes only to the Hub's origin;
+    the redirect to storage (a signed URL, re-resolved on every attempt) gets none."""
+    from ckptlab.hub.download import transfer
+    from ckptlab.hub.http import Requester
+
+    auth = {"Authorization": f"Bearer {token}"} if token else None
+    req = Requester(auth_headers=auth, auth_origin=base, interval=0.0,
+                    token_hint="the repo may be gated or private: set HF_TOKEN")
+    try:
+        return transfer(req, url, dest, filename=name, expected_sha256=sha256, expected_size=size,
+                        progress=progress, source="hf", extra=extra)
+    finally:
+        req.close()
 
 
 def _remove_tree(staging: Path) -> None:
