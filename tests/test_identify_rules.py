@@ -278,3 +278,31 @@ def test_split_components_refiner_and_standalone():
     assert set(split_components(real("t5xxl"))) == {"t5xxl"}
     assert set(split_components(real("clip_g"))) == {"clip_g"}
     assert set(split_components(real("clip_l"))) == {"clip_l"}
+
+
+# ---- VRAM -------------------------------------------------------------------------------------------------------
+
+def test_vram_terms_match_reference_worked_examples(tmp_path):
+    # identification.md §6 (computed there from ComfyUI's formulas): SDXL 1024² with CFG in fp16 => 512 MiB of
+    # activations, untiled decode of one 128² latent in fp16 => 4.25 GiB; Flux 1024², batch 1 => ~0.9 GiB.
+    sdxl = identify(write_model(tmp_path / "xl.safetensors", "sdxl_checkpoint", small=False, sparse=True)).vram
+    assert sdxl.resolution == 1024
+    # ComfyUI memory_required: batch 2 x 128² latent x 2 bytes x 0.01 x factor 0.8 MiB = 524 MiB (§6 rounds to 512)
+    assert sdxl.activations_gib == pytest.approx(2 * 128 * 128 * 2 * 0.01 * 0.8 / 1024, abs=0.001)
+    assert sdxl.activations_gib == pytest.approx(0.5, abs=0.02)
+    assert sdxl.vae_decode_gib == pytest.approx(4.25, abs=0.01)
+    assert sdxl.weights_gib == pytest.approx(3_468_837_868 * 2 / 2**30, abs=0.01)
+    assert sdxl.gib == pytest.approx(sdxl.weights_gib + max(sdxl.activations_gib, sdxl.vae_decode_gib) + 1.2, abs=0.02)
+    flux = identify(write_model(tmp_path / "f.safetensors", "flux_dev", small=False, sparse=True)).vram
+    assert flux.activations_gib == pytest.approx(0.9, abs=0.05)
+    # the DiT alone is in the file: text encoders and VAE are counted at their typical fp16 sizes, and said so
+    expected = (11_901_408_320 + 123_060_480 + 4_762_310_656 + 83_653_863) * 2 / 2**30
+    assert flux.weights_gib == pytest.approx(expected, abs=0.01)
+    assert any("clip_l, t5xxl, vae" in a for a in flux.assumptions)
+
+
+def test_vram_fp32_counted_as_fp16(tmp_path):
+    a = identify(write_model(tmp_path / "a.safetensors", "sd1_checkpoint", small=False, sparse=True, dtype="F32"))
+    b = identify(write_model(tmp_path / "b.safetensors", "sd1_checkpoint", small=False, sparse=True, dtype="F16"))
+    assert a.dtypes == {"fp32": b.params} and a.vram.gib == b.vram.gib
+    assert any("fp32 weights counted as fp16" in x for x in a.vram.assumptions)

@@ -47,7 +47,8 @@ def test_json_contract_fields_and_values(cli, lib):
     assert obj["params"] == 3_468_837_868 and obj["dtypes"] == {"fp16": 3_468_837_868}  # reference §4
     assert (obj["has_ema"], obj["training_state"], obj["pruned"]) == (False, False, True)
     v = obj["vram"]
-    assert set(v) == {"gib", "resolution", "weights_gib", "working_gib", "reserve_gib", "assumptions"}
+    assert set(v) == {"gib", "resolution", "weights_gib", "working_gib", "reserve_gib", "activations_gib",
+                      "vae_decode_gib", "assumptions"}
     assert v["resolution"] == 1024 and v["assumptions"]
     # weights term: every parameter in fp16, computed here from the reference count
     assert v["weights_gib"] == pytest.approx(3_468_837_868 * 2 / 2**30, abs=0.01)

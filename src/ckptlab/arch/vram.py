@@ -24,6 +24,9 @@ class VramEstimate:
     weights_gib: float
     working_gib: float
     reserve_gib: float
+    #: the two candidates for working memory (their max is ``working_gib``); 0 for weights-only estimates
+    activations_gib: float = 0.0
+    vae_decode_gib: float = 0.0
     assumptions: list[str] = field(default_factory=list)
 
 
@@ -48,8 +51,7 @@ def estimate(family: Family | None, present: dict[str, tuple[int, int]], *, diff
             if note and note not in assumptions:
                 assumptions.append(note)
         assumptions.insert(0, "weights of this file only (no family-level pipeline known or needed)")
-        return VramEstimate(round(total / GIB, 2), None, round(total / GIB, 2), 0.0,
-                            0.0, assumptions)
+        return VramEstimate(round(total / GIB, 2), None, round(total / GIB, 2), 0.0, 0.0, assumptions=assumptions)
     res, f = resolution or family.resolution, family.latent_factor
     weights = 0
     dm_bytes = 2
@@ -79,4 +81,4 @@ def estimate(family: Family | None, present: dict[str, tuple[int, int]], *, diff
     ]
     total = weights + working + RESERVE_GIB * GIB
     return VramEstimate(round(total / GIB, 2), res, round(weights / GIB, 2), round(working / GIB, 2), RESERVE_GIB,
-                        assumptions)
+                        round(act / GIB, 3), round(decode / GIB, 3), assumptions)
