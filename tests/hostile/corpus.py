@@ -361,6 +361,17 @@ def build_hostile(folder: Path, canary_dir: Path) -> list[Case]:
     add("build_on_global", "BUILD on a class global (sets attributes of os.system's owner)", ".pt", build)
 
     # --- wrappers ------------------------------------------------------------------------------------------
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for member, content in (("sys_info", p2(b"}")), ("pickle", p2(os_system(C("legacy_tar_pickle")))),
+                                ("storages", p2(b"K\x00")), ("tensors", p2(b"K\x00"))):
+            info = tarfile.TarInfo(member)
+            info.size = len(content)
+            tf.addfile(info, io.BytesIO(content))
+    add("legacy_tar_pickle", "torch 0.1 tar format with a payload in its 'pickle' member", ".pt", buf.getvalue())
     add("archive_7z", "7z-wrapped payload (nullifAI)", ".pt", b"7z\xbc\xaf\x27\x1c\x00\x04" + b"\0" * 24 +
         p2(os_system(C("archive_7z"))), expect="unsafe")
     return cases

@@ -489,6 +489,30 @@ def _trailing(scan: Scan, buf, pos: int, end: int, location: str, depth: int) ->
         pos = vm.end
 
 
+def _scan_tar(scan: Scan, path: Path) -> None:
+    """Scan the pickles of a torch 0.1 tar file (``sys_info``, ``pickle``, ``storages``, ``tensors``)."""
+    import tarfile
+
+    class AnyPid(_Resolver):
+        def persistent_load(self, vm, pid, at):
+            return None
+
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf.getmembers()[:64]:
+                if not m.isfile() or m.size > MAX_PICKLE_MEMBER:
+                    continue
+                fh = tf.extractfile(m)
+                data = fh.read() if fh is not None else b""
+                if _looks_like_pickle(data):
+                    vm = PickleVM(memoryview(data), location=m.name, resolver=AnyPid(scan, 0)).run()
+                    scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS))
+                    for k, v in vm.globals.items():
+                        scan.globals.setdefault(k, v)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        scan.add("legacy_tar", CORRUPT, f"tar archive cannot be read: {e}")
+
+
 # ---------------------------------------------------------------------------------------------
 
 def scan(path: str | Path) -> Scan:
@@ -515,7 +539,8 @@ def scan(path: str | Path) -> Scan:
         result.add("archive_7z", SUSPICIOUS, "7z archive, not a model file (nullifAI-style wrapper)")
         return result
     if head[:5] == b"ustar" or mm[257:262] == b"ustar":
-        result.add("legacy_tar", SUSPICIOUS, "legacy torch tar format is not supported")
+        result.add("legacy_tar", SUSPICIOUS, "legacy torch tar format (torch 0.1) is not supported; pickles scanned")
+        _scan_tar(result, path)
         return result
     if head[:4] == b"PK\x05\x06":
         result.add("zip_empty", CORRUPT, "empty zip archive")
