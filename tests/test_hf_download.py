@@ -112,6 +112,23 @@ def test_small_git_file_is_verified_by_its_blob_id(hub, tmp_path):
     assert git_blob_id(res.path.read_bytes()) == hashlib.sha1(
         b"blob %d\0" % res.size + res.path.read_bytes()).hexdigest()
     assert res.expected_sha256 is None and res.sha256 == hashlib.sha256(res.path.read_bytes()).hexdigest()
+    again = download(REPO, "config.json", dest_dir=tmp_path, endpoint=fake.endpoint)
+    assert again.skipped and again.sha256 == res.sha256
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(OutputError, match="already exists"):
+        download(REPO, "config.json", dest_dir=tmp_path, endpoint=fake.endpoint)
+
+
+def test_git_file_with_wrong_content_is_refused(hub, tmp_path, monkeypatch):
+    """A non-LFS file whose bytes do not match its git blob id (the fake publishes another id)."""
+    import tests.fakes.hf_server as hs
+
+    fake, _ = hub
+    fake.repos[REPO].files["model_index.json"] = b'{"_class_name": "StableDiffusionXLPipeline"}'
+    monkeypatch.setattr(hs, "git_blob_id", lambda data, real=hs.git_blob_id: real(data + b" "))
+    with pytest.raises(VerificationError, match="git blob id mismatch"):
+        download(REPO, "model_index.json", dest_dir=tmp_path, endpoint=fake.endpoint)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_generic_diffusers_names_get_the_repo_in_front(hub, tmp_path):

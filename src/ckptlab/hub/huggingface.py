@@ -207,9 +207,9 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
         return _transfer_lfs(resolve_url, dest, final_name, etag, meta.size, base, token, progress, extra)
 
     if target.exists():
-        if _SHA256.match(etag) and sha256_file(target).hexdigest() == etag:
-            return DownloadResult(path=target, url=resolve_url, size=target.stat().st_size, sha256=etag, source="hf",
-                                  expected_sha256=etag, skipped=True, extra=extra)
+        if target.is_file() and git_blob_id(target) == etag:
+            return DownloadResult(path=target, url=resolve_url, size=target.stat().st_size,
+                                  sha256=sha256_file(target).hexdigest(), source="hf", skipped=True, extra=extra)
         raise OutputError("already exists and is not the file being downloaded; move it away first", target)
 
     try:
