@@ -188,6 +188,40 @@ def from_diffusers_cmd(
     _report(results, json_out)
 
 
+def apply_plan_cmd(
+    plan: Path = typer.Argument(..., help="A plan written by `ckptlab plan-space -o PLAN`."),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="Catalog file (default: $CKPTLAB_DB or the user's)."),
+    no_rescan: bool = typer.Option(False, "--no-rescan", help="Do not rescan the touched folders afterwards."),
+    dry_run: bool = _DRY, json_out: bool = _JSON,
+) -> None:
+    """Carry out a reviewed plan-space plan (convert pickles, prune, fp16, remove duplicates), file by file.
+
+      ckptlab plan-space -o plan.json && ckptlab apply-plan plan.json --dry-run && ckptlab apply-plan plan.json
+    """
+    from ckptlab.cli.common import console, emit_json, progress_bar
+    from ckptlab.errors import CkptlabError
+    from ckptlab.ops.apply_plan import apply_plan
+
+    with progress_bar("apply-plan", unit_bytes=False, enabled=not json_out) as cb:
+        results = apply_plan(plan, catalog_path=catalog, dry_run=dry_run, rescan=not no_rescan, progress=cb)
+    freed = 0
+    for r in results:
+        if r.status == "done":
+            freed += r.bytes_before - r.bytes_after
+        if json_out:
+            emit_json(r)
+        else:
+            where = f" -> {r.new_path}" if r.new_path is not None and r.new_path != r.path else ""
+            why = f": {r.message}" if r.message else ""
+            console.print(f"{r.status:8} {r.action:16} {r.path}{where}{why}", highlight=False, markup=False,
+                          soft_wrap=True)
+    if not json_out and not dry_run:
+        console.print(f"freed {_human(freed)}", highlight=False, markup=False)
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise CkptlabError(f"{len(failed)} of {len(results)} step(s) failed (first: {failed[0].message})")
+
+
 def register(app) -> None:
     app.command("prune")(prune_cmd)
     app.command("precision")(precision_cmd)
@@ -195,3 +229,4 @@ def register(app) -> None:
     app.command("replace")(replace_cmd)
     app.command("to-diffusers")(to_diffusers_cmd)
     app.command("from-diffusers")(from_diffusers_cmd)
+    app.command("apply-plan")(apply_plan_cmd)

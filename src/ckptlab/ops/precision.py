@@ -125,8 +125,8 @@ def precision_items(src: TensorSource, layout: Layout, keys: list[tuple[str, str
 
 
 def convert_precision(inputs: list[Path], to: str, *, only: list[str] | None = None, clamp: bool = False,
-                      out_dir: Path | None = None, overwrite: bool = False, dry_run: bool = False,
-                      progress: Progress = null_progress) -> list[TransformResult]:
+                      out_dir: Path | None = None, outputs: list[Path] | None = None, overwrite: bool = False,
+                      dry_run: bool = False, progress: Progress = null_progress) -> list[TransformResult]:
     """``ckptlab precision``: write ``<stem>-<to>.safetensors`` next to each input (or in ``out_dir``)."""
     from ckptlab.ops.run import run_each
 
@@ -143,7 +143,7 @@ def convert_precision(inputs: list[Path], to: str, *, only: list[str] | None = N
         options = {"to": to.lower(), "only": sorted(only_set) if only_set else None, "clamp": clamp}
         return items, options, True
 
-    return run_each(inputs, "precision", f"-{to.lower()}", one, out_dir=out_dir, overwrite=overwrite,
+    return run_each(inputs, "precision", f"-{to.lower()}", one, out_dir=out_dir, outputs=outputs, overwrite=overwrite,
                     dry_run=dry_run, progress=progress)
 
 

@@ -64,13 +64,13 @@ def prune_suffix(ema: str, precision: str | None) -> str:
 
 
 def prune(inputs: list[Path], *, ema: str = "drop", precision: str | None = None, clamp: bool = False,
-          out_dir: Path | None = None, overwrite: bool = False, dry_run: bool = False,
-          progress: Progress = null_progress) -> list[TransformResult]:
+          out_dir: Path | None = None, outputs: list[Path] | None = None, overwrite: bool = False,
+          dry_run: bool = False, progress: Progress = null_progress) -> list[TransformResult]:
     """Prune each input into ``<stem><suffix>.safetensors`` (see ``prune_suffix``)."""
 
     def one(path: Path, src: TensorSource, result: TransformResult):
         items, options = prune_plan(src, result, ema, precision, None, clamp)
         return items, options, True
 
-    return run_each(inputs, "prune", prune_suffix(ema, precision), one, out_dir=out_dir, overwrite=overwrite,
+    return run_each(inputs, "prune", prune_suffix(ema, precision), one, out_dir=out_dir, outputs=outputs, overwrite=overwrite,
                     dry_run=dry_run, progress=progress)

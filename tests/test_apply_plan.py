@@ -1,0 +1,94 @@
+"""apply-plan: the library's plan-space plan carried out file by file, catalog and sidecars kept linked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_ops_fixtures import load, make_model, sha256
+
+from ckptlab.library.catalog import Catalog
+from ckptlab.library.dupes import plan_space
+from ckptlab.library.scanner import scan
+from ckptlab.ops.apply_plan import apply_plan
+
+UNET = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+@pytest.fixture
+def library(tmp_path):
+    lib = tmp_path / "models"
+    lib.mkdir()
+    a = make_model(lib / "a.safetensors", "sd1_checkpoint", ema=True)
+    shutil.copyfile(a, lib / "a copy.safetensors")
+    (lib / "a copy.preview.png").write_bytes(b"\x89PNG fake preview")
+    b = make_model(lib / "b.ckpt", "sd1_checkpoint", ema=True, fmt="ckpt", seed=5)
+    (lib / "b.civitai.info").write_text('{"id": 1}')
+    db = tmp_path / "catalog.db"
+    with Catalog(db) as cat:
+        scan([lib], cat, hash=True)
+        plan = plan_space(cat)
+    plan_path = plan.save(tmp_path / "plan.json")
+    return lib, db, plan_path, {"a": load(a), "b_sha": sha256(b)}
+
+
+def test_apply_plan_end_to_end(library, cli):
+    lib, db, plan_path, orig = library
+    with Catalog(db) as cat:
+        b_id = cat.get_by_path(lib / "b.ckpt").id
+    actions = [(s["action"], s["path"].rsplit("/", 1)[1]) for s in json.loads(plan_path.read_text())["steps"]]
+    assert ("delete_duplicate", "a copy.safetensors") in actions or ("delete_duplicate", "a.safetensors") in actions
+    assert ("convert_pickle", "b.ckpt") in actions
+
+    r = cli("apply-plan", plan_path, "--dry-run", "--catalog", db)
+    assert r.returncode == 0, r.stderr
+    assert "would-do" in r.stdout and (lib / "b.ckpt").exists() and (lib / "a copy.safetensors").exists()
+
+    r = cli("apply-plan", plan_path, "--catalog", db, "--json")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert all(x["status"] == "done" for x in recs), recs
+
+    names = sorted(p.name for p in lib.iterdir())
+    kept = "a.safetensors" if "a.safetensors" in names else "a copy.safetensors"
+    stem = kept.rsplit(".", 1)[0]
+    assert names == sorted([kept, f"{stem}.preview.png", "b.civitai.info", "b.safetensors"])
+    # a: pruned then fp16, values equal torch's cast of the original
+    a = load(lib / kept)
+    assert not any(k.startswith("model_ema.") for k in a)
+    assert a[UNET].dtype == torch.float16 and torch.equal(a[UNET], orig["a"][UNET].half())
+    # b: converted from the pickle, pruned, fp16; sidecar still named after the stem
+    b = load(lib / "b.safetensors")
+    assert b[UNET].dtype == torch.float16 and not any(k.startswith("model_ema.") for k in b)
+    with Catalog(db) as cat:
+        rec = cat.get_by_path(lib / "b.safetensors")
+        assert rec is not None and rec.id == b_id and rec.status == "present" and rec.format == "safetensors"
+        assert cat.get_by_path(lib / "a copy.safetensors" if kept == "a.safetensors" else lib / "a.safetensors"
+                               ).status == "missing"
+
+
+def test_stale_plan_touches_nothing(library):
+    lib, db, plan_path, orig = library
+    (lib / "b.ckpt").write_bytes((lib / "b.ckpt").read_bytes() + b"x")  # changed after planning
+    before = sha256(lib / "b.ckpt")
+    results = apply_plan(plan_path, catalog_path=db)
+    b_steps = [r for r in results if r.path.name == "b.ckpt"]
+    assert b_steps[0].status == "failed" and "plan saw" in b_steps[0].message
+    assert all(r.status == "skipped" for r in b_steps[1:])
+    assert sha256(lib / "b.ckpt") == before and not (lib / "b.safetensors").exists()
+
+
+def test_duplicate_not_deleted_when_keep_changed(library):
+    lib, db, plan_path, orig = library
+    plan = json.loads(plan_path.read_text())
+    dup = next(s for s in plan["steps"] if s["action"] == "delete_duplicate")
+    keep = lib / dup["keep"].rsplit("/", 1)[1]
+    data = bytearray(keep.read_bytes())
+    data[-1] ^= 1
+    keep.write_bytes(bytes(data))
+    results = apply_plan(plan_path, catalog_path=db, rescan=False)
+    r = next(r for r in results if r.action == "delete_duplicate")
+    assert r.status == "failed" and "not identical" in r.message
+    assert (lib / dup["path"].rsplit("/", 1)[1]).exists()
