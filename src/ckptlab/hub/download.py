@@ -122,6 +122,7 @@ def response_filename(resp) -> str | None:
 # -- the transfer ------------------------------------------------------------------------------
 
 CHUNK = 1024 * 1024
+_RAW_BYTES = {"Accept-Encoding": "identity", "Accept": "*/*"}  # the file's own bytes, never re-encoded
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
 
 
@@ -187,7 +188,7 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
     exp_sha = expected_sha256.lower() if expected_sha256 else None
     resp = None
     if filename is None:
-        resp = http.request("GET", url, what=what, stream=True, headers={"Accept-Encoding": "identity"}, allow=(416,))
+        resp = http.request("GET", url, what=what, stream=True, headers=dict(_RAW_BYTES), allow=(416,))
         filename = response_filename(resp)
         if not filename:
             resp.close()
@@ -230,7 +231,7 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
                 resp.close()  # the name probe answered with the whole file but we hold a partial
                 resp = None
             if resp is None:
-                headers = {"Accept-Encoding": "identity"}
+                headers = dict(_RAW_BYTES)
                 if have:
                     headers["Range"] = f"bytes={have}-"
                 resp = http.request("GET", url, what=what, stream=True, headers=headers, allow=(416,))
