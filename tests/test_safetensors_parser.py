@@ -201,3 +201,22 @@ def test_header_length_that_looks_like_a_pickle_opcode_is_still_safetensors(tmp_
     assert p.read_bytes()[:2] == bytes([0x80, length >> 8])
     assert detect_format(p) == "safetensors"
     assert open_model(p).keys() == [KEY]
+
+
+def test_cli_reports_each_corrupt_file_on_one_line_and_goes_on(tmp_path, cli):
+    """Through the real CLI: one ``ckptlab: error: PATH: problem`` line per bad file, no traceback,
+    the good file still reported, exit status non-zero."""
+    names = ["length_past_eof", "json_nan", "duplicate_tensor_key", "offsets_gap_between", "truncated_data"]
+    bad = [_write(tmp_path, n, BAD[n][0]) for n in names]
+    good = _write(tmp_path, "good", hdr({KEY: entry()}, Z4))
+    r = cli("inspect", "--json", *bad, good)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ckptlab: error:")]
+    assert len(lines) == len(bad)
+    for p, n in zip(bad, names, strict=True):
+        assert any(str(p) in ln and BAD[n][1] in ln for ln in lines), n
+    out = [json.loads(ln) for ln in r.stdout.splitlines() if ln.strip()]
+    assert [o["path"] for o in out] == [str(p) for p in [*bad, good]]  # one JSON line per path, in order
+    assert all(BAD[n][1] in o["error"] for n, o in zip(names, out, strict=False))
+    assert "error" not in out[-1] and out[-1]["tensors"] == 1
