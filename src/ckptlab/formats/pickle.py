@@ -159,7 +159,10 @@ def unwrap(root: Any) -> tuple[dict[str, TensorRef], dict[str, Any], list[str], 
     wrapper: list[str] = []
     if isinstance(root, TensorRef):
         return {"tensor": root}, extra, dropped, wrapper
-    if isinstance(root, Call):  # e.g. an nn.Module pickled whole: never rebuilt
+    if isinstance(root, Call):  # e.g. an nn.Module pickled whole: never rebuilt, its tensors are read
+        if _module_state(root) is not None:
+            _flatten_module(root, "", tensors, 0, [0])
+            return tensors, {"object": root.qualname}, dropped, wrapper
         return tensors, {"object": _plain(root)}, dropped, wrapper
     if not isinstance(root, dict):
         return tensors, ({"object": _plain(root)} if root is not None else {}), dropped, wrapper
@@ -201,6 +204,8 @@ def _flatten(d: dict, prefix: str, tensors: dict, extra: dict, dropped: list, de
         key = f"{prefix}{k}"
         if isinstance(v, TensorRef):
             tensors[key] = v
+        elif isinstance(v, Call) and _module_state(v) is not None and depth < MAX_DEPTH:
+            _flatten_module(v, key + ".", tensors, depth + 1, count)
         elif not prefix and str(k) in TRAINING_STATE:
             dropped.append(key)
         elif isinstance(v, dict) and depth < MAX_DEPTH and _is_tensorish(v):
@@ -209,6 +214,29 @@ def _flatten(d: dict, prefix: str, tensors: dict, extra: dict, dropped: list, de
             _flatten(dict(enumerate(v)), key + ".", tensors, extra, dropped, depth + 1, count)
         else:
             extra[key] = _plain(v)
+
+
+def _module_state(v: Call) -> dict | None:
+    """The ``__dict__`` of a pickled ``torch.nn.Module`` (an inert record), if ``v`` is one."""
+    st = v.state
+    if isinstance(st, dict) and isinstance(st.get("_parameters"), dict) and isinstance(st.get("_modules"), dict):
+        return st
+    return None
+
+
+def _flatten_module(v: Call, prefix: str, tensors: dict, depth: int, count: list) -> None:
+    """Tensors of a whole pickled module, named as ``Module.state_dict()`` names them."""
+    st = _module_state(v)
+    if st is None or depth > MAX_DEPTH:
+        return
+    for group in ("_parameters", "_buffers"):
+        for name, t in (st.get(group) or {}).items():
+            count[0] += 1
+            if isinstance(t, TensorRef) and count[0] <= MAX_WALK_NODES:
+                tensors[f"{prefix}{name}"] = t
+    for name, child in st["_modules"].items():
+        if isinstance(child, Call):
+            _flatten_module(child, f"{prefix}{name}.", tensors, depth + 1, count)
 
 
 def _plain(v: Any, depth: int = 0, budget: list | None = None) -> Any:
