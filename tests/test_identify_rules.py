@@ -306,3 +306,25 @@ def test_vram_fp32_counted_as_fp16(tmp_path):
     b = identify(write_model(tmp_path / "b.safetensors", "sd1_checkpoint", small=False, sparse=True, dtype="F16"))
     assert a.dtypes == {"fp32": b.params} and a.vram.gib == b.vram.gib
     assert any("fp32 weights counted as fp16" in x for x in a.vram.assumptions)
+
+
+def test_old_clip_naming_and_quantization_notes(tmp_path):
+    lay = {}
+    for k, v in real("sd1_checkpoint").items():
+        lay[k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")] = v
+    lay["model.diffusion_model.scaled_fp8"] = ("F8_E4M3", (0,))
+    info = identify(write_sparse(tmp_path / "nai.safetensors", lay))
+    assert info.family == "sd1" and "clip_l" in info.components
+    assert any("old-style CLIP-L key names" in w for w in info.warnings)
+    assert any("scaled fp8" in e and "fp8_e4m3fn" in e for e in info.evidence)
+    assert not any("unknown key" in w for w in info.warnings)
+
+
+def test_bnb_nf4_flux_is_recognised(tmp_path):
+    lay = {"double_blocks.0.img_attn.norm.key_norm.scale": ("F32", (128,)),
+           "double_blocks.0.img_attn.proj.weight": ("U8", (4718592, 1)),
+           "double_blocks.0.img_attn.proj.weight.quant_state.bitsandbytes__nf4": ("U8", (88,)),
+           "img_in.weight": ("U8", (98304, 1)), "guidance_in.in_layer.weight": ("U8", (393216, 1))}
+    info = identify(write_sparse(tmp_path / "flux-nf4.safetensors", lay))
+    assert (info.family, info.variant) == ("flux", "dev")
+    assert any("NF4" in e for e in info.evidence)

@@ -128,3 +128,25 @@ def test_importtime_shows_no_torch(lib):
     imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
     assert "ckptlab.identify" in imported
     assert not any(m == "torch" or m.startswith("torch.") for m in imported)
+
+
+def test_hostile_pickle_is_refused_without_running(cli, lib, tmp_path):
+    """A pickle whose payload would create a file: inspect refuses it (exit 4 per errors.UnsafeFileError), never
+    runs it, and still reports the other path."""
+    import pickle
+
+    canary = tmp_path / "canary"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    bad = tmp_path / "evil.ckpt"
+    bad.write_bytes(pickle.dumps({"state_dict": Payload()}, protocol=2))
+    _, files = lib
+    r = cli("inspect", "--json", bad, files["lora"])
+    assert r.returncode == 4, (r.returncode, r.stderr)
+    assert not canary.exists()
+    objs = _lines(r.stdout)
+    assert "error" in objs[0] and objs[1]["kind"] == "lora"
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

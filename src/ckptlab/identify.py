@@ -69,6 +69,22 @@ def parse_metadata(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def quantization_notes(infos: dict[str, TensorInfo]) -> list[str]:
+    """Evidence lines for quantized storage (identification.md §1.3): BnB-NF4, ComfyUI scaled fp8, fp8 dtypes."""
+    notes = []
+    nf4 = sum(1 for k in infos if k.endswith(".quant_state.bitsandbytes__nf4"))
+    if nf4:
+        notes.append(f"bitsandbytes NF4 quantized ({nf4} *.quant_state.bitsandbytes__nf4 keys; shapes are packed)")
+    scaled = next((k for k in infos if k.endswith("scaled_fp8")), None)
+    if scaled:
+        kind = "fp8_e4m3fn" if infos[scaled].dtype in ("F32", "F8_E4M3") else friendly(infos[scaled].dtype)
+        notes.append(f"ComfyUI scaled fp8 weights ({scaled}: {kind})")
+    fp8 = sum(i.numel for i in infos.values() if i.dtype in ("F8_E4M3", "F8_E5M2"))
+    if fp8 and not scaled:
+        notes.append(f"fp8 storage for {fp8:,} parameters")
+    return notes
+
+
 def _is_weight(key: str, info: TensorInfo, comp: str) -> bool:
     if comp == "training" or key in SCHEDULE_KEYS or key in MARKER_KEYS or key.endswith(("position_ids", "scaled_fp8")):
         return False
@@ -176,6 +192,7 @@ def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
     if "pytorch-lightning_version" in extra:
         det.evidence.append(f"PyTorch Lightning wrapper (version {extra['pytorch-lightning_version']})")
 
+    det.evidence += quantization_notes(infos)
     fmt = source.format
     if fmt == "gguf":
         arch = metadata.get("general.architecture")

@@ -44,6 +44,11 @@ def file_warnings(infos: Mapping[str, TensorInfo], comps: Mapping[str, list[str]
             out.append(f"float position_ids ({i.dtype}) in {k}: the file was merged and token positions may be off "
                        "(they should be int64 0..76)")
     diffusion = det.kind in ("checkpoint", "unet")
+    old_clip = next((k for k in comps.get("clip_l", []) if k.startswith("cond_stage_model.transformer.")
+                     and not k.startswith("cond_stage_model.transformer.text_model.")), None)
+    if old_clip:
+        out.append(f"old-style CLIP-L key names without 'text_model.' ({old_clip}): a NovelAI-era file; "
+                   "loaders rename these keys")
     if "openclip_h" in comps:
         top = _top_index(comps["openclip_h"], _RESBLOCK_RE)
         top = max(top, _top_index(comps["openclip_h"], _LAYER_RE))
