@@ -225,3 +225,18 @@ def test_version_1_uses_32_bit_sizes(tmp_path):
     assert src.version == 1 and src.architecture == "sd1"
     assert src.info("input_blocks.0.0.weight").shape == (3, 2)
     assert src.get("input_blocks.0.0.weight").flatten().tolist() == data.tolist()
+
+
+def test_huge_numeric_array_is_skipped_not_decoded(tmp_path, monkeypatch):
+    import ckptlab.formats.gguf as g
+
+    monkeypatch.setattr(g, "DECODE_NUMBERS_UP_TO", 100)
+    n = 1000
+    kv = _s("tokenizer.ggml.token_type") + struct.pack("<IIQ", 9, 5, n) + struct.pack(f"<{n}i", *range(n))
+    kv += _s("general.architecture") + struct.pack("<I", 8) + _s("flux")
+    p = tmp_path / "big_array.gguf"
+    p.write_bytes(_v3(kv, 2))
+    src = GGUFSource(p)
+    assert src.architecture == "flux"  # parsing continued right after the skipped array
+    assert src.metadata["tokenizer.ggml.token_type"] == "<array of 1000 int32>"
+    assert GGUFReader(str(p)).fields["general.architecture"].contents() == "flux"

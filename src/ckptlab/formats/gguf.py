@@ -32,6 +32,8 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 8
 SUMMARISE_ARRAYS_OVER = 1024  # longer arrays appear in ``metadata`` as a one-line summary
+DECODE_NUMBERS_UP_TO = 1 << 20  # longer numeric arrays are skipped, not turned into Python ints
+MAX_STRING_ARRAY = 1 << 22  # tokenizer vocabularies are ~250k; millions of strings means a hostile file
 
 # GGML type id -> (name, elements per block, bytes per block)
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -131,16 +133,35 @@ class _Cursor:
                 raise FormatError(f"GGUF {what}: array of {n} elements runs past the end of the file",
                                   self.path)
             if code:  # fixed-size elements: one unpack for the whole array
+                width = struct.calcsize(code)
+                if n > DECODE_NUMBERS_UP_TO:
+                    self.pos += n * width
+                    return SkippedArray(_VALUE_TYPES[etype][0], n)
                 vals = struct.unpack_from(f"{self.e}{n}{code}", self.buf, self.pos)
-                self.pos += n * struct.calcsize(code)
+                self.pos += n * width
                 return list(vals)
+            if n > MAX_STRING_ARRAY:
+                raise FormatError(f"GGUF {what}: array of {n} strings/arrays is implausibly large", self.path)
             return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(n)]
         return self._unpack(_VALUE_TYPES[vtype][1], what)
+
+
+@dataclass(frozen=True)
+class SkippedArray:
+    """A numeric metadata array too long to be worth decoding (kept as its type and length)."""
+
+    element_type: str
+    count: int
+
+    def __str__(self) -> str:
+        return f"<array of {self.count} {self.element_type}>"
 
 
 def _metadata_string(value: Any) -> str:
     if isinstance(value, str):
         return value
+    if isinstance(value, SkippedArray):
+        return str(value)
     if isinstance(value, list) and len(value) > SUMMARISE_ARRAYS_OVER:
         return f"<array of {len(value)} values>"
     return json.dumps(value, ensure_ascii=False, allow_nan=True)
