@@ -22,6 +22,10 @@ Stable API (other modules build on it; keep the signatures):
 ``component_prefix(key) -> str``
     The group prefix a key sits under (``"model.diffusion_model."``, ``"first_stage_model."``, ``""``...).
 
+``SCHEDULE_KEYS`` / ``MARKER_KEYS``
+    Top-level keys that are neither weights nor unknown: LDM schedule buffers (``betas``, ``alphas_cumprod``...,
+    ``logvar``, ``model_ema.decay``/``num_updates``) and marker tensors (``v_pred``, ``ztsnr``, ``edm_mean``...).
+
 Nothing here imports torch.
 """
 
