@@ -221,3 +221,13 @@ def test_link_without_paths_covers_the_catalog(world, cli):
     assert set(rows) == {"detail.safetensors", "homemade.safetensors"}  # catalogued files only
     assert rows["detail.safetensors"]["status"] == "already"
     assert rows["homemade.safetensors"]["status"] == "not_found"
+
+
+def test_copy_added_later_inherits_from_a_file_linked_in_an_earlier_run(world, cli):
+    fake, lib, files, env = world
+    r = cli("civitai", "link", files["ckpt"], "--json", env=env)
+    assert jsonl(r.stdout)[0]["status"] == "linked"
+    r = cli("civitai", "link", files["ckpt16"], "--json", env=env)  # the original is not named this time
+    row = jsonl(r.stdout)[0]
+    assert row["status"] == "inherited" and row["version_id"] == 2000
+    assert row["inherited_from"] == file_hashes(files["ckpt"].read_bytes())["SHA256"]

@@ -249,16 +249,23 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
         if not fp:
             continue
         donors = store.direct_links_by_fingerprint(cat, fp)
-        if not donors and fingerprint:  # files of this run without a catalog fingerprint
-            for other in files:
-                if other.sha256 == lf.sha256:
+        if not donors and fingerprint:
+            # linked files whose fingerprint is not known yet: this run's files first, then catalogued
+            # files of the same kind (each fingerprint is computed once and stored in the catalog)
+            cands = [(o.sha256, o.path) for o in files if o.sha256 != lf.sha256]
+            cands += [(r.sha256.upper(), Path(r.path)) for r in cat.files()
+                      if r.sha256 and r.fingerprint is None and (lf.kind is None or r.kind in (None, lf.kind))]
+            seen = set()
+            for sha, path in cands:
+                if sha == lf.sha256 or sha in seen:
                     continue
-                ol = store.get_link(cat, other.sha256)
+                seen.add(sha)
+                ol = store.get_link(cat, sha)
                 if ol is None or ol.inherited:
                     continue
-                if fps.get(other.sha256) is None:
-                    fps[other.sha256] = fingerprint(other.path)
-                if fps[other.sha256] == fp:
+                if fps.get(sha) is None and path.is_file():
+                    fps[sha] = fingerprint(path)
+                if fps.get(sha) == fp:
                     donors = [ol]
                     break
         if donors:
