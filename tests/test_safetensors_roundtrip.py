@@ -125,3 +125,17 @@ def test_single_dtype_file_header_values(tmp_path, dtype):
         (k,) = src.keys()
         assert src.info(k).dtype == dtype
         assert _equal(src.get(k), t)
+
+
+def test_concurrent_reads_from_threads(tmp_path):
+    """Worker threads (merge/convert) may share one source: every tensor comes back intact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = {f"model.diffusion_model.input_blocks.{i}.0.weight": torch.randn(64, 32) for i in range(64)}
+    p = tmp_path / "threads.safetensors"
+    save_file(state, str(p))
+    src = SafetensorsSource(p)
+    with ThreadPoolExecutor(8) as ex:
+        got = dict(zip(state, ex.map(lambda k: src.get(k).clone(), state), strict=True))
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    src.close()

@@ -16,6 +16,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 from operator import itemgetter
 from pathlib import Path
 
@@ -216,6 +217,7 @@ class SafetensorsSource(TensorSource):
         self.header = read_header(self.path)
         self.metadata = dict(self.header.metadata)
         self._mm: mmap.mmap | None = None
+        self._lock = threading.Lock()  # merge/convert read tensors from worker threads
 
     def infos(self) -> dict[str, TensorInfo]:
         return self.header.tensors
@@ -230,7 +232,11 @@ class SafetensorsSource(TensorSource):
         return self.header.data_start + begin, self.header.data_start + end
 
     def _map(self) -> mmap.mmap:
-        if self._mm is None:
+        if self._mm is not None:
+            return self._mm
+        with self._lock:
+            if self._mm is not None:
+                return self._mm
             with open(self.path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 if size != self.header.file_size:
