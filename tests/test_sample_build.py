@@ -346,7 +346,7 @@ def test_spec_metadata_and_user_metadata(files, tmp_path):
 def test_specs_cover_every_layout_and_are_consistent():
     assert set(build.SPECS) <= set(layouts.LAYOUTS)
     kinds = {"checkpoint", "unet", "vae", "text_encoder", "lora", "lycoris", "embedding", "hypernetwork",
-             "controlnet", "upscaler"}
+             "controlnet", "upscaler", "t2i_adapter", "ip_adapter"}
     for s in build.SPECS.values():
         assert s.kind in kinds, s.name
         assert s.fmt in ("safetensors", "ckpt", "pt")

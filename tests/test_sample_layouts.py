@@ -192,7 +192,10 @@ DIFFUSERS_TYPES = {
     "sdxl_checkpoint": "xl_base", "sdxl_inpaint": "xl_inpaint", "sdxl_refiner": "xl_refiner",
     "sd3_medium": "sd3", "sd35_medium": "sd35_medium", "sd35_large": "sd35_large", "flux_dev": "flux-dev",
     "flux_schnell": "flux-schnell", "flux_fill": "flux-fill", "flux_depth": "flux-depth",
-    "sd1_controlnet": "controlnet",
+    "sd1_controlnet": "controlnet", "sd1_controlnet_diffusers": "controlnet", "sdxl_controlnet": "controlnet_xl_large",
+    "sd1_pix2pix": "instruct-pix2pix", "playground_v25": "playground-v2-5", "cascade_stage_c": "stable_cascade_stage_c",
+    "cascade_stage_b": "stable_cascade_stage_b", "auraflow": "auraflow", "chroma": "chroma",
+    "sdxl_vpred": "xl_base", "sdxl_cosxl": "xl_base",
 }
 
 
@@ -289,3 +292,99 @@ def test_marker_keys_of_the_oracle_table():
     assert any(k.endswith(".hada_w1_a") for k in layouts.keys("sd1_loha"))
     assert any(k.endswith(".lokr_w1") for k in layouts.keys("sd1_lokr"))
     assert any(k.endswith(".lora_A.weight") and k.startswith("unet.") for k in layouts.keys("sd1_peft_lora"))
+
+
+CASCADE_C = dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1, conditioning_dim=2048,
+                 block_out_channels=[2048, 2048], num_attention_heads=[32, 32], down_num_layers_per_block=[8, 24],
+                 up_num_layers_per_block=[24, 8], down_blocks_repeat_mappers=[1, 1], up_blocks_repeat_mappers=[1, 1],
+                 block_types_per_layer=[["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"]] * 2,
+                 clip_text_in_channels=1280, clip_text_pooled_in_channels=1280, clip_image_in_channels=768,
+                 clip_seq=4, effnet_in_channels=None, pixel_mapper_in_channels=None, kernel_size=3,
+                 dropout=[0.1, 0.1], self_attn=True, timestep_conditioning_type=["sca", "crp"], switch_level=[False])
+CASCADE_B = dict(in_channels=4, out_channels=4, timestep_ratio_embedding_dim=64, patch_size=4, conditioning_dim=1280,
+                 block_out_channels=[320, 640, 1280, 1280], num_attention_heads=[0, 0, 20, 20],
+                 down_num_layers_per_block=[2, 6, 28, 6], up_num_layers_per_block=[6, 28, 6, 2],
+                 down_blocks_repeat_mappers=[1, 1, 1, 1], up_blocks_repeat_mappers=[3, 3, 2, 2],
+                 block_types_per_layer=[["SDCascadeResBlock", "SDCascadeTimestepBlock"]] * 2
+                 + [["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"]] * 2,
+                 clip_text_pooled_in_channels=1280, clip_seq=4, effnet_in_channels=16, pixel_mapper_in_channels=3,
+                 kernel_size=3, dropout=[0, 0, 0.1, 0.1], self_attn=True, timestep_conditioning_type=["sca"],
+                 switch_level=None)
+
+
+@pytest.mark.parametrize("spec,cfg", [("cascade_stage_c", CASCADE_C), ("cascade_stage_b", CASCADE_B)])
+def test_full_stable_cascade_converts_to_diffusers_shapes(spec, cfg):
+    """Configs are the stabilityai/stable-cascade prior / decoder configs."""
+    from diffusers import StableCascadeUNet
+    from diffusers.loaders.single_file_utils import convert_stable_cascade_unet_single_file_to_diffusers
+
+    with torch.device("meta"):
+        model = StableCascadeUNet(**cfg)
+    conv = convert_stable_cascade_unet_single_file_to_diffusers(meta_state(spec))
+    assert {k: tuple(v.shape) for k, v in conv.items()} == _meta_shapes(model)
+
+
+def test_full_auraflow_converts_to_diffusers_shapes():
+    from diffusers import AuraFlowTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_auraflow_transformer_checkpoint_to_diffusers
+
+    with torch.device("meta"):
+        model = AuraFlowTransformer2DModel()  # defaults are AuraFlow's real config
+    conv = convert_auraflow_transformer_checkpoint_to_diffusers(meta_state("auraflow"))
+    assert {k: tuple(v.shape) for k, v in conv.items()} == _meta_shapes(model)
+
+
+def test_diffusers_named_controlnets_equal_diffusers_controlnet_state_dicts():
+    from diffusers import ControlNetModel
+
+    with torch.device("meta"):
+        sd1 = ControlNetModel(cross_attention_dim=768)
+        sdxl = ControlNetModel(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+            attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    assert shapes(layouts.keys("sd1_controlnet_diffusers", small=False)) == _meta_shapes(sd1)
+    assert shapes(layouts.keys("sdxl_controlnet", small=False)) == _meta_shapes(sdxl)
+
+
+def test_marker_keys_of_the_other_oracle_rows():
+    P = "model.diffusion_model."
+    vp = layouts.keys("sdxl_vpred", small=False)
+    assert vp["v_pred"][1] == (0,) and vp["ztsnr"][1] == (0,)
+    assert "edm_vpred.sigma_max" in layouts.keys("sdxl_cosxl") and "edm_mean" in layouts.keys("playground_v25")
+    assert shapes(layouts.keys("kolors_unet", small=False))["label_emb.0.0.weight"] == (1280, 5632)
+    svd = shapes(layouts.keys("svd", small=False))
+    assert P + "input_blocks.1.1.time_stack.0.attn1.to_q.weight" in svd
+    assert svd[P + "input_blocks.0.0.weight"][1] == 8 and svd[P + "label_emb.0.0.weight"][1] == 768
+    assert "first_stage_model.decoder.mid.block_1.mix_factor" in svd
+    assert "distilled_guidance_layer.in_proj.bias" in layouts.keys("chroma")
+    c = shapes(layouts.keys("cascade_stage_c", small=False))
+    assert "clf.1.weight" in c and c["clip_txt_mapper.weight"][0] == 2048
+    b = shapes(layouts.keys("cascade_stage_b", small=False))
+    assert "clip_mapper.weight" in b and b["down_blocks.1.0.channelwise.0.weight"][-1] == 640
+    assert "ar_embedder.mlp.0.weight" in layouts.keys("pixart_alpha")
+    sig = layouts.keys("pixart_sigma")
+    assert "t_block.1.weight" in sig and "ar_embedder.mlp.0.weight" not in sig
+    af = layouts.keys("auraflow")
+    assert "double_layers.0.attn.w1q.weight" in af and "cond_seq_linear.weight" in af
+    assert shapes(layouts.keys("hunyuan_dit_v10", small=False))["extra_embedder.0.weight"][1] == 3968
+    assert shapes(layouts.keys("hunyuan_dit", small=False))["extra_embedder.0.weight"][1] != 3968
+    assert "mlp_t5.0.weight" in layouts.keys("hunyuan_dit")
+    assert shapes(layouts.keys("taesd_decoder"))["1.weight"][1] == 4
+    assert "text_model.encoder.layers.22.mlp.fc1.weight" in layouts.keys("clip_h")
+    assert "text_model.encoder.layers.24.mlp.fc1.weight" not in layouts.keys("clip_h")
+    assert "add_embedding.linear_1.weight" in layouts.keys("sdxl_controlnet")
+    assert "controlnet_cond_embedding.conv_in.weight" in layouts.keys("sd1_controlnet_diffusers")
+    t2i = layouts.keys("t2i_adapter")
+    assert "conv_in.weight" in t2i and "body.0.block2.weight" in t2i
+    ip = shapes(layouts.keys("ip_adapter_sd15", small=False))
+    assert ip["ip_adapter.1.to_k_ip.weight"] == (320, 768) and "image_proj.proj.weight" in ip
+    rs = layouts.keys("realesrgan_x4plus")
+    assert "conv_first.weight" in rs and "body.0.rdb1.conv1.weight" in rs
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in layouts.keys("flux_kohya_lora")
+    assert "transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight" in layouts.keys("flux_diffusers_lora")
+    assert "double_blocks.0.processor.qkv_lora1.down.weight" in layouts.keys("flux_xlabs_lora")
+    assert any(k.endswith(".oft_blocks") and len(v[1]) == 3 for k, v in layouts.keys("sd1_oft").items())
+    assert any(k.endswith(".a1.weight") for k in layouts.keys("sd1_glora"))
+    assert any(k.endswith(".dora_scale") for k in layouts.keys("sd1_dora"))

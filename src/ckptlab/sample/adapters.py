@@ -176,3 +176,91 @@ def hypernetwork_sd1(small: bool) -> Layout:
                 a, b = int(w * ls[n]), int(w * ls[n + 1])
                 lay.linear(f"{w}.{kv}.linear.{n}", b, a)
     return lay
+
+
+def _flux_dims(small: bool):
+    from ckptlab.sample.components import FluxDims
+
+    return FluxDims(hidden=64, heads=2, context_in=32, vec_in=32) if small else FluxDims()
+
+
+def kohya_lora_flux(small: bool) -> Layout:
+    """kohya/sd-scripts Flux LoRA: ``lora_unet_double_blocks_N_{img,txt}_{attn_qkv,attn_proj,mlp_0,mlp_2,mod_lin}``
+    and ``lora_unet_single_blocks_N_{linear1,linear2,modulation_lin}`` (BFL module names)."""
+    from ckptlab.sample.components import flux
+
+    r = RANK_SMALL if small else RANK_FULL
+    mods = [(k[: -len(".weight")], s) for k, (_, s) in flux(_flux_dims(small)).items()
+            if k.endswith(".weight") and k.startswith(("double_blocks.", "single_blocks.")) and len(s) == 2]
+    lay = Layout()
+    _kohya_pairs(lay, "lora_unet_", mods, r)
+    return lay
+
+
+def diffusers_lora_flux(small: bool) -> Layout:
+    """diffusers/PEFT Flux LoRA (``transformer.transformer_blocks.N.attn.to_q.lora_A.weight`` ...)."""
+    d = _flux_dims(small)
+    h, mlp = d.hidden, d.hidden * d.mlp_ratio
+    r = RANK_SMALL if small else RANK_FULL
+    lay = Layout()
+    for i in range(d.double):
+        for n in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            lay.add(f"transformer.transformer_blocks.{i}.attn.{n}.lora_A.weight", r, h)
+            lay.add(f"transformer.transformer_blocks.{i}.attn.{n}.lora_B.weight", h, r)
+    for i in range(d.single):
+        for n, o, inp in (("attn.to_q", h, h), ("attn.to_k", h, h), ("attn.to_v", h, h), ("proj_mlp", mlp, h),
+                          ("proj_out", h, h + mlp)):
+            lay.add(f"transformer.single_transformer_blocks.{i}.{n}.lora_A.weight", r, inp)
+            lay.add(f"transformer.single_transformer_blocks.{i}.{n}.lora_B.weight", o, r)
+    return lay
+
+
+def xlabs_lora_flux(small: bool) -> Layout:
+    """XLabs Flux LoRA: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight`` (double blocks only)."""
+    d = _flux_dims(small)
+    h = d.hidden
+    r = RANK_SMALL if small else RANK_FULL
+    lay = Layout()
+    for i in range(d.double):
+        for s in ("1", "2"):
+            lay.add(f"double_blocks.{i}.processor.qkv_lora{s}.down.weight", r, h)
+            lay.add(f"double_blocks.{i}.processor.qkv_lora{s}.up.weight", 3 * h, r)
+            lay.add(f"double_blocks.{i}.processor.proj_lora{s}.down.weight", r, h)
+            lay.add(f"double_blocks.{i}.processor.proj_lora{s}.up.weight", h, r)
+    return lay
+
+
+def oft_sd1(small: bool) -> Layout:
+    """LyCORIS OFT: ``oft_blocks`` [out / block_size, block_size, block_size] per module (+ alpha)."""
+    size = 8 if small else 16
+    lay = Layout()
+    for mod, (out, *_rest) in _sd1_modules(small):
+        lay.add(f"{mod}.alpha")
+        lay.add(f"{mod}.oft_blocks", out // size, size, size)
+    return lay
+
+
+def glora_sd1(small: bool) -> Layout:
+    """LyCORIS GLoRA: ``a1`` [r, in], ``a2`` [in, r] (weight term) and ``b1`` [r, in], ``b2`` [out, r] (bias term)."""
+    r = RANK_SMALL if small else 8
+    lay = Layout()
+    for mod, (out, inp, *k) in _sd1_modules(small):
+        if k:
+            continue  # GLoRA targets Linear layers
+        lay.add(f"{mod}.alpha")
+        lay.add(f"{mod}.a1.weight", r, inp)
+        lay.add(f"{mod}.a2.weight", inp, r)
+        lay.add(f"{mod}.b1.weight", r, inp)
+        lay.add(f"{mod}.b2.weight", out, r)
+    return lay
+
+
+def dora_sd1(small: bool) -> Layout:
+    """kohya-style LoRA with DoRA magnitude vectors (``dora_scale`` [out, 1])."""
+    lay = kohya_lora_sd1(small)
+    out = Layout()
+    for k, v in lay.items():
+        out[k] = v
+        if k.endswith(".lora_up.weight"):
+            out[k[: -len(".lora_up.weight")] + ".dora_scale"] = ("F32", (v[1][0], 1))
+    return out

@@ -150,6 +150,59 @@ _SPEC_LIST = [
          "sd1", fmt="pt", filename="anime_hypernet"),
     Spec("esrgan_x4", "ESRGAN x4 upscaler, old architecture names (model.N, RRDB)", "upscaler", "esrgan", "x4",
          fmt="pt", filename="RRDB_ESRGAN_x4"),
+    Spec("realesrgan_x4plus", "Real-ESRGAN x4plus, BasicSR RRDBNet names (pickle wraps them in params_ema)",
+         "upscaler", "esrgan", "x4", fmt="pt", filename="RealESRGAN_x4plus"),
+    Spec("sdxl_vpred", "SDXL v-prediction + zero-terminal-SNR (top-level empty v_pred / ztsnr tensors)",
+         "checkpoint", "sdxl", "v_pred", ("unet", "vae", "clip_l", "clip_g"), "v", filename="noobai-xl-vpred"),
+    Spec("sdxl_cosxl", "CosXL-style SDXL (top-level edm_vpred.sigma_max / sigma_min)", "checkpoint", "sdxl",
+         "v_pred_edm", ("unet", "vae", "clip_l", "clip_g"), "v", filename="cosxl"),
+    Spec("playground_v25", "Playground v2.5 (SDXL keys + top-level edm_mean / edm_std; EDM schedule)",
+         "checkpoint", "playground_v25", components=("unet", "vae", "clip_l", "clip_g"), prediction="edm",
+         filename="playground-v2.5-1024px-aesthetic"),
+    Spec("kolors_unet", "Kolors UNet (SDXL layout, label_emb in 5632, encoder_hid_proj from ChatGLM3 4096)",
+         "unet", "kolors", components=("unet",), prediction="epsilon", filename="kolors_unet", small_exact=False),
+    Spec("svd", "Stable Video Diffusion img2vid (reduction: temporal keys, in-channels 8, label_emb in 768)",
+         "checkpoint", "svd", components=("unet", "vae"), prediction="v", filename="svd_xt", small_exact=False),
+    Spec("chroma", "Chroma (Flux blocks without modulation + distilled_guidance_layer; reduction)", "unet",
+         "chroma", components=("unet",), prediction="flow", filename="chroma-unlocked-v37", small_exact=False),
+    Spec("cascade_stage_c", "Stable Cascade stage C prior (original names)", "unet", "cascade", "stage_c",
+         ("unet",), filename="stage_c"),
+    Spec("cascade_stage_b", "Stable Cascade stage B decoder (original names)", "unet", "cascade", "stage_b",
+         ("unet",), filename="stage_b"),
+    Spec("pixart_alpha", "PixArt-alpha XL/2 1024-MS (ar/csize micro-conditions)", "unet",
+         "pixart", "alpha", ("unet",), filename="PixArt-XL-2-1024-MS", small_exact=False,
+         notes="written from PixArt's model code; not checked against a real file"),
+    Spec("pixart_sigma", "PixArt-Sigma XL/2 (300 T5 tokens, no micro-conditions)", "unet", "pixart", "sigma",
+         ("unet",), filename="PixArt-Sigma-XL-2-1024-MS", small_exact=False),
+    Spec("auraflow", "AuraFlow v0.3 (4 MMDiT + 32 single DiT layers, original names)", "unet", "auraflow",
+         components=("unet",), prediction="flow", filename="aura_flow_0.3"),
+    Spec("hunyuan_dit", "HunyuanDiT v1.2 DiT-g/2 (extra_embedder in 2432)", "unet", "hunyuan_dit", "v1.1",
+         ("unet",), filename="hunyuan_dit_1.2", small_exact=False),
+    Spec("hunyuan_dit_v10", "HunyuanDiT v1.0 (extra_embedder in 3968, style embedder)", "unet", "hunyuan_dit",
+         "v1.0", ("unet",), filename="hunyuan_dit_1.0", small_exact=False),
+    Spec("taesd_decoder", "TAESD decoder, bare Sequential keys (1.weight in = 4 latent channels)", "vae", "taesd",
+         components=("vae",), filename="taesd_decoder", ambiguous_with=("sd1", "sd2", "sdxl")),
+    Spec("clip_h", "OpenCLIP ViT-H text encoder, HF names (24 layers)", "text_encoder", "clip_h",
+         components=("clip_h",), filename="clip_h"),
+    Spec("sd1_controlnet_diffusers", "SD1 ControlNet, diffusers names (controlnet_cond_embedding...)",
+         "controlnet", "sd1", "diffusers", ("controlnet",), filename="diffusion_pytorch_model"),
+    Spec("sdxl_controlnet", "SDXL ControlNet, diffusers names (add_embedding ⇒ SDXL; large: attn1 in down 1)",
+         "controlnet", "sdxl", "diffusers", ("controlnet",), filename="controlnet-canny-sdxl-1.0"),
+    Spec("t2i_adapter", "T2I-Adapter full for SD1 (conv_in + body.N.block1/2)", "t2i_adapter", "sd1",
+         filename="t2iadapter_canny_sd15v2", small_exact=False),
+    Spec("ip_adapter_sd15", "IP-Adapter SD1.5 (image_proj + ip_adapter.N.to_k_ip/to_v_ip, width 768)",
+         "ip_adapter", "sd1", filename="ip-adapter_sd15"),
+    Spec("flux_kohya_lora", "kohya Flux LoRA (lora_unet_double_blocks_N_img_attn_qkv ...)", "lora", "flux",
+         "kohya", filename="flux_style_lora", metadata={"ss_network_module": "networks.lora_flux",
+                                                          "ss_base_model_version": "flux1"}),
+    Spec("flux_diffusers_lora", "diffusers/PEFT Flux LoRA (transformer.transformer_blocks.N.attn...lora_A)",
+         "lora", "flux", "peft", filename="flux_diffusers_lora"),
+    Spec("flux_xlabs_lora", "XLabs Flux LoRA (double_blocks.N.processor.qkv_lora1.down.weight)", "lora", "flux",
+         "xlabs", filename="xlabs_flux_lora"),
+    Spec("sd1_oft", "LyCORIS OFT for SD1 (oft_blocks)", "lycoris", "sd1", "oft", filename="sd15_oft"),
+    Spec("sd1_glora", "LyCORIS GLoRA for SD1 (a1/a2/b1/b2)", "lycoris", "sd1", "glora", filename="sd15_glora"),
+    Spec("sd1_dora", "kohya LoRA with DoRA magnitudes (dora_scale) for SD1", "lora", "sd1", "dora",
+         filename="sd15_dora"),
 ]
 SPECS: dict[str, Spec] = {s.name: s for s in _SPEC_LIST}
 
@@ -211,6 +264,8 @@ def tensor_value(key: str, dtype: str, shape: tuple[int, ...], *, seed: int, spe
     if key == "model.model_sampling.sigmas":  # SD3 flow sigmas, shift 3.0
         t = torch.arange(1, shape[0] + 1, dtype=torch.float64) / shape[0]
         return (3.0 * t / (1 + 2.0 * t)).float()
+    if key in _CONSTANTS:
+        return torch.tensor(_CONSTANTS[key], dtype=torch.float32).reshape(shape)
     if key.endswith("logit_scale"):
         return torch.tensor(math.log(100.0), dtype=torch.float32)
     if key.endswith(".alpha"):
@@ -228,11 +283,18 @@ def tensor_value(key: str, dtype: str, shape: tuple[int, ...], *, seed: int, spe
         return _normal(seed, key, shape, 0.02)
     if len(shape) == 0:
         return _normal(seed, key, shape, 1.0)
+    if key.endswith(".dora_scale"):
+        return _normal(seed, key, shape, 0.02).add_(1.0)
     if key.endswith((".lora_B.weight", ".lora_up.weight")):
         return _normal(seed, key, shape, 0.01)
     return _normal(seed, key, shape, 1.0 / math.sqrt(math.prod(shape[1:])))
 
 
+# real values of marker tensors: CosXL sigmas, Playground v2.5 latent mean/std (diffusers EDM scheduler)
+_CONSTANTS = {
+    "edm_vpred.sigma_max": 120.0, "edm_vpred.sigma_min": 0.002,
+    "edm_mean": [-1.6574, 1.886, -1.383, 2.5155], "edm_std": [8.4927, 5.9022, 6.5498, 5.2299],
+}
 _SCHED: dict = {}
 _POOL_SIZE = 1 << 22
 
@@ -364,6 +426,8 @@ def _write_pickle(path: Path, s: Spec, fmt: str, the_plan, raw, seed: int, train
         obj = {"string_to_token": {"*": 265}, "string_to_param": {"*": sd["emb_params"]},
                "name": path.stem, "step": 3000, "sd_checkpoint": "cc6cb27103",
                "sd_checkpoint_name": "v1-5-pruned-emaonly"}
+    elif s.name == "realesrgan_x4plus":
+        obj = {"params_ema": sd}
     elif s.kind == "hypernetwork":
         obj = _hypernetwork_dict(sd, path.stem, small)
     elif fmt == "ckpt" or s.kind in ("checkpoint",):

@@ -448,3 +448,69 @@ def ema(unet_layout: dict, prefix: str = "model.diffusion_model.") -> Layout:
     for k, v in unet_layout.items():
         lay[ema_key(prefix + k)] = v
     return lay
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers-named UNet encoder (ControlNetModel)
+# ---------------------------------------------------------------------------------------------
+
+def _d_resnet(lay: Layout, p: str, cin: int, cout: int, emb: int) -> None:
+    lay.norm(f"{p}.norm1", cin)
+    lay.conv(f"{p}.conv1", cout, cin)
+    lay.linear(f"{p}.time_emb_proj", cout, emb)
+    lay.norm(f"{p}.norm2", cout)
+    lay.conv(f"{p}.conv2", cout, cout)
+    if cin != cout:
+        lay.conv(f"{p}.conv_shortcut", cout, cin, 1)
+
+
+def _d_transformer(lay: Layout, p: str, c: int, depth: int, ctx: int, linear: bool) -> None:
+    lay.norm(f"{p}.norm", c)
+    (lay.linear if linear else (lambda k, o, i: lay.conv(k, o, i, 1)))(f"{p}.proj_in", c, c)
+    for d in range(depth):
+        b = f"{p}.transformer_blocks.{d}"
+        for n, kv in (("1", c), ("2", ctx)):
+            lay.norm(f"{b}.norm{n}", c)
+            lay.linear(f"{b}.attn{n}.to_q", c, c, bias=False)
+            lay.linear(f"{b}.attn{n}.to_k", c, kv, bias=False)
+            lay.linear(f"{b}.attn{n}.to_v", c, kv, bias=False)
+            lay.linear(f"{b}.attn{n}.to_out.0", c, c)
+        lay.norm(f"{b}.norm3", c)
+        lay.linear(f"{b}.ff.net.0.proj", 8 * c, c)
+        lay.linear(f"{b}.ff.net.2", c, 4 * c)
+    (lay.linear if linear else (lambda k, o, i: lay.conv(k, o, i, 1)))(f"{p}.proj_out", c, c)
+
+
+def diffusers_controlnet(d: UNetDims, hint_channels: int = 3) -> Layout:
+    """diffusers ``ControlNetModel`` state-dict keys for an LDM UNet of dims ``d``."""
+    lay = Layout()
+    c, emb = d.channels, 4 * d.channels
+    lay.conv("conv_in", c, d.in_channels)
+    lay.linear("time_embedding.linear_1", emb, c)
+    lay.linear("time_embedding.linear_2", emb, emb)
+    if d.adm:
+        lay.linear("add_embedding.linear_1", emb, d.adm)
+        lay.linear("add_embedding.linear_2", emb, emb)
+    lay.conv("controlnet_cond_embedding.conv_in", 16, hint_channels)
+    for i, (o, n) in enumerate(((16, 16), (32, 16), (32, 32), (96, 32), (96, 96), (256, 96))):
+        lay.conv(f"controlnet_cond_embedding.blocks.{i}", o, n)
+    lay.conv("controlnet_cond_embedding.conv_out", c, 256)
+    chans = [c]
+    ch = c
+    for level, m in enumerate(d.mult):
+        for j in range(d.res_blocks):
+            _d_resnet(lay, f"down_blocks.{level}.resnets.{j}", ch, m * c, emb)
+            ch = m * c
+            if d.depth[level]:
+                _d_transformer(lay, f"down_blocks.{level}.attentions.{j}", ch, d.depth[level], d.context, d.linear_proj)
+            chans.append(ch)
+        if level != len(d.mult) - 1:
+            lay.conv(f"down_blocks.{level}.downsamplers.0.conv", ch, ch)
+            chans.append(ch)
+    for i, zc in enumerate(chans):
+        lay.conv(f"controlnet_down_blocks.{i}", zc, zc, 1)
+    _d_transformer(lay, "mid_block.attentions.0", ch, d.mid_depth, d.context, d.linear_proj)
+    _d_resnet(lay, "mid_block.resnets.0", ch, ch, emb)
+    _d_resnet(lay, "mid_block.resnets.1", ch, ch, emb)
+    lay.conv("controlnet_mid_block", ch, ch, 1)
+    return lay

@@ -99,6 +99,50 @@ def _flux(small: bool, *, guidance: bool = True, in_channels: int | None = None)
     return flux(d)
 
 
+def _sdxl_with(small: bool, extra: dict[str, tuple[int, ...]]) -> Layout:
+    """SDXL base plus top-level marker tensors (v_pred / ztsnr / edm_* keys have no prefix)."""
+    lay = _sdxl(small)
+    for k, shape in extra.items():
+        lay.add(k, *shape)
+    return lay
+
+
+def _kolors_unet(small: bool) -> Layout:
+    """Kolors UNet (SDXL layout, LDM names, no prefix): label_emb in 5632 = ChatGLM3 pooled 4096 + 6 x 256,
+    and ``encoder_hid_proj`` mapping ChatGLM3's 4096 to the 2048 context."""
+    from dataclasses import replace
+
+    d = dims("sdxl", "unet", small)
+    glm = 128 if small else 4096
+    d = replace(d, adm=glm + 6 * dims("sdxl", "size_embed", small))
+    lay = unet(d)
+    lay.linear("encoder_hid_proj", d.context, glm)
+    return lay
+
+
+def _svd(small: bool) -> Layout:
+    """SVD img2vid (reduction): SD2-style UNet with in-channels 8, label_emb in 768 (3 x 256: fps, motion
+    bucket, cond aug), temporal ``time_stack``/``time_mixer`` keys, and a VAE whose decoder resblocks carry
+    ``mix_factor`` + 3-D ``time_stack`` convs. The CLIP-H image encoder conditioner is omitted."""
+    from dataclasses import replace
+
+    d = replace(dims("sd2", "unet", small), in_channels=8, adm=3 * (8 if small else 256))
+    lay = Layout().merge(others.svd_temporal(unet(d), d.context), UNET_PREFIX)
+    v = vae(dims("sd2", "vae", small))
+    for k, (_, shape) in list(v.items()):
+        if k.startswith("decoder.") and k.endswith(".conv2.weight") and ".block" in k:
+            p = k[: -len(".conv2.weight")]
+            v.add(f"{p}.mix_factor", 1)
+            v.add(f"{p}.time_stack.in_layers.2.weight", shape[0], shape[0], 3, 1, 1)
+    return lay.merge(v, VAE_PREFIX)
+
+
+def _controlnet_diffusers(family: str, small: bool) -> Layout:
+    from ckptlab.sample.components import diffusers_controlnet
+
+    return diffusers_controlnet(dims(family, "unet", small))
+
+
 # -- standalone components ----------------------------------------------------------------------
 
 def _clip(family: str, part: str) -> Callable[[bool], Layout]:
@@ -143,6 +187,20 @@ LAYOUTS: dict[str, Callable[[bool], Layout]] = {
     "sdxl_embedding": lambda s: adapters.embedding_sdxl(s),
     "sd1_hypernetwork": lambda s: adapters.hypernetwork_sd1(s),
     "esrgan_x4": lambda s: others.esrgan(s),
+    "sdxl_vpred": lambda s: _sdxl_with(s, {"v_pred": (0,), "ztsnr": (0,)}),
+    "sdxl_cosxl": lambda s: _sdxl_with(s, {"edm_vpred.sigma_max": (), "edm_vpred.sigma_min": ()}),
+    "playground_v25": lambda s: _sdxl_with(s, {"edm_mean": (1, 4, 1, 1), "edm_std": (1, 4, 1, 1)}),
+    "kolors_unet": _kolors_unet,
+    "svd": _svd,
+    "clip_h": _clip("sd2", "clip_h"),
+    "sd1_controlnet_diffusers": lambda s: _controlnet_diffusers("sd1", s),
+    "sdxl_controlnet": lambda s: _controlnet_diffusers("sdxl", s),
+    "flux_kohya_lora": lambda s: adapters.kohya_lora_flux(s),
+    "flux_diffusers_lora": lambda s: adapters.diffusers_lora_flux(s),
+    "flux_xlabs_lora": lambda s: adapters.xlabs_lora_flux(s),
+    "sd1_oft": lambda s: adapters.oft_sd1(s),
+    "sd1_glora": lambda s: adapters.glora_sd1(s),
+    "sd1_dora": lambda s: adapters.dora_sd1(s),
 }
 LAYOUTS.update(others.LAYOUTS)
 
@@ -170,7 +228,9 @@ def keys(spec: str, *, small: bool = True) -> dict[str, tuple[str, tuple[int, ..
     return dict(fn(small))
 
 
-_FIXED = frozenset(SCHEDULE_KEYS) | {"model_ema.decay", "model_ema.num_updates", "model.model_sampling.sigmas"}
+_FIXED = frozenset(SCHEDULE_KEYS) | {"model_ema.decay", "model_ema.num_updates", "model.model_sampling.sigmas",
+                                     "v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min",
+                                     "edm_mean", "edm_std"}
 
 
 def is_fixed_dtype(key: str, dtype: str) -> bool:
