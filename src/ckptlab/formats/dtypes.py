@@ -20,6 +20,11 @@ DTYPES: dict[str, tuple[int, str]] = {
     "U16": (2, "uint16"),
     "U8": (1, "uint8"),
     "BOOL": (1, "bool"),
+    # rarer types the safetensors format also names (MX block scales, AMD fp8, complex)
+    "F8_E8M0": (1, "fp8_e8m0"),
+    "F8_E4M3FNUZ": (1, "fp8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (1, "fp8_e5m2fnuz"),
+    "C64": (8, "complex64"),
 }
 
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
@@ -57,6 +62,8 @@ def to_torch(dtype: str):
         "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
         "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
         "BOOL": torch.bool,
+        "F8_E8M0": torch.float8_e8m0fnu, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+        "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
     }[dtype]
 
 
@@ -69,6 +76,8 @@ def from_torch(tdtype) -> str:
         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
         torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
         torch.bool: "BOOL",
+        torch.float8_e8m0fnu: "F8_E8M0", torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+        torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.complex64: "C64",
     }
     try:
         return table[tdtype]
