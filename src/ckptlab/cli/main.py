@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         rv = app(args=argv, prog_name="ckptlab", standalone_mode=False)
     except typer.Exit as e:
         rv = e.exit_code
+        if rv == 130:  # typer turns Ctrl-C into a silent Exit(130)
+            error_line("interrupted; no output was left half-written")
     except typer.Abort:
         error_line("aborted")
         rv = 130
