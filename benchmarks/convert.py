@@ -72,13 +72,16 @@ def run(cmd: list[str]) -> tuple[float, int]:
 
 
 def make_input(quick: bool, dtype: str) -> Path:
-    from ckptlab.sample.build import write_model
-
     CACHE.mkdir(parents=True, exist_ok=True)
     p = CACHE / f"sd15_{dtype.lower()}{'_small' if quick else ''}.ckpt"
     if not p.exists():
         t = time.perf_counter()
-        write_model(p, "sd1_checkpoint", small=quick, dtype=dtype, fmt="ckpt", seed=1)
+        # in a child process: torch.save needs the whole model in memory, this process should not keep it
+        code = ("import sys; from ckptlab.sample.build import write_model; "
+                "write_model(sys.argv[1], 'sd1_checkpoint', small=sys.argv[2] == '1', dtype=sys.argv[3], fmt='ckpt', "
+                "seed=1)")
+        subprocess.run([sys.executable, "-c", code, str(p), "1" if quick else "0", dtype], check=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
         print(f"generated {p.name} ({p.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.1f} s",
               flush=True)
     return p
