@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         rv = app(args=argv, prog_name="ckptlab", standalone_mode=False)
+        if rv == 130:  # typer returns Ctrl-C as a silent exit code 130 (non-standalone mode)
+            error_line("interrupted; no output was left half-written")
     except typer.Exit as e:
         rv = e.exit_code
-        if rv == 130:  # typer turns Ctrl-C into a silent Exit(130)
-            error_line("interrupted; no output was left half-written")
     except typer.Abort:
         error_line("aborted")
         rv = 130
