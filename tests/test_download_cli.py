@@ -191,3 +191,37 @@ def test_target_folders(tmp_path):
     assert target_folder(tmp_path, "auto", "LORA") == tmp_path  # nothing there yet: flat
     (tmp_path / "models" / "Lora").mkdir(parents=True)
     assert target_folder(tmp_path, "auto", "LORA") == tmp_path / "models/Lora"
+
+
+@pytest.mark.parametrize("sources", [["civitai:1000"], ["civitai:1000", "civitai:2000"]], ids=["one", "parallel"])
+def test_ctrl_c_leaves_only_the_partial_and_the_next_run_resumes(world, sources):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import SRC
+
+    fake, root, env = world
+    fake.throttle = 0.02  # ~400 KB/s: the 33 KB LoRA takes about 0.1 s per 5 chunks
+    full_env = {**os.environ, **env, "PYTHONPATH": str(SRC)}
+    p = subprocess.Popen([sys.executable, "-m", "ckptlab", "download", *sources, "--dir", str(root), "--layout",
+                          "flat"], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = root / "detail_tweaker.safetensors.part"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (part.exists() and part.stat().st_size > 0):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (root / "detail_tweaker.safetensors").exists() and not (root / "tinySD1_v10.safetensors").exists()
+    kept = part.stat().st_size
+    assert 0 < kept < len(fake.lora) and part.read_bytes() == fake.lora[:kept]
+    fake.throttle = 0.0
+    fake.requests.clear()
+    r = subprocess.run([sys.executable, "-m", "ckptlab", "download", "civitai:1000", "--dir", str(root), "--layout",
+                        "flat", "--json"], env=full_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert jsonl(r.stdout)[0]["resumed_from"] == kept
+    assert (root / "detail_tweaker.safetensors").read_bytes() == fake.lora

@@ -5,7 +5,8 @@ in shared/reference/hub.md §2.7.
 Knobs for failure cases: ``script`` (forced statuses for the next requests to a route, e.g. 429 then
 success), ``down`` (every API call answers 503), ``drop_after`` (storage closes the connection after N
 bytes, once per entry), ``corrupt`` (storage serves bytes that do not match the published SHA256),
-``ignore_range`` (storage answers 200 to a Range request). Every request is recorded.
+``ignore_range`` (storage answers 200 to a Range request), ``throttle`` (slow storage). Every request
+is recorded.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class FakeCivitai:
     drop_after: dict = field(default_factory=dict)    # file id -> byte count after which the connection drops (once)
     corrupt: set = field(default_factory=set)         # file ids served with flipped bytes
     ignore_range: bool = False
+    throttle: float = 0.0                             # seconds to sleep after each 8 KiB storage chunk
     require_token: bool = True
     content_disposition: dict = field(default_factory=dict)  # file id -> raw header value (bytes or str)
     requests: list = field(default_factory=list)
@@ -300,6 +302,17 @@ def _make_handler(fake: FakeCivitai, which: str):
                     self.connection.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                return None
+            if fake.throttle:
+                import time
+
+                for i in range(0, len(body), 8192):
+                    try:
+                        self.wfile.write(body[i:i + 8192])
+                        self.wfile.flush()
+                    except OSError:  # the client went away
+                        return None
+                    time.sleep(fake.throttle)
                 return None
             self.wfile.write(body)
             return None

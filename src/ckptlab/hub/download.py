@@ -121,6 +121,12 @@ def response_filename(resp) -> str | None:
 
 # -- the transfer ------------------------------------------------------------------------------
 
+class CancelledError(CkptlabError):
+    """The transfer was stopped on request (Ctrl-C in another thread); the partial is kept."""
+
+    exit_code = 130
+
+
 CHUNK = 1024 * 1024
 _RAW_BYTES = {"Accept-Encoding": "identity", "Accept": "*/*"}  # the file's own bytes, never re-encoded
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
@@ -170,7 +176,7 @@ def sha256_file(path: Path, upto: int | None = None):
 
 def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, expected_sha256: str | None = None,
              expected_size: int | None = None, progress: Progress | None = None, source: str = "url",
-             retries: int = 5, extra: dict | None = None) -> DownloadResult:
+             retries: int = 5, extra: dict | None = None, cancel=None) -> DownloadResult:
     """Download ``url`` into ``dest_dir`` as ``filename`` (default: the server's name) and verify it.
 
     Bytes go to ``<target>.part`` (locked against a second ckptlab). A partial file from an earlier
@@ -178,7 +184,8 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
     already whole (or wrong, then it is restarted). Dropped connections are resumed up to
     ``retries`` times. The SHA-256 is computed while streaming (a resumed prefix is re-read once).
     Only a file whose size and hash match what the source published is renamed into place; a
-    mismatch deletes the partial and raises ``VerificationError``.
+    mismatch deletes the partial and raises ``VerificationError``. ``cancel`` (a
+    ``threading.Event``) stops the transfer between chunks, keeping the partial for a later resume.
     """
     import httpx
 
@@ -279,6 +286,8 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
             os.lseek(fd, have, os.SEEK_SET)
             try:
                 for chunk in resp.iter_raw():  # as received: nothing buffered is lost on a drop
+                    if cancel is not None and cancel.is_set():
+                        raise CancelledError(f"{what}: cancelled; {os.fstat(fd).st_size} bytes kept in {part.name}")
                     _write_all(fd, chunk)
                     hasher.update(chunk)
                     hashed += len(chunk)

@@ -111,7 +111,7 @@ def _cap(n: int) -> threading.BoundedSemaphore:
 
 def download(source: str, *, dest: str | Path | None = None, layout: str | None = None, model_type: str | None = None,
              config: HubConfig | None = None, client=None, catalog: bool = True, write_sidecars: bool = False,
-             file_id: int | None = None, progress: Progress | None = None) -> DownloadResult:
+             file_id: int | None = None, progress: Progress | None = None, cancel=None) -> DownloadResult:
     """Download one source into the library (see module doc). At most ``config.max_concurrent``
     transfers run at once in this process."""
     config = config or load_hub_config(download_dir=dest, layout=layout)
@@ -121,7 +121,8 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
     progress = progress or null_progress
     with _cap(config.max_concurrent):
         if spec.kind == "civitai":
-            return _download_civitai(spec, root, lay, config, client, catalog, write_sidecars, file_id, progress)
+            return _download_civitai(spec, root, lay, config, client, catalog, write_sidecars, file_id, progress,
+                                     cancel)
         folder = target_folder(root, lay, KIND_TO_TYPE.get((model_type or "").lower(), model_type))
         if spec.kind == "hf":
             from ckptlab.hub import huggingface
@@ -132,7 +133,7 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
 
             req = Requester(interval=0.0)
             try:
-                res = transfer(req, spec.url, folder, progress=progress, source="url")
+                res = transfer(req, spec.url, folder, progress=progress, source="url", cancel=cancel)
             finally:
                 req.close()
         if catalog:  # a plain URL may well be a CivitAI file: look it up by hash (HF files are not)
@@ -140,7 +141,7 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
         return res
 
 
-def _download_civitai(spec, root, layout, config, client, catalog, write_sidecars, file_id, progress):
+def _download_civitai(spec, root, layout, config, client, catalog, write_sidecars, file_id, progress, cancel=None):
     from ckptlab.hub.civitai import CivitaiClient, pick_file
 
     own = client is None
@@ -156,7 +157,8 @@ def _download_civitai(spec, root, layout, config, client, catalog, write_sidecar
         if not choice.sha256:
             extra["warning"] = "CivitAI publishes no SHA256 for this file: only the size was checked"
         res = transfer(client.http, client.download_url(choice), folder, filename=choice.name,
-                       expected_sha256=choice.sha256, progress=progress, source="civitai", extra=extra)
+                       expected_sha256=choice.sha256, progress=progress, source="civitai", extra=extra,
+                       cancel=cancel)
         if catalog:
             _after_download(res, config, client, write_sidecars, version=version, file_id=choice.file.get("id"))
         return res
@@ -222,6 +224,8 @@ def download_many(sources: list[str], *, jobs: int | None = None, progress: Prog
     lock = threading.Lock()
     totals: dict[int, int] = {}
 
+    cancel = threading.Event()
+
     def one(i_src):
         i, src = i_src
 
@@ -234,9 +238,20 @@ def download_many(sources: list[str], *, jobs: int | None = None, progress: Prog
                     progress(advance)
 
         try:
-            return download(src, config=config, progress=cb, **kw)
+            return download(src, config=config, progress=cb, cancel=cancel, **kw)
         except CkptlabError as e:
             return e
 
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        return list(pool.map(one, enumerate(sources)))
+    if n == 1 or len(sources) == 1:  # in this thread: Ctrl-C interrupts the transfer itself
+        return [one(item) for item in enumerate(sources)]
+    pool = ThreadPoolExecutor(max_workers=n)
+    futures = [pool.submit(one, item) for item in enumerate(sources)]
+    try:
+        return [f.result() for f in futures]
+    except KeyboardInterrupt:
+        cancel.set()  # workers stop between chunks; their partial files stay for a resume
+        for f in futures:
+            f.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True)

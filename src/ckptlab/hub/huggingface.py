@@ -15,11 +15,12 @@
 
 A file that fails verification is deleted; nothing appears under the final name unless verified.
 
-The environment is read at call time: ``HF_ENDPOINT`` (unless ``endpoint=``), ``HF_TOKEN`` (unless
-``token=``), ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` (no network at all: an existing file is
-returned as is, otherwise a clear error). The token travels only in the ``Authorization`` header to
-the Hub (neither huggingface_hub nor our transfer forwards it on the redirect to storage); it is
-never written anywhere.
+The environment is read at call time: ``HF_ENDPOINT`` (unless ``endpoint=``); the token is
+``token=``, else ``HF_TOKEN``, else the one ``hf auth login`` stored (unless
+``HF_HUB_DISABLE_IMPLICIT_TOKEN``); ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` mean no network at
+all (an existing file is returned as is, otherwise a clear error). The token travels only in the
+``Authorization`` header to the Hub (neither huggingface_hub nor our transfer forwards it on the
+redirect to storage); it is never written anywhere.
 """
 
 from __future__ import annotations
@@ -177,7 +178,6 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
         raise CkptlabError(f"unusable file name for {filename!r}")
     target = dest / final_name
     base = resolve_endpoint(endpoint)
-    token = token or os.environ.get("HF_TOKEN") or None
     what = f"hf:{repo_id}/{filename}@{revision}"
     extra = {"repo_id": repo_id, "filename": filename, "revision": revision, "endpoint": base}
     progress = progress or null_progress
@@ -189,9 +189,13 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
                                   extra={**extra, "offline": True})
         raise NetworkError(f"{what}: HF_HUB_OFFLINE is set and {target} is not here; unset it to download")
 
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub import constants, get_hf_file_metadata, get_token, hf_hub_download, hf_hub_url
 
     constants.HF_HUB_OFFLINE = False  # the env as it is now, not as it was when huggingface_hub was imported
+    # explicit token, else HF_TOKEN, else the one `hf auth login` stored (unless implicit tokens are off);
+    # resolved once so the metadata request and the transfer use the same one
+    token = token or os.environ.get("HF_TOKEN") or (None if _env_true("HF_HUB_DISABLE_IMPLICIT_TOKEN") else get_token())
+    token = token or False  # False: huggingface_hub must not look for one again
     url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=base)
     try:
         meta = get_hf_file_metadata(url, token=token, endpoint=base)
