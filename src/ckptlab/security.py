@@ -13,6 +13,7 @@ or executed. No torch import on this path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ VERDICTS = (SAFE, SUSPICIOUS, MALICIOUS, CORRUPT)
 EXIT_CODES = {SAFE: 0, SUSPICIOUS: 3, MALICIOUS: 4, CORRUPT: 5}
 _RANK = {SAFE: 0, CORRUPT: 1, SUSPICIOUS: 2, MALICIOUS: 3}
 
-__all__ = ["CheckResult", "EXIT_CODES", "Finding", "check", "worst_verdict"]
+__all__ = ["CheckResult", "EXIT_CODES", "Finding", "check", "check_many", "worst_verdict"]
 
 
 @dataclass
@@ -44,6 +45,22 @@ class CheckResult:
 
 def worst_verdict(verdicts) -> str:
     return max(verdicts, key=lambda v: _RANK[v], default=SAFE)
+
+
+def check_many(paths) -> Iterator[CheckResult]:
+    """``check`` each path; a folder (a diffusers model) is checked file by file."""
+    from ckptlab.formats import MODEL_SUFFIXES
+
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MODEL_SUFFIXES)
+            if not files:
+                yield CheckResult(p, "unknown", CORRUPT, findings=[Finding("no_model_files", CORRUPT,
+                                                                           "folder holds no model files")])
+            for f in files:
+                yield check(f)
+        else:
+            yield check(p)
 
 
 def check(path: str | Path) -> CheckResult:

@@ -14,7 +14,8 @@ _STYLE = {"safe": "green", "suspicious": "yellow", "malicious": "bold red", "cor
 def register(app) -> None:
     @app.command("check")
     def check_cmd(
-        paths: list[str] = typer.Argument(..., help="Model files or folders (searched recursively)."),
+        paths: list[str] = typer.Argument(..., help="Model files or folders (searched recursively; a diffusers "
+                                                    "folder is checked file by file)."),
         json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per file."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list every global and informational finding."),
     ) -> None:
@@ -22,11 +23,10 @@ def register(app) -> None:
         from rich.markup import escape
 
         from ckptlab.cli.common import console, emit_json, expand_paths
-        from ckptlab.security import EXIT_CODES, check, worst_verdict
+        from ckptlab.security import EXIT_CODES, check_many, worst_verdict
 
         verdicts = []
-        for p in expand_paths(paths):
-            r = check(p)
+        for r in check_many(expand_paths(paths)):
             verdicts.append(r.verdict)
             if json_out:
                 emit_json(r)
