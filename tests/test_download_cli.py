@@ -225,3 +225,21 @@ def test_ctrl_c_leaves_only_the_partial_and_the_next_run_resumes(world, sources)
     assert r.returncode == 0, r.stderr
     assert jsonl(r.stdout)[0]["resumed_from"] == kept
     assert (root / "detail_tweaker.safetensors").read_bytes() == fake.lora
+
+
+def test_parallel_downloads_are_capped(world, cli):
+    fake, root, env = world
+    for i in range(4):
+        fake.add_version(3000 + i, 100, [(7000 + i, f"style{i}.safetensors", lora_bytes(seed=10 + i))])
+    fake.throttle = 0.01
+    srcs = [f"civitai:{3000 + i}" for i in range(4)]
+    r = cli("download", *srcs, "--dir", root, "--layout", "flat", "--jobs", "2", "--no-catalog", env=env)
+    assert r.returncode == 0, r.stderr
+    assert fake.max_active_files == 2
+    assert sorted(p.name for p in root.iterdir()) == [f"style{i}.safetensors" for i in range(4)]
+    fake.max_active_files = 0
+    r = cli("download", *srcs, "civitai:1000", "--dir", root / "b", "--layout", "flat", "--jobs", "9", "--no-catalog",
+            env=env)
+    assert r.returncode == 0, r.stderr
+    assert 2 <= fake.max_active_files <= 4  # --jobs is capped at 4 (five sources)
+    assert len(list((root / "b").iterdir())) == 5

@@ -64,6 +64,8 @@ class FakeCivitai:
     require_token: bool = True
     content_disposition: dict = field(default_factory=dict)  # file id -> raw header value (bytes or str)
     requests: list = field(default_factory=list)
+    active_files: int = 0                             # storage file transfers in progress now
+    max_active_files: int = 0                         # ... and the most seen at once
 
     # -- building the catalogue ------------------------------------------------------------------
     def add_model(self, model_id: int, name: str, type_: str = "LORA", *, nsfw: bool = False, **extra) -> dict:
@@ -144,6 +146,9 @@ class FakeCivitai:
     @property
     def storage_url(self) -> str:
         return f"http://127.0.0.1:{self._storage.server_address[1]}"
+
+
+_LOCK = threading.Lock()
 
 
 def _make_handler(fake: FakeCivitai, which: str):
@@ -262,6 +267,16 @@ def _make_handler(fake: FakeCivitai, which: str):
             if not m or int(m.group(1)) not in fake.blobs:
                 return self._send(404, b"<Error><Code>NoSuchKey</Code></Error>", ctype="application/xml")
             fid = int(m.group(1))
+            with _LOCK:
+                fake.active_files += 1
+                fake.max_active_files = max(fake.max_active_files, fake.active_files)
+            try:
+                return self._serve_file(fid, url)
+            finally:
+                with _LOCK:
+                    fake.active_files -= 1
+
+        def _serve_file(self, fid: int, url):
             data = fake.blobs[fid]
             if fid in fake.corrupt:
                 data = bytes(b ^ 0xFF for b in data[:16]) + data[16:]
