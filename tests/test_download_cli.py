@@ -203,7 +203,7 @@ def test_ctrl_c_leaves_only_the_partial_and_the_next_run_resumes(world, sources)
     from conftest import SRC
 
     fake, root, env = world
-    fake.throttle = 0.02  # ~400 KB/s: the 33 KB LoRA takes about 0.1 s per 5 chunks
+    fake.throttle = 0.02  # ~400 KB/s: the 33 KB LoRA is 5 chunks, about 0.1 s
     full_env = {**os.environ, **env, "PYTHONPATH": str(SRC)}
     p = subprocess.Popen([sys.executable, "-m", "ckptlab", "download", *sources, "--dir", str(root), "--layout",
                           "flat"], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -230,8 +230,8 @@ def test_ctrl_c_leaves_only_the_partial_and_the_next_run_resumes(world, sources)
 def test_parallel_downloads_are_capped(world, cli):
     fake, root, env = world
     for i in range(4):
-        fake.add_version(3000 + i, 100, [(7000 + i, f"style{i}.safetensors", lora_bytes(seed=10 + i))])
-    fake.throttle = 0.01
+        fake.add_version(3000 + i, 100, [(7000 + i, f"style{i}.safetensors", lora_bytes(seed=10 + i, dim=2048))])
+    fake.throttle = 0.02  # ~130 KB files in 8 KiB chunks: each transfer lasts ~0.3 s, so they overlap
     srcs = [f"civitai:{3000 + i}" for i in range(4)]
     r = cli("download", *srcs, "--dir", root, "--layout", "flat", "--jobs", "2", "--no-catalog", env=env)
     assert r.returncode == 0, r.stderr
