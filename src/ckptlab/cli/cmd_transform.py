@@ -45,7 +45,7 @@ def _report(results, json_out: bool) -> None:
             files = ", ".join(f"{k} ({v})" for k, v in r.files.items())
             console.print(f"{r.input} -> {verb} {r.output} [{r.family}]: {files}", highlight=False, markup=False, soft_wrap=True)
         for w in r.warnings:
-            err_console.print(f"ckptlab: warning: {w}", highlight=False, markup=False, soft_wrap=True)
+            err_console.print(f"ckptlab: warning: {Path(r.input).name}: {w}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _human(n: int) -> str:

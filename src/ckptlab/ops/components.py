@@ -106,7 +106,7 @@ def extract(inputs: list[Path], component: str, *, out: Path | None = None, out_
 
     def one(path: Path, src: TensorSource, result: TransformResult):
         items = extract_plan(src, component)
-        result.dropped = {"other components": len(src) - len(items)} if len(src) > len(items) else {}
+        result.dropped = {"tensors of other components": len(src) - len(items)} if len(src) > len(items) else {}
         return items, {"component": component}, False
 
     return run_each(inputs, "extract", f"-{component}", one, out_dir=out_dir, outputs=[out] if out else None,
