@@ -203,7 +203,7 @@ def test_ctrl_c_leaves_only_the_partial_and_the_next_run_resumes(world, sources)
     from conftest import SRC
 
     fake, root, env = world
-    fake.throttle = 0.02  # ~400 KB/s: the 33 KB LoRA is 5 chunks, about 0.1 s
+    fake.throttle = 0.1  # 8 KiB per 0.1 s: the 33 KB LoRA takes about 0.5 s
     full_env = {**os.environ, **env, "PYTHONPATH": str(SRC)}
     p = subprocess.Popen([sys.executable, "-m", "ckptlab", "download", *sources, "--dir", str(root), "--layout",
                           "flat"], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
