@@ -79,6 +79,15 @@ BENIGN_PAIRS = frozenset({
     ("builtins", "object"),
     ("torch.nn.modules.container", "ParameterDict"),
     ("torch.torch_version", "TorchVersion"),
+    ("torch.serialization", "_get_layout"),  # sparse layouts (torch's weights_only allows it)
+    # plain value types that turn up in training info and hyper-parameters
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"), ("datetime", "datetime"), ("datetime", "date"), ("datetime", "timedelta"),
+    ("datetime", "timezone"), ("decimal", "Decimal"), ("fractions", "Fraction"), ("typing", "Any"),
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "int"), ("builtins", "float"),
+    ("builtins", "str"), ("builtins", "bool"), ("builtins", "slice"), ("builtins", "range"),
+    ("omegaconf.dictconfig", "DictConfig"), ("omegaconf.listconfig", "ListConfig"),
+    ("omegaconf.base", "ContainerMetadata"), ("omegaconf.base", "Metadata"), ("omegaconf.nodes", "AnyNode"),
 })
 
 # Whole modules (and their submodules) that execute code, import, or reach the OS / network.
@@ -126,9 +135,13 @@ def normalize(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
-def _module_dangerous(module: str) -> bool:
+def _module_dangerous(module: str) -> str | None:
+    """The dangerous module (or parent package) ``module`` belongs to, if any."""
     parts = module.split(".")
-    return any(".".join(parts[:i]) in DANGEROUS_MODULES for i in range(1, len(parts) + 1))
+    for i in range(1, len(parts) + 1):
+        if ".".join(parts[:i]) in DANGEROUS_MODULES:
+            return ".".join(parts[:i])
+    return None
 
 
 def classify(module: object, name: object) -> tuple[str, str]:
@@ -139,11 +152,14 @@ def classify(module: object, name: object) -> tuple[str, str]:
         return DANGEROUS, "dotted global name resolves attributes of the module"
     if not name or not module or not all(p.isidentifier() for p in module.split(".")) or not name.isidentifier():
         return DANGEROUS, "global name is not a plain identifier"
+    if normalize(module, name) in BENIGN_PAIRS and (module, name) not in DANGEROUS_PAIRS:
+        return BENIGN, "known benign, kept inert"
     for mod, nm in {(module, name), normalize(module, name)}:
         if (mod, nm) in DANGEROUS_PAIRS:
             return DANGEROUS, "executes code or reaches the OS"
-        if _module_dangerous(mod):
-            return DANGEROUS, f"module {mod.split('.')[0]} executes code or reaches the OS"
+        bad = _module_dangerous(mod)
+        if bad:
+            return DANGEROUS, f"module {bad} executes code or reaches the OS"
     mod, nm = normalize(module, name)
     if (mod, nm) in _TENSOR_PAIRS:
         return TENSOR, "tensor data"
