@@ -388,3 +388,17 @@ def test_marker_keys_of_the_other_oracle_rows():
     assert any(k.endswith(".oft_blocks") and len(v[1]) == 3 for k, v in layouts.keys("sd1_oft").items())
     assert any(k.endswith(".a1.weight") for k in layouts.keys("sd1_glora"))
     assert any(k.endswith(".dora_scale") for k in layouts.keys("sd1_dora"))
+
+
+def test_flux_diffusers_lora_targets_are_diffusers_flux_linears():
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(guidance_embeds=True)
+    mods = dict(model.named_modules())
+    lay = layouts.keys("flux_diffusers_lora", small=False)
+    for k, (_, shape) in lay.items():
+        if k.endswith(".lora_A.weight"):
+            m = mods[k[len("transformer."):-len(".lora_A.weight")]]
+            assert shape[1] == m.in_features
+            assert lay[k.replace("lora_A", "lora_B")][1][0] == m.out_features

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,7 +42,7 @@ class Spec:
     metadata: Mapping[str, str] = field(default_factory=dict)
     ambiguous_with: tuple[str, ...] = ()  # families the keys alone cannot rule out (reference says: hash/filename)
     ema_ok: bool = False            # write_model(ema=True) allowed (LDM checkpoints)
-    small_exact: bool = True        # small layout loads into the real architecture with small widths
+    verified_by: str = ""           # the independent oracle(s) the layout is tested against ("" = none: reduction)
     notes: str = ""
 
     @property
@@ -103,7 +103,7 @@ _SPEC_LIST = [
     Spec("sd2_inpaint", "SD2 inpainting checkpoint (in-channels 9)", "checkpoint", "sd2", "inpaint", _SD2,
          "epsilon", filename="512-inpainting-ema", ema_ok=True),
     Spec("sd2_depth", "SD2 depth checkpoint (in-channels 5 + MiDaS under depth_model.model.)", "checkpoint", "sd2",
-         "depth", (*_SD2, "depth_model"), "epsilon", filename="512-depth-ema", ema_ok=True, small_exact=False,
+         "depth", (*_SD2, "depth_model"), "epsilon", filename="512-depth-ema", ema_ok=True,
          notes="MiDaS part is a reduction with the real marker keys (not all 368 tensors)"),
     Spec("sdxl_checkpoint", "SDXL 1.0 base single file (SGM names)", "checkpoint", "sdxl",
          components=("unet", "vae", "clip_l", "clip_g"), prediction="epsilon", filename="sd_xl_base_1.0"),
@@ -160,26 +160,26 @@ _SPEC_LIST = [
          "checkpoint", "playground_v25", components=("unet", "vae", "clip_l", "clip_g"), prediction="edm",
          filename="playground-v2.5-1024px-aesthetic"),
     Spec("kolors_unet", "Kolors UNet (SDXL layout, label_emb in 5632, encoder_hid_proj from ChatGLM3 4096)",
-         "unet", "kolors", components=("unet",), prediction="epsilon", filename="kolors_unet", small_exact=False),
+         "unet", "kolors", components=("unet",), prediction="epsilon", filename="kolors_unet"),
     Spec("svd", "Stable Video Diffusion img2vid (reduction: temporal keys, in-channels 8, label_emb in 768)",
-         "checkpoint", "svd", components=("unet", "vae"), prediction="v", filename="svd_xt", small_exact=False),
+         "checkpoint", "svd", components=("unet", "vae"), prediction="v", filename="svd_xt"),
     Spec("chroma", "Chroma (Flux blocks without modulation + distilled_guidance_layer; reduction)", "unet",
-         "chroma", components=("unet",), prediction="flow", filename="chroma-unlocked-v37", small_exact=False),
+         "chroma", components=("unet",), prediction="flow", filename="chroma-unlocked-v37"),
     Spec("cascade_stage_c", "Stable Cascade stage C prior (original names)", "unet", "cascade", "stage_c",
          ("unet",), filename="stage_c"),
     Spec("cascade_stage_b", "Stable Cascade stage B decoder (original names)", "unet", "cascade", "stage_b",
          ("unet",), filename="stage_b"),
     Spec("pixart_alpha", "PixArt-alpha XL/2 1024-MS (ar/csize micro-conditions)", "unet",
-         "pixart", "alpha", ("unet",), filename="PixArt-XL-2-1024-MS", small_exact=False,
+         "pixart", "alpha", ("unet",), filename="PixArt-XL-2-1024-MS",
          notes="written from PixArt's model code; not checked against a real file"),
     Spec("pixart_sigma", "PixArt-Sigma XL/2 (300 T5 tokens, no micro-conditions)", "unet", "pixart", "sigma",
-         ("unet",), filename="PixArt-Sigma-XL-2-1024-MS", small_exact=False),
+         ("unet",), filename="PixArt-Sigma-XL-2-1024-MS"),
     Spec("auraflow", "AuraFlow v0.3 (4 MMDiT + 32 single DiT layers, original names)", "unet", "auraflow",
          components=("unet",), prediction="flow", filename="aura_flow_0.3"),
     Spec("hunyuan_dit", "HunyuanDiT v1.2 DiT-g/2 (extra_embedder in 2432)", "unet", "hunyuan_dit", "v1.1",
-         ("unet",), filename="hunyuan_dit_1.2", small_exact=False),
+         ("unet",), filename="hunyuan_dit_1.2"),
     Spec("hunyuan_dit_v10", "HunyuanDiT v1.0 (extra_embedder in 3968, style embedder)", "unet", "hunyuan_dit",
-         "v1.0", ("unet",), filename="hunyuan_dit_1.0", small_exact=False),
+         "v1.0", ("unet",), filename="hunyuan_dit_1.0"),
     Spec("taesd_decoder", "TAESD decoder, bare Sequential keys (1.weight in = 4 latent channels)", "vae", "taesd",
          components=("vae",), filename="taesd_decoder", ambiguous_with=("sd1", "sd2", "sdxl")),
     Spec("clip_h", "OpenCLIP ViT-H text encoder, HF names (24 layers)", "text_encoder", "clip_h",
@@ -189,7 +189,7 @@ _SPEC_LIST = [
     Spec("sdxl_controlnet", "SDXL ControlNet, diffusers names (add_embedding ⇒ SDXL; large: attn1 in down 1)",
          "controlnet", "sdxl", "diffusers", ("controlnet",), filename="controlnet-canny-sdxl-1.0"),
     Spec("t2i_adapter", "T2I-Adapter full for SD1 (conv_in + body.N.block1/2)", "t2i_adapter", "sd1",
-         filename="t2iadapter_canny_sd15v2", small_exact=False),
+         filename="t2iadapter_canny_sd15v2"),
     Spec("ip_adapter_sd15", "IP-Adapter SD1.5 (image_proj + ip_adapter.N.to_k_ip/to_v_ip, width 768)",
          "ip_adapter", "sd1", filename="ip-adapter_sd15"),
     Spec("flux_kohya_lora", "kohya Flux LoRA (lora_unet_double_blocks_N_img_attn_qkv ...)", "lora", "flux",
@@ -204,7 +204,29 @@ _SPEC_LIST = [
     Spec("sd1_dora", "kohya LoRA with DoRA magnitudes (dora_scale) for SD1", "lora", "sd1", "dora",
          filename="sd15_dora"),
 ]
-SPECS: dict[str, Spec] = {s.name: s for s in _SPEC_LIST}
+_LDM = "diffusers single-file conversion + strict load (small)"
+_VERIFIED = {
+    **dict.fromkeys(("sd1_checkpoint", "sd1_merged", "sd1_inpaint", "sd1_pix2pix"), "sd-mecha sd1-ldm; " + _LDM),
+    **dict.fromkeys(("sd1_unet", "sd1_vae", "sdxl_vae", "sd1_controlnet", "sdxl_refiner", "sd2_checkpoint",
+                     "sd2_768_v", "sd2_512_base", "sd2_inpaint"), "reference §4 counts; " + _LDM),
+    **dict.fromkeys(("sdxl_checkpoint", "sdxl_inpaint", "sdxl_vpred", "sdxl_cosxl", "playground_v25"),
+                    "sd-mecha sdxl-sgm; " + _LDM),
+    **dict.fromkeys(("clip_l", "clip_g", "clip_h", "t5xxl"), "reference §4 counts; transformers strict load"),
+    "sd3_vae": "sd-mecha sd3-comfyui; " + _LDM,
+    "sd3_medium": "sd-mecha sd3-comfyui; diffusers conversion (full, meta) + strict load (small)",
+    "sd35_medium": "diffusers conversion (full, meta) + strict load (small); reference §4 params",
+    "sd35_large": "diffusers conversion (full, meta); reference §4 params",
+    **dict.fromkeys(("flux_dev", "flux_schnell"), "sd-mecha flux-flux; diffusers conversion (full, meta)"),
+    **dict.fromkeys(("flux_fill", "flux_depth"), "flux_dev layout with the reference img_in width"),
+    **dict.fromkeys(("cascade_stage_c", "cascade_stage_b", "auraflow"), "diffusers conversion (full, meta)"),
+    **dict.fromkeys(("sd1_controlnet_diffusers", "sdxl_controlnet"), "diffusers ControlNetModel state dict (full, meta)"),
+    "sd1_kohya_lora": "sd-mecha sd1-kohya module names; small diffusers/transformers modules",
+    "sdxl_kohya_lora": "sd-mecha sdxl-sgm module names",
+    "sd1_peft_lora": "small diffusers UNet module names",
+    "flux_diffusers_lora": "diffusers FluxTransformer2DModel Linear in/out features (full, meta)",
+    **dict.fromkeys(("sd1_loha", "sd1_lokr"), "factors reconstruct the sd1_kohya_lora module shapes"),
+}
+SPECS: dict[str, Spec] = {s.name: replace(s, verified_by=_VERIFIED.get(s.name, "")) for s in _SPEC_LIST}
 
 # ---------------------------------------------------------------------------------------------
 # values
@@ -497,7 +519,6 @@ _LIBRARY = [
     ("sd1_inpaint", "models/Stable-diffusion", "models/checkpoints", {}),
     ("sd2_768_v", "models/Stable-diffusion", "models/checkpoints", {}),
     ("sdxl_checkpoint", "models/Stable-diffusion", "models/checkpoints", {}),
-    ("sdxl_refiner", "models/Stable-diffusion", "models/checkpoints", {}),
     ("sd1_vae", "models/VAE", "models/vae", {}),
     ("sdxl_vae", "models/VAE", "models/vae", {}),
     ("sd1_kohya_lora", "models/Lora", "models/loras", {}),
