@@ -40,7 +40,7 @@ ROWS = {
              P + "input_blocks.0.0.weight": t(320, 8, 3, 3), P + "label_emb.0.0.weight": t(1280, 768)},
             ("unet", "svd", None)),
     "chroma": ({"double_blocks.0.img_attn.norm.key_norm.scale": t(128), "img_in.weight": t(3072, 64),
-                "distilled_guidance_layer.in_proj.bias": t(5120)}, ("unet", "flux", "chroma")),
+                "distilled_guidance_layer.in_proj.bias": t(5120)}, ("unet", "chroma", None)),
     "flux2": ({"double_stream_modulation_img.lin.weight": t(18432, 3072), "txt_in.weight": t(3072, 15360),
                "img_in.weight": t(3072, 128)}, ("unet", "flux2", "dev")),
     "cascade_c": ({"clf.1.weight": t(64, 2048, 1, 1), "clip_txt_mapper.weight": t(2048, 1280)},
@@ -73,7 +73,8 @@ ROWS = {
     # standalone components
     "vae16_unnamed": ({"decoder.conv_in.weight": t(512, 16, 3, 3), "encoder.conv_in.weight": t(128, 3, 3, 3)},
                       ("vae", None, None)),
-    "taesd": ({"taesd_decoder.1.weight": t(64, 4, 3, 3)}, ("vae", None, None)),
+    "taesd": ({"taesd_decoder.1.weight": t(64, 4, 3, 3)}, ("vae", None, "taesd")),
+    "taesdxl_standalone": ({"1.weight": t(64, 4, 3, 3), "3.conv.0.weight": t(64, 64, 3, 3)}, ("vae", "sdxl", "taesd")),
     "svd_vae": ({"decoder.conv_in.weight": t(512, 4, 3, 3), "decoder.mid.block_1.mix_factor": t(1)},
                 ("vae", "svd", None)),
     "clip_h_hf": ({"text_model.encoder.layers.22.mlp.fc1.weight": t(4096, 1024)}, ("text_encoder", "sd2", None)),
@@ -83,7 +84,7 @@ ROWS = {
                                    "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": t(320, 1024)},
                                   ("controlnet", "sd2", None)),
     "controlnet_sdxl_diffusers": ({"controlnet_cond_embedding.conv_in.weight": t(16, 3, 3, 3),
-                                   "add_embedding.linear_1.weight": t(1280, 2816)}, ("controlnet", "sdxl", None)),
+                                   "add_embedding.linear_1.weight": t(1280, 2816)}, ("controlnet", "sdxl", "diffusers")),
     "control_lora": ({"lora_controlnet": t(0)}, ("controlnet", None, "control_lora")),
     "t2i_adapter_xl": ({"conv_in.weight": t(320, 768, 3, 3), "body.0.block2.weight": t(320, 320, 3, 3)},
                        ("controlnet", "sdxl", "t2i_adapter")),
@@ -91,7 +92,7 @@ ROWS = {
                         ("controlnet", "sd1", "ip_adapter")),
     "realesrgan_x4": ({"conv_first.weight": t(64, 3, 3, 3), "body.0.rdb1.conv1.weight": t(32, 64, 3, 3),
                        "conv_up1.weight": t(64, 64, 3, 3), "conv_up2.weight": t(64, 64, 3, 3)},
-                      ("upscaler", "realesrgan", "x4")),
+                      ("upscaler", "esrgan", "x4")),
     "flux_lora_kohya": ({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": t(16, 3072),
                          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": t(9216, 16)},
                         ("lora", "flux", "kohya")),
@@ -108,7 +109,7 @@ ROWS = {
                "lora_unet_down_blocks_0_attentions_0_proj_in.b1.weight": t(320, 8)}, ("lycoris", None, "glora")),
     "dora": ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": t(8, 768),
               "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.dora_scale": t(320, 1)},
-             ("lycoris", "sd1", "dora")),
+             ("lora", "sd1", "dora")),
     "ti_string_to_param_sd2": ({"string_to_param.*": t(4, 1024)}, ("embedding", "sd2", None)),
 }
 
@@ -116,7 +117,8 @@ ROWS = {
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_oracle_row(tmp_path, name):
     layout, expected = ROWS[name]
-    info = identify(write_sparse(tmp_path / f"{name}.safetensors", layout))
+    fname = "taesdxl_decoder" if name == "taesdxl_standalone" else name
+    info = identify(write_sparse(tmp_path / f"{fname}.safetensors", layout))
     assert (info.kind, info.family, info.variant) == expected, info.evidence
     assert info.evidence
 

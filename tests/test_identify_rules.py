@@ -100,7 +100,7 @@ def test_sdxl_vpred_from_metadata_only(tmp_path):
 @pytest.mark.parametrize("markers, variant, prediction, why", [
     ({"v_pred": ("F32", (0,))}, "v_pred", "v", "v_pred"),
     ({"v_pred": ("F32", (0,)), "ztsnr": ("F32", (0,))}, "v_pred", "v", "ztsnr"),
-    ({"edm_vpred.sigma_max": ("F32", ()), "edm_vpred.sigma_min": ("F32", ())}, "cosxl", "v", "edm_vpred"),
+    ({"edm_vpred.sigma_max": ("F32", ()), "edm_vpred.sigma_min": ("F32", ())}, "v_pred_edm", "v", "edm_vpred"),
     ({"edm_mean": ("F32", (1, 4, 1, 1)), "edm_std": ("F32", (1, 4, 1, 1))}, "playground_v25", "edm", "edm_mean"),
 ])
 def test_sdxl_marker_keys(tmp_path, markers, variant, prediction, why):

@@ -4,8 +4,10 @@ oracle table, not from ckptlab's detector) is identified as the reference says.
 The sample specs use a few names that differ from issue 2's output vocabulary; ``_expected`` translates them
 (``epsilon`` -> ``eps``, variant ``normal`` -> ``None``, ``clip_h`` -> ``openclip_h``, a transformer diffusion
 model's ``unet`` -> ``dit``; ``controlnet``/``depth_model`` are not in issue 2's component list; a standalone
-text encoder's family is the encoder's name in the specs and ``None`` in ckptlab's output, the encoder being in
-``components``).
+text encoder's family is the encoder's name in the specs and ``None`` in ckptlab's output (``sd2`` for
+OpenCLIP-H), the encoder being in ``components``; kinds ``ip_adapter``/``t2i_adapter`` are not in issue 2's kind
+list and are reported as ``controlnet`` with that variant; ``playground_v25`` is a variant in issue 2; TAESD is a
+VAE variant; hunyuan variants use underscores like every other id).
 """
 
 from __future__ import annotations
@@ -15,15 +17,31 @@ import pytest
 from ckptlab.identify import identify
 from ckptlab.sample.build import SPECS, write_model
 
-TRANSFORMER_FAMILIES = {"sd3", "flux", "cascade", "pixart", "auraflow", "hunyuan_dit", "lumina2", "hidream", "sana",
+TRANSFORMER_FAMILIES = {"sd3", "flux", "chroma", "cascade", "pixart", "auraflow", "hunyuan_dit", "lumina2", "hidream", "sana",
                         "wan", "mochi", "ltxv", "hunyuan_video", "flux2"}
 ISSUE_COMPONENTS = {"unet", "dit", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "ema"}
 ADAPTER_KINDS = {"lora", "lycoris", "embedding", "hypernetwork", "controlnet", "upscaler"}
 
 
+#: family defaults the reference leaves open, from ComfyUI ``model_base`` (PixArt: EPS, HunyuanDiT: V_PREDICTION)
+COMFY_DEFAULT_PREDICTION = {"pixart": "eps", "hunyuan_dit": "v"}
+#: spec kinds outside issue 2's kind list: ckptlab reports them as kind controlnet with this variant
+ADAPTER_AS_CONTROLNET = {"ip_adapter", "t2i_adapter"}
+
+
 def _expected(spec):
     pred = {"epsilon": "eps"}.get(spec.prediction, spec.prediction)
+    if pred is None:
+        pred = COMFY_DEFAULT_PREDICTION.get(spec.family)
     variant = None if spec.variant == "normal" else spec.variant
+    variant = {"v1.0": "v1_0", "v1.1": "v1_1"}.get(variant, variant)
+    kind, family = spec.kind, spec.family
+    if kind in ADAPTER_AS_CONTROLNET:
+        kind, variant = "controlnet", kind
+    if family == "playground_v25":  # issue 2 names playground_v25 as a variant (of SDXL)
+        family, variant = "sdxl", "playground_v25"
+    if family == "taesd":  # a TAESD is a VAE variant; its family comes from the file name (taesd = SD1's)
+        family, variant = "sd1", "taesd"
     comps = []
     for c in spec.components:
         c = {"clip_h": "openclip_h"}.get(c, c)
@@ -31,8 +49,9 @@ def _expected(spec):
             c = "dit"
         if c in ISSUE_COMPONENTS:
             comps.append(c)
-    family = None if spec.kind == "text_encoder" and spec.family in ("clip_l", "clip_g", "t5xxl") else spec.family
-    return spec.kind, family, variant, pred, comps
+    if kind == "text_encoder":  # the encoder is in components; the family only where one family uses it
+        family = {"clip_h": "sd2"}.get(family)
+    return kind, family, variant, pred, comps
 
 
 @pytest.fixture(scope="module")

@@ -73,11 +73,19 @@ def _lora_family(infos: Mapping[str, TensorInfo], keys: list[str]) -> tuple[str 
             if m and int(m.group(1)) >= 2:
                 return "sdxl", f"{k} (transformer block {m.group(1)}: only SDXL has more than 2)"
     for k in keys:
-        if k.startswith("lora_te_") and "self_attn" in k and k.endswith((".lora_down.weight", ".hada_w1_b")):
-            width = infos[k].shape[-1]
+        if k.startswith("lora_te_") and "self_attn_k_proj." in k and not k.endswith(".alpha"):
+            shape = infos[k].shape
+            if k.endswith(".oft_blocks") and len(shape) == 3:
+                width = shape[0] * shape[1]  # blocks x block size = output width
+            elif k.endswith((".lora_down.weight", ".hada_w1_b", ".lora_A.weight")):
+                width = shape[-1]
+            elif len(shape) == 2:
+                width = max(shape)  # rank < hidden width
+            else:
+                continue
             fam = FAMILY_BY_CONTEXT_WIDTH.get(width)
             if fam in ("sd1", "sd2"):
-                return fam, f"{k} {list(infos[k].shape)} (text encoder width {width})"
+                return fam, f"{k} {list(shape)} (text encoder width {width})"
     return None, None
 
 
@@ -116,8 +124,10 @@ def _detect_lora(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
     fam, fam_ev = _lora_family(infos, keys)
     if lyco:
         g = AdapterGuess("lycoris", fam, lyco[0], [f"LyCORIS {lyco[0]} parameters: {lyco[1]}"])
+        if dora:
+            g.evidence.append(f"with DoRA magnitudes: {dora}")
     elif dora:
-        g = AdapterGuess("lycoris", fam, "dora", [f"LoRA with DoRA magnitudes: {dora}"])
+        g = AdapterGuess("lora", fam, "dora", [f"LoRA with DoRA magnitudes: {dora}"])
     else:
         fmt = _lora_format(lora_hit)
         g = AdapterGuess("lora", fam, fmt, [f"LoRA parameters ({fmt} format): {lora_hit}"])
@@ -171,12 +181,13 @@ def _strip_wrapper(infos: Mapping[str, TensorInfo]) -> Mapping[str, TensorInfo]:
     return infos
 
 
+# (naming, architecture family, proving keys); spandrel's ESRGAN arch covers the three RRDB namings
 _UPSCALERS = (
-    ("esrgan", ("model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight")),
-    ("realesrgan", ("conv_first.weight", "body.0.rdb1.conv1.weight")),
-    ("bsrgan", ("RRDB_trunk.0.RDB1.conv1.weight", "trunk_conv.weight")),
-    ("swinir", ("layers.0.residual_group.blocks.0.norm1.weight",)),
-    ("compact", ("body.0.weight", "body.1.weight")),
+    ("esrgan", "esrgan", ("model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight")),
+    ("realesrgan", "esrgan", ("conv_first.weight", "body.0.rdb1.conv1.weight")),
+    ("bsrgan", "esrgan", ("RRDB_trunk.0.RDB1.conv1.weight", "trunk_conv.weight")),
+    ("swinir", "swinir", ("layers.0.residual_group.blocks.0.norm1.weight",)),
+    ("compact", "compact", ("body.0.weight", "body.1.weight")),
 )
 
 
@@ -193,13 +204,13 @@ def _upscale_factor(arch: str, keys: Mapping[str, TensorInfo]) -> int | None:
 
 def _detect_upscaler(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
     plain = _strip_wrapper(infos)
-    for variant, need in _UPSCALERS:
+    for naming, arch, need in _UPSCALERS:
         if all(k in plain for k in need):
-            if variant == "compact" and any(k.startswith(("input_blocks", "down_blocks", "blocks.")) for k in plain):
+            if naming == "compact" and any(k.startswith(("input_blocks", "down_blocks", "blocks.")) for k in plain):
                 continue
-            scale = _upscale_factor(variant, plain)
-            return AdapterGuess("upscaler", variant, f"x{scale}" if scale else None,
-                                [f"{variant} keys: {', '.join(need)}"]
+            scale = _upscale_factor(naming, plain)
+            return AdapterGuess("upscaler", arch, f"x{scale}" if scale else None,
+                                [f"{arch} architecture ({naming} key names): {', '.join(need)}"]
                                 + ([f"scale x{scale} from the upsampling layers"] if scale else []))
     return None
 
@@ -236,21 +247,51 @@ def _detect_control(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
             if fam is None and proj:  # structure: SD1 projects with 1x1 convs, SD2 with linears
                 fam = "sd1" if len(infos[proj].shape) == 4 else "sd2"
                 ev.append(f"{proj} is {len(infos[proj].shape)}-D ({'conv' if fam == 'sd1' else 'linear'} proj_in: {fam})")
-        variant = "diff" if "difference" in ks else None
+        variant = "diff" if "difference" in ks else (None if ldm is not None else "diffusers")
         return AdapterGuess("controlnet", fam, variant, ev)
     t2i = next((k for k in ("adapter.body.0.resnets.0.block1.weight", "body.0.in_conv.weight", "conv_in.weight")
                 if k in ks and (k != "conv_in.weight" or "body.0.block2.weight" in ks)), None)
     if t2i:
         fam = None
-        if t2i == "conv_in.weight" and infos[t2i].shape[1] in (256, 768):
-            fam = "sdxl"
-        return AdapterGuess("controlnet", fam, "t2i_adapter", [f"T2I-Adapter: {t2i}"])
+        ev = [f"T2I-Adapter: {t2i}"]
+        if t2i == "conv_in.weight":  # ComfyUI load_t2i_adapter: input 256 or 768 (pixel-unshuffled) => SDXL
+            cin = infos[t2i].shape[1]
+            fam = "sdxl" if cin in (256, 768) else "sd1"
+            ev.append(f"conv_in input {cin}: {'SDXL' if fam == 'sdxl' else 'SD1 (not 256/768)'} adapter")
+        return AdapterGuess("controlnet", fam, "t2i_adapter", ev)
     ip = next((k for k in keys if k.endswith("1.to_k_ip.weight") and k.startswith("ip_adapter.")), None)
     if ip:
         width = infos[ip].shape[-1]
         return AdapterGuess("controlnet", FAMILY_BY_CONTEXT_WIDTH.get(width), "ip_adapter",
                             [f"IP-Adapter: {ip} {list(infos[ip].shape)} (context width {width})"])
     return None
+
+
+_TAESD_NAMES = ((re.compile(r"taesdxl", re.I), "sdxl"), (re.compile(r"taesd3", re.I), "sd3"),
+                (re.compile(r"taef1|taeflux", re.I), "flux"), (re.compile(r"taesd", re.I), "sd1"))
+
+
+def detect_taesd(infos: Mapping[str, TensorInfo], name: str = "") -> AdapterGuess | None:
+    """Standalone TAESD encoder/decoder: bare ``nn.Sequential`` keys (ComfyUI prefixes them with
+    ``taesd_decoder.``); latent channels from the first decoder conv or the last encoder conv."""
+    dec, enc = infos.get("1.weight"), infos.get("0.weight")
+    if not infos or not all(k[:1].isdigit() for k in infos):
+        return None
+    if dec is not None and len(dec.shape) == 4 and "3.conv.0.weight" in infos:
+        role, ch = "decoder", dec.shape[1]
+    elif enc is not None and len(enc.shape) == 4 and enc.shape[1] == 3 and "1.conv.0.weight" in infos:
+        last = max((k for k in infos if k.endswith(".weight") and len(infos[k].shape) == 4),
+                   key=lambda k: int(k.split(".")[0]))
+        role, ch = "encoder", infos[last].shape[0]
+    else:
+        return None
+    g = AdapterGuess("vae", None, "taesd", [f"TAESD {role} (bare Sequential keys), {ch} latent channels"])
+    for rx, fam in _TAESD_NAMES:
+        if rx.search(name):
+            g.family = fam
+            g.evidence.append(f"family {fam} from the file name {name!r}")
+            break
+    return g
 
 
 def detect_adapter(infos: Mapping[str, TensorInfo], extra: Mapping[str, Any] | None = None) -> AdapterGuess | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptlab.arch.adapters import detect_adapter
+from ckptlab.arch.adapters import detect_adapter, detect_taesd
 from ckptlab.arch.components import split_components
 from ckptlab.arch.families import BY_ID, FAMILIES, KOHYA_BASE, MODELSPEC_ARCH
 from ckptlab.arch.family import Family, Marker
@@ -169,6 +169,8 @@ def _vae_family(det: Detection, infos: Mapping[str, TensorInfo], vae_keys: list[
     conv = next((k for k in vae_keys if k.endswith("decoder.conv_in.weight")), None)
     if conv is None:  # TAESD: the first decoder conv takes the latent channels
         conv = next((k for k in vae_keys if k.endswith("taesd_decoder.1.weight")), None)
+        if conv:
+            det.variant = "taesd"
     ch = infos[conv].shape[1] if conv and len(infos[conv].shape) == 4 else None
     if any(k.endswith("decoder.mid.block_1.mix_factor") for k in vae_keys):
         det.family = "svd"
@@ -212,12 +214,15 @@ def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, Any] | None =
     meta_fam, meta_var, _, meta_ev = _metadata_family(metadata)
     _, meta_suffix = _meta_arch(metadata)
 
-    guess = detect_adapter(infos, extra)
+    guess = detect_adapter(infos, extra) or detect_taesd(infos, path.name if path else "")
     fam: Family | None = None
     variant_pred = None
     if guess:
         det.kind, det.family, det.variant = guess.kind, guess.family, guess.variant
         det.evidence += guess.evidence
+        if guess.kind == "vae":  # TAESD: bare Sequential keys are the whole VAE
+            comps.clear()
+            comps["vae"] = list(infos)
     else:
         found = find_family(infos)
         if found:

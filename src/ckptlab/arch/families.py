@@ -68,11 +68,18 @@ FAMILIES: tuple[Family, ...] = (
         cfg_batch=1,
     ),
     Family(
+        "chroma", "Chroma", "dit",
+        markers=((M("distilled_guidance_layer.in_proj.bias"), M("img_in.weight")),),
+        variants=(Variant("radiance", ((M("nerf_blocks.0.norm.scale"),),)),),
+        resolution=1024, latent_channels=16, default_prediction="flow", text_encoders=("t5xxl",), memory_factor=2.8,
+        cfg_batch=2, modelspec=("chroma",), kohya=("chroma",),
+        notes=("Flux-derived (double/single blocks) with a distilled guidance layer instead of per-block modulation",),
+    ),
+    Family(
         "flux", "FLUX.1", "dit",
         markers=((M("double_blocks.0.img_attn.norm.key_norm.scale"),),
                  (M("single_transformer_blocks.0.attn.norm_k.weight"), M("x_embedder.weight"))),
         variants=(
-            Variant("chroma", ((M("distilled_guidance_layer.in_proj.bias"),),)),
             Variant("fill", ((M("img_in.weight", dims=((1, 384),)),), (M("x_embedder.weight", dims=((1, 384),)),))),
             Variant("depth", ((M("img_in.weight", dims=((1, 128),)),), (M("x_embedder.weight", dims=((1, 128),)),))),
             Variant("dev", ((M("guidance_in.in_layer.weight"),),
@@ -81,7 +88,7 @@ FAMILIES: tuple[Family, ...] = (
                                 (absent("time_text_embed.guidance_embedder.linear_1.weight"), M("x_embedder.weight")))),
         ),
         resolution=1024, latent_channels=16, default_prediction="flow", text_encoders=("clip_l", "t5xxl"),
-        memory_factor=2.8, cfg_batch=1, modelspec=("flux-1", "chroma"), kohya=("flux1", "chroma"),
+        memory_factor=2.8, cfg_batch=1, modelspec=("flux-1",), kohya=("flux1",),
     ),
     Family(
         "cascade", "Stable Cascade", "dit",
@@ -93,8 +100,8 @@ FAMILIES: tuple[Family, ...] = (
                                                                   dims=((-1, 576),))),)),
             Variant("stage_b", ((M("clip_mapper.weight"),),)),
         ),
-        resolution=1024, latent_channels=16, latent_factor=32, default_prediction="eps", text_encoders=("clip_g",),
-        memory_factor=2.0,
+        resolution=1024, latent_channels=16, latent_factor=32, default_prediction=None, text_encoders=("clip_g",),
+        memory_factor=2.0, notes=("ComfyUI samples Cascade with its own STABLE_CASCADE model type",),
     ),
     Family(
         "pixart", "PixArt", "dit",
@@ -104,6 +111,7 @@ FAMILIES: tuple[Family, ...] = (
                                     (M("adaln_single.emb.resolution_embedder.linear_1.weight"),))),
                   Variant("sigma", ((absent("ar_embedder.mlp.0.weight"), M("t_block.1.weight")),))),
         resolution=1024, latent_channels=4, default_prediction="eps", text_encoders=("t5xxl",), memory_factor=2.0,
+        notes=("ComfyUI model_base.PixArt: ModelType.EPS",),
     ),
     Family(
         "auraflow", "AuraFlow", "dit",
@@ -118,6 +126,7 @@ FAMILIES: tuple[Family, ...] = (
         variants=(Variant("v1_0", ((M("extra_embedder.0.weight", dims=((1, 3968),)),),)),
                   Variant("v1_1", ((M("extra_embedder.0.weight"),),))),
         resolution=1024, latent_channels=4, default_prediction="v", memory_factor=2.0,
+        notes=("ComfyUI model_base.HunyuanDiT: ModelType.V_PREDICTION",),
     ),
     Family("lumina2", "Lumina Image 2.0", "dit", markers=((M("cap_embedder.0.weight"),),),
            resolution=1024, latent_channels=16, default_prediction="flow", modelspec=("lumina-2",), kohya=("lumina2",)),
@@ -149,7 +158,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "sdxl_refiner", "SDXL refiner", "unet",
-        markers=((M(LABEL, 1536, 2560),), (M(LABEL_D, 1536, 2560),),
+        markers=((M(LABEL, dims=((1, 2560),)),), (M(LABEL_D, dims=((1, 2560),)),),
                  # structure: label_emb, 4 levels (input_blocks.11), no attention at level 0
                  (M(LABEL), M("input_blocks.11.0.in_layers.0.weight"), M("input_blocks.4.1.proj_in.weight"),
                   absent("input_blocks.1.1.proj_in.weight"))),
@@ -165,7 +174,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "sdxl", "Stable Diffusion XL", "unet",
-        markers=((M(LABEL, 1280, 2816),), (M(LABEL_D, 1280, 2816),),
+        markers=((M(LABEL, dims=((1, 2816),)),), (M(LABEL_D, dims=((1, 2816),)),),
                  # structure: label_emb, 3 levels (input_blocks 0..8), 10-deep transformers at level 2
                  (M(LABEL), M("input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"),
                   absent("input_blocks.9.0.in_layers.0.weight"), absent("input_blocks.1.1.proj_in.weight"))),
@@ -173,7 +182,7 @@ FAMILIES: tuple[Family, ...] = (
             _inch("inpaint", 9),
             _inch("instruct_pix2pix", 8),
             _top("playground_v25", "edm_mean", "edm"),
-            _top("cosxl", "edm_vpred.sigma_max", "v"),
+            _top("v_pred_edm", "edm_vpred.sigma_max", "v"),  # CosXL
             _top("v_pred", "v_pred", "v"),
             Variant("vega", ((M("input_blocks.7.1.transformer_blocks.1.attn2.to_k.weight"),
                               absent("input_blocks.7.1.transformer_blocks.2.attn2.to_k.weight")),)),
@@ -239,7 +248,7 @@ MODELSPEC_ARCH: dict[str, tuple[str, str | None, str | None]] = {
     "flux-1-dev": ("flux", "dev", "flow"),
     "flux-1-schnell": ("flux", "schnell", "flow"),
     "flux-1": ("flux", None, "flow"),
-    "chroma": ("flux", "chroma", "flow"),
+    "chroma": ("chroma", None, "flow"),
     "lumina-2": ("lumina2", None, "flow"),
     "stable-cascade-v1-prior": ("cascade", "stage_c", None),
     "stable-video-diffusion-img2vid-v1": ("svd", None, None),
@@ -253,7 +262,7 @@ KOHYA_BASE: dict[str, tuple[str, str | None, str | None]] = {
     "sd_v2_v": ("sd2", None, "v"),
     "sdxl_base_v1-0": ("sdxl", None, None),
     "flux1": ("flux", None, "flow"),
-    "chroma": ("flux", "chroma", "flow"),
+    "chroma": ("chroma", None, "flow"),
     "lumina2": ("lumina2", None, "flow"),
     "sd3m": ("sd3", "sd3_medium", "flow"),
     "medium": ("sd3", "sd3_medium", "flow"),

@@ -103,5 +103,12 @@ class Family:
     kohya: tuple[str, ...] = ()
     #: tensor count of the complete diffusion model (for "missing keys" warnings), when exactly known
     dm_tensors: int | None = None
-    #: marker for the SD2-style prediction heuristic (key whose std tells v from eps), if any
+    #: remarks shown nowhere but kept with the data (why a default is what it is)
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def component_prefixes(self) -> dict[str, tuple[str, ...]]:
+        """Single-file component prefixes of this family (``arch.components.COMPONENT_PREFIXES``), if known."""
+        from ckptlab.arch.components import COMPONENT_PREFIXES
+
+        return COMPONENT_PREFIXES.get(self.id, {})
