@@ -328,13 +328,11 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
     summary.unchanged = len(unchanged_ids)
     summary.moved = len(moves)
 
-    total_bytes = sum(f.key[2] for f, _, _ in todo if f.key is not None)
-    progress(0, total=total_bytes if hash else len(todo), description="reading files")
+    progress(0, total=len(todo), description="reading headers")
     batch: list[tuple] = []
     for (f, fid, why), facts in zip(todo, _read_all([t[0] for t in todo], workers), strict=True):
         batch.append((f, fid, why, facts))
-        if not hash:
-            progress(1)
+        progress(1)
         if len(batch) >= BATCH:
             _write_batch(catalog, batch, summary)
             batch = []
@@ -507,6 +505,7 @@ def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *,
         if need_h or need_f:
             todo.append((f, need_h, need_f))
     progress(0, total=sum(f.key[2] * (int(h) + int(fp)) for f, h, fp in todo), description="hashing")
+    # (the bar restarts here: reset by the total; advanced in bytes by hash_file / fingerprint_file)
     for f, need_h, need_f in todo:
         try:
             h = hash_file(f.path, progress=progress) if need_h else None
