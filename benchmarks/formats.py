@@ -9,8 +9,8 @@
    ``SafetensorsSource`` vs ``safetensors.safe_open`` (+ ``get_slice`` shapes). In-process, median.
 2. copy: rewrite a whole checkpoint into a new file - ckptlab (mmap source -> ``SafetensorsWriter``,
    one tensor at a time, zero-copy ``write_raw``) vs safetensors (``load_file`` + ``save_file``).
-   ckptlab fsyncs before the rename (safetensors does not), so a third run shows ckptlab without
-   the fsync. Each in its own subprocess; the parent samples the child's RssAnon (anonymous memory, not page
+   ckptlab fsyncs before the rename (safetensors does not), so two more runs compare like with
+   like: ckptlab without the fsync, and safetensors followed by an fsync. Each in its own subprocess; the parent samples the child's RssAnon (anonymous memory, not page
    cache) every 10 ms. The input is generated once into .bench-cache/formats/ by ckptlab.sample
    with the real SDXL layout; by default it is sparse (header + holes: no 6.9 GB of disk writes to
    set up, and both tools read the same zero pages), ``--dense`` writes real values. Outputs are
@@ -122,7 +122,23 @@ def job_safetensors(src: str, out: str) -> None:
     print(json.dumps({"wall": time.perf_counter() - t}))
 
 
-JOBS = {"ckptlab": job_ckptlab, "safetensors": job_safetensors, "ckptlab-no-fsync": job_ckptlab_nofsync}
+def job_safetensors_fsync(src: str, out: str) -> None:
+    """save_file, then fsync: the durability ckptlab's writer gives before its rename."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    t = time.perf_counter()
+    with safe_open(src, "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(src), out, metadata=meta)
+    fd = os.open(out, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    print(json.dumps({"wall": time.perf_counter() - t}))
+
+
+JOBS = {"ckptlab": job_ckptlab, "safetensors": job_safetensors, "ckptlab-no-fsync": job_ckptlab_nofsync,
+        "safetensors+fsync": job_safetensors_fsync}
 
 
 def run_job(name: str, src: Path, out: Path) -> dict:
@@ -178,14 +194,17 @@ def main() -> None:
     for r in rows:
         print(json.dumps(r))
     o_ck, o_st = rows[0]["median_ms"], rows[1]["median_ms"]
-    c_ck, c_st, c_nf = rows[2], rows[3], rows[4]
+    c_ck, c_st, c_nf, c_sf = rows[2], rows[3], rows[4], rows[5]
     print(f"open+list: ckptlab {o_ck} ms vs safetensors {o_st} ms (ratio {o_st / o_ck:.2f}x)")
     print(f"copy: ckptlab {c_ck['wall_s']} s / {c_ck['peak_rss_anon_mib']} MiB anon vs safetensors "
           f"{c_st['wall_s']} s / {c_st['peak_rss_anon_mib']} MiB anon "
           f"(time ratio {c_st['wall_s'] / max(c_ck['wall_s'], 1e-9):.2f}x, memory ratio "
           f"{c_st['peak_rss_anon_mib'] / max(c_ck['peak_rss_anon_mib'], 1e-9):.1f}x); outputs identical tensors: "
           f"{identical}")
-    print(f"copy without fsync: ckptlab {c_nf['wall_s']} s (time ratio {c_st['wall_s'] / max(c_nf['wall_s'], 1e-9):.2f}x)")
+    print(f"copy without fsync: ckptlab {c_nf['wall_s']} s vs safetensors {c_st['wall_s']} s "
+          f"(time ratio {c_st['wall_s'] / max(c_nf['wall_s'], 1e-9):.2f}x)")
+    print(f"copy with fsync: ckptlab {c_ck['wall_s']} s vs safetensors+fsync {c_sf['wall_s']} s "
+          f"(time ratio {c_sf['wall_s'] / max(c_ck['wall_s'], 1e-9):.2f}x)")
     if args.delete:
         src.unlink(missing_ok=True)
         head.unlink(missing_ok=True)
