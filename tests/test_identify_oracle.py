@@ -128,3 +128,17 @@ def test_flux_checkpoint_components(tmp_path):
     info = identify(write_sparse(tmp_path / "f.safetensors", layout))
     assert info.components == ["dit", "vae", "clip_l"]
     assert info.prediction == "flow"
+
+
+@pytest.mark.parametrize("layout", [
+    {"conv_in.weight": t(320), "body.0.block2.weight": t(320, 320, 3, 3)},  # T2I conv_in without in-channels
+    {"lora_te_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight": ("F16", ())},
+    {"ip_adapter.1.to_k_ip.weight": ("F16", ()), "image_proj.proj.weight": t(4)},
+    {P + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": t(320)},
+    {"1.weight": t(64), "3.conv.0.weight": t(64, 64, 3, 3)},
+    {},
+])
+def test_odd_shapes_never_crash(tmp_path, layout):
+    """Packed (NF4), truncated or hand-edited headers give an answer, never an exception."""
+    info = identify(write_sparse(tmp_path / "odd.safetensors", layout))
+    assert info.kind in ("unknown", "unet", "controlnet", "lora", "vae", "checkpoint", "upscaler")

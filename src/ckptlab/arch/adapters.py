@@ -36,8 +36,9 @@ _TOKEN_DOWN_RE = re.compile(r"attn2[._]to_k(?:\.lora_down\.weight|\.lora_A\.weig
 _EMB_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 
 
-def _suffix_param(key: str) -> str:
-    return key.rsplit(".", 1)[-1]
+def _dim(shape: tuple[int, ...], axis: int) -> int | None:
+    """``shape[axis]``, or ``None`` when the tensor has too few dimensions (malformed or packed files)."""
+    return shape[axis] if -len(shape) <= axis < len(shape) else None
 
 
 def _lora_family(infos: Mapping[str, TensorInfo], keys: list[str]) -> tuple[str | None, str | None]:
@@ -77,7 +78,7 @@ def _lora_family(infos: Mapping[str, TensorInfo], keys: list[str]) -> tuple[str 
             shape = infos[k].shape
             if k.endswith(".oft_blocks") and len(shape) == 3:
                 width = shape[0] * shape[1]  # blocks x block size = output width
-            elif k.endswith((".lora_down.weight", ".hada_w1_b", ".lora_A.weight")):
+            elif k.endswith((".lora_down.weight", ".hada_w1_b", ".lora_A.weight")) and shape:
                 width = shape[-1]
             elif len(shape) == 2:
                 width = max(shape)  # rank < hidden width
@@ -240,7 +241,7 @@ def _detect_control(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
         else:
             tok = next((k for k in keys if _CN_TOKEN_RE.search(k)), None)
             if tok:
-                width = infos[tok].shape[-1]
+                width = _dim(infos[tok].shape, -1)
                 fam = FAMILY_BY_CONTEXT_WIDTH.get(width)
                 ev.append(f"{tok} {list(infos[tok].shape)} (context width {width})")
             proj = next((k for k in keys if k.endswith("input_blocks.1.1.proj_in.weight")), None)
@@ -255,13 +256,13 @@ def _detect_control(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
         fam = None
         ev = [f"T2I-Adapter: {t2i}"]
         if t2i == "conv_in.weight":  # ComfyUI load_t2i_adapter: input 256 or 768 (pixel-unshuffled) => SDXL
-            cin = infos[t2i].shape[1]
+            cin = _dim(infos[t2i].shape, 1)
             fam = "sdxl" if cin in (256, 768) else "sd1"
             ev.append(f"conv_in input {cin}: {'SDXL' if fam == 'sdxl' else 'SD1 (not 256/768)'} adapter")
         return AdapterGuess("controlnet", fam, "t2i_adapter", ev)
     ip = next((k for k in keys if k.endswith("1.to_k_ip.weight") and k.startswith("ip_adapter.")), None)
     if ip:
-        width = infos[ip].shape[-1]
+        width = _dim(infos[ip].shape, -1)
         return AdapterGuess("controlnet", FAMILY_BY_CONTEXT_WIDTH.get(width), "ip_adapter",
                             [f"IP-Adapter: {ip} {list(infos[ip].shape)} (context width {width})"])
     return None

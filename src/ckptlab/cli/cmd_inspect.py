@@ -1,10 +1,13 @@
 """``ckptlab inspect PATH...``: what each model file is, from its header (``ckptlab.identify``).
 
 Exit status: 0 when every path was read; otherwise the highest error exit code among the failed paths
-(1 for unreadable/unsupported files, 4 for files refused as unsafe), after reporting every other path.
+(1 for unreadable/unsupported files, 4 for files refused as unsafe, 70 for an internal error), after reporting
+every other path.
 """
 
 from __future__ import annotations
+
+import os
 
 import typer
 
@@ -103,6 +106,15 @@ def register(app) -> None:
                 worst = max(worst, err.exit_code)
                 if json_out:
                     emit_json({"path": str(p), "error": err.message})
+                continue
+            except Exception as err:  # noqa: BLE001 - a bug on one file must not hide the report on the others
+                if os.environ.get("CKPTLAB_DEBUG"):
+                    raise
+                msg = f"internal error: {type(err).__name__}: {err} (set CKPTLAB_DEBUG=1 for a traceback)"
+                error_line(f"{p}: {msg}")
+                worst = max(worst, 70)
+                if json_out:
+                    emit_json({"path": str(p), "error": msg})
                 continue
             if json_out:
                 emit_json(info)
