@@ -182,3 +182,21 @@ def test_name_from_content_disposition_when_not_given(fake, tmp_path):
         res = dl.transfer(c.http, c.download_url(choice), tmp_path, expected_sha256=choice.sha256)
     assert res.path.name == "café tweak.safetensors"
     assert res.path.read_bytes() == fake.data
+
+
+def test_progress_reports_total_and_every_byte_once_even_when_resumed(fake, tmp_path):
+    kept = 12_345
+    (tmp_path / "detail_tweaker.safetensors.part").write_bytes(fake.data[:kept])
+    fake.drop_after[5000] = 7_000  # and one drop in the middle of the rest
+    totals, advanced = [], []
+
+    def progress(advance=0, *, total=None, description=None):
+        if total is not None:
+            totals.append(total)
+        advanced.append(advance)
+
+    with client(fake) as c:
+        res = fetch(c, fake, tmp_path, progress=progress)
+    assert res.resumed_from == kept
+    assert set(totals) == {len(fake.data)}
+    assert sum(advanced) == len(fake.data)  # the resumed prefix counts once, re-sent bytes are not double-counted

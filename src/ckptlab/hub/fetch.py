@@ -238,20 +238,40 @@ def download_many(sources: list[str], *, jobs: int | None = None, progress: Prog
                     progress(advance)
 
         try:
-            return download(src, config=config, progress=cb, cancel=cancel, **kw)
+            return download(src, config=config, progress=cb, cancel=cancel, client=shared, **kw)
         except CkptlabError as e:
             return e
 
-    if n == 1 or len(sources) == 1:  # in this thread: Ctrl-C interrupts the transfer itself
-        return [one(item) for item in enumerate(sources)]
-    pool = ThreadPoolExecutor(max_workers=n)
-    futures = [pool.submit(one, item) for item in enumerate(sources)]
+    # one CivitAI client for all sources: one pacer (politeness holds across threads), one pool
+    shared = kw.pop("client", None)
+    own = shared is None and any(parse_spec(s, config.civitai_base_url).kind == "civitai" for s in sources
+                                 if _parses(s, config))
+    if own:
+        from ckptlab.hub.civitai import CivitaiClient
+
+        shared = CivitaiClient(config)
     try:
-        return [f.result() for f in futures]
-    except KeyboardInterrupt:
-        cancel.set()  # workers stop between chunks; their partial files stay for a resume
-        for f in futures:
-            f.cancel()
-        raise
+        if n == 1 or len(sources) == 1:  # in this thread: Ctrl-C interrupts the transfer itself
+            return [one(item) for item in enumerate(sources)]
+        pool = ThreadPoolExecutor(max_workers=n)
+        futures = [pool.submit(one, item) for item in enumerate(sources)]
+        try:
+            return [f.result() for f in futures]
+        except KeyboardInterrupt:
+            cancel.set()  # workers stop between chunks; their partial files stay for a resume
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True)
     finally:
-        pool.shutdown(wait=True)
+        if own:
+            shared.close()
+
+
+def _parses(text: str, config: HubConfig) -> bool:
+    try:
+        parse_spec(text, config.civitai_base_url)
+    except SpecError:
+        return False
+    return True
