@@ -36,14 +36,21 @@ def files(tmp_path_factory):
 
 
 def strict_load(model, state):
-    missing, unexpected = model.load_state_dict(state, strict=True)
+    """``strict=True`` load; shapes are checked too (models are built on the meta device, so assign)."""
+    missing, unexpected = model.load_state_dict(state, strict=True, assign=True)
     assert not missing and not unexpected
+
+
+def meta(cls, *args, **kwargs):
+    """Build an oracle model on the meta device (no random init); ``strict_load`` assigns the tensors."""
+    with torch.device("meta"):
+        return cls(*args, **kwargs)
 
 
 def sd1_unet_model(d, in_channels=4):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
+    return meta(UNet2DConditionModel,
         sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=2,
         block_out_channels=tuple(m * d.channels for m in d.mult),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -54,7 +61,7 @@ def sd1_unet_model(d, in_channels=4):
 def vae_model(d):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    return meta(AutoencoderKL,
         in_channels=3, out_channels=3, latent_channels=d.z, layers_per_block=2,
         block_out_channels=tuple(m * d.channels for m in d.mult),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -64,7 +71,7 @@ def vae_model(d):
 def clip_model(d, heads=4):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    return CLIPTextModelWithProjection(CLIPTextConfig(
+    return meta(CLIPTextModelWithProjection, CLIPTextConfig(
         hidden_size=d.width, intermediate_size=d.mlp, num_hidden_layers=d.layers, num_attention_heads=heads,
         vocab_size=d.vocab, max_position_embeddings=d.positions, projection_dim=d.projection or d.width))
 
@@ -135,7 +142,7 @@ def sdxl_unet_model(d, refiner=False):
         down = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
         up = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
         tl = (1, 2, 10)
-    return UNet2DConditionModel(
+    return meta(UNet2DConditionModel,
         sample_size=8, in_channels=d.in_channels, out_channels=4, layers_per_block=2,
         block_out_channels=tuple(m * d.channels for m in d.mult), down_block_types=down, up_block_types=up,
         transformer_layers_per_block=tl, cross_attention_dim=d.context, attention_head_dim=4,
@@ -185,7 +192,7 @@ def test_standalone_text_encoders_and_vaes_load_strictly(files):
     for spec, part in (("clip_l", SMALL["sd1"]["clip_l"]), ("clip_g", SMALL["sdxl"]["clip_g"])):
         strict_load(clip_model(part), load_file(files(spec)))
     t = SMALL["sd3"]["t5xxl"]
-    t5 = T5EncoderModel(T5Config(vocab_size=t.vocab, d_model=t.d_model, d_ff=t.d_ff, num_layers=t.layers,
+    t5 = meta(T5EncoderModel, T5Config(vocab_size=t.vocab, d_model=t.d_model, d_ff=t.d_ff, num_layers=t.layers,
                                  num_heads=t.heads, d_kv=t.d_kv, feed_forward_proj="gated-gelu",
                                  relative_attention_num_buckets=t.buckets))
     state = load_file(files("t5xxl"))
@@ -207,7 +214,7 @@ def test_small_sd3_and_sd35_medium_mmdit_load_strictly(files):
         fam = "sd3" if spec == "sd3_medium" else spec
         m = SMALL[fam]["mmdit"]
         sd = {k: v for k, v in load_file(files(spec)).items() if k.startswith("model.diffusion_model.")}
-        model = SD3Transformer2DModel(
+        model = meta(SD3Transformer2DModel,
             sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=m.depth,
             attention_head_dim=m.head_dim, num_attention_heads=m.hidden // m.head_dim, joint_attention_dim=m.context_in,
             caption_projection_dim=m.hidden, pooled_projection_dim=m.adm, pos_embed_max_size=int(m.pos_embed ** 0.5),
@@ -220,7 +227,7 @@ def test_small_controlnet_loads_strictly(files):
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     d = SMALL["sd1"]["unet"]
-    model = ControlNetModel(
+    model = meta(ControlNetModel,
         in_channels=4, layers_per_block=2, block_out_channels=tuple(m * d.channels for m in d.mult),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), cross_attention_dim=d.context,
         attention_head_dim=8, conditioning_embedding_out_channels=(16, 32, 96, 256))
