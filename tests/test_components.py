@@ -207,3 +207,36 @@ def test_cli_replace_refusal_is_one_line(tmp_path, cli):
     r = cli("replace", ckpt, "--vae", vae, "-o", tmp_path / "out.safetensors")
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert "SD1 VAE" in r.stderr and not (tmp_path / "out.safetensors").exists()
+
+
+def test_clip_g_extract_then_replace_round_trips(tmp_path):
+    donor = make_model(tmp_path / "donor.safetensors", "sdxl_checkpoint", seed=4)
+    target = make_model(tmp_path / "target.safetensors", "sdxl_checkpoint")
+    [e] = extract([donor], "clip_g")  # HF naming: fused qkv split, projection transposed, logit_scale dropped
+    [r] = replace([target], clip_g=e.output, out=tmp_path / "baked.safetensors")
+    out, d, t = load(r.output), load(donor), load(target)
+    p = "conditioner.embedders.1.model."
+    for k in out:
+        if k.startswith(p) and not k.endswith("logit_scale"):
+            assert torch.equal(out[k], d[k]), k  # fused back exactly, projection transposed back
+        else:
+            assert torch.equal(out[k], t[k]), k
+
+
+def test_extract_sd3_text_encoders(tmp_path):
+    ckpt = make_model(tmp_path / "sd3.safetensors", "sd3_medium")
+    [r] = extract([ckpt], "t5xxl")
+    t5 = load(r.output)
+    assert "encoder.block.0.layer.0.SelfAttention.q.weight" in t5 and "shared.weight" in t5
+    [c] = extract([ckpt], "clip_l", out=tmp_path / "l.safetensors")
+    assert all(k.startswith(("text_model.", "text_projection")) for k in load(c.output))
+
+
+def test_folder_input_refused(tmp_path):
+    from ckptlab.errors import UnsupportedFormatError
+    from ckptlab.ops.prune import prune
+
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(UnsupportedFormatError, match="use from-diffusers first"):
+        prune([tmp_path / "pipe"])

@@ -197,10 +197,13 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
         items = normalise_component(comp_src, component, prefix, target,
                                     openclip_target=_is_openclip(list(target), prefix))
         by_key = {it.key: it for it in items}
-        # position_ids are buffers: keep the checkpoint's own when the replacement has none
+        # position_ids (a buffer) and OpenCLIP's logit_scale (unused by SD, absent from HF-layout files):
+        # keep the checkpoint's own when the replacement has none
         for k in target:
-            if k not in by_key and k.endswith("position_ids"):
+            if k not in by_key and k.endswith(("position_ids", "logit_scale")):
                 by_key[k] = Out.copy(k, src, k)
+                if k.endswith("logit_scale"):
+                    result.warnings.append(f"{comp_src.path.name} has no logit_scale; the checkpoint's own is kept")
         missing = [k for k in target if k not in by_key]
         extra = [k for k in by_key if k not in target]
         if missing or extra:

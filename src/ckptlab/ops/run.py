@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError, UnsafeFileError
+from ckptlab.errors import CkptlabError, UnsafeFileError, UnsupportedFormatError
 from ckptlab.formats.base import TensorSource
 from ckptlab.ops.stream import (
     FileHasher,
@@ -77,6 +77,9 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
     try:
         for i, path in enumerate(inputs):
             path = Path(path)
+            if path.is_dir():
+                raise UnsupportedFormatError(f"{operation} works on model files; this is a folder (a diffusers "
+                                             "pipeline? use from-diffusers first)", path)
             src = open_checked(path)
             out = Path(outputs[i]) if outputs else output_path(path, out_dir, suffix)
             result = TransformResult(operation, path, out, dry_run=dry_run, tensors_in=len(src),
