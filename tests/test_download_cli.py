@@ -243,3 +243,13 @@ def test_parallel_downloads_are_capped(world, cli):
     assert r.returncode == 0, r.stderr
     assert 2 <= fake.max_active_files <= 4  # --jobs is capped at 4 (five sources)
     assert len(list((root / "b").iterdir())) == 5
+
+
+def test_broken_catalog_does_not_undo_a_verified_download(world, cli, tmp_path):
+    fake, root, env = world
+    bad = tmp_path / "not-a-db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    r = cli("download", "civitai:1000", "--dir", root, "--layout", "flat", env={**env, "CKPTLAB_DB": str(bad)})
+    assert r.returncode == 0, r.stderr
+    assert (root / "detail_tweaker.safetensors").read_bytes() == fake.lora
+    assert "warning: downloaded and verified, but not catalogued" in r.stderr

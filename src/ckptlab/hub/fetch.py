@@ -137,7 +137,7 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
             finally:
                 req.close()
         if catalog:  # a plain URL may well be a CivitAI file: look it up by hash (HF files are not)
-            _after_download(res, config, client, write_sidecars, lookup=spec.kind == "url")
+            _after_download_safe(res, config, client, write_sidecars, lookup=spec.kind == "url")
         return res
 
 
@@ -160,11 +160,20 @@ def _download_civitai(spec, root, layout, config, client, catalog, write_sidecar
                        expected_sha256=choice.sha256, progress=progress, source="civitai", extra=extra,
                        cancel=cancel)
         if catalog:
-            _after_download(res, config, client, write_sidecars, version=version, file_id=choice.file.get("id"))
+            _after_download_safe(res, config, client, write_sidecars, version=version, file_id=choice.file.get("id"))
         return res
     finally:
         if own:
             client.close()
+
+
+def _after_download_safe(res: DownloadResult, *args, **kw) -> None:
+    """The file is verified and in place: a catalog or metadata problem becomes a warning, not an error."""
+    try:
+        _after_download(res, *args, **kw)
+    except (CkptlabError, OSError) as e:
+        msg = f"downloaded and verified, but not catalogued: {e}"
+        res.extra["warning"] = f"{res.extra['warning']}; {msg}" if res.extra.get("warning") else msg
 
 
 def _after_download(res: DownloadResult, config: HubConfig, client, write_sidecars: bool, *, version: dict | None = None,
@@ -181,10 +190,7 @@ def _after_download(res: DownloadResult, config: HubConfig, client, write_sideca
     st = res.path.stat()
     with _CATALOG_LOCK, store.open_catalog() as cat:  # one writer per process (and no migration race)
         cat.put_hashes((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), h)
-        try:
-            scan([res.path.absolute()], cat, hash=True)  # hashes above are reused (same stat identity)
-        except CkptlabError as e:
-            res.extra["catalog_error"] = str(e)
+        scan([res.path.absolute()], cat, hash=True)  # the hashes above are reused (same stat identity)
         res.extra["catalog"] = str(cat.path)
         own = client is None
         client = client or CivitaiClient(config)
