@@ -142,3 +142,23 @@ def test_cli_prune_many_inputs(tmp_path, cli):
                                            str(tmp_path / "out/b-pruned-emaonly.safetensors")]
     r = cli("prune", a, "--ema", "sideways")
     assert r.returncode != 0 and "ckptlab: error:" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_progress_reports_every_output_byte(tmp_path, ema_model):
+    other = make_model(tmp_path / "other.safetensors", "sd1_checkpoint", ema=True, seed=2)
+    calls = {"total": [], "advance": 0}
+
+    def progress(advance=0, *, total=None, description=None):
+        if total is not None:
+            calls["total"].append(total)
+        calls["advance"] += advance
+
+    results = prune([ema_model, other], ema="use", progress=progress)
+    written = sum(r.bytes_out for r in results)
+    assert calls["total"] == [written] and calls["advance"] == written
+    # bytes_out is the tensor data of the file actually written (file = 8-byte length + header + data)
+    from ckptlab.formats.safetensors import read_header
+
+    for r in results:
+        h = read_header(r.output)
+        assert h.file_size - h.data_start == r.bytes_out

@@ -276,7 +276,7 @@ def to_diffusers(path: Path, out: Path, *, ema: str = "drop", overwrite: bool = 
             for rel, items in files.items():
                 meta = provenance("to-diffusers", [(path, ph)], {"ema": ema, "file": rel})
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                write_plan(tmp / rel, items, meta, progress=progress, pending={ph: hasher})
+                write_plan(tmp / rel, items, meta, progress=progress, pending={ph: hasher}, set_total=False)
 
         _atomic_folder(out, build, overwrite)
         hasher.result()

@@ -96,6 +96,7 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
         if dry_run:
             return [j.result for j in jobs]
         extra_hashers: dict[Path, FileHasher] = {}
+        progress(0, total=sum(j.result.bytes_out for j in jobs))
         for n, job in enumerate(jobs):
             progress(0, description=f"{operation} {job.path.name} ({n + 1}/{len(jobs)})")
             hasher = FileHasher(job.path) if job.path.is_file() else None
@@ -105,7 +106,8 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
             meta = provenance(operation, [(p, placeholder(i) if h else None)
                                           for i, (p, h) in enumerate(zip(paths, hashers, strict=True))],
                               job.options, base=job.src.metadata if job.keep_meta else None)
-            write_plan(job.out, job.items, meta, progress=progress, overwrite=overwrite, pending=pending)
+            write_plan(job.out, job.items, meta, progress=progress, overwrite=overwrite, pending=pending,
+                       set_total=False)
             job.result.input_sha256 = hasher.result() if hasher else None
         return [j.result for j in jobs]
     finally:

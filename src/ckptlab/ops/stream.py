@@ -63,7 +63,7 @@ class TransformResult:
 
 
 def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progress: Progress = null_progress,
-               overwrite: bool = False, pending: dict[str, FileHasher] | None = None) -> int:
+               overwrite: bool = False, pending: dict[str, FileHasher] | None = None, set_total: bool = True) -> int:
     """Stream ``items`` into a new safetensors file at ``path``; return the bytes of tensor data written.
 
     ``pending`` maps placeholder strings inside ``metadata`` to input hashers still running: the
@@ -75,8 +75,8 @@ def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progre
         if it.key in plan:
             raise CkptlabError(f"two output tensors are both named {it.key!r}")
         plan[it.key] = it.info
-    total = sum(i.info.nbytes for i in items)
-    progress(0, total=total)
+    if set_total:
+        progress(0, total=sum(i.info.nbytes for i in items))
     written = 0
     with _ProvenanceWriter(path, plan, metadata, overwrite=overwrite, pending=pending or {}) as w:
         for it in items:
