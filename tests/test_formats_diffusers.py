@@ -201,3 +201,13 @@ def test_folders_without_weights_or_markers(tmp_path):
     (bad_index / "model_index.json").write_text("[1, 2]")
     with pytest.raises(FormatError, match="not a JSON object"):
         open_model(bad_index)
+
+
+def test_legacy_variant_index_name(built, tmp_path):
+    """Older diffusers named a variant's shard index ``NAME.fp16.safetensors.index.json``."""
+    root, _ = built
+    d = _copy(root, "te_sharded_fp16", tmp_path)
+    (d / "model.safetensors.index.fp16.json").rename(d / "model.fp16.safetensors.index.json")
+    src = DiffusersSource(d)
+    assert src.variant == "fp16" and len(src.files) == 3
+    assert set(src.keys()) == set(DiffusersSource(root / "te_sharded_fp16").keys())

@@ -35,7 +35,9 @@ MAX_CONFIG_BYTES = 1 << 20
 PLAIN = ""  # the "no variant" variant
 
 _SINGLE = re.compile(r"^(?P<base>[A-Za-z0-9_]+)(?:\.(?P<var>[A-Za-z0-9_]+))?\.(?P<ext>safetensors|bin)$")
-_INDEX = re.compile(r"^(?P<base>[A-Za-z0-9_]+)\.(?P<ext>safetensors|bin)\.index(?:\.(?P<var>[A-Za-z0-9_]+))?\.json$")
+# ``name.safetensors.index[.VARIANT].json``; older diffusers wrote ``name.VARIANT.safetensors.index.json``
+_INDEX = re.compile(r"^(?P<base>[A-Za-z0-9_]+)(?:\.(?P<var0>[A-Za-z0-9_]+))?\.(?P<ext>safetensors|bin)\.index"
+                    r"(?:\.(?P<var>[A-Za-z0-9_]+))?\.json$")
 
 
 @dataclass
@@ -68,8 +70,9 @@ def _weight_sets(folder: Path) -> dict[tuple[str, str], WeightSet]:
         raise FormatError(f"cannot list component folder: {e.strerror or e}", folder) from None
     for name in names:
         m = _INDEX.match(name)
-        if m:
-            found[(m["var"] or PLAIN, m["ext"])] = WeightSet(m["var"] or PLAIN, m["ext"], [], folder / name)
+        if m and not (m["var0"] and m["var"]):
+            var = m["var"] or m["var0"] or PLAIN
+            found.setdefault((var, m["ext"]), WeightSet(var, m["ext"], [], folder / name))
     for name in names:
         m = _SINGLE.match(name)
         if m and m["base"] in WEIGHT_BASES:
