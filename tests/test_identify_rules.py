@@ -328,3 +328,13 @@ def test_bnb_nf4_flux_is_recognised(tmp_path):
     info = identify(write_sparse(tmp_path / "flux-nf4.safetensors", lay))
     assert (info.family, info.variant) == ("flux", "dev")
     assert any("NF4" in e for e in info.evidence)
+
+
+def test_lycoris_locon_told_by_kohya_metadata(tmp_path):
+    lay = real("sd1_kohya_lora")
+    md = {"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "locon", "conv_dim": "8"}'}
+    info = identify(write_sparse(tmp_path / "locon.safetensors", lay, md))
+    assert (info.kind, info.family, info.variant) == ("lycoris", "sd1", "locon")
+    assert any("ss_network_module" in e for e in info.evidence)
+    plain = identify(write_sparse(tmp_path / "lora.safetensors", lay, {"ss_network_module": "networks.lora"}))
+    assert (plain.kind, plain.variant) == ("lora", "kohya")

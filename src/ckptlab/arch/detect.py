@@ -257,6 +257,16 @@ def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, Any] | None =
         else:
             det.evidence.append("no known layout matched")
 
+    module = metadata.get("ss_network_module")
+    if det.kind == "lora" and isinstance(module, str) and module.startswith("lycoris"):
+        args = metadata.get("ss_network_args")
+        algo = args.get("algo") if isinstance(args, dict) and isinstance(args.get("algo"), str) else "locon"
+        det.kind, det.variant = "lycoris", algo.lower()
+        det.evidence.append(f"metadata ss_network_module = {module!r}: LyCORIS {det.variant} with LoRA-style keys")
+    index = metadata.get("model_index.json")
+    if isinstance(index, dict) and isinstance(index.get("_class_name"), str):
+        det.evidence.append(f"diffusers pipeline {index['_class_name']}")
+
     # metadata wins over guesses
     if meta_fam and meta_ev:
         kind_from_meta = {"lora": "lora", "lycoris": "lycoris", "textual-inversion": "embedding",
