@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from filelock import FileLock
 from hostile.benign import build_benign, oracle_tensors
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -16,11 +17,22 @@ from ckptlab.ops.convert import convert
 from ckptlab.security import check
 
 
-@pytest.fixture(scope="module")
-def benign(tmp_path_factory):
-    root = tmp_path_factory.mktemp("benign")
-    files = build_benign(root / "files")
-    return root, files, oracle_tensors(files, root / "oracle")
+@pytest.fixture(scope="session")
+def benign(tmp_path_factory, worker_id):
+    """Built once per run, shared by xdist workers (the folder above each worker's basetemp is per run)."""
+    base = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        base = base.parent
+    root = base / "benign-corpus"
+    with FileLock(str(base / "benign-corpus.lock")):
+        if not (root / "names.json").exists():
+            files = build_benign(root / "files")
+            oracle_tensors(files, root / "oracle")
+            (root / "names.json").write_text(json.dumps(list(files)))
+    names = json.loads((root / "names.json").read_text())
+    files = {n: root / "files" / n for n in names}
+    oracle = {n: torch.load(root / "oracle" / f"{n}.oracle", weights_only=True) for n in names}
+    return root, files, oracle
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -134,4 +146,4 @@ def test_cli_convert_and_check(benign, cli, tmp_path):
     assert rec["output"] == str(out) and rec["tensors_out"] == len(oracle["sd1_vae_legacy.ckpt"])
     r = cli("convert", files["sd1_vae_legacy.ckpt"], "-o", out)
     assert r.returncode != 0 and "exists" in r.stderr  # never overwritten silently
-    assert cli("check", out).returncode == 0
+    assert check(out).verdict == "safe"
