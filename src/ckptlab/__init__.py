@@ -11,6 +11,8 @@ _LAZY = {
     "open_model": ("ckptlab.formats", "open_model"),
     "SafetensorsWriter": ("ckptlab.formats.writer", "SafetensorsWriter"),
     "CkptlabError": ("ckptlab.errors", "CkptlabError"),
+    "identify": ("ckptlab.identify", "identify"),
+    "ModelInfo": ("ckptlab.identify", "ModelInfo"),
 }
 
 
