@@ -195,7 +195,7 @@ DIFFUSERS_TYPES = {
     "sd1_controlnet": "controlnet", "sd1_controlnet_diffusers": "controlnet", "sdxl_controlnet": "controlnet_xl_large",
     "sd1_pix2pix": "instruct-pix2pix", "playground_v25": "playground-v2-5", "cascade_stage_c": "stable_cascade_stage_c",
     "cascade_stage_b": "stable_cascade_stage_b", "auraflow": "auraflow", "chroma": "chroma",
-    "sdxl_vpred": "xl_base", "sdxl_cosxl": "xl_base",
+    "sdxl_vpred": "xl_base", "sdxl_cosxl": "xl_base", "sd2_wd": "v2", "sd1_nai_clip": "v1",
 }
 
 
@@ -388,6 +388,15 @@ def test_marker_keys_of_the_other_oracle_rows():
     assert any(k.endswith(".oft_blocks") and len(v[1]) == 3 for k, v in layouts.keys("sd1_oft").items())
     assert any(k.endswith(".a1.weight") for k in layouts.keys("sd1_glora"))
     assert any(k.endswith(".dora_scale") for k in layouts.keys("sd1_dora"))
+    wd = layouts.keys("sd2_wd", small=False)
+    assert "cond_stage_model.model.transformer.resblocks.22.ln_1.weight" in wd
+    assert not any(".resblocks.23." in k for k in wd)
+    nai = layouts.keys("sd1_nai_clip")
+    assert "cond_stage_model.transformer.embeddings.token_embedding.weight" in nai
+    assert not any("text_model" in k for k in nai)
+    sd2l = shapes(layouts.keys("sd2_kohya_lora", small=False))
+    assert sd2l["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"] == (16, 1024)
+    assert shapes(layouts.keys("sd2_embedding", small=False)) == {"emb_params": (4, 1024)}
 
 
 def test_flux_diffusers_lora_targets_are_diffusers_flux_linears():

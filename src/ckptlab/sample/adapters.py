@@ -74,6 +74,18 @@ def kohya_lora_sd1(small: bool) -> Layout:
     return lay
 
 
+def kohya_lora_sd2(small: bool) -> Layout:
+    """kohya LoRA for SD2: SD1 module names; OpenCLIP-H text encoder in HF names (``lora_te_``, 23 used layers)."""
+    from dataclasses import replace
+
+    r = RANK_SMALL if small else RANK_FULL
+    lay = Layout()
+    te = replace(dims("sd2", "clip_h", small), layers=23)  # SD2 conditions on the penultimate layer
+    _kohya_pairs(lay, "lora_te_", te_lora_modules(clip_hf(te)), r)
+    _kohya_pairs(lay, "lora_unet_", unet_lora_modules(unet(dims("sd2", "unet", small)), True), r)
+    return lay
+
+
 def kohya_lora_sdxl(small: bool) -> Layout:
     r = RANK_SMALL if small else RANK_FULL
     lay = Layout()
@@ -148,6 +160,12 @@ def embedding_sd1(small: bool) -> Layout:
     """kohya/A1111 safetensors embedding (``emb_params`` [n, 768]); ``fmt='pt'`` writes the A1111 pickle."""
     lay = Layout()
     lay.add("emb_params", EMBED_VECTORS, dims("sd1", "clip_l", small).width)
+    return lay
+
+
+def embedding_sd2(small: bool) -> Layout:
+    lay = Layout()
+    lay.add("emb_params", EMBED_VECTORS, dims("sd2", "clip_h", small).width)
     return lay
 
 

@@ -60,6 +60,19 @@ def _sd2(small: bool, *, in_channels: int = 4) -> Layout:
     return lay
 
 
+def _sd2_wd(small: bool) -> Layout:
+    """SD2 'WD'-style file: OpenCLIP-H without its last block (``resblocks.23``), reference §2.2."""
+    lay = _sd2(small)
+    return Layout({k: v for k, v in lay.items() if ".transformer.resblocks.23." not in k})
+
+
+def _sd1_nai_clip(small: bool) -> Layout:
+    """SD1 file with the old CLIP naming (no ``text_model.``: ``cond_stage_model.transformer.embeddings.*``)."""
+    old = "cond_stage_model.transformer.text_model."
+    return Layout({("cond_stage_model.transformer." + k[len(old):] if k.startswith(old) else k): v
+                   for k, v in _sd1(small).items()})
+
+
 def _sdxl(small: bool, *, in_channels: int = 4) -> Layout:
     lay = Layout().merge(unet(_with_in(dims("sdxl", "unet", small), in_channels)), UNET_PREFIX)
     lay.merge(vae(dims("sdxl", "vae", small)), VAE_PREFIX)
@@ -187,6 +200,10 @@ LAYOUTS: dict[str, Callable[[bool], Layout]] = {
     "sdxl_embedding": lambda s: adapters.embedding_sdxl(s),
     "sd1_hypernetwork": lambda s: adapters.hypernetwork_sd1(s),
     "esrgan_x4": lambda s: others.esrgan(s),
+    "sd2_wd": _sd2_wd,
+    "sd1_nai_clip": _sd1_nai_clip,
+    "sd2_kohya_lora": lambda s: adapters.kohya_lora_sd2(s),
+    "sd2_embedding": lambda s: adapters.embedding_sd2(s),
     "sdxl_vpred": lambda s: _sdxl_with(s, {"v_pred": (0,), "ztsnr": (0,)}),
     "sdxl_cosxl": lambda s: _sdxl_with(s, {"edm_vpred.sigma_max": (), "edm_vpred.sigma_min": ()}),
     "playground_v25": lambda s: _sdxl_with(s, {"edm_mean": (1, 4, 1, 1), "edm_std": (1, 4, 1, 1)}),
