@@ -162,3 +162,15 @@ def test_progress_reports_every_output_byte(tmp_path, ema_model):
     for r in results:
         h = read_header(r.output)
         assert h.file_size - h.data_start == r.bytes_out
+
+
+def test_unchanged_tensors_are_copied_raw_not_materialised(tmp_path, ema_model, monkeypatch):
+    from ckptlab.formats.safetensors import SafetensorsSource
+
+    got = []
+    real_get = SafetensorsSource.get
+    monkeypatch.setattr(SafetensorsSource, "get", lambda self, key: got.append(key) or real_get(self, key))
+    prune([ema_model], ema="use")
+    assert got == []  # every tensor went from the mmap to the writer as bytes (no torch tensor built)
+    prune([ema_model], ema="drop", precision="fp16")
+    assert len(got) == 686 + 196  # only the converted tensors were read as tensors, one at a time
