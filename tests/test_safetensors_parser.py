@@ -220,3 +220,18 @@ def test_cli_reports_each_corrupt_file_on_one_line_and_goes_on(tmp_path, cli):
     assert [o["path"] for o in out] == [str(p) for p in [*bad, good]]  # one JSON line per path, in order
     assert all(BAD[n][1] in o["error"] for n, o in zip(names, out, strict=False))
     assert "error" not in out[-1] and out[-1]["tensors"] == 1
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CkptlabError, match="not a regular file"):
+        open_model(fifo)
+    with pytest.raises(CkptlabError, match="not a regular file"):
+        SafetensorsSource(fifo)
+    from ckptlab.formats.gguf import GGUFSource
+
+    with pytest.raises(CkptlabError, match="not a regular file"):
+        GGUFSource(fifo)

@@ -7,6 +7,7 @@ torch; pickles are only ever read by ckptlab's own data-only reader (``formats.p
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -15,7 +16,17 @@ from ckptlab.formats.base import TensorInfo, TensorSource
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
 
-__all__ = ["MODEL_SUFFIXES", "TensorInfo", "TensorSource", "detect_format", "open_model"]
+__all__ = ["MODEL_SUFFIXES", "TensorInfo", "TensorSource", "detect_format", "open_model", "require_regular_file"]
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuse FIFOs, sockets and devices before opening: reading one would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # the open that follows reports the problem
+    if not stat.S_ISREG(mode):
+        raise UnsupportedFormatError("not a regular file", path)
 
 
 def detect_format(path: str | Path) -> str:
@@ -25,6 +36,7 @@ def detect_format(path: str | Path) -> str:
         if (p / "model_index.json").is_file() or (p / "config.json").is_file():
             return "diffusers"
         raise UnsupportedFormatError("folder is not a diffusers model (no model_index.json or config.json)", p)
+    require_regular_file(p)
     try:
         with open(p, "rb") as fh:
             head = fh.read(16)

@@ -183,6 +183,9 @@ class GGUFSource(TensorSource):
 
     # -- header -------------------------------------------------------------------------------
     def _parse(self) -> None:
+        from ckptlab.formats import require_regular_file
+
+        require_regular_file(self.path)
         try:
             fh = open(self.path, "rb")  # noqa: SIM115 - closed below
         except OSError as e:

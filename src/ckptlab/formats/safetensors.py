@@ -93,6 +93,9 @@ def read_header(path: str | Path, fh=None) -> SafetensorsHeader:
     path = Path(path)
     own = fh is None
     if own:
+        from ckptlab.formats import require_regular_file
+
+        require_regular_file(path)
         try:
             fh = open(path, "rb")  # noqa: SIM115 - closed below
         except OSError as e:
