@@ -174,3 +174,20 @@ def test_unchanged_tensors_are_copied_raw_not_materialised(tmp_path, ema_model, 
     assert got == []  # every tensor went from the mmap to the writer as bytes (no torch tensor built)
     prune([ema_model], ema="drop", precision="fp16")
     assert len(got) == 686 + 196  # only the converted tensors were read as tensors, one at a time
+
+
+def test_input_sha256_reused_from_the_library_catalog(tmp_path, ema_model):
+    from ckptlab.library.catalog import Catalog, default_db_path
+    from ckptlab.library.scanner import scan
+    from ckptlab.ops.stream import FileHasher
+
+    assert not FileHasher(ema_model).from_catalog  # no catalog yet: hashed
+    with Catalog(default_db_path()) as cat:  # $CKPTLAB_DB points into tmp (conftest)
+        scan([tmp_path], cat, hash=True)
+    h = FileHasher(ema_model)
+    assert h.from_catalog and h.result() == sha256(ema_model)
+    [r] = prune([ema_model])
+    meta = safe_open(str(r.output), "pt").metadata()
+    assert json.loads(meta["ckptlab.inputs"])[0]["sha256"] == sha256(ema_model)
+    ema_model.write_bytes(ema_model.read_bytes())  # new mtime: the cached value no longer applies
+    assert not FileHasher(ema_model).from_catalog

@@ -153,12 +153,14 @@ class FileHasher:
 
     CHUNK = 16 * 1024 * 1024
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, use_catalog: bool = True):
         self.path = Path(path)
-        self._digest: str | None = None
+        self._digest: str | None = cached_sha256(self.path) if use_catalog else None
         self._error: BaseException | None = None
+        self.from_catalog = self._digest is not None
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        if not self.from_catalog:
+            self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -180,11 +182,30 @@ class FileHasher:
             self._error = e
 
     def result(self) -> str:
-        self._thread.join()
+        if self._thread.is_alive() or self._thread.ident is not None:
+            self._thread.join()
         if self._error is not None:
             raise OutputError(f"cannot hash input: {self._error}", self.path)
         assert self._digest is not None
         return self._digest
+
+
+def cached_sha256(path: Path) -> str | None:
+    """The sha256 the library catalog already holds for this exact file (same device, inode, size and
+    mtime), or None. Never creates a catalog."""
+    try:
+        from ckptlab.library.catalog import Catalog, default_db_path
+
+        db = default_db_path()
+        if not db.is_file():
+            return None
+        st = os.stat(path)
+        with Catalog(db) as cat:
+            row = cat.content((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        hashes = row and row.get("hashes")
+        return hashes.sha256.lower() if hashes and hashes.sha256 else None
+    except Exception:  # noqa: BLE001 - any failure is a cache miss, never an error
+        return None
 
 
 def hash_inputs(paths: Iterable[Path]) -> list[FileHasher]:
