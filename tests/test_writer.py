@@ -258,3 +258,14 @@ def test_no_whole_model_buffer(tmp_path):
         pos += info.nbytes
         expected.append(pos)
     assert sizes == expected
+
+
+def test_non_contiguous_and_sliced_tensors_are_written_by_value(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tensors = {"model.diffusion_model.out.0.weight": base.t(),          # transposed view
+               "model.diffusion_model.out.0.bias": base[:, 1],          # strided slice
+               "model.diffusion_model.out.2.weight": base[1:3, 2:5]}    # offset window
+    out = write_safetensors(tmp_path / "views.safetensors", tensors)
+    loaded = load_file(str(out))
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v.contiguous()), k
