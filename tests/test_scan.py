@@ -300,3 +300,23 @@ def test_worker_processes_record_the_same_rows(tmp_path, monkeypatch):
             rows.append([(r.path, r.kind, r.family, r.n_tensors, r.tensor_bytes, r.error) for r in c.files(sort="path")])
     assert rows[0] == rows[1] and len(rows[0]) == 9
     assert [r[0].rsplit("/", 1)[1] for r in rows[0] if r[5]] == ["junk.safetensors"]
+
+
+def test_file_changing_while_hashed_is_an_error_on_its_row(tmp_path, cat, monkeypatch):
+    lib = a1111_library(tmp_path / "lib")
+    from ckptlab.library import hashes
+
+    real = hashes.hash_file
+
+    def grow_then_hash(path, progress=None):
+        if str(path).endswith("detailer.safetensors"):
+            with open(path, "ab") as fh:
+                fh.write(b"\0" * 8)
+        return real(path, progress)
+
+    monkeypatch.setattr(hashes, "hash_file", grow_then_hash)
+    s = scan([tmp_path / "lib"], cat, hash=True)
+    rec = cat.get_by_path(lib["lora"])
+    assert "changed during the scan" in rec.error and rec.sha256 is None
+    assert any(e["path"].endswith("detailer.safetensors") for e in s.error_list)
+    assert cat.get_by_path(lib["vae"]).sha256 and cat.get_by_path(lib["vae"]).error is None

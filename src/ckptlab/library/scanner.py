@@ -517,11 +517,12 @@ def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *,
             after = os.stat(f.path)
             if (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) != f.key:
                 raise CkptlabError("file changed during the scan; scan again", f.path)
-        except CkptlabError as e:
-            summary.error_list.append({"path": display_path(f.path), "error": str(e.message)})
-            continue
-        except OSError as e:
-            summary.error_list.append({"path": display_path(f.path), "error": f"cannot read: {e.strerror or e}"})
+        except (CkptlabError, OSError) as e:
+            msg = e.message if isinstance(e, CkptlabError) else f"cannot read: {e.strerror or e}"
+            msg = msg.encode("utf-8", "replace").decode("utf-8")
+            summary.error_list.append({"path": display_path(f.path), "error": msg})
+            with catalog.transaction() as c:  # recorded on the file's row; the next scan retries it
+                c.execute("UPDATE files SET error = ? WHERE path = ?", (msg, path_key(f.path)))
             continue
         with catalog.transaction():
             if h is not None:
