@@ -231,3 +231,17 @@ def test_copy_added_later_inherits_from_a_file_linked_in_an_earlier_run(world, c
     row = jsonl(r.stdout)[0]
     assert row["status"] == "inherited" and row["version_id"] == 2000
     assert row["inherited_from"] == file_hashes(files["ckpt"].read_bytes())["SHA256"]
+
+
+def test_identical_copies_each_get_their_row_and_sidecars(world, cli):
+    fake, lib, files, env = world
+    copy = lib / "models" / "Lora" / "sub" / "detail copy.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(files["lora"].read_bytes())
+    r = cli("civitai", "link", files["lora"], copy, "--write-sidecars", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = by_name(jsonl(r.stdout))
+    assert rows["detail.safetensors"]["status"] == rows["detail copy.safetensors"]["status"] == "linked"
+    assert (copy.parent / "detail copy.civitai.info").exists() and (files["lora"].parent / "detail.civitai.info").exists()
+    assert len([q for q in fake.requests if q.method == "POST"]) == 1
+    assert json.loads(fake.requests[0].body) == [file_hashes(copy.read_bytes())["SHA256"]]  # asked once

@@ -12,6 +12,7 @@ revision; a 404 or an outage keeps everything and only notes ``upstream_status``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -154,6 +155,20 @@ def _remember(cat: Catalog, client: CivitaiClient, version: dict, models_seen: d
     return rev
 
 
+def _refresh_version(cat: Catalog, client: CivitaiClient, version_id: int, models_seen: dict):
+    """``(status, record, revision, message)`` after asking CivitAI again; nothing stored is ever lost."""
+    try:
+        v = client.model_version(version_id)
+    except NotFoundError:
+        return "not_found", None, None, "CivitAI no longer has this version; the stored record is kept"
+    except NetworkError as e:
+        return "kept", None, None, f"CivitAI unreachable, stored record kept ({e})"
+    rev, new = store.store_record(cat, "version", version_id, v)
+    if v.get("modelId") is not None and v["modelId"] not in models_seen:
+        _remember(cat, client, v, models_seen)
+    return ("updated" if new and rev > 1 else "refreshed"), v, rev, None
+
+
 def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, refresh: bool = False,
                write_sidecars: bool = False, allow_nsfw: bool = False, fingerprint=None,
                progress: Progress | None = None) -> LinkReport:
@@ -169,32 +184,16 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
     progress(0, total=len(files), description="linking")
 
     # 1. already linked: keep, or refresh by version id (never regress)
-    version_cache: dict[int, tuple[str, dict | None, int | None]] = {}
+    refreshed: dict[int, tuple[str, dict | None, int | None, str | None]] = {}  # version id -> outcome
     for lf in linked:
         link = store.get_link(cat, lf.sha256)
         if not refresh:
             results[lf.sha256] = _outcome_from(lf, "already", link, store.latest_record(cat, "version", link.version_id))
             continue
-        if link.version_id not in version_cache:
-            try:
-                v = client.model_version(link.version_id)
-                rev, new = store.store_record(cat, "version", link.version_id, v)
-                if v.get("modelId") is not None and v["modelId"] not in models_seen:
-                    _remember(cat, client, v, models_seen)
-                version_cache[link.version_id] = ("updated" if new and rev > 1 else "refreshed", v, rev)
-            except NotFoundError:
-                version_cache[link.version_id] = ("not_found", None, None)
-            except NetworkError as e:
-                version_cache[link.version_id] = ("kept", None, None)
-                version_cache[-link.version_id] = (str(e), None, None)
-        status, v, rev = version_cache[link.version_id]
-        upstream = {"not_found": "not_found", "kept": "unreachable"}.get(status, "ok")
-        store.set_upstream_status(cat, lf.sha256, upstream)
-        msg = None
-        if status == "not_found":
-            msg = "CivitAI no longer has this version; the stored record is kept"
-        elif status == "kept":
-            msg = f"CivitAI unreachable, stored record kept ({version_cache[-link.version_id][0]})"
+        if link.version_id not in refreshed:
+            refreshed[link.version_id] = _refresh_version(cat, client, link.version_id, models_seen)
+        status, v, rev, msg = refreshed[link.version_id]
+        store.set_upstream_status(cat, lf.sha256, {"not_found": "not_found", "kept": "unreachable"}.get(status, "ok"))
         results[lf.sha256] = _outcome_from(lf, status, link, v or store.latest_record(cat, "version", link.version_id),
                                            revision=rev, message=msg)
 
@@ -252,7 +251,7 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
         if not donors and fingerprint:
             # linked files whose fingerprint is not known yet: this run's files first, then catalogued
             # files of the same kind (each fingerprint is computed once and stored in the catalog)
-            cands = [(o.sha256, o.path) for o in files if o.sha256 != lf.sha256]
+            cands = [(other.sha256, other.path) for other in files if other.sha256 != lf.sha256]
             cands += [(r.sha256.upper(), Path(r.path)) for r in cat.files()
                       if r.sha256 and r.fingerprint is None and (lf.kind is None or r.kind in (None, lf.kind))]
             seen = set()
@@ -278,6 +277,8 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
     # 4. sidecars from what is stored (works offline for linked files too)
     for lf in files:
         o = results[lf.sha256]
+        if o.path != lf.path:  # a second copy with the same bytes: same link, its own row and sidecars
+            o = dataclasses.replace(o, path=lf.path, sidecars=[])
         if write_sidecars and o.version_id is not None and o.status != "error":
             version = store.latest_record(cat, "version", o.version_id)
             model = store.latest_record(cat, "model", o.model_id)
