@@ -240,3 +240,31 @@ def test_folder_input_refused(tmp_path):
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
     with pytest.raises(UnsupportedFormatError, match="use from-diffusers first"):
         prune([tmp_path / "pipe"])
+
+
+@pytest.mark.parametrize("command", [["prune"], ["precision", "--to", "fp16"], ["extract", "-c", "vae"],
+                                     ["to-diffusers", "-o", "{out}/pipe"], ["replace", "--vae", "{evil}"]])
+def test_malicious_pickle_refused_by_every_command(tmp_path, cli, command):
+    import pickle
+    import zipfile
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    evil = tmp_path / "evil.ckpt"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"state_dict": {}, "p": Payload()}, protocol=2))
+    target = make_model(tmp_path / "m.safetensors", "sd1_checkpoint")
+    out = tmp_path / "out"
+    out.mkdir()
+    before = (sha256(evil), sha256(target))
+    args = [a.format(out=out, evil=evil) for a in command]
+    first = target if command[0] == "replace" else evil
+    extra = [] if "-o" in args else ["--out-dir", out]
+    r = cli(args[0], first, *args[1:], *extra)
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.startswith("ckptlab: error:") and len(r.stderr.strip().splitlines()) == 1
+    assert "malicious" in r.stderr
+    assert list(out.iterdir()) == [] and not (tmp_path / "pwned").exists()
+    assert (sha256(evil), sha256(target)) == before
