@@ -385,3 +385,25 @@ def test_build_library_cli_both_layouts(tmp_path):
     assert (tmp_path / "a1111" / "models" / "Lora").is_dir() and (tmp_path / "comfyui" / "models" / "loras").is_dir()
     with open_model(a) as src:
         assert len(src) == len(layouts.keys("sd1_checkpoint"))
+
+
+def test_ip_adapter_loads_into_a_small_unet_with_diffusers_loader(files):
+    """diffusers maps ip_adapter.{1,3,..} to the UNet's cross-attention processors in order and loads them
+    with shape checks, so the width order (down, up, mid) is proven."""
+    from diffusers import UNet2DConditionModel
+
+    d = SMALL["sd1"]["unet"]
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=tuple(m * d.channels for m in d.mult),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=d.context,
+        attention_head_dim=8)
+    flat = load_file(files("ip_adapter_sd15"))
+    nested = {"image_proj": {}, "ip_adapter": {}}
+    for k, v in flat.items():
+        head, rest = k.split(".", 1)
+        nested[head][rest] = v
+    unet._load_ip_adapter_weights([nested])
+    procs = [p for n, p in unet.attn_processors.items() if n.endswith("attn2.processor")]
+    assert len(procs) == 16 and all(hasattr(p, "to_k_ip") for p in procs)

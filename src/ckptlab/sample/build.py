@@ -236,6 +236,7 @@ _VERIFIED = {
     "sdxl_kohya_lora": "sd-mecha sdxl-sgm module names",
     "sd1_peft_lora": "small diffusers UNet module names",
     "flux_diffusers_lora": "diffusers FluxTransformer2DModel Linear in/out features (full, meta)",
+    "ip_adapter_sd15": "diffusers IP-Adapter loader into a small SD1 UNet (shape-checked)",
     **dict.fromkeys(("sd1_loha", "sd1_lokr"), "factors reconstruct the sd1_kohya_lora module shapes"),
 }
 SPECS: dict[str, Spec] = {s.name: replace(s, verified_by=_VERIFIED.get(s.name, "")) for s in _SPEC_LIST}
