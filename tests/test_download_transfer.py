@@ -200,3 +200,23 @@ def test_progress_reports_total_and_every_byte_once_even_when_resumed(fake, tmp_
     assert res.resumed_from == kept
     assert set(totals) == {len(fake.data)}
     assert sum(advanced) == len(fake.data)  # the resumed prefix counts once, re-sent bytes are not double-counted
+
+
+def test_write_error_is_one_line_and_keeps_the_partial(fake, tmp_path, monkeypatch):
+    real_write = dl.os.write
+    written = [0]
+
+    def failing_write(fd, data):
+        if written[0] >= 8_000:
+            raise OSError(28, "No space left on device")
+        n = real_write(fd, data[:4096])
+        written[0] += n
+        return n
+
+    monkeypatch.setattr(dl.os, "write", failing_write)
+    with client(fake) as c, pytest.raises(OutputError) as ei:
+        fetch(c, fake, tmp_path)
+    assert "No space left on device" in str(ei.value) and "resume" in str(ei.value)
+    part = tmp_path / "detail_tweaker.safetensors.part"
+    assert part.read_bytes() == fake.data[:8_192]  # two 4 KiB writes made it
+    assert not (tmp_path / "detail_tweaker.safetensors").exists()

@@ -288,7 +288,7 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
                 for chunk in resp.iter_raw():  # as received: nothing buffered is lost on a drop
                     if cancel is not None and cancel.is_set():
                         raise CancelledError(f"{what}: cancelled; {os.fstat(fd).st_size} bytes kept in {part.name}")
-                    _write_all(fd, chunk)
+                    _write_all(fd, chunk, part)
                     hasher.update(chunk)
                     hashed += len(chunk)
                     shown += len(chunk)
@@ -333,11 +333,15 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
         os.close(fd)
 
 
-def _write_all(fd: int, data) -> None:
+def _write_all(fd: int, data, part: Path) -> None:
     view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    try:
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except OSError as e:  # disk full, I/O error: the bytes so far stay for a resume
+        raise OutputError(f"cannot write: {e.strerror or e} ({os.fstat(fd).st_size} bytes kept; run again to resume)",
+                          part) from None
 
 
 def _discard(part: Path) -> None:
