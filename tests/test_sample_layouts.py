@@ -48,6 +48,11 @@ def test_sd1_checkpoint_with_ema_equals_sd_mecha_sd1_ldm():
     ours = shapes(layouts.add_ema(layouts.keys("sd1_checkpoint", small=False)))
     theirs = {k: s for comp in mecha("sd1-ldm").values() for k, (s, _) in comp.items()}
     assert ours == theirs  # 1831 keys: UNet 686 + EMA 688 + VAE 248 + CLIP 197 + schedule 12
+    data = yaml.safe_load((MECHA / "sd1-ldm.yaml").read_text())
+    names = {"float32": "F32", "int32": "I32", "int64": "I64"}
+    their_dtypes = {k: names[v["dtype"]] for comp in data["components"].values() for k, v in comp.items()}
+    plan = build.plan("sd1_checkpoint", small=False, dtype="F32", ema=True)
+    assert {k: i.dtype for k, i in plan.items()} == their_dtypes
 
 
 def test_sdxl_checkpoint_matches_sd_mecha_sdxl_sgm():
