@@ -106,3 +106,11 @@ def test_deflated_member_inside_zip_member_list(tmp_path):
     p.write_bytes(build_zip(ms))
     with open_model(p) as src:
         assert src.get("w").tolist() == [1.0, 2.0, 3.0]
+
+
+def test_list_root_gets_index_keys(tmp_path):
+    p = tmp_path / "list.pt"
+    torch.save([torch.ones(2), {"a": torch.zeros(3)}], p)
+    with open_model(p) as src:
+        assert src.keys() == ["0", "1.a"]
+        assert src.get("0").tolist() == [1.0, 1.0]

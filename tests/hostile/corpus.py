@@ -251,6 +251,10 @@ def build_hostile(folder: Path, canary_dir: Path) -> list[Case]:
     add("prefix_module", "module name sharing the 'torch' prefix (prefix allowlists)", ".pt", s, expect="unsafe",
         stream=s, shows=("torch_evil_models payload",))
 
+    s = b"S'" + b"x" * 200_000 + b"'\n0" + b"cos\nsystem\n(S'" + sh(C("long_text_then_payload")).encode() + b"'\ntR."
+    add("long_text_then_payload", "a 200 KB protocol-0 text operand before the payload (bounded line readers)",
+        ".pt", s, stream=s, shows=("os system",))
+
     # --- nested payloads ---------------------------------------------------------------------------------
     nested = legacy_file(p2(os_system(C("load_from_bytes_nested"))))
     s = p2(call(g("torch.storage", "_load_from_bytes"), binbytes(nested)))

@@ -164,6 +164,8 @@ def unwrap(root: Any) -> tuple[dict[str, TensorRef], dict[str, Any], list[str], 
             _flatten_module(root, "", tensors, 0, [0])
             return tensors, {"object": root.qualname}, dropped, wrapper
         return tensors, {"object": _plain(root)}, dropped, wrapper
+    if isinstance(root, (list, tuple)) and _is_tensorish(root):
+        root = dict(enumerate(root))  # torch.save([t0, t1]): keys "0", "1"
     if not isinstance(root, dict):
         return tensors, ({"object": _plain(root)} if root is not None else {}), dropped, wrapper
     d = root

@@ -35,6 +35,7 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_PICKLE_MEMBER = 512 * 1024 * 1024
 MAX_TRAILING_PICKLES = 16
+MAX_ZIP_ENTRIES = 200_000
 KNOWN_MEMBERS = re.compile(r"(data\.pkl|data/\d+|version|\.format_version|\.storage_alignment|byteorder|"
                            r"\.data/serialization_id|\.data/version)")
 VERDICT_ORDER = (MALICIOUS, SUSPICIOUS, CORRUPT)
@@ -191,8 +192,11 @@ def _read_central(scan: Scan, mm, size: int) -> list[ZipEntry] | None:
     if cd_off + cd_size != cd_end_expected:
         scan.add("zip_offset_shift", MALICIOUS,
                  "central directory is not where the end record says (data prepended: polyglot file)")
-    if cd_off + cd_size > size or n_total > 10_000_000:
+    if cd_off + cd_size > size or n_total * 46 > cd_size:
         scan.add("zip_bad_directory", CORRUPT, "central directory runs past the end of the file")
+        return None
+    if n_total > MAX_ZIP_ENTRIES:
+        scan.add("resource_limit", SUSPICIOUS, f"zip has {n_total} members (limit {MAX_ZIP_ENTRIES})")
         return None
     entries: list[ZipEntry] = []
     p = cd_off

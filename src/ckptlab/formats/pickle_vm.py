@@ -189,23 +189,32 @@ class PickleVM:
         self._check_frame(s, self.pos)
         return self.buf[s:self.pos]
 
+    def _find_newline(self, s: int) -> int:
+        """Offset of the next newline at or after ``s`` (-1 if none), searched in growing chunks."""
+        p, chunk = s, 1 << 16
+        while p < self.limit:
+            stop = min(self.limit, p + chunk)
+            j = bytes(self.buf[p:stop]).find(b"\n")
+            if j >= 0:
+                return p + j
+            if stop - s > MAX_STRING:
+                raise _Limit(f"text operand longer than {MAX_STRING} bytes")
+            p, chunk = stop, min(chunk * 2, 1 << 24)
+        return -1
+
     def _line(self) -> bytes:
-        buf = self.buf
         s = self.pos
-        # search in bounded chunks: a missing newline must not make us scan gigabytes
-        stop = min(self.limit, s + 65536)
-        i = bytes(buf[s:stop]).find(b"\n")
+        i = self._find_newline(s)
         fe = self._frame_end
-        if self.discard_frames and fe is not None and s < fe and (i < 0 or s + i >= fe):
+        if self.discard_frames and fe is not None and s < fe and (i < 0 or i >= fe):
             self.pos = s = fe
             self._frame_end = None
-            stop = min(self.limit, s + 65536)
-            i = bytes(buf[s:stop]).find(b"\n")
+            i = self._find_newline(s)
         if i < 0:
             raise _Broken(f"text operand without newline at offset {s}")
-        self.pos = s + i + 1
+        self.pos = i + 1
         self._check_frame(s, self.pos)
-        return bytes(buf[s:s + i])
+        return bytes(self.buf[s:i])
 
     def _u(self, n: int) -> int:
         return int.from_bytes(self._take(n), "little")
