@@ -338,3 +338,29 @@ def test_lycoris_locon_told_by_kohya_metadata(tmp_path):
     assert any("ss_network_module" in e for e in info.evidence)
     plain = identify(write_sparse(tmp_path / "lora.safetensors", lay, {"ss_network_module": "networks.lora"}))
     assert (plain.kind, plain.variant) == ("lora", "kohya")
+
+
+def test_gguf_quantized_params_and_packed_bytes(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from ckptlab.formats import open_model
+    from ckptlab.identify import _inference_bytes
+
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "flux")
+    w.add_tensor("double_blocks.0.img_attn.norm.key_norm.scale", np.zeros(128, np.float32))
+    data = np.random.default_rng(0).standard_normal((96, 64)).astype(np.float32)
+    q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("double_blocks.0.img_attn.qkv.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info = identify(tmp_path / "q.gguf")
+    assert info.family == "flux" and info.dtypes == {"q8_0": 96 * 64, "fp32": 128}
+    src = open_model(tmp_path / "q.gguf")
+    # Q8_0: blocks of 32 elements in 34 bytes (ggml); the fp32 norm counts as fp16 at inference
+    notes: list[str] = []
+    expected = (96 * 64 * 34 / 32 + 128 * 2) / (96 * 64 + 128)
+    assert _inference_bytes(src.infos(), list(src.infos()), notes) == pytest.approx(expected)
+    assert notes

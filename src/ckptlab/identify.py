@@ -94,13 +94,27 @@ def _is_weight(key: str, info: TensorInfo, comp: str) -> bool:
     return not (d.startswith(("I", "U")) and d in DTYPES or d == "BOOL")
 
 
-def _bytes_per_param(infos: dict[str, TensorInfo], keys: list[str]) -> int:
-    counts: dict[int, int] = {}
+def _inference_bytes(infos: dict[str, TensorInfo], keys: list[str], notes: list[str]) -> float:
+    """Average bytes per parameter at inference: fp32/fp64 counted as 2 (UIs cast to half precision), known
+    dtypes at their size, quantized GGUF types at their packed size."""
+    total = numel = 0.0
     for k in keys:
         i = infos[k]
-        size = DTYPES[i.dtype][0] if i.dtype in DTYPES else 1  # GGUF quantised types: about a byte or less
-        counts[size] = counts.get(size, 0) + i.numel
-    return max(counts, key=counts.get) if counts else 2
+        if i.dtype in ("F32", "F64"):
+            size = 2.0
+            note = "fp32 weights counted as fp16 (UIs cast to half precision for inference)"
+            if note not in notes:
+                notes.append(note)
+        elif i.dtype in DTYPES:
+            size = float(DTYPES[i.dtype][0])
+        else:
+            try:
+                size = i.nbytes / i.numel if i.numel else 1.0
+            except (KeyError, ValueError):
+                size = 1.0
+        total += size * i.numel
+        numel += i.numel
+    return total / numel if numel else 2.0
 
 
 def _std_reader(source: TensorSource):
@@ -208,15 +222,16 @@ def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
     warnings = list(source.warnings) + det.warnings + file_warnings(infos, comps, det, metadata, has_ema)
 
     fam = BY_ID.get(det.family or "")
-    present = {c: (sum(infos[k].numel for k in weight_keys[c]), _bytes_per_param(infos, weight_keys[c]))
+    notes: list[str] = []
+    present = {c: (sum(infos[k].numel for k in weight_keys[c]), _inference_bytes(infos, weight_keys[c], notes))
                for c in COMPONENTS if c in weight_keys and c in ("unet", "dit", "vae", *TEXT_ENCODERS)}
     if det.kind in adapters or det.kind == "unknown" or not present:
-        present = {"file": (params, _bytes_per_param(infos, [k for ks in weight_keys.values() for k in ks]))} \
-            if params else {}
+        everything = [k for ks in weight_keys.values() for k in ks]
+        present = {"file": (params, _inference_bytes(infos, everything, notes))} if params else {}
     res = None
     if det.family == "sd2":  # 512-base (eps, inpaint, depth) vs 768-v
         res = 768 if det.prediction == "v" else (512 if det.prediction == "eps" else None)
-    vram = estimate(fam, present, diffusion=det.kind in ("checkpoint", "unet"), resolution=res)
+    vram = estimate(fam, present, diffusion=det.kind in ("checkpoint", "unet"), resolution=res, notes=notes)
 
     return ModelInfo(
         path=str(source.path), format=fmt, size=source.size, tensors=len(infos), params=params,

@@ -30,46 +30,28 @@ class VramEstimate:
     assumptions: list[str] = field(default_factory=list)
 
 
-def _compute_bytes(file_bytes: int) -> tuple[int, str | None]:
-    if file_bytes >= 4:
-        return 2, "fp32 weights counted as fp16 (UIs cast to half precision for inference)"
-    return file_bytes, None
-
-
-def estimate(family: Family | None, present: dict[str, tuple[int, int]], *, diffusion: bool,
-             resolution: int | None = None) -> VramEstimate | None:
-    """``present``: component -> (params, bytes per element as stored). ``diffusion``: the file is (or holds) a
-    diffusion model; other files (adapters, VAEs, text encoders) get a weights-only figure."""
-    assumptions: list[str] = []
+def estimate(family: Family | None, present: dict[str, tuple[int, float]], *, diffusion: bool,
+             resolution: int | None = None, notes: list[str] | None = None) -> VramEstimate | None:
+    """``present``: component -> (params, bytes per parameter at inference: fp32/fp64 already counted as 2,
+    quantized types at their packed size). ``diffusion``: the file is (or holds) a diffusion model; other files
+    (adapters, VAEs, text encoders) get a weights-only figure. ``notes``: assumptions made by the caller."""
+    assumptions: list[str] = list(notes or [])
     if not present:
         return None
+    weights = sum(params * b for params, b in present.values())
     if not diffusion or family is None:
-        total = 0
-        for params, nbytes in present.values():
-            b, note = _compute_bytes(nbytes)
-            total += params * b
-            if note and note not in assumptions:
-                assumptions.append(note)
         assumptions.insert(0, "weights of this file only (no family-level pipeline known or needed)")
-        return VramEstimate(round(total / GIB, 2), None, round(total / GIB, 2), 0.0, 0.0, assumptions=assumptions)
+        return VramEstimate(round(weights / GIB, 2), None, round(weights / GIB, 2), 0.0, 0.0, assumptions=assumptions)
     res, f = resolution or family.resolution, family.latent_factor
-    weights = 0
-    dm_bytes = 2
-    for comp, (params, nbytes) in present.items():
-        b, note = _compute_bytes(nbytes)
-        if comp in ("unet", "dit"):
-            dm_bytes = b
-        weights += params * b
-        if note and note not in assumptions:
-            assumptions.append(note)
     missing = [c for c in (*family.text_encoders, "vae") if c not in present]
     for comp in missing:
         weights += TYPICAL_PARAMS.get(comp, 0) * 2
     if missing:
         assumptions.append(f"not in the file, typical fp16 sizes counted: {', '.join(missing)}")
     latent = (res // f) ** 2
-    act = family.cfg_batch * latent * dm_bytes * 0.01 * family.memory_factor * 1024**2  # ComfyUI, attention-optimised
-    decode = latent * DECODE_BYTES_PER_LATENT_PIXEL * 2
+    compute = 2  # activations and decode run in fp16/bf16 whatever the weights' storage
+    act = family.cfg_batch * latent * compute * 0.01 * family.memory_factor * 1024**2  # ComfyUI, optimised attention
+    decode = latent * DECODE_BYTES_PER_LATENT_PIXEL * compute
     working = max(act, decode)
     assumptions += [
         f"{res}x{res}, batch 1, {family.cfg_batch} model evaluation(s) per step"
