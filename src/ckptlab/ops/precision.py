@@ -140,6 +140,8 @@ def convert_precision(inputs: list[Path], to: str, *, only: list[str] | None = N
             raise MismatchError(f"this is a VAE; {to} VAEs of SD1/SDXL produce NaNs, so VAEs convert only "
                                 "with --only vae", path)
         items = precision_items(src, layout, [(k, k) for k in src.keys()], target, only_set, clamp, result)
+        if not result.converted:
+            result.warnings.append(f"no tensor needed converting to {to.lower()}; the output is a plain copy")
         options = {"to": to.lower(), "only": sorted(only_set) if only_set else None, "clamp": clamp}
         return items, options, True
 

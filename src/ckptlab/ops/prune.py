@@ -53,6 +53,8 @@ def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", pr
         else:
             keys.append((k, pairs.get(k, k)))
     result.dropped = {k: v for k, v in dropped.items() if v}
+    if not result.dropped and not precision:
+        result.warnings.append("nothing to prune (no EMA or training state); the output is a plain copy")
     target = target_dtype(precision) if precision else None
     items = precision_items(src, layout, keys, target, _parse_only(only), clamp, result)
     return items, {"ema": ema, "precision": precision, "clamp": clamp}
