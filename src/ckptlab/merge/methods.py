@@ -94,11 +94,15 @@ def weighted_sum(xs, p, ctx):
 
 
 def add_difference(xs, p, ctx):
+    """A + (B - C)*alpha with one fused multiply-add (the same rounding as sd-mecha's addcmul)."""
+    import torch
+
     if len(xs) == 2:  # B is already a difference (e.g. written by `extract`/`subtract`)
         a, d = xs
-        return a + d * p["alpha"]
-    a, b, c = xs
-    return a + (b - c) * p["alpha"]
+    else:
+        a, b, c = xs
+        d = b - c
+    return torch.addcmul(a, d, torch.tensor(p["alpha"], dtype=d.dtype, device=d.device))
 
 
 def triple_sum(xs, p, ctx):

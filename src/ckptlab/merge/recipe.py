@@ -77,7 +77,7 @@ class Recipe:
         return p
 
     def validate(self) -> None:
-        from ckptlab.merge.methods import get_method
+        from ckptlab.merge.methods import MethodError, get_method
 
         if not self.steps:
             raise RecipeError("recipe has no [[steps]]")
@@ -91,7 +91,10 @@ class Recipe:
                 raise RecipeError(f"step name {st.name!r} must be letters, digits, _ or -")
             if st.name in known:
                 raise RecipeError(f"step name {st.name!r} is used twice (inputs and steps share one namespace)")
-            m = get_method(st.method)
+            try:
+                m = get_method(st.method)
+            except MethodError as e:
+                raise RecipeError(f"step {st.name!r}: {e.message}") from None
             for i in st.inputs:
                 if i not in known:
                     raise RecipeError(f"step {st.name!r}: unknown input {i!r} (inputs and earlier steps: "

@@ -1,0 +1,173 @@
+"""Merge benchmark: ckptlab vs sd-mecha vs a load-everything merge, same inputs, same run.
+
+    python benchmarks/merge.py --quick          # small-layout SD1 files, a few seconds
+    python benchmarks/merge.py                  # real-size SD1.5 fp16 pair (2 x 2.1 GB, cached)
+    python benchmarks/merge.py --family sdxl    # real-size SDXL fp16 pair (2 x 6.9 GB, cached)
+
+Inputs are generated once into .bench-cache/merge/ (real key layout and shapes from ckptlab.sample,
+seeded random values, data written - not sparse). Each tool runs in its own subprocess on a warm page
+cache; the parent samples the child's RssAnon from /proc every 10 ms (anonymous memory only: mmap'ed
+file pages are page cache, not the tool's memory). Wall time is the merge call itself (imports not
+counted; sd-mecha's ~5 s import would otherwise dominate). Job: weighted_sum alpha 0.5, fp32 math,
+fp16 output. ``--delete`` removes the generated inputs afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".bench-cache" / "merge"
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def make_inputs(family: str, quick: bool) -> list[Path]:
+    from ckptlab.sample.build import write_model
+
+    spec = {"sd1": "sd1_checkpoint", "sdxl": "sdxl_checkpoint"}[family]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tag = f"{family}{'_small' if quick else ''}"
+    paths = []
+    for n, seed in (("a", 11), ("b", 12)):
+        p = CACHE / f"{tag}_{n}.safetensors"
+        if not p.exists():
+            t = time.perf_counter()
+            write_model(p, spec, small=quick, dtype="F16", seed=seed)
+            print(f"generated {p.name} ({p.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.1f} s",
+                  flush=True)
+        paths.append(p)
+    return paths
+
+
+def _warm(paths: list[Path]) -> None:
+    for p in paths:
+        with open(p, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+# -- jobs (run in a child process) ---------------------------------------------------------------
+def job_ckptlab(a: str, b: str, out: str, threads: int) -> None:
+    import torch  # noqa: F401 - imported before the clock starts, as for the other tools
+
+    from ckptlab.merge import merge
+
+    t = time.perf_counter()
+    merge("weighted_sum", [a, b], out, params={"alpha": 0.5}, dtype="fp16", threads=threads, overwrite=True)
+    print(json.dumps({"wall": time.perf_counter() - t}))
+
+
+def job_mecha(a: str, b: str, out: str, threads: int) -> None:
+    import sd_mecha
+    import torch
+
+    t = time.perf_counter()
+    recipe = sd_mecha.weighted_sum(sd_mecha.model(a), sd_mecha.model(b), alpha=0.5)
+    sd_mecha.merge(recipe, output=out, merge_device="cpu", merge_dtype=torch.float32, output_device="cpu",
+                   output_dtype=torch.float16)
+    print(json.dumps({"wall": time.perf_counter() - t}))
+
+
+def job_naive(a: str, b: str, out: str, threads: int) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    t = time.perf_counter()
+    sa, sb = load_file(a), load_file(b)
+    res = {k: torch.lerp(v.float(), sb[k].float(), 0.5).half() if v.is_floating_point() else v
+           for k, v in sa.items()}
+    save_file(res, out)
+    print(json.dumps({"wall": time.perf_counter() - t}))
+
+
+JOBS = {"ckptlab": job_ckptlab, "sd-mecha": job_mecha, "load-everything": job_naive}
+
+
+def run_job(name: str, a: Path, b: Path, out: Path, threads: int) -> dict:
+    if out.exists():
+        out.unlink()
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, __file__, "--job", name, str(a), str(b), str(out), str(threads)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _rss_anon(proc.pid))
+        time.sleep(0.01)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed ({proc.returncode}): {stderr.strip()[-2000:]}")
+    wall = json.loads(stdout.strip().splitlines()[-1])["wall"]
+    return {"tool": name, "wall_s": round(wall, 2), "peak_rss_anon_mib": round(peak / 2**20, 1)}
+
+
+def _same_tensors(x: Path, y: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(x, "pt") as fx, safe_open(y, "pt") as fy:
+        keys = [k for k in fx.keys() if k in set(fy.keys())]
+        return all(fx.get_tensor(k).equal(fy.get_tensor(k)) for k in keys)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--job":
+        name, a, b, out, threads = sys.argv[2:7]
+        JOBS[name](a, b, out, int(threads))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small-layout files (seconds)")
+    ap.add_argument("--family", choices=("sd1", "sdxl"), default="sd1")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tools", default="ckptlab,sd-mecha,load-everything")
+    ap.add_argument("--delete", action="store_true", help="delete the generated inputs afterwards")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    a, b = make_inputs(args.family, args.quick)
+    outs = {}
+    rows = []
+    _warm([a, b])
+    for name in args.tools.split(","):
+        out = CACHE / f"out_{name}.safetensors"
+        rows.append(run_job(name, a, b, out, args.threads))
+        outs[name] = out
+        print(rows[-1], flush=True)
+    base = next((r for r in rows if r["tool"] == "sd-mecha"), rows[0])
+    for r in rows:
+        r["wall_vs_sd_mecha"] = round(r["wall_s"] / base["wall_s"], 3)
+    if "ckptlab" in outs and "load-everything" in outs:
+        rows[0]["same_tensors_as_load_everything"] = _same_tensors(outs["ckptlab"], outs["load-everything"])
+    size = a.stat().st_size / 2**30
+    print(f"\n{args.family}{' (quick)' if args.quick else ''}: weighted_sum of 2 x {size:.2f} GiB fp16, "
+          f"fp32 math, fp16 out, {os.cpu_count()} CPUs")
+    print(f"{'tool':<18}{'wall s':>9}{'x sd-mecha':>12}{'peak RssAnon MiB':>19}")
+    for r in rows:
+        print(f"{r['tool']:<18}{r['wall_s']:>9.2f}{r['wall_vs_sd_mecha']:>12.3f}{r['peak_rss_anon_mib']:>19.1f}")
+    if "same_tensors_as_load_everything" in rows[0]:
+        print(f"ckptlab output tensors identical to the load-everything merge: "
+              f"{rows[0]['same_tensors_as_load_everything']}")
+    if args.json:
+        print(json.dumps(rows))
+    for out in outs.values():
+        out.unlink(missing_ok=True)
+    if args.delete:
+        a.unlink()
+        b.unlink()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Refusals and key policies: families, shapes, inpaint conv_in, missing keys, outputs; VAE bake, prune."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ckptlab.errors import CkptlabError, MismatchError, OutputError
+from ckptlab.merge import merge
+from ckptlab.sample.build import write_model
+
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("checks")
+    return {
+        "a": write_model(d / "a.safetensors", "sd1_checkpoint", dtype="F32", seed=1),
+        "b": write_model(d / "b.safetensors", "sd1_checkpoint", dtype="F32", seed=2),
+        "xl": write_model(d / "xl.safetensors", "sdxl_checkpoint", dtype="F32", seed=3),
+        "inpaint": write_model(d / "inpaint.safetensors", "sd1_inpaint", dtype="F32", seed=4),
+        "vae": write_model(d / "vae.safetensors", "sd1_vae", dtype="F32", seed=5),
+        "ema": write_model(d / "ema.safetensors", "sd1_checkpoint", dtype="F16", seed=6, ema=True),
+        "xl_unet": write_model(d / "unet.safetensors", "sd1_unet", dtype="F16", seed=7),
+    }
+
+
+def test_refuses_different_families_naming_them(files, tmp_path):
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(MismatchError) as e:
+        merge("weighted_sum", [files["xl"], files["a"]], out)
+    assert "sdxl" in str(e.value) and "sd1" in str(e.value)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_refuses_shape_mismatch_before_writing(files, tmp_path):
+    sd = load_file(files["b"])
+    k = "model.diffusion_model.middle_block.1.proj_in.weight"
+    sd[k] = torch.zeros(sd[k].shape[0] + 1, *sd[k].shape[1:])
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, bad)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(MismatchError, match="different shapes"):
+        merge("add_difference", [files["a"], bad, files["b"]], out)
+    assert not out.exists()
+
+
+def test_inpaint_a_merges_shared_channels(files, tmp_path):
+    out = tmp_path / "o.safetensors"
+    r = merge("weighted_sum", [files["inpaint"], files["a"]], out, params={"alpha": 0.4})
+    assert r.steps[0].inpaint_sliced == 1
+    a, b, o = load_file(files["inpaint"])[CONV_IN], load_file(files["a"])[CONV_IN], load_file(out)[CONV_IN]
+    assert a.shape[1] == 9 and b.shape[1] == 4 and o.shape == a.shape
+    torch.testing.assert_close(o[:, :4], a[:, :4] * 0.6 + b * 0.4)
+    assert o[:, 4:].equal(a[:, 4:])
+
+
+def test_inpaint_must_be_a(files, tmp_path):
+    with pytest.raises(MismatchError, match="inpaint/pix2pix model first"):
+        merge("weighted_sum", [files["a"], files["inpaint"]], tmp_path / "o.safetensors")
+
+
+@pytest.fixture(scope="session")
+def b_partial(files, tmp_path_factory):
+    """B without one UNet key and with one key A does not have."""
+    sd = load_file(files["b"])
+    del sd["model.diffusion_model.out.2.bias"]
+    sd["model.diffusion_model.extra_head.weight"] = torch.full((3, 3), 7.0)
+    p = tmp_path_factory.mktemp("partial") / "b_partial.safetensors"
+    save_file(sd, p)
+    return p
+
+
+@pytest.mark.parametrize("policy", ["keep-a", "union", "intersect", "error"])
+def test_missing_key_policies(policy, files, b_partial, tmp_path):
+    out = tmp_path / "o.safetensors"
+    gone, extra = "model.diffusion_model.out.2.bias", "model.diffusion_model.extra_head.weight"
+    if policy == "error":
+        with pytest.raises(MismatchError, match="--missing error"):
+            merge("weighted_sum", [files["a"], b_partial], out, missing=policy)
+        return
+    r = merge("weighted_sum", [files["a"], b_partial], out, missing=policy)
+    o, a = load_file(out), load_file(files["a"])
+    s = r.steps[0]
+    if policy == "intersect":
+        assert gone not in o and extra not in o and s.dropped == 2
+    else:
+        assert o[gone].equal(a[gone]) and s.kept_from_a >= 1 and gone in s.only_in_a_keys
+    if policy == "union":
+        assert o[extra].equal(torch.full((3, 3), 7.0)) and s.copied_from_other == 1
+    else:
+        assert extra not in o
+
+
+def test_output_rules(files, tmp_path):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="already exists"):
+        merge("weighted_sum", [files["a"], files["b"]], out)
+    assert out.read_bytes() == b"keep me"
+    with pytest.raises(OutputError, match="one of the inputs"):
+        merge("weighted_sum", [files["a"], files["b"]], files["a"], overwrite=True)
+    with pytest.raises(CkptlabError, match="unknown merge method"):
+        merge("average_everything", [files["a"], files["b"]], tmp_path / "x.safetensors")
+    with pytest.raises(MismatchError, match="takes 3 models"):
+        merge("triple_sum", [files["a"], files["b"]], tmp_path / "x.safetensors")
+
+
+def test_vae_bake_and_prune(files, tmp_path):
+    out = tmp_path / "o.safetensors"
+    r = merge("weighted_sum", [files["ema"], files["ema"]], out, vae=files["vae"], prune=True)
+    o, v = load_file(out), load_file(files["vae"])
+    assert r.vae_replaced == len(v) and r.pruned > 0
+    assert not any(k.startswith("model_ema.") for k in o)
+    for k, t in v.items():
+        assert o["first_stage_model." + k].equal(t.half())  # A is fp16: the VAE is cast to A's dtype
+    a = load_file(files["ema"])
+    k = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    assert o[k].equal(a[k])
+
+
+def test_vae_that_does_not_fit_is_refused(files, tmp_path):
+    v = load_file(files["vae"])
+    k = next(k for k in v if k.endswith("conv_in.weight"))
+    v[k] = torch.zeros(v[k].shape[0] * 2, *v[k].shape[1:])
+    bad = tmp_path / "bad_vae.safetensors"
+    save_file(v, bad)
+    with pytest.raises(MismatchError, match="does not fit"):
+        merge("weighted_sum", [files["a"], files["b"]], tmp_path / "o.safetensors", vae=bad)
+    with pytest.raises(MismatchError, match="no VAE weights"):
+        merge("weighted_sum", [files["a"], files["b"]], tmp_path / "o.safetensors", vae=files["xl_unet"])
+
+
+def test_pickle_checkpoint_input(files, tmp_path):
+    pytest.importorskip("ckptlab.formats.pickle")
+    ck = write_model(tmp_path / "b.ckpt", "sd1_checkpoint", dtype="F32", seed=2, fmt="ckpt")
+    out = tmp_path / "o.safetensors"
+    merge("weighted_sum", [files["a"], ck], out, params={"alpha": 0.5})
+    ref = tmp_path / "ref.safetensors"
+    merge("weighted_sum", [files["a"], files["b"]], ref, params={"alpha": 0.5})
+    o, r = load_file(out), load_file(ref)
+    assert set(o) == set(r) and all(o[k].equal(r[k]) for k in r)

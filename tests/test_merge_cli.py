@@ -1,0 +1,59 @@
+"""`ckptlab merge` through the real CLI: output, --json, recipes, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from ckptlab.sample.build import write_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    return (write_model(d / "a.safetensors", "sd1_checkpoint", seed=1),
+            write_model(d / "b.safetensors", "sd1_checkpoint", seed=2),
+            write_model(d / "xl.safetensors", "sdxl_checkpoint", seed=3))
+
+
+def test_merge_json_and_recipe_rerun(cli, models, tmp_path):
+    a, b, _ = models
+    out = tmp_path / "o.safetensors"
+    rf = tmp_path / "r.toml"
+    r = cli("merge", "weighted_sum", a, b, "--alpha", "0.25", "-o", out, "--json", "--save-recipe", rf)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["output"] == str(out) and res["method"] == "weighted_sum" and res["family"] == "sd1"
+    assert res["steps"][0]["merged"] > 1000 and len(res["inputs"]) == 2
+    k = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    ta, tb = load_file(a)[k].float(), load_file(b)[k].float()
+    assert load_file(out)[k].equal((ta * 0.75 + tb * 0.25).half())
+    out2 = tmp_path / "o2.safetensors"
+    r2 = cli("merge", "--recipe", rf, "-o", out2)
+    assert r2.returncode == 0, r2.stderr
+    assert "wrote" in r2.stdout and out2.read_bytes() == out.read_bytes()
+
+
+def test_refusal_is_one_line_and_nonzero(cli, models, tmp_path):
+    a, _, xl = models
+    out = tmp_path / "o.safetensors"
+    r = cli("merge", "weighted_sum", a, xl, "-o", out)
+    assert r.returncode == 1
+    assert r.stderr.startswith("ckptlab: error: cannot merge different model families") and "sdxl" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    r = cli("merge", "weighted_sum", a, a, "--alpha", "1,2,3", "-o", out)
+    assert r.returncode == 2 and "26" in r.stderr and "Traceback" not in r.stderr
+    r = cli("merge", "weighted_sum", a, tmp_path / "missing.safetensors", "-o", out)
+    assert r.returncode != 0 and r.stderr.startswith("ckptlab: error:")
+    r = cli("merge", "weighted_sum", a)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_list_methods(cli):
+    r = cli("merge", "--list-methods", "--json")
+    assert r.returncode == 0
+    names = {json.loads(line)["name"] for line in r.stdout.splitlines()}
+    assert {"weighted_sum", "add_difference", "slerp", "triple_sum", "sum_twice", "train_difference", "ties",
+            "dare", "add_cosine", "subtract", "extract"} <= names
