@@ -320,3 +320,16 @@ def test_file_changing_while_hashed_is_an_error_on_its_row(tmp_path, cat, monkey
     assert "changed during the scan" in rec.error and rec.sha256 is None
     assert any(e["path"].endswith("detailer.safetensors") for e in s.error_list)
     assert cat.get_by_path(lib["vae"]).sha256 and cat.get_by_path(lib["vae"]).error is None
+
+
+def test_unlistable_folder_or_root_does_not_mark_files_missing(tmp_path, cat, audit):
+    lib = a1111_library(tmp_path / "lib")
+    scan([tmp_path / "lib"], cat)
+    lora_dir = str(lib["lora"].parent)
+    audit["deny"].add(lora_dir)
+    s = scan([tmp_path / "lib"], cat)
+    assert s.missing == 0 and cat.get_by_path(lib["lora"]).status == "present"
+    audit["deny"].clear()
+    os.rename(tmp_path / "lib", tmp_path / "unmounted")  # the whole root vanished (drive not mounted)
+    s = scan([tmp_path / "lib"], cat)
+    assert s.missing == 0 and "cannot access" in s.error_list[0]["error"]

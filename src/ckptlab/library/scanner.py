@@ -76,7 +76,7 @@ def walk(root: str, category: str | None = None, errors: list[dict] | None = Non
     try:
         st = os.stat(root)
     except OSError as e:
-        errors.append({"path": display_path(root), "error": f"cannot access: {e.strerror or e}"})
+        errors.append({"path": display_path(root), "error": f"cannot access: {e.strerror or e}", "folder": root})
         return out
     if not stat_mod.S_ISDIR(st.st_mode):
         folder = os.path.dirname(root)
@@ -90,7 +90,8 @@ def walk(root: str, category: str | None = None, errors: list[dict] | None = Non
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            errors.append({"path": display_path(folder), "error": f"cannot list folder: {e.strerror or e}"})
+            errors.append({"path": display_path(folder), "error": f"cannot list folder: {e.strerror or e}",
+                           "folder": folder})
             continue
         names = {e.name for e in entries}
         subdirs = []
@@ -271,7 +272,7 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
             if f.path not in seen_paths:
                 seen_paths.add(f.path)
                 found.append(f)
-    summary.error_list += walk_errors
+    summary.error_list += [{"path": e["path"], "error": e["error"]} for e in walk_errors]
     summary.files = len(found)
 
     rows = catalog.conn.execute("SELECT id, path, dev, ino, size, mtime_ns, status, error, sidecars FROM files")
@@ -342,13 +343,15 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
     if hash or fingerprint:
         _content_pass(catalog, found, summary, hash=hash, fingerprint=fingerprint, progress=progress)
 
-    # missing: rows under a scanned root that were not found (the walk completed)
-    root_keys = [path_key(r).rstrip(os.sep.encode()) + os.sep.encode() for r, _ in targets]
-    gone = [row[0] for pk, row in by_path.items()
-            if row[6] == "present" and pk not in found_keys and any(pk.startswith(rk) for rk in root_keys)
-            and row[0] not in {fid for _, fid in moves}]
+    # missing: rows under a scanned root that were not found. Not under a folder (or root) that could
+    # not be listed: an unmounted drive or a permission problem is not a deletion.
+    sep = os.sep.encode()
+    root_keys = [path_key(r).rstrip(sep) + sep for r, _ in targets]
+    blind = tuple(path_key(e["folder"]).rstrip(sep) + sep for e in walk_errors if e.get("folder"))
     moved_ids = {fid for _, fid in moves}
-    gone = [g for g in gone if g not in moved_ids]
+    gone = [row[0] for pk, row in by_path.items()
+            if row[6] == "present" and pk not in found_keys and row[0] not in moved_ids
+            and any(pk.startswith(rk) for rk in root_keys) and not (blind and pk.startswith(blind))]
     if gone:
         with catalog.transaction() as c:
             c.executemany("UPDATE files SET status = 'missing' WHERE id = ?", [(g,) for g in gone])
