@@ -194,7 +194,7 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
     constants.HF_HUB_OFFLINE = False  # the env as it is now, not as it was when huggingface_hub was imported
     # explicit token, else HF_TOKEN, else the one `hf auth login` stored (unless implicit tokens are off);
     # resolved once so the metadata request and the transfer use the same one
-    token = token or os.environ.get("HF_TOKEN") or (None if _env_true("HF_HUB_DISABLE_IMPLICIT_TOKEN") else get_token())
+    token = (token or "").strip() or os.environ.get("HF_TOKEN", "").strip() or _stored_token(get_token)
     token = token or False  # False: huggingface_hub must not look for one again
     url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=base)
     try:
@@ -240,6 +240,16 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
     _remove_tree(staging)
     return DownloadResult(path=target, url=resolve_url, size=target.stat().st_size, sha256=sha, source="hf",
                           expected_sha256=published, extra=extra)
+
+
+def _stored_token(get_token) -> str | None:
+    """The token ``hf auth login`` saved, unless implicit tokens are disabled; None on any trouble."""
+    if _env_true("HF_HUB_DISABLE_IMPLICIT_TOKEN"):
+        return None
+    try:
+        return get_token()
+    except Exception:  # noqa: BLE001 - e.g. a failed OIDC exchange: go on without a token
+        return None
 
 
 def _transfer_lfs(url: str, dest: Path, name: str, sha256: str, size: int | None, base: str, token: str | None,
