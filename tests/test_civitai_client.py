@@ -154,3 +154,23 @@ def test_second_downloader_of_the_same_file_is_refused(fake, tmp_path):
 
 def test_redact_drops_query_and_userinfo():
     assert redact("https://u:p@host:8443/a/b?X-Amz-Signature=s&token=t") == "https://host:8443/a/b"
+
+
+def test_info_before_download_cli(fake, cli):
+    env = {"CKPTLAB_CIVITAI_URL": fake.api_url}
+    r = cli("civitai", "info", "civitai:1000", "--json", env=env)  # public endpoints: no token needed
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert (info["model_name"], info["version_name"], info["type"], info["base_model"]) == \
+        ("Detail Tweaker", "v1.0", "LORA", "SD 1.5")
+    assert info["creator"] == "tester" and info["downloads"] == 10 and info["thumbs_up"] == 3
+    assert info["license"] == {"allowCommercialUse": ["Image"], "allowDerivatives": True, "allowNoCredit": True,
+                               "allowDifferentLicense": True}
+    assert info["files"][0]["sha256"] == hashlib.sha256(fake.data).hexdigest()
+    assert info["files"][0]["size_bytes"] == len(fake.data)
+    assert info["trained_words"] == ["trigger word"] and info["images"][0]["nsfw_level"] == 1
+    r = cli("civitai", "info", "civitai:model/100", env=env)
+    assert r.returncode == 0 and "Detail Tweaker / v1.0" in r.stdout and "trigger words: trigger word" in r.stdout
+    assert [q for q in fake.requests if q.path.startswith("/api/download")] == []  # nothing downloaded
+    r = cli("civitai", "info", "hf:a/b/c.safetensors", env=env)
+    assert r.returncode == 2 and "not a CivitAI source" in r.stderr

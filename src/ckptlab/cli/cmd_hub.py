@@ -109,6 +109,41 @@ def civitai_show(
     console.print(f"{len(revs)} stored revision(s)", markup=False, highlight=False)
 
 
+@civitai_app.command("info")
+def civitai_info_cmd(
+    source: str = typer.Argument(..., help="civitai:ID, civitai:model/ID, a civitai.com URL or an AIR."),
+    base_url: str = _BASE_URL,
+    json_out: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """Look before you download: popularity, license, files and hashes, trigger words, previews."""
+    from ckptlab.hub.config import load_hub_config
+    from ckptlab.hub.fetch import describe
+
+    info = describe(source, config=load_hub_config(base_url=base_url))
+    if json_out:
+        emit_json(info)
+        return
+
+    def out(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    out(f"{info.model_name} / {info.version_name}  ({info.type}, {info.base_model})  model {info.model_id} "
+        f"version {info.version_id}" + (f"  [{info.mode}]" if info.mode else ""))
+    out(f"by {info.creator or '?'}  downloads {info.downloads if info.downloads is not None else '?'}  "
+        f"thumbs up {info.thumbs_up if info.thumbs_up is not None else '?'}" + ("  NSFW" if info.nsfw else ""))
+    if info.license:
+        out("license: " + ", ".join(f"{k}={v}" for k, v in info.license.items()))
+    if info.trained_words:
+        out("trigger words: " + ", ".join(info.trained_words))
+    for f in info.files:
+        size = f"{f.size_bytes / 2**20:.1f} MiB" if f.size_bytes is not None else "? MiB"
+        out(f"  file {f.id}: {f.name}  {size}  {f.type or ''} {f.format or ''} {f.fp or ''}"
+            f"{'  primary' if f.primary else ''}  sha256 {f.sha256 or 'not published'}  "
+            f"scans: pickle {f.pickle_scan or '?'}, virus {f.virus_scan or '?'}")
+    for i in info.images:
+        out(f"  image (nsfw level {i['nsfw_level']}): {i['url']}")
+
+
 def download_cmd(
     sources: list[str] = typer.Argument(..., help="civitai:ID | civitai:model/ID | URL | hf:ORG/REPO/PATH\\[@REV]"),
     dest: Path = typer.Option(None, "--dir", help="Library/install root (config \\[download] dir, else the current folder)."),

@@ -168,3 +168,63 @@ def _json(resp, what: str):
         return resp.json()
     except ValueError:
         raise CkptlabError(f"{what}: the server did not answer JSON") from None
+
+
+@dataclass
+class RemoteFile:
+    id: int | None
+    name: str
+    type: str | None
+    size_bytes: int | None
+    format: str | None
+    fp: str | None
+    primary: bool
+    sha256: str | None
+    pickle_scan: str | None
+    virus_scan: str | None
+
+
+@dataclass
+class RemoteInfo:
+    """What to look at before downloading: popularity, license, files, trigger words, previews."""
+
+    model_id: int | None
+    version_id: int | None
+    model_name: str | None
+    version_name: str | None
+    type: str | None
+    base_model: str | None
+    creator: str | None
+    nsfw: bool | None
+    downloads: int | None
+    thumbs_up: int | None
+    license: dict
+    trained_words: list
+    tags: list
+    files: list
+    images: list
+    mode: str | None = None  # Archived / TakenDown
+
+
+def remote_info(version: dict, model: dict | None) -> RemoteInfo:
+    m = model or {}
+    vm = version.get("model") or {}
+    stats = m.get("stats") or version.get("stats") or {}  # the model's totals, else the version's
+    files = []
+    for f in version.get("files") or []:
+        meta = f.get("metadata") or {}
+        choice = FileChoice(f, version)
+        files.append(RemoteFile(f.get("id"), choice.name, f.get("type"), choice.size, meta.get("format"),
+                                meta.get("fp"), bool(f.get("primary")), choice.sha256, f.get("pickleScanResult"),
+                                f.get("virusScanResult")))
+    images = [{"url": i.get("url"), "nsfw_level": i.get("nsfwLevel"), "type": i.get("type", "image")}
+              for i in version.get("images") or [] if isinstance(i, dict)]
+    lic = {k: m[k] for k in ("allowCommercialUse", "allowDerivatives", "allowNoCredit", "allowDifferentLicense")
+           if k in m}
+    return RemoteInfo(model_id=version.get("modelId") or m.get("id"), version_id=version.get("id"),
+                      model_name=m.get("name") or vm.get("name"), version_name=version.get("name"),
+                      type=m.get("type") or vm.get("type"), base_model=version.get("baseModel"),
+                      creator=(m.get("creator") or {}).get("username"), nsfw=m.get("nsfw", vm.get("nsfw")),
+                      downloads=stats.get("downloadCount"), thumbs_up=stats.get("thumbsUpCount"), license=lic,
+                      trained_words=list(version.get("trainedWords") or []), tags=list(m.get("tags") or []),
+                      files=files, images=images, mode=m.get("mode") or vm.get("mode"))

@@ -99,6 +99,25 @@ def resolve_version(client, spec: Spec) -> dict:
     return latest_version(client.model(spec.model_id))
 
 
+def describe(source: str, *, config: HubConfig | None = None, client=None):
+    """``RemoteInfo`` for a CivitAI source (version, model id, URL or AIR) - nothing is written."""
+    from ckptlab.hub.civitai import CivitaiClient, remote_info
+
+    config = config or load_hub_config()
+    spec = parse_spec(source, config.civitai_base_url)
+    if spec.kind != "civitai":
+        raise SpecError(f"not a CivitAI source: {source!r}")
+    own = client is None
+    client = client or CivitaiClient(config)
+    try:
+        version = resolve_version(client, spec)
+        model = client.model(int(version["modelId"])) if version.get("modelId") is not None else None
+        return remote_info(version, model)
+    finally:
+        if own:
+            client.close()
+
+
 _CAP_LOCK = threading.Lock()
 _CATALOG_LOCK = threading.Lock()
 _CAPS: dict[int, threading.BoundedSemaphore] = {}
