@@ -158,3 +158,47 @@ def test_cli_round_trip(tmp_path, cli):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     r = cli("to-diffusers", tmp_path / "nope.safetensors", "-o", tmp_path / "x")
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "ckptlab: error:" in r.stderr
+
+
+@pytest.mark.parametrize("spec", ["sd1_checkpoint", "sd2_768_v", "sdxl_checkpoint", "sdxl_refiner"])
+def test_real_size_configs_match_diffusers_models(tmp_path, spec):
+    """Real widths, header only: a sparse real-size file is planned, and diffusers/transformers models built
+    (on the meta device) from our configs must have exactly the planned keys and shapes."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ckptlab.formats import open_model
+    from ckptlab.ops.diffusers_io import plan_to_diffusers
+    from ckptlab.sample.build import write_model
+
+    path = write_model(tmp_path / "real.safetensors", spec, small=False, sparse=True, dtype="F16")
+    with open_model(path) as src:
+        fam, files, configs, warnings, _ = plan_to_diffusers(src)
+    assert not warnings
+
+    def shapes(model):
+        return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel.from_config(configs["unet/config.json"]),
+                  "vae": AutoencoderKL.from_config(configs["vae/config.json"])}
+        for folder in ("text_encoder", "text_encoder_2"):
+            if f"{folder}/config.json" in configs:
+                cfg = CLIPTextConfig(**{k: v for k, v in configs[f"{folder}/config.json"].items()
+                                        if k not in ("architectures", "model_type", "transformers_version")})
+                cls = CLIPTextModelWithProjection if folder == "text_encoder_2" else CLIPTextModel
+                models[folder] = cls(cfg)
+    for comp, model in models.items():
+        rel = f"{comp}/{'model' if comp.startswith('text') else 'diffusion_pytorch_model'}.safetensors"
+        planned = {it.key: it.info.shape for it in files[rel]}
+        want = shapes(model)
+        if not any(k.startswith("text_model.") for k in want):  # transformers >= 5.6 flattened CLIPTextModel
+            planned = {k.removeprefix("text_model."): v for k, v in planned.items()}
+        assert planned == want, (comp, set(planned) ^ set(want))
+    if spec == "sdxl_checkpoint":
+        assert configs["unet/config.json"]["addition_time_embed_dim"] == 256
+        assert configs["unet/config.json"]["projection_class_embeddings_input_dim"] == 2816
+        assert configs["text_encoder_2/config.json"]["num_attention_heads"] == 20
+    if spec == "sd2_768_v":
+        assert configs["text_encoder/config.json"]["num_hidden_layers"] == 23
+        assert configs["unet/config.json"]["attention_head_dim"] == [5, 10, 20, 20]
