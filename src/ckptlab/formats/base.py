@@ -75,8 +75,8 @@ class TensorSource(ABC):
     def get(self, key: str):
         """The tensor for ``key`` as a ``torch.Tensor`` (imports torch)."""
 
-    def close(self) -> None:  # pragma: no cover - trivial default
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook; most sources hold nothing to release
+        """Release mapped files; sources without resources need not override it."""
 
     def __enter__(self):
         return self
