@@ -364,3 +364,13 @@ def test_gguf_quantized_params_and_packed_bytes(tmp_path):
     expected = (96 * 64 * 34 / 32 + 128 * 2) / (96 * 64 + 128)
     assert _inference_bytes(src.infos(), list(src.infos()), notes) == pytest.approx(expected)
     assert notes
+
+
+def test_metadata_variant_applies_to_models_not_to_adapter_formats(tmp_path):
+    md = {"modelspec.architecture": "stable-diffusion-v1-inpainting/lora"}
+    lora = identify(write_sparse(tmp_path / "l.safetensors", real("sd1_kohya_lora"), md))
+    assert (lora.kind, lora.family, lora.variant) == ("lora", "sd1", "kohya")
+    ckpt = identify(write_sparse(tmp_path / "c.safetensors", real("sd1_checkpoint"),
+                                 {"modelspec.architecture": "stable-diffusion-v1-inpainting"}))
+    assert (ckpt.family, ckpt.variant) == ("sd1", "inpaint")
+    assert any("variant inpaint from metadata" in e for e in ckpt.evidence)

@@ -277,13 +277,14 @@ def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, Any] | None =
             det.kind = kind_from_meta
         if det.family and det.family != meta_fam:
             det.warnings.append(f"metadata says family {meta_fam} but the keys suggest {det.family}; metadata wins")
-        if det.family != meta_fam or (meta_var and det.variant != meta_var):
+        if det.family != meta_fam:
             det.evidence.append(f"family {meta_fam}" + (f" variant {meta_var}" if meta_var else "") + f" from {meta_ev}")
         det.family = meta_fam
-        if meta_var and det.variant != meta_var:
+        if meta_var and det.variant != meta_var and det.kind in ("checkpoint", "unet"):
             if det.variant and det.variant != meta_var:
                 det.warnings.append(f"metadata says variant {meta_var}, keys say {det.variant}; metadata wins")
             det.variant = meta_var
+            det.evidence.append(f"variant {meta_var} from {meta_ev}")
         fam = BY_ID.get(meta_fam, fam)
     if det.kind in ("checkpoint", "unet"):
         _decide_prediction(det, fam, variant_pred, metadata, infos, extra, read_std)
