@@ -158,3 +158,23 @@ def test_pins_refuse_a_different_file_and_relink_updates(sd1, tmp_path):
 def test_bad_recipes(text, msg):
     with pytest.raises(RecipeError, match=msg.replace("[", r"\[")):
         loads(text)
+
+
+def test_sha256_comes_from_the_library_catalog_when_it_has_the_file(sd1, tmp_path):
+    """A file the catalog already hashed (same dev/inode/size/mtime) is not read again."""
+    import os
+
+    from ckptlab.library.catalog import Catalog
+    from ckptlab.library.hashes import Hashes
+    from ckptlab.merge import provenance
+
+    a = tmp_path / "a.safetensors"
+    a.write_bytes(sd1[0].read_bytes())
+    st = os.stat(a)
+    fake = "ab" * 32
+    with Catalog() as cat:  # CKPTLAB_DB points into this test's tmp HOME
+        cat.put_hashes((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
+                       Hashes(fake, "0" * 10, "0" * 10, None, "0" * 8, "0" * 64, st.st_size))
+    provenance._CACHE.clear()
+    r = merge("weighted_sum", [a, sd1[1]], tmp_path / "o.safetensors")
+    assert r.inputs[0].sha256 == fake and r.inputs[1].sha256 == _sha(sd1[1])

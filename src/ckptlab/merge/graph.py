@@ -20,6 +20,7 @@ from ckptlab.merge.family import family_of
 from ckptlab.merge.methods import KeyContext, Method
 
 MISSING_POLICIES = ("keep-a", "union", "intersect", "error")
+LIST_MAX = 50
 
 #: rows per chunk are chosen so a chunk holds about this many elements
 CHUNK_ELEMS = 1 << 20
@@ -42,8 +43,12 @@ class StepSummary:
     copied_from_other: int = 0  # absent from A, taken from another input (policy "union")
     dropped: int = 0
     inpaint_sliced: int = 0
-    dropped_keys: list[str] = field(default_factory=list)
-    only_in_a_keys: list[str] = field(default_factory=list)
+    dropped_keys: list[str] = field(default_factory=list)     # first LIST_MAX of them
+    only_in_a_keys: list[str] = field(default_factory=list)   # first LIST_MAX of them
+
+    def note(self, which: list[str], key: str) -> None:
+        if len(which) < LIST_MAX:
+            which.append(key)
 
 
 class Node:
@@ -138,17 +143,17 @@ class StepNode(Node):
                                         f"(--missing error)")
                 if policy == "intersect" or delta_out:
                     s.dropped += 1
-                    s.dropped_keys.append(key)
+                    s.note(s.dropped_keys, key)
                     continue
                 self._add(key, ia, ("copy", 0))
                 s.kept_from_a += 1
-                s.only_in_a_keys.append(key)
+                s.note(s.only_in_a_keys, key)
                 continue
             infos = [i.plan[key] for i in ins]
             if ia.dtype not in FLOAT_DTYPES or any(x.dtype not in FLOAT_DTYPES for x in infos):
                 if delta_out:
                     s.dropped += 1
-                    s.dropped_keys.append(key)
+                    s.note(s.dropped_keys, key)
                 else:
                     self._add(key, ia, ("copy", 0))
                     s.kept_from_a += 1
@@ -181,7 +186,8 @@ class StepNode(Node):
         else:
             extra = {k for other in ins[1:] for k in other.plan if k not in a.plan}
             s.dropped += len(extra)
-            s.dropped_keys.extend(sorted(extra))
+            for k in sorted(extra):
+                s.note(s.dropped_keys, k)
         if not self.plan:
             raise MismatchError(f"{', '.join(i.name for i in ins)} have no tensors in common to merge")
 
