@@ -416,3 +416,55 @@ def test_flux_diffusers_lora_targets_are_diffusers_flux_linears():
             m = mods[k[len("transformer."):-len(".lora_A.weight")]]
             assert shape[1] == m.in_features
             assert lay[k.replace("lora_A", "lora_B")][1][0] == m.out_features
+
+
+def _pixart_to_diffusers(lay: dict) -> dict:
+    """Shape-level inverse of diffusers' PixArt original<->diffusers key mapping (scripts/convert_pixart_*)."""
+    out = {}
+    ren = {"x_embedder.proj": "pos_embed.proj", "y_embedder.y_proj.fc1": "caption_projection.linear_1",
+           "y_embedder.y_proj.fc2": "caption_projection.linear_2",
+           "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
+           "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
+           "csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1",
+           "csize_embedder.mlp.2": "adaln_single.emb.resolution_embedder.linear_2",
+           "ar_embedder.mlp.0": "adaln_single.emb.aspect_ratio_embedder.linear_1",
+           "ar_embedder.mlp.2": "adaln_single.emb.aspect_ratio_embedder.linear_2",
+           "t_block.1": "adaln_single.linear", "final_layer.linear": "proj_out"}
+    for k, (_, s) in lay.items():
+        if k == "y_embedder.y_embedding":
+            continue
+        if k == "final_layer.scale_shift_table":
+            out["scale_shift_table"] = s
+            continue
+        m = re.match(r"blocks\.(\d+)\.(.*)$", k)
+        if m:
+            i, rest = m.groups()
+            b = f"transformer_blocks.{i}."
+            if rest.startswith("attn.qkv."):
+                for n in ("to_q", "to_k", "to_v"):
+                    out[b + f"attn1.{n}." + rest.split(".")[-1]] = (s[0] // 3, *s[1:])
+            elif rest.startswith("cross_attn.kv_linear."):
+                for n in ("to_k", "to_v"):
+                    out[b + f"attn2.{n}." + rest.split(".")[-1]] = (s[0] // 2, *s[1:])
+            else:
+                rest = (rest.replace("cross_attn.proj", "attn2.to_out.0").replace("cross_attn.q_linear", "attn2.to_q")
+                        .replace("attn.proj", "attn1.to_out.0").replace("mlp.fc1", "ff.net.0.proj")
+                        .replace("mlp.fc2", "ff.net.2"))
+                out[b + rest] = s
+            continue
+        mod, param = k.rsplit(".", 1)
+        out[f"{ren[mod]}.{param}"] = s
+    return out
+
+
+@pytest.mark.parametrize("spec,extra", [("pixart_alpha", True), ("pixart_sigma", False)])
+def test_full_pixart_maps_onto_diffusers_pixart_transformer(spec, extra):
+    from diffusers import PixArtTransformer2DModel
+
+    with torch.device("meta"):
+        model = PixArtTransformer2DModel(
+            num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+            cross_attention_dim=1152, sample_size=128, caption_channels=4096, use_additional_conditions=extra)
+    lay = layouts.keys(spec, small=False)
+    assert _pixart_to_diffusers(lay) == _meta_shapes(model)
+    assert lay["y_embedder.y_embedding"][1] == ((120 if extra else 300), 4096)

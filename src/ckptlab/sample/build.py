@@ -182,8 +182,7 @@ _SPEC_LIST = [
     Spec("cascade_stage_b", "Stable Cascade stage B decoder (original names)", "unet", "cascade", "stage_b",
          ("unet",), filename="stage_b"),
     Spec("pixart_alpha", "PixArt-alpha XL/2 1024-MS (ar/csize micro-conditions)", "unet",
-         "pixart", "alpha", ("unet",), filename="PixArt-XL-2-1024-MS",
-         notes="written from PixArt's model code; not checked against a real file"),
+         "pixart", "alpha", ("unet",), filename="PixArt-XL-2-1024-MS"),
     Spec("pixart_sigma", "PixArt-Sigma XL/2 (300 T5 tokens, no micro-conditions)", "unet", "pixart", "sigma",
          ("unet",), filename="PixArt-Sigma-XL-2-1024-MS"),
     Spec("auraflow", "AuraFlow v0.3 (4 MMDiT + 32 single DiT layers, original names)", "unet", "auraflow",
@@ -237,6 +236,8 @@ _VERIFIED = {
     "sd1_peft_lora": "small diffusers UNet module names",
     "flux_diffusers_lora": "diffusers FluxTransformer2DModel Linear in/out features (full, meta)",
     "ip_adapter_sd15": "diffusers IP-Adapter loader into a small SD1 UNet (shape-checked)",
+    **dict.fromkeys(("pixart_alpha", "pixart_sigma"),
+                    "diffusers PixArtTransformer2DModel via the original<->diffusers key mapping (full, meta)"),
     **dict.fromkeys(("sd1_loha", "sd1_lokr"), "factors reconstruct the sd1_kohya_lora module shapes"),
 }
 SPECS: dict[str, Spec] = {s.name: replace(s, verified_by=_VERIFIED.get(s.name, "")) for s in _SPEC_LIST}

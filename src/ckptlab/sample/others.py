@@ -225,11 +225,12 @@ LAYOUTS: dict[str, Callable[[bool], Layout]] = {
 # ---------------------------------------------------------------------------------------------
 
 def pixart(small: bool, *, alpha: bool) -> Layout:
-    """PixArt-alpha / Sigma original ``PixArtMS`` (XL/2, 28 blocks, hidden 1152; T5 4096; alpha: 120 tokens and
-    ``csize/ar_embedder`` micro-conditions, Sigma: 300 tokens)."""
+    """PixArt-alpha / Sigma original ``PixArtMS`` 1024 checkpoints (XL/2, 28 blocks, hidden 1152; T5 4096;
+    alpha: 120 tokens and ``csize/ar_embedder`` micro-conditions, Sigma: 300 tokens). ``PixArtMS`` computes
+    its positional embedding on the fly, so there is no ``pos_embed`` tensor; ``y_embedder.y_embedding`` is the
+    learned null caption (diffusers drops it)."""
     h, t5 = (64, 32) if small else (1152, 4096)
     lay = Layout()
-    lay.add("pos_embed", 1, 4096, h)
     lay.conv("x_embedder.proj", h, 4, 2)
     lay.linear("t_embedder.mlp.0", h, 256)
     lay.linear("t_embedder.mlp.2", h, h)
