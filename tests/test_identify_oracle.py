@@ -142,3 +142,12 @@ def test_odd_shapes_never_crash(tmp_path, layout):
     """Packed (NF4), truncated or hand-edited headers give an answer, never an exception."""
     info = identify(write_sparse(tmp_path / "odd.safetensors", layout))
     assert info.kind in ("unknown", "unet", "controlnet", "lora", "vae", "checkpoint", "upscaler")
+
+
+def test_checkpoint_with_a_few_stray_lora_keys_is_still_a_checkpoint(tmp_path):
+    from test_identify_rules import real
+
+    lay = real("sd1_checkpoint")
+    lay["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"] = t(4, 320)
+    info = identify(write_sparse(tmp_path / "c.safetensors", lay))
+    assert (info.kind, info.family) == ("checkpoint", "sd1")

@@ -106,8 +106,9 @@ _ADAPTER_WORDS = re.compile(r"lora|hada_|lokr_|oft_blocks|\.a1\.weight|on_input|
 
 def _detect_lora(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
     keys = list(infos)
-    if not any(_ADAPTER_WORDS.search(k) for k in keys):
-        return None  # one cheap pass: most files are not adapters
+    adapter_keys = sum(1 for k in keys if _ADAPTER_WORDS.search(k) or k.endswith(".alpha"))
+    if adapter_keys * 2 < len(keys):
+        return None  # most keys are not adapter parameters: a model (maybe with a few stray LoRA keys)
     lyco = None
     for suffix, algo in _LYCORIS:
         generic = suffix in ("a1.weight", "on_input", "w_norm", "diff")  # names a full model could contain
