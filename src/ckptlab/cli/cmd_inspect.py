@@ -82,7 +82,8 @@ def render(info, console, *, all_metadata: bool = False) -> None:
 def register(app) -> None:
     @app.command("inspect")
     def inspect_cmd(
-        paths: list[str] = typer.Argument(..., help="Model files, folders (searched recursively) or globs."),
+        paths: list[str] = typer.Argument(..., metavar="PATH",
+                                          help="Model files, folders (searched recursively) or globs."),
         json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per path, in order."),
         metadata: bool = typer.Option(False, "--metadata", help="Show every metadata key in the summary."),
         heuristics: bool = typer.Option(False, "--heuristics",
