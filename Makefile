@@ -15,8 +15,7 @@ $(BIN)/ckptlab: pyproject.toml requirements-dev.txt
 venv: $(BIN)/ckptlab
 
 demo: venv
-	$(BIN)/python -m ckptlab.sample sample-library
-	$(BIN)/ckptlab demo sample-library
+	bash scripts/demo.sh sample-library
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

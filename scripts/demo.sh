@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The main job on the built-in sample library: build it (real key layouts of several families and
+# kinds, both A1111 and ComfyUI folder layouts), then run ckptlab over it as a user would.
+# Usage: scripts/demo.sh [LIBRARY_DIR]   (make demo runs it with ./sample-library)
+set -euo pipefail
+LIB=${1:-sample-library}
+here=$(cd "$(dirname "$0")/.." && pwd)
+PATH="$here/.venv/bin:$PATH"
+export CKPTLAB_DB="$LIB/catalog.db"   # the demo keeps its catalog beside the library, not in yours
+OUT="$LIB/out"
+step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
+
+python -m ckptlab.sample "$LIB"
+rm -rf "$OUT" "$CKPTLAB_DB"* && mkdir -p "$OUT"
+A="$LIB/a1111/models/Stable-diffusion"
+
+step "What is every file? (headers only: no tensor is loaded, no pickle code runs)" \
+  ckptlab inspect "$LIB/a1111"
+step "Are the pickles safe? (own data-only reader; exit 0 = all safe)" \
+  ckptlab check "$LIB/a1111"
+step "Catalog both layouts, with the six CivitAI hashes and tensor fingerprints" \
+  ckptlab scan "$LIB" --hash
+step "The catalog" ckptlab ls --sort size
+step "Duplicates: exact copies and the same weights in another form" ckptlab dupes
+step "What could be freed" ckptlab plan-space
+step "Inventory report" ckptlab report --format html -o "$OUT/report.html"
+step "Convert the legacy pickle to safetensors (tensors bit-identical)" \
+  ckptlab convert "$A/v1-5-pruned.ckpt" --out-dir "$OUT"
+step "Prune it: use the EMA weights, fp16" \
+  ckptlab prune "$OUT/v1-5-pruned.safetensors" --ema use --precision fp16 --out-dir "$OUT"
+step "Merge two SD1 checkpoints, weighted sum at alpha 0.3" \
+  ckptlab merge weighted_sum "$A/v1-5-pruned-emaonly.safetensors" "$A/anything-merge-v3.safetensors" \
+  --alpha 0.3 -o "$OUT/merge-0.3.safetensors"
+step "The merge remembers its recipe" ckptlab inspect "$OUT/merge-0.3.safetensors"
+step "Single file to a diffusers folder" ckptlab to-diffusers "$A/v1-5-pruned-emaonly.safetensors" -o "$OUT/sd15-diffusers"
+printf '\nDone. Outputs in %s; catalog in %s.\n' "$OUT" "$CKPTLAB_DB"

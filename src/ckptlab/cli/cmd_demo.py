@@ -1,5 +1,0 @@
-"""(placeholder until its issue lands)"""
-
-
-def register(app) -> None:
-    pass
