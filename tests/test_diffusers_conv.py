@@ -202,3 +202,17 @@ def test_real_size_configs_match_diffusers_models(tmp_path, spec):
     if spec == "sd2_768_v":
         assert configs["text_encoder/config.json"]["num_hidden_layers"] == 23
         assert configs["unet/config.json"]["attention_head_dim"] == [5, 10, 20, 20]
+
+
+def test_to_diffusers_fp16_loads_and_equals_torch_cast(tmp_path, cli):
+    src = make_model(tmp_path / "m.safetensors", "sd1_checkpoint")
+    r = cli("to-diffusers", src, "-o", tmp_path / "pipe", "--precision", "fp16")
+    assert r.returncode == 0, r.stderr
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), local_files_only=True,
+                                                             torch_dtype=torch.float16)
+    sd = load(src)
+    w = pipe.unet.state_dict()["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+    assert w.dtype == torch.float16
+    assert torch.equal(w, sd["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"].half())
+    vae = load(tmp_path / "pipe/vae/diffusion_pytorch_model.safetensors")
+    assert vae["decoder.conv_in.weight"].dtype == torch.float32  # VAE left as it was

@@ -141,6 +141,8 @@ def to_diffusers_cmd(
     inputs: list[str] = typer.Argument(..., help="SD1/SD2/SDXL single-file checkpoint(s)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (one input)."),
     ema: str = typer.Option("drop", "--ema", help="drop (default) or use the EMA weights for the UNet."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Cast UNet and text encoders: fp16, bf16, fp32."),
+    clamp: bool = typer.Option(False, "--clamp", help="Clamp values that overflow fp16 instead of refusing."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
 ) -> None:
     """Write a diffusers folder that StableDiffusion(XL)Pipeline.from_pretrained loads offline.
@@ -159,7 +161,8 @@ def to_diffusers_cmd(
     with progress_bar("to-diffusers", enabled=not json_out) as cb:
         for p in paths:
             out = output or output_path(p, out_dir, "-diffusers", ext="")
-            results.append(to_diffusers(p, out, ema=ema, overwrite=overwrite, dry_run=dry_run, progress=cb))
+            results.append(to_diffusers(p, out, ema=ema, precision=precision, clamp=clamp, overwrite=overwrite,
+                                        dry_run=dry_run, progress=cb))
     _report(results, json_out)
 
 

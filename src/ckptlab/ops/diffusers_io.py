@@ -245,12 +245,16 @@ def _prediction_type(src: TensorSource, fam: str) -> str:
     return "epsilon"
 
 
-def to_diffusers(path: Path, out: Path, *, ema: str = "drop", overwrite: bool = False, dry_run: bool = False,
-                 progress: Progress = null_progress) -> FolderResult:
+def to_diffusers(path: Path, out: Path, *, ema: str = "drop", precision: str | None = None, clamp: bool = False,
+                 overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress) -> FolderResult:
+    """Write the diffusers folder ``out``. ``precision`` (fp16/bf16/fp32) casts UNet and text-encoder
+    weights (``precision`` rules: the VAE stays as it is; diffusers upcasts fp16 VAEs anyway)."""
     path, out = Path(path), Path(out)
     src = open_checked(path)
     try:
         fam, files, configs, warnings, dropped = plan_to_diffusers(src, ema)
+        if precision:
+            _cast_folder(files, configs, precision, clamp)
         result = FolderResult("to-diffusers", path, out, fam, dry_run=dry_run,
                               files={f: len(v) for f, v in files.items()},
                               extra_tensors=len(files.get(EXTRA_FILE, [])), dropped=dropped, warnings=warnings)
@@ -274,7 +278,7 @@ def to_diffusers(path: Path, out: Path, *, ema: str = "drop", overwrite: bool = 
             total = sum(it.info.nbytes for items in files.values() for it in items)
             progress(0, total=total, description=f"to-diffusers {path.name}")
             for rel, items in files.items():
-                meta = provenance("to-diffusers", [(path, ph)], {"ema": ema, "file": rel})
+                meta = provenance("to-diffusers", [(path, ph)], {"ema": ema, "precision": precision, "file": rel})
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 write_plan(tmp / rel, items, meta, progress=progress, pending={ph: hasher}, set_total=False)
 
@@ -283,6 +287,22 @@ def to_diffusers(path: Path, out: Path, *, ema: str = "drop", overwrite: bool = 
         return result
     finally:
         src.close()
+
+
+def _cast_folder(files: dict[str, list[Out]], configs: dict[str, dict], precision: str, clamp: bool) -> None:
+    from ckptlab.formats.dtypes import FLOAT_DTYPES
+    from ckptlab.ops.precision import cast_item, target_dtype
+
+    target = target_dtype(precision)
+    for rel, items in files.items():
+        if not rel.startswith(("unet/", "text_encoder")):
+            continue
+        files[rel] = [cast_item(it, target, clamp) if it.info.dtype in FLOAT_DTYPES and it.info.dtype != target
+                      and it.info.shape else it for it in items]
+        folder = rel.split("/", 1)[0]
+        if folder.startswith("text_encoder"):
+            configs[f"{folder}/config.json"]["torch_dtype"] = {"F16": "float16", "BF16": "bfloat16",
+                                                               "F32": "float32"}.get(target, "float32")
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -66,14 +66,20 @@ def convertible(key: str, info: TensorInfo) -> bool:
 
 def cast_out(key: str, src: TensorSource, src_key: str, target: str, clamp: bool) -> Out:
     """An ``Out`` that reads ``src[src_key]`` and casts it to ``target`` (checking range)."""
-    info = src.info(src_key)
+    return cast_item(Out.copy(key, src, src_key), target, clamp)
+
+
+def cast_item(item: Out, target: str, clamp: bool) -> Out:
+    """``item`` cast to ``target``: exactly ``tensor.to(dtype)``, refusing (or clamping) values that overflow."""
+    label = item.src_key or item.key
+    where = item.source.path if item.source is not None else None
 
     def produce():
         import torch
 
         from ckptlab.formats.dtypes import to_torch
 
-        t = src.get(src_key)
+        t = item.produce() if item.produce is not None else item.source.get(item.src_key)
         limit = LIMITS.get(target)
         if limit is not None and t.dtype.is_floating_point and t.numel():
             over = (t.abs() > limit) & t.isfinite()
@@ -82,13 +88,13 @@ def cast_out(key: str, src: TensorSource, src_key: str, target: str, clamp: bool
                 if not clamp:
                     peak = float(t.abs().masked_fill(~t.isfinite(), 0).max())
                     raise OverflowRefused(
-                        f"{n} value(s) of {src_key!r} exceed the {target} range (largest |x| = {peak:g} > "
-                        f"{limit:g}); nothing written - use --clamp to clamp them", src.path)
+                        f"{n} value(s) of {label!r} exceed the {target} range (largest |x| = {peak:g} > "
+                        f"{limit:g}); nothing written - use --clamp to clamp them", where)
                 t = torch.where(t.isfinite(), t.clamp(-limit, limit), t)  # infinities stay infinite
             del over
         return t.to(to_torch(target))
 
-    return Out(key, TensorInfo(target, info.shape), produce=produce)
+    return Out(item.key, TensorInfo(target, item.info.shape), produce=produce)
 
 
 def position_ids_out(key: str, src: TensorSource, src_key: str, warnings: list[str]) -> Out:
