@@ -253,3 +253,34 @@ def test_broken_catalog_does_not_undo_a_verified_download(world, cli, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (root / "detail_tweaker.safetensors").read_bytes() == fake.lora
     assert "warning: downloaded and verified, but not catalogued" in r.stderr
+
+
+def test_url_and_hf_files_are_placed_by_identified_kind(world, cli):
+    from fakes.hf_server import FakeHub
+
+    fake, root, env = world
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)  # an A1111 install: auto layout
+    def url(fid, name):  # presigned-style URLs: the name arrives as Content-Disposition
+        return f"{fake.storage_url}/files/{fid}?response-content-disposition=attachment%3B%20filename%3D%22{name}%22"
+
+    lora_url = url(5000, "detail_tweaker.safetensors")
+    r = cli("download", lora_url, url(6000, "tinySD1_v10.safetensors"), "--dir", root, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = jsonl(r.stdout)
+    assert [Path(x["path"]) for x in rows] == [root / "models" / "Lora" / "detail_tweaker.safetensors",
+                                              root / "models" / "Stable-diffusion" / "tinySD1_v10.safetensors"]
+    assert [x["extra"]["identified_kind"] for x in rows] == ["lora", "checkpoint"]
+    assert not (root / "models" / ".ckptlab-incoming").exists()
+    # the same URL again: verified against the file already in place, no duplicate left behind
+    r = cli("download", lora_url, "--dir", root, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert jsonl(r.stdout)[0]["skipped"] is True
+    assert sorted(p.name for p in (root / "models" / "Lora").iterdir()) == ["detail_tweaker.safetensors"]
+
+    hub = FakeHub()
+    hub.add_repo("org/tiny", {"lora.safetensors": lora_bytes(seed=8)}, lfs={"lora.safetensors"})
+    with hub.start():
+        r = cli("download", "hf:org/tiny/lora.safetensors", "--dir", root, "--json",
+                env={**env, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"})
+    assert r.returncode == 0, r.stderr
+    assert Path(jsonl(r.stdout)[0]["path"]) == root / "models" / "Lora" / "lora.safetensors"

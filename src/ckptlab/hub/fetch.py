@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 from ckptlab.errors import CkptlabError, NetworkError
 from ckptlab.hub.config import HubConfig, load_hub_config
 from ckptlab.hub.download import DownloadResult, transfer
-from ckptlab.hub.layout import KIND_TO_TYPE, target_folder
+from ckptlab.hub.layout import detect_layout, folder_for_kind, target_folder
 from ckptlab.progress import Progress, null_progress
 
 
@@ -118,6 +118,44 @@ def describe(source: str, *, config: HubConfig | None = None, client=None):
             client.close()
 
 
+UNSORTED = "models/.ckptlab-incoming"  # hidden: a URL/hf file waits here until it is identified
+
+
+def _place_by_kind(res: DownloadResult, root: Path, layout: str) -> None:
+    """Move a verified URL/hf download from the incoming folder to the folder for its identified
+    kind (never replacing a file); an unidentified file goes to ``models/other``."""
+    import contextlib
+
+    from ckptlab.hub.download import _publish, sha256_file
+
+    kind = None
+    try:
+        from ckptlab.identify import identify
+
+        kind = identify(res.path).kind
+    except (ImportError, CkptlabError):
+        kind = None
+    folder = folder_for_kind(root, layout, kind if kind and kind != "unknown" else "other")
+    dest, incoming = folder / res.path.name, res.path.parent
+    if dest == res.path:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _publish(res.path, dest)
+    except CkptlabError as e:
+        if dest.is_file() and sha256_file(dest).hexdigest() == res.sha256:  # the same file was already there
+            res.path.unlink()
+            res.path, res.skipped = dest, True
+        else:
+            res.extra["warning"] = f"left in {incoming}: {e}"
+            return
+    else:
+        res.path = dest
+    res.extra["identified_kind"] = kind
+    with contextlib.suppress(OSError):
+        incoming.rmdir()  # only when empty (another download may be using it)
+
+
 _CAP_LOCK = threading.Lock()
 _CATALOG_LOCK = threading.Lock()
 _CAPS: dict[int, threading.BoundedSemaphore] = {}
@@ -142,7 +180,8 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
         if spec.kind == "civitai":
             return _download_civitai(spec, root, lay, config, client, catalog, write_sidecars, file_id, progress,
                                      cancel)
-        folder = target_folder(root, lay, KIND_TO_TYPE.get((model_type or "").lower(), model_type))
+        lay = detect_layout(root) if lay == "auto" else lay
+        folder = folder_for_kind(root, lay, model_type) if model_type or lay == "flat" else root / UNSORTED
         if spec.kind == "hf":
             from ckptlab.hub import huggingface
 
@@ -155,6 +194,8 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
                 res = transfer(req, spec.url, folder, progress=progress, source="url", cancel=cancel)
             finally:
                 req.close()
+        if not model_type and lay != "flat":
+            _place_by_kind(res, root, lay)
         if catalog:  # a plain URL may well be a CivitAI file: look it up by hash (HF files are not)
             _after_download_safe(res, config, client, write_sidecars, lookup=spec.kind == "url")
         return res

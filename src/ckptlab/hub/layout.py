@@ -34,9 +34,18 @@ _BY_FILE_TYPE: dict[str, tuple[str, str]] = {
 
 _OTHER = ("models/other", "models/other")
 
-# ckptlab kinds (inspect / HF downloads) -> CivitAI model type
+# ckptlab kinds (identify / --type) -> CivitAI model type
 KIND_TO_TYPE = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "locon", "embedding": "textualinversion",
-                "hypernetwork": "hypernetwork", "vae": "vae", "controlnet": "controlnet", "upscaler": "upscaler"}
+                "hypernetwork": "hypernetwork", "vae": "vae", "controlnet": "controlnet", "upscaler": "upscaler",
+                "unet": "checkpoint", "text_encoder": "checkpoint"}
+# ... and the CivitAI file type that refines the folder for kinds shipped as parts of a checkpoint
+KIND_TO_FILE_TYPE = {"unet": "diffusion model", "text_encoder": "text encoder"}
+
+
+def folder_for_kind(root: Path, layout: str, kind: str | None) -> Path:
+    """The folder for a file of ckptlab kind ``kind`` (or a CivitAI type name given with ``--type``)."""
+    k = (kind or "").lower()
+    return target_folder(root, layout, KIND_TO_TYPE.get(k, k or None), KIND_TO_FILE_TYPE.get(k))
 
 
 def detect_layout(root: Path) -> str:
