@@ -333,3 +333,23 @@ def test_unlistable_folder_or_root_does_not_mark_files_missing(tmp_path, cat, au
     os.rename(tmp_path / "lib", tmp_path / "unmounted")  # the whole root vanished (drive not mounted)
     s = scan([tmp_path / "lib"], cat)
     assert s.missing == 0 and "cannot access" in s.error_list[0]["error"]
+
+
+def test_cli_strict_exit_code_and_nothing_to_scan(tmp_path, cli):
+    touch_garbage(tmp_path / "lib" / "models" / "Lora" / "junk.safetensors")
+    db = str(tmp_path / "c.db")
+    r = cli("scan", str(tmp_path / "lib"), "--strict", "--db", db)
+    assert r.returncode == 5 and "junk.safetensors" in r.stdout
+    r = cli("scan", "--db", db)
+    assert r.returncode == 1 and r.stderr.startswith("ckptlab: error: nothing to scan")
+
+
+def test_header_only_scan_does_not_import_torch(tmp_path):
+    import subprocess
+
+    sparse_library(tmp_path / "lib", "a1111")
+    code = ("import sys; from ckptlab.library.catalog import Catalog; from ckptlab.library.scanner import scan; "
+            f"s = scan([{str(tmp_path / 'lib')!r}], Catalog({str(tmp_path / 'c.db')!r}), workers=1); "
+            "assert s.new == 6 and s.errors == 0, s; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -32,6 +32,8 @@ def register(app) -> None:
         db: Path = typer.Option(None, "--db", help=DB_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
         strict: bool = typer.Option(False, "--strict", help="Exit 5 when any file had an error."),
+        workers: int = typer.Option(None, "--workers", min=1,
+                                    help="Processes reading new files (default: CPUs, at most 8)."),
     ) -> None:
         """Walk model folders into the catalog (incremental: unchanged files are not re-read)."""
         from ckptlab.cli.common import console, emit_json, progress_bar
@@ -40,7 +42,7 @@ def register(app) -> None:
         with _catalog(db) as cat, progress_bar("scanning", unit_bytes=hash or fingerprint,
                                                enabled=not json_out) as prog:
             s = scan(roots or [], cat, hash=hash, fingerprint=fingerprint, extra_model_paths=extra_model_paths,
-                     progress=prog)
+                     progress=prog, workers=workers)
         if json_out:
             emit_json(s)
         else:
