@@ -468,3 +468,50 @@ def test_full_pixart_maps_onto_diffusers_pixart_transformer(spec, extra):
     lay = layouts.keys(spec, small=False)
     assert _pixart_to_diffusers(lay) == _meta_shapes(model)
     assert lay["y_embedder.y_embedding"][1] == ((120 if extra else 300), 4096)
+
+
+def _hunyuan_to_diffusers(lay: dict) -> dict:
+    """Shape-level HunyuanDiT original -> diffusers key mapping (as diffusers' conversion script does it)."""
+    top = {"t_embedder.mlp.0": "time_extra_emb.timestep_embedder.linear_1",
+           "t_embedder.mlp.2": "time_extra_emb.timestep_embedder.linear_2", "x_embedder.proj": "pos_embed.proj",
+           "mlp_t5.0": "text_embedder.linear_1", "mlp_t5.2": "text_embedder.linear_2",
+           "extra_embedder.0": "time_extra_emb.extra_embedder.linear_1",
+           "extra_embedder.2": "time_extra_emb.extra_embedder.linear_2",
+           "final_layer.adaLN_modulation.1": "norm_out.linear", "final_layer.linear": "proj_out",
+           "style_embedder": "time_extra_emb.style_embedder"}
+    blk = {"attn1.q_norm": "attn1.norm_q", "attn1.k_norm": "attn1.norm_k", "attn1.out_proj": "attn1.to_out.0",
+           "attn2.q_proj": "attn2.to_q", "attn2.q_norm": "attn2.norm_q", "attn2.k_norm": "attn2.norm_k",
+           "attn2.out_proj": "attn2.to_out.0", "norm1": "norm1.norm", "default_modulation.1": "norm1.linear",
+           "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
+    out = {}
+    for k, (_, s) in lay.items():
+        if k.startswith("pooler."):
+            out["time_extra_emb." + k] = s
+            continue
+        m = re.match(r"(blocks\.\d+)\.(.*)\.(weight|bias)$", k)
+        if m:
+            b, mod, param = m.groups()
+            if mod in ("attn1.Wqkv", "attn2.kv_proj"):
+                a = mod.split(".")[0]
+                names = ("to_q", "to_k", "to_v") if a == "attn1" else ("to_k", "to_v")
+                for n in names:
+                    out[f"{b}.{a}.{n}.{param}"] = (s[0] // len(names), *s[1:])
+            else:
+                out[f"{b}.{blk.get(mod, mod)}.{param}"] = s
+            continue
+        mod, _, param = k.rpartition(".")
+        out[f"{top[mod]}.{param}" if mod in top else k] = s
+    return out
+
+
+@pytest.mark.parametrize("spec,v10", [("hunyuan_dit", False), ("hunyuan_dit_v10", True)])
+def test_full_hunyuan_dit_maps_onto_diffusers_hunyuan_transformer(spec, v10):
+    from diffusers import HunyuanDiT2DModel
+
+    with torch.device("meta"):
+        model = HunyuanDiT2DModel(
+            activation_fn="gelu-approximate", attention_head_dim=88, cross_attention_dim=1024,
+            cross_attention_dim_t5=2048, hidden_size=1408, in_channels=4, learn_sigma=True, mlp_ratio=4.3637,
+            norm_type="layer_norm", num_attention_heads=16, num_layers=40, patch_size=2, pooled_projection_dim=1024,
+            sample_size=128, text_len=77, text_len_t5=256, use_style_cond_and_image_meta_size=v10)
+    assert _hunyuan_to_diffusers(layouts.keys(spec, small=False)) == _meta_shapes(model)

@@ -258,23 +258,23 @@ def pixart(small: bool, *, alpha: bool) -> Layout:
 
 
 def hunyuan_dit(small: bool, *, v10: bool = False) -> Layout:
-    """HunyuanDiT DiT-g/2 (40 blocks, hidden 1408, 16 heads of 88; blocks 21-39 take long skips).
-    ``v10`` gives the v1.0 extra_embedder input 3968 = 1024 pooled + 6 x 256 size + 1408 style."""
+    """HunyuanDiT DiT-g/2 original names (40 blocks, hidden 1408, 16 heads of 88, MLP ratio 4.3637; blocks
+    21-39 take long skips). ``extra_embedder`` input: v1.1/1.2 the pooled text (1024); v1.0 adds 6 x 256
+    image-size features and the 1408-wide style embedding (3968)."""
     h, hd, clip, t5 = (64, 16, 32, 48) if small else (1408, 88, 1024, 2048)
+    mlp = int(h * 4.3637)
     lay = Layout()
     lay.add("text_embedding_padding", 77 + 256, clip)
-    lay.add("pooler.positional_embedding", 257, t5)
-    for n in ("k_proj", "q_proj", "v_proj"):
-        lay.linear(f"pooler.{n}", t5, t5)
-    lay.linear("pooler.c_proj", clip, t5)
     lay.linear("mlp_t5.0", 4 * t5, t5)
     lay.linear("mlp_t5.2", clip, 4 * t5)
     lay.conv("x_embedder.proj", h, 4, 2)
     lay.linear("t_embedder.mlp.0", h, 256)
     lay.linear("t_embedder.mlp.2", h, h)
-    extra = (clip + 6 * 256 + h) if v10 else (clip + h)
-    if small:
-        extra = (clip + 6 * 8 + h) if v10 else (clip + h)
+    lay.add("pooler.positional_embedding", 257, t5)
+    for n in ("k_proj", "q_proj", "v_proj"):
+        lay.linear(f"pooler.{n}", t5, t5)
+    lay.linear("pooler.c_proj", clip, t5)
+    extra = clip + ((6 * (8 if small else 256) + h) if v10 else 0)
     if v10:
         lay.add("style_embedder.weight", 1, h)
     lay.linear("extra_embedder.0", 4 * h, extra)
@@ -282,20 +282,20 @@ def hunyuan_dit(small: bool, *, v10: bool = False) -> Layout:
     for i in range(40):
         p = f"blocks.{i}"
         lay.norm(f"{p}.norm1", h)
+        lay.linear(f"{p}.default_modulation.1", h, h)
         lay.linear(f"{p}.attn1.Wqkv", 3 * h, h)
         lay.norm(f"{p}.attn1.q_norm", hd)
         lay.norm(f"{p}.attn1.k_norm", hd)
         lay.linear(f"{p}.attn1.out_proj", h, h)
         lay.norm(f"{p}.norm2", h)
-        lay.linear(f"{p}.mlp.fc1", 4 * h, h)
-        lay.linear(f"{p}.mlp.fc2", h, 4 * h)
-        lay.linear(f"{p}.default_modulation.1", h, h)
+        lay.linear(f"{p}.mlp.fc1", mlp, h)
+        lay.linear(f"{p}.mlp.fc2", h, mlp)
+        lay.norm(f"{p}.norm3", h)
         lay.linear(f"{p}.attn2.q_proj", h, h)
         lay.linear(f"{p}.attn2.kv_proj", 2 * h, clip)
         lay.norm(f"{p}.attn2.q_norm", hd)
         lay.norm(f"{p}.attn2.k_norm", hd)
         lay.linear(f"{p}.attn2.out_proj", h, h)
-        lay.norm(f"{p}.norm3", h)
         if i > 20:
             lay.norm(f"{p}.skip_norm", 2 * h)
             lay.linear(f"{p}.skip_linear", h, 2 * h)
