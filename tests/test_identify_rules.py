@@ -258,6 +258,15 @@ def test_diffusers_folder(tmp_path):
     assert info.prediction == "eps"
     assert any("scheduler_config prediction_type" in e for e in info.evidence)
     assert info.metadata["model_index.json"]["_class_name"] == "StableDiffusionInpaintPipeline"
+    # a single-component folder with SD2's structure (linear proj_in) at small widths
+    sd2 = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                               block_out_channels=(32, 64), cross_attention_dim=48, attention_head_dim=8,
+                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+                               use_linear_projection=True)
+    sd2.save_pretrained(tmp_path / "unet_sd2")
+    info = identify(tmp_path / "unet_sd2")
+    assert (info.format, info.kind, info.family, info.components) == ("diffusers", "unet", "sd2", ["unet"])
 
 
 # ---- components API ---------------------------------------------------------------------------------------------

@@ -196,7 +196,8 @@ FAMILIES: tuple[Family, ...] = (
         "sd2", "Stable Diffusion 2.x", "unet",
         markers=((M(TOK_SD, dims=((1, 1024),)),), (M(TOK_SD_D, dims=((1, 1024),)),),
                  # structure: linear proj_in (use_linear_in_transformer), no label_emb
-                 (M(TOK_SD), M("input_blocks.1.1.proj_in.weight", ndim=2), absent(LABEL))),
+                 (M(TOK_SD), M("input_blocks.1.1.proj_in.weight", ndim=2), absent(LABEL)),
+                 (M(TOK_SD_D), M("down_blocks.0.attentions.0.proj_in.weight", ndim=2), absent(LABEL_D))),
         variants=(
             _inch("inpaint", 9, "eps"),
             _inch("depth", 5, "eps"),
@@ -211,7 +212,8 @@ FAMILIES: tuple[Family, ...] = (
         "sd1", "Stable Diffusion 1.x", "unet",
         markers=((M(TOK_SD, dims=((1, 768),)), absent(LABEL)), (M(TOK_SD_D, dims=((1, 768),)),),
                  # structure: convolutional proj_in, no label_emb
-                 (M(TOK_SD), M("input_blocks.1.1.proj_in.weight", ndim=4), absent(LABEL))),
+                 (M(TOK_SD), M("input_blocks.1.1.proj_in.weight", ndim=4), absent(LABEL)),
+                 (M(TOK_SD_D), M("down_blocks.0.attentions.0.proj_in.weight", ndim=4), absent(LABEL_D))),
         variants=(
             _inch("inpaint", 9),
             Variant("zero123", ((M("cc_projection.weight", top=True),),)),
