@@ -515,3 +515,21 @@ def test_full_hunyuan_dit_maps_onto_diffusers_hunyuan_transformer(spec, v10):
             norm_type="layer_norm", num_attention_heads=16, num_layers=40, patch_size=2, pooled_projection_dim=1024,
             sample_size=128, text_len=77, text_len_t5=256, use_style_cond_and_image_meta_size=v10)
     assert _hunyuan_to_diffusers(layouts.keys(spec, small=False)) == _meta_shapes(model)
+
+
+def test_full_t2i_adapter_maps_onto_diffusers_t2i_adapter():
+    """Original ``body.{2i+j}`` -> diffusers ``adapter.body.{i}.resnets.{j}`` (``in_conv`` -> ``adapter.body.{i}``)."""
+    from diffusers import T2IAdapter
+
+    with torch.device("meta"):
+        model = T2IAdapter(in_channels=3, channels=[320, 640, 1280, 1280], num_res_blocks=2, downscale_factor=8,
+                           adapter_type="full_adapter")
+    out = {}
+    for k, (_, s) in layouts.keys("t2i_adapter", small=False).items():
+        m = re.match(r"body\.(\d+)\.(.*)$", k)
+        if m:
+            n, rest = int(m.group(1)), m.group(2)
+            i, j = divmod(n, 2)
+            k = f"body.{i}.{rest}" if rest.startswith("in_conv") else f"body.{i}.resnets.{j}.{rest}"
+        out["adapter." + k] = s
+    assert out == _meta_shapes(model)

@@ -388,8 +388,8 @@ def taesd_decoder(latent: int = 4) -> Layout:
 
 
 def t2i_adapter_full(small: bool, cin: int = 64 * 3) -> Layout:
-    """T2I-Adapter full (SD1): pixel-unshuffled input conv, 4 levels x 2 ResnetBlocks (``in_conv`` where the
-    width changes)."""
+    """T2I-Adapter full (SD1): pixel-unshuffled input conv, 4 levels x 2 ResnetBlocks (3x3 ``block1``, 1x1
+    ``block2``; a 1x1 ``in_conv`` where the width changes)."""
     ch = (32, 64, 128, 128) if small else (320, 640, 1280, 1280)
     lay = Layout()
     lay.conv("conv_in", ch[0], cin)
@@ -399,7 +399,7 @@ def t2i_adapter_full(small: bool, cin: int = 64 * 3) -> Layout:
             if i and j == 0 and ch[i - 1] != c:
                 lay.conv(f"body.{n}.in_conv", c, ch[i - 1], 1)
             lay.conv(f"body.{n}.block1", c, c)
-            lay.conv(f"body.{n}.block2", c, c)
+            lay.conv(f"body.{n}.block2", c, c, 1)
             n += 1
     return lay
 
