@@ -14,13 +14,17 @@ fp16 output. ``--delete`` removes the generated inputs afterwards.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import time
-from pathlib import Path
+
+# this folder holds other benchmark scripts (inspect.py...) that would shadow stdlib modules
+sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache" / "merge"
