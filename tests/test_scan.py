@@ -292,14 +292,18 @@ def test_cli_scan_json_and_ls_filters(tmp_path, cli):
 def test_worker_processes_record_the_same_rows(tmp_path, monkeypatch):
     sparse_library(tmp_path / "lib", "comfyui")
     touch_garbage(tmp_path / "lib" / "models" / "loras" / "junk.safetensors")
+    (tmp_path / "lib" / "models" / "loras" / "sd1_kohya_lora.civitai.info").write_text(
+        '{"id": 5, "modelId": 4, "files": []}')
     rows = []
     for workers in (1, 2):
         monkeypatch.setattr(scanner, "PARALLEL_MIN", 1)
         with Catalog(tmp_path / f"c{workers}.db") as c:
             scan([tmp_path / "lib"], c, workers=workers)
-            rows.append([(r.path, r.kind, r.family, r.n_tensors, r.tensor_bytes, r.error) for r in c.files(sort="path")])
+            rows.append([(r.path, r.kind, r.family, r.n_tensors, r.tensor_bytes, r.error,
+                          r.sidecars and r.sidecars.get("civitai")) for r in c.files(sort="path")])
     assert rows[0] == rows[1] and len(rows[0]) == 9
     assert [r[0].rsplit("/", 1)[1] for r in rows[0] if r[5]] == ["junk.safetensors"]
+    assert [r[6] for r in rows[1] if r[6]] == [{"model_id": 4, "version_id": 5, "from": "sd1_kohya_lora.civitai.info"}]
 
 
 def test_file_changing_while_hashed_is_an_error_on_its_row(tmp_path, cat, monkeypatch):

@@ -40,6 +40,7 @@ class Found:
     names: set[str]  # the folder listing, for sidecars
     category: str | None = None  # from extra_model_paths.yaml
     error: str | None = None
+    sidecar_files: dict[str, str] | None = None  # precomputed for worker processes (names not shipped)
 
     @property
     def key(self) -> StatKey | None:
@@ -405,10 +406,13 @@ def _read_all(found: list[Found], workers: int | None):
             yield _read_one(f)
         return
     from concurrent.futures import ProcessPoolExecutor
+    from dataclasses import replace
 
+    # a folder listing can hold 10,000s of names: ship each file's own sidecar list instead
+    light = (replace(f, names=set(), sidecar_files=sidecars.find(f.path, f.names)) for f in found)
     ex = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
     try:
-        yield from ex.map(_read_one, found, chunksize=8)
+        yield from ex.map(_read_one, light, chunksize=8)
     except BaseException:
         ex.shutdown(wait=False, cancel_futures=True)
         raise
@@ -446,7 +450,8 @@ def _read_one(f: Found) -> dict:
         except OSError as e:
             facts = {"kind": loc["hint"], "error": f"vanished during the scan: {e.strerror or e}"}
     try:
-        facts["sidecars"] = _sidecar_json(f, sidecars.find(f.path, f.names))
+        sc = f.sidecar_files if f.sidecar_files is not None else sidecars.find(f.path, f.names)
+        facts["sidecars"] = _sidecar_json(f, sc)
     except Exception as e:  # noqa: BLE001 - a sidecar problem is never fatal
         facts["sidecars"] = json.dumps({"error": str(e)})
     return facts
