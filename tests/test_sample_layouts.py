@@ -533,3 +533,15 @@ def test_full_t2i_adapter_maps_onto_diffusers_t2i_adapter():
             k = f"body.{i}.{rest}" if rest.startswith("in_conv") else f"body.{i}.resnets.{j}.{rest}"
         out["adapter." + k] = s
     assert out == _meta_shapes(model)
+
+
+def test_taesd_decoder_matches_diffusers_autoencoder_tiny_decoder():
+    """Original TAESD ``Decoder`` = Sequential(Clamp, conv, ReLU, Blocks...); diffusers' ``decoder.layers`` is
+    the same stack without the parameter-free Clamp, so indices are shifted by one."""
+    from diffusers import AutoencoderTiny
+
+    with torch.device("meta"):
+        model = AutoencoderTiny()
+    ref = {re.sub(r"^(\d+)", lambda m: str(int(m.group(1)) + 1), k[len("decoder.layers."):]): tuple(v.shape)
+           for k, v in model.state_dict().items() if k.startswith("decoder.layers.")}
+    assert shapes(layouts.keys("taesd_decoder")) == ref

@@ -236,6 +236,7 @@ _VERIFIED = {
     "sd1_peft_lora": "small diffusers UNet module names",
     "flux_diffusers_lora": "diffusers FluxTransformer2DModel Linear in/out features (full, meta)",
     "ip_adapter_sd15": "diffusers IP-Adapter loader into a small SD1 UNet (shape-checked)",
+    "taesd_decoder": "diffusers AutoencoderTiny decoder (index shift for the Clamp)",
     "t2i_adapter": "diffusers T2IAdapter (full_adapter) via the original->diffusers key mapping (full, meta)",
     **dict.fromkeys(("hunyuan_dit", "hunyuan_dit_v10"),
                     "diffusers HunyuanDiT2DModel via the original->diffusers key mapping (full, meta)"),
