@@ -141,13 +141,17 @@ _TRAINING_ROOTS = ("optimizer_states", "lr_schedulers", "callbacks", "loops", "l
 
 def _tensor_stats(src) -> dict:
     """Tensor count and bytes: total, EMA + training state (what pruning drops), fp32 weights."""
+    import math
+
     from ckptlab.arch.components import MARKER_KEYS, SCHEDULE_KEYS
+    from ckptlab.formats.dtypes import DTYPES
 
     infos = src.infos()
     dtypes: dict[str, int] = {}
     total = ema = fp32 = 0
+    prod = math.prod
     for k, ti in infos.items():
-        nb = ti.nbytes
+        nb = prod(ti.shape) * DTYPES[ti.dtype][0]  # TensorInfo.nbytes, inlined: this loop sees every key
         total += nb
         if k.startswith("model_ema.") or k.startswith(_TRAINING_ROOTS):
             ema += nb
