@@ -208,7 +208,7 @@ def test_gguf_family_from_metadata(tmp_path):
     w.write_tensors_to_file()
     w.close()
     info = identify(tmp_path / "m.gguf")
-    assert (info.format, info.family) == ("gguf", "sdxl")
+    assert (info.format, info.kind, info.family, info.prediction) == ("gguf", "unet", "sdxl", "eps")
     assert any("general.architecture" in e for e in info.evidence)
 
 

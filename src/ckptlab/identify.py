@@ -26,10 +26,6 @@ REPORTED_COMPONENTS = ("unet", "dit", "vae", "clip_l", "clip_g", "openclip_h", "
 _TRAINING_EXTRA = ("optimizer_states", "lr_schedulers", "callbacks", "loops", "optimizer", "optimizer_state_dict",
                    "amp_scaler", "native_amp_scaling_state", "grad_scaler")
 EMA_MIN_KEYS = 100  # diffusers: a file "has EMA" when more than 100 keys start with model_ema
-#: GGUF ``general.architecture`` values (city96 ComfyUI-GGUF and llama.cpp) -> family
-GGUF_ARCH = {"flux": "flux", "sd1": "sd1", "sdxl": "sdxl", "sd3": "sd3", "aura": "auraflow", "ltxv": "ltxv",
-             "hyvid": "hunyuan_video", "wan": "wan", "lumina2": "lumina2", "hidream": "hidream", "t5": None,
-             "t5encoder": None}
 
 
 @dataclass
@@ -208,11 +204,6 @@ def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
 
     det.evidence += quantization_notes(infos)
     fmt = source.format
-    if fmt == "gguf":
-        arch = metadata.get("general.architecture")
-        if isinstance(arch, str) and arch in GGUF_ARCH and GGUF_ARCH[arch] and det.family is None:
-            det.family = GGUF_ARCH[arch]
-            det.evidence.append(f"family {det.family} from GGUF general.architecture = {arch!r}")
 
     adapters = ("lora", "lycoris", "embedding", "hypernetwork", "controlnet", "upscaler")
     listed = [] if det.kind in adapters else [c for c in REPORTED_COMPONENTS if c in comps and c != "ema"]

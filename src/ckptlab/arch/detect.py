@@ -17,7 +17,7 @@ from typing import Any
 
 from ckptlab.arch.adapters import detect_adapter, detect_taesd
 from ckptlab.arch.components import split_components
-from ckptlab.arch.families import BY_ID, FAMILIES, KOHYA_BASE, MODELSPEC_ARCH
+from ckptlab.arch.families import BY_ID, FAMILIES, GGUF_ARCH, KOHYA_BASE, MODELSPEC_ARCH
 from ckptlab.arch.family import Family, Marker
 from ckptlab.formats.base import TensorInfo
 
@@ -104,6 +104,9 @@ def _metadata_family(metadata: Mapping[str, Any]) -> tuple[str | None, str | Non
             return (*hit, f"metadata ss_base_model_version = {ver!r}")
     if metadata.get("ss_v2") == "True":
         return "sd2", None, None, "metadata ss_v2 = 'True'"
+    arch = metadata.get("general.architecture")
+    if isinstance(arch, str) and arch in GGUF_ARCH:
+        return GGUF_ARCH[arch], None, None, f"GGUF general.architecture = {arch!r}"
     return None, None, None, None
 
 
@@ -286,6 +289,9 @@ def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, Any] | None =
             det.variant = meta_var
             det.evidence.append(f"variant {meta_var} from {meta_ev}")
         fam = BY_ID.get(meta_fam, fam)
+        if det.kind == "unknown" and "general.architecture" in metadata and fam is not None:
+            det.kind = "unet"  # ComfyUI-GGUF files hold the diffusion model alone
+            det.evidence.append("kind unet: a GGUF diffusion model (ComfyUI-GGUF stores the UNet/DiT alone)")
     if det.kind in ("checkpoint", "unet"):
         _decide_prediction(det, fam, variant_pred, metadata, infos, extra, read_std)
         if det.family == "sdxl" and det.prediction == "v" and det.variant is None:

@@ -271,3 +271,8 @@ KOHYA_BASE: dict[str, tuple[str, str | None, str | None]] = {
     "5-medium": ("sd3", "sd35_medium", "flow"),
     "5-large": ("sd3", "sd35_large", "flow"),
 }
+
+#: GGUF ``general.architecture`` (ComfyUI-GGUF writes these for diffusion models) -> family
+GGUF_ARCH: dict[str, str] = {"flux": "flux", "sd1": "sd1", "sdxl": "sdxl", "sd3": "sd3", "aura": "auraflow",
+                             "ltxv": "ltxv", "hyvid": "hunyuan_video", "wan": "wan", "lumina2": "lumina2",
+                             "hidream": "hidream", "chroma": "chroma"}
