@@ -545,3 +545,13 @@ def test_taesd_decoder_matches_diffusers_autoencoder_tiny_decoder():
     ref = {re.sub(r"^(\d+)", lambda m: str(int(m.group(1)) + 1), k[len("decoder.layers."):]): tuple(v.shape)
            for k, v in model.state_dict().items() if k.startswith("decoder.layers.")}
     assert shapes(layouts.keys("taesd_decoder")) == ref
+
+
+def test_full_chroma_converts_to_diffusers_chroma_transformer():
+    from diffusers import ChromaTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
+
+    with torch.device("meta"):
+        model = ChromaTransformer2DModel()  # defaults are Chroma's real config
+    conv = convert_chroma_transformer_checkpoint_to_diffusers(meta_state("chroma"))
+    assert {k: tuple(v.shape) for k, v in conv.items()} == _meta_shapes(model)

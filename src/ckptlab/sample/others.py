@@ -305,8 +305,9 @@ def hunyuan_dit(small: bool, *, v10: bool = False) -> Layout:
 
 
 def chroma(small: bool) -> Layout:
-    """Chroma: Flux-schnell blocks without the per-block modulation linears and ``vector_in``, plus the
-    ``distilled_guidance_layer`` approximator (in_proj 64 -> 5120, 5 MLP layers with RMS norms, out 3072)."""
+    """Chroma: Flux-schnell blocks without the per-block modulation linears, ``vector_in`` and the final
+    adaLN, plus the ``distilled_guidance_layer`` approximator (in_proj 64 -> 5120, 5 MLP layers with RMS norms,
+    out_proj -> 3072)."""
     from ckptlab.sample.components import FluxDims, flux
 
     d = FluxDims(hidden=64, heads=2, context_in=32, vec_in=32, guidance=False) if small else FluxDims(guidance=False)
