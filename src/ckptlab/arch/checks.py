@@ -70,7 +70,8 @@ def file_warnings(infos: Mapping[str, TensorInfo], comps: Mapping[str, list[str]
     if diffusion and det.family:
         fam = BY_ID.get(det.family)
         dm = comps.get(fam.arch if fam else "unet", [])
-        if fam and fam.dm_tensors and dm:
+        variant = next((v for v in fam.variants if v.id == det.variant), None) if fam else None
+        if fam and fam.dm_tensors and dm and (variant is None or variant.counted):
             n = len(dm)
             if n < fam.dm_tensors:
                 out.append(f"missing required keys: diffusion model has {n} of {fam.dm_tensors} tensors")

@@ -185,9 +185,9 @@ FAMILIES: tuple[Family, ...] = (
             _top("v_pred_edm", "edm_vpred.sigma_max", "v"),  # CosXL
             _top("v_pred", "v_pred", "v"),
             Variant("vega", ((M("input_blocks.7.1.transformer_blocks.1.attn2.to_k.weight"),
-                              absent("input_blocks.7.1.transformer_blocks.2.attn2.to_k.weight")),)),
+                              absent("input_blocks.7.1.transformer_blocks.2.attn2.to_k.weight")),), counted=False),
             Variant("ssd1b", ((M("input_blocks.7.1.transformer_blocks.3.attn2.to_k.weight"),
-                               absent("input_blocks.7.1.transformer_blocks.4.attn2.to_k.weight")),)),
+                               absent("input_blocks.7.1.transformer_blocks.4.attn2.to_k.weight")),), counted=False),
         ),
         resolution=1024, default_prediction="eps", text_encoders=("clip_l", "clip_g"), memory_factor=0.8,
         dm_tensors=1680, modelspec=("stable-diffusion-xl-v1-base", "stable-diffusion-xl"), kohya=("sdxl_base_v1-0",),
@@ -201,8 +201,8 @@ FAMILIES: tuple[Family, ...] = (
         variants=(
             _inch("inpaint", 9, "eps"),
             _inch("depth", 5, "eps"),
-            Variant("unclip_l", ((M(LABEL, dims=((1, 1536),)),),)),
-            Variant("unclip_h", ((M(LABEL, dims=((1, 2048),)),),)),
+            Variant("unclip_l", ((M(LABEL, dims=((1, 1536),)),),), counted=False),
+            Variant("unclip_h", ((M(LABEL, dims=((1, 2048),)),),), counted=False),
         ),
         resolution=768, default_prediction=None, text_encoders=("openclip_h",), memory_factor=1.0, dm_tensors=686,
         modelspec=("stable-diffusion-v2",), kohya=("sd_v2", "sd_v2_v"),

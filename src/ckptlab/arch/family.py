@@ -75,6 +75,8 @@ class Variant:
     prediction: str | None = None
     #: native resolution override (e.g. SD2 768-v)
     resolution: int | None = None
+    #: whether the family's ``dm_tensors`` count applies (False for distilled or extended UNets)
+    counted: bool = True
 
 
 @dataclass(frozen=True)
