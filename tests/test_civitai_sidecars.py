@@ -59,6 +59,10 @@ def test_written_sidecars_are_read_back_by_the_library_reader(tmp_path):
     assert res2.written == ["hats.civitai.info"] and set(res2.kept) == {"hats.json", "hats.preview.png"}
     assert json.loads((tmp_path / "hats.civitai.info").read_text())["name"] == "v2b"
     assert (tmp_path / "hats.json").read_text() == '{"notes": "mine"}'
+    # unchanged record: nothing rewritten
+    before = (tmp_path / "hats.civitai.info").stat().st_mtime_ns
+    res_same = write_sidecars(model, {**VERSION, "name": "v2b"}, MODEL)
+    assert res_same.written == [] and (tmp_path / "hats.civitai.info").stat().st_mtime_ns == before
     # a .civitai.info about another version is not ours to replace
     res3 = write_sidecars(model, {**VERSION, "id": 12}, MODEL)
     assert "hats.civitai.info" in res3.kept

@@ -300,7 +300,7 @@ def _fetch_image(client: CivitaiClient, url: str) -> bytes:
     from ckptlab.hub.sidecars import MAX_PREVIEW_BYTES
 
     try:
-        resp = client.http.request("GET", url, what="preview image", stream=True)
+        resp = client.http.request("GET", url, what="preview image", stream=True, headers={"Accept": "image/*"})
     except CkptlabError:
         return b""  # no preview is better than no link
     import httpx

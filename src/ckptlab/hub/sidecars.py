@@ -96,6 +96,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=4, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -128,8 +135,12 @@ def write_sidecars(model_path: Path, version: dict, model: dict | None, *, fetch
         if not same:
             res.kept.append(info_path.name)
     if info_path.name not in res.kept:
-        write_atomic(info_path, _json_bytes(civitai_info(version, model)))
-        res.written.append(info_path.name)
+        data = _json_bytes(civitai_info(version, model))
+        if _read(info_path) == data:
+            res.kept.append(info_path.name)  # already up to date: not rewritten
+        else:
+            write_atomic(info_path, data)
+            res.written.append(info_path.name)
 
     user_path = folder / f"{stem}.json"
     if user_path.exists():
