@@ -412,6 +412,11 @@ def _read_all(found: list[Found], workers: int | None):
     from concurrent.futures import ProcessPoolExecutor
     from dataclasses import replace
 
+    for mod in ("ckptlab.identify", "ckptlab.formats.safetensors", "ckptlab.formats.pickle", "ckptlab.security"):
+        try:  # imported once here, inherited by forked workers instead of imported by each
+            __import__(mod)
+        except ImportError:
+            pass
     # a folder listing can hold 10,000s of names: ship each file's own sidecar list instead
     light = (replace(f, names=set(), sidecar_files=sidecars.find(f.path, f.names)) for f in found)
     ex = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
