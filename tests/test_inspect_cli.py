@@ -25,6 +25,7 @@ def lib(tmp_path_factory):
         "sd1": write_model(root / "v1-5.safetensors", "sd1_checkpoint", small=False, sparse=True,
                            metadata={"sd_merge_recipe": '{"type": "webui", "multiplier": 0.5}'}),
         "lora": write_model(root / "loras" / "style.safetensors", "sd1_kohya_lora", small=False, sparse=True),
+        "esrgan": write_model(root / "RRDB_ESRGAN_x4.pth", "esrgan_x4", small=True, fmt="pt"),  # a pickle
     }
     (root / "notes.txt").write_text("not a model")
     return root, files
@@ -109,13 +110,13 @@ def test_no_model_files_is_an_error(cli, tmp_path):
 def test_inspect_never_imports_torch(lib):
     _, files = lib
     code = ("import sys\nfrom ckptlab.cli.main import main\n"
-            "try:\n    main(['inspect', '--json', sys.argv[1], sys.argv[2]])\nexcept SystemExit as e:\n"
+            "try:\n    main(['inspect', '--json', *sys.argv[1:]])\nexcept SystemExit as e:\n"
             "    assert e.code == 0, e.code\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'diffusers', "
             "'transformers', 'safetensors'))\n"
             "sys.stderr.write('HEAVY=' + ','.join(heavy))\n")
-    r = subprocess.run([sys.executable, "-c", code, str(files["sdxl"]), str(files["lora"])], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code, str(files["sdxl"]), str(files["lora"]), str(files["esrgan"])],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().endswith("HEAVY="), r.stderr[-500:]
 
