@@ -245,3 +245,17 @@ def test_identical_copies_each_get_their_row_and_sidecars(world, cli):
     assert (copy.parent / "detail copy.civitai.info").exists() and (files["lora"].parent / "detail.civitai.info").exists()
     assert len([q for q in fake.requests if q.method == "POST"]) == 1
     assert json.loads(fake.requests[0].body) == [file_hashes(copy.read_bytes())["SHA256"]]  # asked once
+
+
+def test_timeout_on_refresh_keeps_everything(world, cli):
+    fake, lib, files, env = world
+    assert cli("civitai", "link", files["lora"], env=env).returncode == 0
+    fake.api_delay = 3.0
+    r = cli("civitai", "link", files["lora"], "--refresh", "--json",
+            env={**env, "CKPTLAB_HTTP_TIMEOUT": "0.3", "CKPTLAB_HTTP_BACKOFF": "0"})
+    fake.api_delay = 0.0
+    assert r.returncode == 0, r.stderr
+    row = jsonl(r.stdout)[0]
+    assert row["status"] == "kept" and "Timeout" in row["message"]
+    s = jsonl(cli("civitai", "show", files["lora"], "--json", env=env).stdout)[0]
+    assert s["latest"]["id"] == 1000 and s["link"]["upstream_status"] == "unreachable"

@@ -57,6 +57,7 @@ class FakeCivitai:
     blobs: dict = field(default_factory=dict)         # file id -> bytes served by storage
     script: dict = field(default_factory=dict)        # route prefix -> list of (status, headers) to answer first
     down: bool = False
+    api_delay: float = 0.0                            # seconds the API waits before answering (timeouts)
     drop_after: dict = field(default_factory=dict)    # file id -> byte count after which the connection drops (once)
     corrupt: set = field(default_factory=set)         # file ids served with flipped bytes
     ignore_range: bool = False
@@ -127,8 +128,8 @@ class FakeCivitai:
 
     # -- servers ---------------------------------------------------------------------------------
     def start(self) -> FakeCivitai:
-        self._api = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self, "api"))
-        self._storage = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self, "storage"))
+        self._api = _QuietServer(("127.0.0.1", 0), _make_handler(self, "api"))
+        self._storage = _QuietServer(("127.0.0.1", 0), _make_handler(self, "storage"))
         for srv in (self._api, self._storage):
             srv.daemon_threads = True
             threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -149,6 +150,11 @@ class FakeCivitai:
 
 
 _LOCK = threading.Lock()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):  # clients that hang up (timeouts, Ctrl-C) are expected
+        return
 
 
 def _make_handler(fake: FakeCivitai, which: str):
@@ -188,6 +194,10 @@ def _make_handler(fake: FakeCivitai, which: str):
             self._record()
             if which == "storage":
                 return self._storage_get()
+            if fake.api_delay:
+                import time
+
+                time.sleep(fake.api_delay)
             if self._scripted():
                 return None
             if fake.down:

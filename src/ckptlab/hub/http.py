@@ -98,8 +98,16 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
     return min(base * (2 ** attempt), cap)
 
 
-def make_client(timeout: float = 30.0):
+def make_client(timeout: float | None = None):
+    """httpx client with our headers; ``timeout`` (connect/read/write, seconds) defaults to
+    ``$CKPTLAB_HTTP_TIMEOUT`` or 30 - a stalled transfer is retried and resumed after it."""
     import httpx
+
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get("CKPTLAB_HTTP_TIMEOUT", "30"))
+        except ValueError:
+            timeout = 30.0
 
     return httpx.Client(
         headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
