@@ -234,10 +234,30 @@ def _file_inputs(recipe: Recipe) -> set[str]:
     return used
 
 
+_MALLOC_SET = False
+
+
+def _fixed_mmap_threshold() -> None:
+    """Ask glibc to serve big buffers with mmap and return them at free, always. By default it raises the
+    threshold after each big free, so tensor-sized buffers end up in heap arenas and stay resident."""
+    global _MALLOC_SET
+    if _MALLOC_SET:
+        return
+    _MALLOC_SET = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB (setting it disables the dynamic raise)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def write_node(node: Node, path: Path, metadata: dict[str, str], *, overwrite: bool = False, threads: int = 2,
                budget: int = DEFAULT_BUDGET, progress: Progress | None = None, description: str = "merge") -> int:
     """Stream ``node`` into ``path``; returns the bytes of tensor data written."""
     progress = progress or null_progress
+    _fixed_mmap_threshold()
     plan = node.plan
     total = sum(i.nbytes for i in plan.values())
     progress(total=total, description=description)
