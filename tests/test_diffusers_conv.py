@@ -209,7 +209,7 @@ def test_to_diffusers_fp16_loads_and_equals_torch_cast(tmp_path, cli):
     r = cli("to-diffusers", src, "-o", tmp_path / "pipe", "--precision", "fp16")
     assert r.returncode == 0, r.stderr
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), local_files_only=True,
-                                                             torch_dtype=torch.float16)
+                                                             dtype=torch.float16)
     sd = load(src)
     w = pipe.unet.state_dict()["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
     assert w.dtype == torch.float16
