@@ -268,3 +268,18 @@ def test_malicious_pickle_refused_by_every_command(tmp_path, cli, command):
     assert "malicious" in r.stderr
     assert list(out.iterdir()) == [] and not (tmp_path / "pwned").exists()
     assert (sha256(evil), sha256(target)) == before
+
+
+def test_extract_sd2_openclip_h_as_transformers_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ckpt = make_model(tmp_path / "sd2.safetensors", "sd2_checkpoint")
+    [r] = extract([ckpt], "openclip_h")
+    out, src = load(r.output), load(ckpt)
+    w = src["cond_stage_model.model.transformer.resblocks.23.attn.in_proj_bias"]
+    d = w.shape[0] // 3
+    assert torch.equal(out["text_model.encoder.layers.23.self_attn.v_proj.bias"], w[2 * d:])
+    cfg = transformers.CLIPTextConfig(hidden_size=d, intermediate_size=out[
+        "text_model.encoder.layers.0.mlp.fc1.weight"].shape[0], num_hidden_layers=24, num_attention_heads=1,
+        projection_dim=out["text_projection.weight"].shape[0], vocab_size=49408, max_position_embeddings=77)
+    missing, unexpected = transformers.CLIPTextModelWithProjection(cfg).load_state_dict(out, strict=False)
+    assert not [m for m in missing if not m.endswith("position_ids")] and not unexpected

@@ -98,7 +98,7 @@ def precision_cmd(
 
 def extract_cmd(
     inputs: list[str] = typer.Argument(..., help="Checkpoint file(s)."),
-    component: str = typer.Option(..., "--component", "-c", help="unet, vae, clip_l, clip_g, t5xxl or ema."),
+    component: str = typer.Option(..., "--component", "-c", help="unet, vae, clip_l, clip_g, openclip_h, t5xxl or ema."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (one input)."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
 ) -> None:

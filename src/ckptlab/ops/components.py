@@ -3,7 +3,7 @@
 Standalone naming follows what the field's loaders expect for files of that kind:
 - UNet: LDM names without ``model.diffusion_model.`` (ComfyUI "diffusion_models" / A1111 UNet files);
 - VAE: without ``first_stage_model.`` (``vae.`` for Flux all-in-ones), LDM names (A1111/ComfyUI VAE files);
-- CLIP-L / CLIP-G / T5: transformers names (``text_model.…``, ``text_projection.weight``; ``encoder.block.…``)
+- CLIP-L / CLIP-G / OpenCLIP-H (SD2) / T5: transformers names (``text_model.…``, ``text_projection.weight``; ``encoder.block.…``)
   as in the ``clip_l`` / ``clip_g`` / ``t5xxl`` files SD3 and Flux ship; SDXL's OpenCLIP-bigG is converted
   (fused qkv split, ``text_projection`` transposed; ``logit_scale`` has no home there and is dropped);
 - EMA: the EMA copy under the UNet's standalone names.
@@ -26,7 +26,7 @@ from ckptlab.ops.run import open_checked, run_each
 from ckptlab.ops.stream import Out, TransformResult
 from ckptlab.progress import Progress, null_progress
 
-EXTRACT_CHOICES = ("unet", "vae", "clip_l", "clip_g", "t5xxl", "ema")
+EXTRACT_CHOICES = ("unet", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "ema")
 REPLACE_CHOICES = ("unet", "vae", "clip_l", "clip_g")
 #: VAEs that are interchangeable (same latent space)
 VAE_GROUPS = {"sd1": "sd1/sd2", "sd2": "sd1/sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl", "sd3": "sd3",
@@ -67,7 +67,7 @@ def extract_plan(src: TensorSource, component: str) -> list[Out]:
     if component in ("clip_l", "clip_g", "t5xxl") and prefix.startswith("text_encoders."):
         prefix += "transformer."
         keys = [k for k in keys if k.startswith(prefix)]
-    if component == "clip_g" and _is_openclip(keys, prefix):
+    if component in ("clip_g", "openclip_h") and _is_openclip(keys, prefix):
         return openclip_to_hf_items(src, keys, prefix, drop_last=False)
     out = []
     for k in keys:
