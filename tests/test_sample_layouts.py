@@ -555,3 +555,18 @@ def test_full_chroma_converts_to_diffusers_chroma_transformer():
         model = ChromaTransformer2DModel()  # defaults are Chroma's real config
     conv = convert_chroma_transformer_checkpoint_to_diffusers(meta_state("chroma"))
     assert {k: tuple(v.shape) for k, v in conv.items()} == _meta_shapes(model)
+
+
+def test_svd_unet_and_temporal_vae_counts_equal_diffusers():
+    """diffusers names differ (spatial_res_block/temporal_res_block...), so compare key and parameter counts."""
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+
+    with torch.device("meta"):
+        unet = UNetSpatioTemporalConditionModel()  # defaults are SVD's config
+        vae = AutoencoderKLTemporalDecoder(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                           down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4)
+    lay = layouts.keys("svd", small=False)
+    for prefix, model in (("model.diffusion_model.", unet), ("first_stage_model.", vae)):
+        ours = {k: v for k, v in lay.items() if k.startswith(prefix)}
+        ref = _meta_shapes(model)
+        assert (len(ours), nparams(ours)) == (len(ref), sum(math.prod(s) for s in ref.values()))

@@ -134,9 +134,10 @@ def _kolors_unet(small: bool) -> Layout:
 
 
 def _svd(small: bool) -> Layout:
-    """SVD img2vid (reduction): SD2-style UNet with in-channels 8, label_emb in 768 (3 x 256: fps, motion
-    bucket, cond aug), temporal ``time_stack``/``time_mixer`` keys, and a VAE whose decoder resblocks carry
-    ``mix_factor`` + 3-D ``time_stack`` convs. The CLIP-H image encoder conditioner is omitted."""
+    """SVD img2vid: SD2-style UNet with in-channels 8, label_emb in 768 (3 x 256: fps, motion
+    bucket, cond aug), temporal ``time_stack``/``time_mixer`` keys in every resblock and transformer, and a
+    VAE whose decoder resblocks carry ``mix_factor`` + a 3-D conv ``time_stack`` (+ ``conv_out.time_mix_conv``).
+    Reduction: the conditioner (CLIP-H image encoder, VAE encoder for the conditioning frame) is omitted."""
     from dataclasses import replace
 
     d = replace(dims("sd2", "unet", small), in_channels=8, adm=3 * (8 if small else 256))
@@ -144,9 +145,17 @@ def _svd(small: bool) -> Layout:
     v = vae(dims("sd2", "vae", small))
     for k, (_, shape) in list(v.items()):
         if k.startswith("decoder.") and k.endswith(".conv2.weight") and ".block" in k:
-            p = k[: -len(".conv2.weight")]
+            p, c = k[: -len(".conv2.weight")], shape[0]
             v.add(f"{p}.mix_factor", 1)
-            v.add(f"{p}.time_stack.in_layers.2.weight", shape[0], shape[0], 3, 1, 1)
+            v.norm(f"{p}.time_stack.in_layers.0", c)
+            v.add(f"{p}.time_stack.in_layers.2.weight", c, c, 3, 1, 1)
+            v.add(f"{p}.time_stack.in_layers.2.bias", c)
+            v.norm(f"{p}.time_stack.out_layers.0", c)
+            v.add(f"{p}.time_stack.out_layers.3.weight", c, c, 3, 1, 1)
+            v.add(f"{p}.time_stack.out_layers.3.bias", c)
+    v.add("decoder.conv_out.time_mix_conv.weight", 3, 3, 3, 1, 1)
+    v.add("decoder.conv_out.time_mix_conv.bias", 3)
+    del v["post_quant_conv.weight"], v["post_quant_conv.bias"]  # the temporal decoder has none
     return lay.merge(v, VAE_PREFIX)
 
 

@@ -329,12 +329,12 @@ def chroma(small: bool) -> Layout:
 
 def svd_temporal(unet_layout: dict, context: int) -> Layout:
     """SVD's VideoUNet additions to an SD2-style UNet layout: ``time_stack`` / ``time_mixer`` in every
-    resblock and transformer (reduction: the temporal transformer has one block per spatial one)."""
+    resblock and transformer (one temporal block per spatial one, as in SVD's depth-1 transformers)."""
     lay = Layout()
     for k, (dt, shape) in unet_layout.items():
         lay[k] = (dt, shape)
     for k, (_, shape) in list(unet_layout.items()):
-        m = re.match(r"^(.*\.\d+\.1)\.transformer_blocks\.(\d+)\.attn1\.to_q\.weight$", k)
+        m = re.match(r"^(.*\.\d+\.1|middle_block\.1)\.transformer_blocks\.(\d+)\.attn1\.to_q\.weight$", k)
         if m:
             p, d = m.group(1), m.group(2)
             c = shape[0]
