@@ -188,7 +188,6 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
         raise MismatchError("replace needs a checkpoint of a known family", src.path)
     infos = src.infos()
     new: dict[str, Out] = {}
-    replaced_prefixes: list[str] = []
     for component, comp_src in replacements.items():
         if component not in REPLACE_CHOICES:
             raise CkptlabError(f"cannot replace {component!r}; use one of {', '.join(REPLACE_CHOICES)}")
@@ -225,7 +224,6 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
             if fam is None:
                 result.warnings.append(f"{comp_src.path.name}: VAE family unknown (keys and shapes match)")
         new.update(by_key)
-        replaced_prefixes.append(prefix)
         result.converted += len(by_key)
     return [new[k] if k in new else Out.copy(k, src, k) for k in infos]
 

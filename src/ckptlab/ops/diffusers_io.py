@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError, FormatError, MismatchError, OutputError
+from ckptlab.errors import FormatError, MismatchError, OutputError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.ops import diffusers_config as cfgs
 from ckptlab.ops.diffusers_map import (
@@ -553,8 +553,3 @@ def from_diffusers(folder: Path, out: Path, *, overwrite: bool = False, dry_run:
     finally:
         for s in opened:
             s.close()
-
-
-def ensure_supported(fam: str | None) -> None:
-    if fam not in SUPPORTED:
-        raise CkptlabError(f"unsupported family {fam!r}")

@@ -208,10 +208,6 @@ def cached_sha256(path: Path) -> str | None:
         return None
 
 
-def hash_inputs(paths: Iterable[Path]) -> list[FileHasher]:
-    return [FileHasher(p) for p in paths if Path(p).is_file()]
-
-
 def output_path(inp: Path, out_dir: Path | None, suffix: str, ext: str = ".safetensors") -> Path:
     """``<out_dir or input folder>/<input stem><suffix><ext>``."""
     inp = Path(inp)
@@ -258,7 +254,3 @@ def open_input(path: Path) -> TensorSource:
     if not path.exists():
         raise FormatError("no such file", path)
     return open_model(path)
-
-
-def sha256_of(path: Path) -> str:
-    return FileHasher(path).result()
