@@ -156,6 +156,9 @@ def test_unet_and_mmdit_counts_match_reference():
     assert (len(unet_part("sdxl_refiner")), nparams(unet_part("sdxl_refiner"))) == (1220, 2_259_526_660)
     assert (len(unet_part("sd2_checkpoint")), nparams(unet_part("sd2_checkpoint"))) == (686, 865_910_724)
     assert nparams(unet_part("sd2_inpaint")) == 865_925_124
+    assert nparams(unet_part("sd2_depth")) == 865_913_604
+    midas = {k: v for k, v in layouts.keys("sd2_depth", small=False).items() if k.startswith("depth_model.")}
+    assert len(midas) == 368 and round(nparams(midas) / 1e5) == 1231  # §1.2: 368 tensors / 123.1 M params
     assert nparams(unet_part("sd3_medium")) == 2_084_951_104
     assert nparams(unet_part("sd35_medium")) == 2_469_663_936
     assert nparams(unet_part("sd35_large")) == 8_146_280_768

@@ -42,7 +42,7 @@ class Spec:
     metadata: Mapping[str, str] = field(default_factory=dict)
     ambiguous_with: tuple[str, ...] = ()  # families the keys alone cannot rule out (reference says: hash/filename)
     ema_ok: bool = False            # write_model(ema=True) allowed (LDM checkpoints)
-    verified_by: str = ""           # the independent oracle(s) the layout is tested against ("" = none: reduction)
+    verified_by: str = ""           # the independent oracle(s) the layout is tested against ("" = none)
     notes: str = ""
 
     @property
@@ -103,8 +103,7 @@ _SPEC_LIST = [
     Spec("sd2_inpaint", "SD2 inpainting checkpoint (in-channels 9)", "checkpoint", "sd2", "inpaint", _SD2,
          "epsilon", filename="512-inpainting-ema", ema_ok=True),
     Spec("sd2_depth", "SD2 depth checkpoint (in-channels 5 + MiDaS under depth_model.model.)", "checkpoint", "sd2",
-         "depth", (*_SD2, "depth_model"), "epsilon", filename="512-depth-ema", ema_ok=True,
-         notes="MiDaS part is a reduction with the real marker keys (not all 368 tensors)"),
+         "depth", (*_SD2, "depth_model"), "epsilon", filename="512-depth-ema", ema_ok=True),
     Spec("sdxl_checkpoint", "SDXL 1.0 base single file (SGM names)", "checkpoint", "sdxl",
          components=("unet", "vae", "clip_l", "clip_g"), prediction="epsilon", filename="sd_xl_base_1.0"),
     Spec("sdxl_inpaint", "SDXL inpainting (in-channels 9)", "checkpoint", "sdxl", "inpaint",
@@ -237,6 +236,7 @@ _VERIFIED = {
     "flux_diffusers_lora": "diffusers FluxTransformer2DModel Linear in/out features (full, meta)",
     "ip_adapter_sd15": "diffusers IP-Adapter loader into a small SD1 UNet (shape-checked)",
     "taesd_decoder": "diffusers AutoencoderTiny decoder (index shift for the Clamp)",
+    "sd2_depth": "reference §1.2/§4 counts (MiDaS 368 tensors / 123.1 M, UNet 865,913,604); " + _LDM,
     "svd": "diffusers UNetSpatioTemporalConditionModel / AutoencoderKLTemporalDecoder key and parameter counts",
     "t2i_adapter": "diffusers T2IAdapter (full_adapter) via the original->diffusers key mapping (full, meta)",
     **dict.fromkeys(("hunyuan_dit", "hunyuan_dit_v10"),

@@ -34,31 +34,35 @@ def esrgan(small: bool, *, nf: int | None = None, gc: int | None = None, blocks:
 
 
 def midas_dpt_hybrid(small: bool) -> Layout:
-    """MiDaS DPT-Hybrid as stored under ``depth_model.model.`` in SD2-depth (ViT-B/16 + ResNet-50 stem).
-
-    Reduction: the ResNet stages are represented by their first bottleneck only, so the key count is
-    below the real 368; the ViT blocks, ``act_postprocess1..4`` and ``scratch`` refinenets are real.
-    """
-    w = 48 if small else 768
-    feats = (16, 32, 48, 48) if small else (256, 512, 768, 768)
-    f = 16 if small else 256
+    """MiDaS DPT-Hybrid as stored under ``depth_model.model.`` in SD2-depth: timm ``vit_base_resnet50_384``
+    (ResNet-50 stem + stages of 3, 4, 9 bottlenecks, 12 ViT-B blocks, ImageNet head), the readout
+    projections ``act_postprocess3/4`` (1 and 2 are parameter-free for the hybrid), and the ``scratch``
+    refinement decoder: 368 tensors, 123.1 M parameters. Small: every width / 8 (same keys)."""
+    k = 8 if small else 1
+    w, f = 768 // k, 256 // k
     lay = Layout()
     p = "pretrained.model."
     lay.add(p + "cls_token", 1, 1, w)
     lay.add(p + "pos_embed", 1, 577, w)
-    lay.add(p + "patch_embed.backbone.stem.conv.weight", 64, 3, 7, 7)
-    lay.norm(p + "patch_embed.backbone.stem.norm", 64)
-    for s, (cin, cout) in enumerate(((64, 256), (256, 512), (512, 1024))):
-        b = f"{p}patch_embed.backbone.stages.{s}.blocks.0."
-        lay.add(b + "conv1.weight", cout // 4, cin, 1, 1)
-        lay.norm(b + "norm1", cout // 4)
-        lay.add(b + "conv2.weight", cout // 4, cout // 4, 3, 3)
-        lay.norm(b + "norm2", cout // 4)
-        lay.add(b + "conv3.weight", cout, cout // 4, 1, 1)
-        lay.norm(b + "norm3", cout)
-        lay.add(b + "downsample.conv.weight", cout, cin, 1, 1)
-        lay.norm(b + "downsample.norm", cout)
-    lay.conv(p + "patch_embed.proj", w, 1024, 1)
+    lay.add(p + "patch_embed.backbone.stem.conv.weight", 64 // k, 3, 7, 7)
+    lay.norm(p + "patch_embed.backbone.stem.norm", 64 // k)
+    cin = 64 // k
+    for s, (n, mid) in enumerate(((3, 64), (4, 128), (9, 256))):
+        mid //= k
+        out = 4 * mid
+        for b in range(n):
+            q = f"{p}patch_embed.backbone.stages.{s}.blocks.{b}."
+            lay.add(q + "conv1.weight", mid, cin if b == 0 else out, 1, 1)
+            lay.norm(q + "norm1", mid)
+            lay.add(q + "conv2.weight", mid, mid, 3, 3)
+            lay.norm(q + "norm2", mid)
+            lay.add(q + "conv3.weight", out, mid, 1, 1)
+            lay.norm(q + "norm3", out)
+            if b == 0:
+                lay.add(q + "downsample.conv.weight", out, cin, 1, 1)
+                lay.norm(q + "downsample.norm", out)
+        cin = out
+    lay.conv(p + "patch_embed.proj", w, cin, 1)
     for i in range(12):
         b = f"{p}blocks.{i}."
         lay.norm(b + "norm1", w)
@@ -68,13 +72,12 @@ def midas_dpt_hybrid(small: bool) -> Layout:
         lay.linear(b + "mlp.fc1", 4 * w, w)
         lay.linear(b + "mlp.fc2", w, 4 * w)
     lay.norm(p + "norm", w)
-    for i in (1, 2):
-        lay.linear(f"pretrained.act_postprocess{i}.0.project.0", w, 2 * w)
+    lay.linear(p + "head", 1000, w)
     for i in (3, 4):
         lay.linear(f"pretrained.act_postprocess{i}.0.project.0", w, 2 * w)
-        lay.conv(f"pretrained.act_postprocess{i}.3", feats[i - 1], w, 1)
-    lay.conv("pretrained.act_postprocess4.4", feats[3], feats[3])
-    for i, c in enumerate(feats, 1):
+        lay.conv(f"pretrained.act_postprocess{i}.3", w, w, 1)
+    lay.conv("pretrained.act_postprocess4.4", w, w)
+    for i, c in enumerate((256 // k, 512 // k, w, w), 1):
         lay.add(f"scratch.layer{i}_rn.weight", f, c, 3, 3)
     for i in range(1, 5):
         b = f"scratch.refinenet{i}."
@@ -83,8 +86,8 @@ def midas_dpt_hybrid(small: bool) -> Layout:
             lay.conv(f"{b}resConfUnit{u}.conv1", f, f)
             lay.conv(f"{b}resConfUnit{u}.conv2", f, f)
     lay.conv("scratch.output_conv.0", f // 2, f)
-    lay.conv("scratch.output_conv.2", 32, f // 2)
-    lay.conv("scratch.output_conv.4", 1, 32, 1)
+    lay.conv("scratch.output_conv.2", 32 // k, f // 2)
+    lay.conv("scratch.output_conv.4", 1, 32 // k, 1)
     return lay
 
 
@@ -221,7 +224,7 @@ LAYOUTS: dict[str, Callable[[bool], Layout]] = {
 
 
 # ---------------------------------------------------------------------------------------------
-# PixArt, HunyuanDiT, SVD, Chroma (reductions with the real marker keys and shapes)
+# PixArt, HunyuanDiT, Chroma, SVD temporal parts, TAESD, T2I-Adapter, IP-Adapter, Real-ESRGAN
 # ---------------------------------------------------------------------------------------------
 
 def pixart(small: bool, *, alpha: bool) -> Layout:
