@@ -101,7 +101,10 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
             progress(0, description=f"{operation} {job.path.name} ({n + 1}/{len(jobs)})")
             hasher = FileHasher(job.path) if job.path.is_file() else None
             paths = [job.path, *(extra_inputs or [])]
-            hashers = [hasher, *(extra_hashers.setdefault(p, FileHasher(p)) for p in extra_inputs or [])]
+            for p in extra_inputs or []:
+                if p not in extra_hashers:
+                    extra_hashers[p] = FileHasher(p)  # hashed once, recorded in every output
+            hashers = [hasher, *(extra_hashers[p] for p in extra_inputs or [])]
             pending = {placeholder(i): h for i, h in enumerate(hashers) if h is not None}
             meta = provenance(operation, [(p, placeholder(i) if h else None)
                                           for i, (p, h) in enumerate(zip(paths, hashers, strict=True))],
