@@ -399,6 +399,7 @@ def test_marker_keys_of_the_other_oracle_rows():
     wd = layouts.keys("sd2_wd", small=False)
     assert "cond_stage_model.model.transformer.resblocks.22.ln_1.weight" in wd
     assert not any(".resblocks.23." in k for k in wd)
+    assert len([k for k in wd if k.startswith("cond_stage_model.model.")]) == 280  # Toolkit CLIP-v2-WD
     nai = layouts.keys("sd1_nai_clip")
     assert "cond_stage_model.transformer.embeddings.token_embedding.weight" in nai
     assert not any("text_model" in k for k in nai)

@@ -151,10 +151,9 @@ _SPEC_LIST = [
          fmt="pt", filename="RRDB_ESRGAN_x4"),
     Spec("realesrgan_x4plus", "Real-ESRGAN x4plus, BasicSR RRDBNet names (pickle wraps them in params_ema)",
          "upscaler", "esrgan", "x4", fmt="pt", filename="RealESRGAN_x4plus"),
-    Spec("sd2_wd", "SD2 file whose OpenCLIP-H lacks its last block (resblocks.23), like WD releases",
+    Spec("sd2_wd", "SD2 file whose OpenCLIP-H lacks its last block, text_projection and logit_scale (WD 1.4)",
          "checkpoint", "sd2", components=_SD2, filename="wd-1-4-anime_e2", ema_ok=True,
-         notes="reference §2.2 (Toolkit 'CLIP is missing its final layer'); 282 text keys here: the Toolkit's "
-               "280 omit logit_scale and text_projection"),
+         notes="reference §2.2 (Toolkit 'CLIP is missing its final layer', CLIP-v2-WD: 280 keys)"),
     Spec("sd1_nai_clip", "SD1 file with old CLIP naming (no text_model.; NovelAI-era), to be normalised",
          "checkpoint", "sd1", components=_SD1, prediction="epsilon", filename="animefull-final-pruned",
          fmt="ckpt", ema_ok=True, notes="reference §2.1: A1111 checkpoint_dict_replacements_sd1"),

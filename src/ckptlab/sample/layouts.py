@@ -61,9 +61,11 @@ def _sd2(small: bool, *, in_channels: int = 4) -> Layout:
 
 
 def _sd2_wd(small: bool) -> Layout:
-    """SD2 'WD'-style file: OpenCLIP-H without its last block (``resblocks.23``), reference §2.2."""
+    """SD2 'WD'-style file: OpenCLIP-H without its last block (``resblocks.23``), ``text_projection`` and
+    ``logit_scale`` (reference §2.2; the Toolkit's CLIP-v2-WD list, 280 keys)."""
     lay = _sd2(small)
-    return Layout({k: v for k, v in lay.items() if ".transformer.resblocks.23." not in k})
+    drop = ("cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale")
+    return Layout({k: v for k, v in lay.items() if ".transformer.resblocks.23." not in k and k not in drop})
 
 
 def _sd1_nai_clip(small: bool) -> Layout:
