@@ -1,12 +1,11 @@
 """Download memory/throughput check: ``ckptlab download`` of a large file from the loopback fake
 CivitAI, versus a 1 MiB download in the same run (the baseline: interpreter + CLI start-up).
 
-    python tests/fakes/bench_download.py [--quick] [--size-mib N]
+    python benchmarks/download.py [--quick] [--size-mib N]
 
 Prints the peak anonymous memory (RssAnon from /proc, sampled every 10 ms; page cache is not
 counted) of the CLI process for both and the ratio. Streaming means the ratio stays near 1 whatever
 the size. The fake server keeps the file in this process's memory, so sizes are limited by RAM.
-(Lives with the fakes it drives; move to benchmarks/ when folding.)
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "src"))
 
 from fakes.civitai_server import FakeCivitai  # noqa: E402
 
