@@ -57,7 +57,7 @@ def main() -> None:
         fake.add_version(11, 1, [(110, "big.bin", os.urandom(big))])
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ, CKPTLAB_CIVITAI_URL=fake.api_url, CIVITAI_API_TOKEN=fake.token,
-                       HOME=tmp, CKPTLAB_DB=f"{tmp}/catalog.db", PYTHONPATH=str(HERE.parents[1] / "src"))
+                       HOME=tmp, CKPTLAB_DB=f"{tmp}/catalog.db", PYTHONPATH=str(ROOT / "src"))
             base_t, base_mem, _ = run(fake, 10, Path(tmp) / "dl", env)
             t, mem, _ = run(fake, 11, Path(tmp) / "dl", env)
         print(f"baseline 1 MiB : {base_t:6.2f} s, peak RssAnon {base_mem / 2**20:7.1f} MiB")
