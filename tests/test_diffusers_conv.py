@@ -216,3 +216,19 @@ def test_to_diffusers_fp16_loads_and_equals_torch_cast(tmp_path, cli):
     assert torch.equal(w, sd["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"].half())
     vae = load(tmp_path / "pipe/vae/diffusion_pytorch_model.safetensors")
     assert vae["decoder.conv_in.weight"].dtype == torch.float32  # VAE left as it was
+
+
+def test_from_diffusers_reads_a_folder_saved_by_diffusers(tmp_path):
+    src = make_model(tmp_path / "xl.safetensors", "sdxl_checkpoint")
+    to_diffusers(src, tmp_path / "ours")
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "ours"), local_files_only=True)
+    pipe.save_pretrained(str(tmp_path / "theirs"))  # written by diffusers/transformers, no ckptlab extras
+    r = from_diffusers(tmp_path / "theirs", tmp_path / "back.safetensors")
+    back, sd = load(r.output), load(src)
+    lost = set(sd) - set(back)
+    # only what diffusers has no place for: logit_scale (and position_ids if transformers did not save it)
+    assert "conditioner.embedders.1.model.logit_scale" in lost
+    assert lost <= {"conditioner.embedders.1.model.logit_scale",
+                    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"}
+    for k in back:
+        assert torch.equal(back[k], sd[k]), k
