@@ -109,6 +109,22 @@ def test_sd1_kohya_lora_modules_are_diffusers_unet_and_clip_modules():
         assert len(down) == 2 + len(k)
 
 
+def test_sd1_locon_modules_are_diffusers_unet_modules():
+    cfg = mecha("sd1-kohya")["diffuser"]
+    weights = {"lora_unet_" + k[len("unet."):-len(".weight")].replace(".", "_"): s for k, (s, _) in cfg.items()
+               if k.endswith(".weight")}
+    lay = layouts.keys("sd1_locon", small=False)
+    mods = {k[: -len(".lora_down.weight")] for k in lay if k.endswith(".lora_down.weight")}
+    conv = {m for m in mods if re.search(r"(resnets|samplers)_\d+_", m)}
+    # 22 resnets x (conv1, time_emb_proj, conv2) + 14 conv_shortcut (2 down, all 12 up: skip concat)
+    # + 3 downsamplers + 3 upsamplers
+    assert len(conv) == 22 * 3 + 14 + 3 + 3 and len(mods) == len(conv) + 192 + 72
+    for m in conv:
+        out, inp, *k = weights[m]
+        assert lay[m + ".lora_down.weight"][1] == (16, inp, *k)
+        assert lay[m + ".lora_up.weight"][1] == (out, 16, *[1 for _ in k])
+
+
 def test_sdxl_kohya_lora_modules_are_sgm_unet_modules():
     cfg = mecha("sdxl-sgm")["diffuser"]
     lay = layouts.keys("sdxl_kohya_lora", small=False)

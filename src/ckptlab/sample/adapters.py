@@ -282,3 +282,48 @@ def dora_sd1(small: bool) -> Layout:
         if k.endswith(".lora_up.weight"):
             out[k[: -len(".lora_up.weight")] + ".dora_scale"] = ("F32", (v[1][0], 1))
     return out
+
+
+_RES = {"in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.3": "conv2",
+        "skip_connection": "conv_shortcut"}
+
+
+def unet_conv_modules(unet_layout: dict, res_blocks: int = 2) -> list[tuple[str, tuple[int, ...]]]:
+    """LoCon targets of an LDM UNet in diffusers names: resnets (conv1, time_emb_proj, conv2, conv_shortcut),
+    downsamplers and upsamplers (kohya ``UNET_TARGET_REPLACE_MODULE_CONV2D_3X3``)."""
+    out = []
+    for key, (_, shape) in unet_layout.items():
+        m = re.match(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)\.weight$", key) or \
+            re.match(r"^(middle_block)\.(\d+)\.()(.+)\.weight$", key)
+        if not m:
+            continue
+        kind, n, sub, rest = m.groups()
+        n = int(n)
+        if kind == "middle_block":
+            if rest in _RES and n in (0, 2):
+                out.append((f"mid_block.resnets.{n // 2}.{_RES[rest]}", shape))
+            continue
+        if kind == "input_blocks":
+            if n == 0:
+                continue
+            level, j = divmod(n - 1, res_blocks + 1)
+            if rest == "op":
+                out.append((f"down_blocks.{level}.downsamplers.0.conv", shape))
+            elif sub == "0" and rest in _RES:
+                out.append((f"down_blocks.{level}.resnets.{j}.{_RES[rest]}", shape))
+        else:
+            level, j = divmod(n, res_blocks + 1)
+            if rest == "conv":
+                out.append((f"up_blocks.{level}.upsamplers.0.conv", shape))
+            elif sub == "0" and rest in _RES:
+                out.append((f"up_blocks.{level}.resnets.{j}.{_RES[rest]}", shape))
+    return out
+
+
+def locon_sd1(small: bool) -> Layout:
+    """kohya LoCon for SD1 (``networks.lora`` with ``conv_dim``): the attention LoRA plus 3x3/1x1 conv and
+    ``time_emb_proj`` modules of every resnet, downsampler and upsampler (diffusers-style names)."""
+    r = RANK_SMALL if small else RANK_FULL
+    lay = kohya_lora_sd1(small)
+    _kohya_pairs(lay, "lora_unet_", unet_conv_modules(unet(dims("sd1", "unet", small))), r)
+    return lay

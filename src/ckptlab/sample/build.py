@@ -208,6 +208,9 @@ _SPEC_LIST = [
          "lora", "flux", "peft", filename="flux_diffusers_lora"),
     Spec("flux_xlabs_lora", "XLabs Flux LoRA (double_blocks.N.processor.qkv_lora1.down.weight)", "lora", "flux",
          "xlabs", filename="xlabs_flux_lora"),
+    Spec("sd1_locon", "kohya LoCon for SD1 (attention LoRA + resnet/down/upsampler conv modules)", "lora", "sd1",
+         "locon", filename="sd15_locon", metadata={"ss_network_module": "networks.lora", "ss_base_model_version":
+                                                   "sd_v1", "ss_network_args": '{"conv_dim": "4", "conv_alpha": "2"}'}),
     Spec("sd1_oft", "LyCORIS OFT for SD1 (oft_blocks)", "lycoris", "sd1", "oft", filename="sd15_oft"),
     Spec("sd1_glora", "LyCORIS GLoRA for SD1 (a1/a2/b1/b2)", "lycoris", "sd1", "glora", filename="sd15_glora"),
     Spec("sd1_dora", "kohya LoRA with DoRA magnitudes (dora_scale) for SD1", "lora", "sd1", "dora",
@@ -232,6 +235,7 @@ _VERIFIED = {
     "sd1_kohya_lora": "sd-mecha sd1-kohya module names; small diffusers/transformers modules",
     "sdxl_kohya_lora": "sd-mecha sdxl-sgm module names",
     "sd1_peft_lora": "small diffusers UNet module names",
+    "sd1_locon": "sd-mecha sd1-kohya module names and shapes",
     "flux_diffusers_lora": "diffusers FluxTransformer2DModel Linear in/out features (full, meta)",
     "ip_adapter_sd15": "diffusers IP-Adapter loader into a small SD1 UNet (shape-checked)",
     "taesd_decoder": "diffusers AutoencoderTiny decoder (index shift for the Clamp)",

@@ -226,6 +226,7 @@ LAYOUTS: dict[str, Callable[[bool], Layout]] = {
     "flux_kohya_lora": lambda s: adapters.kohya_lora_flux(s),
     "flux_diffusers_lora": lambda s: adapters.diffusers_lora_flux(s),
     "flux_xlabs_lora": lambda s: adapters.xlabs_lora_flux(s),
+    "sd1_locon": lambda s: adapters.locon_sd1(s),
     "sd1_oft": lambda s: adapters.oft_sd1(s),
     "sd1_glora": lambda s: adapters.glora_sd1(s),
     "sd1_dora": lambda s: adapters.dora_sd1(s),
