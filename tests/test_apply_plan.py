@@ -73,7 +73,7 @@ def test_stale_plan_touches_nothing(library):
     lib, db, plan_path, orig = library
     (lib / "b.ckpt").write_bytes((lib / "b.ckpt").read_bytes() + b"x")  # changed after planning
     before = sha256(lib / "b.ckpt")
-    results = apply_plan(plan_path, catalog_path=db)
+    results = apply_plan(plan_path)  # updates the catalog named in the plan
     b_steps = [r for r in results if r.path.name == "b.ckpt"]
     assert b_steps[0].status == "failed" and "plan saw" in b_steps[0].message
     assert all(r.status == "skipped" for r in b_steps[1:])

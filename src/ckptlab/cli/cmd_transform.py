@@ -193,7 +193,7 @@ def from_diffusers_cmd(
 
 def apply_plan_cmd(
     plan: Path = typer.Argument(..., help="A plan written by `ckptlab plan-space -o PLAN`."),
-    catalog: Optional[Path] = typer.Option(None, "--catalog", help="Catalog file (default: $CKPTLAB_DB or the user's)."),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="Catalog to update (default: the one the plan was made from)."),
     no_rescan: bool = typer.Option(False, "--no-rescan", help="Do not rescan the touched folders afterwards."),
     dry_run: bool = _DRY, json_out: bool = _JSON,
 ) -> None:

@@ -147,7 +147,8 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
             failed_files.add(planned)
         progress(1)
     if not dry_run and touched:
-        _update_catalog(catalog_path, renames, sorted(touched), rescan)
+        db = catalog_path or (Path(plan.catalog) if plan.catalog else None)  # the catalog the plan came from
+        _update_catalog(db, renames, sorted(touched), rescan)
     return results
 
 
