@@ -407,3 +407,18 @@ def test_ip_adapter_loads_into_a_small_unet_with_diffusers_loader(files):
     unet._load_ip_adapter_weights([nested])
     procs = [p for n, p in unet.attn_processors.items() if n.endswith("attn2.processor")]
     assert len(procs) == 16 and all(hasattr(p, "to_k_ip") for p in procs)
+
+
+def test_library_cli_reports_a_bad_target_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "lib"
+    blocker.write_text("not a folder")
+    env_src = str(Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run([sys.executable, "-m", "ckptlab.sample", str(blocker)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": env_src}, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.startswith("ckptlab.sample: error: ") and len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr

@@ -13,14 +13,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dir", type=Path, help="folder to create the library in")
     ap.add_argument("--overwrite", action="store_true", help="rewrite files that already exist")
     args = ap.parse_args(argv)
+    from ckptlab.errors import CkptlabError
     from ckptlab.sample.build import build_library
 
     t0 = time.perf_counter()
     n = 0
     reuse: dict = {}
-    for layout in ("a1111", "comfyui"):
-        files = build_library(args.dir / layout, layout, small=True, overwrite=args.overwrite, reuse=reuse)
-        n += len(files)
+    try:
+        for layout in ("a1111", "comfyui"):
+            files = build_library(args.dir / layout, layout, small=True, overwrite=args.overwrite, reuse=reuse)
+            n += len(files)
+    except (CkptlabError, OSError) as e:
+        print(f"ckptlab.sample: error: {e}", file=sys.stderr)
+        return 1
     size = sum(f.stat().st_size for f in args.dir.rglob("*") if f.is_file())
     print(f"sample library: {n} files, {size / 1e6:.1f} MB in {args.dir} ({time.perf_counter() - t0:.1f} s)")
     return 0
