@@ -262,6 +262,10 @@ class BakeVae(Node):
         self.family = node.family
         self.kind = node.kind
         vkeys = list(vae.plan)
+        if any(k.startswith(("vae.", "unet.")) for k in node.plan) and not any(
+                k.startswith(self.PREFIX) for k in node.plan):
+            raise MismatchError("--vae bakes into single-file checkpoints; this model is a diffusers folder "
+                                "(replace its vae/ folder instead)")
         if any(k.startswith(("encoder.down_blocks.", "vae.encoder.down_blocks.")) for k in vkeys):
             raise MismatchError(f"{vae.name}: VAE is in diffusers layout; convert it to the single-file layout first")
         self.map: dict[str, str] = {}
