@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -422,3 +423,69 @@ def test_library_cli_reports_a_bad_target_in_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.startswith("ckptlab.sample: error: ") and len(out.stderr.strip().splitlines()) == 1
     assert "Traceback" not in out.stderr
+
+
+def _module_of(key: str) -> str:
+    """Module path of a converted diffusers LoRA key (new PEFT and older diffusers naming)."""
+    m = re.match(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$", key)
+    if m:
+        return m.group(1) + "." + (m.group(2) + ".0" if m.group(2) == "to_out" else m.group(2))
+    m = re.match(r"^(.*\.self_attn)\.to_(q|k|v|out)_lora\.(down|up)\.weight$", key)  # CLIP attention
+    if m:
+        return f"{m.group(1)}.{m.group(2)}_proj"
+    return re.sub(r"\.(lora\.(down|up)|lora_linear_layer\.(down|up)|lora_[AB])\.weight$", "", key)
+
+
+def _check_converted(conv: dict, models: dict) -> int:
+    n = 0
+    for k, v in conv.items():
+        if not k.endswith(("down.weight", "lora_A.weight")):
+            continue
+        head, rest = k.split(".", 1)
+        mod = models[head][_module_of(rest)]
+        weight = mod.weight
+        assert v.shape[1] == weight.shape[1], k
+        n += 1
+    return n
+
+
+def test_kohya_loras_convert_with_diffusers_onto_real_modules():
+    """diffusers' own kohya converters (SGM block mapping for SDXL) turn every module name into a module of
+    the diffusers UNet / HF CLIP with the LoRA's input width."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+
+    def ones(spec):
+        return {k: torch.ones(s) for k, (_, s) in layouts.keys(spec).items()}
+
+    sd1 = {"unet": dict(sd1_unet_model(SMALL["sd1"]["unet"]).named_modules()),
+           "text_encoder": {k[len("text_model."):]: m for k, m in clip_model(SMALL["sd1"]["clip_l"]).named_modules()}}
+    sd1["text_encoder"].update({"text_model." + k: m for k, m in sd1["text_encoder"].items()})
+    conv, _ = _convert_non_diffusers_lora_to_diffusers(ones("sd1_kohya_lora"))
+    assert _check_converted(conv, sd1) == 192 + 72
+
+    d = SMALL["sdxl"]
+    unet = sdxl_unet_model(d["unet"])
+    te1 = dict(clip_model(d["clip_l"]).named_modules())
+    te2 = dict(clip_model(d["clip_g"]).named_modules())
+    for t in (te1, te2):
+        t.update({k[len("text_model."):]: m for k, m in list(t.items()) if k.startswith("text_model.")})
+    mapped = _maybe_map_sgm_blocks_to_diffusers(ones("sdxl_kohya_lora"), unet.config)
+    conv, _ = _convert_non_diffusers_lora_to_diffusers(mapped)
+    models = {"unet": dict(unet.named_modules()), "text_encoder": te1, "text_encoder_2": te2}
+    assert _check_converted(conv, models) == 722 + 72 + 192
+
+
+def test_xlabs_flux_lora_converts_with_diffusers_onto_flux_modules():
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    f = SMALL["flux"]["flux"]
+    model = meta(FluxTransformer2DModel, guidance_embeds=True, num_attention_heads=f.heads,
+                 attention_head_dim=f.hidden // f.heads, joint_attention_dim=f.context_in,
+                 pooled_projection_dim=f.vec_in, axes_dims_rope=(8, 12, 12))
+    conv = _convert_xlabs_flux_lora_to_diffusers(
+        {k: torch.ones(s) for k, (_, s) in layouts.keys("flux_xlabs_lora").items()})
+    assert _check_converted(conv, {"transformer": dict(model.named_modules())}) == 19 * 8
