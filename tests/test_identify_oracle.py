@@ -62,6 +62,26 @@ ROWS = {
     "hunyuan_dit_v1_1": ({"mlp_t5.0.weight": t(2048, 2048), "extra_embedder.0.weight": t(5632, 3328)},
                          ("unet", "hunyuan_dit", "v1_1")),
     "lumina2": ({"cap_embedder.0.weight": t(2304)}, ("unet", "lumina2", None)),
+    "wan": ({"head.modulation": t(1, 2, 1536), "patch_embedding.weight": t(1536, 16, 1, 2, 2)}, ("unet", "wan", None)),
+    "mochi": ({"t5_yproj.weight": t(3072, 4096)}, ("unet", "mochi", None)),
+    "ltxv": ({"patchify_proj.weight": t(2048, 128), "adaln_single.linear.weight": t(12288, 2048)},
+             ("unet", "ltxv", None)),
+    "flux2_klein_4b": ({"double_stream_modulation_img.lin.weight": t(18432, 3072), "txt_in.weight": t(3072, 7680)},
+                       ("unet", "flux2", "klein_4b")),
+    "flux2_klein_9b": ({"single_stream_modulation.lin.weight": t(9216, 3072), "txt_in.weight": t(3072, 12288)},
+                       ("unet", "flux2", "klein_9b")),
+    "chroma_radiance": ({"distilled_guidance_layer.in_proj.bias": t(5120), "img_in.weight": t(3072, 64),
+                         "nerf_blocks.0.norm.scale": t(64)}, ("unet", "chroma", "radiance")),
+    "sv3d_u": ({P + "input_blocks.1.1.time_stack.0.attn1.to_q.weight": t(320, 320),
+                P + "label_emb.0.0.weight": t(1280, 256)}, ("unet", "svd", "sv3d_u")),
+    "sv3d_p": ({P + "input_blocks.1.1.time_stack.0.attn1.to_q.weight": t(320, 320),
+                P + "label_emb.0.0.weight": t(1280, 1280)}, ("unet", "svd", "sv3d_p")),
+    "refiner_inpaint": ({P + "label_emb.0.0.weight": t(1536, 2560), P + "input_blocks.0.0.weight": t(384, 9, 3, 3)},
+                        ("unet", "sdxl_refiner", "inpaint")),
+    "kolors_inpaint": ({P + "label_emb.0.0.weight": t(1280, 5632), P + "input_blocks.0.0.weight": t(320, 9, 3, 3)},
+                       ("unet", "kolors", "inpaint")),
+    "sd2_unclip_l": ({P + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": t(320, 1024),
+                      P + "label_emb.0.0.weight": t(1280, 1536)}, ("unet", "sd2", "unclip_l")),
     "hidream": ({"double_stream_blocks.0.block.adaLN_modulation.1.bias": t(15360)}, ("unet", "hidream", None)),
     "sana": ({"blocks.0.cross_attn.q_linear.weight": t(2240, 2240)}, ("unet", "sana", None)),
     "hunyuan_video": ({"txt_in.individual_token_refiner.blocks.0.norm1.weight": t(3072),
@@ -151,3 +171,20 @@ def test_checkpoint_with_a_few_stray_lora_keys_is_still_a_checkpoint(tmp_path):
     lay["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"] = t(4, 320)
     info = identify(write_sparse(tmp_path / "c.safetensors", lay))
     assert (info.kind, info.family) == ("checkpoint", "sd1")
+
+
+def test_every_family_and_variant_of_the_table_is_exercised():
+    """Each family and variant in ``arch.families`` is proved by a row here or by a sample spec."""
+    from test_identify_specs import _expected
+
+    from ckptlab.arch.families import FAMILIES
+    from ckptlab.sample.build import SPECS
+
+    seen = {(exp[1], exp[2]) for _, exp in ROWS.values()}
+    seen |= {(e[1], e[2]) for e in map(_expected, SPECS.values())}
+    seen |= {("sdxl", v) for v in ("v_pred", "v_pred_edm", "playground_v25")}  # test_identify_rules marker tests
+    families = {f for f, _ in seen}
+    for fam in FAMILIES:
+        assert fam.id in families, fam.id
+        for var in fam.variants:
+            assert (fam.id, var.id) in seen, (fam.id, var.id)
