@@ -124,6 +124,13 @@ ROWS = {
     "sdxl_lora_te_only": ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": t(8, 768),
                            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": t(8, 1280)},
                           ("lora", "sdxl", "kohya")),
+    "sd2_lora_kohya": ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+                        t(8, 1024),
+                        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": t(320, 8)},
+                       ("lora", "sd2", "kohya")),
+    "sdxl_lora_peft": ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": t(8, 2048),
+                        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": t(640, 8)},
+                       ("lora", "sdxl", "peft")),
     "oft": ({"lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks": t(4, 80, 80)}, ("lycoris", None, "oft")),
     "glora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.a1.weight": t(320, 8),
                "lora_unet_down_blocks_0_attentions_0_proj_in.b1.weight": t(320, 8)}, ("lycoris", None, "glora")),
