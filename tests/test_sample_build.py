@@ -262,7 +262,7 @@ def test_small_kohya_lora_targets_exist_in_the_small_diffusers_unet_and_clip(fil
 
 
 def test_lycoris_factors_reconstruct_the_module_shape(files):
-    loha, lokr = load_file(files("sd1_loha")), load_file(files("sd1_lokr"))
+    loha, lokr, glora = load_file(files("sd1_loha")), load_file(files("sd1_lokr")), load_file(files("sd1_glora"))
     base = layouts.keys("sd1_kohya_lora")
     for k in (k for k in base if k.endswith(".lora_down.weight")):
         mod = k[: -len(".lora_down.weight")]
@@ -272,6 +272,11 @@ def test_lycoris_factors_reconstruct_the_module_shape(files):
         w1, w2 = lokr[mod + ".lokr_w1"], lokr[mod + ".lokr_w2"]
         kron = torch.kron(w1, w2.reshape(w2.shape[0], w2.shape[1]))
         assert tuple(kron.shape) == (out, inp)
+        if mod + ".a1.weight" in glora:  # ComfyUI "old_glora": b2 @ b1 + W @ a2 @ a1
+            a1, a2, b1, b2 = (glora[f"{mod}.{n}.weight"] for n in ("a1", "a2", "b1", "b2"))
+            assert b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]
+            w = torch.zeros(out, inp)
+            assert tuple((b2 @ b1 + w @ a2 @ a1).shape) == (out, inp)
 
 
 def test_sparse_files_have_real_header_and_full_length(tmp_path):

@@ -259,7 +259,8 @@ def oft_sd1(small: bool) -> Layout:
 
 
 def glora_sd1(small: bool) -> Layout:
-    """LyCORIS GLoRA: ``a1`` [r, in], ``a2`` [in, r] (weight term) and ``b1`` [r, in], ``b2`` [out, r] (bias term)."""
+    """LyCORIS GLoRA (original layout; ComfyUI's "old_glora" branch): ``a1`` [r, in], ``a2`` [in, r], ``b1``
+    [r, in], ``b2`` [out, r]; the update is ``b2 @ b1 + W @ a2 @ a1``."""
     r = RANK_SMALL if small else 8
     lay = Layout()
     for mod, (out, inp, *k) in _sd1_modules(small):
