@@ -132,7 +132,11 @@ def _detect_lora(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
         g = AdapterGuess("lora", fam, "dora", [f"LoRA with DoRA magnitudes: {dora}"])
     else:
         fmt = _lora_format(lora_hit)
-        g = AdapterGuess("lora", fam, fmt, [f"LoRA parameters ({fmt} format): {lora_hit}"])
+        conv = next((k for k in keys if k.endswith(".lora_down.weight") and len(infos[k].shape) == 4
+                     and infos[k].shape[2] > 1), None)
+        g = AdapterGuess("lora", fam, "locon" if conv else fmt, [f"LoRA parameters ({fmt} format): {lora_hit}"])
+        if conv:  # kohya conv_dim: 3x3 convolutions adapted too (LoCon)
+            g.evidence.append(f"LoCon: 3x3 convolution modules adapted ({conv} {list(infos[conv].shape)})")
     if fam_ev:
         g.evidence.append(f"base {fam}: {fam_ev}")
     return g
