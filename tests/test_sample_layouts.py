@@ -590,3 +590,24 @@ def test_svd_unet_and_temporal_vae_counts_equal_diffusers():
         ours = {k: v for k, v in lay.items() if k.startswith(prefix)}
         ref = _meta_shapes(model)
         assert (len(ours), nparams(ours)) == (len(ref), sum(math.prod(s) for s in ref.values()))
+
+
+def test_full_kolors_unet_converts_to_diffusers_kolors_unet():
+    """Kolors' diffusers UNet config: SDXL widths, addition input 5632, ``encoder_hid_proj`` 4096 -> 2048."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+            attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=5632, encoder_hid_dim=4096,
+            encoder_hid_dim_type="text_proj", layers_per_block=2)
+    lay = layouts.keys("kolors_unet", small=False)
+    state = {"model.diffusion_model." + k: torch.empty(s, device="meta") for k, (_, s) in lay.items()
+             if not k.startswith("encoder_hid_proj.")}
+    conv = {k: tuple(v.shape) for k, v in convert_ldm_unet_checkpoint(state, dict(model.config)).items()}
+    conv.update({k: s for k, (_, s) in lay.items() if k.startswith("encoder_hid_proj.")})
+    assert conv == _meta_shapes(model)

@@ -241,6 +241,7 @@ _VERIFIED = {
     "ip_adapter_sd15": "diffusers IP-Adapter loader into a small SD1 UNet (shape-checked)",
     "taesd_decoder": "diffusers AutoencoderTiny decoder (index shift for the Clamp)",
     "sd2_depth": "reference §1.2/§4 counts (MiDaS 368 tensors / 123.1 M, UNet 865,913,604); " + _LDM,
+    "kolors_unet": "diffusers single-file UNet conversion onto the Kolors UNet2DConditionModel config (full, meta)",
     "svd": "diffusers UNetSpatioTemporalConditionModel / AutoencoderKLTemporalDecoder key and parameter counts",
     "t2i_adapter": "diffusers T2IAdapter (full_adapter) via the original->diffusers key mapping (full, meta)",
     **dict.fromkeys(("hunyuan_dit", "hunyuan_dit_v10"),
