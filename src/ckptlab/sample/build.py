@@ -251,6 +251,9 @@ _VERIFIED = {
     **dict.fromkeys(("sd1_loha", "sd1_lokr"), "factors reconstruct the sd1_kohya_lora module shapes"),
 }
 SPECS: dict[str, Spec] = {s.name: replace(s, verified_by=_VERIFIED.get(s.name, "")) for s in _SPEC_LIST}
+# aliases (same layout, own name): "cascade" = stage C prior, "pixart" = PixArt-Sigma
+SPECS["cascade"] = replace(SPECS["cascade_stage_c"], name="cascade")
+SPECS["pixart"] = replace(SPECS["pixart_sigma"], name="pixart")
 
 # ---------------------------------------------------------------------------------------------
 # values

@@ -232,6 +232,9 @@ LAYOUTS: dict[str, Callable[[bool], Layout]] = {
     "sd1_dora": lambda s: adapters.dora_sd1(s),
 }
 LAYOUTS.update(others.LAYOUTS)
+# short names used by the task list: "cascade" is the stage C prior, "pixart" the current PixArt-Sigma
+LAYOUTS["cascade"] = LAYOUTS["cascade_stage_c"]
+LAYOUTS["pixart"] = LAYOUTS["pixart_sigma"]
 
 
 def add_ema(layout: dict, prefix: str = UNET_PREFIX) -> dict[str, tuple[str, tuple[int, ...]]]:
