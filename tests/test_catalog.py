@@ -102,3 +102,70 @@ def test_plan_round_trip_and_validation(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(FormatError):
         SpacePlan.load(tmp_path / "bad.json")
+
+
+# -- concurrent opening of a brand-new catalog (schema creation must not race) -------------------
+def _open_many_threads(path, n):
+    import threading
+
+    barrier = threading.Barrier(n)
+    errors = []
+
+    def opener():
+        barrier.wait()
+        try:
+            cat.Catalog(path).close()
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=opener) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def _check_schema_once(path):
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == len(cat._CORE_MIGRATIONS)
+        rows = raw.execute("SELECT component, version FROM schema_versions").fetchall()
+        assert rows == [(c, len(m)) for c, m in cat._REGISTERED.items()]
+    finally:
+        raw.close()
+
+
+def test_threads_opening_a_new_catalog_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(cat, "_REGISTERED", {})
+    cat.register_migrations("extra", ["CREATE TABLE extra_a (x INTEGER);", "CREATE TABLE extra_b (y INTEGER);"])
+    for i in range(6):
+        path = tmp_path / f"t{i}.db"
+        assert _open_many_threads(path, 6) == []
+        _check_schema_once(path)
+
+
+def _proc_open(path, barrier, q):
+    barrier.wait()
+    try:
+        cat.Catalog(path).close()
+        q.put(None)
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        q.put(repr(e))
+
+
+def test_processes_opening_a_new_catalog_at_once(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for i in range(3):
+        path = tmp_path / f"p{i}.db"
+        barrier, q = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_proc_open, args=(path, barrier, q)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        results = [q.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert results == [None] * 4
+        _check_schema_once(path)

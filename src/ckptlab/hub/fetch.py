@@ -157,7 +157,6 @@ def _place_by_kind(res: DownloadResult, root: Path, layout: str) -> None:
 
 
 _CAP_LOCK = threading.Lock()
-_CATALOG_LOCK = threading.Lock()
 _CAPS: dict[int, threading.BoundedSemaphore] = {}
 
 
@@ -248,7 +247,7 @@ def _after_download(res: DownloadResult, config: HubConfig, client, write_sideca
 
     h = hash_file(res.path)
     st = res.path.stat()
-    with _CATALOG_LOCK, store.open_catalog() as cat:  # one writer per process (and no migration race)
+    with store.open_catalog() as cat:  # own connection; SQLite serialises writers (busy timeout)
         cat.put_hashes((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), h)
         scan([res.path.absolute()], cat, hash=True)  # the hashes above are reused (same stat identity)
         res.extra["catalog"] = str(cat.path)

@@ -30,6 +30,7 @@ from ckptlab.errors import CkptlabError
 from ckptlab.library.hashes import Hashes
 
 ENV_VAR = "CKPTLAB_DB"
+BUSY_TIMEOUT_S = 30  # how long a connection waits for another writer (migrations, scans) before failing
 
 _CORE_MIGRATIONS: list[str] = [
     # 1: initial schema
@@ -183,6 +184,20 @@ def display_path(path: str | Path) -> str:
     return os.fsencode(os.fspath(path)).decode("utf-8", "replace")
 
 
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (``executescript`` would commit the open transaction)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip().strip(";").strip():
+                out.append(buf)
+            buf = ""
+    if buf.strip().strip(";").strip():
+        out.append(buf)
+    return out
+
+
 class Catalog:
     """An open catalog. Use as a context manager or call ``close()``."""
 
@@ -190,17 +205,33 @@ class Catalog:
         self.path = Path(path) if path is not None else default_db_path()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+            self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT_S)
         except (OSError, sqlite3.Error) as e:
             raise CatalogError(f"cannot open catalog: {e}", self.path) from None
         try:
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal()
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.DatabaseError as e:
             self.conn.close()
             raise CatalogError(f"not a usable ckptlab catalog: {e}", self.path) from None
+
+    def _enable_wal(self) -> None:
+        """Switch to WAL. The switch needs an exclusive lock, and two connections switching a new
+        file at once deadlock on it: SQLite then answers "database is locked" at once, without its
+        busy handler. So retry (with jitter) up to the busy timeout."""
+        import random
+
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))
 
     # -- schema -------------------------------------------------------------------------------
     @property
@@ -212,29 +243,48 @@ class Catalog:
         return row[0] if row else 0
 
     def _migrate(self) -> None:
-        current = self.schema_version
-        if current > len(_CORE_MIGRATIONS):
-            raise CatalogError(f"catalog schema version {current} is newer than this ckptlab "
+        """Bring the schema up to date. Safe when several threads or processes open a new catalog at
+        once: each migration runs inside ``BEGIN IMMEDIATE`` (one writer at a time, others wait up to
+        the busy timeout) and the version is read again *inside* that transaction, so a migration
+        another connection applied meanwhile is skipped instead of failing ("table already exists")."""
+        if self._core_version() > len(_CORE_MIGRATIONS):
+            raise CatalogError(f"catalog schema version {self._core_version()} is newer than this ckptlab "
                                f"({len(_CORE_MIGRATIONS)}); upgrade ckptlab", self.path)
-        for version, sql in enumerate(_CORE_MIGRATIONS[current:], start=current + 1):
-            self._run_script(sql, f"PRAGMA user_version = {version};")
+        for version, sql in enumerate(_CORE_MIGRATIONS, start=1):
+            self._apply(sql, version, self._core_version, f"PRAGMA user_version = {version}")
         for component, migrations in _REGISTERED.items():
-            have = self.component_version(component)
+            have = self._component_version_or_zero(component)
             if have > len(migrations):
                 raise CatalogError(f"catalog schema for {component!r} is version {have}, newer than this "
                                    f"ckptlab knows ({len(migrations)})", self.path)
-            for version, sql in enumerate(migrations[have:], start=have + 1):
+            for version, sql in enumerate(migrations, start=1):
                 name = component.replace("'", "''")
-                self._run_script(sql, f"INSERT INTO schema_versions(component, version) VALUES ('{name}', {version}) "
-                                      f"ON CONFLICT(component) DO UPDATE SET version = excluded.version;")
+                self._apply(sql, version, lambda c=component: self._component_version_or_zero(c),
+                            f"INSERT INTO schema_versions(component, version) VALUES ('{name}', {version}) "
+                            f"ON CONFLICT(component) DO UPDATE SET version = excluded.version")
 
-    def _run_script(self, sql: str, bump: str) -> None:
+    def _core_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def _component_version_or_zero(self, component: str) -> int:
+        if self._core_version() == 0:  # no schema_versions table yet
+            return 0
+        return self.component_version(component)
+
+    def _apply(self, sql: str, version: int, current, bump: str) -> None:
+        """Run migration ``version`` unless ``current()`` (read under the write lock) already has it."""
+        if current() >= version:  # cheap check without the lock: the common case, nothing to do
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
         try:
-            self.conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;{bump}\nCOMMIT;")
-        except sqlite3.Error:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
+            if current() < version:
+                for stmt in _statements(sql):
+                    self.conn.execute(stmt)
+                self.conn.execute(bump)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
             raise
+        self.conn.execute("COMMIT")
 
     # -- plumbing -----------------------------------------------------------------------------
     @contextlib.contextmanager
