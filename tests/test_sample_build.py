@@ -494,3 +494,18 @@ def test_xlabs_flux_lora_converts_with_diffusers_onto_flux_modules():
     conv = _convert_xlabs_flux_lora_to_diffusers(
         {k: torch.ones(s) for k, (_, s) in layouts.keys("flux_xlabs_lora").items()})
     assert _check_converted(conv, {"transformer": dict(model.named_modules())}) == 19 * 8
+
+
+def test_scaled_fp8_flux_has_fp8_weights_scales_and_marker(tmp_path):
+    p = build.write_model(tmp_path / "f.safetensors", "flux_dev_fp8_scaled", dtype="BF16")
+    with safe_open(p, "pt") as f:
+        keys = set(f.keys())
+        assert f.get_slice("scaled_fp8").get_dtype() == "F8_E4M3" and f.get_slice("scaled_fp8").get_shape() == [0]
+        assert f.get_slice("double_blocks.0.img_attn.qkv.weight").get_dtype() == "F8_E4M3"
+        assert f.get_slice("img_in.weight").get_dtype() == "BF16"
+        scale = f.get_tensor("double_blocks.0.img_attn.qkv.scale_weight")
+        assert scale.dtype == torch.float32 and scale.ndim == 0
+    n_fp8 = len([k for k in keys if k.endswith(".scale_weight")])
+    assert n_fp8 == 19 * 2 * 5 + 38 * 3  # qkv, proj, mlp.0, mlp.2, mod.lin per stream; linear1/2, modulation
+    sparse = build.write_model(tmp_path / "s.safetensors", "flux_dev_fp8_scaled", sparse=True)
+    assert 11.9e9 < sparse.stat().st_size < 12.0e9  # reference §4: Flux-dev fp8 11.90 GB (+ bf16 non-block parts)

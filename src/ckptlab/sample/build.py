@@ -126,6 +126,9 @@ _SPEC_LIST = [
          "fill", ("unet",), "flow", filename="flux1-fill-dev"),
     Spec("flux_depth", "Flux.1 Depth transformer (img_in 128)", "unet", "flux", "depth", ("unet",), "flow",
          filename="flux1-depth-dev"),
+    Spec("flux_dev_fp8_scaled", "Flux.1 dev in ComfyUI scaled fp8 (F8_E4M3 weights + scale_weight, scaled_fp8 marker)",
+         "unet", "flux", "dev", ("unet",), "flow", filename="flux1-dev-fp8-scaled",
+         notes="quantized variant to recognise before family checks (reference §1.3)"),
     Spec("sd1_controlnet", "SD1 ControlNet, LDM names under control_model.", "controlnet", "sd1",
          components=("controlnet",), filename="control_v11p_sd15_canny", fmt="safetensors"),
     Spec("sd1_kohya_lora", "kohya LoRA for SD1 (diffusers-style module names, alpha)", "lora", "sd1", "kohya",
@@ -230,6 +233,7 @@ _VERIFIED = {
     "sd35_large": "diffusers conversion (full, meta); reference §4 params",
     **dict.fromkeys(("flux_dev", "flux_schnell"), "sd-mecha flux-flux; diffusers conversion (full, meta)"),
     **dict.fromkeys(("flux_fill", "flux_depth"), "flux_dev layout with the reference img_in width"),
+    "flux_dev_fp8_scaled": "flux_dev layout; fp8 scheme from reference §1.3 (no oracle for the scale keys)",
     **dict.fromkeys(("cascade_stage_c", "cascade_stage_b", "auraflow", "chroma"), "diffusers conversion (full, meta)"),
     **dict.fromkeys(("sd1_controlnet_diffusers", "sdxl_controlnet"), "diffusers ControlNetModel state dict (full, meta)"),
     "sd1_kohya_lora": "sd-mecha sd1-kohya module names; diffusers' kohya converter onto small diffusers/HF modules",
@@ -320,8 +324,13 @@ def tensor_value(key: str, dtype: str, shape: tuple[int, ...], *, seed: int, spe
     if key.endswith(".alpha"):
         r = _rank_for(key, layout or {})
         return torch.tensor(r / 2 if r else 1.0, dtype=torch.float32)
+    if key.endswith(".scale_weight"):  # scaled fp8: weight = fp8 value * scale_weight
+        w = (layout or {}).get(key[: -len("scale_weight")] + "weight")
+        return torch.tensor(2.0 / math.sqrt(w[1][1]) if w else 1.0, dtype=torch.float32)
     if n == 0:
         return torch.zeros(shape, dtype=to_torch(dtype))
+    if dtype.startswith("F8"):  # fp8 storage: values in the ~N(0, 0.5) range the scale was chosen for
+        return _normal(seed, key, shape, 0.5).to(to_torch(dtype))
     if dtype != "F32":
         return (_normal(seed, key, shape, 30.0).abs()).to(to_torch(dtype))
     if len(shape) == 1:

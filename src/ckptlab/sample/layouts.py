@@ -167,6 +167,21 @@ def _controlnet_diffusers(family: str, small: bool) -> Layout:
     return diffusers_controlnet(dims(family, "unet", small))
 
 
+def _flux_fp8_scaled(small: bool) -> Layout:
+    """ComfyUI "scaled fp8" Flux-dev file: block Linear weights stored as float8_e4m3fn with a float32
+    ``scale_weight`` scalar each, plus the empty ``scaled_fp8`` marker whose dtype names the fp8 type
+    (reference §1.3); other tensors stay in the file dtype."""
+    lay = Layout()
+    for k, (dt, shape) in _flux(small).items():
+        if k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight") and len(shape) == 2:
+            lay[k] = ("F8_E4M3", shape)
+            lay.add(k[: -len("weight")] + "scale_weight")
+        else:
+            lay[k] = (dt, shape)
+    lay.add("scaled_fp8", 0, dtype="F8_E4M3")
+    return lay
+
+
 # -- standalone components ----------------------------------------------------------------------
 
 def _clip(family: str, part: str) -> Callable[[bool], Layout]:
@@ -200,6 +215,7 @@ LAYOUTS: dict[str, Callable[[bool], Layout]] = {
     "flux_schnell": lambda s: _flux(s, guidance=False),
     "flux_fill": lambda s: _flux(s, in_channels=384),
     "flux_depth": lambda s: _flux(s, in_channels=128),
+    "flux_dev_fp8_scaled": _flux_fp8_scaled,
     "sd1_controlnet": lambda s: Layout().merge(
         unet(dims("sd1", "unet", s), controlnet=True), "control_model."),
     "sd1_kohya_lora": lambda s: adapters.kohya_lora_sd1(s),
@@ -267,4 +283,4 @@ _FIXED = frozenset(SCHEDULE_KEYS) | {"model_ema.decay", "model_ema.num_updates",
 
 def is_fixed_dtype(key: str, dtype: str) -> bool:
     """True when ``key`` keeps its planned dtype whatever dtype the file is written in."""
-    return dtype != "F32" or key in _FIXED or key.endswith("position_ids")
+    return dtype != "F32" or key in _FIXED or key.endswith(("position_ids", ".scale_weight"))
