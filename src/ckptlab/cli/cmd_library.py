@@ -151,6 +151,17 @@ def register(app) -> None:
                 console.print(f"  fingerprint: {d['fingerprint']}", markup=False, highlight=False)
                 for comp, fp in (d.get("components") or {}).items():
                     console.print(f"    {comp}: {fp[:16]}", markup=False, highlight=False)
+            if civ := d.get("civitai"):
+                how = (f"inherited from {civ['inherited_from'][:12]} (same tensors)" if civ["inherited"]
+                       else f"matched by {civ['matched_by']}")
+                console.print(f"  civitai: {civ['model_name']} / {civ['version_name']}  model {civ['model_id']} "
+                              f"version {civ['version_id']}  [{how}]  {civ['revisions']} revision(s)"
+                              f"  upstream: {civ['upstream_status']}", markup=False, highlight=False)
+                if civ["trigger_words"]:
+                    console.print("    trigger words: " + ", ".join(civ["trigger_words"]), markup=False,
+                                  highlight=False)
+                if civ["url"]:
+                    console.print(f"    {civ['url']}", markup=False, highlight=False)
             for key in ("same_bytes_as", "same_component_as", "sidecars"):
                 if d.get(key):
                     console.print(f"  {key}: {json.dumps(d[key], ensure_ascii=False)}", markup=False,

@@ -174,3 +174,35 @@ def direct_links_by_fingerprint(cat: Catalog, fingerprint: str) -> list[Link]:
         "l.checked_at, l.upstream_status FROM content c JOIN civitai_links l ON l.sha256 = c.sha256 "
         "WHERE c.fingerprint = ? AND l.matched_by != 'fingerprint' ORDER BY l.linked_at", (fingerprint,)).fetchall()
     return [Link(*r) for r in rows]
+
+
+def has_tables(cat: Catalog) -> bool:
+    """Whether the hub's tables exist in this catalog (a catalog only ever used by the library has none)."""
+    return cat.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'civitai_links'").fetchone() \
+        is not None
+
+
+def link_summary(cat: Catalog, sha256: str | None) -> dict | None:
+    """What ``ckptlab show`` prints about a file's CivitAI link, from stored data only (no network):
+    ids, model/version names, how it was matched (and whether it is inherited through the tensor
+    fingerprint, from which SHA256), trigger words, base model, the number of stored revisions of the
+    version record, the last upstream status and the model page URL. None when the file is not linked."""
+    if not sha256 or not has_tables(cat):
+        return None
+    link = get_link(cat, sha256)
+    if link is None:
+        return None
+    v = latest_record(cat, "version", link.version_id) or {}
+    m = latest_record(cat, "model", link.model_id) or {}
+    n_revs = cat.conn.execute("SELECT count(*) FROM civitai_records WHERE kind = 'version' AND remote_id = ?",
+                              (link.version_id,)).fetchone()[0]
+    model_name = (v.get("model") or {}).get("name") or m.get("name")
+    url = None
+    if link.model_id is not None:
+        url = f"https://civitai.com/models/{link.model_id}?modelVersionId={link.version_id}"
+    return {"model_id": link.model_id, "version_id": link.version_id, "file_id": link.file_id,
+            "model_name": model_name, "version_name": v.get("name"),
+            "type": (v.get("model") or {}).get("type") or m.get("type"), "base_model": v.get("baseModel"),
+            "matched_by": link.matched_by, "inherited": link.inherited, "inherited_from": link.inherited_from,
+            "trigger_words": list(v.get("trainedWords") or []), "revisions": n_revs,
+            "upstream_status": link.upstream_status, "url": url}

@@ -50,7 +50,17 @@ def show_file(catalog: Catalog, target: str) -> list[dict]:
                     if other.components.get(comp) == fp:
                         same.setdefault(comp, []).append(other.path)
         d["same_component_as"] = same or None
+        d["civitai"] = _civitai(catalog, rec)
         d["same_bytes_as"] = [o.path for o in (catalog.find_by_sha256(rec.sha256) if rec.sha256 else [])
                               if o.id != rec.id and o.status == "present"] or None
         out.append(d)
     return out
+
+
+def _civitai(catalog: Catalog, rec: FileRecord) -> dict | None:
+    """The CivitAI link the hub stored for this file's bytes (``hub.store.link_summary``), if any."""
+    try:
+        from ckptlab.hub.store import link_summary
+    except ImportError:  # pragma: no cover - a build without the hub
+        return None
+    return link_summary(catalog, rec.sha256)

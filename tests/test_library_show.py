@@ -1,0 +1,71 @@
+"""``ckptlab show`` includes the CivitAI link the hub stored (direct and inherited), text and --json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from test_library_files import half, tensors, write_st
+
+from ckptlab.hub import store
+from ckptlab.library.catalog import Catalog
+from ckptlab.library.scanner import scan
+
+VERSION = {"id": 1000, "modelId": 100, "name": "v1.0", "baseModel": "SD 1.5",
+           "model": {"name": "Detail Tweaker", "type": "LORA"}, "trainedWords": ["detailed", "sharp"]}
+
+
+def _library(tmp_path):
+    lora = tensors("sd1_kohya_lora", seed=3)
+    a = write_st(tmp_path / "models" / "Lora" / "detail.safetensors", lora)
+    b = write_st(tmp_path / "models" / "Lora" / "detail-fp16.safetensors", half(lora))
+    db = tmp_path / "c.db"
+    with Catalog(db) as cat:
+        scan([tmp_path / "models"], cat, hash=True)
+        store.store_record(cat, "version", 1000, VERSION)
+        store.store_record(cat, "version", 1000, {**VERSION, "name": "v1.0 (fixed)"})  # revision 2
+        store.store_record(cat, "model", 100, {"id": 100, "name": "Detail Tweaker", "type": "LORA"})
+        sha_a = hashlib.sha256(a.read_bytes()).hexdigest().upper()
+        sha_b = hashlib.sha256(b.read_bytes()).hexdigest().upper()
+        store.put_link(cat, sha_a, 1000, 100, matched_by="sha256", file_id=5000)
+        store.put_link(cat, sha_b, 1000, 100, matched_by="fingerprint", inherited_from=sha_a)
+    return db, a, b, sha_a
+
+
+def test_show_json_has_the_civitai_link(tmp_path, cli):
+    db, a, b, sha_a = _library(tmp_path)
+    d = json.loads(cli("show", str(a), "--json", "--db", str(db)).stdout.splitlines()[0])
+    assert d["civitai"] == {
+        "model_id": 100, "version_id": 1000, "file_id": 5000, "model_name": "Detail Tweaker",
+        "version_name": "v1.0 (fixed)", "type": "LORA", "base_model": "SD 1.5", "matched_by": "sha256",
+        "inherited": False, "inherited_from": None, "trigger_words": ["detailed", "sharp"], "revisions": 2,
+        "upstream_status": "ok", "url": "https://civitai.com/models/100?modelVersionId=1000"}
+    d = json.loads(cli("show", str(b), "--json", "--db", str(db)).stdout.splitlines()[0])
+    assert d["civitai"]["inherited"] is True and d["civitai"]["inherited_from"] == sha_a
+    assert d["civitai"]["matched_by"] == "fingerprint" and d["civitai"]["version_id"] == 1000
+
+
+def test_show_text_has_the_civitai_link(tmp_path, cli):
+    db, a, b, sha_a = _library(tmp_path)
+    out = cli("show", str(b), "--db", str(db)).stdout
+    assert (f"civitai: Detail Tweaker / v1.0 (fixed)  model 100 version 1000  [inherited from {sha_a[:12]} "
+            "(same tensors)]  2 revision(s)") in out
+    assert "trigger words: detailed, sharp" in out
+    assert "https://civitai.com/models/100?modelVersionId=1000" in out
+    assert "[matched by sha256]" in cli("show", str(a), "--db", str(db)).stdout
+
+
+def test_show_without_hub_tables_or_link(tmp_path, cli):
+    lora = write_st(tmp_path / "m" / "x.safetensors", tensors("sd1_kohya_lora", seed=4))
+    db = tmp_path / "plain.db"
+    import sqlite3
+
+    with Catalog(db) as cat:
+        scan([lora], cat, hash=True)
+        cat.conn.execute("DROP TABLE civitai_links")  # a catalog the hub never touched
+    raw = sqlite3.connect(db)
+    raw.execute("DELETE FROM schema_versions WHERE component = 'hub'")
+    raw.commit()
+    raw.close()
+    d = json.loads(cli("show", str(lora), "--json", "--db", str(db)).stdout.splitlines()[0])
+    assert d["civitai"] is None
