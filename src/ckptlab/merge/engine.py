@@ -248,7 +248,7 @@ def _fixed_mmap_threshold() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB (setting it disables the dynamic raise)
+        libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD = 8 MiB (setting it disables the dynamic raise)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 

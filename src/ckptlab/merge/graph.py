@@ -23,7 +23,7 @@ MISSING_POLICIES = ("keep-a", "union", "intersect", "error")
 LIST_MAX = 50
 
 #: rows per chunk are chosen so a chunk holds about this many elements
-CHUNK_ELEMS = 1 << 20
+CHUNK_ELEMS = 1 << 18
 
 
 @dataclass
