@@ -87,7 +87,23 @@ class SafetensorsWriter:
         self._tmp = Path(tmp)
         self._fh = os.fdopen(fd, "wb")
         self._write(header)
+        self._header_len = len(header)
         return self
+
+    def rewrite_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Replace ``__metadata__`` in the already-written header before ``commit()`` (for values known only
+        at the end, such as input hashes computed while writing). The new header may not be longer than
+        the old one; a shorter one is padded with spaces so every data offset stays where it was."""
+        if self._fh is None:
+            raise RuntimeError("rewrite_metadata() needs an open writer")
+        new = build_header(self.plan, metadata)
+        old_len = self._header_len
+        if len(new) > old_len:
+            raise ValueError(f"new header is {len(new)} bytes, longer than the {old_len} already written")
+        header = struct.pack("<Q", old_len - 8) + new[8:] + b" " * (old_len - len(new))
+        self._fh.flush()
+        os.pwrite(self._fh.fileno(), header, 0)
+        self.metadata = dict(metadata)
 
     def _write(self, data) -> None:
         try:
