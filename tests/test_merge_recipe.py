@@ -178,3 +178,21 @@ def test_sha256_comes_from_the_library_catalog_when_it_has_the_file(sd1, tmp_pat
     provenance._CACHE.clear()
     r = merge("weighted_sum", [a, sd1[1]], tmp_path / "o.safetensors")
     assert r.inputs[0].sha256 == fake and r.inputs[1].sha256 == _sha(sd1[1])
+
+
+def test_hashes_written_at_the_end_even_when_inputs_repeat(sd1, tmp_path):
+    """Hashes are computed while merging and patched into the header; a repeated input makes the final
+    header shorter than the placeholder one (padded), and the file is still valid and reproducible."""
+    a = sd1[0]
+    out = tmp_path / "o.safetensors"
+    merge("weighted_sum", [a, a], out)
+    md = _meta(out)  # parsed by the safetensors library itself
+    assert list(json.loads(md["sd_merge_models"])) == [_sha(a)]
+    assert "placeholder" not in md["ckptlab.recipe"] and _sha(a) in md["ckptlab.recipe"]
+    rf = tmp_path / "r.toml"
+    rf.write_text(md["ckptlab.recipe"])  # pinned now: hashed before merging, same bytes
+    again = tmp_path / "again.safetensors"
+    run_recipe(load(rf), again)
+    assert _sha(again) == _sha(out)
+    x, y = load_file(out), load_file(a)
+    assert all(x[k].equal(y[k]) for k in y)

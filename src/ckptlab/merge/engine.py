@@ -8,9 +8,11 @@ plan order, so the bytes do not depend on the thread count.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,19 +107,42 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
 
     sources = {}
     warnings: list[str] = []
+    hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptlab-hash")
     try:
         for n, p in paths.items():
             sources[n] = open_model(p)
             warnings.extend(f"{n}: {w}" for w in sources[n].warnings)
-        progress(description="hashing inputs")
-        hashes = dict(zip(paths, provenance.sha256_many(list(paths.values())), strict=True))
-        reports, updated = _check_pins(recipe, hashes, relink, warnings)
-        if updated and recipe_path is not None:
-            pin_text(recipe, recipe_path)
+        # Pinned recipes are checked before any work. Otherwise the inputs are hashed while the merge runs
+        # and the hashes are written into the header at the end (placeholders of the same length first).
+        state: dict = {}
+        if relink or any(inp.sha256 for inp in recipe.inputs.values()):
+            progress(description="hashing inputs")
+            state["hashes"] = dict(zip(paths, provenance.sha256_many(list(paths.values())), strict=True))
+            state["pins"] = _check_pins(recipe, state["hashes"], relink, warnings)
+            if state["pins"][1] and recipe_path is not None:
+                pin_text(recipe, recipe_path)
+        else:
+            future = hash_pool.submit(provenance.sha256_many, list(paths.values()))
+
+        def real_hashes() -> dict[str, str]:
+            if "hashes" not in state:
+                state["hashes"] = dict(zip(paths, future.result(), strict=True))
+                state["pins"] = _check_pins(recipe, state["hashes"], relink, warnings)
+            return state["hashes"]
+
+        placeholders = {n: hashlib.sha256(f"ckptlab-placeholder:{n}".encode()).hexdigest() for n in paths}
+
+        def meta_for(step, index: int, hashes: dict[str, str]) -> dict[str, str]:
+            pins = {n: inp.sha256 for n, inp in recipe.inputs.items()}
+            try:
+                for n, inp in recipe.inputs.items():
+                    inp.sha256 = hashes[n]
+                return _metadata(recipe, step, nodes, hashes, sources, index)
+            finally:
+                for n, inp in recipe.inputs.items():
+                    inp.sha256 = pins[n]
 
         nodes: dict[str, Node] = {n: SourceNode(n, s) for n, s in sources.items()}
-        for r in reports:
-            r.family = nodes[r.name].family
         summaries: list[StepSummary] = []
         saved: list[str] = []
         final_node: Node | None = None
@@ -127,9 +152,9 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
             summaries.append(node.summary)
             if st.save and not is_last:
                 # write the intermediate, then let later steps read it back (same values, less recompute)
-                meta = _metadata(recipe, st, nodes, hashes, sources, i)
-                write_node(node, Path(st.save), meta, overwrite=overwrite, threads=threads, budget=budget,
-                           progress=progress, description=f"{st.name}")
+                write_node(node, Path(st.save), meta_for(st, i, placeholders), overwrite=overwrite,
+                           threads=threads, budget=budget, progress=progress, description=f"{st.name}",
+                           finalize=lambda st=st, i=i: meta_for(st, i, real_hashes()))
                 saved.append(str(st.save))
                 src = open_model(st.save)
                 sources[f"__saved_{st.name}"] = src
@@ -149,10 +174,16 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         if opts.get("prune"):
             top = Prune(top)
             pruned = top.dropped
-        meta = _metadata(recipe, final, nodes, hashes, sources, len(recipe.steps) - 1)
-        size = write_node(top, out, meta, overwrite=overwrite, threads=threads, budget=budget,
-                          progress=progress, description=final.name)
+        last = len(recipe.steps) - 1
+        size = write_node(top, out, meta_for(final, last, placeholders), overwrite=overwrite, threads=threads,
+                          budget=budget, progress=progress, description=final.name,
+                          finalize=lambda: meta_for(final, last, real_hashes()))
+        real_hashes()
+        reports, updated = state["pins"]
+        for r in reports:
+            r.family = nodes[r.name].family
     finally:
+        hash_pool.shutdown(wait=True, cancel_futures=True)
         for s in sources.values():
             s.close()
     return MergeResult(str(out), final.method, final_node.family, len(top.plan), size,
@@ -254,8 +285,10 @@ def _fixed_mmap_threshold() -> None:
 
 
 def write_node(node: Node, path: Path, metadata: dict[str, str], *, overwrite: bool = False, threads: int = 2,
-               budget: int = DEFAULT_BUDGET, progress: Progress | None = None, description: str = "merge") -> int:
-    """Stream ``node`` into ``path``; returns the bytes of tensor data written."""
+               budget: int = DEFAULT_BUDGET, progress: Progress | None = None, description: str = "merge",
+               finalize: Callable[[], dict[str, str]] | None = None) -> int:
+    """Stream ``node`` into ``path``; returns the bytes of tensor data written. ``finalize``, if given, is
+    called after the last tensor and returns the final metadata (no longer than ``metadata``)."""
     progress = progress or null_progress
     _fixed_mmap_threshold()
     plan = node.plan
@@ -278,6 +311,8 @@ def write_node(node: Node, path: Path, metadata: dict[str, str], *, overwrite: b
         if threads <= 1:
             for key in plan:
                 put(w, key, produce(key))
+            if finalize is not None:
+                w.rewrite_metadata(finalize())
             return total
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptlab-merge") as pool:
             pending: deque = deque()
@@ -294,6 +329,8 @@ def write_node(node: Node, path: Path, metadata: dict[str, str], *, overwrite: b
                 while pending:
                     k, cost, fut = pending.popleft()
                     put(w, k, fut.result())
+                if finalize is not None:
+                    w.rewrite_metadata(finalize())
             except BaseException:
                 for _, _, fut in pending:
                     fut.cancel()
