@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ckptlab.errors import CkptlabError, NetworkError, OutputError
 from ckptlab.hub.http import VerificationError, backoff_delay, redact
+from ckptlab.library.hashes import Hashes, MultiHasher, hash_file
 from ckptlab.progress import Progress, null_progress
 
 
@@ -40,6 +41,7 @@ class DownloadResult:
     resumed_from: int = 0
     skipped: bool = False  # the verified file was already there; nothing was transferred
     extra: dict = field(default_factory=dict)
+    hashes: Hashes | None = None  # all six CivitAI hashes, computed from the transfer stream (no second read)
 
 
 # -- file names --------------------------------------------------------------------------------
@@ -183,7 +185,8 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
     run is resumed with ``Range``: 206 appends, 200 restarts from zero, 416 means the partial is
     already whole (or wrong, then it is restarted). Dropped connections are resumed up to
     ``retries`` times. The SHA-256 is computed while streaming (a resumed prefix is re-read once).
-    Only a file whose size and hash match what the source published is renamed into place; a
+    All six CivitAI hashes (``result.hashes``) come from the same stream (``library.hashes.MultiHasher``),
+    so the catalog never reads the file again. Only a file whose size and hash match what the source published is renamed into place; a
     mismatch deletes the partial and raises ``VerificationError``. ``cancel`` (a
     ``threading.Event``) stops the transfer between chunks, keeping the partial for a later resume.
     """
@@ -210,9 +213,14 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
     if target.exists():
         if resp is not None:
             resp.close()
-        if exp_sha and sha256_file(target).hexdigest() == exp_sha:
-            result.size, result.sha256, result.skipped = target.stat().st_size, exp_sha, True
-            return result
+        if exp_sha:
+            try:
+                h = hash_file(target)
+            except CkptlabError:
+                h = None
+            if h is not None and h.sha256.lower() == exp_sha:
+                result.size, result.sha256, result.skipped, result.hashes = h.size, exp_sha, True, h
+                return result
         raise OutputError("already exists and is not the file being downloaded; move it away first", target)
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
@@ -221,12 +229,13 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
         if resp is not None:
             resp.close()
         raise OutputError(f"cannot write: {e.strerror or e}", part) from None
+    hasher: MultiHasher | None = None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise OutputError("another ckptlab is downloading this file right now", part) from None
-        hasher, hashed = None, -1
+        hashed = -1
         attempt = 0
         started_with = os.fstat(fd).st_size
         result.resumed_from = started_with
@@ -279,7 +288,7 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
             if total is not None:
                 check_free_space(dest_dir, total - have)
             if hasher is None or hashed != have:
-                hasher = sha256_file(part, upto=have) if have else hashlib.sha256()
+                hasher = _restart_hasher(hasher, part, have)  # a resumed prefix is read once, here
                 hashed = have
             progress(have - shown, total=total if total is not None else expected_size)
             shown = have
@@ -311,8 +320,9 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
         os.fsync(fd)
         size = os.fstat(fd).st_size
         if hasher is None or hashed != size:
-            hasher, hashed = sha256_file(part), size
-        digest = hasher.hexdigest()
+            hasher, hashed = _restart_hasher(hasher, part, size), size
+        hashes = hasher.result()
+        digest = hashes.sha256.lower()
         if (total is not None and size != total) or (expected_size is not None and size != expected_size):
             _discard(part)
             raise VerificationError(f"{what}: got {size} bytes, expected {expected_size or total}; the download was "
@@ -322,15 +332,35 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
             raise VerificationError(f"{what}: SHA256 mismatch (expected {exp_sha[:16]}..., got {digest[:16]}...); "
                                     "the download was deleted")
         _publish(part, target)
-        result.size, result.sha256 = size, digest
+        result.size, result.sha256, result.hashes = size, digest, hashes
         return result
     finally:
+        if hasher is not None:
+            hasher.close()
         if resp is not None:
             resp.close()
         with contextlib.suppress(OSError):
             if os.fstat(fd).st_size == 0 and part.exists():
                 part.unlink()  # nothing was received: leave no empty partial behind
         os.close(fd)
+
+
+def _restart_hasher(old: MultiHasher | None, part: Path, upto: int) -> MultiHasher:
+    """A fresh ``MultiHasher`` that has seen the first ``upto`` bytes of ``part``."""
+    if old is not None:
+        old.close()
+    mh = MultiHasher()
+    if upto:
+        try:
+            with open(part, "rb", buffering=0) as fh:
+                got = mh.update_from_file(fh, upto=upto)
+        except OSError as e:
+            mh.close()
+            raise OutputError(f"cannot read the partial download: {e.strerror or e}", part) from None
+        if got != upto:
+            mh.close()
+            raise OutputError(f"the partial download shrank while it was read ({got} of {upto} bytes)", part)
+    return mh
 
 
 def _write_all(fd: int, data, part: Path) -> None:

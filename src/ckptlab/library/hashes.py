@@ -112,6 +112,134 @@ def safetensors_data_offset(head: bytes, size: int) -> int | None:
     return 8 + n
 
 
+class MultiHasher:
+    """All six hashes over a byte stream fed in order with ``update`` - the file read of
+    ``hash_file`` or a download's transfer stream. One worker thread per hasher; chunks are shared
+    with the workers, never copied, so the caller must not modify a buffer after passing it (``bytes``
+    or a fresh ``bytearray`` per call). Small chunks (network reads) are gathered into ``BATCH``-byte
+    blocks first so the thread hand-offs stay cheap. Use as a context manager (``close`` stops the
+    workers when the stream is abandoned) and call ``result()`` at the end."""
+
+    BATCH = 1024 * 1024
+
+    def __init__(self) -> None:
+        try:
+            import blake3 as _blake3
+
+            self._b3 = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+        except ImportError:  # pragma: no cover - blake3 is a dependency
+            self._b3 = None
+        self._sha = hashlib.sha256()
+        self._crc = _Crc32()
+        self._workers = [_Worker(self._sha), _Worker(self._crc)] + ([_Worker(self._b3)] if self._b3 else [])
+        for w in self._workers:
+            w.start()
+        self._v3: _Worker | None = None
+        self._head = bytearray()  # the first bytes, until AutoV3's start is known
+        self._decided = False
+        self._v1 = bytearray()
+        self._pending = bytearray()
+        self._pos = 0  # bytes dispatched to the workers
+        self._closed = False
+
+    @property
+    def count(self) -> int:
+        """Bytes fed so far."""
+        return self._pos + len(self._pending)
+
+    def update(self, data) -> None:
+        if not data:
+            return
+        if len(data) >= self.BATCH and not self._pending:
+            self._dispatch(data)
+            return
+        self._pending += data
+        if len(self._pending) >= self.BATCH:
+            self._flush()
+
+    def update_from_file(self, fh, upto: int | None = None, progress: Progress | None = None) -> int:
+        """Feed ``upto`` bytes (default: to EOF) read from the binary file object ``fh``; returns the
+        count read. Raises ``OSError`` on read errors."""
+        progress = progress or null_progress
+        got = 0
+        while upto is None or got < upto:
+            buf = bytearray(CHUNK if upto is None else min(CHUNK, upto - got))
+            n = fh.readinto(buf)
+            if not n:
+                break
+            self.update(memoryview(buf)[:n])
+            got += n
+            progress(n)
+        return got
+
+    def _flush(self) -> None:
+        if self._pending:
+            buf, self._pending = self._pending, bytearray()
+            self._dispatch(memoryview(buf))
+
+    def _dispatch(self, chunk) -> None:
+        pos, n = self._pos, len(chunk)
+        if not self._decided:
+            self._head += chunk[:16 - len(self._head)] if len(self._head) < 16 else b""
+            if len(self._head) >= 9:
+                self._decide()
+        lo, hi = max(pos, AUTOV1_OFFSET), min(pos + n, AUTOV1_OFFSET + AUTOV1_LENGTH)
+        if lo < hi:
+            self._v1 += chunk[lo - pos:hi - pos]
+        for w in self._all():
+            w.q.put((pos, chunk))
+        self._pos += n
+
+    def _decide(self) -> None:
+        """AutoV3 hashes from ``8 + N`` on when the stream starts like a safetensors file. ``8 + N`` is
+        at least 9, so no byte it needs has passed before the 9 bytes that decide it."""
+        self._decided = True
+        data_at = safetensors_data_offset(bytes(self._head), 1 << 62)  # the size is checked in result()
+        if data_at is not None:
+            self._v3 = _Worker(hashlib.sha256(), start_at=data_at)
+            self._v3.start()
+
+    def _all(self) -> list[_Worker]:
+        return self._workers + ([self._v3] if self._v3 is not None else [])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._all():
+            w.q.put(None)
+        for w in self._all():
+            w.join()
+
+    def __enter__(self) -> MultiHasher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def result(self) -> Hashes:
+        """Wait for the workers and return the hashes of everything fed."""
+        self._flush()
+        if not self._decided and len(self._head) >= 9:
+            self._decide()
+        self.close()
+        for w in self._all():
+            if w.error is not None:
+                raise w.error
+        size = self._pos
+        v3 = self._v3 is not None and self._v3.start_at <= size
+        digest = self._sha.hexdigest().upper()
+        return Hashes(
+            sha256=digest,
+            autov1=hashlib.sha256(bytes(self._v1)).hexdigest()[:8].upper(),
+            autov2=digest[:10],
+            autov3=self._v3.hasher.hexdigest()[:12].upper() if v3 else None,
+            crc32=self._crc.hexdigest().upper(),
+            blake3=self._b3.hexdigest().upper() if self._b3 is not None else "",
+            size=size,
+        )
+
+
 def hash_file(path: str | Path, progress: Progress | None = None) -> Hashes:
     """Compute every CivitAI hash of ``path`` in one read. Raises ``FormatError`` if the file cannot
     be read or changes size while it is read."""
@@ -121,7 +249,7 @@ def hash_file(path: str | Path, progress: Progress | None = None) -> Hashes:
         fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
     except OSError as e:
         raise FormatError(f"cannot open: {e.strerror or e}", path) from None
-    with fh:
+    with fh, MultiHasher() as mh:
         size = os.fstat(fh.fileno()).st_size
         if hasattr(os, "posix_fadvise"):
             try:
@@ -130,65 +258,10 @@ def hash_file(path: str | Path, progress: Progress | None = None) -> Hashes:
                 pass
         progress(0, total=size)
         try:
-            import blake3 as _blake3
-
-            b3 = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
-        except ImportError:  # pragma: no cover - blake3 is a dependency
-            b3 = None
-        sha = hashlib.sha256()
-        crc = _Crc32()
-        workers = [_Worker(sha), _Worker(crc)]
-        if b3 is not None:
-            workers.append(_Worker(b3))
-        v3_worker: _Worker | None = None
-        v1 = bytearray()
-        pos = 0
-        started = False
-        try:
-            while True:
-                buf = bytearray(CHUNK)
-                try:
-                    n = fh.readinto(buf)
-                except OSError as e:
-                    raise FormatError(f"read error at byte {pos}: {e.strerror or e}", path) from None
-                if not n:
-                    break
-                chunk = memoryview(buf)[:n]
-                if not started:
-                    data_at = safetensors_data_offset(bytes(chunk[:16]), size)
-                    if data_at is not None:
-                        v3_worker = _Worker(hashlib.sha256(), start_at=data_at)
-                        workers.append(v3_worker)
-                    for w in workers:
-                        w.start()
-                    started = True
-                lo, hi = max(pos, AUTOV1_OFFSET), min(pos + n, AUTOV1_OFFSET + AUTOV1_LENGTH)
-                if lo < hi:
-                    v1 += chunk[lo - pos:hi - pos]
-                for w in workers:
-                    w.q.put((pos, chunk))
-                pos += n
-                progress(n)
-        finally:
-            if not started:
-                for w in workers:
-                    w.start()
-            for w in workers:
-                w.q.put(None)
-            for w in workers:
-                w.join()
-        for w in workers:
-            if w.error is not None:
-                raise w.error
-        if pos != size or os.fstat(fh.fileno()).st_size != size:
-            raise FormatError(f"file changed while it was hashed ({size} bytes at start, {pos} read)", path)
-    digest = sha.hexdigest().upper()
-    return Hashes(
-        sha256=digest,
-        autov1=hashlib.sha256(bytes(v1)).hexdigest()[:8].upper(),
-        autov2=digest[:10],
-        autov3=v3_worker.hasher.hexdigest()[:12].upper() if v3_worker is not None else None,
-        crc32=crc.hexdigest().upper(),
-        blake3=b3.hexdigest().upper() if b3 is not None else "",
-        size=size,
-    )
+            mh.update_from_file(fh, progress=progress)
+        except OSError as e:
+            raise FormatError(f"read error at byte {mh.count}: {e.strerror or e}", path) from None
+        h = mh.result()
+        if h.size != size or os.fstat(fh.fileno()).st_size != size:
+            raise FormatError(f"file changed while it was hashed ({size} bytes at start, {h.size} read)", path)
+    return h
