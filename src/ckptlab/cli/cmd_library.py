@@ -156,12 +156,12 @@ def register(app) -> None:
                        else f"matched by {civ['matched_by']}")
                 console.print(f"  civitai: {civ['model_name']} / {civ['version_name']}  model {civ['model_id']} "
                               f"version {civ['version_id']}  [{how}]  {civ['revisions']} revision(s)"
-                              f"  upstream: {civ['upstream_status']}", markup=False, highlight=False)
+                              f"  upstream: {civ['upstream_status']}", markup=False, highlight=False, soft_wrap=True)
                 if civ["trigger_words"]:
                     console.print("    trigger words: " + ", ".join(civ["trigger_words"]), markup=False,
-                                  highlight=False)
+                                  highlight=False, soft_wrap=True)
                 if civ["url"]:
-                    console.print(f"    {civ['url']}", markup=False, highlight=False)
+                    console.print(f"    {civ['url']}", markup=False, highlight=False, soft_wrap=True)
             for key in ("same_bytes_as", "same_component_as", "sidecars"):
                 if d.get(key):
                     console.print(f"  {key}: {json.dumps(d[key], ensure_ascii=False)}", markup=False,
