@@ -159,8 +159,8 @@ def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = T
             steps.append(PlanStep("delete_duplicate", r.path, size=r.size or 0, bytes_freed=r.size or 0,
                                   sha256=r.sha256, mtime_ns=r.mtime_ns, keep=g.keep, reason=g.reason, file_id=r.id))
     for r in recs.values():
-        if r.id in deleted or r.error is not None or r.tensor_bytes is None:
-            continue
+        if r.id in deleted or r.error is not None or r.tensor_bytes is None or r.format == "diffusers":
+            continue  # a diffusers folder is not one file a transform step can rewrite in place
         size = r.size or 0
         base = dict(path=r.path, size=size, sha256=r.sha256, mtime_ns=r.mtime_ns, file_id=r.id)
         if r.format == "pickle":

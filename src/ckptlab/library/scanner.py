@@ -41,12 +41,63 @@ class Found:
     category: str | None = None  # from extra_model_paths.yaml
     error: str | None = None
     sidecar_files: dict[str, str] | None = None  # precomputed for worker processes (names not shipped)
+    folder_key: StatKey | None = None  # a diffusers folder: see ``folder_stat_key``
 
     @property
     def key(self) -> StatKey | None:
+        if self.folder_key is not None:
+            return self.folder_key
         if self.st is None:
             return None
         return (self.st.st_dev, self.st.st_ino, self.st.st_size, self.st.st_mtime_ns)
+
+
+def folder_stat_key(path: str) -> StatKey:
+    """The stat identity of a diffusers folder, recorded as one model: ``(dev, inode of the folder,
+    sum of the sizes of the files in it, newest mtime_ns of those files and the folders)``. Hidden
+    entries (``.cache`` of huggingface_hub) are left out. Any file added, removed, resized or
+    rewritten inside changes it, so incremental re-scans and move detection work as for files,
+    from ``stat`` calls alone. Raises ``OSError``."""
+    st = os.stat(path)
+    total, newest = 0, st.st_mtime_ns
+    stack = [path]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                est = e.stat(follow_symlinks=True)
+                newest = max(newest, est.st_mtime_ns)
+                if stat_mod.S_ISDIR(est.st_mode):
+                    if not e.is_symlink():
+                        stack.append(e.path)
+                elif stat_mod.S_ISREG(est.st_mode):
+                    total += est.st_size
+    return (st.st_dev, st.st_ino, total, newest)
+
+
+def current_key(path: str, is_folder: bool) -> StatKey:
+    """The stat identity of ``path`` now (``folder_stat_key`` for a diffusers folder). Raises ``OSError``."""
+    if is_folder:
+        return folder_stat_key(path)
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _is_diffusers_folder(path: str) -> bool:
+    try:
+        from ckptlab.formats.diffusers import is_diffusers_folder
+    except ImportError:  # pragma: no cover - a build without the diffusers reader
+        return False
+    return is_diffusers_folder(path)
+
+
+def _folder_found(path: str, root: str, names: set[str], category: str | None, is_link: bool) -> Found:
+    try:
+        key = folder_stat_key(path)
+    except OSError as e:
+        return Found(path, root, None, is_link, names, category, error=f"cannot stat folder: {e.strerror or e}")
+    return Found(path, root, os.stat(path), is_link, names, category, folder_key=key)
 
 
 @dataclass
@@ -79,9 +130,12 @@ def walk(root: str, category: str | None = None, errors: list[dict] | None = Non
     except OSError as e:
         errors.append({"path": display_path(root), "error": f"cannot access: {e.strerror or e}", "folder": root})
         return out
-    if not stat_mod.S_ISDIR(st.st_mode):
+    if not stat_mod.S_ISDIR(st.st_mode) or _is_diffusers_folder(root):
         folder = os.path.dirname(root)
-        out.append(Found(root, folder, st, os.path.islink(root), _listdir(folder), category))
+        if stat_mod.S_ISDIR(st.st_mode):
+            out.append(_folder_found(root, folder, _listdir(folder), category, os.path.islink(root)))
+        else:
+            out.append(Found(root, folder, st, os.path.islink(root), _listdir(folder), category))
         return out
     visited: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
     stack = [root]
@@ -110,7 +164,10 @@ def walk(root: str, category: str | None = None, errors: list[dict] | None = Non
                                            "error": "symlink loop or folder already scanned; skipped"})
                         continue
                     visited.add(ident)
-                    subdirs.append(entry.path)
+                    if _is_diffusers_folder(entry.path):  # one model, not a tree of files
+                        out.append(_folder_found(entry.path, root, names, category, is_link))
+                    else:
+                        subdirs.append(entry.path)
                     continue
                 if not layouts.is_model_name(entry.name):
                     continue
@@ -453,8 +510,7 @@ def _read_one(f: Found) -> dict:
             pass
     if "error" not in facts:
         try:
-            after = os.stat(f.path)
-            if (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) != f.key:
+            if current_key(f.path, f.folder_key is not None) != f.key:
                 facts = {"kind": loc["hint"], "error": "file changed during the scan; scan again"}
         except OSError as e:
             facts = {"kind": loc["hint"], "error": f"vanished during the scan: {e.strerror or e}"}
@@ -517,7 +573,7 @@ def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *,
             continue
         seen_keys.add(f.key)
         cached = catalog.content(f.key) or {}
-        need_h = hash and cached.get("hashes") is None
+        need_h = hash and cached.get("hashes") is None and f.folder_key is None  # CivitAI hashes are per file
         need_f = fingerprint and cached.get("fingerprint") is None
         if need_h or need_f:
             todo.append((f, need_h, need_f))
@@ -531,8 +587,7 @@ def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *,
                 from ckptlab.library.fingerprint import fingerprint_file
 
                 fp = fingerprint_file(f.path, progress=progress)
-            after = os.stat(f.path)
-            if (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) != f.key:
+            if current_key(f.path, f.folder_key is not None) != f.key:
                 raise CkptlabError("file changed during the scan; scan again", f.path)
         except (CkptlabError, OSError) as e:
             msg = e.message if isinstance(e, CkptlabError) else f"cannot read: {e.strerror or e}"
