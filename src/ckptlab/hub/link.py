@@ -332,7 +332,7 @@ def catalog_fingerprint(cat: Catalog, path: os.PathLike) -> str | None:
         fp = fingerprint_file(path)
     except CkptlabError:
         return None
-    cat.put_fingerprint(key, fp.fingerprint, fp.components)
+    cat.put_fingerprint(key, fp.fingerprint, fp.components, fp.bf16, fp.bf16_components)
     return fp.fingerprint
 
 

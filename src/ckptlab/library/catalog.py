@@ -71,6 +71,14 @@ _CORE_MIGRATIONS: list[str] = [
     );
     CREATE TABLE schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL);
     """,
+    # 2: bf16 fingerprints. Fingerprints cached before are dropped (a cache), so that the next
+    # `scan --fingerprint` computes both kinds for every file.
+    """
+    ALTER TABLE content ADD COLUMN fingerprint_bf16 TEXT;
+    ALTER TABLE content ADD COLUMN components_bf16 TEXT;
+    CREATE INDEX content_fingerprint_bf16 ON content(fingerprint_bf16);
+    UPDATE content SET fingerprint = NULL, components = NULL, fingerprinted_at = NULL;
+    """,
 ]
 
 _REGISTERED: dict[str, list[str]] = {}
@@ -133,6 +141,8 @@ class FileRecord:
     hashes: Hashes | None = None
     fingerprint: str | None = None
     components: dict[str, str] | None = field(default=None)
+    fingerprint_bf16: str | None = None  # see library.fingerprint: defined for F32/BF16 files only
+    components_bf16: dict[str, str] | None = None
 
     @property
     def stat_key(self) -> StatKey | None:
@@ -148,7 +158,8 @@ class FileRecord:
 _FILE_COLS = ("id, path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, format, kind, family, "
               "variant, n_tensors, tensor_bytes, ema_bytes, fp32_bytes, dtypes, info, safety, safety_detail, "
               "sidecars, error, status, first_seen, last_seen")
-_JOIN_COLS = ", c.sha256, c.autov1, c.autov2, c.autov3, c.crc32, c.blake3, c.fingerprint, c.components"
+_JOIN_COLS = (", c.sha256, c.autov1, c.autov2, c.autov3, c.crc32, c.blake3, c.fingerprint, c.components, "
+              "c.fingerprint_bf16, c.components_bf16")
 _SELECT = (f"SELECT {', '.join('f.' + c.strip() for c in _FILE_COLS.split(','))}{_JOIN_COLS} FROM files f "
            "LEFT JOIN content c ON c.dev = f.dev AND c.ino = f.ino AND c.size = f.size AND c.mtime_ns = f.mtime_ns")
 
@@ -160,7 +171,8 @@ def _loads(text):
 def _record(row) -> FileRecord:
     (fid, _path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, fmt, kind, family, variant,
      n_tensors, tensor_bytes, ema_bytes, fp32_bytes, dtypes, info, safety, safety_detail, sidecars, error,
-     status, first_seen, last_seen, sha256, autov1, autov2, autov3, crc32, b3, fingerprint, components) = row
+     status, first_seen, last_seen, sha256, autov1, autov2, autov3, crc32, b3, fingerprint, components, fp_bf16,
+     components_bf16) = row
     hashes = None
     if sha256:
         hashes = Hashes(sha256=sha256, autov1=autov1, autov2=autov2, autov3=autov3, crc32=crc32, blake3=b3,
@@ -171,7 +183,8 @@ def _record(row) -> FileRecord:
                       fp32_bytes=fp32_bytes, dtypes=_loads(dtypes), info=_loads(info), safety=safety,
                       safety_detail=_loads(safety_detail), sidecars=_loads(sidecars), error=error, status=status,
                       first_seen=first_seen, last_seen=last_seen, hashes=hashes, fingerprint=fingerprint,
-                      components=_loads(components))
+                      components=_loads(components), fingerprint_bf16=fp_bf16,
+                      components_bf16=_loads(components_bf16))
 
 
 def path_key(path: str | Path) -> bytes:
@@ -361,16 +374,17 @@ class Catalog:
     # -- content (hashes / fingerprints) ------------------------------------------------------
     def content(self, key: StatKey) -> dict[str, Any] | None:
         row = self.conn.execute(
-            "SELECT sha256, autov1, autov2, autov3, crc32, blake3, fingerprint, components FROM content "
-            "WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?", key).fetchone()
+            "SELECT sha256, autov1, autov2, autov3, crc32, blake3, fingerprint, components, fingerprint_bf16, "
+            "components_bf16 FROM content WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?", key).fetchone()
         if not row:
             return None
-        sha256, autov1, autov2, autov3, crc32, b3, fingerprint, components = row
+        sha256, autov1, autov2, autov3, crc32, b3, fingerprint, components, fp_bf16, components_bf16 = row
         hashes = None
         if sha256:
             hashes = Hashes(sha256=sha256, autov1=autov1, autov2=autov2, autov3=autov3, crc32=crc32, blake3=b3,
                             size=key[2])
-        return {"hashes": hashes, "fingerprint": fingerprint, "components": _loads(components)}
+        return {"hashes": hashes, "fingerprint": fingerprint, "components": _loads(components),
+                "fingerprint_bf16": fp_bf16, "components_bf16": _loads(components_bf16)}
 
     def put_hashes(self, key: StatKey, h: Hashes) -> None:
         self.conn.execute(
@@ -380,10 +394,13 @@ class Catalog:
             "crc32 = excluded.crc32, blake3 = excluded.blake3, hashed_at = excluded.hashed_at",
             (*key, h.sha256, h.autov1, h.autov2, h.autov3, h.crc32, h.blake3, time.time()))
 
-    def put_fingerprint(self, key: StatKey, fingerprint: str, components: dict[str, str]) -> None:
+    def put_fingerprint(self, key: StatKey, fingerprint: str, components: dict[str, str],
+                        bf16: str | None = None, bf16_components: dict[str, str] | None = None) -> None:
         self.conn.execute(
-            "INSERT INTO content(dev, ino, size, mtime_ns, fingerprint, components, fingerprinted_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(dev, ino, size, mtime_ns) DO UPDATE SET "
+            "INSERT INTO content(dev, ino, size, mtime_ns, fingerprint, components, fingerprint_bf16, components_bf16, "
+            "fingerprinted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(dev, ino, size, mtime_ns) DO UPDATE SET "
             "fingerprint = excluded.fingerprint, components = excluded.components, "
+            "fingerprint_bf16 = excluded.fingerprint_bf16, components_bf16 = excluded.components_bf16, "
             "fingerprinted_at = excluded.fingerprinted_at",
-            (*key, fingerprint, json.dumps(components, sort_keys=True), time.time()))
+            (*key, fingerprint, json.dumps(components, sort_keys=True), bf16,
+             json.dumps(bf16_components, sort_keys=True) if bf16_components is not None else None, time.time()))

@@ -118,15 +118,13 @@ def find_dupes(catalog: Catalog, *, prefer_smaller: bool = False, components: bo
             removed |= {c.id for c in g.copies if not c.keep}
 
     survivors = [r for r in files if r.id not in removed]
-    by_fp: dict[str, list[FileRecord]] = {}
-    for r in survivors:
-        if r.components:
-            by_fp.setdefault(r.fingerprint, []).append(r)
-    for fp, group in by_fp.items():
-        if len(group) > 1:
-            forms = sorted({f"{r.format}/{precision(r) or '?'}/{'pruned' if _is_pruned(r) else 'full'}" for r in group})
-            result.groups.append(_group("same_weights", fp, group, prefer_smaller,
-                                        "same tensor fingerprint: " + ", ".join(forms)))
+    for group, via_bf16 in _same_weights(survivors):
+        forms = sorted({f"{r.format}/{precision(r) or '?'}/{'pruned' if _is_pruned(r) else 'full'}" for r in group})
+        g = _group("same_weights", "", group, prefer_smaller,
+                   ("same tensor fingerprint (bf16 rounding): " if via_bf16 else "same tensor fingerprint: ")
+                   + ", ".join(forms))
+        g.key = next(r.fingerprint for r in group if r.path == g.keep)
+        result.groups.append(g)
 
     if components:
         by_comp: dict[tuple[str, str], list[FileRecord]] = {}
@@ -142,6 +140,38 @@ def find_dupes(catalog: Catalog, *, prefer_smaller: bool = False, components: bo
                 g.component = comp
                 result.groups.append(g)
     return result
+
+
+def _same_weights(recs: list[FileRecord]) -> list[tuple[list[FileRecord], bool]]:
+    """Files linked by an equal fingerprint (fp16 rounding) or an equal bf16 fingerprint, grouped
+    transitively (fp16 copy - fp32 - bf16 copy is one group); ``True`` when a bf16 link was used."""
+    parent = {r.id: r.id for r in recs}
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    bf16_joined: set[int] = set()
+    for attr in ("fingerprint", "fingerprint_bf16"):
+        first: dict[str, int] = {}
+        for r in recs:
+            v = getattr(r, attr) if r.components else None
+            if not v:
+                continue
+            if v in first:
+                a, b = find(first[v]), find(r.id)
+                if a != b:
+                    parent[b] = a
+                    if attr == "fingerprint_bf16":
+                        bf16_joined.add(r.id)
+            else:
+                first[v] = r.id
+    groups: dict[int, list[FileRecord]] = {}
+    for r in recs:
+        groups.setdefault(find(r.id), []).append(r)
+    return [(g, any(r.id in bf16_joined for r in g)) for g in groups.values() if len(g) > 1]
 
 
 def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = True) -> SpacePlan:

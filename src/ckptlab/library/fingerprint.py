@@ -13,10 +13,17 @@ these transforms invisible:
   schedule buffers and marker keys -- pruning removes them, they are not the model.
 - **values**: floating tensors are cast to fp16 (round to nearest even) before hashing, so an fp32
   file and the fp16 file made from it give the same bytes; integers hash as int64, bools as uint8.
-  bf16/fp8 copies are *not* matched to their fp32 source (their rounding differs) - documented.
 - metadata and container (pickle ``.ckpt`` vs safetensors) never enter the hash.
 
 The file fingerprint is SHA-256 over the sorted ``component:fingerprint`` lines.
+
+**bf16**: no single canonical form can equate fp32, its fp16 copy and its bf16 copy (double rounding:
+``bf16(fp16(x)) != bf16(x)`` for some ``x``, and fp16's narrower range and subnormals lose what bf16
+keeps; see docs/library.md). So a second, *bf16 fingerprint* is computed the same way with floats
+rounded to bf16 (round to nearest even, as ``torch.Tensor.to(torch.bfloat16)``): defined for files
+whose float tensors are all F32/F64/BF16 (a BF16 tensor hashes as it is), ``None`` as soon as one is
+F16 or FP8 (their values cannot be brought back to what bf16 rounding of the source gives). Equal bf16
+fingerprints mean every BF16 tensor is exactly the bf16 rounding of the other file's F32 tensor.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ class Fingerprint:
     fingerprint: str
     components: dict[str, str]
     n_tensors: int
+    bf16: str | None = None  # the bf16 fingerprint (module doc), None when not defined for this file
+    bf16_components: dict[str, str] | None = None
+
+_BF16_SOURCES = frozenset({"F32", "F64", "BF16"})  # float dtypes whose bf16 rounding is well defined
 
 
 def canonical_keys(keys) -> dict[str, dict[str, str]]:
@@ -60,13 +71,14 @@ def canonical_keys(keys) -> dict[str, dict[str, str]]:
     return out
 
 
-def _tensor_digest(tensor) -> str:
+def _tensor_digest(tensor, bf16: bool = False) -> str:
+    """BLAKE3 of the canonical values: floats rounded to fp16 (or to bf16 with ``bf16=True``)."""
     import blake3
     import torch
 
     t = tensor.detach()
     if t.is_floating_point():
-        t = t.to(torch.float16)
+        t = t.to(torch.bfloat16 if bf16 else torch.float16)
     elif t.dtype == torch.bool:
         t = t.to(torch.uint8)
     elif t.is_complex():
@@ -82,21 +94,38 @@ def _tensor_digest(tensor) -> str:
 def fingerprint_source(src, progress: Progress | None = None) -> Fingerprint:
     """Fingerprint an open ``TensorSource`` reading one tensor at a time."""
     progress = progress or null_progress
+    from ckptlab.formats.dtypes import FLOAT_DTYPES
+
     infos = src.infos()
     comps = canonical_keys(infos)
+    with_bf16 = all(infos[k].dtype in _BF16_SOURCES for m in comps.values() for k in m.values()
+                    if infos[k].dtype in FLOAT_DTYPES)
     result: dict[str, str] = {}
+    result_bf16: dict[str, str] = {}
     n = 0
     for comp, mapping in comps.items():
-        lines = []
+        lines, lines_bf16 = [], []
         for canon in sorted(mapping):
             key = mapping[canon]
             ti = infos[key]
-            lines.append(f"{canon}\t{list(ti.shape)}\t{_tensor_digest(src.get(key))}\n")
+            t = src.get(key)
+            lines.append(f"{canon}\t{list(ti.shape)}\t{_tensor_digest(t)}\n")
+            if with_bf16:
+                same = ti.dtype not in FLOAT_DTYPES  # integers: the same canonical bytes either way
+                lines_bf16.append(lines[-1] if same else f"{canon}\t{list(ti.shape)}\t{_tensor_digest(t, bf16=True)}\n")
+            del t
             progress(ti.nbytes)
             n += 1
         result[comp] = hashlib.sha256("".join(lines).encode()).hexdigest()
-    whole = hashlib.sha256("".join(f"{c}:{result[c]}\n" for c in sorted(result)).encode()).hexdigest()
-    return Fingerprint(fingerprint=whole, components=result, n_tensors=n)
+        if with_bf16:
+            result_bf16[comp] = hashlib.sha256(("bf16\n" + "".join(lines_bf16)).encode()).hexdigest()
+    return Fingerprint(fingerprint=_whole(result), components=result, n_tensors=n,
+                       bf16=_whole(result_bf16) if with_bf16 else None,
+                       bf16_components=result_bf16 if with_bf16 else None)
+
+
+def _whole(components: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{c}:{components[c]}\n" for c in sorted(components)).encode()).hexdigest()
 
 
 def fingerprint_file(path: str | Path, progress: Progress | None = None) -> Fingerprint:

@@ -601,7 +601,7 @@ def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *,
                 catalog.put_hashes(f.key, h)
                 summary.hashed += 1
             if fp is not None:
-                catalog.put_fingerprint(f.key, fp.fingerprint, fp.components)
+                catalog.put_fingerprint(f.key, fp.fingerprint, fp.components, fp.bf16, fp.bf16_components)
                 summary.fingerprinted += 1
 
 

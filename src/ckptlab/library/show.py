@@ -46,8 +46,10 @@ def show_file(catalog: Catalog, target: str) -> list[dict]:
             for other in catalog.files(status="present", sort="path"):
                 if other.id == rec.id or not other.components:
                     continue
-                for comp, fp in rec.components.items():
-                    if other.components.get(comp) == fp:
+                for comp, fp in rec.components.items():  # fp16 rounding, else bf16 rounding (fingerprint.py)
+                    if other.components.get(comp) == fp or (
+                            rec.components_bf16 and other.components_bf16
+                            and other.components_bf16.get(comp) == rec.components_bf16.get(comp)):
                         same.setdefault(comp, []).append(other.path)
         d["same_component_as"] = same or None
         d["civitai"] = _civitai(catalog, rec)
