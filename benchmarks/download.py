@@ -8,12 +8,17 @@ counted) of the CLI process for both and the ratio. Streaming means the ratio st
 the size. The fake server keeps the file in this process's memory, so sizes are limited by RAM.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import sys
+
+# this folder holds scripts named like stdlib modules (inspect.py): keep it off the import path
+sys.path[:] = [p for p in sys.path if p not in ("", __import__("os").path.dirname(__file__))]
 
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from fakes.civitai_server import FakeCivitai  # noqa: E402
+from fakes.civitai_server import FakeCivitai
 
 
 def run(fake: FakeCivitai, vid: int, dest: Path, env: dict) -> tuple[float, int, int]:
