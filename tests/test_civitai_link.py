@@ -259,3 +259,18 @@ def test_timeout_on_refresh_keeps_everything(world, cli):
     assert row["status"] == "kept" and "Timeout" in row["message"]
     s = jsonl(cli("civitai", "show", files["lora"], "--json", env=env).stdout)[0]
     assert s["latest"]["id"] == 1000 and s["link"]["upstream_status"] == "unreachable"
+
+
+def test_bf16_copy_inherits_the_link_of_its_fp32_source(world, cli):
+    from safetensors.torch import save
+
+    fake, lib, files, env = world
+    sd = load(files["ckpt"].read_bytes())
+    bf16 = lib / "models" / "Stable-diffusion" / "tiny-bf16.safetensors"
+    bf16.write_bytes(save({k: v.to(torch.bfloat16) if v.dtype == torch.float32 else v for k, v in sd.items()}))
+    r = cli("civitai", "link", lib / "models" / "Stable-diffusion", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = by_name(jsonl(r.stdout))
+    inh = rows["tiny-bf16.safetensors"]
+    assert inh["status"] == "inherited" and inh["matched_by"] == "fingerprint" and inh["version_id"] == 2000
+    assert inh["inherited_from"] == file_hashes(files["ckpt"].read_bytes())["SHA256"]

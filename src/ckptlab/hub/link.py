@@ -36,6 +36,7 @@ class LocalFile:
     autov3: str | None = None
     kind: str | None = None
     fingerprint: str | None = None
+    fingerprint_bf16: str | None = None  # library.fingerprint: bf16 copies of an fp32 file match here
 
 
 @dataclass
@@ -81,15 +82,15 @@ def local_files(cat: Catalog, paths: list[Path], progress: Progress | None = Non
         rec = cat.get_by_path(p)
         st = p.stat()
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        h, fp, kind = None, None, None
+        h, fp, fpb, kind = None, None, None, None
         if rec is not None:
             kind = rec.kind
             if rec.stat_key == key:
-                h, fp = rec.hashes, rec.fingerprint
+                h, fp, fpb = rec.hashes, rec.fingerprint, rec.fingerprint_bf16
         if h is None:
             content = cat.content(key)
             if content:
-                h, fp = content["hashes"], fp or content["fingerprint"]
+                h, fp, fpb = content["hashes"], fp or content["fingerprint"], fpb or content["fingerprint_bf16"]
         if h is None:
             try:
                 h = hash_file(p, progress=progress)
@@ -99,7 +100,7 @@ def local_files(cat: Catalog, paths: list[Path], progress: Progress | None = Non
                 continue
             if rec is not None:
                 cat.put_hashes(key, h)
-        out.append(LocalFile(p, h.sha256.upper(), h.autov3, kind, fp))
+        out.append(LocalFile(p, h.sha256.upper(), h.autov3, kind, fp, fpb))
     return out
 
 
@@ -247,7 +248,8 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
         fp = fps.get(lf.sha256) or (fingerprint(lf.path) if fingerprint else None)
         if not fp:
             continue
-        donors = store.direct_links_by_fingerprint(cat, fp)
+        fpb = lf.fingerprint_bf16 or _stored_bf16(cat, lf.path)
+        donors = store.direct_links_by_fingerprint(cat, fp, fpb)
         if not donors and fingerprint:
             # linked files whose fingerprint is not known yet: this run's files first, then catalogued
             # files of the same kind (each fingerprint is computed once and stored in the catalog)
@@ -264,7 +266,7 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
                     continue
                 if fps.get(sha) is None and path.is_file():
                     fps[sha] = fingerprint(path)
-                if fps.get(sha) == fp:
+                if fps.get(sha) == fp or (fpb and path.is_file() and _stored_bf16(cat, path) == fpb):
                     donors = [ol]
                     break
         if donors:
@@ -316,6 +318,17 @@ def _fetch_image(client: CivitaiClient, url: str) -> bytes:
         return b""
     finally:
         resp.close()
+
+
+def _stored_bf16(cat: Catalog, path: os.PathLike) -> str | None:
+    """The bf16 fingerprint the catalog holds for ``path``'s current stat identity (stored together
+    with the fp16 one by ``catalog_fingerprint`` and ``scan --fingerprint``)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    cached = cat.content((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return cached.get("fingerprint_bf16") if cached else None
 
 
 def catalog_fingerprint(cat: Catalog, path: os.PathLike) -> str | None:

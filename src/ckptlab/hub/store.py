@@ -167,12 +167,14 @@ def recent_miss(cat: Catalog, sha256: str, max_age_s: float) -> float | None:
     return row[0] if row and time.time() - row[0] < max_age_s else None
 
 
-def direct_links_by_fingerprint(cat: Catalog, fingerprint: str) -> list[Link]:
-    """Direct (not inherited) links of catalogued files whose tensor fingerprint is ``fingerprint``."""
+def direct_links_by_fingerprint(cat: Catalog, fingerprint: str, fingerprint_bf16: str | None = None) -> list[Link]:
+    """Direct (not inherited) links of catalogued files whose tensor fingerprint is ``fingerprint``, or
+    whose bf16 fingerprint is ``fingerprint_bf16`` (a bf16 copy of a linked fp32 file, or the reverse)."""
     rows = cat.conn.execute(
         "SELECT DISTINCT l.sha256, l.version_id, l.model_id, l.file_id, l.matched_by, l.inherited_from, l.linked_at, "
         "l.checked_at, l.upstream_status FROM content c JOIN civitai_links l ON l.sha256 = c.sha256 "
-        "WHERE c.fingerprint = ? AND l.matched_by != 'fingerprint' ORDER BY l.linked_at", (fingerprint,)).fetchall()
+        "WHERE (c.fingerprint = ?1 OR (?2 IS NOT NULL AND c.fingerprint_bf16 = ?2)) AND l.matched_by != 'fingerprint' "
+        "ORDER BY l.linked_at", (fingerprint, fingerprint_bf16)).fetchall()
     return [Link(*r) for r in rows]
 
 
