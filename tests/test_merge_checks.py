@@ -142,3 +142,22 @@ def test_pickle_checkpoint_input(files, tmp_path):
     merge("weighted_sum", [files["a"], files["b"]], ref, params={"alpha": 0.5})
     o, r = load_file(out), load_file(ref)
     assert set(o) == set(r) and all(o[k].equal(r[k]) for k in r)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu_is_one_clean_refusal(files, tmp_path):
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(CkptlabError, match="no CUDA GPU"):
+        merge("weighted_sum", [files["a"], files["b"]], out, device="cuda")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_path_matches_cpu(files, tmp_path):
+    cpu, gpu = tmp_path / "cpu.safetensors", tmp_path / "gpu.safetensors"
+    for dev, out in (("cpu", cpu), ("cuda", gpu)):
+        merge("add_difference", [files["a"], files["b"], files["a"]], out, params={"alpha": "GRAD_V"}, device=dev)
+    x, y = load_file(cpu), load_file(gpu)
+    assert set(x) == set(y)
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6)

@@ -121,12 +121,15 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
             state["pins"] = _check_pins(recipe, state["hashes"], relink, warnings)
             if state["pins"][1] and recipe_path is not None:
                 pin_text(recipe, recipe_path)
-        else:
-            future = hash_pool.submit(provenance.sha256_many, list(paths.values()))
+
+        def start_hashing() -> None:  # after the checks: a refused merge does not wait for hashing
+            if "hashes" not in state and "future" not in state:
+                state["future"] = hash_pool.submit(provenance.sha256_many, list(paths.values()))
 
         def real_hashes() -> dict[str, str]:
             if "hashes" not in state:
-                state["hashes"] = dict(zip(paths, future.result(), strict=True))
+                start_hashing()
+                state["hashes"] = dict(zip(paths, state["future"].result(), strict=True))
                 state["pins"] = _check_pins(recipe, state["hashes"], relink, warnings)
             return state["hashes"]
 
@@ -151,6 +154,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
             node = _build_step(st, nodes, settings, opts.get("dtype") if is_last else None)
             summaries.append(node.summary)
             if st.save and not is_last:
+                start_hashing()
                 # write the intermediate, then let later steps read it back (same values, less recompute)
                 write_node(node, Path(st.save), meta_for(st, i, placeholders), overwrite=overwrite,
                            threads=threads, budget=budget, progress=progress, description=f"{st.name}",
@@ -175,6 +179,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
             top = Prune(top)
             pruned = top.dropped
         last = len(recipe.steps) - 1
+        start_hashing()
         size = write_node(top, out, meta_for(final, last, placeholders), overwrite=overwrite, threads=threads,
                           budget=budget, progress=progress, description=final.name,
                           finalize=lambda: meta_for(final, last, real_hashes()))
@@ -183,7 +188,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         for r in reports:
             r.family = nodes[r.name].family
     finally:
-        hash_pool.shutdown(wait=True, cancel_futures=True)
+        hash_pool.shutdown(wait=False, cancel_futures=True)
         for s in sources.values():
             s.close()
     return MergeResult(str(out), final.method, final_node.family, len(top.plan), size,
