@@ -70,6 +70,7 @@ def test_downloads_and_verifies_an_lfs_file(hub, tmp_path):
     assert res.path == lib / "sdxl_vae.safetensors"
     assert res.path.read_bytes() == data
     assert res.sha256 == res.expected_sha256 == hashlib.sha256(data).hexdigest()
+    assert res.hashes.sha256 == res.sha256.upper()  # the transfer's in-stream hashes come along
     assert res.size == len(data) and res.source == "hf" and not res.skipped
     assert res.extra["commit"] == fake.repos[REPO].commit
     assert sorted(p.name for p in lib.iterdir()) == ["sdxl_vae.safetensors"]  # staging removed
@@ -179,6 +180,7 @@ def test_offline_env_makes_no_request(hub, tmp_path, monkeypatch):
     (tmp_path / "sdxl_vae.safetensors").write_bytes(data)  # already in the library: returned as is
     res = download(REPO, "sdxl_vae.safetensors", dest_dir=tmp_path, endpoint=fake.endpoint)
     assert res.skipped and res.sha256 == hashlib.sha256(data).hexdigest()
+    assert res.hashes.sha256 == res.sha256.upper() and res.hashes.size == len(data)  # for the catalog
     assert fake.requests == []
 
 

@@ -184,9 +184,11 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
 
     if is_offline():
         if target.is_file():
-            return DownloadResult(path=target, url="", size=target.stat().st_size,
-                                  sha256=sha256_file(target).hexdigest(), source="hf", skipped=True,
-                                  extra={**extra, "offline": True})
+            from ckptlab.library.hashes import hash_file
+
+            h = hash_file(target)  # all six in one read: the catalog needs no second one
+            return DownloadResult(path=target, url="", size=h.size, sha256=h.sha256.lower(), source="hf",
+                                  skipped=True, extra={**extra, "offline": True}, hashes=h)
         raise NetworkError(f"{what}: HF_HUB_OFFLINE is set and {target} is not here; unset it to download")
 
     from huggingface_hub import constants, get_hf_file_metadata, get_token, hf_hub_download, hf_hub_url
