@@ -23,7 +23,7 @@ from ckptlab.formats.dtypes import parse_dtype
 from ckptlab.formats.writer import SafetensorsWriter
 from ckptlab.merge import provenance
 from ckptlab.merge.blocks import BlockValues, parse_value
-from ckptlab.merge.graph import BakeVae, Node, Prune, Settings, SourceNode, StepNode, StepSummary
+from ckptlab.merge.graph import BUFFERS, BakeVae, Node, Prune, Settings, SourceNode, StepNode, StepSummary
 from ckptlab.merge.methods import get_method
 from ckptlab.merge.recipe import Recipe, RecipeError, dumps, pin_text
 from ckptlab.progress import Progress, null_progress
@@ -310,8 +310,16 @@ def write_node(node: Node, path: Path, metadata: dict[str, str], *, overwrite: b
             item.release()
         else:
             w.write(key, item)
+            BUFFERS.give_back(item)
         progress(plan[key].nbytes)
 
+    try:
+        return _write_all(node, path, metadata, plan, total, produce, put, overwrite, threads, budget, finalize)
+    finally:
+        BUFFERS.clear()
+
+
+def _write_all(node, path, metadata, plan, total, produce, put, overwrite, threads, budget, finalize) -> int:
     with SafetensorsWriter(path, plan, metadata, overwrite=overwrite) as w:
         if threads <= 1:
             for key in plan:

@@ -26,6 +26,68 @@ LIST_MAX = 50
 CHUNK_ELEMS = 1 << 18
 
 
+class BufferPool:
+    """Output buffers of big chunked keys, reused once written (models repeat the same shapes), so the
+    kernel does not have to map and zero fresh pages for every key. Holds at most ``limit`` idle bytes."""
+
+    def __init__(self, limit: int = 96 << 20):
+        import threading
+        import weakref
+
+        self.limit = limit
+        self.idle: dict[int, list] = {}
+        self.idle_bytes = 0
+        self.owned = weakref.WeakValueDictionary()  # data_ptr -> the very tensor object handed out
+        self.lock = threading.Lock()
+
+    def take(self, shape, dtype):
+        import torch
+
+        from ckptlab.formats.dtypes import from_torch, itemsize
+
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * itemsize(from_torch(dtype))
+        with self.lock:
+            free = self.idle.get(nbytes)
+            if free:
+                raw = free.pop()
+                self.idle_bytes -= nbytes
+            else:
+                raw = None
+        if raw is None:
+            raw = torch.empty(nbytes, dtype=torch.uint8)
+        out = raw.view(dtype).view(shape)
+        with self.lock:
+            self.owned[out.data_ptr()] = out
+        return out
+
+    def give_back(self, tensor) -> None:
+        """Return ``tensor``'s buffer if it came from ``take`` (after its bytes were written)."""
+        import torch
+
+        ptr = tensor.data_ptr()
+        with self.lock:
+            if self.owned.get(ptr) is not tensor:
+                return  # not ours (an input's tensor, a copy...): never recycle it
+            del self.owned[ptr]
+            nbytes = tensor.numel() * tensor.element_size()
+            if self.idle_bytes + nbytes > self.limit:
+                return
+            self.idle.setdefault(nbytes, []).append(tensor.view(-1).view(torch.uint8))
+            self.idle_bytes += nbytes
+
+    def clear(self) -> None:
+        with self.lock:
+            self.idle.clear()
+            self.idle_bytes = 0
+            self.owned.clear()
+
+
+BUFFERS = BufferPool()
+
+
 @dataclass
 class Settings:
     merge_dtype: str = "F32"
@@ -242,7 +304,7 @@ class StepNode(Node):
         if not self.method.elementwise or xs[0].dim() == 0 or info.numel <= CHUNK_ELEMS:
             res = fn([x.to(dev, mdt) for x in xs], p, ctx)
             return res.to(out_dt).cpu() if res.dtype != out_dt or res.device.type != "cpu" else res.contiguous()
-        out = torch.empty(info.shape, dtype=out_dt)
+        out = BUFFERS.take(info.shape, out_dt)
         rows = max(1, CHUNK_ELEMS // max(1, info.numel // info.shape[0]))
         for r in range(0, info.shape[0], rows):
             part = [x[r:r + rows].to(dev, mdt) for x in xs]
