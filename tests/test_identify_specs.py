@@ -61,7 +61,10 @@ def built(tmp_path_factory):
     for name, spec in SPECS.items():
         # real shapes for safetensors (sparse: no disk), small real layouts for pickles
         sparse = spec.fmt == "safetensors"
-        out[name] = write_model(root / f"{spec.filename or name}{spec.suffix}", name, sparse=sparse, small=not sparse)
+        folder = root / name  # one folder per spec: aliases share a file name
+        folder.mkdir()
+        out[name] = write_model(folder / f"{spec.filename or name}{spec.suffix}", name, sparse=sparse,
+                                small=not sparse)
     return out
 
 
