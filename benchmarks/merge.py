@@ -139,17 +139,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tools", default="ckptlab,sd-mecha,load-everything")
     ap.add_argument("--delete", action="store_true", help="delete the generated inputs afterwards")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool, interleaved; the best is reported")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     a, b = make_inputs(args.family, args.quick)
     outs = {}
     rows = []
     _warm([a, b])
-    for name in args.tools.split(","):
-        out = CACHE / f"out_{name}.safetensors"
-        rows.append(run_job(name, a, b, out, args.threads))
-        outs[name] = out
-        print(rows[-1], flush=True)
+    best: dict[str, dict] = {}
+    for _ in range(args.repeat):
+        for name in args.tools.split(","):
+            out = CACHE / f"out_{name}.safetensors"
+            r = run_job(name, a, b, out, args.threads)
+            print(r, flush=True)
+            outs[name] = out
+            if name not in best or r["wall_s"] < best[name]["wall_s"]:
+                best[name] = {**r, "peak_rss_anon_mib": max(r["peak_rss_anon_mib"],
+                                                            best.get(name, r)["peak_rss_anon_mib"])}
+    rows = list(best.values())
     base = next((r for r in rows if r["tool"] == "sd-mecha"), rows[0])
     for r in rows:
         r["wall_vs_sd_mecha"] = round(r["wall_s"] / base["wall_s"], 3)
@@ -157,7 +164,8 @@ def main() -> None:
         rows[0]["same_tensors_as_load_everything"] = _same_tensors(outs["ckptlab"], outs["load-everything"])
     size = a.stat().st_size / 2**30
     print(f"\n{args.family}{' (quick)' if args.quick else ''}: weighted_sum of 2 x {size:.2f} GiB fp16, "
-          f"fp32 math, fp16 out, {os.cpu_count()} CPUs")
+          f"fp32 math, fp16 out, {os.cpu_count()} CPUs, best wall of {args.repeat} (peak memory: worst), "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'tool':<18}{'wall s':>9}{'x sd-mecha':>12}{'peak RssAnon MiB':>19}")
     for r in rows:
         print(f"{r['tool']:<18}{r['wall_s']:>9.2f}{r['wall_vs_sd_mecha']:>12.3f}{r['peak_rss_anon_mib']:>19.1f}")
