@@ -25,8 +25,13 @@ def register(app) -> None:
         from ckptlab.cli.common import console, emit_json, expand_paths
         from ckptlab.security import EXIT_CODES, check_many, worst_verdict
 
+        targets = expand_paths(paths)
+        if not targets:  # an empty folder is not a clean bill of health
+            from ckptlab.errors import CkptlabError
+
+            raise CkptlabError("no model files found under " + ", ".join(paths))
         verdicts = []
-        for r in check_many(expand_paths(paths)):
+        for r in check_many(targets):
             verdicts.append(r.verdict)
             if json_out:
                 emit_json(r)
