@@ -187,6 +187,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         reports, updated = state["pins"]
         for r in reports:
             r.family = nodes[r.name].family
+            r.format = sources[r.name].format
     finally:
         hash_pool.shutdown(wait=False, cancel_futures=True)
         for s in sources.values():
