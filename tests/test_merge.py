@@ -216,3 +216,17 @@ def test_inputs_are_never_modified(sd1, tmp_path):
     before = [_sha(p) for p in sd1]
     _run("train_difference", sd1, tmp_path, alpha=1.0)
     assert [_sha(p) for p in sd1] == before
+
+
+def test_progress_reports_every_output_byte(sd1, tmp_path):
+    calls = []
+
+    def progress(advance=0, *, total=None, description=None):
+        calls.append((advance, total, description))
+
+    out = tmp_path / "p.safetensors"
+    merge("weighted_sum", sd1[:2], out, progress=progress)
+    totals = [t for _, t, _ in calls if t is not None]
+    raw = out.read_bytes()
+    data = len(raw) - 8 - int.from_bytes(raw[:8], "little")  # file size minus the header
+    assert totals == [data] and sum(a for a, _, _ in calls) == data

@@ -161,3 +161,40 @@ def test_cuda_path_matches_cpu(files, tmp_path):
     assert set(x) == set(y)
     for k in x:
         torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6)
+
+
+def _diffusers_folder(root, seed):
+    """A minimal diffusers pipeline folder (model_index.json + unet/) with real diffusers UNet key names."""
+    import json
+
+    g = torch.Generator().manual_seed(seed)
+    (root / "unet").mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (root / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                           "cross_attention_dim": 768}))
+    keys = {"conv_in.weight": (32, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (32, 32, 3, 3),
+            "mid_block.resnets.0.norm1.weight": (64,), "up_blocks.3.attentions.2.proj_out.weight": (32, 32),
+            "conv_out.bias": (4,)}
+    save_file({k: torch.randn(s, generator=g) for k, s in keys.items()},
+              root / "unet" / "diffusion_pytorch_model.safetensors")
+    return root
+
+
+def test_diffusers_folders_merge_into_one_file(tmp_path):
+    from ckptlab.merge.provenance import sha256_path
+
+    a = _diffusers_folder(tmp_path / "a", 1)
+    b = _diffusers_folder(tmp_path / "b", 2)
+    out = tmp_path / "o.safetensors"
+    r = merge("weighted_sum", [a, b], out, params={"alpha": 0.25})
+    o = load_file(out)
+    ua = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
+    ub = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
+    assert set(o) == {"unet." + k for k in ua}
+    for k in ua:
+        torch.testing.assert_close(o["unet." + k], ua[k] * 0.75 + ub[k] * 0.25)
+    assert r.inputs[0].format == "diffusers" and r.inputs[0].sha256 == sha256_path(a)
+    with pytest.raises(MismatchError, match="diffusers folder"):
+        merge("weighted_sum", [a, b], tmp_path / "v.safetensors", vae=tmp_path / "a" / "unet" /
+              "diffusion_pytorch_model.safetensors")
