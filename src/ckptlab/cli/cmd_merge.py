@@ -13,6 +13,7 @@ import typer
 
 _HELP = """Merge models, streaming one tensor at a time.
 
+Examples:
   ckptlab merge weighted_sum A.safetensors B.safetensors --alpha 0.3 -o out.safetensors
   ckptlab merge add_difference A B C --alpha 1 -o out.safetensors
   ckptlab merge weighted_sum A B --alpha GRAD_V -o out.safetensors        (block-weight preset)
