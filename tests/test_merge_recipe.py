@@ -196,3 +196,16 @@ def test_hashes_written_at_the_end_even_when_inputs_repeat(sd1, tmp_path):
     assert _sha(again) == _sha(out)
     x, y = load_file(out), load_file(a)
     assert all(x[k].equal(y[k]) for k in y)
+
+
+def test_hashing_can_be_cancelled(sd1):
+    import threading
+
+    from ckptlab.merge import provenance
+
+    provenance._CACHE.clear()
+    ev = threading.Event()
+    ev.set()
+    with pytest.raises(provenance.HashCancelled):
+        provenance.sha256_many([sd1[0], sd1[1]], ev)
+    assert provenance.sha256_many([sd1[0]]) == [_sha(sd1[0])]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -108,6 +109,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
     sources = {}
     warnings: list[str] = []
     hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptlab-hash")
+    cancel = threading.Event()
     try:
         for n, p in paths.items():
             sources[n] = open_model(p)
@@ -124,7 +126,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
 
         def start_hashing() -> None:  # after the checks: a refused merge does not wait for hashing
             if "hashes" not in state and "future" not in state:
-                state["future"] = hash_pool.submit(provenance.sha256_many, list(paths.values()))
+                state["future"] = hash_pool.submit(provenance.sha256_many, list(paths.values()), cancel)
 
         def real_hashes() -> dict[str, str]:
             if "hashes" not in state:
@@ -189,6 +191,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
             r.family = nodes[r.name].family
             r.format = sources[r.name].format
     finally:
+        cancel.set()  # a failed or interrupted merge does not wait for hashing to finish
         hash_pool.shutdown(wait=False, cancel_futures=True)
         for s in sources.values():
             s.close()

@@ -31,7 +31,11 @@ def _from_catalog(st: os.stat_result) -> str | None:
         return None
 
 
-def _sha256_one(path: Path) -> str:
+class HashCancelled(Exception):
+    """The hashing was abandoned (the merge it served failed or was interrupted)."""
+
+
+def _sha256_one(path: Path, cancel=None) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key in _CACHE:
@@ -46,6 +50,8 @@ def _sha256_one(path: Path) -> str:
     try:
         with open(path, "rb", buffering=0) as fh:
             while True:
+                if cancel is not None and cancel.is_set():
+                    raise HashCancelled(str(path))
                 n = fh.readinto(buf)
                 if not n:
                     break
@@ -56,22 +62,23 @@ def _sha256_one(path: Path) -> str:
     return _CACHE[key]
 
 
-def sha256_path(path: str | Path) -> str:
-    """sha256 of a file; for a folder (diffusers), sha256 over ``relpath\\0sha256\\n`` of its files."""
+def sha256_path(path: str | Path, cancel=None) -> str:
+    """sha256 of a file; for a folder (diffusers), sha256 over ``relpath\\0sha256\\n`` of its files.
+    ``cancel``: a ``threading.Event`` that stops the work (``HashCancelled``) when set."""
     p = Path(path)
     if not p.is_dir():
-        return _sha256_one(p)
+        return _sha256_one(p, cancel)
     h = hashlib.sha256()
     for f in sorted(x for x in p.rglob("*") if x.is_file()):
-        h.update(f"{f.relative_to(p).as_posix()}\0{_sha256_one(f)}\n".encode())
+        h.update(f"{f.relative_to(p).as_posix()}\0{_sha256_one(f, cancel)}\n".encode())
     return h.hexdigest()
 
 
-def sha256_many(paths: list[Path]) -> list[str]:
+def sha256_many(paths: list[Path], cancel=None) -> list[str]:
     uniq = list(dict.fromkeys(Path(p) for p in paths))
     workers = max(1, min(len(uniq), os.cpu_count() or 1, 4))
     with ThreadPoolExecutor(workers) as pool:
-        got = dict(zip(uniq, pool.map(sha256_path, uniq), strict=True))
+        got = dict(zip(uniq, pool.map(lambda p: sha256_path(p, cancel), uniq), strict=True))
     return [got[Path(p)] for p in paths]
 
 
