@@ -198,3 +198,8 @@ def test_diffusers_folders_merge_into_one_file(tmp_path):
     with pytest.raises(MismatchError, match="diffusers folder"):
         merge("weighted_sum", [a, b], tmp_path / "v.safetensors", vae=tmp_path / "a" / "unet" /
               "diffusion_pytorch_model.safetensors")
+
+
+def test_parameter_the_method_does_not_take_is_refused(files, tmp_path):
+    with pytest.raises(CkptlabError, match="does not take --density"):
+        merge("weighted_sum", [files["a"], files["b"]], tmp_path / "o.safetensors", params={"density": 0.3})

@@ -32,7 +32,14 @@ def one_step_recipe(method: str, models: list[str | Path], *, params: dict | Non
     if vae is not None:
         inputs["VAE"] = RecipeInput("VAE", str(vae))
     allowed = {p.name for p in m.params}
-    step_params = {k: _number_or_text(v) for k, v in (params or {}).items() if v is not None and k in allowed}
+    given = {k: v for k, v in (params or {}).items() if v is not None}
+    extra = sorted(set(given) - allowed)
+    if extra:
+        from ckptlab.merge.methods import MethodError
+
+        raise MethodError(f"{m.name} does not take {', '.join('--' + k for k in extra)} "
+                          f"(it takes {', '.join('--' + k for k in sorted(allowed))})")
+    step_params = {k: _number_or_text(v) for k, v in given.items()}
     options: dict[str, object] = {}
     for k, v in (("dtype", dtype), ("merge_dtype", merge_dtype), ("missing", missing), ("seed", seed)):
         if v is not None:
