@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -80,15 +80,32 @@ class SafetensorsWriter:
         if not folder.is_dir():
             raise OutputError(f"output folder {folder} does not exist", self.path)
         header = build_header(self.plan, self.metadata)
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
-        except OSError as e:
-            raise OutputError(f"cannot create a file in {folder}: {e.strerror or e}", self.path) from None
-        self._tmp = Path(tmp)
-        self._fh = os.fdopen(fd, "wb")
-        self._write(header)
+        fd = None
+        try:  # __exit__ does not run when __enter__ fails: clean up here (Ctrl-C included)
+            fd = self._create_tmp(folder)
+            self._fh = os.fdopen(fd, "wb")
+            self._write(header)
+        except BaseException:
+            if self._fh is None and fd is not None:
+                os.close(fd)
+            self.abort()
+            raise
         self._header_len = len(header)
         return self
+
+    def _create_tmp(self, folder: Path) -> int:
+        """Like ``mkstemp``, but the name is tracked *before* the file exists: a Ctrl-C raised as the
+        ``open`` call returns (Python checks signals there) cannot leave an untracked temp file."""
+        for _ in range(100):
+            self._tmp = folder / f".{self.path.name}.{secrets.token_hex(6)}.tmp"
+            try:
+                return os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            except FileExistsError:
+                self._tmp = None  # someone else's file: never ours to remove
+            except OSError as e:
+                self._tmp = None
+                raise OutputError(f"cannot create a file in {folder}: {e.strerror or e}", self.path) from None
+        raise OutputError(f"cannot create a temporary file in {folder}", self.path)
 
     def rewrite_metadata(self, metadata: Mapping[str, str]) -> None:
         """Replace ``__metadata__`` in the already-written header before ``commit()`` (for values known only
