@@ -375,3 +375,58 @@ def test_output_never_replaces_an_input(cli, bad, tmp_path, argv, keep):
     _check_stderr(r.stderr, r.returncode, False)
     assert (w / keep).is_file() and _sha(w / keep) == before[keep]
     assert {p.name: _sha(p) for p in w.iterdir()} == before, "the folder changed"
+
+
+# ------------------------------------------------------------------ Ctrl-C while writing
+
+INTERRUPT_CASES = [
+    ("precision", ["precision", "{src}", "--to", "fp32", "--out-dir", "{o}"]),
+    ("extract", ["extract", "{src}", "-c", "unet", "-o", "{o}/unet.safetensors"]),
+    ("merge", ["merge", "weighted_sum", "{src}", "{src}", "-a", "0.5", "-o", "{o}/m.safetensors"]),
+    ("to-diffusers", ["to-diffusers", "{src}", "-o", "{o}/pipe"]),
+]
+
+
+@pytest.fixture(scope="module")
+def big_sparse(tmp_path_factory):
+    """A real-size SD1 header over a sparse file: big enough that writing takes a while, no disk used."""
+    from ckptlab.sample.build import write_model
+
+    return write_model(tmp_path_factory.mktemp("sparse") / "sd15.safetensors", "sd1_checkpoint", sparse=True)
+
+
+@pytest.mark.parametrize("argv", [pytest.param(a, id=c) for c, a in INTERRUPT_CASES])
+def test_ctrl_c_leaves_no_output(big_sparse, tmp_path, argv):
+    import signal
+    import time
+
+    from tests.conftest import SRC
+
+    out = tmp_path / "out"
+    out.mkdir()
+    def ident(p):  # hashing 2 GB of holes twice per case is slow: stat plus the header bytes
+        st = p.stat()
+        with open(p, "rb") as f:
+            return st.st_size, st.st_mtime_ns, hashlib.sha256(f.read(1 << 20)).hexdigest()
+
+    before = ident(big_sparse)
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    proc = subprocess.Popen([sys.executable, "-m", "ckptlab", *[a.format(src=big_sparse, o=out) for a in argv]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        # wait for the writer's temp file (a hidden *.tmp file, in the temp folder for to-diffusers)
+        while (proc.poll() is None and not any(p.is_file() for p in out.rglob("*.tmp"))
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
+        assert proc.poll() is None, f"finished before writing anything: {proc.communicate()}"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    _check_stderr(err, 130, False)
+    assert sorted(p.name for p in out.rglob("*")) == [], f"a temp or partial output was left; stderr: {err}"
+    assert ident(big_sparse) == before
