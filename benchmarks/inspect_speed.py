@@ -11,7 +11,7 @@ Each run is a subprocess; the parent samples its RssAnon (anonymous memory, not 
 are generated into .bench-cache/inspect/; the dense SD1.5 file is deleted at the end unless ``--keep``.
 ``--quick`` uses a small SD1.5 file for the full load (seconds); the SDXL header is real-size either way.
 
-    python benchmarks/inspect.py [--quick] [--runs N] [--keep]
+    python benchmarks/inspect_speed.py [--quick] [--runs N] [--keep]
 """
 
 from __future__ import annotations
