@@ -19,22 +19,17 @@ keeps the peak. Contenders:
 The outputs are compared tensor by tensor (bit-identical) and deleted.
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
 
-import sys
-
-# this folder holds scripts named like stdlib modules (inspect.py): keep it off the import path
-sys.path[:] = [p for p in sys.path if p not in ("", __import__("os").path.dirname(__file__))]
-
 import argparse
-import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".bench-cache" / "convert"
+from _measure import cache_dir, child_env, mib, print_table, ratio, run_measured, warm
+
+CACHE = cache_dir("convert")
 
 BASELINE = """
 import sys, torch
@@ -43,32 +38,6 @@ obj = torch.load(sys.argv[1], map_location="cpu", weights_only=True, mmap=sys.ar
 sd = obj.get("state_dict", obj)
 save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2], metadata={"format": "pt"})
 """
-
-
-def rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def run(cmd: list[str]) -> tuple[float, int]:
-    """Wall time and peak RssAnon of a child process."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, rss_anon(proc.pid))
-        time.sleep(0.01)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, peak
 
 
 def make_input(quick: bool, dtype: str) -> Path:
@@ -81,7 +50,7 @@ def make_input(quick: bool, dtype: str) -> Path:
                 "write_model(sys.argv[1], 'sd1_checkpoint', small=sys.argv[2] == '1', dtype=sys.argv[3], fmt='ckpt', "
                 "seed=1)")
         subprocess.run([sys.executable, "-c", code, str(p), "1" if quick else "0", dtype], check=True,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+                       env=child_env())
         print(f"generated {p.name} ({p.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.1f} s",
               flush=True)
     return p
@@ -107,26 +76,24 @@ def main() -> None:
 
     src = make_input(args.quick, args.dtype)
     size = src.stat().st_size
-    with open(src, "rb") as fh:  # warm the page cache: every contender reads from memory
-        while fh.read(64 << 20):
-            pass
+    warm(src)  # every contender reads from memory
     outs = {name: CACHE / f"out_{name}.safetensors" for name in ("ckptlab", "torch", "torch_mmap")}
     for p in outs.values():
         p.unlink(missing_ok=True)
     py = sys.executable
     results = {
-        "ckptlab": run([py, "-m", "ckptlab", "convert", str(src), "-o", str(outs["ckptlab"])]),
-        "torch": run([py, "-c", BASELINE, str(src), str(outs["torch"]), "plain"]),
-        "torch_mmap": run([py, "-c", BASELINE, str(src), str(outs["torch_mmap"]), "mmap"]),
+        "ckptlab convert": run_measured([py, "-m", "ckptlab", "convert", str(src), "-o", str(outs["ckptlab"])]),
+        "torch.load + save_file (baseline)": run_measured([py, "-c", BASELINE, str(src), str(outs["torch"]), "plain"]),
+        "torch.load(mmap=True) + save_file": run_measured([py, "-c", BASELINE, str(src), str(outs["torch_mmap"]),
+                                                           "mmap"]),
     }
     ok = same_tensors(outs["ckptlab"], outs["torch"])
-    base_t, base_m = results["torch"]
+    base = results["torch.load + save_file (baseline)"]
     print(f"\ninput: {src.name}, {size / 2**30:.2f} GiB; outputs identical: {ok}")
-    print(f"{'contender':<34} {'wall s':>8} {'x base':>7} {'peak RssAnon MiB':>17} {'x base':>7}")
-    labels = {"ckptlab": "ckptlab convert", "torch": "torch.load + save_file (baseline)",
-              "torch_mmap": "torch.load(mmap=True) + save_file"}
-    for name, (wall, peak) in results.items():
-        print(f"{labels[name]:<34} {wall:8.2f} {wall / base_t:7.2f} {peak / 2**20:17.0f} {peak / max(base_m, 1):7.2f}")
+    print_table(("contender", "wall s", "x base", "peak RssAnon MiB", "x base"),
+                ((name, m.wall, ratio(m.wall, base.wall), mib(m.peak), ratio(m.peak, base.peak))
+                 for name, m in results.items()),
+                ("", ".2f", ".2f", ".0f", ".2f"))
     for p in outs.values():
         p.unlink(missing_ok=True)
     if args.delete:
