@@ -19,33 +19,16 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
+import statistics
+import time
+from pathlib import Path
 
-# benchmarks/ holds scripts named like stdlib modules (inspect.py): never import from this folder
-_HERE = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != _HERE]
+from _measure import cache_dir, emit_wall, job_cmd, job_main, job_wall, ratio, run_measured, use_src
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".bench-cache" / "formats"
-
-
-def _rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+CACHE = cache_dir("formats")
 
 
 def make_input(family: str, quick: bool, dense: bool) -> Path:
@@ -102,7 +85,7 @@ def job_ckptlab(src: str, out: str) -> None:
     with SafetensorsSource(src) as s, SafetensorsWriter(out, s.infos(), s.metadata, overwrite=True) as w:
         for k in s.keys():
             w.write_raw(k, s.raw_bytes(k))
-    print(json.dumps({"wall": time.perf_counter() - t}))
+    emit_wall(t)
 
 
 def job_ckptlab_nofsync(src: str, out: str) -> None:
@@ -119,7 +102,7 @@ def job_safetensors(src: str, out: str) -> None:
     with safe_open(src, "pt") as f:
         meta = f.metadata()
     save_file(load_file(src), out, metadata=meta)
-    print(json.dumps({"wall": time.perf_counter() - t}))
+    emit_wall(t)
 
 
 def job_safetensors_fsync(src: str, out: str) -> None:
@@ -134,7 +117,7 @@ def job_safetensors_fsync(src: str, out: str) -> None:
     fd = os.open(out, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
-    print(json.dumps({"wall": time.perf_counter() - t}))
+    emit_wall(t)
 
 
 JOBS = {"ckptlab": job_ckptlab, "safetensors": job_safetensors, "ckptlab-no-fsync": job_ckptlab_nofsync,
@@ -142,20 +125,9 @@ JOBS = {"ckptlab": job_ckptlab, "safetensors": job_safetensors, "ckptlab-no-fsyn
 
 
 def run_job(name: str, src: Path, out: Path) -> dict:
-    if out.exists():
-        out.unlink()
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, __file__, "--job", name, str(src), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _rss_anon(proc.pid))
-        time.sleep(0.01)
-    stdout, stderr = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed ({proc.returncode}): {stderr.strip()[-2000:]}")
-    wall = json.loads(stdout.strip().splitlines()[-1])["wall"]
-    return {"task": "copy", "tool": name, "wall_s": round(wall, 2), "peak_rss_anon_mib": round(peak / 2**20, 1)}
+    out.unlink(missing_ok=True)
+    m = run_measured(job_cmd(__file__, name, src, out), label=name)
+    return {"task": "copy", "tool": name, "wall_s": round(job_wall(m), 2), "peak_rss_anon_mib": round(m.peak / 2**20, 1)}
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -167,18 +139,16 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def main() -> None:
+    if job_main(JOBS):
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small-layout SDXL checkpoint (seconds)")
     ap.add_argument("--family", choices=("sd1", "sdxl"), default="sd1", help="checkpoint copied (default sd1)")
     ap.add_argument("--dense", action="store_true", help="write real values into the input (slow to set up)")
     ap.add_argument("--runs", type=int, default=20, help="header-parse repetitions")
     ap.add_argument("--delete", action="store_true", help="remove the cached input afterwards")
-    ap.add_argument("--job", nargs=3, metavar=("TOOL", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.job:
-        JOBS[args.job[0]](args.job[1], args.job[2])
-        return
-    sys.path.insert(0, str(ROOT / "src"))
+    use_src()
     head = make_input("sdxl", args.quick, False)
     src = head if args.quick else make_input(args.family, False, args.dense)
     print(f"header input: {head.name}; copy input: {src.name} ({src.stat().st_size / 2**30:.2f} GiB)")
@@ -195,16 +165,16 @@ def main() -> None:
         print(json.dumps(r))
     o_ck, o_st = rows[0]["median_ms"], rows[1]["median_ms"]
     c_ck, c_st, c_nf, c_sf = rows[2], rows[3], rows[4], rows[5]
-    print(f"open+list: ckptlab {o_ck} ms vs safetensors {o_st} ms (ratio {o_st / o_ck:.2f}x)")
+    print(f"open+list: ckptlab {o_ck} ms vs safetensors {o_st} ms (ratio {ratio(o_st, o_ck):.2f}x)")
     print(f"copy: ckptlab {c_ck['wall_s']} s / {c_ck['peak_rss_anon_mib']} MiB anon vs safetensors "
           f"{c_st['wall_s']} s / {c_st['peak_rss_anon_mib']} MiB anon "
-          f"(time ratio {c_st['wall_s'] / max(c_ck['wall_s'], 1e-9):.2f}x, memory ratio "
-          f"{c_st['peak_rss_anon_mib'] / max(c_ck['peak_rss_anon_mib'], 1e-9):.1f}x); outputs identical tensors: "
+          f"(time ratio {ratio(c_st['wall_s'], c_ck['wall_s']):.2f}x, memory ratio "
+          f"{ratio(c_st['peak_rss_anon_mib'], c_ck['peak_rss_anon_mib']):.1f}x); outputs identical tensors: "
           f"{identical}")
     print(f"copy without fsync: ckptlab {c_nf['wall_s']} s vs safetensors {c_st['wall_s']} s "
-          f"(time ratio {c_st['wall_s'] / max(c_nf['wall_s'], 1e-9):.2f}x)")
+          f"(time ratio {ratio(c_st['wall_s'], c_nf['wall_s']):.2f}x)")
     print(f"copy with fsync: ckptlab {c_ck['wall_s']} s vs safetensors+fsync {c_sf['wall_s']} s "
-          f"(time ratio {c_sf['wall_s'] / max(c_ck['wall_s'], 1e-9):.2f}x)")
+          f"(time ratio {ratio(c_sf['wall_s'], c_ck['wall_s']):.2f}x)")
     if args.delete:
         src.unlink(missing_ok=True)
         head.unlink(missing_ok=True)
