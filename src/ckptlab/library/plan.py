@@ -113,9 +113,11 @@ class SpacePlan:
                 json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False)
                 fh.write("\n")
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(e, OSError):  # e.g. PATH is a folder: one line, not an internal error
+                raise OutputError(f"cannot write plan: {e.strerror or e}", path) from None
             raise
         return path
 
