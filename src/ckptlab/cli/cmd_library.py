@@ -246,13 +246,20 @@ def register(app) -> None:
         if output is None:
             sys.stdout.write(text)
             return
+        import contextlib
         import os
         import tempfile
 
+        tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent if str(output.parent) else ".")
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
                 fh.write(text)
             os.replace(tmp, output)
-        except OSError as e:
-            raise OutputError(f"cannot write report: {e.strerror or e}", output) from None
+        except BaseException as e:
+            if tmp is not None:  # no leftover temp file (OUTPUT is a folder, disk full, Ctrl-C)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write report: {e.strerror or e}", output) from None
+            raise
