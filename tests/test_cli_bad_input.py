@@ -205,10 +205,12 @@ CASES: list[tuple] = [
     ("dupes-garbage-db", ["dupes", "--db", "{d}/garbage.db"], {1}),
     ("plan-space-garbage-db", ["plan-space", "--db", "{d}/garbage.db"], {1}),
     ("plan-space-output-under-file", ["plan-space", "-o", "{d}/afile/plan.json"], {1}),
+    ("plan-space-output-is-dir", ["plan-space", "-o", "{d}/adir.safetensors"], {1}),
     ("plan-space-output-ro", ["plan-space", "-o", "{d}/ro/plan.json"], {1}),
     ("report-garbage-db", ["report", "--db", "{d}/garbage.db"], {1}),
     ("report-bad-format", ["report", "--format", "pdf", "-o", "{o}/r.pdf"], {1} | USAGE),
     ("report-output-under-file", ["report", "--format", "html", "-o", "{d}/afile/r.html"], {1}),
+    ("report-output-is-dir", ["report", "-o", "{d}/adir.safetensors"], {1}),
     ("report-output-ro", ["report", "--format", "csv", "-o", "{d}/ro/r.csv"], {1}),
     # transforms (one cheap failure each, plus the partial-output trap: a truncated data section)
     ("prune-missing", ["prune", "{d}/nope.safetensors", "--out-dir", "{o}"], {1}),
