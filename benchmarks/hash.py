@@ -13,50 +13,19 @@ ratio measures hashing work, not the disk. Also printed: a naive "six separate p
 ``hash_file``. Target (issue 4): ckptlab / sha256 <= 1.5.
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
-
-import sys
-
-# this folder holds scripts named like stdlib modules (inspect.py): keep it off the import path
-sys.path[:] = [p for p in sys.path if p not in ("", __import__("os").path.dirname(__file__))]
 
 import argparse
 import hashlib
 import os
-import threading
 import time
 import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".bench-cache" / "hash"
+from _measure import PeakRss, cache_dir, use_src
+
+CACHE = cache_dir("hash")
 CHUNK = 8 * 1024 * 1024
-
-
-def rss_anon() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakRss:
-    def __enter__(self):
-        self.peak, self.base, self._stop = 0, rss_anon(), threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon())
-            time.sleep(0.01)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def make_input(size: int) -> Path:
@@ -147,7 +116,7 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="skip the six-separate-passes baseline")
     ap.add_argument("--delete", action="store_true", help="delete the generated file at the end")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
+    use_src()
     from ckptlab.library.hashes import hash_file
 
     size = (args.size_mib or (256 if args.quick else 2048)) << 20

@@ -13,23 +13,17 @@ scan of the unchanged tree must be >= 100x faster (issue 4); the target for the 
 <= 10 s per 1,000 files. Peak RssAnon (anonymous memory, not page cache) is printed for each.
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
-
-import sys
-
-# this folder holds scripts named like stdlib modules (inspect.py): keep it off the import path
-sys.path[:] = [p for p in sys.path if p not in ("", __import__("os").path.dirname(__file__))]
 
 import argparse
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".bench-cache" / "scan"
+from _measure import PeakRss, cache_dir, use_src
+
+CACHE = cache_dir("scan")
 
 MIX = (  # spec, share, A1111 folder, ComfyUI folder
     ("sd1_kohya_lora", 0.50, "models/Lora", "models/loras"),
@@ -40,31 +34,6 @@ MIX = (  # spec, share, A1111 folder, ComfyUI folder
     ("sd1_vae", 0.05, "models/VAE", "models/vae"),
     ("sd1_controlnet", 0.05, "models/ControlNet", "models/controlnet"),
 )
-
-
-def rss_anon() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakRss:
-    def __enter__(self):
-        self.peak, self._stop = rss_anon(), threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon())
-            time.sleep(0.01)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def cpu_seconds() -> float:
@@ -114,7 +83,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=None)
     ap.add_argument("--delete", action="store_true", help="delete the generated library afterwards")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
+    use_src()
     from ckptlab.library.catalog import Catalog
     from ckptlab.library.scanner import scan
 
