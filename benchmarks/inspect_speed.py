@@ -16,48 +16,23 @@ are generated into .bench-cache/inspect/; the dense SD1.5 file is deleted at the
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import struct
 import sys
+from pathlib import Path
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # this file shadows stdlib ``inspect``
+from _measure import ROOT, cache_dir, mib, ratio, run_measured, use_src
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import struct  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".bench-cache" / "inspect"
-
-
-def rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+CACHE = cache_dir("inspect")
 
 
 def run(cmd: list[str]) -> tuple[float, int, str]:
     """(wall seconds, peak sampled RssAnon bytes, stdout) of one subprocess."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, rss_anon(proc.pid))
-        time.sleep(0.005)
-    wall = time.perf_counter() - t0
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()[-500:]}")
-    return wall, peak, out
+    m = run_measured(cmd, cwd=ROOT, interval=0.005)
+    return m.wall, m.peak, m.stdout
 
 
 def sdxl_sparse() -> Path:
@@ -106,6 +81,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--keep", action="store_true", help="keep the dense SD1.5 file in .bench-cache/")
     args = ap.parse_args()
+    use_src()
     CACHE.mkdir(parents=True, exist_ok=True)
     sdxl = sdxl_sparse()
     dense = sd15_dense(args.quick)
@@ -125,11 +101,11 @@ def main() -> None:
     m_load = max(m for _, m, _ in loads)
     gb = lambda n: n / 1e9  # noqa: E731
     print(f"inspect  SDXL {gb(sdxl.stat().st_size):.2f} GB (sparse), whole CLI process: median {t_ins:.3f} s of "
-          f"{args.runs}, peak RssAnon {m_ins / 2**20:.0f} MiB -> {obj['kind']}/{obj['family']}, "
+          f"{args.runs}, peak RssAnon {mib(m_ins):.0f} MiB -> {obj['kind']}/{obj['family']}, "
           f"{obj['params']:,} params")
     print(f"load     SD1.5 {gb(dense.stat().st_size):.2f} GB (dense, warm cache), safetensors.torch.load_file: "
-          f"median {t_load:.3f} s of {len(loads)}, peak RssAnon {m_load / 2**20:.0f} MiB")
-    print(f"ratio    full load / inspect: {t_load / t_ins:.1f}x time, {m_load / max(m_ins, 1):.1f}x anonymous memory "
+          f"median {t_load:.3f} s of {len(loads)}, peak RssAnon {mib(m_load):.0f} MiB")
+    print(f"ratio    full load / inspect: {ratio(t_load, t_ins):.1f}x time, {ratio(m_load, m_ins):.1f}x anonymous memory "
           f"(inspect {'meets' if t_ins <= 0.5 else 'MISSES'} the 0.5 s target)")
     if not args.keep:
         dense.unlink()
