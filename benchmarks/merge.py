@@ -14,31 +14,26 @@ fp16 output. ``--delete`` removes the generated inputs afterwards.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import os
+import time
+from pathlib import Path
 
-# this folder holds other benchmark scripts (inspect.py...) that would shadow stdlib modules
-sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
+from _measure import (
+    cache_dir,
+    child_env,
+    emit_wall,
+    job_cmd,
+    job_main,
+    job_wall,
+    print_table,
+    ratio,
+    run_measured,
+    warm,
+)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".bench-cache" / "merge"
-
-
-def _rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+CACHE = cache_dir("merge")
 
 
 def make_inputs(family: str, quick: bool) -> list[Path]:
@@ -59,25 +54,18 @@ def make_inputs(family: str, quick: bool) -> list[Path]:
     return paths
 
 
-def _warm(paths: list[Path]) -> None:
-    for p in paths:
-        with open(p, "rb", buffering=0) as fh:
-            while fh.read(64 << 20):
-                pass
-
-
 # -- jobs (run in a child process) ---------------------------------------------------------------
-def job_ckptlab(a: str, b: str, out: str, threads: int) -> None:
+def job_ckptlab(a: str, b: str, out: str, threads: str) -> None:
     import torch  # noqa: F401 - imported before the clock starts, as for the other tools
 
     from ckptlab.merge import merge
 
     t = time.perf_counter()
-    merge("weighted_sum", [a, b], out, params={"alpha": 0.5}, dtype="fp16", threads=threads, overwrite=True)
-    print(json.dumps({"wall": time.perf_counter() - t}))
+    merge("weighted_sum", [a, b], out, params={"alpha": 0.5}, dtype="fp16", threads=int(threads), overwrite=True)
+    emit_wall(t)
 
 
-def job_mecha(a: str, b: str, out: str, threads: int) -> None:
+def job_mecha(a: str, b: str, out: str, threads: str) -> None:
     import sd_mecha
     import torch
 
@@ -85,10 +73,10 @@ def job_mecha(a: str, b: str, out: str, threads: int) -> None:
     recipe = sd_mecha.weighted_sum(sd_mecha.model(a), sd_mecha.model(b), alpha=0.5)
     sd_mecha.merge(recipe, output=out, merge_device="cpu", merge_dtype=torch.float32, output_device="cpu",
                    output_dtype=torch.float16)
-    print(json.dumps({"wall": time.perf_counter() - t}))
+    emit_wall(t)
 
 
-def job_naive(a: str, b: str, out: str, threads: int) -> None:
+def job_naive(a: str, b: str, out: str, threads: str) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -97,27 +85,16 @@ def job_naive(a: str, b: str, out: str, threads: int) -> None:
     res = {k: torch.lerp(v.float(), sb[k].float(), 0.5).half() if v.is_floating_point() else v
            for k, v in sa.items()}
     save_file(res, out)
-    print(json.dumps({"wall": time.perf_counter() - t}))
+    emit_wall(t)
 
 
 JOBS = {"ckptlab": job_ckptlab, "sd-mecha": job_mecha, "load-everything": job_naive}
 
 
 def run_job(name: str, a: Path, b: Path, out: Path, threads: int) -> dict:
-    if out.exists():
-        out.unlink()
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, __file__, "--job", name, str(a), str(b), str(out), str(threads)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _rss_anon(proc.pid))
-        time.sleep(0.01)
-    stdout, stderr = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed ({proc.returncode}): {stderr.strip()[-2000:]}")
-    wall = json.loads(stdout.strip().splitlines()[-1])["wall"]
-    return {"tool": name, "wall_s": round(wall, 2), "peak_rss_anon_mib": round(peak / 2**20, 1)}
+    out.unlink(missing_ok=True)
+    m = run_measured(job_cmd(__file__, name, a, b, out, threads), env=child_env(TQDM_DISABLE="1"), label=name)
+    return {"tool": name, "wall_s": round(job_wall(m), 2), "peak_rss_anon_mib": round(m.peak / 2**20, 1)}
 
 
 def _same_tensors(x: Path, y: Path) -> bool:
@@ -129,9 +106,7 @@ def _same_tensors(x: Path, y: Path) -> bool:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--job":
-        name, a, b, out, threads = sys.argv[2:7]
-        JOBS[name](a, b, out, int(threads))
+    if job_main(JOBS):
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small-layout files (seconds)")
@@ -145,7 +120,7 @@ def main() -> None:
     a, b = make_inputs(args.family, args.quick)
     outs = {}
     rows = []
-    _warm([a, b])
+    warm(a, b)
     best: dict[str, dict] = {}
     for _ in range(args.repeat):
         for name in args.tools.split(","):
@@ -159,16 +134,16 @@ def main() -> None:
     rows = list(best.values())
     base = next((r for r in rows if r["tool"] == "sd-mecha"), rows[0])
     for r in rows:
-        r["wall_vs_sd_mecha"] = round(r["wall_s"] / base["wall_s"], 3)
+        r["wall_vs_sd_mecha"] = round(ratio(r["wall_s"], base["wall_s"]), 3)
     if "ckptlab" in outs and "load-everything" in outs:
         rows[0]["same_tensors_as_load_everything"] = _same_tensors(outs["ckptlab"], outs["load-everything"])
     size = a.stat().st_size / 2**30
     print(f"\n{args.family}{' (quick)' if args.quick else ''}: weighted_sum of 2 x {size:.2f} GiB fp16, "
           f"fp32 math, fp16 out, {os.cpu_count()} CPUs, best wall of {args.repeat} (peak memory: worst), "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'tool':<18}{'wall s':>9}{'x sd-mecha':>12}{'peak RssAnon MiB':>19}")
-    for r in rows:
-        print(f"{r['tool']:<18}{r['wall_s']:>9.2f}{r['wall_vs_sd_mecha']:>12.3f}{r['peak_rss_anon_mib']:>19.1f}")
+    print_table(("tool", "wall s", "x sd-mecha", "peak RssAnon MiB"),
+                ((r["tool"], r["wall_s"], r["wall_vs_sd_mecha"], r["peak_rss_anon_mib"]) for r in rows),
+                ("", ".2f", ".3f", ".1f"))
     if "same_tensors_as_load_everything" in rows[0]:
         print(f"ckptlab output tensors identical to the load-everything merge: "
               f"{rows[0]['same_tensors_as_load_everything']}")
