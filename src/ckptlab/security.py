@@ -68,6 +68,13 @@ def check(path: str | Path) -> CheckResult:
     p = Path(path)
     if p.is_dir():
         return CheckResult(p, "unknown", CORRUPT, findings=[Finding("not_a_file", CORRUPT, "is a folder")])
+    from ckptlab.errors import CkptlabError
+    from ckptlab.formats import require_regular_file
+
+    try:
+        require_regular_file(p)  # a FIFO would block, /dev/zero never end
+    except CkptlabError as e:
+        return CheckResult(p, "unknown", CORRUPT, findings=[Finding("not_a_file", CORRUPT, e.message)])
     try:
         with open(p, "rb") as fh:
             head = fh.read(16)
