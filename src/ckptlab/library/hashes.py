@@ -243,8 +243,11 @@ class MultiHasher:
 def hash_file(path: str | Path, progress: Progress | None = None) -> Hashes:
     """Compute every CivitAI hash of ``path`` in one read. Raises ``FormatError`` if the file cannot
     be read or changes size while it is read."""
+    from ckptlab.formats import require_regular_file
+
     progress = progress or null_progress
     path = Path(path)
+    require_regular_file(path)  # a FIFO would block, /dev/zero never end
     try:
         fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
     except OSError as e:
