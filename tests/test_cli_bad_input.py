@@ -113,6 +113,7 @@ def bad(tmp_path_factory):
         "total_bytes_freed": 0, "by_action": {},
         "steps": [{"action": "convert_pickle", "path": str(evil), "size": evil.stat().st_size,
                    "mtime_ns": evil.stat().st_mtime_ns, "sha256": _sha(evil), "bytes_freed": 0, "reason": ""}]}))
+    os.mkfifo(d / "fifo.safetensors")  # opening it for reading would block forever
     ro = d / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -163,6 +164,7 @@ CASES: list[tuple] = [
     ("inspect-evil-zip", ["inspect", "{d}/evil.ckpt"], MALICIOUS),
     ("inspect-evil-pt", ["inspect", "{d}/evil.pt"], MALICIOUS),
     ("inspect-dir", ["inspect", "{d}/adir.safetensors"], {1}),
+    ("inspect-fifo", ["inspect", "{d}/fifo.safetensors"], {1}),
     *[(f"inspect-{h}", ["inspect", f"{{d}}/{h}.safetensors"], {1})
       for h in ("h_size", "h_dtype", "h_overlap", "h_shape", "h_negative", "h_list")],
     # check: documented codes 4 (malicious) and 5 (corrupt, missing)
@@ -176,6 +178,8 @@ CASES: list[tuple] = [
     ("check-evil-zip", ["check", "{d}/evil.ckpt"], MALICIOUS, "malicious"),
     ("check-evil-pt", ["check", "--json", "{d}/evil.pt"], MALICIOUS, '"verdict": "malicious"'),
     ("check-dir", ["check", "{d}/adir.safetensors"], {1}),
+    ("check-fifo", ["check", "{d}/fifo.safetensors"], CORRUPT, "not a regular file"),
+    ("check-dev-zero", ["check", "/dev/zero"], CORRUPT, "not a regular file"),
     # convert: pickles only
     ("convert-missing", ["convert", "{d}/nope.ckpt", "--out-dir", "{o}"], {1}),
     ("convert-empty", ["convert", "{d}/empty.ckpt", "--out-dir", "{o}"], {1}),
@@ -189,12 +193,14 @@ CASES: list[tuple] = [
     # scan and the catalog commands: a catalog that is not sqlite, or a folder
     # scan reports unreadable files and roots in its summary (exit 0; 5 with --strict, docs/library.md)
     ("scan-missing", ["scan", "--strict", "{d}/nope"], {5}, "cannot access"),
-    ("scan-strict", ["scan", "--strict", "--workers", "1", "{d}"], {5}, "errors"),
+    ("scan-strict", ["scan", "--strict", "--hash", "--workers", "1", "{d}"], {5}, "errors"),
     ("scan-garbage-db", ["scan", "--db", "{d}/garbage.db", "{o}"], {1}),
     ("scan-db-is-dir", ["scan", "--db", "{d}/adir.safetensors", "{o}"], {1}),
     ("scan-db-under-file", ["scan", "--db", "{d}/afile/cat.db", "{o}"], {1}),
     ("scan-bad-extra-paths", ["scan", "--extra-model-paths", "{d}/badcfg.yaml", "{o}"], {1}),
     ("hash-missing", ["hash", "--no-cache", "{d}/nope.safetensors"], {1}),
+    ("hash-fifo", ["hash", "--no-cache", "{d}/fifo.safetensors"], {1}),
+    ("hash-dev-zero", ["hash", "--no-cache", "/dev/zero"], {1}),
     ("hash-dir", ["hash", "--no-cache", "{d}/adir.safetensors"], {1}),
     ("hash-garbage-db", ["hash", "--db", "{d}/garbage.db", "{d}/empty.safetensors"], {1}),
     ("ls-garbage-db", ["ls", "--db", "{d}/garbage.db"], {1}),
@@ -221,6 +227,7 @@ CASES: list[tuple] = [
     ("prune-output-under-file", ["prune", "{d}/good.safetensors", "--out-dir", "{d}/afile"], {1}),
     ("precision-truncated", ["precision", "{d}/trunc.safetensors", "--to", "fp32", "--out-dir", "{o}"], {1}),
     ("precision-huge-header", ["precision", "{d}/hugehdr.safetensors", "--to", "fp16", "--out-dir", "{o}"], {1}),
+    ("precision-fifo", ["precision", "{d}/fifo.safetensors", "--to", "fp16", "--out-dir", "{o}"], {1}),
     ("precision-evil", ["precision", "{d}/evil.pt", "--to", "fp16", "--out-dir", "{o}"], MALICIOUS),
     ("precision-bad-dtype", ["precision", "{d}/good.safetensors", "--to", "fp7", "--out-dir", "{o}"], {1} | USAGE),
     ("precision-output-ro", ["precision", "{d}/good.safetensors", "--to", "fp32", "--out-dir", "{d}/ro"], {1}),
@@ -254,6 +261,7 @@ CASES: list[tuple] = [
     ("merge-hostile-header", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/h_size.safetensors", "-a", "0.5", "-o", "{o}/m.safetensors"], {1}),
     ("merge-evil-vae", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/good.safetensors", "-a", "0.5", "--vae", "{d}/evil.ckpt", "-o", "{o}/m.safetensors"], MALICIOUS),
     ("merge-bad-alpha", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/good.safetensors", "-a", "abc", "-o", "{o}/m.safetensors"], USAGE),
+    ("merge-fifo", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/fifo.safetensors", "-a", "0.5", "-o", "{o}/m.safetensors"], {1}),
     ("merge-dir", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/adir.safetensors", "-a", "0.5", "-o", "{o}/m.safetensors"], {1}),
     ("merge-output-exists", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/good.safetensors", "-a", "0.5", "-o", "{d}/exists.safetensors"], {1}),
     ("merge-output-ro", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/good.safetensors", "-a", "0.5", "-o", "{d}/ro/m.safetensors"], {1}),
