@@ -60,7 +60,15 @@ def _is_diffusers_dir(p: Path) -> bool:
     return is_diffusers_folder(p)
 
 
-def _walk_models(root: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:
+def _walk_models(root: Path, suffixes: tuple[str, ...], seen: set | None = None) -> Iterator[Path]:
+    seen = set() if seen is None else seen  # (device, inode) of folders walked: a symlink loop is walked once
+    try:
+        st = root.stat()
+    except OSError:
+        return
+    if (st.st_dev, st.st_ino) in seen:
+        return
+    seen.add((st.st_dev, st.st_ino))
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
@@ -68,7 +76,7 @@ def _walk_models(root: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:
             if _is_diffusers_dir(entry):
                 yield entry
             else:
-                yield from _walk_models(entry, suffixes)
+                yield from _walk_models(entry, suffixes, seen)
         elif entry.suffix.lower() in suffixes:
             yield entry
 
