@@ -440,3 +440,21 @@ def test_ctrl_c_leaves_no_output(big_sparse, tmp_path, argv):
     _check_stderr(err, 130, False)
     assert sorted(p.name for p in out.rglob("*")) == [], f"a temp or partial output was left; stderr: {err}"
     assert ident(big_sparse) == before
+
+
+# ------------------------------------------------------------------ symlink loops in a folder argument
+
+
+@pytest.mark.parametrize("command", ["inspect", "check"])
+def test_symlink_loops_are_walked_once(cli, bad, tmp_path, command):
+    """Two links back to the parent made 2**40 paths (a hang); each model is listed once."""
+    lib = tmp_path / "lib"
+    (lib / "sub").mkdir(parents=True)
+    shutil.copyfile(bad / "vae.safetensors", lib / "vae.safetensors")
+    (lib / "sub" / "up").symlink_to("..")
+    (lib / "sub" / "up2").symlink_to("..")
+
+    r = cli(command, "--json", lib, timeout=TIMEOUT)
+
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["path"] for x in r.stdout.splitlines()] == [str(lib / "vae.safetensors")]
