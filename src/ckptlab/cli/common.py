@@ -14,8 +14,9 @@ from rich.console import Console
 
 from ckptlab.jsonable import dumps
 
-console = Console()
-err_console = Console(stderr=True)
+# emoji=False: file names and messages are user text, and rich would turn "civitai:-1:" into a thumbs-down
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def emit_json(obj) -> None:
