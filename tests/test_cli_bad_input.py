@@ -458,3 +458,11 @@ def test_symlink_loops_are_walked_once(cli, bad, tmp_path, command):
 
     assert r.returncode == 0, r.stderr
     assert [json.loads(x)["path"] for x in r.stdout.splitlines()] == [str(lib / "vae.safetensors")]
+
+
+def test_user_text_is_printed_verbatim(cli, tmp_path):
+    """rich turned ':-1:' in a spec or ':+1:' in a file name into emoji."""
+    r = cli("download", "--dir", tmp_path, "civitai:-1", timeout=TIMEOUT)
+    assert r.returncode == 2 and "ckptlab: error: civitai:-1: bad CivitAI spec 'civitai:-1'" in r.stderr, r.stderr
+    r = cli("check", tmp_path / "a:+1:b.ckpt", timeout=TIMEOUT)
+    assert r.returncode == 5 and "a:+1:b.ckpt" in r.stdout, r.stdout
