@@ -130,9 +130,26 @@ _DIT_PROOF = DIT_ROOTS - {"blocks", "transformer_blocks", "head", "pooler", "tex
 _LAYER_RE = re.compile(r"(?:encoder\.layers|transformer\.resblocks)\.(\d+)\.")
 
 
+# ``component_prefix`` runs once per key of every scanned file, so the ``_GROUPS`` scan is indexed: a prefix
+# with a dot can only match keys whose first segment is the part before its first dot; the few prefixes
+# without a dot ("loops"...) are tried on every key, in ``_GROUPS`` order.
+_UNDOTTED = tuple(p for p, _ in _GROUPS if "." not in p)
+_BY_SEGMENT: dict[str, tuple[str, ...]] = {}
+for _p, _ in _GROUPS:
+    if "." in _p:
+        _seg = _p.split(".", 1)[0]
+        _BY_SEGMENT[_seg] = tuple(q for q, _ in _GROUPS if q.split(".", 1)[0] == _seg or
+                                  ("." not in q and _seg.startswith(q)))
+del _p, _seg
+
+
 def component_prefix(key: str) -> str:
     """The group prefix ``key`` sits under, or ``""`` for top-level / standalone keys."""
-    for prefix, _ in _GROUPS:
+    dot = key.find(".")
+    candidates = _BY_SEGMENT.get(key[:dot]) if dot > 0 else None
+    if candidates is None:
+        return next((p for p in _UNDOTTED if key.startswith(p)), "") if key.startswith(_UNDOTTED) else ""
+    for prefix in candidates:
         if key.startswith(prefix):
             if prefix == "transformer." and key.startswith("transformer.resblocks."):
                 continue  # a standalone OpenCLIP text encoder, not a diffusers transformer folder

@@ -1,0 +1,59 @@
+"""The indexed fast paths of identification give the same answers as the plain definitions they replace.
+
+``component_prefix`` is "the first ``_GROUPS`` prefix the key starts with (an OpenCLIP ``transformer.resblocks.``
+key is not a diffusers ``transformer.`` folder)"; the oracle below is that sentence as a linear scan.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ckptlab.arch import components as c
+from ckptlab.sample import build
+
+
+def _linear_prefix(key: str) -> str:
+    for prefix, _ in c._GROUPS:
+        if key.startswith(prefix) and not (prefix == "transformer." and key.startswith("transformer.resblocks.")):
+            return prefix
+    return ""
+
+
+def _sample_keys() -> set[str]:
+    keys: set[str] = set()
+    for name in build.SPECS:
+        keys |= set(build.plan(name, small=True))
+    return keys
+
+
+def test_component_prefix_matches_linear_scan_on_every_sample_key():
+    keys = _sample_keys()
+    assert len(keys) > 5000
+    assert {k for k in keys if c.component_prefix(k) != _linear_prefix(k)} == set()
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model."),
+    ("model.model_sampling.sigmas", "model.model_sampling."),
+    ("model.other", ""),
+    ("cond_stage_model.transformer.text_model.embeddings.position_ids", "cond_stage_model.transformer."),
+    ("cond_stage_model.model.transformer.resblocks.0.ln_1.weight", "cond_stage_model.model."),
+    ("cond_stage_model.foo", "cond_stage_model."),
+    ("conditioner.embedders.0.model.ln_final.weight", "conditioner.embedders.0.model."),
+    ("conditioner.embedders.2.x", ""),
+    ("transformer.resblocks.0.attn.in_proj_weight", ""),  # standalone OpenCLIP
+    ("transformer.transformer_blocks.0.attn.to_q.weight", "transformer."),
+    ("text_encoder_2.text_model.final_layer_norm.weight", "text_encoder_2."),
+    ("optimizer_states", "optimizer_states"),  # undotted prefixes match any continuation
+    ("loops.fit_loop.state", "loops"),
+    ("loopsX", "loops"),
+    ("callbacks", "callbacks"),
+    ("loss.logvar", "loss."),
+    ("loss", ""),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.alpha", ""),
+    ("vae", ""),
+    (".weird", ""),
+    ("", ""),
+])
+def test_component_prefix_cases(key, expected):
+    assert c.component_prefix(key) == expected == _linear_prefix(key)
