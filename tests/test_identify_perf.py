@@ -57,3 +57,24 @@ def test_component_prefix_matches_linear_scan_on_every_sample_key():
 ])
 def test_component_prefix_cases(key, expected):
     assert c.component_prefix(key) == expected == _linear_prefix(key)
+
+
+_FIXED = {p: comp for p, comp in c._GROUPS if comp in c.COMPONENTS}  # prefixes whose component is fixed
+
+
+@pytest.mark.parametrize("spec", sorted(build.SPECS))
+def test_split_components_partitions_real_keys_and_honours_fixed_prefixes(spec):
+    keys = list(build.plan(spec, small=False))
+    comps = c.split_components(keys)
+    flat = [k for ks in comps.values() for k in ks]
+    assert sorted(flat) == sorted(keys)  # every key exactly once
+    assert list(comps) == [x for x in c.COMPONENTS if x in comps]  # report order, no empty component
+    for ks in comps.values():  # key order preserved within a component
+        assert ks == [k for k in keys if k in set(ks)]
+    comp_of = {k: x for x, ks in comps.items() for k in ks}
+    for k in keys:
+        p = _linear_prefix(k)
+        if p in _FIXED and k[len(p):] not in c.SCHEDULE_KEYS | c.MARKER_KEYS and not k.endswith("scaled_fp8"):
+            assert comp_of[k] == _FIXED[p], k
+        if p == "model.diffusion_model.":
+            assert comp_of[k] in ("unet", "dit", "other", "training"), k

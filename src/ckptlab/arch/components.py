@@ -175,33 +175,39 @@ def _clip_flavour(keys: Iterable[str]) -> str:
     return "clip_g"
 
 
-def _root(key: str) -> str:
-    return key.split(".", 1)[0]
+_TRAINING_ROOTS = frozenset({"optimizer_states", "lr_schedulers", "callbacks", "loops", "loss", "optimizer"})
+_DIT_MEMBER_ROOTS = DIT_ROOTS | _UNET_ROOTS | {"norm_out", "proj_out", "norm", "final_layer", "model_sampling",
+                                               "layers", "blocks"}
+_T5_ROOTS = frozenset({"encoder", "decoder", "shared", "lm_head"})
+_NOT_WEIGHT_KEYS = SCHEDULE_KEYS | MARKER_KEYS
 
 
 def _classify_group(keys: list[str], forced: str | None) -> dict[str, str]:
     """Component per key of one group (keys already stripped of the group prefix)."""
     if forced in COMPONENTS:
         return dict.fromkeys(keys, forced)
-    roots = {_root(k) for k in keys}
-    is_dit = forced == "dit" or bool(roots & _DIT_PROOF)
-    is_t5 = any(k.startswith(("encoder.block.", "decoder.block.")) or k == "shared.weight" for k in keys)
-    hf_clip = [k for k in keys if _root(k) in _CLIP_HF_ROOTS or k.startswith("encoder.layers.")]
-    oc_clip = [k for k in keys if k.startswith("transformer.resblocks.")]
+    roots = [k.split(".", 1)[0] for k in keys]
+    root_set = set(roots)
+    is_dit = forced == "dit" or not _DIT_PROOF.isdisjoint(root_set)
+    # each whole-group test below can only hold when a matching root is present: skip the key pass otherwise
+    is_t5 = not root_set.isdisjoint(("encoder", "decoder", "shared")) and any(
+        k.startswith(("encoder.block.", "decoder.block.")) or k == "shared.weight" for k in keys)
+    hf_clip = [k for k, r in zip(keys, roots, strict=True) if r in _CLIP_HF_ROOTS or k.startswith("encoder.layers.")] \
+        if not root_set.isdisjoint(_CLIP_HF_ROOTS) or "encoder" in root_set else []
+    oc_clip = [k for k in keys if k.startswith("transformer.resblocks.")] if "transformer" in root_set else []
     clip_kind = _clip_flavour(hf_clip + oc_clip) if (hf_clip or oc_clip) else None
+    dm = forced == "dm" or forced == "unet"
     out: dict[str, str] = {}
-    for k in keys:
-        r = _root(k)
-        if k in SCHEDULE_KEYS or k in MARKER_KEYS or k.endswith("scaled_fp8"):
+    for k, r in zip(keys, roots, strict=True):
+        if k in _NOT_WEIGHT_KEYS or k.endswith("scaled_fp8"):
             out[k] = "other"
-        elif r in ("optimizer_states", "lr_schedulers", "callbacks", "loops", "loss", "optimizer"):
+        elif r in _TRAINING_ROOTS:
             out[k] = "training"
-        elif forced == "dm" or forced == "unet":
+        elif dm:
             out[k] = "dit" if is_dit else "unet"
-        elif is_dit and r in DIT_ROOTS | _UNET_ROOTS | {"norm_out", "proj_out", "norm", "final_layer",
-                                                          "model_sampling", "layers", "blocks"}:
+        elif is_dit and r in _DIT_MEMBER_ROOTS:
             out[k] = "dit"
-        elif is_t5 and (r in ("encoder", "decoder", "shared", "lm_head")):
+        elif is_t5 and r in _T5_ROOTS:
             out[k] = "t5xxl"
         elif clip_kind and (r in _CLIP_HF_ROOTS or k.startswith("encoder.layers.")
                             or (oc_clip and r in _OPENCLIP_ROOTS)):
@@ -215,6 +221,9 @@ def _classify_group(keys: list[str], forced: str | None) -> dict[str, str]:
     return out
 
 
+_FORCED = dict(_GROUPS)
+
+
 def split_components(keys: Iterable[str]) -> dict[str, list[str]]:
     """Map each key to its component (see module docstring). Only non-empty components are returned."""
     keys = list(keys)
@@ -222,10 +231,10 @@ def split_components(keys: Iterable[str]) -> dict[str, list[str]]:
     for k in keys:
         groups.setdefault(component_prefix(k), []).append(k)
     comp_of: dict[str, str] = {}
-    forced_of = dict(_GROUPS)
     for prefix, members in groups.items():
-        stripped = [k[len(prefix):] for k in members]
-        classified = _classify_group(stripped, forced_of.get(prefix) if prefix else None)
+        n = len(prefix)
+        stripped = [k[n:] for k in members] if n else members
+        classified = _classify_group(stripped, _FORCED.get(prefix) if prefix else None)
         for full, short in zip(members, stripped, strict=True):
             comp_of[full] = classified[short]
     out: dict[str, list[str]] = {}
