@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 
 from ckptlab.arch import components as c
+from ckptlab.arch.adapters import detect_adapter
+from ckptlab.formats.base import TensorInfo
 from ckptlab.sample import build
 
 
@@ -78,3 +80,25 @@ def test_split_components_partitions_real_keys_and_honours_fixed_prefixes(spec):
             assert comp_of[k] == _FIXED[p], k
         if p == "model.diffusion_model.":
             assert comp_of[k] in ("unet", "dit", "other", "training"), k
+
+
+def _lyco(keys: list[str]) -> tuple[str, str, list[str]]:
+    g = detect_adapter({k: TensorInfo("F16", (4, 4)) for k in keys})
+    return g.kind, g.variant, g.evidence
+
+
+M = "lora_unet_down_blocks_0_attentions_0_proj_in"
+
+
+def test_lycoris_algorithm_priority_is_table_order_not_key_order():
+    # a LoKr key comes first in the file, a LoHa key later: LoHa is listed first in the algorithm table
+    kind, variant, ev = _lyco([f"{M}.lokr_w1", f"{M}.lokr_w2", f"{M}x.hada_w1_a", f"{M}x.hada_w1_b", f"{M}.alpha"])
+    assert (kind, variant) == ("lycoris", "loha")
+    assert ev[0] == f"LyCORIS loha parameters: {M}x.hada_w1_a"  # the first LoHa key in file order
+
+
+def test_lycoris_generic_suffix_needs_adapter_module_name():
+    # ".diff" counts only on lora_*/lycoris_* modules; a bare "x.diff" is skipped, the lycoris_ one is named
+    kind, variant, ev = _lyco(["x.diff", f"lycoris_{M}.diff", f"{M}.alpha"])
+    assert (kind, variant) == ("lycoris", "full")
+    assert ev[0] == f"LyCORIS full parameters: lycoris_{M}.diff"

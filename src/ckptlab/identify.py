@@ -9,6 +9,7 @@ tensor's bytes from a safetensors file (numpy, no torch), and says so in ``evide
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,21 +82,30 @@ def quantization_notes(infos: dict[str, TensorInfo]) -> list[str]:
     return notes
 
 
+_NOT_WEIGHT_KEYS = SCHEDULE_KEYS | MARKER_KEYS
+_NOT_WEIGHT_SUFFIXES = ("position_ids", "scaled_fp8", "model_ema.decay", "model_ema.num_updates")
+_WEIGHT_DTYPE: dict[str, bool] = {}  # dtype -> holds weights (not an integer/bool buffer); filled on first use
+
+
 def _is_weight(key: str, info: TensorInfo, comp: str) -> bool:
-    if comp == "training" or key in SCHEDULE_KEYS or key in MARKER_KEYS or key.endswith(("position_ids", "scaled_fp8")):
-        return False
-    if key.endswith(("model_ema.decay", "model_ema.num_updates")) or key.startswith("model.model_sampling."):
+    if comp == "training" or key in _NOT_WEIGHT_KEYS or key.endswith(_NOT_WEIGHT_SUFFIXES) \
+            or key.startswith("model.model_sampling."):
         return False
     d = info.dtype
-    return not (d.startswith(("I", "U")) and d in DTYPES or d == "BOOL")
+    w = _WEIGHT_DTYPE.get(d)
+    if w is None:
+        w = _WEIGHT_DTYPE[d] = not (d.startswith(("I", "U")) and d in DTYPES or d == "BOOL")
+    return w
 
 
-def _inference_bytes(infos: dict[str, TensorInfo], keys: list[str], notes: list[str]) -> float:
+def _inference_bytes(infos: dict[str, TensorInfo], keys: list[str], notes: list[str],
+                     numels: dict[str, int] | None = None) -> float:
     """Average bytes per parameter at inference: fp32/fp64 counted as 2 (UIs cast to half precision), known
-    dtypes at their size, quantized GGUF types at their packed size."""
+    dtypes at their size, quantized GGUF types at their packed size. ``numels`` caches ``infos[k].numel``."""
     total = numel = 0.0
     for k in keys:
         i = infos[k]
+        n = numels[k] if numels is not None else i.numel
         if i.dtype in ("F32", "F64"):
             size = 2.0
             note = "fp32 weights counted as fp16 (UIs cast to half precision for inference)"
@@ -105,11 +115,11 @@ def _inference_bytes(infos: dict[str, TensorInfo], keys: list[str], notes: list[
             size = float(DTYPES[i.dtype][0])
         else:
             try:
-                size = i.nbytes / i.numel if i.numel else 1.0
+                size = i.nbytes / n if n else 1.0
             except (KeyError, ValueError):
                 size = 1.0
-        total += size * i.numel
-        numel += i.numel
+        total += size * n
+        numel += n
     return total / numel if numel else 2.0
 
 
@@ -182,12 +192,17 @@ def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
     params = 0
     dtypes: dict[str, int] = {}
     weight_keys: dict[str, list[str]] = {}
+    numels: dict[str, int] = {}  # of the weight keys
+    names: dict[str, str] = {}  # friendly dtype names
+    prod = math.prod
     for k, i in infos.items():
         c = comp_of.get(k, "other")
         if _is_weight(k, i, c):
-            params += i.numel
-            name = friendly(i.dtype)
-            dtypes[name] = dtypes.get(name, 0) + i.numel
+            n = numels[k] = prod(i.shape)  # TensorInfo.numel, inlined: this loop sees every key
+            params += n
+            d = i.dtype
+            name = names.get(d) or names.setdefault(d, friendly(d))
+            dtypes[name] = dtypes.get(name, 0) + n
             weight_keys.setdefault(c, []).append(k)
 
     has_ema = len(comps.get("ema", [])) > EMA_MIN_KEYS
@@ -214,11 +229,11 @@ def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
 
     fam = BY_ID.get(det.family or "")
     notes: list[str] = []
-    present = {c: (sum(infos[k].numel for k in weight_keys[c]), _inference_bytes(infos, weight_keys[c], notes))
+    present = {c: (sum(numels[k] for k in weight_keys[c]), _inference_bytes(infos, weight_keys[c], notes, numels))
                for c in COMPONENTS if c in weight_keys and c in ("unet", "dit", "vae", *TEXT_ENCODERS)}
     if det.kind in adapters or det.kind == "unknown" or not present:
         everything = [k for ks in weight_keys.values() for k in ks]
-        present = {"file": (params, _inference_bytes(infos, everything, notes))} if params else {}
+        present = {"file": (params, _inference_bytes(infos, everything, notes, numels))} if params else {}
     res = None
     if det.family == "sd2":  # 512-base (eps, inpaint, depth) vs 768-v
         res = 768 if det.prediction == "v" else (512 if det.prediction == "eps" else None)

@@ -31,6 +31,8 @@ _XLABS_RE = re.compile(r"processor\.(?:qkv|proj)_lora\d\.(?:down|up)\.weight$")
 #: LyCORIS algorithm by parameter suffix (checked in order; DoRA is reported on top of the base algorithm)
 _LYCORIS = (("hada_w1_a", "loha"), ("lokr_w1", "lokr"), ("lokr_w1_a", "lokr"), ("oft_blocks", "oft"),
             ("a1.weight", "glora"), ("on_input", "ia3"), ("w_norm", "norm"), ("diff", "full"))
+_LYCORIS_ENDINGS = tuple("." + suffix for suffix, _ in _LYCORIS)
+_LYCORIS_GENERIC = ("a1.weight", "on_input", "w_norm", "diff")  # names a full model could contain
 _TOKEN_DOWN_RE = re.compile(r"attn2[._]to_k(?:\.lora_down\.weight|\.lora_A\.weight|\.lora\.down\.weight|"
                             r"_lora\.down\.weight|\.hada_w1_b|\.lora_A\.default\.weight)$")
 _EMB_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
@@ -110,15 +112,20 @@ def _detect_lora(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
     if adapter_keys * 2 < len(keys):
         return None  # most keys are not adapter parameters: a model (maybe with a few stray LoRA keys)
     lyco = None
-    for suffix, algo in _LYCORIS:
-        generic = suffix in ("a1.weight", "on_input", "w_norm", "diff")  # names a full model could contain
-        hit = next((k for k in keys if k.endswith("." + suffix)
-                    and (not generic or k.startswith(("lora_", "lycoris_", "lora_te", "lora_unet")))), None)
-        if hit:
-            if suffix == "oft_blocks" and len(infos[hit].shape) == 4:
-                algo = "boft"
-            lyco = (algo, hit)
-            break
+    # the first key (in file order) of the first algorithm (in _LYCORIS order) with a parameter: one pass
+    first: dict[int, str] = {}
+    for k in keys:
+        if k.endswith(_LYCORIS_ENDINGS):
+            for n, (suffix, _) in enumerate(_LYCORIS):
+                if n not in first and k.endswith("." + suffix) \
+                        and (suffix not in _LYCORIS_GENERIC or k.startswith(("lora_", "lycoris_", "lora_te", "lora_unet"))):
+                    first[n] = k
+    if first:
+        n = min(first)
+        (suffix, algo), hit = _LYCORIS[n], first[n]
+        if suffix == "oft_blocks" and len(infos[hit].shape) == 4:
+            algo = "boft"
+        lyco = (algo, hit)
     lora_hit = next((k for k in keys if k.endswith(_LORA_SUFFIXES) or _XLABS_RE.search(k)), None)
     dora = next((k for k in keys if k.endswith(".dora_scale")), None)
     if not lyco and not lora_hit:
