@@ -260,7 +260,12 @@ def read_file_facts(path: str, kind_hint: str | None = None) -> dict:
     fmt = detect_format(path)
     facts: dict = {"format": fmt, "kind": kind_hint}
     try:
-        src = open_model(path)
+        if fmt == "safetensors":  # what open_model opens, without detecting the format a second time
+            from ckptlab.formats.safetensors import SafetensorsSource
+
+            src = SafetensorsSource(path)
+        else:
+            src = open_model(path)
     except ImportError:  # a reader not installed in this build
         src = None
         facts["error"] = f"no reader for {fmt} files in this build"
