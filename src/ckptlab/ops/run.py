@@ -41,35 +41,58 @@ class _Job:
     result: TransformResult
 
 
-def ensure_safe(src: TensorSource) -> None:
-    """Refuse a pickle that ``ckptlab check`` calls malicious or suspicious (nothing is written)."""
+def ensure_safe(src: TensorSource, allow_suspicious: bool | None = None) -> list[str]:
+    """Refuse a pickle that ``ckptlab check`` calls malicious, or suspicious unless ``allow_suspicious``.
+
+    ``allow_suspicious=None`` means the calling command has no such option (the refusal points to
+    ``convert --allow-suspicious``). Returns the suspicious findings that were ignored (nothing written
+    on refusal)."""
     if src.format != "pickle":
-        return
-    verdict = getattr(src, "verdict", None)
+        return []
+    verdict, findings = getattr(src, "verdict", None), getattr(src, "findings", None)
     if verdict is None:
         from ckptlab.security import check
 
-        verdict = check(src.path).verdict
-    if verdict in ("malicious", "suspicious"):
-        hint = "; `ckptlab convert --allow-suspicious` can salvage the tensors" if verdict == "suspicious" else ""
-        raise UnsafeFileError(f"refused: `ckptlab check` calls this pickle {verdict}{hint}", src.path)
+        report = check(src.path)
+        verdict, findings = report.verdict, report.findings
+    if verdict == "safe":
+        return []
+    if allow_suspicious is None:  # the command has no --allow-suspicious
+        if verdict in ("malicious", "suspicious"):
+            hint = "; `ckptlab convert --allow-suspicious` can salvage the tensors" if verdict == "suspicious" else ""
+            raise UnsafeFileError(f"refused: `ckptlab check` calls this pickle {verdict}{hint}", src.path)
+        return []
+    if verdict != "suspicious":  # malicious pickles fail to open; never write them whatever happens
+        raise UnsafeFileError(f"refused: pickle is {verdict}", src.path)
+    issues = [f"{f.detail} [{f.location}]" for f in findings or [] if f.severity == "suspicious"]
+    if not allow_suspicious:
+        raise UnsafeFileError(f"refused: suspicious pickle ({issues[0] if issues else 'see ckptlab check'}); "
+                              "--allow-suspicious converts the tensors anyway", src.path)
+    return issues
 
 
-def open_checked(path: Path) -> TensorSource:
+def open_checked(path: Path, allow_suspicious: bool | None = None) -> TensorSource:
+    """``open_input`` + ``ensure_safe`` (closing the file on refusal)."""
+    return _open_checked(path, allow_suspicious)[0]
+
+
+def _open_checked(path: Path, allow_suspicious: bool | None) -> tuple[TensorSource, list[str]]:
     src = open_input(path)
     try:
-        ensure_safe(src)
+        return src, ensure_safe(src, allow_suspicious)
     except BaseException:
         src.close()
         raise
-    return src
 
 
 def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *, out_dir: Path | None = None,
              outputs: list[Path] | None = None, overwrite: bool = False, dry_run: bool = False,
-             progress: Progress = null_progress, extra_inputs: list[Path] | None = None) -> list[TransformResult]:
+             progress: Progress = null_progress, extra_inputs: list[Path] | None = None,
+             allow_suspicious: bool | None = None) -> list[TransformResult]:
     """Plan every input with ``plan_fn``, then write each output. ``extra_inputs`` (e.g. a VAE baked
-    into every input) are recorded with their sha256 in every output's provenance."""
+    into every input) are recorded with their sha256 in every output's provenance. ``allow_suspicious``
+    (see ``ensure_safe``): suspicious pickles are read anyway, each ignored finding reported in the
+    result's warnings as ``ignored (suspicious): ...``."""
     if not inputs:
         raise CkptlabError("no input files")
     jobs: list[_Job] = []
@@ -80,10 +103,11 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
             if path.is_dir():
                 raise UnsupportedFormatError(f"{operation} works on model files; this is a folder (a diffusers "
                                              "pipeline? use from-diffusers first)", path)
-            src = open_checked(path)
+            src, ignored = _open_checked(path, allow_suspicious)
             out = Path(outputs[i]) if outputs else output_path(path, out_dir, suffix)
             result = TransformResult(operation, path, out, dry_run=dry_run, tensors_in=len(src),
                                      bytes_in=sum(inf.nbytes for inf in src.infos().values()))
+            result.warnings += [f"ignored (suspicious): {i}" for i in ignored]
             jobs.append(_Job(path, src, out, [], {}, False, result))
             items, options, keep_meta = plan_fn(path, src, result)
             jobs[-1].items, jobs[-1].options, jobs[-1].keep_meta = items, options, keep_meta
