@@ -15,22 +15,16 @@ every 10 ms and keeps the peak. Targets (issue 5): wall <= 1.5x baseline, peak R
 The output is checked against the input tensor by tensor and deleted.
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
 
-import sys
-
-# this folder holds scripts named like stdlib modules (inspect.py): keep it off the import path
-sys.path[:] = [p for p in sys.path if p not in ("", __import__("os").path.dirname(__file__))]
-
 import argparse
-import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".bench-cache" / "prune"
+from _measure import cache_dir, mib, print_table, ratio, run_measured, use_src, warm
+
+CACHE = cache_dir("prune")
 
 RAW_COPY = """
 import os, sys
@@ -48,31 +42,6 @@ with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
             n -= w
     os.fsync(fo.fileno())
 """
-
-
-def rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def run(cmd: list[str]) -> tuple[float, int]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, rss_anon(proc.pid))
-        time.sleep(0.01)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, peak
 
 
 def make_input(quick: bool) -> Path:
@@ -119,26 +88,27 @@ def main() -> None:
     ap.add_argument("--delete", action="store_true", help="remove the generated input afterwards")
     args = ap.parse_args()
 
+    use_src()
     src = make_input(args.quick)
     size = src.stat().st_size
-    with open(src, "rb") as fh:  # warm the page cache for both contenders
-        while fh.read(64 << 20):
-            pass
+    warm(src)  # both contenders start from a warm page cache
     out = CACHE / f"{src.stem}-pruned.safetensors"
     raw = CACHE / "raw_copy.bin"
     for p in (out, raw):
         p.unlink(missing_ok=True)
     py = sys.executable
-    t_prune, m_prune = run([py, "-m", "ckptlab", "prune", str(src), "--ema", "drop", "--out-dir", str(CACHE)])
+    prune = run_measured([py, "-m", "ckptlab", "prune", str(src), "--ema", "drop", "--out-dir", str(CACHE)],
+                         label="ckptlab prune")
     out_size = out.stat().st_size
-    t_raw, m_raw = run([py, "-c", RAW_COPY, str(src), str(raw), str(out_size)])
+    base = run_measured([py, "-c", RAW_COPY, str(src), str(raw), str(out_size)], label="raw copy")
     ok = check_output(src, out)
     print(f"\ninput {src.name}: {size / 1e9:.2f} GB -> pruned {out_size / 1e9:.2f} GB; kept tensors identical: {ok}")
-    print(f"{'contender':<40} {'wall s':>8} {'x raw':>7} {'peak RssAnon MiB':>17}")
-    print(f"{'raw read all + write output bytes':<40} {t_raw:8.2f} {1.0:7.2f} {m_raw / 2**20:17.0f}")
-    print(f"{'ckptlab prune --ema drop':<40} {t_prune:8.2f} {t_prune / t_raw:7.2f} {m_prune / 2**20:17.0f}")
-    print(f"targets: wall <= 1.5x raw -> {'met' if t_prune <= 1.5 * t_raw else 'MISSED'}; "
-          f"peak RssAnon <= 512 MiB -> {'met' if m_prune <= 512 * 2**20 else 'MISSED'}")
+    print_table(["contender", "wall s", "x raw", "peak RssAnon MiB"],
+                [["raw read all + write output bytes", base.wall, 1.0, mib(base.peak)],
+                 ["ckptlab prune --ema drop", prune.wall, ratio(prune.wall, base.wall), mib(prune.peak)]],
+                ["", ".2f", ".2f", ".0f"])
+    print(f"targets: wall <= 1.5x raw -> {'met' if prune.wall <= 1.5 * base.wall else 'MISSED'}; "
+          f"peak RssAnon <= 512 MiB -> {'met' if prune.peak <= 512 * 2**20 else 'MISSED'}")
     for p in (out, raw):
         p.unlink(missing_ok=True)
     if args.delete:
