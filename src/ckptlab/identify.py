@@ -195,9 +195,13 @@ def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
     numels: dict[str, int] = {}  # of the weight keys
     names: dict[str, str] = {}  # friendly dtype names
     prod = math.prod
+    weight_dtype = _WEIGHT_DTYPE.get
     for k, i in infos.items():
         c = comp_of.get(k, "other")
-        if _is_weight(k, i, c):
+        # _is_weight(k, i, c), inlined for the common case (a known weight dtype): this loop sees every key
+        if c != "training" and weight_dtype(i.dtype) and k not in _NOT_WEIGHT_KEYS \
+                and not k.endswith(_NOT_WEIGHT_SUFFIXES) and not k.startswith("model.model_sampling.") \
+                or weight_dtype(i.dtype) is None and _is_weight(k, i, c):
             n = numels[k] = prod(i.shape)  # TensorInfo.numel, inlined: this loop sees every key
             params += n
             d = i.dtype

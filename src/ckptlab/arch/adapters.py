@@ -108,7 +108,7 @@ _ADAPTER_WORDS = re.compile(r"lora|hada_|lokr_|oft_blocks|\.a1\.weight|on_input|
 
 def _detect_lora(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
     keys = list(infos)
-    adapter_keys = sum(1 for k in keys if _ADAPTER_WORDS.search(k) or k.endswith(".alpha"))
+    adapter_keys = sum(1 for k in keys if k.endswith(".alpha") or _ADAPTER_WORDS.search(k))
     if adapter_keys * 2 < len(keys):
         return None  # most keys are not adapter parameters: a model (maybe with a few stray LoRA keys)
     lyco = None

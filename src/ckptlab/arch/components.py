@@ -228,8 +228,14 @@ def split_components(keys: Iterable[str]) -> dict[str, list[str]]:
     """Map each key to its component (see module docstring). Only non-empty components are returned."""
     keys = list(keys)
     groups: dict[str, list[str]] = {}
+    by_segment = _BY_SEGMENT.get
     for k in keys:
-        groups.setdefault(component_prefix(k), []).append(k)
+        dot = k.find(".")
+        # component_prefix(k), with its commonest answer (no group: "") decided inline
+        if (dot <= 0 or by_segment(k[:dot]) is None) and not k.startswith(_UNDOTTED):
+            groups.setdefault("", []).append(k)
+        else:
+            groups.setdefault(component_prefix(k), []).append(k)
     comp_of: dict[str, str] = {}
     for prefix, members in groups.items():
         n = len(prefix)
