@@ -48,13 +48,13 @@ def _lora_family(infos: Mapping[str, TensorInfo], keys: list[str]) -> tuple[str 
     for k in keys:
         if (k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_transformer_single_"))
                 or ".single_transformer_blocks." in k or "double_blocks." in k and "lora" in k
-                or _XLABS_RE.search(k)):
+                or "processor." in k and _XLABS_RE.search(k)):  # (the regex needs "processor.")
             return "flux", k
     for k in keys:
         if k.startswith("lora_unet_joint_blocks_") or "joint_blocks." in k:
             return "sd3", k
     for k in keys:
-        if _TOKEN_DOWN_RE.search(k):
+        if "attn2" in k and _TOKEN_DOWN_RE.search(k):  # (the regex needs "attn2")
             width = infos[k].shape[-1] if len(infos[k].shape) >= 2 else None
             fam = FAMILY_BY_CONTEXT_WIDTH.get(width) if width else None
             if fam:

@@ -207,10 +207,11 @@ def _tensor_stats(src) -> dict:
     dtypes: dict[str, int] = {}
     total = ema = fp32 = 0
     prod = math.prod
+    pruned_roots = ("model_ema.", *_TRAINING_ROOTS)
     for k, ti in infos.items():
         nb = prod(ti.shape) * DTYPES[ti.dtype][0]  # TensorInfo.nbytes, inlined: this loop sees every key
         total += nb
-        if k.startswith("model_ema.") or k.startswith(_TRAINING_ROOTS):
+        if k.startswith(pruned_roots):
             ema += nb
             continue
         dtypes[ti.dtype] = dtypes.get(ti.dtype, 0) + nb
