@@ -145,6 +145,9 @@ def clip_config(hf_shapes: dict[str, tuple[int, ...]], *, act: str, with_project
 
 
 def scheduler_config(family: str, prediction: str) -> dict:
+    """The scheduler config the official repos ship (SD1.5: PNDM, SD2: DDIM, SDXL: EulerDiscrete) - with
+    ``clip_sample: false`` and ``steps_offset: 1`` set explicitly, so pipelines load without the
+    "has not set the configuration `clip_sample`"/``steps_offset`` deprecation warnings."""
     cls = {"sd1": "PNDMScheduler", "sd2": "DDIMScheduler"}.get(family, "EulerDiscreteScheduler")
     cfg = {
         "_class_name": cls,
@@ -153,7 +156,6 @@ def scheduler_config(family: str, prediction: str) -> dict:
         "beta_schedule": "scaled_linear",
         "beta_start": 0.00085,
         "clip_sample": False,
-        "interpolation_type": "linear",
         "num_train_timesteps": 1000,
         "prediction_type": prediction,
         "set_alpha_to_one": False,
@@ -162,6 +164,8 @@ def scheduler_config(family: str, prediction: str) -> dict:
         "timestep_spacing": "leading",
         "trained_betas": None,
     }
+    if cls == "EulerDiscreteScheduler":  # stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json
+        cfg.update({"interpolation_type": "linear", "sample_max_value": 1.0, "use_karras_sigmas": False})
     return cfg
 
 
