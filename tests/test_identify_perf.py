@@ -102,3 +102,13 @@ def test_lycoris_generic_suffix_needs_adapter_module_name():
     kind, variant, ev = _lyco(["x.diff", f"lycoris_{M}.diff", f"{M}.alpha"])
     assert (kind, variant) == ("lycoris", "full")
     assert ev[0] == f"LyCORIS full parameters: lycoris_{M}.diff"
+
+
+@pytest.mark.parametrize("n_other, is_lora", [(0, True), (1, True), (2, True), (3, False), (10, False)])
+@pytest.mark.parametrize("others_first", [False, True])
+def test_lora_needs_at_least_half_adapter_keys(n_other, is_lora, others_first):
+    lora = [f"{M}.lora_down.weight", f"{M}.lora_up.weight"]
+    other = [f"model.diffusion_model.input_blocks.{i}.0.weight" for i in range(n_other)]
+    keys = other + lora if others_first else lora + other
+    g = detect_adapter({k: TensorInfo("F16", (4, 4)) for k in keys})
+    assert (g is not None and g.kind == "lora") == is_lora  # 2 adapter keys: a LoRA iff 2 * 2 >= 2 + n_other

@@ -108,9 +108,19 @@ _ADAPTER_WORDS = re.compile(r"lora|hada_|lokr_|oft_blocks|\.a1\.weight|on_input|
 
 def _detect_lora(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
     keys = list(infos)
-    adapter_keys = sum(1 for k in keys if k.endswith(".alpha") or _ADAPTER_WORDS.search(k))
-    if adapter_keys * 2 < len(keys):
-        return None  # most keys are not adapter parameters: a model (maybe with a few stray LoRA keys)
+    # at least half the keys must be adapter parameters, else it is a model (maybe with a few stray LoRA
+    # keys); the count stops as soon as the answer is known
+    need, seen, left = (len(keys) + 1) // 2, 0, len(keys)
+    for k in keys:
+        left -= 1
+        if k.endswith(".alpha") or _ADAPTER_WORDS.search(k):
+            seen += 1
+            if seen >= need:
+                break
+        elif seen + left < need:
+            return None
+    if seen < need:
+        return None
     lyco = None
     # the first key (in file order) of the first algorithm (in _LYCORIS order) with a parameter: one pass
     first: dict[int, str] = {}

@@ -40,15 +40,20 @@ class Detection:
     warnings: list[str] = field(default_factory=list)
 
 
+_DM_NONEMPTY = tuple(p for p in DM_PREFIXES if p)  # no key starts with two of them
+
+
 def _views(infos: Mapping[str, TensorInfo]) -> dict[str, Mapping[str, TensorInfo]]:
-    views: dict[str, Mapping[str, TensorInfo]] = {}
-    for p in DM_PREFIXES:
-        if not p:
-            views[p] = infos
-            continue
-        v = {k[len(p):]: i for k, i in infos.items() if k.startswith(p)}
-        if v:
-            views[p] = v
+    """The keys under each diffusion-model prefix, stripped (prefixes with no key left out; ``""``: all)."""
+    found: dict[str, dict[str, TensorInfo]] = {p: {} for p in _DM_NONEMPTY}
+    for k, i in infos.items():
+        if k.startswith(_DM_NONEMPTY):  # one pass over the keys for all prefixes
+            for p in _DM_NONEMPTY:
+                if k.startswith(p):
+                    found[p][k[len(p):]] = i
+                    break
+    views: dict[str, Mapping[str, TensorInfo]] = {p: v for p, v in found.items() if v}
+    views[""] = infos
     return views
 
 
