@@ -66,13 +66,21 @@ def parse_metadata(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_QUANT_ENDINGS = (".quant_state.bitsandbytes__nf4", "scaled_fp8")
+
+
 def quantization_notes(infos: dict[str, TensorInfo]) -> list[str]:
     """Evidence lines for quantized storage (identification.md §1.3): BnB-NF4, ComfyUI scaled fp8, fp8 dtypes."""
     notes = []
-    nf4 = sum(1 for k in infos if k.endswith(".quant_state.bitsandbytes__nf4"))
+    nf4, scaled = 0, None
+    for k in infos:  # one pass; most files have neither ending
+        if k.endswith(_QUANT_ENDINGS):
+            if k.endswith(".quant_state.bitsandbytes__nf4"):
+                nf4 += 1
+            if scaled is None and k.endswith("scaled_fp8"):
+                scaled = k
     if nf4:
         notes.append(f"bitsandbytes NF4 quantized ({nf4} *.quant_state.bitsandbytes__nf4 keys; shapes are packed)")
-    scaled = next((k for k in infos if k.endswith("scaled_fp8")), None)
     if scaled:
         kind = "fp8_e4m3fn" if infos[scaled].dtype in ("F32", "F8_E4M3") else friendly(infos[scaled].dtype)
         notes.append(f"ComfyUI scaled fp8 weights ({scaled}: {kind})")

@@ -241,6 +241,9 @@ def split_components(keys: Iterable[str]) -> dict[str, list[str]]:
         n = len(prefix)
         stripped = [k[n:] for k in members] if n else members
         classified = _classify_group(stripped, _FORCED.get(prefix) if prefix else None)
+        if not n:  # keys are their own stripped form
+            comp_of.update(classified)
+            continue
         for full, short in zip(members, stripped, strict=True):
             comp_of[full] = classified[short]
     out: dict[str, list[str]] = {}
