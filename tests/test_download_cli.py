@@ -284,3 +284,22 @@ def test_url_and_hf_files_are_placed_by_identified_kind(world, cli):
                 env={**env, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"})
     assert r.returncode == 0, r.stderr
     assert Path(jsonl(r.stdout)[0]["path"]) == root / "models" / "Lora" / "lora.safetensors"
+
+
+@pytest.mark.parametrize("bad", ["http://", "https:///x.safetensors", "http://:8080/x", "http://host:99999/x",
+                                 "https://exa\x01mple.com/x"])
+def test_parse_spec_rejects_urls_that_name_no_usable_host(bad):
+    with pytest.raises(SpecError, match="bad URL"):
+        parse_spec(bad)
+
+
+def test_url_without_host_fails_at_once_and_nothing_is_fetched(world, cli):
+    """A spec that can never work is a usage error before any request: no retries, no transfer of the
+    good sources given with it."""
+    fake, root, env = world
+    r = cli("download", "http://", "--dir", root, env={**env, "CKPTLAB_HTTP_BACKOFF": "5"})
+    assert r.returncode == 2, r.stderr
+    assert "needs a host" in r.stderr and "attempts" not in r.stderr and "Traceback" not in r.stderr
+    r = cli("download", "civitai:1000", "http://", "--dir", root, "--layout", "flat", env=env)
+    assert r.returncode == 2, r.stderr
+    assert not list(root.rglob("*.safetensors")), "a good source was fetched before the bad spec was refused"

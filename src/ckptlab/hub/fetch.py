@@ -67,7 +67,7 @@ def parse_spec(text: str, civitai_base: str | None = None) -> Spec:
             raise SpecError(f"bad Hugging Face spec {text!r} (use hf:ORG/REPO/PATH/IN/REPO[@REVISION])")
         return Spec("hf", repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=rev)
     if low.startswith(("http://", "https://")):
-        u = urlsplit(s)
+        u = _checked_url(s, text)
         host = (u.hostname or "").lower()
         civ_hosts = {"civitai.com", "www.civitai.com", "civitai.red"}
         if civitai_base:
@@ -83,6 +83,19 @@ def parse_spec(text: str, civitai_base: str | None = None) -> Spec:
                 return Spec("hf", repo_id=m.group(1), revision=m.group(2), filename=m.group(3))
         return Spec("url", url=s)
     raise SpecError(f"not a download source: {text!r} (civitai:ID, hf:ORG/REPO/PATH[@REV] or an http(s) URL)")
+
+
+def _checked_url(s: str, text: str):
+    """``urlsplit(s)`` of an http(s) URL that names a host (and a valid port): anything else can never
+    succeed, so it is a bad spec now rather than a network error after retries."""
+    try:
+        u = urlsplit(s)
+        u.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError as e:
+        raise SpecError(f"bad URL {text!r}: {e}") from None
+    if not u.hostname or any(ord(c) < 32 or ord(c) == 127 for c in s):
+        raise SpecError(f"bad URL {text!r}: it needs a host, e.g. https://example.com/model.safetensors")
+    return u
 
 
 def resolve_version(client, spec: Spec) -> dict:
@@ -285,6 +298,8 @@ def download_many(sources: list[str], *, jobs: int | None = None, progress: Prog
                   **kw) -> list[DownloadResult | CkptlabError]:
     """Download several sources, ``jobs`` at a time (capped by config); errors are returned in place."""
     config = kw.pop("config", None) or load_hub_config(download_dir=kw.get("dest"), layout=kw.get("layout"))
+    for s in sources:  # every spec is checked before any transfer starts: a typo fails at once
+        parse_spec(s, config.civitai_base_url)
     n = max(1, min(jobs or config.max_concurrent, config.max_concurrent))
     progress = progress or null_progress
     lock = threading.Lock()
