@@ -92,3 +92,35 @@ def test_duplicate_not_deleted_when_keep_changed(library):
     r = next(r for r in results if r.action == "delete_duplicate")
     assert r.status == "failed" and "not identical" in r.message
     assert (lib / dup["path"].rsplit("/", 1)[1]).exists()
+
+
+def test_catalog_move_file_repoints_row(tmp_path):
+    """The Catalog method apply-plan uses: a plain move with its stat identity keeps the row (id, hashes)
+    and the next scan finds it unchanged; without the identity the next scan re-reads it; a name that
+    already has its own row is refused."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    make_model(lib / "a.safetensors", "sd1_checkpoint")
+    make_model(lib / "b.safetensors", "sd1_checkpoint", seed=3)
+    with Catalog(tmp_path / "c.db") as cat:
+        scan([lib], cat, hash=True)
+        a, b = cat.get_by_path(lib / "a.safetensors"), cat.get_by_path(lib / "b.safetensors")
+        assert not cat.move_file(a.id, lib / "b.safetensors")  # b's row holds that name
+        assert cat.get_by_path(lib / "b.safetensors").id == b.id
+
+        shutil.copy2(lib / "a.safetensors", lib / "moved.safetensors")  # a move across devices: new inode
+        (lib / "a.safetensors").unlink()
+        st = (lib / "moved.safetensors").stat()
+        assert cat.move_file(a.id, lib / "moved.safetensors", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        assert cat.get_by_path(lib / "a.safetensors") is None
+        rec = cat.get_by_path(lib / "moved.safetensors")
+        assert (rec.id, rec.name, rec.sha256) == (a.id, "moved.safetensors", sha256(lib / "moved.safetensors").upper())
+        s = scan([lib], cat)
+        assert (s.unchanged, s.changed, s.new, s.missing) == (2, 0, 0, 0)
+
+        (lib / "b.safetensors").rename(lib / "b2.safetensors")
+        make_model(lib / "b2.safetensors", "sd1_checkpoint", seed=4)  # new content under the new name
+        assert cat.move_file(b.id, lib / "b2.safetensors")  # content changed: no stat identity
+        s = scan([lib], cat, hash=True)
+        assert (s.unchanged, s.changed, s.new) == (1, 1, 0)
+        assert cat.get_by_path(lib / "b2.safetensors").sha256 == sha256(lib / "b2.safetensors").upper()

@@ -330,6 +330,31 @@ class Catalog:
         row = self.conn.execute(f"{_SELECT} WHERE f.path = ?", (path_key(path),)).fetchone()
         return _record(row) if row else None
 
+    def move_file(self, file_id: int, new_path: str | Path, stat_key: StatKey | None = None) -> bool:
+        """Re-point row ``file_id`` at ``new_path`` (name and path; its id, and everything linked to it,
+        kept). ``stat_key`` - the file's ``(dev, ino, size, mtime_ns)`` now - only for a plain move whose
+        content is unchanged (its cached hashes follow it): left out, the next scan sees a changed identity
+        and re-reads the file. Returns False, changing nothing, when another row already holds ``new_path``.
+        Call it inside ``transaction()`` to make it atomic."""
+        holder = self.conn.execute("SELECT id FROM files WHERE path = ?", (path_key(new_path),)).fetchone()
+        if holder is not None and holder[0] != file_id:
+            return False
+        cols = {"path": path_key(new_path), "display": display_path(os.path.abspath(new_path)),
+                "name": display_path(os.path.basename(os.fspath(new_path)))}
+        key_cols = ("dev", "ino", "size", "mtime_ns")
+        if stat_key is not None:
+            cols.update(zip(key_cols, stat_key, strict=True))
+            # same content under a new identity (e.g. a new inode): its hashes and fingerprints go along
+            rest = [r[1] for r in self.conn.execute("PRAGMA table_info(content)") if r[1] not in key_cols]
+            self.conn.execute(
+                f"INSERT OR IGNORE INTO content({', '.join(key_cols)}, {', '.join(rest)}) "
+                f"SELECT ?, ?, ?, ?, {', '.join('c.' + c for c in rest)} FROM content c JOIN files f ON "
+                "c.dev = f.dev AND c.ino = f.ino AND c.size = f.size AND c.mtime_ns = f.mtime_ns WHERE f.id = ?",
+                (*stat_key, file_id))
+        self.conn.execute(f"UPDATE files SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?",
+                          (*cols.values(), file_id))
+        return True
+
     def find_by_hash(self, value: str) -> list[FileRecord]:
         """Files whose SHA256, AutoV1/V2/V3, CRC32 or BLAKE3 equals ``value`` (any case); a SHA-256
         prefix of 10+ hex digits also matches."""

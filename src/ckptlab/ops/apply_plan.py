@@ -186,19 +186,14 @@ def _run_step(step, path: Path, res: StepResult) -> Path | None:
 
 def _update_catalog(catalog_path: Path | None, renames: list[tuple[Path, Path]], folders: list[Path],
                     rescan: bool) -> None:
-    from ckptlab.library.catalog import Catalog, display_path, path_key
+    from ckptlab.library.catalog import Catalog
 
     with Catalog(catalog_path) as cat:
-        with cat.transaction() as c:
+        with cat.transaction():
             for old, new in renames:
                 row = cat.get_by_path(old)
-                if row is None:
-                    continue
-                clash = cat.get_by_path(new)
-                if clash is not None and clash.id != row.id:
-                    continue  # the new name already has its own row; the rescan updates both
-                c.execute("UPDATE files SET path = ?, display = ?, name = ? WHERE id = ?",
-                          (path_key(new), display_path(os.path.abspath(new)), new.name, row.id))
+                if row is not None:  # content changed: stat identity left for the rescan to refresh
+                    cat.move_file(row.id, new)  # False when the new name already has its own row (rescanned)
         if rescan:
             from ckptlab.library.scanner import scan
 
