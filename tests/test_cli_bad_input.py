@@ -286,8 +286,6 @@ CASES: list[tuple] = [
 XFAIL: dict[str, str] = {
     "prune-bad-ema": "prune --ema weird: internal error KeyError: 'weird' (exit 70)",
     "to-diffusers-bad-ema": "to-diffusers --ema weird: accepted, writes the pipeline, exit 0",
-    "merge-save-recipe-under-file": "merge: an unwritable --save-recipe path is an internal error (exit 70) "
-                                    "raised after the merged model was written",
 }
 
 ROOT_SKIP = {c[0] for c in CASES if c[0].endswith("-ro")}

@@ -57,3 +57,18 @@ def test_list_methods(cli):
     names = {json.loads(line)["name"] for line in r.stdout.splitlines()}
     assert {"weighted_sum", "add_difference", "slerp", "triple_sum", "sum_twice", "train_difference", "ties",
             "dare", "add_cosine", "subtract", "extract"} <= names
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "missing-folder", "a-folder"])
+def test_unwritable_save_recipe_is_refused_before_the_merge(cli, models, tmp_path, where):
+    a, b, _ = models
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    target = {"under-a-file": tmp_path / "afile" / "r.toml", "missing-folder": tmp_path / "nope" / "r.toml",
+              "a-folder": tmp_path / "adir"}[where]
+    out = tmp_path / "o.safetensors"
+    r = cli("merge", "weighted_sum", a, b, "-a", "0.5", "-o", out, "--save-recipe", target)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("ckptlab: error:") and "--save-recipe" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "internal error" not in r.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]

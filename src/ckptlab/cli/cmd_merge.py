@@ -49,7 +49,7 @@ def merge_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     from ckptlab.cli.common import console, emit_json, progress_bar
-    from ckptlab.merge import METHODS, dumps, load, one_step_recipe, run_recipe
+    from ckptlab.merge import METHODS, load, one_step_recipe, run_recipe
     from ckptlab.merge.recipe import RecipeError
 
     if list_methods:
@@ -90,9 +90,7 @@ def merge_cmd(
         rec.options["vae"] = "VAE"
     with progress_bar("merging", enabled=not json_out) as cb:
         result = run_recipe(rec, output, overwrite=overwrite, relink=relink, recipe_path=recipe_path,
-                            threads=threads, device=device, progress=cb)
-    if save_recipe is not None:
-        save_recipe.write_text(dumps(rec), encoding="utf-8")
+                            threads=threads, device=device, save_recipe=save_recipe, progress=cb)
     if json_out:
         emit_json(result)
         return

@@ -26,7 +26,7 @@ from ckptlab.merge import provenance
 from ckptlab.merge.blocks import BlockValues, parse_value
 from ckptlab.merge.graph import BUFFERS, BakeVae, Node, Prune, Settings, SourceNode, StepNode, StepSummary
 from ckptlab.merge.methods import get_method
-from ckptlab.merge.recipe import Recipe, RecipeError, dumps, pin_text
+from ckptlab.merge.recipe import Recipe, RecipeError, check_recipe_target, dumps, pin_text
 from ckptlab.progress import Progress, null_progress
 
 #: bytes of merge working memory allowed in flight across the pool
@@ -80,9 +80,10 @@ def _check_output(path: Path, inputs: list[Path]) -> None:
 
 def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: bool = False,
                relink: bool = False, recipe_path: str | Path | None = None, threads: int = 2,
-               device: str = "cpu", budget: int = DEFAULT_BUDGET,
+               device: str = "cpu", budget: int = DEFAULT_BUDGET, save_recipe: str | Path | None = None,
                progress: Progress | None = None) -> MergeResult:
-    """Run every step of ``recipe`` and write the last one to ``output``."""
+    """Run every step of ``recipe`` and write the last one to ``output``; ``save_recipe``: also write the
+    pinned recipe there (its path is checked before any work)."""
     t0 = time.perf_counter()
     progress = progress or null_progress
     recipe.validate()
@@ -105,6 +106,9 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         if st.save:
             _check_output(Path(st.save), list(paths.values()))
     _check_output(out, list(paths.values()))
+    if save_recipe is not None:
+        save_recipe = check_recipe_target(save_recipe, [*paths.values(), out,
+                                                        *(Path(st.save) for st in recipe.steps if st.save)])
 
     sources = {}
     warnings: list[str] = []
@@ -195,6 +199,8 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         hash_pool.shutdown(wait=False, cancel_futures=True)
         for s in sources.values():
             s.close()
+    if save_recipe is not None:
+        pin_text(recipe, save_recipe, what="save")
     return MergeResult(str(out), final.method, final_node.family, len(top.plan), size,
                        round(time.perf_counter() - t0, 3), reports, summaries, saved, vae_rep, vae_add, pruned,
                        updated, warnings)

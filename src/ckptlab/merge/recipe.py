@@ -246,8 +246,8 @@ def dumps(recipe: Recipe, *, outputs: bool = True, absolute: bool = False) -> st
     return "\n".join(lines)
 
 
-def pin_text(recipe: Recipe, path: str | Path) -> None:
-    """Rewrite the recipe file at ``path`` with the recipe's (updated) pins."""
+def pin_text(recipe: Recipe, path: str | Path, *, what: str = "update") -> None:
+    """Rewrite the recipe file at ``path`` with the recipe's (updated) pins (temp file, then rename)."""
     from ckptlab.errors import OutputError
 
     p = Path(path)
@@ -256,4 +256,26 @@ def pin_text(recipe: Recipe, path: str | Path) -> None:
         tmp.write_text(dumps(recipe), encoding="utf-8")
         tmp.replace(p)
     except OSError as e:
-        raise OutputError(f"cannot update the recipe: {e.strerror or e}", p) from None
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot {what} the recipe: {e.strerror or e}", p) from None
+
+
+def check_recipe_target(path: str | Path, avoid: list[Path]) -> Path:
+    """Refuse a ``--save-recipe`` path that could not be written, before any merge work is done."""
+    import os
+
+    from ckptlab.errors import OutputError
+
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError("--save-recipe: is a folder, not a file", p)
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise OutputError(f"--save-recipe: the folder {parent} {what}", p)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--save-recipe: the folder {parent} is not writable", p)
+    rp = p.resolve()
+    if any(Path(a).resolve() == rp for a in avoid):
+        raise OutputError("--save-recipe: is one of the inputs or the output", p)
+    return p
