@@ -203,3 +203,60 @@ def test_diffusers_folders_merge_into_one_file(tmp_path):
 def test_parameter_the_method_does_not_take_is_refused(files, tmp_path):
     with pytest.raises(CkptlabError, match="does not take --density"):
         merge("weighted_sum", [files["a"], files["b"]], tmp_path / "o.safetensors", params={"density": 0.3})
+
+
+# -- parameter ranges: refused before anything is written --------------------------------------------
+@pytest.mark.parametrize(("method", "params", "needle"), [
+    ("ties", {"density": 7}, "--density 7 is outside (0, 1]"),
+    ("ties", {"density": 0}, "--density 0 is outside (0, 1]"),
+    ("dare", {"density": -0.5}, "--density -0.5 is outside (0, 1]"),
+    ("ties", {"density": "0.5,IN=1.5"}, "--density 1.5 is outside"),
+    ("dare", {"density": "IN=0.5"}, "block BASE: --density 0"),  # unnamed blocks default to 0
+    ("extract", {"gamma": -1}, "--gamma -1 is outside [0, inf)"),
+    ("weighted_sum", {"alpha": "nan"}, "--alpha nan"),
+    ("weighted_sum", {"alpha": "0.5,OUT=inf"}, "--alpha inf"),
+])
+def test_out_of_range_parameters_are_refused_before_writing(files, tmp_path, method, params, needle):
+    from ckptlab.merge.methods import MethodError
+
+    models = [files["a"], files["b"]] + ([files["b"]] if method == "extract" else [])
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(MethodError) as e:
+        merge(method, models, out, params=params)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_density_one_is_allowed(files, tmp_path):
+    merge("ties", [files["a"], files["b"]], tmp_path / "o.safetensors", params={"density": 1})
+    assert (tmp_path / "o.safetensors").exists()
+
+
+def test_chain_with_a_bad_later_step_writes_no_intermediate(files, tmp_path):
+    """The range check of step 2's per-block density happens before step 1's intermediate is written."""
+    from ckptlab.merge import loads, run_recipe
+    from ckptlab.merge.methods import MethodError
+
+    save = tmp_path / "mix.safetensors"
+    text = f"""version = 1
+[inputs.A]
+path = "{files['a']}"
+[inputs.B]
+path = "{files['b']}"
+[[steps]]
+name = "mix"
+method = "weighted_sum"
+inputs = ["A", "B"]
+alpha = 0.5
+save = "{save}"
+[[steps]]
+name = "t"
+method = "ties"
+inputs = ["A", "mix"]
+density = "GRAD_A"
+"""
+    with pytest.raises(MethodError, match=r"step 't': block BASE: --density 0"):  # a preset's BASE is 0
+        run_recipe(loads(text), tmp_path / "o.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(MethodError, match=r"step 't': --density 7"):  # no family needed: refused at load
+        loads(text.replace('"GRAD_A"', "7")).validate()

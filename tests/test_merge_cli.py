@@ -72,3 +72,13 @@ def test_unwritable_save_recipe_is_refused_before_the_merge(cli, models, tmp_pat
     assert r.stderr.startswith("ckptlab: error:") and "--save-recipe" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "internal error" not in r.stderr
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+
+
+def test_out_of_range_density_is_a_usage_error(cli, models, tmp_path):
+    a, b, _ = models
+    out = tmp_path / "o.safetensors"
+    r = cli("merge", "ties", a, b, b, "--density", "7", "-o", out)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "ckptlab: error: --density 7 is outside (0, 1] (fraction of each task vector kept " \
+                               "(top magnitudes))"
+    assert list(tmp_path.iterdir()) == []

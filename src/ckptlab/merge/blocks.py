@@ -217,6 +217,30 @@ def _from_list(vals: list[float], names: tuple[str, ...], family: str | None, na
                          f"({names[0]}, {names[1]}..{names[-1]})")
 
 
+def numbers_in(value) -> list[float]:
+    """Every number written in a parameter value (number, list, dict, ``NAME=V`` / list / ``PRESET:BASE``
+    text), without knowing the model family: lets a recipe's ranges be checked before any file is opened.
+    Words (preset names) are skipped; ``parse_value`` reports what it cannot understand."""
+    if isinstance(value, BlockValues):
+        return [v for _, v in value.values]
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in numbers_in(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in numbers_in(v)]
+    out = []
+    for part in str(value).split(","):
+        text = re.split(r"[=:]", part)[-1].strip()
+        try:
+            out.append(float(text))
+        except ValueError:
+            pass
+    return out
+
+
 def resolve(value: float | BlockValues, key: str, family: str | None) -> float:
     if isinstance(value, BlockValues):
         return value.get(block_of(key, family))

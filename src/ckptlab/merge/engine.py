@@ -118,6 +118,8 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         for n, p in paths.items():
             sources[n] = open_model(p)
             warnings.extend(f"{n}: {w}" for w in sources[n].warnings)
+        nodes: dict[str, Node] = {n: SourceNode(n, s) for n, s in sources.items()}
+        _check_all_params(recipe, {n: nd.family for n, nd in nodes.items()})
         # Pinned recipes are checked before any work. Otherwise the inputs are hashed while the merge runs
         # and the hashes are written into the header at the end (placeholders of the same length first).
         state: dict = {}
@@ -151,13 +153,12 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
                 for n, inp in recipe.inputs.items():
                     inp.sha256 = pins[n]
 
-        nodes: dict[str, Node] = {n: SourceNode(n, s) for n, s in sources.items()}
         summaries: list[StepSummary] = []
         saved: list[str] = []
         final_node: Node | None = None
         for i, st in enumerate(recipe.steps):
             is_last = i == len(recipe.steps) - 1
-            node = _build_step(st, nodes, settings, opts.get("dtype") if is_last else None)
+            node = _build_step(st, nodes, settings, opts.get("dtype") if is_last else None, len(recipe.steps) > 1)
             summaries.append(node.summary)
             if st.save and not is_last:
                 start_hashing()
@@ -227,18 +228,40 @@ def _check_pins(recipe: Recipe, hashes: dict[str, str], relink: bool, warnings: 
     return reports, updated
 
 
-def _build_step(st, nodes: dict[str, Node], settings: Settings, final_dtype) -> StepNode:
+def _step_params(st, family: str | None, many: bool) -> dict[str, float | BlockValues]:
+    """The step's parameters parsed for ``family``, every value (each block's too) checked against the
+    method's ranges."""
+    method = get_method(st.method)
+    params: dict[str, float | BlockValues] = {}
+    where = f"step {st.name!r}: " if many else ""
+    for p in method.params:
+        val = parse_value(st.params.get(p.name, p.default), family, name=p.name)
+        if isinstance(val, BlockValues):
+            if not p.per_block:
+                raise RecipeError(f"step {st.name!r}: {p.name} takes one number, not block weights")
+            for block, v in val.values:
+                p.check(v, f"{where}block {block}: ")
+        else:
+            p.check(val, where)
+        params[p.name] = val
+    return params
+
+
+def _check_all_params(recipe: Recipe, families: dict[str, str | None]) -> None:
+    """Every step's parameters and dtype, before any file is written (a step's family is its A's)."""
+    fam = dict(families)
+    many = len(recipe.steps) > 1
+    last = len(recipe.steps) - 1
+    for i, st in enumerate(recipe.steps):
+        fam[st.name] = fam.get(st.inputs[0]) if st.inputs else None
+        _step_params(st, fam[st.name], many)
+        _dtype(st.dtype or (recipe.options.get("dtype") if i == last else None), f"step {st.name!r} dtype")
+
+
+def _build_step(st, nodes: dict[str, Node], settings: Settings, final_dtype, many: bool = False) -> StepNode:
     method = get_method(st.method)
     ins = [nodes[i] for i in st.inputs]
-    fam = ins[0].family
-    params: dict[str, float | BlockValues] = {}
-    declared = {p.name: p for p in method.params}
-    for name, p in declared.items():
-        raw = st.params.get(name, p.default)
-        val = parse_value(raw, fam, name=name)
-        if isinstance(val, BlockValues) and not p.per_block:
-            raise RecipeError(f"step {st.name!r}: {name} takes one number, not block weights")
-        params[name] = val
+    params = _step_params(st, ins[0].family, many)
     dtype = _dtype(st.dtype or final_dtype, f"step {st.name!r} dtype")
     return StepNode(st.name, method, ins, params, settings, dtype)
 

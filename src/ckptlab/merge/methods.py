@@ -29,6 +29,26 @@ class Param:
     default: float
     help: str
     per_block: bool = True  # may take block weights
+    lo: float | None = None  # allowed range; every value must also be finite
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is not allowed
+
+    def range_text(self) -> str:
+        left = "-inf" if self.lo is None else f"{self.lo:g}"
+        right = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{'(' if self.lo is None or self.lo_open else '['}{left}, {right}{')' if self.hi is None else ']'}"
+
+    def check(self, value: float, where: str = "") -> None:
+        """Raise ``MethodError`` (one line) unless ``value`` is finite and in range; ``where`` names the
+        step/block for the message."""
+        import math
+
+        v = float(value)
+        bad = not math.isfinite(v)
+        bad = bad or (self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo))
+        bad = bad or (self.hi is not None and v > self.hi)
+        if bad:
+            raise MethodError(f"{where}--{self.name} {v:g} is outside {self.range_text()} ({self.help})")
 
 
 @dataclass(frozen=True)
@@ -252,11 +272,13 @@ register(Method("train_difference", train_difference, 3, 3, (Param("alpha", 1.0,
                 "A + (B - C)*1.8*alpha*|B-A|/(|B-A|+|B-C|)", aliases=("td", "traindiff")))
 register(Method("ties", ties, 2, 8,
                 (Param("alpha", 1.0, "scale of the merged task vector"),
-                 Param("density", 0.2, "fraction of each task vector kept (top magnitudes)")),
+                 Param("density", 0.2, "fraction of each task vector kept (top magnitudes)", lo=0.0, hi=1.0,
+                       lo_open=True)),
                 "A + alpha*TIES(B-A, C-A, ...)", elementwise=False, aliases=("ties_merging",)))
 register(Method("dare", dare, 2, 8,
                 (Param("alpha", 1.0, "scale of the merged task vector"),
-                 Param("density", 0.5, "probability each difference element is kept")),
+                 Param("density", 0.5, "probability each difference element is kept", lo=0.0, hi=1.0,
+                       lo_open=True)),
                 "A + alpha*mean(drop-and-rescale(B-A), ...), seeded", elementwise=False))
 register(Method("add_cosine", add_cosine, 2, 2, (Param("alpha", 0.5, "similarity threshold"),),
                 "lerp(A, B, 1-clamp(cos(A,B)-alpha, 0, 1)) per row", elementwise=False,
@@ -265,5 +287,5 @@ register(Method("subtract", subtract, 2, 2, (Param("alpha", 1.0, "scale"),), "(A
                 output="delta", aliases=("sub", "difference")))
 register(Method("extract", extract, 3, 3,
                 (Param("alpha", 0.5, "blend of B-A vs C-A"), Param("beta", 0.0, "0 = shared, 1 = different"),
-                 Param("gamma", 1.0, "sharpness of the similarity mask", per_block=False)),
+                 Param("gamma", 1.0, "sharpness of the similarity mask", per_block=False, lo=0.0)),
                 "supermerger extract on base A -> difference file", elementwise=False, output="delta"))

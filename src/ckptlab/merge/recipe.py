@@ -77,6 +77,7 @@ class Recipe:
         return p
 
     def validate(self) -> None:
+        from ckptlab.merge.blocks import numbers_in
         from ckptlab.merge.methods import MethodError, get_method
 
         if not self.steps:
@@ -99,15 +100,20 @@ class Recipe:
                 if i not in known:
                     raise RecipeError(f"step {st.name!r}: unknown input {i!r} (inputs and earlier steps: "
                                       f"{', '.join(sorted(known))})")
-            allowed = {p.name for p in m.params}
-            for k in st.params:
+            allowed = {p.name: p for p in m.params}
+            for k, v in st.params.items():
                 if k not in allowed:
                     raise RecipeError(f"step {st.name!r}: {m.name} has no parameter {k!r} "
                                       f"(it takes {', '.join(sorted(allowed)) or 'none'})")
+                for x in numbers_in(v):  # per-block values are checked again once the family is known
+                    allowed[k].check(x, f"step {st.name!r}: " if len(self.steps) > 1 else "")
             known.add(st.name)
         vae = self.options.get("vae")
         if vae is not None and vae not in self.inputs:
             raise RecipeError(f"options.vae {vae!r} is not an input name")
+        seed = self.options.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise RecipeError(f"options.seed {seed!r}: use a whole number from 0 to 2**63-1")
         miss = self.options.get("missing", "keep-a")
         from ckptlab.merge.graph import MISSING_POLICIES
 
