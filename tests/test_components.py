@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_ops_fixtures import load, make_model, sha256
 
-from ckptlab.errors import MismatchError
+from ckptlab.errors import MismatchError, OutputError
 from ckptlab.ops.components import extract, replace
 from ckptlab.ops.layout import ema_key
 
@@ -103,6 +103,25 @@ def test_replace_vae_bakes_bit_identical(tmp_path):
     inputs = json.loads(safe_open(str(r.output), "pt").metadata()["ckptlab.inputs"])
     assert inputs == [{"name": "m.safetensors", "sha256": before[0]},
                       {"name": vae.name, "sha256": before[1]}]
+
+
+@pytest.mark.parametrize("alias", ["same", "hardlink", "symlink"])
+def test_replace_refuses_output_onto_baked_component(tmp_path, alias):
+    """-o naming the --vae file (directly, through a hard link or a symlink) is refused before any work,
+    even with --overwrite; the VAE keeps its bytes."""
+    ckpt = make_model(tmp_path / "m.safetensors", "sd1_checkpoint")
+    vae = make_model(tmp_path / "vae.safetensors", "sd1_vae", seed=7)
+    before = sha256(vae)
+    out = tmp_path / "alias.safetensors"
+    if alias == "same":
+        out = vae
+    elif alias == "hardlink":
+        os.link(vae, out)
+    else:
+        out.symlink_to(vae)
+    with pytest.raises(OutputError, match="would replace the input vae.safetensors"):
+        replace([ckpt], vae=vae, out=out, overwrite=True)
+    assert sha256(vae) == before and os.stat(vae).st_nlink == (2 if alias == "hardlink" else 1)
 
 
 def test_replace_accepts_diffusers_vae(tmp_path):

@@ -116,7 +116,7 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
             if out.resolve() in seen_outputs:
                 raise CkptlabError(f"two inputs would both be written to {out}", path)
             seen_outputs.add(out.resolve())
-            check_output(out, [path], overwrite)
+            check_output(out, [path, *(extra_inputs or [])], overwrite)
         if dry_run:
             return [j.result for j in jobs]
         extra_hashers: dict[Path, FileHasher] = {}

@@ -216,15 +216,25 @@ def output_path(inp: Path, out_dir: Path | None, suffix: str, ext: str = ".safet
     return folder / f"{stem}{suffix}{ext}"
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name the same file: same resolved path, or the same (device, inode) -
+    which also catches hard links and symlinks."""
+    try:
+        if Path(a).resolve() == Path(b).resolve():
+            return True
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def check_output(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
-    """Refuse before any work: output is an input, exists, or its folder is missing / not writable."""
+    """Refuse before any work: output is an input (any of them: the main input and every file baked
+    in), exists, or its folder is missing / not writable."""
     out = Path(out)
     for p in inputs:
-        try:
-            if out.exists() and out.resolve() == Path(p).resolve():
-                raise OutputError("output would replace an input; choose another name", out)
-        except OSError:
-            pass
+        if same_file(out, p):
+            raise OutputError(f"output would replace the input {Path(p).name}; choose another name", out)
     if out.exists() and not overwrite:
         raise OutputError("output already exists (use --overwrite to replace it)", out)
     folder = out.parent
