@@ -366,9 +366,6 @@ SELF_CASES = [
 ]
 
 SELF_XFAIL: dict[str, str] = {
-    "to-diffusers-onto-own-folder": "to-diffusers: -o naming the folder that holds the input, with --overwrite, "
-                                    "replaces the folder and deletes the input (exit 0)",
-    "to-diffusers-onto-dot": "to-diffusers: -o . --overwrite is an internal error (Path('.').with_name, exit 70)",
 }
 
 

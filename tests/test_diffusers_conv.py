@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,26 @@ def test_existing_target_refused_and_dry_run_writes_nothing(tmp_path):
     r = to_diffusers(src, tmp_path / "other", dry_run=True)
     assert r.dry_run and not (tmp_path / "other").exists()
     assert r.files["unet/diffusion_pytorch_model.safetensors"] == 686
+
+
+@pytest.mark.parametrize("where", ["its-folder", "dot", "parent", "inside", "symlink-to-folder"])
+def test_output_folder_holding_the_input_refused(tmp_path, monkeypatch, where):
+    """An output folder that is, contains or is inside the input is refused (even with --overwrite)
+    before anything is written; the input and its folder stay as they were."""
+    d = tmp_path / "d"
+    d.mkdir()
+    src = make_model(d / "m.safetensors", "sd1_checkpoint")
+    before = sha256(src)
+    monkeypatch.chdir(d)
+    out = {"its-folder": d, "dot": Path("."), "parent": tmp_path, "inside": src / "pipe",
+           "symlink-to-folder": tmp_path / "link"}[where]
+    if where == "symlink-to-folder":
+        out.symlink_to(d, target_is_directory=True)
+    listing = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputError, match="would replace or contain the input m.safetensors"):
+        to_diffusers(src, out, overwrite=True)
+    assert sha256(src) == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == listing
 
 
 def test_from_diffusers_without_extras_reports_sd2_loss(tmp_path):

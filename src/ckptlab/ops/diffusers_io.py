@@ -42,6 +42,7 @@ from ckptlab.ops.stream import (
     placeholder,
     probe_writable,
     provenance,
+    same_file,
     write_plan,
 )
 from ckptlab.progress import Progress, null_progress
@@ -258,7 +259,7 @@ def to_diffusers(path: Path, out: Path, *, ema: str = "drop", precision: str | N
         result = FolderResult("to-diffusers", path, out, fam, dry_run=dry_run,
                               files={f: len(v) for f, v in files.items()},
                               extra_tensors=len(files.get(EXTRA_FILE, [])), dropped=dropped, warnings=warnings)
-        _check_folder_target(out, path, overwrite)
+        target = _check_folder_target(out, path, overwrite)
         if dry_run:
             return result
         hasher = FileHasher(path)
@@ -282,7 +283,7 @@ def to_diffusers(path: Path, out: Path, *, ema: str = "drop", precision: str | N
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 write_plan(tmp / rel, items, meta, progress=progress, pending={ph: hasher}, set_total=False)
 
-        _atomic_folder(out, build, overwrite)
+        _atomic_folder(target, build, overwrite)
         hasher.result()
         return result
     finally:
@@ -316,14 +317,20 @@ def _write_bytes(path: Path, data: bytes) -> None:
         raise OutputError(f"write failed: {e.strerror or e}", path) from None
 
 
-def _check_folder_target(out: Path, inp: Path, overwrite: bool) -> None:
-    if out.exists() and out.resolve() == inp.resolve():
-        raise OutputError("output would replace the input", out)
-    if out.exists() and not overwrite:
+def _check_folder_target(out: Path, inp: Path, overwrite: bool) -> Path:
+    """Refuse before any work an output folder that is, contains or is inside the input (resolved
+    paths, so ``-o .`` and symlinks are caught), exists without ``overwrite``, or cannot be written.
+    Returns the resolved folder to write."""
+    target, src = out.resolve(), inp.resolve()
+    if target == src or target in src.parents or src in target.parents or same_file(target, src):
+        raise OutputError(f"output folder would replace or contain the input {inp.name}; choose another folder",
+                          out)
+    if target.exists() and not overwrite:
         raise OutputError("output already exists (use --overwrite to replace it)", out)
-    if not out.parent.is_dir():
-        raise OutputError(f"output folder {out.parent} does not exist", out)
-    probe_writable(out.parent, out)
+    if not target.parent.is_dir():
+        raise OutputError(f"output folder {target.parent} does not exist", out)
+    probe_writable(target.parent, out)
+    return target
 
 
 def _atomic_folder(out: Path, build, overwrite: bool) -> None:
