@@ -284,8 +284,6 @@ CASES: list[tuple] = [
 
 # cases that hit a known bug in code whose owner is still at work (see the report / docs/cli-errors.md)
 XFAIL: dict[str, str] = {
-    "prune-bad-ema": "prune --ema weird: internal error KeyError: 'weird' (exit 70)",
-    "to-diffusers-bad-ema": "to-diffusers --ema weird: accepted, writes the pipeline, exit 0",
 }
 
 ROOT_SKIP = {c[0] for c in CASES if c[0].endswith("-ro")}

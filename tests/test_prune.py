@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from test_ops_fixtures import load, make_model, sha256
 
-from ckptlab.errors import MismatchError, UnsafeFileError
+from ckptlab.errors import CkptlabError, MismatchError, UnsafeFileError
 from ckptlab.ops.layout import ema_key
 from ckptlab.ops.prune import prune
 
@@ -191,3 +191,20 @@ def test_input_sha256_reused_from_the_library_catalog(tmp_path, ema_model):
     assert json.loads(meta["ckptlab.inputs"])[0]["sha256"] == sha256(ema_model)
     ema_model.write_bytes(ema_model.read_bytes())  # new mtime: the cached value no longer applies
     assert not FileHasher(ema_model).from_catalog
+
+
+def test_unknown_ema_mode_refused_in_api_and_cli(tmp_path, cli):
+    """prune: ``ema`` outside keep/drop/use is a one-line CkptlabError from the API, a usage error
+    (exit 2) from the CLI; to-diffusers takes only drop/use. Nothing is written."""
+    from ckptlab.ops.diffusers_io import to_diffusers
+
+    src = make_model(tmp_path / "m.safetensors", "sd1_checkpoint")
+    with pytest.raises(CkptlabError, match="--ema 'weird': use one of keep, drop, use"):
+        prune([src], ema="weird")
+    with pytest.raises(CkptlabError, match="--ema 'keep': use one of drop, use"):
+        to_diffusers(src, tmp_path / "pipe", ema="keep")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    for argv in (["prune", str(src), "--ema", "weird"], ["to-diffusers", str(src), "--ema", "keep"]):
+        r = cli(*argv)
+        assert r.returncode == 2 and "Invalid value for '--ema'" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

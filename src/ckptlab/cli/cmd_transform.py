@@ -6,6 +6,7 @@ output, or JSON Lines with ``--json``). Heavy imports happen inside the command 
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,21 @@ _OUT_DIR = typer.Option(None, "--out-dir", help="Folder for the outputs (default
 _DRY = typer.Option(False, "--dry-run", help="Plan and check only; write nothing.")
 _JSON = typer.Option(False, "--json", help="Print one JSON object per output (JSON Lines).")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace outputs that already exist.")
+
+
+class PruneEma(str, Enum):
+    """``prune --ema`` (``ops.prune.EMA_CHOICES``): an unknown value is a usage error (exit 2)."""
+
+    keep = "keep"
+    drop = "drop"
+    use = "use"
+
+
+class DiffusersEma(str, Enum):
+    """``to-diffusers --ema`` (``ops.diffusers_io.TO_DIFFUSERS_EMA``)."""
+
+    drop = "drop"
+    use = "use"
 
 
 def _paths(args: list[str]) -> list[Path]:
@@ -58,7 +74,7 @@ def _human(n: int) -> str:
 
 def prune_cmd(
     inputs: list[str] = typer.Argument(..., help="Model files or folders."),
-    ema: str = typer.Option("drop", "--ema", help="EMA weights: keep, drop, or use (replace the UNet = emaonly)."),
+    ema: PruneEma = typer.Option(PruneEma.drop, "--ema", help="EMA weights: keep, drop, or use (replace the UNet = emaonly)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Also convert: fp16, bf16 or fp32."),
     clamp: bool = typer.Option(False, "--clamp", help="Clamp values that overflow fp16 instead of refusing."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
@@ -71,7 +87,7 @@ def prune_cmd(
     from ckptlab.ops.prune import prune
 
     with progress_bar("prune", enabled=not json_out) as cb:
-        results = prune(_paths(inputs), ema=ema, precision=precision, clamp=clamp, out_dir=out_dir,
+        results = prune(_paths(inputs), ema=ema.value, precision=precision, clamp=clamp, out_dir=out_dir,
                         overwrite=overwrite, dry_run=dry_run, progress=cb)
     _report(results, json_out)
 
@@ -140,7 +156,7 @@ def replace_cmd(
 def to_diffusers_cmd(
     inputs: list[str] = typer.Argument(..., help="SD1/SD2/SDXL single-file checkpoint(s)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (one input)."),
-    ema: str = typer.Option("drop", "--ema", help="drop (default) or use the EMA weights for the UNet."),
+    ema: DiffusersEma = typer.Option(DiffusersEma.drop, "--ema", help="drop (default) or use the EMA weights for the UNet."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Cast UNet and text encoders: fp16, bf16, fp32."),
     clamp: bool = typer.Option(False, "--clamp", help="Clamp values that overflow fp16 instead of refusing."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
@@ -161,7 +177,7 @@ def to_diffusers_cmd(
     with progress_bar("to-diffusers", enabled=not json_out) as cb:
         for p in paths:
             out = output or output_path(p, out_dir, "-diffusers", ext="")
-            results.append(to_diffusers(p, out, ema=ema, precision=precision, clamp=clamp, overwrite=overwrite,
+            results.append(to_diffusers(p, out, ema=ema.value, precision=precision, clamp=clamp, overwrite=overwrite,
                                         dry_run=dry_run, progress=cb))
     _report(results, json_out)
 

@@ -48,6 +48,7 @@ from ckptlab.ops.stream import (
 from ckptlab.progress import Progress, null_progress
 
 EXTRA_FILE = "ckptlab_extra.safetensors"
+TO_DIFFUSERS_EMA = ("drop", "use")
 VAE_PREFIX = "first_stage_model."
 SUPPORTED = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 #: text encoders per family: (folder, single-file prefix, kind)
@@ -250,6 +251,9 @@ def to_diffusers(path: Path, out: Path, *, ema: str = "drop", precision: str | N
                  overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress) -> FolderResult:
     """Write the diffusers folder ``out``. ``precision`` (fp16/bf16/fp32) casts UNet and text-encoder
     weights (``precision`` rules: the VAE stays as it is; diffusers upcasts fp16 VAEs anyway)."""
+    from ckptlab.ops.prune import check_ema
+
+    check_ema(ema, TO_DIFFUSERS_EMA)
     path, out = Path(path), Path(out)
     src = open_checked(path)
     try:

@@ -23,10 +23,15 @@ from ckptlab.progress import Progress, null_progress
 EMA_CHOICES = ("keep", "drop", "use")
 
 
+def check_ema(ema: str, choices: tuple[str, ...] = EMA_CHOICES) -> None:
+    """Refuse an unknown ``ema`` mode (one-line error) before any work."""
+    if ema not in choices:
+        raise CkptlabError(f"--ema {ema!r}: use one of {', '.join(choices)}")
+
+
 def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", precision: str | None = None,
                only: list[str] | None = None, clamp: bool = False):
-    if ema not in EMA_CHOICES:
-        raise CkptlabError(f"--ema {ema!r}: use one of {', '.join(EMA_CHOICES)}")
+    check_ema(ema)
     layout = detect_layout(src)
     training = set(layout.components.get("training", ()))
     ema_keys = {k for k in src.keys() if is_ema(k)}
@@ -69,6 +74,7 @@ def prune(inputs: list[Path], *, ema: str = "drop", precision: str | None = None
           out_dir: Path | None = None, outputs: list[Path] | None = None, overwrite: bool = False,
           dry_run: bool = False, progress: Progress = null_progress) -> list[TransformResult]:
     """Prune each input into ``<stem><suffix>.safetensors`` (see ``prune_suffix``)."""
+    check_ema(ema)
 
     def one(path: Path, src: TensorSource, result: TransformResult):
         items, options = prune_plan(src, result, ema, precision, None, clamp)
