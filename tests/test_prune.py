@@ -208,3 +208,31 @@ def test_unknown_ema_mode_refused_in_api_and_cli(tmp_path, cli):
         r = cli(*argv)
         assert r.returncode == 2 and "Invalid value for '--ema'" in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("case", ["pickle-without-tensors", "only-ema"])
+def test_nothing_left_to_write_is_refused(tmp_path, cli, case):
+    """A transform whose output would hold no tensor refuses (one line, exit 1) and writes nothing,
+    instead of writing an empty model file."""
+    from safetensors.torch import save_file
+
+    from ckptlab.ops.precision import convert_precision
+
+    out = tmp_path / "out"
+    out.mkdir()
+    if case == "pickle-without-tensors":
+        src = tmp_path / "state.ckpt"
+        torch.save({"epoch": 3, "global_step": 1200}, src)
+    else:
+        src = tmp_path / "ema.safetensors"
+        save_file({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)}, str(src))
+    with pytest.raises(CkptlabError, match="no tensors to write"):
+        prune([src], out_dir=out)
+    if case == "pickle-without-tensors":
+        with pytest.raises(CkptlabError, match="no tensors to write"):
+            convert_precision([src], "fp16", out_dir=out)
+    r = cli("prune", str(src), "--out-dir", str(out))
+    assert r.returncode == 1, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
+        f"ckptlab: error: {src}: no tensors to write; no output made"]
+    assert list(out.iterdir()) == []

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import FormatError, MismatchError, OutputError
+from ckptlab.errors import CkptlabError, FormatError, MismatchError, OutputError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.ops import diffusers_config as cfgs
 from ckptlab.ops.diffusers_map import (
@@ -551,6 +551,8 @@ def from_diffusers(folder: Path, out: Path, *, overwrite: bool = False, dry_run:
                                  tensors_in=sum(len(s) for s in opened), tensors_out=len(items),
                                  bytes_in=sum(s.size for s in opened),
                                  bytes_out=sum(i.info.nbytes for i in items), warnings=warnings)
+        if not items:
+            raise CkptlabError("no tensors to write; no output made", folder)
         check_output(out, weight_files, overwrite)
         if dry_run:
             return result

@@ -111,6 +111,8 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
             jobs.append(_Job(path, src, out, [], {}, False, result))
             items, options, keep_meta = plan_fn(path, src, result)
             jobs[-1].items, jobs[-1].options, jobs[-1].keep_meta = items, options, keep_meta
+            if not items:
+                raise CkptlabError("no tensors to write; no output made", path)
             result.tensors_out = len(items)
             result.bytes_out = sum(it.info.nbytes for it in items)
             if out.resolve() in seen_outputs:
