@@ -24,7 +24,17 @@ from ckptlab.formats.dtypes import parse_dtype
 from ckptlab.formats.writer import SafetensorsWriter
 from ckptlab.merge import provenance
 from ckptlab.merge.blocks import BlockValues, parse_value
-from ckptlab.merge.graph import BUFFERS, BakeVae, Node, Prune, Settings, SourceNode, StepNode, StepSummary
+from ckptlab.merge.graph import (
+    BUFFERS,
+    BakeVae,
+    Node,
+    Prune,
+    Settings,
+    SourceNode,
+    StepNode,
+    StepSummary,
+    stop_flag,
+)
 from ckptlab.merge.methods import get_method
 from ckptlab.merge.recipe import Recipe, RecipeError, check_recipe_target, dumps, pin_text
 from ckptlab.progress import Progress, null_progress
@@ -327,6 +337,8 @@ def write_node(node: Node, path: Path, metadata: dict[str, str], *, overwrite: b
                finalize: Callable[[], dict[str, str]] | None = None) -> int:
     """Stream ``node`` into ``path``; returns the bytes of tensor data written. ``finalize``, if given, is
     called after the last tensor and returns the final metadata (no longer than ``metadata``)."""
+    import torch  # noqa: F401 - imported here, not first in a worker: Ctrl-C never waits for that import
+
     progress = progress or null_progress
     _fixed_mmap_threshold()
     plan = node.plan
@@ -360,25 +372,32 @@ def _write_all(node, path, metadata, plan, total, produce, put, overwrite, threa
             if finalize is not None:
                 w.rewrite_metadata(finalize())
             return total
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptlab-merge") as pool:
-            pending: deque = deque()
-            inflight = 0
-            try:
-                for key in plan:
-                    c = node.cost(key)
-                    while pending and (inflight + c > budget or len(pending) >= 4 * threads):
-                        k, cost, fut = pending.popleft()
-                        put(w, k, fut.result())
-                        inflight -= cost
-                    pending.append((key, c, pool.submit(produce, key)))
-                    inflight += c
-                while pending:
+        stop = threading.Event()
+
+        def task(key: str):
+            with stop_flag(stop):  # workers give up between chunks once the writer stops
+                return produce(key)
+
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptlab-merge")
+        pending: deque = deque()
+        inflight = 0
+        try:
+            for key in plan:
+                c = node.cost(key)
+                while pending and (inflight + c > budget or len(pending) >= 4 * threads):
                     k, cost, fut = pending.popleft()
                     put(w, k, fut.result())
-                if finalize is not None:
-                    w.rewrite_metadata(finalize())
-            except BaseException:
-                for _, _, fut in pending:
-                    fut.cancel()
-                raise
+                    inflight -= cost
+                pending.append((key, c, pool.submit(task, key)))
+                inflight += c
+            while pending:
+                k, cost, fut = pending.popleft()
+                put(w, k, fut.result())
+            if finalize is not None:
+                w.rewrite_metadata(finalize())
+        except BaseException:
+            stop.set()  # running keys stop at their next chunk; queued ones never start
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     return total

@@ -9,7 +9,9 @@ models are never held in memory. ``BakeVae`` and ``Prune`` are thin nodes on top
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ckptlab.errors import MismatchError
@@ -24,6 +26,29 @@ LIST_MAX = 50
 
 #: rows per chunk are chosen so a chunk holds about this many elements
 CHUNK_ELEMS = 1 << 18
+
+_LOCAL = threading.local()  # the stop flag of the write this thread computes for
+
+
+class Stopped(Exception):
+    """The write this computation served was abandoned (error or Ctrl-C in the writer)."""
+
+
+@contextmanager
+def stop_flag(event: threading.Event):
+    """Computations in this thread check ``event`` between chunks and raise ``Stopped`` once it is set."""
+    prev = getattr(_LOCAL, "stop", None)
+    _LOCAL.stop = event
+    try:
+        yield
+    finally:
+        _LOCAL.stop = prev
+
+
+def check_stop() -> None:
+    ev = getattr(_LOCAL, "stop", None)
+    if ev is not None and ev.is_set():
+        raise Stopped
 
 
 class BufferPool:
@@ -284,6 +309,7 @@ class StepNode(Node):
     def tensor(self, key: str):
         import torch
 
+        check_stop()
         op, arg = self.actions[key]
         info = self.plan[key]
         out_dt = to_torch(info.dtype)
@@ -307,6 +333,7 @@ class StepNode(Node):
         out = BUFFERS.take(info.shape, out_dt)
         rows = max(1, CHUNK_ELEMS // max(1, info.numel // info.shape[0]))
         for r in range(0, info.shape[0], rows):
+            check_stop()
             part = [x[r:r + rows].to(dev, mdt) for x in xs]
             out[r:r + rows].copy_(fn(part, p, ctx))
         return out
