@@ -260,3 +260,12 @@ density = "GRAD_A"
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(MethodError, match=r"step 't': --density 7"):  # no family needed: refused at load
         loads(text.replace('"GRAD_A"', "7")).validate()
+
+
+def test_hashing_a_vanished_input_is_a_one_line_error(tmp_path):
+    """The inputs are hashed while the merge runs; one deleted meanwhile is a FormatError, not an OSError."""
+    from ckptlab.errors import FormatError
+    from ckptlab.merge.provenance import sha256_many
+
+    with pytest.raises(FormatError, match="cannot read to hash"):
+        sha256_many([tmp_path / "gone.safetensors"])

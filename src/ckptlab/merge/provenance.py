@@ -36,7 +36,10 @@ class HashCancelled(Exception):
 
 
 def _sha256_one(path: Path, cancel=None) -> str:
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as e:  # e.g. deleted while the merge ran: one line, not a traceback
+        raise FormatError(f"cannot read to hash: {e.strerror or e}", path) from None
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key in _CACHE:
         return _CACHE[key]
