@@ -78,7 +78,9 @@ def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progre
     if set_total:
         progress(0, total=sum(i.info.nbytes for i in items))
     written = 0
-    with _ProvenanceWriter(path, plan, metadata, overwrite=overwrite, pending=pending or {}) as w:
+    from ckptlab.formats.writer import SafetensorsWriter
+
+    with SafetensorsWriter(path, plan, metadata, overwrite=overwrite) as w:
         for it in items:
             if it.produce is None and hasattr(it.source, "raw_bytes"):
                 w.write_raw(it.key, it.source.raw_bytes(it.src_key))
@@ -88,38 +90,14 @@ def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progre
                 del t
             written += it.info.nbytes
             progress(it.info.nbytes)
+        if pending:
+            # digests and placeholders have the same length, so the header keeps its size
+            final = dict(metadata)
+            for ph, hasher in pending.items():
+                digest = hasher.result()
+                final = {k: v.replace(ph, digest) for k, v in final.items()}
+            w.rewrite_metadata(final)
     return written
-
-
-def _writer_class():
-    from ckptlab.formats.writer import SafetensorsWriter, build_header
-
-    class ProvenanceWriter(SafetensorsWriter):
-        def __init__(self, *a, pending: dict[str, FileHasher], **kw):
-            super().__init__(*a, **kw)
-            self.pending = pending
-
-        def commit(self):
-            if self.pending and self._fh is not None and self._next == len(self._order):
-                try:
-                    header = build_header(self.plan, self.metadata)
-                    self._fh.flush()
-                    for placeholder, hasher in self.pending.items():
-                        digest = hasher.result().encode()
-                        off = header.find(placeholder.encode())
-                        if off < 0 or len(digest) != len(placeholder):
-                            raise RuntimeError("provenance placeholder not found in header")
-                        os.pwrite(self._fh.fileno(), digest, off)
-                except BaseException:
-                    self.abort()
-                    raise
-            return super().commit()
-
-    return ProvenanceWriter
-
-
-def _ProvenanceWriter(*a, **kw):  # noqa: N802 - a class built lazily (the writer module is light anyway)
-    return _writer_class()(*a, **kw)
 
 
 def placeholder(i: int) -> str:
