@@ -14,7 +14,8 @@ from pathlib import Path
 from ckptlab.errors import FormatError, UnsupportedFormatError
 from ckptlab.formats.base import TensorInfo, TensorSource
 
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+#: files that may hold a model (ComfyUI's extension list + GGUF); the one list every command uses
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".gguf")
 
 __all__ = ["MODEL_SUFFIXES", "TensorInfo", "TensorSource", "detect_format", "open_model", "require_regular_file"]
 

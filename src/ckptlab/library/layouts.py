@@ -11,9 +11,9 @@ import os
 from pathlib import Path, PurePath
 
 from ckptlab.errors import FormatError
+from ckptlab.formats import MODEL_SUFFIXES
 
-#: files that may hold a model (ComfyUI's extension list + GGUF)
-MODEL_EXTENSIONS = frozenset({".safetensors", ".sft", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".gguf"})
+MODEL_EXTENSIONS = frozenset(MODEL_SUFFIXES)
 
 # folder name (lower case) -> (layout, kind hint)
 FOLDERS: dict[str, tuple[str, str]] = {
