@@ -303,3 +303,12 @@ def test_url_without_host_fails_at_once_and_nothing_is_fetched(world, cli):
     r = cli("download", "civitai:1000", "http://", "--dir", root, "--layout", "flat", env=env)
     assert r.returncode == 2, r.stderr
     assert not list(root.rglob("*.safetensors")), "a good source was fetched before the bad spec was refused"
+
+
+def test_civitai_base_url_without_host_fails_at_once(tmp_path, cli):
+    r = cli("download", "civitai:1000", "--dir", tmp_path, "--base-url", "http://:8080",
+            env={"CKPTLAB_HTTP_BACKOFF": "5"})
+    assert r.returncode == 2, r.stderr
+    assert "needs a host" in r.stderr and "attempts" not in r.stderr and "Traceback" not in r.stderr
+    r = cli("civitai", "info", "civitai:1000", "--base-url", "https://:443", env={"CKPTLAB_HTTP_BACKOFF": "5"})
+    assert r.returncode == 2 and "needs a host" in r.stderr, r.stderr

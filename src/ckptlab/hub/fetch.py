@@ -98,6 +98,11 @@ def _checked_url(s: str, text: str):
     return u
 
 
+def _check_base(config: HubConfig) -> None:
+    """The CivitAI base URL must name a host too (its scheme is checked with the config)."""
+    _checked_url(config.civitai_base_url, config.civitai_base_url)
+
+
 def resolve_version(client, spec: Spec) -> dict:
     from ckptlab.hub.civitai import latest_version
     from ckptlab.hub.http import NotFoundError
@@ -118,6 +123,7 @@ def describe(source: str, *, config: HubConfig | None = None, client=None):
 
     config = config or load_hub_config()
     spec = parse_spec(source, config.civitai_base_url)
+    _check_base(config)
     if spec.kind != "civitai":
         raise SpecError(f"not a CivitAI source: {source!r}")
     own = client is None
@@ -187,6 +193,8 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
     root = Path(dest).expanduser() if dest else (config.download_dir or Path.cwd())
     lay = layout or config.layout
     spec = parse_spec(source, config.civitai_base_url)
+    if spec.kind == "civitai":
+        _check_base(config)
     progress = progress or null_progress
     with _cap(config.max_concurrent):
         if spec.kind == "civitai":
@@ -299,7 +307,8 @@ def download_many(sources: list[str], *, jobs: int | None = None, progress: Prog
     """Download several sources, ``jobs`` at a time (capped by config); errors are returned in place."""
     config = kw.pop("config", None) or load_hub_config(download_dir=kw.get("dest"), layout=kw.get("layout"))
     for s in sources:  # every spec is checked before any transfer starts: a typo fails at once
-        parse_spec(s, config.civitai_base_url)
+        if parse_spec(s, config.civitai_base_url).kind == "civitai":
+            _check_base(config)
     n = max(1, min(jobs or config.max_concurrent, config.max_concurrent))
     progress = progress or null_progress
     lock = threading.Lock()
