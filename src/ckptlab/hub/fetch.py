@@ -307,8 +307,11 @@ def download_many(sources: list[str], *, jobs: int | None = None, progress: Prog
     """Download several sources, ``jobs`` at a time (capped by config); errors are returned in place."""
     config = kw.pop("config", None) or load_hub_config(download_dir=kw.get("dest"), layout=kw.get("layout"))
     for s in sources:  # every spec is checked before any transfer starts: a typo fails at once
-        if parse_spec(s, config.civitai_base_url).kind == "civitai":
-            _check_base(config)
+        try:
+            if parse_spec(s, config.civitai_base_url).kind == "civitai":
+                _check_base(config)
+        except SpecError as e:
+            raise SpecError(f"{s}: {e}") from None
     n = max(1, min(jobs or config.max_concurrent, config.max_concurrent))
     progress = progress or null_progress
     lock = threading.Lock()
