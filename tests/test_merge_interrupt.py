@@ -7,6 +7,7 @@ import dataclasses
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -43,6 +44,7 @@ def test_interrupt_stops_running_keys_between_chunks(pair, tmp_path, monkeypatch
     def counting(xs, p, ctx):
         with lock:
             calls["n"] += 1
+        time.sleep(0.001)  # a real chunk takes a while too (and lets the writer's thread run)
         return real.fn(xs, p, ctx)
 
     monkeypatch.setitem(methods_mod.METHODS, "weighted_sum", dataclasses.replace(real, fn=counting))
