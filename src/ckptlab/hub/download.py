@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptlab.errors import CkptlabError, NetworkError, OutputError
-from ckptlab.hub.http import VerificationError, backoff_delay, redact
+from ckptlab.hub.http import VerificationError, backoff_delay, redact, retryable
 from ckptlab.library.hashes import Hashes, MultiHasher, hash_file
 from ckptlab.progress import Progress, null_progress
 
@@ -308,10 +308,12 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
                 if total is not None and done < total:
                     raise httpx.RemoteProtocolError("connection closed before the end of the file")
                 break
-            except (httpx.TransportError, httpx.TimeoutException, httpx.StreamError):
+            except (httpx.TransportError, httpx.TimeoutException, httpx.StreamError) as e:
                 if resp is not None:
                     resp.close()
                     resp = None
+                if not retryable(e):
+                    raise NetworkError(f"{what}: {type(e).__name__}: {e}") from None
                 attempt += 1
                 if attempt > retries:
                     raise NetworkError(f"{what}: connection lost {attempt} times; {os.fstat(fd).st_size} bytes kept "

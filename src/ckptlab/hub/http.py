@@ -144,6 +144,14 @@ def raise_for_status(resp, what: str, *, token_hint: str = "") -> None:
     raise HTTPStatusError(msg, code)
 
 
+def retryable(exc: BaseException) -> bool:
+    """Whether a transport error may heal on a retry: a refused or dropped connection may, a URL the
+    client cannot speak (``ftp://`` after a redirect) or a request it cannot even form will not."""
+    import httpx
+
+    return not isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError))
+
+
 class Requester:
     """Send requests with pacing, retries on 429/5xx/transport errors, and manual redirects.
 
@@ -207,7 +215,7 @@ class Requester:
             try:
                 resp = self.send_once(method, url, stream=stream, **kw)
             except (httpx.TimeoutException, httpx.TransportError) as e:
-                if attempt >= self.retries:
+                if attempt >= self.retries or not retryable(e):
                     raise NetworkError(f"{what}: {type(e).__name__}: {e or 'connection failed'} "
                                        f"(after {attempt + 1} attempts)") from None
                 self.sleep(backoff_delay(attempt, self.backoff, self.max_backoff, None))
