@@ -102,6 +102,23 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir("ckptlab", appauthor=False)) / "catalog.db"
 
 
+def known_sha256(path: str | Path, st: os.stat_result | None = None) -> str | None:
+    """The sha256 (lower case) the default catalog already holds for this exact file - same device,
+    inode, size and mtime - or None. A cache for writers that record their inputs' hashes: it never
+    creates a catalog, and any failure is a miss, never an error."""
+    try:
+        db = default_db_path()
+        if not db.is_file():
+            return None
+        st = st if st is not None else os.stat(path)
+        with Catalog(db) as cat:
+            row = cat.content((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        hashes = row and row.get("hashes")
+        return hashes.sha256.lower() if hashes and hashes.sha256 else None
+    except Exception:  # noqa: BLE001 - the catalog is an optional cache; the caller hashes the file
+        return None
+
+
 class CatalogError(CkptlabError):
     """The catalog file cannot be opened, is not a ckptlab catalog, or is newer than this version."""
 

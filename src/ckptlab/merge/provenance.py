@@ -10,25 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ckptlab.errors import FormatError
+from ckptlab.library.catalog import known_sha256
 
 _CACHE: dict[tuple[str, int, int], str] = {}
 _BUF = 8 << 20
-
-
-def _from_catalog(st: os.stat_result) -> str | None:
-    """The sha256 the library catalog already holds for this exact file (same dev/inode/size/mtime)."""
-    try:
-        from ckptlab.library.catalog import Catalog, default_db_path
-
-        db = default_db_path()
-        if not db.is_file():
-            return None
-        with Catalog(db) as cat:
-            got = cat.content((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        h = got and got.get("hashes")
-        return getattr(h, "sha256", None) or None
-    except Exception:  # noqa: BLE001 - the catalog is an optional cache; hash the file instead
-        return None
 
 
 class HashCancelled(Exception):
@@ -43,7 +28,7 @@ def _sha256_one(path: Path, cancel=None) -> str:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key in _CACHE:
         return _CACHE[key]
-    cached = _from_catalog(st)
+    cached = known_sha256(path, st)
     if cached:
         _CACHE[key] = cached
         return cached

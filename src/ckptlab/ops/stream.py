@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ckptlab.errors import CkptlabError, OutputError
 from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.library.catalog import known_sha256
 from ckptlab.progress import Progress, null_progress
 
 META_OPERATION = "ckptlab.operation"
@@ -133,7 +134,7 @@ class FileHasher:
 
     def __init__(self, path: Path, *, use_catalog: bool = True):
         self.path = Path(path)
-        self._digest: str | None = cached_sha256(self.path) if use_catalog else None
+        self._digest: str | None = known_sha256(self.path) if use_catalog else None
         self._error: BaseException | None = None
         self.from_catalog = self._digest is not None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -166,24 +167,6 @@ class FileHasher:
             raise OutputError(f"cannot hash input: {self._error}", self.path)
         assert self._digest is not None
         return self._digest
-
-
-def cached_sha256(path: Path) -> str | None:
-    """The sha256 the library catalog already holds for this exact file (same device, inode, size and
-    mtime), or None. Never creates a catalog."""
-    try:
-        from ckptlab.library.catalog import Catalog, default_db_path
-
-        db = default_db_path()
-        if not db.is_file():
-            return None
-        st = os.stat(path)
-        with Catalog(db) as cat:
-            row = cat.content((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        hashes = row and row.get("hashes")
-        return hashes.sha256.lower() if hashes and hashes.sha256 else None
-    except Exception:  # noqa: BLE001 - any failure is a cache miss, never an error
-        return None
 
 
 def output_path(inp: Path, out_dir: Path | None, suffix: str, ext: str = ".safetensors") -> Path:
