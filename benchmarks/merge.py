@@ -9,7 +9,8 @@ seeded random values, data written - not sparse). Each tool runs in its own subp
 cache; the parent samples the child's RssAnon from /proc every 10 ms (anonymous memory only: mmap'ed
 file pages are page cache, not the tool's memory). Wall time is the merge call itself (imports not
 counted; sd-mecha's ~5 s import would otherwise dominate). Job: weighted_sum alpha 0.5, fp32 math,
-fp16 output. ``--delete`` removes the generated inputs afterwards.
+fp16 output. ckptlab's time includes the sha256 of both inputs (the recipe pins them) and an fsync of the
+output; "ckptlab-catalogued" is the same merge when the inputs' hashes are already in the catalog. ``--delete`` removes the generated inputs afterwards.
 """
 
 from __future__ import annotations
@@ -88,12 +89,27 @@ def job_naive(a: str, b: str, out: str, threads: str) -> None:
     emit_wall(t)
 
 
-JOBS = {"ckptlab": job_ckptlab, "sd-mecha": job_mecha, "load-everything": job_naive}
+JOBS = {"ckptlab": job_ckptlab, "ckptlab-catalogued": job_ckptlab, "sd-mecha": job_mecha,
+        "load-everything": job_naive}
+
+
+def catalogue_inputs(*paths: Path) -> Path:
+    """A catalog that already holds the inputs' hashes, as after ``ckptlab scan --hash`` of a library:
+    the "ckptlab-catalogued" run then pins its recipe without reading the inputs a second time."""
+    from ckptlab.library.catalog import Catalog
+    from ckptlab.library.scanner import hash_paths
+
+    db = CACHE / "catalog.db"
+    with Catalog(db) as cat:
+        hash_paths(list(paths), cat)
+    return db
 
 
 def run_job(name: str, a: Path, b: Path, out: Path, threads: int) -> dict:
     out.unlink(missing_ok=True)
-    m = run_measured(job_cmd(__file__, name, a, b, out, threads), env=child_env(TQDM_DISABLE="1"), label=name)
+    extra = {"CKPTLAB_DB": str(catalogue_inputs(a, b))} if name == "ckptlab-catalogued" else {}
+    m = run_measured(job_cmd(__file__, name, a, b, out, threads), env=child_env(TQDM_DISABLE="1", **extra),
+                     label=name)
     return {"tool": name, "wall_s": round(job_wall(m), 2), "peak_rss_anon_mib": round(m.peak / 2**20, 1)}
 
 
@@ -112,7 +128,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small-layout files (seconds)")
     ap.add_argument("--family", choices=("sd1", "sdxl"), default="sd1")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tools", default="ckptlab,sd-mecha,load-everything")
+    ap.add_argument("--tools", default="ckptlab,ckptlab-catalogued,sd-mecha,load-everything",
+                    help="ckptlab hashes both inputs while merging (sha256 pins the recipe); ckptlab-catalogued "
+                         "finds them in a catalog made beforehand by `ckptlab hash`, as in a scanned library")
     ap.add_argument("--delete", action="store_true", help="delete the generated inputs afterwards")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool, interleaved; the best is reported")
     ap.add_argument("--json", action="store_true")
