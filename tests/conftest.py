@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd=None,
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def unwritable_folder():
+    """A folder this process cannot create files in: chmod 555 for a normal user; as root (which
+    ignores modes) a kernel filesystem mounted read-only to us."""
+    if os.geteuid() != 0:
+        folder = Path(tempfile.mkdtemp(prefix="ckptlab-ro-"))
+        folder.chmod(0o555)
+        return folder, lambda: (folder.chmod(0o755), folder.rmdir())
+    for cand in (Path("/sys/fs"), Path("/sys"), Path("/proc/self")):
+        try:
+            fd, name = tempfile.mkstemp(dir=cand)
+        except OSError:
+            return cand, lambda: None
+        os.close(fd)
+        os.unlink(name)
+    pytest.skip("no unwritable folder available to root here")

@@ -8,11 +8,11 @@ import resource
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import unwritable_folder
 from test_ops_fixtures import load, make_model, sha256
 
 from ckptlab.errors import MismatchError, OutputError
@@ -163,25 +163,10 @@ def test_replace_shape_mismatch_refused(tmp_path):
 # -- bad targets: read-only folder, full disk -------------------------------------------------------
 
 
-def _unwritable_folder():
-    if os.geteuid() != 0:
-        folder = Path(tempfile.mkdtemp(prefix="ckptlab-ro-"))
-        folder.chmod(0o555)
-        return folder, lambda: (folder.chmod(0o755), folder.rmdir())
-    for cand in (Path("/sys/fs"), Path("/sys"), Path("/proc/self")):
-        try:
-            fd, name = tempfile.mkstemp(dir=cand)
-        except OSError:
-            return cand, lambda: None
-        os.close(fd)
-        os.unlink(name)
-    pytest.skip("no unwritable folder available to root here")
-
-
 def test_read_only_target_folder(tmp_path, cli):
     ckpt = make_model(tmp_path / "m.safetensors", "sd1_checkpoint", ema=True)
     before = sha256(ckpt)
-    folder, cleanup = _unwritable_folder()
+    folder, cleanup = unwritable_folder()
     try:
         listing = set(folder.iterdir())
         r = cli("prune", ckpt, "--out-dir", folder)

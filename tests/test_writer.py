@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import unwritable_folder
 from safetensors.torch import load_file
 
 from ckptlab.errors import OutputError
@@ -212,25 +212,8 @@ def test_full_disk_gives_output_error_and_no_file(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def _unwritable_folder():
-    """A folder this process cannot create files in: chmod 555 for a normal user; as root (which
-    ignores modes) a kernel filesystem mounted read-only to us."""
-    if os.geteuid() != 0:
-        folder = Path(tempfile.mkdtemp(prefix="ckptlab-ro-"))
-        folder.chmod(0o555)
-        return folder, lambda: (folder.chmod(0o755), folder.rmdir())
-    for cand in (Path("/sys/fs"), Path("/sys"), Path("/proc/self")):
-        try:
-            fd, name = tempfile.mkstemp(dir=cand)
-        except OSError:
-            return cand, lambda: None
-        os.close(fd)
-        os.unlink(name)
-    pytest.skip("no unwritable folder available to root here")
-
-
 def test_read_only_folder_gives_output_error_and_no_file():
-    folder, cleanup = _unwritable_folder()
+    folder, cleanup = unwritable_folder()
     try:
         before = set(folder.iterdir())
         out = folder / "ckptlab-test-output.safetensors"
