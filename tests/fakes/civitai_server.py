@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -67,6 +68,7 @@ class FakeCivitai:
     requests: list = field(default_factory=list)
     active_files: int = 0                             # storage file transfers in progress now
     max_active_files: int = 0                         # ... and the most seen at once
+    rendezvous: int = 0                               # storage holds transfers until this many were active at once (max 5 s)
 
     # -- building the catalogue ------------------------------------------------------------------
     def add_model(self, model_id: int, name: str, type_: str = "LORA", *, nsfw: bool = False, **extra) -> dict:
@@ -150,6 +152,7 @@ class FakeCivitai:
 
 
 _LOCK = threading.Lock()
+_ACTIVE = threading.Condition(_LOCK)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -277,13 +280,19 @@ def _make_handler(fake: FakeCivitai, which: str):
             if not m or int(m.group(1)) not in fake.blobs:
                 return self._send(404, b"<Error><Code>NoSuchKey</Code></Error>", ctype="application/xml")
             fid = int(m.group(1))
-            with _LOCK:
+            with _ACTIVE:
                 fake.active_files += 1
                 fake.max_active_files = max(fake.max_active_files, fake.active_files)
+                _ACTIVE.notify_all()
+                # concurrency tests: wait until the expected number of transfers overlap, so "they ran in
+                # parallel" does not depend on timing (a serial client just waits out the deadline)
+                deadline = time.monotonic() + 5
+                while fake.max_active_files < fake.rendezvous and time.monotonic() < deadline:
+                    _ACTIVE.wait(deadline - time.monotonic())
             try:
                 return self._serve_file(fid, url)
             finally:
-                with _LOCK:
+                with _ACTIVE:
                     fake.active_files -= 1
 
         def _serve_file(self, fid: int, url):
