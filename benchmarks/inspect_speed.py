@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import struct
 import sys
 from pathlib import Path
 
@@ -46,26 +45,21 @@ def sdxl_sparse() -> Path:
 
 def sd15_dense(quick: bool) -> Path:
     """Real (or small) SD1.5 layout with every data byte written (no holes): header + 1 MiB random blocks."""
-    from ckptlab.formats.dtypes import itemsize
     from ckptlab.sample import layouts
 
     p = CACHE / f"v1-5-fp16{'_small' if quick else ''}-dense.safetensors"
     if p.exists():
         return p
-    header, pos = {}, 0
-    for key, (dtype, shape) in layouts.keys("sd1_checkpoint", small=quick).items():
-        dtype = "F16" if dtype == "F32" else dtype
-        n = itemsize(dtype)
-        for s in shape:
-            n *= s
-        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
+    from ckptlab.formats.base import TensorInfo
+    from ckptlab.formats.writer import build_header
+
+    plan = {key: TensorInfo("F16" if dtype == "F32" else dtype, tuple(shape))
+            for key, (dtype, shape) in layouts.keys("sd1_checkpoint", small=quick).items()}
+    head, pos = build_header(plan, None), sum(i.nbytes for i in plan.values())
     block = os.urandom(1 << 20)
     tmp = p.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.write(head)
         left = pos
         while left:
             chunk = block[: min(left, len(block))]
