@@ -47,6 +47,19 @@ def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", h
 _register_all()
 
 
+def _during_interrupt(e: BaseException) -> bool:
+    """Whether ``e`` was raised while a Ctrl-C unwound the stack. A KeyboardInterrupt that lands inside
+    ``threading.Condition.wait`` (waiting on a worker) can surface as "RuntimeError: release unlocked
+    lock" with the interrupt as its context; that is still the user's Ctrl-C, not an internal error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     from ckptlab.cli.common import error_line
 
@@ -75,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.close()
         rv = 0
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if _during_interrupt(e):
+            error_line("interrupted; no output was left half-written")
+            sys.exit(130)
         if os.environ.get("CKPTLAB_DEBUG"):
             raise
         error_line(f"internal error: {type(e).__name__}: {e} (set CKPTLAB_DEBUG=1 for a traceback)")
