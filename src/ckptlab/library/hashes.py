@@ -268,3 +268,31 @@ def hash_file(path: str | Path, progress: Progress | None = None) -> Hashes:
         if h.size != size or os.fstat(fh.fileno()).st_size != size:
             raise FormatError(f"file changed while it was hashed ({size} bytes at start, {h.size} read)", path)
     return h
+
+
+SHA256_CHUNK = 1 << 20  # stays in L2 between the read and the hash: ~20% faster than 8 MiB reads
+
+
+class HashCancelled(Exception):
+    """A ``sha256_file`` was told to stop (the work it served failed or was interrupted)."""
+
+
+def sha256_file(path: str | Path, cancel: threading.Event | None = None) -> str:
+    """SHA-256 of a file's bytes alone (the input pins of merges and transforms). ``cancel``: an event
+    that, once set, stops the reading with ``HashCancelled``. Raises ``OSError`` on read errors."""
+    h = hashlib.sha256()
+    buf = bytearray(SHA256_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        try:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise HashCancelled(str(path))
+            n = fh.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])  # hashlib releases the GIL on big buffers: files hash in parallel
+    return h.hexdigest()

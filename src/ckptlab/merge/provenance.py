@@ -11,13 +11,12 @@ from pathlib import Path
 
 from ckptlab.errors import FormatError
 from ckptlab.library.catalog import known_sha256
+from ckptlab.library.hashes import HashCancelled, sha256_file
+
+__all__ = ["HashCancelled", "a1111_legacy_hash", "a1111_metadata", "merge_models_entry", "modelspec_of", "sha256_many",
+           "sha256_path"]
 
 _CACHE: dict[tuple[str, int, int], str] = {}
-_BUF = 1 << 20  # a buffer that stays in L2 between the read and the hash: ~20% faster than 8 MiB
-
-
-class HashCancelled(Exception):
-    """The hashing was abandoned (the merge it served failed or was interrupted)."""
 
 
 def _sha256_one(path: Path, cancel=None) -> str:
@@ -32,21 +31,10 @@ def _sha256_one(path: Path, cancel=None) -> str:
     if cached:
         _CACHE[key] = cached
         return cached
-    h = hashlib.sha256()
-    buf = bytearray(_BUF)
-    view = memoryview(buf)
     try:
-        with open(path, "rb", buffering=0) as fh:
-            while True:
-                if cancel is not None and cancel.is_set():
-                    raise HashCancelled(str(path))
-                n = fh.readinto(buf)
-                if not n:
-                    break
-                h.update(view[:n])  # hashlib releases the GIL on big buffers: inputs hash in parallel
+        _CACHE[key] = sha256_file(path, cancel)
     except OSError as e:
         raise FormatError(f"cannot read to hash: {e.strerror or e}", path) from None
-    _CACHE[key] = h.hexdigest()
     return _CACHE[key]
 
 

@@ -10,7 +10,6 @@ largest tensor, never the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 from ckptlab.errors import CkptlabError, OutputError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.library.catalog import known_sha256
+from ckptlab.library.hashes import sha256_file
 from ckptlab.progress import Progress, null_progress
 
 META_OPERATION = "ckptlab.operation"
@@ -130,8 +130,6 @@ class FileHasher:
     """SHA-256 of a file computed in a background thread (hashlib releases the GIL), so hashing an
     input overlaps with writing the output instead of adding a full extra pass in front of it."""
 
-    CHUNK = 16 * 1024 * 1024
-
     def __init__(self, path: Path, *, use_catalog: bool = True):
         self.path = Path(path)
         self._digest: str | None = known_sha256(self.path) if use_catalog else None
@@ -143,20 +141,7 @@ class FileHasher:
 
     def _run(self) -> None:
         try:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as fh:
-                try:
-                    os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                except (AttributeError, OSError):
-                    pass
-                buf = bytearray(self.CHUNK)
-                view = memoryview(buf)
-                while True:
-                    n = fh.readinto(buf)
-                    if not n:
-                        break
-                    h.update(view[:n])
-            self._digest = h.hexdigest()
+            self._digest = sha256_file(self.path)
         except BaseException as e:  # noqa: BLE001 - reported by result()
             self._error = e
 
