@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _measure import cache_dir, emit_wall, job_cmd, job_main, job_wall, ratio, run_measured, use_src
+from _measure import cache_dir, emit_wall, job_cmd, job_main, job_wall, ratio, run_measured, use_src, warm
 
 CACHE = cache_dir("formats")
 
@@ -153,6 +153,7 @@ def main() -> None:
     src = head if args.quick else make_input(args.family, False, args.dense)
     print(f"header input: {head.name}; copy input: {src.name} ({src.stat().st_size / 2**30:.2f} GiB)")
     rows = bench_open(head, args.runs)
+    warm(src)  # ckptlab's writer uses direct I/O, so a freshly generated input is not in the page cache
     outs = []
     for tool in JOBS:
         out = CACHE / f"out_{tool}.safetensors"

@@ -5,7 +5,7 @@
    (header + holes): inspect reads only the header, so holes or data make no difference to it.
 2. full load: ``safetensors.torch.load_file`` of a real-size, **non-sparse** SD1.5 fp16 checkpoint (2.13 GB of
    written bytes) in its own process - what a tool pays to learn the same things by loading the model. The
-   page cache is warm for both (the file was just written), which favours the full load.
+   page cache is warm for both (read once first), which favours the full load.
 
 Each run is a subprocess; the parent samples its RssAnon (anonymous memory, not page cache) every 5 ms. Inputs
 are generated into .bench-cache/inspect/; the dense SD1.5 file is deleted at the end unless ``--keep``.
@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _measure import ROOT, cache_dir, mib, ratio, run_measured, use_src
+from _measure import ROOT, cache_dir, mib, ratio, run_measured, use_src, warm
 
 CACHE = cache_dir("inspect")
 
@@ -84,6 +84,7 @@ def main() -> None:
     inspect_cmd = [py, "-m", "ckptlab", "inspect", "--json", str(sdxl)]
     load_cmd = [py, "-c", "import sys; from safetensors.torch import load_file; sd = load_file(sys.argv[1]); "
                 "print(len(sd))", str(dense)]
+    warm(dense)
     run(inspect_cmd)  # warm the interpreter's own files in the page cache
     ins = [run(inspect_cmd) for _ in range(args.runs)]
     obj = json.loads(ins[0][2].splitlines()[0])
