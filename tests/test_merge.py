@@ -7,6 +7,7 @@ import hashlib
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -159,6 +160,64 @@ def test_chunked_compute_equals_whole_tensor(sd1, tmp_path, monkeypatch):
     monkeypatch.setattr(graph, "CHUNK_ELEMS", 1000)
     chunked = _run("add_difference", sd1, tmp_path, name="chunked.safetensors", alpha=0.7, dtype="fp16")
     assert _sha(whole) == _sha(chunked)
+
+
+@pytest.mark.parametrize("method", ["ties", "slerp", "add_cosine", "extract", "dare"])
+def test_pieced_methods_match_formula_and_whole_tensor(method, sd1, tmp_path, monkeypatch):
+    """With pieces of 1000 elements every sample tensor is computed piece by piece (ties: exact trim
+    thresholds by radix select; slerp: norms accumulated per piece; add_cosine by columns, extract by
+    rows; dare: a mask per piece). Results still follow the formulas; ties (exact thresholds) and extract
+    (row-wise) are bit-identical to the whole-tensor computation."""
+    from ckptlab.merge import graph, methods
+
+    a, b, c = (_np(load_file(p)) for p in sd1)
+    kw = {"ties": dict(alpha=0.9, density=0.3), "slerp": dict(alpha=0.35), "add_cosine": dict(alpha=0.01),
+          "extract": dict(alpha=0.3, beta=0.2, gamma=2.0), "dare": dict(alpha=1.0, density=0.25, seed=5)}[method]
+    files = sd1[:2] if method in ("slerp", "add_cosine", "dare") else sd1
+    whole = load_file(_run(method, files, tmp_path, name="whole.safetensors", **dict(kw)))
+    monkeypatch.setattr(graph, "CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(methods, "KTH_WHOLE_MAX", 0)  # ties: the radix select for every pieced tensor
+    out = load_file(_run(method, files, tmp_path, name="pieces.safetensors", **dict(kw)))
+    big = [k for k in SAMPLE_KEYS if out[k].numel() > 1000]
+    assert len(big) >= 3
+    for k in big:
+        o = out[k].double().numpy()
+        if method == "ties":
+            _close(o, _ties_oracle(a[k], [b[k], c[k]], 0.3, 0.9), k)
+        elif method == "slerp":
+            _close(o, _slerp_oracle(a[k], b[k], 0.35), k)
+        elif method == "add_cosine":
+            _close(o, _cosine_oracle(a[k], b[k], 0.01), k)
+        elif method == "extract":
+            _close(o, _extract_oracle(a[k], b[k], c[k], 0.3, 0.2, 2.0), k)
+        else:  # dare: every element dropped or rescaled, about density of them kept
+            d = o - a[k]
+            full = (b[k] - a[k]) / 0.25
+            kept = np.isclose(d, full, rtol=1e-4, atol=1e-5)
+            assert np.all(kept | (np.abs(d) <= 1e-6)), k
+            assert 0.15 < kept.mean() < 0.35, k
+        if method in ("ties", "extract"):  # add_cosine's column sums may vectorize in another order
+            assert torch.equal(out[k], whole[k]), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_radix_select_equals_kthvalue(dtype):
+    from ckptlab.merge.methods import _radix_kth_abs
+
+    g = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
+    base = torch.randn(5000, generator=g).to(dt)
+    other = base + torch.randn(5000, generator=g).to(dt) * (torch.rand(5000, generator=g) > 0.3).to(dt)
+    other[:50] = base[:50]          # exact zeros in the difference
+    other[50:60] = base[50:60] + 1  # duplicates
+    d = (other - base).abs()
+
+    def pieces():
+        for i in range(0, 5000, 700):
+            yield [base[i:i + 700], other[i:i + 700]]
+
+    for k in (1, 2, 49, 50, 51, 1234, 2500, 4999, 5000):
+        assert _radix_kth_abs(pieces, 1, k) == float(d.kthvalue(k).values), k
 
 
 def test_bytes_do_not_depend_on_threads(sd1, tmp_path):

@@ -298,9 +298,29 @@ class StepNode(Node):
         below = max(i.cost(key) for i in self.inputs if key in i.plan)
         if op == "copy":
             return info.nbytes + below
-        if self.method.elementwise and arg is None:
-            return info.nbytes + below + CHUNK_ELEMS * 4 * (len(self.inputs) + 2)
+        if arg is None and self._pieces(key) is not None:
+            return info.nbytes + below + CHUNK_ELEMS * 4 * (len(self.inputs) + 4)
         return info.nbytes + below + info.numel * 4 * (len(self.inputs) + 3)
+
+    def _pieces(self, key: str) -> list[tuple] | None:
+        """Index tuples that cut ``key``'s tensor into pieces of about ``CHUNK_ELEMS`` elements along the
+        axis the method allows (see ``merge.methods``), or None to compute it whole."""
+        m = self.method
+        shape = self.plan[key].shape
+        numel = self.plan[key].numel
+        if not shape or numel == 0:
+            return None
+        if m.elementwise or m.prepare is not None:
+            axis = 0
+        elif m.split and len(shape) >= 2:
+            axis = 0 if m.split == "rows" else 1
+        else:
+            return None
+        if numel <= CHUNK_ELEMS and m.prepare is None:
+            return None  # small: one piece is the whole tensor
+        step = max(1, CHUNK_ELEMS // (numel // shape[axis]))
+        lead = (slice(None),) * axis
+        return [(*lead, slice(i, i + step)) for i in range(0, shape[axis], step)]
 
     def _params_for(self, key: str) -> dict[str, float]:
         fam = self.family
@@ -318,7 +338,8 @@ class StepNode(Node):
             return t if t.dtype == out_dt else t.to(out_dt)
         xs = [i.tensor(key) for i in self.inputs]
         p = self._params_for(key)
-        ctx = KeyContext(key, self.settings.seed)
+        seed = self.settings.seed
+        ctx = KeyContext(key, seed)
         dev = torch.device(self.settings.device)
         mdt = to_torch(self.settings.merge_dtype)
         fn = self.method.fn
@@ -327,15 +348,22 @@ class StepNode(Node):
             part = [x[:, :arg].to(dev, mdt) for x in xs]
             out[:, :arg].copy_(fn(part, p, ctx))
             return out
-        if not self.method.elementwise or xs[0].dim() == 0 or info.numel <= CHUNK_ELEMS:
+        pieces = self._pieces(key)
+        if pieces is None:
             res = fn([x.to(dev, mdt) for x in xs], p, ctx)
             return res.to(out_dt).cpu() if res.dtype != out_dt or res.device.type != "cpu" else res.contiguous()
+        if self.method.prepare is not None:  # a first pass for per-tensor scalars (norms, thresholds)
+            def each_piece():
+                for idx in pieces:
+                    check_stop()
+                    yield [x[idx].to(dev, mdt) for x in xs]
+
+            p = {**p, **self.method.prepare(each_piece, info.numel, p, ctx)}
         out = BUFFERS.take(info.shape, out_dt)
-        rows = max(1, CHUNK_ELEMS // max(1, info.numel // info.shape[0]))
-        for r in range(0, info.shape[0], rows):
+        for idx in pieces:
             check_stop()
-            part = [x[r:r + rows].to(dev, mdt) for x in xs]
-            out[r:r + rows].copy_(fn(part, p, ctx))
+            part = [x[idx].to(dev, mdt) for x in xs]
+            out[idx].copy_(fn(part, p, KeyContext(key, seed, idx[-1].start)))
         return out
 
 

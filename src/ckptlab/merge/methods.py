@@ -2,9 +2,16 @@
 
 Each method gets its input tensors (already on the merge device, in the merge dtype), a dict of
 scalar parameters already resolved for the key (block weights applied) and a ``KeyContext``; it
-returns the merged tensor. ``elementwise`` methods may be applied to row slices of a tensor (the engine
-does that to keep memory small); the others see whole tensors. ``output`` is ``"weight"`` for a model
-and ``"delta"`` for a difference (``subtract``, ``extract``).
+returns the merged tensor. How the engine may cut a tensor into pieces to keep memory small:
+
+- ``elementwise``: any row slices (a piece's ``KeyContext.part`` seeds its random numbers);
+- ``prepare``: a first streaming pass over the pieces computes per-tensor scalars (slerp's norms, the
+  TIES trim thresholds), added to the parameters as ``_name`` entries; then the method is elementwise;
+- ``split="rows"`` / ``"cols"``: for tensors of 2+ dimensions the result is independent along dim 0 /
+  dim 1 (the reduction runs along the other axes); 0- and 1-d tensors are computed whole.
+
+The rest see whole tensors. ``output`` is ``"weight"`` for a model and ``"delta"`` for a difference
+(``subtract``, ``extract``).
 
 Conventions: A is the first input. ``add_difference``/``train_difference``: A + (B - C) scaled; ``ties``,
 ``dare`` and ``extract``: A is the common base the other inputs were fine-tuned from.
@@ -55,13 +62,14 @@ class Param:
 class KeyContext:
     key: str
     seed: int
+    part: int = 0  # the first row of the piece being computed (0 for a whole tensor)
 
     def generator(self):
-        """A CPU generator seeded from (seed, key): the same numbers whatever the thread or chunk order."""
+        """A CPU generator seeded from (seed, key, part): the same numbers whatever the thread order."""
         import torch
 
         g = torch.Generator(device="cpu")
-        g.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.key.encode())) % (2**63))
+        g.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.key.encode()) + self.part * 7_919) % (2**63))
         return g
 
 
@@ -74,6 +82,8 @@ class Method:
     params: tuple[Param, ...]
     help: str
     elementwise: bool = True
+    prepare: Callable | None = None  # (pieces, numel, params, ctx) -> {"_name": float}; see the module doc
+    split: str = ""  # "rows" or "cols": see the module doc
     output: str = "weight"
     a1111_name: str = ""
     aliases: tuple[str, ...] = field(default=())
@@ -137,26 +147,40 @@ def sum_twice(xs, p, ctx):
     return torch.lerp(torch.lerp(a, b, p["alpha"]), c, p["beta"])
 
 
+def _slerp_stats(pieces, numel, p, ctx) -> dict[str, float]:
+    """Norms of A and B and their dot product, accumulated piece by piece in float64."""
+    na2 = nb2 = dot = 0.0
+    for a, b in pieces():
+        a64, b64 = a.double(), b.double()
+        na2 += float((a64 * a64).sum())
+        nb2 += float((b64 * b64).sum())
+        dot += float((a64 * b64).sum())
+    return {"_na": na2 ** 0.5, "_nb": nb2 ** 0.5, "_dot": dot}
+
+
 def slerp(xs, p, ctx):
     """Spherical interpolation of the flattened tensors; magnitude interpolated linearly. Falls back
-    to a linear blend when the tensors are (anti)parallel or zero."""
+    to a linear blend when the tensors are (anti)parallel or zero. Norms and dot product come from
+    ``prepare`` (the whole tensor), so each piece is a blend with two scalar weights."""
+    import math
+
     import torch
 
     a, b = xs
     t = p["alpha"]
-    na, nb = a.norm(), b.norm()
-    if float(na) == 0.0 or float(nb) == 0.0:
+    if "_na" not in p:
+        p = {**p, **_slerp_stats(lambda: [xs], a.numel(), p, ctx)}
+    na, nb = p["_na"], p["_nb"]
+    if na == 0.0 or nb == 0.0:
         return torch.lerp(a, b, t)
-    au, bu = a / na, b / nb
-    dot = float((au * bu).sum().clamp(-1.0, 1.0))
-    if abs(dot) > 0.9995:
+    cos = min(max(p["_dot"] / (na * nb), -1.0), 1.0)
+    if abs(cos) > 0.9995:
         return torch.lerp(a, b, t)
-    import math
-
-    omega = math.acos(dot)
+    omega = math.acos(cos)
     so = math.sin(omega)
-    res = au * (math.sin((1.0 - t) * omega) / so) + bu * (math.sin(t * omega) / so)
-    return res * (float(na) * (1.0 - t) + float(nb) * t)
+    scale = na * (1.0 - t) + nb * t
+    return torch.add(a * (math.sin((1.0 - t) * omega) / so * scale / na), b,
+                     alpha=math.sin(t * omega) / so * scale / nb)
 
 
 def train_difference(xs, p, ctx):
@@ -171,26 +195,83 @@ def train_difference(xs, p, ctx):
     return a + diff * scale * (1.8 * p["alpha"])
 
 
-def _top_k_mask(d, density):
-    """True where |d| is among the ``density`` fraction of largest magnitudes (ties kept)."""
+def _kth_smallest(values, k: int) -> float:
+    """The k-th smallest (1-based) of a tensor of non-negative floats."""
+    return float(values.flatten().kthvalue(k).values)
+
+
+def _radix_kth_abs(pieces, which: int, k: int) -> float:
+    """The k-th smallest |X_which - X_0| over all pieces, exactly, without holding the whole tensor:
+    non-negative floats order like their bit patterns, so a few histogram passes over the pieces (16
+    bits at a time: two passes for float32) narrow the pattern down, as a radix select does."""
     import torch
 
-    if density >= 1.0:
-        return torch.ones_like(d, dtype=torch.bool)
-    n = d.numel()
-    k = max(int((1.0 - density) * n), 1)
-    thresh = d.abs().flatten().kthvalue(k).values
-    return d.abs() >= thresh
+    prefix, known = 0, 0  # the top `known` bits of the answer's pattern
+    total_bits = None
+    while total_bits is None or known < total_bits:
+        hist = None
+        width = 16
+        for xs in pieces():
+            d = (xs[which] - xs[0]).abs()
+            dtype, ibits = d.dtype, {2: torch.int16, 4: torch.int32, 8: torch.int64}[d.element_size()]
+            if total_bits is None:
+                total_bits = d.element_size() * 8 - 1  # the sign bit of |d| is 0
+            width = min(16, total_bits - known)
+            u = d.flatten().view(ibits).to(torch.int64)
+            low = total_bits - known - width  # bits below this pass's window
+            if known:
+                u = u[(u >> (total_bits - known)) == prefix]
+            h = torch.bincount((u >> low) & ((1 << width) - 1), minlength=1 << width)
+            hist = h if hist is None else hist + h
+        if hist is None:
+            raise ValueError("no values")
+        csum = torch.cumsum(hist, 0)
+        b = int(torch.searchsorted(csum, torch.tensor(k, dtype=csum.dtype)))
+        k -= int(csum[b - 1]) if b else 0
+        prefix, known = (prefix << width) | b, known + width
+    return float(torch.tensor([prefix], dtype=torch.int64).to(ibits).view(dtype))
+
+
+#: up to this many elements a task vector's magnitudes are gathered whole for ``kthvalue`` (16 MiB in
+#: float32); bigger tensors use the radix select over pieces
+KTH_WHOLE_MAX = 4 << 20
+
+
+def _ties_thresholds(pieces, numel, p, ctx) -> dict[str, float]:
+    """Each task vector's trim threshold: the ``(1 - density)`` quantile of its magnitudes (``_t1``...)."""
+    import torch
+
+    density = p["density"]
+    first = next(iter(pieces()))
+    out = {}
+    for i in range(1, len(first)):
+        if density >= 1.0:
+            out[f"_t{i}"] = float("-inf")
+            continue
+        k = max(int((1.0 - density) * numel), 1)
+        if first[0].numel() == numel:  # one piece: the whole tensor is here already
+            out[f"_t{i}"] = _kth_smallest((first[i] - first[0]).abs(), k)
+        elif numel <= KTH_WHOLE_MAX:
+            out[f"_t{i}"] = _kth_smallest(torch.cat([(x[i] - x[0]).abs().flatten() for x in pieces()]), k)
+        else:
+            out[f"_t{i}"] = _radix_kth_abs(pieces, i, k)
+    return out
 
 
 def ties(xs, p, ctx):
-    """TIES-merging: task vectors M_i - A; keep each one's top ``density`` magnitudes (trim), elect the
-    sign of the summed trimmed vectors, average the entries that agree with it (disjoint mean);
-    A + alpha * merged."""
+    """TIES-merging: task vectors M_i - A; keep each one's top ``density`` magnitudes (trim; the
+    thresholds come from ``prepare`` over the whole tensor), elect the sign of the summed trimmed
+    vectors, average the entries that agree with it (disjoint mean); A + alpha * merged."""
     import torch
 
     base = xs[0]
-    deltas = torch.stack([_trim(x - base, p["density"]) for x in xs[1:]])
+    if "_t1" not in p:
+        p = {**p, **_ties_thresholds(lambda: [xs], base.numel(), p, ctx)}
+    deltas = []
+    for i, x in enumerate(xs[1:], start=1):
+        d = x - base
+        deltas.append(d * (d.abs() >= p[f"_t{i}"]))
+    deltas = torch.stack(deltas)
     sign = torch.sign(deltas.sum(dim=0))
     agree = (torch.sign(deltas) == sign) & (deltas != 0)
     count = agree.sum(dim=0).clamp(min=1)
@@ -198,13 +279,9 @@ def ties(xs, p, ctx):
     return base + merged * p["alpha"]
 
 
-def _trim(d, density):
-    return d * _top_k_mask(d, density)
-
-
 def dare(xs, p, ctx):
-    """DARE: each task vector M_i - A keeps an element with probability ``density`` (seeded by --seed and
-    the key), kept elements are rescaled by 1/density; A + alpha * mean of the results."""
+    """DARE: each task vector M_i - A keeps an element with probability ``density`` (seeded by --seed, the
+    key and the piece), kept elements are rescaled by 1/density; A + alpha * mean of the results."""
     import torch
 
     base = xs[0]
@@ -267,25 +344,28 @@ register(Method("triple_sum", triple_sum, 3, 3,
 register(Method("sum_twice", sum_twice, 3, 3,
                 (Param("alpha", 0.5, "weight of B in the first sum"), Param("beta", 0.5, "weight of C")),
                 "(A*(1-alpha) + B*alpha)*(1-beta) + C*beta", a1111_name="sum Twice", aliases=("st",)))
-register(Method("slerp", slerp, 2, 2, (_ALPHA,), "spherical interpolation A -> B", elementwise=False))
+register(Method("slerp", slerp, 2, 2, (_ALPHA,), "spherical interpolation A -> B", elementwise=False,
+                prepare=_slerp_stats))
 register(Method("train_difference", train_difference, 3, 3, (Param("alpha", 1.0, "strength"),),
                 "A + (B - C)*1.8*alpha*|B-A|/(|B-A|+|B-C|)", aliases=("td", "traindiff")))
 register(Method("ties", ties, 2, 8,
                 (Param("alpha", 1.0, "scale of the merged task vector"),
                  Param("density", 0.2, "fraction of each task vector kept (top magnitudes)", lo=0.0, hi=1.0,
                        lo_open=True)),
-                "A + alpha*TIES(B-A, C-A, ...)", elementwise=False, aliases=("ties_merging",)))
+                "A + alpha*TIES(B-A, C-A, ...)", elementwise=False, prepare=_ties_thresholds,
+                aliases=("ties_merging",)))
 register(Method("dare", dare, 2, 8,
                 (Param("alpha", 1.0, "scale of the merged task vector"),
                  Param("density", 0.5, "probability each difference element is kept", lo=0.0, hi=1.0,
                        lo_open=True)),
-                "A + alpha*mean(drop-and-rescale(B-A), ...), seeded", elementwise=False))
+                "A + alpha*mean(drop-and-rescale(B-A), ...), seeded"))
 register(Method("add_cosine", add_cosine, 2, 2, (Param("alpha", 0.5, "similarity threshold"),),
-                "lerp(A, B, 1-clamp(cos(A,B)-alpha, 0, 1)) per row", elementwise=False,
+                "lerp(A, B, 1-clamp(cos(A,B)-alpha, 0, 1)) per row", elementwise=False, split="cols",
                 aliases=("cosine", "add_cosine_a")))
 register(Method("subtract", subtract, 2, 2, (Param("alpha", 1.0, "scale"),), "(A - B)*alpha  -> difference file",
                 output="delta", aliases=("sub", "difference")))
 register(Method("extract", extract, 3, 3,
                 (Param("alpha", 0.5, "blend of B-A vs C-A"), Param("beta", 0.0, "0 = shared, 1 = different"),
                  Param("gamma", 1.0, "sharpness of the similarity mask", per_block=False, lo=0.0)),
-                "supermerger extract on base A -> difference file", elementwise=False, output="delta"))
+                "supermerger extract on base A -> difference file", elementwise=False, split="rows",
+                output="delta"))
