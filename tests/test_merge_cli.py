@@ -36,6 +36,30 @@ def test_merge_json_and_recipe_rerun(cli, models, tmp_path):
     assert "wrote" in r2.stdout and out2.read_bytes() == out.read_bytes()
 
 
+def test_recipe_read_from_a_merged_model(cli, models, tmp_path):
+    """`--recipe MERGED.safetensors` re-makes the merge from the header's embedded recipe, byte for byte."""
+    a, b, _ = models
+    chained = tmp_path / "chain.toml"
+    chained.write_text(f'version = 1\n[inputs.A]\npath = "{a}"\n[inputs.B]\npath = "{b}"\n'
+                       '[[steps]]\nname = "one"\nmethod = "weighted_sum"\ninputs = ["A", "B"]\nalpha = "GRAD_V"\n'
+                       '[[steps]]\nname = "two"\nmethod = "add_difference"\ninputs = ["one", "A", "B"]\nalpha = 0.3\n')
+    out = tmp_path / "o.safetensors"
+    assert cli("merge", "--recipe", chained, "-o", out).returncode == 0
+    again = tmp_path / "again.safetensors"
+    r = cli("merge", "--recipe", out, "-o", again)
+    assert r.returncode == 0, r.stderr
+    assert again.read_bytes() == out.read_bytes()
+    # a model without a recipe, and a pickle: one line, exit 2, nothing written
+    for src, words in ((a, "carries no ckptlab recipe"), (tmp_path / "x.ckpt", "only .safetensors")):
+        if src.suffix == ".ckpt":
+            import torch
+            torch.save({"state_dict": {"w": torch.zeros(2)}}, src)
+        bad = tmp_path / "bad.safetensors"
+        r = cli("merge", "--recipe", src, "-o", bad)
+        assert r.returncode == 2 and words in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not bad.exists()
+
+
 def test_refusal_is_one_line_and_nonzero(cli, models, tmp_path):
     a, _, xl = models
     out = tmp_path / "o.safetensors"

@@ -145,6 +145,38 @@ def test_pins_refuse_a_different_file_and_relink_updates(sd1, tmp_path):
     run_recipe(load(rf), tmp_path / "o3.safetensors")  # pinned to the new file now
 
 
+def test_relink_keeps_the_recipe_file_as_written(sd1, tmp_path):
+    """--relink changes only the sha256 values: comments, order and spacing stay; a missing pin is added
+    after its path; the result loads as the same recipe."""
+    a, b, _ = sd1
+    bb = tmp_path / "b.safetensors"
+    bb.write_bytes(b.read_bytes())
+    rf = tmp_path / "r.toml"
+    old_pin = "0" * 64
+    text = (f'# my favourite mix\nversion = 1\n\n[inputs.A]   # the base\npath = "{a}"\n\n'
+            f'[inputs.B]\npath = "b.safetensors"   # relative to this file\nsha256  =  "{old_pin}"  # stale\n\n'
+            '[[steps]]\nmethod = "weighted_sum"  # keep it simple\ninputs = ["A", "B"]\nalpha = 0.3\n')
+    rf.write_text(text)
+    r = run_recipe(load(rf), tmp_path / "o.safetensors", relink=True, recipe_path=rf)
+    assert r.recipe_updated
+    new = rf.read_text()
+    want = text.replace(old_pin, _sha(bb)).replace(
+        f'path = "{a}"\n', f'path = "{a}"\nsha256 = "{_sha(a)}"\n')
+    assert new == want
+    rec = load(rf)
+    assert rec.inputs["A"].sha256 == _sha(a) and rec.inputs["B"].sha256 == _sha(bb)
+
+
+def test_relink_rewrites_layouts_it_cannot_edit(sd1, tmp_path):
+    a, b, _ = sd1
+    rf = tmp_path / "inline.toml"
+    rf.write_text(f'version = 1\ninputs = {{ A = {{ path = "{a}" }}, B = {{ path = "{b}", sha256 = "{"1" * 64}" }} }}\n'
+                  '[[steps]]\nmethod = "weighted_sum"\ninputs = ["A", "B"]\n')
+    run_recipe(load(rf), tmp_path / "o.safetensors", relink=True, recipe_path=rf)
+    rec = load(rf)  # rewritten whole, still valid and pinned
+    assert rec.inputs["A"].sha256 == _sha(a) and rec.inputs["B"].sha256 == _sha(b)
+
+
 @pytest.mark.parametrize("text,msg", [
     ('version = 1\n[[steps]]\nmethod = "weighted_sum"\ninputs = ["A", "B"]\n', "unknown input"),
     ('version = 1\n[inputs.A]\npath = "a"\n[[steps]]\nmethod = "nope"\ninputs = ["A"]\n', "unknown merge method"),

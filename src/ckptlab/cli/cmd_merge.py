@@ -19,6 +19,7 @@ Examples:
   ckptlab merge weighted_sum A B --alpha GRAD_V -o out.safetensors        (block-weight preset)
   ckptlab merge weighted_sum A B --alpha "IN=0.2,M00=0.5,OUT=0.8" -o out  (per block)
   ckptlab merge --recipe chain.toml -o out.safetensors
+  ckptlab merge --recipe merged.safetensors -o again.safetensors  (re-make a merge from its metadata)
 
 Methods: weighted_sum, add_difference, triple_sum, sum_twice, slerp, train_difference, ties, dare,
 add_cosine, subtract, extract (see --list-methods)."""
@@ -39,7 +40,7 @@ def merge_cmd(
                                           help="Keys not in every input: keep-a (default), union, intersect, error."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="Bake this VAE into the output."),
     prune: bool = typer.Option(False, "--prune", help="Drop EMA weights and training state."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run a TOML recipe (chains of steps)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run a TOML recipe (chains of steps), or re-run the recipe embedded in a model ckptlab merged."),
     relink: bool = typer.Option(False, "--relink", help="Accept inputs whose sha256 differs from the recipe's pins and update the recipe."),
     save_recipe: Optional[Path] = typer.Option(None, "--save-recipe", help="Also write the pinned recipe of this merge to a TOML file."),
     threads: int = typer.Option(2, "--threads", min=1, max=16, help="Compute threads (output bytes do not depend on it)."),
@@ -75,7 +76,7 @@ def merge_cmd(
                 rec.options[k] = v
         if prune:
             rec.options["prune"] = True
-        recipe_path = recipe
+        recipe_path = None if rec.from_model else recipe  # a model's embedded recipe is never rewritten
     else:
         if not method or not models:
             raise RecipeError("usage: ckptlab merge METHOD A B [C] -o OUT (or --recipe FILE); see --help")

@@ -69,6 +69,7 @@ class Recipe:
     steps: list[RecipeStep]
     options: dict[str, object] = field(default_factory=dict)
     base_dir: Path | None = None  # where relative input paths resolve
+    from_model: bool = False  # read from a merged model's metadata (no recipe file to update)
 
     def input_path(self, name: str) -> Path:
         p = Path(self.inputs[name].path).expanduser()
@@ -139,7 +140,11 @@ def loads(text: str, base_dir: Path | None = None, *, where: str = "recipe") -> 
 
 
 def load(path: str | Path) -> Recipe:
+    """A recipe from a TOML file, or the recipe embedded in a ``.safetensors`` file ckptlab merged (its
+    ``from_model`` is then True: there is no recipe file to write pins back into)."""
     p = Path(path)
+    if _is_model(p):
+        return load_from_model(p)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
@@ -147,6 +152,37 @@ def load(path: str | Path) -> Recipe:
     except UnicodeDecodeError:
         raise RecipeError("recipe is not UTF-8 text", p) from None
     return loads(text, p.resolve().parent, where=str(p))
+
+
+def _is_model(p: Path) -> bool:
+    from ckptlab.formats import MODEL_SUFFIXES
+
+    if p.is_dir():
+        return True
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False  # load() reports it
+    return p.suffix.lower() in MODEL_SUFFIXES or (len(head) == 9 and head[8:9] == b"{")
+
+
+def load_from_model(path: str | Path) -> Recipe:
+    """The recipe a ckptlab merge embedded in its output (``__metadata__["ckptlab.recipe"]``), read from
+    the header alone."""
+    from ckptlab.formats import detect_format
+    from ckptlab.formats.safetensors import read_header
+
+    p = Path(path)
+    if detect_format(p) != "safetensors":
+        raise RecipeError("only .safetensors files made by ckptlab merge carry a recipe", p)
+    text = read_header(p).metadata.get("ckptlab.recipe")
+    if not text:
+        raise RecipeError("this model carries no ckptlab recipe (an A1111 sd_merge_recipe records a merge "
+                          "but cannot re-run it)", p)
+    rec = loads(text, None, where=f"{p} (embedded recipe)")
+    rec.from_model = True
+    return rec
 
 
 def from_dict(data: dict, base_dir: Path | None = None, *, where: str = "recipe") -> Recipe:
@@ -252,14 +288,59 @@ def dumps(recipe: Recipe, *, outputs: bool = True, absolute: bool = False) -> st
     return "\n".join(lines)
 
 
+_TABLE_RE = re.compile(r"""^\s*\[\s*inputs\s*\.\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_-]+))\s*\]\s*(?:#.*)?$""")
+_ANY_TABLE_RE = re.compile(r"^\s*\[")
+_KEY_RE = re.compile(r"^(\s*)(sha256|path)(\s*=\s*)(\"[^\"]*\"|'[^']*')(.*)$")
+
+
+def repin(text: str, pins: dict[str, str]) -> str:
+    """``text`` with each ``[inputs.NAME]`` table's ``sha256`` set to ``pins[NAME]``: existing values are
+    replaced in place, missing ones inserted after ``path``; comments and layout are kept."""
+    lines = text.split("\n")
+    table: list[str | None] = []  # the [inputs.NAME] each line belongs to
+    current: str | None = None
+    for line in lines:
+        if _ANY_TABLE_RE.match(line):
+            m = _TABLE_RE.match(line)
+            current = next(g for g in m.groups() if g is not None) if m else None
+        table.append(current)
+    has_pin = {t for line, t in zip(lines, table, strict=True)
+               if t is not None and (m := _KEY_RE.match(line)) and m.group(2) == "sha256"}
+    out: list[str] = []
+    for line, t in zip(lines, table, strict=True):
+        m = _KEY_RE.match(line) if t in pins else None
+        if m is None:
+            out.append(line)
+            continue
+        indent, key, eq, _, rest = m.groups()
+        if key == "sha256":
+            out.append(f"{indent}sha256{eq}{_value(pins[t])}{rest}")
+        else:
+            out.append(line)
+            if t not in has_pin:
+                out.append(f"{indent}sha256 = {_value(pins[t])}")
+    return "\n".join(out)
+
+
 def pin_text(recipe: Recipe, path: str | Path, *, what: str = "update") -> None:
-    """Rewrite the recipe file at ``path`` with the recipe's (updated) pins (temp file, then rename)."""
+    """Write the recipe with its (updated) pins to ``path`` (temp file, then rename). When ``path`` is the
+    recipe's own file, only its ``sha256`` values change (comments kept), unless the file is laid out in a
+    way that edit cannot follow (inline tables, dotted keys): then it is rewritten whole."""
     from ckptlab.errors import OutputError
 
     p = Path(path)
+    text = dumps(recipe)
+    if what == "update":
+        try:
+            old = p.read_text(encoding="utf-8")
+            new = repin(old, {n: i.sha256 for n, i in recipe.inputs.items() if i.sha256})
+            if dumps(loads(new, p.resolve().parent)) == text:
+                text = new
+        except (OSError, UnicodeDecodeError, RecipeError):
+            pass  # rewrite whole
     tmp = p.with_name(f".{p.name}.tmp")
     try:
-        tmp.write_text(dumps(recipe), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         tmp.replace(p)
     except OSError as e:
         tmp.unlink(missing_ok=True)
