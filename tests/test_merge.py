@@ -220,6 +220,17 @@ def test_radix_select_equals_kthvalue(dtype):
         assert _radix_kth_abs(pieces, 1, k) == float(d.kthvalue(k).values), k
 
 
+def test_blocks_left_out_of_a_density_string_keep_the_default(sd1, tmp_path):
+    """`--density IN=0.5`: IN blocks keep half of each task vector, every other block the default 0.2 (0 is
+    not a density, so unnamed blocks do not get 0 as they do for alpha)."""
+    a, b, c = (_np(load_file(p)) for p in sd1)
+    o = _np(load_file(_run("ties", sd1, tmp_path, alpha=1.0, density="IN=0.5")))
+    for k, dens in (("model.diffusion_model.input_blocks.1.1.proj_in.weight", 0.5),
+                    ("model.diffusion_model.output_blocks.5.0.out_layers.3.weight", 0.2),
+                    ("cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1.weight", 0.2)):
+        _close(o[k], _ties_oracle(a[k], [b[k], c[k]], dens, 1.0), k)
+
+
 def test_bytes_do_not_depend_on_threads(sd1, tmp_path):
     import ckptlab.merge.engine as engine
 

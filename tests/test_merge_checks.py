@@ -211,7 +211,7 @@ def test_parameter_the_method_does_not_take_is_refused(files, tmp_path):
     ("ties", {"density": 0}, "--density 0 is outside (0, 1]"),
     ("dare", {"density": -0.5}, "--density -0.5 is outside (0, 1]"),
     ("ties", {"density": "0.5,IN=1.5"}, "--density 1.5 is outside"),
-    ("dare", {"density": "IN=0.5"}, "block BASE: --density 0"),  # unnamed blocks default to 0
+    ("dare", {"density": "0,IN=0.5"}, "--density 0 is outside (0, 1]"),  # a bare 0 for the unnamed blocks
     ("extract", {"gamma": -1}, "--gamma -1 is outside [0, inf)"),
     ("weighted_sum", {"alpha": "nan"}, "--alpha nan"),
     ("weighted_sum", {"alpha": "0.5,OUT=inf"}, "--alpha inf"),

@@ -153,8 +153,9 @@ def _num(text: str, what: str) -> float:
         raise BlockSpecError(f"{what}: {text!r} is not a number") from None
 
 
-def parse_value(value, family: str | None, *, name: str = "alpha") -> float | BlockValues:
-    """A parameter value: number, block string/list/dict -> float or BlockValues for ``family``."""
+def parse_value(value, family: str | None, *, name: str = "alpha", unnamed: float = 0.0) -> float | BlockValues:
+    """A parameter value: number, block string/list/dict -> float or BlockValues for ``family``.
+    ``unnamed``: the value of blocks a ``NAME=V`` string leaves out (unless it starts with a bare default)."""
     if isinstance(value, BlockValues):
         value = value.source
     if isinstance(value, bool):
@@ -167,7 +168,7 @@ def parse_value(value, family: str | None, *, name: str = "alpha") -> float | Bl
         return _from_list([float(v) for v in value], names, family, name, str(list(value)))
     if isinstance(value, dict):
         text = ",".join(f"{k}={v}" for k, v in value.items())
-        return parse_value(text, family, name=name)
+        return parse_value(text, family, name=name, unnamed=unnamed)
     text = str(value).strip()
     try:
         return float(text)
@@ -183,7 +184,7 @@ def parse_value(value, family: str | None, *, name: str = "alpha") -> float | Bl
     if all(("=" not in p and ":" not in p) for p in parts):
         return _from_list([_num(p, f"--{name}") for p in parts], names, family, name, text)
     # NAME=V pairs; an optional leading bare number is the default for unnamed blocks
-    default = 0.0
+    default = unnamed
     vals: dict[str, float] = {}
     for i, p in enumerate(parts):
         if "=" not in p and ":" not in p:

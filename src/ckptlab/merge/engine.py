@@ -245,7 +245,7 @@ def _step_params(st, family: str | None, many: bool) -> dict[str, float | BlockV
     params: dict[str, float | BlockValues] = {}
     where = f"step {st.name!r}: " if many else ""
     for p in method.params:
-        val = parse_value(st.params.get(p.name, p.default), family, name=p.name)
+        val = parse_value(st.params.get(p.name, p.default), family, name=p.name, unnamed=_unnamed_default(p))
         if isinstance(val, BlockValues):
             if not p.per_block:
                 raise RecipeError(f"step {st.name!r}: {p.name} takes one number, not block weights")
@@ -255,6 +255,16 @@ def _step_params(st, family: str | None, many: bool) -> dict[str, float | BlockV
             p.check(val, where)
         params[p.name] = val
     return params
+
+
+def _unnamed_default(param) -> float:
+    """Blocks a ``NAME=V`` string leaves out get 0 (A's value for a blend), or the parameter's own default
+    where 0 is out of its range (``--density IN=0.5``: the other blocks keep the default density)."""
+    try:
+        param.check(0.0)
+        return 0.0
+    except CkptlabError:
+        return float(param.default)
 
 
 def _check_all_params(recipe: Recipe, families: dict[str, str | None]) -> None:
