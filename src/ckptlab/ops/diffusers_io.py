@@ -14,8 +14,8 @@ every file is complete; any error removes it.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,11 +338,13 @@ def _check_folder_target(out: Path, inp: Path, overwrite: bool) -> Path:
 
 
 def _atomic_folder(out: Path, build, overwrite: bool) -> None:
+    # the name is chosen before the folder exists, so a Ctrl-C even during mkdir leaves nothing behind
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise OutputError(f"cannot create a folder in {out.parent}: {e.strerror or e}", out) from None
-    try:
+        try:
+            os.mkdir(tmp, 0o700)
+        except OSError as e:
+            raise OutputError(f"cannot create a folder in {out.parent}: {e.strerror or e}", out) from None
         build(tmp)
         os.chmod(tmp, 0o755 & ~_umask())
         old = None
@@ -354,6 +356,9 @@ def _atomic_folder(out: Path, build, overwrite: bool) -> None:
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OutputError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"cannot finish writing: {e.strerror or e}", out) from None

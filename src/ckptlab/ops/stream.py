@@ -190,15 +190,20 @@ def check_output(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
 
 
 def probe_writable(folder: Path, out: Path | None = None) -> None:
-    """Create and remove a probe file: ``os.access`` lies for root and for read-only mounts."""
-    import tempfile
+    """Create and remove a probe file: ``os.access`` lies for root and for read-only mounts. The name is
+    chosen before the file exists and removed in ``finally``, so a Ctrl-C at any moment leaves nothing."""
+    import secrets
 
+    name = Path(folder) / f".ckptlab-probe-{secrets.token_hex(8)}"
     try:
-        fd, name = tempfile.mkstemp(prefix=".ckptlab-probe-", dir=folder)
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as e:
         raise OutputError(f"cannot write in {folder}: {e.strerror or e}", out or folder) from None
-    os.close(fd)
-    os.unlink(name)
+    finally:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
 
 
 def open_input(path: Path) -> TensorSource:
