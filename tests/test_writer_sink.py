@@ -135,3 +135,13 @@ def test_writer_uses_direct_io_by_default(tmp_path):
     with writer.SafetensorsWriter(tmp_path / "m.safetensors", plan) as w:
         w.write("model.diffusion_model.out.2.weight", torch.ones(4, 320, 3, 3))
         assert w.direct
+
+
+def test_without_pwrite_as_on_windows(tmp_path, monkeypatch):
+    """Windows has no os.pwrite (nor O_DIRECT): the sink seeks and writes, patches included."""
+    monkeypatch.delattr(os, "pwrite")
+    pieces = [bytes([i]) * (3 * BLOCK + i) for i in range(12)]
+    patches = [(11, (2, b"header")), (11, (sum(map(len, pieces)) - 4, b"tail"))]
+    out = tmp_path / "w.bin"
+    _write(out, pieces, patches, direct=False)
+    assert out.read_bytes() == _expected(pieces, patches)

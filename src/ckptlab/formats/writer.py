@@ -42,6 +42,14 @@ def _direct_wanted() -> bool:
         "0", "no", "off", "false")
 
 
+def _pwrite(fd: int, data, offset: int) -> int:
+    """``os.pwrite``, or seek + write where there is none (Windows)."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
+
+
 class FileSink:
     """Sequential writing to ``fd`` through a page-aligned staging buffer, with direct I/O when the
     filesystem takes it (``self.direct`` says whether it is on). ``patch`` overwrites earlier bytes (a
@@ -77,7 +85,7 @@ class FileSink:
         view = memoryview(view)
         while len(view):
             try:
-                n = os.pwrite(self.fd, view, offset)
+                n = _pwrite(self.fd, view, offset)
             except OSError as e:
                 if self.direct and e.errno == errno.EINVAL:  # this filesystem takes no direct I/O after all
                     self._set_direct(False)
@@ -111,7 +119,9 @@ class FileSink:
         if end > self.base:  # the staged part
             lo = max(offset, self.base)
             self.buf[lo - self.base:end - self.base] = data[lo - offset:]
-        if offset < self.base:  # the part already on disk: read-modify-write whole blocks
+        if offset < self.base and not self.direct:  # already written: overwrite in place
+            self._pwrite(memoryview(data)[:min(end, self.base) - offset], offset)
+        elif offset < self.base:  # already written with direct I/O: read-modify-write whole blocks
             lo = offset // BLOCK * BLOCK
             hi = min(self.base, -(-min(end, self.base) // BLOCK) * BLOCK)
             block = mmap.mmap(-1, hi - lo)
