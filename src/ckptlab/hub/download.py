@@ -7,7 +7,6 @@ sits under its final name, verified.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -45,6 +44,19 @@ class DownloadResult:
 
 
 # -- file names --------------------------------------------------------------------------------
+
+
+def _lock_exclusive(fd: int) -> None:
+    """Take an exclusive lock on the open partial file without waiting; OSError if another process holds it
+    (flock on POSIX, msvcrt's byte-range lock on Windows). The lock goes with the descriptor."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 def safe_filename(name: str | None) -> str | None:
     """A server-suggested name reduced to a plain basename (no separators, no ``..``, no control
@@ -232,7 +244,7 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
     hasher: MultiHasher | None = None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(fd)
         except OSError:
             raise OutputError("another ckptlab is downloading this file right now", part) from None
         hashed = -1
