@@ -226,7 +226,7 @@ def _radix_kth_abs(pieces, which: int, k: int) -> float:
         if hist is None:
             raise ValueError("no values")
         csum = torch.cumsum(hist, 0)
-        b = int(torch.searchsorted(csum, torch.tensor(k, dtype=csum.dtype)))
+        b = int(torch.searchsorted(csum, torch.tensor([k], dtype=csum.dtype, device=csum.device))[0])
         k -= int(csum[b - 1]) if b else 0
         prefix, known = (prefix << width) | b, known + width
     return float(torch.tensor([prefix], dtype=torch.int64).to(ibits).view(dtype))
