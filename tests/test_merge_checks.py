@@ -269,3 +269,20 @@ def test_hashing_a_vanished_input_is_a_one_line_error(tmp_path):
 
     with pytest.raises(FormatError, match="cannot read to hash"):
         sha256_many([tmp_path / "gone.safetensors"])
+
+
+def test_overflow_to_inf_is_reported(files, tmp_path):
+    """A difference scaled past fp16's range (65504) turns into Inf when cast: the merge says so, with the
+    key, instead of silently writing a model that renders black."""
+    a, b = files["a"], files["b"]
+    ok = merge("add_difference", [a, b, a], tmp_path / "ok.safetensors", params={"alpha": 1.0}, dtype="fp16")
+    assert ok.steps[0].nonfinite == 0 and not any("NaN or Inf" in w for w in ok.warnings)
+    bad = merge("add_difference", [a, b, a], tmp_path / "bad.safetensors", params={"alpha": 1e6}, dtype="fp16")
+    out = load_file(tmp_path / "bad.safetensors")
+    really = [k for k, t in out.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    assert bad.steps[0].nonfinite == len(really) > 0
+    assert bad.steps[0].nonfinite_keys[0] in really
+    assert any("NaN or Inf" in w and bad.steps[0].nonfinite_keys[0] in w for w in bad.warnings)
+    # fp32 output keeps the same values finite
+    wide = merge("add_difference", [a, b, a], tmp_path / "wide.safetensors", params={"alpha": 1e6}, dtype="fp32")
+    assert wide.steps[0].nonfinite == 0

@@ -212,6 +212,12 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
             s.close()
     if save_recipe is not None:
         pin_text(recipe, save_recipe, what="save")
+    for sm in summaries:
+        if sm.nonfinite:
+            where = f"step {sm.name!r}: " if len(summaries) > 1 else ""
+            warnings.append(f"{where}{sm.nonfinite} merged tensors hold NaN or Inf values (e.g. {sm.nonfinite_keys[0]}): "
+                            "the model will likely render black or noise (an input already broken, or values "
+                            "beyond the output dtype's range: try a smaller alpha or --dtype fp32/bf16)")
     return MergeResult(str(out), final.method, final_node.family, len(top.plan), size,
                        round(time.perf_counter() - t0, 3), reports, summaries, saved, vae_rep, vae_add, pruned,
                        updated, warnings)
