@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ckptlab.checksum import crc32
 from ckptlab.errors import FormatError, UnsafeFileError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.formats.dtypes import itemsize
@@ -48,6 +49,7 @@ class PickleSource(TensorSource):
     def __init__(self, path: str | Path, *, allow_suspicious: bool = True, scan_only: bool = False):
         super().__init__(path)
         self.scan: Scan = scan(self.path)
+        self._crc_ok: set[int] = set()  # storages whose record passed its CRC check
         self.verdict = self.scan.verdict
         self.findings = self.scan.findings
         self.container = self.scan.container
@@ -104,6 +106,7 @@ class PickleSource(TensorSource):
         if kind == "file":
             if self.scan.mm is None:
                 raise FormatError("file is closed", self.path)
+            self._check_crc(key, st, memoryview(self.scan.mm)[st.backing[1]:st.backing[1] + nbytes], st.backing[2])
             base = torch.frombuffer(self.scan.mm, dtype=torch.uint8, count=nbytes, offset=st.backing[1])
         elif kind == "view":
             buf, off = st.backing[1], st.backing[2]
@@ -119,6 +122,7 @@ class PickleSource(TensorSource):
             data = zlib.decompressobj(-15).decompress(raw, nbytes) if e.method == 8 else raw
             if len(data) != nbytes:
                 raise FormatError(f"tensor {key!r}: compressed record inflates to the wrong size", self.path)
+            self._check_crc(key, st, data, e.crc)
             base = torch.frombuffer(bytearray(data), dtype=torch.uint8, count=nbytes)
         if st.byteswap and isz > 1:
             base = base.view(-1, isz).flip(-1).reshape(-1).clone()
@@ -126,6 +130,21 @@ class PickleSource(TensorSource):
         if flat.numel() != count:
             raise FormatError(f"tensor {key!r}: storage size mismatch", self.path)
         return flat.as_strided(info.shape, ref.stride, ref.offset)
+
+    def _check_crc(self, key: str, storage, data, expected: int) -> None:
+        """The zip record's CRC-32 over its bytes, once per storage: torch.load never checks it, so a
+        damaged download would load (and convert) wrong values without a word."""
+        if id(storage) in self._crc_ok:
+            return
+        try:
+            got = crc32(data)
+        finally:
+            if isinstance(data, memoryview):
+                data.release()
+        if got != expected:
+            raise FormatError(f"tensor {key!r}: its storage record fails the zip CRC-32 check "
+                              f"({got:08x}, recorded {expected:08x}): the file is damaged", self.path)
+        self._crc_ok.add(id(storage))
 
     def close(self) -> None:
         self.scan.close()

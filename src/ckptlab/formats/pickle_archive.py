@@ -359,7 +359,7 @@ def _scan_zip(scan: Scan, mm, size: int, depth: int = 0) -> None:
         if rec.flags & 0x1 or rec.method not in (0, 8) or rec.data_offset + rec.csize > size:
             ref.valid = False
             return
-        ref.backing = ("file", rec.data_offset) if rec.method == 0 else ("deflate", rec)
+        ref.backing = ("file", rec.data_offset, rec.crc) if rec.method == 0 else ("deflate", rec)
         ref.byteswap = byteorder == "big"
 
     vm = PickleVM(content, location=pkl.name, resolver=_Resolver(scan, 5, bind), depth=depth).run()

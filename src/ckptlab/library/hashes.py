@@ -27,10 +27,10 @@ import os
 import queue
 import struct
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptlab.checksum import crc32
 from ckptlab.errors import FormatError
 from ckptlab.progress import Progress, null_progress
 
@@ -57,18 +57,12 @@ class Hashes:
         return {k: v for k, v in out.items() if v}
 
 
-try:  # ISA-L's CRC-32 (same polynomial and values as zlib's) is ~4x faster; optional
-    from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # pragma: no cover - depends on the environment
-    _crc32 = zlib.crc32
-
-
 class _Crc32:
     def __init__(self) -> None:
         self.value = 0
 
     def update(self, data) -> None:
-        self.value = _crc32(data, self.value)
+        self.value = crc32(data, self.value)
 
     def hexdigest(self) -> str:
         return f"{self.value & 0xFFFFFFFF:08x}"
