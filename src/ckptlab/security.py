@@ -47,7 +47,7 @@ def worst_verdict(verdicts) -> str:
     return max(verdicts, key=lambda v: _RANK[v], default=SAFE)
 
 
-def check_many(paths) -> Iterator[CheckResult]:
+def check_many(paths, *, deep: bool = False) -> Iterator[CheckResult]:
     """``check`` each path; a folder (a diffusers model) is checked file by file."""
     from ckptlab.formats import MODEL_SUFFIXES
 
@@ -58,13 +58,14 @@ def check_many(paths) -> Iterator[CheckResult]:
                 yield CheckResult(p, "unknown", CORRUPT, findings=[Finding("no_model_files", CORRUPT,
                                                                            "folder holds no model files")])
             for f in files:
-                yield check(f)
+                yield check(f, deep=deep)
         else:
-            yield check(p)
+            yield check(p, deep=deep)
 
 
-def check(path: str | Path) -> CheckResult:
-    """Scan one file without executing anything and return its verdict and findings."""
+def check(path: str | Path, *, deep: bool = False) -> CheckResult:
+    """Scan one file without executing anything and return its verdict and findings. ``deep``: also read
+    every tensor byte (``ckptlab.integrity``: zip record CRCs, NaN/Inf values)."""
     p = Path(path)
     if p.is_dir():
         return CheckResult(p, "unknown", CORRUPT, findings=[Finding("not_a_file", CORRUPT, "is a folder")])
@@ -82,17 +83,32 @@ def check(path: str | Path) -> CheckResult:
         return CheckResult(p, "unknown", CORRUPT, findings=[Finding("unreadable", CORRUPT, f"cannot open: {e.strerror or e}")])
     fmt = _sniff(p, head)
     if fmt == "safetensors":
-        return _check_safetensors(p)
+        r = _check_safetensors(p)
+        if deep and r.verdict == SAFE:
+            from ckptlab.integrity import safetensors_findings
+
+            _add(r, safetensors_findings(p))
+        return r
     if fmt == "gguf":
         return _check_gguf(p)
     from ckptlab.formats.pickle_archive import scan
 
     s = scan(p)
     try:
-        return CheckResult(p, "pickle", s.verdict, s.container, list(s.findings), sorted(s.globals))
+        r = CheckResult(p, "pickle", s.verdict, s.container, list(s.findings), sorted(s.globals))
+        if deep and s.verdict != MALICIOUS:
+            from ckptlab.integrity import pickle_findings
+
+            _add(r, pickle_findings(s))
+        return r
     finally:
         s.root = None
         s.close()
+
+
+def _add(r: CheckResult, findings: list[Finding]) -> None:
+    r.findings.extend(findings)
+    r.verdict = worst_verdict([r.verdict, *(f.severity for f in findings)])
 
 
 def _sniff(p: Path, head: bytes) -> str:

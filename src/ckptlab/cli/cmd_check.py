@@ -18,6 +18,7 @@ def register(app) -> None:
                                                     "folder is checked file by file)."),
         json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per file."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list every global and informational finding."),
+        deep: bool = typer.Option(False, "--deep", help="Also read every tensor: zip record CRCs of pickles, NaN/Inf values (reads the whole file)."),
     ) -> None:
         """Scan pickles (.ckpt/.pt/.pth/.bin) and safetensors for hostile content: safe, suspicious, malicious or corrupt."""
         from rich.markup import escape
@@ -31,7 +32,7 @@ def register(app) -> None:
 
             raise CkptlabError("no model files found under " + ", ".join(paths))
         verdicts = []
-        for r in check_many(targets):
+        for r in check_many(targets, deep=deep):
             verdicts.append(r.verdict)
             if json_out:
                 emit_json(r)

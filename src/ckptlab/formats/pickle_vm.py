@@ -93,7 +93,7 @@ class StorageRef:
     dtype: str | None  # safetensors name, None when ckptlab cannot represent it
     storage_type: str
     numel: int
-    #: set by the container: ("file", offset) | ("view", memoryview, offset) | ("deflate", ZipEntry)
+    #: set by the container: ("file", offset, crc32) | ("view", memoryview, offset) | ("deflate", ZipEntry)
     backing: Any = None
     byteswap: bool = False
     valid: bool = True
