@@ -353,7 +353,7 @@ def write_node(node: Node, path: Path, metadata: dict[str, str], *, overwrite: b
                finalize: Callable[[], dict[str, str]] | None = None) -> int:
     """Stream ``node`` into ``path``; returns the bytes of tensor data written. ``finalize``, if given, is
     called after the last tensor and returns the final metadata (no longer than ``metadata``)."""
-    import torch  # noqa: F401 - imported here, not first in a worker: Ctrl-C never waits for that import
+    import torch  # imported here, not first in a worker: Ctrl-C never waits for that import
 
     progress = progress or null_progress
     _fixed_mmap_threshold()
@@ -374,10 +374,17 @@ def write_node(node: Node, path: Path, metadata: dict[str, str], *, overwrite: b
             BUFFERS.give_back(item)
         progress(plan[key].nbytes)
 
+    # the pool computes keys in parallel; torch's own intra-op threads on top of it only contend (ties of
+    # SD1.5: 37.7 s with them, 26.1 s without; weighted_sum unchanged)
+    prev_threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
     try:
         return _write_all(node, path, metadata, plan, total, produce, put, overwrite, threads, budget, finalize)
     finally:
         BUFFERS.clear()
+        if threads > 1:
+            torch.set_num_threads(prev_threads)
 
 
 def _write_all(node, path, metadata, plan, total, produce, put, overwrite, threads, budget, finalize) -> int:
