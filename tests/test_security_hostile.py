@@ -89,6 +89,16 @@ def test_verdict_is_never_safe(case):
 
 
 @pytest.mark.parametrize("case", NAMES, indirect=True)
+def test_deep_check_reads_hostile_files_without_harm(case):
+    """--deep reads every storage record of what the scan let through: never executes, never raises, never
+    makes a hostile file look safer."""
+    shallow = check(case.path)
+    deep = check(case.path, deep=True)
+    assert deep.verdict == shallow.verdict or (shallow.verdict, deep.verdict) == ("safe", "corrupt")
+    assert deep.verdict != "safe"
+
+
+@pytest.mark.parametrize("case", NAMES, indirect=True)
 def test_open_model_never_executes(case):
     """Opening refuses malicious files; a suspicious one opens as inert data only."""
     try:
