@@ -201,35 +201,45 @@ def _kth_smallest(values, k: int) -> float:
 
 
 def _radix_kth_abs(pieces, which: int, k: int) -> float:
-    """The k-th smallest |X_which - X_0| over all pieces, exactly, without holding the whole tensor:
-    non-negative floats order like their bit patterns, so a few histogram passes over the pieces (16
-    bits at a time: two passes for float32) narrow the pattern down, as a radix select does."""
+    """The k-th smallest |X_which - X_0| over all pieces (see ``_radix_kth_abs_many``)."""
+    return _radix_kth_abs_many(pieces, {which: k})[which]
+
+
+def _radix_kth_abs_many(pieces, ks: dict[int, int]) -> dict[int, float]:
+    """For each ``which: k``, the k-th smallest |X_which - X_0| over all pieces, exactly, without holding
+    the whole tensor: non-negative floats order like their bit patterns, so a few histogram passes over
+    the pieces (16 bits at a time: two passes for float32) narrow the pattern down, as a radix select
+    does. All task vectors share each pass, so every piece is converted once per pass."""
     import torch
 
-    prefix, known = 0, 0  # the top `known` bits of the answer's pattern
-    total_bits = None
+    state = {i: [0, k] for i, k in ks.items()}  # i -> [prefix (the top `known` bits), k left]
+    known = 0
+    total_bits = dtype = ibits = None
     while total_bits is None or known < total_bits:
-        hist = None
+        hists: dict[int, object] = {}
         width = 16
         for xs in pieces():
-            d = (xs[which] - xs[0]).abs()
-            dtype, ibits = d.dtype, {2: torch.int16, 4: torch.int32, 8: torch.int64}[d.element_size()]
-            if total_bits is None:
-                total_bits = d.element_size() * 8 - 1  # the sign bit of |d| is 0
-            width = min(16, total_bits - known)
-            u = d.flatten().view(ibits).to(torch.int64)
-            low = total_bits - known - width  # bits below this pass's window
-            if known:
-                u = u[(u >> (total_bits - known)) == prefix]
-            h = torch.bincount((u >> low) & ((1 << width) - 1), minlength=1 << width)
-            hist = h if hist is None else hist + h
-        if hist is None:
+            for i in ks:
+                d = (xs[i] - xs[0]).abs()
+                if total_bits is None:
+                    dtype, ibits = d.dtype, {2: torch.int16, 4: torch.int32, 8: torch.int64}[d.element_size()]
+                    total_bits = d.element_size() * 8 - 1  # the sign bit of |d| is 0
+                width = min(16, total_bits - known)
+                u = d.flatten().view(ibits).to(torch.int64)
+                low = total_bits - known - width  # bits below this pass's window
+                if known:
+                    u = u[(u >> (total_bits - known)) == state[i][0]]
+                h = torch.bincount((u >> low) & ((1 << width) - 1), minlength=1 << width)
+                hists[i] = h if i not in hists else hists[i] + h
+        if not hists:
             raise ValueError("no values")
-        csum = torch.cumsum(hist, 0)
-        b = int(torch.searchsorted(csum, torch.tensor([k], dtype=csum.dtype, device=csum.device))[0])
-        k -= int(csum[b - 1]) if b else 0
-        prefix, known = (prefix << width) | b, known + width
-    return float(torch.tensor([prefix], dtype=torch.int64).to(ibits).view(dtype))
+        for i, hist in hists.items():
+            csum = torch.cumsum(hist, 0)
+            k = state[i][1]
+            b = int(torch.searchsorted(csum, torch.tensor([k], dtype=csum.dtype, device=csum.device))[0])
+            state[i] = [(state[i][0] << width) | b, k - (int(csum[b - 1]) if b else 0)]
+        known += width
+    return {i: float(torch.tensor([st[0]], dtype=torch.int64).to(ibits).view(dtype)) for i, st in state.items()}
 
 
 #: up to this many elements a task vector's magnitudes are gathered whole for ``kthvalue`` (16 MiB in
@@ -243,19 +253,23 @@ def _ties_thresholds(pieces, numel, p, ctx) -> dict[str, float]:
 
     density = p["density"]
     first = next(iter(pieces()))
-    out = {}
-    for i in range(1, len(first)):
-        if density >= 1.0:
-            out[f"_t{i}"] = float("-inf")
-            continue
-        k = max(int((1.0 - density) * numel), 1)
-        if first[0].numel() == numel:  # one piece: the whole tensor is here already
-            out[f"_t{i}"] = _kth_smallest((first[i] - first[0]).abs(), k)
-        elif numel <= KTH_WHOLE_MAX:
-            out[f"_t{i}"] = _kth_smallest(torch.cat([(x[i] - x[0]).abs().flatten() for x in pieces()]), k)
-        else:
-            out[f"_t{i}"] = _radix_kth_abs(pieces, i, k)
-    return out
+    n = len(first)
+    if density >= 1.0:
+        return {f"_t{i}": float("-inf") for i in range(1, n)}
+    k = max(int((1.0 - density) * numel), 1)
+    if first[0].numel() == numel:  # one piece: the whole tensor is here already
+        return {f"_t{i}": _kth_smallest((first[i] - first[0]).abs(), k) for i in range(1, n)}
+    if numel <= KTH_WHOLE_MAX:  # gather every task vector's magnitudes in one pass over the pieces
+        mags: dict[int, list] = {i: [] for i in range(1, n)}
+        for xs in pieces():
+            for i in mags:
+                mags[i].append((xs[i] - xs[0]).abs().flatten())
+        out = {}
+        for i in list(mags):
+            out[f"_t{i}"] = _kth_smallest(torch.cat(mags.pop(i)), k)
+        return out
+    found = _radix_kth_abs_many(pieces, {i: k for i in range(1, n)})
+    return {f"_t{i}": v for i, v in found.items()}
 
 
 def ties(xs, p, ctx):
