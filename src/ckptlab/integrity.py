@@ -15,6 +15,7 @@ import zlib
 
 from ckptlab.checksum import crc32
 from ckptlab.formats.dtypes import itemsize
+from ckptlab.formats.pickle_archive import zip_record
 from ckptlab.formats.pickle_vm import CORRUPT, Finding
 
 #: (unsigned type, exponent mask, NaN-only) per float dtype: a value is NaN or Inf when all its exponent
@@ -73,28 +74,18 @@ def pickle_findings(scan) -> list[Finding]:
         if not st.valid or st.backing is None or st.dtype is None:
             continue
         nbytes = st.numel * itemsize(st.dtype)
-        kind = st.backing[0]
-        data = None
-        if kind == "file" and mm is not None:
-            off, want = st.backing[1], st.backing[2]
-            data = memoryview(mm)[off:off + nbytes]
-            got = crc32(data)
-        elif kind == "deflate" and mm is not None:
-            e = st.backing[1]
-            raw = memoryview(mm)[e.data_offset:e.data_offset + e.csize]
+        if st.backing[0] == "view":
+            data, got, want = st.backing[1][st.backing[2]:st.backing[2] + nbytes], None, None
+        elif mm is None:
+            continue
+        else:
             try:
-                data = zlib.decompressobj(-15).decompress(raw, nbytes) if e.method == 8 else bytes(raw)
+                data, want = zip_record(mm, st, nbytes)
             except zlib.error as err:
                 out.append(Finding("bad_record", CORRUPT, f"storage record data/{st.key} does not inflate: {err}",
                                    f"data/{st.key}"))
                 continue
-            finally:
-                raw.release()
-            got, want = crc32(data), e.crc
-        elif kind == "view":
-            data, got, want = st.backing[1][st.backing[2]:st.backing[2] + nbytes], None, None
-        if data is None:
-            continue
+            got = crc32(data)
         try:
             if got is not None and got != want:
                 out.append(Finding("bad_record_crc", CORRUPT, f"storage record data/{st.key} fails its zip CRC-32 "

@@ -17,7 +17,7 @@ from ckptlab.checksum import crc32
 from ckptlab.errors import FormatError, UnsafeFileError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.formats.dtypes import itemsize
-from ckptlab.formats.pickle_archive import Scan, scan
+from ckptlab.formats.pickle_archive import Scan, scan, zip_record
 from ckptlab.formats.pickle_vm import (
     CORRUPT,
     MALICIOUS,
@@ -103,27 +103,27 @@ class PickleSource(TensorSource):
         if info.numel == 0:
             return torch.empty(info.shape, dtype=tdtype)
         kind = st.backing[0]
-        if kind == "file":
-            if self.scan.mm is None:
-                raise FormatError("file is closed", self.path)
-            self._check_crc(key, st, memoryview(self.scan.mm)[st.backing[1]:st.backing[1] + nbytes], st.backing[2])
-            base = torch.frombuffer(self.scan.mm, dtype=torch.uint8, count=nbytes, offset=st.backing[1])
-        elif kind == "view":
+        if kind == "view":
             buf, off = st.backing[1], st.backing[2]
             chunk = buf[off:off + nbytes]
             if chunk.readonly:
                 chunk = bytearray(chunk)
             base = torch.frombuffer(chunk, dtype=torch.uint8, count=nbytes)
-        else:  # deflate (a compressed zip record: inflate this one tensor)
-            import zlib
-
-            e = st.backing[1]
-            raw = memoryview(self.scan.mm)[e.data_offset:e.data_offset + e.csize]
-            data = zlib.decompressobj(-15).decompress(raw, nbytes) if e.method == 8 else raw
-            if len(data) != nbytes:
-                raise FormatError(f"tensor {key!r}: compressed record inflates to the wrong size", self.path)
-            self._check_crc(key, st, data, e.crc)
-            base = torch.frombuffer(bytearray(data), dtype=torch.uint8, count=nbytes)
+        else:  # a zip record, stored (mmapped in place) or deflated (inflate this one tensor)
+            if self.scan.mm is None:
+                raise FormatError("file is closed", self.path)
+            data, crc = zip_record(self.scan.mm, st, nbytes)
+            try:
+                if len(data) != nbytes:
+                    raise FormatError(f"tensor {key!r}: compressed record inflates to the wrong size", self.path)
+                self._check_crc(key, st, data, crc)
+                if kind != "file":
+                    base = torch.frombuffer(bytearray(data), dtype=torch.uint8, count=nbytes)
+            finally:
+                if isinstance(data, memoryview):
+                    data.release()  # an export left on the mmap would block closing it
+            if kind == "file":
+                base = torch.frombuffer(self.scan.mm, dtype=torch.uint8, count=nbytes, offset=st.backing[1])
         if st.byteswap and isz > 1:
             base = base.view(-1, isz).flip(-1).reshape(-1).clone()
         flat = base.view(tdtype)
@@ -136,11 +136,7 @@ class PickleSource(TensorSource):
         damaged download would load (and convert) wrong values without a word."""
         if id(storage) in self._crc_ok:
             return
-        try:
-            got = crc32(data)
-        finally:
-            if isinstance(data, memoryview):
-                data.release()
+        got = crc32(data)
         if got != expected:
             raise FormatError(f"tensor {key!r}: its storage record fails the zip CRC-32 check "
                               f"({got:08x}, recorded {expected:08x}): the file is damaged", self.path)

@@ -371,6 +371,20 @@ def _scan_zip(scan: Scan, mm, size: int, depth: int = 0) -> None:
                  pkl.name)
 
 
+def zip_record(mm, st: StorageRef, nbytes: int):
+    """The bytes of a zip-backed storage (``backing`` "file": a memoryview into ``mm``; "deflate": the
+    inflated bytes) and the CRC-32 its record declares. Raises ``zlib.error`` on a broken deflate stream."""
+    if st.backing[0] == "file":
+        off = st.backing[1]
+        return memoryview(mm)[off:off + nbytes], st.backing[2]
+    e = st.backing[1]
+    raw = memoryview(mm)[e.data_offset:e.data_offset + e.csize]
+    try:
+        return zlib.decompressobj(-15).decompress(raw, nbytes) if e.method == 8 else bytes(raw), e.crc
+    finally:
+        raw.release()
+
+
 def _bind_record(vm: PickleVM, ref: StorageRef, nbytes: int, at: int) -> None:
     from ckptlab.formats.dtypes import itemsize
 

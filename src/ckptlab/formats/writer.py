@@ -42,7 +42,7 @@ def _direct_wanted() -> bool:
         "0", "no", "off", "false")
 
 
-def _pwrite(fd: int, data, offset: int) -> int:
+def _pwrite_at(fd: int, data, offset: int) -> int:
     """``os.pwrite``, or seek + write where there is none (Windows)."""
     if hasattr(os, "pwrite"):
         return os.pwrite(fd, data, offset)
@@ -85,7 +85,7 @@ class FileSink:
         view = memoryview(view)
         while len(view):
             try:
-                n = _pwrite(self.fd, view, offset)
+                n = _pwrite_at(self.fd, view, offset)
             except OSError as e:
                 if self.direct and e.errno == errno.EINVAL:  # this filesystem takes no direct I/O after all
                     self._set_direct(False)

@@ -331,7 +331,6 @@ class StepNode(Node):
         return {k: resolve(v, key, fam) for k, v in self.params.items()}
 
     def tensor(self, key: str):
-
         check_stop()
         op, arg = self.actions[key]
         info = self.plan[key]
@@ -340,9 +339,7 @@ class StepNode(Node):
             t = self.inputs[arg].tensor(key)
             return t if t.dtype == out_dt else t.to(out_dt)
         xs = [i.tensor(key) for i in self.inputs]
-        p = self._params_for(key)
-        seed = self.settings.seed
-        return self._checked(key, self._compute(key, xs, p, seed, arg, out_dt))
+        return self._checked(key, self._compute(key, xs, self._params_for(key), arg, out_dt))
 
     def _checked(self, key: str, t):
         """``t``, after counting it in the summary if it holds NaN or Inf (an fp16 overflow, a broken input)."""
@@ -357,10 +354,11 @@ class StepNode(Node):
                 self.summary.note(self.summary.nonfinite_keys, key)
         return t
 
-    def _compute(self, key: str, xs, p, seed: int, arg, out_dt):
+    def _compute(self, key: str, xs, p, arg, out_dt):
         import torch
 
         info = self.plan[key]
+        seed = self.settings.seed
         ctx = KeyContext(key, seed)
         dev = torch.device(self.settings.device)
         mdt = to_torch(self.settings.merge_dtype)
