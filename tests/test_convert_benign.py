@@ -215,3 +215,26 @@ def test_deflated_records_are_read_and_checked(benign, tmp_path):
         with pytest.raises(FormatError, match="CRC-32"):
             for k in src.keys():
                 src.get(k)
+
+
+def test_broken_deflate_stream_is_a_format_error(benign, tmp_path):
+    """A deflated record whose compressed bytes are garbage: one FormatError, not zlib's own exception."""
+    import zipfile
+
+    from ckptlab.errors import FormatError
+
+    _, files, _ = benign
+    packed = tmp_path / "deflated.ckpt"
+    with zipfile.ZipFile(files["sd1_unet_bf16.ckpt"]) as zin, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    with zipfile.ZipFile(packed) as z:
+        rec = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.compress_size)
+    raw = bytearray(packed.read_bytes())
+    start = rec.header_offset + 30 + len(rec.filename.encode()) + len(rec.extra)
+    raw[start:start + 16] = b"\xff" * 16  # an invalid deflate block header
+    broken = tmp_path / "broken-deflate.ckpt"
+    broken.write_bytes(bytes(raw))
+    with open_model(broken) as src, pytest.raises(FormatError, match="does not inflate"):
+        for k in src.keys():
+            src.get(k)

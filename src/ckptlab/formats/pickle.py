@@ -10,6 +10,7 @@ tensors as mmap-backed views of the storage records. ``torch.load`` is never cal
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,10 @@ class PickleSource(TensorSource):
         else:  # a zip record, stored (mmapped in place) or deflated (inflate this one tensor)
             if self.scan.mm is None:
                 raise FormatError("file is closed", self.path)
-            data, crc = zip_record(self.scan.mm, st, nbytes)
+            try:
+                data, crc = zip_record(self.scan.mm, st, nbytes)
+            except zlib.error as err:
+                raise FormatError(f"tensor {key!r}: its compressed record does not inflate ({err})", self.path) from None
             try:
                 if len(data) != nbytes:
                     raise FormatError(f"tensor {key!r}: compressed record inflates to the wrong size", self.path)
