@@ -116,8 +116,8 @@ def civitai_info_cmd(
     json_out: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Look before you download: popularity, license, files and hashes, trigger words, previews."""
+    from ckptlab.display import human_size
     from ckptlab.hub.config import load_hub_config
-    from ckptlab.hub.download import _fmt_bytes
     from ckptlab.hub.fetch import describe
 
     info = describe(source, config=load_hub_config(base_url=base_url))
@@ -137,7 +137,7 @@ def civitai_info_cmd(
     if info.trained_words:
         out("trigger words: " + ", ".join(info.trained_words))
     for f in info.files:
-        size = _fmt_bytes(f.size_bytes) if f.size_bytes is not None else "size ?"
+        size = human_size(f.size_bytes) if f.size_bytes is not None else "size ?"
         out(f"  file {f.id}: {f.name}  {size}  {f.type or ''} {f.format or ''} {f.fp or ''}"
             f"{'  primary' if f.primary else ''}  sha256 {f.sha256 or 'not published'}  "
             f"scans: pickle {f.pickle_scan or '?'}, virus {f.virus_scan or '?'}")

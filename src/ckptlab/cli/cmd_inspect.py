@@ -11,13 +11,7 @@ import os
 
 import typer
 
-
-def _fmt_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+from ckptlab.display import human_size
 
 
 def _fmt_params(n: int) -> str:
@@ -43,7 +37,7 @@ def render(info, console, *, all_metadata: bool = False) -> None:
 
     def out(text: str = "") -> None:
         console.print(text, soft_wrap=True, highlight=False)
-    out(f"[bold]{e(info.path)}[/]  [dim]{info.format}, {_fmt_size(info.size)}, {info.tensors} tensors, "
+    out(f"[bold]{e(info.path)}[/]  [dim]{info.format}, {human_size(info.size, precision=2)}, {info.tensors} tensors, "
                   f"{_fmt_params(info.params)} params[/]")
     what = " / ".join(x for x in (info.kind, info.family or "family unknown", info.variant) if x)
     shown_pred = info.prediction or ("unknown" if info.kind in ("checkpoint", "unet") else None)

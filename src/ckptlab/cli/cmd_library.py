@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-DB_HELP = "Catalog file (default: $CKPTLAB_DB or the platform data dir)."
+from ckptlab.cli.common import db_option
 
 
 def _catalog(db: Path | None):
@@ -29,7 +29,7 @@ def register(app) -> None:
                                          help="Also compute tensor fingerprints (for dupes across forms)."),
         extra_model_paths: Path = typer.Option(None, "--extra-model-paths",
                                                help="A ComfyUI extra_model_paths.yaml whose folders to scan too."),
-        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        db: Path = db_option(),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
         strict: bool = typer.Option(False, "--strict", help="Exit 5 when any file had an error."),
         workers: int = typer.Option(None, "--workers", min=1,
@@ -46,7 +46,7 @@ def register(app) -> None:
         if json_out:
             emit_json(s)
         else:
-            from ckptlab.library.report import human
+            from ckptlab.display import human_size as human
 
             console.print(f"scanned {s.files} files ({human(s.bytes)}) in {s.seconds:.2f} s: {s.new} new, "
                           f"{s.changed} changed, {s.unchanged} unchanged, {s.moved} moved, {s.missing} missing, "
@@ -63,7 +63,7 @@ def register(app) -> None:
     @app.command("hash")
     def hash_cmd(
         paths: list[Path] = typer.Argument(..., help="Model files."),
-        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        db: Path = db_option(),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor fill the catalog's hash cache."),
         json_out: bool = typer.Option(False, "--json", help="JSON Lines, one object per file."),
     ) -> None:
@@ -98,12 +98,13 @@ def register(app) -> None:
         sort: str = typer.Option("name", "--sort", help="size | name | mtime | path"),
         missing: bool = typer.Option(False, "--missing", help="List files marked missing instead."),
         errors: bool = typer.Option(False, "--errors", help="Only files with errors."),
-        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        db: Path = db_option(),
         json_out: bool = typer.Option(False, "--json", help="JSON Lines, one object per file."),
     ) -> None:
         """List catalogued files."""
         from ckptlab.cli.common import console, emit_json
-        from ckptlab.library.report import file_row, human
+        from ckptlab.display import human_size as human
+        from ckptlab.library.report import file_row
 
         with _catalog(db) as cat:
             recs = cat.files(status="missing" if missing else "present", kind=kind, family=family, search=search,
@@ -126,7 +127,7 @@ def register(app) -> None:
     @app.command("show")
     def show_cmd(
         target: str = typer.Argument(..., help="A catalogued path, or a hash (SHA256, AutoV1/2/3, CRC32, BLAKE3)."),
-        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        db: Path = db_option(),
         json_out: bool = typer.Option(False, "--json", help="JSON Lines, one object per matching file."),
     ) -> None:
         """Everything known about one file: identification, hashes, fingerprints, sidecars, copies."""
@@ -173,13 +174,13 @@ def register(app) -> None:
                                             help="Keep the lower-precision copy of same-weight files."),
         components: bool = typer.Option(False, "--components",
                                         help="Also list models sharing one component (same UNet, other VAE)."),
-        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        db: Path = db_option(),
         json_out: bool = typer.Option(False, "--json", help="JSON Lines, one object per group."),
     ) -> None:
         """Exact duplicates and the same model in another form, with the copy to keep and bytes freed."""
         from ckptlab.cli.common import console, emit_json
+        from ckptlab.display import human_size as human
         from ckptlab.library.dupes import find_dupes
-        from ckptlab.library.report import human
 
         with _catalog(db) as cat:
             res = find_dupes(cat, prefer_smaller=prefer_smaller, components=components)
@@ -203,13 +204,13 @@ def register(app) -> None:
         output: Path = typer.Option(None, "-o", "--output", help="Write the plan as JSON (for apply-plan)."),
         prefer_smaller: bool = typer.Option(False, "--prefer-smaller", help="Keep lower-precision copies."),
         no_fp16: bool = typer.Option(False, "--no-fp16", help="Do not propose fp32 -> fp16."),
-        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        db: Path = db_option(),
         json_out: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
     ) -> None:
         """A dry-run disk plan: duplicates, pickles to convert, unpruned and fp32 files, with the bytes each frees."""
         from ckptlab.cli.common import console, emit_json
+        from ckptlab.display import human_size as human
         from ckptlab.library.dupes import plan_space
-        from ckptlab.library.report import human
 
         with _catalog(db) as cat:
             plan = plan_space(cat, prefer_smaller=prefer_smaller, fp16=not no_fp16)
@@ -231,7 +232,7 @@ def register(app) -> None:
     def report_cmd(
         fmt: str = typer.Option("table", "--format", help="table | json | csv | html"),
         output: Path = typer.Option(None, "-o", "--output", help="Write to this file (default: stdout)."),
-        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        db: Path = db_option(),
     ) -> None:
         """The library inventory: totals, by kind / family / format / precision / size, pickles and verdicts."""
         import sys

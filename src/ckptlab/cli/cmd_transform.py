@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from ckptlab.display import human_size
+
 _OUT_DIR = typer.Option(None, "--out-dir", help="Folder for the outputs (default: next to each input).")
 _DRY = typer.Option(False, "--dry-run", help="Plan and check only; write nothing.")
 _JSON = typer.Option(False, "--json", help="Print one JSON object per output (JSON Lines).")
@@ -47,7 +49,7 @@ def _report(results, json_out: bool) -> None:
             emit_json(r)
             continue
         verb = "would write" if r.dry_run else "wrote"
-        size = _human(getattr(r, "bytes_out", 0))
+        size = human_size(getattr(r, "bytes_out", 0))
         if hasattr(r, "tensors_out"):
             extra = []
             if r.dropped:
@@ -62,14 +64,6 @@ def _report(results, json_out: bool) -> None:
             console.print(f"{r.input} -> {verb} {r.output} [{r.family}]: {files}", highlight=False, markup=False, soft_wrap=True)
         for w in r.warnings:
             err_console.print(f"ckptlab: warning: {Path(r.input).name}: {w}", highlight=False, markup=False, soft_wrap=True)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def prune_cmd(
@@ -235,7 +229,7 @@ def apply_plan_cmd(
             console.print(f"{r.status:8} {r.action:16} {r.path}{where}{why}", highlight=False, markup=False,
                           soft_wrap=True)
     if not json_out and not dry_run:
-        console.print(f"freed {_human(freed)}", highlight=False, markup=False)
+        console.print(f"freed {human_size(freed)}", highlight=False, markup=False)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise CkptlabError(f"{len(failed)} of {len(results)} step(s) failed (first: {failed[0].message})")

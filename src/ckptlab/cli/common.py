@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import typer
 from rich.console import Console
 
 from ckptlab.jsonable import dumps
@@ -17,6 +18,14 @@ from ckptlab.jsonable import dumps
 # emoji=False: file names and messages are user text, and rich would turn "civitai:-1:" into a thumbs-down
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
+
+
+DB_HELP = "Catalog file (default: $CKPTLAB_DB or the platform data dir)."
+
+
+def db_option():
+    """The ``--db`` option every command that reads or writes the catalog takes (one spelling, one help)."""
+    return typer.Option(None, "--db", help=DB_HELP)
 
 
 def emit_json(obj) -> None:
@@ -27,7 +36,16 @@ def emit_json(obj) -> None:
 
 def error_line(message: str) -> None:
     """The one-line error format every command uses."""
-    err_console.print(f"ckptlab: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    from ckptlab.display import one_line
+
+    err_console.print(f"ckptlab: error: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
+
+
+def warning_line(message: str) -> None:
+    """The one-line warning format: control characters shown, capped like errors."""
+    from ckptlab.display import one_line
+
+    err_console.print(f"ckptlab: warning: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
 
 
 def expand_paths(args: list[str], suffixes: tuple[str, ...] | None = None, recurse: bool = True) -> list[Path]:

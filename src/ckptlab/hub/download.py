@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptlab.display import human_size
 from ckptlab.errors import CkptlabError, NetworkError, OutputError
 from ckptlab.hub.http import VerificationError, backoff_delay, redact, retryable
 from ckptlab.library.hashes import Hashes, MultiHasher, hash_file
@@ -150,16 +151,8 @@ def check_free_space(folder: Path, needed: int) -> None:
     """Refuse before writing when the folder's file system cannot hold ``needed`` more bytes."""
     free = shutil.disk_usage(folder).free
     if needed + FREE_SPACE_MARGIN > free:
-        raise OutputError(f"not enough free space: need {_fmt_bytes(needed)} (+{_fmt_bytes(FREE_SPACE_MARGIN)} margin), "
-                          f"{_fmt_bytes(free)} free", folder)
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n} B"
+        raise OutputError(f"not enough free space: need {human_size(needed)} (+{human_size(FREE_SPACE_MARGIN)} margin), "
+                          f"{human_size(free)} free", folder)
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None]:

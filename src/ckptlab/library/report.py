@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from ckptlab.display import human_size
 from ckptlab.library.catalog import Catalog, FileRecord
 from ckptlab.library.dupes import precision
 
@@ -83,15 +84,6 @@ def build_inventory(catalog: Catalog) -> Inventory:
     )
 
 
-def human(n: int | None) -> str:
-    if n is None:
-        return ""
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def _sections(inv: Inventory) -> list[tuple[str, list[str], list[list]]]:
@@ -130,7 +122,7 @@ def render_table(inv: Inventory, width: int = 120) -> str:
 
     buf = io.StringIO()
     con = Console(file=buf, width=width, force_terminal=False, color_system=None)
-    con.print(f"ckptlab inventory: {inv.files} files, {human(inv.bytes)}; {inv.missing} missing, "
+    con.print(f"ckptlab inventory: {inv.files} files, {human_size(inv.bytes)}; {inv.missing} missing, "
               f"{inv.errors} with errors")
     for title, cols, rows in _sections(inv):
         if not rows:
@@ -140,7 +132,7 @@ def render_table(inv: Inventory, width: int = 120) -> str:
             numeric = c in ("files", "bytes") or (c == "size" and title == "Pickles")
             t.add_column(c, justify="right" if numeric else "left")
         for row in rows:
-            t.add_row(*[human(v) if c in ("bytes",) or (c == "size" and isinstance(v, int)) else
+            t.add_row(*[human_size(v) if c in ("bytes",) or (c == "size" and isinstance(v, int)) else
                         ("" if v is None else str(v)) for c, v in zip(cols, row, strict=True)])
         con.print(t)
     return buf.getvalue()
@@ -166,7 +158,7 @@ def _html_table(cols: list[str], rows: list[list]) -> str:
         out.append("<tr>")
         for c, v in zip(cols, row, strict=True):
             if isinstance(v, int) and c in ("files", "bytes", "size"):
-                text = str(v) if c == "files" else human(v)
+                text = str(v) if c == "files" else human_size(v)
                 out.append(f"<td class=\"n\" data-v=\"{v}\">{e(text)}</td>")
             else:
                 out.append(f"<td>{e('' if v is None else str(v))}</td>")
@@ -179,7 +171,7 @@ def render_html(inv: Inventory) -> str:
     e = html.escape
     parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ckptlab inventory</title>",
              f"<style>{_CSS}</style></head><body><h1>Model library inventory</h1>",
-             f"<p>{inv.files} files, {e(human(inv.bytes))}; {inv.missing} missing; {inv.errors} with errors. "
+             f"<p>{inv.files} files, {e(human_size(inv.bytes))}; {inv.missing} missing; {inv.errors} with errors. "
              f"Catalog {e(inv.catalog)}, generated {e(inv.generated)}.</p>"]
     for title, cols, rows in _sections(inv):
         if rows:
