@@ -97,8 +97,8 @@ ROWS = {
     "taesdxl_standalone": ({"1.weight": t(64, 4, 3, 3), "3.conv.0.weight": t(64, 64, 3, 3)}, ("vae", "sdxl", "taesd")),
     "svd_vae": ({"decoder.conv_in.weight": t(512, 4, 3, 3), "decoder.mid.block_1.mix_factor": t(1)},
                 ("vae", "svd", None)),
-    "clip_h_hf": ({"text_model.encoder.layers.22.mlp.fc1.weight": t(4096, 1024)}, ("text_encoder", "sd2", None)),
-    "t5xxl": ({"encoder.block.23.layer.1.DenseReluDense.wi_1.weight": t(10240, 4096)}, ("text_encoder", None, None)),
+    "clip_h_hf": ({"text_model.encoder.layers.22.mlp.fc1.weight": t(4096, 1024)}, ("text_encoder", "sd2", "openclip_h")),
+    "t5xxl": ({"encoder.block.23.layer.1.DenseReluDense.wi_1.weight": t(10240, 4096)}, ("text_encoder", None, "t5xxl")),
     # adapters
     "controlnet_sd2_unprefixed": ({"zero_convs.0.0.weight": t(320, 320, 1, 1), "input_hint_block.0.weight": t(16, 3, 3, 3),
                                    "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": t(320, 1024)},
@@ -107,9 +107,9 @@ ROWS = {
                                    "add_embedding.linear_1.weight": t(1280, 2816)}, ("controlnet", "sdxl", "diffusers")),
     "control_lora": ({"lora_controlnet": t(0)}, ("controlnet", None, "control_lora")),
     "t2i_adapter_xl": ({"conv_in.weight": t(320, 768, 3, 3), "body.0.block2.weight": t(320, 320, 3, 3)},
-                       ("controlnet", "sdxl", "t2i_adapter")),
+                       ("t2i_adapter", "sdxl", None)),
     "ip_adapter_sd15": ({"ip_adapter.1.to_k_ip.weight": t(320, 768), "image_proj.proj.weight": t(3072, 1024)},
-                        ("controlnet", "sd1", "ip_adapter")),
+                        ("ipadapter", "sd1", None)),
     "realesrgan_x4": ({"conv_first.weight": t(64, 3, 3, 3), "body.0.rdb1.conv1.weight": t(32, 64, 3, 3),
                        "conv_up1.weight": t(64, 64, 3, 3), "conv_up2.weight": t(64, 64, 3, 3)},
                       ("upscaler", "esrgan", "x4")),
@@ -168,7 +168,8 @@ def test_flux_checkpoint_components(tmp_path):
 def test_odd_shapes_never_crash(tmp_path, layout):
     """Packed (NF4), truncated or hand-edited headers give an answer, never an exception."""
     info = identify(write_sparse(tmp_path / "odd.safetensors", layout))
-    assert info.kind in ("unknown", "unet", "controlnet", "lora", "vae", "checkpoint", "upscaler")
+    assert info.kind in ("unknown", "unet", "controlnet", "lora", "vae", "checkpoint", "upscaler", "t2i_adapter",
+                         "ipadapter")
 
 
 def test_checkpoint_with_a_few_stray_lora_keys_is_still_a_checkpoint(tmp_path):

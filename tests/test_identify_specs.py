@@ -5,8 +5,8 @@ The sample specs use a few names that differ from issue 2's output vocabulary; `
 (``epsilon`` -> ``eps``, variant ``normal`` -> ``None``, ``clip_h`` -> ``openclip_h``, a transformer diffusion
 model's ``unet`` -> ``dit``; ``controlnet``/``depth_model`` are not in issue 2's component list; a standalone
 text encoder's family is the encoder's name in the specs and ``None`` in ckptlab's output (``sd2`` for
-OpenCLIP-H), the encoder being in ``components``; kinds ``ip_adapter``/``t2i_adapter`` are not in issue 2's kind
-list and are reported as ``controlnet`` with that variant; ``playground_v25`` is a variant in issue 2; TAESD is a
+OpenCLIP-H), the encoder being in ``components`` and in ``variant``; the spec kind ``ip_adapter`` is ckptlab's
+``ipadapter`` (issue 11 §4: kinds of their own, ``ipadapter``/``t2i_adapter``); ``playground_v25`` is a variant in issue 2; TAESD is a
 VAE variant; hunyuan variants use underscores like every other id).
 """
 
@@ -20,13 +20,13 @@ from ckptlab.sample.build import SPECS, write_model
 TRANSFORMER_FAMILIES = {"sd3", "flux", "chroma", "cascade", "pixart", "auraflow", "hunyuan_dit", "lumina2", "hidream", "sana",
                         "wan", "mochi", "ltxv", "hunyuan_video", "flux2"}
 ISSUE_COMPONENTS = {"unet", "dit", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "ema"}
-ADAPTER_KINDS = {"lora", "lycoris", "embedding", "hypernetwork", "controlnet", "upscaler"}
+ADAPTER_KINDS = {"lora", "lycoris", "embedding", "hypernetwork", "controlnet", "ipadapter", "t2i_adapter", "upscaler"}
 
 
 #: family defaults the reference leaves open, from ComfyUI ``model_base`` (PixArt: EPS, HunyuanDiT: V_PREDICTION)
 COMFY_DEFAULT_PREDICTION = {"pixart": "eps", "hunyuan_dit": "v"}
-#: spec kinds outside issue 2's kind list: ckptlab reports them as kind controlnet with this variant
-ADAPTER_AS_CONTROLNET = {"ip_adapter", "t2i_adapter"}
+#: spec kinds spelled differently by ckptlab (issue 11 §4 names the IP-Adapter kind ``ipadapter``, as ComfyUI's folder)
+SPEC_KIND = {"ip_adapter": "ipadapter"}
 
 
 def _expected(spec):
@@ -36,8 +36,7 @@ def _expected(spec):
     variant = None if spec.variant == "normal" else spec.variant
     variant = {"v1.0": "v1_0", "v1.1": "v1_1"}.get(variant, variant)
     kind, family = spec.kind, spec.family
-    if kind in ADAPTER_AS_CONTROLNET:
-        kind, variant = "controlnet", kind
+    kind = SPEC_KIND.get(kind, kind)
     if family == "playground_v25":  # issue 2 names playground_v25 as a variant (of SDXL)
         family, variant = "sdxl", "playground_v25"
     if family == "taesd":  # a TAESD is a VAE variant; its family comes from the file name (taesd = SD1's)
@@ -49,7 +48,8 @@ def _expected(spec):
             c = "dit"
         if c in ISSUE_COMPONENTS:
             comps.append(c)
-    if kind == "text_encoder":  # the encoder is in components; the family only where one family uses it
+    if kind == "text_encoder":  # the encoder is in components and variant; the family only where one family uses it
+        variant = {"clip_h": "openclip_h"}.get(family, family)
         family = {"clip_h": "sd2"}.get(family)
     return kind, family, variant, pred, comps
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ckptlab.arch.checks import file_warnings
 from ckptlab.arch.components import COMPONENTS, MARKER_KEYS, SCHEDULE_KEYS
-from ckptlab.arch.detect import TEXT_ENCODERS, detect
+from ckptlab.arch.detect import ADAPTER_KINDS, TEXT_ENCODERS, detect
 from ckptlab.arch.families import BY_ID
 from ckptlab.arch.vram import VramEstimate, estimate
 from ckptlab.errors import UnsupportedFormatError
@@ -232,7 +232,7 @@ def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
     det.evidence += quantization_notes(infos)
     fmt = source.format
 
-    adapters = ("lora", "lycoris", "embedding", "hypernetwork", "controlnet", "upscaler")
+    adapters = ADAPTER_KINDS
     listed = [] if det.kind in adapters else [c for c in REPORTED_COMPONENTS if c in comps and c != "ema"]
     if has_ema and det.kind not in adapters:
         listed.append("ema")

@@ -1,5 +1,5 @@
 """Recognising files that are not diffusion models: LoRA / LyCORIS, textual-inversion embeddings,
-hypernetworks, ControlNet / T2I- / IP-Adapters and upscalers. Each rule names the key(s) that decided it
+hypernetworks, ControlNets, IP-Adapters (kind ``ipadapter``), T2I-Adapters (kind ``t2i_adapter``) and upscalers. Each rule names the key(s) that decided it
 (reference: identification.md §3, adapters.md §§1, 4, 7).
 
 ``detect_adapter(infos, extra) -> AdapterGuess | None`` looks at key names and shapes only.
@@ -33,8 +33,12 @@ _LYCORIS = (("hada_w1_a", "loha"), ("lokr_w1", "lokr"), ("lokr_w1_a", "lokr"), (
             ("a1.weight", "glora"), ("on_input", "ia3"), ("w_norm", "norm"), ("diff", "full"))
 _LYCORIS_ENDINGS = tuple("." + suffix for suffix, _ in _LYCORIS)
 _LYCORIS_GENERIC = ("a1.weight", "on_input", "w_norm", "diff")  # names a full model could contain
-_TOKEN_DOWN_RE = re.compile(r"attn2[._]to_k(?:\.lora_down\.weight|\.lora_A\.weight|\.lora\.down\.weight|"
+#: the down (input-side) matrix of an ``attn2.to_k`` adapter: its last axis is the text context width. Old diffusers
+#: attention-processor LoRAs put ``processor.`` in front (``attn2.processor.to_k_lora.down.weight``: diffusers
+#: ``lora_conversion_utils._convert_unet_lora_key``, ComfyUI ``lora.model_lora_keys_unet``)
+_TOKEN_DOWN_RE = re.compile(r"attn2(?:\.processor)?[._]to_k(?:\.lora_down\.weight|\.lora_A\.weight|\.lora\.down\.weight|"
                             r"_lora\.down\.weight|\.hada_w1_b|\.lora_A\.default\.weight)$")
+_LOKR_RE = re.compile(r"attn2(?:\.processor)?[._]to_k\.lokr_w[12](?:_[ab])?$")
 _EMB_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 
 
@@ -59,14 +63,22 @@ def _lora_family(infos: Mapping[str, TensorInfo], keys: list[str]) -> tuple[str 
             fam = FAMILY_BY_CONTEXT_WIDTH.get(width) if width else None
             if fam:
                 return fam, f"{k} {list(infos[k].shape)} (text context width {width})"
-        if k.endswith("attn2_to_k.lokr_w2") or k.endswith("attn2_to_k.lokr_w1"):
-            base = k[: -len("lokr_w1")]
-            w1, w2 = infos.get(base + "lokr_w1"), infos.get(base + "lokr_w2")
-            if w1 and w2 and len(w1.shape) == 2 and len(w2.shape) == 2:
-                fam = FAMILY_BY_CONTEXT_WIDTH.get(w1.shape[1] * w2.shape[1])
-                if fam:
-                    return fam, f"{base}lokr_w1/w2 (context width {w1.shape[1] * w2.shape[1]})"
-    if any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys):
+        if "lokr_w" in k and _LOKR_RE.search(k):
+            base = k[: k.rindex(".lokr_w") + 1]
+            width = _lokr_in_width(infos, base)
+            fam = FAMILY_BY_CONTEXT_WIDTH.get(width) if width else None
+            if fam:
+                return fam, f"{base}lokr_w1*/lokr_w2* (context width {width} = input factors multiplied)"
+    # kohya text-encoder modules: SDXL lora_te1_ (CLIP-L) + lora_te2_ (CLIP-G); SD3 adds lora_te3_ (T5); Flux
+    # lora_te1_ (CLIP-L) + lora_te3_ (T5; lora_te2_ in early sd-scripts). T5 modules are named encoder_block_N.
+    te1 = next((k for k in keys if k.startswith("lora_te1_")), None)
+    clip_g = next((k for k in keys if k.startswith("lora_te2_text_model_")), None)
+    t5 = next((k for k in keys if k.startswith(("lora_te2_encoder_block_", "lora_te3_encoder_block_"))), None)
+    if clip_g and t5:
+        return "sd3", f"{clip_g} and {t5} (CLIP-G and T5 text encoder modules)"
+    if t5 and not clip_g:
+        return "flux", f"{t5} (T5 text encoder module without a CLIP-G one)"
+    if te1 and clip_g:
         return "sdxl", "lora_te1_* and lora_te2_* (two text encoders)"
     if any(k.startswith("text_encoder_2.") for k in keys):
         return "sdxl", "text_encoder_2.* modules"
@@ -90,6 +102,21 @@ def _lora_family(infos: Mapping[str, TensorInfo], keys: list[str]) -> tuple[str 
             if fam in ("sd1", "sd2"):
                 return fam, f"{k} {list(shape)} (text encoder width {width})"
     return None, None
+
+
+def _lokr_in_width(infos: Mapping[str, TensorInfo], base: str) -> int | None:
+    """Input width of a LoKr linear module: ``c*d`` where W1 is ``[a, c]`` (``lokr_w1``, or ``lokr_w1_a @ lokr_w1_b``)
+    and W2 is ``[b, d]`` (``lokr_w2``, or ``lokr_w2_a @ lokr_w2_b``; with a Tucker ``lokr_t2`` the product still
+    ends in ``w2_b``'s last axis). Names: LyCORIS ``modules/lokr.py``, ComfyUI ``weight_adapter/lokr.py``."""
+    def last(*names: str) -> int | None:
+        for n in names:
+            i = infos.get(base + n)
+            if i is not None and len(i.shape) == 2:
+                return i.shape[1]
+        return None
+
+    c, d = last("lokr_w1", "lokr_w1_b"), last("lokr_w2", "lokr_w2_b")
+    return c * d if c and d else None
 
 
 def _lora_format(key: str) -> str:
@@ -272,21 +299,96 @@ def _detect_control(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
                 ev.append(f"{proj} is {len(infos[proj].shape)}-D ({'conv' if fam == 'sd1' else 'linear'} proj_in: {fam})")
         variant = "diff" if "difference" in ks else (None if ldm is not None else "diffusers")
         return AdapterGuess("controlnet", fam, variant, ev)
-    t2i = next((k for k in ("adapter.body.0.resnets.0.block1.weight", "body.0.in_conv.weight", "conv_in.weight")
-                if k in ks and (k != "conv_in.weight" or "body.0.block2.weight" in ks)), None)
-    if t2i:
-        fam = None
-        ev = [f"T2I-Adapter: {t2i}"]
-        if t2i == "conv_in.weight":  # ComfyUI load_t2i_adapter: input 256 or 768 (pixel-unshuffled) => SDXL
-            cin = _dim(infos[t2i].shape, 1)
-            fam = "sdxl" if cin in (256, 768) else "sd1"
-            ev.append(f"conv_in input {cin}: {'SDXL' if fam == 'sdxl' else 'SD1 (not 256/768)'} adapter")
-        return AdapterGuess("controlnet", fam, "t2i_adapter", ev)
-    ip = next((k for k in keys if k.endswith("1.to_k_ip.weight") and k.startswith("ip_adapter.")), None)
-    if ip:
-        width = _dim(infos[ip].shape, -1)
-        return AdapterGuess("controlnet", FAMILY_BY_CONTEXT_WIDTH.get(width), "ip_adapter",
-                            [f"IP-Adapter: {ip} {list(infos[ip].shape)} (context width {width})"])
+    return None
+
+
+#: IP-Adapter base by the width of ``ip_adapter.1.to_k_ip.weight``'s input (the text context width)
+_IP_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+def _detect_ip_adapter(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
+    """IP-Adapter, in the flattened safetensors layout (``image_proj.*`` + ``ip_adapter.N.to_k_ip.weight``, as
+    diffusers ``loaders/ip_adapter.py`` and IPAdapter_plus split it) or the ``.bin`` dict layout
+    (``{"image_proj": {...}, "ip_adapter": {...}}``, which the pickle reader flattens to the same names), and the
+    XLabs Flux IP-Adapter (``ip_adapter_proj_model.*`` + ``double_blocks.N.processor.ip_adapter_double_stream_k_proj``).
+    Variant and base as ComfyUI_IPAdapter_plus decides them (``IPAdapterPlus.py``): ``image_proj.proj.3.weight`` full,
+    ``image_proj.latents`` / ``perceiver_resampler.proj_in.weight`` plus, ``ip_adapter.0.to_q_lora.down.weight``
+    FaceID, ``proj.2.weight`` without ``proj.3`` and without the FaceID LoRA portrait; to_k_ip input 2048 SDXL (and
+    Kolors when ``image_proj.layers.0.0.to_out.weight`` has 2048 rows), 768 SD1; 1024 SD2 (InvokeAI)."""
+    xlabs = next((k for k in infos if "ip_adapter_double_stream_k_proj" in k and k.startswith("double_blocks.")), None)
+    if xlabs is not None:
+        ev = [f"XLabs Flux IP-Adapter: {xlabs}"]
+        proj = next((k for k in infos if k.startswith("ip_adapter_proj_model.")), None)
+        if proj:
+            ev.append(f"image projection {proj}")
+        return AdapterGuess("ipadapter", "flux", "xlabs", ev)
+    ks = [k for k in infos if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")]
+    if not ks:
+        return None
+    tok = "ip_adapter.1.to_k_ip.weight" if "ip_adapter.1.to_k_ip.weight" in infos else ks[0]
+    width = _dim(infos[tok].shape, -1)
+    fam = _IP_WIDTH.get(width) if width else None
+    ev = [f"IP-Adapter: {tok} {list(infos[tok].shape)}" + (f" (context width {width}: {fam})" if fam else "")]
+    has = infos.__contains__
+    full = has("image_proj.proj.3.weight")
+    plus = full or has("image_proj.latents") or has("image_proj.perceiver_resampler.proj_in.weight")
+    faceid = has("ip_adapter.0.to_q_lora.down.weight")
+    portrait = has("image_proj.proj.2.weight") and not full and not faceid
+    if portrait:
+        variant = "faceid_portrait"
+    elif faceid:
+        variant = "faceid_plus" if plus else "faceid"
+    else:
+        variant = "full" if full else ("plus" if plus else None)
+    if variant:
+        why = {"faceid_portrait": "image_proj.proj.2.weight without proj.3 or a FaceID LoRA",
+               "faceid_plus": "ip_adapter.0.to_q_lora.down.weight (FaceID LoRA) with a plus image projection",
+               "faceid": "ip_adapter.0.to_q_lora.down.weight (FaceID LoRA)",
+               "full": "image_proj.proj.3.weight (full face)",
+               "plus": "image_proj.latents / perceiver_resampler (plus)"}[variant]
+        ev.append(f"variant {variant}: {why}")
+    kolors = infos.get("image_proj.layers.0.0.to_out.weight") or infos.get(
+        "image_proj.perceiver_resampler.layers.0.0.to_out.weight")
+    if fam == "sdxl" and kolors is not None and _dim(kolors.shape, 0) in (2048, 4096):
+        fam = "kolors"
+        ev.append(f"Kolors: image projection to_out {list(kolors.shape)}")
+    if not any(k.startswith("image_proj.") for k in infos):
+        ev.append("no image_proj.* keys (image projection missing)")
+    return AdapterGuess("ipadapter", fam, variant, ev)
+
+
+#: T2I-Adapter input channels (image channels x pixel-unshuffle factor squared): SDXL adapters unshuffle by 16
+#: (3 or 1 channels: 768 / 256, ComfyUI ``load_t2i_adapter``), SD1 ones by 8 (192 / 64)
+_T2I_CIN = {768: "sdxl", 256: "sdxl", 192: "sd1", 64: "sd1"}
+
+
+def _detect_t2i_adapter(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
+    """T2I-Adapter, as ComfyUI ``controlnet.load_t2i_adapter`` reads it: the TencentARC layout (full
+    ``conv_in.weight`` + ``body.0.block2.weight``, light ``body.0.in_conv.weight``), the same under an ``adapter``
+    wrapper, the diffusers ``T2IAdapter`` layout (``adapter.conv_in.weight``, ``adapter.body.N.resnets.M.block1``;
+    light: ``adapter.body.0.in_conv.weight``), and the style adapter (``style_embedding``)."""
+    if "style_embedding" in infos:
+        return AdapterGuess("t2i_adapter", "sd1", "style",
+                            ["T2I style adapter: style_embedding (ComfyUI StyleAdapter, context width 768)"])
+    ks = infos.keys()
+    for wrap in ("", "adapter."):
+        diffusers = wrap + "body.0.resnets.0.block1.weight" in ks
+        conv_in = wrap + "conv_in.weight"
+        light = wrap + "body.0.in_conv.weight"
+        if conv_in in ks and (wrap + "body.0.block2.weight" in ks or diffusers):
+            key, variant = conv_in, None
+        elif light in ks:
+            key, variant = light, "light"
+        else:
+            continue
+        layout = "diffusers T2IAdapter" if diffusers else ("TencentARC, under 'adapter'" if wrap else "TencentARC")
+        cin = _dim(infos[key].shape, 1) if len(infos[key].shape) == 4 else None
+        fam = _T2I_CIN.get(cin) if cin else None
+        ev = [f"T2I-Adapter ({layout} layout{', light' if variant else ''}): {key}"]
+        if cin:
+            ev.append(f"input channels {cin}: " + (f"{fam} (pixel-unshuffle {'16' if fam == 'sdxl' else '8'})"
+                                                   if fam else "not a known SD1/SDXL adapter input"))
+        return AdapterGuess("t2i_adapter", fam, variant, ev)
     return None
 
 
@@ -324,4 +426,6 @@ def detect_adapter(infos: Mapping[str, TensorInfo], extra: Mapping[str, Any] | N
         g = rule(infos, extra)
         if g:
             return g
-    return _detect_lora(infos) or _detect_control(infos) or _detect_upscaler(infos)
+    # IP-Adapters first: a FaceID IP-Adapter is mostly LoRA keys (ip_adapter.N.to_q_lora.down.weight)
+    return (_detect_ip_adapter(infos) or _detect_lora(infos) or _detect_control(infos) or _detect_t2i_adapter(infos)
+            or _detect_upscaler(infos))

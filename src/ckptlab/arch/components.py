@@ -10,7 +10,9 @@ Stable API (other modules build on it; keep the signatures):
 ``COMPONENT_PREFIXES[layout][component] -> tuple[str, ...]``
     The key prefixes each component lives under, per layout: ``sd1``, ``sd2``, ``sdxl``, ``sdxl_refiner``,
     ``sd3``, ``flux`` (single-file LDM/SGM/ComfyUI layouts), ``diffusers`` (``DiffusersSource`` key space,
-    component folder name + ``.``) and ``standalone`` (a file holding one component: empty prefix).
+    component folder name + ``.``), ``kohya`` (kohya sd-scripts / sd-mecha ``sd1-kohya``/``sdxl-kohya`` names:
+    ``unet.``, ``vae.``, ``te.`` or ``te1.`` + ``te2.``) and ``standalone`` (a file holding one component: empty
+    prefix; ComfyUI-saved text encoders may keep their ``transformer.`` wrapper, see ``split_components``).
     ``unet``/``dit`` map to the diffusion-model prefix. Example: ``COMPONENT_PREFIXES["sdxl"]["clip_g"] ==
     ("conditioner.embedders.1.model.",)``.
 
@@ -18,6 +20,10 @@ Stable API (other modules build on it; keep the signatures):
     Map every key of a single-file checkpoint, a standalone component file or a diffusers folder to one
     component. Returns only components that have keys; each key appears exactly once; key order is preserved.
     Header-only: looks at key names only (the CLIP flavour is decided by the number of layers in the group).
+    A ``transformer.`` group is a diffusers DiT folder, unless it holds a text encoder and no DiT root:
+    ``transformer.text_model.*`` (CLIP) or ``transformer.encoder.block.*`` / ``transformer.shared.weight`` (T5),
+    the ``transformer`` attribute of ComfyUI's ``SDClipModel``, as in ``text_encoders.clip_l.transformer.*`` with
+    the encoder prefix stripped.
 
 ``component_prefix(key) -> str``
     The group prefix a key sits under (``"model.diffusion_model."``, ``"first_stage_model."``, ``""``...).
@@ -54,6 +60,8 @@ COMPONENT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
     "diffusers": {"unet": ("unet.",), "dit": ("transformer.",), "vae": ("vae.",),
                   "clip_l": ("text_encoder.",), "clip_g": ("text_encoder_2.",), "openclip_h": ("text_encoder.",),
                   "t5xxl": ("text_encoder_2.", "text_encoder_3.")},
+    "kohya": {"unet": ("unet.",), "vae": ("vae.",), "clip_l": ("te.", "te1."), "openclip_h": ("te.",),
+              "clip_g": ("te2.",)},
     "standalone": {c: ("",) for c in ("unet", "dit", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl")},
 }
 
@@ -82,6 +90,9 @@ _GROUPS: tuple[tuple[str, str | None], ...] = (
     ("text_encoder_2.", None),
     ("text_encoder_3.", None),
     ("text_encoder_4.", None),
+    ("te.", None),  # kohya sd-scripts / sd-mecha sd1-kohya: CLIP-L (SD1) or OpenCLIP-H in HF naming (SD2)
+    ("te1.", None),  # sdxl-kohya: CLIP-L
+    ("te2.", None),  # sdxl-kohya: OpenCLIP-bigG in HF naming
     ("depth_model.", "other"),
     ("control_model.", "other"),
     ("model.model_sampling.", "other"),
@@ -222,6 +233,15 @@ def _classify_group(keys: list[str], forced: str | None) -> dict[str, str]:
 
 
 _FORCED = dict(_GROUPS)
+_TE_IN_TRANSFORMER = ("text_model.", "encoder.block.", "shared.weight")
+
+
+def _transformer_group_is_text_encoder(stripped: list[str]) -> bool:
+    """A ``transformer.`` group holding a CLIP (``text_model.*``) or T5 (``encoder.block.*``, ``shared.weight``)
+    text encoder and no DiT root: ComfyUI's ``SDClipModel.transformer`` saved on its own."""
+    if not any(k.startswith(_TE_IN_TRANSFORMER) for k in stripped):
+        return False
+    return _DIT_PROOF.isdisjoint({k.split(".", 1)[0] for k in stripped})
 
 
 def split_components(keys: Iterable[str]) -> dict[str, list[str]]:
@@ -240,7 +260,10 @@ def split_components(keys: Iterable[str]) -> dict[str, list[str]]:
     for prefix, members in groups.items():
         n = len(prefix)
         stripped = [k[n:] for k in members] if n else members
-        classified = _classify_group(stripped, _FORCED.get(prefix) if prefix else None)
+        forced = _FORCED.get(prefix) if prefix else None
+        if prefix == "transformer." and _transformer_group_is_text_encoder(stripped):
+            forced = None  # decided by content: CLIP flavour by layer count, T5 by encoder.block
+        classified = _classify_group(stripped, forced)
         if not n:  # keys are their own stripped form
             comp_of.update(classified)
             continue

@@ -26,6 +26,11 @@ TEXT_ENCODERS = ("clip_l", "clip_g", "openclip_h", "t5xxl")
 _PRED_WORDS = {"v": "v", "v_prediction": "v", "v-prediction": "v", "epsilon": "eps", "eps": "eps",
                "flow": "flow", "rectified_flow": "flow", "flow_matching": "flow", "edm": "edm"}
 SD2_STD_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+#: every ``kind`` the detector answers, and those that are add-ons to a diffusion model (no components listed,
+#: weights-only VRAM figure)
+KINDS = ("checkpoint", "unet", "vae", "text_encoder", "lora", "lycoris", "embedding", "hypernetwork", "controlnet",
+         "ipadapter", "t2i_adapter", "upscaler", "unknown")
+ADAPTER_KINDS = ("lora", "lycoris", "embedding", "hypernetwork", "controlnet", "ipadapter", "t2i_adapter", "upscaler")
 
 
 @dataclass
@@ -200,6 +205,8 @@ def _vae_family(det: Detection, infos: Mapping[str, TensorInfo], vae_keys: list[
 def _te_family(det: Detection, comps: Mapping[str, list[str]]) -> None:
     tes = [c for c in TEXT_ENCODERS if c in comps]
     det.evidence.append(f"text encoder(s) only: {', '.join(tes)}")
+    if len(tes) == 1:
+        det.variant = tes[0]  # which encoder (ComfyUI detect_te_model: CLIP_L / CLIP_H / CLIP_G / T5_XXL)
     if tes == ["openclip_h"]:
         det.family = "sd2"
         det.evidence.append("OpenCLIP-H text encoder: SD2")
@@ -301,7 +308,7 @@ def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, Any] | None =
         _decide_prediction(det, fam, variant_pred, metadata, infos, extra, read_std)
         if det.family == "sdxl" and det.prediction == "v" and det.variant is None:
             det.variant = "v_pred"
-    elif det.kind in ("lora", "lycoris", "embedding", "controlnet"):
+    elif det.kind in ("lora", "lycoris", "embedding", "controlnet", "ipadapter", "t2i_adapter"):
         mp = metadata.get("modelspec.prediction_type")
         if isinstance(mp, str) and mp.lower() in _PRED_WORDS:
             det.prediction = _PRED_WORDS[mp.lower()]
