@@ -16,6 +16,7 @@ _BY_MODEL_TYPE: dict[str, tuple[str, str]] = {
     "hypernetwork": ("models/hypernetworks", "models/hypernetworks"),
     "vae": ("models/VAE", "models/vae"),
     "controlnet": ("models/ControlNet", "models/controlnet"),
+    "ipadapter": ("models/ControlNet", "models/ipadapter"),  # not a CivitAI type: ckptlab's identified kind
     "upscaler": ("models/ESRGAN", "models/upscale_models"),
     "detection": ("models/adetailer", "models/ultralytics"),
     "motionmodule": ("models/AnimateDiff", "models/animatediff_models"),
@@ -37,7 +38,7 @@ _OTHER = ("models/other", "models/other")
 # ckptlab kinds (identify / --type) -> CivitAI model type
 KIND_TO_TYPE = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "locon", "embedding": "textualinversion",
                 "hypernetwork": "hypernetwork", "vae": "vae", "controlnet": "controlnet", "upscaler": "upscaler",
-                "unet": "checkpoint", "text_encoder": "checkpoint"}
+                "unet": "checkpoint", "text_encoder": "checkpoint", "t2i_adapter": "controlnet", "ipadapter": "ipadapter"}
 # ... and the CivitAI file type that refines the folder for kinds shipped as parts of a checkpoint
 KIND_TO_FILE_TYPE = {"unet": "diffusion model", "text_encoder": "text encoder"}
 

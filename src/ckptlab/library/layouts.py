@@ -47,7 +47,8 @@ FOLDERS: dict[str, tuple[str, str]] = {
     "clip_vision": ("comfyui", "clip_vision"),
     "style_models": ("comfyui", "style_model"),
     "vae_approx": ("comfyui", "vae_approx"),
-    "t2i_adapter": ("comfyui", "controlnet"),
+    "t2i_adapter": ("comfyui", "t2i_adapter"),  # read by ComfyUI as part of its controlnet category
+    "ipadapter": ("comfyui", "ipadapter"),  # ComfyUI_IPAdapter_plus (A1111 keeps IP-Adapters in ControlNet)
     "gligen": ("comfyui", "gligen"),
     "upscale_models": ("comfyui", "upscaler"),
     "latent_upscale_models": ("comfyui", "upscaler"),
