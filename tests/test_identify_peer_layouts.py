@@ -276,11 +276,31 @@ def test_sd2_kohya_checkpoint_te_is_openclip_h(tmp_path, encoders):
     assert (info.kind, info.family, info.components) == ("checkpoint", "sd2", ["unet", "openclip_h"]), info.evidence
 
 
-def test_sdxl_kohya_checkpoint_keeps_both_text_encoders(tmp_path, encoders):
+def _sdxl_diffusers_unet() -> dict:
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):  # the SDXL base UNet config (diffusers' stable-diffusion-xl-base-1.0 unet/config.json)
+        unet = diffusers.UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                   "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+    return _meta_layout(unet, "unet.")
+
+
+@pytest.mark.parametrize("unet_names", ["sgm", "diffusers"])
+def test_sdxl_kohya_checkpoint_keeps_both_text_encoders(tmp_path, encoders, unet_names):
     """sd-mecha ``sdxl-kohya``: ``model.diffusion_model.`` -> ``unet.``, ``conditioner.embedders.0.transformer.``
-    -> ``te1.text_model.``, bigG in HF naming under ``te2.`` (+ ``te2.text_projection``), VAE under ``vae.``."""
+    -> ``te1.text_model.``, bigG in HF naming under ``te2.`` (+ ``te2.text_projection``), VAE under ``vae.``;
+    ``sdxl-kohya_but_diffusers`` has the UNet in diffusers names."""
     sgm = real("sdxl_checkpoint")
-    lay = {"unet." + k[len("model.diffusion_model."):]: v for k, v in sgm.items() if k.startswith("model.diffusion_model.")}
+    if unet_names == "sgm":
+        lay = {"unet." + k[len("model.diffusion_model."):]: v for k, v in sgm.items()
+               if k.startswith("model.diffusion_model.")}
+    else:
+        lay = _sdxl_diffusers_unet()
     lay |= {"vae." + k[len("first_stage_model."):]: v for k, v in sgm.items() if k.startswith("first_stage_model.")}
     lay |= {"te1." + k: v for k, v in encoders["clip_l"].items()}
     lay |= {"te2." + k: v for k, v in encoders["clip_g"].items()}
