@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ckptlab.errors import CkptlabError
 from ckptlab.hub.config import HubConfig, load_hub_config
@@ -311,6 +311,7 @@ class RemoteFile:
     sha256: str | None
     pickle_scan: str | None
     virus_scan: str | None
+    local_paths: list = field(default_factory=list)  # catalogued files with this SHA256 (civitai info --db)
 
 
 @dataclass

@@ -63,12 +63,19 @@ def _lock_exclusive(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 def safe_filename(name: str | None) -> str | None:
-    """A server-suggested name reduced to a plain basename (no separators, no ``..``, no control
-    characters, no leading dots); None if nothing usable is left."""
-    if not name:
+    """A server-suggested name reduced to a plain basename: the last path component only (no
+    separators, no ``..``), without control characters or invisible format characters such as
+    right-to-left overrides (``display.strip_unsafe``), without leading dots (no hidden files) and
+    trailing dots/spaces, NFC-normalised; None if nothing usable is left (or it is over 255 bytes)."""
+    import unicodedata
+
+    from ckptlab.display import strip_unsafe
+
+    if not name or not isinstance(name, str):
         return None
+    name = strip_unsafe(unicodedata.normalize("NFC", name))
     name = name.replace("\\", "/").split("/")[-1]
-    name = "".join(ch for ch in name if ch >= " " and ch != "\x7f").strip().lstrip(".").strip()
+    name = name.strip().lstrip(".").strip().rstrip(". ")
     if name in ("", ".", "..") or len(name.encode("utf-8", "surrogatepass")) > 255:
         return None
     return name
