@@ -157,6 +157,33 @@ def test_resume_after_the_remote_file_changed_restarts_from_zero(fake, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == [NAME]
 
 
+def test_file_replaced_during_the_run_is_not_spliced(fake, tmp_path):
+    """The connection drops after 10 KB and the file is replaced before the reconnect: the ranged
+    request carries If-Range with the first answer's ETag, gets the whole new file, and only that is
+    published."""
+    new = lora_bytes(seed=9, dim=256)
+    fake.drop_after[5000] = 10_000
+    fake.after_drop[5000] = new
+    log: list[str] = []
+    res = dl.transfer(plain(log), f"{fake.storage_url}/files/5000", tmp_path, filename=NAME)
+    assert res.path.read_bytes() == new
+    gets = storage_gets(fake)
+    assert len(gets) == 2 and gets[1].headers["if-range"] == '"' + hashlib.sha256(fake.data).hexdigest() + '"'
+    assert any("connection" in m.lower() and "attempt 1 of 6" in m for m in log)
+    assert any("whole file instead of the rest" in m for m in log)
+
+
+def test_complete_partial_under_if_range_is_verified_without_a_new_transfer(fake, tmp_path):
+    url = f"{fake.storage_url}/files/5000"
+    _interrupted_first_run(fake, tmp_path, url)
+    (tmp_path / (NAME + ".part")).write_bytes(fake.data)  # every byte arrived, the rename did not happen
+    fake.requests.clear()
+    res = dl.transfer(plain(), url, tmp_path, filename=NAME)
+    assert res.path.read_bytes() == fake.data
+    (get,) = storage_gets(fake)  # answered 416: nothing was transferred again
+    assert get.headers["range"] == f"bytes={len(fake.data)}-" and "if-range" in get.headers
+
+
 def test_resume_of_an_unchanged_file_appends_under_if_range(fake, tmp_path):
     url = f"{fake.storage_url}/files/5000"
     kept = _interrupted_first_run(fake, tmp_path, url)

@@ -14,7 +14,8 @@ stops at ``ENDLESS_SAFETY`` bytes so a client without a cap fails instead of han
 ``Content-Length`` counting it), ``ignore_if_range`` (206 even when ``If-Range`` no longer matches,
 as a broken server would), ``redirect_loop`` (the download endpoint redirects to itself forever),
 ``raw_api`` (API path -> raw body bytes served with 200, for malformed JSON shapes), ``hold``
-(a ``threading.Event``: storage answers a file request only once it is set; up to 60 s).
+(a ``threading.Event``: storage answers a file request only once it is set; up to 60 s),
+``after_drop`` (file id -> bytes that replace the file right after a ``drop_after`` drop).
 Storage answers carry ``ETag`` (the SHA-256 of the current bytes) and ``Last-Modified`` (from
 ``mtime[fid]``) and honour ``If-Range`` (a stale validator gets the whole file with 200).
 """
@@ -87,6 +88,7 @@ class FakeCivitai:
     raw_api: dict = field(default_factory=dict)
     mtime: dict = field(default_factory=dict)         # file id -> Last-Modified value
     hold: threading.Event | None = None
+    after_drop: dict = field(default_factory=dict)    # file id -> new bytes served once the drop happened
 
     # -- building the catalogue ------------------------------------------------------------------
     def add_model(self, model_id: int, name: str, type_: str = "LORA", *, nsfw: bool = False, **extra) -> dict:
@@ -370,6 +372,8 @@ def _make_handler(fake: FakeCivitai, which: str):
             if cut is not None and cut < len(body):
                 self.wfile.write(body[:cut])
                 self.wfile.flush()
+                if fid in fake.after_drop:  # the file is replaced upstream while the client reconnects
+                    fake.blobs[fid] = fake.after_drop.pop(fid)
                 self.close_connection = True
                 import socket
 

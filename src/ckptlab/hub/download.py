@@ -618,7 +618,11 @@ class _FdReader:
         self.fd, self.pos = fd, 0
 
     def readinto(self, buf) -> int:
-        data = os.pread(self.fd, len(buf), self.pos)
+        if hasattr(os, "pread"):
+            data = os.pread(self.fd, len(buf), self.pos)
+        else:  # Windows: the write position is set again (lseek) before every write
+            os.lseek(self.fd, self.pos, os.SEEK_SET)
+            data = os.read(self.fd, len(buf))
         buf[:len(data)] = data
         self.pos += len(data)
         return len(data)
