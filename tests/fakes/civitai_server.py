@@ -7,6 +7,17 @@ success), ``down`` (every API call answers 503), ``drop_after`` (storage closes 
 bytes, once per entry), ``corrupt`` (storage serves bytes that do not match the published SHA256),
 ``ignore_range`` (storage answers 200 to a Range request), ``throttle`` (slow storage). Every request
 is recorded.
+
+Hostile modes: ``endless`` (file ids whose storage answer has no length and never ends; the fake
+stops at ``ENDLESS_SAFETY`` bytes so a client without a cap fails instead of hanging, and
+``sent[fid]`` counts what went out), ``extra_bytes`` (file id -> junk appended to the body, the
+``Content-Length`` counting it), ``ignore_if_range`` (206 even when ``If-Range`` no longer matches,
+as a broken server would), ``redirect_loop`` (the download endpoint redirects to itself forever),
+``raw_api`` (API path -> raw body bytes served with 200, for malformed JSON shapes), ``hold``
+(a ``threading.Event``: storage answers a file request only once it is set; up to 60 s),
+``after_drop`` (file id -> bytes that replace the file right after a ``drop_after`` drop).
+Storage answers carry ``ETag`` (the SHA-256 of the current bytes) and ``Last-Modified`` (from
+``mtime[fid]``) and honour ``If-Range`` (a stale validator gets the whole file with 200).
 """
 
 from __future__ import annotations
@@ -69,6 +80,15 @@ class FakeCivitai:
     active_files: int = 0                             # storage file transfers in progress now
     max_active_files: int = 0                         # ... and the most seen at once
     rendezvous: int = 0                               # storage holds transfers until this many were active at once (max 5 s)
+    endless: set = field(default_factory=set)
+    sent: dict = field(default_factory=dict)          # file id -> body bytes written by storage (endless mode)
+    extra_bytes: dict = field(default_factory=dict)
+    ignore_if_range: bool = False
+    redirect_loop: bool = False
+    raw_api: dict = field(default_factory=dict)
+    mtime: dict = field(default_factory=dict)         # file id -> Last-Modified value
+    hold: threading.Event | None = None
+    after_drop: dict = field(default_factory=dict)    # file id -> new bytes served once the drop happened
 
     # -- building the catalogue ------------------------------------------------------------------
     def add_model(self, model_id: int, name: str, type_: str = "LORA", *, nsfw: bool = False, **extra) -> dict:
@@ -151,6 +171,8 @@ class FakeCivitai:
         return f"http://127.0.0.1:{self._storage.server_address[1]}"
 
 
+ENDLESS_SAFETY = 64 * 1024 * 1024
+
 _LOCK = threading.Lock()
 _ACTIVE = threading.Condition(_LOCK)
 
@@ -207,6 +229,8 @@ def _make_handler(fake: FakeCivitai, which: str):
                 return self._json(503, {"error": "Service Unavailable"})
             url = urlsplit(self.path)
             path = url.path
+            if path in fake.raw_api:
+                return self._send(200, fake.raw_api[path])
             if m := re.fullmatch(r"/api/v1/model-versions/by-hash/([^/]+)", path):
                 v = fake.find_by_hash(m.group(1))
                 return self._json(200, v) if v else self._json(404, {"error": "Model not found"})
@@ -232,6 +256,8 @@ def _make_handler(fake: FakeCivitai, which: str):
                 return None
             if fake.down:
                 return self._json(503, {"error": "Service Unavailable"})
+            if urlsplit(self.path).path in fake.raw_api:
+                return self._send(200, fake.raw_api[urlsplit(self.path).path])
             if urlsplit(self.path).path != "/api/v1/model-versions/by-hash":
                 return self._json(404, {"error": "Not found"})
             try:
@@ -250,6 +276,8 @@ def _make_handler(fake: FakeCivitai, which: str):
             return self._json(200, out)
 
         def _download(self, vid: int, query: dict):
+            if fake.redirect_loop:
+                return self._send(302, b"", {"Location": self.path})
             auth = self.headers.get("Authorization")
             if fake.require_token and auth != f"Bearer {fake.token}":
                 return self._json(401, {"error": "Unauthorized",
@@ -299,9 +327,17 @@ def _make_handler(fake: FakeCivitai, which: str):
             data = fake.blobs[fid]
             if fid in fake.corrupt:
                 data = bytes(b ^ 0xFF for b in data[:16]) + data[16:]
+            if fid in fake.endless:
+                return self._serve_endless(fid, data)
+            data = data + fake.extra_bytes.get(fid, b"")
             total = len(data)
             start, status = 0, 200
+            etag = '"' + hashlib.sha256(data).hexdigest() + '"'
+            last_modified = fake.mtime.get(fid, "Mon, 01 Jan 2024 00:00:00 GMT")
             rng = self.headers.get("Range")
+            if_range = self.headers.get("If-Range")
+            if rng and if_range is not None and if_range not in (etag, last_modified) and not fake.ignore_if_range:
+                rng = None  # RFC 9110 13.1.5: a validator that no longer matches means the whole file
             if rng and not fake.ignore_range:
                 mm = re.fullmatch(r"bytes=(\d+)-", rng.strip())
                 if mm:
@@ -314,21 +350,30 @@ def _make_handler(fake: FakeCivitai, which: str):
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", last_modified)
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
             cd = fake.content_disposition.get(fid)
             if cd is None:
                 name = parse_qs(url.query).get("response-content-disposition", [""])[0]
                 cd = name
+                if not cd.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in cd):  # as S3/R2 do: RFC 5987
+                    inner = re.search(r'filename="(.*)"', cd)
+                    cd = "attachment; filename*=UTF-8''" + quote(inner.group(1) if inner else "", safe="")
             if isinstance(cd, bytes):  # raw (e.g. UTF-8) header bytes, as some servers send them
                 self._headers_buffer.append(b"Content-Disposition: " + cd + b"\r\n")
             elif cd:
                 self.send_header("Content-Disposition", cd)
+            if fake.hold is not None:
+                fake.hold.wait(60)
             self.end_headers()
             cut = fake.drop_after.pop(fid, None)
             if cut is not None and cut < len(body):
                 self.wfile.write(body[:cut])
                 self.wfile.flush()
+                if fid in fake.after_drop:  # the file is replaced upstream while the client reconnects
+                    fake.blobs[fid] = fake.after_drop.pop(fid)
                 self.close_connection = True
                 import socket
 
@@ -349,6 +394,25 @@ def _make_handler(fake: FakeCivitai, which: str):
                     time.sleep(fake.throttle)
                 return None
             self.wfile.write(body)
+            return None
+
+        def _serve_endless(self, fid: int, data: bytes):
+            """The file's bytes, then zeros, with no length: the body ends only when the client hangs up
+            (or at ENDLESS_SAFETY, so a client without a cap fails rather than hangs)."""
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            fake.sent[fid] = 0
+            block = data + bytes(65536)
+            try:
+                while fake.sent[fid] < ENDLESS_SAFETY:
+                    self.wfile.write(block)
+                    fake.sent[fid] += len(block)
+                    block = bytes(65536)
+            except OSError:  # the client stopped reading and closed: what we wanted
+                pass
             return None
 
     return Handler

@@ -12,6 +12,10 @@ Knobs: ``require_token`` (hub routes answer 401 without ``Authorization: Bearer 
 ``corrupt`` (paths whose storage bytes differ from the published SHA-256, same length),
 ``drop_after`` (path -> bytes of body after which storage drops the connection: an int for once, a
 list for one drop per request). Every request is recorded with its headers.
+
+Hostile modes: ``endless`` (paths whose storage answer has no length and never ends, stopped at
+``ENDLESS_SAFETY`` bytes; ``sent[path]`` counts what went out) and ``redirect_loop`` (every hub
+route redirects to itself).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
+
+ENDLESS_SAFETY = 64 * 1024 * 1024
 
 
 def git_blob_id(data: bytes) -> str:
@@ -51,6 +57,9 @@ class FakeHub:
     corrupt: set = field(default_factory=set)
     drop_after: dict = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
+    endless: set = field(default_factory=set)
+    sent: dict = field(default_factory=dict)
+    redirect_loop: bool = False
     port: int = 0
     _server: ThreadingHTTPServer | None = None
 
@@ -113,6 +122,8 @@ class FakeHub:
         self.requests.append(Recorded(origin, h.command, path, {k.lower(): v for k, v in h.headers.items()}))
         if origin == "storage":
             return self._storage(h, head, path)
+        if self.redirect_loop:
+            return self._send(h, 302, {"Location": h.path, "X-Repo-Commit": "0" * 40}, b"", head)
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if not m:
             return self._send(h, 404, {"X-Error-Code": "RepoNotFound"}, b"not found", head)
@@ -147,6 +158,8 @@ class FakeHub:
         if repo is None or fpath not in repo.files:
             return self._send(h, 404, {}, b"no such blob", head)
         data = repo.files[fpath]
+        if fpath in self.endless and not head:
+            return self._serve_endless(h, fpath, data)
         if fpath in self.corrupt:
             data = bytes(b ^ 0xFF for b in data[:16]) + data[16:]
         start = 0
@@ -177,6 +190,21 @@ class FakeHub:
             h.close_connection = True
             return
         return self._send(h, status, {**headers, "Accept-Ranges": "bytes"}, body, head)
+
+    def _serve_endless(self, h: BaseHTTPRequestHandler, fpath: str, data: bytes) -> None:
+        h.send_response(200)
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+        self.sent[fpath] = 0
+        block = data + bytes(65536)
+        try:
+            while self.sent[fpath] < ENDLESS_SAFETY:
+                h.wfile.write(block)
+                self.sent[fpath] += len(block)
+                block = bytes(65536)
+        except OSError:
+            pass
 
     @staticmethod
     def _send(h: BaseHTTPRequestHandler, status: int, headers: dict, body: bytes, head: bool) -> None:

@@ -1,5 +1,8 @@
-"""``ckptlab civitai link|show`` and ``ckptlab download``: thin wrappers over ``ckptlab.hub``.
-Heavy imports (httpx, torch, sqlite work) happen inside the command functions."""
+"""``ckptlab civitai link|show|info`` and ``ckptlab download``: thin wrappers over ``ckptlab.hub``.
+Heavy imports (httpx, torch, sqlite work) happen inside the command functions.
+
+Every text that came from a server or a file name is printed through ``display.printable``: control
+characters and bidi overrides are shown as escapes, never sent to the terminal raw."""
 
 from __future__ import annotations
 
@@ -7,11 +10,26 @@ from pathlib import Path
 
 import typer
 
-from ckptlab.cli.common import console, emit_json, err_console, expand_paths, progress_bar
+from ckptlab.cli.common import console, db_option, emit_json, expand_paths, progress_bar, warning_line
 
 civitai_app = typer.Typer(help="Link library files to CivitAI and manage their metadata.", no_args_is_help=True)
 
 _BASE_URL = typer.Option(None, "--base-url", help="CivitAI site URL (env CKPTLAB_CIVITAI_URL, config \\[civitai] base_url).")
+
+
+def _out(text: str) -> None:
+    """One line on stdout, server/file text made terminal-safe."""
+    from ckptlab.display import printable
+
+    console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
+
+
+def _note(text: str) -> None:
+    """A summary line on stderr (not an error), terminal-safe."""
+    from ckptlab.cli.common import err_console
+    from ckptlab.display import one_line
+
+    err_console.print(one_line(text), markup=False, highlight=False, soft_wrap=True)
 
 
 @civitai_app.command("link")
@@ -22,6 +40,7 @@ def civitai_link(
     refresh: bool = typer.Option(False, "--refresh", help="Re-check linked files; changes become new revisions."),
     nsfw_previews: bool = typer.Option(False, "--nsfw-previews", help="Allow R/X rated images as previews."),
     base_url: str = _BASE_URL,
+    db: Path = db_option(),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per file (JSON Lines)."),
 ) -> None:
     """Look files up on CivitAI by SHA256 (AutoV3 for safetensors LoRAs) and store the links."""
@@ -32,7 +51,7 @@ def civitai_link(
     from ckptlab.hub.link import catalog_fingerprint, catalog_paths, link_files, local_files
 
     cfg = load_hub_config(base_url=base_url)
-    with store.open_catalog() as cat:
+    with store.open_catalog(db) as cat:
         if paths:
             targets = expand_paths(paths)
             missing = [p for p in targets if not p.exists()]
@@ -63,10 +82,10 @@ def civitai_link(
             line += f"  ({o.message})"
         if o.sidecars:
             line += f"  wrote {', '.join(o.sidecars)}"
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        _out(line)
     if not json_out:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items())) or "no files"
-        err_console.print(f"{len(report.outcomes)} files: {counts}", markup=False, highlight=False)
+        _note(f"{len(report.outcomes)} files: {counts}")
     if any(o.status == "error" for o in report.outcomes):
         raise typer.Exit(3)
 
@@ -74,6 +93,7 @@ def civitai_link(
 @civitai_app.command("show")
 def civitai_show(
     target: str = typer.Argument(..., help="A model file, or its SHA256."),
+    db: Path = db_option(),
     json_out: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Show a file's CivitAI link and every stored revision of its version record."""
@@ -81,7 +101,7 @@ def civitai_show(
     from ckptlab.hub import store
     from ckptlab.library.hashes import hash_file
 
-    with store.open_catalog() as cat:
+    with store.open_catalog(db) as cat:
         p = Path(target)
         if p.is_file():
             sha = None
@@ -100,33 +120,36 @@ def civitai_show(
     if json_out:
         emit_json(out)
         return
-    v = out["latest"] or {}
-    console.print(f"{(v.get('model') or {}).get('name')} / {v.get('name')}  model {link.model_id} version "
-                  f"{link.version_id}  [{link.matched_by}{', from ' + link.inherited_from[:12] if link.inherited_from else ''}]"
-                  f"  upstream: {link.upstream_status}", markup=False, highlight=False)
-    if v.get("trainedWords"):
-        console.print("trigger words: " + ", ".join(v["trainedWords"]), markup=False, highlight=False)
-    console.print(f"{len(revs)} stored revision(s)", markup=False, highlight=False)
+    v = out["latest"] if isinstance(out["latest"], dict) else {}
+    m = v.get("model") if isinstance(v.get("model"), dict) else {}
+    _out(f"{m.get('name')} / {v.get('name')}  model {link.model_id} version "
+         f"{link.version_id}  [{link.matched_by}{', from ' + link.inherited_from[:12] if link.inherited_from else ''}]"
+         f"  upstream: {link.upstream_status}")
+    words = v.get("trainedWords")
+    if isinstance(words, list) and words:
+        _out("trigger words: " + ", ".join(str(w) for w in words))
+    _out(f"{len(revs)} stored revision(s)")
 
 
 @civitai_app.command("info")
 def civitai_info_cmd(
     source: str = typer.Argument(..., help="civitai:ID, civitai:model/ID, a civitai.com URL or an AIR."),
     base_url: str = _BASE_URL,
+    db: Path = db_option(),
     json_out: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
-    """Look before you download: popularity, license, files and hashes, trigger words, previews."""
+    """Look before you download: popularity, license, files and hashes, trigger words, previews,
+    and which files the catalog already holds."""
     from ckptlab.display import human_size
     from ckptlab.hub.config import load_hub_config
-    from ckptlab.hub.fetch import describe
+    from ckptlab.hub.fetch import describe, mark_local_copies
 
     info = describe(source, config=load_hub_config(base_url=base_url))
+    mark_local_copies(info, db)
     if json_out:
         emit_json(info)
         return
-
-    def out(text: str) -> None:
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
+    out = _out
 
     out(f"{info.model_name} / {info.version_name}  ({info.type}, {info.base_model})  model {info.model_id} "
         f"version {info.version_id}" + (f"  [{info.mode}]" if info.mode else ""))
@@ -141,6 +164,8 @@ def civitai_info_cmd(
         out(f"  file {f.id}: {f.name}  {size}  {f.type or ''} {f.format or ''} {f.fp or ''}"
             f"{'  primary' if f.primary else ''}  sha256 {f.sha256 or 'not published'}  "
             f"scans: pickle {f.pickle_scan or '?'}, virus {f.virus_scan or '?'}")
+        for local in f.local_paths:
+            out(f"    in the library: {local}")
     for i in info.images:
         out(f"  image (nsfw level {i['nsfw_level']}): {i['url']}")
 
@@ -155,9 +180,11 @@ def download_cmd(
     write_sidecars: bool = typer.Option(False, "--write-sidecars", help="Also write CivitAI sidecars and a preview."),
     no_catalog: bool = typer.Option(False, "--no-catalog", help="Do not catalog or link the downloaded files."),
     base_url: str = _BASE_URL,
+    db: Path = db_option(),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per download."),
 ) -> None:
     """Download into the library: resumable (.part + Range), SHA256-verified, then catalogued."""
+    from ckptlab.cli.common import error_line
     from ckptlab.errors import CkptlabError
     from ckptlab.hub.config import load_hub_config
     from ckptlab.hub.fetch import download_many
@@ -166,7 +193,7 @@ def download_cmd(
     with progress_bar("downloading", enabled=not json_out) as cb:
         results = download_many(sources, jobs=jobs, progress=cb, config=cfg, dest=dest, layout=layout,
                                 model_type=model_type, catalog=not no_catalog, write_sidecars=write_sidecars,
-                                file_id=file_id)
+                                file_id=file_id, db=db)
     failed = None
     for src, r in zip(sources, results, strict=True):
         if isinstance(r, CkptlabError):
@@ -174,16 +201,16 @@ def download_cmd(
             if json_out:
                 emit_json({"source": src, "error": str(r)})
             else:
-                err_console.print(f"ckptlab: error: {src}: {r}", markup=False, highlight=False, soft_wrap=True)
+                error_line(f"{src}: {r}")
             continue
         if json_out:
             emit_json(r)
             continue
         state = "already there" if r.skipped else (f"resumed at {r.resumed_from} B" if r.resumed_from else "downloaded")
         check = "sha256 verified" if r.expected_sha256 else "size checked (no published hash)"
-        console.print(f"{r.path}  {r.size} B  {state}, {check}", markup=False, highlight=False, soft_wrap=True)
+        _out(f"{r.path}  {r.size} B  {state}, {check}")
         if r.extra.get("warning"):
-            err_console.print(f"warning: {r.extra['warning']}", markup=False, highlight=False)
+            warning_line(r.extra["warning"])
     if failed is not None:
         raise typer.Exit(failed.exit_code if len(sources) == 1 else 3)
 

@@ -1,20 +1,24 @@
 """CivitAI REST client (site API v1): look model versions up by hash (one, or up to 100 SHA256 at
 once), fetch version and model records, and build download URLs.
 
-Responses are returned as plain dicts, exactly as the server sent them. The API token travels only
+Responses are returned as plain dicts, exactly as the server sent them, once they passed the one
+parser for their response type (``parse_version``, ``parse_model``, ``parse_version_list``): every
+field ckptlab reads has the type the API documents (an id is an integer, ``model`` an object,
+``files`` a list of objects...), or the command fails with one line naming the field. The token travels only
 in an ``Authorization: Bearer`` header to the configured CivitAI origin: never in a query string,
 never to the storage host a download redirects to, never in an error message.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ckptlab.errors import CkptlabError
 from ckptlab.hub.config import HubConfig, load_hub_config
-from ckptlab.hub.http import NotFoundError, Requester
+from ckptlab.hub.http import NotFoundError, Requester, ResponseShapeError
 
 BULK_LIMIT = 100
 TOKEN_HINT = "set CIVITAI_API_TOKEN or [civitai] token in the config file"
@@ -69,15 +73,15 @@ class CivitaiClient:
         return bool(self.config.civitai_token)
 
     def _get_json(self, path: str, what: str):
-        resp = self.http.request("GET", self.config.civitai_api + path, what=what)
-        return _json(resp, what)
+        return self.http.get_json("GET", self.config.civitai_api + path, what=what)
 
     # -- lookups ---------------------------------------------------------------------------------
     def version_by_hash(self, value: str) -> dict | None:
         """The version holding a file with this hash (any CivitAI type), or None on 404."""
         value = _check_hash(value)
         try:
-            return self._get_json(f"/model-versions/by-hash/{value.upper()}", f"CivitAI by-hash {value[:12]}")
+            what = f"CivitAI by-hash {value[:12]}"
+            return parse_version(self._get_json(f"/model-versions/by-hash/{value.upper()}", what), what)
         except NotFoundError:
             return None
 
@@ -93,24 +97,24 @@ class CivitaiClient:
         found: dict[str, dict] = {}
         for i in range(0, len(wanted), BULK_LIMIT):
             batch = wanted[i:i + BULK_LIMIT]
-            resp = self.http.request("POST", self.config.civitai_api + "/model-versions/by-hash",
-                                     what="CivitAI bulk by-hash", json=[h.upper() for h in batch])
-            versions = _json(resp, "CivitAI bulk by-hash")
-            if not isinstance(versions, list):
-                raise CkptlabError("CivitAI bulk by-hash: expected a JSON array")
+            what = "CivitAI bulk by-hash"
+            versions = parse_version_list(self.http.get_json("POST", self.config.civitai_api + "/model-versions/by-hash",
+                                                             what=what, json=[h.upper() for h in batch]), what)
             want = set(batch)
             for v in versions:
-                for f in (v.get("files") or []) if isinstance(v, dict) else []:
+                for f in v.get("files") or []:
                     sha = ((f.get("hashes") or {}).get("SHA256") or "").lower()
                     if sha in want and sha not in found:
                         found[sha] = v
         return found
 
     def model_version(self, version_id: int) -> dict:
-        return self._get_json(f"/model-versions/{int(version_id)}", f"CivitAI model version {int(version_id)}")
+        what = f"CivitAI model version {int(version_id)}"
+        return parse_version(self._get_json(f"/model-versions/{int(version_id)}", what), what)
 
     def model(self, model_id: int) -> dict:
-        return self._get_json(f"/models/{int(model_id)}", f"CivitAI model {int(model_id)}")
+        what = f"CivitAI model {int(model_id)}"
+        return parse_model(self._get_json(f"/models/{int(model_id)}", what), what)
 
     # -- downloads -------------------------------------------------------------------------------
     def download_url(self, choice: FileChoice) -> str:
@@ -163,11 +167,136 @@ def _check_hash(value: str) -> str:
     return value
 
 
-def _json(resp, what: str):
-    try:
-        return resp.json()
-    except ValueError:
-        raise CkptlabError(f"{what}: the server did not answer JSON") from None
+# -- the one boundary where CivitAI's JSON is checked ------------------------------------------------
+# Only the fields ckptlab reads are checked; the rest is kept as sent (records are stored whole).
+MAX_ID = 2 ** 53  # ids are JS numbers upstream; anything larger (or negative) is not a CivitAI id
+
+
+def _kind(v) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(v), type(v).__name__)
+
+
+class _Checker:
+    def __init__(self, what: str):
+        self.what = what
+
+    def fail(self, path: str, value, expected: str):
+        raise ResponseShapeError(f"{self.what}: unexpected answer from CivitAI: {path} is {_kind(value)}, "
+                                 f"expected {expected}")
+
+    def obj(self, v, path: str, *, optional: bool = False) -> dict:
+        if v is None and optional:
+            return {}
+        if not isinstance(v, dict):
+            self.fail(path, v, "an object")
+        return v
+
+    def lst(self, v, path: str) -> list:
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            self.fail(path, v, "a list")
+        return v
+
+    def id(self, d: dict, key: str, path: str, *, optional: bool = True) -> None:
+        v = d.get(key)
+        if v is None and optional:
+            return
+        if type(v) is not int or not 0 <= v < MAX_ID:
+            self.fail(f"{path}.{key}", v, "a non-negative integer id")
+
+    def opt(self, d: dict, key: str, path: str, types: tuple, expected: str) -> None:
+        v = d.get(key)
+        if v is not None and (type(v) not in types):
+            self.fail(f"{path}.{key}", v, expected)
+
+    def strs(self, d: dict, key: str, path: str) -> None:
+        for i, x in enumerate(self.lst(d.get(key), f"{path}.{key}")):
+            if not isinstance(x, str):
+                self.fail(f"{path}.{key}[{i}]", x, "a string")
+
+    def size_kb(self, d: dict, path: str) -> None:
+        v = d.get("sizeKB")
+        if v is not None and (type(v) not in (int, float) or not math.isfinite(v) or not 0 <= v < MAX_ID / 1024):
+            self.fail(f"{path}.sizeKB", v, "a size in KiB")
+
+
+_S = ((str,), "a string")
+_B = ((bool,), "true or false")
+_N = ((int,), "a number")
+
+
+def _check_version(c: _Checker, v, path: str) -> dict:
+    v = c.obj(v, path)
+    c.id(v, "id", path, optional=False)
+    c.id(v, "modelId", path)
+    for k in ("name", "baseModel", "baseModelType", "description", "air", "status", "downloadUrl"):
+        c.opt(v, k, path, *_S)
+    c.strs(v, "trainedWords", path)
+    m = c.obj(v.get("model"), f"{path}.model", optional=True)
+    for k in ("name", "type", "mode"):
+        c.opt(m, k, f"{path}.model", *_S)
+    c.opt(m, "nsfw", f"{path}.model", *_B)
+    stats = c.obj(v.get("stats"), f"{path}.stats", optional=True)
+    for k in ("downloadCount", "thumbsUpCount"):
+        c.opt(stats, k, f"{path}.stats", *_N)
+    for i, f in enumerate(c.lst(v.get("files"), f"{path}.files")):
+        fp = f"{path}.files[{i}]"
+        f = c.obj(f, fp)
+        c.id(f, "id", fp)
+        for k in ("name", "type", "pickleScanResult", "virusScanResult", "downloadUrl"):
+            c.opt(f, k, fp, *_S)
+        c.opt(f, "primary", fp, *_B)
+        c.size_kb(f, fp)
+        hashes = c.obj(f.get("hashes"), f"{fp}.hashes", optional=True)
+        for k, h in hashes.items():
+            if not isinstance(h, str):
+                c.fail(f"{fp}.hashes.{k}", h, "a string")
+        meta = c.obj(f.get("metadata"), f"{fp}.metadata", optional=True)
+        for k in ("format", "size", "fp"):
+            c.opt(meta, k, f"{fp}.metadata", *_S)
+    for i, im in enumerate(c.lst(v.get("images"), f"{path}.images")):
+        ip = f"{path}.images[{i}]"
+        im = c.obj(im, ip)
+        c.opt(im, "url", ip, *_S)
+        c.opt(im, "type", ip, *_S)
+        c.opt(im, "nsfwLevel", ip, (int, str), "a number or a string")
+    return v
+
+
+def parse_version(obj, what: str) -> dict:
+    """A model-version object (``GET /model-versions/{id}``, ``by-hash``), checked; else one line."""
+    return _check_version(_Checker(what), obj, "version")
+
+
+def parse_version_list(obj, what: str) -> list[dict]:
+    """The array ``POST /model-versions/by-hash`` answers, each entry a checked version object."""
+    c = _Checker(what)
+    if not isinstance(obj, list):
+        c.fail("the answer", obj, "a list of versions")
+    return [_check_version(c, v, f"[{i}]") for i, v in enumerate(obj)]
+
+
+def parse_model(obj, what: str) -> dict:
+    """A model object (``GET /models/{id}``) with its ``modelVersions``, checked; else one line."""
+    c = _Checker(what)
+    m = c.obj(obj, "model")
+    c.id(m, "id", "model", optional=False)
+    for k in ("name", "type", "mode", "description"):
+        c.opt(m, k, "model", *_S)
+    c.opt(m, "nsfw", "model", *_B)
+    c.strs(m, "tags", "model")
+    creator = c.obj(m.get("creator"), "model.creator", optional=True)
+    c.opt(creator, "username", "model.creator", *_S)
+    stats = c.obj(m.get("stats"), "model.stats", optional=True)
+    for k in ("downloadCount", "thumbsUpCount"):
+        c.opt(stats, k, "model.stats", *_N)
+    for i, v in enumerate(c.lst(m.get("modelVersions"), "model.modelVersions")):
+        _check_version(c, v, f"model.modelVersions[{i}]")
+    return m
 
 
 @dataclass
@@ -182,6 +311,7 @@ class RemoteFile:
     sha256: str | None
     pickle_scan: str | None
     virus_scan: str | None
+    local_paths: list = field(default_factory=list)  # catalogued files with this SHA256 (civitai info --db)
 
 
 @dataclass

@@ -137,6 +137,21 @@ def describe(source: str, *, config: HubConfig | None = None, client=None):
             client.close()
 
 
+def mark_local_copies(info, db: str | Path | None = None) -> None:
+    """Fill ``info.files[].local_paths`` with the catalogued files that have each file's SHA256.
+    The catalog (``db``, else ``$CKPTLAB_DB``/the default) is only read, and only when it exists."""
+    from ckptlab.hub import store
+    from ckptlab.library.catalog import default_db_path
+
+    path = Path(db) if db is not None else default_db_path()
+    wanted = [f for f in info.files if f.sha256]
+    if not wanted or not path.is_file():
+        return
+    with store.open_catalog(path) as cat:
+        for f in wanted:
+            f.local_paths = [r.path for r in cat.find_by_sha256(f.sha256)]
+
+
 UNSORTED = "models/.ckptlab-incoming"  # hidden: a URL/hf file waits here until it is identified
 
 
@@ -186,9 +201,11 @@ def _cap(n: int) -> threading.BoundedSemaphore:
 
 def download(source: str, *, dest: str | Path | None = None, layout: str | None = None, model_type: str | None = None,
              config: HubConfig | None = None, client=None, catalog: bool = True, write_sidecars: bool = False,
-             file_id: int | None = None, progress: Progress | None = None, cancel=None) -> DownloadResult:
+             file_id: int | None = None, progress: Progress | None = None, cancel=None,
+             db: str | Path | None = None) -> DownloadResult:
     """Download one source into the library (see module doc). At most ``config.max_concurrent``
-    transfers run at once in this process."""
+    transfers run at once in this process. ``db`` is the catalog file (default ``$CKPTLAB_DB`` or
+    the platform data dir)."""
     config = config or load_hub_config(download_dir=dest, layout=layout)
     root = Path(dest).expanduser() if dest else (config.download_dir or Path.cwd())
     lay = layout or config.layout
@@ -199,7 +216,7 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
     with _cap(config.max_concurrent):
         if spec.kind == "civitai":
             return _download_civitai(spec, root, lay, config, client, catalog, write_sidecars, file_id, progress,
-                                     cancel)
+                                     cancel, db)
         lay = detect_layout(root) if lay == "auto" else lay
         folder = folder_for_kind(root, lay, model_type) if model_type or lay == "flat" else root / UNSORTED
         if spec.kind == "hf":
@@ -217,11 +234,16 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
         if not model_type and lay != "flat":
             _place_by_kind(res, root, lay)
         if catalog:  # a plain URL may well be a CivitAI file: look it up by hash (HF files are not)
-            _after_download_safe(res, config, client, write_sidecars, lookup=spec.kind == "url")
+            _after_download_safe(res, config, client, write_sidecars, lookup=spec.kind == "url", db=db)
         return res
 
 
-def _download_civitai(spec, root, layout, config, client, catalog, write_sidecars, file_id, progress, cancel=None):
+# CivitAI publishes sizeKB as a float: the byte count it stands for is known to within rounding.
+SIZE_SLACK = 1024
+
+
+def _download_civitai(spec, root, layout, config, client, catalog, write_sidecars, file_id, progress, cancel=None,
+                      db=None):
     from ckptlab.hub.civitai import CivitaiClient, pick_file
 
     own = client is None
@@ -236,11 +258,14 @@ def _download_civitai(spec, root, layout, config, client, catalog, write_sidecar
                  "version_name": version.get("name")}
         if not choice.sha256:
             extra["warning"] = "CivitAI publishes no SHA256 for this file: only the size was checked"
+        # the transfer stops at the size CivitAI lists (an endless or oversized answer is cut off and deleted)
+        max_size = choice.size + SIZE_SLACK if choice.size is not None else None
         res = transfer(client.http, client.download_url(choice), folder, filename=choice.name,
-                       expected_sha256=choice.sha256, progress=progress, source="civitai", extra=extra,
-                       cancel=cancel)
+                       expected_sha256=choice.sha256, max_size=max_size, progress=progress, source="civitai",
+                       extra=extra, cancel=cancel)
         if catalog:
-            _after_download_safe(res, config, client, write_sidecars, version=version, file_id=choice.file.get("id"))
+            _after_download_safe(res, config, client, write_sidecars, version=version, file_id=choice.file.get("id"),
+                                 db=db)
         return res
     finally:
         if own:
@@ -257,7 +282,7 @@ def _after_download_safe(res: DownloadResult, *args, **kw) -> None:
 
 
 def _after_download(res: DownloadResult, config: HubConfig, client, write_sidecars: bool, *, version: dict | None = None,
-                    file_id: int | None = None, lookup: bool = False) -> None:
+                    file_id: int | None = None, lookup: bool = False, db: str | Path | None = None) -> None:
     """Put the verified file's hashes in the catalog, link it to its CivitAI version (known, or
     looked up by hash) and store the records; metadata failures never undo the download."""
     from ckptlab.hub import store
@@ -269,7 +294,7 @@ def _after_download(res: DownloadResult, config: HubConfig, client, write_sideca
     st = res.path.stat()
     # the transfer hashed the stream (all six); only files that did not come through it are read here
     h = res.hashes if res.hashes is not None and res.hashes.size == st.st_size else hash_file(res.path)
-    with store.open_catalog() as cat:  # own connection; SQLite serialises writers (busy timeout)
+    with store.open_catalog(db) as cat:  # own connection; SQLite serialises writers (busy timeout)
         cat.put_hashes((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), h)
         scan([res.path.absolute()], cat, hash=True)  # the hashes above are reused (same stat identity)
         res.extra["catalog"] = str(cat.path)

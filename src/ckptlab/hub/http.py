@@ -1,13 +1,22 @@
 """HTTP plumbing shared by the hub clients: our User-Agent, polite pacing, retries with backoff,
 redirects that never carry credentials to another origin, and one-line errors.
 
+Every retry is said on stderr as it happens (what failed, attempt k of n, how long we wait), so an
+unreachable server is never silence. Failures that cannot heal are not retried: a refused
+connection (nothing listens there), a host name that does not resolve, a URL the client cannot
+speak. Answers are read with a size cap and JSON with a nesting cap (``read_json``), so a hostile
+server cannot exhaust memory or the stack; redirect loops end after ``MAX_REDIRECTS`` with one line.
+
 httpx is imported inside functions so that importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
 import os
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -19,6 +28,9 @@ from ckptlab.errors import NetworkError
 USER_AGENT = f"ckptlab/{__version__} (model library tool; python-httpx)"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_REDIRECTS = 8
+MAX_JSON_BYTES = 64 * 1024 * 1024  # an API answer larger than this is refused (bulk by-hash of 100 is ~1-5 MiB)
+MAX_JSON_DEPTH = 64  # real CivitAI/HF answers nest < 15 levels
+MAX_ERROR_BODY = 64 * 1024  # what is read of an error answer to build its message
 
 
 class HTTPStatusError(NetworkError):
@@ -39,6 +51,48 @@ class AuthError(HTTPStatusError):
 
 class VerificationError(NetworkError):
     """Downloaded bytes do not match the published size or hash; nothing was kept."""
+
+
+class ResponseShapeError(NetworkError):
+    """The server answered, but not with what its API promises (not JSON, wrong types, too big)."""
+
+
+def stderr_log(message: str) -> None:
+    """Default retry reporter: one ``ckptlab: warning:`` line on stderr (control characters shown)."""
+    from ckptlab.display import one_line
+
+    try:
+        sys.stderr.write(f"ckptlab: warning: {one_line(message)}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed stderr must not turn a retry into a failure
+        pass
+
+
+def connect_failure(exc: BaseException) -> str | None:
+    """``"refused"`` / ``"dns"`` when a transport error is a refused connection or a host name that
+    does not resolve (looked up through the exception's cause chain: httpx wraps httpcore wraps the
+    socket error); None for anything else."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 16:
+        if isinstance(e, ConnectionRefusedError):
+            return "refused"
+        if isinstance(e, socket.gaierror):
+            return "dns"
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def describe_transport_error(exc: BaseException, url: str) -> str:
+    """A short human description of a transport failure (no URL query, no token)."""
+    kind = connect_failure(exc)
+    host = urlsplit(url).netloc.rpartition("@")[2]
+    if kind == "refused":
+        return f"connection refused by {host} (nothing is listening there)"
+    if kind == "dns":
+        return f"cannot resolve the host name {urlsplit(url).hostname or host!r}"
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text or 'connection failed'}"
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
@@ -116,25 +170,77 @@ def make_client(timeout: float | None = None):
     )
 
 
-def error_message(resp, what: str) -> str:
+def error_message(resp, what: str, body: bytes | None = None) -> str:
     """``what: 404 Model not found`` using the JSON ``error``/``message`` fields when present."""
     detail = ""
     try:
-        body = resp.json()
-        if isinstance(body, dict):
-            parts = [str(body[k]) for k in ("error", "message") if body.get(k)]
+        obj = json.loads(body if body is not None else resp.content)
+        if isinstance(obj, dict):
+            parts = [str(obj[k]) for k in ("error", "message") if isinstance(obj.get(k), (str, int, float))]
             detail = ": ".join(dict.fromkeys(parts))
-    except Exception:  # noqa: BLE001 - any non-JSON body
+    except Exception:  # noqa: BLE001 - any non-JSON (or absurdly nested) body
         detail = ""
-    detail = " ".join(detail.split())[:200]
+    from ckptlab.display import printable
+
+    detail = printable(" ".join(detail.split())[:200])
     return f"{what}: HTTP {resp.status_code}" + (f" {detail}" if detail else "")
 
 
-def raise_for_status(resp, what: str, *, token_hint: str = "") -> None:
+def read_capped(resp, limit: int, what: str) -> bytes:
+    """The body of a streamed response, at most ``limit`` bytes; more is a ``ResponseShapeError``."""
+    import httpx
+
+    cl = resp.headers.get("content-length")
+    if cl and cl.isdigit() and int(cl) > limit:
+        resp.close()
+        raise ResponseShapeError(f"{what}: the answer is {int(cl)} bytes, more than the {limit} accepted")
+    buf = bytearray()
+    try:
+        for chunk in resp.iter_bytes():
+            buf += chunk
+            if len(buf) > limit:
+                raise ResponseShapeError(f"{what}: the answer is larger than the {limit} bytes accepted")
+    except httpx.HTTPError as e:
+        raise NetworkError(f"{what}: the answer broke off: {type(e).__name__}") from None
+    finally:
+        resp.close()
+    return bytes(buf)
+
+
+def json_depth_ok(obj, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``obj`` nests at most ``limit`` containers deep (checked without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            if d > limit:
+                return False
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            if d > limit:
+                return False
+            stack.extend((v, d + 1) for v in o)
+    return True
+
+
+def parse_json(data: bytes, what: str):
+    """JSON from a server, or a one-line ``ResponseShapeError`` (not JSON, too deep, bad numbers)."""
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise ResponseShapeError(f"{what}: the answer nests too deeply to be an API answer") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ResponseShapeError(f"{what}: the server did not answer JSON") from None
+    if not json_depth_ok(obj):
+        raise ResponseShapeError(f"{what}: the answer nests more than {MAX_JSON_DEPTH} levels deep")
+    return obj
+
+
+def raise_for_status(resp, what: str, *, token_hint: str = "", body: bytes | None = None) -> None:
     code = resp.status_code
     if code < 400:
         return
-    msg = error_message(resp, what)
+    msg = error_message(resp, what, body)
     if code == 404:
         raise NotFoundError(msg, code)
     if code == 401:
@@ -145,11 +251,16 @@ def raise_for_status(resp, what: str, *, token_hint: str = "") -> None:
 
 
 def retryable(exc: BaseException) -> bool:
-    """Whether a transport error may heal on a retry: a refused or dropped connection may, a URL the
-    client cannot speak (``ftp://`` after a redirect) or a request it cannot even form will not."""
+    """Whether a transport error may heal on a retry: a dropped connection or a timeout may; a
+    refused connection (nothing listens), a host name that does not resolve, a URL the client cannot
+    speak (``ftp://`` after a redirect) or a request it cannot even form will not."""
     import httpx
 
-    return not isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError))
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
+        return False
+    if not isinstance(exc, (httpx.TransportError, httpx.TimeoutException)):
+        return False  # e.g. a decoding error: the same bytes would come again
+    return connect_failure(exc) is None
 
 
 class Requester:
@@ -161,8 +272,10 @@ class Requester:
 
     def __init__(self, client=None, *, auth_headers: Mapping[str, str] | None = None, auth_origin: str | None = None,
                  retries: int = 5, backoff: float | None = None, max_backoff: float = 30.0, interval: float = 0.25,
-                 sleep: Callable[[float], None] = time.sleep, token_hint: str = ""):
+                 sleep: Callable[[float], None] = time.sleep, token_hint: str = "",
+                 log: Callable[[str], None] | None = None):
         self.token_hint = token_hint
+        self.log = log if log is not None else stderr_log
         self.client = client if client is not None else make_client()
         self.auth_headers = dict(auth_headers or {})
         self.auth_origin = origin(auth_origin) if auth_origin else None
@@ -184,13 +297,18 @@ class Requester:
             headers.update(self.auth_headers)
         return headers
 
-    def send_once(self, method: str, url: str, *, headers=None, stream: bool = False, **kw):
-        """One request, redirects followed by hand (credentials only to the auth origin)."""
+    def send_once(self, method: str, url: str, *, headers=None, stream: bool = False, what: str = "request", **kw):
+        """One request, redirects followed by hand (credentials only to the auth origin). More than
+        ``MAX_REDIRECTS`` redirects (a loop) or a redirect to a URL that cannot be requested is a
+        one-line ``NetworkError``."""
         import httpx
 
         for _ in range(MAX_REDIRECTS + 1):
             self.pacer.wait()
-            req = self.client.build_request(method, url, headers=self._headers_for(url, headers), **kw)
+            try:
+                req = self.client.build_request(method, url, headers=self._headers_for(url, headers), **kw)
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError, TypeError) as e:
+                raise NetworkError(f"{what}: cannot request {redact(url)!r}: {' '.join(str(e).split())[:120]}") from None
             resp = self.client.send(req, stream=stream)
             if resp.status_code in (301, 302, 303, 307, 308) and "location" in resp.headers:
                 location = urljoin(str(resp.url), resp.headers["location"])
@@ -203,7 +321,7 @@ class Requester:
                 url = location
                 continue
             return resp
-        raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects", request=req)
+        raise NetworkError(f"{what}: more than {MAX_REDIRECTS} redirects (a redirect loop?), last to {redact(url)}")
 
     def request(self, method: str, url: str, *, what: str, stream: bool = False, allow: tuple[int, ...] = (), **kw):
         """Like ``send_once`` plus retries; returns a response with status < 400 (or in ``allow``),
@@ -211,27 +329,57 @@ class Requester:
         import httpx
 
         attempt = 0
+        tries = self.retries + 1
         while True:
             try:
-                resp = self.send_once(method, url, stream=stream, **kw)
-            except (httpx.TimeoutException, httpx.TransportError) as e:
+                resp = self.send_once(method, url, stream=True, what=what, **kw)
+            except httpx.HTTPError as e:
                 if attempt >= self.retries or not retryable(e):
-                    raise NetworkError(f"{what}: {type(e).__name__}: {e or 'connection failed'} "
-                                       f"(after {attempt + 1} attempts)") from None
-                self.sleep(backoff_delay(attempt, self.backoff, self.max_backoff, None))
+                    n = f" (after {attempt + 1} attempts)" if attempt else ""
+                    raise NetworkError(f"{what}: {describe_transport_error(e, url)}{n}") from None
+                wait = backoff_delay(attempt, self.backoff, self.max_backoff, None)
+                self.log(f"{what}: {describe_transport_error(e, url)}; attempt {attempt + 1} of {tries} failed, "
+                         f"retrying in {wait:g} s")
+                self.sleep(wait)
                 attempt += 1
                 continue
             if resp.status_code in RETRY_STATUSES and attempt < self.retries:
                 wait = backoff_delay(attempt, self.backoff, self.max_backoff,
                                      retry_after_seconds(resp.headers.get("retry-after")))
-                if stream:
-                    resp.close()
+                resp.close()
+                self.log(f"{what}: HTTP {resp.status_code}; attempt {attempt + 1} of {tries} failed, "
+                         f"retrying in {wait:g} s")
                 self.sleep(wait)
                 attempt += 1
                 continue
             if resp.status_code >= 400 and resp.status_code not in allow:
-                if stream:
-                    resp.read()
-                    resp.close()
-                raise_for_status(resp, what, token_hint=self.token_hint)
+                body = _read_some(resp, MAX_ERROR_BODY)
+                raise_for_status(resp, what, token_hint=self.token_hint, body=body)
+            if not stream:  # read here, with a cap: a hostile server cannot stream forever into memory
+                data = read_capped(resp, MAX_JSON_BYTES, what)  # decoded already: drop the encoding headers
+                headers = [(k, v) for k, v in resp.headers.items()
+                           if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+                return httpx.Response(resp.status_code, headers=headers, content=data, request=resp.request)
             return resp
+
+    def get_json(self, method: str, url: str, *, what: str, **kw):
+        """The JSON a request answers (size and nesting capped, see ``parse_json``)."""
+        resp = self.request(method, url, what=what, stream=True, **kw)
+        return parse_json(read_capped(resp, MAX_JSON_BYTES, what), what)
+
+
+def _read_some(resp, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a streamed (error) answer, then the connection is closed."""
+    import httpx
+
+    buf = bytearray()
+    try:
+        for chunk in resp.iter_bytes():
+            buf += chunk
+            if len(buf) >= limit:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        resp.close()
+    return bytes(buf[:limit])
