@@ -73,6 +73,21 @@ def expand_paths(args: list[str], suffixes: tuple[str, ...] | None = None, recur
     return out
 
 
+def expand_inputs(args: list[str], suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """``expand_paths`` for commands that need model files: a folder argument with no model file in it
+    (or a glob matching nothing) is a one-line error naming it, instead of a silent "nothing done"."""
+    from ckptlab.errors import CkptlabError
+
+    out: list[Path] = []
+    for arg in args:
+        found = expand_paths([arg], suffixes)
+        if not found or (len(found) == 1 and str(found[0]) == arg and glob.has_magic(arg) and not found[0].exists()):
+            raise CkptlabError(f"no model files match {arg}" if glob.has_magic(arg) else f"{arg}: no model files "
+                               "found in this folder")
+        out.extend(found)
+    return out
+
+
 def _is_diffusers_dir(p: Path) -> bool:
     from ckptlab.formats.diffusers import is_diffusers_folder
 
