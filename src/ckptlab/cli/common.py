@@ -15,9 +15,11 @@ from rich.console import Console
 
 from ckptlab.jsonable import dumps
 
-# emoji=False: file names and messages are user text, and rich would turn "civitai:-1:" into a thumbs-down
-console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
+# emoji=False: file names and messages are user text, and rich would turn "civitai:-1:" into a thumbs-down.
+# soft_wrap=True: rich hard-wraps at the console width (80 columns when stdout is a file or a pipe), which
+# split long paths over two lines in `ckptlab ... > out.txt`; a line is one line, the terminal wraps it.
+console = Console(emoji=False, soft_wrap=True)
+err_console = Console(stderr=True, emoji=False, soft_wrap=True)
 
 
 DB_HELP = "Catalog file (default: $CKPTLAB_DB or the platform data dir)."
