@@ -4,6 +4,7 @@ what ``torch.load(weights_only=False)`` yields in a throwaway subprocess (the or
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,27 @@ def test_broken_deflate_stream_is_a_format_error(benign, tmp_path):
     with open_model(broken) as src, pytest.raises(FormatError, match="does not inflate"):
         for k in src.keys():
             src.get(k)
+
+
+def test_output_named_ckpt_is_refused_and_out_dir_is_created(benign, tmp_path, cli):
+    """convert -o x.ckpt wrote safetensors under a name every UI would unpickle: refused, nothing written.
+    --out-dir is created when missing; an empty folder is an error, not a silent success."""
+    _, files, _ = benign
+    src = files["sd1_vae_legacy.ckpt"]
+    for name in ("x.ckpt", "x.pt", "x.bin", "x"):
+        r = cli("convert", src, "-o", tmp_path / name)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.splitlines() == [f"ckptlab: error: {tmp_path / name}: the output is a safetensors file; "
+                                         f"name it .safetensors (e.g. {Path(name).stem}.safetensors)"]
+    assert list(tmp_path.iterdir()) == []
+    r = cli("convert", src, "--out-dir", tmp_path / "a" / "b", "--json")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "a" / "b" / "sd1_vae_legacy.safetensors"
+    assert json.loads(r.stdout)["output"] == str(out)
+    got = load_file(str(out))
+    want = benign[2]["sd1_vae_legacy.ckpt"]  # torch.load in a subprocess
+    assert set(got) == set(want) and all(_same(got[k], v) for k, v in want.items())
+    (tmp_path / "empty").mkdir()
+    r = cli("convert", tmp_path / "empty")
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"ckptlab: error: {tmp_path / 'empty'}: no model files found in this folder"]

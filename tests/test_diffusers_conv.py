@@ -259,3 +259,34 @@ def test_from_diffusers_reads_a_folder_saved_by_diffusers(tmp_path):
                     "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"}
     for k in back:
         assert torch.equal(back[k], sd[k]), k
+
+
+@pytest.mark.parametrize("command", ["to-diffusers", "from-diffusers"])
+def test_empty_folder_is_an_error_not_a_silent_success(tmp_path, cli, command):
+    """Both exited 0 having done nothing when given an empty folder."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli(command, empty)
+    assert r.returncode == 1, r.stdout
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"ckptlab: error: {empty}") and ("no model files" in line or "model_index.json" in line)
+    assert r.stdout == "" and list(tmp_path.iterdir()) == [empty] and list(empty.iterdir()) == []
+
+
+def test_from_diffusers_takes_a_folder_of_pipelines_and_creates_out_dir(tmp_path, cli):
+    """A folder holding pipelines converts each; a file, or a folder with no model_index.json anywhere
+    directly below it, is one line naming it; --out-dir is created; to-diffusers --out-dir too."""
+    src = make_model(tmp_path / "m.safetensors", "sd1_checkpoint")
+    r = cli("to-diffusers", src, "--out-dir", tmp_path / "pipes" / "new")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "pipes" / "new" / "m-diffusers" / "model_index.json").is_file()
+    r = cli("from-diffusers", tmp_path / "pipes" / "new", "--out-dir", tmp_path / "single" / "new", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["output"] == str(tmp_path / "single" / "new" / "m-diffusers.safetensors")
+    a, b = load(src), load(tmp_path / "single" / "new" / "m-diffusers.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    r = cli("from-diffusers", src)
+    assert r.returncode == 1 and r.stderr.startswith(f"ckptlab: error: {src}: not a diffusers pipeline folder")
+    r = cli("from-diffusers", tmp_path / "pipes" / "new" / "m-diffusers", "-o", tmp_path / "x.ckpt")
+    assert r.returncode == 1 and "name it .safetensors" in r.stderr, r.stderr
+    assert not (tmp_path / "x.ckpt").exists()

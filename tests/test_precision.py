@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_ops_fixtures import load, make_model, sha256
@@ -90,3 +92,34 @@ def test_cli_precision(tmp_path, cli, model):
     assert out[TE].dtype == torch.float16 and out[UNET].dtype == torch.float32
     r = cli("precision", model, "--to", "fp12")
     assert r.returncode != 0 and "unknown precision" in r.stderr
+
+
+def test_nothing_to_convert_writes_nothing(tmp_path, cli, model):
+    """precision --to fp32 of an fp32 file (or fp16 of a file whose converted weights are fp16 already)
+    wrote a full copy: now one line on stdout, exit 0, nothing written."""
+    r = cli("precision", model, "--to", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (f"{model}: nothing to convert: the weights --to fp32 applies to are fp32 "
+                                "already; nothing written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    r = cli("precision", model, "--to", "fp16")
+    assert r.returncode == 0, r.stderr
+    half = tmp_path / "m-fp16.safetensors"
+    assert half.is_file()
+    r = cli("precision", half, "--to", "fp16", "--json")  # the VAE stayed fp32, the rest is fp16: no-op
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["output"] is None
+    assert not (tmp_path / "m-fp16-fp16.safetensors").exists()
+    r = cli("precision", half, "--to", "fp16", "--only", "vae")  # asking for the VAE is a change
+    assert r.returncode == 0 and (tmp_path / "m-fp16-fp16.safetensors").is_file(), r.stderr
+
+
+def test_output_must_be_named_safetensors(tmp_path, model):
+    from ckptlab.errors import OutputError
+
+    for name in ("x.ckpt", "x.pt", "x", "x.safetensors.tmp"):
+        with pytest.raises(OutputError, match="name it .safetensors"):
+            convert_precision([model], "fp16", outputs=[tmp_path / name])
+    [r] = convert_precision([model], "fp16", outputs=[tmp_path / "X.SafeTensors"])
+    assert r.output.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["X.SafeTensors", "m.safetensors"]

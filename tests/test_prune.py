@@ -236,3 +236,98 @@ def test_nothing_left_to_write_is_refused(tmp_path, cli, case):
     assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
         f"ckptlab: error: {src}: no tensors to write; no output made"]
     assert list(out.iterdir()) == []
+
+
+def test_already_pruned_file_writes_nothing(tmp_path, cli, ema_model):
+    """Pruning a pruned file wrote a full copy. The CLI says so, writes nothing and exits 0; the API writes
+    the copy only when not asked to skip (with a warning), and a dry run reports the same decision."""
+    (tmp_path / "out").mkdir()
+    [first] = prune([ema_model], out_dir=tmp_path / "out")
+    pruned = first.output
+    listing = sorted(p.name for p in (tmp_path / "out").iterdir())
+
+    r = cli("prune", pruned)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{pruned}: nothing to prune (no EMA weights or training state); nothing written"
+    assert r.stderr == ""
+    r = cli("prune", pruned, "--json", "--dry-run")
+    rec = json.loads(r.stdout)
+    assert rec["output"] is None and rec["unchanged"].startswith("nothing to prune"), rec
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == listing
+
+    # mixed: the pruned file is skipped, the unpruned one is written, results in input order
+    r = cli("prune", pruned, ema_model, "--out-dir", tmp_path / "o2", "--json")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["output"] for x in recs] == [None, str(tmp_path / "o2" / "model-pruned.safetensors")]
+    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == ["model-pruned.safetensors"]
+
+    [api] = prune([pruned], skip_unchanged=True)
+    assert api.output is None and api.unchanged
+    [copy] = prune([pruned])  # the library default still writes (apply-plan's in-place rewrite relies on it)
+    assert copy.output.is_file() and any("plain copy" in w for w in copy.warnings)
+    assert set(load(copy.output)) == set(load(pruned))
+
+
+def test_a_pickle_with_nothing_to_prune_points_to_convert(tmp_path, cli):
+    src = make_model(tmp_path / "m.ckpt", "sd1_checkpoint", fmt="ckpt")
+    r = cli("prune", src)
+    assert r.returncode == 0, r.stderr
+    assert "nothing written" in r.stdout and "ckptlab convert" in r.stdout, r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]
+
+
+def test_prune_with_precision_is_a_change(tmp_path, cli):
+    """Nothing to drop but a dtype to change: that is work, not a no-op."""
+    src = make_model(tmp_path / "m.safetensors", "sd1_checkpoint")
+    r = cli("prune", src, "--precision", "fp16")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and (tmp_path / "m-pruned-fp16.safetensors").is_file()
+
+
+def test_out_dir_is_created_only_when_writing(tmp_path, cli, ema_model):
+    """--out-dir out/ failed when out/ did not exist. It is created (with parents) once every check passed;
+    a dry run or a refused input creates nothing; a path under a file is refused."""
+    target = tmp_path / "new" / "deeper"
+    r = cli("prune", ema_model, "--out-dir", target, "--dry-run")
+    assert r.returncode == 0 and not (tmp_path / "new").exists(), r.stderr
+    r = cli("prune", ema_model, tmp_path / "missing.safetensors", "--out-dir", target)
+    assert r.returncode == 1 and not (tmp_path / "new").exists(), r.stderr
+    r = cli("prune", ema_model, "--out-dir", target)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in target.iterdir()) == ["model-pruned.safetensors"]
+    (tmp_path / "afile").write_text("x")
+    r = cli("prune", ema_model, "--out-dir", tmp_path / "afile" / "sub")
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"ckptlab: error: {tmp_path / 'afile' / 'sub' / 'model-pruned.safetensors'}: "
+                                     f"cannot create the output folder {tmp_path / 'afile' / 'sub'}: "
+                                     f"{tmp_path / 'afile'} is not a folder"]
+
+
+def test_db_chooses_the_catalog_consulted_for_input_hashes(tmp_path, cli, ema_model):
+    """Transforms looked input sha256 up in the default catalog whatever --db said. A catalog whose row for
+    the input holds a marker digest proves which catalog was read: with --db (or $CKPTLAB_DB) the marker
+    lands in the output's provenance; with another catalog, the file's real sha256."""
+    import sqlite3
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    src = ema_model.rename(lib / "model.safetensors")
+    db = tmp_path / "mine.db"
+    r = cli("scan", "--db", db, "--hash", lib)
+    assert r.returncode == 0, r.stderr
+    marker = "ab" * 32
+    with sqlite3.connect(db) as con:
+        assert con.execute("UPDATE content SET sha256 = ?", (marker.upper(),)).rowcount == 1
+
+    def recorded(out_dir, *extra, env=None):
+        r = cli("prune", src, "--out-dir", out_dir, *extra, env=env)
+        assert r.returncode == 0, r.stderr
+        meta = safe_open(str(out_dir / "model-pruned.safetensors"), "pt").metadata()
+        return json.loads(meta["ckptlab.inputs"])[0]["sha256"]
+
+    assert recorded(tmp_path / "a", "--db", db) == marker
+    assert recorded(tmp_path / "b", env={"CKPTLAB_DB": str(db)}) == marker
+    assert recorded(tmp_path / "c") == sha256(src)  # the default catalog ($CKPTLAB_DB of conftest) is empty
+    assert recorded(tmp_path / "d", "--db", tmp_path / "none.db") == sha256(src)
+    assert not (tmp_path / "none.db").exists()  # looking a hash up never creates a catalog

@@ -12,12 +12,14 @@ from typing import Optional
 
 import typer
 
+from ckptlab.cli.common import db_option
 from ckptlab.display import human_size
 
 _OUT_DIR = typer.Option(None, "--out-dir", help="Folder for the outputs (default: next to each input).")
 _DRY = typer.Option(False, "--dry-run", help="Plan and check only; write nothing.")
 _JSON = typer.Option(False, "--json", help="Print one JSON object per output (JSON Lines).")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace outputs that already exist.")
+_DB = db_option()
 
 
 class PruneEma(str, Enum):
@@ -36,9 +38,37 @@ class DiffusersEma(str, Enum):
 
 
 def _paths(args: list[str]) -> list[Path]:
-    from ckptlab.cli.common import expand_paths
+    from ckptlab.cli.common import expand_inputs
 
-    return expand_paths(args)
+    return expand_inputs(args)
+
+
+def _diffusers_folders(args: list[str]) -> list[Path]:
+    """from-diffusers inputs: each argument (globs expanded) is a diffusers folder, or a folder whose
+    sub-folders hold diffusers pipelines; anything else is a one-line error naming the argument."""
+    import glob
+
+    from ckptlab.errors import FormatError
+
+    out: list[Path] = []
+    for arg in args:
+        matches = sorted(glob.glob(arg, recursive=True)) if glob.has_magic(arg) else [arg]
+        for m in matches or [arg]:
+            p = Path(m)
+            if not p.exists():
+                raise FormatError("no such folder", p)
+            if not p.is_dir():
+                raise FormatError("not a diffusers pipeline folder (a file; from-diffusers reads folders with "
+                                  "a model_index.json)", p)
+            if (p / "model_index.json").is_file():
+                out.append(p)
+                continue
+            found = sorted(x.parent for x in p.glob("*/model_index.json"))
+            if not found:
+                raise FormatError("not a diffusers pipeline folder (no model_index.json here or in its "
+                                  "sub-folders)", p)
+            out.extend(found)
+    return out
 
 
 def _report(results, json_out: bool) -> None:
@@ -47,6 +77,12 @@ def _report(results, json_out: bool) -> None:
     for r in results:
         if json_out:
             emit_json(r)
+            continue
+        if getattr(r, "unchanged", None):
+            hint = ("; `ckptlab convert` makes a .safetensors copy of a pickle"
+                    if Path(r.input).suffix.lower() != ".safetensors" else "")
+            console.print(f"{r.input}: {r.unchanged}; nothing written{hint}", highlight=False, markup=False,
+                          soft_wrap=True)
             continue
         verb = "would write" if r.dry_run else "wrote"
         size = human_size(getattr(r, "bytes_out", 0))
@@ -72,6 +108,7 @@ def prune_cmd(
     precision: Optional[str] = typer.Option(None, "--precision", help="Also convert: fp16, bf16 or fp32."),
     clamp: bool = typer.Option(False, "--clamp", help="Clamp values that overflow fp16 instead of refusing."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+    db: Optional[Path] = _DB,
 ) -> None:
     """Drop training state and EMA (or keep / use EMA), optionally changing precision.
 
@@ -82,7 +119,7 @@ def prune_cmd(
 
     with progress_bar("prune", enabled=not json_out) as cb:
         results = prune(_paths(inputs), ema=ema.value, precision=precision, clamp=clamp, out_dir=out_dir,
-                        overwrite=overwrite, dry_run=dry_run, progress=cb)
+                        overwrite=overwrite, dry_run=dry_run, progress=cb, db=db, skip_unchanged=True)
     _report(results, json_out)
 
 
@@ -92,6 +129,7 @@ def precision_cmd(
     only: Optional[list[str]] = typer.Option(None, "--only", help="Convert only unet, vae or te (repeatable)."),
     clamp: bool = typer.Option(False, "--clamp", help="Clamp values that overflow the target instead of refusing."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+    db: Optional[Path] = _DB,
 ) -> None:
     """Convert weights exactly (tensor.to(dtype)); the VAE stays fp32 unless --only vae.
 
@@ -102,7 +140,7 @@ def precision_cmd(
 
     with progress_bar("precision", enabled=not json_out) as cb:
         results = convert_precision(_paths(inputs), to, only=only, clamp=clamp, out_dir=out_dir,
-                                    overwrite=overwrite, dry_run=dry_run, progress=cb)
+                                    overwrite=overwrite, dry_run=dry_run, progress=cb, db=db, skip_unchanged=True)
     _report(results, json_out)
 
 
@@ -111,6 +149,7 @@ def extract_cmd(
     component: str = typer.Option(..., "--component", "-c", help="unet, vae, clip_l, clip_g, openclip_h, t5xxl or ema."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (one input)."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+    db: Optional[Path] = _DB,
 ) -> None:
     """Write one component as a standalone file, named as the field names such files.
 
@@ -121,7 +160,7 @@ def extract_cmd(
 
     with progress_bar("extract", enabled=not json_out) as cb:
         results = extract(_paths(inputs), component, out=output, out_dir=out_dir, overwrite=overwrite,
-                          dry_run=dry_run, progress=cb)
+                          dry_run=dry_run, progress=cb, db=db)
     _report(results, json_out)
 
 
@@ -133,6 +172,7 @@ def replace_cmd(
     unet: Optional[Path] = typer.Option(None, "--unet", help="UNet to bake in."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (one input)."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+    db: Optional[Path] = _DB,
 ) -> None:
     """Bake components into a checkpoint, checking family and every shape first.
 
@@ -143,7 +183,7 @@ def replace_cmd(
 
     with progress_bar("replace", enabled=not json_out) as cb:
         results = replace(_paths(inputs), vae=vae, clip_l=clip_l, clip_g=clip_g, unet=unet, out=output,
-                          out_dir=out_dir, overwrite=overwrite, dry_run=dry_run, progress=cb)
+                          out_dir=out_dir, overwrite=overwrite, dry_run=dry_run, progress=cb, db=db)
     _report(results, json_out)
 
 
@@ -154,6 +194,7 @@ def to_diffusers_cmd(
     precision: Optional[str] = typer.Option(None, "--precision", help="Cast UNet and text encoders: fp16, bf16, fp32."),
     clamp: bool = typer.Option(False, "--clamp", help="Clamp values that overflow fp16 instead of refusing."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+    db: Optional[Path] = _DB,
 ) -> None:
     """Write a diffusers folder that StableDiffusion(XL)Pipeline.from_pretrained loads offline.
 
@@ -172,7 +213,7 @@ def to_diffusers_cmd(
         for p in paths:
             out = output or output_path(p, out_dir, "-diffusers", ext="")
             results.append(to_diffusers(p, out, ema=ema.value, precision=precision, clamp=clamp, overwrite=overwrite,
-                                        dry_run=dry_run, progress=cb))
+                                        dry_run=dry_run, progress=cb, db=db, create_parent=output is None))
     _report(results, json_out)
 
 
@@ -180,6 +221,7 @@ def from_diffusers_cmd(
     inputs: list[str] = typer.Argument(..., help="diffusers pipeline folder(s)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .safetensors (one input)."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
+    db: Optional[Path] = _DB,
 ) -> None:
     """Write a single-file checkpoint (A1111/ComfyUI layout) from a diffusers folder.
 
@@ -190,14 +232,15 @@ def from_diffusers_cmd(
     from ckptlab.ops.diffusers_io import from_diffusers
     from ckptlab.ops.stream import output_path
 
-    paths = _paths(inputs)
+    paths = _diffusers_folders(inputs)
     if output is not None and len(paths) != 1:
         raise CkptlabError("-o/--output takes one input; use --out-dir for several")
     results = []
     with progress_bar("from-diffusers", enabled=not json_out) as cb:
         for p in paths:
             out = output or output_path(p, out_dir, "")
-            results.append(from_diffusers(p, out, overwrite=overwrite, dry_run=dry_run, progress=cb))
+            results.append(from_diffusers(p, out, overwrite=overwrite, dry_run=dry_run, progress=cb, db=db,
+                                          create_parent=output is None))
     _report(results, json_out)
 
 

@@ -15,9 +15,11 @@ from rich.console import Console
 
 from ckptlab.jsonable import dumps
 
-# emoji=False: file names and messages are user text, and rich would turn "civitai:-1:" into a thumbs-down
-console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
+# emoji=False: file names and messages are user text, and rich would turn "civitai:-1:" into a thumbs-down.
+# soft_wrap=True: rich hard-wraps at the console width (80 columns when stdout is a file or a pipe), which
+# split long paths over two lines in `ckptlab ... > out.txt`; a line is one line, the terminal wraps it.
+console = Console(emoji=False, soft_wrap=True)
+err_console = Console(stderr=True, emoji=False, soft_wrap=True)
 
 
 DB_HELP = "Catalog file (default: $CKPTLAB_DB or the platform data dir)."
@@ -70,6 +72,21 @@ def expand_paths(args: list[str], suffixes: tuple[str, ...] | None = None, recur
                     out.extend(_walk_models(p, suffixes))
             else:
                 out.append(p)
+    return out
+
+
+def expand_inputs(args: list[str], suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """``expand_paths`` for commands that need model files: a folder argument with no model file in it
+    (or a glob matching nothing) is a one-line error naming it, instead of a silent "nothing done"."""
+    from ckptlab.errors import CkptlabError
+
+    out: list[Path] = []
+    for arg in args:
+        found = expand_paths([arg], suffixes)
+        if not found or (len(found) == 1 and str(found[0]) == arg and glob.has_magic(arg) and not found[0].exists()):
+            raise CkptlabError(f"no model files match {arg}" if glob.has_magic(arg) else f"{arg}: no model files "
+                               "found in this folder")
+        out.extend(found)
     return out
 
 

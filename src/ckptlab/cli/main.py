@@ -4,12 +4,132 @@ exit code (no user-caused error ever prints a traceback)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import get_args, get_origin
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from ckptlab.errors import CkptlabError
+
+# --------------------------------------------------------------------------- one CLI language
+# Help shows plain flags: typer 0.2x renders every parameter's Python type (``--json <bool>``,
+# ``inputs... <list[str]>``, ``{inputs}...``). The classes below render flags bare, options with a classic
+# upper-case value name (TEXT, PATH, keep|drop|use) and arguments in upper case; they are applied to every
+# command in ``_plain_everywhere`` so the command modules need no change.
+
+#: argument names shown in help and usage (the Python parameter names differ between modules)
+ARGUMENT_NAMES = {"paths": "PATH", "inputs": "PATH", "roots": "ROOT", "models": "MODEL", "sources": "SOURCE"}
+
+#: spellings unified across commands: (command path, old option) -> new spellings shown first. The old
+#: spelling keeps working but is left out of the help (a hidden alias); entries whose old spelling a
+#: command no longer has are ignored.
+OPTION_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("apply-plan", "--catalog"): ("--db",),      # every other catalog command says --db
+    ("scan", "--workers"): ("--jobs", "-j"),       # download says --jobs/-j for "how many files at once"
+    ("merge", "--dtype"): ("--precision",),      # prune and to-diffusers say --precision for the output dtype
+}
+
+_VALUE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
+
+
+def _value_name(param: TyperOption) -> str:
+    desc = param.type_descriptor
+    if desc.is_choice:
+        return "|".join(str(getattr(c, "value", c)) for c in desc.choices or ())
+    if desc.is_path:
+        return "PATH"
+    ann = desc.annotation
+    if get_origin(ann) is list and get_args(ann):
+        ann = get_args(ann)[0]
+    return _VALUE_NAMES.get(ann, "VALUE")
+
+
+class PlainOption(TyperOption):
+    """A flag shows no type; an option with a value shows a classic value name."""
+
+    hidden_opts: frozenset[str] = frozenset()
+
+    def display_type_rich(self, ctx):
+        if self.is_flag or self.count:
+            return None
+        if self.metavar is not None:
+            return self.metavar
+        return _value_name(self) + ("..." if self.nargs != 1 else "")
+
+
+class PlainArgument(TyperArgument):
+    """An argument is shown by its upper-case name (``PATH...``), without a type."""
+
+    @property
+    def display_name_raw(self) -> str:
+        if self.metavar is not None:
+            return self.metavar
+        return ARGUMENT_NAMES.get(self.name, self.name.upper())
+
+    def display_type_rich(self, ctx):
+        return None
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+
+def _plain_params(command, path: str) -> None:
+    for p in command.params:
+        if type(p) is TyperOption:
+            p.__class__ = PlainOption
+        elif type(p) is TyperArgument:
+            p.__class__ = PlainArgument
+        if isinstance(p, PlainOption):
+            for old in [o for o in p.opts if (path, o) in OPTION_ALIASES]:
+                new = [n for n in OPTION_ALIASES[(path, old)] if n not in p.opts]
+                p.opts[:] = [*new, *p.opts]
+                p.hidden_opts = p.hidden_opts | {old}
+
+
+@contextlib.contextmanager
+def _aliases_hidden(params):
+    """Help lists each option's spellings from ``opts``; leave the hidden aliases out while it renders."""
+    saved = [(p, list(p.opts)) for p in params if getattr(p, "hidden_opts", None)]
+    try:
+        for p, opts in saved:
+            p.opts[:] = [o for o in opts if o not in p.hidden_opts]
+        yield
+    finally:
+        for p, opts in saved:
+            p.opts[:] = opts
+
+
+class _PlainMixin:
+    def _plain(self, path: str) -> None:
+        _plain_params(self, path)
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None and type(opt) is TyperOption:
+            opt.__class__ = PlainOption
+        return opt
+
+    def format_help(self, ctx, formatter):
+        with _aliases_hidden(self.get_params(ctx)):
+            return super().format_help(ctx, formatter)
+
+
+class PlainCommand(_PlainMixin, TyperCommand):
+    pass
+
+
+class PlainGroup(_PlainMixin, TyperGroup):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._plain(self.name or "")
+        for name, sub in self.commands.items():  # commands are built before their group
+            if isinstance(sub, _PlainMixin):
+                sub._plain(name if not self.name or self.name == "ckptlab" else f"{self.name} {name}")
+
 
 app = typer.Typer(
     name="ckptlab",
@@ -18,6 +138,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=PlainGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every sub-command
 )
 
 _COMMAND_MODULES = (
@@ -44,7 +166,19 @@ def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", h
         raise typer.Exit(0)
 
 
+def _plain_everywhere(typer_app: typer.Typer) -> None:
+    """Every command and sub-group of ``typer_app`` renders its help through the plain classes."""
+    for info in typer_app.registered_commands:
+        if info.cls is None or info.cls is TyperCommand:
+            info.cls = PlainCommand
+    for group in typer_app.registered_groups:
+        if not (isinstance(group.cls, type) and issubclass(group.cls, PlainGroup)):
+            group.cls = PlainGroup
+        _plain_everywhere(group.typer_instance)
+
+
 _register_all()
+_plain_everywhere(app)
 
 
 def _during_interrupt(e: BaseException) -> bool:

@@ -99,7 +99,8 @@ def openclip_to_hf_items(src: TensorSource, keys: list[str], prefix: str, drop_l
 
 
 def extract(inputs: list[Path], component: str, *, out: Path | None = None, out_dir: Path | None = None,
-            overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress) -> list[TransformResult]:
+            overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress,
+            db: Path | None = None) -> list[TransformResult]:
     """``ckptlab extract``: ``<stem>-<component>.safetensors`` per input (or ``out`` for one input)."""
     if out is not None and len(inputs) != 1:
         raise CkptlabError("-o/--output takes one input; use --out-dir for several")
@@ -110,7 +111,7 @@ def extract(inputs: list[Path], component: str, *, out: Path | None = None, out_
         return items, {"component": component}, False
 
     return run_each(inputs, "extract", f"-{component}", one, out_dir=out_dir, outputs=[out] if out else None,
-                    overwrite=overwrite, dry_run=dry_run, progress=progress)
+                    overwrite=overwrite, dry_run=dry_run, progress=progress, db=db)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
 
 def replace(inputs: list[Path], *, vae: Path | None = None, clip_l: Path | None = None, clip_g: Path | None = None,
             unet: Path | None = None, out: Path | None = None, out_dir: Path | None = None, overwrite: bool = False,
-            dry_run: bool = False, progress: Progress = null_progress) -> list[TransformResult]:
+            dry_run: bool = False, progress: Progress = null_progress, db: Path | None = None) -> list[TransformResult]:
     """``ckptlab replace``: bake components into each input (``<stem>-baked.safetensors`` or ``out``)."""
     given = {"vae": vae, "clip_l": clip_l, "clip_g": clip_g, "unet": unet}
     given = {k: Path(v) for k, v in given.items() if v is not None}
@@ -249,7 +250,8 @@ def replace(inputs: list[Path], *, vae: Path | None = None, clip_l: Path | None 
             return items, opts, True
 
         return run_each(inputs, "replace", "-baked", one, out_dir=out_dir, outputs=[out] if out else None,
-                        overwrite=overwrite, dry_run=dry_run, progress=progress, extra_inputs=list(given.values()))
+                        overwrite=overwrite, dry_run=dry_run, progress=progress, extra_inputs=list(given.values()),
+                        db=db)
     finally:
         for s in comps.values():
             s.close()

@@ -39,8 +39,9 @@ from ckptlab.ops.stream import (
     FileHasher,
     Out,
     TransformResult,
+    check_folder,
+    make_folder,
     placeholder,
-    probe_writable,
     provenance,
     same_file,
     write_plan,
@@ -248,9 +249,12 @@ def _prediction_type(src: TensorSource, fam: str) -> str:
 
 
 def to_diffusers(path: Path, out: Path, *, ema: str = "drop", precision: str | None = None, clamp: bool = False,
-                 overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress) -> FolderResult:
+                 overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress,
+                 db: Path | None = None, create_parent: bool = False) -> FolderResult:
     """Write the diffusers folder ``out``. ``precision`` (fp16/bf16/fp32) casts UNet and text-encoder
-    weights (``precision`` rules: the VAE stays as it is; diffusers upcasts fp16 VAEs anyway)."""
+    weights (``precision`` rules: the VAE stays as it is; diffusers upcasts fp16 VAEs anyway). ``db``: the
+    catalog consulted for the input's known sha256. ``create_parent`` (``--out-dir``): ``out``'s parent
+    folder is created when missing (once every check passed; never on dry runs)."""
     from ckptlab.ops.prune import check_ema
 
     check_ema(ema, TO_DIFFUSERS_EMA)
@@ -263,10 +267,11 @@ def to_diffusers(path: Path, out: Path, *, ema: str = "drop", precision: str | N
         result = FolderResult("to-diffusers", path, out, fam, dry_run=dry_run,
                               files={f: len(v) for f, v in files.items()},
                               extra_tensors=len(files.get(EXTRA_FILE, [])), dropped=dropped, warnings=warnings)
-        target = _check_folder_target(out, path, overwrite)
+        target = _check_folder_target(out, path, overwrite, create_parent)
         if dry_run:
             return result
-        hasher = FileHasher(path)
+        make_folder(target.parent)
+        hasher = FileHasher(path, db=db)
         ph = placeholder(0)
         tok_files: dict[str, bytes] = {}
         for folder, _, kind in TEXT_ENCODERS[fam]:
@@ -321,7 +326,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
         raise OutputError(f"write failed: {e.strerror or e}", path) from None
 
 
-def _check_folder_target(out: Path, inp: Path, overwrite: bool) -> Path:
+def _check_folder_target(out: Path, inp: Path, overwrite: bool, create_parent: bool = False) -> Path:
     """Refuse before any work an output folder that is, contains or is inside the input (resolved
     paths, so ``-o .`` and symlinks are caught), exists without ``overwrite``, or cannot be written.
     Returns the resolved folder to write."""
@@ -331,9 +336,7 @@ def _check_folder_target(out: Path, inp: Path, overwrite: bool) -> Path:
                           out)
     if target.exists() and not overwrite:
         raise OutputError("output already exists (use --overwrite to replace it)", out)
-    if not target.parent.is_dir():
-        raise OutputError(f"output folder {target.parent} does not exist", out)
-    probe_writable(target.parent, out)
+    check_folder(target.parent, out, create=create_parent)
     return target
 
 
@@ -543,7 +546,10 @@ def _cat_out(key: str, parts: list[tuple[TensorSource, str]]) -> Out:
 
 
 def from_diffusers(folder: Path, out: Path, *, overwrite: bool = False, dry_run: bool = False,
-                   progress: Progress = null_progress) -> TransformResult:
+                   progress: Progress = null_progress, db: Path | None = None,
+                   create_parent: bool = False) -> TransformResult:
+    """Write the single-file checkpoint ``out`` from the diffusers folder ``folder``. ``db`` and
+    ``create_parent``: as for ``to_diffusers``."""
     from ckptlab.ops.stream import check_output
 
     folder, out = Path(folder), Path(out)
@@ -558,10 +564,11 @@ def from_diffusers(folder: Path, out: Path, *, overwrite: bool = False, dry_run:
                                  bytes_out=sum(i.info.nbytes for i in items), warnings=warnings)
         if not items:
             raise CkptlabError("no tensors to write; no output made", folder)
-        check_output(out, weight_files, overwrite)
+        check_output(out, weight_files, overwrite, create_folder=create_parent)
         if dry_run:
             return result
-        hashers = [FileHasher(f) for f in weight_files]
+        make_folder(out.parent)
+        hashers = [FileHasher(f, db=db) for f in weight_files]
         pending = {placeholder(i): h for i, h in enumerate(hashers)}
         inputs = [(f.relative_to(folder), placeholder(i)) for i, f in enumerate(weight_files)]
         meta = provenance("from-diffusers", inputs, {"family": fam})

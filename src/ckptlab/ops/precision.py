@@ -132,12 +132,18 @@ def precision_items(src: TensorSource, layout: Layout, keys: list[tuple[str, str
 
 def convert_precision(inputs: list[Path], to: str, *, only: list[str] | None = None, clamp: bool = False,
                       out_dir: Path | None = None, outputs: list[Path] | None = None, overwrite: bool = False,
-                      dry_run: bool = False, progress: Progress = null_progress) -> list[TransformResult]:
-    """``ckptlab precision``: write ``<stem>-<to>.safetensors`` next to each input (or in ``out_dir``)."""
-    from ckptlab.ops.run import run_each
+                      dry_run: bool = False, progress: Progress = null_progress, db: Path | None = None,
+                      skip_unchanged: bool = False) -> list[TransformResult]:
+    """``ckptlab precision``: write ``<stem>-<to>.safetensors`` next to each input (or in ``out_dir``).
+
+    An input where no tensor changes (already ``to``, or only tensors that stay as they are): with
+    ``skip_unchanged`` (the CLI) nothing is written and the result says why; without it the output is a
+    plain copy, with a warning."""
+    from ckptlab.ops.run import is_identity, run_each
 
     target = target_dtype(to)
     only_set = _parse_only(only)
+    reason = f"nothing to convert: the weights --to {to.lower()} applies to are {to.lower()} already"
 
     def one(path: Path, src: TensorSource, result: TransformResult):
         layout = detect_layout(src)
@@ -146,13 +152,13 @@ def convert_precision(inputs: list[Path], to: str, *, only: list[str] | None = N
             raise MismatchError(f"this is a VAE; {to} VAEs of SD1/SDXL produce NaNs, so VAEs convert only "
                                 "with --only vae", path)
         items = precision_items(src, layout, [(k, k) for k in src.keys()], target, only_set, clamp, result)
-        if not result.converted:
-            result.warnings.append(f"no tensor needed converting to {to.lower()}; the output is a plain copy")
+        if not skip_unchanged and is_identity(src, items):
+            result.warnings.append(f"{reason}; the output is a plain copy")
         options = {"to": to.lower(), "only": sorted(only_set) if only_set else None, "clamp": clamp}
         return items, options, True
 
     return run_each(inputs, "precision", f"-{to.lower()}", one, out_dir=out_dir, outputs=outputs, overwrite=overwrite,
-                    dry_run=dry_run, progress=progress)
+                    dry_run=dry_run, progress=progress, db=db, skip_unchanged=reason if skip_unchanged else None)
 
 
 def _parse_only(only: list[str] | None) -> set[str] | None:

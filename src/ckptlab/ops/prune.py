@@ -16,11 +16,12 @@ from ckptlab.errors import CkptlabError, MismatchError
 from ckptlab.formats.base import TensorSource
 from ckptlab.ops.layout import detect_layout, ema_pairs, is_ema
 from ckptlab.ops.precision import _parse_only, precision_items, target_dtype
-from ckptlab.ops.run import run_each
+from ckptlab.ops.run import is_identity, run_each
 from ckptlab.ops.stream import TransformResult
 from ckptlab.progress import Progress, null_progress
 
 EMA_CHOICES = ("keep", "drop", "use")
+NOTHING_TO_PRUNE = "nothing to prune (no EMA weights or training state)"
 
 
 def check_ema(ema: str, choices: tuple[str, ...] = EMA_CHOICES) -> None:
@@ -58,8 +59,6 @@ def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", pr
         else:
             keys.append((k, pairs.get(k, k)))
     result.dropped = {k: v for k, v in dropped.items() if v}
-    if not result.dropped and not precision:
-        result.warnings.append("nothing to prune (no EMA or training state); the output is a plain copy")
     target = target_dtype(precision) if precision else None
     items = precision_items(src, layout, keys, target, _parse_only(only), clamp, result)
     return items, {"ema": ema, "precision": precision, "clamp": clamp}
@@ -72,13 +71,21 @@ def prune_suffix(ema: str, precision: str | None) -> str:
 
 def prune(inputs: list[Path], *, ema: str = "drop", precision: str | None = None, clamp: bool = False,
           out_dir: Path | None = None, outputs: list[Path] | None = None, overwrite: bool = False,
-          dry_run: bool = False, progress: Progress = null_progress) -> list[TransformResult]:
-    """Prune each input into ``<stem><suffix>.safetensors`` (see ``prune_suffix``)."""
+          dry_run: bool = False, progress: Progress = null_progress, db: Path | None = None,
+          skip_unchanged: bool = False) -> list[TransformResult]:
+    """Prune each input into ``<stem><suffix>.safetensors`` (see ``prune_suffix``).
+
+    An input with nothing to prune (no EMA or training state to drop, no tensor to convert or repair):
+    with ``skip_unchanged`` (the CLI) nothing is written for it and its result says why (``unchanged``);
+    without it the output is written as a plain copy, with a warning."""
     check_ema(ema)
+    reason = NOTHING_TO_PRUNE if precision is None else f"{NOTHING_TO_PRUNE} or convert to {precision.lower()}"
 
     def one(path: Path, src: TensorSource, result: TransformResult):
         items, options = prune_plan(src, result, ema, precision, None, clamp)
+        if not skip_unchanged and is_identity(src, items):
+            result.warnings.append(f"{reason}; the output is a plain copy")
         return items, options, True
 
     return run_each(inputs, "prune", prune_suffix(ema, precision), one, out_dir=out_dir, outputs=outputs, overwrite=overwrite,
-                    dry_run=dry_run, progress=progress)
+                    dry_run=dry_run, progress=progress, db=db, skip_unchanged=reason if skip_unchanged else None)

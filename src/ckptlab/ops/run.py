@@ -18,6 +18,7 @@ from ckptlab.ops.stream import (
     Out,
     TransformResult,
     check_output,
+    make_folder,
     open_input,
     output_path,
     placeholder,
@@ -85,17 +86,32 @@ def _open_checked(path: Path, allow_suspicious: bool | None) -> tuple[TensorSour
         raise
 
 
+def is_identity(src: TensorSource, items: list[Out]) -> bool:
+    """Whether a plan writes exactly the input's tensors: every one, under its own name, as raw copies
+    (same dtype and shape). Such an output would be a plain copy of the input's weights."""
+    return (len(items) == len(src) and len({it.key for it in items}) == len(items)
+            and all(it.produce is None and it.source is src and it.src_key == it.key for it in items))
+
+
 def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *, out_dir: Path | None = None,
              outputs: list[Path] | None = None, overwrite: bool = False, dry_run: bool = False,
              progress: Progress = null_progress, extra_inputs: list[Path] | None = None,
-             allow_suspicious: bool | None = None) -> list[TransformResult]:
+             allow_suspicious: bool | None = None, db: Path | None = None,
+             skip_unchanged: str | None = None) -> list[TransformResult]:
     """Plan every input with ``plan_fn``, then write each output. ``extra_inputs`` (e.g. a VAE baked
     into every input) are recorded with their sha256 in every output's provenance. ``allow_suspicious``
     (see ``ensure_safe``): suspicious pickles are read anyway, each ignored finding reported in the
-    result's warnings as ``ignored (suspicious): ...``."""
+    result's warnings as ``ignored (suspicious): ...``. ``db``: the catalog consulted for inputs' known
+    sha256 (``--db``). ``out_dir`` is created when missing (after every check passed; never on dry runs).
+
+    ``skip_unchanged`` (a reason, e.g. "nothing to prune"): when the plan of an input is exactly its own
+    tensors under their own names and dtypes, nothing is written for it; its result has ``output=None``
+    and ``unchanged`` set to the reason. Without it such a plan is written (a plain copy)."""
     if not inputs:
         raise CkptlabError("no input files")
     jobs: list[_Job] = []
+    skipped: list[TransformResult] = []
+    order: dict[int, int] = {}  # results in input order, written or not
     seen_outputs: set[Path] = set()
     try:
         for i, path in enumerate(inputs):
@@ -108,6 +124,7 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
             result = TransformResult(operation, path, out, dry_run=dry_run, tensors_in=len(src),
                                      bytes_in=sum(inf.nbytes for inf in src.infos().values()))
             result.warnings += [f"ignored (suspicious): {i}" for i in ignored]
+            order[id(result)] = i
             jobs.append(_Job(path, src, out, [], {}, False, result))
             items, options, keep_meta = plan_fn(path, src, result)
             jobs[-1].items, jobs[-1].options, jobs[-1].keep_meta = items, options, keep_meta
@@ -115,21 +132,32 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
                 raise CkptlabError("no tensors to write; no output made", path)
             result.tensors_out = len(items)
             result.bytes_out = sum(it.info.nbytes for it in items)
+            if skip_unchanged and is_identity(src, items):
+                result.unchanged, result.output, result.bytes_out = skip_unchanged, None, 0
+                jobs.pop()
+                src.close()
+                skipped.append(result)
+                continue
             if out.resolve() in seen_outputs:
                 raise CkptlabError(f"two inputs would both be written to {out}", path)
             seen_outputs.add(out.resolve())
-            check_output(out, [path, *(extra_inputs or [])], overwrite)
+            check_output(out, [path, *(extra_inputs or [])], overwrite, create_folder=out_dir is not None)
+        results = {id(r): r for r in skipped}
+        results.update((id(j.result), j.result) for j in jobs)
+        ordered = sorted(results.values(), key=lambda r: order[id(r)])
         if dry_run:
-            return [j.result for j in jobs]
+            return ordered
+        for folder in {j.out.parent for j in jobs}:
+            make_folder(folder)
         extra_hashers: dict[Path, FileHasher] = {}
         progress(0, total=sum(j.result.bytes_out for j in jobs))
         for n, job in enumerate(jobs):
             progress(0, description=f"{operation} {job.path.name} ({n + 1}/{len(jobs)})")
-            hasher = FileHasher(job.path) if job.path.is_file() else None
+            hasher = FileHasher(job.path, db=db) if job.path.is_file() else None
             paths = [job.path, *(extra_inputs or [])]
             for p in extra_inputs or []:
                 if p not in extra_hashers:
-                    extra_hashers[p] = FileHasher(p)  # hashed once, recorded in every output
+                    extra_hashers[p] = FileHasher(p, db=db)  # hashed once, recorded in every output
             hashers = [hasher, *(extra_hashers[p] for p in extra_inputs or [])]
             pending = {placeholder(i): h for i, h in enumerate(hashers) if h is not None}
             meta = provenance(operation, [(p, placeholder(i) if h else None)
@@ -138,7 +166,7 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
             write_plan(job.out, job.items, meta, progress=progress, overwrite=overwrite, pending=pending,
                        set_total=False)
             job.result.input_sha256 = hasher.result() if hasher else None
-        return [j.result for j in jobs]
+        return ordered
     finally:
         for j in jobs:
             j.src.close()

@@ -61,6 +61,8 @@ class TransformResult:
     converted: int = 0
     warnings: list[str] = field(default_factory=list)
     input_sha256: str | None = None
+    #: why nothing was written (the output would have been a plain copy of the input); None when written
+    unchanged: str | None = None
 
 
 def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progress: Progress = null_progress,
@@ -130,9 +132,10 @@ class FileHasher:
     """SHA-256 of a file computed in a background thread (hashlib releases the GIL), so hashing an
     input overlaps with writing the output instead of adding a full extra pass in front of it."""
 
-    def __init__(self, path: Path, *, use_catalog: bool = True):
+    def __init__(self, path: Path, *, use_catalog: bool = True, db: Path | None = None):
+        """``db``: the catalog to look the digest up in (``--db``; None = ``$CKPTLAB_DB`` or the default)."""
         self.path = Path(path)
-        self._digest: str | None = known_sha256(self.path) if use_catalog else None
+        self._digest: str | None = known_sha256(self.path, db=db) if use_catalog else None
         self._error: BaseException | None = None
         self.from_catalog = self._digest is not None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -174,19 +177,59 @@ def same_file(a: Path, b: Path) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def check_output(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
-    """Refuse before any work: output is an input (any of them: the main input and every file baked
-    in), exists, or its folder is missing / not writable."""
+#: the one suffix a safetensors output may have (compared case-insensitively)
+OUTPUT_SUFFIX = ".safetensors"
+
+
+def check_suffix(out: Path) -> None:
+    """Refuse an output name that does not end in ``.safetensors``: every transform writes safetensors, and
+    UIs choose the loader by suffix (A1111 would unpickle a ``.ckpt``), so ``-o x.ckpt`` is an error, not a
+    silently mislabelled file."""
     out = Path(out)
+    if out.suffix.lower() != OUTPUT_SUFFIX:
+        hint = out.with_suffix(OUTPUT_SUFFIX).name if out.suffix else out.name + OUTPUT_SUFFIX
+        raise OutputError(f"the output is a safetensors file; name it .safetensors (e.g. {hint})", out)
+
+
+def check_output(out: Path, inputs: Iterable[Path], overwrite: bool, *, create_folder: bool = False) -> None:
+    """Refuse before any work: output is an input (any of them: the main input and every file baked
+    in), exists, is not named ``.safetensors``, or its folder is missing / not writable. With
+    ``create_folder`` (``--out-dir``) a missing folder is fine when it can be created (see ``check_folder``);
+    the caller creates it with ``make_folder`` once every check has passed."""
+    out = Path(out)
+    check_suffix(out)
     for p in inputs:
         if same_file(out, p):
             raise OutputError(f"output would replace the input {Path(p).name}; choose another name", out)
     if out.exists() and not overwrite:
         raise OutputError("output already exists (use --overwrite to replace it)", out)
-    folder = out.parent
-    if not folder.is_dir():
-        raise OutputError(f"output folder {folder} does not exist", out)
-    probe_writable(folder, out)
+    check_folder(out.parent, out, create=create_folder)
+
+
+def check_folder(folder: Path, out: Path | None = None, *, create: bool = False) -> None:
+    """The folder an output goes into is a writable folder - or, with ``create``, can be made: its nearest
+    existing ancestor is a writable folder. Nothing is created here (a later refusal must leave nothing)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        probe_writable(folder, out)
+        return
+    if folder.exists() or not create:
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise OutputError(f"output folder {folder} {what}", out or folder)
+    anc = folder
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"cannot create the output folder {folder}: {anc} is not a folder", out or folder)
+    probe_writable(anc, out or folder)
+
+
+def make_folder(folder: Path) -> None:
+    """Create ``folder`` (and its parents) for ``--out-dir``; one-line error on failure."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output folder: {e.strerror or e}", folder) from None
 
 
 def probe_writable(folder: Path, out: Path | None = None) -> None:
