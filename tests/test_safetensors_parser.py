@@ -76,12 +76,26 @@ BAD = {
     "offsets_gap_between": (hdr({KEY: entry(), KEY2: entry(offs=(8, 12))}, Z4 * 3), "gap of 4 bytes"),
     "offsets_out_of_range": (hdr({KEY: entry(shape=(4,), offs=(0, 16))}, Z4), "past the end of the data buffer"),
     "trailing_bytes": (hdr({KEY: entry()}, Z4 + b"\0\0"), "does not match the header"),
+    # hostile headers of the attack run (issue 12): a dtype that is not a string cost a TypeError (exit 70), a shape
+    # list of a million dimensions cost a quadratic product; the reference multiplies with checked_mul from the
+    # first dimension, so an overflow before a later 0 is refused too
+    "dtype_list": (hdr({KEY: entry(dtype=["F32"])}, Z4), "unknown dtype ['F32']"),
+    "dtype_object": (hdr({KEY: entry(dtype={"F32": 4})}, Z4), "unknown dtype"),
+    "dtype_null": (hdr({KEY: entry(dtype=None)}, Z4), "unknown dtype None"),
+    "shape_rank_65": (hdr({KEY: entry(shape=(1,) * 65)}, Z4), "65 dimensions (at most 64)"),
+    "shape_rank_100k_huge_dims": (hdr({KEY: entry(shape=(2**62,) * 100_000, offs=(0, 0))}),
+                                  "100000 dimensions (at most 64)"),
+    "shape_overflow_before_zero": (hdr({KEY: entry(shape=(2**62, 2**62, 0), offs=(0, 0))}), "overflows"),
+    "shape_bytes_overflow_itemsize": (hdr({KEY: entry(shape=(2**62,), offs=(0, 0))}), "overflows"),
+    "shape_nested": (hdr({KEY: entry(shape=[[[1]]])}, Z4), "non-negative integers"),
     "truncated_data": (hdr({KEY: entry(shape=(2,), offs=(0, 8)), KEY2: entry(offs=(8, 12))}, Z4 * 2),
                        "file truncated?"),
 }
 
 # Violations the reference library tolerates but we refuse on purpose (ambiguous or sloppy files).
-STRICTER = {"duplicate_tensor_key", "duplicate_metadata_key", "entry_unknown_field"}
+# A shape of more than 64 dimensions (formats.base.MAX_RANK: NumPy's limit, which the reference's numpy loader
+# enforces, see test_safetensors_hostile.py) is refused as a resource bomb although torch would load it.
+STRICTER = {"duplicate_tensor_key", "duplicate_metadata_key", "entry_unknown_field", "shape_rank_65"}
 
 
 def _write(tmp_path, name: str, data: bytes):
@@ -128,6 +142,8 @@ GOOD = {
     "empty_key": hdr({"": entry()}, Z4),
     "zero_numel_tensor_shares_offset": hdr({KEY: entry(shape=(3, 0), offs=(0, 0)), KEY2: entry()}, Z4),
     "unordered_offsets": hdr({KEY2: entry(offs=(4, 8)), KEY: entry()}, Z4 * 2),
+    "shape_rank_64": hdr({KEY: entry(shape=(1,) * 64)}, Z4),
+    "huge_dim_times_zero": hdr({KEY: entry(shape=(2**62, 0), offs=(0, 0)), KEY2: entry()}, Z4),
 }
 
 

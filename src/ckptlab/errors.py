@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: The longest message an error carries (then "… [N more characters]").
+MAX_MESSAGE_CHARS = 2000
+
 
 class CkptlabError(Exception):
     """Base class: ``str(err)`` is a complete one-line message for the user."""
@@ -15,9 +18,13 @@ class CkptlabError(Exception):
     exit_code = 1
 
     def __init__(self, message: str, path: str | Path | None = None):
+        from ckptlab.display import cap
+
         self.path = str(path) if path is not None else None
-        self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        # capped where it is made: the message is printed, stored in the catalog (scan) and put in JSON output, and a
+        # hostile file must not make any of those megabytes long (quote untrusted values with formats.base.brief)
+        self.message = cap(message, MAX_MESSAGE_CHARS)
+        super().__init__(f"{self.path}: {self.message}" if self.path else self.message)
 
 
 class FormatError(CkptlabError):

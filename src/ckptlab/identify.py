@@ -8,7 +8,6 @@ tensor's bytes from a safetensors file (numpy, no torch), and says so in ``evide
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +52,15 @@ class ModelInfo:
 
 def parse_metadata(raw: dict[str, Any]) -> dict[str, Any]:
     """String metadata with JSON objects/arrays inside strings parsed (``sd_merge_recipe``, ``ss_tag_frequency``,
-    diffusers configs...). Other values are kept as they are."""
+    diffusers configs...). Other values are kept as they are, and so is a string that is not JSON or nests
+    deeper than ``jsonable.MAX_JSON_DEPTH`` (a hostile file must not cost a RecursionError here or later)."""
+    from ckptlab.jsonable import loads_limited
+
     out: dict[str, Any] = {}
     for k, v in raw.items():
         if isinstance(v, str) and v[:1] in ("{", "["):
             try:
-                out[k] = json.loads(v)
+                out[k] = loads_limited(v)
                 continue
             except ValueError:
                 pass

@@ -21,7 +21,7 @@ def register(app) -> None:
         deep: bool = typer.Option(False, "--deep", help="Also read every tensor: zip record CRCs of pickles, NaN/Inf values (reads the whole file)."),
     ) -> None:
         """Scan pickles (.ckpt/.pt/.pth/.bin) and safetensors for hostile content: safe, suspicious, malicious or corrupt."""
-        from rich.markup import escape
+        from rich.markup import escape as _escape
 
         from ckptlab.cli.common import console, emit_json, expand_paths
         from ckptlab.security import EXIT_CODES, check_many, worst_verdict
@@ -31,6 +31,11 @@ def register(app) -> None:
             from ckptlab.errors import CkptlabError
 
             raise CkptlabError("no model files found under " + ", ".join(paths))
+        from ckptlab.display import one_line, printable
+
+        def escape(text) -> str:  # file names, global names and details come from the file: no raw control chars
+            return _escape(printable(text))
+
         verdicts = []
         for r in check_many(targets, deep=deep):
             verdicts.append(r.verdict)
@@ -43,7 +48,7 @@ def register(app) -> None:
             for f in (r.findings if verbose else r.issues):
                 loc = f" [dim]\\[{escape(f.location)}][/]" if f.location else ""
                 console.print(f"  [{_STYLE.get(f.severity, 'dim')}]{f.severity}[/] {escape(f.kind)}: "
-                              f"{escape(f.detail)}{loc}", soft_wrap=True, highlight=False)
+                              f"{_escape(one_line(f.detail))}{loc}", soft_wrap=True, highlight=False)
             if verbose and r.globals:
                 console.print(f"  [dim]globals: {escape(', '.join(r.globals))}[/]", soft_wrap=True, highlight=False)
         raise typer.Exit(EXIT_CODES[worst_verdict(verdicts)])

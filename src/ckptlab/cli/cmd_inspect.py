@@ -11,7 +11,7 @@ import os
 
 import typer
 
-from ckptlab.display import human_size
+from ckptlab.display import human_size, one_line, printable
 
 
 def _fmt_params(n: int) -> str:
@@ -30,10 +30,16 @@ _SHOWN_METADATA = ("modelspec.title", "modelspec.architecture", "modelspec.predi
 
 
 def render(info, console, *, all_metadata: bool = False) -> None:
-    """The readable summary of one ``ModelInfo``."""
+    """The readable summary of one ``ModelInfo``. Everything that came from the file (its name, metadata, key names in
+    evidence and warnings) goes through ``printable``: terminal escapes, carriage returns and bidi overrides are shown
+    as ``\\x1b``, ``\\r``, ``\\u202e``, never sent to the terminal; evidence and warning lines are capped."""
     from rich.markup import escape
 
-    e = escape
+    def e(text) -> str:
+        return escape(printable(text))
+
+    def line(text) -> str:
+        return escape(one_line(text))
 
     def out(text: str = "") -> None:
         console.print(text, soft_wrap=True, highlight=False)
@@ -43,9 +49,9 @@ def render(info, console, *, all_metadata: bool = False) -> None:
     shown_pred = info.prediction or ("unknown" if info.kind in ("checkpoint", "unet") else None)
     out(f"  [cyan]{e(what)}[/]" + (f"   prediction: [cyan]{shown_pred}[/]" if shown_pred else ""))
     if info.components:
-        out(f"  components: {', '.join(info.components)}")
+        out(f"  components: {e(', '.join(info.components))}")
     if info.dtypes:
-        out("  dtypes: " + ", ".join(f"{k} {_fmt_params(v)}" for k, v in info.dtypes.items()))
+        out("  dtypes: " + ", ".join(f"{e(k)} {_fmt_params(v)}" for k, v in info.dtypes.items()))
     flags = [f"EMA {'yes' if info.has_ema else 'no'}", f"training state {'yes' if info.training_state else 'no'}",
              "pruned" if info.pruned else "not pruned"]
     out("  " + ", ".join(flags))
@@ -55,19 +61,20 @@ def render(info, console, *, all_metadata: bool = False) -> None:
         gib = f"{v.gib:.1f}" if v.gib >= 1 else f"{v.gib:.2f}"
         out(f"  VRAM estimate: ~{gib} GiB{where} [dim](weights {v.weights_gib:.2f}, working "
                       f"{v.working_gib:.2f}, reserve {v.reserve_gib:.1f})[/]")
-    for line in info.evidence:
-        out(f"  [dim]- {e(line)}[/]")
-    for line in info.warnings:
-        out(f"  [yellow]warning:[/] {e(line)}")
+    for text in info.evidence:
+        out(f"  [dim]- {line(text)}[/]")
+    for text in info.warnings:
+        out(f"  [yellow]warning:[/] {line(text)}")
     if info.metadata:
         keys = list(info.metadata) if all_metadata else [k for k in _SHOWN_METADATA if k in info.metadata]
         rest = len(info.metadata) - len(keys)
         for k in keys:
             v = info.metadata[k]
             text = v if isinstance(v, str) else __import__("json").dumps(v)
+            text = printable(text)
             if len(text) > 100 and not all_metadata:
                 text = text[:97] + "..."
-            out(f"  [dim]{e(k)}:[/] {e(text)}")
+            out(f"  [dim]{e(k)}:[/] {escape(text)}")
         if rest > 0:
             out(f"  [dim]({rest} more metadata keys; --metadata shows them)[/]")
     out()

@@ -15,6 +15,54 @@ from typing import Any
 
 from ckptlab.formats.dtypes import itemsize
 
+#: The most dimensions a tensor may have. NumPy's own limit (NPY_MAXDIMS, 64 since NumPy 2; the reference
+#: ``safetensors`` loader for numpy refuses a 65-dimension tensor); the model formats ckptlab reads use at most 5
+#: (GGML at most 4). A longer shape list is a resource bomb, not a model.
+MAX_RANK = 64
+#: Element and byte counts are unsigned 64-bit numbers in the reference implementation (checked_mul on usize).
+MAX_COUNT = 2**64 - 1
+
+#: How much of an untrusted value (a key, a shape, a dtype) an error message quotes.
+BRIEF_CHARS = 120
+
+
+def checked_numel(shape, limit: int = MAX_COUNT) -> int | None:
+    """The product of ``shape``, or ``None`` as soon as a partial product exceeds ``limit``.
+
+    The reference implementation multiplies with ``checked_mul`` from the first dimension on, so a product that
+    overflows before a later ``0`` is still an overflow there; stopping early keeps every intermediate number
+    below ``limit * max(dim)``: linear time whatever the shape list holds."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n > limit:
+            return None
+    return n
+
+
+def brief(value, limit: int = BRIEF_CHARS) -> str:
+    """A short ``repr`` of an untrusted value for an error message: long strings and lists are cut, nested
+    containers are not walked (a 100,000-deep list must not cost a recursion or a megabyte of message)."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return repr(value[:limit]) + f"… ({len(value)} characters)"
+    if isinstance(value, (list, tuple)):
+        parts, size = [], 2
+        for v in value:
+            item = "[…]" if isinstance(v, (list, tuple)) else "{…}" if isinstance(v, dict) else brief(v, limit)
+            size += len(item) + 2
+            if size > limit:
+                return "[" + ", ".join(parts) + f", … ({len(value)} items)]"
+            parts.append(item)
+        return "[" + ", ".join(parts) + "]"
+    if isinstance(value, dict):
+        return f"{{…}} (object with {len(value)} keys)"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
 
 @dataclass(frozen=True)
 class TensorInfo:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptlab.errors import FormatError, UnsupportedFormatError
-from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.formats.base import TensorInfo, TensorSource, brief
 
 WEIGHT_BASES = ("diffusion_pytorch_model", "model", "pytorch_model")
 CONFIG_NAMES = ("config.json", "scheduler_config.json", "preprocessor_config.json")
@@ -101,10 +101,13 @@ def is_diffusers_folder(path: str | Path) -> bool:
 
 
 def _read_json(path: Path, what: str):
+    """A config or index file, parsed with the nesting limit of every untrusted JSON (``jsonable.loads_limited``)."""
+    from ckptlab.jsonable import loads_limited
+
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise FormatError(f"{what} is larger than {MAX_CONFIG_BYTES} bytes", path)
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_limited(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{what} is not readable JSON: {e}", path) from None
 
@@ -225,15 +228,15 @@ class DiffusersSource(TensorSource):
         for fname in shards:
             p = comp.folder / fname
             if Path(fname).name != fname or fname in (".", ".."):
-                raise FormatError(f"shard index names a file outside its folder: {fname!r}", ws.index)
+                raise FormatError(f"shard index names a file outside its folder: {brief(fname)}", ws.index)
             if not p.is_file():
-                raise FormatError(f"shard {fname!r} listed in the index is missing", ws.index)
+                raise FormatError(f"shard {brief(fname)} listed in the index is missing", ws.index)
             ws.files.append(p)
             src = self._open(p)
             mine = [k for k, f in wmap.items() if f == fname]
             for k in mine:
                 if k not in src:
-                    raise FormatError(f"key {k!r} is mapped to shard {fname!r} but not in it", ws.index)
+                    raise FormatError(f"key {brief(k)} is mapped to shard {brief(fname)} but not in it", ws.index)
             extra = len(src) - len(mine)
             if extra:
                 self.warnings.append(f"{comp.name or '.'}: shard {fname} holds {extra} tensors its index does not list")
@@ -264,7 +267,7 @@ class DiffusersSource(TensorSource):
 
     def _put(self, key: str, info: TensorInfo, src: TensorSource, inner: str) -> None:
         if key in self._infos:
-            raise FormatError(f"key {key!r} appears in two weight files", self.path)
+            raise FormatError(f"key {brief(key)} appears in two weight files", self.path)
         self._infos[key] = info
         self._route[key] = (src, inner)
 

@@ -15,6 +15,7 @@ BF16, F64, integers) and refuses the quantized ones with a clear error.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import mmap
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptlab.errors import FormatError, UnsupportedFormatError
-from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.formats.base import MAX_RANK, TensorInfo, TensorSource, brief, checked_numel
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -34,6 +35,13 @@ MAX_NESTING = 8
 SUMMARISE_ARRAYS_OVER = 1024  # longer arrays appear in ``metadata`` as a one-line summary
 DECODE_NUMBERS_UP_TO = 1 << 20  # longer numeric arrays are skipped, not turned into Python ints
 MAX_STRING_ARRAY = 1 << 22  # tokenizer vocabularies are ~250k; millions of strings means a hostile file
+#: values decoded from all the metadata together (strings, numbers, arrays; numeric arrays skipped as too long do not
+#: count): an LLM's tokenizer holds ~1.5 M, an image model's GGUF a few dozen. Beyond this the file is a memory bomb.
+MAX_METADATA_VALUES = 1 << 22
+#: tensors in one file: an LLM has ~1,000, Flux ~800, the largest known models ~10^4; a million tensor records of
+#: 24 bytes each would cost gigabytes of memory, so more is refused as implausible.
+MAX_TENSORS = 1 << 20
+MAX_UNKNOWN_TYPE_WARNINGS = 5  # tensors of unknown GGML types named one by one; the rest are counted
 
 # GGML type id -> (name, elements per block, bytes per block)
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -86,6 +94,13 @@ class _Cursor:
         self.buf, self.path, self.e, self.size_code = buf, path, endian, size_code
         self.pos = 0
         self.end = len(buf)
+        self.values = 0  # metadata values decoded so far (MAX_METADATA_VALUES)
+
+    def _spend(self, n: int, what: str) -> None:
+        self.values += n
+        if self.values > MAX_METADATA_VALUES:
+            raise FormatError(f"GGUF {what}: metadata holds more than {MAX_METADATA_VALUES} values "
+                              "(implausibly large)", self.path)
 
     def _unpack(self, code: str, what: str):
         n = struct.calcsize(code)
@@ -137,11 +152,13 @@ class _Cursor:
                 if n > DECODE_NUMBERS_UP_TO:
                     self.pos += n * width
                     return SkippedArray(_VALUE_TYPES[etype][0], n)
+                self._spend(n, what)
                 vals = struct.unpack_from(f"{self.e}{n}{code}", self.buf, self.pos)
                 self.pos += n * width
                 return list(vals)
             if n > MAX_STRING_ARRAY:
                 raise FormatError(f"GGUF {what}: array of {n} strings/arrays is implausibly large", self.path)
+            self._spend(n, what)
             return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(n)]
         return self._unpack(_VALUE_TYPES[vtype][1], what)
 
@@ -157,12 +174,26 @@ class SkippedArray:
         return f"<array of {self.count} {self.element_type}>"
 
 
+def _too_long_to_show(value: list) -> bool:
+    """Whether an array, counting the elements of the arrays nested in it, holds more than
+    ``SUMMARISE_ARRAYS_OVER`` values or an array skipped as too long (walked without recursion)."""
+    count, stack = 0, [value]
+    while stack:
+        for v in stack.pop():
+            count += 1
+            if count > SUMMARISE_ARRAYS_OVER or isinstance(v, SkippedArray):
+                return True
+            if isinstance(v, list):
+                stack.append(v)
+    return False
+
+
 def _metadata_string(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, SkippedArray):
         return str(value)
-    if isinstance(value, list) and len(value) > SUMMARISE_ARRAYS_OVER:
+    if isinstance(value, list) and _too_long_to_show(value):
         return f"<array of {len(value)} values>"
     return json.dumps(value, ensure_ascii=False, allow_nan=True)
 
@@ -218,31 +249,36 @@ class GGUFSource(TensorSource):
         if n_tensors > self._file_size or n_kv > self._file_size:
             raise FormatError(f"GGUF header claims {n_tensors} tensors and {n_kv} metadata entries; "
                               f"more than the file can hold", path)
+        if n_tensors > MAX_TENSORS:
+            raise FormatError(f"GGUF header claims {n_tensors} tensors (at most {MAX_TENSORS})", path)
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
-            vtype = cur.u32(f"metadata {key!r} type")
+            cur._spend(1, f"metadata key #{i}")
+            shown = brief(key)  # named in every message about the value (and its elements): never the whole key
+            vtype = cur.u32(f"metadata {shown} type")
             if key in self.fields:
-                raise FormatError(f"GGUF metadata key {key!r} appears twice", path)
-            self.fields[key] = cur.value(vtype, f"metadata {key!r}")
+                raise FormatError(f"GGUF metadata key {shown} appears twice", path)
+            self.fields[key] = cur.value(vtype, f"metadata {shown}")
         self.metadata = {k: _metadata_string(v) for k, v in self.fields.items()}
 
         align = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
         if type(align) is not int or align <= 0 or align & (align - 1):
-            raise FormatError(f"GGUF general.alignment {align!r} is not a positive power of two", path)
+            raise FormatError(f"GGUF general.alignment {brief(align)} is not a positive power of two", path)
         self.alignment = align
 
         raw: list[tuple[str, tuple[int, ...], int, int]] = []
         seen: set[str] = set()
         for i in range(n_tensors):
             name = cur.string(f"tensor #{i} name")
-            n_dims = cur.u32(f"tensor {name!r} dimension count")
+            shown = brief(name)
+            n_dims = cur.u32(f"tensor {shown} dimension count")
             if n_dims > MAX_DIMS:
-                raise FormatError(f"GGUF tensor {name!r}: {n_dims} dimensions (at most {MAX_DIMS})", path)
-            ne = tuple(cur.count(f"tensor {name!r} dimensions") for _ in range(n_dims))  # u32 in v1
-            tid = cur.u32(f"tensor {name!r} type")
-            offset = cur.u64(f"tensor {name!r} offset")
+                raise FormatError(f"GGUF tensor {shown}: {n_dims} dimensions (at most {MAX_DIMS})", path)
+            ne = tuple(cur.count(f"tensor {shown} dimensions") for _ in range(n_dims))  # u32 in v1
+            tid = cur.u32(f"tensor {shown} type")
+            offset = cur.u64(f"tensor {shown} offset")
             if name in seen:
-                raise FormatError(f"GGUF tensor {name!r} appears twice", path)
+                raise FormatError(f"GGUF tensor {shown} appears twice", path)
             seen.add(name)
             raw.append((name, ne, tid, offset))
         self.data_start = -(-cur.pos // align) * align
@@ -252,32 +288,37 @@ class GGUFSource(TensorSource):
 
         # sizes of unknown types are the distance to the next tensor's data
         by_offset = sorted(o for *_, o in raw)
+        unknown: list[str] = []
         for name, ne, tid, offset in raw:
+            shown = brief(name)
             if offset % align:
-                raise FormatError(f"GGUF tensor {name!r}: offset {offset} is not a multiple of the "
+                raise FormatError(f"GGUF tensor {shown}: offset {offset} is not a multiple of the "
                                   f"alignment {align}", path)
             numel = math.prod(ne)
             if tid in GGML_TYPES:
                 tname, block, bsize = GGML_TYPES[tid]
                 if ne and ne[0] % block:
-                    raise FormatError(f"GGUF tensor {name!r}: {tname} needs the first dimension to be a "
+                    raise FormatError(f"GGUF tensor {shown}: {tname} needs the first dimension to be a "
                                       f"multiple of {block}, got {ne[0]}", path)
                 nbytes = numel // block * bsize
             else:
                 tname = f"GGML_TYPE_{tid}"
-                later = [o for o in by_offset if o > offset]
-                nbytes = (later[0] if later else data_len) - offset
-                self.warnings.append(f"tensor {name!r} has an unknown GGML type {tid}")
+                nxt = bisect.bisect_right(by_offset, offset)  # the next tensor's data (a scan per tensor is quadratic)
+                nbytes = (by_offset[nxt] if nxt < len(by_offset) else data_len) - offset
+                unknown.append(f"tensor {shown} has an unknown GGML type {tid}")
             if offset + nbytes > data_len:
-                raise FormatError(f"GGUF tensor {name!r}: data ends at byte {self.data_start + offset + nbytes}, "
+                raise FormatError(f"GGUF tensor {shown}: data ends at byte {self.data_start + offset + nbytes}, "
                                   f"past the end of the file ({self._file_size} bytes; truncated?)", path)
             shape = tuple(reversed(ne))
             orig = self.fields.get(f"comfy.gguf.orig_shape.{name}")
-            if (isinstance(orig, list) and all(type(d) is int and d >= 0 for d in orig)
-                    and math.prod(orig) == numel):
+            if (isinstance(orig, list) and len(orig) <= MAX_RANK and all(type(d) is int and d >= 0 for d in orig)
+                    and checked_numel(orig) == numel):
                 shape = tuple(orig)
             self._infos[name] = GGUFTensorInfo(tname, shape, ggml_type=tname, offset=self.data_start + offset,
                                                disk_bytes=nbytes, ne=ne)
+        self.warnings += unknown[:MAX_UNKNOWN_TYPE_WARNINGS]
+        if len(unknown) > MAX_UNKNOWN_TYPE_WARNINGS:
+            self.warnings.append(f"{len(unknown) - MAX_UNKNOWN_TYPE_WARNINGS} more tensors have unknown GGML types")
         self.extra = {"gguf_version": self.version, "gguf_alignment": align,
                       "gguf_endian": "little" if endian == "<" else "big"}
         self._endian = endian
@@ -306,7 +347,7 @@ class GGUFSource(TensorSource):
     def get(self, key: str):
         info = self._infos[key]
         if info.quantized:
-            raise UnsupportedFormatError(f"{QUANTIZED_MESSAGE} (tensor {key!r} is {info.ggml_type})",
+            raise UnsupportedFormatError(f"{QUANTIZED_MESSAGE} (tensor {brief(key)} is {info.ggml_type})",
                                          self.path)
         import torch
 

@@ -11,7 +11,6 @@ buffer that ends exactly at the end of the file.
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import re
@@ -21,10 +20,12 @@ from operator import itemgetter
 from pathlib import Path
 
 from ckptlab.errors import FormatError
-from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.formats.base import MAX_RANK, TensorInfo, TensorSource, brief, checked_numel
 from ckptlab.formats.dtypes import DTYPES
 
-MAX_HEADER = 100 * 1024 * 1024  # bytes, as the safetensors library caps it
+#: The reference implementation refuses a header above 100,000,000 bytes (``MAX_HEADER_SIZE`` in
+#: safetensors/src/tensor.rs): a file it refuses must not be rated ``safe`` here.
+MAX_HEADER = 100_000_000
 
 
 MAX_DIM = 2**63 - 1  # what torch (and a signed 64-bit size) can hold
@@ -45,7 +46,7 @@ def _strict_pairs(pairs):
         seen = set()
         for k, _ in pairs:
             if k in seen:
-                raise _HeaderJSONError(f"duplicate key {k!r} in header")
+                raise _HeaderJSONError(f"duplicate key {brief(k)} in header")
             seen.add(k)
     return d
 
@@ -66,7 +67,7 @@ def _check_strings(obj) -> None:
                     try:
                         s.encode("utf-8")
                     except UnicodeEncodeError:
-                        raise _HeaderJSONError(f"string {s!r} holds a lone UTF-16 surrogate escape "
+                        raise _HeaderJSONError(f"string {brief(s)} holds a lone UTF-16 surrogate escape "
                                                "(not valid Unicode)") from None
             if isinstance(v, (dict, list)):
                 stack.append(v)
@@ -147,7 +148,7 @@ def parse_header_bytes(raw: bytes, file_size: int, path: str | Path = "<bytes>")
             raise FormatError("safetensors __metadata__ is not an object", path)
         for k, v in raw_meta.items():
             if not isinstance(v, str):
-                raise FormatError(f"safetensors __metadata__ value for {k!r} is not a string", path)
+                raise FormatError(f"safetensors __metadata__ value for {brief(k)} is not a string", path)
             metadata[k] = v
 
     data_start = 8 + len(raw)
@@ -158,43 +159,53 @@ def parse_header_bytes(raw: bytes, file_size: int, path: str | Path = "<bytes>")
     seen: dict[tuple[str, tuple[int, ...]], tuple[TensorInfo, int]] = {}
     for key, entry in obj.items():
         if type(entry) is not dict:
-            raise FormatError(f"tensor {key!r}: entry is not an object", path)
+            raise FormatError(f"tensor {brief(key)}: entry is not an object", path)
         if entry.keys() != _FIELDS:
             missing = _FIELDS - set(entry)
-            what = f"missing {sorted(missing)}" if missing else f"unknown fields {sorted(set(entry) - _FIELDS)}"
-            raise FormatError(f"tensor {key!r}: {what}", path)
+            what = f"missing {sorted(missing)}" if missing else \
+                f"unknown fields {brief(sorted(set(entry) - _FIELDS))}"
+            raise FormatError(f"tensor {brief(key)}: {what}", path)
         dtype = entry["dtype"]
-        if dtype not in sizes or type(dtype) is not str:
-            raise FormatError(f"tensor {key!r}: unknown dtype {dtype!r}", path)
+        if type(dtype) is not str or dtype not in sizes:  # type first: a list or object is not hashable
+            raise FormatError(f"tensor {brief(key)}: unknown dtype {brief(dtype)}", path)
         shape = entry["shape"]
         if type(shape) is not list:
-            raise FormatError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers", path)
+            raise FormatError(f"tensor {brief(key)}: shape {brief(shape)} is not a list of non-negative integers",
+                              path)
+        if len(shape) > MAX_RANK:
+            raise FormatError(f"tensor {brief(key)}: shape has {len(shape)} dimensions (at most {MAX_RANK})", path)
         for d in shape:
             if type(d) is not int or d < 0:
-                raise FormatError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers", path)
+                raise FormatError(f"tensor {brief(key)}: shape {brief(shape)} is not a list of non-negative "
+                                  "integers", path)
             if d > MAX_DIM:
-                raise FormatError(f"tensor {key!r}: shape {shape!r} has a dimension too large to address", path)
+                raise FormatError(f"tensor {brief(key)}: shape {brief(shape)} has a dimension too large to address",
+                                  path)
         offs = entry["data_offsets"]
         if type(offs) is not list or len(offs) != 2:
-            raise FormatError(f"tensor {key!r}: data_offsets {offs!r} is not [begin, end]", path)
+            raise FormatError(f"tensor {brief(key)}: data_offsets {brief(offs)} is not [begin, end]", path)
         begin, end = offs
         if type(begin) is not int or type(end) is not int or begin < 0 or end < 0:
-            raise FormatError(f"tensor {key!r}: data_offsets {offs!r} is not [begin, end]", path)
+            raise FormatError(f"tensor {brief(key)}: data_offsets {brief(offs)} is not [begin, end]", path)
         if end < begin:
-            raise FormatError(f"tensor {key!r}: data_offsets end {end} is before begin {begin}", path)
+            raise FormatError(f"tensor {brief(key)}: data_offsets end {end} is before begin {begin}", path)
         ck = (dtype, tuple(shape))
         hit = seen.get(ck)  # TensorInfo is immutable: equal entries share one (a header repeats shapes a lot)
         if hit is None:
-            hit = seen[ck] = (TensorInfo(dtype, ck[1]), math.prod(shape) * sizes[dtype])
+            # as the reference does: element count, then byte count, each refused once it passes 2**64 - 1
+            numel = checked_numel(shape, MAX_BYTES)
+            nbytes = None if numel is None else numel * sizes[dtype]
+            if nbytes is None or nbytes > MAX_BYTES:
+                raise FormatError(f"tensor {brief(key)}: shape {brief(shape)} x {dtype} overflows a 64-bit byte "
+                                  "count", path)
+            hit = seen[ck] = (TensorInfo(dtype, ck[1]), nbytes)
         info, expected = hit
         if end - begin != expected:
-            if expected > MAX_BYTES:
-                raise FormatError(f"tensor {key!r}: shape {shape!r} x {dtype} overflows a 64-bit byte count", path)
             raise FormatError(
-                f"tensor {key!r}: {end - begin} bytes in data_offsets but dtype {dtype} x shape {shape} "
+                f"tensor {brief(key)}: {end - begin} bytes in data_offsets but dtype {dtype} x shape {brief(shape)} "
                 f"needs {expected}", path)
         if end > buffer_len:
-            raise FormatError(f"tensor {key!r}: data ends at {end}, past the end of the data buffer "
+            raise FormatError(f"tensor {brief(key)}: data ends at {end}, past the end of the data buffer "
                               f"({buffer_len} bytes; file truncated?)", path)
         tensors[key] = info
         offsets[key] = (begin, end)
@@ -204,7 +215,7 @@ def parse_header_bytes(raw: bytes, file_size: int, path: str | Path = "<bytes>")
     for key, (begin, end) in sorted(offsets.items(), key=itemgetter(1)):
         if begin != pos:
             problem = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes"
-            raise FormatError(f"tensor {key!r}: data at offset {begin} {problem}", path)
+            raise FormatError(f"tensor {brief(key)}: data at offset {begin} {problem}", path)
         pos = end
     if pos != buffer_len:
         raise FormatError(f"file length {file_size} does not match the header: data buffer holds "
