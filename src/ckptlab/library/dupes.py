@@ -180,6 +180,11 @@ def _decide(c: DupeCopy, r: FileRecord, keeper: FileRecord, link: str) -> None:
         if os.path.lexists(target):
             c.note = f"{target.name} already exists next to it; not linked"
             return
+    said = _tagged_dtype(target.stem)
+    if said is not None and precision(keeper) not in (None, said):
+        c.note = (f"its name says {said.lower()} and the kept copy holds {precision(keeper).lower()}: a link "
+                  "would be named for what it does not hold")
+        return
     same_fs = r.dev is not None and r.dev == keeper.dev
     if link == "hard" and not same_fs:
         c.note = "the kept copy is on another filesystem: no hard link possible (use --link sym)"
@@ -282,16 +287,28 @@ def _groups(recs: list[FileRecord]) -> list[tuple[list[FileRecord], bool]]:
     return [(g, any(r.id in bf16_joined for r in g)) for g in groups.values() if len(g) > 1]
 
 
-def _retag(stem: str, tag: str = "fp16") -> str | None:
-    """``stem`` with its precision tag (``-fp32``, ``_bf16``...) replaced by ``tag``; None when it has none."""
+_TAG_DTYPES = {"fp32": "F32", "f32": "F32", "float32": "F32", "fp16": "F16", "f16": "F16", "float16": "F16",
+               "bf16": "BF16"}
+
+
+def _tag_match(stem: str):
     import re
 
     pat = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(_PRECISION_TAGS) + r")(?![A-Za-z0-9])", re.IGNORECASE)
     found = list(pat.finditer(stem))
-    if not found:
-        return None
-    m = found[-1]
-    return stem[:m.start()] + tag + stem[m.end():]
+    return found[-1] if found else None
+
+
+def _tagged_dtype(stem: str) -> str | None:
+    """The dtype a file name claims (``model-fp16`` -> ``F16``), None when it names none."""
+    m = _tag_match(stem)
+    return _TAG_DTYPES[m.group(1).lower()] if m else None
+
+
+def _retag(stem: str, tag: str = "fp16") -> str | None:
+    """``stem`` with its precision tag (``-fp32``, ``_bf16``...) replaced by ``tag``; None when it has none."""
+    m = _tag_match(stem)
+    return None if m is None else stem[:m.start()] + tag + stem[m.end():]
 
 
 def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = True, link: str = "auto",
