@@ -83,12 +83,12 @@ def test_content_keyed_by_stat_identity_and_hash_lookup(tmp_path):
 def test_plan_round_trip_and_validation(tmp_path):
     plan = SpacePlan(steps=[
         PlanStep("delete_duplicate", "/m/b.safetensors", size=100, bytes_freed=100, sha256="AA", keep="/m/a.safetensors",
-                 reason="same sha256"),
-        PlanStep("to_fp16", "/m/c.safetensors", size=400, bytes_freed=200),
+                 reason="same sha256", keep_size=100, keep_sha256="AA", match="sha256"),
+        PlanStep("transform", "/m/c.safetensors", size=400, bytes_freed=200, ops=["to_fp16"], output="/m/c.safetensors"),
     ], catalog="/x.db")
     p = plan.save(tmp_path / "plan.json")
     obj = json.loads(p.read_text())
-    assert obj["format"] == "ckptlab-space-plan" and obj["version"] == 1
+    assert obj["format"] == "ckptlab-space-plan" and obj["version"] == 2
     assert obj["total_bytes_freed"] == 300
     assert obj["by_action"] == {"delete_duplicate": {"files": 1, "bytes_freed": 100},
                                 "to_fp16": {"files": 1, "bytes_freed": 200}}
@@ -97,7 +97,7 @@ def test_plan_round_trip_and_validation(tmp_path):
     with pytest.raises(FormatError):
         PlanStep("delete_duplicate", "/x", size=1, bytes_freed=1)
     with pytest.raises(FormatError):
-        SpacePlan.from_dict({"format": "ckptlab-space-plan", "version": 1, "steps": [{"action": "melt", "path": "x",
+        SpacePlan.from_dict({"format": "ckptlab-space-plan", "version": 2, "steps": [{"action": "melt", "path": "x",
                                                                                         "size": 1, "bytes_freed": 0}]})
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(FormatError):

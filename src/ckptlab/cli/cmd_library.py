@@ -174,59 +174,96 @@ def register(app) -> None:
                                             help="Keep the lower-precision copy of same-weight files."),
         components: bool = typer.Option(False, "--components",
                                         help="Also list models sharing one component (same UNet, other VAE)."),
+        link: str = typer.Option("auto", "--link",
+                                 help="Copies in UI folders become links to the kept copy: auto (hard link on "
+                                      "the same filesystem, else symlink), hard, sym, or none (remove them)."),
         db: Path = db_option(),
         json_out: bool = typer.Option(False, "--json", help="JSON Lines, one object per group."),
     ) -> None:
-        """Exact duplicates and the same model in another form, with the copy to keep and bytes freed."""
+        """Every model held more than once (same bytes, or the same weights in another form), with the one copy
+        to keep and what would happen to each other copy."""
         from ckptlab.cli.common import console, emit_json
         from ckptlab.display import human_size as human
+        from ckptlab.display import printable
         from ckptlab.library.dupes import find_dupes
 
         with _catalog(db) as cat:
-            res = find_dupes(cat, prefer_smaller=prefer_smaller, components=components)
+            res = find_dupes(cat, prefer_smaller=prefer_smaller, components=components, link=link)
         if json_out:
             for g in res.groups:
                 emit_json(g)
             return
+
+        def say(text: str) -> None:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+        marks = {"keep": "keep  ", "delete": "remove", "link": "link  ", "leave": "leave "}
         for g in res.groups:
-            console.print(f"{g.kind}: {g.reason} - frees {human(g.bytes_freed)}", markup=False, highlight=False)
+            say(f"{g.kind}: {g.reason} - frees {human(g.bytes_freed)}")
             for c in g.copies:
-                mark = "keep  " if c.keep else "remove" if g.kind != "shared_component" else "      "
-                console.print(f"  {mark} {c.path} ({human(c.size)}, {c.format}, {c.precision or '?'}"
-                              f"{', pruned' if c.pruned else ', full'})", markup=False, highlight=False)
-        console.print(f"{len(res.groups)} groups, {human(res.bytes_freed)} could be freed"
-                      + (f"; {res.unhashed} files not hashed (scan --hash)" if res.unhashed else "")
-                      + (f"; {res.unfingerprinted} not fingerprinted (scan --fingerprint)" if res.unfingerprinted
-                         else ""), markup=False, highlight=False)
+                mark = marks[c.action] if g.kind != "shared_component" else "      "
+                form = "diffusers folder" if c.format == "diffusers" else (
+                    f"{c.format}, {c.precision or '?'}{', pruned' if c.pruned else ', full'}")
+                where = ", UI folder" if c.in_ui else ""
+                say(f"  {mark} {printable(c.path)} ({human(c.size)}, {form}{where})"
+                    + (f": {c.note}" if c.note and g.kind != "shared_component" else ""))
+        say(f"{len(res.groups)} groups, {human(res.bytes_freed)} could be freed"
+            + (f"; {res.unhashed} files not hashed (scan --hash)" if res.unhashed else "")
+            + (f"; {res.unfingerprinted} not fingerprinted (scan --fingerprint)" if res.unfingerprinted else ""))
 
     @app.command("plan-space")
     def plan_space_cmd(
         output: Path = typer.Option(None, "-o", "--output", help="Write the plan as JSON (for apply-plan)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the -o file if it exists."),
         prefer_smaller: bool = typer.Option(False, "--prefer-smaller", help="Keep lower-precision copies."),
         no_fp16: bool = typer.Option(False, "--no-fp16", help="Do not propose fp32 -> fp16."),
+        link: str = typer.Option("auto", "--link",
+                                 help="Duplicates in UI folders become links to the kept copy: auto (hard link "
+                                      "on the same filesystem, else symlink), hard, sym, or none (remove them "
+                                      "from the UI)."),
+        convert_kind: list[str] = typer.Option(None, "--convert-kind",
+                                               help="Also convert pickles of this kind (e.g. hypernetwork, "
+                                                    "upscaler), which UIs may load only as .pt/.pth."),
         db: Path = db_option(),
         json_out: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
     ) -> None:
-        """A dry-run disk plan: duplicates, pickles to convert, unpruned and fp32 files, with the bytes each frees."""
+        """A dry-run disk plan: duplicates to remove or link, pickles to convert, files to prune or make fp16,
+        with the bytes each step frees (nothing is changed; apply-plan carries it out)."""
         from ckptlab.cli.common import console, emit_json
         from ckptlab.display import human_size as human
+        from ckptlab.display import printable
+        from ckptlab.errors import OutputError
         from ckptlab.library.dupes import plan_space
 
+        if output is not None and not overwrite and (output.exists() or output.is_symlink()):
+            raise OutputError("output already exists (use --overwrite to replace it)", output)
         with _catalog(db) as cat:
-            plan = plan_space(cat, prefer_smaller=prefer_smaller, fp16=not no_fp16)
+            plan = plan_space(cat, prefer_smaller=prefer_smaller, fp16=not no_fp16, link=link,
+                              convert_kinds=set(convert_kind or ()))
         if output is not None:
-            plan.save(output)
+            plan.save(output, overwrite=overwrite)
         if json_out:
             emit_json(plan.to_dict())
             return
+
+        def say(text: str) -> None:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+
         for s in plan.steps:
-            extra = f" (keep {s.keep})" if s.keep else ""
-            console.print(f"{s.action:<17} {human(s.bytes_freed):>10}  {s.path}{extra}", markup=False,
-                          highlight=False)
+            if s.action == "link_duplicate":
+                extra = f" ({s.link} link to {printable(s.keep)}" + (
+                    f", named {Path(s.link_path).name})" if s.link_path != s.path else ")")
+            elif s.action == "delete_duplicate":
+                extra = f" (keep {printable(s.keep)})"
+            else:
+                extra = f" -> {Path(s.output).name}" if s.output != s.path else " (in place)"
+            say(f"{s.label:<22} {human(s.bytes_freed):>10}  {printable(s.path)}{extra}")
+        for note in plan.notes:
+            say(f"note: {printable(note)}")
         for action, d in plan.by_action().items():
-            console.print(f"{action}: {d['files']} files, {human(d['bytes_freed'])}", markup=False, highlight=False)
-        console.print(f"total: {human(plan.total_bytes_freed)} could be freed (dry run; nothing was changed)"
-                      + (f"; plan written to {output}" if output else ""), markup=False, highlight=False)
+            say(f"{action}: {d['files']} files, {human(d['bytes_freed'])}")
+        say(f"total: {human(plan.total_bytes_freed)} could be freed (dry run; nothing was changed)"
+            + (f"; plan written to {output}" if output else ""))
 
     @app.command("report")
     def report_cmd(

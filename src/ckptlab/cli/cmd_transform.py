@@ -246,36 +246,51 @@ def from_diffusers_cmd(
 
 def apply_plan_cmd(
     plan: Path = typer.Argument(..., help="A plan written by `ckptlab plan-space -o PLAN`."),
-    catalog: Optional[Path] = typer.Option(None, "--catalog", help="Catalog to update (default: the one the plan was made from)."),
+    db: Optional[Path] = db_option(),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", hidden=True,
+                                           help="Deprecated spelling of --db."),
     no_rescan: bool = typer.Option(False, "--no-rescan", help="Do not rescan the touched folders afterwards."),
-    dry_run: bool = _DRY, json_out: bool = _JSON,
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Run every check (kept copies re-verified) and print what each step would "
+                                      "do and free; change nothing."),
+    json_out: bool = _JSON,
 ) -> None:
-    """Carry out a reviewed plan-space plan (convert pickles, prune, fp16, remove duplicates), file by file.
+    """Carry out a reviewed plan-space plan step by step: each kept copy is re-verified before anything is
+    removed or linked; a step that was already done is skipped, so a plan can be re-run after a crash.
+    The catalog updated is --db, else the one the plan was made from.
 
       ckptlab plan-space -o plan.json && ckptlab apply-plan plan.json --dry-run && ckptlab apply-plan plan.json
     """
-    from ckptlab.cli.common import console, emit_json, progress_bar
+    from ckptlab.cli.common import console, emit_json, progress_bar, warning_line
+    from ckptlab.display import printable
     from ckptlab.errors import CkptlabError
     from ckptlab.ops.apply_plan import apply_plan
 
+    if catalog is not None:
+        warning_line("--catalog is deprecated; use --db")
     with progress_bar("apply-plan", unit_bytes=False, enabled=not json_out) as cb:
-        results = apply_plan(plan, catalog_path=catalog, dry_run=dry_run, rescan=not no_rescan, progress=cb)
-    freed = 0
+        results = apply_plan(plan, catalog_path=db or catalog, dry_run=dry_run, rescan=not no_rescan, progress=cb)
+    planned = sum(r.bytes_planned for r in results if r.status in ("done", "would-do"))
+    freed = sum(r.bytes_freed for r in results if r.status in ("done", "would-do"))
     for r in results:
-        if r.status == "done":
-            freed += r.bytes_before - r.bytes_after
         if json_out:
             emit_json(r)
-        else:
-            where = f" -> {r.new_path}" if r.new_path is not None and r.new_path != r.path else ""
-            why = f": {r.message}" if r.message else ""
-            console.print(f"{r.status:8} {r.action:16} {r.path}{where}{why}", highlight=False, markup=False,
-                          soft_wrap=True)
-    if not json_out and not dry_run:
-        console.print(f"freed {human_size(freed)}", highlight=False, markup=False)
+            continue
+        sizes = (f" [planned {human_size(r.bytes_planned)}, {'would free' if dry_run else 'freed'} "
+                 f"{human_size(r.bytes_freed)}]" if r.status in ("done", "would-do") else "")
+        why = f": {printable(r.message)}" if r.message else ""
+        console.print(f"{r.status:11} {r.action:22} {printable(str(r.path))}{why}{sizes}", highlight=False,
+                      markup=False, soft_wrap=True)
+    if not json_out:
+        verb = "would free" if dry_run else "freed"
+        console.print(f"{verb} {human_size(freed)} of {human_size(planned)} planned "
+                      f"({sum(r.status in ('done', 'would-do') for r in results)} step(s); "
+                      f"{sum(r.status == 'done-before' for r in results)} already done)",
+                      highlight=False, markup=False)
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        raise CkptlabError(f"{len(failed)} of {len(results)} step(s) failed (first: {failed[0].message})")
+        raise CkptlabError(f"{len(failed)} of {len(results)} step(s) failed (first: {failed[0].path.name}: "
+                           f"{failed[0].message})")
 
 
 def register(app) -> None:

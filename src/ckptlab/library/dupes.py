@@ -1,29 +1,51 @@
-"""Duplicates and the disk-space plan, from the catalog alone (no file is read here).
+"""Duplicates and the disk-space plan, from the catalog (no model file is read here; ``plan_space``
+asks each transform to plan its output, which reads headers only).
 
-Groups:
+A duplicate group is every catalogued file of one model: files linked by the same SHA-256 (the same
+bytes), or by an equal tensor fingerprint (fp32 vs fp16, ``.ckpt`` vs ``.safetensors``, full vs
+pruned, metadata edits, a diffusers folder vs its single file), or by an equal bf16 fingerprint,
+joined transitively. Hard links and symlinks to one file (same ``(dev, inode)``) are one physical
+file, never a duplicate. Each group has exactly one kept copy, so two groups can never disagree about
+a file. ``kind`` is ``exact`` when every copy is the same bytes, else ``same_weights``.
+``shared_component`` groups (``components=True``) are informational: different models sharing one
+component, e.g. the same UNet with a different VAE baked in. Nothing is freed.
 
-- ``exact``: the same bytes (same SHA-256) at different places. Hard links and symlinks to one
-  file (same ``(dev, inode)``) are one physical file, never a duplicate.
-- ``same_weights``: different files whose tensor fingerprints are equal (fp32 vs fp16, ``.ckpt`` vs
-  ``.safetensors``, full vs pruned, metadata edits). Exact groups are collapsed to their kept copy
-  first, so no file is counted twice.
-- ``shared_component`` (informational, ``components=True``): different models sharing one
-  component, e.g. the same UNet with a different VAE baked in. Nothing is freed.
+Which copy to keep (best first): a copy inside a UI model folder over one outside (``out/``,
+``Downloads/``...); safetensors over pickle; pruned (no EMA/training state) over full; higher
+precision over lower unless ``prefer_smaller=True``; a real file over a symlink; the oldest catalog
+entry. A diffusers folder is never the kept copy of a group that has a single file (a file name cannot
+become a folder), and is never removed: it is listed as the same model in another form.
 
-Which copy to keep (best first): safetensors over pickle; pruned (no EMA/training state) over
-full; higher precision over lower unless ``prefer_smaller=True``; a real file over a symlink; a
-file in a known UI folder; then the oldest catalog entry.
+What happens to each other copy (``DupeCopy.action``):
+
+- ``delete``: a copy outside every UI model folder.
+- ``link``: a copy inside a UI model folder is replaced by a link to the kept copy under its own name
+  (a hard link on the same filesystem, else a symlink; ``link="hard"|"sym"`` forces one), so every
+  UI that listed it still loads it. A same-weights copy in another container (``.ckpt`` vs
+  ``.safetensors``) keeps its stem and takes the kept copy's suffix. ``link="none"`` removes copies
+  from UI folders instead: only when the user asks for it.
+- ``leave``: not touched, with the reason in ``note`` (a diffusers folder; a kind whose UI loads only
+  pickles, e.g. hypernetworks ``.pt``; the new name is taken; a hard link across filesystems; a copy
+  that matches the kept one only through a third copy).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path, PurePath
 
 from ckptlab.formats.dtypes import FLOAT_DTYPES, itemsize
 from ckptlab.library.catalog import Catalog, FileRecord
 from ckptlab.library.plan import PlanStep, SpacePlan
 
 NO_FP16_KINDS = frozenset({"vae"})  # fp16 VAEs overflow (SDXL VAE) - not proposed
+#: kinds every UI also loads as .safetensors; a pickle of another kind is never converted unless asked
+#: (stock A1111 lists hypernetworks only as *.pt and ESRGAN models only as *.pth)
+CONVERT_KINDS = frozenset({"checkpoint", "lora", "lycoris", "vae", "embedding", "controlnet", "unet",
+                           "text_encoder"})
+LINK_MODES = ("auto", "hard", "sym", "none")
+_PRECISION_TAGS = ("fp32", "fp16", "bf16", "f32", "f16", "float32", "float16")
 
 
 @dataclass
@@ -36,6 +58,13 @@ class DupeCopy:
     pruned: bool
     is_link: bool
     keep: bool = False
+    in_ui: bool = False
+    action: str = "keep"  # keep | delete | link | leave
+    match: str | None = None  # what makes it the kept copy's model: sha256 | fingerprint | fingerprint_bf16
+    link: str | None = None  # hard | sym (action link)
+    link_path: str | None = None
+    bytes_freed: int = 0
+    note: str = ""
 
 
 @dataclass
@@ -76,57 +105,133 @@ def _is_pruned(rec: FileRecord) -> bool:
     return not rec.ema_bytes
 
 
+def in_ui_folder(rec: FileRecord) -> bool:
+    """Is this file in a folder a UI reads models from? A known UI folder name or an
+    ``extra_model_paths.yaml`` category (``rec.folder``), or any folder below a ``models/`` folder
+    (ComfyUI custom nodes read ``models/<anything>/``). Erring towards "yes" only makes a plan
+    link instead of delete."""
+    if rec.folder:
+        return True
+    parents = PurePath(rec.path).parent.parts
+    return any(p.lower() == "models" for p in parents[:-1])
+
+
 def _rank(rec: FileRecord, prefer_smaller: bool) -> tuple:
     prec = precision(rec)
     width = itemsize(prec) if prec else 4
-    return (rec.format == "pickle", not _is_pruned(rec), width if prefer_smaller else -width, rec.is_link,
-            rec.folder is None, rec.id)
+    return (rec.format == "diffusers", not in_ui_folder(rec), rec.format == "pickle", not _is_pruned(rec),
+            width if prefer_smaller else -width, rec.is_link, rec.folder is None, rec.id)
 
 
 def _copy(rec: FileRecord, keep: bool) -> DupeCopy:
     return DupeCopy(id=rec.id, path=rec.path, size=rec.size or 0, format=rec.format, precision=precision(rec),
-                    pruned=_is_pruned(rec), is_link=rec.is_link, keep=keep)
+                    pruned=_is_pruned(rec), is_link=rec.is_link, keep=keep, in_ui=in_ui_folder(rec),
+                    action="keep" if keep else "leave")
 
 
-def _group(kind: str, key: str, recs: list[FileRecord], prefer_smaller: bool, reason: str) -> DupeGroup:
-    recs = sorted(recs, key=lambda r: _rank(r, prefer_smaller))
-    best = recs[0]
-    copies = [_copy(r, r is best) for r in recs]
-    return DupeGroup(kind=kind, key=key, copies=copies, keep=best.path,
-                     bytes_freed=sum(c.size for c in copies if not c.keep), reason=reason)
+def _nlink(path: str) -> int:
+    try:
+        return os.stat(path).st_nlink
+    except OSError:
+        return 1
 
 
-def find_dupes(catalog: Catalog, *, prefer_smaller: bool = False, components: bool = False) -> DupesResult:
+def freed_by_removing(path: str, size: int) -> int:
+    """Bytes removing ``path`` gives back: its size, or 0 while another hard link keeps the data.
+    ``apply-plan`` measures a removal the same way."""
+    return size if _nlink(path) <= 1 else 0
+
+
+def _match(r: FileRecord, keeper: FileRecord) -> str | None:
+    if r.sha256 and r.sha256 == keeper.sha256:
+        return "sha256"
+    if r.components and keeper.components and r.fingerprint and r.fingerprint == keeper.fingerprint:
+        return "fingerprint"
+    if r.components and keeper.components and r.fingerprint_bf16 and r.fingerprint_bf16 == keeper.fingerprint_bf16:
+        return "fingerprint_bf16"
+    return None
+
+
+def _decide(c: DupeCopy, r: FileRecord, keeper: FileRecord, link: str) -> None:
+    """Set ``c.action`` (and link details) for a copy ``r`` of ``keeper`` (module doc)."""
+    c.match = _match(r, keeper)
+    if r.format == "diffusers":
+        c.note = "a diffusers folder of the same model (folders are never removed)"
+        return
+    if keeper.format == "diffusers":
+        c.note = "the other copies are diffusers folders; nothing to link to"
+        return
+    if c.match is None:
+        c.note = "the same model only through another copy; not removed"
+        return
+    if not c.in_ui or link == "none":
+        c.action = "delete"
+        if c.in_ui:
+            c.note = "removed from its UI folder (--link none)"
+        c.bytes_freed = freed_by_removing(r.path, c.size)
+        return
+    path, keep_path = Path(r.path), Path(keeper.path)
+    target = path
+    if path.suffix.lower() != keep_path.suffix.lower():
+        if r.kind not in CONVERT_KINDS:
+            c.note = f"its UI loads a {r.kind or 'model'} only as {path.suffix}; the kept copy is {keep_path.suffix}"
+            return
+        target = path.with_suffix(keep_path.suffix)
+        if os.path.lexists(target):
+            c.note = f"{target.name} already exists next to it; not linked"
+            return
+    said = _tagged_dtype(target.stem)
+    if said is not None and precision(keeper) not in (None, said):
+        c.note = (f"its name says {said.lower()} and the kept copy holds {precision(keeper).lower()}: a link "
+                  "would be named for what it does not hold")
+        return
+    same_fs = r.dev is not None and r.dev == keeper.dev
+    if link == "hard" and not same_fs:
+        c.note = "the kept copy is on another filesystem: no hard link possible (use --link sym)"
+        return
+    c.action = "link"
+    c.link = "hard" if same_fs and link in ("auto", "hard") else "sym"
+    c.link_path = str(target)
+    c.bytes_freed = freed_by_removing(r.path, c.size)
+    c.note = f"replaced by a {'hard link' if c.link == 'hard' else 'symlink'} to the kept copy" + (
+        f", named {target.name}" if target != path else "")
+
+
+def find_dupes(catalog: Catalog, *, prefer_smaller: bool = False, components: bool = False,
+               link: str = "auto") -> DupesResult:
+    if link not in LINK_MODES:
+        from ckptlab.errors import CkptlabError
+
+        raise CkptlabError(f"--link {link!r}: use one of {', '.join(LINK_MODES)}")
     recs = [r for r in catalog.files(status="present", sort="id") if r.error is None and r.dev is not None]
     # one record per physical file (hard links / symlinks to the same inode)
     physical: dict[tuple[int, int], FileRecord] = {}
     for r in sorted(recs, key=lambda r: (r.is_link, r.id)):
         physical.setdefault((r.dev, r.ino), r)
     files = list(physical.values())
-    result = DupesResult(unhashed=sum(1 for r in files if r.hashes is None),
+    result = DupesResult(unhashed=sum(1 for r in files if r.hashes is None and r.format != "diffusers"),
                          unfingerprinted=sum(1 for r in files if not r.components))
 
-    by_sha: dict[str, list[FileRecord]] = {}
-    for r in files:
-        if r.hashes is not None:
-            by_sha.setdefault(r.sha256, []).append(r)
-    removed: set[int] = set()
-    for sha, group in by_sha.items():
-        if len(group) > 1:
-            g = _group("exact", sha, group, prefer_smaller, "same sha256")
-            result.groups.append(g)
-            removed |= {c.id for c in g.copies if not c.keep}
-
-    survivors = [r for r in files if r.id not in removed]
-    for group, via_bf16 in _same_weights(survivors):
-        forms = sorted({f"{r.format}/{precision(r) or '?'}/{'pruned' if _is_pruned(r) else 'full'}" for r in group})
-        g = _group("same_weights", "", group, prefer_smaller,
-                   ("same tensor fingerprint (bf16 rounding): " if via_bf16 else "same tensor fingerprint: ")
-                   + ", ".join(forms))
-        g.key = next(r.fingerprint for r in group if r.path == g.keep)
-        result.groups.append(g)
+    for group, via_bf16 in _groups(files):
+        keeper = min(group, key=lambda r: _rank(r, prefer_smaller))
+        members = sorted(group, key=lambda r: _rank(r, prefer_smaller))
+        copies = [_copy(r, r is keeper) for r in members]
+        for c, r in zip(copies, members, strict=True):
+            if r is not keeper:
+                _decide(c, r, keeper, link)
+        exact = keeper.sha256 is not None and all(r.sha256 == keeper.sha256 for r in group)
+        if exact:
+            kind, key, reason = "exact", keeper.sha256, "same sha256"
+        else:
+            forms = sorted({_form(r) for r in group})
+            kind, key = "same_weights", keeper.fingerprint or ""
+            reason = (("same tensor fingerprint (bf16 rounding): " if via_bf16 else "same tensor fingerprint: ")
+                      + ", ".join(forms))
+        result.groups.append(DupeGroup(kind=kind, key=key, copies=copies, keep=keeper.path,
+                                       bytes_freed=sum(c.bytes_freed for c in copies), reason=reason))
 
     if components:
+        survivors = [r for r in files if r.format != "diffusers"]
         by_comp: dict[tuple[str, str], list[FileRecord]] = {}
         for r in survivors:
             if r.components:
@@ -134,16 +239,24 @@ def find_dupes(catalog: Catalog, *, prefer_smaller: bool = False, components: bo
                     by_comp.setdefault((comp, cfp), []).append(r)
         for (comp, cfp), group in by_comp.items():
             if len({r.fingerprint for r in group}) > 1:
-                g = _group("shared_component", cfp, group, prefer_smaller,
-                           f"same {comp}, different other components")
-                g.bytes_freed = 0
-                g.component = comp
-                result.groups.append(g)
+                recs_sorted = sorted(group, key=lambda r: _rank(r, prefer_smaller))
+                copies = [_copy(r, False) for r in recs_sorted]
+                for c in copies:
+                    c.action = "leave"
+                result.groups.append(DupeGroup(kind="shared_component", key=cfp, copies=copies,
+                                               keep="", bytes_freed=0, component=comp,
+                                               reason=f"same {comp}, different other components"))
     return result
 
 
-def _same_weights(recs: list[FileRecord]) -> list[tuple[list[FileRecord], bool]]:
-    """Files linked by an equal fingerprint (fp16 rounding) or an equal bf16 fingerprint, grouped
+def _form(r: FileRecord) -> str:
+    if r.format == "diffusers":
+        return "diffusers folder"
+    return f"{r.format}/{precision(r) or '?'}/{'pruned' if _is_pruned(r) else 'full'}"
+
+
+def _groups(recs: list[FileRecord]) -> list[tuple[list[FileRecord], bool]]:
+    """Files linked by an equal sha256, fingerprint (fp16 rounding) or bf16 fingerprint, grouped
     transitively (fp16 copy - fp32 - bf16 copy is one group); ``True`` when a bf16 link was used."""
     parent = {r.id: r.id for r in recs}
 
@@ -154,10 +267,10 @@ def _same_weights(recs: list[FileRecord]) -> list[tuple[list[FileRecord], bool]]
         return i
 
     bf16_joined: set[int] = set()
-    for attr in ("fingerprint", "fingerprint_bf16"):
+    for attr in ("sha256", "fingerprint", "fingerprint_bf16"):
         first: dict[str, int] = {}
         for r in recs:
-            v = getattr(r, attr) if r.components else None
+            v = getattr(r, attr) if (attr == "sha256" or r.components) else None
             if not v:
                 continue
             if v in first:
@@ -174,32 +287,128 @@ def _same_weights(recs: list[FileRecord]) -> list[tuple[list[FileRecord], bool]]
     return [(g, any(r.id in bf16_joined for r in g)) for g in groups.values() if len(g) > 1]
 
 
-def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = True) -> SpacePlan:
-    """Dry-run plan: duplicates to delete, pickles to convert, unpruned files to prune, fp32 to fp16."""
-    dupes = find_dupes(catalog, prefer_smaller=prefer_smaller)
-    steps: list[PlanStep] = []
-    deleted: set[int] = set()
+_TAG_DTYPES = {"fp32": "F32", "f32": "F32", "float32": "F32", "fp16": "F16", "f16": "F16", "float16": "F16",
+               "bf16": "BF16"}
+
+
+def _tag_match(stem: str):
+    import re
+
+    pat = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(_PRECISION_TAGS) + r")(?![A-Za-z0-9])", re.IGNORECASE)
+    found = list(pat.finditer(stem))
+    return found[-1] if found else None
+
+
+def _tagged_dtype(stem: str) -> str | None:
+    """The dtype a file name claims (``model-fp16`` -> ``F16``), None when it names none."""
+    m = _tag_match(stem)
+    return _TAG_DTYPES[m.group(1).lower()] if m else None
+
+
+def _retag(stem: str, tag: str = "fp16") -> str | None:
+    """``stem`` with its precision tag (``-fp32``, ``_bf16``...) replaced by ``tag``; None when it has none."""
+    m = _tag_match(stem)
+    return None if m is None else stem[:m.start()] + tag + stem[m.end():]
+
+
+def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = True, link: str = "auto",
+               convert_kinds: frozenset[str] | set[str] | None = None) -> SpacePlan:
+    """The disk plan (``library.plan`` describes the steps and their order): the duplicate steps of
+    ``find_dupes``, then one transform per file (pickle -> safetensors, prune, fp32 -> fp16 in one pass),
+    each billed with the exact size of the file the transform itself plans."""
+    from ckptlab.errors import CkptlabError
+    from ckptlab.ops.apply_plan import hidden_target, transform
+
+    kinds = CONVERT_KINDS | set(convert_kinds or ())
+    dupes = find_dupes(catalog, prefer_smaller=prefer_smaller, link=link)
     recs = {r.id: r for r in catalog.files(status="present", sort="path")}
-    for g in dupes.groups:
+    plan = SpacePlan(catalog=str(catalog.path), link=link)
+    removed: set[int] = set()
+    linked_keepers: set[int] = set()
+    same_weights_keepers: set[int] = set()
+    taken: set[str] = set()  # paths some step creates
+    for gi, g in enumerate(dupes.groups, 1):
+        keeper = next(c for c in g.copies if c.keep)
+        kr = recs[keeper.id]
+        if g.kind == "same_weights":
+            same_weights_keepers.add(kr.id)
         for c in g.copies:
-            if c.keep or c.id in deleted:
+            if c.keep:
+                continue
+            if c.action == "leave":
+                plan.notes.append(f"{c.path}: left as it is: {c.note}")
                 continue
             r = recs[c.id]
-            deleted.add(c.id)
-            steps.append(PlanStep("delete_duplicate", r.path, size=r.size or 0, bytes_freed=r.size or 0,
-                                  sha256=r.sha256, mtime_ns=r.mtime_ns, keep=g.keep, reason=g.reason, file_id=r.id))
+            removed.add(r.id)
+            fp = {"fingerprint": kr.fingerprint, "fingerprint_bf16": kr.fingerprint_bf16}.get(c.match or "")
+            step = PlanStep("link_duplicate" if c.action == "link" else "delete_duplicate", r.path,
+                            size=r.size or 0, bytes_freed=c.bytes_freed, sha256=r.sha256, mtime_ns=r.mtime_ns,
+                            keep=kr.path, reason=g.reason, file_id=r.id, keep_size=kr.size or 0,
+                            keep_mtime_ns=kr.mtime_ns, keep_sha256=kr.sha256, match=c.match, keep_fingerprint=fp,
+                            group=gi, link=c.link, link_path=c.link_path)
+            if c.action == "link":
+                linked_keepers.add(kr.id)
+                taken.add(c.link_path or r.path)
+            plan.steps.append(step)
+
     for r in recs.values():
-        if r.id in deleted or r.error is not None or r.tensor_bytes is None or r.format == "diffusers":
+        if r.id in removed or r.error is not None or r.tensor_bytes is None or r.format == "diffusers":
             continue  # a diffusers folder is not one file a transform step can rewrite in place
-        size = r.size or 0
-        base = dict(path=r.path, size=size, sha256=r.sha256, mtime_ns=r.mtime_ns, file_id=r.id)
+        path = Path(r.path)
+        ops: list[str] = []
         if r.format == "pickle":
-            steps.append(PlanStep("convert_pickle", bytes_freed=max(0, size - r.tensor_bytes),
-                                  reason=f"pickle (safety: {r.safety or 'unchecked'}) to safetensors", **base))
+            if r.kind not in kinds:
+                plan.notes.append(f"{r.path}: stays a pickle: UIs may load {r.kind or 'unknown'} files only as "
+                                  f"{path.suffix} (plan-space --convert-kind {r.kind} converts it anyway)")
+                continue
+            ops.append("convert_pickle")
         if r.ema_bytes:
-            steps.append(PlanStep("prune", bytes_freed=r.ema_bytes, reason="EMA weights / training state", **base))
-        if fp16 and r.fp32_bytes and r.kind not in NO_FP16_KINDS and r.fp32_bytes * 100 >= r.tensor_bytes:
-            steps.append(PlanStep("to_fp16", bytes_freed=r.fp32_bytes // 2, reason="fp32 weights", **base))
-    order = {a: i for i, a in enumerate(("delete_duplicate", "convert_pickle", "prune", "to_fp16"))}
-    steps.sort(key=lambda s: (s.action != "delete_duplicate", s.path, order[s.action]))
-    return SpacePlan(steps=steps, catalog=str(catalog.path))
+            ops.append("prune")
+        stem = path.stem
+        if fp16 and r.fp32_bytes and r.kind not in NO_FP16_KINDS and r.fp32_bytes * 100 >= (r.tensor_bytes or 0):
+            new_stem = _retag(stem)
+            if r.id in same_weights_keepers:
+                plan.notes.append(f"{r.path}: not made fp16: it is the kept copy of a same-weights group "
+                                  "(plan-space --prefer-smaller keeps the smaller copy instead)")
+            elif new_stem is not None and new_stem != stem and in_ui_folder(r):
+                plan.notes.append(f"{r.path}: not made fp16: its name names another precision, and the "
+                                  "fp16 file would have to be renamed, which takes it away from its UI")
+            else:
+                ops.append("to_fp16")
+                if new_stem is not None:
+                    stem = new_stem
+        if not ops:
+            continue
+        if r.id in linked_keepers:
+            plan.notes.append(f"{r.path}: not rewritten: links to it replace duplicates")
+            continue
+        if r.is_link or _nlink(r.path) > 1:
+            plan.notes.append(f"{r.path}: not rewritten: it is a link or has other hard links")
+            continue
+        output = path.with_name(stem + ".safetensors")
+        if output != path and (os.path.lexists(output) or str(output) in taken):
+            plan.notes.append(f"{r.path}: not rewritten: {output.name} already exists")
+            continue
+        try:
+            res = transform(path, ops, hidden_target(output), dry_run=True)
+            if "to_fp16" in ops and not res.converted:  # nothing to cast after all: drop the no-op
+                ops.remove("to_fp16")
+                output = path.with_name(path.stem + ".safetensors")
+                if not ops:
+                    continue
+                res = transform(path, ops, hidden_target(output), dry_run=True)
+        except CkptlabError as e:
+            plan.notes.append(f"{r.path}: not rewritten: {e}")
+            continue
+        freed = (r.size or 0) - res.file_bytes_out
+        if freed <= 0:
+            plan.notes.append(f"{r.path}: not rewritten: {'+'.join(ops)} would not make it smaller")
+            continue
+        taken.add(str(output))
+        reasons = {"convert_pickle": f"pickle (safety: {r.safety or 'unchecked'}) to safetensors",
+                   "prune": "EMA weights / training state", "to_fp16": "fp32 weights to fp16 (VAE kept fp32)"}
+        plan.steps.append(PlanStep("transform", r.path, size=r.size or 0, bytes_freed=freed, sha256=r.sha256,
+                                   mtime_ns=r.mtime_ns, file_id=r.id, ops=ops, output=str(output),
+                                   reason="; ".join(reasons[o] for o in ops)))
+    plan.check_consistent()
+    return plan

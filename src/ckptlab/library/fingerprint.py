@@ -14,6 +14,9 @@ these transforms invisible:
 - **values**: floating tensors are cast to fp16 (round to nearest even) before hashing, so an fp32
   file and the fp16 file made from it give the same bytes; integers hash as int64, bools as uint8.
 - metadata and container (pickle ``.ckpt`` vs safetensors) never enter the hash.
+- a diffusers pipeline folder is read under the single-file names and shapes ``from-diffusers`` maps
+  it to (``ops.diffusers_io.plan_from_diffusers``: VAE attention linear -> 1x1 conv, OpenCLIP q/k/v
+  fused), so the folder ``to-diffusers`` wrote has the fingerprint of the file it came from.
 
 The file fingerprint is SHA-256 over the sorted ``component:fingerprint`` lines.
 
@@ -128,8 +131,48 @@ def _whole(components: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{c}:{components[c]}\n" for c in sorted(components)).encode()).hexdigest()
 
 
+class _PlannedSource:
+    """The tensors a plan of ``Out`` items would write, read one at a time (``infos`` / ``get``)."""
+
+    def __init__(self, items):
+        self._items = {it.key: it for it in items}
+
+    def infos(self):
+        return {k: it.info for k, it in self._items.items()}
+
+    def get(self, key: str):
+        it = self._items[key]
+        return it.produce() if it.produce is not None else it.source.get(it.src_key)
+
+
+def fingerprint_diffusers(folder: str | Path, progress: Progress | None = None) -> Fingerprint | None:
+    """The fingerprint of a diffusers pipeline folder under the single-file (LDM) names and shapes that
+    ``from-diffusers`` would write, so that the folder ``to-diffusers`` made equals its source file.
+    ``None`` when the folder has no single-file form (a family ``from-diffusers`` does not map)."""
+    from ckptlab.errors import CkptlabError
+    from ckptlab.ops.diffusers_io import plan_from_diffusers
+
+    opened: list = []
+    try:
+        try:
+            _fam, items, _warnings, _files = plan_from_diffusers(Path(folder), opened)
+        except (CkptlabError, KeyError, TypeError, ValueError):
+            return None
+        return fingerprint_source(_PlannedSource(items), progress=progress)
+    finally:
+        for s in opened:
+            s.close()
+
+
 def fingerprint_file(path: str | Path, progress: Progress | None = None) -> Fingerprint:
+    """The fingerprint of a model file; a diffusers pipeline folder is fingerprinted in its single-file
+    form (``fingerprint_diffusers``) where it has one."""
     from ckptlab.formats import open_model
 
+    p = Path(path)
+    if p.is_dir() and (p / "model_index.json").is_file():
+        fp = fingerprint_diffusers(p, progress=progress)
+        if fp is not None:
+            return fp
     with open_model(path) as src:
         return fingerprint_source(src, progress=progress)

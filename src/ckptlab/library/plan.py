@@ -1,29 +1,43 @@
-"""The ``plan-space`` plan: a dry-run list of disk-saving steps, saved as JSON.
+"""The ``plan-space`` plan: a reviewed list of disk-saving steps, saved as JSON for ``apply-plan``.
 
-``ckptlab plan-space -o plan.json`` writes it; ``ckptlab apply-plan plan.json`` (transform issue)
-executes it. Schema (version 1)::
+``ckptlab plan-space -o plan.json`` writes it (``library.dupes.plan_space``); ``ckptlab apply-plan
+plan.json`` carries it out (``ops.apply_plan``). Schema (version 2)::
 
     {
       "format": "ckptlab-space-plan",
-      "version": 1,
+      "version": 2,
       "created": "2026-11-23T16:00:00Z",
       "catalog": "/home/me/.local/share/ckptlab/catalog.db",
+      "link": "auto",
       "total_bytes_freed": 12345,
       "steps": [
-        {"action": "delete_duplicate", "path": "/m/a copy.safetensors", "sha256": "ABC...", "size": 2132,
-         "bytes_freed": 2132, "keep": "/m/a.safetensors", "reason": "same sha256", "dtype": null},
-        {"action": "convert_pickle", "path": "/m/b.ckpt", ...},
-        {"action": "prune", ...},
-        {"action": "to_fp16", ...}
+        {"action": "link_duplicate", "path": "/ui/comfyui/models/loras/a.safetensors", "size": 2132,
+         "mtime_ns": 1, "sha256": "ABC...", "bytes_freed": 2132, "keep": "/ui/a1111/models/Lora/a.safetensors",
+         "keep_size": 2132, "keep_mtime_ns": 2, "keep_sha256": "ABC...", "match": "sha256",
+         "keep_fingerprint": null, "link": "hard", "link_path": "/ui/comfyui/models/loras/a.safetensors",
+         "reason": "same sha256", "group": 1},
+        {"action": "delete_duplicate", "path": "/home/me/Downloads/a.safetensors", ...},
+        {"action": "transform", "path": "/ui/a1111/models/Stable-diffusion/b.ckpt", "ops": ["convert_pickle",
+         "prune"], "output": "/ui/a1111/models/Stable-diffusion/b.safetensors", "bytes_freed": 1234, ...}
       ]
     }
 
-Actions: ``delete_duplicate`` (``keep`` names the copy that stays; ``reason`` says ``same sha256`` or
-``same fingerprint``), ``convert_pickle`` (pickle -> safetensors), ``prune`` (drop EMA and training
-state), ``to_fp16`` (fp32 float tensors -> fp16). ``sha256`` and ``size`` are what the file must
-still be when the step runs (``sha256`` is null when the file was never hashed: check the size
-and mtime then); ``mtime_ns`` too. Steps on one file are ordered convert -> prune -> fp16 and their
-``bytes_freed`` add up. Unknown fields are ignored on load so later versions can add some.
+Actions:
+
+- ``delete_duplicate``: remove ``path``, a copy of ``keep`` outside every UI model folder.
+- ``link_duplicate``: a copy inside a UI model folder: replace it by a hard link (``link: hard``, same
+  filesystem) or a symlink (``sym``) to ``keep``, named ``link_path`` (the copy's own name; for a
+  same-weights copy in another container, its stem with the keeper's suffix), so the UI still loads it.
+- ``transform``: rewrite ``path`` into ``output`` with ``ops`` applied in one pass (``convert_pickle``,
+  ``prune``, ``to_fp16``), then remove ``path`` when the name changed. ``bytes_freed`` is ``size`` minus
+  the exact size of the file the transform plans (``ops.run.planned_file_size``).
+
+``size``/``mtime_ns``/``sha256`` are what the file must still be when the step runs; ``keep_size``/
+``keep_mtime_ns`` what the kept copy must still be, and ``match`` what makes it the same model
+(``sha256``: ``keep_sha256`` equals ``sha256``; ``fingerprint``/``fingerprint_bf16``: the kept copy's
+recomputed fingerprint of that kind equals ``keep_fingerprint``). Steps are ordered: every duplicate
+step before any transform, so a keeper is verified in the state the plan saw. A plan of an older
+version is refused (it lacks the keeper checks): make a new one. Unknown fields are ignored on load.
 """
 
 from __future__ import annotations
@@ -39,8 +53,11 @@ from pathlib import Path
 from ckptlab.errors import CkptlabError, FormatError, OutputError
 
 PLAN_FORMAT = "ckptlab-space-plan"
-PLAN_VERSION = 1
-ACTIONS = ("delete_duplicate", "convert_pickle", "prune", "to_fp16")
+PLAN_VERSION = 2
+ACTIONS = ("delete_duplicate", "link_duplicate", "transform")
+OPS = ("convert_pickle", "prune", "to_fp16")
+MATCHES = ("sha256", "fingerprint", "fingerprint_bf16")
+LINKS = ("hard", "sym")
 
 
 @dataclass
@@ -54,12 +71,49 @@ class PlanStep:
     keep: str | None = None
     reason: str = ""
     file_id: int | None = None
+    # duplicate steps: the kept copy as the plan saw it, and what makes it the same model
+    keep_size: int | None = None
+    keep_mtime_ns: int | None = None
+    keep_sha256: str | None = None
+    match: str | None = None
+    keep_fingerprint: str | None = None
+    group: int | None = None
+    # link_duplicate
+    link: str | None = None
+    link_path: str | None = None
+    # transform
+    ops: list[str] | None = None
+    output: str | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise FormatError(f"unknown plan action {self.action!r} (known: {', '.join(ACTIONS)})")
-        if self.action == "delete_duplicate" and not self.keep:
-            raise FormatError(f"delete_duplicate step for {self.path} does not name the copy to keep")
+        if not isinstance(self.path, str) or not self.path:
+            raise FormatError("a plan step has no path")
+        if not isinstance(self.size, int) or not isinstance(self.bytes_freed, int):
+            raise FormatError(f"plan step for {self.path}: size and bytes_freed must be integers")
+        if self.action in ("delete_duplicate", "link_duplicate"):
+            if not self.keep:
+                raise FormatError(f"{self.action} step for {self.path} does not name the copy to keep")
+            if self.match not in MATCHES or not isinstance(self.keep_size, int):
+                raise FormatError(f"{self.action} step for {self.path} lacks the kept copy's identity "
+                                  "(keep_size, match); make a new plan with plan-space")
+            if self.match == "sha256" and not (self.keep_sha256 and self.sha256):
+                raise FormatError(f"{self.action} step for {self.path}: match sha256 without both hashes")
+            if self.match != "sha256" and not self.keep_fingerprint:
+                raise FormatError(f"{self.action} step for {self.path}: match {self.match} without keep_fingerprint")
+        if self.action == "link_duplicate" and (self.link not in LINKS or not self.link_path):
+            raise FormatError(f"link_duplicate step for {self.path} needs link (hard|sym) and link_path")
+        if self.action == "transform":
+            if not self.ops or not isinstance(self.ops, list) or any(o not in OPS for o in self.ops):
+                raise FormatError(f"transform step for {self.path}: ops must be a list of {', '.join(OPS)}")
+            if not self.output:
+                raise FormatError(f"transform step for {self.path} does not name its output")
+
+    @property
+    def label(self) -> str:
+        """``delete_duplicate``, ``link_duplicate``, or the transform's ops (``convert_pickle+prune``)."""
+        return "+".join(self.ops or []) if self.action == "transform" else self.action
 
 
 @dataclass
@@ -68,6 +122,8 @@ class SpacePlan:
     catalog: str | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     version: int = PLAN_VERSION
+    link: str = "auto"
+    notes: list[str] = field(default_factory=list)  # what was not proposed, and why
 
     @property
     def total_bytes_freed(self) -> int:
@@ -76,15 +132,15 @@ class SpacePlan:
     def by_action(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for s in self.steps:
-            slot = out.setdefault(s.action, {"files": 0, "bytes_freed": 0})
+            slot = out.setdefault(s.label, {"files": 0, "bytes_freed": 0})
             slot["files"] += 1
             slot["bytes_freed"] += s.bytes_freed
         return out
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, "version": self.version, "created": self.created, "catalog": self.catalog,
-                "total_bytes_freed": self.total_bytes_freed, "by_action": self.by_action(),
-                "steps": [asdict(s) for s in self.steps]}
+                "link": self.link, "total_bytes_freed": self.total_bytes_freed, "by_action": self.by_action(),
+                "steps": [asdict(s) for s in self.steps], "notes": list(self.notes)}
 
     @classmethod
     def from_dict(cls, obj: dict) -> SpacePlan:
@@ -92,18 +148,56 @@ class SpacePlan:
             raise FormatError(f"not a ckptlab space plan (format is not {PLAN_FORMAT!r})")
         if not isinstance(obj.get("version"), int) or obj["version"] > PLAN_VERSION:
             raise FormatError(f"space plan version {obj.get('version')!r} is not supported (max {PLAN_VERSION})")
+        if obj["version"] < PLAN_VERSION:
+            raise FormatError(f"space plan version {obj['version']} was made by an older ckptlab without the "
+                              "checks of the kept copies; make a new plan with plan-space")
         names = {f.name for f in fields(PlanStep)}
         steps = []
+        if not isinstance(obj.get("steps") or [], list):
+            raise FormatError("space plan steps must be a list")
         for i, raw in enumerate(obj.get("steps") or []):
             if not isinstance(raw, dict) or not {"action", "path", "size", "bytes_freed"} <= set(raw):
                 raise FormatError(f"space plan step {i} lacks action/path/size/bytes_freed")
             steps.append(PlanStep(**{k: v for k, v in raw.items() if k in names}))
-        return cls(steps=steps, catalog=obj.get("catalog"), created=obj.get("created") or "",
-                   version=obj["version"])
+        notes = obj.get("notes") or []
+        plan = cls(steps=steps, catalog=obj.get("catalog") if isinstance(obj.get("catalog"), str) else None,
+                   created=str(obj.get("created") or ""), version=obj["version"],
+                   link=str(obj.get("link") or "auto"), notes=[str(n) for n in notes] if isinstance(notes, list) else [])
+        plan.check_consistent()
+        return plan
 
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file in the same folder, then rename)."""
+    def check_consistent(self) -> None:
+        """One consistent plan: a file is the subject of at most one step; no step removes, replaces or
+        writes a file another step keeps (a kept copy with no links to it may be rewritten by a transform
+        after its duplicates are gone); every duplicate step comes before every transform."""
+        removed: set[str] = set()  # files a duplicate step removes or replaces
+        written: set[str] = set()  # files a transform rewrites or creates
+        kept: set[str] = set()
+        linked: set[str] = set()  # kept copies that links will point to
+        seen_transform = False
+        for s in self.steps:
+            if s.path in removed or s.path in written:
+                raise FormatError(f"space plan: two steps on {s.path}")
+            if s.action == "transform":
+                seen_transform = True
+                written |= {s.path, s.output}
+                continue
+            if seen_transform:
+                raise FormatError(f"space plan: {s.action} of {s.path} comes after a transform")
+            kept.add(s.keep)
+            removed |= {s.path, s.link_path or s.path}
+            if s.action == "link_duplicate":
+                linked.add(s.keep)
+        clash = (removed & kept) | (written & linked) | (written & removed)
+        if clash:
+            raise FormatError(f"space plan: a step removes or rewrites {sorted(clash)[0]}, which another step keeps")
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write atomically (temp file in the same folder, then rename); an existing file is replaced only
+        with ``overwrite``."""
         path = Path(path)
+        if not overwrite and (path.exists() or path.is_symlink()):
+            raise OutputError("output already exists (use --overwrite to replace it)", path)
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
         except OSError as e:

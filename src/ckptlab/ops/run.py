@@ -138,6 +138,8 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
                 src.close()
                 skipped.append(result)
                 continue
+            hashed = [path.is_file(), *(True for _ in extra_inputs or [])]  # as phase 2 hashes them
+            result.file_bytes_out = planned_file_size(items, _metadata(operation, jobs[-1], extra_inputs, hashed))
             if out.resolve() in seen_outputs:
                 raise CkptlabError(f"two inputs would both be written to {out}", path)
             seen_outputs.add(out.resolve())
@@ -154,15 +156,12 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
         for n, job in enumerate(jobs):
             progress(0, description=f"{operation} {job.path.name} ({n + 1}/{len(jobs)})")
             hasher = FileHasher(job.path, db=db) if job.path.is_file() else None
-            paths = [job.path, *(extra_inputs or [])]
             for p in extra_inputs or []:
                 if p not in extra_hashers:
                     extra_hashers[p] = FileHasher(p, db=db)  # hashed once, recorded in every output
             hashers = [hasher, *(extra_hashers[p] for p in extra_inputs or [])]
             pending = {placeholder(i): h for i, h in enumerate(hashers) if h is not None}
-            meta = provenance(operation, [(p, placeholder(i) if h else None)
-                                          for i, (p, h) in enumerate(zip(paths, hashers, strict=True))],
-                              job.options, base=job.src.metadata if job.keep_meta else None)
+            meta = _metadata(operation, job, extra_inputs, [h is not None for h in hashers])
             write_plan(job.out, job.items, meta, progress=progress, overwrite=overwrite, pending=pending,
                        set_total=False)
             job.result.input_sha256 = hasher.result() if hasher else None
@@ -170,3 +169,20 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
     finally:
         for j in jobs:
             j.src.close()
+
+
+def _metadata(operation: str, job: _Job, extra_inputs: list[Path] | None, hashed: list[bool]) -> dict[str, str]:
+    """The output's metadata, input digests as same-length placeholders (patched in by ``write_plan``)."""
+    paths = [job.path, *(extra_inputs or [])]
+    return provenance(operation, [(p, placeholder(i) if h else None)
+                                  for i, (p, h) in enumerate(zip(paths, hashed, strict=True))],
+                      job.options, base=job.src.metadata if job.keep_meta else None)
+
+
+def planned_file_size(items: list[Out], metadata: dict[str, str]) -> int:
+    """Bytes of the file ``write_plan(items, metadata)`` writes: the header the writer builds plus the
+    tensors laid out contiguously (a pure function of the plan; nothing is read)."""
+    from ckptlab.formats.writer import build_header
+
+    return len(build_header({it.key: it.info for it in items}, metadata)) + sum(it.info.nbytes for it in items)
+

@@ -57,6 +57,8 @@ class TransformResult:
     tensors_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    #: the size of the output file (header included) as planned; the written file has exactly this size
+    file_bytes_out: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     converted: int = 0
     warnings: list[str] = field(default_factory=list)

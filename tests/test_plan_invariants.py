@@ -1,0 +1,515 @@
+"""The disk plan's invariants (docs/library.md, "The disk plan"), each proved on a library laid out as
+A1111 + ComfyUI (with an extra_model_paths.yaml folder) + folders outside every UI (out/, Downloads/).
+
+Oracles are independent of the code under test: the ``safetensors`` library and ``torch.load`` load what
+each UI name holds before and after; the size of every distinct inode under the library is summed before
+and after to measure what was really freed; ``os.stat`` tells hard links and symlinks apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_library_files import half, pruned, tensors, write_ckpt, write_st
+from test_ops_fixtures import make_model
+
+from ckptlab.errors import FormatError, MismatchError
+from ckptlab.library.catalog import Catalog
+from ckptlab.library.dupes import find_dupes, plan_space
+from ckptlab.library.plan import SpacePlan
+from ckptlab.library.scanner import scan
+from ckptlab.ops.apply_plan import apply_plan
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+UNET = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+VAE = "first_stage_model.decoder.conv_in.weight"
+
+
+def sd1(seed: int, ema: bool = False) -> dict[str, torch.Tensor]:
+    return tensors("sd1_checkpoint", seed=seed, ema=ema, dim_cap=8)
+
+
+class Lib:
+    def __init__(self, root: Path):
+        self.root = root
+        self.sd = root / "webui" / "models" / "Stable-diffusion"
+        self.lora = root / "webui" / "models" / "Lora"
+        self.hyper = root / "webui" / "models" / "hypernetworks"
+        self.esrgan = root / "webui" / "models" / "ESRGAN"
+        self.ck = root / "ComfyUI" / "models" / "checkpoints"
+        self.cl = root / "ComfyUI" / "models" / "loras"
+        self.extra = root / "shared-store" / "sd"  # a UI folder only through extra_model_paths.yaml
+        self.out = root / "out"
+        self.dl = root / "Downloads"
+        self.yaml = root / "extra_model_paths.yaml"
+        self.db = root / "catalog.db"
+
+    @property
+    def ui_folders(self) -> list[Path]:
+        return [self.sd, self.lora, self.hyper, self.esrgan, self.ck, self.cl, self.extra]
+
+    def scan(self) -> None:
+        with Catalog(self.db) as cat:
+            scan([self.root / "webui", self.root / "ComfyUI", self.out, self.dl], cat, hash=True, fingerprint=True,
+                 extra_model_paths=self.yaml)
+
+    def plan(self, **kw) -> SpacePlan:
+        with Catalog(self.db) as cat:
+            return plan_space(cat, **kw)
+
+
+@pytest.fixture
+def lib(tmp_path) -> Lib:
+    L = Lib(tmp_path / "lib")
+    for d in (L.sd, L.lora, L.hyper, L.esrgan, L.ck, L.cl, L.extra, L.out, L.dl):
+        d.mkdir(parents=True)
+    L.yaml.write_text(f"store:\n  base_path: {L.root / 'shared-store'}\n  checkpoints: sd\n")
+    # mA: the same bytes in A1111, ComfyUI and Downloads/
+    write_st(L.sd / "mA.safetensors", pruned(sd1(1)))
+    shutil.copy2(L.sd / "mA.safetensors", L.ck / "mA.safetensors")
+    shutil.copy2(L.sd / "mA.safetensors", L.dl / "mA.safetensors")
+    # mB: one model in three forms: a full fp16 pickle (A1111), pruned fp32 (ComfyUI), pruned fp16 (out/)
+    b = sd1(2, ema=True)
+    write_ckpt(L.sd / "mB.ckpt", half(b))
+    write_st(L.ck / "mB.safetensors", pruned(b))
+    write_st(L.out / "mB.safetensors", half(pruned(b)))
+    # mC: the same bytes in A1111 and in the extra_model_paths folder
+    write_st(L.extra / "mC.safetensors", sd1(3, ema=True))
+    shutil.copy2(L.extra / "mC.safetensors", L.sd / "mC.safetensors")
+    # mD: fp32 with EMA, alone in A1111 -> prune + fp16 in place (VAE stays fp32)
+    write_st(L.sd / "mD.safetensors", sd1(4, ema=True))
+    # mE: fp32 named -fp32 outside every UI -> fp16, renamed -fp16; mF: the same inside a UI -> untouched
+    write_st(L.out / "mE-fp32.safetensors", pruned(sd1(5)))
+    write_st(L.sd / "mF-fp32.safetensors", pruned(sd1(6)))
+    # mG: an fp32 file and its existing fp16 copy, both in A1111
+    write_st(L.sd / "mG.safetensors", pruned(sd1(7)))
+    write_st(L.sd / "mG-fp16.safetensors", half(pruned(sd1(7))))
+    # already pruned fp16: nothing to do
+    write_st(L.sd / "done.safetensors", half(pruned(sd1(8))))
+    # a LoRA in both UIs; a hypernetwork and an ESRGAN model (pickles their UIs load only as .pt / .pth)
+    make_model(L.lora / "style.safetensors", "sd1_kohya_lora", dtype="F16")
+    shutil.copy2(L.lora / "style.safetensors", L.cl / "style.safetensors")
+    make_model(L.hyper / "anime.pt", "sd1_hypernetwork")
+    make_model(L.esrgan / "x4.pth", "esrgan_x4")
+    L.scan()
+    return L
+
+
+def load_any(path: Path) -> dict[str, torch.Tensor]:
+    """What a UI gets from a name: safetensors' own loader, or torch.load (weights only) for pickles."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, o) -> None:  # hypernetworks and ESRGAN pickles nest their tensors
+        if isinstance(o, torch.Tensor):
+            flat[prefix] = o
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(f"{prefix}.{i}", v)
+
+    walk("", obj)
+    return flat
+
+
+def ui_models(lib: Lib) -> dict[tuple[Path, str], dict[str, torch.Tensor]]:
+    """(UI folder, model stem) -> the tensors the UI loads, EMA left out, floats rounded to fp16."""
+    out = {}
+    for folder in lib.ui_folders:
+        for p in folder.iterdir():
+            if p.suffix in MODEL_SUFFIXES and not p.name.startswith("."):
+                sd = load_any(p)
+                out[(folder, p.stem)] = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()
+                                         if not k.startswith("model_ema")}
+    return out
+
+
+def disk_bytes(root: Path) -> int:
+    """Bytes of every distinct inode under ``root`` (hard links counted once, symlinks as nothing)."""
+    seen, total = set(), 0
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            st = os.lstat(os.path.join(dirpath, n))
+            if os.path.islink(os.path.join(dirpath, n)) or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    out = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if n.startswith("catalog.db"):
+                continue
+            st = os.lstat(p)
+            out[p] = (st.st_ino, st.st_size, st.st_mtime_ns, os.path.islink(p))
+    return out
+
+
+def in_ui(lib: Lib, path: str) -> bool:
+    return any(Path(path).parent == f for f in lib.ui_folders)
+
+
+# -- No model leaves a UI ---------------------------------------------------------------------------------------
+
+def test_no_model_leaves_a_ui(lib, cli):
+    before = ui_models(lib)
+    plan = lib.plan()
+    assert plan.steps, "the library has duplicates and fp32 files: the plan cannot be empty"
+    plan.save(lib.root / "plan.json")
+    r = cli("apply-plan", lib.root / "plan.json", "--db", lib.db)
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = ui_models(lib)
+    assert set(after) == set(before)  # every (UI folder, name) is still there
+    for key, sd in before.items():
+        got = after[key]
+        assert set(got) == set(sd), key  # the same tensors (EMA aside) ...
+        for k, v in sd.items():
+            assert torch.equal(got[k], v), (key, k)  # ... with the same values (at fp16 rounding)
+
+
+def test_links_replace_ui_copies(lib):
+    lib.plan().save(lib.root / "plan.json")
+    apply_plan(lib.root / "plan.json", catalog_path=lib.db)
+    same = lambda a, b: os.stat(a).st_ino == os.stat(b).st_ino  # noqa: E731
+    pairs = [(lib.sd / "mA.safetensors", lib.ck / "mA.safetensors"),
+             (lib.sd / "mC.safetensors", lib.extra / "mC.safetensors"),
+             (lib.lora / "style.safetensors", lib.cl / "style.safetensors")]
+    for a, b in pairs:  # hard links on one filesystem
+        assert same(a, b) and not a.is_symlink() and not b.is_symlink(), (a, b)
+    # the A1111 pickle of mB is now its stem with the kept copy's suffix, linked to the kept copy
+    assert not (lib.sd / "mB.ckpt").exists() and same(lib.sd / "mB.safetensors", lib.ck / "mB.safetensors")
+
+
+def test_link_sym_and_none(lib):
+    plan = lib.plan(link="sym")
+    plan.save(lib.root / "plan.json")
+    apply_plan(lib.root / "plan.json", catalog_path=lib.db)
+    ui_dups = [s for s in plan.steps if s.action == "link_duplicate"]
+    assert ui_dups and all(s.link == "sym" for s in ui_dups)
+    for s in ui_dups:
+        p = Path(s.link_path)
+        assert p.is_symlink() and os.path.samefile(p, s.keep)
+
+    lib2 = Lib(lib.root)  # --link none: removing from a UI only when asked for exactly that
+    lib2.db = lib.root / "second.db"
+    lib2.scan()
+    none = lib2.plan(link="none")
+    assert not any(s.action == "link_duplicate" for s in none.steps)
+
+
+def test_hard_link_across_filesystems_is_never_attempted(lib, monkeypatch):
+    """``--link hard`` on files of different devices leaves the copy alone instead of failing later;
+    ``auto`` makes a symlink there."""
+    import dataclasses
+
+    real = Catalog.files
+
+    def files(self, *a, **kw):  # ComfyUI's folder on another device
+        return [dataclasses.replace(r, dev=r.dev + 1) if r.path.startswith(str(lib.ck)) else r
+                for r in real(self, *a, **kw)]
+
+    monkeypatch.setattr(Catalog, "files", files)
+    with Catalog(lib.db) as cat:
+        res = find_dupes(cat, link="hard")
+        auto = find_dupes(cat)
+    a = next(g for g in res.groups if any(c.path == str(lib.ck / "mA.safetensors") for c in g.copies))
+    c = next(c for c in a.copies if c.path == str(lib.ck / "mA.safetensors"))
+    assert c.action == "leave" and "another filesystem" in c.note
+    a = next(g for g in auto.groups if any(c.path == str(lib.ck / "mA.safetensors") for c in g.copies))
+    assert next(c for c in a.copies if c.path == str(lib.ck / "mA.safetensors")).link == "sym"
+
+
+# -- A copy inside a UI folder is kept over one outside ----------------------------------------------------------
+
+def test_ui_copy_kept_over_outside(lib):
+    plan = lib.plan()
+    steps = {s.path: s for s in plan.steps}
+    assert steps[str(lib.dl / "mA.safetensors")].action == "delete_duplicate"
+    assert in_ui(lib, steps[str(lib.dl / "mA.safetensors")].keep)
+    # out/mB is safetensors and pruned - a better form than the A1111 pickle - but it is outside every UI
+    assert steps[str(lib.out / "mB.safetensors")].action == "delete_duplicate"
+    assert in_ui(lib, steps[str(lib.out / "mB.safetensors")].keep)
+    for s in plan.steps:
+        if s.action in ("delete_duplicate", "link_duplicate"):
+            assert in_ui(lib, s.keep)
+            assert (s.action == "link_duplicate") == in_ui(lib, s.path), s
+
+
+# -- One consistent plan -------------------------------------------------------------------------------------------
+
+def test_one_keeper_per_group_and_groups_never_contradict(lib):
+    with Catalog(lib.db) as cat:
+        res = find_dupes(cat)
+    seen: set[str] = set()
+    for g in res.groups:
+        keepers = [c for c in g.copies if c.keep]
+        assert len(keepers) == 1 and keepers[0].path == g.keep
+        paths = {c.path for c in g.copies}
+        assert not (paths & seen), "a file in two groups"
+        seen |= paths
+    # mB's three forms are one group (fingerprint), not an exact group plus a same_weights group
+    mb = [g for g in res.groups if str(lib.ck / "mB.safetensors") in {c.path for c in g.copies}]
+    assert len(mb) == 1 and {c.path for c in mb[0].copies} == {
+        str(lib.sd / "mB.ckpt"), str(lib.ck / "mB.safetensors"), str(lib.out / "mB.safetensors")}
+
+
+def test_plan_is_consistent_and_ordered(lib):
+    plan = lib.plan()
+    keepers = {s.keep for s in plan.steps if s.keep}
+    subjects = [s.path for s in plan.steps]
+    assert len(subjects) == len(set(subjects))
+    assert not keepers & {s.path for s in plan.steps if s.action != "transform"}
+    kinds = [s.action == "transform" for s in plan.steps]
+    assert kinds == sorted(kinds)  # every duplicate step before every transform
+    groups = {}
+    for s in plan.steps:
+        if s.group is not None:
+            groups.setdefault(s.group, set()).add(s.keep)
+    assert all(len(k) == 1 for k in groups.values())
+
+
+def test_forged_plan_deleting_a_keeper_is_refused(lib, cli):
+    plan = lib.plan()
+    obj = plan.to_dict()
+    dup = next(s for s in obj["steps"] if s["action"] == "delete_duplicate")
+    evil = dict(dup, path=dup["keep"], keep=dup["path"])  # a second step removing the first one's keeper
+    obj["steps"].insert(1, evil)
+    (lib.root / "evil.json").write_text(json.dumps(obj))
+    before = tree(lib.root)
+    r = cli("apply-plan", lib.root / "evil.json", "--db", lib.db)
+    assert r.returncode == 1 and "keeps" in r.stderr and "Traceback" not in r.stderr
+    assert tree(lib.root) == before
+    with pytest.raises(FormatError):
+        SpacePlan.load(lib.root / "evil.json")
+
+
+def _replace_keeping_stat(path: Path, data_from: Path) -> None:
+    """Put other content at ``path`` with the same size and mtime (what a size+mtime check cannot see)."""
+    st = path.stat()
+    data = bytearray(data_from.read_bytes())
+    assert len(data) == st.st_size
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_keeper_replaced_after_planning_is_never_trusted_exact(lib):
+    plan = lib.plan()
+    step = next(s for s in plan.steps if s.path == str(lib.dl / "mA.safetensors"))
+    keep = Path(step.keep)
+    plan.save(lib.root / "plan.json")
+    data = bytearray(keep.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    (lib.root / "tampered").write_bytes(bytes(data))
+    _replace_keeping_stat(keep, lib.root / "tampered")
+    results = {str(r.path): r for r in apply_plan(lib.root / "plan.json", catalog_path=lib.db, rescan=False)}
+    r = results[str(lib.dl / "mA.safetensors")]
+    assert r.status == "failed" and "sha256 recomputed" in r.message
+    assert (lib.dl / "mA.safetensors").exists()
+
+
+def test_keeper_replaced_after_planning_is_never_trusted_same_weights(lib):
+    plan = lib.plan()
+    step = next(s for s in plan.steps if s.path == str(lib.out / "mB.safetensors"))
+    assert step.match == "fingerprint"
+    keep = Path(step.keep)
+    plan.save(lib.root / "plan.json")
+    other = write_st(lib.root / "other.safetensors", pruned(sd1(99, ema=True)))  # other weights, same layout
+    _replace_keeping_stat(keep, other)
+    for dry in (True, False):
+        results = {str(r.path): r for r in apply_plan(lib.root / "plan.json", catalog_path=lib.db, rescan=False,
+                                                      dry_run=dry)}
+        r = results[str(lib.out / "mB.safetensors")]
+        assert r.status == "failed" and "fingerprint recomputed" in r.message
+        assert (lib.out / "mB.safetensors").exists() and (lib.sd / "mB.ckpt").exists()
+
+
+def test_missing_or_changed_keeper(lib):
+    plan = lib.plan()
+    plan.save(lib.root / "plan.json")
+    step = next(s for s in plan.steps if s.path == str(lib.dl / "mA.safetensors"))
+    os.utime(step.keep, ns=(0, 10**18))  # touched after planning
+    from ckptlab.ops.apply_plan import verify_keeper
+
+    with pytest.raises(MismatchError, match="changed since the plan"):
+        verify_keeper(step)
+    Path(step.keep).rename(lib.root / "gone")
+    with pytest.raises(MismatchError, match="does not exist"):
+        verify_keeper(step)
+
+
+# -- idempotent, re-runnable after a crash, dry run = real run ------------------------------------------------
+
+def test_dry_run_is_exactly_the_real_run(lib):
+    plan = lib.plan()
+    plan.save(lib.root / "plan.json")
+    before = tree(lib.root)
+    dry = apply_plan(lib.root / "plan.json", catalog_path=lib.db, dry_run=True)
+    assert tree(lib.root) == before  # nothing touched
+    real = apply_plan(lib.root / "plan.json", catalog_path=lib.db)
+    assert [(r.action, r.path, r.new_path) for r in dry] == [(r.action, r.path, r.new_path) for r in real]
+    assert [r.status for r in dry] == ["would-do"] * len(dry) and [r.status for r in real] == ["done"] * len(real)
+    assert [r.bytes_freed for r in dry] == [r.bytes_freed for r in real]
+
+
+def test_idempotent_and_rerun_after_a_crash(lib):
+    plan = lib.plan()
+    plan.save(lib.root / "plan.json")
+    # a crash after the first half of the steps: the same plan cut short
+    half_plan = SpacePlan(steps=plan.steps[: len(plan.steps) // 2], catalog=plan.catalog)
+    half_plan.save(lib.root / "half.json")
+    first = apply_plan(lib.root / "half.json", catalog_path=lib.db)
+    assert all(r.status == "done" for r in first)
+    # and a transform that died mid-write left its hidden temporary behind
+    t = next(s for s in plan.steps if s.action == "transform")
+    from ckptlab.ops.apply_plan import hidden_target
+
+    hidden_target(Path(t.output)).write_bytes(b"half a file")
+    again = apply_plan(lib.root / "plan.json", catalog_path=lib.db)
+    n = len(first)
+    assert [r.status for r in again[:n]] == ["done-before"] * n
+    assert all(r.status == "done" for r in again[n:]), [(r.path, r.message) for r in again[n:]]
+    assert not hidden_target(Path(t.output)).exists()
+    state = tree(lib.root)
+    third = apply_plan(lib.root / "plan.json", catalog_path=lib.db)
+    assert all(r.status == "done-before" for r in third), [(r.path, r.status, r.message) for r in third]
+    assert tree(lib.root) == state
+    assert lib.plan().steps == []  # and a new plan finds nothing left to do
+
+
+# -- Estimates equal outcomes ----------------------------------------------------------------------------------
+
+def test_estimates_equal_outcomes(lib, cli):
+    plan = lib.plan()
+    plan.save(lib.root / "plan.json")
+    on_disk = disk_bytes(lib.root)
+    r = cli("apply-plan", lib.root / "plan.json", "--db", lib.db, "--json", "--no-rescan")
+    assert r.returncode == 0, r.stderr
+    results = [json.loads(x) for x in r.stdout.splitlines()]
+    for x in results:
+        assert x["status"] == "done"
+        assert x["bytes_planned"] > 0
+        assert abs(x["bytes_freed"] - x["bytes_planned"]) <= x["bytes_planned"] / 100, x
+    freed = on_disk - disk_bytes(lib.root)  # measured, not reported
+    assert abs(freed - plan.total_bytes_freed) <= plan.total_bytes_freed / 100
+    assert freed == sum(x["bytes_freed"] for x in results)
+
+
+def test_fp16_keeps_the_vae_fp32_and_bills_it_so(lib):
+    plan = lib.plan()
+    step = next(s for s in plan.steps if s.path == str(lib.sd / "mD.safetensors"))
+    assert step.ops == ["prune", "to_fp16"] and step.output == step.path
+    size = (lib.sd / "mD.safetensors").stat().st_size
+    plan.save(lib.root / "plan.json")
+    apply_plan(lib.root / "plan.json", catalog_path=lib.db, rescan=False)
+    with safe_open(str(lib.sd / "mD.safetensors"), "pt") as f:
+        assert f.get_slice(VAE).get_dtype() == "F32" and f.get_slice(UNET).get_dtype() == "F16"
+        assert not any(k.startswith("model_ema") for k in f.keys())
+    assert size - (lib.sd / "mD.safetensors").stat().st_size == step.bytes_freed
+
+
+def test_no_op_steps_are_never_proposed(lib):
+    plan = lib.plan()
+    paths = {s.path for s in plan.steps}
+    assert str(lib.sd / "done.safetensors") not in paths  # already pruned fp16
+    assert all(s.bytes_freed > 0 for s in plan.steps)
+    # a tiny fp32 file where the rewrite's header would eat the saving: not proposed
+    write_st(lib.out / "tiny.safetensors", {UNET: torch.randn(2, 2)})
+    lib.scan()
+    assert str(lib.out / "tiny.safetensors") not in {s.path for s in lib.plan().steps}
+
+
+# -- Only conversions a UI can load; names say what files hold ------------------------------------------------
+
+def test_pickles_a_ui_loads_only_as_pickles_stay(lib):
+    plan = lib.plan()
+    paths = {s.path for s in plan.steps}
+    assert str(lib.hyper / "anime.pt") not in paths and str(lib.esrgan / "x4.pth") not in paths
+    assert any("anime.pt: stays a pickle" in n for n in plan.notes)
+    asked = lib.plan(convert_kinds={"hypernetwork"})
+    step = next(s for s in asked.steps if s.path == str(lib.hyper / "anime.pt"))
+    assert step.ops[0] == "convert_pickle" and step.output == str(lib.hyper / "anime.safetensors")
+    assert str(lib.esrgan / "x4.pth") not in {s.path for s in asked.steps}
+
+
+def test_converted_files_are_named_for_what_they_hold(lib):
+    plan = lib.plan()
+    steps = {s.path: s for s in plan.steps}
+    e = steps[str(lib.out / "mE-fp32.safetensors")]
+    assert e.ops == ["to_fp16"] and e.output == str(lib.out / "mE-fp16.safetensors")
+    assert str(lib.sd / "mF-fp32.safetensors") not in steps  # renaming would take it from its UI
+    # mG: the fp32 file and its fp16 copy: the fp16 copy is not removed, the fp32 one not converted
+    assert str(lib.sd / "mG.safetensors") not in steps and str(lib.sd / "mG-fp16.safetensors") not in steps
+    plan.save(lib.root / "plan.json")
+    apply_plan(lib.root / "plan.json", catalog_path=lib.db)
+    for folder in (lib.out, *lib.ui_folders):
+        for p in folder.glob("*.safetensors"):
+            with safe_open(str(p), "pt") as f:
+                dtype = f.get_slice(UNET).get_dtype() if UNET in f.keys() else None
+            if "-fp32" in p.stem:
+                assert dtype == "F32", p
+            if "-fp16" in p.stem:
+                assert dtype == "F16", p
+    assert not (lib.out / "mE-fp32.safetensors").exists() and (lib.out / "mE-fp16.safetensors").exists()
+
+
+# -- diffusers folders --------------------------------------------------------------------------------------
+
+def test_diffusers_folder_matches_its_single_file(tmp_path):
+    from ckptlab.library.fingerprint import fingerprint_file
+    from ckptlab.ops.diffusers_io import to_diffusers
+
+    models = tmp_path / "webui" / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    src = make_model(models / "sd15.safetensors", "sd1_checkpoint", dtype="F16")
+    to_diffusers(src, tmp_path / "out" / "sd15-diffusers")
+    to_diffusers(src, tmp_path / "out" / "sd15-fp32-diffusers", precision="fp32")
+    want = fingerprint_file(src)
+    assert fingerprint_file(tmp_path / "out" / "sd15-diffusers") == want
+    assert fingerprint_file(tmp_path / "out" / "sd15-fp32-diffusers").fingerprint == want.fingerprint
+    with Catalog(tmp_path / "c.db") as cat:
+        scan([tmp_path / "webui", tmp_path / "out"], cat, hash=True, fingerprint=True)
+        (g,) = find_dupes(cat).groups
+        plan = plan_space(cat)
+    assert g.keep == str(src) and g.kind == "same_weights" and "diffusers folder" in g.reason
+    assert {c.action for c in g.copies if not c.keep} == {"leave"}
+    assert plan.steps == []  # a folder is never removed
+
+
+# -- CLI -------------------------------------------------------------------------------------------------
+
+def test_cli_plan_space_output_and_apply_plan_db(lib, cli):
+    out = lib.root / "plan.json"
+    out.write_text("my notes")
+    r = cli("plan-space", "-o", out, "--db", lib.db)
+    assert r.returncode == 1 and "already exists" in r.stderr and out.read_text() == "my notes"
+    r = cli("plan-space", "-o", out, "--overwrite", "--db", lib.db)
+    assert r.returncode == 0, r.stderr
+    assert SpacePlan.load(out).steps
+    for line in r.stdout.splitlines():  # sizes in IEC units only
+        assert not any(f" {u}" in line for u in ("KB", "MB", "GB")), line
+    assert "KiB" in r.stdout or "MiB" in r.stdout
+    r = cli("apply-plan", "--help")
+    assert "--db" in r.stdout and "--catalog" not in r.stdout
+    r = cli("apply-plan", out, "--catalog", lib.db, "--dry-run")  # the old spelling still works
+    assert r.returncode == 0 and "deprecated" in r.stderr and "would-do" in r.stdout
+    r = cli("dupes", "--db", lib.db)
+    assert r.returncode == 0 and "link  " in r.stdout and "remove" in r.stdout
+    assert all(len(line) < 400 for line in r.stdout.splitlines()) and not any(
+        line.startswith(("KiB", "MiB")) for line in r.stdout.splitlines())  # never hard-wrapped
