@@ -622,28 +622,128 @@ def _trailing(scan: Scan, buf, pos: int, end: int, location: str, depth: int) ->
         pos = vm.end
 
 
-def _scan_tar(scan: Scan, path: Path) -> None:
-    """Scan the pickles of a torch 0.1 tar file (``sys_info``, ``pickle``, ``storages``, ``tensors``)."""
+#: bytes per element of every torch storage class (torch._utils._element_size), for walking tar records
+_STORAGE_ELEMENT = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
+                    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
+                    "UntypedStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "QInt8Storage": 1,
+                    "QInt32Storage": 4, "QUInt8Storage": 1, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1}
+
+
+class _TarPid(_Resolver):
+    """The tar format's persistent_load returns objects torch built earlier: nothing ckptlab keeps."""
+
+    def __init__(self, scan: Scan):
+        super().__init__(scan, -1)
+
+    def persistent_load(self, vm, pid, at):
+        return None
+
+
+def _is_tar(path: Path) -> bool:
+    """What torch's legacy loader tries first on a real file: ``tarfile.open(mode="r:")``. It needs one
+    header block with a valid checksum; the ``ustar`` magic is optional (old V7 archives have none)."""
     import tarfile
 
-    class AnyPid(_Resolver):
-        def persistent_load(self, vm, pid, at):
-            return None
+    try:
+        with tarfile.open(path, "r:"):
+            return True
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return False
 
+
+def _tar_pickles(scan: Scan, buf, name: str, resolver, *, storages: bool = False, tensors: bool = False) -> None:
+    """Scan the pickles of one tar member the way torch's legacy tar loader reads them: ``storages`` and
+    ``tensors`` hold a count, then per item a pickle and a raw record; other members one pickle."""
+    end = len(buf)
+
+    def run(pos: int):
+        vm = PickleVM(buf, pos, location=f"{name}@{pos}", resolver=resolver, end=end).run()
+        scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS))
+        for k, v in vm.globals.items():
+            scan.globals.setdefault(k, v)
+        return vm if vm.complete else None
+
+    vm = run(0)
+    if vm is None or not (storages or tensors):
+        return
+    count, pos = vm.result, vm.end
+    if type(count) not in (int, bool) or count < 0:
+        return
+    for _ in range(count):
+        vm = run(pos)
+        if vm is None or not (isinstance(vm.result, (tuple, list)) and len(vm.result) == 3):
+            return
+        pos = vm.end
+        if storages:  # (key, location, storage_type), then int64 element count and the elements
+            st = storage_type_of(vm.result[2])
+            if st is None or pos + 8 > end:
+                return  # torch fails on storage_type._dtype or the short read
+            n = int.from_bytes(bytes(buf[pos:pos + 8]), "little", signed=True)
+            pos += 8 + n * _STORAGE_ELEMENT[st[0]]
+        else:  # (key, storage_id, type), then int32 ndim, 4 bytes, sizes, strides, offset
+            if pos + 8 > end:
+                return
+            ndim = int.from_bytes(bytes(buf[pos:pos + 4]), "little", signed=True)
+            pos += 8 + 16 * ndim + 8
+        if n < 0 if storages else ndim < 0:
+            return
+        if pos > end:
+            return
+    if storages:
+        run(pos)  # storage_views
+
+
+def _scan_tar(scan: Scan, mm, path: Path) -> None:
+    """A torch 0.1 tar file: every pickle torch's tar loader reads (``storages``, ``tensors``, ``pickle``, in
+    that order), every other member as a pickle, and, because torch falls back to reading the file as a
+    pickle when the tar loader fails, the file itself from byte 0. Its tensors are not read."""
+    import tarfile
+
+    scan.container = "torch-tar"
+    scan.add("legacy_tar", SUSPICIOUS, "legacy torch tar format (torch 0.1): its pickles are scanned, its tensors "
+             "are not read")
+    members: dict[str, Any] = {}
+    others = []
     try:
         with tarfile.open(path, "r:") as tf:
-            for m in tf.getmembers()[:64]:
-                if not m.isfile() or m.size > MAX_PICKLE_MEMBER:
-                    continue
-                fh = tf.extractfile(m)
-                data = fh.read() if fh is not None else b""
-                if _looks_like_pickle(data):
-                    vm = PickleVM(memoryview(data), location=m.name, resolver=AnyPid(scan, 0)).run()
-                    scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS))
-                    for k, v in vm.globals.items():
-                        scan.globals.setdefault(k, v)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        scan.add("legacy_tar", CORRUPT, f"tar archive cannot be read: {e}")
+            for i, m in enumerate(tf):
+                if i >= MAX_ZIP_ENTRIES:
+                    scan.add("resource_limit", SUSPICIOUS, f"tar has more than {MAX_ZIP_ENTRIES} members")
+                    break
+                if m.issym() or m.islnk():
+                    scan.add("tar_link", SUSPICIOUS, f"tar member {m.name!r} is a link to {m.linkname!r}", m.name)
+                if m.isfile() and not m.issparse():
+                    if m.name in members:
+                        others.append(members[m.name])
+                    members[m.name] = m  # tarfile.getmember: the last one wins
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        scan.add("tar_unreadable", CORRUPT, f"tar archive cannot be read: {e}")
+    size = len(mm)
+    view = memoryview(mm)
+    for name, m in list(members.items()) + [(m.name, m) for m in others]:
+        if m.offset_data + m.size > size:
+            scan.add("tar_truncated", CORRUPT, f"tar member {name!r} runs past the end of the file", name)
+            continue
+        if m.size > MAX_PICKLE_MEMBER and name not in ("storages", "tensors"):
+            scan.add("resource_limit", SUSPICIOUS, f"tar member {name!r} is over {MAX_PICKLE_MEMBER} bytes", name)
+            continue
+        buf = view[m.offset_data:m.offset_data + m.size]
+        if members.get(name) is not m:
+            _tar_pickles(scan, buf, f"{name}(shadowed)", _NoPidResolver(scan))
+        elif name == "storages":
+            _tar_pickles(scan, buf, name, _NoPidResolver(scan), storages=True)
+        elif name == "tensors":
+            _tar_pickles(scan, buf, name, _NoPidResolver(scan), tensors=True)
+        elif name == "pickle":
+            _tar_pickles(scan, buf, name, _TarPid(scan))
+        else:
+            _tar_pickles(scan, buf, name, _NoPidResolver(scan))
+    # the fallback reading of the whole file as a legacy pickle
+    other = Scan(path)
+    _read_legacy(other, view, 0, size, f"{path.name}(as a pickle)", 0)
+    scan.findings.extend(f for f in other.findings if f.severity in (MALICIOUS, SUSPICIOUS))
+    for k, v in other.globals.items():
+        scan.globals.setdefault(k, v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,9 +771,8 @@ def scan(path: str | Path) -> Scan:
     if head[:2] == b"7z" or head[:4] == b"\x37\x7a\xbc\xaf":
         result.add("archive_7z", SUSPICIOUS, "7z archive, not a model file (nullifAI-style wrapper)")
         return result
-    if head[:5] == b"ustar" or mm[257:262] == b"ustar":
-        result.add("legacy_tar", SUSPICIOUS, "legacy torch tar format (torch 0.1) is not supported; pickles scanned")
-        _scan_tar(result, path)
+    if _is_tar(path):
+        _scan_tar(result, mm, path)
         return result
     if head[:4] == b"PK\x05\x06":
         result.add("zip_empty", CORRUPT, "empty zip archive")

@@ -414,6 +414,7 @@ class PickleVM:
         self.memo: dict = {}
         self._frame_end: int | None = None
         ops = 0
+        at = self.pos
         try:
             while True:
                 if self.pos >= self.limit:
