@@ -28,15 +28,17 @@ def _nested_legacy(levels: int) -> bytes:
 
 CASES = {
     # name: (bytes, acceptable verdicts)
-    "memo_index_4g": (b"\x80\x02}r\xff\xff\xff\xff.", {"suspicious"}),
-    "marks_200k": (b"\x80\x02" + b"(" * 200_000 + b"N.", {"suspicious"}),
+    # CPython's memo is an array grown to the index (a 4G index fails there for memory); ours is sparse
+    "memo_index_4g": (b"\x80\x02}r\xff\xff\xff\xff.", {"safe"}),
+    # CPython has no MARK limit: 200k MARKs read, and the pickle's object (None) is no torch file
+    "marks_200k": (b"\x80\x02" + b"(" * 200_000 + b"N.", {"corrupt"}),
     "nested_lists_50k": (b"\x80\x02" + b"(" * 50_000 + b"l" * 50_000 + b".", {"safe"}),
     "self_cycle": (b"\x80\x02]q\x00h\x00a.", {"safe"}),
     "billion_laughs": (b"\x80\x02]q\x00" + b"".join(
         b"(" + (b"h" + bytes([i])) * 10 + b"lq" + bytes([i + 1]) for i in range(40)) + b".", {"safe"}),
     "binbytes8_2e62": (b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"xx.", {"suspicious", "corrupt"}),
     "binunicode8_huge": (b"\x80\x04\x8d" + struct.pack("<Q", 1 << 40) + b"xx.", {"suspicious", "corrupt"}),
-    "long4_huge": (b"\x80\x02\x8b" + struct.pack("<i", 1 << 30) + b"\x01.", {"suspicious"}),
+    "long4_huge": (b"\x80\x02\x8b" + struct.pack("<i", 1 << 30) + b"\x01.", {"corrupt"}),
     "text_long_many_digits": (b"L" + b"9" * 100_000 + b"L\n.", {"corrupt"}),
     "frame_2e63": (b"\x80\x04\x95" + struct.pack("<Q", 1 << 63) + b"N.", {"malicious"}),
     "zip_too_many_entries": (build_zip(torch_members("archive", p2(b"}")))[:-22] + struct.pack(
@@ -64,7 +66,9 @@ CASES = {
                                                 REC)), {"suspicious"}),
     "missing_record": (build_zip(torch_members("archive", p2(state_dict(("w", tensor_v2("7", 3)))), REC)),
                        {"corrupt"}),
-    "nested_load_from_bytes_x3": (_nested_legacy(3), {"suspicious"}),
+    # read 3 levels deep (the innermost object is a dict, not a storage: torch would refuse the magic)
+    "nested_load_from_bytes_x3": (_nested_legacy(3), {"corrupt"}),
+    "nested_load_from_bytes_x40": (_nested_legacy(40), {"suspicious"}),
     "junk": (b"\x00\x01\x02 not a model at all" * 10, {"corrupt"}),
     "empty": (b"", {"corrupt"}),
 }

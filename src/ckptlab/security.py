@@ -13,11 +13,12 @@ or executed. No torch import on this path.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.formats.pickle_vm import CORRUPT, INFO, MALICIOUS, SUSPICIOUS, Finding, PickleVM
+from ckptlab.formats.pickle_vm import CORRUPT, INFO, MALICIOUS, SUSPICIOUS, Finding
 
 SAFE = "safe"
 VERDICTS = (SAFE, SUSPICIOUS, MALICIOUS, CORRUPT)
@@ -25,7 +26,7 @@ VERDICTS = (SAFE, SUSPICIOUS, MALICIOUS, CORRUPT)
 EXIT_CODES = {SAFE: 0, SUSPICIOUS: 3, MALICIOUS: 4, CORRUPT: 5}
 _RANK = {SAFE: 0, CORRUPT: 1, SUSPICIOUS: 2, MALICIOUS: 3}
 
-__all__ = ["CheckResult", "EXIT_CODES", "Finding", "check", "check_many", "worst_verdict"]
+__all__ = ["CheckResult", "EXIT_CODES", "Finding", "check", "check_many", "polyglot_findings", "worst_verdict"]
 
 
 @dataclass
@@ -126,20 +127,37 @@ def _check_safetensors(p: Path) -> CheckResult:
     from ckptlab.errors import CkptlabError
     from ckptlab.formats.safetensors import read_header
 
+    polyglot = polyglot_findings(p)
     try:
-        header = read_header(p)
+        read_header(p)
     except CkptlabError as e:
-        return CheckResult(p, "safetensors", CORRUPT, findings=[Finding("bad_header", CORRUPT, e.message)])
-    findings = []
-    # torch.load would unpickle this file from byte 0: flag it if that pickle names any global
-    # (the 8 length bytes end in zeros, so in practice only trivial pickles such as 'N.' fit)
-    with open(p, "rb") as fh:
-        prefix = fh.read(min(header.data_start, 1 << 20))
-    vm = PickleVM(prefix).run()
-    if vm.complete and vm.globals:
-        findings.append(Finding("polyglot", MALICIOUS, "safetensors file is also a pickle that imports globals"))
-    verdict = MALICIOUS if findings else SAFE
-    return CheckResult(p, "safetensors", verdict, findings=findings)
+        findings = [Finding("bad_header", CORRUPT, e.message), *polyglot]
+        return CheckResult(p, "safetensors", worst_verdict(f.severity for f in findings), findings=findings)
+    return CheckResult(p, "safetensors", MALICIOUS if polyglot else SAFE, findings=polyglot)
+
+
+_IMPORTABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def polyglot_findings(p: Path) -> list[Finding]:
+    """What ``torch.load`` would run in a file that is not a zip: it reads it as a pickle from byte 0
+    (after a tar attempt), whatever its name or its safetensors header. Returns ``malicious`` findings for
+    the dangerous globals that reading imports (names that could really be imported: a safetensors
+    header read as opcodes breaks within a few bytes, and random tensor bytes never spell an import)."""
+    from ckptlab.formats import pickle_symbols as sym
+    from ckptlab.formats.pickle_archive import scan
+
+    s = scan(p)
+    try:
+        bad = sorted(q for q, cat in s.globals.items() if cat == sym.DANGEROUS and _IMPORTABLE.fullmatch(q))
+        if not bad:
+            return []
+        detail = next((f.detail for f in s.findings if f.kind == "global_dangerous"), ", ".join(bad[:3]))
+        return [Finding("polyglot", MALICIOUS, "the file is also a pickle (torch.load reads it from byte 0) that "
+                        f"imports {', '.join(bad[:3])}: {detail}", f"{p.name}(as a pickle)")]
+    finally:
+        s.root = None
+        s.close()
 
 
 def _check_gguf(p: Path) -> CheckResult:

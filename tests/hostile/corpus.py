@@ -134,6 +134,9 @@ class Case:
     stream: bytes | None = None
     #: globals ``pickletools`` must see in ``stream`` ("module name")
     shows: tuple[str, ...] = ()
+    #: how the payload is proven live in a throwaway process: "pickle" (plain pickle.load of the file),
+    #: "torch" (torch.load(weights_only=False) of the file), "" (not proven; see ROUND_TWO_NOT_LIVE)
+    live: str = ""
 
 
 def build_hostile(folder: Path, canary_dir: Path) -> list[Case]:
@@ -142,10 +145,10 @@ def build_hostile(folder: Path, canary_dir: Path) -> list[Case]:
     cases: list[Case] = []
 
     def add(name: str, technique: str, suffix: str, content: bytes, expect: str = "malicious",
-            stream: bytes | None = None, shows: tuple[str, ...] = ()) -> None:
+            stream: bytes | None = None, shows: tuple[str, ...] = (), live: str = "") -> None:
         p = folder / f"{name}{suffix}"
         p.write_bytes(content)
-        cases.append(Case(name, technique, p, canary_dir / name, expect, stream, shows))
+        cases.append(Case(name, technique, p, canary_dir / name, expect, stream, shows, live))
 
     def C(name: str) -> Path:  # noqa: N802
         return canary_dir / name
@@ -378,4 +381,129 @@ def build_hostile(folder: Path, canary_dir: Path) -> list[Case]:
     add("legacy_tar_pickle", "torch 0.1 tar format with a payload in its 'pickle' member", ".pt", buf.getvalue())
     add("archive_7z", "7z-wrapped payload (nullifAI)", ".pt", b"7z\xbc\xaf\x27\x1c\x00\x04" + b"\0" * 24 +
         p2(os_system(C("archive_7z"))), expect="unsafe")
+    round_two(add, C, folder)
     return cases
+
+
+# -- round two (issue 12): payloads behind what CPython's unpickler accepts and ours did not -----------
+
+def p0_payload(c: Path) -> bytes:
+    """A protocol-0 payload (text opcodes), as CPython's unpickler reads it anywhere in a stream."""
+    return b"cos\nsystem\n(S'" + sh(c).encode() + b"'\ntR."
+
+
+def safetensors_polyglot(c: Path, *, valid: bool) -> bytes:
+    """A file whose first 8 bytes are both a safetensors header length and the start of a pickle: BINBYTES
+    ('B' + 4-byte length) swallows the zero bytes, '{' and the start of the JSON header. ``valid``: the
+    JSON is a real safetensors header (one U8 tensor holding the payload bytes) and the pickle hops
+    through the rest of a metadata string with SHORT_BINBYTES ('C' + length byte), whose opcode and
+    length bytes are printable, so both readings hold; otherwise the payload follows the swallowed part
+    and the header is not valid JSON."""
+    import json
+
+    payload = p0_payload(c)
+    if not valid:
+        L = 64  # noqa: N806
+        n = 0x42 | (L << 8)
+        body = b"B" + struct.pack("<I", L) + b"\0\0\0" + b"{" + b"x" * (L - 4) + payload
+        return body + b" " * (8 + n - len(body))
+    tensor = {"w": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}
+    head = json.dumps(tensor, separators=(",", ":"))[:-1] + ',"__metadata__":{"p":"'
+    tail = '"}}'
+    L = len(head) + 4  # noqa: N806 - the BINBYTES data ends inside the metadata string
+    n = 0x42 | (L << 8)
+    # JSON index where the pickle resumes: byte 5 + L of the file, i.e. index L - 3 of the header
+    start = L - 3
+    span = n - start  # hops cover from there to the end of the header
+    hops, left = [], span
+    while left:
+        take = min(left, 120)
+        if left - take and left - take < 40:
+            take = left - 40
+        hops.append(take)
+        left -= take
+    text = b""
+    for i, size in enumerate(hops):
+        dlen = size - 2
+        data = b"x" * dlen if i < len(hops) - 1 else b"x" * (dlen - len(tail)) + tail.encode()
+        text += b"C" + bytes([dlen]) + data
+    header = head.encode() + b"x" * (start - len(head)) + text
+    assert len(header) == n, (len(header), n)
+    prefix = b"B" + struct.pack("<I", L)[:3]
+    assert struct.pack("<Q", n)[:4] == prefix
+    return struct.pack("<Q", n) + header + payload
+
+
+def round_two(add, C, folder: Path) -> None:  # noqa: N803
+    import io
+    import tarfile
+
+    # the VM rejected these; CPython reads them (oracle: tests/test_pickle_differential.py)
+    for name, frag, what in (
+            ("mark_pop_payload", b"(0", "POP right after MARK pops the MARK"),
+            ("int_hex_payload", b"I0x10\n0", "INT written in hex (strtol base 0)"),
+            ("int_octal_payload", b"I010\n0", "INT with a leading zero is octal for strtol"),
+            ("int_nul_payload", b"I5\x00junk\n0", "INT operand ends at a NUL byte"),
+            ("long_bin_payload", b"L0b1L\n0", "LONG written in binary (PyLong_FromString base 0)"),
+            ("long_underscore_payload", b"L1_0L\n0", "LONG with an underscore"),
+            ("float_nul_payload", b"F1.5\x00x\n0", "FLOAT operand ends at a NUL byte"),
+            ("put_nul_payload", b"Np5\x00x\n0g5\n0", "PUT/GET operands end at a NUL byte"),
+            ("appends_empty_payload", b"}(e0", "empty APPENDS on a dict is a no-op"),
+            ("setitem_list_payload", b"]Na" + b"K\x00K\x05s0", "SETITEM on a list index"),
+            ("marks_100001_payload", b"(" * 100_001, "100,001 open MARKs (CPython has no limit)"),
+            ("memo_5m_payload", b"Nr\x00\x00\x50\x000j\x00\x00\x50\x000", "memo index 5,242,880"),
+            ("long4_5000_payload", b"\x8b\x88\x13\x00\x00" + b"\x01" * 5000 + b"0", "a 5000-byte LONG4")):
+        s = frag + p0_payload(C(name))
+        add(name, f"{what}, then a payload", ".ckpt", s, stream=s, shows=("os system",), live="pickle")
+
+    hostile = b"\x80\x02I0x10\n0" + os_system(C("zip_int_hex")) + b"."
+    add("zip_int_hex", "hex INT before the payload in a torch zip's data.pkl", ".ckpt",
+        build_zip(torch_members("archive", hostile)), live="torch")
+    ms = torch_members("archive", p2(os_system(C("zip_data_pkl_case"))))
+    ms[0].name = "archive/Data.pkl"
+    add("zip_data_pkl_case", "archive/Data.pkl: torch's zip reader finds records without case", ".ckpt",
+        build_zip(ms), live="torch")
+    ms = torch_members("archive", p2(b"}"))
+    ms.insert(1, Member("archive/DATA.PKL", p2(os_system(C("zip_data_pkl_case_dup")))))
+    add("zip_data_pkl_case_dup", "data.pkl and DATA.PKL: which one torch reads is not defined", ".ckpt",
+        build_zip(ms), live="torch")
+    nested = legacy_file(p2(os_system(C("load_from_bytes_x3"))))
+    for _ in range(3):
+        nested = p2(call(g("torch.storage", "_load_from_bytes"), binbytes(nested)))
+        nested = legacy_file(nested) if _ < 2 else nested
+    add("load_from_bytes_x3", "_load_from_bytes nested 3 deep, payload innermost", ".pt", nested, live="pickle")
+    add("safetensors_polyglot_ckpt", "safetensors-looking header whose first bytes are a pickle (.ckpt)", ".ckpt",
+        safetensors_polyglot(C("safetensors_polyglot_ckpt"), valid=False), live="torch")
+    add("safetensors_polyglot_valid", "valid safetensors file that is also a pickle (payload = tensor bytes)",
+        ".ckpt", safetensors_polyglot(C("safetensors_polyglot_valid"), valid=True), live="torch")
+
+    def tar(members: list[tuple[str, bytes]], fmt=tarfile.USTAR_FORMAT, strip_magic: bool = False) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+            for member, content in members:
+                info = tarfile.TarInfo(member)
+                info.size = len(content)
+                tf.addfile(info, io.BytesIO(content))
+        data = bytearray(buf.getvalue())
+        if strip_magic:  # an old V7 header: no "ustar" magic, checksum recomputed
+            off = 0
+            while off + 512 <= len(data) and any(data[off:off + 512]):
+                size = int(bytes(data[off + 124:off + 136]).strip(b"\0 ") or b"0", 8)
+                data[off + 257:off + 265] = b"\0" * 8
+                data[off + 148:off + 156] = b" " * 8
+                data[off + 148:off + 156] = b"%06o\0 " % sum(data[off:off + 512])
+                off += 512 + (size + 511) // 512 * 512
+        return bytes(data)
+
+    def tar_members(storages: bytes) -> list[tuple[str, bytes]]:
+        return [("sys_info", p2(b"}")), ("storages", storages + p2(b"]")), ("tensors", p2(b"K\x00")),
+                ("pickle", p2(b"}"))]
+
+    add("tar_v7_storages", "torch 0.1 tar without the ustar magic, payload in its storages pickle", ".pt",
+        tar(tar_members(p0_payload(C("tar_v7_storages"))), strip_magic=True), live="torch")
+    add("tar_storages_K", "tar 'storages' member starting with K (BININT1), then the payload", ".pt",
+        tar(tar_members(b"K\x000" + p0_payload(C("tar_storages_K")))), live="torch")
+    s = short_u("os") + short_u("system") + b"\x93" + tup(short_u(sh(C("tar_storages_proto4")))) + b"R."
+    add("tar_storages_proto4", "tar 'storages' member with protocol-4 opcodes and no PROTO", ".pt",
+        tar(tar_members(s)), live="torch")
+

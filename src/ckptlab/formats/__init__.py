@@ -76,7 +76,14 @@ def open_model(path: str | Path, *, variant: str | None = None) -> TensorSource:
     fmt = detect_format(path)
     if fmt == "safetensors":
         from ckptlab.formats.safetensors import SafetensorsSource
+        from ckptlab.security import polyglot_findings
 
+        bad = polyglot_findings(Path(path))  # torch.load would run this file as a pickle
+        if bad:
+            from ckptlab.errors import UnsafeFileError
+
+            raise UnsafeFileError(f"refused: malicious pickle content ({bad[0].detail}); run `ckptlab check` for "
+                                  "details", path)
         return SafetensorsSource(path)
     if fmt == "diffusers":
         from ckptlab.formats.diffusers import DiffusersSource

@@ -61,6 +61,12 @@ class PickleSource(TensorSource):
                 self.scan.close()
                 raise UnsafeFileError(f"refused: malicious pickle content{detail}; run `ckptlab check` for details",
                                       self.path)
+            unread = self.scan.unverified
+            if unread is not None:
+                # part of what torch.load would run was not read: no option opens such a file
+                self.scan.close()
+                raise UnsafeFileError(f"refused: ckptlab could not read all of this file ({unread.detail}); "
+                                      "torch.load would run what was not checked", self.path)
             if self.verdict == SUSPICIOUS and not allow_suspicious:
                 self.scan.close()
                 raise UnsafeFileError(f"refused: suspicious pickle content{detail}", self.path)

@@ -36,9 +36,12 @@ LEGACY_PROTOCOL = 1001
 MAX_PICKLE_MEMBER = 512 * 1024 * 1024
 MAX_TRAILING_PICKLES = 16
 MAX_ZIP_ENTRIES = 200_000
-KNOWN_MEMBERS = re.compile(r"(data\.pkl|data/\d+|version|\.format_version|\.storage_alignment|byteorder|"
+KNOWN_MEMBERS = re.compile(r"(data/\d+|version|\.format_version|\.storage_alignment|byteorder|"
                            r"\.data/serialization_id|\.data/version)")
 VERDICT_ORDER = (MALICIOUS, SUSPICIOUS, CORRUPT)
+#: findings that mean part of what torch.load would run was not read (a resource limit, a nesting depth,
+#: a container ckptlab does not unpack): such a file is never opened, whatever the verdict and options
+UNVERIFIED_KINDS = frozenset({"resource_limit", "nested_depth", "legacy_tar", "archive_7z"})
 
 
 @dataclass
@@ -52,6 +55,8 @@ class ZipEntry:
     usize: int
     header_offset: int
     data_offset: int
+    local_csize: int = -1  # sizes the local header declares (-1: deferred to a data descriptor)
+    local_usize: int = -1
 
 
 @dataclass
@@ -76,6 +81,11 @@ class Scan:
                 return v
         return "safe" if self.complete else CORRUPT
 
+    @property
+    def unverified(self) -> Finding | None:
+        """The first finding that says part of the file was not read (see ``UNVERIFIED_KINDS``)."""
+        return next((f for f in self.findings if f.kind in UNVERIFIED_KINDS), None)
+
     def add(self, kind: str, severity: str, detail: str, location: str = "") -> None:
         self.findings.append(Finding(kind, severity, detail, location))
 
@@ -97,7 +107,11 @@ class Scan:
 # persistent ids and nested payloads
 
 class _Resolver:
-    """Turns ``('storage', type, key, location, numel[, view])`` ids into ``StorageRef``s."""
+    """Turns ``('storage', type, key, location, numel[, view])`` ids into ``StorageRef``s, and reads
+    nested ``_load_from_bytes`` payloads with this same reader."""
+
+    #: whether the unpickler this stands for has a persistent_load (torch's do; plain pickle.load has none)
+    pids = True
 
     def __init__(self, scan: Scan, pid_len: int, bind=None):
         self.scan = scan
@@ -143,10 +157,27 @@ class _Resolver:
         loc = f"{vm.location}@{at}/_load_from_bytes"
         vm.note("nested_payload", INFO, "torch.storage._load_from_bytes payload read as a nested legacy file", at)
         if end - start >= 4 and bytes(buf[start:start + 4]) == b"PK\x03\x04":
+            # torch.load(BytesIO(b)) reads a zip as a zip: scan it whole, keep nothing from it
             vm.note("nested_zip", SUSPICIOUS, "nested payload is a zip archive", at)
+            inner = Scan(self.scan.path)
+            _scan_zip(inner, bytes(buf[start:end]), end - start, vm.depth + 1)
+            for f in inner.findings:
+                self.scan.findings.append(Finding(f.kind, f.severity, f.detail, f"{loc}:{f.location}"))
+            for k, v in inner.globals.items():
+                self.scan.globals.setdefault(k, v)
             return None
         root = _read_legacy(self.scan, buf, start, end, loc, vm.depth + 1, nested=True)
         return root if isinstance(root, StorageRef) else None
+
+
+class _NoPidResolver(_Resolver):
+    """For pickles torch reads with plain ``pickle.load`` (no persistent_load): a persistent id breaks the
+    stream there, but a ``_load_from_bytes`` payload still runs and is still read."""
+
+    pids = False
+
+    def __init__(self, scan: Scan):
+        super().__init__(scan, -1)
 
 
 def _short(v) -> str:
@@ -214,10 +245,12 @@ def _read_central(scan: Scan, mm, size: int) -> list[ZipEntry] | None:
         if off + 30 > size or mm[off:off + 4] != b"PK\x03\x04":
             scan.add("zip_bad_local_header", CORRUPT, f"member {name}: no local header at offset {off}", name)
             continue
-        (lnlen, lelen) = struct.unpack("<HH", mm[off + 26:off + 30])
+        (lflags, lcsize, lusize, lnlen, lelen) = struct.unpack("<H10xIIHH", mm[off + 6:off + 30])
         local_name = bytes(mm[off + 30:off + 30 + lnlen]).decode("utf-8", "replace")
         data_offset = off + 30 + lnlen + lelen
-        entries.append(ZipEntry(name, local_name, flags, method, crc, csize, usize, off, data_offset))
+        if lflags & 0x8 or 0xFFFFFFFF in (lcsize, lusize):
+            lcsize = lusize = -1  # sizes in a data descriptor or a zip64 extra: the directory's stand
+        entries.append(ZipEntry(name, local_name, flags, method, crc, csize, usize, off, data_offset, lcsize, lusize))
     return entries
 
 
@@ -238,8 +271,61 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, off: int) -> tuple[int, i
     return usize, csize, off
 
 
+INFLATE_PIECE = 1 << 20
+#: DEFLATE cannot expand more than ~1032:1 (258 bytes per 2-bit code); a header declaring more lies
+MAX_DEFLATE_RATIO = 1032
+
+
+def inflate_pieces(raw, expected: int, piece: int = INFLATE_PIECE):
+    """The inflated bytes of the raw DEFLATE stream ``raw``, in pieces of at most ``piece`` bytes.
+    Raises ``zlib.error`` when the stream is broken or truncated, or inflates to more or fewer bytes than
+    ``expected`` (the size its headers declare): never more than ``expected + piece`` bytes are made."""
+    d = zlib.decompressobj(-15)
+    total, pos, n = 0, 0, len(raw)
+    tail = b""
+    while not d.eof:
+        if not tail:
+            if pos >= n:
+                break
+            tail = raw[pos:pos + piece]
+            pos += len(tail)
+        out = d.decompress(tail, piece)
+        tail = d.unconsumed_tail
+        if out:
+            total += len(out)
+            if total > expected:
+                raise zlib.error(f"inflates to more than the {expected} bytes its header declares")
+            yield out
+    if not d.eof:
+        raise zlib.error("compressed stream is truncated")
+    if total != expected:
+        raise zlib.error(f"inflates to {total} bytes but its header declares {expected}")
+
+
+def inflate(raw, expected: int) -> bytearray:
+    """``inflate_pieces`` gathered into one buffer of exactly ``expected`` bytes."""
+    out = bytearray(expected)
+    at = 0
+    for part in inflate_pieces(raw, expected):
+        out[at:at + len(part)] = part
+        at += len(part)
+    return out
+
+
+def _size_problem(e: ZipEntry) -> str | None:
+    """Why the sizes recorded for ``e`` cannot all be true, or None."""
+    if e.local_csize >= 0 and (e.local_csize != e.csize or e.local_usize != e.usize):
+        return (f"member {e.name}: the local header declares {e.local_csize}/{e.local_usize} bytes "
+                f"(compressed/inflated), the central directory {e.csize}/{e.usize}")
+    if e.method == 0 and e.csize != e.usize:
+        return f"member {e.name} is stored but declares {e.csize} stored and {e.usize} inflated bytes"
+    if e.method == 8 and e.usize > MAX_DEFLATE_RATIO * e.csize + 64:
+        return f"member {e.name} declares {e.usize} inflated bytes from {e.csize} compressed (impossible ratio)"
+    return None
+
+
 def _member_bytes(scan: Scan, mm, e: ZipEntry, size: int, cap: int, *, ignore_flags: bool = False):
-    """The member's content (memoryview for STORED, bytes for DEFLATE), or None."""
+    """The member's content (memoryview for STORED, bytearray for DEFLATE), or None."""
     if e.flags & 0x1 and not ignore_flags:
         return None
     if e.data_offset + e.csize > size:
@@ -252,13 +338,11 @@ def _member_bytes(scan: Scan, mm, e: ZipEntry, size: int, cap: int, *, ignore_fl
     if e.method == 0:
         return raw
     if e.method == 8:
-        d = zlib.decompressobj(-15)
         try:
-            out = d.decompress(raw, cap + 1)
+            return inflate(raw, e.usize)
         except zlib.error as err:
             scan.add("zip_bad_deflate", CORRUPT, f"member {e.name}: {err}", e.name)
             return None
-        return out[:cap]
     scan.add("zip_bad_method", SUSPICIOUS, f"member {e.name} uses compression method {e.method}", e.name)
     return None
 
@@ -271,29 +355,36 @@ def _scan_zip(scan: Scan, mm, size: int, depth: int = 0) -> None:
     if not entries:
         scan.add("zip_empty", CORRUPT, "zip archive has no members")
         return
+    # torch (PyTorchStreamReader) takes the archive root from the first directory entry and finds every
+    # record with miniz's mz_zip_reader_locate_file(name, flags=0): a case-insensitive match
     first = entries[0].name
     root = first.split("/", 1)[0] if "/" in first else ""
     by_name: dict[str, ZipEntry] = {}
     for e in entries:
+        key = e.name.lower()
         if e.name != e.local_name:
             scan.add("zip_name_mismatch", MALICIOUS,
                      f"local header names {e.local_name!r} but the directory names {e.name!r}", e.name)
-        if e.name in by_name:
-            sev = MALICIOUS if e.name.endswith(".pkl") else SUSPICIOUS
-            scan.add("zip_duplicate", sev, f"duplicate member {e.name!r} (the last one wins)", e.name)
-        by_name[e.name] = e  # last wins, as in torch and zipfile
+        if key in by_name:
+            sev = MALICIOUS if key.endswith(".pkl") else SUSPICIOUS
+            scan.add("zip_duplicate", sev, f"duplicate member {e.name!r} (names compare without case in torch's "
+                     "reader; which copy it reads is not defined)", e.name)
+        by_name[key] = e  # last wins, as in zipfile
         if e.flags & 0x1:
             scan.add("zip_encrypted", SUSPICIOUS, f"member {e.name} has the encryption flag", e.name)
         if e.flags & ~0x0808 & 0xFFFF:
             scan.add("zip_flags", SUSPICIOUS, f"member {e.name} has unusual flag bits 0x{e.flags:04x}", e.name)
         if e.method not in (0,):
-            sev = SUSPICIOUS
-            scan.add("zip_compressed", sev, f"member {e.name} is compressed (method {e.method}); torch writes stored",
-                     e.name)
-        if not root or not e.name.startswith(root + "/"):
+            scan.add("zip_compressed", SUSPICIOUS, f"member {e.name} is compressed (method {e.method}); torch writes "
+                     "stored", e.name)
+        problem = _size_problem(e)
+        if problem:
+            scan.add("zip_size_mismatch", SUSPICIOUS, problem, e.name)
+        if not root or not key.startswith(root.lower() + "/"):
             scan.add("zip_second_root", SUSPICIOUS, f"member {e.name} is outside the archive root {root!r}/", e.name)
-    scan.zip_entries = by_name
-    rel = {n[len(root) + 1:]: e for n, e in by_name.items() if root and n.startswith(root + "/")}
+    scan.zip_entries = {e.name: e for e in by_name.values()}
+    prefix = root.lower() + "/"
+    rel = {n[len(prefix):]: e for n, e in by_name.items() if root and n.startswith(prefix)}
     if "constants.pkl" in rel:
         scan.container = "torchscript"
         scan.add("torchscript", SUSPICIOUS, "TorchScript archive (torch.jit.load runs its code)", root)
@@ -303,40 +394,41 @@ def _scan_zip(scan: Scan, mm, size: int, depth: int = 0) -> None:
         byteorder = bytes(bo).decode("ascii", "replace").strip() if bo is not None else "?"
         if byteorder not in ("little", "big"):
             scan.add("zip_byteorder", CORRUPT, f"unknown byteorder {byteorder!r}", rel["byteorder"].name)
-    # every pickle-looking member is scanned, not only data.pkl
+    # every member that is not a known record is scanned as a pickle, whatever its first byte
     for rname, e in rel.items():
-        if KNOWN_MEMBERS.fullmatch(rname):
+        if KNOWN_MEMBERS.fullmatch(rname) or rname == "data.pkl":
             continue
         if rname.startswith(("code/", "extra/", ".data/")) and scan.container == "torchscript" and not \
                 rname.endswith(".pkl"):
             continue
-        scan.add("zip_unknown_member", SUSPICIOUS, f"unexpected member {rname}", e.name)
+        scan.add("zip_unknown_member", SUSPICIOUS, f"unexpected member {e.name}", e.name)
         content = _member_bytes(scan, mm, e, size, MAX_PICKLE_MEMBER)
-        if content is not None and _looks_like_pickle(content):
-            vm = PickleVM(content, location=e.name, depth=depth).run()
+        if content is not None and len(content):
+            vm = PickleVM(content, location=e.name, depth=depth, resolver=_NoPidResolver(scan)).run()
             if rname.endswith(".pkl"):
                 scan.absorb(vm)
             else:
                 scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS)
-                                     and f.kind.startswith("global"))
+                                     and (f.kind.startswith("global") or f.kind in UNVERIFIED_KINDS))
                 for k, v in vm.globals.items():
                     scan.globals.setdefault(k, v)
     for n, e in by_name.items():
-        if not (root and n.startswith(root + "/")) and n.endswith(".pkl"):
+        if not (root and n.startswith(prefix)) and n.endswith(".pkl"):
             content = _member_bytes(scan, mm, e, size, MAX_PICKLE_MEMBER)
             if content is not None:
-                scan.absorb(PickleVM(content, location=e.name, depth=depth).run())
+                scan.absorb(PickleVM(content, location=e.name, depth=depth, resolver=_NoPidResolver(scan)).run())
     pkl = rel.get("data.pkl")
     if pkl is None:
         scan.add("zip_no_data_pkl", CORRUPT, f"archive has no {root}/data.pkl")
         return
-    # pickles that torch would not read but a laxer reader might: shadowed duplicates and
+    # pickles that torch might read instead, or a laxer reader might: duplicates (any case) and
     # "encrypted" members (the flag is only a flag; the bytes may be a plain pickle)
     for e in entries:
-        if e.name.endswith(".pkl") and (by_name.get(e.name) is not e or e.flags & 0x1):
+        if e.name.lower().endswith(".pkl") and (by_name.get(e.name.lower()) is not e or e.flags & 0x1):
             content = _member_bytes(scan, mm, e, size, MAX_PICKLE_MEMBER, ignore_flags=True)
-            if content is not None and _looks_like_pickle(content):
-                vm = PickleVM(content, location=f"{e.name}(not read by torch)", depth=depth).run()
+            if content is not None and len(content):
+                vm = PickleVM(content, location=f"{e.name}(duplicate or flagged)", depth=depth,
+                              resolver=_NoPidResolver(scan)).run()
                 scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS))
                 for k, v in vm.globals.items():
                     scan.globals.setdefault(k, v)
@@ -350,13 +442,13 @@ def _scan_zip(scan: Scan, mm, size: int, depth: int = 0) -> None:
         scan.add("zip_bad_crc", SUSPICIOUS, f"CRC mismatch in {pkl.name} (torch ignores CRCs)", pkl.name)
 
     def bind(vm: PickleVM, ref: StorageRef, at: int) -> None:
-        rec = rel.get(f"data/{ref.key}")
+        rec = rel.get(f"data/{ref.key}".lower())
         if rec is None:
             vm.note("missing_record", CORRUPT, f"storage record data/{ref.key} is missing", at)
             ref.valid = False
             return
         _bind_record(vm, ref, rec.usize, at)
-        if rec.flags & 0x1 or rec.method not in (0, 8) or rec.data_offset + rec.csize > size:
+        if rec.flags & 0x1 or rec.method not in (0, 8) or rec.data_offset + rec.csize > size or _size_problem(rec):
             ref.valid = False
             return
         ref.backing = ("file", rec.data_offset, rec.crc) if rec.method == 0 else ("deflate", rec)
@@ -373,14 +465,34 @@ def _scan_zip(scan: Scan, mm, size: int, depth: int = 0) -> None:
 
 def zip_record(mm, st: StorageRef, nbytes: int):
     """The bytes of a zip-backed storage (``backing`` "file": a memoryview into ``mm``; "deflate": the
-    inflated bytes) and the CRC-32 its record declares. Raises ``zlib.error`` on a broken deflate stream."""
+    inflated bytes, made in bounded pieces) and the CRC-32 its record declares. Raises ``zlib.error`` on a
+    broken deflate stream or one that inflates to another size than ``nbytes``."""
     if st.backing[0] == "file":
         off = st.backing[1]
         return memoryview(mm)[off:off + nbytes], st.backing[2]
     e = st.backing[1]
     raw = memoryview(mm)[e.data_offset:e.data_offset + e.csize]
     try:
-        return zlib.decompressobj(-15).decompress(raw, nbytes) if e.method == 8 else bytes(raw), e.crc
+        return (inflate(raw, nbytes) if e.method == 8 else bytes(raw)), e.crc
+    finally:
+        raw.release()
+
+
+def zip_record_pieces(mm, st: StorageRef, nbytes: int, piece: int = INFLATE_PIECE):
+    """``zip_record`` as a stream of pieces (``check --deep`` never holds a whole inflated record)."""
+    if st.backing[0] == "file":
+        off = st.backing[1]
+        view = memoryview(mm)
+        try:
+            for i in range(0, nbytes, piece):
+                yield view[off + i:off + min(nbytes, i + piece)]
+        finally:
+            view.release()
+        return
+    e = st.backing[1]
+    raw = memoryview(mm)[e.data_offset:e.data_offset + e.csize]
+    try:
+        yield from inflate_pieces(raw, nbytes, piece)
     finally:
         raw.release()
 
@@ -413,7 +525,7 @@ def _looks_like_pickle(content) -> bool:
 
 def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: int, nested: bool = False):
     """Read ``buf[start:end]`` as torch would without a zip: first pickle (the magic) executes first."""
-    vm = PickleVM(buf, start, location=location, resolver=_Resolver(scan, -1), depth=depth, end=end).run()
+    vm = PickleVM(buf, start, location=location, resolver=_NoPidResolver(scan), depth=depth, end=end).run()
     scan.absorb(vm)
     if not vm.complete:
         return vm.result
@@ -428,7 +540,8 @@ def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: in
     pos = vm.end
     parts = []
     for i in (2, 3):
-        v = PickleVM(buf, pos, location=f"{location}@pickle{i}", depth=depth, end=end).run()
+        v = PickleVM(buf, pos, location=f"{location}@pickle{i}", depth=depth, end=end,
+                     resolver=_NoPidResolver(scan)).run()
         scan.absorb(v)
         if not v.complete:
             return None
@@ -443,7 +556,8 @@ def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: in
     scan.absorb(obj)
     if not obj.complete:
         return obj.result
-    keys_vm = PickleVM(buf, obj.end, location=f"{location}@keys", depth=depth, end=end).run()
+    keys_vm = PickleVM(buf, obj.end, location=f"{location}@keys", depth=depth, end=end,
+                       resolver=_NoPidResolver(scan)).run()
     scan.absorb(keys_vm)
     if not keys_vm.complete:
         return None
@@ -498,7 +612,8 @@ def _trailing(scan: Scan, buf, pos: int, end: int, location: str, depth: int) ->
     for _ in range(MAX_TRAILING_PICKLES):
         if pos >= end or not _looks_like_pickle(buf[pos:pos + 2]):
             break
-        vm = PickleVM(buf, pos, location=f"{location}@{pos}", depth=depth, end=end).run()
+        vm = PickleVM(buf, pos, location=f"{location}@{pos}", depth=depth, end=end,
+                      resolver=_NoPidResolver(scan)).run()
         scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS))
         for k, v in vm.globals.items():
             scan.globals.setdefault(k, v)
@@ -507,28 +622,128 @@ def _trailing(scan: Scan, buf, pos: int, end: int, location: str, depth: int) ->
         pos = vm.end
 
 
-def _scan_tar(scan: Scan, path: Path) -> None:
-    """Scan the pickles of a torch 0.1 tar file (``sys_info``, ``pickle``, ``storages``, ``tensors``)."""
+#: bytes per element of every torch storage class (torch._utils._element_size), for walking tar records
+_STORAGE_ELEMENT = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
+                    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
+                    "UntypedStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "QInt8Storage": 1,
+                    "QInt32Storage": 4, "QUInt8Storage": 1, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1}
+
+
+class _TarPid(_Resolver):
+    """The tar format's persistent_load returns objects torch built earlier: nothing ckptlab keeps."""
+
+    def __init__(self, scan: Scan):
+        super().__init__(scan, -1)
+
+    def persistent_load(self, vm, pid, at):
+        return None
+
+
+def _is_tar(path: Path) -> bool:
+    """What torch's legacy loader tries first on a real file: ``tarfile.open(mode="r:")``. It needs one
+    header block with a valid checksum; the ``ustar`` magic is optional (old V7 archives have none)."""
     import tarfile
 
-    class AnyPid(_Resolver):
-        def persistent_load(self, vm, pid, at):
-            return None
+    try:
+        with tarfile.open(path, "r:"):
+            return True
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return False
 
+
+def _tar_pickles(scan: Scan, buf, name: str, resolver, *, storages: bool = False, tensors: bool = False) -> None:
+    """Scan the pickles of one tar member the way torch's legacy tar loader reads them: ``storages`` and
+    ``tensors`` hold a count, then per item a pickle and a raw record; other members one pickle."""
+    end = len(buf)
+
+    def run(pos: int):
+        vm = PickleVM(buf, pos, location=f"{name}@{pos}", resolver=resolver, end=end).run()
+        scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS))
+        for k, v in vm.globals.items():
+            scan.globals.setdefault(k, v)
+        return vm if vm.complete else None
+
+    vm = run(0)
+    if vm is None or not (storages or tensors):
+        return
+    count, pos = vm.result, vm.end
+    if type(count) not in (int, bool) or count < 0:
+        return
+    for _ in range(count):
+        vm = run(pos)
+        if vm is None or not (isinstance(vm.result, (tuple, list)) and len(vm.result) == 3):
+            return
+        pos = vm.end
+        if storages:  # (key, location, storage_type), then int64 element count and the elements
+            st = storage_type_of(vm.result[2])
+            if st is None or pos + 8 > end:
+                return  # torch fails on storage_type._dtype or the short read
+            n = int.from_bytes(bytes(buf[pos:pos + 8]), "little", signed=True)
+            pos += 8 + n * _STORAGE_ELEMENT[st[0]]
+        else:  # (key, storage_id, type), then int32 ndim, 4 bytes, sizes, strides, offset
+            if pos + 8 > end:
+                return
+            ndim = int.from_bytes(bytes(buf[pos:pos + 4]), "little", signed=True)
+            pos += 8 + 16 * ndim + 8
+        if n < 0 if storages else ndim < 0:
+            return
+        if pos > end:
+            return
+    if storages:
+        run(pos)  # storage_views
+
+
+def _scan_tar(scan: Scan, mm, path: Path) -> None:
+    """A torch 0.1 tar file: every pickle torch's tar loader reads (``storages``, ``tensors``, ``pickle``, in
+    that order), every other member as a pickle, and, because torch falls back to reading the file as a
+    pickle when the tar loader fails, the file itself from byte 0. Its tensors are not read."""
+    import tarfile
+
+    scan.container = "torch-tar"
+    scan.add("legacy_tar", SUSPICIOUS, "legacy torch tar format (torch 0.1): its pickles are scanned, its tensors "
+             "are not read")
+    members: dict[str, Any] = {}
+    others = []
     try:
         with tarfile.open(path, "r:") as tf:
-            for m in tf.getmembers()[:64]:
-                if not m.isfile() or m.size > MAX_PICKLE_MEMBER:
-                    continue
-                fh = tf.extractfile(m)
-                data = fh.read() if fh is not None else b""
-                if _looks_like_pickle(data):
-                    vm = PickleVM(memoryview(data), location=m.name, resolver=AnyPid(scan, 0)).run()
-                    scan.findings.extend(f for f in vm.findings if f.severity in (MALICIOUS, SUSPICIOUS))
-                    for k, v in vm.globals.items():
-                        scan.globals.setdefault(k, v)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        scan.add("legacy_tar", CORRUPT, f"tar archive cannot be read: {e}")
+            for i, m in enumerate(tf):
+                if i >= MAX_ZIP_ENTRIES:
+                    scan.add("resource_limit", SUSPICIOUS, f"tar has more than {MAX_ZIP_ENTRIES} members")
+                    break
+                if m.issym() or m.islnk():
+                    scan.add("tar_link", SUSPICIOUS, f"tar member {m.name!r} is a link to {m.linkname!r}", m.name)
+                if m.isfile() and not m.issparse():
+                    if m.name in members:
+                        others.append(members[m.name])
+                    members[m.name] = m  # tarfile.getmember: the last one wins
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        scan.add("tar_unreadable", CORRUPT, f"tar archive cannot be read: {e}")
+    size = len(mm)
+    view = memoryview(mm)
+    for name, m in list(members.items()) + [(m.name, m) for m in others]:
+        if m.offset_data + m.size > size:
+            scan.add("tar_truncated", CORRUPT, f"tar member {name!r} runs past the end of the file", name)
+            continue
+        if m.size > MAX_PICKLE_MEMBER and name not in ("storages", "tensors"):
+            scan.add("resource_limit", SUSPICIOUS, f"tar member {name!r} is over {MAX_PICKLE_MEMBER} bytes", name)
+            continue
+        buf = view[m.offset_data:m.offset_data + m.size]
+        if members.get(name) is not m:
+            _tar_pickles(scan, buf, f"{name}(shadowed)", _NoPidResolver(scan))
+        elif name == "storages":
+            _tar_pickles(scan, buf, name, _NoPidResolver(scan), storages=True)
+        elif name == "tensors":
+            _tar_pickles(scan, buf, name, _NoPidResolver(scan), tensors=True)
+        elif name == "pickle":
+            _tar_pickles(scan, buf, name, _TarPid(scan))
+        else:
+            _tar_pickles(scan, buf, name, _NoPidResolver(scan))
+    # the fallback reading of the whole file as a legacy pickle
+    other = Scan(path)
+    _read_legacy(other, view, 0, size, f"{path.name}(as a pickle)", 0)
+    scan.findings.extend(f for f in other.findings if f.severity in (MALICIOUS, SUSPICIOUS))
+    for k, v in other.globals.items():
+        scan.globals.setdefault(k, v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,9 +771,8 @@ def scan(path: str | Path) -> Scan:
     if head[:2] == b"7z" or head[:4] == b"\x37\x7a\xbc\xaf":
         result.add("archive_7z", SUSPICIOUS, "7z archive, not a model file (nullifAI-style wrapper)")
         return result
-    if head[:5] == b"ustar" or mm[257:262] == b"ustar":
-        result.add("legacy_tar", SUSPICIOUS, "legacy torch tar format (torch 0.1) is not supported; pickles scanned")
-        _scan_tar(result, path)
+    if _is_tar(path):
+        _scan_tar(result, mm, path)
         return result
     if head[:4] == b"PK\x05\x06":
         result.add("zip_empty", CORRUPT, "empty zip archive")

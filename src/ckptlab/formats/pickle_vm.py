@@ -11,6 +11,7 @@ that is the parser-differential trick used to hide payloads from Python-level sc
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +22,12 @@ from ckptlab.formats import pickle_symbols as sym
 MALICIOUS, SUSPICIOUS, CORRUPT, INFO = "malicious", "suspicious", "corrupt", "info"
 
 MAX_OPS = 50_000_000
-MAX_MEMO = 5_000_000
+MAX_MEMO = 5_000_000  # stored entries (indexes may be sparse and large, as in CPython's memo array)
 MAX_STACK = 5_000_000
-MAX_MARKS = 100_000
+MAX_MARKS = 5_000_000
 MAX_STRING = 512 * 1024 * 1024
-MAX_LONG_BYTES = 4096
-MAX_NESTED_DEPTH = 2
+MAX_LONG_BYTES = MAX_STRING  # CPython reads a LONG4 of any length the stream holds
+MAX_NESTED_DEPTH = 32  # _load_from_bytes payloads inside payloads; deeper ones are refused, never skipped
 BYTES_BY_REF = 1024 * 1024  # bytes operands at least this long are kept as references into the buffer
 
 
@@ -110,6 +111,105 @@ class TensorRef:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text operands, parsed as Modules/_pickle.c parses them (not as Lib/pickle.py does: the two differ,
+# and torch.load runs the C unpickler). A text line there is a NUL-terminated copy that keeps its
+# newline, so an operand ends at its first NUL byte for the C number parsers.
+
+_SPACE = b" \t\n\v\f\r"
+_FLOAT_RE = re.compile(rb"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_INF_NAN_RE = re.compile(rb"[+-]?(?:inf(?:inity)?|nan)", re.IGNORECASE)
+
+
+def _cstr(line: bytes) -> bytes:
+    """``line`` (newline included) as the C parsers see it: up to its first NUL."""
+    i = line.find(b"\0")
+    return line if i < 0 else line[:i]
+
+
+def _strtol(s: bytes) -> tuple[int, int]:
+    """glibc ``strtol(s, &end, 0)`` over the C string ``s``: (value, end index); end 0 = no digits.
+    Overflow is not clamped (the caller falls back to PyLong_FromString, which gives the same value)."""
+    i, n = 0, len(s)
+    while i < n and s[i:i + 1] in _SPACE:
+        i += 1
+    neg = False
+    if i < n and s[i:i + 1] in b"+-":
+        neg = s[i:i + 1] == b"-"
+        i += 1
+    base, digits = 10, b"0123456789"
+    if s[i:i + 1] == b"0":
+        if s[i + 1:i + 2] in (b"x", b"X") and s[i + 2:i + 3] and s[i + 2:i + 3] in b"0123456789abcdefABCDEF":
+            base, digits, i = 16, b"0123456789abcdefABCDEF", i + 2
+        elif s[i + 1:i + 2] in (b"b", b"B") and s[i + 2:i + 3] in (b"0", b"1"):
+            base, digits, i = 2, b"01", i + 2  # C23 strtol (glibc >= 2.38 with _GNU_SOURCE, as CPython builds)
+        else:
+            base, digits = 8, b"01234567"
+    j = i
+    while j < n and s[j:j + 1] in digits:
+        j += 1
+    if j == i:
+        return 0, 0
+    v = int(s[i:j], base)
+    return (-v if neg else v), j
+
+
+def parse_int_operand(line: bytes):
+    """The INT opcode's operand (``line`` without its newline) as ``load_int`` reads it: strtol base 0,
+    else PyLong_FromString base 0; ``00``/``01`` (any two characters that strtol reads as 0 or 1) are
+    False/True. Raises ValueError where CPython raises."""
+    if not line:
+        raise ValueError("empty INT operand")
+    s = _cstr(line + b"\n")
+    try:
+        x, end = _strtol(s)
+    except ValueError:
+        x, end = 0, 0
+    if end and (end == len(s) or s[end:end + 1] == b"\n") and -(1 << 63) <= x < (1 << 63):
+        if len(line) == 2 and x in (0, 1):
+            return bool(x)
+        return x
+    return int(s, 0)  # PyLong_FromString(s, NULL, 0): whitespace, underscores, 0x/0o/0b, digit limit
+
+
+def parse_long_operand(line: bytes) -> int:
+    """The LONG opcode's operand as ``load_long`` reads it: one trailing ``L`` dropped, base 0."""
+    if not line:
+        raise ValueError("empty LONG operand")
+    if line.endswith(b"L"):
+        line = line[:-1]
+    return int(_cstr(line), 0)
+
+
+def parse_float_operand(line: bytes) -> float:
+    """The FLOAT opcode's operand as ``load_float`` reads it (PyOS_string_to_double): no leading
+    whitespace or underscores, inf/nan words, an overflow is an error, and the text must end at the
+    newline or a NUL."""
+    if not line:
+        raise ValueError("empty FLOAT operand")
+    s = _cstr(line)
+    m = _FLOAT_RE.match(s)
+    if m is not None:
+        v = float(m.group())
+        if math.isinf(v):
+            raise ValueError("FLOAT operand overflows")
+    else:
+        m = _INF_NAN_RE.match(s)
+        if m is None:
+            raise ValueError("bad FLOAT operand")
+        v = float(m.group())
+    if m.end() != len(s):
+        raise ValueError("bad FLOAT operand")
+    return v
+
+
+def parse_memo_operand(line: bytes) -> int:
+    """GET/PUT operands: PyLong_FromString base 10 over the C string."""
+    if not line:
+        raise ValueError("empty memo operand")
+    return int(_cstr(line), 10)
 
 
 class _Broken(Exception):
@@ -225,7 +325,14 @@ class PickleVM:
                       f"an operand crosses the end of its FRAME ({self._frame_end}); scanners that honour "
                       "frames read a different stream than the unpickler", start)
 
+    def _fits(self, n: int) -> None:
+        """An operand longer than what is left of the stream is a truncation (what CPython reports), not
+        a resource limit."""
+        if n > self.limit - self.pos:
+            raise _Broken(f"stream ends inside a {n}-byte operand")
+
     def _bytes_value(self, n: int):
+        self._fits(n)
         if n > MAX_STRING:
             raise _Limit(f"{n}-byte operand exceeds the {MAX_STRING}-byte limit")
         if n >= BYTES_BY_REF:
@@ -239,6 +346,7 @@ class PickleVM:
         return bytes(self._take(n))
 
     def _text(self, n: int) -> str:
+        self._fits(n)
         if n > MAX_STRING:
             raise _Limit(f"{n}-byte string exceeds the {MAX_STRING}-byte limit")
         try:
@@ -255,21 +363,28 @@ class PickleVM:
             return b
 
     # -- stack helpers ------------------------------------------------------------------------
+    # One object stack and a stack of MARK positions, as in Modules/_pickle.c: the "fence" is the
+    # position of the innermost MARK; nothing below it can be popped except by the opcodes that
+    # consume a MARK.
+    def _fence(self) -> int:
+        return self.marks[-1] if self.marks else 0
+
     def _pop(self):
-        if not self.stack:
+        if len(self.stack) <= self._fence():
             raise _Broken("stack underflow")
         return self.stack.pop()
 
     def _top(self):
-        if not self.stack:
+        if len(self.stack) <= self._fence():
             raise _Broken("stack underflow")
         return self.stack[-1]
 
     def _pop_mark(self) -> list:
-        if not self.metastack:
-            raise _Broken("MARK expected")
-        items = self.stack
-        self.stack = self.metastack.pop()
+        if not self.marks:
+            raise _Broken("could not find MARK")
+        m = self.marks.pop()
+        items = self.stack[m:]
+        del self.stack[m:]
         return items
 
     def _push(self, v) -> None:
@@ -280,8 +395,8 @@ class PickleVM:
     def _memo_put(self, idx: int, v) -> None:
         if idx < 0:
             raise _Broken("negative memo index")
-        if idx >= MAX_MEMO:  # the C unpickler sizes its memo array to the index: 4G entries = 32 GB
-            raise _Limit(f"memo index {idx} exceeds {MAX_MEMO}")
+        # CPython sizes its memo array to twice the index (a 4G index asks for 64 GB and fails there);
+        # a sparse dict reads every index it could store, so no index is refused here
         if idx not in self.memo and len(self.memo) >= MAX_MEMO:
             raise _Limit(f"memo exceeds {MAX_MEMO} entries")
         self.memo[idx] = v
@@ -295,10 +410,11 @@ class PickleVM:
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> PickleVM:
         self.stack: list = []
-        self.metastack: list = []
+        self.marks: list[int] = []
         self.memo: dict = {}
         self._frame_end: int | None = None
         ops = 0
+        at = self.pos
         try:
             while True:
                 if self.pos >= self.limit:
@@ -318,12 +434,15 @@ class PickleVM:
             self.note("broken_stream", CORRUPT, f"pickle cannot be read: {e}", at)
         except _Limit as e:
             self.note("resource_limit", SUSPICIOUS, f"resource limit: {e}", at)
+            self._skim_rest(at)
         except RecursionError:
             self.note("resource_limit", SUSPICIOUS, "resource limit: nesting too deep", at)
+            self._skim_rest(at)
         finally:
             self.end = self.pos
             # drop the working state (it may hold many references)
-            self.stack = self.metastack = []
+            self.stack = []
+            self.marks = []
             self.memo = {}
         if not self.discard_frames and any(f.kind == "frame_violation" for f in self.findings):
             # the stream reads differently from a file than from memory: report what the other reading sees
@@ -333,6 +452,16 @@ class PickleVM:
             for k, v in other.globals.items():
                 self.globals.setdefault(k, v)
         return self
+
+    def _skim_rest(self, at: int) -> None:
+        """After a resource limit the values are lost, but the names the rest of the stream imports are
+        not: list them (as pickletools would) so a payload behind the limit is still rated."""
+        for off, module, name in skim_globals(self.buf, at, self.limit):
+            category, reason = sym.classify(module, name)
+            severity = {sym.DANGEROUS: MALICIOUS, sym.UNKNOWN: SUSPICIOUS}.get(category, INFO)
+            qn = f"{module}.{name}"
+            self.globals.setdefault(qn, category)
+            self.note(f"global_{category}", severity, f"{qn}: {reason} (found past the resource limit)", off)
 
     def _dispatch(self, op: int, at: int) -> bool:  # noqa: C901 - one branch per opcode
         c = chr(op)
@@ -352,10 +481,9 @@ class PickleVM:
             self.result = self._pop()
             return True
         elif c == "(":
-            if len(self.metastack) >= MAX_MARKS:
-                raise _Limit("too many nested MARKs")
-            self.metastack.append(self.stack)
-            self.stack = []
+            if len(self.marks) >= MAX_MARKS:
+                raise _Limit(f"more than {MAX_MARKS} open MARKs")
+            self.marks.append(len(self.stack))
         elif c == "N":
             push(None)
         elif c == "\x88":
@@ -363,13 +491,7 @@ class PickleVM:
         elif c == "\x89":
             push(False)
         elif c == "I":  # INT
-            line = self._line()
-            if line == b"00":
-                push(False)
-            elif line == b"01":
-                push(True)
-            else:
-                push(self._int(line))
+            push(self._num(parse_int_operand, self._line()))
         elif c == "J":
             push(_signed_int(self._take(4)))
         elif c == "K":
@@ -377,20 +499,19 @@ class PickleVM:
         elif c == "M":
             push(self._u(2))
         elif c == "L":  # LONG
-            line = self._line()
-            push(self._int(line[:-1] if line.endswith(b"L") else line))
+            push(self._num(parse_long_operand, self._line()))
         elif c == "\x8a":  # LONG1
             push(_signed_int(self._take(self._u(1))))
         elif c == "\x8b":  # LONG4
             n = _signed_int(self._take(4))
-            if n < 0 or n > MAX_LONG_BYTES:
+            if n < 0:
+                raise _Broken("LONG pickle has negative byte count")
+            self._fits(n)
+            if n > MAX_LONG_BYTES:
                 raise _Limit(f"LONG4 of {n} bytes")
             push(_signed_int(self._take(n)))
         elif c == "F":
-            try:
-                push(float(self._line()))
-            except ValueError:
-                raise _Broken("bad FLOAT operand") from None
+            push(self._num(parse_float_operand, self._line()))
         elif c == "G":
             push(struct.unpack(">d", self._take(8))[0])
         elif c == "S":  # STRING (quoted, escaped)
@@ -403,10 +524,11 @@ class PickleVM:
                 push(self._py2str(codecs.escape_decode(line[1:-1])[0]))
             except ValueError:
                 raise _Broken("bad escape in STRING operand") from None
-        elif c == "T":
-            n = _signed_int(self._take(4))
-            if n < 0:
-                raise _Broken("negative BINSTRING length")
+        elif c == "T":  # BINSTRING: the C unpickler reads its length unsigned
+            n = self._u(4)
+            self._fits(n)
+            if n > MAX_STRING:
+                raise _Limit(f"{n}-byte string exceeds the {MAX_STRING}-byte limit")
             push(self._py2str(bytes(self._take(n))))
         elif c == "U":
             push(self._py2str(bytes(self._take(self._u(1)))))
@@ -462,40 +584,49 @@ class PickleVM:
             push((a, b, z))
         elif c == "a":
             v = self._pop()
-            self._append(self._top(), [v])
+            self._append(self._top(), [v], at)
         elif c == "e":
             items = self._pop_mark()
-            self._append(self._top(), items)
+            self._append(self._top(), items, at)
         elif c == "s":
             v, k = self._pop(), self._pop()
-            self._setitem(self._top(), k, v)
+            self._setitem(self._top(), k, v, at)
         elif c == "u":
             items = self._pop_mark()
             target = self._top()
             if len(items) % 2:
                 raise _Broken("odd number of items for SETITEMS")
             for k, v in zip(items[::2], items[1::2], strict=True):
-                self._setitem(target, k, v)
+                self._setitem(target, k, v, at)
         elif c == "\x90":  # ADDITEMS
             items = self._pop_mark()
             target = self._top()
-            if isinstance(target, set):
+            if not items:
+                pass  # load_additems: nothing to add is a no-op on any object
+            elif isinstance(target, set):
                 for v in items:
                     target.add(self._hashable(v))
             elif isinstance(target, Call):
                 target.items.extend(items)
+            elif isinstance(target, Global):
+                self._mutates_global(target, "ADDITEMS", at)
             else:
-                raise _Broken("ADDITEMS on a non-set")
+                raise _Broken(f"ADDITEMS on a {type(target).__name__}")
         elif c == "\x91":  # FROZENSET
             push(frozenset(self._hashable(v) for v in self._pop_mark()))
-        elif c == "0":
-            self._pop()
+        elif c == "0":  # POP: right after a MARK it pops the MARK (load_pop)
+            if self.marks and self.marks[-1] == len(self.stack):
+                self.marks.pop()
+            else:
+                self._pop()
         elif c == "1":
             self._pop_mark()
         elif c == "2":
             push(self._top())
         elif c == "p":
-            self._memo_put(self._int(self._line()), self._top())
+            line = self._line()
+            top = self._top()
+            self._memo_put(self._num(parse_memo_operand, line), top)
         elif c == "q":
             self._memo_put(self._u(1), self._top())
         elif c == "r":
@@ -503,21 +634,23 @@ class PickleVM:
         elif c == "\x94":  # MEMOIZE
             self._memo_put(len(self.memo), self._top())
         elif c == "g":
-            push(self._memo_get(self._int(self._line())))
+            push(self._memo_get(self._num(parse_memo_operand, self._line())))
         elif c == "h":
             push(self._memo_get(self._u(1)))
         elif c == "j":
             push(self._memo_get(self._u(4)))
         elif c == "c":  # GLOBAL
-            module = self._line().decode("utf-8", "replace")
-            name = self._line().decode("utf-8", "replace")
+            module = self._name_line("utf-8")
+            name = self._name_line("utf-8")
             push(self.symbol(module, name, at))
         elif c == "\x93":  # STACK_GLOBAL
             name, module = self._pop(), self._pop()
             push(self.symbol(module, name, at))
         elif c == "i":  # INST
-            module = self._line().decode("utf-8", "replace")
-            name = self._line().decode("utf-8", "replace")
+            if not self.marks:
+                raise _Broken("could not find MARK")
+            module = self._name_line("ascii")
+            name = self._name_line("ascii")
             g = self.symbol(module, name, at)
             push(self._call(g, tuple(self._pop_mark()), at))
         elif c == "o":  # OBJ
@@ -541,7 +674,13 @@ class PickleVM:
             state = self._pop()
             self._build(self._top(), state, at)
         elif c == "P":  # PERSID
-            push(self._persistent(self._line().decode("ascii", "replace"), at))
+            if self.resolver is None or not getattr(self.resolver, "pids", True):
+                raise _Broken("persistent id in a plain pickle")
+            try:
+                pid = self._line().decode("ascii")
+            except UnicodeDecodeError:
+                raise _Broken("persistent IDs in protocol 0 must be ASCII strings") from None
+            push(self._persistent(pid, at))
         elif c == "Q":
             push(self._persistent(self._pop(), at))
         elif c in "\x82\x83\x84":  # EXT1/2/4
@@ -554,11 +693,21 @@ class PickleVM:
 
     # -- semantics ----------------------------------------------------------------------------
     @staticmethod
-    def _int(line: bytes) -> int:
+    def _num(parse, line: bytes):
         try:
-            return int(line)
-        except ValueError:
-            raise _Broken("bad integer operand") from None
+            return parse(line)
+        except ValueError as e:
+            raise _Broken(f"bad numeric operand ({e})") from None
+
+    def _name_line(self, encoding: str) -> str:
+        """A GLOBAL/INST operand line: non-empty, strictly decoded (UTF-8 for GLOBAL, ASCII for INST)."""
+        line = self._line()
+        if not line:
+            raise _Broken("empty module or class name")
+        try:
+            return line.decode(encoding)
+        except UnicodeDecodeError:
+            raise _Broken(f"module or class name is not {encoding}") from None
 
     @staticmethod
     def _hashable(v):
@@ -568,7 +717,16 @@ class PickleVM:
             raise _Broken("unhashable value used as a key or set member") from None
         return v
 
-    def _setitem(self, target, k, v) -> None:
+    def _mutates_global(self, target: Global, op: str, at: int | None) -> None:
+        self.note("mutates_global", MALICIOUS,
+                  f"{op} on the global {target.qualname} (changes a module-level object)", at)
+
+    def _uncertain(self, op: str, target, at: int | None) -> None:
+        """An operation whose outcome depends on a type ckptlab only approximates (a bytearray is kept as
+        bytes): reading goes on, and the file cannot be rated safe."""
+        self.note("uncertain_operation", CORRUPT, f"{op} on a {type(target).__name__} value", at)
+
+    def _setitem(self, target, k, v, at: int | None = None) -> None:
         if isinstance(target, dict):
             target[self._hashable(k)] = v
         elif isinstance(target, Call):
@@ -576,16 +734,28 @@ class PickleVM:
         elif isinstance(target, (TensorRef, StorageRef)):
             # CVE-2026-24747: SETITEM on a tensor wrote out of bounds in torch < 2.10
             self.note("setitem_on_tensor", MALICIOUS, "SETITEM on a tensor (memory-corruption exploit pattern)")
+        elif isinstance(target, Global):
+            self._mutates_global(target, "SETITEM", at)
+        elif isinstance(target, list) and type(k) in (int, bool) and -len(target) <= k < len(target):
+            target[k] = v  # list.__setitem__ with an index in range
+        elif isinstance(target, (bytes, BytesRef)):
+            self._uncertain("SETITEM", target, at)
         else:
             raise _Broken(f"SETITEM on a {type(target).__name__}")
 
-    def _append(self, target, items) -> None:
+    def _append(self, target, items, at: int | None = None) -> None:
+        if not items:
+            return  # do_append: nothing to append is a no-op on any object
         if isinstance(target, list):
             target.extend(items)
         elif isinstance(target, Call):
             target.items.extend(items)
         elif isinstance(target, (TensorRef, StorageRef)):
             self.note("append_on_tensor", MALICIOUS, "APPEND on a tensor (memory-corruption exploit pattern)")
+        elif isinstance(target, Global):
+            self._mutates_global(target, "APPEND", at)
+        elif isinstance(target, (bytes, BytesRef)):
+            self._uncertain("APPEND", target, at)
         else:
             raise _Broken(f"APPEND on a {type(target).__name__}")
 
@@ -602,7 +772,7 @@ class PickleVM:
             self.note("build_on_value", SUSPICIOUS, f"BUILD on a {type(target).__name__}", at)
 
     def _persistent(self, pid, at: int):
-        if self.resolver is None:
+        if self.resolver is None or not getattr(self.resolver, "pids", True):
             raise _Broken("persistent id in a plain pickle")
         return self.resolver.persistent_load(self, pid, at)
 
@@ -613,6 +783,8 @@ class PickleVM:
                           at)
             return Call(func, args)
         if not isinstance(args, tuple):
+            if isinstance(args, (Call, Global)):  # may be a tuple at load time: keep the call inert
+                return Call(func, args)
             raise _Broken("call arguments are not a tuple")
         if func.category != sym.TENSOR and func.category != sym.BENIGN:
             return Call(func, args)
@@ -848,3 +1020,78 @@ def dtype_of_global(g) -> DtypeTag | None:
     if isinstance(g, Global) and g.module == "torch" and g.name in sym.TORCH_DTYPES:
         return DtypeTag(sym.TORCH_DTYPES[g.name], g.name)
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# A value-free walk over opcodes (used past a resource limit): GLOBAL/INST operands, and the two
+# string operands STACK_GLOBAL most likely took (the last two strings pushed or fetched from the memo).
+
+_FIXED = {"K": 1, "M": 2, "J": 4, "G": 8, "h": 1, "j": 4, "q": 1, "r": 4, "\x80": 1, "\x82": 1, "\x83": 2,
+          "\x84": 4, "\x95": 8}
+_COUNTED = {"\x8a": 1, "T": 4, "U": 1, "X": 4, "B": 4, "C": 1, "\x8c": 1, "\x8d": 8, "\x8e": 8, "\x96": 8,
+            "\x8b": 4}
+_STRINGS = set("TUX\x8c\x8dSV")
+_NOARG = set("(.0123NR)]}abdelostu\x81\x85\x86\x87\x88\x89\x8f\x90\x91\x92\x93\x94\x97\x98Q")
+MAX_SKIM_GLOBALS = 1000
+
+
+def skim_globals(buf, start: int, limit: int) -> list[tuple[int, str, str]]:
+    out: list[tuple[int, str, str]] = []
+    strs: list = []
+    memo: dict = {}
+    pos = start
+
+    def line(p: int) -> tuple[bytes, int]:
+        j = bytes(buf[p:min(limit, p + (1 << 20))]).find(b"\n")
+        if j < 0:
+            raise IndexError
+        return bytes(buf[p:p + j]), p + j + 1
+
+    try:
+        while pos < limit and len(out) < MAX_SKIM_GLOBALS:
+            at, c = pos, chr(buf[pos])
+            pos += 1
+            if c in _FIXED:
+                n = _FIXED[c]
+                arg = bytes(buf[pos:pos + n])
+                pos += n
+                if c in "hj":
+                    strs.append(memo.get(int.from_bytes(arg, "little")))
+                elif c in "qr" and strs:
+                    memo[int.from_bytes(arg, "little")] = strs[-1]
+            elif c in _COUNTED:
+                w = _COUNTED[c]
+                n = int.from_bytes(bytes(buf[pos:pos + w]), "little", signed=(c == "\x8b"))
+                if n < 0 or pos + w + n > limit:
+                    break
+                if c in _STRINGS and n <= 4096:
+                    strs.append(bytes(buf[pos + w:pos + w + n]).decode("utf-8", "replace"))
+                pos += w + n
+            if c in "ci":
+                module, pos = line(pos)
+                name, pos = line(pos)
+                out.append((at, module.decode("utf-8", "replace"), name.decode("utf-8", "replace")))
+            elif c in "ILFPpg":
+                arg, pos = line(pos)
+                if c == "g":
+                    strs.append(memo.get(arg.strip()))
+                elif c == "p" and strs:
+                    memo[arg.strip()] = strs[-1]
+            elif c in "SV":
+                arg, pos = line(pos)
+                strs.append(arg[1:-1].decode("utf-8", "replace") if c == "S" else arg.decode("utf-8", "replace"))
+            elif c == "\x94":
+                if strs:
+                    memo[len(memo)] = strs[-1]
+            elif c == "\x93":
+                if len(strs) >= 2 and isinstance(strs[-2], str) and isinstance(strs[-1], str):
+                    out.append((at, strs[-2], strs[-1]))
+                else:
+                    out.append((at, "<unknown>", "<unknown>"))
+            elif c in _FIXED or c in _COUNTED or c in _NOARG:
+                continue
+            else:
+                break
+    except IndexError:
+        pass
+    return out
