@@ -102,12 +102,12 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir("ckptlab", appauthor=False)) / "catalog.db"
 
 
-def known_sha256(path: str | Path, st: os.stat_result | None = None) -> str | None:
-    """The sha256 (lower case) the default catalog already holds for this exact file - same device,
-    inode, size and mtime - or None. A cache for writers that record their inputs' hashes: it never
-    creates a catalog, and any failure is a miss, never an error."""
+def known_sha256(path: str | Path, st: os.stat_result | None = None, db: str | Path | None = None) -> str | None:
+    """The sha256 (lower case) the catalog ``db`` (default: the default catalog) already holds for this exact
+    file - same device, inode, size and mtime - or None. A cache for writers that record their inputs'
+    hashes: it never creates a catalog, and any failure is a miss, never an error."""
     try:
-        db = default_db_path()
+        db = Path(db) if db is not None else default_db_path()
         if not db.is_file():
             return None
         st = st if st is not None else os.stat(path)
