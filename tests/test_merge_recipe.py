@@ -82,7 +82,7 @@ def test_saved_intermediate_and_final_from_recipe_file(sd1, tmp_path):
     a, b, c = sd1
     save = tmp_path / "mix.safetensors"
     rf = tmp_path / "chain.toml"
-    rf.write_text(_chain(a, b, c, save=save))
+    rf.write_text(_chain(a, b, c, save="mix.safetensors"))  # relative to the recipe's folder
     out = tmp_path / "out.safetensors"
     r = run_recipe(load(rf), out)
     assert r.saved == [str(save)] and save.exists()

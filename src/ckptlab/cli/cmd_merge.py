@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from ckptlab.cli.common import db_option
+
 _HELP = """Merge models, streaming one tensor at a time.
 
 Examples:
@@ -44,10 +46,11 @@ def merge_cmd(
     relink: bool = typer.Option(False, "--relink", help="Accept inputs whose sha256 differs from the recipe's pins and update the recipe."),
     save_recipe: Optional[Path] = typer.Option(None, "--save-recipe", help="Also write the pinned recipe of this merge to a TOML file."),
     threads: int = typer.Option(2, "--threads", min=1, max=16, help="Compute threads (output bytes do not depend on it)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     list_methods: bool = typer.Option(False, "--list-methods", help="List merge methods and their parameters."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    db: Optional[Path] = db_option(),
 ) -> None:
     from ckptlab.cli.common import console, emit_json, progress_bar
     from ckptlab.merge import METHODS, load, one_step_recipe, run_recipe
@@ -88,10 +91,11 @@ def merge_cmd(
         from ckptlab.merge.recipe import RecipeInput
 
         rec.inputs["VAE"] = RecipeInput("VAE", str(vae.resolve()))
+        rec.untrusted.discard("VAE")  # the user named it
         rec.options["vae"] = "VAE"
     with progress_bar("merging", enabled=not json_out) as cb:
         result = run_recipe(rec, output, overwrite=overwrite, relink=relink, recipe_path=recipe_path,
-                            threads=threads, device=device, save_recipe=save_recipe, progress=cb)
+                            threads=threads, device=device, save_recipe=save_recipe, progress=cb, db=db)
     if json_out:
         emit_json(result)
         return

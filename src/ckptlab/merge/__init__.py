@@ -55,11 +55,14 @@ def one_step_recipe(method: str, models: list[str | Path], *, params: dict | Non
 def merge(method: str, models: list[str | Path], output: str | Path, *, params: dict | None = None,
           dtype: str | None = None, merge_dtype: str | None = None, missing: str | None = None,
           seed: int | None = None, prune: bool = False, vae: str | Path | None = None, overwrite: bool = False,
-          threads: int = 2, device: str = "cpu", progress: Progress | None = None) -> MergeResult:
-    """Merge ``models`` (A first) with ``method`` into ``output``; ``params`` e.g. ``{"alpha": 0.3}``."""
+          threads: int = 2, device: str = "cpu", progress: Progress | None = None,
+          db: str | Path | None = None) -> MergeResult:
+    """Merge ``models`` (A first) with ``method`` into ``output``; ``params`` e.g. ``{"alpha": 0.3}``;
+    ``db``: the catalog whose stored sha256s are reused (default ``$CKPTLAB_DB`` or the platform's)."""
     recipe = one_step_recipe(method, models, params=params, dtype=dtype, merge_dtype=merge_dtype,
                              missing=missing, seed=seed, prune=prune, vae=vae)
-    return run_recipe(recipe, output, overwrite=overwrite, threads=threads, device=device, progress=progress)
+    return run_recipe(recipe, output, overwrite=overwrite, threads=threads, device=device, progress=progress,
+                      db=db)
 
 
 def _number_or_text(v):

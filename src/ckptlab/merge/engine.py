@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import stat
 import threading
 import time
 from collections import deque
@@ -18,9 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError, MismatchError, OutputError
+from ckptlab.arch.vae_fit import check_vae_fits
+from ckptlab.errors import CkptlabError, FormatError, MismatchError, OutputError
 from ckptlab.formats import open_model
-from ckptlab.formats.dtypes import parse_dtype
+from ckptlab.formats.dtypes import FLOAT_DTYPES, friendly, parse_dtype
 from ckptlab.formats.writer import SafetensorsWriter
 from ckptlab.merge import provenance
 from ckptlab.merge.blocks import BlockValues, parse_value
@@ -72,13 +76,47 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _dtype(name, what: str) -> str | None:
+#: output dtypes (``--dtype``, a step's ``dtype``): the floating-point types a model can be stored in
+OUTPUT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+#: math dtypes (``--merge-dtype``): those torch computes in
+MERGE_DTYPES = ("F32", "F64", "F16", "BF16")
+
+
+def _dtype(name, what: str, allowed: tuple[str, ...] = OUTPUT_DTYPES) -> str | None:
+    """``name`` as a safetensors dtype, refused (exit 2) unless it is one of ``allowed``: an integer, bool or
+    complex output would be a "model" without weights."""
     if name is None:
         return None
     try:
-        return parse_dtype(str(name))
+        dt = parse_dtype(str(name))
     except ValueError as e:
         raise RecipeError(f"{what}: {e}") from None
+    if dt not in allowed:
+        kind = "a floating-point type" if dt not in FLOAT_DTYPES else "a type merges compute in"
+        raise RecipeError(f"{what} {name!r}: {friendly(dt)} is not {kind}; use one of "
+                          f"{', '.join(friendly(d) for d in allowed)}")
+    return dt
+
+
+_DEVICE_RE = re.compile(r"(cpu|cuda)(?::(\d{1,4}))?")
+
+
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``, refused with one line otherwise (exit 2) or when torch has no such
+    CUDA device here (exit 1)."""
+    m = _DEVICE_RE.fullmatch(str(device).strip().lower())
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+        raise RecipeError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    dev = m.group(0)
+    if m.group(1) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CkptlabError(f"--device {dev}: torch sees no CUDA GPU on this machine")
+        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+            raise CkptlabError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                               f"numbered from 0")
+    return dev
 
 
 def _check_output(path: Path, inputs: list[Path]) -> None:
@@ -91,40 +129,70 @@ def _check_output(path: Path, inputs: list[Path]) -> None:
 def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: bool = False,
                relink: bool = False, recipe_path: str | Path | None = None, threads: int = 2,
                device: str = "cpu", budget: int = DEFAULT_BUDGET, save_recipe: str | Path | None = None,
-               progress: Progress | None = None) -> MergeResult:
+               progress: Progress | None = None, db: str | Path | None = None) -> MergeResult:
     """Run every step of ``recipe`` and write the last one to ``output``; ``save_recipe``: also write the
-    pinned recipe there (its path is checked before any work)."""
+    pinned recipe there (its path is checked before any work). ``db``: the catalog whose sha256s are reused
+    and where inputs of a model's embedded recipe are looked up (default ``$CKPTLAB_DB`` or the platform's;
+    a missing catalog is never created).
+
+    Output locations come from ``output`` only, or from a recipe file's own ``save`` paths inside its folder;
+    a recipe read from a model's metadata never chooses one (its ``save`` entries are ignored, with a
+    warning) and its inputs are read only where their sha256 pins match."""
     t0 = time.perf_counter()
     progress = progress or null_progress
     recipe.validate()
+    device = check_device(device)
+    opts = recipe.options
+    merge_dtype = _dtype(opts.get("merge_dtype", "fp32"), "merge_dtype", MERGE_DTYPES) or "F32"
+    last_i = len(recipe.steps) - 1
+    for i, st in enumerate(recipe.steps):  # usage errors before any file is opened
+        _dtype(st.dtype or (opts.get("dtype") if i == last_i else None), "dtype")
     final = recipe.steps[-1]
-    out = Path(output) if output is not None else (Path(final.save) if final.save else None)
+    warnings: list[str] = []
+    saves = {st.name: recipe.save_path(st) for st in recipe.steps}
+    ignored = [st.save for st in recipe.steps if st.save and saves[st.name] is None]
+    if ignored:
+        warnings.append(f"the embedded recipe names output path(s) {', '.join(map(repr, ignored))}: ignored (a "
+                        "model's metadata never chooses where ckptlab writes; only -o does)")
+    out = Path(output) if output is not None else saves[final.name]
     if out is None:
+        if recipe.from_model:
+            raise RecipeError("no output: pass -o OUT.safetensors (a model's embedded recipe never chooses "
+                              "where ckptlab writes)")
         raise RecipeError("no output: pass -o OUT.safetensors (or give the last step a save = path)")
     if out.exists() and not overwrite:
         raise OutputError("output already exists (use --overwrite to replace it)", out)
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CkptlabError("--device cuda: torch sees no CUDA GPU on this machine")
-    opts = recipe.options
-    settings = Settings(merge_dtype=_dtype(opts.get("merge_dtype", "fp32"), "merge_dtype") or "F32",
-                        device=device, missing=str(opts.get("missing", "keep-a")), seed=int(opts.get("seed", 0)))
+    settings = Settings(merge_dtype=merge_dtype, device=device, missing=str(opts.get("missing", "keep-a")),
+                        seed=int(opts.get("seed", 0)))
+    if recipe.untrusted:
+        _locate_untrusted(recipe, db, warnings)
     paths = {n: recipe.input_path(n) for n in recipe.inputs}
     for st in recipe.steps:
-        if st.save:
-            _check_output(Path(st.save), list(paths.values()))
+        if saves[st.name] is not None:
+            _check_output(saves[st.name], list(paths.values()))
     _check_output(out, list(paths.values()))
     if save_recipe is not None:
         save_recipe = check_recipe_target(save_recipe, [*paths.values(), out,
-                                                        *(Path(st.save) for st in recipe.steps if st.save)])
+                                                        *(p for p in saves.values() if p is not None)])
+
+    def hash_all(cancel_event=None) -> list[str]:
+        return provenance.sha256_many(list(paths.values()), cancel_event, db=db)
 
     sources = {}
-    warnings: list[str] = []
     hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptlab-hash")
     cancel = threading.Event()
+    state: dict = {}
+
+    def check_pins_now() -> None:
+        progress(description="hashing inputs")
+        state["hashes"] = dict(zip(paths, hash_all(), strict=True))
+        state["pins"] = _check_pins(recipe, state["hashes"], relink, warnings)
+        if state["pins"][1] and recipe_path is not None:
+            pin_text(recipe, recipe_path)
+
     try:
+        if recipe.untrusted:
+            check_pins_now()  # inputs a model's metadata names are verified before they are even parsed
         for n, p in paths.items():
             sources[n] = open_model(p)
             warnings.extend(f"{n}: {w}" for w in sources[n].warnings)
@@ -132,17 +200,12 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         _check_all_params(recipe, {n: nd.family for n, nd in nodes.items()})
         # Pinned recipes are checked before any work. Otherwise the inputs are hashed while the merge runs
         # and the hashes are written into the header at the end (placeholders of the same length first).
-        state: dict = {}
-        if relink or any(inp.sha256 for inp in recipe.inputs.values()):
-            progress(description="hashing inputs")
-            state["hashes"] = dict(zip(paths, provenance.sha256_many(list(paths.values())), strict=True))
-            state["pins"] = _check_pins(recipe, state["hashes"], relink, warnings)
-            if state["pins"][1] and recipe_path is not None:
-                pin_text(recipe, recipe_path)
+        if "hashes" not in state and (relink or any(inp.sha256 for inp in recipe.inputs.values())):
+            check_pins_now()
 
         def start_hashing() -> None:  # after the checks: a refused merge does not wait for hashing
             if "hashes" not in state and "future" not in state:
-                state["future"] = hash_pool.submit(provenance.sha256_many, list(paths.values()), cancel)
+                state["future"] = hash_pool.submit(hash_all, cancel)
 
         def real_hashes() -> dict[str, str]:
             if "hashes" not in state:
@@ -170,16 +233,17 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
             is_last = i == len(recipe.steps) - 1
             node = _build_step(st, nodes, settings, opts.get("dtype") if is_last else None, len(recipe.steps) > 1)
             summaries.append(node.summary)
-            if st.save and not is_last:
+            save = saves[st.name]
+            if save is not None and not is_last:
                 start_hashing()
                 # write the intermediate, then let later steps read it back (same values, less recompute)
-                write_node(node, Path(st.save), meta_for(st, i, placeholders), overwrite=overwrite,
+                write_node(node, save, meta_for(st, i, placeholders), overwrite=overwrite,
                            threads=threads, budget=budget, progress=progress, description=f"{st.name}",
                            finalize=lambda st=st, i=i: meta_for(st, i, real_hashes()))
-                saved.append(str(st.save))
-                src = open_model(st.save)
+                saved.append(str(save))
+                src = open_model(save)
                 sources[f"__saved_{st.name}"] = src
-                nodes[st.name] = SourceNode(st.name, src, family=node.family)
+                nodes[st.name] = SourceNode(st.name, src, family=node.family, model_kind=node.model_kind)
                 nodes[st.name].kind = node.kind
             else:
                 nodes[st.name] = node
@@ -190,7 +254,15 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         if opts.get("vae"):
             if top.kind == "delta":
                 raise MismatchError("--vae: the output is a difference file; a VAE cannot be baked into it")
-            top = BakeVae(top, SourceNode(str(opts["vae"]), sources[str(opts["vae"])], family=None))
+            vnode = nodes[str(opts["vae"])]
+            assert isinstance(vnode, SourceNode)
+            # the one VAE family check (replace --vae makes the same one): SD1 VAE keys and shapes equal the
+            # SDXL VAE's, only the latent space differs
+            note = check_vae_fits(vnode.source, top.family, name=f"{vnode.name} ({paths[vnode.name].name})",
+                                  vae_family_known=vnode.family)
+            if note:
+                warnings.append(note)
+            top = BakeVae(top, vnode)
             vae_rep, vae_add = top.replaced, top.added
         if opts.get("prune"):
             top = Prune(top)
@@ -221,6 +293,37 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
     return MergeResult(str(out), final.method, final_node.family, len(top.plan), size,
                        round(time.perf_counter() - t0, 3), reports, summaries, saved, vae_rep, vae_add, pruned,
                        updated, warnings)
+
+
+_PSEUDO_FS = ("/proc", "/sys", "/dev")
+
+
+def _locate_untrusted(recipe: Recipe, db, warnings: list[str]) -> None:
+    """Find the inputs a model's embedded recipe names. Each must be pinned by sha256; it is taken from the
+    catalog (a file the user scanned whose sha256 is the pin) or else from the recorded path, only if that
+    is a regular file or a folder (never a device, FIFO or /proc file). The pins are verified before any
+    input is parsed (see ``run_recipe``)."""
+    for n in [x for x in recipe.inputs if x in recipe.untrusted]:
+        inp = recipe.inputs[n]
+        if not inp.sha256:
+            raise MismatchError(f"input {n} of the embedded recipe has no sha256 pin: a model's metadata only "
+                                "names inputs ckptlab can verify (write a recipe file to merge other inputs)")
+        found = provenance.catalogued_path(inp.sha256, db)
+        if found is not None:
+            if os.path.abspath(found) != os.path.abspath(recipe.input_path(n)):
+                warnings.append(f"{n}: the catalogued file with its sha256: {found}")
+            inp.path = str(found)
+            continue
+        p = recipe.input_path(n)
+        try:
+            st = os.stat(p)
+            real = os.path.realpath(p)
+        except OSError:
+            raise FormatError(f"input {n} of the embedded recipe is not at {p}, and no catalogued file has its "
+                              f"sha256 {inp.sha256[:12]}... (scan the folder that holds it, or pass --db)") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) or \
+                any(real == d or real.startswith(d + os.sep) for d in _PSEUDO_FS):
+            raise MismatchError(f"input {n} of the embedded recipe ({p}) is not a regular model file: refused")
 
 
 def _check_pins(recipe: Recipe, hashes: dict[str, str], relink: bool, warnings: list[str]):

@@ -1,14 +1,45 @@
-"""Which model family an input is (for the refusal check and the block layout); header-only.
+"""What an input is (kind and family) for the merge checks and the block layout; header-only.
 
-One function, ``family_of``: it asks ``ckptlab.identify`` when that module is present and falls
-back to a key-name probe otherwise, so the merge engine does not care which one answered.
+``identify_input`` asks ``ckptlab.identify`` and falls back to a key-name probe for the family when
+identification fails, so the merge engine does not care which one answered. ``check_mergeable`` refuses
+inputs that are not full models (a LoRA, a VAE, a text encoder...): merging one with a checkpoint
+used to report "0 merged, 1143 kept from A" and write a copy of A.
 """
 
 from __future__ import annotations
 
+from ckptlab.errors import MismatchError
 from ckptlab.formats.base import TensorSource
 
 _DM = "model.diffusion_model."
+
+#: kinds ``merge`` takes: full single-file/diffusers checkpoints, or UNet/DiT-only files
+MERGEABLE_KINDS = ("checkpoint", "unet")
+
+KIND_NAMES = {
+    "checkpoint": "a full checkpoint",
+    "unet": "a UNet/DiT-only file",
+    "lora": "a LoRA",
+    "lycoris": "a LyCORIS adapter (LoHa/LoKr...)",
+    "vae": "a VAE",
+    "text_encoder": "a text encoder",
+    "controlnet": "a ControlNet",
+    "ipadapter": "an IP-Adapter",
+    "ip_adapter": "an IP-Adapter",
+    "t2i_adapter": "a T2I-Adapter",
+    "embedding": "a textual-inversion embedding",
+    "hypernetwork": "a hypernetwork",
+    "upscaler": "an upscaler",
+    "unknown": "not a model ckptlab recognises",
+}
+
+_HINTS = {
+    "lora": "LoRAs are baked into a checkpoint with a LoRA tool (kohya sd-scripts networks/merge_lora.py, "
+            "SuperMerger), not by merge",
+    "lycoris": "LyCORIS adapters are baked into a checkpoint with a LoRA tool (LyCORIS tools/merge.py, "
+               "SuperMerger), not by merge",
+    "vae": "bake a VAE into the output with --vae",
+}
 
 
 def _probe(keys: set[str], infos) -> str | None:
@@ -34,18 +65,47 @@ def _probe(keys: set[str], infos) -> str | None:
     return None
 
 
+def identify_input(source: TensorSource) -> tuple[str | None, str | None]:
+    """``(kind, family)`` of an opened input: kind ``checkpoint`` / ``unet`` / ``lora`` / ``vae`` ... (None when
+    identification failed), family ``sd1`` / ``sd2`` / ``sdxl`` / ``sdxl_refiner`` / ``sd3`` / ``flux`` ...
+    (None when unknown)."""
+    kind = fam = None
+    try:
+        from ckptlab.identify import identify
+
+        info = identify(source)
+        kind = info.kind or None
+        fam = info.family if info.family and info.family != "unknown" else None
+    except Exception:  # noqa: BLE001 - identification problems are not fatal here: the probe and the checks remain
+        pass
+    if fam is None and kind in (None, "checkpoint", "unet"):
+        infos = source.infos()
+        fam = _probe(set(infos), infos)
+    return kind, fam
+
+
 def family_of(source: TensorSource) -> str | None:
     """``sd1`` / ``sd2`` / ``sdxl`` / ``sdxl_refiner`` / ``sd3`` / ``flux`` ..., or None when unknown."""
-    try:  # the identification module, when it has landed
-        from ckptlab.identify import identify  # type: ignore[import-not-found]
-    except ImportError:
-        identify = None
-    if identify is not None:
-        try:
-            fam = getattr(identify(source), "family", None)
-            if fam and fam != "unknown":
-                return str(fam)
-        except Exception:  # noqa: BLE001 - fall back to the probe; identification problems are not fatal here
-            pass
-    infos = source.infos()
-    return _probe(set(infos), infos)
+    return identify_input(source)[1]
+
+
+def check_mergeable(name: str, path: str | None, kind: str | None) -> None:
+    """Refuse an input that is not a full model (checkpoint or UNet/DiT-only file)."""
+    if kind is None or kind in MERGEABLE_KINDS:
+        return
+    what = KIND_NAMES.get(kind, f"a {kind}")
+    where = f"{name} ({path})" if path else name
+    hint = _HINTS.get(kind, "merge takes full checkpoints or UNet/DiT-only files")
+    raise MismatchError(f"cannot merge {where}: it is {what}, not a full model; {hint}")
+
+
+def check_same_kind(nodes) -> None:
+    """All inputs of one step hold the same kind of model (a full checkpoint and a UNet-only file have no
+    tensor names in common: merging them would copy A)."""
+    a = nodes[0]
+    for other in nodes[1:]:
+        ka, kb = getattr(a, "model_kind", None), getattr(other, "model_kind", None)
+        if ka and kb and ka != kb:
+            raise MismatchError(f"cannot merge different kinds of model: {a.name} is {KIND_NAMES.get(ka, ka)}, "
+                                f"{other.name} is {KIND_NAMES.get(kb, kb)} (extract or convert one first, e.g. "
+                                f"`ckptlab extract --component unet`)")

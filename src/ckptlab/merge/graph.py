@@ -19,10 +19,14 @@ from ckptlab.errors import MismatchError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.formats.dtypes import FLOAT_DTYPES, friendly, to_torch
 from ckptlab.merge.blocks import BlockValues, resolve
-from ckptlab.merge.family import family_of
+from ckptlab.merge.family import check_mergeable, check_same_kind, identify_input
 from ckptlab.merge.methods import KeyContext, Method
 
 MISSING_POLICIES = ("keep-a", "union", "intersect", "error")
+#: integer and bool buffers (position_ids, step counters): copied from A, never merged
+PLAIN_DTYPES = frozenset({"I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"})
+#: keys that mark quantized storage with per-tensor scales (ComfyUI scaled fp8, bitsandbytes NF4)
+_SCALED_ENDINGS = ("scaled_fp8", ".scale_weight", ".quant_state.bitsandbytes__nf4")
 LIST_MAX = 50
 
 #: rows per chunk are chosen so a chunk holds about this many elements
@@ -145,6 +149,7 @@ class Node:
     name: str
     family: str | None
     kind: str = "weight"  # or "delta"
+    model_kind: str | None = None  # what identification calls it: "checkpoint", "unet", "lora"... (None: unknown)
     plan: dict[str, TensorInfo]
 
     def tensor(self, key: str):
@@ -160,10 +165,13 @@ class Node:
 
 
 class SourceNode(Node):
-    def __init__(self, name: str, source: TensorSource, family: str | None = None):
+    def __init__(self, name: str, source: TensorSource, family: str | None = None, model_kind: str | None = None):
         self.name = name
         self.source = source
-        self.family = family if family is not None else family_of(source)
+        if family is None and model_kind is None:
+            model_kind, family = identify_input(source)
+        self.family = family
+        self.model_kind = model_kind
         self.plan = dict(source.infos())
 
     def tensor(self, key: str):
@@ -201,12 +209,18 @@ class StepNode(Node):
             raise MismatchError(f"{method.name} takes {want} models, got {n}")
         self._check_families()
         self.family = inputs[0].family
+        self.model_kind = inputs[0].model_kind
         self.actions: dict[str, tuple] = {}
         self.plan = {}
         self._plan()
 
     # -- planning -----------------------------------------------------------------------------
     def _check_families(self) -> None:
+        for i in self.inputs:
+            if isinstance(i, SourceNode):
+                check_mergeable(i.name, str(i.source.path) if getattr(i.source, "path", None) else None,
+                                i.model_kind)
+        check_same_kind(self.inputs)
         a = self.inputs[0]
         for other in self.inputs[1:]:
             if a.family and other.family and a.family != other.family:
@@ -225,6 +239,7 @@ class StepNode(Node):
         s = self.summary
         delta_out = self.kind == "delta"
         mismatched: list[str] = []
+        quantized: list[str] = []  # quantized storage (GGUF Q4_K...): copying A's would be a silent non-merge
         for key, ia in a.plan.items():
             present = [key in i.plan for i in ins]
             if not all(present):
@@ -241,6 +256,9 @@ class StepNode(Node):
                 s.note(s.only_in_a_keys, key)
                 continue
             infos = [i.plan[key] for i in ins]
+            odd = next((x.dtype for x in infos if x.dtype not in FLOAT_DTYPES and x.dtype not in PLAIN_DTYPES), None)
+            if odd is not None and len(quantized) < LIST_MAX:
+                quantized.append(f"{key} ({odd})")
             if ia.dtype not in FLOAT_DTYPES or any(x.dtype not in FLOAT_DTYPES for x in infos):
                 if delta_out:
                     s.dropped += 1
@@ -265,6 +283,13 @@ class StepNode(Node):
                 s.inpaint_sliced += 1
                 continue
             mismatched.append(f"{key} {list(ia.shape)} vs " + " vs ".join(str(list(sh)) for sh in shapes[1:]))
+        if quantized:
+            raise MismatchError(f"{', '.join(i.name for i in ins)}: quantized tensors cannot be merged as stored, "
+                                f"e.g. {quantized[0]}; merge the full-precision models")
+        scaled = next((k for i in ins for k in i.plan if k.endswith(_SCALED_ENDINGS)), None)
+        if scaled is not None:
+            raise MismatchError(f"{', '.join(i.name for i in ins)}: quantized weights with scales ({scaled}) cannot "
+                                "be merged as stored; merge the full-precision models")
         if mismatched:
             raise MismatchError(f"{len(mismatched)} tensors have different shapes in {', '.join(i.name for i in ins)}"
                                 f" (not the same architecture?), e.g. {mismatched[0]}")
@@ -279,8 +304,9 @@ class StepNode(Node):
             s.dropped += len(extra)
             for k in sorted(extra):
                 s.note(s.dropped_keys, k)
-        if not self.plan:
-            raise MismatchError(f"{', '.join(i.name for i in ins)} have no tensors in common to merge")
+        if not self.plan or not (s.merged or s.inpaint_sliced):
+            raise MismatchError(f"{', '.join(i.name for i in ins)} have no tensors in common to merge (different "
+                                "layouts: a single file and a diffusers folder, or a different architecture)")
 
     def _add(self, key: str, info: TensorInfo, action: tuple) -> None:
         dtype = info.dtype
@@ -347,8 +373,14 @@ class StepNode(Node):
 
         if not t.is_floating_point() or not t.numel():
             return t
-        lo, hi = torch.aminmax(t)  # one pass, no temporaries; NaN and Inf propagate (isfinite().all(): 13x slower)
-        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        if t.element_size() == 1:  # fp8: no aminmax kernel; fp16 holds every fp8 value (NaN and Inf included)
+            flat = t.reshape(-1)
+            finite = all(math.isfinite(float(x)) for i in range(0, flat.numel(), CHUNK_ELEMS)
+                         for x in torch.aminmax(flat[i:i + CHUNK_ELEMS].to(torch.float16)))
+        else:
+            lo, hi = torch.aminmax(t)  # one pass, no temporaries; NaN and Inf propagate (isfinite().all(): 13x slower)
+            finite = math.isfinite(float(lo)) and math.isfinite(float(hi))
+        if not finite:
             with self._lock:
                 self.summary.nonfinite += 1
                 self.summary.note(self.summary.nonfinite_keys, key)

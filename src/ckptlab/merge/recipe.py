@@ -70,12 +70,41 @@ class Recipe:
     options: dict[str, object] = field(default_factory=dict)
     base_dir: Path | None = None  # where relative input paths resolve
     from_model: bool = False  # read from a merged model's metadata (no recipe file to update)
+    from_file: bool = False  # read from a TOML file the user gave (``save`` paths stay inside its folder)
+    #: inputs named by a model's metadata: found by their pin (catalog first), never read unpinned
+    untrusted: set[str] = field(default_factory=set)
 
     def input_path(self, name: str) -> Path:
         p = Path(self.inputs[name].path).expanduser()
         if not p.is_absolute() and self.base_dir is not None:
-            p = self.base_dir / p
+            q = self.base_dir / p
+            if self.from_file and not q.exists() and p.exists():
+                # written before paths were stored relative to the recipe file: relative to the folder it
+                # was written from (the sha256 pins still decide whether it is the right file)
+                return p.absolute()
+            p = q
         return p
+
+    def save_path(self, step: RecipeStep) -> Path | None:
+        """Where ``step``'s ``save`` writes, or None. Paths from a model's metadata never choose an output
+        location (None; the caller warns). A recipe file's ``save`` is relative to the file's folder and
+        must stay inside it (``RecipeError`` otherwise: an output elsewhere is the user's ``-o``)."""
+        if not step.save or self.from_model:
+            return None
+        p = Path(step.save)
+        if not self.from_file or self.base_dir is None:
+            return p  # a Recipe built in code: the caller chose the path
+        if p.is_absolute() or step.save.startswith("~"):
+            raise RecipeError(f"step {step.name!r}: save = {step.save!r} must be relative to the recipe's folder "
+                              "(write elsewhere with -o OUT for the final step)")
+        q = self.base_dir / p
+        base = self.base_dir.resolve()
+        try:
+            q.resolve().relative_to(base)
+        except ValueError:
+            raise RecipeError(f"step {step.name!r}: save = {step.save!r} leaves the recipe's folder {base}; "
+                              "a recipe only writes inside its own folder (use -o OUT for the final step)") from None
+        return q
 
     def validate(self) -> None:
         from ckptlab.merge.blocks import numbers_in
@@ -151,7 +180,9 @@ def load(path: str | Path) -> Recipe:
         raise RecipeError(f"cannot read recipe: {e.strerror or e}", p) from None
     except UnicodeDecodeError:
         raise RecipeError("recipe is not UTF-8 text", p) from None
-    return loads(text, p.resolve().parent, where=str(p))
+    rec = loads(text, p.resolve().parent, where=str(p))
+    rec.from_file = True
+    return rec
 
 
 def _is_model(p: Path) -> bool:
@@ -182,6 +213,7 @@ def load_from_model(path: str | Path) -> Recipe:
                           "but cannot re-run it)", p)
     rec = loads(text, None, where=f"{p} (embedded recipe)")
     rec.from_model = True
+    rec.untrusted = set(rec.inputs)
     return rec
 
 
@@ -254,14 +286,30 @@ def _bare(k: str) -> str:
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k, ensure_ascii=False)
 
 
-def dumps(recipe: Recipe, *, outputs: bool = True, absolute: bool = False) -> str:
+def _relative(path: Path, folder: Path) -> str | None:
+    """``path`` relative to ``folder`` (both made absolute, symlinks kept), or None where there is no
+    relative path (another drive)."""
+    import os
+
+    try:
+        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
+    except ValueError:
+        return None
+
+
+def dumps(recipe: Recipe, *, outputs: bool = True, absolute: bool = False, relative_to: Path | None = None) -> str:
     """TOML text for ``recipe``. ``outputs=False`` leaves out ``save`` paths (the embedded copy);
-    ``absolute=True`` writes input paths resolved."""
+    ``absolute=True`` writes input paths resolved; ``relative_to``: the folder of the file the text goes to:
+    paths are written relative to it, so the recipe runs from any working folder."""
     lines = ["# ckptlab merge recipe - run: ckptlab merge --recipe THIS_FILE -o OUT.safetensors",
              f"version = {RECIPE_VERSION}", ""]
+    if relative_to is not None:
+        lines.insert(1, "# paths are relative to this file's folder")
     for name, inp in recipe.inputs.items():
         lines.append(f"[inputs.{_bare(name)}]")
         path = str(recipe.input_path(name).resolve()) if absolute else inp.path
+        if relative_to is not None and not absolute:
+            path = _relative(recipe.input_path(name), relative_to) or str(recipe.input_path(name).absolute())
         lines.append(f"path = {_value(path)}")
         if inp.sha256:
             lines.append(f"sha256 = {_value(inp.sha256)}")
@@ -276,7 +324,18 @@ def dumps(recipe: Recipe, *, outputs: bool = True, absolute: bool = False) -> st
         if st.dtype:
             lines.append(f"dtype = {_value(st.dtype)}")
         if outputs and st.save:
-            lines.append(f"save = {_value(st.save)}")
+            save = st.save
+            if relative_to is not None:
+                where = recipe.save_path(st)
+                rel = _relative(where, relative_to) if where is not None else None
+                if rel is None or rel.startswith("../") or rel == "..":
+                    lines.append(f"# save = {_value(st.save)} (outside this file's folder: not saved when re-run "
+                                 "from here)")
+                    save = None
+                else:
+                    save = rel
+            if save:
+                lines.append(f"save = {_value(save)}")
         lines.append("")
     opts = {k: v for k, v in recipe.options.items() if v is not None}
     if opts:
@@ -329,12 +388,15 @@ def pin_text(recipe: Recipe, path: str | Path, *, what: str = "update") -> None:
     from ckptlab.errors import OutputError
 
     p = Path(path)
-    text = dumps(recipe)
+    folder = p.resolve().parent  # as load() resolves relative paths (a physical folder: ".." is exact)
+    text = dumps(recipe, relative_to=folder)
     if what == "update":
         try:
             old = p.read_text(encoding="utf-8")
             new = repin(old, {n: i.sha256 for n, i in recipe.inputs.items() if i.sha256})
-            if dumps(loads(new, p.resolve().parent)) == text:
+            again = loads(new, folder)
+            again.from_file = recipe.from_file
+            if dumps(again, relative_to=folder) == text:
                 text = new
         except (OSError, UnicodeDecodeError, RecipeError):
             pass  # rewrite whole

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ckptlab.arch.vae_fit import check_vae_fits
 from ckptlab.errors import CkptlabError, MismatchError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.ops.diffusers_io import _cat_out, _reshape_out, _slice_out, _transpose_out
@@ -28,9 +29,6 @@ from ckptlab.progress import Progress, null_progress
 
 EXTRACT_CHOICES = ("unet", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "ema")
 REPLACE_CHOICES = ("unet", "vae", "clip_l", "clip_g")
-#: VAEs that are interchangeable (same latent space)
-VAE_GROUPS = {"sd1": "sd1/sd2", "sd2": "sd1/sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl", "sd3": "sd3",
-              "flux": "flux"}
 
 
 def component_prefix(layout: Layout, component: str, src: TensorSource) -> str:
@@ -116,15 +114,6 @@ def extract(inputs: list[Path], component: str, *, out: Path | None = None, out_
 
 # ----------------------------------------------------------------------------------------------
 # replace
-
-
-def _vae_family(path: Path) -> str | None:
-    from ckptlab.identify import identify
-
-    try:
-        return identify(path).family
-    except CkptlabError:
-        return None
 
 
 def normalise_component(comp_src: TensorSource, component: str, target_prefix: str,
@@ -216,14 +205,10 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
                 raise MismatchError(f"{comp_src.path.name} does not fit this checkpoint's {component}: "
                                     f"{k[len(prefix):]} is {list(it.info.shape)}, the checkpoint has "
                                     f"{list(target[k].shape)}", src.path)
-        if component == "vae":
-            fam = _vae_family(comp_src.path)
-            mine = VAE_GROUPS.get(layout.family)
-            if fam is not None and VAE_GROUPS.get(fam, fam) != mine:
-                raise MismatchError(f"{comp_src.path.name} is a {FAMILY_NAMES.get(fam, fam)} VAE; it does not fit a "
-                                    f"{FAMILY_NAMES[layout.family]} checkpoint (different latent space)", src.path)
-            if fam is None:
-                result.warnings.append(f"{comp_src.path.name}: VAE family unknown (keys and shapes match)")
+        if component == "vae":  # the one VAE family check (merge --vae calls it too)
+            warning = check_vae_fits(comp_src.path, layout.family, path=src.path)
+            if warning:
+                result.warnings.append(warning)
         new.update(by_key)
         result.converted += len(by_key)
     return [new[k] if k in new else Out.copy(k, src, k) for k in infos]

@@ -1,0 +1,51 @@
+"""Does a VAE fit a checkpoint's latent space? The one family check ``replace --vae`` and ``merge --vae`` share.
+
+VAE files of the 4-channel KL-f8 families share one key layout and shapes (an SD1 VAE and the SDXL VAE
+differ only in their weights), so a shape check accepts the wrong one and the model then decodes
+garbage. The family comes from ``ckptlab.identify`` (metadata, then the file name where the keys
+cannot tell); interchangeable families share a latent space group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptlab.errors import CkptlabError, MismatchError
+from ckptlab.formats.base import TensorSource
+
+#: VAEs that are interchangeable (same latent space)
+VAE_GROUPS = {"sd1": "sd1/sd2", "sd2": "sd1/sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl", "sd3": "sd3",
+              "flux": "flux"}
+
+
+def vae_family(vae: str | Path | TensorSource) -> str | None:
+    """The family ``ckptlab.identify`` gives a VAE file (or an opened one), None when it cannot tell."""
+    from ckptlab.identify import identify
+
+    try:
+        fam = identify(vae).family
+    except CkptlabError:
+        return None
+    return fam if fam and fam != "unknown" else None
+
+
+def check_vae_fits(vae: str | Path | TensorSource, target_family: str | None, *, name: str | None = None,
+                   path: str | Path | None = None, vae_family_known: str | None = None) -> str | None:
+    """Refuse (``MismatchError``) a VAE whose family has another latent space than ``target_family``'s.
+    Returns a warning line when the VAE's family cannot be told (keys and shapes are the caller's check),
+    else None. ``name``: how to call the VAE in messages (default: its file name); ``path``: the checkpoint
+    the error is about; ``vae_family_known``: the VAE's family when the caller identified it already."""
+    if name is None:
+        p = vae if isinstance(vae, (str, Path)) else vae.path
+        name = Path(p).name
+    fam = vae_family_known if vae_family_known is not None else vae_family(vae)
+    if fam is None:
+        return f"{name}: VAE family unknown (keys and shapes match)"
+    mine = VAE_GROUPS.get(target_family or "")
+    if mine is not None and VAE_GROUPS.get(fam, fam) != mine:
+        from ckptlab.ops.layout import FAMILY_NAMES
+
+        raise MismatchError(f"{name} is a {FAMILY_NAMES.get(fam, fam)} VAE; it does not fit a "
+                            f"{FAMILY_NAMES.get(target_family, target_family)} checkpoint (different latent space)",
+                            path)
+    return None
