@@ -50,7 +50,7 @@ def test_show_text_has_the_civitai_link(tmp_path, cli):
     out = cli("show", str(b), "--db", str(db)).stdout
     assert (f"civitai: Detail Tweaker / v1.0 (fixed)  model 100 version 1000  [inherited from {sha_a[:12]} "
             "(same tensors)]  2 revision(s)") in out
-    assert "trigger words: detailed, sharp" in out
+    assert "    trigger words:\n      - detailed\n      - sharp\n" in out  # an indented list
     assert "https://civitai.com/models/100?modelVersionId=1000" in out
     assert "[matched by sha256]" in cli("show", str(a), "--db", str(db)).stdout
 

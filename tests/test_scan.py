@@ -285,8 +285,14 @@ def test_cli_scan_json_and_ls_filters(tmp_path, cli):
     assert [json.loads(x)["name"] for x in r.stdout.splitlines()] == ["sd1_kohya_lora.safetensors"]
     r = cli("ls", "--db", str(db))
     assert r.returncode == 0 and "flux_schnell.safetensors" in r.stdout
-    r = cli("scan", str(tmp_path / "nope"), "--db", str(db))
-    assert r.returncode == 0 and "cannot access" in r.stdout
+    # a root that is not there: one error line and exit 1, the other roots still scanned
+    write_st(tmp_path / "other" / "x.safetensors", tensors("sd1_embedding", seed=9))
+    r = cli("scan", str(tmp_path / "nope"), str(tmp_path / "other"), "--db", str(db))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == [f"ckptlab: error: {tmp_path / 'nope'}: cannot access this folder (not scanned)"]
+    assert "cannot access" in r.stdout  # and in the summary's error list
+    with Catalog(db) as c:
+        assert c.get_by_path(tmp_path / "other" / "x.safetensors") is not None
 
 
 def test_worker_processes_record_the_same_rows(tmp_path, monkeypatch):

@@ -1,8 +1,13 @@
 """Library commands: ``scan``, ``hash``, ``ls``, ``show``, ``dupes``, ``plan-space``, ``report``.
 
 All of them work on the catalog (``--db``, else ``$CKPTLAB_DB``, else the platform data dir); the
-logic lives in ``ckptlab.library``. Exit codes: 0 ok; 1 bad input / unreadable catalog; 2 usage;
-3 ``show`` found nothing; 5 ``scan`` finished but some files had errors (``--strict`` only).
+logic lives in ``ckptlab.library``. Exit codes: 0 ok; 1 bad input, a scan root that is not there,
+an unreadable or read-only catalog, an existing ``report -o`` file; 2 usage (an unknown ``--kind``
+or ``--family`` included); 3 ``show`` found nothing; 5 ``scan`` finished but some files had errors
+(``--strict`` only).
+
+Human output renders control characters in names and metadata visibly (``ckptlab.display``);
+``--json`` output keeps every value exact.
 """
 
 from __future__ import annotations
@@ -36,13 +41,16 @@ def register(app) -> None:
                                     help="Processes reading new files (default: CPUs, at most 8)."),
     ) -> None:
         """Walk model folders into the catalog (incremental: unchanged files are not re-read)."""
-        from ckptlab.cli.common import console, emit_json, progress_bar
+        from ckptlab.cli.common import console, emit_json, error_line, progress_bar, warning_line
+        from ckptlab.display import one_line
         from ckptlab.library.scanner import scan
 
-        with _catalog(db) as cat, progress_bar("scanning", unit_bytes=hash or fingerprint,
-                                               enabled=not json_out) as prog:
+        def waiting() -> None:
+            warning_line("another scan of this catalog is running; waiting for it to finish")
+
+        with _catalog(db) as cat, progress_bar("scanning", unit_bytes=True, enabled=not json_out) as prog:
             s = scan(roots or [], cat, hash=hash, fingerprint=fingerprint, extra_model_paths=extra_model_paths,
-                     progress=prog, workers=workers)
+                     progress=prog, workers=workers, on_wait=waiting)
         if json_out:
             emit_json(s)
         else:
@@ -52,17 +60,27 @@ def register(app) -> None:
                           f"{s.changed} changed, {s.unchanged} unchanged, {s.moved} moved, {s.missing} missing, "
                           f"{s.errors} errors" + (f"; hashed {s.hashed}" if hash else "")
                           + (f"; fingerprinted {s.fingerprinted}" if fingerprint else ""),
-                          highlight=False, markup=False)
+                          highlight=False, markup=False, soft_wrap=True)
             for e in s.error_list[:20]:
-                console.print(f"  error: {e['path']}: {e['error']}", highlight=False, markup=False)
+                console.print(f"  error: {one_line(e['path'])}: {one_line(e['error'])}", highlight=False,
+                              markup=False, soft_wrap=True)
             if len(s.error_list) > 20:
                 console.print(f"  ... {len(s.error_list) - 20} more (ckptlab ls --errors)", markup=False)
+        if s.malicious or s.suspicious:
+            what = " and ".join(f"{n} {v}" for n, v in ((s.malicious, "malicious"), (s.suspicious, "suspicious"))
+                                if n)
+            warning_line(f"{what} file(s) in the scanned folders; never load them with torch.load "
+                         f"(list: ckptlab ls --unsafe)")
+        for root in s.bad_roots:
+            error_line(f"{root}: cannot access this folder (not scanned)")
+        if s.bad_roots:
+            raise typer.Exit(1)
         if strict and s.errors:
             raise typer.Exit(5)
 
     @app.command("hash")
     def hash_cmd(
-        paths: list[Path] = typer.Argument(..., help="Model files."),
+        paths: list[str] = typer.Argument(..., help="Model files, folders (searched for model files) or globs."),
         db: Path = db_option(),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor fill the catalog's hash cache."),
         json_out: bool = typer.Option(False, "--json", help="JSON Lines, one object per file."),
@@ -70,14 +88,26 @@ def register(app) -> None:
         """SHA256, AutoV1, AutoV2, AutoV3, CRC32 and BLAKE3 of each file, in one read (UPPER-case, as CivitAI)."""
         import os
 
-        from ckptlab.cli.common import console, emit_json, progress_bar
+        from ckptlab.cli.common import console, emit_json, expand_paths, progress_bar, warning_line
+        from ckptlab.display import printable
+        from ckptlab.errors import CkptlabError
+        from ckptlab.formats import MODEL_SUFFIXES
         from ckptlab.library.scanner import hash_paths
 
-        total = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+        files: list[Path] = []
+        for p in expand_paths(paths):
+            if p.is_dir():  # a diffusers folder: CivitAI hashes are per file, so each file in it
+                files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MODEL_SUFFIXES
+                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            else:
+                files.append(p)
+        if not files:
+            raise CkptlabError(f"no model files in {', '.join(paths)}")
+        total = sum(os.path.getsize(p) for p in files if os.path.isfile(p))
         cat = None if no_cache else _catalog(db)
         try:
             with progress_bar("hashing", total=total, enabled=not json_out) as prog:
-                results = hash_paths(paths, cat, progress=prog)
+                results = hash_paths(files, cat, progress=prog, on_cache_error=warning_line)
         finally:
             if cat is not None:
                 cat.close()
@@ -85,44 +115,77 @@ def register(app) -> None:
             if json_out:
                 emit_json(r)
                 continue
-            console.print(r["path"] + (" (cached)" if r["cached"] else ""), markup=False, highlight=False)
+            console.print(printable(r["path"]) + (" (cached)" if r["cached"] else ""), markup=False,
+                          highlight=False, soft_wrap=True)
             for name, key in (("SHA256", "sha256"), ("AutoV1", "autov1"), ("AutoV2", "autov2"),
                               ("AutoV3", "autov3"), ("CRC32", "crc32"), ("BLAKE3", "blake3")):
-                console.print(f"  {name:<7} {r[key] or '-'}", markup=False, highlight=False)
+                console.print(f"  {name:<7} {(r[key] or '-').upper()}", markup=False, highlight=False)
 
     @app.command("ls")
     def ls_cmd(
-        kind: str = typer.Option(None, "--kind", help="checkpoint, lora, vae, embedding, ..."),
-        family: str = typer.Option(None, "--family", help="sd1, sdxl, flux, ..."),
-        search: str = typer.Option(None, "--search", help="Text in the path or the sidecars."),
+        kind: str = typer.Option(None, "--kind",
+                                 help="checkpoint, lora (includes LyCORIS), vae, embedding, controlnet, ... or a UI "
+                                      "folder name (loras, checkpoints, Stable-diffusion) or CivitAI type (LORA)."),
+        family: str = typer.Option(None, "--family",
+                                   help="sd1, sdxl, flux, ... or a CivitAI base model (\"SD 1.5\", \"SDXL 1.0\", "
+                                        "Pony) or short name (sd15)."),
+        search: str = typer.Option(None, "--search",
+                                   help="Text in the path, the sidecars or the CivitAI name, base model and "
+                                        "trigger words."),
         sort: str = typer.Option("name", "--sort", help="size | name | mtime | path"),
         missing: bool = typer.Option(False, "--missing", help="List files marked missing instead."),
         errors: bool = typer.Option(False, "--errors", help="Only files with errors."),
+        unsafe: bool = typer.Option(False, "--unsafe",
+                                    help="Only files whose safety verdict is not safe (malicious, suspicious, "
+                                         "corrupt, unchecked)."),
         db: Path = db_option(),
         json_out: bool = typer.Option(False, "--json", help="JSON Lines, one object per file."),
     ) -> None:
-        """List catalogued files."""
+        """List catalogued files (one line each, under a header row)."""
         from ckptlab.cli.common import console, emit_json
         from ckptlab.display import human_size as human
+        from ckptlab.display import printable
+        from ckptlab.library.layouts import resolve_family, resolve_kind
         from ckptlab.library.report import file_row
+        from ckptlab.library.show import civitai_brief, search_text
 
         with _catalog(db) as cat:
-            recs = cat.files(status="missing" if missing else "present", kind=kind, family=family, search=search,
-                             sort=sort)
+            kinds = resolve_kind(kind, cat.kinds()) if kind else None
+            families = resolve_family(family, cat.families()) if family else None
+            recs = cat.files(status="missing" if missing else "present", kind=kinds, family=families, sort=sort,
+                             unsafe=unsafe)
+            from ckptlab.hub.store import has_tables
+
+            linked = has_tables(cat)
+            civ = {r.id: civitai_brief(cat, r, linked) for r in recs}
         if errors:
             recs = [r for r in recs if r.error]
+        if search:
+            needle = search.casefold()
+            recs = [r for r in recs if needle in search_text(r, civ[r.id])]
         if json_out:
             for r in recs:
-                emit_json(file_row(r) | {"id": r.id})
+                emit_json(file_row(r) | {"id": r.id, "civitai": civ[r.id]})
             return
         if not recs:
             console.print("no files", markup=False)
+            return
+        console.print(f"{'SIZE':>10}  {'KIND/FAMILY':<22} {'FORMAT':<11} {'SAFETY':<10} {'AUTOV2':<10}  PATH  "
+                      "[CIVITAI]", markup=False, highlight=False, soft_wrap=True)
         for r in recs:
             row = file_row(r)
             what = "/".join(x for x in (r.kind, r.family) if x) or "?"
-            console.print(f"{human(r.size):>10}  {what:<22} {r.format or '?':<11} {row['autov2'] or '-':<10}  {r.path}"
-                          + (f"  [error: {r.error}]" if r.error else ""), markup=False, highlight=False,
-                          soft_wrap=True)
+            line = (f"{human(r.size):>10}  {what:<22} {r.format or '?':<11} {r.safety or '-':<10} "
+                    f"{(row['autov2'] or '-').upper():<10}  {printable(r.path)}")
+            if c := civ[r.id]:
+                name = " / ".join(x for x in (c["model_name"], c["version_name"]) if x)
+                line += f"  [{printable(name)}" + (f"; {printable(c['base_model'])}" if c["base_model"] else "")
+                if c["trigger_words"]:
+                    line += "; triggers: " + printable(", ".join(map(str, c["trigger_words"])))
+                line += "]"
+            if r.error:
+                line += f"  [error: {printable(r.error)}]"
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     @app.command("show")
     def show_cmd(
@@ -131,10 +194,8 @@ def register(app) -> None:
         json_out: bool = typer.Option(False, "--json", help="JSON Lines, one object per matching file."),
     ) -> None:
         """Everything known about one file: identification, hashes, fingerprints, sidecars, copies."""
-        import json
-
         from ckptlab.cli.common import console, emit_json
-        from ckptlab.library.show import show_file
+        from ckptlab.library.show import render_text, show_file
 
         with _catalog(db) as cat:
             found = show_file(cat, target)
@@ -142,31 +203,8 @@ def register(app) -> None:
             if json_out:
                 emit_json(d)
                 continue
-            console.print(d["path"], style="bold", markup=False, highlight=False)
-            for k in ("status", "kind", "family", "variant", "format", "size", "safety", "error", "folder"):
-                if d.get(k) is not None:
-                    console.print(f"  {k}: {d[k]}", markup=False, highlight=False)
-            for name, v in (d.get("hashes") or {}).items():
-                console.print(f"  {name}: {v}", markup=False, highlight=False)
-            if d.get("fingerprint"):
-                console.print(f"  fingerprint: {d['fingerprint']}", markup=False, highlight=False)
-                for comp, fp in (d.get("components") or {}).items():
-                    console.print(f"    {comp}: {fp[:16]}", markup=False, highlight=False)
-            if civ := d.get("civitai"):
-                how = (f"inherited from {civ['inherited_from'][:12]} (same tensors)" if civ["inherited"]
-                       else f"matched by {civ['matched_by']}")
-                console.print(f"  civitai: {civ['model_name']} / {civ['version_name']}  model {civ['model_id']} "
-                              f"version {civ['version_id']}  [{how}]  {civ['revisions']} revision(s)"
-                              f"  upstream: {civ['upstream_status']}", markup=False, highlight=False, soft_wrap=True)
-                if civ["trigger_words"]:
-                    console.print("    trigger words: " + ", ".join(civ["trigger_words"]), markup=False,
-                                  highlight=False, soft_wrap=True)
-                if civ["url"]:
-                    console.print(f"    {civ['url']}", markup=False, highlight=False, soft_wrap=True)
-            for key in ("same_bytes_as", "same_component_as", "sidecars"):
-                if d.get(key):
-                    console.print(f"  {key}: {json.dumps(d[key], ensure_ascii=False)}", markup=False,
-                                  highlight=False)
+            for line in render_text(d):
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     @app.command("dupes")
     def dupes_cmd(
@@ -269,35 +307,22 @@ def register(app) -> None:
     def report_cmd(
         fmt: str = typer.Option("table", "--format", help="table | json | csv | html"),
         output: Path = typer.Option(None, "-o", "--output", help="Write to this file (default: stdout)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
         db: Path = db_option(),
     ) -> None:
         """The library inventory: totals, by kind / family / format / precision / size, pickles and verdicts."""
         import sys
 
-        from ckptlab.errors import CkptlabError, OutputError
-        from ckptlab.library.report import RENDERERS, build_inventory
+        from ckptlab.errors import CkptlabError
+        from ckptlab.library.report import RENDERERS, build_inventory, check_output, write_report
 
         if fmt not in RENDERERS:
             raise CkptlabError(f"unknown report format {fmt!r} (use {', '.join(RENDERERS)})")
+        if output is not None:  # before the work, not after it
+            check_output(output, overwrite=overwrite)
         with _catalog(db) as cat:
             text = RENDERERS[fmt](build_inventory(cat))
         if output is None:
             sys.stdout.write(text)
             return
-        import contextlib
-        import os
-        import tempfile
-
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent if str(output.parent) else ".")
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                fh.write(text)
-            os.replace(tmp, output)
-        except BaseException as e:
-            if tmp is not None:  # no leftover temp file (OUTPUT is a folder, disk full, Ctrl-C)
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise OutputError(f"cannot write report: {e.strerror or e}", output) from None
-            raise
+        write_report(text, output, overwrite=overwrite)

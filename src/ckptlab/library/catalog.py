@@ -21,7 +21,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,27 @@ def known_sha256(path: str | Path, st: os.stat_result | None = None, db: str | P
 
 class CatalogError(CkptlabError):
     """The catalog file cannot be opened, is not a ckptlab catalog, or is newer than this version."""
+
+
+class CatalogWriteError(CatalogError):
+    """The catalog cannot be written: a read-only file or folder, a full disk, a lock held too long."""
+
+
+#: SQLite's messages for a catalog that cannot be written for reasons outside ckptlab (sqlite3 has no
+#: error codes before Python 3.11): these become one ``CatalogWriteError`` line, never an internal error
+_WRITE_FAILURES = {"readonly": "the catalog is read-only", "read-only": "the catalog is read-only",
+                   "disk is full": "the disk is full", "disk i/o error": "disk I/O error",
+                   "unable to open": "the catalog cannot be opened for writing",
+                   "locked": "the catalog is locked by another program", "busy": "the catalog is busy"}
+
+
+def write_failure(e: sqlite3.Error, path) -> CatalogWriteError | None:
+    """The ``CatalogWriteError`` for an environmental SQLite failure, or None for anything else (a bug)."""
+    msg = str(e).lower()
+    for needle, what in _WRITE_FAILURES.items():
+        if needle in msg:
+            return CatalogWriteError(f"cannot write the catalog: {what} ({e}); use a writable --db", path)
+    return None
 
 
 StatKey = tuple[int, int, int, int]  # (dev, ino, size, mtime_ns)
@@ -245,7 +266,8 @@ class Catalog:
             self._migrate()
         except sqlite3.DatabaseError as e:
             self.conn.close()
-            raise CatalogError(f"not a usable ckptlab catalog: {e}", self.path) from None
+            raise write_failure(e, self.path) or CatalogError(f"not a usable ckptlab catalog: {e}", self.path) \
+                from None
 
     def _enable_wal(self) -> None:
         """Switch to WAL. The switch needs an exclusive lock, and two connections switching a new
@@ -319,15 +341,34 @@ class Catalog:
     # -- plumbing -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """All statements inside commit together or not at all (Ctrl-C included)."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        """All statements inside commit together or not at all (Ctrl-C included). A catalog that
+        cannot be written (read-only, disk full, locked) raises ``CatalogWriteError``."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise write_failure(e, self.path) or e from None
         try:
             yield self.conn
+        except sqlite3.OperationalError as e:
+            self._rollback()
+            failure = write_failure(e, self.path)
+            if failure is None:
+                raise
+            raise failure from None
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         else:
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                self._rollback()
+                raise write_failure(e, self.path) or e from None
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
 
     def close(self) -> None:
         self.conn.close()
@@ -388,27 +429,39 @@ class Catalog:
         rows = self.conn.execute(f"{_SELECT} WHERE c.sha256 = ? ORDER BY f.id", (sha256.upper(),)).fetchall()
         return [_record(r) for r in rows]
 
-    def files(self, status: str | None = "present", kind: str | None = None, family: str | None = None,
-              search: str | None = None, sort: str = "name", under: list[str] | None = None) -> list[FileRecord]:
+    def files(self, status: str | None = "present", kind: str | Sequence[str] | None = None,
+              family: str | Sequence[str] | None = None, search: str | None = None, sort: str = "name",
+              under: list[str] | None = None, unsafe: bool = False) -> list[FileRecord]:
+        """Catalogued files. ``kind``/``family``: one value or several (any of them, case-insensitive);
+        ``search``: text in the path or the sidecar summaries; ``unsafe``: only files whose safety
+        verdict is not ``safe`` (malicious, suspicious, corrupt, unchecked or never checked)."""
         where, args = [], []
         if status:
             where.append("f.status = ?")
             args.append(status)
-        if kind:
-            where.append("lower(f.kind) = lower(?)")
-            args.append(kind)
-        if family:
-            where.append("lower(f.family) = lower(?)")
-            args.append(family)
+        for col, want in (("kind", kind), ("family", family)):
+            if want:
+                values = [want] if isinstance(want, str) else list(want)
+                where.append(f"lower(f.{col}) IN ({', '.join('lower(?)' for _ in values)})")
+                args += values
         if search:
             where.append("(instr(lower(f.display), lower(?)) > 0 OR instr(lower(coalesce(f.sidecars, '')), lower(?)) > 0)")
             args += [search, search]
+        if unsafe:
+            where.append("(f.safety IS NULL OR f.safety != 'safe')")
         order = {"name": "f.name COLLATE NOCASE, f.display", "size": "f.size DESC, f.display",
                  "mtime": "f.mtime_ns DESC, f.display", "path": "f.display", "id": "f.id"}.get(sort)
         if order is None:
             raise CkptlabError(f"unknown sort {sort!r} (use size, name, mtime, path)")
         sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order}"
         return [_record(r) for r in self.conn.execute(sql, args)]
+
+    def kinds(self) -> list[str]:
+        """The kinds present in the catalog (what identification has recorded so far)."""
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT lower(kind) FROM files WHERE kind IS NOT NULL")]
+
+    def families(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT lower(family) FROM files WHERE family IS NOT NULL")]
 
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, count(*) FROM files GROUP BY status").fetchall())

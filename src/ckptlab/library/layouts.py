@@ -8,9 +8,10 @@ file's own keys wins when it disagrees.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path, PurePath
 
-from ckptlab.errors import FormatError
+from ckptlab.errors import CkptlabError, FormatError
 from ckptlab.formats import MODEL_SUFFIXES
 
 MODEL_EXTENSIONS = frozenset(MODEL_SUFFIXES)
@@ -126,3 +127,119 @@ def read_extra_model_paths(yaml_path: str | Path) -> list[tuple[str, Path]]:
 
 COMFY_CATEGORY_KINDS = {name: kind for name, (layout, kind) in FOLDERS.items() if layout in ("comfyui", "any")}
 COMFY_CATEGORY_KINDS.update({"configs": "config"})
+
+
+# -- names people use for kinds and families (``ckptlab ls --kind/--family``) ------------------------------
+#: kinds identification records (``arch.detect``, ``arch.adapters``); kinds found in a catalog are
+#: accepted too, so a kind the identifier learns later needs no entry here
+KINDS = ("checkpoint", "unet", "vae", "text_encoder", "lora", "lycoris", "embedding", "hypernetwork", "controlnet",
+         "ipadapter", "t2i_adapter", "upscaler", "clip_vision")
+#: a kind that stands for several when filtering: a LoRA filter includes LyCORIS (LoCon, LoHa, LoKr...)
+KIND_GROUPS = {"lora": ("lora", "lycoris")}
+#: other spellings: CivitAI's ModelType names (reference/hub.md §2.3), adapter algorithms, plurals
+KIND_NAMES = {
+    "model": "checkpoint", "checkpoints": "checkpoint", "ckpt": "checkpoint", "diffusionmodel": "unet",
+    "diffusionmodels": "unet", "textualinversion": "embedding", "ti": "embedding", "embeddings": "embedding",
+    "textencoder": "text_encoder", "textencoders": "text_encoder", "loras": "lora", "locon": "lora", "dora": "lora",
+    "lyco": "lycoris", "loha": "lycoris", "lokr": "lycoris", "hypernetworks": "hypernetwork", "hypernet": "hypernetwork",
+    "vaes": "vae", "upscalers": "upscaler", "upscalemodels": "upscaler", "esrgan": "upscaler",
+    "ipadapters": "ipadapter", "t2iadapters": "t2i_adapter", "clipvision": "clip_vision",
+}
+#: CivitAI ``baseModel`` values (reference/hub.md §2.3) -> family; more by prefix in ``_FAMILY_PREFIXES``
+CIVITAI_BASE_MODELS = {
+    "SD 1.4": "sd1", "SD 1.5": "sd1", "SD 1.5 LCM": "sd1", "SD 1.5 Hyper": "sd1",
+    "SD 2.0": "sd2", "SD 2.0 768": "sd2", "SD 2.1": "sd2", "SD 2.1 768": "sd2", "SD 2.1 Unclip": "sd2",
+    "SDXL 0.9": "sdxl", "SDXL 1.0": "sdxl", "SDXL 1.0 LCM": "sdxl", "SDXL Lightning": "sdxl", "SDXL Hyper": "sdxl",
+    "SDXL Turbo": "sdxl", "SDXL Distilled": "sdxl", "Pony": "sdxl", "Illustrious": "sdxl", "NoobAI": "sdxl",
+    "Playground v2": "sdxl", "Pony V7": "auraflow", "AuraFlow": "auraflow",
+    "SD 3": "sd3", "SD 3.5": "sd3", "SD 3.5 Large": "sd3", "SD 3.5 Large Turbo": "sd3", "SD 3.5 Medium": "sd3",
+    "Stable Cascade": "cascade", "Flux.1 S": "flux", "Flux.1 D": "flux", "Flux.1 Krea": "flux",
+    "Flux.1 Kontext": "flux", "Flux.2 D": "flux2", "Chroma": "chroma", "HiDream": "hidream",
+    "Hunyuan 1": "hunyuan_dit", "Hunyuan Video": "hunyuan_video", "Kolors": "kolors", "Lumina": "lumina2",
+    "PixArt a": "pixart", "PixArt E": "pixart", "LTXV": "ltxv", "SVD": "svd", "SVD XT": "svd", "Mochi": "mochi",
+}
+#: short names people type
+FAMILY_NAMES = {"sd": "sd1", "xl": "sdxl", "flux1": "flux", "fluxdev": "flux", "fluxschnell": "flux",
+                "sd35": "sd3", "refiner": "sdxl_refiner", "hunyuan": "hunyuan_dit"}
+#: normalised prefixes of CivitAI names that keep appearing (``Wan Video 2.2 I2V-A14B``, ``Flux.2 Klein 9B``)
+_FAMILY_PREFIXES = (("ponyv7", "auraflow"), ("sdxl", "sdxl"), ("sd1", "sd1"), ("sd2", "sd2"), ("sd3", "sd3"),
+                    ("flux1", "flux"), ("flux2", "flux2"), ("wanvideo", "wan"), ("hunyuanvideo", "hunyuan_video"),
+                    ("pony", "sdxl"), ("pixart", "pixart"), ("svd", "svd"), ("ltxv", "ltxv"), ("lumina", "lumina2"))
+
+
+class UnknownChoiceError(CkptlabError):
+    """A ``--kind``/``--family`` value that names nothing ckptlab knows (a usage error)."""
+
+    exit_code = 2
+
+
+def norm_name(text: str) -> str:
+    """The form names are compared in: lower case, letters and digits only (``SD 1.5`` -> ``sd15``)."""
+    return re.sub(r"[^0-9a-z]", "", text.lower())
+
+
+def kind_aliases(known: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """``{normalised name: kind}``: the kinds themselves (and ``known``), UI folder names, other spellings.
+    A kind's own name wins over a folder of that name (``LyCORIS`` means LyCORIS files)."""
+    out: dict[str, str] = {}
+    for folder, (_layout, kind) in FOLDERS.items():
+        out[norm_name(folder)] = kind
+    for name, kind in KIND_NAMES.items():
+        out[norm_name(name)] = kind
+    for kind in (*KINDS, *known):
+        out[norm_name(kind)] = kind
+    return out
+
+
+def resolve_kind(value: str, known: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """The kinds ``value`` stands for (``loras`` -> lora + lycoris, ``Stable-diffusion`` -> checkpoint).
+    ``known``: kinds present in the catalog. Raises ``UnknownChoiceError`` listing the valid kinds."""
+    kind = kind_aliases(known).get(norm_name(value))
+    if kind is None:
+        valid = sorted({*KINDS, *known})
+        raise UnknownChoiceError(
+            f"unknown kind {value!r}: use one of {', '.join(valid)} (also UI folder names such as loras, "
+            "checkpoints, Stable-diffusion, embeddings, and CivitAI types such as LORA, TextualInversion)")
+    return KIND_GROUPS.get(kind, (kind,))
+
+
+def family_ids() -> tuple[str, ...]:
+    try:
+        from ckptlab.arch.families import FAMILIES
+    except ImportError:  # pragma: no cover
+        return ()
+    return tuple(f.id for f in FAMILIES)
+
+
+def family_aliases(known: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """``{normalised name: family}``: family ids and display names (``Stable Diffusion XL``), CivitAI
+    base models (``SD 1.5``, ``SDXL 1.0``, ``Pony``), short names (``sd15``, ``xl``)."""
+    out: dict[str, str] = {}
+    for name, fam in CIVITAI_BASE_MODELS.items():
+        out[norm_name(name)] = fam
+    for name, fam in FAMILY_NAMES.items():
+        out[norm_name(name)] = fam
+    try:
+        from ckptlab.arch.families import FAMILIES
+    except ImportError:  # pragma: no cover
+        FAMILIES = ()  # noqa: N806
+    for f in FAMILIES:
+        out.setdefault(norm_name(f.name), f.id)
+    for fam in (*family_ids(), *known):
+        out[norm_name(fam)] = fam
+    return out
+
+
+def resolve_family(value: str, known: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """The family ``value`` names (``"SD 1.5"``, ``sd15``, ``SDXL 1.0``, ``Pony``, ``flux``...), as a
+    one-element tuple. Raises ``UnknownChoiceError`` listing the valid families."""
+    key = norm_name(value)
+    fam = family_aliases(known).get(key)
+    if fam is None and key:
+        fam = next((f for prefix, f in _FAMILY_PREFIXES if key.startswith(prefix)), None)
+    if fam is None:
+        valid = sorted({*family_ids(), *known})
+        raise UnknownChoiceError(
+            f"unknown family {value!r}: use one of {', '.join(valid)} (also CivitAI base models such as "
+            "\"SD 1.5\", \"SDXL 1.0\", Pony, and short names such as sd15)")
+    return (fam,)

@@ -4,14 +4,18 @@ self-contained HTML page (inline CSS and a few lines of JS to sort any table by 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import io
 import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ckptlab.display import human_size
+from ckptlab.display import human_size, printable
+from ckptlab.errors import OutputError
 from ckptlab.library.catalog import Catalog, FileRecord
 from ckptlab.library.dupes import precision
 
@@ -35,6 +39,7 @@ class Inventory:
     by_precision: list[dict] = field(default_factory=list)
     by_size: list[dict] = field(default_factory=list)
     pickles: list[dict] = field(default_factory=list)
+    unsafe: list[dict] = field(default_factory=list)  # any format whose verdict is malicious or suspicious
     error_files: list[dict] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
 
@@ -79,6 +84,8 @@ def build_inventory(catalog: Catalog) -> Inventory:
         by_precision=_tally(present, precision, "precision"), by_size=by_size,
         pickles=[{"path": r.path, "size": r.size, "safety": r.safety or "unchecked"}
                  for r in present if r.format == "pickle"],
+        unsafe=[{"path": r.path, "format": r.format, "safety": r.safety} for r in present
+                if r.safety in ("malicious", "suspicious")],
         error_files=[{"path": r.path, "error": r.error} for r in present if r.error],
         rows=[file_row(r) for r in present + missing],
     )
@@ -96,6 +103,7 @@ def _sections(inv: Inventory) -> list[tuple[str, list[str], list[list]]]:
         ("By format", ["format", "files", "bytes"], tab(inv.by_format, "format")),
         ("By precision", ["precision", "files", "bytes"], tab(inv.by_precision, "precision")),
         ("By size", ["size", "files", "bytes"], tab(inv.by_size, "size")),
+        ("Not safe", ["path", "format", "safety"], [[u["path"], u["format"], u["safety"]] for u in inv.unsafe]),
         ("Pickles", ["path", "size", "safety"], [[p["path"], p["size"], p["safety"]] for p in inv.pickles]),
         ("Errors", ["path", "error"], [[e["path"], e["error"]] for e in inv.error_files]),
     ]
@@ -107,23 +115,40 @@ def render_json(inv: Inventory) -> str:
     return json.dumps(to_jsonable(inv), indent=2, ensure_ascii=False) + "\n"
 
 
+#: first characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value) -> str | int | float:
+    """A value as a CSV cell that a spreadsheet shows as text: a string starting with ``= + - @``, a
+    tab or a carriage return gets a leading ``'`` (OWASP's rule), so a file named ``=HYPERLINK(...)``
+    stays a name. Numbers are kept as numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def render_csv(inv: Inventory) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(FILE_COLUMNS), lineterminator="\n")
     w.writeheader()
     for row in inv.rows:
-        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in FILE_COLUMNS})
+        w.writerow({k: csv_cell(row.get(k)) for k in FILE_COLUMNS})
     return buf.getvalue()
 
 
 def render_table(inv: Inventory, width: int = 120) -> str:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     buf = io.StringIO()
     con = Console(file=buf, width=width, force_terminal=False, color_system=None)
     con.print(f"ckptlab inventory: {inv.files} files, {human_size(inv.bytes)}; {inv.missing} missing, "
-              f"{inv.errors} with errors")
+              f"{inv.errors} with errors, {len(inv.unsafe)} not safe", markup=False, highlight=False)
     for title, cols, rows in _sections(inv):
         if not rows:
             continue
@@ -131,9 +156,9 @@ def render_table(inv: Inventory, width: int = 120) -> str:
         for c in cols:
             numeric = c in ("files", "bytes") or (c == "size" and title == "Pickles")
             t.add_column(c, justify="right" if numeric else "left")
-        for row in rows:
-            t.add_row(*[human_size(v) if c in ("bytes",) or (c == "size" and isinstance(v, int)) else
-                        ("" if v is None else str(v)) for c, v in zip(cols, row, strict=True)])
+        for row in rows:  # Text: names are never read as rich markup; control characters shown
+            t.add_row(*[Text(human_size(v) if c in ("bytes",) or (c == "size" and isinstance(v, int)) else
+                             printable("" if v is None else v)) for c, v in zip(cols, row, strict=True)])
         con.print(t)
     return buf.getvalue()
 
@@ -180,6 +205,66 @@ def render_html(inv: Inventory) -> str:
     parts.append(f"<h2>Files</h2>{_html_table(cols, [[r.get(c) for c in cols] for r in inv.rows])}")
     parts.append(f"<script>{_JS}</script></body></html>\n")
     return "".join(parts)
+
+
+def write_report(text: str, output: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write ``text`` to ``output`` atomically: a hidden temporary file in the same folder, fsync'ed,
+    then put in place. An existing ``output`` is refused unless ``overwrite`` (without it the final step
+    is a hard link, which fails if the name appeared meanwhile). Missing parent folders are created.
+    Raises ``OutputError``; nothing is left behind on failure."""
+    out = Path(output)
+    check_output(out, overwrite=overwrite)
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _mkstemp(out)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, out)
+            tmp = None
+        else:
+            try:
+                os.link(tmp, out)
+            except FileExistsError:
+                raise OutputError("output already exists (use --overwrite to replace it)", out) from None
+            except OSError:  # a file system without hard links: the exists check above has to do
+                if os.path.lexists(out):
+                    raise OutputError("output already exists (use --overwrite to replace it)", out) from None
+                os.replace(tmp, out)
+                tmp = None
+        _fsync_dir(out.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write report: {e.strerror or e}", out) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def check_output(out: Path, *, overwrite: bool) -> None:
+    """Refuse a report output that is a folder, or that exists without ``overwrite`` (``OutputError``)."""
+    if out.is_dir():
+        raise OutputError("is a folder; give a file name", out)
+    if not overwrite and os.path.lexists(out):
+        raise OutputError("output already exists (use --overwrite to replace it)", out)
+
+
+def _mkstemp(out: Path) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 RENDERERS = {"table": render_table, "json": render_json, "csv": render_csv, "html": render_html}

@@ -15,6 +15,7 @@ batched transactions, so Ctrl-C leaves the catalog as it was after the last whol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat as stat_mod
@@ -112,8 +113,11 @@ class ScanSummary:
     moved: int = 0
     missing: int = 0
     errors: int = 0
+    bad_roots: list[str] = field(default_factory=list)  # roots that could not be accessed at all
     hashed: int = 0
     fingerprinted: int = 0
+    malicious: int = 0  # files found by this scan whose stored verdict is malicious / suspicious
+    suspicious: int = 0
     bytes: int = 0
     seconds: float = 0.0
     error_list: list[dict] = field(default_factory=list)
@@ -128,7 +132,8 @@ def walk(root: str, category: str | None = None, errors: list[dict] | None = Non
     try:
         st = os.stat(root)
     except OSError as e:
-        errors.append({"path": display_path(root), "error": f"cannot access: {e.strerror or e}", "folder": root})
+        errors.append({"path": display_path(root), "error": f"cannot access: {e.strerror or e}", "folder": root,
+                       "root": True})
         return out
     if not stat_mod.S_ISDIR(st.st_mode) or _is_diffusers_folder(root):
         folder = os.path.dirname(root)
@@ -235,31 +240,85 @@ def _identify(path: str, src) -> dict:
             "variant": getattr(info, "variant", None), "info": obj if isinstance(obj, dict) else {"value": obj}}
 
 
-def _safety(path: str, fmt: str) -> dict:
-    if fmt != "pickle":
-        return {}
+#: verdicts that ``ls --unsafe``, the scan warning and the report single out
+UNSAFE_VERDICTS = ("malicious", "suspicious")
+
+
+def _safety(path: str, fmt: str | None) -> dict:
+    """``ckptlab check``'s verdict for the file (or the worst over a diffusers folder's files), as
+    ``{"safety": verdict, "safety_detail": {...}, "check_format": ...}``. Never raises: a check that
+    fails is recorded as ``unchecked`` with the reason, so a file is never silently left unrated."""
     try:
-        from ckptlab.security import check
-    except ImportError:
-        return {"safety": "unchecked"}
+        from ckptlab.security import check, check_many, worst_verdict
+    except ImportError:  # pragma: no cover - a build without the safety checker
+        return {"safety": "unchecked", "safety_detail": {"error": "no safety checker in this build"}}
     from ckptlab.jsonable import to_jsonable
 
     try:
-        v = check(path)
+        if fmt == "diffusers":
+            results = list(check_many([path]))
+            verdict = worst_verdict(r.verdict for r in results)
+            detail = {"files": {os.path.relpath(os.fspath(r.path), path): _check_detail(r, to_jsonable)
+                                for r in results if r.verdict != "safe"}}
+            return {"safety": verdict, "safety_detail": detail, "check_format": "diffusers"}
+        r = check(path)
     except CkptlabError as e:
-        return {"safety": "error", "safety_detail": str(e)}
-    verdict = getattr(v, "verdict", None) or getattr(v, "level", None) or getattr(v, "status", None) or str(v)
-    verdict = getattr(verdict, "value", verdict)
-    return {"safety": str(verdict), "safety_detail": to_jsonable(v)}
+        return {"safety": "unchecked", "safety_detail": {"error": e.message}}
+    except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, RecursionError, MemoryError,
+            OverflowError) as e:  # the checker must not abort the scan; the file stays unrated, visibly
+        return {"safety": "unchecked", "safety_detail": {"error": f"check failed: {type(e).__name__}: {e}"}}
+    return {"safety": str(r.verdict), "safety_detail": _check_detail(r, to_jsonable), "check_format": r.format}
+
+
+def _check_detail(r, to_jsonable) -> dict:
+    return {"format": r.format, "container": r.container, "globals": list(r.globals),
+            "findings": [to_jsonable(f) for f in r.issues][:50]}
 
 
 def read_file_facts(path: str, kind_hint: str | None = None) -> dict:
     """Everything the catalog records about one file from its bytes (no hashing). Raises
-    ``CkptlabError`` for unreadable, truncated or unrecognised files."""
+    ``CkptlabError`` for unreadable, truncated or unrecognised files.
+
+    The safety verdict (``ckptlab.security.check``) comes first and is always part of the result:
+    a file the check calls ``malicious`` is never opened by a reader, and a reader's refusal
+    (``UnsafeFileError``) of a ``suspicious`` or ``malicious`` file is the verdict, not an error.
+    A file whose format is not recognised from its first bytes but that the checker reads as a
+    pickle (a protocol 0/1 stream starting with ``S``, a hostile archive...) is recorded as a pickle
+    with its verdict."""
+    from ckptlab.errors import UnsafeFileError
     from ckptlab.formats import detect_format, open_model
 
-    fmt = detect_format(path)
-    facts: dict = {"format": fmt, "kind": kind_hint}
+    try:
+        fmt = detect_format(path)
+        unknown = None
+    except CkptlabError as e:
+        fmt, unknown = None, e
+    safety = _safety(path, fmt)
+    check_format = safety.pop("check_format", None)
+    facts: dict = {"format": fmt, "kind": kind_hint, **safety}
+    if unknown is not None:
+        if check_format == "pickle" and safety["safety"] != "corrupt":
+            facts["format"] = "pickle"  # the checker parsed it as one: it is what torch.load would run
+        if safety["safety"] in UNSAFE_VERDICTS:
+            return facts
+        unknown.partial_facts = facts  # the verdict survives the error (see _read_one)
+        raise unknown
+    if safety["safety"] == "malicious":
+        return facts  # never handed to a reader
+    try:
+        _read_tensors(path, fmt, facts, open_model)
+    except UnsafeFileError as e:
+        if safety["safety"] in UNSAFE_VERDICTS:
+            return facts
+        e.partial_facts = facts
+        raise
+    except CkptlabError as e:
+        e.partial_facts = facts
+        raise
+    return facts
+
+
+def _read_tensors(path: str, fmt: str, facts: dict, open_model) -> None:
     try:
         if fmt == "safetensors":  # what open_model opens, without detecting the format a second time
             from ckptlab.formats.safetensors import SafetensorsSource
@@ -286,16 +345,18 @@ def read_file_facts(path: str, kind_hint: str | None = None) -> dict:
     finally:
         if src is not None:
             src.close()
-    facts.update(_safety(path, fmt))
-    return facts
 
 
 # -- the scan ---------------------------------------------------------------------------------
 def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False, fingerprint: bool = False,
          extra_model_paths: str | os.PathLike | None = None, progress: Progress | None = None,
-         workers: int | None = None) -> ScanSummary:
+         workers: int | None = None, on_wait=None) -> ScanSummary:
     """Scan ``roots`` into ``catalog``. ``workers``: processes reading new/changed files (default:
-    CPUs, at most 8; used only when at least ``PARALLEL_MIN`` files need reading)."""
+    CPUs, at most 8; used only when at least ``PARALLEL_MIN`` files need reading).
+
+    Scans of one catalog run one at a time (``scan_lock``): a second scan waits for the first to
+    finish (``on_wait()`` is called once when it has to wait), then finds its work done. Roots that
+    cannot be accessed are listed in ``summary.bad_roots`` (and ``error_list``); the others are scanned."""
     progress = progress or null_progress
     t0 = time.perf_counter()
     targets: list[tuple[str, str | None]] = [(os.path.abspath(os.fspath(r)), None) for r in roots]
@@ -304,21 +365,62 @@ def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False
     if not targets:
         raise CkptlabError("nothing to scan: give at least one folder or --extra-model-paths")
     root_names = [display_path(t) for t, _ in targets]
-    with catalog.transaction() as c:
-        scan_id = c.execute("INSERT INTO scans(started, roots, status) VALUES (?, ?, 'running')",
-                            (time.time(), json.dumps(root_names))).lastrowid
-    summary = ScanSummary(scan_id=scan_id, roots=root_names)
-    try:
-        _run(targets, catalog, summary, hash=hash, fingerprint=fingerprint, progress=progress, workers=workers)
-    except KeyboardInterrupt:
-        summary.status = "interrupted"
-        raise
-    finally:
-        summary.seconds = round(time.perf_counter() - t0, 3)
-        summary.error_list = summary.error_list[:1000]
-        catalog.conn.execute("UPDATE scans SET finished = ?, status = ?, summary = ? WHERE id = ?",
-                             (time.time(), summary.status, json.dumps(_summary_dict(summary)), scan_id))
+    with scan_lock(catalog, on_wait):
+        with catalog.transaction() as c:
+            scan_id = c.execute("INSERT INTO scans(started, roots, status) VALUES (?, ?, 'running')",
+                                (time.time(), json.dumps(root_names))).lastrowid
+        summary = ScanSummary(scan_id=scan_id, roots=root_names)
+        done = False
+        try:
+            _run(targets, catalog, summary, hash=hash, fingerprint=fingerprint, progress=progress, workers=workers)
+            done = True
+        except KeyboardInterrupt:
+            summary.status = "interrupted"
+            raise
+        except BaseException:
+            summary.status = "failed"
+            raise
+        finally:
+            summary.seconds = round(time.perf_counter() - t0, 3)
+            summary.error_list = summary.error_list[:1000]
+            try:
+                with catalog.transaction() as c:
+                    c.execute("UPDATE scans SET finished = ?, status = ?, summary = ? WHERE id = ?",
+                              (time.time(), summary.status, json.dumps(_summary_dict(summary)), scan_id))
+            except CkptlabError:
+                if done:  # else the error already on its way says more
+                    raise
     return summary
+
+
+@contextlib.contextmanager
+def scan_lock(catalog: Catalog, on_wait=None):
+    """One scan of a catalog at a time, across processes: an advisory lock (``flock``) on
+    ``<catalog>.scan-lock`` next to the catalog. Two scans walking the same folders at once would
+    both find a new file new and both insert it; the second waits instead. Where no lock file can
+    be made (a read-only folder; the catalog writes then fail with their own clear error) or the
+    platform has no ``flock``, scans go ahead unlocked and rely on the upserts in ``_write_batch``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(os.fspath(catalog.path) + ".scan-lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                     0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _summary_dict(s: ScanSummary) -> dict:
@@ -336,14 +438,20 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
     found: list[Found] = []
     seen_paths: set[str] = set()
     for root, category in targets:
+        n_errors = len(walk_errors)
         for f in walk(root, category, walk_errors):
             if f.path not in seen_paths:
                 seen_paths.add(f.path)
                 found.append(f)
+        # a root given by the user that is not there (a typo, an unmounted drive); folders that an
+        # extra_model_paths.yaml lists but that do not exist are common and stay summary lines
+        if category is None and any(e.get("root") for e in walk_errors[n_errors:]):
+            summary.bad_roots.append(display_path(root))
     summary.error_list += [{"path": e["path"], "error": e["error"]} for e in walk_errors]
     summary.files = len(found)
 
-    rows = catalog.conn.execute("SELECT id, path, dev, ino, size, mtime_ns, status, error, sidecars FROM files")
+    rows = catalog.conn.execute("SELECT id, path, dev, ino, size, mtime_ns, status, error, sidecars, safety "
+                                "FROM files")
     by_path: dict[bytes, tuple] = {}
     by_key: dict[StatKey, list[tuple]] = {}
     for row in rows:
@@ -363,7 +471,8 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
             summary.bytes += f.key[2]
         if row is not None:
             same = f.key is not None and (row[2], row[3], row[4], row[5]) == f.key
-            if same and row[6] == "present" and row[7] is None:
+            # a row without a verdict (catalogued before every file was checked) is read once more
+            if same and row[6] == "present" and row[7] is None and row[9] is not None:
                 unchanged_ids.append(row[0])
                 if _sidecars_changed(f, row[8]):
                     sidecar_updates.append((f, row[0]))
@@ -397,11 +506,15 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
     summary.unchanged = len(unchanged_ids)
     summary.moved = len(moves)
 
-    progress(0, total=len(todo), description="reading headers")
+    # the bar counts bytes of all files found; files that need no reading count as done at once
+    n_files, done = len(found), len(found) - len(todo)
+    progress(summary.bytes - sum(_size(t[0]) for t in todo), total=summary.bytes,
+             description=f"reading {done}/{n_files} files")
     batch: list[tuple] = []
     for (f, fid, why), facts in zip(todo, _read_all([t[0] for t in todo], workers), strict=True):
         batch.append((f, fid, why, facts))
-        progress(1)
+        done += 1
+        progress(_size(f), description=f"reading {done}/{n_files} files")
         if len(batch) >= BATCH:
             _write_batch(catalog, batch, summary)
             batch = []
@@ -425,6 +538,15 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
             c.executemany("UPDATE files SET status = 'missing' WHERE id = ?", [(g,) for g in gone])
     summary.missing = len(gone)
     summary.errors = len(summary.error_list)
+    for pk, verdict in catalog.conn.execute(
+            "SELECT path, safety FROM files WHERE status = 'present' AND safety IN ('malicious', 'suspicious')"):
+        if pk in found_keys:
+            setattr(summary, verdict, getattr(summary, verdict) + 1)
+
+
+def _size(f: Found) -> int:
+    """The bytes a found file counts for in ``summary.bytes`` (0 for one that could not be stat'ed)."""
+    return f.key[2] if f.error is None and f.key is not None else 0
 
 
 def _sidecars_changed(f: Found, stored: str | None) -> bool:
@@ -453,10 +575,12 @@ def _location(f: Found) -> dict:
 def _apply_move(c, f: Found, fid: int, now: float, scan_id: int) -> None:
     loc = _location(f)
     sc = sidecars.find(f.path, f.names)
+    # (no-op when another scan has meanwhile catalogued the new path: the old row then becomes missing)
     c.execute("UPDATE files SET path = ?, display = ?, name = ?, root = ?, folder = ?, is_link = ?, sidecars = ?, "
-              "status = 'present', last_seen = ?, last_scan = ? WHERE id = ?",
+              "status = 'present', last_seen = ?, last_scan = ? WHERE id = ? AND NOT EXISTS "
+              "(SELECT 1 FROM files WHERE path = ?)",
               (loc["path"], loc["display"], loc["name"], loc["root"], loc["folder"], int(f.is_link),
-               _sidecar_json(f, sc), now, scan_id, fid))
+               _sidecar_json(f, sc), now, scan_id, fid, loc["path"]))
 
 
 def _ignore_sigint() -> None:
@@ -500,6 +624,7 @@ def _read_one(f: Found) -> dict:
     try:
         facts.update(read_file_facts(f.path, loc["hint"]))
     except CkptlabError as e:
+        facts.update(getattr(e, "partial_facts", None) or {})
         facts["error"] = e.message
     except OSError as e:
         facts["error"] = f"cannot read: {e.strerror or e}"
@@ -507,7 +632,7 @@ def _read_one(f: Found) -> dict:
         facts["error"] = "file too large to parse"
     except (ValueError, KeyError, IndexError, TypeError, EOFError) as e:
         facts["error"] = f"unreadable: {type(e).__name__}: {e}"
-    if "error" in facts and "format" not in facts:
+    if "error" in facts and facts.get("format") is None:
         from ckptlab.formats import detect_format
 
         try:
@@ -548,10 +673,16 @@ def _write_batch(catalog: Catalog, batch: list[tuple], summary: ScanSummary) -> 
                 vals.append(v)
             st = key or (None, None, None, None)
             if fid is None:
+                # an upsert: where scans cannot be serialised (no flock), another scan may have added the
+                # path since this one read the table; its row is then updated, never a UNIQUE failure
+                upd = ", ".join(f"{c_} = excluded.{c_}" for c_ in (
+                    "display", "name", "root", "folder", "dev", "ino", "size", "mtime_ns", "is_link", *_FACT_COLS,
+                    "status", "last_seen", "last_scan"))
                 c.execute(
                     f"INSERT INTO files(path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, "
                     f"{', '.join(_FACT_COLS)}, status, first_seen, last_seen, last_scan) VALUES "
-                    f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {', '.join('?' * len(_FACT_COLS))}, 'present', ?, ?, ?)",
+                    f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {', '.join('?' * len(_FACT_COLS))}, 'present', ?, ?, ?) "
+                    f"ON CONFLICT(path) DO UPDATE SET {upd}",
                     (loc["path"], loc["display"], loc["name"], loc["root"], loc["folder"], *st, int(f.is_link),
                      *vals, now, now, summary.scan_id))
                 summary.new += 1
@@ -583,9 +714,12 @@ def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *,
         need_f = fingerprint and cached.get("fingerprint") is None
         if need_h or need_f:
             todo.append((f, need_h, need_f))
-    progress(0, total=sum(f.key[2] * (int(h) + int(fp)) for f, h, fp in todo), description="hashing")
-    # (the bar restarts here: reset by the total; advanced in bytes by hash_file / fingerprint_file)
-    for f, need_h, need_f in todo:
+    # one bar for the whole scan: the bytes to hash or fingerprint are added to the bytes read before,
+    # and hash_file / fingerprint_file advance it as they read
+    progress(0, total=summary.bytes + sum(f.key[2] * (int(h) + int(fp)) for f, h, fp in todo),
+             description=f"hashing 0/{len(todo)} files")
+    for i, (f, need_h, need_f) in enumerate(todo, start=1):
+        progress(0, description=f"hashing {i}/{len(todo)} files")
         try:
             h = hash_file(f.path, progress=progress) if need_h else None
             fp = None
@@ -612,9 +746,12 @@ def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *,
 
 
 def hash_paths(paths: list[str | os.PathLike], catalog: Catalog | None = None,
-               progress: Progress | None = None) -> list[dict]:
+               progress: Progress | None = None, on_cache_error=None) -> list[dict]:
     """``ckptlab hash``: hashes of each path, from the catalog's cache when the file's stat identity
-    is known there, else computed (and cached when a catalog is given)."""
+    is known there, else computed (and cached when a catalog is given). A catalog that cannot be
+    written (read-only, disk full) is only a cache: ``on_cache_error(message)`` is told once and the
+    hashes are still returned."""
+    from ckptlab.library.catalog import CatalogWriteError
     from ckptlab.library.hashes import hash_file
 
     progress = progress or null_progress
@@ -636,7 +773,12 @@ def hash_paths(paths: list[str | os.PathLike], catalog: Catalog | None = None,
         h = hash_file(p, progress=progress)
         after = os.stat(p)
         if catalog is not None and (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == key:
-            with catalog.transaction():
-                catalog.put_hashes(key, h)
+            try:
+                with catalog.transaction():
+                    catalog.put_hashes(key, h)
+            except CatalogWriteError as e:
+                if on_cache_error is not None:
+                    on_cache_error(f"{e}; hashes not cached")
+                catalog = None
         out.append({"path": display_path(p), "cached": False, **h.__dict__})
     return out

@@ -66,3 +66,113 @@ def _civitai(catalog: Catalog, rec: FileRecord) -> dict | None:
     except ImportError:  # pragma: no cover - a build without the hub
         return None
     return link_summary(catalog, rec.sha256)
+
+
+def civitai_brief(catalog: Catalog, rec: FileRecord, linked: bool | None = None) -> dict | None:
+    """What ``ls`` shows and searches about a file's CivitAI identity: ``{model_name, version_name,
+    base_model, trigger_words, source}`` from the hub's stored link (``source: "link"``), else from a
+    sidecar that names the model (Civitai Helper, Stability Matrix, LoRA Manager, SD.Next). None when
+    neither knows it. ``linked``: whether the catalog has hub tables (pass it to save a query per file)."""
+    civ = None
+    if rec.sha256 and linked is not False:
+        civ = _civitai(catalog, rec)
+    if civ:
+        return {"model_name": civ.get("model_name"), "version_name": civ.get("version_name"),
+                "base_model": civ.get("base_model"), "trigger_words": list(civ.get("trigger_words") or []),
+                "source": "link"}
+    sc = rec.sidecars if isinstance(rec.sidecars, dict) else {}
+    for role in ("civitai_info", "cm_info", "metadata_json", "json"):
+        s = sc.get(role)
+        if isinstance(s, dict) and s.get("model_name"):
+            words = sc.get("trigger_words") or s.get("trained_words") or []
+            return {"model_name": s.get("model_name"), "version_name": s.get("version_name"),
+                    "base_model": s.get("base_model"), "trigger_words": [str(w) for w in words]
+                    if isinstance(words, list) else [], "source": (sc.get("files") or {}).get(role, role)}
+    return None
+
+
+def search_text(rec: FileRecord, civ: dict | None) -> str:
+    """What ``ls --search`` looks in, case-folded: the path, the sidecar summaries, and the CivitAI
+    model / version names, base model and trigger words (``civitai_brief``)."""
+    import json
+
+    parts = [rec.path]
+    if rec.sidecars:
+        parts.append(json.dumps(rec.sidecars, ensure_ascii=False))
+    if civ:
+        parts += [str(civ.get(k) or "") for k in ("model_name", "version_name", "base_model")]
+        parts += [str(w) for w in civ.get("trigger_words") or []]
+    return "\n".join(parts).casefold()
+
+
+def render_text(d: dict) -> list[str]:
+    """``show``'s human output for one file (a ``show_file`` dict): sizes in IEC units, hashes upper
+    case, lists one item per indented line, every value from a file or a server made printable."""
+    from ckptlab.display import human_size, printable
+
+    out = [printable(d["path"])]
+
+    def kv(key: str, value, indent: int = 2) -> None:
+        out.append(f"{' ' * indent}{key}: {printable(value)}")
+
+    def items(key: str, values, indent: int = 2) -> None:
+        out.append(f"{' ' * indent}{key}:")
+        out.extend(f"{' ' * (indent + 2)}- {printable(v)}" for v in values)
+
+    for k in ("status", "kind", "family", "variant", "format"):
+        if d.get(k) is not None:
+            kv(k, d[k])
+    if d.get("size") is not None:
+        kv("size", f"{human_size(d['size'])} ({d['size']:,} bytes)")
+    if d.get("n_tensors") is not None:
+        kv("tensors", f"{d['n_tensors']} ({human_size(d.get('tensor_bytes') or 0)}; EMA and training state "
+                      f"{human_size(d.get('ema_bytes') or 0)}; fp32 weights {human_size(d.get('fp32_bytes') or 0)})")
+    if d.get("dtypes"):
+        out.append("  dtypes:")
+        out.extend(f"    {printable(dt)}: {human_size(n)}" for dt, n in sorted(d["dtypes"].items(), key=lambda x: -x[1]))
+    kv("safety", d.get("safety") or "not checked")
+    detail = d.get("safety_detail") if isinstance(d.get("safety_detail"), dict) else {}
+    findings = [f"{f.get('severity')}: {f.get('detail')}" + (f" [{f['location']}]" if f.get("location") else "")
+                for f in detail.get("findings") or [] if isinstance(f, dict)]
+    if detail.get("error"):
+        findings.append(detail["error"])
+    for name, sub in (detail.get("files") or {}).items():
+        findings += [f"{name}: {f.get('severity')}: {f.get('detail')}" for f in sub.get("findings") or []
+                     if isinstance(f, dict)]
+    if findings:
+        items("findings", findings, 4)
+    for k in ("error", "folder"):
+        if d.get(k) is not None:
+            kv(k, d[k])
+    if d.get("hashes"):
+        out.append("  hashes:")
+        out.extend(f"    {name:<7} {str(v).upper()}" for name, v in d["hashes"].items())
+    if d.get("fingerprint"):
+        kv("fingerprint", str(d["fingerprint"]).upper())
+        for comp, fp in (d.get("components") or {}).items():
+            out.append(f"    {printable(comp)}: {str(fp)[:16].upper()}")
+    if civ := d.get("civitai"):
+        how = (f"inherited from {str(civ['inherited_from'])[:12].upper()} (same tensors)" if civ.get("inherited")
+               else f"matched by {civ.get('matched_by')}")
+        out.append(f"  civitai: {printable(civ.get('model_name'))} / {printable(civ.get('version_name'))}  "
+                   f"model {civ.get('model_id')} version {civ.get('version_id')}  [{how}]  "
+                   f"{civ.get('revisions')} revision(s)  upstream: {printable(civ.get('upstream_status'))}")
+        if civ.get("base_model"):
+            kv("base model", civ["base_model"], 4)
+        if civ.get("trigger_words"):
+            items("trigger words", civ["trigger_words"], 4)
+        if civ.get("url"):
+            kv("url", civ["url"], 4)
+    if d.get("same_bytes_as"):
+        items("same bytes as", d["same_bytes_as"])
+    if d.get("same_component_as"):
+        out.append("  same component as:")
+        for comp, paths in d["same_component_as"].items():
+            items(comp, paths, 4)
+    if sc := d.get("sidecars"):
+        out.append("  sidecars:")
+        for role, name in (sc.get("files") or {}).items():
+            out.append(f"    {printable(role)}: {printable(name)}")
+        if sc.get("trigger_words"):
+            items("trigger words", sc["trigger_words"], 4)
+    return out
