@@ -315,17 +315,23 @@ def _detect_ip_adapter(infos: Mapping[str, TensorInfo]) -> AdapterGuess | None:
     ``image_proj.latents`` / ``perceiver_resampler.proj_in.weight`` plus, ``ip_adapter.0.to_q_lora.down.weight``
     FaceID, ``proj.2.weight`` without ``proj.3`` and without the FaceID LoRA portrait; to_k_ip input 2048 SDXL (and
     Kolors when ``image_proj.layers.0.0.to_out.weight`` has 2048 rows), 768 SD1; 1024 SD2 (InvokeAI)."""
-    xlabs = next((k for k in infos if "ip_adapter_double_stream_k_proj" in k and k.startswith("double_blocks.")), None)
+    xlabs = first = None
+    for k in infos:  # one pass; most files have neither prefix
+        if k.startswith(("ip_adapter.", "double_blocks.")):
+            if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight"):
+                first = first or k
+            elif "ip_adapter_double_stream_k_proj" in k:
+                xlabs = k
+                break
     if xlabs is not None:
         ev = [f"XLabs Flux IP-Adapter: {xlabs}"]
         proj = next((k for k in infos if k.startswith("ip_adapter_proj_model.")), None)
         if proj:
             ev.append(f"image projection {proj}")
         return AdapterGuess("ipadapter", "flux", "xlabs", ev)
-    ks = [k for k in infos if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")]
-    if not ks:
+    if first is None:
         return None
-    tok = "ip_adapter.1.to_k_ip.weight" if "ip_adapter.1.to_k_ip.weight" in infos else ks[0]
+    tok = "ip_adapter.1.to_k_ip.weight" if "ip_adapter.1.to_k_ip.weight" in infos else first
     width = _dim(infos[tok].shape, -1)
     fam = _IP_WIDTH.get(width) if width else None
     ev = [f"IP-Adapter: {tok} {list(infos[tok].shape)}" + (f" (context width {width}: {fam})" if fam else "")]
