@@ -119,11 +119,52 @@ def bad(tmp_path_factory):
         "total_bytes_freed": 0, "by_action": {},
         "steps": [{"action": "convert_pickle", "path": str(evil), "size": evil.stat().st_size,
                    "mtime_ns": evil.stat().st_mtime_ns, "sha256": _sha(evil), "bytes_freed": 0, "reason": ""}]}))
+    text = "This is a text file, not a model.\n" * 20
+    for name in ("text.safetensors", "text.ckpt", "text.db"):
+        (d / name).write_text(text)
+    ckpt = (d / "good.ckpt").read_bytes()
+    (d / "trunc.ckpt").write_bytes(ckpt[: len(ckpt) // 2])  # a torch zip cut in half
+    (d / "empty.json").write_bytes(b"")
+    (d / "emptydir").mkdir()
+    write_model(d / "lora.safetensors", "sd1_kohya_lora", small=True)
+    write_model(d / "sdxlvae.safetensors", "sdxl_vae", small=True)
+    (d / "wrongdiff").mkdir()  # a pipeline folder of a family the converters do not handle
+    (d / "wrongdiff" / "model_index.json").write_text('{"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0"}')
+    plan = (d / "plan-evil.json").read_text()
+    (d / "plan-trunc.json").write_text(plan[: len(plan) // 2])
+    dbs = d / "dbs"  # catalogs the commands may write to are copied per case (see ``scratch``)
+    dbs.mkdir()
+    (dbs / "empty.db").write_bytes(b"")
+    from ckptlab.library.catalog import Catalog
+    from ckptlab.library.scanner import scan
+
+    lib = tmp_path_factory.mktemp("catlib")
+    shutil.copyfile(d / "vae.safetensors", lib / "vae.safetensors")
+    with Catalog(dbs / "full.db") as cat:
+        scan([lib], cat, hash=True)
+    full = (dbs / "full.db").read_bytes()
+    (dbs / "trunc.db").write_bytes(full[: len(full) // 2])  # an sqlite catalog cut in half
+    (dbs / "full.db").unlink()
     os.mkfifo(d / "fifo.safetensors")  # opening it for reading would block forever
-    ro = d / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
     return d
+
+
+@pytest.fixture(scope="module")
+def ro():
+    """A folder nobody can write in (a kernel filesystem for root, which ignores modes)."""
+    from tests.conftest import unwritable_folder
+
+    folder, cleanup = unwritable_folder()
+    yield folder
+    cleanup()
+
+
+@pytest.fixture
+def scratch(bad, tmp_path):
+    """Per-case copies of the catalogs in ``bad/dbs`` (a command may write into them)."""
+    w = tmp_path / "w"
+    shutil.copytree(bad / "dbs", w)
+    return w
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +234,7 @@ CASES: list[tuple] = [
     ("convert-dir", ["convert", "{d}/adir.safetensors", "--out-dir", "{o}"], {1}),
     ("convert-output-exists", ["convert", "{d}/good.ckpt", "-o", "{d}/exists.safetensors"], {1}),
     ("convert-output-under-file", ["convert", "{d}/good.ckpt", "-o", "{d}/afile/out.safetensors"], {1}),
-    ("convert-output-ro", ["convert", "{d}/good.ckpt", "-o", "{d}/ro/out.safetensors"], {1}),
+    ("convert-output-ro", ["convert", "{d}/good.ckpt", "-o", "{ro}/out.safetensors"], {1}),
     # scan and the catalog commands: a catalog that is not sqlite, or a folder
     # scan reports unreadable files and roots in its summary (exit 0; 5 with --strict, docs/library.md)
     ("scan-missing", ["scan", "--strict", "{d}/nope"], {5}, "cannot access"),
@@ -215,12 +256,12 @@ CASES: list[tuple] = [
     ("plan-space-garbage-db", ["plan-space", "--db", "{d}/garbage.db"], {1}),
     ("plan-space-output-under-file", ["plan-space", "-o", "{d}/afile/plan.json"], {1}),
     ("plan-space-output-is-dir", ["plan-space", "-o", "{d}/adir.safetensors"], {1}),
-    ("plan-space-output-ro", ["plan-space", "-o", "{d}/ro/plan.json"], {1}),
+    ("plan-space-output-ro", ["plan-space", "-o", "{ro}/plan.json"], {1}),
     ("report-garbage-db", ["report", "--db", "{d}/garbage.db"], {1}),
     ("report-bad-format", ["report", "--format", "pdf", "-o", "{o}/r.pdf"], {1} | USAGE),
     ("report-output-under-file", ["report", "--format", "html", "-o", "{d}/afile/r.html"], {1}),
     ("report-output-is-dir", ["report", "-o", "{d}/adir.safetensors"], {1}),
-    ("report-output-ro", ["report", "--format", "csv", "-o", "{d}/ro/r.csv"], {1}),
+    ("report-output-ro", ["report", "--format", "csv", "-o", "{ro}/r.csv"], {1}),
     # transforms (one cheap failure each, plus the partial-output trap: a truncated data section)
     ("prune-missing", ["prune", "{d}/nope.safetensors", "--out-dir", "{o}"], {1}),
     ("prune-truncated", ["prune", "{d}/trunc.safetensors", "--out-dir", "{o}"], {1}),
@@ -228,12 +269,12 @@ CASES: list[tuple] = [
     ("prune-evil", ["prune", "{d}/evil.ckpt", "--out-dir", "{o}"], MALICIOUS),
     ("prune-hostile-header", ["prune", "{d}/h_overlap.safetensors", "--out-dir", "{o}"], {1}),
     ("prune-bad-ema", ["prune", "{d}/good.safetensors", "--ema", "weird", "--out-dir", "{o}"], {1} | USAGE),
-    ("prune-output-under-file", ["prune", "{d}/good.safetensors", "--out-dir", "{d}/afile"], {1}),
+    ("prune-output-under-file", ["prune", "{d}/good.safetensors", "--precision", "bf16", "--out-dir", "{d}/afile"], {1}),
     ("precision-truncated", ["precision", "{d}/trunc.safetensors", "--to", "fp32", "--out-dir", "{o}"], {1}),
     ("precision-fifo", ["precision", "{d}/fifo.safetensors", "--to", "fp16", "--out-dir", "{o}"], {1}),
     ("precision-evil", ["precision", "{d}/evil.pt", "--to", "fp16", "--out-dir", "{o}"], MALICIOUS),
     ("precision-bad-dtype", ["precision", "{d}/good.safetensors", "--to", "fp7", "--out-dir", "{o}"], {1} | USAGE),
-    ("precision-output-ro", ["precision", "{d}/good.safetensors", "--to", "fp32", "--out-dir", "{d}/ro"], {1}),
+    ("precision-output-ro", ["precision", "{d}/good.safetensors", "--to", "fp32", "--out-dir", "{ro}"], {1}),
     ("extract-truncated", ["extract", "{d}/trunc.safetensors", "-c", "unet", "-o", "{o}/unet.safetensors"], {1}),
     ("extract-output-exists", ["extract", "{d}/good.safetensors", "-c", "vae", "-o", "{d}/exists.safetensors"], {1}),
     ("extract-dir", ["extract", "{d}/adir.safetensors", "-c", "vae", "--out-dir", "{o}"], {1}),
@@ -266,7 +307,7 @@ CASES: list[tuple] = [
     ("merge-fifo", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/fifo.safetensors", "-a", "0.5", "-o", "{o}/m.safetensors"], {1}),
     ("merge-dir", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/adir.safetensors", "-a", "0.5", "-o", "{o}/m.safetensors"], {1}),
     ("merge-output-exists", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/good.safetensors", "-a", "0.5", "-o", "{d}/exists.safetensors"], {1}),
-    ("merge-output-ro", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/good.safetensors", "-a", "0.5", "-o", "{d}/ro/m.safetensors"], {1}),
+    ("merge-output-ro", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/good.safetensors", "-a", "0.5", "-o", "{ro}/m.safetensors"], {1}),
     ("merge-unknown-method", ["merge", "frobnicate", "{d}/good.safetensors", "{d}/good.safetensors", "-o", "{o}/m.safetensors"], USAGE),
     ("merge-bad-recipe", ["merge", "--recipe", "{d}/recipe.toml", "-o", "{o}/m.safetensors"], USAGE),
     ("merge-recipe-evil", ["merge", "--recipe", "{d}/recipe-evil.toml", "-o", "{o}/m.safetensors"], MALICIOUS),
@@ -285,11 +326,185 @@ CASES: list[tuple] = [
     ("civitai-link-missing", ["civitai", "link", "{d}/nope.safetensors", "--base-url", "http://127.0.0.1:{port}"], {1}),
 ]
 
-# cases that hit a known bug in code whose owner is still at work (see the report / docs/cli-errors.md)
-XFAIL: dict[str, str] = {
+# --------------------------------------------------------------------------- every command x every class
+# Case ids are ``<command>-<class>[-variant]`` (``civitai-link-...`` for ``civitai link``); ``_class_of`` maps
+# the older ids (``-dir``, ``-output-...``). ``test_every_command_meets_every_class`` fails when a command of
+# the app has a class with neither a case nor a reason in NOT_APPLICABLE - a new command needs its cases.
+# Placeholders beyond the above: {ro} a folder nobody can write in, {w} per-case copies of ``dbs/``
+# (empty.db: 0 bytes; trunc.db: a real catalog cut in half).
+OK_OR_BAD = {0} | BAD  # commands for which the input is legitimate (hash hashes any bytes)
+
+CASES += [
+    ("inspect-text", ["inspect", "{d}/text.safetensors"], {1}),
+    ("inspect-bad-option", ["inspect", "--json=yes", "{d}/good.safetensors"], USAGE),
+    ("check-text", ["check", "{d}/text.ckpt"], CORRUPT, "corrupt"),
+    ("check-bad-option", ["check", "--deep=yes", "{d}/good.ckpt"], USAGE),
+    ("convert-text", ["convert", "{d}/text.ckpt", "--out-dir", "{o}"], {1}),
+    ("convert-truncated", ["convert", "{d}/trunc.ckpt", "--out-dir", "{o}"], {1}),
+    ("convert-wrong-kind", ["convert", "{d}/good.safetensors", "--out-dir", "{o}"], {1}),
+    ("convert-bad-option", ["convert", "{d}/good.ckpt", "--out-dir"], USAGE),
+    ("convert-bad-output-name", ["convert", "{d}/good.ckpt", "-o", "{o}/x.ckpt"], {1}),
+    ("convert-out-dir-under-file", ["convert", "{d}/good.ckpt", "--out-dir", "{d}/afile/sub"], {1}),
+    ("convert-empty-dir", ["convert", "{d}/emptydir", "--out-dir", "{o}"], {1}),
+    # the catalog commands: the catalog is their input
+    *[(f"{c}-{cls}", [*argv, "--db", db], codes)
+      for c, argv in (("ls", ["ls"]), ("show", ["show", "{d}/vae.safetensors"]), ("dupes", ["dupes"]),
+                      ("plan-space", ["plan-space"]), ("report", ["report"]),
+                      ("scan", ["scan", "{d}/emptydir"]), ("hash", ["hash", "{d}/vae.safetensors"]))
+      for cls, db, codes in (("missing-db", "{w}/nope.db" if c in ("scan", "hash") else "{o}/nope.db",
+                              {0} if c in ("scan", "hash") else {1}),  # scan and hash make a new catalog
+                             ("empty-db", "{w}/empty.db", {0, 1, 3}),
+                             ("text-db", "{d}/text.db", {1}),
+                             ("truncated-db", "{w}/trunc.db", {1}),
+                             ("dir-db", "{d}/emptydir", {1}),
+                             ("wrong-kind-db", "{d}/good.safetensors", {1}))],
+    ("show-bad-option", ["show", "--frobnicate", "{d}/vae.safetensors"], USAGE),
+    ("dupes-bad-option", ["dupes", "--components=3"], USAGE),
+    ("plan-space-bad-option", ["plan-space", "--no-fp16=1"], USAGE),
+    ("scan-bad-option", ["scan", "--jobs", "0", "{d}/emptydir"], USAGE),
+    ("scan-unwritable-db", ["scan", "--db", "{ro}/c.db", "{d}/emptydir"], {1}),
+    ("hash-empty", ["hash", "--no-cache", "{d}/empty.safetensors"], OK_OR_BAD),
+    ("hash-text", ["hash", "--no-cache", "{d}/text.safetensors"], OK_OR_BAD),
+    ("hash-truncated", ["hash", "--no-cache", "{d}/trunc.safetensors"], OK_OR_BAD),
+    ("hash-bad-option", ["hash", "--no-cache=1", "{d}/vae.safetensors"], USAGE),
+    ("hash-unwritable-db", ["hash", "--db", "{ro}/c.db", "{d}/vae.safetensors"], {1}),
+    # transforms
+    ("prune-empty", ["prune", "{d}/empty.safetensors", "--out-dir", "{o}"], {1}),
+    ("prune-text", ["prune", "{d}/text.safetensors", "--out-dir", "{o}"], {1}),
+    ("prune-dir", ["prune", "{d}/emptydir", "--out-dir", "{o}"], {1}),
+    ("prune-wrong-kind", ["prune", "{d}/vae.safetensors", "--out-dir", "{o}"], {0}, "nothing to prune"),
+    ("prune-bad-precision", ["prune", "{d}/good.safetensors", "--precision", "fp7", "--out-dir", "{o}"], {1}),
+    ("prune-unwritable", ["prune", "{d}/good.safetensors", "--precision", "bf16", "--out-dir", "{ro}"], {1}),
+    ("prune-out-dir-under-file", ["prune", "{d}/good.safetensors", "--precision", "bf16", "--out-dir", "{d}/afile/x"], {1}),
+    ("precision-missing", ["precision", "{d}/nope.safetensors", "--to", "fp16", "--out-dir", "{o}"], {1}),
+    ("precision-empty", ["precision", "{d}/empty.ckpt", "--to", "fp16", "--out-dir", "{o}"], {1}),
+    ("precision-text", ["precision", "{d}/text.ckpt", "--to", "fp16", "--out-dir", "{o}"], {1}),
+    ("precision-dir", ["precision", "{d}/adir.safetensors", "--to", "fp16", "--out-dir", "{o}"], {1}),
+    ("precision-wrong-kind", ["precision", "{d}/vae.safetensors", "--to", "fp16", "--out-dir", "{o}"], {1}),
+    ("precision-bad-only", ["precision", "{d}/good.safetensors", "--to", "fp16", "--only", "wings",
+                            "--out-dir", "{o}"], {1}),
+    ("extract-missing", ["extract", "{d}/nope.safetensors", "-c", "vae", "--out-dir", "{o}"], {1}),
+    ("extract-empty", ["extract", "{d}/empty.safetensors", "-c", "vae", "--out-dir", "{o}"], {1}),
+    ("extract-text", ["extract", "{d}/text.safetensors", "-c", "vae", "--out-dir", "{o}"], {1}),
+    ("extract-wrong-kind", ["extract", "{d}/vae.safetensors", "-c", "unet", "--out-dir", "{o}"], {1}),
+    ("extract-bad-component", ["extract", "{d}/good.safetensors", "-c", "wings", "--out-dir", "{o}"], {1} | USAGE),
+    ("extract-output-unwritable", ["extract", "{d}/good.safetensors", "-c", "vae", "-o", "{ro}/v.safetensors"], {1}),
+    ("extract-bad-output-name", ["extract", "{d}/good.safetensors", "-c", "vae", "-o", "{o}/v.ckpt"], {1}),
+    ("replace-missing", ["replace", "{d}/nope.safetensors", "--vae", "{d}/vae.safetensors", "--out-dir", "{o}"], {1}),
+    ("replace-empty", ["replace", "{d}/empty.safetensors", "--vae", "{d}/vae.safetensors", "--out-dir", "{o}"], {1}),
+    ("replace-text", ["replace", "{d}/good.safetensors", "--vae", "{d}/text.safetensors", "--out-dir", "{o}"], {1}),
+    ("replace-dir", ["replace", "{d}/good.safetensors", "--vae", "{d}/adir.safetensors", "--out-dir", "{o}"], {1}),
+    ("replace-wrong-kind", ["replace", "{d}/good.safetensors", "--vae", "{d}/sdxlvae.safetensors", "--out-dir", "{o}"], {1}),
+    ("replace-wrong-kind-lora", ["replace", "{d}/good.safetensors", "--vae", "{d}/lora.safetensors", "--out-dir", "{o}"], {1}),
+    ("replace-bad-option", ["replace", "{d}/good.safetensors", "--out-dir", "{o}"], {1} | USAGE),
+    ("replace-output-unwritable", ["replace", "{d}/good.safetensors", "--vae", "{d}/vae.safetensors", "-o", "{ro}/x.safetensors"], {1}),
+    ("to-diffusers-missing", ["to-diffusers", "{d}/nope.safetensors", "-o", "{o}/pipe"], {1}),
+    ("to-diffusers-empty", ["to-diffusers", "{d}/empty.safetensors", "-o", "{o}/pipe"], {1}),
+    ("to-diffusers-empty-dir", ["to-diffusers", "{d}/emptydir", "--out-dir", "{o}"], {1}),
+    ("to-diffusers-text", ["to-diffusers", "{d}/text.safetensors", "-o", "{o}/pipe"], {1}),
+    ("to-diffusers-dir", ["to-diffusers", "{d}/adir.safetensors", "--out-dir", "{o}"], {1}),
+    ("to-diffusers-wrong-kind", ["to-diffusers", "{d}/vae.safetensors", "-o", "{o}/pipe"], {1}),
+    ("to-diffusers-bad-precision", ["to-diffusers", "{d}/good.safetensors", "--precision", "fp7", "-o", "{o}/pipe"], {1}),
+    ("to-diffusers-output-unwritable", ["to-diffusers", "{d}/good.safetensors", "-o", "{ro}/pipe"], {1}),
+    ("from-diffusers-text", ["from-diffusers", "{d}/text.safetensors", "-o", "{o}/x.safetensors"], {1}),
+    ("from-diffusers-dir", ["from-diffusers", "{d}/adir.safetensors", "-o", "{o}/x.safetensors"], {1}),
+    ("from-diffusers-wrong-kind", ["from-diffusers", "{d}/wrongdiff", "-o", "{o}/x.safetensors"], {1}),
+    ("from-diffusers-bad-output-name", ["from-diffusers", "{d}/fakediff", "-o", "{o}/x.ckpt"], {1}),
+    ("from-diffusers-bad-option", ["from-diffusers", "{d}/fakediff", "--frobnicate"], USAGE),
+    ("from-diffusers-output-unwritable", ["from-diffusers", "{d}/wrongdiff", "-o", "{ro}/x.safetensors"], {1}),
+    ("apply-plan-empty", ["apply-plan", "{d}/empty.json"], {1}),
+    ("apply-plan-text", ["apply-plan", "{d}/text.db"], {1}),
+    ("apply-plan-truncated", ["apply-plan", "{d}/plan-trunc.json"], {1}),
+    ("apply-plan-wrong-kind", ["apply-plan", "{d}/good.safetensors"], {1}),
+    ("apply-plan-bad-option", ["apply-plan", "--frobnicate", "{d}/plan.json"], USAGE),
+    # merge
+    ("merge-empty", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/empty.safetensors", "-a", "0.5", "-o", "{o}/m.safetensors"], {1}),
+    ("merge-text", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/text.safetensors", "-a", "0.5", "-o", "{o}/m.safetensors"], {1}),
+    ("merge-wrong-kind", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/lora.safetensors", "-a", "0.5", "-o", "{o}/m.safetensors"], {1}),
+    ("merge-bad-dtype", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/good.safetensors", "-a", "0.5", "--dtype", "int8", "-o", "{o}/m.safetensors"], {1} | USAGE),
+    ("merge-bad-device", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/good.safetensors", "-a", "0.5", "--device", "foo", "-o", "{o}/m.safetensors"], {1} | USAGE),
+    ("merge-bad-merge-dtype", ["merge", "weighted_sum", "{d}/good.safetensors", "{d}/good.safetensors", "-a", "0.5", "--merge-dtype", "fp8", "-o", "{o}/m.safetensors"], {1} | USAGE),
+    # hub
+    ("download-empty", ["download", "--dir", "{o}", ""], USAGE),
+    ("download-missing", ["download", "--dir", "{o}", "http://127.0.0.1:{port}/nope.safetensors"], {1}),
+    ("download-dir-is-file", ["download", "--dir", "{d}/afile", "http://127.0.0.1:{port}/x.safetensors"], {1}),
+    ("download-bad-layout", ["download", "--dir", "{o}", "--layout", "sideways", "http://127.0.0.1:{port}/x.safetensors"], {1} | USAGE),
+    ("download-bad-jobs", ["download", "--dir", "{o}", "--jobs", "0", "http://127.0.0.1:{port}/x.safetensors"], {1} | USAGE),
+    ("download-unwritable", ["download", "--dir", "{ro}", "http://127.0.0.1:{port}/x.safetensors"], {1}),
+    ("civitai-link-empty", ["civitai", "link", "{d}/empty.safetensors", "--base-url", "http://127.0.0.1:{port}"], {3},
+     "Connection refused"),
+    ("civitai-link-text", ["civitai", "link", "{d}/text.safetensors", "--base-url", "http://127.0.0.1:{port}"], {3},
+     "Connection refused"),
+    ("civitai-link-truncated", ["civitai", "link", "{d}/trunc.safetensors", "--base-url", "http://127.0.0.1:{port}"], {3},
+     "Connection refused"),
+    ("civitai-link-dir", ["civitai", "link", "{d}/emptydir", "--base-url", "http://127.0.0.1:{port}"], {1}),
+    ("civitai-link-bad-base-url", ["civitai", "link", "{d}/vae.safetensors", "--base-url", "ftp://127.0.0.1:{port}"], {1, 2}),
+    ("civitai-show-missing", ["civitai", "show", "{d}/nope.safetensors"], {1, 3}),
+    ("civitai-show-empty", ["civitai", "show", ""], {1, 2, 3}),
+    ("civitai-show-text", ["civitai", "show", "not a hash or a file"], {1, 2, 3}),
+    ("civitai-show-dir", ["civitai", "show", "{d}/emptydir"], {1, 3}),
+    ("civitai-show-wrong-kind", ["civitai", "show", "{d}/good.safetensors"], {1, 3}),
+    ("civitai-show-bad-option", ["civitai", "show", "--frobnicate", "x"], USAGE),
+    ("civitai-info-empty", ["civitai", "info", "", "--base-url", "http://127.0.0.1:{port}"], {1, 2}),
+    ("civitai-info-wrong-kind", ["civitai", "info", "hf:org/repo/x.safetensors", "--base-url", "http://127.0.0.1:{port}"], {1, 2}),
+]
+
+CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
+
+#: (command, class) pairs with no case, and why; everything else needs a case
+NOT_APPLICABLE: dict[tuple[str, str], str] = {
+    **{(c, "wrong-kind"): "identifies or checks any kind of model file" for c in ("inspect", "check")},
+    **{(c, "unwritable"): "writes nothing" for c in ("inspect", "check", "ls", "show", "dupes", "civitai-show",
+                                                      "civitai-info")},
+    ("from-diffusers", "truncated"): "weights inside a pipeline folder go through the same safetensors reader as "
+                                     "prune-truncated; a cut model_index.json is from-diffusers-bad-index",
+    ("apply-plan", "unwritable"): "writes only next to the planned files (the plan decides where); owned by "
+                                  "tests/test_apply_plan.py",
+    ("download", "truncated"): "a short body needs a server: tests/test_download_transfer.py",
+    ("download", "text"): "covered as download-bad-spec",
+    ("download", "wrong-kind"): "covered as download-bad-scheme (not a model source)",
+    ("civitai-link", "wrong-kind"): "any model file can be looked up",
+    ("civitai-link", "unwritable"): "writes only the catalog and, asked, sidecars next to the files",
+    ("civitai-show", "truncated"): "takes a path or hash, reads only the catalog (see the -db cases of show)",
+    ("civitai-info", "missing"): "covered as civitai-info-closed-port (nothing there)",
+    ("civitai-info", "text"): "covered as civitai-info-bad-source",
+    ("civitai-info", "truncated"): "a cut API answer needs a server: tests/test_civitai_client.py",
+    ("civitai-info", "directory"): "takes a source spec, never a path",
 }
 
-ROOT_SKIP = {c[0] for c in CASES if c[0].endswith("-ro")}
+_CLASS_OF_SUFFIX = (  # (suffix prefix, class), first match wins
+    ("missing", "missing"), ("empty", "empty"), ("text", "text"), ("truncated", "truncated"),
+    ("dir", "directory"), ("fifo", None), ("wrong-kind", "wrong-kind"), ("bad-output-name", "unwritable"),
+    ("bad-", "bad-option"), ("unknown-", "bad-option"), ("output-", "unwritable"), ("unwritable", "unwritable"),
+    ("out-dir-", "unwritable"), ("save-recipe-under-file", "unwritable"), ("db-under-file", "unwritable"),
+)
+
+
+def _command_of(argv: list[str]) -> str:
+    return "-".join(argv[:2]) if argv[0] == "civitai" else argv[0]
+
+
+def _class_of(cid: str, command: str) -> str | None:
+    suffix = cid[len(command) + 1:]
+    for prefix, cls in _CLASS_OF_SUFFIX:
+        if suffix.startswith(prefix):
+            return cls
+    return None
+
+
+# cases that hit a known bug in code whose owner is still at work (see the report / docs/cli-errors.md)
+XFAIL: dict[str, str] = {
+    **{f"{c}-missing-db": "owner: library - a read command given --db NOPE.db creates an empty catalog there and "
+       "answers 'no files' (exit 0; show: 'not in the catalog', exit 3) instead of refusing a catalog that does "
+       "not exist" for c in ("ls", "show", "dupes", "plan-space", "report")},
+    "apply-plan-wrong-kind": "owner: apply-plan - a binary file as the plan is exit 70 (UnicodeDecodeError)",
+    "merge-wrong-kind": "owner: merge - merge CKPT LORA writes a model ('0 merged') and exits 0 (issue 11 s3)",
+    "merge-bad-dtype": "owner: merge - --dtype int8 writes a model with 0 params and exits 0 (issue 11 s3)",
+    "merge-bad-device": "owner: merge - --device foo is exit 70 (torch RuntimeError) (issue 11 s3)",
+    "merge-bad-merge-dtype": "owner: merge - --merge-dtype fp8 is exit 70 (NotImplementedError) (issue 11 s3)",
+    "civitai-link-dir": "owner: hub - civitai link EMPTY_FOLDER prints '0 files: no files' on stderr, exit 0",
+}
+
 
 
 def _params():
@@ -297,8 +512,6 @@ def _params():
         marks = []
         if cid in XFAIL:
             marks.append(pytest.mark.xfail(strict=True, reason=XFAIL[cid]))
-        if cid in ROOT_SKIP:
-            marks.append(pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder"))
         yield pytest.param(argv, codes, reported[0] if reported else None, id=cid, marks=marks)
 
 
@@ -317,20 +530,21 @@ def _check_stderr(err: str, rc: int, reported: bool) -> None:
     if reported:
         return
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    if rc == 2 and any("Usage:" in ln for ln in lines):
-        return  # typer's usage box
-    assert lines, "no error message at all"
-    errors = [ln for ln in lines if ln.startswith("ckptlab: error:")]
-    assert errors, err
     stray = [ln for ln in lines if not ln.startswith(("ckptlab: error:", "ckptlab: warning:"))]
     assert not stray, f"lines that are not one-line errors or warnings: {stray!r}"
+    if rc == 0:
+        assert not [ln for ln in lines if ln.startswith("ckptlab: error:")], err
+        return
+    assert lines, "no error message at all"
+    errors = [ln for ln in lines if ln.startswith("ckptlab: error:")]
+    assert len(errors) == 1, err
 
 
 @pytest.mark.parametrize(("argv", "codes", "reported"), list(_params()))
-def test_bad_input(cli, bad, closed_port, tmp_path, argv, codes, reported):
+def test_bad_input(cli, bad, closed_port, ro, scratch, tmp_path, argv, codes, reported):
     out = tmp_path / "out"
     out.mkdir()
-    args = [a.format(d=bad, o=out, port=closed_port) for a in argv]
+    args = [a.format(d=bad, o=out, port=closed_port, ro=ro, w=scratch) for a in argv]
     inputs = [Path(a) for a in args if a.startswith(str(bad)) and Path(a).is_file()]
     before_sha = {p: _sha(p) for p in inputs}
     before = _snapshot(bad)
@@ -345,6 +559,33 @@ def test_bad_input(cli, bad, closed_port, tmp_path, argv, codes, reported):
     assert _snapshot(bad) == before, "the input folder changed (a new, partial or modified file)"
     assert {p: _sha(p) for p in inputs} == before_sha
     assert sorted(x.name for x in out.rglob("*")) == [], "output left behind"
+
+
+def test_every_command_meets_every_class():
+    """Each command of the app, against each class of bad input: a case, or a reason it does not apply.
+    A new command fails here until it has its cases."""
+    import typer
+
+    from ckptlab.cli.main import app
+
+    def leaves(cmd, prefix):
+        subs = getattr(cmd, "commands", None)
+        if subs is None:
+            yield "-".join(prefix)
+            return
+        for name, sub in subs.items():
+            yield from leaves(sub, [*prefix, name])
+
+    commands = set(leaves(typer.main.get_command(app), []))
+    covered = {(_command_of(argv), _class_of(cid, _command_of(argv))) for cid, argv, *_ in CASES}
+    ids = [c[0] for c in CASES]
+    assert len(ids) == len(set(ids)), "duplicate case ids"
+    assert all(cid.startswith(_command_of(argv) + "-") for cid, argv, *_ in CASES), "ids name their command"
+    missing = sorted((c, k) for c in commands for k in CLASSES if (c, k) not in covered and (c, k) not in NOT_APPLICABLE)
+    assert not missing, f"no case for {missing}"
+    stale = sorted(k for k in NOT_APPLICABLE if k[0] not in commands or k in covered)
+    assert not stale, f"NOT_APPLICABLE entries that name no command or that a case now covers: {stale}"
+    assert set(XFAIL) <= set(ids) and set(SELF_XFAIL) <= {c[0] for c in SELF_CASES}
 
 
 # ------------------------------------------------------------------ the output is one of the inputs

@@ -262,4 +262,4 @@ def test_output_named_ckpt_is_refused_and_out_dir_is_created(benign, tmp_path, c
     (tmp_path / "empty").mkdir()
     r = cli("convert", tmp_path / "empty")
     assert r.returncode == 1 and r.stderr.splitlines() == [
-        f"ckptlab: error: {tmp_path / 'empty'}: no model files found in this folder"]
+        f"ckptlab: error: {tmp_path / 'empty'}: no pickle files (.ckpt .pt .pth .bin) found in this folder"]

@@ -37,7 +37,7 @@ def register(app) -> None:
         from ckptlab.display import human_size
         from ckptlab.ops.convert import convert
 
-        paths = expand_inputs(inputs, suffixes=(".ckpt", ".pt", ".pth", ".bin"))
+        paths = expand_inputs(inputs, suffixes=(".ckpt", ".pt", ".pth", ".bin"), what="pickle files (.ckpt .pt .pth .bin)")
         with progress_bar("converting", enabled=not json_out) as cb:
             results = convert(paths, output, out_dir, allow_suspicious=allow_suspicious, drop_ema=drop_ema,
                               overwrite=overwrite, dry_run=dry_run, progress=cb, db=db)

@@ -75,7 +75,7 @@ def expand_paths(args: list[str], suffixes: tuple[str, ...] | None = None, recur
     return out
 
 
-def expand_inputs(args: list[str], suffixes: tuple[str, ...] | None = None) -> list[Path]:
+def expand_inputs(args: list[str], suffixes: tuple[str, ...] | None = None, what: str = "model files") -> list[Path]:
     """``expand_paths`` for commands that need model files: a folder argument with no model file in it
     (or a glob matching nothing) is a one-line error naming it, instead of a silent "nothing done"."""
     from ckptlab.errors import CkptlabError
@@ -84,8 +84,8 @@ def expand_inputs(args: list[str], suffixes: tuple[str, ...] | None = None) -> l
     for arg in args:
         found = expand_paths([arg], suffixes)
         if not found or (len(found) == 1 and str(found[0]) == arg and glob.has_magic(arg) and not found[0].exists()):
-            raise CkptlabError(f"no model files match {arg}" if glob.has_magic(arg) else f"{arg}: no model files "
-                               "found in this folder")
+            raise CkptlabError(f"no {what} match {arg}" if glob.has_magic(arg) else f"{arg}: no {what} found in "
+                               "this folder")
         out.extend(found)
     return out
 

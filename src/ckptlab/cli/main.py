@@ -194,6 +194,16 @@ def _during_interrupt(e: BaseException) -> bool:
     return False
 
 
+def _usage_message(e: Exception) -> str:
+    """typer's message for a usage error, and where the help is (typer printed three to five lines: the
+    usage, a hint and the error - and only the error when the context was already gone)."""
+    msg = e.format_message() if hasattr(e, "format_message") else str(e)
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        msg = f"{msg.rstrip('.')} (see '{ctx.command_path} -h')"
+    return msg
+
+
 def main(argv: list[str] | None = None) -> None:
     from ckptlab.cli.common import error_line
 
@@ -206,12 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         error_line("aborted")
         rv = 130
-    except typer.TyperException as e:  # usage errors: typer's own message and exit code 2
-        if hasattr(e, "show"):
+    except typer.TyperException as e:  # usage errors: one line, typer's message, exit code 2
+        if type(e).__name__ == "NoArgsIsHelpError":  # a group called without a command: its help
             e.show()
         else:
-            error_line(e.format_message())
-        rv = e.exit_code
+            error_line(_usage_message(e))
+        rv = getattr(e, "exit_code", 2)
     except CkptlabError as e:
         error_line(str(e))
         rv = e.exit_code
