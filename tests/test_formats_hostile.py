@@ -240,3 +240,14 @@ def test_gguf_metadata_bombs_through_the_cli(tmp_path, cli):
     assert r.returncode != 70 and "internal error" not in r.stdout + r.stderr
     info = identify(lib / "nested_skip.gguf")
     assert info.metadata["test.nested"] == "<array of 1 values>"
+
+
+def test_merge_provenance_of_an_input_with_deep_json_metadata():
+    """A1111 provenance copies each input's sd_merge_recipe / sd_merge_models (decoded JSON) into the merge's
+    metadata: an input whose strings nest beyond the limit contributes nothing instead of a RecursionError."""
+    from ckptlab.merge.provenance import merge_models_entry
+
+    out = merge_models_entry("a.safetensors", "ab" * 32, None, {"sd_merge_recipe": DEEP, "sd_merge_models": DEEP})
+    assert out == {"ab" * 32: {"name": "a.safetensors", "legacy_hash": None, "sd_merge_recipe": None}}
+    ok = merge_models_entry("a", "cd" * 32, None, {"sd_merge_recipe": '{"type": "webui"}'})
+    assert ok["cd" * 32]["sd_merge_recipe"] == {"type": "webui"}
