@@ -221,11 +221,10 @@ class DiffusersSource(TensorSource):
         wmap = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
             raise FormatError("shard index has no weight_map of key -> file", ws.index)
-        shards: list[str] = []
-        for fname in wmap.values():
-            if fname not in shards:
-                shards.append(fname)
-        for fname in shards:
+        by_shard: dict[str, list[str]] = {}  # one pass: a key list per shard (a scan per shard is quadratic)
+        for k, fname in wmap.items():
+            by_shard.setdefault(fname, []).append(k)
+        for fname, mine in by_shard.items():
             p = comp.folder / fname
             if Path(fname).name != fname or fname in (".", ".."):
                 raise FormatError(f"shard index names a file outside its folder: {brief(fname)}", ws.index)
@@ -233,7 +232,6 @@ class DiffusersSource(TensorSource):
                 raise FormatError(f"shard {brief(fname)} listed in the index is missing", ws.index)
             ws.files.append(p)
             src = self._open(p)
-            mine = [k for k, f in wmap.items() if f == fname]
             for k in mine:
                 if k not in src:
                     raise FormatError(f"key {brief(k)} is mapped to shard {brief(fname)} but not in it", ws.index)

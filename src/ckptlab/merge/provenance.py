@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -129,8 +128,10 @@ def merge_models_entry(name: str, sha256: str, legacy: str | None, metadata: dic
 def _json_or_none(text: str | None):
     if not text:
         return None
+    from ckptlab.jsonable import loads_limited
+
     try:
-        return json.loads(text)
+        return loads_limited(text)  # an input's metadata is untrusted: nesting limited, never a RecursionError
     except ValueError:
         return None
 

@@ -219,9 +219,10 @@ def dumps(obj) -> bytes:
 
 def read_json(path: Path) -> dict:
     from ckptlab.errors import FormatError
+    from ckptlab.jsonable import loads_limited
 
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return loads_limited(Path(path).read_text(encoding="utf-8"))  # nesting limited: never a RecursionError
     except FileNotFoundError:
         raise FormatError("missing file in the diffusers folder", path) from None
     except (OSError, ValueError) as e:
