@@ -88,7 +88,7 @@ def describe_transport_error(exc: BaseException, url: str) -> str:
     kind = connect_failure(exc)
     host = urlsplit(url).netloc.rpartition("@")[2]
     if kind == "refused":
-        return f"connection refused by {host} (nothing is listening there)"
+        return f"cannot connect to {host}: Connection refused (nothing is listening there)"
     if kind == "dns":
         return f"cannot resolve the host name {urlsplit(url).hostname or host!r}"
     text = " ".join(str(exc).split())[:200]
