@@ -83,6 +83,14 @@ def connect_failure(exc: BaseException) -> str | None:
     return None
 
 
+def failed_url(exc: BaseException, default: str) -> str:
+    """The URL the failed request went to (after redirects: the storage host, say), else ``default``."""
+    try:
+        return str(exc.request.url)  # httpx.RequestError.request; a RuntimeError when it has none
+    except (AttributeError, RuntimeError):
+        return default
+
+
 def describe_transport_error(exc: BaseException, url: str) -> str:
     """A short human description of a transport failure (no URL query, no token)."""
     kind = connect_failure(exc)
@@ -334,12 +342,12 @@ class Requester:
             try:
                 resp = self.send_once(method, url, stream=True, what=what, **kw)
             except httpx.HTTPError as e:
+                why = describe_transport_error(e, failed_url(e, url))
                 if attempt >= self.retries or not retryable(e):
                     n = f" (after {attempt + 1} attempts)" if attempt else ""
-                    raise NetworkError(f"{what}: {describe_transport_error(e, url)}{n}") from None
+                    raise NetworkError(f"{what}: {why}{n}") from None
                 wait = backoff_delay(attempt, self.backoff, self.max_backoff, None)
-                self.log(f"{what}: {describe_transport_error(e, url)}; attempt {attempt + 1} of {tries} failed, "
-                         f"retrying in {wait:g} s")
+                self.log(f"{what}: {why}; attempt {attempt + 1} of {tries} failed, retrying in {wait:g} s")
                 self.sleep(wait)
                 attempt += 1
                 continue
