@@ -313,3 +313,17 @@ def test_civitai_file_name_with_traversal_and_override_stays_in_the_folder(fake,
         res = fetch_download("civitai:1000", dest=tmp_path / "lib", layout="flat", config=cfg, client=c,
                              catalog=False)
     assert res.path == tmp_path / "lib" / "x.safetensors" and res.path.read_bytes() == fake.data
+
+
+# -- numbers in headers and specs ------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["bytes 0-1/" + "9" * 5000, "bytes \u00b2-3/10", "bytes 0-1/\u0663"])
+def test_absurd_content_range_is_no_range_not_an_internal_error(value):
+    assert dl._content_range(value) == (None, None)  # int() of 5000 digits or of '²' would raise
+
+
+@pytest.mark.parametrize("spec", ["civitai:" + "9" * 5000, "civitai:\u00b2", "civitai:model/\u0663",
+                                  "civitai:1@" + "2" * 100])
+def test_absurd_ids_in_specs_are_usage_errors(spec, cli, tmp_path):
+    r = cli("download", spec, "--dir", tmp_path)
+    assert r.returncode == 2 and "bad CivitAI spec" in r.stderr and "Traceback" not in r.stderr

@@ -176,7 +176,7 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     """(start, total) from ``bytes a-b/total`` or ``bytes */total``."""
     if not value:
         return None, None
-    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value)
+    m = re.fullmatch(r"\s*bytes\s+(?:([0-9]{1,20})-[0-9]{1,20}|\*)/([0-9]{1,20}|\*)\s*", value)
     if not m:
         return None, None
     start = int(m.group(1)) if m.group(1) else None
@@ -487,7 +487,7 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
                     _discard(meta)
                     known = None
                 cl = resp.headers.get("content-length")
-                total = int(cl) if cl and cl.isdigit() else None
+                total = int(cl) if cl and re.fullmatch(r"[0-9]{1,20}", cl) else None
             else:
                 resp.close()
                 raise NetworkError(f"{what}: unexpected HTTP {status}")

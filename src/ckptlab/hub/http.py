@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -142,7 +143,7 @@ def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,12}", value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -199,7 +200,7 @@ def read_capped(resp, limit: int, what: str) -> bytes:
     import httpx
 
     cl = resp.headers.get("content-length")
-    if cl and cl.isdigit() and int(cl) > limit:
+    if cl and re.fullmatch(r"[0-9]{1,20}", cl) and int(cl) > limit:
         resp.close()
         raise ResponseShapeError(f"{what}: the answer is {int(cl)} bytes, more than the {limit} accepted")
     buf = bytearray()
