@@ -147,11 +147,9 @@ def retry_after_seconds(value: str | None) -> float | None:
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return None if when is None else max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError, IndexError):  # any odd date: as if there were none
         return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
