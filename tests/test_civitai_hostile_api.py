@@ -145,7 +145,7 @@ def test_refused_connection_fails_fast_without_retries(tmp_path, cli, args):
     env = {"CKPTLAB_CIVITAI_URL": f"http://127.0.0.1:{_closed_port()}", "CIVITAI_API_TOKEN": "t"}
     r = cli(*args, "--dir", tmp_path, env=env) if args[0] == "download" else cli(*args, env=env)
     line = one_error_line(r, 1)
-    assert "connection refused" in line and "retrying" not in r.stderr
+    assert "Connection refused" in line and "retrying" not in r.stderr
 
 
 def test_each_retry_is_said_on_stderr(world, cli):

@@ -195,6 +195,22 @@ def test_resume_of_an_unchanged_file_appends_under_if_range(fake, tmp_path):
     assert get.headers["if-range"] == '"' + hashlib.sha256(fake.data).hexdigest() + '"'
 
 
+def test_an_etag_that_cannot_be_sent_back_is_not_used(fake, tmp_path):
+    """A non-ASCII ETag (raw UTF-8 bytes) cannot go back in an If-Range header: Last-Modified is
+    used instead, and the resume works (before: an internal error while building the request)."""
+    fake.etag_raw[5000] = '"caf\u00e9"'.encode()
+    url = f"{fake.storage_url}/files/5000"
+    fake.drop_after[5000] = 10_000
+    with pytest.raises(NetworkError, match="resume"):
+        dl.transfer(plain(), url, tmp_path, filename=NAME, retries=0)
+    stored = json.loads((tmp_path / (NAME + ".part.json")).read_text())
+    assert stored["etag"] is None and stored["last_modified"] == "Mon, 01 Jan 2024 00:00:00 GMT"
+    fake.requests.clear()
+    res = dl.transfer(plain(), url, tmp_path, filename=NAME)
+    assert res.path.read_bytes() == fake.data and res.resumed_from > 0
+    assert storage_gets(fake)[0].headers["if-range"] == "Mon, 01 Jan 2024 00:00:00 GMT"
+
+
 def test_partial_of_unknown_origin_without_a_hash_is_not_resumed(fake, tmp_path):
     """A .part with no stored validators and no published hash: nothing could tell a splice, so the
     download starts from 0 instead of trusting the prefix."""
@@ -297,3 +313,17 @@ def test_civitai_file_name_with_traversal_and_override_stays_in_the_folder(fake,
         res = fetch_download("civitai:1000", dest=tmp_path / "lib", layout="flat", config=cfg, client=c,
                              catalog=False)
     assert res.path == tmp_path / "lib" / "x.safetensors" and res.path.read_bytes() == fake.data
+
+
+# -- numbers in headers and specs ------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["bytes 0-1/" + "9" * 5000, "bytes \u00b2-3/10", "bytes 0-1/\u0663"])
+def test_absurd_content_range_is_no_range_not_an_internal_error(value):
+    assert dl._content_range(value) == (None, None)  # int() of 5000 digits or of '²' would raise
+
+
+@pytest.mark.parametrize("spec", ["civitai:" + "9" * 5000, "civitai:\u00b2", "civitai:model/\u0663",
+                                  "civitai:1@" + "2" * 100])
+def test_absurd_ids_in_specs_are_usage_errors(spec, cli, tmp_path):
+    r = cli("download", spec, "--dir", tmp_path)
+    assert r.returncode == 2 and "bad CivitAI spec" in r.stderr and "Traceback" not in r.stderr

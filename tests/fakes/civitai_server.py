@@ -89,6 +89,7 @@ class FakeCivitai:
     mtime: dict = field(default_factory=dict)         # file id -> Last-Modified value
     hold: threading.Event | None = None
     after_drop: dict = field(default_factory=dict)    # file id -> new bytes served once the drop happened
+    etag_raw: dict = field(default_factory=dict)      # file id -> raw ETag header bytes (non-ASCII, controls)
 
     # -- building the catalogue ------------------------------------------------------------------
     def add_model(self, model_id: int, name: str, type_: str = "LORA", *, nsfw: bool = False, **extra) -> dict:
@@ -350,7 +351,10 @@ def _make_handler(fake: FakeCivitai, which: str):
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
-            self.send_header("ETag", etag)
+            if fid in fake.etag_raw:
+                self._headers_buffer.append(b"ETag: " + fake.etag_raw[fid] + b"\r\n")
+            else:
+                self.send_header("ETag", etag)
             self.send_header("Last-Modified", last_modified)
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")

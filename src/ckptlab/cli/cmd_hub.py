@@ -201,7 +201,7 @@ def download_cmd(
             if json_out:
                 emit_json({"source": src, "error": str(r)})
             else:
-                error_line(f"{src}: {r}")
+                error_line(f"{src if len(src) <= 100 else src[:100] + '…'}: {r}")
             continue
         if json_out:
             emit_json(r)

@@ -176,7 +176,7 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     """(start, total) from ``bytes a-b/total`` or ``bytes */total``."""
     if not value:
         return None, None
-    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value)
+    m = re.fullmatch(r"\s*bytes\s+(?:([0-9]{1,20})-[0-9]{1,20}|\*)/([0-9]{1,20}|\*)\s*", value)
     if not m:
         return None, None
     start = int(m.group(1)) if m.group(1) else None
@@ -211,13 +211,10 @@ class Validators:
 
     @classmethod
     def of(cls, resp, total: int | None) -> Validators:
-        etag = (resp.headers.get("etag") or "").strip()
-        if etag.startswith("W/") or not (2 <= len(etag) <= 1024):  # weak ETags cannot be used with If-Range
-            etag = ""
-        lm = (resp.headers.get("last-modified") or "").strip()
-        if len(lm) > 100:
-            lm = ""
-        return cls(etag or None, lm or None, total)
+        etag = _header_token(resp.headers.get("etag"), 1024)
+        if etag and etag.startswith("W/"):  # weak ETags cannot be used with If-Range
+            etag = None
+        return cls(etag, _header_token(resp.headers.get("last-modified"), 100), total)
 
     @property
     def usable(self) -> bool:
@@ -235,6 +232,15 @@ class Validators:
         if self.total is not None and new.total is not None and self.total != new.total:
             return "its size changed"
         return None
+
+
+def _header_token(value: str | None, limit: int) -> str | None:
+    """A validator we can send back in ``If-Range``: printable ASCII, at most ``limit`` characters;
+    anything else (control characters, non-ASCII a header cannot carry) counts as absent."""
+    value = (value or "").strip()
+    if not value or len(value) > limit or not all(" " <= c <= "~" for c in value):
+        return None
+    return value
 
 
 def _url_key(url: str) -> str:
@@ -267,6 +273,7 @@ def _read_meta(meta: Path, url: str) -> Validators | None:
     etag, lm, total = obj.get("etag"), obj.get("last_modified"), obj.get("total")
     if not (etag is None or isinstance(etag, str)) or not (lm is None or isinstance(lm, str)):
         return None
+    etag, lm = _header_token(etag, 1024), _header_token(lm, 100)
     if total is not None and (type(total) is not int or total < 0):
         return None
     return Validators(etag or None, lm or None, total)
@@ -480,7 +487,7 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
                     _discard(meta)
                     known = None
                 cl = resp.headers.get("content-length")
-                total = int(cl) if cl and cl.isdigit() else None
+                total = int(cl) if cl and re.fullmatch(r"[0-9]{1,20}", cl) else None
             else:
                 resp.close()
                 raise NetworkError(f"{what}: unexpected HTTP {status}")

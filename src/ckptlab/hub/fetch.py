@@ -47,15 +47,15 @@ def parse_spec(text: str, civitai_base: str | None = None) -> Spec:
     low = s.lower()
     if low.startswith("civitai:"):
         rest = s[8:].strip()
-        if m := re.fullmatch(r"(?:version/)?(\d+)", rest):
+        if m := re.fullmatch(r"(?:version/)?([0-9]{1,15})", rest):
             return Spec("civitai", ambiguous_id=int(m.group(1))) if "/" not in rest else \
                 Spec("civitai", version_id=int(m.group(1)))
-        if m := re.fullmatch(r"model/(\d+)", rest):
+        if m := re.fullmatch(r"model/([0-9]{1,15})", rest):
             return Spec("civitai", model_id=int(m.group(1)))
-        if m := re.fullmatch(r"(\d+)@(\d+)", rest):
+        if m := re.fullmatch(r"([0-9]{1,15})@([0-9]{1,15})", rest):
             return Spec("civitai", model_id=int(m.group(1)), version_id=int(m.group(2)))
-        raise SpecError(f"bad CivitAI spec {text!r} (use civitai:VERSION_ID, civitai:model/ID or civitai:MODEL@VERSION)")
-    if m := re.fullmatch(r"urn:air:[^:]+:[^:]+:civitai:(\d+)@(\d+)", s):
+        raise SpecError(f"bad CivitAI spec {_shown(text)} (use civitai:VERSION_ID, civitai:model/ID or civitai:MODEL@VERSION)")
+    if m := re.fullmatch(r"urn:air:[^:]+:[^:]+:civitai:([0-9]{1,15})@([0-9]{1,15})", s):
         return Spec("civitai", model_id=int(m.group(1)), version_id=int(m.group(2)))
     if low.startswith("hf:"):
         rest = s[3:].strip().strip("/")
@@ -64,7 +64,7 @@ def parse_spec(text: str, civitai_base: str | None = None) -> Spec:
             rest, rev = rest.rsplit("@", 1)
         parts = rest.split("/")
         if len(parts) < 3 or not all(parts) or (rev is not None and not rev):
-            raise SpecError(f"bad Hugging Face spec {text!r} (use hf:ORG/REPO/PATH/IN/REPO[@REVISION])")
+            raise SpecError(f"bad Hugging Face spec {_shown(text)} (use hf:ORG/REPO/PATH/IN/REPO[@REVISION])")
         return Spec("hf", repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=rev)
     if low.startswith(("http://", "https://")):
         u = _checked_url(s, text)
@@ -73,16 +73,22 @@ def parse_spec(text: str, civitai_base: str | None = None) -> Spec:
         if civitai_base:
             civ_hosts.add((urlsplit(civitai_base).hostname or "").lower())
         if host in civ_hosts:
-            if m := re.fullmatch(r"/api/download/models/(\d+)/?", u.path):
+            if m := re.fullmatch(r"/api/download/models/([0-9]{1,15})/?", u.path):
                 return Spec("civitai", version_id=int(m.group(1)))
-            if m := re.match(r"/models/(\d+)", u.path):
+            if m := re.match(r"/models/([0-9]{1,15})(?![0-9])", u.path):
                 q = parse_qs(u.query).get("modelVersionId")
-                return Spec("civitai", model_id=int(m.group(1)), version_id=int(q[0]) if q and q[0].isdigit() else None)
+                return Spec("civitai", model_id=int(m.group(1)), version_id=int(q[0]) if q and re.fullmatch(r"[0-9]{1,15}", q[0]) else None)
         if m := re.fullmatch(r"/([^/]+/[^/]+)/(?:blob|resolve)/([^/]+)/(.+)", u.path):
             if host in ("huggingface.co", "www.huggingface.co", "hf.co"):
                 return Spec("hf", repo_id=m.group(1), revision=m.group(2), filename=m.group(3))
         return Spec("url", url=s)
-    raise SpecError(f"not a download source: {text!r} (civitai:ID, hf:ORG/REPO/PATH[@REV] or an http(s) URL)")
+    raise SpecError(f"not a download source: {_shown(text)} (civitai:ID, hf:ORG/REPO/PATH[@REV] or an http(s) URL)")
+
+
+def _shown(text: str, limit: int = 100, quote: bool = True) -> str:
+    """User input echoed in an error: at most ``limit`` characters (a 5,000-digit id stays readable)."""
+    cut = text if len(text) <= limit else text[:limit] + "…"
+    return repr(cut) if quote else cut
 
 
 def _checked_url(s: str, text: str):
@@ -92,9 +98,9 @@ def _checked_url(s: str, text: str):
         u = urlsplit(s)
         u.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
     except ValueError as e:
-        raise SpecError(f"bad URL {text!r}: {e}") from None
+        raise SpecError(f"bad URL {_shown(text)}: {e}") from None
     if not u.hostname or any(ord(c) < 32 or ord(c) == 127 for c in s):
-        raise SpecError(f"bad URL {text!r}: it needs a host, e.g. https://example.com/model.safetensors")
+        raise SpecError(f"bad URL {_shown(text)}: it needs a host, e.g. https://example.com/model.safetensors")
     return u
 
 
@@ -125,7 +131,7 @@ def describe(source: str, *, config: HubConfig | None = None, client=None):
     spec = parse_spec(source, config.civitai_base_url)
     _check_base(config)
     if spec.kind != "civitai":
-        raise SpecError(f"not a CivitAI source: {source!r}")
+        raise SpecError(f"not a CivitAI source: {_shown(source)}")
     own = client is None
     client = client or CivitaiClient(config)
     try:
@@ -336,7 +342,7 @@ def download_many(sources: list[str], *, jobs: int | None = None, progress: Prog
             if parse_spec(s, config.civitai_base_url).kind == "civitai":
                 _check_base(config)
         except SpecError as e:
-            raise SpecError(f"{s}: {e}") from None
+            raise SpecError(f"{_shown(s, quote=False)}: {e}") from None
     n = max(1, min(jobs or config.max_concurrent, config.max_concurrent))
     progress = progress or null_progress
     lock = threading.Lock()

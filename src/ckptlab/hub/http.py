@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -83,12 +84,20 @@ def connect_failure(exc: BaseException) -> str | None:
     return None
 
 
+def failed_url(exc: BaseException, default: str) -> str:
+    """The URL the failed request went to (after redirects: the storage host, say), else ``default``."""
+    try:
+        return str(exc.request.url)  # httpx.RequestError.request; a RuntimeError when it has none
+    except (AttributeError, RuntimeError):
+        return default
+
+
 def describe_transport_error(exc: BaseException, url: str) -> str:
     """A short human description of a transport failure (no URL query, no token)."""
     kind = connect_failure(exc)
     host = urlsplit(url).netloc.rpartition("@")[2]
     if kind == "refused":
-        return f"connection refused by {host} (nothing is listening there)"
+        return f"cannot connect to {host}: Connection refused (nothing is listening there)"
     if kind == "dns":
         return f"cannot resolve the host name {urlsplit(url).hostname or host!r}"
     text = " ".join(str(exc).split())[:200]
@@ -134,15 +143,13 @@ def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,12}", value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return None if when is None else max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError, IndexError):  # any odd date: as if there were none
         return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
@@ -191,7 +198,7 @@ def read_capped(resp, limit: int, what: str) -> bytes:
     import httpx
 
     cl = resp.headers.get("content-length")
-    if cl and cl.isdigit() and int(cl) > limit:
+    if cl and re.fullmatch(r"[0-9]{1,20}", cl) and int(cl) > limit:
         resp.close()
         raise ResponseShapeError(f"{what}: the answer is {int(cl)} bytes, more than the {limit} accepted")
     buf = bytearray()
@@ -334,12 +341,12 @@ class Requester:
             try:
                 resp = self.send_once(method, url, stream=True, what=what, **kw)
             except httpx.HTTPError as e:
+                why = describe_transport_error(e, failed_url(e, url))
                 if attempt >= self.retries or not retryable(e):
                     n = f" (after {attempt + 1} attempts)" if attempt else ""
-                    raise NetworkError(f"{what}: {describe_transport_error(e, url)}{n}") from None
+                    raise NetworkError(f"{what}: {why}{n}") from None
                 wait = backoff_delay(attempt, self.backoff, self.max_backoff, None)
-                self.log(f"{what}: {describe_transport_error(e, url)}; attempt {attempt + 1} of {tries} failed, "
-                         f"retrying in {wait:g} s")
+                self.log(f"{what}: {why}; attempt {attempt + 1} of {tries} failed, retrying in {wait:g} s")
                 self.sleep(wait)
                 attempt += 1
                 continue
