@@ -277,7 +277,7 @@ def test_every_payload_is_live_outside_ckptlab(tmp_path):
 
 ROUND_TWO_CLI = ["mark_pop_payload", "int_hex_payload", "long_bin_payload", "zip_int_hex", "zip_data_pkl_case",
                  "safetensors_polyglot_ckpt", "safetensors_polyglot_valid", "tar_v7_storages", "tar_storages_K",
-                 "tar_storages_proto4", "marks_100001_payload", "memo_5m_payload", "load_from_bytes_x3", "gguf_polyglot"]
+                 "tar_storages_proto4", "marks_100001_payload", "memo_5m_payload", "load_from_bytes_x3", "gguf_polyglot", "magic_mock_any"]
 
 
 @pytest.mark.parametrize("name", ROUND_TWO_CLI)

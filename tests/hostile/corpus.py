@@ -480,6 +480,14 @@ def round_two(add, C, folder: Path) -> None:  # noqa: N803
     add("safetensors_polyglot_valid", "valid safetensors file that is also a pickle (payload = tensor bytes)",
         ".ckpt", safetensors_polyglot(C("safetensors_polyglot_valid"), valid=True), live="torch")
 
+    # torch checks `magic != MAGIC_NUMBER`: unittest.mock.ANY equals everything, so the legacy pickles that
+    # follow are read; the protocol pickle has no PROTO opcode, so first-byte heuristics stop before them
+    magic = b"cunittest.mock\nANY\n."
+    rest = legacy_file(p2(os_system(C("magic_mock_any"))))
+    rest = rest[len(p2(long1(LEGACY_MAGIC))) + len(p2(b"M" + struct.pack("<H", 1001))):]
+    add("magic_mock_any", "legacy file whose magic number is unittest.mock.ANY (compares equal)", ".pt",
+        magic + b"M" + struct.pack("<H", 1001) + b"." + rest, live="torch")
+
     # "GGUF" reads as BINFLOAT (8 bytes: "GUF", the version, one byte of the tensor count): what follows is
     # the pickle torch.load runs; the GGUF header itself is nonsense
     add("gguf_polyglot", "GGUF magic whose bytes are a BINFLOAT opcode, payload after", ".ckpt",
