@@ -100,3 +100,85 @@ def test_cli_deep_exit_code_and_no_torch_import(tmp_path, cli):
             f"r = check({str(broken)!r}, deep=True); print(r.verdict, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["corrupt", "False"]
+
+
+# -- deflated records: bounded pieces, sizes checked against both headers -------------------------------------
+
+def _deflated_zip(values: bytes, numel: int, *, declare: int | None = None, local_declare: int | None = None):
+    """A torch zip whose record data/0 is DEFLATE-compressed; ``declare``/``local_declare`` overwrite the
+    inflated size the central directory / the local header record (offsets found with zipfile, a peer)."""
+    import io
+    import struct
+    import zipfile
+
+    from hostile.corpus import p2, state_dict, tensor_v2
+    from hostile.zipbuild import Member, build_zip, torch_members
+
+    ms = torch_members("archive", p2(state_dict(("w", tensor_v2("0", numel, size=(numel,))))))
+    ms.insert(4, Member("archive/data/0", values, method=8))
+    data = bytearray(build_zip(ms))
+    info = zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("archive/data/0")
+    if local_declare is not None:
+        data[info.header_offset + 22:info.header_offset + 26] = struct.pack("<I", local_declare)
+    if declare is not None:
+        cd = bytes(data).index(b"PK\x01\x02")
+        while True:  # the central entry of archive/data/0
+            nlen = struct.unpack("<H", data[cd + 28:cd + 30])[0]
+            if bytes(data[cd + 46:cd + 46 + nlen]) == b"archive/data/0":
+                break
+            cd = bytes(data).index(b"PK\x01\x02", cd + 4)
+        data[cd + 24:cd + 28] = struct.pack("<I", declare)
+        if local_declare is None:
+            data[info.header_offset + 22:info.header_offset + 26] = struct.pack("<I", declare)
+    return bytes(data)
+
+
+def test_deep_check_inflates_a_big_record_in_bounded_pieces(tmp_path):
+    """64 MiB of zeros deflate to ~64 KiB: --deep must CRC and scan them without holding them whole
+    (tracemalloc sees every Python and numpy allocation; the mmap of the file is not one)."""
+    import tracemalloc
+
+    numel = 16 << 20
+    p = tmp_path / "bomb.ckpt"
+    p.write_bytes(_deflated_zip(b"\0" * (numel * 4), numel))
+    assert p.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        r = check(p, deep=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.verdict == "suspicious", [f.detail for f in r.issues]  # compressed records are unusual, not damage
+    assert not [f for f in r.issues if f.kind in ("bad_record", "bad_record_crc")]
+    assert peak < 24 << 20, peak
+
+
+def test_record_inflating_past_its_declared_size_is_refused(tmp_path):
+    p = tmp_path / "more.ckpt"
+    p.write_bytes(_deflated_zip(b"\0" * (1 << 20), 3, declare=12))  # header and pickle say 12 bytes
+    r = check(p, deep=True)
+    assert any(f.kind == "bad_record" and "more than the 12 bytes" in f.detail for f in r.issues), r.issues
+    from ckptlab.errors import FormatError
+    from ckptlab.formats import open_model
+
+    with open_model(p) as src, pytest.raises(FormatError):
+        src.get("w")
+
+
+def test_local_and_central_sizes_must_agree(tmp_path):
+    import struct
+
+    vals = struct.pack("<3f", 1, 2, 3)
+    p = tmp_path / "lie.ckpt"
+    p.write_bytes(_deflated_zip(vals, 3, local_declare=4096))
+    r = check(p)
+    assert any(f.kind == "zip_size_mismatch" and "4096" in f.detail for f in r.issues), r.issues
+    from ckptlab.errors import FormatError
+    from ckptlab.formats import open_model
+
+    with open_model(p) as src, pytest.raises(FormatError):
+        src.get("w")  # the record is not read at all
+    p2_ = tmp_path / "ok.ckpt"
+    p2_.write_bytes(_deflated_zip(vals, 3))
+    with open_model(p2_) as src:
+        assert src.get("w").tolist() == [1.0, 2.0, 3.0]

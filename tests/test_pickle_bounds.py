@@ -39,7 +39,8 @@ CASES = {
     "binbytes8_2e62": (b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"xx.", {"suspicious", "corrupt"}),
     "binunicode8_huge": (b"\x80\x04\x8d" + struct.pack("<Q", 1 << 40) + b"xx.", {"suspicious", "corrupt"}),
     "long4_huge": (b"\x80\x02\x8b" + struct.pack("<i", 1 << 30) + b"\x01.", {"corrupt"}),
-    "text_long_many_digits": (b"L" + b"9" * 100_000 + b"L\n.", {"corrupt"}),
+    # read, not refused: CPython reads it where PYTHONINTMAXSTRDIGITS=0 lifts the digit limit
+    "text_long_many_digits": (b"L" + b"9" * 100_000 + b"L\n.", {"safe"}),
     "frame_2e63": (b"\x80\x04\x95" + struct.pack("<Q", 1 << 63) + b"N.", {"malicious"}),
     "zip_too_many_entries": (build_zip(torch_members("archive", p2(b"}")))[:-22] + struct.pack(
         "<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFE, 0xFFFE, 46, 0, 0), {"corrupt", "malicious"}),
@@ -126,3 +127,44 @@ def test_view_past_storage_is_refused_when_read(tmp_path):
     with pytest.raises(CkptlabError):
         convert(p, out_dir=tmp_path, allow_suspicious=True)
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_payload_past_a_limit_is_still_rated_and_the_file_never_opens(tmp_path, monkeypatch):
+    """Past a resource limit the values are lost, but the rest of the stream is skimmed for what it imports
+    (STACK_GLOBAL operands through the memo too); and a file read only in part is never opened, whatever the
+    verdict or --allow-suspicious."""
+    from hostile.corpus import p0_payload, sh, short_u
+
+    monkeypatch.setattr(pickle_vm, "MAX_MARKS", 1000)
+    p = tmp_path / "marks.ckpt"
+    p.write_bytes(b"(" * 1001 + p0_payload(tmp_path / "canary"))
+    r = check(p)
+    assert r.verdict == "malicious", [f.detail for f in r.issues]
+    assert any(f.kind == "resource_limit" for f in r.issues)
+    assert any("os.system" in f.detail and "past the resource limit" in f.detail for f in r.issues)
+    q = tmp_path / "memo.ckpt"  # STACK_GLOBAL with both names fetched from the memo
+    q.write_bytes(b"\x80\x04" + b"(" * 1001 + short_u("os") + b"\x94" + short_u("system") + b"\x94" + b"0" * 2 +
+                  b"h\x00h\x01\x93(" + short_u(sh(tmp_path / "canary")) + b"tR.")
+    assert check(q).verdict == "malicious"
+    benign_past_limit = tmp_path / "benign.ckpt"
+    benign_past_limit.write_bytes(b"(" * 1001 + b"N.")
+    assert check(benign_past_limit).verdict == "suspicious"
+    for f in (p, q, benign_past_limit):
+        with pytest.raises(CkptlabError):
+            open_model(f)
+        with pytest.raises(CkptlabError):
+            convert(f, out_dir=tmp_path, allow_suspicious=True)
+    assert not (tmp_path / "canary").exists()
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_nested_payload_deeper_than_the_limit_is_refused(tmp_path):
+    """Past MAX_NESTED_DEPTH nested payloads are not read: the file is refused by every command."""
+    p = tmp_path / "deep.ckpt"
+    p.write_bytes(_nested_legacy(pickle_vm.MAX_NESTED_DEPTH + 2))
+    r = check(p)
+    assert r.verdict == "suspicious" and any(f.kind == "nested_depth" for f in r.issues)
+    with pytest.raises(CkptlabError, match="could not read all"):
+        open_model(p)
+    with pytest.raises(CkptlabError):
+        convert(p, out_dir=tmp_path, allow_suspicious=True)

@@ -4,6 +4,7 @@ open_model/convert, and its payload never runs (its canary file never appears)."
 from __future__ import annotations
 
 import json
+import os
 import pickletools
 import subprocess
 import sys
@@ -250,8 +251,9 @@ for path in paths:
 
 def _live_under(mode: str, root: Path) -> dict[str, bool]:
     cases = build_hostile(root / "files", root / "canary")
+    env = {**os.environ, "PYTHONINTMAXSTRDIGITS": "0"}  # a setting a victim may have: it only widens what loads
     r = subprocess.run([sys.executable, "-c", LIVE_ORACLE], input=json.dumps([mode, [str(c.path) for c in cases]]),
-                       capture_output=True, text=True, timeout=600, cwd=root)
+                       capture_output=True, text=True, timeout=600, cwd=root, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return {c.name: c.canary.exists() for c in cases}
 
@@ -275,7 +277,7 @@ def test_every_payload_is_live_outside_ckptlab(tmp_path):
 
 ROUND_TWO_CLI = ["mark_pop_payload", "int_hex_payload", "long_bin_payload", "zip_int_hex", "zip_data_pkl_case",
                  "safetensors_polyglot_ckpt", "safetensors_polyglot_valid", "tar_v7_storages", "tar_storages_K",
-                 "tar_storages_proto4", "marks_100001_payload", "memo_5m_payload", "load_from_bytes_x3"]
+                 "tar_storages_proto4", "marks_100001_payload", "memo_5m_payload", "load_from_bytes_x3", "gguf_polyglot", "magic_mock_any"]
 
 
 @pytest.mark.parametrize("name", ROUND_TWO_CLI)

@@ -15,7 +15,7 @@ import zlib
 
 from ckptlab.checksum import crc32
 from ckptlab.formats.dtypes import itemsize
-from ckptlab.formats.pickle_archive import zip_record
+from ckptlab.formats.pickle_archive import zip_record_pieces
 from ckptlab.formats.pickle_vm import CORRUPT, Finding
 
 #: (unsigned type, exponent mask, NaN-only) per float dtype: a value is NaN or Inf when all its exponent
@@ -66,7 +66,9 @@ def safetensors_findings(path) -> list[Finding]:
 
 
 def pickle_findings(scan) -> list[Finding]:
-    """CRC and NaN/Inf findings for the storages of a ``pickle_archive.Scan`` (its mmap still open)."""
+    """CRC and NaN/Inf findings for the storages of a ``pickle_archive.Scan`` (its mmap still open). Zip
+    records are read in bounded pieces (a deflated record is never inflated whole), and one that inflates
+    to another size than its headers declare is reported."""
     out: list[Finding] = []
     bad_storages: list[str] = []
     mm = scan.mm
@@ -75,29 +77,46 @@ def pickle_findings(scan) -> list[Finding]:
             continue
         nbytes = st.numel * itemsize(st.dtype)
         if st.backing[0] == "view":
-            data, got, want = st.backing[1][st.backing[2]:st.backing[2] + nbytes], None, None
-        elif mm is None:
-            continue
-        else:
-            try:
-                data, want = zip_record(mm, st, nbytes)
-            except zlib.error as err:
-                out.append(Finding("bad_record", CORRUPT, f"storage record data/{st.key} does not inflate: {err}",
-                                   f"data/{st.key}"))
-                continue
-            got = crc32(data)
-        try:
-            if got is not None and got != want:
-                out.append(Finding("bad_record_crc", CORRUPT, f"storage record data/{st.key} fails its zip CRC-32 "
-                                   f"({got:08x}, recorded {want:08x}): the file is damaged", f"data/{st.key}"))
-            elif len(data) == nbytes and count_nonfinite(data, st.dtype, st.byteswap):
+            data = st.backing[1][st.backing[2]:st.backing[2] + nbytes]
+            if len(data) == nbytes and count_nonfinite(data, st.dtype, st.byteswap):
                 bad_storages.append(f"data/{st.key}")
-        finally:
-            if isinstance(data, memoryview):
-                data.release()
+            continue
+        if mm is None:
+            continue
+        try:
+            got, bad, want = _stream_record(mm, st, nbytes)
+        except zlib.error as err:
+            out.append(Finding("bad_record", CORRUPT, f"storage record data/{st.key} does not inflate: {err}",
+                               f"data/{st.key}"))
+            continue
+        if got != want:
+            out.append(Finding("bad_record_crc", CORRUPT, f"storage record data/{st.key} fails its zip CRC-32 "
+                               f"({got:08x}, recorded {want:08x}): the file is damaged", f"data/{st.key}"))
+        elif bad:
+            bad_storages.append(f"data/{st.key}")
     if bad_storages:
         out.append(_nonfinite(bad_storages, what="storage records"))
     return out
+
+
+def _stream_record(mm, st, nbytes: int) -> tuple[int, int, int]:
+    """(CRC-32, NaN/Inf count, recorded CRC-32) of a zip record, read piece by piece; pieces are re-cut at
+    element boundaries for the NaN/Inf count."""
+    isz = itemsize(st.dtype)
+    crc = 0
+    bad = 0
+    carry = b""
+    for piece in zip_record_pieces(mm, st, nbytes):
+        crc = crc32(piece, crc)
+        if carry:
+            piece = carry + bytes(piece)
+        cut = len(piece) - len(piece) % isz
+        if cut:
+            bad += count_nonfinite(piece[:cut], st.dtype, st.byteswap)
+        carry = bytes(piece[cut:])
+        if isinstance(piece, memoryview):
+            piece.release()
+    return crc & 0xFFFFFFFF, bad, st.backing[2] if st.backing[0] == "file" else st.backing[1].crc
 
 
 def _nonfinite(names: list[str], what: str = "tensors") -> Finding:

@@ -163,10 +163,12 @@ def polyglot_findings(p: Path) -> list[Finding]:
 def _check_gguf(p: Path) -> CheckResult:
     from ckptlab.errors import CkptlabError
 
+    polyglot = polyglot_findings(p)  # "GGUF" reads as BINFLOAT: the rest of the file may be a pickle
     try:
         from ckptlab.formats import open_model
 
         open_model(p).close()
     except CkptlabError as e:
-        return CheckResult(p, "gguf", CORRUPT, findings=[Finding("bad_header", CORRUPT, e.message)])
-    return CheckResult(p, "gguf", SAFE)
+        findings = [*polyglot, Finding("bad_header", CORRUPT, e.message)]
+        return CheckResult(p, "gguf", worst_verdict(f.severity for f in findings), findings=findings)
+    return CheckResult(p, "gguf", MALICIOUS if polyglot else SAFE, findings=polyglot)

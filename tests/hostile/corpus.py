@@ -452,7 +452,10 @@ def round_two(add, C, folder: Path) -> None:  # noqa: N803
             ("setitem_list_payload", b"]Na" + b"K\x00K\x05s0", "SETITEM on a list index"),
             ("marks_100001_payload", b"(" * 100_001, "100,001 open MARKs (CPython has no limit)"),
             ("memo_5m_payload", b"Nr\x00\x00\x50\x000j\x00\x00\x50\x000", "memo index 5,242,880"),
-            ("long4_5000_payload", b"\x8b\x88\x13\x00\x00" + b"\x01" * 5000 + b"0", "a 5000-byte LONG4")):
+            ("long4_5000_payload", b"\x8b\x88\x13\x00\x00" + b"\x01" * 5000 + b"0", "a 5000-byte LONG4"),
+            ("int_5000_digits_payload", b"I0x" + b"f" * 5000 + b"\n0", "INT of 5000 hex digits (no digit limit)"),
+            ("int_decimal_5000_payload", b"I" + b"9" * 5000 + b"\n0",
+             "INT of 5000 decimal digits (read where PYTHONINTMAXSTRDIGITS=0)")):
         s = frag + p0_payload(C(name))
         add(name, f"{what}, then a payload", ".ckpt", s, stream=s, shows=("os system",), live="pickle")
 
@@ -476,6 +479,19 @@ def round_two(add, C, folder: Path) -> None:  # noqa: N803
         safetensors_polyglot(C("safetensors_polyglot_ckpt"), valid=False), live="torch")
     add("safetensors_polyglot_valid", "valid safetensors file that is also a pickle (payload = tensor bytes)",
         ".ckpt", safetensors_polyglot(C("safetensors_polyglot_valid"), valid=True), live="torch")
+
+    # torch checks `magic != MAGIC_NUMBER`: unittest.mock.ANY equals everything, so the legacy pickles that
+    # follow are read; the protocol pickle has no PROTO opcode, so first-byte heuristics stop before them
+    magic = b"cunittest.mock\nANY\n."
+    rest = legacy_file(p2(os_system(C("magic_mock_any"))))
+    rest = rest[len(p2(long1(LEGACY_MAGIC))) + len(p2(b"M" + struct.pack("<H", 1001))):]
+    add("magic_mock_any", "legacy file whose magic number is unittest.mock.ANY (compares equal)", ".pt",
+        magic + b"M" + struct.pack("<H", 1001) + b"." + rest, live="torch")
+
+    # "GGUF" reads as BINFLOAT (8 bytes: "GUF", the version, one byte of the tensor count): what follows is
+    # the pickle torch.load runs; the GGUF header itself is nonsense
+    add("gguf_polyglot", "GGUF magic whose bytes are a BINFLOAT opcode, payload after", ".ckpt",
+        b"GGUF" + b"\x03\x00\x00\x00" + b"\x01" + p0_payload(C("gguf_polyglot")), live="torch")
 
     def tar(members: list[tuple[str, bytes]], fmt=tarfile.USTAR_FORMAT, strip_magic: bool = False) -> bytes:
         buf = io.BytesIO()

@@ -74,16 +74,18 @@ def open_model(path: str | Path, *, variant: str | None = None) -> TensorSource:
     files; ``None`` chooses one consistently); other formats ignore it.
     """
     fmt = detect_format(path)
-    if fmt == "safetensors":
-        from ckptlab.formats.safetensors import SafetensorsSource
+    if fmt in ("safetensors", "gguf"):
         from ckptlab.security import polyglot_findings
 
-        bad = polyglot_findings(Path(path))  # torch.load would run this file as a pickle
+        bad = polyglot_findings(Path(path))  # torch.load would read this file as a pickle from byte 0
         if bad:
             from ckptlab.errors import UnsafeFileError
 
             raise UnsafeFileError(f"refused: malicious pickle content ({bad[0].detail}); run `ckptlab check` for "
                                   "details", path)
+    if fmt == "safetensors":
+        from ckptlab.formats.safetensors import SafetensorsSource
+
         return SafetensorsSource(path)
     if fmt == "diffusers":
         from ckptlab.formats.diffusers import DiffusersSource

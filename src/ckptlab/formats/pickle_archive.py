@@ -25,7 +25,9 @@ from ckptlab.formats.pickle_vm import (
     MALICIOUS,
     SUSPICIOUS,
     BytesRef,
+    Call,
     Finding,
+    Global,
     PickleVM,
     StorageRef,
     storage_type_of,
@@ -511,15 +513,6 @@ def _bind_record(vm: PickleVM, ref: StorageRef, nbytes: int, at: int) -> None:
         ref.valid = False
 
 
-def _looks_like_pickle(content) -> bool:
-    head = bytes(content[:2])
-    if not head:
-        return False
-    if head[0] == 0x80:
-        return len(head) > 1 and head[1] <= 5
-    return head[:1] in (b"(", b"c", b"}", b"]", b"i", b"S", b"V", b"I", b"N", b"\x80")
-
-
 # ---------------------------------------------------------------------------------------------
 # legacy format and plain pickles
 
@@ -529,7 +522,13 @@ def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: in
     scan.absorb(vm)
     if not vm.complete:
         return vm.result
-    if vm.result != LEGACY_MAGIC or type(vm.result) is not int:
+    opaque = isinstance(vm.result, (Call, Global))
+    if opaque:
+        # torch compares the object with MAGIC_NUMBER (`magic != MAGIC_NUMBER`): an object built by a call
+        # (mock.ANY, a numpy object array...) may compare equal, and torch then reads the other pickles
+        scan.add("magic_uncertain", SUSPICIOUS, "the first pickle builds an object whose comparison with torch's "
+                 "magic number is unknown; the file is also read as a legacy torch file", location)
+    if not opaque and (vm.result != LEGACY_MAGIC or type(vm.result) is not int):
         if nested:
             scan.add("nested_not_torch", SUSPICIOUS, "nested payload is not a torch legacy file", location)
             return None
@@ -610,7 +609,7 @@ def _trailing(scan: Scan, buf, pos: int, end: int, location: str, depth: int) ->
         scan.add("trailing_data", SUSPICIOUS, f"{end - pos} bytes after the last pickle", location)
     # scan what follows as more pickles: some loaders call pickle.load repeatedly
     for _ in range(MAX_TRAILING_PICKLES):
-        if pos >= end or not _looks_like_pickle(buf[pos:pos + 2]):
+        if pos >= end:
             break
         vm = PickleVM(buf, pos, location=f"{location}@{pos}", depth=depth, end=end,
                       resolver=_NoPidResolver(scan)).run()

@@ -123,6 +123,26 @@ _FLOAT_RE = re.compile(rb"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _INF_NAN_RE = re.compile(rb"[+-]?(?:inf(?:inity)?|nan)", re.IGNORECASE)
 
 
+_DECIMAL_RE = re.compile(rb"[ \t\n\v\f\r]*[+-]?(?:0(?:_?0)*|[1-9](?:_?[0-9])*)[ \t\n\v\f\r]*")
+
+
+@dataclass(eq=False)
+class BigNumber:
+    """A decimal integer longer than this interpreter converts (``sys.get_int_max_str_digits``): CPython
+    reads it where that limit is lifted (``PYTHONINTMAXSTRDIGITS=0``), so it is read, not refused."""
+
+    digits: int
+
+
+def _base0(s: bytes):
+    try:
+        return int(s, 0)
+    except ValueError:
+        if _DECIMAL_RE.fullmatch(s):
+            return BigNumber(sum(c in b"0123456789" for c in s))
+        raise
+
+
 def _cstr(line: bytes) -> bytes:
     """``line`` (newline included) as the C parsers see it: up to its first NUL."""
     i = line.find(b"\0")
@@ -171,7 +191,7 @@ def parse_int_operand(line: bytes):
         if len(line) == 2 and x in (0, 1):
             return bool(x)
         return x
-    return int(s, 0)  # PyLong_FromString(s, NULL, 0): whitespace, underscores, 0x/0o/0b, digit limit
+    return _base0(s)  # PyLong_FromString(s, NULL, 0): whitespace, underscores, 0x/0o/0b
 
 
 def parse_long_operand(line: bytes) -> int:
@@ -180,7 +200,7 @@ def parse_long_operand(line: bytes) -> int:
         raise ValueError("empty LONG operand")
     if line.endswith(b"L"):
         line = line[:-1]
-    return int(_cstr(line), 0)
+    return _base0(_cstr(line))
 
 
 def parse_float_operand(line: bytes) -> float:
