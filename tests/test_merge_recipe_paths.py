@@ -330,3 +330,22 @@ def test_db_argument_at_api_level(tree, tmp_path):
     assert r.inputs[0].sha256 == "ef" * 32 and r.inputs[1].sha256 == _sha(b)
     r = merge("weighted_sum", [a, b], tmp_path / "o2.safetensors")  # CKPTLAB_DB: the test's empty catalog
     assert r.inputs[0].sha256 == _sha(a)
+
+
+def test_embedded_recipe_rules_at_api_level(merged, tree, tmp_path):
+    """The same rules for ``run_recipe(load(MODEL))``: no output without ``output``, special files refused."""
+    from ckptlab.errors import MismatchError
+
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(b"keep")
+    hostile = _hostile(merged, tmp_path / "h.safetensors", lambda t: _add_save(t, str(victim)))
+    with pytest.raises(RecipeError, match="never chooses where ckptlab writes"):
+        run_recipe(load(hostile), overwrite=True)
+    assert victim.read_bytes() == b"keep"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    a = (tree / "models" / "a.safetensors").resolve()
+    hostile2 = _hostile(merged, tmp_path / "h2.safetensors", lambda t: _repath(t, a, str(fifo)))
+    with pytest.raises(MismatchError, match="not a regular model file"):
+        run_recipe(load(hostile2), tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
