@@ -89,8 +89,9 @@ def _dtype(name, what: str, allowed: tuple[str, ...] = OUTPUT_DTYPES) -> str | N
         return None
     try:
         dt = parse_dtype(str(name))
-    except ValueError as e:
-        raise RecipeError(f"{what}: {e}") from None
+    except ValueError:
+        raise RecipeError(f"{what} {name!r}: unknown dtype; use one of {', '.join(friendly(d) for d in allowed)}") \
+            from None
     if dt not in allowed:
         kind = "a floating-point type" if dt not in FLOAT_DTYPES else "a type merges compute in"
         raise RecipeError(f"{what} {name!r}: {friendly(dt)} is not {kind}; use one of "

@@ -30,7 +30,7 @@ KIND_NAMES = {
     "embedding": "a textual-inversion embedding",
     "hypernetwork": "a hypernetwork",
     "upscaler": "an upscaler",
-    "unknown": "not a model ckptlab recognises",
+    "unknown": "a file of no known model layout",
 }
 
 _HINTS = {
@@ -93,10 +93,11 @@ def check_mergeable(name: str, path: str | None, kind: str | None) -> None:
     """Refuse an input that is not a full model (checkpoint or UNet/DiT-only file)."""
     if kind is None or kind in MERGEABLE_KINDS:
         return
-    what = KIND_NAMES.get(kind, f"a {kind}")
     where = f"{name} ({path})" if path else name
     hint = _HINTS.get(kind, "merge takes full checkpoints or UNet/DiT-only files")
-    raise MismatchError(f"cannot merge {where}: it is {what}, not a full model; {hint}")
+    if kind == "unknown":
+        raise MismatchError(f"cannot merge {where}: no known model layout matches its tensor names; {hint}")
+    raise MismatchError(f"cannot merge {where}: it is {KIND_NAMES.get(kind, 'a ' + kind)}, not a full model; {hint}")
 
 
 def check_same_kind(nodes) -> None:

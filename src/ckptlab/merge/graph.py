@@ -306,7 +306,8 @@ class StepNode(Node):
                 s.note(s.dropped_keys, k)
         if not self.plan or not (s.merged or s.inpaint_sliced):
             raise MismatchError(f"{', '.join(i.name for i in ins)} have no tensors in common to merge (different "
-                                "layouts: a single file and a diffusers folder, or a different architecture)")
+                                "layouts - a single file and a diffusers folder: convert one with `ckptlab "
+                                "from-diffusers` or `to-diffusers` first - or different architectures)")
 
     def _add(self, key: str, info: TensorInfo, action: tuple) -> None:
         dtype = info.dtype
