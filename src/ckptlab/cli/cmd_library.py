@@ -277,14 +277,26 @@ def register(app) -> None:
         import sys
 
         from ckptlab.errors import CkptlabError
-        from ckptlab.library.report import RENDERERS, build_inventory, check_output, write_report
+        from ckptlab.library.report import (
+            RENDERERS,
+            build_inventory,
+            check_output,
+            render_table,
+            write_report,
+        )
 
         if fmt not in RENDERERS:
             raise CkptlabError(f"unknown report format {fmt!r} (use {', '.join(RENDERERS)})")
         if output is not None:  # before the work, not after it
             check_output(output, overwrite=overwrite)
         with _catalog(db) as cat:
-            text = RENDERERS[fmt](build_inventory(cat))
+            inv = build_inventory(cat)
+        if fmt == "table" and output is None and sys.stdout.isatty():
+            import shutil
+
+            text = render_table(inv, width=shutil.get_terminal_size().columns)
+        else:
+            text = RENDERERS[fmt](inv)
         if output is None:
             sys.stdout.write(text)
             return
