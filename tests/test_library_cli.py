@@ -34,13 +34,14 @@ ESC = "\x1b"
 def _make_read_only(path: Path):
     """Make ``path`` unwritable for this user: chmod 444, and for root (which ignores modes) the
     immutable attribute. Returns the undo function; skips the test where neither works."""
-    path.chmod(0o444)
+    mode = 0o555 if path.is_dir() else 0o444
+    path.chmod(mode)
     if os.geteuid() != 0:
-        return lambda: path.chmod(0o644)
+        return lambda: path.chmod(mode | 0o200)
     chattr = shutil.which("chattr")
     if chattr is None or subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode != 0:
         pytest.skip("root cannot make a read-only file here (no chattr +i)")
-    return lambda: subprocess.run([chattr, "-i", str(path)], capture_output=True)
+    return lambda: (subprocess.run([chattr, "-i", str(path)], capture_output=True), path.chmod(mode | 0o200))
 
 
 @pytest.fixture
@@ -81,6 +82,25 @@ def test_read_only_catalog_hash_still_hashes(ro_catalog):
     assert json.loads(r.stdout)["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest().upper()
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("ckptlab: warning: ") and "read-only" in lines[0], r.stderr
+
+
+def test_catalog_in_a_read_only_folder(tmp_path):
+    """Where even opening fails (SQLite cannot make its -shm file): one line for scan, hashes still printed."""
+    ro = tmp_path / "ro"
+    model = write_st(tmp_path / "lib" / "x.safetensors", tensors("sd1_embedding", seed=5))
+    with Catalog(ro / "c.db") as cat:
+        scan([tmp_path / "lib"], cat)
+    undo = _make_read_only(ro)
+    try:
+        r = run_cli("scan", tmp_path / "lib", "--db", ro / "c.db")
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"ckptlab: error: {ro / 'c.db'}: cannot write the catalog: "), r.stderr
+        r = run_cli("hash", "--json", model, "--db", ro / "c.db")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest().upper()
+        assert r.stderr.startswith("ckptlab: warning: ") and r.stderr.endswith("hashes not cached\n"), r.stderr
+    finally:
+        undo()
 
 
 # -- concurrent scans ------------------------------------------------------------------------------------------
@@ -149,6 +169,7 @@ def test_escapes_in_names_and_metadata_are_shown_not_sent(tmp_path, cli):
         "id": 7, "modelId": 70, "name": f"v1{ESC}[31m", "baseModel": "SD 1.5", "files": [],
         "model": {"name": f"Red{ESC}[2J", "type": "TextualInversion"}, "trainedWords": [f"word{ESC}[5m"]}))
     touch_garbage(lib / f"bad{ESC}[2J.ckpt")
+    rlo = write_st(lib / "photo\u202egpj.safetensors", tensors("sd1_embedding", seed=2))  # a bidi override
     db = tmp_path / "c.db"
     r = cli("scan", str(lib), "--db", str(db))
     assert ESC not in r.stdout and ESC not in r.stderr
@@ -157,6 +178,8 @@ def test_escapes_in_names_and_metadata_are_shown_not_sent(tmp_path, cli):
     assert r.returncode == 0 and ESC not in r.stdout and "\x07" not in r.stdout
     assert "evil\\x1b]0;pwned\\x07\\x1b[2J.safetensors" in r.stdout
     assert "Red\\x1b[2J / v1\\x1b[31m; SD 1.5; triggers: word\\x1b[5m" in r.stdout
+    assert "\u202e" not in r.stdout and "photo\\u202egpj.safetensors" in r.stdout
+    assert json.loads(cli("ls", "--json", "--search", "photo", "--db", str(db)).stdout)["path"] == str(rlo)
     for target in (lib / name,):
         out = cli("show", str(target), "--db", str(db)).stdout
         assert ESC not in out and "evil\\x1b]0;pwned" in out

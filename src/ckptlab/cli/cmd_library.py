@@ -104,7 +104,14 @@ def register(app) -> None:
         if not files:
             raise CkptlabError(f"no model files in {', '.join(paths)}")
         total = sum(os.path.getsize(p) for p in files if os.path.isfile(p))
-        cat = None if no_cache else _catalog(db)
+        cat = None
+        if not no_cache:
+            from ckptlab.library.catalog import CatalogWriteError
+
+            try:
+                cat = _catalog(db)
+            except CatalogWriteError as e:  # the catalog is only a cache here (a read-only folder...)
+                warning_line(f"{e}; hashes not cached")
         try:
             with progress_bar("hashing", total=total, enabled=not json_out) as prog:
                 results = hash_paths(files, cat, progress=prog, on_cache_error=warning_line)
@@ -174,7 +181,7 @@ def register(app) -> None:
                       "[CIVITAI]", markup=False, highlight=False, soft_wrap=True)
         for r in recs:
             row = file_row(r)
-            what = "/".join(x for x in (r.kind, r.family) if x) or "?"
+            what = printable("/".join(x for x in (r.kind, r.family) if x) or "?")
             line = (f"{human(r.size):>10}  {what:<22} {r.format or '?':<11} {r.safety or '-':<10} "
                     f"{(row['autov2'] or '-').upper():<10}  {printable(r.path)}")
             if c := civ[r.id]:
