@@ -337,6 +337,11 @@ def test_ls_header_and_civitai_column_and_search(tmp_path, cli):
     for needle in ("tweaker", "SD 1.5", "sharp", "v1.0 (FIXED)"):
         assert _names(cli, db, "--search", needle) == ["detail-fp16.safetensors", "detail.safetensors"], needle
     assert _names(cli, db, "--search", "no such words") == []
+    # identification finds no family for these tiny LoRAs; the linked base model ("SD 1.5") stands in
+    with Catalog(db) as cat:
+        assert {r.family for r in cat.files()} == {None}
+    assert _names(cli, db, "--family", "SD 1.5") == ["detail-fp16.safetensors", "detail.safetensors"]
+    assert _names(cli, db, "--family", "sdxl") == []
     row = json.loads(cli("ls", "--json", "--db", str(db), "--search", "detailed").stdout.splitlines()[0])
     assert row["civitai"] == {"model_name": "Detail Tweaker", "version_name": "v1.0 (fixed)", "base_model": "SD 1.5",
                               "trigger_words": ["detailed", "sharp"], "source": "link"}

@@ -154,17 +154,19 @@ def register(app) -> None:
         from ckptlab.display import printable
         from ckptlab.library.layouts import resolve_family, resolve_kind
         from ckptlab.library.report import file_row
-        from ckptlab.library.show import civitai_brief, search_text
+        from ckptlab.library.show import base_model_family, civitai_brief, search_text
 
         with _catalog(db) as cat:
             kinds = resolve_kind(kind, cat.kinds()) if kind else None
             families = resolve_family(family, cat.families()) if family else None
-            recs = cat.files(status="missing" if missing else "present", kind=kinds, family=families, sort=sort,
-                             unsafe=unsafe)
+            recs = cat.files(status="missing" if missing else "present", kind=kinds, sort=sort, unsafe=unsafe)
             from ckptlab.hub.store import has_tables
 
             linked = has_tables(cat)
             civ = {r.id: civitai_brief(cat, r, linked) for r in recs}
+        if families:  # the identified family; where identification found none, CivitAI's base model
+            recs = [r for r in recs if (r.family or "").lower() in families
+                    or (not r.family and base_model_family(civ[r.id]) in families)]
         if errors:
             recs = [r for r in recs if r.error]
         if search:

@@ -188,7 +188,7 @@ def _html_table(cols: list[str], rows: list[list]) -> str:
                 text = str(v) if c == "files" else human_size(v)
                 out.append(f"<td class=\"n\" data-v=\"{v}\">{e(text)}</td>")
             else:
-                out.append(f"<td>{e('' if v is None else str(v))}</td>")
+                out.append(f"<td>{e(printable('' if v is None else v))}</td>")  # no bidi tricks either
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
