@@ -104,7 +104,14 @@ def register(app) -> None:
         if not files:
             raise CkptlabError(f"no model files in {', '.join(paths)}")
         total = sum(os.path.getsize(p) for p in files if os.path.isfile(p))
-        cat = None if no_cache else _catalog(db)
+        cat = None
+        if not no_cache:
+            from ckptlab.library.catalog import CatalogWriteError
+
+            try:
+                cat = _catalog(db)
+            except CatalogWriteError as e:  # the catalog is only a cache here (a read-only folder...)
+                warning_line(f"{e}; hashes not cached")
         try:
             with progress_bar("hashing", total=total, enabled=not json_out) as prog:
                 results = hash_paths(files, cat, progress=prog, on_cache_error=warning_line)
@@ -147,17 +154,19 @@ def register(app) -> None:
         from ckptlab.display import printable
         from ckptlab.library.layouts import resolve_family, resolve_kind
         from ckptlab.library.report import file_row
-        from ckptlab.library.show import civitai_brief, search_text
+        from ckptlab.library.show import base_model_family, civitai_brief, search_text
 
         with _catalog(db) as cat:
             kinds = resolve_kind(kind, cat.kinds()) if kind else None
             families = resolve_family(family, cat.families()) if family else None
-            recs = cat.files(status="missing" if missing else "present", kind=kinds, family=families, sort=sort,
-                             unsafe=unsafe)
+            recs = cat.files(status="missing" if missing else "present", kind=kinds, sort=sort, unsafe=unsafe)
             from ckptlab.hub.store import has_tables
 
             linked = has_tables(cat)
             civ = {r.id: civitai_brief(cat, r, linked) for r in recs}
+        if families:  # the identified family; where identification found none, CivitAI's base model
+            recs = [r for r in recs if (r.family or "").lower() in families
+                    or (not r.family and base_model_family(civ[r.id]) in families)]
         if errors:
             recs = [r for r in recs if r.error]
         if search:
@@ -174,7 +183,7 @@ def register(app) -> None:
                       "[CIVITAI]", markup=False, highlight=False, soft_wrap=True)
         for r in recs:
             row = file_row(r)
-            what = "/".join(x for x in (r.kind, r.family) if x) or "?"
+            what = printable("/".join(x for x in (r.kind, r.family) if x) or "?")
             line = (f"{human(r.size):>10}  {what:<22} {r.format or '?':<11} {r.safety or '-':<10} "
                     f"{(row['autov2'] or '-').upper():<10}  {printable(r.path)}")
             if c := civ[r.id]:
@@ -314,14 +323,26 @@ def register(app) -> None:
         import sys
 
         from ckptlab.errors import CkptlabError
-        from ckptlab.library.report import RENDERERS, build_inventory, check_output, write_report
+        from ckptlab.library.report import (
+            RENDERERS,
+            build_inventory,
+            check_output,
+            render_table,
+            write_report,
+        )
 
         if fmt not in RENDERERS:
             raise CkptlabError(f"unknown report format {fmt!r} (use {', '.join(RENDERERS)})")
         if output is not None:  # before the work, not after it
             check_output(output, overwrite=overwrite)
         with _catalog(db) as cat:
-            text = RENDERERS[fmt](build_inventory(cat))
+            inv = build_inventory(cat)
+        if fmt == "table" and output is None and sys.stdout.isatty():
+            import shutil
+
+            text = render_table(inv, width=shutil.get_terminal_size().columns)
+        else:
+            text = RENDERERS[fmt](inv)
         if output is None:
             sys.stdout.write(text)
             return

@@ -236,7 +236,8 @@ class MultiHasher:
 
 def hash_file(path: str | Path, progress: Progress | None = None) -> Hashes:
     """Compute every CivitAI hash of ``path`` in one read. Raises ``FormatError`` if the file cannot
-    be read or changes size while it is read."""
+    be read or changes size while it is read. ``progress`` is advanced by the bytes read; its total is
+    the caller's (one bar over many files: ``hash``, ``scan --hash``), never reset here."""
     from ckptlab.formats import require_regular_file
 
     progress = progress or null_progress
@@ -253,7 +254,6 @@ def hash_file(path: str | Path, progress: Progress | None = None) -> Hashes:
                 os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             except OSError:
                 pass
-        progress(0, total=size)
         try:
             mh.update_from_file(fh, progress=progress)
         except OSError as e:

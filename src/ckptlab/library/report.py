@@ -140,13 +140,15 @@ def render_csv(inv: Inventory) -> str:
     return buf.getvalue()
 
 
-def render_table(inv: Inventory, width: int = 120) -> str:
+def render_table(inv: Inventory, width: int | None = None) -> str:
+    """The inventory as rich tables. ``width``: the terminal's, to fit a screen; None (files, pipes)
+    never wraps a line or a cell, so each path stays on one line for ``grep``."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     buf = io.StringIO()
-    con = Console(file=buf, width=width, force_terminal=False, color_system=None)
+    con = Console(file=buf, width=width or 100_000, force_terminal=False, color_system=None)
     con.print(f"ckptlab inventory: {inv.files} files, {human_size(inv.bytes)}; {inv.missing} missing, "
               f"{inv.errors} with errors, {len(inv.unsafe)} not safe", markup=False, highlight=False)
     for title, cols, rows in _sections(inv):
@@ -186,7 +188,7 @@ def _html_table(cols: list[str], rows: list[list]) -> str:
                 text = str(v) if c == "files" else human_size(v)
                 out.append(f"<td class=\"n\" data-v=\"{v}\">{e(text)}</td>")
             else:
-                out.append(f"<td>{e('' if v is None else str(v))}</td>")
+                out.append(f"<td>{e(printable('' if v is None else v))}</td>")  # no bidi tricks either
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)

@@ -176,3 +176,16 @@ def render_text(d: dict) -> list[str]:
         if sc.get("trigger_words"):
             items("trigger words", sc["trigger_words"], 4)
     return out
+
+
+def base_model_family(civ: dict | None) -> str | None:
+    """The family a CivitAI base model names (``"SD 1.5"`` -> ``sd1``), or None (unknown, or no CivitAI data)."""
+    from ckptlab.errors import CkptlabError
+    from ckptlab.library.layouts import resolve_family
+
+    if not civ or not civ.get("base_model"):
+        return None
+    try:
+        return resolve_family(str(civ["base_model"]))[0]
+    except CkptlabError:
+        return None
