@@ -19,10 +19,8 @@ step "What is every file? (headers only: no tensor is loaded, no pickle code run
 step "Are the pickles safe? (own data-only reader; exit 0 = all safe)" \
   ckptlab check "$LIB/a1111"
 step "Catalog both layouts, with the six CivitAI hashes and tensor fingerprints" \
-  ckptlab scan "$LIB" --hash
+  ckptlab scan "$LIB" --hash --fingerprint
 step "The catalog" ckptlab ls --sort size
-step "Duplicates: exact copies and the same weights in another form" ckptlab dupes
-step "What could be freed" ckptlab plan-space
 step "Inventory report" ckptlab report --format html -o "$OUT/report.html"
 step "Convert the legacy pickle to safetensors (tensors bit-identical)" \
   ckptlab convert "$A/v1-5-pruned.ckpt" --out-dir "$OUT"
@@ -33,4 +31,12 @@ step "Merge two SD1 checkpoints, weighted sum at alpha 0.3" \
   --alpha 0.3 -o "$OUT/merge-0.3.safetensors"
 step "The merge remembers its recipe" ckptlab inspect "$OUT/merge-0.3.safetensors"
 step "Single file to a diffusers folder" ckptlab to-diffusers "$A/v1-5-pruned-emaonly.safetensors" -o "$OUT/sd15-diffusers"
+step "Catalog the outputs too (incremental: only the new files are read)" \
+  ckptlab scan "$LIB" --hash --fingerprint
+step "Duplicates: exact copies, and by fingerprint the same weights in another form (the converted pickle, the diffusers folder)" \
+  ckptlab dupes
+step "What could be freed: copies in UI folders become links, the rest goes (nothing is changed yet)" \
+  ckptlab plan-space -o "$OUT/plan.json"
+step "What apply-plan would do, each kept copy re-verified first (--dry-run: nothing is changed)" \
+  ckptlab apply-plan "$OUT/plan.json" --dry-run
 printf '\nDone. Outputs in %s; catalog in %s.\n' "$OUT" "$CKPTLAB_DB"

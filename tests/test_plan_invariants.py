@@ -194,6 +194,9 @@ def test_links_replace_ui_copies(lib):
         assert same(a, b) and not a.is_symlink() and not b.is_symlink(), (a, b)
     # the A1111 pickle of mB is now its stem with the kept copy's suffix, linked to the kept copy
     assert not (lib.sd / "mB.ckpt").exists() and same(lib.sd / "mB.safetensors", lib.ck / "mB.safetensors")
+    # the rescan after apply-plan keeps the extra_model_paths folder a UI folder for the next plan
+    with Catalog(lib.db) as cat:
+        assert {r.folder for r in cat.files() if Path(r.path).parent == lib.extra} == {"checkpoints"}
 
 
 def test_link_sym_and_none(lib):
@@ -370,8 +373,11 @@ def test_dry_run_is_exactly_the_real_run(lib):
 def test_idempotent_and_rerun_after_a_crash(lib):
     plan = lib.plan()
     plan.save(lib.root / "plan.json")
-    # a crash after the first half of the steps: the same plan cut short
-    half_plan = SpacePlan(steps=plan.steps[: len(plan.steps) // 2], catalog=plan.catalog)
+    # a crash before the step that links mB.ckpt under its new name: the same plan cut short there
+    renamed = next(s for s in plan.steps if s.link_path and s.link_path != s.path)
+    cut = plan.steps.index(renamed)
+    assert cut > 0
+    half_plan = SpacePlan(steps=plan.steps[:cut], catalog=plan.catalog)
     half_plan.save(lib.root / "half.json")
     first = apply_plan(lib.root / "half.json", catalog_path=lib.db)
     assert all(r.status == "done" for r in first)
@@ -380,7 +386,10 @@ def test_idempotent_and_rerun_after_a_crash(lib):
     from ckptlab.ops.apply_plan import hidden_target
 
     hidden_target(Path(t.output)).write_bytes(b"half a file")
+    # and a link under a new name was made but the old name not yet removed (mB.ckpt -> mB.safetensors)
+    os.link(renamed.keep, renamed.link_path)
     again = apply_plan(lib.root / "plan.json", catalog_path=lib.db)
+    assert not Path(renamed.path).exists() and os.path.samefile(renamed.link_path, renamed.keep)
     n = len(first)
     assert [r.status for r in again[:n]] == ["done-before"] * n
     assert all(r.status == "done" for r in again[n:]), [(r.path, r.message) for r in again[n:]]

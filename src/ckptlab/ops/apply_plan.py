@@ -229,7 +229,9 @@ def _duplicate_step(step, path: Path, res: StepResult, dry_run: bool) -> None:
     if os.path.lexists(path) and _same_file(path, keep):
         raise MismatchError("the copy to keep is this same file; nothing to do", path)
     _verify(path, step.size, step.mtime_ns, step.sha256)
-    if target is not None and target != path and os.path.lexists(target):
+    # a crash between making the renamed link and removing the old name leaves both: finish the step
+    linked = target is not None and target != path and _is_link_to(target, keep, step.link)
+    if target is not None and target != path and os.path.lexists(target) and not linked:
         raise OutputError(f"{target.name} already exists; not replaced", target)
     verify_keeper(step)
     freed = _freed_by_removing(path)
@@ -241,6 +243,8 @@ def _duplicate_step(step, path: Path, res: StepResult, dry_run: bool) -> None:
         return
     if target is None:
         res.moved_sidecars = _move_sidecars(path, keep)
+        path.unlink()
+    elif linked:
         path.unlink()
     else:
         tmp = target.with_name(f".{target.name}.ckptlab-link-{secrets.token_hex(4)}")
@@ -320,6 +324,35 @@ def _update_catalog(catalog_path: Path | None, renames: list[tuple[Path, Path]],
                 if row is not None:  # content changed: stat identity left for the rescan to refresh
                     cat.move_file(row.id, new)  # False when the new name already has its own row (rescanned)
         if rescan:
-            from ckptlab.library.scanner import scan
+            _rescan(cat, folders)
 
-            scan([str(f) for f in folders], cat)
+
+def _rescan(cat, folders: list[Path]) -> None:
+    """Rescan the touched folders, each as the UI folder it was catalogued as: a folder known only as a
+    category of an ``extra_model_paths.yaml`` is rescanned under that category again (through a
+    temporary YAML), so its files stay in a UI folder for the next plan."""
+    import tempfile
+
+    import yaml
+
+    from ckptlab.library import layouts
+    from ckptlab.library.scanner import scan
+
+    category: dict[Path, str] = {}
+    wanted = set(folders)
+    for r in cat.files(status="present"):
+        parent = Path(r.path).parent
+        if parent in wanted and r.folder and layouts.folder_hint(r.path)[0] is None and "\n" not in str(parent):
+            category.setdefault(parent, r.folder)
+    plain = [str(f) for f in folders if f not in category]
+    if not category:
+        scan(plain, cat)
+        return
+    by_cat: dict[str, list[str]] = {}
+    for f, c in category.items():
+        by_cat.setdefault(c, []).append(str(f))
+    with tempfile.TemporaryDirectory(prefix="ckptlab-apply-") as d:
+        y = Path(d) / "extra_model_paths.yaml"
+        y.write_text(yaml.safe_dump({"apply_plan": {c: "\n".join(fs) for c, fs in by_cat.items()}}),
+                     encoding="utf-8")
+        scan(plain, cat, extra_model_paths=y)
