@@ -126,11 +126,12 @@ def _is_lora(lf: LocalFile) -> bool:
 
 
 def _outcome_from(lf: LocalFile, status: str, link: store.Link | None, version: dict | None, **kw) -> LinkOutcome:
-    v = version or {}
+    v = version if isinstance(version, dict) else {}  # stored by an older ckptlab: not checked then
+    m = v.get("model") if isinstance(v.get("model"), dict) else {}
     return LinkOutcome(path=lf.path, sha256=lf.sha256, status=status,
                        version_id=link.version_id if link else v.get("id"),
                        model_id=link.model_id if link else v.get("modelId"),
-                       model_name=(v.get("model") or {}).get("name"), version_name=v.get("name"),
+                       model_name=m.get("name"), version_name=v.get("name"),
                        matched_by=link.matched_by if link else None,
                        inherited_from=link.inherited_from if link else None, **kw)
 
