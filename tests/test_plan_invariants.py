@@ -522,3 +522,25 @@ def test_cli_plan_space_output_and_apply_plan_db(lib, cli):
     assert r.returncode == 0 and "link  " in r.stdout and "remove" in r.stdout
     assert all(len(line) < 400 for line in r.stdout.splitlines()) and not any(
         line.startswith(("KiB", "MiB")) for line in r.stdout.splitlines())  # never hard-wrapped
+
+
+def test_a_pickle_not_called_safe_is_never_kept(lib, monkeypatch):
+    """A suspicious (or unchecked) pickle is in no group: it is neither the kept copy others are
+    removed for, nor removed for another."""
+    import dataclasses
+
+    real = Catalog.files
+
+    def files(self, *a, **kw):
+        return [dataclasses.replace(r, safety="suspicious") if r.path == str(lib.sd / "mB.ckpt") else r
+                for r in real(self, *a, **kw)]
+
+    monkeypatch.setattr(Catalog, "files", files)
+    with Catalog(lib.db) as cat:
+        groups = find_dupes(cat).groups
+        plan = plan_space(cat)
+    assert str(lib.sd / "mB.ckpt") not in {c.path for g in groups for c in g.copies}
+    dups = [s for s in plan.steps if s.action != "transform"]
+    assert str(lib.sd / "mB.ckpt") not in {s.path for s in dups} | {s.keep for s in dups}
+    # (a transform of it would check the file itself again: run_each refuses pickles check does not call safe)
+
