@@ -58,7 +58,7 @@ class Lib:
     def scan(self) -> None:
         with Catalog(self.db) as cat:
             scan([self.root / "webui", self.root / "ComfyUI", self.out, self.dl], cat, hash=True, fingerprint=True,
-                 extra_model_paths=self.yaml)
+                 extra_model_paths=self.yaml, workers=1)
 
     def plan(self, **kw) -> SpacePlan:
         with Catalog(self.db) as cat:
