@@ -544,3 +544,25 @@ def test_a_pickle_not_called_safe_is_never_kept(lib, monkeypatch):
     assert str(lib.sd / "mB.ckpt") not in {s.path for s in dups} | {s.keep for s in dups}
     # (a transform of it would check the file itself again: run_each refuses pickles check does not call safe)
 
+
+@pytest.mark.parametrize("change", [
+    {"keep": 5}, {"mtime_ns": "soon"}, {"link_path": "/elsewhere/x.safetensors"}, {"link_path": "../x.safetensors"},
+    {"output": "/etc/x.safetensors"}, {"output": None}, {"ops": ["rm"]}, {"match": "md5"}, {"keep_size": None}])
+def test_forged_steps_are_refused_with_one_line(change, tmp_path, cli):
+    """A hand-edited plan cannot make apply-plan write outside a step's own folder or crash."""
+    base = {"dup": {"action": "link_duplicate", "path": "/m/a/x.safetensors", "size": 1, "bytes_freed": 1,
+                    "sha256": "AA", "keep": "/m/b/x.safetensors", "keep_size": 1, "keep_sha256": "AA",
+                    "match": "sha256", "link": "hard", "link_path": "/m/a/x.safetensors"},
+            "transform": {"action": "transform", "path": "/m/a/y.ckpt", "size": 1, "bytes_freed": 1,
+                          "ops": ["convert_pickle"], "output": "/m/a/y.safetensors"}}
+    which = "transform" if set(change) & {"output", "ops"} else "dup"
+    step = dict(base[which], **change)
+    if change.get("link_path", "").startswith(".."):
+        step["link_path"] = "/m/a/../x.safetensors"
+    obj = {"format": "ckptlab-space-plan", "version": 2, "steps": [step]}
+    with pytest.raises(FormatError):
+        SpacePlan.from_dict(obj)
+    (tmp_path / "p.json").write_text(json.dumps(obj))
+    r = cli("apply-plan", tmp_path / "p.json", "--db", tmp_path / "c.db")
+    assert r.returncode == 1 and r.stderr.startswith("ckptlab: error:") and len(r.stderr.splitlines()) == 1
+
