@@ -40,6 +40,8 @@ from ckptlab.library.catalog import Catalog, FileRecord
 from ckptlab.library.plan import PlanStep, SpacePlan
 
 NO_FP16_KINDS = frozenset({"vae"})  # fp16 VAEs overflow (SDXL VAE) - not proposed
+#: kinds whose fp16 form every UI loads; others (upscalers, detectors, unknown files) are not proposed
+FP16_KINDS = frozenset({"checkpoint", "unet", "lora", "lycoris", "controlnet", "text_encoder"})
 #: kinds every UI also loads as .safetensors; a pickle of another kind is never converted unless asked
 #: (stock A1111 lists hypernetworks only as *.pt and ESRGAN models only as *.pth)
 CONVERT_KINDS = frozenset({"checkpoint", "lora", "lycoris", "vae", "embedding", "controlnet", "unet",
@@ -367,7 +369,8 @@ def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = T
         if r.ema_bytes:
             ops.append("prune")
         stem = path.stem
-        if fp16 and r.fp32_bytes and r.kind not in NO_FP16_KINDS and r.fp32_bytes * 100 >= (r.tensor_bytes or 0):
+        if (fp16 and r.fp32_bytes and r.kind in FP16_KINDS and r.kind not in NO_FP16_KINDS
+                and r.fp32_bytes * 100 >= (r.tensor_bytes or 0)):
             new_stem = _retag(stem)
             if r.id in same_weights_keepers:
                 plan.notes.append(f"{r.path}: not made fp16: it is the kept copy of a same-weights group "
