@@ -58,7 +58,7 @@ class Lib:
     def scan(self) -> None:
         with Catalog(self.db) as cat:
             scan([self.root / "webui", self.root / "ComfyUI", self.out, self.dl], cat, hash=True, fingerprint=True,
-                 extra_model_paths=self.yaml)
+                 extra_model_paths=self.yaml, workers=1)
 
     def plan(self, **kw) -> SpacePlan:
         with Catalog(self.db) as cat:
@@ -522,3 +522,47 @@ def test_cli_plan_space_output_and_apply_plan_db(lib, cli):
     assert r.returncode == 0 and "link  " in r.stdout and "remove" in r.stdout
     assert all(len(line) < 400 for line in r.stdout.splitlines()) and not any(
         line.startswith(("KiB", "MiB")) for line in r.stdout.splitlines())  # never hard-wrapped
+
+
+def test_a_pickle_not_called_safe_is_never_kept(lib, monkeypatch):
+    """A suspicious (or unchecked) pickle is in no group: it is neither the kept copy others are
+    removed for, nor removed for another."""
+    import dataclasses
+
+    real = Catalog.files
+
+    def files(self, *a, **kw):
+        return [dataclasses.replace(r, safety="suspicious") if r.path == str(lib.sd / "mB.ckpt") else r
+                for r in real(self, *a, **kw)]
+
+    monkeypatch.setattr(Catalog, "files", files)
+    with Catalog(lib.db) as cat:
+        groups = find_dupes(cat).groups
+        plan = plan_space(cat)
+    assert str(lib.sd / "mB.ckpt") not in {c.path for g in groups for c in g.copies}
+    dups = [s for s in plan.steps if s.action != "transform"]
+    assert str(lib.sd / "mB.ckpt") not in {s.path for s in dups} | {s.keep for s in dups}
+    # (a transform of it would check the file itself again: run_each refuses pickles check does not call safe)
+
+
+@pytest.mark.parametrize("change", [
+    {"keep": 5}, {"mtime_ns": "soon"}, {"link_path": "/elsewhere/x.safetensors"}, {"link_path": "../x.safetensors"},
+    {"output": "/etc/x.safetensors"}, {"output": None}, {"ops": ["rm"]}, {"match": "md5"}, {"keep_size": None}])
+def test_forged_steps_are_refused_with_one_line(change, tmp_path, cli):
+    """A hand-edited plan cannot make apply-plan write outside a step's own folder or crash."""
+    base = {"dup": {"action": "link_duplicate", "path": "/m/a/x.safetensors", "size": 1, "bytes_freed": 1,
+                    "sha256": "AA", "keep": "/m/b/x.safetensors", "keep_size": 1, "keep_sha256": "AA",
+                    "match": "sha256", "link": "hard", "link_path": "/m/a/x.safetensors"},
+            "transform": {"action": "transform", "path": "/m/a/y.ckpt", "size": 1, "bytes_freed": 1,
+                          "ops": ["convert_pickle"], "output": "/m/a/y.safetensors"}}
+    which = "transform" if set(change) & {"output", "ops"} else "dup"
+    step = dict(base[which], **change)
+    if change.get("link_path", "").startswith(".."):
+        step["link_path"] = "/m/a/../x.safetensors"
+    obj = {"format": "ckptlab-space-plan", "version": 2, "steps": [step]}
+    with pytest.raises(FormatError):
+        SpacePlan.from_dict(obj)
+    (tmp_path / "p.json").write_text(json.dumps(obj))
+    r = cli("apply-plan", tmp_path / "p.json", "--db", tmp_path / "c.db")
+    assert r.returncode == 1 and r.stderr.startswith("ckptlab: error:") and len(r.stderr.splitlines()) == 1
+

@@ -5,7 +5,7 @@ A duplicate group is every catalogued file of one model: files linked by the sam
 bytes), or by an equal tensor fingerprint (fp32 vs fp16, ``.ckpt`` vs ``.safetensors``, full vs
 pruned, metadata edits, a diffusers folder vs its single file), or by an equal bf16 fingerprint,
 joined transitively. Hard links and symlinks to one file (same ``(dev, inode)``) are one physical
-file, never a duplicate. Each group has exactly one kept copy, so two groups can never disagree about
+file, never a duplicate. A pickle that ``check`` did not call ``safe`` is in no group. Each group has exactly one kept copy, so two groups can never disagree about
 a file. ``kind`` is ``exact`` when every copy is the same bytes, else ``same_weights``.
 ``shared_component`` groups (``components=True``) are informational: different models sharing one
 component, e.g. the same UNet with a different VAE baked in. Nothing is freed.
@@ -40,6 +40,8 @@ from ckptlab.library.catalog import Catalog, FileRecord
 from ckptlab.library.plan import PlanStep, SpacePlan
 
 NO_FP16_KINDS = frozenset({"vae"})  # fp16 VAEs overflow (SDXL VAE) - not proposed
+#: kinds whose fp16 form every UI loads; others (upscalers, detectors, unknown files) are not proposed
+FP16_KINDS = frozenset({"checkpoint", "unet", "lora", "lycoris", "controlnet", "text_encoder"})
 #: kinds every UI also loads as .safetensors; a pickle of another kind is never converted unless asked
 #: (stock A1111 lists hypernetworks only as *.pt and ESRGAN models only as *.pth)
 CONVERT_KINDS = frozenset({"checkpoint", "lora", "lycoris", "vae", "embedding", "controlnet", "unet",
@@ -203,7 +205,9 @@ def find_dupes(catalog: Catalog, *, prefer_smaller: bool = False, components: bo
         from ckptlab.errors import CkptlabError
 
         raise CkptlabError(f"--link {link!r}: use one of {', '.join(LINK_MODES)}")
-    recs = [r for r in catalog.files(status="present", sort="id") if r.error is None and r.dev is not None]
+    # a pickle that `check` did not call safe is never kept, linked to or removed in favour of another copy
+    recs = [r for r in catalog.files(status="present", sort="id") if r.error is None and r.dev is not None
+            and not (r.format == "pickle" and r.safety != "safe")]
     # one record per physical file (hard links / symlinks to the same inode)
     physical: dict[tuple[int, int], FileRecord] = {}
     for r in sorted(recs, key=lambda r: (r.is_link, r.id)):
@@ -365,7 +369,8 @@ def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = T
         if r.ema_bytes:
             ops.append("prune")
         stem = path.stem
-        if fp16 and r.fp32_bytes and r.kind not in NO_FP16_KINDS and r.fp32_bytes * 100 >= (r.tensor_bytes or 0):
+        if (fp16 and r.fp32_bytes and r.kind in FP16_KINDS and r.kind not in NO_FP16_KINDS
+                and r.fp32_bytes * 100 >= (r.tensor_bytes or 0)):
             new_stem = _retag(stem)
             if r.id in same_weights_keepers:
                 plan.notes.append(f"{r.path}: not made fp16: it is the kept copy of a same-weights group "

@@ -48,7 +48,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from ckptlab.errors import CkptlabError, FormatError, OutputError
 
@@ -90,6 +90,15 @@ class PlanStep:
             raise FormatError(f"unknown plan action {self.action!r} (known: {', '.join(ACTIONS)})")
         if not isinstance(self.path, str) or not self.path:
             raise FormatError("a plan step has no path")
+        for name in ("sha256", "keep", "keep_sha256", "match", "keep_fingerprint", "link", "link_path", "output"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise FormatError(f"plan step for {self.path}: {name} must be a string")
+        for name in ("mtime_ns", "keep_size", "keep_mtime_ns", "file_id", "group"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise FormatError(f"plan step for {self.path}: {name} must be an integer")
+        if not isinstance(self.reason, str):
+            raise FormatError(f"plan step for {self.path}: reason must be a string")
         if not isinstance(self.size, int) or not isinstance(self.bytes_freed, int):
             raise FormatError(f"plan step for {self.path}: size and bytes_freed must be integers")
         if self.action in ("delete_duplicate", "link_duplicate"):
@@ -104,11 +113,18 @@ class PlanStep:
                 raise FormatError(f"{self.action} step for {self.path}: match {self.match} without keep_fingerprint")
         if self.action == "link_duplicate" and (self.link not in LINKS or not self.link_path):
             raise FormatError(f"link_duplicate step for {self.path} needs link (hard|sym) and link_path")
+        # a step writes only next to its own file (plan-space never plans otherwise; a forged plan cannot
+        # make apply-plan put a link or a model anywhere else)
+        for name in ("link_path", "output"):
+            v = getattr(self, name)
+            if v is not None and (PurePath(v).parent != PurePath(self.path).parent or ".." in PurePath(v).parts
+                                  or ".." in PurePath(self.path).parts):
+                raise FormatError(f"plan step for {self.path}: {name} {v} is not in the same folder")
         if self.action == "transform":
             if not self.ops or not isinstance(self.ops, list) or any(o not in OPS for o in self.ops):
                 raise FormatError(f"transform step for {self.path}: ops must be a list of {', '.join(OPS)}")
-            if not self.output:
-                raise FormatError(f"transform step for {self.path} does not name its output")
+            if not self.output or not self.output.endswith(".safetensors"):
+                raise FormatError(f"transform step for {self.path} does not name its .safetensors output")
 
     @property
     def label(self) -> str:

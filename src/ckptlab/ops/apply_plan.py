@@ -239,6 +239,9 @@ def _duplicate_step(step, path: Path, res: StepResult, dry_run: bool) -> None:
     what = (f"remove it (kept: {keep})" if target is None else
             f"replace it by a {step.link} link to {keep}" + (f" named {target.name}" if target != path else ""))
     if dry_run:
+        from ckptlab.ops.stream import probe_writable
+
+        probe_writable(path.parent, path)  # the removal or the rename would fail there otherwise
         res.status, res.bytes_freed, res.message = "would-do", freed, f"kept copy verified; would {what}"
         return
     if target is None:
