@@ -349,3 +349,20 @@ def test_embedded_recipe_rules_at_api_level(merged, tree, tmp_path):
     with pytest.raises(MismatchError, match="not a regular model file"):
         run_recipe(load(hostile2), tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_saved_recipe_keeps_saves_inside_its_folder_only(tree, tmp_path):
+    """--save-recipe of a chain with a saved intermediate: written relative to the new file when it lies in
+    its folder; otherwise left as a comment, so the new recipe never writes outside its own folder."""
+    rf = tree / "recipes" / "chain.toml"
+    (tree / "recipes" / "mid").mkdir()
+    rf.write_text(_chain(save_mix="mid/m.safetensors"))
+    inside = tree / "recipes" / "mid" / "again.toml"
+    run_recipe(load(rf), tmp_path / "o1.safetensors", save_recipe=inside)
+    assert 'save = "m.safetensors"' in inside.read_text()
+    assert load(inside).save_path(load(inside).steps[0]) == (tree / "recipes" / "mid" / "m.safetensors").resolve()
+    outside = tmp_path / "elsewhere" / "copy.toml"
+    run_recipe(load(rf), tmp_path / "o2.safetensors", save_recipe=outside, overwrite=True)
+    text = outside.read_text()
+    assert "\nsave =" not in text and "is outside this file's folder" in text
+    assert load(outside).steps[0].save is None

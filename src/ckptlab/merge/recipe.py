@@ -329,8 +329,9 @@ def dumps(recipe: Recipe, *, outputs: bool = True, absolute: bool = False, relat
                 where = recipe.save_path(st)
                 rel = _relative(where, relative_to) if where is not None else None
                 if rel is None or rel.startswith("../") or rel == "..":
-                    lines.append(f"# save = {_value(st.save)} (outside this file's folder: not saved when re-run "
-                                 "from here)")
+                    shown = str(where.absolute()) if where is not None else st.save
+                    lines.append(f"# save: {_value(shown)} is outside this file's folder (a recipe only writes "
+                                 "inside its own folder)")
                     save = None
                 else:
                     save = rel
