@@ -83,6 +83,8 @@ def _load_json(path: Path) -> tuple[Any, str | None]:
         return None, f"cannot read: {e.strerror or e}"
     except ValueError as e:
         return None, f"not valid JSON: {e}"
+    except RecursionError:  # json's C decoder recurses once per level; a hostile file nests 100,000 deep
+        return None, "not valid JSON: nested too deeply"
 
 
 def classify_json(obj: Any) -> str:
