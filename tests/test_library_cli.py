@@ -401,3 +401,19 @@ def test_scan_progress_counts_files_and_bytes_of_all_files(tmp_path, hash):
     assert rec.total == rec.advanced == size + hashed
     if hash:
         assert [d for d in rec.descriptions if d.startswith("hashing")][-1] == "hashing 6/6 files"
+
+
+def test_ls_survives_hostile_sidecar_values(tmp_path, cli):
+    """A Stability Matrix sidecar whose names are a list and a number, trigger words mixed types."""
+    lib = tmp_path / "lib"
+    write_st(lib / "x.safetensors", tensors("sd1_embedding", seed=1))
+    (lib / "x.cm-info.json").write_text(json.dumps({
+        "ModelId": 1, "ModelName": ["a", "b"], "VersionId": 2, "VersionName": 7, "BaseModel": {"x": 1},
+        "TrainedWords": ["w1", 2, None]}))
+    db = tmp_path / "c.db"
+    assert cli("scan", str(lib), "--db", str(db)).returncode == 0
+    r = cli("ls", "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    assert '[["a", "b"] / 7; {"x": 1}; triggers: w1, 2, None]' in r.stdout
+    assert _names(cli, db, "--search", "w1") == ["x.safetensors"]
+    assert cli("ls", "--family", "sd1", "--db", str(db)).returncode == 0
