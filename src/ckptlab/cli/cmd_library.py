@@ -160,9 +160,12 @@ def register(app) -> None:
             kinds = resolve_kind(kind, cat.kinds()) if kind else None
             families = resolve_family(family, cat.families()) if family else None
             recs = cat.files(status="missing" if missing else "present", kind=kinds, sort=sort, unsafe=unsafe)
-            from ckptlab.hub.store import has_tables
-
-            linked = has_tables(cat)
+            try:
+                from ckptlab.hub.store import has_tables
+            except ImportError:  # pragma: no cover - a build without the hub
+                linked = False
+            else:
+                linked = has_tables(cat)
             civ = {r.id: civitai_brief(cat, r, linked) for r in recs}
         if families:  # the identified family; where identification found none, CivitAI's base model
             recs = [r for r in recs if (r.family or "").lower() in families
