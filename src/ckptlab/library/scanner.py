@@ -547,8 +547,7 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
         c.executemany("INSERT OR IGNORE INTO _seen(id) VALUES (?)", [(i,) for i in unchanged_ids])
         c.execute("UPDATE files SET last_seen = ?, last_scan = ? WHERE id IN (SELECT id FROM _seen)",
                   (now, summary.scan_id))
-        for f, fid in moves:
-            _apply_move(c, f, fid, now, summary.scan_id)
+        moves = [(f, fid) for f, fid in moves if _apply_move(c, f, fid, now, summary.scan_id)]
         for f, fid in sidecar_updates:
             sc = sidecars.find(f.path, f.names)
             c.execute("UPDATE files SET sidecars = ? WHERE id = ?", (_sidecar_json(f, sc), fid))
@@ -621,7 +620,7 @@ def _location(f: Found) -> dict:
             "root": display_path(f.root), "folder": folder, "hint": hint}
 
 
-def _apply_move(c, f: Found, fid: int, now: float, scan_id: int) -> None:
+def _apply_move(c, f: Found, fid: int, now: float, scan_id: int) -> bool:
     loc = _location(f)
     sc = sidecars.find(f.path, f.names)
     # (no-op when another scan has meanwhile catalogued the new path: the old row then becomes missing)
@@ -630,6 +629,7 @@ def _apply_move(c, f: Found, fid: int, now: float, scan_id: int) -> None:
               "(SELECT 1 FROM files WHERE path = ?)",
               (loc["path"], loc["display"], loc["name"], loc["root"], loc["folder"], int(f.is_link),
                _sidecar_json(f, sc), now, scan_id, fid, loc["path"]))
+    return c.execute("SELECT changes()").fetchone()[0] > 0
 
 
 def _ignore_sigint() -> None:
