@@ -795,39 +795,51 @@ def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *,
 
 
 def hash_paths(paths: list[str | os.PathLike], catalog: Catalog | None = None,
-               progress: Progress | None = None, on_cache_error=None) -> list[dict]:
+               progress: Progress | None = None, on_cache_error=None, on_error=None) -> list[dict]:
     """``ckptlab hash``: hashes of each path, from the catalog's cache when the file's stat identity
     is known there, else computed (and cached when a catalog is given). A catalog that cannot be
     written (read-only, disk full) is only a cache: ``on_cache_error(message)`` is told once and the
-    hashes are still returned."""
+    hashes are still returned. A path that cannot be hashed raises ``CkptlabError``, or, with
+    ``on_error``, is passed to it and skipped (the other files are still hashed)."""
+    out = []
+    for p in paths:
+        try:
+            r = _hash_one(Path(p), catalog, progress or null_progress, on_cache_error)
+        except CkptlabError as e:
+            if on_error is None:
+                raise
+            on_error(e)
+            continue
+        if r.pop("_uncached", False):
+            catalog, on_cache_error = None, None
+        out.append(r)
+    return out
+
+
+def _hash_one(p: Path, catalog: Catalog | None, progress: Progress, on_cache_error) -> dict:
     from ckptlab.library.catalog import CatalogWriteError
     from ckptlab.library.hashes import hash_file
 
-    progress = progress or null_progress
-    out = []
-    for p in paths:
-        p = Path(p)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise CkptlabError(f"cannot access: {e.strerror or e}", p) from None
+    if stat_mod.S_ISDIR(st.st_mode):
+        raise CkptlabError("is a folder (hash files, or scan the folder with --hash)", p)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = catalog.content(key) if catalog is not None else None
+    if cached and cached.get("hashes"):
+        progress(st.st_size)
+        return {"path": display_path(p), "cached": True, **cached["hashes"].__dict__}
+    h = hash_file(p, progress=progress)
+    out = {"path": display_path(p), "cached": False, **h.__dict__}
+    after = os.stat(p)
+    if catalog is not None and (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == key:
         try:
-            st = os.stat(p)
-        except OSError as e:
-            raise CkptlabError(f"cannot access: {e.strerror or e}", p) from None
-        if stat_mod.S_ISDIR(st.st_mode):
-            raise CkptlabError("is a folder (hash files, or scan the folder with --hash)", p)
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        cached = catalog.content(key) if catalog is not None else None
-        if cached and cached.get("hashes"):
-            out.append({"path": display_path(p), "cached": True, **cached["hashes"].__dict__})
-            progress(st.st_size)
-            continue
-        h = hash_file(p, progress=progress)
-        after = os.stat(p)
-        if catalog is not None and (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == key:
-            try:
-                with catalog.transaction():
-                    catalog.put_hashes(key, h)
-            except CatalogWriteError as e:
-                if on_cache_error is not None:
-                    on_cache_error(f"{e}; hashes not cached")
-                catalog = None
-        out.append({"path": display_path(p), "cached": False, **h.__dict__})
+            with catalog.transaction():
+                catalog.put_hashes(key, h)
+        except CatalogWriteError as e:
+            if on_cache_error is not None:
+                on_cache_error(f"{e}; hashes not cached")
+            out["_uncached"] = True  # no further writes to try
     return out
