@@ -209,3 +209,24 @@ def test_safetensors_verdicts_equal_check(tmp_path):
         assert [f["kind"] for f in rec.safety_detail["findings"]] == [f.kind for f in oracle.issues], name
     assert {n for n, r in recs.items() if r.safety == "safe"} == {p.name for p in good}
     assert all(recs[n].safety in ("corrupt", "unchecked") and recs[n].error for n in bad)
+
+
+def test_a_reader_refusal_is_never_stored_as_safe(tmp_path, monkeypatch):
+    """Should ``check`` and the pickle reader ever disagree, the reader's refusal wins over ``safe``."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "x.ckpt").write_bytes(pickle.dumps({"w": [1.0]}, protocol=2))
+
+    from ckptlab.errors import UnsafeFileError
+    from ckptlab.formats import pickle as pickle_reader
+
+    def refuse(self, path, **kw):
+        raise UnsafeFileError("refused: malicious pickle content (test)", path)
+
+    monkeypatch.setattr(pickle_reader.PickleSource, "__init__", refuse)
+    with Catalog(tmp_path / "c.db") as cat:
+        scan([lib], cat, workers=1)
+        rec = cat.get_by_path(lib / "x.ckpt")
+    assert check(lib / "x.ckpt").verdict == "safe"
+    assert rec.safety == "suspicious" and rec.error is None
+    assert rec.safety_detail["reader_refused"] == "refused: malicious pickle content (test)"

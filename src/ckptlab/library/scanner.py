@@ -310,10 +310,10 @@ def read_file_facts(path: str, kind_hint: str | None = None) -> dict:
     try:
         _read_tensors(path, fmt, facts, open_model)
     except UnsafeFileError as e:
-        if safety["safety"] in UNSAFE_VERDICTS:
-            return facts
-        e.partial_facts = facts
-        raise
+        if safety["safety"] not in UNSAFE_VERDICTS:  # the reader saw more than the check: never "safe"
+            detail = facts.get("safety_detail") if isinstance(facts.get("safety_detail"), dict) else {}
+            facts.update(safety="suspicious", safety_detail={**detail, "reader_refused": e.message})
+        return facts
     except CkptlabError as e:
         e.partial_facts = facts
         raise
