@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -401,3 +402,39 @@ def test_scan_progress_counts_files_and_bytes_of_all_files(tmp_path, hash):
     assert rec.total == rec.advanced == size + hashed
     if hash:
         assert [d for d in rec.descriptions if d.startswith("hashing")][-1] == "hashing 6/6 files"
+
+
+def test_ls_survives_hostile_sidecar_values(tmp_path, cli):
+    """A Stability Matrix sidecar whose names are a list and a number, trigger words mixed types."""
+    lib = tmp_path / "lib"
+    write_st(lib / "x.safetensors", tensors("sd1_embedding", seed=1))
+    (lib / "x.cm-info.json").write_text(json.dumps({
+        "ModelId": 1, "ModelName": ["a", "b"], "VersionId": 2, "VersionName": 7, "BaseModel": {"x": 1},
+        "TrainedWords": ["w1", 2, None]}))
+    db = tmp_path / "c.db"
+    assert cli("scan", str(lib), "--db", str(db)).returncode == 0
+    r = cli("ls", "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    assert '[["a", "b"] / 7; {"x": 1}; triggers: w1, 2, None]' in r.stdout
+    assert _names(cli, db, "--search", "w1") == ["x.safetensors"]
+    assert cli("ls", "--family", "sd1", "--db", str(db)).returncode == 0
+
+
+def test_hash_goes_on_past_a_bad_file(tmp_path, cli):
+    lib = tmp_path / "lib"
+    a = write_st(lib / "a.safetensors", tensors("sd1_embedding", seed=1))
+    os.mkfifo(lib / "b.safetensors")  # would block a reader
+    c = write_st(lib / "c.safetensors", tensors("sd1_embedding", seed=2))
+    r = cli("hash", "--json", "--no-cache", str(lib), timeout=60)
+    assert r.returncode == 1
+    assert [json.loads(x)["sha256"] for x in r.stdout.splitlines()] == [
+        hashlib.sha256(p.read_bytes()).hexdigest().upper() for p in (a, c)]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ckptlab: error: {lib / 'b.safetensors'}: "), r.stderr
+
+
+def test_report_output_that_is_not_a_regular_file(tmp_path, cli):
+    os.mkfifo(tmp_path / "pipe")
+    r = cli("report", "-o", str(tmp_path / "pipe"), "--overwrite", timeout=60)
+    assert r.returncode == 1 and "is not a regular file" in r.stderr
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)  # not replaced

@@ -101,3 +101,42 @@ def test_sidecar_edit_is_noticed_without_rereading_the_model(tmp_path):
         s = scan([tmp_path / "models"], cat)
         assert s.unchanged == 2
         assert cat.get_by_path(m1).sidecars["json"]["activation_text"] == "new words"
+
+
+def test_deeply_nested_sidecar_json_is_unreadable_not_an_internal_error(tmp_path, cli):
+    """json's decoder recurses per level: a 100,000-deep sidecar raised RecursionError (exit 70 from a
+    re-scan after the sidecar changed, and from show)."""
+    model = write_st(tmp_path / "lib" / "x.safetensors", tensors("sd1_embedding", seed=1))
+    db = tmp_path / "c.db"
+    assert cli("scan", str(tmp_path / "lib"), "--db", str(db)).returncode == 0
+    side = tmp_path / "lib" / "x.civitai.info"
+    side.write_text('{"model": ' * 100_000 + "1" + "}" * 100_000)
+    r = cli("scan", str(tmp_path / "lib"), "--db", str(db), "--json")  # an edit noticed on an unchanged model
+    assert r.returncode == 0, r.stderr
+    with Catalog(db) as cat:
+        info = cat.get_by_path(model).sidecars["civitai_info"]
+    assert info == {"kind": "unreadable", "error": "not valid JSON: nested too deeply"}
+    r = cli("show", str(model), "--db", str(db))
+    assert r.returncode == 0 and "civitai_info: x.civitai.info" in r.stdout, r.stderr
+
+
+def test_sidecars_that_are_fifos_or_huge_word_lists(tmp_path, cli):
+    """A FIFO named like a sidecar would block the scan (and show) on open; 300,000 trigger words were
+    deduplicated in quadratic time. FIFOs are skipped; words are kept once each, at most 500."""
+    lib = tmp_path / "lib"
+    model = write_st(lib / "x.safetensors", tensors("sd1_embedding", seed=1))
+    os.mkfifo(lib / "x.txt")
+    os.mkfifo(lib / "x.cm-info.json")
+    words = [f"w{i}" for i in range(300_000)]
+    (lib / "x.civitai.info").write_text(json.dumps({**CIVITAI_INFO, "trainedWords": words + words[:10]}))
+    db = tmp_path / "c.db"
+    r = cli("scan", str(lib), "--db", str(db), timeout=120)
+    assert r.returncode == 0, r.stderr
+    with Catalog(db) as cat:
+        sc = cat.get_by_path(model).sidecars
+    assert sc["trigger_words"] == words[:500]
+    assert sc["civitai_info"]["trained_words"] == words[:500]
+    assert sc["cm_info"] == {"kind": "unreadable", "error": "not a regular file"}
+    assert "description" not in sc
+    r = cli("show", str(model), "--db", str(db), timeout=120)
+    assert r.returncode == 0 and "      - w499\n" in r.stdout, r.stderr

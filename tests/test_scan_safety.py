@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import pickle
 import sqlite3
+import struct
 import subprocess
 import sys
 
@@ -168,3 +169,64 @@ def test_diffusers_folder_gets_the_worst_verdict_of_its_files(tmp_path, corpus):
     assert rec.format == "diffusers" and rec.safety == "malicious" == check(hostile).verdict
     assert list(rec.safety_detail["files"]) == ["text_encoder/pytorch_model.bin"]
     _no_canary(root)
+
+
+def _st_raw(header: dict | bytes, data: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def test_safetensors_verdicts_equal_check(tmp_path):
+    """``.safetensors``/``.sft`` files get their verdict from the header the scan parses anyway; the oracle
+    is ``check`` on each file: valid files of several kinds, and headers that are broken each their own way."""
+    lib = tmp_path / "lib"
+    good = [write_st(lib / f"{spec}.safetensors", tensors(spec, seed=i))
+            for i, spec in enumerate(("sd1_embedding", "sd1_kohya_lora", "sd1_vae"))]
+    full = good[0].read_bytes()
+    bad = {
+        "truncated.safetensors": full[:-5],
+        "bad_json.safetensors": _st_raw(b"{not json"),
+        "dtype_list.sft": _st_raw({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "offsets_past_end.safetensors": _st_raw({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+                                                b"\0" * 4),
+        "shape_mismatch.sft": _st_raw({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "negative_shape.safetensors": _st_raw({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}},
+                                              b"\0" * 4),
+    }
+    for name, data in bad.items():
+        (lib / name).write_bytes(data)
+    with Catalog(tmp_path / "c.db") as cat:
+        scan([lib], cat)
+        recs = {r.name: r for r in cat.files()}
+    assert len(recs) == len(good) + len(bad)
+    for name, rec in recs.items():
+        try:
+            oracle = check(lib / name)
+        except Exception:  # noqa: BLE001 - a parser bug (a dtype list raised TypeError): scan says unchecked
+            assert rec.safety == "unchecked" and rec.error.startswith("unreadable: "), (name, rec.safety)
+            continue
+        assert (rec.safety, rec.format) == (oracle.verdict, "safetensors"), name
+        assert [f["kind"] for f in rec.safety_detail["findings"]] == [f.kind for f in oracle.issues], name
+    assert {n for n, r in recs.items() if r.safety == "safe"} == {p.name for p in good}
+    assert all(recs[n].safety in ("corrupt", "unchecked") and recs[n].error for n in bad)
+
+
+def test_a_reader_refusal_is_never_stored_as_safe(tmp_path, monkeypatch):
+    """Should ``check`` and the pickle reader ever disagree, the reader's refusal wins over ``safe``."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "x.ckpt").write_bytes(pickle.dumps({"w": [1.0]}, protocol=2))
+
+    from ckptlab.errors import UnsafeFileError
+    from ckptlab.formats import pickle as pickle_reader
+
+    def refuse(self, path, **kw):
+        raise UnsafeFileError("refused: malicious pickle content (test)", path)
+
+    monkeypatch.setattr(pickle_reader.PickleSource, "__init__", refuse)
+    with Catalog(tmp_path / "c.db") as cat:
+        scan([lib], cat, workers=1)
+        rec = cat.get_by_path(lib / "x.ckpt")
+    assert check(lib / "x.ckpt").verdict == "safe"
+    assert rec.safety == "suspicious" and rec.error is None
+    assert rec.safety_detail["reader_refused"] == "refused: malicious pickle content (test)"

@@ -88,7 +88,14 @@ def register(app) -> None:
         """SHA256, AutoV1, AutoV2, AutoV3, CRC32 and BLAKE3 of each file, in one read (UPPER-case, as CivitAI)."""
         import os
 
-        from ckptlab.cli.common import console, emit_json, expand_paths, progress_bar, warning_line
+        from ckptlab.cli.common import (
+            console,
+            emit_json,
+            error_line,
+            expand_paths,
+            progress_bar,
+            warning_line,
+        )
         from ckptlab.display import printable
         from ckptlab.errors import CkptlabError
         from ckptlab.formats import MODEL_SUFFIXES
@@ -104,7 +111,7 @@ def register(app) -> None:
         if not files:
             raise CkptlabError(f"no model files in {', '.join(paths)}")
         total = sum(os.path.getsize(p) for p in files if os.path.isfile(p))
-        cat = None
+        cat, failed = None, []
         if not no_cache:
             from ckptlab.library.catalog import CatalogWriteError
 
@@ -114,7 +121,8 @@ def register(app) -> None:
                 warning_line(f"{e}; hashes not cached")
         try:
             with progress_bar("hashing", total=total, enabled=not json_out) as prog:
-                results = hash_paths(files, cat, progress=prog, on_cache_error=warning_line)
+                results = hash_paths(files, cat, progress=prog, on_cache_error=warning_line,
+                                     on_error=lambda e: failed.append(e) or error_line(str(e)))
         finally:
             if cat is not None:
                 cat.close()
@@ -127,6 +135,8 @@ def register(app) -> None:
             for name, key in (("SHA256", "sha256"), ("AutoV1", "autov1"), ("AutoV2", "autov2"),
                               ("AutoV3", "autov3"), ("CRC32", "crc32"), ("BLAKE3", "blake3")):
                 console.print(f"  {name:<7} {(r[key] or '-').upper()}", markup=False, highlight=False)
+        if failed:  # each already said on stderr; the files that could be read were hashed
+            raise typer.Exit(1)
 
     @app.command("ls")
     def ls_cmd(
@@ -160,9 +170,12 @@ def register(app) -> None:
             kinds = resolve_kind(kind, cat.kinds()) if kind else None
             families = resolve_family(family, cat.families()) if family else None
             recs = cat.files(status="missing" if missing else "present", kind=kinds, sort=sort, unsafe=unsafe)
-            from ckptlab.hub.store import has_tables
-
-            linked = has_tables(cat)
+            try:
+                from ckptlab.hub.store import has_tables
+            except ImportError:  # pragma: no cover - a build without the hub
+                linked = False
+            else:
+                linked = has_tables(cat)
             civ = {r.id: civitai_brief(cat, r, linked) for r in recs}
         if families:  # the identified family; where identification found none, CivitAI's base model
             recs = [r for r in recs if (r.family or "").lower() in families

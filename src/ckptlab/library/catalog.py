@@ -254,6 +254,8 @@ class Catalog:
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else default_db_path()
+        if self.path.is_dir():
+            raise CatalogError("is a folder, not a catalog file", self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT_S)

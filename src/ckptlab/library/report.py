@@ -250,6 +250,8 @@ def check_output(out: Path, *, overwrite: bool) -> None:
     """Refuse a report output that is a folder, or that exists without ``overwrite`` (``OutputError``)."""
     if out.is_dir():
         raise OutputError("is a folder; give a file name", out)
+    if out.exists() and not out.is_file():  # /dev/stdout, a FIFO: a rename would replace the node itself
+        raise OutputError("is not a regular file (write the report to stdout and redirect it)", out)
     if not overwrite and os.path.lexists(out):
         raise OutputError("output already exists (use --overwrite to replace it)", out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -73,29 +74,33 @@ def civitai_brief(catalog: Catalog, rec: FileRecord, linked: bool | None = None)
     base_model, trigger_words, source}`` from the hub's stored link (``source: "link"``), else from a
     sidecar that names the model (Civitai Helper, Stability Matrix, LoRA Manager, SD.Next). None when
     neither knows it. ``linked``: whether the catalog has hub tables (pass it to save a query per file)."""
+    def text(v) -> str | None:  # sidecars and server records are untrusted: a name may be a list or a number
+        return None if v in (None, "") else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)[:200]
+
+    def words(v) -> list[str]:
+        return [w if isinstance(w, str) else str(w) for w in v] if isinstance(v, list) else []
+
     civ = None
     if rec.sha256 and linked is not False:
         civ = _civitai(catalog, rec)
     if civ:
-        return {"model_name": civ.get("model_name"), "version_name": civ.get("version_name"),
-                "base_model": civ.get("base_model"), "trigger_words": list(civ.get("trigger_words") or []),
+        return {"model_name": text(civ.get("model_name")), "version_name": text(civ.get("version_name")),
+                "base_model": text(civ.get("base_model")), "trigger_words": words(civ.get("trigger_words")),
                 "source": "link"}
     sc = rec.sidecars if isinstance(rec.sidecars, dict) else {}
     for role in ("civitai_info", "cm_info", "metadata_json", "json"):
         s = sc.get(role)
         if isinstance(s, dict) and s.get("model_name"):
-            words = sc.get("trigger_words") or s.get("trained_words") or []
-            return {"model_name": s.get("model_name"), "version_name": s.get("version_name"),
-                    "base_model": s.get("base_model"), "trigger_words": [str(w) for w in words]
-                    if isinstance(words, list) else [], "source": (sc.get("files") or {}).get(role, role)}
+            return {"model_name": text(s.get("model_name")), "version_name": text(s.get("version_name")),
+                    "base_model": text(s.get("base_model")),
+                    "trigger_words": words(sc.get("trigger_words") or s.get("trained_words")),
+                    "source": text((sc.get("files") or {}).get(role, role))}
     return None
 
 
 def search_text(rec: FileRecord, civ: dict | None) -> str:
     """What ``ls --search`` looks in, case-folded: the path, the sidecar summaries, and the CivitAI
     model / version names, base model and trigger words (``civitai_brief``)."""
-    import json
-
     parts = [rec.path]
     if rec.sidecars:
         parts.append(json.dumps(rec.sidecars, ensure_ascii=False))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat as stat_mod
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +75,23 @@ def signature(model_path: str | os.PathLike, found: dict[str, str]) -> dict[str,
     return sig
 
 
+_MAX_WORDS = 500  # trigger words kept per file (a hostile sidecar may list millions)
+
+
 def _load_json(path: Path) -> tuple[Any, str | None]:
     try:
-        if path.stat().st_size > _MAX_JSON:
+        st = path.stat()
+        if not stat_mod.S_ISREG(st.st_mode):  # a FIFO would block the scan, a device never end
+            return None, "not a regular file"
+        if st.st_size > _MAX_JSON:
             return None, "too large to read"
         return json.loads(path.read_text(encoding="utf-8", errors="replace")), None
     except OSError as e:
         return None, f"cannot read: {e.strerror or e}"
     except ValueError as e:
         return None, f"not valid JSON: {e}"
+    except RecursionError:  # json's C decoder recurses once per level; a hostile file nests 100,000 deep
+        return None, "not valid JSON: nested too deeply"
 
 
 def classify_json(obj: Any) -> str:
@@ -158,10 +167,15 @@ def read(model_path: str | os.PathLike, found: dict[str, str] | None = None) -> 
         if role in found:
             obj, err = _load_json(model_path.parent / found[role])
             out[role] = {"kind": "unreadable", "error": err} if err else summarize(role, obj)
+            for key in ("trained_words", "tags"):  # the catalog keeps a summary, not megabytes of words
+                if isinstance(out[role].get(key), list):
+                    out[role][key] = out[role][key][:_MAX_WORDS]
     if "description" in found:
         try:
-            with open(model_path.parent / found["description"], encoding="utf-8", errors="replace") as fh:
-                out["description"] = fh.read(_MAX_TEXT).strip()
+            desc = model_path.parent / found["description"]
+            if stat_mod.S_ISREG(desc.stat().st_mode):  # not a FIFO: it would block
+                with open(desc, encoding="utf-8", errors="replace") as fh:
+                    out["description"] = fh.read(_MAX_TEXT).strip()
         except OSError:
             pass
     for role in ("civitai_info", "cm_info", "metadata_json", "json"):
@@ -170,10 +184,14 @@ def read(model_path: str | os.PathLike, found: dict[str, str] | None = None) -> 
             out["civitai"] = _clean({"model_id": s.get("model_id"), "version_id": s.get("version_id"),
                                      "from": found[role]})
     words: list[str] = []
+    seen: set[str] = set()
     for role in ("civitai_info", "cm_info", "metadata_json"):
         s = out.get(role)
         if isinstance(s, dict) and isinstance(s.get("trained_words"), list):
-            words += [str(w) for w in s["trained_words"] if str(w) not in words]
+            for w in map(str, s["trained_words"]):
+                if w not in seen and len(words) < _MAX_WORDS:
+                    seen.add(w)
+                    words.append(w)
     a1111 = out.get("json")
     if isinstance(a1111, dict) and a1111.get("activation_text") and not words:
         words = [str(a1111["activation_text"])]
