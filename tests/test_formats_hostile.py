@@ -251,3 +251,18 @@ def test_merge_provenance_of_an_input_with_deep_json_metadata():
     assert out == {"ab" * 32: {"name": "a.safetensors", "legacy_hash": None, "sd_merge_recipe": None}}
     ok = merge_models_entry("a", "cd" * 32, None, {"sd_merge_recipe": '{"type": "webui"}'})
     assert ok["cd" * 32]["sd_merge_recipe"] == {"type": "webui"}
+
+
+def test_unknown_type_tensor_cannot_claim_more_elements_than_bits(tmp_path):
+    """An unknown GGML type's size comes from the offsets; its dimensions (4 x 2**64 - 1) claimed 2**256 parameters
+    in 32 bytes and the file was called safe. No GGML type stores an element in under a bit (IQ1_S: 1.5625)."""
+    from ckptlab.formats.gguf import GGML_TYPES
+
+    assert min(bsize * 8 / block for _, block, bsize in GGML_TYPES.values()) >= 1
+    m = 2**64 - 1
+    p = build_gguf(tmp_path / "lie.gguf", [], [("img_in.weight", (m, m, m, m), 200, b"\0" * 32)])
+    assert not reference_reads(p)  # the reference refuses any type it does not know; we read them, bounded
+    with pytest.raises(FormatError, match="cannot fit in 32 bytes"):
+        GGUFSource(p)
+    fits = build_gguf(tmp_path / "fits.gguf", [], [("img_in.weight", (256,), 200, b"\0" * 32)])
+    assert GGUFSource(fits).info("img_in.weight").shape == (256,)
