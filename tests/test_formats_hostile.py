@@ -8,6 +8,8 @@ Oracles: CPython's ``json`` (what it cannot decode without a RecursionError) and
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import struct
 
 import pytest
@@ -236,8 +238,13 @@ def test_gguf_metadata_bombs_through_the_cli(tmp_path, cli):
     verdicts = {json.loads(x)["path"].rsplit("/", 1)[1]: json.loads(x)["verdict"] for x in r.stdout.splitlines()}
     assert verdicts == {"nested_skip.gguf": "safe", "deep.gguf": "corrupt", "count.gguf": "corrupt",
                         "strlen.gguf": "corrupt"}
+    build_gguf(lib / "q8.gguf", [], [("img_in.weight", (32,), 8, b"\0" * 34)])  # one Q8_0 block: a valid file
     r = cli("scan", lib, "--db", tmp_path / "c.db")
     assert r.returncode != 70 and "internal error" not in r.stdout + r.stderr
+    rows = dict(sqlite3.connect(tmp_path / "c.db").execute("SELECT path, error FROM files"))
+    errors = {os.fsdecode(k).rsplit("/", 1)[1]: v for k, v in rows.items()}  # paths are stored as bytes
+    assert errors["nested_skip.gguf"] is None and errors["q8.gguf"] is None  # KeyError 'Q8_0' before
+    assert all(errors[n] for n in ("deep.gguf", "count.gguf", "strlen.gguf"))
     info = identify(lib / "nested_skip.gguf")
     assert info.metadata["test.nested"] == "<array of 1 values>"
 

@@ -209,7 +209,8 @@ def _tensor_stats(src) -> dict:
     prod = math.prod
     pruned_roots = ("model_ema.", *_TRAINING_ROOTS)
     for k, ti in infos.items():
-        nb = prod(ti.shape) * DTYPES[ti.dtype][0]  # TensorInfo.nbytes, inlined: this loop sees every key
+        # TensorInfo.nbytes, inlined: this loop sees every key (GGUF's quantized types are not in DTYPES: their own)
+        nb = prod(ti.shape) * DTYPES[ti.dtype][0] if ti.dtype in DTYPES else ti.nbytes
         total += nb
         if k.startswith(pruned_roots):
             ema += nb
