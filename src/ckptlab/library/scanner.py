@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptlab.display import cap
 from ckptlab.errors import CkptlabError
 from ckptlab.library import layouts, sidecars
 from ckptlab.library.catalog import Catalog, StatKey, display_path, path_key
@@ -280,7 +281,7 @@ def read_file_facts(path: str, kind_hint: str | None = None) -> dict:
             raise
         except Exception as e:  # noqa: BLE001 - identification must not abort the scan
             ident = {}
-            facts["error"] = f"identification failed: {type(e).__name__}: {e}"
+            facts["error"] = cap(f"identification failed: {type(e).__name__}: {e}")  # may quote a whole key
         for k, v in ident.items():
             if v is not None:
                 facts[k] = v
@@ -507,7 +508,7 @@ def _read_one(f: Found) -> dict:
     except MemoryError:
         facts["error"] = "file too large to parse"
     except (ValueError, KeyError, IndexError, TypeError, EOFError) as e:
-        facts["error"] = f"unreadable: {type(e).__name__}: {e}"
+        facts["error"] = cap(f"unreadable: {type(e).__name__}: {e}")  # stored: never megabytes
     if "error" in facts and "format" not in facts:
         from ckptlab.formats import detect_format
 
