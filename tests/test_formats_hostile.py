@@ -8,6 +8,8 @@ Oracles: CPython's ``json`` (what it cannot decode without a RecursionError) and
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import struct
 
 import pytest
@@ -236,8 +238,13 @@ def test_gguf_metadata_bombs_through_the_cli(tmp_path, cli):
     verdicts = {json.loads(x)["path"].rsplit("/", 1)[1]: json.loads(x)["verdict"] for x in r.stdout.splitlines()}
     assert verdicts == {"nested_skip.gguf": "safe", "deep.gguf": "corrupt", "count.gguf": "corrupt",
                         "strlen.gguf": "corrupt"}
+    build_gguf(lib / "q8.gguf", [], [("img_in.weight", (32,), 8, b"\0" * 34)])  # one Q8_0 block: a valid file
     r = cli("scan", lib, "--db", tmp_path / "c.db")
     assert r.returncode != 70 and "internal error" not in r.stdout + r.stderr
+    rows = dict(sqlite3.connect(tmp_path / "c.db").execute("SELECT path, error FROM files"))
+    errors = {os.fsdecode(k).rsplit("/", 1)[1]: v for k, v in rows.items()}  # paths are stored as bytes
+    assert errors["nested_skip.gguf"] is None and errors["q8.gguf"] is None  # KeyError 'Q8_0' before
+    assert all(errors[n] for n in ("deep.gguf", "count.gguf", "strlen.gguf"))
     info = identify(lib / "nested_skip.gguf")
     assert info.metadata["test.nested"] == "<array of 1 values>"
 
@@ -251,3 +258,18 @@ def test_merge_provenance_of_an_input_with_deep_json_metadata():
     assert out == {"ab" * 32: {"name": "a.safetensors", "legacy_hash": None, "sd_merge_recipe": None}}
     ok = merge_models_entry("a", "cd" * 32, None, {"sd_merge_recipe": '{"type": "webui"}'})
     assert ok["cd" * 32]["sd_merge_recipe"] == {"type": "webui"}
+
+
+def test_unknown_type_tensor_cannot_claim_more_elements_than_bits(tmp_path):
+    """An unknown GGML type's size comes from the offsets; its dimensions (4 x 2**64 - 1) claimed 2**256 parameters
+    in 32 bytes and the file was called safe. No GGML type stores an element in under a bit (IQ1_S: 1.5625)."""
+    from ckptlab.formats.gguf import GGML_TYPES
+
+    assert min(bsize * 8 / block for _, block, bsize in GGML_TYPES.values()) >= 1
+    m = 2**64 - 1
+    p = build_gguf(tmp_path / "lie.gguf", [], [("img_in.weight", (m, m, m, m), 200, b"\0" * 32)])
+    assert not reference_reads(p)  # the reference refuses any type it does not know; we read them, bounded
+    with pytest.raises(FormatError, match="cannot fit in 32 bytes"):
+        GGUFSource(p)
+    fits = build_gguf(tmp_path / "fits.gguf", [], [("img_in.weight", (256,), 200, b"\0" * 32)])
+    assert GGUFSource(fits).info("img_in.weight").shape == (256,)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SRC
 
 from ckptlab.sample.build import write_model
 
@@ -151,3 +152,44 @@ def test_hostile_pickle_is_refused_without_running(cli, lib, tmp_path):
     objs = _lines(r.stdout)
     assert "error" in objs[0] and objs[1]["kind"] == "lora"
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_gguf_and_diffusers_text_is_shown_escaped(tmp_path):
+    """Control characters in GGUF metadata strings, GGUF tensor names (warnings) and a diffusers folder's config
+    reach the readable view escaped, never raw; --json keeps them exact."""
+    import struct
+
+    import torch
+
+    from ckptlab.formats.writer import write_safetensors
+
+    hostile = "\x1b[2Jx\x1b]0;t\x07\x9b1m\ry\u202ez"
+
+    def s(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+
+    name = ("img_in.weight" + hostile).encode()
+    kv = s(b"general.name") + struct.pack("<I", 8) + s(hostile.encode())
+    body = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + kv
+    body += s(name) + struct.pack("<IQIQ", 1, 32, 200, 0)  # an unknown GGML type: the warning names the tensor
+    body += b"\0" * (-len(body) % 32)
+    gguf = tmp_path / "flux.gguf"
+    gguf.write_bytes(body + b"\0" * 32)
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "note": hostile}))
+    write_safetensors(unet / "diffusion_pytorch_model.safetensors", {"conv_in.weight": torch.zeros(4, 4, 3, 3)})
+    env = dict(os.environ, PYTHONPATH=str(SRC), COLUMNS="200")
+    r = subprocess.run([sys.executable, "-m", "ckptlab", "inspect", "--metadata", str(gguf), str(unet)],
+                       capture_output=True, env=env, timeout=300)
+    out = (r.stdout + r.stderr).decode()
+    assert r.returncode == 0, out[-500:]
+    for ch in ("\x1b", "\x07", "\x9b", "\r", "\u202e"):
+        assert ch not in out
+    assert out.count("\\x1b[2Jx") == 2 and "\\u202ez" in out  # general.name and the warning naming the tensor
+    assert '"note": "\\u001b[2Jx' in out  # a decoded config is shown as JSON, its escapes JSON's
+    r = subprocess.run([sys.executable, "-m", "ckptlab", "inspect", "--json", str(gguf), str(unet)],
+                       capture_output=True, env=env, timeout=300)
+    g, d = _lines(r.stdout.decode())
+    assert g["metadata"]["general.name"] == hostile
+    assert d["metadata"]["config.json"]["note"] == hostile  # identify decodes the config's JSON

@@ -71,7 +71,7 @@ def render(info, console, *, all_metadata: bool = False) -> None:
         for k in keys:
             v = info.metadata[k]
             text = v if isinstance(v, str) else __import__("json").dumps(v)
-            text = printable(text)
+            text = printable(text if all_metadata else text[:400])  # a value may be megabytes: cut before escaping
             if len(text) > 100 and not all_metadata:
                 text = text[:97] + "..."
             out(f"  [dim]{e(k)}:[/] {escape(text)}")

@@ -306,6 +306,9 @@ class GGUFSource(TensorSource):
                 nxt = bisect.bisect_right(by_offset, offset)  # the next tensor's data (a scan per tensor is quadratic)
                 nbytes = (by_offset[nxt] if nxt < len(by_offset) else data_len) - offset
                 unknown.append(f"tensor {shown} has an unknown GGML type {tid}")
+                if numel > 8 * nbytes:  # no GGML type stores an element in less than a bit (IQ1_S: 1.56)
+                    raise FormatError(f"GGUF tensor {shown}: {numel} elements of unknown type {tid} cannot fit in "
+                                      f"{nbytes} bytes", path)
             if offset + nbytes > data_len:
                 raise FormatError(f"GGUF tensor {shown}: data ends at byte {self.data_start + offset + nbytes}, "
                                   f"past the end of the file ({self._file_size} bytes; truncated?)", path)

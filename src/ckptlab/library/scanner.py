@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptlab.display import cap
 from ckptlab.errors import CkptlabError
 from ckptlab.library import layouts, sidecars
 from ckptlab.library.catalog import Catalog, StatKey, display_path, path_key
@@ -214,7 +215,8 @@ def _tensor_stats(src) -> dict:
     prod = math.prod
     pruned_roots = ("model_ema.", *_TRAINING_ROOTS)
     for k, ti in infos.items():
-        nb = prod(ti.shape) * DTYPES[ti.dtype][0]  # TensorInfo.nbytes, inlined: this loop sees every key
+        # TensorInfo.nbytes, inlined: this loop sees every key (GGUF's quantized types are not in DTYPES: their own)
+        nb = prod(ti.shape) * DTYPES[ti.dtype][0] if ti.dtype in DTYPES else ti.nbytes
         total += nb
         if k.startswith(pruned_roots):
             ema += nb
@@ -387,7 +389,7 @@ def _read_tensors(path: str, fmt: str, facts: dict, open_model, verdict: bool = 
             raise
         except Exception as e:  # noqa: BLE001 - identification must not abort the scan
             ident = {}
-            facts["error"] = f"identification failed: {type(e).__name__}: {e}"
+            facts["error"] = cap(f"identification failed: {type(e).__name__}: {e}")  # may quote a whole key
         for k, v in ident.items():
             if v is not None:
                 facts[k] = v
@@ -680,7 +682,7 @@ def _read_one(f: Found) -> dict:
     except MemoryError:
         facts["error"] = "file too large to parse"
     except (ValueError, KeyError, IndexError, TypeError, EOFError) as e:
-        facts["error"] = f"unreadable: {type(e).__name__}: {e}"
+        facts["error"] = cap(f"unreadable: {type(e).__name__}: {e}")  # stored: never megabytes
     if "error" in facts and facts.get("format") is None:
         from ckptlab.formats import detect_format
 
