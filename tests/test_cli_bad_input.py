@@ -493,17 +493,7 @@ def _class_of(cid: str, command: str) -> str | None:
 
 
 # cases that hit a known bug in code whose owner is still at work (see the report / docs/cli-errors.md)
-XFAIL: dict[str, str] = {
-    **{f"{c}-missing-db": "owner: library - a read command given --db NOPE.db creates an empty catalog there and "
-       "answers 'no files' (exit 0; show: 'not in the catalog', exit 3) instead of refusing a catalog that does "
-       "not exist" for c in ("ls", "show", "dupes", "plan-space", "report")},
-    "apply-plan-wrong-kind": "owner: apply-plan - a binary file as the plan is exit 70 (UnicodeDecodeError)",
-    "merge-wrong-kind": "owner: merge - merge CKPT LORA writes a model ('0 merged') and exits 0 (issue 11 s3)",
-    "merge-bad-dtype": "owner: merge - --dtype int8 writes a model with 0 params and exits 0 (issue 11 s3)",
-    "merge-bad-device": "owner: merge - --device foo is exit 70 (torch RuntimeError) (issue 11 s3)",
-    "merge-bad-merge-dtype": "owner: merge - --merge-dtype fp8 is exit 70 (NotImplementedError) (issue 11 s3)",
-    "civitai-link-dir": "owner: hub - civitai link EMPTY_FOLDER prints '0 files: no files' on stderr, exit 0",
-}
+XFAIL: dict[str, str] = {}
 
 
 

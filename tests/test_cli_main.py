@@ -105,12 +105,6 @@ def test_help_is_plain_and_h_works(capsys, monkeypatch, argv):
 CATALOG_COMMANDS = {"scan", "hash", "ls", "show", "dupes", "plan-space", "report", "apply-plan", "prune",
                     "precision", "extract", "replace", "to-diffusers", "from-diffusers", "convert", "merge",
                     "download", "civitai link", "civitai show"}  # civitai info reads no catalog
-DB_OWNERS = {  # commands whose owner adds --db (issue 11 section 5); the lead removes the marks after merging
-    "merge": "owner: merge engineer (merge reads the default catalog for input hashes)",
-    "download": "owner: hub engineer",
-    "civitai link": "owner: hub engineer",
-    "civitai show": "owner: hub engineer",
-}
 
 
 def _option_spellings(cmd):
@@ -122,9 +116,7 @@ def _option_spellings(cmd):
 
 
 @pytest.mark.parametrize("cid", sorted(CATALOG_COMMANDS), ids=sorted(CATALOG_COMMANDS))
-def test_catalog_commands_take_db(request, cid):
-    if cid in DB_OWNERS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=DB_OWNERS[cid]))
+def test_catalog_commands_take_db(cid):
     cmd = dict(zip(COMMAND_IDS, (c for _, c in COMMANDS), strict=True))[cid]
     assert "--db" in _option_spellings(cmd)
 

@@ -147,7 +147,7 @@ def polyglot_findings(p: Path) -> list[Finding]:
     from ckptlab.formats import pickle_symbols as sym
     from ckptlab.formats.pickle_archive import scan
 
-    s = scan(p)
+    s = scan(p, writable=False)
     try:
         bad = sorted(q for q, cat in s.globals.items() if cat == sym.DANGEROUS and _IMPORTABLE.fullmatch(q))
         if not bad:

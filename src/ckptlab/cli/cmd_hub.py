@@ -57,8 +57,13 @@ def civitai_link(
             missing = [p for p in targets if not p.exists()]
             if missing:
                 raise CkptlabError("no such file or folder", missing[0])
+            if not targets:
+                raise CkptlabError("no model files found here", paths[0] if len(paths) == 1 else None)
         else:
             targets = [Path(r.path) for r in cat.files()]
+            if not targets:
+                raise CkptlabError("the catalog holds no files yet (run 'ckptlab scan FOLDER' first, or name files)",
+                                   cat.path)
         with progress_bar("cataloguing", unit_bytes=True, enabled=not json_out) as cb:
             catalog_paths(cat, [Path(p) for p in paths or []], progress=cb)
             unreadable: list = []

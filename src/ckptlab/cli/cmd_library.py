@@ -19,10 +19,10 @@ import typer
 from ckptlab.cli.common import db_option
 
 
-def _catalog(db: Path | None):
+def _catalog(db: Path | None, *, must_exist: bool = False):
     from ckptlab.library.catalog import Catalog
 
-    return Catalog(db)
+    return Catalog(db, must_exist=must_exist)
 
 
 def register(app) -> None:
@@ -166,7 +166,7 @@ def register(app) -> None:
         from ckptlab.library.report import file_row
         from ckptlab.library.show import base_model_family, civitai_brief, search_text
 
-        with _catalog(db) as cat:
+        with _catalog(db, must_exist=True) as cat:
             kinds = resolve_kind(kind, cat.kinds()) if kind else None
             families = resolve_family(family, cat.families()) if family else None
             recs = cat.files(status="missing" if missing else "present", kind=kinds, sort=sort, unsafe=unsafe)
@@ -219,7 +219,7 @@ def register(app) -> None:
         from ckptlab.cli.common import console, emit_json
         from ckptlab.library.show import render_text, show_file
 
-        with _catalog(db) as cat:
+        with _catalog(db, must_exist=True) as cat:
             found = show_file(cat, target)
         for d in found:
             if json_out:
@@ -247,7 +247,7 @@ def register(app) -> None:
         from ckptlab.display import printable
         from ckptlab.library.dupes import find_dupes
 
-        with _catalog(db) as cat:
+        with _catalog(db, must_exist=True) as cat:
             res = find_dupes(cat, prefer_smaller=prefer_smaller, components=components, link=link)
         if json_out:
             for g in res.groups:
@@ -297,7 +297,7 @@ def register(app) -> None:
 
         if output is not None and not overwrite and (output.exists() or output.is_symlink()):
             raise OutputError("output already exists (use --overwrite to replace it)", output)
-        with _catalog(db) as cat:
+        with _catalog(db, must_exist=True) as cat:
             plan = plan_space(cat, prefer_smaller=prefer_smaller, fp16=not no_fp16, link=link,
                               convert_kinds=set(convert_kind or ()))
         if output is not None:
@@ -348,7 +348,7 @@ def register(app) -> None:
             raise CkptlabError(f"unknown report format {fmt!r} (use {', '.join(RENDERERS)})")
         if output is not None:  # before the work, not after it
             check_output(output, overwrite=overwrite)
-        with _catalog(db) as cat:
+        with _catalog(db, must_exist=True) as cat:
             inv = build_inventory(cat)
         if fmt == "table" and output is None and sys.stdout.isatty():
             import shutil

@@ -247,8 +247,6 @@ def from_diffusers_cmd(
 def apply_plan_cmd(
     plan: Path = typer.Argument(..., help="A plan written by `ckptlab plan-space -o PLAN`."),
     db: Optional[Path] = db_option(),
-    catalog: Optional[Path] = typer.Option(None, "--catalog", hidden=True,
-                                           help="Deprecated spelling of --db."),
     no_rescan: bool = typer.Option(False, "--no-rescan", help="Do not rescan the touched folders afterwards."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Run every check (kept copies re-verified) and print what each step would "
@@ -261,15 +259,13 @@ def apply_plan_cmd(
 
       ckptlab plan-space -o plan.json && ckptlab apply-plan plan.json --dry-run && ckptlab apply-plan plan.json
     """
-    from ckptlab.cli.common import console, emit_json, progress_bar, warning_line
+    from ckptlab.cli.common import console, emit_json, progress_bar
     from ckptlab.display import printable
     from ckptlab.errors import CkptlabError
     from ckptlab.ops.apply_plan import apply_plan
 
-    if catalog is not None:
-        warning_line("--catalog is deprecated; use --db")
     with progress_bar("apply-plan", unit_bytes=False, enabled=not json_out) as cb:
-        results = apply_plan(plan, catalog_path=db or catalog, dry_run=dry_run, rescan=not no_rescan, progress=cb)
+        results = apply_plan(plan, catalog_path=db, dry_run=dry_run, rescan=not no_rescan, progress=cb)
     planned = sum(r.bytes_planned for r in results if r.status in ("done", "would-do"))
     freed = sum(r.bytes_freed for r in results if r.status in ("done", "would-do"))
     for r in results:

@@ -747,8 +747,12 @@ def _scan_tar(scan: Scan, mm, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def scan(path: str | Path) -> Scan:
-    """Read a pickle-based model file without executing anything; the file stays mapped in ``mm``."""
+def scan(path: str | Path, *, writable: bool = True) -> Scan:
+    """Read a pickle-based model file without executing anything; the file stays mapped in ``mm``.
+
+    ``writable`` maps the file copy-on-write (tensors built on it are writable); a caller that only wants
+    the verdict passes False for a read-only map, which also works for files larger than the memory the
+    kernel will commit (a copy-on-write map of a 16 GB file can fail with ENOMEM)."""
     path = Path(path)
     result = Scan(path)
     try:
@@ -761,7 +765,7 @@ def scan(path: str | Path) -> Scan:
         if size == 0:
             result.add("empty", CORRUPT, "file is empty")
             return result
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
     result.mm = mm
     head = mm[:8]
     if head[:4] == b"PK\x03\x04":

@@ -252,10 +252,15 @@ def _statements(script: str) -> list[str]:
 class Catalog:
     """An open catalog. Use as a context manager or call ``close()``."""
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, *, must_exist: bool = False):
+        """Open (and create, unless ``must_exist``) the catalog at ``path`` (default: ``default_db_path()``).
+        Commands that only read the catalog pass ``must_exist=True``, so a mistyped ``--db`` is an error
+        rather than a new empty catalog that answers "no files"."""
         self.path = Path(path) if path is not None else default_db_path()
         if self.path.is_dir():
             raise CatalogError("is a folder, not a catalog file", self.path)
+        if must_exist and not self.path.exists():
+            raise CatalogError("no catalog here yet (make one with 'ckptlab scan FOLDER --db FILE')", self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT_S)
