@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from ckptlab.cli.common import db_option
+from ckptlab.cli.common import DB_HELP, db_option
 from ckptlab.display import human_size
 
 _OUT_DIR = typer.Option(None, "--out-dir", help="Folder for the outputs (default: next to each input).")
@@ -246,7 +246,7 @@ def from_diffusers_cmd(
 
 def apply_plan_cmd(
     plan: Path = typer.Argument(..., help="A plan written by `ckptlab plan-space -o PLAN`."),
-    db: Optional[Path] = db_option(),
+    db: Optional[Path] = typer.Option(None, "--db", "--catalog", help=DB_HELP),
     no_rescan: bool = typer.Option(False, "--no-rescan", help="Do not rescan the touched folders afterwards."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Run every check (kept copies re-verified) and print what each step would "

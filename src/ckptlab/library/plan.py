@@ -60,6 +60,10 @@ MATCHES = ("sha256", "fingerprint", "fingerprint_bf16")
 LINKS = ("hard", "sym")
 
 
+#: a plan for a million files is ~300 MiB of JSON; anything larger is not one of ours
+MAX_PLAN_BYTES = 1 << 30
+
+
 @dataclass
 class PlanStep:
     action: str
@@ -233,13 +237,20 @@ class SpacePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> SpacePlan:
+        from ckptlab.jsonable import loads_limited
+
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_PLAN_BYTES + 1)
         except OSError as e:
             raise CkptlabError(f"cannot read plan: {e.strerror or e}", path) from None
+        if len(raw) > MAX_PLAN_BYTES:
+            raise FormatError(f"not a plan: larger than {MAX_PLAN_BYTES >> 20} MiB", path)
         try:
-            obj = json.loads(text)
-        except ValueError as e:
+            obj = loads_limited(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise FormatError("not a plan: not UTF-8 text (a model file?)", path) from None
+        except (ValueError, RecursionError) as e:
             raise FormatError(f"plan is not valid JSON: {e}", path) from None
         return cls.from_dict(obj)
 
