@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
 
+from fakes import ENDLESS_SAFETY, serve_endless  # noqa: F401 - ENDLESS_SAFETY is imported from here by tests
+
 PNG_1x1 = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d49444154789c6360f8cfc0f01f0005000201a0b1f1"
@@ -172,7 +174,6 @@ class FakeCivitai:
         return f"http://127.0.0.1:{self._storage.server_address[1]}"
 
 
-ENDLESS_SAFETY = 64 * 1024 * 1024
 
 _LOCK = threading.Lock()
 _ACTIVE = threading.Condition(_LOCK)
@@ -401,22 +402,6 @@ def _make_handler(fake: FakeCivitai, which: str):
             return None
 
         def _serve_endless(self, fid: int, data: bytes):
-            """The file's bytes, then zeros, with no length: the body ends only when the client hangs up
-            (or at ENDLESS_SAFETY, so a client without a cap fails rather than hangs)."""
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            fake.sent[fid] = 0
-            block = data + bytes(65536)
-            try:
-                while fake.sent[fid] < ENDLESS_SAFETY:
-                    self.wfile.write(block)
-                    fake.sent[fid] += len(block)
-                    block = bytes(65536)
-            except OSError:  # the client stopped reading and closed: what we wanted
-                pass
-            return None
+            serve_endless(self, data, fake.sent, fid)
 
     return Handler

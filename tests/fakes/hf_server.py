@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
 
-ENDLESS_SAFETY = 64 * 1024 * 1024
+from fakes import serve_endless
 
 
 def git_blob_id(data: bytes) -> str:
@@ -192,19 +192,7 @@ class FakeHub:
         return self._send(h, status, {**headers, "Accept-Ranges": "bytes"}, body, head)
 
     def _serve_endless(self, h: BaseHTTPRequestHandler, fpath: str, data: bytes) -> None:
-        h.send_response(200)
-        h.send_header("Connection", "close")
-        h.end_headers()
-        h.close_connection = True
-        self.sent[fpath] = 0
-        block = data + bytes(65536)
-        try:
-            while self.sent[fpath] < ENDLESS_SAFETY:
-                h.wfile.write(block)
-                self.sent[fpath] += len(block)
-                block = bytes(65536)
-        except OSError:
-            pass
+        serve_endless(h, data, self.sent, fpath)
 
     @staticmethod
     def _send(h: BaseHTTPRequestHandler, status: int, headers: dict, body: bytes, head: bool) -> None:

@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ckptlab.sample: error: {e}", file=sys.stderr)
         return 1
     size = sum(f.stat().st_size for f in args.dir.rglob("*") if f.is_file())
-    print(f"sample library: {n} files, {size / 1e6:.1f} MB in {args.dir} ({time.perf_counter() - t0:.1f} s)")
+    from ckptlab.display import human_size
+
+    print(f"sample library: {n} files, {human_size(size)} in {args.dir} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
