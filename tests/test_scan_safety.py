@@ -232,3 +232,19 @@ def test_a_reader_refusal_is_never_stored_as_safe(tmp_path, monkeypatch):
     assert check(lib / "x.ckpt").verdict == "safe"
     assert rec.safety == "suspicious" and rec.error is None
     assert rec.safety_detail["reader_refused"] == "refused: malicious pickle content (test)"
+
+
+def test_report_not_safe_lists_the_same_files_as_ls_unsafe(tmp_path, cli):
+    """A corrupt file is not safe either: the report's "Not safe" section and ``ls --unsafe`` agree."""
+    lib = tmp_path / "lib"
+    write_st(lib / "good.safetensors", tensors("sd1_embedding", seed=1))
+    bad = write_st(lib / "cut.safetensors", tensors("sd1_embedding", seed=2))
+    bad.write_bytes(bad.read_bytes()[:-7])  # truncated: check calls it corrupt
+    db = tmp_path / "c.db"
+    assert cli("scan", lib, "--db", db).returncode == 0
+    from ckptlab.security import check
+
+    assert check(bad).verdict == "corrupt"
+    unsafe = {json.loads(x)["name"] for x in cli("ls", "--unsafe", "--json", "--db", db).stdout.splitlines()}
+    inv = json.loads(cli("report", "--format", "json", "--db", db).stdout)
+    assert unsafe == {u["path"].rsplit("/", 1)[1] for u in inv["unsafe"]} == {"cut.safetensors"}

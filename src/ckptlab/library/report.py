@@ -39,7 +39,7 @@ class Inventory:
     by_precision: list[dict] = field(default_factory=list)
     by_size: list[dict] = field(default_factory=list)
     pickles: list[dict] = field(default_factory=list)
-    unsafe: list[dict] = field(default_factory=list)  # any format whose verdict is malicious or suspicious
+    unsafe: list[dict] = field(default_factory=list)  # any format whose verdict is not safe (as ls --unsafe)
     error_files: list[dict] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
 
@@ -84,8 +84,8 @@ def build_inventory(catalog: Catalog) -> Inventory:
         by_precision=_tally(present, precision, "precision"), by_size=by_size,
         pickles=[{"path": r.path, "size": r.size, "safety": r.safety or "unchecked"}
                  for r in present if r.format == "pickle"],
-        unsafe=[{"path": r.path, "format": r.format, "safety": r.safety} for r in present
-                if r.safety in ("malicious", "suspicious")],
+        unsafe=[{"path": r.path, "format": r.format, "safety": r.safety or "unchecked"} for r in present
+                if r.safety != "safe"],
         error_files=[{"path": r.path, "error": r.error} for r in present if r.error],
         rows=[file_row(r) for r in present + missing],
     )
