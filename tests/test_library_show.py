@@ -69,3 +69,16 @@ def test_show_without_hub_tables_or_link(tmp_path, cli):
     raw.close()
     d = json.loads(cli("show", str(lora), "--json", "--db", str(db)).stdout.splitlines()[0])
     assert d["civitai"] is None
+
+
+def test_show_by_the_first_8_hex_digits_ls_shows(tmp_path, cli):
+    """``ls`` shows AutoV2 (the first 10 hex digits of SHA-256); people copy 8 of them. Fewer is too short."""
+    p = write_st(tmp_path / "lib" / "emb.safetensors", tensors("sd1_embedding", seed=3))
+    db = tmp_path / "c.db"
+    assert cli("scan", tmp_path / "lib", "--hash", "--db", db).returncode == 0
+    sha = hashlib.sha256(p.read_bytes()).hexdigest().upper()
+    r = cli("show", sha[:8], "--json", "--db", db)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["path"] == str(p)
+    r = cli("show", sha[:6], "--db", db)
+    assert r.returncode == 3 and "at least 8 hex digits" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -422,13 +422,13 @@ class Catalog:
 
     def find_by_hash(self, value: str) -> list[FileRecord]:
         """Files whose SHA256, AutoV1/V2/V3, CRC32 or BLAKE3 equals ``value`` (any case); a SHA-256
-        prefix of 10+ hex digits also matches."""
+        prefix of 8+ hex digits also matches (the first 8 of the AutoV2 that ``ls`` shows find the file)."""
         v = value.strip().upper()
         if v.startswith("0X"):
             v = v[2:]
         rows = self.conn.execute(
             f"{_SELECT} WHERE c.sha256 = ?1 OR c.autov1 = ?1 OR c.autov2 = ?1 OR c.autov3 = ?1 OR c.crc32 = ?1 "
-            f"OR c.blake3 = ?1 OR (length(?1) >= 10 AND substr(c.sha256, 1, length(?1)) = ?1) ORDER BY f.id",
+            f"OR c.blake3 = ?1 OR (length(?1) >= 8 AND substr(c.sha256, 1, length(?1)) = ?1) ORDER BY f.id",
             (v,)).fetchall()
         return [_record(r) for r in rows]
 

@@ -32,6 +32,9 @@ def show_file(catalog: Catalog, target: str) -> list[dict]:
 
     recs = lookup(catalog, target)
     if not recs:
+        hexish = target.strip().lower().removeprefix("0x")
+        if hexish and len(hexish) < 8 and all(ch in "0123456789abcdef" for ch in hexish):
+            raise NotInCatalogError(f"{target!r}: a hash prefix needs at least 8 hex digits")
         raise NotInCatalogError(f"{target!r} is not in the catalog (scan its folder first, or give a known hash)")
     out = []
     for rec in recs:
