@@ -124,6 +124,11 @@ def test_plain_url_uses_content_disposition_and_gets_linked(world, cli):
     assert row["extra"]["civitai"] == "linked" and row["extra"]["linked_version"] == 2000
     storage = [q for q in fake.requests if q.server == "storage"]
     assert all("authorization" not in q.headers for q in storage)
+    # the same plain URL again: nothing published to compare with, and the message says exactly that
+    r = cli("download", url, "--dir", root, "--type", "checkpoint", "--layout", "a1111", env=env)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "publishes no hash" in r.stderr and "is not the file" not in r.stderr
+    assert target.read_bytes() == fake.ckpt
 
 
 def test_hf_download_dispatch(world, cli):

@@ -614,6 +614,9 @@ def _existing(target: Path, exp_sha: str | None, result: DownloadResult) -> Down
         if h is not None and h.sha256.lower() == exp_sha:
             result.size, result.sha256, result.skipped, result.hashes = h.size, exp_sha, True, h
             return result
+    if not exp_sha:  # nothing published to compare with: say so rather than guess
+        raise OutputError("already exists (the source publishes no hash to tell whether it is the same file); "
+                          "move it away or choose another --dir", target)
     raise OutputError("already exists and is not the file being downloaded; move it away first", target)
 
 
