@@ -566,3 +566,70 @@ def test_forged_steps_are_refused_with_one_line(change, tmp_path, cli):
     r = cli("apply-plan", tmp_path / "p.json", "--db", tmp_path / "c.db")
     assert r.returncode == 1 and r.stderr.startswith("ckptlab: error:") and len(r.stderr.splitlines()) == 1
 
+
+
+# -- links are never rewritten through, and their targets never rewritten -------------------------------------
+
+def _physical_set(root: Path) -> set[tuple[int, int]]:
+    """(dev, inode) of every file a symlink under ``root`` resolves to (os.stat follows the link)."""
+    out = set()
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p) and os.path.exists(p):
+                st = os.stat(p)
+                out.add((st.st_dev, st.st_ino))
+    return out
+
+
+def _dangling(root: Path) -> list[str]:
+    return [os.path.join(d, n) for d, _s, ns in os.walk(root) for n in ns
+            if os.path.islink(os.path.join(d, n)) and not os.path.exists(os.path.join(d, n))]
+
+
+def test_second_plan_never_rewrites_what_symlinks_point_to(lib):
+    """After a ``--link sym`` plan is applied and the library re-scanned, the next plan must not convert,
+    prune or fp16 the kept copies the symlinks resolve to (their links would dangle or change)."""
+    lib.plan(link="sym").save(lib.root / "plan.json")
+    apply_plan(lib.root / "plan.json", catalog_path=lib.db)
+    lib.scan()
+    targets = _physical_set(lib.root)
+    assert targets, "the sym plan made symlinks"
+    second = lib.plan()
+    for s in second.steps:
+        if s.action == "transform":
+            assert not os.path.islink(s.path), s.path
+            st = os.stat(s.path)
+            assert (st.st_dev, st.st_ino) not in targets, s.path
+    second.save(lib.root / "plan2.json")
+    apply_plan(lib.root / "plan2.json", catalog_path=lib.db)
+    assert _dangling(lib.root) == []
+
+
+def test_hand_made_symlink_target_is_never_rewritten(lib):
+    """A symlink a person made in a UI folder, pointing at a model another UI keeps: the model stays."""
+    target = lib.sd / "mD.safetensors"  # fp32 with EMA: plan-space would prune + fp16 it in place
+    assert any(s.path == str(target) for s in lib.plan().steps)
+    os.symlink(target, lib.ck / "mD.safetensors")
+    lib.scan()
+    plan = lib.plan()
+    assert str(target) not in {s.path for s in plan.steps}
+    assert str(lib.ck / "mD.safetensors") not in {s.path for s in plan.steps}
+    assert any("symlink" in n and str(target) in n for n in plan.notes)
+
+
+def test_apply_plan_refuses_to_transform_through_a_symlink(lib):
+    """A transform step whose path is a symlink (a hand-edited or stale plan) is refused, the target kept."""
+    target = lib.sd / "mD.safetensors"
+    plan = lib.plan()
+    step = next(s for s in plan.steps if s.path == str(target))
+    before = target.read_bytes()
+    link = lib.ck / "mD.safetensors"
+    os.symlink(target, link)
+    import dataclasses
+
+    plan.steps = [dataclasses.replace(step, path=str(link), output=str(link))]
+    plan.save(lib.root / "p.json")
+    (r,) = apply_plan(lib.root / "p.json", catalog_path=lib.db, rescan=False)
+    assert r.status == "failed" and "symlink" in r.message
+    assert link.is_symlink() and target.read_bytes() == before

@@ -186,6 +186,11 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
     from ckptlab.library.plan import SpacePlan
 
     plan = SpacePlan.load(plan_path)
+    db = catalog_path or (Path(plan.catalog) if plan.catalog else None)  # the catalog the plan came from
+    records = _catalog_records(db)
+    from ckptlab.library.dupes import _link_targets
+
+    link_targets = _link_targets(records.values())
     results: list[StepResult] = []
     touched: set[Path] = set()
     renames: list[tuple[Path, Path]] = []
@@ -197,7 +202,7 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
         progress(0, description=f"apply-plan {n + 1}/{len(plan.steps)}: {step.label} {path.name}")
         try:
             if step.action == "transform":
-                _transform_step(step, path, res, dry_run)
+                _transform_step(step, path, res, dry_run, link_targets)
             else:
                 _duplicate_step(step, path, res, dry_run)
             if res.status == "done":
@@ -210,9 +215,18 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
             res.status, res.message = "failed", f"{e.strerror or e}"
         progress(1)
     if not dry_run and touched:
-        db = catalog_path or (Path(plan.catalog) if plan.catalog else None)  # the catalog the plan came from
         _update_catalog(db, renames, sorted(touched), rescan)
     return results
+
+
+def _catalog_records(db: Path | None) -> dict:
+    """path -> catalog row of every present file of the plan's catalog (empty when there is none)."""
+    if db is None or not Path(db).is_file():
+        return {}
+    from ckptlab.library.catalog import Catalog
+
+    with Catalog(db) as cat:
+        return {r.path: r for r in cat.files(status="present")}
 
 
 def _duplicate_step(step, path: Path, res: StepResult, dry_run: bool) -> None:
@@ -276,15 +290,20 @@ def _is_link_to(target: Path, keep: Path, kind: str | None) -> bool:
     return not target.is_symlink() and _same_file(target, keep)
 
 
-def _transform_step(step, path: Path, res: StepResult, dry_run: bool) -> None:
+def _transform_step(step, path: Path, res: StepResult, dry_run: bool,
+                    link_targets: frozenset | set = frozenset()) -> None:
     out = Path(step.output)
     res.new_path = out
     if (not path.exists() or out == path) and _made_from(out, step.sha256) and (
             out != path or path.stat().st_size != step.size):
         res.status, res.message = "done-before", f"{out.name} was already written from this file"
         return
+    if path.is_symlink():
+        raise MismatchError("is a symlink now; a transform never rewrites through a link", path)
     _verify(path, step.size, step.mtime_ns, step.sha256)
     st = path.stat()
+    if (st.st_dev, st.st_ino) in link_targets:
+        raise MismatchError("a symlink in the catalog points to it; rewriting it would break the link", path)
     if st.st_nlink > 1:
         raise MismatchError("has other hard links now; rewriting it would not free space", path)
     if out != path and os.path.lexists(out):
