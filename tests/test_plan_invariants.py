@@ -633,3 +633,69 @@ def test_apply_plan_refuses_to_transform_through_a_symlink(lib):
     (r,) = apply_plan(lib.root / "p.json", catalog_path=lib.db, rescan=False)
     assert r.status == "failed" and "symlink" in r.message
     assert link.is_symlink() and target.read_bytes() == before
+
+
+# -- apply-plan re-verifies the duplicate too ------------------------------------------------------------------
+
+def test_duplicate_changed_after_planning_is_not_removed(lib):
+    """A ``same sha256`` duplicate whose bytes changed after plan-space (mtime restored) is another file
+    now: hashlib says so, and apply-plan must not replace it by a link to the kept copy."""
+    import hashlib
+
+    plan = lib.plan()
+    step = next(s for s in plan.steps if s.path == str(lib.ck / "mA.safetensors"))
+    assert step.action == "link_duplicate" and step.match == "sha256"
+    plan.save(lib.root / "plan.json")
+    dup = Path(step.path)
+    data = bytearray(dup.read_bytes())
+    data[-1] ^= 1
+    (lib.root / "edited").write_bytes(bytes(data))
+    _replace_keeping_stat(dup, lib.root / "edited")
+    assert hashlib.sha256(dup.read_bytes()).hexdigest().upper() != step.sha256.upper()
+    for dry in (True, False):
+        results = {str(r.path): r for r in apply_plan(lib.root / "plan.json", catalog_path=lib.db, rescan=False,
+                                                      dry_run=dry)}
+        r = results[str(dup)]
+        assert r.status == "failed" and "sha256 recomputed" in r.message
+        assert not dup.is_symlink() and dup.read_bytes() == bytes(data) and dup.stat().st_nlink == 1
+    assert results[str(lib.dl / "mA.safetensors")].status == "done"  # the rest ran
+
+
+def test_hand_edited_step_cannot_delete_an_unrelated_file(lib):
+    """A ``delete_duplicate`` step pointed at a 15-byte text file (its real size and mtime filled in)
+    must not delete it: it is not the catalogued duplicate, and its size cannot match the kept copy's."""
+    obj = lib.plan().to_dict()
+    i = next(i for i, s in enumerate(obj["steps"]) if s["path"] == str(lib.dl / "mA.safetensors"))
+    notes = lib.out / "notes.txt"
+    notes.write_text("my own notes!!\n")
+    st = notes.stat()
+    assert st.st_size == 15
+    obj["steps"][i] = dict(obj["steps"][i], path=str(notes), size=st.st_size, mtime_ns=st.st_mtime_ns,
+                           bytes_freed=st.st_size)
+    (lib.root / "edited.json").write_text(json.dumps(obj))
+    results = {str(r.path): r for r in apply_plan(lib.root / "edited.json", catalog_path=lib.db, rescan=False)}
+    assert results[str(notes)].status == "failed"
+    assert notes.read_text() == "my own notes!!\n"
+    assert sum(r.status == "done" for r in results.values()) == len(results) - 1  # the rest ran
+
+
+def test_link_step_edited_to_delete_keeps_the_ui_copy(lib, cli):
+    """A ``link_duplicate`` step hand-edited to ``delete_duplicate``: the copy is in a UI folder, and only a
+    plan made with ``--link none`` may take a model from a UI."""
+    obj = lib.plan().to_dict()
+    i = next(i for i, s in enumerate(obj["steps"]) if s["path"] == str(lib.ck / "mA.safetensors"))
+    assert obj["steps"][i]["action"] == "link_duplicate"
+    obj["steps"][i] = dict(obj["steps"][i], action="delete_duplicate", link=None, link_path=None)
+    (lib.root / "edited.json").write_text(json.dumps(obj))
+    r = cli("apply-plan", lib.root / "edited.json", "--db", lib.db, "--json", "--no-rescan")
+    lines = {x["path"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert lines[str(lib.ck / "mA.safetensors")]["status"] == "failed"
+    assert "UI" in lines[str(lib.ck / "mA.safetensors")]["message"]
+    assert (lib.ck / "mA.safetensors").is_file()
+    assert lines[str(lib.dl / "mA.safetensors")]["status"] == "done"
+    # the same removal in a plan made with --link none is carried out (asked for exactly that)
+    none = lib.plan(link="none")
+    (lib.root / "none.json").unlink(missing_ok=True)
+    none.save(lib.root / "none.json")
+    res = {str(x.path): x for x in apply_plan(lib.root / "none.json", catalog_path=lib.db, rescan=False)}
+    assert res[str(lib.ck / "mA.safetensors")].status == "done" and not (lib.ck / "mA.safetensors").exists()
