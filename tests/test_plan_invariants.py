@@ -699,3 +699,40 @@ def test_link_step_edited_to_delete_keeps_the_ui_copy(lib, cli):
     none.save(lib.root / "none.json")
     res = {str(x.path): x for x in apply_plan(lib.root / "none.json", catalog_path=lib.db, rescan=False)}
     assert res[str(lib.ck / "mA.safetensors")].status == "done" and not (lib.ck / "mA.safetensors").exists()
+
+
+# -- an extra_model_paths.yaml folder inside a scanned root --------------------------------------------------
+
+def _folders(db: Path, folder: Path) -> set:
+    with Catalog(db) as cat:
+        return {r.folder for r in cat.files() if Path(r.path).parent == folder}
+
+
+def test_yaml_category_wins_inside_a_scanned_root(lib):
+    """``scan ROOT --extra-model-paths`` whose base_path lies inside ROOT: the files below the yaml's
+    folders are in that category (a UI folder), so plan-space links them instead of deleting them."""
+    db = lib.root / "whole.db"
+    with Catalog(db) as cat:
+        scan([lib.root], cat, hash=True, fingerprint=True, extra_model_paths=lib.yaml, workers=1)
+        plan = plan_space(cat)
+    assert _folders(db, lib.extra) == {"checkpoints"}
+    steps = {s.path: s for s in plan.steps}
+    extra_mc = str(lib.extra / "mC.safetensors")
+    assert all(s.action != "delete_duplicate" for s in plan.steps if Path(s.path).parent == lib.extra)
+    assert extra_mc in {s.keep for s in plan.steps} or steps[extra_mc].action == "link_duplicate"
+
+
+def test_rescan_with_the_yaml_updates_unchanged_rows(lib):
+    """A file first scanned without the yaml, then re-scanned with it (unchanged on disk): its folder
+    becomes the yaml's category, without re-reading it; a later plain re-scan does not forget it."""
+    db = lib.root / "again.db"
+    with Catalog(db) as cat:
+        scan([lib.root], cat, workers=1)
+    assert _folders(db, lib.extra) == {None}
+    with Catalog(db) as cat:
+        s = scan([lib.root], cat, extra_model_paths=lib.yaml, workers=1)
+    assert s.unchanged == s.files  # nothing re-read
+    assert _folders(db, lib.extra) == {"checkpoints"}
+    with Catalog(db) as cat:
+        scan([lib.root], cat, workers=1)
+    assert _folders(db, lib.extra) == {"checkpoints"}
