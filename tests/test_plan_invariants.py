@@ -736,3 +736,34 @@ def test_rescan_with_the_yaml_updates_unchanged_rows(lib):
     with Catalog(db) as cat:
         scan([lib.root], cat, workers=1)
     assert _folders(db, lib.extra) == {"checkpoints"}
+
+
+# -- plan and report files --------------------------------------------------------------------------------------
+
+def test_plan_and_report_make_folders_and_ordinary_files(lib, cli):
+    """``-o`` into a missing folder works for plan-space as for report, and both files get the mode any
+    file made with open() gets (0o666 less the umask), not mkstemp's 0600."""
+    plain = lib.root / "plain.txt"
+    with open(plain, "w") as fh:  # the oracle: what the OS gives an ordinary new file here
+        fh.write("x")
+    want = plain.stat().st_mode & 0o777
+    plan_out = lib.root / "nodir" / "deeper" / "p.json"
+    r = cli("plan-space", "-o", plan_out, "--db", lib.db)
+    assert r.returncode == 0, r.stderr
+    assert SpacePlan.load(plan_out).steps and plan_out.stat().st_mode & 0o777 == want
+    rep = lib.root / "nodir2" / "r.html"
+    r = cli("report", "--format", "html", "-o", rep, "--db", lib.db)
+    assert r.returncode == 0, r.stderr
+    assert rep.stat().st_mode & 0o777 == want
+    assert not [p for p in plan_out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_apply_plan_failure_line_names_the_path_once(lib, cli):
+    plan = lib.plan()
+    step = next(s for s in plan.steps if s.path == str(lib.dl / "mA.safetensors"))
+    plan.save(lib.root / "plan.json")
+    Path(step.keep).rename(lib.root / "moved-away")
+    r = cli("apply-plan", lib.root / "plan.json", "--db", lib.db, "--no-rescan")
+    assert r.returncode == 1
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("failed") and step.path in x]
+    assert line.count(step.path) == 1 and "the copy to keep" in line, line

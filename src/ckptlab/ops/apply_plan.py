@@ -209,8 +209,8 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
                 touched.add(path.parent)
                 if res.new_path is not None and res.new_path != path and step.action == "transform":
                     renames.append((path, res.new_path))
-        except CkptlabError as e:
-            res.status, res.message = "failed", str(e)
+        except CkptlabError as e:  # the line names the step's path already: the message says the rest
+            res.status, res.message = "failed", e.message if e.path in (None, str(path)) else str(e)
         except OSError as e:
             res.status, res.message = "failed", f"{e.strerror or e}"
         progress(1)
