@@ -767,3 +767,17 @@ def test_apply_plan_failure_line_names_the_path_once(lib, cli):
     assert r.returncode == 1
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("failed") and step.path in x]
     assert line.count(step.path) == 1 and "the copy to keep" in line, line
+
+
+def test_apply_plan_refuses_a_transform_of_a_file_a_symlink_now_points_to(lib):
+    """A plan made before a symlink to the file was catalogued: apply-plan checks the catalog itself."""
+    target = lib.sd / "mD.safetensors"
+    plan = lib.plan()
+    assert any(s.path == str(target) for s in plan.steps)
+    plan.save(lib.root / "plan.json")
+    os.symlink(target, lib.ck / "mD.safetensors")
+    lib.scan()
+    before = target.read_bytes()
+    results = {str(r.path): r for r in apply_plan(lib.root / "plan.json", catalog_path=lib.db, rescan=False)}
+    assert results[str(target)].status == "failed" and "symlink" in results[str(target)].message
+    assert target.read_bytes() == before and os.path.exists(lib.ck / "mD.safetensors")
