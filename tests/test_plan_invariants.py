@@ -566,3 +566,218 @@ def test_forged_steps_are_refused_with_one_line(change, tmp_path, cli):
     r = cli("apply-plan", tmp_path / "p.json", "--db", tmp_path / "c.db")
     assert r.returncode == 1 and r.stderr.startswith("ckptlab: error:") and len(r.stderr.splitlines()) == 1
 
+
+
+# -- links are never rewritten through, and their targets never rewritten -------------------------------------
+
+def _physical_set(root: Path) -> set[tuple[int, int]]:
+    """(dev, inode) of every file a symlink under ``root`` resolves to (os.stat follows the link)."""
+    out = set()
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p) and os.path.exists(p):
+                st = os.stat(p)
+                out.add((st.st_dev, st.st_ino))
+    return out
+
+
+def _dangling(root: Path) -> list[str]:
+    return [os.path.join(d, n) for d, _s, ns in os.walk(root) for n in ns
+            if os.path.islink(os.path.join(d, n)) and not os.path.exists(os.path.join(d, n))]
+
+
+def test_second_plan_never_rewrites_what_symlinks_point_to(lib):
+    """After a ``--link sym`` plan is applied and the library re-scanned, the next plan must not convert,
+    prune or fp16 the kept copies the symlinks resolve to (their links would dangle or change)."""
+    lib.plan(link="sym").save(lib.root / "plan.json")
+    apply_plan(lib.root / "plan.json", catalog_path=lib.db)
+    lib.scan()
+    targets = _physical_set(lib.root)
+    assert targets, "the sym plan made symlinks"
+    second = lib.plan()
+    for s in second.steps:
+        if s.action == "transform":
+            assert not os.path.islink(s.path), s.path
+            st = os.stat(s.path)
+            assert (st.st_dev, st.st_ino) not in targets, s.path
+    second.save(lib.root / "plan2.json")
+    apply_plan(lib.root / "plan2.json", catalog_path=lib.db)
+    assert _dangling(lib.root) == []
+
+
+def test_hand_made_symlink_target_is_never_rewritten(lib):
+    """A symlink a person made in a UI folder, pointing at a model another UI keeps: the model stays."""
+    target = lib.sd / "mD.safetensors"  # fp32 with EMA: plan-space would prune + fp16 it in place
+    assert any(s.path == str(target) for s in lib.plan().steps)
+    os.symlink(target, lib.ck / "mD.safetensors")
+    lib.scan()
+    plan = lib.plan()
+    assert str(target) not in {s.path for s in plan.steps}
+    assert str(lib.ck / "mD.safetensors") not in {s.path for s in plan.steps}
+    assert any("symlink" in n and str(target) in n for n in plan.notes)
+
+
+def test_apply_plan_refuses_to_transform_through_a_symlink(lib):
+    """A transform step whose path is a symlink (a hand-edited or stale plan) is refused, the target kept."""
+    target = lib.sd / "mD.safetensors"
+    plan = lib.plan()
+    step = next(s for s in plan.steps if s.path == str(target))
+    before = target.read_bytes()
+    link = lib.ck / "mD.safetensors"
+    os.symlink(target, link)
+    import dataclasses
+
+    plan.steps = [dataclasses.replace(step, path=str(link), output=str(link))]
+    plan.save(lib.root / "p.json")
+    (r,) = apply_plan(lib.root / "p.json", catalog_path=lib.db, rescan=False)
+    assert r.status == "failed" and "symlink" in r.message
+    assert link.is_symlink() and target.read_bytes() == before
+
+
+# -- apply-plan re-verifies the duplicate too ------------------------------------------------------------------
+
+def test_duplicate_changed_after_planning_is_not_removed(lib):
+    """A ``same sha256`` duplicate whose bytes changed after plan-space (mtime restored) is another file
+    now: hashlib says so, and apply-plan must not replace it by a link to the kept copy."""
+    import hashlib
+
+    plan = lib.plan()
+    step = next(s for s in plan.steps if s.path == str(lib.ck / "mA.safetensors"))
+    assert step.action == "link_duplicate" and step.match == "sha256"
+    plan.save(lib.root / "plan.json")
+    dup = Path(step.path)
+    data = bytearray(dup.read_bytes())
+    data[-1] ^= 1
+    (lib.root / "edited").write_bytes(bytes(data))
+    _replace_keeping_stat(dup, lib.root / "edited")
+    assert hashlib.sha256(dup.read_bytes()).hexdigest().upper() != step.sha256.upper()
+    for dry in (True, False):
+        results = {str(r.path): r for r in apply_plan(lib.root / "plan.json", catalog_path=lib.db, rescan=False,
+                                                      dry_run=dry)}
+        r = results[str(dup)]
+        assert r.status == "failed" and "sha256 recomputed" in r.message
+        assert not dup.is_symlink() and dup.read_bytes() == bytes(data) and dup.stat().st_nlink == 1
+    assert results[str(lib.dl / "mA.safetensors")].status == "done"  # the rest ran
+
+
+def test_hand_edited_step_cannot_delete_an_unrelated_file(lib):
+    """A ``delete_duplicate`` step pointed at a 15-byte text file (its real size and mtime filled in)
+    must not delete it: it is not the catalogued duplicate, and its size cannot match the kept copy's."""
+    obj = lib.plan().to_dict()
+    i = next(i for i, s in enumerate(obj["steps"]) if s["path"] == str(lib.dl / "mA.safetensors"))
+    notes = lib.out / "notes.txt"
+    notes.write_text("my own notes!!\n")
+    st = notes.stat()
+    assert st.st_size == 15
+    obj["steps"][i] = dict(obj["steps"][i], path=str(notes), size=st.st_size, mtime_ns=st.st_mtime_ns,
+                           bytes_freed=st.st_size)
+    (lib.root / "edited.json").write_text(json.dumps(obj))
+    results = {str(r.path): r for r in apply_plan(lib.root / "edited.json", catalog_path=lib.db, rescan=False)}
+    assert results[str(notes)].status == "failed"
+    assert notes.read_text() == "my own notes!!\n"
+    assert sum(r.status == "done" for r in results.values()) == len(results) - 1  # the rest ran
+
+
+def test_link_step_edited_to_delete_keeps_the_ui_copy(lib, cli):
+    """A ``link_duplicate`` step hand-edited to ``delete_duplicate``: the copy is in a UI folder, and only a
+    plan made with ``--link none`` may take a model from a UI."""
+    obj = lib.plan().to_dict()
+    i = next(i for i, s in enumerate(obj["steps"]) if s["path"] == str(lib.ck / "mA.safetensors"))
+    assert obj["steps"][i]["action"] == "link_duplicate"
+    obj["steps"][i] = dict(obj["steps"][i], action="delete_duplicate", link=None, link_path=None)
+    (lib.root / "edited.json").write_text(json.dumps(obj))
+    r = cli("apply-plan", lib.root / "edited.json", "--db", lib.db, "--json", "--no-rescan")
+    lines = {x["path"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert lines[str(lib.ck / "mA.safetensors")]["status"] == "failed"
+    assert "UI" in lines[str(lib.ck / "mA.safetensors")]["message"]
+    assert (lib.ck / "mA.safetensors").is_file()
+    assert lines[str(lib.dl / "mA.safetensors")]["status"] == "done"
+    # the same removal in a plan made with --link none is carried out (asked for exactly that)
+    none = lib.plan(link="none")
+    (lib.root / "none.json").unlink(missing_ok=True)
+    none.save(lib.root / "none.json")
+    res = {str(x.path): x for x in apply_plan(lib.root / "none.json", catalog_path=lib.db, rescan=False)}
+    assert res[str(lib.ck / "mA.safetensors")].status == "done" and not (lib.ck / "mA.safetensors").exists()
+
+
+# -- an extra_model_paths.yaml folder inside a scanned root --------------------------------------------------
+
+def _folders(db: Path, folder: Path) -> set:
+    with Catalog(db) as cat:
+        return {r.folder for r in cat.files() if Path(r.path).parent == folder}
+
+
+def test_yaml_category_wins_inside_a_scanned_root(lib):
+    """``scan ROOT --extra-model-paths`` whose base_path lies inside ROOT: the files below the yaml's
+    folders are in that category (a UI folder), so plan-space links them instead of deleting them."""
+    db = lib.root / "whole.db"
+    with Catalog(db) as cat:
+        scan([lib.root], cat, hash=True, fingerprint=True, extra_model_paths=lib.yaml, workers=1)
+        plan = plan_space(cat)
+    assert _folders(db, lib.extra) == {"checkpoints"}
+    steps = {s.path: s for s in plan.steps}
+    extra_mc = str(lib.extra / "mC.safetensors")
+    assert all(s.action != "delete_duplicate" for s in plan.steps if Path(s.path).parent == lib.extra)
+    assert extra_mc in {s.keep for s in plan.steps} or steps[extra_mc].action == "link_duplicate"
+
+
+def test_rescan_with_the_yaml_updates_unchanged_rows(lib):
+    """A file first scanned without the yaml, then re-scanned with it (unchanged on disk): its folder
+    becomes the yaml's category, without re-reading it; a later plain re-scan does not forget it."""
+    db = lib.root / "again.db"
+    with Catalog(db) as cat:
+        scan([lib.root], cat, workers=1)
+    assert _folders(db, lib.extra) == {None}
+    with Catalog(db) as cat:
+        s = scan([lib.root], cat, extra_model_paths=lib.yaml, workers=1)
+    assert s.unchanged == s.files  # nothing re-read
+    assert _folders(db, lib.extra) == {"checkpoints"}
+    with Catalog(db) as cat:
+        scan([lib.root], cat, workers=1)
+    assert _folders(db, lib.extra) == {"checkpoints"}
+
+
+# -- plan and report files --------------------------------------------------------------------------------------
+
+def test_plan_and_report_make_folders_and_ordinary_files(lib, cli):
+    """``-o`` into a missing folder works for plan-space as for report, and both files get the mode any
+    file made with open() gets (0o666 less the umask), not mkstemp's 0600."""
+    plain = lib.root / "plain.txt"
+    with open(plain, "w") as fh:  # the oracle: what the OS gives an ordinary new file here
+        fh.write("x")
+    want = plain.stat().st_mode & 0o777
+    plan_out = lib.root / "nodir" / "deeper" / "p.json"
+    r = cli("plan-space", "-o", plan_out, "--db", lib.db)
+    assert r.returncode == 0, r.stderr
+    assert SpacePlan.load(plan_out).steps and plan_out.stat().st_mode & 0o777 == want
+    rep = lib.root / "nodir2" / "r.html"
+    r = cli("report", "--format", "html", "-o", rep, "--db", lib.db)
+    assert r.returncode == 0, r.stderr
+    assert rep.stat().st_mode & 0o777 == want
+    assert not [p for p in plan_out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_apply_plan_failure_line_names_the_path_once(lib, cli):
+    plan = lib.plan()
+    step = next(s for s in plan.steps if s.path == str(lib.dl / "mA.safetensors"))
+    plan.save(lib.root / "plan.json")
+    Path(step.keep).rename(lib.root / "moved-away")
+    r = cli("apply-plan", lib.root / "plan.json", "--db", lib.db, "--no-rescan")
+    assert r.returncode == 1
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("failed") and step.path in x]
+    assert line.count(step.path) == 1 and "the copy to keep" in line, line
+
+
+def test_apply_plan_refuses_a_transform_of_a_file_a_symlink_now_points_to(lib):
+    """A plan made before a symlink to the file was catalogued: apply-plan checks the catalog itself."""
+    target = lib.sd / "mD.safetensors"
+    plan = lib.plan()
+    assert any(s.path == str(target) for s in plan.steps)
+    plan.save(lib.root / "plan.json")
+    os.symlink(target, lib.ck / "mD.safetensors")
+    lib.scan()
+    before = target.read_bytes()
+    results = {str(r.path): r for r in apply_plan(lib.root / "plan.json", catalog_path=lib.db, rescan=False)}
+    assert results[str(target)].status == "failed" and "symlink" in results[str(target)].message
+    assert target.read_bytes() == before and os.path.exists(lib.ck / "mD.safetensors")

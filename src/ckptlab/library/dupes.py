@@ -138,6 +138,29 @@ def _nlink(path: str) -> int:
         return 1
 
 
+def _physical(path: str) -> tuple[int, int] | None:
+    """``(dev, inode)`` of the file ``path`` names now (symlinks followed), None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _link_targets(recs) -> set[tuple[int, int]]:
+    """``(dev, inode)`` of every file a catalogued symlink resolves to, as catalogued and as it is now: a
+    transform must never rewrite or remove such a file (the link would dangle or change under the UI)."""
+    out: set[tuple[int, int]] = set()
+    for r in recs:
+        if r.is_link or os.path.islink(r.path):
+            if r.dev is not None and r.ino is not None:
+                out.add((r.dev, r.ino))
+            now = _physical(r.path)
+            if now is not None:
+                out.add(now)
+    return out
+
+
 def freed_by_removing(path: str, size: int) -> int:
     """Bytes removing ``path`` gives back: its size, or 0 while another hard link keeps the data.
     ``apply-plan`` measures a removal the same way."""
@@ -355,6 +378,7 @@ def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = T
                 taken.add(c.link_path or r.path)
             plan.steps.append(step)
 
+    link_targets = _link_targets(recs.values())
     for r in recs.values():
         if r.id in removed or r.error is not None or r.tensor_bytes is None or r.format == "diffusers":
             continue  # a diffusers folder is not one file a transform step can rewrite in place
@@ -387,8 +411,11 @@ def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = T
         if r.id in linked_keepers:
             plan.notes.append(f"{r.path}: not rewritten: links to it replace duplicates")
             continue
-        if r.is_link or _nlink(r.path) > 1:
+        if r.is_link or os.path.islink(r.path) or _nlink(r.path) > 1:
             plan.notes.append(f"{r.path}: not rewritten: it is a link or has other hard links")
+            continue
+        if _physical(r.path) in link_targets or (r.dev, r.ino) in link_targets:
+            plan.notes.append(f"{r.path}: not rewritten: a symlink in the catalog points to it")
             continue
         output = path.with_name(stem + ".safetensors")
         if output != path and (os.path.lexists(output) or str(output) in taken):

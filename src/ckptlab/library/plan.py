@@ -64,6 +64,13 @@ LINKS = ("hard", "sym")
 MAX_PLAN_BYTES = 1 << 30
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process umask (``0o644`` under umask 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @dataclass
 class PlanStep:
     action: str
@@ -218,14 +225,18 @@ class SpacePlan:
         path = Path(path)
         if not overwrite and (path.exists() or path.is_symlink()):
             raise OutputError("output already exists (use --overwrite to replace it)", path)
-        try:
+        try:  # missing parent folders are made, as report -o does
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
         except OSError as e:
             raise OutputError(f"cannot write plan: {e.strerror or e}", path) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                os.fchmod(fh.fileno(), default_file_mode())  # mkstemp makes 0600; a plan is an ordinary file
                 json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False)
                 fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException as e:
             with contextlib.suppress(OSError):

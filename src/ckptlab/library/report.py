@@ -259,7 +259,17 @@ def check_output(out: Path, *, overwrite: bool) -> None:
 def _mkstemp(out: Path) -> tuple[int, str]:
     import tempfile
 
-    return tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    from ckptlab.library.plan import default_file_mode
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; a report is an ordinary file
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return fd, tmp
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -500,9 +500,17 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
             summary.bad_roots.append(display_path(root))
     summary.error_list += [{"path": e["path"], "error": e["error"]} for e in walk_errors]
     summary.files = len(found)
+    # an extra_model_paths.yaml folder that lies inside a plain root: its category wins for the files
+    # below it, whichever target walked them first (the deepest folder wins)
+    categories = sorted(((os.path.join(os.path.abspath(r), ""), c) for r, c in targets if c is not None),
+                        key=lambda rc: len(rc[0]), reverse=True)
+    if categories:
+        for f in found:
+            if f.category is None:
+                f.category = next((c for prefix, c in categories if f.path.startswith(prefix)), None)
 
-    rows = catalog.conn.execute("SELECT id, path, dev, ino, size, mtime_ns, status, error, sidecars, safety "
-                                "FROM files")
+    rows = catalog.conn.execute("SELECT id, path, dev, ino, size, mtime_ns, status, error, sidecars, safety, "
+                                "folder FROM files")
     by_path: dict[bytes, tuple] = {}
     by_key: dict[StatKey, list[tuple]] = {}
     for row in rows:
@@ -515,6 +523,7 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
     unchanged_ids: list[int] = []
     moves: list[tuple[Found, int]] = []
     sidecar_updates: list[tuple[Found, int]] = []
+    folder_updates: list[tuple[str, int]] = []
     for f in found:
         pk = path_key(f.path)
         row = by_path.get(pk)
@@ -525,6 +534,11 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
             # a row without a verdict (catalogued before every file was checked) is read once more
             if same and row[6] == "present" and row[7] is None and row[9] is not None:
                 unchanged_ids.append(row[0])
+                # a folder known now (e.g. a category of an extra_model_paths.yaml given this time) is
+                # recorded without re-reading the file; a plain re-scan never forgets a category
+                folder = _location(f)["folder"]
+                if folder is not None and folder != row[10]:
+                    folder_updates.append((folder, row[0]))
                 if _sidecars_changed(f, row[8]):
                     sidecar_updates.append((f, row[0]))
                 continue
@@ -549,6 +563,7 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
         c.executemany("INSERT OR IGNORE INTO _seen(id) VALUES (?)", [(i,) for i in unchanged_ids])
         c.execute("UPDATE files SET last_seen = ?, last_scan = ? WHERE id IN (SELECT id FROM _seen)",
                   (now, summary.scan_id))
+        c.executemany("UPDATE files SET folder = ? WHERE id = ?", folder_updates)
         moves = [(f, fid) for f, fid in moves if _apply_move(c, f, fid, now, summary.scan_id)]
         for f, fid in sidecar_updates:
             sc = sidecars.find(f.path, f.names)

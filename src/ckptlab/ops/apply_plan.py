@@ -186,6 +186,11 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
     from ckptlab.library.plan import SpacePlan
 
     plan = SpacePlan.load(plan_path)
+    db = catalog_path or (Path(plan.catalog) if plan.catalog else None)  # the catalog the plan came from
+    records = _catalog_records(db)
+    from ckptlab.library.dupes import _link_targets
+
+    link_targets = _link_targets(records.values())
     results: list[StepResult] = []
     touched: set[Path] = set()
     renames: list[tuple[Path, Path]] = []
@@ -197,25 +202,73 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
         progress(0, description=f"apply-plan {n + 1}/{len(plan.steps)}: {step.label} {path.name}")
         try:
             if step.action == "transform":
-                _transform_step(step, path, res, dry_run)
+                _transform_step(step, path, res, dry_run, link_targets)
             else:
-                _duplicate_step(step, path, res, dry_run)
+                _duplicate_step(step, path, res, dry_run, records.get(step.path), plan.link)
             if res.status == "done":
                 touched.add(path.parent)
                 if res.new_path is not None and res.new_path != path and step.action == "transform":
                     renames.append((path, res.new_path))
-        except CkptlabError as e:
-            res.status, res.message = "failed", str(e)
+        except CkptlabError as e:  # the line names the step's path already: the message says the rest
+            res.status, res.message = "failed", e.message if e.path in (None, str(path)) else str(e)
         except OSError as e:
             res.status, res.message = "failed", f"{e.strerror or e}"
         progress(1)
     if not dry_run and touched:
-        db = catalog_path or (Path(plan.catalog) if plan.catalog else None)  # the catalog the plan came from
         _update_catalog(db, renames, sorted(touched), rescan)
     return results
 
 
-def _duplicate_step(step, path: Path, res: StepResult, dry_run: bool) -> None:
+def _catalog_records(db: Path | None) -> dict:
+    """path -> catalog row of every present file of the plan's catalog (empty when there is none)."""
+    if db is None or not Path(db).is_file():
+        return {}
+    from ckptlab.library.catalog import Catalog
+
+    with Catalog(db) as cat:
+        return {r.path: r for r in cat.files(status="present")}
+
+
+def verify_duplicate(step, rec, plan_link: str) -> None:
+    """The duplicate is the file the plan's catalog recorded (``rec``, its row), with the identity the
+    step names, still inside or outside a UI folder as the plan's link mode allows, and - recomputed now,
+    whatever its mtime says - still the same model as the kept copy: its SHA-256 for ``same sha256`` steps,
+    its tensor fingerprint for ``same weights`` steps. A hand-edited plan cannot point a step elsewhere."""
+    path = Path(step.path)
+    if rec is None:
+        raise MismatchError("not in the plan's catalog as a present file; not removed (re-run plan-space)", path)
+    if (step.file_id is not None and rec.id != step.file_id) or rec.size != step.size or (
+            step.mtime_ns is not None and rec.mtime_ns != step.mtime_ns) or (
+            (rec.sha256 or "").upper() != (step.sha256 or "").upper()):
+        raise MismatchError("the catalog records another file here than the plan names; not removed "
+                            "(re-run plan-space)", path)
+    if step.match == "sha256" and step.size != step.keep_size:
+        raise MismatchError("its size differs from the copy to keep, so it cannot have the same sha256; not removed",
+                            path)
+    if step.match != "sha256":
+        have = rec.fingerprint if step.match == "fingerprint" else rec.fingerprint_bf16
+        if have != step.keep_fingerprint:
+            raise MismatchError("the catalog does not record it with the kept copy's fingerprint; not removed", path)
+    if step.action == "delete_duplicate" and plan_link != "none":
+        from ckptlab.library.dupes import in_ui_folder
+
+        if in_ui_folder(rec):
+            raise MismatchError("is in a UI model folder: removing it would take the model from the UI "
+                                "(only a plan made with --link none removes such a copy); not removed", path)
+    if step.match == "sha256":
+        if _sha256(path) != (step.sha256 or "").upper():
+            raise StaleStep("content changed since the plan (sha256 recomputed); not removed - re-run plan-space",
+                            path)
+        return
+    from ckptlab.library.fingerprint import fingerprint_file
+
+    fp = fingerprint_file(path)
+    if (fp.fingerprint if step.match == "fingerprint" else fp.bf16) != step.keep_fingerprint:
+        raise StaleStep("no longer holds the kept copy's weights (fingerprint recomputed); not removed - re-run "
+                        "plan-space", path)
+
+
+def _duplicate_step(step, path: Path, res: StepResult, dry_run: bool, rec=None, plan_link: str = "auto") -> None:
     keep = Path(step.keep)
     target = Path(step.link_path) if step.action == "link_duplicate" else None
     res.new_path = target
@@ -233,6 +286,7 @@ def _duplicate_step(step, path: Path, res: StepResult, dry_run: bool) -> None:
     linked = target is not None and target != path and _is_link_to(target, keep, step.link)
     if target is not None and target != path and os.path.lexists(target) and not linked:
         raise OutputError(f"{target.name} already exists; not replaced", target)
+    verify_duplicate(step, rec, plan_link)
     verify_keeper(step)
     freed = _freed_by_removing(path)
     res.bytes_before = path.stat().st_size
@@ -276,15 +330,20 @@ def _is_link_to(target: Path, keep: Path, kind: str | None) -> bool:
     return not target.is_symlink() and _same_file(target, keep)
 
 
-def _transform_step(step, path: Path, res: StepResult, dry_run: bool) -> None:
+def _transform_step(step, path: Path, res: StepResult, dry_run: bool,
+                    link_targets: frozenset | set = frozenset()) -> None:
     out = Path(step.output)
     res.new_path = out
     if (not path.exists() or out == path) and _made_from(out, step.sha256) and (
             out != path or path.stat().st_size != step.size):
         res.status, res.message = "done-before", f"{out.name} was already written from this file"
         return
+    if path.is_symlink():
+        raise MismatchError("is a symlink now; a transform never rewrites through a link", path)
     _verify(path, step.size, step.mtime_ns, step.sha256)
     st = path.stat()
+    if (st.st_dev, st.st_ino) in link_targets:
+        raise MismatchError("a symlink in the catalog points to it; rewriting it would break the link", path)
     if st.st_nlink > 1:
         raise MismatchError("has other hard links now; rewriting it would not free space", path)
     if out != path and os.path.lexists(out):
