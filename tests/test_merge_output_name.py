@@ -5,6 +5,8 @@ are upper case. Through the real CLI, test models with real key names (``ckptlab
 
 from __future__ import annotations
 
+import stat
+
 import pytest
 
 from ckptlab.sample.build import write_model
@@ -57,3 +59,29 @@ def test_cli_merge_recipe_file_save_must_be_safetensors(cli, m, tmp_path):
     r = cli("merge", "--recipe", rec)
     _one_line_refusal(r, "e.g. fin.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]
+
+
+def test_save_recipe_never_overwrites_an_existing_file_without_overwrite(cli, m, tmp_path):
+    """`--save-recipe m/rec/mix.toml` silently replaced an existing recipe."""
+    (tmp_path / "rec").mkdir()
+    rf = tmp_path / "rec" / "mix.toml"
+    rf.write_text("# my hand-written recipe\n", encoding="utf-8")
+    out = tmp_path / "o.safetensors"
+    r = cli("merge", "weighted_sum", m["a"], m["b"], "-o", out, "--save-recipe", rf)
+    _one_line_refusal(r, "--save-recipe: the file already exists (use --overwrite to replace it)")
+    assert rf.read_text(encoding="utf-8") == "# my hand-written recipe\n"
+    assert not out.exists()  # checked before the merge ran
+    r = cli("merge", "weighted_sum", m["a"], m["b"], "-o", out, "--save-recipe", rf, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert "[[steps]]" in rf.read_text(encoding="utf-8")
+    assert [p.name for p in (tmp_path / "rec").iterdir()] == ["mix.toml"]  # no temporary file left
+
+
+def test_save_recipe_gets_the_permissions_of_any_new_file(cli, m, tmp_path):
+    """Written atomically, but not with mkstemp's 0600: mode 0666 less the umask, as `touch` would make it."""
+    (tmp_path / "touched").touch()
+    expected = stat.S_IMODE((tmp_path / "touched").stat().st_mode)
+    rf = tmp_path / "new.toml"
+    r = cli("merge", "weighted_sum", m["a"], m["b"], "-o", tmp_path / "o.safetensors", "--save-recipe", rf)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(rf.stat().st_mode) == expected

@@ -177,7 +177,8 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
     _check_output(out, list(paths.values()))
     if save_recipe is not None:
         save_recipe = check_recipe_target(save_recipe, [*paths.values(), out,
-                                                        *(p for p in saves.values() if p is not None)])
+                                                        *(p for p in saves.values() if p is not None)],
+                                          overwrite=overwrite)
 
     def hash_all(cancel_event=None) -> list[str]:
         return provenance.sha256_many(list(paths.values()), cancel_event, db=db)
