@@ -51,16 +51,18 @@ def emit_json(obj) -> None:
 
 def error_line(message: str) -> None:
     """The one-line error format every command uses."""
-    from ckptlab.display import one_line
+    from ckptlab.display import whole_line
 
-    err_console.print(f"ckptlab: error: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
+    # the whole line, prefix included, is at most MAX_LINE_CHARS (README's promise)
+    err_console.print(whole_line("ckptlab: error: ", message), markup=False, highlight=False, soft_wrap=True)
 
 
 def warning_line(message: str) -> None:
     """The one-line warning format: control characters shown, capped like errors."""
-    from ckptlab.display import one_line
+    from ckptlab.display import whole_line
 
-    err_console.print(f"ckptlab: warning: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
+    # the whole line, prefix included, is at most MAX_LINE_CHARS (README's promise)
+    err_console.print(whole_line("ckptlab: warning: ", message), markup=False, highlight=False, soft_wrap=True)
 
 
 def expand_paths(args: list[str], suffixes: tuple[str, ...] | None = None, recurse: bool = True) -> list[Path]:
