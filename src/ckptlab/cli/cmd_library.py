@@ -335,7 +335,7 @@ def register(app) -> None:
         """The library inventory: totals, by kind / family / format / precision / size, pickles and verdicts."""
         import sys
 
-        from ckptlab.errors import CkptlabError
+        from ckptlab.errors import BadChoiceError
         from ckptlab.library.report import (
             RENDERERS,
             build_inventory,
@@ -345,7 +345,7 @@ def register(app) -> None:
         )
 
         if fmt not in RENDERERS:
-            raise CkptlabError(f"unknown report format {fmt!r} (use {', '.join(RENDERERS)})")
+            raise BadChoiceError(f"--format {fmt!r}: use one of {', '.join(RENDERERS)}")
         if output is not None:  # before the work, not after it
             check_output(output, overwrite=overwrite)
         with _catalog(db, must_exist=True) as cat:
