@@ -340,6 +340,7 @@ def register(app) -> None:
             RENDERERS,
             build_inventory,
             check_output,
+            render_csv,
             render_table,
             write_report,
         )
@@ -354,6 +355,8 @@ def register(app) -> None:
             import shutil
 
             text = render_table(inv, width=shutil.get_terminal_size().columns)
+        elif fmt == "csv":  # a terminal shows control characters visibly; a file or a pipe gets exact values
+            text = render_csv(inv, terminal=output is None and sys.stdout.isatty())
         else:
             text = RENDERERS[fmt](inv)
         if output is None:
