@@ -5,6 +5,7 @@ are upper case. Through the real CLI, test models with real key names (``ckptlab
 
 from __future__ import annotations
 
+import hashlib
 import stat
 
 import pytest
@@ -85,3 +86,12 @@ def test_save_recipe_gets_the_permissions_of_any_new_file(cli, m, tmp_path):
     r = cli("merge", "weighted_sum", m["a"], m["b"], "-o", tmp_path / "o.safetensors", "--save-recipe", rf)
     assert r.returncode == 0, r.stderr
     assert stat.S_IMODE(rf.stat().st_mode) == expected
+
+
+def test_merge_prints_input_hashes_upper_case(cli, m, tmp_path):
+    """A person reads these: upper case like `hash` prints them (it printed "sha256 31c038c9487e")."""
+    r = cli("merge", "weighted_sum", m["a"], m["b"], "-o", tmp_path / "o.safetensors")
+    assert r.returncode == 0, r.stderr
+    for k in "ab":
+        want = hashlib.sha256(m[k].read_bytes()).hexdigest()[:12].upper()
+        assert f"sha256 {want}" in r.stdout, r.stdout

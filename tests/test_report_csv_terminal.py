@@ -28,7 +28,7 @@ def lib(tmp_path_factory, ):
     models.mkdir()
     write_model(models / f"{EVIL}.safetensors", "sd1_checkpoint", dtype="F32", seed=1)
     db = d / "c.db"
-    r = run_cli("scan", "--db", db, models)
+    r = run_cli("scan", "--fingerprint", "--db", db, models)
     assert r.returncode == 0, r.stderr
     return db
 
@@ -69,3 +69,10 @@ def test_csv_on_a_terminal_shows_control_characters(lib):
     text = b"".join(chunks).decode("utf-8").replace("\r\n", "\n")
     assert "\x1b" not in text and "\u202e" not in text
     assert _names(text) == ["red\\x1b[31mname\\u202e.safetensors"]
+
+
+def test_csv_fingerprint_column_is_upper_case(lib, cli):
+    r = cli("report", "--format", "csv", "--db", lib)
+    (row,) = list(csv.DictReader(io.StringIO(r.stdout)))
+    fp = row["fingerprint"]
+    assert fp and fp == fp.upper() and int(fp, 16) >= 0, fp

@@ -140,6 +140,8 @@ def render_csv(inv: Inventory, *, terminal: bool = False) -> str:
     w.writeheader()
     for row in inv.rows:
         cells = {k: csv_cell(row.get(k)) for k in FILE_COLUMNS}
+        if cells["fingerprint"]:  # hashes a person reads are upper case, as in `hash`, `ls` and `show`
+            cells["fingerprint"] = str(cells["fingerprint"]).upper()
         if terminal:
             cells = {k: printable(v) if isinstance(v, str) else v for k, v in cells.items()}
         w.writerow(cells)
