@@ -34,9 +34,16 @@ def _head_1(*args) -> tuple[int, str, str]:
     return p.wait(timeout=300), first, err
 
 
-@pytest.mark.parametrize("cmd", [["hash"], ["check"], ["hash", "--json"]])
-def test_closing_the_pipe_after_one_line_ends_quietly_with_exit_0(many, cmd):
-    rc, first, err = _head_1(*cmd, many)
+@pytest.mark.parametrize("cmd", [["hash"], ["check"], ["hash", "--json"], ["ls"], ["ls", "--json"]])
+def test_closing_the_pipe_after_one_line_ends_quietly_with_exit_0(many, tmp_path, cmd):
+    if cmd[0] == "ls":
+        db = tmp_path / "c.db"
+        env = dict(os.environ, PYTHONPATH=str(SRC))
+        subprocess.run([sys.executable, "-m", "ckptlab", "scan", "--db", str(db), str(many)], env=env,
+                       check=True, capture_output=True)
+        rc, first, err = _head_1(*cmd, "--db", db)
+    else:
+        rc, first, err = _head_1(*cmd, many)
     assert first.strip(), "the first line was written"
     assert rc == 0, (rc, err)
     assert err == ""
