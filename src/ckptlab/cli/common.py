@@ -32,7 +32,7 @@ class _Console(Console):
 
 
 console = _Console(emoji=False, soft_wrap=True)
-err_console = _Console(stderr=True, emoji=False, soft_wrap=True)
+err_console = Console(stderr=True, emoji=False, soft_wrap=True)  # a closed stderr is not a closed stdout
 
 
 DB_HELP = "Catalog file (default: $CKPTLAB_DB or the platform data dir)."
