@@ -36,3 +36,33 @@ def test_cap_and_one_line():
     line = one_line(long)
     assert len(line) < 1100 and line.endswith("[1499000 more characters]")
     assert "\n" not in one_line("a\nb\x1b")
+
+
+def test_cap_total_counts_the_note_in_the_limit():
+    from ckptlab.display import cap_total
+
+    text = "x" * 1600
+    line = cap_total(text, 1000)
+    assert len(line) == 1000
+    kept = 1000 - len(line[line.index("…"):])
+    assert line == "x" * kept + f"… [{1600 - kept} more characters]"  # N is exactly what was left out
+    assert cap_total("abc", 3) == "abc" and cap_total("abcdef", 3) == "abc"
+
+
+def test_error_line_of_a_1600_character_path_is_at_most_1000_characters_in_total(cli, tmp_path):
+    """`inspect` on a ~1,600-character path printed a 1,039-character error line; README promises 1,000."""
+    path = "/" + "/".join(["d" * 200] * 8)  # 1,608 characters, does not exist
+    assert len(path) > 1600
+    r = cli("inspect", path)
+    assert r.returncode != 0
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckptlab: error: "), r.stderr
+    assert len(lines[0]) <= 1000 and lines[0].endswith(" more characters]"), len(lines[0])
+
+
+def test_warning_line_caps_the_whole_line(capsys):
+    from ckptlab.cli.common import warning_line
+
+    warning_line("w" * 1600)
+    line = capsys.readouterr().err.rstrip("\n")
+    assert "\n" not in line and line.startswith("ckptlab: warning: www") and len(line) <= 1000

@@ -89,7 +89,7 @@ def test_cli_report_formats(lib, cli, tmp_path, fmt):
 def test_cli_report_unknown_format(lib, cli):
     _, db = lib
     r = cli("report", "--format", "pdf", "--db", str(db))
-    assert r.returncode == 1 and r.stderr.startswith("ckptlab: error: unknown report format")
+    assert r.returncode == 2 and r.stderr.startswith("ckptlab: error: --format")
 
 
 def test_cli_show_by_hash(lib, cli):

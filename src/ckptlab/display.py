@@ -77,6 +77,25 @@ def cap(text: str, limit: int = MAX_LINE_CHARS) -> str:
     return f"{text[:limit]}… [{cut} more characters]"
 
 
+def cap_total(text: str, limit: int = MAX_LINE_CHARS) -> str:
+    """``text`` cut so that the result, the "… [N more characters]" note included, has at most ``limit``
+    characters (``cap`` keeps ``limit`` characters and then adds the note)."""
+    if len(text) <= limit:
+        return text
+    keep = limit
+    for _ in range(4):  # the note's length depends on N, which depends on how much is kept
+        note = f"… [{len(text) - keep} more characters]"
+        if keep + len(note) <= limit:
+            return text[:keep] + note
+        keep = max(0, limit - len(note))
+    return text[:limit]  # a limit shorter than the note itself
+
+
+def whole_line(prefix: str, text: object, limit: int = MAX_LINE_CHARS) -> str:
+    """``prefix`` + ``text`` as one printable line of at most ``limit`` characters in total."""
+    return cap_total(printable(prefix + (text if isinstance(text, str) else str(text))), limit)
+
+
 def one_line(text: object, limit: int = MAX_LINE_CHARS) -> str:
     """A message safe to print as one line: control characters made visible, newlines included, capped."""
     return cap(printable(text), limit)

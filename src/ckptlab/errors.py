@@ -51,3 +51,10 @@ class OutputError(CkptlabError):
 
 class NetworkError(CkptlabError):
     """A remote service failed or refused the request."""
+
+
+class BadChoiceError(CkptlabError):
+    """An option value outside its fixed set (``--sort``, ``--format``, ``--to``, ``--only``): a usage error,
+    exit 2 as docs/cli-errors.md says; the message lists the valid values."""
+
+    exit_code = 2

@@ -335,17 +335,18 @@ def register(app) -> None:
         """The library inventory: totals, by kind / family / format / precision / size, pickles and verdicts."""
         import sys
 
-        from ckptlab.errors import CkptlabError
+        from ckptlab.errors import BadChoiceError
         from ckptlab.library.report import (
             RENDERERS,
             build_inventory,
             check_output,
+            render_csv,
             render_table,
             write_report,
         )
 
         if fmt not in RENDERERS:
-            raise CkptlabError(f"unknown report format {fmt!r} (use {', '.join(RENDERERS)})")
+            raise BadChoiceError(f"--format {fmt!r}: use one of {', '.join(RENDERERS)}")
         if output is not None:  # before the work, not after it
             check_output(output, overwrite=overwrite)
         with _catalog(db, must_exist=True) as cat:
@@ -354,6 +355,8 @@ def register(app) -> None:
             import shutil
 
             text = render_table(inv, width=shutil.get_terminal_size().columns)
+        elif fmt == "csv":  # a terminal shows control characters visibly; a file or a pipe gets exact values
+            text = render_csv(inv, terminal=output is None and sys.stdout.isatty())
         else:
             text = RENDERERS[fmt](inv)
         if output is None:

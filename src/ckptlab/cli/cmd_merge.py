@@ -118,7 +118,7 @@ def merge_cmd(
     if result.pruned:
         console.print(f"  pruned {result.pruned} EMA/training tensors", highlight=False)
     for r in result.inputs:
-        console.print(f"  {r.name}: {r.path} sha256 {r.sha256[:12]}{' (relinked)' if r.relinked else ''}",
+        console.print(f"  {r.name}: {r.path} sha256 {r.sha256[:12].upper()}{' (relinked)' if r.relinked else ''}",
                       highlight=False)
     if result.recipe_updated:
         console.print(f"  recipe pins updated in {recipe_path}", highlight=False)

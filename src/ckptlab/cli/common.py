@@ -15,11 +15,24 @@ from rich.console import Console
 
 from ckptlab.jsonable import dumps
 
+
 # emoji=False: file names and messages are user text, and rich would turn "civitai:-1:" into a thumbs-down.
 # soft_wrap=True: rich hard-wraps at the console width (80 columns when stdout is a file or a pipe), which
 # split long paths over two lines in `ckptlab ... > out.txt`; a line is one line, the terminal wraps it.
-console = Console(emoji=False, soft_wrap=True)
-err_console = Console(stderr=True, emoji=False, soft_wrap=True)
+class StdoutClosed(Exception):  # noqa: N818 - not an error: the reader went away (`ckptlab ls | head -1`)
+    """stdout's reader closed the pipe. Not an ``OSError`` on purpose: typer turns an ``OSError(EPIPE)``
+    from a command into ``sys.exit(1)``; this one reaches ``cli.main.main``, which ends quietly with 0."""
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's default points stdout at /dev/null and raises SystemExit(1): `ls | head -1` exited 1
+        self.quiet = True
+        raise StdoutClosed()
+
+
+console = _Console(emoji=False, soft_wrap=True)
+err_console = Console(stderr=True, emoji=False, soft_wrap=True)  # a closed stderr is not a closed stdout
 
 
 DB_HELP = "Catalog file (default: $CKPTLAB_DB or the platform data dir)."
@@ -38,16 +51,18 @@ def emit_json(obj) -> None:
 
 def error_line(message: str) -> None:
     """The one-line error format every command uses."""
-    from ckptlab.display import one_line
+    from ckptlab.display import whole_line
 
-    err_console.print(f"ckptlab: error: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
+    # the whole line, prefix included, is at most MAX_LINE_CHARS (README's promise)
+    err_console.print(whole_line("ckptlab: error: ", message), markup=False, highlight=False, soft_wrap=True)
 
 
 def warning_line(message: str) -> None:
     """The one-line warning format: control characters shown, capped like errors."""
-    from ckptlab.display import one_line
+    from ckptlab.display import whole_line
 
-    err_console.print(f"ckptlab: warning: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
+    # the whole line, prefix included, is at most MAX_LINE_CHARS (README's promise)
+    err_console.print(whole_line("ckptlab: warning: ", message), markup=False, highlight=False, soft_wrap=True)
 
 
 def expand_paths(args: list[str], suffixes: tuple[str, ...] | None = None, recurse: bool = True) -> list[Path]:

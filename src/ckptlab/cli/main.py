@@ -204,11 +204,34 @@ def _usage_message(e: Exception) -> str:
     return msg
 
 
+def _stdout_pipe_closed_by_typer() -> bool:
+    # by name: typer may use its own vendored copy of click (typer._click), a different class object
+    return type(sys.stdout).__name__ in ("PacifyFlushWrapper", "_PacifyFlushWrapper")
+
+
+def _stdout_to_devnull() -> None:
+    """After EPIPE on stdout, point file descriptor 1 at /dev/null (as Python's docs on SIGPIPE advise), so
+    the flush at interpreter exit cannot fail again and print "Exception ignored ... BrokenPipeError"."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
-    from ckptlab.cli.common import error_line
+    from ckptlab.cli.common import StdoutClosed, error_line
 
     try:
-        rv = app(args=argv, prog_name="ckptlab", standalone_mode=False)
+        try:
+            rv = app(args=argv, prog_name="ckptlab", standalone_mode=False)
+        except SystemExit:
+            # typer catches an OSError(EPIPE) from a command itself and calls sys.exit(1) after wrapping
+            # sys.stdout in click's PacifyFlushWrapper: that is a closed pipe, not a failure
+            if _stdout_pipe_closed_by_typer():
+                raise StdoutClosed() from None
+            raise
         if rv == 130:  # typer returns Ctrl-C as a silent exit code 130 (non-standalone mode)
             error_line("interrupted; no output was left half-written")
     except typer.Exit as e:
@@ -228,8 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         error_line("interrupted; no output was left half-written")
         rv = 130
-    except BrokenPipeError:
-        sys.stderr.close()
+    except (BrokenPipeError, StdoutClosed):
+        _stdout_to_devnull()
         rv = 0
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if _during_interrupt(e):

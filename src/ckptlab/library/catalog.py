@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptlab.errors import CkptlabError
+from ckptlab.errors import BadChoiceError, CkptlabError
 from ckptlab.library.hashes import Hashes
 
 ENV_VAR = "CKPTLAB_DB"
@@ -459,7 +459,7 @@ class Catalog:
         order = {"name": "f.name COLLATE NOCASE, f.display", "size": "f.size DESC, f.display",
                  "mtime": "f.mtime_ns DESC, f.display", "path": "f.display", "id": "f.id"}.get(sort)
         if order is None:
-            raise CkptlabError(f"unknown sort {sort!r} (use size, name, mtime, path)")
+            raise BadChoiceError(f"--sort {sort!r}: use one of size, name, mtime, path")
         sql = f"{_SELECT}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order}"
         return [_record(r) for r in self.conn.execute(sql, args)]
 

@@ -131,12 +131,20 @@ def csv_cell(value) -> str | int | float:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def render_csv(inv: Inventory) -> str:
+def render_csv(inv: Inventory, *, terminal: bool = False) -> str:
+    """One row per file. ``terminal``: the CSV is shown on a terminal, so control and bidi characters in
+    names are rendered visibly (``printable``) instead of reaching the terminal as escape sequences; a file
+    (``-o``) or a pipe keeps the exact values, as a data format must."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(FILE_COLUMNS), lineterminator="\n")
     w.writeheader()
     for row in inv.rows:
-        w.writerow({k: csv_cell(row.get(k)) for k in FILE_COLUMNS})
+        cells = {k: csv_cell(row.get(k)) for k in FILE_COLUMNS}
+        if cells["fingerprint"]:  # hashes a person reads are upper case, as in `hash`, `ls` and `show`
+            cells["fingerprint"] = str(cells["fingerprint"]).upper()
+        if terminal:
+            cells = {k: printable(v) if isinstance(v, str) else v for k, v in cells.items()}
+        w.writerow(cells)
     return buf.getvalue()
 
 

@@ -41,6 +41,7 @@ from ckptlab.merge.graph import (
 )
 from ckptlab.merge.methods import get_method
 from ckptlab.merge.recipe import Recipe, RecipeError, check_recipe_target, dumps, pin_text
+from ckptlab.ops.stream import check_suffix
 from ckptlab.progress import Progress, null_progress
 
 #: bytes of merge working memory allowed in flight across the pool
@@ -161,6 +162,8 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
             raise RecipeError("no output: pass -o OUT.safetensors (a model's embedded recipe never chooses "
                               "where ckptlab writes)")
         raise RecipeError("no output: pass -o OUT.safetensors (or give the last step a save = path)")
+    for p in (*(q for n, q in saves.items() if q is not None and n != final.name), out):
+        check_suffix(p)  # merges write safetensors; a .ckpt name would make a UI unpickle it
     if out.exists() and not overwrite:
         raise OutputError("output already exists (use --overwrite to replace it)", out)
     settings = Settings(merge_dtype=merge_dtype, device=device, missing=str(opts.get("missing", "keep-a")),
@@ -174,7 +177,8 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
     _check_output(out, list(paths.values()))
     if save_recipe is not None:
         save_recipe = check_recipe_target(save_recipe, [*paths.values(), out,
-                                                        *(p for p in saves.values() if p is not None)])
+                                                        *(p for p in saves.values() if p is not None)],
+                                          overwrite=overwrite)
 
     def hash_all(cancel_event=None) -> list[str]:
         return provenance.sha256_many(list(paths.values()), cancel_event, db=db)

@@ -401,17 +401,46 @@ def pin_text(recipe: Recipe, path: str | Path, *, what: str = "update") -> None:
                 text = new
         except (OSError, UnicodeDecodeError, RecipeError):
             pass  # rewrite whole
-    tmp = p.with_name(f".{p.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(p)
+        write_text_atomic(p, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot {what} the recipe: {e.strerror or e}", p) from None
 
 
-def check_recipe_target(path: str | Path, avoid: list[Path]) -> Path:
-    """Refuse a ``--save-recipe`` path that could not be written, before any merge work is done."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a fresh hidden file in the same folder created with mode 0666
+    less the umask (the permissions any new file gets; ``mkstemp`` would make it 0600), fsync'ed, renamed
+    over ``path``, then the folder fsync'ed. The temporary file is removed on any failure."""
+    import os
+    import secrets
+
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def check_recipe_target(path: str | Path, avoid: list[Path], *, overwrite: bool = False) -> Path:
+    """Refuse a ``--save-recipe`` path that could not be written, or that exists without ``overwrite``,
+    before any merge work is done."""
     import os
 
     from ckptlab.errors import OutputError
@@ -428,4 +457,6 @@ def check_recipe_target(path: str | Path, avoid: list[Path]) -> Path:
     rp = p.resolve()
     if any(Path(a).resolve() == rp for a in avoid):
         raise OutputError("--save-recipe: is one of the inputs or the output", p)
+    if os.path.lexists(p) and not overwrite:
+        raise OutputError("--save-recipe: the file already exists (use --overwrite to replace it)", p)
     return p

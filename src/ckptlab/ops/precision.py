@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError, MismatchError
+from ckptlab.errors import BadChoiceError, MismatchError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.formats.dtypes import FLOAT_DTYPES
 from ckptlab.ops.layout import Layout, detect_layout, is_ema, is_position_ids, is_schedule
@@ -38,7 +38,7 @@ def target_dtype(name: str) -> str:
     try:
         return TARGETS[name.lower()]
     except KeyError:
-        raise CkptlabError(f"unknown precision {name!r}; use one of {', '.join(TARGETS)}") from None
+        raise BadChoiceError(f"unknown precision {name!r}; use one of {', '.join(TARGETS)}") from None
 
 
 def component_of(layout: Layout) -> dict[str, str]:
@@ -169,6 +169,6 @@ def _parse_only(only: list[str] | None) -> set[str] | None:
         for part in o.split(","):
             part = part.strip().lower()
             if part not in ONLY_CHOICES:
-                raise CkptlabError(f"--only {part!r}: use one of {', '.join(ONLY_CHOICES)}")
+                raise BadChoiceError(f"--only {part!r}: use one of {', '.join(ONLY_CHOICES)}")
             out.add(part)
     return out
