@@ -248,3 +248,21 @@ def test_report_not_safe_lists_the_same_files_as_ls_unsafe(tmp_path, cli):
     unsafe = {json.loads(x)["name"] for x in cli("ls", "--unsafe", "--json", "--db", db).stdout.splitlines()}
     inv = json.loads(cli("report", "--format", "json", "--db", db).stdout)
     assert unsafe == {u["path"].rsplit("/", 1)[1] for u in inv["unsafe"]} == {"cut.safetensors"}
+
+
+def test_a_safetensors_named_polyglot_gets_checks_verdict(corpus, tmp_path):
+    """scan rates .safetensors files from the header it already parsed; the pickle hidden in a valid
+    safetensors file (payload in a U8 tensor's bytes, past the header) must still be ``malicious``."""
+    root, cases = corpus
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for case in cases:
+        if case.name.startswith("safetensors_polyglot"):
+            (lib / f"{case.name}.safetensors").write_bytes(case.path.read_bytes())
+    assert len(list(lib.iterdir())) >= 2
+    with Catalog(tmp_path / "c.db") as cat:
+        scan([lib], cat, workers=1)
+        recs = {r.path: r for r in cat.files()}
+    _no_canary(root)
+    for p in lib.iterdir():
+        assert recs[str(p)].safety == check(p).verdict == "malicious", p.name

@@ -330,18 +330,20 @@ def _read_named_safetensors(path: str, kind_hint: str | None, open_model) -> dic
     """A ``.safetensors``/``.sft`` file whose bytes are safetensors: the verdict ``check`` gives it,
     from the header this scan parses anyway (``check`` would parse it a second time, which made a
     first scan of a LoRA library about 50 % slower in CPU time): ``corrupt`` when the header does not parse,
-    ``malicious`` when the bytes before the data also form a complete pickle that imports globals
-    (``security._check_safetensors``'s polyglot rule, on the same bytes), else ``safe``.
+    ``malicious`` when torch.load would find a dangerous pickle reading the file from byte 0
+    (``security.polyglot_findings``, the rule ``check`` applies), else ``safe``.
     ``tests/test_scan_safety.py`` compares this with ``check`` file by file. Files with other names
     (where a UI would call ``torch.load``) and every other format go through ``check`` itself."""
     facts: dict = {"format": "safetensors", "kind": kind_hint}
     try:
         _read_tensors(path, "safetensors", facts, open_model, verdict=True)
     except CkptlabError as e:
-        if "safety" not in facts:  # the header did not parse: what check calls a bad header
-            facts.update(safety="corrupt", safety_detail={
-                "format": "safetensors", "container": "", "globals": [],
-                "findings": [{"kind": "bad_header", "severity": "corrupt", "detail": e.message, "location": ""}]})
+        if "safety" not in facts:  # the header did not parse: what check calls a bad header (and a polyglot?)
+            verdict = _safetensors_verdict(path)
+            facts.update(safety="malicious" if verdict["safety"] == "malicious" else "corrupt", safety_detail={
+                **verdict["safety_detail"],
+                "findings": [{"kind": "bad_header", "severity": "corrupt", "detail": e.message, "location": ""},
+                             *verdict["safety_detail"]["findings"]]})
         e.partial_facts = facts
         raise
     except (ValueError, KeyError, IndexError, TypeError, RecursionError, OverflowError) as e:
@@ -353,16 +355,14 @@ def _read_named_safetensors(path: str, kind_hint: str | None, open_model) -> dic
     return facts
 
 
-def _safetensors_verdict(path: str, src) -> dict:
-    from ckptlab.formats.pickle_vm import PickleVM
+def _safetensors_verdict(path: str) -> dict:
+    """``check``'s verdict for a safetensors file (its header parsed or not): ``malicious`` when
+    torch.load would find a dangerous pickle from byte 0 (``security.polyglot_findings``, the very rule
+    ``check`` applies), else ``safe``."""
+    from ckptlab.jsonable import to_jsonable
+    from ckptlab.security import polyglot_findings
 
-    with open(path, "rb") as fh:
-        prefix = fh.read(min(src.header.data_start, 1 << 20))
-    vm = PickleVM(prefix).run()
-    findings = []
-    if vm.complete and vm.globals:
-        findings.append({"kind": "polyglot", "severity": "malicious", "location": "",
-                         "detail": "safetensors file is also a pickle that imports globals"})
+    findings = [to_jsonable(f) for f in polyglot_findings(Path(path))]
     return {"safety": "malicious" if findings else "safe",
             "safety_detail": {"format": "safetensors", "container": "", "globals": [], "findings": findings}}
 
@@ -374,7 +374,7 @@ def _read_tensors(path: str, fmt: str, facts: dict, open_model, verdict: bool = 
 
             src = SafetensorsSource(path)
             if verdict:
-                facts.update(_safetensors_verdict(path, src))
+                facts.update(_safetensors_verdict(path))
         else:
             src = open_model(path)
     except ImportError:  # a reader not installed in this build
