@@ -25,6 +25,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from ckptlab.atomic import fsync_dir
 from ckptlab.errors import OutputError
 from ckptlab.formats.base import TensorInfo
 from ckptlab.formats.dtypes import from_torch
@@ -306,7 +307,7 @@ class SafetensorsWriter:
                 os.replace(self._tmp, self.path)
             else:
                 _place_no_clobber(self._tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as e:
             self.abort()
             raise OutputError(f"cannot finish writing: {e.strerror or e}", self.path) from None
@@ -371,17 +372,6 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, object]] | Mapping[str, object],

@@ -15,14 +15,12 @@ any record, and nothing here sends it: images are fetched without credentials.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptlab.atomic import write_atomic
 from ckptlab.library import sidecars as existing
 
 _MODEL_KEYS = ("description", "tags", "allowNoCredit", "allowCommercialUse", "allowDerivatives", "allowDifferentLicense")
@@ -80,20 +78,6 @@ def _plain(html: str) -> str:
     text = re.sub(r"<br\s*/?>|</p>", "\n", html, flags=re.I)
     text = re.sub(r"<[^>]+>", "", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _read(path: Path) -> bytes | None:

@@ -42,10 +42,7 @@ version is refused (it lacks the keeper checks): make a new one. Unknown fields 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePath
@@ -62,13 +59,6 @@ LINKS = ("hard", "sym")
 
 #: a plan for a million files is ~300 MiB of JSON; anything larger is not one of ours
 MAX_PLAN_BYTES = 1 << 30
-
-
-def default_file_mode() -> int:
-    """The mode ``open()`` gives a new file: ``0o666`` less the process umask (``0o644`` under umask 022)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 @dataclass
@@ -225,25 +215,16 @@ class SpacePlan:
         path = Path(path)
         if not overwrite and (path.exists() or path.is_symlink()):
             raise OutputError("output already exists (use --overwrite to replace it)", path)
+        from ckptlab.atomic import write_atomic
+
+        data = (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         try:  # missing parent folders are made, as report -o does
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-        except OSError as e:
+            write_atomic(path, data, overwrite=overwrite)
+        except FileExistsError:
+            raise OutputError("output already exists (use --overwrite to replace it)", path) from None
+        except OSError as e:  # e.g. PATH is a folder: one line, not an internal error
             raise OutputError(f"cannot write plan: {e.strerror or e}", path) from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                os.fchmod(fh.fileno(), default_file_mode())  # mkstemp makes 0600; a plan is an ordinary file
-                json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(e, OSError):  # e.g. PATH is a folder: one line, not an internal error
-                raise OutputError(f"cannot write plan: {e.strerror or e}", path) from None
-            raise
         return path
 
     @classmethod

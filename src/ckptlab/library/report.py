@@ -4,7 +4,6 @@ self-contained HTML page (inline CSS and a few lines of JS to sort any table by 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import html
 import io
@@ -222,36 +221,17 @@ def write_report(text: str, output: str | os.PathLike, *, overwrite: bool = Fals
     then put in place. An existing ``output`` is refused unless ``overwrite`` (without it the final step
     is a hard link, which fails if the name appeared meanwhile). Missing parent folders are created.
     Raises ``OutputError``; nothing is left behind on failure."""
+    from ckptlab.atomic import write_atomic
+
     out = Path(output)
     check_output(out, overwrite=overwrite)
-    tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _mkstemp(out)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, out)
-            tmp = None
-        else:
-            try:
-                os.link(tmp, out)
-            except FileExistsError:
-                raise OutputError("output already exists (use --overwrite to replace it)", out) from None
-            except OSError:  # a file system without hard links: the exists check above has to do
-                if os.path.lexists(out):
-                    raise OutputError("output already exists (use --overwrite to replace it)", out) from None
-                os.replace(tmp, out)
-                tmp = None
-        _fsync_dir(out.parent)
+        write_atomic(out, text.encode("utf-8"), overwrite=overwrite)
+    except FileExistsError:
+        raise OutputError("output already exists (use --overwrite to replace it)", out) from None
     except OSError as e:
         raise OutputError(f"cannot write report: {e.strerror or e}", out) from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def check_output(out: Path, *, overwrite: bool) -> None:
@@ -264,29 +244,6 @@ def check_output(out: Path, *, overwrite: bool) -> None:
         raise OutputError("output already exists (use --overwrite to replace it)", out)
 
 
-def _mkstemp(out: Path) -> tuple[int, str]:
-    import tempfile
-
-    from ckptlab.library.plan import default_file_mode
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; a report is an ordinary file
-    except OSError:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return fd, tmp
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 RENDERERS = {"table": render_table, "json": render_json, "csv": render_csv, "html": render_html}

@@ -408,34 +408,10 @@ def pin_text(recipe: Recipe, path: str | Path, *, what: str = "update") -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a fresh hidden file in the same folder created with mode 0666
-    less the umask (the permissions any new file gets; ``mkstemp`` would make it 0600), fsync'ed, renamed
-    over ``path``, then the folder fsync'ed. The temporary file is removed on any failure."""
-    import os
-    import secrets
+    """Write a recipe atomically (``ckptlab.atomic.write_atomic``)."""
+    from ckptlab.atomic import write_atomic
 
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    write_atomic(path, text.encode("utf-8"))
 
 
 def check_recipe_target(path: str | Path, avoid: list[Path], *, overwrite: bool = False) -> Path:
