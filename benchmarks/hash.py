@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--delete", action="store_true", help="delete the generated file at the end")
     args = ap.parse_args()
     use_src()
-    from ckptlab.library.hashes import hash_file
+    from ckptlab.hashes import hash_file
 
     size = (args.size_mib or (256 if args.quick else 2048)) << 20
     path = make_input(size)

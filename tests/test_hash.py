@@ -12,7 +12,7 @@ import blake3
 import pytest
 
 from ckptlab.errors import FormatError
-from ckptlab.library.hashes import CHUNK, hash_file
+from ckptlab.hashes import CHUNK, hash_file
 
 
 def oracle(data: bytes, safetensors: bool) -> dict:

@@ -477,8 +477,8 @@ def test_every_kind_is_documented():
 def test_new_kinds_have_ui_folders(tmp_path):
     """ComfyUI keeps IP-Adapters in ``models/ipadapter`` (ComfyUI_IPAdapter_plus), A1111 in ``models/ControlNet``;
     T2I-Adapters live in the controlnet folders of both UIs (ComfyUI also reads ``models/t2i_adapter``)."""
-    from ckptlab.hub.layout import folder_for_kind
-    from ckptlab.library.layouts import folder_hint
+    from ckptlab.hub.destination import folder_for_kind
+    from ckptlab.library.ui_folders import folder_hint
 
     assert folder_for_kind(tmp_path, "comfyui", "ipadapter") == tmp_path / "models/ipadapter"
     assert folder_for_kind(tmp_path, "a1111", "ipadapter") == tmp_path / "models/ControlNet"

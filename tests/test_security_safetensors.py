@@ -1,5 +1,5 @@
 """``check`` on safetensors: valid files are safe, every hostile header (the strict parser's case
-list, tests/test_safetensors_parser.py) is ``corrupt`` with the parser's one-line reason, and
+list, tests/formats/test_safetensors_parser.py) is ``corrupt`` with the parser's one-line reason, and
 ``ckptlab check`` exits 5 without a traceback. A safetensors file that is also a pickle is malicious."""
 
 from __future__ import annotations

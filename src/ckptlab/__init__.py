@@ -5,7 +5,7 @@ The public API is imported lazily so that header-only work (``inspect``) never p
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ckptlab.version import __version__
 
 _LAZY = {
     "open_model": ("ckptlab.formats", "open_model"),

@@ -13,12 +13,12 @@ or executed. No torch import on this path.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptlab.formats.pickle_vm import CORRUPT, INFO, MALICIOUS, SUSPICIOUS, Finding
+from ckptlab.formats.polyglot import polyglot_findings
 
 SAFE = "safe"
 VERDICTS = (SAFE, SUSPICIOUS, MALICIOUS, CORRUPT)
@@ -134,30 +134,6 @@ def _check_safetensors(p: Path) -> CheckResult:
         findings = [Finding("bad_header", CORRUPT, e.message), *polyglot]
         return CheckResult(p, "safetensors", worst_verdict(f.severity for f in findings), findings=findings)
     return CheckResult(p, "safetensors", MALICIOUS if polyglot else SAFE, findings=polyglot)
-
-
-_IMPORTABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-
-
-def polyglot_findings(p: Path) -> list[Finding]:
-    """What ``torch.load`` would run in a file that is not a zip: it reads it as a pickle from byte 0
-    (after a tar attempt), whatever its name or its safetensors header. Returns ``malicious`` findings for
-    the dangerous globals that reading imports (names that could really be imported: a safetensors
-    header read as opcodes breaks within a few bytes, and random tensor bytes never spell an import)."""
-    from ckptlab.formats import pickle_symbols as sym
-    from ckptlab.formats.pickle_archive import scan
-
-    s = scan(p, writable=False)
-    try:
-        bad = sorted(q for q, cat in s.globals.items() if cat == sym.DANGEROUS and _IMPORTABLE.fullmatch(q))
-        if not bad:
-            return []
-        detail = next((f.detail for f in s.findings if f.kind == "global_dangerous"), ", ".join(bad[:3]))
-        return [Finding("polyglot", MALICIOUS, "the file is also a pickle (torch.load reads it from byte 0) that "
-                        f"imports {', '.join(bad[:3])}: {detail}", f"{p.name}(as a pickle)")]
-    finally:
-        s.root = None
-        s.close()
 
 
 def _check_gguf(p: Path) -> CheckResult:

@@ -438,7 +438,7 @@ def round_two(add, C, folder: Path) -> None:  # noqa: N803
     import io
     import tarfile
 
-    # the VM rejected these; CPython reads them (oracle: tests/test_pickle_differential.py)
+    # the VM rejected these; CPython reads them (oracle: tests/formats/test_pickle_differential.py)
     for name, frag, what in (
             ("mark_pop_payload", b"(0", "POP right after MARK pops the MARK"),
             ("int_hex_payload", b"I0x10\n0", "INT written in hex (strtol base 0)"),

@@ -103,8 +103,8 @@ def civitai_show(
 ) -> None:
     """Show a file's CivitAI link and every stored revision of its version record."""
     from ckptlab.errors import CkptlabError
+    from ckptlab.hashes import hash_file
     from ckptlab.hub import store
-    from ckptlab.library.hashes import hash_file
 
     with store.open_catalog(db) as cat:
         p = Path(target)

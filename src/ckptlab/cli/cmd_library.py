@@ -162,9 +162,9 @@ def register(app) -> None:
         from ckptlab.cli.common import console, emit_json
         from ckptlab.display import human_size as human
         from ckptlab.display import printable
-        from ckptlab.library.layouts import resolve_family, resolve_kind
         from ckptlab.library.report import file_row
         from ckptlab.library.show import base_model_family, civitai_brief, search_text
+        from ckptlab.library.ui_folders import resolve_family, resolve_kind
 
         with _catalog(db, must_exist=True) as cat:
             kinds = resolve_kind(kind, cat.kinds()) if kind else None

@@ -262,7 +262,7 @@ def apply_plan_cmd(
     from ckptlab.cli.common import console, emit_json, progress_bar
     from ckptlab.display import printable
     from ckptlab.errors import CkptlabError
-    from ckptlab.ops.apply_plan import apply_plan
+    from ckptlab.library.apply_plan import apply_plan
 
     with progress_bar("apply-plan", unit_bytes=False, enabled=not json_out) as cb:
         results = apply_plan(plan, catalog_path=db, dry_run=dry_run, rescan=not no_rescan, progress=cb)

@@ -157,7 +157,7 @@ def _register_all() -> None:
 @app.callback(invoke_without_command=True)
 def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
     if version:
-        from ckptlab import __version__
+        from ckptlab.version import __version__
 
         typer.echo(f"ckptlab {__version__}")
         raise typer.Exit(0)

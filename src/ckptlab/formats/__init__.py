@@ -75,7 +75,7 @@ def open_model(path: str | Path, *, variant: str | None = None) -> TensorSource:
     """
     fmt = detect_format(path)
     if fmt in ("safetensors", "gguf"):
-        from ckptlab.security import polyglot_findings
+        from ckptlab.formats.polyglot import polyglot_findings
 
         bad = polyglot_findings(Path(path))  # torch.load would read this file as a pickle from byte 0
         if bad:

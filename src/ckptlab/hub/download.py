@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ckptlab.display import human_size
 from ckptlab.errors import CkptlabError, NetworkError, OutputError
+from ckptlab.hashes import Hashes, MultiHasher, hash_file
 from ckptlab.hub.http import VerificationError, backoff_delay, describe_transport_error, redact, retryable
-from ckptlab.library.hashes import Hashes, MultiHasher, hash_file
 from ckptlab.progress import Progress, null_progress
 
 

@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from ckptlab.errors import CkptlabError, NetworkError
 from ckptlab.hub.config import HubConfig, load_hub_config
+from ckptlab.hub.destination import detect_layout, folder_for_kind, target_folder
 from ckptlab.hub.download import DownloadResult, transfer
-from ckptlab.hub.layout import detect_layout, folder_for_kind, target_folder
 from ckptlab.progress import Progress, null_progress
 
 
@@ -291,10 +291,10 @@ def _after_download(res: DownloadResult, config: HubConfig, client, write_sideca
                     file_id: int | None = None, lookup: bool = False, db: str | Path | None = None) -> None:
     """Put the verified file's hashes in the catalog, link it to its CivitAI version (known, or
     looked up by hash) and store the records; metadata failures never undo the download."""
+    from ckptlab.hashes import hash_file
     from ckptlab.hub import store
     from ckptlab.hub.civitai import CivitaiClient
     from ckptlab.hub.link import LocalFile, _remember, link_files
-    from ckptlab.library.hashes import hash_file
     from ckptlab.library.scanner import scan
 
     st = res.path.stat()

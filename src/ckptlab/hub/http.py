@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Mapping
 from urllib.parse import urljoin, urlsplit
 
-from ckptlab import __version__
 from ckptlab.errors import NetworkError
+from ckptlab.version import __version__
 
 USER_AGENT = f"ckptlab/{__version__} (model library tool; python-httpx)"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})

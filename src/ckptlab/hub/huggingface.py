@@ -184,7 +184,7 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
 
     if is_offline():
         if target.is_file():
-            from ckptlab.library.hashes import hash_file
+            from ckptlab.hashes import hash_file
 
             h = hash_file(target)  # all six in one read: the catalog needs no second one
             return DownloadResult(path=target, url="", size=h.size, sha256=h.sha256.lower(), source="hf",

@@ -71,7 +71,7 @@ def local_files(cat: Catalog, paths: list[Path], progress: Progress | None = Non
     """Hashes (and tensor fingerprints when the catalog has them) for ``paths``, from the catalog when
     it knows the file unchanged, else computed now (and stored for catalogued files). Files that
     cannot be read are left out and reported in ``errors`` (status ``error``)."""
-    from ckptlab.library.hashes import hash_file
+    from ckptlab.hashes import hash_file
 
     progress = progress or null_progress
     out = []

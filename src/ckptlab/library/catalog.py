@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptlab.errors import BadChoiceError, CkptlabError
-from ckptlab.library.hashes import Hashes
+from ckptlab.hashes import Hashes
 
 ENV_VAR = "CKPTLAB_DB"
 BUSY_TIMEOUT_S = 30  # how long a connection waits for another writer (migrations, scans) before failing

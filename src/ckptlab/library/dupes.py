@@ -344,7 +344,7 @@ def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = T
     ``find_dupes``, then one transform per file (pickle -> safetensors, prune, fp32 -> fp16 in one pass),
     each billed with the exact size of the file the transform itself plans."""
     from ckptlab.errors import CkptlabError
-    from ckptlab.ops.apply_plan import hidden_target, transform
+    from ckptlab.library.apply_plan import hidden_target, transform
 
     kinds = CONVERT_KINDS | set(convert_kinds or ())
     dupes = find_dupes(catalog, prefer_smaller=prefer_smaller, link=link)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ckptlab.display import cap
 from ckptlab.errors import CkptlabError
-from ckptlab.library import layouts, sidecars
+from ckptlab.library import sidecars, ui_folders
 from ckptlab.library.catalog import Catalog, StatKey, display_path, path_key
 from ckptlab.progress import Progress, null_progress
 
@@ -175,14 +175,14 @@ def walk(root: str, category: str | None = None, errors: list[dict] | None = Non
                     else:
                         subdirs.append(entry.path)
                     continue
-                if not layouts.is_model_name(entry.name):
+                if not ui_folders.is_model_name(entry.name):
                     continue
                 if is_link and not os.path.exists(entry.path):
                     out.append(Found(entry.path, root, None, True, names, category, error="broken symlink"))
                     continue
                 out.append(Found(entry.path, root, entry.stat(follow_symlinks=True), is_link, names, category))
             except OSError as e:
-                if layouts.is_model_name(entry.name):
+                if ui_folders.is_model_name(entry.name):
                     out.append(Found(entry.path, root, None, False, names, category,
                                      error=f"cannot stat: {e.strerror or e}"))
                 else:
@@ -332,7 +332,7 @@ def _read_named_safetensors(path: str, kind_hint: str | None, open_model) -> dic
     first scan of a LoRA library about 50 % slower in CPU time): ``corrupt`` when the header does not parse,
     ``malicious`` when torch.load would find a dangerous pickle reading the file from byte 0
     (``security.polyglot_findings``, the rule ``check`` applies), else ``safe``.
-    ``tests/test_scan_safety.py`` compares this with ``check`` file by file. Files with other names
+    ``tests/library/test_scan_safety.py`` compares this with ``check`` file by file. Files with other names
     (where a UI would call ``torch.load``) and every other format go through ``check`` itself."""
     facts: dict = {"format": "safetensors", "kind": kind_hint}
     try:
@@ -359,8 +359,8 @@ def _safetensors_verdict(path: str) -> dict:
     """``check``'s verdict for a safetensors file (its header parsed or not): ``malicious`` when
     torch.load would find a dangerous pickle from byte 0 (``security.polyglot_findings``, the very rule
     ``check`` applies), else ``safe``."""
+    from ckptlab.formats.polyglot import polyglot_findings
     from ckptlab.jsonable import to_jsonable
-    from ckptlab.security import polyglot_findings
 
     findings = [to_jsonable(f) for f in polyglot_findings(Path(path))]
     return {"safety": "malicious" if findings else "safe",
@@ -412,7 +412,7 @@ def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False
     t0 = time.perf_counter()
     targets: list[tuple[str, str | None]] = [(os.path.abspath(os.fspath(r)), None) for r in roots]
     if extra_model_paths is not None:
-        targets += [(str(p), cat) for cat, p in layouts.read_extra_model_paths(extra_model_paths)]
+        targets += [(str(p), cat) for cat, p in ui_folders.read_extra_model_paths(extra_model_paths)]
     if not targets:
         raise CkptlabError("nothing to scan: give at least one folder or --extra-model-paths")
     root_names = [display_path(t) for t, _ in targets]
@@ -630,9 +630,9 @@ def _sidecar_json(f: Found, found: dict[str, str]) -> str | None:
 
 
 def _location(f: Found) -> dict:
-    folder, _layout, hint = layouts.folder_hint(f.path, f.root)
+    folder, _layout, hint = ui_folders.folder_hint(f.path, f.root)
     if f.category:
-        folder, hint = f.category, layouts.COMFY_CATEGORY_KINDS.get(f.category, f.category)
+        folder, hint = f.category, ui_folders.COMFY_CATEGORY_KINDS.get(f.category, f.category)
     return {"path": path_key(f.path), "display": display_path(f.path), "name": display_path(os.path.basename(f.path)),
             "root": display_path(f.root), "folder": folder, "hint": hint}
 
@@ -767,7 +767,7 @@ def _write_batch(catalog: Catalog, batch: list[tuple], summary: ScanSummary) -> 
 def _content_pass(catalog: Catalog, found: list[Found], summary: ScanSummary, *, hash: bool, fingerprint: bool,
                   progress: Progress) -> None:
     """Hash / fingerprint files whose stat identity has no cached content yet (one file = one commit)."""
-    from ckptlab.library.hashes import hash_file
+    from ckptlab.hashes import hash_file
 
     todo = []
     seen_keys: set[StatKey] = set()
@@ -834,8 +834,8 @@ def hash_paths(paths: list[str | os.PathLike], catalog: Catalog | None = None,
 
 
 def _hash_one(p: Path, catalog: Catalog | None, progress: Progress, on_cache_error) -> dict:
+    from ckptlab.hashes import hash_file
     from ckptlab.library.catalog import CatalogWriteError
-    from ckptlab.library.hashes import hash_file
 
     try:
         st = os.stat(p)

@@ -189,7 +189,7 @@ def render_text(d: dict) -> list[str]:
 def base_model_family(civ: dict | None) -> str | None:
     """The family a CivitAI base model names (``"SD 1.5"`` -> ``sd1``), or None (unknown, or no CivitAI data)."""
     from ckptlab.errors import CkptlabError
-    from ckptlab.library.layouts import resolve_family
+    from ckptlab.library.ui_folders import resolve_family
 
     if not civ or not civ.get("base_model"):
         return None

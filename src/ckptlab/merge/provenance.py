@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ckptlab.errors import FormatError
+from ckptlab.hashes import HashCancelled, sha256_file
 from ckptlab.library.catalog import known_sha256
-from ckptlab.library.hashes import HashCancelled, sha256_file
 
 __all__ = ["HashCancelled", "a1111_legacy_hash", "a1111_metadata", "merge_models_entry", "modelspec_of", "sha256_many",
            "sha256_path"]

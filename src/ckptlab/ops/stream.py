@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ckptlab.errors import CkptlabError, OutputError
 from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.hashes import sha256_file
 from ckptlab.library.catalog import known_sha256
-from ckptlab.library.hashes import sha256_file
 from ckptlab.progress import Progress, null_progress
 
 META_OPERATION = "ckptlab.operation"
@@ -111,7 +111,7 @@ def placeholder(i: int) -> str:
 
 
 def tool_version() -> str:
-    from ckptlab import __version__
+    from ckptlab.version import __version__
 
     return f"ckptlab {__version__}"
 
