@@ -17,7 +17,7 @@ from hostile.corpus import build_hostile
 from ckptlab.errors import CkptlabError, UnsafeFileError, UnsupportedFormatError
 from ckptlab.formats import open_model
 from ckptlab.ops.convert import convert
-from ckptlab.security import EXIT_CODES, check
+from ckptlab.security import VERDICT_EXIT_CODES, check
 
 with tempfile.TemporaryDirectory() as _d:
     NAMES = [c.name for c in build_hostile(Path(_d) / "f", Path(_d) / "c")]
@@ -144,7 +144,7 @@ def test_cli_check_reports_every_file_as_json(corpus, cli):
     root, cases = corpus
     r = cli("check", root / "files", "--json")
     lines = [json.loads(x) for x in r.stdout.splitlines()]
-    assert r.returncode == EXIT_CODES["malicious"] == 4, r.stderr
+    assert r.returncode == VERDICT_EXIT_CODES["malicious"] == 4, r.stderr
     verdicts = {Path(x["path"]).stem: x["verdict"] for x in lines}
     for name, c in cases.items():
         if c.path.suffix in (".pt", ".pth", ".ckpt", ".bin"):

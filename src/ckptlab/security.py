@@ -17,16 +17,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptlab.errors import EXIT_CORRUPT, EXIT_OK, EXIT_SUSPICIOUS, EXIT_UNSAFE
 from ckptlab.formats.pickle_vm import CORRUPT, INFO, MALICIOUS, SUSPICIOUS, Finding
 from ckptlab.formats.polyglot import polyglot_findings
 
 SAFE = "safe"
 VERDICTS = (SAFE, SUSPICIOUS, MALICIOUS, CORRUPT)
-#: ``ckptlab check`` exit status for the worst verdict among its files
-EXIT_CODES = {SAFE: 0, SUSPICIOUS: 3, MALICIOUS: 4, CORRUPT: 5}
+#: ``ckptlab check`` exit status for the worst verdict among its files (meanings: ``errors.EXIT_CODES``)
+VERDICT_EXIT_CODES = {SAFE: EXIT_OK, SUSPICIOUS: EXIT_SUSPICIOUS, MALICIOUS: EXIT_UNSAFE, CORRUPT: EXIT_CORRUPT}
 _RANK = {SAFE: 0, CORRUPT: 1, SUSPICIOUS: 2, MALICIOUS: 3}
 
-__all__ = ["CheckResult", "EXIT_CODES", "Finding", "check", "check_many", "polyglot_findings", "worst_verdict"]
+__all__ = ["CheckResult", "VERDICT_EXIT_CODES", "Finding", "check", "check_many", "polyglot_findings", "worst_verdict"]
 
 
 @dataclass

@@ -12,11 +12,11 @@ import pytest
 from fakes.civitai_server import FakeCivitai
 from fakes.models import lora_bytes
 
-from ckptlab.errors import OutputError
+from ckptlab.errors import AuthError, ConfigError, InvalidHashError, NotFoundError, OutputError
 from ckptlab.hub import download as dl
-from ckptlab.hub.civitai import CivitaiClient, InvalidHashError, latest_version, pick_file
-from ckptlab.hub.config import ConfigError, HubConfig, load_hub_config
-from ckptlab.hub.http import AuthError, NotFoundError, Pacer, backoff_delay, redact, retry_after_seconds
+from ckptlab.hub.civitai import CivitaiClient, latest_version, pick_file
+from ckptlab.hub.config import HubConfig, load_hub_config
+from ckptlab.hub.http import Pacer, backoff_delay, redact, retry_after_seconds
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 from fakes.civitai_server import FakeCivitai
 from fakes.models import lora_bytes
 
+from ckptlab.errors import ResponseShapeError
 from ckptlab.hub.civitai import parse_model, parse_version, parse_version_list
-from ckptlab.hub.http import ResponseShapeError
 from ckptlab.library.catalog import Catalog
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -84,13 +84,13 @@ def test_hostile_model_json_is_one_line(world, cli, body):
 
 @pytest.mark.parametrize("body", [b'{"id": 1}', b"null", b'[{"id": "x"}]', b"[" * 50_000])
 def test_hostile_bulk_answer_is_an_error_row_in_link(world, cli, body):
-    """``civitai link`` reports per file: the bad bulk answer is an ``error`` row and exit 3."""
+    """``civitai link`` reports per file: the bad bulk answer is an ``error`` row and exit 1."""
     fake, tmp, env = world
     f = tmp / "detail.safetensors"
     f.write_bytes(fake.data)
     fake.raw_api["/api/v1/model-versions/by-hash"] = body
     r = cli("civitai", "link", f, "--json", env=env)
-    assert r.returncode == 3, r.stderr
+    assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
     (row,) = [json.loads(x) for x in r.stdout.splitlines()]
     assert row["status"] == "error"

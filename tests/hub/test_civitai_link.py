@@ -170,7 +170,7 @@ def test_first_link_during_outage_is_an_error_and_stores_nothing(world, cli):
     fake, lib, files, env = world
     fake.down = True
     r = cli("civitai", "link", files["lora"], "--json", env={**env, "CKPTLAB_HTTP_BACKOFF": "0"})
-    assert r.returncode == 3
+    assert r.returncode == 1
     row = jsonl(r.stdout)[0]
     assert row["status"] == "error" and "503" in row["message"]
     r = cli("civitai", "show", files["lora"], env=env)

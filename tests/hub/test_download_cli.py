@@ -12,8 +12,9 @@ import pytest
 from fakes.civitai_server import FakeCivitai
 from fakes.models import lora_bytes, sd1_checkpoint_bytes
 
+from ckptlab.errors import SpecError
 from ckptlab.hub.destination import target_folder
-from ckptlab.hub.fetch import Spec, SpecError, parse_spec
+from ckptlab.hub.fetch import Spec, parse_spec
 from ckptlab.library.catalog import Catalog
 
 

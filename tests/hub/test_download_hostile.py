@@ -12,12 +12,12 @@ import pytest
 from fakes.civitai_server import ENDLESS_SAFETY, FakeCivitai
 from fakes.models import lora_bytes
 
-from ckptlab.errors import NetworkError, OutputError
+from ckptlab.errors import NetworkError, OutputError, VerificationError
 from ckptlab.hub import download as dl
 from ckptlab.hub.civitai import CivitaiClient, pick_file
 from ckptlab.hub.config import HubConfig
 from ckptlab.hub.fetch import download as fetch_download
-from ckptlab.hub.http import Requester, VerificationError
+from ckptlab.hub.http import Requester
 
 NAME = "detail_tweaker.safetensors"
 

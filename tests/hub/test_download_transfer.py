@@ -9,11 +9,10 @@ import pytest
 from fakes.civitai_server import FakeCivitai
 from fakes.models import lora_bytes
 
-from ckptlab.errors import OutputError
+from ckptlab.errors import AuthError, OutputError, VerificationError
 from ckptlab.hub import download as dl
 from ckptlab.hub.civitai import CivitaiClient, pick_file
 from ckptlab.hub.config import HubConfig
-from ckptlab.hub.http import AuthError, VerificationError
 
 
 @pytest.fixture

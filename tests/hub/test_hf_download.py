@@ -12,10 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptlab.errors import CkptlabError, NetworkError, OutputError
+from ckptlab.errors import (
+    AuthError,
+    CkptlabError,
+    NetworkError,
+    NotFoundError,
+    OutputError,
+    VerificationError,
+)
 from ckptlab.formats.writer import write_safetensors
 from ckptlab.hub.download import DownloadResult
-from ckptlab.hub.http import AuthError, NotFoundError, VerificationError
 from ckptlab.hub.huggingface import STAGING, download, local_name
 from tests.fakes.hf_server import FakeHub, git_blob_id
 

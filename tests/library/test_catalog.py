@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from ckptlab.errors import FormatError
+from ckptlab.errors import CatalogError, FormatError
 from ckptlab.hashes import Hashes
 from ckptlab.library import catalog as cat
 from ckptlab.library.plan import PlanStep, SpacePlan
@@ -36,13 +36,13 @@ def test_newer_schema_is_refused(tmp_path):
     raw = sqlite3.connect(tmp_path / "c.db")
     raw.execute("PRAGMA user_version = 99")
     raw.close()
-    with pytest.raises(cat.CatalogError, match="newer"):
+    with pytest.raises(CatalogError, match="newer"):
         cat.Catalog(tmp_path / "c.db")
 
 
 def test_not_a_database_is_a_clean_error(tmp_path):
     (tmp_path / "c.db").write_bytes(b"garbage" * 1000)
-    with pytest.raises(cat.CatalogError):
+    with pytest.raises(CatalogError):
         cat.Catalog(tmp_path / "c.db")
 
 
@@ -63,7 +63,7 @@ def test_registered_migrations_run_in_order_once(tmp_path, monkeypatch):
 def test_failed_migration_leaves_nothing_half_done(tmp_path, monkeypatch):
     monkeypatch.setattr(cat, "_REGISTERED", {})
     cat.register_migrations("bad", ["CREATE TABLE t1 (a); CREATE TABLE t1 (b);"])
-    with pytest.raises(cat.CatalogError):
+    with pytest.raises(CatalogError):
         cat.Catalog(tmp_path / "c.db")
     monkeypatch.setattr(cat, "_REGISTERED", {})
     with cat.Catalog(tmp_path / "c.db") as c:

@@ -60,4 +60,4 @@ def test_show_by_the_first_8_hex_digits_ls_shows(tmp_path, cli):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[0])["path"] == str(p)
     r = cli("show", sha[:6], "--db", db)
-    assert r.returncode == 3 and "at least 8 hex digits" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 2 and "at least 8 hex digits" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -102,4 +102,4 @@ def test_cli_show_by_hash(lib, cli):
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["path"] == str(files["lora"])
     r = cli("show", "deadbeefdeadbeef", "--db", str(db))
-    assert r.returncode == 3 and "not in the catalog" in r.stderr
+    assert r.returncode == 1 and "not in the catalog" in r.stderr

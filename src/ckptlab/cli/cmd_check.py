@@ -24,7 +24,7 @@ def register(app) -> None:
         from rich.markup import escape as _escape
 
         from ckptlab.cli.common import console, emit_json, expand_paths
-        from ckptlab.security import EXIT_CODES, check_many, worst_verdict
+        from ckptlab.security import VERDICT_EXIT_CODES, check_many, worst_verdict
 
         targets = expand_paths(paths)
         if not targets:  # an empty folder is not a clean bill of health
@@ -51,4 +51,4 @@ def register(app) -> None:
                               f"{_escape(one_line(f.detail))}{loc}", soft_wrap=True, highlight=False)
             if verbose and r.globals:
                 console.print(f"  [dim]globals: {escape(', '.join(r.globals))}[/]", soft_wrap=True, highlight=False)
-        raise typer.Exit(EXIT_CODES[worst_verdict(verdicts)])
+        raise typer.Exit(VERDICT_EXIT_CODES[worst_verdict(verdicts)])

@@ -91,8 +91,8 @@ def civitai_link(
     if not json_out:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items())) or "no files"
         _note(f"{len(report.outcomes)} files: {counts}")
-    if any(o.status == "error" for o in report.outcomes):
-        raise typer.Exit(3)
+    if any(o.status == "error" for o in report.outcomes):  # each said in its row; the others were linked
+        raise typer.Exit(1)
 
 
 @civitai_app.command("show")
@@ -217,7 +217,7 @@ def download_cmd(
         if r.extra.get("warning"):
             warning_line(r.extra["warning"])
     if failed is not None:
-        raise typer.Exit(failed.exit_code if len(sources) == 1 else 3)
+        raise typer.Exit(max(r.exit_code for r in results if isinstance(r, CkptlabError)))  # the worst failure
 
 
 def register(app) -> None:

@@ -16,17 +16,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ckptlab.errors import CkptlabError
+from ckptlab.errors import CkptlabError, InvalidHashError, NotFoundError, ResponseShapeError
 from ckptlab.hub.config import HubConfig, load_hub_config
-from ckptlab.hub.http import NotFoundError, Requester, ResponseShapeError
+from ckptlab.hub.http import Requester
 
 BULK_LIMIT = 100
 TOKEN_HINT = "set CIVITAI_API_TOKEN or [civitai] token in the config file"
 _HEX = re.compile(r"^[0-9A-Fa-f]+$")
-
-
-class InvalidHashError(CkptlabError):
-    """A value that cannot be a CivitAI hash."""
 
 
 @dataclass

@@ -22,14 +22,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError
+from ckptlab.errors import ConfigError
 
 DEFAULT_CIVITAI_URL = "https://civitai.com"
 MAX_CONCURRENT_CAP = 4
-
-
-class ConfigError(CkptlabError):
-    """The config file cannot be read or holds a bad value."""
 
 
 def config_path() -> Path:

@@ -18,9 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptlab.display import human_size
-from ckptlab.errors import CkptlabError, NetworkError, OutputError
+from ckptlab.errors import (
+    BusyError,
+    CkptlabError,
+    DownloadCancelled,
+    NetworkError,
+    OutputError,
+    VerificationError,
+)
 from ckptlab.hashes import Hashes, MultiHasher, hash_file
-from ckptlab.hub.http import VerificationError, backoff_delay, describe_transport_error, redact, retryable
+from ckptlab.hub.http import backoff_delay, describe_transport_error, redact, retryable
 from ckptlab.progress import Progress, null_progress
 
 
@@ -145,16 +152,6 @@ def response_filename(resp) -> str | None:
 
 
 # -- the transfer ------------------------------------------------------------------------------
-
-class CancelledError(CkptlabError):
-    """The transfer was stopped on request (Ctrl-C in another thread); the partial is kept."""
-
-    exit_code = 130
-
-
-class BusyError(OutputError):
-    """Another ckptlab process (or thread) is downloading the same file into the same folder."""
-
 
 CHUNK = 1024 * 1024
 _RAW_BYTES = {"Accept-Encoding": "identity", "Accept": "*/*"}  # the file's own bytes, never re-encoded
@@ -514,7 +511,7 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
             try:
                 for chunk in resp.iter_raw():  # as received: nothing buffered is lost on a drop
                     if cancel is not None and cancel.is_set():
-                        raise CancelledError(f"{what}: cancelled; {os.fstat(fd).st_size} bytes kept in {part.name}")
+                        raise DownloadCancelled(f"{what}: cancelled; {os.fstat(fd).st_size} bytes kept in {part.name}")
                     if limit is not None and hashed + len(chunk) > limit:
                         owned = _drop_part(part, meta, fd)
                         raise VerificationError(f"{what}: the server sent more than the {limit} bytes "

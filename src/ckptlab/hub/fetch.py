@@ -19,15 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from ckptlab.errors import CkptlabError, NetworkError
+from ckptlab.errors import CkptlabError, NetworkError, NotFoundError, SpecError
 from ckptlab.hub.config import HubConfig, load_hub_config
 from ckptlab.hub.destination import detect_layout, folder_for_kind, target_folder
 from ckptlab.hub.download import DownloadResult, transfer
 from ckptlab.progress import Progress, null_progress
-
-
-class SpecError(CkptlabError):
-    exit_code = 2
 
 
 @dataclass
@@ -111,7 +107,6 @@ def _check_base(config: HubConfig) -> None:
 
 def resolve_version(client, spec: Spec) -> dict:
     from ckptlab.hub.civitai import latest_version
-    from ckptlab.hub.http import NotFoundError
 
     if spec.version_id is not None:
         return client.model_version(spec.version_id)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from urllib.parse import urljoin, urlsplit
 
-from ckptlab.errors import NetworkError
+from ckptlab.errors import AuthError, HTTPStatusError, NetworkError, NotFoundError, ResponseShapeError
 from ckptlab.version import __version__
 
 USER_AGENT = f"ckptlab/{__version__} (model library tool; python-httpx)"
@@ -32,30 +32,6 @@ MAX_REDIRECTS = 8
 MAX_JSON_BYTES = 64 * 1024 * 1024  # an API answer larger than this is refused (bulk by-hash of 100 is ~1-5 MiB)
 MAX_JSON_DEPTH = 64  # real CivitAI/HF answers nest < 15 levels
 MAX_ERROR_BODY = 64 * 1024  # what is read of an error answer to build its message
-
-
-class HTTPStatusError(NetworkError):
-    """The server answered with an error status (kept on ``status``)."""
-
-    def __init__(self, message: str, status: int):
-        self.status = status
-        super().__init__(message)
-
-
-class NotFoundError(HTTPStatusError):
-    """404: the thing asked for does not exist upstream (not an outage)."""
-
-
-class AuthError(HTTPStatusError):
-    """401/403: a token is missing, wrong, or does not grant access."""
-
-
-class VerificationError(NetworkError):
-    """Downloaded bytes do not match the published size or hash; nothing was kept."""
-
-
-class ResponseShapeError(NetworkError):
-    """The server answered, but not with what its API promises (not JSON, wrong types, too big)."""
 
 
 def stderr_log(message: str) -> None:

@@ -32,9 +32,15 @@ import re
 import shutil
 from pathlib import Path, PurePosixPath
 
-from ckptlab.errors import CkptlabError, NetworkError, OutputError
+from ckptlab.errors import (
+    AuthError,
+    CkptlabError,
+    NetworkError,
+    NotFoundError,
+    OutputError,
+    VerificationError,
+)
 from ckptlab.hub.download import DownloadResult, _publish, check_free_space, safe_filename, sha256_file
-from ckptlab.hub.http import AuthError, NotFoundError, VerificationError
 from ckptlab.progress import Progress, null_progress
 
 DEFAULT_ENDPOINT = "https://huggingface.co"

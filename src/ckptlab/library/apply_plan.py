@@ -34,7 +34,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError, MismatchError, OutputError
+from ckptlab.errors import CkptlabError, MismatchError, OutputError, StaleStep
 from ckptlab.progress import Progress, null_progress
 
 
@@ -51,10 +51,6 @@ class StepResult:
     message: str = ""
     keep: Path | None = None
     moved_sidecars: list[str] = field(default_factory=list)
-
-
-class StaleStep(MismatchError):
-    """The file changed since the plan was made."""
 
 
 def _sha256(path: Path) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptlab.errors import BadChoiceError, CkptlabError
+from ckptlab.errors import BadChoiceError, CatalogError, CatalogWriteError
 from ckptlab.hashes import Hashes
 
 ENV_VAR = "CKPTLAB_DB"
@@ -117,14 +117,6 @@ def known_sha256(path: str | Path, st: os.stat_result | None = None, db: str | P
         return hashes.sha256.lower() if hashes and hashes.sha256 else None
     except Exception:  # noqa: BLE001 - the catalog is an optional cache; the caller hashes the file
         return None
-
-
-class CatalogError(CkptlabError):
-    """The catalog file cannot be opened, is not a ckptlab catalog, or is newer than this version."""
-
-
-class CatalogWriteError(CatalogError):
-    """The catalog cannot be written: a read-only file or folder, a full disk, a lock held too long."""
 
 
 #: SQLite's messages for a catalog that cannot be written for reasons outside ckptlab (sqlite3 has no

@@ -834,8 +834,8 @@ def hash_paths(paths: list[str | os.PathLike], catalog: Catalog | None = None,
 
 
 def _hash_one(p: Path, catalog: Catalog | None, progress: Progress, on_cache_error) -> dict:
+    from ckptlab.errors import CatalogWriteError
     from ckptlab.hashes import hash_file
-    from ckptlab.library.catalog import CatalogWriteError
 
     try:
         st = os.stat(p)

@@ -6,13 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError
+from ckptlab.errors import NotInCatalogError, UsageError
 from ckptlab.library import sidecars
 from ckptlab.library.catalog import Catalog, FileRecord
-
-
-class NotInCatalogError(CkptlabError):
-    exit_code = 3
 
 
 def lookup(catalog: Catalog, target: str) -> list[FileRecord]:
@@ -34,7 +30,7 @@ def show_file(catalog: Catalog, target: str) -> list[dict]:
     if not recs:
         hexish = target.strip().lower().removeprefix("0x")
         if hexish and len(hexish) < 8 and all(ch in "0123456789abcdef" for ch in hexish):
-            raise NotInCatalogError(f"{target!r}: a hash prefix needs at least 8 hex digits")
+            raise UsageError(f"{target!r}: a hash prefix needs at least 8 hex digits")
         raise NotInCatalogError(f"{target!r} is not in the catalog (scan its folder first, or give a known hash)")
     out = []
     for rec in recs:

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path, PurePath
 
-from ckptlab.errors import CkptlabError, FormatError
+from ckptlab.errors import FormatError, UnknownChoiceError
 from ckptlab.formats import MODEL_SUFFIXES
 
 MODEL_EXTENSIONS = frozenset(MODEL_SUFFIXES)
@@ -165,12 +165,6 @@ FAMILY_NAMES = {"sd": "sd1", "xl": "sdxl", "flux1": "flux", "fluxdev": "flux", "
 _FAMILY_PREFIXES = (("ponyv7", "auraflow"), ("sdxl", "sdxl"), ("sd1", "sd1"), ("sd2", "sd2"), ("sd3", "sd3"),
                     ("flux1", "flux"), ("flux2", "flux2"), ("wanvideo", "wan"), ("hunyuanvideo", "hunyuan_video"),
                     ("pony", "sdxl"), ("pixart", "pixart"), ("svd", "svd"), ("ltxv", "ltxv"), ("lumina", "lumina2"))
-
-
-class UnknownChoiceError(CkptlabError):
-    """A ``--kind``/``--family`` value that names nothing ckptlab knows (a usage error)."""
-
-    exit_code = 2
 
 
 def norm_name(text: str) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ckptlab.errors import CkptlabError
+from ckptlab.errors import BlockSpecError
 
 SD1_BLOCKS: tuple[str, ...] = ("BASE", *(f"IN{i:02}" for i in range(12)), "M00", *(f"OUT{i:02}" for i in range(12)))
 SDXL_BLOCKS: tuple[str, ...] = ("BASE", *(f"IN{i:02}" for i in range(9)), "M00", *(f"OUT{i:02}" for i in range(9)))
@@ -30,12 +30,6 @@ SDXL_BLOCKS: tuple[str, ...] = ("BASE", *(f"IN{i:02}" for i in range(9)), "M00",
 FAMILY_BLOCKS: dict[str, tuple[str, ...]] = {
     "sd1": SD1_BLOCKS, "sd2": SD1_BLOCKS, "sdxl": SDXL_BLOCKS,
 }
-
-
-class BlockSpecError(CkptlabError):
-    """A block-weight string that cannot be understood."""
-
-    exit_code = 2
 
 
 def blocks_for(family: str | None) -> tuple[str, ...]:

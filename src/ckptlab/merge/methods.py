@@ -23,11 +23,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ckptlab.errors import CkptlabError
-
-
-class MethodError(CkptlabError):
-    exit_code = 2
+from ckptlab.errors import MethodError
 
 
 @dataclass(frozen=True)

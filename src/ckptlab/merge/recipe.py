@@ -35,15 +35,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError
+from ckptlab.errors import RecipeError
 
 RECIPE_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _OPTION_KEYS = ("dtype", "merge_dtype", "missing", "seed", "prune", "vae")
-
-
-class RecipeError(CkptlabError):
-    exit_code = 2
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptlab.errors import BadChoiceError, MismatchError
+from ckptlab.errors import BadChoiceError, MismatchError, OverflowRefused
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.formats.dtypes import FLOAT_DTYPES
 from ckptlab.ops.layout import Layout, detect_layout, is_ema, is_position_ids, is_schedule
@@ -28,10 +28,6 @@ TARGETS = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "fp8_e4m3fn": "F8_E4M3"
 LIMITS = {"F16": 65504.0, "F8_E4M3": 448.0}
 ONLY_CHOICES = ("unet", "vae", "te")
 TE_COMPONENTS = ("clip_l", "clip_g", "openclip_h", "t5xxl")
-
-
-class OverflowRefused(MismatchError):
-    """Values do not fit the target dtype and ``clamp`` was not given."""
 
 
 def target_dtype(name: str) -> str:
