@@ -1,4 +1,4 @@
-"""Hub settings: CivitAI base URL and token, download folder and layout.
+"""Hub settings: CivitAI base URL and token, download folder and install style (``layout``: a1111, comfyui, flat or auto).
 
 Precedence: explicit argument (CLI option) > environment > config file > default. The config file
 is TOML at ``$CKPTLAB_CONFIG`` or ``<user config dir>/ckptlab/config.toml``::

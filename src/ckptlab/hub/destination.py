@@ -1,39 +1,45 @@
 """Where a downloaded file goes: the folder for its CivitAI model type (and file type) in an
-A1111/Forge or ComfyUI install (reference/hub.md §4.2). ``flat`` puts everything in the given folder.
+A1111/Forge or ComfyUI install, from the UI folder table ``library.ui_folders.UI_FOLDERS`` (the
+same table a scan reads folder names back from). ``flat`` puts everything in the given folder.
+
+The install style (``a1111``, ``comfyui``, ``flat`` or ``auto``) is called ``ui`` here; the user sees it
+as ``download --layout`` and the config's ``[download] layout`` (names kept: users type them).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-# CivitAI ModelType (as spelled by the API) -> (A1111 folder, ComfyUI folder), relative to the install root
-_BY_MODEL_TYPE: dict[str, tuple[str, str]] = {
-    "checkpoint": ("models/Stable-diffusion", "models/checkpoints"),
-    "lora": ("models/Lora", "models/loras"),
-    "dora": ("models/Lora", "models/loras"),
-    "locon": ("models/Lora", "models/loras"),
-    "textualinversion": ("embeddings", "models/embeddings"),
-    "hypernetwork": ("models/hypernetworks", "models/hypernetworks"),
-    "vae": ("models/VAE", "models/vae"),
-    "controlnet": ("models/ControlNet", "models/controlnet"),
-    "ipadapter": ("models/ControlNet", "models/ipadapter"),  # not a CivitAI type: ckptlab's identified kind
-    "upscaler": ("models/ESRGAN", "models/upscale_models"),
-    "detection": ("models/adetailer", "models/ultralytics"),
-    "motionmodule": ("models/AnimateDiff", "models/animatediff_models"),
+from ckptlab.library.ui_folders import UI_FOLDERS
+
+UIS = ("a1111", "comfyui")
+
+# CivitAI ModelType (as spelled by the API, lower case) -> the UI_FOLDERS row it goes to
+_BY_MODEL_TYPE: dict[str, str] = {
+    "checkpoint": "checkpoint",
+    "lora": "lora",
+    "dora": "lora",
+    "locon": "lora",
+    "textualinversion": "embedding",
+    "hypernetwork": "hypernetwork",
+    "vae": "vae",
+    "controlnet": "controlnet",
+    "ipadapter": "ipadapter",  # not a CivitAI type: ckptlab's identified kind
+    "upscaler": "upscaler",
+    "detection": "detection",
+    "motionmodule": "motion_module",
 }
 
 # CivitAI ModelFileType overrides (a VAE or text encoder shipped inside a checkpoint version)
-_BY_FILE_TYPE: dict[str, tuple[str, str]] = {
-    "vae": ("models/VAE", "models/vae"),
-    "text encoder": ("models/text_encoder", "models/text_encoders"),
-    "unet": ("models/Stable-diffusion", "models/diffusion_models"),
-    "diffusion model": ("models/Stable-diffusion", "models/diffusion_models"),
-    "controlnet": ("models/ControlNet", "models/controlnet"),
-    "upscaler": ("models/ESRGAN", "models/upscale_models"),
-    "clipvision": ("models/clip_vision", "models/clip_vision"),
+_BY_FILE_TYPE: dict[str, str] = {
+    "vae": "vae",
+    "text encoder": "text_encoder",
+    "unet": "unet",
+    "diffusion model": "unet",
+    "controlnet": "controlnet",
+    "upscaler": "upscaler",
+    "clipvision": "clip_vision",
 }
-
-_OTHER = ("models/other", "models/other")
 
 # ckptlab kinds (identify / --type) -> CivitAI model type
 KIND_TO_TYPE = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "locon", "embedding": "textualinversion",
@@ -43,33 +49,32 @@ KIND_TO_TYPE = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "locon", 
 KIND_TO_FILE_TYPE = {"unet": "diffusion model", "text_encoder": "text encoder"}
 
 
-def folder_for_kind(root: Path, layout: str, kind: str | None) -> Path:
+def folder_for_kind(root: Path, ui: str, kind: str | None) -> Path:
     """The folder for a file of ckptlab kind ``kind`` (or a CivitAI type name given with ``--type``)."""
     k = (kind or "").lower()
-    return target_folder(root, layout, KIND_TO_TYPE.get(k, k or None), KIND_TO_FILE_TYPE.get(k))
+    return target_folder(root, ui, KIND_TO_TYPE.get(k, k or None), KIND_TO_FILE_TYPE.get(k))
 
 
-def detect_layout(root: Path) -> str:
+def detect_ui(root: Path) -> str:
     """``a1111`` or ``comfyui`` from the folders already under ``root``; ``flat`` when neither."""
-    models = root / "models"
-    if (models / "Stable-diffusion").is_dir() or (models / "Lora").is_dir() or (root / "webui.py").is_file():
+    if any((root / UI_FOLDERS[k][0]).is_dir() for k in ("checkpoint", "lora")) or (root / "webui.py").is_file():
         return "a1111"
-    if (models / "checkpoints").is_dir() or (models / "loras").is_dir() or (root / "comfy").is_dir():
+    if any((root / UI_FOLDERS[k][1]).is_dir() for k in ("checkpoint", "lora")) or (root / "comfy").is_dir():
         return "comfyui"
     return "flat"
 
 
-def target_folder(root: Path, layout: str, model_type: str | None, file_type: str | None = None) -> Path:
+def target_folder(root: Path, ui: str, model_type: str | None, file_type: str | None = None) -> Path:
     """The folder under ``root`` for a file of this CivitAI model type / file type."""
-    if layout == "auto":
-        layout = detect_layout(root)
-    if layout == "flat":
+    if ui == "auto":
+        ui = detect_ui(root)
+    if ui == "flat":
         return root
-    if layout not in ("a1111", "comfyui"):
-        raise ValueError(f"unknown layout {layout!r}")
-    col = 0 if layout == "a1111" else 1
+    if ui not in UIS:
+        raise ValueError(f"unknown layout {ui!r}")
+    col = UIS.index(ui)
     ft = (file_type or "").strip().lower()
     mt = (model_type or "").strip().lower()
-    if ft in _BY_FILE_TYPE and not (ft == "unet" and layout == "a1111" and mt != "checkpoint"):
-        return root / _BY_FILE_TYPE[ft][col]
-    return root / _BY_MODEL_TYPE.get(mt, _OTHER)[col]
+    if ft in _BY_FILE_TYPE and not (ft == "unet" and ui == "a1111" and mt != "checkpoint"):
+        return root / UI_FOLDERS[_BY_FILE_TYPE[ft]][col]
+    return root / UI_FOLDERS[_BY_MODEL_TYPE.get(mt, "other")][col]

@@ -181,20 +181,6 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return start, total
 
 
-def sha256_file(path: Path, upto: int | None = None):
-    h = hashlib.sha256()
-    remaining = upto
-    with open(path, "rb") as fh:
-        while remaining is None or remaining > 0:
-            buf = fh.read(CHUNK if remaining is None else min(CHUNK, remaining))
-            if not buf:
-                break
-            h.update(buf)
-            if remaining is not None:
-                remaining -= len(buf)
-    return h
-
-
 # -- validators: what the partial was fetched under --------------------------------------------------
 
 @dataclass

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ckptlab.errors import CkptlabError, NetworkError, NotFoundError, SpecError
 from ckptlab.hub.config import HubConfig, load_hub_config
-from ckptlab.hub.destination import detect_layout, folder_for_kind, target_folder
+from ckptlab.hub.destination import detect_ui, folder_for_kind, target_folder
 from ckptlab.hub.download import DownloadResult, transfer
 from ckptlab.progress import Progress, null_progress
 
@@ -156,12 +156,13 @@ def mark_local_copies(info, db: str | Path | None = None) -> None:
 UNSORTED = "models/.ckptlab-incoming"  # hidden: a URL/hf file waits here until it is identified
 
 
-def _place_by_kind(res: DownloadResult, root: Path, layout: str) -> None:
+def _place_by_kind(res: DownloadResult, root: Path, ui: str) -> None:
     """Move a verified URL/hf download from the incoming folder to the folder for its identified
     kind (never replacing a file); an unidentified file goes to ``models/other``."""
     import contextlib
 
-    from ckptlab.hub.download import _publish, sha256_file
+    from ckptlab.hashes import sha256_file
+    from ckptlab.hub.download import _publish
 
     kind = None
     try:
@@ -170,7 +171,7 @@ def _place_by_kind(res: DownloadResult, root: Path, layout: str) -> None:
         kind = identify(res.path).kind
     except (ImportError, CkptlabError):
         kind = None
-    folder = folder_for_kind(root, layout, kind if kind and kind != "unknown" else "other")
+    folder = folder_for_kind(root, ui, kind if kind and kind != "unknown" else "other")
     dest, incoming = folder / res.path.name, res.path.parent
     if dest == res.path:
         return
@@ -178,7 +179,7 @@ def _place_by_kind(res: DownloadResult, root: Path, layout: str) -> None:
     try:
         _publish(res.path, dest)
     except CkptlabError as e:
-        if dest.is_file() and sha256_file(dest).hexdigest() == res.sha256:  # the same file was already there
+        if dest.is_file() and sha256_file(dest) == res.sha256:  # the same file was already there
             res.path.unlink()
             res.path, res.skipped = dest, True
         else:
@@ -209,17 +210,17 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
     the platform data dir)."""
     config = config or load_hub_config(download_dir=dest, layout=layout)
     root = Path(dest).expanduser() if dest else (config.download_dir or Path.cwd())
-    lay = layout or config.layout
+    ui = layout or config.layout  # the install style: a1111 | comfyui | flat | auto
     spec = parse_spec(source, config.civitai_base_url)
     if spec.kind == "civitai":
         _check_base(config)
     progress = progress or null_progress
     with _cap(config.max_concurrent):
         if spec.kind == "civitai":
-            return _download_civitai(spec, root, lay, config, client, catalog, write_sidecars, file_id, progress,
+            return _download_civitai(spec, root, ui, config, client, catalog, write_sidecars, file_id, progress,
                                      cancel, db)
-        lay = detect_layout(root) if lay == "auto" else lay
-        folder = folder_for_kind(root, lay, model_type) if model_type or lay == "flat" else root / UNSORTED
+        ui = detect_ui(root) if ui == "auto" else ui
+        folder = folder_for_kind(root, ui, model_type) if model_type or ui == "flat" else root / UNSORTED
         if spec.kind == "hf":
             from ckptlab.hub import huggingface
 
@@ -232,8 +233,8 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
                 res = transfer(req, spec.url, folder, progress=progress, source="url", cancel=cancel)
             finally:
                 req.close()
-        if not model_type and lay != "flat":
-            _place_by_kind(res, root, lay)
+        if not model_type and ui != "flat":
+            _place_by_kind(res, root, ui)
         if catalog:  # a plain URL may well be a CivitAI file: look it up by hash (HF files are not)
             _after_download_safe(res, config, client, write_sidecars, lookup=spec.kind == "url", db=db)
         return res
@@ -243,7 +244,7 @@ def download(source: str, *, dest: str | Path | None = None, layout: str | None 
 SIZE_SLACK = 1024
 
 
-def _download_civitai(spec, root, layout, config, client, catalog, write_sidecars, file_id, progress, cancel=None,
+def _download_civitai(spec, root, ui, config, client, catalog, write_sidecars, file_id, progress, cancel=None,
                       db=None):
     from ckptlab.hub.civitai import CivitaiClient, pick_file
 
@@ -253,7 +254,7 @@ def _download_civitai(spec, root, layout, config, client, catalog, write_sidecar
         version = resolve_version(client, spec)
         choice = pick_file(version, file_id=file_id)
         mtype = (version.get("model") or {}).get("type")
-        folder = target_folder(root, layout, mtype, choice.file.get("type"))
+        folder = target_folder(root, ui, mtype, choice.file.get("type"))
         extra = {"version_id": version.get("id"), "model_id": version.get("modelId"), "file_id": choice.file.get("id"),
                  "model_type": mtype, "model_name": (version.get("model") or {}).get("name"),
                  "version_name": version.get("name")}

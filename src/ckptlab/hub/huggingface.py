@@ -40,7 +40,8 @@ from ckptlab.errors import (
     OutputError,
     VerificationError,
 )
-from ckptlab.hub.download import DownloadResult, _publish, check_free_space, safe_filename, sha256_file
+from ckptlab.hashes import sha256_file
+from ckptlab.hub.download import DownloadResult, _publish, check_free_space, safe_filename
 from ckptlab.progress import Progress, null_progress
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -156,7 +157,7 @@ def _verify(path: Path, etag: str, size: int | None, what: str) -> tuple[str, st
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
         raise VerificationError(f"{what}: got {actual_size} bytes, the Hub says {size}; the download was deleted")
-    digest = sha256_file(path).hexdigest()
+    digest = sha256_file(path)
     if _SHA256.match(etag):
         if digest != etag:
             raise VerificationError(f"{what}: SHA256 mismatch (the Hub's LFS ETag is {etag[:16]}..., got "
@@ -221,7 +222,7 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
     if target.exists():
         if target.is_file() and git_blob_id(target) == etag:
             return DownloadResult(path=target, url=resolve_url, size=target.stat().st_size,
-                                  sha256=sha256_file(target).hexdigest(), source="hf", skipped=True, extra=extra)
+                                  sha256=sha256_file(target), source="hf", skipped=True, extra=extra)
         raise OutputError("already exists and is not the file being downloaded; move it away first", target)
 
     try:

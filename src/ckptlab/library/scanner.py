@@ -630,7 +630,7 @@ def _sidecar_json(f: Found, found: dict[str, str]) -> str | None:
 
 
 def _location(f: Found) -> dict:
-    folder, _layout, hint = ui_folders.folder_hint(f.path, f.root)
+    folder, _ui, hint = ui_folders.folder_hint(f.path, f.root)
     if f.category:
         folder, hint = f.category, ui_folders.COMFY_CATEGORY_KINDS.get(f.category, f.category)
     return {"path": path_key(f.path), "display": display_path(f.path), "name": display_path(os.path.basename(f.path)),

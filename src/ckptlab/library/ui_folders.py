@@ -1,5 +1,5 @@
 """Where UIs keep their models: A1111/Forge/SD.Next and ComfyUI folder names, and ComfyUI's
-``extra_model_paths.yaml`` (reference/hub.md §4.2).
+``extra_model_paths.yaml`` (ComfyUI's ``folder_paths.py`` and ``utils/extra_config.py``; A1111's model folders).
 
 A folder name gives a *hint* of the kind (``models/Lora`` -> ``lora``); identification from the
 file's own keys wins when it disagrees.
@@ -16,14 +16,36 @@ from ckptlab.formats import MODEL_SUFFIXES
 
 MODEL_EXTENSIONS = frozenset(MODEL_SUFFIXES)
 
-# folder name (lower case) -> (layout, kind hint)
-FOLDERS: dict[str, tuple[str, str]] = {
+# -- where each UI keeps each kind of file ----------------------------------------------------------
+#: kind (ckptlab's, or a CivitAI type ckptlab has no kind for) -> (A1111/Forge folder, ComfyUI folder) under the
+#: install root: where a download of that kind goes (``hub.destination``), and, by the folder's own name, the kind
+#: hint a scan reads back (``FOLDERS``). Sources: A1111's ``models/Stable-diffusion``, ``models/VAE``,
+#: ``embeddings`` (``modules/paths_internal.py``, ``modules/sd_models.py``) and its built-in Lora extension's
+#: ``models/Lora``; ComfyUI's ``folder_paths.py`` (``folder_names_and_paths``); the ADetailer, ControlNet and
+#: AnimateDiff extensions and ComfyUI_IPAdapter_plus for theirs.
+UI_FOLDERS: dict[str, tuple[str, str]] = {
+    "checkpoint": ("models/Stable-diffusion", "models/checkpoints"),
+    "lora": ("models/Lora", "models/loras"),
+    "embedding": ("embeddings", "models/embeddings"),
+    "hypernetwork": ("models/hypernetworks", "models/hypernetworks"),
+    "vae": ("models/VAE", "models/vae"),
+    "controlnet": ("models/ControlNet", "models/controlnet"),
+    "ipadapter": ("models/ControlNet", "models/ipadapter"),  # A1111 keeps IP-Adapters with the ControlNets
+    "upscaler": ("models/ESRGAN", "models/upscale_models"),
+    "detection": ("models/adetailer", "models/ultralytics"),
+    "unet": ("models/Stable-diffusion", "models/diffusion_models"),
+    "text_encoder": ("models/text_encoder", "models/text_encoders"),
+    "clip_vision": ("models/clip_vision", "models/clip_vision"),
+    "motion_module": ("models/AnimateDiff", "models/animatediff_models"),
+    "other": ("models/other", "models/other"),
+}
+#: rows of ``UI_FOLDERS`` that only place downloads: their folders give no kind hint
+_PLACE_ONLY = ("motion_module", "other")
+
+#: folder names UIs read that downloads never go to: folder name (lower case) -> (UI, kind hint)
+_READ_ONLY_FOLDERS: dict[str, tuple[str, str]] = {
     # A1111 / Forge / SD.Next
-    "stable-diffusion": ("a1111", "checkpoint"),
-    "lora": ("a1111", "lora"),
     "lycoris": ("a1111", "lora"),
-    "hypernetworks": ("any", "hypernetwork"),
-    "esrgan": ("a1111", "upscaler"),
     "realesrgan": ("a1111", "upscaler"),
     "swinir": ("a1111", "upscaler"),
     "dat": ("a1111", "upscaler"),
@@ -33,31 +55,36 @@ FOLDERS: dict[str, tuple[str, str]] = {
     "codeformer": ("a1111", "face_restore"),
     "vae-approx": ("a1111", "vae_approx"),
     "text-encoder": ("sdnext", "text_encoder"),
-    "adetailer": ("a1111", "detection"),
-    # shared names
-    "vae": ("any", "vae"),
-    "embeddings": ("any", "embedding"),
-    "controlnet": ("any", "controlnet"),
+    # ComfyUI's legacy names (``unet``, ``clip``) and its other categories
     "unet": ("any", "unet"),
     "clip": ("any", "text_encoder"),
-    # ComfyUI
-    "checkpoints": ("comfyui", "checkpoint"),
-    "loras": ("comfyui", "lora"),
-    "text_encoders": ("comfyui", "text_encoder"),
-    "diffusion_models": ("comfyui", "unet"),
-    "clip_vision": ("comfyui", "clip_vision"),
     "style_models": ("comfyui", "style_model"),
     "vae_approx": ("comfyui", "vae_approx"),
     "t2i_adapter": ("comfyui", "t2i_adapter"),  # read by ComfyUI as part of its controlnet category
-    "ipadapter": ("comfyui", "ipadapter"),  # ComfyUI_IPAdapter_plus (A1111 keeps IP-Adapters in ControlNet)
     "gligen": ("comfyui", "gligen"),
-    "upscale_models": ("comfyui", "upscaler"),
     "latent_upscale_models": ("comfyui", "upscaler"),
     "photomaker": ("comfyui", "photomaker"),
     "diffusers": ("comfyui", "diffusers"),
-    "ultralytics": ("comfyui", "detection"),
     "model_patches": ("comfyui", "model_patch"),
 }
+
+
+def _folder_names() -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    for kind, folders in UI_FOLDERS.items():
+        if kind in _PLACE_ONLY:
+            continue
+        names = [PurePath(f).name.lower() for f in folders]
+        for ui, name in zip(("a1111", "comfyui"), names, strict=True):
+            # a name both UIs use is "any"; the first kind that names a folder is its hint
+            out.setdefault(name, ("any" if names[0] == names[1] else ui, kind))
+    for name, entry in _READ_ONLY_FOLDERS.items():
+        out.setdefault(name, entry)
+    return out
+
+
+#: folder name (lower case) -> (UI: a1111 | comfyui | sdnext | any, kind hint), read when scanning
+FOLDERS: dict[str, tuple[str, str]] = _folder_names()
 
 #: extra_model_paths.yaml keys that are settings, not folder categories
 _RESERVED = {"base_path", "is_default"}
@@ -65,7 +92,7 @@ _LEGACY = {"unet": "diffusion_models", "clip": "text_encoders"}
 
 
 def folder_hint(path: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[str | None, str | None, str | None]:
-    """``(folder name, layout, kind hint)`` from the nearest known ancestor folder of ``path``
+    """``(folder name, UI, kind hint)`` from the nearest known ancestor folder of ``path``
     (below ``root`` when given, the root itself included)."""
     p = PurePath(os.fsdecode(path))
     parts = p.parts[:-1]
@@ -76,8 +103,8 @@ def folder_hint(path: str | os.PathLike, root: str | os.PathLike | None = None) 
     for name in reversed(parts):
         hit = FOLDERS.get(name.lower())
         if hit:
-            layout, kind = hit
-            return name, layout, kind
+            ui, kind = hit
+            return name, ui, kind
     return None, None, None
 
 
@@ -125,7 +152,7 @@ def read_extra_model_paths(yaml_path: str | Path) -> list[tuple[str, Path]]:
     return out
 
 
-COMFY_CATEGORY_KINDS = {name: kind for name, (layout, kind) in FOLDERS.items() if layout in ("comfyui", "any")}
+COMFY_CATEGORY_KINDS = {name: kind for name, (ui, kind) in FOLDERS.items() if ui in ("comfyui", "any")}
 COMFY_CATEGORY_KINDS.update({"configs": "config"})
 
 
@@ -136,7 +163,7 @@ KINDS = ("checkpoint", "unet", "vae", "text_encoder", "lora", "lycoris", "embedd
          "ipadapter", "t2i_adapter", "upscaler", "clip_vision")
 #: a kind that stands for several when filtering: a LoRA filter includes LyCORIS (LoCon, LoHa, LoKr...)
 KIND_GROUPS = {"lora": ("lora", "lycoris")}
-#: other spellings: CivitAI's ModelType names (reference/hub.md §2.3), adapter algorithms, plurals
+#: other spellings: CivitAI's ModelType names (the ``types`` of its public ``/api/v1/models``), adapter algorithms, plurals
 KIND_NAMES = {
     "model": "checkpoint", "checkpoints": "checkpoint", "ckpt": "checkpoint", "diffusionmodel": "unet",
     "diffusionmodels": "unet", "textualinversion": "embedding", "ti": "embedding", "embeddings": "embedding",
@@ -145,7 +172,7 @@ KIND_NAMES = {
     "vaes": "vae", "upscalers": "upscaler", "upscalemodels": "upscaler", "esrgan": "upscaler",
     "ipadapters": "ipadapter", "t2iadapters": "t2i_adapter", "clipvision": "clip_vision",
 }
-#: CivitAI ``baseModel`` values (reference/hub.md §2.3) -> family; more by prefix in ``_FAMILY_PREFIXES``
+#: CivitAI ``baseModel`` values (the ``baseModels`` of its public ``/api/v1/models``) -> family; more by prefix in ``_FAMILY_PREFIXES``
 CIVITAI_BASE_MODELS = {
     "SD 1.4": "sd1", "SD 1.5": "sd1", "SD 1.5 LCM": "sd1", "SD 1.5 Hyper": "sd1",
     "SD 2.0": "sd2", "SD 2.0 768": "sd2", "SD 2.1": "sd2", "SD 2.1 768": "sd2", "SD 2.1 Unclip": "sd2",
@@ -176,7 +203,7 @@ def kind_aliases(known: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
     """``{normalised name: kind}``: the kinds themselves (and ``known``), UI folder names, other spellings.
     A kind's own name wins over a folder of that name (``LyCORIS`` means LyCORIS files)."""
     out: dict[str, str] = {}
-    for folder, (_layout, kind) in FOLDERS.items():
+    for folder, (_ui, kind) in FOLDERS.items():
         out[norm_name(folder)] = kind
     for name, kind in KIND_NAMES.items():
         out[norm_name(name)] = kind
