@@ -6,7 +6,8 @@ header (AutoV3), BLAKE3 and CRC-32. ``hashlib``, ``blake3`` and ``zlib`` release
 buffers, so the hashers run on separate cores and the wall time is close to the slowest one.
 AutoV1 (SHA-256 of the 64 KiB at offset 1 MiB) is taken from the same chunks as they pass.
 
-Definitions (reference/hub.md §1), all shown UPPER-case as CivitAI shows them:
+Definitions (A1111's ``modules/hashes.py`` and ``sd_models.model_hash``, CivitAI's file hashes; docs/library.md),
+all shown UPPER-case as CivitAI shows them:
 
 - ``sha256``: SHA-256 of the whole file, 64 hex.
 - ``autov1``: first 8 hex of SHA-256 over ``file[0x100000:0x110000]``. Files of 1 MiB or less hash an

@@ -72,7 +72,7 @@ _QUANT_ENDINGS = (".quant_state.bitsandbytes__nf4", "scaled_fp8")
 
 
 def quantization_notes(infos: dict[str, TensorInfo]) -> list[str]:
-    """Evidence lines for quantized storage (identification.md §1.3): BnB-NF4, ComfyUI scaled fp8, fp8 dtypes."""
+    """Evidence lines for quantized storage (bitsandbytes' NF4 keys, ComfyUI's ``scaled_fp8`` marker, the F8 dtypes): BnB-NF4, ComfyUI scaled fp8, fp8 dtypes."""
     notes = []
     nf4, scaled = 0, None
     for k in infos:  # one pass; most files have neither ending

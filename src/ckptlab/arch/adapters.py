@@ -1,6 +1,7 @@
 """Recognising files that are not diffusion models: LoRA / LyCORIS, textual-inversion embeddings,
 hypernetworks, ControlNets, IP-Adapters (kind ``ipadapter``), T2I-Adapters (kind ``t2i_adapter``) and upscalers. Each rule names the key(s) that decided it
-(reference: identification.md §3, adapters.md §§1, 4, 7).
+(the key names of kohya sd-scripts, LyCORIS, A1111's Lora/hypernetwork/textual-inversion loaders, ComfyUI's
+``lora.py`` and the ControlNet/IP-Adapter/T2I-Adapter releases; docs/inspect.md).
 
 ``detect_adapter(infos, extra) -> AdapterGuess | None`` looks at key names and shapes only.
 """

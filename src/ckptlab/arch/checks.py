@@ -1,4 +1,4 @@
-"""Diagnostics: things that are odd about a file (identification.md §2.2-2.3, Toolkit-style reports).
+"""Diagnostics: things that are odd about a file (as the A1111 Model Toolkit extension reports them).
 
 ``file_warnings(infos, comps, det, metadata, has_ema) -> list[str]``: float ``position_ids`` (merge
 fingerprint), missing final text-encoder layer, stale or incomplete EMA, missing required diffusion-model keys,

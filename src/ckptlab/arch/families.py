@@ -1,6 +1,7 @@
 """One data entry per model family: how to recognise it, its variants, native resolution, latent channels,
-default prediction and the inputs of the VRAM estimate. Facts from /work/shared/reference/identification.md
-(ComfyUI model_detection/supported_models, diffusers single_file_utils, InvokeAI, kohya sai_model_spec).
+default prediction and the inputs of the VRAM estimate. Facts from ComfyUI's
+``model_detection.py``/``supported_models.py``, diffusers' ``loaders/single_file_utils.py``, InvokeAI's model
+probe and kohya's ``sai_model_spec.py``.
 
 ``FAMILIES`` is ordered: the detector tries them in this order and the first family whose markers all match
 wins (transformer families with unique key roots first, then UNets from the most to the least specific).

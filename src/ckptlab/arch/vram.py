@@ -1,6 +1,6 @@
 """VRAM estimate for inference at a family's native resolution, from parameter counts, dtypes and the family
-(never from the file size). Formulas: identification.md §6 (ComfyUI ``memory_required`` for activations,
-``sd.VAE`` decode memory, reserve).
+(never from the file size). Formulas: ComfyUI's (``model_base.BaseModel.memory_required`` for
+activations, ``sd.VAE`` decode memory, ``model_management.minimum_inference_memory`` reserve); docs/inspect.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Write the sidecars other tools read, from stored CivitAI records (reference/hub.md §4.1):
+"""Write the sidecars other tools read, from stored CivitAI records (docs/hub.md, "Sidecars"):
 
 - ``<stem>.civitai.info``: the version record plus ``model.{description, tags, allow*}`` and
   ``creator`` from the model record (Civitai Helper's format). Written when absent, or refreshed when

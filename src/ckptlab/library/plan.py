@@ -1,7 +1,7 @@
 """The ``plan-space`` plan: a reviewed list of disk-saving steps, saved as JSON for ``apply-plan``.
 
 ``ckptlab plan-space -o plan.json`` writes it (``library.dupes.plan_space``); ``ckptlab apply-plan
-plan.json`` carries it out (``ops.apply_plan``). Schema (version 2)::
+plan.json`` carries it out (``library.apply_plan``). Schema (version 2)::
 
     {
       "format": "ckptlab-space-plan",
@@ -47,6 +47,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePath
 
+from ckptlab.display import human_size
 from ckptlab.errors import CkptlabError, FormatError, OutputError
 
 PLAN_FORMAT = "ckptlab-space-plan"
@@ -237,7 +238,7 @@ class SpacePlan:
         except OSError as e:
             raise CkptlabError(f"cannot read plan: {e.strerror or e}", path) from None
         if len(raw) > MAX_PLAN_BYTES:
-            raise FormatError(f"not a plan: larger than {MAX_PLAN_BYTES >> 20} MiB", path)
+            raise FormatError(f"not a plan: larger than {human_size(MAX_PLAN_BYTES)}", path)
         try:
             obj = loads_limited(raw.decode("utf-8"))
         except UnicodeDecodeError:

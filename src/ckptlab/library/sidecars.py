@@ -1,4 +1,4 @@
-"""Read the files other tools keep next to a model (reference/hub.md §4.1). Read only: ckptlab never
+"""Read the files other tools keep next to a model (docs/library.md, "Sidecars"). Read only: ckptlab never
 writes or rewrites any of them.
 
 For ``<dir>/<stem>.<ext>``:

@@ -1,6 +1,7 @@
 """diffusers/transformers config files derived from tensor shapes (works for real and small models).
 
-What shapes cannot tell is taken from the family (reference adapters.md §6.4): SD1 uses 8 attention
+What shapes cannot tell is taken from the family (diffusers' ``single_file_utils``
+``create_unet_diffusers_config``/``create_vae_diffusers_config``): SD1 uses 8 attention
 heads everywhere, SD2/SDXL 64-wide heads; CLIP-L uses ``quick_gelu``, OpenCLIP ``gelu``; VAE scaling
 0.18215 (SD1/SD2) or 0.13025 (SDXL); scheduler defaults as diffusers uses for single files.
 """

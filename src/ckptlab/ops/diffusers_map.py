@@ -1,4 +1,5 @@
-"""Key names between LDM/SGM single files and diffusers/transformers folders (reference adapters.md §2.1, §6).
+"""Key names between LDM/SGM single files and diffusers/transformers folders (diffusers'
+``loaders/single_file_utils.py`` and ``scripts/convert_original_stable_diffusion_to_diffusers.py``).
 
 Everything is a bijection of *module prefixes* built from a small layout description, applied to a key
 by its longest matching module prefix; inner names of attention blocks are identical on both sides.

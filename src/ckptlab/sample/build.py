@@ -1,7 +1,7 @@
 """Write sample model files with real key layouts: ``write_model`` and ``build_library``.
 
 ``SPECS`` names every sample and carries what the identification reference
-(``reference/identification.md`` §1-§3 and the §7 oracle table) says a correct identifier must
+(ComfyUI's ``model_detection.py``, diffusers' ``single_file_utils``, the peers of docs/sample.md) says a correct identifier must
 report for it: kind, family, variant, components, prediction type. Those expectations come from
 the reference, never from a ckptlab detector, so identification tests can loop over ``SPECS``.
 

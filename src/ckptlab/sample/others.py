@@ -2,7 +2,7 @@
 video families of the identification oracle table that are mostly used header-only (sparse).
 
 Where a layout below is a faithful reduction rather than the complete original key set, its
-docstring says so; the marker keys and shapes of identification.md §7 are always exact.
+docstring says so; the marker keys and shapes the detectors read (``arch``) are always exact.
 """
 
 from __future__ import annotations
