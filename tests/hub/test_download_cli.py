@@ -14,7 +14,7 @@ from fakes.models import lora_bytes, sd1_checkpoint_bytes
 
 from ckptlab.errors import SpecError
 from ckptlab.hub.destination import target_folder
-from ckptlab.hub.fetch import Spec, parse_spec
+from ckptlab.hub.fetch import SourceSpec, parse_spec
 from ckptlab.library.catalog import Catalog
 
 
@@ -165,18 +165,18 @@ def test_token_never_written_by_downloads(world, cli):
 
 
 @pytest.mark.parametrize("text, spec", [
-    ("civitai:123", Spec("civitai", ambiguous_id=123)),
-    ("civitai:version/123", Spec("civitai", version_id=123)),
-    ("civitai:model/7", Spec("civitai", model_id=7)),
-    ("civitai:7@123", Spec("civitai", model_id=7, version_id=123)),
-    ("urn:air:sdxl:checkpoint:civitai:827184@2514310", Spec("civitai", model_id=827184, version_id=2514310)),
-    ("https://civitai.com/models/7?modelVersionId=123", Spec("civitai", model_id=7, version_id=123)),
-    ("https://civitai.com/api/download/models/123", Spec("civitai", version_id=123)),
-    ("hf:org/repo/sub/file.safetensors@main", Spec("hf", repo_id="org/repo", filename="sub/file.safetensors",
+    ("civitai:123", SourceSpec("civitai", ambiguous_id=123)),
+    ("civitai:version/123", SourceSpec("civitai", version_id=123)),
+    ("civitai:model/7", SourceSpec("civitai", model_id=7)),
+    ("civitai:7@123", SourceSpec("civitai", model_id=7, version_id=123)),
+    ("urn:air:sdxl:checkpoint:civitai:827184@2514310", SourceSpec("civitai", model_id=827184, version_id=2514310)),
+    ("https://civitai.com/models/7?modelVersionId=123", SourceSpec("civitai", model_id=7, version_id=123)),
+    ("https://civitai.com/api/download/models/123", SourceSpec("civitai", version_id=123)),
+    ("hf:org/repo/sub/file.safetensors@main", SourceSpec("hf", repo_id="org/repo", filename="sub/file.safetensors",
                                                    revision="main")),
-    ("https://huggingface.co/org/repo/blob/main/a.safetensors", Spec("hf", repo_id="org/repo",
+    ("https://huggingface.co/org/repo/blob/main/a.safetensors", SourceSpec("hf", repo_id="org/repo",
                                                                      filename="a.safetensors", revision="main")),
-    ("https://example.com/x.safetensors", Spec("url", url="https://example.com/x.safetensors")),
+    ("https://example.com/x.safetensors", SourceSpec("url", url="https://example.com/x.safetensors")),
 ])
 def test_parse_spec(text, spec):
     assert parse_spec(text) == spec

@@ -27,7 +27,9 @@ from ckptlab.progress import Progress, null_progress
 
 
 @dataclass
-class Spec:
+class SourceSpec:
+    """A parsed download source (``civitai:…``, ``hf:…`` or a URL); not ``sample.build.Spec``, a sample file."""
+
     kind: str  # civitai | hf | url
     version_id: int | None = None
     model_id: int | None = None
@@ -38,21 +40,21 @@ class Spec:
     url: str | None = None
 
 
-def parse_spec(text: str, civitai_base: str | None = None) -> Spec:
+def parse_spec(text: str, civitai_base: str | None = None) -> SourceSpec:
     s = text.strip()
     low = s.lower()
     if low.startswith("civitai:"):
         rest = s[8:].strip()
         if m := re.fullmatch(r"(?:version/)?([0-9]{1,15})", rest):
-            return Spec("civitai", ambiguous_id=int(m.group(1))) if "/" not in rest else \
-                Spec("civitai", version_id=int(m.group(1)))
+            return SourceSpec("civitai", ambiguous_id=int(m.group(1))) if "/" not in rest else \
+                SourceSpec("civitai", version_id=int(m.group(1)))
         if m := re.fullmatch(r"model/([0-9]{1,15})", rest):
-            return Spec("civitai", model_id=int(m.group(1)))
+            return SourceSpec("civitai", model_id=int(m.group(1)))
         if m := re.fullmatch(r"([0-9]{1,15})@([0-9]{1,15})", rest):
-            return Spec("civitai", model_id=int(m.group(1)), version_id=int(m.group(2)))
+            return SourceSpec("civitai", model_id=int(m.group(1)), version_id=int(m.group(2)))
         raise SpecError(f"bad CivitAI spec {_shown(text)} (use civitai:VERSION_ID, civitai:model/ID or civitai:MODEL@VERSION)")
     if m := re.fullmatch(r"urn:air:[^:]+:[^:]+:civitai:([0-9]{1,15})@([0-9]{1,15})", s):
-        return Spec("civitai", model_id=int(m.group(1)), version_id=int(m.group(2)))
+        return SourceSpec("civitai", model_id=int(m.group(1)), version_id=int(m.group(2)))
     if low.startswith("hf:"):
         rest = s[3:].strip().strip("/")
         rev = None
@@ -61,7 +63,7 @@ def parse_spec(text: str, civitai_base: str | None = None) -> Spec:
         parts = rest.split("/")
         if len(parts) < 3 or not all(parts) or (rev is not None and not rev):
             raise SpecError(f"bad Hugging Face spec {_shown(text)} (use hf:ORG/REPO/PATH/IN/REPO[@REVISION])")
-        return Spec("hf", repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=rev)
+        return SourceSpec("hf", repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=rev)
     if low.startswith(("http://", "https://")):
         u = _checked_url(s, text)
         host = (u.hostname or "").lower()
@@ -70,14 +72,14 @@ def parse_spec(text: str, civitai_base: str | None = None) -> Spec:
             civ_hosts.add((urlsplit(civitai_base).hostname or "").lower())
         if host in civ_hosts:
             if m := re.fullmatch(r"/api/download/models/([0-9]{1,15})/?", u.path):
-                return Spec("civitai", version_id=int(m.group(1)))
+                return SourceSpec("civitai", version_id=int(m.group(1)))
             if m := re.match(r"/models/([0-9]{1,15})(?![0-9])", u.path):
                 q = parse_qs(u.query).get("modelVersionId")
-                return Spec("civitai", model_id=int(m.group(1)), version_id=int(q[0]) if q and re.fullmatch(r"[0-9]{1,15}", q[0]) else None)
+                return SourceSpec("civitai", model_id=int(m.group(1)), version_id=int(q[0]) if q and re.fullmatch(r"[0-9]{1,15}", q[0]) else None)
         if m := re.fullmatch(r"/([^/]+/[^/]+)/(?:blob|resolve)/([^/]+)/(.+)", u.path):
             if host in ("huggingface.co", "www.huggingface.co", "hf.co"):
-                return Spec("hf", repo_id=m.group(1), revision=m.group(2), filename=m.group(3))
-        return Spec("url", url=s)
+                return SourceSpec("hf", repo_id=m.group(1), revision=m.group(2), filename=m.group(3))
+        return SourceSpec("url", url=s)
     raise SpecError(f"not a download source: {_shown(text)} (civitai:ID, hf:ORG/REPO/PATH[@REV] or an http(s) URL)")
 
 
@@ -105,7 +107,7 @@ def _check_base(config: HubConfig) -> None:
     _checked_url(config.civitai_base_url, config.civitai_base_url)
 
 
-def resolve_version(client, spec: Spec) -> dict:
+def resolve_version(client, spec: SourceSpec) -> dict:
     from ckptlab.hub.civitai import latest_version
 
     if spec.version_id is not None:

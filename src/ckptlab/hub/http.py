@@ -24,13 +24,13 @@ from collections.abc import Callable, Mapping
 from urllib.parse import urljoin, urlsplit
 
 from ckptlab.errors import AuthError, HTTPStatusError, NetworkError, NotFoundError, ResponseShapeError
+from ckptlab.jsonable import MAX_JSON_DEPTH, JSONDepthError, loads_limited
 from ckptlab.version import __version__
 
 USER_AGENT = f"ckptlab/{__version__} (model library tool; python-httpx)"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_REDIRECTS = 8
 MAX_JSON_BYTES = 64 * 1024 * 1024  # an API answer larger than this is refused (bulk by-hash of 100 is ~1-5 MiB)
-MAX_JSON_DEPTH = 64  # real CivitAI/HF answers nest < 15 levels
 MAX_ERROR_BODY = 64 * 1024  # what is read of an error answer to build its message
 
 
@@ -190,33 +190,15 @@ def read_capped(resp, limit: int, what: str) -> bytes:
     return bytes(buf)
 
 
-def json_depth_ok(obj, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether ``obj`` nests at most ``limit`` containers deep (checked without recursion)."""
-    stack = [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if isinstance(o, dict):
-            if d > limit:
-                return False
-            stack.extend((v, d + 1) for v in o.values())
-        elif isinstance(o, list):
-            if d > limit:
-                return False
-            stack.extend((v, d + 1) for v in o)
-    return True
-
-
 def parse_json(data: bytes, what: str):
-    """JSON from a server, or a one-line ``ResponseShapeError`` (not JSON, too deep, bad numbers)."""
+    """JSON from a server, or a one-line ``ResponseShapeError`` (not JSON, too deep, bad numbers); the depth
+    limit is ``jsonable.MAX_JSON_DEPTH`` (real CivitAI/HF answers nest < 15 levels)."""
     try:
-        obj = json.loads(data)
-    except RecursionError:
-        raise ResponseShapeError(f"{what}: the answer nests too deeply to be an API answer") from None
+        return loads_limited(data)
+    except JSONDepthError:
+        raise ResponseShapeError(f"{what}: the answer nests more than {MAX_JSON_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError):
         raise ResponseShapeError(f"{what}: the server did not answer JSON") from None
-    if not json_depth_ok(obj):
-        raise ResponseShapeError(f"{what}: the answer nests more than {MAX_JSON_DEPTH} levels deep")
-    return obj
 
 
 def raise_for_status(resp, what: str, *, token_hint: str = "", body: bytes | None = None) -> None:
