@@ -1,9 +1,9 @@
 """Write sample model files with real key layouts: ``write_model`` and ``build_library``.
 
-``SPECS`` names every sample and carries what the identification reference
-(ComfyUI's ``model_detection.py``, diffusers' ``single_file_utils``, the peers of docs/sample.md) says a correct identifier must
-report for it: kind, family, variant, components, prediction type. Those expectations come from
-the reference, never from a ckptlab detector, so identification tests can loop over ``SPECS``.
+``SPECS`` names every sample and carries what the public sources (ComfyUI's ``model_detection.py``,
+diffusers' ``single_file_utils``, the peers of docs/sample.md) say a correct identifier must report for
+it: kind, family, variant, components, prediction type. Those expectations come from those sources,
+never from a ckptlab detector, so identification tests can loop over ``SPECS``.
 
 Values are seeded random (normal, scaled by 1/sqrt(fan_in); norm weights near 1) and depend only on
 (seed, key), so the same arguments always give byte-identical files. Real buffers get real values:
@@ -36,11 +36,11 @@ class Spec:
     family: str                     # sd1 sd2 sdxl sdxl_refiner sd3 flux cascade pixart auraflow hunyuan_dit svd t5 esrgan ...
     variant: str = "normal"         # normal inpaint instruct_pix2pix depth | dev schnell fill | kohya peft loha lokr ...
     components: tuple[str, ...] = ()
-    prediction: str | None = None   # epsilon | v | flow | None when the keys cannot tell (reference §1.2)
+    prediction: str | None = None   # epsilon | v | flow | None when the keys cannot tell (SD2 v vs eps)
     fmt: str = "safetensors"        # default container: safetensors | ckpt (Lightning-wrapped pickle) | pt (plain pickle)
     filename: str = ""              # a realistic file name (extension from fmt)
     metadata: Mapping[str, str] = field(default_factory=dict)
-    ambiguous_with: tuple[str, ...] = ()  # families the keys alone cannot rule out (reference says: hash/filename)
+    ambiguous_with: tuple[str, ...] = ()  # families the keys alone cannot rule out (only a hash or the name can)
     ema_ok: bool = False            # write_model(ema=True) allowed (LDM checkpoints)
     verified_by: str = ""           # the independent oracle(s) the layout is tested against ("" = none)
     notes: str = ""
@@ -71,7 +71,7 @@ _SPEC_LIST = [
     Spec("sd1_merged", "SD1 merge output: position_ids stored as float and off by a little (76 -> 75.9975)",
          "checkpoint", "sd1", components=_SD1, prediction="epsilon", filename="anything-merge-v3",
          metadata={"sd_merge_recipe": '{"type": "webui", "interp_method": "Weighted sum", "multiplier": 0.3}'},
-         notes="float position_ids are a merge fingerprint (reference §2.2)"),
+         notes="float position_ids are a merge fingerprint (A1111 Model Toolkit)"),
     Spec("sd1_inpaint", "SD1.5 inpainting checkpoint (UNet in-channels 9)", "checkpoint", "sd1", "inpaint",
          _SD1, "epsilon", filename="sd-v1-5-inpainting", ema_ok=True),
     Spec("sd1_pix2pix", "InstructPix2Pix checkpoint (UNet in-channels 8)", "checkpoint", "sd1", "instruct_pix2pix",
@@ -92,7 +92,7 @@ _SPEC_LIST = [
          filename="t5xxl_fp16"),
     Spec("sd2_checkpoint", "SD2.x checkpoint without metadata: v vs eps is not in the keys", "checkpoint", "sd2",
          components=_SD2, prediction=None, filename="sd2-model", ema_ok=True,
-         notes="reference §1.2: tools disagree; metadata decides when present"),
+         notes="SD2 v vs eps: tools disagree; metadata decides when present"),
     Spec("sd2_768_v", "SD2.1 768 v-prediction checkpoint (modelspec says v)", "checkpoint", "sd2", components=_SD2,
          prediction="v", filename="v2-1_768-ema-pruned", ema_ok=True,
          metadata=_modelspec("stable-diffusion-v2-768-v", "SD 2.1 768", "768x768", "v"),
@@ -128,7 +128,7 @@ _SPEC_LIST = [
          filename="flux1-depth-dev"),
     Spec("flux_dev_fp8_scaled", "Flux.1 dev in ComfyUI scaled fp8 (F8_E4M3 weights + scale_weight, scaled_fp8 marker)",
          "unet", "flux", "dev", ("unet",), "flow", filename="flux1-dev-fp8-scaled",
-         notes="quantized variant to recognise before family checks (reference §1.3)"),
+         notes="quantized variant to recognise before family checks (ComfyUI scaled fp8)"),
     Spec("sd1_controlnet", "SD1 ControlNet, LDM names under control_model.", "controlnet", "sd1",
          components=("controlnet",), filename="control_v11p_sd15_canny", fmt="safetensors"),
     Spec("sd1_kohya_lora", "kohya LoRA for SD1 (diffusers-style module names, alpha)", "lora", "sd1", "kohya",
@@ -156,10 +156,10 @@ _SPEC_LIST = [
          "upscaler", "esrgan", "x4", fmt="pt", filename="RealESRGAN_x4plus"),
     Spec("sd2_wd", "SD2 file whose OpenCLIP-H lacks its last block, text_projection and logit_scale (WD 1.4)",
          "checkpoint", "sd2", components=_SD2, filename="wd-1-4-anime_e2", ema_ok=True,
-         notes="reference §2.2 (Toolkit 'CLIP is missing its final layer', CLIP-v2-WD: 280 keys)"),
+         notes="A1111 Model Toolkit ('CLIP is missing its final layer', CLIP-v2-WD: 280 keys)"),
     Spec("sd1_nai_clip", "SD1 file with old CLIP naming (no text_model.; NovelAI-era), to be normalised",
          "checkpoint", "sd1", components=_SD1, prediction="epsilon", filename="animefull-final-pruned",
-         fmt="ckpt", ema_ok=True, notes="reference §2.1: A1111 checkpoint_dict_replacements_sd1"),
+         fmt="ckpt", ema_ok=True, notes="A1111 checkpoint_dict_replacements_sd1"),
     Spec("sd2_kohya_lora", "kohya LoRA for SD2 (attn2_to_k down in 1024; ss_v2=True)", "lora", "sd2", "kohya",
          filename="sd21_lora", metadata={"ss_network_module": "networks.lora", "ss_v2": "True",
                                          "ss_base_model_version": "sd_v2"}),
@@ -223,17 +223,17 @@ _LDM = "diffusers single-file conversion + strict load (small)"
 _VERIFIED = {
     **dict.fromkeys(("sd1_checkpoint", "sd1_merged", "sd1_inpaint", "sd1_pix2pix"), "sd-mecha sd1-ldm; " + _LDM),
     **dict.fromkeys(("sd1_unet", "sd1_vae", "sdxl_vae", "sd1_controlnet", "sdxl_refiner", "sd2_checkpoint",
-                     "sd2_768_v", "sd2_512_base", "sd2_inpaint"), "reference §4 counts; " + _LDM),
+                     "sd2_768_v", "sd2_512_base", "sd2_inpaint"), "published tensor/parameter counts; " + _LDM),
     **dict.fromkeys(("sdxl_checkpoint", "sdxl_inpaint", "sdxl_vpred", "sdxl_cosxl", "playground_v25"),
                     "sd-mecha sdxl-sgm; " + _LDM),
-    **dict.fromkeys(("clip_l", "clip_g", "clip_h", "t5xxl"), "reference §4 counts; transformers strict load"),
+    **dict.fromkeys(("clip_l", "clip_g", "clip_h", "t5xxl"), "published tensor/parameter counts; transformers strict load"),
     "sd3_vae": "sd-mecha sd3-comfyui; " + _LDM,
     "sd3_medium": "sd-mecha sd3-comfyui; diffusers conversion (full, meta) + strict load (small)",
-    "sd35_medium": "diffusers conversion (full, meta) + strict load (small); reference §4 params",
-    "sd35_large": "diffusers conversion (full, meta); reference §4 params",
+    "sd35_medium": "diffusers conversion (full, meta) + strict load (small); published parameter count",
+    "sd35_large": "diffusers conversion (full, meta); published parameter count",
     **dict.fromkeys(("flux_dev", "flux_schnell"), "sd-mecha flux-flux; diffusers conversion (full, meta)"),
-    **dict.fromkeys(("flux_fill", "flux_depth"), "flux_dev layout with the reference img_in width"),
-    "flux_dev_fp8_scaled": "flux_dev layout; fp8 scheme from reference §1.3 (no oracle for the scale keys)",
+    **dict.fromkeys(("flux_fill", "flux_depth"), "flux_dev layout with the released img_in width"),
+    "flux_dev_fp8_scaled": "flux_dev layout; ComfyUI's scaled fp8 scheme (no oracle for the scale keys)",
     **dict.fromkeys(("cascade_stage_c", "cascade_stage_b", "auraflow", "chroma"), "diffusers conversion (full, meta)"),
     **dict.fromkeys(("sd1_controlnet_diffusers", "sdxl_controlnet"), "diffusers ControlNetModel state dict (full, meta)"),
     "sd1_kohya_lora": "sd-mecha sd1-kohya module names; diffusers' kohya converter onto small diffusers/HF modules",
@@ -244,7 +244,7 @@ _VERIFIED = {
     "flux_diffusers_lora": "diffusers FluxTransformer2DModel Linear in/out features (full, meta)",
     "ip_adapter_sd15": "diffusers IP-Adapter loader into a small SD1 UNet (shape-checked)",
     "taesd_decoder": "diffusers AutoencoderTiny decoder (index shift for the Clamp)",
-    "sd2_depth": "reference §1.2/§4 counts (MiDaS 368 tensors / 123.1 M, UNet 865,913,604); " + _LDM,
+    "sd2_depth": "published counts (MiDaS 368 tensors / 123.1 M, UNet 865,913,604); " + _LDM,
     "kolors_unet": "diffusers single-file UNet conversion onto the Kolors UNet2DConditionModel config (full, meta)",
     "svd": "diffusers UNetSpatioTemporalConditionModel / AutoencoderKLTemporalDecoder key and parameter counts",
     "t2i_adapter": "diffusers T2IAdapter (full_adapter) via the original->diffusers key mapping (full, meta)",

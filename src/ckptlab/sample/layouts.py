@@ -62,7 +62,7 @@ def _sd2(small: bool, *, in_channels: int = 4) -> Layout:
 
 def _sd2_wd(small: bool) -> Layout:
     """SD2 'WD'-style file: OpenCLIP-H without its last block (``resblocks.23``), ``text_projection`` and
-    ``logit_scale`` (reference §2.2; the Toolkit's CLIP-v2-WD list, 280 keys)."""
+    ``logit_scale`` (the A1111 Model Toolkit's CLIP-v2-WD list, 280 keys)."""
     lay = _sd2(small)
     drop = ("cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale")
     return Layout({k: v for k, v in lay.items() if ".transformer.resblocks.23." not in k and k not in drop})
@@ -170,7 +170,7 @@ def _controlnet_diffusers(family: str, small: bool) -> Layout:
 def _flux_fp8_scaled(small: bool) -> Layout:
     """ComfyUI "scaled fp8" Flux-dev file: block Linear weights stored as float8_e4m3fn with a float32
     ``scale_weight`` scalar each, plus the empty ``scaled_fp8`` marker whose dtype names the fp8 type
-    (reference §1.3); other tensors stay in the file dtype."""
+    (ComfyUI's ``ops.scaled_fp8_ops``); other tensors stay in the file dtype."""
     lay = Layout()
     for k, (dt, shape) in _flux(small).items():
         if k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight") and len(shape) == 2:
