@@ -319,3 +319,18 @@ def test_civitai_base_url_without_host_fails_at_once(tmp_path, cli):
     assert "needs a host" in r.stderr and "attempts" not in r.stderr and "Traceback" not in r.stderr
     r = cli("civitai", "info", "civitai:1000", "--base-url", "https://:443", env={"CKPTLAB_HTTP_BACKOFF": "5"})
     assert r.returncode == 2 and "needs a host" in r.stderr, r.stderr
+
+
+def test_several_sources_exit_with_the_worst_failure(world, cli):
+    """Exit 3 means only ``check``'s "suspicious" (docs/cli-errors.md); several sources with a failure exit with
+    the highest failure code (1 for a version CivitAI does not have; it was 3) and the good source is still
+    downloaded. A malformed spec among them is a usage error before anything is fetched."""
+    fake, root, env = world
+    r = cli("download", "civitai:1000", "civitai:999999", "--dir", root, "--layout", "flat", env=env)
+    assert r.returncode == 1, r.stderr
+    assert (root / "detail_tweaker.safetensors").read_bytes() == fake.lora
+    errors = [x for x in r.stderr.splitlines() if x.startswith("ckptlab: error:")]
+    assert len(errors) == 1 and "civitai:999999" in errors[0]
+    r = cli("download", "civitai:2000", "civitai:-1", "--dir", root, "--layout", "flat", env=env)
+    assert r.returncode == 2, r.stderr
+    assert "civitai:-1" in r.stderr and not (root / "tinySD1_v10.safetensors").exists()
