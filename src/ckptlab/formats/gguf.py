@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp / ComfyUI-GGUF quantized models), read from the header only.
 
-Layout (all little-endian unless the file is big-endian, detected from the version field):
+File structure (all little-endian unless the file is big-endian, detected from the version field):
 ``"GGUF"``, version u32 (1, 2 or 3), tensor count and metadata count (u64; u32 in version 1),
 metadata key/value pairs (key string, value type u32, value), then one info per tensor (name,
 ``n_dims`` u32, ``n_dims`` dimensions (u64; u32 in v1), GGML type u32, data offset u64), then padding to

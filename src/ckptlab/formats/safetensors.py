@@ -1,6 +1,6 @@
 """Strict ``.safetensors`` reader: header parsed and validated by us, tensors through mmap.
 
-Layout: 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the data buffer. Each
+File structure: 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the data buffer. Each
 tensor entry is ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the buffer; the
 optional ``__metadata__`` maps strings to strings. We require what the reference implementation
 requires (and a little more): known dtypes, non-negative integer shapes, ``end - begin`` equal to

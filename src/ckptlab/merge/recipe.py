@@ -351,7 +351,7 @@ _KEY_RE = re.compile(r"^(\s*)(sha256|path)(\s*=\s*)(\"[^\"]*\"|'[^']*')(.*)$")
 
 def repin(text: str, pins: dict[str, str]) -> str:
     """``text`` with each ``[inputs.NAME]`` table's ``sha256`` set to ``pins[NAME]``: existing values are
-    replaced in place, missing ones inserted after ``path``; comments and layout are kept."""
+    replaced in place, missing ones inserted after ``path``; comments and formatting are kept."""
     lines = text.split("\n")
     table: list[str | None] = []  # the [inputs.NAME] each line belongs to
     current: str | None = None
