@@ -1,5 +1,7 @@
 """The one size formatter and the terminal-safety helpers (hand-computed expectations)."""
 
+import pytest
+
 from ckptlab.display import cap, human_size, one_line, printable, strip_unsafe
 
 
@@ -66,3 +68,29 @@ def test_warning_line_caps_the_whole_line(capsys):
     warning_line("w" * 1600)
     line = capsys.readouterr().err.rstrip("\n")
     assert "\n" not in line and line.startswith("ckptlab: warning: www") and len(line) <= 1000
+
+
+def _size_formatting_files() -> set[str]:
+    """Source files that print a number followed by a byte unit themselves (``f"{mb:.1f} MiB"``)."""
+    import re
+
+    from conftest import SRC
+
+    unit = re.compile(r"\}\s*(KiB|MiB|GiB|TiB|KB|MB|GB)\b")
+    return {str(p.relative_to(SRC)) for p in (SRC / "ckptlab").rglob("*.py")
+            if p.name != "display.py" and unit.search(p.read_text(encoding="utf-8"))}
+
+
+#: VRAM estimates are stated in GiB with fixed decimals on purpose (how UIs and model cards quote them)
+FIXED_UNIT = {"ckptlab/arch/vram.py", "ckptlab/cli/cmd_inspect.py"}
+
+
+def test_the_walk_finds_hand_made_sizes():
+    assert FIXED_UNIT <= _size_formatting_files()
+
+
+
+@pytest.mark.xfail(strict=True, reason="cli/cmd_merge.py prints the output size as f'{mb:.1f} MiB' (owner: api, "
+                                       "cli/; use display.human_size), then remove this mark")
+def test_sizes_are_formatted_by_human_size_only():
+    assert _size_formatting_files() - FIXED_UNIT == set()
