@@ -152,3 +152,12 @@ def test_components_of_a_sample_are_found_under_the_record_prefixes(sparse_files
             assert all(k.startswith(fam.prefix(comp)) for k in keys), comp
     finally:
         src.close()
+
+
+def test_a1111_sd_version_comes_from_the_record():
+    from ckptlab.hub.sidecars import sd_version
+
+    by_hand = {"SD 1.4": "SD1", "SD 1.5 LCM": "SD1", "SD 2.0 768": "SD2", "SDXL Turbo": "SDXL", "Illustrious": "SDXL",
+               "NoobAI": "SDXL", "Pony V7": "Unknown", "SD 3.5": "Unknown", "Flux.1 S": "Unknown", "": "Unknown",
+               "no such base": "Unknown"}
+    assert {b: sd_version(b) for b in by_hand} == by_hand

@@ -158,6 +158,8 @@ class Family:
     civitai: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     name_prefixes: tuple[str, ...] = ()
+    #: A1111's "sd version" (user-metadata sidecars): SD1 / SD2 / SDXL, else ``None`` ("Unknown")
+    a1111_version: str | None = None
 
     @property
     def display_name(self) -> str:
