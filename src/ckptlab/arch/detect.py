@@ -25,7 +25,6 @@ DM_PREFIXES = ("model.diffusion_model.", "unet.", "transformer.", "")
 TEXT_ENCODERS = ("clip_l", "clip_g", "openclip_h", "t5xxl")
 _PRED_WORDS = {"v": "v", "v_prediction": "v", "v-prediction": "v", "epsilon": "eps", "eps": "eps",
                "flow": "flow", "rectified_flow": "flow", "flow_matching": "flow", "edm": "edm"}
-SD2_STD_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 #: every ``kind`` the detector answers, and those that are add-ons to a diffusion model (no components listed,
 #: weights-only VRAM figure)
 KINDS = ("checkpoint", "unet", "vae", "text_encoder", "lora", "lycoris", "embedding", "hypernetwork", "controlnet",
@@ -155,19 +154,19 @@ def _decide_prediction(det: Detection, fam: Family | None, variant_pred: str | N
         return done(None, "family unknown")
     if variant_pred:
         return done(variant_pred, f"{fam.id} {det.variant} models are {variant_pred}")
-    if fam.id == "sd2":
+    if fam.prediction_by_step or fam.prediction_std:  # the keys cannot tell (SD2 512-eps vs 768-v)
         step = extra.get("global_step")
-        if isinstance(step, int) and step in (875000, 220000):
-            return done("eps", f"global_step = {step} (diffusers/InvokeAI rule: SD2 512-base release)")
-        if isinstance(step, int) and step == 110000:
-            return done("v", f"global_step = {step} (InvokeAI rule: SD2 768-v release)")
-        std = read_std(SD2_STD_KEY) if read_std else None
-        if std is not None:
-            value = "v" if std > 0.09 else "eps"
-            return done(value, f"heuristic (ComfyUI rule, unreliable): std({SD2_STD_KEY}) = {std:.4f} "
-                               f"{'>' if value == 'v' else '<='} 0.09; metadata would be authoritative")
-        return done(None, "SD2 512-eps and 768-v share every key and shape, and there is no metadata or "
-                          "global_step to decide (heuristics not applied)")
+        for known, value, rule in fam.prediction_by_step:
+            if isinstance(step, int) and step == known:
+                return done(value, f"global_step = {step} ({rule})")
+        if fam.prediction_std:
+            key, threshold = fam.prediction_std
+            std = read_std(key) if read_std else None
+            if std is not None:
+                value = "v" if std > threshold else "eps"
+                return done(value, f"heuristic (ComfyUI rule, unreliable): std({key}) = {std:.4f} "
+                                   f"{'>' if value == 'v' else '<='} {threshold}; metadata would be authoritative")
+        return done(None, fam.prediction_unknown or f"the keys of {fam.id} cannot tell the prediction")
     if fam.default_prediction:
         return done(fam.default_prediction, f"family default for {fam.id}")
     return done(None, f"no default prediction for {fam.id}")

@@ -276,6 +276,12 @@ FAMILIES: tuple[Family, ...] = (
             Variant("unclip_h", ((M(LABEL, dims=((1, 2048),)),),), counted=False),
         ),
         resolution=768, default_prediction=None, text_encoders=("openclip_h",), memory_factor=1.0, dm_tensors=686,
+        prediction_by_step=((875000, "eps", "diffusers/InvokeAI rule: SD2 512-base release"),
+                            (220000, "eps", "diffusers/InvokeAI rule: SD2 512-base release"),
+                            (110000, "v", "InvokeAI rule: SD2 768-v release")),
+        prediction_std=("output_blocks.11.1.transformer_blocks.0.norm1.bias", 0.09),
+        prediction_unknown="SD2 512-eps and 768-v share every key and shape, and there is no metadata or "
+                           "global_step to decide (heuristics not applied)",
         modelspec=("stable-diffusion-v2",), kohya=("sd_v2", "sd_v2_v"),
         notes=("SD2 512-base (eps) and 768-v (v) share every key and shape",),
         short_name="SD2", a1111_version="SD2", vae_group="sd1/sd2", context_width=1024, merge_blocks=unet_blocks(12),

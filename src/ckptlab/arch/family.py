@@ -130,6 +130,12 @@ class Family:
     #: metadata ids: ``modelspec.architecture`` base ids and kohya ``ss_base_model_version`` values
     modelspec: tuple[str, ...] = ()
     kohya: tuple[str, ...] = ()
+    #: where the keys cannot tell the prediction (SD2 512-eps vs 768-v): ``(global_step, prediction, rule)`` of
+    #: known releases, the ComfyUI std heuristic ``(key, threshold)`` (v above it; only with heuristics on) and
+    #: the evidence line when neither decides
+    prediction_by_step: tuple[tuple[int, str, str], ...] = ()
+    prediction_std: tuple[str, float] | None = None
+    prediction_unknown: str | None = None
     #: tensor count of the complete diffusion model (for "missing keys" warnings), when exactly known
     dm_tensors: int | None = None
     #: remarks shown nowhere but kept with the data (why a default is what it is)
