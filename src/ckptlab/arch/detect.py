@@ -172,11 +172,6 @@ def _decide_prediction(det: Detection, fam: Family | None, variant_pred: str | N
     return done(None, f"no default prediction for {fam.id}")
 
 
-_NAME_FAMILY = ((re.compile(r"flux|(^|[^a-z])ae\.", re.I), "flux"), (re.compile(r"sd3|sd_3|sd35", re.I), "sd3"),
-                (re.compile(r"xl", re.I), "sdxl"), (re.compile(r"sd2|sd_2|v2-|768", re.I), "sd2"),
-                (re.compile(r"sd1|sd_1|v1-5|v1\.5|sd15|840000|560000", re.I), "sd1"))
-
-
 def _vae_family(det: Detection, infos: Mapping[str, TensorInfo], vae_keys: list[str], path: Path | None) -> None:
     conv = next((k for k in vae_keys if k.endswith("decoder.conv_in.weight")), None)
     if conv is None:  # TAESD: the first decoder conv takes the latent channels
@@ -191,14 +186,15 @@ def _vae_family(det: Detection, infos: Mapping[str, TensorInfo], vae_keys: list[
     if ch is not None:
         det.evidence.append(f"{conv} {list(infos[conv].shape)}: {ch}-channel latent VAE")
     name = path.name if path else ""
-    candidates = {4: ("sd1", "sd2", "sdxl"), 16: ("sd3", "flux")}.get(ch, ())
-    for rx, fam in _NAME_FAMILY:
-        if fam in candidates and rx.search(name):
-            det.family = fam
-            det.evidence.append(f"family {fam} from the file name {name!r} (keys cannot tell {'/'.join(candidates)})")
+    named = [f for f in FAMILIES if f.vae_file_names and f.latent_channels == ch]
+    candidates = "/".join(sorted(f.id for f in named))
+    for fam in named:
+        if re.search(fam.vae_file_names, name, re.I):
+            det.family = fam.id
+            det.evidence.append(f"family {fam.id} from the file name {name!r} (keys cannot tell {candidates})")
             return
     if candidates:
-        det.evidence.append(f"family not determinable from keys: {'/'.join(candidates)} VAEs share every key and shape")
+        det.evidence.append(f"family not determinable from keys: {candidates} VAEs share every key and shape")
 
 
 def _te_family(det: Detection, comps: Mapping[str, list[str]]) -> None:

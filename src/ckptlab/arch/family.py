@@ -164,6 +164,9 @@ class Family:
     civitai: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     name_prefixes: tuple[str, ...] = ()
+    #: standalone VAE files of same-shaped families differ in their weights only: a file-name pattern
+    #: (case-insensitive regex) tells them apart, among the families with the VAE's latent channels
+    vae_file_names: str | None = None
     #: A1111's "sd version" (user-metadata sidecars): SD1 / SD2 / SDXL, else ``None`` ("Unknown")
     a1111_version: str | None = None
 
