@@ -16,7 +16,7 @@ from typing import Any
 from ckptlab.arch.checks import file_warnings
 from ckptlab.arch.components import COMPONENTS, MARKER_KEYS, SCHEDULE_KEYS
 from ckptlab.arch.detect import ADAPTER_KINDS, TEXT_ENCODERS, detect
-from ckptlab.arch.families import BY_ID
+from ckptlab.arch.families import get
 from ckptlab.arch.vram import VramEstimate, estimate
 from ckptlab.errors import UnsupportedFormatError
 from ckptlab.formats.base import TensorInfo, TensorSource
@@ -241,16 +241,14 @@ def _identify(source: TensorSource, heuristics: bool = False) -> ModelInfo:
 
     warnings = list(source.warnings) + det.warnings + file_warnings(infos, comps, det, metadata, has_ema)
 
-    fam = BY_ID.get(det.family or "")
+    fam = get(det.family)
     notes: list[str] = []
     present = {c: (sum(numels[k] for k in weight_keys[c]), _inference_bytes(infos, weight_keys[c], notes, numels))
                for c in COMPONENTS if c in weight_keys and c in ("unet", "dit", "vae", *TEXT_ENCODERS)}
     if det.kind in adapters or det.kind == "unknown" or not present:
         everything = [k for ks in weight_keys.values() for k in ks]
         present = {"file": (params, _inference_bytes(infos, everything, notes, numels))} if params else {}
-    res = None
-    if det.family == "sd2":  # 512-base (eps, inpaint, depth) vs 768-v
-        res = 768 if det.prediction == "v" else (512 if det.prediction == "eps" else None)
+    res = fam.native_resolution(det.prediction) if fam else None  # SD2: 512-base (eps) vs 768-v
     vram = estimate(fam, present, diffusion=det.kind in ("checkpoint", "unet"), resolution=res, notes=notes)
 
     return ModelInfo(

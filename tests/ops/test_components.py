@@ -15,9 +15,9 @@ import torch
 from conftest import unwritable_folder
 from fakes.sample_files import load, make_model, sha256
 
+from ckptlab.arch.components import ema_key
 from ckptlab.errors import MismatchError, OutputError
 from ckptlab.ops.components import extract, replace
-from ckptlab.ops.layout import ema_key
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

@@ -9,8 +9,8 @@ import torch
 from fakes.sample_files import load, make_model, sha256
 from safetensors import safe_open
 
+from ckptlab.arch.components import ema_key
 from ckptlab.errors import CkptlabError, MismatchError, UnsafeFileError
-from ckptlab.ops.layout import ema_key
 from ckptlab.ops.prune import prune
 
 UNET_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"

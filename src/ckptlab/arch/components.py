@@ -8,8 +8,9 @@ Stable API (other modules build on it; keep the signatures):
     depth models, adapter keys, anything unrecognised).
 
 ``COMPONENT_PREFIXES[layout][component] -> tuple[str, ...]``
-    The key prefixes each component lives under, per layout: ``sd1``, ``sd2``, ``sdxl``, ``sdxl_refiner``,
-    ``sd3``, ``flux`` (single-file LDM/SGM/ComfyUI layouts), ``diffusers`` (``DiffusersSource`` key space,
+    The key prefixes each component lives under, per layout: one per family with a single-file
+    (LDM/SGM/ComfyUI) layout, from its record's ``prefixes`` (``sd1``, ``sd2``, ``sdxl``, ``sdxl_refiner``,
+    ``sd3``, ``flux``, ``svd``), ``diffusers`` (``DiffusersSource`` key space,
     component folder name + ``.``), ``kohya`` (kohya sd-scripts / sd-mecha ``sd1-kohya``/``sdxl-kohya`` names:
     ``unet.``, ``vae.``, ``te.`` or ``te1.`` + ``te2.``) and ``standalone`` (a file holding one component: empty
     prefix; ComfyUI-saved text encoders may keep their ``transformer.`` wrapper, see ``split_components``).
@@ -32,6 +33,10 @@ Stable API (other modules build on it; keep the signatures):
     Top-level keys that are neither weights nor unknown: LDM schedule buffers (``betas``, ``alphas_cumprod``...,
     ``logvar``, ``model_ema.decay``/``num_updates``) and marker tensors (``v_pred``, ``ztsnr``, ``edm_mean``...).
 
+``ema_key`` / ``ema_pairs`` / ``is_ema`` / ``is_schedule`` / ``is_position_ids``
+    How LDM EMA keys (``model_ema.`` + the UNet key without ``model.`` and without dots) relate to the UNet's,
+    and the key classes the transforms treat specially.
+
 Nothing here imports torch.
 """
 
@@ -40,23 +45,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from ckptlab.arch.families import FAMILIES
+from ckptlab.formats.base import TensorSource
+
 COMPONENTS = ("unet", "dit", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "ema", "training", "other")
 
 _DM = ("model.diffusion_model.",)
 
-COMPONENT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
-    "sd1": {"unet": _DM, "vae": ("first_stage_model.",), "clip_l": ("cond_stage_model.transformer.",),
-            "ema": ("model_ema.",)},
-    "sd2": {"unet": _DM, "vae": ("first_stage_model.",), "openclip_h": ("cond_stage_model.model.",),
-            "ema": ("model_ema.",)},
-    "sdxl": {"unet": _DM, "vae": ("first_stage_model.",), "clip_l": ("conditioner.embedders.0.transformer.",),
-             "clip_g": ("conditioner.embedders.1.model.",), "ema": ("model_ema.",)},
-    "sdxl_refiner": {"unet": _DM, "vae": ("first_stage_model.",), "clip_g": ("conditioner.embedders.0.model.",),
-                     "ema": ("model_ema.",)},
-    "sd3": {"dit": _DM, "vae": ("first_stage_model.",), "clip_l": ("text_encoders.clip_l.",),
-            "clip_g": ("text_encoders.clip_g.",), "t5xxl": ("text_encoders.t5xxl.",)},
-    "flux": {"dit": _DM, "vae": ("vae.",), "clip_l": ("text_encoders.clip_l.",),
-             "t5xxl": ("text_encoders.t5xxl.",)},
+#: the key styles that are not one family's: diffusers folders, kohya names, standalone component files
+KEY_STYLES: dict[str, dict[str, tuple[str, ...]]] = {
     "diffusers": {"unet": ("unet.",), "dit": ("transformer.",), "vae": ("vae.",),
                   "clip_l": ("text_encoder.",), "clip_g": ("text_encoder_2.",), "openclip_h": ("text_encoder.",),
                   "t5xxl": ("text_encoder_2.", "text_encoder_3.")},
@@ -64,6 +61,10 @@ COMPONENT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
               "clip_g": ("te2.",)},
     "standalone": {c: ("",) for c in ("unet", "dit", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl")},
 }
+
+#: single-file layouts (from each family record's ``prefixes``) and the other key styles
+COMPONENT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
+    **{f.id: f.component_prefixes for f in FAMILIES if f.prefixes}, **KEY_STYLES}
 
 # Group prefixes, longest first. Value: a fixed component, "dm" (UNet or DiT, decided by content) or None
 # (decided by content: which text encoder, VAE...).
@@ -273,3 +274,43 @@ def split_components(keys: Iterable[str]) -> dict[str, list[str]]:
     for k in keys:
         out.setdefault(comp_of[k], []).append(k)
     return {c: out[c] for c in COMPONENTS if c in out}
+
+
+# ---- LDM EMA copies and special keys (prune, extract --component ema, to-diffusers --ema use) ---------------
+
+UNET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."
+EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
+POSITION_IDS_SUFFIX = "embeddings.position_ids"
+
+
+def ema_key(unet_key: str) -> str:
+    """LDM EMA name of a UNet key: ``model_ema.`` + the key after ``model.`` with every dot removed."""
+    return EMA_PREFIX + "".join(unet_key.split(".")[1:])
+
+
+def ema_pairs(src: TensorSource) -> tuple[dict[str, str], list[str]]:
+    """``{unet_key: ema_key}`` for UNet keys with an EMA copy, and the UNet keys without one."""
+    keys = set(src.keys())
+    pairs: dict[str, str] = {}
+    missing: list[str] = []
+    for key in src.keys():
+        if key.startswith(UNET_PREFIX):
+            e = ema_key(key)
+            if e in keys:
+                pairs[key] = e
+            else:
+                missing.append(key)
+    return pairs, missing
+
+
+def is_ema(key: str) -> bool:
+    return key.startswith(EMA_PREFIX)
+
+
+def is_schedule(key: str) -> bool:
+    return key in SCHEDULE_KEYS and not is_ema(key)
+
+
+def is_position_ids(key: str) -> bool:
+    return key.endswith(POSITION_IDS_SUFFIX)

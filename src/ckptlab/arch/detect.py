@@ -25,7 +25,6 @@ DM_PREFIXES = ("model.diffusion_model.", "unet.", "transformer.", "")
 TEXT_ENCODERS = ("clip_l", "clip_g", "openclip_h", "t5xxl")
 _PRED_WORDS = {"v": "v", "v_prediction": "v", "v-prediction": "v", "epsilon": "eps", "eps": "eps",
                "flow": "flow", "rectified_flow": "flow", "flow_matching": "flow", "edm": "edm"}
-SD2_STD_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 #: every ``kind`` the detector answers, and those that are add-ons to a diffusion model (no components listed,
 #: weights-only VRAM figure)
 KINDS = ("checkpoint", "unet", "vae", "text_encoder", "lora", "lycoris", "embedding", "hypernetwork", "controlnet",
@@ -155,27 +154,22 @@ def _decide_prediction(det: Detection, fam: Family | None, variant_pred: str | N
         return done(None, "family unknown")
     if variant_pred:
         return done(variant_pred, f"{fam.id} {det.variant} models are {variant_pred}")
-    if fam.id == "sd2":
+    if fam.prediction_by_step or fam.prediction_std:  # the keys cannot tell (SD2 512-eps vs 768-v)
         step = extra.get("global_step")
-        if isinstance(step, int) and step in (875000, 220000):
-            return done("eps", f"global_step = {step} (diffusers/InvokeAI rule: SD2 512-base release)")
-        if isinstance(step, int) and step == 110000:
-            return done("v", f"global_step = {step} (InvokeAI rule: SD2 768-v release)")
-        std = read_std(SD2_STD_KEY) if read_std else None
-        if std is not None:
-            value = "v" if std > 0.09 else "eps"
-            return done(value, f"heuristic (ComfyUI rule, unreliable): std({SD2_STD_KEY}) = {std:.4f} "
-                               f"{'>' if value == 'v' else '<='} 0.09; metadata would be authoritative")
-        return done(None, "SD2 512-eps and 768-v share every key and shape, and there is no metadata or "
-                          "global_step to decide (heuristics not applied)")
+        for known, value, rule in fam.prediction_by_step:
+            if isinstance(step, int) and step == known:
+                return done(value, f"global_step = {step} ({rule})")
+        if fam.prediction_std:
+            key, threshold = fam.prediction_std
+            std = read_std(key) if read_std else None
+            if std is not None:
+                value = "v" if std > threshold else "eps"
+                return done(value, f"heuristic (ComfyUI rule, unreliable): std({key}) = {std:.4f} "
+                                   f"{'>' if value == 'v' else '<='} {threshold}; metadata would be authoritative")
+        return done(None, fam.prediction_unknown or f"the keys of {fam.id} cannot tell the prediction")
     if fam.default_prediction:
         return done(fam.default_prediction, f"family default for {fam.id}")
     return done(None, f"no default prediction for {fam.id}")
-
-
-_NAME_FAMILY = ((re.compile(r"flux|(^|[^a-z])ae\.", re.I), "flux"), (re.compile(r"sd3|sd_3|sd35", re.I), "sd3"),
-                (re.compile(r"xl", re.I), "sdxl"), (re.compile(r"sd2|sd_2|v2-|768", re.I), "sd2"),
-                (re.compile(r"sd1|sd_1|v1-5|v1\.5|sd15|840000|560000", re.I), "sd1"))
 
 
 def _vae_family(det: Detection, infos: Mapping[str, TensorInfo], vae_keys: list[str], path: Path | None) -> None:
@@ -192,14 +186,15 @@ def _vae_family(det: Detection, infos: Mapping[str, TensorInfo], vae_keys: list[
     if ch is not None:
         det.evidence.append(f"{conv} {list(infos[conv].shape)}: {ch}-channel latent VAE")
     name = path.name if path else ""
-    candidates = {4: ("sd1", "sd2", "sdxl"), 16: ("sd3", "flux")}.get(ch, ())
-    for rx, fam in _NAME_FAMILY:
-        if fam in candidates and rx.search(name):
-            det.family = fam
-            det.evidence.append(f"family {fam} from the file name {name!r} (keys cannot tell {'/'.join(candidates)})")
+    named = [f for f in FAMILIES if f.vae_file_names and f.latent_channels == ch]
+    candidates = "/".join(sorted(f.id for f in named))
+    for fam in named:
+        if re.search(fam.vae_file_names, name, re.I):
+            det.family = fam.id
+            det.evidence.append(f"family {fam.id} from the file name {name!r} (keys cannot tell {candidates})")
             return
     if candidates:
-        det.evidence.append(f"family not determinable from keys: {'/'.join(candidates)} VAEs share every key and shape")
+        det.evidence.append(f"family not determinable from keys: {candidates} VAEs share every key and shape")
 
 
 def _te_family(det: Detection, comps: Mapping[str, list[str]]) -> None:

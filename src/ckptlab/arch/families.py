@@ -5,12 +5,14 @@ probe and kohya's ``sai_model_spec.py``.
 
 ``FAMILIES`` is ordered: the detector tries them in this order and the first family whose markers all match
 wins (transformer families with unique key roots first, then UNets from the most to the least specific).
-Adding a family is adding one entry here.
+Adding a family is adding one entry here (docs/families.md): detection markers, and what the transforms
+(single-file ``prefixes``, ``text_tokens``, ``vae_group``, ``diffusers``), merges (``merge_blocks``), the VRAM
+estimate and the catalog (``civitai``, ``aliases``) read. Modules look a family up with ``get(id)``.
 """
 
 from __future__ import annotations
 
-from ckptlab.arch.family import Family, M, Variant, absent
+from ckptlab.arch.family import Diffusers, Family, M, Variant, absent, unet_blocks
 
 IN = "input_blocks.0.0.weight"  # LDM in-channels at axis 1
 IN_D = "conv_in.weight"  # diffusers
@@ -25,6 +27,16 @@ LABEL_D = "add_embedding.linear_1.weight"
 def _inch(vid: str, n: int, prediction: str | None = None, *extra) -> Variant:
     """A variant told by the UNet's input channels (inpaint 9, instruct-pix2pix 8, depth 5)."""
     return Variant(vid, ((M(IN, dims=((1, n),)), *extra), (M(IN_D, dims=((1, n),)), *extra)), prediction)
+
+
+_DM = ("model.diffusion_model.",)
+_VAE = ("first_stage_model.",)
+_EMA = ("model_ema.",)
+_NONE = (None, None)
+_SD_INDEX = (("feature_extractor", _NONE), ("image_encoder", _NONE), ("requires_safety_checker", False),
+             ("safety_checker", _NONE), ("text_encoder", ("transformers", "CLIPTextModel")),
+             ("tokenizer", ("transformers", "CLIPTokenizer")), ("unet", ("diffusers", "UNet2DConditionModel")),
+             ("vae", ("diffusers", "AutoencoderKL")))
 
 
 def _top(vid: str, key: str, prediction: str | None = None) -> Variant:
@@ -53,11 +65,18 @@ FAMILIES: tuple[Family, ...] = (
         ),
         resolution=1024, latent_channels=16, default_prediction="flow", text_encoders=("clip_l", "clip_g", "t5xxl"),
         memory_factor=1.2, modelspec=("stable-diffusion-3",), kohya=("sd3m", "medium", "5-large", "5-medium"),
+        short_name="SD3",
+        vae_file_names=r"sd3|sd_3|sd35", vae_group="sd3",
+        civitai=("SD 3", "SD 3.5", "SD 3.5 Large", "SD 3.5 Large Turbo", "SD 3.5 Medium"),
+        aliases=("sd35",), name_prefixes=("sd3",),
+        prefixes=(("dit", _DM), ("vae", _VAE), ("clip_l", ("text_encoders.clip_l.",)),
+                  ("clip_g", ("text_encoders.clip_g.",)), ("t5xxl", ("text_encoders.t5xxl.",))),
     ),
     Family(
         "hunyuan_video", "HunyuanVideo", "dit",
         markers=((M("txt_in.individual_token_refiner.blocks.0.norm1.weight"),),),
         resolution=720, latent_channels=16, default_prediction="flow", memory_factor=2.0, cfg_batch=1,
+        civitai=("Hunyuan Video",), name_prefixes=("hunyuanvideo",),
     ),
     Family(
         "flux2", "FLUX.2", "dit",
@@ -67,6 +86,7 @@ FAMILIES: tuple[Family, ...] = (
                   Variant("dev", ((M("txt_in.weight", dims=((1, 15360),)),),))),
         resolution=1024, latent_channels=32, latent_factor=16, default_prediction="flow", memory_factor=2.8,
         cfg_batch=1,
+        civitai=("Flux.2 D",), name_prefixes=("flux2",),
     ),
     Family(
         "chroma", "Chroma", "dit",
@@ -75,6 +95,7 @@ FAMILIES: tuple[Family, ...] = (
         resolution=1024, latent_channels=16, default_prediction="flow", text_encoders=("t5xxl",), memory_factor=2.8,
         cfg_batch=2, modelspec=("chroma",), kohya=("chroma",),
         notes=("Flux-derived (double/single blocks) with a distilled guidance layer instead of per-block modulation",),
+        civitai=("Chroma",),
     ),
     Family(
         "flux", "FLUX.1", "dit",
@@ -90,6 +111,12 @@ FAMILIES: tuple[Family, ...] = (
         ),
         resolution=1024, latent_channels=16, default_prediction="flow", text_encoders=("clip_l", "t5xxl"),
         memory_factor=2.8, cfg_batch=1, modelspec=("flux-1",), kohya=("flux1",),
+        short_name="Flux",
+        vae_file_names=r"flux|(^|[^a-z])ae\.", vae_group="flux",
+        civitai=("Flux.1 S", "Flux.1 D", "Flux.1 Krea", "Flux.1 Kontext"),
+        aliases=("flux1", "fluxdev", "fluxschnell"), name_prefixes=("flux1",),
+        prefixes=(("dit", _DM), ("vae", ("vae.",)), ("clip_l", ("text_encoders.clip_l.",)),
+                  ("t5xxl", ("text_encoders.t5xxl.",))),
     ),
     Family(
         "cascade", "Stable Cascade", "dit",
@@ -103,6 +130,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
         resolution=1024, latent_channels=16, latent_factor=32, default_prediction=None, text_encoders=("clip_g",),
         memory_factor=2.0, notes=("ComfyUI samples Cascade with its own STABLE_CASCADE model type",),
+        civitai=("Stable Cascade",),
     ),
     Family(
         "pixart", "PixArt", "dit",
@@ -113,6 +141,7 @@ FAMILIES: tuple[Family, ...] = (
                   Variant("sigma", ((absent("ar_embedder.mlp.0.weight"), M("t_block.1.weight")),))),
         resolution=1024, latent_channels=4, default_prediction="eps", text_encoders=("t5xxl",), memory_factor=2.0,
         notes=("ComfyUI model_base.PixArt: ModelType.EPS",),
+        civitai=("PixArt a", "PixArt E"), name_prefixes=("pixart",),
     ),
     Family(
         "auraflow", "AuraFlow", "dit",
@@ -120,6 +149,7 @@ FAMILIES: tuple[Family, ...] = (
                  (M("joint_transformer_blocks.0.attn.add_q_proj.weight"), M("context_embedder.weight"),
                   M("register_tokens"))),
         resolution=1024, latent_channels=4, default_prediction="flow", memory_factor=2.0,
+        civitai=("Pony V7", "AuraFlow"), name_prefixes=("ponyv7",),
     ),
     Family(
         "hunyuan_dit", "Hunyuan-DiT", "dit",
@@ -128,20 +158,31 @@ FAMILIES: tuple[Family, ...] = (
                   Variant("v1_1", ((M("extra_embedder.0.weight"),),))),
         resolution=1024, latent_channels=4, default_prediction="v", memory_factor=2.0,
         notes=("ComfyUI model_base.HunyuanDiT: ModelType.V_PREDICTION",),
+        civitai=("Hunyuan 1",), aliases=("hunyuan",),
     ),
     Family("lumina2", "Lumina Image 2.0", "dit", markers=((M("cap_embedder.0.weight"),),),
-           resolution=1024, latent_channels=16, default_prediction="flow", modelspec=("lumina-2",), kohya=("lumina2",)),
+           resolution=1024, latent_channels=16, default_prediction="flow", modelspec=("lumina-2",), kohya=("lumina2",),
+        civitai=("Lumina",), name_prefixes=("lumina",),
+    ),
     Family("hidream", "HiDream-I1", "dit",
            markers=((M("double_stream_blocks.0.block.adaLN_modulation.1.bias"),),),
-           resolution=1024, latent_channels=16, default_prediction="flow"),
+           resolution=1024, latent_channels=16, default_prediction="flow",
+        civitai=("HiDream",),
+    ),
     Family("sana", "Sana", "dit", markers=((M("blocks.0.cross_attn.q_linear.weight"),),),
            resolution=1024, latent_channels=32, latent_factor=32, default_prediction="flow"),
     Family("wan", "Wan", "dit", markers=((M("head.modulation"), M("patch_embedding.weight")),),
-           resolution=832, latent_channels=16, default_prediction="flow"),
+           resolution=832, latent_channels=16, default_prediction="flow",
+        name_prefixes=("wanvideo",),
+    ),
     Family("mochi", "Mochi", "dit", markers=((M("t5_yproj.weight"),), (M("blocks.0.attn.qkv_x.weight"),)),
-           resolution=848, latent_channels=12, default_prediction="flow"),
+           resolution=848, latent_channels=12, default_prediction="flow",
+        civitai=("Mochi",),
+    ),
     Family("ltxv", "LTX-Video", "dit", markers=((M("patchify_proj.weight"), M("adaln_single.linear.weight")),),
-           resolution=768, latent_channels=128, latent_factor=32, default_prediction="flow"),
+           resolution=768, latent_channels=128, latent_factor=32, default_prediction="flow",
+        civitai=("LTXV",), name_prefixes=("ltxv",),
+    ),
     # ---- UNet families -------------------------------------------------------------------------------------
     Family(
         "svd", "Stable Video Diffusion", "unet",
@@ -151,6 +192,8 @@ FAMILIES: tuple[Family, ...] = (
                   Variant("sv3d_p", ((M(LABEL, dims=((1, 1280),)),),))),
         resolution=1024, default_prediction="v", memory_factor=2.0, cfg_batch=2,
         notes=("SVD/SV3D use v-prediction with an EDM noise schedule",),
+        short_name="SVD", vae_group="svd", civitai=("SVD", "SVD XT"), name_prefixes=("svd",),
+        prefixes=(("unet", _DM), ("vae", _VAE)),
     ),
     Family(
         "sd_x4_upscaler", "SD x4 upscaler", "unet",
@@ -166,12 +209,25 @@ FAMILIES: tuple[Family, ...] = (
         variants=(_inch("inpaint", 9),),
         resolution=1024, default_prediction="eps", text_encoders=("clip_g",), memory_factor=0.8, dm_tensors=1220,
         modelspec=("stable-diffusion-xl-v1-refiner",),
+        short_name="SDXL refiner", vae_group="sdxl", aliases=("refiner",), context_width=1280,
+        prefixes=(("unet", _DM), ("vae", _VAE), ("clip_g", ("conditioner.embedders.0.model.",)), ("ema", _EMA)),
+        text_tokens=("conditioner.embedders.0.model.token_embedding.weight",),
+        diffusers=Diffusers(
+            "StableDiffusionXLImg2ImgPipeline", (("text_encoder_2", "conditioner.embedders.0.model.", "openclip_g"),),
+            "EulerDiscreteScheduler",
+            (("feature_extractor", _NONE), ("force_zeros_for_empty_prompt", False), ("image_encoder", _NONE),
+             ("requires_aesthetics_score", True), ("text_encoder", _NONE),
+             ("text_encoder_2", ("transformers", "CLIPTextModelWithProjection")), ("tokenizer", _NONE),
+             ("tokenizer_2", ("transformers", "CLIPTokenizer")), ("unet", ("diffusers", "UNet2DConditionModel")),
+             ("vae", ("diffusers", "AutoencoderKL"))),
+            sample_size=128, time_ids=5, vae_scaling=0.13025),
     ),
     Family(
         "kolors", "Kolors", "unet",
         markers=((M(LABEL, dims=((1, 5632),)),), (M(LABEL_D, dims=((1, 5632),)),)),
         variants=(_inch("inpaint", 9),),
         resolution=1024, default_prediction="eps", memory_factor=0.8,
+        civitai=("Kolors",),
     ),
     Family(
         "sdxl", "Stable Diffusion XL", "unet",
@@ -192,6 +248,27 @@ FAMILIES: tuple[Family, ...] = (
         ),
         resolution=1024, default_prediction="eps", text_encoders=("clip_l", "clip_g"), memory_factor=0.8,
         dm_tensors=1680, modelspec=("stable-diffusion-xl-v1-base", "stable-diffusion-xl"), kohya=("sdxl_base_v1-0",),
+        short_name="SDXL",
+        vae_file_names=r"xl", a1111_version="SDXL", vae_group="sdxl",
+        context_width=2048, merge_blocks=unet_blocks(9),
+        civitai=("SDXL 0.9", "SDXL 1.0", "SDXL 1.0 LCM", "SDXL Lightning", "SDXL Hyper", "SDXL Turbo", "SDXL Distilled",
+                 "Pony", "Illustrious", "NoobAI", "Playground v2"),
+        aliases=("xl",), name_prefixes=("sdxl", "pony"),
+        prefixes=(("unet", _DM), ("vae", _VAE), ("clip_l", ("conditioner.embedders.0.transformer.",)),
+                  ("clip_g", ("conditioner.embedders.1.model.",)), ("ema", _EMA)),
+        text_tokens=("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+                     "conditioner.embedders.1.model.token_embedding.weight"),
+        diffusers=Diffusers(
+            "StableDiffusionXLPipeline",
+            (("text_encoder", "conditioner.embedders.0.transformer.", "hf"),
+             ("text_encoder_2", "conditioner.embedders.1.model.", "openclip_g")),
+            "EulerDiscreteScheduler",
+            (("feature_extractor", _NONE), ("force_zeros_for_empty_prompt", True), ("image_encoder", _NONE),
+             ("text_encoder", ("transformers", "CLIPTextModel")),
+             ("text_encoder_2", ("transformers", "CLIPTextModelWithProjection")),
+             ("tokenizer", ("transformers", "CLIPTokenizer")), ("tokenizer_2", ("transformers", "CLIPTokenizer")),
+             ("unet", ("diffusers", "UNet2DConditionModel")), ("vae", ("diffusers", "AutoencoderKL"))),
+            sample_size=128, vae_scaling=0.13025, vae_sample_size=1024),
     ),
     Family(
         "sd2", "Stable Diffusion 2.x", "unet",
@@ -206,8 +283,23 @@ FAMILIES: tuple[Family, ...] = (
             Variant("unclip_h", ((M(LABEL, dims=((1, 2048),)),),), counted=False),
         ),
         resolution=768, default_prediction=None, text_encoders=("openclip_h",), memory_factor=1.0, dm_tensors=686,
+        prediction_by_step=((875000, "eps", "diffusers/InvokeAI rule: SD2 512-base release"),
+                            (220000, "eps", "diffusers/InvokeAI rule: SD2 512-base release"),
+                            (110000, "v", "InvokeAI rule: SD2 768-v release")),
+        prediction_std=("output_blocks.11.1.transformer_blocks.0.norm1.bias", 0.09),
+        prediction_unknown="SD2 512-eps and 768-v share every key and shape, and there is no metadata or "
+                           "global_step to decide (heuristics not applied)",
         modelspec=("stable-diffusion-v2",), kohya=("sd_v2", "sd_v2_v"),
         notes=("SD2 512-base (eps) and 768-v (v) share every key and shape",),
+        short_name="SD2",
+        vae_file_names=r"sd2|sd_2|v2-|768", a1111_version="SD2", vae_group="sd1/sd2",
+        context_width=1024, merge_blocks=unet_blocks(12),
+        resolution_by_prediction=(("v", 768), ("eps", 512)),
+        civitai=("SD 2.0", "SD 2.0 768", "SD 2.1", "SD 2.1 768", "SD 2.1 Unclip"), name_prefixes=("sd2",),
+        prefixes=(("unet", _DM), ("vae", _VAE), ("openclip_h", ("cond_stage_model.model.",)), ("ema", _EMA)),
+        text_tokens=("cond_stage_model.model.token_embedding.weight",),
+        diffusers=Diffusers("StableDiffusionPipeline", (("text_encoder", "cond_stage_model.model.", "openclip_h"),),
+                            "DDIMScheduler", _SD_INDEX, sample_size=64, sample_size_v=96),
     ),
     Family(
         "sd1", "Stable Diffusion 1.x", "unet",
@@ -222,13 +314,33 @@ FAMILIES: tuple[Family, ...] = (
         ),
         resolution=512, default_prediction="eps", text_encoders=("clip_l",), memory_factor=1.0, dm_tensors=686,
         modelspec=("stable-diffusion-v1",), kohya=("sd_v1", "sd_v1_v"),
+        short_name="SD1",
+        vae_file_names=r"sd1|sd_1|v1-5|v1\.5|sd15|840000|560000", a1111_version="SD1", vae_group="sd1/sd2",
+        context_width=768, merge_blocks=unet_blocks(12),
+        civitai=("SD 1.4", "SD 1.5", "SD 1.5 LCM", "SD 1.5 Hyper"), aliases=("sd",), name_prefixes=("sd1",),
+        prefixes=(("unet", _DM), ("vae", _VAE), ("clip_l", ("cond_stage_model.transformer.",)), ("ema", _EMA)),
+        text_tokens=("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",),
+        diffusers=Diffusers("StableDiffusionPipeline", (("text_encoder", "cond_stage_model.transformer.", "hf"),),
+                            "PNDMScheduler", _SD_INDEX, sample_size=64, fixed_heads=8),
     ),
 )
 
 BY_ID: dict[str, Family] = {f.id: f for f in FAMILIES}
 
+
+def get(family_id: str | None) -> Family | None:
+    """The family record of ``family_id`` (``None`` for ``None``, ``"unknown"`` or an id nobody knows)."""
+    return BY_ID.get(family_id or "")
+
+
+def display_name(family_id: str | None) -> str:
+    """How messages name a family (``SD1``, ``SDXL``...): the record's short name, else the id itself."""
+    fam = get(family_id)
+    return fam.display_name if fam else str(family_id)
+
+
 #: base families by the width of the text context a cross-attention (or adapter) sees
-FAMILY_BY_CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
+FAMILY_BY_CONTEXT_WIDTH = {f.context_width: f.id for f in FAMILIES if f.context_width}
 
 #: ``modelspec.architecture`` (without ``/lora`` etc.) -> (family, variant, prediction)
 MODELSPEC_ARCH: dict[str, tuple[str, str | None, str | None]] = {

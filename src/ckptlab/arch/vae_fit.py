@@ -3,19 +3,22 @@
 VAE files of the 4-channel KL-f8 families share one key layout and shapes (an SD1 VAE and the SDXL VAE
 differ only in their weights), so a shape check accepts the wrong one and the model then decodes
 garbage. The family comes from ``ckptlab.identify`` (metadata, then the file name where the keys
-cannot tell); interchangeable families share a latent space group.
+cannot tell); interchangeable families share a latent space group (``Family.vae_group``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ckptlab.arch.families import display_name, get
 from ckptlab.errors import CkptlabError, MismatchError
 from ckptlab.formats.base import TensorSource
 
-#: VAEs that are interchangeable (same latent space)
-VAE_GROUPS = {"sd1": "sd1/sd2", "sd2": "sd1/sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl", "sd3": "sd3",
-              "flux": "flux"}
+
+def latent_group(family_id: str | None) -> str | None:
+    """The latent-space group of a family's VAEs (``None`` when the family's record names none)."""
+    fam = get(family_id)
+    return fam.vae_group if fam else None
 
 
 def vae_family(vae: str | Path | TensorSource) -> str | None:
@@ -41,11 +44,8 @@ def check_vae_fits(vae: str | Path | TensorSource, target_family: str | None, *,
     fam = vae_family_known if vae_family_known is not None else vae_family(vae)
     if fam is None:
         return f"{name}: VAE family unknown (keys and shapes match)"
-    mine = VAE_GROUPS.get(target_family or "")
-    if mine is not None and VAE_GROUPS.get(fam, fam) != mine:
-        from ckptlab.ops.layout import FAMILY_NAMES
-
-        raise MismatchError(f"{name} is a {FAMILY_NAMES.get(fam, fam)} VAE; it does not fit a "
-                            f"{FAMILY_NAMES.get(target_family, target_family)} checkpoint (different latent space)",
-                            path)
+    mine = latent_group(target_family)
+    if mine is not None and (latent_group(fam) or fam) != mine:
+        raise MismatchError(f"{name} is a {display_name(fam)} VAE; it does not fit a "
+                            f"{display_name(target_family)} checkpoint (different latent space)", path)
     return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ckptlab.arch.family import Family
 
 GIB = 1024**3
-#: typical parameter counts of components a pipeline needs when the file does not carry them (§4)
+#: typical parameter counts of components a pipeline needs when the file does not carry them
 TYPICAL_PARAMS = {"clip_l": 123_060_480, "clip_g": 694_659_841, "openclip_h": 354_032_641,
                   "t5xxl": 4_762_310_656, "vae": 83_653_863}
 RESERVE_GIB = 1.2  # ComfyUI minimum_inference_memory 0.8 GiB + 400 MiB extra reserve

@@ -49,14 +49,15 @@ def civitai_info(version: dict, model: dict | None) -> dict:
 
 
 def sd_version(base_model: str | None) -> str:
-    b = (base_model or "").upper()
-    if b.startswith("SD 1"):
-        return "SD1"
-    if b.startswith("SD 2"):
-        return "SD2"
-    if b.startswith("SDXL") or b in ("PONY", "ILLUSTRIOUS", "NOOBAI"):
-        return "SDXL"
-    return "Unknown"
+    """A1111's "sd version" of a CivitAI ``baseModel`` (the family record's ``a1111_version``), or Unknown."""
+    from ckptlab.arch.families import get
+    from ckptlab.library.ui_folders import UnknownChoiceError, resolve_family
+
+    try:
+        fam = get(resolve_family(base_model or "")[0])
+    except UnknownChoiceError:
+        return "Unknown"
+    return (fam.a1111_version if fam else None) or "Unknown"
 
 
 def a1111_user_metadata(version: dict, model: dict | None) -> dict:

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path, PurePath
 
+from ckptlab.arch.families import FAMILIES
 from ckptlab.errors import FormatError, UnknownChoiceError
 from ckptlab.formats import MODEL_SUFFIXES
 
@@ -172,26 +173,16 @@ KIND_NAMES = {
     "vaes": "vae", "upscalers": "upscaler", "upscalemodels": "upscaler", "esrgan": "upscaler",
     "ipadapters": "ipadapter", "t2iadapters": "t2i_adapter", "clipvision": "clip_vision",
 }
-#: CivitAI ``baseModel`` values (the ``baseModels`` of its public ``/api/v1/models``) -> family; more by prefix in ``_FAMILY_PREFIXES``
-CIVITAI_BASE_MODELS = {
-    "SD 1.4": "sd1", "SD 1.5": "sd1", "SD 1.5 LCM": "sd1", "SD 1.5 Hyper": "sd1",
-    "SD 2.0": "sd2", "SD 2.0 768": "sd2", "SD 2.1": "sd2", "SD 2.1 768": "sd2", "SD 2.1 Unclip": "sd2",
-    "SDXL 0.9": "sdxl", "SDXL 1.0": "sdxl", "SDXL 1.0 LCM": "sdxl", "SDXL Lightning": "sdxl", "SDXL Hyper": "sdxl",
-    "SDXL Turbo": "sdxl", "SDXL Distilled": "sdxl", "Pony": "sdxl", "Illustrious": "sdxl", "NoobAI": "sdxl",
-    "Playground v2": "sdxl", "Pony V7": "auraflow", "AuraFlow": "auraflow",
-    "SD 3": "sd3", "SD 3.5": "sd3", "SD 3.5 Large": "sd3", "SD 3.5 Large Turbo": "sd3", "SD 3.5 Medium": "sd3",
-    "Stable Cascade": "cascade", "Flux.1 S": "flux", "Flux.1 D": "flux", "Flux.1 Krea": "flux",
-    "Flux.1 Kontext": "flux", "Flux.2 D": "flux2", "Chroma": "chroma", "HiDream": "hidream",
-    "Hunyuan 1": "hunyuan_dit", "Hunyuan Video": "hunyuan_video", "Kolors": "kolors", "Lumina": "lumina2",
-    "PixArt a": "pixart", "PixArt E": "pixart", "LTXV": "ltxv", "SVD": "svd", "SVD XT": "svd", "Mochi": "mochi",
-}
-#: short names people type
-FAMILY_NAMES = {"sd": "sd1", "xl": "sdxl", "flux1": "flux", "fluxdev": "flux", "fluxschnell": "flux",
-                "sd35": "sd3", "refiner": "sdxl_refiner", "hunyuan": "hunyuan_dit"}
-#: normalised prefixes of CivitAI names that keep appearing (``Wan Video 2.2 I2V-A14B``, ``Flux.2 Klein 9B``)
-_FAMILY_PREFIXES = (("ponyv7", "auraflow"), ("sdxl", "sdxl"), ("sd1", "sd1"), ("sd2", "sd2"), ("sd3", "sd3"),
-                    ("flux1", "flux"), ("flux2", "flux2"), ("wanvideo", "wan"), ("hunyuanvideo", "hunyuan_video"),
-                    ("pony", "sdxl"), ("pixart", "pixart"), ("svd", "svd"), ("ltxv", "ltxv"), ("lumina", "lumina2"))
+#: CivitAI ``baseModel`` values (the ``baseModels`` of CivitAI's public ``/api/v1/models``), short names people type, and normalised prefixes of
+#: CivitAI names that keep appearing (``Wan Video 2.2 I2V-A14B``, ``Flux.2 Klein 9B``): all read from the family
+#: records (``Family.civitai`` / ``aliases`` / ``name_prefixes``)
+
+
+CIVITAI_BASE_MODELS = {name: f.id for f in FAMILIES for name in f.civitai}
+FAMILY_NAMES = {name: f.id for f in FAMILIES for name in f.aliases}
+#: longest prefix first: ``ponyv7`` (AuraFlow) before ``pony`` (SDXL)
+_FAMILY_PREFIXES = tuple(sorted(((p, f.id) for f in FAMILIES for p in f.name_prefixes),
+                                key=lambda pf: -len(pf[0])))
 
 
 def norm_name(text: str) -> str:
@@ -225,10 +216,6 @@ def resolve_kind(value: str, known: tuple[str, ...] | list[str] = ()) -> tuple[s
 
 
 def family_ids() -> tuple[str, ...]:
-    try:
-        from ckptlab.arch.families import FAMILIES
-    except ImportError:  # pragma: no cover
-        return ()
     return tuple(f.id for f in FAMILIES)
 
 
@@ -240,10 +227,6 @@ def family_aliases(known: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
         out[norm_name(name)] = fam
     for name, fam in FAMILY_NAMES.items():
         out[norm_name(name)] = fam
-    try:
-        from ckptlab.arch.families import FAMILIES
-    except ImportError:  # pragma: no cover
-        FAMILIES = ()  # noqa: N806
     for f in FAMILIES:
         out.setdefault(norm_name(f.name), f.id)
     for fam in (*family_ids(), *known):

@@ -1,9 +1,11 @@
 """Merge blocks: which block a key belongs to, and per-block parameter values.
 
-Block names follow supermerger (and sd-mecha's ``*-supermerger_blocks`` configs):
+Block names follow supermerger (and sd-mecha's ``*-supermerger_blocks`` configs); each family's record holds
+its own (``Family.merge_blocks``, built by ``arch.family.unet_blocks``):
 
 - SD1 / SD2: 26 names ``BASE, IN00..IN11, M00, OUT00..OUT11``
 - SDXL: 20 names ``BASE, IN00..IN08, M00, OUT00..OUT08``
+- any other family: one ``BASE`` block
 
 Key -> block (supermerger's rules, checked in this order; see docs/merge.md for where tools disagree):
 ``time_embed`` / ``label_emb`` -> IN00; ``model.diffusion_model.out.`` -> last OUT block;
@@ -21,19 +23,26 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ckptlab.arch.families import FAMILIES, display_name, get
+from ckptlab.arch.family import unet_blocks
 from ckptlab.errors import BlockSpecError
 
-SD1_BLOCKS: tuple[str, ...] = ("BASE", *(f"IN{i:02}" for i in range(12)), "M00", *(f"OUT{i:02}" for i in range(12)))
-SDXL_BLOCKS: tuple[str, ...] = ("BASE", *(f"IN{i:02}" for i in range(9)), "M00", *(f"OUT{i:02}" for i in range(9)))
+#: the two UNet block layouts (12 and 9 input/output blocks)
+SD1_BLOCKS: tuple[str, ...] = unet_blocks(12)
+SDXL_BLOCKS: tuple[str, ...] = unet_blocks(9)
 
-#: family -> block names; families not listed merge with a single BASE block
-FAMILY_BLOCKS: dict[str, tuple[str, ...]] = {
-    "sd1": SD1_BLOCKS, "sd2": SD1_BLOCKS, "sdxl": SDXL_BLOCKS,
-}
+
+def _family_blocks(family: str | None) -> tuple[str, ...] | None:
+    fam = get(family)
+    return fam.merge_blocks if fam and fam.merge_blocks else None
 
 
 def blocks_for(family: str | None) -> tuple[str, ...]:
-    return FAMILY_BLOCKS.get(family or "", ("BASE",))
+    return _family_blocks(family) or ("BASE",)
+
+
+def _n_out(names: tuple[str, ...]) -> int:
+    return sum(1 for b in names if b.startswith("OUT"))
 
 
 _DM = "model.diffusion_model."
@@ -43,10 +52,10 @@ _DIFF_RE = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|down
 
 def block_of(key: str, family: str | None) -> str:
     """The block ``key`` belongs to for ``family`` (BASE when the family has no block layout)."""
-    names = FAMILY_BLOCKS.get(family or "")
+    names = _family_blocks(family)
     if names is None:
         return "BASE"
-    n_out = 12 if names is SD1_BLOCKS else 9
+    n_out = _n_out(names)
     if key.startswith(_DM):
         rest = key[len(_DM):]
     elif key.startswith("unet."):
@@ -202,12 +211,13 @@ def _from_list(vals: list[float], names: tuple[str, ...], family: str | None, na
         return vals[0]
     if len(vals) == len(names):
         return BlockValues(tuple(zip(names, vals, strict=True)), source)
-    if names is SDXL_BLOCKS and len(vals) == len(SD1_BLOCKS):
+    if len(names) > 1 and len(names) < len(SD1_BLOCKS) == len(vals) and set(names) <= set(SD1_BLOCKS):
         # an SD1 list on an SDXL model: take the blocks SDXL has, by name (supermerger's weighttoxl)
         sd1 = dict(zip(SD1_BLOCKS, vals, strict=True))
         return BlockValues(tuple((b, sd1[b]) for b in names), source)
     if len(names) == 1:
-        raise BlockSpecError(f"--{name}: block weights need an SD1/SD2/SDXL model; this family takes one number")
+        with_blocks = "/".join(sorted(display_name(f.id) for f in FAMILIES if f.merge_blocks))
+        raise BlockSpecError(f"--{name}: block weights need an {with_blocks} model; this family takes one number")
     raise BlockSpecError(f"--{name}: {len(vals)} values given; {family} takes {len(names)} "
                          f"({names[0]}, {names[1]}..{names[-1]})")
 

@@ -1,7 +1,8 @@
 """What an input is (kind and family) for the merge checks and the block layout; header-only.
 
-``identify_input`` asks ``ckptlab.identify`` and falls back to a key-name probe for the family when
-identification fails, so the merge engine does not care which one answered. ``check_mergeable`` refuses
+``identify_input`` asks ``ckptlab.identify`` (the one detector: transforms, merges and ``inspect`` agree on
+every file's family); the family's record (``arch.families``) then gives its merge blocks and VAE latent
+group. ``check_mergeable`` refuses
 inputs that are not full models (a LoRA, a VAE, a text encoder...): merging one with a checkpoint
 used to report "0 merged, 1143 kept from A" and write a copy of A.
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 from ckptlab.errors import MismatchError
 from ckptlab.formats.base import TensorSource
-
-_DM = "model.diffusion_model."
 
 #: kinds ``merge`` takes: full single-file/diffusers checkpoints, or UNet/DiT-only files
 MERGEABLE_KINDS = ("checkpoint", "unet")
@@ -42,50 +41,20 @@ _HINTS = {
 }
 
 
-def _probe(keys: set[str], infos) -> str | None:
-    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        return "sdxl_refiner"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    # UNet-only files: SDXL has label_emb and 9 input blocks; SD1/SD2 tell apart by the context width
-    if f"{_DM}label_emb.0.0.weight" in keys:
-        return "sdxl"
-    k = f"{_DM}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if k in keys:
-        width = infos[k].shape[-1]
-        return {768: "sd1", 1024: "sd2"}.get(width)
-    if any(k.startswith(("double_blocks.", f"{_DM}double_blocks.")) for k in keys):
-        return "flux"
-    if any(k.startswith(("joint_blocks.", f"{_DM}joint_blocks.")) for k in keys):
-        return "sd3"
-    return None
-
-
 def identify_input(source: TensorSource) -> tuple[str | None, str | None]:
-    """``(kind, family)`` of an opened input: kind ``checkpoint`` / ``unet`` / ``lora`` / ``vae`` ... (None when
-    identification failed), family ``sd1`` / ``sd2`` / ``sdxl`` / ``sdxl_refiner`` / ``sd3`` / ``flux`` ...
-    (None when unknown)."""
-    kind = fam = None
-    try:
-        from ckptlab.identify import identify
+    """``(kind, family)`` of an opened input, as ``ckptlab.identify`` says: kind ``checkpoint`` / ``unet`` /
+    ``lora`` / ``vae`` ... (None when identification failed), family id (None when unknown)."""
+    from ckptlab.identify import identify
 
+    try:
         info = identify(source)
-        kind = info.kind or None
-        fam = info.family if info.family and info.family != "unknown" else None
-    except Exception:  # noqa: BLE001 - identification problems are not fatal here: the probe and the checks remain
-        pass
-    if fam is None and kind in (None, "checkpoint", "unet"):
-        infos = source.infos()
-        fam = _probe(set(infos), infos)
-    return kind, fam
+    except Exception:  # noqa: BLE001 - not fatal here: the merge's own key and shape checks remain
+        return None, None
+    return info.kind or None, info.family if info.family and info.family != "unknown" else None
 
 
 def family_of(source: TensorSource) -> str | None:
-    """``sd1`` / ``sd2`` / ``sdxl`` / ``sdxl_refiner`` / ``sd3`` / ``flux`` ..., or None when unknown."""
+    """The family id ``identify`` gives ``source``, or None when unknown."""
     return identify_input(source)[1]
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ckptlab.arch.components import UNET_PREFIX, ema_pairs
+from ckptlab.arch.layout import FileLayout, file_layout
 from ckptlab.arch.vae_fit import check_vae_fits
 from ckptlab.errors import CkptlabError, MismatchError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.ops.diffusers_io import _cat_out, _reshape_out, _slice_out, _transpose_out
 from ckptlab.ops.diffusers_map import VAELayout, hf_to_openclip, is_vae_attn_weight, openclip_to_hf, vae_map
-from ckptlab.ops.layout import FAMILY_NAMES, UNET_PREFIX, Layout, detect_layout, ema_pairs
 from ckptlab.ops.run import open_checked, run_each
 from ckptlab.ops.stream import Out, TransformResult
 from ckptlab.progress import Progress, null_progress
@@ -31,16 +32,14 @@ EXTRACT_CHOICES = ("unet", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "em
 REPLACE_CHOICES = ("unet", "vae", "clip_l", "clip_g")
 
 
-def component_prefix(layout: Layout, component: str, src: TensorSource) -> str:
+def component_prefix(layout: FileLayout, component: str, src: TensorSource) -> str:
     """The key prefix of ``component`` in this checkpoint, checked to be present."""
     comp = "unet" if component == "ema" else component
-    if layout.family is None:
+    if layout.family is None or not layout.family.prefixes:
         raise MismatchError("not a checkpoint of a known family; cannot locate its components", src.path)
-    if comp == "unet" and layout.family in ("sd3", "flux"):
-        comp = "dit"
     prefix = layout.prefix(comp)
     if not any(k.startswith(prefix) for k in src.keys()):
-        raise MismatchError(f"missing component: this {FAMILY_NAMES[layout.family]} file has no {component} "
+        raise MismatchError(f"missing component: this {layout.family.display_name} file has no {component} "
                             f"({prefix}* keys)", src.path)
     return prefix
 
@@ -52,7 +51,7 @@ def _is_openclip(keys: list[str], prefix: str) -> bool:
 def extract_plan(src: TensorSource, component: str) -> list[Out]:
     if component not in EXTRACT_CHOICES:
         raise CkptlabError(f"--component {component!r}: use one of {', '.join(EXTRACT_CHOICES)}")
-    layout = detect_layout(src)
+    layout = file_layout(src)
     prefix = component_prefix(layout, component, src)
     keys = [k for k in src.keys() if k.startswith(prefix)]
     if component == "ema":
@@ -173,8 +172,8 @@ def normalise_component(comp_src: TensorSource, component: str, target_prefix: s
 
 
 def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], result: TransformResult) -> list[Out]:
-    layout = detect_layout(src)
-    if layout.family not in ("sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux"):
+    layout = file_layout(src)
+    if layout.family is None or not layout.family.prefixes:
         raise MismatchError("replace needs a checkpoint of a known family", src.path)
     infos = src.infos()
     new: dict[str, Out] = {}
@@ -206,7 +205,7 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
                                     f"{k[len(prefix):]} is {list(it.info.shape)}, the checkpoint has "
                                     f"{list(target[k].shape)}", src.path)
         if component == "vae":  # the one VAE family check (merge --vae calls it too)
-            warning = check_vae_fits(comp_src.path, layout.family, path=src.path)
+            warning = check_vae_fits(comp_src.path, layout.family_id, path=src.path)
             if warning:
                 result.warnings.append(warning)
         new.update(by_key)

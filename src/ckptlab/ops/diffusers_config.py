@@ -1,9 +1,9 @@
 """diffusers/transformers config files derived from tensor shapes (works for real and small models).
 
-What shapes cannot tell is taken from the family (diffusers' ``single_file_utils``
-``create_unet_diffusers_config``/``create_vae_diffusers_config``): SD1 uses 8 attention
-heads everywhere, SD2/SDXL 64-wide heads; CLIP-L uses ``quick_gelu``, OpenCLIP ``gelu``; VAE scaling
-0.18215 (SD1/SD2) or 0.13025 (SDXL); scheduler defaults as diffusers uses for single files.
+What shapes cannot tell is taken from the family's record (``Family.diffusers``; diffusers'
+``single_file_utils``): SD1 uses 8 attention heads everywhere, SD2/SDXL 64-wide heads; CLIP-L uses ``quick_gelu``, OpenCLIP
+``gelu``; VAE scaling 0.18215 (SD1/SD2) or 0.13025 (SDXL); pipeline and scheduler classes as the official
+repos ship them.
 """
 
 from __future__ import annotations
@@ -12,15 +12,32 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from ckptlab.arch.families import get
+from ckptlab.arch.family import Diffusers
+from ckptlab.errors import MismatchError
 from ckptlab.ops.diffusers_map import UNetLayout, VAELayout
 
 DIFFUSERS_VERSION = "0.30.0"
 TRANSFORMERS_VERSION = "4.40.0"
 
 
+def spec(family: str | None) -> Diffusers:
+    """The diffusers part of ``family``'s record; ``MismatchError`` when the family has none."""
+    fam = get(family)
+    if fam is None or fam.diffusers is None:
+        raise MismatchError(f"no diffusers pipeline is known for {fam.display_name if fam else 'this model'}")
+    return fam.diffusers
+
+
+def _fixed_heads(family: str) -> int | None:
+    fam = get(family)
+    return fam.diffusers.fixed_heads if fam and fam.diffusers else None
+
+
 def _heads(width: int, family: str) -> int:
-    if family == "sd1":
-        return 8 if width % 8 == 0 else 1
+    fixed = _fixed_heads(family)
+    if fixed:
+        return fixed if width % fixed == 0 else 1
     h = max(1, width // 64)
     while width % h:
         h -= 1
@@ -51,7 +68,7 @@ def unet_config(lay: UNetLayout, shapes: dict[str, tuple[int, ...]], family: str
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,
         "act_fn": "silu",
-        "attention_head_dim": heads[0] if family == "sd1" else heads,
+        "attention_head_dim": heads[0] if _fixed_heads(family) else heads,
         "block_out_channels": chans,
         "center_input_sample": False,
         "cross_attention_dim": cross,
@@ -86,7 +103,7 @@ def unet_config(lay: UNetLayout, shapes: dict[str, tuple[int, ...]], family: str
 def _time_embed_dim(in_dim: int, family: str, pooled_width: int | None) -> int:
     """SDXL: in = pooled CLIP-G width + 6 x d (base) or 5 x d (refiner: aesthetic score replaces the
     target size); real files have d = 256."""
-    n = 5 if family == "sdxl_refiner" else 6
+    n = spec(family).time_ids
     if pooled_width and (in_dim - pooled_width) > 0 and (in_dim - pooled_width) % n == 0:
         return (in_dim - pooled_width) // n
     return 256
@@ -107,8 +124,8 @@ def vae_config(lay: VAELayout, shapes: dict[str, tuple[int, ...]], family: str) 
         "layers_per_block": lay.layers,
         "norm_num_groups": 32,
         "out_channels": shapes["decoder.conv_out.weight"][0],
-        "sample_size": 1024 if family == "sdxl" else 512,
-        "scaling_factor": 0.13025 if family in ("sdxl", "sdxl_refiner") else 0.18215,
+        "sample_size": spec(family).vae_sample_size,
+        "scaling_factor": spec(family).vae_scaling,
         "up_block_types": ["UpDecoderBlock2D"] * lay.levels,
     }
 
@@ -149,7 +166,7 @@ def scheduler_config(family: str, prediction: str) -> dict:
     """The scheduler config the official repos ship (SD1.5: PNDM, SD2: DDIM, SDXL: EulerDiscrete) - with
     ``clip_sample: false`` and ``steps_offset: 1`` set explicitly, so pipelines load without the
     "has not set the configuration `clip_sample`"/``steps_offset`` deprecation warnings."""
-    cls = {"sd1": "PNDMScheduler", "sd2": "DDIMScheduler"}.get(family, "EulerDiscreteScheduler")
+    cls = spec(family).scheduler
     cfg = {
         "_class_name": cls,
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -183,30 +200,15 @@ def tokenizer_files(pad_token: str) -> dict[str, bytes]:
     return files
 
 
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 def model_index(family: str) -> dict:
-    idx: dict = {"_diffusers_version": DIFFUSERS_VERSION}
-    if family in ("sd1", "sd2"):
-        idx.update({"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-                    "image_encoder": [None, None], "requires_safety_checker": False,
-                    "safety_checker": [None, None], "scheduler": ["diffusers", scheduler_class(family)],
-                    "text_encoder": ["transformers", "CLIPTextModel"],
-                    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-                    "vae": ["diffusers", "AutoencoderKL"]})
-    elif family == "sdxl":
-        idx.update({"_class_name": "StableDiffusionXLPipeline", "feature_extractor": [None, None],
-                    "force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
-                    "scheduler": ["diffusers", scheduler_class(family)],
-                    "text_encoder": ["transformers", "CLIPTextModel"],
-                    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                    "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
-    elif family == "sdxl_refiner":
-        idx.update({"_class_name": "StableDiffusionXLImg2ImgPipeline", "feature_extractor": [None, None],
-                    "force_zeros_for_empty_prompt": False, "image_encoder": [None, None],
-                    "requires_aesthetics_score": True, "scheduler": ["diffusers", scheduler_class(family)],
-                    "text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                    "tokenizer": [None, None], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
+    d = spec(family)
+    idx: dict = {"_diffusers_version": DIFFUSERS_VERSION, "_class_name": d.pipeline,
+                 "scheduler": ["diffusers", d.scheduler]}
+    idx.update({k: _jsonable(v) for k, v in d.index})
     return idx
 
 

@@ -19,6 +19,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptlab.arch.components import UNET_PREFIX, ema_pairs, is_ema
+from ckptlab.arch.families import FAMILIES, display_name
+from ckptlab.arch.layout import file_layout
 from ckptlab.errors import CkptlabError, FormatError, MismatchError, OutputError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.ops import diffusers_config as cfgs
@@ -33,7 +36,6 @@ from ckptlab.ops.diffusers_map import (
     vae_layout_from_ldm,
     vae_map,
 )
-from ckptlab.ops.layout import FAMILY_NAMES, UNET_PREFIX, detect_layout, ema_pairs, is_ema
 from ckptlab.ops.run import open_checked
 from ckptlab.ops.stream import (
     FileHasher,
@@ -51,15 +53,9 @@ from ckptlab.progress import Progress, null_progress
 EXTRA_FILE = "ckptlab_extra.safetensors"
 TO_DIFFUSERS_EMA = ("drop", "use")
 VAE_PREFIX = "first_stage_model."
-SUPPORTED = ("sd1", "sd2", "sdxl", "sdxl_refiner")
-#: text encoders per family: (folder, single-file prefix, kind)
-TEXT_ENCODERS = {
-    "sd1": [("text_encoder", "cond_stage_model.transformer.", "hf")],
-    "sd2": [("text_encoder", "cond_stage_model.model.", "openclip_h")],
-    "sdxl": [("text_encoder", "conditioner.embedders.0.transformer.", "hf"),
-             ("text_encoder_2", "conditioner.embedders.1.model.", "openclip_g")],
-    "sdxl_refiner": [("text_encoder_2", "conditioner.embedders.0.model.", "openclip_g")],
-}
+#: families with a diffusers pipeline in their record, and their text encoders: (folder, single-file prefix, kind)
+SUPPORTED = tuple(f.id for f in FAMILIES if f.diffusers)
+TEXT_ENCODERS = {f.id: list(f.diffusers.text_encoders) for f in FAMILIES if f.diffusers}
 UNET_FILE = "diffusion_pytorch_model.safetensors"
 TE_FILE = "model.safetensors"
 
@@ -105,10 +101,10 @@ def _transpose_out(key: str, src: TensorSource, src_key: str) -> Out:
 def plan_to_diffusers(src: TensorSource, ema: str = "drop") -> tuple[str, dict[str, list[Out]], dict[str, dict],
                                                                      list[str], dict[str, int]]:
     """``(family, {relative file: items}, {relative config file: dict}, warnings, dropped)``."""
-    layout = detect_layout(src)
-    fam = layout.family
+    layout = file_layout(src)
+    fam = layout.family_id
     if fam not in SUPPORTED:
-        what = FAMILY_NAMES.get(fam or "", "an unrecognised model")
+        what = display_name(fam) if fam else "an unrecognised model"
         raise MismatchError(f"to-diffusers supports SD1, SD2 and SDXL checkpoints; this is {what}", src.path)
     infos = src.infos()
     used: set[str] = set()
@@ -223,7 +219,8 @@ def plan_to_diffusers(src: TensorSource, ema: str = "drop") -> tuple[str, dict[s
 
     # configs
     prediction = _prediction_type(src, fam)
-    sample = {"sd1": 64, "sd2": 96 if prediction == "v_prediction" else 64}.get(fam, 128)
+    d = cfgs.spec(fam)
+    sample = d.sample_size_v if prediction == "v_prediction" and d.sample_size_v else d.sample_size
     pooled = te_shapes.get("text_encoder_2", {}).get("text_projection.weight", (None,))[0]
     configs["unet/config.json"] = cfgs.unet_config(ulay, ushapes, fam, sample, pooled)
     configs["vae/config.json"] = cfgs.vae_config(vlay, vshapes, fam)

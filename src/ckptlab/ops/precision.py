@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ckptlab.arch.components import is_ema, is_position_ids, is_schedule
+from ckptlab.arch.layout import FileLayout as Layout
+from ckptlab.arch.layout import file_layout
 from ckptlab.errors import BadChoiceError, MismatchError, OverflowRefused
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.formats.dtypes import FLOAT_DTYPES
-from ckptlab.ops.layout import Layout, detect_layout, is_ema, is_position_ids, is_schedule
 from ckptlab.ops.stream import Out, TransformResult
 from ckptlab.progress import Progress, null_progress
 
@@ -142,7 +144,7 @@ def convert_precision(inputs: list[Path], to: str, *, only: list[str] | None = N
     reason = f"nothing to convert: the weights --to {to.lower()} applies to are {to.lower()} already"
 
     def one(path: Path, src: TensorSource, result: TransformResult):
-        layout = detect_layout(src)
+        layout = file_layout(src)
         comps = set(layout.components)
         if comps == {"vae"} and (only_set is None or "vae" not in only_set) and target != "F32":
             raise MismatchError(f"this is a VAE; {to} VAEs of SD1/SDXL produce NaNs, so VAEs convert only "

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ckptlab.arch.components import ema_pairs, is_ema
+from ckptlab.arch.layout import file_layout
 from ckptlab.errors import CkptlabError, MismatchError
 from ckptlab.formats.base import TensorSource
-from ckptlab.ops.layout import detect_layout, ema_pairs, is_ema
 from ckptlab.ops.precision import _parse_only, precision_items, target_dtype
 from ckptlab.ops.run import is_identity, run_each
 from ckptlab.ops.stream import TransformResult
@@ -33,7 +34,7 @@ def check_ema(ema: str, choices: tuple[str, ...] = EMA_CHOICES) -> None:
 def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", precision: str | None = None,
                only: list[str] | None = None, clamp: bool = False):
     check_ema(ema)
-    layout = detect_layout(src)
+    layout = file_layout(src)
     training = set(layout.components.get("training", ()))
     ema_keys = {k for k in src.keys() if is_ema(k)}
     pairs: dict[str, str] = {}
