@@ -33,7 +33,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from ckptlab.errors import CkptlabError, NetworkError, OutputError
-from ckptlab.hub.download import DownloadResult, _publish, check_free_space, safe_filename, sha256_file
+from ckptlab.hub.download import DownloadResult, check_free_space, publish, safe_filename, sha256_file
 from ckptlab.hub.http import AuthError, NotFoundError, VerificationError
 from ckptlab.progress import Progress, null_progress
 
@@ -238,7 +238,7 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
     except VerificationError:
         _remove_tree(staging)
         raise
-    _publish(staged, target)  # if the name was taken meanwhile, the verified copy stays staged
+    publish(staged, target)  # if the name was taken meanwhile, the verified copy stays staged
     _remove_tree(staging)
     return DownloadResult(path=target, url=resolve_url, size=target.stat().st_size, sha256=sha, source="hf",
                           expected_sha256=published, extra=extra)
