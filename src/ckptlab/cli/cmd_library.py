@@ -162,44 +162,28 @@ def register(app) -> None:
         from ckptlab.cli.common import console, emit_json
         from ckptlab.display import human_size as human
         from ckptlab.display import printable
+        from ckptlab.hub.link import link_lookup
         from ckptlab.library.report import file_row
-        from ckptlab.library.show import base_model_family, civitai_brief, search_text
-        from ckptlab.library.ui_folders import resolve_family, resolve_kind
+        from ckptlab.library.show import list_files
 
         with _catalog(db, must_exist=True) as cat:
-            kinds = resolve_kind(kind, cat.kinds()) if kind else None
-            families = resolve_family(family, cat.families()) if family else None
-            recs = cat.files(status="missing" if missing else "present", kind=kinds, sort=sort, unsafe=unsafe)
-            try:
-                from ckptlab.hub.store import has_tables
-            except ImportError:  # pragma: no cover - a build without the hub
-                linked = False
-            else:
-                linked = has_tables(cat)
-            civ = {r.id: civitai_brief(cat, r, linked) for r in recs}
-        if families:  # the identified family; where identification found none, CivitAI's base model
-            recs = [r for r in recs if (r.family or "").lower() in families
-                    or (not r.family and base_model_family(civ[r.id]) in families)]
-        if errors:
-            recs = [r for r in recs if r.error]
-        if search:
-            needle = search.casefold()
-            recs = [r for r in recs if needle in search_text(r, civ[r.id])]
+            listed = list_files(cat, kind=kind, family=family, search=search, sort=sort, missing=missing,
+                                errors=errors, unsafe=unsafe, civitai=link_lookup(cat))
         if json_out:
-            for r in recs:
-                emit_json(file_row(r) | {"id": r.id, "civitai": civ[r.id]})
+            for r, c in listed:
+                emit_json(file_row(r) | {"id": r.id, "civitai": c})
             return
-        if not recs:
+        if not listed:
             console.print("no files", markup=False)
             return
         console.print(f"{'SIZE':>10}  {'KIND/FAMILY':<22} {'FORMAT':<11} {'SAFETY':<10} {'AUTOV2':<10}  PATH  "
                       "[CIVITAI]", markup=False, highlight=False, soft_wrap=True)
-        for r in recs:
+        for r, c in listed:
             row = file_row(r)
             what = printable("/".join(x for x in (r.kind, r.family) if x) or "?")
             line = (f"{human(r.size):>10}  {what:<22} {r.format or '?':<11} {r.safety or '-':<10} "
                     f"{(row['autov2'] or '-').upper():<10}  {printable(r.path)}")
-            if c := civ[r.id]:
+            if c:
                 name = " / ".join(x for x in (c["model_name"], c["version_name"]) if x)
                 line += f"  [{printable(name)}" + (f"; {printable(c['base_model'])}" if c["base_model"] else "")
                 if c["trigger_words"]:
@@ -217,10 +201,11 @@ def register(app) -> None:
     ) -> None:
         """Everything known about one file: identification, hashes, fingerprints, sidecars, copies."""
         from ckptlab.cli.common import console, emit_json
+        from ckptlab.hub.link import link_lookup
         from ckptlab.library.show import render_text, show_file
 
         with _catalog(db, must_exist=True) as cat:
-            found = show_file(cat, target)
+            found = show_file(cat, target, civitai=link_lookup(cat))
         for d in found:
             if json_out:
                 emit_json(d)
@@ -333,33 +318,13 @@ def register(app) -> None:
         db: Path = db_option(),
     ) -> None:
         """The library inventory: totals, by kind / family / format / precision / size, pickles and verdicts."""
+        import shutil
         import sys
 
-        from ckptlab.errors import BadChoiceError
-        from ckptlab.library.report import (
-            RENDERERS,
-            build_inventory,
-            check_output,
-            render_csv,
-            render_table,
-            write_report,
-        )
+        from ckptlab.library.report import report
 
-        if fmt not in RENDERERS:
-            raise BadChoiceError(f"--format {fmt!r}: use one of {', '.join(RENDERERS)}")
-        if output is not None:  # before the work, not after it
-            check_output(output, overwrite=overwrite)
-        with _catalog(db, must_exist=True) as cat:
-            inv = build_inventory(cat)
-        if fmt == "table" and output is None and sys.stdout.isatty():
-            import shutil
-
-            text = render_table(inv, width=shutil.get_terminal_size().columns)
-        elif fmt == "csv":  # a terminal shows control characters visibly; a file or a pipe gets exact values
-            text = render_csv(inv, terminal=output is None and sys.stdout.isatty())
-        else:
-            text = RENDERERS[fmt](inv)
+        shown = output is None and sys.stdout.isatty()
+        text = report(db, fmt, output, overwrite=overwrite, terminal=shown,
+                      width=shutil.get_terminal_size().columns if shown else None)
         if output is None:
             sys.stdout.write(text)
-            return
-        write_report(text, output, overwrite=overwrite)
