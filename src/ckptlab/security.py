@@ -31,6 +31,8 @@ __all__ = ["CheckResult", "EXIT_CODES", "Finding", "check", "check_many", "polyg
 
 @dataclass
 class CheckResult:
+    """``check``'s verdict on one file, with the findings behind it (the ``check --json`` record)."""
+
     path: Path
     format: str  # safetensors | pickle | gguf | unknown
     verdict: str
