@@ -20,8 +20,6 @@ from ckptlab.cli.common import (
     warning_line,
 )
 
-civitai_app = typer.Typer(help="Link library files to CivitAI and manage their metadata.", no_args_is_help=True)
-
 _BASE_URL = typer.Option(None, "--base-url", help="CivitAI site URL (env CKPTLAB_CIVITAI_URL, config \\[civitai] base_url).")
 
 
@@ -40,7 +38,6 @@ def _note(text: str) -> None:
     err_console.print(one_line(text), markup=False, highlight=False, soft_wrap=True)
 
 
-@civitai_app.command("link")
 def civitai_link(
     paths: list[str] = typer.Argument(None, help="Files or folders (default: every file in the catalog)."),
     write_sidecars: bool = typer.Option(False, "--write-sidecars",
@@ -85,7 +82,6 @@ def civitai_link(
         raise typer.Exit(3)
 
 
-@civitai_app.command("show")
 def civitai_show(
     target: str = typer.Argument(..., help="A model file, or its SHA256."),
     db: Path = db_option(),
@@ -112,7 +108,6 @@ def civitai_show(
     _out(f"{len(revs)} stored revision(s)")
 
 
-@civitai_app.command("info")
 def civitai_info_cmd(
     source: str = typer.Argument(..., help="civitai:ID, civitai:model/ID, a civitai.com URL or an AIR."),
     base_url: str = _BASE_URL,
@@ -197,5 +192,9 @@ def download_cmd(
 
 
 def register(app) -> None:
-    app.add_typer(civitai_app, name="civitai")
+    civitai = typer.Typer(help="Link library files to CivitAI and manage their metadata.", no_args_is_help=True)
+    civitai.command("link")(civitai_link)
+    civitai.command("show")(civitai_show)
+    civitai.command("info")(civitai_info_cmd)
+    app.add_typer(civitai, name="civitai")
     app.command("download")(download_cmd)
