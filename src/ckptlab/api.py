@@ -457,10 +457,11 @@ def show(target: PathLike, *, db: PathLike | Catalog | None = None) -> list[dict
     Raises:
         CkptlabError: nothing in the catalog matches (exit 3), or no catalog there.
     """
-    from ckptlab.hub.link import link_lookup
     from ckptlab.library.show import show_file
 
     with _catalog(db, must_exist=True) as cat:
+        from ckptlab.hub.link import link_lookup  # after opening, as `ckptlab show`: a read adds no hub tables
+
         return show_file(cat, os.fspath(target), civitai=link_lookup(cat))
 
 

@@ -160,11 +160,12 @@ def ls_cmd(
     from ckptlab.cli.common import console, emit_json
     from ckptlab.display import human_size as human
     from ckptlab.display import printable
-    from ckptlab.hub.link import link_lookup
     from ckptlab.library.report import file_row
     from ckptlab.library.show import list_files
 
     with _catalog(db, must_exist=True) as cat:
+        from ckptlab.hub.link import link_lookup  # after opening: reading a catalog never adds the hub's tables
+
         listed = list_files(cat, kind=kind, family=family, search=search, sort=sort, missing=missing,
                             errors=errors, unsafe=unsafe, civitai=link_lookup(cat))
     if json_out:
@@ -199,10 +200,11 @@ def show_cmd(
 ) -> None:
     """Everything known about one file: identification, hashes, fingerprints, sidecars, copies."""
     from ckptlab.cli.common import console, emit_json
-    from ckptlab.hub.link import link_lookup
     from ckptlab.library.show import render_text, show_file
 
     with _catalog(db, must_exist=True) as cat:
+        from ckptlab.hub.link import link_lookup  # after opening: reading a catalog never adds the hub's tables
+
         found = show_file(cat, target, civitai=link_lookup(cat))
     for d in found:
         if json_out:
