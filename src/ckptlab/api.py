@@ -460,7 +460,8 @@ def show(target: PathLike, *, db: PathLike | Catalog | None = None) -> list[dict
     from ckptlab.library.show import show_file
 
     with _catalog(db, must_exist=True) as cat:
-        from ckptlab.hub.link import link_lookup  # after opening, as `ckptlab show`: a read adds no hub tables
+        # imported after opening, as by `ckptlab show`: reading a catalog adds none of the hub's tables
+        from ckptlab.hub.link import link_lookup
 
         return show_file(cat, os.fspath(target), civitai=link_lookup(cat))
 

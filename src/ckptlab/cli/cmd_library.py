@@ -164,7 +164,8 @@ def ls_cmd(
     from ckptlab.library.show import list_files
 
     with _catalog(db, must_exist=True) as cat:
-        from ckptlab.hub.link import link_lookup  # after opening: reading a catalog never adds the hub's tables
+        # imported after opening: importing hub.store registers its migrations, and a read adds no tables
+        from ckptlab.hub.link import link_lookup
 
         listed = list_files(cat, kind=kind, family=family, search=search, sort=sort, missing=missing,
                             errors=errors, unsafe=unsafe, civitai=link_lookup(cat))
@@ -203,7 +204,8 @@ def show_cmd(
     from ckptlab.library.show import render_text, show_file
 
     with _catalog(db, must_exist=True) as cat:
-        from ckptlab.hub.link import link_lookup  # after opening: reading a catalog never adds the hub's tables
+        # imported after opening: importing hub.store registers its migrations, and a read adds no tables
+        from ckptlab.hub.link import link_lookup
 
         found = show_file(cat, target, civitai=link_lookup(cat))
     for d in found:
