@@ -111,26 +111,48 @@ def test_resolving_every_name_loads_neither_torch_nor_httpx():
 # ----------------------------------------------------------------------------------------- files
 
 
+class _Samples(dict):
+    """Sample files (small real layouts), each written on first use."""
+
+    SPECS = {
+        "sd1": ("sd1.safetensors", "sd1_checkpoint", {}),
+        "sd1_ema": ("sd1-ema.safetensors", "sd1_checkpoint", {"ema": True, "dtype": "F16"}),
+        "sd1_b": ("sd1-b.safetensors", "sd1_checkpoint", {"seed": 1}),
+        "vae": ("vae.safetensors", "sd1_vae", {"seed": 5}),
+        "ckpt": ("sd1.ckpt", "sd1_checkpoint", {"fmt": "ckpt", "ema": True, "dtype": "F16"}),
+    }
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def __missing__(self, key: str) -> Path:
+        name, spec, kw = self.SPECS[key]
+        self[key] = make_model(self.folder / name, spec, **kw)
+        return self[key]
+
+
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    d = tmp_path_factory.mktemp("samples")
-    return {
-        "sd1": make_model(d / "sd1.safetensors", "sd1_checkpoint"),
-        "sd1_ema": make_model(d / "sd1-ema.safetensors", "sd1_checkpoint", ema=True),
-        "sd1_b": make_model(d / "sd1-b.safetensors", "sd1_checkpoint", seed=1),
-        "vae": make_model(d / "vae.safetensors", "sd1_vae", seed=5),
-        "ckpt": make_model(d / "sd1.ckpt", "sd1_checkpoint", fmt="ckpt", ema=True),
-    }
+    return _Samples(tmp_path_factory.mktemp("samples"))
+
+
+class _Work(dict):
+    """Copies of the samples in a test's own folder, made on first use (outputs land next to their inputs)."""
+
+    def __init__(self, folder: Path, samples: dict):
+        super().__init__()
+        self.folder, self.samples = folder, samples
+
+    def __missing__(self, key: str) -> Path:
+        self[key] = self.folder / self.samples[key].name
+        shutil.copyfile(self.samples[key], self[key])
+        return self[key]
 
 
 @pytest.fixture
 def work(tmp_path, samples):
-    """Copies of the samples in this test's own folder (outputs land next to their inputs)."""
-    out = {}
-    for k, p in samples.items():
-        out[k] = tmp_path / p.name
-        shutil.copyfile(p, out[k])
-    return out
+    return _Work(tmp_path, samples)
 
 
 def test_open_model_reads_what_safetensors_reads(samples):
