@@ -7,7 +7,7 @@ The public Python API (docs/api.md)::
     info = ckptlab.identify("model.safetensors")        # ModelInfo: kind, family, variant, components ...
     verdict = ckptlab.check("old.ckpt").verdict          # safe | suspicious | malicious | corrupt
     ckptlab.convert("old.ckpt")                          # -> old.safetensors, nothing in the pickle executed
-    ckptlab.scan("~/sd/models", db="lib.db", hash=True)  # the catalog; then dupes(db=...), link(...)
+    ckptlab.scan("sd/models", db="lib.db", hash=True)    # the catalog; then dupes(db=...), link(...)
 
 Every name is imported on first use, so ``import ckptlab`` is cheap and pulls in neither torch nor httpx.
 """
