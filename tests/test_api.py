@@ -78,13 +78,17 @@ def test_each_name_resolves_and_has_a_written_docstring(name):
 
 
 def test_public_functions_win_over_submodules_of_the_same_name():
-    import ckptlab.identify as _m1  # noqa: F401 - the submodules are imported ...
-    import ckptlab.merge.engine  # noqa: F401
+    import importlib
+
+    import ckptlab.merge.engine as engine  # the submodules are imported (and reachable with import ... as)
+    import ckptlab.merge.graph as graph
     from ckptlab import identify, merge  # ... and the package names are still the functions
 
     assert inspect.isfunction(identify) and inspect.isfunction(merge)
     assert inspect.isfunction(ckptlab.identify) and inspect.isfunction(ckptlab.merge)
-    from ckptlab.identify import ModelInfo  # the module itself stays importable
+    assert engine.__name__ == "ckptlab.merge.engine" and graph.__name__ == "ckptlab.merge.graph"
+    assert importlib.import_module("ckptlab.identify").__name__ == "ckptlab.identify"
+    from ckptlab.identify import ModelInfo
 
     assert ModelInfo is ckptlab.ModelInfo
 
@@ -100,6 +104,14 @@ def test_import_ckptlab_loads_neither_torch_nor_httpx():
     mods = _modules_after("import ckptlab\ndir(ckptlab)\nckptlab.__version__")
     assert "ckptlab" in mods
     assert not {m for m in mods if m.split(".")[0] in ("torch", "httpx")}
+
+
+def test_submodules_import_as_names_in_a_fresh_interpreter():
+    """``import ckptlab.merge.graph as graph`` first thing (the tests of merge do): the package attribute
+    ``merge`` is the function then, and the import still finds the module."""
+    mods = _modules_after("import ckptlab.merge.graph as graph\nassert graph.__name__ == 'ckptlab.merge.graph'\n"
+                          "import ckptlab\nassert callable(ckptlab.merge)")
+    assert "ckptlab.merge.graph" in mods
 
 
 def test_resolving_every_name_loads_neither_torch_nor_httpx():
