@@ -43,6 +43,8 @@ _QUEUE_DEPTH = 4
 
 @dataclass(frozen=True)
 class Hashes:
+    """The six CivitAI hashes of one file (UPPER-case hex; ``autov3`` None for non-safetensors) and its size."""
+
     sha256: str
     autov1: str
     autov2: str

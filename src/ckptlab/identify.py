@@ -30,6 +30,8 @@ EMA_MIN_KEYS = 100  # diffusers: a file "has EMA" when more than 100 keys start 
 
 @dataclass
 class ModelInfo:
+    """What ``identify`` found in one model file (the ``inspect --json`` record)."""
+
     path: str
     format: str
     size: int

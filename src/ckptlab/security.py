@@ -32,6 +32,8 @@ __all__ = ["CheckResult", "VERDICT_EXIT_CODES", "Finding", "check", "check_many"
 
 @dataclass
 class CheckResult:
+    """``check``'s verdict on one file, with the findings behind it (the ``check --json`` record)."""
+
     path: Path
     format: str  # safetensors | pickle | gguf | unknown
     verdict: str

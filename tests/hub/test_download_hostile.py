@@ -288,7 +288,7 @@ def test_publish_does_not_follow_a_link_planted_after_the_transfer(tmp_path):
     target = tmp_path / "m.safetensors"
     target.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(OutputError, match="appeared while downloading"):
-        dl._publish(part, target)
+        dl.publish(part, target)
     assert not (tmp_path / "elsewhere").exists() and part.read_bytes() == b"verified bytes"
 
 

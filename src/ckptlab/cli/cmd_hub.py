@@ -10,9 +10,15 @@ from pathlib import Path
 
 import typer
 
-from ckptlab.cli.common import console, db_option, emit_json, expand_paths, progress_bar, warning_line
-
-civitai_app = typer.Typer(help="Link library files to CivitAI and manage their metadata.", no_args_is_help=True)
+from ckptlab.cli.common import (
+    console,
+    db_option,
+    emit_json,
+    expand_paths,
+    progress_bar,
+    progress_phases,
+    warning_line,
+)
 
 _BASE_URL = typer.Option(None, "--base-url", help="CivitAI site URL (env CKPTLAB_CIVITAI_URL, config \\[civitai] base_url).")
 
@@ -32,7 +38,6 @@ def _note(text: str) -> None:
     err_console.print(one_line(text), markup=False, highlight=False, soft_wrap=True)
 
 
-@civitai_app.command("link")
 def civitai_link(
     paths: list[str] = typer.Argument(None, help="Files or folders (default: every file in the catalog)."),
     write_sidecars: bool = typer.Option(False, "--write-sidecars",
@@ -44,35 +49,17 @@ def civitai_link(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per file (JSON Lines)."),
 ) -> None:
     """Look files up on CivitAI by SHA256 (AutoV3 for safetensors LoRAs) and store the links."""
-    from ckptlab.errors import CkptlabError
     from ckptlab.hub import store
     from ckptlab.hub.civitai import CivitaiClient
     from ckptlab.hub.config import load_hub_config
-    from ckptlab.hub.link import catalog_fingerprint, catalog_paths, link_files, local_files
+    from ckptlab.hub.link import link_paths
 
     cfg = load_hub_config(base_url=base_url)
-    with store.open_catalog(db) as cat:
-        if paths:
-            targets = expand_paths(paths)
-            missing = [p for p in targets if not p.exists()]
-            if missing:
-                raise CkptlabError("no such file or folder", missing[0])
-            if not targets:
-                raise CkptlabError("no model files found here", paths[0] if len(paths) == 1 else None)
-        else:
-            targets = [Path(r.path) for r in cat.files()]
-            if not targets:
-                raise CkptlabError("the catalog holds no files yet (run 'ckptlab scan FOLDER' first, or name files)",
-                                   cat.path)
-        with progress_bar("cataloguing", unit_bytes=True, enabled=not json_out) as cb:
-            catalog_paths(cat, [Path(p) for p in paths or []], progress=cb)
-            unreadable: list = []
-            files = local_files(cat, targets, progress=cb, errors=unreadable)
-        with CivitaiClient(cfg) as client, progress_bar("linking", unit_bytes=False, enabled=not json_out) as cb:
-            report = link_files(cat, client, files, refresh=refresh, write_sidecars=write_sidecars,
-                                allow_nsfw=nsfw_previews, fingerprint=lambda p: catalog_fingerprint(cat, p),
-                                progress=cb)
-    report.outcomes += unreadable
+    with store.open_catalog(db) as cat, CivitaiClient(cfg) as client, progress_phases(not json_out) as phase:
+        report = link_paths(cat, client, expand_paths(paths) if paths else None, named=[Path(p) for p in paths or []],
+                            refresh=refresh, write_sidecars=write_sidecars, allow_nsfw=nsfw_previews,
+                            progress=phase("linking", unit_bytes=False),
+                            hash_progress=phase("cataloguing", unit_bytes=True))
     for o in report.outcomes:
         if json_out:
             emit_json(o)
@@ -95,33 +82,18 @@ def civitai_link(
         raise typer.Exit(1)
 
 
-@civitai_app.command("show")
 def civitai_show(
     target: str = typer.Argument(..., help="A model file, or its SHA256."),
     db: Path = db_option(),
     json_out: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Show a file's CivitAI link and every stored revision of its version record."""
-    from ckptlab.errors import CkptlabError
-    from ckptlab.hashes import hash_file
     from ckptlab.hub import store
+    from ckptlab.hub.link import link_record
 
     with store.open_catalog(db) as cat:
-        p = Path(target)
-        if p.is_file():
-            sha = None
-            rec = cat.get_by_path(p)
-            if rec is not None and rec.sha256:
-                sha = rec.sha256
-            sha = sha or hash_file(p).sha256
-        else:
-            sha = target.strip().upper()
-        link = store.get_link(cat, sha)
-        if link is None:
-            raise CkptlabError(f"not linked to CivitAI: {target} (run `ckptlab civitai link`)")
-        revs = store.revisions(cat, "version", link.version_id)
-    out = {"link": link, "revisions": [{k: v for k, v in r.items() if k != "data"} for r in revs],
-           "latest": revs[-1]["data"] if revs else None}
+        out = link_record(cat, target)
+    link, revs = out["link"], out["revisions"]
     if json_out:
         emit_json(out)
         return
@@ -136,7 +108,6 @@ def civitai_show(
     _out(f"{len(revs)} stored revision(s)")
 
 
-@civitai_app.command("info")
 def civitai_info_cmd(
     source: str = typer.Argument(..., help="civitai:ID, civitai:model/ID, a civitai.com URL or an AIR."),
     base_url: str = _BASE_URL,
@@ -221,5 +192,9 @@ def download_cmd(
 
 
 def register(app) -> None:
-    app.add_typer(civitai_app, name="civitai")
+    civitai = typer.Typer(help="Link library files to CivitAI and manage their metadata.", no_args_is_help=True)
+    civitai.command("link")(civitai_link)
+    civitai.command("show")(civitai_show)
+    civitai.command("info")(civitai_info_cmd)
+    app.add_typer(civitai, name="civitai")
     app.command("download")(download_cmd)

@@ -80,47 +80,49 @@ def render(info, console, *, all_metadata: bool = False) -> None:
     out()
 
 
-def register(app) -> None:
-    @app.command("inspect")
-    def inspect_cmd(
-        paths: list[str] = typer.Argument(..., metavar="PATH",
-                                          help="Model files, folders (searched recursively) or globs."),
-        json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per path, in order."),
-        metadata: bool = typer.Option(False, "--metadata", help="Show every metadata key in the summary."),
-        heuristics: bool = typer.Option(False, "--heuristics",
-                                        help="Also apply rules that read a tensor (SD2 v/eps by ComfyUI's rule)."),
-    ) -> None:
-        """Identify model files from their headers: kind, family, variant, prediction, components, VRAM."""
-        from ckptlab.cli.common import console, emit_json, error_line, expand_paths
-        from ckptlab.errors import CkptlabError
-        from ckptlab.identify import identify
+def inspect_cmd(
+    paths: list[str] = typer.Argument(..., metavar="PATH",
+                                      help="Model files, folders (searched recursively) or globs."),
+    json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per path, in order."),
+    metadata: bool = typer.Option(False, "--metadata", help="Show every metadata key in the summary."),
+    heuristics: bool = typer.Option(False, "--heuristics",
+                                    help="Also apply rules that read a tensor (SD2 v/eps by ComfyUI's rule)."),
+) -> None:
+    """Identify model files from their headers: kind, family, variant, prediction, components, VRAM."""
+    from ckptlab.cli.common import console, emit_json, error_line, expand_paths
+    from ckptlab.errors import CkptlabError
+    from ckptlab.identify import identify
 
-        targets = expand_paths(paths)
-        if not targets:
-            error_line("no model files found under " + ", ".join(paths))
-            raise typer.Exit(1)
-        worst = 0
-        for p in targets:
-            try:
-                info = identify(p, heuristics=heuristics)
-            except CkptlabError as err:
-                error_line(str(err) if err.path else f"{p}: {err}")
-                worst = max(worst, err.exit_code)
-                if json_out:
-                    emit_json({"path": str(p), "error": err.message})
-                continue
-            except Exception as err:  # noqa: BLE001 - a bug on one file must not hide the report on the others
-                if os.environ.get("CKPTLAB_DEBUG"):
-                    raise
-                msg = f"internal error: {type(err).__name__}: {err} (set CKPTLAB_DEBUG=1 for a traceback)"
-                error_line(f"{p}: {msg}")
-                worst = max(worst, 70)
-                if json_out:
-                    emit_json({"path": str(p), "error": msg})
-                continue
+    targets = expand_paths(paths)
+    if not targets:
+        error_line("no model files found under " + ", ".join(paths))
+        raise typer.Exit(1)
+    worst = 0
+    for p in targets:
+        try:
+            info = identify(p, heuristics=heuristics)
+        except CkptlabError as err:
+            error_line(str(err) if err.path else f"{p}: {err}")
+            worst = max(worst, err.exit_code)
             if json_out:
-                emit_json(info)
-            else:
-                render(info, console, all_metadata=metadata)
-        if worst:
-            raise typer.Exit(worst)
+                emit_json({"path": str(p), "error": err.message})
+            continue
+        except Exception as err:  # noqa: BLE001 - a bug on one file must not hide the report on the others
+            if os.environ.get("CKPTLAB_DEBUG"):
+                raise
+            msg = f"internal error: {type(err).__name__}: {err} (set CKPTLAB_DEBUG=1 for a traceback)"
+            error_line(f"{p}: {msg}")
+            worst = max(worst, 70)
+            if json_out:
+                emit_json({"path": str(p), "error": msg})
+            continue
+        if json_out:
+            emit_json(info)
+        else:
+            render(info, console, all_metadata=metadata)
+    if worst:
+        raise typer.Exit(worst)
+
+
+def register(app) -> None:
+    app.command("inspect")(inspect_cmd)

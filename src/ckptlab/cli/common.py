@@ -165,3 +165,25 @@ def progress_bar(description: str, total: int | None = None, *, unit_bytes: bool
             prog.update(task, advance=advance, **kw)
 
         yield cb
+
+
+@contextlib.contextmanager
+def progress_phases(enabled: bool = True):
+    """For one library call that works in phases, each reported to its own ``progress`` callback: yields
+    ``phase(description, unit_bytes=...)``, which returns a callback whose bar opens on its first call
+    and closes the previous phase's bar (rich shows one live bar at a time)."""
+    shown = contextlib.ExitStack()  # the bar open now (at most one)
+
+    def phase(name: str, *, unit_bytes: bool = True):
+        bar = []
+
+        def cb(advance=0, *, total=None, description=None):
+            if not bar:
+                shown.close()
+                bar.append(shown.enter_context(progress_bar(name, unit_bytes=unit_bytes, enabled=enabled)))
+            bar[0](advance, total=total, description=description)
+
+        return cb
+
+    with shown:
+        yield phase

@@ -1,6 +1,8 @@
-"""The ``ckptlab`` entry point. Each command group lives in its own ``cmd_*`` module with a
-``register(app)`` function; this module only assembles them and maps errors to one line and an
-exit code (no user-caused error ever prints a traceback)."""
+"""The ``ckptlab`` entry point. Each command group lives in its own ``cmd_*`` module: its commands are
+module-level functions (options parsed by typer, one library call, output formatted), and its
+``register(app)`` adds each with ``app.command(NAME)(function)`` (a sub-group: a ``typer.Typer`` built
+there the same way). This module only assembles them and maps errors to one line and an exit code (no
+user-caused error ever prints a traceback)."""
 
 from __future__ import annotations
 

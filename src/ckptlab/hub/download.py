@@ -552,7 +552,7 @@ def transfer(http, url: str, dest_dir: Path, *, filename: str | None = None, exp
             owned = _drop_part(part, meta, fd)
             raise VerificationError(f"{what}: SHA256 mismatch (expected {exp_sha[:16]}..., got {digest[:16]}...); "
                                     "the download was deleted")
-        _publish(part, target)
+        publish(part, target)
         owned = False
         _discard(meta)
         result.size, result.sha256, result.hashes = size, digest, hashes
@@ -654,7 +654,7 @@ def _discard(part: Path) -> None:
         part.unlink()
 
 
-def _publish(part: Path, target: Path) -> None:
+def publish(part: Path, target: Path) -> None:
     """Move the verified partial into place without ever replacing an existing file, and without
     following a link: neither ``part`` (``link`` without ``AT_SYMLINK_FOLLOW``) nor a link planted
     under the final name (``link`` fails on any existing name, dangling links included)."""

@@ -164,7 +164,7 @@ def _place_by_kind(res: DownloadResult, root: Path, ui: str) -> None:
     import contextlib
 
     from ckptlab.hashes import sha256_file
-    from ckptlab.hub.download import _publish
+    from ckptlab.hub.download import publish
 
     kind = None
     try:
@@ -179,7 +179,7 @@ def _place_by_kind(res: DownloadResult, root: Path, ui: str) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        _publish(res.path, dest)
+        publish(res.path, dest)
     except CkptlabError as e:
         if dest.is_file() and sha256_file(dest) == res.sha256:  # the same file was already there
             res.path.unlink()
@@ -292,7 +292,7 @@ def _after_download(res: DownloadResult, config: HubConfig, client, write_sideca
     from ckptlab.hashes import hash_file
     from ckptlab.hub import store
     from ckptlab.hub.civitai import CivitaiClient
-    from ckptlab.hub.link import LocalFile, _remember, link_files
+    from ckptlab.hub.link import LocalFile, link_files, remember_version
     from ckptlab.library.scanner import scan
 
     st = res.path.stat()
@@ -306,17 +306,17 @@ def _after_download(res: DownloadResult, config: HubConfig, client, write_sideca
         client = client or CivitaiClient(config)
         try:
             if version is not None:
-                _remember(cat, client, version, {})
+                remember_version(cat, client, version, {})
                 store.put_link(cat, h.sha256, int(version["id"]), version.get("modelId"), matched_by="download",
                                file_id=file_id)
                 res.extra["linked_version"] = version["id"]
                 if write_sidecars:
-                    from ckptlab.hub.link import _fetch_image
+                    from ckptlab.hub.link import fetch_preview
                     from ckptlab.hub.sidecars import write_sidecars as _write
 
                     model = store.latest_record(cat, "model", version.get("modelId"))
                     res.extra["sidecars"] = _write(res.path, version, model,
-                                                   fetch_image=lambda u: _fetch_image(client, u)).written
+                                                   fetch_image=lambda u: fetch_preview(client, u)).written
             elif lookup:
                 try:
                     rep = link_files(cat, client, [LocalFile(res.path, h.sha256, h.autov3)], write_sidecars=write_sidecars)

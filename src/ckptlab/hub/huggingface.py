@@ -41,7 +41,7 @@ from ckptlab.errors import (
     VerificationError,
 )
 from ckptlab.hashes import sha256_file
-from ckptlab.hub.download import DownloadResult, _publish, check_free_space, safe_filename
+from ckptlab.hub.download import DownloadResult, check_free_space, publish, safe_filename
 from ckptlab.progress import Progress, null_progress
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -245,7 +245,7 @@ def download(repo_id: str, filename: str, revision: str | None = None, dest_dir:
     except VerificationError:
         _remove_tree(staging)
         raise
-    _publish(staged, target)  # if the name was taken meanwhile, the verified copy stays staged
+    publish(staged, target)  # if the name was taken meanwhile, the verified copy stays staged
     _remove_tree(staging)
     return DownloadResult(path=target, url=resolve_url, size=target.stat().st_size, sha256=sha, source="hf",
                           expected_sha256=published, extra=extra)

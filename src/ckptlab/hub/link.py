@@ -41,6 +41,8 @@ class LocalFile:
 
 @dataclass
 class LinkOutcome:
+    """What ``civitai link`` did with one file (``status``) and the CivitAI version it is linked to."""
+
     path: Path
     sha256: str
     status: str  # linked | inherited | already | refreshed | updated | not_found | kept | error
@@ -57,6 +59,8 @@ class LinkOutcome:
 
 @dataclass
 class LinkReport:
+    """What ``civitai link`` did: one ``LinkOutcome`` per file."""
+
     outcomes: list[LinkOutcome] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
@@ -145,7 +149,9 @@ def _file_id(version: dict, lf: LocalFile, by: str) -> int | None:
     return None
 
 
-def _remember(cat: Catalog, client: CivitaiClient, version: dict, models_seen: dict) -> int:
+def remember_version(cat: Catalog, client: CivitaiClient, version: dict, models_seen: dict) -> int:
+    """Store a CivitAI version record (as a revision) and, once per model id in ``models_seen``, its model
+    record (fetched now; on an outage the stored one is kept). Returns the version's revision number."""
     rev, _ = store.store_record(cat, "version", int(version["id"]), version)
     mid = version.get("modelId")
     if mid is not None and mid not in models_seen:
@@ -167,7 +173,7 @@ def _refresh_version(cat: Catalog, client: CivitaiClient, version_id: int, model
         return "kept", None, None, f"CivitAI unreachable, stored record kept ({e})"
     rev, new = store.store_record(cat, "version", version_id, v)
     if v.get("modelId") is not None and v["modelId"] not in models_seen:
-        _remember(cat, client, v, models_seen)
+        remember_version(cat, client, v, models_seen)
     return ("updated" if new and rev > 1 else "refreshed"), v, rev, None
 
 
@@ -233,7 +239,7 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
             store.note_miss(cat, lf.sha256)
             results[lf.sha256] = _outcome_from(lf, "not_found", None, None, message="not on CivitAI")
             continue
-        rev = _remember(cat, client, version, models_seen)
+        rev = remember_version(cat, client, version, models_seen)
         link = store.put_link(cat, lf.sha256, int(version["id"]), version.get("modelId"), matched_by=by,
                               file_id=_file_id(version, lf, by))
         results[lf.sha256] = _outcome_from(lf, "linked", link, version, revision=rev)
@@ -289,7 +295,7 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
                 from ckptlab.hub.sidecars import write_sidecars as _write
 
                 try:
-                    res = _write(lf.path, version, model, fetch_image=lambda url: _fetch_image(client, url),
+                    res = _write(lf.path, version, model, fetch_image=lambda url: fetch_preview(client, url),
                                  allow_nsfw=allow_nsfw)
                     o.sidecars = res.written
                 except OSError as e:
@@ -299,7 +305,9 @@ def link_files(cat: Catalog, client: CivitaiClient, files: list[LocalFile], *, r
     return report
 
 
-def _fetch_image(client: CivitaiClient, url: str) -> bytes:
+def fetch_preview(client: CivitaiClient, url: str) -> bytes:
+    """The bytes of a preview image (at most ``MAX_PREVIEW_BYTES``); ``b""`` when it cannot be had: no
+    preview is better than no link."""
     from ckptlab.hub.sidecars import MAX_PREVIEW_BYTES
 
     try:
@@ -356,3 +364,97 @@ def catalog_paths(cat: Catalog, paths: list[Path], progress: Progress | None = N
 
     if paths:
         scan([Path(p).absolute() for p in paths], cat, hash=True, fingerprint=False, progress=progress)
+
+
+def link_lookup(cat: Catalog):
+    """The CivitAI link lookup the library's ``show_file`` / ``list_files`` take (``civitai=``): a function
+    from a catalog record to its stored link summary (``store.link_summary``: ids, names, how it was
+    matched, trigger words, base model, revisions, upstream status, URL), or None when the file is not
+    linked. Reads stored data only (no network); a catalog the hub never used has no links."""
+    if not store.has_tables(cat):
+        return lambda rec: None
+    return lambda rec: store.link_summary(cat, rec.sha256)
+
+
+def link_paths(cat: Catalog, client: CivitaiClient, files: list[Path] | None = None, *, named: list[Path] = (),
+               refresh: bool = False, write_sidecars: bool = False, allow_nsfw: bool = False,
+               progress: Progress | None = None, hash_progress: Progress | None = None) -> LinkReport:
+    """``ckptlab civitai link``: catalogue, hash and link files to their CivitAI versions.
+
+    Args:
+        cat: the catalog (links, records and hashes are stored there).
+        client: the CivitAI client (``hub.civitai.CivitaiClient``).
+        files: the model files to link; None: the catalogued files under ``named`` (after scanning it),
+            or, with nothing named, every catalogued file.
+        named: the files and folders the user named; they are scanned into the catalog first (with
+            hashes), so that each link refers to a catalogued file.
+        refresh: re-check linked files (changes become new revisions); ask again about recent misses.
+        write_sidecars: write ``<name>.civitai.info``, ``<name>.json`` (if absent) and a preview.
+        allow_nsfw: allow R/X rated images as previews.
+        progress: advanced by one per file linked; hash_progress: by the bytes scanned and hashed.
+
+    Returns:
+        A ``LinkReport``: one ``LinkOutcome`` per file (unreadable files with status ``error``).
+
+    Raises:
+        CkptlabError: a named path that does not exist, nothing to link, or an empty catalog.
+    """
+    named = [Path(p) for p in named]
+    if files is not None:
+        missing = [p for p in map(Path, files) if not p.exists()]
+        if missing:
+            raise CkptlabError("no such file or folder", missing[0])
+        if not files:
+            raise CkptlabError("no model files found here", named[0] if len(named) == 1 else None)
+    elif named:
+        missing = [p for p in named if not p.exists()]
+        if missing:
+            raise CkptlabError("no such file or folder", missing[0])
+    else:
+        files = [Path(r.path) for r in cat.files()]
+        if not files:
+            raise CkptlabError("the catalog holds no files yet (run 'ckptlab scan FOLDER' first, or name files)",
+                               cat.path)
+    catalog_paths(cat, named, progress=hash_progress)
+    if files is None:  # the catalogued files under what was named
+        roots = [p.absolute() for p in named]
+        files = [Path(r.path) for r in cat.files(sort="path")
+                 if any(Path(r.path) == root or root in Path(r.path).parents for root in roots)]
+        if not files:
+            raise CkptlabError("no model files found here", named[0] if len(named) == 1 else None)
+    unreadable: list[LinkOutcome] = []
+    local = local_files(cat, [Path(p) for p in files], progress=hash_progress, errors=unreadable)
+    report = link_files(cat, client, local, refresh=refresh, write_sidecars=write_sidecars, allow_nsfw=allow_nsfw,
+                        fingerprint=lambda p: catalog_fingerprint(cat, p), progress=progress)
+    report.outcomes += unreadable
+    return report
+
+
+def link_record(cat: Catalog, target: str | os.PathLike) -> dict:
+    """``ckptlab civitai show``: a file's stored CivitAI link and every stored revision of its version record.
+
+    Args:
+        cat: the catalog.
+        target: a model file (its SHA256 from the catalog when known, else computed), or a SHA256.
+
+    Returns:
+        ``{"link": Link, "revisions": [{revision, digest, fetched_at, ...}], "latest": the newest version
+        record (dict) or None}``.
+
+    Raises:
+        CkptlabError: the file is not linked to CivitAI.
+    """
+    from ckptlab.hashes import hash_file
+
+    p = Path(target)
+    if p.is_file():
+        rec = cat.get_by_path(p)
+        sha = rec.sha256 if rec is not None and rec.sha256 else hash_file(p).sha256
+    else:
+        sha = str(target).strip().upper()
+    link = store.get_link(cat, sha)
+    if link is None:
+        raise CkptlabError(f"not linked to CivitAI: {target} (run `ckptlab civitai link`)")
+    revs = store.revisions(cat, "version", link.version_id)
+    return {"link": link, "revisions": [{k: v for k, v in r.items() if k != "data"} for r in revs],
+            "latest": revs[-1]["data"] if revs else None}

@@ -184,9 +184,9 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
     plan = SpacePlan.load(plan_path)
     db = catalog_path or (Path(plan.catalog) if plan.catalog else None)  # the catalog the plan came from
     records = _catalog_records(db)
-    from ckptlab.library.dupes import _link_targets
+    from ckptlab.library.dupes import symlinked_files
 
-    link_targets = _link_targets(records.values())
+    link_targets = symlinked_files(records.values())
     results: list[StepResult] = []
     touched: set[Path] = set()
     renames: list[tuple[Path, Path]] = []

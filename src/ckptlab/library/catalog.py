@@ -141,6 +141,8 @@ StatKey = tuple[int, int, int, int]  # (dev, ino, size, mtime_ns)
 
 @dataclass
 class FileRecord:
+    """One catalogued file or diffusers folder: where it is, what it is, its hashes and safety verdict."""
+
     id: int
     path: str
     name: str

@@ -82,6 +82,8 @@ class DupeGroup:
 
 @dataclass
 class DupesResult:
+    """The duplicate groups ``dupes`` found, and how many files it could not compare (not hashed / fingerprinted)."""
+
     groups: list[DupeGroup] = field(default_factory=list)
     unhashed: int = 0
     unfingerprinted: int = 0
@@ -147,7 +149,7 @@ def _physical(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _link_targets(recs) -> set[tuple[int, int]]:
+def symlinked_files(recs) -> set[tuple[int, int]]:
     """``(dev, inode)`` of every file a catalogued symlink resolves to, as catalogued and as it is now: a
     transform must never rewrite or remove such a file (the link would dangle or change under the UI)."""
     out: set[tuple[int, int]] = set()
@@ -378,7 +380,7 @@ def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = T
                 taken.add(c.link_path or r.path)
             plan.steps.append(step)
 
-    link_targets = _link_targets(recs.values())
+    link_targets = symlinked_files(recs.values())
     for r in recs.values():
         if r.id in removed or r.error is not None or r.tensor_bytes is None or r.format == "diffusers":
             continue  # a diffusers folder is not one file a transform step can rewrite in place

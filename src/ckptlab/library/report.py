@@ -247,3 +247,57 @@ def check_output(out: Path, *, overwrite: bool) -> None:
 
 
 RENDERERS = {"table": render_table, "json": render_json, "csv": render_csv, "html": render_html}
+
+
+def render_report(inv: Inventory, fmt: str = "table", *, width: int | None = None, terminal: bool = False) -> str:
+    """The inventory as ``fmt`` (``table``, ``json``, ``csv`` or ``html``). ``terminal``: the text goes to a
+    terminal, so a CSV shows control characters visibly and a table fits ``width`` columns (None: never
+    wrapped, one line per path for ``grep``). Raises ``BadChoiceError`` for an unknown format."""
+    check_format(fmt)
+    if fmt == "table":
+        return render_table(inv, width=width if terminal else None)
+    if fmt == "csv":  # a terminal shows control characters visibly; a file or a pipe gets exact values
+        return render_csv(inv, terminal=terminal)
+    return RENDERERS[fmt](inv)
+
+
+def check_format(fmt: str) -> None:
+    """Refuse a report format that is not one of ``RENDERERS`` (``BadChoiceError``, exit 2)."""
+    from ckptlab.errors import BadChoiceError
+
+    if fmt not in RENDERERS:
+        raise BadChoiceError(f"--format {fmt!r}: use one of {', '.join(RENDERERS)}")
+
+
+def report(catalog: Catalog | str | os.PathLike | None, fmt: str = "table", output: str | os.PathLike | None = None,
+           *, overwrite: bool = False, width: int | None = None, terminal: bool = False) -> str:
+    """``ckptlab report``: the library inventory rendered as ``fmt``, written to ``output`` when given.
+
+    Args:
+        catalog: an open ``Catalog``, or the catalog file to open (None: ``$CKPTLAB_DB`` or the default);
+            a file is opened read-only in spirit (it must exist).
+        fmt: ``table``, ``json``, ``csv`` or ``html``.
+        output: the file to write (atomically); None: nothing is written.
+        overwrite: replace ``output`` if it exists.
+        width, terminal: as for ``render_report`` (the text is shown on a terminal this wide).
+
+    Returns:
+        The rendered text.
+
+    Raises:
+        BadChoiceError: an unknown format. OutputError: ``output`` exists (without ``overwrite``), is a
+        folder or cannot be written (checked before the catalog is read). CatalogError: no catalog there.
+    """
+    check_format(fmt)
+    if output is not None:  # before the work, not after it
+        check_output(Path(output), overwrite=overwrite)
+    if isinstance(catalog, Catalog):
+        inv = build_inventory(catalog)
+    else:
+        with Catalog(catalog, must_exist=True) as cat:
+            inv = build_inventory(cat)
+    text = render_report(inv, fmt, width=width, terminal=terminal)
+    if output is not None:
+        write_report(text, output, overwrite=overwrite)
+    return text
+

@@ -104,6 +104,8 @@ def _folder_found(path: str, root: str, names: set[str], category: str | None, i
 
 @dataclass
 class ScanSummary:
+    """What one ``scan`` did: files seen, new / changed / moved / missing, hashed, errors, unsafe counts."""
+
     scan_id: int
     roots: list[str]
     status: str = "complete"

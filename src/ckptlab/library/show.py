@@ -1,14 +1,25 @@
-"""``show``: everything the catalog knows about one file, found by path or by any hash."""
+"""``show`` and ``ls``: what the catalog knows about one file (found by path or by any hash), and the
+catalogued files filtered as ``ckptlab ls`` filters them.
+
+The library is below the hub: it does not know where a CivitAI link is stored. A caller that has one
+passes a lookup (``civitai=``, a function from a ``FileRecord`` to the link's summary dict, or None);
+``ckptlab.hub.link.link_lookup(catalog)`` is the hub's. Without it the CivitAI part comes from sidecars
+only (``ls``) or is None (``show``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ckptlab.errors import NotInCatalogError, UsageError
 from ckptlab.library import sidecars
 from ckptlab.library.catalog import Catalog, FileRecord
+
+#: ``FileRecord -> CivitAI link summary or None`` (``hub.store.link_summary``'s dict)
+LinkLookup = Callable[[FileRecord], "dict | None"]
 
 
 def lookup(catalog: Catalog, target: str) -> list[FileRecord]:
@@ -23,7 +34,11 @@ def lookup(catalog: Catalog, target: str) -> list[FileRecord]:
     return []
 
 
-def show_file(catalog: Catalog, target: str) -> list[dict]:
+def show_file(catalog: Catalog, target: str, *, civitai: LinkLookup | None = None) -> list[dict]:
+    """Everything known about the file(s) ``target`` names (a catalogued path, or a hash / hash prefix of
+    at least 8 hex digits): the catalog record, its hashes, live sidecars, files with the same bytes or a
+    same component, and (with a ``civitai`` lookup) the CivitAI link. One dict per matching file, as
+    ``ckptlab show --json`` prints them. Raises ``NotInCatalogError`` (exit 3) when nothing matches."""
     from ckptlab.jsonable import to_jsonable
 
     recs = lookup(catalog, target)
@@ -52,36 +67,25 @@ def show_file(catalog: Catalog, target: str) -> list[dict]:
                             and other.components_bf16.get(comp) == rec.components_bf16.get(comp)):
                         same.setdefault(comp, []).append(other.path)
         d["same_component_as"] = same or None
-        d["civitai"] = _civitai(catalog, rec)
+        d["civitai"] = civitai(rec) if civitai is not None else None
         d["same_bytes_as"] = [o.path for o in (catalog.find_by_sha256(rec.sha256) if rec.sha256 else [])
                               if o.id != rec.id and o.status == "present"] or None
         out.append(d)
     return out
 
 
-def _civitai(catalog: Catalog, rec: FileRecord) -> dict | None:
-    """The CivitAI link the hub stored for this file's bytes (``hub.store.link_summary``), if any."""
-    try:
-        from ckptlab.hub.store import link_summary
-    except ImportError:  # pragma: no cover - a build without the hub
-        return None
-    return link_summary(catalog, rec.sha256)
-
-
-def civitai_brief(catalog: Catalog, rec: FileRecord, linked: bool | None = None) -> dict | None:
+def civitai_brief(rec: FileRecord, link: dict | None = None) -> dict | None:
     """What ``ls`` shows and searches about a file's CivitAI identity: ``{model_name, version_name,
-    base_model, trigger_words, source}`` from the hub's stored link (``source: "link"``), else from a
-    sidecar that names the model (Civitai Helper, Stability Matrix, LoRA Manager, SD.Next). None when
-    neither knows it. ``linked``: whether the catalog has hub tables (pass it to save a query per file)."""
+    base_model, trigger_words, source}`` from the file's stored CivitAI ``link`` summary (``source:
+    "link"``), else from a sidecar that names the model (Civitai Helper, Stability Matrix, LoRA Manager,
+    SD.Next). None when neither knows it."""
     def text(v) -> str | None:  # sidecars and server records are untrusted: a name may be a list or a number
         return None if v in (None, "") else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)[:200]
 
     def words(v) -> list[str]:
         return [w if isinstance(w, str) else str(w) for w in v] if isinstance(v, list) else []
 
-    civ = None
-    if rec.sha256 and linked is not False:
-        civ = _civitai(catalog, rec)
+    civ = link
     if civ:
         return {"model_name": text(civ.get("model_name")), "version_name": text(civ.get("version_name")),
                 "base_model": text(civ.get("base_model")), "trigger_words": words(civ.get("trigger_words")),
@@ -107,6 +111,47 @@ def search_text(rec: FileRecord, civ: dict | None) -> str:
         parts += [str(civ.get(k) or "") for k in ("model_name", "version_name", "base_model")]
         parts += [str(w) for w in civ.get("trigger_words") or []]
     return "\n".join(parts).casefold()
+
+
+def list_files(catalog: Catalog, *, kind: str | None = None, family: str | None = None, search: str | None = None,
+               sort: str = "name", missing: bool = False, errors: bool = False, unsafe: bool = False,
+               civitai: LinkLookup | None = None) -> list[tuple[FileRecord, dict | None]]:
+    """The catalogued files ``ckptlab ls`` lists, each with its CivitAI brief (``civitai_brief``).
+
+    Args:
+        kind: a kind (``checkpoint``, ``lora`` (LyCORIS included) ...), a UI folder name (``loras``,
+            ``Stable-diffusion``) or a CivitAI type (``LORA``).
+        family: a family (``sd1``, ``sdxl`` ...), a CivitAI base model (``"SD 1.5"``, ``Pony``) or a short
+            name (``sd15``); a file without an identified family matches through its CivitAI base model.
+        search: text looked for (case-folded) in the path, the sidecars and the CivitAI names, base model
+            and trigger words.
+        sort: ``size``, ``name``, ``mtime`` or ``path``.
+        missing: list the files marked missing instead of the present ones.
+        errors: only files with errors.
+        unsafe: only files whose safety verdict is not ``safe``.
+        civitai: the CivitAI link lookup (``hub.link.link_lookup``); None: sidecars only.
+
+    Returns:
+        ``[(record, brief or None), ...]`` in ``sort`` order.
+
+    Raises:
+        BadChoiceError: an unknown kind or family (exit 2).
+    """
+    from ckptlab.library.ui_folders import resolve_family, resolve_kind
+
+    kinds = resolve_kind(kind, catalog.kinds()) if kind else None
+    families = resolve_family(family, catalog.families()) if family else None
+    recs = catalog.files(status="missing" if missing else "present", kind=kinds, sort=sort, unsafe=unsafe)
+    civ = {r.id: civitai_brief(r, civitai(r) if civitai is not None and r.sha256 else None) for r in recs}
+    if families:  # the identified family; where identification found none, CivitAI's base model
+        recs = [r for r in recs if (r.family or "").lower() in families
+                or (not r.family and base_model_family(civ[r.id]) in families)]
+    if errors:
+        recs = [r for r in recs if r.error]
+    if search:
+        needle = search.casefold()
+        recs = [r for r in recs if needle in search_text(r, civ[r.id])]
+    return [(r, civ[r.id]) for r in recs]
 
 
 def render_text(d: dict) -> list[str]:

@@ -61,6 +61,8 @@ class InputReport:
 
 @dataclass
 class MergeResult:
+    """What a merge wrote: output, family, tensors and bytes, per-step counts, pinned inputs, warnings."""
+
     output: str
     method: str
     family: str | None
