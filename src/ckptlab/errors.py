@@ -58,3 +58,8 @@ class BadChoiceError(CkptlabError):
     exit 2 as docs/cli-errors.md says; the message lists the valid values."""
 
     exit_code = 2
+
+
+class TorchMissingError(CkptlabError):
+    """A command that needs PyTorch ran where only the core is installed; the message names the extra
+    (``pip install 'ckptlab[torch]'``). Raised by ``formats.arrays.import_torch``."""
