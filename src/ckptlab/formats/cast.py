@@ -42,7 +42,8 @@ def cast(a, target: str):
         with np.errstate(all="ignore"):
             return a.astype(dt)
     if target == "F64":
-        return _f32(a, src).astype(np.float64)
+        with np.errstate(all="ignore"):
+            return _f32(a, src).astype(np.float64)
     out = np.empty(a.shape, dtype=dt)
     flat_in = a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
     flat_out = out.reshape(-1)
@@ -155,3 +156,45 @@ def widen(a):
         return a
     with np.errstate(all="ignore"):
         return a.astype(np.float32)
+
+
+def limit_in(dtype: str, limit: float) -> float:
+    """``limit`` rounded to ``dtype``, as torch rounds a Python scalar it compares with or clamps a tensor of that
+    dtype to (65504 is 65536 in bf16)."""
+    import numpy as np
+
+    return float(widen(cast(np.array([limit], dtype=np.float64 if dtype == "F64" else np.float32), dtype))[0])
+
+
+def count_over(a, limit: float) -> tuple[int, float]:
+    """``(n, peak)``: how many finite values of ``a`` exceed ``limit`` in magnitude, and the largest finite
+    magnitude (0.0 when there is none), chunk by chunk. Compared as torch's ``t.abs() > limit`` compares: with
+    ``limit`` rounded to ``a``'s dtype (a bf16 65536 is not above the fp16 limit 65504)."""
+    import numpy as np
+
+    limit = limit_in(from_numpy(a.dtype), limit)
+    flat = a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+    n, peak = 0, 0.0
+    for i in range(0, flat.size, CHUNK):
+        w = np.abs(widen(flat[i:i + CHUNK]))
+        fin = np.isfinite(w)
+        n += int(np.count_nonzero((w > limit) & fin))
+        if fin.any():
+            peak = max(peak, float(w[fin].max()))
+    return n, peak
+
+
+def clamp_finite(a, limit: float):
+    """A copy of ``a`` with finite values beyond ±``limit`` set to ±``limit`` rounded to ``a``'s own dtype (as
+    torch's ``clamp`` on a tensor of that dtype does: 65504 is 65536 in bf16); infinities and NaNs stay."""
+    import numpy as np
+
+    w = widen(a)
+    fin = np.isfinite(w)
+    src = from_numpy(a.dtype)
+    lim = cast(np.array([limit, -limit], dtype=np.float64 if src == "F64" else np.float32), src)
+    bound = limit_in(src, limit)
+    out = np.array(a, copy=True)
+    out[fin & (w > bound)] = lim[0]
+    out[fin & (w < -bound)] = lim[1]
+    return out
