@@ -39,6 +39,7 @@ def as_tensor(a, what: str = "this command"):
 
     if is_tensor(a):
         return a
+    a = np.asarray(a)  # a numpy scalar (an element of an array) becomes a 0-d array
     name = from_numpy(a.dtype)
     if a.size == 0:  # numpy gives empty arrays zero strides, which torch cannot view as bytes
         return torch.empty(a.shape, dtype=to_torch(name))
