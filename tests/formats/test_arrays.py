@@ -158,3 +158,22 @@ def test_every_format_reads_its_arrays_where_torch_cannot_be_imported(tmp_path):
 
     got = json.loads(r.stdout)
     assert {k: bytes.fromhex(v) for k, v in got.items()} == want
+
+
+def test_writer_takes_numpy_arrays_like_tensors(tmp_path):
+    """The same tensors written as torch tensors and as numpy arrays (bf16/fp8 as ml_dtypes, a big-endian array,
+    a strided view, 0-d, empty) give byte-identical files, which the reference loader reads back."""
+    from ckptlab.formats.writer import write_safetensors
+
+    tensors = _every_dtype()
+    tensors["strided"] = torch.arange(20.0).reshape(4, 5)[:, ::2]
+    arrays = {k: as_array(t) for k, t in tensors.items()}
+    arrays["big_endian"] = np.arange(6, dtype=">f4").reshape(2, 3)
+    tensors["big_endian"] = torch.arange(6.0).reshape(2, 3)
+    a, t = tmp_path / "a.safetensors", tmp_path / "t.safetensors"
+    write_safetensors(a, arrays, {"k": "v"})
+    write_safetensors(t, tensors, {"k": "v"})
+    assert a.read_bytes() == t.read_bytes()
+    ref = load_file(str(a))
+    for k, v in tensors.items():
+        assert ref[k].dtype == v.dtype and _bits(ref[k]) == _bits(v), k
