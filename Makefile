@@ -1,6 +1,8 @@
 # Two entry points, each installs what it needs on a fresh machine:
 #   make demo   - builds the sample library and runs ckptlab over it
-#   make test   - lint + the whole test suite
+#   make test   - lint + the core-only check + the whole test suite
+# make core-check: `pip install ckptlab` without extras in its own venv (.venv-core, kept between runs like
+# .venv) runs the core commands on sample files with no torch (scripts/core_check.sh).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,13 +16,28 @@ $(BIN)/ckptlab: pyproject.toml requirements-dev.txt
 
 venv: $(BIN)/ckptlab
 
+CORE_VENV := .venv-core
+
+# the core alone, pinned to the dev versions; editable, so it always runs this checkout's src
+$(CORE_VENV)/bin/ckptlab: pyproject.toml requirements-dev.txt
+	rm -rf $(CORE_VENV)
+	$(PY) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/pip install -q --upgrade pip
+	$(CORE_VENV)/bin/pip install -q -c requirements-dev.txt -e .
+	touch $(CORE_VENV)/bin/ckptlab
+
+core-venv: $(CORE_VENV)/bin/ckptlab
+
+core-check: venv core-venv
+	bash scripts/core_check.sh
+
 demo: venv
 	bash scripts/demo.sh sample-library
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
 
-test: lint
+test: lint core-check
 	$(BIN)/python -m pytest -n 2 -q tests
 
-.PHONY: venv demo lint test
+.PHONY: venv core-venv core-check demo lint test

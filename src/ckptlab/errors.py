@@ -188,3 +188,8 @@ class DownloadCancelled(CkptlabError):  # not "CancelledError": asyncio and conc
 
 class BusyError(OutputError):
     """Another ckptlab process (or thread) is downloading the same file into the same folder."""
+
+
+class TorchMissingError(CkptlabError):
+    """A command that needs PyTorch ran where only the core is installed; the message names the extra
+    (``pip install 'ckptlab[torch]'``). Raised by ``formats.arrays.import_torch``."""

@@ -68,6 +68,9 @@ def merge_cmd(
                 console.print(f"{r['name']} ({r['inputs'][0]}-{r['inputs'][1]} models) "
                               f"{r['help']}  ({params})", highlight=False, markup=False)
         return
+    from ckptlab.formats.arrays import import_torch
+
+    import_torch("merge")  # where only the core is installed: one line naming the extra, before any work
     if recipe is not None:
         if method or models:
             raise RecipeError("give either --recipe or METHOD and models, not both")

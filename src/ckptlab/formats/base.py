@@ -1,7 +1,9 @@
 """``TensorSource``: an opened model file of any format, read lazily.
 
-Header-level questions (keys, dtypes, shapes, metadata) never import torch; ``get(key)`` returns
-a ``torch.Tensor`` (mmap-backed where the format allows) and is the only place tensors appear.
+Header-level questions (keys, dtypes, shapes, metadata) import neither numpy nor torch. ``array(key)`` is the
+one data path of every format: a numpy array (a zero-copy view of the mapped file where the format allows;
+bf16/fp8 as ``ml_dtypes`` dtypes), no torch. ``get(key)`` is the torch entry point (merge): the same array as a
+``torch.Tensor`` sharing its memory, implemented once here on top of ``array``.
 """
 
 from __future__ import annotations
@@ -120,8 +122,16 @@ class TensorSource(ABC):
 
     # -- data level ---------------------------------------------------------------------------
     @abstractmethod
+    def array(self, key: str):
+        """The tensor for ``key`` as a numpy array (native byte order; bf16/fp8 as ``ml_dtypes`` dtypes). Never
+        imports torch. Raises ``FormatError`` (``UnsupportedFormatError`` for data ckptlab cannot decode)."""
+
     def get(self, key: str):
-        """The tensor for ``key`` as a ``torch.Tensor`` (imports torch)."""
+        """The tensor for ``key`` as a ``torch.Tensor`` sharing the memory of ``array(key)`` (imports torch;
+        ``TorchMissingError`` where it is not installed)."""
+        from ckptlab.formats.arrays import as_tensor
+
+        return as_tensor(self.array(key))
 
     def close(self) -> None:  # noqa: B027 - optional hook; most sources hold nothing to release
         """Release mapped files; sources without resources need not override it."""

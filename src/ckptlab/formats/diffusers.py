@@ -286,9 +286,9 @@ class DiffusersSource(TensorSource):
         """The underlying file's source and the key inside it (for zero-copy paths)."""
         return self._route[key]
 
-    def get(self, key: str):
+    def array(self, key: str):
         src, inner = self._route[key]
-        return src.get(inner)
+        return src.array(inner)
 
     def close(self) -> None:
         for src in self._sources.values():

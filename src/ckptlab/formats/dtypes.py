@@ -1,5 +1,7 @@
 """Dtype names. ckptlab names dtypes the way the safetensors header does (``F32``, ``BF16``...);
-this module maps them to element sizes, human names and (lazily) torch dtypes."""
+this module maps them to element sizes, human names, numpy dtypes (bf16 and the fp8 kinds through
+``ml_dtypes``) and torch dtypes. numpy, ``ml_dtypes`` and torch are each imported only inside the functions
+that need them: header-level work imports none of them, and only the torch functions import torch."""
 
 from __future__ import annotations
 
@@ -51,6 +53,62 @@ def parse_dtype(name: str) -> str:
         return _FRIENDLY_TO_ST[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(_FRIENDLY_TO_ST))}") from None
+
+
+#: ``ml_dtypes`` attribute of each dtype numpy itself does not have
+_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+              "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz"}
+#: numpy type codes of the rest (little-endian, as every format ckptlab writes stores them)
+_NP_CODES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+             "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?", "C64": "<c8"}
+_np_cache: dict[str, object] = {}
+_np_back: dict[object, str] = {}
+
+
+def _np_tables() -> dict[str, object]:
+    if not _np_cache:
+        import ml_dtypes
+        import numpy as np
+
+        table = {k: np.dtype(v) for k, v in _NP_CODES.items()}
+        table.update({k: np.dtype(getattr(ml_dtypes, v)) for k, v in _ML_DTYPES.items()})
+        _np_back.update({v: k for k, v in table.items()})
+        _np_cache.update(table)
+    return _np_cache
+
+
+def to_numpy(dtype: str):
+    """The numpy dtype of a safetensors dtype name (native little-endian; bf16/fp8 from ``ml_dtypes``)."""
+    return _np_tables()[dtype]
+
+
+def from_numpy(npdtype) -> str:
+    """The safetensors name of a numpy dtype (either byte order)."""
+    import numpy as np
+
+    _np_tables()
+    dt = np.dtype(npdtype)
+    if dt.byteorder == ">":
+        dt = dt.newbyteorder("<")
+    try:
+        return _np_back[dt]
+    except KeyError:
+        raise ValueError(f"dtype {dt} cannot be stored in safetensors") from None
+
+
+def uint_of_width(width: int):
+    """The numpy unsigned integer dtype ``width`` bytes wide (to move bf16/fp8 bits through numpy and torch)."""
+    import numpy as np
+
+    return np.dtype({1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}[width])
+
+
+def dtype_of(array_or_tensor) -> str:
+    """The safetensors dtype name of a numpy array or a torch tensor (torch is not imported for arrays)."""
+    dt = array_or_tensor.dtype
+    if hasattr(dt, "byteorder"):  # a numpy dtype; torch.dtype has no byte order
+        return from_numpy(dt)
+    return from_torch(dt)
 
 
 def to_torch(dtype: str):

@@ -10,7 +10,7 @@ Dimensions are stored innermost-first (GGML ``ne`` order); ``infos()`` reports t
 torch and safetensors shapes are written, and honours ComfyUI-GGUF's
 ``comfy.gguf.orig_shape.<name>`` (the shape a tensor had before it was flattened for quantizing).
 Quantized data is never decoded here: ``get()`` returns only the unquantized tensors (F32, F16,
-BF16, F64, integers) and refuses the quantized ones with a clear error.
+BF16, F64, integers; ``array()`` as numpy, ``get()`` as torch) and refuses the quantized ones with a clear error.
 """
 
 from __future__ import annotations
@@ -347,27 +347,29 @@ class GGUFSource(TensorSource):
             out[info.ggml_type] = out.get(info.ggml_type, 0) + 1
         return out
 
-    def get(self, key: str):
+    def array(self, key: str):
         info = self._infos[key]
         if info.quantized:
             raise UnsupportedFormatError(f"{QUANTIZED_MESSAGE} (tensor {brief(key)} is {info.ggml_type})",
                                          self.path)
-        import torch
+        import numpy as np
 
-        from ckptlab.formats.dtypes import to_torch
+        from ckptlab.formats.dtypes import to_numpy, uint_of_width
 
         if self._mm is None:
             with open(self.path, "rb") as fh:
                 if os.fstat(fh.fileno()).st_size != self._file_size:
                     raise FormatError("file changed size since its header was read", self.path)
                 self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        dt = to_torch(info.dtype)
+        dt = to_numpy(info.dtype)
         if info.disk_bytes == 0:
-            return torch.empty(info.shape, dtype=dt)
-        t = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.disk_bytes, offset=info.offset)
-        if self._endian == ">" and t.numel() and dt.itemsize > 1:
-            t = t.view(-1, dt.itemsize).flip(1).contiguous().view(-1)
-        return t.view(dt).reshape(info.shape)
+            return np.empty(info.shape, dtype=dt)
+        count = info.disk_bytes // dt.itemsize
+        if self._endian == ">" and dt.itemsize > 1:  # big-endian file: swapped into a native copy
+            raw = np.frombuffer(self._mm, dtype=uint_of_width(dt.itemsize).newbyteorder(">"), count=count,
+                                offset=info.offset)
+            return raw.astype(uint_of_width(dt.itemsize)).view(dt).reshape(info.shape)
+        return np.frombuffer(self._mm, dtype=dt, count=count, offset=info.offset).reshape(info.shape)
 
     def close(self) -> None:
         if self._mm is not None:

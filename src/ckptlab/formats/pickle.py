@@ -4,7 +4,8 @@
 anything and computes a verdict; this module unwraps the object the way the field does
 (``state_dict``, nested ``state_dict``, single-key dicts, Lightning checkpoints) into flat
 ``key -> tensor`` plus ``extra`` (non-tensor values such as ``global_step``), and materialises
-tensors as mmap-backed views of the storage records. ``torch.load`` is never called.
+tensors as mmap-backed numpy views of the storage records (``array``; ``get`` adds torch on top).
+``torch.load`` is never called.
 """
 
 from __future__ import annotations
@@ -93,29 +94,31 @@ class PickleSource(TensorSource):
         ref = self._tensors[key]
         return id(ref.storage), ref.offset
 
-    def get(self, key: str):
-        import torch
+    def array(self, key: str):
+        import numpy as np
 
-        from ckptlab.formats.dtypes import to_torch
+        from ckptlab.formats.dtypes import to_numpy
 
         ref = self._tensors[key]
         info = self._infos[key]
         st = ref.storage
         if not st.valid or st.backing is None:
             raise FormatError(f"tensor {key!r}: its storage record is missing or inconsistent", self.path)
-        tdtype = to_torch(info.dtype)
+        dt = to_numpy(info.dtype)
         isz = itemsize(info.dtype)
         nbytes = st.numel * itemsize(st.dtype)
         count = nbytes // isz
         if info.numel == 0:
-            return torch.empty(info.shape, dtype=tdtype)
+            return np.empty(info.shape, dtype=dt)
+        if nbytes % isz:
+            raise FormatError(f"tensor {key!r}: storage size mismatch", self.path)
         kind = st.backing[0]
         if kind == "view":
             buf, off = st.backing[1], st.backing[2]
             chunk = buf[off:off + nbytes]
             if chunk.readonly:
                 chunk = bytearray(chunk)
-            base = torch.frombuffer(chunk, dtype=torch.uint8, count=nbytes)
+            base = np.frombuffer(chunk, dtype=np.uint8, count=nbytes)
         else:  # a zip record, stored (mmapped in place) or deflated (inflate this one tensor)
             if self.scan.mm is None:
                 raise FormatError("file is closed", self.path)
@@ -128,18 +131,24 @@ class PickleSource(TensorSource):
                     raise FormatError(f"tensor {key!r}: compressed record inflates to the wrong size", self.path)
                 self._check_crc(key, st, data, crc)
                 if kind != "file":
-                    base = torch.frombuffer(bytearray(data), dtype=torch.uint8, count=nbytes)
+                    base = np.frombuffer(bytearray(data), dtype=np.uint8, count=nbytes)
             finally:
                 if isinstance(data, memoryview):
                     data.release()  # an export left on the mmap would block closing it
             if kind == "file":
-                base = torch.frombuffer(self.scan.mm, dtype=torch.uint8, count=nbytes, offset=st.backing[1])
-        if st.byteswap and isz > 1:
-            base = base.view(-1, isz).flip(-1).reshape(-1).clone()
-        flat = base.view(tdtype)
-        if flat.numel() != count:
+                base = np.frombuffer(self.scan.mm, dtype=np.uint8, count=nbytes, offset=st.backing[1])
+        if st.byteswap and isz > 1:  # a big-endian legacy file: swapped into a native copy
+            base = base.reshape(-1, isz)[:, ::-1].copy().reshape(-1)
+        flat = base.view(dt)
+        if flat.size != count:
             raise FormatError(f"tensor {key!r}: storage size mismatch", self.path)
-        return flat.as_strided(info.shape, ref.stride, ref.offset)
+        # the view must stay inside its storage (checked when the pickle was read; numpy's as_strided does not)
+        if len(ref.stride) != len(info.shape) or ref.offset < 0 or any(s < 0 for s in ref.stride) or \
+                ref.offset + sum((n - 1) * s for n, s in zip(info.shape, ref.stride, strict=True)) >= count:
+            raise FormatError(f"tensor {key!r}: view (offset {ref.offset}, size {list(info.shape)}, stride "
+                              f"{list(ref.stride)}) reaches past its storage of {count} elements", self.path)
+        return np.lib.stride_tricks.as_strided(flat[ref.offset:], shape=info.shape,
+                                               strides=tuple(s * isz for s in ref.stride))
 
     def _check_crc(self, key: str, storage, data, expected: int) -> None:
         """The zip record's CRC-32 over its bytes, once per storage: torch.load never checks it, so a

@@ -264,17 +264,17 @@ class SafetensorsSource(TensorSource):
         start, end = self.data_range(key)
         return memoryview(self._map())[start:end]
 
-    def get(self, key: str):
-        import torch
+    def array(self, key: str):
+        import numpy as np
 
-        from ckptlab.formats.dtypes import to_torch
+        from ckptlab.formats.dtypes import to_numpy
 
         info = self.header.tensors[key]
+        dt = to_numpy(info.dtype)
         start, end = self.data_range(key)
         if end == start:
-            return torch.empty(info.shape, dtype=to_torch(info.dtype))
-        buf = torch.frombuffer(self._map(), dtype=torch.uint8, count=end - start, offset=start)
-        return buf.view(to_torch(info.dtype)).reshape(info.shape)
+            return np.empty(info.shape, dtype=dt)
+        return np.frombuffer(self._map(), dtype=dt, count=(end - start) // dt.itemsize, offset=start).reshape(info.shape)
 
     def close(self) -> None:
         if self._mm is not None:

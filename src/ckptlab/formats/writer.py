@@ -28,7 +28,7 @@ from pathlib import Path
 from ckptlab.atomic import fsync_dir
 from ckptlab.errors import OutputError
 from ckptlab.formats.base import TensorInfo
-from ckptlab.formats.dtypes import from_torch
+from ckptlab.formats.dtypes import dtype_of
 
 ALIGN = 8
 #: direct I/O wants buffer address, file offset and length aligned to the device's logical block size;
@@ -177,14 +177,27 @@ def build_header(plan: Mapping[str, TensorInfo], metadata: Mapping[str, str] | N
 
 
 def tensor_bytes(tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, without copying when already contiguous."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    if t.numel() == 0:
+    """The raw little-endian bytes of a numpy array or a torch tensor, without copying when already contiguous
+    (torch is not imported for an array)."""
+    from ckptlab.formats.arrays import is_tensor
+
+    if is_tensor(tensor):
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        if t.numel() == 0:
+            return memoryview(b"")
+        return memoryview(t.reshape(-1).view(__import__("torch").uint8).numpy())
+    import numpy as np
+
+    a = tensor
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    if a.size == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(__import__("torch").uint8).numpy())
+    a = np.ascontiguousarray(a).reshape(-1)
+    return memoryview(a.view(np.uint8))
 
 
 class SafetensorsWriter:
@@ -266,7 +279,8 @@ class SafetensorsWriter:
         self.bytes_written += len(data)
 
     def write(self, key: str, tensor) -> None:
-        """Append ``tensor`` as ``key``; keys must come in plan order with planned dtype/shape."""
+        """Append ``tensor`` (a numpy array or a torch tensor) as ``key``; keys must come in plan order with
+        planned dtype/shape."""
         if self._fh is None:
             raise RuntimeError("writer is not open")
         if self._next >= len(self._order):
@@ -275,7 +289,7 @@ class SafetensorsWriter:
         if key != expected:
             raise ValueError(f"tensor {key!r} written out of order; expected {expected!r}")
         info = self.plan[key]
-        dtype = from_torch(tensor.dtype)
+        dtype = dtype_of(tensor)
         if dtype != info.dtype or tuple(tensor.shape) != info.shape:
             raise ValueError(f"tensor {key!r} is {dtype}{list(tensor.shape)}, planned "
                              f"{info.dtype}{list(info.shape)}")
@@ -376,9 +390,10 @@ def _umask() -> int:
 
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, object]] | Mapping[str, object],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> Path:
-    """Convenience for small in-memory dicts (tests, fixtures): plan from the tensors and write."""
+    """Convenience for small in-memory dicts of numpy arrays or torch tensors (tests, fixtures): plan from the
+    tensors and write."""
     items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
-    plan = {k: TensorInfo(from_torch(t.dtype), tuple(t.shape)) for k, t in items}
+    plan = {k: TensorInfo(dtype_of(t), tuple(t.shape)) for k, t in items}
     with SafetensorsWriter(path, plan, metadata, overwrite=overwrite) as w:
         for k, t in items:
             w.write(k, t)

@@ -74,24 +74,34 @@ def canonical_keys(keys) -> dict[str, dict[str, str]]:
     return out
 
 
-def _tensor_digest(tensor, bf16: bool = False) -> str:
-    """BLAKE3 of the canonical values: floats rounded to fp16 (or to bf16 with ``bf16=True``)."""
-    import blake3
-    import torch
+#: float dtypes a fingerprint rounds (torch's ``is_floating_point``): the fp8 kinds ckptlab only reads included
+_ROUNDED = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
 
-    t = tensor.detach()
-    if t.is_floating_point():
-        t = t.to(torch.bfloat16 if bf16 else torch.float16)
-    elif t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    elif t.is_complex():
-        t = torch.view_as_real(t).to(torch.float16)
+
+def _tensor_digest(tensor, bf16: bool = False) -> str:
+    """BLAKE3 of the canonical values: floats rounded to fp16 (or to bf16 with ``bf16=True``) with torch's
+    rounding (``formats.cast``), booleans as bytes, complex numbers as fp16 pairs, integers as int64. Takes a
+    numpy array or a torch tensor; needs no torch."""
+    import blake3
+    import numpy as np
+
+    from ckptlab.formats.arrays import as_array
+    from ckptlab.formats.cast import cast
+    from ckptlab.formats.dtypes import dtype_of
+
+    a = as_array(tensor)
+    name = dtype_of(a)
+    if name in _ROUNDED:
+        a = cast(a, "BF16" if bf16 else "F16")
+    elif name == "BOOL":
+        a = a.view(np.uint8)
+    elif name == "C64":
+        a = cast(np.ascontiguousarray(a).view(np.float32), "F16")  # torch.view_as_real, then fp16
     else:
-        t = t.to(torch.int64)
-    t = t.contiguous().reshape(-1)
-    if t.numel() == 0:
+        a = a.astype(np.int64)
+    if a.size == 0:
         return blake3.blake3(b"").hexdigest()
-    return blake3.blake3(t.view(torch.uint8).numpy()).hexdigest()
+    return blake3.blake3(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
 
 
 def fingerprint_source(src, progress: Progress | None = None) -> Fingerprint:
@@ -111,7 +121,7 @@ def fingerprint_source(src, progress: Progress | None = None) -> Fingerprint:
         for canon in sorted(mapping):
             key = mapping[canon]
             ti = infos[key]
-            t = src.get(key)
+            t = src.array(key)
             lines.append(f"{canon}\t{list(ti.shape)}\t{_tensor_digest(t)}\n")
             if with_bf16:
                 same = ti.dtype not in FLOAT_DTYPES  # integers: the same canonical bytes either way
@@ -132,7 +142,7 @@ def _whole(components: dict[str, str]) -> str:
 
 
 class _PlannedSource:
-    """The tensors a plan of ``Out`` items would write, read one at a time (``infos`` / ``get``)."""
+    """The tensors a plan of ``Out`` items would write, read one at a time (``infos`` / ``array``)."""
 
     def __init__(self, items):
         self._items = {it.key: it for it in items}
@@ -140,9 +150,11 @@ class _PlannedSource:
     def infos(self):
         return {k: it.info for k, it in self._items.items()}
 
-    def get(self, key: str):
+    def array(self, key: str):
+        from ckptlab.formats.arrays import as_array
+
         it = self._items[key]
-        return it.produce() if it.produce is not None else it.source.get(it.src_key)
+        return as_array(it.produce() if it.produce is not None else it.source.array(it.src_key))
 
 
 def fingerprint_diffusers(folder: str | Path, progress: Progress | None = None) -> Fingerprint | None:

@@ -84,18 +84,27 @@ def _slice_out(key: str, src: TensorSource, src_key: str, part: int, parts: int)
     rows = info.shape[0] // parts
     shape = (rows, *info.shape[1:])
     return Out(key, TensorInfo(info.dtype, shape),
-               produce=lambda: src.get(src_key)[part * rows:(part + 1) * rows])
+               produce=lambda: src.array(src_key)[part * rows:(part + 1) * rows])
 
 
 def _reshape_out(key: str, src: TensorSource, src_key: str, shape: tuple[int, ...]) -> Out:
     info = src.info(src_key)
-    return Out(key, TensorInfo(info.dtype, shape), produce=lambda: src.get(src_key).reshape(shape))
+    return Out(key, TensorInfo(info.dtype, shape), produce=lambda: src.array(src_key).reshape(shape))
 
 
 def _transpose_out(key: str, src: TensorSource, src_key: str) -> Out:
     info = src.info(src_key)
     return Out(key, TensorInfo(info.dtype, tuple(reversed(info.shape))),
-               produce=lambda: src.get(src_key).t().contiguous())
+               produce=lambda: _transposed(src.array(src_key)))
+
+
+def _transposed(a):
+    """``a.t().contiguous()`` in numpy: a 2-D array transposed into a new C-ordered array (bf16/fp8 as their bits)."""
+    import numpy as np
+
+    from ckptlab.formats.dtypes import uint_of_width
+
+    return np.ascontiguousarray(a.view(uint_of_width(a.itemsize)).T).view(a.dtype)
 
 
 def plan_to_diffusers(src: TensorSource, ema: str = "drop") -> tuple[str, dict[str, list[Out]], dict[str, dict],
@@ -535,9 +544,9 @@ def _cat_out(key: str, parts: list[tuple[TensorSource, str]]) -> Out:
     shape = (sum(i.shape[0] for i in infos), *infos[0].shape[1:])
 
     def produce():
-        import torch
+        import numpy as np
 
-        return torch.cat([s.get(k) for s, k in parts], dim=0)
+        return np.concatenate([s.array(k) for s, k in parts], axis=0)
 
     return Out(key, TensorInfo(infos[0].dtype, shape), produce=produce)
 

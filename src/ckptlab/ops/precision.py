@@ -1,6 +1,7 @@
 """Exact dtype conversion of a checkpoint's weights (``ckptlab precision``), also used by ``prune``.
 
-Conversions are ``tensor.to(dtype)`` exactly. Narrowing to fp16 or fp8 never overflows silently: finite
+Conversions give exactly the bytes of torch's ``tensor.to(dtype)``, computed with numpy and ``ml_dtypes``
+(``formats.cast``; no torch). Narrowing to fp16 or fp8 never overflows silently: finite
 values beyond the target's largest finite value (65504 for fp16, 448 for fp8_e4m3fn) make the whole
 transform refuse, naming the tensor and the count, unless ``clamp`` is set (then they are clamped to
 the largest finite value first). bf16 and fp32 have fp32's range; nothing overflows there.
@@ -21,7 +22,7 @@ from ckptlab.arch.layout import FileLayout as Layout
 from ckptlab.arch.layout import file_layout
 from ckptlab.errors import BadChoiceError, MismatchError, OverflowRefused
 from ckptlab.formats.base import TensorInfo, TensorSource
-from ckptlab.formats.dtypes import FLOAT_DTYPES
+from ckptlab.formats.dtypes import FLOAT_DTYPES, dtype_of
 from ckptlab.ops.stream import Out, TransformResult
 from ckptlab.progress import Progress, null_progress
 
@@ -68,29 +69,26 @@ def cast_out(key: str, src: TensorSource, src_key: str, target: str, clamp: bool
 
 
 def cast_item(item: Out, target: str, clamp: bool) -> Out:
-    """``item`` cast to ``target``: exactly ``tensor.to(dtype)``, refusing (or clamping) values that overflow."""
+    """``item`` cast to ``target``: the bytes of torch's ``tensor.to(dtype)`` (its ``produce`` may return a numpy
+    array or a torch tensor; the result is a numpy array), refusing (or clamping) values that overflow."""
     label = item.src_key or item.key
     where = item.source.path if item.source is not None else None
 
     def produce():
-        import torch
+        from ckptlab.formats.arrays import as_array
+        from ckptlab.formats.cast import cast, clamp_finite, count_over
 
-        from ckptlab.formats.dtypes import to_torch
-
-        t = item.produce() if item.produce is not None else item.source.get(item.src_key)
+        a = as_array(item.produce() if item.produce is not None else item.source.array(item.src_key))
         limit = LIMITS.get(target)
-        if limit is not None and t.dtype.is_floating_point and t.numel():
-            over = (t.abs() > limit) & t.isfinite()
-            n = int(over.sum())
+        if limit is not None and dtype_of(a) in FLOAT_DTYPES and a.size:
+            n, peak = count_over(a, limit)
             if n:
                 if not clamp:
-                    peak = float(t.abs().masked_fill(~t.isfinite(), 0).max())
                     raise OverflowRefused(
                         f"{n} value(s) of {label!r} exceed the {target} range (largest |x| = {peak:g} > "
                         f"{limit:g}); nothing written - use --clamp to clamp them", where)
-                t = torch.where(t.isfinite(), t.clamp(-limit, limit), t)  # infinities stay infinite
-            del over
-        return t.to(to_torch(target))
+                a = clamp_finite(a, limit)  # infinities stay infinite
+        return cast(a, target)
 
     return Out(item.key, TensorInfo(target, item.info.shape), produce=produce)
 
@@ -103,9 +101,12 @@ def position_ids_out(key: str, src: TensorSource, src_key: str, warnings: list[s
     warnings.append(f"{src_key}: position_ids stored as {info.dtype}; repaired to int64 (rounded)")
 
     def produce():
-        import torch
+        import numpy as np
 
-        return src.get(src_key).to(torch.float64).round().to(torch.int64)
+        from ckptlab.formats.cast import cast
+
+        with np.errstate(all="ignore"):  # NaN/inf become INT64_MIN, as torch's cast makes them
+            return np.rint(cast(src.array(src_key), "F64")).astype(np.int64)
 
     return Out(key, TensorInfo("I64", info.shape), produce=produce)
 

@@ -90,7 +90,7 @@ def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progre
             if it.produce is None and hasattr(it.source, "raw_bytes"):
                 w.write_raw(it.key, it.source.raw_bytes(it.src_key))
             else:
-                t = it.produce() if it.produce is not None else it.source.get(it.src_key)
+                t = it.produce() if it.produce is not None else it.source.array(it.src_key)
                 w.write(it.key, t)
                 del t
             written += it.info.nbytes
