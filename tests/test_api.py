@@ -345,7 +345,7 @@ def test_catalog_commands_raise_ckptlab_errors(tmp_path):
     assert not (tmp_path / "none.db").exists()
     with pytest.raises(ckptlab.CkptlabError) as err:
         ckptlab.show("0123456789abcdef", db=ckptlab.Catalog(tmp_path / "empty.db"))
-    assert err.value.exit_code == 3
+    assert err.value.exit_code == 1  # not in the catalog: a refused input (errors.EXIT_CODES)
 
 
 # ----------------------------------------------------------------------------------------- CivitAI
