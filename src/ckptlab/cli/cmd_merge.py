@@ -53,6 +53,7 @@ def merge_cmd(
     db: Optional[Path] = db_option(),
 ) -> None:
     from ckptlab.cli.common import console, emit_json, progress_bar
+    from ckptlab.library.catalog import hash_cache
     from ckptlab.merge import METHODS, load, one_step_recipe, run_recipe
     from ckptlab.merge.recipe import RecipeError
 
@@ -95,7 +96,8 @@ def merge_cmd(
         rec.options["vae"] = "VAE"
     with progress_bar("merging", enabled=not json_out) as cb:
         result = run_recipe(rec, output, overwrite=overwrite, relink=relink, recipe_path=recipe_path,
-                            threads=threads, device=device, save_recipe=save_recipe, progress=cb, db=db)
+                            threads=threads, device=device, save_recipe=save_recipe, progress=cb,
+                            cache=hash_cache(db))
     if json_out:
         emit_json(result)
         return

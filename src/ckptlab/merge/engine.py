@@ -26,6 +26,7 @@ from ckptlab.errors import CkptlabError, FormatError, MismatchError, OutputError
 from ckptlab.formats import open_model
 from ckptlab.formats.dtypes import FLOAT_DTYPES, friendly, parse_dtype
 from ckptlab.formats.writer import SafetensorsWriter
+from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.merge import provenance
 from ckptlab.merge.blocks import BlockValues, parse_value
 from ckptlab.merge.graph import (
@@ -131,11 +132,11 @@ def _check_output(path: Path, inputs: list[Path]) -> None:
 def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: bool = False,
                relink: bool = False, recipe_path: str | Path | None = None, threads: int = 2,
                device: str = "cpu", budget: int = DEFAULT_BUDGET, save_recipe: str | Path | None = None,
-               progress: Progress | None = None, db: str | Path | None = None) -> MergeResult:
+               progress: Progress | None = None, cache: HashCache = NO_CACHE) -> MergeResult:
     """Run every step of ``recipe`` and write the last one to ``output``; ``save_recipe``: also write the
-    pinned recipe there (its path is checked before any work). ``db``: the catalog whose sha256s are reused
-    and where inputs of a model's embedded recipe are looked up (default ``$CKPTLAB_DB`` or the platform's;
-    a missing catalog is never created).
+    pinned recipe there (its path is checked before any work). ``cache`` (``ckptlab.hashes.HashCache``): where
+    inputs' sha256s already known are taken from, and where inputs of a model's embedded recipe are looked up
+    by their pinned sha256 (default: none; every input is hashed, and only recorded paths are tried).
 
     Output locations come from ``output`` only, or from a recipe file's own ``save`` paths inside its folder;
     a recipe read from a model's metadata never chooses one (its ``save`` entries are ignored, with a
@@ -169,7 +170,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
     settings = Settings(merge_dtype=merge_dtype, device=device, missing=str(opts.get("missing", "keep-a")),
                         seed=int(opts.get("seed", 0)))
     if recipe.untrusted:
-        _locate_untrusted(recipe, db, warnings)
+        _locate_untrusted(recipe, cache, warnings)
     paths = {n: recipe.input_path(n) for n in recipe.inputs}
     for st in recipe.steps:
         if saves[st.name] is not None:
@@ -181,7 +182,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
                                           overwrite=overwrite)
 
     def hash_all(cancel_event=None) -> list[str]:
-        return provenance.sha256_many(list(paths.values()), cancel_event, db=db)
+        return provenance.sha256_many(list(paths.values()), cancel_event, cache=cache)
 
     sources = {}
     hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptlab-hash")
@@ -303,7 +304,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
 _PSEUDO_FS = ("/proc", "/sys", "/dev")
 
 
-def _locate_untrusted(recipe: Recipe, db, warnings: list[str]) -> None:
+def _locate_untrusted(recipe: Recipe, cache: HashCache, warnings: list[str]) -> None:
     """Find the inputs a model's embedded recipe names. Each must be pinned by sha256; it is taken from the
     catalog (a file the user scanned whose sha256 is the pin) or else from the recorded path, only if that
     is a regular file or a folder (never a device, FIFO or /proc file). The pins are verified before any
@@ -313,7 +314,7 @@ def _locate_untrusted(recipe: Recipe, db, warnings: list[str]) -> None:
         if not inp.sha256:
             raise MismatchError(f"input {n} of the embedded recipe has no sha256 pin: a model's metadata only "
                                 "names inputs ckptlab can verify (write a recipe file to merge other inputs)")
-        found = provenance.catalogued_path(inp.sha256, db)
+        found = cache.path_with_sha256(inp.sha256)
         if found is not None:
             if os.path.abspath(found) != os.path.abspath(recipe.input_path(n)):
                 warnings.append(f"{n}: the catalogued file with its sha256: {found}")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ckptlab.errors import CkptlabError, MismatchError
 from ckptlab.formats.base import TensorSource
+from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.ops.layout import detect_layout, ema_pairs, is_ema
-from ckptlab.ops.precision import _parse_only, precision_items, target_dtype
+from ckptlab.ops.precision import parse_only, precision_items, target_dtype
 from ckptlab.ops.run import is_identity, run_each
 from ckptlab.ops.stream import TransformResult
 from ckptlab.progress import Progress, null_progress
@@ -60,7 +61,7 @@ def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", pr
             keys.append((k, pairs.get(k, k)))
     result.dropped = {k: v for k, v in dropped.items() if v}
     target = target_dtype(precision) if precision else None
-    items = precision_items(src, layout, keys, target, _parse_only(only), clamp, result)
+    items = precision_items(src, layout, keys, target, parse_only(only), clamp, result)
     return items, {"ema": ema, "precision": precision, "clamp": clamp}
 
 
@@ -71,7 +72,7 @@ def prune_suffix(ema: str, precision: str | None) -> str:
 
 def prune(inputs: list[Path], *, ema: str = "drop", precision: str | None = None, clamp: bool = False,
           out_dir: Path | None = None, outputs: list[Path] | None = None, overwrite: bool = False,
-          dry_run: bool = False, progress: Progress = null_progress, db: Path | None = None,
+          dry_run: bool = False, progress: Progress = null_progress, cache: HashCache = NO_CACHE,
           skip_unchanged: bool = False) -> list[TransformResult]:
     """Prune each input into ``<stem><suffix>.safetensors`` (see ``prune_suffix``).
 
@@ -88,4 +89,4 @@ def prune(inputs: list[Path], *, ema: str = "drop", precision: str | None = None
         return items, options, True
 
     return run_each(inputs, "prune", prune_suffix(ema, precision), one, out_dir=out_dir, outputs=outputs, overwrite=overwrite,
-                    dry_run=dry_run, progress=progress, db=db, skip_unchanged=reason if skip_unchanged else None)
+                    dry_run=dry_run, progress=progress, cache=cache, skip_unchanged=reason if skip_unchanged else None)

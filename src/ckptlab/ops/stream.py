@@ -19,8 +19,7 @@ from pathlib import Path
 
 from ckptlab.errors import CkptlabError, OutputError
 from ckptlab.formats.base import TensorInfo, TensorSource
-from ckptlab.hashes import sha256_file
-from ckptlab.library.catalog import known_sha256
+from ckptlab.hashes import NO_CACHE, HashCache, sha256_file
 from ckptlab.progress import Progress, null_progress
 
 META_OPERATION = "ckptlab.operation"
@@ -134,14 +133,15 @@ class FileHasher:
     """SHA-256 of a file computed in a background thread (hashlib releases the GIL), so hashing an
     input overlaps with writing the output instead of adding a full extra pass in front of it."""
 
-    def __init__(self, path: Path, *, use_catalog: bool = True, db: Path | None = None):
-        """``db``: the catalog to look the digest up in (``--db``; None = ``$CKPTLAB_DB`` or the default)."""
+    def __init__(self, path: Path, *, cache: HashCache = NO_CACHE):
+        """``cache``: where a digest already known for this exact file is taken from (the file is then not
+        read); the default knows nothing."""
         self.path = Path(path)
-        self._digest: str | None = known_sha256(self.path, db=db) if use_catalog else None
+        self._digest: str | None = cache.known_sha256(self.path)
         self._error: BaseException | None = None
-        self.from_catalog = self._digest is not None
+        self.from_cache = self._digest is not None
         self._thread = threading.Thread(target=self._run, daemon=True)
-        if not self.from_catalog:
+        if not self.from_cache:
             self._thread.start()
 
     def _run(self) -> None:
