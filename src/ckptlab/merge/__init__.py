@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckptlab.hashes import NO_CACHE, HashCache
+from ckptlab.merge.blocks import param_value
 from ckptlab.merge.engine import MergeResult, run_recipe, write_node
 from ckptlab.merge.methods import METHODS, get_method
 from ckptlab.merge.recipe import Recipe, RecipeInput, RecipeStep, dumps, load, loads
@@ -40,7 +41,7 @@ def one_step_recipe(method: str, models: list[str | Path], *, params: dict | Non
 
         raise MethodError(f"{m.name} does not take {', '.join('--' + k for k in extra)} "
                           f"(it takes {', '.join('--' + k for k in sorted(allowed))})")
-    step_params = {k: _number_or_text(v) for k, v in given.items()}
+    step_params = {k: param_value(v) for k, v in given.items()}
     options: dict[str, object] = {}
     for k, v in (("dtype", dtype), ("merge_dtype", merge_dtype), ("missing", missing), ("seed", seed)):
         if v is not None:
@@ -65,11 +66,3 @@ def merge(method: str, models: list[str | Path], output: str | Path, *, params: 
     return run_recipe(recipe, output, overwrite=overwrite, threads=threads, device=device, progress=progress,
                       cache=cache)
 
-
-def _number_or_text(v):
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v

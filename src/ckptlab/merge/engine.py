@@ -24,11 +24,9 @@ from pathlib import Path
 from ckptlab.arch.vae_fit import check_vae_fits
 from ckptlab.errors import CkptlabError, FormatError, MismatchError, OutputError
 from ckptlab.formats import open_model
-from ckptlab.formats.dtypes import FLOAT_DTYPES, friendly, parse_dtype
 from ckptlab.formats.writer import SafetensorsWriter
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.merge import provenance
-from ckptlab.merge.blocks import BlockValues, parse_value
 from ckptlab.merge.graph import (
     BUFFERS,
     BakeVae,
@@ -41,7 +39,17 @@ from ckptlab.merge.graph import (
     stop_flag,
 )
 from ckptlab.merge.methods import get_method
-from ckptlab.merge.recipe import Recipe, RecipeError, check_recipe_target, dumps, pin_text
+from ckptlab.merge.recipe import (
+    MERGE_DTYPES,
+    Recipe,
+    RecipeError,
+    ResolvedStep,
+    check_recipe_target,
+    dumps,
+    pin_text,
+    resolve_steps,
+)
+from ckptlab.merge.recipe import parse_dtype_option as _dtype
 from ckptlab.ops.stream import check_suffix
 from ckptlab.progress import Progress, null_progress
 
@@ -76,29 +84,6 @@ class MergeResult:
     pruned: int = 0
     recipe_updated: bool = False
     warnings: list[str] = field(default_factory=list)
-
-
-#: output dtypes (``--dtype``, a step's ``dtype``): the floating-point types a model can be stored in
-OUTPUT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
-#: math dtypes (``--merge-dtype``): those torch computes in
-MERGE_DTYPES = ("F32", "F64", "F16", "BF16")
-
-
-def _dtype(name, what: str, allowed: tuple[str, ...] = OUTPUT_DTYPES) -> str | None:
-    """``name`` as a safetensors dtype, refused (exit 2) unless it is one of ``allowed``: an integer, bool or
-    complex output would be a "model" without weights."""
-    if name is None:
-        return None
-    try:
-        dt = parse_dtype(str(name))
-    except ValueError:
-        raise RecipeError(f"{what} {name!r}: unknown dtype; use one of {', '.join(friendly(d) for d in allowed)}") \
-            from None
-    if dt not in allowed:
-        kind = "a floating-point type" if dt not in FLOAT_DTYPES else "a type merges compute in"
-        raise RecipeError(f"{what} {name!r}: {friendly(dt)} is not {kind}; use one of "
-                          f"{', '.join(friendly(d) for d in allowed)}")
-    return dt
 
 
 _DEVICE_RE = re.compile(r"(cpu|cuda)(?::(\d{1,4}))?")
@@ -203,7 +188,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
             sources[n] = open_model(p)
             warnings.extend(f"{n}: {w}" for w in sources[n].warnings)
         nodes: dict[str, Node] = {n: SourceNode(n, s) for n, s in sources.items()}
-        _check_all_params(recipe, {n: nd.family for n, nd in nodes.items()})
+        resolved = resolve_steps(recipe, {n: nd.family for n, nd in nodes.items()})
         # Pinned recipes are checked before any work. Otherwise the inputs are hashed while the merge runs
         # and the hashes are written into the header at the end (placeholders of the same length first).
         if "hashes" not in state and (relink or any(inp.sha256 for inp in recipe.inputs.values())):
@@ -237,7 +222,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         final_node: Node | None = None
         for i, st in enumerate(recipe.steps):
             is_last = i == len(recipe.steps) - 1
-            node = _build_step(st, nodes, settings, opts.get("dtype") if is_last else None, len(recipe.steps) > 1)
+            node = _build_step(resolved[i], nodes, settings)
             summaries.append(node.summary)
             save = saves[st.name]
             if save is not None and not is_last:
@@ -353,52 +338,8 @@ def _check_pins(recipe: Recipe, hashes: dict[str, str], relink: bool, warnings: 
     return reports, updated
 
 
-def _step_params(st, family: str | None, many: bool) -> dict[str, float | BlockValues]:
-    """The step's parameters parsed for ``family``, every value (each block's too) checked against the
-    method's ranges."""
-    method = get_method(st.method)
-    params: dict[str, float | BlockValues] = {}
-    where = f"step {st.name!r}: " if many else ""
-    for p in method.params:
-        val = parse_value(st.params.get(p.name, p.default), family, name=p.name, unnamed=_unnamed_default(p))
-        if isinstance(val, BlockValues):
-            if not p.per_block:
-                raise RecipeError(f"step {st.name!r}: {p.name} takes one number, not block weights")
-            for block, v in val.values:
-                p.check(v, f"{where}block {block}: ")
-        else:
-            p.check(val, where)
-        params[p.name] = val
-    return params
-
-
-def _unnamed_default(param) -> float:
-    """Blocks a ``NAME=V`` string leaves out get 0 (A's value for a blend), or the parameter's own default
-    where 0 is out of its range (``--density IN=0.5``: the other blocks keep the default density)."""
-    try:
-        param.check(0.0)
-        return 0.0
-    except CkptlabError:
-        return float(param.default)
-
-
-def _check_all_params(recipe: Recipe, families: dict[str, str | None]) -> None:
-    """Every step's parameters and dtype, before any file is written (a step's family is its A's)."""
-    fam = dict(families)
-    many = len(recipe.steps) > 1
-    last = len(recipe.steps) - 1
-    for i, st in enumerate(recipe.steps):
-        fam[st.name] = fam.get(st.inputs[0]) if st.inputs else None
-        _step_params(st, fam[st.name], many)
-        _dtype(st.dtype or (recipe.options.get("dtype") if i == last else None), f"step {st.name!r} dtype")
-
-
-def _build_step(st, nodes: dict[str, Node], settings: Settings, final_dtype, many: bool = False) -> StepNode:
-    method = get_method(st.method)
-    ins = [nodes[i] for i in st.inputs]
-    params = _step_params(st, ins[0].family, many)
-    dtype = _dtype(st.dtype or final_dtype, f"step {st.name!r} dtype")
-    return StepNode(st.name, method, ins, params, settings, dtype)
+def _build_step(rs: ResolvedStep, nodes: dict[str, Node], settings: Settings) -> StepNode:
+    return StepNode(rs.name, rs.method, [nodes[i] for i in rs.inputs], rs.params, settings, rs.dtype)
 
 
 def _metadata(recipe: Recipe, step, nodes, hashes, sources, index: int) -> dict[str, str]:
