@@ -50,7 +50,7 @@ from ckptlab.merge.recipe import (
     resolve_steps,
 )
 from ckptlab.merge.recipe import parse_dtype_option as _dtype
-from ckptlab.ops.stream import check_suffix
+from ckptlab.ops.stream import check_output, check_suffix
 from ckptlab.progress import Progress, null_progress
 
 #: bytes of merge working memory allowed in flight across the pool
@@ -107,13 +107,6 @@ def check_device(device: str) -> str:
     return dev
 
 
-def _check_output(path: Path, inputs: list[Path]) -> None:
-    rp = path.resolve()
-    for p in inputs:
-        if p.resolve() == rp:
-            raise OutputError("output is one of the inputs; inputs are never modified", path)
-
-
 def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: bool = False,
                relink: bool = False, recipe_path: str | Path | None = None, threads: int = 2,
                device: str = "cpu", budget: int = DEFAULT_BUDGET, save_recipe: str | Path | None = None,
@@ -157,10 +150,8 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
     if recipe.untrusted:
         _locate_untrusted(recipe, cache, warnings)
     paths = {n: recipe.input_path(n) for n in recipe.inputs}
-    for st in recipe.steps:
-        if saves[st.name] is not None:
-            _check_output(saves[st.name], list(paths.values()))
-    _check_output(out, list(paths.values()))
+    for p in (*(q for n, q in saves.items() if q is not None and n != final.name), out):
+        check_output(p, paths.values(), overwrite)  # the transforms' check: input, exists, suffix, folder
     if save_recipe is not None:
         save_recipe = check_recipe_target(save_recipe, [*paths.values(), out,
                                                         *(p for p in saves.values() if p is not None)],

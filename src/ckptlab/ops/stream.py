@@ -194,15 +194,18 @@ def check_suffix(out: Path) -> None:
 
 
 def check_output(out: Path, inputs: Iterable[Path], overwrite: bool, *, create_folder: bool = False) -> None:
-    """Refuse before any work: output is an input (any of them: the main input and every file baked
-    in), exists, is not named ``.safetensors``, or its folder is missing / not writable. With
+    """The one output check of transforms and merges, before any work: refuse an output that is an input
+    (any of them: the main input, every file baked in, every model merged; by resolved path and by
+    device+inode), exists (unless ``overwrite``), is not named ``.safetensors``, or whose folder is missing /
+    not writable. With
     ``create_folder`` (``--out-dir``) a missing folder is fine when it can be created (see ``check_folder``);
     the caller creates it with ``make_folder`` once every check has passed."""
     out = Path(out)
     check_suffix(out)
     for p in inputs:
         if same_file(out, p):
-            raise OutputError(f"output would replace the input {Path(p).name}; choose another name", out)
+            raise OutputError(f"output would replace the input {Path(p).name}, one of the inputs; choose another "
+                              "name (inputs are never modified)", out)
     if out.exists() and not overwrite:
         raise OutputError("output already exists (use --overwrite to replace it)", out)
     check_folder(out.parent, out, create=create_folder)
