@@ -29,6 +29,9 @@ from ckptlab.ops.stream import Out, TransformResult
 from ckptlab.progress import Progress, null_progress
 
 EXTRACT_CHOICES = ("unet", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "ema")
+#: the single-file checkpoint's VAE prefix, and the LDM names of a VAE's weights under it
+VAE_PREFIX = "first_stage_model."
+VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 REPLACE_CHOICES = ("unet", "vae", "clip_l", "clip_g")
 
 
@@ -115,6 +118,27 @@ def extract(inputs: list[Path], component: str, *, out: Path | None = None, out_
 
 # ----------------------------------------------------------------------------------------------
 # replace
+
+
+def is_diffusers_vae(keys) -> bool:
+    """Whether a VAE file's keys are diffusers names (``encoder.down_blocks.…``), bare or under ``vae.``."""
+    return any(k.startswith(("encoder.down_blocks.", "vae.encoder.down_blocks.")) for k in keys)
+
+
+def vae_bake_map(keys) -> dict[str, str]:
+    """``{checkpoint key: VAE file key}`` for baking an LDM-layout VAE file into a single-file checkpoint:
+    bare LDM names (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``) and ``vae.``-prefixed
+    ones go under ``first_stage_model.``; ``first_stage_model.`` keys keep their name; anything else is not
+    VAE weight and is left out. ``merge --vae`` bakes with this map."""
+    out: dict[str, str] = {}
+    for k in keys:
+        if k.startswith(VAE_PARTS):
+            out[VAE_PREFIX + k] = k
+        elif k.startswith(VAE_PREFIX):
+            out[k] = k
+        elif k.startswith("vae.") and k[4:].startswith(VAE_PARTS):
+            out[VAE_PREFIX + k[4:]] = k
+    return out
 
 
 def normalise_component(comp_src: TensorSource, component: str, target_prefix: str,

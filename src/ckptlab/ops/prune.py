@@ -31,11 +31,29 @@ def check_ema(ema: str, choices: tuple[str, ...] = EMA_CHOICES) -> None:
         raise CkptlabError(f"--ema {ema!r}: use one of {', '.join(choices)}")
 
 
+def pruned_keys(keys, ema: str = "drop") -> dict[str, str]:
+    """``{key: "training" | "ema"}`` for the keys pruning drops: training state always (what
+    ``arch.components.split_components`` calls ``training``), every ``model_ema.*`` key (EMA weights and their
+    ``decay``/``num_updates`` bookkeeping) unless ``ema == "keep"``. A pure function of the key names: the
+    ``prune`` command and ``merge --prune`` both drop exactly these."""
+    from ckptlab.arch.components import split_components
+
+    keys = list(keys)
+    training = set(split_components(keys).get("training", ()))
+    out = {}
+    for k in keys:
+        if k in training:
+            out[k] = "training"
+        elif is_ema(k) and ema != "keep":
+            out[k] = "ema"
+    return out
+
+
 def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", precision: str | None = None,
                only: list[str] | None = None, clamp: bool = False):
     check_ema(ema)
     layout = detect_layout(src)
-    training = set(layout.components.get("training", ()))
+    drop = pruned_keys(src.keys(), ema)
     ema_keys = {k for k in src.keys() if is_ema(k)}
     pairs: dict[str, str] = {}
     if ema == "use":
@@ -53,10 +71,8 @@ def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", pr
     keys: list[tuple[str, str]] = []
     dropped = {"training": 0, "ema": 0}
     for k in src.keys():
-        if k in training:
-            dropped["training"] += 1
-        elif is_ema(k) and ema != "keep":
-            dropped["ema"] += 1
+        if k in drop:
+            dropped[drop[k]] += 1
         else:
             keys.append((k, pairs.get(k, k)))
     result.dropped = {k: v for k, v in dropped.items() if v}
