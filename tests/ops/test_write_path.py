@@ -282,3 +282,27 @@ def test_no_clobber_placing_refuses_a_name_that_appeared(tmp_path):
         folder.mkdir()
         st.commit()
     assert _leftovers(tmp_path) == ["pipe", "plan.json"] and list(folder.iterdir()) == []
+
+
+def test_diffusers_conversions_plan_every_input_before_writing(tmp_path, model):
+    """A bad second input stops to-diffusers / from-diffusers before the first output is written (the loop
+    that lived in the CLI is ``ops.diffusers_io.to_diffusers_each`` / ``from_diffusers_each``)."""
+    from ckptlab.errors import CkptlabError
+    from ckptlab.ops.diffusers_io import from_diffusers_each, to_diffusers_each
+
+    vae = make_model(tmp_path / "in" / "vae.safetensors", "sd1_vae")
+    with pytest.raises(CkptlabError):
+        to_diffusers_each([model, vae], out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    [r] = to_diffusers_each([model], out_dir=tmp_path / "pipes")
+    assert r.output == tmp_path / "pipes" / "model-diffusers"
+    broken = tmp_path / "pipes" / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")
+    with pytest.raises(CkptlabError):
+        from_diffusers_each([r.output, broken], out_dir=tmp_path / "single")
+    assert not (tmp_path / "single").exists()
+    with pytest.raises(CkptlabError, match="takes one input"):
+        to_diffusers_each([model, model], output=tmp_path / "x")
+    with pytest.raises(CkptlabError, match="both be written"):
+        to_diffusers_each([model, model], out_dir=tmp_path / "y")

@@ -208,19 +208,12 @@ def to_diffusers_cmd(
       ckptlab to-diffusers model.safetensors -o model-diffusers/
     """
     from ckptlab.cli.common import progress_bar
-    from ckptlab.errors import CkptlabError
-    from ckptlab.ops.diffusers_io import to_diffusers
-    from ckptlab.ops.stream import output_path
+    from ckptlab.ops.diffusers_io import to_diffusers_each
 
     paths = _paths(inputs)
-    if output is not None and len(paths) != 1:
-        raise CkptlabError("-o/--output takes one input; use --out-dir for several")
-    results = []
     with progress_bar("to-diffusers", enabled=not json_out) as cb:
-        for p in paths:
-            out = output or output_path(p, out_dir, "-diffusers", ext="")
-            results.append(to_diffusers(p, out, ema=ema.value, precision=precision, clamp=clamp, overwrite=overwrite,
-                                        dry_run=dry_run, progress=cb, cache=_cache(db), create_parent=output is None))
+        results = to_diffusers_each(paths, output=output, out_dir=out_dir, ema=ema.value, precision=precision,
+                                    clamp=clamp, overwrite=overwrite, dry_run=dry_run, progress=cb, cache=_cache(db))
     _report(results, json_out)
 
 
@@ -235,19 +228,12 @@ def from_diffusers_cmd(
       ckptlab from-diffusers model-diffusers/ -o model.safetensors
     """
     from ckptlab.cli.common import progress_bar
-    from ckptlab.errors import CkptlabError
-    from ckptlab.ops.diffusers_io import from_diffusers
-    from ckptlab.ops.stream import output_path
+    from ckptlab.ops.diffusers_io import from_diffusers_each
 
     paths = _diffusers_folders(inputs)
-    if output is not None and len(paths) != 1:
-        raise CkptlabError("-o/--output takes one input; use --out-dir for several")
-    results = []
     with progress_bar("from-diffusers", enabled=not json_out) as cb:
-        for p in paths:
-            out = output or output_path(p, out_dir, "")
-            results.append(from_diffusers(p, out, overwrite=overwrite, dry_run=dry_run, progress=cb, cache=_cache(db),
-                                          create_parent=output is None))
+        results = from_diffusers_each(paths, output=output, out_dir=out_dir, overwrite=overwrite, dry_run=dry_run,
+                                      progress=cb, cache=_cache(db))
     _report(results, json_out)
 
 

@@ -41,6 +41,7 @@ from ckptlab.ops.stream import (
     TransformResult,
     check_folder,
     make_folder,
+    output_path,
     placeholder,
     provenance,
     same_file,
@@ -559,3 +560,52 @@ def from_diffusers(folder: Path, out: Path, *, overwrite: bool = False, dry_run:
     finally:
         for s in opened:
             s.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# several inputs: every one planned and checked before the first is written
+
+
+def _each(paths: list[Path], output: Path | None, out_dir: Path | None, name_out, run, dry_run: bool) -> list:
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise CkptlabError("no input files")
+    if output is not None and len(paths) != 1:
+        raise CkptlabError("-o/--output takes one input; use --out-dir for several")
+    outs = [Path(output) if output is not None else name_out(p) for p in paths]
+    seen: set[Path] = set()
+    for p, out in zip(paths, outs, strict=True):
+        if out.resolve() in seen:
+            raise CkptlabError(f"two inputs would both be written to {out}", p)
+        seen.add(out.resolve())
+    create = output is None
+    planned = [run(p, out, dry_run=True, create_parent=create) for p, out in zip(paths, outs, strict=True)]
+    if dry_run:
+        return planned
+    return [run(p, out, dry_run=False, create_parent=create) for p, out in zip(paths, outs, strict=True)]
+
+
+def to_diffusers_each(paths: list[Path], *, output: Path | None = None, out_dir: Path | None = None,
+                      ema: str = "drop", precision: str | None = None, clamp: bool = False, overwrite: bool = False,
+                      dry_run: bool = False, progress: Progress = null_progress,
+                      cache: HashCache = NO_CACHE) -> list[FolderResult]:
+    """``ckptlab to-diffusers`` for several inputs: ``output`` (one input) or ``<out_dir or the input's
+    folder>/<stem>-diffusers``. Every input is opened, planned and its target checked before the first folder
+    is written, so a bad second input stops the command with nothing written."""
+    def run(p: Path, out: Path, *, dry_run: bool, create_parent: bool) -> FolderResult:
+        return to_diffusers(p, out, ema=ema, precision=precision, clamp=clamp, overwrite=overwrite, dry_run=dry_run,
+                            progress=progress, cache=cache, create_parent=create_parent)
+
+    return _each(paths, output, out_dir, lambda p: output_path(p, out_dir, "-diffusers", ext=""), run, dry_run)
+
+
+def from_diffusers_each(folders: list[Path], *, output: Path | None = None, out_dir: Path | None = None,
+                        overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress,
+                        cache: HashCache = NO_CACHE) -> list[TransformResult]:
+    """``ckptlab from-diffusers`` for several pipeline folders: ``output`` (one folder) or ``<out_dir or the
+    folder's parent>/<folder name>.safetensors``; all planned and checked before the first is written."""
+    def run(p: Path, out: Path, *, dry_run: bool, create_parent: bool) -> TransformResult:
+        return from_diffusers(p, out, overwrite=overwrite, dry_run=dry_run, progress=progress, cache=cache,
+                              create_parent=create_parent)
+
+    return _each(folders, output, out_dir, lambda p: output_path(p, out_dir, ""), run, dry_run)
