@@ -108,7 +108,12 @@ def test_merge_does_not_read_the_default_catalog(tmp_path, model, vae_file, pois
     r = merge("weighted_sum", [model, b], tmp_path / "m.safetensors", vae=vae_file)
     assert [i.sha256 for i in r.inputs] == [sha256(model), sha256(b), sha256(vae_file)]
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
-        assert WRONG not in json.dumps(f.metadata())
+        meta = f.metadata()
+    assert WRONG not in json.dumps(meta)
+    # the transforms' provenance keys, written by the same function
+    assert json.loads(meta["ckptlab.inputs"]) == [{"name": p.name, "sha256": sha256(p)} for p in (model, b, vae_file)]
+    assert meta["ckptlab.operation"] == "merge" and meta["ckptlab.version"].startswith("ckptlab ")
+    assert json.loads(meta["ckptlab.options"]) == {"method": "weighted_sum", "steps": 1}
 
 
 def _no_hashing(monkeypatch):

@@ -51,6 +51,7 @@ from ckptlab.merge.recipe import (
 )
 from ckptlab.merge.recipe import parse_dtype_option as _dtype
 from ckptlab.ops.stream import check_output, check_suffix
+from ckptlab.ops.stream import provenance as common_provenance
 from ckptlab.progress import Progress, null_progress
 
 #: bytes of merge working memory allowed in flight across the pool
@@ -342,9 +343,10 @@ def _metadata(recipe: Recipe, step, nodes, hashes, sources, index: int) -> dict[
         sub.options.pop("dtype", None)
     used = _file_inputs(sub)
     sub.inputs = {n: recipe.inputs[n] for n in recipe.inputs if n in used}
-    meta: dict[str, str] = {"format": "pt"}
     mds = [sources[n].metadata for n in sub.inputs]
-    meta.update(provenance.modelspec_of(mds))
+    # the transforms' provenance (operation, tool version, inputs with sha256, options), then A1111's keys
+    meta = common_provenance("merge", [(recipe.input_path(n), hashes[n]) for n in sub.inputs],
+                             {"method": method.name, "steps": index + 1}, base={"format": "pt", **provenance.modelspec_of(mds)})
     step_hashes = [hashes.get(i) if i in recipe.inputs else None for i in step.inputs]
     multiplier = step.params.get("alpha", method.defaults().get("alpha"))
     out_dtype = _dtype(sub.options.get("dtype") or step.dtype, "dtype") if index == len(recipe.steps) - 1 else None

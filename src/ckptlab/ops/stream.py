@@ -117,7 +117,10 @@ def tool_version() -> str:
 
 def provenance(operation: str, inputs: Iterable[tuple[Path, str | None]], options: dict | None = None,
                base: dict[str, str] | None = None) -> dict[str, str]:
-    """Metadata for an output: ``base`` (kept input metadata) plus what produced it."""
+    """The one provenance writer of transforms and merges: ``base`` (kept input metadata) plus what produced
+    the output - ``ckptlab.operation``, ``ckptlab.version`` (``ckptlab X.Y.Z``), ``ckptlab.inputs`` (JSON list of
+    ``{"name", "sha256"}``, in input order) and ``ckptlab.options`` (JSON, sorted keys; left out when empty);
+    ``format: pt`` unless ``base`` says otherwise. No timestamps: same inputs and options, same bytes."""
     meta = dict(base or {})
     meta.setdefault("format", "pt")
     meta[META_OPERATION] = operation
