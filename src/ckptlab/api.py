@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from ckptlab.formats.base import TensorSource
-    from ckptlab.hashes import Hashes
+    from ckptlab.hashes import HashCache, Hashes
     from ckptlab.hub.download import DownloadResult
     from ckptlab.hub.link import LinkReport
     from ckptlab.identify import ModelInfo
@@ -52,6 +52,18 @@ def _db_path(db: PathLike | Catalog | None) -> Path | None:
     if db is None:
         return None
     return Path(db.path) if hasattr(db, "conn") else Path(db)
+
+
+def _hash_cache(db: PathLike | Catalog | None) -> HashCache:
+    """The catalog ``db`` names as the sha256 cache of a transform or merge; no cache when ``db`` is None (library
+    calls never read the default catalog on their own)."""
+    from ckptlab.hashes import NO_CACHE
+
+    if db is None:
+        return NO_CACHE
+    from ckptlab.library.catalog import hash_cache
+
+    return hash_cache(_db_path(db))
 
 
 @contextlib.contextmanager
@@ -156,7 +168,7 @@ def convert(inputs: PathLike | Iterable[PathLike], out: PathLike | None = None, 
     from ckptlab.ops.convert import convert as _convert
 
     return _convert(_paths(inputs), out, out_dir, allow_suspicious=allow_suspicious, drop_ema=drop_ema,
-                    overwrite=overwrite, dry_run=dry_run, progress=progress, db=_db_path(db))
+                    overwrite=overwrite, dry_run=dry_run, progress=progress, cache=_hash_cache(db))
 
 
 def prune(inputs: PathLike | Iterable[PathLike], *, ema: str = "drop", precision: str | None = None,
@@ -186,7 +198,7 @@ def prune(inputs: PathLike | Iterable[PathLike], *, ema: str = "drop", precision
 
     return _prune(_paths(inputs), ema=ema, precision=precision, clamp=clamp,
                   out_dir=Path(out_dir) if out_dir else None, overwrite=overwrite, dry_run=dry_run,
-                  progress=progress or _null(), db=_db_path(db), skip_unchanged=True)
+                  progress=progress or _null(), cache=_hash_cache(db), skip_unchanged=True)
 
 
 def precision(inputs: PathLike | Iterable[PathLike], to: str, *, only: list[str] | None = None, clamp: bool = False,
@@ -211,7 +223,7 @@ def precision(inputs: PathLike | Iterable[PathLike], to: str, *, only: list[str]
     from ckptlab.ops.precision import convert_precision
 
     return convert_precision(_paths(inputs), to, only=only, clamp=clamp, out_dir=Path(out_dir) if out_dir else None,
-                             overwrite=overwrite, dry_run=dry_run, progress=progress or _null(), db=_db_path(db),
+                             overwrite=overwrite, dry_run=dry_run, progress=progress or _null(), cache=_hash_cache(db),
                              skip_unchanged=True)
 
 
@@ -236,7 +248,7 @@ def extract(inputs: PathLike | Iterable[PathLike], component: str, *, out: PathL
 
     return _extract(_paths(inputs), component, out=Path(out) if out else None,
                     out_dir=Path(out_dir) if out_dir else None, overwrite=overwrite, dry_run=dry_run,
-                    progress=progress or _null(), db=_db_path(db))
+                    progress=progress or _null(), cache=_hash_cache(db))
 
 
 def replace(inputs: PathLike | Iterable[PathLike], *, vae: PathLike | None = None, clip_l: PathLike | None = None,
@@ -265,7 +277,7 @@ def replace(inputs: PathLike | Iterable[PathLike], *, vae: PathLike | None = Non
 
     return _replace(_paths(inputs), vae=p(vae), clip_l=p(clip_l), clip_g=p(clip_g), unet=p(unet), out=p(out),
                     out_dir=p(out_dir), overwrite=overwrite, dry_run=dry_run, progress=progress or _null(),
-                    db=_db_path(db))
+                    cache=_hash_cache(db))
 
 
 def to_diffusers(input: PathLike, out: PathLike | None = None, *, out_dir: PathLike | None = None, ema: str = "drop",
@@ -294,7 +306,7 @@ def to_diffusers(input: PathLike, out: PathLike | None = None, *, out_dir: PathL
     src = Path(input)
     target = Path(out) if out is not None else output_path(src, Path(out_dir) if out_dir else None, "-diffusers", ext="")
     return _to(src, target, ema=ema, precision=precision, clamp=clamp, overwrite=overwrite, dry_run=dry_run,
-               progress=progress or _null(), db=_db_path(db), create_parent=out is None)
+               progress=progress or _null(), cache=_hash_cache(db), create_parent=out is None)
 
 
 def from_diffusers(input: PathLike, out: PathLike | None = None, *, out_dir: PathLike | None = None,
@@ -318,7 +330,7 @@ def from_diffusers(input: PathLike, out: PathLike | None = None, *, out_dir: Pat
 
     src = Path(input)
     target = Path(out) if out is not None else output_path(src, Path(out_dir) if out_dir else None, "")
-    return _from(src, target, overwrite=overwrite, dry_run=dry_run, progress=progress or _null(), db=_db_path(db),
+    return _from(src, target, overwrite=overwrite, dry_run=dry_run, progress=progress or _null(), cache=_hash_cache(db),
                  create_parent=out is None)
 
 
@@ -358,7 +370,7 @@ def merge(method: str, models: Iterable[PathLike], output: PathLike, *, alpha: f
     params = {"alpha": alpha, "beta": beta, "gamma": gamma, "density": density}
     return _merge(method, _paths(models), output, params=params, dtype=precision, merge_dtype=merge_dtype,
                   missing=missing, seed=seed, prune=prune, vae=vae, overwrite=overwrite, threads=threads,
-                  device=device, progress=progress, db=_db_path(db))
+                  device=device, progress=progress, cache=_hash_cache(db))
 
 
 # ------------------------------------------------------------------------------------------- library

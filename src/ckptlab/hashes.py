@@ -30,6 +30,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ckptlab.checksum import crc32
 from ckptlab.errors import FormatError
@@ -293,3 +294,54 @@ def sha256_file(path: str | Path, cancel: threading.Event | None = None) -> str:
                 break
             h.update(view[:n])  # hashlib releases the GIL on big buffers: files hash in parallel
     return h.hexdigest()
+
+
+# -- the hash cache ------------------------------------------------------------------------------------------
+class HashCache(Protocol):
+    """Where writers look up sha256s already known, so an input is not read twice. ``known_sha256`` answers
+    only for this exact file (same device, inode, size and mtime), lower case, or None; ``path_with_sha256``
+    finds a present, unchanged file with that content, or None. Any failure is a miss, never an error.
+
+    Transforms and merges take one as ``cache=`` and never look one up by themselves: the default is
+    ``NO_CACHE`` (every input is hashed). The CLI builds one from ``--db``
+    (``ckptlab.library.catalog.hash_cache``)."""
+
+    def known_sha256(self, path: str | Path, st: os.stat_result | None = None) -> str | None: ...
+
+    def path_with_sha256(self, sha256: str) -> Path | None: ...
+
+
+class _NoCache:
+    """The cache that knows nothing: every input is hashed."""
+
+    def known_sha256(self, path: str | Path, st: os.stat_result | None = None) -> str | None:
+        return None
+
+    def path_with_sha256(self, sha256: str) -> Path | None:
+        return None
+
+    def __repr__(self) -> str:
+        return "NO_CACHE"
+
+
+NO_CACHE: HashCache = _NoCache()
+
+
+class VerifiedFile:
+    """A cache that knows one file's sha256, just re-verified by the caller (``apply-plan`` hashes the file it
+    rewrites before the rewrite): answers for that very file (same device, inode, size and mtime) only."""
+
+    def __init__(self, path: str | Path, sha256: str):
+        st = os.stat(path)
+        self._id = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.path, self.sha256 = Path(path), sha256.lower()
+
+    def known_sha256(self, path: str | Path, st: os.stat_result | None = None) -> str | None:
+        try:
+            st = st or os.stat(path)
+        except OSError:
+            return None
+        return self.sha256 if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self._id else None
+
+    def path_with_sha256(self, sha256: str) -> Path | None:
+        return self.path if sha256.lower() == self.sha256 and self.known_sha256(self.path) else None

@@ -197,7 +197,7 @@ def test_sha256_comes_from_the_library_catalog_when_it_has_the_file(sd1, tmp_pat
     import os
 
     from ckptlab.hashes import Hashes
-    from ckptlab.library.catalog import Catalog
+    from ckptlab.library.catalog import Catalog, default_db_path, hash_cache
     from ckptlab.merge import provenance
 
     a = tmp_path / "a.safetensors"
@@ -208,7 +208,7 @@ def test_sha256_comes_from_the_library_catalog_when_it_has_the_file(sd1, tmp_pat
         cat.put_hashes((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
                        Hashes(fake, "0" * 10, "0" * 10, None, "0" * 8, "0" * 64, st.st_size))
     provenance._CACHE.clear()
-    r = merge("weighted_sum", [a, sd1[1]], tmp_path / "o.safetensors")
+    r = merge("weighted_sum", [a, sd1[1]], tmp_path / "o.safetensors", cache=hash_cache(default_db_path()))
     assert r.inputs[0].sha256 == fake and r.inputs[1].sha256 == _sha(sd1[1])
 
 

@@ -320,13 +320,14 @@ def test_db_option_chooses_the_catalog_merge_reads(cli, tree, tmp_path):
 
 
 def test_db_argument_at_api_level(tree, tmp_path):
+    from ckptlab.library.catalog import hash_cache
     from ckptlab.merge import provenance
 
     a, b = tree / "models" / "a.safetensors", tree / "models" / "b.safetensors"
     db = tmp_path / "x.db"
     _plant(db, a, "ef" * 32)
     provenance._CACHE.clear()
-    r = merge("weighted_sum", [a, b], tmp_path / "o.safetensors", db=db)
+    r = merge("weighted_sum", [a, b], tmp_path / "o.safetensors", cache=hash_cache(db))
     assert r.inputs[0].sha256 == "ef" * 32 and r.inputs[1].sha256 == _sha(b)
     r = merge("weighted_sum", [a, b], tmp_path / "o2.safetensors")  # CKPTLAB_DB: the test's empty catalog
     assert r.inputs[0].sha256 == _sha(a)

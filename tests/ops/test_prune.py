@@ -177,20 +177,24 @@ def test_unchanged_tensors_are_copied_raw_not_materialised(tmp_path, ema_model, 
 
 
 def test_input_sha256_reused_from_the_library_catalog(tmp_path, ema_model):
-    from ckptlab.library.catalog import Catalog, default_db_path
+    """A catalog passed as ``cache=`` supplies the input's sha256 (the file is not hashed again); the API
+    never reads a catalog nobody passed."""
+    from ckptlab.library.catalog import Catalog, default_db_path, hash_cache
     from ckptlab.library.scanner import scan
     from ckptlab.ops.stream import FileHasher
 
-    assert not FileHasher(ema_model).from_catalog  # no catalog yet: hashed
-    with Catalog(default_db_path()) as cat:  # $CKPTLAB_DB points into tmp (conftest)
+    cache = hash_cache(default_db_path())  # $CKPTLAB_DB points into tmp (conftest)
+    assert not FileHasher(ema_model, cache=cache).from_cache  # no catalog yet: hashed
+    with Catalog(default_db_path()) as cat:
         scan([tmp_path], cat, hash=True)
-    h = FileHasher(ema_model)
-    assert h.from_catalog and h.result() == sha256(ema_model)
-    [r] = prune([ema_model])
+    h = FileHasher(ema_model, cache=cache)
+    assert h.from_cache and h.result() == sha256(ema_model)
+    assert not FileHasher(ema_model).from_cache  # no cache given: the catalog is not consulted
+    [r] = prune([ema_model], cache=cache)
     meta = safe_open(str(r.output), "pt").metadata()
     assert json.loads(meta["ckptlab.inputs"])[0]["sha256"] == sha256(ema_model)
     ema_model.write_bytes(ema_model.read_bytes())  # new mtime: the cached value no longer applies
-    assert not FileHasher(ema_model).from_catalog
+    assert not FileHasher(ema_model, cache=cache).from_cache
 
 
 def test_unknown_ema_mode_refused_in_api_and_cli(tmp_path, cli):

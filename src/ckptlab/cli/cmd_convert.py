@@ -33,12 +33,13 @@ def convert_cmd(
 
     from ckptlab.cli.common import console, emit_json, err_console, expand_inputs, progress_bar
     from ckptlab.display import human_size
+    from ckptlab.library.catalog import hash_cache
     from ckptlab.ops.convert import convert
 
     paths = expand_inputs(inputs, suffixes=(".ckpt", ".pt", ".pth", ".bin"), what="pickle files (.ckpt .pt .pth .bin)")
     with progress_bar("converting", enabled=not json_out) as cb:
         results = convert(paths, output, out_dir, allow_suspicious=allow_suspicious, drop_ema=drop_ema,
-                          overwrite=overwrite, dry_run=dry_run, progress=cb, db=db)
+                          overwrite=overwrite, dry_run=dry_run, progress=cb, cache=hash_cache(db))
     for r in results:
         if json_out:
             emit_json(r)

@@ -53,8 +53,9 @@ def merge_cmd(
     db: Optional[Path] = db_option(),
 ) -> None:
     from ckptlab.cli.common import console, emit_json, progress_bar
+    from ckptlab.library.catalog import hash_cache
     from ckptlab.merge import METHODS, load, one_step_recipe, run_recipe
-    from ckptlab.merge.recipe import RecipeError
+    from ckptlab.merge.recipe import RecipeError, apply_overrides
 
     if list_methods:
         rows = [{"name": m.name, "inputs": [m.min_inputs, m.max_inputs], "output": m.output, "help": m.help,
@@ -74,14 +75,8 @@ def merge_cmd(
     if recipe is not None:
         if method or models:
             raise RecipeError("give either --recipe or METHOD and models, not both")
-        rec = load(recipe)
-        if any(x is not None for x in (alpha, beta, gamma, density)):
-            raise RecipeError("--alpha/--beta/--gamma/--density go in the recipe file with --recipe")
-        for k, v in (("dtype", dtype), ("merge_dtype", merge_dtype), ("missing", missing), ("seed", seed)):
-            if v is not None:
-                rec.options[k] = v
-        if prune:
-            rec.options["prune"] = True
+        rec = apply_overrides(load(recipe), params_given=any(x is not None for x in (alpha, beta, gamma, density)),
+                              dtype=dtype, merge_dtype=merge_dtype, missing=missing, seed=seed, prune=prune, vae=vae)
         recipe_path = None if rec.from_model else recipe  # a model's embedded recipe is never rewritten
     else:
         if not method or not models:
@@ -90,15 +85,10 @@ def merge_cmd(
         rec = one_step_recipe(method, list(models), params=params, dtype=dtype, merge_dtype=merge_dtype,
                               missing=missing, seed=seed, prune=prune, vae=vae)
         recipe_path = None
-    if vae is not None and recipe is not None:
-        from ckptlab.merge.recipe import RecipeInput
-
-        rec.inputs["VAE"] = RecipeInput("VAE", str(vae.resolve()))
-        rec.untrusted.discard("VAE")  # the user named it
-        rec.options["vae"] = "VAE"
     with progress_bar("merging", enabled=not json_out) as cb:
         result = run_recipe(rec, output, overwrite=overwrite, relink=relink, recipe_path=recipe_path,
-                            threads=threads, device=device, save_recipe=save_recipe, progress=cb, db=db)
+                            threads=threads, device=device, save_recipe=save_recipe, progress=cb,
+                            cache=hash_cache(db))
     if json_out:
         emit_json(result)
         return

@@ -37,6 +37,13 @@ class DiffusersEma(str, Enum):
     use = "use"
 
 
+def _cache(db: Path | None):
+    """The hash cache ``--db`` names (inputs' sha256s the catalog already holds are not computed again)."""
+    from ckptlab.library.catalog import hash_cache
+
+    return hash_cache(db)
+
+
 def _paths(args: list[str]) -> list[Path]:
     from ckptlab.cli.common import expand_inputs
 
@@ -119,7 +126,7 @@ def prune_cmd(
 
     with progress_bar("prune", enabled=not json_out) as cb:
         results = prune(_paths(inputs), ema=ema.value, precision=precision, clamp=clamp, out_dir=out_dir,
-                        overwrite=overwrite, dry_run=dry_run, progress=cb, db=db, skip_unchanged=True)
+                        overwrite=overwrite, dry_run=dry_run, progress=cb, cache=_cache(db), skip_unchanged=True)
     _report(results, json_out)
 
 
@@ -140,7 +147,7 @@ def precision_cmd(
 
     with progress_bar("precision", enabled=not json_out) as cb:
         results = convert_precision(_paths(inputs), to, only=only, clamp=clamp, out_dir=out_dir,
-                                    overwrite=overwrite, dry_run=dry_run, progress=cb, db=db, skip_unchanged=True)
+                                    overwrite=overwrite, dry_run=dry_run, progress=cb, cache=_cache(db), skip_unchanged=True)
     _report(results, json_out)
 
 
@@ -160,7 +167,7 @@ def extract_cmd(
 
     with progress_bar("extract", enabled=not json_out) as cb:
         results = extract(_paths(inputs), component, out=output, out_dir=out_dir, overwrite=overwrite,
-                          dry_run=dry_run, progress=cb, db=db)
+                          dry_run=dry_run, progress=cb, cache=_cache(db))
     _report(results, json_out)
 
 
@@ -183,7 +190,7 @@ def replace_cmd(
 
     with progress_bar("replace", enabled=not json_out) as cb:
         results = replace(_paths(inputs), vae=vae, clip_l=clip_l, clip_g=clip_g, unet=unet, out=output,
-                          out_dir=out_dir, overwrite=overwrite, dry_run=dry_run, progress=cb, db=db)
+                          out_dir=out_dir, overwrite=overwrite, dry_run=dry_run, progress=cb, cache=_cache(db))
     _report(results, json_out)
 
 
@@ -201,19 +208,12 @@ def to_diffusers_cmd(
       ckptlab to-diffusers model.safetensors -o model-diffusers/
     """
     from ckptlab.cli.common import progress_bar
-    from ckptlab.errors import CkptlabError
-    from ckptlab.ops.diffusers_io import to_diffusers
-    from ckptlab.ops.stream import output_path
+    from ckptlab.ops.diffusers_io import to_diffusers_each
 
     paths = _paths(inputs)
-    if output is not None and len(paths) != 1:
-        raise CkptlabError("-o/--output takes one input; use --out-dir for several")
-    results = []
     with progress_bar("to-diffusers", enabled=not json_out) as cb:
-        for p in paths:
-            out = output or output_path(p, out_dir, "-diffusers", ext="")
-            results.append(to_diffusers(p, out, ema=ema.value, precision=precision, clamp=clamp, overwrite=overwrite,
-                                        dry_run=dry_run, progress=cb, db=db, create_parent=output is None))
+        results = to_diffusers_each(paths, output=output, out_dir=out_dir, ema=ema.value, precision=precision,
+                                    clamp=clamp, overwrite=overwrite, dry_run=dry_run, progress=cb, cache=_cache(db))
     _report(results, json_out)
 
 
@@ -228,19 +228,12 @@ def from_diffusers_cmd(
       ckptlab from-diffusers model-diffusers/ -o model.safetensors
     """
     from ckptlab.cli.common import progress_bar
-    from ckptlab.errors import CkptlabError
-    from ckptlab.ops.diffusers_io import from_diffusers
-    from ckptlab.ops.stream import output_path
+    from ckptlab.ops.diffusers_io import from_diffusers_each
 
     paths = _diffusers_folders(inputs)
-    if output is not None and len(paths) != 1:
-        raise CkptlabError("-o/--output takes one input; use --out-dir for several")
-    results = []
     with progress_bar("from-diffusers", enabled=not json_out) as cb:
-        for p in paths:
-            out = output or output_path(p, out_dir, "")
-            results.append(from_diffusers(p, out, overwrite=overwrite, dry_run=dry_run, progress=cb, db=db,
-                                          create_parent=output is None))
+        results = from_diffusers_each(paths, output=output, out_dir=out_dir, overwrite=overwrite, dry_run=dry_run,
+                                      progress=cb, cache=_cache(db))
     _report(results, json_out)
 
 

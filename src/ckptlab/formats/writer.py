@@ -2,9 +2,9 @@
 
 The header is computed from the planned keys, dtypes and shapes before the first byte; tensors
 are then appended in plan order, one at a time, so no whole-model buffer ever exists. The file is
-written as a hidden temporary in the target folder, fsync'ed and renamed into place only when
-every planned tensor has been written: a crash, a kill or Ctrl-C never leaves a partial file
-under the final name. The same plan, metadata and tensors give byte-identical output.
+written as a hidden temporary in the target folder, fsync'ed and put in place only when every
+planned tensor has been written (``ckptlab.atomic.Staged``, the placing every writer shares): a
+crash, a kill or Ctrl-C never leaves a partial file under the final name. The same plan, metadata and tensors give byte-identical output.
 
 Bytes go through ``FileSink``: a small page-aligned staging buffer written with direct I/O
 (``O_DIRECT``) where the filesystem allows it. A model written once is not worth the page cache: on
@@ -20,12 +20,11 @@ import errno
 import json
 import mmap
 import os
-import secrets
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ckptlab.atomic import fsync_dir
+from ckptlab.atomic import Staged
 from ckptlab.errors import OutputError
 from ckptlab.formats.base import TensorInfo
 from ckptlab.formats.dtypes import dtype_of
@@ -217,7 +216,7 @@ class SafetensorsWriter:
         self._next = 0
         self._fh: FileSink | None = None
         self._fd: int | None = None
-        self._tmp: Path | None = None
+        self._staged: Staged | None = None
         self.bytes_written = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -239,18 +238,20 @@ class SafetensorsWriter:
         return self
 
     def _create_tmp(self, folder: Path) -> int:
-        """Like ``mkstemp``, but the name is tracked *before* the file exists: a Ctrl-C raised as the
-        ``open`` call returns (Python checks signals there) cannot leave an untracked temp file."""
-        for _ in range(100):
-            self._tmp = folder / f".{self.path.name}.{secrets.token_hex(6)}.tmp"
-            try:
-                return os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-            except FileExistsError:
-                self._tmp = None  # someone else's file: never ours to remove
-            except OSError as e:
-                self._tmp = None
-                raise OutputError(f"cannot create a file in {folder}: {e.strerror or e}", self.path) from None
-        raise OutputError(f"cannot create a temporary file in {folder}", self.path)
+        """The temporary file (``Staged``: the name is tracked *before* the file exists, so a Ctrl-C raised
+        as the ``open`` call returns cannot leave an untracked temp file)."""
+        self._staged = Staged(folder / self.path.name, overwrite=self.overwrite)
+        try:
+            return self._staged.create_file(0o600)
+        except FileExistsError:
+            raise OutputError(f"cannot create a temporary file in {folder}", self.path) from None
+        except OSError as e:
+            raise OutputError(f"cannot create a file in {folder}: {e.strerror or e}", self.path) from None
+
+    @property
+    def _tmp(self) -> Path | None:
+        """The temporary file's path while one exists."""
+        return self._staged.tmp if self._staged is not None else None
 
     def rewrite_metadata(self, metadata: Mapping[str, str]) -> None:
         """Replace ``__metadata__`` in the already-written header before ``commit()`` (for values known only
@@ -316,19 +317,17 @@ class SafetensorsWriter:
         try:
             self._fh.finish()
             self._close_fd()
-            os.chmod(self._tmp, 0o644 & ~_umask())
-            if self.overwrite:
-                os.replace(self._tmp, self.path)
-            else:
-                _place_no_clobber(self._tmp, self.path)
-            fsync_dir(self.path.parent)
+            self._staged.commit(0o644)
+        except FileExistsError:
+            self.abort()
+            raise OutputError("output appeared while writing; not replaced", self.path) from None
         except OSError as e:
             self.abort()
             raise OutputError(f"cannot finish writing: {e.strerror or e}", self.path) from None
         except BaseException:
             self.abort()
             raise
-        self._tmp = None
+        self._staged = None
         return self.path
 
     def _close_fd(self) -> None:
@@ -349,12 +348,9 @@ class SafetensorsWriter:
             self._close_fd()
         except OSError:
             pass
-        if self._tmp is not None:
-            try:
-                self._tmp.unlink()
-            except FileNotFoundError:
-                pass
-            self._tmp = None
+        if self._staged is not None:
+            self._staged.discard()
+            self._staged = None
 
     def __enter__(self) -> SafetensorsWriter:
         return self.open()
@@ -364,28 +360,6 @@ class SafetensorsWriter:
             self.commit()
         else:
             self.abort()
-
-
-def _place_no_clobber(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final`` unless something appeared there meanwhile (atomic via a hard link)."""
-    try:
-        os.link(tmp, final)
-    except FileExistsError:
-        raise OutputError("output appeared while writing; not replaced", final) from None
-    except OSError:  # no hard links on this filesystem: check, then rename
-        if final.exists():
-            raise OutputError("output appeared while writing; not replaced", final) from None
-        os.replace(tmp, final)
-        return
-    os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 
 
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, object]] | Mapping[str, object],

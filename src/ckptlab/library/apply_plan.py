@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptlab.errors import CkptlabError, MismatchError, OutputError, StaleStep
+from ckptlab.hashes import NO_CACHE, HashCache, VerifiedFile
 from ckptlab.progress import Progress, null_progress
 
 
@@ -108,25 +109,28 @@ def hidden_target(final: Path) -> Path:
     return final.with_name(f".{final.stem}.ckptlab-apply{final.suffix}")
 
 
-def transform(path: Path, ops: list[str], out: Path, *, dry_run: bool = False, progress: Progress = null_progress):
+def transform(path: Path, ops: list[str], out: Path, *, dry_run: bool = False, progress: Progress = null_progress,
+              cache: HashCache = NO_CACHE):
     """The one rewrite a ``transform`` step does, planned (``dry_run``) or written: ``path`` -> ``out`` with
     ``ops`` in one pass. ``plan-space`` bills ``size - result.file_bytes_out`` from the planned run, the
-    very plan ``apply-plan`` then writes."""
+    very plan ``apply-plan`` then writes. ``cache``: where the input's sha256 is already known (its provenance
+    then costs no second read)."""
     path, out = Path(path), Path(out)
     fp16 = "to_fp16" in ops
     if "prune" in ops:
         from ckptlab.ops.prune import prune
 
         results = prune([path], ema="drop", precision="fp16" if fp16 else None, outputs=[out], dry_run=dry_run,
-                        progress=progress)
+                        progress=progress, cache=cache)
     elif fp16:
         from ckptlab.ops.precision import convert_precision
 
-        results = convert_precision([path], "fp16", outputs=[out], dry_run=dry_run, progress=progress)
+        results = convert_precision([path], "fp16", outputs=[out], dry_run=dry_run, progress=progress,
+                                     cache=cache)
     elif ops == ["convert_pickle"]:
         from ckptlab.ops.convert import convert
 
-        results = convert([path], out=out, dry_run=dry_run, progress=progress)
+        results = convert([path], out=out, dry_run=dry_run, progress=progress, cache=cache)
     else:
         raise CkptlabError(f"unknown transform {'+'.join(ops)!r}", path)
     return results[0]
@@ -356,7 +360,8 @@ def _transform_step(step, path: Path, res: StepResult, dry_run: bool,
         res.message = f"would write {out.name}" + (f" and remove {path.name}" if out != path else " in its place")
         return
     try:
-        transform(path, step.ops, tmp)
+        # the file was hashed by _verify a moment ago: its provenance reuses that digest
+        transform(path, step.ops, tmp, cache=VerifiedFile(path, step.sha256) if step.sha256 else NO_CACHE)
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -119,6 +119,47 @@ def known_sha256(path: str | Path, st: os.stat_result | None = None, db: str | P
         return None
 
 
+
+class CatalogHashCache:
+    """The catalog file ``db`` as a ``ckptlab.hashes.HashCache`` for transforms and merges: read only, never
+    created (a missing file is an empty cache, not an error), any failure a miss."""
+
+    def __init__(self, db: str | Path):
+        self.db = Path(db)
+
+    def known_sha256(self, path: str | Path, st: os.stat_result | None = None) -> str | None:
+        return known_sha256(path, st, self.db)
+
+    def path_with_sha256(self, sha256: str) -> Path | None:
+        """A present regular file the catalog records with this sha256, unchanged since (same size and
+        mtime), or None."""
+        import stat
+
+        try:
+            if not self.db.is_file():
+                return None
+            with Catalog(self.db) as cat:
+                records = cat.find_by_sha256(sha256)
+            for r in records:
+                try:
+                    st = os.stat(r.path)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (r.size, r.mtime_ns):
+                    return Path(r.path)
+        except Exception:  # noqa: BLE001 - the catalog is an optional index; the caller tries the recorded path
+            return None
+        return None
+
+    def __repr__(self) -> str:
+        return f"CatalogHashCache({str(self.db)!r})"
+
+
+def hash_cache(db: str | Path | None) -> CatalogHashCache:
+    """The hash cache a command's ``--db`` names (None: ``$CKPTLAB_DB`` or the platform default, as for every
+    other command that reads the catalog). Library code never calls this: it takes ``cache=``."""
+    return CatalogHashCache(Path(db) if db is not None else default_db_path())
+
 #: SQLite's messages for a catalog that cannot be written for reasons outside ckptlab (sqlite3 has no
 #: error codes before Python 3.11): these become one ``CatalogWriteError`` line, never an internal error
 _WRITE_FAILURES = {"readonly": "the catalog is read-only", "read-only": "the catalog is read-only",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ckptlab.hashes import NO_CACHE, HashCache
+from ckptlab.merge.blocks import param_value
 from ckptlab.merge.engine import MergeResult, run_recipe, write_node
 from ckptlab.merge.methods import METHODS, get_method
 from ckptlab.merge.recipe import Recipe, RecipeInput, RecipeStep, dumps, load, loads
@@ -39,7 +41,7 @@ def one_step_recipe(method: str, models: list[str | Path], *, params: dict | Non
 
         raise MethodError(f"{m.name} does not take {', '.join('--' + k for k in extra)} "
                           f"(it takes {', '.join('--' + k for k in sorted(allowed))})")
-    step_params = {k: _number_or_text(v) for k, v in given.items()}
+    step_params = {k: param_value(v) for k, v in given.items()}
     options: dict[str, object] = {}
     for k, v in (("dtype", dtype), ("merge_dtype", merge_dtype), ("missing", missing), ("seed", seed)):
         if v is not None:
@@ -56,19 +58,11 @@ def merge(method: str, models: list[str | Path], output: str | Path, *, params: 
           dtype: str | None = None, merge_dtype: str | None = None, missing: str | None = None,
           seed: int | None = None, prune: bool = False, vae: str | Path | None = None, overwrite: bool = False,
           threads: int = 2, device: str = "cpu", progress: Progress | None = None,
-          db: str | Path | None = None) -> MergeResult:
+          cache: HashCache = NO_CACHE) -> MergeResult:
     """Merge ``models`` (A first) with ``method`` into ``output``; ``params`` e.g. ``{"alpha": 0.3}``;
-    ``db``: the catalog whose stored sha256s are reused (default ``$CKPTLAB_DB`` or the platform's)."""
+    ``cache``: where inputs' sha256s already known are taken from (``ckptlab.hashes.HashCache``; default: none)."""
     recipe = one_step_recipe(method, models, params=params, dtype=dtype, merge_dtype=merge_dtype,
                              missing=missing, seed=seed, prune=prune, vae=vae)
     return run_recipe(recipe, output, overwrite=overwrite, threads=threads, device=device, progress=progress,
-                      db=db)
+                      cache=cache)
 
-
-def _number_or_text(v):
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v

@@ -156,6 +156,18 @@ def _num(text: str, what: str) -> float:
         raise BlockSpecError(f"{what}: {text!r} is not a number") from None
 
 
+def param_value(value):
+    """A parameter as the command line gives it (text), in the form a recipe stores it: text that is one
+    number becomes that number; anything else (block weights, a preset) stays as written, for
+    ``parse_value`` to read once the model family is known."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def parse_value(value, family: str | None, *, name: str = "alpha", unnamed: float = 0.0) -> float | BlockValues:
     """A parameter value: number, block string/list/dict -> float or BlockValues for ``family``.
     ``unnamed``: the value of blocks a ``NAME=V`` string leaves out (unless it starts with a bare default)."""

@@ -24,10 +24,9 @@ from pathlib import Path
 from ckptlab.arch.vae_fit import check_vae_fits
 from ckptlab.errors import CkptlabError, FormatError, MismatchError, OutputError
 from ckptlab.formats import open_model
-from ckptlab.formats.dtypes import FLOAT_DTYPES, friendly, parse_dtype
 from ckptlab.formats.writer import SafetensorsWriter
+from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.merge import provenance
-from ckptlab.merge.blocks import BlockValues, parse_value
 from ckptlab.merge.graph import (
     BUFFERS,
     BakeVae,
@@ -40,8 +39,19 @@ from ckptlab.merge.graph import (
     stop_flag,
 )
 from ckptlab.merge.methods import get_method
-from ckptlab.merge.recipe import Recipe, RecipeError, check_recipe_target, dumps, pin_text
-from ckptlab.ops.stream import check_suffix
+from ckptlab.merge.recipe import (
+    MERGE_DTYPES,
+    Recipe,
+    RecipeError,
+    ResolvedStep,
+    check_recipe_target,
+    dumps,
+    pin_text,
+    resolve_steps,
+)
+from ckptlab.merge.recipe import parse_dtype_option as _dtype
+from ckptlab.ops.stream import check_output, check_suffix
+from ckptlab.ops.stream import provenance as common_provenance
 from ckptlab.progress import Progress, null_progress
 
 #: bytes of merge working memory allowed in flight across the pool
@@ -79,29 +89,6 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-#: output dtypes (``--dtype``, a step's ``dtype``): the floating-point types a model can be stored in
-OUTPUT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
-#: math dtypes (``--merge-dtype``): those torch computes in
-MERGE_DTYPES = ("F32", "F64", "F16", "BF16")
-
-
-def _dtype(name, what: str, allowed: tuple[str, ...] = OUTPUT_DTYPES) -> str | None:
-    """``name`` as a safetensors dtype, refused (exit 2) unless it is one of ``allowed``: an integer, bool or
-    complex output would be a "model" without weights."""
-    if name is None:
-        return None
-    try:
-        dt = parse_dtype(str(name))
-    except ValueError:
-        raise RecipeError(f"{what} {name!r}: unknown dtype; use one of {', '.join(friendly(d) for d in allowed)}") \
-            from None
-    if dt not in allowed:
-        kind = "a floating-point type" if dt not in FLOAT_DTYPES else "a type merges compute in"
-        raise RecipeError(f"{what} {name!r}: {friendly(dt)} is not {kind}; use one of "
-                          f"{', '.join(friendly(d) for d in allowed)}")
-    return dt
-
-
 _DEVICE_RE = re.compile(r"(cpu|cuda)(?::(\d{1,4}))?")
 
 
@@ -123,21 +110,14 @@ def check_device(device: str) -> str:
     return dev
 
 
-def _check_output(path: Path, inputs: list[Path]) -> None:
-    rp = path.resolve()
-    for p in inputs:
-        if p.resolve() == rp:
-            raise OutputError("output is one of the inputs; inputs are never modified", path)
-
-
 def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: bool = False,
                relink: bool = False, recipe_path: str | Path | None = None, threads: int = 2,
                device: str = "cpu", budget: int = DEFAULT_BUDGET, save_recipe: str | Path | None = None,
-               progress: Progress | None = None, db: str | Path | None = None) -> MergeResult:
+               progress: Progress | None = None, cache: HashCache = NO_CACHE) -> MergeResult:
     """Run every step of ``recipe`` and write the last one to ``output``; ``save_recipe``: also write the
-    pinned recipe there (its path is checked before any work). ``db``: the catalog whose sha256s are reused
-    and where inputs of a model's embedded recipe are looked up (default ``$CKPTLAB_DB`` or the platform's;
-    a missing catalog is never created).
+    pinned recipe there (its path is checked before any work). ``cache`` (``ckptlab.hashes.HashCache``): where
+    inputs' sha256s already known are taken from, and where inputs of a model's embedded recipe are looked up
+    by their pinned sha256 (default: none; every input is hashed, and only recorded paths are tried).
 
     Output locations come from ``output`` only, or from a recipe file's own ``save`` paths inside its folder;
     a recipe read from a model's metadata never chooses one (its ``save`` entries are ignored, with a
@@ -171,19 +151,17 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
     settings = Settings(merge_dtype=merge_dtype, device=device, missing=str(opts.get("missing", "keep-a")),
                         seed=int(opts.get("seed", 0)))
     if recipe.untrusted:
-        _locate_untrusted(recipe, db, warnings)
+        _locate_untrusted(recipe, cache, warnings)
     paths = {n: recipe.input_path(n) for n in recipe.inputs}
-    for st in recipe.steps:
-        if saves[st.name] is not None:
-            _check_output(saves[st.name], list(paths.values()))
-    _check_output(out, list(paths.values()))
+    for p in (*(q for n, q in saves.items() if q is not None and n != final.name), out):
+        check_output(p, paths.values(), overwrite)  # the transforms' check: input, exists, suffix, folder
     if save_recipe is not None:
         save_recipe = check_recipe_target(save_recipe, [*paths.values(), out,
                                                         *(p for p in saves.values() if p is not None)],
                                           overwrite=overwrite)
 
     def hash_all(cancel_event=None) -> list[str]:
-        return provenance.sha256_many(list(paths.values()), cancel_event, db=db)
+        return provenance.sha256_many(list(paths.values()), cancel_event, cache=cache)
 
     sources = {}
     hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptlab-hash")
@@ -204,7 +182,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
             sources[n] = open_model(p)
             warnings.extend(f"{n}: {w}" for w in sources[n].warnings)
         nodes: dict[str, Node] = {n: SourceNode(n, s) for n, s in sources.items()}
-        _check_all_params(recipe, {n: nd.family for n, nd in nodes.items()})
+        resolved = resolve_steps(recipe, {n: nd.family for n, nd in nodes.items()})
         # Pinned recipes are checked before any work. Otherwise the inputs are hashed while the merge runs
         # and the hashes are written into the header at the end (placeholders of the same length first).
         if "hashes" not in state and (relink or any(inp.sha256 for inp in recipe.inputs.values())):
@@ -238,7 +216,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         final_node: Node | None = None
         for i, st in enumerate(recipe.steps):
             is_last = i == len(recipe.steps) - 1
-            node = _build_step(st, nodes, settings, opts.get("dtype") if is_last else None, len(recipe.steps) > 1)
+            node = _build_step(resolved[i], nodes, settings)
             summaries.append(node.summary)
             save = saves[st.name]
             if save is not None and not is_last:
@@ -305,7 +283,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
 _PSEUDO_FS = ("/proc", "/sys", "/dev")
 
 
-def _locate_untrusted(recipe: Recipe, db, warnings: list[str]) -> None:
+def _locate_untrusted(recipe: Recipe, cache: HashCache, warnings: list[str]) -> None:
     """Find the inputs a model's embedded recipe names. Each must be pinned by sha256; it is taken from the
     catalog (a file the user scanned whose sha256 is the pin) or else from the recorded path, only if that
     is a regular file or a folder (never a device, FIFO or /proc file). The pins are verified before any
@@ -315,7 +293,7 @@ def _locate_untrusted(recipe: Recipe, db, warnings: list[str]) -> None:
         if not inp.sha256:
             raise MismatchError(f"input {n} of the embedded recipe has no sha256 pin: a model's metadata only "
                                 "names inputs ckptlab can verify (write a recipe file to merge other inputs)")
-        found = provenance.catalogued_path(inp.sha256, db)
+        found = cache.path_with_sha256(inp.sha256)
         if found is not None:
             if os.path.abspath(found) != os.path.abspath(recipe.input_path(n)):
                 warnings.append(f"{n}: the catalogued file with its sha256: {found}")
@@ -354,52 +332,8 @@ def _check_pins(recipe: Recipe, hashes: dict[str, str], relink: bool, warnings: 
     return reports, updated
 
 
-def _step_params(st, family: str | None, many: bool) -> dict[str, float | BlockValues]:
-    """The step's parameters parsed for ``family``, every value (each block's too) checked against the
-    method's ranges."""
-    method = get_method(st.method)
-    params: dict[str, float | BlockValues] = {}
-    where = f"step {st.name!r}: " if many else ""
-    for p in method.params:
-        val = parse_value(st.params.get(p.name, p.default), family, name=p.name, unnamed=_unnamed_default(p))
-        if isinstance(val, BlockValues):
-            if not p.per_block:
-                raise RecipeError(f"step {st.name!r}: {p.name} takes one number, not block weights")
-            for block, v in val.values:
-                p.check(v, f"{where}block {block}: ")
-        else:
-            p.check(val, where)
-        params[p.name] = val
-    return params
-
-
-def _unnamed_default(param) -> float:
-    """Blocks a ``NAME=V`` string leaves out get 0 (A's value for a blend), or the parameter's own default
-    where 0 is out of its range (``--density IN=0.5``: the other blocks keep the default density)."""
-    try:
-        param.check(0.0)
-        return 0.0
-    except CkptlabError:
-        return float(param.default)
-
-
-def _check_all_params(recipe: Recipe, families: dict[str, str | None]) -> None:
-    """Every step's parameters and dtype, before any file is written (a step's family is its A's)."""
-    fam = dict(families)
-    many = len(recipe.steps) > 1
-    last = len(recipe.steps) - 1
-    for i, st in enumerate(recipe.steps):
-        fam[st.name] = fam.get(st.inputs[0]) if st.inputs else None
-        _step_params(st, fam[st.name], many)
-        _dtype(st.dtype or (recipe.options.get("dtype") if i == last else None), f"step {st.name!r} dtype")
-
-
-def _build_step(st, nodes: dict[str, Node], settings: Settings, final_dtype, many: bool = False) -> StepNode:
-    method = get_method(st.method)
-    ins = [nodes[i] for i in st.inputs]
-    params = _step_params(st, ins[0].family, many)
-    dtype = _dtype(st.dtype or final_dtype, f"step {st.name!r} dtype")
-    return StepNode(st.name, method, ins, params, settings, dtype)
+def _build_step(rs: ResolvedStep, nodes: dict[str, Node], settings: Settings) -> StepNode:
+    return StepNode(rs.name, rs.method, [nodes[i] for i in rs.inputs], rs.params, settings, rs.dtype)
 
 
 def _metadata(recipe: Recipe, step, nodes, hashes, sources, index: int) -> dict[str, str]:
@@ -411,9 +345,10 @@ def _metadata(recipe: Recipe, step, nodes, hashes, sources, index: int) -> dict[
         sub.options.pop("dtype", None)
     used = _file_inputs(sub)
     sub.inputs = {n: recipe.inputs[n] for n in recipe.inputs if n in used}
-    meta: dict[str, str] = {"format": "pt"}
     mds = [sources[n].metadata for n in sub.inputs]
-    meta.update(provenance.modelspec_of(mds))
+    # the transforms' provenance (operation, tool version, inputs with sha256, options), then A1111's keys
+    meta = common_provenance("merge", [(recipe.input_path(n), hashes[n]) for n in sub.inputs],
+                             {"method": method.name, "steps": index + 1}, base={"format": "pt", **provenance.modelspec_of(mds)})
     step_hashes = [hashes.get(i) if i in recipe.inputs else None for i in step.inputs]
     multiplier = step.params.get("alpha", method.defaults().get("alpha"))
     out_dtype = _dtype(sub.options.get("dtype") or step.dtype, "dtype") if index == len(recipe.steps) - 1 else None

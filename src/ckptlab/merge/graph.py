@@ -431,21 +431,16 @@ class BakeVae(Node):
         self.vae = vae
         self.family = node.family
         self.kind = node.kind
+        from ckptlab.ops.components import is_diffusers_vae, vae_bake_map
+
         vkeys = list(vae.plan)
         if any(k.startswith(("vae.", "unet.")) for k in node.plan) and not any(
                 k.startswith(self.PREFIX) for k in node.plan):
             raise MismatchError("--vae bakes into single-file checkpoints; this model is a diffusers folder "
                                 "(replace its vae/ folder instead)")
-        if any(k.startswith(("encoder.down_blocks.", "vae.encoder.down_blocks.")) for k in vkeys):
+        if is_diffusers_vae(vkeys):
             raise MismatchError(f"{vae.name}: VAE is in diffusers layout; convert it to the single-file layout first")
-        self.map: dict[str, str] = {}
-        for k in vkeys:
-            if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
-                self.map[self.PREFIX + k] = k
-            elif k.startswith(self.PREFIX):
-                self.map[k] = k
-            elif k.startswith("vae.") and k[4:].startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
-                self.map[self.PREFIX + k[4:]] = k
+        self.map: dict[str, str] = vae_bake_map(vkeys)  # the transforms' key table (ops.components)
         if not self.map:
             raise MismatchError(f"{vae.name}: no VAE weights found (expected encoder.*/decoder.* keys)")
         float_dtypes = [i.dtype for i in node.plan.values() if i.dtype in FLOAT_DTYPES]
@@ -489,17 +484,16 @@ class BakeVae(Node):
 
 
 class Prune(Node):
-    """Drop EMA copies and training state (``arch.components`` ``ema`` / ``training``)."""
+    """Drop EMA weights and training state: exactly the keys ``ckptlab prune`` drops (``ops.prune.pruned_keys``)."""
 
     def __init__(self, node: Node):
-        from ckptlab.arch.components import split_components
+        from ckptlab.ops.prune import pruned_keys
 
         self.name = node.name
         self.node = node
         self.family = node.family
         self.kind = node.kind
-        comps = split_components(node.plan)
-        drop = set(comps.get("ema", [])) | set(comps.get("training", []))
+        drop = pruned_keys(node.plan, "drop")
         self.dropped = len(drop)
         self.plan = {k: v for k, v in node.plan.items() if k not in drop}
 

@@ -9,8 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ckptlab.errors import FormatError
-from ckptlab.hashes import HashCancelled, sha256_file
-from ckptlab.library.catalog import known_sha256
+from ckptlab.hashes import NO_CACHE, HashCache, HashCancelled, sha256_file
 
 __all__ = ["HashCancelled", "a1111_legacy_hash", "a1111_metadata", "merge_models_entry", "modelspec_of", "sha256_many",
            "sha256_path"]
@@ -18,12 +17,12 @@ __all__ = ["HashCancelled", "a1111_legacy_hash", "a1111_metadata", "merge_models
 _CACHE: dict[tuple[str, int, int], str] = {}
 
 
-def _sha256_one(path: Path, cancel=None, db=None) -> str:
+def _sha256_one(path: Path, cancel=None, cache: HashCache = NO_CACHE) -> str:
     try:
         st = path.stat()
     except OSError as e:  # e.g. deleted while the merge ran: one line, not a traceback
         raise FormatError(f"cannot read to hash: {e.strerror or e}", path) from None
-    cached = known_sha256(path, st, db)  # the chosen catalog first (not memoised: it depends on --db)
+    cached = cache.known_sha256(path, st)  # the given cache first (not memoised: it depends on the cache)
     if cached:
         return cached
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)  # hashes this process computed
@@ -36,50 +35,25 @@ def _sha256_one(path: Path, cancel=None, db=None) -> str:
     return _CACHE[key]
 
 
-def sha256_path(path: str | Path, cancel=None, db: str | Path | None = None) -> str:
+def sha256_path(path: str | Path, cancel=None, cache: HashCache = NO_CACHE) -> str:
     """sha256 of a file; for a folder (diffusers), sha256 over ``relpath\\0sha256\\n`` of its files.
-    ``cancel``: a ``threading.Event`` that stops the work (``HashCancelled``) when set; ``db``: the catalog
-    whose stored sha256s are reused (default: the default catalog)."""
+    ``cancel``: a ``threading.Event`` that stops the work (``HashCancelled``) when set; ``cache``: where
+    sha256s already known are taken from (``ckptlab.hashes.HashCache``; default: none)."""
     p = Path(path)
     if not p.is_dir():
-        return _sha256_one(p, cancel, db)
+        return _sha256_one(p, cancel, cache)
     h = hashlib.sha256()
     for f in sorted(x for x in p.rglob("*") if x.is_file()):
-        h.update(f"{f.relative_to(p).as_posix()}\0{_sha256_one(f, cancel, db)}\n".encode())
+        h.update(f"{f.relative_to(p).as_posix()}\0{_sha256_one(f, cancel, cache)}\n".encode())
     return h.hexdigest()
 
 
-def sha256_many(paths: list[Path], cancel=None, db: str | Path | None = None) -> list[str]:
+def sha256_many(paths: list[Path], cancel=None, cache: HashCache = NO_CACHE) -> list[str]:
     uniq = list(dict.fromkeys(Path(p) for p in paths))
     workers = max(1, min(len(uniq), os.cpu_count() or 1, 4))
     with ThreadPoolExecutor(workers) as pool:
-        got = dict(zip(uniq, pool.map(lambda p: sha256_path(p, cancel, db), uniq), strict=True))
+        got = dict(zip(uniq, pool.map(lambda p: sha256_path(p, cancel, cache), uniq), strict=True))
     return [got[Path(p)] for p in paths]
-
-
-def catalogued_path(sha256: str, db: str | Path | None = None) -> Path | None:
-    """A present regular file that the catalog ``db`` (default: the default catalog) records with this
-    sha256, unchanged since (same size and mtime), or None. Never creates a catalog; failures are a miss."""
-    import stat
-
-    from ckptlab.library.catalog import Catalog, default_db_path
-
-    try:
-        dbp = Path(db) if db is not None else default_db_path()
-        if not dbp.is_file():
-            return None
-        with Catalog(dbp) as cat:
-            records = cat.find_by_sha256(sha256)
-        for r in records:
-            try:
-                st = os.stat(r.path)
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (r.size, r.mtime_ns):
-                return Path(r.path)
-    except Exception:  # noqa: BLE001 - the catalog is an optional index; the recorded path is tried next
-        return None
-    return None
 
 
 def a1111_legacy_hash(path: str | Path) -> str | None:

@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import RecipeError
+from ckptlab.errors import CkptlabError, RecipeError
 
 RECIPE_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -145,6 +145,116 @@ class Recipe:
 
         if miss not in MISSING_POLICIES:
             raise RecipeError(f"options.missing {miss!r}: use one of {', '.join(MISSING_POLICIES)}")
+
+
+#: output dtypes (``--dtype``, a step's ``dtype``): the floating-point types a model can be stored in
+OUTPUT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+#: math dtypes (``--merge-dtype``): those torch computes in
+MERGE_DTYPES = ("F32", "F64", "F16", "BF16")
+
+
+def parse_dtype_option(name, what: str, allowed: tuple[str, ...] = OUTPUT_DTYPES) -> str | None:
+    """``name`` as a safetensors dtype, refused (exit 2) unless it is one of ``allowed``: an integer, bool or
+    complex output would be a "model" without weights."""
+    from ckptlab.formats.dtypes import FLOAT_DTYPES, friendly, parse_dtype
+
+    if name is None:
+        return None
+    try:
+        dt = parse_dtype(str(name))
+    except ValueError:
+        raise RecipeError(f"{what} {name!r}: unknown dtype; use one of {', '.join(friendly(d) for d in allowed)}") \
+            from None
+    if dt not in allowed:
+        kind = "a floating-point type" if dt not in FLOAT_DTYPES else "a type merges compute in"
+        raise RecipeError(f"{what} {name!r}: {friendly(dt)} is not {kind}; use one of "
+                          f"{', '.join(friendly(d) for d in allowed)}")
+    return dt
+
+
+@dataclass(frozen=True)
+class ResolvedStep:
+    """A recipe step parsed once, for the family of its first input: the method itself, its parameters as
+    numbers or per-block values (``BlockValues``), each checked against the method's ranges, and the output
+    dtype (a safetensors dtype; None: A's). The graph builds its node from this, and the output's metadata
+    reads its numbers from it; nothing parses the step's text again."""
+
+    name: str
+    method: object  # merge.methods.Method
+    inputs: tuple[str, ...]
+    params: dict
+    dtype: str | None
+    family: str | None
+
+
+def resolve_step(st: RecipeStep, family: str | None, *, many: bool = False,
+                 final_dtype=None) -> ResolvedStep:
+    """Parse ``st`` for ``family`` (its first input's): ``blocks.parse_value`` for every parameter (the one
+    parser of ``--alpha`` strings, TOML values and lists), range checks per value and per block, and the
+    dtype (the step's own, else ``final_dtype`` for the last step). ``RecipeError``/``BlockSpecError`` on a bad
+    value (exit 2)."""
+    from ckptlab.merge.blocks import BlockValues, parse_value
+    from ckptlab.merge.methods import get_method
+
+    method = get_method(st.method)
+    params: dict = {}
+    where = f"step {st.name!r}: " if many else ""
+    for p in method.params:
+        val = parse_value(st.params.get(p.name, p.default), family, name=p.name, unnamed=_unnamed_default(p))
+        if isinstance(val, BlockValues):
+            if not p.per_block:
+                raise RecipeError(f"step {st.name!r}: {p.name} takes one number, not block weights")
+            for block, v in val.values:
+                p.check(v, f"{where}block {block}: ")
+        else:
+            p.check(val, where)
+        params[p.name] = val
+    dtype = parse_dtype_option(st.dtype or final_dtype, f"step {st.name!r} dtype")
+    return ResolvedStep(st.name, method, tuple(st.inputs), params, dtype, family)
+
+
+def resolve_steps(recipe: Recipe, families: dict[str, str | None]) -> list[ResolvedStep]:
+    """Every step of ``recipe`` resolved, before any file is written (a step's family is its first input's,
+    an earlier step's family that of its own first input); the last step takes ``options.dtype``."""
+    fam = dict(families)
+    many = len(recipe.steps) > 1
+    last = len(recipe.steps) - 1
+    out = []
+    for i, st in enumerate(recipe.steps):
+        fam[st.name] = fam.get(st.inputs[0]) if st.inputs else None
+        out.append(resolve_step(st, fam[st.name], many=many,
+                                final_dtype=recipe.options.get("dtype") if i == last else None))
+    return out
+
+
+def _unnamed_default(param) -> float:
+    """Blocks a ``NAME=V`` string leaves out get 0 (A's value for a blend), or the parameter's own default
+    where 0 is out of its range (``--density IN=0.5``: the other blocks keep the default density)."""
+    try:
+        param.check(0.0)
+        return 0.0
+    except CkptlabError:
+        return float(param.default)
+
+
+def apply_overrides(recipe: Recipe, *, params_given: bool = False, dtype=None, merge_dtype=None, missing=None,
+                    seed=None, prune: bool = False, vae: str | Path | None = None) -> Recipe:
+    """Command-line options on top of a recipe (``merge --recipe R --dtype fp16 ...``): given options replace
+    the recipe's, ``prune`` turns pruning on, ``vae`` adds the file as input ``VAE`` (trusted: the user named
+    it) and bakes it. Step parameters belong to the recipe file: ``params_given`` (any of --alpha/--beta/
+    --gamma/--density) is a ``RecipeError``."""
+    if params_given:
+        raise RecipeError("--alpha/--beta/--gamma/--density go in the recipe file with --recipe")
+    for k, v in (("dtype", dtype), ("merge_dtype", merge_dtype), ("missing", missing), ("seed", seed)):
+        if v is not None:
+            recipe.options[k] = v
+    if prune:
+        recipe.options["prune"] = True
+    if vae is not None:
+        recipe.inputs["VAE"] = RecipeInput("VAE", str(Path(vae).resolve()))
+        recipe.untrusted.discard("VAE")  # the user named it
+        recipe.options["vae"] = "VAE"
+    return recipe
 
 
 # -- reading ---------------------------------------------------------------------------------------

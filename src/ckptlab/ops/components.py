@@ -22,13 +22,17 @@ from ckptlab.arch.layout import FileLayout, file_layout
 from ckptlab.arch.vae_fit import check_vae_fits
 from ckptlab.errors import CkptlabError, MismatchError
 from ckptlab.formats.base import TensorInfo, TensorSource
-from ckptlab.ops.diffusers_io import _cat_out, _reshape_out, _slice_out, _transpose_out
+from ckptlab.hashes import NO_CACHE, HashCache
+from ckptlab.ops.diffusers_io import cat_out, reshape_out, slice_out, transpose_out
 from ckptlab.ops.diffusers_map import VAELayout, hf_to_openclip, is_vae_attn_weight, openclip_to_hf, vae_map
 from ckptlab.ops.run import open_checked, run_each
 from ckptlab.ops.stream import Out, TransformResult
 from ckptlab.progress import Progress, null_progress
 
 EXTRACT_CHOICES = ("unet", "vae", "clip_l", "clip_g", "openclip_h", "t5xxl", "ema")
+#: the single-file checkpoint's VAE prefix, and the LDM names of a VAE's weights under it
+VAE_PREFIX = "first_stage_model."
+VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 REPLACE_CHOICES = ("unet", "vae", "clip_l", "clip_g")
 
 
@@ -81,7 +85,7 @@ def openclip_to_hf_items(src: TensorSource, keys: list[str], prefix: str, drop_l
     for k in keys:
         short = k[len(prefix):]
         if short == "text_projection":
-            items.append(_transpose_out("text_projection.weight", src, k))
+            items.append(transpose_out("text_projection.weight", src, k))
             continue
         m = openclip_to_hf(short)
         if m is None:
@@ -89,7 +93,7 @@ def openclip_to_hf_items(src: TensorSource, keys: list[str], prefix: str, drop_l
         if isinstance(m, tuple):
             layer, which = m[1].split(".")
             for i, p in enumerate(("q", "k", "v")):
-                items.append(_slice_out(f"text_model.encoder.layers.{layer}.self_attn.{p}_proj.{which}", src, k, i, 3))
+                items.append(slice_out(f"text_model.encoder.layers.{layer}.self_attn.{p}_proj.{which}", src, k, i, 3))
         else:
             items.append(Out.copy(m, src, k))
     return items
@@ -97,7 +101,7 @@ def openclip_to_hf_items(src: TensorSource, keys: list[str], prefix: str, drop_l
 
 def extract(inputs: list[Path], component: str, *, out: Path | None = None, out_dir: Path | None = None,
             overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress,
-            db: Path | None = None) -> list[TransformResult]:
+            cache: HashCache = NO_CACHE) -> list[TransformResult]:
     """``ckptlab extract``: ``<stem>-<component>.safetensors`` per input (or ``out`` for one input)."""
     if out is not None and len(inputs) != 1:
         raise CkptlabError("-o/--output takes one input; use --out-dir for several")
@@ -108,11 +112,32 @@ def extract(inputs: list[Path], component: str, *, out: Path | None = None, out_
         return items, {"component": component}, False
 
     return run_each(inputs, "extract", f"-{component}", one, out_dir=out_dir, outputs=[out] if out else None,
-                    overwrite=overwrite, dry_run=dry_run, progress=progress, db=db)
+                    overwrite=overwrite, dry_run=dry_run, progress=progress, cache=cache)
 
 
 # ----------------------------------------------------------------------------------------------
 # replace
+
+
+def is_diffusers_vae(keys) -> bool:
+    """Whether a VAE file's keys are diffusers names (``encoder.down_blocks.…``), bare or under ``vae.``."""
+    return any(k.startswith(("encoder.down_blocks.", "vae.encoder.down_blocks.")) for k in keys)
+
+
+def vae_bake_map(keys) -> dict[str, str]:
+    """``{checkpoint key: VAE file key}`` for baking an LDM-layout VAE file into a single-file checkpoint:
+    bare LDM names (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``) and ``vae.``-prefixed
+    ones go under ``first_stage_model.``; ``first_stage_model.`` keys keep their name; anything else is not
+    VAE weight and is left out. ``merge --vae`` bakes with this map."""
+    out: dict[str, str] = {}
+    for k in keys:
+        if k.startswith(VAE_PARTS):
+            out[VAE_PREFIX + k] = k
+        elif k.startswith(VAE_PREFIX):
+            out[k] = k
+        elif k.startswith("vae.") and k[4:].startswith(VAE_PARTS):
+            out[VAE_PREFIX + k[4:]] = k
+    return out
 
 
 def normalise_component(comp_src: TensorSource, component: str, target_prefix: str,
@@ -140,7 +165,7 @@ def normalise_component(comp_src: TensorSource, component: str, target_prefix: s
                 raise MismatchError(f"diffusers VAE tensor {s!r} has no single-file name", comp_src.path)
             info = comp_src.info(k)
             if is_vae_attn_weight(ldm) and len(info.shape) == 2:
-                items.append(_reshape_out(target_prefix + ldm, comp_src, k, (*info.shape, 1, 1)))
+                items.append(reshape_out(target_prefix + ldm, comp_src, k, (*info.shape, 1, 1)))
             else:
                 items.append(Out.copy(target_prefix + ldm, comp_src, k))
         return items
@@ -149,7 +174,7 @@ def normalise_component(comp_src: TensorSource, component: str, target_prefix: s
         qkv: dict[tuple[str, str], dict[str, str]] = {}
         for s, k in short.items():
             if s == "text_projection.weight":
-                items.append(_transpose_out(target_prefix + "text_projection", comp_src, k))
+                items.append(transpose_out(target_prefix + "text_projection", comp_src, k))
                 continue
             m = hf_to_openclip(s)
             if m is None:
@@ -163,7 +188,7 @@ def normalise_component(comp_src: TensorSource, component: str, target_prefix: s
         for (layer, part), parts in sorted(qkv.items()):
             if set(parts) != {"q", "k", "v"}:
                 raise MismatchError(f"layer {layer}: q/k/v projections incomplete", comp_src.path)
-            items.append(_cat_out(f"{target_prefix}transformer.resblocks.{layer}.attn.in_proj_{part}",
+            items.append(cat_out(f"{target_prefix}transformer.resblocks.{layer}.attn.in_proj_{part}",
                                   [(comp_src, parts[p]) for p in ("q", "k", "v")]))
         return items
     for s, k in short.items():
@@ -215,7 +240,8 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
 
 def replace(inputs: list[Path], *, vae: Path | None = None, clip_l: Path | None = None, clip_g: Path | None = None,
             unet: Path | None = None, out: Path | None = None, out_dir: Path | None = None, overwrite: bool = False,
-            dry_run: bool = False, progress: Progress = null_progress, db: Path | None = None) -> list[TransformResult]:
+            dry_run: bool = False, progress: Progress = null_progress,
+            cache: HashCache = NO_CACHE) -> list[TransformResult]:
     """``ckptlab replace``: bake components into each input (``<stem>-baked.safetensors`` or ``out``)."""
     given = {"vae": vae, "clip_l": clip_l, "clip_g": clip_g, "unet": unet}
     given = {k: Path(v) for k, v in given.items() if v is not None}
@@ -235,7 +261,7 @@ def replace(inputs: list[Path], *, vae: Path | None = None, clip_l: Path | None 
 
         return run_each(inputs, "replace", "-baked", one, out_dir=out_dir, outputs=[out] if out else None,
                         overwrite=overwrite, dry_run=dry_run, progress=progress, extra_inputs=list(given.values()),
-                        db=db)
+                        cache=cache)
     finally:
         for s in comps.values():
             s.close()

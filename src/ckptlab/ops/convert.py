@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from ckptlab.errors import CkptlabError, UnsupportedFormatError
+from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.ops.run import run_each
 from ckptlab.ops.stream import Out, TransformResult
 from ckptlab.progress import Progress, null_progress
@@ -28,7 +29,7 @@ EMA_PREFIX = "model_ema."
 def convert(inputs: str | Path | Iterable[str | Path], out: str | Path | None = None,
             out_dir: str | Path | None = None, *, allow_suspicious: bool = False, drop_ema: bool = False,
             overwrite: bool = False, dry_run: bool = False,
-            progress: Progress | None = None, db: str | Path | None = None) -> list[ConvertResult]:
+            progress: Progress | None = None, cache: HashCache = NO_CACHE) -> list[ConvertResult]:
     """Convert each pickle in ``inputs`` to ``<stem>.safetensors`` (next to it, in ``out_dir``, or ``out``)."""
     paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     if out is not None and len(paths) != 1:
@@ -39,7 +40,7 @@ def convert(inputs: str | Path | Iterable[str | Path], out: str | Path | None = 
     return run_each(paths, "convert", "", partial(_plan, drop_ema=drop_ema), out_dir=Path(out_dir) if out_dir else None,
                     outputs=[Path(out)] if out is not None else None, overwrite=overwrite, dry_run=dry_run,
                     progress=progress or null_progress, allow_suspicious=allow_suspicious,
-                    db=Path(db) if db is not None else None)
+                    cache=cache)
 
 
 def _plan(path: Path, src, result: TransformResult, *, drop_ema: bool) -> tuple[list[Out], dict, bool]:

@@ -14,16 +14,16 @@ every file is complete; any error removes it.
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptlab.arch.components import UNET_PREFIX, ema_pairs, is_ema
 from ckptlab.arch.families import FAMILIES, display_name
 from ckptlab.arch.layout import file_layout
+from ckptlab.atomic import Staged
 from ckptlab.errors import CkptlabError, FormatError, MismatchError, OutputError
 from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.ops import diffusers_config as cfgs
 from ckptlab.ops.diffusers_map import (
     UNetLayout,
@@ -43,6 +43,7 @@ from ckptlab.ops.stream import (
     TransformResult,
     check_folder,
     make_folder,
+    output_path,
     placeholder,
     provenance,
     same_file,
@@ -79,7 +80,7 @@ class FolderResult:
 # single file -> diffusers
 
 
-def _slice_out(key: str, src: TensorSource, src_key: str, part: int, parts: int) -> Out:
+def slice_out(key: str, src: TensorSource, src_key: str, part: int, parts: int) -> Out:
     info = src.info(src_key)
     rows = info.shape[0] // parts
     shape = (rows, *info.shape[1:])
@@ -87,12 +88,12 @@ def _slice_out(key: str, src: TensorSource, src_key: str, part: int, parts: int)
                produce=lambda: src.array(src_key)[part * rows:(part + 1) * rows])
 
 
-def _reshape_out(key: str, src: TensorSource, src_key: str, shape: tuple[int, ...]) -> Out:
+def reshape_out(key: str, src: TensorSource, src_key: str, shape: tuple[int, ...]) -> Out:
     info = src.info(src_key)
     return Out(key, TensorInfo(info.dtype, shape), produce=lambda: src.array(src_key).reshape(shape))
 
 
-def _transpose_out(key: str, src: TensorSource, src_key: str) -> Out:
+def transpose_out(key: str, src: TensorSource, src_key: str) -> Out:
     info = src.info(src_key)
     return Out(key, TensorInfo(info.dtype, tuple(reversed(info.shape))),
                produce=lambda: _transposed(src.array(src_key)))
@@ -159,7 +160,7 @@ def plan_to_diffusers(src: TensorSource, ema: str = "drop") -> tuple[str, dict[s
             continue
         shape = infos[k].shape
         if is_vae_attn_weight(short) and len(shape) == 4:
-            items.append(_reshape_out(d, src, k, shape[:2]))
+            items.append(reshape_out(d, src, k, shape[:2]))
         else:
             items.append(Out.copy(d, src, k))
         used.add(k)
@@ -190,7 +191,7 @@ def plan_to_diffusers(src: TensorSource, ema: str = "drop") -> tuple[str, dict[s
                     continue
                 if short == "text_projection":
                     if kind == "openclip_g":
-                        items.append(_transpose_out("text_projection.weight", src, k))
+                        items.append(transpose_out("text_projection.weight", src, k))
                         used.add(k)
                     continue
                 m = openclip_to_hf(short)
@@ -199,7 +200,7 @@ def plan_to_diffusers(src: TensorSource, ema: str = "drop") -> tuple[str, dict[s
                 if isinstance(m, tuple):
                     layer, which = m[1].split(".")
                     for i, p in enumerate(("q", "k", "v")):
-                        items.append(_slice_out(f"text_model.encoder.layers.{layer}.self_attn.{p}_proj.{which}",
+                        items.append(slice_out(f"text_model.encoder.layers.{layer}.self_attn.{p}_proj.{which}",
                                                 src, k, i, 3))
                 else:
                     items.append(Out.copy(m, src, k))
@@ -256,10 +257,10 @@ def _prediction_type(src: TensorSource, fam: str) -> str:
 
 def to_diffusers(path: Path, out: Path, *, ema: str = "drop", precision: str | None = None, clamp: bool = False,
                  overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress,
-                 db: Path | None = None, create_parent: bool = False) -> FolderResult:
+                 cache: HashCache = NO_CACHE, create_parent: bool = False) -> FolderResult:
     """Write the diffusers folder ``out``. ``precision`` (fp16/bf16/fp32) casts UNet and text-encoder
-    weights (``precision`` rules: the VAE stays as it is; diffusers upcasts fp16 VAEs anyway). ``db``: the
-    catalog consulted for the input's known sha256. ``create_parent`` (``--out-dir``): ``out``'s parent
+    weights (``precision`` rules: the VAE stays as it is; diffusers upcasts fp16 VAEs anyway). ``cache``:
+    where the input's known sha256 is taken from (default: none; the input is hashed). ``create_parent`` (``--out-dir``): ``out``'s parent
     folder is created when missing (once every check passed; never on dry runs)."""
     from ckptlab.ops.prune import check_ema
 
@@ -277,7 +278,7 @@ def to_diffusers(path: Path, out: Path, *, ema: str = "drop", precision: str | N
         if dry_run:
             return result
         make_folder(target.parent)
-        hasher = FileHasher(path, db=db)
+        hasher = FileHasher(path, cache=cache)
         ph = placeholder(0)
         tok_files: dict[str, bytes] = {}
         for folder, _, kind in TEXT_ENCODERS[fam]:
@@ -347,39 +348,20 @@ def _check_folder_target(out: Path, inp: Path, overwrite: bool, create_parent: b
 
 
 def _atomic_folder(out: Path, build, overwrite: bool) -> None:
-    # the name is chosen before the folder exists, so a Ctrl-C even during mkdir leaves nothing behind
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
-    try:
+    """Build the folder ``out`` under a temporary name (``atomic.Staged``), then put it in place; an existing
+    ``out`` is replaced only with ``overwrite``. On any failure the temporary folder goes, ``out`` untouched."""
+    with Staged(out, overwrite=overwrite) as st:
         try:
-            os.mkdir(tmp, 0o700)
+            tmp = st.create_folder(0o700)
         except OSError as e:
             raise OutputError(f"cannot create a folder in {out.parent}: {e.strerror or e}", out) from None
-        build(tmp)
-        os.chmod(tmp, 0o755 & ~_umask())
-        old = None
-        if out.exists():
-            if not overwrite:
-                raise OutputError("output appeared while writing; not replaced", out)
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OutputError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot finish writing: {e.strerror or e}", out) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        try:
+            build(tmp)
+            st.commit(0o755)
+        except FileExistsError:
+            raise OutputError("output appeared while writing; not replaced", out) from None
+        except OSError as e:
+            raise OutputError(f"cannot finish writing: {e.strerror or e}", out) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,7 +468,7 @@ def plan_from_diffusers(folder: Path, opened: list[TensorSource]) -> tuple[str, 
         if is_vae_attn_weight(ldm) and len(info.shape) == 2:
             src = vae.where[k]
             shape = (*info.shape, 1, 1)
-            items.append(_reshape_out(VAE_PREFIX + ldm, src, k, shape))
+            items.append(reshape_out(VAE_PREFIX + ldm, src, k, shape))
         else:
             items.append(vae.out(VAE_PREFIX + ldm, k))
 
@@ -502,7 +484,7 @@ def plan_from_diffusers(folder: Path, opened: list[TensorSource]) -> tuple[str, 
         for k in te.where:
             if k == "text_projection.weight":
                 if kind == "openclip_g":
-                    items.append(_transpose_out(prefix + "text_projection", te.where[k], k))
+                    items.append(transpose_out(prefix + "text_projection", te.where[k], k))
                 continue
             m = hf_to_openclip(k)
             if m is None:
@@ -519,7 +501,7 @@ def plan_from_diffusers(folder: Path, opened: list[TensorSource]) -> tuple[str, 
             if set(parts) != {"q", "k", "v"}:
                 raise MismatchError(f"text encoder layer {layer}: q/k/v projections incomplete", folder / te_folder)
             name = f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{part}"
-            items.append(_cat_out(name, [(te.where[parts[p]], parts[p]) for p in ("q", "k", "v")]))
+            items.append(cat_out(name, [(te.where[parts[p]], parts[p]) for p in ("q", "k", "v")]))
         if kind == "openclip_h" and not (folder / EXTRA_FILE).is_file():
             warnings.append("SD2 text encoder: diffusers keeps 23 of 24 layers and no text_projection/logit_scale; "
                             "the single file lacks them (A1111 and ComfyUI load it without)")
@@ -537,7 +519,7 @@ def plan_from_diffusers(folder: Path, opened: list[TensorSource]) -> tuple[str, 
     return fam, items, warnings, weight_files
 
 
-def _cat_out(key: str, parts: list[tuple[TensorSource, str]]) -> Out:
+def cat_out(key: str, parts: list[tuple[TensorSource, str]]) -> Out:
     infos = [s.info(k) for s, k in parts]
     if len({i.dtype for i in infos}) != 1 or len({i.shape[1:] for i in infos}) != 1:
         raise MismatchError(f"{key}: q/k/v projections differ in dtype or shape")
@@ -552,9 +534,9 @@ def _cat_out(key: str, parts: list[tuple[TensorSource, str]]) -> Out:
 
 
 def from_diffusers(folder: Path, out: Path, *, overwrite: bool = False, dry_run: bool = False,
-                   progress: Progress = null_progress, db: Path | None = None,
+                   progress: Progress = null_progress, cache: HashCache = NO_CACHE,
                    create_parent: bool = False) -> TransformResult:
-    """Write the single-file checkpoint ``out`` from the diffusers folder ``folder``. ``db`` and
+    """Write the single-file checkpoint ``out`` from the diffusers folder ``folder``. ``cache`` and
     ``create_parent``: as for ``to_diffusers``."""
     from ckptlab.ops.stream import check_output
 
@@ -574,7 +556,7 @@ def from_diffusers(folder: Path, out: Path, *, overwrite: bool = False, dry_run:
         if dry_run:
             return result
         make_folder(out.parent)
-        hashers = [FileHasher(f, db=db) for f in weight_files]
+        hashers = [FileHasher(f, cache=cache) for f in weight_files]
         pending = {placeholder(i): h for i, h in enumerate(hashers)}
         inputs = [(f.relative_to(folder), placeholder(i)) for i, f in enumerate(weight_files)]
         meta = provenance("from-diffusers", inputs, {"family": fam})
@@ -584,3 +566,52 @@ def from_diffusers(folder: Path, out: Path, *, overwrite: bool = False, dry_run:
     finally:
         for s in opened:
             s.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# several inputs: every one planned and checked before the first is written
+
+
+def _each(paths: list[Path], output: Path | None, out_dir: Path | None, name_out, run, dry_run: bool) -> list:
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise CkptlabError("no input files")
+    if output is not None and len(paths) != 1:
+        raise CkptlabError("-o/--output takes one input; use --out-dir for several")
+    outs = [Path(output) if output is not None else name_out(p) for p in paths]
+    seen: set[Path] = set()
+    for p, out in zip(paths, outs, strict=True):
+        if out.resolve() in seen:
+            raise CkptlabError(f"two inputs would both be written to {out}", p)
+        seen.add(out.resolve())
+    create = output is None
+    planned = [run(p, out, dry_run=True, create_parent=create) for p, out in zip(paths, outs, strict=True)]
+    if dry_run:
+        return planned
+    return [run(p, out, dry_run=False, create_parent=create) for p, out in zip(paths, outs, strict=True)]
+
+
+def to_diffusers_each(paths: list[Path], *, output: Path | None = None, out_dir: Path | None = None,
+                      ema: str = "drop", precision: str | None = None, clamp: bool = False, overwrite: bool = False,
+                      dry_run: bool = False, progress: Progress = null_progress,
+                      cache: HashCache = NO_CACHE) -> list[FolderResult]:
+    """``ckptlab to-diffusers`` for several inputs: ``output`` (one input) or ``<out_dir or the input's
+    folder>/<stem>-diffusers``. Every input is opened, planned and its target checked before the first folder
+    is written, so a bad second input stops the command with nothing written."""
+    def run(p: Path, out: Path, *, dry_run: bool, create_parent: bool) -> FolderResult:
+        return to_diffusers(p, out, ema=ema, precision=precision, clamp=clamp, overwrite=overwrite, dry_run=dry_run,
+                            progress=progress, cache=cache, create_parent=create_parent)
+
+    return _each(paths, output, out_dir, lambda p: output_path(p, out_dir, "-diffusers", ext=""), run, dry_run)
+
+
+def from_diffusers_each(folders: list[Path], *, output: Path | None = None, out_dir: Path | None = None,
+                        overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress,
+                        cache: HashCache = NO_CACHE) -> list[TransformResult]:
+    """``ckptlab from-diffusers`` for several pipeline folders: ``output`` (one folder) or ``<out_dir or the
+    folder's parent>/<folder name>.safetensors``; all planned and checked before the first is written."""
+    def run(p: Path, out: Path, *, dry_run: bool, create_parent: bool) -> TransformResult:
+        return from_diffusers(p, out, overwrite=overwrite, dry_run=dry_run, progress=progress, cache=cache,
+                              create_parent=create_parent)
+
+    return _each(folders, output, out_dir, lambda p: output_path(p, out_dir, ""), run, dry_run)

@@ -23,6 +23,7 @@ from ckptlab.arch.layout import file_layout
 from ckptlab.errors import BadChoiceError, MismatchError, OverflowRefused
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.formats.dtypes import FLOAT_DTYPES, dtype_of
+from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.ops.stream import Out, TransformResult
 from ckptlab.progress import Progress, null_progress
 
@@ -131,7 +132,7 @@ def precision_items(src: TensorSource, layout: Layout, keys: list[tuple[str, str
 
 def convert_precision(inputs: list[Path], to: str, *, only: list[str] | None = None, clamp: bool = False,
                       out_dir: Path | None = None, outputs: list[Path] | None = None, overwrite: bool = False,
-                      dry_run: bool = False, progress: Progress = null_progress, db: Path | None = None,
+                      dry_run: bool = False, progress: Progress = null_progress, cache: HashCache = NO_CACHE,
                       skip_unchanged: bool = False) -> list[TransformResult]:
     """``ckptlab precision``: write ``<stem>-<to>.safetensors`` next to each input (or in ``out_dir``).
 
@@ -141,7 +142,7 @@ def convert_precision(inputs: list[Path], to: str, *, only: list[str] | None = N
     from ckptlab.ops.run import is_identity, run_each
 
     target = target_dtype(to)
-    only_set = _parse_only(only)
+    only_set = parse_only(only)
     reason = f"nothing to convert: the weights --to {to.lower()} applies to are {to.lower()} already"
 
     def one(path: Path, src: TensorSource, result: TransformResult):
@@ -157,10 +158,10 @@ def convert_precision(inputs: list[Path], to: str, *, only: list[str] | None = N
         return items, options, True
 
     return run_each(inputs, "precision", f"-{to.lower()}", one, out_dir=out_dir, outputs=outputs, overwrite=overwrite,
-                    dry_run=dry_run, progress=progress, db=db, skip_unchanged=reason if skip_unchanged else None)
+                    dry_run=dry_run, progress=progress, cache=cache, skip_unchanged=reason if skip_unchanged else None)
 
 
-def _parse_only(only: list[str] | None) -> set[str] | None:
+def parse_only(only: list[str] | None) -> set[str] | None:
     if not only:
         return None
     out = set()

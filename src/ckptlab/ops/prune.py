@@ -16,7 +16,8 @@ from ckptlab.arch.components import ema_pairs, is_ema
 from ckptlab.arch.layout import file_layout
 from ckptlab.errors import CkptlabError, MismatchError
 from ckptlab.formats.base import TensorSource
-from ckptlab.ops.precision import _parse_only, precision_items, target_dtype
+from ckptlab.hashes import NO_CACHE, HashCache
+from ckptlab.ops.precision import parse_only, precision_items, target_dtype
 from ckptlab.ops.run import is_identity, run_each
 from ckptlab.ops.stream import TransformResult
 from ckptlab.progress import Progress, null_progress
@@ -31,11 +32,29 @@ def check_ema(ema: str, choices: tuple[str, ...] = EMA_CHOICES) -> None:
         raise CkptlabError(f"--ema {ema!r}: use one of {', '.join(choices)}")
 
 
+def pruned_keys(keys, ema: str = "drop") -> dict[str, str]:
+    """``{key: "training" | "ema"}`` for the keys pruning drops: training state always (what
+    ``arch.components.split_components`` calls ``training``), every ``model_ema.*`` key (EMA weights and their
+    ``decay``/``num_updates`` bookkeeping) unless ``ema == "keep"``. A pure function of the key names: the
+    ``prune`` command and ``merge --prune`` both drop exactly these."""
+    from ckptlab.arch.components import split_components
+
+    keys = list(keys)
+    training = set(split_components(keys).get("training", ()))
+    out = {}
+    for k in keys:
+        if k in training:
+            out[k] = "training"
+        elif is_ema(k) and ema != "keep":
+            out[k] = "ema"
+    return out
+
+
 def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", precision: str | None = None,
                only: list[str] | None = None, clamp: bool = False):
     check_ema(ema)
     layout = file_layout(src)
-    training = set(layout.components.get("training", ()))
+    drop = pruned_keys(src.keys(), ema)
     ema_keys = {k for k in src.keys() if is_ema(k)}
     pairs: dict[str, str] = {}
     if ema == "use":
@@ -53,15 +72,13 @@ def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", pr
     keys: list[tuple[str, str]] = []
     dropped = {"training": 0, "ema": 0}
     for k in src.keys():
-        if k in training:
-            dropped["training"] += 1
-        elif is_ema(k) and ema != "keep":
-            dropped["ema"] += 1
+        if k in drop:
+            dropped[drop[k]] += 1
         else:
             keys.append((k, pairs.get(k, k)))
     result.dropped = {k: v for k, v in dropped.items() if v}
     target = target_dtype(precision) if precision else None
-    items = precision_items(src, layout, keys, target, _parse_only(only), clamp, result)
+    items = precision_items(src, layout, keys, target, parse_only(only), clamp, result)
     return items, {"ema": ema, "precision": precision, "clamp": clamp}
 
 
@@ -72,7 +89,7 @@ def prune_suffix(ema: str, precision: str | None) -> str:
 
 def prune(inputs: list[Path], *, ema: str = "drop", precision: str | None = None, clamp: bool = False,
           out_dir: Path | None = None, outputs: list[Path] | None = None, overwrite: bool = False,
-          dry_run: bool = False, progress: Progress = null_progress, db: Path | None = None,
+          dry_run: bool = False, progress: Progress = null_progress, cache: HashCache = NO_CACHE,
           skip_unchanged: bool = False) -> list[TransformResult]:
     """Prune each input into ``<stem><suffix>.safetensors`` (see ``prune_suffix``).
 
@@ -89,4 +106,4 @@ def prune(inputs: list[Path], *, ema: str = "drop", precision: str | None = None
         return items, options, True
 
     return run_each(inputs, "prune", prune_suffix(ema, precision), one, out_dir=out_dir, outputs=outputs, overwrite=overwrite,
-                    dry_run=dry_run, progress=progress, db=db, skip_unchanged=reason if skip_unchanged else None)
+                    dry_run=dry_run, progress=progress, cache=cache, skip_unchanged=reason if skip_unchanged else None)

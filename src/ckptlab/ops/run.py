@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ckptlab.errors import CkptlabError, UnsafeFileError, UnsupportedFormatError
 from ckptlab.formats.base import TensorSource
+from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.ops.stream import (
     FileHasher,
     Out,
@@ -96,13 +97,14 @@ def is_identity(src: TensorSource, items: list[Out]) -> bool:
 def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *, out_dir: Path | None = None,
              outputs: list[Path] | None = None, overwrite: bool = False, dry_run: bool = False,
              progress: Progress = null_progress, extra_inputs: list[Path] | None = None,
-             allow_suspicious: bool | None = None, db: Path | None = None,
+             allow_suspicious: bool | None = None, cache: HashCache = NO_CACHE,
              skip_unchanged: str | None = None) -> list[TransformResult]:
     """Plan every input with ``plan_fn``, then write each output. ``extra_inputs`` (e.g. a VAE baked
     into every input) are recorded with their sha256 in every output's provenance. ``allow_suspicious``
     (see ``ensure_safe``): suspicious pickles are read anyway, each ignored finding reported in the
-    result's warnings as ``ignored (suspicious): ...``. ``db``: the catalog consulted for inputs' known
-    sha256 (``--db``). ``out_dir`` is created when missing (after every check passed; never on dry runs).
+    result's warnings as ``ignored (suspicious): ...``. ``cache``: where inputs' known sha256 are taken
+    from (``ckptlab.hashes.HashCache``; default: none, every input is hashed). ``out_dir`` is created when
+    missing (after every check passed; never on dry runs).
 
     ``skip_unchanged`` (a reason, e.g. "nothing to prune"): when the plan of an input is exactly its own
     tensors under their own names and dtypes, nothing is written for it; its result has ``output=None``
@@ -155,10 +157,10 @@ def run_each(inputs: list[Path], operation: str, suffix: str, plan_fn: PlanFn, *
         progress(0, total=sum(j.result.bytes_out for j in jobs))
         for n, job in enumerate(jobs):
             progress(0, description=f"{operation} {job.path.name} ({n + 1}/{len(jobs)})")
-            hasher = FileHasher(job.path, db=db) if job.path.is_file() else None
+            hasher = FileHasher(job.path, cache=cache) if job.path.is_file() else None
             for p in extra_inputs or []:
                 if p not in extra_hashers:
-                    extra_hashers[p] = FileHasher(p, db=db)  # hashed once, recorded in every output
+                    extra_hashers[p] = FileHasher(p, cache=cache)  # hashed once, recorded in every output
             hashers = [hasher, *(extra_hashers[p] for p in extra_inputs or [])]
             pending = {placeholder(i): h for i, h in enumerate(hashers) if h is not None}
             meta = _metadata(operation, job, extra_inputs, [h is not None for h in hashers])

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from ckptlab.errors import CkptlabError, OutputError
 from ckptlab.formats.base import TensorInfo, TensorSource
-from ckptlab.hashes import sha256_file
-from ckptlab.library.catalog import known_sha256
+from ckptlab.hashes import NO_CACHE, HashCache, sha256_file
 from ckptlab.progress import Progress, null_progress
 
 META_OPERATION = "ckptlab.operation"
@@ -118,7 +117,10 @@ def tool_version() -> str:
 
 def provenance(operation: str, inputs: Iterable[tuple[Path, str | None]], options: dict | None = None,
                base: dict[str, str] | None = None) -> dict[str, str]:
-    """Metadata for an output: ``base`` (kept input metadata) plus what produced it."""
+    """The one provenance writer of transforms and merges: ``base`` (kept input metadata) plus what produced
+    the output - ``ckptlab.operation``, ``ckptlab.version`` (``ckptlab X.Y.Z``), ``ckptlab.inputs`` (JSON list of
+    ``{"name", "sha256"}``, in input order) and ``ckptlab.options`` (JSON, sorted keys; left out when empty);
+    ``format: pt`` unless ``base`` says otherwise. No timestamps: same inputs and options, same bytes."""
     meta = dict(base or {})
     meta.setdefault("format", "pt")
     meta[META_OPERATION] = operation
@@ -134,14 +136,15 @@ class FileHasher:
     """SHA-256 of a file computed in a background thread (hashlib releases the GIL), so hashing an
     input overlaps with writing the output instead of adding a full extra pass in front of it."""
 
-    def __init__(self, path: Path, *, use_catalog: bool = True, db: Path | None = None):
-        """``db``: the catalog to look the digest up in (``--db``; None = ``$CKPTLAB_DB`` or the default)."""
+    def __init__(self, path: Path, *, cache: HashCache = NO_CACHE):
+        """``cache``: where a digest already known for this exact file is taken from (the file is then not
+        read); the default knows nothing."""
         self.path = Path(path)
-        self._digest: str | None = known_sha256(self.path, db=db) if use_catalog else None
+        self._digest: str | None = cache.known_sha256(self.path)
         self._error: BaseException | None = None
-        self.from_catalog = self._digest is not None
+        self.from_cache = self._digest is not None
         self._thread = threading.Thread(target=self._run, daemon=True)
-        if not self.from_catalog:
+        if not self.from_cache:
             self._thread.start()
 
     def _run(self) -> None:
@@ -194,15 +197,18 @@ def check_suffix(out: Path) -> None:
 
 
 def check_output(out: Path, inputs: Iterable[Path], overwrite: bool, *, create_folder: bool = False) -> None:
-    """Refuse before any work: output is an input (any of them: the main input and every file baked
-    in), exists, is not named ``.safetensors``, or its folder is missing / not writable. With
+    """The one output check of transforms and merges, before any work: refuse an output that is an input
+    (any of them: the main input, every file baked in, every model merged; by resolved path and by
+    device+inode), exists (unless ``overwrite``), is not named ``.safetensors``, or whose folder is missing /
+    not writable. With
     ``create_folder`` (``--out-dir``) a missing folder is fine when it can be created (see ``check_folder``);
     the caller creates it with ``make_folder`` once every check has passed."""
     out = Path(out)
     check_suffix(out)
     for p in inputs:
         if same_file(out, p):
-            raise OutputError(f"output would replace the input {Path(p).name}; choose another name", out)
+            raise OutputError(f"output would replace the input {Path(p).name}, one of the inputs; choose another "
+                              "name (inputs are never modified)", out)
     if out.exists() and not overwrite:
         raise OutputError("output already exists (use --overwrite to replace it)", out)
     check_folder(out.parent, out, create=create_folder)
