@@ -34,8 +34,7 @@ write_model(lib / "a" / "sd15.safetensors", "sd1_checkpoint", dtype="F32", ema=T
 write_model(lib / "a" / "sd15-bf16.safetensors", "sd1_checkpoint", dtype="BF16", seed=2)
 write_model(lib / "a" / "old.ckpt", "sd1_checkpoint", dtype="F32", fmt="ckpt", ema=True, seed=3)
 write_model(lib / "vae.safetensors", "sd1_vae", dtype="F32", seed=4)
-to_diffusers(lib / "a" / "sd15-bf16.safetensors", lib / "diffusers", db=lib / "fixture.db")
-(lib / "fixture.db").unlink(missing_ok=True)
+to_diffusers(lib / "a" / "sd15-bf16.safetensors", lib / "diffusers")
 PY
 
 failed=0

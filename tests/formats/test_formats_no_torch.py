@@ -133,7 +133,7 @@ def core_work(tmp_path_factory):
     write_model(lib / "a" / "sd15-bf16.safetensors", "sd1_checkpoint", dtype="BF16", seed=2)
     write_model(lib / "a" / "old.ckpt", "sd1_checkpoint", dtype="F32", fmt="ckpt", ema=True, seed=3)
     write_model(lib / "vae.safetensors", "sd1_vae", dtype="F32", seed=4)
-    to_diffusers(lib / "a" / "sd15-bf16.safetensors", work / "diffusers", db=work / "fixture.db")  # outside lib: scanned only as input
+    to_diffusers(lib / "a" / "sd15-bf16.safetensors", work / "diffusers")  # outside lib: scanned only as input
     (work / "diffusers").rename(lib / "diffusers")
     return work
 
