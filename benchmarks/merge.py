@@ -78,10 +78,16 @@ def make_inputs(family: str, quick: bool, count: int = 2) -> list[Path]:
 def job_ckptlab(method: str, out: str, threads: str, *inputs: str) -> None:
     import torch  # noqa: F401 - imported before the clock starts, as for the other tools
 
+    from ckptlab.hashes import NO_CACHE
+    from ckptlab.library.catalog import hash_cache
     from ckptlab.merge import merge
 
+    # "ckptlab-catalogued": the inputs' sha256 come from a catalog, as the CLI passes it from --db
+    catalog = os.environ.get("BENCH_CATALOG")
+    cache = hash_cache(catalog) if catalog else NO_CACHE
     t = time.perf_counter()
-    merge(method, list(inputs), out, params=METHODS[method][1], dtype="fp16", threads=int(threads), overwrite=True)
+    merge(method, list(inputs), out, params=METHODS[method][1], dtype="fp16", threads=int(threads), overwrite=True,
+          cache=cache)
     emit_wall(t)
 
 
@@ -126,7 +132,7 @@ def catalogue_inputs(*paths: Path) -> Path:
 
 def run_job(name: str, method: str, inputs: list[Path], out: Path, threads: int) -> dict:
     out.unlink(missing_ok=True)
-    extra = {"CKPTLAB_DB": str(catalogue_inputs(*inputs))} if name == "ckptlab-catalogued" else {}
+    extra = {"BENCH_CATALOG": str(catalogue_inputs(*inputs))} if name == "ckptlab-catalogued" else {}
     if name in ("ckptlab-weighted_sum", "load-everything"):
         method, inputs = "weighted_sum", inputs[:2]
     m = run_measured(job_cmd(__file__, name, method, out, threads, *inputs),
