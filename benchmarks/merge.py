@@ -80,7 +80,7 @@ def job_ckptlab(method: str, out: str, threads: str, *inputs: str) -> None:
 
     from ckptlab.hashes import NO_CACHE
     from ckptlab.library.catalog import hash_cache
-    from ckptlab.merge import merge
+    from ckptlab.merging import merge
 
     # "ckptlab-catalogued": the inputs' sha256 come from a catalog, as the CLI passes it from --db
     catalog = os.environ.get("BENCH_CATALOG")

@@ -77,18 +77,19 @@ def test_each_name_resolves_and_has_a_written_docstring(name):
             assert re.search(rf"\b{param}\b", doc.split("Args:", 1)[1]), f"{name}: argument {param} not documented"
 
 
-def test_public_functions_win_over_submodules_of_the_same_name():
+def test_public_function_names_are_not_also_submodules():
+    """``ckptlab.identify`` and ``ckptlab.merge`` are functions and nothing else: no submodule shares a public name,
+    so ``mock.patch("ckptlab.merging.engine.X")`` and ``import ckptlab.arch.identify`` reach modules as usual."""
     import importlib
+    import pkgutil
 
-    import ckptlab.merge.engine as engine  # the submodules are imported (and reachable with import ... as)
-    import ckptlab.merge.graph as graph
-    from ckptlab import identify, merge  # ... and the package names are still the functions
+    submodules = {m.name for m in pkgutil.iter_modules(ckptlab.__path__)}
+    assert submodules & set(ckptlab.__all__) == set()
+    from ckptlab import identify, merge
 
     assert inspect.isfunction(identify) and inspect.isfunction(merge)
-    assert inspect.isfunction(ckptlab.identify) and inspect.isfunction(ckptlab.merge)
-    assert engine.__name__ == "ckptlab.merge.engine" and graph.__name__ == "ckptlab.merge.graph"
-    assert importlib.import_module("ckptlab.identify").__name__ == "ckptlab.identify"
-    from ckptlab.identify import ModelInfo
+    assert importlib.import_module("ckptlab.merging.engine").__name__ == "ckptlab.merging.engine"
+    from ckptlab.arch.identify import ModelInfo
 
     assert ModelInfo is ckptlab.ModelInfo
 
@@ -106,12 +107,13 @@ def test_import_ckptlab_loads_neither_torch_nor_httpx():
     assert not {m for m in mods if m.split(".")[0] in ("torch", "httpx")}
 
 
-def test_submodules_import_as_names_in_a_fresh_interpreter():
-    """``import ckptlab.merge.graph as graph`` first thing (the tests of merge do): the package attribute
-    ``merge`` is the function then, and the import still finds the module."""
-    mods = _modules_after("import ckptlab.merge.graph as graph\nassert graph.__name__ == 'ckptlab.merge.graph'\n"
-                          "import ckptlab\nassert callable(ckptlab.merge)")
-    assert "ckptlab.merge.graph" in mods
+def test_submodules_and_functions_in_a_fresh_interpreter():
+    """``import ckptlab.merging.graph as graph`` first thing (the merge tests do), then the public ``merge``:
+    the module and the function are different names."""
+    mods = _modules_after("import ckptlab.merging.graph as graph\nassert graph.__name__ == 'ckptlab.merging.graph'\n"
+                          "import ckptlab, inspect\nassert inspect.isfunction(ckptlab.merge)\n"
+                          "assert inspect.isfunction(ckptlab.identify)")
+    assert "ckptlab.merging.graph" in mods
 
 
 def test_resolving_every_name_loads_neither_torch_nor_httpx():

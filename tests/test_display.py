@@ -1,6 +1,5 @@
 """The one size formatter and the terminal-safety helpers (hand-computed expectations)."""
 
-import pytest
 
 from ckptlab.display import cap, human_size, one_line, printable, strip_unsafe
 
@@ -90,7 +89,5 @@ def test_the_walk_finds_hand_made_sizes():
 
 
 
-@pytest.mark.xfail(strict=True, reason="cli/cmd_merge.py prints the output size as f'{mb:.1f} MiB' (owner: api, "
-                                       "cli/; use display.human_size), then remove this mark")
 def test_sizes_are_formatted_by_human_size_only():
     assert _size_formatting_files() - FIXED_UNIT == set()

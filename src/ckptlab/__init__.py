@@ -14,9 +14,6 @@ Every name is imported on first use, so ``import ckptlab`` is cheap and pulls in
 
 from __future__ import annotations
 
-import sys
-import types
-
 from ckptlab.version import __version__
 
 #: public name -> (module, attribute); the functions are in ``ckptlab.api``, the types where they are defined
@@ -46,12 +43,12 @@ _LAZY = {
     # what they return
     "TensorSource": ("ckptlab.formats.base", "TensorSource"),
     "SafetensorsWriter": ("ckptlab.formats.writer", "SafetensorsWriter"),
-    "ModelInfo": ("ckptlab.identify", "ModelInfo"),
+    "ModelInfo": ("ckptlab.arch.identify", "ModelInfo"),
     "CheckResult": ("ckptlab.security", "CheckResult"),
     "Hashes": ("ckptlab.hashes", "Hashes"),
     "TransformResult": ("ckptlab.ops.stream", "TransformResult"),
     "FolderResult": ("ckptlab.ops.diffusers_io", "FolderResult"),
-    "MergeResult": ("ckptlab.merge.engine", "MergeResult"),
+    "MergeResult": ("ckptlab.merging.engine", "MergeResult"),
     "FileRecord": ("ckptlab.library.catalog", "FileRecord"),
     "ScanSummary": ("ckptlab.library.scanner", "ScanSummary"),
     "DupesResult": ("ckptlab.library.dupes", "DupesResult"),
@@ -61,55 +58,19 @@ _LAZY = {
 }
 
 
-#: public functions that share their name with a submodule (``ckptlab/identify.py``, ``ckptlab/merge/``)
-_ALSO_SUBMODULES = frozenset({"identify", "merge"})
-
-
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
         mod, attr = _LAZY[name]
         value = getattr(importlib.import_module(mod), attr)
-        if name in _ALSO_SUBMODULES:
-            value = _named_like_the_submodule(name, value)
         globals()[name] = value  # once resolved, a plain attribute
         return value
     raise AttributeError(f"module 'ckptlab' has no attribute {name!r}")
 
 
-def _named_like_the_submodule(name: str, fn):
-    """``fn`` under the submodule's full name. ``import ckptlab.merge.engine as engine`` reads the package
-    attribute ``merge`` (the function) and then, when ``engine`` is not an attribute of it, takes
-    ``sys.modules[f"{merge.__name__}.engine"]``: so the function's ``__name__`` is ``ckptlab.merge``."""
-    import functools
-
-    @functools.wraps(fn)
-    def public(*args, **kwargs):
-        return fn(*args, **kwargs)
-
-    public.__name__ = f"ckptlab.{name}"
-    return public
-
-
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
-
-
-class _Package(types.ModuleType):
-    """``ckptlab.identify`` and ``ckptlab.merge`` name both a public function and a submodule. Importing the
-    submodule sets the package attribute of that name to the module; here the public function wins.
-    ``from ckptlab.merge import run_recipe``, ``import ckptlab.merge.engine as engine`` and
-    ``importlib.import_module("ckptlab.identify")`` still reach the modules; ``import ckptlab.identify as m``
-    gives the function."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 __all__ = ["__version__", *_LAZY]

@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from ckptlab.arch.identify import ModelInfo
     from ckptlab.formats.base import TensorSource
     from ckptlab.hashes import HashCache, Hashes
     from ckptlab.hub.download import DownloadResult
     from ckptlab.hub.link import LinkReport
-    from ckptlab.identify import ModelInfo
     from ckptlab.library.catalog import Catalog
     from ckptlab.library.dupes import DupesResult
     from ckptlab.library.scanner import ScanSummary
-    from ckptlab.merge.engine import MergeResult
+    from ckptlab.merging.engine import MergeResult
     from ckptlab.ops.diffusers_io import FolderResult
     from ckptlab.ops.stream import TransformResult
     from ckptlab.progress import Progress
@@ -115,7 +115,7 @@ def identify(path: PathLike | TensorSource, *, heuristics: bool = False) -> Mode
     Raises:
         CkptlabError: the file cannot be read as a model (exit 1), or is refused as unsafe (exit 4).
     """
-    from ckptlab.identify import identify as _identify
+    from ckptlab.arch.identify import identify as _identify
 
     return _identify(path, heuristics=heuristics)
 
@@ -365,7 +365,7 @@ def merge(method: str, models: Iterable[PathLike], output: PathLike, *, alpha: f
         CkptlabError: an unknown method or parameter, incompatible models, an existing output; a one-line
         error naming ``ckptlab[merge]`` when torch is not installed.
     """
-    from ckptlab.merge import merge as _merge
+    from ckptlab.merging import merge as _merge
 
     params = {"alpha": alpha, "beta": beta, "gamma": gamma, "density": density}
     return _merge(method, _paths(models), output, params=params, dtype=precision, merge_dtype=merge_dtype,

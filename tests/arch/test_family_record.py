@@ -10,11 +10,11 @@ import pytest
 
 from ckptlab.arch import families
 from ckptlab.arch.components import COMPONENT_PREFIXES, split_components
+from ckptlab.arch.identify import identify
 from ckptlab.arch.layout import cross_attention_width, file_layout, text_width
 from ckptlab.formats import open_model
-from ckptlab.identify import identify
-from ckptlab.merge.family import identify_input
-from ckptlab.merge.graph import SourceNode
+from ckptlab.merging.family import identify_input
+from ckptlab.merging.graph import SourceNode
 from ckptlab.sample.build import SPECS, write_model
 
 #: every full-model / UNet / DiT sample the builder knows -> its family (by hand)
@@ -105,7 +105,7 @@ def test_diffusers_families_have_a_complete_record(fid):
 
 @pytest.mark.parametrize("fid", sorted(MERGE_BLOCKS))
 def test_merge_block_families(fid):
-    from ckptlab.merge.blocks import blocks_for
+    from ckptlab.merging.blocks import blocks_for
 
     assert len(blocks_for(fid)) == MERGE_BLOCKS[fid]
     assert {f.id for f in families.FAMILIES if f.merge_blocks} == set(MERGE_BLOCKS)

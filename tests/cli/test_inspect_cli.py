@@ -128,7 +128,7 @@ def test_importtime_shows_no_torch(lib):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
     imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
-    assert "ckptlab.identify" in imported
+    assert "ckptlab.arch.identify" in imported
     assert not any(m == "torch" or m.startswith("torch.") for m in imported)
 
 

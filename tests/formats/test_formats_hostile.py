@@ -14,11 +14,11 @@ import struct
 
 import pytest
 
+from ckptlab.arch.identify import identify, parse_metadata
 from ckptlab.errors import FormatError
 from ckptlab.formats import gguf as gguf_mod
 from ckptlab.formats.diffusers import DiffusersSource
 from ckptlab.formats.gguf import GGUFSource
-from ckptlab.identify import identify, parse_metadata
 from ckptlab.jsonable import MAX_JSON_DEPTH, JSONDepthError, dumps, loads_limited
 
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -252,7 +252,7 @@ def test_gguf_metadata_bombs_through_the_cli(tmp_path, cli):
 def test_merge_provenance_of_an_input_with_deep_json_metadata():
     """A1111 provenance copies each input's sd_merge_recipe / sd_merge_models (decoded JSON) into the merge's
     metadata: an input whose strings nest beyond the limit contributes nothing instead of a RecursionError."""
-    from ckptlab.merge.provenance import merge_models_entry
+    from ckptlab.merging.provenance import merge_models_entry
 
     out = merge_models_entry("a.safetensors", "ab" * 32, None, {"sd_merge_recipe": DEEP, "sd_merge_models": DEEP})
     assert out == {"ab" * 32: {"name": "a.safetensors", "legacy_hash": None, "sd_merge_recipe": None}}

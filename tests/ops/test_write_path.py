@@ -101,7 +101,7 @@ def test_no_diffusers_conversion_reads_the_default_catalog(tmp_path, model, pois
 
 
 def test_merge_does_not_read_the_default_catalog(tmp_path, model, vae_file, poisoned_default_catalog):
-    from ckptlab.merge import merge, provenance
+    from ckptlab.merging import merge, provenance
 
     b = make_model(tmp_path / "in" / "b.safetensors", "sd1_checkpoint", seed=1)
     provenance._CACHE.clear()  # hashes this process computed earlier
@@ -122,12 +122,12 @@ def _no_hashing(monkeypatch):
         raise AssertionError(f"input hashed although the cache knows it: {a[0]}")
 
     monkeypatch.setattr("ckptlab.ops.stream.sha256_file", refuse)
-    monkeypatch.setattr("ckptlab.merge.provenance.sha256_file", refuse)
+    monkeypatch.setattr("ckptlab.merging.provenance.sha256_file", refuse)
 
 
 def test_a_cache_passed_in_is_used_and_the_input_not_hashed(tmp_path, model, vae_file, monkeypatch):
     from ckptlab.library.catalog import hash_cache
-    from ckptlab.merge import merge, provenance
+    from ckptlab.merging import merge, provenance
 
     db = tmp_path / "mine.db"
     for p in (model, vae_file):
@@ -189,8 +189,8 @@ def test_model_writer_failing_midway_leaves_nothing(tmp_path, model):
 
 
 def test_merge_failing_midway_leaves_nothing(tmp_path, model, monkeypatch):
-    from ckptlab.merge import merge
-    from ckptlab.merge.graph import StepNode
+    from ckptlab.merging import merge
+    from ckptlab.merging.graph import StepNode
 
     b = make_model(tmp_path / "in" / "b.safetensors", "sd1_checkpoint", seed=1)
     out_dir = tmp_path / "o"

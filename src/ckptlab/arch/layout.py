@@ -1,5 +1,5 @@
 """A family's key layout as one file holds it: what the transforms (extract, replace, prune, precision,
-to-diffusers) act on. The family is the one ``ckptlab.identify`` gives (the detector in ``arch.detect``);
+to-diffusers) act on. The family is the one ``ckptlab.arch.identify`` gives (the detector in ``arch.detect``);
 where each component lives is read from its record (``Family.prefixes``); the text encoders are checked to
 be the family's own, so a file that mixes families is refused instead of being cut in the wrong places.
 Header-only; no torch.
@@ -89,7 +89,7 @@ def check_text_encoders(infos: Mapping[str, TensorInfo], family: Family | None, 
 def file_layout(src: TensorSource) -> FileLayout:
     """Identify ``src`` (the one detector), check its text encoders against its diffusion model, and return
     where its components are."""
-    from ckptlab.identify import identify
+    from ckptlab.arch.identify import identify
 
     info = identify(src)
     family = get(info.family)

@@ -2,7 +2,7 @@
 
 VAE files of the 4-channel KL-f8 families share one key layout and shapes (an SD1 VAE and the SDXL VAE
 differ only in their weights), so a shape check accepts the wrong one and the model then decodes
-garbage. The family comes from ``ckptlab.identify`` (metadata, then the file name where the keys
+garbage. The family comes from ``ckptlab.arch.identify`` (metadata, then the file name where the keys
 cannot tell); interchangeable families share a latent space group (``Family.vae_group``).
 """
 
@@ -22,8 +22,8 @@ def latent_group(family_id: str | None) -> str | None:
 
 
 def vae_family(vae: str | Path | TensorSource) -> str | None:
-    """The family ``ckptlab.identify`` gives a VAE file (or an opened one), None when it cannot tell."""
-    from ckptlab.identify import identify
+    """The family ``ckptlab.arch.identify`` gives a VAE file (or an opened one), None when it cannot tell."""
+    from ckptlab.arch.identify import identify
 
     try:
         fam = identify(vae).family

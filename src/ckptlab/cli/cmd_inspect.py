@@ -1,4 +1,4 @@
-"""``ckptlab inspect PATH...``: what each model file is, from its header (``ckptlab.identify``).
+"""``ckptlab inspect PATH...``: what each model file is, from its header (``ckptlab.arch.identify``).
 
 Exit status: 0 when every path was read; otherwise the highest error exit code among the failed paths
 (1 for unreadable/unsupported files, 4 for files refused as unsafe, 70 for an internal error), after reporting
@@ -89,9 +89,9 @@ def inspect_cmd(
                                     help="Also apply rules that read a tensor (SD2 v/eps by ComfyUI's rule)."),
 ) -> None:
     """Identify model files from their headers: kind, family, variant, prediction, components, VRAM."""
+    from ckptlab.arch.identify import identify
     from ckptlab.cli.common import console, emit_json, error_line, expand_paths
     from ckptlab.errors import CkptlabError
-    from ckptlab.identify import identify
 
     targets = expand_paths(paths)
     if not targets:

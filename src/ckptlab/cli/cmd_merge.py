@@ -1,6 +1,6 @@
 """``ckptlab merge``: one merge step from the command line, or a chain from a TOML recipe.
 
-No logic here: arguments become a ``Recipe`` and ``ckptlab.merge.run_recipe`` does the work. Heavy
+No logic here: arguments become a ``Recipe`` and ``ckptlab.merging.run_recipe`` does the work. Heavy
 imports (torch) happen inside the command function only.
 """
 
@@ -54,8 +54,8 @@ def merge_cmd(
 ) -> None:
     from ckptlab.cli.common import console, emit_json, progress_bar
     from ckptlab.library.catalog import hash_cache
-    from ckptlab.merge import METHODS, load, one_step_recipe, run_recipe
-    from ckptlab.merge.recipe import RecipeError, apply_overrides
+    from ckptlab.merging import METHODS, load, one_step_recipe, run_recipe
+    from ckptlab.merging.recipe import RecipeError, apply_overrides
 
     if list_methods:
         rows = [{"name": m.name, "inputs": [m.min_inputs, m.max_inputs], "output": m.output, "help": m.help,
@@ -92,8 +92,10 @@ def merge_cmd(
     if json_out:
         emit_json(result)
         return
-    mb = result.bytes / 2**20
-    console.print(f"wrote {result.output}: {result.tensors} tensors, {mb:.1f} MiB, {result.family or 'unknown family'}, "
+    from ckptlab.display import human_size
+
+    console.print(f"wrote {result.output}: {result.tensors} tensors, {human_size(result.bytes)}, "
+                  f"{result.family or 'unknown family'}, "
                   f"{result.seconds:.1f} s", highlight=False)
     for s in result.steps:
         parts = [f"{s.merged} merged"]

@@ -168,7 +168,7 @@ def _place_by_kind(res: DownloadResult, root: Path, ui: str) -> None:
 
     kind = None
     try:
-        from ckptlab.identify import identify
+        from ckptlab.arch.identify import identify
 
         kind = identify(res.path).kind
     except (ImportError, CkptlabError):

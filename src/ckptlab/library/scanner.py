@@ -231,9 +231,9 @@ def _tensor_stats(src) -> dict:
 
 
 def _identify(path: str, src) -> dict:
-    """kind/family/variant/info from ``ckptlab.identify`` when it is available."""
+    """kind/family/variant/info from ``ckptlab.arch.identify`` when it is available."""
     try:
-        from ckptlab.identify import identify
+        from ckptlab.arch.identify import identify
     except ImportError:
         return {}
     from ckptlab.jsonable import to_jsonable
@@ -667,7 +667,7 @@ def _read_all(found: list[Found], workers: int | None):
     from concurrent.futures import ProcessPoolExecutor
     from dataclasses import replace
 
-    for mod in ("ckptlab.identify", "ckptlab.formats.safetensors", "ckptlab.formats.pickle", "ckptlab.security"):
+    for mod in ("ckptlab.arch.identify", "ckptlab.formats.safetensors", "ckptlab.formats.pickle", "ckptlab.security"):
         try:  # imported once here, inherited by forked workers instead of imported by each
             __import__(mod)
         except ImportError:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ckptlab.merge import merge
-from ckptlab.merge import methods as methods_mod
+from ckptlab.merging import merge
+from ckptlab.merging import methods as methods_mod
 
 KEYS = [f"model.diffusion_model.input_blocks.{i}.1.proj_in.weight" for i in (1, 2, 4, 5, 7, 8)]
 
@@ -34,7 +34,7 @@ def pair(tmp_path):
 def test_interrupt_stops_running_keys_between_chunks(pair, tmp_path, monkeypatch):
     """Each key is 256 one-row chunks. The writer is interrupted at its first written key: without a stop
     flag the keys already running in the pool compute all their chunks (hundreds more calls)."""
-    import ckptlab.merge.graph as graph
+    import ckptlab.merging.graph as graph
 
     monkeypatch.setattr(graph, "CHUNK_ELEMS", 64)  # one row per chunk
     calls = {"n": 0, "at_stop": None}
@@ -76,7 +76,7 @@ class Finder:
             seen.append(threading.current_thread().name)
         return None
 sys.meta_path.insert(0, Finder())
-from ckptlab.merge import merge
+from ckptlab.merging import merge
 assert "torch" not in sys.modules
 merge("weighted_sum", [{str(pair[0])!r}, {str(pair[1])!r}], {str(tmp_path / "o.safetensors")!r}, threads=2)
 print(seen)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from ckptlab.errors import MismatchError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.formats.dtypes import FLOAT_DTYPES, friendly, to_torch
-from ckptlab.merge.blocks import BlockValues, resolve
-from ckptlab.merge.family import check_mergeable, check_same_kind, identify_input
-from ckptlab.merge.methods import KeyContext, Method
+from ckptlab.merging.blocks import BlockValues, resolve
+from ckptlab.merging.family import check_mergeable, check_same_kind, identify_input
+from ckptlab.merging.methods import KeyContext, Method
 
 MISSING_POLICIES = ("keep-a", "union", "intersect", "error")
 #: integer and bool buffers (position_ids, step counters): copied from A, never merged

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckptlab.errors import CkptlabError, MismatchError
-from ckptlab.merge import merge
-from ckptlab.merge.recipe import RecipeError
+from ckptlab.merging import merge
+from ckptlab.merging.recipe import RecipeError
 from ckptlab.sample.build import write_model
 
 
@@ -217,7 +217,7 @@ def test_the_vae_check_lives_in_one_place():
     """replace and merge both call arch.vae_fit.check_vae_fits; no second copy of the rule remains."""
     import inspect
 
-    import ckptlab.merge.engine as engine
+    import ckptlab.merging.engine as engine
     import ckptlab.ops.components as components
 
     for mod in (engine, components):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from ckptlab.identify import identify
+from ckptlab.arch.identify import identify
 from ckptlab.sample.build import SPECS, write_model
 
 TRANSFORMER_FAMILIES = {"sd3", "flux", "chroma", "cascade", "pixart", "auraflow", "hunyuan_dit", "lumina2", "hidream", "sana",

@@ -42,10 +42,10 @@ from test_identify_rules import real, write_sparse
 
 from ckptlab.arch.components import split_components
 from ckptlab.arch.detect import KINDS
-from ckptlab.identify import identify
+from ckptlab.arch.identify import identify
 
 H = "F16"
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "inspect.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "inspect.md"
 #: the text-context width of each base UNet (diffusers UNet2DConditionModel ``cross_attention_dim``)
 CONTEXT_WIDTH = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 

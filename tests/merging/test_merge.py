@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ckptlab.merge import merge
+from ckptlab.merging import merge
 from ckptlab.sample.build import write_model
 
 
@@ -154,7 +154,7 @@ def test_dare_drops_and_rescales(sd1, tmp_path):
 
 
 def test_chunked_compute_equals_whole_tensor(sd1, tmp_path, monkeypatch):
-    from ckptlab.merge import graph
+    from ckptlab.merging import graph
 
     whole = _run("add_difference", sd1, tmp_path, name="whole.safetensors", alpha=0.7, dtype="fp16")
     monkeypatch.setattr(graph, "CHUNK_ELEMS", 1000)
@@ -168,7 +168,7 @@ def test_pieced_methods_match_formula_and_whole_tensor(method, sd1, tmp_path, mo
     thresholds by radix select; slerp: norms accumulated per piece; add_cosine by columns, extract by
     rows; dare: a mask per piece). Results still follow the formulas; ties (exact thresholds) and extract
     (row-wise) are bit-identical to the whole-tensor computation."""
-    from ckptlab.merge import graph, methods
+    from ckptlab.merging import graph, methods
 
     a, b, c = (_np(load_file(p)) for p in sd1)
     kw = {"ties": dict(alpha=0.9, density=0.3), "slerp": dict(alpha=0.35), "add_cosine": dict(alpha=0.01),
@@ -202,7 +202,7 @@ def test_pieced_methods_match_formula_and_whole_tensor(method, sd1, tmp_path, mo
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_radix_select_equals_kthvalue(dtype):
-    from ckptlab.merge.methods import _radix_kth_abs
+    from ckptlab.merging.methods import _radix_kth_abs
 
     g = torch.Generator().manual_seed(0)
     dt = getattr(torch, dtype)
@@ -232,7 +232,7 @@ def test_blocks_left_out_of_a_density_string_keep_the_default(sd1, tmp_path):
 
 
 def test_bytes_do_not_depend_on_threads(sd1, tmp_path):
-    import ckptlab.merge.engine as engine
+    import ckptlab.merging.engine as engine
 
     outs = []
     for threads in (1, 2, 4):

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ckptlab.errors import MismatchError
-from ckptlab.merge import load, loads, merge, run_recipe
-from ckptlab.merge.recipe import RecipeError
+from ckptlab.merging import load, loads, merge, run_recipe
+from ckptlab.merging.recipe import RecipeError
 from ckptlab.sample.build import write_model
 
 
@@ -198,7 +198,7 @@ def test_sha256_comes_from_the_library_catalog_when_it_has_the_file(sd1, tmp_pat
 
     from ckptlab.hashes import Hashes
     from ckptlab.library.catalog import Catalog, default_db_path, hash_cache
-    from ckptlab.merge import provenance
+    from ckptlab.merging import provenance
 
     a = tmp_path / "a.safetensors"
     a.write_bytes(sd1[0].read_bytes())
@@ -233,7 +233,7 @@ def test_hashes_written_at_the_end_even_when_inputs_repeat(sd1, tmp_path):
 def test_hashing_can_be_cancelled(sd1):
     import threading
 
-    from ckptlab.merge import provenance
+    from ckptlab.merging import provenance
 
     provenance._CACHE.clear()
     ev = threading.Event()

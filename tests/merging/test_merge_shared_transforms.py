@@ -35,7 +35,7 @@ def _same_tensors(x: dict, y: dict) -> None:
 
 
 def test_merge_vae_prune_equals_merge_then_replace_then_prune(files, tmp_path):
-    from ckptlab.merge import merge
+    from ckptlab.merging import merge
     from ckptlab.ops.components import replace
     from ckptlab.ops.prune import prune
 
@@ -73,7 +73,7 @@ SD1 = ["BASE", *(f"IN{i:02}" for i in range(12)), "M00", *(f"OUT{i:02}" for i in
 
 
 def _resolved_alpha(recipe):
-    from ckptlab.merge.recipe import resolve_steps
+    from ckptlab.merging.recipe import resolve_steps
 
     [step] = resolve_steps(recipe, {n: "sd1" for n in recipe.inputs})
     a = step.params["alpha"]
@@ -81,14 +81,14 @@ def _resolved_alpha(recipe):
 
 
 def _cli_form(text: str):
-    from ckptlab.merge import one_step_recipe
+    from ckptlab.merging import one_step_recipe
 
     return _resolved_alpha(one_step_recipe("weighted_sum", ["a.safetensors", "b.safetensors"],
                                            params={"alpha": text}))
 
 
 def _toml_form(value: str):
-    from ckptlab.merge.recipe import loads
+    from ckptlab.merging.recipe import loads
 
     return _resolved_alpha(loads('[inputs]\nA = "a.safetensors"\nB = "b.safetensors"\n'
                                  f'[[steps]]\nmethod = "weighted_sum"\ninputs = ["A", "B"]\nalpha = {value}\n'))

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from ckptlab.merge.blocks import (
+from ckptlab.merging.blocks import (
     SD1_BLOCKS,
     SDXL_BLOCKS,
     BlockSpecError,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from ckptlab.arch.components import split_components
+from ckptlab.arch.identify import identify, parse_metadata
 from ckptlab.errors import UnsupportedFormatError
 from ckptlab.formats.dtypes import itemsize
-from ckptlab.identify import identify, parse_metadata
 from ckptlab.sample import layouts
 from ckptlab.sample.build import write_model
 
@@ -353,8 +353,8 @@ def test_gguf_quantized_params_and_packed_bytes(tmp_path):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
+    from ckptlab.arch.identify import _inference_bytes
     from ckptlab.formats import open_model
-    from ckptlab.identify import _inference_bytes
 
     w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "flux")
     w.add_tensor("double_blocks.0.img_attn.norm.key_norm.scale", np.zeros(128, np.float32))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from test_identify_rules import write_sparse
 
-from ckptlab.identify import identify
+from ckptlab.arch.identify import identify
 
 P = "model.diffusion_model."
 H = "F16"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from ckptlab.merge import merge
+from ckptlab.merging import merge
 from ckptlab.sample.build import write_model
 
 sd_mecha = pytest.importorskip("sd_mecha")

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckptlab.hashes import NO_CACHE, HashCache
-from ckptlab.merge.blocks import param_value
-from ckptlab.merge.engine import MergeResult, run_recipe, write_node
-from ckptlab.merge.methods import METHODS, get_method
-from ckptlab.merge.recipe import Recipe, RecipeInput, RecipeStep, dumps, load, loads
+from ckptlab.merging.blocks import param_value
+from ckptlab.merging.engine import MergeResult, run_recipe, write_node
+from ckptlab.merging.methods import METHODS, get_method
+from ckptlab.merging.recipe import Recipe, RecipeInput, RecipeStep, dumps, load, loads
 from ckptlab.progress import Progress
 
 __all__ = ["METHODS", "MergeResult", "Recipe", "RecipeInput", "RecipeStep", "dumps", "get_method", "load",
@@ -27,7 +27,7 @@ def one_step_recipe(method: str, models: list[str | Path], *, params: dict | Non
     """The recipe for one ``ckptlab merge METHOD A B [C]`` invocation."""
     m = get_method(method)
     if len(models) > len(INPUT_NAMES):
-        from ckptlab.merge.methods import MethodError
+        from ckptlab.merging.methods import MethodError
 
         raise MethodError(f"at most {len(INPUT_NAMES)} models")
     inputs = {INPUT_NAMES[i]: RecipeInput(INPUT_NAMES[i], str(p)) for i, p in enumerate(models)}
@@ -37,7 +37,7 @@ def one_step_recipe(method: str, models: list[str | Path], *, params: dict | Non
     given = {k: v for k, v in (params or {}).items() if v is not None}
     extra = sorted(set(given) - allowed)
     if extra:
-        from ckptlab.merge.methods import MethodError
+        from ckptlab.merging.methods import MethodError
 
         raise MethodError(f"{m.name} does not take {', '.join('--' + k for k in extra)} "
                           f"(it takes {', '.join('--' + k for k in sorted(allowed))})")

@@ -1,6 +1,6 @@
 """What an input is (kind and family) for the merge checks and the block layout; header-only.
 
-``identify_input`` asks ``ckptlab.identify`` (the one detector: transforms, merges and ``inspect`` agree on
+``identify_input`` asks ``ckptlab.arch.identify`` (the one detector: transforms, merges and ``inspect`` agree on
 every file's family); the family's record (``arch.families``) then gives its merge blocks and VAE latent
 group. ``check_mergeable`` refuses
 inputs that are not full models (a LoRA, a VAE, a text encoder...): merging one with a checkpoint
@@ -42,9 +42,9 @@ _HINTS = {
 
 
 def identify_input(source: TensorSource) -> tuple[str | None, str | None]:
-    """``(kind, family)`` of an opened input, as ``ckptlab.identify`` says: kind ``checkpoint`` / ``unet`` /
+    """``(kind, family)`` of an opened input, as ``ckptlab.arch.identify`` says: kind ``checkpoint`` / ``unet`` /
     ``lora`` / ``vae`` ... (None when identification failed), family id (None when unknown)."""
-    from ckptlab.identify import identify
+    from ckptlab.arch.identify import identify
 
     try:
         info = identify(source)

@@ -103,8 +103,8 @@ class Recipe:
         return q
 
     def validate(self) -> None:
-        from ckptlab.merge.blocks import numbers_in
-        from ckptlab.merge.methods import MethodError, get_method
+        from ckptlab.merging.blocks import numbers_in
+        from ckptlab.merging.methods import MethodError, get_method
 
         if not self.steps:
             raise RecipeError("recipe has no [[steps]]")
@@ -141,7 +141,7 @@ class Recipe:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise RecipeError(f"options.seed {seed!r}: use a whole number from 0 to 2**63-1")
         miss = self.options.get("missing", "keep-a")
-        from ckptlab.merge.graph import MISSING_POLICIES
+        from ckptlab.merging.graph import MISSING_POLICIES
 
         if miss not in MISSING_POLICIES:
             raise RecipeError(f"options.missing {miss!r}: use one of {', '.join(MISSING_POLICIES)}")
@@ -193,8 +193,8 @@ def resolve_step(st: RecipeStep, family: str | None, *, many: bool = False,
     parser of ``--alpha`` strings, TOML values and lists), range checks per value and per block, and the
     dtype (the step's own, else ``final_dtype`` for the last step). ``RecipeError``/``BlockSpecError`` on a bad
     value (exit 2)."""
-    from ckptlab.merge.blocks import BlockValues, parse_value
-    from ckptlab.merge.methods import get_method
+    from ckptlab.merging.blocks import BlockValues, parse_value
+    from ckptlab.merging.methods import get_method
 
     method = get_method(st.method)
     params: dict = {}

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckptlab.errors import CkptlabError, MismatchError, OutputError
-from ckptlab.merge import merge
+from ckptlab.merging import merge
 from ckptlab.sample.build import write_model
 
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -182,7 +182,7 @@ def _diffusers_folder(root, seed):
 
 
 def test_diffusers_folders_merge_into_one_file(tmp_path):
-    from ckptlab.merge.provenance import sha256_path
+    from ckptlab.merging.provenance import sha256_path
 
     a = _diffusers_folder(tmp_path / "a", 1)
     b = _diffusers_folder(tmp_path / "b", 2)
@@ -217,7 +217,7 @@ def test_parameter_the_method_does_not_take_is_refused(files, tmp_path):
     ("weighted_sum", {"alpha": "0.5,OUT=inf"}, "--alpha inf"),
 ])
 def test_out_of_range_parameters_are_refused_before_writing(files, tmp_path, method, params, needle):
-    from ckptlab.merge.methods import MethodError
+    from ckptlab.merging.methods import MethodError
 
     models = [files["a"], files["b"]] + ([files["b"]] if method == "extract" else [])
     out = tmp_path / "o.safetensors"
@@ -234,8 +234,8 @@ def test_density_one_is_allowed(files, tmp_path):
 
 def test_chain_with_a_bad_later_step_writes_no_intermediate(files, tmp_path):
     """The range check of step 2's per-block density happens before step 1's intermediate is written."""
-    from ckptlab.merge import loads, run_recipe
-    from ckptlab.merge.methods import MethodError
+    from ckptlab.merging import loads, run_recipe
+    from ckptlab.merging.methods import MethodError
 
     save = tmp_path / "mix.safetensors"
     text = f"""version = 1
@@ -265,7 +265,7 @@ density = "GRAD_A"
 def test_hashing_a_vanished_input_is_a_one_line_error(tmp_path):
     """The inputs are hashed while the merge runs; one deleted meanwhile is a FormatError, not an OSError."""
     from ckptlab.errors import FormatError
-    from ckptlab.merge.provenance import sha256_many
+    from ckptlab.merging.provenance import sha256_many
 
     with pytest.raises(FormatError, match="cannot read to hash"):
         sha256_many([tmp_path / "gone.safetensors"])

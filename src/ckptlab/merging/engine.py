@@ -26,8 +26,8 @@ from ckptlab.errors import CkptlabError, FormatError, MismatchError, OutputError
 from ckptlab.formats import open_model
 from ckptlab.formats.writer import SafetensorsWriter
 from ckptlab.hashes import NO_CACHE, HashCache
-from ckptlab.merge import provenance
-from ckptlab.merge.graph import (
+from ckptlab.merging import provenance
+from ckptlab.merging.graph import (
     BUFFERS,
     BakeVae,
     Node,
@@ -38,8 +38,8 @@ from ckptlab.merge.graph import (
     StepSummary,
     stop_flag,
 )
-from ckptlab.merge.methods import get_method
-from ckptlab.merge.recipe import (
+from ckptlab.merging.methods import get_method
+from ckptlab.merging.recipe import (
     MERGE_DTYPES,
     Recipe,
     RecipeError,
@@ -49,7 +49,7 @@ from ckptlab.merge.recipe import (
     pin_text,
     resolve_steps,
 )
-from ckptlab.merge.recipe import parse_dtype_option as _dtype
+from ckptlab.merging.recipe import parse_dtype_option as _dtype
 from ckptlab.ops.stream import check_output, check_suffix
 from ckptlab.ops.stream import provenance as common_provenance
 from ckptlab.progress import Progress, null_progress

@@ -19,8 +19,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckptlab.merge import load, merge, run_recipe
-from ckptlab.merge.recipe import RecipeError
+from ckptlab.merging import load, merge, run_recipe
+from ckptlab.merging.recipe import RecipeError
 from ckptlab.sample.build import write_model
 
 
@@ -321,7 +321,7 @@ def test_db_option_chooses_the_catalog_merge_reads(cli, tree, tmp_path):
 
 def test_db_argument_at_api_level(tree, tmp_path):
     from ckptlab.library.catalog import hash_cache
-    from ckptlab.merge import provenance
+    from ckptlab.merging import provenance
 
     a, b = tree / "models" / "a.safetensors", tree / "models" / "b.safetensors"
     db = tmp_path / "x.db"
