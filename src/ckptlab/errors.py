@@ -11,7 +11,7 @@ table (the test compares them).
 Left where they are, because they never reach the user (each is caught by its own module and turned
 into a result or a ``CkptlabError``): ``formats.pickle_vm`` ``_Broken``/``_Limit``/``_Reject`` (the
 pickle machine's control flow), ``formats.safetensors._HeaderJSONError``, ``jsonable.JSONDepthError``,
-``hashes.HashCancelled``, ``merge.graph.Stopped`` and ``cli.common.StdoutClosed`` (the reader closed
+``hashes.HashCancelled``, ``merging.graph.Stopped`` and ``cli.common.StdoutClosed`` (the reader closed
 the pipe: exit 0).
 """
 

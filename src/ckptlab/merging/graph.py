@@ -335,7 +335,7 @@ class StepNode(Node):
 
     def _pieces(self, key: str) -> list[tuple] | None:
         """Index tuples that cut ``key``'s tensor into pieces of about ``CHUNK_ELEMS`` elements along the
-        axis the method allows (see ``merge.methods``), or None to compute it whole."""
+        axis the method allows (see ``merging.methods``), or None to compute it whole."""
         m = self.method
         shape = self.plan[key].shape
         numel = self.plan[key].numel

@@ -180,7 +180,7 @@ class ResolvedStep:
     reads its numbers from it; nothing parses the step's text again."""
 
     name: str
-    method: object  # merge.methods.Method
+    method: object  # merging.methods.Method
     inputs: tuple[str, ...]
     params: dict
     dtype: str | None
