@@ -17,6 +17,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptlab.atomic import write_atomic
 from ckptlab.display import human_size
 from ckptlab.errors import (
     BusyError,
@@ -266,20 +267,9 @@ def _write_meta(meta: Path, url: str, v: Validators) -> None:
     """Store the validators beside the partial, atomically, never through a link planted there."""
     data = json.dumps({"url": _url_key(url), "etag": v.etag, "last_modified": v.last_modified,
                        "total": v.total}).encode()
-    tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:  # the temporary is created O_EXCL (never through a link); the rename replaces a link at ``meta`` itself
+        write_atomic(meta, data)
     except OSError as e:
-        raise OutputError(f"cannot write: {e.strerror or e}", tmp) from None
-    try:
-        _write_all(fd, data, tmp)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, meta)  # replaces a link at ``meta`` itself, never what it points to
-    except OSError as e:
-        _discard(tmp)
         raise OutputError(f"cannot write: {e.strerror or e}", meta) from None
 
 

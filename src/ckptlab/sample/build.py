@@ -13,15 +13,14 @@ the LDM scaled-linear noise schedule, ``position_ids`` 0..76, SD3 flow sigmas.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import tempfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
+from ckptlab.atomic import write_atomic
 from ckptlab.errors import OutputError
 from ckptlab.formats.base import TensorInfo
 from ckptlab.formats.writer import SafetensorsWriter, build_header
@@ -458,15 +457,11 @@ def _write_sparse(path: Path, the_plan: Mapping[str, TensorInfo], md: Mapping[st
         raise OutputError("output already exists", path)
     header = build_header(the_plan, md)
     total = len(header) + sum(i.nbytes for i in the_plan.values())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(header)
-            fh.truncate(total)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def fill(fh) -> None:
+        fh.write(header)
+        fh.truncate(total)  # sparse: the data is a hole
+
+    write_atomic(path, fill)
     return path
 
 
@@ -494,14 +489,7 @@ def _write_pickle(path: Path, s: Spec, fmt: str, the_plan, raw, seed: int, train
             obj.update(_training_state(sd))
     else:
         obj = sd
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda fh: torch.save(obj, fh))
     return path
 
 
@@ -606,9 +594,8 @@ def build_library(root: str | Path, layout: str = "a1111", *, small: bool = True
         # the same spec+seed in both layouts gives byte-identical files (duplicates across tools)
         sig = (i, small)
         if reuse is not None and sig in reuse and reuse[sig].is_file():
-            tmp = target.with_name(f".{target.name}.copy")
-            shutil.copyfile(reuse[sig], tmp)
-            os.replace(tmp, target)
+            with open(reuse[sig], "rb") as src:
+                write_atomic(target, lambda fh, src=src: shutil.copyfileobj(src, fh, 1 << 20))
         else:
             write_model(target, spec, small=small, seed=i, overwrite=overwrite, **kw)
         if reuse is not None:
