@@ -198,3 +198,21 @@ def test_hub_modules_import_without_torch(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert not log.exists()
+
+
+def test_merge_through_the_python_api_without_torch_raises_the_one_line_error(tmp_path):
+    """``ckptlab.merge`` (the library, not only the CLI) names the extra where torch is missing."""
+    env, log = _no_torch_env(tmp_path)
+    a = tmp_path / "a.safetensors"
+    raw = json.dumps({"model.diffusion_model.out.2.bias": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    a.write_bytes(struct.pack("<Q", len(raw)) + raw.encode() + b"\0" * 4)
+    code = ("import ckptlab, sys\n"
+            "try:\n"
+            f"    ckptlab.merge('weighted_sum', [{str(a)!r}, {str(a)!r}], {str(tmp_path / 'm.safetensors')!r}, alpha=0.5)\n"
+            "except ckptlab.CkptlabError as e:\n"
+            "    print(type(e).__name__, e.exit_code, e.message)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("TorchMissingError 1 merge needs PyTorch: pip install 'ckptlab[torch]'"), r.stdout
+    assert not (tmp_path / "m.safetensors").exists()

@@ -121,7 +121,12 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
 
     Output locations come from ``output`` only, or from a recipe file's own ``save`` paths inside its folder;
     a recipe read from a model's metadata never chooses one (its ``save`` entries are ignored, with a
-    warning) and its inputs are read only where their sha256 pins match."""
+    warning) and its inputs are read only where their sha256 pins match.
+
+    Raises ``TorchMissingError`` (one line naming the extra) where only the core is installed."""
+    from ckptlab.formats.arrays import import_torch
+
+    import_torch("merge")
     t0 = time.perf_counter()
     progress = progress or null_progress
     recipe.validate()
