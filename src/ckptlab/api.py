@@ -132,7 +132,8 @@ def check(path: PathLike, *, deep: bool = False) -> CheckResult:
         ``findings`` (``issues``: those that decided the verdict), and the globals a pickle imports.
 
     Raises:
-        Nothing for hostile or broken files (that is the verdict); CkptlabError for a path that is not there.
+        Nothing for hostile, broken or missing files: that is the verdict (a missing or unreadable path is
+        ``corrupt`` with an ``unreadable`` finding).
     """
     from ckptlab.security import check as _check
 
@@ -201,7 +202,7 @@ def prune(inputs: PathLike | Iterable[PathLike], *, ema: str = "drop", precision
                   progress=progress or _null(), cache=_hash_cache(db), skip_unchanged=True)
 
 
-def precision(inputs: PathLike | Iterable[PathLike], to: str, *, only: list[str] | None = None, clamp: bool = False,
+def precision(inputs: PathLike | Iterable[PathLike], to: str, *, only: str | list[str] | None = None, clamp: bool = False,
               out_dir: PathLike | None = None, overwrite: bool = False, dry_run: bool = False,
               progress: Progress | None = None, db: PathLike | Catalog | None = None) -> list[TransformResult]:
     """Convert weights exactly (as ``tensor.to(dtype)``) into ``<stem>-<to>.safetensors``; the VAE stays fp32
@@ -210,7 +211,7 @@ def precision(inputs: PathLike | Iterable[PathLike], to: str, *, only: list[str]
     Args:
         inputs: one model file or several.
         to: ``fp16``, ``bf16``, ``fp32`` or ``fp8_e4m3fn``.
-        only: convert only these components: ``unet``, ``vae``, ``te``.
+        only: convert only these components: ``unet``, ``vae``, ``te`` (one name or a list).
         clamp: clamp values that overflow the target instead of refusing.
         out_dir, overwrite, dry_run, progress, db: as for ``prune``.
 
@@ -222,7 +223,7 @@ def precision(inputs: PathLike | Iterable[PathLike], to: str, *, only: list[str]
     """
     from ckptlab.ops.precision import convert_precision
 
-    return convert_precision(_paths(inputs), to, only=only, clamp=clamp, out_dir=Path(out_dir) if out_dir else None,
+    return convert_precision(_paths(inputs), to, only=[only] if isinstance(only, str) else only, clamp=clamp, out_dir=Path(out_dir) if out_dir else None,
                              overwrite=overwrite, dry_run=dry_run, progress=progress or _null(), cache=_hash_cache(db),
                              skip_unchanged=True)
 

@@ -63,6 +63,33 @@ def test_replace_and_merge_agree_on_the_vae(cli, files, tmp_path, vae_fam, ckpt_
             m.stderr.split("error: ", 1)[1].split(";")[0].split(" is a ")[1]
 
 
+@pytest.mark.parametrize("damage", ["missing", "extra", "shape"])
+def test_replace_and_merge_refuse_a_damaged_vae_with_the_same_line(cli, files, tmp_path, damage):
+    """A VAE of the right family with a tensor missing, one too many, or a wrong shape: both commands refuse it
+    with replace's message (merge used to bake an incomplete VAE and call it 'family unknown')."""
+    sd = load_file(files["vae", "sd1"])
+    if damage == "missing":
+        del sd["decoder.conv_out.weight"], sd["decoder.conv_out.bias"]
+        expected = "lacks 2 tensor(s) (first: decoder.conv_out.weight)"
+    elif damage == "extra":
+        sd["decoder.extra_layer.weight"] = sd["decoder.conv_out.bias"].clone()
+        expected = "has 1 unexpected tensor(s) (first: decoder.extra_layer.weight)"
+    else:
+        sd["decoder.conv_out.bias"] = sd["decoder.conv_out.bias"][:1].clone()
+        expected = "decoder.conv_out.bias is [1], the checkpoint has [3]"
+    vae = tmp_path / f"vae-ft-mse-840000-ema-pruned-{damage}.safetensors"
+    save_file(sd, vae)
+    a, b = files["ckpt", "sd1"], files["ckpt2", "sd1"]
+    r = cli("replace", a, "--vae", vae, "-o", tmp_path / "r.safetensors")
+    m = cli("merge", "weighted_sum", a, b, "--alpha", "0.5", "--vae", vae, "-o", tmp_path / "m.safetensors")
+    for res in (r, m):
+        assert res.returncode == 1, res.stderr
+        line = res.stderr.strip()
+        assert "\n" not in line and f"{vae.name} does not fit this checkpoint's vae: " in line, line
+        assert expected in line, line
+    assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """SD1 text encoder + VAE around an SDXL UNet: the kind of file a bad conversion script leaves."""

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import ConfigError
+from ckptlab.errors import BadChoiceError, ConfigError
 
 DEFAULT_CIVITAI_URL = "https://civitai.com"
 MAX_CONCURRENT_CAP = 4
@@ -84,7 +84,10 @@ def load_hub_config(*, base_url: str | None = None, token: str | None = None, do
     cfg.download_dir = Path(d).expanduser() if d else None
     cfg.layout = (layout or dl.get("layout") or "auto").lower()
     if cfg.layout not in ("auto", "a1111", "comfyui", "flat"):
-        raise ConfigError(f"unknown layout {cfg.layout!r} (use auto, a1111, comfyui or flat)")
+        msg = f"unknown layout {cfg.layout!r} (use auto, a1111, comfyui or flat)"
+        if layout:  # the --layout option: a usage error; the config file's value: a config error
+            raise BadChoiceError(f"--layout {layout!r}: {msg}")
+        raise ConfigError(msg)
     n = max_concurrent if max_concurrent is not None else dl.get("max_concurrent", 2)
     try:
         n = int(n)

@@ -227,9 +227,9 @@ def _decide(c: DupeCopy, r: FileRecord, keeper: FileRecord, link: str) -> None:
 def find_dupes(catalog: Catalog, *, prefer_smaller: bool = False, components: bool = False,
                link: str = "auto") -> DupesResult:
     if link not in LINK_MODES:
-        from ckptlab.errors import CkptlabError
+        from ckptlab.errors import BadChoiceError
 
-        raise CkptlabError(f"--link {link!r}: use one of {', '.join(LINK_MODES)}")
+        raise BadChoiceError(f"--link {link!r}: use one of {', '.join(LINK_MODES)}")
     # a pickle that `check` did not call safe is never kept, linked to or removed in favour of another copy
     recs = [r for r in catalog.files(status="present", sort="id") if r.error is None and r.dev is not None
             and not (r.format == "pickle" and r.safety != "safe")]

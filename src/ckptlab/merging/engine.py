@@ -246,13 +246,13 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
                 raise MismatchError("--vae: the output is a difference file; a VAE cannot be baked into it")
             vnode = nodes[str(opts["vae"])]
             assert isinstance(vnode, SourceNode)
-            # the one VAE family check (replace --vae makes the same one): SD1 VAE keys and shapes equal the
-            # SDXL VAE's, only the latent space differs
+            # replace --vae's checks, in its order: keys and shapes (in BakeVae), then the VAE family (SD1 VAE keys
+            # and shapes equal the SDXL VAE's, only the latent space differs)
+            top = BakeVae(top, vnode)
             note = check_vae_fits(vnode.source, top.family, name=f"{vnode.name} ({paths[vnode.name].name})",
                                   vae_family_known=vnode.family)
             if note:
                 warnings.append(note)
-            top = BakeVae(top, vnode)
             vae_rep, vae_add = top.replaced, top.added
         if opts.get("prune"):
             top = Prune(top)

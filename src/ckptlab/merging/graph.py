@@ -431,7 +431,7 @@ class BakeVae(Node):
         self.vae = vae
         self.family = node.family
         self.kind = node.kind
-        from ckptlab.ops.components import is_diffusers_vae, vae_bake_map
+        from ckptlab.ops.components import check_component_fits, is_diffusers_vae, vae_bake_map
 
         vkeys = list(vae.plan)
         if any(k.startswith(("vae.", "unet.")) for k in node.plan) and not any(
@@ -445,18 +445,16 @@ class BakeVae(Node):
             raise MismatchError(f"{vae.name}: no VAE weights found (expected encoder.*/decoder.* keys)")
         float_dtypes = [i.dtype for i in node.plan.values() if i.dtype in FLOAT_DTYPES]
         default_dt = Counter(float_dtypes).most_common(1)[0][0] if float_dtypes else "F16"
+        own = {k: info for k, info in node.plan.items() if k.startswith(self.PREFIX)}
+        if own:  # replacing the model's VAE: replace --vae's own keys-and-shapes check
+            check_component_fits(own, {k: vae.plan[vk] for k, vk in self.map.items()}, prefix=self.PREFIX,
+                                 name=vae.source.path.name, component="vae")
         self.plan = {}
         self.replaced = self.added = 0
-        bad = []
         for k, info in node.plan.items():
             if k in self.map:
-                vinfo = vae.plan[self.map[k]]
-                if vinfo.shape != info.shape:
-                    bad.append(f"{k} {list(info.shape)} vs {list(vinfo.shape)}")
                 self.replaced += 1
             self.plan[k] = info
-        if bad:
-            raise MismatchError(f"{vae.name}: VAE does not fit this model ({len(bad)} shapes differ), e.g. {bad[0]}")
         for k, vk in self.map.items():
             if k not in self.plan:
                 vinfo = vae.plan[vk]

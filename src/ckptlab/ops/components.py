@@ -15,12 +15,13 @@ component's family fits (an SD1/SD2 VAE never goes into an SDXL checkpoint or th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from ckptlab.arch.components import UNET_PREFIX, ema_pairs
 from ckptlab.arch.layout import FileLayout, file_layout
 from ckptlab.arch.vae_fit import check_vae_fits
-from ckptlab.errors import CkptlabError, MismatchError
+from ckptlab.errors import BadChoiceError, CkptlabError, MismatchError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.ops.diffusers_io import cat_out, reshape_out, slice_out, transpose_out
@@ -54,7 +55,7 @@ def _is_openclip(keys: list[str], prefix: str) -> bool:
 
 def extract_plan(src: TensorSource, component: str) -> list[Out]:
     if component not in EXTRACT_CHOICES:
-        raise CkptlabError(f"--component {component!r}: use one of {', '.join(EXTRACT_CHOICES)}")
+        raise BadChoiceError(f"--component {component!r}: use one of {', '.join(EXTRACT_CHOICES)}")
     layout = file_layout(src)
     prefix = component_prefix(layout, component, src)
     keys = [k for k in src.keys() if k.startswith(prefix)]
@@ -122,6 +123,24 @@ def extract(inputs: list[Path], component: str, *, out: Path | None = None, out_
 def is_diffusers_vae(keys) -> bool:
     """Whether a VAE file's keys are diffusers names (``encoder.down_blocks.…``), bare or under ``vae.``."""
     return any(k.startswith(("encoder.down_blocks.", "vae.encoder.down_blocks.")) for k in keys)
+
+
+def check_component_fits(target: Mapping[str, TensorInfo], given: Mapping[str, TensorInfo], *, prefix: str,
+                         name: str, component: str, path=None) -> None:
+    """The one keys-and-shapes check of a component baked into a checkpoint (``replace`` and ``merge --vae``):
+    ``given`` (the replacement's tensors under the checkpoint's names) must hold exactly the keys of ``target``
+    (the checkpoint's own tensors of that component), with the same shapes; else ``MismatchError`` naming the
+    first difference. ``name``: the replacement file, ``path``: the checkpoint the error is about."""
+    missing = [k for k in target if k not in given]
+    extra = [k for k in given if k not in target]
+    if missing or extra:
+        what = (f"lacks {len(missing)} tensor(s) (first: {missing[0][len(prefix):]})" if missing
+                else f"has {len(extra)} unexpected tensor(s) (first: {extra[0][len(prefix):]})")
+        raise MismatchError(f"{name} does not fit this checkpoint's {component}: it {what}", path)
+    for k, info in given.items():
+        if info.shape != target[k].shape:
+            raise MismatchError(f"{name} does not fit this checkpoint's {component}: {k[len(prefix):]} is "
+                                f"{list(info.shape)}, the checkpoint has {list(target[k].shape)}", path)
 
 
 def vae_bake_map(keys) -> dict[str, str]:
@@ -204,7 +223,7 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
     new: dict[str, Out] = {}
     for component, comp_src in replacements.items():
         if component not in REPLACE_CHOICES:
-            raise CkptlabError(f"cannot replace {component!r}; use one of {', '.join(REPLACE_CHOICES)}")
+            raise BadChoiceError(f"cannot replace {component!r}; use one of {', '.join(REPLACE_CHOICES)}")
         prefix = component_prefix(layout, component, src)
         target = {k: v for k, v in infos.items() if k.startswith(prefix)}
         items = normalise_component(comp_src, component, prefix, target,
@@ -217,18 +236,8 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
                 by_key[k] = Out.copy(k, src, k)
                 if k.endswith("logit_scale"):
                     result.warnings.append(f"{comp_src.path.name} has no logit_scale; the checkpoint's own is kept")
-        missing = [k for k in target if k not in by_key]
-        extra = [k for k in by_key if k not in target]
-        if missing or extra:
-            what = (f"lacks {len(missing)} tensor(s) (first: {missing[0][len(prefix):]})" if missing
-                    else f"has {len(extra)} unexpected tensor(s) (first: {extra[0][len(prefix):]})")
-            raise MismatchError(f"{comp_src.path.name} does not fit this checkpoint's {component}: it {what}",
-                                src.path)
-        for k, it in by_key.items():
-            if it.info.shape != target[k].shape:
-                raise MismatchError(f"{comp_src.path.name} does not fit this checkpoint's {component}: "
-                                    f"{k[len(prefix):]} is {list(it.info.shape)}, the checkpoint has "
-                                    f"{list(target[k].shape)}", src.path)
+        check_component_fits(target, {k: it.info for k, it in by_key.items()}, prefix=prefix,
+                             name=comp_src.path.name, component=component, path=src.path)
         if component == "vae":  # the one VAE family check (merge --vae calls it too)
             warning = check_vae_fits(comp_src.path, layout.family_id, path=src.path)
             if warning:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ckptlab.arch.components import ema_pairs, is_ema
 from ckptlab.arch.layout import file_layout
-from ckptlab.errors import CkptlabError, MismatchError
+from ckptlab.errors import BadChoiceError, MismatchError
 from ckptlab.formats.base import TensorSource
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.ops.precision import parse_only, precision_items, target_dtype
@@ -29,7 +29,7 @@ NOTHING_TO_PRUNE = "nothing to prune (no EMA weights or training state)"
 def check_ema(ema: str, choices: tuple[str, ...] = EMA_CHOICES) -> None:
     """Refuse an unknown ``ema`` mode (one-line error) before any work."""
     if ema not in choices:
-        raise CkptlabError(f"--ema {ema!r}: use one of {', '.join(choices)}")
+        raise BadChoiceError(f"--ema {ema!r}: use one of {', '.join(choices)}")
 
 
 def pruned_keys(keys, ema: str = "drop") -> dict[str, str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ckptlab.atomic import write_atomic
 from ckptlab.errors import OutputError
+from ckptlab.formats.arrays import import_torch
 from ckptlab.formats.base import TensorInfo
 from ckptlab.formats.writer import SafetensorsWriter, build_header
 from ckptlab.sample import adapters, layouts
@@ -51,6 +52,11 @@ class Spec:
 
 _MS = "modelspec."
 
+
+
+def _torch():
+    """torch, or one line naming the extra: the sample builder writes random weights and pickles with torch."""
+    return import_torch("building sample files")
 
 def _modelspec(arch: str, title: str, res: str, pred: str | None = None, impl: str = "https://github.com/Stability-AI/generative-models") -> dict[str, str]:
     md = {_MS + "sai_model_spec": "1.0.1", _MS + "architecture": arch, _MS + "implementation": impl,
@@ -265,7 +271,7 @@ SPECS["pixart"] = replace(SPECS["pixart_sigma"], name="pixart")
 
 def ldm_schedule(n: int = 1000, start: float = 0.00085, end: float = 0.012) -> dict:
     """The LDM ``register_schedule`` buffers for the SD 'scaled linear' beta schedule (float64 math)."""
-    import torch
+    torch = _torch()
 
     betas = torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float64) ** 2
     alphas = 1.0 - betas
@@ -295,7 +301,7 @@ def _rank_for(key: str, layout: Mapping[str, tuple[str, tuple[int, ...]]]) -> in
 def tensor_value(key: str, dtype: str, shape: tuple[int, ...], *, seed: int, spec: str = "",
                  layout: Mapping | None = None):
     """The deterministic value of one tensor (float32 / its fixed dtype; the caller casts)."""
-    import torch
+    torch = _torch()
 
     from ckptlab.formats.dtypes import to_torch
 
@@ -358,7 +364,7 @@ _POOL_SIZE = 1 << 22
 
 @lru_cache(maxsize=1)
 def _pool():
-    import torch
+    torch = _torch()
 
     return torch.randn(_POOL_SIZE, generator=torch.Generator().manual_seed(20240229), dtype=torch.float32)
 
@@ -367,7 +373,7 @@ def _normal(seed: int, key: str, shape: tuple[int, ...], scale: float):
     """Normal values with std ~``scale`` for (seed, key): a window of a fixed random pool at a
     (seed, key)-derived offset, times ``scale`` and a (seed, key)-derived factor in [0.75, 1.25).
     Much faster than a generator per tensor; two tensors practically never share values."""
-    import torch
+    torch = _torch()
 
     pool = _pool()
     n = math.prod(shape)
@@ -467,7 +473,7 @@ def _write_sparse(path: Path, the_plan: Mapping[str, TensorInfo], md: Mapping[st
 
 def _write_pickle(path: Path, s: Spec, fmt: str, the_plan, raw, seed: int, training_state: bool,
                   overwrite: bool, small: bool) -> Path:
-    import torch
+    torch = _torch()
 
     if path.exists() and not overwrite:
         raise OutputError("output already exists", path)
@@ -513,7 +519,7 @@ def _hypernetwork_dict(flat: dict, name: str, small: bool) -> dict:
 
 def _training_state(sd: dict) -> dict:
     """Lightning training extras: a real-looking AdamW state for the first few parameters."""
-    import torch
+    torch = _torch()
 
     params = [k for k, v in sd.items() if v.is_floating_point() and v.ndim >= 1][:4]
     state = {i: {"step": torch.tensor(1200.0), "exp_avg": torch.zeros_like(sd[k], dtype=torch.float32),
