@@ -510,7 +510,7 @@ def link(paths: PathLike | Iterable[PathLike] | None = None, *, db: PathLike | C
 
     cfg = load_hub_config(base_url=base_url)
     named = _paths(paths) if paths is not None else []
-    with _catalog(db) as cat, CivitaiClient(cfg) as client:
+    with _catalog(db, must_exist=paths is None) as cat, CivitaiClient(cfg) as client:
         return link_paths(cat, client, None, named=named, refresh=refresh, write_sidecars=write_sidecars,
                           allow_nsfw=nsfw_previews, progress=progress)
 

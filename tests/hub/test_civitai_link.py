@@ -274,3 +274,12 @@ def test_bf16_copy_inherits_the_link_of_its_fp32_source(world, cli):
     inh = rows["tiny-bf16.safetensors"]
     assert inh["status"] == "inherited" and inh["matched_by"] == "fingerprint" and inh["version_id"] == 2000
     assert inh["inherited_from"] == file_hashes(files["ckpt"].read_bytes())["SHA256"]
+
+
+def test_link_of_the_whole_catalog_never_creates_one(cli, tmp_path):
+    """``civitai link --db NEW`` (no files named: link what the catalog holds) refuses a catalog that is not
+    there, as show/dupes/report do, instead of leaving an empty catalog file behind."""
+    db = tmp_path / "typo.db"
+    r = cli("civitai", "link", "--db", db, "--base-url", "http://127.0.0.1:9")
+    assert r.returncode == 1 and "no catalog here yet" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not db.exists()

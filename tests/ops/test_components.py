@@ -287,3 +287,14 @@ def test_extract_sd2_openclip_h_as_transformers_model(tmp_path):
         projection_dim=out["text_projection.weight"].shape[0], vocab_size=49408, max_position_embeddings=77)
     missing, unexpected = transformers.CLIPTextModelWithProjection(cfg).load_state_dict(out, strict=False)
     assert not [m for m in missing if not m.endswith("position_ids")] and not unexpected
+
+
+def test_extract_names_an_identified_family_it_cannot_split(cli, tmp_path):
+    """A Chroma file is identified (inspect says chroma) but its single-file component layout is not in the family
+    record: extract says so, rather than calling it a file of no known family."""
+    from ckptlab.sample.build import write_model
+
+    p = write_model(tmp_path / "chroma.safetensors", "chroma", sparse=True)
+    r = cli("extract", p, "-c", "vae", "-o", tmp_path / "vae.safetensors")
+    assert r.returncode == 1 and not (tmp_path / "vae.safetensors").exists()
+    assert r.stderr.count("\n") == 1 and "do not support Chroma files yet" in r.stderr, r.stderr

@@ -55,7 +55,10 @@ def civitai_link(
     from ckptlab.hub.link import link_paths
 
     cfg = load_hub_config(base_url=base_url)
-    with store.open_catalog(db) as cat, CivitaiClient(cfg) as client, progress_phases(not json_out) as phase:
+    # linking the whole catalog reads it: a mistyped --db is an error, not a new empty catalog; named files
+    # are catalogued first, so then the catalog may be created
+    with store.open_catalog(db, must_exist=not paths) as cat, CivitaiClient(cfg) as client, \
+            progress_phases(not json_out) as phase:
         report = link_paths(cat, client, expand_paths(paths) if paths else None, named=[Path(p) for p in paths or []],
                             refresh=refresh, write_sidecars=write_sidecars, allow_nsfw=nsfw_previews,
                             progress=phase("linking", unit_bytes=False),

@@ -55,9 +55,10 @@ register_migrations(COMPONENT, MIGRATIONS)
 _VOLATILE = frozenset({"stats"})
 
 
-def open_catalog(path=None) -> Catalog:
-    """The catalog, with the hub's tables guaranteed present."""
-    return Catalog(path)
+def open_catalog(path=None, *, must_exist: bool = False) -> Catalog:
+    """The catalog, with the hub's tables guaranteed present (``must_exist``: refuse a catalog that is not
+    there rather than create an empty one)."""
+    return Catalog(path, must_exist=must_exist)
 
 
 def record_digest(data) -> str:

@@ -40,8 +40,11 @@ REPLACE_CHOICES = ("unet", "vae", "clip_l", "clip_g")
 def component_prefix(layout: FileLayout, component: str, src: TensorSource) -> str:
     """The key prefix of ``component`` in this checkpoint, checked to be present."""
     comp = "unet" if component == "ema" else component
-    if layout.family is None or not layout.family.prefixes:
+    if layout.family is None:
         raise MismatchError("not a checkpoint of a known family; cannot locate its components", src.path)
+    if not layout.family.prefixes:  # identified, but its single-file layout is not in the family record
+        raise MismatchError(f"extract/replace do not support {layout.family.display_name} files yet (its "
+                            "single-file component layout is not known to ckptlab)", src.path)
     prefix = layout.prefix(comp)
     if not any(k.startswith(prefix) for k in src.keys()):
         raise MismatchError(f"missing component: this {layout.family.display_name} file has no {component} "
