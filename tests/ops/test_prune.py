@@ -335,3 +335,11 @@ def test_db_chooses_the_catalog_consulted_for_input_hashes(tmp_path, cli, ema_mo
     assert recorded(tmp_path / "c") == sha256(src)  # the default catalog ($CKPTLAB_DB of conftest) is empty
     assert recorded(tmp_path / "d", "--db", tmp_path / "none.db") == sha256(src)
     assert not (tmp_path / "none.db").exists()  # looking a hash up never creates a catalog
+
+
+def test_nothing_to_prune_with_ema_keep_says_the_ema_was_kept(cli, tmp_path):
+    """``--ema keep`` on a file with EMA but no training state: the reason names the kept EMA, not 'no EMA'."""
+    src = make_model(tmp_path / "m.safetensors", "sd1_checkpoint", ema=True)
+    r = cli("prune", src, "--ema", "keep", "--out-dir", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "--ema keep keeps the EMA weights" in r.stdout and "no EMA" not in r.stdout, r.stdout

@@ -112,7 +112,7 @@ def _report(results, json_out: bool) -> None:
 def prune_cmd(
     inputs: list[str] = typer.Argument(..., help="Model files or folders."),
     ema: PruneEma = typer.Option(PruneEma.drop, "--ema", help="EMA weights: keep, drop, or use (replace the UNet = emaonly)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Also convert: fp16, bf16 or fp32."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Also convert: fp16, bf16, fp32 or fp8_e4m3fn."),
     clamp: bool = typer.Option(False, "--clamp", help="Clamp values that overflow fp16 instead of refusing."),
     out_dir: Optional[Path] = _OUT_DIR, dry_run: bool = _DRY, json_out: bool = _JSON, overwrite: bool = _OVERWRITE,
     db: Optional[Path] = _DB,

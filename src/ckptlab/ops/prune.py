@@ -97,7 +97,10 @@ def prune(inputs: list[Path], *, ema: str = "drop", precision: str | None = None
     with ``skip_unchanged`` (the CLI) nothing is written for it and its result says why (``unchanged``);
     without it the output is written as a plain copy, with a warning."""
     check_ema(ema)
-    reason = NOTHING_TO_PRUNE if precision is None else f"{NOTHING_TO_PRUNE} or convert to {precision.lower()}"
+    # --ema keep keeps the EMA weights: only training state could have been dropped
+    base = "nothing to prune (no training state; --ema keep keeps the EMA weights)" if ema == "keep" \
+        else NOTHING_TO_PRUNE
+    reason = base if precision is None else f"{base} or convert to {precision.lower()}"
 
     def one(path: Path, src: TensorSource, result: TransformResult):
         items, options = prune_plan(src, result, ema, precision, None, clamp)
