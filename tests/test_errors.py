@@ -93,7 +93,9 @@ def _exit_codes_in(path: Path) -> set[tuple[int, int]]:
     ``rv = N``/``worst = N``, ``max(worst, N)``, ``getattr(e, "exit_code", N)``."""
     out: set[tuple[int, int]] = set()
 
-    def lit(node):
+    def lit(node):  # a literal, or one of errors.py's named codes (EXIT_INTERNAL ...)
+        if isinstance(node, ast.Name) and node.id.startswith("EXIT_"):
+            return getattr(errors, node.id, None)
         return node.value if isinstance(node, ast.Constant) and type(node.value) is int else None
 
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -468,7 +468,7 @@ def show(target: PathLike, *, db: PathLike | Catalog | None = None) -> list[dict
         One dict per matching file, as ``ckptlab show --json`` prints them.
 
     Raises:
-        CkptlabError: nothing in the catalog matches (exit 3), or no catalog there.
+        CkptlabError: nothing in the catalog matches (exit 1), or no catalog there.
     """
     from ckptlab.library.show import show_file
 

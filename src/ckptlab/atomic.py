@@ -65,12 +65,12 @@ class Staged:
         self.tmp: Path | None = None
         self.is_folder = False
 
-    def create_file(self, perm: int = 0o600, flags: int = os.O_RDWR) -> int:
-        """Create the temporary file (``perm`` before the umask) and return its descriptor."""
+    def _create(self, make: Callable[[Path], object]):
+        """``make(name)`` under a fresh temporary name (``O_EXCL``/``mkdir``: never someone else's file)."""
         for _ in range(100):
             self.tmp = temp_name(self.final, self.token_bytes)  # tracked before it exists
             try:
-                return os.open(self.tmp, flags | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), perm)
+                return make(self.tmp)
             except FileExistsError:
                 self.tmp = None  # someone else's file: never ours to remove
             except BaseException:
@@ -78,20 +78,16 @@ class Staged:
                 raise
         raise FileExistsError(17, "cannot find a free temporary name", str(self.final.parent))
 
+    def create_file(self, perm: int = 0o600, flags: int = os.O_RDWR) -> int:
+        """Create the temporary file (``perm`` before the umask) and return its descriptor."""
+        return self._create(lambda tmp: os.open(tmp, flags | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                                                perm))
+
     def create_folder(self, perm: int = 0o700) -> Path:
         """Create the temporary folder and return its path."""
         self.is_folder = True
-        for _ in range(100):
-            self.tmp = temp_name(self.final, self.token_bytes)
-            try:
-                os.mkdir(self.tmp, perm)
-                return self.tmp
-            except FileExistsError:
-                self.tmp = None
-            except BaseException:
-                self.tmp = None
-                raise
-        raise FileExistsError(17, "cannot find a free temporary name", str(self.final.parent))
+        self._create(lambda tmp: os.mkdir(tmp, perm))
+        return self.tmp
 
     def commit(self, mode: int | None = None) -> Path:
         """Put the filled temporary in place (``mode``: its permissions before the umask, if given)."""

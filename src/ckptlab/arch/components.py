@@ -280,7 +280,6 @@ def split_components(keys: Iterable[str]) -> dict[str, list[str]]:
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
-EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
 POSITION_IDS_SUFFIX = "embeddings.position_ids"
 
 

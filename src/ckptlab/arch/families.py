@@ -18,8 +18,6 @@ IN = "input_blocks.0.0.weight"  # LDM in-channels at axis 1
 IN_D = "conv_in.weight"  # diffusers
 TOK_SD = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 TOK_SD_D = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
-TOK_XL = "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
-TOK_XL_D = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
 LABEL = "label_emb.0.0.weight"
 LABEL_D = "add_embedding.linear_1.weight"
 

@@ -184,11 +184,6 @@ class Family:
         found = dict(self.prefixes).get(component)
         return found[0] if found else None
 
-    @property
-    def dm_component(self) -> str:
-        """``unet`` or ``dit``: the component name of this family's diffusion model."""
-        return self.arch
-
     def native_resolution(self, prediction: str | None = None) -> int | None:
         """The native resolution; ``None`` when it depends on a prediction that is not known."""
         if not self.resolution_by_prediction:

@@ -32,16 +32,21 @@ def vae_family(vae: str | Path | TensorSource) -> str | None:
     return fam if fam and fam != "unknown" else None
 
 
+#: ``vae_family_known`` not given (None is an answer: the caller's identify found no family)
+_UNSET = object()
+
+
 def check_vae_fits(vae: str | Path | TensorSource, target_family: str | None, *, name: str | None = None,
-                   path: str | Path | None = None, vae_family_known: str | None = None) -> str | None:
+                   path: str | Path | None = None, vae_family_known=_UNSET) -> str | None:
     """Refuse (``MismatchError``) a VAE whose family has another latent space than ``target_family``'s.
     Returns a warning line when the VAE's family cannot be told (keys and shapes are the caller's check),
     else None. ``name``: how to call the VAE in messages (default: its file name); ``path``: the checkpoint
-    the error is about; ``vae_family_known``: the VAE's family when the caller identified it already."""
+    the error is about; ``vae_family_known``: the VAE's family (or None) when the caller identified it
+    already, so it is not identified twice."""
     if name is None:
         p = vae if isinstance(vae, (str, Path)) else vae.path
         name = Path(p).name
-    fam = vae_family_known if vae_family_known is not None else vae_family(vae)
+    fam = vae_family(vae) if vae_family_known is _UNSET else vae_family_known
     if fam is None:
         return f"{name}: VAE family unknown (keys and shapes match)"
     mine = latent_group(target_family)

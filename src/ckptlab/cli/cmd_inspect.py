@@ -91,7 +91,7 @@ def inspect_cmd(
     """Identify model files from their headers: kind, family, variant, prediction, components, VRAM."""
     from ckptlab.arch.identify import identify
     from ckptlab.cli.common import console, emit_json, error_line, expand_paths
-    from ckptlab.errors import CkptlabError
+    from ckptlab.errors import EXIT_INTERNAL, CkptlabError
 
     targets = expand_paths(paths)
     if not targets:
@@ -112,7 +112,7 @@ def inspect_cmd(
                 raise
             msg = f"internal error: {type(err).__name__}: {err} (set CKPTLAB_DEBUG=1 for a traceback)"
             error_line(f"{p}: {msg}")
-            worst = max(worst, 70)
+            worst = max(worst, EXIT_INTERNAL)
             if json_out:
                 emit_json({"path": str(p), "error": msg})
             continue

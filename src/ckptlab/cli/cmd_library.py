@@ -3,7 +3,7 @@
 All of them work on the catalog (``--db``, else ``$CKPTLAB_DB``, else the platform data dir); the
 logic lives in ``ckptlab.library``. Exit codes: 0 ok; 1 bad input, a scan root that is not there,
 an unreadable or read-only catalog, an existing ``report -o`` file; 2 usage (an unknown ``--kind``
-or ``--family`` included); 3 ``show`` found nothing; 5 ``scan`` finished but some files had errors
+or ``--family`` included, a hash prefix under 8 digits); ``show`` finding nothing is 1; 5 ``scan`` finished but some files had errors
 (``--strict`` only).
 
 Human output renders control characters in names and metadata visibly (``ckptlab.display``);

@@ -14,7 +14,7 @@ from typing import get_args, get_origin
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from ckptlab.errors import CkptlabError
+from ckptlab.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CkptlabError
 
 # --------------------------------------------------------------------------- one CLI language
 # Help shows plain flags: typer 0.2x renders every parameter's Python type (``--json <bool>``,
@@ -234,13 +234,13 @@ def main(argv: list[str] | None = None) -> None:
             if _stdout_pipe_closed_by_typer():
                 raise StdoutClosed() from None
             raise
-        if rv == 130:  # typer returns Ctrl-C as a silent exit code 130 (non-standalone mode)
+        if rv == EXIT_INTERRUPTED:  # typer returns Ctrl-C as a silent exit code 130 (non-standalone mode)
             error_line("interrupted; no output was left half-written")
     except typer.Exit as e:
         rv = e.exit_code
     except typer.Abort:
         error_line("aborted")
-        rv = 130
+        rv = EXIT_INTERRUPTED
     except typer.TyperException as e:  # usage errors: one line, typer's message, exit code 2
         if type(e).__name__ == "NoArgsIsHelpError":  # a group called without a command: its help
             e.show()
@@ -252,18 +252,18 @@ def main(argv: list[str] | None = None) -> None:
         rv = e.exit_code
     except KeyboardInterrupt:
         error_line("interrupted; no output was left half-written")
-        rv = 130
+        rv = EXIT_INTERRUPTED
     except (BrokenPipeError, StdoutClosed):
         _stdout_to_devnull()
         rv = 0
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if _during_interrupt(e):
             error_line("interrupted; no output was left half-written")
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
         if os.environ.get("CKPTLAB_DEBUG"):
             raise
         error_line(f"internal error: {type(e).__name__}: {e} (set CKPTLAB_DEBUG=1 for a traceback)")
-        rv = 70
+        rv = EXIT_INTERNAL
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

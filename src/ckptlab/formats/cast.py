@@ -30,7 +30,7 @@ Large arrays are cast in chunks so that the temporaries stay small.
 
 from __future__ import annotations
 
-from ckptlab.formats.dtypes import FLOAT_DTYPES, from_numpy, to_numpy
+from ckptlab.formats.dtypes import FLOAT_DTYPES, from_numpy, to_numpy, uint_of_width
 
 #: elements per pass over a large array
 CHUNK = 1 << 22
@@ -62,14 +62,8 @@ def cast(a, target: str):
         elif narrow is _to_bf16:
             flat_out.view(np.uint16)[i:i + CHUNK] = _to_bf16(f, 0xFFFF if src in ("F32", "F64") else 0x7FC0)
         else:
-            flat_out.view(_uint(dt.itemsize))[i:i + CHUNK] = narrow(f)
+            flat_out.view(uint_of_width(dt.itemsize))[i:i + CHUNK] = narrow(f)
     return out
-
-
-def _uint(width: int):
-    import numpy as np
-
-    return {1: np.uint8, 2: np.uint16, 4: np.uint32}[width]
 
 
 def _f32(a, src: str):

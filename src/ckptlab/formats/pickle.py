@@ -139,9 +139,7 @@ class PickleSource(TensorSource):
                 base = np.frombuffer(self.scan.mm, dtype=np.uint8, count=nbytes, offset=st.backing[1])
         if st.byteswap and isz > 1:  # a big-endian legacy file: swapped into a native copy
             base = base.reshape(-1, isz)[:, ::-1].copy().reshape(-1)
-        flat = base.view(dt)
-        if flat.size != count:
-            raise FormatError(f"tensor {key!r}: storage size mismatch", self.path)
+        flat = base.view(dt)  # count elements: nbytes is a multiple of the item size (checked above)
         # the view must stay inside its storage (checked when the pickle was read; numpy's as_strided does not)
         if len(ref.stride) != len(info.shape) or ref.offset < 0 or any(s < 0 for s in ref.stride) or \
                 ref.offset + sum((n - 1) * s for n, s in zip(info.shape, ref.stride, strict=True)) >= count:

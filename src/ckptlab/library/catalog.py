@@ -102,24 +102,6 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir("ckptlab", appauthor=False)) / "catalog.db"
 
 
-def known_sha256(path: str | Path, st: os.stat_result | None = None, db: str | Path | None = None) -> str | None:
-    """The sha256 (lower case) the catalog ``db`` (default: ``default_db_path()``) already holds for this
-    exact file - same device, inode, size and mtime - or None. A cache for writers that record their inputs'
-    hashes: it never creates a catalog, and any failure is a miss, never an error."""
-    try:
-        db = Path(db) if db is not None else default_db_path()
-        if not db.is_file():
-            return None
-        st = st if st is not None else os.stat(path)
-        with Catalog(db) as cat:
-            row = cat.content((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        hashes = row and row.get("hashes")
-        return hashes.sha256.lower() if hashes and hashes.sha256 else None
-    except Exception:  # noqa: BLE001 - the catalog is an optional cache; the caller hashes the file
-        return None
-
-
-
 class CatalogHashCache:
     """The catalog file ``db`` as a ``ckptlab.hashes.HashCache`` for transforms and merges: read only, never
     created (a missing file is an empty cache, not an error), any failure a miss."""
@@ -128,7 +110,18 @@ class CatalogHashCache:
         self.db = Path(db)
 
     def known_sha256(self, path: str | Path, st: os.stat_result | None = None) -> str | None:
-        return known_sha256(path, st, self.db)
+        """The sha256 (lower case) the catalog holds for this exact file - same device, inode, size and mtime -
+        or None."""
+        try:
+            if not self.db.is_file():
+                return None
+            st = st if st is not None else os.stat(path)
+            with Catalog(self.db) as cat:
+                row = cat.content((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+            hashes = row and row.get("hashes")
+            return hashes.sha256.lower() if hashes and hashes.sha256 else None
+        except Exception:  # noqa: BLE001 - the catalog is an optional cache; the caller hashes the file
+            return None
 
     def path_with_sha256(self, sha256: str) -> Path | None:
         """A present regular file the catalog records with this sha256, unchanged since (same size and

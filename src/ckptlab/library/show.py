@@ -38,7 +38,7 @@ def show_file(catalog: Catalog, target: str, *, civitai: LinkLookup | None = Non
     """Everything known about the file(s) ``target`` names (a catalogued path, or a hash / hash prefix of
     at least 8 hex digits): the catalog record, its hashes, live sidecars, files with the same bytes or a
     same component, and (with a ``civitai`` lookup) the CivitAI link. One dict per matching file, as
-    ``ckptlab show --json`` prints them. Raises ``NotInCatalogError`` (exit 3) when nothing matches."""
+    ``ckptlab show --json`` prints them. Raises ``NotInCatalogError`` (exit 1) when nothing matches."""
     from ckptlab.jsonable import to_jsonable
 
     recs = lookup(catalog, target)

@@ -53,11 +53,6 @@ def identify_input(source: TensorSource) -> tuple[str | None, str | None]:
     return info.kind or None, info.family if info.family and info.family != "unknown" else None
 
 
-def family_of(source: TensorSource) -> str | None:
-    """The family id ``identify`` gives ``source``, or None when unknown."""
-    return identify_input(source)[1]
-
-
 def check_mergeable(name: str, path: str | None, kind: str | None) -> None:
     """Refuse an input that is not a full model (checkpoint or UNet/DiT-only file)."""
     if kind is None or kind in MERGEABLE_KINDS:

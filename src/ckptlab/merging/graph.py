@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ckptlab.errors import MismatchError
 from ckptlab.formats.base import TensorInfo, TensorSource
-from ckptlab.formats.dtypes import FLOAT_DTYPES, friendly, to_torch
+from ckptlab.formats.dtypes import FLOAT_DTYPES, to_torch
 from ckptlab.merging.blocks import BlockValues, resolve
 from ckptlab.merging.family import check_mergeable, check_same_kind, identify_input
 from ckptlab.merging.methods import KeyContext, Method
@@ -503,7 +503,3 @@ class Prune(Node):
 
     def cost(self, key: str) -> int:
         return self.node.cost(key)
-
-
-def describe_dtype(dtype: str | None) -> str:
-    return friendly(dtype) if dtype else "A's"

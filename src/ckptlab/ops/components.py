@@ -242,7 +242,7 @@ def replace_plan(src: TensorSource, replacements: dict[str, TensorSource], resul
         check_component_fits(target, {k: it.info for k, it in by_key.items()}, prefix=prefix,
                              name=comp_src.path.name, component=component, path=src.path)
         if component == "vae":  # the one VAE family check (merge --vae calls it too)
-            warning = check_vae_fits(comp_src.path, layout.family_id, path=src.path)
+            warning = check_vae_fits(comp_src, layout.family_id, path=src.path)  # the opened file: not read twice
             if warning:
                 result.warnings.append(warning)
         new.update(by_key)

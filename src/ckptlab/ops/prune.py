@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptlab.arch.components import ema_pairs, is_ema
+from ckptlab.arch.components import ema_pairs, is_ema, split_components
 from ckptlab.arch.layout import file_layout
 from ckptlab.errors import BadChoiceError, MismatchError
 from ckptlab.formats.base import TensorSource
@@ -32,15 +32,14 @@ def check_ema(ema: str, choices: tuple[str, ...] = EMA_CHOICES) -> None:
         raise BadChoiceError(f"--ema {ema!r}: use one of {', '.join(choices)}")
 
 
-def pruned_keys(keys, ema: str = "drop") -> dict[str, str]:
+def pruned_keys(keys, ema: str = "drop", training=None) -> dict[str, str]:
     """``{key: "training" | "ema"}`` for the keys pruning drops: training state always (what
-    ``arch.components.split_components`` calls ``training``), every ``model_ema.*`` key (EMA weights and their
-    ``decay``/``num_updates`` bookkeeping) unless ``ema == "keep"``. A pure function of the key names: the
-    ``prune`` command and ``merge --prune`` both drop exactly these."""
-    from ckptlab.arch.components import split_components
-
+    ``arch.components.split_components`` calls ``training``; pass ``training`` when the keys were split
+    already), every ``model_ema.*`` key (EMA weights and their ``decay``/``num_updates`` bookkeeping) unless
+    ``ema == "keep"``. A pure function of the key names: the ``prune`` command and ``merge --prune`` both drop
+    exactly these."""
     keys = list(keys)
-    training = set(split_components(keys).get("training", ()))
+    training = set(split_components(keys).get("training", ()) if training is None else training)
     out = {}
     for k in keys:
         if k in training:
@@ -54,7 +53,7 @@ def prune_plan(src: TensorSource, result: TransformResult, ema: str = "drop", pr
                only: list[str] | None = None, clamp: bool = False):
     check_ema(ema)
     layout = file_layout(src)
-    drop = pruned_keys(src.keys(), ema)
+    drop = pruned_keys(src.keys(), ema, training=layout.components.get("training", ()))
     ema_keys = {k for k in src.keys() if is_ema(k)}
     pairs: dict[str, str] = {}
     if ema == "use":
