@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("families", {"arch"}),
     ("sample files", {"sample"}),
     ("transforms", {"ops"}),
+    ("LoRA", {"lora"}),
     ("merge", {"merging"}),
     ("library", {"library"}),
     ("hub", {"hub"}),

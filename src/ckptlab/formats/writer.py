@@ -207,7 +207,9 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: str | Path, plan: Mapping[str, TensorInfo],
-                 metadata: Mapping[str, str] | None = None, *, overwrite: bool = False):
+                 metadata: Mapping[str, str] | None = None, *, overwrite: bool = False, hash_data: bool = False):
+        """``hash_data``: keep a SHA-256 of the tensor data written (the bytes after the header: AutoV3,
+        kohya's ``sshs_model_hash``), read back with ``data_sha256()``."""
         self.path = Path(path)
         self.plan = dict(plan)
         self.metadata = dict(metadata or {})
@@ -218,6 +220,14 @@ class SafetensorsWriter:
         self._fd: int | None = None
         self._staged: Staged | None = None
         self.bytes_written = 0
+        self._hash_data = hash_data
+        self._data_hash = None
+
+    def data_sha256(self) -> str:
+        """Hex SHA-256 of the tensor data written so far (``hash_data=True`` only)."""
+        if self._data_hash is None:
+            raise RuntimeError("data_sha256() needs a writer opened with hash_data=True")
+        return self._data_hash.hexdigest()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def open(self) -> SafetensorsWriter:
@@ -235,6 +245,10 @@ class SafetensorsWriter:
             self.abort()
             raise
         self._header_len = len(header)
+        if self._hash_data:
+            import hashlib
+
+            self._data_hash = hashlib.sha256()
         return self
 
     def _create_tmp(self, folder: Path) -> int:
@@ -278,6 +292,8 @@ class SafetensorsWriter:
             self.abort()
             raise OutputError(f"write failed: {e.strerror or e}", self.path) from None
         self.bytes_written += len(data)
+        if self._data_hash is not None:
+            self._data_hash.update(data)
 
     def write(self, key: str, tensor) -> None:
         """Append ``tensor`` (a numpy array or a torch tensor) as ``key``; keys must come in plan order with

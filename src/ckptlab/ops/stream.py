@@ -67,12 +67,15 @@ class TransformResult:
 
 
 def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progress: Progress = null_progress,
-               overwrite: bool = False, pending: dict[str, FileHasher] | None = None, set_total: bool = True) -> int:
+               overwrite: bool = False, pending: dict[str, FileHasher] | None = None, set_total: bool = True,
+               data_hash: str | None = None) -> int:
     """Stream ``items`` into a new safetensors file at ``path``; return the bytes of tensor data written.
 
     ``pending`` maps placeholder strings inside ``metadata`` to input hashers still running: the
     digests are patched into the header (same length) just before the file is committed, so hashing
-    the inputs overlaps with writing instead of adding a full read in front of it.
+    the inputs overlaps with writing instead of adding a full read in front of it. ``data_hash`` is a
+    placeholder (64 characters, like ``placeholder``) inside ``metadata`` that becomes the SHA-256 of the tensor
+    data actually written (kohya's ``sshs_model_hash``).
     """
     plan: dict[str, TensorInfo] = {}
     for it in items:
@@ -84,7 +87,7 @@ def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progre
     written = 0
     from ckptlab.formats.writer import SafetensorsWriter
 
-    with SafetensorsWriter(path, plan, metadata, overwrite=overwrite) as w:
+    with SafetensorsWriter(path, plan, metadata, overwrite=overwrite, hash_data=data_hash is not None) as w:
         for it in items:
             if it.produce is None and hasattr(it.source, "raw_bytes"):
                 w.write_raw(it.key, it.source.raw_bytes(it.src_key))
@@ -94,11 +97,13 @@ def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progre
                 del t
             written += it.info.nbytes
             progress(it.info.nbytes)
-        if pending:
+        if pending or data_hash:
             # digests and placeholders have the same length, so the header keeps its size
             final = dict(metadata)
-            for ph, hasher in pending.items():
-                digest = hasher.result()
+            digests = {ph: hasher.result() for ph, hasher in (pending or {}).items()}
+            if data_hash:
+                digests[data_hash] = w.data_sha256()
+            for ph, digest in digests.items():
                 final = {k: v.replace(ph, digest) for k, v in final.items()}
             w.rewrite_metadata(final)
     return written
