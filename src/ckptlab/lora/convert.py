@@ -361,9 +361,6 @@ def _fuse(lf: LoraFile, parts: list[LoraModule], targets: dict[str, Target], who
     for m in parts:
         if "mid" in m.params or "up_bias" in m.params:
             raise MismatchError(f"{m.name}: a CP (lora_mid) or biased module cannot be fused", lf.path)
-    if any(m.has_dora for m in parts):
-        raise MismatchError(f"{parts[0].name}: DoRA parts cannot be fused into {whole.key} (the magnitude of the "
-                            "fused weight needs the base model)", lf.path)
     downs = [lf.info(m, "down") for m in parts]
     ups = [lf.info(m, "up") for m in parts]
     in_shapes = {tuple(d.shape[1:]) for d in downs}
@@ -385,6 +382,12 @@ def _fuse(lf: LoraFile, parts: list[LoraModule], targets: dict[str, Target], who
             raise MismatchError(f"{m.name}: lora_up has {u.shape[0]} rows, which do not fit {whole.key} "
                                 f"next to {parts[0].name}", lf.path)
         rows[m.name] = sl
+    shared = _shared_down(lf, parts, rows, out_rows)
+    if shared is not None:
+        return shared(name, whole, to)
+    if any(m.has_dora for m in parts):
+        raise MismatchError(f"{parts[0].name}: DoRA parts with their own lora_down cannot be fused into {whole.key} "
+                            "(the fused magnitude would need the base model)", lf.path)
 
     def down():
         return np.ascontiguousarray(np.concatenate([lf.source.array(m.params["down"]) for m in parts], axis=0))
@@ -411,6 +414,47 @@ def _fuse(lf: LoraFile, parts: list[LoraModule], targets: dict[str, Target], who
     if "alpha" in _SUFFIX[to]:
         m.items.append(_scalar(name + _SUFFIX[to]["alpha"], alpha, dinfo.dtype))
     return m
+
+
+def _shared_down(lf: LoraFile, parts: list[LoraModule], rows: dict[str, tuple[int, int]], out_rows: int):
+    """The exact inverse of a split: when the parts tile the fused rows and share one ``lora_down`` (byte for
+    byte), rank and alpha, the fused module is that down, the ups stacked by rows (raw) and the same alpha — no
+    rank growth. Returns a builder, or None when the parts are independent."""
+    import numpy as np
+
+    spans = sorted(rows[m.name] for m in parts)
+    if spans[0][0] != 0 or spans[-1][1] != out_rows or any(a[1] != b[0] for a, b in zip(spans, spans[1:],
+                                                                                     strict=False)):
+        return None
+    if len({lf.rank(m) for m in parts}) != 1 or len({lf.alpha(m) for m in parts}) != 1:
+        return None
+    if len({m.has_dora for m in parts}) != 1:
+        return None
+    first = lf.source.array(parts[0].params["down"])
+    for m in parts[1:]:
+        other = lf.source.array(m.params["down"])
+        if other.dtype != first.dtype or other.shape != first.shape or other.tobytes() != first.tobytes():
+            return None
+    ordered = sorted(parts, key=lambda m: rows[m.name])
+
+    def build(name: str, whole: Target, to: str) -> _Mod:
+        p0 = ordered[0]
+        m = _Mod(name, whole, lf.rank(p0), lf.alpha(p0), dora=p0.has_dora)
+        m.items.append(Out.copy(name + _SUFFIX[to]["down"], lf.source, p0.params["down"]))
+        uinfo = lf.info(p0, "up")
+        m.items.append(Out(name + _SUFFIX[to]["up"], _info_like(uinfo, (out_rows, *uinfo.shape[1:])),
+                           produce=lambda: np.ascontiguousarray(np.concatenate(
+                               [lf.source.array(q.params["up"]) for q in ordered], axis=0))))
+        if p0.has_dora:
+            dinfo = lf.info(p0, "dora")
+            shape = (out_rows, 1) if to in _KOHYA_LIKE else (out_rows,)
+            m.items.append(Out(name + _SUFFIX[to]["dora"], _info_like(dinfo, shape),
+                               produce=lambda: np.ascontiguousarray(np.concatenate(
+                                   [lf.source.array(q.params["dora"]).reshape(-1) for q in ordered])).reshape(shape)))
+        m.items.extend(_alpha_item(lf, p0, name, to, lf.alpha(p0), lf.rank(p0)))
+        return m
+
+    return build
 
 
 # -- metadata -------------------------------------------------------------------------------------------------
