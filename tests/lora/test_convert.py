@@ -1,0 +1,270 @@
+"""``ckptlab lora convert``: bit-exact round trips between the naming styles, exact ΔW through fused ↔ split,
+PEFT alphas as diffusers/PEFT read them, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fakes.sample_files import make_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ckptlab.errors import CkptlabError, MismatchError, OutputError, UsageError
+from ckptlab.lora.convert import convert
+from ckptlab.lora.file import LoraFile
+from ckptlab.lora.naming import reference_targets
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _meta(path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k  # bit-exact
+
+
+def _delta(t: dict[str, torch.Tensor], down: str, up: str, alpha: float | None) -> torch.Tensor:
+    """ΔW = α/r · up @ down in float64, written here independently of ckptlab."""
+    d, u = t[down].double(), t[up].double()
+    r = d.shape[0]
+    s = 1.0 if alpha is None else alpha / r
+    return s * (u.reshape(u.shape[0], -1) @ d.reshape(r, -1))
+
+
+@pytest.mark.parametrize("spec", ["sd1_kohya_lora", "sd2_kohya_lora", "sdxl_kohya_lora", "flux_kohya_lora"])
+@pytest.mark.parametrize("via", ["peft", "diffusers", "comfy"])
+def test_kohya_round_trips_are_bit_exact(tmp_path, spec, via):
+    src = make_model(tmp_path / f"{spec}.safetensors", spec)
+    mid, back = tmp_path / f"mid.{via}.safetensors", tmp_path / "back.safetensors"
+    convert(src, mid, to=via)
+    res = convert(mid, back, to="kohya")
+    _same(_tensors(src), _tensors(back))
+    assert res.modules_out == res.modules_in or via in ("peft", "diffusers")
+    meta = _meta(back)
+    assert meta["ss_base_model_version"] == _meta(src)["ss_base_model_version"]
+    assert meta["ckptlab.operation"] == "lora convert"
+
+
+def test_peft_round_trip_with_adapter_metadata_is_bit_exact(tmp_path):
+    """A diffusers-written PEFT file (alphas only in ``lora_adapter_metadata``, prefixed ``unet.``): peft → kohya →
+    peft keeps every tensor and every alpha; kohya gets alpha tensors with the metadata's values."""
+    src = make_model(tmp_path / "p.safetensors", "sd1_peft_lora")
+    t = _tensors(src)
+    mods = sorted({k.rsplit(".lora_", 1)[0] for k in t})
+    special = [m for m in mods if m.startswith("unet.")][3].split(".", 1)[1]
+    cfg = {"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {special: 2},
+           "unet.rank_pattern": {}, "unet.target_modules": ["to_q", "to_k"]}
+    if any(m.startswith("text_encoder.") for m in mods):
+        cfg.update({"text_encoder.r": 4, "text_encoder.lora_alpha": 1})
+    peft = tmp_path / "peft.safetensors"
+    save_file(t, str(peft), metadata={"lora_adapter_metadata": json.dumps(cfg), "format": "pt"})
+    kohya, back = tmp_path / "k.safetensors", tmp_path / "back.safetensors"
+    convert(peft, kohya, to="kohya", family="sd1")
+    kt = _tensors(kohya)
+    table = reference_targets("sd1")
+    for m in mods:
+        alpha = kt[table.lookup(m).name("kohya") + ".alpha"].item()
+        want = 2 if m == "unet." + special else (8 if m.startswith("unet.") else 1)
+        assert alpha == want, m
+    convert(kohya, back, to="peft")
+    _same(t, _tensors(back))
+    with LoraFile.open(peft) as a, LoraFile.open(back) as b:
+        for m in mods:
+            assert a.alpha(a.modules[m]) == b.alpha(b.modules[m]), m
+
+
+def test_peft_metadata_is_what_peft_reads(tmp_path):
+    """The ``lora_adapter_metadata`` we write, unpacked per component the way diffusers does and resolved with
+    PEFT's own ``get_pattern_key``, gives every module the alpha of the kohya input."""
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    src = make_model(tmp_path / "k.safetensors", "sd1_kohya_lora")
+    t = _tensors(src)
+    # give a few modules other alphas and ranks' worth of variety
+    alphas = [k for k in t if k.endswith(".alpha")]
+    for i, k in enumerate(alphas[:5]):
+        t[k] = torch.tensor(float(i + 1))
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(t, str(mixed), metadata=_meta(src))
+    out = tmp_path / "out.safetensors"
+    convert(mixed, out, to="peft")
+    cfg = json.loads(_meta(out)["lora_adapter_metadata"])
+    table = reference_targets("sd1")
+    for k in alphas:
+        name = k[: -len(".alpha")]
+        peft_name = table.lookup(name).name("peft")
+        comp, inner = peft_name.split(".", 1)
+        sub = {kk[len(comp) + 1:]: v for kk, v in cfg.items() if kk.startswith(comp + ".")}
+        conf = LoraConfig(r=sub["r"], lora_alpha=sub["lora_alpha"], alpha_pattern=sub["alpha_pattern"],
+                          rank_pattern=sub["rank_pattern"], target_modules=sub["target_modules"])
+        key = get_pattern_key(conf.alpha_pattern.keys(), inner) if conf.alpha_pattern else inner
+        alpha = conf.alpha_pattern.get(key, conf.lora_alpha)
+        assert alpha == t[k].item(), name
+
+
+def test_flux_fused_to_split_delta_is_exact(tmp_path):
+    """kohya fused ``qkv`` / ``linear1`` → diffusers split q/k/v(/mlp): each part's ΔW is exactly the fused ΔW's rows."""
+    src = make_model(tmp_path / "f.safetensors", "flux_kohya_lora")
+    out = tmp_path / "d.safetensors"
+    res = convert(src, out, to="diffusers")
+    assert res.split == 76
+    a, b = _tensors(src), _tensors(out)
+    table = reference_targets("flux")
+    n = 0
+    for k in a:
+        if not k.endswith(".lora_down.weight"):
+            continue
+        m = k[: -len(".lora_down.weight")]
+        whole = _delta(a, k, m + ".lora_up.weight", a[m + ".alpha"].item())
+        t = table.lookup(m)
+        parts = [p for p in table.targets if p.key == t.key and p.rows is not None] or [t]
+        rows_total = whole.shape[0]
+        for p in parts:
+            name = p.name("diffusers")
+            d = _delta(b, name + ".lora.down.weight", name + ".lora.up.weight", b[name + ".alpha"].item())
+            r0, r1 = (0, rows_total) if p.rows is None else (p.rows[0] * rows_total // t.shape[0],
+                                                             p.rows[1] * rows_total // t.shape[0])
+            assert torch.equal(d, whole[r0:r1]), name
+            n += 1
+    assert n == res.modules_out
+
+
+def test_flux_split_to_fused_delta_is_exact_and_rank_grows(tmp_path):
+    """diffusers split q/k/v (independent downs) → kohya fused: downs concatenated, ups block-diagonal; ΔW of the
+    fused module equals the parts' ΔWs stacked (float64, same values)."""
+    src = make_model(tmp_path / "f.safetensors", "flux_diffusers_lora")
+    out = tmp_path / "k.safetensors"
+    res = convert(src, out, to="kohya")
+    assert res.fused == 76
+    a, b = _tensors(src), _tensors(out)
+    table = reference_targets("flux")
+    expect: dict[str, torch.Tensor] = {}
+    for k in a:
+        if not k.endswith(".lora_A.weight"):
+            continue
+        m = k[: -len(".lora_A.weight")]
+        t = table.lookup(m)
+        whole = table.lookup(next(p.name("kohya") for p in table.targets if p.key == t.key and p.rows is None))
+        d = _delta(a, k, m + ".lora_B.weight", None)
+        kname = whole.name("kohya")
+        if t.rows is None:
+            expect[kname] = d
+            continue
+        width = b[kname + ".lora_up.weight"].shape[0]
+        r0, r1 = t.rows[0] * width // whole.shape[0], t.rows[1] * width // whole.shape[0]
+        full = expect.setdefault(kname, torch.zeros(width, d.shape[1], dtype=torch.float64))
+        full[r0:r1] = d
+    for kname, want in expect.items():
+        got = _delta(b, kname + ".lora_down.weight", kname + ".lora_up.weight", b[kname + ".alpha"].item())
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        if kname.endswith("_qkv"):
+            assert b[kname + ".lora_down.weight"].shape[0] == 3 * a[next(iter(a))].shape[0]  # rank grows 3×
+
+
+def test_split_to_fused_with_different_alphas_folds_the_scales(tmp_path):
+    """Parts with different α/r: each up is multiplied by its scale and α = R (ΔW equal to fp32 rounding)."""
+    i, o, r = 16, 16, 2
+    g = torch.Generator().manual_seed(1)
+    t, alphas = {}, {"to_q": 1.0, "to_k": 2.0, "to_v": 4.0}
+    for p in alphas:
+        m = f"transformer.transformer_blocks.0.attn.{p}"
+        t[m + ".lora_A.weight"] = torch.randn(r, i, generator=g)
+        t[m + ".lora_B.weight"] = torch.randn(o, r, generator=g)
+    cfg = {"transformer.r": r, "transformer.lora_alpha": 1.0,
+           "transformer.alpha_pattern": {f"transformer_blocks.0.attn.{p}": a for p, a in alphas.items()}}
+    src = tmp_path / "s.safetensors"
+    save_file(t, str(src), metadata={"lora_adapter_metadata": json.dumps(cfg)})
+    out = tmp_path / "k.safetensors"
+    convert(src, out, to="kohya", family="flux")
+    b = _tensors(out)
+    k = "lora_unet_double_blocks_0_img_attn_qkv"
+    got = _delta(b, k + ".lora_down.weight", k + ".lora_up.weight", b[k + ".alpha"].item())
+    want = torch.cat([_delta(t, f"transformer.transformer_blocks.0.attn.{p}.lora_A.weight",
+                             f"transformer.transformer_blocks.0.attn.{p}.lora_B.weight", a)
+                      for p, a in alphas.items()])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert b[k + ".lora_down.weight"].shape == (3 * r, i)
+
+
+def test_dora_magnitude_shapes_between_styles(tmp_path):
+    src = make_model(tmp_path / "d.safetensors", "sd1_dora")
+    peft, back = tmp_path / "p.safetensors", tmp_path / "b.safetensors"
+    convert(src, peft, to="peft", family="sd1")
+    a, p = _tensors(src), _tensors(peft)
+    table = reference_targets("sd1")
+    mags = [k for k in a if k.endswith(".dora_scale")]
+    assert mags
+    for k in mags:
+        m = table.lookup(k[: -len(".dora_scale")]).name("peft")
+        v = p[m + ".lora_magnitude_vector"]
+        assert v.ndim == 1 and torch.equal(v, a[k].reshape(-1))
+    assert json.loads(_meta(peft)["lora_adapter_metadata"])["unet.use_dora"] is True
+    convert(peft, back, to="kohya", family="sd1")
+    _same(a, _tensors(back))
+
+
+def test_lycoris_converts_between_kohya_and_comfy_only(tmp_path):
+    src = make_model(tmp_path / "h.safetensors", "sd1_loha")
+    comfy, back = tmp_path / "c.safetensors", tmp_path / "b.safetensors"
+    convert(src, comfy, to="comfy")
+    assert any(k.startswith("diffusion_model.") and k.endswith(".hada_w1_a") for k in _tensors(comfy))
+    convert(comfy, back, to="kohya")
+    _same(_tensors(src), _tensors(back))
+    with pytest.raises(MismatchError, match="LyCORIS"):
+        convert(src, tmp_path / "p.safetensors", to="peft")
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_refusals(tmp_path):
+    src = make_model(tmp_path / "k.safetensors", "sd1_kohya_lora")
+    with pytest.raises(OutputError, match="input"):
+        convert(src, src, to="peft")
+    (tmp_path / "exists.safetensors").write_bytes(b"x")
+    with pytest.raises(OutputError, match="exists"):
+        convert(src, tmp_path / "exists.safetensors", to="peft")
+    assert (tmp_path / "exists.safetensors").read_bytes() == b"x"
+    with pytest.raises(UsageError, match="naming style"):
+        convert(src, tmp_path / "o.safetensors", to="onnx")
+    with pytest.raises(MismatchError, match="match no flux weight: lora_"):
+        convert(src, tmp_path / "o.safetensors", to="peft", family="flux")
+    with pytest.raises(MismatchError, match="LoRA work supports"):
+        convert(src, tmp_path / "o.safetensors", to="peft", family="cascade")
+    assert not (tmp_path / "o.safetensors").exists()
+    res = convert(src, tmp_path / "o.safetensors", to="peft", dry_run=True)
+    assert res.dry_run and res.bytes_written > 0 and not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_convert_and_errors(tmp_path, cli):
+    src = make_model(tmp_path / "k.safetensors", "sdxl_kohya_lora")
+    out = tmp_path / "o.safetensors"
+    r = cli("lora", "convert", src, "--to", "diffusers", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["family"] == "sdxl" and rec["style"] == "diffusers" and rec["modules_out"] == rec["modules_in"]
+    assert any(k.startswith("unet.") and k.endswith(".lora.down.weight") for k in _tensors(out))
+    r = cli("lora", "convert", src, "--to", "diffusers", "-o", out)
+    assert r.returncode not in (0, 70) and r.stderr.strip().startswith("ckptlab: error:")
+    assert len(r.stderr.strip().splitlines()) == 1 and "overwrite" in r.stderr
+    r = cli("lora", "convert", src, "--to", "diffusers", "-o", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    r = cli("lora", "convert", make_model(tmp_path / "h.safetensors", "sd1_loha"), "--to", "peft", "-o",
+            tmp_path / "x.safetensors")
+    assert r.returncode not in (0, 70) and "LyCORIS" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ambiguous_family_asks_for_it(tmp_path):
+    src = make_model(tmp_path / "p.safetensors", "sd1_peft_lora")
+    with pytest.raises(CkptlabError, match="--family"):
+        convert(src, tmp_path / "o.safetensors", to="kohya")
