@@ -14,7 +14,9 @@ Output styles (parameter keys per module ``M``):
   the alphas go into the header's ``lora_adapter_metadata`` as diffusers writes it (``<component>.r``,
   ``.lora_alpha`` = the most common value, ``.rank_pattern`` / ``.alpha_pattern`` for the others, prefixed by the
   component ``unet`` / ``transformer`` / ``text_encoder`` …);
-- ``diffusers``: ``M.lora.down.weight``, ``M.lora.up.weight``, ``M.alpha``, ``M.lora_magnitude_vector``.
+- ``diffusers``: ``M.lora.down.weight``, ``M.lora.up.weight``, ``M.alpha``, ``M.lora_magnitude_vector``, and the
+  same ``lora_adapter_metadata`` as peft: diffusers' own loader reads ``.alpha`` keys only from kohya files (its
+  ``network_alphas``), so the alphas also go where it looks (ComfyUI and ckptlab read the ``.alpha`` tensors).
 
 Fused ↔ split (Flux ``qkv`` / ``linear1``, SD3 ``qkv``), exact in both directions:
 
@@ -467,7 +469,7 @@ def _metadata(lf: LoraFile, family: str, mods: list[_Mod], to: str) -> dict[str,
     module = lf.metadata.get("ss_network_module") or "networks.lora"
     ra = [(m.rank, m.alpha) for m in mods if m.rank is not None]
     meta = lora_metadata(family, ra, title=title, network_module=module, base=base)
-    if to == "peft":
+    if to in ("peft", "diffusers"):
         meta[PEFT_METADATA_KEY] = json.dumps(peft_config(mods), indent=2, sort_keys=True)
     return meta
 
