@@ -268,3 +268,50 @@ def test_ambiguous_family_asks_for_it(tmp_path):
     src = make_model(tmp_path / "p.safetensors", "sd1_peft_lora")
     with pytest.raises(CkptlabError, match="--family"):
         convert(src, tmp_path / "o.safetensors", to="kohya")
+
+
+def test_diffusers_loads_our_peft_and_diffusers_files_with_the_kohya_scales(tmp_path):
+    """End to end with the peers: a kohya SD1 LoRA with mixed alphas converted to peft and to diffusers style is
+    loaded by diffusers (``load_lora_adapter`` with the file's ``lora_adapter_metadata``) into a small real UNet;
+    PEFT's ΔW of every module must equal α/r · up @ down of the kohya input."""
+    import logging
+
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
+
+    from ckptlab.sample.dims import SMALL
+
+    d = SMALL["sd1"]["unet"]
+    src = make_model(tmp_path / "k.safetensors", "sd1_kohya_lora")
+    t = _tensors(src)
+    for i, k in enumerate([k for k in t if k.startswith("lora_unet_") and k.endswith(".alpha")][:7]):
+        t[k] = torch.tensor(float(i + 11))
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(t, str(mixed), metadata=_meta(src))
+    table = reference_targets("sd1")
+    for style in ("peft", "diffusers"):
+        out = tmp_path / f"{style}.safetensors"
+        convert(mixed, out, to=style)
+        assert len(json.loads(_meta(out)["lora_adapter_metadata"])["unet.alpha_pattern"]) == 7
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=tuple(m * d.channels for m in d.mult),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=d.context,
+            attention_head_dim=8, use_linear_projection=d.linear_proj)
+        sd = {k: v for k, v in _tensors(out).items() if k.startswith("unet.") and not k.endswith(".alpha")}
+        meta = _load_sft_state_dict_metadata(str(out))  # load_lora_adapter picks the "unet." entries itself
+        logging.getLogger("diffusers").setLevel(logging.ERROR)
+        unet.load_lora_adapter(sd, prefix="unet", metadata=meta, adapter_name="x")
+        modules = dict(unet.named_modules())
+        checked = 0
+        for k in t:
+            if not k.startswith("lora_unet_") or not k.endswith(".lora_down.weight"):
+                continue
+            name = k[: -len(".lora_down.weight")]
+            layer = modules[table.lookup(name).name("peft").removeprefix("unet.")]
+            got = layer.get_delta_weight("x").double()
+            want = _delta(t, k, name + ".lora_up.weight", t[name + ".alpha"].item()).reshape(got.shape)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+            checked += 1
+        assert checked > 50
