@@ -315,3 +315,43 @@ def test_diffusers_loads_our_peft_and_diffusers_files_with_the_kohya_scales(tmp_
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
             checked += 1
         assert checked > 50
+
+
+def test_sd3_kohya_round_trip_and_split_delta(tmp_path):
+    """A kohya SD3 LoRA (full-size names and widths, rank 2): to diffusers the fused qkv become to_q/k/v and
+    add_{q,k,v}_proj with exact ΔW rows; back to kohya it is bit-exact; ss_* / trigger metadata survive."""
+    table = reference_targets("sd3")
+    g = torch.Generator().manual_seed(3)
+    t = {}
+    names = ["lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_context_block_attn_qkv",
+             "lora_unet_joint_blocks_1_x_block_mlp_fc1", "lora_unet_joint_blocks_2_context_block_attn_proj",
+             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"]
+    for i, n in enumerate(names):
+        tg = table.lookup(n)
+        t[n + ".lora_down.weight"] = torch.randn(2, tg.shape[1], generator=g)
+        t[n + ".lora_up.weight"] = torch.randn(tg.shape[0], 2, generator=g)
+        t[n + ".alpha"] = torch.tensor(float(i + 1))
+    meta = {"ss_base_model_version": "sd3m", "ss_tag_frequency": '{"a": {"cat": 3}}', "ss_network_dim": "99"}
+    src = tmp_path / "sd3.safetensors"
+    save_file(t, str(src), metadata=meta)
+    out, back = tmp_path / "d.safetensors", tmp_path / "b.safetensors"
+    res = convert(src, out, to="diffusers", family="sd3")
+    assert res.split == 2 and res.modules_out == 3 + 3 + 3
+    b = _tensors(out)
+    for n in names[:2]:
+        whole = _delta(t, n + ".lora_down.weight", n + ".lora_up.weight", t[n + ".alpha"].item())
+        tg = table.lookup(n)
+        parts = [p for p in table.targets if p.key == tg.key and p.rows is not None]
+        assert len(parts) == 3
+        for p in parts:
+            m = p.name("diffusers")
+            d = _delta(b, m + ".lora.down.weight", m + ".lora.up.weight", b[m + ".alpha"].item())
+            assert torch.equal(d, whole[p.rows[0]:p.rows[1]]), m
+    assert "transformer.transformer_blocks.0.attn.add_k_proj.lora.down.weight" in b
+    assert "transformer.transformer_blocks.2.attn.to_add_out.lora.up.weight" in b
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.down.weight" in b
+    convert(out, back, to="kohya")
+    _same(t, _tensors(back))
+    m = _meta(back)
+    assert m["ss_tag_frequency"] == meta["ss_tag_frequency"]
+    assert m["ss_network_dim"] == "2" and m["ss_network_alpha"] == "Dynamic"
