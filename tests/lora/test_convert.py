@@ -84,6 +84,29 @@ def test_peft_round_trip_with_adapter_metadata_is_bit_exact(tmp_path):
             assert a.alpha(a.modules[m]) == b.alpha(b.modules[m]), m
 
 
+@pytest.mark.parametrize(("spec", "family"), [("sd1_kohya_lora", "sd1"), ("sd2_kohya_lora", "sd2"),
+                                              ("sdxl_kohya_lora", "sdxl"), ("flux_kohya_lora", "flux"),
+                                              ("flux_diffusers_lora", "flux")])
+def test_peft_round_trips_are_bit_exact(tmp_path, spec, family):
+    """peft → kohya → peft: a PEFT file (made from the kohya samples, or diffusers' Flux sample with independent
+    q/k/v downs: fused block-diagonal, then split back by its blocks) comes back bit for bit, same scales."""
+    src = make_model(tmp_path / f"{spec}.safetensors", spec)
+    peft = src
+    if not spec.endswith("diffusers_lora"):
+        peft = tmp_path / "peft.safetensors"
+        convert(src, peft, to="peft")
+    kohya, back = tmp_path / "k.safetensors", tmp_path / "back.safetensors"
+    convert(peft, kohya, to="kohya", family=family)
+    convert(kohya, back, to="peft")
+    _same(_tensors(peft), _tensors(back))
+    with LoraFile.open(peft) as a, LoraFile.open(back) as b:
+        assert set(a.modules) == set(b.modules)
+        for name, mod in a.modules.items():
+            assert a.scale(mod) == b.scale(b.modules[name]), name
+            if a.alpha(mod) is not None:
+                assert a.alpha(mod) == b.alpha(b.modules[name]), name
+
+
 def test_peft_metadata_is_what_peft_reads(tmp_path):
     """The ``lora_adapter_metadata`` we write, unpacked per component the way diffusers does and resolved with
     PEFT's own ``get_pattern_key``, gives every module the alpha of the kohya input."""
@@ -355,3 +378,30 @@ def test_sd3_kohya_round_trip_and_split_delta(tmp_path):
     m = _meta(back)
     assert m["ss_tag_frequency"] == meta["ss_tag_frequency"]
     assert m["ss_network_dim"] == "2" and m["ss_network_alpha"] == "Dynamic"
+
+
+def test_missing_parts_fuse_with_zero_rows_and_split_back_without_them(tmp_path):
+    """Only to_q and proj_mlp of a Flux single block trained: the fused linear1 has zero rows for k and v (ΔW 0
+    there), and splitting it again writes just the two trained parts, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    h, r = 16, 2
+    b = "transformer.single_transformer_blocks.0."
+    t = {b + "attn.to_q.lora_A.weight": torch.randn(r, h, generator=g),
+         b + "attn.to_q.lora_B.weight": torch.randn(h, r, generator=g),
+         b + "proj_mlp.lora_A.weight": torch.randn(r, h, generator=g),
+         b + "proj_mlp.lora_B.weight": torch.randn(4 * h, r, generator=g)}
+    src = tmp_path / "s.safetensors"
+    save_file(t, str(src))
+    k, back = tmp_path / "k.safetensors", tmp_path / "b.safetensors"
+    convert(src, k, to="kohya", family="flux")
+    kt = _tensors(k)
+    n = "lora_unet_single_blocks_0_linear1"
+    full = _delta(kt, n + ".lora_down.weight", n + ".lora_up.weight", kt[n + ".alpha"].item())
+    assert full.shape == (7 * h, h)
+    torch.testing.assert_close(full[:h], _delta(t, b + "attn.to_q.lora_A.weight", b + "attn.to_q.lora_B.weight",
+                                                None), rtol=0, atol=1e-12)
+    assert torch.count_nonzero(full[h:3 * h]) == 0
+    torch.testing.assert_close(full[3 * h:], _delta(t, b + "proj_mlp.lora_A.weight", b + "proj_mlp.lora_B.weight",
+                                                    None), rtol=0, atol=1e-12)
+    convert(k, back, to="peft")
+    _same(t, _tensors(back))

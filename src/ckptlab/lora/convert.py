@@ -325,14 +325,21 @@ def _split(lf: LoraFile, mod: LoraModule, pieces: list[Target], p_whole_rows: in
         raise MismatchError(f"{mod.name}: a CP (lora_mid) or biased module cannot be split", lf.path)
     rank, alpha = lf.rank(mod), lf.alpha(mod)
     up_info = lf.info(mod, "up")
-    out: list[_Mod] = []
+    spans: list[tuple[int, int]] = []
     for p in pieces:
-        name = p.name(to)
-        assert name is not None and p.rows is not None
+        assert p.rows is not None
         rows = _scaled(p.rows, p_whole_rows, up_info.shape[0])
         if rows is None:
             raise MismatchError(f"{mod.name}: lora_up has {up_info.shape[0]} rows, which do not split like "
                                 f"{p.key} ({p_whole_rows})", lf.path)
+        spans.append(rows)
+    blocks = None if mod.has_dora else _block_columns(lf, mod, spans)
+    if blocks is not None:
+        return _split_blocks(lf, mod, pieces, spans, blocks, to)
+    out: list[_Mod] = []
+    for p, rows in zip(pieces, spans, strict=True):
+        name = p.name(to)
+        assert name is not None
         r0, r1 = rows
         m = _Mod(name, p, rank, alpha, dora=mod.has_dora)
         m.items.append(Out.copy(name + _SUFFIX[to]["down"], lf.source, mod.params["down"]))
@@ -343,6 +350,68 @@ def _split(lf: LoraFile, mod: LoraModule, pieces: list[Target], p_whole_rows: in
         m.items.extend(_alpha_item(lf, mod, name, to, alpha, rank))
         out.append(m)
     return out
+
+
+def _block_columns(lf: LoraFile, mod: LoraModule, spans: list[tuple[int, int]]):
+    """The rank columns each part uses when ``lora_up`` is block-diagonal over the parts (a fused module built from
+    independent parts, by this command or a trainer): per part ``(c0, c1)``, or None for a part whose rows are all
+    zero; None overall when the ups overlap, leave gaps or are all zero (then the plain split applies)."""
+    import numpy as np
+
+    up = lf.source.array(mod.params["up"])
+    rank = up.shape[1]
+    cols: list[tuple[int, int] | None] = []
+    for r0, r1 in spans:
+        used = np.flatnonzero(np.any(up[r0:r1].reshape(r1 - r0, rank, -1) != 0, axis=(0, 2)))
+        if used.size == 0:
+            cols.append(None)
+            continue
+        c0, c1 = int(used[0]), int(used[-1]) + 1
+        cols.append((c0, c1))
+    present = [c for c in cols if c is not None]
+    if not present:
+        return None
+    edge = 0
+    for c in present:
+        if c[0] != edge:
+            return None
+        edge = c[1]
+    return cols if edge == rank else None
+
+
+def _split_blocks(lf: LoraFile, mod: LoraModule, pieces: list[Target], spans: list[tuple[int, int]],
+                  blocks: list, to: str) -> list[_Mod]:
+    """The inverse of a block-diagonal fuse: each part gets its own rows of ``lora_down`` and its block of
+    ``lora_up`` (raw), alpha = α·r_i/R (the same α/r); parts whose rows are all zero are not written."""
+    rank, alpha = lf.rank(mod), lf.alpha(mod)
+    assert rank
+    up_info, down_info = lf.info(mod, "up"), lf.info(mod, "down")
+    out: list[_Mod] = []
+    for p, (r0, r1), cols in zip(pieces, spans, blocks, strict=True):
+        if cols is None:
+            continue
+        name = p.name(to)
+        assert name is not None
+        c0, c1 = cols
+        r = c1 - c0
+        a = None if alpha is None else alpha * r / rank
+        m = _Mod(name, p, r, a)
+        m.items.append(Out(name + _SUFFIX[to]["down"], _info_like(down_info, (r, *down_info.shape[1:])),
+                           produce=_rows(lf, mod.params["down"], c0, c1)))
+        m.items.append(Out(name + _SUFFIX[to]["up"], _info_like(up_info, (r1 - r0, r, *up_info.shape[2:])),
+                           produce=_block(lf, mod.params["up"], r0, r1, c0, c1)))
+        if "alpha" in _SUFFIX[to] and a is not None:
+            m.items.append(_scalar(name + _SUFFIX[to]["alpha"], a, down_info.dtype))
+        out.append(m)
+    return out
+
+
+def _block(lf: LoraFile, key: str, r0: int, r1: int, c0: int, c1: int):
+    def produce():
+        import numpy as np
+
+        return np.ascontiguousarray(lf.source.array(key)[r0:r1, c0:c1])
+    return produce
 
 
 def _rows(lf: LoraFile, key: str, r0: int, r1: int):
