@@ -264,6 +264,8 @@ def test_refusals(tmp_path):
         convert(src, tmp_path / "o.safetensors", to="peft", family="flux")
     with pytest.raises(MismatchError, match="LoRA work supports"):
         convert(src, tmp_path / "o.safetensors", to="peft", family="cascade")
+    with pytest.raises(UsageError, match="unknown model family"):
+        convert(src, tmp_path / "o.safetensors", to="peft", family="sd9")
     assert not (tmp_path / "o.safetensors").exists()
     res = convert(src, tmp_path / "o.safetensors", to="peft", dry_run=True)
     assert res.dry_run and res.bytes_written > 0 and not (tmp_path / "o.safetensors").exists()

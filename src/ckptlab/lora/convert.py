@@ -173,6 +173,12 @@ def convert(lora: Path, output: Path, *, to: str, overwrite: bool = False, dry_r
     """Write ``lora`` renamed to the naming style ``to`` (kohya, peft, diffusers, comfy) at ``output``."""
     if to not in STYLES:
         raise UsageError(f"unknown LoRA naming style {to!r}; choose one of {', '.join(STYLES)}")
+    if family is not None:
+        from ckptlab.arch.families import get
+        from ckptlab.lora.naming import REFERENCE_SPECS
+
+        if get(family) is None:
+            raise UsageError(f"unknown model family {family!r}; LoRA naming knows {', '.join(REFERENCE_SPECS)}")
     lora, output = Path(lora), Path(output)
     check_output(output, [lora], overwrite)
     with LoraFile.open(lora) as lf:
