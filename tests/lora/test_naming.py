@@ -215,3 +215,29 @@ def test_unknown_family_is_refused():
 
     with pytest.raises(MismatchError, match="LoRA work supports"):
         reference_targets("cascade")
+
+
+def test_flux_comfy_single_file_with_text_encoders():
+    """A ComfyUI all-in-one Flux file (``model.diffusion_model.`` + BFL keys, ``text_encoders.clip_l`` / ``t5xxl``):
+    kohya, ComfyUI, BFL-with-prefix and diffusers names all land on its keys; T5 as ``lora_te3_`` or ``lora_te2_``."""
+    infos = {"model.diffusion_model." + k: v for k, v in _infos("flux_dev").items()}
+    infos.update({k: v for k, v in _infos("sd3_medium").items()
+                  if k.startswith(("text_encoders.clip_l.", "text_encoders.t5xxl."))})
+    table = targets_for(infos, "flux")
+    key = "model.diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    for name in ("lora_unet_double_blocks_0_img_attn_qkv", "diffusion_model.double_blocks.0.img_attn.qkv",
+                 "model.diffusion_model.double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.qkv",
+                 "double_blocks.0.processor.qkv_lora1"):
+        t = table.lookup(name)
+        assert t.key == key and t.rows is None, name
+    q = table.lookup("transformer.transformer_blocks.0.attn.to_q")
+    assert q.key == key and q.rows == (0, infos[key].shape[0] // 3)
+    t5 = "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"
+    for name in ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", "lora_te2_encoder_block_0_layer_0_SelfAttention_q",
+                 "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q",
+                 "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"):
+        assert table.lookup(name).key == t5, name
+    clip = table.lookup("lora_te1_text_model_encoder_layers_0_self_attn_q_proj")
+    assert clip.key == "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert clip.name("peft") == "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    assert table.components() == {"dit", "te1", "te3"}
