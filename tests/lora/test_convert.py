@@ -407,3 +407,33 @@ def test_missing_parts_fuse_with_zero_rows_and_split_back_without_them(tmp_path)
                                                     None), rtol=0, atol=1e-12)
     convert(k, back, to="peft")
     _same(t, _tensors(back))
+
+
+def test_peft_to_kohya_agrees_with_diffusers_except_its_documented_gaps(tmp_path):
+    """diffusers' ``convert_state_dict_to_kohya`` on the same PEFT file: every module it writes resolves to the
+    same model weight as ours and carries the same tensors; its alphas are the ranks (it ignores
+    ``lora_alpha``) and it names SD1's text encoder ``lora_te1_`` where kohya (and ckptlab) write ``lora_te_``."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    src = make_model(tmp_path / "k.safetensors", "sd1_kohya_lora")
+    peft, ours = tmp_path / "p.safetensors", tmp_path / "o.safetensors"
+    convert(src, peft, to="peft")
+    convert(peft, ours, to="kohya")
+    theirs = convert_state_dict_to_kohya(_tensors(peft))
+    mine = _tensors(ours)
+    table = reference_targets("sd1")
+    downs = [k for k in theirs if k.endswith(".lora_down.weight")]
+    assert len(downs) == len([k for k in mine if k.endswith(".lora_down.weight")])
+    te1 = 0
+    for k in downs:
+        name = k[: -len(".lora_down.weight")]
+        t = table.lookup(name)
+        assert t is not None, name
+        assert torch.equal(theirs[k], mine[t.name("kohya") + ".lora_down.weight"])
+        assert theirs[name + ".alpha"].item() == theirs[k].shape[0]  # alpha = rank, whatever lora_alpha said
+        te1 += name.startswith("lora_te1_")
+    assert te1 and not any(k.startswith("lora_te1_") for k in mine)
+    src_t = _tensors(src)
+    alphas = {k: v for k, v in src_t.items() if k.endswith(".alpha")}
+    assert all(torch.equal(mine[k], v) for k, v in alphas.items())  # ours: the real alphas
+    assert any(v.item() != src_t[k[: -len(".alpha")] + ".lora_down.weight"].shape[0] for k, v in alphas.items())
