@@ -437,3 +437,16 @@ def test_peft_to_kohya_agrees_with_diffusers_except_its_documented_gaps(tmp_path
     alphas = {k: v for k, v in src_t.items() if k.endswith(".alpha")}
     assert all(torch.equal(mine[k], v) for k, v in alphas.items())  # ours: the real alphas
     assert any(v.item() != src_t[k[: -len(".alpha")] + ".lora_down.weight"].shape[0] for k, v in alphas.items())
+
+
+def test_two_modules_on_one_weight_are_refused(tmp_path):
+    """The same SDXL weight under its SGM and its diffusers kohya name: one output name, a clear refusal."""
+    t = {}
+    for n in ("lora_unet_input_blocks_4_1_proj_in", "lora_unet_down_blocks_1_attentions_0_proj_in"):
+        t[n + ".lora_down.weight"] = torch.zeros(2, 640)
+        t[n + ".lora_up.weight"] = torch.zeros(640, 2)
+    src = tmp_path / "dup.safetensors"
+    save_file(t, str(src))
+    with pytest.raises(MismatchError, match="same weight"):
+        convert(src, tmp_path / "o.safetensors", to="peft", family="sdxl")
+    assert not (tmp_path / "o.safetensors").exists()

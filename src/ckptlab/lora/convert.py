@@ -241,6 +241,12 @@ def _plan(lf: LoraFile, table: TargetTable, targets: dict[str, Target], to: str,
                 raise MismatchError(f"{parts[0].name}: no {to} name for {key}", lf.path)
             out.append(_fuse(lf, parts, targets, w, to))
             result.fused += 1
+    seen: dict[str, str] = {}
+    for m, key in ((m, m.target.key) for m in out):
+        if m.name in seen:
+            raise MismatchError(f"two modules of the LoRA adapt the same weight {key} and would both be written as "
+                                f"{m.name}", lf.path)
+        seen[m.name] = key
     return out
 
 
