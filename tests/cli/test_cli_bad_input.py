@@ -447,6 +447,16 @@ CASES += [
     ("civitai-show-bad-option", ["civitai", "show", "--frobnicate", "x"], USAGE),
     ("civitai-info-empty", ["civitai", "info", "", "--base-url", "http://127.0.0.1:{port}"], {1, 2}),
     ("civitai-info-wrong-kind", ["civitai", "info", "hf:org/repo/x.safetensors", "--base-url", "http://127.0.0.1:{port}"], {1, 2}),
+    ("lora-convert-missing", ["lora", "convert", "{d}/nope.safetensors", "--to", "peft", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-convert-empty", ["lora", "convert", "{d}/empty.safetensors", "--to", "peft", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-convert-text", ["lora", "convert", "{d}/text.safetensors", "--to", "peft", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-convert-truncated", ["lora", "convert", "{d}/trunc.safetensors", "--to", "peft", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-convert-evil", ["lora", "convert", "{d}/evil.ckpt", "--to", "peft", "-o", "{o}/l.safetensors"], MALICIOUS),
+    ("lora-convert-dir", ["lora", "convert", "{d}/adir.safetensors", "--to", "peft", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-convert-wrong-kind", ["lora", "convert", "{d}/good.safetensors", "--to", "peft", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-convert-bad-style", ["lora", "convert", "{d}/lora.safetensors", "--to", "onnx", "-o", "{o}/l.safetensors"], USAGE),
+    ("lora-convert-output-exists", ["lora", "convert", "{d}/lora.safetensors", "--to", "peft", "-o", "{d}/exists.safetensors"], {1}),
+    ("lora-convert-output-ro", ["lora", "convert", "{d}/lora.safetensors", "--to", "peft", "-o", "{ro}/l.safetensors"], {1}),
 ]
 
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
@@ -481,7 +491,7 @@ _CLASS_OF_SUFFIX = (  # (suffix prefix, class), first match wins
 
 
 def _command_of(argv: list[str]) -> str:
-    return "-".join(argv[:2]) if argv[0] == "civitai" else argv[0]
+    return "-".join(argv[:2]) if argv[0] in ("civitai", "lora") else argv[0]
 
 
 def _class_of(cid: str, command: str) -> str | None:

@@ -14,6 +14,7 @@ Nothing here reads tensor data except 0-d alphas; everything else comes from the
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,8 @@ class LoraFile:
             if arr.size != 1:
                 raise MismatchError(f"{mod.name}: alpha has {arr.size} values, expected one", self.path)
             a = float(arr.reshape(()))
+            if not np.isfinite(a):
+                raise MismatchError(f"{mod.name}: alpha is {a}, not a finite number", self.path)
         elif self._peft:
             a = self._peft(mod.name)
         self._alphas[mod.name] = a
@@ -190,16 +193,26 @@ def _peft_alphas(metadata: dict[str, str]):
         return None
 
     def number(v) -> float | None:
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return None
+        if not math.isfinite(v):
+            raise MismatchError(f"lora_adapter_metadata holds the alpha {v!r}, not a finite number")
+        return float(v)
+
+    def matches(pat: str, inner: str) -> bool:
+        # PEFT ``get_pattern_key``: the pattern is a regex matched at the end of the module name, on a dot
+        try:
+            return re.match(rf"(.*\.)?({pat})$", inner) is not None
+        except re.error:
+            return inner == pat or inner.endswith("." + pat)
 
     def lookup(name: str) -> float | None:
         comp, _, rest = name.partition(".")
         for prefix, inner in ((comp + ".", rest), ("", name)):
             pattern = cfg.get(prefix + "alpha_pattern")
             if isinstance(pattern, dict):
-                for pat, val in pattern.items():
-                    if isinstance(pat, str) and number(val) is not None and (
-                            inner == pat or inner.endswith("." + pat) or name.endswith("." + pat)):
+                for pat, val in pattern.items():  # the first matching pattern wins, as in PEFT
+                    if isinstance(pat, str) and number(val) is not None and matches(pat, inner):
                         return number(val)
             alpha = number(cfg.get(prefix + "lora_alpha"))
             if alpha is not None:
