@@ -195,3 +195,52 @@ class Errors:
     @property
     def total(self) -> float:
         return (self.res / self.ref) ** 0.5 if self.ref else (0.0 if self.res == 0 else float("inf"))
+
+
+# -- reading LoRA modules as factors (resize, merge) ------------------------------------------------------------
+
+#: algorithms whose update depends on the base weight (not a ΔW that can be re-factored without the model)
+NEEDS_BASE = ("norm", "oft", "boft", "ia3")
+
+
+def is_plain(mod) -> bool:
+    """A plain LoRA / LoCon module: ``up @ down`` with no CP mid and no DoRA magnitude."""
+    return mod.algo == "lora" and "mid" not in mod.params and not mod.has_dora
+
+
+def plain_factors(lora, mod):
+    """``(up2d [out, r], down2d [r, in·kh·kw], weight shape)`` of a plain module (fp32); the weight shape is
+    ``(out, in)`` for a 2-D ``down`` and ``(out, in, kh, kw)`` for a 4-D one."""
+    torch = import_torch("LoRA SVD")
+    up = lora.source.get(mod.params["up"]).to(torch.float32)
+    down = lora.source.get(mod.params["down"]).to(torch.float32)
+    r = down.shape[0]
+    if up.shape[1] != r:
+        from ckptlab.errors import MismatchError
+
+        raise MismatchError(f"{mod.name}: lora_up has rank {up.shape[1]}, lora_down {r}", lora.path)
+    shape = (up.shape[0], *down.shape[1:])
+    return up.reshape(up.shape[0], -1), down.reshape(r, -1), shape
+
+
+def module_delta(lora, mod):
+    """ΔW of any module ``lora.maths.delta`` supports (scale applied), refusing what needs the base weight."""
+    from ckptlab.errors import MismatchError
+    from ckptlab.lora.maths import delta
+
+    if mod.has_dora:
+        raise MismatchError(f"{mod.name}: DoRA modules scale by the base weight's norm and cannot be re-factored "
+                            "without the model", lora.path)
+    if mod.algo in NEEDS_BASE:
+        raise MismatchError(f"{mod.name}: {mod.algo} modules act on the base weight and have no ΔW of their own "
+                            "to re-factor", lora.path)
+    return delta(lora, mod, None)
+
+
+def numerical_rank(s, shape) -> int:
+    """The number of singular values above ``S₀ · max(out, in) · eps(fp32)`` (at least 1)."""
+    torch = import_torch("LoRA SVD")
+    if s.numel() == 0:
+        return 1
+    tol = float(s[0]) * max(shape) * torch.finfo(torch.float32).eps
+    return max(1, int((s > tol).sum()))
