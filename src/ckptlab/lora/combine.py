@@ -112,6 +112,7 @@ class MergeResult:
     rank: int | None = None
     modules: list[dict] = field(default_factory=list)
     total_rel_error: float | None = None
+    planned: int = 0
     bytes_out: int = 0
     warnings: list[str] = field(default_factory=list)
 
@@ -273,6 +274,7 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
         options = {"strengths": strengths, "rank": rank, "dtype": out_dtype}
         options = {k: v for k, v in options.items() if v is not None}
         result.bytes_out = sum(i.info.nbytes for i in items)
+        result.planned = len(items) // 3
         if dry_run:
             return result
         write_lora(output, items, meta, operation=OPERATION, inputs=loras, options=options, overwrite=overwrite,

@@ -84,6 +84,7 @@ class ExtractResult:
     te_max_diff: float = 0.0
     modules: list[dict] = field(default_factory=list)
     total_rel_error: float | None = None
+    planned: int = 0
     bytes_out: int = 0
     warnings: list[str] = field(default_factory=list)
 
@@ -264,6 +265,7 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
                    "clamp_quantile": clamp_quantile, "min_diff": min_diff, "dtype": out_dtype}
         options = {k: v for k, v in options.items() if v is not None}
         result.bytes_out = sum(i.info.nbytes for i in items)
+        result.planned = len(items) // 3
         if dry_run:
             return result
         write_lora(output, items, meta, operation=OPERATION, inputs=[Path(tuned), Path(base)], options=options,

@@ -154,7 +154,7 @@ def split(u, s, vh):
 
 def retained(s_all, k: int) -> dict[str, float]:
     """kohya ``resize_lora.py --verbose`` numbers: share of ΣS and of the Frobenius norm kept by the first k
-    singular values, and S₀/S_{k-1}."""
+    singular values, and S₀/S_{k-1} (None when S_{k-1} is 0)."""
     torch = import_torch("LoRA SVD")
     s = s_all.to(torch.float64)
     total = float(s.sum())
@@ -162,7 +162,7 @@ def retained(s_all, k: int) -> dict[str, float]:
     kept = s[:k]
     return {"sum_retained": float(kept.sum()) / total if total else 1.0,
             "fro_retained": (float((kept * kept).sum()) / fro) ** 0.5 if fro else 1.0,
-            "max_ratio": float(s[0] / kept[-1]) if k and float(kept[-1]) else float("inf")}
+            "max_ratio": float(s[0] / kept[-1]) if k and float(kept[-1]) else None}
 
 
 def to_layout(up2d, down2d, out_shape: tuple[int, ...]):
@@ -181,7 +181,7 @@ class Errors:
         self.res = 0.0
         self.ref = 0.0
 
-    def add(self, ref, approx) -> float:
+    def add(self, ref, approx) -> float | None:
         """Relative Frobenius error of one module (fp32 tensors of any same numel)."""
         torch = import_torch("LoRA SVD")
         a = ref.reshape(-1).to(torch.float64)
@@ -190,11 +190,12 @@ class Errors:
         nrm = float(torch.linalg.vector_norm(a)) ** 2
         self.res += res
         self.ref += nrm
-        return (res / nrm) ** 0.5 if nrm else (0.0 if res == 0 else float("inf"))
+        return (res / nrm) ** 0.5 if nrm else (0.0 if res == 0 else None)
 
     @property
-    def total(self) -> float:
-        return (self.res / self.ref) ** 0.5 if self.ref else (0.0 if self.res == 0 else float("inf"))
+    def total(self) -> float | None:
+        """None when ΔW is zero everywhere but the approximation is not (no relative error exists)."""
+        return (self.res / self.ref) ** 0.5 if self.ref else (0.0 if self.res == 0 else None)
 
 
 # -- reading LoRA modules as factors (resize, merge) ------------------------------------------------------------
