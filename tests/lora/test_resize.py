@@ -81,7 +81,7 @@ def test_dynamic_rank_is_kohyas_rule(tmp_path, cli, method, param, cap):
         assert got == want, (name, got, want)
         assert float(b[f"{name}.alpha"]) == pytest.approx(2.0 / 8 * want)
         picked.add(got)
-    assert len(picked) > 1  # the modules' spectra differ, so must their ranks
+    assert len(picked) > 1 or cap <= 3  # the spectra differ, so do the ranks (unless all hit the cap)
     meta = metadata(tmp_path / "out.safetensors")
     assert meta["ss_network_dim"] == meta["ss_network_alpha"] == "Dynamic"
     assert meta["ss_training_comment"].startswith(f"Dynamically resized linear dims with {method}: {param:g}")
