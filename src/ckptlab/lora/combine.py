@@ -211,7 +211,7 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
             elif rank is not None:
                 how, k = "svd", min(rank, m_, n_)
             else:
-                s = torch.linalg.svdvals(total_delta(contribs, shape))
+                s = svd.svdvals(total_delta(contribs, shape))
                 how, k = "svd-exact", svd.numerical_rank(s, (m_, n_))
             odt = out_dtype or float_dtype(contribs[0][0], contribs[0][1])
             plan.append((name, contribs, shape, how, k, odt))

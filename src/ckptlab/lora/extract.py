@@ -210,7 +210,7 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
                 ranks[t.key] = cap_of(t)
             else:
                 mat = svd.as_matrix(delta(t))
-                s = torch.linalg.svdvals(mat)
+                s = svd.svdvals(mat)
                 ranks[t.key] = svd.dynamic_rank(s, method, value, cap_of(t), full_len=min(mat.shape))
                 del mat, s
 
