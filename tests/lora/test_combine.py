@@ -136,7 +136,7 @@ def test_refusals(tmp_path, cli):
     one_line(cli("lora", "merge", a, a, "-s", "1", "-o", out), 2, "strengths")
     one_line(cli("lora", "merge", a, a, "-s", "x", "-o", out), 2, "--strength")
     one_line(cli("lora", "merge", a, a, "--rank", "0", "-o", out), 2, "positive")
-    one_line(cli("lora", "merge", a, a, "--dtype", "fp8", "-o", out), 2, "dtype")
+    one_line(cli("lora", "merge", a, a, "--precision", "fp8", "-o", out), 2, "precision")
 
     class Payload:
         def __reduce__(self):

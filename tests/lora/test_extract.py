@@ -178,7 +178,7 @@ def test_dtype_of_the_base_unless_asked(tmp_path, cli):
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     assert cli("lora", "extract", tmp_path / "t.safetensors", base, "-r", "2", "-o", tmp_path / "a.safetensors").returncode == 0
     assert load(tmp_path / "a.safetensors")[f"{name}.lora_up.weight"].dtype == torch.float16
-    assert cli("lora", "extract", tmp_path / "t.safetensors", base, "-r", "2", "--dtype", "fp32",
+    assert cli("lora", "extract", tmp_path / "t.safetensors", base, "-r", "2", "--precision", "fp32",
                "-o", tmp_path / "b.safetensors").returncode == 0
     assert load(tmp_path / "b.safetensors")[f"{name}.lora_up.weight"].dtype == torch.float32
 

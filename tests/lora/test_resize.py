@@ -131,7 +131,7 @@ def test_dtype_follows_input_unless_asked(tmp_path, cli):
                      dtype=torch.float16)
     assert cli("lora", "resize", src, "--rank", "2", "-o", tmp_path / "a.safetensors").returncode == 0
     assert load(tmp_path / "a.safetensors")[f"{NAMES[0]}.lora_up.weight"].dtype == torch.float16
-    assert cli("lora", "resize", src, "--rank", "2", "--dtype", "bf16", "-o", tmp_path / "b.safetensors").returncode == 0
+    assert cli("lora", "resize", src, "--rank", "2", "--precision", "bf16", "-o", tmp_path / "b.safetensors").returncode == 0
     assert load(tmp_path / "b.safetensors")[f"{NAMES[0]}.lora_up.weight"].dtype == torch.bfloat16
 
 
@@ -154,7 +154,7 @@ def test_peft_input_comes_out_in_kohya_naming(tmp_path):
     (["--sv-cumulative", "-1"], 2, "(0, 1]"),
     (["--sv-ratio", "0.5"], 2, "≥ 1"),
     (["--sv-fro", "0.5", "--sv-ratio", "2"], 2, "one of"),
-    (["--rank", "2", "--dtype", "int8"], 2, "dtype"),
+    (["--rank", "2", "--precision", "int8"], 2, "precision"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, cli, args, code, words):
     src = random_lora(tmp_path / "in.safetensors", rank=4, alpha=1.0, seed=0)

@@ -14,7 +14,7 @@ import typer
 from ckptlab.cli.common import db_option
 
 _OUT = typer.Option(..., "-o", "--output", help="Output LoRA (.safetensors).")
-_DTYPE = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 for the factors (default: the input's).")
+_DTYPE = typer.Option(None, "--precision", help="fp32, fp16 or bf16 for the factors (default: the input's).")
 _DRY = typer.Option(False, "--dry-run", help="Plan and check only; write nothing.")
 _JSON = typer.Option(False, "--json", help="Print the result (per-module numbers included) as one JSON object.")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace the output if it exists.")

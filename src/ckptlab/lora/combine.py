@@ -85,9 +85,9 @@ def parse_dtype_option(dtype: str | None) -> str | None:
     try:
         out = parse_dtype(dtype)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"--precision: {e}") from None
     if out not in ("F32", "F16", "BF16"):
-        raise UsageError(f"--dtype must be fp32, fp16 or bf16, got {dtype}")
+        raise UsageError(f"--precision must be fp32, fp16 or bf16, got {dtype}")
     return out
 
 

@@ -123,7 +123,7 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
             min_diff: float = MIN_DIFF, dtype: str | None = None, overwrite: bool = False, dry_run: bool = False,
             progress: Progress = null_progress, cache: HashCache = NO_CACHE) -> ExtractResult:
     """Extract a kohya-named LoRA of ``tuned − base`` (both full models of one family) into ``output``."""
-    from ckptlab.formats.dtypes import FLOAT_DTYPES, parse_dtype, to_torch
+    from ckptlab.formats.dtypes import FLOAT_DTYPES, to_torch
     from ckptlab.lora.naming import targets_for
     from ckptlab.lora.write import lora_metadata, write_lora
     from ckptlab.ops.stream import check_output
@@ -139,14 +139,9 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
         raise UsageError(f"--clamp-quantile must be in (0, 1], got {clamp_quantile:g}")
     if not min_diff >= 0:
         raise UsageError(f"--min-diff must be ≥ 0, got {min_diff:g}")
-    out_dtype = None
-    if dtype is not None:
-        try:
-            out_dtype = parse_dtype(dtype)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if out_dtype not in ("F32", "F16", "BF16"):
-            raise UsageError(f"--dtype must be fp32, fp16 or bf16, got {dtype}")
+    from ckptlab.lora.combine import parse_dtype_option
+
+    out_dtype = parse_dtype_option(dtype)
     output = Path(output)
     check_output(output, [Path(tuned), Path(base)], overwrite)
     torch = import_torch("lora extract")
