@@ -220,3 +220,21 @@ def test_refusals(tmp_path, cli):
     out.write_bytes(b"x")
     r = cli("lora", "extract", sd1, sd1, "-r", "4", "-o", out)
     assert r.returncode == 1 and "already exists" in r.stderr and out.read_bytes() == b"x"
+
+
+def test_sd2_fused_qkv_rows_become_separate_modules(tmp_path):
+    """OpenCLIP's in_proj_weight holds q, k, v: each row block is its own kohya module (adapters.md §2.2)."""
+    from ckptlab.lora.extract import extract
+
+    key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    base = make_model(tmp_path / "base.safetensors", "sd2_checkpoint")
+    d_model = load(base)[key].shape[1]
+    upd = torch.zeros(3 * d_model, d_model, dtype=torch.float64)
+    upd[d_model:2 * d_model] = _low_rank((d_model, d_model), 2, 9, scale=0.1)  # k rows only
+    base, tuned = _tuned(tmp_path, {key: upd}, spec="sd2_checkpoint")
+    extract(tuned, base, tmp_path / "l.safetensors", rank=2)
+    L = load(tmp_path / "l.safetensors")
+    pre = "lora_te_text_model_encoder_layers_0_self_attn_"
+    got = {p: bake_delta(L, pre + p + "_proj") for p in "qkv"}
+    assert torch.allclose(got["k"], upd[d_model:2 * d_model], atol=1e-6)
+    assert float(got["q"].abs().max()) < 1e-6 and float(got["v"].abs().max()) < 1e-6

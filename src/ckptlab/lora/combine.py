@@ -186,14 +186,18 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
                                     f"({', '.join(str(list(s)) for s in sorted(shapes))})")
             return max(shapes, key=len)  # a 4-D layout (conv) wins over the same weight's 2-D one
 
-        def total_delta(contribs, shape):
+        def total_delta(contribs, shape, dt=None):
+            """Σ m_i·ΔW_i as ``[out, in·kh·kw]`` (fp32; ``dt`` float64 for the error report)."""
             acc = None
             for lf, mod, m in contribs:
                 if svd.is_plain(mod):
                     up, down, _ = svd.plain_factors(lf, mod)
+                    if dt is not None:
+                        up, down = up.to(dt), down.to(dt)
                     d = (up @ down) * (m * lf.scale(mod))
                 else:
                     d = svd.module_delta(lf, mod).reshape(shape[0], -1) * m
+                    d = d.to(dt) if dt is not None else d
                 acc = d if acc is None else acc + d
             return acc
 
@@ -246,7 +250,8 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
                 u, s, vh, _ = svd.top_svd(total_delta(contribs, shape), k, method="full")
                 up, down = svd.split(u, s, vh)
             up_c, down_c = up.to(tdt).contiguous(), down.to(tdt).contiguous()
-            err = errors.add(total_delta(contribs, shape), up_c.to(torch.float32) @ down_c.to(torch.float32))
+            err = errors.add(total_delta(contribs, shape, torch.float64),
+                             up_c.to(torch.float64) @ down_c.to(torch.float64))
             up_c, down_c = svd.to_layout(up_c, down_c, shape)
             result.modules.append({"name": name, "inputs": len(contribs), "rank": k, "how": how,
                                    "rel_error": err})

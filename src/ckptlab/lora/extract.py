@@ -214,7 +214,7 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
         state: dict[str, object] = {}
 
         def factors(t: Target, odt: str):
-            if state.get("key") != t.key:
+            if state.get("target") is not t:
                 d = delta(t)
                 mat = svd.as_matrix(d)
                 k = ranks[t.key]
@@ -224,11 +224,11 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
                     up, down = _quantile_clamp(up, down, clamp_quantile)
                 tdt = to_torch(odt)
                 up_c, down_c = up.to(tdt).contiguous(), down.to(tdt).contiguous()
-                err = errors.add(mat, up_c.to(torch.float32) @ down_c.to(torch.float32))
+                err = errors.add(mat, up_c.to(torch.float64) @ down_c.to(torch.float64))
                 up_c, down_c = svd.to_layout(up_c, down_c, t.shape)
                 result.modules.append({"name": t.name("kohya"), "key": t.key, "rank": k, "rel_error": err,
                                        "svd": used})
-                state.update(key=t.key, up=up_c.contiguous(), down=down_c.contiguous())
+                state.update(target=t, up=up_c.contiguous(), down=down_c.contiguous())
             return state
 
         pairs = []
