@@ -152,3 +152,10 @@ def test_refusals(tmp_path, cli):
     assert r.returncode == 1 and "already exists" in r.stderr and out.read_bytes() == b"x"
     out.unlink()
     one_line(cli("lora", "merge", a, tmp_path / "missing.safetensors", "-o", out), 1, "no such file")
+
+
+def test_dry_run_writes_nothing(tmp_path, cli):
+    a, b = _two(tmp_path)
+    out = tmp_path / "m.safetensors"
+    rep = json_out(cli("lora", "merge", a, b, "-o", out, "--dry-run", "--json"))
+    assert not out.exists() and rep["dry_run"] is True and rep["planned"] == 4 and rep["output"] is None

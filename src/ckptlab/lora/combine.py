@@ -176,8 +176,8 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
         def weight_shape(name, contribs) -> tuple[int, ...]:
             shapes = set()
             for lf, mod, _ in contribs:
-                if svd.is_plain(mod):
-                    shapes.add(svd.plain_factors(lf, mod)[2])
+                if svd.is_plain(mod):  # from the header: (out, in[, kh, kw])
+                    shapes.add((lf.info(mod, "up").shape[0], *lf.info(mod, "down").shape[1:]))
                 else:
                     shapes.add(tuple(svd.module_delta(lf, mod).shape))
             flat = {(s[0], _prod(s[1:])) for s in shapes}
