@@ -245,6 +245,7 @@ def plain_factors(lora, mod):
     """``(up2d [out, r], down2d [r, in·kh·kw], weight shape)`` of a plain module (fp32); the weight shape is
     ``(out, in)`` for a 2-D ``down`` and ``(out, in, kh, kw)`` for a 4-D one."""
     torch = import_torch("LoRA SVD")
+    _no_bias(lora, mod)
     up = lora.source.get(mod.params["up"]).to(torch.float32)
     down = lora.source.get(mod.params["down"]).to(torch.float32)
     r = down.shape[0]
@@ -261,6 +262,7 @@ def module_delta(lora, mod):
     from ckptlab.errors import MismatchError
     from ckptlab.lora.maths import delta
 
+    _no_bias(lora, mod)
     if mod.has_dora:
         raise MismatchError(f"{mod.name}: DoRA modules scale by the base weight's norm and cannot be re-factored "
                             "without the model", lora.path)
@@ -268,6 +270,14 @@ def module_delta(lora, mod):
         raise MismatchError(f"{mod.name}: {mod.algo} modules act on the base weight and have no ΔW of their own "
                             "to re-factor", lora.path)
     return delta(lora, mod, None)
+
+
+def _no_bias(lora, mod) -> None:
+    if "up_bias" in mod.params:
+        from ckptlab.errors import MismatchError
+
+        raise MismatchError(f"{mod.name}: the module has a lora_B bias, which a re-factored LoRA cannot carry",
+                            lora.path)
 
 
 def numerical_rank(s, shape) -> int:
