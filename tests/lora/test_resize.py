@@ -193,3 +193,18 @@ def test_refusals(tmp_path, cli):
     r = cli("lora", "resize", dora, "--rank", "2", "-o", tmp_path / "o.safetensors")
     assert r.returncode == 1 and "DoRA" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_lora_b_bias_is_refused_not_dropped(tmp_path):
+    from safetensors.torch import save_file
+
+    from ckptlab.errors import MismatchError
+    from ckptlab.lora.resize import resize
+
+    name = NAMES[0]
+    sd = {f"{name}.lora_down.weight": torch.randn(4, 32), f"{name}.lora_up.weight": torch.randn(32, 4),
+          f"{name}.lora_B.bias": torch.randn(32)}
+    save_file(sd, str(tmp_path / "b.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    with pytest.raises(MismatchError, match="bias"):
+        resize(tmp_path / "b.safetensors", tmp_path / "o.safetensors", rank=2)
+    assert not (tmp_path / "o.safetensors").exists()
