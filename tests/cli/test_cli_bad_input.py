@@ -459,6 +459,46 @@ CASES += [
     ("lora-convert-output-ro", ["lora", "convert", "{d}/lora.safetensors", "--to", "peft", "-o", "{ro}/l.safetensors"], {1}),
 ]
 
+# lora extract / resize / merge (svd)
+_LX = ["lora", "extract"]
+_LR = ["lora", "resize"]
+_LM = ["lora", "merge", "{d}/lora.safetensors"]
+CASES += [
+    ("lora-extract-missing", [*_LX, "{d}/nope.safetensors", "{d}/good.safetensors", "-r", "4", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-extract-empty", [*_LX, "{d}/empty.safetensors", "{d}/good.safetensors", "-r", "4", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-extract-text", [*_LX, "{d}/good.safetensors", "{d}/text.safetensors", "-r", "4", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-extract-truncated", [*_LX, "{d}/trunc.safetensors", "{d}/good.safetensors", "-r", "4", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-extract-dir", [*_LX, "{d}/good.safetensors", "{d}/adir.safetensors", "-r", "4", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-extract-wrong-kind", [*_LX, "{d}/lora.safetensors", "{d}/good.safetensors", "-r", "4", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-extract-evil", [*_LX, "{d}/good.safetensors", "{d}/evil.ckpt", "-r", "4", "-o", "{o}/l.safetensors"], MALICIOUS),
+    ("lora-extract-bad-rank", [*_LX, "{d}/good.safetensors", "{d}/good.safetensors", "-r", "0", "-o", "{o}/l.safetensors"], USAGE),
+    ("lora-extract-bad-sv-fro", [*_LX, "{d}/good.safetensors", "{d}/good.safetensors", "-r", "4", "--sv-fro", "2", "-o", "{o}/l.safetensors"], USAGE),
+    ("lora-extract-output-exists", [*_LX, "{d}/good.safetensors", "{d}/good.safetensors", "-r", "4", "-o", "{d}/exists.safetensors"], {1}),
+    ("lora-extract-output-ro", [*_LX, "{d}/good.safetensors", "{d}/good.safetensors", "-r", "4", "-o", "{ro}/l.safetensors"], {1}),
+    ("lora-resize-missing", [*_LR, "{d}/nope.safetensors", "-r", "2", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-resize-empty", [*_LR, "{d}/empty.safetensors", "-r", "2", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-resize-text", [*_LR, "{d}/text.safetensors", "-r", "2", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-resize-truncated", [*_LR, "{d}/trunc.safetensors", "-r", "2", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-resize-dir", [*_LR, "{d}/adir.safetensors", "-r", "2", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-resize-wrong-kind", [*_LR, "{d}/good.safetensors", "-r", "2", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-resize-evil", [*_LR, "{d}/evil.ckpt", "-r", "2", "-o", "{o}/l.safetensors"], MALICIOUS),
+    ("lora-resize-bad-no-rank", [*_LR, "{d}/lora.safetensors", "-o", "{o}/l.safetensors"], USAGE),
+    ("lora-resize-bad-sv-fro", [*_LR, "{d}/lora.safetensors", "--sv-fro", "0", "-o", "{o}/l.safetensors"], USAGE),
+    ("lora-resize-output-exists", [*_LR, "{d}/lora.safetensors", "-r", "2", "-o", "{d}/exists.safetensors"], {1}),
+    ("lora-resize-output-ro", [*_LR, "{d}/lora.safetensors", "-r", "2", "-o", "{ro}/l.safetensors"], {1}),
+    ("lora-merge-missing", [*_LM, "{d}/nope.safetensors", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-merge-empty", [*_LM, "{d}/empty.safetensors", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-merge-text", [*_LM, "{d}/text.safetensors", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-merge-truncated", [*_LM, "{d}/trunc.safetensors", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-merge-dir", [*_LM, "{d}/adir.safetensors", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-merge-wrong-kind", [*_LM, "{d}/good.safetensors", "-o", "{o}/l.safetensors"], {1}),
+    ("lora-merge-evil", [*_LM, "{d}/evil.ckpt", "-o", "{o}/l.safetensors"], MALICIOUS),
+    ("lora-merge-bad-strengths", [*_LM, "{d}/lora.safetensors", "-s", "1", "-o", "{o}/l.safetensors"], USAGE),
+    ("lora-merge-bad-rank", [*_LM, "{d}/lora.safetensors", "-r", "0", "-o", "{o}/l.safetensors"], USAGE),
+    ("lora-merge-output-exists", [*_LM, "{d}/lora.safetensors", "-o", "{d}/exists.safetensors"], {1}),
+    ("lora-merge-output-ro", [*_LM, "{d}/lora.safetensors", "-o", "{ro}/l.safetensors"], {1}),
+]
+
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
 
 #: (command, class) pairs with no case, and why; everything else needs a case

@@ -1,0 +1,183 @@
+"""``lora resize``: change a LoRA's rank, kohya ``resize_lora.py`` semantics (lora.md §3.6, docs/lora.md).
+
+Per module: the SVD of the *unscaled* product ``up @ down`` (exact, from the factors: ``lora.svd.product_svd``),
+the new rank - fixed (``rank``) or dynamic (``sv_ratio`` / ``sv_cumulative`` / ``sv_fro``, kohya's rules incl. its
+``+1``, capped by ``rank`` when both are given; a zero module gets rank 1) - then ``up = U·S``, ``down = Vh``
+(no clamp) and ``α_new = (α_old / r_old) · r_new``, so α/r and the loaders' scale are preserved. A rank is never
+raised above the module's own (kohya would pad with zero directions).
+
+Modules that are not plain LoRA (CP ``lora_mid``, LyCORIS algorithms ``lora.maths.delta`` computes: LoHa, LoKr,
+full) are re-factored as plain LoRA from their ΔW (scale folded in, α_new = r_new) and counted in the warnings;
+DoRA and base-dependent algorithms (OFT, IA3, norm) are refused. Output: kohya naming (``combine.output_names``),
+α as fp32, factors in the input's dtype unless ``dtype``; the input's metadata with ``ss_training_comment``,
+``ss_network_dim`` / ``ss_network_alpha`` (``Dynamic`` for dynamic methods, kohya) updated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptlab.errors import UsageError
+from ckptlab.formats.arrays import import_torch
+from ckptlab.formats.base import TensorInfo
+from ckptlab.hashes import NO_CACHE, HashCache
+from ckptlab.lora import svd
+from ckptlab.lora.combine import ALPHA_DTYPE, float_dtype, open_lora, output_names, parse_dtype_option
+from ckptlab.ops.stream import Out
+from ckptlab.progress import Progress, null_progress
+
+OPERATION = "lora resize"
+#: metadata of the input not carried to the output (recomputed, or meaningless after a resize)
+_DROP_META = ("sshs_model_hash", "sshs_legacy_hash", "lora_adapter_metadata")
+
+
+@dataclass
+class ResizeResult:
+    """What ``resize`` did (the ``--json`` record). ``modules``: ``name``, ``old_rank``, ``new_rank``, ``alpha``,
+    kohya's ``sum_retained`` / ``fro_retained`` / ``max_ratio`` and ``refactored`` (the algorithm, when a
+    non-plain module became plain LoRA)."""
+
+    operation: str
+    input: Path
+    output: Path | None
+    family: str | None
+    dry_run: bool = False
+    method: str | None = None
+    value: float | None = None
+    rank: int | None = None
+    old_rank: int = 0
+    modules: list[dict] = field(default_factory=list)
+    mean_fro_retained: float | None = None
+    bytes_out: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float | None = None,
+           sv_cumulative: float | None = None, sv_fro: float | None = None, dtype: str | None = None,
+           overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress,
+           cache: HashCache = NO_CACHE) -> ResizeResult:
+    """Resize ``lora`` to a fixed (``rank``) or dynamic rank into ``output``."""
+    from ckptlab.lora.write import lora_metadata, write_lora
+    from ckptlab.ops.stream import check_output
+
+    dyn = {k: v for k, v in (("sv_ratio", sv_ratio), ("sv_cumulative", sv_cumulative), ("sv_fro", sv_fro))
+           if v is not None}
+    if len(dyn) > 1:
+        raise UsageError("give one of --sv-ratio, --sv-cumulative and --sv-fro")
+    if rank is None and not dyn:
+        raise UsageError("give --rank or one of --sv-ratio, --sv-cumulative, --sv-fro")
+    svd.check_rank(rank)
+    method, value = next(iter(dyn.items())) if dyn else (None, None)
+    svd.check_dynamic(method, value)
+    out_dtype = parse_dtype_option(dtype)
+    lora, output = Path(lora), Path(output)
+    check_output(output, [lora], overwrite)
+    torch = import_torch("lora resize")
+
+    lf, family = open_lora(lora)
+    try:
+        names = output_names(lf, family)
+        result = ResizeResult(OPERATION, lora, None if dry_run else output, family, dry_run=dry_run,
+                              method=method, value=value, rank=rank)
+        if lf.extras:
+            result.warnings.append(f"{len(lf.extras)} keys that are no LoRA module not carried over")
+        seen: dict[str, str] = {}
+
+        def spectrum(mod):
+            """``(U, S, Vh, weight shape, scale kept in α)`` of one module: the product's SVD (plain) or the ΔW's
+            (re-factored, scale folded in)."""
+            if svd.is_plain(mod):
+                up, down, shape = svd.plain_factors(lf, mod)
+                u, s, vh = svd.product_svd(up, down)
+                return u, s, vh, shape, lf.scale(mod)
+            d = svd.module_delta(lf, mod)
+            shape = tuple(d.shape)
+            u, s, vh = svd.full_svd(svd.as_matrix(d))
+            return u, s, vh, shape, 1.0
+
+        plan = []
+        refactored = 0
+        for mod in lf.modules.values():
+            name = names[mod.name]
+            if name in seen:
+                from ckptlab.errors import MismatchError
+
+                raise MismatchError(f"modules {seen[name]} and {mod.name} name the same layer", lora)
+            seen[name] = mod.name
+            u, s, vh, shape, scale = spectrum(mod)
+            full_len = min(shape[0], _prod(shape[1:]))
+            old = lf.rank(mod) or s.numel()
+            if method is None:
+                k = max(1, min(rank, s.numel())) if float(s[0]) > svd.ZERO_SV else 1
+            else:
+                k = svd.dynamic_rank(s, method, value, rank, full_len=full_len)
+            info = {"name": name, "old_rank": old, "new_rank": k, "alpha": scale * k, **svd.retained(s, k)}
+            if not svd.is_plain(mod):
+                info["refactored"] = mod.algo + ("+cp" if "mid" in mod.params else "")
+                refactored += 1
+            result.modules.append(info)
+            result.old_rank = max(result.old_rank, old)
+            plan.append((mod, name, shape, k, scale, out_dtype or float_dtype(lf, mod)))
+        if refactored:
+            result.warnings.append(f"{refactored} modules were not plain LoRA (CP / LyCORIS) and were re-factored "
+                                   "to plain LoRA from their ΔW")
+        fro = [m["fro_retained"] for m in result.modules]
+        result.mean_fro_retained = sum(fro) / len(fro) if fro else None
+
+        state: dict[str, object] = {}
+
+        def factors(mod, shape, k, odt):
+            if state.get("name") != mod.name:
+                u, s, vh, _, _ = spectrum(mod)
+                up, down = svd.split(u[:, :k], s[:k], vh[:k])
+                tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[odt]
+                up, down = svd.to_layout(up.to(tdt), down.to(tdt), shape)
+                state.clear()
+                state.update(name=mod.name, up=up.contiguous(), down=down.contiguous())
+            return state
+
+        items: list[Out] = []
+        pairs = []
+        for mod, name, shape, k, scale, odt in plan:
+            if len(shape) == 4:
+                dshape, ushape = (k, *shape[1:]), (shape[0], k, 1, 1)
+            else:
+                dshape, ushape = (k, shape[1]), (shape[0], k)
+            alpha = scale * k
+            items.append(Out(f"{name}.alpha", TensorInfo(ALPHA_DTYPE, ()),
+                             produce=lambda a=alpha: torch.tensor(a, dtype=torch.float32)))
+            items.append(Out(f"{name}.lora_down.weight", TensorInfo(odt, dshape),
+                             produce=lambda a=(mod, shape, k, odt): factors(*a)["down"]))
+            items.append(Out(f"{name}.lora_up.weight", TensorInfo(odt, ushape),
+                             produce=lambda a=(mod, shape, k, odt): factors(*a)["up"]))
+            pairs.append((k, alpha))
+
+        base = {k: v for k, v in lf.metadata.items() if k not in _DROP_META and not k.startswith("ckptlab.")}
+        comment = base.get("ss_training_comment", "")
+        if method is None:
+            base["ss_training_comment"] = f"dimension is resized from {result.old_rank} to {rank}; {comment}"
+        else:
+            base["ss_training_comment"] = (f"Dynamically resized linear dims with {method}: {value:g} from "
+                                           f"{result.old_rank}(Dynamically resized conv dims with {method}: "
+                                           f"{value:g}); {comment}")
+        meta = lora_metadata(family, pairs, title=output.stem, base=base)
+        if method is not None:
+            meta["ss_network_dim"] = meta["ss_network_alpha"] = "Dynamic"
+        options = {"rank": rank, method or "": value, "dtype": out_dtype}
+        options = {k: v for k, v in options.items() if k and v is not None}
+        result.bytes_out = sum(i.info.nbytes for i in items)
+        if dry_run:
+            return result
+        write_lora(output, items, meta, operation=OPERATION, inputs=[lora], options=options, overwrite=overwrite,
+                   progress=progress, cache=cache)
+        return result
+    finally:
+        lf.close()
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= x
+    return n
