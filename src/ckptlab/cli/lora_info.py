@@ -93,7 +93,7 @@ def render(r) -> list[str]:
     if r.triggers:
         words = []
         for t in r.triggers[:SHOW_TRIGGERS]:
-            src = ", ".join(t.sources) + (f" {t.count}" if t.count else "")
+            src = ", ".join(f"{x} {t.count}" if x == "tag frequency" and t.count else x for x in t.sources)
             words.append(f"{p(t.word)} ({src})")
         out.append("  trigger words: " + "; ".join(words))
     else:
