@@ -424,6 +424,19 @@ def _num(x: float | None) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:.6g}"
 
 
+_COMPONENT_ORDER = {"unet": 0, "dit": 0, "te1": 1, "te2": 2, "te3": 3}
+
+
+def _by_count(c: Counter) -> dict[str, int]:
+    """Most modules first; ties by value (numbers numerically, "none" last)."""
+    def value(k: str) -> tuple:
+        try:
+            return (0, float(k))
+        except ValueError:
+            return (1, 0.0)
+    return dict(sorted(c.items(), key=lambda kv: (-kv[1], value(kv[0]))))
+
+
 def _family_from_metadata(metadata: Mapping[str, Any]) -> dict[str, str | None]:
     from ckptlab.arch.families import KOHYA_BASE, MODELSPEC_ARCH
 
@@ -544,10 +557,8 @@ def info(path: str | Path) -> LoraInfo:
         algos=dict(Counter(m.algo for m in mods).most_common()), modules=len(mods),
         family=family, family_name=display_name(family) if family else None, family_from=family_from,
         family_note=note, base_model=base, rank=rank, alpha=alpha,
-        ranks=dict(sorted(ranks.items(), key=lambda kv: -kv[1])),
-        alphas=dict(sorted(alphas.items(), key=lambda kv: -kv[1])),
-        scales=dict(sorted(scales.items(), key=lambda kv: -kv[1])),
-        components=dict(sorted(components.items())),
+        ranks=_by_count(ranks), alphas=_by_count(alphas), scales=_by_count(scales),
+        components=dict(sorted(components.items(), key=lambda kv: (_COMPONENT_ORDER.get(kv[0], 9), kv[0]))),
         text_encoders={c: te_names.get(c, "?") for c in sorted(components) if c.startswith("te")},
         blocks=dict(sorted(blocks.items(), key=lambda kv: _block_order(kv[0]))),
         conv_modules=sum(m.conv for m in mods),
