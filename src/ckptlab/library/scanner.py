@@ -410,11 +410,13 @@ def lora_triggers(metadata) -> list[dict]:
     """The trigger words the catalog stores for a LoRA: ``lora.info.trigger_words`` of its header metadata
     (raw strings, or the decoded values ``identify`` keeps in ``info.metadata``), as JSON-ready dicts
     ``{"word", "count", "sources"}``. Never raises: a problem leaves the list empty."""
+    from collections.abc import Mapping
+
     from ckptlab.lora.info import trigger_words
 
     try:
         return [{"word": t.word, "count": t.count, "sources": list(t.sources)}
-                for t in trigger_words(metadata if isinstance(metadata, dict) else {})]
+                for t in trigger_words(dict(metadata) if isinstance(metadata, Mapping) else {})]
     except Exception:  # noqa: BLE001 - trigger words never fail a scan (trigger_words itself is defensive)
         return []
 
