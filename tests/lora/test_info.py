@@ -321,3 +321,16 @@ def test_cli_bad_input_is_one_line(tmp_path, cli, what):
 def test_not_a_lora_raises_a_ckptlab_error(tmp_path):
     with pytest.raises(CkptlabError):
         info(make_model(tmp_path / "c.safetensors", "sd1_checkpoint"))
+
+
+def test_alpha_zero_and_stated_dim_disagreeing_are_warned(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = {f"{_MOD}.lora_down.weight": torch.randn(8, 320, generator=g),
+         f"{_MOD}.lora_up.weight": torch.randn(320, 8, generator=g), f"{_MOD}.alpha": torch.tensor(0.0)}
+    p = tmp_path / "z.safetensors"
+    save_file(t, str(p), metadata={"ss_network_dim": "16", "ss_network_alpha": "0"})
+    r = info(p)
+    assert r.scales == {"0": 1}  # alpha 0 is scale 0, as A1111 and ComfyUI load it (LoraFile.scale)
+    assert any("alpha 0" in w for w in r.warnings)
+    assert any(w == "ss_network_dim says '16' but the modules' rank is 8" for w in r.warnings)
+    assert not any(w.startswith("ss_network_alpha") for w in r.warnings)

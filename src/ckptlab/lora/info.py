@@ -551,6 +551,20 @@ def info(path: str | Path) -> LoraInfo:
     base = {k: str(meta[k])[:MAX_VALUE_CHARS] for k in ("ss_base_model_version", "ss_sd_model_name",
                                                         "modelspec.architecture") if meta.get(k)}
     warnings = list(ident.warnings)
+    zero = sum(1 for m in mods if m.alpha == 0)
+    if zero:
+        warnings.append(f"{zero} module(s) with alpha 0: A1111, ComfyUI and kohya's merge apply them at scale 0 (no "
+                        "effect), kohya's training loader as alpha = rank (scale 1)")
+    for key, have, what in (("ss_network_dim", rank, "rank"), ("ss_network_alpha", alpha, "alpha")):
+        stated = meta.get(key)
+        if not isinstance(stated, str) or not stated.strip() or have is None:
+            continue
+        try:
+            agrees = stated.strip() == "Dynamic" if have == "Dynamic" else float(stated) == float(have)
+        except ValueError:
+            agrees = False
+        if not agrees:
+            warnings.append(f"{key} says {stated.strip()[:40]!r} but the modules' {what} is {have}")
     return LoraInfo(
         path=str(path), size=path.stat().st_size, kind=ident.kind,
         styles=dict(Counter(m.style for m in mods).most_common()),
