@@ -48,8 +48,7 @@ def render(r) -> list[str]:
 
     p = printable
     out = [p(r.path)]
-    algos = _counts(r.algos)
-    out.append(f"  format: {r.kind}, {_counts(r.styles)} naming; {r.modules} modules ({algos})")
+    out.append(f"  format: {r.kind}; naming: {_counts(r.styles)}; algorithms: {_counts(r.algos)}")
     fam = r.family_name or "not recognised"
     srcs = ", ".join(f"{k}: {v or '?'}" for k, v in r.family_from.items())
     out.append(f"  family: {fam} (from {srcs})")
@@ -70,7 +69,7 @@ def render(r) -> list[str]:
         if c in r.text_encoders:
             label += f" ({r.text_encoders[c]})"
         comps.append(f"{label} {n}")
-    out.append("  modules: " + ", ".join(comps))
+    out.append(f"  modules: {r.modules} ({', '.join(comps)})" + (f"; {r.extras} other keys" if r.extras else ""))
     if r.blocks:
         out.append("  blocks: " + _blocks(r.blocks))
     out.append(f"  conv modules (LoCon): {'yes, ' + str(r.conv_modules) if r.conv_modules else 'no'}")
