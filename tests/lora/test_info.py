@@ -334,3 +334,13 @@ def test_alpha_zero_and_stated_dim_disagreeing_are_warned(tmp_path):
     assert any("alpha 0" in w for w in r.warnings)
     assert any(w == "ss_network_dim says '16' but the modules' rank is 8" for w in r.warnings)
     assert not any(w.startswith("ss_network_alpha") for w in r.warnings)
+
+
+def test_pickled_lora_is_read_and_its_hash_not_checked(tmp_path):
+    p = make_model(tmp_path / "sd1.pt", "sd1_kohya_lora", fmt="pt")
+    r = info(p)
+    assert r.components == {"unet": 192, "te1": 72} and r.rank == 4
+    assert r.hash_check == "absent"
+    from ckptlab.lora.info import check_model_hash
+
+    assert check_model_hash(p, "ab" * 32) == "not checked (not a safetensors file)"

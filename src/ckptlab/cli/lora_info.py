@@ -99,7 +99,7 @@ def render(r) -> list[str]:
         out.append("  trigger words: none in the metadata")
     for n in r.trigger_notes:
         out.append(f"    note: {p(n)}")
-    out.append(f"  sshs_model_hash: {r.hash_check}")
+    out.append(f"  sshs_model_hash: {p(r.hash_check)}")
     out.append(f"  size: {human_size(r.size)}")
     for w in r.warnings:
         out.append(f"  warning: {p(w)}")
