@@ -499,13 +499,26 @@ CASES += [
     ("lora-merge-output-ro", [*_LM, "{d}/lora.safetensors", "-o", "{ro}/l.safetensors"], {1}),
 ]
 
+CASES += [  # ckptlab lora info (reads only)
+    ("lora-info-missing", ["lora", "info", "{d}/nope.safetensors"], {1}),
+    ("lora-info-empty", ["lora", "info", "{d}/empty.safetensors"], {1}),
+    ("lora-info-garbage", ["lora", "info", "{d}/garbage.safetensors"], {1}),
+    ("lora-info-text", ["lora", "info", "{d}/text.safetensors"], {1}),
+    ("lora-info-truncated", ["lora", "info", "{d}/trunc.safetensors"], {1}),
+    ("lora-info-huge-header", ["lora", "info", "{d}/hugehdr.safetensors"], {1}),
+    ("lora-info-evil-zip", ["lora", "info", "{d}/evil.ckpt"], MALICIOUS),
+    ("lora-info-dir", ["lora", "info", "{d}/adir.safetensors"], {1}),
+    ("lora-info-wrong-kind", ["lora", "info", "{d}/good.safetensors"], {1}),
+    ("lora-info-bad-option", ["lora", "info", "--json=yes", "{d}/lora.safetensors"], USAGE),
+]
+
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
 
 #: (command, class) pairs with no case, and why; everything else needs a case
 NOT_APPLICABLE: dict[tuple[str, str], str] = {
     **{(c, "wrong-kind"): "identifies or checks any kind of model file" for c in ("inspect", "check")},
     **{(c, "unwritable"): "writes nothing" for c in ("inspect", "check", "ls", "show", "dupes", "civitai-show",
-                                                      "civitai-info")},
+                                                      "civitai-info", "lora-info")},
     ("from-diffusers", "truncated"): "weights inside a pipeline folder go through the same safetensors reader as "
                                      "prune-truncated; a cut model_index.json is from-diffusers-bad-index",
     ("apply-plan", "unwritable"): "writes only next to the planned files (the plan decides where); owned by "

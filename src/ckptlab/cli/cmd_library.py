@@ -145,8 +145,8 @@ def ls_cmd(
                                help="sd1, sdxl, flux, ... or a CivitAI base model (\"SD 1.5\", \"SDXL 1.0\", "
                                     "Pony) or short name (sd15)."),
     search: str = typer.Option(None, "--search",
-                               help="Text in the path, the sidecars or the CivitAI name, base model and "
-                                    "trigger words."),
+                               help="Text in the path, the sidecars, the CivitAI name, base model and "
+                                    "trigger words, or a LoRA's trigger words from its own metadata."),
     sort: str = typer.Option("name", "--sort", help="size | name | mtime | path"),
     missing: bool = typer.Option(False, "--missing", help="List files marked missing instead."),
     errors: bool = typer.Option(False, "--errors", help="Only files with errors."),
@@ -171,7 +171,7 @@ def ls_cmd(
                             errors=errors, unsafe=unsafe, civitai=link_lookup(cat))
     if json_out:
         for r, c in listed:
-            emit_json(file_row(r) | {"id": r.id, "civitai": c})
+            emit_json(file_row(r) | {"id": r.id, "civitai": c, "triggers": r.triggers})
         return
     if not listed:
         console.print("no files", markup=False)
@@ -189,6 +189,9 @@ def ls_cmd(
             if c["trigger_words"]:
                 line += "; triggers: " + printable(", ".join(map(str, c["trigger_words"])))
             line += "]"
+        own = [t["word"] for t in r.triggers or [] if isinstance(t, dict) and isinstance(t.get("word"), str)]
+        if own:
+            line += "  [metadata triggers: " + printable(", ".join(own[:3])) + "]"
         if r.error:
             line += f"  [error: {printable(r.error)}]"
         console.print(line, markup=False, highlight=False, soft_wrap=True)

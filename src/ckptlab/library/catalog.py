@@ -92,6 +92,15 @@ def register_migrations(component: str, migrations: list[str]) -> None:
     _REGISTERED[component] = list(migrations)
 
 
+#: trigger words of LoRAs (``lora.info.trigger_words`` of the header metadata, filled by ``scan``): a JSON list of
+#: ``{"word", "count", "sources"}`` in ``files.triggers``, NULL where never computed, ``[]`` where none. A
+#: registered component rather than core migration 3: a catalog that has it still opens in an older ckptlab
+#: (which knows core version 2 and ignores components it does not know).
+TRIGGERS_COMPONENT = "triggers"
+TRIGGERS_MIGRATIONS = ["ALTER TABLE files ADD COLUMN triggers TEXT;"]
+register_migrations(TRIGGERS_COMPONENT, TRIGGERS_MIGRATIONS)
+
+
 def default_db_path() -> Path:
     """``$CKPTLAB_DB`` if set, else ``<user data dir>/ckptlab/catalog.db`` (platformdirs)."""
     env = os.environ.get(ENV_VAR)
@@ -209,6 +218,7 @@ class FileRecord:
     components: dict[str, str] | None = field(default=None)
     fingerprint_bf16: str | None = None  # see library.fingerprint: defined for F32/BF16 files only
     components_bf16: dict[str, str] | None = None
+    triggers: list[dict[str, Any]] | None = None  # a LoRA's trigger words from its metadata (see TRIGGERS_COMPONENT)
 
     @property
     def stat_key(self) -> StatKey | None:
@@ -225,7 +235,7 @@ _FILE_COLS = ("id, path, display, name, root, folder, dev, ino, size, mtime_ns, 
               "variant, n_tensors, tensor_bytes, ema_bytes, fp32_bytes, dtypes, info, safety, safety_detail, "
               "sidecars, error, status, first_seen, last_seen")
 _JOIN_COLS = (", c.sha256, c.autov1, c.autov2, c.autov3, c.crc32, c.blake3, c.fingerprint, c.components, "
-              "c.fingerprint_bf16, c.components_bf16")
+              "c.fingerprint_bf16, c.components_bf16, f.triggers")
 _SELECT = (f"SELECT {', '.join('f.' + c.strip() for c in _FILE_COLS.split(','))}{_JOIN_COLS} FROM files f "
            "LEFT JOIN content c ON c.dev = f.dev AND c.ino = f.ino AND c.size = f.size AND c.mtime_ns = f.mtime_ns")
 
@@ -238,7 +248,7 @@ def _record(row) -> FileRecord:
     (fid, _path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, fmt, kind, family, variant,
      n_tensors, tensor_bytes, ema_bytes, fp32_bytes, dtypes, info, safety, safety_detail, sidecars, error,
      status, first_seen, last_seen, sha256, autov1, autov2, autov3, crc32, b3, fingerprint, components, fp_bf16,
-     components_bf16) = row
+     components_bf16, triggers) = row
     hashes = None
     if sha256:
         hashes = Hashes(sha256=sha256, autov1=autov1, autov2=autov2, autov3=autov3, crc32=crc32, blake3=b3,
@@ -250,7 +260,7 @@ def _record(row) -> FileRecord:
                       safety_detail=_loads(safety_detail), sidecars=_loads(sidecars), error=error, status=status,
                       first_seen=first_seen, last_seen=last_seen, hashes=hashes, fingerprint=fingerprint,
                       components=_loads(components), fingerprint_bf16=fp_bf16,
-                      components_bf16=_loads(components_bf16))
+                      components_bf16=_loads(components_bf16), triggers=_loads(triggers))
 
 
 def path_key(path: str | Path) -> bytes:

@@ -395,9 +395,50 @@ def _read_tensors(path: str, fmt: str, facts: dict, open_model, verdict: bool = 
         for k, v in ident.items():
             if v is not None:
                 facts[k] = v
+        if src is not None and facts.get("kind") in TRIGGER_KINDS:
+            facts["triggers"] = lora_triggers(src.metadata)
     finally:
         if src is not None:
             src.close()
+
+
+#: kinds whose trigger words the catalog keeps (``files.triggers``)
+TRIGGER_KINDS = ("lora", "lycoris")
+
+
+def lora_triggers(metadata) -> list[dict]:
+    """The trigger words the catalog stores for a LoRA: ``lora.info.trigger_words`` of its header metadata
+    (raw strings, or the decoded values ``identify`` keeps in ``info.metadata``), as JSON-ready dicts
+    ``{"word", "count", "sources"}``. Never raises: a problem leaves the list empty."""
+    from collections.abc import Mapping
+
+    from ckptlab.lora.info import trigger_words
+
+    try:
+        return [{"word": t.word, "count": t.count, "sources": list(t.sources)}
+                for t in trigger_words(dict(metadata) if isinstance(metadata, Mapping) else {})]
+    except Exception:  # noqa: BLE001 - trigger words never fail a scan (trigger_words itself is defensive)
+        return []
+
+
+def _backfill_triggers(catalog: Catalog) -> int:
+    """Fill ``files.triggers`` of LoRAs catalogued before the catalog kept them, from the header metadata their
+    row already stores (``info.metadata``): no file is re-read. Returns the rows filled."""
+    rows = catalog.conn.execute("SELECT id FROM files WHERE triggers IS NULL AND info IS NOT NULL AND "
+                                "lower(kind) IN ('lora', 'lycoris')").fetchall()
+    done = 0
+    for start in range(0, len(rows), BATCH):
+        with catalog.transaction() as c:
+            for (fid,) in rows[start:start + BATCH]:
+                (info,) = c.execute("SELECT info FROM files WHERE id = ?", (fid,)).fetchone()
+                try:
+                    meta = json.loads(info).get("metadata")
+                except (ValueError, AttributeError, RecursionError):
+                    meta = None
+                c.execute("UPDATE files SET triggers = ? WHERE id = ?",
+                          (json.dumps(lora_triggers(meta)), fid))
+                done += 1
+    return done
 
 
 # -- the scan ---------------------------------------------------------------------------------
@@ -588,6 +629,8 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
     if batch:
         _write_batch(catalog, batch, summary)
 
+    _backfill_triggers(catalog)
+
     if hash or fingerprint:
         _content_pass(catalog, found, summary, hash=hash, fingerprint=fingerprint, progress=progress)
 
@@ -722,7 +765,7 @@ def _read_one(f: Found) -> dict:
 
 
 _FACT_COLS = ("format", "kind", "family", "variant", "n_tensors", "tensor_bytes", "ema_bytes", "fp32_bytes",
-              "dtypes", "info", "safety", "safety_detail", "sidecars", "error")
+              "dtypes", "info", "safety", "safety_detail", "sidecars", "error", "triggers")
 
 
 def _write_batch(catalog: Catalog, batch: list[tuple], summary: ScanSummary) -> None:
@@ -734,7 +777,7 @@ def _write_batch(catalog: Catalog, batch: list[tuple], summary: ScanSummary) -> 
             vals = []
             for col in _FACT_COLS:
                 v = facts.get(col)
-                if col in ("dtypes", "info", "safety_detail") and v is not None:
+                if col in ("dtypes", "info", "safety_detail", "triggers") and v is not None:
                     v = json.dumps(v)  # ASCII: lone surrogates from odd file names stay escaped
                 elif isinstance(v, str):
                     v = v.encode("utf-8", "replace").decode("utf-8")

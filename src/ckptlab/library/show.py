@@ -70,8 +70,45 @@ def show_file(catalog: Catalog, target: str, *, civitai: LinkLookup | None = Non
         d["civitai"] = civitai(rec) if civitai is not None else None
         d["same_bytes_as"] = [o.path for o in (catalog.find_by_sha256(rec.sha256) if rec.sha256 else [])
                               if o.id != rec.id and o.status == "present"] or None
+        d["trigger_words"] = trigger_sources(rec, d["civitai"], d["sidecars"]) or None
         out.append(d)
     return out
+
+
+def trigger_sources(rec: FileRecord, link: dict | None = None, live_sidecars: dict | None = None) -> list[dict]:
+    """Every trigger word known for a file, each once (case-folded), with where it came from: the file's
+    metadata (``files.triggers``: ``dataset folder``, ``output name``, ``tag frequency`` with its count), the
+    stored CivitAI link (``civitai link``) and the sidecars (``sidecar <file name>``, CivitAI's trained words).
+    ``[{"word", "sources", "count"}]``, metadata words first in their rank order."""
+    out: dict[str, dict] = {}
+
+    def add(word, source: str, count: int = 0) -> None:
+        if not isinstance(word, str) or not word.strip():
+            return
+        w = word.strip()
+        e = out.setdefault(w.casefold(), {"word": w, "sources": [], "count": 0})
+        if source not in e["sources"]:
+            e["sources"].append(source)
+        e["count"] = max(e["count"], count if isinstance(count, int) else 0)
+
+    for t in rec.triggers or []:
+        if isinstance(t, dict):
+            for src in t.get("sources") or []:
+                add(t.get("word"), str(src), t.get("count") or 0)
+    if link and isinstance(link.get("trigger_words"), list):
+        for w in link["trigger_words"]:
+            add(w, "civitai link")
+    sc = live_sidecars if isinstance(live_sidecars, dict) else rec.sidecars if isinstance(rec.sidecars, dict) else {}
+    files = sc.get("files") if isinstance(sc.get("files"), dict) else {}
+    for role in ("civitai_info", "cm_info", "metadata_json", "json"):
+        s = sc.get(role)
+        if isinstance(s, dict):
+            words = s.get("trained_words") if isinstance(s.get("trained_words"), list) else []
+            if role == "json" and s.get("activation_text"):
+                words = [s["activation_text"]]
+            for w in words:
+                add(w, f"sidecar {files.get(role, role)}")
+    return list(out.values())
 
 
 def civitai_brief(rec: FileRecord, link: dict | None = None) -> dict | None:
@@ -102,14 +139,16 @@ def civitai_brief(rec: FileRecord, link: dict | None = None) -> dict | None:
 
 
 def search_text(rec: FileRecord, civ: dict | None) -> str:
-    """What ``ls --search`` looks in, case-folded: the path, the sidecar summaries, and the CivitAI
-    model / version names, base model and trigger words (``civitai_brief``)."""
+    """What ``ls --search`` looks in, case-folded: the path, the sidecar summaries, the CivitAI
+    model / version names, base model and trigger words (``civitai_brief``), and the trigger words of a
+    LoRA's own metadata (``files.triggers``)."""
     parts = [rec.path]
     if rec.sidecars:
         parts.append(json.dumps(rec.sidecars, ensure_ascii=False))
     if civ:
         parts += [str(civ.get(k) or "") for k in ("model_name", "version_name", "base_model")]
         parts += [str(w) for w in civ.get("trigger_words") or []]
+    parts += [str(t.get("word")) for t in rec.triggers or [] if isinstance(t, dict)]  # a LoRA's own metadata
     return "\n".join(parts).casefold()
 
 
@@ -123,8 +162,8 @@ def list_files(catalog: Catalog, *, kind: str | None = None, family: str | None 
             ``Stable-diffusion``) or a CivitAI type (``LORA``).
         family: a family (``sd1``, ``sdxl`` ...), a CivitAI base model (``"SD 1.5"``, ``Pony``) or a short
             name (``sd15``); a file without an identified family matches through its CivitAI base model.
-        search: text looked for (case-folded) in the path, the sidecars and the CivitAI names, base model
-            and trigger words.
+        search: text looked for (case-folded) in the path, the sidecars, the CivitAI names, base model
+            and trigger words, and a LoRA's own trigger words (from its metadata, stored by ``scan``).
         sort: ``size``, ``name``, ``mtime`` or ``path``.
         missing: list the files marked missing instead of the present ones.
         errors: only files with errors.
@@ -218,6 +257,11 @@ def render_text(d: dict) -> list[str]:
         out.append("  same component as:")
         for comp, paths in d["same_component_as"].items():
             items(comp, paths, 4)
+    if d.get("trigger_words"):
+        out.append("  trigger words (all sources):")
+        for t in d["trigger_words"]:
+            srcs = [f"{x} {t['count']}" if x == "tag frequency" and t.get("count") else x for x in t["sources"]]
+            out.append(f"    - {printable(t['word'])}  [{printable(', '.join(srcs))}]")
     if sc := d.get("sidecars"):
         out.append("  sidecars:")
         for role, name in (sc.get("files") or {}).items():
