@@ -114,8 +114,8 @@ def _lokr(lora, mod, device):
         b = _t(lora, mod, "k2b", device)
         w2 = _t(lora, mod, "k2a", device) @ b.reshape(b.shape[0], -1)
     if w2.dim() == 4:  # conv: W1 unsqueezed to 4-D (LyCORIS), the same as the 2-D kron reshaped
-        return torch.kron(w1.reshape(*w1.shape[:2], 1, 1), w2)
-    return torch.kron(w1.reshape(w1.shape[0], -1), w2)
+        return torch.kron(w1.reshape(*w1.shape[:2], 1, 1).contiguous(), w2.contiguous())
+    return torch.kron(w1.reshape(w1.shape[0], -1).contiguous(), w2.contiguous())
 
 
 def module_scale(lora: LoraFile, mod: LoraModule) -> float:
