@@ -111,6 +111,15 @@ def patches_of(lora: LoraFile, table: TargetTable, strength: float, te_strength:
     return patches, unmatched
 
 
+def parse_dtype(dtype: str | None) -> str | None:
+    """``fp16``/``bf16``/``fp32`` (or the safetensors name) as a safetensors dtype; anything else: usage error."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if str(dtype).lower() in DTYPES:
+        return DTYPES[str(dtype).lower()]
+    raise UsageError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+
+
 def _out_dtype(info: TensorInfo, dtype: str | None) -> str:
     from ckptlab.formats.dtypes import FLOAT_DTYPES
 
@@ -118,55 +127,111 @@ def _out_dtype(info: TensorInfo, dtype: str | None) -> str:
 
 
 def weight_out(src: TensorSource, key: str, patches: list[Patch], out_dtype: str) -> Out:
-    """The planned output of one adapted weight: read, patched per target (a row slice of a fused weight gets
-    its own patches), cast to ``out_dtype`` (fp8 bases: upcast, add in fp32, cast back)."""
+    """The planned output of one adapted weight: read, patched (``patch_weight``), cast to ``out_dtype`` (fp8
+    bases: upcast, add in fp32, cast back)."""
     info = src.info(key)
-
-    def produce():
-        import torch
-
-        from ckptlab.formats.dtypes import to_torch
-
-        out = src.get(key).to(torch.float32, copy=True)
-        groups: dict[tuple[int, int] | None, list[Patch]] = {}
-        for p in patches:
-            groups.setdefault(p.target.rows, []).append(p)
-        for rows, ps in groups.items():
-            triples = [(p.lora, p.module, p.multiplier) for p in ps]
-            if rows is None:
-                out = maths.apply(out, triples, ps[0].target.shape)
-            else:
-                a, b = rows
-                out[a:b] = maths.apply(out[a:b], triples, ps[0].target.shape)
-        return _cast(out, to_torch(out_dtype), key, src)
-
-    return Out(key, TensorInfo(out_dtype, tuple(info.shape)), produce=produce)
+    return Out(key, TensorInfo(out_dtype, tuple(info.shape)),
+               produce=lambda: cast_checked(patch_weight(src.get(key), patches), out_dtype, key, src.path))
 
 
 def bias_out(src: TensorSource, key: str, patches: list[Patch], out_dtype: str) -> Out:
     info = src.info(key)
-
-    def produce():
-        from ckptlab.formats.dtypes import to_torch
-
-        b = maths.apply_bias(src.get(key), [(p.lora, p.module, p.multiplier) for p in patches])
-        return _cast(b, to_torch(out_dtype), key, src)
-
-    return Out(key, TensorInfo(out_dtype, tuple(info.shape)), produce=produce)
+    return Out(key, TensorInfo(out_dtype, tuple(info.shape)),
+               produce=lambda: cast_checked(patch_bias(src.get(key), patches), out_dtype, key, src.path))
 
 
-def _cast(t, tdtype, key: str, src: TensorSource):
+def _cast(t, tdtype, key: str, where):
     import torch
 
     if not bool(torch.isfinite(t).all()):
         raise MismatchError(f"{key}: the baked weight has NaN or infinite values (a LoRA with huge values?)",
-                            src.path)
+                            where)
     out = t.to(tdtype)
     if tdtype in (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2) and not bool(
             torch.isfinite(out.to(torch.float32)).all()):
         raise MismatchError(f"{key}: the baked weight overflows {str(tdtype).replace('torch.', '')}; bake with "
-                            "--dtype fp32 or bf16", src.path)
+                            "--dtype fp32 or bf16", where)
     return out.contiguous()
+
+
+def match_loras(infos, family: str | None, loras: list[LoraFile], strengths: list[tuple[float, float]],
+                result: BakeResult) -> tuple[dict[str, list[Patch]], dict[str, list[Patch]]]:
+    """``(weight key -> patches, bias key -> patches)`` of ``loras`` on a model with these ``infos`` (key ->
+    ``TensorInfo``) and ``family``; one ``LoraReport`` per LoRA and the partial-match warnings go into
+    ``result``. Refuses a LoRA of another family, one that matches nothing, an algorithm that cannot be baked,
+    a bias change on a model without that bias."""
+    from ckptlab.arch.families import display_name
+    from ckptlab.arch.identify import identify
+
+    table = targets_for(infos, family)
+    by_key: dict[str, list[Patch]] = {}
+    bias: dict[str, list[Patch]] = {}
+    for lora, (s, t) in zip(loras, strengths, strict=True):
+        lfam = identify(lora.source).family
+        if lfam == "unknown":
+            lfam = None
+        if lfam is not None and family is not None and lfam != family:
+            raise MismatchError(f"this LoRA is for {display_name(lfam)}; the model is {display_name(family)}",
+                                lora.path)
+        patches, unmatched = patches_of(lora, table, s, t)
+        rep = LoraReport(lora.path, s, t, lfam, len(lora.modules), len(patches), unmatched[:SHOW_UNMATCHED])
+        result.loras.append(rep)
+        if not patches:
+            raise MismatchError(f"none of this LoRA's {len(lora.modules)} modules adapts a weight of this "
+                                f"{display_name(family) + ' ' if family else ''}model (first: {unmatched[0]})",
+                                lora.path)
+        if unmatched:
+            result.warnings.append(f"{lora.path.name}: {len(unmatched)} of {len(lora.modules)} modules match no "
+                                   f"weight of the model and are left out (first: "
+                                   f"{', '.join(unmatched[:SHOW_UNMATCHED])})")
+        for p in patches:
+            if _touches_weight(p.module):
+                by_key.setdefault(p.target.key, []).append(p)
+            if maths.touches_bias(p.module):
+                if p.target.rows is not None or p.target.bias_key not in infos:
+                    raise MismatchError(f"{p.module.name}: the LoRA changes a bias the model does not have "
+                                        f"({p.target.bias_key})", lora.path)
+                bias.setdefault(p.target.bias_key, []).append(p)
+    return by_key, bias
+
+
+def _touches_weight(mod: LoraModule) -> bool:
+    if mod.algo == "norm":
+        return "w_norm" in mod.params
+    if mod.algo == "full":
+        return "diff" in mod.params
+    return True
+
+
+def patch_weight(w, patches: list[Patch]):
+    """``w`` (the whole stored weight, any float dtype) with ``patches`` applied, as a new fp32 tensor: patches
+    of a row slice of a fused weight (OpenCLIP ``in_proj_weight``, Flux ``qkv``) go to their rows."""
+    import torch
+
+    out = w.to(torch.float32, copy=True)
+    groups: dict[tuple[int, int] | None, list[Patch]] = {}
+    for p in patches:
+        groups.setdefault(p.target.rows, []).append(p)
+    for rows, ps in groups.items():
+        triples = [(p.lora, p.module, p.multiplier) for p in ps]
+        if rows is None:
+            out = maths.apply(out, triples, ps[0].target.shape)
+        else:
+            a, b = rows
+            out[a:b] = maths.apply(out[a:b], triples, ps[0].target.shape)
+    return out
+
+
+def patch_bias(b, patches: list[Patch]):
+    """``b`` with the ``diff_b`` / ``b_norm`` of ``patches`` added, fp32."""
+    return maths.apply_bias(b, [(p.lora, p.module, p.multiplier) for p in patches])
+
+
+def cast_checked(t, dtype: str, key: str, where):
+    """``t`` (fp32) cast to the safetensors ``dtype``; refuses NaN/Inf and an overflow of a narrow dtype."""
+    from ckptlab.formats.dtypes import to_torch
+
+    return _cast(t, to_torch(dtype), key, where)
 
 
 @dataclass
@@ -184,48 +249,18 @@ def plan_bake(src: TensorSource, loras: list[LoraFile], strengths: list[tuple[fl
     """Plan the bake of ``loras`` into the opened base ``src`` (header reads only). ``family``: the base's
     family when the caller knows it (else ``identify`` tells). Refuses a LoRA of another family, a LoRA whose
     modules match no weight, an algorithm that cannot be baked; a partial match is a warning."""
-    from ckptlab.arch.families import display_name
     from ckptlab.arch.identify import identify
     from ckptlab.arch.layout import file_layout
     from ckptlab.ops.precision import precision_items
     from ckptlab.ops.stream import TransformResult
 
-    if dtype is not None and dtype not in DTYPES.values():
-        dtype = DTYPES.get(dtype.lower()) if dtype.lower() in DTYPES else None
-        if dtype is None:
-            raise UsageError(f"--dtype: use one of {', '.join(DTYPES)}")
+    dtype = parse_dtype(dtype)
     if family is None:
         family = identify(src).family
     infos = src.infos()
-    table = targets_for(infos, family)
     result = BakeResult(OPERATION, Path(src.path), Path(output) if output else Path(), dry_run, family, [],
                         dtype=dtype)
-    by_key: dict[str, list[Patch]] = {}
-    bias: dict[str, list[Patch]] = {}
-    for lora, (s, t) in zip(loras, strengths, strict=True):
-        lfam = identify(lora.source).family
-        if lfam is not None and family is not None and lfam != family:
-            raise MismatchError(f"this LoRA is for {display_name(lfam)}; the model is {display_name(family)}",
-                                lora.path)
-        patches, unmatched = patches_of(lora, table, s, t)
-        rep = LoraReport(lora.path, s, t, lfam, len(lora.modules), len(patches), unmatched[:SHOW_UNMATCHED])
-        result.loras.append(rep)
-        if not patches:
-            raise MismatchError(f"none of this LoRA's {len(lora.modules)} modules adapts a weight of this "
-                                f"{display_name(family) if family else ''} model (first: {unmatched[0]})",
-                                lora.path)
-        if unmatched:
-            result.warnings.append(f"{lora.path.name}: {len(unmatched)} of {len(lora.modules)} modules match no "
-                                   f"weight of the model and are left out (first: {', '.join(unmatched[:3])})")
-        for p in patches:
-            if p.module.algo != "norm" or "w_norm" in p.module.params:
-                if p.module.algo != "full" or "diff" in p.module.params:
-                    by_key.setdefault(p.target.key, []).append(p)
-            if maths.touches_bias(p.module):
-                if p.target.rows is not None or p.target.bias_key not in infos:
-                    raise MismatchError(f"{p.module.name}: the LoRA changes a bias the model does not have "
-                                        f"({p.target.bias_key})", lora.path)
-                bias.setdefault(p.target.bias_key, []).append(p)
+    by_key, bias = match_loras(infos, family, loras, strengths, result)
     tr = TransformResult(OPERATION, Path(src.path), None)
     base_items = precision_items(src, file_layout(src), [(k, k) for k in src.keys()], dtype, None, False, tr) \
         if dtype else [Out.copy(k, src) for k in src.keys()]
@@ -268,6 +303,7 @@ def bake(base: Path, loras: list[Path], output: Path, *, strengths: Sequence[flo
     if not loras:
         raise UsageError("no LoRA to bake; give at least one LoRA file")
     pairs = strengths_for(len(loras), strengths, te_strengths)
+    dtype = parse_dtype(dtype)
     opened: list = []
     try:
         src = open_checked(base)
