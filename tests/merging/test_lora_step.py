@@ -122,6 +122,6 @@ def test_lora_step_refusals(files, tmp_path, cli):
     assert not (tmp_path / "x.safetensors").exists()
     # a LoRA is still no merge input, and "lora" is no merge method
     r = cli("merge", "weighted_sum", files["A"], files["L"], "-o", tmp_path / "y.safetensors")
-    assert r.returncode != 0 and "lora bake" in r.stderr
+    assert r.returncode != 0 and "not a full model" in r.stderr
     r = cli("merge", "lora", files["A"], files["L"], "-o", tmp_path / "y.safetensors")
     assert r.returncode != 0 and "unknown merge method" in r.stderr
