@@ -284,3 +284,29 @@ def test_cli_hostile_pickle_lora_refused(files, tmp_path, cli):
     assert r.returncode == 4, r.stderr
     assert "malicious" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / "pwned").exists()
+
+
+def test_patch_weight_row_slices_of_a_fused_weight(tmp_path):
+    """Fused weights (Flux ``qkv``, OpenCLIP ``in_proj_weight``): each target's patches go to its rows only, in
+    the order given; the other rows stay bit-identical."""
+    from ckptlab.lora.bake import Patch, patch_weight
+    from ckptlab.lora.naming import Target
+
+    key = "double_blocks.0.img_attn.qkv.weight"
+    w = torch.randn(12, 5)
+    t = {}
+    for p in ("q", "v"):
+        n = f"lora_unet_double_blocks_0_img_attn_{p}"
+        t |= {f"{n}.lora_up.weight": torch.randn(4, 2), f"{n}.lora_down.weight": torch.randn(2, 5)}
+    lp = tmp_path / "fused.safetensors"
+    save_file(t, str(lp))
+    with LoraFile.open(lp) as lf:
+        mods = {m.name[-1]: m for m in lf.modules.values()}
+        patches = [Patch(Target(key, (4, 5), "dit", rows=(0, 4)), lf, mods["q"], 0.5),
+                   Patch(Target(key, (4, 5), "dit", rows=(8, 12)), lf, mods["v"], 2.0)]
+        out = patch_weight(w, patches)
+    dq = t["lora_unet_double_blocks_0_img_attn_q.lora_up.weight"] @ t["lora_unet_double_blocks_0_img_attn_q.lora_down.weight"]
+    dv = t["lora_unet_double_blocks_0_img_attn_v.lora_up.weight"] @ t["lora_unet_double_blocks_0_img_attn_v.lora_down.weight"]
+    assert torch.allclose(out[0:4], w[0:4] + 0.5 * dq, atol=1e-6)
+    assert torch.equal(out[4:8], w[4:8])
+    assert torch.allclose(out[8:12], w[8:12] + 2.0 * dv, atol=1e-6)
