@@ -310,3 +310,21 @@ def test_patch_weight_row_slices_of_a_fused_weight(tmp_path):
     assert torch.allclose(out[0:4], w[0:4] + 0.5 * dq, atol=1e-6)
     assert torch.equal(out[4:8], w[4:8])
     assert torch.allclose(out[8:12], w[8:12] + 2.0 * dv, atol=1e-6)
+
+
+def test_standalone_clip_l_text_encoder(files, tmp_path):
+    """A CLIP-L file in transformers layout (what `ckptlab extract -c clip_l` writes) takes the LoRA's
+    text-encoder modules; the UNet modules are left out with a warning."""
+    b = load_file(files["sd1_checkpoint"])
+    pre = "cond_stage_model.transformer."
+    te = tmp_path / "clip_l.safetensors"
+    save_file({k[len(pre):]: v for k, v in b.items() if k.startswith(pre)}, str(te))
+    out = tmp_path / "o.safetensors"
+    r = bake(te, [files["sd1_kohya_lora"]], out, te_strengths=[0.5])
+    o, lo = load_file(out), load_file(files["sd1_kohya_lora"])
+    name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    key = HAND[name][len(pre):]
+    assert torch.allclose(o[key], b[HAND[name]] + 0.5 * kohya_delta(lo, name, o[key].shape), atol=1e-6)
+    n_te = len({k.split(".")[0] for k in lo if k.startswith("lora_te_")})
+    assert r.changed == n_te and r.family == "sd1"
+    assert "match no weight" in r.warnings[0]

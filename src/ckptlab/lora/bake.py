@@ -234,6 +234,29 @@ def cast_checked(t, dtype: str, key: str, where):
     return _cast(t, to_torch(dtype), key, where)
 
 
+#: a standalone CLIP-L text encoder (transformers names) inside the checkpoint of each family that uses it
+_TE_PREFIX = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
+
+
+def standalone_text_encoder(components, loras: list[LoraFile], src: TensorSource) -> tuple[str, str]:
+    """``(family, checkpoint prefix)`` for a standalone text-encoder file (no family of its own): a CLIP-L in
+    transformers layout is read as the first text encoder of the family of the first LoRA identified (SD1's
+    ``lora_te_``, SDXL's ``lora_te1_``). Other text encoders are refused."""
+    from ckptlab.arch.families import display_name
+    from ckptlab.arch.identify import identify
+
+    if "clip_l" not in components:
+        raise MismatchError(f"lora bake reads a standalone text encoder only as CLIP-L in transformers layout; "
+                            f"this one is {', '.join(components) or 'not recognised'} (bake into the checkpoint)",
+                            src.path)
+    fams = [f for f in (identify(lf.source).family for lf in loras) if f and f != "unknown"]
+    if not fams or fams[0] not in _TE_PREFIX:
+        what = display_name(fams[0]) if fams else "an unrecognised model"
+        raise MismatchError(f"a standalone CLIP-L text encoder takes SD1 or SDXL LoRAs; the LoRA is for {what}",
+                            src.path)
+    return fams[0], _TE_PREFIX[fams[0]]
+
+
 @dataclass
 class BakePlan:
     """Every output tensor of a bake (nothing read yet) and the report."""
@@ -255,12 +278,21 @@ def plan_bake(src: TensorSource, loras: list[LoraFile], strengths: list[tuple[fl
     from ckptlab.ops.stream import TransformResult
 
     dtype = parse_dtype(dtype)
-    if family is None:
-        family = identify(src).family
     infos = src.infos()
+    prefix = ""
+    if family is None:
+        ident = identify(src)
+        family = ident.family if ident.family != "unknown" else None
+        if family is None and ident.kind == "text_encoder":
+            family, prefix = standalone_text_encoder(ident.components, loras, src)
     result = BakeResult(OPERATION, Path(src.path), Path(output) if output else Path(), dry_run, family, [],
                         dtype=dtype)
-    by_key, bias = match_loras(infos, family, loras, strengths, result)
+    if prefix:  # the checkpoint's names for the tables, the file's own names for the plan
+        by_key, bias = match_loras({prefix + k: i for k, i in infos.items()}, family, loras, strengths, result)
+        by_key = {k[len(prefix):]: v for k, v in by_key.items()}
+        bias = {k[len(prefix):]: v for k, v in bias.items()}
+    else:
+        by_key, bias = match_loras(infos, family, loras, strengths, result)
     tr = TransformResult(OPERATION, Path(src.path), None)
     base_items = precision_items(src, file_layout(src), [(k, k) for k in src.keys()], dtype, None, False, tr) \
         if dtype else [Out.copy(k, src) for k in src.keys()]
