@@ -183,6 +183,8 @@ def test_refusals(files, tmp_path):
                "lora_unet_nowhere_block.lora_down.weight": torch.ones(2, 4)}, str(nomatch))
     with pytest.raises(MismatchError, match="none of this LoRA"):
         bake(base, [nomatch], tmp_path / "a.safetensors")
+    with pytest.raises(MismatchError, match="give the model first"):
+        bake(files["sd1_kohya_lora"], [files["sd1_kohya_lora"]], tmp_path / "a.safetensors")
     exists = tmp_path / "exists.safetensors"
     exists.write_bytes(b"x")
     with pytest.raises(OutputError, match="exists"):

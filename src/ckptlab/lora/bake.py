@@ -282,6 +282,9 @@ def plan_bake(src: TensorSource, loras: list[LoraFile], strengths: list[tuple[fl
     prefix = ""
     if family is None:
         ident = identify(src)
+        if ident.kind in ("lora", "lycoris"):
+            raise MismatchError("this is a LoRA, not a model to bake into: give the model first, then the LoRAs",
+                                src.path)
         family = ident.family if ident.family != "unknown" else None
         if family is None and ident.kind == "text_encoder":
             family, prefix = standalone_text_encoder(ident.components, loras, src)
