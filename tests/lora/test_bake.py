@@ -1,6 +1,6 @@
 """``lora bake`` end to end on small real-layout files: every adapted weight against the formula written here
 (key names mapped by hand, not through ckptlab's naming tables), every other tensor byte-identical, the special
-cases (OpenCLIP q/k/v rows, inpaint conv_in, fp8 base, --dtype), provenance, refusals and the streaming plan."""
+cases (OpenCLIP q/k/v rows, inpaint conv_in, fp8 base, --precision), provenance, refusals and the streaming plan."""
 
 from __future__ import annotations
 

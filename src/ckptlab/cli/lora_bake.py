@@ -36,8 +36,8 @@ def bake_cmd(
                                                  "Default 1.0."),
     te_strength: Optional[list[str]] = typer.Option(None, "--te-strength", help="Text-encoder strength per "
                                                     "LoRA, likewise (default: the strength)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 for the output's weights "
-                                                              "(default: the base's dtype)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp16, bf16 or fp32 for the output's "
+                                                                      "weights (default: the base's dtype)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output if it exists."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and check only; write nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
@@ -54,7 +54,7 @@ def bake_cmd(
 
     with progress_bar("bake", enabled=not json_out) as cb:
         r = bake(base, list(loras), output, strengths=_floats(strength, "--strength"),
-                 te_strengths=_floats(te_strength, "--te-strength"), dtype=dtype, overwrite=overwrite,
+                 te_strengths=_floats(te_strength, "--te-strength"), dtype=precision, overwrite=overwrite,
                  dry_run=dry_run, progress=cb, cache=hash_cache(db))
     if json_out:
         emit_json(r)

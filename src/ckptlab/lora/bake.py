@@ -117,7 +117,7 @@ def parse_dtype(dtype: str | None) -> str | None:
         return dtype
     if str(dtype).lower() in DTYPES:
         return DTYPES[str(dtype).lower()]
-    raise UsageError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    raise UsageError(f"--precision {dtype!r}: use one of {', '.join(DTYPES)}")
 
 
 def _out_dtype(info: TensorInfo, dtype: str | None) -> str:
@@ -150,7 +150,7 @@ def _cast(t, tdtype, key: str, where):
     if tdtype in (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2) and not bool(
             torch.isfinite(out.to(torch.float32)).all()):
         raise MismatchError(f"{key}: the baked weight overflows {str(tdtype).replace('torch.', '')}; bake with "
-                            "--dtype fp32 or bf16", where)
+                            "--precision fp32 or bf16", where)
     return out.contiguous()
 
 
