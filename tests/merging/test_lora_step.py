@@ -125,3 +125,33 @@ def test_lora_step_refusals(files, tmp_path, cli):
     assert r.returncode != 0 and "not a full model" in r.stderr
     r = cli("merge", "lora", files["A"], files["L"], "-o", tmp_path / "y.safetensors")
     assert r.returncode != 0 and "unknown merge method" in r.stderr
+
+
+def test_lora_as_last_step_with_dtype(files, tmp_path):
+    """A recipe that only bakes, with options.dtype: merge's rule (every float tensor cast), the baked values
+    those of `lora bake` at full precision, cast."""
+    from ckptlab.lora.bake import bake
+
+    text = f"""
+version = 1
+[inputs.A]
+path = "{files['A']}"
+[inputs.L]
+path = "{files['L']}"
+[[steps]]
+name = "baked"
+method = "lora"
+inputs = ["A", "L"]
+strengths = 0.5
+[options]
+dtype = "fp16"
+"""
+    out = tmp_path / "o.safetensors"
+    run_recipe(loads(text), out)
+    ref = tmp_path / "ref.safetensors"
+    bake(files["A"], [files["L"]], ref, strengths=[0.5])
+    a, b = load_file(out), load_file(ref)
+    assert list(a) == list(b)
+    for k in a:
+        want = b[k].to(torch.float16) if b[k].is_floating_point() else b[k]
+        assert a[k].dtype == want.dtype and torch.equal(a[k], want), k
