@@ -512,6 +512,24 @@ CASES += [  # ckptlab lora info (reads only)
     ("lora-info-bad-option", ["lora", "info", "--json=yes", "{d}/lora.safetensors"], USAGE),
 ]
 
+# lora bake (the model, then LoRAs)
+CASES += [
+    ("lora-bake-missing", ["lora", "bake", "{d}/good.safetensors", "{d}/nope.safetensors", "-o", "{o}/b.safetensors"], {1}),
+    ("lora-bake-missing-base", ["lora", "bake", "{d}/nope.safetensors", "{d}/lora.safetensors", "-o", "{o}/b.safetensors"], {1}),
+    ("lora-bake-empty", ["lora", "bake", "{d}/good.safetensors", "{d}/empty.safetensors", "-o", "{o}/b.safetensors"], {1}),
+    ("lora-bake-text", ["lora", "bake", "{d}/text.safetensors", "{d}/lora.safetensors", "-o", "{o}/b.safetensors"], {1}),
+    ("lora-bake-truncated", ["lora", "bake", "{d}/trunc.safetensors", "{d}/lora.safetensors", "-o", "{o}/b.safetensors"], {1}),
+    ("lora-bake-dir", ["lora", "bake", "{d}/good.safetensors", "{d}/adir.safetensors", "-o", "{o}/b.safetensors"], {1}),
+    ("lora-bake-wrong-kind", ["lora", "bake", "{d}/good.safetensors", "{d}/vae.safetensors", "-o", "{o}/b.safetensors"], {1}),
+    ("lora-bake-wrong-kind-base", ["lora", "bake", "{d}/lora.safetensors", "{d}/lora.safetensors", "-o", "{o}/b.safetensors"], {1}),
+    ("lora-bake-evil", ["lora", "bake", "{d}/good.safetensors", "{d}/evil.ckpt", "-o", "{o}/b.safetensors"], MALICIOUS),
+    ("lora-bake-bad-strength", ["lora", "bake", "{d}/good.safetensors", "{d}/lora.safetensors", "-s", "1,2", "-o", "{o}/b.safetensors"], USAGE),
+    ("lora-bake-bad-precision", ["lora", "bake", "{d}/good.safetensors", "{d}/lora.safetensors", "--precision", "fp7", "-o", "{o}/b.safetensors"], USAGE),
+    ("lora-bake-bad-output-name", ["lora", "bake", "{d}/good.safetensors", "{d}/lora.safetensors", "-o", "{o}/b.ckpt"], {1}),
+    ("lora-bake-output-exists", ["lora", "bake", "{d}/good.safetensors", "{d}/lora.safetensors", "-o", "{d}/exists.safetensors"], {1}),
+    ("lora-bake-output-unwritable", ["lora", "bake", "{d}/good.safetensors", "{d}/lora.safetensors", "-o", "{ro}/b.safetensors"], {1}),
+]
+
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
 
 #: (command, class) pairs with no case, and why; everything else needs a case

@@ -38,7 +38,7 @@ from ckptlab.merging.graph import (
     StepSummary,
     stop_flag,
 )
-from ckptlab.merging.methods import get_method
+from ckptlab.merging.lora_step import LORA, BakeLora, step_method
 from ckptlab.merging.recipe import (
     MERGE_DTYPES,
     Recipe,
@@ -222,6 +222,7 @@ def run_recipe(recipe: Recipe, output: str | Path | None = None, *, overwrite: b
         for i, st in enumerate(recipe.steps):
             is_last = i == len(recipe.steps) - 1
             node = _build_step(resolved[i], nodes, settings)
+            warnings.extend(getattr(node, "warnings", []))
             summaries.append(node.summary)
             save = saves[st.name]
             if save is not None and not is_last:
@@ -337,12 +338,15 @@ def _check_pins(recipe: Recipe, hashes: dict[str, str], relink: bool, warnings: 
     return reports, updated
 
 
-def _build_step(rs: ResolvedStep, nodes: dict[str, Node], settings: Settings) -> StepNode:
+def _build_step(rs: ResolvedStep, nodes: dict[str, Node], settings: Settings) -> Node:
+    if rs.method is LORA:
+        return BakeLora(rs.name, nodes[rs.inputs[0]], [nodes[i] for i in rs.inputs[1:]], rs.params["strengths"],
+                        rs.dtype)
     return StepNode(rs.name, rs.method, [nodes[i] for i in rs.inputs], rs.params, settings, rs.dtype)
 
 
 def _metadata(recipe: Recipe, step, nodes, hashes, sources, index: int) -> dict[str, str]:
-    method = get_method(step.method)
+    method = step_method(step.method)
     sub = Recipe(recipe.inputs, recipe.steps[:index + 1], dict(recipe.options), recipe.base_dir)
     if index != len(recipe.steps) - 1:
         sub.options.pop("vae", None)
@@ -350,7 +354,8 @@ def _metadata(recipe: Recipe, step, nodes, hashes, sources, index: int) -> dict[
         sub.options.pop("dtype", None)
     used = _file_inputs(sub)
     sub.inputs = {n: recipe.inputs[n] for n in recipe.inputs if n in used}
-    mds = [sources[n].metadata for n in sub.inputs]
+    loras = {i for st in sub.steps if st.method.strip().lower() == LORA.name for i in st.inputs[1:]}
+    mds = [sources[n].metadata for n in sub.inputs if n not in loras]  # a LoRA's modelspec is not the model's
     # the transforms' provenance (operation, tool version, inputs with sha256, options), then A1111's keys
     meta = common_provenance("merge", [(recipe.input_path(n), hashes[n]) for n in sub.inputs],
                              {"method": method.name, "steps": index + 1}, base={"format": "pt", **provenance.modelspec_of(mds)})

@@ -104,7 +104,8 @@ class Recipe:
 
     def validate(self) -> None:
         from ckptlab.merging.blocks import numbers_in
-        from ckptlab.merging.methods import MethodError, get_method
+        from ckptlab.merging.lora_step import LORA, step_method, validate_step
+        from ckptlab.merging.methods import MethodError
 
         if not self.steps:
             raise RecipeError("recipe has no [[steps]]")
@@ -119,13 +120,17 @@ class Recipe:
             if st.name in known:
                 raise RecipeError(f"step name {st.name!r} is used twice (inputs and steps share one namespace)")
             try:
-                m = get_method(st.method)
+                m = step_method(st.method)
             except MethodError as e:
                 raise RecipeError(f"step {st.name!r}: {e.message}") from None
             for i in st.inputs:
                 if i not in known:
                     raise RecipeError(f"step {st.name!r}: unknown input {i!r} (inputs and earlier steps: "
                                       f"{', '.join(sorted(known))})")
+            if m is LORA:  # bake LoRAs (merging.lora_step): its own parameters
+                validate_step(st, self.inputs)
+                known.add(st.name)
+                continue
             allowed = {p.name: p for p in m.params}
             for k, v in st.params.items():
                 if k not in allowed:
@@ -194,9 +199,12 @@ def resolve_step(st: RecipeStep, family: str | None, *, many: bool = False,
     dtype (the step's own, else ``final_dtype`` for the last step). ``RecipeError``/``BlockSpecError`` on a bad
     value (exit 2)."""
     from ckptlab.merging.blocks import BlockValues, parse_value
-    from ckptlab.merging.methods import get_method
+    from ckptlab.merging.lora_step import LORA, step_method, strengths_of
 
-    method = get_method(st.method)
+    method = step_method(st.method)
+    if method is LORA:
+        dtype = parse_dtype_option(st.dtype or final_dtype, f"step {st.name!r} dtype")
+        return ResolvedStep(st.name, method, tuple(st.inputs), {"strengths": strengths_of(st)}, dtype, family)
     params: dict = {}
     where = f"step {st.name!r}: " if many else ""
     for p in method.params:
