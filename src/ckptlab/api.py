@@ -31,6 +31,12 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
     from ckptlab.library.catalog import Catalog
     from ckptlab.library.dupes import DupesResult
     from ckptlab.library.scanner import ScanSummary
+    from ckptlab.lora.bake import BakeResult
+    from ckptlab.lora.combine import LoraMergeResult
+    from ckptlab.lora.convert import LoraConvertResult
+    from ckptlab.lora.extract import ExtractResult
+    from ckptlab.lora.info import LoraInfo
+    from ckptlab.lora.resize import ResizeResult
     from ckptlab.merging.engine import MergeResult
     from ckptlab.ops.diffusers_io import FolderResult
     from ckptlab.ops.stream import TransformResult
@@ -546,6 +552,174 @@ def download(source: str, *, dest: PathLike | None = None, layout: str | None = 
     cfg = load_hub_config(base_url=base_url, download_dir=dest, layout=layout)
     return _download(source, dest=dest, layout=layout, model_type=model_type, config=cfg, catalog=catalog,
                      write_sidecars=write_sidecars, file_id=file_id, progress=progress, db=_db_path(db))
+
+
+# ------------------------------------------------------------------------------------------- LoRA
+
+
+def lora_bake(base: PathLike, loras: PathLike | Iterable[PathLike], output: PathLike, *,
+              strengths: float | Iterable[float] | None = None, te_strengths: float | Iterable[float] | None = None,
+              precision: str | None = None, overwrite: bool = False, dry_run: bool = False,
+              progress: Progress | None = None, db: PathLike | Catalog | None = None) -> BakeResult:
+    """Bake LoRAs into a checkpoint (or a standalone UNet/DiT/text encoder), streaming (``ckptlab lora bake``).
+
+    Args:
+        base: the model the LoRAs are baked into.
+        loras: one LoRA / LyCORIS file or several (kohya, PEFT, diffusers, ComfyUI, XLabs namings).
+        output: the output ``.safetensors``.
+        strengths: one per LoRA in order, or one for all (default 1.0).
+        te_strengths: the same for text-encoder weights (default: the strengths).
+        precision: ``fp16``, ``bf16`` or ``fp32`` for the output's float weights (default: the base's).
+        overwrite, dry_run, progress, db: as for ``prune``.
+
+    Returns:
+        A ``BakeResult``: per LoRA the modules matched and the names that matched nothing, warnings.
+
+    Raises:
+        CkptlabError: a LoRA of another family or one that matches nothing, unsafe inputs, an existing output;
+        a one-line error naming ``ckptlab[torch]`` when torch is not installed.
+    """
+    from ckptlab.lora.bake import bake
+
+    return bake(Path(base), _paths(loras), Path(output), strengths=_floats(strengths),
+                te_strengths=_floats(te_strengths), dtype=precision, overwrite=overwrite, dry_run=dry_run,
+                progress=progress or _null(), cache=_hash_cache(db))
+
+
+def lora_extract(tuned: PathLike, base: PathLike, output: PathLike, *, rank: int, conv_rank: int | None = None,
+                 sv_fro: float | None = None, sv_ratio: float | None = None, clamp_quantile: float | None = None,
+                 min_diff: float | None = None, precision: str | None = None, overwrite: bool = False,
+                 dry_run: bool = False, progress: Progress | None = None,
+                 db: PathLike | Catalog | None = None) -> ExtractResult:
+    """Extract a kohya LoRA of ``tuned - base`` by SVD, one module at a time (``ckptlab lora extract``).
+
+    Args:
+        tuned, base: the fine-tuned model and the model it was tuned from (one family).
+        output: the output ``.safetensors``.
+        rank: the rank of every linear / 1x1 module (the cap when ``sv_fro`` / ``sv_ratio`` choose it).
+        conv_rank: also extract 3x3 convs (LoCon) at this rank.
+        sv_fro, sv_ratio: choose each module's rank from its singular values (kohya's rules).
+        clamp_quantile: kohya's quantile clamp (off by default: it costs accuracy).
+        min_diff: text encoders are skipped when no weight moved more than this (default 0.01, kohya's).
+        precision, overwrite, dry_run, progress, db: as for ``lora_bake``.
+
+    Returns:
+        An ``ExtractResult`` with each module's relative Frobenius error and the total.
+
+    Raises:
+        CkptlabError: models of different families, a bad rank option, unsafe inputs, an existing output.
+    """
+    from ckptlab.lora.extract import MIN_DIFF, extract
+
+    return extract(Path(tuned), Path(base), Path(output), rank=rank, conv_rank=conv_rank, sv_fro=sv_fro,
+                   sv_ratio=sv_ratio, clamp_quantile=clamp_quantile,
+                   min_diff=MIN_DIFF if min_diff is None else min_diff, dtype=precision, overwrite=overwrite,
+                   dry_run=dry_run, progress=progress or _null(), cache=_hash_cache(db))
+
+
+def lora_resize(lora: PathLike, output: PathLike, *, rank: int | None = None, sv_ratio: float | None = None,
+                sv_cumulative: float | None = None, sv_fro: float | None = None, precision: str | None = None,
+                overwrite: bool = False, dry_run: bool = False, progress: Progress | None = None,
+                db: PathLike | Catalog | None = None) -> ResizeResult:
+    """Change a LoRA's rank by SVD, keeping alpha/rank (``ckptlab lora resize``).
+
+    Args:
+        lora: the LoRA to resize.
+        output: the output ``.safetensors``.
+        rank: the new rank (the cap when a dynamic rule is given too).
+        sv_ratio, sv_cumulative, sv_fro: kohya's dynamic rules (singular values above max/ratio; cumulative sum;
+            Frobenius share).
+        precision, overwrite, dry_run, progress, db: as for ``lora_bake``.
+
+    Returns:
+        A ``ResizeResult`` with each module's old and new rank and the share of it retained.
+
+    Raises:
+        CkptlabError: no rank option or a bad one, a file that is no LoRA, an existing output.
+    """
+    from ckptlab.lora.resize import resize
+
+    return resize(Path(lora), Path(output), rank=rank, sv_ratio=sv_ratio, sv_cumulative=sv_cumulative,
+                  sv_fro=sv_fro, dtype=precision, overwrite=overwrite, dry_run=dry_run,
+                  progress=progress or _null(), cache=_hash_cache(db))
+
+
+def lora_merge(loras: Iterable[PathLike], output: PathLike, *, strengths: float | Iterable[float] | None = None,
+               rank: int | None = None, precision: str | None = None, overwrite: bool = False,
+               dry_run: bool = False, progress: Progress | None = None,
+               db: PathLike | Catalog | None = None) -> LoraMergeResult:
+    """Merge LoRAs into one LoRA (``ckptlab lora merge``).
+
+    Args:
+        loras: the LoRAs (one family).
+        output: the output ``.safetensors``.
+        strengths: one per LoRA, or one for all (default 1.0); negative values subtract.
+        rank: re-factor the exact sum by SVD to this rank (default: exact, ranks concatenated with each LoRA's
+            strength and alpha/rank folded in, so the result loads as the weighted sum).
+        precision, overwrite, dry_run, progress, db: as for ``lora_bake``.
+
+    Returns:
+        A ``LoraMergeResult`` (modules, output rank, errors when re-factored).
+
+    Raises:
+        CkptlabError: LoRAs of different families, a strength count that fits neither rule, an existing output.
+    """
+    from ckptlab.lora.combine import merge
+
+    return merge(_paths(loras), Path(output), strengths=_floats(strengths), rank=rank, dtype=precision,
+                 overwrite=overwrite, dry_run=dry_run, progress=progress or _null(), cache=_hash_cache(db))
+
+
+def lora_convert(lora: PathLike, output: PathLike, *, to: str, family: str | None = None, overwrite: bool = False,
+                 dry_run: bool = False, progress: Progress | None = None,
+                 db: PathLike | Catalog | None = None) -> LoraConvertResult:
+    """Rename a LoRA to another naming style (``ckptlab lora convert``).
+
+    Args:
+        lora: the LoRA to convert.
+        output: the output ``.safetensors``.
+        to: ``kohya``, ``peft``, ``diffusers`` or ``comfy``; tensors are copied unchanged where the layout
+            allows, so round trips are bit-exact.
+        family: the family where the file cannot tell (a PEFT file of SD1 or SD2).
+        overwrite, dry_run, progress, db: as for ``lora_bake``.
+
+    Returns:
+        A ``LoraConvertResult`` (modules in and out, fused or split modules).
+
+    Raises:
+        CkptlabError: an unknown style or family, module names that match nothing, an existing output.
+    """
+    from ckptlab.lora.convert import convert
+
+    return convert(Path(lora), Path(output), to=to, family=family, overwrite=overwrite, dry_run=dry_run,
+                   progress=progress or _null(), cache=_hash_cache(db))
+
+
+def lora_info(path: PathLike) -> LoraInfo:
+    """What a LoRA is (``ckptlab lora info``).
+
+    Args:
+        path: a LoRA / LyCORIS file.
+
+    Returns:
+        A ``LoraInfo``: naming and algorithms, family, rank/alpha, the blocks and text encoders it covers, the
+        kohya training summary, ranked trigger words, and whether ``sshs_model_hash`` matches the file.
+
+    Raises:
+        CkptlabError: a file that is no LoRA, unreadable or unsafe.
+    """
+    from ckptlab.lora.info import info
+
+    return info(Path(path))
+
+
+def _floats(values: float | Iterable[float] | None) -> list[float] | None:
+    """One number or several, as a list (None stays None)."""
+    if values is None:
+        return None
+    if isinstance(values, (int, float)):
+        return [float(values)]
+    return [float(v) for v in values]
 
 
 def _null():

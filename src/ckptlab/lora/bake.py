@@ -47,6 +47,9 @@ class LoraReport:
 
 @dataclass
 class BakeResult:
+    """What ``bake`` did (the ``--json`` record): the base, the output, the family, one ``LoraReport`` per LoRA
+    (modules matched, names that matched nothing, strengths), the output dtype and warnings."""
+
     operation: str
     base: Path
     output: Path

@@ -98,7 +98,7 @@ def float_dtype(lora: LoraFile, mod: LoraModule) -> str:
 
 
 @dataclass
-class MergeResult:
+class LoraMergeResult:
     """What ``merge`` did (the ``--json`` record). ``modules``: ``name``, ``inputs`` (how many inputs have it),
     ``rank``, ``how`` (``concat`` exact, ``svd-exact`` re-factored at numerical rank, ``svd`` truncated to
     ``--rank``) and ``rel_error`` (‖ΣΔW − ΔŴ‖_F / ‖ΣΔW‖_F with the factors as stored)."""
@@ -119,7 +119,7 @@ class MergeResult:
 
 def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = None, rank: int | None = None,
           dtype: str | None = None, overwrite: bool = False, dry_run: bool = False,
-          progress: Progress = null_progress, cache: HashCache = NO_CACHE) -> MergeResult:
+          progress: Progress = null_progress, cache: HashCache = NO_CACHE) -> LoraMergeResult:
     """Merge ``loras`` (weighted by ``strengths``, default 1 each) into one LoRA at ``output``."""
     from ckptlab.lora.write import lora_metadata, write_lora
     from ckptlab.ops.stream import check_output
@@ -163,7 +163,7 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
                     raise MismatchError(f"two modules of the file name the same layer ({name})", lf.path)
                 seen.add(name)
                 groups.setdefault(name, []).append((lf, mod, m))
-        result = MergeResult(OPERATION, loras, strengths, None if dry_run else output, family, dry_run=dry_run,
+        result = LoraMergeResult(OPERATION, loras, strengths, None if dry_run else output, family, dry_run=dry_run,
                              rank=rank)
         if unknown:
             result.warnings.append(f"model family of {', '.join(unknown)} not recognised (not checked against "

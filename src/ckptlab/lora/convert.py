@@ -60,7 +60,7 @@ _DROP_META = (PEFT_METADATA_KEY, "sshs_model_hash", "sshs_legacy_hash")
 
 
 @dataclass
-class ConvertResult:
+class LoraConvertResult:
     """What ``convert`` did (the ``--json`` record)."""
 
     input: Path
@@ -169,7 +169,7 @@ def _info_like(info: TensorInfo, shape: tuple[int, ...]) -> TensorInfo:
 
 def convert(lora: Path, output: Path, *, to: str, overwrite: bool = False, dry_run: bool = False,
             family: str | None = None, progress: Progress = null_progress,
-            cache: HashCache = NO_CACHE) -> ConvertResult:
+            cache: HashCache = NO_CACHE) -> LoraConvertResult:
     """Write ``lora`` renamed to the naming style ``to`` (kohya, peft, diffusers, comfy) at ``output``."""
     if to not in STYLES:
         raise UsageError(f"unknown LoRA naming style {to!r}; choose one of {', '.join(STYLES)}")
@@ -185,7 +185,7 @@ def convert(lora: Path, output: Path, *, to: str, overwrite: bool = False, dry_r
         fam = lora_family(lf, family)
         table = reference_targets(fam)
         targets = resolve(lf, table)
-        result = ConvertResult(lora, output, fam, to, modules_in=len(lf.modules), dry_run=dry_run)
+        result = LoraConvertResult(lora, output, fam, to, modules_in=len(lf.modules), dry_run=dry_run)
         mods = _plan(lf, table, targets, to, result)
         items = [it for m in mods for it in m.items]
         meta = _metadata(lf, fam, mods, to)
@@ -204,7 +204,7 @@ def convert(lora: Path, output: Path, *, to: str, overwrite: bool = False, dry_r
 # -- planning -------------------------------------------------------------------------------------------------
 
 def _plan(lf: LoraFile, table: TargetTable, targets: dict[str, Target], to: str,
-          result: ConvertResult) -> list[_Mod]:
+          result: LoraConvertResult) -> list[_Mod]:
     by_key: dict[str, list[LoraModule]] = {}
     for name, mod in lf.modules.items():
         by_key.setdefault(targets[name].key, []).append(mod)

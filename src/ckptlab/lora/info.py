@@ -97,6 +97,8 @@ class ModuleInfo:
 
 @dataclass
 class LoraInfo:
+    """Everything ``lora info`` reports about one LoRA file (the ``--json`` record; see the module docstring)."""
+
     path: str
     size: int
     kind: str  # lora / lycoris (identify)
