@@ -40,7 +40,7 @@ def _refused(r, code: int, words: str, folder) -> None:
 
 
 @pytest.mark.parametrize("which, words", [
-    ("lora", "it is a LoRA, not a full model; LoRAs are baked into a checkpoint with a LoRA tool"),
+    ("lora", "it is a LoRA, not a full model; LoRAs are baked into a checkpoint with `ckptlab lora bake`"),
     ("loha", "it is a LyCORIS adapter"),
     ("vae", "it is a VAE, not a full model; bake a VAE into the output with --vae"),
     ("clip", "it is a text encoder"),

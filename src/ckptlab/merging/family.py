@@ -33,10 +33,10 @@ KIND_NAMES = {
 }
 
 _HINTS = {
-    "lora": "LoRAs are baked into a checkpoint with a LoRA tool (kohya sd-scripts networks/merge_lora.py, "
-            "SuperMerger), not by merge",
-    "lycoris": "LyCORIS adapters are baked into a checkpoint with a LoRA tool (LyCORIS tools/merge.py, "
-               "SuperMerger), not by merge",
+    "lora": "LoRAs are baked into a checkpoint with `ckptlab lora bake` (or a 'lora' step of a merge recipe), "
+            "not by merge",
+    "lycoris": "LyCORIS adapters are baked into a checkpoint with `ckptlab lora bake` (or a 'lora' step of a "
+               "merge recipe), not by merge",
     "vae": "bake a VAE into the output with --vae",
 }
 
