@@ -384,7 +384,14 @@ def optimal_resize_error(src: Path, rank: int) -> float:
     err2 = tot2 = 0.0
     with safe_open(str(src), "pt") as fs:
         for mod in lora_modules(fs.keys()).values():
-            s = torch.linalg.svdvals(lora_update(fs, mod))
+            # up@down = Qu (Ru Rdᵀ) Qdᵀ: its singular values are those of the small r x r core
+            down = fs.get_tensor(mod["down"]).float()
+            up = fs.get_tensor(mod["up"]).float()
+            r = down.shape[0]
+            alpha = float(fs.get_tensor(mod["alpha"]).float()) if "alpha" in mod else float(r)
+            ru = torch.linalg.qr(up.reshape(up.shape[0], -1))[1]
+            rd = torch.linalg.qr(down.reshape(r, -1).T)[1]
+            s = torch.linalg.svdvals(ru @ rd.T) * (alpha / r)
             err2 += float((s[rank:] ** 2).sum())
             tot2 += float((s ** 2).sum())
     return math.sqrt(err2 / tot2)
