@@ -53,7 +53,18 @@ import time
 import zlib
 from pathlib import Path
 
-from _measure import cache_dir, job_cmd, job_main, mib, print_table, ratio, run_measured, use_src, warm
+from _measure import (
+    cache_dir,
+    child_env,
+    job_cmd,
+    job_main,
+    mib,
+    print_table,
+    ratio,
+    run_measured,
+    use_src,
+    warm,
+)
 
 CACHE = cache_dir("lora")
 GIB = 2**30
@@ -65,6 +76,12 @@ SIZES = {
 }
 UPDATE_SCALE = 0.03  # ‖ΔW‖_F / ‖W‖_F of the synthetic fine-tune
 NOISE = 0.2  # Frobenius norm of the full-rank noise relative to the low-rank part's
+#: extra environment of every child (``--threads`` sets OMP_NUM_THREADS / MKL_NUM_THREADS for both contenders)
+CHILD_ENV: dict[str, str] = {}
+
+
+def _run(cmd: list, label: str):
+    return run_measured([str(c) for c in cmd], env=child_env(**CHILD_ENV), label=label)
 
 
 # -- small helpers shared by the jobs and the parent ------------------------------------------------------
@@ -405,7 +422,7 @@ def _ours_available(cmd: str) -> bool:
 
 
 def _run_ours(args: list[str], label: str):
-    return run_measured([sys.executable, "-m", "ckptlab", "lora", *args], label=label)
+    return _run([sys.executable, "-m", "ckptlab", "lora", *args], label)
 
 
 def _reported_error(stdout: str) -> float | None:
@@ -447,7 +464,7 @@ def bench_bake(quick: bool, tools: set[str]) -> list[dict]:
     if "baseline" in tools:
         outs["baseline"] = CACHE / "out_bake_baseline.safetensors"
         outs["baseline"].unlink(missing_ok=True)
-        m = run_measured(job_cmd(__file__, "bake", base, lora, outs["baseline"]), label="load-everything bake")
+        m = _run(job_cmd(__file__, "bake", base, lora, outs["baseline"]), "load-everything bake")
         info = json.loads(m.stdout.strip().splitlines()[-1])
         print(f"baseline: {info['applied']} LoRA modules applied, {info['missed']} matched no checkpoint weight",
               flush=True)
@@ -489,7 +506,7 @@ def bench_extract(quick: bool, tools: set[str]) -> list[dict]:
                           "ckptlab lora extract")
             name, reported = f"ckptlab lora extract --rank {rank}", _reported_error(m.stdout)
         else:
-            m = run_measured(job_cmd(__file__, "extract", tuned, base, out, rank, int(quick)), label="full-SVD extract")
+            m = _run(job_cmd(__file__, "extract", tuned, base, out, rank, int(quick)), "full-SVD extract")
             name, reported = "full torch.linalg.svd per module", None
         err, worst, missing = extract_error(out, tuned, base, quick)
         rows.append({"tool": name, "wall": m.wall, "peak": m.peak, "error": err, "worst": worst,
@@ -529,7 +546,7 @@ def bench_resize(quick: bool, tools: set[str]) -> list[dict]:
             m = _run_ours(["resize", str(src), "--rank", str(rank), "-o", str(out)], "ckptlab lora resize")
             name = f"ckptlab lora resize --rank {rank}"
         else:
-            m = run_measured(job_cmd(__file__, "resize", src, out, rank), label="full-SVD resize")
+            m = _run(job_cmd(__file__, "resize", src, out, rank), "full-SVD resize")
             name = "kohya resize_lora.py way (full SVD of up@down)"
         err, worst, missing = resize_error(out, src)
         rows.append({"tool": name, "wall": m.wall, "peak": m.peak, "error": err, "worst": worst, "missing": missing})
@@ -560,7 +577,12 @@ def main() -> None:
     ap.add_argument("--tools", default="ckptlab,baseline", help="comma-separated: ckptlab, baseline")
     ap.add_argument("--delete", action="store_true", help="delete the generated inputs afterwards")
     ap.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS / MKL_NUM_THREADS of every child (default: torch's own choice); on a "
+                         "busy machine 1 avoids OpenMP oversubscription, which slows torch's SVD up to 6x")
     args = ap.parse_args()
+    if args.threads:
+        CHILD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     only = [b for b in args.only.split(",") if b]
     tools = {t for t in args.tools.split(",") if t}
     if bad := [b for b in only if b not in BENCHES] + sorted(tools - {"ckptlab", "baseline"}):
