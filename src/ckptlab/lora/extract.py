@@ -41,13 +41,34 @@ _ATTN = re.compile(r"(\.transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_o
 _RESNET = re.compile(r"(\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection)"
                      r"|^input_blocks\.\d+\.0\.op|^output_blocks\.\d+\.\d+\.conv)\.weight$")
 _TE = re.compile(r"_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
+#: kohya's T5 LoRA targets (``T5Attention`` / ``T5DenseGatedActDense`` Linear children; Flux/SD3 ``lora_te3_``)
+_T5 = re.compile(r"_encoder_block_\d+_layer_\d+_(SelfAttention_[qkvo]|DenseReluDense_(wi|wi_0|wi_1|wo))$")
+#: kohya ``lora_flux.py``: the Linear children of ``DoubleStreamBlock`` / ``SingleStreamBlock`` (BFL paths)
+_FLUX = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02]|mod\.lin)"
+                   r"|single_blocks\.\d+\.(linear1|linear2|modulation\.lin))$")
+#: kohya ``lora_sd3.py``: the Linear children of ``SingleDiTBlock`` (each x_block / context_block of joint_blocks)
+_SD3 = re.compile(r"^joint_blocks\.\d+\.(x_block|context_block)\.(attn2?\.(qkv|proj)|mlp\.fc[12]"
+                  r"|adaLN_modulation\.1)$")
+_DIT = {"flux": _FLUX, "sd3": _SD3}
+#: the OpenCLIP ViT-H text encoder of SD2 has 24 layers, SD2 reads the penultimate one: kohya's (and diffusers')
+#: SD2 text encoder has 23 layers, and ``resblocks.23`` never reaches the UNet
+_SD2_UNUSED_TE_LAYER = re.compile(r"_text_model_encoder_layers_23_")
 _LORA_KINDS = ("lora", "lycoris")
 
 
-def kohya_targets(targets: list[Target], *, conv: bool) -> list[Target]:
+def _dit_path(t: Target) -> str | None:
+    comfy = t.name("comfy")
+    return comfy[len("diffusion_model."):] if comfy and comfy.startswith("diffusion_model.") else None
+
+
+def kohya_targets(targets: list[Target], *, conv: bool, family: str | None = None) -> list[Target]:
     """kohya's LoRA module set among ``targets``: UNet Transformer2D linears / 1×1 convs, TE attention and MLP
-    linears; with ``conv`` also the resnet / down- / upsampler convs and ``time_emb_proj``."""
+    linears; with ``conv`` also the resnet / down- / upsampler convs and ``time_emb_proj``. Flux / SD3 (component
+    ``dit``): the Linear children of kohya's block classes (``lora_flux.py`` / ``lora_sd3.py``), whole fused
+    weights (``qkv``, ``linear1``) as one module; their text encoders' CLIP attention / MLP and T5 attention /
+    gated-MLP linears. SD2: not the 24th text-encoder layer (unused; kohya's SD2 text encoder has 23)."""
     out = []
+    dit = _DIT.get(family or "")
     for t in targets:
         kname = t.name("kohya")
         if kname is None:
@@ -58,7 +79,13 @@ def kohya_targets(targets: list[Target], *, conv: bool) -> list[Target]:
                 continue
             if _ATTN.search(short) or (conv and _RESNET.search(short)):
                 out.append(t)
-        elif t.component.startswith("te") and _TE.search(kname):
+        elif t.component == "dit":
+            path = _dit_path(t)
+            if dit is not None and t.rows is None and len(t.shape) == 2 and path and dit.match(path):
+                out.append(t)
+        elif t.component.startswith("te") and (_TE.search(kname) or (dit is not None and _T5.search(kname))):
+            if family == "sd2" and _SD2_UNUSED_TE_LAYER.search(kname):
+                continue
             out.append(t)
     return out
 
@@ -162,7 +189,7 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
         binfos = bsrc.infos()
         tinfos = tsrc.infos()
         table = targets_for(binfos, family)
-        targets = kohya_targets(table.targets, conv=conv_rank is not None)
+        targets = kohya_targets(table.targets, conv=conv_rank is not None, family=family)
         targets = [t for t in targets if t.key in tinfos]
         if not targets:
             raise MismatchError("the two models share no weight a LoRA adapts")
@@ -181,15 +208,28 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
         result = ExtractResult(OPERATION, Path(tuned), Path(base), None if dry_run else output, family,
                                dry_run=dry_run, rank=rank, conv_rank=conv_rank)
         te = [t for t in targets if t.component.startswith("te")]
-        te_max = 0.0
+        # SD1/SD2/SDXL: kohya's rule, all text encoders together; Flux/SD3: per text encoder (CLIP-L and T5 are
+        # trained separately there - kohya trains T5 only on request - and a zero T5-XXL is 168 large SVDs)
+        groups: dict[str, list[Target]] = {}
         for t in te:
-            te_max = max(te_max, float(delta(t).abs().max()))
+            groups.setdefault(t.component if family in _DIT else "te", []).append(t)
+        te_max = 0.0
+        dropped: list[str] = []
+        for comp, ts in groups.items():
+            g_max = 0.0
+            for t in ts:
+                g_max = max(g_max, float(delta(t).abs().max()))
+            te_max = max(te_max, g_max)
+            if g_max <= min_diff:
+                dropped.append(comp)
+                what = "text encoders" if comp == "te" else f"text encoder {comp}"
+                rest = "UNet only" if comp == "te" else "left out"
+                result.warnings.append(f"{what} unchanged (max |ΔW| {g_max:.3g} ≤ --min-diff {min_diff:g}): {rest}")
         result.te_max_diff = te_max
-        if te and te_max <= min_diff:
-            targets = [t for t in targets if not t.component.startswith("te")]
-            result.text_encoders = False
-            result.warnings.append(f"text encoders unchanged (max |ΔW| {te_max:.3g} ≤ --min-diff {min_diff:g}): "
-                                   "UNet only")
+        if dropped:
+            targets = [t for t in targets if not (t.component.startswith("te")
+                                                  and (t.component if family in _DIT else "te") in dropped)]
+            result.text_encoders = any(t.component.startswith("te") for t in targets)
 
         def cap_of(t: Target) -> int:
             m = t.shape[0]
