@@ -21,7 +21,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 from fakes.sample_files import make_model, sha256  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from svd_oracle import bake_delta, json_out, load, module_names  # noqa: E402
+from svd_oracle import bake_delta, json_out, load, metadata, module_names  # noqa: E402
 
 SAMPLES = ("flux_kohya_lora", "flux_diffusers_lora", "flux_xlabs_lora")
 
@@ -162,8 +162,13 @@ def test_extract_unchanged_flux_is_zero_modules_and_json(files, tmp_path, cli):
     assert rep["family"] == "flux" and rep["planned"] == 304
     L = load(out)
     assert all(float(bake_delta(L, n).abs().max()) == 0 for n in module_names(L))
-    meta = json_out(cli("lora", "info", out, "--json"))
-    assert meta["family"] == "flux"
+    info = json_out(cli("lora", "info", out, "--json"))
+    assert info["family"] == "flux" and info["components"] == {"dit": 304}
+    assert info["blocks"] == {f"double {i}": 10 for i in range(19)} | {f"single {i}": 3 for i in range(38)}
+    meta = metadata(out)
+    # kohya flux_extract_lora.py's metadata
+    assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_base_model_version"] == "flux1"
+    assert meta["ss_network_dim"] == "2" and meta["modelspec.architecture"] == "flux-1/lora"
 
 
 def _all_in_one(path, files, seed_updates: dict | None = None):

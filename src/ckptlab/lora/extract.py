@@ -50,6 +50,8 @@ _FLUX = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02]
 _SD3 = re.compile(r"^joint_blocks\.\d+\.(x_block|context_block)\.(attn2?\.(qkv|proj)|mlp\.fc[12]"
                   r"|adaLN_modulation\.1)$")
 _DIT = {"flux": _FLUX, "sd3": _SD3}
+#: kohya ``ss_network_module`` of the family's LoRA network (``flux_extract_lora.py`` writes lora_flux)
+_NETWORK_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
 #: the OpenCLIP ViT-H text encoder of SD2 has 24 layers, SD2 reads the penultimate one: kohya's (and diffusers')
 #: SD2 text encoder has 23 layers, and ``resblocks.23`` never reaches the UNet
 _SD2_UNUSED_TE_LAYER = re.compile(r"_text_model_encoder_layers_23_")
@@ -293,7 +295,8 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
             pairs.append((k, float(k)))
             if not is_3x3(t.shape):
                 linear_pairs.append((k, float(k)))
-        meta = lora_metadata(family, linear_pairs or pairs, title=output.stem)
+        meta = lora_metadata(family, linear_pairs or pairs, title=output.stem,
+                             network_module=_NETWORK_MODULE.get(family, "networks.lora"))
         if conv_rank is not None:
             meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))})
         options = {"rank": rank, "conv_rank": conv_rank, "sv_fro": sv_fro, "sv_ratio": sv_ratio,
