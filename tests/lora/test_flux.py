@@ -345,3 +345,16 @@ def test_merge_flux_kohya_and_diffusers_bakes_like_both(files, tmp_path):
         want[j * h:(j + 1) * h] -= 0.4 * (p[f"{n}.lora_B.weight"].double() @ p[f"{n}.lora_A.weight"].double())
     key = "double_blocks.4.img_attn.qkv.weight"
     assert torch.allclose(A[key].double() - base_sd[key].double(), want, atol=2e-6, rtol=0)
+    # the PEFT q/k/v/proj_mlp pieces keep their own names in the merged file (no kohya name of their own); converted
+    # to kohya first (fused there), the merge is all kohya's 304 modules and bakes the same
+    from ckptlab.lora.convert import convert
+
+    pk = tmp_path / "pk.safetensors"
+    convert(files["flux_diffusers_lora"], pk, to="kohya")
+    out2 = tmp_path / "m2.safetensors"
+    merge([files["flux_kohya_lora"], pk], out2, strengths=[0.7, -0.4])
+    assert len(module_names(load(out2))) == 304 and all(n.startswith("lora_unet_") for n in module_names(load(out2)))
+    bake(base, [out2], tmp_path / "c.safetensors")
+    C = load(tmp_path / "c.safetensors")
+    for key in B:
+        assert torch.allclose(C[key], B[key], atol=2e-6, rtol=0), key
