@@ -358,3 +358,35 @@ def test_merge_flux_kohya_and_diffusers_bakes_like_both(files, tmp_path):
     C = load(tmp_path / "c.safetensors")
     for key in B:
         assert torch.allclose(C[key], B[key], atol=2e-6, rtol=0), key
+
+
+def test_scaled_fp8_flux_bake_and_extract_work_on_the_dequantised_weights(files, tmp_path):
+    """ComfyUI scaled fp8 (``flux1-dev-fp8-scaled``): the model uses ``w_fp8 · scale_weight``. bake adds m·ΔW to that
+    and stores it divided by the scale again (fp8 rounding: within one e4m3 step of the test's own quantisation);
+    extract dequantises both models before the SVD."""
+    from ckptlab.lora.bake import bake
+    from ckptlab.lora.extract import extract
+
+    base = make_model(tmp_path / "f8.safetensors", "flux_dev_fp8_scaled")
+    lora = files["flux_kohya_lora"]
+    out = tmp_path / "baked.safetensors"
+    bake(base, [lora], out, strengths=[40.0])
+    B, Out_, L = load(base), load(out), load(lora)
+    for name in ("lora_unet_double_blocks_0_img_attn_proj", "lora_unet_single_blocks_5_linear1"):
+        p = name[len("lora_unet_"):].replace("_img_attn_proj", ".img_attn.proj").replace("_linear1", ".linear1")
+        p = re.sub(r"_(\d+)", r".\1", p, count=1)
+        s = float(B[f"{p}.scale_weight"])
+        assert Out_[f"{p}.weight"].dtype == torch.float8_e4m3fn and float(Out_[f"{p}.scale_weight"]) == s
+        want = (B[f"{p}.weight"].double() * s + bake_delta(L, name, 40.0)) / s
+        got = Out_[f"{p}.weight"].double()
+        # e4m3 keeps 3 mantissa bits: one step is at most 2^-3 of the value (subnormals: 2^-9)
+        assert bool(((got - want).abs() <= want.abs() * 2 ** -3 + 2 ** -9).all()), name
+        err = float(torch.linalg.norm((got - B[f"{p}.weight"].double()) * s - bake_delta(L, name, 40.0))
+                    / torch.linalg.norm(bake_delta(L, name, 40.0)))
+        assert err < 0.1, (name, err)  # without the scale the baked ΔW would be off by 1 - scale
+    ex = tmp_path / "ex.safetensors"
+    extract(out, base, ex, rank=4)
+    E = load(ex)
+    name = "lora_unet_double_blocks_0_img_attn_proj"
+    ref = bake_delta(L, name, 40.0)
+    assert float(torch.linalg.norm(bake_delta(E, name) - ref) / torch.linalg.norm(ref)) < 0.1

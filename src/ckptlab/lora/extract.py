@@ -200,9 +200,17 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
                 raise MismatchError(f"{t.key} is {list(tinfos[t.key].shape)} in the tuned model and "
                                     f"{list(binfos[t.key].shape)} in the base")
 
+        def real(src, infos, key: str):
+            """The weight as the model uses it: ComfyUI scaled fp8 stores ``w / scale_weight`` (dequantised here)."""
+            w = src.get(key).to(torch.float32)
+            sk = key[: -len("weight")] + "scale_weight"
+            if key.endswith(".weight") and sk in infos:
+                w = w * src.get(sk).to(torch.float32)
+            return w
+
         def delta(t: Target):
-            a = tsrc.get(t.key).to(torch.float32)
-            b = bsrc.get(t.key).to(torch.float32)
+            a = real(tsrc, tinfos, t.key)
+            b = real(bsrc, binfos, t.key)
             if t.rows is not None:
                 a, b = a[t.rows[0]:t.rows[1]], b[t.rows[0]:t.rows[1]]
             return a - b
