@@ -133,6 +133,17 @@ def weight_out(src: TensorSource, key: str, patches: list[Patch], out_dtype: str
     """The planned output of one adapted weight: read, patched (``patch_weight``), cast to ``out_dtype`` (fp8
     bases: upcast, add in fp32, cast back)."""
     info = src.info(key)
+    scale_key = key[: -len("weight")] + "scale_weight"
+    if key.endswith(".weight") and scale_key in src.infos():
+        # ComfyUI scaled fp8 stores w / scale_weight: patch the dequantised weight, store it scaled again
+        def produce():
+            import torch
+
+            s = src.get(scale_key).to(torch.float32)
+            return cast_checked(patch_weight(src.get(key).to(torch.float32) * s, patches) / s, out_dtype, key,
+                                src.path)
+
+        return Out(key, TensorInfo(out_dtype, tuple(info.shape)), produce=produce)
     return Out(key, TensorInfo(out_dtype, tuple(info.shape)),
                produce=lambda: cast_checked(patch_weight(src.get(key), patches), out_dtype, key, src.path))
 

@@ -6,7 +6,10 @@ ResnetBlock2D / Down- / Upsample2D children, 3×3 convs at ``conv_rank``, ``time
 ``conv_shortcut`` at ``rank``): read the two weights, ΔW = W_tuned − W_base in fp32, truncated SVD
 (``lora.svd.top_svd``: randomised where as accurate, full otherwise), kohya's split ``up = U·S``,
 ``down = Vh``, α = rank (scale 1), written in kohya naming. The text encoders are skipped when no TE module has
-``max|ΔW| > min_diff`` (kohya). No quantile clamp unless ``clamp_quantile`` is given (kohya clamps at 0.99 by
+``max|ΔW| > min_diff`` (kohya). Flux / SD3 (docs/lora/flux.md): kohya ``lora_flux.py`` / ``lora_sd3.py`` block
+Linears, a fused ``qkv`` / ``linear1`` as one module, CLIP and T5 text encoders each kept on its own ``min_diff``;
+ComfyUI scaled-fp8 weights are dequantised (``w·scale_weight``) first. SD2 leaves out its unused 24th text-encoder
+layer (kohya's SD2 text encoder has 23). No quantile clamp unless ``clamp_quantile`` is given (kohya clamps at 0.99 by
 default, which alone costs ~10 % relative error at the exact rank: lora.md §3.4).
 
 Dynamic ranks (``sv_fro`` / ``sv_ratio``, kohya ``resize_lora.py`` rules, capped by ``rank``/``conv_rank``) need
@@ -41,13 +44,36 @@ _ATTN = re.compile(r"(\.transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_o
 _RESNET = re.compile(r"(\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection)"
                      r"|^input_blocks\.\d+\.0\.op|^output_blocks\.\d+\.\d+\.conv)\.weight$")
 _TE = re.compile(r"_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
+#: kohya's T5 LoRA targets (``T5Attention`` / ``T5DenseGatedActDense`` Linear children; Flux/SD3 ``lora_te3_``)
+_T5 = re.compile(r"_encoder_block_\d+_layer_\d+_(SelfAttention_[qkvo]|DenseReluDense_(wi|wi_0|wi_1|wo))$")
+#: kohya ``lora_flux.py``: the Linear children of ``DoubleStreamBlock`` / ``SingleStreamBlock`` (BFL paths)
+_FLUX = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02]|mod\.lin)"
+                   r"|single_blocks\.\d+\.(linear1|linear2|modulation\.lin))$")
+#: kohya ``lora_sd3.py``: the Linear children of ``SingleDiTBlock`` (each x_block / context_block of joint_blocks)
+_SD3 = re.compile(r"^joint_blocks\.\d+\.(x_block|context_block)\.(attn2?\.(qkv|proj)|mlp\.fc[12]"
+                  r"|adaLN_modulation\.1)$")
+_DIT = {"flux": _FLUX, "sd3": _SD3}
+#: kohya ``ss_network_module`` of the family's LoRA network (``flux_extract_lora.py`` writes lora_flux)
+_NETWORK_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
+#: the OpenCLIP ViT-H text encoder of SD2 has 24 layers, SD2 reads the penultimate one: kohya's (and diffusers')
+#: SD2 text encoder has 23 layers, and ``resblocks.23`` never reaches the UNet
+_SD2_UNUSED_TE_LAYER = re.compile(r"_text_model_encoder_layers_23_")
 _LORA_KINDS = ("lora", "lycoris")
 
 
-def kohya_targets(targets: list[Target], *, conv: bool) -> list[Target]:
+def _dit_path(t: Target) -> str | None:
+    comfy = t.name("comfy")
+    return comfy[len("diffusion_model."):] if comfy and comfy.startswith("diffusion_model.") else None
+
+
+def kohya_targets(targets: list[Target], *, conv: bool, family: str | None = None) -> list[Target]:
     """kohya's LoRA module set among ``targets``: UNet Transformer2D linears / 1×1 convs, TE attention and MLP
-    linears; with ``conv`` also the resnet / down- / upsampler convs and ``time_emb_proj``."""
+    linears; with ``conv`` also the resnet / down- / upsampler convs and ``time_emb_proj``. Flux / SD3 (component
+    ``dit``): the Linear children of kohya's block classes (``lora_flux.py`` / ``lora_sd3.py``), whole fused
+    weights (``qkv``, ``linear1``) as one module; their text encoders' CLIP attention / MLP and T5 attention /
+    gated-MLP linears. SD2: not the 24th text-encoder layer (unused; kohya's SD2 text encoder has 23)."""
     out = []
+    dit = _DIT.get(family or "")
     for t in targets:
         kname = t.name("kohya")
         if kname is None:
@@ -58,7 +84,13 @@ def kohya_targets(targets: list[Target], *, conv: bool) -> list[Target]:
                 continue
             if _ATTN.search(short) or (conv and _RESNET.search(short)):
                 out.append(t)
-        elif t.component.startswith("te") and _TE.search(kname):
+        elif t.component == "dit":
+            path = _dit_path(t)
+            if dit is not None and t.rows is None and len(t.shape) == 2 and path and dit.match(path):
+                out.append(t)
+        elif t.component.startswith("te") and (_TE.search(kname) or (dit is not None and _T5.search(kname))):
+            if family == "sd2" and _SD2_UNUSED_TE_LAYER.search(kname):
+                continue
             out.append(t)
     return out
 
@@ -162,7 +194,7 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
         binfos = bsrc.infos()
         tinfos = tsrc.infos()
         table = targets_for(binfos, family)
-        targets = kohya_targets(table.targets, conv=conv_rank is not None)
+        targets = kohya_targets(table.targets, conv=conv_rank is not None, family=family)
         targets = [t for t in targets if t.key in tinfos]
         if not targets:
             raise MismatchError("the two models share no weight a LoRA adapts")
@@ -171,9 +203,17 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
                 raise MismatchError(f"{t.key} is {list(tinfos[t.key].shape)} in the tuned model and "
                                     f"{list(binfos[t.key].shape)} in the base")
 
+        def real(src, infos, key: str):
+            """The weight as the model uses it: ComfyUI scaled fp8 stores ``w / scale_weight`` (dequantised here)."""
+            w = src.get(key).to(torch.float32)
+            sk = key[: -len("weight")] + "scale_weight"
+            if key.endswith(".weight") and sk in infos:
+                w = w * src.get(sk).to(torch.float32)
+            return w
+
         def delta(t: Target):
-            a = tsrc.get(t.key).to(torch.float32)
-            b = bsrc.get(t.key).to(torch.float32)
+            a = real(tsrc, tinfos, t.key)
+            b = real(bsrc, binfos, t.key)
             if t.rows is not None:
                 a, b = a[t.rows[0]:t.rows[1]], b[t.rows[0]:t.rows[1]]
             return a - b
@@ -181,15 +221,28 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
         result = ExtractResult(OPERATION, Path(tuned), Path(base), None if dry_run else output, family,
                                dry_run=dry_run, rank=rank, conv_rank=conv_rank)
         te = [t for t in targets if t.component.startswith("te")]
-        te_max = 0.0
+        # SD1/SD2/SDXL: kohya's rule, all text encoders together; Flux/SD3: per text encoder (CLIP-L and T5 are
+        # trained separately there - kohya trains T5 only on request - and a zero T5-XXL is 168 large SVDs)
+        groups: dict[str, list[Target]] = {}
         for t in te:
-            te_max = max(te_max, float(delta(t).abs().max()))
+            groups.setdefault(t.component if family in _DIT else "te", []).append(t)
+        te_max = 0.0
+        dropped: list[str] = []
+        for comp, ts in groups.items():
+            g_max = 0.0
+            for t in ts:
+                g_max = max(g_max, float(delta(t).abs().max()))
+            te_max = max(te_max, g_max)
+            if g_max <= min_diff:
+                dropped.append(comp)
+                what = "text encoders" if comp == "te" else f"text encoder {comp}"
+                rest = "UNet only" if comp == "te" else "left out"
+                result.warnings.append(f"{what} unchanged (max |ΔW| {g_max:.3g} ≤ --min-diff {min_diff:g}): {rest}")
         result.te_max_diff = te_max
-        if te and te_max <= min_diff:
-            targets = [t for t in targets if not t.component.startswith("te")]
-            result.text_encoders = False
-            result.warnings.append(f"text encoders unchanged (max |ΔW| {te_max:.3g} ≤ --min-diff {min_diff:g}): "
-                                   "UNet only")
+        if dropped:
+            targets = [t for t in targets if not (t.component.startswith("te")
+                                                  and (t.component if family in _DIT else "te") in dropped)]
+            result.text_encoders = any(t.component.startswith("te") for t in targets)
 
         def cap_of(t: Target) -> int:
             m = t.shape[0]
@@ -253,7 +306,8 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
             pairs.append((k, float(k)))
             if not is_3x3(t.shape):
                 linear_pairs.append((k, float(k)))
-        meta = lora_metadata(family, linear_pairs or pairs, title=output.stem)
+        meta = lora_metadata(family, linear_pairs or pairs, title=output.stem,
+                             network_module=_NETWORK_MODULE.get(family, "networks.lora"))
         if conv_rank is not None:
             meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))})
         options = {"rank": rank, "conv_rank": conv_rank, "sv_fro": sv_fro, "sv_ratio": sv_ratio,
