@@ -1,5 +1,5 @@
 """``ckptlab lora info LORA [--json]``: what a LoRA file is, what it adapts, how it was trained, its trigger
-words and whether its ``sshs_model_hash`` matches (``ckptlab.lora.info``; docs/lora/info.md)."""
+words and whether its ``sshs_model_hash`` matches (``ckptlab.lora.info``; docs/lora.md)."""
 
 from __future__ import annotations
 

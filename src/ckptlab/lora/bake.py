@@ -1,4 +1,4 @@
-"""``ckptlab lora bake``: LoRAs added into a model's weights, streaming one weight at a time (docs/lora/bake.md).
+"""``ckptlab lora bake``: LoRAs added into a model's weights, streaming one weight at a time (docs/lora.md).
 
 Phase 1 reads headers only: the base (single-file checkpoint, or a standalone UNet / text-encoder file) and
 every LoRA are opened (hostile pickles refused), the LoRA families checked against the base's, every LoRA

@@ -6,7 +6,7 @@ ResnetBlock2D / Down- / Upsample2D children, 3×3 convs at ``conv_rank``, ``time
 ``conv_shortcut`` at ``rank``): read the two weights, ΔW = W_tuned − W_base in fp32, truncated SVD
 (``lora.svd.top_svd``: randomised where as accurate, full otherwise), kohya's split ``up = U·S``,
 ``down = Vh``, α = rank (scale 1), written in kohya naming. The text encoders are skipped when no TE module has
-``max|ΔW| > min_diff`` (kohya). Flux / SD3 (docs/lora/flux.md): kohya ``lora_flux.py`` / ``lora_sd3.py`` block
+``max|ΔW| > min_diff`` (kohya). Flux / SD3 (docs/lora.md): kohya ``lora_flux.py`` / ``lora_sd3.py`` block
 Linears, a fused ``qkv`` / ``linear1`` as one module, CLIP and T5 text encoders each kept on its own ``min_diff``;
 ComfyUI scaled-fp8 weights are dequantised (``w·scale_weight``) first. SD2 leaves out its unused 24th text-encoder
 layer (kohya's SD2 text encoder has 23). No quantile clamp unless ``clamp_quantile`` is given (kohya clamps at 0.99 by

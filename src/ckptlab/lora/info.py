@@ -1,4 +1,4 @@
-"""``info(path) -> LoraInfo``: what a LoRA / LyCORIS file is and what it adapts, from its header (docs/lora/info.md).
+"""``info(path) -> LoraInfo``: what a LoRA / LyCORIS file is and what it adapts, from its header (docs/lora.md).
 
 - format: the naming style of each module (kohya, PEFT, diffusers new / old, XLabs, ComfyUI) and the
   algorithm of each (lora, locon, loha, lokr, dora, oft, boft, glora, ia3, full, norm), with counts;

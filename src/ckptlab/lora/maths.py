@@ -1,4 +1,4 @@
-"""The weight update of one LoRA / LyCORIS module, as the loaders apply it at inference (docs/lora/bake.md,
+"""The weight update of one LoRA / LyCORIS module, as the loaders apply it at inference (docs/lora.md,
 lora.md §3.1, §3.7, adapters.md §4).
 
 ``delta(lora, mod, shape)`` is the additive ΔW of a LoRA/LoCon/CP, LoHa (+Tucker), LoKr (+Tucker) or full

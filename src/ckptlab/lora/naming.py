@@ -18,7 +18,7 @@ Flux ``qkv``). ``Target.names`` holds the module name per output style:
 Flux and SD3 fuse q/k/v (and Flux's single-block MLP input) into one weight. The whole weight is one target
 (kohya / comfy / BFL / XLabs names); each diffusers module of it (``attn.to_q``, ``add_k_proj``, ``proj_mlp`` …) is a
 second target with ``rows`` and only peft/diffusers names. Weights whose diffusers layout differs by more than a
-rename (``final_layer.adaLN_modulation``: shift and scale swapped) get no diffusers name. docs/lora/naming.md has
+rename (``final_layer.adaLN_modulation``: shift and scale swapped) get no diffusers name. docs/lora.md has
 the tables; the tests check them against diffusers' own converters.
 
 ``targets_for(infos, family)`` builds the table of a model file (bake, extract); ``reference_targets(family)``

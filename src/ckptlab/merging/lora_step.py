@@ -1,4 +1,4 @@
-"""The ``lora`` recipe step: LoRAs baked into a model inside a merge recipe (docs/lora/bake.md).
+"""The ``lora`` recipe step: LoRAs baked into a model inside a merge recipe (docs/lora.md).
 
 ```toml
 [[steps]]
