@@ -56,9 +56,11 @@ def ok(*args, subprocess: bool = False):
     return r
 
 
-def refused(*args):
+def refused(*args, code: int = 1):
+    """A refusal as a user sees it (a fresh ``python -m ckptlab``): exit ``code`` (1: refused input, 2: usage) and
+    one line ``ckptlab: error: …``, no traceback."""
     r = run_cli(*map(str, args))
-    assert r.returncode not in (0, 70), (r.returncode, r.stderr)
+    assert r.returncode == code, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ckptlab: error:"), r.stderr
     assert "Traceback" not in r.stderr
@@ -140,6 +142,20 @@ def test_bake_is_base_plus_strength_times_formula(files, fam, fmt):
             assert baked[k].dtype == w.dtype and torch.equal(baked[k], w), k
 
 
+@pytest.mark.parametrize("fam", ("sd1", "sd2", "sdxl"))
+def test_bake_te_strength_apart(files, fam, tmp_path):
+    """``--te-strength`` scales the text-encoder modules only (the UNet ones keep ``--strength``)."""
+    out = tmp_path / "te.safetensors"
+    ok("lora", "bake", files.base[fam], files.lora[fam, "peft"], "-s", "0.5", "--te-strength", "-1.25", "-o", out)
+    base, baked = load_file(files.base[fam]), load_file(out)
+    want = files.deltas(fam, files.lora[fam, "peft"])
+    te_keys = {m.key for m in lf.PEFT[fam] if m.te}
+    assert te_keys and te_keys != set(want)
+    for k, d in want.items():
+        expect = base[k] + (-1.25 if k in te_keys else 0.5) * d
+        torch.testing.assert_close(baked[k], expect, rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
 # --- info ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -183,7 +199,10 @@ def test_convert_there_and_back(files, fam, fmt, style, tmp_path):
     # SD1 / SD2 PEFT names are the same and the small widths tell nothing: convert asks for --family
     fam_opt = ("--family", fam) if fmt == "peft" and fam in ("sd1", "sd2") else ()
     if fmt in ("loha", "lokr") and style in ("peft", "diffusers"):
-        line = refused("lora", "convert", src, "--to", style, "-o", there)
+        line = in_process("lora", "convert", src, "--to", style, "-o", there)
+        assert line.returncode == 1 and line.stderr.startswith("ckptlab: error:"), line.stderr
+        assert len(line.stderr.strip().splitlines()) == 1
+        line = line.stderr
         assert not there.exists()
         assert style in line.lower() or "lycoris" in line.lower() or fmt in line.lower(), line
         return
@@ -200,6 +219,20 @@ def test_convert_there_and_back(files, fam, fmt, style, tmp_path):
         assert set(a) == set(b)
         for k in a:
             assert torch.equal(a[k].float(), b[k].float()), k
+
+
+@pytest.mark.parametrize("style", ("peft", "diffusers", "comfy"))
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_converted_file_bakes_like_the_original(files, fam, style, tmp_path):
+    """ckptlab reads what it writes: each style's file bakes to the kohya original's tensors."""
+    conv = tmp_path / f"{style}.safetensors"
+    ok("lora", "convert", files.lora[fam, "kohya"], "--to", style, "-o", conv)
+    out = tmp_path / "baked.safetensors"
+    ok("lora", "bake", files.base[fam], conv, "--strength", STRENGTH, "-o", out)
+    want, got = load_file(files.baked(fam, "kohya")), load_file(out)
+    assert list(got) == list(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # --- resize --------------------------------------------------------------------------------------------------------
@@ -279,6 +312,34 @@ def test_merge_refuses_mixed_families(files, tmp_path):
     out = tmp_path / "x.safetensors"
     line = refused("lora", "merge", files.lora["sd1", "kohya"], files.lora["sdxl", "kohya"], "-o", out)
     assert "SD1" in line and "SDXL" in line, line
+    line = refused("lora", "merge", files.lora["flux", "peft"], files.lora["sd2", "loha"], "-o", out)
+    assert "Flux" in line and "SD2" in line, line
+    assert not out.exists()
+
+
+def test_extract_refuses_models_of_two_families(files, tmp_path):
+    out = tmp_path / "x.safetensors"
+    line = refused("lora", "extract", files.base["sdxl"], files.base["sd1"], "--rank", "4", "-o", out)
+    assert "SD1" in line and "SDXL" in line, line
+    assert not out.exists()
+
+
+def test_recipe_refuses_a_lora_of_another_family(files, tmp_path):
+    rf = tmp_path / "recipe.toml"
+    rf.write_text(f"""version = 1
+[inputs.A]
+path = "{files.base['flux']}"
+[inputs.L]
+path = "{files.lora['sdxl', 'lokr']}"
+
+[[steps]]
+name = "styled"
+method = "lora"
+inputs = ["A", "L"]
+""")
+    out = tmp_path / "x.safetensors"
+    line = refused("merge", "--recipe", rf, "-o", out)
+    assert "SDXL" in line and "Flux" in line, line
     assert not out.exists()
 
 
