@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import run_cli
 from tests.fakes import lora_files as lf
@@ -271,6 +271,11 @@ def test_merge_is_weighted_sum_of_deltas(files, fam, tmp_path):
         for k, d in files.deltas(fam, files.lora[fam, f]).items():
             want[k] = want.get(k, torch.zeros_like(d)) + s * d
     assert_deltas_equal(files.deltas(fam, out), want, rtol=1e-4, atol=1e-5)
+    # --rank re-factors the exact sum by SVD: at the sum's full rank (4 + 4 + 16 + 16) it is the same sum
+    refac = tmp_path / "refactored.safetensors"
+    ok("lora", "merge", *[files.lora[fam, f] for f in names], *[x for s in strengths for x in ("-s", s)],
+       "--rank", 40, "-o", refac)
+    assert_deltas_equal(files.deltas(fam, refac), want, rtol=1e-4, atol=1e-5)
 
 
 # --- extract -------------------------------------------------------------------------------------------------------
@@ -299,13 +304,44 @@ def test_extract_rebakes_to_tuned(files, fam, fmt, tmp_path):
 
 # --- refusals ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("lora_fam", "base_fam"), [("sdxl", "sd1"), ("sd1", "flux"), ("flux", "sdxl"),
-                                                    ("sd1", "sdxl"), ("sdxl", "flux")])
-def test_bake_refuses_another_family(files, lora_fam, base_fam, tmp_path):
+@pytest.mark.parametrize(("lora_fam", "fmt", "base_fam"), [
+    ("sdxl", "kohya", "sd1"), ("sd1", "kohya", "flux"), ("flux", "peft", "sdxl"), ("sd1", "lokr", "sdxl"),
+    ("sdxl", "loha", "flux"), ("sd2", "kohya", "sd1"), ("sd1", "loha", "sd2")])
+def test_bake_refuses_another_family(files, lora_fam, fmt, base_fam, tmp_path):
     out = tmp_path / "x.safetensors"
-    line = refused("lora", "bake", files.base[base_fam], files.lora[lora_fam, "kohya"], "-o", out)
-    assert FAMILY_WORD[lora_fam] in line and FAMILY_WORD[base_fam] in line, line
+    line = refused("lora", "bake", files.base[base_fam], files.lora[lora_fam, fmt], "-o", out)
+    assert f"this LoRA is for {FAMILY_WORD[lora_fam]}; the model is {FAMILY_WORD[base_fam]}" in line, line
     assert not out.exists()
+
+
+def test_bake_refuses_sd1_peft_into_sd2_by_shape(files, tmp_path):
+    """SD1 and SD2 PEFT files have the same names and no metadata: the shapes tell them apart."""
+    out = tmp_path / "x.safetensors"
+    line = refused("lora", "bake", files.base["sd2"], files.lora["sd1", "peft"], "-o", out)
+    assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k" in line and "[64, 48]" in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_bake_partial_match_names_the_rest_and_no_match_is_refused(files, fam, tmp_path):
+    bogus = {"sd1": "lora_unet_down_blocks_9_attentions_0_proj_in", "sd2": "lora_te_text_model_encoder_layers_77_mlp_fc1",
+             "sdxl": "lora_unet_input_blocks_42_1_proj_in", "flux": "lora_unet_double_blocks_99_img_attn_qkv"}[fam]
+    tensors = load_file(files.lora[fam, "kohya"])
+    extra = {bogus + ".lora_down.weight": torch.ones(4, 8), bogus + ".lora_up.weight": torch.ones(8, 4),
+             bogus + ".alpha": torch.tensor(4.0)}
+    partial = tmp_path / "partial.safetensors"
+    save_file({**tensors, **extra}, str(partial), metadata={"ss_base_model_version": lf.BASE_VERSION[fam]})
+    out = tmp_path / "out.safetensors"
+    r = ok("lora", "bake", files.base[fam], partial, "--strength", STRENGTH, "-o", out)
+    assert bogus in r.stderr and r.stderr.startswith("ckptlab: warning:"), r.stderr
+    want, got = load_file(files.baked(fam, "kohya")), load_file(out)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    nothing = tmp_path / "nothing.safetensors"
+    save_file(extra, str(nothing), metadata={"ss_base_model_version": lf.BASE_VERSION[fam]})
+    r = in_process("lora", "bake", files.base[fam], nothing, "-o", tmp_path / "x.safetensors")
+    assert r.returncode == 1 and r.stderr.startswith("ckptlab: error:") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_merge_refuses_mixed_families(files, tmp_path):
