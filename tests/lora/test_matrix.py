@@ -421,3 +421,24 @@ alpha = 0.3
     bk = load_file(baked)
     changed = {k for k in base if not torch.equal(bk[k], base[k])}
     assert changed == {m.key for m in lf.modules(fam, "kohya")}
+
+
+@pytest.mark.parametrize(("fam", "width"), [("sd1", 768), ("sd2", 1024)])
+def test_sd1_sd2_peft_told_apart_by_real_widths(fam, width, tmp_path):
+    """The matrix's small SD1/SD2 PEFT files need --family (their widths are not real); at the real cross-attention /
+    CLIP widths (768 SD1, 1024 SD2) info and convert tell the family from the keys alone."""
+    g = torch.Generator().manual_seed(5)
+    sd = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.randn(4, width, generator=g),
+          "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": torch.randn(640, 4, generator=g),
+          "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, width, generator=g),
+          "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(width, 4, generator=g)}
+    src = tmp_path / "real.safetensors"
+    save_file(sd, str(src))
+    assert json.loads(ok("lora", "info", src, "--json").stdout)["family"] == fam
+    out = tmp_path / "kohya.safetensors"
+    ok("lora", "convert", src, "--to", "kohya", "-o", out)
+    got = load_file(out)
+    assert torch.equal(got["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"],
+                       sd["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"])
+    assert torch.equal(got["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight"],
+                       sd["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight"])
