@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -107,8 +108,19 @@ def files(tmp_path_factory):
     # one torch thread: the SVDs of many small matrices run ~6× slower with threads fighting over 2 shared cores
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield Files(tmp_path_factory.mktemp("lora-matrix"))
+    root = tmp_path_factory.mktemp("lora-matrix")
+    yield Files(root)
     torch.set_num_threads(threads)
+    shutil.rmtree(root, ignore_errors=True)  # some 2 GB of baked checkpoints: not left for pytest's last-3 retention
+
+
+@pytest.fixture(autouse=True)
+def _drop_big_outputs(tmp_path):
+    """Baked / merged checkpoints (up to 140 MB each) are removed after each test; the small LoRAs stay."""
+    yield
+    for f in tmp_path.glob("*.safetensors"):
+        if f.stat().st_size > (1 << 20):
+            f.unlink()
 
 
 def assert_deltas_equal(got: dict, want: dict, *, rtol=1e-5, atol=1e-6):
