@@ -311,3 +311,42 @@ def test_diffusers_conversions_plan_every_input_before_writing(tmp_path, model):
         to_diffusers_each([model, model], output=tmp_path / "x")
     with pytest.raises(CkptlabError, match="both be written"):
         to_diffusers_each([model, model], out_dir=tmp_path / "y")
+
+
+def _computed_items(n: int, fail_at: int | None = None):
+    """``n`` computed items of different sizes; item ``fail_at`` raises while being produced."""
+    import numpy as np
+
+    from ckptlab.formats.base import TensorInfo
+    from ckptlab.ops.stream import Out
+
+    items = []
+    for i in range(n):
+        shape = (1 + i % 7, 3 + i % 5)
+
+        def produce(i=i, shape=shape):
+            if i == fail_at:
+                raise ValueError("boom")
+            return np.full(shape, i, dtype=np.float32) + np.arange(shape[1], dtype=np.float32)
+
+        items.append(Out(f"t{i:03d}", TensorInfo("F32", shape), produce=produce))
+    return items
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_worker_threads_write_the_same_bytes_in_plan_order(tmp_path, threads):
+    from ckptlab.ops.stream import write_plan
+
+    one, many = tmp_path / "one.safetensors", tmp_path / "many.safetensors"
+    write_plan(one, _computed_items(40), {"k": "v"})
+    write_plan(many, _computed_items(40), {"k": "v"}, threads=threads)
+    assert one.read_bytes() == many.read_bytes()
+
+
+def test_a_worker_failing_leaves_nothing(tmp_path):
+    from ckptlab.ops.stream import write_plan
+
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(ValueError, match="boom"):
+        write_plan(out, _computed_items(40, fail_at=23), {}, threads=2)
+    assert list(tmp_path.iterdir()) == []

@@ -45,6 +45,10 @@ class LoraReport:
     sha256: str | None = None
 
 
+#: workers computing baked weights ahead of the writer (each with one torch thread: the bytes do not depend on it)
+WRITE_THREADS = 2
+
+
 @dataclass
 class BakeResult:
     """What ``bake`` did (the ``--json`` record): the base, the output, the family, one ``LoraReport`` per LoRA
@@ -155,14 +159,18 @@ def bias_out(src: TensorSource, key: str, patches: list[Patch], out_dtype: str) 
 
 
 def _cast(t, tdtype, key: str, where):
+    import math
+
     import torch
 
-    if not bool(torch.isfinite(t).all()):
+    # one pass: NaN propagates through aminmax, and the extremes tell whether a narrow dtype can overflow
+    lo, hi = (float(x) for x in torch.aminmax(t)) if t.numel() else (0.0, 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise MismatchError(f"{key}: the baked weight has NaN or infinite values (a LoRA with huge values?)",
                             where)
     out = t.to(tdtype)
-    if tdtype in (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2) and not bool(
-            torch.isfinite(out.to(torch.float32)).all()):
+    if tdtype in (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2) and max(-lo, hi) > torch.finfo(
+            tdtype).max and not bool(torch.isfinite(out.to(torch.float32)).all()):
         raise MismatchError(f"{key}: the baked weight overflows {str(tdtype).replace('torch.', '')}; bake with "
                             "--precision fp32 or bf16", where)
     return out.contiguous()
@@ -222,17 +230,14 @@ def patch_weight(w, patches: list[Patch]):
     of a row slice of a fused weight (OpenCLIP ``in_proj_weight``, Flux ``qkv``) go to their rows."""
     import torch
 
-    out = w.to(torch.float32, copy=True)
+    out = w.to(torch.float32, copy=True).contiguous()
     groups: dict[tuple[int, int] | None, list[Patch]] = {}
     for p in patches:
         groups.setdefault(p.target.rows, []).append(p)
     for rows, ps in groups.items():
         triples = [(p.lora, p.module, p.multiplier) for p in ps]
-        if rows is None:
-            out = maths.apply(out, triples, ps[0].target.shape)
-        else:
-            a, b = rows
-            out[a:b] = maths.apply(out[a:b], triples, ps[0].target.shape)
+        a, b = rows if rows is not None else (0, out.shape[0])
+        maths.apply(out[a:b], triples, ps[0].target.shape, inplace=True)  # rows of a contiguous tensor: a view
     return out
 
 
@@ -373,7 +378,8 @@ def bake(base: Path, loras: list[Path], output: Path, *, strengths: Sequence[flo
                                       enumerate(zip(paths, hashers, strict=True))],
                           plan.options, base=output_metadata(dict(src.metadata)))
         progress(0, description=f"bake {base.name}")
-        write_plan(output, plan.items, meta, progress=progress, overwrite=overwrite, pending=pending)
+        write_plan(output, plan.items, meta, progress=progress, overwrite=overwrite, pending=pending,
+                   threads=WRITE_THREADS)
         digests = [h.result() if h else None for h in hashers]
         plan.result.base_sha256 = digests[0]
         for rep, d in zip(plan.result.loras, digests[1:], strict=True):

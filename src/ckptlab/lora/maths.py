@@ -202,11 +202,39 @@ def _ia3(lora, mod, weight, m: float):
     return weight * (1 + m * w.reshape(-1, *([1] * (weight.dim() - 1))))
 
 
-def apply(weight, patches, shape: tuple[int, ...] | None = None):
+def _product_factors(lora: LoraFile, mod: LoraModule, w):
+    """``(up [out, r], down [r, n])`` of a plain LoRA whose ``up @ down`` is ``w`` viewed as ``[out, n]``
+    (Linear, 1×1 and k×k convs alike), or None when the update needs the general path (CP, a padded inpaint
+    ``conv_in``, a LoRA shaped for another weight)."""
+    if mod.algo != "lora" or "mid" in mod.params or mod.has_dora:
+        return None
+    up = _t(lora, mod, "up", w.device)
+    down = _t(lora, mod, "down", w.device)
+    up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+    if up2.shape[0] != w.shape[0] or up2.shape[1] != down2.shape[0] or up2.shape[0] * down2.shape[1] != w.numel():
+        return None
+    return up2, down2
+
+
+#: elements of ``up @ down`` computed at a time (a cache-sized block instead of a ΔW the size of the weight)
+PRODUCT_CHUNK = 1 << 18
+
+
+def _add_product(w2, up, down, alpha: float) -> None:
+    """``w2 += alpha · up @ down`` by row blocks. Not ``addmm_``: its BLAS kernel rounds differently with the
+    number of intra-op threads, and a bake must give the same bytes inside a merge's worker threads as on its own."""
+    step = max(1, PRODUCT_CHUNK // max(1, w2.shape[1]))
+    for i in range(0, w2.shape[0], step):
+        w2[i:i + step].add_(up[i:i + step] @ down, alpha=alpha)
+
+
+def apply(weight, patches, shape: tuple[int, ...] | None = None, *, inplace: bool = False):
     """``weight`` (torch, any float dtype) with ``patches`` = ``[(lora, module, multiplier), …]`` applied in
-    order, computed in fp32; returns an fp32 tensor of ``weight``'s shape (the caller casts back)."""
+    order, computed in fp32; returns an fp32 tensor of ``weight``'s shape (the caller casts back).
+    ``inplace``: ``weight`` is a contiguous fp32 tensor the caller owns, updated and returned (no copy).
+    A plain LoRA is added block by block (W += m·(α/r)·up@down): no ΔW the size of the weight."""
     torch = import_torch("LoRA maths")
-    w = weight.to(torch.float32)
+    w = weight if inplace else weight.to(torch.float32, copy=True).contiguous()
     shape = tuple(w.shape) if shape is None else shape
     for lora, mod, m in patches:
         why = unsupported(mod)
@@ -215,20 +243,24 @@ def apply(weight, patches, shape: tuple[int, ...] | None = None):
         if mod.algo in ADDITIVE:
             if mod.algo == "full" and "diff" not in mod.params:
                 continue  # a bias-only diff
+            fused = _product_factors(lora, mod, w) if tuple(w.shape) == tuple(shape) else None
+            if fused is not None:
+                _add_product(w.view(w.shape[0], -1), *fused, m * module_scale(lora, mod))
+                continue
             dw = delta(lora, mod, shape, device=w.device)
             if mod.has_dora:
                 try:
-                    w = dora(w, dw, _t(lora, mod, "dora", w.device), m)
+                    w.copy_(dora(w, dw, _t(lora, mod, "dora", w.device), m))
                 except ValueError as e:
                     raise MismatchError(f"{mod.name}: {e}", lora.path) from None
             else:
-                w = w + m * dw
+                w.add_(dw, alpha=m)
         elif mod.algo == "norm":
-            w = w + m * _fit(_t(lora, mod, "w_norm", w.device), shape, lora, mod)
+            w.add_(_fit(_t(lora, mod, "w_norm", w.device), shape, lora, mod), alpha=m)
         elif mod.algo == "ia3":
-            w = _ia3(lora, mod, w, m)
+            w.copy_(_ia3(lora, mod, w, m))
         elif mod.algo == "oft":
-            w = _oft(lora, mod, w, m)
+            w.copy_(_oft(lora, mod, w, m))
     return w
 
 

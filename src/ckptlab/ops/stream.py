@@ -68,14 +68,16 @@ class TransformResult:
 
 def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progress: Progress = null_progress,
                overwrite: bool = False, pending: dict[str, FileHasher] | None = None, set_total: bool = True,
-               data_hash: str | None = None) -> int:
+               data_hash: str | None = None, threads: int = 1) -> int:
     """Stream ``items`` into a new safetensors file at ``path``; return the bytes of tensor data written.
 
     ``pending`` maps placeholder strings inside ``metadata`` to input hashers still running: the
     digests are patched into the header (same length) just before the file is committed, so hashing
     the inputs overlaps with writing instead of adding a full read in front of it. ``data_hash`` is a
     placeholder (64 characters, like ``placeholder``) inside ``metadata`` that becomes the SHA-256 of the tensor
-    data actually written (kohya's ``sshs_model_hash``).
+    data actually written (kohya's ``sshs_model_hash``). ``threads`` > 1: computed items are produced by that
+    many worker threads ahead of the writer (``produce`` must be thread-safe; torch's own intra-op threads are
+    set to 1 meanwhile, as in the merge engine), written in plan order, so the bytes do not change.
     """
     plan: dict[str, TensorInfo] = {}
     for it in items:
@@ -87,12 +89,13 @@ def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progre
     written = 0
     from ckptlab.formats.writer import SafetensorsWriter
 
-    with SafetensorsWriter(path, plan, metadata, overwrite=overwrite, hash_data=data_hash is not None) as w:
-        for it in items:
+    with SafetensorsWriter(path, plan, metadata, overwrite=overwrite, hash_data=data_hash is not None) as w, \
+            _Producer(items, threads) as produced:
+        for i, it in enumerate(items):
             if it.produce is None and hasattr(it.source, "raw_bytes"):
                 w.write_raw(it.key, it.source.raw_bytes(it.src_key))
             else:
-                t = it.produce() if it.produce is not None else it.source.array(it.src_key)
+                t = produced(i) if it.produce is not None else it.source.array(it.src_key)
                 w.write(it.key, t)
                 del t
             written += it.info.nbytes
@@ -107,6 +110,51 @@ def write_plan(path: Path, items: list[Out], metadata: dict[str, str], *, progre
                 final = {k: v.replace(ph, digest) for k, v in final.items()}
             w.rewrite_metadata(final)
     return written
+
+
+class _Producer:
+    """``produced(i)``: the tensor of computed item ``i``, made by ``threads`` workers that run ahead of the writer
+    (at most ``4 × threads`` items and ``budget`` bytes of output in flight); with one thread, made on demand."""
+
+    def __init__(self, items: list[Out], threads: int, budget: int = 256 << 20):
+        self.items = items
+        self.threads = threads
+        self.budget = budget
+        self.futures: dict[int, object] = {}
+        self.inflight = 0
+        self.next = 0
+
+    def __enter__(self):
+        if self.threads > 1:
+            import sys
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.torch = sys.modules.get("torch")  # only when a producer already uses it
+            self.prev = self.torch.get_num_threads() if self.torch else None
+            if self.torch:
+                self.torch.set_num_threads(1)
+            self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ckptlab-write")
+        return self
+
+    def __call__(self, i: int):
+        if self.threads <= 1:
+            return self.items[i].produce()
+        while self.next < len(self.items) and (self.next <= i or (
+                len(self.futures) < 4 * self.threads and self.inflight < self.budget)):
+            it = self.items[self.next]
+            if it.produce is not None:
+                self.futures[self.next] = self.pool.submit(it.produce)
+                self.inflight += it.info.nbytes
+            self.next += 1
+        fut = self.futures.pop(i)
+        self.inflight -= self.items[i].info.nbytes
+        return fut.result()
+
+    def __exit__(self, *exc) -> None:
+        if self.threads > 1:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            if self.torch and self.prev is not None:
+                self.torch.set_num_threads(self.prev)
 
 
 def placeholder(i: int) -> str:
