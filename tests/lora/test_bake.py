@@ -229,7 +229,9 @@ def test_plan_reads_headers_only_and_produces_one_weight_at_a_time(files):
     lsrc = counting(lora.source)
     try:
         plan = plan_bake(src, [lora], [(1.0, 1.0)], family="sd1")
-        assert not src.reads and not lsrc.reads
+        # no weight read to plan; of the LoRA only its 0-d alphas (a module storing alpha 0 changes nothing)
+        assert not src.reads and all(k.endswith(".alpha") for k in lsrc.reads)
+        lsrc.reads.clear()
         produced = [it for it in plan.items if it.produce is not None]
         assert len(produced) == plan.result.changed == 350
         assert all(it.source is not None for it in plan.items if it.produce is None)  # raw copies
@@ -255,7 +257,8 @@ def test_cli_bake_and_errors(files, tmp_path, cli):
     r = cli("lora", "bake", base, lp, lp, "--strength", "0.5,0.25", "--te-strength", "0", "-o", out, "--json")
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
-    assert [x["strength"] for x in rec["loras"]] == [0.5, 0.25] and rec["changed"] == 264
+    # --te-strength 0: only the 192 UNet weights change (the 72 text-encoder modules are left out)
+    assert [x["strength"] for x in rec["loras"]] == [0.5, 0.25] and rec["changed"] == 192
     o, b, lo = load_file(out), load_file(base), load_file(lp)
     name, key = next(iter(HAND.items()))
     assert torch.allclose(o[key], b[key] + 0.75 * kohya_delta(lo, name, b[key].shape), atol=1e-6)
@@ -330,3 +333,35 @@ def test_standalone_clip_l_text_encoder(files, tmp_path):
     n_te = len({k.split(".")[0] for k in lo if k.startswith("lora_te_")})
     assert r.changed == n_te and r.family == "sd1"
     assert "match no weight" in r.warnings[0]
+
+
+def test_zero_strength_and_zero_alpha_leave_weights_byte_identical(files, tmp_path):
+    """``--te-strength 0`` changes no text-encoder weight and counts none as changed; a LoRA storing alpha 0
+    (A1111/ComfyUI: scale 0) changes nothing and says so."""
+    base, lp = files["sd1_checkpoint"], files["sd1_kohya_lora"]
+    out = tmp_path / "o.safetensors"
+    r = bake(base, [lp], out, te_strengths=[0.0])
+    b, o = load_file(base), load_file(out)
+    lora = load_file(lp)
+    te_keys = [k for k in b if k.startswith("cond_stage_model.")]
+    assert all(torch.equal(o[k], b[k]) for k in te_keys)
+    unet_modules = sum(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in lora)
+    assert r.changed == unet_modules == sum(not torch.equal(o[k], b[k]) for k in b)
+    zero = {k: (torch.zeros_like(v) if k.endswith(".alpha") else v) for k, v in lora.items()}
+    zp = tmp_path / "zero_alpha.safetensors"
+    save_file(zero, zp)
+    out2 = tmp_path / "o2.safetensors"
+    r2 = bake(base, [zp], out2)
+    assert r2.changed == 0 and any("alpha 0" in w for w in r2.warnings)
+    o2 = load_file(out2)
+    assert all(torch.equal(o2[k], b[k]) for k in b)
+
+
+def test_non_finite_strength_and_swapped_arguments_are_refused_up_front(files, tmp_path, cli):
+    base, lp = files["sd1_checkpoint"], files["sd1_kohya_lora"]
+    for bad in ("nan", "inf"):
+        r = cli("lora", "bake", base, lp, "-s", bad, "-o", tmp_path / "x.safetensors")
+        assert r.returncode == 2 and "finite" in r.stderr and "Traceback" not in r.stderr
+    r = cli("lora", "bake", lp, base, "-o", tmp_path / "x.safetensors")
+    assert r.returncode == 1 and "give the model first, then the LoRAs" in r.stderr
+    assert not (tmp_path / "x.safetensors").exists()

@@ -155,3 +155,18 @@ dtype = "fp16"
     for k in a:
         want = b[k].to(torch.float16) if b[k].is_floating_point() else b[k]
         assert a[k].dtype == want.dtype and torch.equal(a[k], want), k
+
+
+def test_recipe_bytes_do_not_depend_on_threads(files, tmp_path, cli):
+    """A review found the lora step's bytes changed with --threads (a BLAS kernel rounding with its intra-op
+    thread count): one thread, two threads and the bake command must agree."""
+    rf = tmp_path / "r.toml"
+    rf.write_text(_recipe(files))
+    outs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"t{threads}.safetensors"
+        r = cli("merge", "--recipe", rf, "-o", out, "--threads", threads)
+        assert r.returncode == 0, r.stderr
+        outs.append(load_file(out))
+    assert list(outs[0]) == list(outs[1])
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])

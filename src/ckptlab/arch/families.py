@@ -287,7 +287,7 @@ FAMILIES: tuple[Family, ...] = (
         prediction_std=("output_blocks.11.1.transformer_blocks.0.norm1.bias", 0.09),
         prediction_unknown="SD2 512-eps and 768-v share every key and shape, and there is no metadata or "
                            "global_step to decide (heuristics not applied)",
-        modelspec=("stable-diffusion-v2",), kohya=("sd_v2", "sd_v2_v"),
+        modelspec=("stable-diffusion-v2-512", "stable-diffusion-v2-768-v"), kohya=("sd_v2", "sd_v2_v"),
         notes=("SD2 512-base (eps) and 768-v (v) share every key and shape",),
         short_name="SD2",
         vae_file_names=r"sd2|sd_2|v2-|768", a1111_version="SD2", vae_group="sd1/sd2",

@@ -10,6 +10,8 @@ memory is one weight plus its LoRA factors, never the model.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +89,8 @@ def strengths_for(n: int, strengths: Sequence[float] | None, te_strengths: Seque
         if not values:
             return list(default)
         values = [float(v) for v in values]
+        if not all(math.isfinite(v) for v in values):
+            raise UsageError(f"{what}: strengths must be finite numbers, got {', '.join(map(str, values))}")
         if len(values) == 1:
             return values * n
         if len(values) != n:
@@ -100,11 +104,13 @@ def strengths_for(n: int, strengths: Sequence[float] | None, te_strengths: Seque
 
 
 def patches_of(lora: LoraFile, table: TargetTable, strength: float, te_strength: float
-               ) -> tuple[list[Patch], list[str]]:
-    """The patches of one LoRA on ``table`` and the names of the modules that match no weight. A module whose
-    algorithm cannot be baked is refused (one line, the reason)."""
+               ) -> tuple[list[Patch], list[str], int, int]:
+    """The patches of one LoRA on ``table``, the names of the modules that match no weight, and how many matched
+    modules change nothing (strength 0; a stored alpha of 0): those are left out, so their weights stay raw
+    copies. A module whose algorithm cannot be baked is refused (one line, the reason)."""
     patches: list[Patch] = []
     unmatched: list[str] = []
+    idle = zero_alpha = 0
     for mod in lora.modules.values():
         why = maths.unsupported(mod)
         if why:
@@ -114,8 +120,14 @@ def patches_of(lora: LoraFile, table: TargetTable, strength: float, te_strength:
             unmatched.append(mod.name)
             continue
         m = te_strength if t.component.startswith("te") else strength
+        if maths.additive_only(mod) and maths.module_scale(lora, mod) == 0:
+            zero_alpha += 1
+            continue
+        if m == 0:
+            idle += 1
+            continue
         patches.append(Patch(t, lora, mod, m))
-    return patches, unmatched
+    return patches, unmatched, idle, zero_alpha
 
 
 def parse_dtype(dtype: str | None) -> str | None:
@@ -195,10 +207,14 @@ def match_loras(infos, family: str | None, loras: list[LoraFile], strengths: lis
         if lfam is not None and family is not None and lfam != family:
             raise MismatchError(f"this LoRA is for {display_name(lfam)}; the model is {display_name(family)}",
                                 lora.path)
-        patches, unmatched = patches_of(lora, table, s, t)
-        rep = LoraReport(lora.path, s, t, lfam, len(lora.modules), len(patches), unmatched[:SHOW_UNMATCHED])
+        patches, unmatched, idle, zero_alpha = patches_of(lora, table, s, t)
+        rep = LoraReport(lora.path, s, t, lfam, len(lora.modules), len(patches) + idle + zero_alpha,
+                         unmatched[:SHOW_UNMATCHED])
         result.loras.append(rep)
-        if not patches:
+        if zero_alpha:
+            result.warnings.append(f"{lora.path.name}: {zero_alpha} module(s) store alpha 0, which A1111 and ComfyUI "
+                                   "load as scale 0: they change nothing (docs/lora.md)")
+        if not patches and not idle and not zero_alpha:
             raise MismatchError(f"none of this LoRA's {len(lora.modules)} modules adapts a weight of this "
                                 f"{display_name(family) + ' ' if family else ''}model (first: {unmatched[0]})",
                                 lora.path)
@@ -362,6 +378,11 @@ def bake(base: Path, loras: list[Path], output: Path, *, strengths: Sequence[flo
     try:
         src = open_checked(base)
         opened.append(src)
+        from ckptlab.arch.identify import identify
+
+        if identify(src).kind in ("lora", "lycoris"):
+            raise MismatchError("this is a LoRA, not a model to bake into: give the model first, then the LoRAs",
+                                base)
         files = []
         for p in loras:
             lf = LoraFile.open(p)

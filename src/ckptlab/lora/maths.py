@@ -264,6 +264,12 @@ def apply(weight, patches, shape: tuple[int, ...] | None = None, *, inplace: boo
     return w
 
 
+def additive_only(mod: LoraModule) -> bool:
+    """Whether the module's whole effect scales with ``module_scale`` (so a scale of 0 changes nothing): the
+    additive algorithms without DoRA (DoRA re-normalises the weight even when ΔW is 0)."""
+    return mod.algo in ADDITIVE and not mod.has_dora
+
+
 def touches_bias(mod: LoraModule) -> bool:
     return any(r in mod.params for r in BIAS_ROLES)
 
