@@ -11,7 +11,6 @@ memory is one weight plus its LoRA factors, never the model.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
