@@ -53,7 +53,7 @@ def test_kohya_round_trips_are_bit_exact(tmp_path, spec, via):
     assert res.modules_out == res.modules_in or via in ("peft", "diffusers")
     meta = _meta(back)
     assert meta["ss_base_model_version"] == _meta(src)["ss_base_model_version"]
-    assert meta["ckptlab.operation"] == "lora convert"
+    assert meta["ckptlab.operation"] == "lora-convert"
 
 
 def test_peft_round_trip_with_adapter_metadata_is_bit_exact(tmp_path):
@@ -268,7 +268,7 @@ def test_refusals(tmp_path):
         convert(src, tmp_path / "o.safetensors", to="peft", family="sd9")
     assert not (tmp_path / "o.safetensors").exists()
     res = convert(src, tmp_path / "o.safetensors", to="peft", dry_run=True)
-    assert res.dry_run and res.bytes_written > 0 and not (tmp_path / "o.safetensors").exists()
+    assert res.dry_run and res.bytes_out > 0 and not (tmp_path / "o.safetensors").exists()
 
 
 def test_cli_convert_and_errors(tmp_path, cli):
