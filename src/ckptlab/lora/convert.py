@@ -71,6 +71,7 @@ class LoraConvertResult:
     modules_in: int = 0
     modules_out: int = 0
     fused: int = 0       # fused output modules built from split input modules
+    rank_grown: int = 0  # of those, the ones whose rank is the parts' sum (parts with their own lora_down)
     split: int = 0       # fused input modules written as parts
     bytes_out: int = 0
     dry_run: bool = False
@@ -242,8 +243,10 @@ def _plan(lf: LoraFile, table: TargetTable, targets: dict[str, Target], to: str,
             w = whole_of.get(key)
             if w is None or w.name(to) is None:
                 raise MismatchError(f"{parts[0].name}: no {to} name for {key}", lf.path)
-            out.append(_fuse(lf, parts, targets, w, to))
+            fm = _fuse(lf, parts, targets, w, to)
+            out.append(fm)
             result.fused += 1
+            result.rank_grown += fm.rank is not None and fm.rank > max(lf.info(p, "down").shape[0] for p in parts)
     seen: dict[str, str] = {}
     for m, key in ((m, m.target.key) for m in out):
         if m.name in seen:
