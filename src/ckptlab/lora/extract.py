@@ -243,6 +243,11 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
             targets = [t for t in targets if not (t.component.startswith("te")
                                                   and (t.component if family in _DIT else "te") in dropped)]
             result.text_encoders = any(t.component.startswith("te") for t in targets)
+        # identical models give an all-zero LoRA: refuse (stops at the first weight that differs, so a real
+        # fine-tune costs one tensor pair here)
+        if not any(bool(torch.any(delta(t) != 0)) for t in targets):
+            raise MismatchError("no adapted weight differs between the two models; a LoRA of them would be all "
+                                "zeros")
 
         def cap_of(t: Target) -> int:
             m = t.shape[0]
