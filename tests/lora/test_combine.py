@@ -40,6 +40,31 @@ def test_merge_is_the_exact_weighted_sum_with_negative_strengths(tmp_path, cli):
     assert (sha256(a), sha256(b)) == before
 
 
+def test_one_strength_applies_to_every_lora(tmp_path, cli):
+    """``-s 0.5`` with two LoRAs weights both by 0.5 (as bake and recipes read one value)."""
+    a, b = _two(tmp_path)
+    out = tmp_path / "m.safetensors"
+    r = cli("lora", "merge", a, b, "-s", "0.5", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "2 LoRAs -> wrote" in r.stdout and "4 modules" in r.stdout, r.stdout
+    A, B, M = load(a), load(b), load(out)
+    for name in NAMES[:4]:
+        want = torch.zeros(32, 32, dtype=torch.float64)
+        if name in module_names(A):
+            want += bake_delta(A, name, 0.5)
+        if name in module_names(B):
+            want += bake_delta(B, name, 0.5)
+        got = bake_delta(M, name)
+        assert torch.linalg.norm(got - want) / torch.linalg.norm(want) < 1e-6
+
+
+def test_one_lora_summary_is_singular(tmp_path, cli):
+    a = random_lora(tmp_path / "a.safetensors", rank=4, alpha=3.0, seed=3, names=NAMES[:1])
+    r = cli("lora", "merge", a, "-o", tmp_path / "m.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("1 LoRA -> wrote") and ": 1 module (exact)" in r.stdout, r.stdout
+
+
 def test_single_negative_strength_is_linear_not_kohyas_r_abs_r(tmp_path):
     from ckptlab.lora.combine import merge
 
@@ -133,10 +158,15 @@ def test_refusals(tmp_path, cli):
     one_line(cli("lora", "merge", a, xl, "-o", out), 1, "different model families")
     ckpt = make_model(tmp_path / "m.safetensors", "sd1_checkpoint")
     one_line(cli("lora", "merge", a, ckpt, "-o", out), 1, "not a LoRA")
-    one_line(cli("lora", "merge", a, a, "-s", "1", "-o", out), 2, "strengths")
+    one_line(cli("lora", "merge", a, a, a, "-s", "1,2", "-o", out), 2,
+             "2 strengths for 3 LoRAs: give one strength per LoRA, or one for all")
+    for bad in ("nan", "inf", "1,-inf"):
+        one_line(cli("lora", "merge", a, a, "-s", bad, "-o", out), 2, "strengths must be finite numbers")
+    one_line(cli("lora", "merge", a, a, a, "-s", "nan,1", "-o", out), 2, "strengths must be finite numbers")
     one_line(cli("lora", "merge", a, a, "-s", "x", "-o", out), 2, "--strength")
     one_line(cli("lora", "merge", a, a, "--rank", "0", "-o", out), 2, "positive")
-    one_line(cli("lora", "merge", a, a, "--precision", "fp8", "-o", out), 2, "precision")
+    one_line(cli("lora", "merge", a, a, "--precision", "fp8", "-o", out), 2,
+             "--precision 'fp8': use one of fp16, bf16, fp32")
 
     class Payload:
         def __reduce__(self):
@@ -158,4 +188,5 @@ def test_dry_run_writes_nothing(tmp_path, cli):
     a, b = _two(tmp_path)
     out = tmp_path / "m.safetensors"
     rep = json_out(cli("lora", "merge", a, b, "-o", out, "--dry-run", "--json"))
-    assert not out.exists() and rep["dry_run"] is True and rep["planned"] == 4 and rep["output"] is None
+    assert not out.exists() and rep["dry_run"] is True and rep["planned"] == 4 and rep["output"] == str(out)
+    assert rep["operation"] == "lora-merge"

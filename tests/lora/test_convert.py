@@ -53,7 +53,7 @@ def test_kohya_round_trips_are_bit_exact(tmp_path, spec, via):
     assert res.modules_out == res.modules_in or via in ("peft", "diffusers")
     meta = _meta(back)
     assert meta["ss_base_model_version"] == _meta(src)["ss_base_model_version"]
-    assert meta["ckptlab.operation"] == "lora convert"
+    assert meta["ckptlab.operation"] == "lora-convert"
 
 
 def test_peft_round_trip_with_adapter_metadata_is_bit_exact(tmp_path):
@@ -268,7 +268,7 @@ def test_refusals(tmp_path):
         convert(src, tmp_path / "o.safetensors", to="peft", family="sd9")
     assert not (tmp_path / "o.safetensors").exists()
     res = convert(src, tmp_path / "o.safetensors", to="peft", dry_run=True)
-    assert res.dry_run and res.bytes_written > 0 and not (tmp_path / "o.safetensors").exists()
+    assert res.dry_run and res.bytes_out > 0 and not (tmp_path / "o.safetensors").exists()
 
 
 def test_cli_convert_and_errors(tmp_path, cli):
@@ -287,6 +287,42 @@ def test_cli_convert_and_errors(tmp_path, cli):
     r = cli("lora", "convert", make_model(tmp_path / "h.safetensors", "sd1_loha"), "--to", "peft", "-o",
             tmp_path / "x.safetensors")
     assert r.returncode not in (0, 70) and "LyCORIS" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_fused_summary_says_rank_grows_only_when_it_did(tmp_path, cli):
+    """kohya fused → diffusers split (one shared down) → kohya: the parts are stacked back, rank unchanged; split
+    diffusers parts with their own downs fuse with the rank growing. One pair of parentheses either way."""
+    src = make_model(tmp_path / "k.safetensors", "flux_kohya_lora")
+    split = tmp_path / "d.safetensors"
+    assert cli("lora", "convert", src, "--to", "diffusers", "-o", split).returncode == 0
+    r = cli("lora", "convert", split, "--to", "KOHYA", "-o", tmp_path / "back.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().endswith("(flux) (76 fused from parts)"), r.stdout
+    rec = json.loads(cli("lora", "convert", split, "--to", "kohya", "-o", tmp_path / "b2.safetensors",
+                         "--json").stdout)
+    assert rec["fused"] == 76 and rec["rank_grown"] == 0
+    grown = make_model(tmp_path / "g.safetensors", "flux_diffusers_lora")
+    r = cli("lora", "convert", grown, "--to", "kohya", "-o", tmp_path / "g2.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().endswith("(flux) (76 fused from parts, rank grows)"), r.stdout
+
+
+def test_cli_json_record_and_options(tmp_path, cli):
+    src = make_model(tmp_path / "k.safetensors", "sd1_kohya_lora")
+    out = tmp_path / "o.safetensors"
+    plan = rec = json.loads(cli("lora", "convert", src, "--to", "peft", "-o", out, "--dry-run", "--json").stdout)
+    assert rec["operation"] == "lora-convert" and rec["output"] == str(out) and rec["dry_run"] is True
+    assert rec["bytes_out"] > 0 and "bytes_written" not in rec and not out.exists()
+    db = tmp_path / "lib.db"
+    rec = json.loads(cli("lora", "convert", src, "--to", "peft", "-o", out, "--json", "--db", db).stdout)
+    assert rec["bytes_out"] == plan["bytes_out"] and out.exists()  # tensor bytes, as the other lora commands
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ckptlab.operation"] == "lora-convert"
+    r = cli("lora", "convert", src, "--to", "a1111", "-o", tmp_path / "x.safetensors")
+    assert r.returncode == 2 and "a1111" in r.stderr and not (tmp_path / "x.safetensors").exists()
+    h = cli("lora", "convert", "-h", env={"COLUMNS": "200"})
+    assert h.returncode == 0 and "kohya|peft|diffusers|comfy" in h.stdout and "--db" in h.stdout, h.stdout
+    assert "Naming style to write." in h.stdout and "Replace the output if it exists." in h.stdout, h.stdout
 
 
 def test_ambiguous_family_asks_for_it(tmp_path):

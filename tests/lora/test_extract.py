@@ -207,6 +207,14 @@ def test_refusals(tmp_path, cli):
     one_line(cli("lora", "extract", sd1, sd1, "-r", "4", "--sv-fro", "0.5", "--sv-ratio", "2", "-o", out), 2,
              "one of")
     one_line(cli("lora", "extract", sd1, sd1, "-r", "4", "--clamp-quantile", "2", "-o", out), 2, "quantile")
+    one_line(cli("lora", "extract", sd1, sd1, "-r", "4", "--precision", "fp8", "-o", out), 2,
+             "--precision 'fp8': use one of fp16, bf16, fp32")
+    # identical models: an all-zero LoRA is useless, refused (dry run included) instead of written silently
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(sd1.read_bytes())
+    for extra in ([], ["--dry-run"], ["--sv-fro", "0.9"]):
+        one_line(cli("lora", "extract", copy, sd1, "-r", "4", *extra, "-o", out), 1,
+                 "no adapted weight differs between the two models")
 
     class Payload:
         def __reduce__(self):
@@ -220,6 +228,16 @@ def test_refusals(tmp_path, cli):
     out.write_bytes(b"x")
     r = cli("lora", "extract", sd1, sd1, "-r", "4", "-o", out)
     assert r.returncode == 1 and "already exists" in r.stderr and out.read_bytes() == b"x"
+
+
+def test_json_names_operation_and_planned_output(tmp_path, cli):
+    key = SD1["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+    base, tuned = _tuned(tmp_path, {key: _low_rank((32, 32), 2, seed=5)})
+    out = tmp_path / "o.safetensors"
+    rep = json_out(cli("lora", "extract", tuned, base, "-r", "2", "-o", out, "--dry-run", "--json"))
+    assert rep["operation"] == "lora-extract" and rep["output"] == str(out) and not out.exists()
+    rep = json_out(cli("lora", "extract", tuned, base, "-r", "2", "-o", out, "--json"))
+    assert rep["operation"] == metadata(out)["ckptlab.operation"] == "lora-extract"
 
 
 def test_sd2_fused_qkv_rows_become_separate_modules(tmp_path):

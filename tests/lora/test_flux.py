@@ -155,13 +155,22 @@ def test_extract_from_baked_then_rebake_recovers_it(files, spec, rank, tmp_path)
         assert torch.allclose(R[k], T[k], atol=2e-6, rtol=0), k
 
 
-def test_extract_unchanged_flux_is_zero_modules_and_json(files, tmp_path, cli):
+def test_extract_nearly_unchanged_flux_is_zero_modules_and_json(files, tmp_path, cli):
+    """One DiT weight moved: every module is written (304), all but that one zero; identical models are refused."""
     base = files["flux_dev"]
     out = tmp_path / "zero.safetensors"
-    rep = json_out(cli("lora", "extract", base, base, "-r", "2", "-o", out, "--json"))
+    r = cli("lora", "extract", base, base, "-r", "2", "-o", out)
+    assert r.returncode == 1 and "no adapted weight differs" in r.stderr and not out.exists(), r.stderr
+    sd = load_file(str(base))
+    sd["double_blocks.0.img_attn.proj.weight"] = sd["double_blocks.0.img_attn.proj.weight"] + 0.01
+    tuned = tmp_path / "tuned.safetensors"
+    save_file(sd, str(tuned))
+    rep = json_out(cli("lora", "extract", tuned, base, "-r", "2", "-o", out, "--json"))
     assert rep["family"] == "flux" and rep["planned"] == 304
     L = load(out)
-    assert all(float(bake_delta(L, n).abs().max()) == 0 for n in module_names(L))
+    moved = "lora_unet_double_blocks_0_img_attn_proj"
+    assert all(float(bake_delta(L, n).abs().max()) == 0 for n in module_names(L) if n != moved)
+    assert float(bake_delta(L, moved).abs().max()) > 0
     info = json_out(cli("lora", "info", out, "--json"))
     assert info["family"] == "flux" and info["components"] == {"dit": 304}
     assert info["blocks"] == {f"double {i}": 10 for i in range(19)} | {f"single {i}": 3 for i in range(38)}
@@ -220,7 +229,9 @@ def test_flux_text_encoders_each_kept_only_when_moved(files, tmp_path):
     assert len(te3) == 24 * 7
     assert torch.allclose(bake_delta(L, "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0"), dwi, atol=2e-6)
 
-    unet_only = extract(base, base, tmp_path / "c_l.safetensors", rank=2)
+    dit = "model.diffusion_model.double_blocks.0.img_attn.proj.weight"
+    dit_only = _all_in_one(tmp_path / "c.safetensors", files, {dit: torch.full(shapes[dit], 0.01, dtype=torch.float64)})
+    unet_only = extract(dit_only, base, tmp_path / "c_l.safetensors", rank=2)
     assert unet_only.text_encoders is False
     assert all(n.startswith("lora_unet_") for n in module_names(load(tmp_path / "c_l.safetensors")))
 

@@ -6,7 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 from fakes.sample_files import make_model, sha256
-from svd_oracle import SD1, bake_delta, json_out, kohya_new_rank, load, metadata, random_lora, write_lora
+from svd_oracle import (
+    SD1,
+    SD1_META,
+    bake_delta,
+    json_out,
+    kohya_new_rank,
+    load,
+    metadata,
+    random_lora,
+    write_lora,
+)
 
 NAMES = list(SD1)[:4]
 
@@ -49,7 +59,7 @@ def test_resize_down_error_is_the_discarded_singular_values(tmp_path, cli):
         assert mod["fro_retained"] == pytest.approx(float(torch.linalg.norm(s[:3]) / torch.linalg.norm(s)), rel=1e-5)
         assert mod["sum_retained"] == pytest.approx(float(s[:3].sum() / s.sum()), rel=1e-5)
     meta = metadata(tmp_path / "out.safetensors")
-    assert meta["ss_training_comment"].startswith("dimension is resized from 8 to 3; ")
+    assert meta["ss_training_comment"] == "dimension is resized from 8 to 3"
     assert meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "1.5"
 
 
@@ -83,8 +93,55 @@ def test_dynamic_rank_is_kohyas_rule(tmp_path, cli, method, param, cap):
         picked.add(got)
     assert len(picked) > 1 or cap <= 3  # the spectra differ, so do the ranks (unless all hit the cap)
     meta = metadata(tmp_path / "out.safetensors")
-    assert meta["ss_network_dim"] == meta["ss_network_alpha"] == "Dynamic"
-    assert meta["ss_training_comment"].startswith(f"Dynamically resized linear dims with {method}: {param:g}")
+    if len(picked) > 1:
+        assert meta["ss_network_dim"] == meta["ss_network_alpha"] == "Dynamic"
+    else:  # every module kept the same rank: the real values (kohya's rule: Dynamic only when modules differ)
+        (k,) = picked
+        assert meta["ss_network_dim"] == str(k) and float(meta["ss_network_alpha"]) == 2.0 / 8 * k
+    assert meta["ss_training_comment"] == (f"Dynamically resized linear dims with {method}: {param:g} from 8"
+                                           f"(Dynamically resized conv dims with {method}: {param:g})")
+
+
+def test_dynamic_resize_where_all_modules_agree_writes_the_common_rank(tmp_path, cli):
+    """--sv-fro 1 keeps the full spectrum, capped at 2 for every module: dim 2 and α 1/4·2, not "Dynamic", and
+    ``lora info`` sees no disagreement; an existing comment is kept after "; "."""
+    src = random_lora(tmp_path / "in.safetensors", rank=4, alpha=1.0, seed=0,
+                      metadata={**SD1_META, "ss_training_comment": "trained on cats"})
+    r = cli("lora", "resize", src, "--sv-fro", "1", "--rank", "2", "-o", tmp_path / "out.safetensors")
+    assert r.returncode == 0, r.stderr
+    meta = metadata(tmp_path / "out.safetensors")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("2", "0.5")
+    assert meta["ss_training_comment"] == ("Dynamically resized linear dims with sv_fro: 1 from 4(Dynamically "
+                                           "resized conv dims with sv_fro: 1); trained on cats")
+    info = cli("lora", "info", tmp_path / "out.safetensors")
+    said = info.stdout + info.stderr
+    assert info.returncode == 0 and "ss_network_dim says" not in said and "ss_network_alpha says" not in said, said
+
+
+def test_fixed_resize_comment_has_no_dangling_separator(tmp_path):
+    from ckptlab.lora.resize import resize
+
+    src = random_lora(tmp_path / "in.safetensors", rank=4, alpha=4.0, seed=0)
+    rep = resize(src, tmp_path / "out.safetensors", rank=2)
+    meta = metadata(tmp_path / "out.safetensors")
+    assert meta["ss_training_comment"] == "dimension is resized from 4 to 2"
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("2", "2")
+    assert meta["ckptlab.operation"] == rep.operation == "lora-resize"
+
+
+def test_dry_run_json_names_the_planned_output(tmp_path, cli):
+    src = random_lora(tmp_path / "in.safetensors", rank=4, alpha=1.0, seed=0)
+    out = tmp_path / "out.safetensors"
+    rep = json_out(cli("lora", "resize", src, "--rank", "2", "-o", out, "--dry-run", "--json"))
+    assert rep["operation"] == "lora-resize" and rep["output"] == str(out) and not out.exists()
+
+
+def test_glora_is_refused_in_resize_words(tmp_path, cli):
+    glora = make_model(tmp_path / "glora.safetensors", "sd1_glora")
+    r = cli("lora", "resize", glora, "--rank", "2", "-o", tmp_path / "o.safetensors")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "GLoRA modules cannot be re-factored" in r.stderr and "baked" not in r.stderr, r.stderr
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_zero_module_gets_rank_one(tmp_path):
@@ -154,7 +211,7 @@ def test_peft_input_comes_out_in_kohya_naming(tmp_path):
     (["--sv-cumulative", "-1"], 2, "(0, 1]"),
     (["--sv-ratio", "0.5"], 2, "≥ 1"),
     (["--sv-fro", "0.5", "--sv-ratio", "2"], 2, "one of"),
-    (["--rank", "2", "--precision", "int8"], 2, "precision"),
+    (["--rank", "2", "--precision", "int8"], 2, "--precision 'int8': use one of fp16, bf16, fp32"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, cli, args, code, words):
     src = random_lora(tmp_path / "in.safetensors", rank=4, alpha=1.0, seed=0)

@@ -55,6 +55,7 @@ def extract_cmd(
       ckptlab lora extract tuned.safetensors base.safetensors --rank 32 -o tuned-lora32.safetensors
     """
     from ckptlab.cli.common import emit_json, progress_bar
+    from ckptlab.lora.combine import count
     from ckptlab.lora.extract import extract
 
     with progress_bar("extract", enabled=not json_out) as cb:
@@ -67,7 +68,7 @@ def extract_cmd(
     verb = "would write" if r.dry_run else "wrote"
     ranks = sorted({m["rank"] for m in r.modules}) if r.modules else []
     rank_txt = f"rank {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"rank {ranks[0] if ranks else rank}"
-    _summary(f"{tuned} - {base} -> {verb} {output}: {r.planned} modules, {rank_txt}, "
+    _summary(f"{tuned} - {base} -> {verb} {output}: {count(r.planned, 'module')}, {rank_txt}, "
              f"relative error {_err(r.total_rel_error)}", r.warnings)
 
 
@@ -86,6 +87,7 @@ def resize_cmd(
       ckptlab lora resize big.safetensors --sv-fro 0.9 --rank 64 -o dynamic.safetensors
     """
     from ckptlab.cli.common import emit_json, progress_bar
+    from ckptlab.lora.combine import count
     from ckptlab.lora.resize import resize
 
     with progress_bar("resize", enabled=not json_out) as cb:
@@ -97,7 +99,7 @@ def resize_cmd(
     verb = "would write" if r.dry_run else "wrote"
     ranks = sorted({m["new_rank"] for m in r.modules})
     rank_txt = f"rank {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"rank {ranks[0]}"
-    _summary(f"{lora} -> {verb} {output}: {len(r.modules)} modules, rank {r.old_rank} -> {rank_txt[5:]}, "
+    _summary(f"{lora} -> {verb} {output}: {count(len(r.modules), 'module')}, rank {r.old_rank} -> {rank_txt[5:]}, "
              f"mean Frobenius norm retained {_err(r.mean_fro_retained)}", r.warnings)
 
 
@@ -118,7 +120,7 @@ def _strengths(values: list[str] | None) -> list[float] | None:
 
 def merge_cmd(
     loras: list[Path] = typer.Argument(..., help="LoRAs of one model family."),
-    strength: Optional[list[str]] = typer.Option(None, "--strength", "-s", help="One per LoRA (repeat, or comma-separated; negative allowed; default 1)."),
+    strength: Optional[list[str]] = typer.Option(None, "--strength", "-s", help="One per LoRA, or one for all (repeat, or comma-separated; negative allowed; default 1)."),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Re-factor the exact sum by SVD at this rank (default: exact concatenation)."),
     output: Path = _OUT, dtype: Optional[str] = _DTYPE, dry_run: bool = _DRY, json_out: bool = _JSON,
     overwrite: bool = _OVERWRITE, db: Optional[Path] = db_option(),
@@ -128,7 +130,7 @@ def merge_cmd(
       ckptlab lora merge style.safetensors detail.safetensors --strength 0.8 --strength -0.3 -o mix.safetensors
     """
     from ckptlab.cli.common import emit_json, progress_bar
-    from ckptlab.lora.combine import merge
+    from ckptlab.lora.combine import count, merge
 
     with progress_bar("merge", enabled=not json_out) as cb:
         r = merge(loras, output, strengths=_strengths(strength), rank=rank, dtype=dtype, overwrite=overwrite,
@@ -138,7 +140,7 @@ def merge_cmd(
         return
     verb = "would write" if r.dry_run else "wrote"
     how = "exact" if rank is None else f"rank {rank}"
-    _summary(f"{len(loras)} LoRAs -> {verb} {output}: {r.planned} modules ({how}), relative "
+    _summary(f"{count(len(loras), 'LoRA')} -> {verb} {output}: {count(r.planned, 'module')} ({how}), relative "
              f"error {_err(r.total_rel_error)}", r.warnings)
 
 

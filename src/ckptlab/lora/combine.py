@@ -21,6 +21,7 @@ inputs in kohya, PEFT or diffusers naming meet; a module the table does not know
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from ckptlab.lora.file import LoraFile, LoraModule
 from ckptlab.ops.stream import Out
 from ckptlab.progress import Progress, null_progress
 
-OPERATION = "lora merge"
+OPERATION = "lora-merge"
 ALPHA_DTYPE = "F32"
 _LORA_KINDS = ("lora", "lycoris")
 
@@ -78,17 +79,22 @@ def output_names(lora: LoraFile, family: str | None) -> dict[str, str]:
 
 
 def parse_dtype_option(dtype: str | None) -> str | None:
+    """``--precision`` as a safetensors float dtype (fp32/fp16/bf16 or an alias); errors worded as ``lora bake``'s."""
     from ckptlab.formats.dtypes import parse_dtype
+    from ckptlab.lora.bake import parse_dtype as lora_dtype
 
     if dtype is None:
         return None
     try:
         out = parse_dtype(dtype)
-    except ValueError as e:
-        raise UsageError(f"--precision: {e}") from None
-    if out not in ("F32", "F16", "BF16"):
-        raise UsageError(f"--precision must be fp32, fp16 or bf16, got {dtype}")
-    return out
+    except ValueError:
+        out = None
+    return out if out in ("F32", "F16", "BF16") else lora_dtype(dtype)
+
+
+def count(n: int, what: str) -> str:
+    """``1 module`` / ``2 modules``."""
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
 def float_dtype(lora: LoraFile, mod: LoraModule) -> str:
@@ -106,7 +112,7 @@ class LoraMergeResult:
     operation: str
     inputs: list[Path]
     strengths: list[float]
-    output: Path | None
+    output: Path
     family: str | None
     dry_run: bool = False
     rank: int | None = None
@@ -120,7 +126,8 @@ class LoraMergeResult:
 def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = None, rank: int | None = None,
           dtype: str | None = None, overwrite: bool = False, dry_run: bool = False,
           progress: Progress = null_progress, cache: HashCache = NO_CACHE) -> LoraMergeResult:
-    """Merge ``loras`` (weighted by ``strengths``, default 1 each) into one LoRA at ``output``."""
+    """Merge ``loras`` (weighted by ``strengths``: one per LoRA, or one for all; default 1) into one LoRA at
+    ``output``."""
     from ckptlab.lora.write import lora_metadata, write_lora
     from ckptlab.ops.stream import check_output
 
@@ -128,11 +135,13 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
     if not loras:
         raise UsageError("give at least one LoRA to merge")
     strengths = [1.0] * len(loras) if not strengths else [float(s) for s in strengths]
-    if len(strengths) != len(loras):
-        raise UsageError(f"{len(strengths)} strengths for {len(loras)} LoRAs; give one --strength per LoRA "
-                         "(or none)")
-    if any(s != s or s in (float("inf"), float("-inf")) for s in strengths):
+    if not all(math.isfinite(s) for s in strengths):
         raise UsageError("strengths must be finite numbers")
+    if len(strengths) == 1:
+        strengths = strengths * len(loras)
+    if len(strengths) != len(loras):
+        raise UsageError(f"{count(len(strengths), 'strength')} for {count(len(loras), 'LoRA')}: give one "
+                         "strength per LoRA, or one for all")
     svd.check_rank(rank)
     out_dtype = parse_dtype_option(dtype)
     output = Path(output)
@@ -163,15 +172,15 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
                     raise MismatchError(f"two modules of the file name the same layer ({name})", lf.path)
                 seen.add(name)
                 groups.setdefault(name, []).append((lf, mod, m))
-        result = LoraMergeResult(OPERATION, loras, strengths, None if dry_run else output, family, dry_run=dry_run,
+        result = LoraMergeResult(OPERATION, loras, strengths, output, family, dry_run=dry_run,
                              rank=rank)
         if unknown:
             result.warnings.append(f"model family of {', '.join(unknown)} not recognised (not checked against "
                                    "the others)")
         for lf, _ in opened:
             if lf.extras:
-                result.warnings.append(f"{lf.path.name}: {len(lf.extras)} keys that are no LoRA module not carried "
-                                       "over")
+                result.warnings.append(f"{lf.path.name}: {count(len(lf.extras), 'key')} that are no LoRA module not "
+                                       "carried over")
 
         def weight_shape(name, contribs) -> tuple[int, ...]:
             shapes = set()
@@ -221,7 +230,7 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
             plan.append((name, contribs, shape, how, k, odt))
         n = sum(1 for p in plan if p[3] == "svd-exact")
         if n:
-            result.warnings.append(f"{n} modules are not plain LoRA (CP / LyCORIS): summed as ΔW and re-factored "
+            result.warnings.append(f"{count(n, 'module')} not plain LoRA (CP / LyCORIS): summed as ΔW and re-factored "
                                    "to plain LoRA by SVD at their numerical rank")
 
         errors = svd.Errors()

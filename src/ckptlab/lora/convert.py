@@ -54,6 +54,7 @@ _SUFFIX = {
                   "dora": ".lora_magnitude_vector"},
 }
 _SUFFIX["comfy"] = _SUFFIX["kohya"]
+OPERATION = "lora-convert"
 _KOHYA_LIKE = ("kohya", "comfy")
 #: input metadata that describes the input's own key layout and is rewritten, not carried over
 _DROP_META = (PEFT_METADATA_KEY, "sshs_model_hash", "sshs_legacy_hash")
@@ -70,13 +71,16 @@ class LoraConvertResult:
     modules_in: int = 0
     modules_out: int = 0
     fused: int = 0       # fused output modules built from split input modules
+    rank_grown: int = 0  # of those, the ones whose rank is the parts' sum (parts with their own lora_down)
     split: int = 0       # fused input modules written as parts
-    bytes_written: int = 0
+    bytes_out: int = 0
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
+    operation: str = OPERATION
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d = {"operation": d.pop("operation"), **d}
         d["input"], d["output"] = str(self.input), str(self.output)
         return d
 
@@ -191,11 +195,11 @@ def convert(lora: Path, output: Path, *, to: str, overwrite: bool = False, dry_r
         meta = _metadata(lf, fam, mods, to)
         result.modules_out = len(mods)
         if dry_run:
-            result.bytes_written = sum(it.info.nbytes for it in items)
+            result.bytes_out = sum(it.info.nbytes for it in items)
             return result
         from ckptlab.lora.write import write_lora
 
-        result.bytes_written = write_lora(output, items, meta, operation="lora convert", inputs=[lora],
+        result.bytes_out = write_lora(output, items, meta, operation=OPERATION, inputs=[lora],
                                           options={"to": to, "family": fam}, overwrite=overwrite,
                                           progress=progress, cache=cache)
     return result
@@ -239,8 +243,10 @@ def _plan(lf: LoraFile, table: TargetTable, targets: dict[str, Target], to: str,
             w = whole_of.get(key)
             if w is None or w.name(to) is None:
                 raise MismatchError(f"{parts[0].name}: no {to} name for {key}", lf.path)
-            out.append(_fuse(lf, parts, targets, w, to))
+            fm = _fuse(lf, parts, targets, w, to)
+            out.append(fm)
             result.fused += 1
+            result.rank_grown += fm.rank is not None and fm.rank > max(lf.info(p, "down").shape[0] for p in parts)
     seen: dict[str, str] = {}
     for m, key in ((m, m.target.key) for m in out):
         if m.name in seen:

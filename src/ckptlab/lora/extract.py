@@ -34,7 +34,7 @@ from ckptlab.lora.naming import UNET_PREFIX, Target
 from ckptlab.ops.stream import Out
 from ckptlab.progress import Progress, null_progress
 
-OPERATION = "lora extract"
+OPERATION = "lora-extract"
 MIN_DIFF = 0.01
 #: α and every other 0-d scalar are stored as fp32 (exact α/r in every loader)
 ALPHA_DTYPE = "F32"
@@ -107,7 +107,7 @@ class ExtractResult:
     operation: str
     tuned: Path
     base: Path
-    output: Path | None
+    output: Path
     family: str
     dry_run: bool = False
     rank: int = 0
@@ -218,7 +218,7 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
                 a, b = a[t.rows[0]:t.rows[1]], b[t.rows[0]:t.rows[1]]
             return a - b
 
-        result = ExtractResult(OPERATION, Path(tuned), Path(base), None if dry_run else output, family,
+        result = ExtractResult(OPERATION, Path(tuned), Path(base), output, family,
                                dry_run=dry_run, rank=rank, conv_rank=conv_rank)
         te = [t for t in targets if t.component.startswith("te")]
         # SD1/SD2/SDXL: kohya's rule, all text encoders together; Flux/SD3: per text encoder (CLIP-L and T5 are
@@ -243,6 +243,11 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
             targets = [t for t in targets if not (t.component.startswith("te")
                                                   and (t.component if family in _DIT else "te") in dropped)]
             result.text_encoders = any(t.component.startswith("te") for t in targets)
+        # identical models give an all-zero LoRA: refuse (stops at the first weight that differs, so a real
+        # fine-tune costs one tensor pair here)
+        if not any(bool(torch.any(delta(t) != 0)) for t in targets):
+            raise MismatchError("no adapted weight differs between the two models; a LoRA of them would be all "
+                                "zeros")
 
         def cap_of(t: Target) -> int:
             m = t.shape[0]

@@ -10,7 +10,7 @@ Modules that are not plain LoRA (CP ``lora_mid``, LyCORIS algorithms ``lora.math
 full) are re-factored as plain LoRA from their ΔW (scale folded in, α_new = r_new) and counted in the warnings;
 DoRA and base-dependent algorithms (OFT, IA3, norm) are refused. Output: kohya naming (``combine.output_names``),
 α as fp32, factors in the input's dtype unless ``dtype``; the input's metadata with ``ss_training_comment``,
-``ss_network_dim`` / ``ss_network_alpha`` (``Dynamic`` for dynamic methods, kohya) updated.
+``ss_network_dim`` / ``ss_network_alpha`` (``Dynamic`` only when the modules' ranks / alphas differ) updated.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from ckptlab.formats.arrays import import_torch
 from ckptlab.formats.base import TensorInfo
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.lora import svd
-from ckptlab.lora.combine import ALPHA_DTYPE, float_dtype, open_lora, output_names, parse_dtype_option
+from ckptlab.lora.combine import ALPHA_DTYPE, count, float_dtype, open_lora, output_names, parse_dtype_option
 from ckptlab.ops.stream import Out
 from ckptlab.progress import Progress, null_progress
 
-OPERATION = "lora resize"
+OPERATION = "lora-resize"
 #: metadata of the input not carried to the output (recomputed, or meaningless after a resize)
 _DROP_META = ("sshs_model_hash", "sshs_legacy_hash", "lora_adapter_metadata")
 
@@ -40,7 +40,7 @@ class ResizeResult:
 
     operation: str
     input: Path
-    output: Path | None
+    output: Path
     family: str | None
     dry_run: bool = False
     method: str | None = None
@@ -78,10 +78,10 @@ def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float
     lf, family = open_lora(lora)
     try:
         names = output_names(lf, family)
-        result = ResizeResult(OPERATION, lora, None if dry_run else output, family, dry_run=dry_run,
+        result = ResizeResult(OPERATION, lora, output, family, dry_run=dry_run,
                               method=method, value=value, rank=rank)
         if lf.extras:
-            result.warnings.append(f"{len(lf.extras)} keys that are no LoRA module not carried over")
+            result.warnings.append(f"{count(len(lf.extras), 'key')} that are no LoRA module not carried over")
         seen: dict[str, str] = {}
 
         def spectrum(mod):
@@ -120,7 +120,7 @@ def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float
             result.old_rank = max(result.old_rank, old)
             plan.append((mod, name, shape, k, scale, out_dtype or float_dtype(lf, mod)))
         if refactored:
-            result.warnings.append(f"{refactored} modules were not plain LoRA (CP / LyCORIS) and were re-factored "
+            result.warnings.append(f"{count(refactored, 'module')} not plain LoRA (CP / LyCORIS) re-factored "
                                    "to plain LoRA from their ΔW")
         fro = [m["fro_retained"] for m in result.modules]
         result.mean_fro_retained = sum(fro) / len(fro) if fro else None
@@ -156,14 +156,13 @@ def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float
         base = {k: v for k, v in lf.metadata.items() if k not in _DROP_META and not k.startswith("ckptlab.")}
         comment = base.get("ss_training_comment", "")
         if method is None:
-            base["ss_training_comment"] = f"dimension is resized from {result.old_rank} to {rank}; {comment}"
+            note = f"dimension is resized from {result.old_rank} to {rank}"
         else:
-            base["ss_training_comment"] = (f"Dynamically resized linear dims with {method}: {value:g} from "
-                                           f"{result.old_rank}(Dynamically resized conv dims with {method}: "
-                                           f"{value:g}); {comment}")
+            note = (f"Dynamically resized linear dims with {method}: {value:g} from {result.old_rank}"
+                    f"(Dynamically resized conv dims with {method}: {value:g})")
+        base["ss_training_comment"] = f"{note}; {comment}" if comment else note
+        # ss_network_dim / ss_network_alpha: the common value, "Dynamic" only when the modules differ (lora_metadata)
         meta = lora_metadata(family, pairs, title=output.stem, base=base)
-        if method is not None:
-            meta["ss_network_dim"] = meta["ss_network_alpha"] = "Dynamic"
         options = {"rank": rank, method or "": value, "dtype": out_dtype}
         options = {k: v for k, v in options.items() if k and v is not None}
         result.bytes_out = sum(i.info.nbytes for i in items)

@@ -234,6 +234,9 @@ class Errors:
 
 #: algorithms whose update depends on the base weight (not a ΔW that can be re-factored without the model)
 NEEDS_BASE = ("norm", "oft", "boft", "ia3")
+#: algorithms with an own ΔW that cannot be re-factored, with the reason
+NOT_REFACTORED = {"glora": "GLoRA modules cannot be re-factored: LyCORIS and A1111/ComfyUI read a1/a2/b1/b2 in two "
+                          "incompatible layouts"}
 
 
 def is_plain(mod) -> bool:
@@ -269,6 +272,8 @@ def module_delta(lora, mod):
     if mod.algo in NEEDS_BASE:
         raise MismatchError(f"{mod.name}: {mod.algo} modules act on the base weight and have no ΔW of their own "
                             "to re-factor", lora.path)
+    if mod.algo in NOT_REFACTORED:
+        raise MismatchError(f"{mod.name}: {NOT_REFACTORED[mod.algo]}", lora.path)
     return delta(lora, mod, None)
 
 
