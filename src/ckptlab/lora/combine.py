@@ -27,7 +27,6 @@ from pathlib import Path
 
 from ckptlab.errors import MismatchError, UsageError
 from ckptlab.formats.arrays import import_torch
-from ckptlab.formats.base import TensorInfo
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.lora import svd
 from ckptlab.lora.file import LoraFile, LoraModule
@@ -35,7 +34,6 @@ from ckptlab.ops.stream import Out
 from ckptlab.progress import Progress, null_progress
 
 OPERATION = "lora-merge"
-ALPHA_DTYPE = "F32"
 _LORA_KINDS = ("lora", "lycoris")
 
 
@@ -128,7 +126,7 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
           progress: Progress = null_progress, cache: HashCache = NO_CACHE) -> LoraMergeResult:
     """Merge ``loras`` (weighted by ``strengths``: one per LoRA, or one for all; default 1) into one LoRA at
     ``output``."""
-    from ckptlab.lora.write import lora_metadata, write_lora
+    from ckptlab.lora.write import factor_items, lora_metadata, write_lora
     from ckptlab.ops.stream import check_output
 
     loras = [Path(p) for p in loras]
@@ -271,17 +269,8 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
         items: list[Out] = []
         pairs = []
         for name, contribs, shape, how, k, odt in plan:
-            if len(shape) == 4:
-                dshape, ushape = (k, *shape[1:]), (shape[0], k, 1, 1)
-            else:
-                dshape, ushape = (k, shape[1]), (shape[0], k)
             args = (name, contribs, shape, how, k, odt)
-            items.append(Out(f"{name}.alpha", TensorInfo(ALPHA_DTYPE, ()),
-                             produce=lambda k=k: torch.tensor(float(k), dtype=torch.float32)))
-            items.append(Out(f"{name}.lora_down.weight", TensorInfo(odt, dshape),
-                             produce=lambda a=args: factors(*a)["down"]))
-            items.append(Out(f"{name}.lora_up.weight", TensorInfo(odt, ushape),
-                             produce=lambda a=args: factors(*a)["up"]))
+            items += factor_items(name, shape, k, odt, float(k), lambda a=args: factors(*a))
             pairs.append((k, float(k)))
         meta = lora_metadata(family, pairs, title=output.stem)
         meta["modelspec.merged_from"] = ", ".join(p.stem for p in loras)

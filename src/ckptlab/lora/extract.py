@@ -27,7 +27,6 @@ from pathlib import Path
 
 from ckptlab.errors import MismatchError, UsageError
 from ckptlab.formats.arrays import import_torch
-from ckptlab.formats.base import TensorInfo
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.lora import svd
 from ckptlab.lora.naming import UNET_PREFIX, Target
@@ -37,7 +36,6 @@ from ckptlab.progress import Progress, null_progress
 OPERATION = "lora-extract"
 MIN_DIFF = 0.01
 #: α and every other 0-d scalar are stored as fp32 (exact α/r in every loader)
-ALPHA_DTYPE = "F32"
 
 _ATTN = re.compile(r"(\.transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
                    r"|\.proj_in|\.proj_out)\.weight$")
@@ -157,7 +155,7 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
     """Extract a kohya-named LoRA of ``tuned − base`` (both full models of one family) into ``output``."""
     from ckptlab.formats.dtypes import FLOAT_DTYPES, to_torch
     from ckptlab.lora.naming import targets_for
-    from ckptlab.lora.write import lora_metadata, write_lora
+    from ckptlab.lora.write import factor_items, lora_metadata, write_lora
     from ckptlab.ops.stream import check_output
 
     svd.check_rank(rank)
@@ -296,18 +294,7 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
             k = ranks[t.key]
             bdt = binfos[t.key].dtype
             odt = out_dtype or (bdt if bdt in ("F32", "F16", "BF16") else "F16" if bdt in FLOAT_DTYPES else "F32")
-            if is_3x3(t.shape):
-                dshape, ushape = (k, *t.shape[1:]), (t.shape[0], k, 1, 1)
-            elif len(t.shape) == 4:
-                dshape, ushape = (k, *t.shape[1:]), (t.shape[0], k, 1, 1)
-            else:
-                dshape, ushape = (k, t.shape[1]), (t.shape[0], k)
-            items.append(Out(f"{name}.alpha", TensorInfo(ALPHA_DTYPE, ()),
-                             produce=lambda k=k: torch.tensor(float(k), dtype=torch.float32)))
-            items.append(Out(f"{name}.lora_down.weight", TensorInfo(odt, dshape),
-                             produce=lambda t=t, odt=odt: factors(t, odt)["down"]))
-            items.append(Out(f"{name}.lora_up.weight", TensorInfo(odt, ushape),
-                             produce=lambda t=t, odt=odt: factors(t, odt)["up"]))
+            items += factor_items(name, t.shape, k, odt, float(k), lambda t=t, odt=odt: factors(t, odt))
             pairs.append((k, float(k)))
             if not is_3x3(t.shape):
                 linear_pairs.append((k, float(k)))

@@ -20,10 +20,9 @@ from pathlib import Path
 
 from ckptlab.errors import UsageError
 from ckptlab.formats.arrays import import_torch
-from ckptlab.formats.base import TensorInfo
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.lora import svd
-from ckptlab.lora.combine import ALPHA_DTYPE, count, float_dtype, open_lora, output_names, parse_dtype_option
+from ckptlab.lora.combine import count, float_dtype, open_lora, output_names, parse_dtype_option
 from ckptlab.ops.stream import Out
 from ckptlab.progress import Progress, null_progress
 
@@ -58,7 +57,7 @@ def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float
            overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress,
            cache: HashCache = NO_CACHE) -> ResizeResult:
     """Resize ``lora`` to a fixed (``rank``) or dynamic rank into ``output``."""
-    from ckptlab.lora.write import lora_metadata, write_lora
+    from ckptlab.lora.write import factor_items, lora_metadata, write_lora
     from ckptlab.ops.stream import check_output
 
     dyn = {k: v for k, v in (("sv_ratio", sv_ratio), ("sv_cumulative", sv_cumulative), ("sv_fro", sv_fro))
@@ -140,17 +139,8 @@ def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float
         items: list[Out] = []
         pairs = []
         for mod, name, shape, k, scale, odt in plan:
-            if len(shape) == 4:
-                dshape, ushape = (k, *shape[1:]), (shape[0], k, 1, 1)
-            else:
-                dshape, ushape = (k, shape[1]), (shape[0], k)
             alpha = scale * k
-            items.append(Out(f"{name}.alpha", TensorInfo(ALPHA_DTYPE, ()),
-                             produce=lambda a=alpha: torch.tensor(a, dtype=torch.float32)))
-            items.append(Out(f"{name}.lora_down.weight", TensorInfo(odt, dshape),
-                             produce=lambda a=(mod, shape, k, odt): factors(*a)["down"]))
-            items.append(Out(f"{name}.lora_up.weight", TensorInfo(odt, ushape),
-                             produce=lambda a=(mod, shape, k, odt): factors(*a)["up"]))
+            items += factor_items(name, shape, k, odt, alpha, lambda a=(mod, shape, k, odt): factors(*a))
             pairs.append((k, alpha))
 
         base = {k: v for k, v in lf.metadata.items() if k not in _DROP_META and not k.startswith("ckptlab.")}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from ckptlab.formats.base import TensorInfo
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.ops.stream import FileHasher, Out, placeholder, provenance, write_plan
 from ckptlab.progress import Progress, null_progress
@@ -20,6 +21,25 @@ from ckptlab.progress import Progress, null_progress
 #: stands in for ``sshs_model_hash`` until the data is written (same length as a hex SHA-256)
 DATA_HASH_PLACEHOLDER = "pending-sha256-of-the-written-tensor-data".ljust(64, "~")
 SS_MODULE = "networks.lora"
+
+
+#: alphas are written as fp32 whatever the factors' dtype, so α/r stays exact
+ALPHA_DTYPE = "F32"
+
+
+def factor_items(name: str, shape: tuple[int, ...], rank: int, dtype: str, alpha: float, factors) -> list[Out]:
+    """The planned tensors of one kohya module of ``rank`` on a weight of ``shape``: ``.alpha`` (fp32),
+    ``.lora_down.weight`` ``[rank, in(, kh, kw)]`` and ``.lora_up.weight`` ``[out, rank(, 1, 1)]`` in ``dtype``.
+    ``factors()`` returns ``{"down": …, "up": …}``; it is called once for each of the two (callers cache the pair)."""
+    import numpy as np
+
+    if len(shape) == 4:
+        dshape, ushape = (rank, *shape[1:]), (shape[0], rank, 1, 1)
+    else:
+        dshape, ushape = (rank, shape[1]), (shape[0], rank)
+    return [Out(f"{name}.alpha", TensorInfo(ALPHA_DTYPE, ()), produce=lambda: np.array(alpha, dtype=np.float32)),
+            Out(f"{name}.lora_down.weight", TensorInfo(dtype, dshape), produce=lambda: factors()["down"]),
+            Out(f"{name}.lora_up.weight", TensorInfo(dtype, ushape), produce=lambda: factors()["up"])]
 
 
 def _number(x: float) -> str:
