@@ -31,26 +31,16 @@ step "Merge two SD1 checkpoints, weighted sum at alpha 0.3" \
   --alpha 0.3 -o "$OUT/merge-0.3.safetensors"
 step "The merge remembers its recipe" ckptlab inspect "$OUT/merge-0.3.safetensors"
 step "Single file to a diffusers folder" ckptlab to-diffusers "$A/v1-5-pruned-emaonly.safetensors" -o "$OUT/sd15-diffusers"
-# LoRA work (issue 14): bake the sample LoRA into the SD1.5 checkpoint, extract a LoRA back from the
-# difference, and explain it. Each command is skipped with a note in a build that does not have it yet.
+# LoRA work: bake the sample LoRA into the SD1.5 checkpoint, extract a LoRA back from the difference, explain it
 L="$LIB/a1111/models/Lora"
-has_lora() { ckptlab lora "$1" --help >/dev/null 2>&1; }
-if has_lora bake; then
-  step "Bake a LoRA into a checkpoint (streamed one weight at a time; W += strength * alpha/rank * up @ down)" \
-    ckptlab lora bake "$A/v1-5-pruned-emaonly.safetensors" "$L/sd15_style_lora.safetensors" \
-    -o "$OUT/sd15-style-baked.safetensors"
-  if has_lora extract; then
-    step "Extract a rank-4 LoRA back from (baked, base) by SVD of the difference; the error is reported" \
-      ckptlab lora extract "$OUT/sd15-style-baked.safetensors" "$A/v1-5-pruned-emaonly.safetensors" --rank 4 \
-      -o "$OUT/sd15-style-extracted.safetensors"
-    if has_lora info; then
-      step "What the extracted LoRA is: family, rank/alpha, modules covered, metadata" \
-        ckptlab lora info "$OUT/sd15-style-extracted.safetensors"
-    fi
-  fi
-else
-  printf '\n(ckptlab lora bake/extract/info are not in this build: the LoRA part is skipped)\n'
-fi
+step "Bake a LoRA into a checkpoint (streamed one weight at a time; W += strength * alpha/rank * up @ down)" \
+  ckptlab lora bake "$A/v1-5-pruned-emaonly.safetensors" "$L/sd15_style_lora.safetensors" \
+  -o "$OUT/sd15-style-baked.safetensors"
+step "Extract a rank-4 LoRA back from (baked, base) by SVD of the difference; the error is reported" \
+  ckptlab lora extract "$OUT/sd15-style-baked.safetensors" "$A/v1-5-pruned-emaonly.safetensors" --rank 4 \
+  -o "$OUT/sd15-style-extracted.safetensors"
+step "What the extracted LoRA is: family, rank/alpha, modules covered, metadata" \
+  ckptlab lora info "$OUT/sd15-style-extracted.safetensors"
 step "Catalog the outputs too (incremental: only the new files are read)" \
   ckptlab scan "$LIB" --hash --fingerprint
 step "Duplicates: exact copies, and by fingerprint the same weights in another form (the converted pickle, the diffusers folder)" \
