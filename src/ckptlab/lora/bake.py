@@ -291,6 +291,17 @@ def standalone_text_encoder(components, loras: list[LoraFile], src: TensorSource
     return fams[0], _TE_PREFIX[fams[0]]
 
 
+def base_identity(src: TensorSource):
+    """``identify`` of the model to bake into; a LoRA given there is refused (the arguments swapped)."""
+    from ckptlab.arch.identify import identify
+
+    ident = identify(src)
+    if ident.kind in ("lora", "lycoris"):
+        raise MismatchError("this is a LoRA, not a model to bake into: give the model first, then the LoRAs",
+                            src.path)
+    return ident
+
+
 @dataclass
 class BakePlan:
     """Every output tensor of a bake (nothing read yet) and the report."""
@@ -302,11 +313,11 @@ class BakePlan:
 
 def plan_bake(src: TensorSource, loras: list[LoraFile], strengths: list[tuple[float, float]], *,
               dtype: str | None = None, family: str | None = None, output: Path | None = None,
-              dry_run: bool = False) -> BakePlan:
+              dry_run: bool = False, ident=None) -> BakePlan:
     """Plan the bake of ``loras`` into the opened base ``src`` (header reads only). ``family``: the base's
-    family when the caller knows it (else ``identify`` tells). Refuses a LoRA of another family, a LoRA whose
+    family when the caller knows it (else ``identify`` tells; ``ident``: ``base_identity(src)`` when the caller
+    has it already). Refuses a LoRA of another family, a LoRA whose
     modules match no weight, an algorithm that cannot be baked; a partial match is a warning."""
-    from ckptlab.arch.identify import identify
     from ckptlab.arch.layout import file_layout
     from ckptlab.ops.precision import precision_items
     from ckptlab.ops.stream import TransformResult
@@ -315,10 +326,7 @@ def plan_bake(src: TensorSource, loras: list[LoraFile], strengths: list[tuple[fl
     infos = src.infos()
     prefix = ""
     if family is None:
-        ident = identify(src)
-        if ident.kind in ("lora", "lycoris"):
-            raise MismatchError("this is a LoRA, not a model to bake into: give the model first, then the LoRAs",
-                                src.path)
+        ident = ident or base_identity(src)
         family = ident.family if ident.family != "unknown" else None
         if family is None and ident.kind == "text_encoder":
             family, prefix = standalone_text_encoder(ident.components, loras, src)
@@ -377,17 +385,13 @@ def bake(base: Path, loras: list[Path], output: Path, *, strengths: Sequence[flo
     try:
         src = open_checked(base)
         opened.append(src)
-        from ckptlab.arch.identify import identify
-
-        if identify(src).kind in ("lora", "lycoris"):
-            raise MismatchError("this is a LoRA, not a model to bake into: give the model first, then the LoRAs",
-                                base)
+        ident = base_identity(src)  # before the LoRAs: swapped arguments get the clear message
         files = []
         for p in loras:
             lf = LoraFile.open(p)
             opened.append(lf)
             files.append(lf)
-        plan = plan_bake(src, files, pairs, dtype=dtype, output=output, dry_run=dry_run)
+        plan = plan_bake(src, files, pairs, dtype=dtype, output=output, dry_run=dry_run, ident=ident)
         check_output(output, [base, *loras], overwrite)
         if dry_run:
             return plan.result
