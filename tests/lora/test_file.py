@@ -174,6 +174,15 @@ def test_hostile_alpha_in_metadata_is_a_clear_error(tmp_path):
         lf.alpha(lf.modules["unet.down_blocks.0.attentions.0.proj_in"])
 
 
+def test_deeply_nested_peft_metadata_is_ignored_not_a_crash(tmp_path):
+    """A hostile ``lora_adapter_metadata`` nested 200,000 deep: plain ``json.loads`` raises RecursionError."""
+    t = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": _r(4, 8),
+         "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": _r(8, 4)}
+    p = _write(tmp_path, t, {"lora_adapter_metadata": "[" * 200_000}, name="deep")
+    with LoraFile.open(p) as lf:
+        assert lf.alpha(next(iter(lf.modules.values()))) is None
+
+
 def test_non_lora_file_is_refused(tmp_path):
     with pytest.raises(MismatchError, match="not a LoRA"):
         LoraFile.open(make_model(tmp_path / "u.safetensors", "sd1_unet"))

@@ -401,3 +401,23 @@ def test_scaled_fp8_flux_bake_and_extract_work_on_the_dequantised_weights(files,
     name = "lora_unet_double_blocks_0_img_attn_proj"
     ref = bake_delta(L, name, 40.0)
     assert float(torch.linalg.norm(bake_delta(E, name) - ref) / torch.linalg.norm(ref)) < 0.1
+
+
+def test_recipe_lora_step_bakes_scaled_fp8_like_the_command(files, tmp_path, cli):
+    """A review found the recipe's lora step adding ΔW to the stored ``w / scale_weight`` (the LoRA landing at
+    scale × its strength); the step and the command now share one per-key function."""
+    base = make_model(tmp_path / "f8.safetensors", "flux_dev_fp8_scaled")
+    lora = files["flux_kohya_lora"]
+    cmd = tmp_path / "cmd.safetensors"
+    r = cli("lora", "bake", base, lora, "-s", "40", "-o", cmd)
+    assert r.returncode == 0, r.stderr
+    rf = tmp_path / "r.toml"
+    rf.write_text(f'version = 1\n[inputs.A]\npath = "{base}"\n[inputs.L]\npath = "{lora}"\n\n'
+                  '[[steps]]\nname = "baked"\nmethod = "lora"\ninputs = ["A", "L"]\nstrengths = [40.0]\n')
+    rec = tmp_path / "rec.safetensors"
+    r = cli("merge", "--recipe", rf, "-o", rec)
+    assert r.returncode == 0, r.stderr
+    a, b = load(cmd), load(rec)
+    changed = [k for k in a if not torch.equal(a[k], load(base)[k])]
+    assert changed and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) if a[k].dtype ==
+                           torch.float8_e4m3fn else torch.equal(a[k], b[k]) for k in a)

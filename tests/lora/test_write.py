@@ -66,3 +66,12 @@ def test_dim_and_alpha_are_dynamic_only_when_modules_differ(pairs, dim, alpha):
 def test_stale_legacy_hash_is_not_carried_over():
     meta = lora_metadata("sd1", [(4, 4.0)], title="t", base={"sshs_legacy_hash": "deadbeef", "ss_output_name": "x"})
     assert "sshs_legacy_hash" not in meta and meta["ss_output_name"] == "x"
+
+
+def test_what_described_the_input_is_not_carried_over():
+    base = {"sshs_model_hash": "a", "sshs_legacy_hash": "b", "modelspec.hash_sha256": "0xc", "modelspec.hash_legacy": "d",
+            "lora_adapter_metadata": "{}", "ckptlab.recipe": "old", "ss_tag_frequency": "{}"}
+    meta = lora_metadata("sd1", [(4, 4.0)], title="t", base=base)
+    assert meta["ss_tag_frequency"] == "{}" and meta["sshs_model_hash"] != "a"
+    assert not {"sshs_legacy_hash", "modelspec.hash_sha256", "modelspec.hash_legacy", "lora_adapter_metadata",
+                "ckptlab.recipe"} & set(meta)

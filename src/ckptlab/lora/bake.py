@@ -21,12 +21,12 @@ from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.lora import maths
 from ckptlab.lora.file import LoraFile, LoraModule
 from ckptlab.lora.naming import Target, TargetTable, targets_for
+from ckptlab.lora.write import carried_metadata
 from ckptlab.ops.stream import Out
 from ckptlab.progress import Progress, null_progress
 
 OPERATION = "lora-bake"
 #: base metadata keys that describe the bytes of the base and are wrong for the output
-STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", "modelspec.hash_legacy")
 #: how many unmatched module names a warning lists
 SHOW_UNMATCHED = 3
 DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -144,29 +144,27 @@ def _out_dtype(info: TensorInfo, dtype: str | None) -> str:
     return dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
 
 
-def weight_out(src: TensorSource, key: str, patches: list[Patch], out_dtype: str) -> Out:
-    """The planned output of one adapted weight: read, patched (``patch_weight``), cast to ``out_dtype`` (fp8
-    bases: upcast, add in fp32, cast back)."""
-    info = src.info(key)
+def baked(get, has, key: str, patches: list[Patch], out_dtype: str, where, *, bias: bool = False):
+    """The baked tensor of ``key``, the one per-key step of the command and of the recipe's ``lora`` step: read
+    with ``get(key)`` (``has(key)``: whether the model has a key), patched in fp32 (``patch_weight`` /
+    ``patch_bias``), cast to ``out_dtype`` with the NaN/overflow checks (fp8 bases: upcast, add, cast back). ComfyUI
+    scaled fp8 stores ``w / scale_weight``: the dequantised weight is patched and stored scaled again."""
+    if bias:
+        return cast_checked(patch_bias(get(key), patches), out_dtype, key, where)
     scale_key = key[: -len("weight")] + "scale_weight"
-    if key.endswith(".weight") and scale_key in src.infos():
-        # ComfyUI scaled fp8 stores w / scale_weight: patch the dequantised weight, store it scaled again
-        def produce():
-            import torch
+    if key.endswith(".weight") and has(scale_key):
+        import torch
 
-            s = src.get(scale_key).to(torch.float32)
-            return cast_checked(patch_weight(src.get(key).to(torch.float32) * s, patches) / s, out_dtype, key,
-                                src.path)
-
-        return Out(key, TensorInfo(out_dtype, tuple(info.shape)), produce=produce)
-    return Out(key, TensorInfo(out_dtype, tuple(info.shape)),
-               produce=lambda: cast_checked(patch_weight(src.get(key), patches), out_dtype, key, src.path))
+        s = get(scale_key).to(torch.float32)
+        return cast_checked(patch_weight(get(key).to(torch.float32) * s, patches) / s, out_dtype, key, where)
+    return cast_checked(patch_weight(get(key), patches), out_dtype, key, where)
 
 
-def bias_out(src: TensorSource, key: str, patches: list[Patch], out_dtype: str) -> Out:
-    info = src.info(key)
-    return Out(key, TensorInfo(out_dtype, tuple(info.shape)),
-               produce=lambda: cast_checked(patch_bias(src.get(key), patches), out_dtype, key, src.path))
+def weight_out(src: TensorSource, key: str, patches: list[Patch], out_dtype: str, *, bias: bool = False) -> Out:
+    """The planned output of one adapted weight (or bias): ``baked`` when it is written."""
+    infos = src.infos()
+    return Out(key, TensorInfo(out_dtype, tuple(infos[key].shape)),
+               produce=lambda: baked(src.get, infos.__contains__, key, patches, out_dtype, src.path, bias=bias))
 
 
 def _cast(t, tdtype, key: str, where):
@@ -347,7 +345,7 @@ def plan_bake(src: TensorSource, loras: list[LoraFile], strengths: list[tuple[fl
         if k in by_key:
             items.append(weight_out(src, k, by_key[k], _out_dtype(src.info(k), dtype)))
         elif k in bias:
-            items.append(bias_out(src, k, bias[k], _out_dtype(src.info(k), dtype)))
+            items.append(weight_out(src, k, bias[k], _out_dtype(src.info(k), dtype), bias=True))
         else:
             items.append(it)
     result.warnings += tr.warnings
@@ -357,11 +355,6 @@ def plan_bake(src: TensorSource, loras: list[LoraFile], strengths: list[tuple[fl
     options = {"strengths": [s for s, _ in strengths], "te_strengths": [t for _, t in strengths],
                "dtype": dtype}
     return BakePlan(items, result, {k: v for k, v in options.items() if v is not None})
-
-
-def output_metadata(base_meta: dict[str, str]) -> dict[str, str]:
-    """The base's metadata minus what described the base's bytes or provenance (rewritten for the output)."""
-    return {k: v for k, v in base_meta.items() if k not in STALE_KEYS and not k.startswith("ckptlab.")}
 
 
 def bake(base: Path, loras: list[Path], output: Path, *, strengths: Sequence[float] | None = None,
@@ -400,7 +393,7 @@ def bake(base: Path, loras: list[Path], output: Path, *, strengths: Sequence[flo
         pending = {placeholder(i): h for i, h in enumerate(hashers) if h is not None}
         meta = provenance(OPERATION, [(p, placeholder(i) if h else None) for i, (p, h) in
                                       enumerate(zip(paths, hashers, strict=True))],
-                          plan.options, base=output_metadata(dict(src.metadata)))
+                          plan.options, base=carried_metadata(dict(src.metadata)))
         progress(0, description=f"bake {base.name}")
         write_plan(output, plan.items, meta, progress=progress, overwrite=overwrite, pending=pending,
                    threads=WRITE_THREADS)

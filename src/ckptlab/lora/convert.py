@@ -57,7 +57,6 @@ _SUFFIX["comfy"] = _SUFFIX["kohya"]
 OPERATION = "lora-convert"
 _KOHYA_LIKE = ("kohya", "comfy")
 #: input metadata that describes the input's own key layout and is rewritten, not carried over
-_DROP_META = (PEFT_METADATA_KEY, "sshs_model_hash", "sshs_legacy_hash")
 
 
 @dataclass
@@ -551,7 +550,7 @@ def _shared_down(lf: LoraFile, parts: list[LoraModule], rows: dict[str, tuple[in
 def _metadata(lf: LoraFile, family: str, mods: list[_Mod], to: str) -> dict[str, str]:
     from ckptlab.lora.write import lora_metadata
 
-    base = {k: v for k, v in lf.metadata.items() if k not in _DROP_META}
+    base = lf.metadata  # lora_metadata drops what described the input (write.STALE_META)
     title = lf.metadata.get("modelspec.title") or lf.path.stem
     module = lf.metadata.get("ss_network_module") or "networks.lora"
     ra = [(m.rank, m.alpha) for m in mods if m.rank is not None]

@@ -13,7 +13,6 @@ Nothing here reads tensor data except 0-d alphas; everything else comes from the
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -67,9 +66,8 @@ class LoraModule:
 
 def split_key(key: str) -> tuple[str, str] | None:
     """``(module name, role)`` of one LoRA key, or None when the key is no LoRA parameter."""
-    m = _PROCESSOR_RE.match(key)
-    if m and not key.endswith((".lora.down.weight", ".lora.up.weight", ".lora_linear_layer.down.weight",
-                               ".lora_linear_layer.up.weight")):
+    m = _PROCESSOR_RE.match(key)  # (needs ``_lora<digits>`` right before ``.down``: never ``.lora.down``)
+    if m:
         name = m.group(1) + (f"_lora{m.group(2)}" if m.group(2) else "")
         return name, m.group(3)
     for suffix, role in _ROLES:
@@ -185,8 +183,10 @@ def _peft_alphas(metadata: dict[str, str]):
     raw = metadata.get(PEFT_METADATA_KEY)
     if not raw:
         return None
+    from ckptlab.jsonable import loads_limited
+
     try:
-        cfg = json.loads(raw)
+        cfg = loads_limited(raw)  # header text of an untrusted file: bounded depth
     except ValueError:
         return None
     if not isinstance(cfg, dict):

@@ -28,7 +28,6 @@ from ckptlab.progress import Progress, null_progress
 
 OPERATION = "lora-resize"
 #: metadata of the input not carried to the output (recomputed, or meaningless after a resize)
-_DROP_META = ("sshs_model_hash", "sshs_legacy_hash", "lora_adapter_metadata")
 
 
 @dataclass
@@ -57,7 +56,7 @@ def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float
            overwrite: bool = False, dry_run: bool = False, progress: Progress = null_progress,
            cache: HashCache = NO_CACHE) -> ResizeResult:
     """Resize ``lora`` to a fixed (``rank``) or dynamic rank into ``output``."""
-    from ckptlab.lora.write import factor_items, lora_metadata, write_lora
+    from ckptlab.lora.write import carried_metadata, factor_items, lora_metadata, write_lora
     from ckptlab.ops.stream import check_output
 
     dyn = {k: v for k, v in (("sv_ratio", sv_ratio), ("sv_cumulative", sv_cumulative), ("sv_fro", sv_fro))
@@ -143,7 +142,7 @@ def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float
             items += factor_items(name, shape, k, odt, alpha, lambda a=(mod, shape, k, odt): factors(*a))
             pairs.append((k, alpha))
 
-        base = {k: v for k, v in lf.metadata.items() if k not in _DROP_META and not k.startswith("ckptlab.")}
+        base = carried_metadata(lf.metadata)
         comment = base.get("ss_training_comment", "")
         if method is None:
             note = f"dimension is resized from {result.old_rank} to {rank}"

@@ -42,6 +42,16 @@ def factor_items(name: str, shape: tuple[int, ...], rank: int, dtype: str, alpha
             Out(f"{name}.lora_up.weight", TensorInfo(dtype, ushape), produce=lambda: factors()["up"])]
 
 
+#: metadata that described the input's bytes or its own provenance: never carried into an output
+STALE_META = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", "modelspec.hash_legacy",
+              "lora_adapter_metadata")
+
+
+def carried_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """An input's metadata minus ``STALE_META`` and earlier ``ckptlab.*`` provenance (rewritten for the output)."""
+    return {k: v for k, v in meta.items() if k not in STALE_META and not k.startswith("ckptlab.")}
+
+
 def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
@@ -51,7 +61,7 @@ def lora_metadata(family: str | None, ranks_alphas: Iterable[tuple[int, float | 
     """kohya + ModelSpec metadata of a LoRA file whose modules have these ``(rank, alpha)`` (alpha None: rank)."""
     from ckptlab.arch.families import get
 
-    meta = dict(base or {})
+    meta = carried_metadata(base or {})
     pairs = [(r, r if a is None else a) for r, a in ranks_alphas]
     dims = {r for r, _ in pairs}
     alphas = {float(a) for _, a in pairs}
@@ -67,8 +77,7 @@ def lora_metadata(family: str | None, ranks_alphas: Iterable[tuple[int, float | 
         meta["modelspec.architecture"] = f"{fam.modelspec[0]}/lora"
         meta["modelspec.implementation"] = "https://github.com/kohya-ss/sd-scripts"
         meta["modelspec.title"] = title
-    meta["sshs_model_hash"] = DATA_HASH_PLACEHOLDER
-    meta.pop("sshs_legacy_hash", None)  # kohya's 64 KiB sample at 1 MiB: not recomputed, so not carried over
+    meta["sshs_model_hash"] = DATA_HASH_PLACEHOLDER  # (kohya's sshs_legacy_hash is not recomputed: not carried)
     return meta
 
 

@@ -118,13 +118,13 @@ class BakeLora(Node):
         self.summary.kept_from_a = len(self.plan) - self.summary.merged
 
     def tensor(self, key: str):
-        from ckptlab.lora.bake import cast_checked, patch_bias, patch_weight
+        from ckptlab.lora.bake import baked
 
         dt = self.plan[key].dtype
-        if key in self.by_key:
-            return cast_checked(patch_weight(self.node.tensor(key), self.by_key[key]), dt, key, self.name)
-        if key in self.bias:
-            return cast_checked(patch_bias(self.node.tensor(key), self.bias[key]), dt, key, self.name)
+        if key in self.by_key or key in self.bias:
+            bias = key not in self.by_key
+            patches = self.bias[key] if bias else self.by_key[key]
+            return baked(self.node.tensor, self.node.plan.__contains__, key, patches, dt, self.name, bias=bias)
         t = self.node.tensor(key)
         want = to_torch(dt)
         return t if t.dtype == want else t.to(want)

@@ -126,11 +126,14 @@ class _Producer:
 
     def __enter__(self):
         if self.threads > 1:
-            import sys
             from concurrent.futures import ThreadPoolExecutor
 
-            self.torch = sys.modules.get("torch")  # only when a producer already uses it
-            self.prev = self.torch.get_num_threads() if self.torch else None
+            try:  # imported here, not first in a worker; a core install without torch produces with numpy
+                import torch
+            except ImportError:
+                torch = None
+            self.torch = torch
+            self.prev = torch.get_num_threads() if torch else None
             if self.torch:
                 self.torch.set_num_threads(1)
             self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ckptlab-write")
