@@ -26,9 +26,9 @@ from ckptlab.ops.stream import Out
 from ckptlab.progress import Progress, null_progress
 
 OPERATION = "lora-bake"
-#: base metadata keys that describe the bytes of the base and are wrong for the output
 #: how many unmatched module names a warning lists
 SHOW_UNMATCHED = 3
+#: output dtypes of the LoRA commands' ``--precision`` (the names ``ckptlab precision`` takes are accepted too)
 DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 
 
@@ -131,10 +131,16 @@ def patches_of(lora: LoraFile, table: TargetTable, strength: float, te_strength:
 
 def parse_dtype(dtype: str | None) -> str | None:
     """``fp16``/``bf16``/``fp32`` (or the safetensors name) as a safetensors dtype; anything else: usage error."""
-    if dtype is None or dtype in DTYPES.values():
-        return dtype
-    if str(dtype).lower() in DTYPES:
-        return DTYPES[str(dtype).lower()]
+    from ckptlab.formats.dtypes import parse_dtype as any_dtype
+
+    if dtype is None:
+        return None
+    try:
+        out = any_dtype(str(dtype))
+    except ValueError:
+        out = None
+    if out in DTYPES.values():
+        return out
     raise UsageError(f"--precision {dtype!r}: use one of {', '.join(DTYPES)}")
 
 

@@ -76,20 +76,6 @@ def output_names(lora: LoraFile, family: str | None) -> dict[str, str]:
     return best
 
 
-def parse_dtype_option(dtype: str | None) -> str | None:
-    """``--precision`` as a safetensors float dtype (fp32/fp16/bf16 or an alias); errors worded as ``lora bake``'s."""
-    from ckptlab.formats.dtypes import parse_dtype
-    from ckptlab.lora.bake import parse_dtype as lora_dtype
-
-    if dtype is None:
-        return None
-    try:
-        out = parse_dtype(dtype)
-    except ValueError:
-        out = None
-    return out if out in ("F32", "F16", "BF16") else lora_dtype(dtype)
-
-
 def count(n: int, what: str) -> str:
     """``1 module`` / ``2 modules``."""
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
@@ -141,7 +127,9 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
         raise UsageError(f"{count(len(strengths), 'strength')} for {count(len(loras), 'LoRA')}: give one "
                          "strength per LoRA, or one for all")
     svd.check_rank(rank)
-    out_dtype = parse_dtype_option(dtype)
+    from ckptlab.lora.bake import parse_dtype
+
+    out_dtype = parse_dtype(dtype)
     output = Path(output)
     check_output(output, loras, overwrite)
     torch = import_torch("lora merge")

@@ -35,7 +35,6 @@ from ckptlab.progress import Progress, null_progress
 
 OPERATION = "lora-extract"
 MIN_DIFF = 0.01
-#: α and every other 0-d scalar are stored as fp32 (exact α/r in every loader)
 
 _ATTN = re.compile(r"(\.transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
                    r"|\.proj_in|\.proj_out)\.weight$")
@@ -169,9 +168,9 @@ def extract(tuned: Path, base: Path, output: Path, *, rank: int, conv_rank: int 
         raise UsageError(f"--clamp-quantile must be in (0, 1], got {clamp_quantile:g}")
     if not min_diff >= 0:
         raise UsageError(f"--min-diff must be ≥ 0, got {min_diff:g}")
-    from ckptlab.lora.combine import parse_dtype_option
+    from ckptlab.lora.bake import parse_dtype
 
-    out_dtype = parse_dtype_option(dtype)
+    out_dtype = parse_dtype(dtype)
     output = Path(output)
     check_output(output, [Path(tuned), Path(base)], overwrite)
     torch = import_torch("lora extract")

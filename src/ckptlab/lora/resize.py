@@ -22,12 +22,12 @@ from ckptlab.errors import UsageError
 from ckptlab.formats.arrays import import_torch
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.lora import svd
-from ckptlab.lora.combine import count, float_dtype, open_lora, output_names, parse_dtype_option
+from ckptlab.lora.bake import parse_dtype
+from ckptlab.lora.combine import count, float_dtype, open_lora, output_names
 from ckptlab.ops.stream import Out
 from ckptlab.progress import Progress, null_progress
 
 OPERATION = "lora-resize"
-#: metadata of the input not carried to the output (recomputed, or meaningless after a resize)
 
 
 @dataclass
@@ -68,7 +68,7 @@ def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float
     svd.check_rank(rank)
     method, value = next(iter(dyn.items())) if dyn else (None, None)
     svd.check_dynamic(method, value)
-    out_dtype = parse_dtype_option(dtype)
+    out_dtype = parse_dtype(dtype)
     lora, output = Path(lora), Path(output)
     check_output(output, [lora], overwrite)
     torch = import_torch("lora resize")
