@@ -75,7 +75,7 @@ def show_file(catalog: Catalog, target: str, *, civitai: LinkLookup | None = Non
     return out
 
 
-def trigger_sources(rec: FileRecord, link: dict | None = None, live_sidecars: dict | None = None) -> list[dict]:
+def trigger_sources(rec: FileRecord, link: dict | None = None, sidecars: dict | None = None) -> list[dict]:
     """Every trigger word known for a file, each once (case-folded), with where it came from: the file's
     metadata (``files.triggers``: ``dataset folder``, ``output name``, ``tag frequency`` with its count), the
     stored CivitAI link (``civitai link``) and the sidecars (``sidecar <file name>``, CivitAI's trained words).
@@ -98,7 +98,7 @@ def trigger_sources(rec: FileRecord, link: dict | None = None, live_sidecars: di
     if link and isinstance(link.get("trigger_words"), list):
         for w in link["trigger_words"]:
             add(w, "civitai link")
-    sc = live_sidecars if isinstance(live_sidecars, dict) else rec.sidecars if isinstance(rec.sidecars, dict) else {}
+    sc = sidecars if isinstance(sidecars, dict) else {}  # the sidecars show lists for the file (none: none)
     files = sc.get("files") if isinstance(sc.get("files"), dict) else {}
     for role in ("civitai_info", "cm_info", "metadata_json", "json"):
         s = sc.get(role)
