@@ -73,9 +73,8 @@ class Staged:
                 return make(self.tmp)
             except FileExistsError:
                 self.tmp = None  # someone else's file: never ours to remove
-            except BaseException:
-                self.tmp = None
-                raise
+            # any other exception keeps the name tracked: a Ctrl-C raised as the create call returns arrives
+            # after the file exists (and O_EXCL made it ours), so discard() must still remove it
         raise FileExistsError(17, "cannot find a free temporary name", str(self.final.parent))
 
     def create_file(self, perm: int = 0o600, flags: int = os.O_RDWR) -> int:

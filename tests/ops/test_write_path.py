@@ -350,3 +350,23 @@ def test_a_worker_failing_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="boom"):
         write_plan(out, _computed_items(40, fail_at=23), {}, threads=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_as_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """The interrupt of a Ctrl-C is raised when the ``open`` call returns, after the file exists: the writer must
+    still remove it (a CI run left ``.unet.safetensors.<token>.tmp`` behind this way)."""
+    import ckptlab.atomic as atomic
+    from ckptlab.formats.base import TensorInfo
+    from ckptlab.formats.writer import SafetensorsWriter
+
+    real_open = os.open
+
+    def open_then_interrupt(*a, **kw):
+        real_open(*a, **kw)  # the file now exists; the descriptor is lost with the interrupt
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with SafetensorsWriter(tmp_path / "out.safetensors", {"a": TensorInfo("F32", (2,))}, {}):
+            pass
+    assert list(tmp_path.iterdir()) == []

@@ -360,13 +360,16 @@ class SafetensorsWriter:
         return self._fh is not None and self._fh.direct
 
     def abort(self) -> None:
+        """Close and remove the temporary file. The removal runs whatever closing raised: an interrupt can leave
+        the sink half-way through a write, and its close may then fail with more than an OSError."""
         try:
             self._close_fd()
         except OSError:
             pass
-        if self._staged is not None:
-            self._staged.discard()
-            self._staged = None
+        finally:
+            if self._staged is not None:
+                staged, self._staged = self._staged, None
+                staged.discard()
 
     def __enter__(self) -> SafetensorsWriter:
         return self.open()
