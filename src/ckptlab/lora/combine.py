@@ -175,7 +175,7 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
                     shapes.add((lf.info(mod, "up").shape[0], *lf.info(mod, "down").shape[1:]))
                 else:
                     shapes.add(tuple(svd.module_delta(lf, mod).shape))
-            flat = {(s[0], _prod(s[1:])) for s in shapes}
+            flat = {(s[0], math.prod(s[1:])) for s in shapes}
             if len(flat) > 1:
                 raise MismatchError(f"{name}: the inputs adapt it with different shapes "
                                     f"({', '.join(str(list(s)) for s in sorted(shapes))})")
@@ -200,7 +200,7 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
         for name, contribs in groups.items():
             shape = weight_shape(name, contribs)
             plain = all(svd.is_plain(mod) for _, mod, _ in contribs)
-            m_, n_ = shape[0], _prod(shape[1:])
+            m_, n_ = shape[0], math.prod(shape[1:])
             if plain:
                 r_sum = sum(lf.rank(mod) or 0 for lf, mod, _ in contribs)
                 if rank is None:
@@ -275,10 +275,3 @@ def merge(loras: list[Path], output: Path, *, strengths: list[float] | None = No
     finally:
         for lf, _ in opened:
             lf.close()
-
-
-def _prod(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n

@@ -15,6 +15,7 @@ DoRA and base-dependent algorithms (OFT, IA3, norm) are refused. Output: kohya n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float
                 raise MismatchError(f"modules {seen[name]} and {mod.name} name the same layer", lora)
             seen[name] = mod.name
             u, s, vh, shape, scale = spectrum(mod)
-            full_len = min(shape[0], _prod(shape[1:]))
+            full_len = min(shape[0], math.prod(shape[1:]))
             old = lf.rank(mod) or s.numel()
             if method is None:
                 k = max(1, min(rank, s.numel())) if float(s[0]) > svd.ZERO_SV else 1
@@ -162,10 +163,3 @@ def resize(lora: Path, output: Path, *, rank: int | None = None, sv_ratio: float
         return result
     finally:
         lf.close()
-
-
-def _prod(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n
