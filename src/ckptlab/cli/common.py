@@ -43,6 +43,23 @@ def db_option():
     return typer.Option(None, "--db", help=DB_HELP)
 
 
+def numbers(values: list[str] | None, option: str) -> list[float] | None:
+    """A repeatable option's values, each possibly comma-separated (``-s 0.8,0.5 -s 1``), as floats; None when
+    the option was not given."""
+    from ckptlab.errors import UsageError
+
+    if not values:
+        return None
+    out: list[float] = []
+    for v in values:
+        for part in str(v).split(","):
+            try:
+                out.append(float(part))
+            except ValueError:
+                raise UsageError(f"{option}: {part!r} is not a number") from None
+    return out
+
+
 def emit_json(obj) -> None:
     """One JSON object per line on stdout (JSON Lines)."""
     sys.stdout.write(dumps(obj) + "\n")

@@ -7,23 +7,7 @@ from typing import Optional
 
 import typer
 
-from ckptlab.cli.common import db_option
-
-
-def _floats(values: list[str] | None, option: str) -> list[float] | None:
-    """Repeatable option values, each possibly comma-separated (``--strength 0.8,0.5``), as floats."""
-    from ckptlab.errors import UsageError
-
-    if not values:
-        return None
-    out: list[float] = []
-    for v in values:
-        for part in str(v).split(","):
-            try:
-                out.append(float(part))
-            except ValueError:
-                raise UsageError(f"{option}: {part!r} is not a number") from None
-    return out
+from ckptlab.cli.common import db_option, numbers
 
 
 def bake_cmd(
@@ -53,8 +37,8 @@ def bake_cmd(
     from ckptlab.lora.bake import bake
 
     with progress_bar("bake", enabled=not json_out) as cb:
-        r = bake(base, list(loras), output, strengths=_floats(strength, "--strength"),
-                 te_strengths=_floats(te_strength, "--te-strength"), dtype=precision, overwrite=overwrite,
+        r = bake(base, list(loras), output, strengths=numbers(strength, "--strength"),
+                 te_strengths=numbers(te_strength, "--te-strength"), dtype=precision, overwrite=overwrite,
                  dry_run=dry_run, progress=cb, cache=hash_cache(db))
     if json_out:
         emit_json(r)

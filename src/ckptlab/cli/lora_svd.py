@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from ckptlab.cli.common import db_option
+from ckptlab.cli.common import db_option, numbers
 
 _OUT = typer.Option(..., "-o", "--output", help="Output LoRA (.safetensors).")
 _DTYPE = typer.Option(None, "--precision", help="fp32, fp16 or bf16 for the factors (default: the input's).")
@@ -103,21 +103,6 @@ def resize_cmd(
              f"mean Frobenius norm retained {_err(r.mean_fro_retained)}", r.warnings)
 
 
-def _strengths(values: list[str] | None) -> list[float] | None:
-    from ckptlab.errors import UsageError
-
-    if not values:
-        return None
-    out = []
-    for v in values:
-        for part in v.split(","):
-            try:
-                out.append(float(part))
-            except ValueError:
-                raise UsageError(f"--strength takes numbers, got {part!r}") from None
-    return out
-
-
 def merge_cmd(
     loras: list[Path] = typer.Argument(..., help="LoRAs of one model family."),
     strength: Optional[list[str]] = typer.Option(None, "--strength", "-s", help="One per LoRA, or one for all (repeat, or comma-separated; negative allowed; default 1)."),
@@ -133,7 +118,8 @@ def merge_cmd(
     from ckptlab.lora.combine import count, merge
 
     with progress_bar("merge", enabled=not json_out) as cb:
-        r = merge(loras, output, strengths=_strengths(strength), rank=rank, dtype=dtype, overwrite=overwrite,
+        r = merge(loras, output, strengths=numbers(strength, "--strength"), rank=rank, dtype=dtype,
+                  overwrite=overwrite,
                   dry_run=dry_run, progress=cb, cache=_cache(db))
     if json_out:
         emit_json(r)
