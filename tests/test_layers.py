@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("merge", {"merging"}),
     ("library", {"library"}),
     ("hub", {"hub"}),
+    ("generate", {"generate"}),
     ("public API", {"api", ""}),
     ("CLI", {"cli", "__main__"}),
 ]

@@ -84,18 +84,19 @@ def slice_out(key: str, src: TensorSource, src_key: str, part: int, parts: int) 
     info = src.info(src_key)
     rows = info.shape[0] // parts
     shape = (rows, *info.shape[1:])
-    return Out(key, TensorInfo(info.dtype, shape),
+    return Out(key, TensorInfo(info.dtype, shape), source=src, src_key=src_key,
                produce=lambda: src.array(src_key)[part * rows:(part + 1) * rows])
 
 
 def reshape_out(key: str, src: TensorSource, src_key: str, shape: tuple[int, ...]) -> Out:
     info = src.info(src_key)
-    return Out(key, TensorInfo(info.dtype, shape), produce=lambda: src.array(src_key).reshape(shape))
+    return Out(key, TensorInfo(info.dtype, shape), source=src, src_key=src_key,
+               produce=lambda: src.array(src_key).reshape(shape))
 
 
 def transpose_out(key: str, src: TensorSource, src_key: str) -> Out:
     info = src.info(src_key)
-    return Out(key, TensorInfo(info.dtype, tuple(reversed(info.shape))),
+    return Out(key, TensorInfo(info.dtype, tuple(reversed(info.shape))), source=src, src_key=src_key,
                produce=lambda: _transposed(src.array(src_key)))
 
 
@@ -106,6 +107,34 @@ def _transposed(a):
     from ckptlab.formats.dtypes import uint_of_width
 
     return np.ascontiguousarray(a.view(uint_of_width(a.itemsize)).T).view(a.dtype)
+
+
+def plan_vae(src: TensorSource, prefix: str) -> tuple[list[Out], VAELayout, dict[str, tuple[int, ...]], list[str]]:
+    """The diffusers ``AutoencoderKL`` items of the VAE under ``prefix`` in ``src`` (``first_stage_model.`` in a
+    checkpoint, ``""`` in a standalone VAE file): ``(items, layout, shapes by short key, source keys used)``."""
+    infos = src.infos()
+    vae_keys = [k for k in infos if k.startswith(prefix) and k[len(prefix):].startswith(("encoder.", "decoder.",
+                                                                                        "quant_conv.",
+                                                                                        "post_quant_conv."))]
+    if not vae_keys:
+        raise MismatchError(f"missing component: VAE (no {prefix}encoder.* keys)", src.path)
+    vshapes = {k[len(prefix):]: infos[k].shape for k in vae_keys}
+    vlay = vae_layout_from_ldm(vshapes)
+    vmap = vae_map(vlay)
+    items = []
+    used = []
+    for k in vae_keys:
+        short = k[len(prefix):]
+        d = vmap.forward(short)
+        if d is None:
+            continue
+        shape = infos[k].shape
+        if is_vae_attn_weight(short) and len(shape) == 4:
+            items.append(reshape_out(d, src, k, shape[:2]))
+        else:
+            items.append(Out.copy(d, src, k))
+        used.append(k)
+    return items, vlay, vshapes, used
 
 
 def plan_to_diffusers(src: TensorSource, ema: str = "drop") -> tuple[str, dict[str, list[Out]], dict[str, dict],
@@ -146,24 +175,8 @@ def plan_to_diffusers(src: TensorSource, ema: str = "drop") -> tuple[str, dict[s
     files[f"unet/{UNET_FILE}"] = items
 
     # VAE
-    vae_keys = [k for k in infos if k.startswith(VAE_PREFIX)]
-    if not vae_keys:
-        raise MismatchError("missing component: VAE (no first_stage_model.* keys)", src.path)
-    vshapes = {k[len(VAE_PREFIX):]: infos[k].shape for k in vae_keys}
-    vlay = vae_layout_from_ldm(vshapes)
-    vmap = vae_map(vlay)
-    items = []
-    for k in vae_keys:
-        short = k[len(VAE_PREFIX):]
-        d = vmap.forward(short)
-        if d is None:
-            continue
-        shape = infos[k].shape
-        if is_vae_attn_weight(short) and len(shape) == 4:
-            items.append(reshape_out(d, src, k, shape[:2]))
-        else:
-            items.append(Out.copy(d, src, k))
-        used.add(k)
+    items, vlay, vshapes, vused = plan_vae(src, VAE_PREFIX)
+    used.update(vused)
     files[f"vae/{UNET_FILE}"] = items
 
     # text encoders

@@ -30,7 +30,8 @@ META_OPTIONS = "ckptlab.options"
 
 @dataclass
 class Out:
-    """One planned output tensor: either a raw copy of ``source[src_key]`` or ``produce()``."""
+    """One planned output tensor: either a raw copy of ``source[src_key]`` or ``produce()`` (which may name the
+    one source tensor it is derived from in ``source``/``src_key``: a slice, a reshape, a transpose)."""
 
     key: str
     info: TensorInfo
