@@ -241,7 +241,7 @@ def plan_to_diffusers(src: TensorSource, ema: str = "drop") -> tuple[str, dict[s
         files[EXTRA_FILE] = extras
 
     # configs
-    prediction = _prediction_type(src, fam)
+    prediction = _prediction_type(src, fam, warnings)
     d = cfgs.spec(fam)
     sample = d.sample_size_v if prediction == "v_prediction" and d.sample_size_v else d.sample_size
     pooled = te_shapes.get("text_encoder_2", {}).get("text_projection.weight", (None,))[0]
@@ -255,17 +255,24 @@ def plan_to_diffusers(src: TensorSource, ema: str = "drop") -> tuple[str, dict[s
     return fam, files, configs, warnings, dropped
 
 
-def _prediction_type(src: TensorSource, fam: str) -> str:
-    meta = src.metadata.get("modelspec.prediction_type", "").lower()
-    if meta in ("v", "v_prediction"):
-        return "v_prediction"
-    if meta in ("epsilon", "eps"):
+def _prediction_type(src: TensorSource, fam: str, warnings: list[str] | None = None) -> str:
+    """diffusers' ``prediction_type`` of ``src``: what ``arch.identify`` decides (metadata, marker keys,
+    ``global_step``, and for SD2 files with none of those ComfyUI's one-tensor heuristic, noted in ``warnings``);
+    epsilon where nothing tells."""
+    from ckptlab.arch.identify import identify
+
+    info = identify(src, heuristics=True)
+    if info.prediction == "v":
+        pred = "v_prediction"
+    elif info.prediction == "eps":
+        pred = "epsilon"
+    else:
         return "epsilon"
-    if "v_pred" in src:
-        return "v_prediction"
-    if fam == "sd2" and src.metadata.get("modelspec.architecture", "").endswith("768-v"):
-        return "v_prediction"
-    return "epsilon"
+    guessed = [e for e in info.evidence if e.startswith("prediction") and "heuristic" in e]
+    if guessed and warnings is not None:
+        warnings.append(f"{pred}: guessed from the weights ({guessed[0].split(': ', 1)[1].split(';')[0]}); no "
+                        "metadata says which SD2 prediction this is")
+    return pred
 
 
 def to_diffusers(path: Path, out: Path, *, ema: str = "drop", precision: str | None = None, clamp: bool = False,
