@@ -1,0 +1,179 @@
+"""SD3 / SD3.5 single files -> diffusers names and configs (``ops.diffusers_mmdit``, ``generate.pipeline_sd3``).
+
+Oracle: diffusers' own single-file loaders (``StableDiffusion3Pipeline.from_single_file`` /
+``SD3Transformer2DModel.from_single_file`` with a config folder written by hand in ``sd3_oracle``) must hold
+exactly the weights of our in-memory pipeline, every tensor of MMDiT, VAE, CLIP-L and CLIP-G; the configs we
+derive from the shapes must equal the hand-written ones (small samples) and the official repos' published
+configs (real-size layouts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fakes.sample_files import load, make_model
+from sd3_oracle import TRANSFORMER, VAE, config_dir
+
+from ckptlab.errors import MismatchError
+from ckptlab.ops.diffusers_mmdit import plan_transformer, transformer_config
+from ckptlab.ops.run import open_checked
+
+diffusers = pytest.importorskip("diffusers")
+P = "model.diffusion_model."
+
+
+def _load_ours(path: Path):
+    from ckptlab.generate.pipeline_sd3 import load_sd3
+
+    return load_sd3(open_checked(path))
+
+
+@pytest.mark.parametrize("spec", ["sd3_medium", "sd35_medium"])
+def test_pipeline_weights_equal_diffusers_single_file(tmp_path, spec):
+    src = make_model(tmp_path / f"{spec}.safetensors", spec)
+    cfg = config_dir(tmp_path / "cfg", spec)
+    theirs = diffusers.StableDiffusion3Pipeline.from_single_file(
+        str(src), config=str(cfg), text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    ours = _load_ours(src)
+    try:
+        assert ours.pipe.text_encoder_3 is None and ours.pipe.tokenizer_3 is None
+        for comp in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+            sa, sb = getattr(ours.pipe, comp).state_dict(), getattr(theirs, comp).state_dict()
+            assert set(sa) == set(sb), comp
+            for k in sa:
+                assert torch.equal(sa[k], sb[k]), (comp, k)
+        # configs derived from the shapes = the hand-written ones
+        for k, v in TRANSFORMER[spec].items():
+            got = ours.pipe.transformer.config[k]
+            assert (list(got) if isinstance(got, tuple) else got) == v, k
+        for k, v in VAE.items():
+            assert ours.pipe.vae.config[k] == v, k
+        assert ours.pipe.tokenizer.pad_token == "<|endoftext|>" and ours.pipe.tokenizer_2.pad_token == "!"
+        assert type(ours.pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+        assert ours.pipe.scheduler.config.shift == 3.0 and ours.prediction == "flow" and ours.family == "sd3"
+    finally:
+        ours.close()
+    # and spot checks straight against the file, by the formulas (independent of both converters)
+    sd = load(src)
+    tr = ours.pipe.transformer.state_dict()
+    qkv = sd[P + "joint_blocks.3.context_block.attn.qkv.weight"]
+    n = qkv.shape[0] // 3
+    assert torch.equal(tr["transformer_blocks.3.attn.add_k_proj.weight"], qkv[n:2 * n])
+    ada = sd[P + "final_layer.adaLN_modulation.1.weight"]
+    h = ada.shape[0] // 2
+    assert torch.equal(tr["norm_out.linear.weight"], torch.cat([ada[h:], ada[:h]]))
+    last = TRANSFORMER[spec]["num_layers"] - 1
+    ada = sd[P + f"joint_blocks.{last}.context_block.adaLN_modulation.1.bias"]
+    assert torch.equal(tr[f"transformer_blocks.{last}.norm1_context.linear.bias"], torch.cat([ada[h:], ada[:h]]))
+    ada = sd[P + "joint_blocks.0.context_block.adaLN_modulation.1.bias"]  # not the last block: not swapped
+    assert torch.equal(tr["transformer_blocks.0.norm1_context.linear.bias"], ada)
+    te = ours.pipe.text_encoder.state_dict()
+    assert torch.equal(te["text_projection.weight"], torch.eye(32))  # CLIP-L's pooled output is not projected
+    assert torch.equal(ours.pipe.text_encoder_2.state_dict()["text_projection.weight"],
+                       sd["text_encoders.clip_g.transformer.text_projection.weight"])
+    if spec == "sd35_medium":
+        assert torch.equal(tr["transformer_blocks.12.attn2.norm_q.weight"],
+                           sd[P + "joint_blocks.12.x_block.attn2.ln_q.weight"])
+        assert "transformer_blocks.13.attn2.to_q.weight" not in tr
+
+
+def test_sd35_large_transformer_equals_diffusers_single_file(tmp_path):
+    src = make_model(tmp_path / "l.safetensors", "sd35_large")
+    cfg = config_dir(tmp_path / "cfg", "sd35_large")
+    theirs = diffusers.SD3Transformer2DModel.from_single_file(str(src), config=str(cfg), subfolder="transformer",
+                                                               local_files_only=True).state_dict()
+    from ckptlab.generate.pipeline import value_of
+
+    items, cfg_ours, unread = plan_transformer(open_checked(src))
+    ours = {it.key: value_of(it) for it in items}
+    assert set(ours) == set(theirs) and unread == []
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    assert {k: cfg_ours[k] for k in TRANSFORMER["sd35_large"]} == TRANSFORMER["sd35_large"]
+
+
+#: the official repos' transformer/config.json (stabilityai/stable-diffusion-3-medium-diffusers,
+#: stable-diffusion-3.5-medium, stable-diffusion-3.5-large)
+PUBLISHED = {
+    "sd3_medium": {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24,
+                   "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                   "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "out_channels": 16,
+                   "pos_embed_max_size": 192, "dual_attention_layers": [], "qk_norm": None},
+    "sd35_medium": {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24,
+                    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "out_channels": 16,
+                    "pos_embed_max_size": 384, "dual_attention_layers": list(range(13)), "qk_norm": "rms_norm"},
+    "sd35_large": {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38,
+                   "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
+                   "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "out_channels": 16,
+                   "pos_embed_max_size": 192, "dual_attention_layers": [], "qk_norm": "rms_norm"},
+}
+
+
+@pytest.mark.parametrize("spec", sorted(PUBLISHED))
+def test_real_size_transformer_config_is_the_published_one(spec):
+    from ckptlab.sample import layouts
+
+    shapes = {k[len(P):]: tuple(s) for k, (_, s) in layouts.keys(spec, small=False).items() if k.startswith(P)}
+    cfg = transformer_config(shapes)
+    assert {k: cfg[k] for k in PUBLISHED[spec]} == PUBLISHED[spec]
+
+
+def _transformer_only(path: Path, src: Path, extra: dict) -> Path:
+    """The MMDiT of ``src`` alone, without the ``model.diffusion_model.`` prefix (ComfyUI's
+    ``models/diffusion_models`` layout), plus ``extra`` tensors."""
+    from safetensors.torch import save_file
+
+    sd = {k[len(P):]: v for k, v in load(src).items() if k.startswith(P)}
+    save_file({**sd, **extra}, str(path))
+    return path
+
+
+def test_transformer_only_file_and_last_block_weights_diffusers_has_no_place_for(tmp_path):
+    """A file with the last block's context projection/MLP (some trainers keep them): diffusers' converter leaves
+    them unread (``context_pre_only``), so do we; everything else equals the converter's output."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from ckptlab.generate.pipeline import value_of
+
+    full = make_model(tmp_path / "m.safetensors", "sd3_medium")
+    g = torch.Generator().manual_seed(0)
+    extra = {"joint_blocks.23.context_block.attn.proj.weight": torch.randn(64, 64, generator=g),
+             "joint_blocks.23.context_block.attn.proj.bias": torch.randn(64, generator=g),
+             "joint_blocks.23.context_block.mlp.fc1.weight": torch.randn(256, 64, generator=g),
+             "joint_blocks.23.context_block.mlp.fc1.bias": torch.randn(256, generator=g),
+             "joint_blocks.23.context_block.mlp.fc2.weight": torch.randn(64, 256, generator=g),
+             "joint_blocks.23.context_block.mlp.fc2.bias": torch.randn(64, generator=g)}
+    path = _transformer_only(tmp_path / "dit.safetensors", full, extra)
+    items, _, unread = plan_transformer(open_checked(path))
+    assert sorted(unread) == sorted(extra)
+    theirs = convert_sd3_transformer_checkpoint_to_diffusers(load(path))
+    ours = {it.key: value_of(it) for it in items}
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_unknown_mmdit_key_refused(tmp_path):
+    full = make_model(tmp_path / "m.safetensors", "sd3_medium")
+    path = _transformer_only(tmp_path / "dit.safetensors", full,
+                             {"joint_blocks.0.x_block.attn.extra.weight": torch.zeros(2)})
+    with pytest.raises(MismatchError, match="joint_blocks.0.x_block.attn.extra.weight: not an SD3 MMDiT weight"):
+        plan_transformer(open_checked(path))
+
+
+def test_transformer_only_file_refused_for_generation_naming_the_vae(tmp_path):
+    full = make_model(tmp_path / "m.safetensors", "sd3_medium")
+    path = _transformer_only(tmp_path / "dit.safetensors", full, {})
+    with pytest.raises(MismatchError, match="no VAE"):
+        _load_ours(path)
+
+
+def test_checkpoint_without_clip_g_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    full = make_model(tmp_path / "m.safetensors", "sd3_medium")
+    sd = {k: v for k, v in load(full).items() if not k.startswith("text_encoders.clip_g.")}
+    save_file(sd, str(tmp_path / "noclipg.safetensors"))
+    with pytest.raises(MismatchError, match="missing component: CLIP-G"):
+        _load_ours(tmp_path / "noclipg.safetensors")
