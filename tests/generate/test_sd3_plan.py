@@ -162,10 +162,10 @@ def test_unknown_mmdit_key_refused(tmp_path):
         plan_transformer(open_checked(path))
 
 
-def test_transformer_only_file_refused_for_generation_naming_the_vae(tmp_path):
+def test_transformer_only_file_refused_for_generation_naming_what_is_missing(tmp_path):
     full = make_model(tmp_path / "m.safetensors", "sd3_medium")
     path = _transformer_only(tmp_path / "dit.safetensors", full, {})
-    with pytest.raises(MismatchError, match="no VAE"):
+    with pytest.raises(MismatchError, match=r"missing component: VAE, CLIP-L and CLIP-G \(not in this SD3 file\)"):
         _load_ours(path)
 
 
@@ -175,5 +175,44 @@ def test_checkpoint_without_clip_g_refused(tmp_path):
     full = make_model(tmp_path / "m.safetensors", "sd3_medium")
     sd = {k: v for k, v in load(full).items() if not k.startswith("text_encoders.clip_g.")}
     save_file(sd, str(tmp_path / "noclipg.safetensors"))
-    with pytest.raises(MismatchError, match="missing component: CLIP-G"):
+    with pytest.raises(MismatchError, match=r"missing component: CLIP-G \(not in this SD3 file\)"):
         _load_ours(tmp_path / "noclipg.safetensors")
+
+
+def test_checkpoint_without_text_encoders_refused_naming_both(tmp_path):
+    """sd3_medium.safetensors as first released: MMDiT + VAE, no CLIPs."""
+    from safetensors.torch import save_file
+
+    full = make_model(tmp_path / "m.safetensors", "sd3_medium")
+    sd = {k: v for k, v in load(full).items() if not k.startswith("text_encoders.")}
+    save_file(sd, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(MismatchError, match=r"missing component: CLIP-L and CLIP-G .*all-in-one checkpoint"):
+        _load_ours(tmp_path / "bare.safetensors")
+
+
+def test_separate_sd3_vae_replaces_the_checkpoints(tmp_path):
+    from ckptlab.generate.pipeline_sd3 import load_sd3
+
+    src = make_model(tmp_path / "m.safetensors", "sd3_medium")
+    vae = make_model(tmp_path / "v.safetensors", "sd3_vae", seed=3)
+    cfg = config_dir(tmp_path / "cfg", "sd3_medium")
+    theirs = diffusers.AutoencoderKL.from_single_file(str(vae), config=str(cfg), subfolder="vae",
+                                                      local_files_only=True).state_dict()
+    ours = load_sd3(open_checked(src), vae=open_checked(vae))
+    try:
+        mine = ours.pipe.vae.state_dict()
+        assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        own = _load_ours(src)
+        assert not torch.equal(own.pipe.vae.state_dict()["decoder.conv_out.weight"], mine["decoder.conv_out.weight"])
+        own.close()
+    finally:
+        ours.close()
+
+
+def test_four_channel_vae_refused(tmp_path):
+    from ckptlab.generate.pipeline_sd3 import load_sd3
+
+    src = make_model(tmp_path / "m.safetensors", "sd3_medium")
+    vae = make_model(tmp_path / "v.safetensors", "sd1_vae")
+    with pytest.raises(MismatchError, match="4 latent channels; SD3 takes a 16-channel VAE"):
+        load_sd3(open_checked(src), vae=open_checked(vae))

@@ -112,9 +112,17 @@ def load_sd3(src: TensorSource, *, device: str = "cpu", dtype=None, vae: TensorS
         patched.set_patches(*loras)
     items: dict[str, list[Out]] = {}
     items["transformer"], t_cfg, _ = mm.plan_transformer(patched)
-    if vae is None and not any(k.startswith(mm.VAE_PREFIX) for k in src.infos()):
-        raise MismatchError("this SD3 file has no VAE (first_stage_model.*): give an all-in-one checkpoint, or an "
-                            "SD3 VAE with --vae", src.path)
+    keys = src.infos()
+    wanted = [("CLIP-L", mm.CLIP_PREFIXES["clip_l"]), ("CLIP-G", mm.CLIP_PREFIXES["clip_g"])]
+    if vae is None:
+        wanted.insert(0, ("VAE", mm.VAE_PREFIX))
+    lacking = [name for name, prefix in wanted if not any(k.startswith(prefix) for k in keys)]
+    if lacking:
+        names = ", ".join(lacking[:-1]) + " and " + lacking[-1] if len(lacking) > 1 else lacking[0]
+        raise MismatchError(f"missing component: {names} (not in this SD3 file): generate needs an all-in-one "
+                            "checkpoint with CLIP-L and CLIP-G inside, such as sd3_medium_incl_clips*.safetensors "
+                            "(separate text-encoder files are not loaded; a VAE file can be given with --vae)",
+                            src.path)
     items["vae"], v_cfg = mm.plan_sd3_vae(vae) if vae is not None else mm.plan_sd3_vae(patched, mm.VAE_PREFIX)
     items["text_encoder"], l_cfg = mm.plan_clip(patched, "clip_l")
     items["text_encoder_2"], g_cfg = mm.plan_clip(patched, "clip_g")
