@@ -25,6 +25,8 @@ FAMILY = "sd3"
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 #: what SD3 is made for (Stability's model card / ComfyUI's example workflow): 28 steps, CFG 7, 1024x1024
 DEFAULTS = {"steps": 28, "cfg": 7.0, "width": 1024, "height": 1024, "sampler": "Euler"}
+#: the model cards' examples per variant: (steps, CFG)
+VARIANT_DEFAULTS = {"sd3_medium": (28, 7.0), "sd35_medium": (40, 4.5), "sd35_large": (28, 3.5)}
 #: A1111 sampler names that work on a flow-matching model -> diffusers scheduler (Forge's names for SD3)
 FLOW_SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Euler", "FlowMatchEulerDiscreteScheduler"),
