@@ -216,3 +216,58 @@ def test_four_channel_vae_refused(tmp_path):
     vae = make_model(tmp_path / "v.safetensors", "sd1_vae")
     with pytest.raises(MismatchError, match="4 latent channels; SD3 takes a 16-channel VAE"):
         load_sd3(open_checked(src), vae=open_checked(vae))
+
+
+class _Shapes:
+    """A ``TensorSource`` stand-in with shapes only (the real-size layouts; nothing is read)."""
+
+    path = Path("real-size")
+
+    def __init__(self, spec: str):
+        from ckptlab.formats.base import TensorInfo
+        from ckptlab.sample import layouts
+
+        self._infos = {k: TensorInfo(d, tuple(s)) for k, (d, s) in layouts.keys(spec, small=False).items()}
+
+    def infos(self):
+        return self._infos
+
+    def info(self, key):
+        return self._infos[key]
+
+
+@pytest.mark.parametrize("spec", sorted(PUBLISHED))
+def test_real_size_plan_fills_the_real_size_models_exactly(spec):
+    """Every planned key and shape of the full-size files = the state dict of the diffusers/transformers models
+    built (on the meta device) from the configs we derive: nothing missing, nothing extra, nothing misshaped."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from ckptlab.ops.diffusers_mmdit import plan_clip, plan_sd3_vae
+
+    src = _Shapes(spec)
+    items, cfg, _ = plan_transformer(src)
+    with torch.device("meta"):
+        model = diffusers.SD3Transformer2DModel.from_config({k: v for k, v in cfg.items() if k[0] != "_"})
+    assert {it.key: tuple(it.info.shape) for it in items} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    vitems, vcfg = plan_sd3_vae(src)
+    # stabilityai/stable-diffusion-3-medium-diffusers/vae/config.json
+    assert (vcfg["block_out_channels"], vcfg["latent_channels"], vcfg["layers_per_block"], vcfg["scaling_factor"],
+            vcfg["shift_factor"], vcfg["use_quant_conv"], vcfg["use_post_quant_conv"]) == (
+        [128, 256, 512, 512], 16, 2, 1.5305, 0.0609, False, False)
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL.from_config({k: v for k, v in vcfg.items() if k[0] != "_"})
+    assert {it.key: tuple(it.info.shape) for it in vitems} == {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    # text_encoder / text_encoder_2 config.json of the same repo: CLIP ViT-L/14 and OpenCLIP bigG/14
+    for which, (width, layers, heads, act) in {"clip_l": (768, 12, 12, "quick_gelu"),
+                                               "clip_g": (1280, 32, 20, "gelu")}.items():
+        citems, ccfg = plan_clip(src, which)
+        assert (ccfg["hidden_size"], ccfg["num_hidden_layers"], ccfg["num_attention_heads"], ccfg["hidden_act"],
+                ccfg["projection_dim"], ccfg["intermediate_size"]) == (width, layers, heads, act, width, 4 * width)
+        with torch.device("meta"):
+            te = CLIPTextModelWithProjection(CLIPTextConfig(**{k: v for k, v in ccfg.items()
+                                                               if k != "architectures"}))
+        want = {k: tuple(v.shape) for k, v in te.state_dict().items() if not k.endswith("position_ids")}
+        got = {it.key: tuple(it.info.shape) for it in citems}
+        if not hasattr(te, "text_model"):
+            got = {k.removeprefix("text_model."): s for k, s in got.items()}
+        assert got == want
