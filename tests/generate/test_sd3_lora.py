@@ -43,6 +43,7 @@ def _render(pipe):
                 width=64, generator=gen, output_type="np").images[0]
 
 
+@pytest.mark.slow
 def test_lora_image_equals_diffusers_peft_lora(tmp_path):
     from ckptlab.generate.pipeline_sd3 import load_sd3
     from ckptlab.lora.bake import BakeResult, match_loras

@@ -26,6 +26,7 @@ def _render(pipe, seed: int, **kw):
                 height=64, width=64, generator=gen, output_type="np", **kw).images[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,clip_skip", [("sd3_medium", None), ("sd35_medium", 2)])
 def test_image_equals_diffusers_single_file_pipeline(tmp_path, spec, clip_skip):
     from ckptlab.generate.pipeline_sd3 import load_sd3
