@@ -271,3 +271,38 @@ def test_real_size_plan_fills_the_real_size_models_exactly(spec):
         if not hasattr(te, "text_model"):
             got = {k.removeprefix("text_model."): s for k, s in got.items()}
         assert got == want
+
+
+def test_comfyui_scaled_fp8_mmdit_is_dequantised_per_key(tmp_path):
+    """ComfyUI's scaled fp8 (``scaled_fp8`` marker, fp8 weights with a ``scale_weight``): our weights = diffusers'
+    conversion of the same file dequantised in the test (``w.float() * scale_weight``) - through the qkv cut, the
+    adaLN swap and plain copies alike."""
+    from safetensors.torch import save_file
+
+    from ckptlab.generate.pipeline import value_of
+
+    sd = load(make_model(tmp_path / "m.safetensors", "sd3_medium"))
+    fp8, plain = {}, {}
+    for k, v in sd.items():
+        if not k.startswith(P):
+            continue
+        if v.dim() == 2 and (".joint_blocks." in k or "final_layer." in k or "context_embedder" in k):
+            s = (v.abs().max() / 448).to(torch.float32)
+            q = (v / s).to(torch.float8_e4m3fn)
+            fp8[k], fp8[k[:-len("weight")] + "scale_weight"] = q, s.reshape(())
+            plain[k] = q.to(torch.float32) * s
+        else:
+            fp8[k] = plain[k] = v
+    fp8[P + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(fp8, str(tmp_path / "fp8.safetensors"))
+    save_file(plain, str(tmp_path / "plain.safetensors"))
+    items, _, _ = plan_transformer(open_checked(tmp_path / "fp8.safetensors"))
+    ours = {it.key: value_of(it) for it in items}
+    cfg = config_dir(tmp_path / "cfg", "sd3_medium")
+    theirs = diffusers.SD3Transformer2DModel.from_single_file(str(tmp_path / "plain.safetensors"), config=str(cfg),
+                                                               subfolder="transformer",
+                                                               local_files_only=True).state_dict()
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert torch.equal(ours[k].to(torch.float32), theirs[k]), k
+    assert ours["transformer_blocks.0.attn.to_q.weight"].dtype == torch.float32

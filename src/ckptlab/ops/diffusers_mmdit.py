@@ -9,7 +9,8 @@ stream: ``add_q_proj/add_k_proj/add_v_proj``); ``ln_q``/``ln_k`` (SD3.5 qk-norm)
 keeps its own ``attn2.*``; the last joint block's context stream is ``context_pre_only`` (its attention output
 projection and MLP have no place in diffusers and are not read); SD3's ``adaLN_modulation`` of the final layer
 and of that last context block is ``(shift, scale)`` where diffusers' ``AdaLayerNormContinuous`` wants
-``(scale, shift)``: the halves are swapped.
+``(scale, shift)``: the halves are swapped. ComfyUI's scaled-fp8 files (``scaled_fp8`` marker, fp8 weights with
+a ``scale_weight`` each) are dequantised per key (``weight * scale_weight`` in fp32) before any cut or swap.
 
 The VAE has no ``quant_conv``/``post_quant_conv`` (scaling 1.5305, shift 0.0609, diffusers'
 ``stable-diffusion-3-medium-diffusers/vae``). CLIP-L and CLIP-G are stored with transformers' names under
@@ -112,17 +113,55 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     return cfg
 
 
-def _swapped(src: TensorSource, key: str):
+#: ComfyUI scaled fp8: per-weight scales (and the input scales its fp8 matmul uses) and the file's marker
+_SCALE_LEAVES = ("scale_weight", "scale_input")
+SCALED_FP8_MARKER = "scaled_fp8"
+
+
+def _read(src: TensorSource, key: str, scale: str | None):
+    """The value of ``key``; a scaled-fp8 weight dequantised (``w * scale_weight`` in fp32)."""
+    if scale is None:
+        return src.array(key)
+    import torch
+
+    from ckptlab.formats.arrays import as_array
+
+    return as_array(src.get(key).to(torch.float32) * src.get(scale).to(torch.float32))
+
+
+def _info(src: TensorSource, key: str, scale: str | None) -> TensorInfo:
+    info = src.info(key)
+    return info if scale is None else TensorInfo("F32", tuple(info.shape))
+
+
+def _swapped(src: TensorSource, key: str, scale: str | None):
     """SD3's ``(shift, scale)`` halves as diffusers' ``(scale, shift)``."""
     import numpy as np
 
-    a = src.array(key)
+    a = _read(src, key, scale)
     half = a.shape[0] // 2
     return np.concatenate([a[half:], a[:half]], axis=0)
 
 
-def _swap_out(key: str, src: TensorSource, src_key: str) -> Out:
-    return Out(key, src.info(src_key), source=src, src_key=src_key, produce=lambda: _swapped(src, src_key))
+def _swap_out(key: str, src: TensorSource, src_key: str, scale: str | None) -> Out:
+    return Out(key, _info(src, src_key, scale), source=src, src_key=src_key,
+               produce=lambda: _swapped(src, src_key, scale))
+
+
+def _copy_out(key: str, src: TensorSource, src_key: str, scale: str | None) -> Out:
+    if scale is None:
+        return Out.copy(key, src, src_key)
+    return Out(key, _info(src, src_key, scale), source=src, src_key=src_key,
+               produce=lambda: _read(src, src_key, scale))
+
+
+def _slice_out(key: str, src: TensorSource, src_key: str, part: int, parts: int, scale: str | None) -> Out:
+    if scale is None:
+        return slice_out(key, src, src_key, part, parts)
+    info = src.info(src_key)
+    rows = info.shape[0] // parts
+    return Out(key, TensorInfo("F32", (rows, *info.shape[1:])), source=src, src_key=src_key,
+               produce=lambda: _read(src, src_key, scale)[part * rows:(part + 1) * rows])
 
 
 def plan_transformer(src: TensorSource, prefix: str | None = None) -> tuple[list[Out], dict, list[str]]:
@@ -135,6 +174,7 @@ def plan_transformer(src: TensorSource, prefix: str | None = None) -> tuple[list
     if not prefix:  # a transformer-only file: the MMDiT's own names only
         shapes = {k: s for k, s in shapes.items() if not k.startswith(("text_encoders.", "first_stage_model.",
                                                                        "model."))}
+    shapes.pop(SCALED_FP8_MARKER, None)
     cfg = transformer_config(shapes)
     last = cfg["num_layers"] - 1
     items: list[Out] = []
@@ -145,11 +185,15 @@ def plan_transformer(src: TensorSource, prefix: str | None = None) -> tuple[list
             items.append(Out.copy("pos_embed.pos_embed", src, key))
             continue
         stem, _, leaf = short.rpartition(".")
+        if leaf in _SCALE_LEAVES and f"{stem}.weight" in shapes:
+            continue  # used with its weight
+        scale = f"{key[:-len('weight')]}scale_weight" if leaf == "weight" and \
+            f"{stem}.scale_weight" in shapes else None
         if stem in _TOP:
-            items.append(Out.copy(f"{_TOP[stem]}.{leaf}", src, key))
+            items.append(_copy_out(f"{_TOP[stem]}.{leaf}", src, key, scale))
             continue
         if stem == "final_layer.adaLN_modulation.1":
-            items.append(_swap_out(f"norm_out.linear.{leaf}", src, key))
+            items.append(_swap_out(f"norm_out.linear.{leaf}", src, key, scale))
             continue
         bits = stem.split(".", 3)
         if bits[0] != "joint_blocks" or len(bits) < 4 or bits[2] not in ("x_block", "context_block"):
@@ -158,7 +202,7 @@ def plan_transformer(src: TensorSource, prefix: str | None = None) -> tuple[list
         out = f"transformer_blocks.{i}."
         if rest.endswith(".qkv") and f"{stream}.{rest[:-4]}" in _QKV:
             for part, name in enumerate(_QKV[f"{stream}.{rest[:-4]}"]):
-                items.append(slice_out(f"{out}{name}.{leaf}", src, key, part, 3))
+                items.append(_slice_out(f"{out}{name}.{leaf}", src, key, part, 3, scale))
             continue
         table = _X if stream == "x_block" else _CTX
         if rest not in table:
@@ -168,9 +212,9 @@ def plan_transformer(src: TensorSource, prefix: str | None = None) -> tuple[list
                 unread.append(key)
                 continue
             if rest == "adaLN_modulation.1":
-                items.append(_swap_out(f"{out}{table[rest]}.{leaf}", src, key))
+                items.append(_swap_out(f"{out}{table[rest]}.{leaf}", src, key, scale))
                 continue
-        items.append(Out.copy(f"{out}{table[rest]}.{leaf}", src, key))
+        items.append(_copy_out(f"{out}{table[rest]}.{leaf}", src, key, scale))
     return items, cfg, unread
 
 
