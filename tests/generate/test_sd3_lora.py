@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fakes.sample_files import make_model
-from sd3_oracle import config_dir
+from fakes.sd3_oracle import config_dir
 
 from ckptlab.ops.run import open_checked
 

@@ -1,7 +1,7 @@
 """SD3 / SD3.5 single files -> diffusers names and configs (``ops.diffusers_mmdit``, ``generate.pipeline_sd3``).
 
 Oracle: diffusers' own single-file loaders (``StableDiffusion3Pipeline.from_single_file`` /
-``SD3Transformer2DModel.from_single_file`` with a config folder written by hand in ``sd3_oracle``) must hold
+``SD3Transformer2DModel.from_single_file`` with a config folder written by hand in ``fakes/sd3_oracle``) must hold
 exactly the weights of our in-memory pipeline, every tensor of MMDiT, VAE, CLIP-L and CLIP-G; the configs we
 derive from the shapes must equal the hand-written ones (small samples) and the official repos' published
 configs (real-size layouts)."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from fakes.sample_files import load, make_model
-from sd3_oracle import TRANSFORMER, VAE, config_dir
+from fakes.sd3_oracle import TRANSFORMER, VAE, config_dir
 
 from ckptlab.errors import MismatchError
 from ckptlab.ops.diffusers_mmdit import plan_transformer, transformer_config

@@ -2,7 +2,7 @@
 table, the T5-less warning, and the in-place reload of derived weights (what LoRA strength changes use).
 
 Oracle: ``StableDiffusion3Pipeline.from_single_file(..., text_encoder_3=None, tokenizer_3=None,
-config=DIR)`` with a config folder written by hand (``sd3_oracle``), same prompt, same CPU generator seed."""
+config=DIR)`` with a config folder written by hand (``fakes/sd3_oracle``), same prompt, same CPU generator seed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fakes.sample_files import load, make_model
-from sd3_oracle import config_dir
+from fakes.sd3_oracle import config_dir
 
 from ckptlab.errors import UsageError
 from ckptlab.formats.base import TensorSource
