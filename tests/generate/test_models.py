@@ -199,3 +199,31 @@ def test_a_catalogued_file_that_is_gone(library):
     b.unlink()
     with pytest.raises(NotInCatalogError, match="gone"):
         resolve_model(sha[:10], db=db)
+
+
+def test_generate_cli_takes_a_catalog_hash_and_a_diffusers_folder(sd1, tmp_path, cli):
+    """The wiring: ``ckptlab generate`` resolves MODEL with ``resolve_model`` and opens it with
+    ``open_model_source``: a hash of the catalogued file and the folder give the file's own pixels."""
+    from PIL import Image
+
+    model, folder = sd1
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    shutil.copyfile(model, lib / "model.safetensors")
+    db = tmp_path / "c.db"
+    assert cli("scan", lib, "--hash", "--db", db).returncode == 0
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    common = ["-p", "a lighthouse", "--seed", "5", "--steps", "2", "--size", "64x64", "--sampler", "Euler",
+              "--device", "cpu", "--db", db]
+    r = cli("generate", sha[:10], *common, "-o", tmp_path / "a.png")
+    assert r.returncode == 0, r.stderr
+    r = cli("generate", folder, *common, "-o", tmp_path / "b.png")
+    assert r.returncode == 0, r.stderr
+    r = cli("generate", model, *common, "-o", tmp_path / "c.png")
+    assert r.returncode == 0, r.stderr
+    px = [np.asarray(Image.open(tmp_path / f"{n}.png").convert("RGB")).astype(int) for n in "abc"]
+    assert np.abs(px[0] - px[2]).max() == 0 and np.abs(px[1] - px[2]).max() == 0
+    with Image.open(tmp_path / "a.png") as im:
+        assert f"Model hash: {sha[:10]}, Model: model," in im.text["parameters"]
+    r = cli("generate", "nosuchmodel", *common, "-o", tmp_path / "d.png")
+    assert r.returncode == 1 and r.stderr.startswith("ckptlab: error: 'nosuchmodel': no such file")

@@ -170,6 +170,10 @@ def preview_one(text: str, settings, *, db: Path | None = None, base: Path | Non
             if base is None:
                 raise MismatchError("a LoRA cannot render alone: give --base MODEL to render it on", path)
             model = resolve_model(base, db=db)
+            base_kind = _kind(model) if not model.is_dir() else "checkpoint"
+            if base_kind != "checkpoint":
+                what = base_kind or "file of unknown kind"
+                raise MismatchError(f"--base takes a checkpoint to render the LoRA on; this is a {what}", model)
             res.base = model
             lora_list = [(path, 1.0), *lora_list]
         prompt = settings.prompt or default_prompt(path, db)
