@@ -188,3 +188,26 @@ def test_cli_exit_status_after_a_failure_and_one_error_line(lib, cli):
     assert f"wrote {lib / 'sd1.preview.png'}" in r.stdout
     r = cli("preview", lib / "sd1.safetensors", *FAST, "--device", "cpu")
     assert r.returncode == 0 and f"skipped {lib / 'sd1.safetensors'}" in r.stdout and "--overwrite" in r.stderr
+
+
+def test_default_prompt_uses_the_trigger_words_the_catalog_knows(tmp_path):
+    """A LoRA's own metadata (dataset folder token, then its most frequent tags: the first three), and where
+    CivitAI states trained words (a Civitai Helper sidecar here) those instead."""
+    from fakes.library_files import tensors, write_st
+
+    from ckptlab.generate.preview import default_prompt
+    from ckptlab.library.catalog import Catalog
+    from ckptlab.library.scanner import scan
+
+    lib = tmp_path / "lib"
+    freq = {"10_zkz woman": {"zkz woman": 10, "smile": 7, "outdoors": 4, "hat": 2}}
+    lora = write_st(lib / "zkz.safetensors", tensors("sd1_kohya_lora", seed=2),
+                    metadata={"ss_tag_frequency": json.dumps(freq)})
+    db = tmp_path / "c.db"
+    with Catalog(db) as cat:
+        scan([lib], cat, hash=True)
+    assert default_prompt(lora, db) == f"zkz woman, smile, outdoors, {NEUTRAL_PROMPT}"
+    assert default_prompt(lora, tmp_path / "none.db") == NEUTRAL_PROMPT
+    (lib / "zkz.civitai.info").write_text(json.dumps({"modelId": 1, "id": 2, "trainedWords": ["zkzw", "red hat"],
+                                                      "files": []}))
+    assert default_prompt(lora, db) == f"zkzw, red hat, {NEUTRAL_PROMPT}"
