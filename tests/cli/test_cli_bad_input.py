@@ -553,6 +553,8 @@ CASES += [
     ("preview-bad-size", ["preview", "{d}/good.safetensors", "--size", "big"], USAGE),
     ("preview-unknown-sampler", ["preview", "{d}/good.safetensors", "--sampler", "Nope"], USAGE),
     ("preview-bad-db", ["preview", "deadbeef00", "--db", "{d}/garbage.db"], {1}),
+    ("preview-bad-precision", ["preview", "{d}/good.safetensors", "--precision", "fp7"], USAGE),
+    ("preview-bad-device", ["preview", "{d}/good.safetensors", "--device", "tpu"], USAGE),
 ]
 
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")

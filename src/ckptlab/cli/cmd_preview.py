@@ -29,7 +29,7 @@ def preview_cmd(
                                                             "(strength 1)."),
     clip_skip: int = typer.Option(1, "--clip-skip", help="A1111's Clip skip (1: the last layer)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on "
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on "
                                                               "CUDA/MPS)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing <stem>.preview.png (without it, a "
                                                             "model that has any preview is skipped)."),

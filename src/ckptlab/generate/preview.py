@@ -198,11 +198,13 @@ def preview(models: list[str], settings, *, db: Path | None = None, base: Path |
             cache: HashCache = NO_CACHE, progress: Progress = null_progress, each=None) -> list[PreviewResult]:
     """``preview_one`` for every MODEL argument in turn (a failure does not stop the others); ``each(result)`` is
     called after each one (the CLI prints as it goes)."""
+    from ckptlab.generate.pipeline import pick_device, pick_dtype
     from ckptlab.generate.samplers import find_sampler, find_schedule
 
     settings.check()
     find_sampler(settings.sampler)
     find_schedule(settings.schedule)
+    pick_dtype(dtype, pick_device(device))  # a wrong --device/--precision stops before any model
     out = []
     for m in models:
         r = preview_one(m, settings, db=db, base=base, vae=vae, loras=loras, device=device, dtype=dtype,

@@ -1,9 +1,9 @@
 """Previews ``ckptlab preview`` rendered, recorded in the catalog: which image shows which model, made how.
 
-A registered catalog component (``previews``, its own table keyed by ``files.id``), like the hub's links: a
-catalog that has it still opens in an older ckptlab, which ignores components it does not know. ``show`` prints
-the recorded preview (``preview_of``); the preview file itself is also found as a sidecar (``<stem>.preview.png``)
-by ``library.sidecars`` whoever wrote it.
+A registered catalog component (``catalog.PREVIEWS_COMPONENT``, its own table keyed by ``files.id``), like the
+LoRA triggers: a catalog that has it still opens in an older ckptlab, which ignores components it does not know.
+``show`` prints the recorded preview (``preview_of``); the preview file itself is also found as a sidecar
+(``<stem>.preview.png``) by ``library.sidecars`` whoever wrote it.
 """
 
 from __future__ import annotations
@@ -12,21 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from ckptlab.library.catalog import Catalog, display_path, register_migrations
-
-COMPONENT = "previews"
-MIGRATIONS = [
-    """
-    CREATE TABLE previews (
-        file_id INTEGER PRIMARY KEY REFERENCES files(id) ON DELETE CASCADE,
-        path TEXT NOT NULL,
-        made REAL NOT NULL,
-        seed INTEGER,
-        infotext TEXT
-    );
-    """,
-]
-register_migrations(COMPONENT, MIGRATIONS)
+from ckptlab.library.catalog import Catalog, display_path
 
 
 def record_preview(catalog: Catalog, model: str | Path, preview: str | Path, *, seed: int | None = None,
