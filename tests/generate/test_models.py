@@ -227,3 +227,28 @@ def test_generate_cli_takes_a_catalog_hash_and_a_diffusers_folder(sd1, tmp_path,
         assert f"Model hash: {sha[:10]}, Model: model," in im.text["parameters"]
     r = cli("generate", "nosuchmodel", *common, "-o", tmp_path / "d.png")
     assert r.returncode == 1 and r.stderr.startswith("ckptlab: error: 'nosuchmodel': no such file")
+
+
+class _Canary:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_hostile_pickle_inside_a_diffusers_folder_is_refused(sd1, tmp_path):
+    import pickle
+
+    from ckptlab.errors import UnsafeFileError
+
+    _, folder = sd1
+    evil = tmp_path / "evil"
+    shutil.copytree(folder, evil)
+    (evil / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    canary = tmp_path / "CANARY"
+    (evil / "unet" / "diffusion_pytorch_model.bin").write_bytes(
+        pickle.dumps({"conv_in.weight": _Canary(str(canary))}, protocol=2))
+    with pytest.raises(UnsafeFileError):
+        open_model_source(resolve_model(evil))
+    assert not canary.exists()
