@@ -533,6 +533,30 @@ CASES += [
     ("lora-bake-output-unwritable", ["lora", "bake", "{d}/good.safetensors", "{d}/lora.safetensors", "-o", "{ro}/b.safetensors"], {1}),
 ]
 
+# ckptlab preview (gen-models): every failure comes before anything is written next to the model
+CASES += [
+    ("preview-missing", ["preview", "{d}/nope.safetensors"], {1}),
+    ("preview-missing-hash", ["preview", "deadbeef00", "--db", "{w}/empty.db"], {1}),
+    ("preview-missing-catalog", ["preview", "deadbeef00", "--db", "{o}/none.db"], {1}),
+    ("preview-empty", ["preview", "{d}/empty.safetensors"], {1}),
+    ("preview-text", ["preview", "{d}/text.safetensors"], {1}),
+    ("preview-truncated", ["preview", "{d}/trunc.safetensors"], {1}),
+    ("preview-truncated-db", ["preview", "deadbeef00", "--db", "{w}/trunc.db"], {1}),
+    ("preview-dir", ["preview", "{d}/adir.safetensors"], {1}),
+    ("preview-dir-broken-index", ["preview", "{d}/fakediff"], {1}),
+    ("preview-wrong-kind", ["preview", "{d}/lora.safetensors"], {1}),
+    ("preview-wrong-kind-vae", ["preview", "{d}/vae.safetensors"], {1}),
+    ("preview-wrong-kind-diffusers", ["preview", "{d}/wrongdiff"], {1}),
+    ("preview-wrong-kind-base", ["preview", "{d}/lora.safetensors", "--base", "{d}/vae.safetensors"], {1}),
+    ("preview-evil", ["preview", "{d}/evil.ckpt"], MALICIOUS),
+    ("preview-bad-steps", ["preview", "{d}/good.safetensors", "--steps", "0"], USAGE),
+    ("preview-bad-size", ["preview", "{d}/good.safetensors", "--size", "big"], USAGE),
+    ("preview-unknown-sampler", ["preview", "{d}/good.safetensors", "--sampler", "Nope"], USAGE),
+    ("preview-bad-db", ["preview", "deadbeef00", "--db", "{d}/garbage.db"], {1}),
+    ("preview-bad-precision", ["preview", "{d}/good.safetensors", "--precision", "fp7"], USAGE),
+    ("preview-bad-device", ["preview", "{d}/good.safetensors", "--device", "tpu"], USAGE),
+]
+
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
 
 #: (command, class) pairs with no case, and why; everything else needs a case
@@ -554,6 +578,8 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("civitai-info", "text"): "covered as civitai-info-bad-source",
     ("civitai-info", "truncated"): "a cut API answer needs a server: tests/hub/test_civitai_client.py",
     ("civitai-info", "directory"): "takes a source spec, never a path",
+    ("preview", "unwritable"): "writes only next to the model (the matrix's input folder must not change); an "
+                               "unwritable model folder and a folder in the way: tests/generate/test_preview.py",
 }
 
 _CLASS_OF_SUFFIX = (  # (suffix prefix, class), first match wins

@@ -12,7 +12,7 @@ from ckptlab.cli.common import db_option
 
 
 def generate_cmd(
-    model: Path = typer.Argument(..., help="A single-file checkpoint (SD1, SD2, SDXL)."),
+    model: Path = typer.Argument(..., help="A checkpoint file (SD1, SD2, SDXL), a diffusers folder, or a catalog hash (SHA-256 prefix, AutoV2, AutoV3) or name."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this UTF-8 file."),
     negative: str = typer.Option("", "--negative", "-n", help="The negative prompt."),
@@ -47,10 +47,12 @@ def generate_cmd(
       ckptlab generate model.safetensors -p "a lighthouse at dusk" --seed 42 --steps 20 -o lighthouse.png
     """
     from ckptlab.cli.common import console, emit_json, progress_bar, warning_line
+    from ckptlab.generate.models import resolve_model
     from ckptlab.generate.render import Settings, generate, parse_lora, parse_size
     from ckptlab.library.catalog import hash_cache
 
     text = read_prompt(prompt, prompt_file)
+    model = resolve_model(model, db=db)
     width, height = parse_size(size) if size else (None, None)
     settings = Settings(text, negative, seed, steps, cfg, width, height, sampler, schedule, clip_skip, refiner_switch)
     loras = [parse_lora(x) for x in lora or ()]

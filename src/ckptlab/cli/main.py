@@ -32,6 +32,7 @@ OPTION_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
     ("apply-plan", "--catalog"): ("--db",),      # every other catalog command says --db
     ("scan", "--workers"): ("--jobs", "-j"),       # download says --jobs/-j for "how many files at once"
     ("merge", "--dtype"): ("--precision",),      # prune and to-diffusers say --precision for the output dtype
+    ("preview", "--dtype"): ("--precision",),    # the compute dtype; one spelling with merge/prune
 }
 
 _VALUE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
@@ -146,7 +147,7 @@ app = typer.Typer(
 
 _COMMAND_MODULES = (
     "cmd_inspect", "cmd_check", "cmd_convert", "cmd_library", "cmd_transform", "cmd_merge", "cmd_hub", "cmd_lora",
-    "cmd_generate",
+    "cmd_generate", "cmd_preview",
 )
 
 

@@ -133,7 +133,9 @@ class Session:
         self.opened: list = []
         self.loaded = self.refined = None
         try:
-            src = source if source is not None else open_checked(Path(model))
+            from ckptlab.generate.models import open_model_source
+
+            src = source if source is not None else open_model_source(Path(model))
             self.opened.append(src)
             fam = _family(src)
             self.dtype = pick_dtype(dtype, self.device, fam)

@@ -100,6 +100,17 @@ TRIGGERS_COMPONENT = "triggers"
 TRIGGERS_MIGRATIONS = ["ALTER TABLE files ADD COLUMN triggers TEXT;"]
 register_migrations(TRIGGERS_COMPONENT, TRIGGERS_MIGRATIONS)
 
+#: previews ``ckptlab preview`` rendered (``library.previews``): registered here, with the catalog, so that every
+#: catalog has the table from its creation and a read-only one never needs this migration later
+PREVIEWS_COMPONENT = "previews"
+PREVIEWS_MIGRATIONS = ["""
+    CREATE TABLE previews (
+        file_id INTEGER PRIMARY KEY REFERENCES files(id) ON DELETE CASCADE,
+        path TEXT NOT NULL, made REAL NOT NULL, seed INTEGER, infotext TEXT
+    );
+    """]
+register_migrations(PREVIEWS_COMPONENT, PREVIEWS_MIGRATIONS)
+
 
 def default_db_path() -> Path:
     """``$CKPTLAB_DB`` if set, else ``<user data dir>/ckptlab/catalog.db`` (platformdirs)."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ckptlab.errors import NotInCatalogError, UsageError
-from ckptlab.library import sidecars
+from ckptlab.library import previews, sidecars
 from ckptlab.library.catalog import Catalog, FileRecord
 
 #: ``FileRecord -> CivitAI link summary or None`` (``hub.store.link_summary``'s dict)
@@ -71,6 +71,7 @@ def show_file(catalog: Catalog, target: str, *, civitai: LinkLookup | None = Non
         d["same_bytes_as"] = [o.path for o in (catalog.find_by_sha256(rec.sha256) if rec.sha256 else [])
                               if o.id != rec.id and o.status == "present"] or None
         d["trigger_words"] = trigger_sources(rec, d["civitai"], d["sidecars"]) or None
+        d["preview"] = previews.preview_of(catalog, rec.id)  # the one `ckptlab preview` rendered
         out.append(d)
     return out
 
@@ -262,6 +263,9 @@ def render_text(d: dict) -> list[str]:
         for t in d["trigger_words"]:
             srcs = [f"{x} {t['count']}" if x == "tag frequency" and t.get("count") else x for x in t["sources"]]
             out.append(f"    - {printable(t['word'])}  [{printable(', '.join(srcs))}]")
+    if pv := d.get("preview"):
+        kv("preview", f"{pv['path']} (ckptlab preview, seed {pv.get('seed')}"
+                      f"{'' if pv.get('exists') else '; the file is gone'})")
     if sc := d.get("sidecars"):
         out.append("  sidecars:")
         for role, name in (sc.get("files") or {}).items():
