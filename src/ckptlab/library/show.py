@@ -71,8 +71,16 @@ def show_file(catalog: Catalog, target: str, *, civitai: LinkLookup | None = Non
         d["same_bytes_as"] = [o.path for o in (catalog.find_by_sha256(rec.sha256) if rec.sha256 else [])
                               if o.id != rec.id and o.status == "present"] or None
         d["trigger_words"] = trigger_sources(rec, d["civitai"], d["sidecars"]) or None
+        d["images"] = _images_made_with(catalog, rec)
         out.append(d)
     return out
+
+
+def _images_made_with(catalog: Catalog, rec: FileRecord) -> dict | None:
+    """``{"count", "paths", "roles"}`` of the images ``ckptlab images`` found made with this file's content."""
+    from ckptlab.library import image_links  # imported here: only a catalog that has the table is read
+
+    return image_links.images_for(catalog, rec.sha256)
 
 
 def trigger_sources(rec: FileRecord, link: dict | None = None, sidecars: dict | None = None) -> list[dict]:
@@ -262,6 +270,8 @@ def render_text(d: dict) -> list[str]:
         for t in d["trigger_words"]:
             srcs = [f"{x} {t['count']}" if x == "tag frequency" and t.get("count") else x for x in t["sources"]]
             out.append(f"    - {printable(t['word'])}  [{printable(', '.join(srcs))}]")
+    if imgs := d.get("images"):
+        items(f"images made with it: {imgs['count']} (as {', '.join(imgs['roles'])}), latest", imgs["paths"])
     if sc := d.get("sidecars"):
         out.append("  sidecars:")
         for role, name in (sc.get("files") or {}).items():
