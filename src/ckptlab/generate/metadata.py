@@ -293,6 +293,8 @@ def _read_webp(f, file_size: int, raw: RawMetadata) -> None:
             if fourcc == b"EXIF":
                 raw.warnings.append(f"an EXIF chunk of {length} bytes skipped (over the limit)")
             f.seek(padded, os.SEEK_CUR)
+    if raw.size is None:
+        raise FormatError("damaged WebP: no image chunk (VP8, VP8L or VP8X)")
 
 
 # ------------------------------------------------------------------------------------------- EXIF
