@@ -453,6 +453,19 @@ CIVITAI_ROLES = {"checkpoint": "checkpoint", "model": "checkpoint", "lora": "lor
 TAG_ROLES = {"lora": "lora", "lyco": "lora", "hypernet": "hypernetwork"}
 
 
+def _json_value(v):
+    """A ``{...}``/``[...]`` value, decoded: CivitAI writes them raw, some writers JSON-quote them like any value
+    holding ``,`` and ``:`` (then the parser hands us the string)."""
+    if isinstance(v, str) and v.lstrip()[:1] in ("{", "["):
+        from ckptlab.jsonable import loads_limited
+
+        try:
+            return loads_limited(v)
+        except ValueError:
+            return None
+    return v
+
+
 def _a1111(text: str, meta: ImageMetadata) -> None:
     from ckptlab.generate.infotext import parse_infotext, split_hashes
 
@@ -477,7 +490,7 @@ def _a1111(text: str, meta: ImageMetadata) -> None:
         if isinstance(p.get(key), str):
             for name, h in split_hashes(p[key]).items():
                 refs.get(role, name, key).add_hash(h, key)
-    hashes = p.get("Hashes")
+    hashes = _json_value(p.get("Hashes"))
     if isinstance(hashes, dict):
         for key, h in hashes.items():
             if not isinstance(h, str):
@@ -488,7 +501,7 @@ def _a1111(text: str, meta: ImageMetadata) -> None:
                 refs.only(role, "Hashes").add_hash(h, "Hashes")
             elif role and sep and name:
                 refs.get(role, name, "Hashes").add_hash(h, "Hashes")
-    resources = p.get("Civitai resources")
+    resources = _json_value(p.get("Civitai resources"))
     if isinstance(resources, list):
         for res in resources[:256]:
             if not isinstance(res, dict):
