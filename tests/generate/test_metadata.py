@@ -311,3 +311,12 @@ def test_a1111_models_from_every_key(tmp_path):
         ("embedding", None, [], None, 9208),
     ]
     assert m.models[-2].title == "Detail Tweaker"
+
+
+def test_fifo_does_not_block(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(FormatError, match="not a regular file"):
+        read_raw(fifo)

@@ -369,7 +369,9 @@ def read_raw(path: str | os.PathLike) -> RawMetadata:
     ``FormatError`` for anything else, a truncated or damaged container, or a decompression bomb."""
     path = Path(os.fspath(path))
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO given as an image must not block the open; anything but a regular file is refused
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise FormatError("not a regular file", path)
