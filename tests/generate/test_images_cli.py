@@ -158,3 +158,24 @@ def test_without_a_catalog(cli, setup, tmp_path):
     assert r.returncode == 2 and "--missing needs a catalog" in r.stderr
     r = cli("images", "--db", tmp_path / "typo.db", imgs / "a.png")
     assert r.returncode == 1 and "no catalog here yet" in r.stderr
+
+
+def test_a_catalog_that_cannot_be_written_is_a_warning(setup, monkeypatch, capsys):
+    """The links are a by-product: a read-only or locked catalog leaves the report intact (exit 0, one warning).
+    The failure is injected where the write happens (as root, file modes cannot make a catalog read-only)."""
+    from ckptlab.cli import main as cli_main
+    from ckptlab.errors import CatalogWriteError
+    from ckptlab.library import image_links
+
+    root, db, imgs = setup
+
+    def refuse(cat, images):
+        raise CatalogWriteError("cannot write the catalog: the catalog is read-only", cat.path)
+
+    monkeypatch.setattr(image_links, "record", refuse)
+    with pytest.raises(SystemExit) as ei:
+        cli_main.main(["images", "--db", str(db), str(imgs / "a.png")])
+    out = capsys.readouterr()
+    assert ei.value.code in (0, None)
+    assert out.err.startswith("ckptlab: warning: ") and "links from images to models were not recorded" in out.err
+    assert f"-> {root / 'v15.safetensors'}" in out.out

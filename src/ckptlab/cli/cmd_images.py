@@ -70,6 +70,10 @@ def images_cmd(
             _print_image(r)
     if missing:
         _print_missing(missing_models(reports), len(reports), json_out)
+        ambiguous = {(m.role, m.name, tuple(m.hashes)) for r in reports for m in r.models if m.status == "ambiguous"}
+        if ambiguous and not json_out:
+            warning_line(f"{len(ambiguous)} model(s) match several files and are not counted as missing; run "
+                         "without --missing to see the candidates")
     if index is not None and reports:
         from ckptlab.library import image_links
 
