@@ -9,8 +9,10 @@ behaviour) is shown to lose the quoted values that ours keeps.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -252,3 +254,40 @@ def test_round_trip_through_an_image(tmp_path, suffix):
     assert (it.prompt, it.negative) == (prompt, negative)
     assert it.params == {k: str(v) for k, v in params.items()}
     assert ours_as_a1111(read) == a1111_parse(read)
+
+
+def test_linear_a1111_reading_equals_the_regex():
+    """``a1111_params`` (linear time) returns exactly what A1111's regex finds, on the texts above and on random
+    lines made of the characters that matter (key characters, colons, commas, quotes, backslashes, tabs)."""
+    from ckptlab.generate.infotext import a1111_params
+
+    for text in TEXTS.values():
+        for line in text.replace("\r\n", "\n").split("\n"):
+            assert a1111_params(line) == RE_PARAM.findall(line)
+    rnd = random.Random(7)
+    alphabet = 'ab :,"\\ -/\t_é1{}'
+    for _ in range(30_000):
+        line = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 40)))
+        assert a1111_params(line) == RE_PARAM.findall(line), repr(line)
+        assert a1111_params(line, limit=2) == RE_PARAM.findall(line)[:2]
+
+
+HOSTILE_LINES = ["ab " * 350_000, "kk: {a, " * 130_000, 'kk: ["a, ' * 110_000, 'kk: "a, ' * 130_000,
+                 "x Steps: 1 " * 95_000, "a:b:" * 260_000, "- " * 500_000]
+
+
+def test_hostile_lines_take_linear_time(tmp_path):
+    """A megabyte-long line that makes A1111's regex (and a naive bracket scan) quadratic: hours. Run in a child
+    with a generous timeout, which only a quadratic reader can exceed."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parse.py"
+    script.write_text(
+        "import sys\nfrom tests.generate.test_infotext import HOSTILE_LINES\n"
+        "from ckptlab.generate.infotext import parse_infotext\n"
+        "for line in HOSTILE_LINES:\n    parse_infotext(line)\n    parse_infotext('p\\n' + line)\nprint('ok')\n")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=f"{root / 'src'}{os.pathsep}{root}")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.stdout.strip() == "ok", r.stderr

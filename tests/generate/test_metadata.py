@@ -320,3 +320,26 @@ def test_fifo_does_not_block(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(FormatError, match="not a regular file"):
         read_raw(fifo)
+
+
+def test_many_text_chunks_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata, "MAX_TEXTS", 3)
+    p = tmp_path / "many.png"
+    p.write_bytes(png_bytes([(b"tEXt", f"k{i}\0v".encode()) for i in range(50)]))
+    raw = read_raw(p)
+    assert sorted(raw.texts) == ["k0", "k1", "k2"] and raw.warnings == ["47 text chunk(s) past the first 3 skipped"]
+
+
+def test_endless_chunks_and_fill_bytes_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata, "MAX_CHUNKS", 100)
+    p = tmp_path / "chunks.png"
+    p.write_bytes(png_bytes([(b"zzZz", b"")] * 200))
+    with pytest.raises(FormatError, match="more than 100 PNG chunks"):
+        read_raw(p)
+    p = tmp_path / "fill.jpg"
+    p.write_bytes(b"\xff\xd8" + b"\xff" * 70_000 + b"\xd9")
+    with pytest.raises(FormatError, match="fill bytes"):
+        read_raw(p)
+    p.write_bytes(b"\xff\xd8" + b"\xff\xd0" * 200 + b"\xff\xd9")
+    with pytest.raises(FormatError, match="more than 100 JPEG segments"):
+        read_raw(p)

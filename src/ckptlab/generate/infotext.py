@@ -170,13 +170,18 @@ def _plain_end(line: str, i: int) -> int:
     return len(line) if j < 0 else j
 
 
-def _value(line: str, start: int) -> tuple[object, int]:
+def _value(line: str, start: int, budget: list[int]) -> tuple[object, int]:
     """The value starting at ``start`` and the index just past it: a JSON string (A1111's quote), a JSON
-    object/array, else the text up to the next ``,`` (as A1111's ``[^,]*``)."""
+    object/array, else the text up to the next ``,`` (as A1111's ``[^,]*``). ``budget``: characters the
+    ``{...}``/``[...]`` scans may still read on this line; a hostile line of unclosed brackets, each scanned to the
+    end, would otherwise take quadratic time (then the rest are read as plain values)."""
     from ckptlab.jsonable import loads_limited
 
-    if start < len(line) and line[start] in '"{[':
+    bracket = start < len(line) and line[start] in "{[" and budget[0] > 0
+    if start < len(line) and (line[start] == '"' or bracket):
         end = _string_end(line, start) if line[start] == '"' else _bracket_end(line, start)
+        if bracket:
+            budget[0] -= end - start
         if _at_separator(line, end):
             raw = line[start:end]
             try:
@@ -193,6 +198,7 @@ def parse_params(line: str) -> dict:
     ones, as in A1111."""
     out: dict = {}
     i, n = 0, len(line)
+    budget = [4 * n + (1 << 16)]
     while i < n:
         while i < n and line[i] in ", \t":
             i += 1
@@ -200,7 +206,7 @@ def parse_params(line: str) -> dict:
             break
         m = _KEY.match(line, i)
         if m and (m.end(1) >= len(line) or line[m.end(1)] == ":"):
-            value, end = _value(line, m.end())
+            value, end = _value(line, m.end(), budget)
             out[m[1].strip()] = value
             i = end
             continue
@@ -212,14 +218,62 @@ def parse_params(line: str) -> dict:
     return out
 
 
+_RUN = re.compile(r"[\w \-/]+")  # the character class of RE_PARAM's key
+_WORD = re.compile(r"\w")
+_SPACE = re.compile(r"\s*")
+
+
+def a1111_params(line: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """``RE_PARAM.findall(line)`` (A1111's own reading of a parameter line), computed in linear time: the regex
+    itself retries its key at every position of a long run of word characters without a colon, which takes
+    minutes on a hostile megabyte (and A1111 runs it on every last line). ``limit``: stop after that many pairs.
+
+    Why this is the same: a key is ``\\w[\\w \\-/]+`` then ``:``; ``:`` is not in that class, so a match's key
+    always runs to the end of a maximal class run that a ``:`` follows, and starts at the run's first word
+    character at or after the search position (a key needs 2 characters). The value is a JSON-ish quoted string
+    when one closes right before ``,`` or the end, else everything up to the next ``,``. The tests compare this
+    with the regex on random and hostile lines."""
+    out: list[tuple[str, str]] = []
+    n, pos = len(line), 0
+    for run in _RUN.finditer(line):
+        start, end = run.span()
+        if end <= pos or end >= n or line[end] != ":":
+            continue
+        w = _WORD.search(line, max(start, pos), end)
+        if w is None or w.start() > end - 2:
+            continue
+        v = _SPACE.match(line, end + 1).end()
+        value, stop = None, -1
+        if v < n and line[v] == '"':
+            j = v + 1
+            while j < n and line[j] != '"':
+                if line[j] == "\\":
+                    if j + 1 >= n:
+                        break
+                    j += 2
+                else:
+                    j += 1
+            if j < n and line[j] == '"' and j > v + 1 and (j + 1 == n or line[j + 1] == ","):
+                value, stop = line[v:j + 1], j + 1
+        if value is None:
+            c = line.find(",", v)
+            stop = n if c < 0 else c
+            value = line[v:stop]
+        out.append((line[w.start():end], value))
+        pos = stop + 1 if stop < n else n
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
 def _is_param_line(line: str) -> bool:
-    return len(RE_PARAM.findall(line)) >= 3
+    return len(a1111_params(line, limit=3)) >= 3
 
 
 def _split_one_line(line: str) -> tuple[str, str] | None:
     """A one-line text (``prompt ... Steps: 20, Sampler: ...``): (text before, parameter tail) split at the last
     ``Steps: <n>`` whose tail is a parameter list, or None."""
-    for m in reversed(list(re.finditer(r"(?<!,)\s(Steps: \d)", line))):
+    for m in list(re.finditer(r"(?<!,)\s(Steps: \d)", line))[-8:][::-1]:  # the last few: bounded work
         tail = line[m.start(1):]
         if _is_param_line(tail):
             return line[:m.start(1)].rstrip(" ,"), tail

@@ -38,6 +38,9 @@ from ckptlab.errors import FormatError
 MAX_CHUNK = 8 << 20
 #: the most text chunks read from one file
 MAX_TEXTS = 256
+#: the most chunks/segments walked in one file (a real 100 MB PNG has ~12,000; a hostile file of empty chunks
+#: would make the walk slow, not dangerous)
+MAX_CHUNKS = 1_000_000
 #: Pillow's default ``Image.MAX_IMAGE_PIXELS``; an image over twice this is what Pillow refuses outright
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -166,8 +169,11 @@ def _read_png(f, file_size: int, raw: RawMetadata) -> None:
     """Walk the chunks; read IHDR and the text/EXIF chunks, seek over everything else (pixels never read)."""
     f.seek(8)
     seen_iend = False
-    n_texts = 0
+    n_texts = n_chunks = over = 0
     while True:
+        n_chunks += 1
+        if n_chunks > MAX_CHUNKS:
+            raise FormatError(f"more than {MAX_CHUNKS:,} PNG chunks; not read")
         head = f.read(8)
         if len(head) < 8:
             break
@@ -181,8 +187,10 @@ def _read_png(f, file_size: int, raw: RawMetadata) -> None:
             break
         wanted = ctype in (b"IHDR", b"tEXt", b"zTXt", b"iTXt", b"eXIf")
         if not wanted or (ctype != b"IHDR" and (length > MAX_CHUNK or n_texts >= MAX_TEXTS)):
-            if wanted:
+            if wanted and length > MAX_CHUNK:
                 raw.warnings.append(f"a {ctype.decode()} chunk of {length} bytes skipped (over the limit)")
+            elif wanted:
+                over += 1
             f.seek(length + 4, os.SEEK_CUR)
             continue
         data = f.read(length)
@@ -205,6 +213,8 @@ def _read_png(f, file_size: int, raw: RawMetadata) -> None:
             raw.warnings.append(str(e))
             continue
         raw.texts.setdefault(name, text)
+    if over:
+        raw.warnings.append(f"{over} text chunk(s) past the first {MAX_TEXTS} skipped")
     if raw.size is None:
         raise FormatError("damaged PNG: no IHDR chunk")
     if not seen_iend:
@@ -225,14 +235,17 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 def _read_jpeg(f, file_size: int, raw: RawMetadata) -> None:
     """Walk the segments up to the start of scan: APP1 Exif, COM, and the frame header's size."""
     f.seek(2)
-    while True:
+    for _ in range(MAX_CHUNKS):
         b = f.read(1)
         if not b:
             raise FormatError("truncated JPEG: the file ends before the image data")
         if b != b"\xff":
             raise FormatError("damaged JPEG: a segment does not start with a marker")
-        marker = f.read(1)
+        marker, fill = f.read(1), 0
         while marker == b"\xff":  # fill bytes
+            fill += 1
+            if fill > 1 << 16:
+                raise FormatError("damaged JPEG: a run of more than 65,536 fill bytes")
             marker = f.read(1)
         if not marker:
             raise FormatError("truncated JPEG: the file ends before the image data")
@@ -258,12 +271,14 @@ def _read_jpeg(f, file_size: int, raw: RawMetadata) -> None:
             _exif_texts(data[6:], raw)
         elif m == 0xFE and "comment" not in raw.texts:
             raw.texts["comment"] = _decode_text(data)
+    else:
+        raise FormatError(f"more than {MAX_CHUNKS:,} JPEG segments before the image data; not read")
 
 
 def _read_webp(f, file_size: int, raw: RawMetadata) -> None:
     """Walk the RIFF chunks: VP8X/VP8/VP8L for the size, EXIF and XMP skipped or read, image data skipped."""
     f.seek(12)
-    while True:
+    for _ in range(MAX_CHUNKS):
         head = f.read(8)
         if len(head) < 8:
             if head:
@@ -293,6 +308,8 @@ def _read_webp(f, file_size: int, raw: RawMetadata) -> None:
             if fourcc == b"EXIF":
                 raw.warnings.append(f"an EXIF chunk of {length} bytes skipped (over the limit)")
             f.seek(padded, os.SEEK_CUR)
+    else:
+        raise FormatError(f"more than {MAX_CHUNKS:,} WebP chunks; not read")
     if raw.size is None:
         raise FormatError("damaged WebP: no image chunk (VP8, VP8L or VP8X)")
 
