@@ -343,3 +343,32 @@ def test_endless_chunks_and_fill_bytes_are_refused(tmp_path, monkeypatch):
     p.write_bytes(b"\xff\xd8" + b"\xff\xd0" * 200 + b"\xff\xd9")
     with pytest.raises(FormatError, match="more than 100 JPEG segments"):
         read_raw(p)
+
+
+def test_comfyui_custom_loaders_and_sampler_custom_advanced(tmp_path):
+    graph = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8"}},
+        "2": {"class_type": "Efficient Loader", "inputs": {"ckpt_name": "dreamshaper_8.safetensors",
+                                                           "vae_name": "Baked VAE", "lora_name": "None"}},
+        "3": {"class_type": "Power Lora Loader (rgthree)", "inputs": {
+            "lora_1": {"on": True, "lora": "flux/realism.safetensors", "strength": 0.9},
+            "lora_2": {"on": False, "lora": "off.safetensors", "strength": 1},
+            "➕ Add Lora": ""}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a misty forest", "clip": ["3", 1]}},
+        "13": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["25", 0], "guider": ["22", 0],
+                                                                 "sampler": ["16", 0], "sigmas": ["17", 0],
+                                                                 "latent_image": ["27", 0]}},
+        "16": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "17": {"class_type": "BasicScheduler", "inputs": {"scheduler": "simple", "steps": 28, "denoise": 1}},
+        "22": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["26", 0]}},
+        "25": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1234}},
+        "26": {"class_type": "FluxGuidance", "inputs": {"guidance": 3.5, "conditioning": ["6", 0]}},
+        "27": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 768, "batch_size": 1}},
+    }
+    m = _png_with(tmp_path, prompt=json.dumps(graph))
+    assert m.prompt == "a misty forest" and m.negative == ""
+    assert m.params == {"Steps": 28, "Sampler": "euler", "Schedule type": "simple", "Guidance": 3.5, "Seed": 1234,
+                        "Denoising strength": 1, "Size": "1024x768"}
+    assert [(r.role, r.name, r.weight) for r in m.models] == [
+        ("unet", "flux1-dev.safetensors", None), ("checkpoint", "dreamshaper_8.safetensors", None),
+        ("lora", "flux/realism.safetensors", 0.9)]

@@ -590,29 +590,54 @@ def _comfy_api(graph: dict, meta: ImageMetadata) -> None:
 
     refs = _Refs()
     sampler = None
+    def name_of(v) -> str | None:
+        v = scalar(v)
+        return v if isinstance(v, str) and v.strip() and v not in _COMFY_NONE else None
+
+    def first(ins: dict, keys: tuple[str, ...]) -> float | None:
+        for key in keys:
+            if key in ins and _num(scalar(ins[key])) is not None:
+                return _num(scalar(ins[key]))
+        return None
+
+    custom: dict[str, dict] = {}  # SamplerCustomAdvanced's parts: RandomNoise, BasicScheduler, KSamplerSelect...
     for k in sorted(nodes, key=order):
         node = nodes[k]
         ct, ins = str(node.get("class_type", "")), node["inputs"]
-        if ct in COMFY_CHECKPOINT and isinstance(ins.get(COMFY_CHECKPOINT[ct]), str):
-            refs.get("checkpoint", ins[COMFY_CHECKPOINT[ct]], f"ComfyUI {ct}")
-        elif ct == "UNETLoader" and isinstance(ins.get("unet_name"), str):
-            refs.get("unet", ins["unet_name"], f"ComfyUI {ct}")
-        elif ct == "VAELoader" and isinstance(ins.get("vae_name"), str):
-            refs.get("vae", ins["vae_name"], f"ComfyUI {ct}")
-        elif ct in ("LoraLoader", "LoraLoaderModelOnly") and isinstance(ins.get("lora_name"), str):
-            r = refs.get("lora", ins["lora_name"], f"ComfyUI {ct}")
-            r.weight = _num(scalar(ins.get("strength_model")))
-            if ct == "LoraLoader":
-                r.weight_clip = _num(scalar(ins.get("strength_clip")))
-        elif ct == "CLIPSetLastLayer" and _int(scalar(ins.get("stop_at_clip_layer"))) is not None:
+        src = f"ComfyUI {ct}"[:120]
+        # loaders by their input names: the core nodes and the custom ones that reuse the names (Efficient
+        # Loader, pysssss, Impact...)
+        for key, role in (("ckpt_name", "checkpoint"), ("unet_name", "unet"), ("vae_name", "vae")):
+            if name_of(ins.get(key)):
+                refs.get(role, name_of(ins[key]), src)
+        if name_of(ins.get("lora_name")):
+            r = refs.get("lora", name_of(ins["lora_name"]), src)
+            r.weight = first(ins, ("strength_model", "lora_model_strength", "strength", "lora_strength"))
+            r.weight_clip = first(ins, ("strength_clip", "lora_clip_strength"))
+        for v in ins.values():  # rgthree's Power Lora Loader: {"on": true, "lora": NAME, "strength": 0.8, ...}
+            if isinstance(v, dict) and isinstance(v.get("lora"), str) and v.get("on") is not False \
+                    and v["lora"] not in _COMFY_NONE:
+                r = refs.get("lora", v["lora"], src)
+                r.weight, r.weight_clip = _num(v.get("strength")), _num(v.get("strengthTwo"))
+        if ct == "CLIPSetLastLayer" and _int(scalar(ins.get("stop_at_clip_layer"))) is not None:
             meta.params["Clip skip"] = abs(_int(scalar(ins.get("stop_at_clip_layer"))))
-        elif ct in COMFY_SAMPLERS and sampler is None:
+        elif sampler is None and (ct in COMFY_SAMPLERS or ("KSampler" in ct and "steps" in ins)):
             sampler = node
+        elif ct in _COMFY_CUSTOM_PARTS:
+            custom.setdefault(ct, node)
     p = meta.params
+    if sampler is None and "SamplerCustomAdvanced" in custom:  # the Flux/SD3 graphs: one node per setting
+        merged: dict = {}
+        for part in _COMFY_CUSTOM_PARTS:
+            if part in custom:
+                merged.update({k: v for k, v in custom[part]["inputs"].items() if k not in merged})
+        if "conditioning" in merged and "positive" not in merged:  # BasicGuider: one prompt
+            merged["positive"] = merged["conditioning"]
+        sampler = {"inputs": merged}
     if sampler is not None:
         ins = sampler["inputs"]
         for key, name in (("steps", "Steps"), ("sampler_name", "Sampler"), ("scheduler", "Schedule type"),
-                          ("cfg", "CFG scale"), ("seed", "Seed"), ("noise_seed", "Seed"),
+                          ("cfg", "CFG scale"), ("guidance", "Guidance"), ("seed", "Seed"), ("noise_seed", "Seed"),
                           ("denoise", "Denoising strength")):
             v = scalar(ins.get(key)) if key in ins else None
             if v is not None:
@@ -626,6 +651,13 @@ def _comfy_api(graph: dict, meta: ImageMetadata) -> None:
                 p["Size"] = f"{w}x{h}"
     meta.generator = "comfyui"
     meta.models = refs.items
+
+
+#: the "nothing chosen" values of ComfyUI's model pickers
+_COMFY_NONE = ("None", "none", "Baked VAE", "")
+#: the nodes that together make a SamplerCustomAdvanced sampler, in the order their inputs are taken
+_COMFY_CUSTOM_PARTS = ("SamplerCustomAdvanced", "RandomNoise", "BasicScheduler", "KSamplerSelect", "CFGGuider",
+                       "BasicGuider", "FluxGuidance")
 
 
 def _comfy_workflow(wf: dict, meta: ImageMetadata) -> None:
