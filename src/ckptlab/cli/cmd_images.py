@@ -10,6 +10,7 @@ given is no catalog. The links found are recorded in the catalog ("images made w
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import typer
@@ -57,10 +58,14 @@ def images_cmd(
         failed.append(path)
         error_line(f"{path}: {message}")
 
-    reports = []
+    links: list = []  # (image, models found) for the catalog
+    missed: list = []  # with --missing: each image's path and missing models only (prompts are not kept)
+    ambiguous: set = set()
     for r in read_images([str(p) for p in paths], index, on_error):
-        reports.append(r)
+        links.append((r.path, r.links()))
         if missing:
+            missed.append(SimpleNamespace(path=r.path, models=[m for m in r.models if m.status == "missing"]))
+            ambiguous |= {(m.role, m.name, tuple(m.hashes)) for m in r.models if m.status == "ambiguous"}
             continue
         for w in r.warnings:
             warning_line(f"{r.path}: {w}")
@@ -69,17 +74,16 @@ def images_cmd(
         else:
             _print_image(r)
     if missing:
-        _print_missing(missing_models(reports), len(reports), json_out)
-        ambiguous = {(m.role, m.name, tuple(m.hashes)) for r in reports for m in r.models if m.status == "ambiguous"}
+        _print_missing(missing_models(missed), len(missed), json_out)
         if ambiguous and not json_out:
             warning_line(f"{len(ambiguous)} model(s) match several files and are not counted as missing; run "
                          "without --missing to see the candidates")
-    if index is not None and reports:
+    if index is not None and links:
         from ckptlab.library import image_links
 
         try:
             with Catalog(db_path) as cat:
-                image_links.record(cat, [(r.path, r.links()) for r in reports])
+                image_links.record(cat, links)
         except (CatalogWriteError, CatalogError) as e:
             warning_line(f"{e}; the links from images to models were not recorded")
     if failed:
