@@ -179,3 +179,25 @@ def test_a_catalog_that_cannot_be_written_is_a_warning(setup, monkeypatch, capsy
     assert ei.value.code in (0, None)
     assert out.err.startswith("ckptlab: warning: ") and "links from images to models were not recorded" in out.err
     assert f"-> {root / 'v15.safetensors'}" in out.out
+
+
+def test_an_image_from_ckptlab_generate_reads_back_to_its_model(cli, lib, tmp_path):
+    """The closed loop: `ckptlab generate` writes A1111's infotext, `ckptlab images` finds the model by it."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    root, db = lib
+    mine = tmp_path / "cat.db"
+    shutil.copyfile(db, mine)
+    out = tmp_path / "gen.png"
+    r = cli("generate", root / "v15.safetensors", "-p", "a lighthouse, <lora:add_detail:0.5>", "--steps", "2",
+            "--size", "64x64", "--seed", "7", "-o", out, "--db", mine)
+    assert r.returncode == 0, r.stderr
+    r = cli("images", "--json", "--db", mine, out)
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["generator"] == "a1111" and obj["prompt"] == "a lighthouse, <lora:add_detail:0.5>"
+    assert obj["params"]["Seed"] == "7" and obj["params"]["Size"] == "64x64" and obj["params"]["Steps"] == "2"
+    ck, lo = obj["models"]
+    assert (ck["role"], ck["hashes"], ck["status"], ck["matched_by"]) == (
+        "checkpoint", [sha(root / "v15.safetensors")[:10]], "found", "sha256[:10] (AutoV2)")
+    assert (lo["role"], lo["name"], lo["weight"], lo["status"]) == ("lora", "add_detail", 0.5, "found")
