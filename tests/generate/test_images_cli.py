@@ -156,6 +156,8 @@ def test_without_a_catalog(cli, setup, tmp_path):
     assert not (tmp_path / "none.db").exists()
     r = cli("images", "--missing", imgs / "a.png", env=env)
     assert r.returncode == 2 and "--missing needs a catalog" in r.stderr
+    r = cli("images", "--json", imgs / "a.png", env={"CKPTLAB_DB": str(db)})  # the default catalog, as elsewhere
+    assert r.returncode == 0 and r.stderr == "" and json.loads(r.stdout)["models"][0]["status"] == "found"
     r = cli("images", "--db", tmp_path / "typo.db", imgs / "a.png")
     assert r.returncode == 1 and "no catalog here yet" in r.stderr
 

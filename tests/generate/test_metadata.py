@@ -372,3 +372,13 @@ def test_comfyui_custom_loaders_and_sampler_custom_advanced(tmp_path):
     assert [(r.role, r.name, r.weight) for r in m.models] == [
         ("unet", "flux1-dev.safetensors", None), ("checkpoint", "dreamshaper_8.safetensors", None),
         ("lora", "flux/realism.safetensors", 0.9)]
+
+
+def test_a_huge_or_second_ihdr_is_refused_unread(tmp_path):
+    ok = png_bytes([(b"tEXt", b"parameters\0" + A1111.encode())])
+    huge = ok[:8] + struct.pack(">I", 0x7FFFFFF0) + b"IHDR" + b"\0" * 64  # claims 2 GiB: never read
+    p = tmp_path / "h.png"
+    for data in (huge, ok[:33] + ok[8:33] + ok[33:]):
+        p.write_bytes(data)
+        with pytest.raises(FormatError, match="damaged PNG|truncated PNG"):
+            read_raw(p)

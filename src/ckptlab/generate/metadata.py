@@ -185,6 +185,8 @@ def _read_png(f, file_size: int, raw: RawMetadata) -> None:
         if ctype == b"IEND":
             seen_iend = True
             break
+        if ctype == b"IHDR" and (length != 13 or raw.size is not None):
+            raise FormatError("damaged PNG: an IHDR chunk that is not 13 bytes, or a second one")
         wanted = ctype in (b"IHDR", b"tEXt", b"zTXt", b"iTXt", b"eXIf")
         if not wanted or (ctype != b"IHDR" and (length > MAX_CHUNK or n_texts >= MAX_TEXTS)):
             if wanted and length > MAX_CHUNK:
@@ -198,8 +200,6 @@ def _read_png(f, file_size: int, raw: RawMetadata) -> None:
         if len(crc) < 4 or zlib.crc32(ctype + data) != struct.unpack(">I", crc)[0]:
             raise FormatError(f"damaged PNG: chunk {ctype.decode('latin-1')!r} fails its CRC")
         if ctype == b"IHDR":
-            if len(data) < 8:
-                raise FormatError("damaged PNG: IHDR too short")
             raw.size = struct.unpack(">II", data[:8])
             _check_pixels(raw.size)
             continue
