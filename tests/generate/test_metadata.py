@@ -382,3 +382,26 @@ def test_a_huge_or_second_ihdr_is_refused_unread(tmp_path):
         p.write_bytes(data)
         with pytest.raises(FormatError, match="damaged PNG|truncated PNG"):
             read_raw(p)
+
+
+def test_fooocus_scheme_and_novelai(tmp_path):
+    d = {"prompt": "a fox", "negative_prompt": "blur", "styles": "['Fooocus V2']", "performance": "Speed",
+         "steps": 30, "resolution": "(1152, 896)", "guidance_scale": 4, "sampler": "dpmpp_2m_sde_gpu",
+         "scheduler": "karras", "base_model": "juggernautXL_v8Rundiffusion.safetensors",
+         "base_model_hash": "aeb7e9e689", "refiner_model": "None", "vae": "Default (model)",
+         "lora_combined_1": "sd_xl_offset_example-lora_1.0.safetensors : 0.1",
+         "lora_combined_2": "detail.safetensors : 4259dc3287 : 0.5", "seed": "12345", "version": "Fooocus v2.5.5"}
+    m = _png_with(tmp_path, parameters=json.dumps(d), fooocus_scheme="fooocus")
+    assert m.generator == "fooocus" and (m.prompt, m.negative) == ("a fox", "blur")
+    assert m.params["Size"] == "1152x896" and m.params["Seed"] == "12345" and m.params["CFG scale"] == 4
+    assert [(r.role, r.name, r.hashes, r.weight) for r in m.models] == [
+        ("checkpoint", "juggernautXL_v8Rundiffusion.safetensors", ["aeb7e9e689"], None),
+        ("lora", "sd_xl_offset_example-lora_1.0.safetensors", [], 0.1),
+        ("lora", "detail.safetensors", ["4259dc3287"], 0.5)]
+    nai = {"prompt": "1girl, masterpiece", "uc": "lowres", "steps": 28, "scale": 5, "seed": 99, "sampler": "k_euler",
+           "width": 832, "height": 1216}
+    m = _png_with(tmp_path, Software="NovelAI", Source="NovelAI Diffusion V3 4BDE2A90", Comment=json.dumps(nai))
+    assert m.generator == "novelai" and (m.prompt, m.negative) == ("1girl, masterpiece", "lowres")
+    assert m.params == {"Steps": 28, "Sampler": "k_euler", "CFG scale": 5, "Seed": 99, "Size": "832x1216",
+                        "Model": "NovelAI Diffusion V3 4BDE2A90"}
+    assert m.models == []

@@ -21,6 +21,9 @@ Where each generator writes its metadata, and what is read from it:
 - InvokeAI 3-5: PNG ``invokeai_metadata`` (JSON: prompts, seed, steps, ``model``/``vae``/``loras`` with name,
   ``hash`` such as ``blake3:...``).
 - StabilityMatrix: ``parameters-json`` when there is no ``parameters`` chunk.
+- Fooocus (its own scheme): ``parameters`` holding a JSON object (``base_model``, ``base_model_hash``,
+  ``lora_combined_N`` = ``"name : weight"``, ``resolution`` ...). NovelAI: ``Comment`` JSON (prompt, ``uc``,
+  steps, scale, seed) with ``Software`` = NovelAI.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ class ModelRef:
 @dataclass
 class ImageMetadata:
     """What one image says made it. ``generator``: ``a1111`` (A1111-style infotext, any tool), ``comfyui``,
-    ``invokeai``, ``stability_matrix`` or None (no generation metadata). ``params`` use A1111's names (Steps,
+    ``invokeai``, ``stability_matrix``, ``fooocus``, ``novelai`` or None (no generation metadata). ``params`` use A1111's names (Steps,
     Sampler, Schedule type, CFG scale, Seed, Size, Denoising strength, Clip skip ...) whatever the generator;
     ``models`` are the models it names, hashes as written."""
 
@@ -775,6 +778,60 @@ def _stability_matrix(d: dict, meta: ImageMetadata) -> None:
     meta.models = refs.items
 
 
+def _fooocus(d: dict, meta: ImageMetadata) -> None:
+    """Fooocus's own scheme: ``parameters`` is a JSON object (``fooocus_scheme`` = ``fooocus``)."""
+    p, refs = meta.params, _Refs()
+    for key, name in (("steps", "Steps"), ("sampler", "Sampler"), ("scheduler", "Schedule type"),
+                      ("guidance_scale", "CFG scale"), ("seed", "Seed"), ("clip_skip", "Clip skip"),
+                      ("performance", "Performance"), ("version", "Version")):
+        v = d.get(key)
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool) and v != "":
+            p[name] = v
+    res = d.get("resolution")
+    if isinstance(res, str):  # "(1152, 896)"
+        nums = [x for x in (_int(t) for t in res.strip("()[] ").split(",")) if x]
+        if len(nums) == 2:
+            p["Size"] = f"{nums[0]}x{nums[1]}"
+    for key, role in (("base_model", "checkpoint"), ("refiner_model", "checkpoint"), ("vae", "vae")):
+        name = d.get(key)
+        if isinstance(name, str) and name.strip() and name not in _COMFY_NONE and name != "Default (model)":
+            r = refs.get(role, name, f"Fooocus {key}")
+            if isinstance(d.get(f"{key}_hash"), str):
+                r.add_hash(d[f"{key}_hash"], f"Fooocus {key}_hash")
+    for key in sorted((k for k in d if str(k).startswith("lora_combined_")), key=lambda k: _int(k[14:]) or 0):
+        parts = [x.strip() for x in str(d[key]).split(" : ")]  # "name : weight" (newer: a hash as well)
+        if len(parts) < 2 or not parts[0]:
+            continue
+        r = refs.get("lora", parts[0], "Fooocus lora_combined")
+        for x in parts[1:]:
+            if _num(x) is not None and r.weight is None and not (len(x) >= 8 and x.isalnum() and not x.isdigit()):
+                r.weight = _num(x)
+            elif x:
+                r.add_hash(x, "Fooocus lora_combined")
+    meta.prompt = d.get("prompt") if isinstance(d.get("prompt"), str) else ""
+    meta.negative = d.get("negative_prompt") if isinstance(d.get("negative_prompt"), str) else ""
+    meta.generator = "fooocus"
+    meta.models = refs.items
+
+
+def _novelai(d: dict, texts: dict, meta: ImageMetadata) -> None:
+    """NovelAI: ``Comment`` is a JSON object (prompt, ``uc``, steps, scale, seed, sampler), ``Source`` names its
+    model (a hosted one: nothing in a library matches it)."""
+    p = meta.params
+    for key, name in (("steps", "Steps"), ("sampler", "Sampler"), ("scale", "CFG scale"), ("seed", "Seed"),
+                      ("noise_schedule", "Schedule type")):
+        v = d.get(key)
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool) and v != "":
+            p[name] = v
+    if _int(d.get("width")) and _int(d.get("height")):
+        p["Size"] = f"{_int(d['width'])}x{_int(d['height'])}"
+    if texts.get("Source"):
+        p["Model"] = texts["Source"]
+    prompt = d.get("prompt") if isinstance(d.get("prompt"), str) else texts.get("Description", "")
+    meta.prompt, meta.negative = prompt, d.get("uc") if isinstance(d.get("uc"), str) else ""
+    meta.generator = "novelai"
+
+
 def _json(texts: dict, key: str, meta: ImageMetadata):
     from ckptlab.jsonable import loads_limited
 
@@ -790,12 +847,19 @@ def _json(texts: dict, key: str, meta: ImageMetadata):
 
 
 def interpret(texts: dict[str, str], meta: ImageMetadata) -> None:
-    """Fill ``meta`` from the texts of one image, from the first source present of: A1111's ``parameters``,
-    InvokeAI's ``invokeai_metadata``, ComfyUI's ``prompt`` (else ``workflow``), StabilityMatrix's
-    ``parameters-json``, a JPEG comment in A1111's format."""
+    """Fill ``meta`` from the texts of one image, from the first source present of: A1111's ``parameters`` (a JSON
+    object there: Fooocus), NovelAI's ``Comment``, InvokeAI's ``invokeai_metadata``, ComfyUI's ``prompt`` (else
+    ``workflow``), StabilityMatrix's ``parameters-json``, a JPEG comment in A1111's format."""
     params = texts.get("parameters", "")
+    if params.lstrip().startswith("{") and (d := _json(texts, "parameters", meta)) is not None:
+        _fooocus(d, meta)  # Fooocus's own scheme (its "a1111" scheme is plain infotext)
+        return
     if params.strip():
         _a1111(params, meta)
+        return
+    if texts.get("Software", "").startswith("NovelAI") and "Comment" in texts \
+            and (d := _json(texts, "Comment", meta)) is not None:
+        _novelai(d, texts, meta)
         return
     if "invokeai_metadata" in texts and (d := _json(texts, "invokeai_metadata", meta)) is not None:
         _invokeai(d, meta)
