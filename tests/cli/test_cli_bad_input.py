@@ -557,6 +557,41 @@ CASES += [
     ("preview-bad-device", ["preview", "{d}/good.safetensors", "--device", "tpu"], USAGE),
 ]
 
+# ckptlab images (reads images, writes only links into the catalog; {w}/empty.db is an empty catalog)
+_IM = ["images", "--db", "{w}/empty.db"]
+CASES += [
+    ("images-missing", [*_IM, "{d}/nope.png"], {1}),
+    ("images-empty", [*_IM, "{d}/empty.safetensors"], {1}),
+    ("images-text", [*_IM, "{d}/text.safetensors"], {1}),
+    ("images-truncated", [*_IM, "{d}/trunc.png"], {1}),
+    ("images-directory", [*_IM, "{d}/adir.safetensors"], {1}),  # a folder with no image in it
+    ("images-wrong-kind", [*_IM, "{d}/good.safetensors"], {1}),
+    ("images-bad-option", ["images", "--json=yes", "{d}/trunc.png"], USAGE),
+    ("images-bomb", [*_IM, "--json", "{d}/bomb.png"], {1}),  # claims 10^10 pixels: refused, never decoded
+    ("images-fifo", [*_IM, "{d}/fifo.safetensors"], {1}),
+    ("images-missing-db", ["images", "--db", "{o}/nope.db", "{d}/trunc.png"], {1}),
+    ("images-text-db", ["images", "--db", "{d}/text.db", "{d}/trunc.png"], {1}),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _images_inputs(bad):
+    """A PNG cut inside its pixel data and a PNG whose header claims 100,000 x 100,000 pixels (built by hand)."""
+    import zlib
+
+    def chunk(ctype: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + ctype + data + struct.pack(">I", zlib.crc32(ctype + data))
+
+    def png(w: int, h: int) -> bytes:
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"tEXt", b"parameters\0a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1")
+                + chunk(b"IDAT", zlib.compress(b"\0" * 4 * 8 * 8)) + chunk(b"IEND", b""))
+
+    full = png(8, 8)
+    (bad / "trunc.png").write_bytes(full[: len(full) - 20])
+    (bad / "bomb.png").write_bytes(png(100_000, 100_000))
+
+
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
 
 #: (command, class) pairs with no case, and why; everything else needs a case
@@ -580,6 +615,7 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("civitai-info", "directory"): "takes a source spec, never a path",
     ("preview", "unwritable"): "writes only next to the model (the matrix's input folder must not change); an "
                                "unwritable model folder and a folder in the way: tests/generate/test_preview.py",
+    ("images", "unwritable"): "writes only links into an existing catalog; one it cannot write is a warning",
 }
 
 _CLASS_OF_SUFFIX = (  # (suffix prefix, class), first match wins

@@ -169,9 +169,13 @@ def ls_cmd(
 
         listed = list_files(cat, kind=kind, family=family, search=search, sort=sort, missing=missing,
                             errors=errors, unsafe=unsafe, civitai=link_lookup(cat))
+        from ckptlab.library.image_links import counts as image_counts
+
+        made_with = image_counts(cat)  # images made with each content (ckptlab images)
     if json_out:
         for r, c in listed:
-            emit_json(file_row(r) | {"id": r.id, "civitai": c, "triggers": r.triggers})
+            emit_json(file_row(r) | {"id": r.id, "civitai": c, "triggers": r.triggers,
+                                     "images": made_with.get(r.sha256.upper()) if r.sha256 else None})
         return
     if not listed:
         console.print("no files", markup=False)

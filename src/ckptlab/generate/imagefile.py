@@ -37,12 +37,24 @@ def read_user_comment(data: bytes) -> str:
         return data
     head, body = bytes(data[:8]), bytes(data[8:])
     if head == b"UNICODE\0":
-        if len(body) >= 2 and body[0] != 0 and body[1] == 0:  # little-endian ("a\0b\0")
-            return body.decode("utf-16-le", "replace").rstrip("\0")
-        return body.decode("utf-16-be", "replace").rstrip("\0")
+        return _utf16(body).rstrip("\0")
     if head in (b"ASCII\0\0\0", b"\0" * 8):
         return body.decode("utf-8", "replace").rstrip("\0")
     return bytes(data).decode("utf-8", "replace").rstrip("\0")
+
+
+def _utf16(body: bytes) -> str:
+    """UTF-16 of unknown byte order (A1111 writes big-endian, some tools little-endian, a few with a BOM): the
+    order whose text has more Latin characters (an infotext's parameter line is ASCII in any language), invalid
+    units (lone surrogates, an odd last byte) as U+FFFD."""
+    if body[:2] in (b"\xfe\xff", b"\xff\xfe"):
+        return body[2:].decode("utf-16-be" if body[0] == 0xFE else "utf-16-le", "replace")
+    be, le = body.decode("utf-16-be", "replace"), body.decode("utf-16-le", "replace")
+
+    def latin(s: str) -> int:
+        return sum(1 for ch in s if ch < "\u0100")
+
+    return le if latin(le) > latin(be) else be
 
 
 def encode(image, fmt: str, infotext: str | None, extra: dict[str, str] | None = None) -> bytes:

@@ -72,8 +72,16 @@ def show_file(catalog: Catalog, target: str, *, civitai: LinkLookup | None = Non
                               if o.id != rec.id and o.status == "present"] or None
         d["trigger_words"] = trigger_sources(rec, d["civitai"], d["sidecars"]) or None
         d["preview"] = previews.preview_of(catalog, rec.id)  # the one `ckptlab preview` rendered
+        d["images"] = _images_made_with(catalog, rec)
         out.append(d)
     return out
+
+
+def _images_made_with(catalog: Catalog, rec: FileRecord) -> dict | None:
+    """``{"count", "paths", "roles"}`` of the images ``ckptlab images`` found made with this file's content."""
+    from ckptlab.library import image_links  # imported here: only a catalog that has the table is read
+
+    return image_links.images_for(catalog, rec.sha256)
 
 
 def trigger_sources(rec: FileRecord, link: dict | None = None, sidecars: dict | None = None) -> list[dict]:
@@ -266,6 +274,8 @@ def render_text(d: dict) -> list[str]:
     if pv := d.get("preview"):
         kv("preview", f"{pv['path']} (ckptlab preview, seed {pv.get('seed')}"
                       f"{'' if pv.get('exists') else '; the file is gone'})")
+    if imgs := d.get("images"):
+        items(f"images made with it: {imgs['count']} (as {', '.join(imgs['roles'])}), latest", imgs["paths"])
     if sc := d.get("sidecars"):
         out.append("  sidecars:")
         for role, name in (sc.get("files") or {}).items():
