@@ -14,6 +14,7 @@ and is re-saved atomically after every finished row of the loops, so a long run 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,8 @@ def cell_name(index: tuple[int, int, int], present: tuple[bool, bool, bool], suf
 
 def loop_order(axes: list[Axis | None]) -> list[int]:
     """Axis positions (0=x, 1=y, 2=z) from outermost to innermost loop: A1111's z, y, x, except that a costlier
-    axis goes further out (stable for equal costs)."""
-    costs = [a.cost if a is not None else -1.0 for a in axes]
+    axis goes further out (stable for equal costs); an absent axis (one value) counts as outermost."""
+    costs = [a.cost if a is not None else float("inf") for a in axes]
     return sorted([2, 1, 0], key=lambda i: -costs[i])
 
 
@@ -421,6 +422,8 @@ def grid(model: Path | None, output: Path, settings: Settings, axes: list[Axis |
         raise OutputError("exists; pass --overwrite to replace it", output)
     if not output.parent.is_dir():
         raise OutputError("the output folder does not exist", output.parent)
+    if not os.access(output.parent, os.W_OK):
+        raise OutputError("cannot write in this folder", output.parent)
     settings = Settings(**settings.__dict__)
     settings.check()
     plan = _Plan(model, settings, axes, merge=merge, vae=vae, loras=loras, refiner=refiner, db=db, cache=cache)
@@ -432,6 +435,8 @@ def grid(model: Path | None, output: Path, settings: Settings, axes: list[Axis |
             raise OutputError("--cells must be a folder", cells_dir)
         if not cells_dir.parent.is_dir():
             raise OutputError("the folder of --cells does not exist", cells_dir.parent)
+        if not os.access(cells_dir if cells_dir.is_dir() else cells_dir.parent, os.W_OK):
+            raise OutputError("cannot write in this folder", cells_dir if cells_dir.is_dir() else cells_dir.parent)
         for c in plan.cells:
             p = cells_dir / cell_name(c.index, present, suffix)
             if p.exists() and not overwrite:
@@ -465,7 +470,10 @@ def grid(model: Path | None, output: Path, settings: Settings, axes: list[Axis |
     lay = layout(slot, labels[0], labels[1], labels[2] if axes[2] is not None else [""],
                  _legend(plan, merge_label) if legend else [])
     if cells_dir is not None:
-        cells_dir.mkdir(exist_ok=True)
+        try:
+            cells_dir.mkdir(exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the folder: {e.strerror or e}", cells_dir) from None
     shape = tuple(len(a.values) if a is not None else 1 for a in axes)
     res = GridResult(output, lay.size, shape)
     images: dict[tuple[int, int, int], object] = {}

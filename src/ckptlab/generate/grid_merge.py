@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from ckptlab.errors import MismatchError, RecipeError, UsageError
+from ckptlab.errors import CkptlabError, MismatchError, RecipeError, UsageError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.hashes import NO_CACHE, HashCache
 
@@ -23,7 +23,7 @@ def load_recipe(path: Path):
 
     p = Path(path)
     if not p.exists():
-        raise RecipeError("no such recipe or merged model", p)
+        raise CkptlabError("no such recipe or merged model", p)
     if p.is_file() and p.suffix.lower() == ".toml":
         return load(p)
     if p.is_file() and p.suffix.lower() == ".safetensors":
