@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError, OutputError, UsageError
+from ckptlab.errors import CkptlabError, MismatchError, OutputError, UsageError
 from ckptlab.generate.grid_axes import Axis
 from ckptlab.generate.render import MAX_SEED, Settings
 from ckptlab.hashes import NO_CACHE, HashCache
@@ -447,6 +447,13 @@ def grid(model: Path | None, output: Path, settings: Settings, axes: list[Axis |
 
     fams = [_family_of(plan.merge_paths[next(iter(plan.merge_recipe.inputs))])] if plan.merge_recipe else \
         [_family_of(m) for m in plan.models]
+    from ckptlab.arch.families import display_name
+    from ckptlab.generate.pipeline import TXT2IMG
+
+    for f, m in zip(fams, plan.models if plan.merge_recipe is None else [Path(merge)], strict=True):
+        if f not in TXT2IMG:
+            raise MismatchError(f"grid renders SD1, SD2 and SDXL checkpoints; this is "
+                                f"{display_name(f) if f else 'an unrecognised model'}", m)
     vaes = {v for v in ([plan.vae] + (plan.axis("vae").values if plan.axis("vae") else [])) if v is not None}
     for v in vaes:
         from ckptlab.arch.vae_fit import check_vae_fits
