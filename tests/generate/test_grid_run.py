@@ -22,6 +22,8 @@ from ckptlab.generate.grid_draw import PENDING  # noqa: E402
 from ckptlab.generate.render import Settings, generate  # noqa: E402
 from tests.fakes.sample_files import make_model  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 BASE = dict(prompt="a red cat", seed=7, steps=2, cfg=5.0, width=64, height=64, sampler="Euler")
 
 
