@@ -27,6 +27,8 @@ def _own(
                                                                "--x alpha=0,0.5,1."),
     cells: Optional[Path] = typer.Option(None, "--cells", help="Also save each cell to this folder, with its own "
                                                                "infotext (cell-x00-y00.png...)."),
+    seed: int = typer.Option(-1, "--seed", help="The seed of every cell unless seed is an axis (-1: one random seed "
+                                                "for the whole grid)."),
     no_legend: bool = typer.Option(False, "--no-legend", help="No line of shared settings under the grid."),
     output: Path = typer.Option(..., "-o", "--output", help="The grid image (.png, .jpg, .webp); re-saved after "
                                                             "every row."),
@@ -38,7 +40,7 @@ def grid_cmd(**kw) -> None:
     """Render an X/Y/Z comparison grid, offline: the same prompt and seed across models, merge ratios, LoRA
     strengths, seeds and settings; every cell keeps A1111's infotext.
 
-      ckptlab grid model.safetensors -p "a lighthouse" --seed 42 --x cfg=4,7,10 --y steps=10-30 [3] -o g.png
+      ckptlab grid model.safetensors -p "a lighthouse" --seed 42 --x cfg=4,7,10 --y 'steps=10-30 [3]' -o g.png
 
       ckptlab grid --merge recipe.toml -p "a lighthouse" --x alpha=0,0.25,0.5,0.75,1 -o merge-grid.png
     """
