@@ -70,7 +70,7 @@ def grid_cmd(**kw) -> None:
     db = kw["db"]
     with progress_bar("grid", unit_bytes=False, enabled=not kw["json_out"]) as cb:
         r = grid(kw["model"], kw["output"], settings, axes, merge=kw["merge"], vae=kw["vae"], loras=loras,
-                 refiner=kw["refiner"], device=kw["device"], dtype=kw["dtype"], cells_dir=kw["cells"],
+                 refiner=kw["refiner"], device=kw["device"], dtype=_first(kw, "dtype", "precision"), cells_dir=kw["cells"],
                  overwrite=kw["overwrite"], legend=not kw["no_legend"], db=db, cache=hash_cache(db), progress=cb)
     if kw["json_out"]:
         emit_json(r)
@@ -83,6 +83,11 @@ def grid_cmd(**kw) -> None:
     if r.cells:
         console.print(f"cells in {r.cells[0].parent} ({len(r.cells)} images)", highlight=False, markup=False,
                       soft_wrap=True)
+
+
+def _first(kw: dict, *names: str):
+    """The value of the first of ``names`` that generate's options define (a spelling generate may change)."""
+    return next((kw[n] for n in names if n in kw), None)
 
 
 with_generate_options(grid_cmd, _own, after=("output", "overwrite", "json_out", "db"))
