@@ -156,3 +156,11 @@ def test_merge_params_of_a_recipe(tmp_path):
         find_param(rec, "three.alpha")
     with pytest.raises(UsageError, match="takes"):
         find_param(rec, "one.beta")
+
+
+def test_jpeg_grid_and_cells_carry_infotext_in_exif(fake, models, tmp_path):
+    r = grid(models / "a.safetensors", tmp_path / "g.jpg", Settings(**BASE), [parse_axis("seed=1,2")],
+             cells_dir=tmp_path / "cells")
+    assert [p.name for p in r.cells] == ["cell-x00.jpg", "cell-x01.jpg"]
+    with Image.open(tmp_path / "g.jpg") as g:
+        assert g.format == "JPEG" and imagefile.read_text_chunks(g)["parameters"] == r.infotext
