@@ -30,6 +30,9 @@ step "Merge two SD1 checkpoints, weighted sum at alpha 0.3" \
   ckptlab merge weighted_sum "$A/v1-5-pruned-emaonly.safetensors" "$A/anything-merge-v3.safetensors" \
   --alpha 0.3 -o "$OUT/merge-0.3.safetensors"
 step "The merge remembers its recipe" ckptlab inspect "$OUT/merge-0.3.safetensors"
+step "Compare the merge at three ratios, same prompt and seed: one grid, the blend computed in memory from the recipe the merge carries (no merged file is written); each cell keeps its A1111 infotext" \
+  ckptlab grid --merge "$OUT/merge-0.3.safetensors" -p "a lighthouse at dusk" --seed 42 --steps 3 --sampler Euler \
+  --size 64x64 --x alpha=0,0.3,0.6 --cells "$OUT/merge-grid-cells" -o "$OUT/merge-grid.png"
 step "Single file to a diffusers folder" ckptlab to-diffusers "$A/v1-5-pruned-emaonly.safetensors" -o "$OUT/sd15-diffusers"
 # LoRA work: bake the sample LoRA into the SD1.5 checkpoint, extract a LoRA back from the difference, explain it
 L="$LIB/a1111/models/Lora"

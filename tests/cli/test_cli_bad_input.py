@@ -592,6 +592,42 @@ def _images_inputs(bad):
     (bad / "bomb.png").write_bytes(png(100_000, 100_000))
 
 
+# ckptlab grid (gen-grid): the model, the axes, the merge recipe, the outputs
+_G = ["grid", "-p", "a cat", "--steps", "1", "--size", "64x64"]
+CASES += [
+    ("grid-missing", [*_G, "{d}/nope.safetensors", "--x", "seed=1,2", "-o", "{o}/g.png"], {1}),
+    ("grid-missing-model-axis", [*_G, "--x", "model={d}/good.safetensors,{d}/nope.safetensors", "-o", "{o}/g.png"],
+     {1}),
+    ("grid-missing-vae-axis", [*_G, "{d}/good.safetensors", "--x", "vae=none,{d}/nope.safetensors", "-o", "{o}/g.png"],
+     {1}),
+    ("grid-missing-recipe", [*_G, "--merge", "{d}/nope.toml", "--x", "alpha=0,1", "-o", "{o}/g.png"], {1}),
+    ("grid-empty", [*_G, "{d}/empty.safetensors", "--x", "seed=1,2", "-o", "{o}/g.png"], {1}),
+    ("grid-empty-values", [*_G, "{d}/good.safetensors", "--x", "seed= , ", "-o", "{o}/g.png"], USAGE),
+    ("grid-text", [*_G, "{d}/text.safetensors", "--x", "seed=1,2", "-o", "{o}/g.png"], {1}),
+    ("grid-truncated", [*_G, "{d}/trunc.safetensors", "--x", "seed=1,2", "-o", "{o}/g.png"], {1}),
+    ("grid-dir", [*_G, "{d}/adir.safetensors", "--x", "seed=1,2", "-o", "{o}/g.png"], {1}),
+    ("grid-wrong-kind", [*_G, "{d}/vae.safetensors", "--x", "seed=1,2", "-o", "{o}/g.png"], {1}),
+    ("grid-wrong-kind-vae-axis", [*_G, "{d}/good.safetensors", "--x", "vae={d}/sdxlvae.safetensors", "-o",
+                                  "{o}/g.png"], {1}),
+    ("grid-evil", [*_G, "{d}/evil.ckpt", "--x", "seed=1,2", "-o", "{o}/g.png"], MALICIOUS),
+    ("grid-evil-recipe", [*_G, "--merge", "{d}/recipe-evil.toml", "--x", "alpha=0,1", "-o", "{o}/g.png"], MALICIOUS),
+    ("grid-bad-recipe", [*_G, "--merge", "{d}/recipe.toml", "--x", "alpha=0,1", "-o", "{o}/g.png"], USAGE),
+    ("grid-bad-unknown-axis", [*_G, "{d}/good.safetensors", "--x", "colour=red,blue", "-o", "{o}/g.png"], USAGE),
+    ("grid-bad-range", [*_G, "{d}/good.safetensors", "--x", "seed=5-1 (+1)", "-o", "{o}/g.png"], USAGE),
+    ("grid-bad-merge-without-recipe", [*_G, "{d}/good.safetensors", "--x", "merge:alpha=0,1", "-o", "{o}/g.png"],
+     USAGE),
+    ("grid-bad-sampler", [*_G, "{d}/good.safetensors", "--x", "sampler=Euler,Nope", "-o", "{o}/g.png"], USAGE),
+    ("grid-bad-prompt-sr", [*_G, "{d}/good.safetensors", "--x", "prompt=dog,cow", "-o", "{o}/g.png"], USAGE),
+    ("grid-bad-no-axis", [*_G, "{d}/good.safetensors", "-o", "{o}/g.png"], USAGE),
+    ("grid-bad-output-name", [*_G, "{d}/good.safetensors", "--x", "seed=1,2", "-o", "{o}/g.safetensors"], USAGE),
+    ("grid-output-exists", [*_G, "{d}/good.safetensors", "--x", "seed=1,2", "-o", "{d}/exists.safetensors"],
+     USAGE | {1}),
+    ("grid-output-under-file", [*_G, "{d}/good.safetensors", "--x", "seed=1,2", "-o", "{d}/afile/g.png"], {1}),
+    ("grid-output-ro", [*_G, "{d}/good.safetensors", "--x", "seed=1,2", "-o", "{ro}/g.png"], {1}),
+    ("grid-output-cells-ro", [*_G, "{d}/good.safetensors", "--x", "seed=1,2", "--cells", "{ro}/cells", "-o",
+                              "{o}/g.png"], {1}),
+]
+
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
 
 #: (command, class) pairs with no case, and why; everything else needs a case

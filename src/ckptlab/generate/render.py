@@ -187,7 +187,7 @@ class Session:
             lf = LoraFile.open(Path(p))
             self.opened.append(lf)
             files.append(lf)
-        report = BakeResult(src.path, None, fam)
+        report = BakeResult("generate", src.path, Path(), False, fam, [])
         weights, biases = match_loras(src.infos(), fam, files, [(s, s) for _, s in loras], report)
         self.warnings.extend(report.warnings)
         self.lora_files = files
