@@ -5,6 +5,7 @@ against diffusers' own single-file loading, same file, same settings, same run.
     python benchmarks/generate.py                     # real size SD1.5 (fp16 file, 2.1 GB), cached
     python benchmarks/generate.py --models sd1,sdxl   # also SDXL (fp16 file, 6.9 GB; diffusers peaks ~15 GiB)
     python benchmarks/generate.py --repeat 3          # best of 3 per contender
+    python benchmarks/generate.py --threads 1         # one OpenMP thread per child (a busy shared machine)
     python benchmarks/generate.py --gpu               # also the CUDA it/s part (skipped, saying so, without CUDA)
     python benchmarks/generate.py --delete            # remove the generated inputs afterwards
 
@@ -20,13 +21,17 @@ Wall time runs from the parent's ``Popen`` to the child's exit, the PNG written.
 child's RssAnon (anonymous memory: not page cache or mmapped file pages) every 10 ms.
 
 - ckptlab: ``ckptlab generate MODEL -p PROMPT --seed 1 --steps 2 --size 64x64 --sampler Euler --device cpu
-  --db CATALOG -o OUT.png`` ("hash cached": the catalog already holds the file's hashes, as for a model in the
-  library; "cold catalog": a new catalog each run, so the 2 GB sha256 for the infotext's ``Model hash`` runs
-  alongside the load).
+  --db CATALOG -o OUT.png`` ("hash cached": ``ckptlab hash --db CATALOG`` ran first, as for a model already in
+  the library; "cold catalog": a new catalog each run, so the sha256 of the whole file for the infotext's
+  ``Model hash`` runs alongside the load; ``--no-cold`` skips it).
 - diffusers: ``StableDiffusionPipeline.from_single_file(MODEL, config=FOLDER, local_files_only=True,
   torch_dtype=torch.float32)`` (``StableDiffusionXLPipeline`` for SDXL), ``EulerDiscreteScheduler`` from the
   pipeline's scheduler config, ``pipe(prompt, num_inference_steps=2, guidance_scale=7, height=64, width=64,
   generator=torch.Generator("cpu").manual_seed(1))``, the image saved as PNG.
+
+Load only: the same two loaders in children that import torch, diffusers and transformers' CLIP classes
+first, timing only ``generate.pipeline.load`` / ``from_single_file`` (what the loader itself costs, apart from
+the imports both pay).
 
 Both images are compared (max pixel difference, in 1/255 steps): the same pixels, or the timing compares
 different work. Targets (issue 15): ckptlab's wall time ≤ 0.6x diffusers'; ckptlab's peak RssAnon ≤ the
@@ -51,8 +56,10 @@ from pathlib import Path
 from _measure import (
     cache_dir,
     child_env,
+    emit_wall,
     job_cmd,
     job_main,
+    job_wall,
     mib,
     print_table,
     ratio,
@@ -71,8 +78,12 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_OFFLIN
            "HF_HUB_DISABLE_TELEMETRY": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
 
 
+#: extra environment of every child (``--threads`` sets OMP_NUM_THREADS / MKL_NUM_THREADS for both contenders)
+CHILD_ENV: dict[str, str] = {}
+
+
 def _env() -> dict[str, str]:
-    return child_env(**OFFLINE)
+    return child_env(**OFFLINE, **CHILD_ENV)
 
 
 # -- inputs ------------------------------------------------------------------------------------------------
@@ -182,7 +193,34 @@ def job_gpu(who: str, model: str, path: str, config: str) -> None:
     print(json.dumps({"its": steps / best, "card": torch.cuda.get_device_name(0)}), flush=True)
 
 
-JOBS = {"diffusers": job_diffusers, "gpu": job_gpu}
+def _import_all(model: str):
+    """Everything both loaders import, imported before the timed load (the load-only rows)."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
+
+    getattr(diffusers, PIPES[model]), diffusers.UNet2DConditionModel, diffusers.AutoencoderKL  # noqa: B018
+    return torch, diffusers
+
+
+def job_load(who: str, model: str, path: str, config: str) -> None:
+    """Load only: the libraries imported first, then the pipeline built (fp32, CPU), timed with ``emit_wall``."""
+    torch, diffusers = _import_all(model)
+    if who == "ckptlab":
+        from ckptlab.formats import open_model
+        from ckptlab.generate.pipeline import load
+
+        t0 = time.perf_counter()
+        load(open_model(Path(path)), device="cpu", dtype=torch.float32)
+    else:
+        kw = {"safety_checker": None, "requires_safety_checker": False} if model == "sd1" else {}
+        t0 = time.perf_counter()
+        getattr(diffusers, PIPES[model]).from_single_file(path, config=config, local_files_only=True,
+                                                          torch_dtype=torch.float32, **kw)
+    emit_wall(t0)
+
+
+JOBS = {"diffusers": job_diffusers, "gpu": job_gpu, "load": job_load}
 
 
 # -- measurements ------------------------------------------------------------------------------------------
@@ -211,7 +249,8 @@ def _best(runs):
     return min(runs, key=lambda m: m.wall), max(m.peak for m in runs)
 
 
-def bench_model(model: str, quick: bool, size: str, steps: int, repeat: int, tools: set[str]) -> list[dict]:
+def bench_model(model: str, quick: bool, size: str, steps: int, repeat: int, tools: set[str],
+                cold: bool = True) -> list[dict]:
     path = model_file(model, quick)
     config = config_folder(model, path)
     wbytes = weights_bytes(path)
@@ -224,10 +263,12 @@ def bench_model(model: str, quick: bool, size: str, steps: int, repeat: int, too
         rows: dict[str, tuple] = {}
         images: dict[str, Path] = {}
         if "ckptlab" in tools:
-            # one untimed run fills the catalog's hash cache (a model already in the library)
-            _measured([*ours, "--db", str(cached_db), "-o", str(work / "fill.png")], "fill")
-            for name, db in (("ckptlab (hash cached)", lambda i: cached_db),
-                             ("ckptlab (cold catalog)", lambda i: work / f"cold{i}.db")):
+            # ``ckptlab hash`` fills the catalog's hash cache first (a model already in the library)
+            _measured([sys.executable, "-m", "ckptlab", "hash", str(path), "--db", str(cached_db)], "hash")
+            variants = [("ckptlab (hash cached)", lambda i: cached_db)]
+            if cold:
+                variants.append(("ckptlab (cold catalog)", lambda i: work / f"cold{i}.db"))
+            for name, db in variants:
                 out = work / f"{name.split()[1][1:]}.png"
                 runs = [_measured([*ours, "--db", str(db(i)), "-o", str(out)], name) for i in range(repeat)]
                 rows[name] = _best(runs)
@@ -259,6 +300,21 @@ def bench_model(model: str, quick: bool, size: str, steps: int, repeat: int, too
                 r_ok = peak <= wbytes + GIB
                 print(f"  {name}: time {'met' if t_ok else 'NOT met'} (≤ 0.6x), peak RSS {'met' if r_ok else 'NOT met'}"
                       f" (≤ weights + 1 GiB = {mib(wbytes + GIB):.0f} MiB)")
+        load_rows = {}
+        for who in ("ckptlab", "diffusers"):
+            if who in tools:
+                runs = [_measured(job_cmd(__file__, "load", who, model, path, config), f"load {who}")
+                        for _ in range(repeat)]
+                load_rows[who] = min(job_wall(m) for m in runs), max(m.peak for m in runs)
+        if load_rows:
+            lb = load_rows.get("diffusers", (None,))[0]
+            print(f"{model}: load only (libraries imported first, in the same child; fp32 CPU), best of {repeat}")
+            print_table(("loader", "load s", "x diffusers", "peak RssAnon MiB"),
+                        [(k, w, ratio(w, lb) if lb else float("nan"), mib(pk)) for k, (w, pk) in load_rows.items()],
+                        ("", ".2f", ".2f", ".0f"))
+            out_rows += [{"model": model, "contender": f"load only: {k}", "wall_s": round(w, 2),
+                          "x_diffusers": round(ratio(w, lb), 3) if lb else None, "peak_rss_mib": round(mib(pk))}
+                         for k, (w, pk) in load_rows.items()]
         return out_rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -300,9 +356,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="sampling steps (default 2)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per contender, the fastest reported")
     ap.add_argument("--gpu", action="store_true", help="also the CUDA it/s comparison (skipped without CUDA)")
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold-catalog row (hash computed in the run)")
     ap.add_argument("--delete", action="store_true", help="delete the generated inputs afterwards")
     ap.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS / MKL_NUM_THREADS of every child (default: torch's own choice); on a "
+                         "busy machine 1 avoids OpenMP threads spinning for each other")
     args = ap.parse_args()
+    if args.threads:
+        CHILD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     models = [m for m in args.models.split(",") if m]
     tools = {t for t in args.tools.split(",") if t}
     if bad := [m for m in models if m not in SPECS] + sorted(tools - {"ckptlab", "diffusers"}):
@@ -310,7 +372,7 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     rows = []
     for m in models:
-        rows += bench_model(m, args.quick, args.size, args.steps, max(1, args.repeat), tools)
+        rows += bench_model(m, args.quick, args.size, args.steps, max(1, args.repeat), tools, not args.no_cold)
     if args.gpu:
         rows += bench_gpu(args.quick)
     if args.json:
