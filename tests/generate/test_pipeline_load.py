@@ -185,3 +185,20 @@ def test_a_weight_that_does_not_fit_fails_and_stops_the_read_ahead(tmp_path, mon
     gc.collect()
     assert torch.get_num_threads() == prev
     assert len(pipeline._AHEAD) == 0
+
+
+def test_overlapping_loads_restore_the_setting_when_the_last_ends():
+    """Two loads under way at once (a grid preparing its next model in another thread): the first end keeps one
+    intra-op thread, the last restores what the user had, not the other load's "1"."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pipeline._one_thread(torch)
+        pipeline._one_thread(torch)
+        assert torch.get_num_threads() == 1
+        pipeline._threads_back()
+        assert torch.get_num_threads() == 1
+        pipeline._threads_back()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)

@@ -14,6 +14,7 @@ their strengths re-reads only the weights they touch (``Loaded.set_loras``), in 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -248,7 +249,6 @@ class _ReadAhead:
 
     def __init__(self, lists: list[list[Out]], device: str, dtype):
         import queue
-        import threading
 
         import torch
 
@@ -256,9 +256,7 @@ class _ReadAhead:
         self.queues = {id(lst): queue.Queue() for lst in lists}
         self.left = len(lists)
         self.stop = threading.Event()
-        self.torch = torch
-        self.prev = torch.get_num_threads()
-        torch.set_num_threads(1)
+        _one_thread(torch)
         self.restored = False
         self.thread = threading.Thread(target=self._run, args=(lists,), name="ckptlab-load", daemon=True)
         self.thread.start()
@@ -299,7 +297,30 @@ class _ReadAhead:
     def _restore(self) -> None:
         if not self.restored:
             self.restored = True
-            self.torch.set_num_threads(self.prev)
+            _threads_back()
+
+
+#: [loads under way, torch's intra-op thread setting before the first of them]: loads in several threads (a
+#: grid preparing its next model) restore the user's setting when the last one ends, not one another's "1"
+_THREADS: list = [0, None]
+_THREADS_LOCK = threading.Lock()
+
+
+def _one_thread(torch) -> None:
+    with _THREADS_LOCK:
+        if _THREADS[0] == 0:
+            _THREADS[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS[0] += 1
+
+
+def _threads_back() -> None:
+    import torch
+
+    with _THREADS_LOCK:
+        _THREADS[0] -= 1
+        if _THREADS[0] == 0:
+            torch.set_num_threads(_THREADS[1])
 
 
 #: planned-items list id -> the read-ahead making its values (weak: a load that fails drops it with its frame)
