@@ -53,14 +53,16 @@ def _state(module) -> dict:
 
 
 @pytest.mark.parametrize("spec", ["sd1_checkpoint", "sdxl_checkpoint"])
-def test_every_weight_equals_diffusers_own_single_file_load(tmp_path, spec):
+def test_every_weight_equals_diffusers_own_single_file_load(tmp_path, monkeypatch, spec):
     """Oracle: diffusers' ``from_single_file`` (its own LDM -> diffusers conversion) of the same fp16 file at
     fp32. Every parameter and buffer of every component must be equal, none left on meta; the SDXL sample has
-    the fused OpenCLIP ``in_proj`` split into q/k/v (three weights from one source tensor)."""
+    the fused OpenCLIP ``in_proj`` split into q/k/v (three weights from one source tensor). Weights from 64 KiB
+    up take the aligned-mapping path (2 MiB on real sizes)."""
     import diffusers
 
     from ckptlab.ops.diffusers_io import plan_to_diffusers
 
+    monkeypatch.setattr(pipeline, "_HUGE", 64 << 10)
     path = make_model(tmp_path / "m.safetensors", spec, dtype="F16")
     src = open_model(path)
     fam, _, configs, _, _ = plan_to_diffusers(src)
@@ -84,11 +86,15 @@ def test_every_weight_equals_diffusers_own_single_file_load(tmp_path, spec):
         loaded.close()
 
 
-def test_weights_are_the_source_cast_each_in_its_own_storage(tmp_path):
+def test_weights_are_the_source_cast_each_in_its_own_storage(tmp_path, monkeypatch):
     """Every planned weight equals its source tensor cast to the compute dtype (read independently here with
-    safetensors), and no two parameters share a storage (no arena: a saved state dict stays saveable)."""
+    safetensors), and no two parameters share a storage (no arena: the state dict stays saveable). The
+    threshold of the aligned huge-page mappings is lowered to 64 KiB so the small sample's weights take that
+    path too."""
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
+    monkeypatch.setattr(pipeline, "_HUGE", 64 << 10)
     path = make_model(tmp_path / "m.safetensors", "sd1_checkpoint", dtype="F16")
     loaded = load(open_model(path), device="cpu", dtype=torch.float32)
     try:
@@ -106,6 +112,12 @@ def test_weights_are_the_source_cast_each_in_its_own_storage(tmp_path):
                     assert torch.equal(params[key], want), (comp, it.key)
         ptrs = [p.untyped_storage().data_ptr() for c in _components(loaded.pipe).values() for p in c.parameters()]
         assert len(ptrs) == len(set(ptrs))
+        big = [p for p in loaded.pipe.unet.parameters() if p.numel() * 4 >= 64 << 10]
+        assert big and all(p.data_ptr() % (64 << 10) == 0 for p in big)  # the mapped path was taken
+        sd = loaded.pipe.unet.state_dict()
+        save_file(sd, str(tmp_path / "unet.safetensors"))
+        back = load_file(str(tmp_path / "unet.safetensors"))
+        assert all(torch.equal(back[k], v) for k, v in sd.items())
     finally:
         loaded.close()
 
