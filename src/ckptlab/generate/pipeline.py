@@ -237,67 +237,59 @@ def put(module, it: Out, device: str, dtype, value=None) -> None:
         owner._buffers[name] = value
 
 
+#: threads that read and cast ahead (two: one shares a core with the imports, both work once they are done)
+_WORKERS = 2
+
+
 class _ReadAhead:
-    """Reads and casts every planned weight of one ``load`` in a worker thread, in the order ``_fill`` puts them,
-    while the main thread imports diffusers/transformers and builds the empty modules (an import is Python work
-    on one core; the copy is memory work on the other). What it makes is the final weights themselves (``put``
-    installs them without another copy), so running ahead costs no memory beyond what the loaded model holds.
+    """Reads and casts every planned weight of one ``load`` in worker threads, submitted in the order ``_fill``
+    puts them, while the main thread imports diffusers/transformers and builds the empty modules (an import is
+    Python work on one core; the copy is memory work that releases the GIL). What the workers make is the final
+    weights themselves (``put`` installs them without another copy), so running ahead costs no memory beyond
+    what the loaded model holds.
 
     Torch's intra-op threads are set to one for the load (restored when the last list is taken or on
     ``cancel``): two OpenMP threads for a memory-bound cast gain little on an idle machine and spin for seconds on
     a busy one (measured: 7 s against 1.7 s for SD1.5's weights on a loaded 2-core machine)."""
 
-    def __init__(self, lists: list[list[Out]], device: str, dtype):
-        import queue
+    def __init__(self, lists: list[list[Out]], device: str, dtype, workers: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
 
         import torch
 
-        self.device, self.dtype = device, dtype
-        self.queues = {id(lst): queue.Queue() for lst in lists}
-        self.left = len(lists)
-        self.stop = threading.Event()
         _one_thread(torch)
         self.restored = False
-        self.thread = threading.Thread(target=self._run, args=(lists,), name="ckptlab-load", daemon=True)
-        self.thread.start()
-
-    def _run(self, lists: list[list[Out]]) -> None:
-        for lst in lists:
-            q = self.queues[id(lst)]
-            for it in lst:
-                if self.stop.is_set():
-                    return
-                try:
-                    q.put((_cast(value_of(it), self.device, self.dtype), None))
-                except BaseException as e:  # handed to the main thread, raised there by ``take``
-                    q.put((None, e))
-                    return
+        self.pool = ThreadPoolExecutor(max_workers=workers or _WORKERS, thread_name_prefix="ckptlab-load")
+        self.futures = {id(lst): [self.pool.submit(_cast_item, it, device, dtype) for it in lst] for lst in lists}
 
     def has(self, lst: list[Out]) -> bool:
-        return id(lst) in self.queues
+        return id(lst) in self.futures
 
     def take(self, lst: list[Out]):
-        """The values of ``lst``, in order, as the worker makes them (a worker's exception is raised here)."""
-        q = self.queues[id(lst)]
-        for _ in lst:
-            value, err = q.get()
-            if err is not None:
-                raise err
+        """The values of ``lst``, in order, as the workers make them (a worker's exception is raised here)."""
+        futures = self.futures[id(lst)]
+        for k in range(len(futures)):
+            value = futures[k].result()
+            futures[k] = None  # the module holds the value from here on
             yield value
-        del self.queues[id(lst)]
-        self.left -= 1
-        if not self.left:
+        del self.futures[id(lst)]
+        if not self.futures:
+            self.pool.shutdown(wait=False)
             self._restore()
 
     def cancel(self) -> None:
-        self.stop.set()
-        self.queues.clear()
+        self.futures.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self._restore()
 
     def _restore(self) -> None:
         if not self.restored:
             self.restored = True
             _threads_back()
+
+
+def _cast_item(it: Out, device: str, dtype):
+    return _cast(value_of(it), device, dtype)
 
 
 #: [loads under way, torch's intra-op thread setting before the first of them]: loads in several threads (a
