@@ -214,3 +214,26 @@ def test_overlapping_loads_restore_the_setting_when_the_last_ends():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(prev)
+
+
+def test_a_load_failing_before_any_weight_is_put_gives_the_threads_back(tmp_path, monkeypatch):
+    """The read-ahead started, then building the UNet failed: once the load's frame is gone the workers stop and
+    torch's thread setting is the user's again."""
+    path = make_model(tmp_path / "m.safetensors", "sd1_checkpoint", dtype="F16")
+    src = open_model(path)
+
+    def broken(build):
+        raise MismatchError("no such model")
+
+    monkeypatch.setattr(pipeline, "_empty", broken)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(MismatchError, match="no such model"):
+            load(src, device="cpu", dtype=torch.float32)
+        gc.collect()
+        assert torch.get_num_threads() == 2
+        assert len(pipeline._AHEAD) == 0
+    finally:
+        torch.set_num_threads(prev)
+        src.close()

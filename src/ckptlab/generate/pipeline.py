@@ -287,6 +287,12 @@ class _ReadAhead:
             self.restored = True
             _threads_back()
 
+    def __del__(self) -> None:
+        # a load that failed before ``_fill`` took everything (a config refused, an import error): stop the
+        # workers and give torch its threads back when the load's frame lets go of this object
+        if not getattr(self, "restored", True):
+            self.cancel()
+
 
 def _cast_item(it: Out, device: str, dtype):
     return _cast(value_of(it), device, dtype)
