@@ -2,8 +2,8 @@
 against diffusers' own single-file loading, same file, same settings, same run.
 
     python benchmarks/generate.py --quick             # small layouts, seconds (BENCH_QUICK=1 does the same)
-    python benchmarks/generate.py                     # real size SD1.5 (fp16 file, 2.1 GB), cached
-    python benchmarks/generate.py --models sd1,sdxl   # also SDXL (fp16 file, 6.9 GB; diffusers peaks ~15 GiB)
+    python benchmarks/generate.py                     # real size SD1.5 (fp16 file, 2.0 GiB), cached
+    python benchmarks/generate.py --models sd1,sdxl   # also SDXL (fp16 file, 6.5 GiB; each contender peaks ~13.5-14 GiB)
     python benchmarks/generate.py --repeat 3          # best of 3 per contender
     python benchmarks/generate.py --threads 1         # one OpenMP thread per child (a busy shared machine)
     python benchmarks/generate.py --gpu               # also the CUDA it/s part (skipped, saying so, without CUDA)
