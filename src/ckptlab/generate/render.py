@@ -222,7 +222,7 @@ class Session:
         """``(Pillow image, seed used)`` for settings ``s``."""
         import torch
 
-        from ckptlab.generate.samplers import find_sampler, find_schedule, scheduler_for
+        from ckptlab.generate.samplers import resolve, scheduler_for
 
         s.check()
         seed = s.seed if s.seed >= 0 else random.randrange(MAX_SEED + 1)
@@ -232,9 +232,9 @@ class Session:
         native = get(fam).resolution
         width, height = s.width or native, s.height or native
         pipe = self.loaded.pipe
-        sampler = find_sampler(s.sampler)
+        sampler, schedule = resolve(s.sampler, s.schedule)
         base_cfg = dict(self.loaded.scheduler_config)
-        pipe.scheduler = scheduler_for(base_cfg, sampler, find_schedule(s.schedule))
+        pipe.scheduler = scheduler_for(base_cfg, sampler, schedule)
         gen = torch.Generator("cpu").manual_seed(seed)
         progress(0, total=s.steps, description=f"{self.identity.model.name} seed {seed}")
 
@@ -251,8 +251,7 @@ class Session:
             latents = pipe(**kw).images
             if self.refined is not None:
                 rpipe = self.refined.pipe
-                rpipe.scheduler = scheduler_for(dict(self.refined.scheduler_config), sampler,
-                                                find_schedule(s.schedule))
+                rpipe.scheduler = scheduler_for(dict(self.refined.scheduler_config), sampler, schedule)
                 latents = rpipe(prompt=s.prompt, negative_prompt=s.negative or None, image=latents,
                                 num_inference_steps=s.steps, guidance_scale=s.cfg, denoising_start=s.refiner_switch,
                                 generator=gen, output_type="latent").images
@@ -280,16 +279,16 @@ class Session:
     def infotext(self, s: Settings, seed: int, size: tuple[int, int]) -> str:
         """A1111's infotext of an image rendered with ``s`` and ``seed``."""
         from ckptlab.generate.infotext import format_infotext, join_hashes
-        from ckptlab.generate.samplers import SCHEDULES, find_sampler, find_schedule
+        from ckptlab.generate.samplers import SCHEDULES, resolve
         from ckptlab.version import __version__
 
         ident = self.hashes()
         prompt = s.prompt
+        sampler, schedule = resolve(s.sampler, s.schedule)
         for p, w, _ in ident.loras:
             prompt += f" <lora:{p.stem}:{_num(w)}>"
         params = {
-            "Steps": s.steps, "Sampler": find_sampler(s.sampler).name,
-            "Schedule type": SCHEDULES[find_schedule(s.schedule)][0], "CFG scale": _num(s.cfg), "Seed": seed,
+            "Steps": s.steps, "Sampler": sampler.name, "Schedule type": SCHEDULES[schedule][0], "CFG scale": _num(s.cfg), "Seed": seed,
             "Size": f"{size[0]}x{size[1]}",
             "Model hash": ident.model_sha256[:10] if ident.model_sha256 else None, "Model": ident.model.stem,
             "VAE hash": ident.vae_sha256[:10] if ident.vae_sha256 else None,
@@ -328,13 +327,12 @@ def generate(model: Path, out: Path, settings: Settings, *, count: int = 1, vae:
     """Render ``count`` images of ``model`` (seeds ``seed``, ``seed + 1``...; seed -1: a random first seed) to
     ``out`` (``.png``/``.jpg``/``.webp``; with several, ``<stem>-<seed>``), each with A1111's infotext."""
     from ckptlab.generate.imagefile import image_format, save_image
-    from ckptlab.generate.samplers import find_sampler, find_schedule
+    from ckptlab.generate.samplers import check_schedule, resolve
 
     out = Path(out)
     image_format(out)
     settings.check()
-    find_sampler(settings.sampler)
-    find_schedule(settings.schedule)
+    check_schedule(*resolve(settings.sampler, settings.schedule))
     if count < 1 or count > 10000:
         raise UsageError(f"--count {count}: use 1 to 10000")
     first = settings.seed if settings.seed >= 0 else random.randrange(MAX_SEED + 1)
