@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
+from ckptlab.generate.render import Settings, generate  # noqa: E402
 from tests.fakes.diffusers_oracle import (  # noqa: E402
     max_diff,
     oracle_pipe,
@@ -25,8 +26,6 @@ from tests.fakes.diffusers_oracle import (  # noqa: E402
     write_config_dir,
 )
 from tests.fakes.sample_files import make_model  # noqa: E402
-
-from ckptlab.generate.render import Settings, generate  # noqa: E402
 
 SEED = 1234
 PROMPT = "a lighthouse at dusk, oil painting"
