@@ -9,11 +9,12 @@ NaN (the "black image") is detected and decoded again in fp32, with a warning na
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError, MismatchError, UsageError
+from ckptlab.errors import CkptlabError, MismatchError, OutputError, UsageError
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.progress import Progress, null_progress
 
@@ -72,6 +73,8 @@ def parse_lora(text: str) -> tuple[Path, float]:
         try:
             s = float(tail)
         except ValueError:
+            if Path(path).is_file() and not Path(text).exists():
+                raise UsageError(f"--lora {text!r}: the strength {tail!r} is not a number (FILE:STRENGTH)") from None
             return Path(text), 1.0
         if s != s or abs(s) == float("inf"):
             raise UsageError(f"--lora {text!r}: the strength must be a finite number")
@@ -189,7 +192,25 @@ class Session:
         weights, biases = match_loras(src.infos(), fam, files, [(s, s) for _, s in loras], report)
         self.warnings.extend(report.warnings)
         self.lora_files = files
+        self._lora_target = (src.infos(), fam)
         return weights, biases
+
+    def set_lora_strengths(self, strengths: list[float]) -> int:
+        """Render with these LoRA strengths from now on (one per ``--lora``, in order; unet and text encoder
+        alike): only the weights the LoRAs touch are read again, in place. Returns how many were reloaded."""
+        from ckptlab.lora.bake import BakeResult, match_loras
+
+        strengths = [float(x) for x in strengths]
+        if len(strengths) != len(self.identity.loras):
+            raise UsageError(f"{len(strengths)} strength(s) for {len(self.identity.loras)} LoRA(s)")
+        if not strengths:
+            return 0
+        infos, fam = self._lora_target
+        patches = match_loras(infos, fam, self.lora_files, [(x, x) for x in strengths],
+                              BakeResult(self.identity.model, None, fam))
+        n = self.loaded.set_loras(*patches)
+        self.identity.loras = [(p, x, h) for (p, _, h), x in zip(self.identity.loras, strengths, strict=True)]
+        return n
 
     def hashes(self) -> Identity:
         """The identity with every hash filled in (waits for the background hashing)."""
@@ -255,21 +276,26 @@ class Session:
                 latents = rpipe(prompt=s.prompt, negative_prompt=s.negative or None, image=latents,
                                 num_inference_steps=s.steps, guidance_scale=s.cfg, denoising_start=s.refiner_switch,
                                 generator=gen, output_type="latent").images
-            image = self.decode(latents)
+            # A1111 and diffusers' base+refiner chain decode with the model loaded last: the refiner's VAE,
+            # unless --vae replaced the VAE
+            refined = self.refined is not None and self.identity.vae is None
+            image = self.decode(latents, self.refined.pipe.vae if refined else None)
         return image, seed, (width, height)
 
-    def decode(self, latents):
-        """The image of ``latents``; an fp16/bf16 VAE that gives NaN is switched to fp32 and run again."""
+    def decode(self, latents, vae=None):
+        """The image of ``latents`` (with ``vae``, default: the model's); an fp16/bf16 VAE that gives NaN is
+        switched to fp32 and run again."""
         import torch
 
-        vae = self.loaded.pipe.vae
+        owner = self.identity.model if vae is None else Path(self.identity.refiner)
+        vae = vae if vae is not None else self.loaded.pipe.vae
         lat = latents / vae.config.scaling_factor
         out = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
         if not bool(torch.isfinite(out).all()):
             if vae.dtype == torch.float32:
                 raise MismatchError("the VAE decoded NaN or infinite values even in fp32 (broken weights?)",
-                                    self.identity.vae or self.identity.model)
-            name = self.identity.vae.name if self.identity.vae else f"the VAE of {self.identity.model.name}"
+                                    self.identity.vae or owner)
+            name = self.identity.vae.name if self.identity.vae else f"the VAE of {owner.name}"
             self.warnings.append(f"{name} overflowed to NaN in {str(vae.dtype).replace('torch.', '')} (the "
                                  "'black image' problem); it was decoded again in fp32 and stays fp32")
             vae.to(torch.float32)
@@ -344,6 +370,8 @@ def generate(model: Path, out: Path, settings: Settings, *, count: int = 1, vae:
                 raise CkptlabError("exists; pass --overwrite to replace it", p)
     if not out.parent.is_dir():
         raise CkptlabError("the output folder does not exist", out.parent)
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OutputError("cannot write in the output folder (checked before rendering)", out.parent)
     with Session(model, vae=vae, loras=loras, refiner=refiner, device=device, dtype=dtype, cache=cache) as ses:
         res = GenerateResult(Path(model), ses.family, ses.device, str(ses.dtype).replace("torch.", ""))
         for seed, path in zip(seeds, paths, strict=True):
