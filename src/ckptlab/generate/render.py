@@ -139,6 +139,7 @@ class Session:
             src = source if source is not None else open_checked(Path(model))
             self.opened.append(src)
             fam = _family(src)
+            _check_kind(src, fam)
             self.dtype = pick_dtype(dtype, self.device, fam)
             vae_src = None
             if vae is not None:
@@ -188,7 +189,7 @@ class Session:
             lf = LoraFile.open(Path(p))
             self.opened.append(lf)
             files.append(lf)
-        report = BakeResult(src.path, None, fam)
+        report = BakeResult("generate", src.path, None, False, fam, [])
         weights, biases = match_loras(src.infos(), fam, files, [(s, s) for _, s in loras], report)
         self.warnings.extend(report.warnings)
         self.lora_files = files
@@ -207,7 +208,7 @@ class Session:
             return 0
         infos, fam = self._lora_target
         patches = match_loras(infos, fam, self.lora_files, [(x, x) for x in strengths],
-                              BakeResult(self.identity.model, None, fam))
+                              BakeResult("generate", self.identity.model, None, False, fam, []))
         n = self.loaded.set_loras(*patches)
         self.identity.loras = [(p, x, h) for (p, _, h), x in zip(self.identity.loras, strengths, strict=True)]
         return n
@@ -269,6 +270,14 @@ class Session:
         if self.refined is not None:
             kw["denoising_end"] = s.refiner_switch
         with torch.inference_mode():
+            if s.clip_skip > 1 and fam in ("sd1", "sd2"):
+                # A1111 applies Clip skip to the negative prompt too; diffusers' pipeline only to the prompt
+                # (its negative branch reads the last layer): encode both here, each as a prompt
+                def embed(text):
+                    return pipe.encode_prompt(text, pipe.device, 1, False, clip_skip=s.clip_skip - 1)[0]
+
+                kw.update(prompt=None, negative_prompt=None, clip_skip=None, prompt_embeds=embed(s.prompt),
+                          negative_prompt_embeds=embed(s.negative or ""))
             latents = pipe(**kw).images
             if self.refined is not None:
                 rpipe = self.refined.pipe
@@ -279,16 +288,17 @@ class Session:
             # A1111 and diffusers' base+refiner chain decode with the model loaded last: the refiner's VAE,
             # unless --vae replaced the VAE
             refined = self.refined is not None and self.identity.vae is None
-            image = self.decode(latents, self.refined.pipe.vae if refined else None)
+            image = self.decode(latents, self.refined if refined else None)
         return image, seed, (width, height)
 
-    def decode(self, latents, vae=None):
-        """The image of ``latents`` (with ``vae``, default: the model's); an fp16/bf16 VAE that gives NaN is
-        switched to fp32 and run again."""
+    def decode(self, latents, loaded=None):
+        """The image of ``latents`` with the VAE of ``loaded`` (default: the model's); an fp16/bf16 VAE that
+        gives NaN is switched to fp32 (weights read again from the file) and run again."""
         import torch
 
-        owner = self.identity.model if vae is None else Path(self.identity.refiner)
-        vae = vae if vae is not None else self.loaded.pipe.vae
+        owner = self.identity.model if loaded is None else Path(self.identity.refiner)
+        loaded = loaded if loaded is not None else self.loaded
+        vae = loaded.pipe.vae
         lat = latents / vae.config.scaling_factor
         out = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
         if not bool(torch.isfinite(out).all()):
@@ -298,8 +308,11 @@ class Session:
             name = self.identity.vae.name if self.identity.vae else f"the VAE of {owner.name}"
             self.warnings.append(f"{name} overflowed to NaN in {str(vae.dtype).replace('torch.', '')} (the "
                                  "'black image' problem); it was decoded again in fp32 and stays fp32")
-            vae.to(torch.float32)
+            loaded.upcast_vae()
             out = vae.decode(lat.to(torch.float32), return_dict=False)[0]
+            if not bool(torch.isfinite(out).all()):
+                raise MismatchError("the VAE decoded NaN or infinite values even in fp32 (broken weights?)",
+                                    self.identity.vae or owner)
         return self.loaded.pipe.image_processor.postprocess(out, output_type="pil")[0]
 
     def infotext(self, s: Settings, seed: int, size: tuple[int, int]) -> str:
@@ -331,6 +344,22 @@ class Session:
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _check_kind(src, fam) -> None:
+    """Refuse a file that is not a whole model (a LoRA, a VAE, a UNet alone...) in one line, naming the option
+    that takes it, before anything loads."""
+    from ckptlab.arch.families import display_name
+    from ckptlab.arch.identify import identify
+
+    kind = identify(src).kind
+    if kind in ("checkpoint", None, "unknown"):
+        return
+    hint = {"lora": "; give it with --lora", "lycoris": "; give it with --lora", "vae": "; give it with --vae"}
+    what = {"lora": "LoRA", "lycoris": "LyCORIS"}.get(kind, kind.replace("_", " "))
+    fam_name = f"{display_name(fam)} " if fam else ""
+    raise MismatchError(f"this is a {fam_name}{what} file, not a checkpoint: generate needs a whole model"
+                        f"{hint.get(kind, '')}", src.path)
 
 
 def _family(src) -> str | None:
