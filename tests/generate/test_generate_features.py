@@ -137,7 +137,7 @@ def test_lora_strength_change_in_place_equals_fresh_load(sd1, lora):
         b = pixels(ses.render(settings())[0])
         ses.set_lora_strengths([0.7])
         again = pixels(ses.render(settings())[0])
-        assert "<lora:detail-tweaker:-0.4>" not in ses.infotext(settings(), SEED, (64, 64))
+        assert f"{PROMPT} <lora:detail-tweaker:0.7>\n" in ses.infotext(settings(), SEED, (64, 64))
     with Session(model, loras=[(lora, -0.4)], device="cpu") as fresh:
         b_fresh = pixels(fresh.render(settings())[0])
     assert max_diff(a, again) == 0 and max_diff(b, b_fresh) == 0 and max_diff(a, b) > 8
