@@ -271,13 +271,12 @@ def test_count_writes_one_file_per_seed_each_equal_to_a_single_run(sd1, tmp_path
     assert r.seeds == [4000, 4001, 4002]
     assert r.images == [tmp_path / f"cat-{s}.png" for s in (4000, 4001, 4002)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat-4000.png", "cat-4001.png", "cat-4002.png"]
+    solo = tmp_path.parent / f"{tmp_path.name}-single"
+    solo.mkdir()
     for seed, path in zip(r.seeds, r.images, strict=True):
-        single = generate(model, tmp_path / "single" / "x.png", settings(seed=seed, sampler="Euler a"),
-                          device="cpu") if (tmp_path / "single").mkdir() or True else None
+        single = generate(model, solo / f"{seed}.png", settings(seed=seed, sampler="Euler a"), device="cpu")
         assert max_diff(pixels(path), pixels(single.images[0])) == 0
         assert f"Seed: {seed}," in Image.open(path).text["parameters"]
-        (tmp_path / "single" / "x.png").unlink()
-        (tmp_path / "single").rmdir()
     assert max_diff(pixels(r.images[0]), pixels(r.images[1])) > 8
 
 
