@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 import textwrap
@@ -16,6 +17,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
 from ckptlab.generate.render import Settings, generate  # noqa: E402
+from tests.conftest import SRC  # noqa: E402
 from tests.fakes.sample_files import make_model  # noqa: E402
 
 #: A1111's own parameter regex (``infotext_utils.re_param_code``)
@@ -128,7 +130,8 @@ def test_generate_runs_with_the_network_cut(files, tmp_path, cli):
     dump = tmp_path / "env.json"
     r = cli("generate", model, "-p", "x", "--steps", "1", "--size", "64x64", "--seed", "3", "--device", "cpu",
             "-o", tmp_path / "o.png",
-            env={"PYTHONPATH": f"{site}", "ENV_DUMP": str(dump), "HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": ""})
+            env={"PYTHONPATH": f"{site}{os.pathsep}{SRC}", "ENV_DUMP": str(dump), "HF_HUB_OFFLINE": "",
+                 "TRANSFORMERS_OFFLINE": ""})
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o.png").is_file()
     assert json.loads(dump.read_text()) == {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_OFFLINE": "1"}
