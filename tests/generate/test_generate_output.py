@@ -186,3 +186,19 @@ def test_ctrl_c_between_images_keeps_the_finished_ones_whole(files, tmp_path, mo
                  device="cpu")
     assert [p.name for p in tmp_path.iterdir()] == ["o-10.png"]
     Image.open(tmp_path / "o-10.png").load()  # complete
+
+
+def test_old_a1111_sampler_name_is_sampler_plus_schedule(files, tmp_path):
+    """``DPM++ 2M Karras`` (A1111 before 1.9) renders as DPM++ 2M + Karras and is recorded the 1.9 way."""
+    import numpy as np
+    from PIL import Image
+
+    root, model, _ = files
+    old = generate(model, tmp_path / "old.png", Settings("x", "", 8, 2, 7.0, 64, 64, "DPM++ 2M Karras"), device="cpu")
+    new = generate(model, tmp_path / "new.png", Settings("x", "", 8, 2, 7.0, 64, 64, "dpmpp_2m", "karras"),
+                   device="cpu")
+    plain = generate(model, tmp_path / "plain.png", Settings("x", "", 8, 2, 7.0, 64, 64, "DPM++ 2M"), device="cpu")
+    a, b, c = (np.asarray(Image.open(r.images[0]).convert("RGB")).astype(int) for r in (old, new, plain))
+    assert (a == b).all() and np.abs(a - c).max() > 8
+    assert ", Sampler: DPM++ 2M, Schedule type: Karras," in old.infotexts[0]
+    assert old.infotexts[0] == new.infotexts[0]
