@@ -35,7 +35,7 @@ def generate_cmd(
                                                                         "before the refiner takes over."),
     clip_skip: int = typer.Option(1, "--clip-skip", help="A1111's Clip skip (1: the last layer)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on "
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on "
                                                               "CUDA/MPS)."),
     count: int = typer.Option(1, "--count", help="How many images (seeds seed, seed+1, ...)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output image (.png, .jpg, .webp); with --count > 1, "

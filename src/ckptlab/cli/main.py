@@ -32,6 +32,7 @@ OPTION_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
     ("apply-plan", "--catalog"): ("--db",),      # every other catalog command says --db
     ("scan", "--workers"): ("--jobs", "-j"),       # download says --jobs/-j for "how many files at once"
     ("merge", "--dtype"): ("--precision",),      # prune and to-diffusers say --precision for the output dtype
+    ("generate", "--dtype"): ("--precision",),   # the issue's --dtype keeps working; help says --precision
 }
 
 _VALUE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
