@@ -116,9 +116,13 @@ socket.create_connection = refuse
 
 @atexit.register
 def _env():
+    import sys
     keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")
+    hub = sys.modules.get("huggingface_hub.constants")
     with open(os.environ["ENV_DUMP"], "w") as fh:
-        json.dump({k: os.environ.get(k) for k in keys}, fh)
+        json.dump({**{k: os.environ.get(k) for k in keys},
+                   # what the hub library itself decided when it was imported (it reads the variable once)
+                   "hub_offline": getattr(hub, "HF_HUB_OFFLINE", None)}, fh)
 """
 
 
@@ -134,7 +138,8 @@ def test_generate_runs_with_the_network_cut(files, tmp_path, cli):
                  "TRANSFORMERS_OFFLINE": ""})
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o.png").is_file()
-    assert json.loads(dump.read_text()) == {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_OFFLINE": "1"}
+    assert json.loads(dump.read_text()) == {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                            "DIFFUSERS_OFFLINE": "1", "hub_offline": True}
 
 
 def test_network_guard_is_effective(tmp_path):

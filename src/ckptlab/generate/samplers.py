@@ -123,6 +123,9 @@ def check_schedule(sampler: Sampler, schedule: str) -> None:
     model loads."""
     import inspect
 
+    from ckptlab.generate.pipeline import go_offline
+
+    go_offline()  # before diffusers (and huggingface_hub) import: they read the switches once
     import diffusers
 
     accepted = set(inspect.signature(getattr(diffusers, sampler.scheduler).__init__).parameters)
