@@ -290,3 +290,21 @@ def test_random_seed_is_recorded_and_reproduces(sd1, tmp_path):
     assert f"Seed: {seed}," in Image.open(r.images[0]).text["parameters"]
     again = generate(model, tmp_path / "b.png", settings(seed=seed, steps=2), device="cpu")
     assert max_diff(pixels(r.images[0]), pixels(again.images[0])) == 0
+
+
+def test_fp16_nan_in_the_checkpoints_own_vae_names_the_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ckptlab.generate.render import Session
+
+    model = make_model(tmp_path / "nan-vae-model.safetensors", "sd1_checkpoint", seed=3)
+    sd = load_file(str(model))
+    k = "first_stage_model.decoder.conv_in.weight"
+    sd[k] = sd[k] / sd[k].abs().max() * 60000
+    save_file(sd, str(model))
+    with Session(model, device="cpu", dtype="fp16") as ses:
+        image, _, _ = ses.render(settings(steps=1))
+        assert ses.loaded.pipe.vae.dtype == torch.float32  # stays fp32 for the next images
+        assert [w for w in ses.warnings if "the VAE of nan-vae-model.safetensors" in w and "fp32" in w]
+    arr = pixels(image)
+    assert arr.std() > 5  # a real image, not the black one
