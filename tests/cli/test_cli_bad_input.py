@@ -628,6 +628,48 @@ CASES += [
                               "{o}/g.png"], {1}),
 ]
 
+# generate (one model, a prompt; every case fails before a weight loads or, for the output, before rendering)
+_GEN = ["-p", "a cat", "--steps", "1", "--size", "64x64", "--seed", "1", "--device", "cpu"]
+CASES += [
+    ("generate-missing", ["generate", "{d}/nope.safetensors", *_GEN, "-o", "{o}/a.png"], {1}),
+    ("generate-empty", ["generate", "{d}/empty.safetensors", *_GEN, "-o", "{o}/a.png"], {1}),
+    ("generate-text", ["generate", "{d}/text.safetensors", *_GEN, "-o", "{o}/a.png"], {1}),
+    ("generate-truncated", ["generate", "{d}/trunc.safetensors", *_GEN, "-o", "{o}/a.png"], {1}),
+    ("generate-dir", ["generate", "{d}/adir.safetensors", *_GEN, "-o", "{o}/a.png"], {1}),
+    ("generate-evil", ["generate", "{d}/evil.ckpt", *_GEN, "-o", "{o}/a.png"], MALICIOUS),
+    ("generate-wrong-kind", ["generate", "{d}/vae.safetensors", *_GEN, "-o", "{o}/a.png"], {1}),
+    ("generate-wrong-kind-lora-as-model", ["generate", "{d}/lora.safetensors", *_GEN, "-o", "{o}/a.png"], {1}),
+    ("generate-wrong-kind-vae", ["generate", "{d}/good.safetensors", *_GEN, "--vae", "{d}/sdxlvae.safetensors",
+                                 "-o", "{o}/a.png"], {1}),
+    ("generate-wrong-kind-lora", ["generate", "{d}/good.safetensors", *_GEN, "--lora", "{d}/vae.safetensors",
+                                  "-o", "{o}/a.png"], {1}),
+    ("generate-missing-lora", ["generate", "{d}/good.safetensors", *_GEN, "--lora", "{d}/nope.safetensors:0.5",
+                               "-o", "{o}/a.png"], {1}),
+    ("generate-bad-sampler", ["generate", "{d}/good.safetensors", *_GEN, "--sampler", "Euler b", "-o", "{o}/a.png"],
+     USAGE),
+    ("generate-bad-schedule", ["generate", "{d}/good.safetensors", *_GEN, "--sampler", "Euler a", "--schedule",
+                               "karras", "-o", "{o}/a.png"], USAGE),
+    ("generate-bad-size", ["generate", "{d}/good.safetensors", *_GEN, "--size", "64xabc", "-o", "{o}/a.png"], USAGE),
+    ("generate-bad-size-odd", ["generate", "{d}/good.safetensors", *_GEN, "--size", "65x64", "-o", "{o}/a.png"],
+     USAGE),
+    ("generate-bad-lora-strength", ["generate", "{d}/good.safetensors", *_GEN, "--lora",
+                                    "{d}/lora.safetensors:strong", "-o", "{o}/a.png"], USAGE),
+    ("generate-bad-lora-strength-nan", ["generate", "{d}/good.safetensors", *_GEN, "--lora",
+                                        "{d}/lora.safetensors:nan", "-o", "{o}/a.png"], USAGE),
+    ("generate-bad-prompt-file", ["generate", "{d}/good.safetensors", "--prompt-file", "{d}/nope.txt", "--steps", "1",
+                                  "-o", "{o}/a.png"], {1}),
+    ("generate-bad-prompt-file-binary", ["generate", "{d}/good.safetensors", "--prompt-file", "{d}/garbage.db",
+                                         "--steps", "1", "-o", "{o}/a.png"], {1}),
+    ("generate-bad-prompt-both", ["generate", "{d}/good.safetensors", *_GEN, "--prompt-file", "{d}/plan.json",
+                                  "-o", "{o}/a.png"], USAGE),
+    ("generate-bad-steps", ["generate", "{d}/good.safetensors", *_GEN, "--steps", "0", "-o", "{o}/a.png"], USAGE),
+    ("generate-bad-dtype", ["generate", "{d}/good.safetensors", *_GEN, "--dtype", "fp8", "-o", "{o}/a.png"], USAGE),
+    ("generate-bad-count", ["generate", "{d}/good.safetensors", *_GEN, "--count", "0", "-o", "{o}/a.png"], USAGE),
+    ("generate-bad-output-name", ["generate", "{d}/good.safetensors", *_GEN, "-o", "{o}/a.gif"], USAGE),
+    ("generate-output-under-file", ["generate", "{d}/good.safetensors", *_GEN, "-o", "{d}/afile/a.png"], {1}),
+    ("generate-output-ro", ["generate", "{d}/good.safetensors", *_GEN, "-o", "{ro}/a.png"], {1}),
+]
+
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
 
 #: (command, class) pairs with no case, and why; everything else needs a case

@@ -22,9 +22,11 @@ def generate_cmd(
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the family's native size: "
                                                             "512, 768 for SD2 768-v, 1024 for SDXL)."),
     sampler: str = typer.Option("DPM++ 2M", "--sampler", help="Sampler as A1111 names it (Euler a, DPM++ 2M, "
-                                                              "DPM++ 2M SDE, DDIM, UniPC, ...)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Schedule type: automatic (default), karras, "
-                                                                    "exponential, beta, sgm_uniform, uniform."),
+                                                              "DPM++ 2M SDE, DDIM, UniPC, ...); A1111's k_* aliases "
+                                                              "and ComfyUI's names (euler_ancestral, dpmpp_2m) too."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Schedule type: automatic (default: the "
+                                                                    "scheduler's own spacing), karras, exponential, "
+                                                                    "beta, sgm_uniform, simple, uniform, normal."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="A VAE file to decode with instead of the model's."),
     lora: Optional[list[str]] = typer.Option(None, "--lora", help="FILE[:STRENGTH], repeatable (strength 1)."),
     refiner: Optional[Path] = typer.Option(None, "--refiner", help="An SDXL refiner that finishes the base's "
@@ -33,7 +35,7 @@ def generate_cmd(
                                                                         "before the refiner takes over."),
     clip_skip: int = typer.Option(1, "--clip-skip", help="A1111's Clip skip (1: the last layer)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on "
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on "
                                                               "CUDA/MPS)."),
     count: int = typer.Option(1, "--count", help="How many images (seeds seed, seed+1, ...)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output image (.png, .jpg, .webp); with --count > 1, "

@@ -32,7 +32,9 @@ OPTION_ALIASES: dict[tuple[str, str], tuple[str, ...]] = {
     ("apply-plan", "--catalog"): ("--db",),      # every other catalog command says --db
     ("scan", "--workers"): ("--jobs", "-j"),       # download says --jobs/-j for "how many files at once"
     ("merge", "--dtype"): ("--precision",),      # prune and to-diffusers say --precision for the output dtype
+    ("generate", "--dtype"): ("--precision",),   # the issue's --dtype keeps working; help says --precision
     ("preview", "--dtype"): ("--precision",),    # the compute dtype; one spelling with merge/prune
+    ("grid", "--dtype"): ("--precision",),       # grid takes generate's options
 }
 
 _VALUE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT"}

@@ -142,6 +142,16 @@ class Loaded:
                     n += 1
         return n
 
+    def upcast_vae(self) -> None:
+        """Switch the VAE to fp32 with its weights read again from the file (not the fp16-rounded copies): what
+        the VAE computes when an fp16 decode overflowed."""
+        import torch
+
+        vae = self.pipe.vae
+        vae.to(torch.float32)
+        for it in self.items["vae"]:
+            put(vae, it, self.device, torch.float32)
+
     def close(self) -> None:
         self.source.close()
         if self.vae_source is not None:

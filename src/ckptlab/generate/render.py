@@ -9,11 +9,12 @@ NaN (the "black image") is detected and decoded again in fp32, with a warning na
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.errors import CkptlabError, MismatchError, UsageError
+from ckptlab.errors import CkptlabError, MismatchError, OutputError, UsageError
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.progress import Progress, null_progress
 
@@ -72,6 +73,8 @@ def parse_lora(text: str) -> tuple[Path, float]:
         try:
             s = float(tail)
         except ValueError:
+            if Path(path).is_file() and not Path(text).exists():
+                raise UsageError(f"--lora {text!r}: the strength {tail!r} is not a number (FILE:STRENGTH)") from None
             return Path(text), 1.0
         if s != s or abs(s) == float("inf"):
             raise UsageError(f"--lora {text!r}: the strength must be a finite number")
@@ -138,6 +141,7 @@ class Session:
             src = source if source is not None else open_model_source(Path(model))
             self.opened.append(src)
             fam = _family(src)
+            _check_kind(src, fam)
             self.dtype = pick_dtype(dtype, self.device, fam)
             vae_src = None
             if vae is not None:
@@ -187,11 +191,29 @@ class Session:
             lf = LoraFile.open(Path(p))
             self.opened.append(lf)
             files.append(lf)
-        report = BakeResult("generate", src.path, Path(), False, fam, [])
+        report = BakeResult("generate", src.path, None, False, fam, [])
         weights, biases = match_loras(src.infos(), fam, files, [(s, s) for _, s in loras], report)
         self.warnings.extend(report.warnings)
         self.lora_files = files
+        self._lora_target = (src.infos(), fam)
         return weights, biases
+
+    def set_lora_strengths(self, strengths: list[float]) -> int:
+        """Render with these LoRA strengths from now on (one per ``--lora``, in order; unet and text encoder
+        alike): only the weights the LoRAs touch are read again, in place. Returns how many were reloaded."""
+        from ckptlab.lora.bake import BakeResult, match_loras
+
+        strengths = [float(x) for x in strengths]
+        if len(strengths) != len(self.identity.loras):
+            raise UsageError(f"{len(strengths)} strength(s) for {len(self.identity.loras)} LoRA(s)")
+        if not strengths:
+            return 0
+        infos, fam = self._lora_target
+        patches = match_loras(infos, fam, self.lora_files, [(x, x) for x in strengths],
+                              BakeResult("generate", self.identity.model, None, False, fam, []))
+        n = self.loaded.set_loras(*patches)
+        self.identity.loras = [(p, x, h) for (p, _, h), x in zip(self.identity.loras, strengths, strict=True)]
+        return n
 
     def hashes(self) -> Identity:
         """The identity with every hash filled in (waits for the background hashing)."""
@@ -224,7 +246,7 @@ class Session:
         """``(Pillow image, seed used)`` for settings ``s``."""
         import torch
 
-        from ckptlab.generate.samplers import find_sampler, find_schedule, scheduler_for
+        from ckptlab.generate.samplers import resolve, scheduler_for
 
         s.check()
         seed = s.seed if s.seed >= 0 else random.randrange(MAX_SEED + 1)
@@ -234,9 +256,9 @@ class Session:
         native = get(fam).resolution
         width, height = s.width or native, s.height or native
         pipe = self.loaded.pipe
-        sampler = find_sampler(s.sampler)
+        sampler, schedule = resolve(s.sampler, s.schedule)
         base_cfg = dict(self.loaded.scheduler_config)
-        pipe.scheduler = scheduler_for(base_cfg, sampler, find_schedule(s.schedule))
+        pipe.scheduler = scheduler_for(base_cfg, sampler, schedule)
         gen = torch.Generator("cpu").manual_seed(seed)
         progress(0, total=s.steps, description=f"{self.identity.model.name} seed {seed}")
 
@@ -250,48 +272,64 @@ class Session:
         if self.refined is not None:
             kw["denoising_end"] = s.refiner_switch
         with torch.inference_mode():
+            if s.clip_skip > 1 and fam in ("sd1", "sd2"):
+                # A1111 applies Clip skip to the negative prompt too; diffusers' pipeline only to the prompt
+                # (its negative branch reads the last layer): encode both here, each as a prompt
+                def embed(text):
+                    return pipe.encode_prompt(text, pipe.device, 1, False, clip_skip=s.clip_skip - 1)[0]
+
+                kw.update(prompt=None, negative_prompt=None, clip_skip=None, prompt_embeds=embed(s.prompt),
+                          negative_prompt_embeds=embed(s.negative or ""))
             latents = pipe(**kw).images
             if self.refined is not None:
                 rpipe = self.refined.pipe
-                rpipe.scheduler = scheduler_for(dict(self.refined.scheduler_config), sampler,
-                                                find_schedule(s.schedule))
+                rpipe.scheduler = scheduler_for(dict(self.refined.scheduler_config), sampler, schedule)
                 latents = rpipe(prompt=s.prompt, negative_prompt=s.negative or None, image=latents,
                                 num_inference_steps=s.steps, guidance_scale=s.cfg, denoising_start=s.refiner_switch,
                                 generator=gen, output_type="latent").images
-            image = self.decode(latents)
+            # A1111 and diffusers' base+refiner chain decode with the model loaded last: the refiner's VAE,
+            # unless --vae replaced the VAE
+            refined = self.refined is not None and self.identity.vae is None
+            image = self.decode(latents, self.refined if refined else None)
         return image, seed, (width, height)
 
-    def decode(self, latents):
-        """The image of ``latents``; an fp16/bf16 VAE that gives NaN is switched to fp32 and run again."""
+    def decode(self, latents, loaded=None):
+        """The image of ``latents`` with the VAE of ``loaded`` (default: the model's); an fp16/bf16 VAE that
+        gives NaN is switched to fp32 (weights read again from the file) and run again."""
         import torch
 
-        vae = self.loaded.pipe.vae
+        owner = self.identity.model if loaded is None else Path(self.identity.refiner)
+        loaded = loaded if loaded is not None else self.loaded
+        vae = loaded.pipe.vae
         lat = latents / vae.config.scaling_factor
         out = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
         if not bool(torch.isfinite(out).all()):
             if vae.dtype == torch.float32:
                 raise MismatchError("the VAE decoded NaN or infinite values even in fp32 (broken weights?)",
-                                    self.identity.vae or self.identity.model)
-            name = self.identity.vae.name if self.identity.vae else f"the VAE of {self.identity.model.name}"
+                                    self.identity.vae or owner)
+            name = self.identity.vae.name if self.identity.vae else f"the VAE of {owner.name}"
             self.warnings.append(f"{name} overflowed to NaN in {str(vae.dtype).replace('torch.', '')} (the "
                                  "'black image' problem); it was decoded again in fp32 and stays fp32")
-            vae.to(torch.float32)
+            loaded.upcast_vae()
             out = vae.decode(lat.to(torch.float32), return_dict=False)[0]
+            if not bool(torch.isfinite(out).all()):
+                raise MismatchError("the VAE decoded NaN or infinite values even in fp32 (broken weights?)",
+                                    self.identity.vae or owner)
         return self.loaded.pipe.image_processor.postprocess(out, output_type="pil")[0]
 
     def infotext(self, s: Settings, seed: int, size: tuple[int, int]) -> str:
         """A1111's infotext of an image rendered with ``s`` and ``seed``."""
         from ckptlab.generate.infotext import format_infotext, join_hashes
-        from ckptlab.generate.samplers import SCHEDULES, find_sampler, find_schedule
+        from ckptlab.generate.samplers import SCHEDULES, resolve
         from ckptlab.version import __version__
 
         ident = self.hashes()
         prompt = s.prompt
+        sampler, schedule = resolve(s.sampler, s.schedule)
         for p, w, _ in ident.loras:
             prompt += f" <lora:{p.stem}:{_num(w)}>"
         params = {
-            "Steps": s.steps, "Sampler": find_sampler(s.sampler).name,
-            "Schedule type": SCHEDULES[find_schedule(s.schedule)][0], "CFG scale": _num(s.cfg), "Seed": seed,
+            "Steps": s.steps, "Sampler": sampler.name, "Schedule type": SCHEDULES[schedule][0], "CFG scale": _num(s.cfg), "Seed": seed,
             "Size": f"{size[0]}x{size[1]}",
             "Model hash": ident.model_sha256[:10] if ident.model_sha256 else None, "Model": ident.model.stem,
             "VAE hash": ident.vae_sha256[:10] if ident.vae_sha256 else None,
@@ -308,6 +346,22 @@ class Session:
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _check_kind(src, fam) -> None:
+    """Refuse a file that is not a whole model (a LoRA, a VAE, a UNet alone...) in one line, naming the option
+    that takes it, before anything loads."""
+    from ckptlab.arch.families import display_name
+    from ckptlab.arch.identify import identify
+
+    kind = identify(src).kind
+    if kind in ("checkpoint", None, "unknown"):
+        return
+    hint = {"lora": "; give it with --lora", "lycoris": "; give it with --lora", "vae": "; give it with --vae"}
+    what = {"lora": "LoRA", "lycoris": "LyCORIS"}.get(kind, kind.replace("_", " "))
+    fam_name = f"{display_name(fam)} " if fam else ""
+    raise MismatchError(f"this is a {fam_name}{what} file, not a checkpoint: generate needs a whole model"
+                        f"{hint.get(kind, '')}", src.path)
 
 
 def _family(src) -> str | None:
@@ -330,13 +384,12 @@ def generate(model: Path, out: Path, settings: Settings, *, count: int = 1, vae:
     """Render ``count`` images of ``model`` (seeds ``seed``, ``seed + 1``...; seed -1: a random first seed) to
     ``out`` (``.png``/``.jpg``/``.webp``; with several, ``<stem>-<seed>``), each with A1111's infotext."""
     from ckptlab.generate.imagefile import image_format, save_image
-    from ckptlab.generate.samplers import find_sampler, find_schedule
+    from ckptlab.generate.samplers import check_schedule, resolve
 
     out = Path(out)
     image_format(out)
     settings.check()
-    find_sampler(settings.sampler)
-    find_schedule(settings.schedule)
+    check_schedule(*resolve(settings.sampler, settings.schedule))
     if count < 1 or count > 10000:
         raise UsageError(f"--count {count}: use 1 to 10000")
     first = settings.seed if settings.seed >= 0 else random.randrange(MAX_SEED + 1)
@@ -348,6 +401,8 @@ def generate(model: Path, out: Path, settings: Settings, *, count: int = 1, vae:
                 raise CkptlabError("exists; pass --overwrite to replace it", p)
     if not out.parent.is_dir():
         raise CkptlabError("the output folder does not exist", out.parent)
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OutputError("cannot write in the output folder (checked before rendering)", out.parent)
     with Session(model, vae=vae, loras=loras, refiner=refiner, device=device, dtype=dtype, cache=cache) as ses:
         res = GenerateResult(Path(model), ses.family, ses.device, str(ses.dtype).replace("torch.", ""))
         for seed, path in zip(seeds, paths, strict=True):
