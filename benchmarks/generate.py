@@ -163,7 +163,7 @@ def job_gpu(who: str, model: str, path: str, config: str) -> None:
 
     if who == "ckptlab":
         from ckptlab.formats import open_model
-        from ckptlab.generate.pipeline import load
+        from ckptlab.imaging.pipeline import load
 
         pipe = load(open_model(Path(path)), device="cuda", dtype=torch.float16).pipe
     else:
@@ -208,7 +208,7 @@ def job_load(who: str, model: str, path: str, config: str) -> None:
     torch, diffusers = _import_all(model)
     if who == "ckptlab":
         from ckptlab.formats import open_model
-        from ckptlab.generate.pipeline import load
+        from ckptlab.imaging.pipeline import load
 
         t0 = time.perf_counter()
         load(open_model(Path(path)), device="cpu", dtype=torch.float32)

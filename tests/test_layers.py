@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("merge", {"merging"}),
     ("library", {"library"}),
     ("hub", {"hub"}),
-    ("generate", {"generate"}),
+    ("imaging", {"imaging"}),
     ("public API", {"api", ""}),
     ("CLI", {"cli", "__main__"}),
 ]

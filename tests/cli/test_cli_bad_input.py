@@ -692,7 +692,7 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("civitai-info", "truncated"): "a cut API answer needs a server: tests/hub/test_civitai_client.py",
     ("civitai-info", "directory"): "takes a source spec, never a path",
     ("preview", "unwritable"): "writes only next to the model (the matrix's input folder must not change); an "
-                               "unwritable model folder and a folder in the way: tests/generate/test_preview.py",
+                               "unwritable model folder and a folder in the way: tests/imaging/test_preview.py",
     ("images", "unwritable"): "writes only links into an existing catalog; one it cannot write is a warning",
 }
 

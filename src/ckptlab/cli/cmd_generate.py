@@ -1,5 +1,5 @@
 """``ckptlab generate``: images from any model in the library, offline, with A1111's infotext
-(``ckptlab.generate``)."""
+(``ckptlab.imaging``)."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def generate_cmd(
       ckptlab generate model.safetensors -p "a lighthouse at dusk" --seed 42 --steps 20 -o lighthouse.png
     """
     from ckptlab.cli.common import console, emit_json, progress_bar, warning_line
-    from ckptlab.generate.models import resolve_model
-    from ckptlab.generate.render import Settings, generate, parse_lora, parse_size
+    from ckptlab.imaging.models import resolve_model
+    from ckptlab.imaging.render import Settings, generate, parse_lora, parse_size
     from ckptlab.library.catalog import hash_cache
 
     text = read_prompt(prompt, prompt_file)

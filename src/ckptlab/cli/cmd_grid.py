@@ -1,5 +1,5 @@
 """``ckptlab grid``: A1111's X/Y/Z plot over models, merge ratios, LoRA strengths, seeds and settings
-(``ckptlab.generate.grid``). Takes every option of ``generate`` (``cli.gen_options``)."""
+(``ckptlab.imaging.grid``). Takes every option of ``generate`` (``cli.gen_options``)."""
 
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ def grid_cmd(**kw) -> None:
     from ckptlab.cli.cmd_generate import read_prompt
     from ckptlab.cli.common import console, emit_json, progress_bar, warning_line
     from ckptlab.errors import UsageError
-    from ckptlab.generate.grid import grid
-    from ckptlab.generate.grid_axes import parse_axis
-    from ckptlab.generate.render import Settings, parse_lora, parse_size
+    from ckptlab.imaging.grid import grid
+    from ckptlab.imaging.grid_axes import parse_axis
+    from ckptlab.imaging.render import Settings, parse_lora, parse_size
     from ckptlab.library.catalog import hash_cache
 
     text = read_prompt(kw["prompt"], kw["prompt_file"])
@@ -59,7 +59,7 @@ def grid_cmd(**kw) -> None:
     loras = [parse_lora(v) for v in kw["lora"] or ()]
     params: tuple[str, ...] = ()
     if kw["merge"] is not None:
-        from ckptlab.generate.grid_merge import load_recipe, swept_params
+        from ckptlab.imaging.grid_merge import load_recipe, swept_params
 
         params = tuple(swept_params(load_recipe(kw["merge"])))
     axes = []

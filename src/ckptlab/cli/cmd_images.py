@@ -1,5 +1,5 @@
 """``ckptlab images``: read the generation metadata of images (A1111/Forge, ComfyUI, InvokeAI, StabilityMatrix)
-and find the models they name in the library catalog (``ckptlab.generate.images``).
+and find the models they name in the library catalog (``ckptlab.imaging.images``).
 
 Exit codes: 0 every file was read (models missing from the library are a report, not a failure, ``--missing``
 included); 1 some file could not be read (each said on one line, the others still reported), or the ``--db``
@@ -37,7 +37,7 @@ def images_cmd(
     """
     from ckptlab.cli.common import emit_json, error_line, warning_line
     from ckptlab.errors import CatalogError, CatalogWriteError, UsageError
-    from ckptlab.generate.images import CatalogIndex, missing_models, read_images
+    from ckptlab.imaging.images import CatalogIndex, missing_models, read_images
     from ckptlab.library.catalog import Catalog, default_db_path
 
     db_path = Path(db) if db is not None else default_db_path()

@@ -1,5 +1,5 @@
 """``ckptlab preview``: a preview image per model, stored as ``<stem>.preview.png`` where A1111, ComfyUI's
-managers and the others look for it, recorded in the catalog (``ckptlab.generate.preview``)."""
+managers and the others look for it, recorded in the catalog (``ckptlab.imaging.preview``)."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def preview_cmd(
       ckptlab preview 6ce0161689 --prompt "a corgi on a beach" --overwrite
     """
     from ckptlab.cli.common import console, emit_json, error_line, progress_bar, warning_line
-    from ckptlab.generate.preview import preview
-    from ckptlab.generate.render import Settings, parse_lora, parse_size
+    from ckptlab.imaging.preview import preview
+    from ckptlab.imaging.render import Settings, parse_lora, parse_size
     from ckptlab.library.catalog import hash_cache
 
     width, height = parse_size(size) if size else (None, None)

@@ -14,7 +14,7 @@ from fakes.library_files import tensors, write_st
 from fakes.sample_files import make_model
 
 from ckptlab.errors import CkptlabError, FormatError, NotInCatalogError, UsageError
-from ckptlab.generate.models import DiffusersAsSingleFile, open_model_source, resolve_model
+from ckptlab.imaging.models import DiffusersAsSingleFile, open_model_source, resolve_model
 from ckptlab.library.catalog import Catalog
 from ckptlab.library.scanner import scan
 
@@ -31,7 +31,7 @@ def sd1(tmp_path_factory):
 
 
 def _render(path):
-    from ckptlab.generate.render import Session, Settings
+    from ckptlab.imaging.render import Session, Settings
 
     s = Settings("a red lighthouse at dusk", negative="blurry", seed=7, steps=2, width=64, height=64,
                  sampler="Euler a")

@@ -347,7 +347,7 @@ def _ifd_entries(data: bytes, offset: int, endian: str) -> dict[int, tuple[int, 
 def _exif_texts(data: bytes, raw: RawMetadata) -> None:
     """The texts of a TIFF-structured EXIF block: UserComment (A1111's ``parameters``), and ComfyUI's
     ``prompt:``/``workflow:`` in Make/Model/ImageDescription. A damaged block is a warning, not an error."""
-    from ckptlab.generate.imagefile import read_user_comment
+    from ckptlab.imaging.imagefile import read_user_comment
 
     if len(data) < 8 or data[:4] not in (b"II*\0", b"MM\0*"):
         raw.warnings.append("EXIF block without a TIFF header; ignored")
@@ -489,7 +489,7 @@ def _json_value(v):
 
 
 def _a1111(text: str, meta: ImageMetadata) -> None:
-    from ckptlab.generate.infotext import parse_infotext, split_hashes
+    from ckptlab.imaging.infotext import parse_infotext, split_hashes
 
     it = parse_infotext(text)
     meta.generator = "a1111"
@@ -876,7 +876,7 @@ def interpret(texts: dict[str, str], meta: ImageMetadata) -> None:
         return
     comment = texts.get("comment", "")
     if comment.strip():
-        from ckptlab.generate.infotext import parse_infotext
+        from ckptlab.imaging.infotext import parse_infotext
 
         if parse_infotext(comment).params:
             _a1111(comment, meta)

@@ -13,8 +13,8 @@ import zlib
 import pytest
 
 from ckptlab.errors import FormatError
-from ckptlab.generate import metadata
-from ckptlab.generate.metadata import read_metadata, read_raw
+from ckptlab.imaging import metadata
+from ckptlab.imaging.metadata import read_metadata, read_raw
 
 
 def _chunk(ctype: bytes, data: bytes) -> bytes:

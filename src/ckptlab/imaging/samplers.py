@@ -123,7 +123,7 @@ def check_schedule(sampler: Sampler, schedule: str) -> None:
     model loads."""
     import inspect
 
-    from ckptlab.generate.pipeline import go_offline
+    from ckptlab.imaging.pipeline import go_offline
 
     go_offline()  # before diffusers (and huggingface_hub) import: they read the switches once
     import diffusers

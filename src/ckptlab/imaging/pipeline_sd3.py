@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from ckptlab.errors import MismatchError, UsageError
 from ckptlab.formats.base import TensorSource
-from ckptlab.generate.pipeline import Loaded, PatchedSource, go_offline, pick_dtype, put
-from ckptlab.generate.samplers import Sampler
+from ckptlab.imaging.pipeline import Loaded, PatchedSource, go_offline, pick_dtype, put
+from ckptlab.imaging.samplers import Sampler
 from ckptlab.ops.stream import Out
 
 FAMILY = "sd3"
@@ -42,7 +42,7 @@ NO_T5_WARNING = ("this SD3 file has no T5-XXL text encoder and ckptlab runs SD3 
 
 def flow_sampler(name: str) -> Sampler:
     """The flow-matching sampler A1111 calls ``name``; any other is a ``UsageError`` listing the ones that work."""
-    from ckptlab.generate.samplers import find_sampler
+    from ckptlab.imaging.samplers import find_sampler
 
     want = "".join(ch for ch in str(name).lower() if ch.isalnum() or ch == "+")
     for s in FLOW_SAMPLERS:

@@ -14,8 +14,8 @@ import pytest
 from fakes.sample_files import make_model
 from PIL import Image
 
-from ckptlab.generate.preview import DEFAULT_SEED, NEUTRAL_PROMPT, preview, preview_path
-from ckptlab.generate.render import Settings, generate
+from ckptlab.imaging.preview import DEFAULT_SEED, NEUTRAL_PROMPT, preview, preview_path
+from ckptlab.imaging.render import Settings, generate
 
 FAST = ["--steps", "2", "--size", "64x64", "--sampler", "Euler"]
 
@@ -195,7 +195,7 @@ def test_default_prompt_uses_the_trigger_words_the_catalog_knows(tmp_path):
     CivitAI states trained words (a Civitai Helper sidecar here) those instead."""
     from fakes.library_files import tensors, write_st
 
-    from ckptlab.generate.preview import default_prompt
+    from ckptlab.imaging.preview import default_prompt
     from ckptlab.library.catalog import Catalog
     from ckptlab.library.scanner import scan
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptlab.generate.metadata import IMAGE_SUFFIXES, ImageMetadata, ModelRef, read_metadata
+from ckptlab.imaging.metadata import IMAGE_SUFFIXES, ImageMetadata, ModelRef, read_metadata
 
 #: the kinds a name may match for each role (a record without a kind matches any role)
 ROLE_KINDS = {"checkpoint": ("checkpoint", "unet"), "unet": ("unet", "checkpoint"), "vae": ("vae",),

@@ -15,11 +15,11 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 
-from ckptlab.generate import imagefile, render  # noqa: E402
-from ckptlab.generate.grid import grid  # noqa: E402
-from ckptlab.generate.grid_axes import parse_axis  # noqa: E402
-from ckptlab.generate.grid_draw import PENDING  # noqa: E402
-from ckptlab.generate.render import Settings, generate  # noqa: E402
+from ckptlab.imaging import imagefile, render  # noqa: E402
+from ckptlab.imaging.grid import grid  # noqa: E402
+from ckptlab.imaging.grid_axes import parse_axis  # noqa: E402
+from ckptlab.imaging.grid_draw import PENDING  # noqa: E402
+from ckptlab.imaging.render import Settings, generate  # noqa: E402
 from tests.fakes.sample_files import make_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -212,7 +212,7 @@ def test_grid_resaved_after_every_row(lib, tmp_path, monkeypatch):
     r = grid(lib / "a.safetensors", tmp_path / "g.png", Settings(**BASE),
              [parse_axis("seed=1,2"), parse_axis("cfg=1,2,3")], legend=False)
     assert len(saved) == 3 == r.saves  # one per row
-    from ckptlab.generate.grid_draw import layout
+    from ckptlab.imaging.grid_draw import layout
 
     lay = layout((64, 64), ["Seed: 1", "Seed: 2"], ["CFG: 1", "CFG: 2", "CFG: 3"], [""], [])
     for k, img in enumerate(saved):

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-from ckptlab.generate.grid_draw import PENDING, draw, font_size, layout  # noqa: E402
+from ckptlab.imaging.grid_draw import PENDING, draw, font_size, layout  # noqa: E402
 
 
 def solid(i: int, size=(64, 64)) -> Image.Image:

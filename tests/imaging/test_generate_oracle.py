@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from ckptlab.generate.render import Settings, generate  # noqa: E402
+from ckptlab.imaging.render import Settings, generate  # noqa: E402
 from tests.fakes.diffusers_oracle import (  # noqa: E402
     max_diff,
     oracle_pipe,

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptlab.errors import CkptlabError, MismatchError, OutputError, UsageError
-from ckptlab.generate.grid_axes import Axis
-from ckptlab.generate.render import MAX_SEED, Settings
 from ckptlab.hashes import NO_CACHE, HashCache
+from ckptlab.imaging.grid_axes import Axis
+from ckptlab.imaging.render import MAX_SEED, Settings
 from ckptlab.progress import Progress, null_progress
 
 NO_VAE = ("none", "automatic", "auto", "-")
@@ -74,9 +74,9 @@ class _Plan:
 
     def __init__(self, model, settings: Settings, axes: list[Axis | None], *, merge, vae, loras, refiner, db,
                  cache: HashCache):
-        from ckptlab.generate.models import resolve_model
-        from ckptlab.generate.render import parse_size
-        from ckptlab.generate.samplers import find_sampler, find_schedule
+        from ckptlab.imaging.models import resolve_model
+        from ckptlab.imaging.render import parse_size
+        from ckptlab.imaging.samplers import find_sampler, find_schedule
 
         self.axes = axes
         self.settings = settings
@@ -101,7 +101,7 @@ class _Plan:
             raise UsageError("give either MODEL or a model axis, not both")
         # models
         if merge is not None:
-            from ckptlab.generate.grid_merge import check_values, find_param, load_recipe, verify_inputs
+            from ckptlab.imaging.grid_merge import check_values, find_param, load_recipe, verify_inputs
 
             self.merge_recipe = load_recipe(Path(merge))
             self.merge_recipe.validate()
@@ -242,7 +242,7 @@ class _Plan:
 
 def _family_of(path: Path) -> str | None:
     from ckptlab.arch.layout import file_layout
-    from ckptlab.generate.models import open_model_source
+    from ckptlab.imaging.models import open_model_source
 
     src = open_model_source(path)
     try:
@@ -252,7 +252,7 @@ def _family_of(path: Path) -> str | None:
 
 
 def _legend(plan: _Plan, merge_name: str | None) -> list[str]:
-    from ckptlab.generate.samplers import SCHEDULES, find_schedule
+    from ckptlab.imaging.samplers import SCHEDULES, find_schedule
 
     s = plan.settings
     kinds = {a.kind for a in plan.axes if a is not None}
@@ -297,13 +297,13 @@ class _Runner:
         self.merged = None
 
     def _open(self, model, vae, loras, merge) -> None:
-        from ckptlab.generate import render
+        from ckptlab.imaging import render
 
         self.close()
         source = None
         name = model
         if self.plan.merge_recipe is not None:
-            from ckptlab.generate.grid_merge import MergedSource
+            from ckptlab.imaging.grid_merge import MergedSource
 
             source = MergedSource(self.plan.merge_recipe, self.plan.merge_paths)
             try:
@@ -340,7 +340,7 @@ class _Runner:
         return self.ses
 
     def _set_loras(self, loras) -> None:
-        from ckptlab.generate.render import lora_hash
+        from ckptlab.imaging.render import lora_hash
         from ckptlab.lora.bake import BakeResult, match_loras
 
         ses = self.ses
@@ -355,7 +355,7 @@ class _Runner:
     def _swap_vae(self, vae: Path | None) -> bool:
         """Re-read only the VAE (the model's own when None); False when the new VAE's config differs (the
         caller reloads the model with it)."""
-        from ckptlab.generate.pipeline import put, vae_plan
+        from ckptlab.imaging.pipeline import put, vae_plan
         from ckptlab.merging.provenance import sha256_path
         from ckptlab.ops import diffusers_config as cfgs
         from ckptlab.ops.diffusers_io import plan_to_diffusers
@@ -409,8 +409,8 @@ def grid(model: Path | None, output: Path, settings: Settings, axes: list[Axis |
     """Render the X/Y/Z grid of ``axes`` (``[x, y, z]``, None where absent; see ``grid_axes.parse_axis``) to
     ``output``, each cell also to ``cells_dir`` when given. ``model``: the model of every cell unless an axis
     is ``model``; ``merge``: a recipe (TOML, or a model made by ckptlab merge) computed in memory instead."""
-    from ckptlab.generate import imagefile
-    from ckptlab.generate.grid_draw import draw, layout
+    from ckptlab.imaging import imagefile
+    from ckptlab.imaging.grid_draw import draw, layout
 
     axes = list(axes) + [None] * (3 - len(axes))
     if axes[0] is None:
@@ -448,7 +448,7 @@ def grid(model: Path | None, output: Path, settings: Settings, axes: list[Axis |
     fams = [_family_of(plan.merge_paths[next(iter(plan.merge_recipe.inputs))])] if plan.merge_recipe else \
         [_family_of(m) for m in plan.models]
     from ckptlab.arch.families import display_name
-    from ckptlab.generate.pipeline import TXT2IMG
+    from ckptlab.imaging.pipeline import TXT2IMG
 
     for f, m in zip(fams, plan.models if plan.merge_recipe is None else [Path(merge)], strict=True):
         if f not in TXT2IMG:

@@ -125,7 +125,7 @@ class Session:
     def __init__(self, model: Path, *, vae: Path | None = None, loras: list[tuple[Path, float]] = (),
                  refiner: Path | None = None, device: str = "auto", dtype: str | None = None,
                  cache: HashCache = NO_CACHE, source=None):
-        from ckptlab.generate.pipeline import go_offline, pick_device, pick_dtype
+        from ckptlab.imaging.pipeline import go_offline, pick_device, pick_dtype
 
         go_offline()
         from ckptlab.ops.run import open_checked
@@ -136,7 +136,7 @@ class Session:
         self.opened: list = []
         self.loaded = self.refined = None
         try:
-            from ckptlab.generate.models import open_model_source
+            from ckptlab.imaging.models import open_model_source
 
             src = source if source is not None else open_model_source(Path(model))
             self.opened.append(src)
@@ -164,7 +164,7 @@ class Session:
                 hashers["vae"] = FileHasher(Path(vae), cache=cache)
             if refiner is not None:
                 hashers["refiner"] = FileHasher(Path(refiner), cache=cache)
-            from ckptlab.generate.pipeline import load
+            from ckptlab.imaging.pipeline import load
 
             self.loaded = load(src, device=self.device, dtype=self.dtype, vae=vae_src, loras=patches)
             self.opened.remove(src)
@@ -246,7 +246,7 @@ class Session:
         """``(Pillow image, seed used)`` for settings ``s``."""
         import torch
 
-        from ckptlab.generate.samplers import resolve, scheduler_for
+        from ckptlab.imaging.samplers import resolve, scheduler_for
 
         s.check()
         seed = s.seed if s.seed >= 0 else random.randrange(MAX_SEED + 1)
@@ -319,8 +319,8 @@ class Session:
 
     def infotext(self, s: Settings, seed: int, size: tuple[int, int]) -> str:
         """A1111's infotext of an image rendered with ``s`` and ``seed``."""
-        from ckptlab.generate.infotext import format_infotext, join_hashes
-        from ckptlab.generate.samplers import SCHEDULES, resolve
+        from ckptlab.imaging.infotext import format_infotext, join_hashes
+        from ckptlab.imaging.samplers import SCHEDULES, resolve
         from ckptlab.version import __version__
 
         ident = self.hashes()
@@ -383,8 +383,8 @@ def generate(model: Path, out: Path, settings: Settings, *, count: int = 1, vae:
              progress: Progress = null_progress) -> GenerateResult:
     """Render ``count`` images of ``model`` (seeds ``seed``, ``seed + 1``...; seed -1: a random first seed) to
     ``out`` (``.png``/``.jpg``/``.webp``; with several, ``<stem>-<seed>``), each with A1111's infotext."""
-    from ckptlab.generate.imagefile import image_format, save_image
-    from ckptlab.generate.samplers import check_schedule, resolve
+    from ckptlab.imaging.imagefile import image_format, save_image
+    from ckptlab.imaging.samplers import check_schedule, resolve
 
     out = Path(out)
     image_format(out)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ckptlab.generate.images import CatalogIndex, missing_models, resolve_image
-from ckptlab.generate.metadata import read_metadata
+from ckptlab.imaging.images import CatalogIndex, missing_models, resolve_image
+from ckptlab.imaging.metadata import read_metadata
 
 
 def sha256(p: Path) -> str:
@@ -53,7 +53,7 @@ def save_png(path: Path, **texts) -> Path:
 
 def infotext(prompt: str, **params) -> str:
     base = {"Steps": 4, "Sampler": "Euler", "CFG scale": 7, "Seed": 1}
-    from ckptlab.generate.infotext import format_infotext
+    from ckptlab.imaging.infotext import format_infotext
 
     return format_infotext(prompt, "", base | {k.replace("_", " "): v for k, v in params.items()})
 

@@ -45,7 +45,7 @@ def _render(pipe):
 
 @pytest.mark.slow
 def test_lora_image_equals_diffusers_peft_lora(tmp_path):
-    from ckptlab.generate.pipeline_sd3 import load_sd3
+    from ckptlab.imaging.pipeline_sd3 import load_sd3
     from ckptlab.lora.bake import BakeResult, match_loras
     from ckptlab.lora.file import LoraFile
 

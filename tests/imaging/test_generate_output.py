@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from ckptlab.generate.render import Settings, generate  # noqa: E402
+from ckptlab.imaging.render import Settings, generate  # noqa: E402
 from tests.conftest import SRC  # noqa: E402
 from tests.fakes.sample_files import make_model  # noqa: E402
 
@@ -173,7 +173,7 @@ def test_ctrl_c_while_writing_leaves_no_image(files, tmp_path, monkeypatch):
 def test_ctrl_c_between_images_keeps_the_finished_ones_whole(files, tmp_path, monkeypatch):
     from PIL import Image
 
-    from ckptlab.generate import render
+    from ckptlab.imaging import render
 
     root, model, _ = files
     real = render.Session.render

@@ -15,9 +15,9 @@ pytest.importorskip("accelerate")
 
 import torch  # noqa: E402
 
-import ckptlab.generate.pipeline as pipeline  # noqa: E402
+import ckptlab.imaging.pipeline as pipeline  # noqa: E402
 from ckptlab.errors import MismatchError  # noqa: E402
-from ckptlab.generate.render import Session, Settings, generate  # noqa: E402
+from ckptlab.imaging.render import Session, Settings, generate  # noqa: E402
 from tests.fakes.diffusers_oracle import (  # noqa: E402
     max_diff,
     oracle_pipe,
@@ -198,7 +198,7 @@ def overflowing_vae(path: Path) -> Path:
 def test_fp16_nan_vae_is_decoded_again_in_fp32_with_a_warning(sd1, tmp_path, monkeypatch):
     import diffusers
 
-    from ckptlab.generate import render
+    from ckptlab.imaging import render
 
     model, cfg, _ = sd1
     vae = overflowing_vae(tmp_path / "broken-vae.safetensors")
@@ -295,7 +295,7 @@ def test_random_seed_is_recorded_and_reproduces(sd1, tmp_path):
 def test_fp16_nan_in_the_checkpoints_own_vae_names_the_model(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from ckptlab.generate.render import Session
+    from ckptlab.imaging.render import Session
 
     model = make_model(tmp_path / "nan-vae-model.safetensors", "sd1_checkpoint", seed=3)
     sd = load_file(str(model))

@@ -17,8 +17,8 @@ from fakes.sample_files import make_model  # noqa: E402
 
 from ckptlab.errors import MismatchError  # noqa: E402
 from ckptlab.formats import open_model  # noqa: E402
-from ckptlab.generate import pipeline  # noqa: E402
-from ckptlab.generate.pipeline import load  # noqa: E402
+from ckptlab.imaging import pipeline  # noqa: E402
+from ckptlab.imaging.pipeline import load  # noqa: E402
 
 PIPES = {"sd1_checkpoint": "StableDiffusionPipeline", "sdxl_checkpoint": "StableDiffusionXLPipeline"}
 

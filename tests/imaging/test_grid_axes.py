@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ckptlab.errors import UsageError
-from ckptlab.generate.grid import loop_order
-from ckptlab.generate.grid_axes import AXES, parse_axis
+from ckptlab.imaging.grid import loop_order
+from ckptlab.imaging.grid_axes import AXES, parse_axis
 
 
 def a1111_int_range(start: int, end: int, step: int = 1) -> list[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptlab.generate.infotext import format_infotext, join_hashes, parse_infotext, split_hashes
+from ckptlab.imaging.infotext import format_infotext, join_hashes, parse_infotext, split_hashes
 
 # ----------------------------------------------------------------------------------- the independent oracle
 
@@ -238,8 +238,8 @@ def test_round_trip_through_an_image(tmp_path, suffix):
     """format -> write the image -> read it back with our reader -> parse: the same, and the oracle agrees."""
     from PIL import Image
 
-    from ckptlab.generate.imagefile import save_image
-    from ckptlab.generate.metadata import read_raw
+    from ckptlab.imaging.imagefile import save_image
+    from ckptlab.imaging.metadata import read_raw
 
     params = {"Steps": 20, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": 7.5, "Seed": 42,
               "Size": "64x64", "Model hash": "6ce0161689", "Model": "v1-5, pruned: ema", "Lora hashes":
@@ -259,7 +259,7 @@ def test_round_trip_through_an_image(tmp_path, suffix):
 def test_linear_a1111_reading_equals_the_regex():
     """``a1111_params`` (linear time) returns exactly what A1111's regex finds, on the texts above and on random
     lines made of the characters that matter (key characters, colons, commas, quotes, backslashes, tabs)."""
-    from ckptlab.generate.infotext import a1111_params
+    from ckptlab.imaging.infotext import a1111_params
 
     for text in TEXTS.values():
         for line in text.replace("\r\n", "\n").split("\n"):
@@ -285,7 +285,7 @@ def test_hostile_lines_take_linear_time(tmp_path):
     script = tmp_path / "parse.py"
     script.write_text(
         "import sys\nfrom tests.generate.test_infotext import HOSTILE_LINES\n"
-        "from ckptlab.generate.infotext import parse_infotext\n"
+        "from ckptlab.imaging.infotext import parse_infotext\n"
         "for line in HOSTILE_LINES:\n    parse_infotext(line)\n    parse_infotext('p\\n' + line)\nprint('ok')\n")
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=f"{root / 'src'}{os.pathsep}{root}")

@@ -111,7 +111,7 @@ def default_prompt(model: Path, db: Path | None) -> str:
 
 def _kind(path: Path) -> str | None:
     from ckptlab.arch.layout import file_layout
-    from ckptlab.generate.models import open_model_source
+    from ckptlab.imaging.models import open_model_source
 
     with open_model_source(path) as src:
         return file_layout(src).kind
@@ -141,9 +141,9 @@ def preview_one(text: str, settings, *, db: Path | None = None, base: Path | Non
     """Render and store the preview of the MODEL argument ``text`` (a path, diffusers folder, catalog hash or
     name) with ``settings`` (a ``render.Settings``; an empty prompt: the default prompt). Every failure is in the
     result (``status`` failed, ``error`` one line, ``exit_code``), never raised, except Ctrl-C."""
-    from ckptlab.generate.imagefile import save_image
-    from ckptlab.generate.models import resolve_model
-    from ckptlab.generate.render import Session, Settings
+    from ckptlab.imaging.imagefile import save_image
+    from ckptlab.imaging.models import resolve_model
+    from ckptlab.imaging.render import Session, Settings
 
     res = PreviewResult(str(text))
     try:
@@ -198,8 +198,8 @@ def preview(models: list[str], settings, *, db: Path | None = None, base: Path |
             cache: HashCache = NO_CACHE, progress: Progress = null_progress, each=None) -> list[PreviewResult]:
     """``preview_one`` for every MODEL argument in turn (a failure does not stop the others); ``each(result)`` is
     called after each one (the CLI prints as it goes)."""
-    from ckptlab.generate.pipeline import pick_device, pick_dtype
-    from ckptlab.generate.samplers import find_sampler, find_schedule
+    from ckptlab.imaging.pipeline import pick_device, pick_dtype
+    from ckptlab.imaging.samplers import find_sampler, find_schedule
 
     settings.check()
     find_sampler(settings.sampler)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from ckptlab.errors import UsageError
-from ckptlab.generate.samplers import SAMPLERS, find_sampler, find_schedule, resolve, scheduler_for
+from ckptlab.imaging.samplers import SAMPLERS, find_sampler, find_schedule, resolve, scheduler_for
 
 TABLE = {  # what a user types -> (diffusers class, overrides that must be set)
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
@@ -110,8 +110,8 @@ def test_schedule_the_scheduler_lacks_is_refused():
 def test_defaults_are_documented_values():
     """The defaults a user can predict: DPM++ 2M, Automatic schedule, 20 steps, CFG 7 (A1111's txt2img defaults
     except the schedule, see docs)."""
-    from ckptlab.generate.render import Settings
-    from ckptlab.generate.samplers import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
+    from ckptlab.imaging.render import Settings
+    from ckptlab.imaging.samplers import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
 
     s = Settings("x")
     assert (s.sampler, s.schedule, s.steps, s.cfg, s.clip_skip, s.seed) == ("DPM++ 2M", None, 20, 7.0, 1, -1)

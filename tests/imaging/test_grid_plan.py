@@ -12,10 +12,10 @@ pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from ckptlab.errors import UsageError  # noqa: E402
-from ckptlab.generate import imagefile, render  # noqa: E402
-from ckptlab.generate.grid import grid  # noqa: E402
-from ckptlab.generate.grid_axes import parse_axis  # noqa: E402
-from ckptlab.generate.render import Settings  # noqa: E402
+from ckptlab.imaging import imagefile, render  # noqa: E402
+from ckptlab.imaging.grid import grid  # noqa: E402
+from ckptlab.imaging.grid_axes import parse_axis  # noqa: E402
+from ckptlab.imaging.render import Settings  # noqa: E402
 from tests.fakes.sample_files import make_model  # noqa: E402
 
 
@@ -142,7 +142,7 @@ def test_axis_twice_and_model_conflicts(fake, models, tmp_path):
 
 
 def test_merge_params_of_a_recipe(tmp_path):
-    from ckptlab.generate.grid_merge import find_param, swept_params
+    from ckptlab.imaging.grid_merge import find_param, swept_params
     from ckptlab.merging.recipe import loads
 
     rec = loads('version = 1\n[inputs.A]\npath = "a"\n[inputs.B]\npath = "b"\n[inputs.C]\npath = "c"\n'

@@ -29,7 +29,7 @@ def _render(pipe, seed: int, **kw):
 @pytest.mark.slow
 @pytest.mark.parametrize("spec,clip_skip", [("sd3_medium", None), ("sd35_medium", 2)])
 def test_image_equals_diffusers_single_file_pipeline(tmp_path, spec, clip_skip):
-    from ckptlab.generate.pipeline_sd3 import load_sd3
+    from ckptlab.imaging.pipeline_sd3 import load_sd3
 
     src = make_model(tmp_path / f"{spec}.safetensors", spec)
     theirs = diffusers.StableDiffusion3Pipeline.from_single_file(
@@ -71,7 +71,7 @@ class Recording(TensorSource):
 
 
 def test_t5_is_never_read_and_the_warning_says_so(tmp_path):
-    from ckptlab.generate.pipeline_sd3 import load_sd3
+    from ckptlab.imaging.pipeline_sd3 import load_sd3
 
     src = Recording(open_checked(make_model(tmp_path / "m.safetensors", "sd3_medium")))
     assert any(k.startswith("text_encoders.t5xxl.") for k in src.infos())
@@ -86,7 +86,7 @@ def test_t5_is_never_read_and_the_warning_says_so(tmp_path):
 def test_file_without_t5_still_warns_about_clip_only(tmp_path):
     from safetensors.torch import save_file
 
-    from ckptlab.generate.pipeline_sd3 import load_sd3
+    from ckptlab.imaging.pipeline_sd3 import load_sd3
 
     full = make_model(tmp_path / "m.safetensors", "sd3_medium")
     save_file({k: v for k, v in load(full).items() if not k.startswith("text_encoders.t5xxl.")},
@@ -97,7 +97,7 @@ def test_file_without_t5_still_warns_about_clip_only(tmp_path):
 
 
 def test_reload_rereads_the_split_and_swapped_weights_in_place(tmp_path):
-    from ckptlab.generate.pipeline_sd3 import load_sd3
+    from ckptlab.imaging.pipeline_sd3 import load_sd3
 
     src = Recording(open_checked(make_model(tmp_path / "m.safetensors", "sd3_medium")))
     ours = load_sd3(src)
@@ -115,7 +115,7 @@ def test_reload_rereads_the_split_and_swapped_weights_in_place(tmp_path):
 
 
 def test_flow_sampler_table():
-    from ckptlab.generate.pipeline_sd3 import DEFAULTS, SCHEDULER_CONFIG, flow_sampler, flow_scheduler
+    from ckptlab.imaging.pipeline_sd3 import DEFAULTS, SCHEDULER_CONFIG, flow_sampler, flow_scheduler
 
     s = flow_sampler("euler")
     assert s.name == "Euler" and flow_sampler(DEFAULTS["sampler"]) == s
