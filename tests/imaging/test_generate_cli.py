@@ -35,7 +35,6 @@ def test_cli_json_record(tmp_path, cli):
 
 
 @pytest.mark.parametrize(("spec", "words"), [
-    ("sd3_medium", ("SD3",)),
     ("flux_dev", ("Flux",)),
     ("sd1_kohya_lora", ("LoRA",)),
 ])

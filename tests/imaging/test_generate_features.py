@@ -15,7 +15,7 @@ pytest.importorskip("accelerate")
 
 import torch  # noqa: E402
 
-import ckptlab.imaging.pipeline as pipeline  # noqa: E402
+import ckptlab.imaging.weights as weights  # noqa: E402
 from ckptlab.errors import MismatchError  # noqa: E402
 from ckptlab.imaging.render import Session, Settings, generate  # noqa: E402
 from tests.fakes.diffusers_oracle import (  # noqa: E402
@@ -59,7 +59,8 @@ def no_weight_loads(monkeypatch):
     def fail(*a, **kw):
         raise AssertionError("a weight was loaded before the refusal")
 
-    monkeypatch.setattr(pipeline, "put", fail)
+    monkeypatch.setattr(weights, "put", fail)
+    monkeypatch.setattr(weights, "value_of", fail)  # every weight read, read-ahead workers included
 
 
 # -- clip skip ---------------------------------------------------------------------------------------------------

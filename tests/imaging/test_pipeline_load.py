@@ -1,4 +1,4 @@
-"""generate.pipeline.load's weights: every one materialised from the file at the compute dtype (against diffusers'
+"""imaging.pipeline.load's weights: every one materialised from the file at the compute dtype (against diffusers'
 own single-file loading of the same file), each in its own storage, read ahead in a worker without leaving
 torch's thread setting changed, reloaded in place."""
 
@@ -17,7 +17,7 @@ from fakes.sample_files import make_model  # noqa: E402
 
 from ckptlab.errors import MismatchError  # noqa: E402
 from ckptlab.formats import open_model  # noqa: E402
-from ckptlab.imaging import pipeline  # noqa: E402
+from ckptlab.imaging import pipeline, weights  # noqa: E402
 from ckptlab.imaging.pipeline import load  # noqa: E402
 
 PIPES = {"sd1_checkpoint": "StableDiffusionPipeline", "sdxl_checkpoint": "StableDiffusionXLPipeline"}
@@ -62,7 +62,7 @@ def test_every_weight_equals_diffusers_own_single_file_load(tmp_path, monkeypatc
 
     from ckptlab.ops.diffusers_io import plan_to_diffusers
 
-    monkeypatch.setattr(pipeline, "_HUGE", 64 << 10)
+    monkeypatch.setattr(weights, "_HUGE", 64 << 10)
     path = make_model(tmp_path / "m.safetensors", spec, dtype="F16")
     src = open_model(path)
     fam, _, configs, _, _ = plan_to_diffusers(src)
@@ -94,7 +94,7 @@ def test_weights_are_the_source_cast_each_in_its_own_storage(tmp_path, monkeypat
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    monkeypatch.setattr(pipeline, "_HUGE", 64 << 10)
+    monkeypatch.setattr(weights, "_HUGE", 64 << 10)
     path = make_model(tmp_path / "m.safetensors", "sd1_checkpoint", dtype="F16")
     loaded = load(open_model(path), device="cpu", dtype=torch.float32)
     try:
@@ -162,16 +162,16 @@ def test_big_cpu_tensors_get_aligned_memory_of_their_own():
 
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         pytest.skip("no MADV_HUGEPAGE on this platform (torch.empty is used)")
-    big = pipeline._empty_cpu((1024, 1024), torch.float32)  # 4 MiB
+    big = weights._empty_cpu((1024, 1024), torch.float32)  # 4 MiB
     assert big.shape == (1024, 1024) and big.dtype == torch.float32
     assert big.data_ptr() % (2 << 20) == 0
     big.fill_(1.5)
-    other = pipeline._empty_cpu((1024, 1024), torch.float32)
+    other = weights._empty_cpu((1024, 1024), torch.float32)
     other.fill_(-1.0)
     gc.collect()
     assert float(big.sum()) == 1.5 * 1024 * 1024 and float(other.sum()) == -1024 * 1024
     assert big.untyped_storage().data_ptr() != other.untyped_storage().data_ptr()
-    small = pipeline._empty_cpu((3, 5), torch.float16)
+    small = weights._empty_cpu((3, 5), torch.float16)
     assert small.shape == (3, 5) and small.dtype == torch.float16
 
 
@@ -180,7 +180,7 @@ def test_a_weight_that_does_not_fit_fails_and_stops_the_read_ahead(tmp_path, mon
     no read-ahead left holding weights."""
     path = make_model(tmp_path / "m.safetensors", "sd1_checkpoint", dtype="F16")
     src = open_model(path)
-    real = pipeline._fill
+    real = pipeline.fill
 
     def fill(module, items, *a):
         if module.__class__.__name__ == "AutoencoderKL":  # the UNet is in already; the VAE's first conv shrinks
@@ -189,14 +189,14 @@ def test_a_weight_that_does_not_fit_fails_and_stops_the_read_ahead(tmp_path, mon
             owner._parameters[name] = torch.nn.Parameter(wrong, requires_grad=False)
         return real(module, items, *a)
 
-    monkeypatch.setattr(pipeline, "_fill", fill)
+    monkeypatch.setattr(pipeline, "fill", fill)
     prev = torch.get_num_threads()
     with pytest.raises(MismatchError, match="does not fit"):
         load(src, device="cpu", dtype=torch.float32)
     src.close()
     gc.collect()
     assert torch.get_num_threads() == prev
-    assert len(pipeline._AHEAD) == 0
+    assert len(weights._AHEAD) == 0
 
 
 def test_overlapping_loads_restore_the_setting_when_the_last_ends():
@@ -205,12 +205,12 @@ def test_overlapping_loads_restore_the_setting_when_the_last_ends():
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        pipeline._one_thread(torch)
-        pipeline._one_thread(torch)
+        weights._one_thread(torch)
+        weights._one_thread(torch)
         assert torch.get_num_threads() == 1
-        pipeline._threads_back()
+        weights._threads_back()
         assert torch.get_num_threads() == 1
-        pipeline._threads_back()
+        weights._threads_back()
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(prev)
@@ -225,7 +225,7 @@ def test_a_load_failing_before_any_weight_is_put_gives_the_threads_back(tmp_path
     def broken(build):
         raise MismatchError("no such model")
 
-    monkeypatch.setattr(pipeline, "_empty", broken)
+    monkeypatch.setattr(pipeline, "empty_model", broken)
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -233,7 +233,7 @@ def test_a_load_failing_before_any_weight_is_put_gives_the_threads_back(tmp_path
             load(src, device="cpu", dtype=torch.float32)
         gc.collect()
         assert torch.get_num_threads() == 2
-        assert len(pipeline._AHEAD) == 0
+        assert len(weights._AHEAD) == 0
     finally:
         torch.set_num_threads(prev)
         src.close()

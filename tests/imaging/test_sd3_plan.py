@@ -83,7 +83,7 @@ def test_sd35_large_transformer_equals_diffusers_single_file(tmp_path):
     cfg = config_dir(tmp_path / "cfg", "sd35_large")
     theirs = diffusers.SD3Transformer2DModel.from_single_file(str(src), config=str(cfg), subfolder="transformer",
                                                                local_files_only=True).state_dict()
-    from ckptlab.imaging.pipeline import value_of
+    from ckptlab.imaging.weights import value_of
 
     items, cfg_ours, unread = plan_transformer(open_checked(src))
     ours = {it.key: value_of(it) for it in items}
@@ -135,7 +135,7 @@ def test_transformer_only_file_and_last_block_weights_diffusers_has_no_place_for
     them unread (``context_pre_only``), so do we; everything else equals the converter's output."""
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    from ckptlab.imaging.pipeline import value_of
+    from ckptlab.imaging.weights import value_of
 
     full = make_model(tmp_path / "m.safetensors", "sd3_medium")
     g = torch.Generator().manual_seed(0)
@@ -279,7 +279,7 @@ def test_comfyui_scaled_fp8_mmdit_is_dequantised_per_key(tmp_path):
     adaLN swap and plain copies alike."""
     from safetensors.torch import save_file
 
-    from ckptlab.imaging.pipeline import value_of
+    from ckptlab.imaging.weights import value_of
 
     sd = load(make_model(tmp_path / "m.safetensors", "sd3_medium"))
     fp8, plain = {}, {}

@@ -21,8 +21,8 @@ def generate_cmd(
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale."),
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the family's native size: "
                                                             "512, 768 for SD2 768-v, 1024 for SDXL)."),
-    sampler: str = typer.Option("DPM++ 2M", "--sampler", help="Sampler as A1111 names it (Euler a, DPM++ 2M, "
-                                                              "DPM++ 2M SDE, DDIM, UniPC, ...); A1111's k_* aliases "
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler as A1111 names it (default DPM++ 2M; "
+                                                                   "Euler on SD3; Euler a, DPM++ 2M SDE, DDIM, UniPC, ...); A1111's k_* aliases "
                                                               "and ComfyUI's names (euler_ancestral, dpmpp_2m) too."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Schedule type: automatic (default: the "
                                                                     "scheduler's own spacing), karras, exponential, "

@@ -355,7 +355,8 @@ class _Runner:
     def _swap_vae(self, vae: Path | None) -> bool:
         """Re-read only the VAE (the model's own when None); False when the new VAE's config differs (the
         caller reloads the model with it)."""
-        from ckptlab.imaging.pipeline import put, vae_plan
+        from ckptlab.imaging.pipeline import vae_plan
+        from ckptlab.imaging.weights import put
         from ckptlab.merging.provenance import sha256_path
         from ckptlab.ops import diffusers_config as cfgs
         from ckptlab.ops.diffusers_io import plan_to_diffusers

@@ -1,6 +1,6 @@
 """SD3 / SD3.5 single-file checkpoints as diffusers' ``StableDiffusion3Pipeline``, built in memory like the
 SD1/SDXL path of ``generate.pipeline``: modules on the meta device, each weight read from the file (through the
-LoRA-patching ``PatchedSource``), cast and put in place one tensor at a time (``pipeline.put``).
+LoRA-patching ``PatchedSource``), cast and put in place one tensor at a time (``weights.fill``).
 
 The names and configs come from ``ops.diffusers_mmdit`` (diffusers' own converter's facts, configs from the
 shapes). The pipeline runs **without T5-XXL**: ``text_encoder_3=None`` / ``tokenizer_3=None``, which diffusers
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from ckptlab.errors import MismatchError, UsageError
 from ckptlab.formats.base import TensorSource
-from ckptlab.imaging.pipeline import Loaded, PatchedSource, go_offline, pick_dtype, put
+from ckptlab.imaging.pipeline import Loaded, PatchedSource, go_offline, pick_dtype
 from ckptlab.imaging.samplers import Sampler
+from ckptlab.imaging.weights import clip_tokenizer, empty_model, fill, read_ahead
 from ckptlab.ops.stream import Out
 
 FAMILY = "sd3"
@@ -69,35 +70,6 @@ def _clean(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def _empty(build):
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return build()
-
-
-def _fill(module, items: list[Out], device: str, dtype, name: str, where) -> None:
-    for it in items:
-        put(module, it, device, dtype)
-    missing = [n for n, p in module.named_parameters() if p.is_meta]
-    if missing:
-        raise MismatchError(f"{name}: {len(missing)} weight(s) missing from the file (first: {missing[0]})", where)
-    module.to(device)
-    module.eval()
-    module.requires_grad_(False)
-
-
-def clip_tokenizer(pad: str):
-    """The shipped CLIP BPE files as a ``CLIPTokenizer`` padding with ``pad`` to 77 tokens."""
-    from importlib import resources
-
-    from transformers import CLIPTokenizer
-
-    data = resources.files("ckptlab") / "data" / "clip_tokenizer"
-    with resources.as_file(data / "vocab.json") as vocab, resources.as_file(data / "merges.txt") as merges:
-        return CLIPTokenizer(str(vocab), str(merges), pad_token=pad, model_max_length=77)
-
-
 def load_sd3(src: TensorSource, *, device: str = "cpu", dtype=None, vae: TensorSource | None = None,
              loras: tuple[dict, dict] | None = None) -> Loaded:
     """diffusers' ``StableDiffusion3Pipeline`` of the SD3 / SD3.5 all-in-one checkpoint ``src`` (MMDiT, VAE,
@@ -128,19 +100,20 @@ def load_sd3(src: TensorSource, *, device: str = "cpu", dtype=None, vae: TensorS
     items["vae"], v_cfg = mm.plan_sd3_vae(vae) if vae is not None else mm.plan_sd3_vae(patched, mm.VAE_PREFIX)
     items["text_encoder"], l_cfg = mm.plan_clip(patched, "clip_l")
     items["text_encoder_2"], g_cfg = mm.plan_clip(patched, "clip_g")
+    ahead = read_ahead(list(items.values()), device, dtype)  # noqa: F841 - alive until fill has taken its values
 
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    transformer = _empty(lambda: diffusers.SD3Transformer2DModel.from_config(_clean(t_cfg)))
-    _fill(transformer, items["transformer"], device, dtype, "MMDiT", src.path)
-    vae_model = _empty(lambda: diffusers.AutoencoderKL.from_config(_clean(v_cfg)))
-    _fill(vae_model, items["vae"], device, dtype, "VAE", vae.path if vae is not None else src.path)
+    transformer = empty_model(lambda: diffusers.SD3Transformer2DModel.from_config(_clean(t_cfg)))
+    fill(transformer, items["transformer"], device, dtype, "MMDiT", src.path)
+    vae_model = empty_model(lambda: diffusers.AutoencoderKL.from_config(_clean(v_cfg)))
+    fill(vae_model, items["vae"], device, dtype, "VAE", vae.path if vae is not None else src.path)
     parts: dict[str, object] = {"transformer": transformer, "vae": vae_model}
     for folder, cfg, pad in (("text_encoder", l_cfg, "<|endoftext|>"), ("text_encoder_2", g_cfg, "!")):
         cfg = {k: v for k, v in cfg.items() if k != "architectures"}
-        te = _empty(lambda cfg=cfg: CLIPTextModelWithProjection(CLIPTextConfig(**cfg)))
-        _fill(te, items[folder], device, dtype, "CLIP-L" if folder == "text_encoder" else "CLIP-G", src.path)
+        te = empty_model(lambda cfg=cfg: CLIPTextModelWithProjection(CLIPTextConfig(**cfg)))
+        fill(te, items[folder], device, dtype, "CLIP-L" if folder == "text_encoder" else "CLIP-G", src.path)
         parts[folder] = te
         parts[folder.replace("text_encoder", "tokenizer")] = clip_tokenizer(pad)
     parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler.from_config(_clean(SCHEDULER_CONFIG))

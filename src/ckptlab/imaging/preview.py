@@ -16,7 +16,7 @@ words, a sidecar's, else the first words of a LoRA's own metadata), followed by 
 unless given: ``DEFAULT_SEED`` (a fixed seed: the same command makes the same preview again).
 
 A LoRA (or LyCORIS) as MODEL renders on ``base`` (``--base``) at strength 1; without a base it fails like any
-model that cannot render (a VAE, SD3, Flux...): one line, the other models go on.
+model that cannot render (a VAE, Flux...): one line, the other models go on.
 """
 
 from __future__ import annotations

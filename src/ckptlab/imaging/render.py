@@ -33,7 +33,8 @@ class Settings:
     cfg: float = 7.0
     width: int | None = None
     height: int | None = None
-    sampler: str = "DPM++ 2M"
+    #: A1111's name; None: the family's default (DPM++ 2M; Euler for SD3's flow matching)
+    sampler: str | None = None
     schedule: str | None = None
     clip_skip: int = 1
     refiner_switch: float = 0.8
@@ -167,6 +168,7 @@ class Session:
             from ckptlab.imaging.pipeline import load
 
             self.loaded = load(src, device=self.device, dtype=self.dtype, vae=vae_src, loras=patches)
+            self.warnings.extend(self.loaded.warnings)  # the plan's (a guessed prediction, SD3 without T5)
             self.opened.remove(src)
             if vae_src is not None:
                 self.opened.remove(vae_src)
@@ -242,11 +244,22 @@ class Session:
         self.close()
 
     # -- rendering ---------------------------------------------------------------------------------
+    def sampler(self, s: Settings):
+        """``(Sampler, schedule key)`` of ``s`` on this model: A1111's samplers, or for a flow-matching model
+        (SD3) the ones that work on it (default Euler)."""
+        from ckptlab.imaging.samplers import find_schedule, resolve
+
+        if self.loaded.prediction == "flow":
+            from ckptlab.imaging.pipeline_sd3 import flow_sampler
+
+            return flow_sampler(s.sampler or "Euler"), find_schedule(s.schedule)
+        return resolve(s.sampler, s.schedule)
+
     def render(self, s: Settings, *, progress: Progress = null_progress):
         """``(Pillow image, seed used)`` for settings ``s``."""
         import torch
 
-        from ckptlab.imaging.samplers import resolve, scheduler_for
+        from ckptlab.imaging.samplers import scheduler_for
 
         s.check()
         seed = s.seed if s.seed >= 0 else random.randrange(MAX_SEED + 1)
@@ -256,9 +269,14 @@ class Session:
         native = get(fam).resolution
         width, height = s.width or native, s.height or native
         pipe = self.loaded.pipe
-        sampler, schedule = resolve(s.sampler, s.schedule)
+        sampler, schedule = self.sampler(s)
         base_cfg = dict(self.loaded.scheduler_config)
-        pipe.scheduler = scheduler_for(base_cfg, sampler, schedule)
+        if self.loaded.prediction == "flow":
+            from ckptlab.imaging.pipeline_sd3 import flow_scheduler
+
+            pipe.scheduler = flow_scheduler(base_cfg, sampler, schedule)
+        else:
+            pipe.scheduler = scheduler_for(base_cfg, sampler, schedule)
         gen = torch.Generator("cpu").manual_seed(seed)
         progress(0, total=s.steps, description=f"{self.identity.model.name} seed {seed}")
 
@@ -301,7 +319,7 @@ class Session:
         owner = self.identity.model if loaded is None else Path(self.identity.refiner)
         loaded = loaded if loaded is not None else self.loaded
         vae = loaded.pipe.vae
-        lat = latents / vae.config.scaling_factor
+        lat = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)  # SD3: shift
         out = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
         if not bool(torch.isfinite(out).all()):
             if vae.dtype == torch.float32:
@@ -320,12 +338,12 @@ class Session:
     def infotext(self, s: Settings, seed: int, size: tuple[int, int]) -> str:
         """A1111's infotext of an image rendered with ``s`` and ``seed``."""
         from ckptlab.imaging.infotext import format_infotext, join_hashes
-        from ckptlab.imaging.samplers import SCHEDULES, resolve
+        from ckptlab.imaging.samplers import SCHEDULES
         from ckptlab.version import __version__
 
         ident = self.hashes()
         prompt = s.prompt
-        sampler, schedule = resolve(s.sampler, s.schedule)
+        sampler, schedule = self.sampler(s)
         for p, w, _ in ident.loras:
             prompt += f" <lora:{p.stem}:{_num(w)}>"
         params = {

@@ -77,7 +77,7 @@ def _lookup(want: str) -> Sampler | None:
     return None
 
 
-def find_sampler(name: str) -> Sampler:
+def find_sampler(name: str | None) -> Sampler:
     """The sampler A1111 calls ``name`` (case, spaces and punctuation other than ``+`` ignored), or one of its
     aliases (A1111's ``k_euler_a``, ComfyUI's ``euler_ancestral``, ``dpmpp_2m``...). A name with a schedule
     suffix (``DPM++ 2M Karras``, A1111 before 1.9) gives the sampler; ``resolve`` also takes its schedule.
@@ -85,10 +85,11 @@ def find_sampler(name: str) -> Sampler:
     return resolve(name, None)[0]
 
 
-def resolve(sampler: str, schedule: str | None) -> tuple[Sampler, str]:
-    """``(Sampler, SCHEDULES key)`` for the names a user or an infotext gives. A1111 before 1.9 wrote the
+def resolve(sampler: str | None, schedule: str | None) -> tuple[Sampler, str]:
+    """``(Sampler, SCHEDULES key)`` for the names a user or an infotext gives (sampler None: the default). A1111 before 1.9 wrote the
     schedule into the sampler's name (``DPM++ 2M Karras``, ``DPM++ 2M SDE Exponential``): that names the
     schedule too, and a different ``schedule`` is refused."""
+    sampler = DEFAULT_SAMPLER if sampler is None else sampler
     want = _norm(sampler)
     found = _lookup(want)
     sched = find_schedule(schedule)
