@@ -284,7 +284,7 @@ def test_hostile_lines_take_linear_time(tmp_path):
 
     script = tmp_path / "parse.py"
     script.write_text(
-        "import sys\nfrom tests.generate.test_infotext import HOSTILE_LINES\n"
+        "import sys\nfrom tests.imaging.test_infotext import HOSTILE_LINES\n"
         "from ckptlab.imaging.infotext import parse_infotext\n"
         "for line in HOSTILE_LINES:\n    parse_infotext(line)\n    parse_infotext('p\\n' + line)\nprint('ok')\n")
     root = Path(__file__).resolve().parents[2]

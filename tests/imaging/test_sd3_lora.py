@@ -79,10 +79,9 @@ def test_lora_image_equals_diffusers_peft_lora(tmp_path):
         lf.close()
 
 
-@pytest.mark.xfail(strict=True, reason="arch.adapters._lora_family takes transformer.transformer_blocks.N (N >= 2) "
-                   "for SDXL before looking for SD3's diffusers names (attn.add_k_proj): a diffusers-format SD3 LoRA "
-                   "touching every block is refused as 'for SDXL' (not in this engineer's files; for the lead)")
-def test_peft_lora_past_block_1_is_taken_for_sdxl(tmp_path):
+def test_peft_lora_past_block_1_is_sd3_not_sdxl(tmp_path):
+    """diffusers' SD3 names past block 1 (transformer_blocks.5.attn.add_k_proj) were taken for SDXL (only SDXL has
+    more than two transformer blocks per UNet attention) and the LoRA refused."""
     from safetensors.torch import save_file
 
     from ckptlab.arch.identify import identify
@@ -90,4 +89,16 @@ def test_peft_lora_past_block_1_is_taken_for_sdxl(tmp_path):
     path = tmp_path / "l.safetensors"
     save_file({"transformer.transformer_blocks.5.attn.add_k_proj.lora_A.weight": torch.zeros(4, 64),
                "transformer.transformer_blocks.5.attn.add_k_proj.lora_B.weight": torch.zeros(64, 4)}, str(path))
-    assert identify(open_checked(path)).family in ("sd3", None)
+    assert identify(open_checked(path)).family == "sd3"
+
+
+def test_joint_attention_lora_at_flux_width_is_flux(tmp_path):
+    """The same context-stream names at Flux's width (3072) are a Flux LoRA that touches only double blocks."""
+    from safetensors.torch import save_file
+
+    from ckptlab.arch.identify import identify
+
+    path = tmp_path / "f.safetensors"
+    save_file({"transformer.transformer_blocks.5.attn.add_k_proj.lora_A.weight": torch.zeros(4, 3072),
+               "transformer.transformer_blocks.5.attn.add_k_proj.lora_B.weight": torch.zeros(3072, 4)}, str(path))
+    assert identify(open_checked(path)).family == "flux"

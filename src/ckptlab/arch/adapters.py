@@ -84,6 +84,14 @@ def _lora_family(infos: Mapping[str, TensorInfo], keys: list[str]) -> tuple[str 
     if any(k.startswith("text_encoder_2.") for k in keys):
         return "sdxl", "text_encoder_2.* modules"
     for k in keys:
+        # diffusers' joint-attention names (context stream: attn.add_*_proj, ff_context, norm1_context) exist only
+        # in MMDiT/Flux double blocks; a UNet's transformer blocks have attn1/attn2. Flux is 3072 wide.
+        if ".transformer_blocks." in k and any(t in k for t in (".attn.add_", ".ff_context.", ".norm1_context.")):
+            shape = infos[k].shape
+            width = shape[-1] if k.endswith("lora_A.weight") or k.endswith("lora_down.weight") else None
+            fam = "flux" if width == 3072 else "sd3"
+            return fam, f"{k} (a joint-attention context-stream module{f', width {width}' if width else ''})"
+    for k in keys:
         if "transformer_blocks_" in k or ".transformer_blocks." in k:
             m = re.search(r"transformer_blocks[._](\d+)", k)
             if m and int(m.group(1)) >= 2:
