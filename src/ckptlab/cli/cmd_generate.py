@@ -49,15 +49,16 @@ def generate_cmd(
       ckptlab generate model.safetensors -p "a lighthouse at dusk" --seed 42 --steps 20 -o lighthouse.png
     """
     from ckptlab.cli.common import console, emit_json, progress_bar, warning_line
+    from ckptlab.cli.gen_options import settings_from
     from ckptlab.imaging.models import resolve_model
-    from ckptlab.imaging.render import Settings, generate, parse_lora, parse_size
+    from ckptlab.imaging.render import generate
     from ckptlab.library.catalog import hash_cache
 
     text = read_prompt(prompt, prompt_file)
     model = resolve_model(model, db=db)
-    width, height = parse_size(size) if size else (None, None)
-    settings = Settings(text, negative, seed, steps, cfg, width, height, sampler, schedule, clip_skip, refiner_switch)
-    loras = [parse_lora(x) for x in lora or ()]
+    settings, loras = settings_from(dict(size=size, negative=negative, seed=seed, steps=steps, cfg=cfg,
+                                         sampler=sampler, schedule=schedule, clip_skip=clip_skip,
+                                         refiner_switch=refiner_switch, lora=lora), text)
     with progress_bar("generate", unit_bytes=False, enabled=not json_out) as cb:
         r = generate(model, output, settings, count=count, vae=vae, loras=loras, refiner=refiner, device=device,
                      dtype=dtype, overwrite=overwrite, cache=hash_cache(db), progress=cb)

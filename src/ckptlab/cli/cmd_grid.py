@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ckptlab.cli.gen_options import with_generate_options
+from ckptlab.cli.gen_options import compute_dtype, settings_from, with_generate_options
 
 AXIS_HELP = ("AXIS=V1,V2,... (CSV, quotes allowed; ranges 1-5, 1-5 (+2), 10-5 (-3), 1-10 [5]). Axes: model, "
              "merge:PARAM (or the bare PARAM of --merge's recipe, e.g. alpha), lora, lora:NAME, seed, steps, cfg, "
@@ -49,14 +49,9 @@ def grid_cmd(**kw) -> None:
     from ckptlab.errors import UsageError
     from ckptlab.imaging.grid import grid
     from ckptlab.imaging.grid_axes import parse_axis
-    from ckptlab.imaging.render import Settings, parse_lora, parse_size
     from ckptlab.library.catalog import hash_cache
 
-    text = read_prompt(kw["prompt"], kw["prompt_file"])
-    width, height = parse_size(kw["size"]) if kw["size"] else (None, None)
-    settings = Settings(text, kw["negative"], kw["seed"], kw["steps"], kw["cfg"], width, height, kw["sampler"],
-                        kw["schedule"], kw["clip_skip"], kw["refiner_switch"])
-    loras = [parse_lora(v) for v in kw["lora"] or ()]
+    settings, loras = settings_from(kw, read_prompt(kw["prompt"], kw["prompt_file"]))
     params: tuple[str, ...] = ()
     if kw["merge"] is not None:
         from ckptlab.imaging.grid_merge import load_recipe, swept_params
@@ -70,7 +65,7 @@ def grid_cmd(**kw) -> None:
     db = kw["db"]
     with progress_bar("grid", unit_bytes=False, enabled=not kw["json_out"]) as cb:
         r = grid(kw["model"], kw["output"], settings, axes, merge=kw["merge"], vae=kw["vae"], loras=loras,
-                 refiner=kw["refiner"], device=kw["device"], dtype=_first(kw, "dtype", "precision"), cells_dir=kw["cells"],
+                 refiner=kw["refiner"], device=kw["device"], dtype=compute_dtype(kw), cells_dir=kw["cells"],
                  overwrite=kw["overwrite"], legend=not kw["no_legend"], db=db, cache=hash_cache(db), progress=cb)
     if kw["json_out"]:
         emit_json(r)
@@ -83,11 +78,6 @@ def grid_cmd(**kw) -> None:
     if r.cells:
         console.print(f"cells in {r.cells[0].parent} ({len(r.cells)} images)", highlight=False, markup=False,
                       soft_wrap=True)
-
-
-def _first(kw: dict, *names: str):
-    """The value of the first of ``names`` that generate's options define (a spelling generate may change)."""
-    return next((kw[n] for n in names if n in kw), None)
 
 
 with_generate_options(grid_cmd, _own, after=("output", "overwrite", "json_out", "db"))

@@ -36,19 +36,10 @@ def images_cmd(
       ckptlab images 00042-1234.png --json
     """
     from ckptlab.cli.common import emit_json, error_line, warning_line
-    from ckptlab.errors import CatalogError, CatalogWriteError, UsageError
-    from ckptlab.imaging.images import CatalogIndex, missing_models, read_images
-    from ckptlab.library.catalog import Catalog, default_db_path
+    from ckptlab.imaging.images import catalog_index, missing_models, read_images, record_links
 
-    db_path = Path(db) if db is not None else default_db_path()
-    index = None
-    if db_path.exists() or db is not None:
-        with Catalog(db_path, must_exist=True) as cat:
-            index = CatalogIndex.from_catalog(cat)
-    elif missing:
-        raise UsageError(f"--missing needs a catalog, and there is none at {db_path} (make one with "
-                         "'ckptlab scan --hash FOLDER', or pass --db)")
-    else:
+    index, db_path = catalog_index(db, required=missing)
+    if index is None:
         warning_line(f"no catalog at {db_path}: models are not looked up (make one with 'ckptlab scan --hash "
                      "FOLDER', or pass --db)")
 
@@ -58,13 +49,11 @@ def images_cmd(
         failed.append(path)
         error_line(f"{path}: {message}")
 
-    links: list = []  # (image, models found) for the catalog
-    missed: list = []  # with --missing: each image's path and missing models only (prompts are not kept)
+    seen: list = []  # each image's report, for the catalog's links (with --missing: only missing models kept)
     ambiguous: set = set()
     for r in read_images([str(p) for p in paths], index, on_error):
-        links.append((r.path, r.links()))
+        seen.append(r)
         if missing:
-            missed.append(SimpleNamespace(path=r.path, models=[m for m in r.models if m.status == "missing"]))
             ambiguous |= {(m.role, m.name, tuple(m.hashes)) for m in r.models if m.status == "ambiguous"}
             continue
         for w in r.warnings:
@@ -74,18 +63,15 @@ def images_cmd(
         else:
             _print_image(r)
     if missing:
+        missed = [SimpleNamespace(path=r.path, models=[m for m in r.models if m.status == "missing"]) for r in seen]
         _print_missing(missing_models(missed), len(missed), json_out)
         if ambiguous and not json_out:
             warning_line(f"{len(ambiguous)} model(s) match several files and are not counted as missing; run "
                          "without --missing to see the candidates")
-    if index is not None and links:
-        from ckptlab.library import image_links
-
-        try:
-            with Catalog(db_path) as cat:
-                image_links.record(cat, links)
-        except (CatalogWriteError, CatalogError) as e:
-            warning_line(f"{e}; the links from images to models were not recorded")
+    if index is not None:
+        w = record_links(db_path, seen)
+        if w:
+            warning_line(w)
     if failed:
         raise typer.Exit(1)
 

@@ -3,39 +3,29 @@ managers and the others look for it, recorded in the catalog (``ckptlab.imaging.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ckptlab.cli.common import db_option
+from ckptlab.cli.gen_options import compute_dtype, settings_from, with_generate_options
 
 
-def preview_cmd(
+def _own(
     models: list[str] = typer.Argument(..., help="Model files, diffusers folders, or catalog hashes / names."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt (default: the model's trigger "
                                                                      "words the catalog knows, then a neutral "
                                                                      "landscape prompt)."),
-    negative: str = typer.Option("", "--negative", "-n", help="The negative prompt."),
     seed: int = typer.Option(42, "--seed", help="Seed (-1: random; default 42, so a preview can be made again)."),
-    steps: int = typer.Option(20, "--steps", help="Sampling steps."),
-    cfg: float = typer.Option(7.0, "--cfg", help="CFG scale."),
-    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the family's native size)."),
-    sampler: str = typer.Option("DPM++ 2M", "--sampler", help="Sampler as A1111 names it."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Schedule type (default: automatic)."),
-    vae: Optional[Path] = typer.Option(None, "--vae", help="A VAE file to decode with instead of the model's."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", help="FILE[:STRENGTH], repeatable (strength 1)."),
     base: Optional[str] = typer.Option(None, "--base", help="The checkpoint a LoRA given as MODEL renders on "
                                                             "(strength 1)."),
-    clip_skip: int = typer.Option(1, "--clip-skip", help="A1111's Clip skip (1: the last layer)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on "
-                                                              "CUDA/MPS)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing <stem>.preview.png (without it, a "
                                                             "model that has any preview is skipped)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per model."),
-    db: Optional[Path] = db_option(),
 ) -> None:
+    """(the parameters of preview that generate does not have, or has with another default)"""
+
+
+def preview_cmd(**kw) -> None:
     """Render a preview for each model and store it as <stem>.preview.png next to it (the name A1111, Forge,
     ComfyUI-Lora-Manager, Civitai Helper and Stability Matrix read), with A1111's infotext, recorded in the
     catalog. A model that cannot render is reported and the others go on; the exit status is then non-zero.
@@ -45,12 +35,10 @@ def preview_cmd(
     """
     from ckptlab.cli.common import console, emit_json, error_line, progress_bar, warning_line
     from ckptlab.imaging.preview import preview
-    from ckptlab.imaging.render import Settings, parse_lora, parse_size
     from ckptlab.library.catalog import hash_cache
 
-    width, height = parse_size(size) if size else (None, None)
-    settings = Settings(prompt or "", negative, seed, steps, cfg, width, height, sampler, schedule, clip_skip)
-    loras = [parse_lora(x) for x in lora or ()]
+    json_out, db = kw["json_out"], kw["db"]
+    settings, loras = settings_from(kw, kw["prompt"] or "")
     codes: list[int] = []
 
     def each(r) -> None:
@@ -71,10 +59,14 @@ def preview_cmd(
             codes.append(r.exit_code)
 
     with progress_bar("preview", unit_bytes=False, enabled=not json_out) as cb:
-        preview(models, settings, db=db, base=base, vae=vae, loras=loras, device=device, dtype=dtype,
-                overwrite=overwrite, cache=hash_cache(db), progress=cb, each=each)
+        preview(kw["models"], settings, db=db, base=kw["base"], vae=kw["vae"], loras=loras, device=kw["device"],
+                dtype=compute_dtype(kw), overwrite=kw["overwrite"], cache=hash_cache(db), progress=cb, each=each)
     if codes:
         raise typer.Exit(codes[0])
+
+
+with_generate_options(preview_cmd, _own, after=("overwrite", "json_out", "db"),
+                      exclude=("prompt_file", "refiner", "refiner_switch"))
 
 
 def register(app) -> None:

@@ -340,6 +340,40 @@ def read_images(args: list[str | os.PathLike], index: CatalogIndex | None,
         yield resolve_image(meta, index)
 
 
+def catalog_index(db: Path | None, *, required: bool = False) -> tuple[CatalogIndex | None, Path]:
+    """``(index, catalog path)`` of the catalog ``db`` names (None: ``$CKPTLAB_DB`` or the default): None when no
+    catalog exists there and none was named; ``required``: a missing catalog is a ``UsageError``."""
+    from ckptlab.errors import UsageError
+    from ckptlab.library.catalog import Catalog, default_db_path
+
+    db_path = Path(db) if db is not None else default_db_path()
+    if db_path.exists() or db is not None:
+        with Catalog(db_path, must_exist=True) as cat:
+            return CatalogIndex.from_catalog(cat), db_path
+    if required:
+        raise UsageError(f"--missing needs a catalog, and there is none at {db_path} (make one with "
+                         "'ckptlab scan --hash FOLDER', or pass --db)")
+    return None, db_path
+
+
+def record_links(db_path: Path, reports: list[ImageReport]) -> str | None:
+    """Keep "images made with this model" in the catalog for ``reports``; returns a warning line when the catalog
+    cannot be written (the report itself stands)."""
+    from ckptlab.errors import CatalogError, CatalogWriteError
+    from ckptlab.library import image_links
+    from ckptlab.library.catalog import Catalog
+
+    links = [(r.path, r.links()) for r in reports]
+    if not links:
+        return None
+    try:
+        with Catalog(db_path) as cat:
+            image_links.record(cat, links)
+    except (CatalogWriteError, CatalogError) as e:
+        return f"{e}; the links from images to models were not recorded"
+    return None
+
+
 # ------------------------------------------------------------------------------------------- --missing
 
 
