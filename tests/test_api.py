@@ -33,10 +33,11 @@ EXPECTED = [
     "open_model", "identify", "check", "hash_file",
     "convert", "prune", "precision", "extract", "replace", "to_diffusers", "from_diffusers", "merge",
     "lora_bake", "lora_extract", "lora_resize", "lora_merge", "lora_convert", "lora_info",
+    "generate", "grid", "images", "preview",
     "Catalog", "scan", "show", "dupes",
     "link", "download",
     "TensorSource", "SafetensorsWriter", "ModelInfo", "CheckResult", "Hashes", "TransformResult",
-    "FolderResult", "MergeResult", "FileRecord", "ScanSummary", "DupesResult", "BakeResult", "ExtractResult",
+    "FolderResult", "MergeResult", "GenerateResult", "GridResult", "ImageReport", "PreviewResult", "FileRecord", "ScanSummary", "DupesResult", "BakeResult", "ExtractResult",
     "ResizeResult", "LoraMergeResult", "LoraConvertResult", "LoraInfo", "LinkReport", "DownloadResult",
     "CkptlabError",
 ]

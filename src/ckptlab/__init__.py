@@ -39,6 +39,11 @@ _LAZY = {
     "lora_merge": ("ckptlab.api", "lora_merge"),
     "lora_convert": ("ckptlab.api", "lora_convert"),
     "lora_info": ("ckptlab.api", "lora_info"),
+    # images
+    "generate": ("ckptlab.api", "generate"),
+    "grid": ("ckptlab.api", "grid"),
+    "images": ("ckptlab.api", "images"),
+    "preview": ("ckptlab.api", "preview"),
     # the library catalog
     "Catalog": ("ckptlab.library.catalog", "Catalog"),
     "scan": ("ckptlab.api", "scan"),
@@ -56,6 +61,10 @@ _LAZY = {
     "TransformResult": ("ckptlab.ops.stream", "TransformResult"),
     "FolderResult": ("ckptlab.ops.diffusers_io", "FolderResult"),
     "MergeResult": ("ckptlab.merging.engine", "MergeResult"),
+    "GenerateResult": ("ckptlab.imaging.render", "GenerateResult"),
+    "GridResult": ("ckptlab.imaging.grid", "GridResult"),
+    "ImageReport": ("ckptlab.imaging.images", "ImageReport"),
+    "PreviewResult": ("ckptlab.imaging.preview", "PreviewResult"),
     "FileRecord": ("ckptlab.library.catalog", "FileRecord"),
     "ScanSummary": ("ckptlab.library.scanner", "ScanSummary"),
     "DupesResult": ("ckptlab.library.dupes", "DupesResult"),

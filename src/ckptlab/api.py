@@ -28,6 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
     from ckptlab.hashes import HashCache, Hashes
     from ckptlab.hub.download import DownloadResult
     from ckptlab.hub.link import LinkReport
+    from ckptlab.imaging.grid import GridResult
+    from ckptlab.imaging.images import ImageReport
+    from ckptlab.imaging.preview import PreviewResult
+    from ckptlab.imaging.render import GenerateResult
     from ckptlab.library.catalog import Catalog
     from ckptlab.library.dupes import DupesResult
     from ckptlab.library.scanner import ScanSummary
@@ -711,6 +715,205 @@ def lora_info(path: PathLike) -> LoraInfo:
     from ckptlab.lora.info import info
 
     return info(Path(path))
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def _settings(prompt: str, negative: str, seed: int, steps: int, cfg: float, size, sampler: str | None,
+              schedule: str | None, clip_skip: int, refiner_switch: float = 0.8):
+    from ckptlab.imaging.render import Settings, parse_size
+
+    if size is None:
+        width = height = None
+    elif isinstance(size, int):
+        width = height = size
+    elif isinstance(size, str):
+        width, height = parse_size(size)
+    else:
+        width, height = (int(v) for v in size)
+    return Settings(prompt, negative, seed, steps, cfg, width, height, sampler, schedule, clip_skip, refiner_switch)
+
+
+def _loras(loras) -> list[tuple[Path, float]]:
+    """``FILE``, ``"FILE:S"``, ``(FILE, S)`` or a list of them -> ``[(path, strength)]``."""
+    from ckptlab.imaging.render import parse_lora
+
+    if loras is None:
+        return []
+    if isinstance(loras, (str, os.PathLike)) or (isinstance(loras, tuple) and len(loras) == 2
+                                                  and isinstance(loras[1], (int, float))):
+        loras = [loras]
+    out = []
+    for x in loras:
+        if isinstance(x, tuple):
+            out.append((Path(x[0]), float(x[1])))
+        elif isinstance(x, os.PathLike):
+            out.append((Path(x), 1.0))
+        else:
+            out.append(parse_lora(str(x)))
+    return out
+
+
+def generate(model: PathLike, output: PathLike, prompt: str, *, negative: str = "", seed: int = -1,
+             steps: int = 20, cfg: float = 7.0, size: str | int | tuple[int, int] | None = None,
+             sampler: str | None = None, schedule: str | None = None, vae: PathLike | None = None,
+             loras=None, refiner: PathLike | None = None, refiner_switch: float = 0.8, clip_skip: int = 1,
+             device: str = "auto", precision: str | None = None, count: int = 1, overwrite: bool = False,
+             progress: Progress | None = None, db: PathLike | Catalog | None = None) -> GenerateResult:
+    """Render images from a model, offline, each with A1111's infotext (``ckptlab generate``).
+
+    Args:
+        model: a checkpoint (SD1, SD2 eps/v, SDXL, SD3/3.5), a diffusers folder, or a catalog hash or name
+            (looked up in ``db``).
+        output: the image (``.png``, ``.jpg``, ``.webp``); with ``count`` > 1, ``<stem>-<seed><suffix>``.
+        prompt, negative: the prompts.
+        seed: the first image's seed (-1: random); image i uses seed + i. Latents come from a CPU
+            ``torch.Generator`` seeded with it, as diffusers and A1111's "RNG source: CPU" do.
+        steps, cfg: sampling steps and CFG scale.
+        size: ``"WxH"``, ``(w, h)`` or one side (default: the family's native size).
+        sampler, schedule: as A1111 names them (default DPM++ 2M, Automatic; Euler on SD3).
+        vae: a VAE file used instead of the model's (refused before any weight loads when it does not fit).
+        loras: LoRA files: ``"FILE"``, ``"FILE:S"``, ``(FILE, S)`` or a list of them.
+        refiner, refiner_switch: an SDXL refiner and the fraction of steps the base runs first.
+        clip_skip: A1111's Clip skip (1: the last layer).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        precision: the compute dtype ``fp32``/``fp16``/``bf16`` (default fp32 on CPU, fp16 on CUDA).
+        count: how many images.
+        overwrite: replace existing images.
+        progress: a callback for the sampling steps.
+        db: the catalog: hashes it knows are not computed again, and hashes/names given as ``model`` resolve.
+
+    Returns:
+        A ``GenerateResult``: the images written, their seeds and infotexts, warnings (an fp16 VAE decoded
+        again in fp32, SD3 without T5...).
+
+    Raises:
+        CkptlabError: a model diffusers has no pipeline for, a LoRA or VAE of another family, unknown sampler,
+        bad values, an existing output; a one-line error naming ``ckptlab[generate]`` when torch/diffusers are
+        missing.
+    """
+    from ckptlab.imaging.models import resolve_model
+    from ckptlab.imaging.render import generate as run
+
+    settings = _settings(prompt, negative, seed, steps, cfg, size, sampler, schedule, clip_skip, refiner_switch)
+    path = resolve_model(model, db=_db_path(db))
+    return run(path, Path(output), settings, count=count, vae=Path(vae) if vae else None, loras=_loras(loras),
+               refiner=Path(refiner) if refiner else None, device=device, dtype=precision, overwrite=overwrite,
+               cache=_hash_cache(db), progress=progress or _null())
+
+
+def grid(model: PathLike | None, output: PathLike, prompt: str, *, x: str, y: str | None = None,
+         z: str | None = None, merge: PathLike | None = None, cells: PathLike | None = None, legend: bool = True,
+         negative: str = "", seed: int = -1, steps: int = 20, cfg: float = 7.0,
+         size: str | int | tuple[int, int] | None = None, sampler: str | None = None, schedule: str | None = None,
+         vae: PathLike | None = None, loras=None, refiner: PathLike | None = None, refiner_switch: float = 0.8,
+         clip_skip: int = 1, device: str = "auto", precision: str | None = None, overwrite: bool = False,
+         progress: Progress | None = None, db: PathLike | Catalog | None = None) -> GridResult:
+    """Render an X/Y/Z comparison grid (``ckptlab grid``): the same prompt and seed across models, in-memory merge
+    ratios, LoRA strengths, VAEs and settings.
+
+    Args:
+        model: the model of every cell, unless an axis is ``model`` or ``merge`` is given (then None).
+        output: the grid image; re-saved after every row.
+        prompt: the prompt (``prompt`` axes search and replace in it).
+        x, y, z: axes as ``"AXIS=V1,V2,..."`` (A1111's ranges ``1-5``, ``1-5 (+2)``, ``1-10 [5]``); axes: model,
+            merge:PARAM (or the recipe's PARAM), lora, lora:NAME, seed, steps, cfg, sampler, schedule, vae,
+            clip-skip, size, prompt.
+        merge: a merge recipe (``.toml``, or a model made by ``merge``) computed in memory, never written.
+        cells: a folder where each cell is saved with its own infotext.
+        legend: draw the line of shared settings under the grid.
+        negative, seed, steps, cfg, size, sampler, schedule, vae, loras, refiner, refiner_switch, clip_skip,
+            device, precision, overwrite, progress, db: as for ``generate`` (``seed`` -1: one random seed for
+            the whole grid).
+
+    Returns:
+        A ``GridResult``: the grid's size and shape, the cells written, model loads, warnings.
+
+    Raises:
+        CkptlabError: an unknown axis or bad range, a model or VAE that cannot render, an existing output.
+    """
+    from ckptlab.imaging.grid import grid as run
+    from ckptlab.imaging.grid_axes import parse_axis
+
+    settings = _settings(prompt, negative, seed, steps, cfg, size, sampler, schedule, clip_skip, refiner_switch)
+    params: tuple[str, ...] = ()
+    if merge is not None:
+        from ckptlab.imaging.grid_merge import load_recipe, swept_params
+
+        params = tuple(swept_params(load_recipe(Path(merge))))
+    axes = [parse_axis(a, f"--{n}", merge_params=params) if a is not None else None
+            for n, a in (("x", x), ("y", y), ("z", z))]
+    return run(model, Path(output), settings, axes, merge=Path(merge) if merge else None,
+               vae=Path(vae) if vae else None, loras=_loras(loras), refiner=Path(refiner) if refiner else None,
+               device=device, dtype=precision, cells_dir=Path(cells) if cells else None, overwrite=overwrite,
+               legend=legend, db=_db_path(db), cache=_hash_cache(db), progress=progress or _null())
+
+
+def images(paths: PathLike | Iterable[PathLike], *, db: PathLike | Catalog | None = None,
+           record: bool = True) -> list[ImageReport]:
+    """What made these images, and where the library has each model (``ckptlab images``).
+
+    Args:
+        paths: images (``.png``, ``.jpg``, ``.webp``) or folders (searched recursively).
+        db: the catalog the models are looked up in (None: no lookup; every model stays unresolved).
+        record: keep "images made with this model" in the catalog.
+
+    Returns:
+        One ``ImageReport`` per image: prompt, negative, parameters, and each model used (checkpoint, VAE,
+        LoRAs, embeddings) with the hashes as written and the catalog file it resolves to (sha256[:10],
+        AutoV3[:12], sha256[:12], AutoV1, CivitAI version ids, names), or missing / ambiguous.
+
+    Raises:
+        CkptlabError: a file that is not a readable image (truncated, a decompression bomb...), a catalog that
+        cannot be read.
+    """
+    from ckptlab.errors import FormatError
+    from ckptlab.imaging.images import catalog_index, read_images, record_links
+
+    index, db_path = catalog_index(_db_path(db)) if db is not None else (None, None)
+
+    def fail(path: str, message: str) -> None:
+        raise FormatError(message, path)
+
+    reports = list(read_images([str(p) for p in _paths(paths)], index, fail))
+    if record and index is not None:
+        record_links(db_path, reports)
+    return reports
+
+
+def preview(models: PathLike | Iterable[PathLike], *, prompt: str = "", negative: str = "", seed: int = 42,
+            steps: int = 20, cfg: float = 7.0, size: str | int | tuple[int, int] | None = None,
+            sampler: str | None = None, schedule: str | None = None, vae: PathLike | None = None, loras=None,
+            base: PathLike | None = None, clip_skip: int = 1, device: str = "auto", precision: str | None = None,
+            overwrite: bool = False, progress: Progress | None = None,
+            db: PathLike | Catalog | None = None) -> list[PreviewResult]:
+    """Render a preview per model and store it as ``<stem>.preview.png`` beside it, recorded in the catalog
+    (``ckptlab preview``).
+
+    Args:
+        models: model files, diffusers folders, or catalog hashes / names.
+        prompt: the prompt (empty: the catalog's trigger words for the model, then a neutral prompt).
+        seed: 42 by default, so the preview can be made again.
+        base: the checkpoint a LoRA given as a model renders on.
+        overwrite: replace an existing ``<stem>.preview.png`` (without it, a model with any preview is skipped).
+        negative, steps, cfg, size, sampler, schedule, vae, loras, clip_skip, device, precision, progress, db:
+            as for ``generate``.
+
+    Returns:
+        One ``PreviewResult`` per model: written, skipped or failed (with the one-line error), the file and
+        infotext; a failure does not stop the others.
+
+    Raises:
+        CkptlabError: bad options (before any model is touched).
+    """
+    from ckptlab.imaging.preview import preview as run
+
+    settings = _settings(prompt, negative, seed, steps, cfg, size, sampler, schedule, clip_skip)
+    names = [str(m) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)]
+    return run(names, settings, db=_db_path(db), base=Path(base) if base else None, vae=Path(vae) if vae else None,
+               loras=_loras(loras), device=device, dtype=precision, overwrite=overwrite, cache=_hash_cache(db),
+               progress=progress or _null())
 
 
 def _floats(values: float | Iterable[float] | None) -> list[float] | None:

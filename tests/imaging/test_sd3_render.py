@@ -115,10 +115,10 @@ def test_reload_rereads_the_split_and_swapped_weights_in_place(tmp_path):
 
 
 def test_flow_sampler_table():
-    from ckptlab.imaging.pipeline_sd3 import DEFAULTS, SCHEDULER_CONFIG, flow_sampler, flow_scheduler
+    from ckptlab.imaging.pipeline_sd3 import SCHEDULER_CONFIG, flow_sampler, flow_scheduler
 
     s = flow_sampler("euler")
-    assert s.name == "Euler" and flow_sampler(DEFAULTS["sampler"]) == s
+    assert s.name == "Euler" and flow_sampler("euler") == s
     sched = flow_scheduler(SCHEDULER_CONFIG, s)
     assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler" and sched.config.shift == 3.0
     with pytest.raises(UsageError, match=r"sampler 'DPM\+\+ 2M' does not work on SD3 .*use 'Euler'$"):

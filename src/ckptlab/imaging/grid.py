@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptlab.arch.families import get
 from ckptlab.errors import CkptlabError, MismatchError, OutputError, UsageError
 from ckptlab.hashes import NO_CACHE, HashCache
 from ckptlab.imaging.grid_axes import Axis
@@ -76,7 +77,7 @@ class _Plan:
                  cache: HashCache):
         from ckptlab.imaging.models import resolve_model
         from ckptlab.imaging.render import parse_size
-        from ckptlab.imaging.samplers import find_sampler, find_schedule
+        from ckptlab.imaging.samplers import find_schedule, resolve
 
         self.axes = axes
         self.settings = settings
@@ -125,7 +126,8 @@ class _Plan:
         # values that need no model
         for a in present:
             if a.kind == "sampler":
-                a.values = [find_sampler(v).name for v in a.values]
+                for v in a.values:  # an old name's schedule (DPM++ 2M Karras) is kept: Session resolves it
+                    resolve(v, settings.schedule)
                 a.texts = list(a.values)
             elif a.kind == "schedule":
                 for v in a.values:
@@ -157,7 +159,7 @@ class _Plan:
                 search = a.values[0]
                 if search not in settings.prompt and search not in settings.negative:
                     raise UsageError(f"Prompt S/R: {search!r} is not in the prompt or the negative prompt")
-        find_sampler(settings.sampler)
+        resolve(settings.sampler, settings.schedule)
         find_schedule(settings.schedule)
         for p in [*(p for p, _ in self.loras), *([self.vae] if self.vae else []),
                   *([self.refiner] if self.refiner else [])]:
@@ -240,19 +242,24 @@ class _Plan:
         return {(a.step, a.name): c.values[_key(a)] for a in self.axes if a is not None and a.kind == "merge"}
 
 
-def _family_of(path: Path) -> str | None:
-    from ckptlab.arch.layout import file_layout
+def _family_of(path: Path) -> tuple[str | None, int]:
+    """``(family, native size)`` of a model: SD2's size follows its prediction (512 eps, 768 v), as the pipeline's
+    default size does."""
+    from ckptlab.arch.identify import identify
     from ckptlab.imaging.models import open_model_source
 
     src = open_model_source(path)
     try:
-        return file_layout(src).family_id
+        info = identify(src, heuristics=True)
     finally:
         src.close()
+    fam = get(info.family)
+    native = (fam.native_resolution(info.prediction) or fam.resolution) if fam is not None else None
+    return (fam.id if fam is not None else None), native or 512
 
 
 def _legend(plan: _Plan, merge_name: str | None) -> list[str]:
-    from ckptlab.imaging.samplers import SCHEDULES, find_schedule
+    from ckptlab.imaging.samplers import SCHEDULES, find_schedule, resolve
 
     s = plan.settings
     kinds = {a.kind for a in plan.axes if a is not None}
@@ -260,7 +267,7 @@ def _legend(plan: _Plan, merge_name: str | None) -> list[str]:
     if "model" not in kinds:
         parts.append(f"Model: {merge_name or plan.models[0].stem}")
     for kind, text in (("seed", f"Seed: {s.seed}"), ("steps", f"Steps: {s.steps}"),
-                       ("sampler", f"Sampler: {s.sampler}"),
+                       ("sampler", f"Sampler: {resolve(s.sampler, s.schedule)[0].name}"),
                        ("schedule", f"Schedule: {SCHEDULES[find_schedule(s.schedule)][0]}"),
                        ("cfg", f"CFG: {s.cfg:g}"), ("clip-skip", f"Clip skip: {s.clip_skip}" if s.clip_skip > 1 else ""),
                        ("vae", f"VAE: {plan.vae.name}" if plan.vae else "")):
@@ -340,16 +347,8 @@ class _Runner:
         return self.ses
 
     def _set_loras(self, loras) -> None:
-        from ckptlab.imaging.render import lora_hash
-        from ckptlab.lora.bake import BakeResult, match_loras
-
-        ses = self.ses
-        src = ses.loaded.source
-        report = BakeResult("grid", src.path, Path(), False, ses.family, [])
-        weights, biases = match_loras(src.infos(), ses.family, ses.lora_files, [(s, s) for _, s in loras], report)
-        ses.loaded.set_loras(weights, biases)
-        old = {p: h for p, _, h in ses.identity.loras}
-        ses.identity.loras = [(p, s, old.get(p) or lora_hash(p)) for p, s in loras]
+        # the same LoRA files as the session's, in order: only their strengths change
+        self.ses.set_lora_strengths([s for _, s in loras])
         self.loras = list(loras)
 
     def _swap_vae(self, vae: Path | None) -> bool:
@@ -390,6 +389,7 @@ class _Runner:
         loaded.vae_source = src
         ses.identity.vae = vae
         ses.identity.vae_sha256 = sha256_path(vae, cache=self.cache) if vae is not None else None
+        ses.forget_hash("vae")  # the session's own background hash was of the VAE it started with
         self.vae = vae
         return True
 
@@ -444,10 +444,10 @@ def grid(model: Path | None, output: Path, settings: Settings, axes: list[Axis |
                 raise OutputError("exists; pass --overwrite to replace it", p)
             cell_paths[c.index] = p
     # families: VAEs must fit, and the slot size of cells without --size is the family's native size
-    from ckptlab.arch.families import get
 
-    fams = [_family_of(plan.merge_paths[next(iter(plan.merge_recipe.inputs))])] if plan.merge_recipe else \
+    found = [_family_of(plan.merge_paths[next(iter(plan.merge_recipe.inputs))])] if plan.merge_recipe else \
         [_family_of(m) for m in plan.models]
+    fams = [f for f, _ in found]
     from ckptlab.arch.families import display_name
     from ckptlab.imaging.pipeline import TXT2IMG
 
@@ -466,9 +466,7 @@ def grid(model: Path | None, output: Path, settings: Settings, axes: list[Axis |
     sizes = []
     for c in plan.cells:
         s = plan.settings_for(c)
-        for f in fams:
-            fam = get(f)
-            native = fam.resolution if fam is not None and fam.resolution else 512
+        for _, native in found:
             sizes.append((s.width or native, s.height or native))
     slot = (max(w for w, _ in sizes), max(h for _, h in sizes))
     labels = []

@@ -86,7 +86,11 @@ def save_image(path: Path, image, infotext: str | None, *, overwrite: bool = Tru
     from ckptlab.atomic import write_atomic
 
     path = Path(path)
-    data = encode(image, image_format(path), infotext, extra)
+    fmt = image_format(path)
+    try:
+        data = encode(image, fmt, infotext, extra)
+    except (OSError, ValueError) as e:  # JPEG stops at 65,500 px a side, WebP at 16,383
+        raise OutputError(f"cannot encode a {image.width}x{image.height} image as {fmt}: {e}; use .png", path) from None
     try:
         write_atomic(path, data, overwrite=overwrite)
     except FileExistsError:

@@ -32,12 +32,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptlab.formats import MODEL_SUFFIXES
 from ckptlab.imaging.metadata import IMAGE_SUFFIXES, ImageMetadata, ModelRef, read_metadata
 
 #: the kinds a name may match for each role (a record without a kind matches any role)
 ROLE_KINDS = {"checkpoint": ("checkpoint", "unet"), "unet": ("unet", "checkpoint"), "vae": ("vae",),
               "lora": ("lora", "lycoris"), "embedding": ("embedding",), "hypernetwork": ("hypernetwork",)}
-_MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".gguf")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class _Content:
 def _stem(name: str) -> str:
     base = str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     low = base.lower()
-    for suf in _MODEL_SUFFIXES:
+    for suf in MODEL_SUFFIXES:
         if low.endswith(suf):
             return low[: -len(suf)]
     return low

@@ -20,6 +20,7 @@ from ckptlab.arch.families import display_name, get
 from ckptlab.errors import MismatchError, UsageError
 from ckptlab.formats.base import TensorInfo, TensorSource
 from ckptlab.imaging.weights import clip_tokenizer, empty_model, fill, put, read_ahead
+from ckptlab.ops.diffusers_config import init_kwargs
 from ckptlab.ops.stream import Out
 
 #: families generate can build a pipeline for (diffusers' StableDiffusion(XL)Pipeline)
@@ -92,6 +93,13 @@ class PatchedSource(TensorSource):
 
     def infos(self) -> dict[str, TensorInfo]:
         return self.base.infos()
+
+    def __getattr__(self, name: str):
+        # what only some readers have (``data_range``: identify's SD2 v/eps heuristic reads one raw tensor) is
+        # the base's: the heuristic reads a norm bias no LoRA here patches
+        if name == "data_range":
+            return getattr(self.base, name)
+        raise AttributeError(name)
 
     def array(self, key: str):
         from ckptlab.formats.arrays import as_array
@@ -215,12 +223,9 @@ def load(src: TensorSource, *, device: str = "cpu", dtype=None, vae: TensorSourc
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    def clean(cfg: dict) -> dict:
-        return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-    unet = empty_model(lambda: diffusers.UNet2DConditionModel.from_config(clean(configs["unet/config.json"])))
+    unet = empty_model(lambda: diffusers.UNet2DConditionModel.from_config(init_kwargs(configs["unet/config.json"])))
     fill(unet, items["unet"], device, dtype, "UNet", src.path)
-    vae_model = empty_model(lambda: diffusers.AutoencoderKL.from_config(clean(vae_cfg)))
+    vae_model = empty_model(lambda: diffusers.AutoencoderKL.from_config(init_kwargs(vae_cfg)))
     fill(vae_model, items["vae"], device, dtype, "VAE", vae.path if vae is not None else src.path)
     parts: dict[str, object] = {"unet": unet, "vae": vae_model}
     for folder, _, kind in TEXT_ENCODERS[fam]:
@@ -236,7 +241,7 @@ def load(src: TensorSource, *, device: str = "cpu", dtype=None, vae: TensorSourc
         parts[folder] = te
         parts[folder.replace("text_encoder", "tokenizer")] = clip_tokenizer("<|endoftext|>" if kind == "hf" else "!")
     sched_cfg = configs["scheduler/scheduler_config.json"]
-    parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(clean(sched_cfg))
+    parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(init_kwargs(sched_cfg))
     if refiner:
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, text_encoder=None, tokenizer=None,
                                                           requires_aesthetics_score=True, add_watermarker=False)

@@ -19,15 +19,12 @@ from ckptlab.formats.base import TensorSource
 from ckptlab.imaging.pipeline import Loaded, PatchedSource, go_offline, pick_dtype
 from ckptlab.imaging.samplers import Sampler
 from ckptlab.imaging.weights import clip_tokenizer, empty_model, fill, read_ahead
+from ckptlab.ops.diffusers_config import init_kwargs
 from ckptlab.ops.stream import Out
 
 FAMILY = "sd3"
 #: stable-diffusion-3-medium-diffusers/scheduler/scheduler_config.json
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
-#: what SD3 is made for (Stability's model card / ComfyUI's example workflow): 28 steps, CFG 7, 1024x1024
-DEFAULTS = {"steps": 28, "cfg": 7.0, "width": 1024, "height": 1024, "sampler": "Euler"}
-#: the model cards' examples per variant: (steps, CFG)
-VARIANT_DEFAULTS = {"sd3_medium": (28, 7.0), "sd35_medium": (40, 4.5), "sd35_large": (28, 3.5)}
 #: A1111 sampler names that work on a flow-matching model -> diffusers scheduler (Forge's names for SD3)
 FLOW_SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Euler", "FlowMatchEulerDiscreteScheduler"),
@@ -43,11 +40,10 @@ NO_T5_WARNING = ("this SD3 file has no T5-XXL text encoder and ckptlab runs SD3 
 
 def flow_sampler(name: str) -> Sampler:
     """The flow-matching sampler A1111 calls ``name``; any other is a ``UsageError`` listing the ones that work."""
-    from ckptlab.imaging.samplers import find_sampler
+    from ckptlab.imaging.samplers import find_sampler, norm_name
 
-    want = "".join(ch for ch in str(name).lower() if ch.isalnum() or ch == "+")
     for s in FLOW_SAMPLERS:
-        if "".join(ch for ch in s.name.lower() if ch.isalnum() or ch == "+") == want:
+        if norm_name(s.name) == norm_name(name):
             return s
     known = find_sampler(name).name  # an unknown name gets samplers.py's own message
     raise UsageError(f"sampler {known!r} does not work on SD3 (a flow-matching model); use "
@@ -62,12 +58,9 @@ def flow_scheduler(base_config: dict, sampler: Sampler, schedule: str = "automat
     if schedule not in FLOW_SCHEDULES:
         raise UsageError(f"schedule type {schedule!r} does not work on SD3; use Automatic (the model's shifted "
                          "flow sigmas)")
-    cfg = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    cfg = init_kwargs(base_config)
     return getattr(diffusers, sampler.scheduler).from_config({**cfg, **sampler.options})
 
-
-def _clean(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def load_sd3(src: TensorSource, *, device: str = "cpu", dtype=None, vae: TensorSource | None = None,
@@ -105,9 +98,9 @@ def load_sd3(src: TensorSource, *, device: str = "cpu", dtype=None, vae: TensorS
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    transformer = empty_model(lambda: diffusers.SD3Transformer2DModel.from_config(_clean(t_cfg)))
+    transformer = empty_model(lambda: diffusers.SD3Transformer2DModel.from_config(init_kwargs(t_cfg)))
     fill(transformer, items["transformer"], device, dtype, "MMDiT", src.path)
-    vae_model = empty_model(lambda: diffusers.AutoencoderKL.from_config(_clean(v_cfg)))
+    vae_model = empty_model(lambda: diffusers.AutoencoderKL.from_config(init_kwargs(v_cfg)))
     fill(vae_model, items["vae"], device, dtype, "VAE", vae.path if vae is not None else src.path)
     parts: dict[str, object] = {"transformer": transformer, "vae": vae_model}
     for folder, cfg, pad in (("text_encoder", l_cfg, "<|endoftext|>"), ("text_encoder_2", g_cfg, "!")):
@@ -116,7 +109,7 @@ def load_sd3(src: TensorSource, *, device: str = "cpu", dtype=None, vae: TensorS
         fill(te, items[folder], device, dtype, "CLIP-L" if folder == "text_encoder" else "CLIP-G", src.path)
         parts[folder] = te
         parts[folder.replace("text_encoder", "tokenizer")] = clip_tokenizer(pad)
-    parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler.from_config(_clean(SCHEDULER_CONFIG))
+    parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler.from_config(init_kwargs(SCHEDULER_CONFIG))
     pipe = diffusers.StableDiffusion3Pipeline(**parts, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     warnings = [T5_WARNING if mm.has_t5(src) else NO_T5_WARNING]

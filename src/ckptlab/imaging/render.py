@@ -217,6 +217,11 @@ class Session:
         self.identity.loras = [(p, x, h) for (p, _, h), x in zip(self.identity.loras, strengths, strict=True)]
         return n
 
+    def forget_hash(self, what: str) -> None:
+        """Stop filling ``<what>_sha256`` from the background hash of the file the session started with (a grid
+        swapped the VAE: the identity now names another file, hashed by the caller)."""
+        self._hashers.pop(what, None)
+
     def hashes(self) -> Identity:
         """The identity with every hash filled in (waits for the background hashing)."""
         ident = self.identity
@@ -264,11 +269,10 @@ class Session:
         s.check()
         seed = s.seed if s.seed >= 0 else random.randrange(MAX_SEED + 1)
         fam = self.loaded.family
-        from ckptlab.arch.families import get
-
-        native = get(fam).resolution
-        width, height = s.width or native, s.height or native
         pipe = self.loaded.pipe
+        # the pipeline's own default: the model config's sample size (SD2 512 eps / 768 v, SDXL and SD3 1024)
+        native = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
+        width, height = s.width or native, s.height or native
         sampler, schedule = self.sampler(s)
         base_cfg = dict(self.loaded.scheduler_config)
         if self.loaded.prediction == "flow":

@@ -47,8 +47,6 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("LCM", "LCMScheduler", stochastic=True, aliases=("k_lcm", "lcm")),
 )
 DEFAULT_SAMPLER = "DPM++ 2M"
-DEFAULT_STEPS = 20
-DEFAULT_CFG = 7.0
 
 #: schedule type -> (infotext name, config overrides, other spellings); the scheduler must have the option.
 #: ``Normal``/``Uniform`` (k-diffusion's evenly spaced timesteps) are diffusers' ``linspace`` spacing, ``Simple``
@@ -66,13 +64,14 @@ SCHEDULES: dict[str, tuple[str, dict]] = {
 _SCHEDULE_SUFFIXES = {"karras": "karras", "exponential": "exponential"}
 
 
-def _norm(text: str) -> str:
+def norm_name(text: str) -> str:
+    """A sampler or schedule name compared loosely: lower case, letters, digits and ``+`` only."""
     return "".join(ch for ch in str(text).lower() if ch.isalnum() or ch == "+")
 
 
 def _lookup(want: str) -> Sampler | None:
     for s in SAMPLERS:
-        if want == _norm(s.name) or want in (_norm(a) for a in s.aliases):
+        if want == norm_name(s.name) or want in (norm_name(a) for a in s.aliases):
             return s
     return None
 
@@ -90,7 +89,7 @@ def resolve(sampler: str | None, schedule: str | None) -> tuple[Sampler, str]:
     schedule into the sampler's name (``DPM++ 2M Karras``, ``DPM++ 2M SDE Exponential``): that names the
     schedule too, and a different ``schedule`` is refused."""
     sampler = DEFAULT_SAMPLER if sampler is None else sampler
-    want = _norm(sampler)
+    want = norm_name(sampler)
     found = _lookup(want)
     sched = find_schedule(schedule)
     if found is None:
@@ -112,9 +111,9 @@ def find_schedule(name: str | None) -> str:
     """The key of ``SCHEDULES`` for ``name`` (None: automatic)."""
     if name is None:
         return "automatic"
-    want = _norm(name)
+    want = norm_name(name)
     for key, (label, _) in SCHEDULES.items():
-        if want in (_norm(key), _norm(label)):
+        if want in (norm_name(key), norm_name(label)):
             return key
     raise UsageError(f"unknown schedule type {name!r}; known: {', '.join(v[0] for v in SCHEDULES.values())}")
 
@@ -143,5 +142,7 @@ def scheduler_for(base_config: dict, sampler: Sampler, schedule: str):
     check_schedule(sampler, schedule)
     cls = getattr(diffusers, sampler.scheduler)
     overrides = {**sampler.options, **SCHEDULES[schedule][1]}
-    cfg = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    from ckptlab.ops.diffusers_config import init_kwargs
+
+    cfg = init_kwargs(base_config)
     return cls.from_config({**cfg, **overrides})

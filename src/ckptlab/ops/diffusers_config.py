@@ -216,6 +216,12 @@ def scheduler_class(family: str) -> str:
     return scheduler_config(family, "epsilon")["_class_name"]
 
 
+def init_kwargs(cfg: dict) -> dict:
+    """A config file's dict as a class's keyword arguments: ``_class_name``, ``_diffusers_version`` and the
+    other ``_`` bookkeeping entries left out."""
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
 def dumps(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
