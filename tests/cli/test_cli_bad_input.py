@@ -563,14 +563,14 @@ CASES += [
     ("images-missing", [*_IM, "{d}/nope.png"], {1}),
     ("images-empty", [*_IM, "{d}/empty.safetensors"], {1}),
     ("images-text", [*_IM, "{d}/text.safetensors"], {1}),
-    ("images-truncated", [*_IM, "{d}/trunc.png"], {1}),
+    ("images-truncated", [*_IM, "{d}/cut-image.png"], {1}),
     ("images-directory", [*_IM, "{d}/adir.safetensors"], {1}),  # a folder with no image in it
     ("images-wrong-kind", [*_IM, "{d}/good.safetensors"], {1}),
-    ("images-bad-option", ["images", "--json=yes", "{d}/trunc.png"], USAGE),
+    ("images-bad-option", ["images", "--json=yes", "{d}/cut-image.png"], USAGE),
     ("images-bomb", [*_IM, "--json", "{d}/bomb.png"], {1}),  # claims 10^10 pixels: refused, never decoded
     ("images-fifo", [*_IM, "{d}/fifo.safetensors"], {1}),
-    ("images-missing-db", ["images", "--db", "{o}/nope.db", "{d}/trunc.png"], {1}),
-    ("images-text-db", ["images", "--db", "{d}/text.db", "{d}/trunc.png"], {1}),
+    ("images-missing-db", ["images", "--db", "{o}/nope.db", "{d}/cut-image.png"], {1}),
+    ("images-text-db", ["images", "--db", "{d}/text.db", "{d}/cut-image.png"], {1}),
 ]
 
 
@@ -588,7 +588,7 @@ def _images_inputs(bad):
                 + chunk(b"IDAT", zlib.compress(b"\0" * 4 * 8 * 8)) + chunk(b"IEND", b""))
 
     full = png(8, 8)
-    (bad / "trunc.png").write_bytes(full[: len(full) - 20])
+    (bad / "cut-image.png").write_bytes(full[: len(full) - 20])
     (bad / "bomb.png").write_bytes(png(100_000, 100_000))
 
 

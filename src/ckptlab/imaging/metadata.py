@@ -35,6 +35,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptlab.display import human_size
 from ckptlab.errors import FormatError
 
 #: the largest metadata chunk read (a ComfyUI workflow with notes is a few hundred KiB); bigger ones are skipped
@@ -144,7 +145,7 @@ def _inflate(data: bytes, what: str) -> bytes:
     except zlib.error as e:
         raise ValueError(f"{what}: damaged compressed text ({e})") from None
     if d.unconsumed_tail:
-        raise ValueError(f"{what}: decompresses to more than {MAX_CHUNK >> 20} MiB; skipped")
+        raise ValueError(f"{what}: decompresses to more than {human_size(MAX_CHUNK)}; skipped")
     return out
 
 
