@@ -275,9 +275,10 @@ class HashCancelled(Exception):
     """A ``sha256_file`` was told to stop (the work it served failed or was interrupted)."""
 
 
-def sha256_file(path: str | Path, cancel: threading.Event | None = None) -> str:
-    """SHA-256 of a file's bytes alone (the input pins of merges and transforms). ``cancel``: an event
-    that, once set, stops the reading with ``HashCancelled``. Raises ``OSError`` on read errors."""
+def sha256_file(path: str | Path, cancel: threading.Event | None = None, start: int = 0) -> str:
+    """SHA-256 of a file's bytes alone (the input pins of merges and transforms); from byte ``start`` on (AutoV3:
+    ``8 + N``, the bytes after a safetensors header). ``cancel``: an event that, once set, stops the reading with
+    ``HashCancelled``. Raises ``OSError`` on read errors."""
     h = hashlib.sha256()
     buf = bytearray(SHA256_CHUNK)
     view = memoryview(buf)
@@ -286,6 +287,8 @@ def sha256_file(path: str | Path, cancel: threading.Event | None = None) -> str:
             os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except (AttributeError, OSError):
             pass
+        if start:
+            fh.seek(start)
         while True:
             if cancel is not None and cancel.is_set():
                 raise HashCancelled(str(path))

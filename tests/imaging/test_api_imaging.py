@@ -94,3 +94,34 @@ def test_sd2_without_metadata_says_its_prediction_was_guessed(tmp_path):
     m = make_model(tmp_path / "sd2.safetensors", "sd2_checkpoint")
     r = ckptlab.generate(m, tmp_path / "o.png", "x", **ARGS)
     assert any("guessed" in w for w in r.warnings), r.warnings
+
+
+def test_an_sd3_sampler_that_cannot_work_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """SD3 is flow matching: DPM++ 2M is refused before a weight is read (it was refused only after the load)."""
+    import ckptlab.imaging.weights as weights
+    from ckptlab.errors import UsageError
+
+    def fail(*a, **kw):
+        raise AssertionError("a weight was read before the refusal")
+
+    monkeypatch.setattr(weights, "value_of", fail)
+    m = make_model(tmp_path / "sd3.safetensors", "sd3_medium")
+    with pytest.raises(UsageError, match="does not work on SD3"):
+        ckptlab.generate(m, tmp_path / "o.png", "x", sampler="DPM++ 2M", **ARGS)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_lora_hash_is_autov3_computed_by_hand(tmp_path):
+    """The infotext's LoRA hash: SHA-256 of the bytes after the 8-byte length and the header (AutoV3)."""
+    import struct
+
+    from fakes.models import lora_bytes
+
+    from ckptlab.imaging.render import lora_hash
+
+    data = lora_bytes()
+    (tmp_path / "l.safetensors").write_bytes(data)
+    (n,) = struct.unpack("<Q", data[:8])
+    assert lora_hash(tmp_path / "l.safetensors") == hashlib.sha256(data[8 + n:]).hexdigest()
+    (tmp_path / "l.pt").write_bytes(b"PK not safetensors")
+    assert lora_hash(tmp_path / "l.pt") == hashlib.sha256(b"PK not safetensors").hexdigest()

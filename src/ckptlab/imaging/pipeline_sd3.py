@@ -50,14 +50,27 @@ def flow_sampler(name: str) -> Sampler:
                      f"{', '.join(repr(s.name) for s in FLOW_SAMPLERS)}")
 
 
+def _check_flow_schedule(schedule: str) -> None:
+    if schedule not in FLOW_SCHEDULES:
+        raise UsageError(f"schedule type {schedule!r} does not work on SD3; use Automatic (the model's shifted "
+                         "flow sigmas)")
+
+
+def check_flow(sampler: str | None, schedule: str | None) -> None:
+    """Refuse, before an SD3 model loads, a sampler or schedule type that does not work on flow matching (None:
+    the defaults, Euler and Automatic)."""
+    from ckptlab.imaging.samplers import find_schedule
+
+    flow_sampler(sampler or "Euler")
+    _check_flow_schedule(find_schedule(schedule))
+
+
 def flow_scheduler(base_config: dict, sampler: Sampler, schedule: str = "automatic"):
     """The diffusers scheduler of ``sampler`` on the model's own flow config (``shift``); a schedule type other
     than Automatic is refused."""
     import diffusers
 
-    if schedule not in FLOW_SCHEDULES:
-        raise UsageError(f"schedule type {schedule!r} does not work on SD3; use Automatic (the model's shifted "
-                         "flow sigmas)")
+    _check_flow_schedule(schedule)
     cfg = init_kwargs(base_config)
     return getattr(diffusers, sampler.scheduler).from_config({**cfg, **sampler.options})
 

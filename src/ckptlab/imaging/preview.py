@@ -178,7 +178,8 @@ def preview_one(text: str, settings, *, db: Path | None = None, base: Path | Non
             lora_list = [(path, 1.0), *lora_list]
         prompt = settings.prompt or default_prompt(path, db)
         s = Settings(**{**settings.__dict__, "prompt": prompt})
-        with Session(model, vae=vae, loras=lora_list, device=device, dtype=dtype, cache=cache) as ses:
+        with Session(model, vae=vae, loras=lora_list, device=device, dtype=dtype, cache=cache,
+                     settings=s) as ses:
             image, seed, size = ses.render(s, progress=progress)
             info = ses.infotext(s, seed, size)
             res.family = ses.family

@@ -114,10 +114,15 @@ class GenerateResult:
 def lora_hash(path: Path) -> str:
     """A1111's LoRA hash: AutoV3 (SHA-256 of the bytes after the safetensors header) for safetensors, the file's
     SHA-256 otherwise; lower case."""
-    from ckptlab.hashes import hash_file
+    from ckptlab.hashes import safetensors_data_offset, sha256_file
 
-    h = hash_file(path)
-    return (h.autov3 or h.sha256).lower()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        start = safetensors_data_offset(head, Path(path).stat().st_size) or 0
+        return sha256_file(path, start=start)  # one pass: AutoV3 alone, not the six CivitAI hashes
+    except OSError as e:
+        raise CkptlabError(f"cannot read the LoRA: {e.strerror or e}", path) from None
 
 
 class Session:
@@ -125,7 +130,7 @@ class Session:
 
     def __init__(self, model: Path, *, vae: Path | None = None, loras: list[tuple[Path, float]] = (),
                  refiner: Path | None = None, device: str = "auto", dtype: str | None = None,
-                 cache: HashCache = NO_CACHE, source=None):
+                 cache: HashCache = NO_CACHE, source=None, settings: Settings | None = None):
         from ckptlab.imaging.pipeline import go_offline, pick_device, pick_dtype
 
         go_offline()
@@ -160,7 +165,11 @@ class Session:
                 self.opened.append(ref_src)
                 if _family(ref_src) != "sdxl_refiner" or fam != "sdxl":
                     raise MismatchError("--refiner takes an SDXL refiner, after an SDXL base model", refiner)
-            hashers = {"model": FileHasher(src.path, cache=cache) if src.path.is_file() else None}
+            if settings is not None and fam == "sd3":
+                from ckptlab.imaging.pipeline_sd3 import check_flow
+
+                check_flow(settings.sampler, settings.schedule)  # before the model loads, not after
+            self._hashers = hashers = {"model": FileHasher(src.path, cache=cache) if src.path.is_file() else None}
             if vae is not None:
                 hashers["vae"] = FileHasher(Path(vae), cache=cache)
             if refiner is not None:
@@ -177,7 +186,6 @@ class Session:
                 self.opened.remove(ref_src)
             self.identity = Identity(Path(model), vae=Path(vae) if vae else None, refiner=refiner,
                                      loras=[(Path(p), s, lora_hash(Path(p))) for p, s in loras])
-            self._hashers = hashers
         except BaseException:
             self.close()
             raise
@@ -235,6 +243,9 @@ class Session:
         return self.loaded.family
 
     def close(self) -> None:
+        for h in getattr(self, "_hashers", {}).values():
+            if h is not None:
+                h.cancel()  # a session that failed or ended stops reading multi-GB files for its infotext
         for o in reversed(self.opened):
             o.close()
         self.opened = []
@@ -425,7 +436,8 @@ def generate(model: Path, out: Path, settings: Settings, *, count: int = 1, vae:
         raise CkptlabError("the output folder does not exist", out.parent)
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise OutputError("cannot write in the output folder (checked before rendering)", out.parent)
-    with Session(model, vae=vae, loras=loras, refiner=refiner, device=device, dtype=dtype, cache=cache) as ses:
+    with Session(model, vae=vae, loras=loras, refiner=refiner, device=device, dtype=dtype, cache=cache,
+                 settings=settings) as ses:
         res = GenerateResult(Path(model), ses.family, ses.device, str(ses.dtype).replace("torch.", ""))
         for seed, path in zip(seeds, paths, strict=True):
             s = Settings(**{**settings.__dict__, "seed": seed})

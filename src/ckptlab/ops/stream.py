@@ -200,15 +200,20 @@ class FileHasher:
         self._digest: str | None = cache.known_sha256(self.path)
         self._error: BaseException | None = None
         self.from_cache = self._digest is not None
+        self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         if not self.from_cache:
             self._thread.start()
 
     def _run(self) -> None:
         try:
-            self._digest = sha256_file(self.path)
+            self._digest = sha256_file(self.path, self._cancel)
         except BaseException as e:  # noqa: BLE001 - reported by result()
             self._error = e
+
+    def cancel(self) -> None:
+        """Stop reading (the work the digest was for failed or ended): the thread ends at its next chunk."""
+        self._cancel.set()
 
     def result(self) -> str:
         if self._thread.is_alive() or self._thread.ident is not None:
