@@ -27,6 +27,9 @@ from ckptlab.imaging.render import MAX_SEED, Settings
 from ckptlab.progress import Progress, null_progress
 
 NO_VAE = ("none", "automatic", "auto", "-")
+#: axes that set one ``Settings`` field to the cell's value
+_SETTING_OF = {"seed": "seed", "steps": "steps", "cfg": "cfg", "sampler": "sampler", "schedule": "schedule",
+               "clip-skip": "clip_skip"}
 NAMES = ("x", "y", "z")
 
 
@@ -202,18 +205,8 @@ class _Plan:
             if a is None:
                 continue
             v = c.values[_key(a)]
-            if a.kind == "seed":
-                s.seed = v
-            elif a.kind == "steps":
-                s.steps = v
-            elif a.kind == "cfg":
-                s.cfg = v
-            elif a.kind == "sampler":
-                s.sampler = v
-            elif a.kind == "schedule":
-                s.schedule = v
-            elif a.kind == "clip-skip":
-                s.clip_skip = v
+            if a.kind in _SETTING_OF:
+                setattr(s, _SETTING_OF[a.kind], v)
             elif a.kind == "size":
                 s.width, s.height = v
             elif a.kind == "prompt":
