@@ -31,13 +31,19 @@ core-venv: $(CORE_VENV)/bin/ckptlab
 core-check: venv core-venv
 	bash scripts/core_check.sh
 
+# the web app's end-to-end tests drive Debian's chromium (Playwright's own browser download is not reachable)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
 demo: venv
 	bash scripts/demo.sh sample-library
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
 
-test: lint core-check
+test: lint core-check browser
 	$(BIN)/python -m pytest -n 2 -q tests
 
-.PHONY: venv core-venv core-check demo lint test
+.PHONY: venv core-venv core-check browser demo lint test

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("hub", {"hub"}),
     ("imaging", {"imaging"}),
     ("public API", {"api", ""}),
+    ("web app", {"web"}),
     ("CLI", {"cli", "__main__"}),
 ]
 RANK = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}

@@ -573,6 +573,17 @@ CASES += [
     ("images-text-db", ["images", "--db", "{d}/text.db", "{d}/cut-image.png"], {1}),
 ]
 
+# ckptlab serve: every refusal comes before the socket listens (a good catalog would serve until stopped)
+CASES += [
+    ("serve-text", ["serve", "--db", "{d}/text.db"], {1}),
+    ("serve-truncated", ["serve", "--db", "{w}/trunc.db"], {1}),
+    ("serve-directory", ["serve", "--db", "{d}/adir.safetensors"], {1}),
+    ("serve-wrong-kind", ["serve", "--db", "{d}/good.safetensors"], {1}),
+    ("serve-bad-option", ["serve", "--db", "{w}/empty.db", "--port", "0"], USAGE),
+    ("serve-bad-option-token", ["serve", "--db", "{w}/empty.db", "--host", "0.0.0.0", "--token", "short"], USAGE),
+    ("serve-unwritable", ["serve", "--db", "{ro}/catalog.db"], {1}),
+]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _images_inputs(bad):
@@ -693,6 +704,8 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("civitai-info", "directory"): "takes a source spec, never a path",
     ("preview", "unwritable"): "writes only next to the model (the matrix's input folder must not change); an "
                                "unwritable model folder and a folder in the way: tests/imaging/test_preview.py",
+    ("serve", "missing"): "a catalog that does not exist yet is created (the app then offers a scan)",
+    ("serve", "empty"): "an empty file is an empty SQLite database: serve opens it as a new catalog",
     ("images", "unwritable"): "writes only links into an existing catalog; one it cannot write is a warning",
 }
 

@@ -149,7 +149,7 @@ app = typer.Typer(
 
 _COMMAND_MODULES = (
     "cmd_inspect", "cmd_check", "cmd_convert", "cmd_library", "cmd_transform", "cmd_merge", "cmd_hub", "cmd_lora",
-    "cmd_generate", "cmd_grid", "cmd_preview", "cmd_images",
+    "cmd_generate", "cmd_grid", "cmd_preview", "cmd_images", "cmd_serve",
 )
 
 

@@ -1,0 +1,240 @@
+"""Who may talk to ``ckptlab serve``, and what a page from elsewhere can never make it do.
+
+The threat: the app can rename, link and delete model files, so any web page the user opens (or a DNS name an
+attacker re-points at 127.0.0.1) must not be able to drive it, and a string from a model file, a sidecar or
+CivitAI must never run as script. The checks, in order, as one ASGI middleware in front of every route:
+
+1. **Host** must be a name this server was bound to (``127.0.0.1:PORT``, ``localhost:PORT``, ``[::1]:PORT`` on
+   loopback; the ``--host`` given otherwise, plus any ``--allow-host``): a DNS-rebinding page sends its own name.
+   A wildcard bind (``0.0.0.0``/``::``) accepts any Host, so it relies on the token (required there anyway).
+2. **Token** (only when bound beyond loopback, where it is mandatory): ``Authorization: Bearer TOKEN``, the
+   ``ckptlab_token`` cookie, or ``?token=TOKEN`` once (answered with a redirect that sets the cookie -
+   HttpOnly, SameSite=Strict - and drops the token from the address bar).
+3. **State-changing requests** (anything but GET/HEAD/OPTIONS) need an ``Origin`` (else ``Referer``) of this same
+   scheme+host+port, and the CSRF token (``X-CSRF-Token`` header, as htmx sends it, or a ``csrf`` form field)
+   equal to this server's: a random value written into every page, unreadable from another origin.
+4. Every answer carries a Content-Security-Policy with no inline script (``script-src 'self'``), ``nosniff``,
+   ``frame-ancestors 'none'`` and ``Referrer-Policy: same-origin``: escaping (Jinja autoescape) is the first
+   line against script payloads in model metadata, the policy the second.
+
+Refusals are plain-text 4xx answers with one line saying why (403 for Host/Origin/CSRF, 401 for the token).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+TOKEN_COOKIE = "ckptlab_token"
+CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf"
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``127.0.0.0/8``, ``::1`` and ``localhost``."""
+    h = host.strip("[]")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def is_wildcard(host: str) -> bool:
+    return host.strip("[]") in ("0.0.0.0", "::", "")
+
+
+def new_token() -> str:
+    """A fresh secret (URL-safe, 256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+@dataclass
+class Guard:
+    """The security settings of one server: where it is bound, its access token (None on loopback) and its
+    CSRF token. ``allowed_hosts`` are the Host header values accepted (with port)."""
+
+    host: str
+    port: int
+    token: str | None = None
+    csrf: str = field(default_factory=new_token)
+    extra_hosts: tuple[str, ...] = ()
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    @property
+    def allowed_hosts(self) -> frozenset[str] | None:
+        """The Host values accepted (lower case, with port), or None for a wildcard bind (any)."""
+        if is_wildcard(self.host):
+            return None
+        names = set(LOOPBACK_NAMES) if self.loopback else {self.host if ":" not in self.host else f"[{self.host}]"}
+        names.update(self.extra_hosts)
+        return frozenset(f"{n.lower()}:{self.port}" for n in names) | (
+            frozenset(n.lower() for n in names) if self.port == 80 else frozenset())
+
+    def host_ok(self, host: str | None) -> bool:
+        allowed = self.allowed_hosts
+        if allowed is None:
+            return bool(host)
+        return bool(host) and host.lower() in allowed
+
+    def token_ok(self, presented: str | None) -> bool:
+        if self.token is None:
+            return True
+        return presented is not None and hmac.compare_digest(presented.encode(), self.token.encode())
+
+    def csrf_ok(self, presented: str | None) -> bool:
+        return presented is not None and hmac.compare_digest(presented.encode(), self.csrf.encode())
+
+
+def _headers(scope) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in scope.get("headers") or ():
+        out.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
+    return out
+
+
+def _cookie(headers: dict[str, str], name: str) -> str | None:
+    for part in headers.get("cookie", "").split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == name:
+            return v
+    return None
+
+
+def same_origin(headers: dict[str, str], scheme: str) -> bool:
+    """The request's Origin (else Referer) is this scheme://Host. Absent both: not same-origin."""
+    host = headers.get("host", "").lower()
+    origin = headers.get("origin")
+    if origin is None or origin == "null":
+        ref = headers.get("referer")
+        if not ref:
+            return False
+        parts = urlsplit(ref)
+        origin = f"{parts.scheme}://{parts.netloc}"
+    return origin.lower() == f"{scheme}://{host}"
+
+
+async def _plain(send, status: int, message: str, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    body = (message + "\n").encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS, *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """The ASGI middleware that applies a ``Guard`` to every HTTP request (see the module docstring)."""
+
+    def __init__(self, app, guard: Guard):
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        g = self.guard
+        headers = _headers(scope)
+        if not g.host_ok(headers.get("host")):
+            return await _plain(send, 403, "refused: unexpected Host header (ckptlab serve answers only to the "
+                                           "name it was started on)")
+        if g.token is not None:
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            auth = headers.get("authorization", "")
+            bearer = auth[7:] if auth.lower().startswith("bearer ") else None
+            from_query = (query.get("token") or [None])[0]
+            if from_query is not None and g.token_ok(from_query) and scope["method"] in SAFE_METHODS:
+                rest = {k: v for k, v in query.items() if k != "token"}
+                location = scope.get("path", "/") + (("?" + urlencode(rest, doseq=True)) if rest else "")
+                cookie = f"{TOKEN_COOKIE}={g.token}; Path=/; HttpOnly; SameSite=Strict"
+                return await _plain(send, 303, "token accepted", [(b"location", location.encode()),
+                                                                   (b"set-cookie", cookie.encode())])
+            if not (g.token_ok(bearer) or g.token_ok(_cookie(headers, TOKEN_COOKIE))):
+                return await _plain(send, 401, "refused: this server needs its access token (open the address "
+                                               "'ckptlab serve' printed, or send 'Authorization: Bearer TOKEN')")
+        if scope["method"] not in SAFE_METHODS:
+            scheme = scope.get("scheme", "http")
+            if not same_origin(headers, scheme):
+                return await _plain(send, 403, "refused: a state-changing request must come from this app's own "
+                                               "pages (Origin mismatch)")
+            if not g.csrf_ok(headers.get(CSRF_HEADER)):
+                # a form post: the token is in the body; read it, then replay the body to the app
+                body, receive = await _buffer(receive)
+                if not g.csrf_ok(_form_field(headers, body, CSRF_FIELD)):
+                    return await _plain(send, 403, "refused: missing or wrong CSRF token (reload the page)")
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + [
+                    h for h in SECURITY_HEADERS if h[0] not in have]
+            await send(message)
+
+        return await self.app(scope, receive, send_with_headers)
+
+
+MAX_FORM_BYTES = 1 << 20
+
+
+async def _buffer(receive):
+    """Read the whole request body (up to ``MAX_FORM_BYTES``) and return it with a ``receive`` that replays it."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_FORM_BYTES:
+            chunks = []
+            break
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def _form_field(headers: dict[str, str], body: bytes, name: str) -> str | None:
+    ctype = headers.get("content-type", "")
+    if ctype.startswith("application/x-www-form-urlencoded"):
+        values = parse_qs(body.decode("utf-8", "replace")).get(name)
+        return values[0] if values else None
+    if ctype.startswith("multipart/form-data"):
+        marker = f'name="{name}"'.encode()
+        i = body.find(marker)
+        if i < 0:
+            return None
+        start = body.find(b"\r\n\r\n", i)
+        end = body.find(b"\r\n", start + 4)
+        return body[start + 4:end].decode("utf-8", "replace") if start >= 0 and end >= 0 else None
+    return None

@@ -1,0 +1,54 @@
+"""Fixtures of the web app's tests: the sample library scanned into a catalog (built once per test session and
+copied per test that writes), and FastAPI test clients that speak as the app's own pages do (Host of the bound
+address, same-origin Origin, the CSRF header) or as a hostile page would."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from fakes.web import make_client
+
+
+@pytest.fixture(scope="session")
+def sample_library(tmp_path_factory) -> Path:
+    """The demo's sample library (A1111 + ComfyUI layouts, real key names), scanned with hashes and fingerprints
+    into ``<lib>/catalog.db``. Shared: tests that change files or the catalog use ``library_copy``."""
+    import ckptlab
+    from ckptlab.sample.build import build_library
+
+    lib = tmp_path_factory.mktemp("web-sample") / "lib"
+    reuse: dict = {}
+    for layout in ("a1111", "comfyui"):
+        build_library(lib / layout, layout, small=True, reuse=reuse)
+    ckptlab.scan(lib, db=lib / "catalog.db", hash=True, fingerprint=True)
+    return lib
+
+
+@pytest.fixture
+def library_copy(sample_library, tmp_path) -> Path:
+    """A private copy of the sample library and its catalog, re-scanned so the catalog points at the copy."""
+    import ckptlab
+
+    lib = tmp_path / "lib"
+    shutil.copytree(sample_library, lib, symlinks=True)
+    (lib / "catalog.db").unlink()
+    for extra in lib.glob("catalog.db-*"):
+        extra.unlink()
+    ckptlab.scan(lib, db=lib / "catalog.db", hash=True, fingerprint=True)
+    return lib
+
+
+@pytest.fixture
+def client(sample_library):
+    """A same-origin client of the app serving the shared sample catalog (read-only use)."""
+    with make_client(sample_library / "catalog.db") as c:
+        yield c
+
+
+@pytest.fixture
+def rw_client(library_copy):
+    """A same-origin client of the app serving a private copy (tests that run jobs or change files)."""
+    with make_client(library_copy / "catalog.db") as c:
+        yield c
