@@ -1,7 +1,334 @@
-"""SKELETON: the model pages' routes."""
+"""The model page ``/model/{id}``: everything the catalog knows about one file, explained, with links to start
+jobs on it. Reads stored data only (the catalog, its CivitAI records, sidecars next to the file and the file's
+header when it is present); never loads tensors, never unpickles, never goes to the network.
+
+Sections (ids are the DOM contract the browser tests use): ``#identification`` (what ``ckptlab inspect`` says,
+with its evidence), ``#hashes`` (``dl``; a copy button per hash), ``#metadata`` (ModelSpec, kohya training
+summary and trigger-word suggestions, merge recipe, ckptlab provenance, every other key), ``#civitai`` (link,
+versions, which are local, update available), ``#sidecars``, ``#duplicates`` (same bytes, same weights, same
+component), ``#lineage`` (``library.lineage``), ``#images`` (``ckptlab images`` links)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import json
+import os
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Request
+
+from ckptlab.errors import NotInCatalogError
+from ckptlab.library import lineage as lineage_mod  # registers the lineage indexes before any catalog opens
+from ckptlab.library.catalog import Catalog, FileRecord
+from ckptlab.web.deps import catalog
+from ckptlab.web.templating import page
 
 router = APIRouter()
+
+#: kinds the A1111 ``<lora:NAME:1>`` prompt syntax applies to
+LORA_KINDS = ("lora", "lycoris", "locon", "dora")
+CHECKPOINT_KINDS = ("checkpoint",)
+#: metadata values longer than this are cut on the page (a header value may be megabytes)
+MAX_VALUE_CHARS = 2000
+#: other metadata keys shown at most
+MAX_OTHER_KEYS = 200
+#: same-component / same-weights copies listed at most per group
+MAX_COPIES = 50
+PROVENANCE_KEYS = ("ckptlab.operation", "ckptlab.version", "ckptlab.inputs", "ckptlab.options")
+MERGE_KEYS = ("sd_merge_recipe", "sd_merge_models", "ckptlab.recipe")
+
+
+def _text(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
+    """A metadata value as display text (JSON for structures), cut to ``limit`` characters."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)
+    return text if len(text) <= limit else text[:limit] + f"… [{len(text) - limit:,} more characters]"
+
+
+def _stem(rec: FileRecord) -> str:
+    return rec.name if rec.format == "diffusers" else os.path.splitext(rec.name)[0]
+
+
+def _job_url(kind: str, **params: str) -> str:
+    return f"/jobs/new/{kind}?{urlencode(params)}"
+
+
+# -- sections ---------------------------------------------------------------------------------------------
+def identification(rec: FileRecord) -> dict:
+    """What ``ckptlab inspect`` shows, from the ``ModelInfo`` the scan stored in ``files.info``."""
+    from ckptlab.arch.families import display_name
+    from ckptlab.web.query import precision_of
+
+    info = rec.info if isinstance(rec.info, dict) else {}
+    vram = info.get("vram") if isinstance(info.get("vram"), dict) else None
+    detail = rec.safety_detail if isinstance(rec.safety_detail, dict) else {}
+    findings = [f for f in detail.get("findings") or [] if isinstance(f, dict)]
+    for name, sub in (detail.get("files") or {}).items() if isinstance(detail.get("files"), dict) else ():
+        findings += [{**f, "location": f"{name}: {f.get('location') or ''}"} for f in
+                     (sub.get("findings") or [] if isinstance(sub, dict) else []) if isinstance(f, dict)]
+    params = info.get("params")
+    return {
+        "kind": rec.kind, "family": rec.family, "family_name": display_name(rec.family) if rec.family else None,
+        "variant": rec.variant, "prediction": info.get("prediction"),
+        "components": [str(c) for c in info.get("components") or []],
+        "precision": precision_of(rec.dtypes), "dtypes": rec.dtypes or {}, "format": rec.format,
+        "size": rec.size, "tensors": rec.n_tensors, "params": params if isinstance(params, int) else None,
+        "params_text": _params(params) if isinstance(params, int) else None,
+        "has_ema": info.get("has_ema"), "training_state": info.get("training_state"), "pruned": info.get("pruned"),
+        "ema_bytes": rec.ema_bytes, "vram": vram,
+        "evidence": [str(e) for e in info.get("evidence") or []][:50],
+        "warnings": [str(w) for w in info.get("warnings") or []][:50],
+        "safety": rec.safety, "findings": findings[:50], "safety_error": detail.get("error"),
+        "error": rec.error, "identified": bool(info),
+    }
+
+
+def _params(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f} {unit}" if unit == "B" else f"{n / div:.1f} {unit}"
+    return str(n)
+
+
+def header_metadata(rec: FileRecord) -> tuple[dict, str]:
+    """The file's metadata and where it came from: read from the safetensors / GGUF header now when the file is
+    present (header only: no tensor is read), else what the last scan stored (pickles always: a page view never
+    runs the pickle reader). Values that hold JSON are parsed, as ``inspect`` shows them."""
+    stored = (rec.info or {}).get("metadata") if isinstance(rec.info, dict) else None
+    stored = stored if isinstance(stored, dict) else {}
+    if rec.status != "present" or rec.format not in ("safetensors", "gguf") or not os.path.isfile(rec.path):
+        return stored, "as the last scan recorded it"
+    try:
+        from ckptlab.arch.identify import parse_metadata
+
+        if rec.format == "safetensors":
+            from ckptlab.formats.safetensors import read_header
+
+            raw = read_header(rec.path).metadata or {}
+        else:
+            from ckptlab.formats import open_model
+
+            with open_model(rec.path) as src:
+                raw = dict(src.metadata or {})
+        return parse_metadata(dict(raw)), "read from the file's header"
+    except Exception:  # noqa: BLE001 - a file changed or unreadable since the scan: show what was stored
+        return stored, "as the last scan recorded it (the header cannot be read now)"
+
+
+def metadata_view(rec: FileRecord, md: dict, link: dict | None, sidecar: dict | None) -> dict:
+    """The metadata section: ModelSpec, kohya training summary + trigger suggestions, merge recipe, ckptlab
+    provenance, and the other keys."""
+    from ckptlab.library.show import trigger_sources
+    from ckptlab.lora.info import TRAINING_KEYS
+
+    modelspec = [(k, _text(v)) for k, v in md.items() if str(k).startswith("modelspec.")]
+    training = [(k, _text(md[k], 500)) for k in TRAINING_KEYS if md.get(k) not in (None, "", "None")]
+    kohya_other = [k for k in md if str(k).startswith("ss_") and k not in TRAINING_KEYS]
+    triggers = trigger_sources(rec, link, sidecar)
+    merge = {k: _text(md[k]) for k in MERGE_KEYS if k in md}
+    recipe = md.get("sd_merge_recipe") if isinstance(md.get("sd_merge_recipe"), dict) else None
+    prov = {k: md[k] for k in PROVENANCE_KEYS if k in md}
+    inputs = prov.get("ckptlab.inputs")
+    if isinstance(inputs, str):
+        try:
+            inputs = json.loads(inputs)
+        except ValueError:
+            inputs = None
+    options = prov.get("ckptlab.options")
+    shown = {k for k, _ in modelspec} | set(TRAINING_KEYS) | set(MERGE_KEYS) | set(PROVENANCE_KEYS)
+    other = [(k, _text(v, 500)) for k, v in md.items() if k not in shown][:MAX_OTHER_KEYS]
+    return {
+        "count": len(md), "modelspec": modelspec, "training": training, "kohya_other": len(kohya_other),
+        "triggers": triggers[:40],
+        "merge": merge, "recipe": [(k, _text(v, 200)) for k, v in recipe.items()] if recipe else [],
+        "provenance": {"operation": _text(prov.get("ckptlab.operation"), 100) or None,
+                       "version": _text(prov.get("ckptlab.version"), 100) or None,
+                       "inputs": [i for i in inputs if isinstance(i, dict)][:50] if isinstance(inputs, list) else [],
+                       "options": _text(options, 1000) or None} if prov else None,
+        "other": other,
+    }
+
+
+def civitai_view(cat: Catalog, rec: FileRecord) -> dict | None:
+    """The CivitAI link (stored data only) with the model's versions: which are local (a catalogued file has
+    one of the version's SHA256s) and whether a newer version than the linked one exists."""
+    from ckptlab.hub import store
+
+    link = store.link_summary(cat, rec.sha256)
+    if link is None:
+        return None
+    model = store.latest_record(cat, "model", link.get("model_id")) or {}
+    versions = [v for v in model.get("modelVersions") or [] if isinstance(v, dict)][:100]
+    by_version: dict[int, list[str]] = {}
+    for v in versions:
+        shas = []
+        for f in v.get("files") or []:
+            h = (f.get("hashes") or {}).get("SHA256") if isinstance(f, dict) and isinstance(f.get("hashes"), dict) \
+                else None
+            if isinstance(h, str) and h:
+                shas.append(h.upper())
+        by_version[id(v)] = shas
+    wanted = sorted({h for hs in by_version.values() for h in hs})
+    local: dict[str, tuple[int, str]] = {}
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i:i + 500]
+        for sha, fid, path in cat.conn.execute(
+                "SELECT c.sha256, f.id, f.display FROM content c JOIN files f ON c.dev = f.dev AND c.ino = f.ino "
+                "AND c.size = f.size AND c.mtime_ns = f.mtime_ns WHERE f.status = 'present' AND c.sha256 IN "
+                f"({', '.join('?' for _ in chunk)}) ORDER BY f.id", chunk):
+            local.setdefault(sha, (fid, path))
+    rows, linked_index = [], None
+    for i, v in enumerate(versions):
+        here = [local[h] for h in by_version[id(v)] if h in local]
+        if v.get("id") == link.get("version_id"):
+            linked_index = i
+        rows.append({"id": v.get("id"), "name": _text(v.get("name"), 200), "base_model": _text(v.get("baseModel"), 100),
+                     "published": _text(v.get("publishedAt") or v.get("createdAt"), 40),
+                     "linked": v.get("id") == link.get("version_id"),
+                     "local": [{"id": fid, "path": p} for fid, p in here[:5]]})
+    update = rows[0] if rows and linked_index not in (None, 0) else None  # modelVersions: newest first
+    for n, r in enumerate(rows):
+        r["newer"] = linked_index is not None and n < linked_index
+    revs = store.revisions(cat, "version", link["version_id"]) if link.get("version_id") is not None else []
+    return {**link, "model_name": _text(link.get("model_name"), 300), "version_name": _text(link.get("version_name"), 200),
+            "versions": rows, "update": update,
+            "revision_dates": [(r["revision"], r["fetched_at"]) for r in revs][-20:],
+            "description": None}
+
+
+def sidecars_view(rec: FileRecord) -> dict | None:
+    """The sidecars next to the file (read now when it is present; else what the last scan stored)."""
+    from ckptlab.library import sidecars
+
+    if rec.status == "present" and os.path.exists(rec.path):
+        sc = sidecars.read(rec.path)
+        source = "read now"
+    else:
+        sc = dict(rec.sidecars) if isinstance(rec.sidecars, dict) else {}
+        sc.pop("_signature", None)
+        source = "as the last scan recorded them"
+    files = sc.get("files") if isinstance(sc.get("files"), dict) else {}
+    if not files:
+        return None
+    summaries = []
+    for role in ("json", "civitai_info", "cm_info", "metadata_json"):
+        s = sc.get(role)
+        if isinstance(s, dict):
+            summaries.append({"role": role, "file": files.get(role, role),
+                              "fields": [(k, _text(v, 500)) for k, v in s.items()][:30]})
+    return {"files": sorted((str(r), str(n)) for r, n in files.items()), "summaries": summaries,
+            "description": _text(sc.get("description"), 4096) or None,
+            "trigger_words": [str(w) for w in sc.get("trigger_words") or []][:40], "source": source, "raw": sc}
+
+
+def copies_view(cat: Catalog, rec: FileRecord) -> dict:
+    """Same bytes (SHA256), same weights (tensor fingerprint, fp16 or bf16 canonical form) and per component
+    the files that share it. Bounded: the component search reads the ``content`` table's small ``components``
+    column once (no per-file loop over the catalog)."""
+    same_bytes = [o for o in (cat.find_by_sha256(rec.sha256) if rec.sha256 else []) if o.id != rec.id]
+    join = ("FROM files f JOIN content c ON c.dev = f.dev AND c.ino = f.ino AND c.size = f.size "
+            "AND c.mtime_ns = f.mtime_ns")
+    same_weights: list[dict] = []
+    if rec.fingerprint:
+        rows = cat.conn.execute(
+            f"SELECT f.id, f.display, f.status, f.format, c.sha256 {join} WHERE (c.fingerprint = ?1 OR "
+            f"(?2 IS NOT NULL AND c.fingerprint_bf16 = ?2)) AND f.id != ?3 AND (c.sha256 IS NULL OR ?4 IS NULL OR "
+            f"c.sha256 != ?4) ORDER BY f.status != 'present', f.id LIMIT ?5",
+            (rec.fingerprint, rec.fingerprint_bf16, rec.id, rec.sha256, MAX_COPIES)).fetchall()
+        same_weights = [{"id": i, "path": p, "status": s, "format": fmt} for i, p, s, fmt, _ in rows]
+    components: dict[str, list[dict]] = {}
+    comps = {k: v for k, v in (rec.components or {}).items() if isinstance(v, str) and v}
+    bf16 = {k: v for k, v in (rec.components_bf16 or {}).items() if isinstance(v, str) and v}
+    if len(comps) > 1 or (comps and set(comps) != {"model"}):  # a one-part file: the whole-weights match says it
+        fps = sorted(set(comps.values()) | set(bf16.values()))
+        cond = " OR ".join("instr(c.components, ?) > 0 OR instr(coalesce(c.components_bf16, ''), ?) > 0"
+                           for _ in fps)
+        args = [x for fp in fps for x in (fp, fp)]
+        whole = {r["id"] for r in same_weights} | {o.id for o in same_bytes}
+        rows = cat.conn.execute(
+            f"SELECT f.id, f.display, f.status, c.components, c.components_bf16 {join} WHERE c.components IS NOT NULL "
+            f"AND ({cond}) AND f.id != ? ORDER BY f.status != 'present', f.id LIMIT 2000", (*args, rec.id)).fetchall()
+        for fid, path, status, ocomp, obf in rows:
+            if fid in whole:
+                continue
+            try:
+                oc = json.loads(ocomp) or {}
+                ob = json.loads(obf) if obf else {}
+            except ValueError:
+                continue
+            for comp, fp in comps.items():
+                if oc.get(comp) == fp or (bf16.get(comp) and ob.get(comp) == bf16.get(comp)):
+                    lst = components.setdefault(comp, [])
+                    if len(lst) < MAX_COPIES:
+                        lst.append({"id": fid, "path": path, "status": status})
+    return {"same_bytes": [{"id": o.id, "path": o.path, "status": o.status} for o in same_bytes],
+            "same_weights": same_weights, "components": components, "fingerprinted": bool(rec.fingerprint)}
+
+
+def actions(rec: FileRecord) -> list[tuple[str, str]]:
+    """``[(label, url)]`` of the jobs that make sense for this file (the jobs pages own the forms)."""
+    p = rec.path
+    out = [("Hash", _job_url("hash", path=p)), ("Safety check", _job_url("check", path=p))]
+    kind = (rec.kind or "").lower()
+    if rec.format == "pickle":
+        out.append(("Convert to safetensors", _job_url("convert", path=p)))
+    if kind in CHECKPOINT_KINDS or kind in ("unet", "vae", "text_encoder"):
+        out += [("Prune", _job_url("prune", path=p)), ("Change precision", _job_url("precision", path=p))]
+    if kind in CHECKPOINT_KINDS:
+        out += [("Extract a component", _job_url("extract", path=p)),
+                ("Merge (as model A)", _job_url("merge", path=p)),
+                ("Bake LoRAs into it", _job_url("lora-bake", path=p)),
+                ("Generate", _job_url("generate", path=p))]
+    if kind in LORA_KINDS:
+        out.append(("Bake into a checkpoint", _job_url("lora-bake", lora=p)))
+    return out
+
+
+def model_view(cat: Catalog, rec: FileRecord) -> dict:
+    """Everything the model page shows about ``rec`` (a plain dict: the template's only input)."""
+    from ckptlab.library import image_links, previews
+
+    md, md_source = header_metadata(rec)
+    civ = civitai_view(cat, rec)
+    sc = sidecars_view(rec)
+    kind = (rec.kind or "").lower()
+    stem = _stem(rec)
+    pv = previews.preview_of(cat, rec.id)
+    has_preview = bool((pv and pv.get("exists")) or (sc and any(r in ("preview", "thumb") for r, _ in sc["files"])))
+    return {
+        "rec": rec, "name": (civ or {}).get("model_name") or stem, "stem": stem,
+        "missing": rec.status != "present",
+        "ident": identification(rec),
+        "hashes": rec.hashes.names() if rec.hashes else {},
+        "hash_job": _job_url("hash", path=rec.path),
+        "metadata": metadata_view(rec, md, civ, sc["raw"] if sc else None), "metadata_source": md_source,
+        "civitai": civ, "sidecars": sc,
+        "copies": copies_view(cat, rec),
+        "lineage": lineage_mod.lineage(cat, rec),
+        "images": image_links.images_for(cat, rec.sha256, limit=50),
+        "preview": pv, "has_preview": has_preview,
+        "lora_syntax": f"<lora:{stem}:1>" if kind in LORA_KINDS else None,
+        "embedding_name": stem if kind == "embedding" else None,
+        "actions": actions(rec),
+    }
+
+
+def _file_id(raw: str) -> int:
+    try:
+        fid = int(raw)
+    except ValueError:
+        fid = -1
+    if fid < 0 or fid > 2**62:
+        raise NotInCatalogError(f"no file with id {raw!r} in the catalog (ids are the numbers in the library's links)")
+    return fid
+
+
+@router.get("/model/{file_id}")
+def model_page(request: Request, file_id: str, cat: Catalog = Depends(catalog)):
+    """The model page of catalogued file ``file_id``; unknown ids are a 404 page."""
+    rec = cat.get(_file_id(file_id))
+    if rec is None:
+        raise NotInCatalogError(f"no file with id {file_id} in the catalog (it may have been removed by a rescan "
+                                "of another catalog; go back to the library)")
+    return page(request, "model.html", nav="library", m=model_view(cat, rec))
