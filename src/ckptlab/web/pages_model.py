@@ -192,7 +192,7 @@ def civitai_view(cat: Catalog, rec: FileRecord) -> dict | None:
         r["newer"] = linked_index is not None and n < linked_index
     revs = store.revisions(cat, "version", link["version_id"]) if link.get("version_id") is not None else []
     return {**link, "model_name": _text(link.get("model_name"), 300), "version_name": _text(link.get("version_name"), 200),
-            "versions": rows, "update": update,
+            "versions": rows, "newer_version": update,
             "revision_dates": [(r["revision"], r["fetched_at"]) for r in revs][-20:],
             "description": None}
 
