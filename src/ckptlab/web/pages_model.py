@@ -18,7 +18,8 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Request
 
 from ckptlab.errors import NotInCatalogError
-from ckptlab.library import lineage as lineage_mod  # registers the lineage indexes before any catalog opens
+from ckptlab.library import copies  # registers the component index before any catalog opens
+from ckptlab.library import lineage as lineage_mod  # registers the lineage indexes likewise
 from ckptlab.library.catalog import Catalog, FileRecord
 from ckptlab.web.deps import catalog
 from ckptlab.web.templating import page
@@ -32,8 +33,6 @@ CHECKPOINT_KINDS = ("checkpoint",)
 MAX_VALUE_CHARS = 2000
 #: other metadata keys shown at most
 MAX_OTHER_KEYS = 200
-#: same-component / same-weights copies listed at most per group
-MAX_COPIES = 50
 PROVENANCE_KEYS = ("ckptlab.operation", "ckptlab.version", "ckptlab.inputs", "ckptlab.options")
 MERGE_KEYS = ("sd_merge_recipe", "sd_merge_models", "ckptlab.recipe")
 
@@ -223,47 +222,12 @@ def sidecars_view(rec: FileRecord) -> dict | None:
 
 
 def copies_view(cat: Catalog, rec: FileRecord) -> dict:
-    """Same bytes (SHA256), same weights (tensor fingerprint, fp16 or bf16 canonical form) and per component
-    the files that share it. Bounded: the component search reads the ``content`` table's small ``components``
-    column once (no per-file loop over the catalog)."""
-    same_bytes = [o for o in (cat.find_by_sha256(rec.sha256) if rec.sha256 else []) if o.id != rec.id]
-    join = ("FROM files f JOIN content c ON c.dev = f.dev AND c.ino = f.ino AND c.size = f.size "
-            "AND c.mtime_ns = f.mtime_ns")
-    same_weights: list[dict] = []
-    if rec.fingerprint:
-        rows = cat.conn.execute(
-            f"SELECT f.id, f.display, f.status, f.format, c.sha256 {join} WHERE (c.fingerprint = ?1 OR "
-            f"(?2 IS NOT NULL AND c.fingerprint_bf16 = ?2)) AND f.id != ?3 AND (c.sha256 IS NULL OR ?4 IS NULL OR "
-            f"c.sha256 != ?4) ORDER BY f.status != 'present', f.id LIMIT ?5",
-            (rec.fingerprint, rec.fingerprint_bf16, rec.id, rec.sha256, MAX_COPIES)).fetchall()
-        same_weights = [{"id": i, "path": p, "status": s, "format": fmt} for i, p, s, fmt, _ in rows]
-    components: dict[str, list[dict]] = {}
-    comps = {k: v for k, v in (rec.components or {}).items() if isinstance(v, str) and v}
-    bf16 = {k: v for k, v in (rec.components_bf16 or {}).items() if isinstance(v, str) and v}
-    if len(comps) > 1 or (comps and set(comps) != {"model"}):  # a one-part file: the whole-weights match says it
-        fps = sorted(set(comps.values()) | set(bf16.values()))
-        cond = " OR ".join("instr(c.components, ?) > 0 OR instr(coalesce(c.components_bf16, ''), ?) > 0"
-                           for _ in fps)
-        args = [x for fp in fps for x in (fp, fp)]
-        whole = {r["id"] for r in same_weights} | {o.id for o in same_bytes}
-        rows = cat.conn.execute(
-            f"SELECT f.id, f.display, f.status, c.components, c.components_bf16 {join} WHERE c.components IS NOT NULL "
-            f"AND ({cond}) AND f.id != ? ORDER BY f.status != 'present', f.id LIMIT 2000", (*args, rec.id)).fetchall()
-        for fid, path, status, ocomp, obf in rows:
-            if fid in whole:
-                continue
-            try:
-                oc = json.loads(ocomp) or {}
-                ob = json.loads(obf) if obf else {}
-            except ValueError:
-                continue
-            for comp, fp in comps.items():
-                if oc.get(comp) == fp or (bf16.get(comp) and ob.get(comp) == bf16.get(comp)):
-                    lst = components.setdefault(comp, [])
-                    if len(lst) < MAX_COPIES:
-                        lst.append({"id": fid, "path": path, "status": status})
-    return {"same_bytes": [{"id": o.id, "path": o.path, "status": o.status} for o in same_bytes],
-            "same_weights": same_weights, "components": components, "fingerprinted": bool(rec.fingerprint)}
+    """Same bytes (SHA256), same weights (tensor fingerprint, fp16 or bf16 canonical form) and per component the
+    files that share it (``library.copies``: index lookups, no loop over the catalog)."""
+    same = copies.same_bytes(cat, rec)
+    weights = copies.same_weights(cat, rec)
+    comps = copies.same_component(cat, rec, exclude={o["id"] for o in same} | {o["id"] for o in weights})
+    return {"same_bytes": same, "same_weights": weights, "components": comps, "fingerprinted": bool(rec.fingerprint)}
 
 
 def actions(rec: FileRecord) -> list[tuple[str, str]]:
