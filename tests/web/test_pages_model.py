@@ -316,6 +316,7 @@ def test_missing_file_renders_with_a_banner(tmp_path):
         doc = _get(c, fid)
     assert "missing" in doc.one(tag="p", cls="banner").text
     assert _hashes(doc)["SHA256"] == want  # what the catalog knew
+    assert _job_links(doc) == {}  # no job can run on a file that is not there
 
 
 def test_civitai_versions_local_and_update(tmp_path):
@@ -333,7 +334,9 @@ def test_civitai_versions_local_and_update(tmp_path):
                 {"id": 10, "name": "v1", "baseModel": "SD 1.5", "files": [{"hashes": {"SHA256": "0" * 64}}]}]
     with store.open_catalog(db) as cat:
         store.store_record(cat, "model", 7, {"id": 7, "name": "Zkx <script>alert(1)</script>", "type": "LORA",
-                                             "modelVersions": versions})
+                                             "modelVersions": versions, "description":
+                                             "<p>Use <b>zkx</b> &amp; friends</p><script>alert(3)</script>"
+                                             "<img src=x onerror=alert(4)>"})
         store.store_record(cat, "version", 20, {**versions[1], "modelId": 7, "trainedWords": ["zkx"]})
         store.put_link(cat, sha["v2.safetensors"], 20, 7, matched_by="sha256")
     with Catalog(db):
@@ -352,6 +355,9 @@ def test_civitai_versions_local_and_update(tmp_path):
     assert "not local" in rows["10"].text
     assert sec.one(tag="p", cls="update-available").one(tag="strong").text == "v3 <b>new</b>"
     assert list(doc.all(tag="span", cls="update"))
+    desc = sec.one(tag="details", cls="civitai-description").one(tag="div").text
+    assert desc == "Use zkx & friends"  # the description's text; its HTML never rendered, its script dropped
+    assert "alert(3)" not in r.text and "onerror" not in r.text
 
 
 def test_sidecars_and_preview(tmp_path):

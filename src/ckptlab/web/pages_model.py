@@ -49,6 +49,40 @@ def _stem(rec: FileRecord) -> str:
     return rec.name if rec.format == "diffusers" else os.path.splitext(rec.name)[0]
 
 
+def plain_text(html: Any, limit: int = 3000) -> str | None:
+    """The text of a CivitAI description (HTML written by strangers): tags dropped, ``script``/``style`` contents
+    dropped, entities decoded, blank runs collapsed, cut to ``limit`` characters. The template escapes the result
+    like any other string; nothing of the HTML is ever rendered as HTML."""
+    if not isinstance(html, str) or not html.strip():
+        return None
+    from html.parser import HTMLParser
+
+    parts: list[str] = []
+    skip = [0]
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag in ("script", "style"):
+                skip[0] += 1
+            elif tag in ("p", "br", "li", "div", "h1", "h2", "h3", "h4", "tr"):
+                parts.append("\n")
+
+        def handle_endtag(self, tag):
+            if tag in ("script", "style") and skip[0]:
+                skip[0] -= 1
+
+        def handle_data(self, data):
+            if not skip[0]:
+                parts.append(data)
+
+    p = P(convert_charrefs=True)
+    p.feed(html[:200_000])
+    p.close()
+    lines = [" ".join(line.split()) for line in "".join(parts).splitlines()]
+    text = "\n".join(line for line in lines if line)
+    return (text if len(text) <= limit else text[:limit] + "…") or None
+
+
 def _job_url(kind: str, **params: str) -> str:
     return f"/jobs/new/{kind}?{urlencode(params)}"
 
@@ -193,7 +227,14 @@ def civitai_view(cat: Catalog, rec: FileRecord) -> dict | None:
     return {**link, "model_name": _text(link.get("model_name"), 300), "version_name": _text(link.get("version_name"), 200),
             "versions": rows, "newer_version": update,
             "revision_dates": [(r["revision"], r["fetched_at"]) for r in revs][-20:],
-            "description": None}
+            "description": plain_text(model.get("description") or _version_description(cat, link))}
+
+
+def _version_description(cat: Catalog, link: dict):
+    """The linked version's own description (when the model record has none)."""
+    from ckptlab.hub import store
+
+    return (store.latest_record(cat, "version", link.get("version_id")) or {}).get("description")
 
 
 def sidecars_view(rec: FileRecord) -> dict | None:
@@ -232,6 +273,8 @@ def copies_view(cat: Catalog, rec: FileRecord) -> dict:
 
 def actions(rec: FileRecord) -> list[tuple[str, str]]:
     """``[(label, url)]`` of the jobs that make sense for this file (the jobs pages own the forms)."""
+    if rec.status != "present":
+        return []  # nothing can run on a file that is not there
     p = rec.path
     out = [("Hash", _job_url("hash", path=p)), ("Safety check", _job_url("check", path=p))]
     kind = (rec.kind or "").lower()
