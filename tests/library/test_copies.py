@@ -47,6 +47,10 @@ def test_table_follows_content_through_every_write(tmp_path):
     a.write_bytes(a.read_bytes())  # same content, new mtime: a new content row
     ckptlab.scan(lib, db=db, fingerprint=True)
     assert _table(db) == _oracle(db)
+    with Catalog(db) as cat, cat.transaction() as conn:  # a REPLACE's implicit delete fires no trigger
+        conn.execute("INSERT OR REPLACE INTO content(dev, ino, size, mtime_ns, components) SELECT dev, ino, size, "
+                     "mtime_ns, '{\"vae\": \"ff\"}' FROM content WHERE components IS NOT NULL LIMIT 1")
+    assert _table(db) == _oracle(db)
     with Catalog(db) as cat, cat.transaction() as conn:
         conn.execute("DELETE FROM content WHERE components LIKE '%\"unet\"%'")
     assert _table(db) == _oracle(db)

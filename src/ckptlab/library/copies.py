@@ -7,8 +7,9 @@ Per-component matching must not loop over every file (``show_file`` does, fine f
 view at 50,000 files). The catalog keeps each component fingerprint as JSON in ``content.components``, which no
 index can search; so this module registers (component ``component_fps``) a table with one row per (content,
 component, rounding), an index on the fingerprint, and triggers on ``content`` that keep it in step with every
-write (a CLI scan's included). The migration fills it from the rows already there. Lookups are then an index
-search per component.
+write (a CLI scan's included; an insert first clears rows left under the same key, so even an ``INSERT OR
+REPLACE``, whose implicit delete fires no trigger, leaves no stale row). The migration fills it from the rows
+already there. Lookups are then an index search per component.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ MIGRATIONS = [
     CREATE INDEX component_fps_fp ON component_fps(fp);
     CREATE INDEX component_fps_key ON component_fps(dev, ino, size, mtime_ns);
     CREATE TRIGGER component_fps_insert AFTER INSERT ON content BEGIN
+    DELETE FROM component_fps WHERE {_KEY.format(r="NEW")};
     {_fill("NEW")}
     END;
     CREATE TRIGGER component_fps_update AFTER UPDATE OF components, components_bf16 ON content BEGIN
