@@ -431,3 +431,16 @@ def test_made_into_lists_several_outputs(tmp_path, n):
         sec = _get(c, _id_of(db, a)).one(tag="section", id="lineage")
     got = sorted(li.one(tag="a").text for li in sec.one(tag="ul", cls="made-into").all(tag="li"))
     assert len(got) == n and got == sorted(map(str, outs))
+
+
+def test_an_unreadable_file_renders_its_error(tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    bad = lib / "broken.safetensors"
+    bad.write_bytes((10**6).to_bytes(8, "little") + b'{"a": ')  # header length past the end of the file
+    ckptlab.scan(lib, db=tmp_path / "c.db", hash=True)
+    err = sqlite3.connect(tmp_path / "c.db").execute("SELECT error FROM files").fetchone()[0]
+    assert err
+    with make_client(tmp_path / "c.db") as c:
+        doc = _get(c, _id_of(tmp_path / "c.db", bad))
+    assert err in doc.one(tag="section", id="identification").text

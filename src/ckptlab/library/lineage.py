@@ -173,7 +173,8 @@ def made_into(cat: Catalog, sha256: str, *, exclude: int | None = None, limit: i
 
 
 def lineage(cat: Catalog, rec: FileRecord) -> dict[str, Any]:
-    """``{"made_from": [...], "made_into": [...], "hashed": bool}`` for a catalogued file.
+    """``{"made_from": [...], "made_into": [...], "hashed": bool, "more": bool}`` for a catalogued file (``more``:
+    ``made_into`` stopped at ``MAX_MADE_INTO``).
 
     ``made_from``: the inputs its metadata records (``recorded_inputs``), each with the catalogued file that has
     that content (``id``, ``path``, ``status``; None when the library has no such file: then the recorded
@@ -183,4 +184,5 @@ def lineage(cat: Catalog, rec: FileRecord) -> dict[str, Any]:
     md = (rec.info or {}).get("metadata") if isinstance(rec.info, dict) else None
     made_from = [_entry(cat, e, exclude=rec.id) for e in recorded_inputs(md)]
     into = made_into(cat, rec.sha256, exclude=rec.id) if rec.sha256 else []
-    return {"made_from": made_from, "made_into": into, "hashed": bool(rec.sha256)}
+    return {"made_from": made_from, "made_into": into, "hashed": bool(rec.sha256),
+            "more": len(into) >= MAX_MADE_INTO}

@@ -155,7 +155,7 @@ def metadata_view(rec: FileRecord, md: dict, link: dict | None, sidecar: dict | 
     from ckptlab.library.show import trigger_sources
     from ckptlab.lora.info import TRAINING_KEYS
 
-    modelspec = [(k, _text(v)) for k, v in md.items() if str(k).startswith("modelspec.")]
+    modelspec = [(_text(k, 200), _text(v)) for k, v in md.items() if str(k).startswith("modelspec.")][:MAX_OTHER_KEYS]
     training = [(k, _text(md[k], 500)) for k in TRAINING_KEYS if md.get(k) not in (None, "", "None")]
     kohya_other = [k for k in md if str(k).startswith("ss_") and k not in TRAINING_KEYS]
     triggers = trigger_sources(rec, link, sidecar)
@@ -169,8 +169,8 @@ def metadata_view(rec: FileRecord, md: dict, link: dict | None, sidecar: dict | 
         except ValueError:
             inputs = None
     options = prov.get("ckptlab.options")
-    shown = {k for k, _ in modelspec} | set(TRAINING_KEYS) | set(MERGE_KEYS) | set(PROVENANCE_KEYS)
-    other = [(k, _text(v, 500)) for k, v in md.items() if k not in shown][:MAX_OTHER_KEYS]
+    shown = {k for k in md if str(k).startswith("modelspec.")} | set(TRAINING_KEYS) | set(MERGE_KEYS) | set(PROVENANCE_KEYS)
+    other = [(_text(k, 200), _text(v, 500)) for k, v in md.items() if k not in shown][:MAX_OTHER_KEYS]
     return {
         "count": len(md), "modelspec": modelspec, "training": training, "kohya_other": len(kohya_other),
         "triggers": triggers[:40],
