@@ -145,3 +145,25 @@ def test_a1111_merge_record_direct_inputs(tmp_path):
           "sd_merge_models": {a: {"name": "A"}, b: {"name": "B"}, g: {"name": "grandparent"}}}
     assert [(e["role"], e["name"], e["sha256"]) for e in lineage.recorded_inputs(md)] == [
         ("A", "A", a.upper()), ("B", "B", b.upper())]
+
+
+def test_a1111_merge_file_is_found_from_its_inputs(tmp_path):
+    """A file written as A1111's merger writes it (no ckptlab provenance): its inputs, catalogued, list it as made
+    into; the grandparent its sd_merge_models also names is not a direct input."""
+    a = make_model(tmp_path / "a.safetensors", "sd1_kohya_lora", seed=1)
+    b = make_model(tmp_path / "b.safetensors", "sd1_kohya_lora", seed=2)
+    sa, sb = hashlib.sha256(a.read_bytes()).hexdigest(), hashlib.sha256(b.read_bytes()).hexdigest()
+    grand = "d" * 64
+    save_file(load_file(str(a)), str(tmp_path / "merged.safetensors"), metadata={
+        "sd_merge_recipe": json.dumps({"type": "webui", "primary_model_hash": sa, "secondary_model_hash": sb,
+                                       "tertiary_model_hash": None, "interp_method": "Weighted sum"}),
+        "sd_merge_models": json.dumps({sa: {"name": "a"}, sb: {"name": "b"}, grand: {"name": "old"}})})
+    ckptlab.scan(tmp_path, db=tmp_path / "c.db", hash=True)
+    with Catalog(tmp_path / "c.db") as cat:
+        merged = str(tmp_path / "merged.safetensors")
+        assert [(e["relation"], e["role"], e["path"]) for e in lineage.lineage(cat, _rec(cat, a))["made_into"]] == [
+            ("merge", "A", merged)]
+        assert [(e["role"], e["path"]) for e in lineage.lineage(cat, _rec(cat, b))["made_into"]] == [("B", merged)]
+        assert lineage.made_into(cat, grand) == []
+        got = lineage.lineage(cat, _rec(cat, tmp_path / "merged.safetensors"))["made_from"]
+        assert [(e["role"], e["path"]) for e in got] == [("A", str(a)), ("B", str(b))]
