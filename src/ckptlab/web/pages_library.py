@@ -129,7 +129,10 @@ def library(request: Request, cat: Catalog = Depends(catalog)):
                    ("updates", "Updates", ("update available", "up to date"), f.updates)],
     )
     template = "_library_chunk.html" if chunk else "_library_results.html" if fragment else "library.html"
-    resp = page(request, template, headers={"Vary": "HX-Request"}, **ctx)
+    headers = {"Vary": "HX-Request"}
+    if fragment and not chunk:  # the address bar gets the canonical URL, not every default the form sent
+        headers["HX-Push-Url"] = href()
+    resp = page(request, template, headers=headers, **ctx)
     for name, value, given in (("view", view, set_view), ("density", density, set_density)):
         if given:
             resp.set_cookie(f"ckptlab_{name}", value, max_age=COOKIE_AGE, samesite="strict", httponly=True)
