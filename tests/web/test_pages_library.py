@@ -218,6 +218,9 @@ def test_htmx_gets_the_results_fragment_only(client):
     assert body.startswith('<section id="results"') and body.endswith("</section>")
     assert "<html" not in body and 'id="filters"' not in body and 'id="total"' in body
     assert "HX-Request" in r.headers.get("vary", "")
+    assert r.headers["hx-push-url"] == "/?q=pruned"  # the canonical URL, not every default the form sends
+    noisy = client.get("/?q=pruned&linked=any&sort=name&desc=no&per_page=60&density=comfortable", headers=HX)
+    assert noisy.headers["hx-push-url"] == "/?q=pruned"
     # htmx's history restore (Back after a cache miss) sends HX-Request too, and wants the page
     full = client.get("/?q=pruned", headers={**HX, "hx-history-restore-request": "true"})
     assert "<html" in full.text and 'id="filters"' in full.text

@@ -102,7 +102,9 @@ def library(request: Request, cat: Catalog = Depends(catalog)):
     # htmx's history restore (a cache miss on Back) asks with HX-Request too but wants the whole page
     fragment = htmx and request.headers.get("hx-history-restore-request") != "true"
     chunk = fragment and request.query_params.get("chunk") == "1"
-    fac = result.facets or facets(cat)
+    # the form's choices: only a whole page has the form (a fragment needs the family labels, which an indexed
+    # search hands back in result.facets; without them a card shows the family id)
+    fac = result.facets or ({} if fragment else facets(cat))
     family_labels = {str(v): str(lbl) for v, lbl, _ in fac.get("family", [])}
 
     def href(view: str | None = None, chunk: bool = False, **changes) -> str:
