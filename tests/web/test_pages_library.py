@@ -294,17 +294,27 @@ def test_safety_filter_and_badges_follow_the_catalog(library_copy):
         assert [x["id"] for x in rows] == [bad] and ["badge", "safety", "malicious"] in rows[0]["badges"]
 
 
-def test_card_badges_show_kind_size_and_base_model(client, sample_library):
+def card_blocks(html: str) -> dict[int, str]:
+    """``{id: the card's own HTML}`` of the grid's cards."""
+    return {int(i): block for i, block in re.findall(r'<article class="card" data-id="(\d+)"(.*?)</article>', html, re.S)}
+
+
+def test_card_badges_show_kind_subtype_size_and_base_model(client, sample_library):
     from ckptlab.display import human_size
 
-    cards = parse(client.get("/?per_page=240").text).by_id()
+    html = client.get("/?per_page=240").text
+    blocks = card_blocks(html)
     for rec in present(sample_library / "catalog.db"):
-        badges = [" ".join(b) for b in cards[rec.id]["badges"]]
-        assert "badge size" in badges
-        html = client.get(f"/?per_page=240&q={stem(rec.name)}").text
-        assert human_size(rec.size) in html
-        if rec.family:  # the sample has no CivitAI links: the family (its facet label) stands for the base model
-            assert "badge base" in badges, rec.name
+        block = blocks[rec.id]
+        size = re.search(r'<span class="badge size">([^<]*)</span>', block).group(1)
+        assert size == human_size(rec.size), rec.name
+        kind = re.search(r'<span class="badge kind">([^<]*)</span>', block).group(1)
+        assert kind.endswith(f" · {rec.variant}") if rec.variant else " · " not in kind, (rec.name, kind)
+        base = re.search(r'<span class="badge base">([^<]*)</span>', block)
+        # the sample has no CivitAI links: a file with a family shows it (its facet label), one without none
+        assert bool(base) == bool(rec.family), rec.name
+        assert f'src="/media/preview/{rec.id}"' not in block  # no previews in the sample: the placeholder
+        assert f'<span class="ph" data-kind="{rec.kind}">' in block
 
 
 def test_copy_buttons_give_the_a1111_prompt_syntax(client, sample_library):
@@ -407,8 +417,18 @@ def test_list_view_is_a_table_of_the_same_files_and_is_remembered(client, sample
     assert "article" not in {c["tag"] for c in p.cards}
     assert sorted(c["id"] for c in p.cards) == sorted(rec.id for rec in recs)
     assert all(c["tag"] == "tr" and f"/model/{c['id']}" in c["links"] for c in p.cards)
-    for head in ("Name", "Kind", "Base model", "Precision", "Size", "Safety", "Added", "Folder"):
-        assert f">{head}</th>" in r.text
+    heads = re.findall(r"<th[^>]*>(?:<a[^>]*>)?([^<]+)", r.text)
+    assert heads == ["Name", "Kind", "Base model", "Precision", "Size", "Safety", "Added", "Folder"]
+    # the sortable headers: size sorts largest first, a second click reverses, the filters stay
+    by_size = re.search(r'<a class="sort" href="([^"]+)"[^>]*title="sort by size"', r.text).group(1)
+    assert parse_qs(urlsplit(by_size.replace("&amp;", "&")).query) == {"sort": ["size"], "desc": ["yes"],
+                                                                         "per_page": ["240"]}
+    r2 = client.get(by_size.replace("&amp;", "&"))
+    size = {rec.id: rec.size for rec in recs}
+    got = [size[c["id"]] for c in parse(r2.text).cards]
+    assert got == sorted(got, reverse=True) and 'aria-sort="descending"' in r2.text
+    again = re.search(r'<a class="sort" href="([^"]+)"[^>]*title="sort by size"', r2.text).group(1)
+    assert "desc" not in parse_qs(urlsplit(again.replace("&amp;", "&")).query)
     assert "ckptlab_view=list" in r.headers["set-cookie"]
     assert 'data-view="list"' in r.text and 'data-view="grid"' in r.text
     # the next request without ?view= keeps the list (cookie), and the grid link switches back
