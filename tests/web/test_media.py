@@ -221,3 +221,51 @@ def test_the_card_helper_agrees_with_the_route(lib):
     with make_client(db) as c:
         served = {i for i in ids if c.get(f"/media/preview/{i}").status_code == 200}
     assert served == set(got)
+
+
+def test_concurrent_requests_on_a_real_server(lib):
+    """A page's previews load at once: each request must use a catalog connection of its own thread (a sqlite3
+    connection used from another pool thread raises ProgrammingError: a 500 per image)."""
+    import socket
+    import threading
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvicorn
+
+    from ckptlab.web.app import create_app
+
+    db = lib / "catalog.db"
+    lora = _lora(db)
+    Path(lora.path).with_name("many.png").write_bytes(png_bytes(3))
+    _set_sidecar(db, lora.id, {"preview": "many.png"})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(db, host="127.0.0.1", port=port)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            threading.Event().wait(0.05)
+        assert server.started
+
+        def get(path: str) -> int:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+                    r.read()
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        paths = [f"/media/preview/{lora.id}", "/?per_page=30", "/?kind=vae"] * 16
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(get, paths))
+        assert codes == [200] * len(paths)
+    finally:
+        server.should_exit = True
+        thread.join(10)

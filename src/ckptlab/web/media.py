@@ -24,11 +24,11 @@ import os
 import stat
 from collections.abc import Iterable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ckptlab.library.catalog import Catalog
-from ckptlab.web.deps import catalog
+from ckptlab.web.deps import catalog_at
 
 router = APIRouter()
 
@@ -165,8 +165,12 @@ def _read(path: str) -> tuple[bytes, os.stat_result] | None:
 
 
 @router.get("/media/preview/{file_id}")
-def preview(file_id: str, request: Request, cat: Catalog = Depends(catalog)):
+def preview(file_id: str, request: Request):
     """The preview image of catalogued file ``file_id`` (digits only), or 404."""
+    # the catalog is opened here, in the thread that runs this route: FastAPI runs a sync dependency and the sync
+    # route in separate pool calls, which may be different threads (sqlite3 connections stay in their thread;
+    # several previews load at once, so it happens)
+    cat = catalog_at(request.app.state.db)
     if not file_id.isascii() or not file_id.isdigit() or len(file_id) > 18:
         return _not_found()
     rows = _rows(cat, [int(file_id)])

@@ -17,11 +17,10 @@ the query string is used and remembered in a cookie, and a request without one u
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from ckptlab.errors import BadChoiceError
-from ckptlab.library.catalog import Catalog
-from ckptlab.web.deps import catalog
+from ckptlab.web.deps import catalog_at
 from ckptlab.web.query import PER_PAGE, SAFETY, SORTS, Card, Filters, facets, search
 from ckptlab.web.templating import page
 
@@ -87,7 +86,10 @@ def _options(fac: dict, name: str, selected: tuple[str, ...], fallback: tuple[st
 
 
 @router.get("/")
-def library(request: Request, cat: Catalog = Depends(catalog)):
+def library(request: Request):
+    """The library page, its ``#results`` fragment (htmx) or the next page's cards (``chunk=1``)."""
+    # opened in this route's own thread (a Depends(catalog) may run in another pool thread than the route)
+    cat = catalog_at(request.app.state.db)
     f = Filters.from_query(request.query_params)
     view, set_view = _display(request, "view", VIEWS)
     density, set_density = _display(request, "density", DENSITIES)
