@@ -73,4 +73,15 @@ if [ "$rc" -ne 0 ] && [ "$(cat "$work/stderr")" = "$want" ] && [ ! -e "$out/merg
 else
   printf 'core_check: FAIL  merge without torch: exit %s, stderr:\n%s\n' "$rc" "$(cat "$work/stderr")" >&2; failed=1
 fi
+# serve needs the web extra: one line naming it, a non-zero exit, no server started
+set +e
+"$ck" serve --port 1 >"$work/stdout" 2>"$work/stderr"
+rc=$?
+set -e
+want='ckptlab: error: ckptlab serve needs the web extra'
+if [ "$rc" -ne 0 ] && [ "$(wc -l <"$work/stderr")" -eq 1 ] && grep -qF "$want" "$work/stderr"; then
+  echo "core_check: ok    serve refused in one line (exit $rc)"
+else
+  printf 'core_check: FAIL  serve without the web extra: exit %s, stderr:\n%s\n' "$rc" "$(cat "$work/stderr")" >&2; failed=1
+fi
 [ "$failed" -eq 0 ] && echo "core_check: the core install runs without torch" || exit 1

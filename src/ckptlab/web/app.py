@@ -32,7 +32,7 @@ def create_app(db: str | Path, *, host: str = "127.0.0.1", port: int = DEFAULT_P
     from fastapi.staticfiles import StaticFiles
 
     from ckptlab.library.catalog import Catalog
-    from ckptlab.web import pages_disk, pages_jobs, pages_library, pages_model
+    from ckptlab.web import media, pages_disk, pages_jobs, pages_library, pages_model
     from ckptlab.web.templating import STATIC
 
     if not is_loopback(host) and not token:
@@ -43,7 +43,7 @@ def create_app(db: str | Path, *, host: str = "127.0.0.1", port: int = DEFAULT_P
     app.state.db = db
     app.state.guard = Guard(host=host, port=port, token=token, extra_hosts=tuple(extra_hosts))
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    for module in (pages_library, pages_model, pages_jobs, pages_disk):
+    for module in (pages_library, pages_model, pages_jobs, pages_disk, media):
         app.include_router(module.router)
     _error_pages(app)
     # the guard wraps everything, static files and error pages included

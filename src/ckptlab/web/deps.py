@@ -25,6 +25,25 @@ def catalog_at(path: Path) -> Catalog:
     return cat
 
 
+class ThreadCatalog(Catalog):
+    """The catalog at ``path`` as seen from whichever thread uses it: every statement goes through the calling
+    thread's own connection (``catalog_at``). FastAPI resolves a plain ``def`` dependency and runs the plain
+    ``def`` route in two separate thread-pool calls, which may be different threads; a connection handed from
+    the one to the other would fail ("SQLite objects created in a thread can only be used in that same
+    thread") as soon as requests run concurrently."""
+
+    def __init__(self, path: Path):  # no connection of its own
+        self.path = path
+
+    @property
+    def conn(self):
+        return catalog_at(self.path).conn
+
+    def close(self) -> None:  # the per-thread connections stay open for the next request
+        return None
+
+
 def catalog(request: Request) -> Catalog:
-    """The catalog of the app serving ``request`` (FastAPI dependency: ``cat: Catalog = Depends(catalog)``)."""
-    return catalog_at(request.app.state.db)
+    """The catalog of the app serving ``request`` (FastAPI dependency: ``cat: Catalog = Depends(catalog)``),
+    safe to use from the route's thread whatever thread resolved it."""
+    return ThreadCatalog(request.app.state.db)
