@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import sys
@@ -81,6 +82,24 @@ def tensors(path: Path) -> dict:
     from safetensors.numpy import load_file
 
     return load_file(str(path))
+
+
+@pytest.fixture
+def library_copy(sample_library, tmp_path) -> Path:
+    """A small private library: the sample's SD1 pickle checkpoint and a LoRA, in an A1111 layout, catalogued
+    (without hashes: quicker than the shared fixture's full copy, and all these tests need)."""
+    lib = tmp_path / "lib"
+    for rel in (CKPT, SAFETENSORS):
+        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(sample_library / rel, lib / rel)
+    ckptlab.scan(lib / "a1111", db=lib / "catalog.db")
+    return lib
+
+
+@pytest.fixture
+def rw_client(library_copy):
+    with make_client(library_copy / "catalog.db") as c:
+        yield c
 
 
 @pytest.fixture
