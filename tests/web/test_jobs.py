@@ -406,6 +406,20 @@ def test_merge_form_previews_the_recipe(client, sample_library):
     assert "does not take --density" in r.text
 
 
+def test_merge_job_matches_the_api(rw_client, library_copy, sample_library, tmp_path):
+    sd = sample_library / "a1111/models/Stable-diffusion"
+    a, b = sd / "v1-5-pruned-emaonly.safetensors", sd / "anything-merge-v3.safetensors"
+    out = tmp_path / "merged.safetensors"
+    job_id = start(rw_client, "merge", method="weighted_sum", model_a=a, model_b=b, alpha="0.3", dtype="fp16",
+                   output=out)
+    assert wait_final(rw_client, job_id) == "done"
+    oracle = ckptlab.merge("weighted_sum", [a, b], tmp_path / "oracle.safetensors", alpha="0.3", precision="fp16")
+    expected, got = tensors(Path(oracle.output)), tensors(out)
+    assert expected.keys() == got.keys()
+    assert all(expected[k].tobytes() == got[k].tobytes() for k in expected)
+    assert jobs.get(library_copy / "catalog.db", job_id).made == [str(out)]
+
+
 def test_apply_plan_kind_refuses_a_bad_plan(library_copy, tmp_path):
     bad = tmp_path / "plan.json"
     bad.write_text("{not json")

@@ -42,6 +42,9 @@ class Kind:
     writes: bool = True            # changes files: the catalog learns about the outputs afterwards
     help: str = ""
     prefill: str = "path"          # the field ``?path=`` fills
+    #: the worker scans the catalogued roots of the outputs afterwards (apply-plan and download catalogue
+    #: what they change themselves)
+    catalogue: bool = True
 
     def field(self, name: str) -> Field | None:
         return next((f for f in self.fields if f.name == name), None)
@@ -483,7 +486,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
         Field("model_type", "--type", help="Folder type for URL/hf sources (lora, checkpoint, vae...)."),
         Field("file_id", "--file-id", "int"),
         Field("write_sidecars", "--write-sidecars", "bool", False),
-    ), _download, "ckptlab download", prefill="source",
+    ), _download, "ckptlab download", prefill="source", catalogue=False,
          help="Resumable, SHA256-verified download into the library, then catalogued."),
     Kind("generate", "Generate images", (
         Field("path", "MODEL", "path", required=True, must_exist=True),
@@ -504,7 +507,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     ), _grid, "ckptlab grid", plan=_out_plan("output"), help="A comparison grid."),
     Kind("apply-plan", "Apply a disk plan", (
         Field("plan", "PLAN", "path", required=True, must_exist=True, help="A plan written by plan-space."),
-    ), _apply_plan, "ckptlab apply-plan", plan=_apply_plan_check, prefill="plan",
+    ), _apply_plan, "ckptlab apply-plan", plan=_apply_plan_check, prefill="plan", catalogue=False,
          help="Carry out a reviewed plan step by step (each kept copy re-verified first)."),
 ]}
 

@@ -158,7 +158,7 @@ def run(db: Path, job_id: int) -> int:
         version, done, total, desc = reporter.snapshot()
         made = made_paths(result)
         scanned: list[str] = []
-        if spec.writes and made:
+        if spec.writes and spec.catalogue and made:
             try:
                 scanned = _catalogue(db, made, reporter)
             except CkptlabError as e:  # the job itself succeeded: say so, with the catalogue's trouble
