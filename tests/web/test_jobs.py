@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -285,6 +286,26 @@ def test_killed_worker_is_lost(rw_client, library_copy, tmp_path, slow_worker):
     assert "ended without reporting" in jobs.get(db, job_id).error
 
 
+def test_a_pid_taken_by_another_process_is_lost(library_copy):
+    """A running row whose pid now belongs to some other live process (after a reboot, pid reuse) is lost, even
+    with a fresh heartbeat; a queued row whose worker never started is not lost while it is young."""
+    db = library_copy / "catalog.db"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        conn = sqlite3.connect(str(db), isolation_level=None)
+        now = time.time()
+        conn.execute("INSERT INTO web_jobs(id, kind, params, status, pid, created, started, heartbeat) "
+                     "VALUES (7, 'hash', '{}', 'running', ?, ?, ?, ?)", (other.pid, now, now, now))
+        conn.execute("INSERT INTO web_jobs(id, kind, params, status, created) VALUES (8, 'hash', '{}', 'queued', ?)",
+                     (now,))
+        conn.close()
+        assert jobs.get(db, 7).status == "lost"
+        assert jobs.get(db, 8).status == "queued"
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_state_survives_a_reload(rw_client, library_copy):
     db = library_copy / "catalog.db"
     job_id = start(rw_client, "hash", path=library_copy / SAFETENSORS)
@@ -299,8 +320,8 @@ def test_state_survives_a_reload(rw_client, library_copy):
 def test_jobs_list_is_newest_first(rw_client, library_copy):
     a = start(rw_client, "check", path=library_copy / SAFETENSORS)
     b = start(rw_client, "hash", path=library_copy / SAFETENSORS)
-    wait_final(rw_client, a)
-    wait_final(rw_client, b)
+    for j in (a, b):
+        assert wait_final(rw_client, j) == "done", jobs.get(library_copy / "catalog.db", j)
     html = rw_client.get("/jobs").text
     table = html[html.index('<table id="jobs"'):]
     assert [int(x) for x in re.findall(r'<tr data-id="(\d+)"', table)] == [b, a]

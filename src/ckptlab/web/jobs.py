@@ -230,7 +230,7 @@ def submit(db: Path, kind: str, params: dict) -> int:
     now = time.time()
     conn.execute("BEGIN IMMEDIATE")
     try:
-        _refresh_active(conn)
+        _refresh_active(conn, db)
         mine = {os.path.abspath(o) for o in outputs}
         for jid, jkind, jout in conn.execute("SELECT id, kind, outputs FROM web_jobs WHERE status IN "
                                              "('queued', 'running')"):
@@ -257,19 +257,40 @@ def submit(db: Path, kind: str, params: dict) -> int:
     return job_id
 
 
-def _lost(job: Job, now: float) -> bool:
-    """A queued/running job whose worker is gone or silent."""
+def _is_worker_of(pid: int, db: Path, job_id: int) -> bool | None:
+    """Whether process ``pid`` is the worker of job ``job_id`` of ``db`` (its command line ends with them); None
+    where the command line cannot be read (no /proc)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    if not args:  # mid-exec (the arguments are set up after the exec that let Popen return) or exiting
+        return None
+    if len(args) < 2 or args[-1] != str(job_id):
+        return False
+    try:
+        return os.path.abspath(args[-2]) == os.path.abspath(db) or os.path.samefile(args[-2], db)
+    except OSError:
+        return False
+
+
+def _lost(db: Path, job: Job, now: float) -> bool:
+    """A queued/running job whose worker is gone (or silent, where the process cannot be identified)."""
     if job.pid is None:
         return now - job.created > START_TIMEOUT_S
     if not _alive(job.pid):
         return True
+    mine = _is_worker_of(job.pid, db, job.id)
+    if mine is not None:  # Linux: the process is known for sure; a busy catalog delaying heartbeats is no death
+        return not mine
     beat = job.heartbeat or job.started or job.created
     return now - beat > HEARTBEAT_STALE_S
 
 
-def _settle(conn, job: Job) -> Job:
+def _settle(conn, db: Path, job: Job) -> Job:
     """Mark ``job`` lost (or cancelled, when a cancel was asked) if its worker died without saying so."""
-    if not job.active or not _lost(job, time.time()):
+    if not job.active or not _lost(db, job, time.time()):
         return job
     status = "cancelled" if job.cancel_requested else "lost"
     error = None if job.cancel_requested else "the worker process ended without reporting (killed, or crashed)"
@@ -282,12 +303,12 @@ def _settle(conn, job: Job) -> Job:
     return _job(row) if row else job
 
 
-def _refresh_active(conn) -> None:
+def _refresh_active(conn, db: Path) -> None:
     """Inside a write transaction: settle every active job (for the one-output rule)."""
     now = time.time()
     for row in conn.execute(f"SELECT {_COLUMNS} FROM web_jobs WHERE status IN ('queued', 'running')").fetchall():
         job = _job(row)
-        if _lost(job, now):
+        if _lost(db, job, now):
             conn.execute("UPDATE web_jobs SET status = ?, finished = ? WHERE id = ?",
                          ("cancelled" if job.cancel_requested else "lost", now, job.id))
 
@@ -296,7 +317,7 @@ def get(db: Path, job_id: int) -> Job | None:
     """The job ``job_id`` (None if there is none), its worker checked if it is still active."""
     conn = _conn(Path(db))
     row = conn.execute(f"SELECT {_COLUMNS} FROM web_jobs WHERE id = ?", (job_id,)).fetchone()
-    return _settle(conn, _job(row)) if row else None
+    return _settle(conn, Path(db), _job(row)) if row else None
 
 
 def list_jobs(db: Path, *, limit: int = 100, offset: int = 0, status: str | None = None) -> list[Job]:
@@ -305,7 +326,7 @@ def list_jobs(db: Path, *, limit: int = 100, offset: int = 0, status: str | None
     where, args = ("WHERE status = ?", (status,)) if status else ("", ())
     rows = conn.execute(f"SELECT {_COLUMNS} FROM web_jobs {where} ORDER BY id DESC LIMIT ? OFFSET ?",
                         (*args, limit, offset)).fetchall()
-    return [_settle(conn, _job(r)) for r in rows]
+    return [_settle(conn, Path(db), _job(r)) for r in rows]
 
 
 def count_jobs(db: Path) -> int:
