@@ -317,6 +317,22 @@ def test_state_survives_a_reload(rw_client, library_copy):
     assert rows(db) == [(job_id, "hash", "done")]
 
 
+def test_jobs_list_rows_refresh_while_active(rw_client, library_copy, tmp_path, slow_worker):
+    slow_worker(0.2)
+    out = tmp_path / "out"
+    out.mkdir()
+    job_id = start(rw_client, "convert", path=library_copy / CKPT, out_dir=out)
+    html = rw_client.get("/jobs").text
+    assert re.search(r'<tbody id="job-rows" hx-get="/jobs\?rows=1[^"]*" hx-trigger="every 2s"', html)
+    frag = rw_client.get("/jobs", params={"rows": "1"}, headers={"hx-request": "true"}).text
+    assert frag.lstrip().startswith('<tbody id="job-rows"') and "<html" not in frag
+    assert f'<tr data-id="{job_id}" class="job ' in frag
+    assert jobs.cancel(library_copy / "catalog.db", job_id)
+    assert wait_final(rw_client, job_id) == "cancelled"
+    html = rw_client.get("/jobs").text
+    assert 'hx-trigger="every 2s"' not in html  # nothing active: the polling stops
+
+
 def test_jobs_list_is_newest_first(rw_client, library_copy):
     a = start(rw_client, "check", path=library_copy / SAFETENSORS)
     b = start(rw_client, "hash", path=library_copy / SAFETENSORS)
