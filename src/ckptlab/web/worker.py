@@ -1,0 +1,202 @@
+"""One job's process: ``python -m ckptlab.web.worker DB JOB_ID`` (started by ``ckptlab.web.jobs.submit``).
+
+It reads the job's row, marks it ``running``, calls the public API with a ``progress=`` callback, and writes the
+end: ``done`` with the result (``jsonable.to_jsonable``) and the files made, ``failed`` with the one-line message
+of a ``CkptlabError`` (anything else: "internal error: ..." with the traceback in the job's log), or
+``cancelled`` when SIGINT (``jobs.cancel``, the CLI's Ctrl-C path: atomic writers remove their temporary file)
+or SIGTERM interrupted it. A thread writes the progress to the row at most ``WRITES_PER_S`` times a second, and a
+heartbeat every ``jobs.HEARTBEAT_S`` while the work is silent. After a job that wrote files under a catalogued
+root, an incremental scan of that root lets the library show them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+WRITES_PER_S = 5
+
+
+class Reporter:
+    """The ``progress`` callback: keeps done/total/description in memory; ``Beat`` writes them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.done = 0
+        self.total: int | None = None
+        self.description: str | None = None
+        self.version = 0
+
+    def __call__(self, advance: int = 0, *, total: int | None = None, description: str | None = None) -> None:
+        with self.lock:
+            if total is not None:
+                self.total = int(total)
+            if description is not None:
+                self.description = str(description)[:300]
+            if advance:
+                self.done += int(advance)
+            self.version += 1
+
+    def reset(self, description: str) -> None:
+        with self.lock:
+            self.done, self.total, self.description = 0, None, description
+            self.version += 1
+
+    def snapshot(self) -> tuple[int, int, int | None, str | None]:
+        with self.lock:
+            return self.version, self.done, self.total, self.description
+
+
+class Beat(threading.Thread):
+    """Writes the reporter's state (when it changed; at most WRITES_PER_S a second) and the heartbeat."""
+
+    def __init__(self, db: Path, job_id: int, reporter: Reporter):
+        super().__init__(name="job-heartbeat", daemon=True)
+        self.db, self.job_id, self.reporter = db, job_id, reporter
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        import sqlite3
+
+        from ckptlab.web.jobs import HEARTBEAT_S
+
+        conn = sqlite3.connect(str(self.db), isolation_level=None, timeout=30)
+        try:
+            seen, last_write = -1, 0.0
+            while not self.stopping.wait(1 / WRITES_PER_S):
+                version, done, total, desc = self.reporter.snapshot()
+                now = time.time()
+                if version == seen and now - last_write < HEARTBEAT_S:
+                    continue
+                try:
+                    conn.execute("UPDATE web_jobs SET done = ?, total = ?, description = ?, heartbeat = ? "
+                                 "WHERE id = ? AND status = 'running'", (done, total, desc, now, self.job_id))
+                except sqlite3.Error:
+                    continue  # busy: the next beat tries again
+                seen, last_write = version, now
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=5)
+
+
+def _interrupt(signum, frame):  # SIGTERM: the same clean-up path as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def _catalogue(db: Path, made: list[str], reporter: Reporter) -> list[str]:
+    """Incrementally scan the catalogued roots that hold ``made``; the roots scanned."""
+    import sqlite3
+
+    import ckptlab
+
+    conn = sqlite3.connect(str(db), timeout=30)
+    try:
+        roots = [r for (r,) in conn.execute("SELECT DISTINCT root FROM files WHERE root IS NOT NULL")]
+    finally:
+        conn.close()
+    chosen: set[str] = set()
+    for p in made:
+        under = [r for r in roots if os.path.commonpath([os.path.abspath(r), p]) == os.path.abspath(r)]
+        if under:
+            chosen.add(max(under, key=len))
+    for root in sorted(chosen):
+        reporter.reset(f"cataloguing {Path(root).name}")
+        ckptlab.scan(root, db=db, progress=reporter)
+    return sorted(chosen)
+
+
+def run(db: Path, job_id: int) -> int:
+    from ckptlab.errors import CkptlabError
+    from ckptlab.jsonable import to_jsonable
+    from ckptlab.web.job_kinds import KINDS, made_paths
+    from ckptlab.web.jobs import open_catalog
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    cat = open_catalog(db)
+    conn = cat.conn
+
+    def end(status: str, **cols) -> None:
+        sets = ", ".join(f"{k} = ?" for k in cols)
+        sql = f"UPDATE web_jobs SET status = ?, finished = ?{', ' + sets if sets else ''} WHERE id = ?"
+        conn.execute(sql, (status, time.time(), *cols.values(), job_id))
+
+    row = conn.execute("SELECT kind, params, status, cancel_requested FROM web_jobs WHERE id = ?",
+                       (job_id,)).fetchone()
+    if row is None:
+        print(f"ckptlab worker: no job {job_id} in {db}", file=sys.stderr)
+        return 2
+    kind, params, status, cancel_requested = row
+    if status != "queued":
+        print(f"ckptlab worker: job {job_id} is {status}, not queued", file=sys.stderr)
+        return 2
+    if cancel_requested:
+        end("cancelled")
+        return 130
+    conn.execute("UPDATE web_jobs SET status = 'running', pid = ?, started = ?, heartbeat = ? WHERE id = ?",
+                 (os.getpid(), time.time(), time.time(), job_id))
+    params = json.loads(params)
+    reporter = Reporter()
+    beat = Beat(db, job_id, reporter)
+    beat.start()
+    spec = KINDS.get(kind)
+    try:
+        if spec is None:
+            raise CkptlabError(f"unknown job kind {kind!r}")
+        print(f"ckptlab worker: job {job_id} {kind} {json.dumps(params)}", flush=True)
+        result = spec.run(params, db, reporter)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: record it, whatever comes now
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        version, done, total, desc = reporter.snapshot()
+        made = made_paths(result)
+        scanned: list[str] = []
+        if spec.writes and spec.catalogue and made:
+            try:
+                scanned = _catalogue(db, made, reporter)
+            except CkptlabError as e:  # the job itself succeeded: say so, with the catalogue's trouble
+                print(f"ckptlab worker: cataloguing the outputs failed: {e}", file=sys.stderr)
+        beat.stop()
+        payload = to_jsonable(result)
+        if not isinstance(payload, dict):
+            payload = {"items": payload}
+        if scanned:
+            payload.setdefault("catalogued_roots", scanned)
+        total = total or done or None  # finished: all of it was done, whether or not the work said how much
+        end("done", result=json.dumps(payload), made=json.dumps(made), done=total or 0, total=total,
+            description=desc)
+        return 0
+    except KeyboardInterrupt:
+        beat.stop()
+        end("cancelled", error=None)
+        return 130
+    except CkptlabError as e:
+        beat.stop()
+        end("failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return getattr(e, "exit_code", 1)
+    except Exception as e:  # noqa: BLE001 - the job's end must be written whatever happened
+        beat.stop()
+        traceback.print_exc()
+        end("failed", error=f"internal error: {type(e).__name__}: {str(e)[:300]} (see the job's log)")
+        return 70
+    finally:
+        cat.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("usage: python -m ckptlab.web.worker CATALOG JOB_ID", file=sys.stderr)
+        return 2
+    return run(Path(argv[0]), int(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
