@@ -312,3 +312,18 @@ def test_apply_with_the_jobs_runner(disk_lib):
     saved = Path(job.params["plan"])
     assert saved.parent == db.with_name("catalog.db.plans")
     jobs.cancel(db, job_id)
+
+
+def test_the_command_line_shown_makes_the_same_plan(disk_lib, tmp_path, cli):
+    """The page prints the equivalent ``plan-space`` command; run as printed, it writes the plan the page shows."""
+    import shlex
+
+    with make_client(disk_lib / "catalog.db") as c:
+        shown = page_plan(c, "?prefer_smaller=1&link=sym")
+    words = shlex.split(shown["doc"].by_id("plan-cli").text())
+    assert words[:2] == ["ckptlab", "plan-space"]
+    plan = cli_plan(cli, disk_lib / "catalog.db", tmp_path / "p.json", *words[2:])
+    groups, transforms, total = oracle_view(plan)
+    assert shown["total"] == total and shown["transforms"] == transforms
+    assert {gi: g["steps"] for gi, g in shown["groups"].items() if g["steps"]} == {
+        gi: g["steps"] for gi, g in groups.items()}

@@ -102,10 +102,11 @@ class PlanOptions:
         q = urlencode(self.query())
         return "/disk" + ("?" + q if q else "")
 
-    @property
-    def cli(self) -> str:
-        """The same plan from the command line."""
-        parts = ["ckptlab plan-space"]
+    def cli(self, db: Path | None = None) -> str:
+        """The same plan from the command line (for catalog ``db``)."""
+        import shlex
+
+        parts = ["ckptlab plan-space"] + ([f"--db {shlex.quote(str(db))}"] if db is not None else [])
         if self.prefer_smaller:
             parts.append("--prefer-smaller")
         if self.no_fp16:
@@ -293,7 +294,7 @@ def disk(request: Request, cat: Catalog = Depends(catalog)):
     view = build_view(cat, opts)
     template = "disk_plan.html" if request.headers.get("hx-request") == "true" else "disk.html"
     return page(request, template, nav="disk", view=view, opts=opts, kinds=_extra_kinds(cat),
-                link_modes=LINK_MODES)
+                link_modes=LINK_MODES, cli=opts.cli(request.app.state.db))
 
 
 @router.post("/disk/apply")
