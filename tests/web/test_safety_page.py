@@ -189,3 +189,30 @@ def test_an_all_safe_catalog(client):
     doc = parse(r.text)
     assert r.status_code == 200 and doc.by_id("all-safe") is not None
     assert not [tr for tr in doc.by_id("unsafe").find_all("tr") if "data-id" in tr.attrs]
+
+
+def test_a_diffusers_folder_lists_the_findings_of_its_files(tmp_path, cli, monkeypatch):
+    """A pipeline folder is one catalog row; its verdict is its worst file's, and the page shows each hostile
+    file's findings under that file's name (oracle: ``ckptlab check --json`` on the folder)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "library"))
+    from hostile.corpus import os_system, p2
+    from test_scan_diffusers import pipeline
+
+    folder = pipeline(tmp_path / "models" / "diffusers" / "sd15")
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(p2(os_system(tmp_path / "canary")))
+    db = tmp_path / "catalog.db"
+    with Catalog(db) as cat:
+        scan([tmp_path / "models"], cat, workers=1)
+    r = cli("check", "--json", str(folder))
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    want = [("text_encoder/pytorch_model.bin", f["severity"], f["kind"], f["detail"]) for rec in records
+            if rec["verdict"] != "safe" for f in rec["findings"] if f["severity"] != "info"]
+    assert want and r.returncode == 4
+    with make_client(db) as c:
+        rows = page_rows(c)
+    (tr,) = rows.values()
+    assert tr.attrs["data-verdict"] == "malicious"
+    shown = [(li.find(cls="finding-file").text(), li.attrs["data-severity"], li.find(cls="finding-kind").text(),
+              li.find(cls="finding-detail").text()) for li in tr.find_all("li", cls="finding")]
+    assert shown == want
+    assert not (tmp_path / "canary").exists()
