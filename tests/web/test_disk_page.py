@@ -327,3 +327,25 @@ def test_the_command_line_shown_makes_the_same_plan(disk_lib, tmp_path, cli):
     assert shown["total"] == total and shown["transforms"] == transforms
     assert {gi: g["steps"] for gi, g in shown["groups"].items() if g["steps"]} == {
         gi: g["steps"] for gi, g in groups.items()}
+
+
+def test_paging_shows_every_group_and_rewrite_once(disk_lib, tmp_path, cli, monkeypatch):
+    monkeypatch.setattr("ckptlab.web.pages_disk.PER_PAGE", 1)
+    plan = cli_plan(cli, disk_lib / "catalog.db", tmp_path / "plan.json")
+    groups, transforms, total = oracle_view(plan)
+    seen_groups, seen_transforms, fingerprints = {}, [], set()
+    url = "/disk"
+    with make_client(disk_lib / "catalog.db") as c:
+        while url:
+            shown = page_plan(c, url[len("/disk"):])
+            assert shown["total"] == total  # every page bills the whole plan
+            fingerprints.add(dict(shown["fields"])["fingerprint"])
+            for gi, g in shown["groups"].items():
+                assert gi not in seen_groups
+                seen_groups[gi] = g["steps"]
+            seen_transforms += sorted(shown["transforms"])
+            nxt = shown["doc"].find("a", rel="next")
+            url = nxt.attrs["href"] if nxt is not None else None
+    assert len(fingerprints) == 1  # one plan, whichever page the apply button is pressed on
+    assert {gi: s for gi, s in seen_groups.items() if s} == {gi: g["steps"] for gi, g in groups.items()}
+    assert len(seen_transforms) == len(transforms) and set(seen_transforms) == transforms

@@ -371,22 +371,25 @@ def _retag(stem: str, tag: str = "fp16") -> str | None:
 
 
 def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = True, link: str = "auto",
-               convert_kinds: frozenset[str] | set[str] | None = None) -> SpacePlan:
+               convert_kinds: frozenset[str] | set[str] | None = None, dupes: DupesResult | None = None) -> SpacePlan:
     """The disk plan (``library.plan`` describes the steps and their order): the duplicate steps of
     ``find_dupes``, then one transform per file (pickle -> safetensors, prune, fp32 -> fp16 in one pass),
-    each billed with the exact size of the file the transform itself plans."""
+    each billed with the exact size of the file the transform itself plans. ``dupes``: what ``find_dupes``
+    just returned for this catalog with the same ``prefer_smaller`` and ``link`` (a caller that shows the
+    groups too finds them once; shared-component groups in it are ignored); None finds them here."""
     from ckptlab.errors import CkptlabError
     from ckptlab.library.apply_plan import hidden_target, transform
 
     kinds = CONVERT_KINDS | set(convert_kinds or ())
-    dupes = find_dupes(catalog, prefer_smaller=prefer_smaller, link=link)
+    if dupes is None:
+        dupes = find_dupes(catalog, prefer_smaller=prefer_smaller, link=link)
     recs = {r.id: r for r in catalog.files(status="present", sort="path")}
     plan = SpacePlan(catalog=str(catalog.path), link=link)
     removed: set[int] = set()
     linked_keepers: set[int] = set()
     same_weights_keepers: set[int] = set()
     taken: set[str] = set()  # paths some step creates
-    for gi, g in enumerate(dupes.groups, 1):
+    for gi, g in enumerate((g for g in dupes.groups if g.kind != "shared_component"), 1):
         keeper = next(c for c in g.copies if c.keep)
         kr = recs[keeper.id]
         if g.kind == "same_weights":

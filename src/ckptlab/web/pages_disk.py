@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ STALE = "the library changed since you reviewed this plan; review it again"
 #: kinds a user may ask to convert besides CONVERT_KINDS (plan-space --convert-kind), offered as checkboxes
 EXTRA_CONVERT_KINDS = ("hypernetwork", "upscaler")
 MAX_KIND_CHARS = 40
+#: groups (and rewrites) shown per page; the plan applied is always the whole plan
+PER_PAGE = 200
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,11 @@ class PlanOptions:
         return " ".join(parts)
 
 
-def make_plan(cat: Catalog, opts: PlanOptions) -> SpacePlan:
-    """What ``ckptlab plan-space`` with these options plans for ``cat`` (the very function it calls)."""
+def make_plan(cat: Catalog, opts: PlanOptions, dupes=None) -> SpacePlan:
+    """What ``ckptlab plan-space`` with these options plans for ``cat`` (the very function it calls);
+    ``dupes``: the groups ``find_dupes`` just found with the same options (so they are not found twice)."""
     return plan_space(cat, prefer_smaller=opts.prefer_smaller, fp16=not opts.no_fp16, link=opts.link,
-                      convert_kinds=set(opts.convert_kind))
+                      convert_kinds=set(opts.convert_kind), dupes=dupes)
 
 
 def plan_fingerprint(plan: SpacePlan) -> str:
@@ -202,12 +206,16 @@ def _what(step: PlanStep | None, copy) -> tuple[str, str]:
 
 
 def build_view(cat: Catalog, opts: PlanOptions) -> PlanView:
-    """The plan and its duplicate groups, joined by the plan's group numbers. The groups are found once more
-    (``find_dupes``) for what the steps do not carry; if the catalog changed between the two reads the
-    numbers would not line up, so the pair is read again."""
+    """The plan and its duplicate groups, joined by the plan's group numbers: the groups are found once
+    (``find_dupes``), handed to ``plan_space`` for its duplicate steps and kept for what the steps do not carry
+    (the kept copy's facts, the copies left alone). A catalog that changes under the page (a record gone
+    between the reads) is read again."""
     for _attempt in range(3):
-        plan = make_plan(cat, opts)
         dupes = find_dupes(cat, prefer_smaller=opts.prefer_smaller, components=opts.components, link=opts.link)
+        try:
+            plan = make_plan(cat, opts, dupes)
+        except KeyError:  # a grouped file left the catalog before the plan read the records
+            continue
         view = _join(cat, opts, plan, dupes)
         if view is not None:
             return view
@@ -260,7 +268,7 @@ def _join(cat: Catalog, opts: PlanOptions, plan: SpacePlan, dupes) -> PlanView |
         return None
     groups.sort(key=lambda g: (-g.bytes_freed, g.index))
     return PlanView(options=opts, plan=plan, fingerprint=plan_fingerprint(plan), groups=groups, shared=shared,
-                    transforms=list(transformed.values()), unhashed=dupes.unhashed,
+                    transforms=sorted(transformed.values(), key=lambda s: (-s.bytes_freed, s.path)), unhashed=dupes.unhashed,
                     unfingerprinted=dupes.unfingerprinted)
 
 
@@ -291,10 +299,26 @@ def _extra_kinds(cat: Catalog) -> list[str]:
 @router.get("/disk")
 def disk(request: Request, cat: Catalog = Depends(catalog)):
     opts = PlanOptions.from_params(request.query_params)
+    try:
+        page_no = int(request.query_params.get("page") or 1)
+    except ValueError:
+        raise UsageError("page: use a whole number from 1") from None
+    if page_no < 1:
+        raise UsageError("page: use a whole number from 1")
     view = build_view(cat, opts)
+    pages = max(1, math.ceil(max(len(view.groups), len(view.transforms)) / PER_PAGE))
+    page_no = min(page_no, pages)
+    shown = slice((page_no - 1) * PER_PAGE, page_no * PER_PAGE)
+
+    def page_url(n: int) -> str:
+        q = opts.query() + ([("page", str(n))] if n > 1 else [])
+        return "/disk" + ("?" + urlencode(q) if q else "")
+
     template = "disk_plan.html" if request.headers.get("hx-request") == "true" else "disk.html"
     return page(request, template, nav="disk", view=view, opts=opts, kinds=_extra_kinds(cat),
-                link_modes=LINK_MODES, cli=opts.cli(request.app.state.db))
+                link_modes=LINK_MODES, cli=opts.cli(request.app.state.db), groups=view.groups[shown],
+                transforms=view.transforms[shown], page_no=page_no, pages=pages, page_url=page_url,
+                per_page=PER_PAGE)
 
 
 @router.post("/disk/apply")
