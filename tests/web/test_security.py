@@ -62,7 +62,14 @@ def submitted(monkeypatch):
     return calls
 
 
+#: the catalog's records of the library (search indexes or caches another page may build on a GET are not state)
+RECORD_TABLES = ("files", "content", "scans", "civitai_records", "civitai_links", "previews", "image_links",
+                 "triggers")
+
+
 def state(root: Path) -> tuple:
+    """The library tree (files with inode, size, mtime), and every row of the catalog's record tables and of any
+    jobs table."""
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         files += [str(Path(dirpath) / d) for d in dirnames]
@@ -72,7 +79,9 @@ def state(root: Path) -> tuple:
                 files.append((str(Path(dirpath) / n), st.st_ino, st.st_size, st.st_mtime_ns))
     con = sqlite3.connect(root / "catalog.db")
     try:
-        dump = list(con.iterdump())
+        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                  if t in RECORD_TABLES or "job" in t.lower()]
+        dump = {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}"'))) for t in tables}
     finally:
         con.close()
     return sorted(map(str, files)), dump
