@@ -237,8 +237,10 @@ class GuardMiddleware:
 def _local_location(scope, query: dict) -> str:
     """The address of this request on this server without its token: the raw (still percent-encoded) path, so a
     decoded CR/LF can never reach a header, and never ``//host`` (a browser reads that as another site)."""
+    from urllib.parse import quote
+
     raw = scope.get("raw_path") or scope.get("path", "/").encode()
-    path = "/" + raw.decode("latin-1").lstrip("/\\")
+    path = "/" + quote(raw.decode("latin-1").lstrip("/\\"), safe="/%:@!$&'()*+,;=-._~")
     return path + (("?" + urlencode(query, doseq=True)) if query else "")
 
 
