@@ -101,6 +101,7 @@ OPTIONS = [
     ("", ()),
     ("?prefer_smaller=1&link=none&no_fp16=1", ("--prefer-smaller", "--link", "none", "--no-fp16")),
     ("?link=sym&convert_kind=hypernetwork", ("--link", "sym", "--convert-kind", "hypernetwork")),
+    ("?components=1&prefer_smaller=1", ("--prefer-smaller",)),  # shown groups, not steps: the same plan
 ]
 
 
