@@ -120,11 +120,41 @@ def in_ui_folder(rec: FileRecord) -> bool:
     return any(p.lower() == "models" for p in parents[:-1])
 
 
-def _rank(rec: FileRecord, prefer_smaller: bool) -> tuple:
+def _width(rec: FileRecord) -> int:
     prec = precision(rec)
-    width = itemsize(prec) if prec else 4
-    return (rec.format == "diffusers", not in_ui_folder(rec), rec.format == "pickle", not _is_pruned(rec),
-            width if prefer_smaller else -width, rec.is_link, rec.folder is None, rec.id)
+    return itemsize(prec) if prec else 4
+
+
+#: the kept copy's ranking, best first: (why a copy wins on this criterion, its sort key); ``_rank`` and
+#: ``keep_reason`` both read this one list, so the reason shown is the rule applied
+_RANK_CRITERIA = (
+    ("a single file (a diffusers folder is never the kept copy)", lambda r, ps: r.format == "diffusers"),
+    ("in a UI model folder", lambda r, ps: not in_ui_folder(r)),
+    ("safetensors, not a pickle", lambda r, ps: r.format == "pickle"),
+    ("pruned (no EMA weights or training state)", lambda r, ps: not _is_pruned(r)),
+    ("", lambda r, ps: _width(r) if ps else -_width(r)),  # precision: worded by keep_reason
+    ("a real file, not a symlink", lambda r, ps: r.is_link),
+    ("in a folder a UI names", lambda r, ps: r.folder is None),
+    ("catalogued first", lambda r, ps: r.id),
+)
+
+
+def _rank(rec: FileRecord, prefer_smaller: bool) -> tuple:
+    return tuple(key(rec, prefer_smaller) for _, key in _RANK_CRITERIA)
+
+
+def keep_reason(keeper: FileRecord, other: FileRecord, prefer_smaller: bool = False) -> str:
+    """Why ``keeper`` is kept rather than ``other`` (two copies of one group): the first rule of the ranking
+    (module doc) on which they differ, e.g. ``"in a UI model folder"``."""
+    for label, key in _RANK_CRITERIA:
+        a, b = key(keeper, prefer_smaller), key(other, prefer_smaller)
+        if a != b:
+            if label:
+                return label
+            kp, op = (precision(keeper) or "?").lower(), (precision(other) or "?").lower()
+            return (f"smaller precision ({kp} over {op}, --prefer-smaller)" if prefer_smaller
+                    else f"higher precision ({kp} over {op})")
+    return "catalogued first"
 
 
 def _copy(rec: FileRecord, keep: bool) -> DupeCopy:
@@ -341,22 +371,25 @@ def _retag(stem: str, tag: str = "fp16") -> str | None:
 
 
 def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = True, link: str = "auto",
-               convert_kinds: frozenset[str] | set[str] | None = None) -> SpacePlan:
+               convert_kinds: frozenset[str] | set[str] | None = None, dupes: DupesResult | None = None) -> SpacePlan:
     """The disk plan (``library.plan`` describes the steps and their order): the duplicate steps of
     ``find_dupes``, then one transform per file (pickle -> safetensors, prune, fp32 -> fp16 in one pass),
-    each billed with the exact size of the file the transform itself plans."""
+    each billed with the exact size of the file the transform itself plans. ``dupes``: what ``find_dupes``
+    just returned for this catalog with the same ``prefer_smaller`` and ``link`` (a caller that shows the
+    groups too finds them once; shared-component groups in it are ignored); None finds them here."""
     from ckptlab.errors import CkptlabError
     from ckptlab.library.apply_plan import hidden_target, transform
 
     kinds = CONVERT_KINDS | set(convert_kinds or ())
-    dupes = find_dupes(catalog, prefer_smaller=prefer_smaller, link=link)
+    if dupes is None:
+        dupes = find_dupes(catalog, prefer_smaller=prefer_smaller, link=link)
     recs = {r.id: r for r in catalog.files(status="present", sort="path")}
     plan = SpacePlan(catalog=str(catalog.path), link=link)
     removed: set[int] = set()
     linked_keepers: set[int] = set()
     same_weights_keepers: set[int] = set()
     taken: set[str] = set()  # paths some step creates
-    for gi, g in enumerate(dupes.groups, 1):
+    for gi, g in enumerate((g for g in dupes.groups if g.kind != "shared_component"), 1):
         keeper = next(c for c in g.copies if c.keep)
         kr = recs[keeper.id]
         if g.kind == "same_weights":

@@ -13,11 +13,15 @@ CivitAI must never run as script. The checks, in order, as one ASGI middleware i
 3. **State-changing requests** (anything but GET/HEAD/OPTIONS) need an ``Origin`` (else ``Referer``) of this same
    scheme+host+port, and the CSRF token (``X-CSRF-Token`` header, as htmx sends it, or a ``csrf`` form field)
    equal to this server's: a random value written into every page, unreadable from another origin.
+   ``Origin: null`` (a sandboxed frame, a cross-site redirect) is never same-origin. A WebSocket handshake
+   passes the Host, token and Origin checks too (browsers open cross-site WebSockets without preflight).
 4. Every answer carries a Content-Security-Policy with no inline script (``script-src 'self'``), ``nosniff``,
    ``frame-ancestors 'none'`` and ``Referrer-Policy: same-origin``: escaping (Jinja autoescape) is the first
    line against script payloads in model metadata, the policy the second.
 
-Refusals are plain-text 4xx answers with one line saying why (403 for Host/Origin/CSRF, 401 for the token).
+Refusals are plain-text 4xx answers with one line saying why (403 for Host/Origin/CSRF, 401 for the token). An
+exception escaping a route is answered here (500, with the headers) before Starlette's outer handler would answer
+without them.
 """
 
 from __future__ import annotations
@@ -87,7 +91,8 @@ class Guard:
         """The Host values accepted (lower case, with port), or None for a wildcard bind (any)."""
         if is_wildcard(self.host):
             return None
-        names = set(LOOPBACK_NAMES) if self.loopback else {self.host if ":" not in self.host else f"[{self.host}]"}
+        bound = self.host if ":" not in self.host or self.host.startswith("[") else f"[{self.host}]"
+        names = ({*LOOPBACK_NAMES, bound} if self.loopback else {bound})
         names.update(self.extra_hosts)
         return frozenset(f"{n.lower()}:{self.port}" for n in names) | (
             frozenset(n.lower() for n in names) if self.port == 80 else frozenset())
@@ -123,10 +128,13 @@ def _cookie(headers: dict[str, str], name: str) -> str | None:
 
 
 def same_origin(headers: dict[str, str], scheme: str) -> bool:
-    """The request's Origin (else Referer) is this scheme://Host. Absent both: not same-origin."""
+    """The request's Origin (else, when there is no Origin at all, its Referer) is this scheme://Host. Absent
+    both, or ``Origin: null``: not same-origin."""
     host = headers.get("host", "").lower()
     origin = headers.get("origin")
-    if origin is None or origin == "null":
+    if origin is not None and origin.strip().lower() == "null":
+        return False  # an opaque origin (sandboxed frame, cross-origin redirect, file:): never this app's page
+    if origin is None:
         ref = headers.get("referer")
         if not ref:
             return False
@@ -151,6 +159,8 @@ class GuardMiddleware:
         self.guard = guard
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self._websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         g = self.guard
@@ -165,8 +175,8 @@ class GuardMiddleware:
             from_query = (query.get("token") or [None])[0]
             if from_query is not None and g.token_ok(from_query) and scope["method"] in SAFE_METHODS:
                 rest = {k: v for k, v in query.items() if k != "token"}
-                location = scope.get("path", "/") + (("?" + urlencode(rest, doseq=True)) if rest else "")
                 cookie = f"{TOKEN_COOKIE}={g.token}; Path=/; HttpOnly; SameSite=Strict"
+                location = _local_location(scope, rest)
                 return await _plain(send, 303, "token accepted", [(b"location", location.encode()),
                                                                    (b"set-cookie", cookie.encode())])
             if not (g.token_ok(bearer) or g.token_ok(_cookie(headers, TOKEN_COOKIE))):
@@ -183,15 +193,55 @@ class GuardMiddleware:
                 if not g.csrf_ok(_form_field(headers, body, CSRF_FIELD)):
                     return await _plain(send, 403, "refused: missing or wrong CSRF token (reload the page)")
 
+        started = False
+
         async def send_with_headers(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 have = {k.lower() for k, _ in message.get("headers", [])}
                 message = dict(message)
                 message["headers"] = list(message.get("headers", [])) + [
                     h for h in SECURITY_HEADERS if h[0] not in have]
             await send(message)
 
-        return await self.app(scope, receive, send_with_headers)
+        try:
+            return await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # a bug in a route: Starlette's outer error handler would answer 500 without these headers; answer
+            # here (with them) and re-raise so the error is still logged
+            if not started:
+                await _plain(send, 500, "internal error (the server's log has the details)")
+            raise
+
+    async def _websocket(self, scope, receive, send):
+        """A WebSocket handshake passes the same Host, token and same-Origin checks as a state-changing request
+        (a cross-site page can open a WebSocket to any address, and browsers send no preflight); refused
+        handshakes are closed before they are accepted."""
+        g = self.guard
+        headers = _headers(scope)
+        ok = g.host_ok(headers.get("host")) and same_origin(headers, "https" if scope.get("scheme") == "wss"
+                                                            else "http")
+        if ok and g.token is not None:
+            auth = headers.get("authorization", "")
+            bearer = auth[7:] if auth.lower().startswith("bearer ") else None
+            ok = g.token_ok(bearer) or g.token_ok(_cookie(headers, TOKEN_COOKIE))
+        if not ok:
+            message = await receive()
+            if message["type"] == "websocket.connect":
+                await send({"type": "websocket.close", "code": 1008})
+            return None
+        return await self.app(scope, receive, send)
+
+
+def _local_location(scope, query: dict) -> str:
+    """The address of this request on this server without its token: the raw (still percent-encoded) path, so a
+    decoded CR/LF can never reach a header, and never ``//host`` (a browser reads that as another site)."""
+    from urllib.parse import quote
+
+    raw = scope.get("raw_path") or scope.get("path", "/").encode()
+    path = "/" + quote(raw.decode("latin-1").lstrip("/\\"), safe="/%:@!$&'()*+,;=-._~")
+    return path + (("?" + urlencode(query, doseq=True)) if query else "")
 
 
 MAX_FORM_BYTES = 1 << 20
