@@ -1,6 +1,7 @@
 """Fixtures of the web app's tests: the sample library scanned into a catalog (built once per test session and
 copied per test that writes), and FastAPI test clients that speak as the app's own pages do (Host of the bound
-address, same-origin Origin, the CSRF header) or as a hostile page would."""
+address, same-origin Origin, the CSRF header). A pytest plugin that tests/conftest.py names in ``pytest_plugins``:
+a second ``conftest.py`` under tests/web would shadow the root one for the suite's ``from conftest import SRC``."""
 
 from __future__ import annotations
 
