@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from fakes.web import make_client
 
 
