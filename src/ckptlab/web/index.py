@@ -53,18 +53,13 @@ MIGRATIONS = [
     CREATE INDEX web_index_family_sort ON web_index(family_key, sort_name, file_id);
     CREATE INDEX web_index_kind ON web_index(kind);
     CREATE INDEX web_index_family ON web_index(family);
-    CREATE INDEX web_index_format ON web_index(format);
-    CREATE INDEX web_index_precision ON web_index(precision);
     CREATE INDEX web_index_safety ON web_index(safety_key);
-    CREATE INDEX web_index_folder ON web_index(folder);
-    CREATE INDEX web_index_flags ON web_index(linked, update_available);
     CREATE INDEX web_index_sha ON web_index(sha256);
-    CREATE INDEX web_index_dups ON web_index(dups);
     CREATE TABLE web_index_tags (tag TEXT NOT NULL, file_id INTEGER NOT NULL, label TEXT NOT NULL,
                                  PRIMARY KEY (tag, file_id)) WITHOUT ROWID;
     CREATE INDEX web_index_tags_file ON web_index_tags(file_id);
     CREATE VIRTUAL TABLE web_index_fts USING fts5(names, tags, words, hashes,
-                                                  tokenize = 'unicode61 remove_diacritics 2', prefix = '2 3');
+                                                  tokenize = 'unicode61 remove_diacritics 2');
     CREATE TABLE web_index_dirty (file_id INTEGER PRIMARY KEY);
     CREATE TABLE web_index_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO web_index_meta(key, value) VALUES ('generation', 0);
@@ -119,6 +114,7 @@ MIGRATIONS = [
 register_migrations(COMPONENT, MIGRATIONS)
 
 BATCH = 5000  # dirty rows rebuilt per SQL pass
+BULK = 2000  # this many dirty rows, and at least half the index: drop its indexes, rebuild, index again (faster)
 _SHA = 23  # position of sha256 in a web_index row
 
 # -- labels: the names UIs use --------------------------------------------------------------------------------
@@ -163,6 +159,7 @@ def subtype_label(kind: str | None, variant: str | None) -> str | None:
     return variant
 
 
+@functools.lru_cache(maxsize=1024)
 def folder_label(folder: str | None) -> str | None:
     """``Lora (A1111/Forge)``, ``loras (ComfyUI)``: the UI folder and the UI that reads it."""
     from ckptlab.library.ui_folders import FOLDERS
@@ -288,8 +285,19 @@ def refresh(cat: Catalog) -> int:
     try:
         with cat.transaction() as conn:
             ids = [r[0] for r in conn.execute("SELECT file_id FROM web_index_dirty")]
+            have = conn.execute("SELECT count(*) FROM web_index").fetchone()[0]
+            indexes = []
+            if len(ids) >= BULK and len(ids) * 2 >= have:  # a first build, or a rescan that changed most files
+                indexes = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND "
+                                       "tbl_name = 'web_index' AND sql IS NOT NULL").fetchall()
+                for name, _sql in indexes:
+                    conn.execute(f'DROP INDEX "{name}"')
             for i in range(0, len(ids), BATCH):
-                _rebuild(conn, ids[i:i + BATCH])
+                _rebuild(conn, ids[i:i + BATCH], recount=not indexes)
+            for _name, sql in indexes:
+                conn.execute(sql)
+            if indexes:
+                _recount(conn, None)
             conn.execute("DELETE FROM web_index_dirty")
             conn.execute("UPDATE web_index_meta SET value = value + 1 WHERE key = 'generation'")
     except CatalogWriteError:
@@ -304,8 +312,9 @@ def rebuild_all(cat: Catalog) -> int:
     return refresh(cat)
 
 
-def _rebuild(conn: sqlite3.Connection, ids: list[int]) -> None:
-    """Replace the index rows of ``ids`` (inside the caller's transaction); recount their duplicate groups."""
+def _rebuild(conn: sqlite3.Connection, ids: list[int], recount: bool = True) -> None:
+    """Replace the index rows of ``ids`` (inside the caller's transaction); recount their duplicate groups
+    (``recount``; else the caller recounts all of them once)."""
     id_json = json.dumps(ids)
     old_shas = [r[0] for r in conn.execute(
         "SELECT DISTINCT sha256 FROM web_index WHERE sha256 IS NOT NULL AND file_id IN (SELECT value FROM "
@@ -327,12 +336,23 @@ def _rebuild(conn: sqlite3.Connection, ids: list[int]) -> None:
     conn.executemany(f"INSERT INTO web_index VALUES ({', '.join('?' * 25)})", out)
     conn.executemany("INSERT INTO web_index_fts(rowid, names, tags, words, hashes) VALUES (?, ?, ?, ?, ?)", fts)
     conn.executemany("INSERT OR IGNORE INTO web_index_tags(tag, file_id, label) VALUES (?, ?, ?)", tags)
-    shas = sorted({*old_shas, *(r[_SHA] for r in out if r[_SHA])})
-    if shas:
-        conn.execute(
-            "UPDATE web_index SET dups = g.n - 1 FROM (SELECT sha256, count(*) AS n FROM web_index WHERE sha256 IN "
-            "(SELECT value FROM json_each(?1)) GROUP BY sha256) AS g WHERE web_index.sha256 = g.sha256",
-            (json.dumps(shas),))
+    if recount:
+        shas = sorted({*old_shas, *(r[_SHA] for r in out if r[_SHA])})
+        if shas:
+            _recount(conn, shas)
+
+
+def _recount(conn: sqlite3.Connection, shas: list[str] | None) -> None:
+    """``dups`` (other present files with the same bytes) of the rows with these sha256 (None: of all rows)."""
+    if shas is None:
+        conn.execute("UPDATE web_index SET dups = 0 WHERE dups != 0")
+        conn.execute("UPDATE web_index SET dups = g.n - 1 FROM (SELECT sha256, count(*) AS n FROM web_index WHERE "
+                     "sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1) AS g WHERE web_index.sha256 = g.sha256")
+        return
+    conn.execute(
+        "UPDATE web_index SET dups = g.n - 1 FROM (SELECT sha256, count(*) AS n FROM web_index WHERE sha256 IN "
+        "(SELECT value FROM json_each(?1)) GROUP BY sha256) AS g WHERE web_index.sha256 = g.sha256",
+        (json.dumps(shas),))
 
 
 def _derive(row, versions: dict, models: dict):
@@ -400,4 +420,6 @@ def _derive(row, versions: dict, models: dict):
 
 def _sort_key(text: str) -> str:
     """Names sort case- and accent-insensitively (``Élan`` beside ``elan``)."""
+    if text.isascii():
+        return text.lower()
     return "".join(c for c in unicodedata.normalize("NFKD", text.casefold()) if not unicodedata.combining(c))
