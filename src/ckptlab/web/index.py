@@ -298,6 +298,7 @@ def refresh(cat: Catalog) -> int:
                 conn.execute(sql)
             if indexes:
                 _recount(conn, None)
+                conn.execute("ANALYZE web_index")  # the planner's row counts: scan the name order for kind=lora
             conn.execute("DELETE FROM web_index_dirty")
             conn.execute("UPDATE web_index_meta SET value = value + 1 WHERE key = 'generation'")
     except CatalogWriteError:
@@ -320,7 +321,9 @@ def _rebuild(conn: sqlite3.Connection, ids: list[int], recount: bool = True) -> 
         "SELECT DISTINCT sha256 FROM web_index WHERE sha256 IS NOT NULL AND file_id IN (SELECT value FROM "
         "json_each(?))", (id_json,))]
     conn.execute("DELETE FROM web_index WHERE file_id IN (SELECT value FROM json_each(?))", (id_json,))
-    conn.execute("DELETE FROM web_index_fts WHERE rowid IN (SELECT value FROM json_each(?))", (id_json,))
+    old_text = {r[0]: r for r in conn.execute(
+        "SELECT rowid, names, tags, words, hashes FROM web_index_fts WHERE rowid IN (SELECT value FROM json_each(?))",
+        (id_json,))}
     conn.execute("DELETE FROM web_index_tags WHERE file_id IN (SELECT value FROM json_each(?))", (id_json,))
     rows = conn.execute(_ROWS, (id_json,)).fetchall()
     versions = {r[0]: r[1:] for r in conn.execute(
@@ -334,6 +337,10 @@ def _rebuild(conn: sqlite3.Connection, ids: list[int], recount: bool = True) -> 
         fts.append(text)
         tags += [(key, rec[0], label) for key, label in tag_list]
     conn.executemany(f"INSERT INTO web_index VALUES ({', '.join('?' * 25)})", out)
+    # the text rarely changes with the rest (a safety verdict, a size): rewrite only the rows whose text did
+    fts = [t for t in fts if old_text.pop(t[0], None) != t]
+    gone = json.dumps([*old_text, *(t[0] for t in fts)])
+    conn.execute("DELETE FROM web_index_fts WHERE rowid IN (SELECT value FROM json_each(?))", (gone,))
     conn.executemany("INSERT INTO web_index_fts(rowid, names, tags, words, hashes) VALUES (?, ?, ?, ?, ?)", fts)
     conn.executemany("INSERT OR IGNORE INTO web_index_tags(tag, file_id, label) VALUES (?, ?, ?)", tags)
     if recount:

@@ -247,38 +247,45 @@ def facets(cat: Catalog) -> dict[str, list[tuple[str, str, int]]]:
 
     index.refresh(cat)
     gen = index.generation(cat)
-    key = str(cat.path)
+    key = str(cat.path.absolute())
     with _facets_lock:
         hit = _facets_cache.get(key)
     if hit is not None and hit[0] == gen:
         return hit[1]
     q = cat.conn.execute
+    # one pass over the index: every combination of the filter columns with its count, summed per column here
+    cols = ("kind", "family", "format", "precision", "safety", "folder", "linked", "duplicates", "updates")
+    counts: dict[str, dict] = {c: {} for c in cols}
+    labels: dict[str, str] = {}
+    for row in q("SELECT kind, family, format, precision, safety_key, folder, linked, dups > 0, update_available, "
+                 "min(folder_label), count(*) FROM web_index GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9"):
+        n = row[-1]
+        for col, v in zip(cols, row[:9], strict=True):
+            if v is not None:
+                counts[col][v] = counts[col].get(v, 0) + n
+        if row[5] is not None and row[9]:
+            labels[row[5]] = row[9]
     out: dict[str, list[tuple[str, str, int]]] = {}
 
     def ranked(items) -> list[tuple[str, str, int]]:
         return sorted(items, key=lambda x: (-x[2], x[1].casefold(), x[0]))
 
-    kinds = dict(q("SELECT kind, count(*) FROM web_index WHERE kind IS NOT NULL GROUP BY kind").fetchall())
+    kinds = counts["kind"]
     for group, members in KIND_GROUPS.items():
         if group in kinds:
             kinds[group] = sum(kinds.get(m, 0) for m in members)
     out["kind"] = ranked((k, index.kind_label(k), n) for k, n in kinds.items())
-    out["family"] = ranked((v, index.family_label(v), n) for v, n in q(
-        "SELECT family, count(*) FROM web_index WHERE family IS NOT NULL GROUP BY family"))
-    for name, col in (("format", "format"), ("precision", "precision"), ("safety", "safety_key")):
-        out[name] = ranked((v, v, n) for v, n in q(
-            f"SELECT {col}, count(*) FROM web_index WHERE {col} IS NOT NULL GROUP BY {col}"))
-    out["folder"] = ranked((v, label or v, n) for v, label, n in q(
-        "SELECT folder, min(folder_label), count(*) FROM web_index WHERE folder IS NOT NULL GROUP BY folder"))
+    out["family"] = ranked((v, index.family_label(v), n) for v, n in counts["family"].items())
+    for name in ("format", "precision", "safety"):
+        out[name] = ranked((v, v, n) for v, n in counts[name].items())
+    out["folder"] = ranked((v, labels.get(v, v), n) for v, n in counts["folder"].items())
     out["tag"] = [(t, label, n) for t, label, n in q(
         "SELECT tag, min(label), count(*) AS n FROM web_index_tags GROUP BY tag ORDER BY n DESC, tag LIMIT ?",
         (MAX_TAGS,))]
-    total = q("SELECT count(*) FROM web_index").fetchone()[0]
-    for name, cond, yes, no in (("linked", "linked = 1", "linked to CivitAI", "not linked"),
-                                ("duplicates", "dups > 0", "has duplicates", "no duplicates"),
-                                ("updates", "update_available = 1", "update available", "up to date")):
-        n = q(f"SELECT count(*) FROM web_index WHERE {cond}").fetchone()[0]
-        out[name] = [("yes", yes, n), ("no", no, total - n)]
+    for name, yes, no in (("linked", "linked to CivitAI", "not linked"), ("duplicates", "has duplicates",
+                                                                          "no duplicates"),
+                          ("updates", "update available", "up to date")):
+        out[name] = [("yes", yes, counts[name].get(1, 0)), ("no", no, counts[name].get(0, 0))]
     with _facets_lock:
         _facets_cache[key] = (gen, out)
     return out
