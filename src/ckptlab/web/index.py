@@ -54,14 +54,21 @@ MIGRATIONS = [
     CREATE INDEX web_index_kind ON web_index(kind);
     CREATE INDEX web_index_family ON web_index(family);
     CREATE INDEX web_index_safety ON web_index(safety_key);
+    CREATE INDEX web_index_format ON web_index(format);
+    CREATE INDEX web_index_precision ON web_index(precision);
+    CREATE INDEX web_index_folder ON web_index(folder);
+    CREATE INDEX web_index_flags ON web_index(linked, update_available);
+    CREATE INDEX web_index_updates ON web_index(update_available);
+    CREATE INDEX web_index_dups ON web_index(dups);
     CREATE INDEX web_index_sha ON web_index(sha256);
     CREATE TABLE web_index_tags (tag TEXT NOT NULL, file_id INTEGER NOT NULL, label TEXT NOT NULL,
                                  PRIMARY KEY (tag, file_id)) WITHOUT ROWID;
     CREATE INDEX web_index_tags_file ON web_index_tags(file_id);
     CREATE VIRTUAL TABLE web_index_fts USING fts5(names, tags, words, hashes,
-                                                  tokenize = 'unicode61 remove_diacritics 2');
+                                                  tokenize = 'unicode61 remove_diacritics 2', prefix = '1 2');
     CREATE TABLE web_index_dirty (file_id INTEGER PRIMARY KEY);
     CREATE TABLE web_index_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    CREATE TABLE web_index_cache (key TEXT PRIMARY KEY, generation INTEGER NOT NULL, value TEXT NOT NULL);
     INSERT INTO web_index_meta(key, value) VALUES ('generation', 0);
     CREATE INDEX IF NOT EXISTS web_index_links_model ON civitai_links(model_id);
 
@@ -149,6 +156,7 @@ def kind_label(kind: str | None) -> str | None:
     return None if kind is None else _KIND_LABELS.get(kind, kind.replace("_", " "))
 
 
+@functools.lru_cache(maxsize=256)
 def subtype_label(kind: str | None, variant: str | None) -> str | None:
     """LoCon / LoHa / LoKr / DoRA ... for LoRAs and LyCORIS (a plain LoRA, whatever its key format, has none);
     the variant (``inpaint``, ``schnell``...) for anything else."""

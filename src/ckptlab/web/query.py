@@ -8,14 +8,17 @@ or a job changed since (``index.refresh``: only the rows the catalog's triggers 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlencode
 
-from ckptlab.errors import BadChoiceError, UsageError
+from ckptlab.errors import BadChoiceError, CkptlabError, UsageError
 from ckptlab.library.catalog import Catalog
 from ckptlab.web import index
 from ckptlab.web.index import precision_of  # noqa: F401 - part of this module's interface
@@ -252,40 +255,49 @@ def facets(cat: Catalog) -> dict[str, list[tuple[str, str, int]]]:
         hit = _facets_cache.get(key)
     if hit is not None and hit[0] == gen:
         return hit[1]
+    # another process (the server before a restart) may have counted this generation already
+    row = cat.conn.execute("SELECT value FROM web_index_cache WHERE key = 'facets' AND generation = ?",
+                           (gen,)).fetchone()
+    out = _facet_counts(cat, KIND_GROUPS) if row is None else {
+        k: [tuple(x) for x in v] for k, v in json.loads(row[0]).items()}
+    if row is None:
+        with contextlib.suppress(CkptlabError, sqlite3.Error):  # a read-only catalog: counted again next time
+            with cat.transaction() as conn:
+                conn.execute("INSERT INTO web_index_cache(key, generation, value) VALUES ('facets', ?, ?) ON CONFLICT"
+                             "(key) DO UPDATE SET generation = excluded.generation, value = excluded.value",
+                             (gen, json.dumps(out, ensure_ascii=False)))
+    with _facets_lock:
+        _facets_cache[key] = (gen, out)
+    return out
+
+
+def _facet_counts(cat: Catalog, kind_groups) -> dict[str, list[tuple[str, str, int]]]:
+    """The facets counted from the index: one GROUP BY per filter column, each over that column's index."""
     q = cat.conn.execute
-    # one pass over the index: every combination of the filter columns with its count, summed per column here
-    cols = ("kind", "family", "format", "precision", "safety", "folder", "linked", "duplicates", "updates")
-    counts: dict[str, dict] = {c: {} for c in cols}
-    labels: dict[str, str] = {}
-    for row in q("SELECT kind, family, format, precision, safety_key, folder, linked, dups > 0, update_available, "
-                 "min(folder_label), count(*) FROM web_index GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9"):
-        n = row[-1]
-        for col, v in zip(cols, row[:9], strict=True):
-            if v is not None:
-                counts[col][v] = counts[col].get(v, 0) + n
-        if row[5] is not None and row[9]:
-            labels[row[5]] = row[9]
     out: dict[str, list[tuple[str, str, int]]] = {}
 
     def ranked(items) -> list[tuple[str, str, int]]:
         return sorted(items, key=lambda x: (-x[2], x[1].casefold(), x[0]))
 
-    kinds = counts["kind"]
-    for group, members in KIND_GROUPS.items():
+    def grouped(col: str) -> dict:
+        return dict(q(f"SELECT {col}, count(*) FROM web_index WHERE {col} IS NOT NULL GROUP BY {col}").fetchall())
+
+    kinds = grouped("kind")
+    for group, members in kind_groups.items():
         if group in kinds:
             kinds[group] = sum(kinds.get(m, 0) for m in members)
     out["kind"] = ranked((k, index.kind_label(k), n) for k, n in kinds.items())
-    out["family"] = ranked((v, index.family_label(v), n) for v, n in counts["family"].items())
-    for name in ("format", "precision", "safety"):
-        out[name] = ranked((v, v, n) for v, n in counts[name].items())
-    out["folder"] = ranked((v, labels.get(v, v), n) for v, n in counts["folder"].items())
+    out["family"] = ranked((v, index.family_label(v), n) for v, n in grouped("family").items())
+    for name, col in (("format", "format"), ("precision", "precision"), ("safety", "safety_key")):
+        out[name] = ranked((v, v, n) for v, n in grouped(col).items())
+    out["folder"] = ranked((v, index.folder_label(v) or v, n) for v, n in grouped("folder").items())
     out["tag"] = [(t, label, n) for t, label, n in q(
         "SELECT tag, min(label), count(*) AS n FROM web_index_tags GROUP BY tag ORDER BY n DESC, tag LIMIT ?",
         (MAX_TAGS,))]
-    for name, yes, no in (("linked", "linked to CivitAI", "not linked"), ("duplicates", "has duplicates",
-                                                                          "no duplicates"),
-                          ("updates", "update available", "up to date")):
-        out[name] = [("yes", yes, counts[name].get(1, 0)), ("no", no, counts[name].get(0, 0))]
-    with _facets_lock:
-        _facets_cache[key] = (gen, out)
+    total = q("SELECT count(*) FROM web_index").fetchone()[0]
+    for name, col, yes, no in (("linked", "linked", "linked to CivitAI", "not linked"),
+                               ("duplicates", "dups > 0", "has duplicates", "no duplicates"),
+                               ("updates", "update_available", "update available", "up to date")):
+        n = q(f"SELECT count(*) FROM web_index WHERE {col}").fetchone()[0]
+        out[name] = [("yes", yes, n), ("no", no, total - n)]
     return out
