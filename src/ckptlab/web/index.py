@@ -65,7 +65,7 @@ MIGRATIONS = [
                                  PRIMARY KEY (tag, file_id)) WITHOUT ROWID;
     CREATE INDEX web_index_tags_file ON web_index_tags(file_id);
     CREATE VIRTUAL TABLE web_index_fts USING fts5(names, tags, words, hashes,
-                                                  tokenize = 'unicode61 remove_diacritics 2', prefix = '1 2');
+                                                  tokenize = 'unicode61 remove_diacritics 2');
     CREATE TABLE web_index_dirty (file_id INTEGER PRIMARY KEY);
     CREATE TABLE web_index_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     CREATE TABLE web_index_cache (key TEXT PRIMARY KEY, generation INTEGER NOT NULL, value TEXT NOT NULL);

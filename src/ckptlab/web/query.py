@@ -229,7 +229,10 @@ def search(cat: Catalog, f: Filters) -> Page:
     sql_where = f" WHERE {' AND '.join(where)}" if where else ""
     total = cat.conn.execute(f"SELECT count(*) FROM web_index w{sql_where}", args).fetchone()[0]
     direction = " DESC" if f.desc else ""
-    order = ", ".join(f"w.{c}{direction}" for c in (*_ORDER[f.sort], "file_id"))
+    # few matches (a rare verdict, a search word): take them by the filter's index or the FTS rowids and sort
+    # them (``+`` keeps SQLite off the sort index); many: walk the sort index and stop after one page
+    few = bool(where) and total * 4 < cat.conn.execute("SELECT count(*) FROM web_index").fetchone()[0]
+    order = ", ".join(f"{'+' if few else ''}w.{c}{direction}" for c in (*_ORDER[f.sort], "file_id"))
     rows = cat.conn.execute(f"SELECT {_COLS} FROM web_index w{sql_where} ORDER BY {order} LIMIT ? OFFSET ?",
                             (*args, f.per_page, (f.page - 1) * f.per_page)).fetchall()
     return Page([_card(r) for r in rows], total, f, (time.perf_counter() - t0) * 1000, facets(cat))
