@@ -305,6 +305,8 @@ def main() -> None:
     print_table(("measurement", "median ms", "p95 ms", "ls pass ms", "speed-up", "target ms"),
                 [(r[0], r[1], r[2], "-" if r[3] is None else f"{r[3]:.0f}", "-" if r[4] is None else f"{r[4]:.0f}x",
                   r[5]) for r in rows], ("", ".1f", ".1f", "", "", ""))
+    print(f"load average (1/5/15 min) at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} on "
+          f"{os.cpu_count()} CPUs")
     if not args.keep:
         shutil.rmtree(CACHE, ignore_errors=True)
     else:

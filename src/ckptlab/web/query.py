@@ -227,7 +227,11 @@ def search(cat: Catalog, f: Filters) -> Page:
     index.refresh(cat)
     where, args = _where(f)
     sql_where = f" WHERE {' AND '.join(where)}" if where else ""
-    total = cat.conn.execute(f"SELECT count(*) FROM web_index w{sql_where}", args).fetchone()[0]
+    if len(where) == 1 and where[0].startswith("w.file_id IN (SELECT rowid FROM web_index_fts"):
+        # text alone: the FTS table has one row per index row, count there (no lookups into the index)
+        total = cat.conn.execute("SELECT count(*) FROM web_index_fts WHERE web_index_fts MATCH ?", args).fetchone()[0]
+    else:
+        total = cat.conn.execute(f"SELECT count(*) FROM web_index w{sql_where}", args).fetchone()[0]
     direction = " DESC" if f.desc else ""
     # few matches (a rare verdict, a search word): take them by the filter's index or the FTS rowids and sort
     # them (``+`` keeps SQLite off the sort index); many: walk the sort index and stop after one page
