@@ -294,7 +294,7 @@ def main() -> None:
     fac = stats(timed(lambda: query.facets(cat), args.repeats))
     from ckptlab.library.ui_folders import KIND_GROUPS
 
-    fac_cold = timed(lambda: query._facet_counts(cat, KIND_GROUPS), 5)
+    fac_cold = timed(lambda: query.count_facets(cat, KIND_GROUPS), 5)
     rows.append(("GET / in-process (TestClient)", *stats(page_app), None, None, "<= 300"))
     rows += q_rows
     rows.append(("facets (cached)", *fac, None, None, "-"))

@@ -215,7 +215,7 @@ def _card(row) -> Card:
                 base_model=base_model, format=fmt, precision=precision, size=size, safety=safety, duplicates=dups,
                 update_available=bool(update), linked=bool(linked), has_preview=bool(has_preview), added=added,
                 folder=folder, version_name=version_name, sha256=sha256,
-                tags=tuple(index._loads(tags) or ()), family_label=index.family_label(family),
+                tags=tuple(json.loads(tags)) if tags else (), family_label=index.family_label(family),
                 folder_label=folder_label)
 
 
@@ -265,7 +265,7 @@ def facets(cat: Catalog) -> dict[str, list[tuple[str, str, int]]]:
     # another process (the server before a restart) may have counted this generation already
     row = cat.conn.execute("SELECT value FROM web_index_cache WHERE key = 'facets' AND generation = ?",
                            (gen,)).fetchone()
-    out = _facet_counts(cat, KIND_GROUPS) if row is None else {
+    out = count_facets(cat, KIND_GROUPS) if row is None else {
         k: [tuple(x) for x in v] for k, v in json.loads(row[0]).items()}
     if row is None:
         with contextlib.suppress(CkptlabError, sqlite3.Error):  # a read-only catalog: counted again next time
@@ -278,7 +278,7 @@ def facets(cat: Catalog) -> dict[str, list[tuple[str, str, int]]]:
     return out
 
 
-def _facet_counts(cat: Catalog, kind_groups) -> dict[str, list[tuple[str, str, int]]]:
+def count_facets(cat: Catalog, kind_groups) -> dict[str, list[tuple[str, str, int]]]:
     """The facets counted from the index: one GROUP BY per filter column, each over that column's index."""
     q = cat.conn.execute
     out: dict[str, list[tuple[str, str, int]]] = {}
