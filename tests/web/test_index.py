@@ -3,6 +3,7 @@ cannot be written still answers from the rows it has, and the labels are the nam
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -91,3 +92,20 @@ def test_first_build_happens_once(catalog_copy):
         assert index.refresh(cat) == n
         assert index.refresh(cat) == 0
         assert search(cat, Filters()).total == len(cat.files())
+
+
+def test_odd_civitai_records_never_break_the_index(catalog_copy):
+    """CivitAI data is untrusted: names that are numbers or lists, tags that are a string, versions not a list."""
+    from ckptlab.hub import store
+
+    with Catalog(catalog_copy) as cat:
+        one = cat.files()[0]
+        store.store_record(cat, "version", 55, {"id": 55, "name": ["v", 1], "baseModel": 15, "trainedWords": "word",
+                                                "model": {"name": 12345}})
+        store.store_record(cat, "model", 56, {"id": 56, "name": None, "tags": "notalist",
+                                              "modelVersions": {"id": 99}})
+        store.put_link(cat, one.sha256, 55, 56, matched_by="sha256")
+        card = next(c for c in search(cat, Filters(linked=True)).cards if c.id == one.id)
+        assert (card.name, card.tags, card.update_available) == ("12345", (), False)
+        assert json.loads(card.version_name) == ["v", 1]  # shown as text, as ls shows it
+        assert one.id in {c.id for c in search(cat, Filters(q="12345")).cards}

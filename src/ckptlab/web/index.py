@@ -269,9 +269,17 @@ _ROWS = ("SELECT f.id, f.display, f.name, f.folder, f.format, f.kind, f.family, 
 _LATEST = ("SELECT r.remote_id, {cols} FROM civitai_records r WHERE r.kind = ? AND r.remote_id IN "
            "(SELECT value FROM json_each(?)) AND r.revision = (SELECT max(r2.revision) FROM civitai_records r2 "
            "WHERE r2.kind = r.kind AND r2.remote_id = r.remote_id)")
-_VERSION_COLS = "r.data ->> '$.name', r.data ->> '$.baseModel', r.data -> '$.trainedWords', r.data ->> '$.model.name'"
-_MODEL_COLS = ("r.data ->> '$.name', r.data -> '$.tags', (SELECT json_group_array(v.value ->> '$.id') FROM "
-               "json_each(r.data, '$.modelVersions') v)")
+# json_extract / json_type rather than the -> operators, and no UPDATE ... FROM: SQLite 3.31+ (older distributions)
+
+
+def _array(path: str) -> str:
+    return f"CASE json_type(r.data, '{path}') WHEN 'array' THEN json_extract(r.data, '{path}') END"
+
+
+_VERSION_COLS = (f"json_extract(r.data, '$.name'), json_extract(r.data, '$.baseModel'), {_array('$.trainedWords')}, "
+                 "json_extract(r.data, '$.model.name')")
+_MODEL_COLS = (f"json_extract(r.data, '$.name'), {_array('$.tags')}, (SELECT json_group_array(json_extract(v.value, "
+               "'$.id')) FROM json_each(r.data, '$.modelVersions') v WHERE json_type(v.value) = 'object')")
 
 
 def pending(cat: Catalog) -> int:
@@ -359,15 +367,14 @@ def _rebuild(conn: sqlite3.Connection, ids: list[int], recount: bool = True) -> 
 
 def _recount(conn: sqlite3.Connection, shas: list[str] | None) -> None:
     """``dups`` (other present files with the same bytes) of the rows with these sha256 (None: of all rows)."""
+    count = "(SELECT count(*) - 1 FROM web_index w2 WHERE w2.sha256 = web_index.sha256)"
     if shas is None:
         conn.execute("UPDATE web_index SET dups = 0 WHERE dups != 0")
-        conn.execute("UPDATE web_index SET dups = g.n - 1 FROM (SELECT sha256, count(*) AS n FROM web_index WHERE "
-                     "sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1) AS g WHERE web_index.sha256 = g.sha256")
+        conn.execute(f"UPDATE web_index SET dups = {count} WHERE sha256 IN (SELECT sha256 FROM web_index "
+                     "WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1)")
         return
-    conn.execute(
-        "UPDATE web_index SET dups = g.n - 1 FROM (SELECT sha256, count(*) AS n FROM web_index WHERE sha256 IN "
-        "(SELECT value FROM json_each(?1)) GROUP BY sha256) AS g WHERE web_index.sha256 = g.sha256",
-        (json.dumps(shas),))
+    conn.execute(f"UPDATE web_index SET dups = {count} WHERE sha256 IN (SELECT value FROM json_each(?))",
+                 (json.dumps(shas),))
 
 
 def _derive(row, versions: dict, models: dict):
