@@ -109,3 +109,26 @@ def test_odd_civitai_records_never_break_the_index(catalog_copy):
         assert (card.name, card.tags, card.update_available) == ("12345", (), False)
         assert json.loads(card.version_name) == ["v", 1]  # shown as text, as ls shows it
         assert one.id in {c.id for c in search(cat, Filters(q="12345")).cards}
+
+
+def test_a_page_does_not_wait_long_for_another_writer(catalog_copy, monkeypatch):
+    """While another process holds the write lock (a scan's batch, a job), the page answers from the rows it has
+    and catches up on the next request after the lock is released."""
+    monkeypatch.setattr(index, "WAIT_MS", 50)
+    with Catalog(catalog_copy) as cat:
+        search(cat, Filters())
+        one = cat.files()[0]
+        writer = sqlite3.connect(str(catalog_copy), isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("UPDATE files SET safety = 'malicious' WHERE id = ?", (one.id,))
+            assert search(cat, Filters(safety=("malicious",))).total == 0  # not committed yet: nothing to see
+            writer.execute("COMMIT")
+            writer.execute("BEGIN IMMEDIATE")  # the next batch holds the lock again
+            assert search(cat, Filters(safety=("malicious",))).total == 0  # stale: could not refresh
+            assert index.pending(cat) == 1
+            writer.execute("COMMIT")
+        finally:
+            writer.close()
+        assert [c.id for c in search(cat, Filters(safety=("malicious",))).cards] == [one.id]
+        assert cat.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000  # the catalog's own wait is back

@@ -13,6 +13,7 @@ The first build of an existing catalog is the same refresh over every file (the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -22,7 +23,7 @@ import unicodedata
 
 from ckptlab.errors import CatalogWriteError, CkptlabError
 from ckptlab.hub import store as _hub_store  # noqa: F401 - registers the hub's tables before ours (triggers on them)
-from ckptlab.library.catalog import Catalog, register_migrations
+from ckptlab.library.catalog import BUSY_TIMEOUT_S, Catalog, register_migrations
 
 COMPONENT = "web_index"
 
@@ -282,6 +283,21 @@ _MODEL_COLS = (f"json_extract(r.data, '$.name'), {_array('$.tags')}, (SELECT jso
                "'$.id')) FROM json_each(r.data, '$.modelVersions') v WHERE json_type(v.value) = 'object')")
 
 
+#: how long a page waits for another writer (a scan's batch, a job) before answering from the rows it has
+WAIT_MS = 1500
+
+
+@contextlib.contextmanager
+def short_wait(cat: Catalog, ms: int | None = None):
+    """Wait at most ``ms`` for the catalog's write lock inside this block (the catalog's own busy timeout is for
+    commands, which may wait long; a page should rather answer slightly stale and catch up on the next one)."""
+    cat.conn.execute(f"PRAGMA busy_timeout = {int(WAIT_MS if ms is None else ms)}")
+    try:
+        yield
+    finally:
+        cat.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+
+
 def pending(cat: Catalog) -> int:
     """How many files wait for their index row to be rebuilt."""
     return cat.conn.execute("SELECT count(*) FROM web_index_dirty").fetchone()[0]
@@ -294,12 +310,12 @@ def generation(cat: Catalog) -> int:
 
 def refresh(cat: Catalog) -> int:
     """Rebuild the index rows of the files marked dirty (by the triggers, or all of them by the first build);
-    returns how many were rebuilt. Cheap when none are. A catalog that cannot be written (read-only, locked past
-    the busy timeout) keeps answering from the rows it has."""
+    returns how many were rebuilt. Cheap when none are. A catalog that cannot be written (read-only, or locked by
+    another writer for more than ``WAIT_MS``) keeps answering from the rows it has."""
     if cat.conn.execute("SELECT 1 FROM web_index_dirty LIMIT 1").fetchone() is None:
         return 0
     try:
-        with cat.transaction() as conn:
+        with short_wait(cat), cat.transaction() as conn:
             ids = [r[0] for r in conn.execute("SELECT file_id FROM web_index_dirty")]
             have = conn.execute("SELECT count(*) FROM web_index").fetchone()[0]
             indexes = []

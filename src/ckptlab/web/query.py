@@ -269,7 +269,7 @@ def facets(cat: Catalog) -> dict[str, list[tuple[str, str, int]]]:
         k: [tuple(x) for x in v] for k, v in json.loads(row[0]).items()}
     if row is None:
         with contextlib.suppress(CkptlabError, sqlite3.Error):  # a read-only catalog: counted again next time
-            with cat.transaction() as conn:
+            with index.short_wait(cat, 100), cat.transaction() as conn:
                 conn.execute("INSERT INTO web_index_cache(key, generation, value) VALUES ('facets', ?, ?) ON CONFLICT"
                              "(key) DO UPDATE SET generation = excluded.generation, value = excluded.value",
                              (gen, json.dumps(out, ensure_ascii=False)))
