@@ -1,20 +1,27 @@
 """The library page's question: which catalogued files match these filters and this search, in what order, one
 page at a time (``search``), and what each filter can be set to (``facets``).
 
-SKELETON: the implementation below is the plain one (every record through ``library.show.list_files``); the
-index-backed one (FTS5 for text, indexed columns for filters) replaces it with the same signatures.
+Answered from the library index (``web.index``: one derived row per present file, indexed columns for the
+filters and sorts, FTS5 for the text), which ``search`` and ``facets`` first bring up to date with what the CLI
+or a job changed since (``index.refresh``: only the rows the catalog's triggers marked). Never loads all records.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-import os
+import sqlite3
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlencode
 
-from ckptlab.errors import BadChoiceError, UsageError
+from ckptlab.errors import BadChoiceError, CkptlabError, UsageError
 from ckptlab.library.catalog import Catalog
+from ckptlab.web import index
+from ckptlab.web.index import precision_of  # noqa: F401 - part of this module's interface
 
 SORTS = ("name", "size", "added", "family")
 SAFETY = ("safe", "suspicious", "malicious", "corrupt", "unchecked")
@@ -137,6 +144,10 @@ class Card:
     added: float = 0.0             # first seen by a scan
     folder: str | None = None      # the UI folder it sits in
     version_name: str | None = None
+    sha256: str | None = None
+    tags: tuple[str, ...] = ()      # CivitAI / sidecar tags
+    family_label: str | None = None  # the family's name in UIs ("SD 1.5"), whatever CivitAI calls the base model
+    folder_label: str | None = None  # "Lora (A1111/Forge)"
 
 
 @dataclass
@@ -152,54 +163,148 @@ class Page:
         return max(1, math.ceil(self.total / self.filters.per_page))
 
 
-def precision_of(dtypes: dict[str, int] | None) -> str | None:
-    """One word for a file's tensor dtypes (by bytes): the dtype holding >= 90 % of the bytes, else ``mixed``."""
-    if not dtypes:
-        return None
-    total = sum(dtypes.values()) or 1
-    name, n = max(dtypes.items(), key=lambda kv: kv[1])
-    if n / total < 0.9:
-        return "mixed"
-    name = name.lower()
-    return {"f32": "fp32", "f16": "fp16", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
+
+_COLS = ("file_id, name, file_name, path, kind, subtype, family, base_model, format, precision, size, safety, dups, "
+         "update_available, linked, has_preview, added, folder, version_name, sha256, tags, folder_label")
+_ORDER = {"name": ("sort_name",), "size": ("size", "sort_name"), "added": ("added", "sort_name"),
+          "family": ("family_key", "sort_name")}
+_TRI = {"linked": "linked", "updates": "update_available"}
+
+
+def _where(f: Filters) -> tuple[list[str], list]:
+    """SQL conditions (AND) and their arguments for ``f``: any of a filter's values, every filter."""
+    from ckptlab.library.ui_folders import KIND_GROUPS
+
+    where: list[str] = []
+    args: list = []
+
+    def any_of(col: str, values) -> None:
+        values = sorted(set(values))
+        where.append(f"w.{col} IN ({', '.join('?' * len(values))})")
+        args.extend(values)
+
+    match = index.match_expression(f.q)
+    if match is not None:
+        where.append("w.file_id IN (SELECT rowid FROM web_index_fts WHERE web_index_fts MATCH ?)")
+        args.append(match)
+    if f.kind:
+        any_of("kind", [k for v in f.kind for k in KIND_GROUPS.get(v.lower(), (v.lower(),))])
+    if f.family:
+        any_of("family", [v.lower() for v in f.family])
+    for name, col in (("format", "format"), ("precision", "precision"), ("safety", "safety_key"),
+                      ("folder", "folder")):
+        if getattr(f, name):
+            any_of(col, getattr(f, name))
+    if f.tag:
+        tags = sorted({t.strip().casefold() for t in f.tag})
+        where.append(f"w.file_id IN (SELECT file_id FROM web_index_tags WHERE tag IN ({', '.join('?' * len(tags))}))")
+        args.extend(tags)
+    for name, col in _TRI.items():
+        if getattr(f, name) is not None:
+            where.append(f"w.{col} = ?")
+            args.append(int(getattr(f, name)))
+    if f.duplicates is not None:
+        where.append("w.dups > 0" if f.duplicates else "w.dups = 0")
+    return where, args
+
+
+def _card(row) -> Card:
+    (fid, name, file_name, path, kind, subtype, family, base_model, fmt, precision, size, safety, dups, update,
+     linked, has_preview, added, folder, version_name, sha256, tags, folder_label) = row
+    return Card(id=fid, name=name, file_name=file_name, path=path, kind=kind, subtype=subtype, family=family,
+                base_model=base_model, format=fmt, precision=precision, size=size, safety=safety, duplicates=dups,
+                update_available=bool(update), linked=bool(linked), has_preview=bool(has_preview), added=added,
+                folder=folder, version_name=version_name, sha256=sha256,
+                tags=tuple(json.loads(tags)) if tags else (), family_label=index.family_label(family),
+                folder_label=folder_label)
 
 
 def search(cat: Catalog, f: Filters) -> Page:
-    """The page of cards ``f`` asks for, and how many match in all. SKELETON (plain, not indexed)."""
-    import time
-
-    from ckptlab.hub.link import link_lookup
-    from ckptlab.library.show import list_files
-
+    """The page of cards ``f`` asks for (sorted by ``f.sort``, ties by name then id, all in ``f.desc``'s
+    direction), how many match in all, and the library's facets. The index is refreshed first, so a change
+    the CLI or a job made is seen by the next answer."""
     t0 = time.perf_counter()
-    rows = list_files(cat, search=f.q or None, sort={"added": "mtime"}.get(f.sort, "name" if f.sort == "family"
-                                                                               else f.sort),
-                      civitai=link_lookup(cat))
-    cards = []
-    for rec, civ in rows:
-        stem = os.path.splitext(rec.name)[0]
-        cards.append(Card(id=rec.id, name=(civ or {}).get("model_name") or stem, file_name=rec.name, path=rec.path,
-                          kind=rec.kind, subtype=rec.variant, family=rec.family,
-                          base_model=(civ or {}).get("base_model"), format=rec.format,
-                          precision=precision_of(rec.dtypes), size=rec.size, safety=rec.safety,
-                          linked=bool(civ and civ.get("source") == "link"), added=rec.first_seen,
-                          folder=rec.folder, version_name=(civ or {}).get("version_name")))
-    for name in ("kind", "family", "format", "precision", "safety"):
-        want = getattr(f, name)
-        if want:
-            cards = [c for c in cards if (getattr(c, name) or "") in want]
-    if f.linked is not None:
-        cards = [c for c in cards if c.linked == f.linked]
-    total = len(cards)
-    start = (f.page - 1) * f.per_page
-    return Page(cards[start:start + f.per_page], total, f, (time.perf_counter() - t0) * 1000)
+    index.refresh(cat)
+    where, args = _where(f)
+    sql_where = f" WHERE {' AND '.join(where)}" if where else ""
+    if len(where) == 1 and where[0].startswith("w.file_id IN (SELECT rowid FROM web_index_fts"):
+        # text alone: the FTS table has one row per index row, count there (no lookups into the index)
+        total = cat.conn.execute("SELECT count(*) FROM web_index_fts WHERE web_index_fts MATCH ?", args).fetchone()[0]
+    else:
+        total = cat.conn.execute(f"SELECT count(*) FROM web_index w{sql_where}", args).fetchone()[0]
+    direction = " DESC" if f.desc else ""
+    # few matches (a rare verdict, a search word): take them by the filter's index or the FTS rowids and sort
+    # them (``+`` keeps SQLite off the sort index); many: walk the sort index and stop after one page
+    few = bool(where) and total * 4 < cat.conn.execute("SELECT count(*) FROM web_index").fetchone()[0]
+    order = ", ".join(f"{'+' if few else ''}w.{c}{direction}" for c in (*_ORDER[f.sort], "file_id"))
+    rows = cat.conn.execute(f"SELECT {_COLS} FROM web_index w{sql_where} ORDER BY {order} LIMIT ? OFFSET ?",
+                            (*args, f.per_page, (f.page - 1) * f.per_page)).fetchall()
+    return Page([_card(r) for r in rows], total, f, (time.perf_counter() - t0) * 1000, facets(cat))
+
+
+_facets_cache: dict[str, tuple[int, dict]] = {}
+_facets_lock = threading.Lock()
+MAX_TAGS = 100  # tag facet values shown (most used first)
 
 
 def facets(cat: Catalog) -> dict[str, list[tuple[str, str, int]]]:
-    """Per filter, the values present: ``{name: [(value, label, count), ...]}``. SKELETON."""
+    """Per filter, the values present in the library with their UI labels and how many files the filter
+    alone would give: ``{name: [(value, label, count), ...]}`` (most files first). ``family`` is labelled with
+    the names UIs use (``sd1`` -> ``SD 1.5``), ``kind`` counts a group as its filter does (``lora`` includes
+    LyCORIS), ``safety`` lists never-checked files as ``unchecked``, ``tag`` the ``MAX_TAGS`` most used;
+    ``linked``/``duplicates``/``updates`` give the yes and no counts. Cached until the index changes."""
+    from ckptlab.library.ui_folders import KIND_GROUPS
+
+    index.refresh(cat)
+    gen = index.generation(cat)
+    key = str(cat.path.absolute())
+    with _facets_lock:
+        hit = _facets_cache.get(key)
+    if hit is not None and hit[0] == gen:
+        return hit[1]
+    # another process (the server before a restart) may have counted this generation already
+    row = cat.conn.execute("SELECT value FROM web_index_cache WHERE key = 'facets' AND generation = ?",
+                           (gen,)).fetchone()
+    out = count_facets(cat, KIND_GROUPS) if row is None else {
+        k: [tuple(x) for x in v] for k, v in json.loads(row[0]).items()}
+    if row is None:
+        with contextlib.suppress(CkptlabError, sqlite3.Error):  # a read-only catalog: counted again next time
+            with index.short_wait(cat, 100), cat.transaction() as conn:
+                conn.execute("INSERT INTO web_index_cache(key, generation, value) VALUES ('facets', ?, ?) ON CONFLICT"
+                             "(key) DO UPDATE SET generation = excluded.generation, value = excluded.value",
+                             (gen, json.dumps(out, ensure_ascii=False)))
+    with _facets_lock:
+        _facets_cache[key] = (gen, out)
+    return out
+
+
+def count_facets(cat: Catalog, kind_groups) -> dict[str, list[tuple[str, str, int]]]:
+    """The facets counted from the index: one GROUP BY per filter column, each over that column's index."""
+    q = cat.conn.execute
     out: dict[str, list[tuple[str, str, int]]] = {}
-    for col in ("kind", "family", "format", "safety"):
-        rows = cat.conn.execute(f"SELECT {col}, count(*) FROM files WHERE status = 'present' AND {col} IS NOT NULL "
-                                f"GROUP BY {col} ORDER BY 2 DESC").fetchall()
-        out[col] = [(v, v, n) for v, n in rows]
+
+    def ranked(items) -> list[tuple[str, str, int]]:
+        return sorted(items, key=lambda x: (-x[2], x[1].casefold(), x[0]))
+
+    def grouped(col: str) -> dict:
+        return dict(q(f"SELECT {col}, count(*) FROM web_index WHERE {col} IS NOT NULL GROUP BY {col}").fetchall())
+
+    kinds = grouped("kind")
+    for group, members in kind_groups.items():
+        if group in kinds:
+            kinds[group] = sum(kinds.get(m, 0) for m in members)
+    out["kind"] = ranked((k, index.kind_label(k), n) for k, n in kinds.items())
+    out["family"] = ranked((v, index.family_label(v), n) for v, n in grouped("family").items())
+    for name, col in (("format", "format"), ("precision", "precision"), ("safety", "safety_key")):
+        out[name] = ranked((v, v, n) for v, n in grouped(col).items())
+    out["folder"] = ranked((v, index.folder_label(v) or v, n) for v, n in grouped("folder").items())
+    out["tag"] = [(t, label, n) for t, label, n in q(
+        "SELECT tag, min(label), count(*) AS n FROM web_index_tags GROUP BY tag ORDER BY n DESC, tag LIMIT ?",
+        (MAX_TAGS,))]
+    total = q("SELECT count(*) FROM web_index").fetchone()[0]
+    for name, col, yes, no in (("linked", "linked", "linked to CivitAI", "not linked"),
+                               ("duplicates", "dups > 0", "has duplicates", "no duplicates"),
+                               ("updates", "update_available", "update available", "up to date")):
+        n = q(f"SELECT count(*) FROM web_index WHERE {col}").fetchone()[0]
+        out[name] = [("yes", yes, n), ("no", no, total - n)]
     return out
