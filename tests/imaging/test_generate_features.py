@@ -112,11 +112,11 @@ def lora(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("lora") / "detail-tweaker.safetensors", "sd1_kohya_lora")
 
 
-def test_lora_equals_baked_file_and_diffusers_fused(sd1, lora, tmp_path, cli):
+def test_lora_equals_baked_file_and_diffusers_fused(sd1, lora, tmp_path, cli_in_process):
     model, cfg, _ = sd1
     got = pixels(generate(model, tmp_path / "l.png", settings(), loras=[(lora, 0.7)], device="cpu").images[0])
     baked = tmp_path / "baked.safetensors"
-    r = cli("lora", "bake", model, lora, "-s", "0.7", "--precision", "fp32", "-o", baked)
+    r = cli_in_process("lora", "bake", model, lora, "-s", "0.7", "--precision", "fp32", "-o", baked)
     assert r.returncode == 0, r.stderr
     from_bake = pixels(generate(baked, tmp_path / "b.png", settings(), device="cpu").images[0])
     assert max_diff(got, from_bake) == 0
@@ -255,9 +255,9 @@ def test_refiner_equals_diffusers_base_then_img2img_chain(tmp_path):
     assert "Refiner switch at: 0.8" in text
 
 
-def test_refiner_alone_is_refused_in_one_line(tmp_path, cli):
+def test_refiner_alone_is_refused_in_one_line(tmp_path, cli_in_process):
     ref = make_model(tmp_path / "sdxl-refiner.safetensors", "sdxl_refiner")
-    r = cli("generate", ref, "-p", "x", "-o", tmp_path / "o.png", "--device", "cpu")
+    r = cli_in_process("generate", ref, "-p", "x", "-o", tmp_path / "o.png", "--device", "cpu")
     assert r.returncode != 0 and r.returncode != 70
     assert r.stderr.startswith("ckptlab: error:") and len(r.stderr.strip().splitlines()) == 1
     assert "refiner" in r.stderr and not (tmp_path / "o.png").exists()
