@@ -17,6 +17,23 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 pytest_plugins = ("fakes.web_fixtures",)
 
 
+def _threads_per_worker() -> None:
+    """Under ``pytest -n N`` each worker gets its share of the cores for torch's intra-op threads (and so do the
+    CLI subprocesses it starts, through OMP_NUM_THREADS). By default every worker uses all cores: with -n 2 on
+    2 cores that is 4 threads spinning on 2 cores, and the small tensors these tests use ran 2-3x slower.
+    Set before torch is imported (torch reads OMP_NUM_THREADS once); a user's own setting wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    os.environ["OMP_NUM_THREADS"] = threads
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
+
+
+_threads_per_worker()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     """No test reads or writes the user's catalog, config or caches, or reaches the network."""
@@ -48,6 +65,32 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd=None,
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``ckptlab ARGS`` through the same entry point (``ckptlab.cli.main.main``: parsing, dispatch, exit codes, the
+    one-line errors) in this process, stdout and stderr captured. For tests about what a command does, not about the
+    process (start-up, imports, signals): it saves the torch/diffusers import a subprocess pays each time. Every
+    command keeps at least one test through ``run_cli``, the real subprocess."""
+    import contextlib
+    import io
+
+    from ckptlab.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(["ckptlab", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # as run_cli
+    return run_cli_in_process
 
 
 def unwritable_folder():

@@ -29,10 +29,10 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
-def test_generate_equals_the_command(model, tmp_path, cli):
+def test_generate_equals_the_command(model, tmp_path, cli_in_process):
     r = ckptlab.generate(model, tmp_path / "api.png", "a red barn, dusk: calm", negative="blurry", **ARGS)
     assert r.images == [tmp_path / "api.png"] and r.seeds == [7] and r.family == "sd1"
-    c = cli("generate", model, "-p", "a red barn, dusk: calm", "-n", "blurry", "--seed", "7", "--steps", "2",
+    c = cli_in_process("generate", model, "-p", "a red barn, dusk: calm", "-n", "blurry", "--seed", "7", "--steps", "2",
             "--size", "64x64", "--device", "cpu", "-o", tmp_path / "cli.png")
     assert c.returncode == 0, c.stderr
     assert np.array_equal(pixels(tmp_path / "api.png"), pixels(tmp_path / "cli.png"))

@@ -1,5 +1,6 @@
 """``ckptlab generate`` from the command line: the happy path, and the refusals a user meets (one line each,
-before any weight loads)."""
+before any weight loads). The happy path and the CUDA refusal run the real process (``cli``); the other
+refusals go through the same entry point in this process (``cli_in_process``), without a torch import each."""
 
 from __future__ import annotations
 
@@ -38,13 +39,13 @@ def test_cli_json_record(tmp_path, cli):
     ("flux_dev", ("Flux",)),
     ("sd1_kohya_lora", ("LoRA",)),
 ])
-def test_models_generate_cannot_run_are_refused_in_one_line(tmp_path, cli, spec, words):
+def test_models_generate_cannot_run_are_refused_in_one_line(tmp_path, cli_in_process, spec, words):
     from ckptlab.sample.build import SPECS
 
     if spec not in SPECS:
         pytest.skip(f"no {spec} sample")
     path = make_model(tmp_path / f"{spec}.safetensors", spec)
-    r = cli("generate", path, "-p", "x", "--steps", "1", "--device", "cpu", "-o", tmp_path / "o.png")
+    r = cli_in_process("generate", path, "-p", "x", "--steps", "1", "--device", "cpu", "-o", tmp_path / "o.png")
     one_line_error(r, *words)
     assert not (tmp_path / "o.png").exists()
 
@@ -59,9 +60,9 @@ def test_cuda_without_cuda_is_a_usage_error(tmp_path, cli):
     one_line_error(r, "CUDA")
 
 
-def test_existing_output_refused_before_rendering(tmp_path, cli):
+def test_existing_output_refused_before_rendering(tmp_path, cli_in_process):
     model = make_model(tmp_path / "m.safetensors", "sd1_checkpoint")
     (tmp_path / "o.png").write_bytes(b"keep")
-    r = cli("generate", model, "-p", "x", "--device", "cpu", "-o", tmp_path / "o.png")
+    r = cli_in_process("generate", model, "-p", "x", "--device", "cpu", "-o", tmp_path / "o.png")
     one_line_error(r, "--overwrite")
     assert (tmp_path / "o.png").read_bytes() == b"keep"

@@ -112,21 +112,29 @@ def lora(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("lora") / "detail-tweaker.safetensors", "sd1_kohya_lora")
 
 
-def test_lora_equals_baked_file_and_diffusers_fused(sd1, lora, tmp_path, cli):
-    model, cfg, _ = sd1
+def test_lora_equals_baked_file_and_diffusers_fused(sd1, lora, tmp_path, cli_in_process):
+    model, _, pipe = sd1
     got = pixels(generate(model, tmp_path / "l.png", settings(), loras=[(lora, 0.7)], device="cpu").images[0])
     baked = tmp_path / "baked.safetensors"
-    r = cli("lora", "bake", model, lora, "-s", "0.7", "--precision", "fp32", "-o", baked)
+    r = cli_in_process("lora", "bake", model, lora, "-s", "0.7", "--precision", "fp32", "-o", baked)
     assert r.returncode == 0, r.stderr
     from_bake = pixels(generate(baked, tmp_path / "b.png", settings(), device="cpu").images[0])
     assert max_diff(got, from_bake) == 0
-    # diffusers' own LoRA loader on diffusers' own pipeline
+    # diffusers' own LoRA loader on diffusers' own pipeline (the module's oracle: its weights saved and put back
+    # bit for bit after, so the other tests see the plain model)
     pytest.importorskip("peft")
-    pipe = oracle_pipe(model, cfg, "sd1")
     plain = oracle(pipe)
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    pipe.fuse_lora(lora_scale=0.7)
-    fused = oracle(pipe)
+    saved = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+             for name in ("unet", "text_encoder")}
+    try:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        pipe.fuse_lora(lora_scale=0.7)
+        fused = oracle(pipe)
+    finally:
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+        for name, sd in saved.items():
+            getattr(pipe, name).load_state_dict(sd, strict=True)
     assert max_diff(got, fused) <= 1 and max_diff(plain, fused) > 8
 
 
@@ -156,13 +164,16 @@ def test_lora_of_another_family_refused_before_any_weight(sd1, tmp_path, monkeyp
 def test_vae_override_equals_oracle_with_that_vae(sd1, tmp_path):
     import diffusers
 
-    model, cfg, _ = sd1
+    model, cfg, pipe = sd1  # the module's oracle, its VAE swapped for this test and put back
     vae = make_model(tmp_path / "vae-ft-mse-840000-ema-pruned.safetensors", "sd1_vae", seed=5)
-    pipe = oracle_pipe(model, cfg, "sd1")
     own = oracle(pipe)
+    own_vae = pipe.vae
     pipe.vae = diffusers.AutoencoderKL.from_single_file(str(vae), config=str(cfg), subfolder="vae",
                                                         local_files_only=True, torch_dtype=torch.float32)
-    want = oracle(pipe)
+    try:
+        want = oracle(pipe)
+    finally:
+        pipe.vae = own_vae
     r = generate(model, tmp_path / "v.png", settings(), vae=vae, device="cpu")
     got = pixels(r.images[0])
     assert max_diff(got, want) <= 1 and max_diff(own, want) > 8
@@ -255,9 +266,9 @@ def test_refiner_equals_diffusers_base_then_img2img_chain(tmp_path):
     assert "Refiner switch at: 0.8" in text
 
 
-def test_refiner_alone_is_refused_in_one_line(tmp_path, cli):
+def test_refiner_alone_is_refused_in_one_line(tmp_path, cli_in_process):
     ref = make_model(tmp_path / "sdxl-refiner.safetensors", "sdxl_refiner")
-    r = cli("generate", ref, "-p", "x", "-o", tmp_path / "o.png", "--device", "cpu")
+    r = cli_in_process("generate", ref, "-p", "x", "-o", tmp_path / "o.png", "--device", "cpu")
     assert r.returncode != 0 and r.returncode != 70
     assert r.stderr.startswith("ckptlab: error:") and len(r.stderr.strip().splitlines()) == 1
     assert "refiner" in r.stderr and not (tmp_path / "o.png").exists()

@@ -183,15 +183,16 @@ def test_a_catalog_that_cannot_be_written_is_a_warning(setup, monkeypatch, capsy
     assert f"-> {root / 'v15.safetensors'}" in out.out
 
 
-def test_an_image_from_ckptlab_generate_reads_back_to_its_model(cli, lib, tmp_path):
-    """The closed loop: `ckptlab generate` writes A1111's infotext, `ckptlab images` finds the model by it."""
+def test_an_image_from_ckptlab_generate_reads_back_to_its_model(cli, cli_in_process, lib, tmp_path):
+    """The closed loop: `ckptlab generate` writes A1111's infotext, `ckptlab images` finds the model by it
+    (generate through the CLI entry point in this process: it pays no torch import in a subprocess)."""
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     root, db = lib
     mine = tmp_path / "cat.db"
     shutil.copyfile(db, mine)
     out = tmp_path / "gen.png"
-    r = cli("generate", root / "v15.safetensors", "-p", "a lighthouse, <lora:add_detail:0.5>", "--steps", "2",
+    r = cli_in_process("generate", root / "v15.safetensors", "-p", "a lighthouse, <lora:add_detail:0.5>", "--steps", "2",
             "--size", "64x64", "--seed", "7", "-o", out, "--db", mine)
     assert r.returncode == 0, r.stderr
     r = cli("images", "--json", "--db", mine, out)

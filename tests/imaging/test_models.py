@@ -201,9 +201,11 @@ def test_a_catalogued_file_that_is_gone(library):
         resolve_model(sha[:10], db=db)
 
 
-def test_generate_cli_takes_a_catalog_hash_and_a_diffusers_folder(sd1, tmp_path, cli):
+def test_generate_cli_takes_a_catalog_hash_and_a_diffusers_folder(sd1, tmp_path, cli_in_process):
     """The wiring: ``ckptlab generate`` resolves MODEL with ``resolve_model`` and opens it with
-    ``open_model_source``: a hash of the catalogued file and the folder give the file's own pixels."""
+    ``open_model_source``: a hash of the catalogued file and the folder give the file's own pixels. Through
+    the CLI's entry point in this process (the subprocess is test_generate_cli.py's)."""
+    cli = cli_in_process
     from PIL import Image
 
     model, folder = sd1

@@ -157,7 +157,8 @@ def test_unwritable_model_folder(lib):
 # the catalog
 
 
-def test_cli_records_the_preview_and_show_prints_it(lib, tmp_path, cli):
+def test_cli_records_the_preview_and_show_prints_it(lib, tmp_path, cli_in_process):
+    cli = cli_in_process  # the entry point in this process; the real subprocess is the next test's
     db = tmp_path / "c.db"
     (lib / "sd1.json").write_text(json.dumps({"activation text": "mdjrny-v4 style", "sd version": "SD1"}))
     assert cli("scan", lib, "--hash", "--db", db).returncode == 0
@@ -177,13 +178,13 @@ def test_cli_records_the_preview_and_show_prints_it(lib, tmp_path, cli):
     assert f"  preview: {lib / 'sd1.preview.png'} (ckptlab preview, seed {DEFAULT_SEED})" in text
 
 
-def test_cli_exit_status_after_a_failure_and_one_error_line(lib, cli):
+def test_cli_exit_status_after_a_failure_and_one_error_line(lib, cli, cli_in_process):
     r = cli("preview", lib / "vae.safetensors", lib / "sd1.safetensors", *FAST, "--device", "cpu")
     assert r.returncode == 1
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ckptlab: error:")]
     assert len(errors) == 1 and "vae.safetensors" in errors[0] and "Traceback" not in r.stderr
     assert f"wrote {lib / 'sd1.preview.png'}" in r.stdout
-    r = cli("preview", lib / "sd1.safetensors", *FAST, "--device", "cpu")
+    r = cli_in_process("preview", lib / "sd1.safetensors", *FAST, "--device", "cpu")
     assert r.returncode == 0 and f"skipped {lib / 'sd1.safetensors'}" in r.stdout and "--overwrite" in r.stderr
 
 
