@@ -350,3 +350,29 @@ def test_paging_shows_every_group_and_rewrite_once(disk_lib, tmp_path, cli, monk
     assert len(fingerprints) == 1  # one plan, whichever page the apply button is pressed on
     assert {gi: s for gi, s in seen_groups.items() if s} == {gi: g["steps"] for gi, g in groups.items()}
     assert len(seen_transforms) == len(transforms) and set(seen_transforms) == transforms
+
+
+def test_the_plan_is_reused_until_the_catalog_changes(disk_lib, monkeypatch):
+    """A second look (or a pager click) at the same options reuses the plan while the catalog is unchanged; a
+    scan that finds a new copy makes the page plan again and show it (oracle: the copy count on disk)."""
+    from ckptlab.web import pages_disk
+
+    built = []
+    real = pages_disk.build_view
+    monkeypatch.setattr(pages_disk, "build_view", lambda cat, opts: built.append(1) or real(cat, opts))
+    monkeypatch.setattr(pages_disk, "_VIEWS", {})
+    client = make_client(disk_lib / "catalog.db")
+
+    def copies_of_ma() -> int:
+        rows = parse(client.get("/disk").text).find_all("tr", cls="copy")
+        return sum(1 for el in rows if el.attrs["data-path"].endswith("mA.safetensors"))
+
+    assert copies_of_ma() == 3 and len(built) == 1
+    assert copies_of_ma() == 3 and len(built) == 1  # unchanged catalog: the same plan, not made again
+    shutil.copy2(disk_lib / "Downloads" / "mA.safetensors", disk_lib / "Downloads" / "mA-copy.safetensors")
+    _scan(disk_lib)
+    on_disk = sum(1 for p in disk_lib.rglob("mA*.safetensors"))
+    assert on_disk == 4
+    rows = parse(client.get("/disk").text).find_all("tr", cls="copy")
+    assert len(built) == 2
+    assert any(el.attrs["data-path"].endswith("mA-copy.safetensors") for el in rows)

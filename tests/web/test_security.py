@@ -523,3 +523,42 @@ def test_serve_refuses_a_short_token(lib, cli):
     r = cli("serve", "--db", str(lib / "catalog.db"), "--host", "0.0.0.0", "--port", str(free_port()),
             "--token", "short", timeout=60)
     assert r.returncode == 2 and "at least 16 characters" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- Host names beyond the bound address: --allow-host as given, and a wildcard bind -------------------------
+
+def test_allow_host_without_a_port_is_accepted_bare_and_with_the_servers_port():
+    """A reverse proxy on 443 forwards ``Host: models.example.com``; one on the server's port adds it."""
+    from ckptlab.web.security import Guard
+
+    g = Guard(host="127.0.0.1", port=8765, extra_hosts=("Models.Example.com",))
+    assert g.host_ok("models.example.com") and g.host_ok("models.example.com:8765")
+    assert not g.host_ok("models.example.com:443") and not g.host_ok("evil.example.com")
+    with_port = Guard(host="127.0.0.1", port=8765, extra_hosts=("proxy.local:8443", "[fd00::1]:9000"))
+    assert with_port.host_ok("proxy.local:8443") and with_port.host_ok("[fd00::1]:9000")
+    assert not with_port.host_ok("proxy.local") and not with_port.host_ok("proxy.local:8765")
+
+
+def test_a_wildcard_bind_accepts_the_address_connected_to_never_a_foreign_name():
+    """On 0.0.0.0 a LAN client types the machine's address; a DNS-rebinding page sends its own name, which is
+    refused even though the connection arrives on a real interface."""
+    from ckptlab.web.security import Guard
+
+    g = Guard(host="0.0.0.0", port=8765, token="t" * 32)
+    lan = ("192.168.1.5", 8765)
+    assert g.host_ok("192.168.1.5:8765", server=lan)
+    assert g.host_ok("127.0.0.1:8765", server=("127.0.0.1", 8765))
+    assert not g.host_ok("evil.test:8765", server=lan)
+    assert not g.host_ok("192.168.1.6:8765", server=lan)
+    assert not g.host_ok("192.168.1.5:9999", server=lan)
+    v6 = Guard(host="::", port=8765, token="t" * 32)
+    assert v6.host_ok("[fd00::5]:8765", server=("fd00::5", 8765))
+
+
+def test_a_wildcard_bind_refuses_a_foreign_host_even_with_the_token(sample_library):
+    token = "k" * 32
+    with make_client(sample_library / "catalog.db", host="0.0.0.0", token=token) as c:
+        ok = c.get("/", headers={"authorization": f"Bearer {token}", "host": "127.0.0.1:8765"})
+        assert ok.status_code == 200
+        evil = c.get("/", headers={"authorization": f"Bearer {token}", "host": "evil.test:8765"})
+        assert evil.status_code == 403 and "Host" in evil.text

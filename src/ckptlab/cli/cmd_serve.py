@@ -17,9 +17,11 @@ def serve_cmd(
                                                          "not given)."),
     port: int = typer.Option(8765, "--port", help="Port to listen on."),
     token: Optional[str] = typer.Option(None, "--token", envvar="CKPTLAB_TOKEN",
-                                        help="Access token every request must carry (default on loopback: none)."),
+                                        help="Access token every request must carry (default on loopback: none). "
+                                             "Prefer the CKPTLAB_TOKEN variable: an option shows in 'ps'."),
     allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="Another Host name to accept (a "
-                                                                              "reverse proxy's); repeatable."),
+                                                                              "reverse proxy's, as it forwards it: "
+                                                                              "NAME or NAME:PORT); repeatable."),
     open_browser: bool = typer.Option(False, "--open", help="Open the app in the default browser."),
 ) -> None:
     """Browse, search and act on the library in a browser (local by default).

@@ -519,6 +519,17 @@ class Catalog:
     def families(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT DISTINCT lower(family) FROM files WHERE family IS NOT NULL")]
 
+    def change_marker(self) -> tuple:
+        """A value that changes whenever files or their hashes/fingerprints change in the catalog (a scan, a move,
+        a verdict, a re-hash), for caches of things computed from the whole catalog. Two aggregate reads (tens of
+        milliseconds at 50,000 files), comparable across connections (unlike ``PRAGMA data_version``)."""
+        files = self.conn.execute(
+            "SELECT count(*), max(id), total(size), max(mtime_ns), max(last_seen), max(last_scan), "
+            "total(length(path)), total(status = 'present'), total(length(coalesce(safety, ''))) FROM files").fetchone()
+        content = self.conn.execute(
+            "SELECT count(*), max(hashed_at), max(fingerprinted_at) FROM content").fetchone()
+        return (*files, *content)
+
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, count(*) FROM files GROUP BY status").fetchall())
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -272,6 +273,33 @@ def _join(cat: Catalog, opts: PlanOptions, plan: SpacePlan, dupes) -> PlanView |
                     unfingerprinted=dupes.unfingerprinted)
 
 
+#: plans the page showed recently: ``(db, options) -> (catalog change marker, when, view)``. Making the plan reads
+#: every record and stats every grouped file (seconds at 50,000 files); a pager click or a second look at the same
+#: options reuses it while the catalog is unchanged and the view is younger than ``VIEW_TTL_S`` (files can change
+#: on disk without the catalog knowing). Apply never uses it: it makes the plan again and compares fingerprints.
+_VIEWS: dict[tuple, tuple[tuple, float, PlanView]] = {}
+_VIEWS_LOCK = threading.Lock()
+VIEW_TTL_S = 60.0
+MAX_VIEWS = 8
+
+
+def cached_view(cat: Catalog, opts: PlanOptions) -> PlanView:
+    """``build_view(cat, opts)``, reused while the catalog's change marker is the same and for ``VIEW_TTL_S``."""
+    key = (str(cat.path), tuple(opts.query()))
+    marker = cat.change_marker()
+    now = time.monotonic()
+    with _VIEWS_LOCK:
+        hit = _VIEWS.get(key)
+    if hit is not None and hit[0] == marker and now - hit[1] < VIEW_TTL_S:
+        return hit[2]
+    view = build_view(cat, opts)
+    with _VIEWS_LOCK:
+        _VIEWS[key] = (marker, now, view)
+        while len(_VIEWS) > MAX_VIEWS:
+            _VIEWS.pop(min(_VIEWS, key=lambda k: _VIEWS[k][1]))
+    return view
+
+
 def plans_dir(db: Path) -> Path:
     """Where applied plans are kept: ``<catalog>.plans/`` beside the catalog."""
     return db.with_name(db.name + ".plans")
@@ -305,7 +333,7 @@ def disk(request: Request, cat: Catalog = Depends(catalog)):
         raise UsageError("page: use a whole number from 1") from None
     if page_no < 1:
         raise UsageError("page: use a whole number from 1")
-    view = build_view(cat, opts)
+    view = cached_view(cat, opts)
     pages = max(1, math.ceil(max(len(view.groups), len(view.transforms)) / PER_PAGE))
     page_no = min(page_no, pages)
     shown = slice((page_no - 1) * PER_PAGE, page_no * PER_PAGE)

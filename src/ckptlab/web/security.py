@@ -6,7 +6,9 @@ CivitAI must never run as script. The checks, in order, as one ASGI middleware i
 
 1. **Host** must be a name this server was bound to (``127.0.0.1:PORT``, ``localhost:PORT``, ``[::1]:PORT`` on
    loopback; the ``--host`` given otherwise, plus any ``--allow-host``): a DNS-rebinding page sends its own name.
-   A wildcard bind (``0.0.0.0``/``::``) accepts any Host, so it relies on the token (required there anyway).
+   A wildcard bind (``0.0.0.0``/``::``) accepts the loopback names, the machine's host name, and the address the
+   connection came in on (a LAN client typing ``http://192.168.1.5:8765/``); a proxy's name needs ``--allow-host``
+   (as given: ``models.example.com`` also bare, for a proxy on 443).
 2. **Token** (only when bound beyond loopback, where it is mandatory): ``Authorization: Bearer TOKEN``, the
    ``ckptlab_token`` cookie, or ``?token=TOKEN`` once (answered with a redirect that sets the cookie -
    HttpOnly, SameSite=Strict - and drops the token from the address bar).
@@ -26,6 +28,7 @@ without them.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import secrets
@@ -66,6 +69,17 @@ def is_wildcard(host: str) -> bool:
     return host.strip("[]") in ("0.0.0.0", "::", "")
 
 
+def _bracketed(host: str) -> str:
+    """An IPv6 literal in the brackets a Host header puts around it."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _has_port(name: str) -> bool:
+    if name.startswith("["):
+        return "]:" in name
+    return name.count(":") == 1 and name.rsplit(":", 1)[1].isdigit()
+
+
 def new_token() -> str:
     """A fresh secret (URL-safe, 256 bits)."""
     return secrets.token_urlsafe(32)
@@ -86,22 +100,45 @@ class Guard:
     def loopback(self) -> bool:
         return is_loopback(self.host)
 
-    @property
-    def allowed_hosts(self) -> frozenset[str] | None:
-        """The Host values accepted (lower case, with port), or None for a wildcard bind (any)."""
+    @functools.cached_property
+    def allowed_hosts(self) -> frozenset[str]:
+        """The Host values accepted (lower case): each name with this server's port, and without one where the
+        port is 80. ``--allow-host`` names (a reverse proxy's) are taken as given: with a port only that one,
+        without one also bare (a proxy on 443 forwards ``Host: models.example.com``). A wildcard bind adds, per
+        request, the address the connection came in on (``host_ok``)."""
+        names: set[str] = set()
         if is_wildcard(self.host):
-            return None
-        bound = self.host if ":" not in self.host or self.host.startswith("[") else f"[{self.host}]"
-        names = ({*LOOPBACK_NAMES, bound} if self.loopback else {bound})
-        names.update(self.extra_hosts)
-        return frozenset(f"{n.lower()}:{self.port}" for n in names) | (
-            frozenset(n.lower() for n in names) if self.port == 80 else frozenset())
+            import socket
 
-    def host_ok(self, host: str | None) -> bool:
-        allowed = self.allowed_hosts
-        if allowed is None:
-            return bool(host)
-        return bool(host) and host.lower() in allowed
+            names.update(LOOPBACK_NAMES)
+            names.update(n for n in {socket.gethostname(), socket.getfqdn()} if n)
+        else:
+            names.add(_bracketed(self.host))
+            if self.loopback:
+                names.update(LOOPBACK_NAMES)
+        out = {f"{n.lower()}:{self.port}" for n in names}
+        if self.port == 80:
+            out.update(n.lower() for n in names)
+        for extra in self.extra_hosts:
+            extra = extra.strip().lower()
+            out.add(extra)
+            if not _has_port(extra):
+                out.add(f"{extra}:{self.port}")
+        return frozenset(out)
+
+    def host_ok(self, host: str | None, server: tuple | None = None) -> bool:
+        """``host`` (the request's Host header) names this server. ``server``: the ASGI scope's local address of
+        the connection; on a wildcard bind the address a client connected to is a name of this server (a
+        DNS-rebinding page sends its own name, never the IP literal)."""
+        if not host:
+            return False
+        host = host.lower()
+        if host in self.allowed_hosts:
+            return True
+        if is_wildcard(self.host) and server and server[0]:
+            local = f"{_bracketed(str(server[0]))}:{self.port}".lower()
+            return host == local or (self.port == 80 and host == _bracketed(str(server[0])).lower())
+        return False
 
     def token_ok(self, presented: str | None) -> bool:
         if self.token is None:
@@ -165,7 +202,7 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         g = self.guard
         headers = _headers(scope)
-        if not g.host_ok(headers.get("host")):
+        if not g.host_ok(headers.get("host"), scope.get("server")):
             return await _plain(send, 403, "refused: unexpected Host header (ckptlab serve answers only to the "
                                            "name it was started on)")
         if g.token is not None:
@@ -220,7 +257,7 @@ class GuardMiddleware:
         handshakes are closed before they are accepted."""
         g = self.guard
         headers = _headers(scope)
-        ok = g.host_ok(headers.get("host")) and same_origin(headers, "https" if scope.get("scheme") == "wss"
+        ok = g.host_ok(headers.get("host"), scope.get("server")) and same_origin(headers, "https" if scope.get("scheme") == "wss"
                                                             else "http")
         if ok and g.token is not None:
             auth = headers.get("authorization", "")
