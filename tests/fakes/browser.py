@@ -156,8 +156,15 @@ class ErrorLog:
 
     def watch(self, page) -> None:
         page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
-        page.on("console", lambda msg: self.errors.append(f"console {msg.type}: {msg.text}")
-                if msg.type == "error" else None)
+        def console(msg):
+            if msg.type != "error":
+                return
+            where = (msg.location or {}).get("url", "")
+            if where.endswith("/favicon.ico"):
+                return  # chromium asks every server for one; a missing icon is no fault of the page
+            self.errors.append(f"console {msg.type}: {msg.text} ({where})")
+
+        page.on("console", console)
 
         def dialog(d):
             self.dialogs.append(f"{d.type}: {d.message}")
