@@ -4,7 +4,7 @@ in Debian's chromium (Playwright) from the real server on the sample library.
     python scripts/web_screenshots.py [--lib DIR] [--out docs/images]
 
 Without ``--lib`` it builds the sample library (both layouts, scanned with hashes) in a temporary folder. The
-running job is a hash of a big sparse checkpoint added to the library (cancelled once photographed). Writes
+running job is a precision change of a big sparse checkpoint added for it (cancelled once photographed). Writes
 ``web-library.png``, ``web-model.png``, ``web-job.png`` (1280x800, palette PNGs when Pillow is there)."""
 
 from __future__ import annotations
@@ -58,11 +58,8 @@ def shoot(db: Path, lib: Path, out: Path, home: Path) -> list[Path]:
     import ckptlab
 
     big = lib / "a1111" / "models" / "Stable-diffusion" / "sdxl-big-sparse.safetensors"
-    if not big.exists():
-        add_sparse(lib, big.stem, "sdxl_checkpoint")
-    ckptlab.scan(lib, db=db)  # no hashes: the hash job really reads it
     lora = file_id(db, "sd15_style_lora.safetensors")
-    job_file = file_id(db, big.name)
+    added = not big.exists()
     out.mkdir(parents=True, exist_ok=True)
     shots = []
     server = start_server(db, home)
@@ -70,7 +67,7 @@ def shoot(db: Path, lib: Path, out: Path, home: Path) -> list[Path]:
         with sync_playwright() as p:
             browser = launch_browser(p)
             page = browser.new_page(viewport=VIEWPORT, color_scheme="light")
-            page.goto(server.url + "/")
+            page.goto(server.url + "/?density=compact")
             page.wait_for_load_state("networkidle")
             shots.append(out / "web-library.png")
             page.screenshot(path=shots[-1])
@@ -80,12 +77,26 @@ def shoot(db: Path, lib: Path, out: Path, home: Path) -> list[Path]:
             shots.append(out / "web-model.png")
             page.screenshot(path=shots[-1])
 
+            # a running job: a precision change of a big sparse checkpoint added now (cancelled once
+            # photographed, which removes its partial output; the file goes too)
+            if added:
+                add_sparse(lib, big.stem, "sdxl_checkpoint")
+            ckptlab.scan(big, db=db)
+            job_file = file_id(db, big.name)
             page.goto(f"{server.url}/model/{job_file}")
-            page.locator("a.job-link[href*='/jobs/new/hash']").first.click()
+            page.locator("a.job-link[href*='/jobs/new/precision']").first.click()
+            page.locator("#job-form [name=to]").select_option("bf16")
             page.locator("#job-form button[type=submit]").click()
             page.wait_for_url("**/jobs/*")
-            page.wait_for_function("() => { const p = document.querySelector('#job-progress');"
-                                   " return p && p.max > 0 && p.value / p.max > 0.2; }", timeout=120_000)
+            running = "() => document.querySelector('#job-status').textContent.trim() === 'running'"
+            page.wait_for_function(running, timeout=120_000)
+            try:  # some of the bar filled, when the job reports a total
+                page.wait_for_function("() => { const p = document.querySelector('#job-progress');"
+                                       " return p && p.max > 1 && p.value / p.max > 0.15; }", timeout=20_000)
+            except Exception:
+                pass
+            if not page.evaluate(running):
+                raise SystemExit("the job ended before its screenshot")
             shots.append(out / "web-job.png")
             page.screenshot(path=shots[-1])
             cancel = page.locator("button#cancel")
@@ -96,6 +107,9 @@ def shoot(db: Path, lib: Path, out: Path, home: Path) -> list[Path]:
             browser.close()
     finally:
         server.stop()
+        if added and big.exists():
+            big.unlink()
+            ckptlab.scan(lib, db=db)  # the catalog forgets it again
     for s in shots:
         shrink(s)
     return shots
