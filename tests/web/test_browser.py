@@ -106,7 +106,7 @@ def e2e_library(sample_library, tmp_path_factory) -> Path:
                     ignore=shutil.ignore_patterns("catalog.db", "catalog.db-*"))
     add_xss_files(lib)
     ckptlab.scan(lib, db=lib / "catalog.db", hash=True, fingerprint=True)
-    add_sparse(lib, "medium-sparse", "sd1_checkpoint")   # ~2 GB of hole: a few seconds of hashing
+    add_sparse(lib, "medium-sparse", "sd1_controlnet")   # ~0.7 GB of hole: a few seconds of hashing
     add_sparse(lib, "huge-sparse", "sdxl_checkpoint")    # ~7 GB of hole: a rewrite long enough to cancel
     ckptlab.scan(lib, db=lib / "catalog.db")
     return lib
