@@ -39,6 +39,7 @@ XSS_NAMES = [
 ]
 XSS_TEXT = ('<script>window.__xss=1;alert("meta")</script><img src=x onerror="window.__xss=2">'
             '"><iframe src="javascript:alert(4)"></iframe>')
+XSS_PICKLE_GLOBAL = "<img src=x onerror=alert(6)>.system"
 
 
 def free_port() -> int:
@@ -218,7 +219,7 @@ def attacker_site(pages: dict[str, str]):
 
 def add_xss_files(lib: Path) -> list[Path]:
     """LoRAs whose file names, safetensors metadata (kohya ``ss_*``, ModelSpec) and sidecars (A1111 ``.json``,
-    ``.civitai.info``) carry script payloads."""
+    ``.civitai.info``) carry script payloads, and a pickle whose imported global is one."""
     from ckptlab.sample.build import write_model
 
     folder = lib / "a1111" / "models" / "Lora" / "xss"
@@ -239,6 +240,12 @@ def add_xss_files(lib: Path) -> list[Path]:
             "files": [{"name": f"{name}.safetensors", "type": "Model"}],
             "images": [{"url": "javascript:alert(5)", "meta": {"prompt": XSS_TEXT}}]}))
         out.append(p)
+    # a legacy torch pickle that imports a global whose module name is a payload: check calls it malicious and
+    # the safety page lists it with that finding
+    module = XSS_PICKLE_GLOBAL.rsplit(".", 1)[0]
+    pk = folder / f"{XSS_NAMES[1]}.pt"
+    pk.write_bytes(b"\x80\x02c" + module.encode() + b"\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03.")
+    out.append(pk)
     return out
 
 
