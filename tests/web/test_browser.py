@@ -277,6 +277,10 @@ def test_grid_shows_every_present_file_of_the_catalog(page, server, db):
     assert first.locator(f"a[href='/model/{fid}']").count() >= 1
     assert first.locator(".card-name").inner_text().strip()
     assert all_result_ids(page) == set(want)
+    # in pages of 30 (the pager's next links, followed to the end): the same files
+    page.goto(server.url + "/?per_page=30")
+    assert total(page) == len(want) and page.locator("nav.pager a[rel=next]").count() >= 1
+    assert all_result_ids(page) == set(want)
 
 
 def test_search_and_kind_filter_update_in_place_push_the_url_and_back_restores(page, server, db):
