@@ -53,3 +53,5 @@ step "What could be freed: copies in UI folders become links, the rest goes (not
 step "What apply-plan would do, each kept copy re-verified first (--dry-run: nothing is changed)" \
   ckptlab apply-plan "$OUT/plan.json" --dry-run
 printf '\nDone. Outputs in %s; catalog in %s.\n' "$OUT" "$CKPTLAB_DB"
+# the last word: the same library as a web app (not started here: it runs until Ctrl-C)
+printf '\nSee it all in your browser (cards, search, model pages, jobs; local only, Ctrl-C stops):\n  ckptlab serve --db %q --open\n' "$CKPTLAB_DB"
