@@ -444,9 +444,12 @@ def _backfill_triggers(catalog: Catalog) -> int:
 # -- the scan ---------------------------------------------------------------------------------
 def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False, fingerprint: bool = False,
          extra_model_paths: str | os.PathLike | None = None, progress: Progress | None = None,
-         workers: int | None = None, on_wait=None) -> ScanSummary:
+         workers: int | None = None, on_wait=None, under: str | os.PathLike | None = None) -> ScanSummary:
     """Scan ``roots`` into ``catalog``. ``workers``: processes reading new/changed files (default:
-    CPUs, at most 8; used only when at least ``PARALLEL_MIN`` files need reading).
+    CPUs, at most 8; used only when at least ``PARALLEL_MIN`` files need reading). ``under``: the
+    catalogued root folder that ``roots`` (single files, say a job's outputs) lie in, recorded as
+    their root as a scan of that whole folder would (default: each file's own folder), without
+    walking it.
 
     Scans of one catalog run one at a time (``scan_lock``): a second scan waits for the first to
     finish (``on_wait()`` is called once when it has to wait), then finds its work done. Roots that
@@ -466,7 +469,8 @@ def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False
         summary = ScanSummary(scan_id=scan_id, roots=root_names)
         done = False
         try:
-            _run(targets, catalog, summary, hash=hash, fingerprint=fingerprint, progress=progress, workers=workers)
+            _run(targets, catalog, summary, hash=hash, fingerprint=fingerprint, progress=progress, workers=workers,
+                 under=under)
             done = True
         except KeyboardInterrupt:
             summary.status = "interrupted"
@@ -526,7 +530,7 @@ def _summary_dict(s: ScanSummary) -> dict:
 
 
 def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerprint: bool,
-         progress: Progress, workers: int | None) -> None:
+         progress: Progress, workers: int | None, under=None) -> None:
     progress(0, description="walking folders")
     walk_errors: list[dict] = []
     found: list[Found] = []
@@ -543,6 +547,11 @@ def _run(targets, catalog: Catalog, summary: ScanSummary, *, hash: bool, fingerp
             summary.bad_roots.append(display_path(root))
     summary.error_list += [{"path": e["path"], "error": e["error"]} for e in walk_errors]
     summary.files = len(found)
+    if under is not None:
+        top = os.path.abspath(os.fspath(under))
+        for f in found:
+            if os.path.commonpath([top, os.path.abspath(f.path)]) == top:
+                f.root = top
     # an extra_model_paths.yaml folder that lies inside a plain root: its category wins for the files
     # below it, whichever target walked them first (the deepest folder wins)
     categories = sorted(((os.path.join(os.path.abspath(r), ""), c) for r, c in targets if c is not None),

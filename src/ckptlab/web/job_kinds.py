@@ -45,6 +45,9 @@ class Kind:
     #: the worker scans the catalogued roots of the outputs afterwards (apply-plan and download catalogue
     #: what they change themselves)
     catalogue: bool = True
+    #: started only by another page's own code (``jobs.submit``), never from the generic form or ``POST /jobs``
+    #: (``apply-plan``: the disk page's reviewed plan, never any plan file a post names)
+    internal: bool = False
 
     def field(self, name: str) -> Field | None:
         return next((f for f in self.fields if f.name == name), None)
@@ -158,16 +161,43 @@ def prepare(db: Path, kind: str, params: dict) -> tuple[dict, list[str]]:
     return clean, [str(o) for o in outputs if o]
 
 
+#: query names another page's links use for an input, and the field they fill (the model page's
+#: ``/jobs/new/lora-bake?lora=FILE``)
+PREFILL_ALIASES = {"lora": "loras"}
+
+
+def prefillable(f: Field) -> bool:
+    """Fields a link may fill: existing input paths only. Never a switch (``overwrite``, ``allow_suspicious``),
+    an output, or anything else a link on another site could use to pre-arm a destructive job."""
+    return f.type in ("path", "paths") and f.must_exist
+
+
 def form_values(kind: str, query: dict) -> dict:
-    """A new form's values: the defaults, then what the query string gives (``?path=...``)."""
+    """A new form's values: the defaults, then the input paths the query string gives (``?path=...`` fills the
+    kind's main input; an input field by its own name, ``?lora=`` the LoRA list). Nothing else is taken from the
+    query string: a link must not be able to arm a switch or choose an output."""
     spec = KINDS[kind]
-    values = {}
+    values = {f.name: "" if f.default is None else f.default for f in spec.fields}
+    given: dict = {}
+    main = spec.field(spec.prefill)
+    if main is not None and query.get("path") is not None:
+        given[main.name] = query["path"]
+    for alias, name in PREFILL_ALIASES.items():
+        if query.get(alias) is not None:
+            given.setdefault(name, query[alias])
     for f in spec.fields:
-        v = query.get(f.name)
-        if f.name == spec.prefill and v is None:
-            v = query.get("path")
-        values[f.name] = v if v is not None else ("" if f.default is None else f.default)
+        if query.get(f.name) is not None:
+            given.setdefault(f.name, query[f.name])
+    for name, v in given.items():
+        f = spec.field(name)
+        if f is not None and prefillable(f):
+            values[name] = v
     return values
+
+
+def form_kinds() -> dict[str, Kind]:
+    """The kinds the generic form and ``POST /jobs`` accept."""
+    return {name: k for name, k in KINDS.items() if not k.internal}
 
 
 # ------------------------------------------------------------------------------------------------ kinds
@@ -357,17 +387,30 @@ def _grid(p, db, progress):
                         precision=p["precision"], overwrite=p["overwrite"], progress=progress, db=db)
 
 
+def _reviewed_plan(p: dict, db: Path) -> Path:
+    """The plan file, which must lie inside the disk page's plans folder (``pages_disk.plans_dir``): the only
+    plans this app applies are the ones its review saved there."""
+    from ckptlab.web.pages_disk import plans_dir
+
+    plan = os.path.realpath(p["plan"])
+    folder = os.path.realpath(plans_dir(Path(db)))
+    if os.path.commonpath([folder, plan]) != folder or plan == folder:
+        raise UsageError("apply-plan applies only plans reviewed on the Duplicates & disk page "
+                         f"(saved in {folder}), not {p['plan']}")
+    return Path(plan)
+
+
 def _apply_plan_check(p: dict, db: Path) -> list[str]:
     from ckptlab.library.plan import SpacePlan
 
-    SpacePlan.load(Path(p["plan"]))  # a plan that does not load: its own error, now
+    SpacePlan.load(_reviewed_plan(p, db))  # a plan that does not load: its own error, now
     return []
 
 
 def _apply_plan(p, db, progress):
     from ckptlab.library.apply_plan import apply_plan
 
-    return apply_plan(Path(p["plan"]), catalog_path=Path(db), progress=progress)
+    return apply_plan(_reviewed_plan(p, db), catalog_path=Path(db), progress=progress)
 
 
 _GEN_COMMON = (
@@ -507,7 +550,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     ), _grid, "ckptlab grid", plan=_out_plan("output"), help="A comparison grid."),
     Kind("apply-plan", "Apply a disk plan", (
         Field("plan", "PLAN", "path", required=True, must_exist=True, help="A plan written by plan-space."),
-    ), _apply_plan, "ckptlab apply-plan", plan=_apply_plan_check, prefill="plan", catalogue=False,
+    ), _apply_plan, "ckptlab apply-plan", plan=_apply_plan_check, prefill="plan", catalogue=False, internal=True,
          help="Carry out a reviewed plan step by step (each kept copy re-verified first)."),
 ]}
 

@@ -98,6 +98,12 @@ class Job:
         return self.status in FINAL
 
     @property
+    def work_finished(self) -> bool:
+        """The work itself returned (its result recorded): what follows (cataloguing the outputs) cannot undo it,
+        so neither a cancel nor a worker dying then turns the job into anything but ``done``."""
+        return self.result is not None
+
+    @property
     def fraction(self) -> float | None:
         if not self.total:
             return None
@@ -127,23 +133,23 @@ def _job(row) -> Job:
 _local = threading.local()
 
 
-def _conn(db: Path):
-    """This thread's connection to catalog ``db`` (the web app's per-thread catalogs; the table is migrated on
-    open because this module registers it)."""
+def _cat(db: Path) -> Catalog:
+    """This thread's catalog ``db`` (the web app's per-thread catalogs; the table is migrated on open because
+    this module registers it)."""
     from ckptlab.web.deps import catalog_at
 
-    return catalog_at(Path(db)).conn
+    return catalog_at(Path(db))
 
 
-def _write(conn, sql: str, args: tuple = ()) -> int:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        cur = conn.execute(sql, args)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return cur.rowcount
+def _conn(db: Path):
+    return _cat(db).conn
+
+
+def _write(cat: Catalog, sql: str, args: tuple = ()) -> int:
+    """One statement in its own transaction (``Catalog.transaction``: a busy or read-only catalog is a
+    ``CatalogWriteError``, and a failed write or commit is rolled back, never left open on the connection)."""
+    with cat.transaction() as conn:
+        return conn.execute(sql, args).rowcount
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -194,7 +200,7 @@ def log_path(db: Path, job_id: int) -> Path:
     return log_dir(db) / f"job-{job_id}.log"
 
 
-def _start_worker(db: Path, job_id: int) -> int:
+def _start_worker(db: Path, job_id: int, secret: str | None = None) -> int:
     import ckptlab
 
     logs = log_dir(db)
@@ -204,6 +210,9 @@ def _start_worker(db: Path, job_id: int) -> int:
     src = str(Path(ckptlab.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.pop(SECRET_ENV, None)
+    if secret is not None:
+        env[SECRET_ENV] = secret
     with open(log_path(db, job_id), "ab") as log:
         proc = subprocess.Popen(worker_argv(db, job_id), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=str(Path(db).parent), env=env,
@@ -226,10 +235,10 @@ def submit(db: Path, kind: str, params: dict) -> int:
 
     db = Path(db)
     clean, outputs = prepare(db, kind, params)
-    conn = _conn(db)
+    clean, secret = _without_secrets(kind, clean)
+    cat = _cat(db)
     now = time.time()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with cat.transaction() as conn:
         _refresh_active(conn, db)
         mine = {os.path.abspath(o) for o in outputs}
         for jid, jkind, jout in conn.execute("SELECT id, kind, outputs FROM web_jobs WHERE status IN "
@@ -243,18 +252,33 @@ def submit(db: Path, kind: str, params: dict) -> int:
         job_id = conn.execute("INSERT INTO web_jobs(kind, params, status, outputs, created) "
                               "VALUES (?, ?, 'queued', ?, ?)",
                               (kind, json.dumps(clean), json.dumps(sorted(mine)), now)).lastrowid
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
     try:
-        pid = _start_worker(db, job_id)
+        pid = _start_worker(db, job_id, secret)
     except OSError as e:
-        _write(conn, "UPDATE web_jobs SET status = 'failed', error = ?, finished = ? WHERE id = ?",
+        _write(cat, "UPDATE web_jobs SET status = 'failed', error = ?, finished = ? WHERE id = ?",
                (f"cannot start the worker: {e.strerror or e}", time.time(), job_id))
         return job_id
-    _write(conn, "UPDATE web_jobs SET pid = ? WHERE id = ? AND pid IS NULL", (pid, job_id))
+    _write(cat, "UPDATE web_jobs SET pid = ? WHERE id = ? AND pid IS NULL", (pid, job_id))
     return job_id
+
+
+#: the environment variable that hands a download's full source URL (its query string's token included) to the
+#: worker; the row, the log and the page keep the redacted URL
+SECRET_ENV = "CKPTLAB_JOB_SOURCE"
+
+
+def _without_secrets(kind: str, params: dict) -> tuple[dict, str | None]:
+    """``params`` as stored and shown: a URL ``source`` without its query string (``?token=...``) or userinfo
+    (``hub.http.redact``), and the full URL when it differed (handed to the worker in its environment only)."""
+    source = params.get("source")
+    if kind != "download" or not isinstance(source, str) or "://" not in source:
+        return params, None
+    from ckptlab.hub.http import redact
+
+    safe = redact(source)
+    if safe == source:
+        return params, None
+    return {**params, "source": safe}, source
 
 
 def _is_worker_of(pid: int, db: Path, job_id: int) -> bool | None:
@@ -288,13 +312,24 @@ def _lost(db: Path, job: Job, now: float) -> bool:
     return now - beat > HEARTBEAT_STALE_S
 
 
-def _settle(conn, db: Path, job: Job) -> Job:
-    """Mark ``job`` lost (or cancelled, when a cancel was asked) if its worker died without saying so."""
+def _gone_status(job: Job) -> tuple[str, str | None]:
+    """What a job whose worker died without writing its end is: done when its work had returned (only the
+    cataloguing of the outputs was cut short), cancelled when a cancel was asked, else lost."""
+    if job.work_finished:
+        return "done", None
+    if job.cancel_requested:
+        return "cancelled", None
+    return "lost", "the worker process ended without reporting (killed, or crashed)"
+
+
+def _settle(cat: Catalog, db: Path, job: Job) -> Job:
+    """Mark ``job`` lost (or cancelled, when a cancel was asked; done, when its work had finished) if its worker
+    died without saying so."""
     if not job.active or not _lost(db, job, time.time()):
         return job
-    status = "cancelled" if job.cancel_requested else "lost"
-    error = None if job.cancel_requested else "the worker process ended without reporting (killed, or crashed)"
-    changed = _write(conn, "UPDATE web_jobs SET status = ?, error = COALESCE(error, ?), finished = ? "
+    status, error = _gone_status(job)
+    conn = cat.conn
+    changed = _write(cat, "UPDATE web_jobs SET status = ?, error = COALESCE(error, ?), finished = ? "
                            "WHERE id = ? AND status IN ('queued', 'running')", (status, error, time.time(), job.id))
     if changed:
         job.status, job.error, job.finished = status, job.error or error, time.time()
@@ -309,24 +344,25 @@ def _refresh_active(conn, db: Path) -> None:
     for row in conn.execute(f"SELECT {_COLUMNS} FROM web_jobs WHERE status IN ('queued', 'running')").fetchall():
         job = _job(row)
         if _lost(db, job, now):
-            conn.execute("UPDATE web_jobs SET status = ?, finished = ? WHERE id = ?",
-                         ("cancelled" if job.cancel_requested else "lost", now, job.id))
+            status, error = _gone_status(job)
+            conn.execute("UPDATE web_jobs SET status = ?, error = COALESCE(error, ?), finished = ? WHERE id = ?",
+                         (status, error, now, job.id))
 
 
 def get(db: Path, job_id: int) -> Job | None:
     """The job ``job_id`` (None if there is none), its worker checked if it is still active."""
-    conn = _conn(Path(db))
-    row = conn.execute(f"SELECT {_COLUMNS} FROM web_jobs WHERE id = ?", (job_id,)).fetchone()
-    return _settle(conn, Path(db), _job(row)) if row else None
+    cat = _cat(Path(db))
+    row = cat.conn.execute(f"SELECT {_COLUMNS} FROM web_jobs WHERE id = ?", (job_id,)).fetchone()
+    return _settle(cat, Path(db), _job(row)) if row else None
 
 
 def list_jobs(db: Path, *, limit: int = 100, offset: int = 0, status: str | None = None) -> list[Job]:
     """Jobs newest first (active ones checked as in ``get``)."""
-    conn = _conn(Path(db))
+    cat = _cat(Path(db))
     where, args = ("WHERE status = ?", (status,)) if status else ("", ())
-    rows = conn.execute(f"SELECT {_COLUMNS} FROM web_jobs {where} ORDER BY id DESC LIMIT ? OFFSET ?",
-                        (*args, limit, offset)).fetchall()
-    return [_settle(conn, Path(db), _job(r)) for r in rows]
+    rows = cat.conn.execute(f"SELECT {_COLUMNS} FROM web_jobs {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                            (*args, limit, offset)).fetchall()
+    return [_settle(cat, Path(db), _job(r)) for r in rows]
 
 
 def count_jobs(db: Path) -> int:
@@ -338,28 +374,34 @@ def cancel(db: Path, job_id: int) -> bool:
 
     SIGINT goes to the worker's process group at once (the worker and any processes it started, as Ctrl-C in a
     terminal); a background thread sends SIGTERM after ``CANCEL_GRACE_S`` and SIGKILL after ``KILL_GRACE_S``
-    more if it is still there, and marks the row ``cancelled`` if the worker could not."""
+    more if it is still there, and marks the row ``cancelled`` if the worker could not. False too when the work
+    has already finished (only its outputs' cataloguing is left): the job ends ``done``, its output kept."""
     db = Path(db)
-    conn = _conn(db)
+    cat = _cat(db)
     job = get(db, job_id)
-    if job is None or not job.active:
+    if job is None or not job.active or job.work_finished:
         return False
-    _write(conn, "UPDATE web_jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+    changed = _write(cat, "UPDATE web_jobs SET cancel_requested = 1 WHERE id = ? AND result IS NULL "
+                          "AND status IN ('queued', 'running')", (job_id,))
+    if not changed:  # finished meanwhile
+        return False
     if job.pid is None:  # its worker has not started: nothing to signal
-        _write(conn, "UPDATE web_jobs SET status = 'cancelled', finished = ? WHERE id = ? AND status = 'queued'",
+        _write(cat, "UPDATE web_jobs SET status = 'cancelled', finished = ? WHERE id = ? AND status = 'queued'",
                (time.time(), job_id))
         return True
     pid = job.pid
-    if not _signal(pid, signal.SIGINT):
+    if not _signal(db, job_id, pid, signal.SIGINT):
         get(db, job_id)  # gone already: settle it now
         return True
     threading.Thread(target=_escalate, args=(db, job_id, pid), name=f"cancel-job-{job_id}", daemon=True).start()
     return True
 
 
-def _signal(pid: int, sig: int) -> bool:
-    """Send ``sig`` to the worker's process group (its session leader is the worker); False if it is gone."""
-    if not _alive(pid):
+def _signal(db: Path, job_id: int, pid: int, sig: int) -> bool:
+    """Send ``sig`` to the worker's process group (its session leader is the worker); False if it is gone, or
+    if the number now belongs to another process (checked each time: a pid reused during the grace period must
+    not have its process group signalled)."""
+    if not _alive(pid) or _is_worker_of(pid, db, job_id) is False:
         return False
     try:
         os.killpg(pid, sig)
@@ -382,11 +424,20 @@ def _wait_gone(pid: int, seconds: float) -> bool:
     return not _alive(pid)
 
 
+def _work_finished(db: Path, job_id: int) -> bool:
+    """The job's work has returned (its result is recorded): no more signals for it."""
+    try:
+        row = _conn(db).execute("SELECT result FROM web_jobs WHERE id = ?", (job_id,)).fetchone()
+    except Exception:  # noqa: BLE001 - a background thread: when in doubt, go on escalating
+        return False
+    return bool(row and row[0] is not None)
+
+
 def _escalate(db: Path, job_id: int, pid: int) -> None:
-    if not _wait_gone(pid, CANCEL_GRACE_S):
-        _signal(pid, signal.SIGTERM)
-        if not _wait_gone(pid, KILL_GRACE_S):
-            _signal(pid, signal.SIGKILL)
+    if not _wait_gone(pid, CANCEL_GRACE_S) and not _work_finished(db, job_id):
+        _signal(db, job_id, pid, signal.SIGTERM)
+        if not _wait_gone(pid, KILL_GRACE_S) and not _work_finished(db, job_id):
+            _signal(db, job_id, pid, signal.SIGKILL)
             _wait_gone(pid, KILL_GRACE_S)
     try:
         get(db, job_id)  # a worker killed before it could write its end: settled as cancelled

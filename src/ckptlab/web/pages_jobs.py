@@ -12,9 +12,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ckptlab.errors import CkptlabError, NotInCatalogError
+from ckptlab.errors import CkptlabError, NotInCatalogError, UsageError
 from ckptlab.web import jobs
-from ckptlab.web.job_kinds import KINDS, form_values, merge_preview
+from ckptlab.web.job_kinds import KINDS, form_kinds, form_values, merge_preview
 from ckptlab.web.templating import page
 
 router = APIRouter()
@@ -66,7 +66,7 @@ def jobs_page(request: Request, page_no: int = 1):
     page_no = max(1, page_no)
     items = jobs.list_jobs(db, limit=PER_PAGE, offset=(page_no - 1) * PER_PAGE)
     total = jobs.count_jobs(db)
-    ctx = {"jobs": items, "kinds": KINDS, "page_no": page_no, "more": total > page_no * PER_PAGE,
+    ctx = {"jobs": items, "kinds": form_kinds(), "page_no": page_no, "more": total > page_no * PER_PAGE,
            "active": any(j.active for j in items), "total": total}
     if request.headers.get("hx-request") == "true" and request.query_params.get("rows"):
         return page(request, "jobs_rows.html", **ctx)
@@ -74,7 +74,7 @@ def jobs_page(request: Request, page_no: int = 1):
 
 
 def _form_page(request: Request, kind: str, values: dict, error: str | None = None, status: int = 200):
-    spec = KINDS.get(kind)
+    spec = form_kinds().get(kind)
     if spec is None:
         raise NotInCatalogError(f"no job kind {kind!r} (kinds: {', '.join(KINDS)})")
     recipe, recipe_error = None, None
@@ -86,8 +86,8 @@ def _form_page(request: Request, kind: str, values: dict, error: str | None = No
 
 @router.get("/jobs/new/{kind}")
 def new_job(request: Request, kind: str):
-    if kind not in KINDS:
-        raise NotInCatalogError(f"no job kind {kind!r} (kinds: {', '.join(KINDS)})")
+    if kind not in form_kinds():
+        raise NotInCatalogError(f"no job kind {kind!r} (kinds: {', '.join(form_kinds())})")
     return _form_page(request, kind, form_values(kind, dict(request.query_params)))
 
 
@@ -114,9 +114,13 @@ async def create_job(request: Request):
     form = await request.form()
     kind = str(form.get("kind") or "")
     params = _form_dict(form)
+    if kind in KINDS and KINDS[kind].internal:  # apply-plan: only the disk page's reviewed plan (POST /disk/apply)
+        raise UsageError(f"{kind} jobs start from their own page (the Duplicates & disk review), not this form")
     if kind not in KINDS:
-        raise NotInCatalogError(f"no job kind {kind!r} (kinds: {', '.join(KINDS)})")
+        raise NotInCatalogError(f"no job kind {kind!r} (kinds: {', '.join(form_kinds())})")
     try:
+        if kind == "download" and not request.app.state.guard.loopback:
+            await run_in_threadpool(refuse_internal_url, params.get("source"))
         job_id = await run_in_threadpool(jobs.submit, _db(request), kind, params)
     except CkptlabError as e:
         values = form_values(kind, {})
@@ -127,6 +131,36 @@ async def create_job(request: Request):
 
         return Response(status_code=204, headers={"HX-Redirect": f"/jobs/{job_id}"})
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+def refuse_internal_url(source) -> None:
+    """Off loopback (a token bind), a download URL must not reach this machine or its private network (the
+    server as a proxy into it): ``UsageError`` when the URL's host resolves to a loopback, private, link-local,
+    reserved or multicast address. ``civitai:``/``hf:`` sources and other non-URL sources pass."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    if not isinstance(source, str) or "://" not in source:
+        return
+    try:
+        host = urlsplit(source.strip()).hostname
+    except ValueError:
+        host = None
+    if not host:
+        raise UsageError("SOURCE: a URL without a host")
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        raise UsageError(f"SOURCE: cannot resolve the host name {host!r}") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        if (addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_reserved or addr.is_multicast
+                or addr.is_unspecified):
+            raise UsageError(f"SOURCE: {host} is an address on this machine or its local network ({addr}); "
+                             "a server reachable from the network does not download from there")
 
 
 def _job_ctx(db: Path, job: jobs.Job) -> dict:

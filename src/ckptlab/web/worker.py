@@ -6,7 +6,8 @@ of a ``CkptlabError`` (anything else: "internal error: ..." with the traceback i
 ``cancelled`` when SIGINT (``jobs.cancel``, the CLI's Ctrl-C path: atomic writers remove their temporary file)
 or SIGTERM interrupted it. A thread writes the progress to the row at most ``WRITES_PER_S`` times a second, and a
 heartbeat every ``jobs.HEARTBEAT_S`` while the work is silent. After a job that wrote files under a catalogued
-root, an incremental scan of that root lets the library show them.
+root, a scan of just those files (recorded under that root) lets the library show them. The result is written
+before that: from then on the job can only end ``done``.
 """
 
 from __future__ import annotations
@@ -93,24 +94,30 @@ def _interrupt(signum, frame):  # SIGTERM: the same clean-up path as Ctrl-C
 
 
 def _catalogue(db: Path, made: list[str], reporter: Reporter) -> list[str]:
-    """Incrementally scan the catalogued roots that hold ``made``; the roots scanned."""
+    """Catalogue the files ``made`` that lie under a catalogued root, as a scan of that root would (same root and
+    folder), reading only those files: never a walk of the whole root. The roots they went into."""
     import sqlite3
 
-    import ckptlab
+    from ckptlab.library.scanner import scan
+    from ckptlab.web.jobs import open_catalog
 
     conn = sqlite3.connect(str(db), timeout=30)
     try:
         roots = [r for (r,) in conn.execute("SELECT DISTINCT root FROM files WHERE root IS NOT NULL")]
     finally:
         conn.close()
-    chosen: set[str] = set()
+    chosen: dict[str, list[str]] = {}
     for p in made:
         under = [r for r in roots if os.path.commonpath([os.path.abspath(r), p]) == os.path.abspath(r)]
         if under:
-            chosen.add(max(under, key=len))
-    for root in sorted(chosen):
-        reporter.reset(f"cataloguing {Path(root).name}")
-        ckptlab.scan(root, db=db, progress=reporter)
+            chosen.setdefault(max(under, key=len), []).append(p)
+    cat = open_catalog(db)
+    try:
+        for root in sorted(chosen):
+            reporter.reset(f"cataloguing {len(chosen[root])} file(s) in {Path(root).name}")
+            scan(chosen[root], cat, under=root, progress=reporter)
+    finally:
+        cat.close()
     return sorted(chosen)
 
 
@@ -144,19 +151,49 @@ def run(db: Path, job_id: int) -> int:
     conn.execute("UPDATE web_jobs SET status = 'running', pid = ?, started = ?, heartbeat = ? WHERE id = ?",
                  (os.getpid(), time.time(), time.time(), job_id))
     params = json.loads(params)
+    shown = json.dumps(params)  # the stored params: a download URL's secrets are not in them
+    params = _with_secret(kind, params)
     reporter = Reporter()
     beat = Beat(db, job_id, reporter)
     beat.start()
     spec = KINDS.get(kind)
+    returned = False
     try:
         if spec is None:
             raise CkptlabError(f"unknown job kind {kind!r}")
-        print(f"ckptlab worker: job {job_id} {kind} {json.dumps(params)}", flush=True)
+        print(f"ckptlab worker: job {job_id} {kind} {shown}", flush=True)
         result = spec.run(params, db, reporter)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: record it, whatever comes now
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        returned = True
+        _ignore_signals()  # the work is done: record it, whatever comes now
+    except KeyboardInterrupt:
+        if not returned:
+            beat.stop()
+            end("cancelled", error=None)
+            cat.close()
+            return 130
+        _ignore_signals()  # SIGINT landed between the work's return and the line above: it is done all the same
+    except CkptlabError as e:
+        beat.stop()
+        end("failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        cat.close()
+        return getattr(e, "exit_code", 1)
+    except Exception as e:  # noqa: BLE001 - the job's end must be written whatever happened
+        beat.stop()
+        traceback.print_exc()
+        end("failed", error=f"internal error: {type(e).__name__}: {str(e)[:300]} (see the job's log)")
+        cat.close()
+        return 70
+    try:
         version, done, total, desc = reporter.snapshot()
         made = made_paths(result)
+        payload = to_jsonable(result)
+        if not isinstance(payload, dict):
+            payload = {"items": payload}
+        total = total or done or None  # finished: all of it was done, whether or not the work said how much
+        # the result first (from now on a cancel or a dead worker cannot make the job anything but done), then
+        # the catalogue, then done
+        conn.execute("UPDATE web_jobs SET result = ?, made = ?, done = ?, total = ?, description = ? WHERE id = ?",
+                     (json.dumps(payload), json.dumps(made), total or 0, total, desc, job_id))
         scanned: list[str] = []
         if spec.writes and spec.catalogue and made:
             try:
@@ -164,30 +201,33 @@ def run(db: Path, job_id: int) -> int:
             except CkptlabError as e:  # the job itself succeeded: say so, with the catalogue's trouble
                 print(f"ckptlab worker: cataloguing the outputs failed: {e}", file=sys.stderr)
         beat.stop()
-        payload = to_jsonable(result)
-        if not isinstance(payload, dict):
-            payload = {"items": payload}
         if scanned:
             payload.setdefault("catalogued_roots", scanned)
-        total = total or done or None  # finished: all of it was done, whether or not the work said how much
         end("done", result=json.dumps(payload), made=json.dumps(made), done=total or 0, total=total,
             description=desc)
         return 0
-    except KeyboardInterrupt:
-        beat.stop()
-        end("cancelled", error=None)
-        return 130
-    except CkptlabError as e:
-        beat.stop()
-        end("failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return getattr(e, "exit_code", 1)
-    except Exception as e:  # noqa: BLE001 - the job's end must be written whatever happened
-        beat.stop()
-        traceback.print_exc()
-        end("failed", error=f"internal error: {type(e).__name__}: {str(e)[:300]} (see the job's log)")
-        return 70
     finally:
         cat.close()
+
+
+def _ignore_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _with_secret(kind: str, params: dict) -> dict:
+    """A download's full source URL from the environment ``jobs.submit`` gave this worker (the row holds it
+    redacted), when it is the one the row's redacted URL stands for."""
+    from ckptlab.web.jobs import SECRET_ENV
+
+    secret = os.environ.pop(SECRET_ENV, None)
+    if kind != "download" or not secret or not isinstance(params.get("source"), str):
+        return params
+    from ckptlab.hub.http import redact
+
+    if redact(secret) != params["source"]:
+        return params
+    return {**params, "source": secret}
 
 
 def main(argv: list[str] | None = None) -> int:
