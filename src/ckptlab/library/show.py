@@ -224,9 +224,12 @@ def render_text(d: dict) -> list[str]:
     if d.get("n_tensors") is not None:
         kv("tensors", f"{d['n_tensors']} ({human_size(d.get('tensor_bytes') or 0)}; EMA and training state "
                       f"{human_size(d.get('ema_bytes') or 0)}; fp32 weights {human_size(d.get('fp32_bytes') or 0)})")
-    if d.get("dtypes"):
+    from ckptlab.library.precision import byte_counts
+
+    if byte_counts(d.get("dtypes")):
         out.append("  dtypes:")
-        out.extend(f"    {printable(dt)}: {human_size(n)}" for dt, n in sorted(d["dtypes"].items(), key=lambda x: -x[1]))
+        out.extend(f"    {printable(dt)}: {human_size(n)}" for dt, n in sorted(byte_counts(d["dtypes"]).items(),
+                                                                               key=lambda x: -x[1]))
     kv("safety", d.get("safety") or "not checked")
     detail = d.get("safety_detail") if isinstance(d.get("safety_detail"), dict) else {}
     findings = [f"{f.get('severity')}: {f.get('detail')}" + (f" [{f['location']}]" if f.get("location") else "")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -24,8 +25,10 @@ import unicodedata
 from ckptlab.errors import CatalogWriteError, CkptlabError
 from ckptlab.hub import store as _hub_store  # noqa: F401 - registers the hub's tables before ours (triggers on them)
 from ckptlab.library.catalog import BUSY_TIMEOUT_S, Catalog, register_migrations
+from ckptlab.library.precision import precision_of  # noqa: F401 - the index's precision word (re-exported)
 
 COMPONENT = "web_index"
+log = logging.getLogger(__name__)
 
 #: columns of ``files`` whose change can change an index row (``last_seen``/``last_scan``, which every scan
 #: touches on every row, are not among them: a rescan that changes nothing marks nothing dirty)
@@ -179,40 +182,6 @@ def folder_label(folder: str | None) -> str | None:
     return f"{folder} ({_UI_LABELS[ui]})" if ui in _UI_LABELS else folder
 
 
-def precision_of(dtypes: dict[str, int] | None) -> str | None:
-    """One word for a file's tensor dtypes, by bytes: the kind (fp32, fp16, bf16, fp8, quantized) holding >= 90 %
-    of the bytes, else ``mixed``; None when the dtypes are not known."""
-    if not isinstance(dtypes, dict) or not dtypes:
-        return None
-    by: dict[str, int] = {}
-    for name, n in dtypes.items():
-        if not isinstance(n, int | float) or n < 0:
-            continue
-        by[_dtype_word(str(name))] = by.get(_dtype_word(str(name)), 0) + int(n)
-    total = sum(by.values())
-    if not total:
-        return None
-    name, n = max(by.items(), key=lambda kv: kv[1])
-    return name if n / total >= 0.9 else "mixed"
-
-
-def _dtype_word(name: str) -> str:
-    n = name.lower()
-    if n in ("f32", "float32", "float", "fp32"):
-        return "fp32"
-    if n in ("f16", "float16", "half", "fp16"):
-        return "fp16"
-    if n in ("bf16", "bfloat16"):
-        return "bf16"
-    if n.startswith(("f8", "float8", "fp8")):
-        return "fp8"
-    if n.startswith(("q", "iq", "tq")) or n in ("i8", "u8", "int8", "uint8", "nf4", "fp4", "i4", "u4"):
-        return "quantized"
-    if n in ("f64", "float64", "double"):
-        return "fp64"
-    return n
-
-
 @functools.lru_cache(maxsize=1024)
 def _family_of_base(base_model: str) -> str | None:
     """The family a CivitAI base model names (``SD 1.5`` -> ``sd1``), or None."""
@@ -268,7 +237,7 @@ _ROWS = ("SELECT f.id, f.display, f.name, f.folder, f.format, f.kind, f.family, 
          "AND c.mtime_ns = f.mtime_ns LEFT JOIN civitai_links l ON l.sha256 = c.sha256 "
          "WHERE f.status = 'present' AND f.id IN (SELECT value FROM json_each(?))")
 _LATEST = ("SELECT r.remote_id, {cols} FROM civitai_records r WHERE r.kind = ? AND r.remote_id IN "
-           "(SELECT value FROM json_each(?)) AND r.revision = (SELECT max(r2.revision) FROM civitai_records r2 "
+           "(SELECT value FROM json_each(?)) AND json_valid(r.data) AND r.revision = (SELECT max(r2.revision) FROM civitai_records r2 "
            "WHERE r2.kind = r.kind AND r2.remote_id = r.remote_id)")
 # json_extract / json_type rather than the -> operators, and no UPDATE ... FROM: SQLite 3.31+ (older distributions)
 
@@ -280,7 +249,8 @@ def _array(path: str) -> str:
 _VERSION_COLS = (f"json_extract(r.data, '$.name'), json_extract(r.data, '$.baseModel'), {_array('$.trainedWords')}, "
                  "json_extract(r.data, '$.model.name')")
 _MODEL_COLS = (f"json_extract(r.data, '$.name'), {_array('$.tags')}, (SELECT json_group_array(json_extract(v.value, "
-               "'$.id')) FROM json_each(r.data, '$.modelVersions') v WHERE json_type(v.value) = 'object')")
+               "'$.id')) FROM json_each(r.data, '$.modelVersions') v WHERE json_type(r.data, '$.modelVersions') = "
+               "'array' AND v.type = 'object')")
 
 
 #: how long a page waits for another writer (a scan's batch, a job) before answering from the rows it has
@@ -364,7 +334,11 @@ def _rebuild(conn: sqlite3.Connection, ids: list[int], recount: bool = True) -> 
         _LATEST.format(cols=_MODEL_COLS), ("model", json.dumps(sorted({r[17] for r in rows if r[17]}))))}
     out, fts, tags = [], [], []
     for row in rows:
-        rec, text, tag_list = _derive(row, versions, models)
+        try:
+            rec, text, tag_list = _derive(row, versions, models)
+        except Exception:  # noqa: BLE001 - one hostile row must not keep every other row dirty (and pages 500)
+            log.warning("web index: file %s indexed without derived fields", row[0], exc_info=True)
+            rec, text, tag_list = _bare(row)
         out.append(rec)
         fts.append(text)
         tags += [(key, rec[0], label) for key, label in tag_list]
@@ -454,6 +428,19 @@ def _derive(row, versions: dict, models: dict):
     text = (fid, names, " ".join(tags.values()), " ".join(dict.fromkeys(words)),
             " ".join(x for x in (sha256, autov2) if x))
     return rec, text, list(tags.items())
+
+
+def _bare(row):
+    """The index row of a file whose derivation failed: its name, path, size and hash; every derived field
+    (labels, precision, CivitAI, tags) null, so the file is still listed and found by name."""
+    fid, path, name = row[0], row[1], row[2]
+    name = name if isinstance(name, str) else str(name)
+    size, first_seen, sha256 = row[12], row[13], row[14]
+    size = size if isinstance(size, int) else 0
+    first_seen = first_seen if isinstance(first_seen, int | float) else 0.0
+    rec = (fid, name, _sort_key(name), name, path, None, None, None, None, "\U0010ffff", None, None, None, None,
+           "unchecked", None, None, None, 0, 0, 0, size, first_seen, sha256 if isinstance(sha256, str) else None, 0)
+    return rec, (fid, name, "", "", sha256 if isinstance(sha256, str) else ""), []
 
 
 def _sort_key(text: str) -> str:

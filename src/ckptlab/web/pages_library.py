@@ -20,6 +20,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ckptlab.errors import BadChoiceError
+from ckptlab.library.precision import PRECISIONS
 from ckptlab.web.deps import catalog_at
 from ckptlab.web.query import PER_PAGE, SAFETY, SORTS, Card, Filters, facets, search
 from ckptlab.web.templating import page
@@ -28,7 +29,6 @@ router = APIRouter()
 
 VIEWS = ("grid", "list")
 DENSITIES = ("comfortable", "compact", "dense")
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "mixed", "quantized")
 COOKIE_AGE = 365 * 24 * 3600
 FACET_SHOWN = 60  # values listed per filter (the most common; selected ones always)
 #: kinds whose prompt syntax the card's copy button gives (A1111: LoRA/LyCORIS tag, embedding by its name)

@@ -91,7 +91,7 @@ def _job_url(kind: str, **params: str) -> str:
 def identification(rec: FileRecord) -> dict:
     """What ``ckptlab inspect`` shows, from the ``ModelInfo`` the scan stored in ``files.info``."""
     from ckptlab.arch.families import display_name
-    from ckptlab.web.query import precision_of
+    from ckptlab.library.precision import byte_counts, precision_of
 
     info = rec.info if isinstance(rec.info, dict) else {}
     vram = info.get("vram") if isinstance(info.get("vram"), dict) else None
@@ -105,7 +105,7 @@ def identification(rec: FileRecord) -> dict:
         "kind": rec.kind, "family": rec.family, "family_name": display_name(rec.family) if rec.family else None,
         "variant": rec.variant, "prediction": info.get("prediction"),
         "components": [str(c) for c in info.get("components") or []],
-        "precision": precision_of(rec.dtypes), "dtypes": rec.dtypes or {}, "format": rec.format,
+        "precision": precision_of(rec.dtypes), "dtypes": byte_counts(rec.dtypes), "format": rec.format,
         "size": rec.size, "tensors": rec.n_tensors, "params": params if isinstance(params, int) else None,
         "params_text": _params(params) if isinstance(params, int) else None,
         "has_ema": info.get("has_ema"), "training_state": info.get("training_state"), "pruned": info.get("pruned"),
