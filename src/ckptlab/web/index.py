@@ -26,6 +26,7 @@ from ckptlab.errors import CatalogWriteError, CkptlabError
 from ckptlab.hub import store as _hub_store  # noqa: F401 - registers the hub's tables before ours (triggers on them)
 from ckptlab.library.catalog import BUSY_TIMEOUT_S, Catalog, register_migrations
 from ckptlab.library.precision import precision_of  # noqa: F401 - the index's precision word (re-exported)
+from ckptlab.library.ui_folders import kind_label  # noqa: F401 - the one kind label table (re-exported)
 
 COMPONENT = "web_index"
 log = logging.getLogger(__name__)
@@ -133,10 +134,6 @@ _SHA = 23  # position of sha256 in a web_index row
 _FAMILY_UI = {"sd1": "SD 1.5", "sd2": "SD 2.1", "sdxl": "SDXL 1.0", "sd3": "SD 3.5", "flux": "Flux.1 D"}
 _SUBTYPES = {"locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA", "oft": "OFT", "boft": "BOFT",
              "glora": "GLoRA", "ia3": "(IA)³", "full": "Full", "norm": "Norm"}
-_KIND_LABELS = {"checkpoint": "Checkpoint", "lora": "LoRA", "lycoris": "LyCORIS", "embedding": "Embedding",
-                "hypernetwork": "Hypernetwork", "vae": "VAE", "controlnet": "ControlNet", "ipadapter": "IP-Adapter",
-                "t2i_adapter": "T2I-Adapter", "upscaler": "Upscaler", "text_encoder": "Text encoder",
-                "unet": "Diffusion model (UNet)", "clip_vision": "CLIP Vision"}
 _UI_LABELS = {"a1111": "A1111/Forge", "comfyui": "ComfyUI", "sdnext": "SD.Next"}
 
 
@@ -154,10 +151,6 @@ def family_label(family: str | None) -> str | None:
     if fam is None:
         return family
     return fam.civitai[0] if fam.civitai else fam.display_name
-
-
-def kind_label(kind: str | None) -> str | None:
-    return None if kind is None else _KIND_LABELS.get(kind, kind.replace("_", " "))
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,0 +1,64 @@
+"""One table per vocabulary: a kind has one label wherever the web app shows it (card badge, list row, kind
+filter), and a file has one precision word (library index, card badge, filter choices, model page)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ckptlab.library.catalog import Catalog
+from tests.fakes.web import make_client
+
+
+@pytest.fixture
+def catalog_copy(sample_library, tmp_path):
+    db = tmp_path / "catalog.db"
+    with Catalog(sample_library / "catalog.db") as cat:
+        cat.conn.execute(f"VACUUM INTO '{db}'")
+    return db
+
+
+def _ids(db, n):
+    with Catalog(db) as cat:
+        return [r[0] for r in cat.conn.execute("SELECT id FROM files WHERE status = 'present' ORDER BY id LIMIT ?",
+                                               (n,))]
+
+
+def test_card_badge_and_kind_filter_say_the_same(catalog_copy):
+    a, b = _ids(catalog_copy, 2)
+    with Catalog(catalog_copy) as cat, cat.transaction() as c:  # the kinds the two tables used to disagree on
+        c.execute("UPDATE files SET kind = 'unet' WHERE id = ?", (a,))
+        c.execute("UPDATE files SET kind = 'clip_vision' WHERE id = ?", (b,))
+    with make_client(catalog_copy) as client:
+        html = client.get("/?per_page=240").text
+        rows = client.get("/?per_page=240&view=list").text
+    badges = {}
+    for kind, label in re.findall(r'<article class="card" data-id="\d+" data-kind="([^"]+)">.*?'
+                                  r'<span class="badge kind">([^<·]+)', html, re.S):
+        badges.setdefault(kind, set()).add(label.strip())
+    facet = dict(re.findall(r'<input type="checkbox" name="kind" value="([^"]+)"[^>]*> ([^<]+?)\s*<', html))
+    assert {"unet", "clip_vision"} <= badges.keys()
+    for kind in ("unet", "clip_vision", "checkpoint"):
+        assert badges[kind] == {facet[kind]}, kind
+        assert f"<td>{facet[kind]}</td>" in rows or f"<td>{facet[kind]} ·" in rows
+
+
+def test_one_precision_vocabulary(catalog_copy):
+    from ckptlab.library import precision
+    from ckptlab.web import index, pages_library
+
+    assert pages_library.PRECISIONS == precision.PRECISIONS and index.precision_of is precision.precision_of
+    # every word the classifier gives is a filter choice (the page's own list used to lack fp64)
+    for dtypes in ({"F64": 8}, {"F32": 4}, {"F16": 2}, {"BF16": 2}, {"F8_E4M3": 1}, {"Q4_K": 1},
+                   {"F16": 1, "F32": 1}):
+        assert precision.precision_of(dtypes) in pages_library.PRECISIONS
+    fid = _ids(catalog_copy, 1)[0]
+    with Catalog(catalog_copy) as cat, cat.transaction() as c:
+        c.execute("UPDATE files SET dtypes = '{\"F64\": 4096, \"F32\": 8}' WHERE id = ?", (fid,))
+    with make_client(catalog_copy) as client:
+        card = client.get("/?precision=fp64").text
+        assert re.findall(r'data-id="(\d+)"', card) == [str(fid)]
+        assert '<span class="badge precision">fp64</span>' in card
+        page = client.get(f"/model/{fid}").text
+        assert re.search(r'data-field="precision">fp64', page)
