@@ -62,3 +62,38 @@ def test_one_precision_vocabulary(catalog_copy):
         assert '<span class="badge precision">fp64</span>' in card
         page = client.get(f"/model/{fid}").text
         assert re.search(r'data-field="precision">fp64', page)
+
+
+def test_a_search_refreshes_once_and_does_not_recount_the_index(catalog_copy, monkeypatch):
+    """One ``index.refresh`` per answer, and the index's size comes from the facets cached per generation, not
+    from a ``count(*)`` over the whole index on every filtered request."""
+    from ckptlab.web import index, query
+
+    calls = []
+    real = index.refresh
+    monkeypatch.setattr(index, "refresh", lambda cat: calls.append(1) or real(cat))
+    with Catalog(catalog_copy) as cat:
+        query.search(cat, query.Filters(safety=("safe",)))  # builds the index and the facets
+        calls.clear()
+        seen: list[str] = []
+        cat.conn.set_trace_callback(seen.append)
+        page = query.search(cat, query.Filters(safety=("safe",)))
+        cat.conn.set_trace_callback(None)
+        assert calls == [1]
+        assert not [s for s in seen if re.fullmatch(r"\s*SELECT count\(\*\) FROM web_index\s*", s)], seen
+        n = cat.conn.execute("SELECT count(*) FROM files WHERE status = 'present' AND safety = 'safe'").fetchone()[0]
+        assert page.total == n
+
+
+def test_the_model_page_shows_a_preview_only_when_it_exists(catalog_copy):
+    """A sidecar record naming a preview that is not on disk: no ``<img>`` pointing at a 404 (the library page
+    already asked ``media.preview_paths``; the model page now asks the same)."""
+    fid = _ids(catalog_copy, 1)[0]
+    with Catalog(catalog_copy) as cat, cat.transaction() as c:
+        c.execute("UPDATE files SET status = 'missing', sidecars = ? WHERE id = ?",
+                  ('{"files": {"preview": "ghost.preview.png", "thumb": "ghost.png"}}', fid))
+    with make_client(catalog_copy) as client:
+        page = client.get(f"/model/{fid}")
+        assert page.status_code == 200 and "ghost.preview.png" in page.text  # the sidecar is listed
+        assert 'class="model-preview"' not in page.text
+        assert client.get(f"/media/preview/{fid}").status_code == 404  # what the img would have fetched

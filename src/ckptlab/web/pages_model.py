@@ -295,6 +295,7 @@ def actions(rec: FileRecord) -> list[tuple[str, str]]:
 def model_view(cat: Catalog, rec: FileRecord) -> dict:
     """Everything the model page shows about ``rec`` (a plain dict: the template's only input)."""
     from ckptlab.library import image_links, previews
+    from ckptlab.web.media import preview_paths
 
     md, md_source = header_metadata(rec)
     civ = civitai_view(cat, rec)
@@ -302,7 +303,8 @@ def model_view(cat: Catalog, rec: FileRecord) -> dict:
     kind = (rec.kind or "").lower()
     stem = _stem(rec)
     pv = previews.preview_of(cat, rec.id)
-    has_preview = bool((pv and pv.get("exists")) or (sc and any(r in ("preview", "thumb") for r, _ in sc["files"])))
+    # the library page's rule: an image /media/preview/ID would serve (a sidecar that names one is not enough)
+    has_preview = bool(preview_paths(cat, [rec.id]))
     return {
         "rec": rec, "name": (civ or {}).get("model_name") or stem, "stem": stem,
         "missing": rec.status != "present",
