@@ -97,3 +97,22 @@ def test_the_model_page_shows_a_preview_only_when_it_exists(catalog_copy):
         assert page.status_code == 200 and "ghost.preview.png" in page.text  # the sidecar is listed
         assert 'class="model-preview"' not in page.text
         assert client.get(f"/media/preview/{fid}").status_code == 404  # what the img would have fetched
+
+
+def test_one_untrusted_value_to_short_text_helper():
+    """``display.short_text``: strings as they are, anything else as JSON, cut with the count left out; the index,
+    the model and safety pages and the lineage section all use it (their limits differ, the rule does not)."""
+    from ckptlab.display import short_text
+    from ckptlab.library import lineage
+    from ckptlab.web import index, pages_model, pages_safety
+
+    assert short_text(None) is None and short_text("", empty="") == "" and short_text("Élan") == "Élan"
+    assert short_text(["a", 1]) == '["a", 1]' and short_text({"k": 1}, indent=1) == '{\n "k": 1\n}'
+    assert short_text("x" * 250) == "x" * 200 + "… [50 more characters]"
+    assert index._text(["n"] * 300).endswith("more characters]") and index._text("") is None
+    assert lineage._text(["n"] * 100).startswith('["n", "n"') and lineage._text(["n"] * 100).endswith(
+        f"… [{len(str(['n'] * 100)) - 200} more characters]")
+    assert pages_model._text(None) == "" and pages_model._text("y" * 10, 4) == "yyyy… [6 more characters]"
+    assert pages_safety._text(None) == "" and pages_safety._text({"a": "b"}) == '{"a": "b"}'
+    for f in (index._text, lineage._text, pages_safety._text):
+        assert f.func is short_text

@@ -22,6 +22,7 @@ import re
 import sqlite3
 import unicodedata
 
+from ckptlab.display import short_text
 from ckptlab.errors import CatalogWriteError, CkptlabError
 from ckptlab.hub import store as _hub_store  # noqa: F401 - registers the hub's tables before ours (triggers on them)
 from ckptlab.library.catalog import BUSY_TIMEOUT_S, Catalog, register_migrations
@@ -202,11 +203,8 @@ def match_expression(q: str) -> str | None:
     return " ".join('"' + w.replace('"', '""') + '"*' for w in words)
 
 
-def _text(v) -> str | None:
-    """A name from a record or a sidecar (untrusted: a list or a number where a string belongs)."""
-    if v is None or v == "":
-        return None
-    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)[:200]
+#: a name from a record or a sidecar (untrusted: a list or a number where a string belongs), as short text
+_text = functools.partial(short_text, limit=500)
 
 
 def _words(v) -> list[str]:

@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request
 
+from ckptlab.display import short_text
 from ckptlab.errors import NotInCatalogError
 from ckptlab.library import copies  # registers the component index before any catalog opens
 from ckptlab.library import lineage as lineage_mod  # registers the lineage indexes likewise
@@ -38,11 +39,8 @@ MERGE_KEYS = ("sd_merge_recipe", "sd_merge_models", "ckptlab.recipe")
 
 
 def _text(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
-    """A metadata value as display text (JSON for structures), cut to ``limit`` characters."""
-    if value is None:
-        return ""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)
-    return text if len(text) <= limit else text[:limit] + f"… [{len(text) - limit:,} more characters]"
+    """A metadata value as display text (``display.short_text``: JSON for structures, "" for none)."""
+    return short_text(value, limit, indent=1, empty="")
 
 
 def _stem(rec: FileRecord) -> str:
