@@ -3,11 +3,13 @@ filter), and a file has one precision word (library index, card badge, filter ch
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from ckptlab.library.catalog import Catalog
+from ckptlab.web import index as _index  # noqa: F401 - registers the index and hub tables in every catalog opened
 from tests.fakes.web import make_client
 
 
@@ -116,3 +118,45 @@ def test_one_untrusted_value_to_short_text_helper():
     assert pages_safety._text(None) == "" and pages_safety._text({"a": "b"}) == '{"a": "b"}'
     for f in (index._text, lineage._text, pages_safety._text):
         assert f.func is short_text
+
+
+@pytest.mark.parametrize("listed, expect", [([30, 20, 10], True), ([20, 10], False), ([30, 25], True),
+                                            ([15, 5], False), ([], False)])
+def test_the_update_rule_is_one_rule(catalog_copy, listed, expect):
+    """The library index's ``update_available`` and the model page's 'update available' come from one rule
+    (``hub.store.newer_version_available``). Linked version 20; ``listed``: the model's versions, newest first
+    (20 not listed and 30 first: a newer one exists; not listed and 15 first: none)."""
+    fid = _ids(catalog_copy, 1)[0]
+    with Catalog(catalog_copy) as cat:
+        sha = cat.get(fid).sha256
+        with cat.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO civitai_links(sha256, version_id, model_id, matched_by, linked_at) "
+                      "VALUES (?, 20, 9, 'sha256', 0)", (sha,))
+            for kind, rid, data in (("version", 20, {"id": 20, "name": "v20", "model": {"name": "M"}}),
+                                    ("model", 9, {"id": 9, "name": "M", "modelVersions": [
+                                        {"id": i, "name": f"v{i}"} for i in listed]})):
+                c.execute("INSERT INTO civitai_records(kind, remote_id, revision, digest, fetched_at, checked_at, "
+                          "data) VALUES (?, ?, 1, 'd', 0, 0, ?)", (kind, rid, json.dumps(data)))
+    with make_client(catalog_copy) as client:
+        lib = client.get("/?updates=yes&per_page=240").text
+        page = client.get(f"/model/{fid}").text
+    assert (f'data-id="{fid}"' in lib) is expect
+    assert ('class="update-available"' in page) is expect
+
+
+def test_family_from_a_sidecar_base_model_is_show_s_rule(catalog_copy):
+    """A file with no identified family and no link: the index takes the family from the sidecar that names the
+    model, by the rule ``ckptlab ls --family`` uses (``show.civitai_brief`` + ``base_model_family``)."""
+    from ckptlab.library import show
+    from ckptlab.web import query
+
+    fid = _ids(catalog_copy, 1)[0]
+    sc = {"cm_info": {"model_name": "Side", "base_model": "SDXL 1.0"}, "json": {"model_name": "Other",
+                                                                                "base_model": "SD 1.5"}}
+    with Catalog(catalog_copy) as cat:
+        with cat.transaction() as c:
+            c.execute("UPDATE files SET family = NULL, sidecars = ? WHERE id = ?", (json.dumps(sc), fid))
+        rec = cat.get(fid)
+        expect = show.base_model_family(show.civitai_brief(rec))
+        card = next(c for c in query.search(cat, query.Filters(q="Side", per_page=240)).cards if c.id == fid)
+    assert expect == "sdxl" and card.family == expect and card.name == "Side"

@@ -194,6 +194,16 @@ def has_tables(cat: Catalog) -> bool:
         is not None
 
 
+def newer_version_available(version_id: int | None, version_ids: list) -> bool:
+    """Whether CivitAI lists a newer version than the linked ``version_id``, from the model record's
+    ``modelVersions`` ids (newest first): the linked one is listed but not first, or it is not listed and the
+    first is a higher id. The one rule the model page and the library index use."""
+    ids = [i for i in version_ids if isinstance(i, int) and not isinstance(i, bool)]
+    if version_id is None or not ids or ids[0] == version_id:
+        return False
+    return version_id in ids[1:] or ids[0] > version_id
+
+
 def _str(v) -> str | None:
     """A name from a record: a non-empty string, else None (a list or a number where a name belongs)."""
     return v if isinstance(v, str) and v else None

@@ -23,10 +23,12 @@ import sqlite3
 import unicodedata
 
 from ckptlab.display import short_text
-from ckptlab.errors import CatalogWriteError, CkptlabError
+from ckptlab.errors import CatalogWriteError
 from ckptlab.hub import store as _hub_store  # noqa: F401 - registers the hub's tables before ours (triggers on them)
+from ckptlab.hub.store import newer_version_available
 from ckptlab.library.catalog import BUSY_TIMEOUT_S, Catalog, register_migrations
 from ckptlab.library.precision import precision_of  # noqa: F401 - the index's precision word (re-exported)
+from ckptlab.library.show import SIDECAR_ROLES, family_of_base_model, sidecar_naming_model
 from ckptlab.library.ui_folders import kind_label  # noqa: F401 - the one kind label table (re-exported)
 
 COMPONENT = "web_index"
@@ -174,17 +176,6 @@ def folder_label(folder: str | None) -> str | None:
         return None
     ui = (FOLDERS.get(folder.lower()) or (None, None))[0]
     return f"{folder} ({_UI_LABELS[ui]})" if ui in _UI_LABELS else folder
-
-
-@functools.lru_cache(maxsize=1024)
-def _family_of_base(base_model: str) -> str | None:
-    """The family a CivitAI base model names (``SD 1.5`` -> ``sd1``), or None."""
-    from ckptlab.library.ui_folders import resolve_family
-
-    try:
-        return resolve_family(base_model)[0]
-    except CkptlabError:
-        return None
 
 
 # -- search text ----------------------------------------------------------------------------------------------
@@ -378,17 +369,15 @@ def _derive(row, versions: dict, models: dict):
         if m:
             model_name = model_name or _text(m[0])
             tag_values += _words(_loads(m[1]))
-            ids = [i for i in (_loads(m[2]) or []) if isinstance(i, int)]
-            if ids and ids[0] != version_id:  # modelVersions: newest first
-                update = version_id in ids[1:] or (version_id not in ids and ids[0] > version_id)
-    else:  # a sidecar that names the model (library.show.civitai_brief)
-        for role in ("civitai_info", "cm_info", "metadata_json", "json"):
-            s = sc.get(role)
-            if isinstance(s, dict) and s.get("model_name"):
-                model_name, version_name, base_model = (_text(s.get("model_name")), _text(s.get("version_name")),
-                                                        _text(s.get("base_model")))
-                break
-    for role in ("civitai_info", "cm_info", "metadata_json", "json"):
+            ids = _loads(m[2])
+            update = newer_version_available(version_id, ids if isinstance(ids, list) else [])
+    else:  # a sidecar that names the model (library.show.civitai_brief's rule)
+        named = sidecar_naming_model(sc)
+        if named is not None:
+            s = named[1]
+            model_name, version_name, base_model = (_text(s.get("model_name")), _text(s.get("version_name")),
+                                                    _text(s.get("base_model")))
+    for role in SIDECAR_ROLES:
         s = sc.get(role)
         if isinstance(s, dict):
             tag_values += _words(s.get("tags"))
@@ -401,7 +390,7 @@ def _derive(row, versions: dict, models: dict):
             words.append(str(t["word"]))
     stem = name if fmt == "diffusers" else os.path.splitext(name)[0]
     display = model_name or stem
-    fam = family or (_family_of_base(base_model) if base_model else None)
+    fam = family or (family_of_base_model(base_model) if base_model else None)
     fam_label = family_label(fam)
     files = sc.get("files") if isinstance(sc.get("files"), dict) else {}
     has_preview = bool(has_preview_row or files.get("preview") or files.get("thumb"))

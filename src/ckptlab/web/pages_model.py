@@ -218,7 +218,8 @@ def civitai_view(cat: Catalog, rec: FileRecord) -> dict | None:
                      "published": _text(v.get("publishedAt") or v.get("createdAt"), 40),
                      "linked": v.get("id") == link.get("version_id"),
                      "local": [{"id": fid, "path": p} for fid, p in here[:5]]})
-    update = rows[0] if rows and linked_index not in (None, 0) else None  # modelVersions: newest first
+    newer = store.newer_version_available(link.get("version_id"), [v.get("id") for v in versions])
+    update = rows[0] if rows and newer else None  # modelVersions: newest first
     for n, r in enumerate(rows):
         r["newer"] = linked_index is not None and n < linked_index
     revs = store.revisions(cat, "version", link["version_id"]) if link.get("version_id") is not None else []
