@@ -143,3 +143,23 @@ def test_dtypes_with_a_string_count(catalog_copy):
         assert r.status_code == 200 and "F32 1.0 KiB" in r.text
         assert client.get("/").status_code == 200
     _cli_clean(catalog_copy, fid, path)
+
+
+@pytest.mark.parametrize("column, value", [
+    ("info", "[1, 2]"), ("info", '{"metadata": "x", "vram": 5, "components": 7, "evidence": 3}'),
+    ("sidecars", '"a string"'), ("sidecars", '{"files": ["x"], "json": "y", "trigger_words": "z", "cm_info": []}'),
+    ("dtypes", "[1, 2]"), ("safety_detail", "5"), ("safety_detail", '{"findings": "x", "files": []}'),
+    ("triggers", '{"word": 1}'),
+])
+def test_valid_json_of_the_wrong_shape(catalog_copy, column, value):
+    """JSON that parses but is not the shape the scanner writes (a list, a string, a number where an object
+    belongs): every page and the CLI answer cleanly."""
+    fid, _ = _present(catalog_copy)[0]
+    with Catalog(catalog_copy) as cat:
+        path = cat.get(fid).path
+        cat.conn.execute(f"UPDATE files SET {column} = ? WHERE id = ?", (value, fid))
+        cat.conn.commit()
+    with make_client(catalog_copy) as client:
+        for url in (f"/model/{fid}", "/", "/disk", "/safety"):
+            assert client.get(url).status_code == 200, url
+    _cli_clean(catalog_copy, fid, path)

@@ -102,17 +102,22 @@ def identification(rec: FileRecord) -> dict:
     return {
         "kind": rec.kind, "family": rec.family, "family_name": display_name(rec.family) if rec.family else None,
         "variant": rec.variant, "prediction": info.get("prediction"),
-        "components": [str(c) for c in info.get("components") or []],
+        "components": [str(c) for c in _list(info.get("components"))],
         "precision": precision_of(rec.dtypes), "dtypes": byte_counts(rec.dtypes), "format": rec.format,
         "size": rec.size, "tensors": rec.n_tensors, "params": params if isinstance(params, int) else None,
         "params_text": _params(params) if isinstance(params, int) else None,
         "has_ema": info.get("has_ema"), "training_state": info.get("training_state"), "pruned": info.get("pruned"),
         "ema_bytes": rec.ema_bytes, "vram": vram,
-        "evidence": [str(e) for e in info.get("evidence") or []][:50],
-        "warnings": [str(w) for w in info.get("warnings") or []][:50],
+        "evidence": [str(e) for e in _list(info.get("evidence"))][:50],
+        "warnings": [str(w) for w in _list(info.get("warnings"))][:50],
         "safety": rec.safety, "findings": findings[:50], "safety_error": detail.get("error"),
         "error": rec.error, "identified": bool(info),
     }
+
+
+def _list(v) -> list:
+    """A stored list (the scan writes one; another writer may have put anything there): else []."""
+    return v if isinstance(v, list) else []
 
 
 def _params(n: int) -> str:
