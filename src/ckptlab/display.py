@@ -7,6 +7,7 @@ renders each such character visibly (``\\x1b``, ``\\u202e``) so what is printed 
 
 from __future__ import annotations
 
+import json
 import unicodedata
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -67,6 +68,23 @@ def printable(text: object, *, keep_newlines: bool = False) -> str:
 def strip_unsafe(text: str) -> str:
     """``text`` without control or bidi characters (for names that become files on disk)."""
     return "".join(c for c in text if not is_unsafe_char(c))
+
+
+def short_text(value: object, limit: int = 200, *, indent: int | None = None, empty: str | None = None) -> str | None:
+    """An untrusted value (a name from a record, a sidecar, a header: a list or a number where a string belongs)
+    as display text: a string as it is, anything else as JSON (``indent`` for structures), cut to ``limit``
+    characters with the number left out (``cap``); ``empty`` for None or the empty string. The one helper for
+    this (index, model, safety and lineage pages); escaping for HTML or a terminal is the caller's."""
+    if value is None or value == "":
+        return empty
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, indent=indent, default=str)
+        except (ValueError, TypeError, RecursionError):
+            text = repr(value)
+    return cap(text, limit)
 
 
 def cap(text: str, limit: int = MAX_LINE_CHARS) -> str:

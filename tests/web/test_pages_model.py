@@ -367,8 +367,10 @@ def test_sidecars_and_preview(tmp_path):
             "model": {"name": "Side Model", "type": "LORA"}, "trainedWords": ["sidetok"]}
     (folder / "side.civitai.info").write_text(json.dumps(info))
     (folder / "side.preview.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    ckptlab.scan(folder, db=db, hash=True)  # the catalog learns the preview: /media/preview/ID serves what it names
     with make_client(db) as c:
         r = c.get(f"/model/{_id_of(db, paths['side.safetensors'])}")
+        assert c.get(f"/media/preview/{_id_of(db, paths['side.safetensors'])}").status_code == 200
     assert "<img src=x" not in r.text
     doc = dom(r.text)
     sec = doc.one(tag="section", id="sidecars")

@@ -114,14 +114,23 @@ def latest_record(cat: Catalog, kind: str, remote_id: int | None) -> dict | None
         return None
     row = cat.conn.execute("SELECT data FROM civitai_records WHERE kind = ? AND remote_id = ? "
                            "ORDER BY revision DESC LIMIT 1", (kind, remote_id)).fetchone()
-    return json.loads(row[0]) if row else None
+    data = _loads(row[0]) if row else None
+    return data if isinstance(data, dict) else None
+
+
+def _loads(text):
+    """A stored record (written by us from a server's answer; a damaged or hand-edited row is None)."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def revisions(cat: Catalog, kind: str, remote_id: int) -> list[dict]:
     """All stored revisions, oldest first: ``{"revision", "fetched_at", "checked_at", "data"}``."""
     rows = cat.conn.execute("SELECT revision, fetched_at, checked_at, data FROM civitai_records "
                             "WHERE kind = ? AND remote_id = ? ORDER BY revision", (kind, remote_id)).fetchall()
-    return [{"revision": r, "fetched_at": f, "checked_at": c, "data": json.loads(d)} for r, f, c, d in rows]
+    return [{"revision": r, "fetched_at": f, "checked_at": c, "data": _loads(d)} for r, f, c, d in rows]
 
 
 def get_link(cat: Catalog, sha256: str) -> Link | None:
@@ -185,6 +194,21 @@ def has_tables(cat: Catalog) -> bool:
         is not None
 
 
+def newer_version_available(version_id: int | None, version_ids: list) -> bool:
+    """Whether CivitAI lists a newer version than the linked ``version_id``, from the model record's
+    ``modelVersions`` ids (newest first): the linked one is listed but not first, or it is not listed and the
+    first is a higher id. The one rule the model page and the library index use."""
+    ids = [i for i in version_ids if isinstance(i, int) and not isinstance(i, bool)]
+    if version_id is None or not ids or ids[0] == version_id:
+        return False
+    return version_id in ids[1:] or ids[0] > version_id
+
+
+def _str(v) -> str | None:
+    """A name from a record: a non-empty string, else None (a list or a number where a name belongs)."""
+    return v if isinstance(v, str) and v else None
+
+
 def link_summary(cat: Catalog, sha256: str | None) -> dict | None:
     """What ``ckptlab show`` prints about a file's CivitAI link, from stored data only (no network):
     ids, model/version names, how it was matched (and whether it is inherited through the tensor
@@ -199,13 +223,16 @@ def link_summary(cat: Catalog, sha256: str | None) -> dict | None:
     m = latest_record(cat, "model", link.model_id) or {}
     n_revs = cat.conn.execute("SELECT count(*) FROM civitai_records WHERE kind = 'version' AND remote_id = ?",
                               (link.version_id,)).fetchone()[0]
-    model_name = (v.get("model") or {}).get("name") or m.get("name")
+    vm = v.get("model") if isinstance(v.get("model"), dict) else {}  # records are a stranger's JSON: check shapes
+    model_name = _str(vm.get("name")) or _str(m.get("name"))
+    words = v.get("trainedWords")
     url = None
     if link.model_id is not None:
         url = f"https://civitai.com/models/{link.model_id}?modelVersionId={link.version_id}"
     return {"model_id": link.model_id, "version_id": link.version_id, "file_id": link.file_id,
-            "model_name": model_name, "version_name": v.get("name"),
-            "type": (v.get("model") or {}).get("type") or m.get("type"), "base_model": v.get("baseModel"),
+            "model_name": model_name, "version_name": _str(v.get("name")),
+            "type": _str(vm.get("type")) or _str(m.get("type")), "base_model": _str(v.get("baseModel")),
             "matched_by": link.matched_by, "inherited": link.inherited, "inherited_from": link.inherited_from,
-            "trigger_words": list(v.get("trainedWords") or []), "revisions": n_revs,
+            "trigger_words": [str(w) for w in words if w is not None] if isinstance(words, list) else [],
+            "revisions": n_revs,
             "upstream_status": link.upstream_status, "url": url}

@@ -252,7 +252,14 @@ _SELECT = (f"SELECT {', '.join('f.' + c.strip() for c in _FILE_COLS.split(','))}
 
 
 def _loads(text):
-    return json.loads(text) if text else None
+    """A JSON column's value; None when empty or not JSON (a row another tool or an older version wrote: the
+    record is still readable, that field is just unknown)."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def _record(row) -> FileRecord:

@@ -100,8 +100,12 @@ class DupesResult:
 
 
 def precision(rec: FileRecord) -> str | None:
-    """The float dtype holding most of the weights (``F32``, ``F16``...)."""
-    floats = {d: b for d, b in (rec.dtypes or {}).items() if d in FLOAT_DTYPES}
+    """The float dtype holding most of the weights (``F32``, ``F16``...): what the plan compares to pick a keeper.
+    Not the label pages show: that is ``library.precision.precision_of`` (by bytes over every dtype, quantized
+    included, ``mixed`` below 90 %)."""
+    from ckptlab.library.precision import byte_counts
+
+    floats = {d: b for d, b in byte_counts(rec.dtypes).items() if d in FLOAT_DTYPES}
     return max(floats, key=lambda d: (floats[d], d)) if floats else None
 
 

@@ -28,9 +28,11 @@ A catalog opened before this module was imported lacks the indexes: the same que
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
+from ckptlab.display import short_text
 from ckptlab.library.catalog import Catalog, FileRecord, register_migrations
 
 COMPONENT = "lineage"
@@ -76,10 +78,8 @@ def _hex(value: Any) -> str | None:
     return v.upper() if len(v) == 64 and all(c in "0123456789abcdef" for c in v) else None
 
 
-def _text(value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)[:200]
+#: a recorded input's name (untrusted header metadata) as short text, None for none
+_text = functools.partial(short_text, limit=200)
 
 
 def recorded_inputs(metadata: dict | None) -> list[dict]:

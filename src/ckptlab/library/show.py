@@ -9,6 +9,7 @@ only (``ls``) or is None (``show``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -125,8 +126,7 @@ def civitai_brief(rec: FileRecord, link: dict | None = None) -> dict | None:
     base_model, trigger_words, source}`` from the file's stored CivitAI ``link`` summary (``source:
     "link"``), else from a sidecar that names the model (Civitai Helper, Stability Matrix, LoRA Manager,
     SD.Next). None when neither knows it."""
-    def text(v) -> str | None:  # sidecars and server records are untrusted: a name may be a list or a number
-        return None if v in (None, "") else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)[:200]
+    from ckptlab.display import short_text as text  # sidecars and server records are untrusted
 
     def words(v) -> list[str]:
         return [w if isinstance(w, str) else str(w) for w in v] if isinstance(v, list) else []
@@ -137,13 +137,30 @@ def civitai_brief(rec: FileRecord, link: dict | None = None) -> dict | None:
                 "base_model": text(civ.get("base_model")), "trigger_words": words(civ.get("trigger_words")),
                 "source": "link"}
     sc = rec.sidecars if isinstance(rec.sidecars, dict) else {}
-    for role in ("civitai_info", "cm_info", "metadata_json", "json"):
-        s = sc.get(role)
+    named = sidecar_naming_model(sc)
+    if named is None:
+        return None
+    role, s = named
+    files = sc.get("files") if isinstance(sc.get("files"), dict) else {}
+    return {"model_name": text(s.get("model_name")), "version_name": text(s.get("version_name")),
+            "base_model": text(s.get("base_model")),
+            "trigger_words": words(sc.get("trigger_words") or s.get("trained_words")),
+            "source": text(files.get(role, role))}
+
+
+#: the sidecar summaries ``library.sidecars`` stores, in the order their names are trusted
+SIDECAR_ROLES = ("civitai_info", "cm_info", "metadata_json", "json")
+
+
+def sidecar_naming_model(sidecars) -> tuple[str, dict] | None:
+    """``(role, summary)`` of the first sidecar summary (``SIDECAR_ROLES`` order) that names the model, or None:
+    the rule ``civitai_brief`` and the web library index both use for a file with no CivitAI link."""
+    if not isinstance(sidecars, dict):
+        return None
+    for role in SIDECAR_ROLES:
+        s = sidecars.get(role)
         if isinstance(s, dict) and s.get("model_name"):
-            return {"model_name": text(s.get("model_name")), "version_name": text(s.get("version_name")),
-                    "base_model": text(s.get("base_model")),
-                    "trigger_words": words(sc.get("trigger_words") or s.get("trained_words")),
-                    "source": text((sc.get("files") or {}).get(role, role))}
+            return role, s
     return None
 
 
@@ -224,9 +241,12 @@ def render_text(d: dict) -> list[str]:
     if d.get("n_tensors") is not None:
         kv("tensors", f"{d['n_tensors']} ({human_size(d.get('tensor_bytes') or 0)}; EMA and training state "
                       f"{human_size(d.get('ema_bytes') or 0)}; fp32 weights {human_size(d.get('fp32_bytes') or 0)})")
-    if d.get("dtypes"):
+    from ckptlab.library.precision import byte_counts
+
+    if byte_counts(d.get("dtypes")):
         out.append("  dtypes:")
-        out.extend(f"    {printable(dt)}: {human_size(n)}" for dt, n in sorted(d["dtypes"].items(), key=lambda x: -x[1]))
+        out.extend(f"    {printable(dt)}: {human_size(n)}" for dt, n in sorted(byte_counts(d["dtypes"]).items(),
+                                                                               key=lambda x: -x[1]))
     kv("safety", d.get("safety") or "not checked")
     detail = d.get("safety_detail") if isinstance(d.get("safety_detail"), dict) else {}
     findings = [f"{f.get('severity')}: {f.get('detail')}" + (f" [{f['location']}]" if f.get("location") else "")
@@ -287,12 +307,19 @@ def render_text(d: dict) -> list[str]:
 
 def base_model_family(civ: dict | None) -> str | None:
     """The family a CivitAI base model names (``"SD 1.5"`` -> ``sd1``), or None (unknown, or no CivitAI data)."""
+    if not civ or not civ.get("base_model"):
+        return None
+    return family_of_base_model(str(civ["base_model"]))
+
+
+@functools.lru_cache(maxsize=1024)
+def family_of_base_model(base_model: str) -> str | None:
+    """The family a CivitAI base-model name names (``"SD 1.5"`` -> ``sd1``), or None (cached: a library repeats a
+    few dozen names)."""
     from ckptlab.errors import CkptlabError
     from ckptlab.library.ui_folders import resolve_family
 
-    if not civ or not civ.get("base_model"):
-        return None
     try:
-        return resolve_family(str(civ["base_model"]))[0]
+        return resolve_family(base_model)[0]
     except CkptlabError:
         return None

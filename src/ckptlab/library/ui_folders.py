@@ -164,6 +164,16 @@ KINDS = ("checkpoint", "unet", "vae", "text_encoder", "lora", "lycoris", "embedd
          "ipadapter", "t2i_adapter", "upscaler", "clip_vision")
 #: a kind that stands for several when filtering: a LoRA filter includes LyCORIS (LoCon, LoHa, LoKr...)
 KIND_GROUPS = {"lora": ("lora", "lycoris")}
+#: the one label of each kind in UIs (the web app's card badge, list row, placeholder and kind filter all use it)
+KIND_LABELS = {"checkpoint": "Checkpoint", "unet": "Diffusion model (UNet)", "vae": "VAE",
+               "text_encoder": "Text encoder", "lora": "LoRA", "lycoris": "LyCORIS", "embedding": "Embedding",
+               "hypernetwork": "Hypernetwork", "controlnet": "ControlNet", "ipadapter": "IP-Adapter",
+               "t2i_adapter": "T2I-Adapter", "upscaler": "Upscaler", "clip_vision": "CLIP Vision"}
+
+
+def kind_label(kind: str | None) -> str | None:
+    """A kind's label (``KIND_LABELS``); a kind the table does not know, with spaces for underscores; None: None."""
+    return None if kind is None else KIND_LABELS.get(kind, kind.replace("_", " "))
 #: other spellings: CivitAI's ModelType names (the ``types`` of its public ``/api/v1/models``), adapter algorithms, plurals
 KIND_NAMES = {
     "model": "checkpoint", "checkpoints": "checkpoint", "ckpt": "checkpoint", "diffusionmodel": "unet",

@@ -16,16 +16,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import sqlite3
 import unicodedata
 
-from ckptlab.errors import CatalogWriteError, CkptlabError
+from ckptlab.display import short_text
+from ckptlab.errors import CatalogWriteError
 from ckptlab.hub import store as _hub_store  # noqa: F401 - registers the hub's tables before ours (triggers on them)
+from ckptlab.hub.store import newer_version_available
 from ckptlab.library.catalog import BUSY_TIMEOUT_S, Catalog, register_migrations
+from ckptlab.library.precision import precision_of  # noqa: F401 - the index's precision word (re-exported)
+from ckptlab.library.show import SIDECAR_ROLES, family_of_base_model, sidecar_naming_model
+from ckptlab.library.ui_folders import kind_label  # noqa: F401 - the one kind label table (re-exported)
 
 COMPONENT = "web_index"
+log = logging.getLogger(__name__)
 
 #: columns of ``files`` whose change can change an index row (``last_seen``/``last_scan``, which every scan
 #: touches on every row, are not among them: a rescan that changes nothing marks nothing dirty)
@@ -130,10 +137,6 @@ _SHA = 23  # position of sha256 in a web_index row
 _FAMILY_UI = {"sd1": "SD 1.5", "sd2": "SD 2.1", "sdxl": "SDXL 1.0", "sd3": "SD 3.5", "flux": "Flux.1 D"}
 _SUBTYPES = {"locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA", "oft": "OFT", "boft": "BOFT",
              "glora": "GLoRA", "ia3": "(IA)³", "full": "Full", "norm": "Norm"}
-_KIND_LABELS = {"checkpoint": "Checkpoint", "lora": "LoRA", "lycoris": "LyCORIS", "embedding": "Embedding",
-                "hypernetwork": "Hypernetwork", "vae": "VAE", "controlnet": "ControlNet", "ipadapter": "IP-Adapter",
-                "t2i_adapter": "T2I-Adapter", "upscaler": "Upscaler", "text_encoder": "Text encoder",
-                "unet": "Diffusion model (UNet)", "clip_vision": "CLIP Vision"}
 _UI_LABELS = {"a1111": "A1111/Forge", "comfyui": "ComfyUI", "sdnext": "SD.Next"}
 
 
@@ -151,10 +154,6 @@ def family_label(family: str | None) -> str | None:
     if fam is None:
         return family
     return fam.civitai[0] if fam.civitai else fam.display_name
-
-
-def kind_label(kind: str | None) -> str | None:
-    return None if kind is None else _KIND_LABELS.get(kind, kind.replace("_", " "))
 
 
 @functools.lru_cache(maxsize=256)
@@ -179,51 +178,6 @@ def folder_label(folder: str | None) -> str | None:
     return f"{folder} ({_UI_LABELS[ui]})" if ui in _UI_LABELS else folder
 
 
-def precision_of(dtypes: dict[str, int] | None) -> str | None:
-    """One word for a file's tensor dtypes, by bytes: the kind (fp32, fp16, bf16, fp8, quantized) holding >= 90 %
-    of the bytes, else ``mixed``; None when the dtypes are not known."""
-    if not isinstance(dtypes, dict) or not dtypes:
-        return None
-    by: dict[str, int] = {}
-    for name, n in dtypes.items():
-        if not isinstance(n, int | float) or n < 0:
-            continue
-        by[_dtype_word(str(name))] = by.get(_dtype_word(str(name)), 0) + int(n)
-    total = sum(by.values())
-    if not total:
-        return None
-    name, n = max(by.items(), key=lambda kv: kv[1])
-    return name if n / total >= 0.9 else "mixed"
-
-
-def _dtype_word(name: str) -> str:
-    n = name.lower()
-    if n in ("f32", "float32", "float", "fp32"):
-        return "fp32"
-    if n in ("f16", "float16", "half", "fp16"):
-        return "fp16"
-    if n in ("bf16", "bfloat16"):
-        return "bf16"
-    if n.startswith(("f8", "float8", "fp8")):
-        return "fp8"
-    if n.startswith(("q", "iq", "tq")) or n in ("i8", "u8", "int8", "uint8", "nf4", "fp4", "i4", "u4"):
-        return "quantized"
-    if n in ("f64", "float64", "double"):
-        return "fp64"
-    return n
-
-
-@functools.lru_cache(maxsize=1024)
-def _family_of_base(base_model: str) -> str | None:
-    """The family a CivitAI base model names (``SD 1.5`` -> ``sd1``), or None."""
-    from ckptlab.library.ui_folders import resolve_family
-
-    try:
-        return resolve_family(base_model)[0]
-    except CkptlabError:
-        return None
-
-
 # -- search text ----------------------------------------------------------------------------------------------
 #: what FTS5's unicode61 tokenizer keeps together: letters, digits, marks (every other character separates)
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
@@ -240,11 +194,8 @@ def match_expression(q: str) -> str | None:
     return " ".join('"' + w.replace('"', '""') + '"*' for w in words)
 
 
-def _text(v) -> str | None:
-    """A name from a record or a sidecar (untrusted: a list or a number where a string belongs)."""
-    if v is None or v == "":
-        return None
-    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)[:200]
+#: a name from a record or a sidecar (untrusted: a list or a number where a string belongs), as short text
+_text = functools.partial(short_text, limit=500)
 
 
 def _words(v) -> list[str]:
@@ -268,7 +219,7 @@ _ROWS = ("SELECT f.id, f.display, f.name, f.folder, f.format, f.kind, f.family, 
          "AND c.mtime_ns = f.mtime_ns LEFT JOIN civitai_links l ON l.sha256 = c.sha256 "
          "WHERE f.status = 'present' AND f.id IN (SELECT value FROM json_each(?))")
 _LATEST = ("SELECT r.remote_id, {cols} FROM civitai_records r WHERE r.kind = ? AND r.remote_id IN "
-           "(SELECT value FROM json_each(?)) AND r.revision = (SELECT max(r2.revision) FROM civitai_records r2 "
+           "(SELECT value FROM json_each(?)) AND json_valid(r.data) AND r.revision = (SELECT max(r2.revision) FROM civitai_records r2 "
            "WHERE r2.kind = r.kind AND r2.remote_id = r.remote_id)")
 # json_extract / json_type rather than the -> operators, and no UPDATE ... FROM: SQLite 3.31+ (older distributions)
 
@@ -280,7 +231,8 @@ def _array(path: str) -> str:
 _VERSION_COLS = (f"json_extract(r.data, '$.name'), json_extract(r.data, '$.baseModel'), {_array('$.trainedWords')}, "
                  "json_extract(r.data, '$.model.name')")
 _MODEL_COLS = (f"json_extract(r.data, '$.name'), {_array('$.tags')}, (SELECT json_group_array(json_extract(v.value, "
-               "'$.id')) FROM json_each(r.data, '$.modelVersions') v WHERE json_type(v.value) = 'object')")
+               "'$.id')) FROM json_each(r.data, '$.modelVersions') v WHERE json_type(r.data, '$.modelVersions') = "
+               "'array' AND v.type = 'object')")
 
 
 #: how long a page waits for another writer (a scan's batch, a job) before answering from the rows it has
@@ -364,7 +316,11 @@ def _rebuild(conn: sqlite3.Connection, ids: list[int], recount: bool = True) -> 
         _LATEST.format(cols=_MODEL_COLS), ("model", json.dumps(sorted({r[17] for r in rows if r[17]}))))}
     out, fts, tags = [], [], []
     for row in rows:
-        rec, text, tag_list = _derive(row, versions, models)
+        try:
+            rec, text, tag_list = _derive(row, versions, models)
+        except Exception:  # noqa: BLE001 - one hostile row must not keep every other row dirty (and pages 500)
+            log.warning("web index: file %s indexed without derived fields", row[0], exc_info=True)
+            rec, text, tag_list = _bare(row)
         out.append(rec)
         fts.append(text)
         tags += [(key, rec[0], label) for key, label in tag_list]
@@ -413,17 +369,15 @@ def _derive(row, versions: dict, models: dict):
         if m:
             model_name = model_name or _text(m[0])
             tag_values += _words(_loads(m[1]))
-            ids = [i for i in (_loads(m[2]) or []) if isinstance(i, int)]
-            if ids and ids[0] != version_id:  # modelVersions: newest first
-                update = version_id in ids[1:] or (version_id not in ids and ids[0] > version_id)
-    else:  # a sidecar that names the model (library.show.civitai_brief)
-        for role in ("civitai_info", "cm_info", "metadata_json", "json"):
-            s = sc.get(role)
-            if isinstance(s, dict) and s.get("model_name"):
-                model_name, version_name, base_model = (_text(s.get("model_name")), _text(s.get("version_name")),
-                                                        _text(s.get("base_model")))
-                break
-    for role in ("civitai_info", "cm_info", "metadata_json", "json"):
+            ids = _loads(m[2])
+            update = newer_version_available(version_id, ids if isinstance(ids, list) else [])
+    else:  # a sidecar that names the model (library.show.civitai_brief's rule)
+        named = sidecar_naming_model(sc)
+        if named is not None:
+            s = named[1]
+            model_name, version_name, base_model = (_text(s.get("model_name")), _text(s.get("version_name")),
+                                                    _text(s.get("base_model")))
+    for role in SIDECAR_ROLES:
         s = sc.get(role)
         if isinstance(s, dict):
             tag_values += _words(s.get("tags"))
@@ -436,7 +390,7 @@ def _derive(row, versions: dict, models: dict):
             words.append(str(t["word"]))
     stem = name if fmt == "diffusers" else os.path.splitext(name)[0]
     display = model_name or stem
-    fam = family or (_family_of_base(base_model) if base_model else None)
+    fam = family or (family_of_base_model(base_model) if base_model else None)
     fam_label = family_label(fam)
     files = sc.get("files") if isinstance(sc.get("files"), dict) else {}
     has_preview = bool(has_preview_row or files.get("preview") or files.get("thumb"))
@@ -454,6 +408,19 @@ def _derive(row, versions: dict, models: dict):
     text = (fid, names, " ".join(tags.values()), " ".join(dict.fromkeys(words)),
             " ".join(x for x in (sha256, autov2) if x))
     return rec, text, list(tags.items())
+
+
+def _bare(row):
+    """The index row of a file whose derivation failed: its name, path, size and hash; every derived field
+    (labels, precision, CivitAI, tags) null, so the file is still listed and found by name."""
+    fid, path, name = row[0], row[1], row[2]
+    name = name if isinstance(name, str) else str(name)
+    size, first_seen, sha256 = row[12], row[13], row[14]
+    size = size if isinstance(size, int) else 0
+    first_seen = first_seen if isinstance(first_seen, int | float) else 0.0
+    rec = (fid, name, _sort_key(name), name, path, None, None, None, None, "\U0010ffff", None, None, None, None,
+           "unchecked", None, None, None, 0, 0, 0, size, first_seen, sha256 if isinstance(sha256, str) else None, 0)
+    return rec, (fid, name, "", "", sha256 if isinstance(sha256, str) else ""), []
 
 
 def _sort_key(text: str) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ckptlab.errors import BadChoiceError
+from ckptlab.library.precision import PRECISIONS
+from ckptlab.library.ui_folders import kind_label
 from ckptlab.web.deps import catalog_at
 from ckptlab.web.query import PER_PAGE, SAFETY, SORTS, Card, Filters, facets, search
 from ckptlab.web.templating import page
@@ -28,17 +30,11 @@ router = APIRouter()
 
 VIEWS = ("grid", "list")
 DENSITIES = ("comfortable", "compact", "dense")
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "mixed", "quantized")
 COOKIE_AGE = 365 * 24 * 3600
 FACET_SHOWN = 60  # values listed per filter (the most common; selected ones always)
 #: kinds whose prompt syntax the card's copy button gives (A1111: LoRA/LyCORIS tag, embedding by its name)
 LORA_KINDS = ("lora", "lycoris")
 EMBEDDING_KINDS = ("embedding",)
-#: short labels of kinds on badges and placeholders
-KIND_LABELS = {"checkpoint": "Checkpoint", "unet": "UNet", "vae": "VAE", "text_encoder": "Text encoder",
-               "lora": "LoRA", "lycoris": "LyCORIS", "embedding": "Embedding", "hypernetwork": "Hypernetwork",
-               "controlnet": "ControlNet", "ipadapter": "IP-Adapter", "t2i_adapter": "T2I-Adapter",
-               "upscaler": "Upscaler", "clip_vision": "CLIP vision"}
 
 
 def _display(request: Request, name: str, allowed: tuple[str, ...]) -> tuple[str, bool]:
@@ -118,7 +114,7 @@ def library(request: Request):
     ctx = dict(
         nav="library", result=result, f=f, view=view, density=density, views=VIEWS, densities=DENSITIES,
         active=_active(f), sorts=SORTS, per_pages=PER_PAGE, href=href, syntax=prompt_syntax, safety_values=SAFETY,
-        lora_kinds=LORA_KINDS, kind_labels=KIND_LABELS,
+        lora_kinds=LORA_KINDS, kind_label=kind_label,
         family_labels=family_labels, filter_groups=[
             ("kind", "Kind", _options(fac, "kind", f.kind)),
             ("family", "Base model", _options(fac, "family", f.family)),

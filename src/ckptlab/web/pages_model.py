@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request
 
+from ckptlab.display import short_text
 from ckptlab.errors import NotInCatalogError
 from ckptlab.library import copies  # registers the component index before any catalog opens
 from ckptlab.library import lineage as lineage_mod  # registers the lineage indexes likewise
@@ -38,11 +39,8 @@ MERGE_KEYS = ("sd_merge_recipe", "sd_merge_models", "ckptlab.recipe")
 
 
 def _text(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
-    """A metadata value as display text (JSON for structures), cut to ``limit`` characters."""
-    if value is None:
-        return ""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)
-    return text if len(text) <= limit else text[:limit] + f"… [{len(text) - limit:,} more characters]"
+    """A metadata value as display text (``display.short_text``: JSON for structures, "" for none)."""
+    return short_text(value, limit, indent=1, empty="")
 
 
 def _stem(rec: FileRecord) -> str:
@@ -91,7 +89,7 @@ def _job_url(kind: str, **params: str) -> str:
 def identification(rec: FileRecord) -> dict:
     """What ``ckptlab inspect`` shows, from the ``ModelInfo`` the scan stored in ``files.info``."""
     from ckptlab.arch.families import display_name
-    from ckptlab.web.query import precision_of
+    from ckptlab.library.precision import byte_counts, precision_of
 
     info = rec.info if isinstance(rec.info, dict) else {}
     vram = info.get("vram") if isinstance(info.get("vram"), dict) else None
@@ -104,17 +102,22 @@ def identification(rec: FileRecord) -> dict:
     return {
         "kind": rec.kind, "family": rec.family, "family_name": display_name(rec.family) if rec.family else None,
         "variant": rec.variant, "prediction": info.get("prediction"),
-        "components": [str(c) for c in info.get("components") or []],
-        "precision": precision_of(rec.dtypes), "dtypes": rec.dtypes or {}, "format": rec.format,
+        "components": [str(c) for c in _list(info.get("components"))],
+        "precision": precision_of(rec.dtypes), "dtypes": byte_counts(rec.dtypes), "format": rec.format,
         "size": rec.size, "tensors": rec.n_tensors, "params": params if isinstance(params, int) else None,
         "params_text": _params(params) if isinstance(params, int) else None,
         "has_ema": info.get("has_ema"), "training_state": info.get("training_state"), "pruned": info.get("pruned"),
         "ema_bytes": rec.ema_bytes, "vram": vram,
-        "evidence": [str(e) for e in info.get("evidence") or []][:50],
-        "warnings": [str(w) for w in info.get("warnings") or []][:50],
+        "evidence": [str(e) for e in _list(info.get("evidence"))][:50],
+        "warnings": [str(w) for w in _list(info.get("warnings"))][:50],
         "safety": rec.safety, "findings": findings[:50], "safety_error": detail.get("error"),
         "error": rec.error, "identified": bool(info),
     }
+
+
+def _list(v) -> list:
+    """A stored list (the scan writes one; another writer may have put anything there): else []."""
+    return v if isinstance(v, list) else []
 
 
 def _params(n: int) -> str:
@@ -220,7 +223,8 @@ def civitai_view(cat: Catalog, rec: FileRecord) -> dict | None:
                      "published": _text(v.get("publishedAt") or v.get("createdAt"), 40),
                      "linked": v.get("id") == link.get("version_id"),
                      "local": [{"id": fid, "path": p} for fid, p in here[:5]]})
-    update = rows[0] if rows and linked_index not in (None, 0) else None  # modelVersions: newest first
+    newer = store.newer_version_available(link.get("version_id"), [v.get("id") for v in versions])
+    update = rows[0] if rows and newer else None  # modelVersions: newest first
     for n, r in enumerate(rows):
         r["newer"] = linked_index is not None and n < linked_index
     revs = store.revisions(cat, "version", link["version_id"]) if link.get("version_id") is not None else []
@@ -295,6 +299,7 @@ def actions(rec: FileRecord) -> list[tuple[str, str]]:
 def model_view(cat: Catalog, rec: FileRecord) -> dict:
     """Everything the model page shows about ``rec`` (a plain dict: the template's only input)."""
     from ckptlab.library import image_links, previews
+    from ckptlab.web.media import preview_paths
 
     md, md_source = header_metadata(rec)
     civ = civitai_view(cat, rec)
@@ -302,7 +307,8 @@ def model_view(cat: Catalog, rec: FileRecord) -> dict:
     kind = (rec.kind or "").lower()
     stem = _stem(rec)
     pv = previews.preview_of(cat, rec.id)
-    has_preview = bool((pv and pv.get("exists")) or (sc and any(r in ("preview", "thumb") for r, _ in sc["files"])))
+    # the library page's rule: an image /media/preview/ID would serve (a sidecar that names one is not enough)
+    has_preview = bool(preview_paths(cat, [rec.id]))
     return {
         "rec": rec, "name": (civ or {}).get("model_name") or stem, "stem": stem,
         "missing": rec.status != "present",

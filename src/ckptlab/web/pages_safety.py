@@ -9,6 +9,7 @@ the page does not show.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Request
 
+from ckptlab.display import short_text
 from ckptlab.errors import BadChoiceError, UsageError
 from ckptlab.library.catalog import Catalog
 from ckptlab.web.deps import catalog
@@ -58,8 +60,8 @@ class UnsafeRow:
         return "/jobs/new/check?" + urlencode({"path": self.path}, quote_via=quote)
 
 
-def _text(v) -> str:
-    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) if v is not None else ""
+#: a value of a stored safety record as text ("" for none; a finding's detail is cut at 4,000 characters)
+_text = functools.partial(short_text, limit=4000, empty="")
 
 
 def findings_of(detail) -> tuple[list[FindingView], list[str], list[str]]:

@@ -235,11 +235,12 @@ def search(cat: Catalog, f: Filters) -> Page:
     direction = " DESC" if f.desc else ""
     # few matches (a rare verdict, a search word): take them by the filter's index or the FTS rowids and sort
     # them (``+`` keeps SQLite off the sort index); many: walk the sort index and stop after one page
-    few = bool(where) and total * 4 < cat.conn.execute("SELECT count(*) FROM web_index").fetchone()[0]
+    fac = facets(cat, refreshed=True)  # cached per index generation: it also knows the index's row count
+    few = bool(where) and total * 4 < sum(n for _, _, n in fac.get("linked", ()))
     order = ", ".join(f"{'+' if few else ''}w.{c}{direction}" for c in (*_ORDER[f.sort], "file_id"))
     rows = cat.conn.execute(f"SELECT {_COLS} FROM web_index w{sql_where} ORDER BY {order} LIMIT ? OFFSET ?",
                             (*args, f.per_page, (f.page - 1) * f.per_page)).fetchall()
-    return Page([_card(r) for r in rows], total, f, (time.perf_counter() - t0) * 1000, facets(cat))
+    return Page([_card(r) for r in rows], total, f, (time.perf_counter() - t0) * 1000, fac)
 
 
 _facets_cache: dict[str, tuple[int, dict]] = {}
@@ -247,15 +248,17 @@ _facets_lock = threading.Lock()
 MAX_TAGS = 100  # tag facet values shown (most used first)
 
 
-def facets(cat: Catalog) -> dict[str, list[tuple[str, str, int]]]:
+def facets(cat: Catalog, *, refreshed: bool = False) -> dict[str, list[tuple[str, str, int]]]:
     """Per filter, the values present in the library with their UI labels and how many files the filter
     alone would give: ``{name: [(value, label, count), ...]}`` (most files first). ``family`` is labelled with
     the names UIs use (``sd1`` -> ``SD 1.5``), ``kind`` counts a group as its filter does (``lora`` includes
     LyCORIS), ``safety`` lists never-checked files as ``unchecked``, ``tag`` the ``MAX_TAGS`` most used;
-    ``linked``/``duplicates``/``updates`` give the yes and no counts. Cached until the index changes."""
+    ``linked``/``duplicates``/``updates`` give the yes and no counts (yes + no: every indexed file). Cached
+    until the index changes. ``refreshed``: the caller has just refreshed the index (``search``)."""
     from ckptlab.library.ui_folders import KIND_GROUPS
 
-    index.refresh(cat)
+    if not refreshed:
+        index.refresh(cat)
     gen = index.generation(cat)
     key = str(cat.path.absolute())
     with _facets_lock:
