@@ -18,7 +18,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -27,7 +27,7 @@ from fastapi.responses import RedirectResponse
 
 from ckptlab.errors import BadChoiceError, CkptlabError, OutputError, UsageError
 from ckptlab.library.catalog import Catalog
-from ckptlab.library.dupes import CONVERT_KINDS, LINK_MODES, find_dupes, keep_reason, plan_space
+from ckptlab.library.dupes import CONVERT_KINDS, LINK_MODES, DupeCopy, find_dupes, keep_reason, plan_space
 from ckptlab.library.plan import PlanStep, SpacePlan
 from ckptlab.web import jobs
 from ckptlab.web.deps import catalog
@@ -136,26 +136,20 @@ def plan_fingerprint(plan: SpacePlan) -> str:
 
 
 @dataclass
-class CopyView:
-    """One copy of a duplicate group as the page shows it."""
+class CopyView(DupeCopy):
+    """One copy of a duplicate group as the page shows it: ``find_dupes``'s copy, with what the plan does to it
+    (``action``: keep | link | delete | leave; ``bytes_freed``, ``link``, ``link_path`` from the plan's step)."""
 
-    id: int
-    path: str
-    size: int
-    format: str | None
-    precision: str | None
-    pruned: bool
-    in_ui: bool
-    is_link: bool
-    keep: bool
-    action: str         # keep | link | delete | leave
-    what: str           # the action in words ("replaced by a hard link to the kept copy", "removed"...)
-    bytes_freed: int = 0
-    link: str | None = None
-    link_path: str | None = None
-    why_not_kept: str = ""  # why the kept copy wins over this one
-    note: str = ""
-    then: str = ""      # the kept copy: what a later transform step does to it
+    what: str = ""           # the action in words ("replaced by a hard link to the kept copy", "removed"...)
+    why_not_kept: str = ""   # why the kept copy wins over this one
+    then: str = ""           # the kept copy: what a later transform step does to it
+
+
+def _view(c: DupeCopy, **view) -> CopyView:
+    """``c`` as the page shows it; the plan's step (``view``) decides the action, link and bytes freed."""
+    base = {f.name: getattr(c, f.name) for f in fields(DupeCopy)}
+    base.update(note="", link=None, link_path=None, bytes_freed=0)
+    return CopyView(**{**base, **view})
 
 
 @dataclass
@@ -230,9 +224,7 @@ def _join(cat: Catalog, opts: PlanOptions, plan: SpacePlan, dupes) -> PlanView |
     shared: list[GroupView] = []
     for gi, g in enumerate(dupes.groups, 1):
         if g.kind == "shared_component":
-            copies = [CopyView(id=c.id, path=c.path, size=c.size, format=c.format, precision=c.precision,
-                               pruned=c.pruned, in_ui=c.in_ui, is_link=c.is_link, keep=False, action="leave",
-                               what="not a duplicate: nothing to do") for c in g.copies]
+            copies = [_view(c, keep=False, action="leave", what="not a duplicate: nothing to do") for c in g.copies]
             shared.append(GroupView(index=gi, kind=g.kind, reason=g.reason, copies=copies, bytes_freed=0, keep="",
                                     component=g.component))
             continue
@@ -248,20 +240,16 @@ def _join(cat: Catalog, opts: PlanOptions, plan: SpacePlan, dupes) -> PlanView |
                 return None  # the plan was made from another state of the catalog
             if c.keep:
                 t = transformed.get(c.path)
-                copies.append(CopyView(id=c.id, path=c.path, size=c.size, format=c.format, precision=c.precision,
-                                       pruned=c.pruned, in_ui=c.in_ui, is_link=c.is_link, keep=True,
-                                       action="keep", what="kept",
-                                       then=(f"then rewritten ({t.label}) as {Path(t.output).name}" if t else "")))
+                copies.append(_view(c, keep=True, action="keep", what="kept",
+                                    then=(f"then rewritten ({t.label}) as {Path(t.output).name}" if t else "")))
                 continue
             action, what = _what(step, c)
             reason = keep_reason(records[keeper.id], records[c.id], opts.prefer_smaller)
             if reason not in why:
                 why.append(reason)
-            copies.append(CopyView(id=c.id, path=c.path, size=c.size, format=c.format, precision=c.precision,
-                                   pruned=c.pruned, in_ui=c.in_ui, is_link=c.is_link, keep=False, action=action,
-                                   what=what, bytes_freed=step.bytes_freed if step else 0,
-                                   link=step.link if step else None, link_path=step.link_path if step else None,
-                                   why_not_kept=reason, note=c.note))
+            copies.append(_view(c, keep=False, action=action, what=what, bytes_freed=step.bytes_freed if step else 0,
+                                link=step.link if step else None, link_path=step.link_path if step else None,
+                                why_not_kept=reason, note=c.note))
         groups.append(GroupView(index=gi, kind=g.kind, reason=g.reason, copies=copies,
                                 bytes_freed=sum(c.bytes_freed for c in copies), keep=keeper.path, keep_why=why))
     planned_groups = {s.group for s in by_path.values()}
