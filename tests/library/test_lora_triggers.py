@@ -101,8 +101,11 @@ def test_catalog_from_before_the_trigger_column(tmp_path, monkeypatch, cli):
     re-reading the unchanged file."""
     lora = _lora(tmp_path / "lib" / "a.safetensors")
     db = tmp_path / "old.db"
-    # the previous ckptlab: no triggers component, no triggers fact, no backfill
-    monkeypatch.setattr(cat_mod, "_REGISTERED", {k: v for k, v in cat_mod._REGISTERED.items() if k != "triggers"})
+    # the previous ckptlab: no triggers component (nor the later ones, whose triggers may read files.triggers: the
+    # web index), no triggers fact, no backfill
+    from ckptlab.hub import store
+
+    monkeypatch.setattr(cat_mod, "_REGISTERED", {k: v for k, v in cat_mod._REGISTERED.items() if k == store.COMPONENT})
     monkeypatch.setattr(scan_mod, "_FACT_COLS", tuple(c for c in scan_mod._FACT_COLS if c != "triggers"))
     monkeypatch.setattr(scan_mod, "TRIGGER_KINDS", ())
     monkeypatch.setattr(scan_mod, "_backfill_triggers", lambda catalog: 0)
