@@ -43,6 +43,18 @@ def library_copy(sample_library, tmp_path) -> Path:
 
 
 @pytest.fixture
+def catalog_copy(sample_library, tmp_path) -> Path:
+    """A copy of the sample catalog file alone (its rows point at the shared library: for tests that change
+    catalog rows, never files)."""
+    from ckptlab.library.catalog import Catalog
+
+    db = tmp_path / "catalog.db"
+    with Catalog(sample_library / "catalog.db") as cat:
+        cat.conn.execute(f"VACUUM INTO '{db}'")
+    return db
+
+
+@pytest.fixture
 def client(sample_library):
     """A same-origin client of the app serving the shared sample catalog (read-only use)."""
     with make_client(sample_library / "catalog.db") as c:

@@ -7,20 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli_in_process
+from fakes.web import make_client
 
 from ckptlab.library.catalog import Catalog
 from ckptlab.web import index
-from tests.conftest import run_cli_in_process
-from tests.fakes.web import make_client
-
-
-@pytest.fixture
-def catalog_copy(sample_library, tmp_path):
-    """A copy of the sample catalog file alone (rows point at the shared library; nothing here writes files)."""
-    db = tmp_path / "catalog.db"
-    with Catalog(sample_library / "catalog.db") as cat:
-        cat.conn.execute(f"VACUUM INTO '{db}'")
-    return db
 
 
 def _present(db):

@@ -13,15 +13,6 @@ from ckptlab.web import index
 from ckptlab.web.query import Filters, search
 
 
-@pytest.fixture
-def catalog_copy(sample_library, tmp_path):
-    """A copy of the sample catalog file alone (the rows point at the shared library; nothing here reads files)."""
-    db = tmp_path / "catalog.db"
-    with Catalog(sample_library / "catalog.db") as cat:
-        cat.conn.execute(f"VACUUM INTO '{db}'")
-    return db
-
-
 def test_triggers_mark_only_the_rows_a_change_touches(catalog_copy):
     with Catalog(catalog_copy) as cat:
         search(cat, Filters())

@@ -7,18 +7,10 @@ import json
 import re
 
 import pytest
+from fakes.web import make_client
 
 from ckptlab.library.catalog import Catalog
 from ckptlab.web import index as _index  # noqa: F401 - registers the index and hub tables in every catalog opened
-from tests.fakes.web import make_client
-
-
-@pytest.fixture
-def catalog_copy(sample_library, tmp_path):
-    db = tmp_path / "catalog.db"
-    with Catalog(sample_library / "catalog.db") as cat:
-        cat.conn.execute(f"VACUUM INTO '{db}'")
-    return db
 
 
 def _ids(db, n):
