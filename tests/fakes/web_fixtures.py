@@ -66,3 +66,41 @@ def rw_client(library_copy):
     """A same-origin client of the app serving a private copy (tests that run jobs or change files)."""
     with make_client(library_copy / "catalog.db") as c:
         yield c
+
+
+#: the small library the jobs tests run on: the sample's SD1 pickle checkpoint and a LyCORIS LoRA (A1111 layout)
+JOBS_CKPT = "a1111/models/Stable-diffusion/v1-5-pruned.ckpt"
+JOBS_LORA = "a1111/models/Lora/sd15_locon.safetensors"
+
+
+@pytest.fixture
+def jobs_library(sample_library, tmp_path) -> Path:
+    """``JOBS_CKPT`` and ``JOBS_LORA`` copied into a private A1111 tree, catalogued without hashes (quicker than
+    ``library_copy``'s full copy, and all a job test needs)."""
+    import ckptlab
+
+    lib = tmp_path / "lib"
+    for rel in (JOBS_CKPT, JOBS_LORA):
+        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(sample_library / rel, lib / rel)
+    ckptlab.scan(lib / "a1111", db=lib / "catalog.db")
+    return lib
+
+
+@pytest.fixture
+def no_stray_workers():
+    """Every job worker a test started has ended when the test ends (killed if still running)."""
+    import os
+    import signal
+
+    from ckptlab.web import jobs
+
+    yield
+    for pid, proc in list(jobs._children.items()):
+        if proc.poll() is None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait(timeout=10)
+    jobs._children.clear()

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -25,12 +24,13 @@ from pathlib import Path
 
 import pytest
 from fakes.web import make_client
+from fakes.web_fixtures import JOBS_CKPT, JOBS_LORA
 
 import ckptlab
 from ckptlab.web import jobs
 
-CKPT = "a1111/models/Stable-diffusion/v1-5-pruned.ckpt"
-SAFETENSORS = "a1111/models/Lora/sd15_locon.safetensors"
+CKPT, SAFETENSORS = JOBS_CKPT, JOBS_LORA
+pytestmark = pytest.mark.usefixtures("no_stray_workers")
 FINAL = ("done", "failed", "cancelled", "lost")
 
 
@@ -86,15 +86,8 @@ def tensors(path: Path) -> dict:
 
 
 @pytest.fixture
-def library_copy(sample_library, tmp_path) -> Path:
-    """A small private library: the sample's SD1 pickle checkpoint and a LoRA, in an A1111 layout, catalogued
-    (without hashes: quicker than the shared fixture's full copy, and all these tests need)."""
-    lib = tmp_path / "lib"
-    for rel in (CKPT, SAFETENSORS):
-        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(sample_library / rel, lib / rel)
-    ckptlab.scan(lib / "a1111", db=lib / "catalog.db")
-    return lib
+def library_copy(jobs_library) -> Path:
+    return jobs_library
 
 
 @pytest.fixture
@@ -479,16 +472,4 @@ def test_worker_refuses_a_job_that_is_not_queued(library_copy):
     assert worker.main(["only-one-arg"]) == 2
 
 
-@pytest.fixture(autouse=True)
-def _no_stray_workers():
-    """Every worker a test started has ended when it ends (cancelled if still running)."""
-    yield
-    for pid, proc in list(jobs._children.items()):
-        if proc.poll() is None:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait(timeout=10)
-    jobs._children.clear()
 

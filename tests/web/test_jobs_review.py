@@ -19,25 +19,20 @@ from pathlib import Path
 
 import pytest
 from fakes.web import make_client
+from fakes.web_fixtures import JOBS_CKPT, JOBS_LORA
 
 import ckptlab
 from ckptlab.errors import UsageError
 from ckptlab.web import jobs
 
-CKPT = "a1111/models/Stable-diffusion/v1-5-pruned.ckpt"
-LORA = "a1111/models/Lora/sd15_locon.safetensors"
+CKPT, LORA = JOBS_CKPT, JOBS_LORA
+pytestmark = pytest.mark.usefixtures("no_stray_workers")
 FINAL = ("done", "failed", "cancelled", "lost")
 
 
 @pytest.fixture
-def lib(sample_library, tmp_path) -> Path:
-    """The sample's SD1 pickle checkpoint and a LoRA in an A1111 layout, catalogued (no hashes)."""
-    lib = tmp_path / "lib"
-    for rel in (CKPT, LORA):
-        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(sample_library / rel, lib / rel)
-    ckptlab.scan(lib / "a1111", db=lib / "catalog.db")
-    return lib
+def lib(jobs_library) -> Path:
+    return jobs_library
 
 
 @pytest.fixture
@@ -51,17 +46,6 @@ def rw(db):
         yield c
 
 
-@pytest.fixture(autouse=True)
-def _no_stray_workers():
-    yield
-    for pid, proc in list(jobs._children.items()):
-        if proc.poll() is None:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait(timeout=10)
-    jobs._children.clear()
 
 
 def rows(db: Path) -> list[tuple]:
