@@ -18,6 +18,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -298,7 +299,21 @@ def _asgi_get(app, raw_path: bytes, query: bytes, raw: bool = True) -> tuple[int
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
              "path": unquote(path), "raw_path": raw_path if raw else None, "query_string": query, "root_path": "",
              "headers": [(b"host", b"127.0.0.1:8765")], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8765)}
-    asyncio.run(app(scope, receive, send))
+    # a thread of its own: in a worker that also ran the browser tests, Playwright's sync API keeps an event loop
+    # running in this thread, and asyncio.run() refuses to start another one there
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(app(scope, receive, send))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            failure.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=60)
+    if failure:
+        raise failure[0]
     start = next(m for m in sent if m["type"] == "http.response.start")
     return start["status"], {k.decode().lower(): v.decode("latin-1") for k, v in start["headers"]}
 
