@@ -8,8 +8,6 @@ with the checkpoint key each adapts; the oracle is the loaders' formula re-imple
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import run_cli
+from tests.conftest import (
+    run_cli_in_process as in_process,  # ~250 commands: a torch import each would take minutes
+)
 from tests.fakes import lora_files as lf
 from tests.fakes.sample_files import make_model
 
@@ -27,28 +28,6 @@ FORMATS = lf.FORMATS
 STRENGTH = 0.75
 #: what ``lora info`` calls each family
 FAMILY_WORD = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux"}
-
-
-class Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def in_process(*args) -> Result:
-    """``ckptlab ARGS`` through the CLI's own entry point (``python -m ckptlab`` runs ``cli.main.main``: the same
-    option parsing, command and error mapping) in this process: the matrix runs some 250 commands, and a fresh
-    interpreter importing torch for each would take minutes. ``run_cli`` (a real subprocess) runs the refusals and
-    one bake per family."""
-    from ckptlab.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    rc = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return Result(rc, out.getvalue(), err.getvalue())
 
 
 def ok(*args, subprocess: bool = False):
