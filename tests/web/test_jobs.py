@@ -87,13 +87,8 @@ def tensors(path: Path) -> dict:
 
 @pytest.fixture
 def library_copy(jobs_library) -> Path:
+    """The small jobs library (the shared ``rw_client`` then serves it)."""
     return jobs_library
-
-
-@pytest.fixture
-def rw_client(library_copy):
-    with make_client(library_copy / "catalog.db") as c:
-        yield c
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from ckptlab.library.plan import PlanStep, SpacePlan
 from ckptlab.web import jobs
 from ckptlab.web.deps import catalog
 from ckptlab.web.pages_safety import router as safety_router
+from ckptlab.web.query import page_number
 from ckptlab.web.templating import page
 
 router = APIRouter()
@@ -315,12 +316,7 @@ def _extra_kinds(cat: Catalog) -> list[str]:
 @router.get("/disk")
 def disk(request: Request, cat: Catalog = Depends(catalog)):
     opts = PlanOptions.from_params(request.query_params)
-    try:
-        page_no = int(request.query_params.get("page") or 1)
-    except ValueError:
-        raise UsageError("page: use a whole number from 1") from None
-    if page_no < 1:
-        raise UsageError("page: use a whole number from 1")
+    page_no = page_number(request.query_params)
     view = cached_view(cat, opts)
     pages = max(1, math.ceil(max(len(view.groups), len(view.transforms)) / PER_PAGE))
     page_no = min(page_no, pages)

@@ -18,9 +18,10 @@ from urllib.parse import quote, urlencode
 from fastapi import APIRouter, Depends, Request
 
 from ckptlab.display import short_text
-from ckptlab.errors import BadChoiceError, UsageError
+from ckptlab.errors import BadChoiceError
 from ckptlab.library.catalog import Catalog
 from ckptlab.web.deps import catalog
+from ckptlab.web.query import page_number
 from ckptlab.web.templating import page
 
 router = APIRouter()
@@ -111,12 +112,7 @@ def safety(request: Request, cat: Catalog = Depends(catalog)):
     verdict = request.query_params.get("verdict") or ""
     if verdict and verdict not in NOT_SAFE:
         raise BadChoiceError(f"verdict {verdict[:40]!r}: use one of {', '.join(NOT_SAFE)}")
-    try:
-        pg = int(request.query_params.get("page") or 1)
-    except ValueError:
-        raise UsageError("page: use a whole number from 1") from None
-    if pg < 1:
-        raise UsageError("page: use a whole number from 1")
+    pg = page_number(request.query_params)
     counts = verdict_counts(cat)
     where = "status = 'present' AND (safety IS NULL OR safety != 'safe')"
     args: list = []

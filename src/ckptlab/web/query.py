@@ -29,6 +29,17 @@ PER_PAGE = (30, 60, 120, 240)
 MAX_QUERY = 200  # characters of search text kept
 
 
+def page_number(params: Mapping) -> int:
+    """The ``page`` query parameter of a paged page (1 when absent); ``UsageError`` unless a whole number >= 1."""
+    try:
+        n = int(params.get("page") or 1)
+    except ValueError:
+        raise UsageError("page: use a whole number from 1") from None
+    if n < 1:
+        raise UsageError("page: use a whole number from 1")
+    return n
+
+
 @dataclass
 class Filters:
     """What the library page asks for. Multi-valued filters match any of their values; filters combine with AND.
