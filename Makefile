@@ -37,13 +37,19 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 		$(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 
+# hub scale tests: PostgreSQL from Debian's package (the tests run initdb in a temporary folder as an unprivileged
+# user and start it on a private loopback port; moto's S3 server and the Ray cluster come from the venv)
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends postgresql; }
+
 demo: venv
 	bash scripts/demo.sh sample-library
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
 
-test: lint core-check browser
+test: lint core-check browser postgres
 	$(BIN)/python -m pytest -n 2 -q tests
 
-.PHONY: venv core-venv core-check browser demo lint test
+.PHONY: venv core-venv core-check browser postgres demo lint test

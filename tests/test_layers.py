@@ -16,6 +16,7 @@ PKG = SRC / "ckptlab"
 #: lowest first; a module may import from its own layer or any layer below it
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"version", "errors", "display", "atomic", "checksum", "jsonable", "progress"}),
+    ("object storage", {"remote"}),
     ("formats", {"formats"}),
     ("checks and hashes", {"security", "integrity", "hashes"}),
     ("families", {"arch"}),

@@ -1,0 +1,60 @@
+"""Object storage and web servers as model sources: ``s3://``, ``gs://``, ``az://`` and ``https://`` paths.
+
+This package is the layer between the base modules and ``formats``: it turns a URL into ranged reads (through
+fsspec: s3fs, gcsfs, adlfs, HTTP) and lists prefixes page by page. Nothing here parses model files; ``formats``,
+``security`` and ``hashes`` read a remote object through ``RemoteFile`` exactly as they read a local one.
+
+The identity of an object in the catalog is the object-store analogue of a file's ``(dev, ino, size, mtime_ns)``:
+``remote_stat_key(entry)`` = ``(REMOTE_DEV, a 63-bit number from the URL and its ETag or version id, size,
+Last-Modified in ns)``. A re-scan re-reads an object only when that key changed; the ``content`` table (hashes,
+fingerprints) is keyed on it like a local file's.
+
+fsspec and the protocol packages are imported lazily: ``import ckptlab`` and every local command work without
+the ``remote`` extra; a remote path without it is one line asking to install ``ckptlab[remote]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+#: URL schemes read as remote objects (fsspec protocol names; ``gcs`` and ``abfs``/``az`` are aliases)
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss", "http", "https")
+
+#: ``files.dev`` and ``content.dev`` of every remote object: no local device has this number
+REMOTE_DEV = -1
+
+
+def is_remote(path) -> bool:
+    """True for a string naming an object behind one of ``REMOTE_SCHEMES`` (``s3://bucket/key``...). Paths,
+    ``Path`` objects and ``file://`` URLs are local."""
+    if not isinstance(path, str):
+        return False
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.lower() in REMOTE_SCHEMES
+
+
+@dataclass(frozen=True)
+class RemoteEntry:
+    """One object as a listing (or a HEAD) describes it: everything a scan needs before reading a byte."""
+
+    url: str  # the full URL, scheme included (``s3://bucket/prefix/model.safetensors``)
+    size: int
+    etag: str | None = None  # as the server gives it, quotes stripped
+    version_id: str | None = None  # S3 version id / GCS generation, when the store versions objects
+    last_modified: float | None = None  # seconds since the epoch
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def remote_stat_key(entry: RemoteEntry) -> tuple[int, int, int, int]:
+    """The catalog identity of ``entry``: ``(REMOTE_DEV, ino, size, mtime_ns)`` where ``ino`` is a signed 63-bit
+    number from the URL and its version id (or ETag when the store does not version), and ``mtime_ns`` its
+    Last-Modified. Same URL + same version/ETag + same size + same Last-Modified = nothing to re-read."""
+    version = entry.version_id or entry.etag or ""
+    digest = hashlib.blake2b(f"{entry.url}\0{version}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    ino = int.from_bytes(digest, "big") >> 1  # 63 bits: fits SQLite's and PostgreSQL's signed 64-bit integers
+    mtime_ns = int(round((entry.last_modified or 0.0) * 1e9))
+    return (REMOTE_DEV, ino, int(entry.size), mtime_ns)
