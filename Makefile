@@ -50,6 +50,6 @@ lint: venv
 	$(BIN)/ruff check src tests benchmarks
 
 test: lint core-check browser postgres
-	$(BIN)/python -m pytest -n 2 -q tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
 
 .PHONY: venv core-venv core-check browser postgres demo lint test
