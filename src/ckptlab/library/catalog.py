@@ -28,6 +28,7 @@ from typing import Any
 
 from ckptlab.errors import BadChoiceError, CatalogError, CatalogWriteError
 from ckptlab.hashes import Hashes
+from ckptlab.library.sql_dialect import DbUrl, is_postgres
 
 ENV_VAR = "CKPTLAB_DB"
 BUSY_TIMEOUT_S = 30  # how long a connection waits for another writer (migrations, scans) before failing
@@ -112,11 +113,22 @@ PREVIEWS_MIGRATIONS = ["""
 register_migrations(PREVIEWS_COMPONENT, PREVIEWS_MIGRATIONS)
 
 
-def default_db_path() -> Path:
-    """``$CKPTLAB_DB`` if set, else ``<user data dir>/ckptlab/catalog.db`` (platformdirs)."""
+def catalog_location(value: str | os.PathLike | None) -> Path | DbUrl:
+    """The catalog a ``--db`` value (or ``$CKPTLAB_DB``) names: a ``DbUrl`` for ``postgresql://`` (also the
+    ``postgresql:/...`` that a ``Path`` option makes of one), else a file path. None: the default."""
+    if value is None:
+        return default_db_path()
+    if is_postgres(value):
+        return value if isinstance(value, DbUrl) else DbUrl(value)
+    return Path(value)
+
+
+def default_db_path() -> Path | DbUrl:
+    """``$CKPTLAB_DB`` if set (a file or a ``postgresql://`` URL), else ``<user data dir>/ckptlab/catalog.db``
+    (platformdirs)."""
     env = os.environ.get(ENV_VAR)
     if env:
-        return Path(env).expanduser()
+        return DbUrl(env) if is_postgres(env) else Path(env).expanduser()
     import platformdirs
 
     return Path(platformdirs.user_data_dir("ckptlab", appauthor=False)) / "catalog.db"
@@ -127,7 +139,7 @@ class CatalogHashCache:
     created (a missing file is an empty cache, not an error), any failure a miss."""
 
     def __init__(self, db: str | Path):
-        self.db = Path(db)
+        self.db = catalog_location(db)
 
     def known_sha256(self, path: str | Path, st: os.stat_result | None = None) -> str | None:
         """The sha256 (lower case) the catalog holds for this exact file - same device, inode, size and mtime -
@@ -171,7 +183,7 @@ class CatalogHashCache:
 def hash_cache(db: str | Path | None) -> CatalogHashCache:
     """The hash cache a command's ``--db`` names (None: ``$CKPTLAB_DB`` or the platform default, as for every
     other command that reads the catalog). Library code never calls this: it takes ``cache=``."""
-    return CatalogHashCache(Path(db) if db is not None else default_db_path())
+    return CatalogHashCache(catalog_location(db))
 
 #: SQLite's messages for a catalog that cannot be written for reasons outside ckptlab (sqlite3 has no
 #: error codes before Python 3.11): these become one ``CatalogWriteError`` line, never an internal error
@@ -312,7 +324,11 @@ class Catalog:
         """Open (and create, unless ``must_exist``) the catalog at ``path`` (default: ``default_db_path()``).
         Commands that only read the catalog pass ``must_exist=True``, so a mistyped ``--db`` is an error
         rather than a new empty catalog that answers "no files"."""
-        self.path = Path(path) if path is not None else default_db_path()
+        self.path = catalog_location(path)
+        self.postgres = isinstance(self.path, DbUrl)
+        if self.postgres:
+            self._open_postgres(must_exist)
+            return
         if self.path.is_dir():
             raise CatalogError("is a folder, not a catalog file", self.path)
         if must_exist and not self.path.exists():
@@ -327,6 +343,29 @@ class Catalog:
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+        except sqlite3.DatabaseError as e:
+            self.conn.close()
+            raise write_failure(e, self.path) or CatalogError(f"not a usable ckptlab catalog: {e}", self.path) \
+                from None
+
+    def _open_postgres(self, must_exist: bool) -> None:
+        """Connect (``sql_dialect.PgConnection``: the sqlite3 interface over psycopg), create SQLite's functions
+        once, migrate. The same migrations as SQLite, translated."""
+        from ckptlab.library.sql_dialect import PgConnection
+
+        try:
+            self.conn = PgConnection(self.path.dsn, busy_timeout_s=BUSY_TIMEOUT_S)
+        except sqlite3.Error as e:
+            raise CatalogError(f"cannot open catalog: {e}", self.path) from None
+        try:
+            if must_exist and self.conn.execute("SELECT to_regclass('ckptlab_meta') IS NULL").fetchone()[0]:
+                raise CatalogError("no catalog in this database yet (make one with 'ckptlab scan FOLDER --db URL')",
+                                   self.path)
+            self.conn.ensure_compat()
+            self._migrate()
+        except CatalogError:
+            self.conn.close()
+            raise
         except sqlite3.DatabaseError as e:
             self.conn.close()
             raise write_failure(e, self.path) or CatalogError(f"not a usable ckptlab catalog: {e}", self.path) \

@@ -462,7 +462,7 @@ def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False
     if not targets:
         raise CkptlabError("nothing to scan: give at least one folder or --extra-model-paths")
     root_names = [display_path(t) for t, _ in targets]
-    with scan_lock(catalog, on_wait):
+    with scan_lock(catalog, on_wait, roots=[t for t, _ in targets]):
         with catalog.transaction() as c:
             scan_id = c.execute("INSERT INTO scans(started, roots, status) VALUES (?, ?, 'running')",
                                 (time.time(), json.dumps(root_names))).lastrowid
@@ -492,12 +492,29 @@ def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False
 
 
 @contextlib.contextmanager
-def scan_lock(catalog: Catalog, on_wait=None):
+def scan_lock(catalog: Catalog, on_wait=None, roots: list[str] | None = None):
     """One scan of a catalog at a time, across processes: an advisory lock (``flock``) on
     ``<catalog>.scan-lock`` next to the catalog. Two scans walking the same folders at once would
     both find a new file new and both insert it; the second waits instead. Where no lock file can
     be made (a read-only folder; the catalog writes then fail with their own clear error) or the
-    platform has no ``flock``, scans go ahead unlocked and rely on the upserts in ``_write_batch``."""
+    platform has no ``flock``, scans go ahead unlocked and rely on the upserts in ``_write_batch``.
+
+    On PostgreSQL (``catalog.postgres``), one session advisory lock per root in ``roots`` (folders, URL
+    prefixes; None: one lock for the whole catalog), taken in sorted key order: scans of different roots run
+    at once (their writes are upserts, serialised by the catalog's write lock), a scan of the same root waits.
+    On SQLite ``roots`` is ignored: the file lock covers the whole catalog, as before."""
+    if getattr(catalog, "postgres", False):
+        import hashlib
+
+        names = sorted({os.fspath(r) for r in roots}) if roots else ["*"]
+        keys = [int.from_bytes(hashlib.sha256(b"ckptlab-scan\0" + n.encode("utf-8", "surrogateescape")).digest()[:8],
+                               "big", signed=True) for n in names]
+        release = catalog.conn.advisory_lock(keys, on_wait)
+        try:
+            yield
+        finally:
+            release()
+        return
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
