@@ -134,6 +134,25 @@ def default_db_path() -> Path | DbUrl:
     return Path(platformdirs.user_data_dir("ckptlab", appauthor=False)) / "catalog.db"
 
 
+def side_path(location, suffix: str) -> Path:
+    """Where files that belong with a catalog live (``suffix`` = ``.plans``, ``.jobs``...): ``<catalog><suffix>``
+    beside a catalog file; for a PostgreSQL catalog, which has no folder, ``<user data dir>/ckptlab/postgres/
+    <host-port-database>-<digest of the URL without password><suffix>``."""
+    loc = catalog_location(location)
+    if not isinstance(loc, DbUrl):
+        return Path(str(loc) + suffix)
+    import hashlib
+    import re
+    from urllib.parse import urlsplit
+
+    import platformdirs
+
+    parts = urlsplit(loc.dsn)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{parts.hostname or 'local'}-{parts.port or 5432}-{parts.path.strip('/')}")
+    digest = hashlib.sha256(str(loc).encode()).hexdigest()[:10]
+    return Path(platformdirs.user_data_dir("ckptlab", appauthor=False)) / "postgres" / f"{name[:60]}-{digest}{suffix}"
+
+
 class CatalogHashCache:
     """The catalog file ``db`` as a ``ckptlab.hashes.HashCache`` for transforms and merges: read only, never
     created (a missing file is an empty cache, not an error), any failure a miss."""

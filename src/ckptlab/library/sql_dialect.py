@@ -111,6 +111,11 @@ class DbUrl(str):
         return str(self)
 
 
+def is_pg_connection(conn) -> bool:
+    """Whether ``conn`` (a catalog's ``conn``) is a PostgreSQL one."""
+    return isinstance(conn, PgConnection)
+
+
 # -- the compatibility functions ---------------------------------------------------------------------------
 #: created once per database (under the write lock, versioned in ckptlab_meta): SQLite's functions ckptlab uses
 COMPAT_VERSION = 1
@@ -238,6 +243,7 @@ _TYPES = [(re.compile(r"\bINTEGER\s+PRIMARY\s+KEY\b", re.I), "BIGINT GENERATED B
 _IS_NOT = re.compile(r"\bIS\s+NOT\s+(?!NULL\b|DISTINCT\b|TRUE\b|FALSE\b)", re.I)
 _NOCASE = re.compile(r"((?:\w+\.)?\w+)\s+COLLATE\s+NOCASE\b", re.I)
 _IN_JSON = re.compile(r"((?:\w+\.)?\w+)\s+IN\s+\(\s*SELECT\s+value\s+FROM\s+json_each\(", re.I)
+_UNARY_PLUS = re.compile(r"((?:ORDER\s+BY|,)\s*)\+(?=[A-Za-z_])", re.I)
 _TRIGGER = re.compile(r"^\s*CREATE\s+TRIGGER\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)\s+(.*?)\s+ON\s+(\w+)\s*(?:WHEN\s+(.*?))?"
                       r"\s*BEGIN\b(.*)\bEND\s*;?\s*$", re.I | re.S)
 _FTS = re.compile(r"^\s*CREATE\s+VIRTUAL\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)\s+USING\s+fts5\s*\((.*)\)\s*;?\s*$",
@@ -251,6 +257,7 @@ def _expressions(sql: str) -> str:
     sql = _IS_NOT.sub("IS DISTINCT FROM ", sql)
     sql = _NOCASE.sub(r"lower(\1)", sql)
     sql = _IN_JSON.sub(r"(\1)::text IN (SELECT value FROM json_each(", sql)
+    sql = _UNARY_PLUS.sub(r"\1", sql)  # SQLite's "+col" (keeps the planner off an index) is no text operator here
     return sql
 
 

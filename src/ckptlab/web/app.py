@@ -31,13 +31,15 @@ def create_app(db: str | Path, *, host: str = "127.0.0.1", port: int = DEFAULT_P
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
 
-    from ckptlab.library.catalog import Catalog
+    from ckptlab.library.catalog import Catalog, catalog_location
     from ckptlab.web import media, pages_disk, pages_jobs, pages_library, pages_model
     from ckptlab.web.templating import STATIC
 
     if not is_loopback(host) and not token:
         raise UsageError(f"--host {host} is reachable from other machines: it needs an access token (--token)")
-    db = Path(db).expanduser().absolute()
+    db = catalog_location(db)  # a postgresql:// URL stays one
+    if isinstance(db, Path):
+        db = db.expanduser().absolute()
     Catalog(db).close()  # create and migrate once, here, so no request pays for it (and errors show at start)
     app = FastAPI(title="ckptlab", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db = db

@@ -10,6 +10,7 @@ from pathlib import Path
 from starlette.requests import Request
 
 from ckptlab.library.catalog import Catalog
+from ckptlab.library.sql_dialect import is_postgres
 
 _local = threading.local()
 
@@ -34,6 +35,7 @@ class ThreadCatalog(Catalog):
 
     def __init__(self, path: Path):  # no connection of its own
         self.path = path
+        self.postgres = is_postgres(path)
 
     @property
     def conn(self):

@@ -29,6 +29,7 @@ from ckptlab.hub.store import newer_version_available
 from ckptlab.library.catalog import BUSY_TIMEOUT_S, Catalog, register_migrations
 from ckptlab.library.precision import precision_of  # noqa: F401 - the index's precision word (re-exported)
 from ckptlab.library.show import SIDECAR_ROLES, family_of_base_model, sidecar_naming_model
+from ckptlab.library.sql_dialect import is_pg_connection
 from ckptlab.library.ui_folders import kind_label  # noqa: F401 - the one kind label table (re-exported)
 
 COMPONENT = "web_index"
@@ -194,6 +195,28 @@ def match_expression(q: str) -> str | None:
     return " ".join('"' + w.replace('"', '""') + '"*' for w in words)
 
 
+def fold(text: str) -> str:
+    """Text as FTS5's ``unicode61 remove_diacritics 2`` tokenizer sees it, for the PostgreSQL index: lower case,
+    accents removed, one space before each word (so that ``' ' || word`` finds a word's start)."""
+    text = "".join(c for c in unicodedata.normalize("NFD", text.lower()) if not unicodedata.combining(c))
+    return "".join(" " + w for w in _TOKEN.findall(text))
+
+
+def text_condition(cat: Catalog, q: str) -> tuple[str, list] | None:
+    """The condition on ``web_index_fts`` rows (and its arguments) that search-box text ``q`` sets: every word must
+    start a word of the file's text. SQLite: FTS5 ``MATCH`` (``match_expression``). PostgreSQL (no FTS5): the
+    rows hold ``fold``ed words, each query word is found by ``strpos`` of its folded form after a space (a scan
+    of the text table: fine for tens of thousands of files; no index). None when ``q`` has no word."""
+    if not getattr(cat, "postgres", False):
+        match = match_expression(q)
+        return None if match is None else ("web_index_fts MATCH ?", [match])
+    words = [w for w in (fold(w) for w in _TOKEN.findall(q or "")[:MAX_TERMS]) if w]
+    if not words:
+        return None
+    cond = " AND ".join("strpos(names || tags || words || hashes, ?) > 0" for _ in words)
+    return f"({cond})", words
+
+
 #: a name from a record or a sidecar (untrusted: a list or a number where a string belongs), as short text
 _text = functools.partial(short_text, limit=500)
 
@@ -326,6 +349,8 @@ def _rebuild(conn: sqlite3.Connection, ids: list[int], recount: bool = True) -> 
         tags += [(key, rec[0], label) for key, label in tag_list]
     conn.executemany(f"INSERT INTO web_index VALUES ({', '.join('?' * 25)})", out)
     # the text rarely changes with the rest (a safety verdict, a size): rewrite only the rows whose text did
+    if is_pg_connection(conn):  # no FTS5 there: the words stored folded, searched by text_condition
+        fts = [(t[0], *(fold(x) for x in t[1:])) for t in fts]
     fts = [t for t in fts if old_text.pop(t[0], None) != t]
     gone = json.dumps([*old_text, *(t[0] for t in fts)])
     conn.execute("DELETE FROM web_index_fts WHERE rowid IN (SELECT value FROM json_each(?))", (gone,))

@@ -193,7 +193,9 @@ def worker_argv(db: Path, job_id: int) -> list[str]:
 
 def log_dir(db: Path) -> Path:
     """Where job logs go: ``<catalog>.jobs/`` beside the catalog."""
-    return Path(str(db) + ".jobs")
+    from ckptlab.library.catalog import side_path
+
+    return side_path(db, ".jobs")
 
 
 def log_path(db: Path, job_id: int) -> Path:

@@ -290,8 +290,11 @@ def cached_view(cat: Catalog, opts: PlanOptions) -> PlanView:
 
 
 def plans_dir(db: Path) -> Path:
-    """Where applied plans are kept: ``<catalog>.plans/`` beside the catalog."""
-    return db.with_name(db.name + ".plans")
+    """Where applied plans are kept: ``<catalog>.plans/`` beside the catalog (a PostgreSQL catalog's: in the
+    user data folder, ``catalog.side_path``)."""
+    from ckptlab.library.catalog import side_path
+
+    return side_path(db, ".plans")
 
 
 def save_plan(plan: SpacePlan, db: Path) -> Path:

@@ -182,7 +182,7 @@ _ORDER = {"name": ("sort_name",), "size": ("size", "sort_name"), "added": ("adde
 _TRI = {"linked": "linked", "updates": "update_available"}
 
 
-def _where(f: Filters) -> tuple[list[str], list]:
+def _where(cat: Catalog, f: Filters) -> tuple[list[str], list]:
     """SQL conditions (AND) and their arguments for ``f``: any of a filter's values, every filter."""
     from ckptlab.library.ui_folders import KIND_GROUPS
 
@@ -194,10 +194,10 @@ def _where(f: Filters) -> tuple[list[str], list]:
         where.append(f"w.{col} IN ({', '.join('?' * len(values))})")
         args.extend(values)
 
-    match = index.match_expression(f.q)
-    if match is not None:
-        where.append("w.file_id IN (SELECT rowid FROM web_index_fts WHERE web_index_fts MATCH ?)")
-        args.append(match)
+    text = index.text_condition(cat, f.q)
+    if text is not None:
+        where.append(f"w.file_id IN (SELECT rowid FROM web_index_fts WHERE {text[0]})")
+        args.extend(text[1])
     if f.kind:
         any_of("kind", [k for v in f.kind for k in KIND_GROUPS.get(v.lower(), (v.lower(),))])
     if f.family:
@@ -236,11 +236,12 @@ def search(cat: Catalog, f: Filters) -> Page:
     the CLI or a job made is seen by the next answer."""
     t0 = time.perf_counter()
     index.refresh(cat)
-    where, args = _where(f)
+    where, args = _where(cat, f)
     sql_where = f" WHERE {' AND '.join(where)}" if where else ""
     if len(where) == 1 and where[0].startswith("w.file_id IN (SELECT rowid FROM web_index_fts"):
         # text alone: the FTS table has one row per index row, count there (no lookups into the index)
-        total = cat.conn.execute("SELECT count(*) FROM web_index_fts WHERE web_index_fts MATCH ?", args).fetchone()[0]
+        total = cat.conn.execute(f"SELECT count(*) FROM web_index_fts WHERE {index.text_condition(cat, f.q)[0]}",
+                                 args).fetchone()[0]
     else:
         total = cat.conn.execute(f"SELECT count(*) FROM web_index w{sql_where}", args).fetchone()[0]
     direction = " DESC" if f.desc else ""
@@ -316,9 +317,9 @@ def count_facets(cat: Catalog, kind_groups) -> dict[str, list[tuple[str, str, in
         "SELECT tag, min(label), count(*) AS n FROM web_index_tags GROUP BY tag ORDER BY n DESC, tag LIMIT ?",
         (MAX_TAGS,))]
     total = q("SELECT count(*) FROM web_index").fetchone()[0]
-    for name, col, yes, no in (("linked", "linked", "linked to CivitAI", "not linked"),
+    for name, col, yes, no in (("linked", "linked != 0", "linked to CivitAI", "not linked"),
                                ("duplicates", "dups > 0", "has duplicates", "no duplicates"),
-                               ("updates", "update_available", "update available", "up to date")):
+                               ("updates", "update_available != 0", "update available", "up to date")):
         n = q(f"SELECT count(*) FROM web_index WHERE {col}").fetchone()[0]
         out[name] = [("yes", yes, n), ("no", no, total - n)]
     return out
