@@ -153,6 +153,17 @@ def side_path(location, suffix: str) -> Path:
     return Path(platformdirs.user_data_dir("ckptlab", appauthor=False)) / "postgres" / f"{name[:60]}-{digest}{suffix}"
 
 
+def raw_connection(location, timeout: float = BUSY_TIMEOUT_S):
+    """A plain connection to the catalog database (no migration): ``sqlite3`` for a file, the ``sql_dialect``
+    connection (same interface) for a ``postgresql://`` URL. For helpers that only run a statement or two."""
+    loc = catalog_location(location)
+    if isinstance(loc, DbUrl):
+        from ckptlab.library.sql_dialect import PgConnection
+
+        return PgConnection(loc.dsn, busy_timeout_s=timeout)
+    return sqlite3.connect(str(loc), isolation_level=None, timeout=timeout)
+
+
 class CatalogHashCache:
     """The catalog file ``db`` as a ``ckptlab.hashes.HashCache`` for transforms and merges: read only, never
     created (a missing file is an empty cache, not an error), any failure a miss."""

@@ -64,7 +64,9 @@ def normalize_url(location) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for messages, reports and logs: never the secret)."""
+    """The URL without its password (for messages, reports, logs and anything written down: never the secret).
+    Left out rather than masked, so that the redacted URL still connects where libpq finds the password itself
+    (``PGPASSWORD``, ``~/.pgpass``) or where this process saw the full URL before (``DbUrl``)."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -75,7 +77,7 @@ def redact(url: str) -> str:
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    netloc = f"{user}@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
@@ -85,12 +87,22 @@ class DbUrl(str):
     location (``absolute``, ``exists``, ``is_file``, ``is_dir``)."""
 
     dsn: str
+    #: redacted URL -> the full one, for URLs this process was given with a password: a location that went
+    #: through ``str``/``Path`` (a web job's catalog, a plan's) connects again with it; never printed or stored
+    _seen: dict[str, str] = {}
 
     def __new__(cls, location):
         url = normalize_url(location)
-        self = super().__new__(cls, redact(url))
-        self.dsn = url
+        shown = redact(url)
+        if shown != url:
+            cls._seen[shown] = url
+        self = super().__new__(cls, shown)
+        self.dsn = cls._seen.get(shown, url)
         return self
+
+    @property
+    def password(self) -> str | None:
+        return urlsplit(self.dsn).password
 
     def absolute(self) -> DbUrl:
         return self

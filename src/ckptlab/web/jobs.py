@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptlab.errors import CkptlabError, UsageError
-from ckptlab.library.catalog import Catalog, register_migrations
+from ckptlab.library.catalog import Catalog, catalog_location, register_migrations
 
 COMPONENT = "web_jobs"
 MIGRATIONS = ["""
@@ -213,11 +213,13 @@ def _start_worker(db: Path, job_id: int, secret: str | None = None) -> int:
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.pop(SECRET_ENV, None)
+    if getattr(db, "password", None):  # a PostgreSQL URL's password goes by environment, never on the command line
+        env["PGPASSWORD"] = db.password
     if secret is not None:
         env[SECRET_ENV] = secret
     with open(log_path(db, job_id), "ab") as log:
         proc = subprocess.Popen(worker_argv(db, job_id), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=str(Path(db).parent), env=env,
+                                stderr=subprocess.STDOUT, cwd=str(logs.parent), env=env,
                                 start_new_session=True, close_fds=True)
     with _children_lock:
         _children[proc.pid] = proc
@@ -235,7 +237,7 @@ def submit(db: Path, kind: str, params: dict) -> int:
     same output is refused (``UsageError``)."""
     from ckptlab.web.job_kinds import prepare
 
-    db = Path(db)
+    db = catalog_location(db)  # a Path, or a postgresql:// URL kept whole
     clean, outputs = prepare(db, kind, params)
     clean, secret = _without_secrets(kind, clean)
     cat = _cat(db)

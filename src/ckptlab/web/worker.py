@@ -65,9 +65,13 @@ class Beat(threading.Thread):
     def run(self) -> None:
         import sqlite3
 
+        from ckptlab.library.catalog import raw_connection
         from ckptlab.web.jobs import HEARTBEAT_S
 
-        conn = sqlite3.connect(str(self.db), isolation_level=None, timeout=30)
+        try:
+            conn = raw_connection(self.db, 30)
+        except sqlite3.Error:
+            return
         try:
             seen, last_write = -1, 0.0
             while not self.stopping.wait(1 / WRITES_PER_S):
@@ -96,12 +100,12 @@ def _interrupt(signum, frame):  # SIGTERM: the same clean-up path as Ctrl-C
 def _catalogue(db: Path, made: list[str], reporter: Reporter) -> list[str]:
     """Catalogue the files ``made`` that lie under a catalogued root, as a scan of that root would (same root and
     folder), reading only those files: never a walk of the whole root. The roots they went into."""
-    import sqlite3
 
+    from ckptlab.library.catalog import raw_connection
     from ckptlab.library.scanner import scan
     from ckptlab.web.jobs import open_catalog
 
-    conn = sqlite3.connect(str(db), timeout=30)
+    conn = raw_connection(db, 30)
     try:
         roots = [r for (r,) in conn.execute("SELECT DISTINCT root FROM files WHERE root IS NOT NULL")]
     finally:
