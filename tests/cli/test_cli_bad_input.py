@@ -729,6 +729,13 @@ def _class_of(cid: str, command: str) -> str | None:
     return None
 
 
+# a postgresql:// catalog that cannot be reached (nothing listens): one line, bounded by the connect timeout
+CASES += [(f"{c}-pg-closed-port", [*argv, "--db", "postgresql://ckpt:pw-not-shown@127.0.0.1:{port}/lib"], {1})
+          for c, argv in (("scan", ["scan", "{o}"]), ("ls", ["ls"]), ("show", ["show", "{d}/good.safetensors"]),
+                          ("dupes", ["dupes"]), ("report", ["report"]), ("plan-space", ["plan-space"]),
+                          ("hash", ["hash", "{d}/good.safetensors"]))]
+
+
 # cases that hit a known bug in code whose owner is still at work (see the report / docs/cli-errors.md)
 XFAIL: dict[str, str] = {}
 

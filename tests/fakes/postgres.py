@@ -57,6 +57,10 @@ class PostgresServer:
         subprocess.run(self._cmd(str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                                  "-E", "UTF8", "--locale=C", "--no-sync"),
                        check=True, capture_output=True, timeout=120)
+        # trust for the admin (the tests' own user) on loopback; everyone else by password (the wrong-password
+        # tests); nothing beyond loopback
+        (self.data / "pg_hba.conf").write_text("local all all trust\nhost all postgres 127.0.0.1/32 trust\n"
+                                               "host all all 127.0.0.1/32 scram-sha-256\n")
         opts = (f"-k {self.sock} -h 127.0.0.1 -p {self.port} -c fsync=off -c synchronous_commit=off "
                 "-c full_page_writes=off -c max_connections=200 -c shared_buffers=32MB")
         subprocess.run(self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l",
@@ -73,6 +77,14 @@ class PostgresServer:
 
     def url(self, db: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
+
+    def create_role(self, name: str, password: str) -> None:
+        """A login role with a password that owns nothing (for the password tests)."""
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is None:
+                conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' CREATEDB")
 
     def create_database(self) -> str:
         import psycopg

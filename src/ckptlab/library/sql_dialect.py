@@ -102,7 +102,8 @@ class DbUrl(str):
 
     @property
     def password(self) -> str | None:
-        return urlsplit(self.dsn).password
+        pw = urlsplit(self.dsn).password
+        return unquote(pw) if pw is not None else None
 
     def absolute(self) -> DbUrl:
         return self
@@ -362,14 +363,15 @@ def sqlite_error(e: Exception, dsn: str | None = None) -> sqlite3.Error:
     cls = sqlite3.DatabaseError
     for name in _CLASSES:
         if isinstance(e, getattr(psycopg, name)):
-            cls = getattr(sqlite3, name)
+            # SQLite reports bad SQL (no such column, a syntax error) as OperationalError
+            cls = sqlite3.OperationalError if name == "ProgrammingError" else getattr(sqlite3, name)
             break
     code = getattr(getattr(e, "diag", None), "sqlstate", None) or getattr(e, "sqlstate", None) or ""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if dsn:
         pw = urlsplit(dsn).password
         if pw:
-            msg = msg.replace(pw, "***")
+            msg = msg.replace(pw, "***").replace(unquote(pw), "***")
     word = _WORDS.get(code) or _WORDS.get(code[:2])
     if word and cls is not sqlite3.IntegrityError:
         cls = sqlite3.OperationalError
