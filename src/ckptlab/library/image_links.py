@@ -77,8 +77,9 @@ def images_for(cat: Catalog, sha256: str | None, limit: int = SHOW_PATHS) -> dic
     count = cat.conn.execute("SELECT count(DISTINCT image) FROM image_links WHERE sha256 = ?", (sha,)).fetchone()[0]
     if not count:
         return None
-    rows = cat.conn.execute("SELECT display, max(seen_at) FROM image_links WHERE sha256 = ? GROUP BY image "
-                            "ORDER BY max(seen_at) DESC, display LIMIT ?", (sha, limit)).fetchall()
+    # min(display): one display per image; an aggregate so that PostgreSQL (no bare columns) runs it too
+    rows = cat.conn.execute("SELECT min(display), max(seen_at) FROM image_links WHERE sha256 = ? GROUP BY image "
+                            "ORDER BY max(seen_at) DESC, min(display) LIMIT ?", (sha, limit)).fetchall()
     roles = [r[0] for r in cat.conn.execute("SELECT DISTINCT role FROM image_links WHERE sha256 = ? ORDER BY role",
                                             (sha,))]
     return {"count": count, "paths": [r[0] for r in rows], "roles": roles}

@@ -444,8 +444,10 @@ class PgConnection:
         self.dsn = dsn
         self._psycopg = psycopg
         try:
+            # client-side binding: values go as SQL literals, typed by their context as in SQLite's dynamic
+            # typing (a None in "? IS NOT NULL", a str in "length(?)"); server-side parameters need a type each
             self._conn = psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                                         application_name="ckptlab")
+                                         application_name="ckptlab", cursor_factory=psycopg.ClientCursor)
         except psycopg.Error as e:
             raise sqlite_error(e, dsn) from None
         self._changes = 0
