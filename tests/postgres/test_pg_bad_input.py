@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import run_cli
 
-pytestmark = pytest.mark.xdist_group("postgres")
+pytestmark = pytest.mark.xdist_group("test_pg_bad_input")  # one module per worker: its module fixtures built once
 PASSWORD = "pw-Zq81-never-shown"
 
 

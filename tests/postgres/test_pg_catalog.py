@@ -15,7 +15,7 @@ from ckptlab.library import catalog as cat
 from ckptlab.library.catalog import Catalog, catalog_location
 from ckptlab.library.sql_dialect import DbUrl, is_postgres, redact, translate
 
-pytestmark = pytest.mark.xdist_group("postgres")
+pytestmark = pytest.mark.xdist_group("test_pg_catalog")  # one module per worker: its module fixtures built once
 
 
 def _all_components() -> None:

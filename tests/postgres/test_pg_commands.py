@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli_in_process
 from fakes.library_files import a1111_library, tensors, write_st
 
-pytestmark = pytest.mark.xdist_group("postgres")
+pytestmark = pytest.mark.xdist_group("test_pg_commands")  # one module per worker: its module fixtures built once
 
 
 def _norm(text: str, *dbs) -> str:

@@ -17,7 +17,7 @@ from ckptlab.hashes import Hashes
 from ckptlab.library.catalog import Catalog
 from ckptlab.library.scanner import scan_lock
 
-pytestmark = pytest.mark.xdist_group("postgres")
+pytestmark = pytest.mark.xdist_group("test_pg_concurrency")  # one module per worker: its module fixtures built once
 
 
 def _scan_proc(root, url):

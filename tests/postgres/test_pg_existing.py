@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("postgres")
+pytestmark = pytest.mark.xdist_group("test_pg_existing")  # one module per worker: its module fixtures built once
 TESTS = Path(__file__).resolve().parents[1]
 
 

@@ -19,7 +19,7 @@ from ckptlab.hub import store
 from ckptlab.library.catalog import Catalog
 from ckptlab.web.query import Filters, facets, search
 
-pytestmark = pytest.mark.xdist_group("postgres")
+pytestmark = pytest.mark.xdist_group("test_pg_web")  # one module per worker: its module fixtures built once
 
 
 def _web_query_module():
