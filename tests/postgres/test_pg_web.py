@@ -188,3 +188,21 @@ def test_library_and_model_pages_agree(pair):
 
             diff = "\n".join(difflib.unified_diff(pages[0][url].splitlines(), pages[1][url].splitlines(), lineterm="", n=0))
             raise AssertionError(f"{url}: {diff[:3000]}")
+
+
+def test_bulk_rebuild_drops_and_recreates_the_indexes(pair, monkeypatch):
+    """A rebuild of most of the index drops its secondary indexes and creates them again from the catalog's
+    own record of them (``sqlite_master``; on PostgreSQL a view over ``pg_indexes``): same answers after."""
+    from ckptlab.web import index
+
+    monkeypatch.setattr(index, "BULK", 1)
+    before = _cards(pair[1], Filters(q="detai lor", per_page=240)), _cards(pair[1], Filters(sort="size", per_page=240))
+    with Catalog(pair[1]) as cat:
+        names = sorted(r[0] for r in cat.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'web_index'"))
+        assert index.rebuild_all(cat) > 0
+        assert sorted(r[0] for r in cat.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'web_index'")) == names
+    assert "web_index_name" in names
+    after = _cards(pair[1], Filters(q="detai lor", per_page=240)), _cards(pair[1], Filters(sort="size", per_page=240))
+    assert after == before
