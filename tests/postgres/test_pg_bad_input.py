@@ -80,3 +80,14 @@ def test_password_never_printed_by_working_commands(role, tmp_path):
     assert not [o for o in outs if PASSWORD in o]
     report = json.loads(outs[2])
     assert report["catalog"] == role.replace(f":{PASSWORD}", "")  # the catalog named, without its password
+
+
+def test_without_psycopg_the_url_names_the_extra(monkeypatch):
+    import sys
+
+    from ckptlab.errors import CatalogError
+    from ckptlab.library.catalog import Catalog
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # "not installed"
+    with pytest.raises(CatalogError, match=r"ckptlab\[postgres\]"):
+        Catalog("postgresql://me@127.0.0.1:1/lib")
