@@ -206,3 +206,22 @@ def test_bulk_rebuild_drops_and_recreates_the_indexes(pair, monkeypatch):
     assert "web_index_name" in names
     after = _cards(pair[1], Filters(q="detai lor", per_page=240)), _cards(pair[1], Filters(sort="size", per_page=240))
     assert after == before
+
+
+def test_a_hash_job_runs_its_worker_on_postgres(pair):
+    """A job from the page: the worker process opens the PostgreSQL catalog, beats, stores its result."""
+    import hashlib
+
+    from ckptlab.web import jobs
+
+    jobs_tests = importlib.util.spec_from_file_location(
+        "_pg_jobs_cases", Path(__file__).resolve().parents[1] / "web" / "test_jobs.py")
+    mod = importlib.util.module_from_spec(jobs_tests)
+    jobs_tests.loader.exec_module(mod)
+    f = pair[0].parent / "a1111" / "models" / "Lora" / "sd15_loha.safetensors"
+    with make_client(pair[1]) as client:
+        job_id = mod.start(client, "hash", path=f)
+        assert mod.wait_final(client, job_id) == "done"
+    job = jobs.get(pair[1], job_id)
+    assert job.result["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest().upper()
+    assert jobs.log_path(pair[1], job_id).is_file()  # the log went to the catalog's side folder
