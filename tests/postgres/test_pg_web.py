@@ -225,3 +225,12 @@ def test_a_hash_job_runs_its_worker_on_postgres(pair):
     job = jobs.get(pair[1], job_id)
     assert job.result["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest().upper()
     assert jobs.log_path(pair[1], job_id).is_file()  # the log went to the catalog's side folder
+
+
+def test_serve_takes_the_url_as_its_path_option_mangles_it(pair):
+    """``serve --db`` is a ``Path`` option: ``postgresql://h/db`` arrives as ``postgresql:/h/db``."""
+    from ckptlab.library.sql_dialect import DbUrl
+    from ckptlab.web.app import create_app
+
+    app = create_app(Path(pair[1]), host="127.0.0.1", port=8765)
+    assert isinstance(app.state.db, DbUrl) and app.state.db.dsn == pair[1]
