@@ -35,7 +35,7 @@ console = _Console(emoji=False, soft_wrap=True)
 err_console = Console(stderr=True, emoji=False, soft_wrap=True)  # a closed stderr is not a closed stdout
 
 
-DB_HELP = "Catalog file (default: $CKPTLAB_DB or the platform data dir)."
+DB_HELP = "Catalog file, or a postgresql://user@host/db URL (default: $CKPTLAB_DB or the platform data dir)."
 
 
 def db_option():
