@@ -25,6 +25,7 @@ class S3Proxy:
         self.throttled = 0
         self.gets: Counter[str] = Counter()  # "bucket/key" -> object GETs (ranged or not)
         self.lists = 0
+        self.events: list[tuple[str, str]] = []  # ("list" | "get", path) in the order they arrived
         self.lock = threading.Lock()
         proxy = self
 
@@ -57,8 +58,10 @@ class S3Proxy:
                     with proxy.lock:
                         if "list-type" in query or "versions" in query or path.count("/") < 2:
                             proxy.lists += 1
+                            proxy.events.append(("list", self.path))
                         else:
                             proxy.gets[unquote(path.lstrip("/"))] += 1
+                            proxy.events.append(("get", unquote(path.lstrip("/"))))
                             if proxy.delay_gets:
                                 time.sleep(proxy.delay_gets)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
@@ -94,6 +97,7 @@ class S3Proxy:
         with self.lock:
             self.gets.clear()
             self.lists = 0
+            self.events.clear()
 
     def close(self) -> None:
         self.server.shutdown()
