@@ -194,7 +194,8 @@ _LOCAL_ONLY = ("No such file or directory", "cannot access", "not a regular file
 
 
 def _read_locally(r: dict) -> bool:
-    text = " ".join(str(x) for x in (r.get("facts", {}).get("error"), r.get("content_error")) if x)
+    facts = r.get("facts") or {}
+    text = " ".join(str(x) for x in (facts.get("error"), facts.get("safety_detail"), r.get("content_error")) if x)
     return any(m in text for m in _LOCAL_ONLY)
 
 
