@@ -65,6 +65,7 @@ class Unit:
     sidecar_entries: dict[str, RemoteEntry] = field(default_factory=dict)  # role -> object
     members: list[RemoteEntry] | None = None
     read_facts: bool = True
+    sidecars_only: bool = False  # the object is unchanged, its sidecars are not: read those alone
     need_hash: bool = False
     need_fp: bool = False
     why: str = "new"
@@ -278,6 +279,9 @@ def _renamed(obj, local: str, url: str):
 def _one(u: Unit, tmp: str, direct: bool) -> dict:
     hint = location(u)["hint"]
     out: dict = {"url": u.url, "pid": os.getpid(), "direct": direct}
+    if u.sidecars_only and not (u.need_hash or u.need_fp):
+        out["sidecars"] = _read_sidecars(u, tmp)
+        return out
     with _staged(u, tmp, direct) as path:
         if u.read_facts:
             out["facts"] = _facts(path, hint)
@@ -322,7 +326,7 @@ def read_task(units: list[Unit]) -> list[dict]:
             if _CANCEL.is_set():
                 break
             for attempt in range(1, THROTTLE_TRIES + 1):
-                direct = u.members is None and _remote_reader()
+                direct = (u.members is None and _remote_reader()) or u.sidecars_only
                 r = _one(u, tmp, direct)
                 if direct and _read_locally(r):  # a build whose readers do not take this URL yet
                     r = _one(u, tmp, False)
@@ -564,18 +568,18 @@ class _Driver:
             row = rows.get(k)
             u.fid = row[0] if row else None
             same = row is not None and (row[2], row[3], row[4], row[5]) == u.key
-            if same and row[6] == "present" and row[7] is None and row[9] is not None \
-                    and self._sidecars_same(u, row[8]):
+            if same and row[6] == "present" and row[7] is None and row[9] is not None:
                 unchanged.append(row[0])
                 u.read_facts = False
                 u.why = "unchanged"
+                u.sidecars_only = not self._sidecars_same(u, row[8])  # as a local scan: no re-read of the model
             else:
                 u.why = "changed" if row is not None else "new"
             if self.hash or self.fp:
                 cached = self.cat.content(u.key) or {}
                 u.need_hash = self.hash and cached.get("hashes") is None and u.members is None
                 u.need_fp = self.fp and cached.get("fingerprint") is None
-            if u.read_facts or u.need_hash or u.need_fp:
+            if u.read_facts or u.sidecars_only or u.need_hash or u.need_fp:
                 self.files_todo += 1
                 task.append(u)
                 if self._full(task):
@@ -652,6 +656,8 @@ class _Driver:
                     self._upsert(c, u, loc, facts, now)
                     if facts.get("error"):
                         s.error_list.append({"path": u.url, "error": facts["error"]})
+                if "sidecars" in r:
+                    c.execute("UPDATE files SET sidecars = ? WHERE path = ?", (r["sidecars"], loc["path"]))
                 if r.get("content_error"):
                     s.error_list.append({"path": u.url, "error": r["content_error"]})
                     c.execute("UPDATE files SET error = ? WHERE path = ?", (r["content_error"], loc["path"]))
@@ -662,7 +668,8 @@ class _Driver:
                     self.cat.put_fingerprint(u.key, *r["fingerprint"])
                     s.fingerprinted += 1
                 self.files_done += 1
-        self.progress(sum(u.size for u in task), description=self._desc())
+        self.progress(sum(u.size for u in task if u.read_facts or u.need_hash or u.need_fp),
+                      description=self._desc())
 
     def _upsert(self, c, u: Unit, loc: dict, facts: dict, now: float) -> None:
         vals = []
