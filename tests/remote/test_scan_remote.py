@@ -168,3 +168,14 @@ def test_edited_sidecar_is_picked_up_without_rereading_the_model(s3, proxy, tmp_
     (sc,) = sqlite3.connect(db).execute("SELECT sidecars FROM files").fetchone()
     assert json.loads(sc)["trigger_words"] == ["new", "words"] and s["unchanged"] == 1 and s["changed"] == 0
     assert set(proxy.gets) == {f"{s3.bucket_name}/lib/models/Lora/x.civitai.info"}  # not the model
+
+
+def test_ray_option_without_the_ray_package_is_one_line(tmp_path):
+    from conftest import SRC, run_cli
+
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "ray.py").write_text("raise ImportError('no ray here')\n")
+    r = run_cli("scan", "--ray", "auto", "s3://bucket/models", env={"PYTHONPATH": f"{SRC}:{shim}"}, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["ckptlab: error: --ray needs the ray package: pip install 'ckptlab[ray]'"]
