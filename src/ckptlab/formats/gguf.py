@@ -381,7 +381,7 @@ class GGUFSource(TensorSource):
         if type(self.path) is RemoteURL:
             from ckptlab.remote.reader import open_remote
 
-            mm = bytearray(open_remote(self.path, self._file_size).pread(info.offset, info.disk_bytes))
+            mm = bytearray(open_remote(self.path, self._file_size).pread(info.offset, info.disk_bytes, exact=True))
             if len(mm) != info.disk_bytes:
                 raise FormatError(f"object ends before the data of tensor {brief(key)} (it changed?)", self.path)
             off = 0

@@ -640,15 +640,16 @@ class RemoteFile(io.RawIOBase):
         return len(data)
 
     # -- ranged reads
-    def pread(self, pos: int, n: int) -> bytes:
-        """``n`` bytes from ``pos`` (fewer at the end of the object); the position is not moved."""
+    def pread(self, pos: int, n: int, *, exact: bool = False) -> bytes:
+        """``n`` bytes from ``pos`` (fewer at the end of the object); the position is not moved. ``exact``: no
+        read-ahead (a tensor's bytes: one GET of exactly its range unless cached)."""
         if n <= 0:
             return b""
         if self._size is not None:
             n = min(n, self._size - pos)
             if n <= 0:
                 return b""
-        big = n >= self._readahead
+        big = exact or n >= self._readahead
         parts = []
         while n > 0:
             hit = self._lookup(pos)
