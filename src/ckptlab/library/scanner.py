@@ -901,7 +901,8 @@ def hash_paths(paths: list[str | os.PathLike], catalog: Catalog | None = None,
     out = []
     for p in paths:
         try:
-            r = _hash_one(Path(p), catalog, progress or null_progress, on_cache_error)
+            r = _hash_remote(p, progress or null_progress) if isinstance(p, str) and "://" in p and \
+                _remote(p) else _hash_one(Path(p), catalog, progress or null_progress, on_cache_error)
         except CkptlabError as e:
             if on_error is None:
                 raise
@@ -911,6 +912,37 @@ def hash_paths(paths: list[str | os.PathLike], catalog: Catalog | None = None,
             catalog, on_cache_error = None, None
         out.append(r)
     return out
+
+
+def _remote(p: str) -> bool:
+    from ckptlab.remote import is_remote
+
+    return is_remote(p)
+
+
+def _hash_remote(url: str, progress: Progress) -> dict:
+    """``hash`` of a remote object: one streamed GET, never cached (the catalog caches by stat identity; a URL's
+    is its ETag, which ``scan --hash`` records)."""
+    from ckptlab.errors import NotFoundError
+    from ckptlab.hashes import hash_remote
+    from ckptlab.remote.reader import session
+
+    if url.endswith("/"):
+        raise CkptlabError("is a prefix (hash objects, or scan the prefix with --hash)", url)
+    with session():
+        try:
+            h = hash_remote(url, progress=progress)
+        except NotFoundError:
+            from ckptlab.formats import detect_format
+
+            try:
+                folder = detect_format(url) == "diffusers"
+            except CkptlabError:
+                folder = False
+            if folder:
+                raise CkptlabError("is a diffusers prefix (hash its objects, or scan it with --hash)", url) from None
+            raise
+    return {"path": url, "cached": False, **h.__dict__}
 
 
 def _hash_one(p: Path, catalog: Catalog | None, progress: Progress, on_cache_error) -> dict:
