@@ -351,15 +351,19 @@ class _HTTP:
             raise NetworkError(f"the server sends {clen} bytes but the object has {size}", self.url)
         done = 0
         try:
-            while done < size:
+            while done <= size:
                 try:
-                    part = r.read(min(chunk, size - done))
+                    part = r.read(min(chunk, size - done) if done < size else 1)  # at the end: is there more?
                 except TimeoutError:
                     raise NetworkError(f"the server stopped sending after {done} of {size} bytes (timed out)",
                                        self.url) from None
                 except OSError as e:
                     raise NetworkError(f"connection dropped after {done} of {size} bytes ({type(e).__name__})",
                                        self.url) from None
+                if done == size:
+                    if part:
+                        raise NetworkError(f"the server sends more than the object's {size} bytes", self.url)
+                    break
                 if not part:
                     raise NetworkError(f"the server sent {done} of the object's {size} bytes (truncated reply)",
                                        self.url)
@@ -584,6 +588,7 @@ class RemoteFile(io.RawIOBase):
         self._readahead = readahead
         self._spans: list[tuple[int, bytes]] = []  # (start, data), most recently used last
         self._cached = 0
+        self._failed: CkptlabError | None = None
 
     # -- io protocol
     def readable(self) -> bool:
@@ -621,6 +626,8 @@ class RemoteFile(io.RawIOBase):
             if isinstance(self._t, (_HTTP, _S3)):
                 self._fetch(0, self._readahead)  # the first block's reply says the size
             if self._size is None:
+                if self._failed is not None:
+                    raise self._failed
                 self._size = self._t.size()
         return self._size
 
@@ -680,7 +687,13 @@ class RemoteFile(io.RawIOBase):
             end = min(end, self._size)
             if start >= end:
                 return b""
-        data, total = self._t.get(start, end)
+        if self._failed is not None:
+            raise self._failed  # a refusal (404, a lying server...) is final for this open: never asked again
+        try:
+            data, total = self._t.get(start, end)
+        except CkptlabError as e:
+            self._failed = e
+            raise
         if total is not None:
             if self._size is not None and total != self._size:
                 raise NetworkError(f"the object is {total} bytes now, {self._size} when listed (it changed)",
