@@ -161,3 +161,25 @@ def test_no_such_bucket_is_one_line(s3):
 def test_tmp_helpers_leave_nothing():
     with tempfile.TemporaryDirectory() as d:
         assert not list(Path(d).iterdir())
+
+
+def test_diffusers_prefix_gives_the_local_facts(s3, tmp_path):
+    """A diffusers pipeline uploaded under a prefix: inspect's identification, check's per-file verdicts and the
+    catalog facts equal the local folder's (paths aside)."""
+    from ckptlab.arch.identify import identify
+    from ckptlab.ops.diffusers_io import to_diffusers
+
+    src = write_st(tmp_path / "sd15.safetensors", tensors("sd1_checkpoint", seed=1))
+    folder = tmp_path / "pipe"
+    to_diffusers(src, folder)
+    urls = s3.put_tree("pipes/pipe", folder)
+    assert any(u.endswith("model_index.json") for u in urls)
+    url = s3.url("pipes/pipe")
+    for u in (url, url + "/"):
+        assert _same(_facts(u), u) == _same(_facts(str(folder)), folder)
+        assert _same(to_jsonable(identify(u)), u) == _same(to_jsonable(identify(str(folder))), folder)
+    from ckptlab.security import check_many
+
+    remote = sorted((r.path[len(url) + 1:], r.verdict) for r in check_many([url]))
+    local = sorted((str(r.path.relative_to(folder)), r.verdict) for r in check_many([folder]))
+    assert remote == local and len(local) >= 3

@@ -777,13 +777,13 @@ def session():
     depth = getattr(_recent, "depth", 0)
     _recent.depth = depth + 1
     if depth == 0:
-        _recent.files = []
+        _recent.files, _recent.trees = [], {}
     try:
         yield
     finally:
         _recent.depth = depth
         if depth == 0:
-            _recent.files = []
+            _recent.files, _recent.trees = [], {}
 
 
 def open_remote(url, size: int | None = None) -> RemoteFile:
@@ -836,3 +836,42 @@ def list_prefix(url: str) -> list[tuple[str, int]]:
         full = name if "://" in name else f"{scheme}://{name}"
         out.append((full, int(info.get("size") or 0)))
     return out
+
+
+def _tree(url: str) -> dict[str, int]:
+    """``{object url: size}`` under the prefix this lookup belongs to: one listing per prefix per session (a
+    diffusers pipeline's whole tree in one LIST), registering each object's size for ``open_remote``."""
+    trees = getattr(_recent, "trees", None) if getattr(_recent, "depth", 0) else None
+    if trees is not None:
+        for root, tree in trees.items():
+            if url == root or url.startswith(root + "/"):
+                return tree
+    root = url.rstrip("/")
+    tree = dict(list_prefix(root + "/")) if not root.endswith(("model_index.json", "config.json")) else {}
+    if not tree:  # an object, or a name inside a prefix not listed yet: list its parent
+        root = root.rsplit("/", 1)[0]
+        tree = dict(list_prefix(root + "/"))
+    if trees is not None:
+        trees[root] = tree
+    return tree
+
+
+def tree_lookup(url: str) -> tuple[str | None, int | None]:
+    """("file", size) | ("dir", None) | (None, None) for ``url`` in its prefix's listing."""
+    u = str(url).rstrip("/")
+    tree = _tree(u)
+    if u in tree:
+        return "file", tree[u]
+    if any(k.startswith(u + "/") for k in tree):
+        return "dir", None
+    return None, None
+
+
+def tree_children(url: str) -> list[str]:
+    """The direct children (objects and sub-prefixes) of the prefix ``url``."""
+    u = str(url).rstrip("/")
+    out = set()
+    for k in _tree(u):
+        if k.startswith(u + "/"):
+            out.add(u + "/" + k[len(u) + 1:].split("/", 1)[0])
+    return sorted(out)
