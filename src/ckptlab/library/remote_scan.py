@@ -207,7 +207,7 @@ def _staged(u: Unit, tmp: str, direct: bool) -> Iterator[str]:
     """A path ``read_file_facts`` can read for ``u``: its URL (``direct``), or a local copy of the object /
     the folder."""
     if direct:
-        yield u.url
+        yield u.url if u.members is None else u.url + "/"  # a prefix, as remote-io's readers take it
         return
     fs = _filesystem(u.url)
     name = u.url.rstrip("/").rsplit("/", 1)[-1]
@@ -322,7 +322,7 @@ def _one(u: Unit, tmp: str, direct: bool) -> dict:
 def _read_unit(u: Unit, tmp: str, path: str, hint, out: dict) -> None:
     if u.read_facts:
         out["facts"] = _facts(path, hint)
-        if path != u.url:  # a staged copy: the facts name the object, not the temporary file
+        if path != u.url:  # a staged copy (or the prefix): the facts name the object / the folder URL
             out["facts"] = _renamed(out["facts"], path, u.url)
         try:
             out["facts"]["sidecars"] = _read_sidecars(u, tmp)
@@ -368,7 +368,9 @@ def read_task(units: list[Unit]) -> list[dict]:
             if _CANCEL.is_set():
                 break
             for attempt in range(1, THROTTLE_TRIES + 1):
-                direct = (u.members is None and _remote_reader()) or u.sidecars_only
+                # a diffusers prefix is read in place too (remote-io reads a prefix like a folder), except for
+                # its fingerprint: fingerprint_diffusers needs the folder's files on disk
+                direct = (_remote_reader() and (u.members is None or not u.need_fp)) or u.sidecars_only
                 r = _one(u, tmp, direct)
                 if direct and (_read_locally(r) or "unexpected" in r):
                     r = _one(u, tmp, False)  # a reader that does not take this URL (yet): the local path
