@@ -170,3 +170,30 @@ def test_objects_in_flight_stay_bounded_on_a_long_listing(tmp_path, monkeypatch)
     assert 0 < state["peak"] <= bound, state
     con = sqlite3.connect(tmp_path / "c.db")
     assert con.execute("SELECT COUNT(DISTINCT path) FROM files").fetchone()[0] == n
+
+
+def test_an_https_url_is_scanned_as_one_object(tmp_path):
+    """HTTP has no listing: ``scan http://host/x.safetensors`` catalogues that object, its row equal to the local
+    scan's of the same file (remote-io's loopback Range server)."""
+    from fakes.http_range_server import serve
+    from fakes.library_files import tensors, write_st
+    from fakes.remote_library import rows
+
+    from ckptlab.library.catalog import Catalog
+    from ckptlab.library.scanner import scan
+
+    f = write_st(tmp_path / "lib" / "models" / "Lora" / "x.safetensors", tensors("sd1_kohya_lora", seed=5))
+    srv = serve({"/models/Lora/x.safetensors": f})
+    try:
+        url = srv.url("/models/Lora/x.safetensors")
+        with Catalog(tmp_path / "r.db") as cat:
+            s = scan([url], cat)
+    finally:
+        srv.stop()
+    with Catalog(tmp_path / "l.db") as cat:
+        scan([f], cat, workers=1)
+    assert s.new == 1 and s.errors == 0
+    remote = rows(tmp_path / "r.db", strip=url.rsplit("/", 1)[0])
+    local = rows(tmp_path / "l.db", strip=str(f.parent))
+    assert list(remote) == list(local) == ["x.safetensors"]
+    assert remote["x.safetensors"] | {"folder": None} == local["x.safetensors"] | {"folder": None}
