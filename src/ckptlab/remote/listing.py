@@ -97,8 +97,8 @@ def _fatal(url: str, e: BaseException) -> CkptlabError:
     cause = e.__cause__ or e.__context__
     if isinstance(e, FileNotFoundError) and isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
         e, name, text = cause, type(cause).__name__, str(cause)  # fsspec's HTTP info: a refused connection
-    elif isinstance(e, FileNotFoundError):
-        return CkptlabError("not found", url)
+    elif isinstance(e, FileNotFoundError):  # s3fs turns NoSuchBucket into this
+        return CkptlabError("no such bucket" if "bucket" in text.lower() else "not found", url)
     if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or isinstance(e, PermissionError):
         return CkptlabError(f"access denied ({code or name})", url)
     if "Could not connect" in text or "EndpointConnectionError" in name or "ConnectError" in name or isinstance(
