@@ -183,3 +183,35 @@ def test_diffusers_prefix_gives_the_local_facts(s3, tmp_path):
     remote = sorted((r.path[len(url) + 1:], r.verdict) for r in check_many([url]))
     local = sorted((str(r.path.relative_to(folder)), r.verdict) for r in check_many([folder]))
     assert remote == local and len(local) >= 3
+
+
+def test_listed_etag_and_version_are_read(s3, real_files):
+    """A RemoteEntry's ETag guards the read (an object replaced since the listing is an error, never other bytes);
+    a version id reads that version. Oracle: boto3's own head_object / list_object_versions."""
+    a, b = real_files["vae.safetensors"], real_files["embedding.safetensors"]
+    url = s3.put("v/m.safetensors", a)
+    bucket, key = url[5:].split("/", 1)
+    head = s3.server.client().head_object(Bucket=bucket, Key=key)
+    entry = RemoteEntry(url, head["ContentLength"], etag=head["ETag"].strip('"'))
+    assert _same(read_file_facts(entry), url) == _same(read_file_facts(str(a)), a)
+    s3.put("v/m.safetensors", b)  # replaced after the listing
+    with pytest.raises(CkptlabError) as e:
+        read_file_facts(RemoteEntry(url, head["ContentLength"], etag=head["ETag"].strip('"')))
+    assert "changed" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_version_id_reads_that_version(s3_server, monkeypatch, real_files):
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    bucket = s3_server.bucket("versioned-remote-io", versioned=True)
+    a, b = real_files["vae.safetensors"], real_files["embedding.safetensors"]
+    s3_server.put(bucket, "m.safetensors", a)
+    s3_server.put(bucket, "m.safetensors", b)
+    versions = s3_server.client().list_object_versions(Bucket=bucket, Prefix="m.safetensors")["Versions"]
+    old = next(v for v in versions if not v["IsLatest"])
+    url = f"s3://{bucket}/m.safetensors"
+    entry = RemoteEntry(url, old["Size"], etag=old["ETag"].strip('"'), version_id=old["VersionId"])
+    assert _same(read_file_facts(entry), url) == _same(read_file_facts(str(a)), a)
+    assert _same(read_file_facts(f"{url}?versionId={old['VersionId']}"), f"{url}?versionId={old['VersionId']}") == \
+        _same(read_file_facts(str(a)), a)
+    assert _same(read_file_facts(url), url) == _same(read_file_facts(str(b)), b)

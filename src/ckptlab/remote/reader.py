@@ -403,15 +403,20 @@ def _s3_error(url: str, e: Exception) -> Exception:
 
 
 class _S3:
-    """``get_object`` with ``Range`` through s3fs's client (one request, size from ``ContentRange``)."""
+    """``get_object`` with ``Range`` through s3fs's client (one request, size from ``ContentRange``). A listed
+    object's version id (``?versionId=`` or ``RemoteEntry.version_id``) is read as that version; without one its
+    listed ETag is sent as ``If-Match``: an object replaced since the listing is an error, never other bytes."""
 
-    def __init__(self, url: str, options: dict):
+    def __init__(self, url: str, options: dict, version: str | None = None, etag: str | None = None):
         self.url = url
         self.fs = filesystem("s3", **options)
+        base, _, url_version = url.partition("?versionId=")
         try:
-            self.bucket, self.key, self.version = self.fs.split_path(url)
+            self.bucket, self.key, _ = self.fs.split_path(base)
         except ValueError as e:
             raise CkptlabError(f"not a valid S3 URL: {e}", url) from None
+        self.version = version or url_version or None
+        self.etag = etag if not self.version else None
         if not self.key:
             raise CkptlabError("names a bucket, not an object", url)
 
@@ -420,14 +425,19 @@ class _S3:
 
         if self.version:
             kw["VersionId"] = self.version
+        elif self.etag:
+            kw["IfMatch"] = f'"{self.etag}"'
         _count(requests=1)
         try:
             return sync(self.fs.loop, self.fs._call_s3, "get_object", Bucket=self.bucket, Key=self.key, **kw)
         except CkptlabError:
             raise
         except Exception as e:  # noqa: BLE001 - botocore's exception zoo becomes one line (or a retry)
-            if "invalidrange" in f"{type(e).__name__}{e}".lower():
+            low = f"{type(e).__name__}{e}".lower()
+            if "invalidrange" in low:
                 raise _InvalidRange() from None
+            if "precondition" in low or "pre-condition" in low or "412" in low:
+                raise NetworkError("the object changed since it was listed (ETag differs)", self.url) from None
             raise _s3_error(self.url, e) from None
 
     def _read(self, body, n: int, *, exact: bool = True) -> bytes:
@@ -559,12 +569,12 @@ class _FSSpec:
             pos += len(data)
 
 
-def transport(url: str, options: dict | None = None):
+def transport(url: str, options: dict | None = None, version: str | None = None, etag: str | None = None):
     proto = _protocol(url)
     if proto in ("http", "https"):
         return _HTTP(url)
     if proto == "s3":
-        return _S3(url, options or {})
+        return _S3(url, options or {}, version, etag)
     return _FSSpec(url, options or {})
 
 
@@ -577,12 +587,15 @@ class RemoteFile(io.RawIOBase):
 
     def __init__(self, url, size: int | None = None, *, readahead: int = READAHEAD, options: dict | None = None):
         super().__init__()
-        if hasattr(url, "url") and hasattr(url, "size"):  # a RemoteEntry
+        version = etag = None
+        if hasattr(url, "url") and hasattr(url, "size"):  # a RemoteEntry (or another RemoteFile)
             size = url.size if size is None else size
+            version, etag = getattr(url, "version_id", None), getattr(url, "etag", None)
             url = url.url
         self.url = str(url)
         self.name = self.url
-        self._t = transport(self.url, options)
+        self.version_id, self.etag = version, etag
+        self._t = transport(self.url, options, version, etag)
         self._size = size
         self._pos = 0
         self._readahead = readahead
@@ -789,12 +802,13 @@ def session():
 def open_remote(url, size: int | None = None) -> RemoteFile:
     """A ``RemoteFile`` for ``url`` (a URL string or a ``RemoteEntry``); inside a ``session()`` this thread's open
     one for the same URL (its size and cached blocks) when there is one."""
-    if hasattr(url, "url") and hasattr(url, "size"):
-        size = url.size if size is None else size
-        url = url.url
+    entry = url if hasattr(url, "url") and hasattr(url, "size") else None
+    if entry is not None:
+        size = entry.size if size is None else size
+        url = entry.url
     url = str(url)
     if not getattr(_recent, "depth", 0):
-        return RemoteFile(url, size)
+        return RemoteFile(entry if entry is not None else url, size)
     lst = getattr(_recent, "files", None)
     if lst is None:
         lst = _recent.files = []
@@ -803,7 +817,7 @@ def open_remote(url, size: int | None = None) -> RemoteFile:
             if size is not None:
                 rf._size = size
             return rf
-    rf = RemoteFile(url, size)
+    rf = RemoteFile(entry if entry is not None else url, size)
     lst.append(rf)
     if len(lst) > RECENT_FILES:
         lst.pop(0)
