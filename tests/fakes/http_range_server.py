@@ -97,10 +97,11 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                     piece = read(start + sent, min(1 << 20, n - sent))
                     if not piece:
                         break
+                    self.pending.sent = sent + len(piece)  # counted before the write: the client may be done first
                     self.wfile.write(piece)
                     sent += len(piece)
-                    self.pending.sent = sent
             except OSError:
+                self.pending.sent = sent  # not delivered
                 self.close_connection = True
             return sent
 
@@ -142,10 +143,10 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                 hit = self._record(200, 0)
                 try:
                     while hit.sent < 512 * 1024 * 1024:
-                        self.wfile.write(b"\0" * 65536)
                         hit.sent += 65536
+                        self.wfile.write(b"\0" * 65536)
                 except OSError:
-                    pass
+                    hit.sent -= 65536
                 self.close_connection = True
                 return
             if how == "stall":
@@ -184,9 +185,10 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                 elif how == "more":
                     sent = self._send_body(read, a, n - 100)
                     try:
-                        self.wfile.write(b"\0" * 100)
                         self.pending.sent = sent + 100
+                        self.wfile.write(b"\0" * 100)
                     except OSError:
+                        self.pending.sent = sent
                         self.close_connection = True
                 else:
                     sent = self._send_body(read, a, n)

@@ -231,3 +231,22 @@ def test_generic_fsspec_transport_reads_ranges_and_streams(files):
         assert hash_remote(RemoteFile(url, len(data))).sha256 == hashlib.sha256(data).hexdigest().upper()
     finally:
         fs.rm("/ckptlab-test", recursive=True)
+
+
+def test_stats_count_every_thread(http, files):
+    """stats() is per process and thread-safe: four threads hashing at once add exactly the server's own count of
+    requests and body bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckptlab.hashes import hash_remote
+
+    path = files["embedding.safetensors"]
+    srv = http({f"m{i}.safetensors": path for i in range(4)})
+    before = remote.stats()
+    with ThreadPoolExecutor(4) as ex:
+        hashes = list(ex.map(lambda i: hash_remote(srv.url(f"m{i}.safetensors")), range(4)))
+    after = remote.stats()
+    hits = srv.hits()
+    assert after["requests"] - before["requests"] == len(hits) == 4  # one streamed GET each (size from its reply)
+    assert after["bytes"] - before["bytes"] == sum(h.sent for h in hits)
+    assert {h.sha256 for h in hashes} == {hashlib.sha256(path.read_bytes()).hexdigest().upper()}

@@ -215,3 +215,35 @@ def test_version_id_reads_that_version(s3_server, monkeypatch, real_files):
     assert _same(read_file_facts(f"{url}?versionId={old['VersionId']}"), f"{url}?versionId={old['VersionId']}") == \
         _same(read_file_facts(str(a)), a)
     assert _same(read_file_facts(url), url) == _same(read_file_facts(str(b)), b)
+
+
+def test_deep_check_gives_the_local_findings(s3, real_files, tmp_path):
+    """check --deep on a URL (every tensor record read, CRCs and NaN/Inf): the local findings, including a damaged
+    record's CRC and a NaN."""
+    import numpy as np
+
+    sd = tensors("sd1_vae", seed=2)
+    key = next(iter(sd))
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = float("nan")
+    files = {**{k: real_files[k] for k in ("sd15.ckpt", "legacy.pt", "vae.safetensors")},
+             "nan.safetensors": write_st(tmp_path / "nan.safetensors", sd),
+             "nan.ckpt": write_ckpt(tmp_path / "nan.ckpt", sd)}
+    damaged = tmp_path / "damaged.ckpt"
+    data = bytearray(real_files["sd15.ckpt"].read_bytes())
+    data[-(len(data) // 3)] ^= 0xFF  # a byte inside a tensor record
+    damaged.write_bytes(bytes(data))
+    files["damaged.ckpt"] = damaged
+    verdicts = set()
+    for name, path in files.items():
+        url = s3.put(f"deep/{path.name}", path)
+        local, remote_ = check(str(path), deep=True), check(url, deep=True)
+        assert _same(_check_result(remote_), url) == _same(_check_result(local), path), name
+        verdicts.add(local.verdict)
+    assert verdicts >= {"safe", "corrupt"}
+    assert np.isnan(sd[key].numpy()).any()
+
+
+def _check_result(r):
+    return {"format": r.format, "verdict": r.verdict, "container": r.container, "globals": r.globals,
+            "findings": [to_jsonable(f) for f in r.findings]}

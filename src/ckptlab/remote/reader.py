@@ -339,13 +339,20 @@ class _HTTP:
 
         return _with_retries(self.url, attempt)
 
-    def stream(self, size: int, chunk: int):
-        """The whole object (``size`` bytes) in one GET, piece by piece."""
+    def stream(self, size: int | None, chunk: int, on_size=None):
+        """The whole object (``size`` bytes; None: as the reply's Content-Length says, told to ``on_size``) in one
+        GET, piece by piece."""
         r = _with_retries(self.url, lambda: self._request({"Accept-Encoding": "identity"}))
         if r.status not in (200, 206):
             self._drop()
             raise NetworkError(f"HTTP {r.status} {r.reason}".strip(), self.url)
         clen = r.getheader("Content-Length")
+        if size is None:
+            if clen is None or not clen.isdigit():
+                self._drop()
+                raise NetworkError("the server does not say the object's size (no Content-Length)", self.url)
+            size = int(clen)
+            on_size(size)
         if clen is not None and clen.isdigit() and int(clen) != size:
             self._drop()
             raise NetworkError(f"the server sends {clen} bytes but the object has {size}", self.url)
@@ -488,13 +495,18 @@ class _S3:
             total = self.size()
         return data, total
 
-    def stream(self, size: int, chunk: int):
+    def stream(self, size: int | None, chunk: int, on_size=None):
         from fsspec.asyn import sync
 
         resp = _with_retries(self.url, lambda: self._call())
         body = resp["Body"]
         done = 0
         try:
+            if size is None:
+                size = int(resp.get("ContentLength", -1))
+                if size < 0:
+                    raise NetworkError("the store does not say the object's size", self.url)
+                on_size(size)
             n = int(resp.get("ContentLength", size))
             if n != size:
                 raise NetworkError(f"the store sends {n} bytes but the object has {size}", self.url)
@@ -557,7 +569,10 @@ class _FSSpec:
             raise NetworkError(f"the store sent {len(data)} bytes for a {end - start}-byte range", self.url)
         return bytes(data), None
 
-    def stream(self, size: int, chunk: int):
+    def stream(self, size: int | None, chunk: int, on_size=None):
+        if size is None:
+            size = self.size()
+            on_size(size)
         big = max(chunk, 64 * 1024 * 1024)  # no streaming body in fsspec's generic API: big ranged GETs
         pos = 0
         while pos < size:
@@ -735,7 +750,11 @@ class RemoteFile(io.RawIOBase):
 
     def stream(self, chunk: int = STREAM_CHUNK):
         """The whole object from its start in one GET, in pieces of at most ``chunk`` bytes."""
-        yield from self._t.stream(self.size, chunk)
+        def learn(size: int) -> None:
+            self._size = size
+
+        # an unknown size is learnt from the streamed reply itself (no request for the size alone)
+        yield from self._t.stream(self._size, chunk, learn)
 
 
 class RemoteBuffer:
