@@ -447,7 +447,7 @@ class _S3:
             raise
         except Exception as e:  # noqa: BLE001 - botocore's exception zoo becomes one line (or a retry)
             low = f"{type(e).__name__}{e}".lower()
-            if "invalidrange" in low:
+            if "invalidrange" in low or "not satisfiable" in low:
                 e = NetworkError("invalid range")
                 e.invalid_range = True
                 raise e from None
