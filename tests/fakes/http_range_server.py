@@ -97,10 +97,11 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                     piece = read(start + sent, min(1 << 20, n - sent))
                     if not piece:
                         break
+                    self.pending.sent = sent + len(piece)  # counted before the write: the client may be done first
                     self.wfile.write(piece)
                     sent += len(piece)
-                    self.pending.sent = sent
             except OSError:
+                self.pending.sent = sent  # not delivered
                 self.close_connection = True
             return sent
 
@@ -137,23 +138,23 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                 return
             size, read = self._size_and_reader(files[name])
             if how == "endless":
+                hit = self._record(200, 0)
                 self.send_response(200)
                 self.end_headers()  # no length: the body never ends
-                hit = self._record(200, 0)
                 try:
                     while hit.sent < 512 * 1024 * 1024:
-                        self.wfile.write(b"\0" * 65536)
                         hit.sent += 65536
+                        self.wfile.write(b"\0" * 65536)
                 except OSError:
-                    pass
+                    hit.sent -= 65536
                 self.close_connection = True
                 return
             if how == "stall":
+                self._record(206, 0)
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes 0-{size - 1}/{size}")
                 self.send_header("Content-Length", str(size))
                 self.end_headers()
-                self._record(206, 0)
                 threading.Event().wait(30)
                 self.close_connection = True
                 return
@@ -173,28 +174,29 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                 if how == "more":
                     n = n + 100
                     b = b + 100
+                self.pending = self._record(206, 0)  # logged before the reply: the client may be done first
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {a}-{b}/{size}")
                 self.send_header("Content-Length", str(n))
                 self.end_headers()
-                self.pending = self._record(206, 0)
                 if how == "short":
                     sent = self._send_body(read, a, n // 2)
                     self.close_connection = True
                 elif how == "more":
                     sent = self._send_body(read, a, n - 100)
                     try:
-                        self.wfile.write(b"\0" * 100)
                         self.pending.sent = sent + 100
+                        self.wfile.write(b"\0" * 100)
                     except OSError:
+                        self.pending.sent = sent
                         self.close_connection = True
                 else:
                     sent = self._send_body(read, a, n)
                 return
+            self.pending = self._record(200, 0)
             self.send_response(200)
             self.send_header("Content-Length", str(size))
             self.end_headers()
-            self.pending = self._record(200, 0)
             if how == "short":
                 self._send_body(read, 0, size // 2)
                 self.close_connection = True

@@ -97,8 +97,12 @@ def _count(requests: int = 0, nbytes: int = 0) -> None:
         _totals[1] += nbytes
 
 
-class _Retry(Exception):
-    """A failure worth another try (throttling, a dropped connection): its message is the last line."""
+def _Retry(message: str) -> NetworkError:  # noqa: N802 - raised like the exception it stands for
+    """A failure worth another try (throttling, a dropped connection): a ``NetworkError`` marked ``retryable``; its
+    message is the last line when the tries run out (no exception class of its own: errors.py holds them all)."""
+    e = NetworkError(message)
+    e.retryable = True
+    return e
 
 
 def _backoff(attempt: int) -> None:
@@ -112,8 +116,10 @@ def _with_retries(url: str, fn):
     for attempt in range(max(1, MAX_TRIES)):
         try:
             return fn()
-        except _Retry as e:
-            last = str(e)
+        except NetworkError as e:
+            if not getattr(e, "retryable", False):
+                raise
+            last = e.message
             if attempt + 1 < max(1, MAX_TRIES):
                 _backoff(attempt)
     raise NetworkError(f"gave up after {max(1, MAX_TRIES)} tries: {last}", url)
@@ -339,13 +345,20 @@ class _HTTP:
 
         return _with_retries(self.url, attempt)
 
-    def stream(self, size: int, chunk: int):
-        """The whole object (``size`` bytes) in one GET, piece by piece."""
+    def stream(self, size: int | None, chunk: int, on_size=None):
+        """The whole object (``size`` bytes; None: as the reply's Content-Length says, told to ``on_size``) in one
+        GET, piece by piece."""
         r = _with_retries(self.url, lambda: self._request({"Accept-Encoding": "identity"}))
         if r.status not in (200, 206):
             self._drop()
             raise NetworkError(f"HTTP {r.status} {r.reason}".strip(), self.url)
         clen = r.getheader("Content-Length")
+        if size is None:
+            if clen is None or not clen.isdigit():
+                self._drop()
+                raise NetworkError("the server does not say the object's size (no Content-Length)", self.url)
+            size = int(clen)
+            on_size(size)
         if clen is not None and clen.isdigit() and int(clen) != size:
             self._drop()
             raise NetworkError(f"the server sends {clen} bytes but the object has {size}", self.url)
@@ -403,15 +416,20 @@ def _s3_error(url: str, e: Exception) -> Exception:
 
 
 class _S3:
-    """``get_object`` with ``Range`` through s3fs's client (one request, size from ``ContentRange``)."""
+    """``get_object`` with ``Range`` through s3fs's client (one request, size from ``ContentRange``). A listed
+    object's version id (``?versionId=`` or ``RemoteEntry.version_id``) is read as that version; without one its
+    listed ETag is sent as ``If-Match``: an object replaced since the listing is an error, never other bytes."""
 
-    def __init__(self, url: str, options: dict):
+    def __init__(self, url: str, options: dict, version: str | None = None, etag: str | None = None):
         self.url = url
         self.fs = filesystem("s3", **options)
+        base, _, url_version = url.partition("?versionId=")
         try:
-            self.bucket, self.key, self.version = self.fs.split_path(url)
+            self.bucket, self.key, _ = self.fs.split_path(base)
         except ValueError as e:
             raise CkptlabError(f"not a valid S3 URL: {e}", url) from None
+        self.version = version or url_version or None
+        self.etag = etag if not self.version else None
         if not self.key:
             raise CkptlabError("names a bucket, not an object", url)
 
@@ -420,14 +438,21 @@ class _S3:
 
         if self.version:
             kw["VersionId"] = self.version
+        elif self.etag:
+            kw["IfMatch"] = f'"{self.etag}"'
         _count(requests=1)
         try:
             return sync(self.fs.loop, self.fs._call_s3, "get_object", Bucket=self.bucket, Key=self.key, **kw)
         except CkptlabError:
             raise
         except Exception as e:  # noqa: BLE001 - botocore's exception zoo becomes one line (or a retry)
-            if "invalidrange" in f"{type(e).__name__}{e}".lower():
-                raise _InvalidRange() from None
+            low = f"{type(e).__name__}{e}".lower()
+            if "invalidrange" in low or "not satisfiable" in low:
+                e = NetworkError("invalid range")
+                e.invalid_range = True
+                raise e from None
+            if "precondition" in low or "pre-condition" in low or "412" in low:
+                raise NetworkError("the object changed since it was listed (ETag differs)", self.url) from None
             raise _s3_error(self.url, e) from None
 
     def _read(self, body, n: int, *, exact: bool = True) -> bytes:
@@ -453,7 +478,9 @@ class _S3:
             rng = f"bytes={start}-{end - 1}" if end is not None else f"bytes={start}-"
             try:
                 resp = self._call(Range=rng)
-            except _InvalidRange:
+            except NetworkError as e:
+                if not getattr(e, "invalid_range", False):
+                    raise
                 return b"", None
             body = resp["Body"]
             try:
@@ -478,13 +505,18 @@ class _S3:
             total = self.size()
         return data, total
 
-    def stream(self, size: int, chunk: int):
+    def stream(self, size: int | None, chunk: int, on_size=None):
         from fsspec.asyn import sync
 
         resp = _with_retries(self.url, lambda: self._call())
         body = resp["Body"]
         done = 0
         try:
+            if size is None:
+                size = int(resp.get("ContentLength", -1))
+                if size < 0:
+                    raise NetworkError("the store does not say the object's size", self.url)
+                on_size(size)
             n = int(resp.get("ContentLength", size))
             if n != size:
                 raise NetworkError(f"the store sends {n} bytes but the object has {size}", self.url)
@@ -493,7 +525,7 @@ class _S3:
                     part = sync(self.fs.loop, body.read, min(chunk, size - done))
                 except Exception as e:  # noqa: BLE001
                     err = _s3_error(self.url, e)
-                    raise (NetworkError(str(err), self.url) if isinstance(err, _Retry) else err) from None
+                    raise (NetworkError(str(err), self.url) if getattr(err, "retryable", False) else err) from None
                 if not part:
                     raise NetworkError(f"the store sent {done} of the object's {size} bytes (truncated reply)",
                                        self.url)
@@ -512,10 +544,6 @@ class _S3:
                 raise _s3_error(self.url, e) from None
 
         return _with_retries(self.url, attempt)
-
-
-class _InvalidRange(Exception):
-    pass
 
 
 class _FSSpec:
@@ -547,7 +575,10 @@ class _FSSpec:
             raise NetworkError(f"the store sent {len(data)} bytes for a {end - start}-byte range", self.url)
         return bytes(data), None
 
-    def stream(self, size: int, chunk: int):
+    def stream(self, size: int | None, chunk: int, on_size=None):
+        if size is None:
+            size = self.size()
+            on_size(size)
         big = max(chunk, 64 * 1024 * 1024)  # no streaming body in fsspec's generic API: big ranged GETs
         pos = 0
         while pos < size:
@@ -559,12 +590,12 @@ class _FSSpec:
             pos += len(data)
 
 
-def transport(url: str, options: dict | None = None):
+def transport(url: str, options: dict | None = None, version: str | None = None, etag: str | None = None):
     proto = _protocol(url)
     if proto in ("http", "https"):
         return _HTTP(url)
     if proto == "s3":
-        return _S3(url, options or {})
+        return _S3(url, options or {}, version, etag)
     return _FSSpec(url, options or {})
 
 
@@ -577,12 +608,15 @@ class RemoteFile(io.RawIOBase):
 
     def __init__(self, url, size: int | None = None, *, readahead: int = READAHEAD, options: dict | None = None):
         super().__init__()
-        if hasattr(url, "url") and hasattr(url, "size"):  # a RemoteEntry
+        version = etag = None
+        if hasattr(url, "url") and hasattr(url, "size"):  # a RemoteEntry (or another RemoteFile)
             size = url.size if size is None else size
+            version, etag = getattr(url, "version_id", None), getattr(url, "etag", None)
             url = url.url
         self.url = str(url)
         self.name = self.url
-        self._t = transport(self.url, options)
+        self.version_id, self.etag = version, etag
+        self._t = transport(self.url, options, version, etag)
         self._size = size
         self._pos = 0
         self._readahead = readahead
@@ -722,7 +756,11 @@ class RemoteFile(io.RawIOBase):
 
     def stream(self, chunk: int = STREAM_CHUNK):
         """The whole object from its start in one GET, in pieces of at most ``chunk`` bytes."""
-        yield from self._t.stream(self.size, chunk)
+        def learn(size: int) -> None:
+            self._size = size
+
+        # an unknown size is learnt from the streamed reply itself (no request for the size alone)
+        yield from self._t.stream(self._size, chunk, learn)
 
 
 class RemoteBuffer:
@@ -789,12 +827,13 @@ def session():
 def open_remote(url, size: int | None = None) -> RemoteFile:
     """A ``RemoteFile`` for ``url`` (a URL string or a ``RemoteEntry``); inside a ``session()`` this thread's open
     one for the same URL (its size and cached blocks) when there is one."""
-    if hasattr(url, "url") and hasattr(url, "size"):
-        size = url.size if size is None else size
-        url = url.url
+    entry = url if hasattr(url, "url") and hasattr(url, "size") else None
+    if entry is not None:
+        size = entry.size if size is None else size
+        url = entry.url
     url = str(url)
     if not getattr(_recent, "depth", 0):
-        return RemoteFile(url, size)
+        return RemoteFile(entry if entry is not None else url, size)
     lst = getattr(_recent, "files", None)
     if lst is None:
         lst = _recent.files = []
@@ -803,7 +842,7 @@ def open_remote(url, size: int | None = None) -> RemoteFile:
             if size is not None:
                 rf._size = size
             return rf
-    rf = RemoteFile(url, size)
+    rf = RemoteFile(entry if entry is not None else url, size)
     lst.append(rf)
     if len(lst) > RECENT_FILES:
         lst.pop(0)
