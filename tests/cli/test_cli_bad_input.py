@@ -243,6 +243,13 @@ CASES: list[tuple] = [
     ("scan-db-is-dir", ["scan", "--db", "{d}/adir.safetensors", "{o}"], {1}),
     ("scan-db-under-file", ["scan", "--db", "{d}/afile/cat.db", "{o}"], {1}),
     ("scan-bad-extra-paths", ["scan", "--extra-model-paths", "{d}/badcfg.yaml", "{o}"], {1}),
+    # object-store roots (tests/remote/test_scan_*.py; an S3 endpoint on a closed port and a missing bucket:
+    # test_scan_url_against_a_bad_store below, which needs the moto server)
+    ("scan-missing-url", ["scan", "http://127.0.0.1:{port}/models/"], {1}),
+    ("scan-bad-ray-no-cluster", ["scan", "--ray", "127.0.0.1:{port}", "s3://bucket/models"], {1}),
+    ("scan-bad-ray-address", ["scan", "--ray", "nowhere", "s3://bucket/models"], {1}),
+    ("scan-bad-ray-local-folder", ["scan", "--ray", "auto", "{d}/emptydir"], {1}),
+    ("scan-bad-mixed-roots", ["scan", "{d}/emptydir", "s3://bucket/models"], {1}),
     ("hash-missing", ["hash", "--no-cache", "{d}/nope.safetensors"], {1}),
     ("hash-fifo", ["hash", "--no-cache", "{d}/fifo.safetensors"], {1}),
     ("hash-dev-zero", ["hash", "--no-cache", "/dev/zero"], {1}),
@@ -681,6 +688,38 @@ CASES += [
     ("generate-output-ro", ["generate", "{d}/good.safetensors", *_GEN, "-o", "{ro}/a.png"], {1}),
 ]
 
+# remote paths (issue 17): {port} a closed loopback port (unreachable endpoint), {h} a loopback HTTP server whose
+# objects are a good model, a missing one, a server that ignores Range, one that never ends its body, one that
+# is always throttled (503: retried, then one line)
+_R = "{h}"
+CASES += [
+    ("inspect-missing-url-endpoint", ["inspect", "http://127.0.0.1:{port}/m.safetensors"], {1}),
+    ("inspect-missing-url-object", ["inspect", f"{_R}/nope.safetensors"], {1}),
+    ("inspect-bad-url-ignores-range", ["inspect", "--json", f"{_R}/lie.safetensors"], {1}),
+    ("inspect-bad-url-endless", ["inspect", f"{_R}/endless.safetensors"], {1}),
+    ("inspect-bad-url-throttled", ["inspect", f"{_R}/busy.safetensors"], {1}),
+    ("check-missing-url-endpoint", ["check", "http://127.0.0.1:{port}/m.ckpt"], CORRUPT, "corrupt"),
+    ("check-missing-url-object", ["check", "--json", f"{_R}/nope.ckpt"], CORRUPT, '"verdict": "corrupt"'),
+    ("check-bad-url-ignores-range", ["check", f"{_R}/lie.safetensors"], CORRUPT, "corrupt"),
+    ("check-bad-url-throttled", ["check", f"{_R}/busy.safetensors"], CORRUPT, "gave up"),
+    ("hash-missing-url-endpoint", ["hash", "--no-cache", "http://127.0.0.1:{port}/m.safetensors"], {1}),
+    ("hash-missing-url-object", ["hash", "--json", f"{_R}/nope.safetensors"], {1}),
+    ("hash-bad-url-endless", ["hash", f"{_R}/endless.safetensors"], {1}),
+    ("hash-bad-url-throttled", ["hash", f"{_R}/busy.safetensors"], {1}),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_http(bad):
+    from fakes.http_range_server import serve
+
+    good = bad / "good.safetensors"
+    srv = serve({n: good for n in ("good.safetensors", "lie.safetensors", "endless.safetensors", "busy.safetensors")},
+                {"lie.safetensors": "ignore_range", "endless.safetensors": "endless", "busy.safetensors": "503"})
+    yield srv.url("").rstrip("/")
+    srv.stop()
+
+
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
 
 #: (command, class) pairs with no case, and why; everything else needs a case
@@ -775,15 +814,16 @@ def _check_stderr(err: str, rc: int, reported: bool) -> None:
 
 
 @pytest.mark.parametrize(("argv", "codes", "reported"), list(_params()))
-def test_bad_input(cli, bad, closed_port, ro, scratch, tmp_path, argv, codes, reported):
+def test_bad_input(cli, bad, closed_port, ro, scratch, hostile_http, tmp_path, argv, codes, reported):
     out = tmp_path / "out"
     out.mkdir()
-    args = [a.format(d=bad, o=out, port=closed_port, ro=ro, w=scratch) for a in argv]
+    args = [a.format(d=bad, o=out, port=closed_port, ro=ro, w=scratch, h=hostile_http) for a in argv]
     inputs = [Path(a) for a in args if a.startswith(str(bad)) and Path(a).is_file()]
     before_sha = {p: _sha(p) for p in inputs}
     before = _snapshot(bad)
 
-    r = cli(*args, timeout=TIMEOUT, env={"CKPTLAB_HTTP_BACKOFF": "0.01"})
+    r = cli(*args, timeout=TIMEOUT, env={"CKPTLAB_HTTP_BACKOFF": "0.01", "CKPTLAB_REMOTE_BACKOFF": "0.01",
+                                         "CKPTLAB_REMOTE_TRIES": "3", "CKPTLAB_REMOTE_TIMEOUT": "10"})
 
     assert r.returncode in codes, f"exit {r.returncode}, expected {sorted(codes)}; stderr: {r.stderr}"
     _check_stderr(r.stderr, r.returncode, bool(reported))
@@ -943,3 +983,23 @@ def test_user_text_is_printed_verbatim(cli, tmp_path):
     assert r.returncode == 2 and "ckptlab: error: civitai:-1: bad CivitAI spec 'civitai:-1'" in r.stderr, r.stderr
     r = cli("check", tmp_path / "a:+1:b.ckpt", timeout=TIMEOUT)
     assert r.returncode == 5 and "a:+1:b.ckpt" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("case", ["closed-port", "missing-bucket"])
+def test_scan_url_against_a_bad_store(cli, s3_server, closed_port, tmp_path, case):
+    """``scan s3://...`` where the endpoint refuses connections, or the bucket does not exist: one error line,
+    exit 1, in bounded time (the subprocess timeout), and no scan row left ``running``."""
+    import sqlite3
+
+    env = dict(s3_server.env)
+    if case == "closed-port":
+        for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"):
+            env[k] = f"http://127.0.0.1:{closed_port}"
+    db = tmp_path / "c.db"
+    r = cli("scan", "--db", db, "s3://no-such-bucket-here/models", timeout=TIMEOUT, env=env)
+    assert r.returncode == 1, r.stderr
+    _check_stderr(r.stderr, r.returncode, False)
+    assert ("cannot reach" if case == "closed-port" else "no such bucket") in r.stderr
+    con = sqlite3.connect(db)
+    assert [s for (s,) in con.execute("SELECT status FROM scans")] == ["failed"]
+    assert con.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 0

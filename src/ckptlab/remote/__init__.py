@@ -58,3 +58,105 @@ def remote_stat_key(entry: RemoteEntry) -> tuple[int, int, int, int]:
     ino = int.from_bytes(digest, "big") >> 1  # 63 bits: fits SQLite's and PostgreSQL's signed 64-bit integers
     mtime_ns = int(round((entry.last_modified or 0.0) * 1e9))
     return (REMOTE_DEV, ino, int(entry.size), mtime_ns)
+
+
+class RemoteURL(str):
+    """A remote URL kept as a ``str`` (``Path`` would turn ``s3://b/k`` into ``s3:/b/k``) with the few ``Path``
+    attributes the format layer and the commands use: ``name``, ``suffix``, ``stem``, ``parent``, ``/``."""
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        n = self.name
+        i = n.rfind(".")
+        return n[i:] if 0 < i < len(n) - 1 else ""
+
+    @property
+    def stem(self) -> str:
+        s = self.suffix
+        return self.name[:-len(s)] if s else self.name
+
+    @property
+    def parent(self) -> RemoteURL:
+        return RemoteURL(self.rstrip("/").rsplit("/", 1)[0])
+
+    def __truediv__(self, other) -> RemoteURL:
+        return RemoteURL(self.rstrip("/") + "/" + str(other).lstrip("/"))
+
+    def as_posix(self) -> str:
+        return str(self)
+
+    # -- the folder view of a prefix (a diffusers pipeline in a bucket), from one listing per session
+    def is_file(self) -> bool:
+        from ckptlab.remote.reader import tree_lookup
+
+        return tree_lookup(self)[0] == "file"
+
+    def is_dir(self) -> bool:
+        from ckptlab.remote.reader import tree_lookup
+
+        return tree_lookup(self)[0] == "dir"
+
+    def exists(self) -> bool:
+        return self.is_file() or self.is_dir()
+
+    def iterdir(self):
+        from ckptlab.remote.reader import tree_children
+
+        return iter([RemoteURL(u) for u in tree_children(self)])
+
+    def stat(self):
+        from ckptlab.remote.reader import tree_lookup
+
+        kind, size = tree_lookup(self)
+        if kind != "file":
+            raise FileNotFoundError(2, "no such object", str(self))
+        import os
+
+        return os.stat_result((0o100444, 0, REMOTE_DEV, 1, 0, 0, size, 0, 0, 0))
+
+    def read_bytes(self) -> bytes:
+        from ckptlab.remote.reader import open_remote
+
+        rf = open_remote(self)
+        return rf.pread(0, rf.size)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+
+def expand_targets(args, expand_local) -> list:
+    """Command-line arguments in order: remote URLs as ``RemoteURL`` (never globbed), the rest through
+    ``expand_local`` (the CLI's glob/folder expansion)."""
+    out: list = []
+    for a in args:
+        if isinstance(a, str) and is_remote(a):
+            out.append(RemoteURL(a))
+        else:
+            out.extend(expand_local([a]))
+    return out
+
+
+def as_path(path):
+    """``RemoteURL`` for a remote URL string, else ``Path(path)`` (what the format layer holds as ``.path``)."""
+    from pathlib import Path
+
+    if type(path) is RemoteURL:
+        return path
+    if isinstance(path, str) and "://" in path and is_remote(path):
+        return RemoteURL(path)
+    return Path(path)
+
+
+def __getattr__(name):  # the reader's API, imported on first use (no fsspec import either way)
+    if name in ("RemoteFile", "RemoteBuffer", "open_remote", "session", "stats", "counting", "READAHEAD",
+                "filesystem"):
+        from ckptlab.remote import reader
+
+        return getattr(reader, name)
+    raise AttributeError(name)
