@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -476,11 +475,6 @@ class _RayPool:
 
 
 # -- the driver ---------------------------------------------------------------------------------------
-def _lock(catalog: Catalog, on_wait, roots: list[str]):
-    """``scan_lock`` with ``roots`` where it takes them (an advisory lock per root on PostgreSQL)."""
-    if "roots" in inspect.signature(scan_lock).parameters:
-        return scan_lock(catalog, on_wait, roots=roots)
-    return scan_lock(catalog, on_wait)
 
 
 def _prefix_range(root: str) -> tuple[bytes, bytes]:
@@ -499,7 +493,7 @@ def scan_remote(roots: list[str], catalog: Catalog, *, hash: bool = False, finge
     roots = [r.rstrip("/") if r.count("/") > 2 else r for r in roots]
     pool = _RayPool(ray_address) if ray_address is not None else _LocalPool(workers or 8)
     try:
-        with _lock(catalog, on_wait, roots):
+        with scan_lock(catalog, on_wait, roots=roots):
             with catalog.transaction() as c:
                 scan_id = c.execute("INSERT INTO scans(started, roots, status) VALUES (?, ?, 'running')",
                                     (time.time(), json.dumps(roots))).lastrowid
