@@ -1,0 +1,160 @@
+"""Hub-scale questions answered in SQL: a catalog of millions of rows is never loaded whole.
+
+``report``, ``dupes`` and ``ls`` ask the catalog for aggregates (``GROUP BY``, ``count``, ``sum``) and for the
+few rows they show, streamed from a cursor. The SQL is plain and portable (``?`` parameters, standard
+aggregates, ``CASE``, ``EXISTS``/``IN`` subqueries): the same text runs on SQLite and, through the catalog's
+translation layer, on PostgreSQL.
+
+Remote rows (objects in ``s3://``... listed by a remote scan: ``files.dev = REMOTE_DEV``, the path a URL) are
+counted and reported like local files, but never handed to code that acts on a local file (``os.stat``,
+links, ``plan-space``/``apply-plan``): ``is_remote_record`` tells them apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+
+from ckptlab.library.catalog import SELECT_RECORDS, Catalog, FileRecord, record_of
+from ckptlab.remote import REMOTE_DEV, is_remote
+
+#: rows fetched from a cursor at a time, and ids per ``IN (...)`` (under SQLite's and PostgreSQL's limits)
+FETCH = 1000
+IN_CHUNK = 500
+
+#: the stat key join of ``files f`` and ``content c``
+KEY_JOIN = "c.dev = f.dev AND c.ino = f.ino AND c.size = f.size AND c.mtime_ns = f.mtime_ns"
+
+
+def qualifies(f: str = "f") -> str:
+    """SQL: file row ``f`` may be in a duplicate group (``find_dupes``'s rule): present, readable, with a stat
+    identity, and not a pickle that ``check`` did not call safe."""
+    return (f"{f}.status = 'present' AND {f}.error IS NULL AND {f}.dev IS NOT NULL AND "
+            f"({f}.format IS NULL OR {f}.format != 'pickle' OR {f}.safety = 'safe')")
+
+
+#: SQL: the row is not a remote object (its local-file identity may be stat'ed, linked, rewritten)
+LOCAL_SQL = f"(f.dev IS NULL OR f.dev != {REMOTE_DEV})"
+
+
+def is_remote_record(rec) -> bool:
+    """An object in object storage (``dev == REMOTE_DEV`` or a URL path): reported, never acted on locally."""
+    return getattr(rec, "dev", None) == REMOTE_DEV or is_remote(getattr(rec, "path", None))
+
+
+def loads(text):
+    """A JSON column's value, None when empty or not JSON (as the catalog reads its records)."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def iter_records(catalog: Catalog, where: str = "", args: Iterable = (), order: str = "f.id",
+                 limit: int | None = None, offset: int = 0) -> Iterator[FileRecord]:
+    """``FileRecord``s matching ``where`` (SQL over ``files f`` / ``content c``) in ``order``, streamed from the
+    cursor ``FETCH`` rows at a time."""
+    sql = f"{SELECT_RECORDS}{' WHERE ' + where if where else ''} ORDER BY {order}"
+    args = list(args)
+    skip = 0
+    if limit is not None:
+        sql += " LIMIT ? OFFSET ?"
+        args += [int(limit), int(offset)]
+    else:  # OFFSET without LIMIT is not portable (SQLite needs a LIMIT, PostgreSQL has no LIMIT -1)
+        skip = int(offset)
+    cur = catalog.conn.execute(sql, args)
+    while True:
+        rows = cur.fetchmany(FETCH)
+        if not rows:
+            return
+        for row in rows:
+            if skip:
+                skip -= 1
+                continue
+            yield record_of(row)
+
+
+def records_by_ids(catalog: Catalog, ids: list[int]) -> dict[int, FileRecord]:
+    """``{id: record}`` for ``ids`` (queried ``IN_CHUNK`` at a time)."""
+    out: dict[int, FileRecord] = {}
+    for i in range(0, len(ids), IN_CHUNK):
+        part = ids[i:i + IN_CHUNK]
+        for r in iter_records(catalog, f"f.id IN ({', '.join('?' for _ in part)})", part):
+            out[r.id] = r
+    return out
+
+
+def scalar_rows(catalog: Catalog, sql: str, args: Iterable = ()) -> Iterator[tuple]:
+    """The rows of an aggregate query, streamed."""
+    cur = catalog.conn.execute(sql, list(args))
+    while True:
+        rows = cur.fetchmany(FETCH)
+        if not rows:
+            return
+        yield from rows
+
+
+# -- dedup figures (report) -------------------------------------------------------------------------------------
+
+#: what ``dedup_figures`` groups by: same bytes, same weights (fp16 rounding), same weights (bf16 rounding)
+DEDUP_KEYS = ("sha256", "fingerprint", "fingerprint_bf16")
+
+
+def dedup_figures(catalog: Catalog) -> dict[str, dict[str, int]]:
+    """Per key of ``DEDUP_KEYS``: ``{"groups", "copies", "bytes_saved"}`` over the physical files (content rows:
+    hard links and symlinks to one file are one) of the files ``dupes`` compares (``qualifies``), local and
+    remote alike. A group is every physical file with one value of the key, when there are two or more;
+    ``bytes_saved`` is what keeping one copy of each group (the largest: the highest precision of a weights
+    group) would save. Fingerprints count only for files with component fingerprints (as ``dupes``). Each key
+    on its own, not joined transitively (``dupes`` joins them)."""
+    out = {}
+    exists = f"EXISTS (SELECT 1 FROM files f WHERE {KEY_JOIN} AND {qualifies('f')})"
+    for key in DEDUP_KEYS:
+        extra = "" if key == "sha256" else " AND c.components IS NOT NULL AND c.components NOT IN ('', '{}', 'null')"
+        row = catalog.conn.execute(
+            "SELECT count(*), coalesce(sum(n), 0), coalesce(sum(total - biggest), 0) FROM ("
+            f"SELECT c.{key} AS k, count(*) AS n, sum(coalesce(c.size, 0)) AS total, "
+            f"max(coalesce(c.size, 0)) AS biggest FROM content c WHERE c.{key} IS NOT NULL AND c.{key} != ''{extra} "
+            f"AND {exists} GROUP BY c.{key} HAVING count(*) > 1) g").fetchone()
+        out[key] = {"groups": int(row[0] or 0), "copies": int(row[1] or 0), "bytes_saved": int(row[2] or 0)}
+    return out
+
+
+# -- the moderation queue and ls --------------------------------------------------------------------------------
+
+#: ``ls --unsafe`` order: the verdicts that need a moderator first
+VERDICT_ORDER = ("malicious", "suspicious", "corrupt", "unchecked")
+VERDICT_RANK_SQL = ("CASE f.safety WHEN 'malicious' THEN 0 WHEN 'suspicious' THEN 1 WHEN 'corrupt' THEN 2 "
+                    "ELSE 3 END")
+
+SORTS = {"name": "f.name, f.display, f.id", "size": "f.size DESC, f.display, f.id",
+         "mtime": "f.mtime_ns DESC, f.display, f.id", "path": "f.display, f.id"}
+
+
+def listing_where(*, kinds: list[str] | None = None, missing: bool = False, errors: bool = False,
+                  unsafe: bool = False) -> tuple[str, list]:
+    """The WHERE clause (and its parameters) of ``ls``'s filters that SQL can apply."""
+    where, args = ["f.status = ?"], ["missing" if missing else "present"]
+    if kinds:
+        where.append(f"lower(f.kind) IN ({', '.join('lower(?)' for _ in kinds)})")
+        args += list(kinds)
+    if errors:
+        where.append("f.error IS NOT NULL AND f.error != ''")
+    if unsafe:
+        where.append("(f.safety IS NULL OR f.safety != 'safe')")
+    return " AND ".join(where), args
+
+
+def listing_order(sort: str, *, unsafe: bool = False) -> str:
+    """``ls``'s ORDER BY: ``sort`` (size | name | mtime | path), behind the verdict rank for the moderation
+    queue (``unsafe``: malicious, suspicious, corrupt, then unchecked). Raises ``BadChoiceError``."""
+    from ckptlab.errors import BadChoiceError
+
+    order = SORTS.get(sort)
+    if order is None:
+        raise BadChoiceError(f"--sort {sort!r}: use one of size, name, mtime, path")
+    if sort == "name":  # as Catalog.files: names case-insensitively (lower() is portable, COLLATE NOCASE is not)
+        order = "lower(f.name), f.display, f.id"
+    return f"{VERDICT_RANK_SQL}, {order}" if unsafe else order
