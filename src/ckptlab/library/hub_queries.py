@@ -158,3 +158,40 @@ def listing_order(sort: str, *, unsafe: bool = False) -> str:
     if sort == "name":  # as Catalog.files: names case-insensitively (lower() is portable, COLLATE NOCASE is not)
         order = "lower(f.name), f.display, f.id"
     return f"{VERDICT_RANK_SQL}, {order}" if unsafe else order
+
+
+def iter_listed(catalog: Catalog, *, kind: str | None = None, family: str | None = None, search: str | None = None,
+                sort: str = "name", missing: bool = False, errors: bool = False, unsafe: bool = False,
+                civitai=None, limit: int | None = None, offset: int = 0) -> Iterator[tuple[FileRecord, dict | None]]:
+    """``ls``'s files (``show.list_files``'s filters and briefs), streamed: the status, kind, error and verdict
+    filters, the order and the page (``offset``, ``limit``) run in SQL, so a page of a million-row catalog reads
+    a page of rows. The family (with its CivitAI base-model fallback) and the text search look at each streamed
+    row in Python, the page then counted after them. ``unsafe``: the moderation queue - malicious first, then
+    suspicious, corrupt, then unchecked (or never checked), each in ``sort`` order. Raises ``BadChoiceError``
+    (an unknown kind, family or sort)."""
+    from ckptlab.library.show import base_model_family, civitai_brief, search_text
+    from ckptlab.library.ui_folders import resolve_family, resolve_kind
+
+    order = listing_order(sort, unsafe=unsafe)
+    kinds = resolve_kind(kind, catalog.kinds()) if kind else None
+    families = resolve_family(family, catalog.families()) if family else None
+    where, args = listing_where(kinds=kinds, missing=missing, errors=errors, unsafe=unsafe)
+    in_python = bool(families or search)
+    needle = search.casefold() if search else None
+    recs = iter_records(catalog, where, args, order, limit=None if in_python else limit,
+                        offset=0 if in_python else offset)
+    skipped = shown = 0
+    for r in recs:
+        civ = civitai_brief(r, civitai(r) if civitai is not None and r.sha256 else None)
+        if families and not ((r.family or "").lower() in families
+                             or (not r.family and base_model_family(civ) in families)):
+            continue
+        if needle and needle not in search_text(r, civ):
+            continue
+        if in_python and skipped < offset:
+            skipped += 1
+            continue
+        yield r, civ
+        shown += 1
+        if in_python and limit is not None and shown >= limit:
+            return
