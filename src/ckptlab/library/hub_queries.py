@@ -109,16 +109,20 @@ def dedup_figures(catalog: Catalog) -> dict[str, dict[str, int]]:
     ``bytes_saved`` is what keeping one copy of each group (the largest: the highest precision of a weights
     group) would save. Fingerprints count only for files with component fingerprints (as ``dupes``). Each key
     on its own, not joined transitively (``dupes`` joins them)."""
-    out = {}
     exists = f"EXISTS (SELECT 1 FROM files f WHERE {KEY_JOIN} AND {qualifies('f')})"
-    for key in DEDUP_KEYS:
-        extra = "" if key == "sha256" else " AND c.components IS NOT NULL AND c.components NOT IN ('', '{}', 'null')"
-        row = catalog.conn.execute(
-            "SELECT count(*), coalesce(sum(n), 0), coalesce(sum(total - biggest), 0) FROM ("
-            f"SELECT c.{key} AS k, count(*) AS n, sum(coalesce(c.size, 0)) AS total, "
-            f"max(coalesce(c.size, 0)) AS biggest FROM content c WHERE c.{key} IS NOT NULL AND c.{key} != ''{extra} "
-            f"AND {exists} GROUP BY c.{key} HAVING count(*) > 1) g").fetchone()
-        out[key] = {"groups": int(row[0] or 0), "copies": int(row[1] or 0), "bytes_saved": int(row[2] or 0)}
+    fingerprinted = "q.components IS NOT NULL AND q.components NOT IN ('', '{}', 'null')"
+    parts = []
+    for key in DEDUP_KEYS:  # one pass over the compared content rows (q), grouped three ways
+        extra = "" if key == "sha256" else f" AND {fingerprinted}"
+        parts.append(
+            f"SELECT '{key}' AS k, count(*), coalesce(sum(n), 0), coalesce(sum(total - biggest), 0) FROM ("
+            f"SELECT q.{key}, count(*) AS n, sum(q.size) AS total, max(q.size) AS biggest FROM q "
+            f"WHERE q.{key} IS NOT NULL AND q.{key} != ''{extra} GROUP BY q.{key} HAVING count(*) > 1) g{len(parts)}")
+    sql = (f"WITH q AS (SELECT c.sha256, c.fingerprint, c.fingerprint_bf16, c.components, coalesce(c.size, 0) AS size "
+           f"FROM content c WHERE {exists}) " + " UNION ALL ".join(parts))
+    out = {key: {"groups": 0, "copies": 0, "bytes_saved": 0} for key in DEDUP_KEYS}
+    for key, groups, copies, saved in catalog.conn.execute(sql).fetchall():
+        out[key] = {"groups": int(groups or 0), "copies": int(copies or 0), "bytes_saved": int(saved or 0)}
     return out
 
 

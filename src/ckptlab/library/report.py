@@ -205,13 +205,51 @@ def _write_json_value(out, value, indent: str) -> None:
 
     if isinstance(value, (list, RowSource)):
         first = True
+        pad = indent + "  "
         for item in value:
-            out.write(("[\n" if first else ",\n") + indent + "  ")
-            out.write(json.dumps(to_jsonable(item), indent=2, ensure_ascii=False).replace("\n", "\n" + indent + "  "))
+            out.write(("[\n" if first else ",\n") + pad)
+            flat = _flat(item, pad)  # a row of plain values: json's C encoder, laid out as indent=2 lays it out
+            out.write(flat if flat is not None else
+                      json.dumps(to_jsonable(item), indent=2, ensure_ascii=False).replace("\n", "\n" + pad))
             first = False
         out.write("[]" if first else "\n" + indent + "]")
         return
     out.write(json.dumps(to_jsonable(value), indent=2, ensure_ascii=False).replace("\n", "\n" + indent))
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+_ENCODE_STR = json.encoder.encode_basestring  # the C function where there is one, as json.dumps uses it
+
+
+def _scalar(v) -> str:
+    """One plain value as ``json.dumps(v, ensure_ascii=False)`` writes it."""
+    t = type(v)
+    if t is str:
+        return _ENCODE_STR(v)
+    if v is None:
+        return "null"
+    if t is int:
+        return int.__repr__(v)
+    if t is bool:
+        return "true" if v else "false"
+    return json.dumps(v)  # a float (NaN and infinities as json spells them)
+
+
+def _flat(item, pad: str) -> str | None:
+    """A dict of plain values exactly as ``json.dumps(item, indent=2, ensure_ascii=False)`` writes it at nesting
+    ``pad``, without the indenting encoder (pure Python: a million rows cost minutes); None for anything else."""
+    if type(item) is not dict or not item:
+        return None
+    enc, lead = _ENCODE_STR, ",\n" + pad + "  "
+    parts = []
+    for k, v in item.items():
+        t = type(v)
+        if type(k) is not str or t not in _PLAIN:
+            return None
+        parts.append(enc(k) + ": " + (enc(v) if t is str else _scalar(v)))
+    return "{\n" + pad + "  " + lead.join(parts) + "\n" + pad + "}"
 
 
 def write_json(inv: Inventory, out) -> None:
