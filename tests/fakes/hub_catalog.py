@@ -114,7 +114,9 @@ def build(db: str | os.PathLike, rows: int, *, seed: int = 0, remote_share: floa
                     sha = first_key["sha"]
                 # a bf16 copy rounds to other fp16 weights: its own fingerprint, the original's bf16 fingerprint
                 fingerprint = _hex("bf16-copy", seed, i) if form == "bf16" else weights
-                comps = json.dumps({"model": fingerprint})
+                # a checkpoint's parts: its own UNet, one of a few VAEs many checkpoints share (shared components)
+                comps = json.dumps({"unet": _hex("unet", fingerprint), "vae": _hex("vae", seed, model % 7)}
+                                   if kind == "checkpoint" else {"model": fingerprint})
                 hashed = rnd.random() < 0.97
                 fingerprinted = fmt != "gguf" and rnd.random() < 0.95
                 dtypes = json.dumps({dtype: size - 1024, "I64": 8})
