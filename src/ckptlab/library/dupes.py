@@ -304,7 +304,8 @@ class _Key:
 
 
 class DupesStream:
-    """The duplicate groups of a catalog, decided one group at a time as they are iterated (``iter_dupes``).
+    """The duplicate groups of a catalog, decided one group at a time as they are iterated (``iter_dupes``; an
+    iterator: one pass).
 
     Only the candidates are read: SQL finds the values of ``sha256`` / ``fingerprint`` / ``fingerprint_bf16``
     held by more than one file (``GROUP BY ... HAVING count(*) > 1``), the files holding them are joined into
@@ -322,8 +323,17 @@ class DupesStream:
         self.unhashed, self.unfingerprinted = _uncompared(catalog)
         self.groups = 0
         self.bytes_freed = 0
+        self._it: Iterator[DupeGroup] | None = None
 
-    def __iter__(self) -> Iterator[DupeGroup]:
+    def __iter__(self) -> DupesStream:
+        return self
+
+    def __next__(self) -> DupeGroup:  # one pass: a second loop continues where the first stopped
+        if self._it is None:
+            self._it = self._all()
+        return next(self._it)
+
+    def _all(self) -> Iterator[DupeGroup]:
         for g in self._whole():
             self.groups += 1
             self.bytes_freed += g.bytes_freed
