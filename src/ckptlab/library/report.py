@@ -1,6 +1,10 @@
 """The inventory report: totals, by kind / family / format / precision, size buckets, pickles and
 their safety verdicts, errors, missing files -- as a rich table, JSON, CSV (one row per file) or one
-self-contained HTML page (inline CSS and a few lines of JS to sort any table by a column)."""
+self-contained HTML page (inline CSS and a few lines of JS to sort any table by a column).
+
+At hub scale (millions of rows) nothing is loaded whole: every count and sum is a SQL aggregate, the hub figures
+(files per verdict, what deduplication would save: ``hub_queries.dedup_figures``) too, and the per-file sections
+are queries streamed into the output (``stream_report``)."""
 
 from __future__ import annotations
 
