@@ -27,6 +27,12 @@ What happens to each other copy (``DupeCopy.action``):
 - ``leave``: not touched, with the reason in ``note`` (a diffusers folder; a kind whose UI loads only
   pickles, e.g. hypernetworks ``.pt``; the new name is taken; a hard link across filesystems; a copy
   that matches the kept one only through a third copy).
+
+At hub scale (``iter_dupes``): the groups' candidates are found in SQL (values held by more than one file), only
+their records are loaded, a batch of groups at a time, and groups are streamed as they are decided. A copy in
+object storage (a remote row: ``dev == REMOTE_DEV``, a URL) is never acted on: it is left, its bytes counted as
+what dedup would save; a local file is never removed or linked for an object; ``plan_space`` plans local files
+only.
 """
 
 from __future__ import annotations
