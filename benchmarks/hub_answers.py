@@ -151,8 +151,9 @@ def bench(db: str, rows: int, impls, timeout: float, label: str, tasks=TASKS, re
     t0 = time.perf_counter()
     if reuse:
         with Catalog(db, must_exist=True) as cat:
-            counts = {"rows": cat.conn.execute("SELECT count(*) FROM files").fetchone()[0], "remote": -1,
-                      "dup_rows": -1}
+            rows_, remote = cat.conn.execute("SELECT count(*), coalesce(sum(CASE WHEN dev = -1 THEN 1 ELSE 0 END), "
+                                             "0) FROM files").fetchone()
+            counts = {"rows": int(rows_), "remote": int(remote), "dup_rows": -1}  # -1: not known from the rows
     else:
         counts = build(db, rows)
     built = time.perf_counter() - t0
