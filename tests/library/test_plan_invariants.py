@@ -221,13 +221,15 @@ def test_hard_link_across_filesystems_is_never_attempted(lib, monkeypatch):
     ``auto`` makes a symlink there."""
     import dataclasses
 
-    real = Catalog.files
+    from ckptlab.library import hub_queries
 
-    def files(self, *a, **kw):  # ComfyUI's folder on another device
-        return [dataclasses.replace(r, dev=r.dev + 1) if r.path.startswith(str(lib.ck)) else r
-                for r in real(self, *a, **kw)]
+    real = hub_queries.record_of
 
-    monkeypatch.setattr(Catalog, "files", files)
+    def record_of(row):  # ComfyUI's folder on another device (find_dupes streams its records through record_of)
+        r = real(row)
+        return dataclasses.replace(r, dev=r.dev + 1) if r.path.startswith(str(lib.ck)) else r
+
+    monkeypatch.setattr(hub_queries, "record_of", record_of)
     with Catalog(lib.db) as cat:
         res = find_dupes(cat, link="hard")
         auto = find_dupes(cat)
@@ -527,16 +529,10 @@ def test_cli_plan_space_output_and_apply_plan_db(lib, cli):
 def test_a_pickle_not_called_safe_is_never_kept(lib, monkeypatch):
     """A suspicious (or unchecked) pickle is in no group: it is neither the kept copy others are
     removed for, nor removed for another."""
-    import dataclasses
-
-    real = Catalog.files
-
-    def files(self, *a, **kw):
-        return [dataclasses.replace(r, safety="suspicious") if r.path == str(lib.sd / "mB.ckpt") else r
-                for r in real(self, *a, **kw)]
-
-    monkeypatch.setattr(Catalog, "files", files)
-    with Catalog(lib.db) as cat:
+    with Catalog(lib.db) as cat:  # the verdict in the catalog itself: dupes selects its candidates in SQL
+        with cat.transaction():
+            cat.conn.execute("UPDATE files SET safety = 'suspicious' WHERE display = ?", (str(lib.sd / "mB.ckpt"),))
+        assert cat.get_by_path(lib.sd / "mB.ckpt").safety == "suspicious"
         groups = find_dupes(cat).groups
         plan = plan_space(cat)
     assert str(lib.sd / "mB.ckpt") not in {c.path for g in groups for c in g.copies}

@@ -164,53 +164,67 @@ def ls_cmd(
     errors: bool = typer.Option(False, "--errors", help="Only files with errors."),
     unsafe: bool = typer.Option(False, "--unsafe",
                                 help="Only files whose safety verdict is not safe (malicious, suspicious, "
-                                     "corrupt, unchecked)."),
+                                     "corrupt, unchecked): the moderation queue, malicious first, then "
+                                     "suspicious, corrupt and unchecked."),
+    limit: int = typer.Option(None, "--limit", min=1, help="At most this many files (a page)."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many files first (the next page)."),
     db: Path = db_option(),
     json_out: bool = typer.Option(False, "--json", help="JSON Lines, one object per file."),
 ) -> None:
-    """List catalogued files (one line each, under a header row)."""
+    """List catalogued files (one line each, under a header row), streamed from the catalog as they are read."""
     from ckptlab.cli.common import console, emit_json
-    from ckptlab.display import human_size as human
-    from ckptlab.display import printable
-    from ckptlab.library.report import file_row
-    from ckptlab.library.show import list_files
+    from ckptlab.library.hub_queries import iter_listed
 
     with _catalog(db, must_exist=True) as cat:
         # imported after opening: importing hub.store registers its migrations, and a read adds no tables
         from ckptlab.hub.link import link_lookup
 
-        listed = list_files(cat, kind=kind, family=family, search=search, sort=sort, missing=missing,
-                            errors=errors, unsafe=unsafe, civitai=link_lookup(cat))
-        from ckptlab.library.image_links import counts as image_counts
+        listed = iter_listed(cat, kind=kind, family=family, search=search, sort=sort, missing=missing,
+                             errors=errors, unsafe=unsafe, civitai=link_lookup(cat), limit=limit, offset=offset)
+        if json_out:
+            from ckptlab.library.image_links import counts as image_counts
+            from ckptlab.library.report import file_row
 
-        made_with = image_counts(cat)  # images made with each content (ckptlab images)
-    if json_out:
-        for r, c in listed:
-            emit_json(file_row(r) | {"id": r.id, "civitai": c, "triggers": r.triggers,
-                                     "images": made_with.get(r.sha256.upper()) if r.sha256 else None})
-        return
-    if not listed:
-        console.print("no files", markup=False)
-        return
-    console.print(f"{'SIZE':>10}  {'KIND/FAMILY':<22} {'FORMAT':<11} {'SAFETY':<10} {'AUTOV2':<10}  PATH  "
-                  "[CIVITAI]", markup=False, highlight=False, soft_wrap=True)
-    for r, c in listed:
-        row = file_row(r)
-        what = printable("/".join(x for x in (r.kind, r.family) if x) or "?")
-        line = (f"{human(r.size):>10}  {what:<22} {r.format or '?':<11} {r.safety or '-':<10} "
-                f"{(row['autov2'] or '-').upper():<10}  {printable(r.path)}")
-        if c:
-            name = " / ".join(x for x in (c["model_name"], c["version_name"]) if x)
-            line += f"  [{printable(name)}" + (f"; {printable(c['base_model'])}" if c["base_model"] else "")
-            if c["trigger_words"]:
-                line += "; triggers: " + printable(", ".join(map(str, c["trigger_words"])))
-            line += "]"
-        own = [t["word"] for t in r.triggers or [] if isinstance(t, dict) and isinstance(t.get("word"), str)]
-        if own:
-            line += "  [metadata triggers: " + printable(", ".join(own[:3])) + "]"
-        if r.error:
-            line += f"  [error: {printable(r.error)}]"
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+            made_with = image_counts(cat)  # images made with each content (ckptlab images)
+            for r, c in listed:
+                emit_json(file_row(r) | {"id": r.id, "civitai": c, "triggers": r.triggers,
+                                         "images": made_with.get(r.sha256.upper()) if r.sha256 else None})
+            return
+        first = next(listed, None)
+        if first is None:
+            console.print("no files", markup=False)
+            return
+        console.print(f"{'SIZE':>10}  {'KIND/FAMILY':<22} {'FORMAT':<11} {'SAFETY':<10} {'AUTOV2':<10}  PATH  "
+                      "[CIVITAI]", markup=False, highlight=False, soft_wrap=True)
+        _ls_line(first)
+        for item in listed:
+            _ls_line(item)
+
+
+def _ls_line(item) -> None:
+    """One ``ls`` line: size, kind/family, format, verdict, AutoV2, the path (an object's URL), CivitAI."""
+    from ckptlab.cli.common import console
+    from ckptlab.display import human_size as human
+    from ckptlab.display import printable
+    from ckptlab.library.report import file_row
+
+    r, c = item
+    row = file_row(r)
+    what = printable("/".join(x for x in (r.kind, r.family) if x) or "?")
+    line = (f"{human(r.size):>10}  {what:<22} {r.format or '?':<11} {r.safety or '-':<10} "
+            f"{(row['autov2'] or '-').upper():<10}  {printable(r.path)}")
+    if c:
+        name = " / ".join(x for x in (c["model_name"], c["version_name"]) if x)
+        line += f"  [{printable(name)}" + (f"; {printable(c['base_model'])}" if c["base_model"] else "")
+        if c["trigger_words"]:
+            line += "; triggers: " + printable(", ".join(map(str, c["trigger_words"])))
+        line += "]"
+    own = [t["word"] for t in r.triggers or [] if isinstance(t, dict) and isinstance(t.get("word"), str)]
+    if own:
+        line += "  [metadata triggers: " + printable(", ".join(own[:3])) + "]"
+    if r.error:
+        line += f"  [error: {printable(r.error)}]"
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def show_cmd(
@@ -243,28 +257,37 @@ def dupes_cmd(
     link: str = typer.Option("auto", "--link",
                              help="Copies in UI folders become links to the kept copy: auto (hard link on "
                                   "the same filesystem, else symlink), hard, sym, or none (remove them)."),
+    sort: str = typer.Option("catalog", "--sort",
+                             help="catalog (groups as they are found, printed at once) or bytes (the groups that "
+                                  "free the most first; with --limit only that many are held)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="At most this many groups."),
     db: Path = db_option(),
     json_out: bool = typer.Option(False, "--json", help="JSON Lines, one object per group."),
 ) -> None:
     """Every model held more than once (same bytes, or the same weights in another form), with the one copy
-    to keep and what would happen to each other copy."""
+    to keep and what would happen to each other copy. Groups are found in the catalog's database and printed
+    as they are decided; copies in object storage are reported (what dedup would save), never acted on."""
+    import heapq
+    import itertools
+
     from ckptlab.cli.common import console, emit_json
     from ckptlab.display import human_size as human
     from ckptlab.display import printable
-    from ckptlab.library.dupes import find_dupes
+    from ckptlab.errors import BadChoiceError
+    from ckptlab.library.dupes import iter_dupes
 
-    with _catalog(db, must_exist=True) as cat:
-        res = find_dupes(cat, prefer_smaller=prefer_smaller, components=components, link=link)
-    if json_out:
-        for g in res.groups:
-            emit_json(g)
-        return
+    if sort not in DUPES_SORTS:
+        raise BadChoiceError(f"--sort {sort!r}: use one of {', '.join(DUPES_SORTS)}")
 
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     marks = {"keep": "keep  ", "delete": "remove", "link": "link  ", "leave": "leave "}
-    for g in res.groups:
+
+    def show(g) -> None:
+        if json_out:
+            emit_json(g)
+            return
         say(f"{g.kind}: {g.reason} - frees {human(g.bytes_freed)}")
         for c in g.copies:
             mark = marks[c.action] if g.kind != "shared_component" else "      "
@@ -273,9 +296,31 @@ def dupes_cmd(
             where = ", UI folder" if c.in_ui else ""
             say(f"  {mark} {printable(c.path)} ({human(c.size)}, {form}{where})"
                 + (f": {c.note}" if c.note and g.kind != "shared_component" else ""))
-    say(f"{len(res.groups)} groups, {human(res.bytes_freed)} could be freed"
-        + (f"; {res.unhashed} files not hashed (scan --hash)" if res.unhashed else "")
-        + (f"; {res.unfingerprinted} not fingerprinted (scan --fingerprint)" if res.unfingerprinted else ""))
+
+    with _catalog(db, must_exist=True) as cat:
+        stream = iter_dupes(cat, prefer_smaller=prefer_smaller, components=components, link=link)
+        shown = freed = 0
+        if sort == "bytes":  # the biggest savings first: a heap of --limit groups, or every group without one
+            ranked = ((g.bytes_freed, -i, g) for i, g in enumerate(stream))
+            top = heapq.nlargest(limit, ranked) if limit else sorted(ranked, key=lambda t: t[:2], reverse=True)
+            groups = (g for _, _, g in top)
+        else:
+            groups = itertools.islice(stream, limit) if limit else iter(stream)
+        for g in groups:
+            show(g)
+            shown += 1
+            freed += g.bytes_freed
+    if json_out:
+        return
+    more = stream.groups - shown
+    say(f"{shown} groups, {human(freed)} could be freed"
+        + (f" ({more} more groups not shown: --limit)" if more > 0 and sort == "bytes" else "")
+        + (f"; {stream.unhashed} files not hashed (scan --hash)" if stream.unhashed else "")
+        + (f"; {stream.unfingerprinted} not fingerprinted (scan --fingerprint)" if stream.unfingerprinted else ""))
+
+
+#: ``dupes --sort``: the catalog's order (streamed), or the most bytes freed first
+DUPES_SORTS = ("catalog", "bytes")
 
 
 def plan_space_cmd(
@@ -338,17 +383,18 @@ def report_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     db: Path = db_option(),
 ) -> None:
-    """The library inventory: totals, by kind / family / format / precision / size, pickles and verdicts."""
+    """The library inventory: totals, by kind / family / format / precision / size / verdict, pickles and
+    verdicts, and what deduplication would save (computed by the catalog's database, streamed out)."""
     import shutil
     import sys
 
-    from ckptlab.library.report import report
+    from ckptlab.library.report import stream_report
 
     shown = output is None and sys.stdout.isatty()
-    text = report(db, fmt, output, overwrite=overwrite, terminal=shown,
-                  width=shutil.get_terminal_size().columns if shown else None)
-    if output is None:
-        sys.stdout.write(text)
+    stream_report(db, fmt, output, overwrite=overwrite, terminal=shown,
+                  width=shutil.get_terminal_size().columns if shown else None,
+                  out=sys.stdout if output is None else None)
+    sys.stdout.flush()
 
 
 def register(app) -> None:

@@ -21,6 +21,10 @@ what each step would do and free, writing nothing. Bytes freed are measured the 
 them: a removed file frees its size unless another hard link keeps the data; a rewritten file frees
 its size minus the new file's.
 
+A step naming an object in object storage (an ``s3://``... URL: the plan was edited, or made by another tool) is
+refused with one line and changes nothing: a disk plan acts on local files only; deduplicating objects is
+reported by ``dupes`` and ``report``, not executed here.
+
 The catalog row of a file whose name changes is re-pointed to the new name (its id - and everything
 linked to it - is kept); afterwards the touched folders are rescanned so sizes, hashes and facts match.
 """
@@ -187,10 +191,7 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
 
     plan = SpacePlan.load(plan_path)
     db = catalog_path or (Path(plan.catalog) if plan.catalog else None)  # the catalog the plan came from
-    records = _catalog_records(db)
-    from ckptlab.library.dupes import symlinked_files
-
-    link_targets = symlinked_files(records.values())
+    records, link_targets = _catalog_records(db, {s.path for s in plan.steps})
     results: list[StepResult] = []
     touched: set[Path] = set()
     renames: list[tuple[Path, Path]] = []
@@ -200,6 +201,12 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
                          keep=Path(step.keep) if step.keep else None)
         results.append(res)
         progress(0, description=f"apply-plan {n + 1}/{len(plan.steps)}: {step.label} {path.name}")
+        remote = remote_in_step(step)
+        if remote is not None:
+            res.status, res.message = "failed", (f"{remote} is an object in object storage: apply-plan acts on "
+                                                 "local files only; nothing changed")
+            progress(1)
+            continue
         try:
             if step.action == "transform":
                 _transform_step(step, path, res, dry_run, link_targets)
@@ -219,14 +226,37 @@ def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bo
     return results
 
 
-def _catalog_records(db: Path | None) -> dict:
-    """path -> catalog row of every present file of the plan's catalog (empty when there is none)."""
-    if db is None or not Path(db).is_file():
-        return {}
-    from ckptlab.library.catalog import Catalog
+def remote_in_step(step) -> str | None:
+    """The URL a plan step names (its file, kept copy, link or output), or None when it names local files only."""
+    from ckptlab.remote import is_remote
 
+    for value in (step.path, step.keep, step.link_path, step.output):
+        if is_remote(value):
+            return value
+    return None
+
+
+def _catalog_records(db: Path | None, paths: set[str]) -> tuple[dict, set]:
+    """``({path: catalog row}`` of the present local files among ``paths``, ``(dev, inode)`` of every file a
+    catalogued symlink points to``)``, read in one streamed pass over the plan's catalog's local rows (empty when
+    there is no catalog); objects in object storage are never stat'ed."""
+    if db is None or not Path(db).is_file():
+        return {}, set()
+    from ckptlab.library.catalog import Catalog
+    from ckptlab.library.dupes import symlinked_files
+    from ckptlab.library.hub_queries import LOCAL_SQL, is_remote_record, iter_records
+
+    records: dict = {}
+    targets: set = set()
     with Catalog(db) as cat:
-        return {r.path: r for r in cat.files(status="present")}
+        for r in iter_records(cat, f"f.status = 'present' AND {LOCAL_SQL}"):
+            if is_remote_record(r):
+                continue
+            if r.path in paths:
+                records[r.path] = r
+            if r.is_link or os.path.islink(r.path):
+                targets |= symlinked_files([r])
+    return records, targets
 
 
 def verify_duplicate(step, rec, plan_link: str) -> None:
@@ -399,11 +429,12 @@ def _rescan(cat, folders: list[Path]) -> None:
     import yaml
 
     from ckptlab.library import ui_folders
+    from ckptlab.library.hub_queries import LOCAL_SQL, iter_records
     from ckptlab.library.scanner import scan
 
     category: dict[Path, str] = {}
     wanted = set(folders)
-    for r in cat.files(status="present"):
+    for r in iter_records(cat, f"f.status = 'present' AND {LOCAL_SQL} AND f.folder IS NOT NULL"):
         parent = Path(r.path).parent
         if parent in wanted and r.folder and ui_folders.folder_hint(r.path)[0] is None and "\n" not in str(parent):
             category.setdefault(parent, r.folder)

@@ -642,3 +642,10 @@ class Catalog:
             "fingerprinted_at = excluded.fingerprinted_at",
             (*key, fingerprint, json.dumps(components, sort_keys=True), bf16,
              json.dumps(bf16_components, sort_keys=True) if bf16_components is not None else None, time.time()))
+
+
+#: the record query (``files f LEFT JOIN content c`` on the stat key) and the function that reads one of its rows,
+#: for modules that stream records by a WHERE / ORDER BY of their own (``library.hub_queries``: at hub scale a
+#: command loads only the rows it needs, never ``files()``'s whole list)
+SELECT_RECORDS = _SELECT
+record_of = _record

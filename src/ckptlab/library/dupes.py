@@ -27,16 +27,24 @@ What happens to each other copy (``DupeCopy.action``):
 - ``leave``: not touched, with the reason in ``note`` (a diffusers folder; a kind whose UI loads only
   pickles, e.g. hypernetworks ``.pt``; the new name is taken; a hard link across filesystems; a copy
   that matches the kept one only through a third copy).
+
+At hub scale (``iter_dupes``): the groups' candidates are found in SQL (values held by more than one file), only
+their records are loaded, a batch of groups at a time, and groups are streamed as they are decided. A copy in
+object storage (a remote row: ``dev == REMOTE_DEV``, a URL) is never acted on: it is left, its bytes counted as
+what dedup would save; a local file is never removed or linked for an object; ``plan_space`` plans local files
+only.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from ckptlab.formats.dtypes import FLOAT_DTYPES, itemsize
 from ckptlab.library.catalog import Catalog, FileRecord
+from ckptlab.library.hub_queries import is_remote_record
 from ckptlab.library.plan import PlanStep, SpacePlan
 
 NO_FP16_KINDS = frozenset({"vae"})  # fp16 VAEs overflow (SDXL VAE) - not proposed
@@ -48,6 +56,9 @@ CONVERT_KINDS = frozenset({"checkpoint", "lora", "lycoris", "vae", "embedding", 
                            "text_encoder"})
 LINK_MODES = ("auto", "hard", "sym", "none")
 _PRECISION_TAGS = ("fp32", "fp16", "bf16", "f32", "f16", "float32", "float16")
+#: why a copy in object storage is left: dedup of objects is reported (its bytes count), never executed here
+REMOTE_NOTE = ("an object in object storage: dedup is reported (its bytes count as saved), not executed "
+               "(plan-space and apply-plan act on local disks only)")
 
 
 @dataclass
@@ -103,9 +114,15 @@ def precision(rec: FileRecord) -> str | None:
     """The float dtype holding most of the weights (``F32``, ``F16``...): what the plan compares to pick a keeper.
     Not the label pages show: that is ``library.precision.precision_of`` (by bytes over every dtype, quantized
     included, ``mixed`` below 90 %)."""
+    return float_precision(rec.dtypes)
+
+
+def float_precision(dtypes) -> str | None:
+    """``precision`` of a file whose ``files.dtypes`` (parsed) is ``dtypes`` (``report`` aggregates it per
+    distinct column value, without loading records)."""
     from ckptlab.library.precision import byte_counts
 
-    floats = {d: b for d, b in byte_counts(rec.dtypes).items() if d in FLOAT_DTYPES}
+    floats = {d: b for d, b in byte_counts(dtypes).items() if d in FLOAT_DTYPES}
     return max(floats, key=lambda d: (floats[d], d)) if floats else None
 
 
@@ -117,7 +134,9 @@ def in_ui_folder(rec: FileRecord) -> bool:
     """Is this file in a folder a UI reads models from? A known UI folder name or an
     ``extra_model_paths.yaml`` category (``rec.folder``), or any folder below a ``models/`` folder
     (ComfyUI custom nodes read ``models/<anything>/``). Erring towards "yes" only makes a plan
-    link instead of delete."""
+    link instead of delete. An object in object storage is in no UI folder (no UI loads from a bucket)."""
+    if is_remote_record(rec):
+        return False
     if rec.folder:
         return True
     parents = PurePath(rec.path).parent.parts
@@ -188,6 +207,8 @@ def symlinked_files(recs) -> set[tuple[int, int]]:
     transform must never rewrite or remove such a file (the link would dangle or change under the UI)."""
     out: set[tuple[int, int]] = set()
     for r in recs:
+        if is_remote_record(r):  # an object: never a local file, never stat'ed
+            continue
         if r.is_link or os.path.islink(r.path):
             if r.dev is not None and r.ino is not None:
                 out.add((r.dev, r.ino))
@@ -214,7 +235,9 @@ def _match(r: FileRecord, keeper: FileRecord) -> str | None:
 
 
 def _decide(c: DupeCopy, r: FileRecord, keeper: FileRecord, link: str) -> None:
-    """Set ``c.action`` (and link details) for a copy ``r`` of ``keeper`` (module doc)."""
+    """Set ``c.action`` (and link details) for a copy ``r`` of ``keeper`` (module doc). A copy in object storage
+    is reported, never acted on: left, with what removing it would save; a local copy of an object is left too
+    (a local file is never removed or linked in favour of a URL)."""
     c.match = _match(r, keeper)
     if r.format == "diffusers":
         c.note = "a diffusers folder of the same model (folders are never removed)"
@@ -224,6 +247,12 @@ def _decide(c: DupeCopy, r: FileRecord, keeper: FileRecord, link: str) -> None:
         return
     if c.match is None:
         c.note = "the same model only through another copy; not removed"
+        return
+    if is_remote_record(r):
+        c.bytes_freed, c.note = c.size, REMOTE_NOTE
+        return
+    if is_remote_record(keeper):
+        c.note = "the kept copy is an object in object storage: a local file is not removed or linked for it"
         return
     if not c.in_ui or link == "none":
         c.action = "delete"
@@ -260,41 +289,89 @@ def _decide(c: DupeCopy, r: FileRecord, keeper: FileRecord, link: str) -> None:
 
 def find_dupes(catalog: Catalog, *, prefer_smaller: bool = False, components: bool = False,
                link: str = "auto") -> DupesResult:
-    if link not in LINK_MODES:
-        from ckptlab.errors import BadChoiceError
+    """Every duplicate group of the catalog (module doc), as one ``DupesResult``: ``iter_dupes`` collected."""
+    stream = iter_dupes(catalog, prefer_smaller=prefer_smaller, components=components, link=link)
+    groups = list(stream)
+    return DupesResult(groups=groups, unhashed=stream.unhashed, unfingerprinted=stream.unfingerprinted)
 
-        raise BadChoiceError(f"--link {link!r}: use one of {', '.join(LINK_MODES)}")
-    # a pickle that `check` did not call safe is never kept, linked to or removed in favour of another copy
-    recs = [r for r in catalog.files(status="present", sort="id") if r.error is None and r.dev is not None
-            and not (r.format == "pickle" and r.safety != "safe")]
-    # one record per physical file (hard links / symlinks to the same inode)
-    physical: dict[tuple[int, int], FileRecord] = {}
-    for r in sorted(recs, key=lambda r: (r.is_link, r.id)):
-        physical.setdefault((r.dev, r.ino), r)
-    files = list(physical.values())
-    result = DupesResult(unhashed=sum(1 for r in files if r.hashes is None and r.format != "diffusers"),
-                         unfingerprinted=sum(1 for r in files if not r.components))
 
-    for group, via_bf16 in _groups(files):
-        keeper = min(group, key=lambda r: _rank(r, prefer_smaller))
-        members = sorted(group, key=lambda r: _rank(r, prefer_smaller))
-        copies = [_copy(r, r is keeper) for r in members]
-        for c, r in zip(copies, members, strict=True):
-            if r is not keeper:
-                _decide(c, r, keeper, link)
-        exact = keeper.sha256 is not None and all(r.sha256 == keeper.sha256 for r in group)
-        if exact:
-            kind, key, reason = "exact", keeper.sha256, "same sha256"
-        else:
-            forms = sorted({_form(r) for r in group})
-            kind, key = "same_weights", keeper.fingerprint or ""
-            reason = (("same tensor fingerprint (bf16 rounding): " if via_bf16 else "same tensor fingerprint: ")
-                      + ", ".join(forms))
-        result.groups.append(DupeGroup(kind=kind, key=key, copies=copies, keep=keeper.path,
-                                       bytes_freed=sum(c.bytes_freed for c in copies), reason=reason))
+class _Key:
+    """What grouping needs of one candidate file (a few columns, not a record): millions fit in memory."""
 
-    if components:
-        survivors = [r for r in files if r.format != "diffusers"]
+    __slots__ = ("components", "dev", "fingerprint", "fingerprint_bf16", "id", "ino", "is_link", "sha256")
+
+    def __init__(self, row) -> None:
+        from ckptlab.library.hub_queries import loads
+
+        (self.id, self.dev, self.ino, is_link, sha256, self.fingerprint, self.fingerprint_bf16, comps) = row
+        self.is_link = bool(is_link)
+        self.sha256 = sha256 or None
+        self.components = bool(loads(comps))
+
+
+class DupesStream:
+    """The duplicate groups of a catalog, decided one group at a time as they are iterated (``iter_dupes``; an
+    iterator: one pass).
+
+    Only the candidates are read: SQL finds the values of ``sha256`` / ``fingerprint`` / ``fingerprint_bf16``
+    held by more than one file (``GROUP BY ... HAVING count(*) > 1``), the files holding them are joined into
+    groups from a few columns each, and the full records of one batch of groups at a time are loaded to apply
+    the keeper and decision rules. Groups come in the order ``find_dupes`` always gave (by their first file in
+    catalog order); ``unhashed`` / ``unfingerprinted`` are counted in SQL before the first group."""
+
+    def __init__(self, catalog: Catalog, *, prefer_smaller: bool = False, components: bool = False,
+                 link: str = "auto") -> None:
+        if link not in LINK_MODES:
+            from ckptlab.errors import BadChoiceError
+
+            raise BadChoiceError(f"--link {link!r}: use one of {', '.join(LINK_MODES)}")
+        self.catalog, self.prefer_smaller, self.components, self.link = catalog, prefer_smaller, components, link
+        self.unhashed, self.unfingerprinted = _uncompared(catalog)
+        self.groups = 0
+        self.bytes_freed = 0
+        self._it: Iterator[DupeGroup] | None = None
+
+    def __iter__(self) -> DupesStream:
+        return self
+
+    def __next__(self) -> DupeGroup:  # one pass: a second loop continues where the first stopped
+        if self._it is None:
+            self._it = self._all()
+        return next(self._it)
+
+    def _all(self) -> Iterator[DupeGroup]:
+        for g in self._whole():
+            self.groups += 1
+            self.bytes_freed += g.bytes_freed
+            yield g
+        if self.components:
+            for g in self._shared_components():
+                self.groups += 1
+                yield g
+
+    def _whole(self) -> Iterator[DupeGroup]:
+        from ckptlab.library.hub_queries import records_by_ids
+
+        batch: list[tuple[list[_Key], bool]] = []
+        for item in _groups(_candidates(self.catalog)):
+            batch.append(item)
+            if sum(len(g) for g, _ in batch) >= 500:
+                yield from self._decide_batch(batch, records_by_ids)
+                batch = []
+        if batch:
+            yield from self._decide_batch(batch, records_by_ids)
+
+    def _decide_batch(self, batch, records_by_ids) -> Iterator[DupeGroup]:
+        recs = records_by_ids(self.catalog, [k.id for g, _ in batch for k in g])
+        for keys, via_bf16 in batch:
+            yield _decide_group([recs[k.id] for k in keys], via_bf16, self.prefer_smaller, self.link)
+
+    def _shared_components(self) -> Iterator[DupeGroup]:
+        from ckptlab.library.hub_queries import records_by_ids
+
+        keys = _component_candidates(self.catalog)
+        recs = records_by_ids(self.catalog, [k.id for k in keys])
+        survivors = [recs[k.id] for k in keys if k.id in recs and recs[k.id].format != "diffusers"]
         by_comp: dict[tuple[str, str], list[FileRecord]] = {}
         for r in survivors:
             if r.components:
@@ -302,14 +379,102 @@ def find_dupes(catalog: Catalog, *, prefer_smaller: bool = False, components: bo
                     by_comp.setdefault((comp, cfp), []).append(r)
         for (comp, cfp), group in by_comp.items():
             if len({r.fingerprint for r in group}) > 1:
-                recs_sorted = sorted(group, key=lambda r: _rank(r, prefer_smaller))
+                recs_sorted = sorted(group, key=lambda r: _rank(r, self.prefer_smaller))
                 copies = [_copy(r, False) for r in recs_sorted]
                 for c in copies:
                     c.action = "leave"
-                result.groups.append(DupeGroup(kind="shared_component", key=cfp, copies=copies,
-                                               keep="", bytes_freed=0, component=comp,
-                                               reason=f"same {comp}, different other components"))
-    return result
+                yield DupeGroup(kind="shared_component", key=cfp, copies=copies, keep="", bytes_freed=0,
+                                component=comp, reason=f"same {comp}, different other components")
+
+
+def iter_dupes(catalog: Catalog, *, prefer_smaller: bool = False, components: bool = False,
+               link: str = "auto") -> DupesStream:
+    """The duplicate groups (module doc), streamed: iterate the returned ``DupesStream`` (each ``DupeGroup`` as it
+    is decided; ``unhashed`` / ``unfingerprinted`` are set at once, ``groups`` / ``bytes_freed`` as it goes). The
+    same groups, in the same order, as ``find_dupes``; memory holds a few columns per candidate file and the
+    records of one batch of groups, never the catalog. Raises ``BadChoiceError`` for an unknown ``link``."""
+    return DupesStream(catalog, prefer_smaller=prefer_smaller, components=components, link=link)
+
+
+def _decide_group(group: list[FileRecord], via_bf16: bool, prefer_smaller: bool, link: str) -> DupeGroup:
+    keeper = min(group, key=lambda r: _rank(r, prefer_smaller))
+    members = sorted(group, key=lambda r: _rank(r, prefer_smaller))
+    copies = [_copy(r, r is keeper) for r in members]
+    for c, r in zip(copies, members, strict=True):
+        if r is not keeper:
+            _decide(c, r, keeper, link)
+    exact = keeper.sha256 is not None and all(r.sha256 == keeper.sha256 for r in group)
+    if exact:
+        kind, key, reason = "exact", keeper.sha256, "same sha256"
+    else:
+        forms = sorted({_form(r) for r in group})
+        kind, key = "same_weights", keeper.fingerprint or ""
+        reason = (("same tensor fingerprint (bf16 rounding): " if via_bf16 else "same tensor fingerprint: ")
+                  + ", ".join(forms))
+    return DupeGroup(kind=kind, key=key, copies=copies, keep=keeper.path,
+                     bytes_freed=sum(c.bytes_freed for c in copies), reason=reason)
+
+
+_KEY_COLS = "f.id, f.dev, f.ino, f.is_link, c.sha256, c.fingerprint, c.fingerprint_bf16, c.components"
+
+
+def _physical_winner(f: str = "f") -> str:
+    """SQL: no other comparable row names the same physical file ahead of row ``f`` (real files before links,
+    then the oldest row): the one row per ``(dev, inode)`` that ``dupes`` compares."""
+    from ckptlab.library.hub_queries import qualifies
+
+    return (f"NOT EXISTS (SELECT 1 FROM files g WHERE g.dev = {f}.dev AND g.ino = {f}.ino AND {qualifies('g')} "
+            f"AND (g.is_link < {f}.is_link OR (g.is_link = {f}.is_link AND g.id < {f}.id)))")
+
+
+def _uncompared(catalog: Catalog) -> tuple[int, int]:
+    """How many physical files ``dupes`` could not compare: not hashed (diffusers folders aside), not
+    fingerprinted; counted in SQL."""
+    from ckptlab.library.hub_queries import KEY_JOIN, qualifies
+
+    row = catalog.conn.execute(
+        "SELECT coalesce(sum(CASE WHEN (c.sha256 IS NULL OR c.sha256 = '') AND (f.format IS NULL OR "
+        "f.format != 'diffusers') THEN 1 ELSE 0 END), 0), coalesce(sum(CASE WHEN c.components IS NULL OR "
+        "c.components IN ('', '{}', 'null', '[]') THEN 1 ELSE 0 END), 0) "
+        f"FROM files f LEFT JOIN content c ON {KEY_JOIN} WHERE {qualifies('f')} AND {_physical_winner('f')}"
+    ).fetchone()
+    return int(row[0] or 0), int(row[1] or 0)
+
+
+def _candidates(catalog: Catalog) -> list[_Key]:
+    """The comparable files that share a sha256, fingerprint or bf16 fingerprint value with another (a superset
+    of every group's members: the grouping re-checks each link), one per physical file, in the order
+    ``find_dupes`` compares files (real files before links, then by id)."""
+    from ckptlab.library.hub_queries import KEY_JOIN, qualifies, scalar_rows
+
+    shared = [f"c.{col} IN (SELECT c.{col} FROM files f JOIN content c ON {KEY_JOIN} WHERE {qualifies('f')} AND "
+              f"c.{col} IS NOT NULL AND c.{col} != ''{'' if col == 'sha256' else ' AND c.components IS NOT NULL'} "
+              f"GROUP BY c.{col} HAVING count(*) > 1)" for col in ("sha256", "fingerprint", "fingerprint_bf16")]
+    rows = scalar_rows(catalog, f"SELECT {_KEY_COLS} FROM files f JOIN content c ON {KEY_JOIN} WHERE "
+                                f"{qualifies('f')} AND ({' OR '.join(shared)})")
+    physical: dict[tuple[int, int], _Key] = {}
+    for k in sorted((_Key(r) for r in rows), key=lambda k: (k.is_link, k.id)):
+        physical.setdefault((k.dev, k.ino), k)
+    return list(physical.values())
+
+
+def _component_candidates(catalog: Catalog) -> list[_Key]:
+    """The physical files ``--components`` compares (not diffusers folders, with component fingerprints), in
+    ``find_dupes``'s order: those whose components another file shares, when the catalog indexes components
+    (``library.copies``' table); else every fingerprinted file, a few columns each."""
+    from ckptlab.library.hub_queries import KEY_JOIN, qualifies, scalar_rows
+
+    where = (f"{qualifies('f')} AND {_physical_winner('f')} AND (f.format IS NULL OR f.format != 'diffusers') "
+             "AND c.components IS NOT NULL")
+    has_index = catalog.conn.execute("SELECT count(*) FROM schema_versions WHERE component = 'component_fps'"
+                                     ).fetchone()[0]
+    if has_index:
+        where += (" AND EXISTS (SELECT 1 FROM component_fps p WHERE p.dev = c.dev AND p.ino = c.ino AND "
+                  "p.size = c.size AND p.mtime_ns = c.mtime_ns AND p.rounding = 'fp16' AND p.fp IN ("
+                  "SELECT q.fp FROM component_fps q WHERE q.rounding = 'fp16' GROUP BY q.fp "
+                  "HAVING count(*) > 1))")
+    rows = scalar_rows(catalog, f"SELECT {_KEY_COLS} FROM files f JOIN content c ON {KEY_JOIN} WHERE {where}")
+    return sorted((_Key(r) for r in rows), key=lambda k: (k.is_link, k.id))
 
 
 def _form(r: FileRecord) -> str:
@@ -318,7 +483,7 @@ def _form(r: FileRecord) -> str:
     return f"{r.format}/{precision(r) or '?'}/{'pruned' if _is_pruned(r) else 'full'}"
 
 
-def _groups(recs: list[FileRecord]) -> list[tuple[list[FileRecord], bool]]:
+def _groups(recs: list) -> list[tuple[list, bool]]:
     """Files linked by an equal sha256, fingerprint (fp16 rounding) or bf16 fingerprint, grouped
     transitively (fp16 copy - fp32 - bf16 copy is one group); ``True`` when a bf16 link was used."""
     parent = {r.id: r.id for r in recs}
@@ -380,28 +545,40 @@ def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = T
     ``find_dupes``, then one transform per file (pickle -> safetensors, prune, fp32 -> fp16 in one pass),
     each billed with the exact size of the file the transform itself plans. ``dupes``: what ``find_dupes``
     just returned for this catalog with the same ``prefer_smaller`` and ``link`` (a caller that shows the
-    groups too finds them once; shared-component groups in it are ignored); None finds them here."""
+    groups too finds them once; shared-component groups in it are ignored); None finds them here.
+
+    A disk plan is about local disks: objects in object storage (remote rows) get no step - neither as a
+    duplicate, nor as the kept copy a local file would be linked to, nor as a transform - and one note says how
+    many were left out (``dupes`` and ``report`` report what deduplicating them would save)."""
     from ckptlab.errors import CkptlabError
     from ckptlab.library.apply_plan import hidden_target, transform
+    from ckptlab.library.hub_queries import LOCAL_SQL, iter_records
 
     kinds = CONVERT_KINDS | set(convert_kinds or ())
     if dupes is None:
         dupes = find_dupes(catalog, prefer_smaller=prefer_smaller, link=link)
-    recs = {r.id: r for r in catalog.files(status="present", sort="path")}
+    recs = {r.id: r for r in iter_records(catalog, f"f.status = 'present' AND {LOCAL_SQL}", order="f.display, f.id")
+            if not is_remote_record(r)}
     plan = SpacePlan(catalog=str(catalog.path), link=link)
+    remote = catalog.conn.execute(f"SELECT count(*) FROM files f WHERE f.status = 'present' AND NOT {LOCAL_SQL}"
+                                  ).fetchone()[0] + sum(1 for r in recs.values() if is_remote_record(r))
+    remote_copies = 0
     removed: set[int] = set()
     linked_keepers: set[int] = set()
     same_weights_keepers: set[int] = set()
     taken: set[str] = set()  # paths some step creates
     for gi, g in enumerate((g for g in dupes.groups if g.kind != "shared_component"), 1):
         keeper = next(c for c in g.copies if c.keep)
-        kr = recs[keeper.id]
-        if g.kind == "same_weights":
+        kr = recs.get(keeper.id)  # None: the kept copy is an object (each local copy is left, with a note)
+        if kr is not None and g.kind == "same_weights":
             same_weights_keepers.add(kr.id)
         for c in g.copies:
             if c.keep:
                 continue
-            if c.action == "leave":
+            if c.id not in recs:  # an object in object storage: reported by dupes, never a disk step
+                remote_copies += 1
+                continue
+            if c.action == "leave" or kr is None:
                 plan.notes.append(f"{c.path}: left as it is: {c.note}")
                 continue
             r = recs[c.id]
@@ -417,6 +594,10 @@ def plan_space(catalog: Catalog, *, prefer_smaller: bool = False, fp16: bool = T
                 taken.add(c.link_path or r.path)
             plan.steps.append(step)
 
+    if remote:
+        plan.notes.append(f"{remote} objects in object storage left out: a disk plan acts on local files only "
+                          f"({remote_copies} of them are duplicate copies; ckptlab dupes and ckptlab report show "
+                          "what deduplicating them would save)")
     link_targets = symlinked_files(recs.values())
     for r in recs.values():
         if r.id in removed or r.error is not None or r.tensor_bytes is None or r.format == "diffusers":
