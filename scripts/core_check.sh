@@ -84,4 +84,21 @@ if [ "$rc" -ne 0 ] && [ "$(wc -l <"$work/stderr")" -eq 1 ] && grep -qF "$want" "
 else
   printf 'core_check: FAIL  serve without the web extra: exit %s, stderr:\n%s\n' "$rc" "$(cat "$work/stderr")" >&2; failed=1
 fi
+# the hub-scale extras: a remote path, a PostgreSQL catalog and --ray each refuse in one line naming the extra
+refused() {  # refused NAME WANT ARGS...: exactly one stderr line holding WANT, a non-zero exit
+  local name="$1" want="$2"; shift 2
+  set +e
+  "$ck" "$@" >"$work/stdout" 2>"$work/stderr"
+  local rc=$?
+  set -e
+  if [ "$rc" -ne 0 ] && [ "$(wc -l <"$work/stderr")" -eq 1 ] && grep -qF "$want" "$work/stderr"; then
+    echo "core_check: ok    $name refused in one line (exit $rc)"
+  else
+    printf 'core_check: FAIL  %s: exit %s, stderr:\n%s\n' "$name" "$rc" "$(cat "$work/stderr")" >&2; failed=1
+  fi
+}
+refused "s3:// without fsspec" "pip install 'ckptlab[remote]'" inspect s3://bucket/model.safetensors
+refused "postgresql:// without psycopg" "pip install 'ckptlab[postgres]'" ls --db postgresql://u:pw@127.0.0.1:1/x
+if grep -qF ":pw@" "$work/stderr"; then echo "core_check: FAIL  a catalog URL's password was printed" >&2; failed=1; fi
+refused "--ray without ray" "pip install 'ckptlab[ray]'" scan s3://bucket/prefix --ray auto
 [ "$failed" -eq 0 ] && echo "core_check: the core install runs without torch" || exit 1
