@@ -26,7 +26,8 @@ def _catalog(db: Path | None, *, must_exist: bool = False):
 
 
 def scan_cmd(
-    roots: list[Path] = typer.Argument(None, help="Model folders (A1111/ComfyUI roots, or any folder)."),
+    roots: list[str] = typer.Argument(None, help="Model folders (A1111/ComfyUI roots, or any folder), or "
+                                               "object-store prefixes (s3://bucket/prefix, gs://, az://)."),
     hash: bool = typer.Option(False, "--hash", help="Also compute the six CivitAI hashes (one read per file)."),
     fingerprint: bool = typer.Option(False, "--fingerprint",
                                      help="Also compute tensor fingerprints (for dupes across forms)."),
@@ -36,19 +37,26 @@ def scan_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     strict: bool = typer.Option(False, "--strict", help="Exit 5 when any file had an error."),
     workers: int = typer.Option(None, "--workers", min=1,
-                                help="Processes reading new files (default: CPUs, at most 8)."),
+                                help="Processes reading new files (default: CPUs, at most 8; for URLs: "
+                                     "threads, default 8)."),
+    ray: str = typer.Option(None, "--ray", metavar="auto|ADDRESS",
+                            help="Read the objects of URL roots as Ray tasks on a cluster: 'auto' "
+                                 "($RAY_ADDRESS or the running local cluster) or HOST:PORT."),
 ) -> None:
     """Walk model folders into the catalog (incremental: unchanged files are not re-read)."""
     from ckptlab.cli.common import console, emit_json, error_line, progress_bar, warning_line
     from ckptlab.display import one_line
     from ckptlab.library.scanner import scan
+    from ckptlab.remote import is_remote
 
+    # typer's Path would turn s3://b/k into s3:/b/k: URLs stay strings, the rest become paths
+    targets = [r if is_remote(r) else Path(r) for r in roots or []]
     def waiting() -> None:
         warning_line("another scan of this catalog is running; waiting for it to finish")
 
     with _catalog(db) as cat, progress_bar("scanning", unit_bytes=True, enabled=not json_out) as prog:
-        s = scan(roots or [], cat, hash=hash, fingerprint=fingerprint, extra_model_paths=extra_model_paths,
-                 progress=prog, workers=workers, on_wait=waiting)
+        s = scan(targets, cat, hash=hash, fingerprint=fingerprint, extra_model_paths=extra_model_paths,
+                 progress=prog, workers=workers, on_wait=waiting, ray_address=ray)
     if json_out:
         emit_json(s)
     else:
@@ -70,7 +78,8 @@ def scan_cmd(
         warning_line(f"{what} file(s) in the scanned folders; never load them with torch.load "
                      f"(list: ckptlab ls --unsafe)")
     for root in s.bad_roots:
-        error_line(f"{root}: cannot access this folder (not scanned)")
+        error_line(f"{root}: " + ("no objects under this prefix (not scanned)" if is_remote(root)
+                                  else "cannot access this folder (not scanned)"))
     if s.bad_roots:
         raise typer.Exit(1)
     if strict and s.errors:

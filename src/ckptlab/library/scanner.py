@@ -444,7 +444,8 @@ def _backfill_triggers(catalog: Catalog) -> int:
 # -- the scan ---------------------------------------------------------------------------------
 def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False, fingerprint: bool = False,
          extra_model_paths: str | os.PathLike | None = None, progress: Progress | None = None,
-         workers: int | None = None, on_wait=None, under: str | os.PathLike | None = None) -> ScanSummary:
+         workers: int | None = None, on_wait=None, under: str | os.PathLike | None = None,
+         ray_address: str | None = None) -> ScanSummary:
     """Scan ``roots`` into ``catalog``. ``workers``: processes reading new/changed files (default:
     CPUs, at most 8; used only when at least ``PARALLEL_MIN`` files need reading). ``under``: the
     catalogued root folder that ``roots`` (single files, say a job's outputs) lie in, recorded as
@@ -453,7 +454,23 @@ def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False
 
     Scans of one catalog run one at a time (``scan_lock``): a second scan waits for the first to
     finish (``on_wait()`` is called once when it has to wait), then finds its work done. Roots that
-    cannot be accessed are listed in ``summary.bad_roots`` (and ``error_list``); the others are scanned."""
+    cannot be accessed are listed in ``summary.bad_roots`` (and ``error_list``); the others are scanned.
+
+    Object-store URLs (``s3://bucket/prefix``...) are scanned by ``ckptlab.library.remote_scan.scan_remote``
+    (``ray_address``: on a Ray cluster); they cannot be mixed with local folders in one scan."""
+    from ckptlab.remote import is_remote
+
+    urls = [r for r in roots if is_remote(r)]
+    if urls:
+        if len(urls) != len(roots) or extra_model_paths is not None or under is not None:
+            raise CkptlabError("scan object-store URLs and local folders in separate runs")
+        from ckptlab.library.remote_scan import scan_remote
+
+        return scan_remote([str(u) for u in urls], catalog, hash=hash, fingerprint=fingerprint, progress=progress,
+                           workers=workers, ray_address=ray_address, on_wait=on_wait)
+    if ray_address is not None:
+        raise CkptlabError("--ray scans object-store prefixes (s3://bucket/prefix); local folders are read by "
+                           "local processes (--workers)")
     progress = progress or null_progress
     t0 = time.perf_counter()
     targets: list[tuple[str, str | None]] = [(os.path.abspath(os.fspath(r)), None) for r in roots]
