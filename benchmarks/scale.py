@@ -375,6 +375,8 @@ def judge(row: dict, read_ahead: int | None) -> str:
     """The issue's target for one row: ``ok`` / ``MISSED`` / ``-`` (no target for this reader or format)."""
     if row["error"]:
         return "error"
+    if not row["requests"]:
+        return "no read"  # it did not read the object at all (a local path reader given a URL)
     if not row["reader"].startswith("ckptlab"):
         return "-"
     if row["format"] == "safetensors":
@@ -514,26 +516,36 @@ def ray_header_tasks(urls: list[str], per_task: int = 25) -> int:
     return sum(ray.get(refs))
 
 
-def ckptlab_scan(url: str, ray_address: str | None = None) -> dict:
+def remote_reader() -> bool:
+    """True when ckptlab reads URLs by ranged GETs (remote-io's ``RemoteFile``); without it, ``scan s3://`` stages
+    every object whole to a temporary file (remote-scan's fallback), which a bucket of multi-GB checkpoints
+    must not be put through."""
+    try:
+        import ckptlab.remote as remote
+    except ImportError:
+        return False
+    return hasattr(remote, "RemoteFile")
+
+
+def ckptlab_scan(url: str, ray_address: str | None = None, workers: int | None = None, **kw) -> dict:
     """``ckptlab scan URL [--ray ADDRESS]`` in this process (the driver), into a fresh SQLite catalog."""
     import inspect as _inspect
 
     from ckptlab.library.catalog import Catalog
     from ckptlab.library.scanner import scan
 
-    kw = {}
-    if ray_address is not None:
-        params = _inspect.signature(scan).parameters
-        if "ray" not in params and "ray_address" not in params:
-            raise RuntimeError("scan() has no ray parameter (remote-scan not merged)")
-        kw["ray" if "ray" in params else "ray_address"] = ray_address
+    if "ray_address" not in _inspect.signature(scan).parameters:
+        raise RuntimeError("scan() takes no ray_address (remote-scan not merged)")
+    if not remote_reader():
+        raise RuntimeError("skipped: ckptlab.remote has no RemoteFile yet (remote-io not merged), so a scan "
+                           "would stage every object whole")
     with tempfile.TemporaryDirectory(prefix="ckptlab-scale-db-") as d:
         with Catalog(Path(d) / "catalog.db") as cat:
-            s = scan([url], cat, **kw)
-            n = cat.connect().execute("SELECT COUNT(*) FROM files").fetchone()[0] if hasattr(cat, "connect") else None
+            s = scan([url], cat, ray_address=ray_address, workers=workers, **kw)
+            rows = len(cat.files())
     if s.errors:
         raise RuntimeError(f"{s.errors} errors: {s.error_list[:2]}")
-    return {"files": s.files, "catalog_rows": n, "errors": s.errors}
+    return {"files": s.files, "catalog_rows": rows, "hashed": s.hashed}
 
 
 def local_scan(folder: Path) -> dict:
@@ -553,10 +565,12 @@ def section_scan(srv: ObjectServer, bucket: Path, ray_nodes: int) -> list[dict]:
     rows.append(timed_run("local disk scan (ckptlab scan FOLDER, 1 process)", srv, lambda: local_scan(bucket), n, 1))
     rows.append(timed_run("bare s3fs header loop (I/O floor, 1 process)", srv,
                           lambda: {"files": raw_header_loop(list_bucket(name))}, n, 1))
-    try:
-        rows.append(timed_run("ckptlab scan s3:// (1 process)", srv, lambda: ckptlab_scan(f"s3://{name}/"), n, 1))
-    except Exception as e:  # noqa: BLE001 - remote-scan not there yet
-        rows.append({"run": "ckptlab scan s3:// (1 process)", "error": f"{type(e).__name__}: {str(e)[:160]}"})
+    for threads in (1, 8):
+        label = f"ckptlab scan s3:// (1 process, {threads} thread{'s' if threads > 1 else ''})"
+        try:
+            rows.append(timed_run(label, srv, lambda t=threads: ckptlab_scan(f"s3://{name}/", workers=t), n, 1))
+        except Exception as e:  # noqa: BLE001 - remote-scan / remote-io not there yet
+            rows.append({"run": label, "error": f"{type(e).__name__}: {str(e)[:200]}"})
     if ray_nodes:
         env = {**os.environ, **srv.env, "PYTHONPATH": os.pathsep.join(
             p for p in (str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")) if p)}
@@ -595,15 +609,18 @@ def plain_get(url: str) -> int:
     return got
 
 
+STREAM = 8 << 20  # the ranged GET size of the s3fs streams below
+
+
 def s3fs_stream(url: str) -> int:
+    """The object through s3fs, one ``STREAM``-byte ranged GET after another, nothing done with the bytes."""
     import s3fs
 
     fs = s3fs.S3FileSystem()
     got = 0
-    with fs.open(url, "rb", block_size=8 << 20, cache_type="none") as f:
-        buf = bytearray(CHUNK)
-        while n := f.readinto(buf):
-            got += n
+    with fs.open(url, "rb", block_size=STREAM, cache_type="none") as f:
+        while b := f.read(STREAM):
+            got += len(b)
     return got
 
 
@@ -615,8 +632,9 @@ def multihasher_over_s3fs(url: str) -> int:
     from ckptlab.hashes import MultiHasher
 
     fs = s3fs.S3FileSystem()
-    with fs.open(url, "rb", block_size=8 << 20, cache_type="none") as f, MultiHasher() as mh:
-        mh.update_from_file(f)
+    with fs.open(url, "rb", block_size=STREAM, cache_type="none") as f, MultiHasher() as mh:
+        while b := f.read(STREAM):
+            mh.update(b)
         return mh.result().size
 
 
