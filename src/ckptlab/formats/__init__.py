@@ -11,8 +11,9 @@ import stat
 import struct
 from pathlib import Path
 
-from ckptlab.errors import FormatError, UnsupportedFormatError
+from ckptlab.errors import CkptlabError, FormatError, UnsupportedFormatError
 from ckptlab.formats.base import TensorInfo, TensorSource
+from ckptlab.remote import RemoteURL, as_path
 
 #: files that may hold a model (ComfyUI's extension list + GGUF); the one list every command uses
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".gguf")
@@ -32,7 +33,9 @@ def require_regular_file(path: Path) -> None:
 
 def detect_format(path: str | Path) -> str:
     """'safetensors' | 'pickle' | 'diffusers' | 'gguf' from the file's bytes; raise if unknown."""
-    p = Path(path)
+    p = as_path(path)
+    if type(p) is RemoteURL:
+        return _detect_remote(p)
     if p.is_dir():
         if (p / "model_index.json").is_file() or (p / "config.json").is_file():
             return "diffusers"
@@ -44,6 +47,44 @@ def detect_format(path: str | Path) -> str:
             size = os.fstat(fh.fileno()).st_size
     except OSError as e:
         raise FormatError(f"cannot open: {e.strerror or e}", p) from None
+    return _detect_bytes(p, head, size)
+
+
+def _detect_remote(p) -> str:
+    """``detect_format`` of a remote object: its first block (one ranged GET, kept for the reads that follow in
+    the same ``remote.session()``); a URL ending in ``/`` or naming no object but holding ``model_index.json`` is a
+    diffusers folder."""
+    from ckptlab.errors import NotFoundError
+    from ckptlab.remote.reader import open_remote
+
+    if p.endswith("/"):
+        return _detect_remote_folder(p)
+    rf = open_remote(p)
+    try:
+        head = rf.pread(0, 16)
+    except NotFoundError:
+        if p.suffix.lower() not in MODEL_SUFFIXES:
+            try:
+                return _detect_remote_folder(p)
+            except NotFoundError:
+                pass
+        raise
+    return _detect_bytes(p, head, rf.size)
+
+
+def _detect_remote_folder(p) -> str:
+    from ckptlab.remote.reader import open_remote
+
+    for name in ("model_index.json", "config.json"):
+        try:
+            open_remote(p / name).pread(0, 1)
+            return "diffusers"
+        except CkptlabError:
+            continue
+    raise UnsupportedFormatError("prefix is not a diffusers model (no model_index.json or config.json)", p)
+
+
+def _detect_bytes(p, head: bytes, size: int) -> str:
     if head[:4] == b"GGUF":
         return "gguf"
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
@@ -77,7 +118,7 @@ def open_model(path: str | Path, *, variant: str | None = None) -> TensorSource:
     if fmt in ("safetensors", "gguf"):
         from ckptlab.formats.polyglot import polyglot_findings
 
-        bad = polyglot_findings(Path(path))  # torch.load would read this file as a pickle from byte 0
+        bad = polyglot_findings(as_path(path))  # torch.load would read this file as a pickle from byte 0
         if bad:
             from ckptlab.errors import UnsafeFileError
 

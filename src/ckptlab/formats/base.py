@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptlab.formats.dtypes import itemsize
+from ckptlab.remote import RemoteURL, as_path
 
 #: The most dimensions a tensor may have. NumPy's own limit (NPY_MAXDIMS, 64 since NumPy 2; the reference
 #: ``safetensors`` loader for numpy refuses a 65-dimension tensor); the model formats ckptlab reads use at most 5
@@ -87,7 +88,7 @@ class TensorSource(ABC):
     format: str = "unknown"
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = as_path(path)  # a Path, or a RemoteURL (a str) for s3://, https://... objects
         #: string -> string metadata (safetensors ``__metadata__``, or derived for other formats)
         self.metadata: dict[str, str] = {}
         #: non-tensor values found next to the weights (pickles: ``global_step``, ``epoch``...)
@@ -117,7 +118,11 @@ class TensorSource(ABC):
 
     @property
     def size(self) -> int:
-        """Bytes on disk (sum over files for folders)."""
+        """Bytes on disk (sum over files for folders); a remote object's size."""
+        if type(self.path) is RemoteURL:
+            from ckptlab.remote.reader import open_remote
+
+            return open_remote(self.path).size
         return self.path.stat().st_size
 
     # -- data level ---------------------------------------------------------------------------

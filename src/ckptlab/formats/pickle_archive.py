@@ -32,6 +32,7 @@ from ckptlab.formats.pickle_vm import (
     StorageRef,
     storage_type_of,
 )
+from ckptlab.remote import RemoteURL, as_path
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -190,6 +191,13 @@ def _short(v) -> str:
 # ---------------------------------------------------------------------------------------------
 # zip
 
+def _span(mm, start: int, end: int):
+    """``mm[start:end]`` without a copy for a map (a memoryview), as fetched bytes for a ``RemoteBuffer``."""
+    if type(mm) is mmap.mmap:
+        return memoryview(mm)[start:end]
+    return memoryview(mm[start:end])
+
+
 def _find_eocd(mm, size: int) -> int:
     lo = max(0, size - 22 - 65535)
     return mm.rfind(b"PK\x05\x06", lo, size)
@@ -336,7 +344,7 @@ def _member_bytes(scan: Scan, mm, e: ZipEntry, size: int, cap: int, *, ignore_fl
     if e.usize > cap:
         scan.add("resource_limit", SUSPICIOUS, f"member {e.name} is {e.usize} bytes, over the {cap}-byte limit", e.name)
         return None
-    raw = memoryview(mm)[e.data_offset:e.data_offset + e.csize]
+    raw = _span(mm, e.data_offset, e.data_offset + e.csize)
     if e.method == 0:
         return raw
     if e.method == 8:
@@ -471,9 +479,9 @@ def zip_record(mm, st: StorageRef, nbytes: int):
     broken deflate stream or one that inflates to another size than ``nbytes``."""
     if st.backing[0] == "file":
         off = st.backing[1]
-        return memoryview(mm)[off:off + nbytes], st.backing[2]
+        return _span(mm, off, off + nbytes), st.backing[2]
     e = st.backing[1]
-    raw = memoryview(mm)[e.data_offset:e.data_offset + e.csize]
+    raw = _span(mm, e.data_offset, e.data_offset + e.csize)
     try:
         return (inflate(raw, nbytes) if e.method == 8 else bytes(raw)), e.crc
     finally:
@@ -484,7 +492,11 @@ def zip_record_pieces(mm, st: StorageRef, nbytes: int, piece: int = INFLATE_PIEC
     """``zip_record`` as a stream of pieces (``check --deep`` never holds a whole inflated record)."""
     if st.backing[0] == "file":
         off = st.backing[1]
-        view = memoryview(mm)
+        view = memoryview(mm) if type(mm) is mmap.mmap else None
+        if view is None:  # remote: one ranged GET per piece
+            for i in range(0, nbytes, piece):
+                yield mm[off + i:off + min(nbytes, i + piece)]
+            return
         try:
             for i in range(0, nbytes, piece):
                 yield view[off + i:off + min(nbytes, i + piece)]
@@ -492,7 +504,7 @@ def zip_record_pieces(mm, st: StorageRef, nbytes: int, piece: int = INFLATE_PIEC
             view.release()
         return
     e = st.backing[1]
-    raw = memoryview(mm)[e.data_offset:e.data_offset + e.csize]
+    raw = _span(mm, e.data_offset, e.data_offset + e.csize)
     try:
         yield from inflate_pieces(raw, nbytes, piece)
     finally:
@@ -643,6 +655,18 @@ def _is_tar(path: Path) -> bool:
     header block with a valid checksum; the ``ustar`` magic is optional (old V7 archives have none)."""
     import tarfile
 
+    if not isinstance(path, Path):  # a RemoteBuffer: tarfile reads the first 512-byte block
+        import io
+
+        head = path[:512]
+        if len(head) < 512:
+            return False
+        path = io.BytesIO(head + bytes(512))
+        try:
+            with tarfile.open(fileobj=path, mode="r:"):
+                return True
+        except (tarfile.TarError, OSError, EOFError, ValueError):
+            return False
     try:
         with tarfile.open(path, "r:"):
             return True
@@ -704,7 +728,7 @@ def _scan_tar(scan: Scan, mm, path: Path) -> None:
     members: dict[str, Any] = {}
     others = []
     try:
-        with tarfile.open(path, "r:") as tf:
+        with (tarfile.open(path, "r:") if type(mm) is mmap.mmap else tarfile.open(fileobj=mm.rf, mode="r:")) as tf:
             for i, m in enumerate(tf):
                 if i >= MAX_ZIP_ENTRIES:
                     scan.add("resource_limit", SUSPICIOUS, f"tar has more than {MAX_ZIP_ENTRIES} members")
@@ -718,7 +742,7 @@ def _scan_tar(scan: Scan, mm, path: Path) -> None:
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         scan.add("tar_unreadable", CORRUPT, f"tar archive cannot be read: {e}")
     size = len(mm)
-    view = memoryview(mm)
+    view = memoryview(mm) if type(mm) is mmap.mmap else mm
     for name, m in list(members.items()) + [(m.name, m) for m in others]:
         if m.offset_data + m.size > size:
             scan.add("tar_truncated", CORRUPT, f"tar member {name!r} runs past the end of the file", name)
@@ -753,8 +777,10 @@ def scan(path: str | Path, *, writable: bool = True) -> Scan:
     ``writable`` maps the file copy-on-write (tensors built on it are writable); a caller that only wants
     the verdict passes False for a read-only map, which also works for files larger than the memory the
     kernel will commit (a copy-on-write map of a 16 GB file can fail with ENOMEM)."""
-    path = Path(path)
+    path = as_path(path)
     result = Scan(path)
+    if type(path) is RemoteURL:
+        return _scan_remote(result, path)
     try:
         fh = open(path, "rb")  # noqa: SIM115
     except OSError as e:
@@ -767,6 +793,30 @@ def scan(path: str | Path, *, writable: bool = True) -> Scan:
             return result
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
     result.mm = mm
+    return _scan_mapped(result, mm, size, path)
+
+
+def _scan_remote(result: Scan, path) -> Scan:
+    """``scan`` of a remote object through ranged reads: a torch zip costs its end record + central directory and
+    its pickles' members; a legacy pickle is read from its start as far as the machine reads."""
+    from ckptlab.errors import CkptlabError
+    from ckptlab.remote.reader import RemoteBuffer, open_remote
+
+    try:
+        rf = open_remote(path)
+        size = rf.size
+    except CkptlabError as e:
+        result.add("unreadable", CORRUPT, f"cannot open: {e.message}")
+        return result
+    if size == 0:
+        result.add("empty", CORRUPT, "file is empty")
+        return result
+    mm = RemoteBuffer(rf)
+    result.mm = mm
+    return _scan_mapped(result, mm, size, path)
+
+
+def _scan_mapped(result: Scan, mm, size: int, path) -> Scan:
     head = mm[:8]
     if head[:4] == b"PK\x03\x04":
         _scan_zip(result, mm, size)
@@ -774,13 +824,13 @@ def scan(path: str | Path, *, writable: bool = True) -> Scan:
     if head[:2] == b"7z" or head[:4] == b"\x37\x7a\xbc\xaf":
         result.add("archive_7z", SUSPICIOUS, "7z archive, not a model file (nullifAI-style wrapper)")
         return result
-    if _is_tar(path):
+    if _is_tar(path if type(mm) is mmap.mmap else mm):
         _scan_tar(result, mm, path)
         return result
     if head[:4] == b"PK\x05\x06":
         result.add("zip_empty", CORRUPT, "empty zip archive")
         return result
-    view = memoryview(mm)
+    view = memoryview(mm) if type(mm) is mmap.mmap else mm
     result.container = "torch-legacy"
     root = _read_legacy(result, view, 0, size, path.name, 0)
     result.root = root

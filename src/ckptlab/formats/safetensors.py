@@ -22,6 +22,7 @@ from pathlib import Path
 from ckptlab.errors import FormatError
 from ckptlab.formats.base import MAX_RANK, TensorInfo, TensorSource, brief, checked_numel
 from ckptlab.formats.dtypes import DTYPES
+from ckptlab.remote import RemoteURL, as_path
 
 #: The reference implementation refuses a header above 100,000,000 bytes (``MAX_HEADER_SIZE`` in
 #: safetensors/src/tensor.rs): a file it refuses must not be rated ``safe`` here.
@@ -91,8 +92,12 @@ class SafetensorsHeader:
 
 def read_header(path: str | Path, fh=None) -> SafetensorsHeader:
     """Parse and validate the header of ``path``; raise ``FormatError`` naming the problem."""
-    path = Path(path)
+    path = as_path(path)
     own = fh is None
+    if own and type(path) is RemoteURL:
+        from ckptlab.remote.reader import open_remote
+
+        return _read_header_from(open_remote(path), path)
     if own:
         from ckptlab.formats import require_regular_file
 
@@ -119,6 +124,23 @@ def read_header(path: str | Path, fh=None) -> SafetensorsHeader:
         if own:
             fh.close()
     return parse_header_bytes(raw, file_size, path)
+
+
+def _read_header_from(rf, path) -> SafetensorsHeader:
+    """``read_header`` on a ``RemoteFile``: the first block (cached) holds the length; a header longer than that
+    block costs one more GET of exactly the rest."""
+    file_size = rf.size
+    head = rf.pread(0, 8)
+    if len(head) < 8:
+        raise FormatError(f"not a safetensors file: {file_size} bytes, too short for a header", path)
+    (n,) = struct.unpack("<Q", head)
+    if n == 0:
+        raise FormatError("safetensors header length is 0", path)
+    if n > MAX_HEADER:
+        raise FormatError(f"safetensors header length {n} exceeds the {MAX_HEADER} byte limit", path)
+    if 8 + n > file_size:
+        raise FormatError(f"safetensors header length {n} runs past the end of the file ({file_size} bytes)", path)
+    return parse_header_bytes(rf.pread(8, n), file_size, path)
 
 
 def parse_header_bytes(raw: bytes, file_size: int, path: str | Path = "<bytes>") -> SafetensorsHeader:
@@ -262,7 +284,18 @@ class SafetensorsSource(TensorSource):
 
     def raw_bytes(self, key: str) -> memoryview:
         start, end = self.data_range(key)
+        if type(self.path) is RemoteURL:
+            return memoryview(self._remote_read(start, end))
         return memoryview(self._map())[start:end]
+
+    def _remote_read(self, start: int, end: int) -> bytearray:
+        """One ranged GET of ``[start, end)`` into a writable buffer (a remote source has no map)."""
+        from ckptlab.remote.reader import open_remote
+
+        data = open_remote(self.path, self.header.file_size).pread(start, end - start)
+        if len(data) != end - start:
+            raise FormatError(f"object ends before byte {end} (it changed?)", self.path)
+        return bytearray(data)
 
     def array(self, key: str):
         import numpy as np
@@ -274,6 +307,8 @@ class SafetensorsSource(TensorSource):
         start, end = self.data_range(key)
         if end == start:
             return np.empty(info.shape, dtype=dt)
+        if type(self.path) is RemoteURL:
+            return np.frombuffer(self._remote_read(start, end), dtype=dt).reshape(info.shape)
         return np.frombuffer(self._map(), dtype=dt, count=(end - start) // dt.itemsize, offset=start).reshape(info.shape)
 
     def close(self) -> None:

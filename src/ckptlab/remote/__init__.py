@@ -58,3 +58,58 @@ def remote_stat_key(entry: RemoteEntry) -> tuple[int, int, int, int]:
     ino = int.from_bytes(digest, "big") >> 1  # 63 bits: fits SQLite's and PostgreSQL's signed 64-bit integers
     mtime_ns = int(round((entry.last_modified or 0.0) * 1e9))
     return (REMOTE_DEV, ino, int(entry.size), mtime_ns)
+
+
+class RemoteURL(str):
+    """A remote URL kept as a ``str`` (``Path`` would turn ``s3://b/k`` into ``s3:/b/k``) with the few ``Path``
+    attributes the format layer and the commands use: ``name``, ``suffix``, ``stem``, ``parent``, ``/``."""
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        n = self.name
+        i = n.rfind(".")
+        return n[i:] if 0 < i < len(n) - 1 else ""
+
+    @property
+    def stem(self) -> str:
+        s = self.suffix
+        return self.name[:-len(s)] if s else self.name
+
+    @property
+    def parent(self) -> RemoteURL:
+        return RemoteURL(self.rstrip("/").rsplit("/", 1)[0])
+
+    def __truediv__(self, other) -> RemoteURL:
+        return RemoteURL(self.rstrip("/") + "/" + str(other).lstrip("/"))
+
+    def as_posix(self) -> str:
+        return str(self)
+
+    def __fspath__(self):  # pragma: no cover - a URL is not a local path: make the mistake loud
+        raise TypeError(f"{self} is a remote URL, not a local path")
+
+
+def as_path(path):
+    """``RemoteURL`` for a remote URL string, else ``Path(path)`` (what the format layer holds as ``.path``)."""
+    from pathlib import Path
+
+    if type(path) is RemoteURL:
+        return path
+    if isinstance(path, str) and "://" in path and is_remote(path):
+        return RemoteURL(path)
+    return Path(path)
+
+
+def __getattr__(name):  # the reader's API, imported on first use (no fsspec import either way)
+    if name in ("RemoteFile", "RemoteBuffer", "open_remote", "session", "stats", "counting", "READAHEAD",
+                "filesystem"):
+        from ckptlab.remote import reader
+
+        return getattr(reader, name)
+    raise AttributeError(name)
