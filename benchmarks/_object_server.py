@@ -80,6 +80,7 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and a sendfile body are two writes: no 40 ms delayed-ACK stall
     server: Server
 
     def log_message(self, *args) -> None:  # quiet

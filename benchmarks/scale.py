@@ -1,8 +1,8 @@
 """Hub-scale benchmark (issue 17): what a remote header-only scan and a remote hash cost, in requests, bytes,
 CPU and wall time, against baselines measured in the same run.
 
-    .venv/bin/python benchmarks/scale.py --quick            # < 2 min: 60 objects, 128 MiB hash object
-    .venv/bin/python benchmarks/scale.py                    # 500 objects, 1 GiB hash object
+    .venv/bin/python benchmarks/scale.py --quick            # < 2 min: 512 objects, 128 MiB hash object
+    .venv/bin/python benchmarks/scale.py                    # 2,000 objects, 1 GiB hash object
     .venv/bin/python benchmarks/scale.py --json out.json    # also write every figure as JSON
     .venv/bin/python benchmarks/scale.py --no-ray           # skip the Ray cluster (sections 2b)
 
@@ -70,11 +70,14 @@ HEADER_FILES = (  # name, spec, format
 
 
 # == the inputs ==============================================================================================
+_PLANS: dict = {}
+
+
 def _sparse_safetensors(path: Path, spec: str, metadata: dict[str, str]) -> None:
     from ckptlab.formats.writer import build_header
     from ckptlab.sample.build import plan
 
-    the_plan = plan(spec, small=False, dtype="F16")
+    the_plan = _PLANS.get(spec) or _PLANS.setdefault(spec, plan(spec, small=False, dtype="F16"))
     header = build_header(the_plan, metadata)
     total = len(header) + sum(i.nbytes for i in the_plan.values())
     tmp = path.with_name(path.name + ".tmp")
@@ -130,9 +133,9 @@ def _sparse_pickle(path: Path, spec: str, legacy: bool) -> None:
     os.replace(tmp, path)
 
 
-def build_inputs(root: Path, n_scan: int, hash_mib: int, pickles: bool) -> dict:
-    """``root/models`` (one file per format), ``root/scan-N`` (the bucket to scan), ``root/hash`` (the object to
-    hash); each made once and kept (sparse: only headers use disk)."""
+def build_inputs(root: Path, n_scan: int, n_small: int, hash_mib: int, pickles: bool) -> dict:
+    """``root/models`` (one file per format), ``root/scan-N`` (the bucket to scan), ``root/small-K`` (K LoRAs),
+    ``root/hash`` (the object to hash); each made once and kept (sparse: only headers use disk)."""
     t = time.perf_counter()
     made = 0
     models = root / "models"
@@ -165,6 +168,14 @@ def build_inputs(root: Path, n_scan: int, hash_mib: int, pickles: bool) -> dict:
                 i += 1
                 made += 1
         marker.write_text("ok")
+    small = root / f"small-{n_small}"  # the same scan of fewer objects: the difference is the steady state
+    if not (root / f".small-{n_small}.complete").exists():
+        shutil.rmtree(small, ignore_errors=True)
+        (small / "loras").mkdir(parents=True)
+        for j in range(n_small):
+            _sparse_safetensors(small / "loras" / f"lora_{j:05d}.safetensors", "sd1_kohya_lora",
+                                {"ss_output_name": f"small_{j}"})
+        (root / f".small-{n_small}.complete").write_text("ok")
     hashes = root / "hash"
     hashes.mkdir(exist_ok=True)
     blob = hashes / f"blob_{hash_mib}MiB.safetensors"
@@ -180,7 +191,7 @@ def build_inputs(root: Path, n_scan: int, hash_mib: int, pickles: bool) -> dict:
         made += 1
     if made:
         print(f"generated {made} sparse objects under {root} in {time.perf_counter() - t:.1f} s")
-    return {"models": models, "bucket": bucket, "blob": blob}
+    return {"models": models, "bucket": bucket, "small": small, "blob": blob}
 
 
 def minimum_bytes(path: Path, fmt: str) -> dict:
@@ -270,7 +281,7 @@ def ckptlab_api() -> dict:
     for name in ("stats", "counting", "open_model", "read_file_facts", "hash_url", "hash_remote", "hash_stream"):
         if hasattr(remote, name):
             api[name] = getattr(remote, name)
-    for name in ("READ_AHEAD", "READAHEAD", "BLOCK_SIZE", "READ_AHEAD_BYTES"):
+    for name in ("READAHEAD", "READ_AHEAD"):
         if hasattr(remote, name):
             api["read_ahead"] = getattr(remote, name)
     return api
@@ -292,10 +303,9 @@ def client_counts(api: dict):
 def _as_counts(snap) -> dict:
     if snap is None:
         return {}
-    d = snap if isinstance(snap, dict) else getattr(snap, "__dict__", {})
-    req = d.get("requests", d.get("n_requests"))
-    byt = d.get("bytes", d.get("bytes_read", d.get("n_bytes")))
-    return {"requests": req, "bytes": byt} if req is not None else {}
+    if isinstance(snap, dict):
+        return {"requests": snap.get("requests"), "bytes": snap.get("bytes")}
+    return {"requests": getattr(snap, "requests", None), "bytes": getattr(snap, "bytes", None)}
 
 
 # == 1. requests and bytes per file ==========================================================================
@@ -393,6 +403,15 @@ def cpu_now() -> float:
     return time.process_time()
 
 
+def machine_cpu() -> tuple[float, float]:
+    """``(busy, total)`` CPU seconds of the whole machine so far (``/proc/stat``; all processes, everyone's)."""
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / hz, sum(v[:8]) / hz
+
+
 def raw_header_loop(urls: list[str]) -> int:
     """The I/O floor of a header-only scan: for each object, its 8-byte length then its JSON header, with
     s3fs reads sized to exactly what is needed (``block_size=0``: no read-ahead)."""
@@ -418,11 +437,12 @@ def list_bucket(prefix: str) -> list[str]:
 def timed_run(label: str, srv: ObjectServer, fn, n_files: int, workers: int) -> dict:
     fresh_fsspec()
     srv.reset()
-    c0, s0 = cpu_now(), srv.cpu()
+    c0, s0, m0 = cpu_now(), srv.cpu(), machine_cpu()
     with PeakRss() as rss:
         t = time.perf_counter()
         extra = fn() or {}
         wall = time.perf_counter() - t
+    m1 = machine_cpu()
     st = srv.stats()["total"]
     files = extra.pop("files", n_files)
     return {"run": label, "workers": workers, "files": files, "seconds": round(wall, 3),
@@ -432,7 +452,7 @@ def timed_run(label: str, srv: ObjectServer, fn, n_files: int, workers: int) -> 
             "bytes_per_file": round(st["bytes"] / max(files, 1)),
             "driver_cpu_s": round(cpu_now() - c0, 3), "server_cpu_s": round(srv.cpu() - s0, 3),
             "driver_peak_rss_anon_mib": round(mib(rss.peak), 1), "driver_base_rss_anon_mib": round(mib(rss.base), 1),
-            **extra}
+            "machine_busy_cores": round((m1[0] - m0[0]) / wall, 2), **extra}
 
 
 class RayCluster:
@@ -557,20 +577,43 @@ def local_scan(folder: Path) -> dict:
     return {"files": s.files}
 
 
-def section_scan(srv: ObjectServer, bucket: Path, ray_nodes: int) -> list[dict]:
+def _attempt(rows: list[dict], label: str, workers: int, fn) -> dict | None:
+    try:
+        row = fn()
+    except Exception as e:  # noqa: BLE001 - remote-scan / remote-io not there yet, or a run that failed
+        row = {"run": label, "workers": workers, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    rows.append(row)
+    return row if "error" not in row else None
+
+
+def _steady(row: dict | None, fixed: dict | None) -> None:
+    """Files/s once running: ``(N - K) / (T(N) - T(K))`` from the same scan of the bucket (N objects) and of a
+    smaller one (K objects, enough tasks to start every worker), which removes the fixed costs (starting Ray
+    worker processes, connecting, the catalog)."""
+    if row is None or fixed is None:
+        return
+    row["small_files"], row["small_seconds"] = fixed["files"], fixed["seconds"]
+    left = row["seconds"] - fixed["seconds"]
+    if left > 0:
+        row["steady_files_per_s"] = round((row["files"] - fixed["files"]) / left, 1)
+        row["steady_files_per_s_per_worker"] = round(row["steady_files_per_s"] / row["workers"], 1)
+
+
+def section_scan(srv: ObjectServer, bucket: Path, small: Path, ray_nodes: int) -> list[dict]:
     name = bucket.name
+    k = len(list_bucket(small.name))
     urls = list_bucket(name)
     n = len(urls)
-    rows = []
+    rows: list[dict] = []
     rows.append(timed_run("local disk scan (ckptlab scan FOLDER, 1 process)", srv, lambda: local_scan(bucket), n, 1))
     rows.append(timed_run("bare s3fs header loop (I/O floor, 1 process)", srv,
                           lambda: {"files": raw_header_loop(list_bucket(name))}, n, 1))
     for threads in (1, 8):
         label = f"ckptlab scan s3:// (1 process, {threads} thread{'s' if threads > 1 else ''})"
-        try:
-            rows.append(timed_run(label, srv, lambda t=threads: ckptlab_scan(f"s3://{name}/", workers=t), n, 1))
-        except Exception as e:  # noqa: BLE001 - remote-scan / remote-io not there yet
-            rows.append({"run": label, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        fixed = _attempt([], label, 1, lambda t=threads, lb=label: timed_run(
+            lb + " small", srv, lambda: ckptlab_scan(f"s3://{small.name}/", workers=t), k, 1))
+        _steady(_attempt(rows, label, 1, lambda t=threads, lb=label: timed_run(
+            lb, srv, lambda: ckptlab_scan(f"s3://{name}/", workers=t), n, 1)), fixed)
     if ray_nodes:
         env = {**os.environ, **srv.env, "PYTHONPATH": os.pathsep.join(
             p for p in (str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")) if p)}
@@ -582,19 +625,19 @@ def section_scan(srv: ObjectServer, bucket: Path, ray_nodes: int) -> list[dict]:
                     cluster.add()
                 cluster.wait_cpus(workers)
                 if workers == 1:
-                    startup = time.perf_counter() - t
-                    ray_header_tasks(urls[:4], per_task=2)  # warm the worker processes
+                    rows.append({"run": "ray cluster start (head, 1 CPU)", "seconds": round(time.perf_counter() - t, 1)})
+                ray_header_tasks(urls[:2 * workers], per_task=1)  # start the worker processes
                 rows.append(timed_run(f"bare s3fs header loop on Ray ({workers} node)", srv,
                                       lambda: {"files": ray_header_tasks(list_bucket(name))}, n, workers))
-                try:
-                    rows.append(timed_run(f"ckptlab scan s3:// --ray ({workers} node)", srv,
-                                          lambda: ckptlab_scan(f"s3://{name}/", cluster.address), n, workers))
-                except Exception as e:  # noqa: BLE001
-                    rows.append({"run": f"ckptlab scan s3:// --ray ({workers} node)", "workers": workers,
-                                 "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                label = f"ckptlab scan s3:// --ray ({workers} node{'s' if workers > 1 else ''})"
+                fixed = _attempt([], label, workers, lambda lb=label, w=workers: timed_run(
+                    lb + " small", srv, lambda: ckptlab_scan(f"s3://{small.name}/", cluster.address), k, w))
+                if fixed:
+                    rows.append({"run": f"{label}, {k} objects", "seconds": fixed["seconds"]})
+                _steady(_attempt(rows, label, workers, lambda w=workers, lb=label: timed_run(
+                    lb, srv, lambda: ckptlab_scan(f"s3://{name}/", cluster.address), n, w)), fixed)
         finally:
             cluster.stop()
-        rows.append({"run": "ray cluster start (head, 1 CPU)", "seconds": round(startup, 1)})
     return rows
 
 
@@ -658,10 +701,10 @@ def section_hash(srv: ObjectServer, blob: Path, api: dict, repeat: int) -> list[
         if name in api:
             contenders.insert(3, (f"ckptlab.remote.{name} (s3://)", lambda f=api[name]: f(s3_url), True))
             break
-    with contextlib.suppress(ImportError):
-        from ckptlab.library.scanner import hash_paths
+    from ckptlab.hashes import hash_file
 
-        contenders.insert(3, ("ckptlab hash_paths(s3://)", lambda: hash_paths([s3_url]), True))
+    contenders.insert(3, ("ckptlab hash_file(s3://)", lambda: hash_file(s3_url), True))
+    contenders.insert(4, ("ckptlab hash_file(http://)", lambda: hash_file(http_url), True))
     rows = []
     for label, fn, remote in contenders:
         best = None
@@ -695,8 +738,10 @@ def section_hash(srv: ObjectServer, blob: Path, api: dict, repeat: int) -> list[
 # == main ====================================================================================================
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="60 objects and a 128 MiB hash object (< 2 min)")
-    ap.add_argument("--files", type=int, default=None, help="objects in the scanned bucket (500; --quick 60)")
+    ap.add_argument("--quick", action="store_true", help="512 objects and a 128 MiB hash object (< 2 min)")
+    ap.add_argument("--files", type=int, default=None, help="objects in the scanned bucket (2000; --quick 512)")
+    ap.add_argument("--small", type=int, default=None,
+                    help="objects in the smaller bucket whose scan time is subtracted (min(files/2, 256))")
     ap.add_argument("--hash-mib", type=int, default=None, help="size of the hashed object (1024; --quick 128)")
     ap.add_argument("--repeat", type=int, default=None, help="hash runs per contender, best kept (3; --quick 1)")
     ap.add_argument("--ray-nodes", type=int, default=2, help="scan on Ray with 1..N one-CPU nodes (0: no Ray)")
@@ -707,7 +752,7 @@ def main() -> None:
     ap.add_argument("--delete", action="store_true", help="delete the generated objects afterwards")
     args = ap.parse_args()
     use_src()
-    n_scan = args.files or (60 if args.quick else 500)
+    n_scan = args.files or (512 if args.quick else 2000)
     hash_mib = args.hash_mib or (128 if args.quick else 1024)
     repeat = args.repeat or (1 if args.quick else 3)
     ray_nodes = 0 if args.no_ray else args.ray_nodes
@@ -718,7 +763,8 @@ def main() -> None:
             print("ray is not installed: the Ray runs are skipped (pip install 'ckptlab[ray]')")
             ray_nodes = 0
     root = args.cache or cache_dir("scale")
-    inputs = build_inputs(root, n_scan, hash_mib, pickles=not args.no_pickles)
+    n_small = args.small or min(n_scan // 2, 256)
+    inputs = build_inputs(root, n_scan, n_small, hash_mib, pickles=not args.no_pickles)
     srv = ObjectServer(root)
     saved = {k: os.environ.get(k) for k in srv.env}
     os.environ.update(srv.env)
@@ -726,7 +772,7 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         req_rows = section_requests(srv, inputs["models"], api)
-        scan_rows = section_scan(srv, inputs["bucket"], ray_nodes)
+        scan_rows = section_scan(srv, inputs["bucket"], inputs["small"], ray_nodes)
         hash_rows = section_hash(srv, inputs["blob"], api, repeat)
     finally:
         srv.stop()
@@ -740,7 +786,7 @@ def main() -> None:
         r["target"] = judge(r, read_ahead)
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg(),
                           "platform": platform.platform()},
-              "config": {"files": n_scan, "hash_mib": hash_mib, "repeat": repeat, "ray_nodes": ray_nodes,
+              "config": {"files": n_scan, "small_files": n_small, "hash_mib": hash_mib, "repeat": repeat, "ray_nodes": ray_nodes,
                          "read_ahead": read_ahead, "ckptlab_api": sorted(k for k in api if k != "read_ahead")},
               "requests": req_rows, "scan": scan_rows, "hash": hash_rows,
               "seconds": round(time.perf_counter() - t0, 1)}
@@ -770,21 +816,28 @@ def show(rep: dict) -> None:
         if r["error"]:
             print(f"  {r['file']} {r['scheme']} {r['reader']}: {r['error']}")
     print("\n2. header-only scan of a bucket (files/s; requests and bytes per file; driver peak RssAnon)")
-    rows = [(r["run"], r["files"], r["seconds"], r["files_per_s"], r["files_per_s_per_worker"],
+    rows = [(r["run"], r["files"], r["seconds"], r["files_per_s"], r.get("steady_files_per_s_per_worker", 0.0),
+             r["files_per_s_per_worker"],
              r["requests_per_file"], r["bytes_per_file"] / 1024, r["driver_cpu_s"] / max(r["files"], 1) * 1000,
-             r["driver_peak_rss_anon_mib"]) for r in rep["scan"] if "files_per_s" in r]
-    print_table(("run", "files", "s", "files/s", "/worker", "req/file", "KiB/file", "drv CPU-ms/file",
-                 "peak MiB"), rows, ("", "d", ".2f", ".1f", ".1f", ".2f", ".1f", ".2f", ".0f"))
+             r["server_cpu_s"] / max(r["files"], 1) * 1000, r["machine_busy_cores"], r["driver_peak_rss_anon_mib"],
+             r["driver_base_rss_anon_mib"]) for r in rep["scan"] if "files_per_s" in r]
+    print_table(("run", "files", "s", "files/s", "steady/worker", "/worker", "req/file", "KiB/file",
+                 "drv CPU-ms/file", "srv CPU-ms/file", "busy cores", "peak MiB", "base MiB"), rows,
+                ("", "d", ".2f", ".1f", ".1f", ".1f", ".2f", ".1f", ".2f", ".2f", ".2f", ".0f", ".0f"))
+    print("  busy cores: the whole machine's CPU use during the run (everyone's: the server, Ray, other work)")
     for r in rep["scan"]:
         if "error" in r:
             print(f"  {r['run']}: {r['error']}")
         elif "files_per_s" not in r:
             print(f"  {r['run']}: {r['seconds']} s")
-    ray_rows = [r for r in rep["scan"] if "--ray" in r["run"] and "files_per_s" in r] or \
-        [r for r in rep["scan"] if "on Ray" in r["run"] and "files_per_s" in r]
-    if len(ray_rows) >= 2:
-        print(f"  scaling 1 -> {ray_rows[-1]['workers']} nodes ({ray_rows[0]['run'].split(' (')[0]}): "
-              f"{ray_rows[-1]['files_per_s'] / ray_rows[0]['files_per_s']:.2f}x")
+    for kind in ("ckptlab scan s3:// --ray", "bare s3fs header loop on Ray"):
+        rr = [r for r in rep["scan"] if r["run"].startswith(kind) and "files_per_s" in r]
+        if len(rr) >= 2:
+            steady = ""
+            if "steady_files_per_s" in rr[0] and "steady_files_per_s" in rr[-1]:
+                steady = f", steady state {rr[-1]['steady_files_per_s'] / rr[0]['steady_files_per_s']:.2f}x"
+            print(f"  scaling 1 -> {rr[-1]['workers']} nodes, {kind}: "
+                  f"{rr[-1]['files_per_s'] / rr[0]['files_per_s']:.2f}x{steady}")
     print("\n3. hashing (six CivitAI hashes streamed once) vs a plain streamed GET and the local file")
     rows = [(r["reader"], r["size"] / 2**20, r["seconds"], r["mb_per_s"], r["client_cpu_s_per_gb"],
              r["server_cpu_s"], r["requests"], r["bytes"] / 2**20, r["peak_rss_anon_mib"])
