@@ -9,7 +9,8 @@ file can be read as ``http://127.0.0.1:PORT/bucket/key`` (fsspec HTTP) or ``s3:/
 
 Every request and every body byte sent is counted by the server, per object and per kind (GET / HEAD / LIST),
 independently of the client's own counters: ``GET /__stats__`` returns the counts as JSON, ``POST /__reset__``
-zeroes them (neither is counted). Signatures are not checked (loopback, benchmark only). A folder's files are
+zeroes them, ``POST /__latency__/MS`` delays every later answer by MS milliseconds (an object store's time to
+first byte; none of these is counted). Signatures are not checked (loopback, benchmark only). A folder's files are
 its objects: a sparse file (header written, ``truncate()`` to full length) is a real-size object that costs no
 disk, and its holes read as zeros.
 
@@ -26,6 +27,7 @@ import json
 import os
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -118,17 +120,26 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/__reset__":
             self.server.counts.reset()
             self._send(200, b"{}", "application/json", kind=None)
+        elif self.path.startswith("/__latency__/"):
+            self.server.latency = float(self.path.rsplit("/", 1)[1]) / 1000
+            self._send(200, b"{}", "application/json", kind=None)
         else:
             self._send(405, b"", kind="other")
 
     def do_HEAD(self) -> None:
+        self._wait()
         self._object(head=True)
 
     def do_GET(self) -> None:
         if self.path == "/__stats__":
             self._send(200, json.dumps(self.server.counts.snapshot()).encode(), "application/json", kind=None)
             return
+        self._wait()
         self._object(head=False)
+
+    def _wait(self) -> None:
+        if self.server.latency:  # an object store's time to first byte (S3: tens of ms), set by POST /__latency__
+            time.sleep(self.server.latency)
 
     def _object(self, head: bool) -> None:
         bucket, key, q = self._split()
@@ -251,6 +262,7 @@ class Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), Handler)
         self.root = Path(root)
         self.counts = Counts()
+        self.latency = 0.0  # seconds before each counted answer
         self._keys: dict[str, tuple[float, list[str]]] = {}
 
     def keys(self, bucket: str) -> list[str]:

@@ -245,6 +245,9 @@ class ObjectServer:
     def reset(self) -> None:
         urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/__reset__", method="POST")).close()
 
+    def latency(self, ms: float) -> None:
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/__latency__/{ms:g}", method="POST")).close()
+
     def cpu(self) -> float:
         """User + system CPU seconds of the server process so far."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -599,7 +602,7 @@ def _steady(row: dict | None, fixed: dict | None) -> None:
         row["steady_files_per_s_per_worker"] = round(row["steady_files_per_s"] / row["workers"], 1)
 
 
-def section_scan(srv: ObjectServer, bucket: Path, small: Path, ray_nodes: int) -> list[dict]:
+def section_scan(srv: ObjectServer, bucket: Path, small: Path, ray_nodes: int, latency_ms: float) -> list[dict]:
     name = bucket.name
     k = len(list_bucket(small.name))
     urls = list_bucket(name)
@@ -614,6 +617,16 @@ def section_scan(srv: ObjectServer, bucket: Path, small: Path, ray_nodes: int) -
             lb + " small", srv, lambda: ckptlab_scan(f"s3://{small.name}/", workers=t), k, 1))
         _steady(_attempt(rows, label, 1, lambda t=threads, lb=label: timed_run(
             lb, srv, lambda: ckptlab_scan(f"s3://{name}/", workers=t), n, 1)), fixed)
+    if latency_ms:  # an object store's time to first byte: the scan is then bound by waiting, not by CPU
+        srv.latency(latency_ms)
+        try:
+            for threads in (1, 8):
+                label = f"ckptlab scan s3:// (1 process, {threads} thread{'s' if threads > 1 else ''}), " \
+                        f"{latency_ms:g} ms latency, {k} objects"
+                _attempt(rows, label, 1, lambda t=threads, lb=label: timed_run(
+                    lb, srv, lambda: ckptlab_scan(f"s3://{small.name}/", workers=t), k, 1))
+        finally:
+            srv.latency(0)
     if ray_nodes:
         env = {**os.environ, **srv.env, "PYTHONPATH": os.pathsep.join(
             p for p in (str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")) if p)}
@@ -746,6 +759,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=None, help="hash runs per contender, best kept (3; --quick 1)")
     ap.add_argument("--ray-nodes", type=int, default=2, help="scan on Ray with 1..N one-CPU nodes (0: no Ray)")
     ap.add_argument("--no-ray", action="store_true", help="same as --ray-nodes 0")
+    ap.add_argument("--latency-ms", type=float, default=20.0,
+                    help="also scan the small bucket with this time to first byte per request (S3-like; 0: skip)")
     ap.add_argument("--no-pickles", action="store_true", help="skip the torch-made pickles (no torch needed)")
     ap.add_argument("--cache", type=Path, default=None, help="where the sparse objects live (.bench-cache/scale)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this file")
@@ -772,7 +787,7 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         req_rows = section_requests(srv, inputs["models"], api)
-        scan_rows = section_scan(srv, inputs["bucket"], inputs["small"], ray_nodes)
+        scan_rows = section_scan(srv, inputs["bucket"], inputs["small"], ray_nodes, args.latency_ms)
         hash_rows = section_hash(srv, inputs["blob"], api, repeat)
     finally:
         srv.stop()
@@ -786,7 +801,7 @@ def main() -> None:
         r["target"] = judge(r, read_ahead)
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg(),
                           "platform": platform.platform()},
-              "config": {"files": n_scan, "small_files": n_small, "hash_mib": hash_mib, "repeat": repeat, "ray_nodes": ray_nodes,
+              "config": {"files": n_scan, "small_files": n_small, "latency_ms": args.latency_ms, "hash_mib": hash_mib, "repeat": repeat, "ray_nodes": ray_nodes,
                          "read_ahead": read_ahead, "ckptlab_api": sorted(k for k in api if k != "read_ahead")},
               "requests": req_rows, "scan": scan_rows, "hash": hash_rows,
               "seconds": round(time.perf_counter() - t0, 1)}
