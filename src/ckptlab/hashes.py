@@ -245,6 +245,11 @@ def hash_file(path: str | Path, progress: Progress | None = None) -> Hashes:
     from ckptlab.formats import require_regular_file
 
     progress = progress or null_progress
+    if isinstance(path, str) and "://" in path:
+        from ckptlab.remote import is_remote
+
+        if is_remote(path):
+            return hash_remote(path, progress=progress)
     path = Path(path)
     require_regular_file(path)  # a FIFO would block, /dev/zero never end
     try:
@@ -265,6 +270,30 @@ def hash_file(path: str | Path, progress: Progress | None = None) -> Hashes:
         h = mh.result()
         if h.size != size or os.fstat(fh.fileno()).st_size != size:
             raise FormatError(f"file changed while it was hashed ({size} bytes at start, {h.size} read)", path)
+    return h
+
+
+def hash_remote(url, progress: Progress | None = None, *, size: int | None = None, on_chunk=None) -> Hashes:
+    """Every hash of a remote object (a URL or a ``remote.RemoteEntry``) from ONE streamed GET, piece by piece
+    (never the whole object in memory). ``on_chunk(pos, piece)`` sees each piece too (the fingerprint of
+    ``library.fingerprint.stream_content`` rides on the same stream). Raises ``CkptlabError`` (one line) when the
+    object cannot be read or the server sends another length than it has."""
+    from ckptlab.remote.reader import open_remote
+
+    progress = progress or null_progress
+    rf = open_remote(url, size)
+    total = rf.size
+    pos = 0
+    with MultiHasher() as mh:
+        for piece in rf.stream():
+            mh.update(piece)
+            if on_chunk is not None:
+                on_chunk(pos, piece)
+            pos += len(piece)
+            progress(len(piece))
+        h = mh.result()
+    if h.size != total:
+        raise FormatError(f"object changed while it was hashed ({total} bytes listed, {h.size} read)", rf.url)
     return h
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from ckptlab.errors import EXIT_CORRUPT, EXIT_OK, EXIT_SUSPICIOUS, EXIT_UNSAFE
 from ckptlab.formats.pickle_vm import CORRUPT, INFO, MALICIOUS, SUSPICIOUS, Finding
 from ckptlab.formats.polyglot import polyglot_findings
+from ckptlab.remote import RemoteURL, as_path
 
 SAFE = "safe"
 VERDICTS = (SAFE, SUSPICIOUS, MALICIOUS, CORRUPT)
@@ -55,7 +56,10 @@ def check_many(paths, *, deep: bool = False) -> Iterator[CheckResult]:
     """``check`` each path; a folder (a diffusers model) is checked file by file."""
     from ckptlab.formats import MODEL_SUFFIXES
 
-    for p in map(Path, paths):
+    for p in map(as_path, paths):
+        if type(p) is RemoteURL:
+            yield from _check_remote_many(p, deep)
+            continue
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MODEL_SUFFIXES)
             if not files:
@@ -67,10 +71,62 @@ def check_many(paths, *, deep: bool = False) -> Iterator[CheckResult]:
             yield check(p, deep=deep)
 
 
+def _check_remote_many(p, deep: bool) -> Iterator[CheckResult]:
+    """A remote URL: one object, or a diffusers prefix checked object by object (as a folder is file by file)."""
+    from ckptlab.errors import CkptlabError
+    from ckptlab.formats import MODEL_SUFFIXES, detect_format
+    from ckptlab.remote.reader import list_prefix, session
+
+    with session():
+        try:
+            folder = detect_format(p) == "diffusers"
+        except CkptlabError:
+            folder = False
+        if not folder:
+            yield check(p, deep=deep)
+            return
+        try:
+            files = sorted(u for u, _ in list_prefix(p) if u.lower().endswith(MODEL_SUFFIXES))
+        except CkptlabError as e:
+            yield CheckResult(p, "unknown", CORRUPT, findings=[Finding("unreadable", CORRUPT, e.message)])
+            return
+    if not files:
+        yield CheckResult(p, "unknown", CORRUPT, findings=[Finding("no_model_files", CORRUPT,
+                                                                   "folder holds no model files")])
+    for f in files:
+        yield check(f, deep=deep)
+
+
 def check(path: str | Path, *, deep: bool = False) -> CheckResult:
     """Scan one file without executing anything and return its verdict and findings. ``deep``: also read
-    every tensor byte (``ckptlab.integrity``: zip record CRCs, NaN/Inf values)."""
-    p = Path(path)
+    every tensor byte (``ckptlab.integrity``: zip record CRCs, NaN/Inf values). ``path`` may be a remote URL
+    (``s3://``, ``https://``...): the same verdict from ranged reads (``ckptlab.remote``)."""
+    p = as_path(path)
+    if type(p) is RemoteURL:
+        from ckptlab.remote.reader import session
+
+        with session():
+            return _check(p, deep, remote=True)
+    return _check(p, deep)
+
+
+def _check(p, deep: bool, remote: bool = False) -> CheckResult:
+    if remote:
+        from ckptlab.errors import CkptlabError
+        from ckptlab.formats import detect_format
+        from ckptlab.remote.reader import open_remote
+
+        try:
+            if detect_format(p) == "diffusers":
+                return CheckResult(p, "unknown", CORRUPT, findings=[Finding("not_a_file", CORRUPT, "is a folder")])
+        except CkptlabError:
+            pass
+        try:
+            head = open_remote(p).pread(0, 16)
+        except CkptlabError as e:
+            return CheckResult(p, "unknown", CORRUPT, findings=[Finding("unreadable", CORRUPT,
+                                                                        f"cannot open: {e.message}")])
+        return _check_head(p, head, deep)
     if p.is_dir():
         return CheckResult(p, "unknown", CORRUPT, findings=[Finding("not_a_file", CORRUPT, "is a folder")])
     from ckptlab.errors import CkptlabError
@@ -85,6 +141,10 @@ def check(path: str | Path, *, deep: bool = False) -> CheckResult:
             head = fh.read(16)
     except OSError as e:
         return CheckResult(p, "unknown", CORRUPT, findings=[Finding("unreadable", CORRUPT, f"cannot open: {e.strerror or e}")])
+    return _check_head(p, head, deep)
+
+
+def _check_head(p, head: bytes, deep: bool) -> CheckResult:
     fmt = _sniff(p, head)
     if fmt == "safetensors":
         r = _check_safetensors(p)

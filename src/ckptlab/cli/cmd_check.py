@@ -22,9 +22,10 @@ def check_cmd(
     from rich.markup import escape as _escape
 
     from ckptlab.cli.common import console, emit_json, expand_paths
+    from ckptlab.remote import expand_targets
     from ckptlab.security import VERDICT_EXIT_CODES, check_many, worst_verdict
 
-    targets = expand_paths(paths)
+    targets = expand_targets(paths, expand_paths)
     if not targets:  # an empty folder is not a clean bill of health
         from ckptlab.errors import CkptlabError
 

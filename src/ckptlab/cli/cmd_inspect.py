@@ -92,15 +92,16 @@ def inspect_cmd(
     from ckptlab.arch.identify import identify
     from ckptlab.cli.common import console, emit_json, error_line, expand_paths
     from ckptlab.errors import EXIT_INTERNAL, CkptlabError
+    from ckptlab.remote import expand_targets
 
-    targets = expand_paths(paths)
+    targets = expand_targets(paths, expand_paths)
     if not targets:
         error_line("no model files found under " + ", ".join(paths))
         raise typer.Exit(1)
     worst = 0
     for p in targets:
         try:
-            info = identify(p, heuristics=heuristics)
+            info = _identify(identify, p, heuristics)
         except CkptlabError as err:
             error_line(str(err) if err.path else f"{p}: {err}")
             worst = max(worst, err.exit_code)
@@ -122,6 +123,16 @@ def inspect_cmd(
             render(info, console, all_metadata=metadata)
     if worst:
         raise typer.Exit(worst)
+
+
+def _identify(identify, p, heuristics: bool):
+    """``identify`` (a remote URL's reads share one session: the format sniff and the header cost one GET)."""
+    if isinstance(p, str):
+        from ckptlab.remote.reader import session
+
+        with session():
+            return identify(p, heuristics=heuristics)
+    return identify(p, heuristics=heuristics)
 
 
 def register(app) -> None:

@@ -107,17 +107,20 @@ def hash_cmd(
     from ckptlab.errors import CkptlabError
     from ckptlab.formats import MODEL_SUFFIXES
     from ckptlab.library.scanner import hash_paths
+    from ckptlab.remote import RemoteURL, expand_targets
 
-    files: list[Path] = []
-    for p in expand_paths(paths):
-        if p.is_dir():  # a diffusers folder: CivitAI hashes are per file, so each file in it
+    files: list = []
+    for p in expand_targets(paths, expand_paths):
+        if type(p) is RemoteURL:
+            files.append(p)  # an object (a prefix is refused by hash_paths with one line)
+        elif p.is_dir():  # a diffusers folder: CivitAI hashes are per file, so each file in it
             files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MODEL_SUFFIXES
                             and not any(part.startswith(".") for part in f.relative_to(p).parts))
         else:
             files.append(p)
     if not files:
         raise CkptlabError(f"no model files in {', '.join(paths)}")
-    total = sum(os.path.getsize(p) for p in files if os.path.isfile(p))
+    total = sum(os.path.getsize(p) for p in files if type(p) is not RemoteURL and os.path.isfile(p))
     cat, failed = None, []
     if not no_cache:
         from ckptlab.library.catalog import CatalogWriteError

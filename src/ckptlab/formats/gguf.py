@@ -27,6 +27,7 @@ from typing import Any
 
 from ckptlab.errors import FormatError, UnsupportedFormatError
 from ckptlab.formats.base import MAX_RANK, TensorInfo, TensorSource, brief, checked_numel
+from ckptlab.remote import RemoteURL
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -214,6 +215,8 @@ class GGUFSource(TensorSource):
 
     # -- header -------------------------------------------------------------------------------
     def _parse(self) -> None:
+        if type(self.path) is RemoteURL:
+            return self._parse_remote()
         from ckptlab.formats import require_regular_file
 
         require_regular_file(self.path)
@@ -230,6 +233,25 @@ class GGUFSource(TensorSource):
             self._parse_buffer(mm)
         finally:
             mm.close()
+
+    def _parse_remote(self) -> None:
+        """The header of a remote GGUF: its first block, then twice as much each time the parser runs off the end
+        of what was read (one GET per doubling, each of exactly the bytes not yet read)."""
+        from ckptlab.remote.reader import open_remote
+
+        rf = open_remote(self.path)
+        self._file_size = rf.size
+        if self._file_size < 8:
+            raise FormatError(f"GGUF file truncated: {self._file_size} bytes", self.path)
+        buf = rf.pread(0, min(self._file_size, rf._readahead))
+        while True:
+            self.fields, self._infos = {}, {}  # a retry on a longer prefix starts over
+            try:
+                return self._parse_buffer(buf)
+            except FormatError as e:
+                if len(buf) >= self._file_size or not ("truncated" in e.message or "past the end" in e.message):
+                    raise
+            buf += rf.pread(len(buf), min(len(buf), self._file_size - len(buf)))
 
     def _parse_buffer(self, buf) -> None:
         path = self.path
@@ -356,20 +378,29 @@ class GGUFSource(TensorSource):
 
         from ckptlab.formats.dtypes import to_numpy, uint_of_width
 
-        if self._mm is None:
+        if type(self.path) is RemoteURL:
+            from ckptlab.remote.reader import open_remote
+
+            mm = bytearray(open_remote(self.path, self._file_size).pread(info.offset, info.disk_bytes, exact=True))
+            if len(mm) != info.disk_bytes:
+                raise FormatError(f"object ends before the data of tensor {brief(key)} (it changed?)", self.path)
+            off = 0
+        elif self._mm is None:
             with open(self.path, "rb") as fh:
                 if os.fstat(fh.fileno()).st_size != self._file_size:
                     raise FormatError("file changed size since its header was read", self.path)
                 self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            mm, off = self._mm, info.offset
+        else:
+            mm, off = self._mm, info.offset
         dt = to_numpy(info.dtype)
         if info.disk_bytes == 0:
             return np.empty(info.shape, dtype=dt)
         count = info.disk_bytes // dt.itemsize
         if self._endian == ">" and dt.itemsize > 1:  # big-endian file: swapped into a native copy
-            raw = np.frombuffer(self._mm, dtype=uint_of_width(dt.itemsize).newbyteorder(">"), count=count,
-                                offset=info.offset)
+            raw = np.frombuffer(mm, dtype=uint_of_width(dt.itemsize).newbyteorder(">"), count=count, offset=off)
             return raw.astype(uint_of_width(dt.itemsize)).view(dt).reshape(info.shape)
-        return np.frombuffer(self._mm, dtype=dt, count=count, offset=info.offset).reshape(info.shape)
+        return np.frombuffer(mm, dtype=dt, count=count, offset=off).reshape(info.shape)
 
     def close(self) -> None:
         if self._mm is not None:

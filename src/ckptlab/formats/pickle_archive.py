@@ -33,6 +33,7 @@ from ckptlab.formats.pickle_vm import (
     storage_type_of,
 )
 from ckptlab.remote import RemoteURL, as_path
+from ckptlab.remote.reader import RemoteBuffer
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -192,10 +193,10 @@ def _short(v) -> str:
 # zip
 
 def _span(mm, start: int, end: int):
-    """``mm[start:end]`` without a copy for a map (a memoryview), as fetched bytes for a ``RemoteBuffer``."""
-    if type(mm) is mmap.mmap:
-        return memoryview(mm)[start:end]
-    return memoryview(mm[start:end])
+    """``mm[start:end]`` without a copy (a memoryview); fetched bytes for a ``RemoteBuffer``."""
+    if type(mm) is RemoteBuffer:
+        return memoryview(mm[start:end])
+    return memoryview(mm)[start:end]
 
 
 def _find_eocd(mm, size: int) -> int:
@@ -239,6 +240,9 @@ def _read_central(scan: Scan, mm, size: int) -> list[ZipEntry] | None:
     if n_total > MAX_ZIP_ENTRIES:
         scan.add("resource_limit", SUSPICIOUS, f"zip has {n_total} members (limit {MAX_ZIP_ENTRIES})")
         return None
+    lazy = type(mm) is RemoteBuffer
+    if lazy:
+        mm.rf.pread(cd_off, cd_size)  # one GET of the directory (none when the tail read held it)
     entries: list[ZipEntry] = []
     p = cd_off
     for _ in range(n_total):
@@ -252,6 +256,9 @@ def _read_central(scan: Scan, mm, size: int) -> list[ZipEntry] | None:
         usize, csize, off = _zip64_extra(extra, usize, csize, off)
         name = raw_name.decode("utf-8" if flags & 0x800 else "cp437", "replace")
         p += 46 + nlen + elen + clen2
+        if lazy:  # local headers later, and only for the members read (a tensor record's when its data is)
+            entries.append(ZipEntry(name, name, flags, method, crc, csize, usize, off, -1))
+            continue
         if off + 30 > size or mm[off:off + 4] != b"PK\x03\x04":
             scan.add("zip_bad_local_header", CORRUPT, f"member {name}: no local header at offset {off}", name)
             continue
@@ -261,7 +268,65 @@ def _read_central(scan: Scan, mm, size: int) -> list[ZipEntry] | None:
         if lflags & 0x8 or 0xFFFFFFFF in (lcsize, lusize):
             lcsize = lusize = -1  # sizes in a data descriptor or a zip64 extra: the directory's stand
         entries.append(ZipEntry(name, local_name, flags, method, crc, csize, usize, off, data_offset, lcsize, lusize))
+    if lazy:
+        return _remote_local_headers(scan, mm, size, entries)
     return entries
+
+
+#: a remote torch zip: the last bytes read in one GET for the end record and (usually) the whole central directory
+ZIP_TAIL = 256 * 1024
+#: a local header's extra field is read along with the member in one GET when it is at most this long (torch pads
+#: records to 64-byte alignment)
+LOCAL_SLACK = 256
+_TENSOR_RECORD = re.compile(r"(?:^|/)data/\d+$")
+
+
+def _remote_local_headers(scan: Scan, mm, size: int, entries: list[ZipEntry]) -> list[ZipEntry]:
+    """The local headers of a remote zip's members that the scan reads (pickles, small records, unknown members),
+    each fetched with its member's bytes in one ranged GET; tensor records (``data/N``) keep ``data_offset`` -1
+    until their data is read (``_raw_of``). The findings are those of the local pass, in the same order."""
+    out = []
+    for e in entries:
+        if _TENSOR_RECORD.search(e.name) and e.csize > 0:
+            out.append(e)
+            continue
+        off = e.header_offset
+        if off + 30 <= size and e.csize <= MAX_PICKLE_MEMBER:
+            mm.rf.pread(off, min(size - off, 30 + len(e.name.encode()) + LOCAL_SLACK + e.csize))
+        if not _resolve_local(mm, e, size):
+            scan.add("zip_bad_local_header", CORRUPT, f"member {e.name}: no local header at offset {off}", e.name)
+            continue
+        out.append(e)
+    return out
+
+
+def _resolve_local(mm, e: ZipEntry, size: int) -> bool:
+    """Read ``e``'s local header: its name, sizes and data offset (False when there is none)."""
+    off = e.header_offset
+    if off + 30 > size or mm[off:off + 4] != b"PK\x03\x04":
+        return False
+    (lflags, lcsize, lusize, lnlen, lelen) = struct.unpack("<H10xIIHH", mm[off + 6:off + 30])
+    e.local_name = bytes(mm[off + 30:off + 30 + lnlen]).decode("utf-8", "replace")
+    e.data_offset = off + 30 + lnlen + lelen
+    if lflags & 0x8 or 0xFFFFFFFF in (lcsize, lusize):
+        lcsize = lusize = -1
+    e.local_csize, e.local_usize = lcsize, lusize
+    return True
+
+
+def _raw_of(mm, e: ZipEntry):
+    """The stored bytes of member ``e``; a remote tensor record's local header is read first, with its data in
+    the same GET. Raises ``zlib.error`` when the record is not where the directory says."""
+    if e.data_offset < 0:
+        size = len(mm)
+        if e.header_offset + 30 <= size:
+            mm.rf.pread(e.header_offset, min(size - e.header_offset,
+                                             30 + len(e.name.encode()) + LOCAL_SLACK + e.csize))
+        if not _resolve_local(mm, e, size):
+            raise zlib.error(f"member {e.name}: no local header at offset {e.header_offset}")
+        if e.data_offset + e.csize > size:
+            raise zlib.error(f"member {e.name} runs past the end of the file")
+    return _span(mm, e.data_offset, e.data_offset + e.csize)
 
 
 def _zip64_extra(extra: bytes, usize: int, csize: int, off: int) -> tuple[int, int, int]:
@@ -461,7 +526,10 @@ def _scan_zip(scan: Scan, mm, size: int, depth: int = 0) -> None:
         if rec.flags & 0x1 or rec.method not in (0, 8) or rec.data_offset + rec.csize > size or _size_problem(rec):
             ref.valid = False
             return
-        ref.backing = ("file", rec.data_offset, rec.crc) if rec.method == 0 else ("deflate", rec)
+        if rec.data_offset < 0:  # a remote record whose local header is read with its data
+            ref.backing = ("deflate", rec)
+        else:
+            ref.backing = ("file", rec.data_offset, rec.crc) if rec.method == 0 else ("deflate", rec)
         ref.byteswap = byteorder == "big"
 
     vm = PickleVM(content, location=pkl.name, resolver=_Resolver(scan, 5, bind), depth=depth).run()
@@ -481,7 +549,7 @@ def zip_record(mm, st: StorageRef, nbytes: int):
         off = st.backing[1]
         return _span(mm, off, off + nbytes), st.backing[2]
     e = st.backing[1]
-    raw = _span(mm, e.data_offset, e.data_offset + e.csize)
+    raw = _raw_of(mm, e)
     try:
         return (inflate(raw, nbytes) if e.method == 8 else bytes(raw)), e.crc
     finally:
@@ -492,7 +560,7 @@ def zip_record_pieces(mm, st: StorageRef, nbytes: int, piece: int = INFLATE_PIEC
     """``zip_record`` as a stream of pieces (``check --deep`` never holds a whole inflated record)."""
     if st.backing[0] == "file":
         off = st.backing[1]
-        view = memoryview(mm) if type(mm) is mmap.mmap else None
+        view = memoryview(mm) if type(mm) is not RemoteBuffer else None
         if view is None:  # remote: one ranged GET per piece
             for i in range(0, nbytes, piece):
                 yield mm[off + i:off + min(nbytes, i + piece)]
@@ -504,8 +572,12 @@ def zip_record_pieces(mm, st: StorageRef, nbytes: int, piece: int = INFLATE_PIEC
             view.release()
         return
     e = st.backing[1]
-    raw = _span(mm, e.data_offset, e.data_offset + e.csize)
+    raw = _raw_of(mm, e)
     try:
+        if e.method != 8:  # a remote stored record (its local header read with it)
+            for i in range(0, nbytes, piece):
+                yield raw[i:i + piece]
+            return
         yield from inflate_pieces(raw, nbytes, piece)
     finally:
         raw.release()
@@ -813,6 +885,8 @@ def _scan_remote(result: Scan, path) -> Scan:
         return result
     mm = RemoteBuffer(rf)
     result.mm = mm
+    if rf.pread(0, 4) == b"PK\x03\x04":
+        rf.pread(max(0, size - ZIP_TAIL), min(size, ZIP_TAIL))  # end record + central directory: one GET
     return _scan_mapped(result, mm, size, path)
 
 

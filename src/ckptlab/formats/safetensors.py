@@ -292,7 +292,7 @@ class SafetensorsSource(TensorSource):
         """One ranged GET of ``[start, end)`` into a writable buffer (a remote source has no map)."""
         from ckptlab.remote.reader import open_remote
 
-        data = open_remote(self.path, self.header.file_size).pread(start, end - start)
+        data = open_remote(self.path, self.header.file_size).pread(start, end - start, exact=True)
         if len(data) != end - start:
             raise FormatError(f"object ends before byte {end} (it changed?)", self.path)
         return bytearray(data)

@@ -104,15 +104,34 @@ def _tensor_digest(tensor, bf16: bool = False) -> str:
     return blake3.blake3(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
 
 
-def fingerprint_source(src, progress: Progress | None = None) -> Fingerprint:
-    """Fingerprint an open ``TensorSource`` reading one tensor at a time."""
+def _plan(infos) -> tuple[dict[str, dict[str, str]], bool]:
+    """The components and keys a fingerprint hashes, and whether its bf16 form is defined."""
+    from ckptlab.formats.dtypes import FLOAT_DTYPES
+
+    comps = canonical_keys(infos)
+    with_bf16 = all(infos[k].dtype in _BF16_SOURCES for m in comps.values() for k in m.values()
+                    if infos[k].dtype in FLOAT_DTYPES)
+    return comps, with_bf16
+
+
+def _digests(t, dtype: str, with_bf16: bool) -> tuple[str, str | None]:
+    """(fp16-canonical digest, bf16-canonical digest or None) of one tensor."""
+    from ckptlab.formats.dtypes import FLOAT_DTYPES
+
+    d = _tensor_digest(t)
+    if not with_bf16:
+        return d, None
+    return d, (d if dtype not in FLOAT_DTYPES else _tensor_digest(t, bf16=True))
+
+
+def fingerprint_source(src, progress: Progress | None = None, digests: dict | None = None) -> Fingerprint:
+    """Fingerprint an open ``TensorSource`` reading one tensor at a time (``digests``: ``key -> (digest,
+    bf16 digest)`` already computed, e.g. while the file streamed past: ``stream_content``)."""
     progress = progress or null_progress
     from ckptlab.formats.dtypes import FLOAT_DTYPES
 
     infos = src.infos()
-    comps = canonical_keys(infos)
-    with_bf16 = all(infos[k].dtype in _BF16_SOURCES for m in comps.values() for k in m.values()
-                    if infos[k].dtype in FLOAT_DTYPES)
+    comps, with_bf16 = _plan(infos)
     result: dict[str, str] = {}
     result_bf16: dict[str, str] = {}
     n = 0
@@ -121,13 +140,17 @@ def fingerprint_source(src, progress: Progress | None = None) -> Fingerprint:
         for canon in sorted(mapping):
             key = mapping[canon]
             ti = infos[key]
-            t = src.array(key)
-            lines.append(f"{canon}\t{list(ti.shape)}\t{_tensor_digest(t)}\n")
+            if digests is not None:
+                d, d_bf16 = digests[key]
+            else:
+                t = src.array(key)
+                d, d_bf16 = _digests(t, ti.dtype, with_bf16)
+                del t
+                progress(ti.nbytes)
+            lines.append(f"{canon}\t{list(ti.shape)}\t{d}\n")
             if with_bf16:
                 same = ti.dtype not in FLOAT_DTYPES  # integers: the same canonical bytes either way
-                lines_bf16.append(lines[-1] if same else f"{canon}\t{list(ti.shape)}\t{_tensor_digest(t, bf16=True)}\n")
-            del t
-            progress(ti.nbytes)
+                lines_bf16.append(lines[-1] if same else f"{canon}\t{list(ti.shape)}\t{d_bf16}\n")
             n += 1
         result[comp] = hashlib.sha256("".join(lines).encode()).hexdigest()
         if with_bf16:
@@ -188,3 +211,146 @@ def fingerprint_file(path: str | Path, progress: Progress | None = None) -> Fing
             return fp
     with open_model(path) as src:
         return fingerprint_source(src, progress=progress)
+
+
+def stream_content(url_or_entry, *, hash: bool = True, fingerprint: bool = True,  # noqa: A002 - the CLI's word
+                   progress: Progress | None = None):
+    """``(Hashes | None, Fingerprint | None)`` of one model file, remote or local, reading it once.
+
+    Remote (a URL or a ``remote.RemoteEntry``): the object streams past in ONE GET, and nothing else is read for
+    a safetensors file: its hashes come from that stream (``hashes.hash_remote``), its header is parsed from the
+    stream's first bytes and, since tensors tile the data buffer in offset order, each tensor is hashed for the
+    fingerprint as its bytes pass (one tensor in memory at most). Other formats (pickles, GGUF) are fingerprinted
+    afterwards with ranged reads (their headers, then one GET per tensor: ``fingerprint_file``); a diffusers prefix
+    (a URL ending in ``/``) has no hash and is not fingerprinted. Without ``hash`` the first block is read first to
+    learn the format (a non-safetensors object is then not streamed). Local paths: ``hashes.hash_file`` and
+    ``fingerprint_file``, as before. Raises ``CkptlabError`` (one line)."""
+    from ckptlab.remote import RemoteEntry, is_remote
+
+    remote = isinstance(url_or_entry, RemoteEntry) or is_remote(url_or_entry)
+    if not remote:
+        from ckptlab.hashes import hash_file
+
+        h = hash_file(url_or_entry, progress=progress) if hash else None
+        fp = fingerprint_file(url_or_entry) if fingerprint else None
+        return h, fp
+    from ckptlab.formats import detect_format
+    from ckptlab.remote.reader import open_remote, session
+
+    with session():
+        rf = open_remote(url_or_entry)
+        url = rf.url
+        if url.endswith("/") or not (hash or fingerprint):
+            if hash:
+                from ckptlab.errors import CkptlabError
+
+                raise CkptlabError("is a folder (hash files, or scan the prefix with --hash)", url)
+            return None, None
+        if not hash and detect_format(url) != "safetensors":
+            return None, fingerprint_file(url)
+        h, fp, fmt = _stream_remote(rf, hash, fingerprint, progress)
+        if fingerprint and fp is None:
+            if fmt is None:
+                fmt = detect_format(url)
+            fp = fingerprint_file(url) if fmt != "diffusers" else None
+        return h, fp
+
+
+def _stream_remote(rf, hash: bool, fingerprint: bool, progress):  # noqa: A002
+    """One GET of the whole object: hashes (``hash``) and, for safetensors, the fingerprint from the same bytes.
+    Returns (hashes, fingerprint or None, "safetensors" or None)."""
+    import numpy as np
+
+    from ckptlab.errors import FormatError
+    from ckptlab.formats.dtypes import to_numpy
+    from ckptlab.formats.safetensors import parse_header_bytes
+    from ckptlab.hashes import safetensors_data_offset
+
+    size = rf.size
+    st = {"head": bytearray(), "data_at": None, "header": None, "order": None, "i": 0, "buf": bytearray(),
+          "off": False}
+    digests: dict[str, tuple[str, str | None]] = {}
+    plan: dict = {}
+
+    def finish(key: str, data) -> None:
+        ti = plan["infos"][key]
+        dt = to_numpy(ti.dtype)
+        arr = np.frombuffer(data, dtype=dt).reshape(ti.shape) if ti.numel else np.empty(ti.shape, dtype=dt)
+        digests[key] = _digests(arr, ti.dtype, plan["bf16"])
+
+    def header_phase(pos: int, piece) -> int:
+        """Gather the header from the first bytes; returns how much of ``piece`` it used (all: still heading)."""
+        need = st["data_at"] or 16
+        take = min(len(piece), max(0, need - len(st["head"])))
+        st["head"] += piece[:take]
+        if st["data_at"] is None and len(st["head"]) >= 16:
+            st["data_at"] = safetensors_data_offset(bytes(st["head"][:16]), size)
+            if st["data_at"] is None:
+                st["off"] = True  # not safetensors: hashes only
+                return len(piece)
+            more = min(len(piece) - take, st["data_at"] - len(st["head"]))
+            st["head"] += piece[take:take + more]
+            take += more
+        if st["data_at"] is not None and len(st["head"]) >= st["data_at"]:
+            header = parse_header_bytes(bytes(st["head"][8:st["data_at"]]), size, rf.url)
+            st["head"] = bytearray()
+            infos = header.tensors
+            comps, with_bf16 = _plan(infos)
+            plan.update(infos=infos, bf16=with_bf16, header=header)
+            wanted = {k for m in comps.values() for k in m.values()}
+            ds = header.data_start
+            st["order"] = sorted(((ds + header.offsets[k][0], ds + header.offsets[k][1]), k) for k in wanted)
+        return take
+
+    def on_chunk(pos: int, piece) -> None:
+        if st["off"]:
+            return
+        if st["order"] is None:
+            used = header_phase(pos, piece)
+            if st["off"] or st["order"] is None:
+                return
+            pos, piece = pos + used, piece[used:]
+        end_piece = pos + len(piece)
+        order = st["order"]
+        while st["i"] < len(order):
+            (start, end), key = order[st["i"]]
+            if start == end:
+                finish(key, b"")
+                st["i"] += 1
+                continue
+            if start >= end_piece:
+                return
+            lo, hi = max(start, pos), min(end, end_piece)
+            if lo < hi:
+                st["buf"] += piece[lo - pos:hi - pos]
+            if hi < end:
+                return
+            finish(key, st["buf"])
+            st["buf"] = bytearray()
+            st["i"] += 1
+
+    from ckptlab.hashes import hash_remote
+
+    if hash:
+        h = hash_remote(rf, progress=progress, on_chunk=on_chunk if fingerprint else None)
+    else:
+        h, pos = None, 0
+        for piece in rf.stream():
+            on_chunk(pos, piece)
+            pos += len(piece)
+            (progress or null_progress)(len(piece))
+    if not fingerprint or st["off"] or st["order"] is None:
+        return h, None, None if st["off"] or st["order"] is None else "safetensors"
+    if st["i"] < len(st["order"]):
+        raise FormatError("object ended before its last tensor", rf.url)
+    return h, fingerprint_source(_HeaderOnly(plan["infos"]), digests=digests), "safetensors"
+
+
+class _HeaderOnly:
+    """``infos`` without data: the tensors' digests were computed as the stream passed."""
+
+    def __init__(self, infos):
+        self._infos = infos
+
+    def infos(self):
+        return self._infos

@@ -262,7 +262,7 @@ def _safety(path: str, fmt: str | None) -> dict:
         if fmt == "diffusers":
             results = list(check_many([path]))
             verdict = worst_verdict(r.verdict for r in results)
-            detail = {"files": {os.path.relpath(os.fspath(r.path), path): _check_detail(r, to_jsonable)
+            detail = {"files": {_relpath(r.path, path): _check_detail(r, to_jsonable)
                                 for r in results if r.verdict != "safe"}}
             return {"safety": verdict, "safety_detail": detail, "check_format": "diffusers"}
         r = check(path)
@@ -274,12 +274,19 @@ def _safety(path: str, fmt: str | None) -> dict:
     return {"safety": str(r.verdict), "safety_detail": _check_detail(r, to_jsonable), "check_format": r.format}
 
 
+def _relpath(p, folder: str) -> str:
+    """``p`` relative to ``folder`` (a local folder or a remote prefix)."""
+    if isinstance(p, str) and "://" in p:
+        return p[len(folder.rstrip("/")) + 1:] if p.startswith(folder.rstrip("/") + "/") else p
+    return os.path.relpath(os.fspath(p), folder)
+
+
 def _check_detail(r, to_jsonable) -> dict:
     return {"format": r.format, "container": r.container, "globals": list(r.globals),
             "findings": [to_jsonable(f) for f in r.issues][:50]}
 
 
-def read_file_facts(path: str, kind_hint: str | None = None) -> dict:
+def read_file_facts(path, kind_hint: str | None = None) -> dict:
     """Everything the catalog records about one file from its bytes (no hashing). Raises
     ``CkptlabError`` for unreadable, truncated or unrecognised files.
 
@@ -288,7 +295,25 @@ def read_file_facts(path: str, kind_hint: str | None = None) -> dict:
     (``UnsafeFileError``) of a ``suspicious`` or ``malicious`` file is the verdict, not an error.
     A file whose format is not recognised from its first bytes but that the checker reads as a
     pickle (a protocol 0/1 stream starting with ``S``, a hostile archive...) is recorded as a pickle
-    with its verdict."""
+    with its verdict.
+
+    ``path`` may be a remote URL (``s3://``, ``gs://``, ``az://``, ``https://``) or a ``remote.RemoteEntry`` (its
+    listed size saves a request): the same facts as for the same bytes on disk, from ranged reads."""
+    if not isinstance(path, str) or "://" in path:
+        from ckptlab.remote import RemoteEntry, is_remote
+
+        if isinstance(path, RemoteEntry) or is_remote(path):
+            from ckptlab.remote.reader import open_remote, session
+
+            with session():
+                if isinstance(path, RemoteEntry):
+                    open_remote(path)  # its size, for every read of this session
+                    path = path.url
+                return _read_file_facts(path, kind_hint)
+    return _read_file_facts(path, kind_hint)
+
+
+def _read_file_facts(path: str, kind_hint: str | None) -> dict:
     from ckptlab.errors import UnsafeFileError
     from ckptlab.formats import detect_format, open_model
 
@@ -363,8 +388,9 @@ def _safetensors_verdict(path: str) -> dict:
     ``check`` applies), else ``safe``."""
     from ckptlab.formats.polyglot import polyglot_findings
     from ckptlab.jsonable import to_jsonable
+    from ckptlab.remote import as_path
 
-    findings = [to_jsonable(f) for f in polyglot_findings(Path(path))]
+    findings = [to_jsonable(f) for f in polyglot_findings(as_path(path))]
     return {"safety": "malicious" if findings else "safe",
             "safety_detail": {"format": "safetensors", "container": "", "globals": [], "findings": findings}}
 
@@ -892,7 +918,8 @@ def hash_paths(paths: list[str | os.PathLike], catalog: Catalog | None = None,
     out = []
     for p in paths:
         try:
-            r = _hash_one(Path(p), catalog, progress or null_progress, on_cache_error)
+            r = _hash_remote(p, progress or null_progress) if isinstance(p, str) and "://" in p and \
+                _remote(p) else _hash_one(Path(p), catalog, progress or null_progress, on_cache_error)
         except CkptlabError as e:
             if on_error is None:
                 raise
@@ -902,6 +929,37 @@ def hash_paths(paths: list[str | os.PathLike], catalog: Catalog | None = None,
             catalog, on_cache_error = None, None
         out.append(r)
     return out
+
+
+def _remote(p: str) -> bool:
+    from ckptlab.remote import is_remote
+
+    return is_remote(p)
+
+
+def _hash_remote(url: str, progress: Progress) -> dict:
+    """``hash`` of a remote object: one streamed GET, never cached (the catalog caches by stat identity; a URL's
+    is its ETag, which ``scan --hash`` records)."""
+    from ckptlab.errors import NotFoundError
+    from ckptlab.hashes import hash_remote
+    from ckptlab.remote.reader import session
+
+    if url.endswith("/"):
+        raise CkptlabError("is a prefix (hash objects, or scan the prefix with --hash)", url)
+    with session():
+        try:
+            h = hash_remote(url, progress=progress)
+        except NotFoundError:
+            from ckptlab.formats import detect_format
+
+            try:
+                folder = detect_format(url) == "diffusers"
+            except CkptlabError:
+                folder = False
+            if folder:
+                raise CkptlabError("is a diffusers prefix (hash its objects, or scan it with --hash)", url) from None
+            raise
+    return {"path": url, "cached": False, **h.__dict__}
 
 
 def _hash_one(p: Path, catalog: Catalog | None, progress: Progress, on_cache_error) -> dict:

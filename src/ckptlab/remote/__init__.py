@@ -91,8 +91,17 @@ class RemoteURL(str):
     def as_posix(self) -> str:
         return str(self)
 
-    def __fspath__(self):  # pragma: no cover - a URL is not a local path: make the mistake loud
-        raise TypeError(f"{self} is a remote URL, not a local path")
+
+def expand_targets(args, expand_local) -> list:
+    """Command-line arguments in order: remote URLs as ``RemoteURL`` (never globbed), the rest through
+    ``expand_local`` (the CLI's glob/folder expansion)."""
+    out: list = []
+    for a in args:
+        if isinstance(a, str) and is_remote(a):
+            out.append(RemoteURL(a))
+        else:
+            out.extend(expand_local([a]))
+    return out
 
 
 def as_path(path):

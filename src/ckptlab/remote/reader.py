@@ -26,7 +26,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from ckptlab.errors import CkptlabError, NetworkError, NotFoundError
+from ckptlab.errors import AuthError, CkptlabError, NetworkError, NotFoundError
 
 #: the first GET of an object reads this much from its start (a safetensors header of a LoRA or a checkpoint fits)
 READAHEAD = 64 * 1024
@@ -248,10 +248,10 @@ class _HTTP:
             raise _Retry(f"HTTP {r.status} {r.reason}".strip())
         if r.status == 404:
             self._drop()
-            raise NotFoundError("not found (HTTP 404)", self.url)
+            raise NotFoundError(f"{self.url}: not found (HTTP 404)", 404)
         if r.status in (401, 403):
             self._drop()
-            raise NetworkError(f"access denied (HTTP {r.status})", self.url)
+            raise AuthError(f"{self.url}: access denied (HTTP {r.status})", r.status)
         return r
 
     def _read_body(self, r, n: int) -> bytes:
@@ -385,9 +385,9 @@ def _s3_error(url: str, e: Exception) -> Exception:
     if isinstance(e, FileNotFoundError) or "nosuchkey" in low or "nosuchbucket" in low or "404" in low or \
             "not found" in low:
         what = "no such bucket" if "nosuchbucket" in low else "not found"
-        return NotFoundError(what, url)
+        return NotFoundError(f"{url}: {what}", 404)
     if isinstance(e, PermissionError) or "accessdenied" in low or "403" in low or "forbidden" in low:
-        return NetworkError("access denied", url)
+        return AuthError(f"{url}: access denied", 403)
     if "nocredentials" in low or "unable to locate credentials" in low or "credentials" in low and "no " in low:
         return NetworkError("no credentials for this store (set AWS_* variables or ~/.aws)", url)
     if "slowdown" in low or "503" in low or "throttl" in low or "429" in low or "reset" in low or \
@@ -640,15 +640,16 @@ class RemoteFile(io.RawIOBase):
         return len(data)
 
     # -- ranged reads
-    def pread(self, pos: int, n: int) -> bytes:
-        """``n`` bytes from ``pos`` (fewer at the end of the object); the position is not moved."""
+    def pread(self, pos: int, n: int, *, exact: bool = False) -> bytes:
+        """``n`` bytes from ``pos`` (fewer at the end of the object); the position is not moved. ``exact``: no
+        read-ahead (a tensor's bytes: one GET of exactly its range unless cached)."""
         if n <= 0:
             return b""
         if self._size is not None:
             n = min(n, self._size - pos)
             if n <= 0:
                 return b""
-        big = n >= self._readahead
+        big = exact or n >= self._readahead
         parts = []
         while n > 0:
             hit = self._lookup(pos)
@@ -795,3 +796,30 @@ def open_remote(url, size: int | None = None) -> RemoteFile:
         lst.pop(0)
     return rf
 
+
+
+def list_prefix(url: str) -> list[tuple[str, int]]:
+    """``(url, size)`` of every object under the prefix ``url`` (a diffusers folder's files), sorted. A plain
+    listing (the scan's paged listing is ``remote.listing``); http(s) has none."""
+    proto = _protocol(url)
+    if proto in ("http", "https"):
+        raise CkptlabError("an http(s) URL cannot be listed: name the files", url)
+    fs = filesystem(proto)
+    scheme = url.partition("://")[0]
+    prefix = url.rstrip("/")
+
+    def attempt():
+        _count(requests=1)
+        try:
+            return fs.find(prefix, detail=True)
+        except Exception as e:  # noqa: BLE001
+            raise _s3_error(url, e) from None
+
+    found = _with_retries(url, attempt)
+    out = []
+    for name, info in sorted(found.items()):
+        if info.get("type") == "directory":
+            continue
+        full = name if "://" in name else f"{scheme}://{name}"
+        out.append((full, int(info.get("size") or 0)))
+    return out

@@ -1,0 +1,57 @@
+"""``ckptlab inspect/check/hash URL`` print what the same commands print for the local file (paths aside)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fakes.http_range_server import serve
+from fakes.library_files import tensors, write_ckpt, write_st
+from hostile.corpus import build_hostile
+
+pytestmark = pytest.mark.xdist_group("remote-io")
+
+
+def _same(out: str, path) -> str:
+    return out.replace(json.dumps(str(path))[1:-1], "<path>")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cases = {c.name: c for c in build_hostile(root / "hostile", root / "canary")}
+    out = {
+        "sd15.safetensors": write_st(root / "sd15.safetensors", tensors("sd1_checkpoint", seed=1)),
+        "lora.safetensors": write_st(root / "lora.safetensors", tensors("sd1_kohya_lora", seed=3),
+                                     {"ss_network_module": "networks.lora"}),
+        "sd15.ckpt": write_ckpt(root / "sd15.ckpt", tensors("sd1_checkpoint", seed=1)),
+        "zip_injected.ckpt": cases["zip_injected"].path,
+        "polyglot.safetensors": cases["safetensors_polyglot_valid"].path,
+    }
+    yield out
+    assert not list((root / "canary").iterdir()), "a payload ran"
+
+
+@pytest.mark.parametrize("command", [["inspect", "--json"], ["check", "--json"], ["hash", "--json", "--no-cache"]])
+def test_commands_on_s3_urls_print_the_local_output(s3, s3_server, cli, files, command):
+    urls = {name: s3.put(f"m/{path.name}", path) for name, path in files.items()}  # same names
+    for name, path in files.items():
+        local = cli(*command, path)
+        remote = cli(*command, urls[name], env=s3_server.env)
+        assert remote.returncode == local.returncode, (name, remote.stderr, local.stderr)
+        assert _same(remote.stdout, urls[name]) == _same(local.stdout, path), name
+        assert _same(remote.stderr, urls[name]) == _same(local.stderr, path), name
+
+
+def test_check_on_an_https_like_url(cli, files):
+    """The http(s) transport through the CLI: the same verdict lines as the local file."""
+    srv = serve({path.name: path for path in files.values()})
+    try:
+        for name, path in files.items():
+            url = srv.url(path.name)
+            local = cli("check", "--json", path)
+            remote = cli("check", "--json", url)
+            assert remote.returncode == local.returncode
+            assert _same(remote.stdout, url) == _same(local.stdout, path), name
+    finally:
+        srv.stop()
