@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: the web app's fixtures (sample_library, library_copy, client, rw_client): a plugin module, not a second
 #: conftest.py (two modules named ``conftest`` break the ``from conftest import SRC`` the tests use)
-pytest_plugins = ("fakes.web_fixtures", "fakes.s3_server")
+pytest_plugins = ("fakes.web_fixtures", "fakes.s3_server", "fakes.ray_cluster")
 
 
 def _threads_per_worker() -> None:

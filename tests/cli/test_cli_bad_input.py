@@ -243,6 +243,13 @@ CASES: list[tuple] = [
     ("scan-db-is-dir", ["scan", "--db", "{d}/adir.safetensors", "{o}"], {1}),
     ("scan-db-under-file", ["scan", "--db", "{d}/afile/cat.db", "{o}"], {1}),
     ("scan-bad-extra-paths", ["scan", "--extra-model-paths", "{d}/badcfg.yaml", "{o}"], {1}),
+    # object-store roots (tests/remote/test_scan_*.py; an S3 endpoint on a closed port and a missing bucket:
+    # test_scan_url_against_a_bad_store below, which needs the moto server)
+    ("scan-missing-url", ["scan", "http://127.0.0.1:{port}/models/"], {1}),
+    ("scan-bad-ray-no-cluster", ["scan", "--ray", "127.0.0.1:{port}", "s3://bucket/models"], {1}),
+    ("scan-bad-ray-address", ["scan", "--ray", "nowhere", "s3://bucket/models"], {1}),
+    ("scan-bad-ray-local-folder", ["scan", "--ray", "auto", "{d}/emptydir"], {1}),
+    ("scan-bad-mixed-roots", ["scan", "{d}/emptydir", "s3://bucket/models"], {1}),
     ("hash-missing", ["hash", "--no-cache", "{d}/nope.safetensors"], {1}),
     ("hash-fifo", ["hash", "--no-cache", "{d}/fifo.safetensors"], {1}),
     ("hash-dev-zero", ["hash", "--no-cache", "/dev/zero"], {1}),
@@ -936,3 +943,23 @@ def test_user_text_is_printed_verbatim(cli, tmp_path):
     assert r.returncode == 2 and "ckptlab: error: civitai:-1: bad CivitAI spec 'civitai:-1'" in r.stderr, r.stderr
     r = cli("check", tmp_path / "a:+1:b.ckpt", timeout=TIMEOUT)
     assert r.returncode == 5 and "a:+1:b.ckpt" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("case", ["closed-port", "missing-bucket"])
+def test_scan_url_against_a_bad_store(cli, s3_server, closed_port, tmp_path, case):
+    """``scan s3://...`` where the endpoint refuses connections, or the bucket does not exist: one error line,
+    exit 1, in bounded time (the subprocess timeout), and no scan row left ``running``."""
+    import sqlite3
+
+    env = dict(s3_server.env)
+    if case == "closed-port":
+        for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"):
+            env[k] = f"http://127.0.0.1:{closed_port}"
+    db = tmp_path / "c.db"
+    r = cli("scan", "--db", db, "s3://no-such-bucket-here/models", timeout=TIMEOUT, env=env)
+    assert r.returncode == 1, r.stderr
+    _check_stderr(r.stderr, r.returncode, False)
+    assert ("cannot reach" if case == "closed-port" else "no such bucket") in r.stderr
+    con = sqlite3.connect(db)
+    assert [s for (s,) in con.execute("SELECT status FROM scans")] == ["failed"]
+    assert con.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 0

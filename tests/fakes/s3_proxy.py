@@ -1,12 +1,13 @@
 """A loopback HTTP proxy in front of the moto S3 server for the remote scan tests: it counts the requests
 it forwards (object GETs by key, listings) and can answer the first ``fail_first`` requests with S3's
-throttling reply (HTTP 503, ``<Code>SlowDown</Code>``), as a busy bucket does. Runs in a thread of the
+throttling reply (HTTP 503, ``<Code>SlowDown</Code>``), as a busy bucket does, or delay object GETs. Runs in a thread of the
 test process; the code under test reaches it through ``AWS_ENDPOINT_URL`` like any S3 endpoint."""
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -16,13 +17,15 @@ SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Cod
 
 
 class S3Proxy:
-    def __init__(self, upstream: str, fail_first: int = 0):
+    def __init__(self, upstream: str, fail_first: int = 0, delay_gets: float = 0.0):
         u = urlsplit(upstream)
+        self.delay_gets = delay_gets  # seconds before each object GET is answered (a slow store)
         self.host, self.port = u.hostname, u.port
         self.fail_left = fail_first
         self.throttled = 0
         self.gets: Counter[str] = Counter()  # "bucket/key" -> object GETs (ranged or not)
         self.lists = 0
+        self.events: list[tuple[str, str]] = []  # ("list" | "get", path) in the order they arrived
         self.lock = threading.Lock()
         proxy = self
 
@@ -55,8 +58,12 @@ class S3Proxy:
                     with proxy.lock:
                         if "list-type" in query or "versions" in query or path.count("/") < 2:
                             proxy.lists += 1
+                            proxy.events.append(("list", self.path))
                         else:
                             proxy.gets[unquote(path.lstrip("/"))] += 1
+                            proxy.events.append(("get", unquote(path.lstrip("/"))))
+                            if proxy.delay_gets:
+                                time.sleep(proxy.delay_gets)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
                 conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=60)
                 try:
@@ -90,6 +97,7 @@ class S3Proxy:
         with self.lock:
             self.gets.clear()
             self.lists = 0
+            self.events.clear()
 
     def close(self) -> None:
         self.server.shutdown()

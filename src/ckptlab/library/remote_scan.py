@@ -178,20 +178,32 @@ def _filesystem(url: str):
 
 
 def _remote_reader() -> bool:
-    """True when ``read_file_facts`` and the hashers read URLs themselves (the remote-io readers: objects are
-    then read by ranged GETs). Before that, and for diffusers folders, a unit is staged: streamed to a private
-    temporary folder on the worker's disk and read there (bytes: the whole object)."""
+    """True when the remote reader (``ckptlab.remote.reader``, the remote-io part) is in this build:
+    ``read_file_facts`` and the hashers are then given the URL and read it with ranged GETs. Without it, and
+    for diffusers folders, a unit is staged: streamed to a private temporary folder on the worker's disk and
+    read there (cost: the whole object's bytes). ``CKPTLAB_REMOTE_STAGE=1`` forces staging."""
     if os.environ.get("CKPTLAB_REMOTE_STAGE") == "1":
         return False
-    import ckptlab.remote as remote
+    import importlib.util
 
-    return hasattr(remote, "RemoteFile")
+    return importlib.util.find_spec("ckptlab.remote.reader") is not None
+
+
+#: what a reader that treats the URL as a local path says: the unit is then staged and read again
+_LOCAL_ONLY = ("No such file or directory", "cannot access", "not a regular file", "Errno 2")
+
+
+def _read_locally(r: dict) -> bool:
+    facts = r.get("facts") or {}
+    text = " ".join(str(x) for x in (facts.get("error"), facts.get("safety_detail"), r.get("content_error")) if x)
+    return any(m in text for m in _LOCAL_ONLY)
 
 
 @contextlib.contextmanager
-def _staged(u: Unit, tmp: str) -> Iterator[str]:
-    """A path ``read_file_facts`` can read for ``u``: its URL, or a local copy of the object / the folder."""
-    if u.members is None and _remote_reader():
+def _staged(u: Unit, tmp: str, direct: bool) -> Iterator[str]:
+    """A path ``read_file_facts`` can read for ``u``: its URL (``direct``), or a local copy of the object /
+    the folder."""
+    if direct:
         yield u.url
         return
     fs = _filesystem(u.url)
@@ -263,10 +275,10 @@ def _renamed(obj, local: str, url: str):
     return obj
 
 
-def _one(u: Unit, tmp: str) -> dict:
+def _one(u: Unit, tmp: str, direct: bool) -> dict:
     hint = location(u)["hint"]
-    out: dict = {"url": u.url, "pid": os.getpid()}
-    with _staged(u, tmp) as path:
+    out: dict = {"url": u.url, "pid": os.getpid(), "direct": direct}
+    with _staged(u, tmp, direct) as path:
         if u.read_facts:
             out["facts"] = _facts(path, hint)
             if path != u.url:  # a staged copy: the facts name the object, not the temporary file
@@ -310,7 +322,10 @@ def read_task(units: list[Unit]) -> list[dict]:
             if _CANCEL.is_set():
                 break
             for attempt in range(1, THROTTLE_TRIES + 1):
-                r = _one(u, tmp)
+                direct = u.members is None and _remote_reader()
+                r = _one(u, tmp, direct)
+                if direct and _read_locally(r):  # a build whose readers do not take this URL yet
+                    r = _one(u, tmp, False)
                 if not _throttled(r):
                     break
                 if attempt == THROTTLE_TRIES:

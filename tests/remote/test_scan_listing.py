@@ -1,0 +1,128 @@
+"""``list_objects``: paged and streamed, ETags and version ids as boto3 sees them, folder semantics; the
+grouping of a listing into units (sidecars, diffusers folders) against ``sidecars.find`` over whole folders;
+the scan starting work before the listing ends."""
+
+from __future__ import annotations
+
+import pytest
+
+from ckptlab.library import sidecars
+from ckptlab.library.remote_scan import group_units
+from ckptlab.remote import RemoteEntry
+
+
+@pytest.fixture
+def proxy(s3_server, monkeypatch):
+    import fsspec.config
+    from fakes.s3_proxy import S3Proxy
+
+    p = S3Proxy(s3_server.endpoint)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": p.endpoint})
+    yield p
+    p.close()
+
+
+def _fs(endpoint):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True)
+
+
+def test_pages_stream_and_match_boto3(s3, proxy):
+    from ckptlab.remote.listing import list_objects
+
+    keys = [f"m/{i:03d}.safetensors" for i in range(9)] + ["m-old/x.safetensors", "m/sub/y.ckpt"]
+    for i, k in enumerate(keys):
+        s3.put(k, bytes([i]) * (i + 1))
+    proxy.reset()
+    it = list_objects(s3.url("m"), page_size=2, fs=_fs(proxy.endpoint))
+    first = next(it)
+    lists_for_first = sum(1 for kind, p in proxy.events if kind == "list" and "list-type" in p)
+    rest = list(it)
+    assert lists_for_first == 1  # the first object came with the first page
+    got = [first, *rest]
+    client = s3.server.client()
+    listed = client.list_objects_v2(Bucket=s3.bucket_name, Prefix="m/")["Contents"]  # boto3 is the oracle
+    assert [e.url for e in got] == [s3.url(o["Key"]) for o in listed]  # not m-old/: the folder m/
+    for e, o in zip(got, listed, strict=True):
+        assert e.size == o["Size"] and e.etag == o["ETag"].strip('"') and e.version_id is None
+        assert e.last_modified == o["LastModified"].timestamp()
+    assert sum(1 for kind, p in proxy.events if kind == "list" and "list-type" in p) == 5  # 10 keys under m/, 2 a page
+    one = list(list_objects(s3.url("m/003.safetensors"), fs=_fs(proxy.endpoint)))
+    assert [e.url for e in one] == [s3.url("m/003.safetensors")]
+
+
+def test_versioned_bucket_gives_version_ids(s3_server, monkeypatch):
+    from ckptlab.remote.listing import list_objects
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    b = s3_server.bucket(versioned=True)
+    c = s3_server.client()
+    c.put_object(Bucket=b, Key="k/a.safetensors", Body=b"1")
+    latest = c.put_object(Bucket=b, Key="k/a.safetensors", Body=b"22")["VersionId"]
+    c.put_object(Bucket=b, Key="k/gone.safetensors", Body=b"3")
+    c.delete_object(Bucket=b, Key="k/gone.safetensors")  # a delete marker: not listed
+    got = list(list_objects(f"s3://{b}/k", fs=_fs(s3_server.endpoint)))
+    assert [(e.url, e.version_id, e.size) for e in got] == [(f"s3://{b}/k/a.safetensors", latest, 2)]
+
+
+def _entries(names):
+    return [RemoteEntry(url=f"s3://b/r/{n}", size=len(n), etag=n, last_modified=1.0) for n in sorted(names)]
+
+
+def test_units_carry_the_sidecars_a_folder_listing_would_give():
+    names = ["a.safetensors", "a.civitai.info", "a.preview.png", "a.b.safetensors", "a.b.json", "a.json",
+             "z.ckpt", "z.txt", "sub/a.safetensors", "sub/a.yaml", ".hidden/x.safetensors", "c.safetensors.json",
+             "c.safetensors", "readme.md"]
+    units = list(group_units(_entries(names), "s3://b/r", lambda folder: False))
+    got = {u.url: {r: e.name for r, e in u.sidecar_entries.items()} for u in units}
+    # the oracle: sidecars.find over each folder's full name list
+    folders: dict[str, set[str]] = {}
+    for n in names:
+        d, _, base = n.rpartition("/")
+        folders.setdefault(d, set()).add(base)
+    want = {}
+    for n in names:
+        d, _, base = n.rpartition("/")
+        if n.startswith(".") or not base.endswith((".safetensors", ".ckpt")):
+            continue
+        want[f"s3://b/r/{n}"] = sidecars.find(base, folders[d])
+    assert got == want
+
+
+def test_a_prefix_holding_model_index_json_is_one_unit():
+    names = ["pipe/feature_extractor/preprocessor_config.json", "pipe/model_index.json",
+             "pipe/unet/diffusion_pytorch_model.safetensors", "pipe/vae/diffusion_pytorch_model.safetensors",
+             "pipe.safetensors", "pipe2/x.safetensors"]
+    asked = []
+
+    def is_diffusers(folder):
+        asked.append(folder)
+        return folder == "s3://b/r/pipe"
+
+    units = list(group_units(_entries(names), "s3://b/r", is_diffusers))
+    by = {u.url: u for u in units}
+    assert sorted(by) == ["s3://b/r/pipe", "s3://b/r/pipe.safetensors", "s3://b/r/pipe2/x.safetensors"]
+    pipe = by["s3://b/r/pipe"]
+    assert sorted(m.url for m in pipe.members) == sorted(f"s3://b/r/{n}" for n in names[:4])
+    assert pipe.size == sum(len(n) for n in names[:4])
+    assert asked.count("s3://b/r/pipe") == 1 and asked.count("s3://b/r") == 1  # once per folder
+
+
+def test_scan_reads_before_the_listing_ends(s3, proxy, tmp_path, monkeypatch):
+    from fakes.library_files import tensors, write_st
+
+    from ckptlab.library import remote_scan
+    from ckptlab.library.catalog import Catalog
+
+    for i in range(12):
+        s3.put(f"lib/m{i:02d}.safetensors", write_st(tmp_path / f"m{i}.safetensors", tensors("sd1_vae", seed=i)))
+    monkeypatch.setattr(remote_scan, "LOOKUP_BATCH", 2)
+    monkeypatch.setattr(remote_scan, "TASK_FILES", 2)
+    proxy.reset()
+    with Catalog(tmp_path / "c.db") as cat:
+        s = remote_scan.scan_remote([s3.url("lib")], cat, workers=2, page_size=2)
+    assert s.new == 12 and s.errors == 0
+    kinds = [k for k, p in proxy.events if k == "get" or "list-type" in p]
+    assert kinds.index("get") < len(kinds) - 1 - kinds[::-1].index("list")  # a GET before the last page
