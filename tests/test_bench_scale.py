@@ -78,7 +78,7 @@ def test_object_server_counts_what_boto3_received(object_server):
 def test_scale_quick_writes_the_figures(tmp_path):
     out = tmp_path / "scale.json"
     r = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--quick", "--files", "8", "--hash-mib", "4",
-                        "--repeat", "1", "--no-ray", "--no-pickles", "--cache", str(tmp_path / "cache"),
+                        "--repeat", "1", "--no-ray", "--no-pickles", "--latency-ms", "0", "--cache", str(tmp_path / "cache"),
                         "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.read_text())
