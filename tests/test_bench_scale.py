@@ -88,6 +88,8 @@ def test_scale_quick_writes_the_figures(tmp_path):
     files = {p.name: p for p in (tmp_path / "cache" / "models").iterdir()}
     rows = rep["requests"]
     assert {row["file"] for row in rows} == {n for n in files if n.endswith(".safetensors")}
+    ours = [row for row in rows if row["reader"].startswith("ckptlab")]
+    assert ours and all(row["error"] is None and row["client_counts"] for row in ours)
     for row in rows:
         path = files[row["file"]]
         assert row["size"] == path.stat().st_size
@@ -96,9 +98,9 @@ def test_scale_quick_writes_the_figures(tmp_path):
         assert row["header_bytes"] == header
         if row["error"] is None and row["requests"]:
             assert row["bytes"] >= header  # nothing parses a header it did not receive
+    for row in ours:  # ckptlab's own counters agree with the server's
         mine = row["client_counts"]
-        if mine and row["error"] is None:  # ckptlab's own counters agree with the server's
-            assert (mine["requests"], mine["bytes"]) == (row["requests"], row["bytes"]), row
+        assert (mine["requests"], mine["bytes"]) == (row["requests"], row["bytes"]), row
 
     scans = {row["run"]: row for row in rep["scan"] if "files_per_s" in row}
     bare = scans["bare s3fs header loop (I/O floor, 1 process)"]
@@ -110,7 +112,8 @@ def test_scale_quick_writes_the_figures(tmp_path):
     size = (tmp_path / "cache" / "hash" / "blob_4MiB.safetensors").stat().st_size
     plain = hashes["plain streamed GET (urllib, raw I/O)"]
     assert (plain["requests"], plain["bytes"], plain["size"]) == (1, size, size)
+    block = rep["config"]["read_ahead"] or 0
     for row in rep["hash"]:
-        if row["remote"] and row["error"] is None:
-            assert row["bytes"] == size, row  # streamed once: every byte, no byte twice
+        if row["remote"] and row["error"] is None:  # streamed once: every byte, and at most a first block twice
+            assert size <= row["bytes"] <= size + block, row  # (a URL without its size: a first ranged GET learns it)
     assert hashes["ckptlab hash_file, local file"]["requests"] == 0
