@@ -46,6 +46,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import zipfile
@@ -450,14 +451,20 @@ def list_bucket(prefix: str) -> list[str]:
     return sorted(f"s3://{k}" for k in fs.find(prefix) if k.endswith(".safetensors"))
 
 
-def timed_run(label: str, srv: ObjectServer, fn, n_files: int, workers: int) -> dict:
+def timed_run(label: str, srv: ObjectServer, fn, n_files: int, workers: int, cluster: RayCluster | None = None) -> dict:
     fresh_fsspec()
     srv.reset()
     c0, s0, m0 = cpu_now(), srv.cpu(), machine_cpu()
-    with PeakRss() as rss:
+    with contextlib.ExitStack() as stack:
+        wcpu = stack.enter_context(cluster.worker_cpu_sampler()) if cluster is not None else None
+        rss = stack.enter_context(PeakRss())
         t = time.perf_counter()
         extra = fn() or {}
         wall = time.perf_counter() - t
+    if wcpu is not None:
+        extra["worker_cpu_s"] = round(wcpu.seconds, 3)
+        extra["worker_cpu_ms_per_file"] = round(wcpu.seconds / max(extra.get("files", n_files), 1) * 1000, 2)
+        extra["worker_busy_cores"] = round(wcpu.seconds / wall, 2)
     m1 = machine_cpu()
     st = srv.stats()["total"]
     files = extra.pop("files", n_files)
@@ -498,6 +505,22 @@ class RayCluster:
     def add(self) -> None:
         self._start(["--address", self.address])
 
+    def _raylets(self) -> set[int]:
+        """The raylet of each of this cluster's nodes (in the process group of its ``ray start``)."""
+        pgids = {p.pid for p in self.procs}
+        out = set()
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                    if int(stat[2]) in pgids and b"raylet" in (d / "cmdline").read_bytes():
+                        out.add(int(d.name))
+        return out
+
+    def worker_cpu_sampler(self) -> WorkerCpu:
+        return WorkerCpu(self._raylets())
+
+
     def wait_cpus(self, n: int, timeout: float = 120) -> None:
         import ray
 
@@ -527,7 +550,7 @@ class RayCluster:
                 os.killpg(p.pid, signal.SIGTERM)
         for p in reversed(self.procs):
             try:
-                p.wait(15)
+                p.wait(5)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
@@ -535,6 +558,48 @@ class RayCluster:
         shutil.rmtree(self.temp, ignore_errors=True)
         for log in self.temp.parent.glob(f"{self.temp.name}-*.log"):
             log.unlink()
+
+
+class WorkerCpu:
+    """CPU seconds of the Ray worker processes (children of ``raylets``), sampled every 100 ms while running: a
+    worker's last sample counts after it exits (a job's workers end with the job)."""
+
+    def __init__(self, raylets: set[int]) -> None:
+        self.raylets = raylets
+        self.last: dict[int, float] = {}
+        self.first: dict[int, float] = {}
+
+    def _sample(self) -> None:
+        hz = os.sysconf("SC_CLK_TCK")
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(f[1]) in self.raylets:
+                    pid = int(d.name)
+                    cpu = (int(f[11]) + int(f[12])) / hz
+                    self.first.setdefault(pid, cpu)
+                    self.last[pid] = cpu
+
+    def __enter__(self) -> WorkerCpu:
+        self._stop = threading.Event()
+        self._sample()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self._sample()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.last[p] - self.first[p] for p in self.last)
 
 
 def _free_port() -> int:
@@ -654,14 +719,14 @@ def section_scan(srv: ObjectServer, bucket: Path, small: Path, ray_nodes: int, l
                     rows.append({"run": "ray cluster start (head, 1 CPU)", "seconds": round(time.perf_counter() - t, 1)})
                 ray_header_tasks(urls[:2 * workers], per_task=1)  # start the worker processes
                 rows.append(timed_run(f"bare s3fs header loop on Ray ({workers} node)", srv,
-                                      lambda: {"files": ray_header_tasks(list_bucket(name))}, n, workers))
+                                      lambda: {"files": ray_header_tasks(list_bucket(name))}, n, workers, cluster))
                 label = f"ckptlab scan s3:// --ray ({workers} node{'s' if workers > 1 else ''})"
                 fixed = _attempt([], label, workers, lambda lb=label, w=workers: timed_run(
                     lb + " small", srv, lambda: ckptlab_scan(f"s3://{small.name}/", cluster.address), k, w))
                 if fixed:
                     rows.append({"run": f"{label}, {k} objects", "seconds": fixed["seconds"]})
                 _steady(_attempt(rows, label, workers, lambda w=workers, lb=label: timed_run(
-                    lb, srv, lambda: ckptlab_scan(f"s3://{name}/", cluster.address), n, w)), fixed)
+                    lb, srv, lambda: ckptlab_scan(f"s3://{name}/", cluster.address), n, w, cluster)), fixed)
         finally:
             cluster.stop()
     return rows
@@ -881,6 +946,10 @@ def show(rep: dict) -> None:
                  "drv CPU-ms/file", "srv CPU-ms/file", "busy cores", "peak MiB", "base MiB"), rows,
                 ("", "d", ".2f", ".1f", ".1f", ".1f", ".2f", ".1f", ".2f", ".2f", ".2f", ".0f", ".0f"))
     print("  busy cores: the whole machine's CPU use during the run (everyone's: the server, Ray, other work)")
+    for r in rep["scan"]:
+        if "worker_cpu_s" in r:
+            print(f"  {r['run']}: Ray workers used {r['worker_cpu_s']:.1f} CPU-s = {r['worker_cpu_ms_per_file']:.2f} "
+                  f"CPU-ms per file, {r['worker_busy_cores']:.2f} cores on average")
     for r in rep["scan"]:
         if "error" in r:
             print(f"  {r['run']}: {r['error']}")
