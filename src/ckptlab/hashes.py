@@ -282,7 +282,6 @@ def hash_remote(url, progress: Progress | None = None, *, size: int | None = Non
 
     progress = progress or null_progress
     rf = open_remote(url, size)
-    total = rf.size
     pos = 0
     with MultiHasher() as mh:
         for piece in rf.stream():
@@ -292,8 +291,8 @@ def hash_remote(url, progress: Progress | None = None, *, size: int | None = Non
             pos += len(piece)
             progress(len(piece))
         h = mh.result()
-    if h.size != total:
-        raise FormatError(f"object changed while it was hashed ({total} bytes listed, {h.size} read)", rf.url)
+    if h.size != rf.size:
+        raise FormatError(f"object changed while it was hashed ({rf.size} bytes listed, {h.size} read)", rf.url)
     return h
 
 

@@ -688,6 +688,38 @@ CASES += [
     ("generate-output-ro", ["generate", "{d}/good.safetensors", *_GEN, "-o", "{ro}/a.png"], {1}),
 ]
 
+# remote paths (issue 17): {port} a closed loopback port (unreachable endpoint), {h} a loopback HTTP server whose
+# objects are a good model, a missing one, a server that ignores Range, one that never ends its body, one that
+# is always throttled (503: retried, then one line)
+_R = "{h}"
+CASES += [
+    ("inspect-missing-url-endpoint", ["inspect", "http://127.0.0.1:{port}/m.safetensors"], {1}),
+    ("inspect-missing-url-object", ["inspect", f"{_R}/nope.safetensors"], {1}),
+    ("inspect-bad-url-ignores-range", ["inspect", "--json", f"{_R}/lie.safetensors"], {1}),
+    ("inspect-bad-url-endless", ["inspect", f"{_R}/endless.safetensors"], {1}),
+    ("inspect-bad-url-throttled", ["inspect", f"{_R}/busy.safetensors"], {1}),
+    ("check-missing-url-endpoint", ["check", "http://127.0.0.1:{port}/m.ckpt"], CORRUPT, "corrupt"),
+    ("check-missing-url-object", ["check", "--json", f"{_R}/nope.ckpt"], CORRUPT, '"verdict": "corrupt"'),
+    ("check-bad-url-ignores-range", ["check", f"{_R}/lie.safetensors"], CORRUPT, "corrupt"),
+    ("check-bad-url-throttled", ["check", f"{_R}/busy.safetensors"], CORRUPT, "gave up"),
+    ("hash-missing-url-endpoint", ["hash", "--no-cache", "http://127.0.0.1:{port}/m.safetensors"], {1}),
+    ("hash-missing-url-object", ["hash", "--json", f"{_R}/nope.safetensors"], {1}),
+    ("hash-bad-url-endless", ["hash", f"{_R}/endless.safetensors"], {1}),
+    ("hash-bad-url-throttled", ["hash", f"{_R}/busy.safetensors"], {1}),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_http(bad):
+    from fakes.http_range_server import serve
+
+    good = bad / "good.safetensors"
+    srv = serve({n: good for n in ("good.safetensors", "lie.safetensors", "endless.safetensors", "busy.safetensors")},
+                {"lie.safetensors": "ignore_range", "endless.safetensors": "endless", "busy.safetensors": "503"})
+    yield srv.url("").rstrip("/")
+    srv.stop()
+
+
 CLASSES = ("missing", "empty", "text", "truncated", "directory", "wrong-kind", "bad-option", "unwritable")
 
 #: (command, class) pairs with no case, and why; everything else needs a case
@@ -775,15 +807,16 @@ def _check_stderr(err: str, rc: int, reported: bool) -> None:
 
 
 @pytest.mark.parametrize(("argv", "codes", "reported"), list(_params()))
-def test_bad_input(cli, bad, closed_port, ro, scratch, tmp_path, argv, codes, reported):
+def test_bad_input(cli, bad, closed_port, ro, scratch, hostile_http, tmp_path, argv, codes, reported):
     out = tmp_path / "out"
     out.mkdir()
-    args = [a.format(d=bad, o=out, port=closed_port, ro=ro, w=scratch) for a in argv]
+    args = [a.format(d=bad, o=out, port=closed_port, ro=ro, w=scratch, h=hostile_http) for a in argv]
     inputs = [Path(a) for a in args if a.startswith(str(bad)) and Path(a).is_file()]
     before_sha = {p: _sha(p) for p in inputs}
     before = _snapshot(bad)
 
-    r = cli(*args, timeout=TIMEOUT, env={"CKPTLAB_HTTP_BACKOFF": "0.01"})
+    r = cli(*args, timeout=TIMEOUT, env={"CKPTLAB_HTTP_BACKOFF": "0.01", "CKPTLAB_REMOTE_BACKOFF": "0.01",
+                                         "CKPTLAB_REMOTE_TRIES": "3", "CKPTLAB_REMOTE_TIMEOUT": "10"})
 
     assert r.returncode in codes, f"exit {r.returncode}, expected {sorted(codes)}; stderr: {r.stderr}"
     _check_stderr(r.stderr, r.returncode, bool(reported))

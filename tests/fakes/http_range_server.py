@@ -70,9 +70,11 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
         def log_message(self, *a):  # quiet
             pass
 
-        def _record(self, status: int, sent: int) -> None:
+        def _record(self, status: int, sent: int) -> Hit:
+            hit = Hit(self.command, self.path, self.headers.get("Range"), status, sent)
             with server.lock:
-                server.log.append(Hit(self.command, self.path, self.headers.get("Range"), status, sent))
+                server.log.append(hit)
+            return hit
 
         def _size_and_reader(self, src):
             if isinstance(src, (bytes, bytearray)):
@@ -88,13 +90,19 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
             return size, read
 
         def _send_body(self, read, start: int, n: int) -> int:
+            """Send; the pending hit (logged before the body: a client may hang up mid-body) counts the bytes."""
             sent = 0
-            while sent < n:
-                piece = read(start + sent, min(1 << 20, n - sent))
-                if not piece:
-                    break
-                self.wfile.write(piece)
-                sent += len(piece)
+            try:
+                while sent < n:
+                    piece = read(start + sent, min(1 << 20, n - sent))
+                    if not piece:
+                        break
+                    self.pending.sent = sent + len(piece)  # counted before the write: the client may be done first
+                    self.wfile.write(piece)
+                    sent += len(piece)
+            except OSError:
+                self.pending.sent = sent  # not delivered
+                self.close_connection = True
             return sent
 
         def do_HEAD(self):
@@ -132,14 +140,13 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
             if how == "endless":
                 self.send_response(200)
                 self.end_headers()  # no length: the body never ends
-                sent = 0
+                hit = self._record(200, 0)
                 try:
-                    while sent < 512 * 1024 * 1024:
+                    while hit.sent < 512 * 1024 * 1024:
+                        hit.sent += 65536
                         self.wfile.write(b"\0" * 65536)
-                        sent += 65536
                 except OSError:
-                    pass
-                self._record(200, sent)
+                    hit.sent -= 65536
                 self.close_connection = True
                 return
             if how == "stall":
@@ -171,26 +178,30 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                 self.send_header("Content-Range", f"bytes {a}-{b}/{size}")
                 self.send_header("Content-Length", str(n))
                 self.end_headers()
+                self.pending = self._record(206, 0)
                 if how == "short":
                     sent = self._send_body(read, a, n // 2)
                     self.close_connection = True
                 elif how == "more":
                     sent = self._send_body(read, a, n - 100)
-                    self.wfile.write(b"\0" * 100)
-                    sent += 100
+                    try:
+                        self.pending.sent = sent + 100
+                        self.wfile.write(b"\0" * 100)
+                    except OSError:
+                        self.pending.sent = sent
+                        self.close_connection = True
                 else:
                     sent = self._send_body(read, a, n)
-                self._record(206, sent)
                 return
             self.send_response(200)
             self.send_header("Content-Length", str(size))
             self.end_headers()
+            self.pending = self._record(200, 0)
             if how == "short":
-                sent = self._send_body(read, 0, size // 2)
+                self._send_body(read, 0, size // 2)
                 self.close_connection = True
             else:
-                sent = self._send_body(read, 0, size)
-            self._record(200, sent)
+                self._send_body(read, 0, size)
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True

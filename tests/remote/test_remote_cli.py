@@ -55,3 +55,20 @@ def test_check_on_an_https_like_url(cli, files):
             assert _same(remote.stdout, url) == _same(local.stdout, path), name
     finally:
         srv.stop()
+
+
+def test_without_the_remote_extra_a_url_is_one_line(tmp_path):
+    """fsspec missing (blocked in a fresh interpreter): ``inspect s3://...`` is one line naming the extra; an http
+    URL needs no extra at all (the standard library reads it)."""
+    import subprocess
+    import sys
+
+    from conftest import SRC
+
+    code = ("import sys; sys.modules['fsspec'] = None; sys.modules['s3fs'] = None\n"
+            "from ckptlab.cli.main import main\nsys.argv = ['ckptlab', 'inspect', 's3://bucket/m.safetensors']\nmain()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'ckptlab[remote]'" in lines[0], r.stderr

@@ -161,3 +161,89 @@ def test_no_such_bucket_is_one_line(s3):
 def test_tmp_helpers_leave_nothing():
     with tempfile.TemporaryDirectory() as d:
         assert not list(Path(d).iterdir())
+
+
+def test_diffusers_prefix_gives_the_local_facts(s3, tmp_path):
+    """A diffusers pipeline uploaded under a prefix: inspect's identification, check's per-file verdicts and the
+    catalog facts equal the local folder's (paths aside)."""
+    from ckptlab.arch.identify import identify
+    from ckptlab.ops.diffusers_io import to_diffusers
+
+    src = write_st(tmp_path / "sd15.safetensors", tensors("sd1_checkpoint", seed=1))
+    folder = tmp_path / "pipe"
+    to_diffusers(src, folder)
+    urls = s3.put_tree("pipes/pipe", folder)
+    assert any(u.endswith("model_index.json") for u in urls)
+    url = s3.url("pipes/pipe")
+    for u in (url, url + "/"):
+        assert _same(_facts(u), u) == _same(_facts(str(folder)), folder)
+        assert _same(to_jsonable(identify(u)), u) == _same(to_jsonable(identify(str(folder))), folder)
+    from ckptlab.security import check_many
+
+    remote = sorted((r.path[len(url) + 1:], r.verdict) for r in check_many([url]))
+    local = sorted((str(r.path.relative_to(folder)), r.verdict) for r in check_many([folder]))
+    assert remote == local and len(local) >= 3
+
+
+def test_listed_etag_and_version_are_read(s3, real_files):
+    """A RemoteEntry's ETag guards the read (an object replaced since the listing is an error, never other bytes);
+    a version id reads that version. Oracle: boto3's own head_object / list_object_versions."""
+    a, b = real_files["vae.safetensors"], real_files["embedding.safetensors"]
+    url = s3.put("v/m.safetensors", a)
+    bucket, key = url[5:].split("/", 1)
+    head = s3.server.client().head_object(Bucket=bucket, Key=key)
+    entry = RemoteEntry(url, head["ContentLength"], etag=head["ETag"].strip('"'))
+    assert _same(read_file_facts(entry), url) == _same(read_file_facts(str(a)), a)
+    s3.put("v/m.safetensors", b)  # replaced after the listing
+    with pytest.raises(CkptlabError) as e:
+        read_file_facts(RemoteEntry(url, head["ContentLength"], etag=head["ETag"].strip('"')))
+    assert "changed" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_version_id_reads_that_version(s3_server, monkeypatch, real_files):
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    bucket = s3_server.bucket("versioned-remote-io", versioned=True)
+    a, b = real_files["vae.safetensors"], real_files["embedding.safetensors"]
+    s3_server.put(bucket, "m.safetensors", a)
+    s3_server.put(bucket, "m.safetensors", b)
+    versions = s3_server.client().list_object_versions(Bucket=bucket, Prefix="m.safetensors")["Versions"]
+    old = next(v for v in versions if not v["IsLatest"])
+    url = f"s3://{bucket}/m.safetensors"
+    entry = RemoteEntry(url, old["Size"], etag=old["ETag"].strip('"'), version_id=old["VersionId"])
+    assert _same(read_file_facts(entry), url) == _same(read_file_facts(str(a)), a)
+    assert _same(read_file_facts(f"{url}?versionId={old['VersionId']}"), f"{url}?versionId={old['VersionId']}") == \
+        _same(read_file_facts(str(a)), a)
+    assert _same(read_file_facts(url), url) == _same(read_file_facts(str(b)), b)
+
+
+def test_deep_check_gives_the_local_findings(s3, real_files, tmp_path):
+    """check --deep on a URL (every tensor record read, CRCs and NaN/Inf): the local findings, including a damaged
+    record's CRC and a NaN."""
+    import numpy as np
+
+    sd = tensors("sd1_vae", seed=2)
+    key = next(iter(sd))
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = float("nan")
+    files = {**{k: real_files[k] for k in ("sd15.ckpt", "legacy.pt", "vae.safetensors")},
+             "nan.safetensors": write_st(tmp_path / "nan.safetensors", sd),
+             "nan.ckpt": write_ckpt(tmp_path / "nan.ckpt", sd)}
+    damaged = tmp_path / "damaged.ckpt"
+    data = bytearray(real_files["sd15.ckpt"].read_bytes())
+    data[-(len(data) // 3)] ^= 0xFF  # a byte inside a tensor record
+    damaged.write_bytes(bytes(data))
+    files["damaged.ckpt"] = damaged
+    verdicts = set()
+    for name, path in files.items():
+        url = s3.put(f"deep/{path.name}", path)
+        local, remote_ = check(str(path), deep=True), check(url, deep=True)
+        assert _same(_check_result(remote_), url) == _same(_check_result(local), path), name
+        verdicts.add(local.verdict)
+    assert verdicts >= {"safe", "corrupt"}
+    assert np.isnan(sd[key].numpy()).any()
+
+
+def _check_result(r):
+    return {"format": r.format, "verdict": r.verdict, "container": r.container, "globals": r.globals,
+            "findings": [to_jsonable(f) for f in r.findings]}

@@ -73,9 +73,17 @@ def _detect_remote(p) -> str:
 
 
 def _detect_remote_folder(p) -> str:
+    """A prefix holding ``model_index.json`` (or ``config.json``): from the prefix's listing (one LIST per session);
+    http(s) cannot list, so there one ranged GET probes each name."""
     from ckptlab.remote.reader import open_remote
 
     for name in ("model_index.json", "config.json"):
+        try:
+            if (p / name).is_file():
+                return "diffusers"
+            continue
+        except CkptlabError:
+            pass
         try:
             open_remote(p / name).pread(0, 1)
             return "diffusers"

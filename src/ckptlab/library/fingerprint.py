@@ -266,7 +266,6 @@ def _stream_remote(rf, hash: bool, fingerprint: bool, progress):  # noqa: A002
     from ckptlab.formats.safetensors import parse_header_bytes
     from ckptlab.hashes import safetensors_data_offset
 
-    size = rf.size
     st = {"head": bytearray(), "data_at": None, "header": None, "order": None, "i": 0, "buf": bytearray(),
           "off": False}
     digests: dict[str, tuple[str, str | None]] = {}
@@ -284,7 +283,7 @@ def _stream_remote(rf, hash: bool, fingerprint: bool, progress):  # noqa: A002
         take = min(len(piece), max(0, need - len(st["head"])))
         st["head"] += piece[:take]
         if st["data_at"] is None and len(st["head"]) >= 16:
-            st["data_at"] = safetensors_data_offset(bytes(st["head"][:16]), size)
+            st["data_at"] = safetensors_data_offset(bytes(st["head"][:16]), rf.size)
             if st["data_at"] is None:
                 st["off"] = True  # not safetensors: hashes only
                 return len(piece)
@@ -292,7 +291,7 @@ def _stream_remote(rf, hash: bool, fingerprint: bool, progress):  # noqa: A002
             st["head"] += piece[take:take + more]
             take += more
         if st["data_at"] is not None and len(st["head"]) >= st["data_at"]:
-            header = parse_header_bytes(bytes(st["head"][8:st["data_at"]]), size, rf.url)
+            header = parse_header_bytes(bytes(st["head"][8:st["data_at"]]), rf.size, rf.url)
             st["head"] = bytearray()
             infos = header.tensors
             comps, with_bf16 = _plan(infos)

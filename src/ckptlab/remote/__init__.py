@@ -91,6 +91,44 @@ class RemoteURL(str):
     def as_posix(self) -> str:
         return str(self)
 
+    # -- the folder view of a prefix (a diffusers pipeline in a bucket), from one listing per session
+    def is_file(self) -> bool:
+        from ckptlab.remote.reader import tree_lookup
+
+        return tree_lookup(self)[0] == "file"
+
+    def is_dir(self) -> bool:
+        from ckptlab.remote.reader import tree_lookup
+
+        return tree_lookup(self)[0] == "dir"
+
+    def exists(self) -> bool:
+        return self.is_file() or self.is_dir()
+
+    def iterdir(self):
+        from ckptlab.remote.reader import tree_children
+
+        return iter([RemoteURL(u) for u in tree_children(self)])
+
+    def stat(self):
+        from ckptlab.remote.reader import tree_lookup
+
+        kind, size = tree_lookup(self)
+        if kind != "file":
+            raise FileNotFoundError(2, "no such object", str(self))
+        import os
+
+        return os.stat_result((0o100444, 0, REMOTE_DEV, 1, 0, 0, size, 0, 0, 0))
+
+    def read_bytes(self) -> bytes:
+        from ckptlab.remote.reader import open_remote
+
+        rf = open_remote(self)
+        return rf.pread(0, rf.size)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
 
 def expand_targets(args, expand_local) -> list:
     """Command-line arguments in order: remote URLs as ``RemoteURL`` (never globbed), the rest through

@@ -339,27 +339,38 @@ class _HTTP:
 
         return _with_retries(self.url, attempt)
 
-    def stream(self, size: int, chunk: int):
-        """The whole object (``size`` bytes) in one GET, piece by piece."""
+    def stream(self, size: int | None, chunk: int, on_size=None):
+        """The whole object (``size`` bytes; None: as the reply's Content-Length says, told to ``on_size``) in one
+        GET, piece by piece."""
         r = _with_retries(self.url, lambda: self._request({"Accept-Encoding": "identity"}))
         if r.status not in (200, 206):
             self._drop()
             raise NetworkError(f"HTTP {r.status} {r.reason}".strip(), self.url)
         clen = r.getheader("Content-Length")
+        if size is None:
+            if clen is None or not clen.isdigit():
+                self._drop()
+                raise NetworkError("the server does not say the object's size (no Content-Length)", self.url)
+            size = int(clen)
+            on_size(size)
         if clen is not None and clen.isdigit() and int(clen) != size:
             self._drop()
             raise NetworkError(f"the server sends {clen} bytes but the object has {size}", self.url)
         done = 0
         try:
-            while done < size:
+            while done <= size:
                 try:
-                    part = r.read(min(chunk, size - done))
+                    part = r.read(min(chunk, size - done) if done < size else 1)  # at the end: is there more?
                 except TimeoutError:
                     raise NetworkError(f"the server stopped sending after {done} of {size} bytes (timed out)",
                                        self.url) from None
                 except OSError as e:
                     raise NetworkError(f"connection dropped after {done} of {size} bytes ({type(e).__name__})",
                                        self.url) from None
+                if done == size:
+                    if part:
+                        raise NetworkError(f"the server sends more than the object's {size} bytes", self.url)
+                    break
                 if not part:
                     raise NetworkError(f"the server sent {done} of the object's {size} bytes (truncated reply)",
                                        self.url)
@@ -399,15 +410,20 @@ def _s3_error(url: str, e: Exception) -> Exception:
 
 
 class _S3:
-    """``get_object`` with ``Range`` through s3fs's client (one request, size from ``ContentRange``)."""
+    """``get_object`` with ``Range`` through s3fs's client (one request, size from ``ContentRange``). A listed
+    object's version id (``?versionId=`` or ``RemoteEntry.version_id``) is read as that version; without one its
+    listed ETag is sent as ``If-Match``: an object replaced since the listing is an error, never other bytes."""
 
-    def __init__(self, url: str, options: dict):
+    def __init__(self, url: str, options: dict, version: str | None = None, etag: str | None = None):
         self.url = url
         self.fs = filesystem("s3", **options)
+        base, _, url_version = url.partition("?versionId=")
         try:
-            self.bucket, self.key, self.version = self.fs.split_path(url)
+            self.bucket, self.key, _ = self.fs.split_path(base)
         except ValueError as e:
             raise CkptlabError(f"not a valid S3 URL: {e}", url) from None
+        self.version = version or url_version or None
+        self.etag = etag if not self.version else None
         if not self.key:
             raise CkptlabError("names a bucket, not an object", url)
 
@@ -416,14 +432,19 @@ class _S3:
 
         if self.version:
             kw["VersionId"] = self.version
+        elif self.etag:
+            kw["IfMatch"] = f'"{self.etag}"'
         _count(requests=1)
         try:
             return sync(self.fs.loop, self.fs._call_s3, "get_object", Bucket=self.bucket, Key=self.key, **kw)
         except CkptlabError:
             raise
         except Exception as e:  # noqa: BLE001 - botocore's exception zoo becomes one line (or a retry)
-            if "invalidrange" in f"{type(e).__name__}{e}".lower():
+            low = f"{type(e).__name__}{e}".lower()
+            if "invalidrange" in low:
                 raise _InvalidRange() from None
+            if "precondition" in low or "pre-condition" in low or "412" in low:
+                raise NetworkError("the object changed since it was listed (ETag differs)", self.url) from None
             raise _s3_error(self.url, e) from None
 
     def _read(self, body, n: int, *, exact: bool = True) -> bytes:
@@ -474,13 +495,18 @@ class _S3:
             total = self.size()
         return data, total
 
-    def stream(self, size: int, chunk: int):
+    def stream(self, size: int | None, chunk: int, on_size=None):
         from fsspec.asyn import sync
 
         resp = _with_retries(self.url, lambda: self._call())
         body = resp["Body"]
         done = 0
         try:
+            if size is None:
+                size = int(resp.get("ContentLength", -1))
+                if size < 0:
+                    raise NetworkError("the store does not say the object's size", self.url)
+                on_size(size)
             n = int(resp.get("ContentLength", size))
             if n != size:
                 raise NetworkError(f"the store sends {n} bytes but the object has {size}", self.url)
@@ -543,7 +569,10 @@ class _FSSpec:
             raise NetworkError(f"the store sent {len(data)} bytes for a {end - start}-byte range", self.url)
         return bytes(data), None
 
-    def stream(self, size: int, chunk: int):
+    def stream(self, size: int | None, chunk: int, on_size=None):
+        if size is None:
+            size = self.size()
+            on_size(size)
         big = max(chunk, 64 * 1024 * 1024)  # no streaming body in fsspec's generic API: big ranged GETs
         pos = 0
         while pos < size:
@@ -555,12 +584,12 @@ class _FSSpec:
             pos += len(data)
 
 
-def transport(url: str, options: dict | None = None):
+def transport(url: str, options: dict | None = None, version: str | None = None, etag: str | None = None):
     proto = _protocol(url)
     if proto in ("http", "https"):
         return _HTTP(url)
     if proto == "s3":
-        return _S3(url, options or {})
+        return _S3(url, options or {}, version, etag)
     return _FSSpec(url, options or {})
 
 
@@ -573,17 +602,21 @@ class RemoteFile(io.RawIOBase):
 
     def __init__(self, url, size: int | None = None, *, readahead: int = READAHEAD, options: dict | None = None):
         super().__init__()
-        if hasattr(url, "url") and hasattr(url, "size"):  # a RemoteEntry
+        version = etag = None
+        if hasattr(url, "url") and hasattr(url, "size"):  # a RemoteEntry (or another RemoteFile)
             size = url.size if size is None else size
+            version, etag = getattr(url, "version_id", None), getattr(url, "etag", None)
             url = url.url
         self.url = str(url)
         self.name = self.url
-        self._t = transport(self.url, options)
+        self.version_id, self.etag = version, etag
+        self._t = transport(self.url, options, version, etag)
         self._size = size
         self._pos = 0
         self._readahead = readahead
         self._spans: list[tuple[int, bytes]] = []  # (start, data), most recently used last
         self._cached = 0
+        self._failed: CkptlabError | None = None
 
     # -- io protocol
     def readable(self) -> bool:
@@ -621,6 +654,8 @@ class RemoteFile(io.RawIOBase):
             if isinstance(self._t, (_HTTP, _S3)):
                 self._fetch(0, self._readahead)  # the first block's reply says the size
             if self._size is None:
+                if self._failed is not None:
+                    raise self._failed
                 self._size = self._t.size()
         return self._size
 
@@ -680,7 +715,13 @@ class RemoteFile(io.RawIOBase):
             end = min(end, self._size)
             if start >= end:
                 return b""
-        data, total = self._t.get(start, end)
+        if self._failed is not None:
+            raise self._failed  # a refusal (404, a lying server...) is final for this open: never asked again
+        try:
+            data, total = self._t.get(start, end)
+        except CkptlabError as e:
+            self._failed = e
+            raise
         if total is not None:
             if self._size is not None and total != self._size:
                 raise NetworkError(f"the object is {total} bytes now, {self._size} when listed (it changed)",
@@ -709,7 +750,11 @@ class RemoteFile(io.RawIOBase):
 
     def stream(self, chunk: int = STREAM_CHUNK):
         """The whole object from its start in one GET, in pieces of at most ``chunk`` bytes."""
-        yield from self._t.stream(self.size, chunk)
+        def learn(size: int) -> None:
+            self._size = size
+
+        # an unknown size is learnt from the streamed reply itself (no request for the size alone)
+        yield from self._t.stream(self._size, chunk, learn)
 
 
 class RemoteBuffer:
@@ -764,24 +809,25 @@ def session():
     depth = getattr(_recent, "depth", 0)
     _recent.depth = depth + 1
     if depth == 0:
-        _recent.files = []
+        _recent.files, _recent.trees = [], {}
     try:
         yield
     finally:
         _recent.depth = depth
         if depth == 0:
-            _recent.files = []
+            _recent.files, _recent.trees = [], {}
 
 
 def open_remote(url, size: int | None = None) -> RemoteFile:
     """A ``RemoteFile`` for ``url`` (a URL string or a ``RemoteEntry``); inside a ``session()`` this thread's open
     one for the same URL (its size and cached blocks) when there is one."""
-    if hasattr(url, "url") and hasattr(url, "size"):
-        size = url.size if size is None else size
-        url = url.url
+    entry = url if hasattr(url, "url") and hasattr(url, "size") else None
+    if entry is not None:
+        size = entry.size if size is None else size
+        url = entry.url
     url = str(url)
     if not getattr(_recent, "depth", 0):
-        return RemoteFile(url, size)
+        return RemoteFile(entry if entry is not None else url, size)
     lst = getattr(_recent, "files", None)
     if lst is None:
         lst = _recent.files = []
@@ -790,7 +836,7 @@ def open_remote(url, size: int | None = None) -> RemoteFile:
             if size is not None:
                 rf._size = size
             return rf
-    rf = RemoteFile(url, size)
+    rf = RemoteFile(entry if entry is not None else url, size)
     lst.append(rf)
     if len(lst) > RECENT_FILES:
         lst.pop(0)
@@ -823,3 +869,42 @@ def list_prefix(url: str) -> list[tuple[str, int]]:
         full = name if "://" in name else f"{scheme}://{name}"
         out.append((full, int(info.get("size") or 0)))
     return out
+
+
+def _tree(url: str) -> dict[str, int]:
+    """``{object url: size}`` under the prefix this lookup belongs to: one listing per prefix per session (a
+    diffusers pipeline's whole tree in one LIST), registering each object's size for ``open_remote``."""
+    trees = getattr(_recent, "trees", None) if getattr(_recent, "depth", 0) else None
+    if trees is not None:
+        for root, tree in trees.items():
+            if url == root or url.startswith(root + "/"):
+                return tree
+    root = url.rstrip("/")
+    tree = dict(list_prefix(root + "/")) if not root.endswith(("model_index.json", "config.json")) else {}
+    if not tree:  # an object, or a name inside a prefix not listed yet: list its parent
+        root = root.rsplit("/", 1)[0]
+        tree = dict(list_prefix(root + "/"))
+    if trees is not None:
+        trees[root] = tree
+    return tree
+
+
+def tree_lookup(url: str) -> tuple[str | None, int | None]:
+    """("file", size) | ("dir", None) | (None, None) for ``url`` in its prefix's listing."""
+    u = str(url).rstrip("/")
+    tree = _tree(u)
+    if u in tree:
+        return "file", tree[u]
+    if any(k.startswith(u + "/") for k in tree):
+        return "dir", None
+    return None, None
+
+
+def tree_children(url: str) -> list[str]:
+    """The direct children (objects and sub-prefixes) of the prefix ``url``."""
+    u = str(url).rstrip("/")
+    out = set()
+    for k in _tree(u):
+        if k.startswith(u + "/"):
+            out.add(u + "/" + k[len(u) + 1:].split("/", 1)[0])
+    return sorted(out)
