@@ -126,3 +126,74 @@ def test_scan_reads_before_the_listing_ends(s3, proxy, tmp_path, monkeypatch):
     assert s.new == 12 and s.errors == 0
     kinds = [k for k, p in proxy.events if k == "get" or "list-type" in p]
     assert kinds.index("get") < len(kinds) - 1 - kinds[::-1].index("list")  # a GET before the last page
+
+
+def test_objects_in_flight_stay_bounded_on_a_long_listing(tmp_path, monkeypatch):
+    """A 20,000-object listing (synthetic; no server): at any moment the driver holds at most one lookup batch
+    plus the in-flight tasks' objects beyond what it has written, and every object gets its row."""
+    import sqlite3
+    import threading
+
+    from ckptlab.library import remote_scan
+    from ckptlab.library.catalog import Catalog
+    from ckptlab.remote import listing
+
+    n = 20_000
+    state = {"listed": 0, "written": 0, "peak": 0}
+    lock = threading.Lock()
+
+    def fake_list(url, page_size=1000):
+        for i in range(n):
+            with lock:
+                state["listed"] += 1
+                state["peak"] = max(state["peak"], state["listed"] - state["written"])
+            yield RemoteEntry(url=f"{url}/m{i:06d}.safetensors", size=100, etag=f"e{i}", last_modified=1.0)
+
+    def fake_task(units):
+        return [{"url": u.url, "facts": {"format": "safetensors", "safety": "safe"}} for u in units]
+
+    real_write = remote_scan._Driver._write
+
+    def counting_write(self, task, results):
+        real_write(self, task, results)
+        with lock:
+            state["written"] += len(task)
+
+    monkeypatch.setattr(listing, "list_objects", fake_list)
+    monkeypatch.setattr(remote_scan, "read_task", fake_task)
+    monkeypatch.setattr(remote_scan._Driver, "_is_diffusers", lambda self, folder: False)
+    monkeypatch.setattr(remote_scan._Driver, "_write", counting_write)
+    with Catalog(tmp_path / "c.db") as cat:
+        s = remote_scan.scan_remote(["s3://b/r"], cat, workers=2)
+    assert s.new == n and state["written"] == n
+    bound = remote_scan.LOOKUP_BATCH + 2 * 2 * remote_scan.TASK_FILES + remote_scan.TASK_FILES + 1
+    assert 0 < state["peak"] <= bound, state
+    con = sqlite3.connect(tmp_path / "c.db")
+    assert con.execute("SELECT COUNT(DISTINCT path) FROM files").fetchone()[0] == n
+
+
+def test_an_https_url_is_scanned_as_one_object(tmp_path):
+    """HTTP has no listing: ``scan http://host/x.safetensors`` catalogues that object, its row equal to the local
+    scan's of the same file (remote-io's loopback Range server)."""
+    from fakes.http_range_server import serve
+    from fakes.library_files import tensors, write_st
+    from fakes.remote_library import rows
+
+    from ckptlab.library.catalog import Catalog
+    from ckptlab.library.scanner import scan
+
+    f = write_st(tmp_path / "lib" / "models" / "Lora" / "x.safetensors", tensors("sd1_kohya_lora", seed=5))
+    srv = serve({"/models/Lora/x.safetensors": f})
+    try:
+        url = srv.url("/models/Lora/x.safetensors")
+        with Catalog(tmp_path / "r.db") as cat:
+            s = scan([url], cat)
+    finally:
+        srv.stop()
+    with Catalog(tmp_path / "l.db") as cat:
+        scan([f], cat, workers=1)
+    assert s.new == 1 and s.errors == 0
+    remote = rows(tmp_path / "r.db", strip=url.rsplit("/", 1)[0])
+    local = rows(tmp_path / "l.db", strip=str(f.parent))
+    assert list(remote) == list(local) == ["x.safetensors"]
+    assert remote["x.safetensors"] | {"folder": None} == local["x.safetensors"] | {"folder": None}

@@ -109,3 +109,73 @@ def test_throttled_store_still_gives_every_row(s3_server, s3, tmp_path):
     assert p.throttled == 12
     remote = rows(tmp_path / "r.db", strip=s3.url("lib"))
     assert remote == local and s["errors"] == len([r for r in local.values() if r["error"]])
+
+
+def test_ctrl_c_cancels_and_records_the_scan_interrupted(s3_server, s3, library, tmp_path):
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    from conftest import SRC
+    from fakes.s3_proxy import S3Proxy
+
+    s3.put_tree("lib", library)
+    p = S3Proxy(s3_server.endpoint, delay_gets=0.2)
+    db = tmp_path / "c.db"
+    env = {**os.environ, **p.env(s3_server.env), "PYTHONPATH": str(SRC)}
+    proc = subprocess.Popen([sys.executable, "-m", "ckptlab", "scan", "--workers", "2", "--db", str(db),
+                             s3.url("lib")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not p.gets and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        p.close()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    con = sqlite3.connect(db)
+    assert [s for (s,) in con.execute("SELECT status FROM scans")] == ["interrupted"]
+    n_objects = sum(1 for f in library.rglob("*") if f.is_file())
+    assert sum(p.gets.values()) < n_objects  # the outstanding tasks were not run
+    assert con.execute("SELECT COUNT(*) FROM files WHERE status = 'missing'").fetchone()[0] == 0
+
+
+def test_edited_sidecar_is_picked_up_without_rereading_the_model(s3, proxy, tmp_path):
+    import json
+    import sqlite3
+
+    from fakes.library_files import tensors, write_st
+
+    lib = tmp_path / "lib"
+    write_st(lib / "models" / "Lora" / "x.safetensors", tensors("sd1_kohya_lora", seed=1))
+    (lib / "models" / "Lora" / "x.civitai.info").write_text(json.dumps({"id": 1, "modelId": 2, "name": "v1",
+                                                                         "trainedWords": ["old"]}))
+    s3.put_tree("lib", lib)
+    env = proxy.env(s3.server.env)
+    db = tmp_path / "c.db"
+    _cli_scan(env, "--db", db, s3.url("lib"))
+    s3.put("lib/models/Lora/x.civitai.info", json.dumps({"id": 1, "modelId": 2, "name": "v1",
+                                                           "trainedWords": ["new", "words"]}).encode())
+    proxy.reset()
+    s = _cli_scan(env, "--db", db, s3.url("lib"))
+    (sc,) = sqlite3.connect(db).execute("SELECT sidecars FROM files").fetchone()
+    assert json.loads(sc)["trigger_words"] == ["new", "words"] and s["unchanged"] == 1 and s["changed"] == 0
+    assert set(proxy.gets) == {f"{s3.bucket_name}/lib/models/Lora/x.civitai.info"}  # not the model
+
+
+def test_ray_option_without_the_ray_package_is_one_line(tmp_path):
+    from conftest import SRC, run_cli
+
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "ray.py").write_text("raise ImportError('no ray here')\n")
+    r = run_cli("scan", "--ray", "auto", "s3://bucket/models", env={"PYTHONPATH": f"{SRC}:{shim}"}, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["ckptlab: error: --ray needs the ray package: pip install 'ckptlab[ray]'"]

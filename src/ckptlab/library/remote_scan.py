@@ -65,6 +65,9 @@ class Unit:
     sidecar_entries: dict[str, RemoteEntry] = field(default_factory=dict)  # role -> object
     members: list[RemoteEntry] | None = None
     read_facts: bool = True
+    sidecars_only: bool = False  # the object is unchanged, its sidecars are not: read those alone
+    known_format: str | None = None  # an unchanged object's stored format and verdict (hash-only tasks)
+    known_safety: str | None = None
     need_hash: bool = False
     need_fp: bool = False
     why: str = "new"
@@ -204,7 +207,7 @@ def _staged(u: Unit, tmp: str, direct: bool) -> Iterator[str]:
     """A path ``read_file_facts`` can read for ``u``: its URL (``direct``), or a local copy of the object /
     the folder."""
     if direct:
-        yield u.url
+        yield u.url if u.members is None else u.url + "/"  # a prefix, as remote-io's readers take it
         return
     fs = _filesystem(u.url)
     name = u.url.rstrip("/").rsplit("/", 1)[-1]
@@ -275,34 +278,77 @@ def _renamed(obj, local: str, url: str):
     return obj
 
 
+def _content(src, need_hash: bool, need_fp: bool, streamable: bool):
+    """``(Hashes | None, Fingerprint | None)`` of an object (its ``RemoteEntry``: size known, no HEAD) or a local
+    path. A safetensors object the check called safe (``streamable``): remote-io's ``stream_content``, one
+    streamed GET for the hashes and the fingerprint. Anything else: the hashes from one stream
+    (``hash_remote``/``hash_file``) and ``fingerprint_file``, whose reader applies the same refusals as a local
+    scan's (a polyglot or a malicious pickle is refused, not parsed as a stream)."""
+    if not (need_hash or need_fp):
+        return None, None
+    from ckptlab.library import fingerprint as fpmod
+
+    if streamable and hasattr(fpmod, "stream_content"):
+        return fpmod.stream_content(src, hash=need_hash, fingerprint=need_fp)
+    from ckptlab import hashes
+
+    url = src.url if isinstance(src, RemoteEntry) else src
+    hasher = hashes.hash_file
+    if isinstance(src, RemoteEntry) and hasattr(hashes, "hash_remote"):
+        hasher = hashes.hash_remote
+    h = hasher(src if hasher is not hashes.hash_file else url) if need_hash else None
+    return h, (fpmod.fingerprint_file(url) if need_fp else None)
+
+
 def _one(u: Unit, tmp: str, direct: bool) -> dict:
     hint = location(u)["hint"]
     out: dict = {"url": u.url, "pid": os.getpid(), "direct": direct}
-    with _staged(u, tmp, direct) as path:
-        if u.read_facts:
-            out["facts"] = _facts(path, hint)
-            if path != u.url:  # a staged copy: the facts name the object, not the temporary file
-                out["facts"] = _renamed(out["facts"], path, u.url)
-            try:
-                out["facts"]["sidecars"] = _read_sidecars(u, tmp)
-            except Exception as e:  # noqa: BLE001 - a sidecar problem is never fatal
-                out["facts"]["sidecars"] = json.dumps({"error": str(e)})
-        if (u.need_hash or u.need_fp) and not out.get("facts", {}).get("error"):
-            try:
-                if u.need_hash and u.members is None:
-                    from ckptlab.hashes import hash_file
-
-                    out["hashes"] = hash_file(path)
-                if u.need_fp:
-                    from ckptlab.library.fingerprint import fingerprint_file
-
-                    fp = fingerprint_file(path)
-                    out["fingerprint"] = (fp.fingerprint, fp.components, fp.bf16, fp.bf16_components)
-            except (CkptlabError, OSError) as e:
-                msg = e.message if isinstance(e, CkptlabError) else f"cannot read: {e.strerror or e}"
-                out["content_error"] = _renamed(msg, path, u.url).encode("utf-8", "replace").decode("utf-8")
-                out.pop("hashes", None)  # as a local scan: both or neither (the next scan retries)
+    if u.sidecars_only and not (u.need_hash or u.need_fp):
+        out["sidecars"] = _read_sidecars(u, tmp)
+        return out
+    try:
+        with _staged(u, tmp, direct) as path:
+            _read_unit(u, tmp, path, hint, out)
+    except (Throttled, KeyboardInterrupt, SystemExit):
+        raise
+    except CkptlabError as e:  # the object could not be fetched (staging)
+        out["facts"] = {"kind": hint, "error": e.message}
+    except Exception as e:  # noqa: BLE001 - a reader's bug on one object: not the whole task's failure
+        out["unexpected"] = cap(f"unreadable: {type(e).__name__}: {e}")
+        out["facts"] = {"kind": hint, "error": out["unexpected"]}
     return out
+
+
+def _read_unit(u: Unit, tmp: str, path: str, hint, out: dict) -> None:
+    if u.read_facts:
+        out["facts"] = _facts(path, hint)
+        if path != u.url:  # a staged copy (or the prefix): the facts name the object / the folder URL
+            out["facts"] = _renamed(out["facts"], path, u.url)
+        try:
+            out["facts"]["sidecars"] = _read_sidecars(u, tmp)
+        except Exception as e:  # noqa: BLE001 - a sidecar problem is never fatal
+            out["facts"]["sidecars"] = json.dumps({"error": str(e)})
+    if not (u.need_hash or u.need_fp):  # (as a local scan: also for a file whose facts had an error)
+        return
+    try:
+        facts = out.get("facts") or {"format": u.known_format, "safety": u.known_safety}
+        streamable = facts.get("format") == "safetensors" and facts.get("safety") == "safe"
+        h, fp = _content(u.entry if path == u.url else path, u.need_hash and u.members is None, u.need_fp,
+                         streamable)
+    except (CkptlabError, OSError) as e:
+        msg = e.message if isinstance(e, CkptlabError) else f"cannot read: {e.strerror or e}"
+    except (Throttled, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - a hasher's bug on one object: that object's error
+        msg = out["unexpected"] = cap(f"cannot hash: {type(e).__name__}: {e}")
+    else:
+        if h is not None:
+            out["hashes"] = h
+        if fp is not None:
+            out["fingerprint"] = (fp.fingerprint, fp.components, fp.bf16, fp.bf16_components)
+        return
+    # as a local scan: both or neither (the next scan retries)
+    out["content_error"] = _renamed(msg, path, u.url).encode("utf-8", "replace").decode("utf-8")
 
 
 def _throttled(result: dict) -> bool:
@@ -322,10 +368,12 @@ def read_task(units: list[Unit]) -> list[dict]:
             if _CANCEL.is_set():
                 break
             for attempt in range(1, THROTTLE_TRIES + 1):
-                direct = u.members is None and _remote_reader()
+                # a diffusers prefix is read in place too (remote-io reads a prefix like a folder), except for
+                # its fingerprint: fingerprint_diffusers needs the folder's files on disk
+                direct = (_remote_reader() and (u.members is None or not u.need_fp)) or u.sidecars_only
                 r = _one(u, tmp, direct)
-                if direct and _read_locally(r):  # a build whose readers do not take this URL yet
-                    r = _one(u, tmp, False)
+                if direct and (_read_locally(r) or "unexpected" in r):
+                    r = _one(u, tmp, False)  # a reader that does not take this URL (yet): the local path
                 if not _throttled(r):
                     break
                 if attempt == THROTTLE_TRIES:
@@ -554,7 +602,7 @@ class _Driver:
         rows = {}
         q = ",".join("?" * len(keys))
         for row in self.cat.conn.execute(
-                f"SELECT id, path, dev, ino, size, mtime_ns, status, error, sidecars, safety FROM files "
+                f"SELECT id, path, dev, ino, size, mtime_ns, status, error, sidecars, safety, format FROM files "
                 f"WHERE path IN ({q})", keys):
             rows[bytes(row[1])] = row
         unchanged = []
@@ -564,18 +612,19 @@ class _Driver:
             row = rows.get(k)
             u.fid = row[0] if row else None
             same = row is not None and (row[2], row[3], row[4], row[5]) == u.key
-            if same and row[6] == "present" and row[7] is None and row[9] is not None \
-                    and self._sidecars_same(u, row[8]):
+            if same and row[6] == "present" and row[7] is None and row[9] is not None:
                 unchanged.append(row[0])
                 u.read_facts = False
                 u.why = "unchanged"
+                u.sidecars_only = not self._sidecars_same(u, row[8])  # as a local scan: no re-read of the model
+                u.known_format, u.known_safety = row[10], row[9]
             else:
                 u.why = "changed" if row is not None else "new"
             if self.hash or self.fp:
                 cached = self.cat.content(u.key) or {}
                 u.need_hash = self.hash and cached.get("hashes") is None and u.members is None
                 u.need_fp = self.fp and cached.get("fingerprint") is None
-            if u.read_facts or u.need_hash or u.need_fp:
+            if u.read_facts or u.sidecars_only or u.need_hash or u.need_fp:
                 self.files_todo += 1
                 task.append(u)
                 if self._full(task):
@@ -652,6 +701,8 @@ class _Driver:
                     self._upsert(c, u, loc, facts, now)
                     if facts.get("error"):
                         s.error_list.append({"path": u.url, "error": facts["error"]})
+                if "sidecars" in r:
+                    c.execute("UPDATE files SET sidecars = ? WHERE path = ?", (r["sidecars"], loc["path"]))
                 if r.get("content_error"):
                     s.error_list.append({"path": u.url, "error": r["content_error"]})
                     c.execute("UPDATE files SET error = ? WHERE path = ?", (r["content_error"], loc["path"]))
@@ -662,7 +713,8 @@ class _Driver:
                     self.cat.put_fingerprint(u.key, *r["fingerprint"])
                     s.fingerprinted += 1
                 self.files_done += 1
-        self.progress(sum(u.size for u in task), description=self._desc())
+        self.progress(sum(u.size for u in task if u.read_facts or u.need_hash or u.need_fp),
+                      description=self._desc())
 
     def _upsert(self, c, u: Unit, loc: dict, facts: dict, now: float) -> None:
         vals = []

@@ -6,7 +6,8 @@ page yielded as it arrives, with continuation tokens; a versioned bucket is list
 order (S3's own), which the distributed scan relies on to group sidecars and diffusers folders while streaming.
 
 Other protocols (``gs://``, ``az://``...): fsspec's ``find(detail=True)``, sorted the same way (those listings
-are held in memory: gcsfs/adlfs page internally but return the whole result).
+are held in memory: gcsfs/adlfs page internally but return the whole result). ``http(s)://``: one object (HTTP
+has no listing), described by fsspec's ``info``.
 
 Throttling (HTTP 503 SlowDown, 429, ``Throttling*``, ``RequestLimitExceeded``) and dropped connections on a
 page are retried with exponential backoff (``retries`` times); a bucket that does not exist, denied access or
@@ -91,8 +92,13 @@ def _fatal(url: str, e: BaseException) -> CkptlabError:
     resp = getattr(e, "response", None)
     if isinstance(resp, dict):
         code = str(resp.get("Error", {}).get("Code", ""))
-    if code == "NoSuchBucket" or "NoSuchBucket" in text or isinstance(e, FileNotFoundError):
+    if code == "NoSuchBucket" or "NoSuchBucket" in text:
         return CkptlabError("no such bucket", url)
+    cause = e.__cause__ or e.__context__
+    if isinstance(e, FileNotFoundError) and isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+        e, name, text = cause, type(cause).__name__, str(cause)  # fsspec's HTTP info: a refused connection
+    elif isinstance(e, FileNotFoundError):  # s3fs turns NoSuchBucket into this
+        return CkptlabError("no such bucket" if "bucket" in text.lower() else "not found", url)
     if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or isinstance(e, PermissionError):
         return CkptlabError(f"access denied ({code or name})", url)
     if "Could not connect" in text or "EndpointConnectionError" in name or "ConnectError" in name or isinstance(
@@ -196,6 +202,11 @@ def _list_fsspec(url: str, proto: str, retries: int, fs) -> Iterator[RemoteEntry
         except (ImportError, ValueError) as e:
             raise CkptlabError(f"{proto}:// paths need the remote extra: pip install 'ckptlab[remote]' ({e})") \
                 from None
+    if proto in ("http", "https"):  # no listing in HTTP: the URL is one object
+        info = call_with_retries(url, lambda: fs.info(url), retries)
+        yield RemoteEntry(url=url, size=int(info.get("size") or 0), etag=_etag(info.get("ETag") or info.get("etag")),
+                          last_modified=_epoch(info.get("Last-Modified") or info.get("last_modified")))
+        return
     found = call_with_retries(url, fs.find, retries, path=url, detail=True)
     for path in sorted(found):
         info = found[path]
