@@ -2,9 +2,10 @@
 CPU and wall time, against baselines measured in the same run.
 
     .venv/bin/python benchmarks/scale.py --quick            # < 2 min: 384 objects, 128 MiB hash object
-    .venv/bin/python benchmarks/scale.py                    # 2,000 objects, 1 GiB hash object
+    .venv/bin/python benchmarks/scale.py                    # 2,000 objects, 1 GiB hash object, SD1.5 stream
     .venv/bin/python benchmarks/scale.py --json out.json    # also write every figure as JSON
-    .venv/bin/python benchmarks/scale.py --no-ray           # skip the Ray cluster (sections 2b)
+    .venv/bin/python benchmarks/scale.py --no-ray           # skip the local Ray cluster
+    .venv/bin/python benchmarks/scale.py --latency-ms 50    # the latency-bound runs at 50 ms to first byte
 
 The objects are real-size sparse files (the real header of an SD1.5 / SDXL checkpoint or a LoRA from
 ``ckptlab.sample``, then ``truncate()`` to the full length; torch-zip and legacy pickles of a real-shape SD1.5
@@ -21,11 +22,15 @@ own counters (``ckptlab.remote`` stats, reported beside it when present).
 2. **Files/s per worker for a header-only scan of a bucket** of N objects (the mix of ``benchmarks/scan.py``:
    LoRAs, embeddings, checkpoints, VAEs, ControlNets): the local scan of the same files on disk (the single-
    machine path), a bare s3fs header loop (the I/O floor), ``ckptlab scan s3://`` in one process, and on a local
-   Ray cluster (started here on loopback, private temp dir) with 1 then 2 one-CPU worker nodes (the 1 -> 2
-   scaling ratio; this machine has 2 cores, shared with the server).
+   Ray cluster (started here on loopback, private temp dir, stopped by its own process groups, never ``ray
+   stop``) with 1 then 2 one-CPU worker nodes (the 1 -> 2 scaling ratio), the Ray workers' CPU sampled from
+   ``/proc``. "Steady" files/s subtract the same scan of a smaller bucket (Ray worker start-up, connecting).
+   Also the scan latency-bound: the server waits ``--latency-ms`` before each answer (an object store's time
+   to first byte), 1 vs 8 threads. The machine-wide busy cores per run say whether a core was free at all.
 3. **MB/s per worker for hashing** (the six CivitAI hashes, streamed once) vs a plain streamed GET of the same
-   object (the raw I/O cost) and vs hashing the same bytes from the local file. The object serves zeros from a
-   sparse file: hashing zeros costs the CPU that hashing real weights does.
+   object (the raw I/O cost) and vs hashing the same bytes from the local file; and ``stream_content`` (hashes +
+   fingerprint from one GET) of the 2 GB SD1.5 checkpoint vs the local ``hash_file`` + ``fingerprint_file``.
+   The objects serve zeros from sparse files: hashing zeros costs the CPU that hashing real weights does.
 4. **Peak RssAnon** (anonymous memory, sampled every 10 ms) of the scan driver, per run in section 2.
 
 CPU-seconds are this process's (all threads) and, separately, the server's (from ``/proc``): the cost model in
