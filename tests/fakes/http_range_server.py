@@ -138,9 +138,9 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                 return
             size, read = self._size_and_reader(files[name])
             if how == "endless":
+                hit = self._record(200, 0)
                 self.send_response(200)
                 self.end_headers()  # no length: the body never ends
-                hit = self._record(200, 0)
                 try:
                     while hit.sent < 512 * 1024 * 1024:
                         hit.sent += 65536
@@ -150,11 +150,11 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                 self.close_connection = True
                 return
             if how == "stall":
+                self._record(206, 0)
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes 0-{size - 1}/{size}")
                 self.send_header("Content-Length", str(size))
                 self.end_headers()
-                self._record(206, 0)
                 threading.Event().wait(30)
                 self.close_connection = True
                 return
@@ -174,11 +174,11 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                 if how == "more":
                     n = n + 100
                     b = b + 100
+                self.pending = self._record(206, 0)  # logged before the reply: the client may be done first
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {a}-{b}/{size}")
                 self.send_header("Content-Length", str(n))
                 self.end_headers()
-                self.pending = self._record(206, 0)
                 if how == "short":
                     sent = self._send_body(read, a, n // 2)
                     self.close_connection = True
@@ -193,10 +193,10 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
                 else:
                     sent = self._send_body(read, a, n)
                 return
+            self.pending = self._record(200, 0)
             self.send_response(200)
             self.send_header("Content-Length", str(size))
             self.end_headers()
-            self.pending = self._record(200, 0)
             if how == "short":
                 self._send_body(read, 0, size // 2)
                 self.close_connection = True

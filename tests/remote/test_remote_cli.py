@@ -25,6 +25,7 @@ def files(tmp_path_factory):
         "lora.safetensors": write_st(root / "lora.safetensors", tensors("sd1_kohya_lora", seed=3),
                                      {"ss_network_module": "networks.lora"}),
         "sd15.ckpt": write_ckpt(root / "sd15.ckpt", tensors("sd1_checkpoint", seed=1)),
+        "sd2.safetensors": write_st(root / "sd2.safetensors", tensors("sd2_checkpoint", seed=4)),  # --heuristics reads
         "zip_injected.ckpt": cases["zip_injected"].path,
         "polyglot.safetensors": cases["safetensors_polyglot_valid"].path,
     }
@@ -32,7 +33,8 @@ def files(tmp_path_factory):
     assert not list((root / "canary").iterdir()), "a payload ran"
 
 
-@pytest.mark.parametrize("command", [["inspect", "--json"], ["check", "--json"], ["hash", "--json", "--no-cache"]])
+@pytest.mark.parametrize("command", [["inspect", "--json"], ["inspect", "--json", "--heuristics"], ["check", "--json"],
+                                     ["hash", "--json", "--no-cache"]])
 def test_commands_on_s3_urls_print_the_local_output(s3, s3_server, cli, files, command):
     urls = {name: s3.put(f"m/{path.name}", path) for name, path in files.items()}  # same names
     for name, path in files.items():

@@ -151,9 +151,12 @@ def _std_reader(source: TensorSource):
                 if info.dtype not in ("F16", "F32", "BF16") or info.numel == 0:
                     return None
                 begin, end = data_range(key)
-                with open(source.path, "rb") as fh:
-                    fh.seek(begin)
-                    raw = fh.read(end - begin)
+                if isinstance(source.path, str):  # a remote URL (remote.RemoteURL): one ranged GET
+                    raw = bytes(source.raw_bytes(key))
+                else:
+                    with open(source.path, "rb") as fh:
+                        fh.seek(begin)
+                        raw = fh.read(end - begin)
                 if info.dtype == "BF16":
                     arr = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
                 else:

@@ -97,8 +97,12 @@ def _count(requests: int = 0, nbytes: int = 0) -> None:
         _totals[1] += nbytes
 
 
-class _Retry(Exception):
-    """A failure worth another try (throttling, a dropped connection): its message is the last line."""
+def _Retry(message: str) -> NetworkError:  # noqa: N802 - raised like the exception it stands for
+    """A failure worth another try (throttling, a dropped connection): a ``NetworkError`` marked ``retryable``; its
+    message is the last line when the tries run out (no exception class of its own: errors.py holds them all)."""
+    e = NetworkError(message)
+    e.retryable = True
+    return e
 
 
 def _backoff(attempt: int) -> None:
@@ -112,8 +116,10 @@ def _with_retries(url: str, fn):
     for attempt in range(max(1, MAX_TRIES)):
         try:
             return fn()
-        except _Retry as e:
-            last = str(e)
+        except NetworkError as e:
+            if not getattr(e, "retryable", False):
+                raise
+            last = e.message
             if attempt + 1 < max(1, MAX_TRIES):
                 _backoff(attempt)
     raise NetworkError(f"gave up after {max(1, MAX_TRIES)} tries: {last}", url)
@@ -441,8 +447,10 @@ class _S3:
             raise
         except Exception as e:  # noqa: BLE001 - botocore's exception zoo becomes one line (or a retry)
             low = f"{type(e).__name__}{e}".lower()
-            if "invalidrange" in low:
-                raise _InvalidRange() from None
+            if "invalidrange" in low or "not satisfiable" in low:
+                e = NetworkError("invalid range")
+                e.invalid_range = True
+                raise e from None
             if "precondition" in low or "pre-condition" in low or "412" in low:
                 raise NetworkError("the object changed since it was listed (ETag differs)", self.url) from None
             raise _s3_error(self.url, e) from None
@@ -470,7 +478,9 @@ class _S3:
             rng = f"bytes={start}-{end - 1}" if end is not None else f"bytes={start}-"
             try:
                 resp = self._call(Range=rng)
-            except _InvalidRange:
+            except NetworkError as e:
+                if not getattr(e, "invalid_range", False):
+                    raise
                 return b"", None
             body = resp["Body"]
             try:
@@ -515,7 +525,7 @@ class _S3:
                     part = sync(self.fs.loop, body.read, min(chunk, size - done))
                 except Exception as e:  # noqa: BLE001
                     err = _s3_error(self.url, e)
-                    raise (NetworkError(str(err), self.url) if isinstance(err, _Retry) else err) from None
+                    raise (NetworkError(str(err), self.url) if getattr(err, "retryable", False) else err) from None
                 if not part:
                     raise NetworkError(f"the store sent {done} of the object's {size} bytes (truncated reply)",
                                        self.url)
@@ -534,10 +544,6 @@ class _S3:
                 raise _s3_error(self.url, e) from None
 
         return _with_retries(self.url, attempt)
-
-
-class _InvalidRange(Exception):
-    pass
 
 
 class _FSSpec:
