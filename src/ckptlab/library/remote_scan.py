@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ckptlab.display import cap
-from ckptlab.errors import CkptlabError
+from ckptlab.errors import CkptlabError, NetworkError
 from ckptlab.library import sidecars, ui_folders
 from ckptlab.library.catalog import Catalog, StatKey
 from ckptlab.library.scanner import ScanSummary, read_file_facts, scan_lock
@@ -48,11 +48,6 @@ ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "AZURE_", "CKPTLAB_")
 _JSON_ROLES = ("json", "civitai_info", "cm_info", "metadata_json", "description")
 _FACT_COLS = ("format", "kind", "family", "variant", "n_tensors", "tensor_bytes", "ema_bytes", "fp32_bytes",
               "dtypes", "info", "safety", "safety_detail", "sidecars", "error", "triggers")
-
-
-class Throttled(Exception):
-    """A task gave up on an object the store kept throttling; Ray (``retry_exceptions``) or the local pool
-    runs the task again."""
 
 
 @dataclass
@@ -309,7 +304,7 @@ def _one(u: Unit, tmp: str, direct: bool) -> dict:
     try:
         with _staged(u, tmp, direct) as path:
             _read_unit(u, tmp, path, hint, out)
-    except (Throttled, KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit):
         raise
     except CkptlabError as e:  # the object could not be fetched (staging)
         out["facts"] = {"kind": hint, "error": e.message}
@@ -337,7 +332,7 @@ def _read_unit(u: Unit, tmp: str, path: str, hint, out: dict) -> None:
                          streamable)
     except (CkptlabError, OSError) as e:
         msg = e.message if isinstance(e, CkptlabError) else f"cannot read: {e.strerror or e}"
-    except (Throttled, KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001 - a hasher's bug on one object: that object's error
         msg = out["unexpected"] = cap(f"cannot hash: {type(e).__name__}: {e}")
@@ -359,7 +354,8 @@ def _throttled(result: dict) -> bool:
 def read_task(units: list[Unit]) -> list[dict]:
     """Read every unit of one task: ``[{"url", "pid", "facts"?, "hashes"?, "fingerprint"?, "content_error"?}]``.
     An object the store keeps throttling is retried with backoff; after ``THROTTLE_TRIES`` the task raises
-    ``Throttled`` (and is run again as a whole)."""
+    ``errors.NetworkError`` (and is run again as a whole: Ray's ``retry_exceptions``, the local pool's re-submit;
+    nothing else escapes a task as that class, since each object's errors are caught)."""
     from ckptlab.remote.listing import backoff
 
     out = []
@@ -377,7 +373,7 @@ def read_task(units: list[Unit]) -> list[dict]:
                 if not _throttled(r):
                     break
                 if attempt == THROTTLE_TRIES:
-                    raise Throttled(f"{u.url}: the store kept throttling")
+                    raise NetworkError(f"the store kept throttling (503 SlowDown) {u.url}")
                 time.sleep(backoff(attempt, base=0.2))
             out.append(r)
     return out
@@ -457,7 +453,7 @@ class _RayPool:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CkptlabError(f"--ray: cannot connect to the Ray cluster at {address}: {msg}") from None
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.fn = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=[Throttled])(read_task)
+        self.fn = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=[NetworkError])(read_task)
 
     def submit(self, units):
         return self.fn.remote(units)
@@ -671,7 +667,7 @@ class _Driver:
             task, tries = self.inflight.pop(h)
             try:
                 results = self.pool.result(h)
-            except Throttled as e:
+            except NetworkError as e:
                 if tries < TASK_RETRIES and isinstance(self.pool, _LocalPool):
                     self.inflight[self.pool.submit(task)] = (task, tries + 1)
                     continue
