@@ -101,16 +101,14 @@ class _HoleWriter:
     def __init__(self, fh) -> None:
         self.fh, self.pos = fh, 0
 
-    def _zero(self, mv: memoryview) -> bool:
-        return len(mv) >= 4096 and all(mv[i:i + CHUNK] == self.ZERO[:len(mv[i:i + CHUNK])]
-                                       for i in range(0, len(mv), CHUNK))
-
     def write(self, b) -> int:
         mv = memoryview(b).cast("B")
-        if self._zero(mv):
-            self.fh.seek(len(mv), 1)
-        else:
-            self.fh.write(mv)
+        for i in range(0, len(mv), CHUNK):  # 1 MiB at a time: a storage's 8-byte length prefix (legacy
+            piece = mv[i:i + CHUNK]  # format) is written, the zeros after it become a hole
+            if len(piece) >= 4096 and piece == self.ZERO[:len(piece)]:
+                self.fh.seek(len(piece), 1)
+            else:
+                self.fh.write(piece)
         self.pos += len(mv)
         return len(mv)
 
@@ -130,6 +128,8 @@ def _sparse_pickle(path: Path, spec: str, legacy: bool) -> None:
 
     dtypes = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64,
               "I32": torch.int32}
+    # torch.empty: fresh pages read as zeros and cost no memory (zeroing 2 GB would); a small tensor may reuse a
+    # heap block and hold leftovers, which only the data region sees - the benchmark reads these files' headers
     sd = {k: torch.empty(i.shape, dtype=dtypes[i.dtype]) for k, i in plan(spec, small=False, dtype="F16").items()}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
