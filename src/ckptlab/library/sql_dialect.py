@@ -30,9 +30,11 @@ psycopg is imported lazily: ``import ckptlab`` and SQLite catalogs never need it
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 import sqlite3
+import weakref
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 #: the key of the one advisory lock all writers of a database take (SQLite's write lock)
@@ -415,6 +417,66 @@ class PgCursor:
         self._rows = []
 
 
+#: names of the server-side cursors ``PgConnection.stream`` opens (unique per process)
+_STREAM_IDS = itertools.count(1)
+#: statements ``stream`` hands to a server-side cursor (anything else runs as ``execute``)
+_READ = re.compile(r"^\s*(SELECT|WITH)\b", re.I)
+
+
+class PgStream:
+    """What ``PgConnection.stream`` returns: the rows of one SELECT, pulled from a named server-side cursor
+    (``DECLARE ... WITH HOLD``) ``size`` rows per round trip, never the whole answer in this process. The
+    cursor outlives the statement's transaction (WITH HOLD), so the connection stays free for other statements
+    (a lookup per row, a write) while the rows are read; it is closed when the rows run out or by ``close``."""
+
+    def __init__(self, owner: PgConnection, cur, size: int):
+        self._owner, self._cur, self._size = owner, cur, size
+        self.description = cur.description
+        self.rowcount = -1
+        self.lastrowid = None
+        self.pulled = 0  # rows received from the server so far
+
+    def _pull(self, n: int | None) -> list:
+        if self._cur is None:
+            return []
+        try:
+            rows = self._cur.fetchmany(n) if n is not None else self._cur.fetchall()
+        except self._owner._psycopg.Error as e:
+            self.close()
+            raise sqlite_error(e, self._owner.dsn) from None
+        self.pulled += len(rows)
+        if n is None or len(rows) < n:
+            self.close()
+        return rows
+
+    def fetchmany(self, size: int | None = None) -> list:
+        return self._pull(size or self._size)
+
+    def fetchone(self):
+        rows = self._pull(1)
+        return rows[0] if rows else None
+
+    def fetchall(self) -> list:
+        return self._pull(None)
+
+    def __iter__(self):
+        while True:
+            rows = self._pull(self._size)
+            if not rows:
+                return
+            yield from rows
+
+    def close(self) -> None:
+        cur, self._cur = self._cur, None
+        if cur is not None:
+            self._owner._close_stream(cur)
+
+    def __del__(self):  # dropped unfinished: closed before the connection's next stream (no I/O from the GC)
+        cur, self._cur = getattr(self, "_cur", None), None
+        if cur is not None:
+            self._owner._pending.append(cur)
+
+
 def _param(v):
     return int(v) if isinstance(v, bool) else v
 
@@ -451,6 +513,8 @@ class PgConnection:
         except psycopg.Error as e:
             raise sqlite_error(e, dsn) from None
         self._changes = 0
+        self._streams: weakref.WeakSet = weakref.WeakSet()  # open PgStreams (closed with the connection)
+        self._pending: list = []  # server-side cursors to close before the next stream
         self._keys: dict[str, tuple[list[str], list[str]]] = {}
         self.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
 
@@ -499,6 +563,55 @@ class PgConnection:
         except self._psycopg.Error as e:
             raise sqlite_error(e, self.dsn) from None
 
+    def stream(self, sql: str, params=(), size: int = 1000):
+        """``execute`` for a large read: a SELECT's rows come from a server-side cursor ``size`` at a time
+        (``PgStream``: ``fetchmany``/``fetchone``/``fetchall``/iteration, ``close``) instead of all at once.
+        Values are bound client-side as for ``execute`` (the SQLite typing), then the statement is declared
+        ``WITH HOLD``: outside a transaction the server keeps the finished answer (for an ordered read of a whole
+        table it sorts it all anyway) and this process holds one batch. Not a SELECT: the same as ``execute``."""
+        t = translate(sql)
+        if t.kind != "other" or not t.sql or not _READ.match(t.sql[-1]):
+            return self.execute(sql, params)
+        self._close_pending()
+        try:
+            for s in t.sql[:-1]:
+                self._conn.execute(s)
+            p = _params(t, params)
+            query = t.sql[-1]
+            if p:
+                query = self._psycopg.ClientCursor(self._conn).mogrify(query, p)
+            cur = self._conn.cursor(name=f"ckpt_stream_{os.getpid()}_{next(_STREAM_IDS)}", withhold=True)
+            cur.itersize = size
+            try:
+                cur.execute(query)
+            except BaseException:
+                self._close_stream(cur)
+                raise
+        except self._psycopg.Error as e:
+            raise sqlite_error(e, self.dsn) from None
+        out = PgStream(self, cur, size)
+        self._streams.add(out)
+        return out
+
+    def _close_stream(self, cur) -> None:
+        """Close a server-side cursor now, or - when the connection is busy (a stream dropped by the garbage
+        collector in the middle of another statement) - before the next stream opens."""
+        lock = getattr(self._conn, "lock", None)
+        if lock is not None and lock.locked():
+            self._pending.append(cur)
+            return
+        try:
+            cur.close()
+        except self._psycopg.Error:  # the connection is gone: the server dropped the cursor with it
+            pass
+
+    def _close_pending(self) -> None:
+        while self._pending:
+            try:
+                self._pending.pop().close()
+            except self._psycopg.Error:
+                pass
+
     def commit(self) -> None:
         if self.in_transaction:
             self.execute("COMMIT")
@@ -508,6 +621,8 @@ class PgConnection:
             self.execute("ROLLBACK")
 
     def close(self) -> None:
+        for st in list(self._streams):
+            st._cur = None  # the server drops its cursors with the session
         self._conn.close()
 
     # -- plumbing ---------------------------------------------------------------------------------------
