@@ -39,6 +39,26 @@ def hub(tmp_path_factory, postgres_server):
     postgres_server.drop_database(pg)
 
 
+@pytest.fixture(scope="module")
+def icu_hub(hub, postgres_server):
+    """The hub catalog again in a database whose default collation is ICU's en-US (case-insensitive first,
+    punctuation ignored at first level: what many servers run), SQLite's catalog as the oracle."""
+    import psycopg
+
+    url = postgres_server.create_database()
+    name = url.rsplit("/", 1)[1]
+    postgres_server.drop_database(url)
+    try:
+        with psycopg.connect(postgres_server.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE \'en-US\' '
+                         "LOCALE 'C'")
+    except psycopg.Error as e:
+        pytest.skip(f"this PostgreSQL has no ICU collations: {e}")
+    build(url, ROWS, seed=11, hostile=True, dup_share=0.3)
+    yield hub[0], url
+    postgres_server.drop_database(url)
+
+
 def _shape(g):
     return (g.kind, g.key, g.keep, g.reason, g.component, g.bytes_freed,
             [(c.id, c.path, c.keep, c.match, c.in_ui, c.action, c.note, c.bytes_freed) for c in g.copies])
@@ -74,6 +94,32 @@ def test_listing_equals_sqlite(hub, sort, unsafe):
             got.append([(r.id, r.path) for r, _ in iter_listed(cat, sort=sort, unsafe=unsafe)])
     assert got[0] == got[1]
     assert len(got[0]) > (100 if unsafe else ROWS // 2)
+
+
+@pytest.mark.parametrize("sort", ["name", "path"])
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_listing_order_ignores_the_database_collation(icu_hub, sort, unsafe):
+    got = []
+    for db in icu_hub:
+        with Catalog(db) as cat:
+            got.append([r.id for r, _ in iter_listed(cat, sort=sort, unsafe=unsafe)])
+    assert got[0] == got[1]
+    if sort == "path" and not unsafe:  # the database's own collation would order the paths otherwise
+        import psycopg
+
+        with psycopg.connect(icu_hub[1]) as con:
+            icu = [r[0] for r in con.execute("SELECT id FROM files WHERE status = 'present' "
+                                             "ORDER BY display COLLATE \"default\", id").fetchall()]
+        assert sorted(icu) == sorted(got[0]) and icu != got[0]
+
+
+def test_dupes_and_report_ignore_the_database_collation(icu_hub):
+    outs = []
+    for db in icu_hub:
+        with Catalog(db) as cat:
+            outs.append(([_shape(g) for g in find_dupes(cat, components=True).groups],
+                         _norm(report.report(cat, "table", width=200), *icu_hub)))
+    assert outs[0] == outs[1]
 
 
 @pytest.mark.parametrize("args", [("ls", "--unsafe", "--json", "--limit", "30", "--offset", "10"),
