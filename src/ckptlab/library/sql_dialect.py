@@ -482,6 +482,28 @@ class PgStream:
             self._owner._pending.append(cur)
 
 
+_BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+
+#: where a parameter's type is the column's (so a server-side parameter, sent untyped or as its Python type,
+#: means what the client-side literal means): ``col <op> %s``, ``col IN (%s, ...)``, ``VALUES (%s, ...)``, LIMIT/OFFSET
+_TYPED_SLOT = re.compile(r"\b\w+\s*(?:=|!=|<>|<=|>=|<|>)\s*%s\b|\b\w+\s+IN\s*\(\s*%s(?:\s*,\s*%s)*\s*\)"
+                         r"|\bVALUES\s*\(\s*%s(?:\s*,\s*%s)*\s*\)|\b(?:LIMIT|OFFSET)\s+%s\b", re.I)
+_STAR = re.compile(r"(?:SELECT|,)\s*(?:\w+\.)?\*", re.I)
+_BINDABLE_TYPES = (int, float, str, bytes, bytearray, memoryview, type(None))
+
+
+@functools.lru_cache(maxsize=2048)
+def server_bindable(sql: str) -> bool:
+    """Whether ``sql`` (translated, positional ``%s``) may go with server-side parameters, and so be prepared
+    by psycopg after a few runs: every parameter sits where its column gives it a type (``_TYPED_SLOT``), no
+    ``%%`` (a literal percent sign) and no ``SELECT *`` (a prepared ``*`` breaks when a migration adds a
+    column). Anything else keeps the client-side binding that types values by their context, as SQLite does."""
+    n = sql.count("%s")
+    if not n or "%%" in sql or "%(" in sql or _STAR.search(sql):
+        return False
+    return sum(m.group(0).count("%s") for m in _TYPED_SLOT.finditer(sql)) == n
+
+
 def _param(v):
     return int(v) if isinstance(v, bool) else v
 
@@ -555,8 +577,9 @@ class PgConnection:
             if own:
                 self._begin()
             try:
-                with self._conn.cursor() as cur:
-                    cur.executemany(self._final_sql(t), rows)
+                sql = self._final_sql(t)
+                with self._cursor(sql, rows[0]) as cur:  # server-side binding: psycopg pipelines the rows
+                    cur.executemany(sql, rows)
                     self._changes = cur.rowcount
                 if own:
                     self._conn.execute("COMMIT")
@@ -632,16 +655,52 @@ class PgConnection:
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _begin(self) -> None:
-        for s in translate("BEGIN IMMEDIATE").sql:
-            self._conn.execute(s)
+        # one round trip: the client cursor sends both statements as one simple query
+        self._conn.execute(_BEGIN_LOCKED)
 
     def _autocommit_write(self, t: Translated, params) -> PgCursor:
-        """A write outside a transaction: its own transaction under the write lock (SQLite's implicit one)."""
+        """A write outside a transaction: its own transaction under the write lock (SQLite's implicit one) - sent
+        as one simple query (BEGIN, the lock, the statement with its values bound client-side, COMMIT): one round
+        trip instead of four. On an error the server skips the rest; the transaction is rolled back here."""
+        if len(t.sql) == 1:
+            return self._write_in_one(t, params)
         self._begin()
         try:
             cur = self._run(t, params)
             self._conn.execute("COMMIT")
             return cur
+        except BaseException:
+            if self.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+    def _cursor(self, sql: str, params):
+        """A server-side-binding cursor (prepared by psycopg from a statement's 5th run) where ``server_bindable``
+        and every value is a plain one; the client-side one otherwise."""
+        if self.prepare and isinstance(params, list) and server_bindable(sql) \
+                and all(isinstance(v, _BINDABLE_TYPES) for v in params):
+            return self._psycopg.Cursor(self._conn)
+        return self._conn.cursor()
+
+    #: False: every statement bound client-side (e.g. behind a pooler that cannot keep prepared statements)
+    prepare = os.environ.get("CKPTLAB_PG_PREPARE", "1") != "0"
+
+    def _write_in_one(self, t: Translated, params) -> PgCursor:
+        sql = self._final_sql(t)
+        ident = self._table_keys(t.insert_table)[1] if t.insert_table else []
+        returning = "id" in ident
+        if returning:
+            sql += " RETURNING id"
+        p = _params(t, params)
+        try:
+            with self._conn.cursor() as cur:
+                stmt = cur.mogrify(sql, p) if p else sql
+                cur.execute(f"{_BEGIN_LOCKED}; {stmt}; COMMIT")
+                cur.nextset()
+                cur.nextset()  # the statement's own result (after BEGIN and the lock)
+                self._changes = cur.rowcount
+                row = cur.fetchone() if returning else None
+                return PgCursor([], rowcount=cur.rowcount, lastrowid=row[0] if row else None)
         except BaseException:
             if self.in_transaction:
                 self._conn.execute("ROLLBACK")
@@ -674,6 +733,9 @@ class PgConnection:
         return sql
 
     def _run(self, t: Translated, params) -> PgCursor:
+        if t.kind == "begin":
+            self._begin()
+            return PgCursor([])
         for s in t.sql[:-1]:
             self._conn.execute(s)
         if not t.sql:
@@ -684,9 +746,10 @@ class PgConnection:
         if returning:
             sql += " RETURNING id"
         p = _params(t, params)
-        with self._conn.cursor() as cur:
+        with self._cursor(sql, p) as cur:
             cur.execute(sql, p if p else None)
-            self._changes = cur.rowcount
+            if t.kind == "write":  # SQLite's changes(): the last INSERT/UPDATE/DELETE's count, not a SELECT's
+                self._changes = cur.rowcount
             if returning:
                 row = cur.fetchone()
                 return PgCursor([], rowcount=cur.rowcount, lastrowid=row[0] if row else None)
