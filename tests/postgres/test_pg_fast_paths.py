@@ -127,3 +127,23 @@ def test_a_write_waiting_for_the_lock_times_out_as_sqlite_says(pg_url, tmp_path)
     assert pg.execute("SELECT name FROM t").fetchall() == [("x",)]
     for c in (holder, waiter, pg):
         c.close()
+
+
+def test_table_exists_check_answers_as_the_sqlite_master_view(pg_url, tmp_path):
+    sq, pg = _both(pg_url, tmp_path)
+    for c in (sq, pg):
+        c.execute("CREATE INDEX t_n ON t(n)")
+        c.execute("CREATE VIEW v AS SELECT id FROM t")
+    fast = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    assert "pg_class" in translate(fast).sql[-1]  # not the view: an indexed catalog lookup
+    for name in ("t", "v", "t_n", "nothing", "T"):
+        view = pg.execute("SELECT count(*) FROM (SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?) x",
+                          (name,)).fetchone()[0]
+        assert len(pg.execute(fast, (name,)).fetchall()) == view, name
+        assert pg.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+                          (name,)).fetchone()[0] == view
+        assert (pg.execute(f"SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{name}'").fetchone()
+                is not None) == (name in ("t", "v"))
+    want = sq.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 't'").fetchone()
+    assert pg.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 't'").fetchone() == want
+    pg.close()

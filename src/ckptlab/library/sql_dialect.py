@@ -257,6 +257,9 @@ _TYPES = [(re.compile(r"\bINTEGER\s+PRIMARY\s+KEY\b", re.I), "BIGINT GENERATED B
           (re.compile(r"\bBLOB\b", re.I), "BYTEA"), (re.compile(r"\)\s*WITHOUT\s+ROWID\b", re.I), ")")]
 _TEXT = re.compile(r"\bTEXT\b(?!\s+COLLATE\b)")  # (schema DDL writes its types in capitals)
 _QUOTED = re.compile(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")|[^'\"]+")  # quoted (group 1) or not
+#: "does table X exist" (asked per row by some lookups): pg_class by its (name, schema) index, not the view
+_HAS_TABLE = re.compile(r"^SELECT\s+(1|count\(\*\))\s+FROM\s+sqlite_master\s+WHERE\s+type\s*=\s*'table'\s+AND\s+"
+                        r"name\s*=\s*('\w+'|\?)$", re.I)
 _IS_NOT = re.compile(r"\bIS\s+NOT\s+(?!NULL\b|DISTINCT\b|TRUE\b|FALSE\b)", re.I)
 _NOCASE = re.compile(r"((?:\w+\.)?\w+)\s+COLLATE\s+NOCASE\b", re.I)
 _IN_JSON = re.compile(r"((?:\w+\.)?\w+)\s+IN\s+\(\s*SELECT\s+value\s+FROM\s+json_each\(", re.I)
@@ -315,6 +318,12 @@ def _translate_one(sql: str) -> Translated:
         return Translated([], kind="noop")
     if re.match(r"^SELECT\s+changes\(\s*\)$", body, re.I):
         return Translated([], kind="changes")
+    m = _HAS_TABLE.match(body)
+    if m:
+        text, named, _has = _placeholders(
+            f"SELECT {m.group(1)} FROM pg_class c WHERE c.relname = {m.group(2)} AND c.relkind IN ('r', 'p', 'v') "
+            "AND c.relnamespace = current_schema()::regnamespace")
+        return Translated([text], named=named)
     m = _TRIGGER.match(body)
     if m:
         return Translated(_trigger(m), kind="other")
