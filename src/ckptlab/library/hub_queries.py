@@ -52,6 +52,28 @@ def loads(text):
         return None
 
 
+def open_rows(catalog: Catalog, sql: str, args: Iterable = ()):
+    """A cursor over ``sql``'s rows meant to be read ``FETCH`` at a time: SQLite's own (it steps through the
+    rows as they are read); on PostgreSQL a server-side cursor (``PgConnection.stream``), since a plain
+    PostgreSQL cursor receives the whole answer at once."""
+    from ckptlab.library.sql_dialect import is_pg_connection
+
+    if is_pg_connection(catalog.conn):
+        return catalog.conn.stream(sql, list(args), size=FETCH)
+    return catalog.conn.execute(sql, list(args))
+
+
+def _drain(cur) -> Iterator[tuple]:
+    try:
+        while True:
+            rows = cur.fetchmany(FETCH)
+            if not rows:
+                return
+            yield from rows
+    finally:  # stopped early (a page, a limit): the server-side cursor is closed now
+        cur.close()
+
+
 def iter_records(catalog: Catalog, where: str = "", args: Iterable = (), order: str = "f.id",
                  limit: int | None = None, offset: int = 0) -> Iterator[FileRecord]:
     """``FileRecord``s matching ``where`` (SQL over ``files f`` / ``content c``) in ``order``, streamed from the
@@ -64,16 +86,11 @@ def iter_records(catalog: Catalog, where: str = "", args: Iterable = (), order: 
         args += [int(limit), int(offset)]
     else:  # OFFSET without LIMIT is not portable (SQLite needs a LIMIT, PostgreSQL has no LIMIT -1)
         skip = int(offset)
-    cur = catalog.conn.execute(sql, args)
-    while True:
-        rows = cur.fetchmany(FETCH)
-        if not rows:
-            return
-        for row in rows:
-            if skip:
-                skip -= 1
-                continue
-            yield record_of(row)
+    for row in _drain(open_rows(catalog, sql, args)):
+        if skip:
+            skip -= 1
+            continue
+        yield record_of(row)
 
 
 def records_by_ids(catalog: Catalog, ids: list[int]) -> dict[int, FileRecord]:
@@ -88,12 +105,7 @@ def records_by_ids(catalog: Catalog, ids: list[int]) -> dict[int, FileRecord]:
 
 def scalar_rows(catalog: Catalog, sql: str, args: Iterable = ()) -> Iterator[tuple]:
     """The rows of an aggregate query, streamed."""
-    cur = catalog.conn.execute(sql, list(args))
-    while True:
-        rows = cur.fetchmany(FETCH)
-        if not rows:
-            return
-        yield from rows
+    yield from _drain(open_rows(catalog, sql, args))
 
 
 # -- dedup figures (report) -------------------------------------------------------------------------------------
@@ -173,7 +185,6 @@ def iter_listed(catalog: Catalog, *, kind: str | None = None, family: str | None
     row in Python, the page then counted after them. ``unsafe``: the moderation queue - malicious first, then
     suspicious, corrupt, then unchecked (or never checked), each in ``sort`` order. Raises ``BadChoiceError``
     (an unknown kind, family or sort)."""
-    from ckptlab.library.show import base_model_family, civitai_brief, search_text
     from ckptlab.library.ui_folders import resolve_family, resolve_kind
 
     order = listing_order(sort, unsafe=unsafe)
@@ -184,6 +195,15 @@ def iter_listed(catalog: Catalog, *, kind: str | None = None, family: str | None
     needle = search.casefold() if search else None
     recs = iter_records(catalog, where, args, order, limit=None if in_python else limit,
                         offset=0 if in_python else offset)
+    try:
+        yield from _page(recs, civitai, families, needle, in_python, offset, limit)
+    finally:
+        recs.close()  # a page shown: the rest of the answer stays on the server
+
+
+def _page(recs, civitai, families, needle, in_python, offset, limit):
+    from ckptlab.library.show import base_model_family, civitai_brief, search_text
+
     skipped = shown = 0
     for r in recs:
         civ = civitai_brief(r, civitai(r) if civitai is not None and r.sha256 else None)
