@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,7 @@ class RangeServer:
         self.log: list[Hit] = []
         self.lock = threading.Lock()
         self.counts: dict[str, int] = {}
+        self.open: set = set()  # the connections being served (kept alive between requests)
 
     @property
     def port(self) -> int:
@@ -53,8 +55,18 @@ class RangeServer:
             self.log.clear()
 
     def stop(self) -> None:
+        """Stop serving, kept-alive connections included: a handler thread left on one would go on answering for
+        this server, also once another server is given the same port (a client's cached connection to that
+        host:port would then reach the stopped server)."""
         self.httpd.shutdown()
         self.httpd.server_close()
+        with self.lock:
+            conns = list(self.open)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.thread.join(10)
 
 
@@ -69,6 +81,16 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
 
         def log_message(self, *a):  # quiet
             pass
+
+        def setup(self):
+            super().setup()
+            with server.lock:
+                server.open.add(self.connection)
+
+        def finish(self):
+            with server.lock:
+                server.open.discard(self.connection)
+            super().finish()
 
         def _record(self, status: int, sent: int) -> Hit:
             hit = Hit(self.command, self.path, self.headers.get("Range"), status, sent)

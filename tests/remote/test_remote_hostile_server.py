@@ -168,3 +168,33 @@ def test_object_changed_since_listing_is_refused(server, model):
     with pytest.raises(CkptlabError) as e:
         RemoteFile(url, size=model.stat().st_size + 10).pread(0, 16)
     assert "changed" in _one_line(e.value, url)
+
+
+def test_a_stopped_server_on_a_reused_port_is_not_reached(model, fast_retries, monkeypatch):
+    """The order dependency of ``test_ignored_range_is_refused`` made certain: a read leaves a kept-alive connection
+    (one per thread and host:port, ``remote.reader``), its server stops, the next server is given the same port.
+    The request must reach the new server (which ignores Range: refused), never the stopped one through a handler
+    left on the old connection. Oracle: each server's own request log."""
+    from fakes import http_range_server
+
+    first = serve({"m.safetensors": model})
+    url = first.url("m.safetensors")
+    assert RemoteFile(url).pread(0, 16) == model.read_bytes()[:16]
+    first.stop()
+
+    port = first.port
+
+    class SamePort(http_range_server.ThreadingHTTPServer):
+        def __init__(self, address, handler):
+            super().__init__((address[0], port), handler)
+
+    monkeypatch.setattr(http_range_server, "ThreadingHTTPServer", SamePort)
+    second = serve({"m.safetensors": model}, {"m.safetensors": "ignore_range"})
+    try:
+        assert second.url("m.safetensors") == url
+        with pytest.raises(CkptlabError) as e:
+            RemoteFile(url).pread(0, 16)
+        assert "ignored the Range" in _one_line(e.value, url)
+        assert len(first.hits()) == 1 and len(second.hits()) == 1
+    finally:
+        second.stop()

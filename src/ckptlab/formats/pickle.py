@@ -30,6 +30,7 @@ from ckptlab.formats.pickle_vm import (
     Global,
     TensorRef,
 )
+from ckptlab.remote.reader import RemoteBuffer
 
 #: top-level keys of training checkpoints that hold training state, never model weights
 TRAINING_STATE = ("optimizer_states", "optimizer", "optimizer_state_dict", "lr_schedulers", "scheduler",
@@ -113,11 +114,18 @@ class PickleSource(TensorSource):
         if nbytes % isz:
             raise FormatError(f"tensor {key!r}: storage size mismatch", self.path)
         kind = st.backing[0]
+        remote = type(self.scan.mm) is RemoteBuffer
         if kind == "view":
             buf, off = st.backing[1], st.backing[2]
-            chunk = buf[off:off + nbytes]
-            if chunk.readonly:
-                chunk = bytearray(chunk)
+            if type(buf) is RemoteBuffer:  # a legacy file over a URL: one ranged GET of exactly this record
+                chunk = bytearray(buf.rf.pread(off, nbytes, exact=True))
+                if len(chunk) != nbytes:
+                    raise FormatError(f"tensor {key!r}: the object ends inside its storage record (it changed?)",
+                                      self.path)
+            else:  # a memoryview of the local file's map (a read-only one is copied: the array is writable)
+                chunk = buf[off:off + nbytes]
+                if chunk.readonly:
+                    chunk = bytearray(chunk)
             base = np.frombuffer(chunk, dtype=np.uint8, count=nbytes)
         else:  # a zip record, stored (mmapped in place) or deflated (inflate this one tensor)
             if self.scan.mm is None:
@@ -130,12 +138,12 @@ class PickleSource(TensorSource):
                 if len(data) != nbytes:
                     raise FormatError(f"tensor {key!r}: compressed record inflates to the wrong size", self.path)
                 self._check_crc(key, st, data, crc)
-                if kind != "file":
+                if kind != "file" or remote:  # inflated, or fetched bytes (a remote object has no map to view)
                     base = np.frombuffer(bytearray(data), dtype=np.uint8, count=nbytes)
             finally:
                 if isinstance(data, memoryview):
                     data.release()  # an export left on the mmap would block closing it
-            if kind == "file":
+            if kind == "file" and not remote:
                 base = np.frombuffer(self.scan.mm, dtype=np.uint8, count=nbytes, offset=st.backing[1])
         if st.byteswap and isz > 1:  # a big-endian legacy file: swapped into a native copy
             base = base.reshape(-1, isz)[:, ::-1].copy().reshape(-1)

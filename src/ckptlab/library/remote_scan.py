@@ -174,26 +174,13 @@ def _filesystem(url: str):
     return fsspec.filesystem(url.partition("://")[0].lower())
 
 
-def _remote_reader() -> bool:
-    """True when the remote reader (``ckptlab.remote.reader``, the remote-io part) is in this build:
-    ``read_file_facts`` and the hashers are then given the URL and read it with ranged GETs. Without it, and
-    for diffusers folders, a unit is staged: streamed to a private temporary folder on the worker's disk and
-    read there (cost: the whole object's bytes). ``CKPTLAB_REMOTE_STAGE=1`` forces staging."""
-    if os.environ.get("CKPTLAB_REMOTE_STAGE") == "1":
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("ckptlab.remote.reader") is not None
-
-
-#: what a reader that treats the URL as a local path says: the unit is then staged and read again
-_LOCAL_ONLY = ("No such file or directory", "cannot access", "not a regular file", "Errno 2")
-
-
-def _read_locally(r: dict) -> bool:
-    facts = r.get("facts") or {}
-    text = " ".join(str(x) for x in (facts.get("error"), facts.get("safety_detail"), r.get("content_error")) if x)
-    return any(m in text for m in _LOCAL_ONLY)
+def _stage_forced() -> bool:
+    """``CKPTLAB_REMOTE_STAGE=1``: every unit is staged (streamed to a private temporary folder on the worker's
+    disk and read there; cost: the whole object's bytes) instead of read with ranged GETs. Otherwise only a
+    diffusers folder scanned with ``--fingerprint`` is staged (``fingerprint_diffusers`` reads the folder's files
+    on disk). Nothing else falls back to staging: a reader that fails on an object (a bug included) gives that
+    object's error row, which the next scan reads again, never a silent download of the whole object."""
+    return os.environ.get("CKPTLAB_REMOTE_STAGE") == "1"
 
 
 @contextlib.contextmanager
@@ -308,8 +295,7 @@ def _one(u: Unit, tmp: str, direct: bool) -> dict:
     except CkptlabError as e:  # the object could not be fetched (staging)
         out["facts"] = {"kind": hint, "error": e.message}
     except Exception as e:  # noqa: BLE001 - a reader's bug on one object: not the whole task's failure
-        out["unexpected"] = cap(f"unreadable: {type(e).__name__}: {e}")
-        out["facts"] = {"kind": hint, "error": out["unexpected"]}
+        out["facts"] = {"kind": hint, "error": cap(f"unreadable: {type(e).__name__}: {e}")}
     return out
 
 
@@ -334,7 +320,7 @@ def _read_unit(u: Unit, tmp: str, path: str, hint, out: dict) -> None:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001 - a hasher's bug on one object: that object's error
-        msg = out["unexpected"] = cap(f"cannot hash: {type(e).__name__}: {e}")
+        msg = cap(f"cannot hash: {type(e).__name__}: {e}")
     else:
         if h is not None:
             out["hashes"] = h
@@ -365,10 +351,8 @@ def read_task(units: list[Unit]) -> list[dict]:
             for attempt in range(1, THROTTLE_TRIES + 1):
                 # a diffusers prefix is read in place too (remote-io reads a prefix like a folder), except for
                 # its fingerprint: fingerprint_diffusers needs the folder's files on disk
-                direct = (_remote_reader() and (u.members is None or not u.need_fp)) or u.sidecars_only
-                r = _one(u, tmp, direct)
-                if direct and (_read_locally(r) or "unexpected" in r):
-                    r = _one(u, tmp, False)  # a reader that does not take this URL (yet): the local path
+                direct = (not _stage_forced() and (u.members is None or not u.need_fp)) or u.sidecars_only
+                r = _one(u, tmp, direct)  # an error, expected or not, is this object's row (no fallback)
                 if not _throttled(r):
                     break
                 if attempt == THROTTLE_TRIES:
