@@ -34,7 +34,7 @@ from ckptlab.display import cap
 from ckptlab.errors import CkptlabError, NetworkError
 from ckptlab.library import sidecars, ui_folders
 from ckptlab.library.catalog import Catalog, StatKey
-from ckptlab.library.scanner import ScanSummary, read_file_facts, scan_lock
+from ckptlab.library.scanner import ScanSummary, read_file_facts, recorded_scan
 from ckptlab.progress import Progress, null_progress
 from ckptlab.remote import RemoteEntry, remote_stat_key
 
@@ -473,39 +473,16 @@ def scan_remote(roots: list[str], catalog: Catalog, *, hash: bool = False, finge
     as Ray tasks on that cluster (``"auto"``: ``$RAY_ADDRESS`` or the local one); else a local pool of
     ``workers`` threads (default 8). Ctrl-C cancels outstanding tasks and records the scan ``interrupted``."""
     progress = progress or null_progress
-    t0 = time.perf_counter()
     roots = [r.rstrip("/") if r.count("/") > 2 else r for r in roots]
     pool = _RayPool(ray_address) if ray_address is not None else _LocalPool(workers or 8)
     try:
-        with scan_lock(catalog, on_wait, roots=roots):
-            with catalog.transaction() as c:
-                scan_id = c.execute("INSERT INTO scans(started, roots, status) VALUES (?, ?, 'running')",
-                                    (time.time(), json.dumps(roots))).lastrowid
-            summary = ScanSummary(scan_id=scan_id, roots=list(roots))
-            done = False
+        with recorded_scan(catalog, roots, on_wait) as summary:
             try:
                 for root in roots:
                     _Driver(catalog, summary, pool, root, hash=hash, fingerprint=fingerprint, progress=progress,
                             page_size=page_size).run()
-                done = True
-            except KeyboardInterrupt:
-                summary.status = "interrupted"
-                raise
-            except BaseException:
-                summary.status = "failed"
-                raise
             finally:
-                summary.seconds = round(time.perf_counter() - t0, 3)
-                summary.errors = len(summary.error_list)
-                summary.error_list = summary.error_list[:1000]
-                d = {k: v for k, v in summary.__dict__.items() if k != "error_list"}
-                try:
-                    with catalog.transaction() as c:
-                        c.execute("UPDATE scans SET finished = ?, status = ?, summary = ? WHERE id = ?",
-                                  (time.time(), summary.status, json.dumps(d), scan_id))
-                except CkptlabError:
-                    if done:
-                        raise
+                summary.errors = len(summary.error_list)  # before the record keeps the first 1,000
     finally:
         pool.close()
     return summary

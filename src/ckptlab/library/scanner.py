@@ -498,22 +498,32 @@ def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False
         raise CkptlabError("--ray scans object-store prefixes (s3://bucket/prefix); local folders are read by "
                            "local processes (--workers)")
     progress = progress or null_progress
-    t0 = time.perf_counter()
     targets: list[tuple[str, str | None]] = [(os.path.abspath(os.fspath(r)), None) for r in roots]
     if extra_model_paths is not None:
         targets += [(str(p), cat) for cat, p in ui_folders.read_extra_model_paths(extra_model_paths)]
     if not targets:
         raise CkptlabError("nothing to scan: give at least one folder or --extra-model-paths")
     root_names = [display_path(t) for t, _ in targets]
-    with scan_lock(catalog, on_wait, roots=[t for t, _ in targets]):
+    with recorded_scan(catalog, root_names, on_wait, lock_roots=[t for t, _ in targets]) as summary:
+        _run(targets, catalog, summary, hash=hash, fingerprint=fingerprint, progress=progress, workers=workers,
+             under=under)
+    return summary
+
+
+@contextlib.contextmanager
+def recorded_scan(catalog: Catalog, roots: list[str], on_wait=None, *, lock_roots: list[str] | None = None):
+    """One scan as the catalog records it, for local and remote scans alike: ``scan_lock`` on ``lock_roots``
+    (default ``roots``), a ``scans`` row marked running, and on the way out its status (complete, interrupted by
+    Ctrl-C, failed), its time and its summary. Yields the ``ScanSummary`` the scan fills in."""
+    t0 = time.perf_counter()
+    with scan_lock(catalog, on_wait, roots=lock_roots if lock_roots is not None else list(roots)):
         with catalog.transaction() as c:
             scan_id = c.execute("INSERT INTO scans(started, roots, status) VALUES (?, ?, 'running')",
-                                (time.time(), json.dumps(root_names))).lastrowid
-        summary = ScanSummary(scan_id=scan_id, roots=root_names)
+                                (time.time(), json.dumps(list(roots)))).lastrowid
+        summary = ScanSummary(scan_id=scan_id, roots=list(roots))
         done = False
         try:
-            _run(targets, catalog, summary, hash=hash, fingerprint=fingerprint, progress=progress, workers=workers,
-                 under=under)
+            yield summary
             done = True
         except KeyboardInterrupt:
             summary.status = "interrupted"
@@ -531,7 +541,6 @@ def scan(roots: list[str | os.PathLike], catalog: Catalog, *, hash: bool = False
             except CkptlabError:
                 if done:  # else the error already on its way says more
                     raise
-    return summary
 
 
 @contextlib.contextmanager
