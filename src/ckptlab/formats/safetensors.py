@@ -90,6 +90,20 @@ class SafetensorsHeader:
         self.file_size = file_size
 
 
+def header_length(head: bytes, file_size: int, path) -> int:
+    """The header length the first 8 bytes ``head`` give, checked against the limit and the file's size."""
+    if len(head) < 8:
+        raise FormatError(f"not a safetensors file: {file_size} bytes, too short for a header", path)
+    (n,) = struct.unpack("<Q", head)
+    if n == 0:
+        raise FormatError("safetensors header length is 0", path)
+    if n > MAX_HEADER:
+        raise FormatError(f"safetensors header length {n} exceeds the {MAX_HEADER} byte limit", path)
+    if 8 + n > file_size:
+        raise FormatError(f"safetensors header length {n} runs past the end of the file ({file_size} bytes)", path)
+    return n
+
+
 def read_header(path: str | Path, fh=None) -> SafetensorsHeader:
     """Parse and validate the header of ``path``; raise ``FormatError`` naming the problem."""
     path = as_path(path)
@@ -108,18 +122,7 @@ def read_header(path: str | Path, fh=None) -> SafetensorsHeader:
             raise FormatError(f"cannot open: {e.strerror or e}", path) from None
     try:
         file_size = os.fstat(fh.fileno()).st_size
-        head = fh.read(8)
-        if len(head) < 8:
-            raise FormatError(f"not a safetensors file: {file_size} bytes, too short for a header", path)
-        (n,) = struct.unpack("<Q", head)
-        if n == 0:
-            raise FormatError("safetensors header length is 0", path)
-        if n > MAX_HEADER:
-            raise FormatError(f"safetensors header length {n} exceeds the {MAX_HEADER} byte limit", path)
-        if 8 + n > file_size:
-            raise FormatError(f"safetensors header length {n} runs past the end of the file ({file_size} bytes)",
-                              path)
-        raw = fh.read(n)
+        raw = fh.read(header_length(fh.read(8), file_size, path))
     finally:
         if own:
             fh.close()
@@ -130,16 +133,7 @@ def _read_header_from(rf, path) -> SafetensorsHeader:
     """``read_header`` on a ``RemoteFile``: the first block (cached) holds the length; a header longer than that
     block costs one more GET of exactly the rest."""
     file_size = rf.size
-    head = rf.pread(0, 8)
-    if len(head) < 8:
-        raise FormatError(f"not a safetensors file: {file_size} bytes, too short for a header", path)
-    (n,) = struct.unpack("<Q", head)
-    if n == 0:
-        raise FormatError("safetensors header length is 0", path)
-    if n > MAX_HEADER:
-        raise FormatError(f"safetensors header length {n} exceeds the {MAX_HEADER} byte limit", path)
-    if 8 + n > file_size:
-        raise FormatError(f"safetensors header length {n} runs past the end of the file ({file_size} bytes)", path)
+    n = header_length(rf.pread(0, 8), file_size, path)
     return parse_header_bytes(rf.pread(8, n), file_size, path)
 
 

@@ -649,3 +649,4 @@ class Catalog:
 #: command loads only the rows it needs, never ``files()``'s whole list)
 SELECT_RECORDS = _SELECT
 record_of = _record
+json_column = _loads

@@ -12,10 +12,9 @@ links, ``plan-space``/``apply-plan``): ``is_remote_record`` tells them apart.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 
-from ckptlab.library.catalog import SELECT_RECORDS, Catalog, FileRecord, record_of
+from ckptlab.library.catalog import SELECT_RECORDS, Catalog, FileRecord, json_column, record_of
 from ckptlab.remote import REMOTE_DEV, is_remote
 
 #: rows fetched from a cursor at a time, and ids per ``IN (...)`` (under SQLite's and PostgreSQL's limits)
@@ -42,14 +41,8 @@ def is_remote_record(rec) -> bool:
     return getattr(rec, "dev", None) == REMOTE_DEV or is_remote(getattr(rec, "path", None))
 
 
-def loads(text):
-    """A JSON column's value, None when empty or not JSON (as the catalog reads its records)."""
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except (ValueError, TypeError, RecursionError):
-        return None
+#: a JSON column's value, None when empty or not JSON (as the catalog reads its records)
+loads = json_column
 
 
 def open_rows(catalog: Catalog, sql: str, args: Iterable = ()):
