@@ -34,7 +34,7 @@ from ckptlab.display import cap
 from ckptlab.errors import CkptlabError, NetworkError
 from ckptlab.library import sidecars, ui_folders
 from ckptlab.library.catalog import Catalog, StatKey
-from ckptlab.library.scanner import ScanSummary, read_file_facts, recorded_scan
+from ckptlab.library.scanner import ScanSummary, facts_or_error, recorded_scan
 from ckptlab.progress import Progress, null_progress
 from ckptlab.remote import RemoteEntry, remote_stat_key
 
@@ -225,30 +225,6 @@ def _read_sidecars(u: Unit, tmp: str) -> str | None:
     return json.dumps(data, ensure_ascii=False).encode("utf-8", "replace").decode("utf-8")
 
 
-def _facts(path: str, hint: str | None) -> dict:
-    """``scanner._read_one``'s rules for one path: problems become the row's ``error``."""
-    facts: dict = {"kind": hint}
-    try:
-        facts.update(read_file_facts(path, hint))
-    except CkptlabError as e:
-        facts.update(getattr(e, "partial_facts", None) or {})
-        facts["error"] = e.message
-    except OSError as e:
-        facts["error"] = f"cannot read: {e.strerror or e}"
-    except MemoryError:
-        facts["error"] = "file too large to parse"
-    except (ValueError, KeyError, IndexError, TypeError, EOFError) as e:
-        facts["error"] = cap(f"unreadable: {type(e).__name__}: {e}")
-    if "error" in facts and facts.get("format") is None:
-        from ckptlab.formats import detect_format
-
-        try:
-            facts["format"] = detect_format(path)
-        except (CkptlabError, OSError):
-            pass
-    return facts
-
-
 def _renamed(obj, local: str, url: str):
     if isinstance(obj, str):
         return obj.replace(local, url) if local in obj else obj
@@ -301,7 +277,7 @@ def _one(u: Unit, tmp: str, direct: bool) -> dict:
 
 def _read_unit(u: Unit, tmp: str, path: str, hint, out: dict) -> None:
     if u.read_facts:
-        out["facts"] = _facts(path, hint)
+        out["facts"] = facts_or_error(path, hint)
         if path != u.url:  # a staged copy (or the prefix): the facts name the object / the folder URL
             out["facts"] = _renamed(out["facts"], path, u.url)
         try:

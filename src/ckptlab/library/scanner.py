@@ -804,14 +804,13 @@ def _read_all(found: list[Found], workers: int | None):
     ex.shutdown(wait=True)
 
 
-def _read_one(f: Found) -> dict:
-    loc = _location(f)
-    facts: dict = {"kind": loc["hint"]}
-    if f.error:
-        facts["error"] = f.error
-        return facts
+def facts_or_error(path, hint: str | None) -> dict:
+    """``read_file_facts`` as a scan records it (local files and remote objects alike): a file ckptlab cannot read
+    is a row with an ``error`` (and whatever facts were found before it, the verdict included), never an
+    exception that stops the scan."""
+    facts: dict = {"kind": hint}
     try:
-        facts.update(read_file_facts(f.path, loc["hint"]))
+        facts.update(read_file_facts(path, hint))
     except CkptlabError as e:
         facts.update(getattr(e, "partial_facts", None) or {})
         facts["error"] = e.message
@@ -825,9 +824,19 @@ def _read_one(f: Found) -> dict:
         from ckptlab.formats import detect_format
 
         try:
-            facts["format"] = detect_format(f.path)
+            facts["format"] = detect_format(path)
         except (CkptlabError, OSError):
             pass
+    return facts
+
+
+def _read_one(f: Found) -> dict:
+    loc = _location(f)
+    facts: dict = {"kind": loc["hint"]}
+    if f.error:
+        facts["error"] = f.error
+        return facts
+    facts = facts_or_error(f.path, loc["hint"])
     if "error" not in facts:
         try:
             if current_key(f.path, f.folder_key is not None) != f.key:
