@@ -103,7 +103,7 @@ def inspect_cmd(
         try:
             info = _identify(identify, p, heuristics)
         except CkptlabError as err:
-            error_line(str(err) if err.path else f"{p}: {err}")
+            error_line(str(err) if err.path or str(err).startswith(f"{p}: ") else f"{p}: {err}")  # named once
             worst = max(worst, err.exit_code)
             if json_out:
                 emit_json({"path": str(p), "error": err.message})
