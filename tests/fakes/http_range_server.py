@@ -77,6 +77,7 @@ def serve(files: dict, behaviour: dict | None = None) -> RangeServer:
     behaviour = dict(behaviour or {})
 
     class Handler(BaseHTTPRequestHandler):
+        disable_nagle_algorithm = True  # headers and a small body in separate writes: no 40 ms delayed-ACK stall
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *a):  # quiet

@@ -74,3 +74,15 @@ def test_without_the_remote_extra_a_url_is_one_line(tmp_path):
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'ckptlab[remote]'" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("command", ["inspect", "check", "hash"])
+@pytest.mark.parametrize("url", ["https://[::1/x.safetensors", "https://user:hunter2@example.org:99999/x.ckpt"])
+def test_a_malformed_url_is_one_usage_line_without_its_password(cli, command, url):
+    """urllib's parser refuses these (an unclosed IPv6 bracket, a port above 65535): before, the ValueError surfaced
+    as an internal error (exit 70)."""
+    r = cli(command, url)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "not a valid URL" in lines[0], r.stderr
+    assert "hunter2" not in r.stderr + r.stdout and "Traceback" not in r.stderr

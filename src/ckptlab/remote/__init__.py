@@ -66,6 +66,10 @@ class RemoteURL(str):
 
     __slots__ = ()
 
+    def __new__(cls, url):
+        check_url(url)
+        return super().__new__(cls, url)
+
     @property
     def name(self) -> str:
         return self.rstrip("/").rsplit("/", 1)[-1]
@@ -140,6 +144,21 @@ def expand_targets(args, expand_local) -> list:
         else:
             out.extend(expand_local([a]))
     return out
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL the standard parser cannot read (``https://[::1/x``, a port above 65535) in one line, with any
+    ``user:password@`` left out of the message."""
+    from urllib.parse import urlsplit
+
+    try:
+        urlsplit(url).port  # noqa: B018 - .port validates the number
+    except ValueError as e:
+        import re
+
+        from ckptlab.errors import UsageError
+
+        raise UsageError(f"not a valid URL ({e})", re.sub(r"//[^/@]*@", "//", url)) from None
 
 
 def as_path(path):
