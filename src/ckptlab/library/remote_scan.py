@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ckptlab.display import cap
-from ckptlab.errors import CkptlabError, NetworkError
+from ckptlab.errors import CkptlabError, HTTPStatusError, NetworkError
 from ckptlab.library import sidecars, ui_folders
 from ckptlab.library.catalog import Catalog, StatKey
 from ckptlab.library.scanner import ScanSummary, facts_or_error, recorded_scan
@@ -43,7 +43,14 @@ TASK_BYTES = 4 * 1024**3  # bytes per task with --hash / --fingerprint (one obje
 LOOKUP_BATCH = 500  # units compared with the catalog per query
 TASK_RETRIES = 3  # re-runs of a task after worker loss (Ray) or persistent throttling
 THROTTLE_TRIES = 5  # in-task retries of one object that is throttled, with backoff
-ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "AZURE_", "CKPTLAB_")
+#: what a Ray worker gets from this process's environment (``runtime_env`` is visible cluster-wide): the storage
+#: clients' families and the few ckptlab settings a worker reads; never ``CKPTLAB_TOKEN``, ``CKPTLAB_DB``...
+ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "AZURE_", "CKPTLAB_REMOTE_")
+ENV_NAMES = ("CKPTLAB_REMOTE_STAGE", "CKPTLAB_DIRECT_IO")
+#: S3-style error codes / HTTP statuses that mean "slow down" (read from an exception's fields, never its text)
+THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
+                            "RequestLimitExceeded", "ServiceUnavailable"})
+THROTTLE_STATUSES = frozenset({429, 503})
 _JSON_ROLES = ("json", "civitai_info", "cm_info", "metadata_json", "description")
 _FACT_COLS = ("format", "kind", "family", "variant", "n_tensors", "tensor_bytes", "ema_bytes", "fp32_bytes",
               "dtypes", "info", "safety", "safety_detail", "sidecars", "error", "triggers")
@@ -270,8 +277,10 @@ def _one(u: Unit, tmp: str, direct: bool) -> dict:
         raise
     except CkptlabError as e:  # the object could not be fetched (staging)
         out["facts"] = {"kind": hint, "error": e.message}
+        out["throttled"] = is_throttle(e)
     except Exception as e:  # noqa: BLE001 - a reader's bug on one object: not the whole task's failure
         out["facts"] = {"kind": hint, "error": cap(f"unreadable: {type(e).__name__}: {e}")}
+        out["throttled"] = is_throttle(e)
     return out
 
 
@@ -293,10 +302,12 @@ def _read_unit(u: Unit, tmp: str, path: str, hint, out: dict) -> None:
                          streamable)
     except (CkptlabError, OSError) as e:
         msg = e.message if isinstance(e, CkptlabError) else f"cannot read: {e.strerror or e}"
+        out["throttled"] = is_throttle(e)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001 - a hasher's bug on one object: that object's error
         msg = cap(f"cannot hash: {type(e).__name__}: {e}")
+        out["throttled"] = is_throttle(e)
     else:
         if h is not None:
             out["hashes"] = h
@@ -307,16 +318,33 @@ def _read_unit(u: Unit, tmp: str, path: str, hint, out: dict) -> None:
     out["content_error"] = _renamed(msg, path, u.url).encode("utf-8", "replace").decode("utf-8")
 
 
-def _throttled(result: dict) -> bool:
-    text = " ".join(str(x) for x in (result.get("facts", {}).get("error"), result.get("content_error")) if x)
-    return any(m in text for m in ("SlowDown", "Throttl", "TooManyRequests", "503", "429", "RequestLimitExceeded"))
+def is_throttle(exc: BaseException) -> bool:
+    """Whether an exception says "slow down", from its type and fields only, never its message (a crafted
+    object's error text can hold any digits: "header length 150300000000" is no 503): the reader's retry
+    exception (``retryable``), an ``HTTPStatusError`` with status 429/503, a botocore ``ClientError`` whose
+    ``Error.Code`` is a throttling code or whose HTTP status is 429/503; and the same for its cause."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 4:
+        if getattr(e, "retryable", False) is True:
+            return True
+        if isinstance(e, HTTPStatusError) and e.status in THROTTLE_STATUSES:
+            return True
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            err, meta = resp.get("Error") or {}, resp.get("ResponseMetadata") or {}
+            if (isinstance(err, dict) and err.get("Code") in THROTTLE_CODES) or (
+                    isinstance(meta, dict) and meta.get("HTTPStatusCode") in THROTTLE_STATUSES):
+                return True
+        e, seen = e.__cause__, seen + 1
+    return False
 
 
 def read_task(units: list[Unit]) -> list[dict]:
     """Read every unit of one task: ``[{"url", "pid", "facts"?, "hashes"?, "fingerprint"?, "content_error"?}]``.
-    An object the store keeps throttling is retried with backoff; after ``THROTTLE_TRIES`` the task raises
-    ``errors.NetworkError`` (and is run again as a whole: Ray's ``retry_exceptions``, the local pool's re-submit;
-    nothing else escapes a task as that class, since each object's errors are caught)."""
+    An object whose read failed with a throttling *exception* (``is_throttle``: its type and status, never
+    its message) is read again alone, with backoff, up to ``THROTTLE_TRIES`` times; after that its error is its
+    result (the next scan reads it again). No object's error fails the task: its neighbours' results stand."""
     from ckptlab.remote.listing import backoff
 
     out = []
@@ -329,10 +357,8 @@ def read_task(units: list[Unit]) -> list[dict]:
                 # its fingerprint: fingerprint_diffusers needs the folder's files on disk
                 direct = (not _stage_forced() and (u.members is None or not u.need_fp)) or u.sidecars_only
                 r = _one(u, tmp, direct)  # an error, expected or not, is this object's row (no fallback)
-                if not _throttled(r):
+                if not r.pop("throttled", False) or attempt == THROTTLE_TRIES:
                     break
-                if attempt == THROTTLE_TRIES:
-                    raise NetworkError(f"the store kept throttling (503 SlowDown) {u.url}")
                 time.sleep(backoff(attempt, base=0.2))
             out.append(r)
     return out
@@ -372,8 +398,10 @@ class _LocalPool:
 
 def worker_env() -> dict[str, str]:
     """The variables a Ray worker needs to reach the store as this process does (endpoint, credentials,
-    region, fsspec settings): ``AWS_*``, ``FSSPEC_*``, ``GOOGLE_*``, ``AZURE_*``, ``CKPTLAB_*``."""
-    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) and k != "CKPTLAB_DB"}
+    region, fsspec settings): ``AWS_*``, ``FSSPEC_*``, ``GOOGLE_*``, ``AZURE_*``, and of ckptlab's own only an
+    allow-list (``CKPTLAB_REMOTE_*``, ``CKPTLAB_DIRECT_IO``): ``runtime_env`` is visible to the whole cluster, so
+    the web app's ``CKPTLAB_TOKEN``, the catalog's ``CKPTLAB_DB`` and the rest stay in this process."""
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
 
 
 def _check_address(address: str) -> None:
@@ -618,7 +646,12 @@ class _Driver:
             for u in task:
                 r = by_url.get(u.url) or {"task_error": "not read (scan cancelled)"}
                 loc = location(u)
-                if "task_error" in r:
+                if "task_error" in r and not u.read_facts:
+                    # the object's facts were not to be read (unchanged: in the task for its hashes or its
+                    # sidecars): its verdict stands; the failed work is its error, as a content error is
+                    facts = None
+                    r = {"content_error": r["task_error"]}
+                elif "task_error" in r:
                     facts = {"kind": loc["hint"], "error": r["task_error"]}
                 elif "facts" in r:
                     facts = r["facts"]

@@ -1,0 +1,135 @@
+"""Review fixes of the distributed scan (library/remote_scan.py): a crafted object cannot wipe its neighbours'
+verdicts, nested prefixes scanned at once do not mark each other's objects missing, Ray workers get only the
+variables they need, a failing diffusers probe is that folder's error (not a split pipeline)."""
+
+from __future__ import annotations
+
+import struct
+
+from fakes.remote_library import rows
+
+from ckptlab.library.catalog import Catalog
+from ckptlab.library.scanner import scan
+
+
+def _crafted_header(n: int) -> bytes:
+    """A safetensors file whose 8-byte header length is ``n`` (the digits of 503 inside it)."""
+    return struct.pack("<Q", n) + b'{"__metadata__":{}}' + b"\0" * 64
+
+
+def _local_facts(tmp_path, name: str, data: bytes) -> dict:
+    """A local scan of the same bytes: the oracle for the crafted object's row."""
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / name).write_bytes(data)
+    with Catalog(tmp_path / "local.db") as cat:
+        scan([folder], cat, workers=1)
+    return rows(tmp_path / "local.db", strip=str(folder))[name]
+
+
+def test_crafted_header_length_does_not_wipe_neighbours_verdicts(s3, tmp_path):
+    """The reviewer's reproduction: scan 1 with hostile pickles; a neighbouring ``x.safetensors`` whose header
+    length is 150300000000 ("503" in the error text) is uploaded; scan 2 with ``--hash`` (every unchanged object
+    in the task for its hashes). The malicious rows keep their verdicts and the summary counts them; the crafted
+    object's row is the local scan's; no task-wide network error."""
+    from hostile.corpus import build_hostile
+
+    folder = tmp_path / "h"
+    cases = build_hostile(folder, tmp_path / "canary")
+    s3.put_tree("h", folder)
+    db = tmp_path / "r.db"
+    with Catalog(db) as cat:
+        first = scan([s3.url("h")], cat)
+    before = rows(db, strip=s3.url("h"))
+    malicious = {k for k, r in before.items() if r["safety"] == "malicious"}
+    assert malicious and first.malicious == len(malicious)
+    assert all(not (tmp_path / "canary" / c.name).exists() for c in cases)
+
+    crafted = _crafted_header(150300000000)
+    assert b"503" in str(150300000000).encode()
+    s3.put("h/x.safetensors", crafted)
+    with Catalog(db) as cat:
+        second = scan([s3.url("h")], cat, hash=True)
+    after = rows(db, strip=s3.url("h"))
+    for k in before:
+        for col in ("format", "family", "safety", "safety_detail", "kind"):
+            assert after[k][col] == before[k][col], (k, col)
+    assert {k for k, r in after.items() if r["safety"] == "malicious"} == malicious
+    assert second.malicious == len(malicious)
+    local = _local_facts(tmp_path, "x.safetensors", crafted)
+    assert local["error"] and "150300000000" in local["error"]
+    got = after["x.safetensors"]
+    assert {c: got[c] for c in ("format", "kind", "safety", "error")} == \
+        {c: local[c] for c in ("format", "kind", "safety", "error")}
+    assert not any("throttl" in (e["error"] or "").lower() or "task failed" in (e["error"] or "")
+                   for e in second.error_list), second.error_list
+
+
+def test_is_throttle_reads_types_and_statuses_not_text():
+    from ckptlab.errors import FormatError, HTTPStatusError, NetworkError
+    from ckptlab.library.remote_scan import is_throttle
+
+    assert not is_throttle(FormatError("safetensors header length 150300000000 exceeds the limit (429)"))
+    assert not is_throttle(NetworkError("503 SlowDown 429 TooManyRequests"))  # text alone: no
+    assert is_throttle(HTTPStatusError("busy", 503)) and is_throttle(HTTPStatusError("slow", 429))
+    assert not is_throttle(HTTPStatusError("gone", 404))
+    retry = NetworkError("x")
+    retry.retryable = True
+    assert is_throttle(retry)
+
+    class ClientError(Exception):  # botocore's shape: the code and status on ``response``
+        def __init__(self, code, status):
+            super().__init__("An error occurred")
+            self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+    assert is_throttle(ClientError("SlowDown", 503)) and is_throttle(ClientError("Other", 429))
+    assert not is_throttle(ClientError("NoSuchKey", 404))
+    wrapped = OSError("translated")
+    wrapped.__cause__ = ClientError("SlowDown", 503)
+    assert is_throttle(wrapped)
+
+
+def test_worker_env_is_an_allow_list(monkeypatch):
+    from ckptlab.library.remote_scan import worker_env
+
+    keep = {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_SECRET_ACCESS_KEY": "s", "FSSPEC_S3_ANON": "0",
+            "GOOGLE_APPLICATION_CREDENTIALS": "/k.json", "AZURE_STORAGE_ACCOUNT": "a",
+            "CKPTLAB_REMOTE_STAGE": "1", "CKPTLAB_REMOTE_MAX_TRIES": "3", "CKPTLAB_DIRECT_IO": "1"}
+    drop = {"CKPTLAB_TOKEN": "secret-token", "CKPTLAB_DB": "postgresql://u:pw@h/db", "CKPTLAB_HOME": "/x",
+            "HOME_SECRET": "z", "CKPTLAB_CIVITAI_TOKEN": "t"}
+    for k, v in {**keep, **drop}.items():
+        monkeypatch.setenv(k, v)
+    env = worker_env()
+    assert {k: env.get(k) for k in keep} == keep
+    assert not set(drop) & set(env)
+    assert not [k for k in env if k.startswith("CKPTLAB_") and not (k.startswith("CKPTLAB_REMOTE_")
+                                                                    or k == "CKPTLAB_DIRECT_IO")]
+
+
+def test_a_failed_task_keeps_unchanged_objects_verdicts(s3, tmp_path, monkeypatch):
+    """A task that fails for good (here: every task of scan 2 raises) gives an error to the work it held; an
+    unchanged object that was in it only for its hashes keeps its facts and verdict (plain SQL as the oracle)."""
+    from hostile.corpus import build_hostile
+
+    from ckptlab.library import remote_scan
+
+    build_hostile(tmp_path / "h", tmp_path / "canary")
+    s3.put_tree("h", tmp_path / "h")
+    db = tmp_path / "r.db"
+    with Catalog(db) as cat:
+        scan([s3.url("h")], cat)
+    before = rows(db, strip=s3.url("h"))
+
+    def boom(units):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(remote_scan, "read_task", boom)
+    with Catalog(db) as cat:
+        second = scan([s3.url("h")], cat, hash=True)
+    after = rows(db, strip=s3.url("h"))
+    assert set(after) == set(before)
+    for k, r in before.items():
+        assert {c: after[k][c] for c in ("format", "family", "safety", "safety_detail")} == \
+            {c: r[c] for c in ("format", "family", "safety", "safety_detail")}, k
+        assert after[k]["content"] is None and "worker lost" in after[k]["error"]
+    assert second.malicious == len([r for r in before.values() if r["safety"] == "malicious"]) > 0
