@@ -4,6 +4,7 @@ variables they need, a failing diffusers probe is that folder's error (not a spl
 
 from __future__ import annotations
 
+import sqlite3
 import struct
 
 from fakes.remote_library import rows
@@ -133,3 +134,51 @@ def test_a_failed_task_keeps_unchanged_objects_verdicts(s3, tmp_path, monkeypatc
             {c: r[c] for c in ("format", "family", "safety", "safety_detail")}, k
         assert after[k]["content"] is None and "worker lost" in after[k]["error"]
     assert second.malicious == len([r for r in before.values() if r["safety"] == "malicious"]) > 0
+
+
+def _status(db) -> dict[str, str]:
+    con = sqlite3.connect(db)
+    try:
+        return {bytes(p).decode(): st for p, st in con.execute("SELECT path, status FROM files")}
+    finally:
+        con.close()
+
+
+def test_nested_prefix_scans_at_once_do_not_mark_each_other_missing(s3, tmp_path, monkeypatch):
+    """``s3://b/m`` and ``s3://b/m/sub`` scanned at once (PostgreSQL locks per root): the inner scan restamps
+    ``last_scan`` of the rows both list. Simulated deterministically: between the outer run's listing and its
+    missing-marking, ``m/sub``'s row gets another scan's id (as the inner scan's write does). It stays present;
+    an object really deleted is still marked missing by the same run."""
+    from fakes.library_files import tensors, write_st
+
+    from ckptlab.library import remote_scan
+
+    lib = tmp_path / "lib"
+    write_st(lib / "a.safetensors", tensors("sd1_kohya_lora", seed=1))
+    write_st(lib / "gone.safetensors", tensors("sd1_kohya_lora", seed=2))
+    write_st(lib / "sub" / "b.safetensors", tensors("sd1_kohya_lora", seed=3))
+    s3.put_tree("m", lib)
+    db = tmp_path / "c.db"
+    with Catalog(db) as cat:
+        scan([s3.url("m")], cat)
+    assert set(_status(db).values()) == {"present"} and len(_status(db)) == 3
+    s3.server.client().delete_object(Bucket=s3.bucket_name, Key="m/gone.safetensors")
+
+    finish = remote_scan._Driver._finish
+    inner = s3.url("m/sub/b.safetensors").encode()
+
+    def interleaved(self):
+        con = sqlite3.connect(db)  # the other scan's connection: its own scans row id, its own stamp
+        with con:
+            con.execute("UPDATE files SET last_scan = ?, last_seen = 0 WHERE path = ?", (self.s.scan_id + 1000,
+                                                                                        inner))
+        con.close()
+        return finish(self)
+
+    monkeypatch.setattr(remote_scan._Driver, "_finish", interleaved)
+    with Catalog(db) as cat:
+        s = scan([s3.url("m")], cat)
+    st = _status(db)
+    assert st[inner.decode()] == "present"
+    assert st[s3.url("m/a.safetensors")] == "present"
+    assert st[s3.url("m/gone.safetensors")] == "missing" and s.missing == 1

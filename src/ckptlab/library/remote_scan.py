@@ -525,6 +525,10 @@ class _Driver:
         listed = 0
         batch: list[Unit] = []
         task: list[Unit] = []
+        self.started = time.time()
+        with self.cat.transaction() as c:  # this run's listed paths (see _finish), on disk, not in memory
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS _remote_listed (path BLOB PRIMARY KEY)")
+            c.execute("DELETE FROM _remote_listed")
         entries = list_objects(self.root, page_size=self.page_size)
         try:
             for u in group_units(entries, self.root, self._is_diffusers):
@@ -554,6 +558,8 @@ class _Driver:
             return task
         s = self.s
         keys = [url_key(u.url) for u in units]
+        with self.cat.transaction() as c:
+            c.executemany("INSERT OR IGNORE INTO _remote_listed(path) VALUES (?)", [(k,) for k in keys])
         rows = {}
         q = ",".join("?" * len(keys))
         for row in self.cat.conn.execute(
@@ -702,18 +708,27 @@ class _Driver:
             self.s.changed += 1
 
     def _finish(self) -> None:
-        """After a complete listing: rows under the prefix not seen by this scan become ``missing``;
-        the verdict counts of what the prefix holds."""
+        """After a complete listing: rows under the prefix that this run did not list become ``missing``;
+        the verdict counts of what the prefix holds.
+
+        "Did not list" is the run's own record (``_remote_listed``, a TEMP table filled a lookup batch at a time:
+        on disk, per connection, so memory stays flat at millions of objects), not ``last_scan``: another scan of
+        a nested or enclosing prefix running at once (PostgreSQL locks per root) restamps ``last_scan`` of the
+        rows both list. A row another scan has seen since this run began (``last_seen``) is not marked either:
+        it was there after this listing started (created behind the listing's position)."""
         s = self.s
         lo, hi = _prefix_range(self.root)
         exact = url_key(self.root)
-        where = "((path >= ? AND path < ?) OR path = ?) AND status = 'present' AND (last_scan IS NULL OR last_scan != ?)"
+        where = ("((path >= ? AND path < ?) OR path = ?) AND status = 'present' AND (last_seen IS NULL OR "
+                 "last_seen < ?) AND NOT EXISTS (SELECT 1 FROM _remote_listed l WHERE l.path = files.path)")
+        args = (lo, hi, exact, self.started)
         with self.cat.transaction() as c:
-            gone = c.execute(f"SELECT COUNT(*) FROM files WHERE {where}", (lo, hi, exact, s.scan_id)).fetchone()[0]
-            c.execute(f"UPDATE files SET status = 'missing' WHERE {where}", (lo, hi, exact, s.scan_id))
+            gone = c.execute(f"SELECT COUNT(*) FROM files WHERE {where}", args).fetchone()[0]
+            c.execute(f"UPDATE files SET status = 'missing' WHERE {where}", args)
+            verdicts = c.execute(
+                "SELECT f.safety, COUNT(*) FROM files f JOIN _remote_listed l ON l.path = f.path WHERE "
+                "f.status = 'present' AND f.safety IN ('malicious', 'suspicious') GROUP BY f.safety").fetchall()
+            c.execute("DELETE FROM _remote_listed")
         s.missing += gone
-        for verdict, n in self.cat.conn.execute(
-                "SELECT safety, COUNT(*) FROM files WHERE ((path >= ? AND path < ?) OR path = ?) AND "
-                "status = 'present' AND last_scan = ? AND safety IN ('malicious', 'suspicious') GROUP BY safety",
-                (lo, hi, exact, s.scan_id)):
+        for verdict, n in verdicts:
             setattr(s, verdict, getattr(s, verdict) + n)
