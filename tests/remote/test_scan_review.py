@@ -182,3 +182,55 @@ def test_nested_prefix_scans_at_once_do_not_mark_each_other_missing(s3, tmp_path
     assert st[inner.decode()] == "present"
     assert st[s3.url("m/a.safetensors")] == "present"
     assert st[s3.url("m/gone.safetensors")] == "missing" and s.missing == 1
+
+
+def test_a_failing_diffusers_probe_is_that_folders_error_not_a_split_pipeline(s3, tmp_path, monkeypatch):
+    """The probe (``exists(<folder>/model_index.json)``) fails for the pipeline folder (access denied, injected
+    into the store's filesystem): the folder is one row with an error, its files are not catalogued as single
+    models, nothing is marked missing; a known folder keeps its facts. The other model is scanned as usual."""
+    from fakes.library_files import tensors, write_st
+    from fakes.remote_library import diffusers_pipeline
+
+    from ckptlab.library import remote_scan
+
+    lib = tmp_path / "lib"
+    diffusers_pipeline(lib / "tiny-sd15")
+    write_st(lib / "z.safetensors", tensors("sd1_kohya_lora", seed=4))
+    s3.put_tree("p", lib)
+    folder = s3.url("p/tiny-sd15")
+
+    real_fs = remote_scan._Driver._fs
+
+    class Denied:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def exists(self, path):
+            if path.rstrip("/").endswith("tiny-sd15/model_index.json"):
+                raise PermissionError(13, "Access Denied")
+            return self.fs.exists(path)
+
+    def fresh(db):
+        with Catalog(db) as cat:
+            return scan([s3.url("p")], cat)
+
+    good = tmp_path / "good.db"
+    fresh(good)
+    before = rows(good, strip=s3.url("p"))
+    assert before["tiny-sd15"]["format"] == "diffusers" and before["tiny-sd15"]["error"] is None
+
+    monkeypatch.setattr(remote_scan._Driver, "_fs", lambda self: Denied(real_fs(self)))
+    s = fresh(good)  # a known pipeline: its row keeps its facts, gets the error, stays present
+    after = rows(good, strip=s3.url("p"))
+    assert set(after) == set(before) and s.missing == 0
+    assert "Access" in after["tiny-sd15"]["error"] or "access" in after["tiny-sd15"]["error"]
+    assert {c: after["tiny-sd15"][c] for c in ("format", "family", "safety")} == \
+        {c: before["tiny-sd15"][c] for c in ("format", "family", "safety")}
+    assert after["z.safetensors"] == before["z.safetensors"]
+    assert any(e["path"] == folder for e in s.error_list)
+
+    s = fresh(tmp_path / "new.db")  # a new catalog: one error row for the folder, no single-file rows under it
+    new = rows(tmp_path / "new.db", strip=s3.url("p"))
+    assert set(new) == {"tiny-sd15", "z.safetensors"}
+    assert new["tiny-sd15"]["error"] and new["z.safetensors"] == before["z.safetensors"]
+    assert s.errors == 1

@@ -73,6 +73,7 @@ class Unit:
     need_fp: bool = False
     why: str = "new"
     fid: int | None = None
+    probe_error: str | None = None  # a folder whose diffusers probe failed: its members are not catalogued
 
     @property
     def key(self) -> StatKey:
@@ -114,13 +115,19 @@ def _folder_entry(url: str, members: list[RemoteEntry]) -> RemoteEntry:
 def group_units(entries: Iterable[RemoteEntry], root: str, is_diffusers) -> Iterator[Unit]:
     """Units from a listing in key order, streamed. ``is_diffusers(folder_url)`` says whether a folder (no
     trailing slash) holds ``model_index.json``; it is asked once per folder, the answers kept only for the
-    folders that enclose the current key. Sidecars of ``<dir>/<stem>.<ext>`` are ``<dir>/<stem>.*``: all in the
+    folders that enclose the current key. A probe that raises ``CkptlabError`` (access, network): the folder is
+    one unit with ``probe_error`` set (its members held like a pipeline's), never guessed "not diffusers". Sidecars of ``<dir>/<stem>.<ext>`` are ``<dir>/<stem>.*``: all in the
     block of keys starting ``<dir>/<first segment of the name>.``, which key order makes contiguous, so a block
     is held only until the listing leaves it."""
     root = root.rstrip("/")
     groups: dict[str, list[RemoteEntry]] = {}  # open blocks: prefix -> entries
-    known: dict[str, bool] = {}  # folder url -> is diffusers (folders enclosing the current key)
+    known: dict[str, bool | str] = {}  # folder url -> is diffusers, or the probe's error (enclosing folders)
     diff: tuple[str, list[RemoteEntry]] | None = None
+
+    def folder_unit(url: str, members: list[RemoteEntry]) -> Unit:
+        err = known.get(url)
+        return Unit(url=url, root=root, entry=_folder_entry(url, members), members=members,
+                    probe_error=err if isinstance(err, str) else None)
 
     def flush(prefix: str) -> Iterator[Unit]:
         block = groups.pop(prefix)
@@ -137,7 +144,7 @@ def group_units(entries: Iterable[RemoteEntry], root: str, is_diffusers) -> Iter
         if _hidden(rel):
             continue
         if diff is not None and not e.url.startswith(diff[0] + "/"):
-            yield Unit(url=diff[0], root=root, entry=_folder_entry(diff[0], diff[1]), members=diff[1])
+            yield folder_unit(*diff)
             diff = None
         for prefix in [p for p in groups if not e.url.startswith(p)]:
             yield from flush(prefix)
@@ -156,7 +163,10 @@ def group_units(entries: Iterable[RemoteEntry], root: str, is_diffusers) -> Iter
         hit = None
         for f in chain:
             if f not in known:
-                known[f] = bool(is_diffusers(f))
+                try:
+                    known[f] = bool(is_diffusers(f))
+                except CkptlabError as err:
+                    known[f] = f"cannot tell whether this folder is a diffusers pipeline: {err.message}"
             if known[f]:
                 hit = f
                 break
@@ -168,7 +178,7 @@ def group_units(entries: Iterable[RemoteEntry], root: str, is_diffusers) -> Iter
     for prefix in list(groups):
         yield from flush(prefix)
     if diff is not None:
-        yield Unit(url=diff[0], root=root, entry=_folder_entry(diff[0], diff[1]), members=diff[1])
+        yield folder_unit(*diff)
 
 
 # -- reading one task (runs in a worker thread, process or Ray worker) ---------------------------------
@@ -510,12 +520,11 @@ class _Driver:
         return self._fs_obj
 
     def _is_diffusers(self, folder: str) -> bool:
+        """Raises ``CkptlabError`` when the store cannot say (after retries): ``group_units`` makes that
+        folder one error unit instead of splitting a pipeline into single-file rows."""
         from ckptlab.remote.listing import call_with_retries
 
-        try:
-            return bool(call_with_retries(folder, self._fs().exists, 8, path=folder + "/model_index.json"))
-        except CkptlabError:
-            return False
+        return bool(call_with_retries(folder, self._fs().exists, 8, path=folder + "/model_index.json"))
 
     def run(self) -> None:
         from ckptlab.remote.listing import list_objects
@@ -558,8 +567,10 @@ class _Driver:
             return task
         s = self.s
         keys = [url_key(u.url) for u in units]
+        # a folder whose probe failed: its members count as listed (their rows, if any, are not marked missing)
+        blind = [url_key(m.url) for u in units if u.probe_error for m in u.members or ()]
         with self.cat.transaction() as c:
-            c.executemany("INSERT OR IGNORE INTO _remote_listed(path) VALUES (?)", [(k,) for k in keys])
+            c.executemany("INSERT OR IGNORE INTO _remote_listed(path) VALUES (?)", [(k,) for k in keys + blind])
         rows = {}
         q = ",".join("?" * len(keys))
         for row in self.cat.conn.execute(
@@ -572,6 +583,11 @@ class _Driver:
             s.bytes += u.size
             row = rows.get(k)
             u.fid = row[0] if row else None
+            if u.probe_error:  # not read: an error row (a known folder keeps its facts, gets the error)
+                u.read_facts, u.why = row is None, ("new" if row is None else "changed")
+                self.files_todo += 1
+                self._write([u], [{"url": u.url, "task_error": u.probe_error}])
+                continue
             same = row is not None and (row[2], row[3], row[4], row[5]) == u.key
             if same and row[6] == "present" and row[7] is None and row[9] is not None:
                 unchanged.append(row[0])
