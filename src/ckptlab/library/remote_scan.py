@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ckptlab.display import cap
-from ckptlab.errors import CkptlabError, NetworkError
+from ckptlab.errors import CkptlabError, HTTPStatusError, NetworkError
 from ckptlab.library import sidecars, ui_folders
 from ckptlab.library.catalog import Catalog, StatKey
 from ckptlab.library.scanner import ScanSummary, facts_or_error, recorded_scan
@@ -43,7 +43,14 @@ TASK_BYTES = 4 * 1024**3  # bytes per task with --hash / --fingerprint (one obje
 LOOKUP_BATCH = 500  # units compared with the catalog per query
 TASK_RETRIES = 3  # re-runs of a task after worker loss (Ray) or persistent throttling
 THROTTLE_TRIES = 5  # in-task retries of one object that is throttled, with backoff
-ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "AZURE_", "CKPTLAB_")
+#: what a Ray worker gets from this process's environment (``runtime_env`` is visible cluster-wide): the storage
+#: clients' families and the few ckptlab settings a worker reads; never ``CKPTLAB_TOKEN``, ``CKPTLAB_DB``...
+ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "AZURE_", "CKPTLAB_REMOTE_")
+ENV_NAMES = ("CKPTLAB_REMOTE_STAGE", "CKPTLAB_DIRECT_IO")
+#: S3-style error codes / HTTP statuses that mean "slow down" (read from an exception's fields, never its text)
+THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
+                            "RequestLimitExceeded", "ServiceUnavailable"})
+THROTTLE_STATUSES = frozenset({429, 503})
 _JSON_ROLES = ("json", "civitai_info", "cm_info", "metadata_json", "description")
 _FACT_COLS = ("format", "kind", "family", "variant", "n_tensors", "tensor_bytes", "ema_bytes", "fp32_bytes",
               "dtypes", "info", "safety", "safety_detail", "sidecars", "error", "triggers")
@@ -66,6 +73,7 @@ class Unit:
     need_fp: bool = False
     why: str = "new"
     fid: int | None = None
+    probe_error: str | None = None  # a folder whose diffusers probe failed: its members are not catalogued
 
     @property
     def key(self) -> StatKey:
@@ -107,13 +115,19 @@ def _folder_entry(url: str, members: list[RemoteEntry]) -> RemoteEntry:
 def group_units(entries: Iterable[RemoteEntry], root: str, is_diffusers) -> Iterator[Unit]:
     """Units from a listing in key order, streamed. ``is_diffusers(folder_url)`` says whether a folder (no
     trailing slash) holds ``model_index.json``; it is asked once per folder, the answers kept only for the
-    folders that enclose the current key. Sidecars of ``<dir>/<stem>.<ext>`` are ``<dir>/<stem>.*``: all in the
+    folders that enclose the current key. A probe that raises ``CkptlabError`` (access, network): the folder is
+    one unit with ``probe_error`` set (its members held like a pipeline's), never guessed "not diffusers". Sidecars of ``<dir>/<stem>.<ext>`` are ``<dir>/<stem>.*``: all in the
     block of keys starting ``<dir>/<first segment of the name>.``, which key order makes contiguous, so a block
     is held only until the listing leaves it."""
     root = root.rstrip("/")
     groups: dict[str, list[RemoteEntry]] = {}  # open blocks: prefix -> entries
-    known: dict[str, bool] = {}  # folder url -> is diffusers (folders enclosing the current key)
+    known: dict[str, bool | str] = {}  # folder url -> is diffusers, or the probe's error (enclosing folders)
     diff: tuple[str, list[RemoteEntry]] | None = None
+
+    def folder_unit(url: str, members: list[RemoteEntry]) -> Unit:
+        err = known.get(url)
+        return Unit(url=url, root=root, entry=_folder_entry(url, members), members=members,
+                    probe_error=err if isinstance(err, str) else None)
 
     def flush(prefix: str) -> Iterator[Unit]:
         block = groups.pop(prefix)
@@ -130,7 +144,7 @@ def group_units(entries: Iterable[RemoteEntry], root: str, is_diffusers) -> Iter
         if _hidden(rel):
             continue
         if diff is not None and not e.url.startswith(diff[0] + "/"):
-            yield Unit(url=diff[0], root=root, entry=_folder_entry(diff[0], diff[1]), members=diff[1])
+            yield folder_unit(*diff)
             diff = None
         for prefix in [p for p in groups if not e.url.startswith(p)]:
             yield from flush(prefix)
@@ -149,7 +163,10 @@ def group_units(entries: Iterable[RemoteEntry], root: str, is_diffusers) -> Iter
         hit = None
         for f in chain:
             if f not in known:
-                known[f] = bool(is_diffusers(f))
+                try:
+                    known[f] = bool(is_diffusers(f))
+                except CkptlabError as err:
+                    known[f] = f"cannot tell whether this folder is a diffusers pipeline: {err.message}"
             if known[f]:
                 hit = f
                 break
@@ -161,7 +178,7 @@ def group_units(entries: Iterable[RemoteEntry], root: str, is_diffusers) -> Iter
     for prefix in list(groups):
         yield from flush(prefix)
     if diff is not None:
-        yield Unit(url=diff[0], root=root, entry=_folder_entry(diff[0], diff[1]), members=diff[1])
+        yield folder_unit(*diff)
 
 
 # -- reading one task (runs in a worker thread, process or Ray worker) ---------------------------------
@@ -270,8 +287,10 @@ def _one(u: Unit, tmp: str, direct: bool) -> dict:
         raise
     except CkptlabError as e:  # the object could not be fetched (staging)
         out["facts"] = {"kind": hint, "error": e.message}
+        out["throttled"] = is_throttle(e)
     except Exception as e:  # noqa: BLE001 - a reader's bug on one object: not the whole task's failure
         out["facts"] = {"kind": hint, "error": cap(f"unreadable: {type(e).__name__}: {e}")}
+        out["throttled"] = is_throttle(e)
     return out
 
 
@@ -293,10 +312,12 @@ def _read_unit(u: Unit, tmp: str, path: str, hint, out: dict) -> None:
                          streamable)
     except (CkptlabError, OSError) as e:
         msg = e.message if isinstance(e, CkptlabError) else f"cannot read: {e.strerror or e}"
+        out["throttled"] = is_throttle(e)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001 - a hasher's bug on one object: that object's error
         msg = cap(f"cannot hash: {type(e).__name__}: {e}")
+        out["throttled"] = is_throttle(e)
     else:
         if h is not None:
             out["hashes"] = h
@@ -307,16 +328,33 @@ def _read_unit(u: Unit, tmp: str, path: str, hint, out: dict) -> None:
     out["content_error"] = _renamed(msg, path, u.url).encode("utf-8", "replace").decode("utf-8")
 
 
-def _throttled(result: dict) -> bool:
-    text = " ".join(str(x) for x in (result.get("facts", {}).get("error"), result.get("content_error")) if x)
-    return any(m in text for m in ("SlowDown", "Throttl", "TooManyRequests", "503", "429", "RequestLimitExceeded"))
+def is_throttle(exc: BaseException) -> bool:
+    """Whether an exception says "slow down", from its type and fields only, never its message (a crafted
+    object's error text can hold any digits: "header length 150300000000" is no 503): the reader's retry
+    exception (``retryable``), an ``HTTPStatusError`` with status 429/503, a botocore ``ClientError`` whose
+    ``Error.Code`` is a throttling code or whose HTTP status is 429/503; and the same for its cause."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 4:
+        if getattr(e, "retryable", False) is True:
+            return True
+        if isinstance(e, HTTPStatusError) and e.status in THROTTLE_STATUSES:
+            return True
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            err, meta = resp.get("Error") or {}, resp.get("ResponseMetadata") or {}
+            if (isinstance(err, dict) and err.get("Code") in THROTTLE_CODES) or (
+                    isinstance(meta, dict) and meta.get("HTTPStatusCode") in THROTTLE_STATUSES):
+                return True
+        e, seen = e.__cause__, seen + 1
+    return False
 
 
 def read_task(units: list[Unit]) -> list[dict]:
     """Read every unit of one task: ``[{"url", "pid", "facts"?, "hashes"?, "fingerprint"?, "content_error"?}]``.
-    An object the store keeps throttling is retried with backoff; after ``THROTTLE_TRIES`` the task raises
-    ``errors.NetworkError`` (and is run again as a whole: Ray's ``retry_exceptions``, the local pool's re-submit;
-    nothing else escapes a task as that class, since each object's errors are caught)."""
+    An object whose read failed with a throttling *exception* (``is_throttle``: its type and status, never
+    its message) is read again alone, with backoff, up to ``THROTTLE_TRIES`` times; after that its error is its
+    result (the next scan reads it again). No object's error fails the task: its neighbours' results stand."""
     from ckptlab.remote.listing import backoff
 
     out = []
@@ -329,10 +367,8 @@ def read_task(units: list[Unit]) -> list[dict]:
                 # its fingerprint: fingerprint_diffusers needs the folder's files on disk
                 direct = (not _stage_forced() and (u.members is None or not u.need_fp)) or u.sidecars_only
                 r = _one(u, tmp, direct)  # an error, expected or not, is this object's row (no fallback)
-                if not _throttled(r):
+                if not r.pop("throttled", False) or attempt == THROTTLE_TRIES:
                     break
-                if attempt == THROTTLE_TRIES:
-                    raise NetworkError(f"the store kept throttling (503 SlowDown) {u.url}")
                 time.sleep(backoff(attempt, base=0.2))
             out.append(r)
     return out
@@ -372,8 +408,10 @@ class _LocalPool:
 
 def worker_env() -> dict[str, str]:
     """The variables a Ray worker needs to reach the store as this process does (endpoint, credentials,
-    region, fsspec settings): ``AWS_*``, ``FSSPEC_*``, ``GOOGLE_*``, ``AZURE_*``, ``CKPTLAB_*``."""
-    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) and k != "CKPTLAB_DB"}
+    region, fsspec settings): ``AWS_*``, ``FSSPEC_*``, ``GOOGLE_*``, ``AZURE_*``, and of ckptlab's own only an
+    allow-list (``CKPTLAB_REMOTE_*``, ``CKPTLAB_DIRECT_IO``): ``runtime_env`` is visible to the whole cluster, so
+    the web app's ``CKPTLAB_TOKEN``, the catalog's ``CKPTLAB_DB`` and the rest stay in this process."""
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
 
 
 def _check_address(address: str) -> None:
@@ -482,12 +520,11 @@ class _Driver:
         return self._fs_obj
 
     def _is_diffusers(self, folder: str) -> bool:
+        """Raises ``CkptlabError`` when the store cannot say (after retries): ``group_units`` makes that
+        folder one error unit instead of splitting a pipeline into single-file rows."""
         from ckptlab.remote.listing import call_with_retries
 
-        try:
-            return bool(call_with_retries(folder, self._fs().exists, 8, path=folder + "/model_index.json"))
-        except CkptlabError:
-            return False
+        return bool(call_with_retries(folder, self._fs().exists, 8, path=folder + "/model_index.json"))
 
     def run(self) -> None:
         from ckptlab.remote.listing import list_objects
@@ -497,6 +534,10 @@ class _Driver:
         listed = 0
         batch: list[Unit] = []
         task: list[Unit] = []
+        self.started = time.time()
+        with self.cat.transaction() as c:  # this run's listed paths (see _finish), on disk, not in memory
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS _remote_listed (path BLOB PRIMARY KEY)")
+            c.execute("DELETE FROM _remote_listed")
         entries = list_objects(self.root, page_size=self.page_size)
         try:
             for u in group_units(entries, self.root, self._is_diffusers):
@@ -526,6 +567,10 @@ class _Driver:
             return task
         s = self.s
         keys = [url_key(u.url) for u in units]
+        # a folder whose probe failed: its members count as listed (their rows, if any, are not marked missing)
+        blind = [url_key(m.url) for u in units if u.probe_error for m in u.members or ()]
+        with self.cat.transaction() as c:
+            c.executemany("INSERT OR IGNORE INTO _remote_listed(path) VALUES (?)", [(k,) for k in keys + blind])
         rows = {}
         q = ",".join("?" * len(keys))
         for row in self.cat.conn.execute(
@@ -538,6 +583,11 @@ class _Driver:
             s.bytes += u.size
             row = rows.get(k)
             u.fid = row[0] if row else None
+            if u.probe_error:  # not read: an error row (a known folder keeps its facts, gets the error)
+                u.read_facts, u.why = row is None, ("new" if row is None else "changed")
+                self.files_todo += 1
+                self._write([u], [{"url": u.url, "task_error": u.probe_error}])
+                continue
             same = row is not None and (row[2], row[3], row[4], row[5]) == u.key
             if same and row[6] == "present" and row[7] is None and row[9] is not None:
                 unchanged.append(row[0])
@@ -618,7 +668,12 @@ class _Driver:
             for u in task:
                 r = by_url.get(u.url) or {"task_error": "not read (scan cancelled)"}
                 loc = location(u)
-                if "task_error" in r:
+                if "task_error" in r and not u.read_facts:
+                    # the object's facts were not to be read (unchanged: in the task for its hashes or its
+                    # sidecars): its verdict stands; the failed work is its error, as a content error is
+                    facts = None
+                    r = {"content_error": r["task_error"]}
+                elif "task_error" in r:
                     facts = {"kind": loc["hint"], "error": r["task_error"]}
                 elif "facts" in r:
                     facts = r["facts"]
@@ -669,18 +724,27 @@ class _Driver:
             self.s.changed += 1
 
     def _finish(self) -> None:
-        """After a complete listing: rows under the prefix not seen by this scan become ``missing``;
-        the verdict counts of what the prefix holds."""
+        """After a complete listing: rows under the prefix that this run did not list become ``missing``;
+        the verdict counts of what the prefix holds.
+
+        "Did not list" is the run's own record (``_remote_listed``, a TEMP table filled a lookup batch at a time:
+        on disk, per connection, so memory stays flat at millions of objects), not ``last_scan``: another scan of
+        a nested or enclosing prefix running at once (PostgreSQL locks per root) restamps ``last_scan`` of the
+        rows both list. A row another scan has seen since this run began (``last_seen``) is not marked either:
+        it was there after this listing started (created behind the listing's position)."""
         s = self.s
         lo, hi = _prefix_range(self.root)
         exact = url_key(self.root)
-        where = "((path >= ? AND path < ?) OR path = ?) AND status = 'present' AND (last_scan IS NULL OR last_scan != ?)"
+        where = ("((path >= ? AND path < ?) OR path = ?) AND status = 'present' AND (last_seen IS NULL OR "
+                 "last_seen < ?) AND NOT EXISTS (SELECT 1 FROM _remote_listed l WHERE l.path = files.path)")
+        args = (lo, hi, exact, self.started)
         with self.cat.transaction() as c:
-            gone = c.execute(f"SELECT COUNT(*) FROM files WHERE {where}", (lo, hi, exact, s.scan_id)).fetchone()[0]
-            c.execute(f"UPDATE files SET status = 'missing' WHERE {where}", (lo, hi, exact, s.scan_id))
+            gone = c.execute(f"SELECT COUNT(*) FROM files WHERE {where}", args).fetchone()[0]
+            c.execute(f"UPDATE files SET status = 'missing' WHERE {where}", args)
+            verdicts = c.execute(
+                "SELECT f.safety, COUNT(*) FROM files f JOIN _remote_listed l ON l.path = f.path WHERE "
+                "f.status = 'present' AND f.safety IN ('malicious', 'suspicious') GROUP BY f.safety").fetchall()
+            c.execute("DELETE FROM _remote_listed")
         s.missing += gone
-        for verdict, n in self.cat.conn.execute(
-                "SELECT safety, COUNT(*) FROM files WHERE ((path >= ? AND path < ?) OR path = ?) AND "
-                "status = 'present' AND last_scan = ? AND safety IN ('malicious', 'suspicious') GROUP BY safety",
-                (lo, hi, exact, s.scan_id)):
+        for verdict, n in verdicts:
             setattr(s, verdict, getattr(s, verdict) + n)
