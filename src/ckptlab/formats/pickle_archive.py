@@ -10,6 +10,7 @@ appended data, CRCs) is reported.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import re
@@ -33,7 +34,7 @@ from ckptlab.formats.pickle_vm import (
     storage_type_of,
 )
 from ckptlab.remote import RemoteURL, as_path
-from ckptlab.remote.reader import RemoteBuffer
+from ckptlab.remote.reader import READAHEAD, RemoteBuffer
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -651,7 +652,9 @@ def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: in
     pos = keys_vm.end
     from ckptlab.formats.dtypes import itemsize
 
-    for key in keys:
+    remote = type(buf) is RemoteBuffer
+    window = (0, 0)  # remote: the span whose bytes the last prefetch fetched
+    for i, key in enumerate(keys):
         ref = resolver.by_key.get(key)
         if ref is None:
             scan.add("legacy_keys", CORRUPT, f"storage key {key!r} listed but never referenced", location)
@@ -661,7 +664,9 @@ def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: in
             scan.add("legacy_truncated", CORRUPT, f"storage {key!r} record missing (file truncated?)", location)
             ref.valid = False
             return obj.result
-        (count,) = struct.unpack("<q", bytes(buf[pos:pos + 8]))
+        if remote and not window[0] <= pos <= window[1] - 8:
+            window = _prefetch_lengths(buf, pos, keys, i, resolver.by_key, end)
+        (count,) = struct.unpack("<q", _record_length(buf, pos))
         if count < 0 or pos + 8 + count * isz > end:
             scan.add("legacy_truncated", CORRUPT, f"storage {key!r} runs past the end of the data", location)
             ref.valid = False
@@ -679,6 +684,39 @@ def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: in
     if pos != end:
         _trailing(scan, buf, pos, end, location, depth)
     return obj.result
+
+
+def _prefetch_lengths(buf, pos: int, keys: list, first: int, by_key: dict, end: int) -> tuple[int, int]:
+    """Remote: one exact GET from ``pos`` through the last storage length header that lies within ``READAHEAD``
+    bytes of it, where the pickle's own numels say the next records start (small records between them: a run of
+    biases costs one request, as a read-ahead block did, without the megabytes of a big record after it). Only a
+    prefetch: every length is then read at its real position (a record whose length lies moves the walk out of
+    this span and the next read fetches what it needs). Returns the span fetched."""
+    from ckptlab.formats.dtypes import itemsize
+
+    last = pos + 8
+    p = pos
+    for key in itertools.islice(keys, first, None):
+        ref = by_key.get(key)
+        isz = itemsize(ref.dtype) if ref is not None and ref.dtype else None
+        if isz is None or not isinstance(ref.numel, int) or ref.numel < 0:
+            break
+        if p + 8 - pos > READAHEAD or p + 8 > end:
+            break
+        last = p + 8
+        p += 8 + ref.numel * isz
+    last = min(last, end)
+    buf.rf.pread(pos, last - pos, exact=True)
+    return pos, last
+
+
+def _record_length(buf, pos: int) -> bytes:
+    """The 8-byte element count before a legacy storage record. Over a URL an exact ranged read (or the cache):
+    a read-ahead block here would fetch 64 KiB of tensor data per record and push the pickles' blocks out of the
+    file's cache (a second pass over the same object, as ``read_file_facts`` makes, then fetched everything again)."""
+    if type(buf) is RemoteBuffer:
+        return buf.rf.pread(pos, 8, exact=True)
+    return bytes(buf[pos:pos + 8])
 
 
 def _trailing(scan: Scan, buf, pos: int, end: int, location: str, depth: int) -> None:
