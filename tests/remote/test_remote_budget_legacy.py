@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickletools
+import socketserver
 import struct
 
 import pytest
@@ -31,7 +32,10 @@ N_SPREAD = 100
 
 
 @pytest.fixture
-def http():
+def http(monkeypatch):
+    # TCP_NODELAY on the loopback server's sockets (as benchmarks/_object_server.py and real stores do): its
+    # headers and body are two writes, and an 8-byte body would wait 40 ms for the client's delayed ACK
+    monkeypatch.setattr(socketserver.StreamRequestHandler, "disable_nagle_algorithm", True)
     servers = []
 
     def start(files, behaviour=None):
