@@ -179,3 +179,33 @@ def test_storage_size_lie_is_found_remotely(http, files, tmp_path, name, which):
         assert _same(_check(url), url) == _same(local, path)
     lf = read_file_facts(str(path))
     assert _same(read_file_facts(url), url) == _same(lf, path)
+
+
+def test_torch_zip_pickle_and_small_records_in_one_get(http, tmp_path):
+    """A torch zip: the first block (format sniffing, the start of data.pkl), the tail (end record + central
+    directory), then ONE GET for the rest of data.pkl and the small records stored right after it (.format_version,
+    byteorder...), which took a read-ahead block of their own before; the local verdict and facts."""
+    import zipfile
+
+    path = tmp_path / "sd15.ckpt"
+    torch.save({"state_dict": tensors("sd1_checkpoint", seed=1, dim_cap=16), "global_step": 1}, str(path))
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+    pkl = next(i for i in infos if i.filename.endswith("/data.pkl"))
+    assert READAHEAD < pkl.header_offset + pkl.compress_size < size - 256 * 1024  # data.pkl spans two reads
+    after = [i for i in infos if i.header_offset > pkl.header_offset and "/data/" not in i.filename
+             and i.header_offset < size - 256 * 1024]
+    assert after  # small records between data.pkl and the tensors
+    srv = http({path.name: path})
+    url = srv.url(path.name)
+    with remote.counting() as c:
+        facts = read_file_facts(url)
+    hits = srv.hits()
+    assert c.requests == len(hits) == 3, hits  # was 4
+    last = _range(hits[2])
+    assert last[0] == READAHEAD and last[1] >= max(i.header_offset for i in after) + 30
+    assert c.bytes <= READAHEAD + 256 * 1024 + sum(30 + len(i.filename) + 256 + i.compress_size
+                                                   for i in [pkl, *after])
+    assert _same(facts, url) == _same(read_file_facts(str(path)), path)
+    assert _same(_check(url), url) == _same(_check(str(path)), path)

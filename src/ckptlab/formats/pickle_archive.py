@@ -34,7 +34,7 @@ from ckptlab.formats.pickle_vm import (
     storage_type_of,
 )
 from ckptlab.remote import RemoteURL, as_path
-from ckptlab.remote.reader import READAHEAD, RemoteBuffer
+from ckptlab.remote.reader import CACHE_BYTES, READAHEAD, RemoteBuffer
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -286,18 +286,52 @@ def _remote_local_headers(scan: Scan, mm, size: int, entries: list[ZipEntry]) ->
     """The local headers of a remote zip's members that the scan reads (pickles, small records, unknown members),
     each fetched with its member's bytes in one ranged GET; tensor records (``data/N``) keep ``data_offset`` -1
     until their data is read (``_raw_of``). The findings are those of the local pass, in the same order."""
+    wanted = {}  # member index -> the range its local header and bytes are read in
+    for i, e in enumerate(entries):
+        if not (_TENSOR_RECORD.search(e.name) and e.csize > 0):
+            off = e.header_offset
+            if off + 30 <= size and e.csize <= MAX_PICKLE_MEMBER:
+                wanted[i] = (off, min(size, off + 30 + len(e.name.encode()) + LOCAL_SLACK + e.csize))
+    runs = _runs(sorted(wanted.values()))
     out = []
-    for e in entries:
+    done = None
+    for i, e in enumerate(entries):
         if _TENSOR_RECORD.search(e.name) and e.csize > 0:
             out.append(e)
             continue
         off = e.header_offset
-        if off + 30 <= size and e.csize <= MAX_PICKLE_MEMBER:
-            mm.rf.pread(off, min(size - off, 30 + len(e.name.encode()) + LOCAL_SLACK + e.csize))
+        if i in wanted:
+            run = runs.get(wanted[i][0])
+            if run is not None and run != done:  # members that touch (data.pkl, then the small records after
+                mm.rf.pread(run[0], run[1] - run[0])  # it): one GET for them all
+                done = run
+            mm.rf.pread(off, wanted[i][1] - off)
         if not _resolve_local(mm, e, size):
             scan.add("zip_bad_local_header", CORRUPT, f"member {e.name}: no local header at offset {off}", e.name)
             continue
         out.append(e)
+    return out
+
+
+def _runs(ranges: list[tuple[int, int]]) -> dict[int, tuple[int, int]]:
+    """Sorted ``(start, end)`` ranges joined where they overlap or touch (no byte between them is fetched that no
+    member's own read would fetch), each run at most half the file cache (so it stays cached for the members'
+    reads): ``{range start: its run}`` for the runs of two ranges or more."""
+    out: dict[int, tuple[int, int]] = {}
+    group: list[tuple[int, int]] = []
+
+    def close() -> None:
+        if len(group) > 1:
+            run = (group[0][0], group[-1][1])
+            out.update((start, run) for start, _ in group)
+
+    for a, b in ranges:
+        if group and a <= group[-1][1] and max(b, group[-1][1]) - group[0][0] <= CACHE_BYTES // 2:
+            group.append((a, max(b, group[-1][1])))  # the run's end so far
+            continue
+        close()
+        group = [(a, b)]
+    close()
     return out
 
 
