@@ -10,6 +10,7 @@ appended data, CRCs) is reported.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import re
@@ -33,7 +34,7 @@ from ckptlab.formats.pickle_vm import (
     storage_type_of,
 )
 from ckptlab.remote import RemoteURL, as_path
-from ckptlab.remote.reader import RemoteBuffer
+from ckptlab.remote.reader import CACHE_BYTES, READAHEAD, RemoteBuffer
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -285,18 +286,52 @@ def _remote_local_headers(scan: Scan, mm, size: int, entries: list[ZipEntry]) ->
     """The local headers of a remote zip's members that the scan reads (pickles, small records, unknown members),
     each fetched with its member's bytes in one ranged GET; tensor records (``data/N``) keep ``data_offset`` -1
     until their data is read (``_raw_of``). The findings are those of the local pass, in the same order."""
+    wanted = {}  # member index -> the range its local header and bytes are read in
+    for i, e in enumerate(entries):
+        if not (_TENSOR_RECORD.search(e.name) and e.csize > 0):
+            off = e.header_offset
+            if off + 30 <= size and e.csize <= MAX_PICKLE_MEMBER:
+                wanted[i] = (off, min(size, off + 30 + len(e.name.encode()) + LOCAL_SLACK + e.csize))
+    runs = _runs(sorted(wanted.values()))
     out = []
-    for e in entries:
+    done = None
+    for i, e in enumerate(entries):
         if _TENSOR_RECORD.search(e.name) and e.csize > 0:
             out.append(e)
             continue
         off = e.header_offset
-        if off + 30 <= size and e.csize <= MAX_PICKLE_MEMBER:
-            mm.rf.pread(off, min(size - off, 30 + len(e.name.encode()) + LOCAL_SLACK + e.csize))
+        if i in wanted:
+            run = runs.get(wanted[i][0])
+            if run is not None and run != done:  # members that touch (data.pkl, then the small records after
+                mm.rf.pread(run[0], run[1] - run[0])  # it): one GET for them all
+                done = run
+            mm.rf.pread(off, wanted[i][1] - off)
         if not _resolve_local(mm, e, size):
             scan.add("zip_bad_local_header", CORRUPT, f"member {e.name}: no local header at offset {off}", e.name)
             continue
         out.append(e)
+    return out
+
+
+def _runs(ranges: list[tuple[int, int]]) -> dict[int, tuple[int, int]]:
+    """Sorted ``(start, end)`` ranges joined where they overlap or touch (no byte between them is fetched that no
+    member's own read would fetch), each run at most half the file cache (so it stays cached for the members'
+    reads): ``{range start: its run}`` for the runs of two ranges or more."""
+    out: dict[int, tuple[int, int]] = {}
+    group: list[tuple[int, int]] = []
+
+    def close() -> None:
+        if len(group) > 1:
+            run = (group[0][0], group[-1][1])
+            out.update((start, run) for start, _ in group)
+
+    for a, b in ranges:
+        if group and a <= group[-1][1] and max(b, group[-1][1]) - group[0][0] <= CACHE_BYTES // 2:
+            group.append((a, max(b, group[-1][1])))  # the run's end so far
+            continue
+        close()
+        group = [(a, b)]
+    close()
     return out
 
 
@@ -651,7 +686,9 @@ def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: in
     pos = keys_vm.end
     from ckptlab.formats.dtypes import itemsize
 
-    for key in keys:
+    remote = type(buf) is RemoteBuffer
+    window = (0, 0)  # remote: the span whose bytes the last prefetch fetched
+    for i, key in enumerate(keys):
         ref = resolver.by_key.get(key)
         if ref is None:
             scan.add("legacy_keys", CORRUPT, f"storage key {key!r} listed but never referenced", location)
@@ -661,7 +698,9 @@ def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: in
             scan.add("legacy_truncated", CORRUPT, f"storage {key!r} record missing (file truncated?)", location)
             ref.valid = False
             return obj.result
-        (count,) = struct.unpack("<q", bytes(buf[pos:pos + 8]))
+        if remote and not window[0] <= pos <= window[1] - 8:
+            window = _prefetch_lengths(buf, pos, keys, i, resolver.by_key, end)
+        (count,) = struct.unpack("<q", _record_length(buf, pos))
         if count < 0 or pos + 8 + count * isz > end:
             scan.add("legacy_truncated", CORRUPT, f"storage {key!r} runs past the end of the data", location)
             ref.valid = False
@@ -679,6 +718,39 @@ def _read_legacy(scan: Scan, buf, start: int, end: int, location: str, depth: in
     if pos != end:
         _trailing(scan, buf, pos, end, location, depth)
     return obj.result
+
+
+def _prefetch_lengths(buf, pos: int, keys: list, first: int, by_key: dict, end: int) -> tuple[int, int]:
+    """Remote: one exact GET from ``pos`` through the last storage length header that lies within ``READAHEAD``
+    bytes of it, where the pickle's own numels say the next records start (small records between them: a run of
+    biases costs one request, as a read-ahead block did, without the megabytes of a big record after it). Only a
+    prefetch: every length is then read at its real position (a record whose length lies moves the walk out of
+    this span and the next read fetches what it needs). Returns the span fetched."""
+    from ckptlab.formats.dtypes import itemsize
+
+    last = pos + 8
+    p = pos
+    for key in itertools.islice(keys, first, None):
+        ref = by_key.get(key)
+        isz = itemsize(ref.dtype) if ref is not None and ref.dtype else None
+        if isz is None or not isinstance(ref.numel, int) or ref.numel < 0:
+            break
+        if p + 8 - pos > READAHEAD or p + 8 > end:
+            break
+        last = p + 8
+        p += 8 + ref.numel * isz
+    last = min(last, end)
+    buf.rf.pread(pos, last - pos, exact=True)
+    return pos, last
+
+
+def _record_length(buf, pos: int) -> bytes:
+    """The 8-byte element count before a legacy storage record. Over a URL an exact ranged read (or the cache):
+    a read-ahead block here would fetch 64 KiB of tensor data per record and push the pickles' blocks out of the
+    file's cache (a second pass over the same object, as ``read_file_facts`` makes, then fetched everything again)."""
+    if type(buf) is RemoteBuffer:
+        return buf.rf.pread(pos, 8, exact=True)
+    return bytes(buf[pos:pos + 8])
 
 
 def _trailing(scan: Scan, buf, pos: int, end: int, location: str, depth: int) -> None:

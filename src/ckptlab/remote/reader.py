@@ -622,6 +622,7 @@ class RemoteFile(io.RawIOBase):
         self._readahead = readahead
         self._spans: list[tuple[int, bytes]] = []  # (start, data), most recently used last
         self._cached = 0
+        self._hot: tuple[int, bytes] | None = None  # the span the last lookup found (one of _spans)
         self._failed: CkptlabError | None = None
 
     # -- io protocol
@@ -745,13 +746,19 @@ class RemoteFile(io.RawIOBase):
             self._spans.append((pos, data))
             self._cached += len(data)
             while self._cached > CACHE_BYTES and len(self._spans) > 1:
-                _, old = self._spans.pop(1 if len(self._spans) > 1 and self._spans[0][0] == 0 else 0)
-                self._cached -= len(old)  # the block at offset 0 (headers, magic) stays longest
+                gone = self._spans.pop(1 if len(self._spans) > 1 and self._spans[0][0] == 0 else 0)
+                self._cached -= len(gone[1])  # the block at offset 0 (headers, magic) stays longest
+                if gone is self._hot:
+                    self._hot = None
 
     def _lookup(self, pos: int):
-        for s, data in reversed(self._spans):
-            if s <= pos < s + len(data):
-                return s, data
+        hot = self._hot  # the span of the last hit first: a pickle machine's reads walk one span at a time
+        if hot is not None and hot[0] <= pos < hot[0] + len(hot[1]):
+            return hot
+        for span in reversed(self._spans):
+            if span[0] <= pos < span[0] + len(span[1]):
+                self._hot = span
+                return span
         return None
 
     def stream(self, chunk: int = STREAM_CHUNK):
