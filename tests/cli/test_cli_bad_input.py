@@ -784,6 +784,12 @@ CASES += [(f"{c}-pg-closed-port", [*argv, "--db", "postgresql://ckpt:pw-not-show
                           ("hash", ["hash", "{d}/good.safetensors"]))]
 
 
+# a postgresql:// URL that does not parse (no "]", a port out of range): a usage error, the password not shown
+CASES += [(f"{c}-bad-pg-url-{why}", [*argv, "--db", url], {2})
+          for c, argv in (("ls", ["ls"]), ("plan-space", ["plan-space"]))
+          for why, url in (("ipv6", "postgresql://ckpt:pw-not-shown@[::1/lib"),
+                           ("port", "postgresql://ckpt:pw-not-shown@127.0.0.1:99999/lib"))]
+
 # cases that hit a known bug in code whose owner is still at work (see the report / docs/cli-errors.md)
 XFAIL: dict[str, str] = {}
 

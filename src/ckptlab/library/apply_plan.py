@@ -187,10 +187,13 @@ def _freed_by_removing(path: Path) -> int:
 
 def apply_plan(plan_path: Path, *, catalog_path: Path | None = None, dry_run: bool = False, rescan: bool = True,
                progress: Progress = null_progress) -> list[StepResult]:
+    from ckptlab.library.catalog import catalog_location
     from ckptlab.library.plan import SpacePlan
 
     plan = SpacePlan.load(plan_path)
-    db = catalog_path or (Path(plan.catalog) if plan.catalog else None)  # the catalog the plan came from
+    # the catalog the plan came from: a file, or a PostgreSQL URL (a ``DbUrl``; ``Path`` of one is no file)
+    source = catalog_path or plan.catalog
+    db = catalog_location(source) if source else None
     records, link_targets = _catalog_records(db, {s.path for s in plan.steps})
     results: list[StepResult] = []
     touched: set[Path] = set()
@@ -236,13 +239,17 @@ def remote_in_step(step) -> str | None:
     return None
 
 
-def _catalog_records(db: Path | None, paths: set[str]) -> tuple[dict, set]:
+def _catalog_records(db, paths: set[str]) -> tuple[dict, set]:
     """``({path: catalog row}`` of the present local files among ``paths``, ``(dev, inode)`` of every file a
     catalogued symlink points to``)``, read in one streamed pass over the plan's catalog's local rows (empty when
     there is no catalog); objects in object storage are never stat'ed."""
-    if db is None or not Path(db).is_file():
+    from ckptlab.library.catalog import Catalog, catalog_location
+
+    if db is None:
         return {}, set()
-    from ckptlab.library.catalog import Catalog
+    db = catalog_location(db)  # a DbUrl (a PostgreSQL catalog) always "is a file": the server says if it is not
+    if not db.is_file():
+        return {}, set()
     from ckptlab.library.dupes import symlinked_files
     from ckptlab.library.hub_queries import LOCAL_SQL, is_remote_record, iter_records
 

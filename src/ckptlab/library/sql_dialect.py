@@ -65,22 +65,80 @@ def normalize_url(location) -> str:
     return _URL.sub("postgresql://", os.fspath(location), count=1)
 
 
-def redact(url: str) -> str:
-    """The URL without its password (for messages, reports, logs and anything written down: never the secret).
-    Left out rather than masked, so that the redacted URL still connects where libpq finds the password itself
-    (``PGPASSWORD``, ``~/.pgpass``) or where this process saw the full URL before (``DbUrl``)."""
+def _bad_url(url: str) -> str | None:
+    """Why ``url`` is not a URL libpq could use (``[`` without ``]``, a port that is no number in 0-65535), in
+    words that never repeat the URL (its password); None when it parses."""
     try:
         parts = urlsplit(url)
     except ValueError:
+        return "unbalanced [ ] around the host"
+    try:
+        _ = parts.port
+    except ValueError:
+        return "the port is not a number in 0-65535"
+    return None
+
+
+def check_url(url: str) -> None:
+    """A ``UsageError`` (one line, exit 2, the password never in it) for a ``postgresql://`` URL that does not
+    parse."""
+    why = _bad_url(url)
+    if why is not None:
+        from ckptlab.errors import UsageError
+
+        raise UsageError(f"not a valid PostgreSQL URL ({why}); expected "
+                         "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?OPTIONS]")
+
+
+def _is_password_option(option: str) -> bool:
+    return unquote(option.split("=", 1)[0]).strip().lower() == "password"
+
+
+def _query_password(query: str) -> str | None:
+    """The value of the last ``password=`` option of a URL's query (libpq takes the password there too)."""
+    found = None
+    for option in query.split("&"):
+        if _is_password_option(option):
+            found = unquote(option.split("=", 1)[1]) if "=" in option else ""
+    return found
+
+
+def url_passwords(url: str) -> list[str]:
+    """Every password ``url`` carries (userinfo and ``?password=``), raw and decoded, for scrubbing messages."""
+    if _bad_url(url) is not None:
+        return []
+    parts = urlsplit(url)
+    out = []
+    if parts.password:
+        out += [parts.password, unquote(parts.password)]
+    for option in parts.query.split("&"):
+        if _is_password_option(option) and "=" in option:
+            raw = option.split("=", 1)[1]
+            out += [raw, unquote(raw)]
+    return sorted({p for p in out if p}, key=len, reverse=True)
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages, reports, logs and anything written down: never the secret):
+    neither the userinfo one nor a ``password=`` query option (any case), which libpq takes as well. Left out
+    rather than masked, so that the redacted URL still connects where libpq finds the password itself
+    (``PGPASSWORD``, ``~/.pgpass``) or where this process saw the full URL before (``DbUrl``)."""
+    if _bad_url(url) is not None:
         return "postgresql://(unparsable URL)"
-    if parts.password is None:
+    parts = urlsplit(url)
+    query = parts.query
+    if query:
+        query = "&".join(o for o in query.split("&") if not _is_password_option(o))
+    if parts.password is None and query == parts.query:
         return url
-    user = quote(unquote(parts.username or ""), safe="")
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = quote(unquote(parts.username or ""), safe="")
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{user}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class DbUrl(str):
@@ -95,6 +153,7 @@ class DbUrl(str):
 
     def __new__(cls, location):
         url = normalize_url(location)
+        check_url(url)
         shown = redact(url)
         if shown != url:
             cls._seen[shown] = url
@@ -104,8 +163,12 @@ class DbUrl(str):
 
     @property
     def password(self) -> str | None:
-        pw = urlsplit(self.dsn).password
-        return unquote(pw) if pw is not None else None
+        """The password the URL carries (a ``password=`` option wins over the userinfo one, as in libpq)."""
+        parts = urlsplit(self.dsn)
+        found = _query_password(parts.query)
+        if found is not None:
+            return found
+        return unquote(parts.password) if parts.password is not None else None
 
     def absolute(self) -> DbUrl:
         return self
@@ -256,7 +319,6 @@ _TYPES = [(re.compile(r"\bINTEGER\s+PRIMARY\s+KEY\b", re.I), "BIGINT GENERATED B
           (re.compile(r"\bINTEGER\b", re.I), "BIGINT"), (re.compile(r"\bREAL\b", re.I), "DOUBLE PRECISION"),
           (re.compile(r"\bBLOB\b", re.I), "BYTEA"), (re.compile(r"\)\s*WITHOUT\s+ROWID\b", re.I), ")")]
 _TEXT = re.compile(r"\bTEXT\b(?!\s+COLLATE\b)")  # (schema DDL writes its types in capitals)
-_QUOTED = re.compile(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")|[^'\"]+")  # quoted (group 1) or not
 #: "does table X exist" (asked per row by some lookups): pg_class by its (name, schema) index, not the view
 _HAS_TABLE = re.compile(r"^SELECT\s+(1|count\(\*\))\s+FROM\s+sqlite_master\s+WHERE\s+type\s*=\s*'table'\s+AND\s+"
                         r"name\s*=\s*('\w+'|\?)$", re.I)
@@ -272,13 +334,123 @@ _PRAGMA = re.compile(r"^\s*PRAGMA\s+(\w+)\s*(?:=\s*(.*?)|\((\w+)\))?\s*;?\s*$", 
 _INSERT = re.compile(r"^\s*INSERT\s+(?:OR\s+(IGNORE|REPLACE)\s+)?INTO\s+(\w+)", re.I)
 
 
+def _pieces(sql: str) -> list[tuple[str, str]]:
+    """``sql`` cut into ``("code" | "str" | "ident" | "comment", text)`` pieces: quoted strings (``'...'``),
+    quoted identifiers (``"..."``), ``--`` and ``/* */`` comments, and the code between them. Every rewrite of
+    ``translate`` looks at code only (a ``'`` in a comment or ``IS NOT`` in a string is not SQL)."""
+    out: list[tuple[str, str]] = []
+    i, n, start = 0, len(sql), 0
+    while i < n:
+        ch = sql[i]
+        if ch in ("'", '"'):
+            j = i + 1
+            while j < n:
+                if sql[j] == ch:
+                    if j + 1 < n and sql[j + 1] == ch:
+                        j += 2
+                        continue
+                    break
+                j += 1
+            kind, end = ("str" if ch == "'" else "ident"), min(j + 1, n)
+        elif sql.startswith("--", i):
+            j = sql.find("\n", i)
+            kind, end = "comment", (n if j < 0 else j)
+        elif sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            kind, end = "comment", (n if j < 0 else j + 2)
+        else:
+            i += 1
+            continue
+        if start < i:
+            out.append(("code", sql[start:i]))
+        out.append((kind, sql[i:end]))
+        i = start = end
+    if start < n:
+        out.append(("code", sql[start:]))
+    return out
+
+
+def _without_comments(sql: str) -> str:
+    """``sql`` with its comments replaced by a space (nothing appended to a statement lands in a ``--`` comment,
+    no quote in a comment opens a string)."""
+    return "".join(" " if kind == "comment" else text for kind, text in _pieces(sql))
+
+
+def _on_code(sql: str, fn) -> str:
+    """``fn`` applied to the code outside quoted strings and identifiers; the quoted pieces kept as they are,
+    each stood in for by a marker ``fn`` cannot match (so that a rewrite sees a whole expression)."""
+    pieces = _pieces(sql)
+    marks = {}
+    code = []
+    for kind, text in pieces:
+        if kind == "code":
+            code.append(text)
+        else:
+            key = f"\x00{len(marks)}\x00"
+            marks[key] = text
+            code.append(key)
+    out = fn("".join(code))
+    return _MARK.sub(lambda m: marks[m.group(0)], out)
+
+
+_MARK = re.compile("\x00\\d+\x00")  # where _on_code took a quoted piece out
+
+
+_OPERAND = r"(?:(?:\w+\.)?\w+|\?\d*)"
+_CMP = r"(?:==|=|!=|<>|<=|>=|<|>|\bNOT\s+LIKE\b|\bLIKE\b)"
+#: ``a OP b COLLATE NOCASE`` and ``a COLLATE NOCASE OP b``: SQLite compares both sides case-insensitively
+_NOCASE_RIGHT = re.compile(rf"({_OPERAND})\s*({_CMP})\s*({_OPERAND})\s+COLLATE\s+NOCASE\b", re.I)
+_NOCASE_LEFT = re.compile(rf"({_OPERAND})\s+COLLATE\s+NOCASE\s*({_CMP})\s*({_OPERAND})", re.I)
+#: a column sorted or grouped case-insensitively (ORDER BY / GROUP BY lists): followed by , ) ASC DESC or the end
+_NOCASE_SORT = re.compile(r"(?<![?\w.])((?:\w+\.)?[A-Za-z_]\w*)\s+COLLATE\s+NOCASE\b"
+                          r"(?=\s*(?:,|\)|$|\bASC\b|\bDESC\b|\bNULLS\b|\bLIMIT\b|\bOFFSET\b))", re.I)
+_NOCASE_ANY = re.compile(r"\bCOLLATE\s+NOCASE\b", re.I)
+
+
+def _nocase(code: str) -> str:
+    code = _NOCASE_RIGHT.sub(r"lower(\1) \2 lower(\3)", code)
+    code = _NOCASE_LEFT.sub(r"lower(\1) \2 lower(\3)", code)
+    code = _NOCASE_SORT.sub(r"lower(\1)", code)
+    if _NOCASE_ANY.search(code):
+        shown = " ".join(_MARK.sub("...", code).split())[:200]
+        raise sqlite3.OperationalError(
+            "COLLATE NOCASE in a form the PostgreSQL translation does not handle (only 'a OP b COLLATE NOCASE', "
+            "'a COLLATE NOCASE OP b' on columns and parameters, and a sorted column; not DDL): write lower() "
+            f"instead: {shown}")
+    return code
+
+
+def _code_expressions(code: str) -> str:
+    code = _IS_NOT.sub("IS DISTINCT FROM ", code)
+    code = _nocase(code)
+    code = _IN_JSON.sub(r"(\1)::text IN (SELECT value FROM json_each(", code)
+    return _UNARY_PLUS.sub(r"\1", code)  # SQLite's "+col" (keeps the planner off an index) is no text operator here
+
+
 def _expressions(sql: str) -> str:
-    """The expression rewrites every statement gets (outside DDL types)."""
-    sql = _IS_NOT.sub("IS DISTINCT FROM ", sql)
-    sql = _NOCASE.sub(r"lower(\1)", sql)
-    sql = _IN_JSON.sub(r"(\1)::text IN (SELECT value FROM json_each(", sql)
-    sql = _UNARY_PLUS.sub(r"\1", sql)  # SQLite's "+col" (keeps the planner off an index) is no text operator here
-    return sql
+    """The expression rewrites every statement gets (outside DDL types), on its code only (never inside a
+    string literal, a quoted identifier or a comment)."""
+    return _on_code(sql, _code_expressions)
+
+
+#: a statement that writes: INSERT/UPDATE/DELETE/REPLACE, also behind a ``WITH`` (a data-modifying CTE or body)
+_WRITE = re.compile(r"^(INSERT|UPDATE|DELETE|REPLACE)\b", re.I)
+_WITH_WRITE = re.compile(r"^WITH\b.*\b(INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM)\b", re.I | re.S)
+
+
+def _is_write(body: str) -> bool:
+    code = "".join(text if kind == "code" else " '' " for kind, text in _pieces(body))
+    return bool(_WRITE.match(code) or _WITH_WRITE.match(code))
+
+
+def _before_returning(sql: str, clause: str) -> str:
+    """``clause`` (``ON CONFLICT ...``) where PostgreSQL wants it: before a RETURNING (in code), else at the end."""
+    code = "".join(text if kind == "code" else " " * len(text) for kind, text in _pieces(sql))
+    found = list(re.finditer(r"\bRETURNING\b", code, re.I))
+    if not found:
+        return sql + clause
+    at = found[-1].start()
+    return sql[:at].rstrip() + clause + " " + sql[at:]
 
 
 def _trigger(m: re.Match) -> list[str]:
@@ -296,7 +468,7 @@ def _trigger(m: re.Match) -> list[str]:
 
 
 def _translate_one(sql: str) -> Translated:
-    body = sql.strip().rstrip(";").strip()
+    body = _without_comments(sql).strip().rstrip(";").strip()
     head = body[:40].upper()
     if head.startswith("BEGIN"):
         return Translated(["BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK})"], kind="begin")
@@ -333,20 +505,27 @@ def _translate_one(sql: str) -> Translated:
         return Translated([f"CREATE TABLE {m.group(1)} (rowid BIGINT PRIMARY KEY, "
                            + ", ".join(f"{c} TEXT" for c in cols) + ")"])
     if re.match(r"^(CREATE\s+(TEMP\s+|TEMPORARY\s+)?TABLE|ALTER\s+TABLE)\b", body, re.I):
-        for pat, rep in _TYPES:
-            body = pat.sub(rep, body)
-        # text compares and sorts as in SQLite (BINARY: by code point, lower() on ASCII only) whatever the
-        # database's default collation (en_US, ICU...): names, paths and hashes order the same in both
-        body = _QUOTED.sub(lambda m: m.group(0) if m.group(1) else _TEXT.sub('TEXT COLLATE "C"', m.group(0)), body)
+        if _NOCASE_ANY.search("".join(t for k, t in _pieces(body) if k == "code")):
+            raise sqlite3.OperationalError("COLLATE NOCASE in a table definition has no PostgreSQL translation "
+                                           "(compare with lower() instead)")
+
+        def types(code: str) -> str:
+            for pat, rep in _TYPES:
+                code = pat.sub(rep, code)
+            # text compares and sorts as in SQLite (BINARY: by code point, lower() on ASCII only) whatever the
+            # database's default collation (en_US, ICU...): names, paths and hashes order the same in both
+            return _TEXT.sub('TEXT COLLATE "C"', code)
+
+        body = _on_code(body, types)
     body = _expressions(body)
-    kind = "write" if re.match(r"^(INSERT|UPDATE|DELETE|REPLACE)\b", body, re.I) else "other"
+    kind = "write" if _is_write(body) else "other"
     replace_table = insert_table = None
     m = _INSERT.match(body)
     if m:
         mode, table = (m.group(1) or "").upper(), m.group(2)
         body = body[:m.start()] + f"INSERT INTO {table}" + body[m.end():]
         if mode == "IGNORE":
-            body += " ON CONFLICT DO NOTHING"
+            body = _before_returning(body, " ON CONFLICT DO NOTHING")
         elif mode == "REPLACE":
             replace_table = table
         if "RETURNING" not in body.upper():
@@ -385,9 +564,8 @@ def sqlite_error(e: Exception, dsn: str | None = None) -> sqlite3.Error:
     code = getattr(getattr(e, "diag", None), "sqlstate", None) or getattr(e, "sqlstate", None) or ""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if dsn:
-        pw = urlsplit(dsn).password
-        if pw:
-            msg = msg.replace(pw, "***").replace(unquote(pw), "***")
+        for pw in url_passwords(dsn):
+            msg = msg.replace(pw, "***")
     word = _WORDS.get(code) or _WORDS.get(code[:2])
     if word and cls is not sqlite3.IntegrityError:
         cls = sqlite3.OperationalError
@@ -708,8 +886,12 @@ class PgConnection:
                 cur.nextset()
                 cur.nextset()  # the statement's own result (after BEGIN and the lock)
                 self._changes = cur.rowcount
-                row = cur.fetchone() if returning else None
-                return PgCursor([], rowcount=cur.rowcount, lastrowid=row[0] if row else None)
+                if returning:
+                    row = cur.fetchone()
+                    return PgCursor([], rowcount=cur.rowcount, lastrowid=row[0] if row else None)
+                # a statement's own RETURNING: its rows, as SQLite gives them
+                rows = cur.fetchall() if cur.description is not None else []
+                return PgCursor(rows, rowcount=cur.rowcount, description=cur.description)
         except BaseException:
             if self.in_transaction:
                 self._conn.execute("ROLLBACK")
@@ -736,9 +918,10 @@ class PgConnection:
             cols = [c.strip() for c in m.group(1).split(",")] if m else []
             rest = [c for c in cols if c not in pk]
             if pk and rest:
-                sql += f" ON CONFLICT ({', '.join(pk)}) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in rest)
+                sql = _before_returning(sql, f" ON CONFLICT ({', '.join(pk)}) DO UPDATE SET "
+                                        + ", ".join(f"{c} = EXCLUDED.{c}" for c in rest))
             elif pk:
-                sql += " ON CONFLICT DO NOTHING"
+                sql = _before_returning(sql, " ON CONFLICT DO NOTHING")
         return sql
 
     def _run(self, t: Translated, params) -> PgCursor:
