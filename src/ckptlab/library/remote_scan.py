@@ -34,7 +34,7 @@ from ckptlab.display import cap
 from ckptlab.errors import CkptlabError, HTTPStatusError, NetworkError
 from ckptlab.library import sidecars, ui_folders
 from ckptlab.library.catalog import Catalog, StatKey
-from ckptlab.library.scanner import ScanSummary, facts_or_error, recorded_scan
+from ckptlab.library.scanner import ScanSummary, fact_values, facts_or_error, recorded_scan, upsert_file_row
 from ckptlab.progress import Progress, null_progress
 from ckptlab.remote import RemoteEntry, remote_stat_key
 
@@ -52,8 +52,6 @@ THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "To
                             "RequestLimitExceeded", "ServiceUnavailable"})
 THROTTLE_STATUSES = frozenset({429, 503})
 _JSON_ROLES = ("json", "civitai_info", "cm_info", "metadata_json", "description")
-_FACT_COLS = ("format", "kind", "family", "variant", "n_tensors", "tensor_bytes", "ema_bytes", "fp32_bytes",
-              "dtypes", "info", "safety", "safety_detail", "sidecars", "error", "triggers")
 
 
 @dataclass
@@ -699,25 +697,7 @@ class _Driver:
                       description=self._desc())
 
     def _upsert(self, c, u: Unit, loc: dict, facts: dict, now: float) -> None:
-        vals = []
-        for col in _FACT_COLS:
-            v = facts.get(col)
-            if col in ("dtypes", "info", "safety_detail", "triggers") and v is not None:
-                v = json.dumps(v)
-            elif isinstance(v, str):
-                v = v.encode("utf-8", "replace").decode("utf-8")
-            vals.append(v)
-        st = u.key
-        upd = ", ".join(f"{c_} = excluded.{c_}" for c_ in (
-            "display", "name", "root", "folder", "dev", "ino", "size", "mtime_ns", "is_link", *_FACT_COLS,
-            "status", "last_seen", "last_scan"))
-        c.execute(
-            f"INSERT INTO files(path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, "
-            f"{', '.join(_FACT_COLS)}, status, first_seen, last_seen, last_scan) VALUES "
-            f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {', '.join('?' * len(_FACT_COLS))}, 'present', ?, ?, ?) "
-            f"ON CONFLICT(path) DO UPDATE SET {upd}",
-            (loc["path"], loc["display"], loc["name"], loc["root"], loc["folder"], *st, 0, *vals, now, now,
-             self.s.scan_id))
+        upsert_file_row(c, loc, u.key, 0, fact_values(facts), now, self.s.scan_id)
         if u.why == "new":
             self.s.new += 1
         else:

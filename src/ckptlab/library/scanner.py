@@ -855,34 +855,48 @@ _FACT_COLS = ("format", "kind", "family", "variant", "n_tensors", "tensor_bytes"
               "dtypes", "info", "safety", "safety_detail", "sidecars", "error", "triggers")
 
 
+def fact_values(facts: dict) -> list:
+    """The ``_FACT_COLS`` values of one scanned file as the catalog stores them (JSON columns as text)."""
+    vals = []
+    for col in _FACT_COLS:
+        v = facts.get(col)
+        if col in ("dtypes", "info", "safety_detail", "triggers") and v is not None:
+            v = json.dumps(v)  # ASCII: lone surrogates from odd file names stay escaped
+        elif isinstance(v, str):
+            v = v.encode("utf-8", "replace").decode("utf-8")
+        vals.append(v)
+    return vals
+
+
+_UPSERT_FILE = (
+    f"INSERT INTO files(path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, "
+    f"{', '.join(_FACT_COLS)}, status, first_seen, last_seen, last_scan) VALUES "
+    f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {', '.join('?' * len(_FACT_COLS))}, 'present', ?, ?, ?) "
+    "ON CONFLICT(path) DO UPDATE SET " + ", ".join(f"{c_} = excluded.{c_}" for c_ in (
+        "display", "name", "root", "folder", "dev", "ino", "size", "mtime_ns", "is_link", *_FACT_COLS,
+        "status", "last_seen", "last_scan")))
+
+
+def upsert_file_row(c, loc: dict, stat_key, is_link: int, vals: list, now: float, scan_id: int) -> None:
+    """Insert or update (by path) the row of one scanned file or object: ``loc`` its location (``_location``),
+    ``vals`` its ``fact_values``. An upsert: a row another scan added meanwhile is updated, never a UNIQUE
+    failure (and a Ray task that ran twice leaves one row)."""
+    c.execute(_UPSERT_FILE, (loc["path"], loc["display"], loc["name"], loc["root"], loc["folder"], *stat_key,
+                             is_link, *vals, now, now, scan_id))
+
+
 def _write_batch(catalog: Catalog, batch: list[tuple], summary: ScanSummary) -> None:
     now = time.time()
     with catalog.transaction() as c:
         for f, fid, _why, facts in batch:
             loc = _location(f)
             key = f.key if f.error is None else None
-            vals = []
-            for col in _FACT_COLS:
-                v = facts.get(col)
-                if col in ("dtypes", "info", "safety_detail", "triggers") and v is not None:
-                    v = json.dumps(v)  # ASCII: lone surrogates from odd file names stay escaped
-                elif isinstance(v, str):
-                    v = v.encode("utf-8", "replace").decode("utf-8")
-                vals.append(v)
+            vals = fact_values(facts)
             st = key or (None, None, None, None)
             if fid is None:
                 # an upsert: where scans cannot be serialised (no flock), another scan may have added the
                 # path since this one read the table; its row is then updated, never a UNIQUE failure
-                upd = ", ".join(f"{c_} = excluded.{c_}" for c_ in (
-                    "display", "name", "root", "folder", "dev", "ino", "size", "mtime_ns", "is_link", *_FACT_COLS,
-                    "status", "last_seen", "last_scan"))
-                c.execute(
-                    f"INSERT INTO files(path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, "
-                    f"{', '.join(_FACT_COLS)}, status, first_seen, last_seen, last_scan) VALUES "
-                    f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {', '.join('?' * len(_FACT_COLS))}, 'present', ?, ?, ?) "
-                    f"ON CONFLICT(path) DO UPDATE SET {upd}",
-                    (loc["path"], loc["display"], loc["name"], loc["root"], loc["folder"], *st, int(f.is_link),
-                     *vals, now, now, summary.scan_id))
+                upsert_file_row(c, loc, st, int(f.is_link), vals, now, summary.scan_id)
                 summary.new += 1
             else:
                 c.execute(
