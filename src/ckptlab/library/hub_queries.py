@@ -12,6 +12,8 @@ links, ``plan-space``/``apply-plan``): ``is_remote_record`` tells them apart.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Iterable, Iterator
 
 from ckptlab.library.catalog import SELECT_RECORDS, Catalog, FileRecord, json_column, record_of
@@ -64,7 +66,8 @@ def _drain(cur) -> Iterator[tuple]:
                 return
             yield from rows
     finally:  # stopped early (a page, a limit): the server-side cursor is closed now
-        cur.close()
+        with contextlib.suppress(sqlite3.Error):  # the connection closed first (a broken pipe ended the command):
+            cur.close()  # the cursor went with it
 
 
 def iter_records(catalog: Catalog, where: str = "", args: Iterable = (), order: str = "f.id",
