@@ -365,8 +365,9 @@ def test_ctrl_c_as_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypatch
         real_open(*a, **kw)  # the file now exists; the descriptor is lost with the interrupt
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(atomic.os, "open", open_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        with SafetensorsWriter(tmp_path / "out.safetensors", {"a": TensorInfo("F32", (2,))}, {}):
-            pass
+    with monkeypatch.context() as m:  # os.open restored before pytest's own teardown removes tmp_path with it
+        m.setattr(atomic.os, "open", open_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            with SafetensorsWriter(tmp_path / "out.safetensors", {"a": TensorInfo("F32", (2,))}, {}):
+                pass
     assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ batched transactions, so Ctrl-C leaves the catalog as it was after the last whol
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import stat as stat_mod
@@ -868,20 +869,21 @@ def fact_values(facts: dict) -> list:
     return vals
 
 
-_UPSERT_FILE = (
-    f"INSERT INTO files(path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, "
-    f"{', '.join(_FACT_COLS)}, status, first_seen, last_seen, last_scan) VALUES "
-    f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {', '.join('?' * len(_FACT_COLS))}, 'present', ?, ?, ?) "
-    "ON CONFLICT(path) DO UPDATE SET " + ", ".join(f"{c_} = excluded.{c_}" for c_ in (
-        "display", "name", "root", "folder", "dev", "ino", "size", "mtime_ns", "is_link", *_FACT_COLS,
-        "status", "last_seen", "last_scan")))
+@functools.lru_cache(maxsize=4)
+def _upsert_file_sql(cols: tuple[str, ...]) -> str:
+    return (f"INSERT INTO files(path, display, name, root, folder, dev, ino, size, mtime_ns, is_link, "
+            f"{', '.join(cols)}, status, first_seen, last_seen, last_scan) VALUES "
+            f"(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {', '.join('?' * len(cols))}, 'present', ?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET " + ", ".join(f"{c_} = excluded.{c_}" for c_ in (
+                "display", "name", "root", "folder", "dev", "ino", "size", "mtime_ns", "is_link", *cols,
+                "status", "last_seen", "last_scan")))
 
 
 def upsert_file_row(c, loc: dict, stat_key, is_link: int, vals: list, now: float, scan_id: int) -> None:
     """Insert or update (by path) the row of one scanned file or object: ``loc`` its location (``_location``),
     ``vals`` its ``fact_values``. An upsert: a row another scan added meanwhile is updated, never a UNIQUE
     failure (and a Ray task that ran twice leaves one row)."""
-    c.execute(_UPSERT_FILE, (loc["path"], loc["display"], loc["name"], loc["root"], loc["folder"], *stat_key,
+    c.execute(_upsert_file_sql(_FACT_COLS), (loc["path"], loc["display"], loc["name"], loc["root"], loc["folder"], *stat_key,
                              is_link, *vals, now, now, scan_id))
 
 
