@@ -280,27 +280,8 @@ _WORD_AFTER = re.compile(r"\s*(\w+)")
 def _placeholders(sql: str) -> tuple[str, bool, bool]:
     """``?``/``?N`` -> psycopg placeholders and ``%`` -> ``%%`` (only where the statement has placeholders),
     outside quoted strings and identifiers. Returns (sql, named, has_placeholders)."""
-    out, i, n, named, has = [], 0, len(sql), False, False
-    pieces: list[tuple[bool, str]] = []  # (is_code, text)
-    while i < n:
-        ch = sql[i]
-        if ch in ("'", '"'):
-            j = i + 1
-            while j < n:
-                if sql[j] == ch:
-                    if j + 1 < n and sql[j + 1] == ch:
-                        j += 2
-                        continue
-                    break
-                j += 1
-            pieces.append((False, sql[i:j + 1]))
-            i = j + 1
-            continue
-        j = i
-        while j < n and sql[j] not in ("'", '"'):
-            j += 1
-        pieces.append((True, sql[i:j]))
-        i = j
+    out: list[str] = []
+    pieces = [(kind == "code", text) for kind, text in _pieces(sql)]  # (is_code, text)
     has = any(code and "?" in text for code, text in pieces)
     named = any(code and re.search(r"\?\d", text) for code, text in pieces)
     for code, text in pieces:
